@@ -1,0 +1,87 @@
+"""Expert compute over rows sorted by expert, then the weighted combine.
+
+Every backend computes, for the rows of a Dispatch,
+    y_TD[token] += weight * (act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])
+and must agree with ``moekit.experts.reference``.
+
+Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
+(else F), E experts, S routed rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from moekit.dispatch.plan import Dispatch
+
+ActFn = Callable[[Tensor], Tensor]
+
+
+def _combine(y_SD: Tensor, d: Dispatch, T: int) -> Tensor:
+    # index_add_ instead of y[token] += ...: advanced-index scatter costs ~4x
+    # index_add_ in backward on CPU (DESIGN.md measurements).
+    y_SD = y_SD * d.weight_S.to(y_SD.dtype)[:, None]
+    return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, d.token_S, y_SD)
+
+
+def loop_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """A Python loop over experts on sorted rows (reads counts on the host)."""
+    x_SD = x_TD.index_select(0, d.token_S)
+    counts = d.counts_E.tolist()
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        h = x_SD[start:start + n] @ w_in_EDG[e]
+        h = act(h if b_in_EG is None else h + b_in_EG[e])
+        y = h @ w_out_EFD[e]
+        outs.append(y if b_out_ED is None else y + b_out_ED[e])
+        start += n
+    kept = sum(counts)
+    y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, w_out_EFD.shape[-1])
+    if kept < d.num_rows:  # dropped rows: weight 0, output 0
+        y_SD = torch.cat([y_SD, y_SD.new_zeros(d.num_rows - kept, y_SD.shape[1])])
+    return _combine(y_SD, d, x_TD.shape[0])
+
+
+def _group_bias(b_EX: Tensor, offsets_E: Tensor, S: int) -> Tensor:
+    """Per-row bias: expert e's bias repeated over its rows (dropped rows get the last)."""
+    rows = torch.arange(S, device=offsets_E.device, dtype=offsets_E.dtype)
+    expert_S = torch.searchsorted(offsets_E, rows, right=True).clamp_max(b_EX.shape[0] - 1)
+    return b_EX.index_select(0, expert_S)
+
+
+def grouped_mm_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                       b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """``torch._grouped_mm`` over sorted rows; no host synchronisation.
+
+    Dropped rows are folded into the last group (computed, weighted by 0): the
+    kernel leaves rows past the last offset uninitialised, in forward and in
+    the input gradient, so they cannot simply be skipped.
+    """
+    S = d.num_rows
+    offsets_E = d.offsets_E.clone()
+    offsets_E[-1] = S
+    x_SD = x_TD.index_select(0, d.token_S)
+    h_SG = torch._grouped_mm(x_SD, w_in_EDG, offs=offsets_E)
+    if b_in_EG is not None:
+        h_SG = h_SG + _group_bias(b_in_EG, offsets_E, S)
+    y_SD = torch._grouped_mm(act(h_SG).contiguous(), w_out_EFD, offs=offsets_E)
+    if b_out_ED is not None:
+        y_SD = y_SD + _group_bias(b_out_ED, offsets_E, S)
+    return _combine(y_SD, d, x_TD.shape[0])
+
+
+def grouped_mm_supported(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned rows for every operand."""
+    per16 = 16 // x_TD.element_size()
+    dims = (w_in_EDG.shape[1], w_in_EDG.shape[2], w_out_EFD.shape[1], w_out_EFD.shape[2])
+    return (hasattr(torch, "_grouped_mm") and x_TD.dtype in (torch.float32, torch.bfloat16)
+            and all(n % per16 == 0 for n in dims))
+
+
+BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}

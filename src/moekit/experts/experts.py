@@ -1,0 +1,90 @@
+"""Stacked expert weights and the dense shared experts.
+
+Shape letters: D hidden, F expert hidden, G = 2F for GLU activations (gate and
+up fused, gate first) else F, E experts, T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch.plan import Dispatch
+from moekit.experts.activations import activate
+from moekit.experts.backends import BACKENDS, grouped_mm_supported
+
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+class Experts(nn.Module):
+    """E feed-forward experts stored as stacked tensors.
+
+    ``w_in`` [E, D, G] holds gate and up fused; ``w_out`` [E, F, D]; optional
+    biases ``b_in`` [E, G] and ``b_out`` [E, D].
+    """
+
+    def __init__(self, cfg: MoEConfig, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend={backend!r} is not allowed: it must be one of "
+                             f"{', '.join(BACKEND_NAMES)}")
+        self.cfg, self.backend = cfg, backend
+        E, D, F_ = cfg.num_experts, cfg.dim, cfg.ffn_dim
+        G = 2 * F_ if cfg.is_glu else F_
+        self.w_in = nn.Parameter(torch.empty(E, D, G))
+        self.w_out = nn.Parameter(torch.empty(E, F_, D))
+        self.b_in = nn.Parameter(torch.zeros(E, G)) if cfg.expert_bias else None
+        self.b_out = nn.Parameter(torch.zeros(E, D)) if cfg.expert_bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.cfg.dim))
+        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.cfg.ffn_dim))
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def _act(self, h: Tensor) -> Tensor:
+        return activate(h, self.cfg)
+
+    def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
+        """Weighted sum over each token's routed experts, [T, D]."""
+        name = self.backend
+        if name == "auto":
+            name = ("grouped_mm" if grouped_mm_supported(x_TD, self.w_in, self.w_out)
+                    else "loop")
+        return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
+                              self._act)
+
+
+class SharedExperts(nn.Module):
+    """A dense FFN every token goes through, optionally scaled by sigmoid(x @ gate)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, F_ = cfg.dim, cfg.shared_dim
+        G = 2 * F_ if cfg.is_glu else F_
+        self.w_in = nn.Parameter(torch.empty(D, G))
+        self.w_out = nn.Parameter(torch.empty(F_, D))
+        self.b_in = nn.Parameter(torch.zeros(G)) if cfg.expert_bias else None
+        self.b_out = nn.Parameter(torch.zeros(D)) if cfg.expert_bias else None
+        self.gate = nn.Parameter(torch.zeros(1, D)) if cfg.shared_expert_gate else None
+        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(D))
+        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(F_))
+        if self.gate is not None:
+            nn.init.normal_(self.gate, std=1.0 / math.sqrt(D))
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h = x_TD @ self.w_in
+        h = activate(h if self.b_in is None else h + self.b_in, self.cfg)
+        y = h @ self.w_out
+        if self.b_out is not None:
+            y = y + self.b_out
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(x_TD, self.gate)) * y
+        return y

@@ -1,0 +1,55 @@
+"""Multi-gate MoE (MMoE, Ma et al. 2018): one router per task over shared experts.
+
+Each task routes the same tokens through the same experts with its own gate
+(any router of MoEConfig; ``top_k = num_experts`` gives the original dense
+softmax mixture). Shape letters: T tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch.sort import sort_by_expert
+from moekit.experts.experts import Experts
+from moekit.layer import check_input
+from moekit.routing.router import Router
+from moekit.routing.stats import RoutingStats, routing_stats
+
+
+class MultiGateOutput(NamedTuple):
+    outputs: list[Tensor]  # one per task, each shaped like the input
+    aux_loss: Tensor  # sum over tasks, already weighted
+    stats: list[RoutingStats]
+
+
+class MultiGateMoE(nn.Module):
+    def __init__(self, config: MoEConfig, num_tasks: int, backend: str = "auto") -> None:
+        super().__init__()
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks={num_tasks!r} is not allowed: it must be an int >= 1")
+        if config.router == "hash" or config.num_shared_experts:
+            raise ValueError(f"router={config.router!r}, num_shared_experts="
+                             f"{config.num_shared_experts} is not allowed in MultiGateMoE: "
+                             "use a learned router and no shared experts")
+        self.config = config
+        self.experts = Experts(config, backend)
+        self.gates = nn.ModuleList(Router(config) for _ in range(num_tasks))
+
+    def forward(self, x: Tensor) -> MultiGateOutput:
+        cfg = self.config
+        check_input(x, cfg.dim, cfg.check_finite)
+        x_TD = x.reshape(-1, cfg.dim)
+        T = x_TD.shape[0]
+        seq_len = x.shape[-2] if x.dim() >= 3 else None
+        capacity = None if cfg.capacity_factor is None else cfg.capacity(T)
+        outputs, stats, aux = [], [], x_TD.new_zeros((), dtype=x_TD.dtype).float()
+        for gate in self.gates:
+            routed = gate(x_TD, None, seq_len)
+            dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
+            outputs.append(self.experts(x_TD, dispatch).view(x.shape))
+            stats.append(routing_stats(routed.plan, dispatch, T, routed.z_loss, routed.aux_loss))
+            aux = aux + routed.aux_loss
+        return MultiGateOutput(outputs, aux, stats)

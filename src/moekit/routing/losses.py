@@ -1,0 +1,48 @@
+"""Load-balancing and stability losses; pure functions of the routing decision.
+
+Shape letters: T tokens, E experts, K experts per token, B sequences, L tokens
+per sequence (T = B*L).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _assignment_fraction(experts_TK: Tensor, num_experts: int) -> Tensor:
+    """Fraction of the T*K (token, slot) assignments that went to each expert."""
+    counts_E = torch.zeros(num_experts, device=experts_TK.device, dtype=torch.float32)
+    counts_E.scatter_add_(0, experts_TK.reshape(-1),
+                          torch.ones(experts_TK.numel(), device=experts_TK.device))
+    return counts_E / experts_TK.numel()
+
+
+def switch_aux_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+    """Switch/GShard balance loss: E * sum_e f_e * P_e (1.0 when perfectly balanced).
+
+    f_e (fraction of assignments, not differentiable) times P_e (mean router
+    probability, differentiable).
+    """
+    E = probs_TE.shape[-1]
+    return E * (_assignment_fraction(experts_TK, E) * probs_TE.mean(0)).sum()
+
+
+def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
+    """DeepSeek-V3 sequence-wise balance loss, averaged over the B sequences.
+
+    Per sequence: sum_e (E / (K L) * count_e) * mean_l(p_le), which is the
+    Switch loss computed within one sequence.
+    """
+    E = probs_BLE.shape[-1]
+    B, L, K = experts_BLK.shape
+    counts_BE = torch.zeros(B, E, device=probs_BLE.device, dtype=torch.float32)
+    counts_BE.scatter_add_(1, experts_BLK.reshape(B, L * K),
+                           torch.ones(B, L * K, device=probs_BLE.device))
+    f_BE = counts_BE * (E / (K * L))
+    return (f_BE * probs_BLE.mean(1)).sum(-1).mean()
+
+
+def z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -1,0 +1,184 @@
+"""The router module: parameters and buffers around the pure routing functions.
+
+Router math runs in fp32 whatever the input dtype. Shape letters: T tokens,
+D hidden, E experts, K experts per token, B sequences, L tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch.plan import RoutingPlan
+from moekit.routing import losses
+from moekit.routing.expert_choice import expert_choice
+from moekit.routing.hashing import hash_table
+from moekit.routing.token_choice import (
+    jitter,
+    noisy_logits,
+    sigmoid_topk,
+    softmax_over_topk,
+    softmax_topk,
+)
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    plan: RoutingPlan
+    aux_loss: Tensor  # weighted sum of the configured balance losses (scalar, fp32)
+    z_loss: Tensor  # unweighted z-loss value (scalar, fp32; 0 without logits)
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and returns a RoutingPlan plus its losses.
+
+    ``weight`` [E, D] is the gate; ``expert_bias`` [E] (aux-loss-free balancing)
+    shifts selection only; ``load`` [E] accumulates assignments in training
+    until ``update_bias()`` consumes them.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        E, D = cfg.num_experts, cfg.dim
+        self.weight = None if cfg.router == "hash" else nn.Parameter(torch.empty(E, D))
+        self.noise_weight = (nn.Parameter(torch.zeros(E, D))
+                             if cfg.router == "noisy_topk" else None)
+        if cfg.uses_selection_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+            self.register_buffer("load", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.expert_bias = self.load = None
+        if cfg.router == "hash":
+            assert cfg.hash_vocab_size is not None  # validated by MoEConfig
+            self.register_buffer("hash_table", hash_table(
+                cfg.hash_vocab_size, E, cfg.top_k, cfg.hash_seed), persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.cfg.dim))
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None,
+                seq_len: int | None = None) -> RouterOutput:
+        """Route T tokens. ``seq_len`` (L) lets the sequence-level loss see sequences."""
+        cfg = self.cfg
+        if cfg.router == "hash":
+            return self._hash(x_TD, token_ids_T)
+        logits_TE = self._logits(x_TD)
+        if cfg.router == "expert_choice":
+            return self._expert_choice(logits_TE)
+        experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
+        if self.training and self.load is not None:
+            with torch.no_grad():
+                self.load.scatter_add_(0, experts_TK.reshape(-1),
+                                       torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32))
+        aux = self._balance_loss(probs_TE, experts_TK, seq_len)
+        z = losses.z_loss(logits_TE)
+        T, K = experts_TK.shape
+        plan = RoutingPlan(
+            token_S=torch.arange(T, device=x_TD.device).repeat_interleave(K),
+            expert_S=experts_TK.reshape(-1), weight_S=weights_TK.reshape(-1),
+            probs_TE=probs_TE, logits_TE=logits_TE, top_k=K)
+        return RouterOutput(plan, aux + cfg.z_loss_coef * z, z)
+
+    def _logits(self, x_TD: Tensor) -> Tensor:
+        x_TD = x_TD.float()
+        if self.cfg.router == "switch" and self.training and self.cfg.jitter_eps > 0:
+            x_TD = jitter(x_TD, self.cfg.jitter_eps)
+        assert self.weight is not None
+        return F.linear(x_TD, self.weight.float())
+
+    def _token_choice(self, logits_TE: Tensor, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        bias_E = self.expert_bias
+        if cfg.router == "sigmoid":
+            return sigmoid_topk(logits_TE, cfg.top_k, bias_E=bias_E, renormalize=cfg.renormalize,
+                                num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
+                                scale=cfg.routed_scaling_factor)
+        if cfg.router == "softmax_topk":
+            return softmax_over_topk(logits_TE, cfg.top_k, bias_E=bias_E,
+                                     scale=cfg.routed_scaling_factor)
+        if cfg.router == "noisy_topk":
+            if self.training:
+                assert self.noise_weight is not None
+                logits_TE = noisy_logits(logits_TE, F.linear(x_TD.float(),
+                                                             self.noise_weight.float()))
+            return softmax_over_topk(logits_TE, cfg.top_k, bias_E=bias_E,
+                                     scale=cfg.routed_scaling_factor)
+        renormalize = cfg.renormalize and cfg.router != "switch"
+        return softmax_topk(logits_TE, cfg.top_k, renormalize=renormalize, bias_E=bias_E,
+                            num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
+                            scale=cfg.routed_scaling_factor)
+
+    def _balance_loss(self, probs_TE: Tensor, experts_TK: Tensor,
+                      seq_len: int | None) -> Tensor:
+        cfg = self.cfg
+        aux = probs_TE.new_zeros(())
+        if cfg.aux_loss_coef:
+            aux = aux + cfg.aux_loss_coef * losses.switch_aux_loss(probs_TE, experts_TK)
+        if cfg.seq_aux_loss_coef:
+            T, E = probs_TE.shape
+            L = seq_len or T
+            aux = aux + cfg.seq_aux_loss_coef * losses.seq_aux_loss(
+                probs_TE.view(T // L, L, E), experts_TK.view(T // L, L, -1))
+        return aux
+
+    def _expert_choice(self, logits_TE: Tensor) -> RouterOutput:
+        cfg = self.cfg
+        T, E = logits_TE.shape
+        C = cfg.capacity(T)
+        tokens_EC, weights_EC, probs_TE = expert_choice(logits_TE, C)
+        plan = RoutingPlan(
+            token_S=tokens_EC.reshape(-1),
+            expert_S=torch.arange(E, device=logits_TE.device).repeat_interleave(C),
+            weight_S=weights_EC.reshape(-1) * cfg.routed_scaling_factor,
+            probs_TE=probs_TE, logits_TE=logits_TE, top_k=cfg.top_k, expert_choice=True)
+        z = losses.z_loss(logits_TE)
+        aux = probs_TE.new_zeros(())
+        if cfg.aux_loss_coef:  # uniform by construction; kept so the coefficient means the same
+            aux = cfg.aux_loss_coef * losses.switch_aux_loss(probs_TE, plan.expert_S[:, None])
+        return RouterOutput(plan, aux + cfg.z_loss_coef * z, z)
+
+    def _hash(self, x_TD: Tensor, token_ids_T: Tensor | None) -> RouterOutput:
+        cfg = self.cfg
+        if token_ids_T is None:
+            raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
+                             "(an integer tensor shaped like x without its last dimension)")
+        experts_TK = self.hash_table[token_ids_T]
+        T, K = experts_TK.shape
+        weights_TK = torch.full((T, K), cfg.routed_scaling_factor / K, device=x_TD.device)
+        probs_TE = torch.zeros(T, cfg.num_experts, device=x_TD.device)
+        probs_TE.scatter_(1, experts_TK, 1.0 / K)
+        plan = RoutingPlan(
+            token_S=torch.arange(T, device=x_TD.device).repeat_interleave(K),
+            expert_S=experts_TK.reshape(-1), weight_S=weights_TK.reshape(-1),
+            probs_TE=probs_TE, logits_TE=None, top_k=K)
+        zero = probs_TE.new_zeros(())
+        return RouterOutput(plan, zero, zero)
+
+    # -- aux-loss-free balancing ---------------------------------------------------
+
+    @torch.no_grad()
+    def update_bias(self, rate: float | None = None,
+                    group: dist.ProcessGroup | None = None) -> None:
+        """DeepSeek-V3 bias step: b_e += rate * sign(mean load - load_e), then reset load.
+
+        With ``group`` the loads are summed over its ranks first, so every rank
+        moves its bias the same way.
+        """
+        if self.load is None or self.expert_bias is None:
+            return
+        rate = self.cfg.bias_update_rate if rate is None else rate
+        if group is not None:
+            dist.all_reduce(self.load, group=group)
+        self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
+        self.load.zero_()

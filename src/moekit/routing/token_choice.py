@@ -1,0 +1,96 @@
+"""Token-choice routers: each token picks K experts.
+
+Pure functions of fp32 logits. Shape letters: T tokens, E experts, K experts per
+token, G router groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def limit_groups(select_TE: Tensor, num_groups: int, topk_groups: int,
+                 group_score: str) -> Tensor:
+    """Mask (to -inf) the experts outside each token's best ``topk_groups`` groups.
+
+    group_score "max": a group scores its best expert (DeepSeek-V2);
+    "top2_sum": the sum of its two best experts (DeepSeek-V3).
+    """
+    T, E = select_TE.shape
+    grouped_TGX = select_TE.view(T, num_groups, E // num_groups)
+    if group_score == "top2_sum" and grouped_TGX.shape[-1] >= 2:
+        score_TG = grouped_TGX.topk(2, dim=-1).values.sum(-1)
+    else:
+        score_TG = grouped_TGX.amax(-1)
+    kept_TG = torch.zeros_like(score_TG, dtype=torch.bool)
+    kept_TG.scatter_(1, score_TG.topk(topk_groups, dim=-1).indices, True)
+    kept_TE = kept_TG.repeat_interleave(E // num_groups, dim=1)
+    return select_TE.masked_fill(~kept_TE, float("-inf"))
+
+
+def _select(select_TE: Tensor, top_k: int, num_groups: int, topk_groups: int,
+            group_score: str) -> Tensor:
+    if num_groups > 1:
+        select_TE = limit_groups(select_TE, num_groups, topk_groups, group_score)
+    return select_TE.topk(top_k, dim=-1).indices
+
+
+def _finish(weights_TK: Tensor, renormalize: bool, scale: float) -> Tensor:
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights_TK * scale if scale != 1.0 else weights_TK
+
+
+def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
+                 bias_E: Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
+                 scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax over all experts, keep the top K (Mixtral renormalises, Qwen2-MoE not).
+
+    Returns (experts_TK, weights_TK, probs_TE). ``bias_E`` shifts selection only.
+    """
+    probs_TE = logits_TE.softmax(-1)
+    select_TE = probs_TE if bias_E is None else probs_TE + bias_E
+    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "max")
+    weights_TK = _finish(probs_TE.gather(1, experts_TK), renormalize, scale)
+    return experts_TK, weights_TK, probs_TE
+
+
+def softmax_over_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None = None,
+                      scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Top K of the logits, then a softmax over those K logits only."""
+    select_TE = logits_TE if bias_E is None else logits_TE + bias_E
+    experts_TK = select_TE.topk(top_k, dim=-1).indices
+    weights_TK = _finish(logits_TE.gather(1, experts_TK).softmax(-1), False, scale)
+    return experts_TK, weights_TK, logits_TE.softmax(-1)
+
+
+def sigmoid_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None,
+                 renormalize: bool = True, num_groups: int = 1, topk_groups: int = 1,
+                 scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """DeepSeek-V3: sigmoid scores, bias for selection only, routed scaling.
+
+    The returned distribution is the scores normalised to sum to 1 per token,
+    which is what the sequence-level balance loss uses.
+    """
+    scores_TE = logits_TE.sigmoid()
+    select_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "top2_sum")
+    weights_TK = _finish(scores_TE.gather(1, experts_TK), renormalize, scale)
+    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return experts_TK, weights_TK, probs_TE
+
+
+def noisy_logits(logits_TE: Tensor, noise_logits_TE: Tensor,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Shazeer et al. 2017: H = x W_g + N(0, 1) * softplus(x W_noise)."""
+    noise_TE = torch.randn(logits_TE.shape, device=logits_TE.device, dtype=logits_TE.dtype,
+                           generator=generator)
+    return logits_TE + noise_TE * F.softplus(noise_logits_TE)
+
+
+def jitter(x_TD: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+    """Switch Transformer: multiply the router input by U(1 - eps, 1 + eps)."""
+    u_TD = torch.rand(x_TD.shape, device=x_TD.device, dtype=x_TD.dtype, generator=generator)
+    return x_TD * (1.0 - eps + 2.0 * eps * u_TD)
