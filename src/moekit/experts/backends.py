@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions.moe_experts import fused_experts
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -84,4 +85,20 @@ def grouped_mm_supported(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> b
             and all(n % per16 == 0 for n in dims))
 
 
-BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}
+def fused_cpu_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                      b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """One autograd Function per layer (functions/moe_experts.py); reads counts on the host.
+
+    Uses the closed-form backward when ``act`` carries ``kind`` "swiglu" or
+    "geglu" (experts.activations.Activation), autograd on recomputed chunks otherwise.
+    """
+    return fused_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
+                         b_in_EG, b_out_ED, act, getattr(act, "kind", None))
+
+
+def fused_supported(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
+    """The fused path runs plain mm per expert: any shape, one floating dtype throughout."""
+    return x_TD.is_floating_point() and x_TD.dtype == w_in_EDG.dtype == w_out_EFD.dtype
+
+
+BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "fused": fused_cpu_experts}

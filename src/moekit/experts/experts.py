@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
-from moekit.experts.activations import activate
-from moekit.experts.backends import BACKENDS, grouped_mm_supported
+from moekit.experts.activations import Activation, activate
+from moekit.experts.backends import BACKENDS, fused_supported, grouped_mm_supported
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -55,10 +55,17 @@ class Experts(nn.Module):
         """Weighted sum over each token's routed experts, [T, D]."""
         name = self.backend
         if name == "auto":
-            name = ("grouped_mm" if grouped_mm_supported(x_TD, self.w_in, self.w_out)
-                    else "loop")
+            name = self.auto_backend(x_TD)
         return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
-                              self._act)
+                              Activation(self.cfg))
+
+    def auto_backend(self, x_TD: Tensor) -> str:
+        """"fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm where aligned, else loop."""
+        if x_TD.device.type == "cpu" and fused_supported(x_TD, self.w_in, self.w_out):
+            return "fused"
+        if grouped_mm_supported(x_TD, self.w_in, self.w_out):
+            return "grouped_mm"
+        return "loop"
 
 
 class SharedExperts(nn.Module):
