@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 ActFn = Callable[[Tensor], Tensor]
@@ -23,30 +22,41 @@ ActFn = Callable[[Tensor], Tensor]
 FAST_KINDS = frozenset({"swiglu", "geglu"})
 
 
-def glu_forward(h_NG: Tensor, kind: str) -> Tensor:
-    """act(gate) * up for kind "swiglu" (silu) or "geglu" (exact gelu), [N, F]."""
+def _split(h_NG: Tensor) -> tuple[Tensor, Tensor]:
     half = h_NG.shape[1] // 2
-    gate_NF, up_NF = h_NG[:, :half], h_NG[:, half:]
-    a_NF = F.silu(gate_NF) if kind == "swiglu" else F.gelu(gate_NF)
-    return a_NF.mul_(up_NF)
+    return h_NG[:, :half], h_NG[:, half:]
 
 
-def glu_backward(h_NG: Tensor, da_NF: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """(a_NF, dh_NG): the recomputed activation and the gradient of h, from ``da``.
+def _act_into(kind: str, gate_NF: Tensor, out_NF: Tensor) -> Tensor:
+    if kind == "swiglu":
+        return torch.ops.aten.silu.out(gate_NF, out=out_NF)
+    return torch.ops.aten.gelu.out(gate_NF, out=out_NF)
+
+
+def glu_forward(h_NG: Tensor, kind: str, out_NF: Tensor) -> Tensor:
+    """act(gate) * up for kind "swiglu" (silu) or "geglu" (exact gelu), into ``out_NF``."""
+    gate_NF, up_NF = _split(h_NG)
+    return _act_into(kind, gate_NF, out_NF).mul_(up_NF)
+
+
+def glu_backward(h_NG: Tensor, da_NF: Tensor, kind: str, a_NF: Tensor, tmp_NF: Tensor,
+                 dh_NG: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, dh): the recomputed activation and the gradient of h, from ``da``.
 
     d gate = act'(gate) * up * da, d up = act(gate) * da; ``a`` comes for free
-    from the same act(gate) and is what the down-projection's weight gradient needs.
+    from the same act(gate) and is what the down-projection's weight gradient
+    needs. Writes into the caller's buffers ``a_NF``, ``tmp_NF`` and ``dh_NG``:
+    fresh allocations here page-fault on every call with glibc malloc.
     """
-    half = h_NG.shape[1] // 2
-    gate_NF, up_NF = h_NG[:, :half], h_NG[:, half:]
-    dh_NG = torch.empty_like(h_NG)
+    gate_NF, up_NF = _split(h_NG)
+    dgate_NF, dup_NF = _split(dh_NG)
+    act_NF = _act_into(kind, gate_NF, a_NF)
+    torch.mul(da_NF, up_NF, out=tmp_NF)
     if kind == "swiglu":
-        act_NF = F.silu(gate_NF)
-        torch.ops.aten.silu_backward(da_NF * up_NF, gate_NF, grad_input=dh_NG[:, :half])
+        torch.ops.aten.silu_backward(tmp_NF, gate_NF, grad_input=dgate_NF)
     else:
-        act_NF = F.gelu(gate_NF)
-        torch.ops.aten.gelu_backward(da_NF * up_NF, gate_NF, grad_input=dh_NG[:, :half])
-    torch.mul(da_NF, act_NF, out=dh_NG[:, half:])
+        torch.ops.aten.gelu_backward(tmp_NF, gate_NF, grad_input=dgate_NF)
+    torch.mul(da_NF, act_NF, out=dup_NF)
     return act_NF.mul_(up_NF), dh_NG
 
 
