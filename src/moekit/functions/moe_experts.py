@@ -1,67 +1,119 @@
 """The fused expert path: gather -> x @ w_in -> activation -> @ w_out -> weighted scatter.
 
-One ``torch.autograd.Function`` runs every expert of a Dispatch on its slice of
-the expert-sorted rows, one expert at a time:
+One ``torch.autograd.Function`` runs a Dispatch's kept rows (sorted by expert)
+in blocks of consecutive experts, each block at most ``BLOCK_ROWS`` rows
+(a single expert with more rows is a block of its own):
 
-    forward   x_N = x_TD[token]         (index_select of this expert's rows only)
-              h_NG = x_N @ w_in[e] (+ b_in[e])        -> saved, nothing else is
+    forward   x_ND = x_TD[token]                 index_select into a reused buffer
+              h_NG = x_ND @ w_in[e] (+ b_in[e])   grouped GEMM; saved, nothing else is
               y_ND = act(h_NG) @ w_out[e] (+ b_out[e])
-              out_TD[token] += weight * y_ND          (index_add_)
-    backward  recomputes x_N and act(h_NG) per expert, writes each expert's
-              weight gradient straight into its slice of a preallocated
-              [E, ...] tensor, and skips every gradient nobody asked for.
+              out_TD[token] += weight * y_ND       index_add_
+    backward  recomputes x_ND and act(h_NG) per block, writes every expert's
+              weight gradient into its slice of one preallocated [E, ...]
+              tensor, and skips every gradient nobody asked for.
 
-Why this shape (numbers from benchmarks/bench_cpu.py on the 2-core dev box):
-- Per-expert chunks keep the gathered rows, h and act(h) of one expert in
-  cache, and only ``h`` (S x G) is saved: the dense equal-FLOP FFN saves h,
-  silu(gate) and act(h).
-- Weight gradients are written with ``mm(..., out=grad[e])`` into one
-  ``torch.empty`` [E, D, G]: indexing ``w[e]`` under autograd makes every
-  expert allocate and add a full-size zero gradient (cost grows with E^2).
-- ``index_select`` / ``index_add_`` instead of advanced indexing: ``x[idx]``
-  and its backward cost 2-4x more on CPU.
-- The combine weight is applied to the F-wide activation in backward
-  (w * a)^T @ g rather than to the D-wide output gradient.
+Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
+- Blocks, not one expert at a time: with 128 experts of 256 rows the
+  per-expert Python loop spent more time issuing ~2800 small ops than the
+  grouped GEMM saved; ``torch._grouped_mm`` runs a block's experts in C++.
+  Blocks, not all rows at once: the gathered x, y and gradient rows stay
+  bounded (BLOCK_ROWS x D) instead of K times the input.
+- Only ``h`` (S x G) is saved and act(h) is recomputed: the dense SwiGLU
+  FFN that the benchmark compares against saves h, silu(gate) and act(h).
+- Weight gradients: ``mm(..., out=grad[e])`` into one ``torch.empty``; indexing
+  ``w[e]`` under autograd makes every expert allocate and add a full-size zero
+  gradient (cost grows with E^2).
+- ``index_select`` / ``index_add_`` rather than ``x[idx]`` / ``out[idx] +=``:
+  advanced indexing costs 2-4x more on CPU, most of it in backward.
+- Reused row buffers: a fresh 1024 x 512 fp32 ``index_select`` result took
+  1.5 ms and 409 page faults; into a reused buffer 0.1 ms and none.
+
+``torch._grouped_mm`` needs 16-byte aligned rows; otherwise (odd D or F, other
+dtypes) the same blocks run one ``mm`` per expert.
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
-else F, E experts, S routed rows (kept rows first, dropped rows after), N rows
-of one expert.
+else F, E experts, S routed rows, N rows of one block, B experts of one block.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from moekit.functions.glu import FAST_KINDS, ActFn, generic_backward, glu_backward, glu_forward
 
+BLOCK_ROWS = 8192
 
-def _segments(offsets: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) for every expert that received rows."""
-    segs, start = [], 0
+
+@dataclass(frozen=True)
+class _Block:
+    """Experts e0..e1-1, rows r0..r1-1; ``ends`` are the experts' row ends within the block."""
+
+    e0: int
+    e1: int
+    r0: int
+    r1: int
+    ends: tuple[int, ...]
+    ends_B: Tensor  # int32 copy of ``ends`` for torch._grouped_mm
+
+    def experts(self):
+        """(expert, first row, end row) within the block, for experts with rows."""
+        start = 0
+        for i, end in enumerate(self.ends):
+            if end > start:
+                yield self.e0 + i, start, end
+            start = end
+
+
+def _blocks(offsets: list[int], device: torch.device, block_rows: int) -> list[_Block]:
+    blocks, e0, r0 = [], 0, 0
     for e, end in enumerate(offsets):
-        if end > start:
-            segs.append((e, start, end))
-        start = end
-    return segs
+        last = e == len(offsets) - 1
+        if last or offsets[e + 1] - r0 > block_rows:
+            if end > r0:
+                ends = tuple(o - r0 for o in offsets[e0:e + 1])
+                blocks.append(_Block(e0, e + 1, r0, end, ends,
+                                     torch.tensor(ends, dtype=torch.int32, device=device)))
+            e0, r0 = e + 1, end
+    return blocks
+
+
+def _aligned(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
+    """torch._grouped_mm: fp32/bf16, one dtype, D, F and G rows 16-byte aligned."""
+    per16 = 16 // x_TD.element_size()
+    dims = (x_TD.shape[1], w_in_EDG.shape[2], w_out_EFD.shape[1])
+    return (hasattr(torch, "_grouped_mm") and x_TD.dtype in (torch.float32, torch.bfloat16)
+            and x_TD.dtype == w_in_EDG.dtype == w_out_EFD.dtype
+            and all(n % per16 == 0 for n in dims))
+
+
+def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, grouped: bool, out_NY: Tensor) -> Tensor:
+    """Rows of expert e times b_BXY[e - e0]: [N, Y]."""
+    if grouped:
+        return torch._grouped_mm(a_NX, b_BXY, offs=blk.ends_B)
+    for e, s, t in blk.experts():
+        torch.mm(a_NX[s:t], b_BXY[e - blk.e0], out=out_NY[s:t])
+    return out_NY
+
+
+def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
+    """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
+    for e, s, t in blk.experts():
+        torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
 
 
 class _Workspace:
-    """Row buffers sized for the largest expert, reused by every expert of one call.
+    """Row buffers sized for the largest block, reused by every block of one call."""
 
-    Fresh per-expert tensors page-fault on every call with glibc malloc: an
-    ``index_select`` of 1024 x 512 fp32 rows took 1.5 ms into a new tensor
-    and 0.1 ms into a reused one (409 minor faults vs 0).
-    """
-
-    def __init__(self, like: Tensor, n: int, D: int, F: int, G: int) -> None:
-        self.n, self.D, self.F, self.G = n, D, F, G
-        self.like = like
+    def __init__(self, like: Tensor, n: int) -> None:
+        self.like, self.n = like, n
         self._bufs: dict[str, Tensor] = {}
 
     def get(self, name: str, n: int, width: int) -> Tensor:
         buf = self._bufs.get(name)
-        if buf is None:
+        if buf is None or buf.numel() < self.n * width:
             buf = self._bufs[name] = self.like.new_empty(self.n * width)
         return buf[: n * width].view(n, width)
 
@@ -70,19 +122,38 @@ def _act_forward(h_NG: Tensor, kind: str | None, act: ActFn, out_NF: Tensor) -> 
     return glu_forward(h_NG, kind, out_NF) if kind in FAST_KINDS else act(h_NG)
 
 
-def _forward_expert(ws: _Workspace, x_TD: Tensor, out_TD: Tensor, tok_N: Tensor, w_N1: Tensor,
-                    h_NG: Tensor, w_in_DG: Tensor, w_out_FD: Tensor, b_in_G: Tensor | None,
-                    b_out_D: Tensor | None, kind: str | None, act: ActFn) -> None:
-    n = tok_N.shape[0]
-    x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, ws.D))
-    torch.mm(x_ND, w_in_DG, out=h_NG)
-    if b_in_G is not None:
-        h_NG += b_in_G
-    a_NF = _act_forward(h_NG, kind, act, ws.get("a", n, ws.F))
-    y_ND = torch.mm(a_NF, w_out_FD, out=ws.get("y", n, ws.D))
-    if b_out_D is not None:
-        y_ND += b_out_D
+def _bias_rows(b_EX: Tensor, blk: _Block, out_NX: Tensor) -> Tensor:
+    for e, s, t in blk.experts():
+        out_NX[s:t] += b_EX[e]
+    return out_NX
+
+
+@dataclass(frozen=True)
+class _Weights:
+    w_in_EDG: Tensor
+    w_out_EFD: Tensor
+    b_in_EG: Tensor | None
+    b_out_ED: Tensor | None
+    grouped: bool
+    kind: str | None
+    act: ActFn
+
+
+def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N: Tensor,
+                   w_N1: Tensor, out_TD: Tensor) -> Tensor:
+    """Adds the block's weighted expert outputs to out_TD; returns h_NG to save."""
+    n, D = tok_N.shape[0], x_TD.shape[1]
+    G, F = p.w_in_EDG.shape[2], p.w_out_EFD.shape[1]
+    x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
+    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, p.grouped, x_TD.new_empty(n, G))
+    if p.b_in_EG is not None:
+        _bias_rows(p.b_in_EG, blk, h_NG)
+    a_NF = _act_forward(h_NG, p.kind, p.act, ws.get("a", n, F))
+    y_ND = _gmm(a_NF, p.w_out_EFD[blk.e0:blk.e1], blk, p.grouped, ws.get("y", n, D))
+    if p.b_out_ED is not None:
+        _bias_rows(p.b_out_ED, blk, y_ND)
     out_TD.index_add_(0, tok_N, y_ND.mul_(w_N1))
+    return h_NG
 
 
 class FusedExperts(torch.autograd.Function):
@@ -91,130 +162,126 @@ class FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, weight_S: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, token_S: Tensor,
-                offsets: list[int], kind: str | None, act: ActFn) -> Tensor:
-        segs = _segments(offsets)
-        S_kept = offsets[-1] if offsets else 0
+                offsets: list[int], kind: str | None, act: ActFn,
+                block_rows: int = BLOCK_ROWS) -> Tensor:
+        blocks = _blocks(offsets, x_TD.device, block_rows)
+        grouped = _aligned(x_TD, w_in_EDG, w_out_EFD)
+        p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, grouped, kind, act)
         out_TD = x_TD.new_zeros(x_TD.shape)
-        h_SG = x_TD.new_empty(S_kept, w_in_EDG.shape[2])
         w_S1 = weight_S.to(x_TD.dtype)[:, None]
-        ws = _workspace(x_TD, segs, w_out_EFD)
-        for e, r0, r1 in segs:
-            _forward_expert(ws, x_TD, out_TD, token_S[r0:r1], w_S1[r0:r1], h_SG[r0:r1],
-                            w_in_EDG[e], w_out_EFD[e],
-                            None if b_in_EG is None else b_in_EG[e],
-                            None if b_out_ED is None else b_out_ED[e], kind, act)
-        ctx.save_for_backward(x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, h_SG)
-        ctx.segs, ctx.kind, ctx.act = segs, kind, act
-        ctx.has_b_in = b_in_EG is not None
+        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
+        hs = [_forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
+              for b in blocks]
+        ctx.save_for_backward(x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs)
+        ctx.blocks, ctx.p_static = blocks, (grouped, kind, act, b_in_EG is not None)
         return out_TD
 
     @staticmethod
     def backward(ctx, g_TD: Tensor):
-        x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, h_SG = ctx.saved_tensors
-        grads = _Grads(ctx.needs_input_grad, x_TD, weight_S, w_in_EDG, w_out_EFD,
-                       ctx.has_b_in, b_out_ED, {e for e, _, _ in ctx.segs})
+        x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs = ctx.saved_tensors
+        grouped, kind, act, has_b_in = ctx.p_static
+        p = _Weights(w_in_EDG, w_out_EFD, None, b_out_ED, grouped, kind, act)
+        grads = _Grads(ctx.needs_input_grad, x_TD, weight_S, p, has_b_in, ctx.blocks)
         g_TD = g_TD.contiguous()
         w_S1 = weight_S.to(x_TD.dtype)[:, None]
-        ws = _workspace(x_TD, ctx.segs, w_out_EFD)
-        for e, r0, r1 in ctx.segs:
-            grads.expert(ws, e, r0, r1, token_S[r0:r1], g_TD, w_S1[r0:r1], h_SG[r0:r1],
-                         ctx.kind, ctx.act)
-        # (x, weight_S, w_in, w_out, b_in, b_out, token_S, offsets, kind, act)
+        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in ctx.blocks), default=0))
+        for blk, h_NG in zip(ctx.blocks, hs, strict=True):
+            grads.block(ws, blk, token_S[blk.r0:blk.r1], g_TD, w_S1[blk.r0:blk.r1], h_NG)
+        # (x, weight_S, w_in, w_out, b_in, b_out, token_S, offsets, kind, act, block_rows)
         return (grads.x_TD, grads.weight_S, grads.w_in, grads.w_out, grads.b_in, grads.b_out,
-                None, None, None, None)
-
-
-def _workspace(x_TD: Tensor, segs: list[tuple[int, int, int]], w_out_EFD: Tensor) -> _Workspace:
-    n = max((r1 - r0 for _, r0, r1 in segs), default=0)
-    F = w_out_EFD.shape[1]
-    return _Workspace(x_TD, n, x_TD.shape[1], F, 2 * F)
+                None, None, None, None, None)
 
 
 class _Grads:
-    """Preallocated gradients (None where not needed), filled expert by expert.
+    """Preallocated gradients (None where not needed), filled block by block.
 
     ``torch.empty`` and not zeros: every expert's slice is written once with
     ``out=``; the slices of experts without rows are zeroed once here.
     """
 
-    def __init__(self, need: tuple[bool, ...], x_TD: Tensor, weight_S: Tensor,
-                 w_in_EDG: Tensor, w_out_EFD: Tensor, has_b_in: bool,
-                 b_out_ED: Tensor | None, used: set[int]) -> None:
-        self.x_in, self.w_in_EDG, self.w_out_EFD, self.b_out_ED = (
-            x_TD, w_in_EDG, w_out_EFD, b_out_ED)
+    def __init__(self, need: tuple[bool, ...], x_TD: Tensor, weight_S: Tensor, p: _Weights,
+                 has_b_in: bool, blocks: list[_Block]) -> None:
+        self.x_in, self.p = x_TD, p
         self.need_dh = need[0] or need[2] or need[4]
-        E, D, G = w_in_EDG.shape
+        E, D, G = p.w_in_EDG.shape
         self.x_TD = x_TD.new_zeros(x_TD.shape) if need[0] else None  # index_add_ target
         self.weight_S = weight_S.new_zeros(weight_S.shape) if need[1] else None  # 0 if dropped
-        self.w_in = w_in_EDG.new_empty(E, D, G) if need[2] else None
-        self.w_out = w_out_EFD.new_empty(w_out_EFD.shape) if need[3] else None
-        self.b_in = w_in_EDG.new_empty(E, G) if has_b_in and need[4] else None
-        self.b_out = w_out_EFD.new_empty(E, D) if b_out_ED is not None and need[5] else None
+        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] else None
+        self.w_out = p.w_out_EFD.new_empty(p.w_out_EFD.shape) if need[3] else None
+        self.b_in = p.w_in_EDG.new_empty(E, G) if has_b_in and need[4] else None
+        self.b_out = p.w_out_EFD.new_empty(E, D) if p.b_out_ED is not None and need[5] else None
+        used = {e for b in blocks for e, _, _ in b.experts()}
         idle = [e for e in range(E) if e not in used]
         for t in (self.w_in, self.w_out, self.b_in, self.b_out):
             if t is not None and idle:
                 t[idle] = 0
 
-    def _activation(self, ws: _Workspace, h_NG: Tensor, da_NF: Tensor, kind: str | None,
-                    act: ActFn) -> tuple[Tensor, Tensor | None]:
-        n = h_NG.shape[0]
-        if kind in FAST_KINDS and self.need_dh:
-            return glu_backward(h_NG, da_NF, kind, ws.get("a", n, ws.F), ws.get("t", n, ws.F),
-                                ws.get("dh", n, ws.G))
-        if self.need_dh:
-            return generic_backward(h_NG, da_NF, act)
-        return _act_forward(h_NG, kind, act, ws.get("a", n, ws.F)), None
+    def _activation(self, ws: _Workspace, h_NG: Tensor,
+                    da_NF: Tensor) -> tuple[Tensor, Tensor | None]:
+        n, F = da_NF.shape
+        kind, act = self.p.kind, self.p.act
+        if not self.need_dh:
+            return _act_forward(h_NG, kind, act, ws.get("a", n, F)), None
+        if kind in FAST_KINDS:
+            return glu_backward(h_NG, da_NF, kind, ws.get("a", n, F), ws.get("t", n, F),
+                                ws.get("dh", n, h_NG.shape[1]))
+        return generic_backward(h_NG, da_NF, act)
 
-    def expert(self, ws: _Workspace, e: int, r0: int, r1: int, tok_N: Tensor, g_TD: Tensor,
-               w_N1: Tensor, h_NG: Tensor, kind: str | None, act: ActFn) -> None:
-        n = tok_N.shape[0]
-        g_ND = torch.index_select(g_TD, 0, tok_N, out=ws.get("g", n, ws.D))
-        F = self.w_out_EFD.shape[1]
+    def block(self, ws: _Workspace, blk: _Block, tok_N: Tensor, g_TD: Tensor, w_N1: Tensor,
+              h_NG: Tensor) -> None:
+        p, n = self.p, tok_N.shape[0]
+        F = p.w_out_EFD.shape[1]
+        w_out_BDF = p.w_out_EFD[blk.e0:blk.e1].transpose(1, 2)
+        g_ND = torch.index_select(g_TD, 0, tok_N, out=ws.get("g", n, g_TD.shape[1]))
         # gradient of act(h) before the combine weight: d weight_S is its row dot with act(h)
-        gu_NF = torch.mm(g_ND, self.w_out_EFD[e].t(), out=ws.get("gu", n, F))
+        gu_NF = _gmm(g_ND, w_out_BDF, blk, p.grouped, ws.get("gu", n, F))
         da_NF = torch.mul(gu_NF, w_N1, out=ws.get("da", n, F))
-        a_NF, dh_NG = self._activation(ws, h_NG, da_NF, kind, act)
+        a_NF, dh_NG = self._activation(ws, h_NG, da_NF)
         if self.weight_S is not None:
-            self._weight_grad(e, r0, r1, g_ND, gu_NF, a_NF)
+            self._weight_grad(blk, g_ND, gu_NF, a_NF)
         # scale in place only a buffer we own: a generic act may return a view of h
-        aw_NF = a_NF.mul_(w_N1) if kind in FAST_KINDS else a_NF * w_N1
-        self._out_grads(e, g_ND, w_N1, aw_NF)
+        aw_NF = a_NF.mul_(w_N1) if p.kind in FAST_KINDS else a_NF * w_N1
+        self._out_grads(blk, g_ND, w_N1, aw_NF)
         if dh_NG is not None:
-            self._in_grads(ws, e, tok_N, dh_NG)
+            self._in_grads(ws, blk, tok_N, dh_NG)
 
-    def _weight_grad(self, e: int, r0: int, r1: int, g_ND: Tensor, gu_NF: Tensor,
-                     a_NF: Tensor) -> None:
+    def _weight_grad(self, blk: _Block, g_ND: Tensor, gu_NF: Tensor, a_NF: Tensor) -> None:
         assert self.weight_S is not None
         dw_N = gu_NF.mul_(a_NF).sum(1, dtype=torch.float32)
-        if self.b_out_ED is not None:
-            dw_N += (g_ND @ self.b_out_ED[e]).float()
-        self.weight_S[r0:r1] = dw_N
+        if self.p.b_out_ED is not None:
+            for e, s, t in blk.experts():
+                dw_N[s:t] += (g_ND[s:t] @ self.p.b_out_ED[e]).float()
+        self.weight_S[blk.r0:blk.r1] = dw_N
 
-    def _out_grads(self, e: int, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
+    def _out_grads(self, blk: _Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
         if self.w_out is not None:
-            torch.mm(aw_NF.t(), g_ND, out=self.w_out[e])
+            _gmm_weight(aw_NF, g_ND, blk, self.w_out)
         if self.b_out is not None:
-            torch.mv(g_ND.t(), w_N1[:, 0], out=self.b_out[e])
+            for e, s, t in blk.experts():
+                torch.mv(g_ND[s:t].t(), w_N1[s:t, 0], out=self.b_out[e])
 
-    def _in_grads(self, ws: _Workspace, e: int, tok_N: Tensor, dh_NG: Tensor) -> None:
-        n = tok_N.shape[0]
+    def _in_grads(self, ws: _Workspace, blk: _Block, tok_N: Tensor, dh_NG: Tensor) -> None:
+        n, D = tok_N.shape[0], self.x_in.shape[1]
         if self.b_in is not None:
-            torch.sum(dh_NG, 0, out=self.b_in[e])
+            for e, s, t in blk.experts():
+                torch.sum(dh_NG[s:t], 0, out=self.b_in[e])
         if self.w_in is not None:
-            x_ND = torch.index_select(self.x_in, 0, tok_N, out=ws.get("x", n, ws.D))
-            torch.mm(x_ND.t(), dh_NG, out=self.w_in[e])
+            x_ND = torch.index_select(self.x_in, 0, tok_N, out=ws.get("x", n, D))
+            _gmm_weight(x_ND, dh_NG, blk, self.w_in)
         if self.x_TD is not None:
-            dx_ND = torch.mm(dh_NG, self.w_in_EDG[e].t(), out=ws.get("y", n, ws.D))
+            w_in_BGD = self.p.w_in_EDG[blk.e0:blk.e1].transpose(1, 2)
+            dx_ND = _gmm(dh_NG, w_in_BGD, blk, self.p.grouped, ws.get("y", n, D))
             self.x_TD.index_add_(0, tok_N, dx_ND)
 
 
 def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                   w_in_EDG: Tensor, w_out_EFD: Tensor, b_in_EG: Tensor | None,
-                  b_out_ED: Tensor | None, act: ActFn, kind: str | None = None) -> Tensor:
+                  b_out_ED: Tensor | None, act: ActFn, kind: str | None = None,
+                  block_rows: int = BLOCK_ROWS) -> Tensor:
     """Run the fused expert Function; ``kind`` names ``act`` when it has a fast path.
 
     Rows at and past ``offsets_E[-1]`` (dropped by a capacity policy) are skipped.
     Reads ``offsets_E`` on the host: a CPU path (on CUDA this synchronises).
     """
     return FusedExperts.apply(x_TD.contiguous(), weight_S, w_in_EDG, w_out_EFD, b_in_EG,
-                              b_out_ED, token_S, offsets_E.tolist(), kind, act)
+                              b_out_ED, token_S, offsets_E.tolist(), kind, act, block_rows)
