@@ -1,0 +1,413 @@
+"""CPU MoE benchmark: moekit against a dense equal-FLOP FFN, transformers and the reference.
+
+Every "x dense" figure is the median of per-pair ratios against the dense
+SwiGLU FFN D -> K*F -> D (same active FLOPs) measured in the same run, pairs
+alternating. Run ``python benchmarks/bench_cpu.py --help`` or ``moekit bench``.
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (benchmarks/ is not a package)
+
+CONFIGS = [  # (T, E, K, F)
+    (4096, 8, 2, 1024),
+    (4096, 64, 8, 256),
+    (4096, 128, 8, 128),
+    (256, 8, 2, 1024),
+    (256, 64, 8, 256),
+]
+QUICK_CONFIGS = [(256, 64, 8, 256), (4096, 64, 8, 256)]
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+MOEKIT_IMPLS = ("moekit", "moekit-grouped_mm", "moekit-loop")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+BATCHED_MM_LIMIT_GIB = 2.0  # transformers' batched_mm copies one weight matrix per routed row
+
+
+# -- the variants, each built as a harness.Step ------------------------------------
+
+def _init(params, dtype, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        with torch.no_grad():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+        p.data = p.data.to(dtype)
+
+
+def _step(params, forward, x, dtype):
+    import torch
+
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def fwd():
+        for p in [*params, x]:
+            p.grad = None
+        return forward(x)
+
+    return harness.Step(forward=fwd, backward=lambda y: y.backward(gy))
+
+
+def _dense(T, K, F, D, dtype):
+    import torch
+    import torch.nn.functional as Fn
+
+    w_in = torch.nn.Parameter(torch.empty(D, 2 * K * F))
+    w_out = torch.nn.Parameter(torch.empty(K * F, D))
+    _init([w_in, w_out], dtype, 0)
+
+    def forward(x):
+        gate, up = (x @ w_in).chunk(2, dim=-1)
+        return (Fn.silu(gate) * up) @ w_out
+
+    return [w_in, w_out], forward
+
+
+def _moekit(impl, T, E, K, F, D, dtype):
+    from moekit import MoE, MoEConfig
+
+    backend = "fused" if impl == "moekit" else impl.split("-", 1)[1]
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=K), backend=backend)
+    _init(list(moe.parameters()), dtype, 0)
+    return list(moe.parameters()), lambda x: moe(x).output
+
+
+def _reference(T, E, K, F, D, dtype):
+    from moekit import MoE, MoEConfig
+    from moekit.dispatch.sort import sort_by_expert
+    from moekit.experts.reference import reference_experts
+
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=K), backend="loop")
+    _init(list(moe.parameters()), dtype, 0)
+
+    def forward(x):
+        d = sort_by_expert(moe.router(x).plan, E, None)
+        return reference_experts(moe.experts, x, d)
+
+    return list(moe.parameters()), forward
+
+
+def _hf(impl, T, E, K, F, D, dtype):
+    _, model, experts_impl = impl.split("-", 2)
+    if model == "mixtral":
+        from transformers import MixtralConfig as Config
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
+        cfg = Config(hidden_size=D, intermediate_size=F, num_local_experts=E,
+                     num_experts_per_tok=K)
+    else:
+        from transformers import OlmoeConfig as Config
+        from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
+        cfg = Config(hidden_size=D, intermediate_size=F, num_experts=E, num_experts_per_tok=K,
+                     norm_topk_prob=True)
+    cfg._experts_implementation = experts_impl  # how transformers picks the experts forward
+    block = Block(cfg)
+    _init(list(block.parameters()), dtype, 0)
+
+    def forward(x):
+        y = block(x[None])
+        return (y[0] if isinstance(y, tuple) else y)[0]
+
+    return list(block.parameters()), forward
+
+
+def build_step(impl: str, T: int, E: int, K: int, F: int, D: int, dtype: str,
+               threads: int = 2) -> harness.Step:
+    """A forward+backward step of ``impl`` on T tokens (memory subprocesses call it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    if impl == "dense":
+        params, forward = _dense(T, K, F, D, dt)
+    elif impl == "reference":
+        params, forward = _reference(T, E, K, F, D, dt)
+    elif impl.startswith("moekit"):
+        params, forward = _moekit(impl, T, E, K, F, D, dt)
+    else:
+        params, forward = _hf(impl, T, E, K, F, D, dt)
+    x = torch.randn(T, D).to(dt).requires_grad_(True)
+    return _step(params, forward, x, dt)
+
+
+# -- the time breakdown of moekit's layer ---------------------------------------------
+
+def breakdown(T: int, E: int, K: int, F: int, D: int, dtype: str) -> dict:
+    """ms of routing / dispatch / experts / combine in one profiled forward+backward.
+
+    Runs the layer's own pieces (router, sort_by_expert, experts) under named
+    profiler ranges; inside the fused Function the gathers (index_select)
+    count as dispatch and the scatters (index_add_) as combine. Profiling adds
+    overhead to small ops, so read the shares, not the absolute times.
+    """
+    import torch
+    from torch.profiler import profile, record_function
+
+    from moekit import MoE, MoEConfig
+    from moekit.dispatch.sort import sort_by_expert
+    from moekit.routing.stats import routing_stats
+
+    dt = getattr(torch, dtype)
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=K))
+    _init(list(moe.parameters()), dt, 0)
+    x = torch.randn(T, D).to(dt).requires_grad_(True)
+
+    def step():
+        with record_function("moekit.routing"):
+            routed = moe.router(x)
+        with record_function("moekit.dispatch"):
+            d = sort_by_expert(routed.plan, E, None)
+        y = moe.experts(x, d)
+        with record_function("moekit.routing"):
+            routing_stats(routed.plan, d, T, routed.z_loss, routed.aux_loss)
+        y.backward(torch.ones_like(y))
+
+    step()
+    with profile() as prof:
+        step()
+    return _classify(prof.events())
+
+
+def _category(ev) -> str:
+    names, p = [], ev
+    while p is not None:
+        names.append(p.name)
+        p = p.cpu_parent
+    if any(n in ("FusedExperts", "FusedExpertsBackward") for n in names):
+        if ev.name == "aten::index_select":
+            return "dispatch"
+        return "combine" if ev.name in ("aten::index_add_", "aten::scatter_add_") else "experts"
+    if "moekit.dispatch" in names or any("IndexBackward" in n for n in names):
+        return "dispatch"
+    return "routing"
+
+
+def _classify(events) -> dict:
+    ms = {"routing": 0.0, "dispatch": 0.0, "experts": 0.0, "combine": 0.0}
+    for ev in events:
+        ms[_category(ev)] += ev.self_cpu_time_total / 1e3
+    total = sum(ms.values())
+    return {**{f"{k}_ms": v for k, v in ms.items()},
+            **{f"{k}_pct": 100 * v / total for k, v in ms.items()}}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def _batched_mm_gib(T, K, F, D, dtype) -> float:
+    return T * K * 2 * F * D * (4 if dtype == "float32" else 2) / 2**30
+
+
+def _impls(args, T, K, F, D, dtype) -> list[tuple[str, str]]:
+    """(impl, why skipped or '') in the order they run."""
+    out = [(m, "") for m in args.impls if m.startswith("moekit") or m == "reference"]
+    hf = [m for m in args.impls if m.startswith("hf-")]
+    if hf and not _has_transformers():
+        return out + [(m, "transformers not installed") for m in hf]
+    for m in hf:
+        need = _batched_mm_gib(T, K, F, D, dtype)
+        if m.endswith("batched_mm") and need > BATCHED_MM_LIMIT_GIB:
+            out.append((m, f"batched_mm would copy {need:.0f} GiB of weights"))
+        else:
+            out.append((m, ""))
+    return out
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_config(args, T, E, K, F, dtype) -> list[dict]:
+    D, rows = args.dim, []
+    shape = dict(T=T, E=E, K=K, F=F, D=D, dtype=dtype, threads=args.threads)
+    dense = build_step("dense", **shape)
+    for impl, skip in _impls(args, T, K, F, D, dtype):
+        row = {"config": f"T{T} E{E} K{K} F{F}", **shape, "impl": impl}
+        if skip:
+            rows.append({**row, "skipped": skip})
+            _print_row(rows[-1])
+            continue
+        step = build_step(impl, **shape)
+        if impl == "reference":
+            row.update(_reference_timing(step, dense, 1 if T > 256 else args.reps))
+        else:
+            row.update(harness.compare(step, dense, args.reps, args.warmup))
+        if args.memory and dtype == "float32":
+            row["peak_mib"] = harness.peak_growth_mib(__file__, "build_step",
+                                                      {"impl": impl, **shape})
+        rows.append(row)
+        _print_row(row)
+        del step
+    if args.memory and dtype == "float32":
+        peak = harness.peak_growth_mib(__file__, "build_step", {"impl": "dense", **shape})
+        for r in rows:
+            r["dense_peak_mib"] = peak
+    return rows
+
+
+def _reference_timing(step, dense, reps) -> dict:
+    """The per-row oracle is too slow to pair: its median against dense timed right after."""
+    a = harness.time_alone(step, reps, warmup=0)
+    b = harness.time_alone(dense, 3, warmup=1)
+    return {**a, "b_total_ms": b["a_total_ms"], "b_fwd_ms": b["a_fwd_ms"],
+            "b_bwd_ms": b["a_bwd_ms"], "ratio_total": a["a_total_ms"] / b["a_total_ms"],
+            "ratio_fwd": a["a_fwd_ms"] / b["a_fwd_ms"], "ratio_bwd": a["a_bwd_ms"] / b["a_bwd_ms"],
+            "unpaired": True}
+
+
+HEADER = (f"{'config':20s} {'dtype':5s} {'impl':24s} {'fwd ms':>8s} {'bwd ms':>9s} "
+          f"{'total ms':>9s} {'dense ms':>9s} {'x dense':>8s} {'fwd x':>6s} {'bwd x':>6s} "
+          f"{'peak MiB':>8s}")
+
+
+def _print_row(r: dict) -> None:
+    dt = "fp32" if r["dtype"] == "float32" else "bf16"
+    if "skipped" in r:
+        print(f"{r['config']:20s} {dt:5s} {r['impl']:24s} skipped: {r['skipped']}", flush=True)
+        return
+    mark = "*" if r.get("unpaired") else " "
+    peak = f"{r['peak_mib']:8.0f}" if "peak_mib" in r else f"{'-':>8s}"
+    print(f"{r['config']:20s} {dt:5s} {r['impl']:24s} {r['a_fwd_ms']:8.1f} {r['a_bwd_ms']:9.1f} "
+          f"{r['a_total_ms']:9.1f} {r['b_total_ms']:9.1f} {r['ratio_total']:7.2f}{mark} "
+          f"{r['ratio_fwd']:6.2f} {r['ratio_bwd']:6.2f} {peak}", flush=True)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per config and dtype: moekit's ratio, the best transformers one, and their quotient."""
+    out = []
+    for key in sorted({(r["config"], r["dtype"]) for r in rows}):
+        group = [r for r in rows if (r["config"], r["dtype"]) == key and "ratio_total" in r]
+        mk = next((r for r in group if r["impl"] == "moekit"), None)
+        hf = [r for r in group if r["impl"].startswith("hf-")]
+        if mk is None:
+            continue
+        s = {"config": key[0], "dtype": key[1], "moekit_x_dense": mk["ratio_total"],
+             "moekit_peak_mib": mk.get("peak_mib"), "dense_peak_mib": mk.get("dense_peak_mib")}
+        if hf:
+            best = min(hf, key=lambda r: r["ratio_total"])
+            s.update(best_hf=best["impl"], best_hf_x_dense=best["ratio_total"],
+                     speedup_vs_best_hf=best["ratio_total"] / mk["ratio_total"])
+        out.append(s)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="2 configs, fp32, 3 pairs, no reference or eager: a smoke run")
+    p.add_argument("--configs", default=None,
+                   help="T,E,K,F;T,E,K,F;... (default: the five from the issue)")
+    p.add_argument("--dim", type=int, default=512, help="D (default 512)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--impls", default=None, help="comma list; default: all")
+    p.add_argument("--reps", type=int, default=5, help="timed A/B pairs (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed A/B pairs first")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the fresh-process peak-memory runs")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    all_impls = ["moekit", "moekit-grouped_mm", "moekit-loop", "reference",
+                 *(f"hf-{m}-{i}" for m in ("mixtral", "olmoe") for i in HF_IMPLS)]
+    if args.quick:
+        args.reps, args.dtypes = min(args.reps, 3), "fp32"
+        args.configs = args.configs or ";".join(",".join(map(str, c)) for c in QUICK_CONFIGS)
+        args.impls = args.impls or "moekit,moekit-loop,hf-mixtral-grouped_mm,hf-olmoe-grouped_mm"
+    args.impls = args.impls.split(",") if args.impls else all_impls
+    bad = [m for m in args.impls if m not in all_impls]
+    if bad:
+        raise SystemExit(f"--impls has {bad}, which is not allowed: choose from {all_impls}")
+    args.configs = ([tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+                    if args.configs else CONFIGS)
+    args.dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    return args
+
+
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed arguments (``moekit bench`` calls this)."""
+    args = _resolve(args)
+    malloc = harness.use_malloc(args.malloc)  # may re-exec this process
+    import torch
+
+    torch.set_num_threads(args.threads)
+    info = harness.machine()
+    print(f"moekit bench  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
+          f"malloc: {malloc}  load avg {info['load_average_1m']}  D={args.dim}  "
+          f"median of {args.reps} A/B pairs after {args.warmup} warm-up")
+    print("x dense = median over pairs of (impl time / dense SwiGLU FFN D->K*F->D time);"
+          " * = unpaired (median vs dense timed right after); peak = growth of one fwd+bwd,"
+          " fresh process (fp32 only)")
+    print(HEADER)
+    rows, breakdowns, t0 = [], [], time.time()
+    for dtype in args.dtypes:
+        for T, E, K, F in args.configs:
+            rows += run_config(args, T, E, K, F, dtype)
+            if args.breakdown and dtype == "float32":
+                b = {"config": f"T{T} E{E} K{K} F{F}", "dtype": dtype,
+                     **breakdown(T, E, K, F, args.dim, dtype)}
+                breakdowns.append(b)
+                print("  breakdown (profiled fwd+bwd, moekit): " + "  ".join(
+                    f"{k} {b[k + '_pct']:.1f}%" for k in
+                    ("routing", "dispatch", "experts", "combine")), flush=True)
+    summary = summarize(rows)
+    _print_summary(summary)
+    _write(args, info, rows, breakdowns, summary, time.time() - t0)
+    return 0
+
+
+def _print_summary(summary: list[dict]) -> None:
+    print("\nsummary: moekit x dense, best transformers x dense, moekit speed-up over it "
+          "(quotient of the two medians), peak MiB moekit / dense")
+    for s in summary:
+        dt = "fp32" if s["dtype"] == "float32" else "bf16"
+        hf = (f"{s['best_hf']:24s} {s['best_hf_x_dense']:6.2f}  speed-up "
+              f"{s['speedup_vs_best_hf']:5.2f}x" if "best_hf" in s else "no transformers run")
+        mem = (f"  peak {s['moekit_peak_mib']:.0f} / {s['dense_peak_mib']:.0f} MiB = "
+               f"{s['moekit_peak_mib'] / max(s['dense_peak_mib'], 1e-9):.2f}x"
+               if s.get("moekit_peak_mib") is not None else "")
+        print(f"{s['config']:20s} {dt:5s} moekit {s['moekit_x_dense']:5.2f}  {hf}{mem}")
+
+
+def _write(args, info, rows, breakdowns, summary, seconds) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(args.out) if args.out else (
+        Path(__file__).resolve().parent / "results" / f"bench_cpu_{stamp}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": info, "command": " ".join(sys.argv), "seconds": round(seconds, 1),
+               "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+               "breakdown": breakdowns, "summary": summary}
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

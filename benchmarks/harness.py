@@ -1,0 +1,201 @@
+"""The one benchmark harness: machine description, malloc control, A/B timing, peak memory.
+
+Timing: warm up, then alternate candidate and baseline (A B A B ...) in one
+process and report the median of the per-pair ratios; on a shared machine a
+single absolute time means little, a ratio measured pair by pair does.
+
+Memory: each variant runs once in a fresh subprocess; growth is the peak
+resident set of one forward+backward minus the resident set before it (the
+peak is reset first through /proc/self/clear_refs so set-up does not count;
+``resource.getrusage(...).ru_maxrss`` where that is not possible).
+
+malloc: glibc's default hands large blocks back to the kernel on free, so
+every step page-faults its activations in again (about a quarter of the CPU
+time at T=4096 in our first measurements). ``use_malloc("tuned")`` re-executes
+the process with MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_
+set, before torch is imported; the output always says which was used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TUNED_MALLOC = {
+    "MALLOC_MMAP_MAX_": "0",  # no mmap'd blocks: freed memory stays in the heap
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),  # never give the heap top back
+    "MALLOC_TOP_PAD_": str(1 << 30),  # grow the heap 1 GiB at a time
+}
+
+
+def use_malloc(mode: str) -> str:
+    """Make the process run under ``mode`` ("tuned" or "default"); returns its description.
+
+    Re-executes the interpreter when the environment has to change (glibc reads
+    these variables once, at start-up).
+    """
+    if mode not in ("tuned", "default"):
+        raise ValueError(f"malloc={mode!r} is not allowed: use 'tuned' or 'default'")
+    want = TUNED_MALLOC if mode == "tuned" else {}
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
+    env.update(want)
+    if any(os.environ.get(k) != env.get(k) for k in TUNED_MALLOC):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return malloc_description()
+
+
+def malloc_description() -> str:
+    preload = os.environ.get("LD_PRELOAD")
+    if preload:
+        return f"LD_PRELOAD={preload}"
+    tuned = [f"{k}={os.environ[k]}" for k in TUNED_MALLOC if k in os.environ]
+    return "glibc " + (" ".join(tuned) if tuned else "defaults")
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpus_online": os.cpu_count(),
+        "malloc": malloc_description(),
+        "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+@dataclass
+class Step:
+    """One training step of a layer: ``forward()`` returns the output, ``backward(y)`` ends it."""
+
+    forward: Callable[[], object]
+    backward: Callable[[object], None]
+
+
+def time_step(step: Step) -> tuple[float, float]:
+    """(forward seconds, backward seconds) of one step."""
+    t0 = time.perf_counter()
+    y = step.forward()
+    t1 = time.perf_counter()
+    step.backward(y)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def compare(a: Step, b: Step, reps: int, warmup: int = 1) -> dict:
+    """Alternate a and b; medians of each one's times and of the per-pair ratios a / b."""
+    for _ in range(warmup):
+        time_step(a)
+        time_step(b)
+    ta, tb = [], []
+    for i in range(reps):
+        # swap the order every pair so neither side always runs on a warmer cache
+        if i % 2:
+            tb.append(time_step(b))
+            ta.append(time_step(a))
+        else:
+            ta.append(time_step(a))
+            tb.append(time_step(b))
+    out = {"reps": reps}
+    for j, part in enumerate(("fwd", "bwd")):
+        out[f"a_{part}_ms"] = 1e3 * _median([t[j] for t in ta])
+        out[f"b_{part}_ms"] = 1e3 * _median([t[j] for t in tb])
+        out[f"ratio_{part}"] = _median([x[j] / y[j] for x, y in zip(ta, tb, strict=True)])
+    out["a_total_ms"] = 1e3 * _median([sum(t) for t in ta])
+    out["b_total_ms"] = 1e3 * _median([sum(t) for t in tb])
+    out["ratio_total"] = _median([sum(x) / sum(y) for x, y in zip(ta, tb, strict=True)])
+    return out
+
+
+def time_alone(a: Step, reps: int, warmup: int = 1) -> dict:
+    """Medians of one variant's times (for a variant too slow to pair with a baseline often)."""
+    for _ in range(warmup):
+        time_step(a)
+    ts = [time_step(a) for _ in range(reps)]
+    return {"reps": reps, "a_fwd_ms": 1e3 * _median([t[0] for t in ts]),
+            "a_bwd_ms": 1e3 * _median([t[1] for t in ts]),
+            "a_total_ms": 1e3 * _median([sum(t) for t in ts])}
+
+
+# -- peak memory in a fresh process -----------------------------------------------
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mib(reset: bool) -> float:
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_growth_mib(script: str, builder: str, kwargs: dict, timeout: float = 900) -> float:
+    """Peak RSS growth (MiB) of one step of ``builder(**kwargs)`` from ``script``, fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", script, builder, json.dumps(kwargs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess failed: {out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_main(script: str, builder: str, kwargs_json: str) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_target", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    step = getattr(mod, builder)(**json.loads(kwargs_json))
+    import gc
+
+    gc.collect()
+    before = _rss_mib()
+    reset = _reset_peak()
+    time_step(step)
+    print(f"{max(0.0, _peak_mib(reset) - before):.1f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--peak":
+        _peak_main(*sys.argv[2:5])
+    else:
+        sys.exit("usage: harness.py --peak SCRIPT BUILDER KWARGS_JSON (used by the benchmarks)")
