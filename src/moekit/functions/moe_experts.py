@@ -98,10 +98,19 @@ def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, grouped: bool, out_NY: Tensor
     return out_NY
 
 
-def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
-    """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
+def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor | None,
+                grouped: bool) -> Tensor:
+    """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows.
+
+    ``out_EXY=None`` (one block holding every expert): one grouped call returns
+    the whole gradient, zeros for experts without rows, instead of E mm calls.
+    """
+    if out_EXY is None:
+        assert grouped
+        return torch._grouped_mm(a_NX.t(), b_NY, offs=blk.ends_B)
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
+    return out_EXY
 
 
 class _Workspace:
@@ -206,8 +215,12 @@ class _Grads:
         E, D, G = p.w_in_EDG.shape
         self.x_TD = x_TD.new_zeros(x_TD.shape) if need[0] else None  # index_add_ target
         self.weight_S = weight_S.new_zeros(weight_S.shape) if need[1] else None  # 0 if dropped
-        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] else None
-        self.w_out = p.w_out_EFD.new_empty(p.w_out_EFD.shape) if need[3] else None
+        # one grouped call per weight when a single block holds every expert
+        self.whole = p.grouped and len(blocks) == 1
+        self.need_w_in, self.need_w_out = need[2], need[3]
+        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] and not self.whole else None
+        self.w_out = (p.w_out_EFD.new_empty(p.w_out_EFD.shape)
+                      if need[3] and not self.whole else None)
         self.b_in = p.w_in_EDG.new_empty(E, G) if has_b_in and need[4] else None
         self.b_out = p.w_out_EFD.new_empty(E, D) if p.b_out_ED is not None and need[5] else None
         used = {e for b in blocks for e, _, _ in b.experts()}
@@ -254,8 +267,8 @@ class _Grads:
         self.weight_S[blk.r0:blk.r1] = dw_N
 
     def _out_grads(self, blk: _Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
-        if self.w_out is not None:
-            _gmm_weight(aw_NF, g_ND, blk, self.w_out)
+        if self.need_w_out:
+            self.w_out = _gmm_weight(aw_NF, g_ND, blk, self.w_out, self.p.grouped)
         if self.b_out is not None:
             for e, s, t in blk.experts():
                 torch.mv(g_ND[s:t].t(), w_N1[s:t, 0], out=self.b_out[e])
@@ -265,9 +278,9 @@ class _Grads:
         if self.b_in is not None:
             for e, s, t in blk.experts():
                 torch.sum(dh_NG[s:t], 0, out=self.b_in[e])
-        if self.w_in is not None:
+        if self.need_w_in:
             x_ND = torch.index_select(self.x_in, 0, tok_N, out=ws.get("x", n, D))
-            _gmm_weight(x_ND, dh_NG, blk, self.w_in)
+            self.w_in = _gmm_weight(x_ND, dh_NG, blk, self.w_in, self.p.grouped)
         if self.x_TD is not None:
             w_in_BGD = self.p.w_in_EDG[blk.e0:blk.e1].transpose(1, 2)
             dx_ND = _gmm(dh_NG, w_in_BGD, blk, self.p.grouped, ws.get("y", n, D))
