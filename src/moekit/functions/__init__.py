@@ -1,0 +1,1 @@
+"""Autograd functions and torch.library custom ops over moekit.kernels (needs triton)."""
