@@ -41,7 +41,7 @@ from moekit.kernels.common import (
 
 def _row_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
     shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
               (128, 128, 32, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
               (32, 64, 64, 4, 4)]
@@ -51,7 +51,7 @@ def _row_configs() -> list[triton.Config]:
 
 def _wgrad_configs() -> list[triton.Config]:
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
     shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
               (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
