@@ -295,3 +295,9 @@ def test_aux_loss_is_one_when_perfectly_balanced():
     probs = torch.full((8, 4), 0.25)
     experts = torch.tensor([[0], [1], [2], [3], [0], [1], [2], [3]])
     assert switch_aux_loss(probs, experts).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("E,K", [(512, 8), (64, 64)])
+def test_many_experts(E, K):
+    moe, x, _ = build((3,), E, K, capacity_factor=None)
+    check_against_reference(moe, x, None, 1e-5, 1e-4)
