@@ -1,1 +1,5 @@
-"""Autograd functions and torch.library custom ops over moekit.kernels (needs triton)."""
+"""Autograd Functions and torch.library custom ops (with fake implementations).
+
+``grouped_mm`` needs only torch; ``experts`` and ``routing`` wrap the Triton
+kernels of ``moekit.kernels`` and import triton.
+"""
