@@ -11,6 +11,7 @@ Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
@@ -95,10 +96,17 @@ def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
     return kind, cfg.swiglu_limit, cfg.swiglu_alpha
 
 
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def triton_supported(x_TD: Tensor) -> bool:
     """The fused Triton kernels serve CUDA fp32/fp16/bf16 tensors when triton is installed."""
-    return (x_TD.is_cuda and x_TD.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (x_TD.is_cuda and x_TD.dtype in _TRITON_DTYPES
             and importlib.util.find_spec("triton") is not None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
@@ -106,11 +114,14 @@ def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tenso
     """Fused Triton kernels (moekit.kernels): gather + GLU epilogue, combine in the
     down projection's epilogue; no host synchronisation.
 
-    An activation the kernels do not know (any callable that is not an Experts
-    module's own) falls back to ``grouped_mm`` when its layout allows, else ``loop``.
+    Runs the CPU path (``grouped_mm`` when its layout allows, else ``loop``) for
+    CPU tensors outside Triton's interpreter (TRITON_INTERPRET=1), for a dtype
+    the kernels do not take, and for an activation they do not know (any
+    callable that is not an Experts module's own).
     """
     spec = _activation_spec(act)
-    if spec is None:
+    usable = (x_TD.is_cuda or _interpreting()) and x_TD.dtype in _TRITON_DTYPES
+    if spec is None or not usable or importlib.util.find_spec("triton") is None:
         fallback = (grouped_mm_experts if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)
                     else loop_experts)
         return fallback(x_TD, d, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
