@@ -37,7 +37,7 @@ from moekit.functions.experts import fused_experts, fused_experts_fwd  # noqa: E
 from moekit.functions.routing import fused_dispatch, fused_topk  # noqa: E402
 from moekit.kernels.common import INTERPRET  # noqa: E402
 from moekit.routing.token_choice import sigmoid_topk, softmax_topk  # noqa: E402
-from triton_oracle import CASES, DTYPES, check_case, make_inputs  # noqa: E402
+from tests.triton_oracle import CASES, DTYPES, check_case, make_inputs  # noqa: E402
 
 if not INTERPRET:
     pytest.skip("moekit.kernels was imported before TRITON_INTERPRET=1 was set",

@@ -25,7 +25,7 @@ from moekit import MoE, MoEConfig  # noqa: E402
 from moekit.functions.experts import fused_experts  # noqa: E402
 from moekit.functions.routing import fused_dispatch, fused_topk  # noqa: E402
 from moekit.routing.token_choice import softmax_topk  # noqa: E402
-from triton_oracle import CASES, check_case  # noqa: E402
+from tests.triton_oracle import CASES, check_case  # noqa: E402
 
 GPU_CASES = [*CASES,
              # (T, D, F, E, K, act, bias, capacity, empty)
