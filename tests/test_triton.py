@@ -7,8 +7,9 @@ span several tiles. The oracle below computes each routed row on its own in
 fp64 with plain torch ops (no sorting, no grouped GEMM).
 
 On a CUDA machine this module is skipped (tests/test_triton_gpu.py runs the
-compiled kernels there) unless MOEKIT_TEST_INTERPRET=1: triton.jit chooses
-interpreted or compiled when moekit.kernels is imported, once per process.
+compiled kernels there) unless MOEKIT_TEST_INTERPRET=1: triton chooses
+interpreted or compiled once per process, when it and moekit.kernels are first
+imported, which tests/conftest.py does under TRITON_INTERPRET=1.
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU kinds else
 F, E experts, K experts per token, S routed rows.
@@ -26,22 +27,6 @@ if torch.cuda.is_available() and os.environ.get("MOEKIT_TEST_INTERPRET") != "1":
                 allow_module_level=True)
 
 _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before moekit.kernels: triton.jit decides at import
-pytest.importorskip("triton")
-
-from moekit import MoE, MoEConfig  # noqa: E402
-from moekit.dispatch.plan import RoutingPlan  # noqa: E402
-from moekit.dispatch.sort import sort_by_expert  # noqa: E402
-from moekit.experts.backends import BACKENDS  # noqa: E402
-from moekit.functions.experts import fused_experts, fused_experts_fwd  # noqa: E402
-from moekit.functions.routing import fused_dispatch, fused_topk  # noqa: E402
-from moekit.kernels.common import INTERPRET  # noqa: E402
-from moekit.routing.token_choice import sigmoid_topk, softmax_topk  # noqa: E402
-from tests.triton_oracle import CASES, DTYPES, check_case, make_inputs  # noqa: E402
-
-if not INTERPRET:
-    pytest.skip("moekit.kernels was imported before TRITON_INTERPRET=1 was set",
-                allow_module_level=True)
 
 
 def _set_interpret(value: str | None) -> None:
@@ -51,7 +36,24 @@ def _set_interpret(value: str | None) -> None:
         os.environ["TRITON_INTERPRET"] = value
 
 
-_set_interpret(_PREV_INTERPRET)
+_set_interpret("1")  # in case conftest.py did not import the kernels already
+try:
+    pytest.importorskip("triton")
+    from moekit import MoE, MoEConfig
+    from moekit.dispatch.plan import RoutingPlan
+    from moekit.dispatch.sort import sort_by_expert
+    from moekit.experts.backends import BACKENDS
+    from moekit.functions.experts import fused_experts, fused_experts_fwd
+    from moekit.functions.routing import fused_dispatch, fused_topk
+    from moekit.kernels.common import INTERPRET
+    from moekit.routing.token_choice import sigmoid_topk, softmax_topk
+    from tests.triton_oracle import CASES, DTYPES, check_case, make_inputs
+finally:
+    _set_interpret(_PREV_INTERPRET)
+
+if not INTERPRET:
+    pytest.skip("moekit.kernels was imported before TRITON_INTERPRET=1 was set",
+                allow_module_level=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
