@@ -44,7 +44,7 @@ try:
     from moekit.dispatch.sort import sort_by_expert
     from moekit.experts.backends import BACKENDS
     from moekit.functions.experts import fused_experts, fused_experts_fwd
-    from moekit.functions.routing import fused_dispatch, fused_topk
+    from moekit.functions.routing import fused_dispatch, fused_route, fused_topk
     from moekit.kernels.common import INTERPRET
     from moekit.routing.token_choice import sigmoid_topk, softmax_topk
     from tests.triton_oracle import CASES, DTYPES, check_case, make_inputs
@@ -102,10 +102,17 @@ def test_unknown_activation_falls_back():
     torch.testing.assert_close(got, want)
 
 
-def test_bad_activation_raises():
+def test_bad_arguments_raise():
     d, _, x, w_in, w_out, _, _ = make_inputs(*CASES[0], torch.float32)
+    args = (d.token_S, d.weight_S, d.offsets_E)
     with pytest.raises(ValueError, match="act='tanh'"):
-        fused_experts(x, d.token_S, d.weight_S, d.offsets_E, w_in, w_out, None, None, "tanh")
+        fused_experts(x, *args, w_in, w_out, None, None, "tanh")
+    with pytest.raises(ValueError, match=r"x_TD.shape=\(1, 15\)"):
+        fused_experts(x[:, :15], *args, w_in, w_out, None, None)
+    with pytest.raises(ValueError, match=r"w_out_EFD.shape=\(4, 8, 15\)"):
+        fused_experts(x, *args, w_in, w_out[..., :15], None, None)
+    with pytest.raises(ValueError, match=r"w_out_EFD.shape=\(4, 8, 16\).*must be \(4, 16, 16\)"):
+        fused_experts(x, *args, w_in, w_out, None, None, "relu2")
 
 
 # -- routing ------------------------------------------------------------------------------
@@ -191,6 +198,13 @@ def test_compile_fullgraph_forward_backward():
     torch.testing.assert_close(loss, loss_ref)
     for a, b in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_opcheck_fused_route():
+    logits_TE = torch.randn(9, 5, requires_grad=True)
+    torch.library.opcheck(fused_route, (logits_TE, torch.randn(5), 2, "sigmoid", True, 2.0),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 def test_opcheck_fused_experts():

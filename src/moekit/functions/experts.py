@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from moekit.kernels import grouped
-from moekit.kernels.common import ACT_IDS, INTERPRET
+from moekit.kernels.common import ACT_IDS, GLU_ACTS, INTERPRET
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -111,6 +111,24 @@ def _backward(ctx, dy_TD: Tensor, _dh: Tensor):
 fused_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_shapes(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
+                  w_in_EDG: Tensor, w_out_EFD: Tensor, act: str) -> None:
+    """Shapes only (no values are read: that would synchronise with the GPU)."""
+    E, D, G = w_in_EDG.shape if w_in_EDG.dim() == 3 else (None, None, None)
+    F = None if G is None else (G // 2 if act in GLU_ACTS else G)
+    wants = [("x_TD.shape", tuple(x_TD.shape), (x_TD.shape[0] if x_TD.dim() else 0, D)),
+             ("w_out_EFD.shape", tuple(w_out_EFD.shape), (E, F, D)),
+             ("weight_S.shape", tuple(weight_S.shape), tuple(token_S.shape)),
+             ("offsets_E.shape", tuple(offsets_E.shape), (E,))]
+    if G is None or (act in GLU_ACTS and G % 2):
+        raise ValueError(f"w_in_EDG.shape={tuple(w_in_EDG.shape)} is not allowed: it must be "
+                         f"[E, D, G] with G = 2F (gate, then up) for act={act!r}")
+    for name, got, want in wants:
+        if got != want:
+            raise ValueError(f"{name}={got} is not allowed: with w_in_EDG.shape="
+                             f"{tuple(w_in_EDG.shape)} and act={act!r} it must be {want}")
+
+
 def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                   w_in_EDG: Tensor, w_out_EFD: Tensor, b_in_EG: Tensor | None,
                   b_out_ED: Tensor | None, act: str = "swiglu", limit: float = 7.0,
@@ -123,6 +141,7 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
     """
     if act not in ACT_IDS:
         raise ValueError(f"act={act!r} is not allowed: it must be one of {', '.join(ACT_IDS)}")
+    _check_shapes(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, act)
     if not x_TD.is_cuda and not INTERPRET:
         raise ValueError(f"x_TD.device={x_TD.device} is not allowed: the Triton experts need "
                          "CUDA tensors, or TRITON_INTERPRET=1 set before moekit.kernels is "
