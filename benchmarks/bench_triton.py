@@ -5,8 +5,9 @@ For each shape it times, alternating the candidates every repetition (A B C A B 
   grouped_mm      moekit's torch._grouped_mm backend on the same Dispatch
   dense           a dense SwiGLU FFN of hidden size K*F over all T tokens
                   (the same active FLOPs: 6*T*K*D*F forward)
-and prints forward and forward+backward ms, TFLOP/s and the median of the
-per-repetition ratios to dense and to grouped_mm. Routing is timed separately:
+and prints forward and forward+backward ms, TFLOP/s, the median of the
+per-repetition ratios (forward+backward) to dense and to grouped_mm, and the
+peak memory one forward+backward adds. Routing is timed separately:
 fused_dispatch (one routing kernel + one placement kernel) against
 softmax_topk + sort_by_expert.
 
@@ -99,6 +100,17 @@ def measure(fns: dict, reps: int, backward: bool) -> dict[str, list[float]]:
     return times
 
 
+def peak_mib(fn) -> float:
+    """Peak memory one forward + backward adds on top of what is already allocated."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = fn()
+    y.backward(torch.ones_like(y))
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
     return {name: statistics.median(a / b for a, b in zip(t, times[base], strict=True))
             for name, t in times.items()}
@@ -118,7 +130,7 @@ def bench_shape(shape, dtype, reps: int) -> list[dict]:
         rows.append({"shape": f"T{T} D{D} F{F_} E{E} K{K}", "impl": name, "fwd_ms": f_ms,
                      "fwd_bwd_ms": t_ms, "fwd_tflops": flops / f_ms / 1e9,
                      "fwd_bwd_tflops": 3 * flops / t_ms / 1e9, "x_dense": r_dense[name],
-                     "x_grouped_mm": r_gmm[name]})
+                     "x_grouped_mm": r_gmm[name], "peak_mib": peak_mib(fns[name])})
     rows.append(bench_routing(logits, E, K, reps) | {"shape": f"T{T} D{D} F{F_} E{E} K{K}"})
     return rows
 
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"moekit bench_triton  torch {torch.__version__}  triton {triton.__version__}  "
           f"{torch.cuda.get_device_name()}  {args.dtype}  median of {args.reps}")
     print(f"{'shape':26} {'impl':24} {'fwd ms':>8} {'f+b ms':>8} {'f TF/s':>7} "
-          f"{'f+b TF/s':>8} {'x dense':>7} {'x gmm':>6}")
+          f"{'f+b TF/s':>8} {'x dense':>7} {'x gmm':>6} {'peak MiB':>8}")
     rows = []
     for shape in SHAPES:
         for r in bench_shape(shape, DTYPES[args.dtype], args.reps):
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{r['shape']:26} {r['impl']:24} {r['fwd_ms']:8.3f} "
                       f"{r['fwd_bwd_ms']:8.3f} {r['fwd_tflops']:7.1f} {r['fwd_bwd_tflops']:8.1f} "
-                      f"{r['x_dense']:7.2f} {r['x_grouped_mm']:6.2f}")
+                      f"{r['x_dense']:7.2f} {r['x_grouped_mm']:6.2f} {r['peak_mib']:8.0f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
