@@ -1,0 +1,1 @@
+"""Plan MoE runs: parameters, FLOPs, memory, communication, time and energy."""
