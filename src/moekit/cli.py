@@ -10,6 +10,7 @@ import sys
 # name -> (module, one-line help). Add a line here to add a subcommand.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.demo", "build an MoE layer, run forward+backward, print routing stats"),
+    "plan": ("moekit.plan.cli", "parameters, FLOPs, memory, communication, time and energy"),
 }
 
 
