@@ -317,3 +317,42 @@ def test_gpu_presets_are_consistent():
         assert 1e-13 < gpu.power_watts / gpu.peak_flops < 2e-12
         assert gpu.inter_node_bandwidth <= gpu.intra_node_bandwidth
     assert math.isclose(GPUS["h100"].peak_flops, 989e12)
+
+
+# -- the moekit language model -------------------------------------------------------
+
+LM_CASES = [
+    dict(),
+    dict(moe_every=2, num_layers=4),
+    dict(dense=True),
+    dict(tie_embeddings=False, router="noisy_topk"),
+    dict(router="hash"),
+]
+
+
+@pytest.mark.parametrize("kw", LM_CASES)
+def test_params_match_moekit_lm(kw):
+    from moekit.models import MoETransformer, preset
+    from moekit.plan.hf import from_lm_config
+    cfg = preset("tiny", **kw)
+    model = MoETransformer(cfg)
+    counts = count_params(from_lm_config(cfg))
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    # the LM's own count: every parameter but the experts a token is not routed to
+    unused = sum((m.config.num_experts - m.config.top_k) * sum(
+        p[0].numel() for p in m.experts.parameters()) for m in model.moe_layers())
+    assert counts.active_with_embedding == counts.total_params - unused
+
+
+def test_plan_reads_lm_config_and_checkpoint(tmp_path):
+    from moekit.models import MoETransformer, preset
+    from moekit.train import save_checkpoint
+    cfg = preset("tiny", moe_every=2, num_layers=4)
+    model = MoETransformer(cfg)
+    expected = sum(p.numel() for p in model.parameters())
+    path = tmp_path / "lm.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert count_params(read_spec_file(path)).total_params == expected
+    save_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()),
+                    {"step": 3, "model_config": cfg.to_dict()})
+    assert count_params(read_spec_file(tmp_path / "run")).total_params == expected

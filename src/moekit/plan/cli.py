@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import Plan, make_plan
@@ -18,8 +19,9 @@ from moekit.plan.spec import ModelSpec, fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a JSON file: a "
-                   "transformers config.json, a ModelSpec or a moekit MoEConfig")
+    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a JSON file (a "
+                   "transformers config.json, a ModelSpec, a moekit LMConfig or MoEConfig) "
+                   "or a moekit checkpoint directory")
     g = p.add_argument_group("cluster")
     g.add_argument("--gpu", default="h100", help=f"GPU preset: {', '.join(GPUS)}")
     g.add_argument("--gpus", type=int, default=8, help="number of GPUs")
@@ -50,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(name: str) -> ModelSpec:
     if name.lower() in PRESETS:
         return get_preset(name).spec
-    if not name.endswith(".json"):
-        fail("model", name, f"it must be a preset ({', '.join(PRESETS)}) or a .json file")
+    if not (name.endswith(".json") or Path(name).is_dir()):
+        fail("model", name, f"it must be a preset ({', '.join(PRESETS)}), a .json file or "
+             "a moekit checkpoint directory")
     return read_spec_file(name)
 
 

@@ -169,10 +169,29 @@ def from_moe_config(cfg: MoEConfig, num_layers: int = 1) -> ModelSpec:
         noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash")
 
 
+def from_lm_config(cfg: Any) -> ModelSpec:
+    """The moekit language model (moekit.models.LMConfig): RMSNorm pre-norm blocks,
+    fused bias-free qkv, SwiGLU experts, dense layers of hidden K*F between MoE layers."""
+    dense_ffn = cfg.top_k * cfg.ffn_dim
+    return ModelSpec(
+        name="moekit-lm", num_layers=cfg.num_layers, dim=cfg.dim, vocab_size=cfg.vocab_size,
+        tied_embeddings=cfg.tie_embeddings, num_heads=cfg.num_heads,
+        dense_ffn_dim=dense_ffn,
+        num_dense_layers=cfg.num_layers if cfg.dense else 0,
+        moe_every=cfg.moe_every, num_experts=1 if cfg.dense else cfg.num_experts,
+        top_k=1 if cfg.dense else cfg.top_k, expert_ffn_dim=cfg.ffn_dim,
+        noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash")
+
+
 def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
-    """Recognise a transformers config, a ModelSpec dict or a MoEConfig dict."""
+    """Recognise a transformers config, a ModelSpec, a moekit LMConfig or MoEConfig dict."""
     if "model_type" in data:
         return from_hf_config(data)
+    if "model_config" in data and isinstance(data["model_config"], dict):  # state.json
+        data = data["model_config"]
+    if "num_layers" in data and "ffn_dim" in data:
+        from moekit.models.config import LMConfig  # the planner sits above the models
+        return from_lm_config(LMConfig.from_dict(data))
     if "num_layers" in data and "dim" in data:
         return ModelSpec.from_dict(data)
     if "dim" in data and "ffn_dim" in data:
@@ -182,7 +201,11 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
 
 
 def read_spec_file(path: str | Path) -> ModelSpec:
+    """A JSON file, or a moekit checkpoint / run directory (its state.json)."""
     p = Path(path)
+    if p.is_dir():
+        from moekit.train.checkpoint import STATE_FILE, resolve
+        p = resolve(p) / STATE_FILE
     if not p.is_file():
         fail("config", str(path), "it must be a preset name or an existing JSON file")
     try:

@@ -34,7 +34,9 @@ class ParamCounts:
 
     @property
     def active_with_embedding(self) -> int:
-        return self.active_params + self.total.get("embedding", 0)
+        """Counting the embedding table too (once when the head shares it)."""
+        untied = self.total.get("lm_head", 0) > 0
+        return self.active_params + (self.total.get("embedding", 0) if untied else 0)
 
     @property
     def expert_params(self) -> int:
