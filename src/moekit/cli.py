@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("moekit.train.generate_cli", "sample text from a trained checkpoint"),
     "compare": ("moekit.train.compare", "MoE vs dense of equal active FLOPs: table and plots"),
     "plan": ("moekit.plan.cli", "parameters, FLOPs, memory, communication, time and energy"),
+    "analyze": ("moekit.analysis.cli", "routing analysis of a trained LM checkpoint"),
 }
 
 
