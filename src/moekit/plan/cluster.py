@@ -120,6 +120,10 @@ PRECISIONS: dict[str, Precision] = {
 RECOMPUTE = ("none", "full")
 
 
+def usable_memory(cluster: Cluster, setup: TrainSetup) -> float:
+    return cluster.gpu.memory_bytes * (1 - setup.memory_headroom)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Layout:
     """How the GPUs split the work: dp * tp * pp = GPUs; ep splits the experts across
@@ -162,6 +166,9 @@ class TrainSetup:
     causal: bool = True  # causal attention does half the score FLOPs
     compute_efficiency: float = 1.0  # fraction of peak FLOP/s reached (1.0 = roofline)
     joules_per_flop: float | None = None  # None: power_watts / peak_flops of the GPU
+    # Memory kept free for the CUDA context, communication buffers and allocator
+    # fragmentation: a layout "fits" when its estimate is under (1 - headroom) x capacity.
+    memory_headroom: float = 0.1
 
     def __post_init__(self) -> None:
         check_int("seq_len", self.seq_len, 1)
@@ -169,6 +176,9 @@ class TrainSetup:
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             fail("compute_efficiency", self.compute_efficiency, "it must be in (0, 1]")
+        if not (isinstance(self.memory_headroom, (int, float))
+                and 0 <= self.memory_headroom < 1):
+            fail("memory_headroom", self.memory_headroom, "it must be in [0, 1)")
         if self.joules_per_flop is not None and not (
                 isinstance(self.joules_per_flop, (int, float)) and self.joules_per_flop > 0):
             fail("joules_per_flop", self.joules_per_flop, "it must be a number > 0 or None")

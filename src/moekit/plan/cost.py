@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from moekit.plan.cluster import Cluster, Layout, TrainSetup
+from moekit.plan.cluster import Cluster, Layout, TrainSetup, usable_memory
 from moekit.plan.params import ParamCounts, count_params
 from moekit.plan.spec import ModelSpec, fail, glu_matrices
 
@@ -317,7 +317,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= self.cluster.gpu.memory_bytes
+        return self.memory.total <= usable_memory(self.cluster, self.setup)
 
     def to_dict(self) -> dict:
         out = {k: asdict(getattr(self, k)) for k in ("flops", "comm", "time")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moekit.plan.cluster import usable_memory
 from moekit.plan.cost import Memory, Plan
 
 GIB = 2**30
@@ -48,12 +49,13 @@ def memory_lines(plan: Plan) -> list[str]:
     lines = [f"{head:46s}{'no recompute':>14s}{'full recompute':>16s}"]
     for name in ("weights", "grads", "optimizer", "activations", "logits", "zero3_buffer"):
         lines.append(f"  {name:44s}{getattr(a, name) / GIB:14.2f}{getattr(b, name) / GIB:16.2f}")
-    cap = plan.cluster.gpu.memory_bytes
+    cap = usable_memory(plan.cluster, plan.setup)
 
     def verdict(m: Memory) -> str:
-        return "fits" if m.total <= plan.cluster.gpu.memory_bytes else "OOM"
+        return "fits" if m.total <= cap else "OOM"
 
-    label = f"total (of {cap / GIB:.1f} GiB = {cap / 1e9:.0f} GB)"
+    label = (f"total (usable {cap / GIB:.1f} GiB of {plan.cluster.gpu.memory_bytes / 1e9:.0f}"
+             f" GB, {plan.setup.memory_headroom:.0%} kept free)")
     lines.append(f"  {label:44s}{a.total / GIB:9.2f} {verdict(a):>4s}"
                  f"{b.total / GIB:11.2f} {verdict(b):>4s}")
     return lines

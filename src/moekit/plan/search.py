@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from moekit.plan.cluster import RECOMPUTE, Cluster, Layout, TrainSetup
+from moekit.plan.cluster import RECOMPUTE, Cluster, Layout, TrainSetup, usable_memory
 from moekit.plan.cost import Plan, make_plan, memory
 from moekit.plan.params import count_params
 from moekit.plan.spec import ModelSpec
@@ -41,7 +41,7 @@ def search(spec: ModelSpec, cluster: Cluster, setup: TrainSetup,
            top: int = 10) -> list[Plan]:
     """The ``top`` layouts that fit, fastest first (ties: less memory first)."""
     counts = count_params(spec)
-    cap = cluster.gpu.memory_bytes
+    cap = usable_memory(cluster, setup)
     fitting = [make_plan(spec, cluster, setup, lay, counts)
                for lay in candidate_layouts(spec, cluster, setup)
                if memory(spec, counts, setup, lay).total <= cap]
