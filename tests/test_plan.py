@@ -356,3 +356,24 @@ def test_plan_reads_lm_config_and_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "run", model, torch.optim.AdamW(model.parameters()),
                     {"step": 3, "model_config": cfg.to_dict()})
     assert count_params(read_spec_file(tmp_path / "run")).total_params == expected
+
+
+def test_gradient_traffic_and_bubble_by_hand():
+    """dp 4, no experts sharded: ring all-reduce moves 2 (n-1)/n of the gradient bytes
+    (ZeRO 0/1), reduce-scatter half that (ZeRO-2), ZeRO-3 adds two weight all-gathers."""
+    spec = ModelSpec(num_layers=4, dim=16, vocab_size=32, num_heads=2, num_experts=4,
+                     top_k=1, expert_ffn_dim=8)
+    counts = count_params(spec)
+    cluster = Cluster(gpu=get_gpu("a100-80gb"), num_gpus=4)
+    setup = TrainSetup(seq_len=8, global_batch=16)
+    grad_bytes = counts.total_params * 2  # bf16
+    for zero, factor in [(0, 2.0), (1, 2.0), (2, 1.0), (3, 3.0)]:
+        lay = Layout(dp=4, zero=zero)
+        comm = communication(spec, counts, setup, lay, cluster)
+        assert comm.data_parallel_bytes == pytest.approx(factor * 3 / 4 * grad_bytes)
+        assert comm.data_parallel_s == pytest.approx(comm.data_parallel_bytes / 300e9)
+        assert comm.all_to_all_bytes == 0  # ep = 1: experts replicated, nothing sent
+    plan = make_plan(spec, Cluster(gpu=get_gpu("a100-80gb"), num_gpus=4), setup,
+                     Layout(pp=4, micro_batch=2))  # 8 micro-batches through 4 stages
+    busy = plan.time.compute_s + plan.comm.pipeline_s
+    assert plan.time.bubble_s == pytest.approx(busy * 3 / 8)
