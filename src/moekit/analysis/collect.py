@@ -43,10 +43,11 @@ class LayerRouting:
     num_experts: int
     top_k: int
     vocab_size: int
-    load_E: Tensor = field(init=False)  # noqa: N815 - pairs assigned to each expert (before drops)
-    co_EE: Tensor = field(init=False)  # noqa: N815 - tokens routed to both i and j (diagonal: to i)
-    token_VE: Tensor = field(init=False)  # noqa: N815 - pairs by (token id, expert)
-    pattern_CCE: Tensor = field(init=False)  # noqa: N815 - pairs by (previous byte class, class, expert)
+    load_E: Tensor = field(init=False)  # pairs assigned to each expert (before drops)
+    co_EE: Tensor = field(init=False)  # tokens routed to both i and j (diagonal: to i)
+    token_VE: Tensor = field(init=False)  # pairs by (token id, expert)
+    # pairs by (previous byte class, byte class, expert)
+    pattern_CCE: Tensor = field(init=False)
     entropy_sum: float = 0.0  # sum over tokens of the routing distribution's entropy
     tokens: int = 0
     last_tokens: int = 0  # tokens of the latest forward pass
