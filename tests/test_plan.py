@@ -235,6 +235,9 @@ def test_plan_end_to_end_numbers():
     assert plan.energy_per_token_wall_j == pytest.approx(
         64 * 700 * plan.time.step_s / tokens)
     assert 0 < plan.time.mfu <= 1
+    hidden = make_plan(spec, cluster, TrainSetup(seq_len=4096, global_batch=256,
+                                                 a2a_overlap=1.0), plan.layout)
+    assert plan.time.step_s - hidden.time.step_s == pytest.approx(plan.comm.all_to_all_s)
 
 
 def test_search_ranks_fitting_layouts():
@@ -282,6 +285,7 @@ def test_cli_moe_config_file(tmp_path, capsys):
     (("mixtral-8x7b", "--global-batch", "12"), ("global_batch", "12", "multiple")),
     (("mixtral-8x7b", "--peak-tflops", "-1"), ("peak_flops", "must be a number > 0")),
     (("mixtral-8x7b", "--efficiency", "2"), ("compute_efficiency", "2")),
+    (("mixtral-8x7b", "--a2a-overlap", "1.5"), ("a2a_overlap", "1.5", "[0, 1]")),
     (("llama-moe",), ("model", "'llama-moe'", "mixtral-8x7b")),
     (("missing.json",), ("config", "missing.json", "existing JSON file")),
 ])

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of peak FLOP/s reached (1.0 = roofline)")
     t.add_argument("--joules-per-flop", type=float, default=None,
                    help="default: the GPU's board power / peak FLOP/s")
+    t.add_argument("--a2a-overlap", type=float, default=0.0,
+                   help="fraction of the all-to-all hidden behind compute (0-1)")
     t.add_argument("--memory-headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (context, buffers, fragmentation)")
     p.add_argument("--search", action="store_true", help="rank the layouts that fit")
@@ -87,7 +89,7 @@ def setup_from_args(args: argparse.Namespace) -> TrainSetup:
     return TrainSetup(seq_len=args.seq_len, global_batch=args.global_batch,
                       precision=PRECISIONS[args.precision],
                       compute_efficiency=args.efficiency, joules_per_flop=args.joules_per_flop,
-                      memory_headroom=args.memory_headroom)
+                      memory_headroom=args.memory_headroom, a2a_overlap=args.a2a_overlap)
 
 
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:

@@ -169,6 +169,9 @@ class TrainSetup:
     # Memory kept free for the CUDA context, communication buffers and allocator
     # fragmentation: a layout "fits" when its estimate is under (1 - headroom) x capacity.
     memory_headroom: float = 0.1
+    # Fraction of the expert-parallel all-to-all hidden behind compute (0 = none, as in a
+    # plain dispatcher; DeepSeek-V3's DualPipe overlaps nearly all of it).
+    a2a_overlap: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("seq_len", self.seq_len, 1)
@@ -176,6 +179,8 @@ class TrainSetup:
         if not (isinstance(self.compute_efficiency, (int, float))
                 and 0 < self.compute_efficiency <= 1):
             fail("compute_efficiency", self.compute_efficiency, "it must be in (0, 1]")
+        if not (isinstance(self.a2a_overlap, (int, float)) and 0 <= self.a2a_overlap <= 1):
+            fail("a2a_overlap", self.a2a_overlap, "it must be in [0, 1]")
         if not (isinstance(self.memory_headroom, (int, float))
                 and 0 <= self.memory_headroom < 1):
             fail("memory_headroom", self.memory_headroom, "it must be in [0, 1)")

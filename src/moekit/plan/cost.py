@@ -282,11 +282,13 @@ class StepTime:
 
 def step_time(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: Layout,
               cluster: Cluster, fl: Flops, comm: Comm) -> StepTime:
-    """All-to-all, TP and pipeline sends sit on the critical path (no overlap); the
-    gradient reduction overlaps the last micro-batch's backward (2/3 of its compute)."""
+    """TP and pipeline sends sit on the critical path, the all-to-all too except the
+    ``setup.a2a_overlap`` fraction hidden behind compute; the gradient reduction
+    overlaps the last micro-batch's backward (2/3 of its compute)."""
     m = microbatches(setup, lay)
     c_mb = compute_time_per_microbatch(spec, counts, setup, lay, cluster, fl)
-    busy = m * c_mb + comm.all_to_all_s + comm.tensor_parallel_s + comm.pipeline_s
+    a2a = comm.all_to_all_s * (1 - setup.a2a_overlap)
+    busy = m * c_mb + a2a + comm.tensor_parallel_s + comm.pipeline_s
     bubble = busy * (lay.pp - 1) / m
     dp_exposed = max(0.0, comm.data_parallel_s - c_mb * 2 / 3)
     step = busy + bubble + dp_exposed
