@@ -381,3 +381,28 @@ def test_gradient_traffic_and_bubble_by_hand():
                      Layout(pp=4, micro_batch=2))  # 8 micro-batches through 4 stages
     busy = plan.time.compute_s + plan.comm.pipeline_s
     assert plan.time.bubble_s == pytest.approx(busy * 3 / 8)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(moe_every=2, num_layers=4),
+                                dict(tie_embeddings=False, top_k=3)])
+def test_lm_forward_flops_match_flop_counter(kw):
+    """torch's FLOP counter on the moekit LM (math attention, per-expert loop backend)
+    equals tokens x the planner's forward FLOPs per token, attention scores included
+    (non-causal: the math kernel computes the whole T x T), norm weights aside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from moekit.models import MoETransformer, preset
+    from moekit.plan.cost import flops
+    from moekit.plan.hf import from_lm_config
+    cfg = preset("tiny", **kw)
+    model = MoETransformer(cfg)
+    for moe in model.moe_layers():
+        moe.experts.backend = "loop"  # the grouped_mm op has no FLOP formula
+    B, L = 2, 64
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 256, (B, L)))
+    spec = from_lm_config(cfg)
+    counts = count_params(spec)
+    fl = flops(spec, counts, TrainSetup(seq_len=L, global_batch=B, causal=False))
+    per_token = fl.forward_per_token - 2 * counts.active["norms"]
+    assert counter.get_total_flops() == per_token * B * L
