@@ -167,22 +167,39 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def test_memory_matches_real_tensors():
-    """fp32 Adam on a stack of moekit MoE layers: weights, grads and optimizer states
-    counted from the real tensors equal the formula (one GPU, no sharding)."""
+def moe_stack():
     cfg = moekit.MoEConfig(dim=32, ffn_dim=24, num_experts=6, top_k=2, num_shared_experts=1)
     layers = torch.nn.ModuleList(moekit.MoE(cfg) for _ in range(3))
-    opt = torch.optim.Adam(layers.parameters())
-    x = torch.randn(16, 32)
-    for moe in layers:
-        x = x + moe(x).output
-    x.square().mean().backward()
+
+    def loss() -> torch.Tensor:
+        x = torch.randn(16, 32)
+        for moe in layers:
+            x = x + moe(x).output
+        return x.square().mean()
+    return layers, loss, from_moe_config(cfg, num_layers=3)
+
+
+def tiny_lm():
+    from moekit.models import MoETransformer, preset
+    from moekit.plan.hf import from_lm_config
+    cfg = preset("tiny", moe_every=2, num_layers=3)
+    model = MoETransformer(cfg)
+    ids = torch.randint(0, 256, (2, 16))
+    return model, lambda: model(ids, ids).loss, from_lm_config(cfg)
+
+
+@pytest.mark.parametrize("build", [moe_stack, tiny_lm])
+def test_memory_matches_real_tensors(build):
+    """fp32 Adam on moekit models: weights, grads and optimizer states counted from the
+    real tensors equal the formula (one GPU, no sharding; a tied weight counts once)."""
+    model, loss, spec = build()
+    opt = torch.optim.AdamW(model.parameters())
+    loss().backward()
     opt.step()
     states = [v for s in opt.state.values() for k, v in s.items() if k != "step"]
-    spec = from_moe_config(cfg, num_layers=3)
     setup = TrainSetup(seq_len=16, global_batch=1, precision=PRECISIONS["fp32"])
     mem = memory(spec, count_params(spec), setup, Layout())
-    params = list(layers.parameters())
+    params = list(model.parameters())
     assert mem.weights == tensor_bytes(params)
     assert mem.grads == tensor_bytes(p.grad for p in params)
     assert mem.optimizer == tensor_bytes(states)
