@@ -210,6 +210,12 @@ def test_analyze_bad_input(trained, argv, words, capsys):
     assert run(args) == 2 and "error" in capsys.readouterr().err
 
 
+def test_analyze_defaults_to_the_training_corpus(trained):
+    result, out = analyze_checkpoint(parse(str(trained / "run"), "--tokens", "256"))
+    assert result["meta"]["source"] == f"{trained / 'text.txt'} (val split)"
+    assert out == trained / "run" / "step_00000003" / "analysis"
+
+
 def test_analyze_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         analyze_checkpoint(parse(str(tmp_path / "nope")))

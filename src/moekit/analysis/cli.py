@@ -19,7 +19,7 @@ from moekit.analysis.report import summary_table, write_report
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a moekit LM run directory or one of its step_* dirs")
     p.add_argument("--data", default=None, help="text file or directory (default: the "
-                   "Python standard library, as in `moekit train`)")
+                   "corpus the checkpoint was trained on, else the Python standard library)")
     p.add_argument("--split", default="val", choices=("val", "train"),
                    help="which split of the data to read (default: validation)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens to route")
@@ -41,6 +41,15 @@ def load_lm(path: str):
     return model.eval(), ck
 
 
+def trained_on(state: dict[str, Any]) -> str | None:
+    """The training corpus named in a checkpoint's state, if it still exists here."""
+    from moekit.train.data import stdlib_dir
+    source = (state.get("data") or {}).get("corpus")
+    if not source or source == str(stdlib_dir()) or not Path(source).exists():
+        return None  # None = the stdlib .py files, as `moekit train` reads them
+    return source
+
+
 def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
     from moekit.train.data import load_corpus
@@ -54,7 +63,7 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"{name}={v} is not allowed: it must be >= 1")
-    corpus = load_corpus(args.data)
+    corpus = load_corpus(args.data if args.data is not None else trained_on(ck.state))
     ids_BL = windows(corpus.val if args.split == "val" else corpus.train, args.tokens, seq_len)
     layers = analyze_model(model, ids_BL, cfg.vocab_size, args.batch_size, args.top,
                            args.min_count)
