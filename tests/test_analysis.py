@@ -216,6 +216,14 @@ def test_analyze_defaults_to_the_training_corpus(trained):
     assert out == trained / "run" / "step_00000003" / "analysis"
 
 
+def test_moekit_command_runs_analyze(trained, capsys):
+    from moekit.cli import main
+    out = trained / "via_main"
+    assert main(["analyze", str(trained / "run"), "--tokens", "256", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    assert (out / "report.md").exists() and "wrote" in capsys.readouterr().out
+
+
 def test_analyze_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         analyze_checkpoint(parse(str(tmp_path / "nope")))

@@ -423,3 +423,9 @@ def test_lm_forward_flops_match_flop_counter(kw):
     fl = flops(spec, counts, TrainSetup(seq_len=L, global_batch=B, causal=False))
     per_token = fl.forward_per_token - 2 * counts.active["norms"]
     assert counter.get_total_flops() == per_token * B * L
+
+
+def test_moekit_command_runs_plan(capsys):
+    from moekit.cli import main
+    assert main(["plan", "olmoe-1b-7b", "--gpus", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["total_params"] == 6_919_161_856
