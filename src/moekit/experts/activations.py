@@ -5,8 +5,6 @@ Shape letters: S routed rows, F expert hidden size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,17 +35,3 @@ def activate(h_SG: Tensor, cfg: MoEConfig) -> Tensor:
     gate_SF = gate_SF.clamp(max=limit)
     up_SF = up_SF.clamp(min=-limit, max=limit)
     return gate_SF * torch.sigmoid(cfg.swiglu_alpha * gate_SF) * (up_SF + 1)
-
-
-@dataclass(frozen=True)
-class Activation:
-    """``activate`` bound to a config; ``kind`` lets a fused backend pick a fast path."""
-
-    cfg: MoEConfig
-
-    @property
-    def kind(self) -> str:
-        return self.cfg.activation
-
-    def __call__(self, h_SG: Tensor) -> Tensor:
-        return activate(h_SG, self.cfg)

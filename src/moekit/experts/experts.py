@@ -14,8 +14,13 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
-from moekit.experts.activations import Activation, activate
-from moekit.experts.backends import BACKENDS, fused_supported, grouped_mm_supported
+from moekit.experts.activations import activate
+from moekit.experts.backends import (
+    BACKENDS,
+    fused_supported,
+    grouped_mm_supported,
+    triton_supported,
+)
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -57,11 +62,16 @@ class Experts(nn.Module):
         if name == "auto":
             name = self.auto_backend(x_TD)
         return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
-                              Activation(self.cfg))
+                              self._act)
 
     def auto_backend(self, x_TD: Tensor) -> str:
-        """"fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm where aligned, else loop."""
-        if x_TD.device.type == "cpu" and fused_supported(x_TD, self.w_in, self.w_out):
+        """triton on CUDA, "fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm or loop."""
+        if triton_supported(x_TD):
+            return "triton"
+        # fused reads the expert counts on the host, so torch.compile(fullgraph=True)
+        # gets the host-sync-free grouped_mm path instead
+        if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+                and fused_supported(x_TD, self.w_in, self.w_out)):
             return "fused"
         if grouped_mm_supported(x_TD, self.w_in, self.w_out):
             return "grouped_mm"

@@ -1,5 +1,6 @@
-"""autograd Functions behind the fast expert paths."""
+"""Autograd Functions and torch.library custom ops (with fake implementations).
 
-from moekit.functions.moe_experts import FusedExperts, fused_experts
-
-__all__ = ["FusedExperts", "fused_experts"]
+``grouped_mm`` and ``moe_experts`` (the fused CPU expert path) need only torch;
+``experts`` and ``routing`` wrap the Triton kernels of ``moekit.kernels`` and
+import triton.
+"""
