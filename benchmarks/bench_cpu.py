@@ -33,6 +33,7 @@ HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 MOEKIT_IMPLS = ("moekit", "moekit-grouped_mm", "moekit-loop")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 BATCHED_MM_LIMIT_GIB = 2.0  # transformers' batched_mm copies one weight matrix per routed row
+REFERENCE_MAX_T = 256  # the per-row oracle builds an autograd graph of ~10 nodes per row
 
 
 # -- the variants, each built as a harness.Step ------------------------------------
@@ -212,13 +213,18 @@ def _batched_mm_gib(T, K, F, D, dtype) -> float:
 
 def _impls(args, T, K, F, D, dtype) -> list[tuple[str, str]]:
     """(impl, why skipped or '') in the order they run."""
-    out = [(m, "") for m in args.impls if m.startswith("moekit") or m == "reference"]
+    out = [(m, "") for m in args.impls if m.startswith("moekit")]
+    if "reference" in args.impls:
+        out.append(("reference", "" if T <= REFERENCE_MAX_T and dtype == "float32" else
+                    f"per-row oracle, run at T <= {REFERENCE_MAX_T} in fp32 only (time)"))
     hf = [m for m in args.impls if m.startswith("hf-")]
     if hf and not _has_transformers():
         return out + [(m, "transformers not installed") for m in hf]
     for m in hf:
         need = _batched_mm_gib(T, K, F, D, dtype)
-        if m.endswith("batched_mm") and need > BATCHED_MM_LIMIT_GIB:
+        if dtype != "float32" and not m.endswith("grouped_mm"):
+            out.append((m, "bf16 runs each block's fastest CPU implementation only (time)"))
+        elif m.endswith("batched_mm") and need > BATCHED_MM_LIMIT_GIB:
             out.append((m, f"batched_mm would copy {need:.0f} GiB of weights"))
         else:
             out.append((m, ""))
