@@ -223,7 +223,7 @@ def _impls(args, T, K, F, D, dtype) -> list[tuple[str, str]]:
     for m in hf:
         need = _batched_mm_gib(T, K, F, D, dtype)
         if dtype != "float32" and not m.endswith("grouped_mm"):
-            out.append((m, "bf16 runs each block's fastest CPU implementation only (time)"))
+            out.append((m, "bf16: transformers grouped_mm only (time)"))
         elif m.endswith("batched_mm") and need > BATCHED_MM_LIMIT_GIB:
             out.append((m, f"batched_mm would copy {need:.0f} GiB of weights"))
         else:
