@@ -13,9 +13,10 @@ in blocks of consecutive experts, each block at most ``BLOCK_ROWS`` rows
               tensor, and skips every gradient nobody asked for.
 
 Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
-- Blocks, not one expert at a time: with 128 experts of 256 rows the
-  per-expert Python loop spent more time issuing ~2800 small ops than the
-  grouped GEMM saved; ``torch._grouped_mm`` runs a block's experts in C++.
+- Blocks, not one expert at a time: a first version looped over experts in
+  Python (~22 ops per expert); at T=4096/E=128/K=8/F=128 it measured 1.48x
+  the dense FFN against 1.37x for blocks (1 thread, shared machine, A/B
+  medians). ``torch._grouped_mm`` runs a block's experts in C++.
   Blocks, not all rows at once: the gathered x, y and gradient rows stay
   bounded (BLOCK_ROWS x D) instead of K times the input.
 - Only ``h`` (S x G) is saved and act(h) is recomputed: the dense SwiGLU
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moekit.functions.glu import FAST_KINDS, ActFn, generic_backward, glu_backward, glu_forward
 
@@ -186,6 +188,7 @@ class FusedExperts(torch.autograd.Function):
         return out_TD
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_TD: Tensor):
         x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs = ctx.saved_tensors
         grouped, kind, act, has_b_in = ctx.p_static
