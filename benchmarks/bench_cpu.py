@@ -214,9 +214,10 @@ def _batched_mm_gib(T, K, F, D, dtype) -> float:
 def _impls(args, T, K, F, D, dtype) -> list[tuple[str, str]]:
     """(impl, why skipped or '') in the order they run."""
     out = [(m, "") for m in args.impls if m.startswith("moekit")]
+    slow_max_t = min(REFERENCE_MAX_T, args.slow_max_t or REFERENCE_MAX_T)
     if "reference" in args.impls:
-        out.append(("reference", "" if T <= REFERENCE_MAX_T and dtype == "float32" else
-                    f"per-row oracle, run at T <= {REFERENCE_MAX_T} in fp32 only (time)"))
+        out.append(("reference", "" if T <= slow_max_t and dtype == "float32" else
+                    f"per-row oracle, run at T <= {slow_max_t} in fp32 only (time)"))
     hf = [m for m in args.impls if m.startswith("hf-")]
     if hf and not _has_transformers():
         return out + [(m, "transformers not installed") for m in hf]
@@ -224,6 +225,8 @@ def _impls(args, T, K, F, D, dtype) -> list[tuple[str, str]]:
         need = _batched_mm_gib(T, K, F, D, dtype)
         if dtype != "float32" and not m.endswith("grouped_mm"):
             out.append((m, "bf16: transformers grouped_mm only (time)"))
+        elif args.slow_max_t and T > args.slow_max_t and not m.endswith("grouped_mm"):
+            out.append((m, f"--slow-max-t {args.slow_max_t}: grouped_mm only at this T (time)"))
         elif m.endswith("batched_mm") and need > BATCHED_MM_LIMIT_GIB:
             out.append((m, f"batched_mm would copy {need:.0f} GiB of weights"))
         else:
@@ -330,6 +333,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed A/B pairs (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed A/B pairs first")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slow-max-t", type=int, default=None,
+                   help="run transformers eager/batched_mm only up to this T (default: always)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak-memory runs")
