@@ -382,6 +382,7 @@ def run(args: argparse.Namespace) -> int:
     for dtype in args.dtypes:
         for T, E, K, F in args.configs:
             rows += run_config(args, T, E, K, F, dtype)
+            _write(args, info, rows, breakdowns, summarize(rows), time.time() - t0)  # so far
             if args.breakdown and dtype == "float32":
                 b = {"config": f"T{T} E{E} K{K} F{F}", "dtype": dtype,
                      **breakdown(T, E, K, F, args.dim, dtype)}
@@ -392,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     _print_summary(summary)
     _write(args, info, rows, breakdowns, summary, time.time() - t0)
+    print(f"\nwrote {args.out}")
     return 0
 
 
@@ -410,14 +412,14 @@ def _print_summary(summary: list[dict]) -> None:
 
 def _write(args, info, rows, breakdowns, summary, seconds) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"bench_cpu_{stamp}.json")
+    if not getattr(args, "out", None):
+        args.out = str(Path(__file__).resolve().parent / "results" / f"bench_cpu_{stamp}.json")
+    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": info, "command": " ".join(sys.argv), "seconds": round(seconds, 1),
                "args": {k: v for k, v in vars(args).items()}, "rows": rows,
                "breakdown": breakdowns, "summary": summary}
     path.write_text(json.dumps(payload, indent=1, default=str))
-    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
