@@ -20,6 +20,16 @@ from moekit.experts.backends import BACKENDS, grouped_mm_supported
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
+def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor):
+    """The backend function for ``name``; "auto" picks the fastest that supports the shapes.
+
+    Shared by ``Experts`` and the Hugging Face integration, so both follow the same choice.
+    """
+    if name == "auto":
+        name = "grouped_mm" if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD) else "loop"
+    return BACKENDS[name]
+
+
 class Experts(nn.Module):
     """E feed-forward experts stored as stacked tensors.
 
@@ -53,12 +63,8 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """Weighted sum over each token's routed experts, [T, D]."""
-        name = self.backend
-        if name == "auto":
-            name = ("grouped_mm" if grouped_mm_supported(x_TD, self.w_in, self.w_out)
-                    else "loop")
-        return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
-                              self._act)
+        fn = resolve_backend(self.backend, x_TD, self.w_in, self.w_out)
+        return fn(x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out, self._act)
 
 
 class SharedExperts(nn.Module):
