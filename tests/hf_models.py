@@ -63,7 +63,8 @@ def deepseek_v3():
 def dbrx():
     cfg = transformers.DbrxConfig(
         d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=64, pad_token_id=0,
-        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, output_router_logits=True,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        output_router_logits=True,
         ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 8, "moe_top_k": 2,
                     "moe_normalize_expert_weights": 1.0})
     return transformers.DbrxForCausalLM(cfg)
