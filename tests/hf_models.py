@@ -99,7 +99,9 @@ BUILDERS = {f.__name__: f for f in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepse
 
 
 def build(name: str, seed: int = 0):
+    """The model in fp32 with transformers' eager experts loop: the obvious oracle."""
     torch.manual_seed(seed)
     model = BUILDERS[name]().float()
-    model.config.use_cache = True
+    if model.config._experts_implementation != "eager":
+        model.set_experts_implementation("eager")
     return model
