@@ -1,0 +1,162 @@
+"""One training step (forward + backward) of transformers MoE models, moekit-patched vs not.
+
+For each size, the unpatched model runs every transformers experts implementation
+that fits in memory (eager, batched_mm, grouped_mm) and the patched model runs
+moekit (backend "auto"). Steps alternate within one process (moekit, then each
+transformers implementation, round after round); the printed speedup is the
+median over rounds of (transformers time / moekit time), against the fastest
+transformers implementation.
+
+    PYTHONPATH=src python benchmarks/bench_hf.py            # all sizes
+    PYTHONPATH=src python benchmarks/bench_hf.py --quick    # 2 small sizes, few rounds
+
+Shape letters: B sequences, L tokens per sequence, T = B*L, D hidden, F expert
+hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from moekit.integrations import hf
+
+
+@dataclass(frozen=True)
+class Size:
+    arch: str
+    D: int
+    F: int
+    E: int
+    K: int
+    B: int = 2
+    L: int = 512
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch} T{self.B * self.L} D{self.D} F{self.F} E{self.E} K{self.K}"
+
+
+SIZES = [
+    Size("mixtral", D=256, F=512, E=8, K=2),  # coarse-grained
+    Size("gpt_oss", D=256, F=256, E=32, K=4),  # biases, interleaved clamped SwiGLU
+    Size("qwen3_moe", D=256, F=128, E=64, K=8),  # fine-grained
+    Size("olmoe", D=256, F=128, E=64, K=8),
+    Size("deepseek_v3", D=256, F=128, E=64, K=8),  # sigmoid, 8 groups, shared expert
+    Size("qwen3_moe", D=256, F=64, E=128, K=8, L=1024),
+]
+QUICK = [Size("mixtral", D=128, F=256, E=8, K=2, L=256),
+         Size("qwen3_moe", D=128, F=64, E=64, K=8, L=256)]
+
+
+def build(s: Size) -> torch.nn.Module:
+    common = dict(vocab_size=512, hidden_size=s.D, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=s.D // 4, max_position_embeddings=s.L,
+                  num_experts_per_tok=s.K, pad_token_id=0)
+    if s.arch == "mixtral":
+        cfg = transformers.MixtralConfig(**common, intermediate_size=s.F, num_local_experts=s.E)
+    elif s.arch == "gpt_oss":
+        cfg = transformers.GptOssConfig(**common, intermediate_size=s.F, num_local_experts=s.E,
+                                        layer_types=["full_attention"] * 2,
+                                        rope_parameters={"rope_type": "default",
+                                                         "rope_theta": 1e4})
+    elif s.arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=4 * s.D,
+                                          moe_intermediate_size=s.F, num_experts=s.E)
+    elif s.arch == "olmoe":
+        cfg = transformers.OlmoeConfig(**common, intermediate_size=s.F, num_experts=s.E)
+    else:
+        cfg = transformers.DeepseekV3Config(
+            **common, intermediate_size=4 * s.D, moe_intermediate_size=s.F, n_routed_experts=s.E,
+            n_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=0,
+            kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
+            v_head_dim=64)
+    cls = {"mixtral": transformers.MixtralForCausalLM, "gpt_oss": transformers.GptOssForCausalLM,
+           "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
+           "deepseek_v3": transformers.DeepseekV3ForCausalLM}[s.arch]
+    torch.manual_seed(0)
+    return cls(cfg).float().train()
+
+
+def step(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Seconds for forward + loss + backward."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return time.perf_counter() - t0
+
+
+def hf_impls(s: Size) -> list[str]:
+    """batched_mm gathers one weight matrix per routed row: skip it past 1 GiB."""
+    gathered = s.B * s.L * s.K * 3 * s.D * s.F * 4
+    return ["eager", "grouped_mm"] + (["batched_mm"] if gathered < 2**30 else [])
+
+
+def bench(s: Size, rounds: int) -> dict:
+    base = build(s)
+    ids = torch.randint(3, 512, (s.B, s.L), generator=torch.Generator().manual_seed(0))
+    models = {"moekit": hf.apply(copy.deepcopy(base))}
+    for impl in hf_impls(s):
+        m = copy.deepcopy(base)
+        m.set_experts_implementation(impl)
+        models[f"hf:{impl}"] = m
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for m in models.values():  # warm-up
+        step(m, ids)
+    for _ in range(rounds):
+        for k, m in models.items():
+            times[k].append(step(m, ids))
+    ratios = {k: statistics.median(b / a for a, b in zip(times["moekit"], times[k], strict=True))
+              for k in models if k != "moekit"}
+    best = min(ratios, key=lambda k: statistics.median(times[k]))
+    return {"size": s.label, "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "speedup_vs": ratios, "best_hf": best, "speedup_vs_best": ratios[best]}
+
+
+def machine() -> str:
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(
+            ["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if ln.startswith("Model name"))
+    except (StopIteration, OSError):
+        cpu = platform.processor()
+    return (f"torch {torch.__version__}  transformers {transformers.__version__}  "
+            f"{torch.get_num_threads()} threads  {cpu}  fp32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small sizes, 3 rounds")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    sizes, rounds = (QUICK, 3) if args.quick else (SIZES, args.rounds)
+    print(f"bench_hf  {machine()}  fwd+bwd, 2 layers, median of {rounds} alternating rounds")
+    print(f"{'config':<40} {'moekit ms':>9} {'eager':>7} {'batched':>7} {'grouped':>7} "
+          f"{'x best hf':>9}")
+    results = []
+    for s in sizes:
+        r = bench(s, rounds)
+        results.append(r)
+        ms = r["median_ms"]
+        cols = [ms.get(f"hf:{k}") for k in ("eager", "batched_mm", "grouped_mm")]
+        cols_s = " ".join(f"{c:7.0f}" if c is not None else f"{'-':>7}" for c in cols)
+        print(f"{r['size']:<40} {ms['moekit']:9.0f} {cols_s} {r['speedup_vs_best']:9.2f}",
+              flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
