@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import RoutingPlan
 from moekit.dispatch.sort import capacity_keep
-from moekit.integrations.hf.experts import dispatch_from_topk, run_experts
+from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts
 from moekit.routing.token_choice import softmax_topk
 
 
@@ -39,15 +39,8 @@ class DbrxBlock:
         x_TD = hidden_states.reshape(-1, D)
         dispatch = dispatch_from_topk(experts_TK, weights_TK, E)
         y_TD = run_experts(x_TD, dispatch, w_in_EDG, mlp.w2.view(E, -1, D), None, None,
-                           _glu(mlp.activation_fn), self._moekit_backend)
+                           GluAct(mlp.activation_fn), self._moekit_backend)
         return y_TD.view(hidden_states.shape[0], -1, D)
-
-
-def _glu(act_fn):
-    def act(h_SG: Tensor) -> Tensor:
-        gate_SF, up_SF = h_SG.chunk(2, dim=-1)
-        return act_fn(gate_SF) * up_SF
-    return act
 
 
 class SwitchRouter:

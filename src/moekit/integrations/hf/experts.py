@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
@@ -55,6 +56,23 @@ def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
 
 
+class GluAct:
+    """``act_fn(gate) * up`` on the fused [gate | up] projection, gate first.
+
+    ``kind`` is "swiglu" when ``act_fn`` is SiLU, so a fused moekit backend can use
+    its closed-form SwiGLU backward; None (autograd) for anything else.
+    """
+
+    def __init__(self, act_fn: Callable[[Tensor], Tensor]) -> None:
+        self.act_fn = act_fn
+        silu = type(act_fn).__name__ in ("SiLU", "SiLUActivation") or act_fn is F.silu
+        self.kind = "swiglu" if silu else None
+
+    def __call__(self, h_SG: Tensor) -> Tensor:
+        gate_SF, up_SF = h_SG.chunk(2, dim=-1)
+        return self.act_fn(gate_SF) * up_SF
+
+
 def interleaved_swiglu_oai(limit: float, alpha: float) -> Callable[[Tensor], Tensor]:
     """GPT-OSS stores gate and up interleaved (gate0, up0, gate1, ...) in one projection."""
     def act(h_SG: Tensor) -> Tensor:
@@ -74,7 +92,9 @@ class StackedExperts:
     def _moekit_act(self) -> Callable[[Tensor], Tensor]:
         if not getattr(self, "is_concatenated", True):  # GPT-OSS
             return interleaved_swiglu_oai(self.limit, self.alpha)
-        return self._apply_gate  # gate, up = chunk(2); act_fn(gate) * up
+        if type(self)._apply_gate.__name__ != "_default_apply_gate":  # the model's own gating
+            return self._apply_gate
+        return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         w_in, w_out = self.gate_up_proj, self.down_proj
