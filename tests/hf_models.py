@@ -46,6 +46,12 @@ def olmoe():
                    output_router_logits=True, router_aux_loss_coef=0.02)
 
 
+def flex_olmo():
+    return _causal(transformers.FlexOlmoConfig, transformers.FlexOlmoForCausalLM,
+                   intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                   norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.02)
+
+
 def deepseek_v3():
     model = _causal(transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
                     intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16,
@@ -94,8 +100,8 @@ def switch_transformers():
     return transformers.SwitchTransformersForConditionalGeneration(cfg)
 
 
-BUILDERS = {f.__name__: f for f in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, dbrx,
-                                     gpt_oss, switch_transformers)}
+BUILDERS = {f.__name__: f for f in (mixtral, qwen2_moe, qwen3_moe, olmoe, flex_olmo, deepseek_v3,
+                                     dbrx, gpt_oss, switch_transformers)}
 
 
 def build(name: str, seed: int = 0):

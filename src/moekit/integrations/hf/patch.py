@@ -26,6 +26,7 @@ ARCHITECTURES: dict[str, dict[str, type]] = {
     "qwen2_moe": {"Qwen2MoeTopKRouter": SoftmaxTopKRouter, "Qwen2MoeExperts": StackedExperts},
     "qwen3_moe": {"Qwen3MoeTopKRouter": SoftmaxTopKRouter, "Qwen3MoeExperts": StackedExperts},
     "olmoe": {"OlmoeTopKRouter": SoftmaxTopKRouter, "OlmoeExperts": StackedExperts},
+    "flex_olmo": {"FlexOlmoTopKRouter": SoftmaxTopKRouter, "FlexOlmoExperts": StackedExperts},
     "deepseek_v3": {"DeepseekV3TopkRouter": SigmoidGroupRouter,
                     "DeepseekV3Experts": StackedExperts},
     "dbrx": {"DbrxFFN": DbrxBlock},
