@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import swiglu_oai
+from moekit.experts.backends import grouped_mm_supported
 from moekit.experts.experts import resolve_backend
 
 
@@ -51,7 +52,17 @@ def dispatch_from_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
 def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None,
                 act: Callable[[Tensor], Tensor], backend: str) -> Tensor:
-    """The combined expert output [T, D] from moekit's chosen backend."""
+    """The combined expert output [T, D] from moekit's chosen backend.
+
+    "auto" with an activation that has no ``kind`` (GPT-OSS's interleaved clamped
+    SwiGLU, Switch's ReLU + dropout) keeps to grouped_mm where it applies: a fused
+    backend falls back to autograd on recomputed chunks for those, which measured
+    0.58x transformers' grouped_mm at GPT-OSS E32 K4 against grouped_mm's 1.13x
+    (benchmarks/bench_hf.py with the issue3 fused backend merged).
+    """
+    if (backend == "auto" and getattr(act, "kind", None) is None
+            and grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)):
+        backend = "grouped_mm"
     fn = resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD)
     return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
 
