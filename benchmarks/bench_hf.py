@@ -57,6 +57,7 @@ SIZES = [
     Size("deepseek_v3", D=256, F=128, E=64, K=8),  # sigmoid, 8 groups, shared expert
     Size("qwen3_moe", D=256, F=64, E=128, K=8),
 ]
+ONLY_HELP = "run only the sizes whose label contains this text (e.g. deepseek)"
 QUICK = [Size("mixtral", D=128, F=256, E=8, K=2, L=256),
          Size("qwen3_moe", D=128, F=64, E=64, K=8, L=256)]
 
@@ -64,7 +65,7 @@ QUICK = [Size("mixtral", D=128, F=256, E=8, K=2, L=256),
 def build(s: Size) -> torch.nn.Module:
     common = dict(vocab_size=512, hidden_size=s.D, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, head_dim=s.D // 4, max_position_embeddings=s.L,
-                  num_experts_per_tok=s.K, pad_token_id=0)
+                  num_experts_per_tok=s.K, pad_token_id=0, eos_token_id=None)
     if s.arch == "mixtral":
         cfg = transformers.MixtralConfig(**common, intermediate_size=s.F, num_local_experts=s.E)
     elif s.arch == "gpt_oss":
@@ -78,11 +79,11 @@ def build(s: Size) -> torch.nn.Module:
     elif s.arch == "olmoe":
         cfg = transformers.OlmoeConfig(**common, intermediate_size=s.F, num_experts=s.E)
     else:
-        cfg = transformers.DeepseekV3Config(
-            **common, intermediate_size=4 * s.D, moe_intermediate_size=s.F, n_routed_experts=s.E,
-            n_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=0,
-            kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32, qk_nope_head_dim=32,
-            v_head_dim=64)
+        cfg = transformers.DeepseekV3Config(  # MLA: head_dim is the rotary part of a head
+            **{**common, "head_dim": 32}, intermediate_size=4 * s.D, moe_intermediate_size=s.F,
+            n_routed_experts=s.E, n_shared_experts=1, n_group=8, topk_group=4,
+            first_k_dense_replace=0, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=32,
+            qk_nope_head_dim=32, v_head_dim=64)
     cls = {"mixtral": transformers.MixtralForCausalLM, "gpt_oss": transformers.GptOssForCausalLM,
            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
            "deepseek_v3": transformers.DeepseekV3ForCausalLM}[s.arch]
@@ -158,11 +159,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--backends", default="auto",
                         help="comma-separated moekit backends to time (e.g. auto,grouped_mm)")
+    parser.add_argument("--only", default="", help=ONLY_HELP)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(2)
     backends = args.backends.split(",")
     sizes, rounds = (QUICK, 3) if args.quick else (SIZES, args.rounds)
+    sizes = [s for s in sizes if args.only in s.label]
     print(f"bench_hf  {machine()}  fwd+bwd, 2 layers, median of {rounds} alternating rounds")
     head = "".join(f" {'moekit ' + b:>16} {'x best':>6} {'(cpu)':>6}" for b in backends)
     print(f"{'config':<36} {'hf grouped':>10} {'hf eager':>9} {'hf batched':>10}{head}")
