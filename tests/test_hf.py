@@ -135,12 +135,14 @@ def test_revert_restores_original_modules():
     assert not any(k.startswith("_moekit") for m in model.modules() for k in vars(m))
 
 
-def test_apply_twice_is_a_no_op():
+def test_apply_twice_keeps_classes_and_switches_backend():
     model = hf_models.build("olmoe")
     hf.apply(model)
     classes = [type(m) for m in model.modules()]
-    hf.apply(model)
+    hf.apply(model, backend="loop")
     assert [type(m) for m in model.modules()] == classes
+    experts = [m for m in model.modules() if type(m).__name__.endswith("OlmoeExperts")]
+    assert experts and all(m._moekit_backend == "loop" for m in experts)
 
 
 def test_unsupported_model_lists_supported():

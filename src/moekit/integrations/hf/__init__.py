@@ -16,6 +16,7 @@ from torch import nn
 from moekit.experts.experts import BACKEND_NAMES
 from moekit.integrations.hf.patch import (
     ARCHITECTURES,
+    BACKEND_ATTR,
     SUPPORTED,
     is_patched,
     patch_module,
@@ -46,6 +47,9 @@ def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise ValueError(f"backend={backend!r} is not allowed: it must be one of "
                          f"{', '.join(BACKEND_NAMES)}")
     mixins = ARCHITECTURES[model_type]
+    for m in model.modules():  # applying again switches the backend
+        if is_patched(m) and hasattr(type(m), BACKEND_ATTR):
+            setattr(m, BACKEND_ATTR, backend)
     targets = [m for m in model.modules()
                if not is_patched(m) and type(m).__name__ in mixins]
     patched = sum(patch_module(m, mixins[type(m).__name__], backend) for m in targets)
