@@ -1,0 +1,205 @@
+"""Code that runs inside the gloo worker processes of tests/test_distributed.py.
+
+Each ``run_*`` function runs on every rank, performs several checks and returns
+a dict check-name -> None (passed) or an error message; the test module
+asserts on those. Shape letters: T tokens, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import signal
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, MoEConfig
+from moekit.distributed import (
+    CollectiveTimeoutError,
+    ExpertParallelMoE,
+    init_mesh,
+    reduce_gradients,
+)
+from moekit.distributed.checkpoint import load_checkpoint, save_checkpoint
+
+D, F = 8, 12
+ATOL, RTOL = 1e-5, 1e-4  # fp32
+
+
+def init(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def full_layer(E: int, ep: int, capacity_factor: float | None, router: str = "softmax",
+               seed: int = 0) -> MoE:
+    """A layer whose routing is uneven and never picks the last EP rank's experts."""
+    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=2, router=router,
+                    bias_update_rate=0.01, aux_loss_coef=0.01, z_loss_coef=0.001,
+                    capacity_factor=capacity_factor, num_shared_experts=1, expert_bias=True)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for b in (moe.experts.b_in, moe.experts.b_out):
+            b.normal_()
+        moe.router.expert_bias[E - E // ep:] = -1e4  # the last EP rank gets no token
+        moe.router.expert_bias[0] = 0.3  # expert 0 is popular: uneven loads, drops
+    return moe
+
+
+def inputs(world: int, equal_T: bool, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(world):
+        T = 6 if equal_T else 3 + 2 * r  # odd, different token counts per rank
+        out.append((torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)))
+    return out
+
+
+def reference(moe: MoE, data) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Single-process outputs per rank and grads of the mean of the per-rank losses."""
+    moe = copy.deepcopy(moe)
+    loss, ys = 0.0, []
+    for x, g in data:
+        y, aux, _ = moe(x)
+        ys.append(y.detach())
+        loss = loss + (y * g).sum() + aux
+    (loss / len(data)).backward()
+    return ys, {n: p.grad for n, p in moe.named_parameters()}
+
+
+def compare(ep_moe: ExpertParallelMoE, data, ref_ys, ref_grads) -> str | None:
+    rank = dist.get_rank()
+    x, g = data[rank]
+    out = ep_moe(x)
+    ((out.output * g).sum() + out.aux_loss).backward()
+    reduce_gradients(ep_moe, ep_moe.mesh)
+    if not torch.allclose(out.output, ref_ys[rank], atol=ATOL, rtol=RTOL):
+        return f"output differs by {(out.output - ref_ys[rank]).abs().max():.3g}"
+    lo, hi = ep_moe.expert_start, ep_moe.expert_start + ep_moe.num_local
+    for name, p in ep_moe.named_parameters():
+        want = ref_grads[name][lo:hi] if name.startswith("experts.") else ref_grads[name]
+        if p.grad is None or not torch.allclose(p.grad, want, atol=ATOL, rtol=RTOL):
+            err = "None" if p.grad is None else f"{(p.grad - want).abs().max():.3g}"
+            return f"grad of {name} differs by {err}"
+    moved, ideal = float(out.stats.comm_bytes_moved), float(out.stats.comm_bytes_ideal)
+    if ep_moe.config.capacity_factor is None and ep_moe.dispatcher == "all_to_all" \
+            and moved != ideal:
+        return f"dropless bytes moved {moved} != ideal {ideal}"
+    return None
+
+
+def check(results: dict, name: str, fn, *args) -> None:
+    try:
+        results[name] = fn(*args)
+    except Exception:
+        results[name] = traceback.format_exc()
+
+
+def parity(mesh, E, capacity_factor, dispatcher="all_to_all", router="softmax",
+           overlap_chunks=1) -> str | None:
+    full = full_layer(E, mesh.ep, capacity_factor, router)
+    data = inputs(mesh.world_size, equal_T=capacity_factor is not None
+                  or dispatcher == "all_gather")
+    ref_ys, ref_grads = reference(full, data)
+    ep_moe = ExpertParallelMoE.from_moe(full, mesh, dispatcher=dispatcher,
+                                        overlap_chunks=overlap_chunks)
+    return compare(ep_moe, data, ref_ys, ref_grads)
+
+
+def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
+    init(rank, world, port)
+    res: dict = {}
+    mesh = init_mesh(dp=1, ep=2)
+    check(res, "ep2_dropless", parity, mesh, 4, None)
+    check(res, "ep2_capacity", parity, mesh, 4, 1.0)
+    check(res, "ep2_sigmoid_dropless", parity, mesh, 6, None, "all_to_all", "sigmoid")
+    check(res, "ep2_allgather_dropless", parity, mesh, 4, None, "all_gather")
+    check(res, "ep2_allgather_capacity", parity, mesh, 4, 1.0, "all_gather")
+    check(res, "ep2_overlap_dropless", parity, mesh, 4, None, "all_to_all", "softmax", 3)
+    check(res, "ep2_bias_update", bias_update_agrees, mesh)
+    check(res, "ep2_bad_ep", bad_ep, mesh)
+    check(res, "ckpt_save_ep2", save_ep2, mesh, ckpt)
+    dist.destroy_process_group()
+    return res
+
+
+def run_world4(rank: int, world: int, port: int, ckpt: str) -> dict:
+    init(rank, world, port)
+    res: dict = {}
+    mesh4 = init_mesh(dp=1, ep=4)
+    check(res, "ep4_dropless", parity, mesh4, 8, None)
+    check(res, "ep4_capacity", parity, mesh4, 8, 1.0)
+    mesh22 = init_mesh(dp=2, ep=2)
+    check(res, "dp2ep2_dropless", parity, mesh22, 4, None)
+    check(res, "dp2ep2_capacity", parity, mesh22, 4, 1.0)
+    check(res, "dp2ep2_allgather", parity, mesh22, 4, None, "all_gather")
+    check(res, "ckpt_load_ep4", load_reshard, mesh4, ckpt)
+    dist.destroy_process_group()
+    return res
+
+
+def bias_update_agrees(mesh) -> str | None:
+    full = full_layer(4, mesh.ep, None)
+    ep_moe = ExpertParallelMoE.from_moe(full, mesh)
+    x, _ = inputs(mesh.world_size, equal_T=False)[dist.get_rank()]
+    ep_moe(x)
+    ep_moe.update_bias()
+    for x, _ in inputs(mesh.world_size, equal_T=False):  # one process, all ranks' tokens
+        full(x)
+    full.update_bias()
+    if not torch.equal(ep_moe.router.expert_bias, full.router.expert_bias):
+        return f"bias {ep_moe.router.expert_bias} != {full.router.expert_bias}"
+    return None
+
+
+def bad_ep(mesh) -> str | None:
+    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=3, top_k=1)
+    try:
+        ExpertParallelMoE(cfg, mesh)
+    except ValueError as e:
+        return None if "ep=2" in str(e) and "num_experts=3" in str(e) else str(e)
+    return "no ValueError for num_experts=3, ep=2"
+
+
+def save_ep2(mesh, ckpt: str) -> str | None:
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 4, None, seed=7), mesh)
+    save_checkpoint(ckpt, ep_moe)
+    return None
+
+
+def load_reshard(mesh, ckpt: str) -> str | None:
+    want = full_layer(4, 4, None, seed=7)  # what was saved at ep=2
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 4, None, seed=99), mesh)
+    load_checkpoint(ckpt, ep_moe)
+    lo, hi = ep_moe.expert_start, ep_moe.expert_start + ep_moe.num_local
+    for name, t in ep_moe.state_dict().items():
+        ref = want.state_dict()[name]
+        ref = ref[lo:hi] if name.startswith("experts.") else ref
+        if not torch.equal(t, ref):
+            return f"{name} differs after ep=2 -> ep=4 load"
+    return None
+
+
+def run_kill(rank: int, world: int, port: int, timeout_s: float) -> dict:
+    """Rank 1 dies after one step; rank 0 must raise CollectiveTimeoutError in time."""
+    init(rank, world, port, timeout_s)
+    mesh = init_mesh(dp=1, ep=2)
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 2, None), mesh)
+    x = torch.randn(4, D)
+    ep_moe(x)
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        for _ in range(100):
+            ep_moe(x)
+            time.sleep(0.05)
+    except CollectiveTimeoutError as e:
+        return {"error": str(e), "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}

@@ -1,0 +1,118 @@
+"""Expert parallelism on gloo: every check runs in a few spawned process groups.
+
+One spawn per world size runs many checks (spawning costs ~2-5 s a process on
+2 cores); each test below asserts one of them. The single-process reference is
+``moekit.MoE`` with the same weights, run on each rank's tokens in turn.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_workers as W  # noqa: E402
+
+from moekit import MoE  # noqa: E402
+from moekit.distributed.checkpoint import load_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, out_dir, args):
+    result = fn(rank, world, port, *args)
+    (Path(out_dir) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150) -> dict[int, dict]:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; results by rank."""
+    out_dir = tmp / f"out_{fn.__name__}"
+    out_dir.mkdir()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return {int(f.stem): pickle.loads(f.read_bytes()) for f in out_dir.glob("*.pkl")}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt") / "ep2"
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, ckpt_dir) -> dict[int, dict]:
+    res = launch(W.run_world2, 2, tmp_path_factory.mktemp("w2"), str(ckpt_dir))
+    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
+    return res
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory, ckpt_dir, world2) -> dict[int, dict]:
+    res = launch(W.run_world4, 4, tmp_path_factory.mktemp("w4"), str(ckpt_dir))
+    assert sorted(res) == [0, 1, 2, 3], "a rank crashed; see captured stderr"
+    return res
+
+
+def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
+    for rank, res in results.items():
+        assert res[name] is None, f"rank {rank}: {res[name]}"
+
+
+@pytest.mark.parametrize("name", [
+    "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_allgather_dropless",
+    "ep2_allgather_capacity", "ep2_overlap_dropless", "ep2_bias_update", "ep2_bad_ep",
+    "ckpt_save_ep2"])
+def test_world2(world2, name):
+    _assert_all_ranks(world2, name)
+
+
+@pytest.mark.parametrize("name", [
+    "ep4_dropless", "ep4_capacity", "dp2ep2_dropless", "dp2ep2_capacity",
+    "dp2ep2_allgather", "ckpt_load_ep4"])
+def test_world4(world4, name):
+    _assert_all_ranks(world4, name)
+
+
+def test_checkpoint_ep2_loads_at_ep1(world2, ckpt_dir):
+    """ep=1 is a plain MoE in one process, no process group."""
+    want = W.full_layer(4, 4, None, seed=7)
+    moe = W.full_layer(4, 4, None, seed=99)
+    load_checkpoint(ckpt_dir, moe)
+    for name, t in moe.state_dict().items():
+        assert torch.equal(t, want.state_dict()[name]), name
+    assert isinstance(moe, MoE)
+
+
+def test_dead_rank_raises_timeout_error(tmp_path):
+    timeout_s = 5.0
+    start = time.monotonic()
+    res = launch(W.run_kill, 2, tmp_path, timeout_s, timeout_s=60)
+    assert list(res) == [0], "rank 1 was to die, rank 0 to report"
+    assert res[0]["error"] is not None, "rank 0 never failed"
+    assert "timeout_s=5" in res[0]["error"]
+    assert res[0]["elapsed"] < timeout_s + 15
+    assert time.monotonic() - start < 60
