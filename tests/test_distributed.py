@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_workers as W  # noqa: E402
-
 from moekit import MoE  # noqa: E402
 from moekit.distributed.checkpoint import load_checkpoint  # noqa: E402
 
