@@ -186,15 +186,16 @@ def load_reshard(mesh, ckpt: str) -> str | None:
     return None
 
 
-def run_kill(rank: int, world: int, port: int, timeout_s: float) -> dict:
-    """Rank 1 dies after one step; rank 0 must raise CollectiveTimeoutError in time."""
+def run_kill(rank: int, world: int, port: int, timeout_s: float, how: str) -> dict:
+    """Rank 1 dies (SIGKILL) or freezes (SIGSTOP) after one step; rank 0 must raise
+    CollectiveTimeoutError in time."""
     init(rank, world, port, timeout_s)
     mesh = init_mesh(dp=1, ep=2)
     ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 2, None), mesh)
     x = torch.randn(4, D)
     ep_moe(x)
     if rank == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     start = time.monotonic()
     try:
         for _ in range(100):

@@ -8,6 +8,7 @@ One spawn per world size runs many checks (spawning costs ~2-5 s a process on
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import socket
 import sys
@@ -35,20 +36,26 @@ def free_port() -> int:
 def _entry(fn, rank, world, port, out_dir, args):
     result = fn(rank, world, port, *args)
     (Path(out_dir) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    # Skip interpreter teardown: with a frozen peer, gloo's destructors block on it.
+    os._exit(0)
 
 
-def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150) -> dict[int, dict]:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; results by rank."""
+def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150,
+           wait_for: int | None = None) -> dict[int, dict]:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; results by rank.
+
+    Waits for the first ``wait_for`` ranks (default: all), then kills the rest.
+    """
     out_dir = tmp / f"out_{fn.__name__}"
     out_dir.mkdir()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args))
              for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
-    for p in procs:
+    for p in procs[:wait_for]:
         p.join(max(0.1, deadline - time.monotonic()))
     for p in procs:
         if p.is_alive():
@@ -106,12 +113,16 @@ def test_checkpoint_ep2_loads_at_ep1(world2, ckpt_dir):
     assert isinstance(moe, MoE)
 
 
-def test_dead_rank_raises_timeout_error(tmp_path):
-    timeout_s = 5.0
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_dead_rank_raises_timeout_error(tmp_path, how):
+    """A killed rank resets its sockets (fast error); a frozen one trips the timeout."""
+    timeout_s = 4.0
     start = time.monotonic()
-    res = launch(W.run_kill, 2, tmp_path, timeout_s, timeout_s=60)
+    res = launch(W.run_kill, 2, tmp_path, timeout_s, how, timeout_s=60, wait_for=1)
     assert list(res) == [0], "rank 1 was to die, rank 0 to report"
     assert res[0]["error"] is not None, "rank 0 never failed"
-    assert "timeout_s=5" in res[0]["error"]
-    assert res[0]["elapsed"] < timeout_s + 15
+    assert "timeout_s=4" in res[0]["error"] and "CollectiveTimeoutError" not in res[0]["error"]
+    assert res[0]["elapsed"] < timeout_s + 10
+    if how == "stop":
+        assert res[0]["elapsed"] >= timeout_s - 0.5, "failed before the timeout expired"
     assert time.monotonic() - start < 60
