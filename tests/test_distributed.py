@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -19,10 +18,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-import dist_workers as W  # noqa: E402
-from moekit import MoE  # noqa: E402
-from moekit.distributed.checkpoint import load_checkpoint  # noqa: E402
+from moekit import MoE
+from moekit.distributed.checkpoint import load_checkpoint
+from tests import dist_workers as W
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
