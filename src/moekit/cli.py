@@ -10,6 +10,9 @@ import sys
 # name -> (module, one-line help). Add a line here to add a subcommand.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("moekit.demo", "build an MoE layer, run forward+backward, print routing stats"),
+    "train": ("moekit.train.cli", "train the MoE language model (default: on the Python stdlib)"),
+    "generate": ("moekit.train.generate_cli", "sample text from a trained checkpoint"),
+    "compare": ("moekit.train.compare", "MoE vs dense of equal active FLOPs: table and plots"),
 }
 
 

@@ -1,0 +1,129 @@
+"""Frozen, validated configuration for the MoE language model.
+
+Shape letters: V vocabulary, D model size, H attention heads, L layers,
+F expert hidden size, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from moekit.config import ROUTERS, MoEConfig
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(name, value, "it must be a positive int")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and value >= 0)
+    if not ok:
+        _fail(name, value, "it must be a finite number >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LMConfig:
+    """A decoder-only transformer whose FFN blocks are MoE layers.
+
+    ``dense=True`` builds the baseline with the same active parameters per
+    token: each FFN is one SwiGLU of hidden size ``top_k * ffn_dim``.
+    """
+
+    vocab_size: int = 256  # V, bytes
+    dim: int = 128  # D
+    num_layers: int = 4  # L
+    num_heads: int = 4  # H, D must be divisible by H
+    max_seq_len: int = 256  # longest context (rotary table size)
+    ffn_dim: int = 256  # F, hidden size of one expert
+    num_experts: int = 8  # E
+    top_k: int = 2  # K
+    moe_every: int = 1  # an MoE FFN on every N-th layer (others dense with hidden K*F)
+    router: str = "softmax"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (driven by the trainer)
+    capacity_factor: float | None = None  # None = dropless
+    jitter_eps: float = 0.0
+    dense: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
+                     "ffn_dim", "num_experts", "top_k", "moe_every"):
+            _positive_int(name, getattr(self, name))
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            _fail("num_heads", self.num_heads,
+                  f"dim={self.dim} must split into num_heads heads of even size")
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"it must be one of {', '.join(ROUTERS)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter_eps",
+                     "init_std"):
+            _non_negative(name, getattr(self, name))
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            _non_negative(name, value)
+            if value == 0:
+                _fail(name, value, "it must be > 0")
+        if not isinstance(self.dense, bool):
+            _fail("dense", self.dense, "it must be True or False")
+        if not self.dense:
+            self.moe_config(0)  # MoEConfig validates top_k, router, capacity, ...
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layers moe_every-1, 2*moe_every-1, ... are MoE (all layers when moe_every=1)."""
+        return not self.dense and (layer + 1) % self.moe_every == 0
+
+    @property
+    def active_ffn_dim(self) -> int:
+        """Hidden size of the dense FFN with the same active parameters per token."""
+        return self.top_k * self.ffn_dim
+
+    def moe_config(self, layer: int) -> MoEConfig:
+        del layer  # every MoE layer is configured alike
+        return MoEConfig(
+            dim=self.dim, ffn_dim=self.ffn_dim, num_experts=self.num_experts,
+            top_k=self.top_k, router=self.router, aux_loss_coef=self.aux_loss_coef,
+            z_loss_coef=self.z_loss_coef, bias_update_rate=self.bias_update_rate,
+            capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,
+            hash_vocab_size=self.vocab_size if self.router == "hash" else None)
+
+    def replace(self, **changes: Any) -> LMConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"LMConfig got unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, LMConfig] = {
+    # seconds per test on 2 CPU cores
+    "tiny": LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=64, ffn_dim=32,
+                     num_experts=4, top_k=2),
+    # the default `moekit train` run; sized so ~10 minutes on 2 CPU cores learns visibly
+    "small": LMConfig(dim=128, num_layers=4, num_heads=4, max_seq_len=256, ffn_dim=256,
+                      num_experts=8, top_k=2),
+}
+
+
+def preset(name: str, **changes: Any) -> LMConfig:
+    if name not in PRESETS:
+        _fail("preset", name, f"it must be one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**changes)

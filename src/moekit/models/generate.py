@@ -1,0 +1,69 @@
+"""Sampling from the language model, with or without a KV cache.
+
+Shape letters: B batch, L sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.models.transformer import KVCache, MoETransformer
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be >= 0 "
+                         "(0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is not allowed: it must be None or an int >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is not allowed: it must be None or in (0, 1]")
+
+
+def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """One token id per row, [B]. temperature 0 is greedy."""
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (keeps at least one)
+        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
+        sorted_BV = sorted_BV.masked_fill(drop_BV, float("-inf"))
+        logits_BV = torch.full_like(logits_BV, float("-inf")).scatter(-1, order_BV, sorted_BV)
+    probs_BV = logits_BV.softmax(-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """Append ``max_new_tokens`` sampled tokens to ``ids_BL``; returns [B, L + new]."""
+    check_sampling(temperature, top_k, top_p)
+    if ids_BL.dim() != 2 or ids_BL.shape[1] < 1:
+        raise ValueError(f"ids_BL.shape={tuple(ids_BL.shape)} is not allowed: it must be "
+                         "[batch, length >= 1]")
+    limit = model.config.max_seq_len
+    if ids_BL.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt length {ids_BL.shape[1]} + max_new_tokens={max_new_tokens} "
+                         f"is not allowed: the total must be <= max_seq_len={limit}")
+    was_training = model.training
+    model.eval()
+    cache = KVCache(model.config.num_layers) if use_cache else None
+    out, step_in = ids_BL, ids_BL
+    for _ in range(max_new_tokens):
+        logits = model(step_in if use_cache else out, cache=cache).logits[:, -1]
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, None]
+        out = torch.cat([out, nxt], dim=1)
+        step_in = nxt
+    model.train(was_training)
+    return out

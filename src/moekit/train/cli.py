@@ -1,0 +1,140 @@
+"""`moekit train` (also `python -m moekit.train`): train the MoE language model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from moekit.config import ROUTERS
+from moekit.models.config import PRESETS, LMConfig, preset
+from moekit.models.generate import generate
+from moekit.train.checkpoint import CheckpointError
+from moekit.train.data import decode, encode, load_corpus
+from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
+
+DEFAULT_OUT = "runs/train"
+# model flag -> LMConfig field (None = keep the preset's value)
+MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
+               "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
+               "moe_every": "moe_every", "router": "router",
+               "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
+               "bias_update_rate": "bias_update_rate", "capacity_factor": "capacity_factor"}
+TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
+               "grad_accum": "grad_accum", "lr": "lr", "warmup": "warmup_steps",
+               "eval_every": "eval_every", "eval_batches": "eval_batches",
+               "save_every": "save_every", "seed": "seed", "max_bad_steps": "max_bad_steps",
+               "device": "device"}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    g.add_argument("--dim", type=int, help="D, model size")
+    g.add_argument("--layers", type=int, help="number of transformer blocks")
+    g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--ffn-dim", type=int, help="F, hidden size of one expert")
+    g.add_argument("--experts", type=int, help="E, experts per MoE layer")
+    g.add_argument("--top-k", type=int, help="K, experts per token")
+    g.add_argument("--moe-every", type=int, help="MoE FFN on every N-th block (1 = all)")
+    g.add_argument("--router", choices=ROUTERS)
+    g.add_argument("--aux-loss-coef", type=float)
+    g.add_argument("--z-loss-coef", type=float)
+    g.add_argument("--bias-update-rate", type=float,
+                   help="aux-loss-free balancing step (DeepSeek-V3); 0 = off")
+    g.add_argument("--capacity-factor", type=float, help="default: dropless")
+    g.add_argument("--dense", action="store_true",
+                   help="dense baseline: one SwiGLU of hidden top_k * ffn_dim per block")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--data", help="text file or directory (default: the Python stdlib source)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--grad-accum", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup", type=int, help="warm-up steps")
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--eval-batches", type=int)
+    g.add_argument("--save-every", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-bad-steps", type=int,
+                   help="stop after this many non-finite steps in a row")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", help="cpu (default), cuda, ...")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_train_arguments(p)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue a run from its directory or a step_* checkpoint")
+
+
+def _picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    return {field: getattr(args, flag) for flag, field in flags.items()
+            if getattr(args, flag, None) is not None}
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
+    changes = _picked(args, MODEL_FLAGS)
+    if args.dense:
+        changes["dense"] = True
+    model = preset(args.preset, **changes)
+    train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=args.bf16, compile=args.compile)
+    if train.seq_len > model.max_seq_len:
+        model = model.replace(max_seq_len=train.seq_len)
+    return model, train
+
+
+def describe(trainer: Trainer) -> str:
+    m, c = trainer.model, trainer.mcfg
+    kind = "dense" if c.dense else f"MoE E={c.num_experts} K={c.top_k} router={c.router}"
+    return (f"{kind}, D={c.dim} L={c.num_layers} F={c.ffn_dim}: {m.num_params():,} parameters,"
+            f" {m.active_params_per_token():,} active per token")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        corpus = load_corpus(args.data)
+        if args.resume:
+            overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
+                         if k in ("steps", "eval_every", "save_every", "device")}
+            trainer = Trainer.resume(args.resume, corpus, progress=not args.no_progress,
+                                     **overrides)
+        else:
+            model_cfg, train_cfg = configs_from_args(args)
+            trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
+                              progress=not args.no_progress)
+    except (ValueError, CheckpointError) as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 2
+    print(corpus.describe())
+    print(f"model: {describe(trainer)}")
+    print(f"run directory: {trainer.out_dir} (metrics.jsonl, checkpoints)")
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        print(f"resume with: moekit train --resume {trainer.out_dir}")
+        return 130
+    except NonFiniteError as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 1
+    first = next((r["val_loss"] for r in trainer.history if r.get("kind") == "val"), None)
+    print(f"done: step {summary['step']}, validation loss "
+          f"{'' if first is None else f'{first:.3f} -> '}{summary['val_loss']:.3f} nats/byte, "
+          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_steps']} skipped steps")
+    print(f"checkpoint: {summary['checkpoint']}")
+    sample = generate(trainer.model, encode("def ")[None].to(trainer.cfg.device), 120,
+                      temperature=0.8, top_k=40)
+    print("sample:\n" + decode(sample[0]))
+    return 0

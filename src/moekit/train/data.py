@@ -1,0 +1,127 @@
+"""Text corpora as byte streams, split by file, sampled as fixed-length windows.
+
+The default corpus is the running interpreter's own standard library source
+(``sysconfig.get_paths()["stdlib"]``, ~1800 ``.py`` files, ~30 MB), read at run
+time. Shape letters: B batch, L sequence length, N corpus bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+VOCAB_SIZE = 256  # byte-level: token id = byte value
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git"})
+TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml",
+                           ".cfg", ".ini", ".html", ".js", ".css", ".sh", ".yaml", ".yml"})
+
+
+def encode(text: str) -> Tensor:
+    """UTF-8 bytes as int64 token ids."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(ids: Tensor | list[int]) -> str:
+    values = ids.tolist() if isinstance(ids, Tensor) else ids
+    return bytes(int(v) for v in values).decode("utf-8", errors="replace")
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_files(root: Path, suffixes: frozenset[str]) -> list[Path]:
+    """Files under ``root`` (sorted, so the split is the same on every machine)."""
+    if root.is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        found += [Path(dirpath, f) for f in filenames if Path(f).suffix in suffixes]
+    return sorted(found)
+
+
+def is_validation(path: Path, root: Path, val_percent: float) -> bool:
+    """A stable hash of the relative path picks the split: no RNG, no ordering."""
+    rel = path.name if root.is_file() else path.relative_to(root).as_posix()
+    return zlib.crc32(rel.encode()) % 10_000 < val_percent * 100
+
+
+def read_bytes(paths: list[Path]) -> Tensor:
+    """Concatenate files into one preallocated uint8 tensor, each followed by a newline.
+
+    Sizes are known up front, so the corpus is held once (no list of chunks to join).
+    """
+    sizes = [p.stat().st_size + 1 for p in paths]
+    out = torch.empty(sum(sizes), dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    pos = 0
+    for path, size in zip(paths, sizes, strict=True):
+        with open(path, "rb") as f:
+            got = f.readinto(view[pos:pos + size - 1])
+        view[pos + got] = 10  # b"\n"
+        pos += got + 1
+    return out[:pos]
+
+
+@dataclass
+class Corpus:
+    train: Tensor  # uint8 [N_train]
+    val: Tensor  # uint8 [N_val]
+    source: str
+    train_files: int
+    val_files: int
+
+    def describe(self) -> str:
+        return (f"{self.source}: {self.train_files} train files "
+                f"({self.train.numel() / 1e6:.1f} MB), {self.val_files} "
+                f"validation files ({self.val.numel() / 1e6:.1f} MB)")
+
+
+def load_corpus(data: str | None = None, val_percent: float = 5.0) -> Corpus:
+    """``data`` None -> the Python stdlib ``.py`` files; else a text file or directory."""
+    if not 0 < val_percent < 100:
+        raise ValueError(f"val_percent={val_percent!r} is not allowed: it must be in (0, 100)")
+    root = stdlib_dir() if data is None else Path(data)
+    if not root.exists():
+        raise ValueError(f"data={data!r} is not allowed: no such file or directory")
+    files = list_files(root, frozenset({".py"}) if data is None else TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"data={str(root)!r} is not allowed: it holds no text files "
+                         f"({', '.join(sorted(TEXT_SUFFIXES))})")
+    if len(files) == 1:  # one file: the last val_percent of its bytes validate
+        data_N = read_bytes(files)
+        cut = int(data_N.numel() * (1 - val_percent / 100))
+        return Corpus(data_N[:cut], data_N[cut:], str(root), 1, 1)
+    val = [p for p in files if is_validation(p, root, val_percent)]
+    train = [p for p in files if not is_validation(p, root, val_percent)]
+    if not val or not train:  # too few files for the hash to split: fall back to last file
+        train, val = files[:-1], files[-1:]
+    return Corpus(read_bytes(train), read_bytes(val), str(root), len(train), len(val))
+
+
+def sample_windows(data_N: Tensor, batch: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``batch`` random windows of ``seq_len + 1`` bytes: (inputs, targets), each [B, L].
+
+    The windows depend only on ``seed``, so a run resumed at step s draws the
+    same batches as an uninterrupted one (the data position is the step).
+    """
+    if data_N.numel() < seq_len + 2:
+        raise ValueError(f"the corpus has {data_N.numel()} bytes, which is not allowed: "
+                         f"it needs more than seq_len + 1 = {seq_len + 1}")
+    gen = torch.Generator().manual_seed(seed)
+    starts_B = torch.randint(0, data_N.numel() - seq_len - 1, (batch,), generator=gen)
+    idx_BL = starts_B[:, None] + torch.arange(seq_len + 1)
+    window = data_N[idx_BL].long()
+    return window[:, :-1], window[:, 1:]
+
+
+def batch_seed(seed: int, step: int, micro: int) -> int:
+    """A distinct, reproducible seed per (run seed, step, micro-batch)."""
+    return (seed * 1_000_003 + step) * 64 + micro

@@ -1,0 +1,374 @@
+"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, health checks.
+
+``train_step`` is a plain function of (model, optimizer, micro-batches, config,
+lr) so a distributed wrapper can call it inside its own loop. Shape letters:
+B batch, L sequence, E experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from moekit.layer import update_all_biases
+from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer
+from moekit.train import checkpoint as ckpt_io
+from moekit.train.data import Corpus, batch_seed, sample_windows
+from moekit.train.monitor import CollapseMonitor, MetricsLog
+
+VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 16  # B, sequences per micro-batch
+    seq_len: int = 128  # L
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    bf16: bool = False  # autocast to bfloat16
+    compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    collapse_fraction: float = 0.9  # one expert above this share of tokens = collapse
+    collapse_patience: int = 50  # ... for this many steps in a row
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
+                     "eval_batches", "save_every", "log_every", "max_bad_steps",
+                     "collapse_patience", "keep_checkpoints"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _fail(name, v, "it must be a positive int")
+        if self.grad_accum > 64:
+            _fail("grad_accum", self.grad_accum, "it must be between 1 and 64")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            _fail("warmup_steps", self.warmup_steps, "it must be an int >= 0")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    math.isfinite(v) and v >= 0):
+                _fail(name, v, "it must be a finite number >= 0")
+        for name in ("min_lr_ratio", "beta1", "beta2", "collapse_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                _fail(name, v, "it must be in [0, 1]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "it must be an int >= 0")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig got unknown keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine to cfg.lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only (not norms, not 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean LM loss over the micro-batches (nats)
+    aux_loss: float
+    grad_norm: float  # before clipping
+    skipped: bool  # non-finite loss or gradient: no update was made
+    load_LE: Tensor  # noqa: N815 - tokens per expert per MoE layer, summed over micro-batches
+    tokens: int
+
+
+def _reset_router_loads(model: nn.Module) -> None:
+    for m in model.modules():
+        load = getattr(getattr(m, "router", None), "load", None)
+        if isinstance(load, Tensor):
+            load.zero_()
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               batches: list[tuple[Tensor, Tensor]], cfg: TrainConfig, lr: float,
+               forward: nn.Module | None = None) -> StepResult:
+    """One optimizer step over ``batches`` (gradient accumulation), skipped when
+    the loss or the gradient norm is not finite. ``forward`` may be a compiled
+    wrapper of ``model``. The aux-loss-free bias update runs after the step."""
+    forward = forward or model
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = aux_sum = 0.0
+    loads, tokens = [], 0
+    for ids_BL, targets_BL in batches:
+        autocast = (torch.autocast(ids_BL.device.type, dtype=torch.bfloat16)
+                    if cfg.bf16 else contextlib.nullcontext())
+        with autocast:
+            out = forward(ids_BL, targets_BL)
+        ((out.loss + out.aux_loss) / len(batches)).backward()
+        loss_sum += out.loss.detach().float().item()
+        aux_sum += float(out.aux_loss.detach())
+        loads.append(torch.stack([s.tokens_per_expert for s in out.stats])
+                     if out.stats else torch.zeros(0, 0, dtype=torch.long))
+        tokens += ids_BL.numel()
+    params = [p for p in model.parameters() if p.grad is not None]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    loss, aux = loss_sum / len(batches), aux_sum / len(batches)
+    load_LE = torch.stack(loads).sum(0)
+    if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        _reset_router_loads(model)  # the bad batch must not steer the balancing bias
+        return StepResult(loss, aux, grad_norm, True, load_LE, tokens)
+    optimizer.step()
+    update_all_biases(model)
+    return StepResult(loss, aux, grad_norm, False, load_LE, tokens)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
+    """Mean LM loss over cfg.eval_batches fixed validation batches."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_batches):
+        ids, tgt = sample_windows(data_N, cfg.batch_size, cfg.seq_len, VAL_SEED + i)
+        autocast = (torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16)
+                    if cfg.bf16 else contextlib.nullcontext())
+        with autocast:
+            losses.append(float(model(ids.to(cfg.device), tgt.to(cfg.device)).loss))
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+class _InterruptFlag:
+    """First Ctrl-C asks the loop to save and stop at the next step boundary (so
+    the checkpoint never holds a half-applied optimizer step); a second one
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run directory of one training run."""
+
+    def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
+                 out_dir: str | Path, progress: bool = True) -> None:
+        if train_config.seq_len > model_config.max_seq_len:
+            _fail("seq_len", train_config.seq_len,
+                  f"it must be <= the model's max_seq_len={model_config.max_seq_len}")
+        self.mcfg, self.cfg, self.corpus = model_config, train_config, corpus
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        torch.manual_seed(train_config.seed)
+        self.model = MoETransformer(model_config).to(train_config.device)
+        self.optimizer = make_optimizer(self.model, train_config)
+        self.forward = torch.compile(self.model) if train_config.compile else self.model
+        self.step = 0
+        self.counters = {"tokens": 0, "skipped_steps": 0, "bad_in_row": 0}
+        self.history: list[dict[str, Any]] = []  # what was logged this session
+        self.monitor = CollapseMonitor(train_config.collapse_fraction,
+                                       train_config.collapse_patience)
+        self.load_since_eval: Tensor | None = None
+        self.last_checkpoint: Path | None = None
+
+    @classmethod
+    def resume(cls, path: str | Path, corpus: Corpus, out_dir: str | Path | None = None,
+               progress: bool = True, **overrides: Any) -> Trainer:
+        """Continue a run exactly where its checkpoint left it (``overrides`` e.g. steps)."""
+        ck = ckpt_io.load_checkpoint(path)
+        mcfg = LMConfig.from_dict(ck.state["model_config"])
+        tcfg = TrainConfig.from_dict(ck.state["train_config"]).replace(**overrides)
+        run_dir = Path(out_dir) if out_dir is not None else ck.path.parent
+        trainer = cls(mcfg, tcfg, corpus, run_dir, progress)
+        ckpt_io.restore(ck, trainer.model, trainer.optimizer)
+        trainer.step = ck.step
+        trainer.counters.update(ck.state["counters"])
+        trainer.last_checkpoint = ck.path
+        return trainer
+
+    # -- one step -------------------------------------------------------------
+
+    def batches(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        cfg = self.cfg
+        out = []
+        for micro in range(cfg.grad_accum):
+            ids, tgt = sample_windows(self.corpus.train, cfg.batch_size, cfg.seq_len,
+                                      batch_seed(cfg.seed, step, micro))
+            out.append((ids.to(cfg.device), tgt.to(cfg.device)))
+        return out
+
+    def run_step(self, log: MetricsLog) -> StepResult:
+        res = train_step(self.model, self.optimizer, self.batches(self.step), self.cfg,
+                         lr_at(self.step, self.cfg), self.forward)
+        self.step += 1
+        self.counters["tokens"] += res.tokens
+        if res.skipped:
+            self.counters["skipped_steps"] += 1
+            self.counters["bad_in_row"] += 1
+            self._log(log, {"kind": "skip", "step": self.step, "loss": res.loss,
+                            "grad_norm": res.grad_norm,
+                            "skipped_steps": self.counters["skipped_steps"]})
+            tqdm.write(f"step {self.step}: non-finite loss {res.loss} or grad norm "
+                       f"{res.grad_norm}; update skipped "
+                       f"({self.counters['bad_in_row']} in a row)")
+            if self.counters["bad_in_row"] >= self.cfg.max_bad_steps:
+                raise NonFiniteError(
+                    f"{self.counters['bad_in_row']} consecutive steps had a non-finite loss "
+                    f"or gradient (last at step {self.step}; max_bad_steps="
+                    f"{self.cfg.max_bad_steps}). Lower the learning rate or check the data; "
+                    f"the last good checkpoint is {self.last_checkpoint}")
+            return res
+        self.counters["bad_in_row"] = 0
+        if res.load_LE.numel():
+            self.load_since_eval = res.load_LE if self.load_since_eval is None \
+                else self.load_since_eval + res.load_LE
+            for msg in self.monitor.update(res.load_LE, res.tokens):
+                self._log(log, {"kind": "collapse", "step": self.step, "message": msg})
+        return res
+
+    # -- the loop -------------------------------------------------------------
+
+    def _log(self, log: MetricsLog, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        log.write(record)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "model_config": self.mcfg.to_dict(),
+                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
+                 "data": {"corpus": self.corpus.source, "position": "step",
+                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
+        self.last_checkpoint = ckpt_io.save_checkpoint(
+            self.out_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+        return self.last_checkpoint
+
+    def validate(self, log: MetricsLog) -> float:
+        val = evaluate(self.model, self.corpus.val, self.cfg)
+        record: dict[str, Any] = {"kind": "val", "step": self.step, "val_loss": val,
+                                  "tokens": self.counters["tokens"]}
+        if self.load_since_eval is not None:
+            share = self.load_since_eval.float()
+            record["expert_load"] = (share / share.sum(-1, keepdim=True)).tolist()
+            self.load_since_eval = None
+        self._log(log, record)
+        return val
+
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.steps; returns a summary. Ctrl-C saves, then re-raises."""
+        cfg = self.cfg
+        log = MetricsLog(self.out_dir)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
+                   dynamic_ncols=True, desc="train")
+        start, start_tokens = time.perf_counter(), self.counters["tokens"]
+        val = math.nan
+        try:
+            with _InterruptFlag() as interrupt:
+                if self.step == 0:
+                    val = self.validate(log)
+                while self.step < cfg.steps:
+                    res = self.run_step(log)
+                    rate = (self.counters["tokens"] - start_tokens) / (
+                        time.perf_counter() - start)
+                    self._after_step(log, bar, res, rate)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        val = self.validate(log)
+                        bar.set_description(f"train (val {val:.3f})")
+                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                        self.save()
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if self.last_checkpoint is None or self.last_checkpoint.name != \
+                    f"step_{self.step:08d}":
+                self.save()
+            tqdm.write(f"interrupted at step {self.step}: saved {self.last_checkpoint}")
+            raise
+        finally:
+            bar.close()
+            log.close()
+        seconds = time.perf_counter() - start
+        return {"step": self.step, "val_loss": val, "seconds": seconds,
+                "tokens_per_s": (self.counters["tokens"] - start_tokens) / max(seconds, 1e-9),
+                "checkpoint": str(self.last_checkpoint), **self.counters}
+
+    def _after_step(self, log: MetricsLog, bar: tqdm, res: StepResult, rate: float) -> None:
+        bar.update(1)
+        if res.skipped:
+            return
+        imbalance = 0.0
+        if res.load_LE.numel():
+            load = res.load_LE.float()
+            imbalance = float((load.max(-1).values / load.mean(-1).clamp_min(1e-9)).mean())
+        bar.set_postfix(loss=f"{res.loss:.3f}", aux=f"{res.aux_loss:.4f}",
+                        imb=f"{imbalance:.2f}", tok_s=f"{rate:.0f}", refresh=False)
+        if self.step % self.cfg.log_every == 0 or self.step == 1:
+            self._log(log, {"kind": "train", "step": self.step, "loss": res.loss,
+                            "aux_loss": res.aux_loss, "grad_norm": res.grad_norm,
+                            "lr": lr_at(self.step - 1, self.cfg), "load_imbalance": imbalance,
+                            "tokens_per_s": rate, "tokens": self.counters["tokens"]})
