@@ -89,14 +89,14 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
 @pytest.mark.parametrize("name", [
     "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_allgather_dropless",
     "ep2_allgather_capacity", "ep2_overlap_dropless", "ep2_bias_update", "ep2_bad_ep",
-    "ckpt_save_ep2"])
+    "ckpt_save_ep2", "train_ep2_matches_one_process"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 
 
 @pytest.mark.parametrize("name", [
     "ep4_dropless", "ep4_capacity", "dp2ep2_dropless", "dp2ep2_capacity",
-    "dp2ep2_allgather", "ckpt_load_ep4"])
+    "dp2ep2_allgather", "ckpt_load_ep4", "train_resume_ep4"])
 def test_world4(world4, name):
     _assert_all_ranks(world4, name)
 

@@ -264,9 +264,13 @@ class Trainer:
             out.append((ids.to(cfg.device), tgt.to(cfg.device)))
         return out
 
+    def step_once(self) -> StepResult:
+        """The optimizer step itself (the distributed trainer overrides this)."""
+        return train_step(self.model, self.optimizer, self.batches(self.step), self.cfg,
+                          lr_at(self.step, self.cfg), self.forward)
+
     def run_step(self, log: MetricsLog) -> StepResult:
-        res = train_step(self.model, self.optimizer, self.batches(self.step), self.cfg,
-                         lr_at(self.step, self.cfg), self.forward)
+        res = self.step_once()
         self.step += 1
         self.counters["tokens"] += res.tokens
         if res.skipped:
