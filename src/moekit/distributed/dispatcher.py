@@ -82,6 +82,10 @@ def _nbytes(rows, x: Tensor) -> Tensor:
     return torch.as_tensor(rows, dtype=torch.float64) * (x.shape[1] * x.element_size())
 
 
+def _zero() -> Tensor:
+    return torch.zeros((), dtype=torch.float64)
+
+
 def _exchange_counts(counts_PEl: Tensor, comm: Comm) -> tuple[Tensor, list[int], list[int]]:
     """Counts from every source for my experts [P, El], and both split lists (one sync)."""
     P = counts_PEl.shape[0]
@@ -108,20 +112,18 @@ def dropless_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Com
     stats = CommBytes(sent=both, received=both, moved=_nbytes(2 * out, x_TD),
                       ideal=_nbytes(2 * out, x_TD),
                       meta=torch.tensor(float((P - 1) * El * 8), dtype=torch.float64),
-                      padding_rows=_nbytes(0, x_TD))
+                      padding_rows=_zero())
     return _combine(y_SD, d, x_TD.shape[0]), stats
 
 
-def _slots(d: Dispatch, num_experts: int, C: int) -> tuple[Tensor, Tensor]:
+def _slots(d: Dispatch, num_experts: int, C: int) -> Tensor:
     """Each sorted row's slot in the [E*C] buffer (dropped rows -> the dump slot E*C)."""
-    S = d.num_rows
-    rows = torch.arange(S, device=d.offsets_E.device)
-    expert_S = torch.searchsorted(d.offsets_E, rows.to(d.offsets_E.dtype), right=True)
+    expert_S = _row_experts(d, d.num_rows)
+    rows = torch.arange(d.num_rows, device=expert_S.device)
     starts_E = torch.cat([d.offsets_E.new_zeros(1), d.offsets_E]).long()
-    slot_S = torch.where(expert_S < num_experts,
-                         expert_S.clamp_max(num_experts - 1) * C + rows - starts_E[expert_S],
-                         num_experts * C)
-    return slot_S, expert_S
+    return torch.where(expert_S < num_experts,
+                       expert_S.clamp_max(num_experts - 1) * C + rows - starts_E[expert_S],
+                       num_experts * C)
 
 
 def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
@@ -129,7 +131,7 @@ def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
     """Capacity mode: fixed [E, C, D] buffers, equal splits, no host sync."""
     P, D = comm.size, x_TD.shape[1]
     El = num_experts // P
-    slot_S, _ = _slots(d, num_experts, C)
+    slot_S = _slots(d, num_experts, C)
     x_SD = x_TD.index_select(0, d.token_S)
     buf_XD = x_SD.new_zeros(num_experts * C + 1, D).index_copy(0, slot_S, x_SD)
     x_RD = fn.all_to_all(buf_XD[:-1], None, None, comm)  # [P(source), El, C, D]
@@ -143,7 +145,7 @@ def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
     per_rank = _nbytes(2 * El * C * (P - 1), x_TD)
     stats = CommBytes(sent=per_rank, received=per_rank, moved=per_rank,
                       ideal=2 * remote_kept * (D * x_TD.element_size()),
-                      meta=_nbytes(0, x_TD), padding_rows=El * C * (P - 1) - remote_kept)
+                      meta=_zero(), padding_rows=El * C * (P - 1) - remote_kept)
     return _combine(y_SD, d, x_TD.shape[0]), stats
 
 
@@ -176,7 +178,7 @@ def all_gather_exchange(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Com
     stats = CommBytes(sent=payload, received=payload, moved=payload,
                       ideal=2 * remote * (x_TD.shape[1] * x_TD.element_size()),
                       meta=torch.tensor(float((P - 1) * S * (4 + 8 + 8)), dtype=torch.float64),
-                      padding_rows=_nbytes(0, x_TD))
+                      padding_rows=_zero())
     return y_TD, stats
 
 

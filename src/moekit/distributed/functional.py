@@ -24,6 +24,9 @@ from torch.autograd import Function
 from moekit.distributed.mesh import Comm
 
 Splits = list[int] | None
+# torch 2.13 renamed the *_into_tensor / *_tensor collectives to *_single.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _rows(splits: Splits, x: Tensor) -> int:
@@ -155,8 +158,7 @@ def all_gather_tensor(x_TD: Tensor, comm: Comm) -> Tensor:
     """Concatenate every rank's ``x_TD`` along dim 0 (same shape on every rank), no grad."""
     x_TD = x_TD.contiguous()
     out = x_TD.new_empty((comm.size * x_TD.shape[0], *x_TD.shape[1:]))
-    comm.run("all_gather_into_tensor", dist.all_gather_into_tensor, out, x_TD,
-             group=comm.group)
+    comm.run("all_gather", _ALL_GATHER, out, x_TD, group=comm.group)
     return out
 
 
@@ -164,8 +166,7 @@ def reduce_scatter_tensor(x_PTD: Tensor, comm: Comm) -> Tensor:
     """Sum over ranks, then keep this rank's 1/P slice of dim 0, no grad."""
     x_PTD = x_PTD.contiguous()
     out = x_PTD.new_empty((x_PTD.shape[0] // comm.size, *x_PTD.shape[1:]))
-    comm.run("reduce_scatter_tensor", dist.reduce_scatter_tensor, out, x_PTD,
-             group=comm.group)
+    comm.run("reduce_scatter", _REDUCE_SCATTER, out, x_PTD, group=comm.group)
     return out
 
 
