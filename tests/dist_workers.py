@@ -22,6 +22,7 @@ from moekit import MoE, MoEConfig
 from moekit.distributed import (
     CollectiveTimeoutError,
     ExpertParallelMoE,
+    global_tokens_per_expert,
     init_mesh,
     reduce_gradients,
 )
@@ -88,10 +89,32 @@ def compare(ep_moe: ExpertParallelMoE, data, ref_ys, ref_grads) -> str | None:
         if p.grad is None or not torch.allclose(p.grad, want, atol=ATOL, rtol=RTOL):
             err = "None" if p.grad is None else f"{(p.grad - want).abs().max():.3g}"
             return f"grad of {name} differs by {err}"
-    moved, ideal = float(out.stats.comm_bytes_moved), float(out.stats.comm_bytes_ideal)
-    if ep_moe.config.capacity_factor is None and ep_moe.dispatcher == "all_to_all" \
-            and moved != ideal:
+    return check_comm(ep_moe, x, out.stats)
+
+
+def check_comm(ep_moe: ExpertParallelMoE, x: torch.Tensor, stats) -> str | None:
+    """Bytes/ideal is exactly 1 for dropless all-to-all; capacity mode's padding is
+    the slots to other ranks minus the rows one process keeps for their experts."""
+    moved, ideal = float(stats.comm_bytes_moved), float(stats.comm_bytes_ideal)
+    cfg, P, El = ep_moe.config, ep_moe.mesh.ep, ep_moe.num_local
+    if ep_moe.dispatcher != "all_to_all" or cfg.router == "expert_choice":
+        return None
+    one = MoE(cfg)
+    one.load_state_dict({k: v for k, v in ep_moe.state_dict().items()
+                         if not k.startswith("experts.")}, strict=False)
+    assigned_E = one(x).stats.tokens_per_expert
+    C = cfg.capacity(x.shape[0]) if cfg.capacity_factor else x.shape[0] * cfg.top_k
+    kept_E = assigned_E.clamp_max(C)
+    remote = int(kept_E.sum() - kept_E[ep_moe.expert_start:ep_moe.expert_start + El].sum())
+    want_ideal = 2 * remote * D * 4
+    if ideal != want_ideal:
+        return f"ideal bytes {ideal} != {want_ideal}"
+    if cfg.capacity_factor is None and moved != ideal:
         return f"dropless bytes moved {moved} != ideal {ideal}"
+    if cfg.capacity_factor is not None:
+        want_pad = El * C * (P - 1) - remote
+        if float(stats.comm_padding_rows) != want_pad or moved != 2 * El * C * (P - 1) * D * 4:
+            return f"padding {float(stats.comm_padding_rows)} != {want_pad} or moved {moved}"
     return None
 
 
@@ -154,11 +177,17 @@ def bias_update_agrees(mesh) -> str | None:
     x, _ = inputs(mesh.world_size, equal_T=False)[dist.get_rank()]
     ep_moe(x)
     ep_moe.update_bias()
-    for x, _ in inputs(mesh.world_size, equal_T=False):  # one process, all ranks' tokens
-        full(x)
+    for x_r, _ in inputs(mesh.world_size, equal_T=False):  # one process, all ranks' tokens
+        full(x_r)
     full.update_bias()
     if not torch.equal(ep_moe.router.expert_bias, full.router.expert_bias):
         return f"bias {ep_moe.router.expert_bias} != {full.router.expert_bias}"
+    ep_moe.eval()
+    full.eval()
+    load_E = global_tokens_per_expert(ep_moe(x).stats, mesh)
+    want_E = sum(full(x_r)[2].tokens_per_expert for x_r, _ in inputs(mesh.world_size, False))
+    if not torch.equal(load_E, want_E):
+        return f"global load {load_E} != one process {want_E}"
     return None
 
 
