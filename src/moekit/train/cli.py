@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
           f"{'' if first is None else f'{first:.3f} -> '}{summary['val_loss']:.3f} nats/byte, "
           f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_steps']} skipped steps")
     print(f"checkpoint: {summary['checkpoint']}")
-    sample = generate(trainer.model, encode("def ")[None].to(trainer.cfg.device), 120,
+    prompt = encode("def ")[None].to(trainer.cfg.device)
+    room = min(200, trainer.mcfg.max_seq_len - prompt.shape[1])
+    sample = generate(trainer.model, prompt, room,
                       temperature=0.8, top_k=40)
     print("sample:\n" + decode(sample[0]))
     return 0

@@ -343,7 +343,8 @@ class Trainer:
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         val = self.validate(log)
                         bar.set_description(f"train (val {val:.3f})")
-                    if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    at_save = self.step % cfg.save_every == 0 or self.step == cfg.steps
+                    if at_save and not res.skipped:  # only states after a good update
                         self.save()
                     if interrupt.requested:
                         raise KeyboardInterrupt
