@@ -124,3 +124,21 @@ def test_dead_rank_raises_timeout_error(tmp_path, how):
     if how == "stop":
         assert res[0]["elapsed"] >= timeout_s - 0.5, "failed before the timeout expired"
     assert time.monotonic() - start < 60
+
+
+def test_cli_launches_through_torchrun(tmp_path):
+    """`python -m moekit.train --nproc 2 --ep 2` re-runs itself under torchrun."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.txt"
+    data.write_text((Path(__file__).parent.parent / "src/moekit/layer.py").read_text() * 2)
+    cmd = [sys.executable, "-m", "moekit.train", "--nproc", "2", "--ep", "2", "--preset",
+           "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
+           "--eval-batches", "1", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "mesh: dp=1 x ep=2" in done.stdout and "done: step 2" in done.stdout
+    assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()
