@@ -88,6 +88,7 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
 
 @pytest.mark.parametrize("name", [
     "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_expert_choice",
+    "ep2_dropless_bf16", "ep2_capacity_bf16",
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
     "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process"])
 def test_world2(world2, name):

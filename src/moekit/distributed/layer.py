@@ -77,10 +77,13 @@ class ExpertParallelMoE(MoE):
     def from_moe(cls, moe: MoE, mesh: ExpertParallelMesh, **kwargs) -> ExpertParallelMoE:
         """Shard a full layer: keep this rank's experts, copy everything else."""
         ep_moe = cls(moe.config, mesh, backend=moe.experts.backend, **kwargs)
-        ep_moe.to(device=moe.experts.w_in.device, dtype=moe.experts.w_in.dtype)
+        ep_moe.to(device=moe.experts.w_in.device)
         lo, hi = ep_moe.expert_start, ep_moe.expert_start + ep_moe.num_local
         state = {k: (v[lo:hi] if k.startswith("experts.") else v)
                  for k, v in moe.state_dict().items()}
+        with torch.no_grad():  # parameters take the source's dtypes; fp32 buffers stay fp32
+            for name, p in ep_moe.named_parameters():
+                p.data = p.data.to(state[name].dtype)
         ep_moe.load_state_dict(state)
         return ep_moe
 
