@@ -114,7 +114,8 @@ class _AllToAllWait(Function):
             grad_y, in_splits, out_splits, ctx.comm, async_op=True)
         # The buffer is filled once Start.backward waits; autograd runs other
         # nodes (other chunks' expert backward) in between: that is the overlap.
-        return torch.zeros_like(grad_y), None, None, None, None
+        # Start.backward ignores the gradient passed here and returns the buffer.
+        return torch.zeros_like(grad_y), None, None, None, None  # y_RD, splits x2, comm, pending
 
 
 def all_to_all_async(x_RD: Tensor, out_splits: Splits, in_splits: Splits,

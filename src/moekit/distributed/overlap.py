@@ -5,6 +5,17 @@ combine are in flight (async ``all_to_all_single``) while chunk c's experts
 run; in backward the same Functions launch the gradient exchanges early and
 wait late. One small count exchange and one host sync cover all chunks.
 Shape letters as in dispatcher.py; n chunks.
+
+Async collectives must be issued in the same order on every rank. Forward
+issues them in program order. In backward, autograd's CPU engine runs ready
+nodes by decreasing sequence number, i.e. creation order, and every rank
+creates the collective nodes in the same order; only the expert subgraphs
+between them differ (a rank with no rows has a shorter one), so the gradient
+all-to-alls are issued in the same order everywhere.
+
+Measured on the 2-core dev box (README): no gain on gloo, since the loopback
+transfer is CPU work competing with the experts (1.09x the step time at
+D=512, F=64, where the exchange is 46% of the step).
 """
 
 from __future__ import annotations
