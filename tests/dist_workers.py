@@ -225,6 +225,7 @@ def load_reshard(mesh, ckpt: str) -> str | None:
         ref = ref[lo:hi] if name.startswith("experts.") else ref
         if not torch.equal(t, ref):
             return f"{name} differs after ep=2 -> ep=4 load"
+    save_checkpoint(ckpt + "_then_ep4", ep_moe)  # the parent loads it back at ep=1
     return None
 
 

@@ -102,11 +102,12 @@ def test_world4(world4, name):
     _assert_all_ranks(world4, name)
 
 
-def test_checkpoint_ep2_loads_at_ep1(world2, ckpt_dir):
-    """ep=1 is a plain MoE in one process, no process group."""
+@pytest.mark.parametrize("saved", ["ep2", "ep2_then_ep4"])
+def test_checkpoint_loads_at_ep1(world2, world4, ckpt_dir, saved):
+    """ep=1 is a plain MoE in one process, no process group; ep2 -> ep4 -> ep1 round trip."""
     want = W.full_layer(4, 4, None, seed=7)
     moe = W.full_layer(4, 4, None, seed=99)
-    load_checkpoint(ckpt_dir, moe)
+    load_checkpoint(ckpt_dir.parent / saved, moe)
     for name, t in moe.state_dict().items():
         assert torch.equal(t, want.state_dict()[name]), name
     assert isinstance(moe, MoE)
