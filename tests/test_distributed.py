@@ -46,7 +46,10 @@ def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150,
     """
     out_dir = tmp / f"out_{fn.__name__}"
     out_dir.mkdir()
-    ctx = mp.get_context("fork")
+    # forkserver with torch preloaded: ~0.3 s a process instead of ~5 s for "spawn", and
+    # unlike "fork" the children never inherit the test process's OpenMP threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "moekit.distributed", "tests.dist_workers"])
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args))
              for r in range(world)]
