@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
-from moekit.experts.backends import BACKENDS, grouped_mm_supported
+from moekit.experts.backends import BACKENDS, grouped_mm_supported, triton_supported
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -55,7 +55,8 @@ class Experts(nn.Module):
         """Weighted sum over each token's routed experts, [T, D]."""
         name = self.backend
         if name == "auto":
-            name = ("grouped_mm" if grouped_mm_supported(x_TD, self.w_in, self.w_out)
+            name = ("triton" if triton_supported(x_TD)
+                    else "grouped_mm" if grouped_mm_supported(x_TD, self.w_in, self.w_out)
                     else "loop")
         return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
                               self._act)
