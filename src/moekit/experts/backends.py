@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions.grouped_mm import grouped_mm
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -57,7 +58,7 @@ def _group_bias(b_EX: Tensor, offsets_E: Tensor, S: int) -> Tensor:
 
 def grouped_mm_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
                        b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
-    """``torch._grouped_mm`` over sorted rows; no host synchronisation.
+    """Grouped GEMMs (``torch._grouped_mm``) over sorted rows; no host synchronisation.
 
     Dropped rows are folded into the last group (computed, weighted by 0): the
     kernel leaves rows past the last offset uninitialised, in forward and in
@@ -67,10 +68,10 @@ def grouped_mm_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     offsets_E = d.offsets_E.clone()
     offsets_E[-1] = S
     x_SD = x_TD.index_select(0, d.token_S)
-    h_SG = torch._grouped_mm(x_SD, w_in_EDG, offs=offsets_E)
+    h_SG = grouped_mm(x_SD, w_in_EDG, offsets_E)
     if b_in_EG is not None:
         h_SG = h_SG + _group_bias(b_in_EG, offsets_E, S)
-    y_SD = torch._grouped_mm(act(h_SG).contiguous(), w_out_EFD, offs=offsets_E)
+    y_SD = grouped_mm(act(h_SG).contiguous(), w_out_EFD, offsets_E)
     if b_out_ED is not None:
         y_SD = y_SD + _group_bias(b_out_ED, offsets_E, S)
     return _combine(y_SD, d, x_TD.shape[0])

@@ -1,0 +1,1 @@
+"""Autograd Functions and torch.library custom ops (with fake implementations)."""
