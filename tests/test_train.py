@@ -345,6 +345,8 @@ def test_cli_train_then_generate(tmp_path, corpus_dir, capsys):
                    "--max-new-tokens", "10", "--top-k", "20", "--top-p", "0.9"])
     text = capsys.readouterr().out
     assert rc == 0 and text.startswith("def ") and len(text) > 10
+    rc = cli_main(["train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out)])
+    assert rc == 2 and "--resume" in capsys.readouterr().err  # never mixes two runs
     rc = cli_main(["generate", "--checkpoint", str(tmp_path / "nope")])
     assert rc == 2 and "checkpoint" in capsys.readouterr().err
     state = json.loads((out / "step_00000004" / "state.json").read_text())

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from moekit.config import ROUTERS
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
-from moekit.train.checkpoint import CheckpointError
+from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus
 from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
@@ -117,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                                      **overrides)
         else:
             model_cfg, train_cfg = configs_from_args(args)
+            if (Path(args.out) / LATEST).exists():
+                raise ValueError(f"out={args.out!r} already holds a run; continue it with "
+                                 f"--resume {args.out}, or pick another --out")
             trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
                               progress=not args.no_progress)
     except (ValueError, CheckpointError) as e:
