@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,8 @@ class DistributedTrainer(Trainer):
             state = {"step": self.step, "model_config": self.mcfg.to_dict(),
                      "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
             (path / "trainer.json").write_text(json.dumps(state))
+            for old in sorted(self.out_dir.glob(f"{DCP_PREFIX}*"))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
         dist.barrier(self.mesh.world.group)
         self.last_checkpoint = path
         return path
