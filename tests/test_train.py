@@ -345,6 +345,8 @@ def test_cli_train_then_generate(tmp_path, corpus_dir, capsys):
                    "--max-new-tokens", "10", "--top-k", "20", "--top-p", "0.9"])
     text = capsys.readouterr().out
     assert rc == 0 and text.startswith("def ") and len(text) > 10
+    rc = cli_main(["train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out)])
+    assert rc == 2 and "--resume" in capsys.readouterr().err  # never mixes two runs
     rc = cli_main(["generate", "--checkpoint", str(tmp_path / "nope")])
     assert rc == 2 and "checkpoint" in capsys.readouterr().err
     state = json.loads((out / "step_00000004" / "state.json").read_text())
@@ -356,3 +358,28 @@ def test_python_dash_m_entry_point():
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert done.returncode == 0 and "--resume" in done.stdout
+
+
+def test_bf16_autocast_trains(tmp_path, corpus):
+    trainer = fit(tmp_path, corpus, train=TRAIN.replace(steps=3, bf16=True))
+    assert trainer.counters["skipped_steps"] == 0
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_cli_compare_writes_table_and_plots(tmp_path, corpus_dir, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    rc = cli_main(["compare", "--preset", "tiny", "--data", str(corpus_dir), "--steps", "2",
+                   "--batch-size", "2", "--seq-len", "16", "--eval-every", "1",
+                   "--eval-batches", "1", "--seeds", "0", "1", "--top-ks", "2", "1",
+                   "--out", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    for name in ("dense", "moe-top2", "moe-top1"):
+        assert f"| {name} |" in text
+    assert (out / "val_loss.png").stat().st_size > 1000
+    assert (out / "expert_load_moe-top2.png").exists()
+    results = [json.loads((out / f"{v}-seed0" / "result.json").read_text())
+               for v in ("dense", "moe-top1")]
+    # equal active FFN width: active params differ only by the routers' D x E weights
+    assert results[1]["active_params"] - results[0]["active_params"] == 2 * 32 * 4
