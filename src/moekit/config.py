@@ -84,7 +84,8 @@ class MoEConfig:
     topk_groups: int = 1  # groups kept per token when num_groups > 1
     routed_scaling_factor: float = 1.0  # multiplies the routed weights (DeepSeek-V3)
     jitter_eps: float = 0.0  # switch: router input *= U(1-eps, 1+eps) in training
-    hash_vocab_size: int | None = None  # hash router: size of the token-id table
+    hash_vocab_size: int | None = None  # hash router: size of the token-id table (it has no
+    #                                       learned gate, so balance and z losses are 0)
     hash_seed: int = 0
 
     # balancing (all coefficients 0 = off)

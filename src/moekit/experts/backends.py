@@ -10,12 +10,15 @@ Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions.grouped_mm import grouped_mm
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -57,7 +60,7 @@ def _group_bias(b_EX: Tensor, offsets_E: Tensor, S: int) -> Tensor:
 
 def grouped_mm_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
                        b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
-    """``torch._grouped_mm`` over sorted rows; no host synchronisation.
+    """Grouped GEMMs (``torch._grouped_mm``) over sorted rows; no host synchronisation.
 
     Dropped rows are folded into the last group (computed, weighted by 0): the
     kernel leaves rows past the last offset uninitialised, in forward and in
@@ -67,10 +70,10 @@ def grouped_mm_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     offsets_E = d.offsets_E.clone()
     offsets_E[-1] = S
     x_SD = x_TD.index_select(0, d.token_S)
-    h_SG = torch._grouped_mm(x_SD, w_in_EDG, offs=offsets_E)
+    h_SG = grouped_mm(x_SD, w_in_EDG, offsets_E)
     if b_in_EG is not None:
         h_SG = h_SG + _group_bias(b_in_EG, offsets_E, S)
-    y_SD = torch._grouped_mm(act(h_SG).contiguous(), w_out_EFD, offs=offsets_E)
+    y_SD = grouped_mm(act(h_SG).contiguous(), w_out_EFD, offsets_E)
     if b_out_ED is not None:
         y_SD = y_SD + _group_bias(b_out_ED, offsets_E, S)
     return _combine(y_SD, d, x_TD.shape[0])
@@ -84,4 +87,48 @@ def grouped_mm_supported(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> b
             and all(n % per16 == 0 for n in dims))
 
 
-BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}
+def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
+    """(kind, swiglu_limit, swiglu_alpha) when ``act`` is an Experts module's activation."""
+    cfg = getattr(getattr(act, "__self__", None), "cfg", None)
+    kind = getattr(cfg, "activation", None)
+    if kind is None:
+        return None
+    return kind, cfg.swiglu_limit, cfg.swiglu_alpha
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_supported(x_TD: Tensor) -> bool:
+    """The fused Triton kernels serve CUDA fp32/fp16/bf16 tensors when triton is installed."""
+    return (x_TD.is_cuda and x_TD.dtype in _TRITON_DTYPES
+            and importlib.util.find_spec("triton") is not None)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                   b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """Fused Triton kernels (moekit.kernels): gather + GLU epilogue, combine in the
+    down projection's epilogue; no host synchronisation.
+
+    Runs the CPU path (``grouped_mm`` when its layout allows, else ``loop``) for
+    CPU tensors outside Triton's interpreter (TRITON_INTERPRET=1), for a dtype
+    the kernels do not take, and for an activation they do not know (any
+    callable that is not an Experts module's own).
+    """
+    spec = _activation_spec(act)
+    usable = (x_TD.is_cuda or _interpreting()) and x_TD.dtype in _TRITON_DTYPES
+    if spec is None or not usable or importlib.util.find_spec("triton") is None:
+        fallback = (grouped_mm_experts if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)
+                    else loop_experts)
+        return fallback(x_TD, d, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
+    from moekit.functions.experts import fused_experts  # triton is an optional dependency
+
+    return fused_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
+                         b_in_EG, b_out_ED, *spec)
+
+
+BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "triton": triton_experts}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
-from moekit.experts.backends import BACKENDS, grouped_mm_supported
+from moekit.experts.backends import BACKENDS, grouped_mm_supported, triton_supported
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -26,7 +26,9 @@ def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor
     Shared by ``Experts`` and the Hugging Face integration, so both follow the same choice.
     """
     if name == "auto":
-        name = "grouped_mm" if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD) else "loop"
+        name = ("triton" if triton_supported(x_TD)
+                else "grouped_mm" if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)
+                else "loop")
     return BACKENDS[name]
 
 

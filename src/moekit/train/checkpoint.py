@@ -226,7 +226,9 @@ def check_model_fits(model: nn.Module, tensors: dict[str, Tensor], where: Path) 
 def optimizer_state_dict(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> dict:
     """Rebuild ``optimizer.state_dict()`` from the checkpoint, checking every shape."""
     rest = ckpt.state["optimizer"]
-    groups = rest["param_groups"]
+    # JSON turned tuples (AdamW betas) into lists; "params" stays a list
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
+               for k, v in g.items()} for g in rest["param_groups"]]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
     if len(groups) != len(optimizer.param_groups) or len(ids) != len(params):

@@ -1,0 +1,42 @@
+"""Run a model over text and gather its routing: the engine behind `moekit analyze`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moekit.analysis.collect import RoutingCollector
+from moekit.analysis.stats import summarise
+
+
+def windows(data_N: Tensor, tokens: int, seq_len: int) -> Tensor:
+    """Consecutive, non-overlapping sequences from the start of ``data_N``: [B, L]."""
+    for name, v in (("tokens", tokens), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} is not allowed: it must be a positive int")
+    n = min(tokens, data_N.numel()) // seq_len
+    if n < 1:
+        raise ValueError(f"the text has {data_N.numel()} tokens, which is not allowed: it "
+                         f"needs at least seq_len={seq_len} (and tokens={tokens} >= seq_len)")
+    return data_N[: n * seq_len].long().view(n, seq_len)
+
+
+@torch.no_grad()
+def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size: int = 16,
+                  top: int = 5, min_count: int = 5) -> list[dict[str, Any]]:
+    """Per-layer routing summaries of ``model`` over the sequences ``ids_BL``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with RoutingCollector(model, vocab_size) as rc:
+            for start in range(0, ids_BL.shape[0], batch_size):
+                chunk = ids_BL[start:start + batch_size]
+                rc.set_tokens(chunk)
+                model(chunk.to(device))
+    finally:
+        model.train(was_training)
+    base_CC = rc.base_CC if rc.classes is not None else None
+    return [summarise(layer, rc.base_V, base_CC, top, min_count) for layer in rc.layers]

@@ -1,0 +1,89 @@
+"""`moekit analyze`: what the routers of a trained moekit LM learned.
+
+Per MoE layer: expert load and imbalance, dropped fraction, router entropy,
+expert co-activation, and the bytes / byte patterns each expert receives most
+relative to their frequency in the text. Writes report.md, routing.json and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from moekit.analysis.analyze import analyze_model, windows
+from moekit.analysis.report import summary_table, write_report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a moekit LM run directory or one of its step_* dirs")
+    p.add_argument("--data", default=None, help="text file or directory (default: the "
+                   "corpus the checkpoint was trained on, else the Python standard library)")
+    p.add_argument("--split", default="val", choices=("val", "train"),
+                   help="which split of the data to read (default: validation)")
+    p.add_argument("--tokens", type=int, default=65536, help="tokens to route")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--top", type=int, default=5, help="items listed per expert")
+    p.add_argument("--min-count", type=int, default=5,
+                   help="ignore items an expert saw fewer times (their lift is noise)")
+    p.add_argument("--out", default=None, help="output directory (default: "
+                   "CHECKPOINT/analysis)")
+
+
+def load_lm(path: str):
+    from moekit.models import LMConfig, MoETransformer
+    from moekit.train.checkpoint import load_checkpoint, restore
+    ck = load_checkpoint(path)
+    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
+    restore(ck, model, rng=False)
+    return model.eval(), ck
+
+
+def trained_on(state: dict[str, Any]) -> str | None:
+    """The training corpus named in a checkpoint's state, if it still exists here."""
+    from moekit.train.data import stdlib_dir
+    source = (state.get("data") or {}).get("corpus")
+    if not source or source == str(stdlib_dir()) or not Path(source).exists():
+        return None  # None = the stdlib .py files, as `moekit train` reads them
+    return source
+
+
+def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
+    from moekit.train.data import load_corpus
+    model, ck = load_lm(args.checkpoint)
+    cfg = model.config
+    seq_len = args.seq_len or cfg.max_seq_len
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is not allowed: it must be <= the model's "
+                         f"max_seq_len={cfg.max_seq_len}")
+    for name in ("batch_size", "top", "min_count"):
+        v = getattr(args, name)
+        if v < 1:
+            raise ValueError(f"{name}={v} is not allowed: it must be >= 1")
+    corpus = load_corpus(args.data if args.data is not None else trained_on(ck.state))
+    ids_BL = windows(corpus.val if args.split == "val" else corpus.train, args.tokens, seq_len)
+    layers = analyze_model(model, ids_BL, cfg.vocab_size, args.batch_size, args.top,
+                           args.min_count)
+    meta = {"checkpoint": str(ck.path), "step": ck.step,
+            "source": f"{corpus.source} ({args.split} split)", "tokens": ids_BL.numel(),
+            "sequences": ids_BL.shape[0], "seq_len": seq_len,
+            "model": f"{cfg.num_layers} layers, dim {cfg.dim}, {cfg.num_experts} experts, "
+                     f"top-{cfg.top_k}, {cfg.router} router",
+            "model_config": cfg.to_dict()}
+    out = Path(args.out) if args.out else ck.path / "analysis"
+    return {"meta": meta, "layers": layers}, out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result, out = analyze_checkpoint(args)
+    except ValueError as e:
+        print(f"moekit analyze: error: {e}", file=sys.stderr)
+        return 2
+    paths = write_report(result, out)
+    print("\n".join(summary_table(result["layers"])))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

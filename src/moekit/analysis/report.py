@@ -1,0 +1,127 @@
+"""Write a routing analysis: routing.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+JSON_FILE, REPORT_FILE = "routing.json", "report.md"
+LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
+
+
+def plot_load(layers: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rel = [[s * layer["num_experts"] for s in layer["load_share"]] for layer in layers]
+    width = max(4.0, 0.35 * max(len(r) for r in rel) + 2)
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(rel)))
+    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(rel)))
+    ax.set_title("expert load / uniform load (1.0 = balanced)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_coactivation(layers: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(layers)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, layer in zip(axes.flat, layers, strict=False):
+        lift = [row[:] for row in layer["coactivation_lift"]]
+        for i in range(len(lift)):
+            lift[i][i] = float("nan")  # the diagonal is each expert's own load
+        im = ax.imshow(lift, cmap="magma", vmin=0)
+        ax.set_title(f"{layer['name']}", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle("co-activation lift: P(i and j) / (P(i) P(j))")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fmt_items(items: list[dict[str, Any]], n: int = 4) -> str:
+    text = ", ".join(f"`{it['item']}` x{it['lift']:.1f} ({it['routed']:.0%})"
+                     for it in items[:n])
+    return text.replace("|", "\\|") or "-"
+
+
+def summary_table(layers: list[dict[str, Any]]) -> list[str]:
+    lines = ["| layer | E | K | load max/mean | CV | starved | dropped | router entropy "
+             "(of max) | token MI (bits) | pattern MI (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        imb, spec = layer["imbalance"], layer["specialisation"]
+        pattern = spec.get("pattern_mutual_information_bits")
+        lines.append(
+            f"| {layer['name']} | {layer['num_experts']} | {layer['top_k']} | "
+            f"{imb['max_over_mean']:.2f} | {imb['coefficient_of_variation']:.2f} | "
+            f"{imb['starved_experts']} | {layer['dropped_fraction']:.2%} | "
+            f"{layer['router_entropy_nats']:.3f} nats ({layer['router_entropy_normalised']:.0%})"
+            f" | {spec['token_mutual_information_bits']:.3f} | "
+            f"{'-' if pattern is None else f'{pattern:.3f}'} |")
+    return lines
+
+
+def top_pairs(layer: dict[str, Any], n: int = 3) -> str:
+    lift, co = layer["coactivation_lift"], layer["coactivation"]
+    E = len(lift)
+    pairs = sorted(((lift[i][j], i, j) for i in range(E) for j in range(i + 1, E)
+                    if co[i][j] > 0), reverse=True)[:n]
+    return ", ".join(f"{i}+{j} (x{v:.2f}, {co[i][j]} tokens)" for v, i, j in pairs) or "-"
+
+
+def layer_section(layer: dict[str, Any]) -> list[str]:
+    lines = [f"### {layer['name']}", "",
+             f"Most co-activated expert pairs: {top_pairs(layer)}.", "",
+             "| expert | load share | tokens it receives most (lift over base) | "
+             "byte patterns (previous>current class) |", "|---|---|---|---|"]
+    for item in layer["specialisation"]["experts"]:
+        e = item["expert"]
+        lines.append(f"| {e} | {layer['load_share'][e]:.1%} | {fmt_items(item['tokens'])} | "
+                     f"{fmt_items(item.get('patterns', []), 3)} |")
+    return [*lines, ""]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# moekit routing analysis", "",
+        f"- checkpoint: `{meta['checkpoint']}` (step {meta['step']})",
+        f"- text: {meta['source']}, {meta['tokens']:,} tokens in {meta['sequences']} "
+        f"sequences of {meta['seq_len']}",
+        f"- model: {meta['model']}", "",
+        "Load is counted before any capacity drop; lift = how much more often an expert "
+        "sees an item than the text does (share at the expert / share in the text); in "
+        "brackets, the fraction of the item's occurrences routed to that expert. "
+        "MI = mutual information between the token (or byte pattern) and the chosen expert.",
+        "", "## Summary", "", *summary_table(result["layers"]), "",
+        f"![expert load]({LOAD_PNG})", "", f"![co-activation]({COACT_PNG})", "",
+        "## Per layer", ""]
+    for layer in result["layers"]:
+        lines += layer_section(layer)
+    return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE,
+             "load": out / LOAD_PNG, "coactivation": out / COACT_PNG}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["report"].write_text(markdown(result))
+    plot_load(result["layers"], paths["load"])
+    plot_coactivation(result["layers"], paths["coactivation"])
+    return paths

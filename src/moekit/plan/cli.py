@@ -1,0 +1,123 @@
+"""`moekit plan`: parameters, FLOPs, memory, communication, time and energy of a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
+from moekit.plan.cost import Plan, make_plan
+from moekit.plan.hf import read_spec_file
+from moekit.plan.presets import PRESETS, get_preset
+from moekit.plan.report import plan_table, search_table
+from moekit.plan.search import search
+from moekit.plan.spec import ModelSpec, fail
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a JSON file (a "
+                   "transformers config.json, a ModelSpec, a moekit LMConfig or MoEConfig) "
+                   "or a moekit checkpoint directory")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--gpu", default="h100", help=f"GPU preset: {', '.join(GPUS)}")
+    g.add_argument("--gpus", type=int, default=8, help="number of GPUs")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    for flag, what in (("--peak-tflops", "dense bf16 TFLOP/s"), ("--memory-gb", "GB per GPU"),
+                       ("--hbm-tbps", "HBM TB/s"), ("--intra-gbps", "GB/s per direction"),
+                       ("--inter-gbps", "GB/s per direction"), ("--power-w", "W per GPU")):
+        g.add_argument(flag, type=float, default=None, help=f"override the preset's {what}")
+    lay = p.add_argument_group("layout (default: tp 1, pp 1, dp = GPUs, ep = gcd(dp, E))")
+    for flag in ("--dp", "--tp", "--pp", "--ep"):
+        lay.add_argument(flag, type=int, default=None)
+    lay.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3")
+    lay.add_argument("--recompute", default="none", help=f"one of {', '.join(RECOMPUTE)}")
+    lay.add_argument("--micro-batch", type=int, default=1, help="sequences per forward")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, default=4096)
+    t.add_argument("--global-batch", type=int, default=1024, help="sequences per step")
+    t.add_argument("--precision", default="bf16-mixed", help=", ".join(PRECISIONS))
+    t.add_argument("--efficiency", type=float, default=1.0,
+                   help="fraction of peak FLOP/s reached (1.0 = roofline)")
+    t.add_argument("--joules-per-flop", type=float, default=None,
+                   help="default: the GPU's board power / peak FLOP/s")
+    t.add_argument("--a2a-overlap", type=float, default=0.0,
+                   help="fraction of the all-to-all hidden behind compute (0-1)")
+    t.add_argument("--memory-headroom", type=float, default=0.1,
+                   help="fraction of GPU memory kept free (context, buffers, fragmentation)")
+    p.add_argument("--search", action="store_true", help="rank the layouts that fit")
+    p.add_argument("--top", type=int, default=10, help="layouts shown by --search")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def load_model(name: str) -> ModelSpec:
+    if name.lower() in PRESETS:
+        return get_preset(name).spec
+    if not (name.endswith(".json") or Path(name).is_dir()):
+        fail("model", name, f"it must be a preset ({', '.join(PRESETS)}), a .json file or "
+             "a moekit checkpoint directory")
+    return read_spec_file(name)
+
+
+OVERRIDES = {"peak_tflops": ("peak_flops", 1e12), "memory_gb": ("memory_bytes", 1e9),
+             "hbm_tbps": ("hbm_bandwidth", 1e12), "intra_gbps": ("intra_node_bandwidth", 1e9),
+             "inter_gbps": ("inter_node_bandwidth", 1e9), "power_w": ("power_watts", 1.0)}
+
+
+def cluster_from_args(args: argparse.Namespace) -> Cluster:
+    gpu = get_gpu(args.gpu)
+    changes = {field: getattr(args, arg) * scale for arg, (field, scale) in OVERRIDES.items()
+               if getattr(args, arg) is not None}
+    return Cluster(gpu=replace(gpu, **changes), num_gpus=args.gpus,
+                   gpus_per_node=args.gpus_per_node)
+
+
+def layout_from_args(args: argparse.Namespace, spec: ModelSpec, cluster: Cluster) -> Layout:
+    tp, pp = args.tp or 1, args.pp or 1
+    dp = args.dp or max(cluster.num_gpus // (tp * pp), 1)
+    ep = args.ep or math.gcd(dp, spec.num_experts)
+    return Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=args.zero, recompute=args.recompute,
+                  micro_batch=args.micro_batch)
+
+
+def setup_from_args(args: argparse.Namespace) -> TrainSetup:
+    if args.precision not in PRECISIONS:
+        fail("precision", args.precision, f"it must be one of {', '.join(PRECISIONS)}")
+    return TrainSetup(seq_len=args.seq_len, global_batch=args.global_batch,
+                      precision=PRECISIONS[args.precision],
+                      compute_efficiency=args.efficiency, joules_per_flop=args.joules_per_flop,
+                      memory_headroom=args.memory_headroom, a2a_overlap=args.a2a_overlap)
+
+
+def plans_from_args(args: argparse.Namespace) -> list[Plan]:
+    """The plan (or, with --search, the ranked plans); raises ValueError on bad input."""
+    spec = load_model(args.model)
+    cluster = cluster_from_args(args)
+    setup = setup_from_args(args)
+    if args.search:
+        return search(spec, cluster, setup, top=args.top)
+    return [make_plan(spec, cluster, setup, layout_from_args(args, spec, cluster))]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plans = plans_from_args(args)
+    except ValueError as e:
+        print(f"moekit plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans] if args.search else plans[0].to_dict(),
+                         indent=1))
+    elif args.search:
+        if not plans:
+            print("no layout fits in memory; try more GPUs, ZeRO-3 or recomputation")
+            return 1
+        print(plan_table(plans[0]))
+        print(f"\nlayouts that fit, fastest first (top {len(plans)}):")
+        print(search_table(plans))
+    else:
+        print(plan_table(plans[0]))
+    return 0

@@ -1,0 +1,35 @@
+"""Session set-up shared by the tests.
+
+Triton fixes, once per process, whether its own library functions and
+moekit's kernels are interpreted or compiled: when triton is first imported and
+when moekit.kernels is imported. On a machine without CUDA, import both here,
+before any test module, with TRITON_INTERPRET=1, so that tests/test_triton.py
+can run the kernels on CPU even if another module imports triton first. The
+variable is restored at once; tests/test_triton.py sets it again while its own
+tests run (the interpreter reads it at run time too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def _import_kernels_interpreted() -> None:
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import moekit.functions.experts  # noqa: F401
+        import moekit.functions.routing  # noqa: F401
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+if importlib.util.find_spec("triton") is not None and (
+        not torch.cuda.is_available() or os.environ.get("MOEKIT_TEST_INTERPRET") == "1"):
+    _import_kernels_interpreted()

@@ -1,0 +1,229 @@
+"""`moekit analyze`: routing counts against brute-force loops over the router's own
+decisions, statistics against hand-worked cases, and the report of a tiny trained LM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import moekit
+from moekit.analysis import RoutingCollector, analyze_model
+from moekit.analysis.cli import add_arguments, analyze_checkpoint, run
+from moekit.analysis.collect import CLASS_NAMES, byte_class_table
+from moekit.analysis.stats import coactivation_lift, imbalance, mutual_information_bits, top_lift
+
+
+class EmbedMoE(nn.Module):
+    """Token ids -> embedding -> one MoE layer: the smallest model with routing."""
+
+    def __init__(self, cfg: moekit.MoEConfig, vocab: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, cfg.dim)
+        self.moe = moekit.MoE(cfg)
+
+    def forward(self, ids_BL):
+        return self.moe(self.embed(ids_BL), token_ids=ids_BL)
+
+
+ROUTERS = [
+    dict(router="softmax", top_k=2),
+    dict(router="sigmoid", top_k=3, num_groups=2, topk_groups=1),
+    dict(router="softmax", top_k=2, capacity_factor=0.5),  # drops
+    dict(router="expert_choice", top_k=2),
+    dict(router="hash", top_k=2, hash_vocab_size=256),
+]
+
+
+@pytest.mark.parametrize("kw", ROUTERS)
+def test_collector_matches_brute_force(kw):
+    torch.manual_seed(0)
+    E, D = 6, 16
+    model = EmbedMoE(moekit.MoEConfig(dim=D, ffn_dim=8, num_experts=E, **kw)).eval()
+    batches = [torch.randint(0, 256, (3, 11)), torch.randint(0, 256, (2, 7))]
+    with RoutingCollector(model, 256) as rc:
+        for ids in batches:
+            rc.set_tokens(ids)
+            model(ids)
+    layer = rc.layers[0]
+    classes = byte_class_table()
+    load, co = [0] * E, [[0] * E for _ in range(E)]
+    tok = torch.zeros(256, E, dtype=torch.long)
+    pat = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), E, dtype=torch.long)
+    entropy, dropped, denom = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for ids in batches:
+            x = model.embed(ids).reshape(-1, D)
+            plan = model.moe.router(x, ids.reshape(-1), ids.shape[1]).plan
+            chosen = [set() for _ in range(x.shape[0])]
+            for t, e in zip(plan.token_S.tolist(), plan.expert_S.tolist(), strict=True):
+                load[e] += 1
+                chosen[t].add(e)
+                b, pos = divmod(t, ids.shape[1])
+                v = int(ids[b, pos])
+                tok[v, e] += 1
+                prev = 0 if pos == 0 else int(classes[int(ids[b, pos - 1])])
+                pat[prev, classes[v], e] += 1
+            for s in chosen:
+                for i in s:
+                    for j in s:
+                        co[i][j] += 1
+            for p_E in plan.probs_TE:
+                entropy -= sum(float(p) * math.log(float(p)) for p in p_E if p > 0)
+            stats = model.moe(model.embed(ids), token_ids=ids).stats
+            n = x.shape[0] if kw["router"] == "expert_choice" else len(plan.token_S)
+            dropped += float(stats.dropped_fraction) * n
+            denom += n
+    assert layer.load_E.tolist() == load
+    assert layer.co_EE.tolist() == co
+    assert torch.equal(layer.token_VE, tok)
+    assert torch.equal(layer.pattern_CCE, pat)
+    assert layer.tokens == 3 * 11 + 2 * 7
+    assert layer.entropy_sum == pytest.approx(entropy, rel=1e-5)
+    assert layer.dropped / layer.drop_denominator == pytest.approx(dropped / denom, abs=1e-6)
+    if "capacity_factor" in kw:
+        assert layer.dropped > 0
+
+
+def test_hooks_are_removed_and_input_checked():
+    model = EmbedMoE(moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4))
+    with RoutingCollector(model, 256) as rc:
+        with pytest.raises(ValueError, match="set_tokens"):
+            model(torch.randint(0, 256, (2, 5)))  # no set_tokens: refused
+        with pytest.raises(ValueError, match="ids_BL"):
+            rc.set_tokens(torch.tensor([[300]]))
+    assert not model.moe._forward_hooks and not model.moe.router._forward_hooks
+    with pytest.raises(ValueError, match="no moekit.MoE layers"):
+        RoutingCollector(nn.Linear(2, 2), 256)
+
+
+# -- statistics on hand-worked cases -------------------------------------------------
+
+
+def test_statistics_hand_worked():
+    assert imbalance(torch.tensor([5, 5, 5, 5]))["coefficient_of_variation"] == 0
+    imb = imbalance(torch.tensor([30, 10, 0, 0]))
+    assert (imb["max_over_mean"], imb["starved_experts"]) == (3.0, 2)
+    assert imb["load_entropy_normalised"] == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(4))
+    # expert 0 only ever sees 'a', expert 1 only 'b', half the text each: 1 bit
+    token_VE = torch.zeros(256, 2, dtype=torch.long)
+    token_VE[ord("a"), 0] = token_VE[ord("b"), 1] = 50
+    assert mutual_information_bits(token_VE) == pytest.approx(1.0)
+    token_VE[ord("a"), 1] = token_VE[ord("b"), 0] = 50  # now independent: 0 bits
+    assert mutual_information_bits(token_VE) == pytest.approx(0.0, abs=1e-12)
+    base = torch.zeros(256, dtype=torch.long)
+    base[ord("a")], base[ord("b")] = 20, 80
+    counts = torch.zeros(256, 1, dtype=torch.long)
+    counts[ord("a"), 0], counts[ord("b"), 0] = 10, 10  # 'a': 50% at the expert vs 20%
+    items = top_lift(counts, base, 0, [repr(chr(i)) for i in range(256)], 5, 1)
+    assert items[0]["item"] == "'a'" and items[0]["lift"] == pytest.approx(2.5)
+    assert items[0]["routed"] == pytest.approx(0.5)
+    # 10 tokens: experts 0,1 always together (lift 10/5 = 2), expert 2 never with them
+    co = torch.tensor([[5, 5, 0], [5, 5, 0], [0, 0, 5]])
+    lift = coactivation_lift(co, 10)
+    assert lift[0, 1] == pytest.approx(2.0) and lift[0, 2] == 0
+
+
+def test_hash_router_specialisation_is_exact():
+    """A hash router's expert is a function of the token: I(token; expert) equals the
+    expert entropy minus log2(K) (the K experts of a token are equally likely)."""
+    from moekit.models import MoETransformer, preset
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", router="hash"))
+    ids = torch.randint(0, 256, (8, 32))
+    layers = analyze_model(model, ids, 256, batch_size=3)
+    load = torch.tensor(layers[0]["load"], dtype=torch.double)
+    p = load / load.sum()
+    h = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    spec = layers[0]["specialisation"]
+    assert spec["token_mutual_information_bits"] == pytest.approx(h - 1.0, abs=1e-9)
+    assert spec["expert_entropy_bits"] == pytest.approx(h)
+
+
+# -- end to end on a tiny trained checkpoint -----------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny LM trained for 3 steps on two stdlib files."""
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    root = tmp_path_factory.mktemp("analyze")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = root / "text.txt"
+    text.write_text((stdlib / "json" / "decoder.py").read_text()
+                    + (stdlib / "json" / "encoder.py").read_text())
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, eval_every=3, eval_batches=1,
+                      save_every=3, log_every=1)
+    Trainer(preset("tiny", moe_every=1), cfg, load_corpus(str(text)), root / "run",
+            progress=False).fit()
+    return root
+
+
+def test_analyze_trained_checkpoint(trained, capsys):
+    out = trained / "report"
+    assert run(parse(str(trained / "run"), "--data", str(trained / "text.txt"),
+                     "--tokens", "1024", "--seq-len", "64", "--out", str(out))) == 0
+    assert "blocks.0.ffn" in capsys.readouterr().out
+    result = json.loads((out / "routing.json").read_text())
+    assert result["meta"]["step"] == 3 and result["meta"]["tokens"] == 1024
+    assert len(result["layers"]) == 2  # the tiny preset has 2 MoE layers
+    for layer in result["layers"]:
+        K, E = layer["top_k"], layer["num_experts"]
+        assert sum(layer["load"]) == layer["pairs"] == 1024 * K
+        assert [layer["coactivation"][e][e] for e in range(E)] == layer["load"]
+        assert layer["dropped_fraction"] == 0  # dropless
+        assert 0 < layer["router_entropy_nats"] <= math.log(E)
+        assert sum(layer["load_share"]) == pytest.approx(1.0)
+        for item in layer["specialisation"]["experts"]:
+            assert all(t["count"] >= 5 for t in item["tokens"])
+    report = (out / "report.md").read_text()
+    assert "## Summary" in report and "| blocks.1.ffn |" in report
+    for png in ("load_heatmap.png", "coactivation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,words", [
+    (("--tokens", "0"), ("tokens=0",)),
+    (("--seq-len", "1000"), ("seq_len=1000", "max_seq_len=64")),
+    (("--top", "0"), ("top=0",)),
+])
+def test_analyze_bad_input(trained, argv, words, capsys):
+    args = parse(str(trained / "run"), "--data", str(trained / "text.txt"), *argv)
+    with pytest.raises(ValueError) as e:
+        analyze_checkpoint(args)
+    for w in words:
+        assert w in str(e.value)
+    assert run(args) == 2 and "error" in capsys.readouterr().err
+
+
+def test_analyze_defaults_to_the_training_corpus(trained):
+    result, out = analyze_checkpoint(parse(str(trained / "run"), "--tokens", "256"))
+    assert result["meta"]["source"] == f"{trained / 'text.txt'} (val split)"
+    assert out == trained / "run" / "step_00000003" / "analysis"
+
+
+def test_moekit_command_runs_analyze(trained, capsys):
+    from moekit.cli import main
+    out = trained / "via_main"
+    assert main(["analyze", str(trained / "run"), "--tokens", "256", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    assert (out / "report.md").exists() and "wrote" in capsys.readouterr().out
+
+
+def test_analyze_missing_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint"):
+        analyze_checkpoint(parse(str(tmp_path / "nope")))

@@ -1,0 +1,117 @@
+"""Balancing that lives outside forward, and the multi-gate module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig, MultiGateMoE, attach_bias_update
+from tests.reference import ref_moe
+
+
+def test_bias_update_follows_the_deepseek_rule():
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=1, router="sigmoid",
+                        bias_update_rate=0.01)).train()
+    x = torch.randn(64, 8)
+    moe(x)
+    moe(x)
+    load = moe.router.load.clone()
+    assert load.sum().item() == 128  # two batches of 64 tokens, top-1
+    moe.update_bias()
+    expected = 0.01 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(moe.router.expert_bias, expected)
+    assert moe.router.load.sum().item() == 0  # consumed
+    moe.eval()
+    moe(x)
+    assert moe.router.load.sum().item() == 0  # eval does not accumulate
+
+
+def test_bias_changes_selection_not_weights():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=1, router="sigmoid",
+                        renormalize=False))
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.tensor([10.0, 0, 0, 0]))  # everyone picks 0
+    plan = moe.router(x).plan
+    assert plan.expert_S.tolist() == [0] * 32
+    scores = torch.sigmoid(x @ moe.router.weight.detach().t())[:, 0]
+    torch.testing.assert_close(plan.weight_S.detach(), scores)  # bias not in the weight
+
+
+def test_bias_update_balances_a_skewed_router():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=16, ffn_dim=8, num_experts=8, top_k=2, router="sigmoid",
+                        bias_update_rate=0.02)).train()
+    with torch.no_grad():
+        moe.router.weight[0] += 1.0  # expert 0 favoured
+    x = torch.randn(512, 16).abs()
+    first = moe(x).stats.load_max_over_mean.item()
+    for _ in range(100):
+        moe.update_bias()
+        moe(x)
+    last = moe(x).stats.load_max_over_mean.item()
+    assert first > 2.0 and last < 1.3, (first, last)
+
+
+def test_optimizer_hook_runs_the_update():
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=1, router="softmax",
+                        bias_update_rate=0.5)).train()
+    opt = torch.optim.SGD(moe.parameters(), lr=0.0)
+    handle = attach_bias_update(opt, moe)
+    y, aux, _ = moe(torch.randn(40, 8))
+    y.sum().backward()
+    assert moe.router.load.sum() == 40
+    opt.step()
+    assert moe.router.load.sum() == 0 and moe.router.expert_bias.abs().sum() > 0
+    handle.remove()
+
+
+def test_sequence_loss_sees_sequences():
+    """Two sequences each routed wholly to one expert: balanced overall, not per sequence."""
+    from moekit.routing.losses import seq_aux_loss, switch_aux_loss
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.1, 0.9]] * 4)
+    experts = torch.tensor([[0]] * 4 + [[1]] * 4)
+    assert switch_aux_loss(probs, experts).item() == pytest.approx(1.0)
+    per_seq = seq_aux_loss(probs.view(2, 4, 2), experts.view(2, 4, 1))
+    assert per_seq.item() == pytest.approx(2 * 0.9)  # E * f * P = 2 * 1 * 0.9 per sequence
+
+
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_multigate_each_task_equals_an_moe_with_that_gate(top_k):
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=top_k, aux_loss_coef=0.01)
+    mmoe = MultiGateMoE(cfg, num_tasks=3)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    outs, aux, stats = mmoe(x)
+    assert len(outs) == 3 and len(stats) == 3
+    total_aux = 0.0
+    for gate, out in zip(mmoe.gates, outs, strict=True):
+        single = MoE(cfg)
+        single.router.load_state_dict(gate.state_dict())
+        single.experts.load_state_dict(mmoe.experts.state_dict())
+        y_ref, aux_ref, _ = ref_moe(single, x)
+        torch.testing.assert_close(out, y_ref, atol=1e-5, rtol=1e-4)
+        total_aux += aux_ref
+    torch.testing.assert_close(aux, total_aux, atol=1e-6, rtol=1e-5)
+    (sum(o.sum() for o in outs) + aux).backward()
+    assert all(g.weight.grad is not None for g in mmoe.gates)
+
+
+def test_cli_demo_runs(capsys):
+    from moekit.cli import main
+    assert main(["demo", "--tokens", "64", "--dim", "32", "--ffn-dim", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens_per_expert" in out and "router_entropy" in out
+
+
+def test_balancing_buffers_stay_fp32_under_dtype_casts():
+    moe = MoE(MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=1, router="sigmoid",
+                        bias_update_rate=1e-3)).to(torch.bfloat16).train()
+    assert moe.router.weight.dtype == torch.bfloat16
+    assert moe.router.expert_bias.dtype == moe.router.load.dtype == torch.float32
+    for _ in range(3):
+        moe(torch.randn(300, 8, dtype=torch.bfloat16))
+    assert moe.router.load.sum().item() == 900  # bf16 could not count past 256 exactly
+    moe.update_bias()
+    assert moe.router.expert_bias.abs().max().item() == pytest.approx(1e-3)

@@ -1,0 +1,165 @@
+"""The MoE language model: config validation, attention against a naive oracle,
+causality, parameter accounting, KV-cache generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.models import KVCache, LMConfig, MoETransformer, generate, preset, sample_next
+from moekit.models.transformer import Attention, apply_rotary, rotary_table
+
+TINY = dict(dim=32, num_layers=2, num_heads=2, max_seq_len=48, ffn_dim=16, num_experts=4,
+            top_k=2)
+
+
+def tiny(**changes) -> LMConfig:
+    return LMConfig(**{**TINY, **changes})
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dim", 0), ("num_layers", -1), ("num_heads", 3), ("top_k", 5), ("num_experts", 0),
+    ("moe_every", 0), ("router", "bogus"), ("aux_loss_coef", -1.0), ("rope_theta", 0.0),
+    ("capacity_factor", -2.0), ("max_seq_len", 1.5), ("dense", "yes"),
+])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny(**{field: value})
+
+
+def test_unknown_preset_and_keys_are_named():
+    with pytest.raises(ValueError, match="preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="bogus"):
+        LMConfig.from_dict({**tiny().to_dict(), "bogus": 1})
+    assert LMConfig.from_dict(tiny().to_dict()) == tiny()
+
+
+def naive_attention(x_BLD, attn: Attention, cos, sin):
+    """Per-head softmax(q k^T / sqrt(d) + causal mask) v with explicit loops."""
+    B, L, D = x_BLD.shape
+    H, Dh = attn.num_heads, attn.head_dim
+    q, k, v = (x_BLD @ attn.qkv.weight.T).split(D, dim=-1)
+    out = torch.zeros(B, L, D, dtype=torch.float64)
+    for h in range(H):
+        sl = slice(h * Dh, (h + 1) * Dh)
+        qh, kh = apply_rotary(q[..., sl], cos, sin), apply_rotary(k[..., sl], cos, sin)
+        scores = (qh.double() @ kh.double().transpose(-1, -2)) / math.sqrt(Dh)
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[..., sl] = scores.softmax(-1) @ v[..., sl].double()
+    return out.float() @ attn.out.weight.T
+
+
+def test_rotary_rotates_pairs_by_position_angle():
+    cos, sin = rotary_table(8, 4, 10000.0)
+    x = torch.randn(1, 1, 8, 4)
+    y = apply_rotary(x, cos, sin)
+    # position p, pair 0 (dims 0 and 2) rotates by angle p * theta^0 = p
+    p = 5
+    c, s = math.cos(p), math.sin(p)
+    expect = torch.tensor([c * x[0, 0, p, 0] - s * x[0, 0, p, 2],
+                           s * x[0, 0, p, 0] + c * x[0, 0, p, 2]])
+    torch.testing.assert_close(y[0, 0, p, [0, 2]], expect, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_matches_naive_oracle():
+    torch.manual_seed(0)
+    cfg = tiny()
+    attn = Attention(cfg, 0)
+    x = torch.randn(2, 11, cfg.dim)
+    cos, sin = rotary_table(11, cfg.dim // cfg.num_heads, cfg.rope_theta)
+    torch.testing.assert_close(attn(x, cos, sin, None, 0), naive_attention(x, attn, cos, sin),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "switch", "hash", "expert_choice"])
+def test_forward_shapes_and_loss(router):
+    torch.manual_seed(0)
+    cfg = tiny(router=router, top_k=1 if router == "switch" else 2)
+    model = MoETransformer(cfg)
+    ids = torch.randint(256, (2, 9))
+    out = model(ids, ids)
+    assert out.logits.shape == (2, 9, 256)
+    assert len(out.stats) == cfg.num_layers
+    expected = F.cross_entropy(out.logits.reshape(-1, 256), ids.reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    (out.loss + out.aux_loss).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_causal_earlier_logits_ignore_later_tokens():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    ids = torch.randint(256, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :8], b[:, :8], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_moe_every_and_dense_variant_params():
+    cfg = tiny(num_layers=4, moe_every=2)
+    model = MoETransformer(cfg)
+    assert [b.is_moe for b in model.blocks] == [False, True, False, True]
+    moe, dense = MoETransformer(tiny()), MoETransformer(tiny(dense=True))
+    D, E, F_, K, L = 32, 4, 16, 2, 2
+    expert = 3 * D * F_  # SwiGLU: [gate | up] then down
+    assert moe.num_params() - dense.num_params() == L * ((E - K) * expert + E * D)
+    # equal active FFN arithmetic; the router's D x E weight is the only difference
+    assert moe.active_params_per_token() - dense.active_params_per_token() == L * E * D
+    assert dense.num_params() == dense.active_params_per_token()
+
+
+def test_kv_cache_logits_match_full_forward():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny()).eval()
+    ids = torch.randint(256, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config.num_layers)
+        parts = [model(ids[:, :4], cache=cache).logits,  # prefill
+                 model(ids[:, 4:7], cache=cache).logits,  # a chunk after a prefix
+                 model(ids[:, 7:8], cache=cache).logits,  # one token
+                 model(ids[:, 8:], cache=cache).logits]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, 5, 0.9)])
+def test_generate_with_cache_equals_without(temperature, top_k, top_p):
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    prompt = torch.randint(256, (2, 3))
+    outs = [generate(model, prompt, 20, temperature, top_k, top_p, use_cache=c,
+                     generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    assert outs[0].shape == (2, 23)
+    assert torch.equal(outs[0][:, :3], prompt)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    greedy = sample_next(logits, 0.0, None, None, None)
+    assert greedy.item() == 1
+    gen = torch.Generator().manual_seed(0)
+    assert all(sample_next(logits, 1.0, 1, None, gen).item() == 1 for _ in range(20))
+    assert all(sample_next(logits, 1.0, None, 1e-3, gen).item() == 1 for _ in range(20))
+    picks = {sample_next(logits, 1.0, 2, None, gen).item() for _ in range(200)}
+    assert picks == {1, 3}
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=100), "max_seq_len"),
+])
+def test_generate_bad_arguments(kwargs, name):
+    model = MoETransformer(tiny())
+    args = dict(max_new_tokens=4, temperature=1.0)
+    with pytest.raises(ValueError, match=name):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **{**args, **kwargs})
