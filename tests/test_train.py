@@ -383,3 +383,23 @@ def test_cli_compare_writes_table_and_plots(tmp_path, corpus_dir, capsys):
                for v in ("dense", "moe-top1")]
     # equal active FFN width: active params differ only by the routers' D x E weights
     assert results[1]["active_params"] - results[0]["active_params"] == 2 * 32 * 4
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
+    import signal
+    trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
+    calls = {"n": 0}
+
+    def press_ctrl_c(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == TRAIN.eval_batches + 3:  # during step 3's forward
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = trainer.model.embed.register_forward_hook(press_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    handle.remove()
+    assert trainer.step == 3  # the step in flight was completed, not torn
+    assert load_checkpoint(tmp_path).step == 3
+    resumed = Trainer.resume(tmp_path, corpus, progress=False)
+    assert resumed.fit()["step"] == TRAIN.steps
