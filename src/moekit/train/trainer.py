@@ -146,7 +146,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     """One optimizer step over ``batches`` (gradient accumulation), skipped when
     the loss or the gradient norm is not finite. ``forward`` may be a compiled
     wrapper of ``model``. The aux-loss-free bias update runs after the step."""
-    forward = forward or model
+    forward = model if forward is None else forward
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
