@@ -413,3 +413,12 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
     assert load_checkpoint(tmp_path).step == 3
     resumed = Trainer.resume(tmp_path, corpus, progress=False)
     assert resumed.fit()["step"] == TRAIN.steps
+
+
+def test_single_text_file_validates_on_its_tail(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes(bytes(range(32, 127)) * 20)  # 1900 bytes
+    corpus = load_corpus(str(path), val_percent=10)
+    assert corpus.train.numel() == 1710  # 90% of the 1900 bytes + the appended newline
+    assert torch.equal(torch.cat([corpus.train, corpus.val])[:-1],
+                       torch.tensor(list(path.read_bytes()), dtype=torch.uint8))
