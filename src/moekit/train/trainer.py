@@ -12,7 +12,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from moekit.config import FrozenConfig
 from moekit.layer import update_all_biases
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
@@ -39,7 +40,7 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TrainConfig:
+class TrainConfig(FrozenConfig):
     # defaults = `moekit train`: ~0.35 CPU-s per step for the "small" preset at 1 thread
     # (process_time on a loaded 2-core box), so 1500 steps (3.1M tokens) is ~9 minutes
     steps: int = 1500
@@ -90,19 +91,6 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             _fail("seed", self.seed, "it must be an int >= 0")
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig got unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
