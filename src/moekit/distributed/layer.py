@@ -12,11 +12,10 @@ from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
-from moekit.dispatch.sort import sort_by_expert
 from moekit.distributed import dispatcher as dsp
 from moekit.distributed.mesh import ExpertParallelMesh
 from moekit.experts.experts import Experts, SharedExperts
-from moekit.layer import MoE, MoEOutput, check_input, check_token_ids
+from moekit.layer import MoE, MoEOutput
 from moekit.routing.router import Router
 from moekit.routing.stats import RoutingStats, routing_stats
 
@@ -88,18 +87,8 @@ class ExpertParallelMoE(MoE):
         return ep_moe
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
-        cfg = self.config
-        check_input(x, cfg.dim, cfg.check_finite)
-        if cfg.router == "hash":
-            assert cfg.hash_vocab_size is not None
-            check_token_ids(token_ids, x, cfg.hash_vocab_size)
-        x_TD = x.reshape(-1, cfg.dim)
+        x_TD, routed, dispatch, capacity = self.route(x, token_ids)
         T = x_TD.shape[0]
-        seq_len = x.shape[-2] if x.dim() >= 3 else None
-        ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routed = self.router(x_TD, ids_T, seq_len)
-        capacity = None if cfg.capacity_factor is None else cfg.capacity(T)
-        dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
         y_TD, comm = self._exchange(x_TD, dispatch, capacity)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
