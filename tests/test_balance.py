@@ -103,3 +103,15 @@ def test_cli_demo_runs(capsys):
     assert main(["demo", "--tokens", "64", "--dim", "32", "--ffn-dim", "16"]) == 0
     out = capsys.readouterr().out
     assert "tokens_per_expert" in out and "router_entropy" in out
+
+
+def test_balancing_buffers_stay_fp32_under_dtype_casts():
+    moe = MoE(MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=1, router="sigmoid",
+                        bias_update_rate=1e-3)).to(torch.bfloat16).train()
+    assert moe.router.weight.dtype == torch.bfloat16
+    assert moe.router.expert_bias.dtype == moe.router.load.dtype == torch.float32
+    for _ in range(3):
+        moe(torch.randn(300, 8, dtype=torch.bfloat16))
+    assert moe.router.load.sum().item() == 900  # bf16 could not count past 256 exactly
+    moe.update_bias()
+    assert moe.router.expert_bias.abs().max().item() == pytest.approx(1e-3)

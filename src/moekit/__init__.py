@@ -14,6 +14,22 @@ from moekit.routing.stats import RoutingStats
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    # transformers is an optional extra: imported only when these are used.
+    "apply_hf": ("moekit.integrations.hf", "apply"),
+    "revert_hf": ("moekit.integrations.hf", "revert"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
+
+
 __all__ = [
     "Dispatch",
     "MoE",
@@ -23,6 +39,8 @@ __all__ = [
     "MultiGateOutput",
     "RoutingPlan",
     "RoutingStats",
+    "apply_hf",
     "attach_bias_update",
+    "revert_hf",
     "update_all_biases",
 ]

@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("moekit.train.compare", "MoE vs dense of equal active FLOPs: table and plots"),
     "plan": ("moekit.plan.cli", "parameters, FLOPs, memory, communication, time and energy"),
     "analyze": ("moekit.analysis.cli", "routing analysis of a trained LM checkpoint"),
+    "convert": ("moekit.integrations.hf.convert",
+                "Mixtral-style transformers checkpoint <-> moekit language model, lossless"),
     "bench": ("moekit.bench", "CPU benchmark: moekit vs dense FFN, transformers, reference"),
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 Router = Literal[
     "softmax",  # softmax over all E, take top-K (optionally renormalised)
@@ -31,6 +31,29 @@ DropPolicy = Literal["position", "probability"]
 DROP_POLICIES: tuple[str, ...] = DropPolicy.__args__  # type: ignore[attr-defined]
 
 MAX_EXPERTS = 512
+
+_C = TypeVar("_C", bound="FrozenConfig")
+
+
+class FrozenConfig:
+    """``replace``, ``to_dict`` and ``from_dict`` for moekit's frozen config dataclasses."""
+
+    __slots__ = ()
+
+    def replace(self: _C, **changes: Any) -> _C:
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} got unknown keys {unknown}; "
+                             f"allowed: {sorted(known)}")
+        return cls(**data)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -55,7 +78,7 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class MoEConfig:
+class MoEConfig(FrozenConfig):
     """Everything that defines one MoE layer.
 
     The defaults give a dropless, softmax top-2 SwiGLU MoE with no auxiliary loss.
@@ -184,16 +207,3 @@ class MoEConfig:
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k
                                 / self.num_experts))
 
-    def replace(self, **changes: Any) -> MoEConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"MoEConfig got unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
+from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts, SharedExperts
-from moekit.routing.router import Router
+from moekit.routing.router import Router, RouterOutput
 from moekit.routing.stats import RoutingStats, routing_stats
 
 
@@ -68,23 +69,32 @@ class MoE(nn.Module):
         self.experts = Experts(config, backend)
         self.shared = SharedExperts(config) if config.num_shared_experts else None
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+    def route(self, x: Tensor, token_ids: Tensor | None = None
+              ) -> tuple[Tensor, RouterOutput, Dispatch, int | None]:
+        """Check x, route its tokens and sort them by expert.
+
+        Returns (x_TD, the router's output, the Dispatch, the capacity or None).
+        """
         cfg = self.config
         check_input(x, cfg.dim, cfg.check_finite)
         if cfg.router == "hash":
             assert cfg.hash_vocab_size is not None
             check_token_ids(token_ids, x, cfg.hash_vocab_size)
         x_TD = x.reshape(-1, cfg.dim)
-        T = x_TD.shape[0]
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         ids_T = None if token_ids is None else token_ids.reshape(-1)
         routed = self.router(x_TD, ids_T, seq_len)
-        capacity = None if cfg.capacity_factor is None else cfg.capacity(T)
+        capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
         dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
+        return x_TD, routed, dispatch, capacity
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+        x_TD, routed, dispatch, _ = self.route(x, token_ids)
         y_TD = self.experts(x_TD, dispatch)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        stats = routing_stats(routed.plan, dispatch, T, routed.z_loss, routed.aux_loss)
+        stats = routing_stats(routed.plan, dispatch, x_TD.shape[0], routed.z_loss,
+                              routed.aux_loss)
         return MoEOutput(y_TD.view(x.shape), routed.aux_loss, stats)
 
     @torch.no_grad()

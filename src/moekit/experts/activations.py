@@ -30,8 +30,11 @@ def activate(h_SG: Tensor, cfg: MoEConfig) -> Tensor:
         return F.silu(gate_SF) * up_SF
     if kind == "geglu":
         return F.gelu(gate_SF) * up_SF
-    # swiglu_oai (GPT-OSS): clamped gate and up, sigmoid slope alpha, (up + 1).
-    limit = cfg.swiglu_limit
+    return swiglu_oai(gate_SF, up_SF, cfg.swiglu_limit, cfg.swiglu_alpha)
+
+
+def swiglu_oai(gate_SF: Tensor, up_SF: Tensor, limit: float, alpha: float) -> Tensor:
+    """GPT-OSS SwiGLU: clamped gate and up, sigmoid slope alpha, times (up + 1)."""
     gate_SF = gate_SF.clamp(max=limit)
     up_SF = up_SF.clamp(min=-limit, max=limit)
-    return gate_SF * torch.sigmoid(cfg.swiglu_alpha * gate_SF) * (up_SF + 1)
+    return gate_SF * torch.sigmoid(alpha * gate_SF) * (up_SF + 1)

@@ -25,6 +25,30 @@ from moekit.experts.backends import (
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
+def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor):
+    """The backend function for ``name``; "auto" picks the fastest that supports the shapes.
+
+    Shared by ``Experts`` and the Hugging Face integration, so both follow the same choice.
+    """
+    if name == "auto":
+        name = auto_backend_name(x_TD, w_in_EDG, w_out_EFD)
+    return BACKENDS[name]
+
+
+def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> str:
+    """triton on CUDA, "fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm or loop."""
+    if triton_supported(x_TD):
+        return "triton"
+    # fused reads the expert counts on the host, so torch.compile(fullgraph=True)
+    # gets the host-sync-free grouped_mm path instead
+    if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+            and fused_supported(x_TD, w_in_EDG, w_out_EFD)):
+        return "fused"
+    if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD):
+        return "grouped_mm"
+    return "loop"
+
+
 class Experts(nn.Module):
     """E feed-forward experts stored as stacked tensors.
 
@@ -58,24 +82,12 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """Weighted sum over each token's routed experts, [T, D]."""
-        name = self.backend
-        if name == "auto":
-            name = self.auto_backend(x_TD)
-        return BACKENDS[name](x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out,
-                              self._act)
+        fn = resolve_backend(self.backend, x_TD, self.w_in, self.w_out)
+        return fn(x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out, self._act)
 
     def auto_backend(self, x_TD: Tensor) -> str:
-        """triton on CUDA, "fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm or loop."""
-        if triton_supported(x_TD):
-            return "triton"
-        # fused reads the expert counts on the host, so torch.compile(fullgraph=True)
-        # gets the host-sync-free grouped_mm path instead
-        if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
-                and fused_supported(x_TD, self.w_in, self.w_out)):
-            return "fused"
-        if grouped_mm_supported(x_TD, self.w_in, self.w_out):
-            return "grouped_mm"
-        return "loop"
+        """The backend name ``backend="auto"`` runs for this input."""
+        return auto_backend_name(x_TD, self.w_in, self.w_out)
 
 
 class SharedExperts(nn.Module):

@@ -7,10 +7,10 @@ F expert hidden size, E experts, K experts per token.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
-from moekit.config import ROUTERS, MoEConfig
+from moekit.config import ROUTERS, FrozenConfig, MoEConfig
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -30,7 +30,7 @@ def _non_negative(name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class LMConfig:
+class LMConfig(FrozenConfig):
     """A decoder-only transformer whose FFN blocks are MoE layers.
 
     ``dense=True`` builds the baseline with the same active parameters per
@@ -98,19 +98,6 @@ class LMConfig:
             capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,
             hash_vocab_size=self.vocab_size if self.router == "hash" else None)
 
-    def replace(self, **changes: Any) -> LMConfig:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"LMConfig got unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, LMConfig] = {

@@ -11,8 +11,10 @@ H query heads, V vocabulary, L layers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
+
+from moekit.config import FrozenConfig
 
 Norm = Literal["rmsnorm", "layernorm", "layernorm_nobias", "none"]
 NORMS: tuple[str, ...] = Norm.__args__  # type: ignore[attr-defined]
@@ -37,7 +39,7 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ModelSpec:
+class ModelSpec(FrozenConfig):
     """Shapes of a decoder-only (optionally encoder-decoder) MoE transformer."""
 
     name: str = "custom"
@@ -175,19 +177,6 @@ class ModelSpec:
     def total_layers(self) -> int:
         return self.num_layers + self.num_encoder_layers
 
-    def replace(self, **changes: Any) -> ModelSpec:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelSpec got unknown keys {unknown}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def glu_matrices(kind: str) -> int:

@@ -61,6 +61,16 @@ class Router(nn.Module):
                 cfg.hash_vocab_size, E, cfg.top_k, cfg.hash_seed), persistent=True)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # module.to(bfloat16) would cast the balancing buffers too: bias steps of
+        # 1e-3 vanish in bf16 and the load accumulator stops counting past 256.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def reset_parameters(self) -> None:
         if self.weight is not None:
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.cfg.dim))

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from moekit.config import ROUTERS
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
-from moekit.train.checkpoint import CheckpointError
+from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus
+from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 
 DEFAULT_OUT = "runs/train"
@@ -76,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run from its directory or a step_* checkpoint")
+    add_distributed_arguments(p)
 
 
 def _picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
@@ -104,6 +107,8 @@ def describe(trainer: Trainer) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if wants_distributed(args):
+        return run_distributed(args)
     try:
         corpus = load_corpus(args.data)
         if args.resume:
@@ -113,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
                                      **overrides)
         else:
             model_cfg, train_cfg = configs_from_args(args)
+            if (Path(args.out) / LATEST).exists():
+                raise ValueError(f"out={args.out!r} already holds a run; continue it with "
+                                 f"--resume {args.out}, or pick another --out")
             trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
                               progress=not args.no_progress)
     except (ValueError, CheckpointError) as e:

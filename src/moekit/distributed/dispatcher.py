@@ -1,0 +1,188 @@
+"""Token dispatchers for expert parallelism: send routed rows to the rank that owns
+their expert, run the local experts, send the results back, combine.
+
+Shape letters: T tokens on this rank, D hidden, E experts, El = E / P local
+experts, P expert-parallel ranks, S routed rows on this rank (sorted by expert),
+R rows received by this rank, C capacity per expert.
+
+Three exchanges, all differentiable:
+- ``dropless_all_to_all``: one small all-to-all of per-expert counts, then
+  ``all_to_all_single`` with uneven splits carrying exactly the routed rows.
+  The split sizes must be Python lists (torch's API, gloo and NCCL alike), so
+  this costs one host synchronisation per layer call (one ``tolist`` of the
+  counts); nothing else in the path syncs.
+- ``padded_all_to_all`` (capacity mode): GShard-style fixed [E, C, D] buffers,
+  equal splits, no count exchange and no host sync; the padding is reported.
+  Every EP rank must see the same number of tokens T.
+- ``all_gather_exchange``: all-gather the tokens and routing, compute the
+  local experts for every rank's tokens, reduce-scatter the partial outputs.
+  Simple, for small P; every EP rank must see the same T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moekit.dispatch.plan import Dispatch
+from moekit.distributed import functional as fn
+from moekit.distributed.mesh import Comm
+
+# experts(x_RD, local_dispatch) -> y_RD: the local Experts module's forward.
+ExpertsFn = Callable[[Tensor, Dispatch], Tensor]
+
+
+@dataclass(frozen=True)
+class CommBytes:
+    """Forward traffic of one layer call on this rank (backward sends the same again).
+
+    All in bytes of row payload that crosses ranks (the slice a rank keeps for
+    itself is not counted). ``sent``/``received``: everything this rank sends
+    and receives (dispatch + combine). ``moved``: the traffic on behalf of this
+    rank's own tokens (its rows out, their results back); ``ideal``: the same
+    for exactly the routed rows whose expert lives on another rank, so
+    ``moved / ideal`` is 1.00 for the dropless all-to-all. ``meta``: routing
+    metadata (counts, ids, weights). ``padding_rows``: rows sent that carry no
+    token (capacity mode).
+    """
+
+    sent: Tensor
+    received: Tensor
+    moved: Tensor
+    ideal: Tensor
+    meta: Tensor
+    padding_rows: Tensor
+
+
+def _local_dispatch(expert_R: Tensor, counts_El: Tensor) -> Dispatch:
+    """A Dispatch that sorts received rows by local expert and scatters results back in place."""
+    order_R = torch.argsort(expert_R, stable=True)
+    return Dispatch(token_S=order_R,
+                    weight_S=torch.ones(order_R.shape[0], device=order_R.device),
+                    counts_E=counts_El, offsets_E=torch.cumsum(counts_El, 0).to(torch.int32),
+                    assigned_E=counts_El)
+
+
+def _run_experts(experts: ExpertsFn, x_RD: Tensor, expert_R: Tensor,
+                 counts_El: Tensor) -> Tensor:
+    if x_RD.shape[0] == 0:  # grouped_mm's backward rejects 0 rows (torch 2.13); keep
+        return x_RD * 0  # the graph so the combine's backward collective runs here too
+    return experts(x_RD, _local_dispatch(expert_R, counts_El))
+
+
+def _combine(y_SD: Tensor, d: Dispatch, T: int) -> Tensor:
+    y_SD = y_SD * d.weight_S[: y_SD.shape[0]].to(y_SD.dtype)[:, None]
+    return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, d.token_S[: y_SD.shape[0]], y_SD)
+
+
+def _nbytes(rows, x: Tensor) -> Tensor:
+    return torch.as_tensor(rows, dtype=torch.float64) * (x.shape[1] * x.element_size())
+
+
+def _zero() -> Tensor:
+    return torch.zeros((), dtype=torch.float64)
+
+
+def _exchange_counts(counts_PEl: Tensor, comm: Comm) -> tuple[Tensor, list[int], list[int]]:
+    """Counts from every source for my experts [P, El], and both split lists (one sync)."""
+    P = counts_PEl.shape[0]
+    recv_PEl = fn.all_to_all_start(counts_PEl, None, None, comm)[0]
+    splits = torch.stack([counts_PEl.sum(1), recv_PEl.sum(1)]).tolist()  # the host sync
+    assert len(splits[0]) == P
+    return recv_PEl, splits[0], splits[1]
+
+
+def dropless_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
+                        num_experts: int) -> tuple[Tensor, CommBytes]:
+    """Send exactly the routed rows (uneven splits), compute, send back, combine."""
+    P, me = comm.size, comm.rank
+    El = num_experts // P
+    recv_PEl, send, recv = _exchange_counts(d.counts_E.view(P, El), comm)
+    x_SD = x_TD.index_select(0, d.token_S)  # rows sorted by expert = grouped by owner rank
+    x_RD = fn.all_to_all(x_SD, recv, send, comm)
+    expert_R = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(
+        recv_PEl.reshape(-1), output_size=x_RD.shape[0])
+    y_RD = _run_experts(experts, x_RD, expert_R, recv_PEl.sum(0))
+    y_SD = fn.all_to_all(y_RD, send, recv, comm)
+    out, back = sum(send) - send[me], sum(recv) - recv[me]  # my rows out, others' rows back
+    both = _nbytes(out + back, x_TD)
+    stats = CommBytes(sent=both, received=both, moved=_nbytes(2 * out, x_TD),
+                      ideal=_nbytes(2 * out, x_TD),
+                      meta=torch.tensor(float((P - 1) * El * 8), dtype=torch.float64),
+                      padding_rows=_zero())
+    return _combine(y_SD, d, x_TD.shape[0]), stats
+
+
+def _slots(d: Dispatch, num_experts: int, C: int) -> Tensor:
+    """Each sorted row's slot in the [E*C] buffer (dropped rows -> the dump slot E*C)."""
+    expert_S = _row_experts(d, d.num_rows)
+    rows = torch.arange(d.num_rows, device=expert_S.device)
+    starts_E = torch.cat([d.offsets_E.new_zeros(1), d.offsets_E]).long()
+    return torch.where(expert_S < num_experts,
+                       expert_S.clamp_max(num_experts - 1) * C + rows - starts_E[expert_S],
+                       num_experts * C)
+
+
+def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
+                      num_experts: int, C: int) -> tuple[Tensor, CommBytes]:
+    """Capacity mode: fixed [E, C, D] buffers, equal splits, no host sync."""
+    P, D = comm.size, x_TD.shape[1]
+    El = num_experts // P
+    slot_S = _slots(d, num_experts, C)
+    x_SD = x_TD.index_select(0, d.token_S)
+    buf_XD = x_SD.new_zeros(num_experts * C + 1, D).index_copy(0, slot_S, x_SD)
+    x_RD = fn.all_to_all(buf_XD[:-1], None, None, comm)  # [P(source), El, C, D]
+    expert_R = torch.arange(El, device=x_TD.device).repeat_interleave(C).repeat(P)
+    counts_El = torch.full((El,), P * C, dtype=torch.long, device=x_TD.device)
+    y_RD = _run_experts(experts, x_RD, expert_R, counts_El)
+    y_XD = fn.all_to_all(y_RD, None, None, comm)
+    y_SD = torch.cat([y_XD, y_XD.new_zeros(1, D)]).index_select(0, slot_S)
+    kept_P = d.counts_E.view(P, El).sum(1).double()
+    remote_kept = kept_P.sum() - kept_P[comm.rank]
+    per_rank = _nbytes(2 * El * C * (P - 1), x_TD)
+    stats = CommBytes(sent=per_rank, received=per_rank, moved=per_rank,
+                      ideal=2 * remote_kept * (D * x_TD.element_size()),
+                      meta=_zero(), padding_rows=El * C * (P - 1) - remote_kept)
+    return _combine(y_SD, d, x_TD.shape[0]), stats
+
+
+def all_gather_exchange(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
+                        num_experts: int) -> tuple[Tensor, CommBytes]:
+    """All-gather tokens and routing, run my experts on every rank's rows, reduce-scatter."""
+    P, me, T = comm.size, comm.rank, x_TD.shape[0]
+    El = num_experts // P
+    x_PTD, w_PS = fn.all_gather([x_TD, d.weight_S], comm)
+    w_PS = w_PS.view(P, -1)
+    S = w_PS.shape[1]
+    token_PS = fn.all_gather_tensor(d.token_S, comm).view(P, S)
+    expert_PS = fn.all_gather_tensor(_row_experts(d, S), comm).view(P, S)
+    token_PS = token_PS + torch.arange(P, device=x_TD.device)[:, None] * T
+    mine_PS = (expert_PS >= me * El) & (expert_PS < (me + 1) * El)
+    idx = mine_PS.reshape(-1).nonzero().squeeze(1)  # host sync: the number of my rows
+    expert_R = expert_PS.reshape(-1)[idx] - me * El
+    order = torch.argsort(expert_R, stable=True)
+    idx, expert_R = idx[order], expert_R[order]
+    counts_El = torch.zeros(El, dtype=torch.long, device=x_TD.device).index_add_(
+        0, expert_R, torch.ones_like(expert_R))
+    local = Dispatch(token_S=token_PS.reshape(-1)[idx], weight_S=w_PS.reshape(-1)[idx],
+                     counts_E=counts_El, offsets_E=torch.cumsum(counts_El, 0).to(torch.int32),
+                     assigned_E=counts_El)
+    y_PTD = experts(x_PTD, local) if idx.numel() else x_PTD * 0 + 0 * w_PS.sum()
+    y_TD = fn.reduce_scatter(y_PTD, comm)
+    kept_E = d.counts_E.view(P, El).sum(1).double()
+    remote = kept_E.sum() - kept_E[me]
+    payload = _nbytes(2 * (P - 1) * T, x_TD)  # my tokens to P-1 ranks, partial sums back
+    stats = CommBytes(sent=payload, received=payload, moved=payload,
+                      ideal=2 * remote * (x_TD.shape[1] * x_TD.element_size()),
+                      meta=torch.tensor(float((P - 1) * S * (4 + 8 + 8)), dtype=torch.float64),
+                      padding_rows=_zero())
+    return y_TD, stats
+
+
+def _row_experts(d: Dispatch, S: int) -> Tensor:
+    """Expert of each sorted row; dropped rows (past offsets_E[-1]) get E."""
+    rows = torch.arange(S, device=d.offsets_E.device, dtype=d.offsets_E.dtype)
+    return torch.searchsorted(d.offsets_E, rows, right=True)

@@ -1,0 +1,140 @@
+"""The expert-parallel MoE layer: replicated routing, experts split over EP ranks.
+
+Shape letters: T tokens on this rank, D hidden, E experts, El = E / ep local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit.config import MoEConfig
+from moekit.dispatch.plan import Dispatch
+from moekit.distributed import dispatcher as dsp
+from moekit.distributed.mesh import ExpertParallelMesh
+from moekit.experts.experts import Experts, SharedExperts
+from moekit.layer import MoE, MoEOutput
+from moekit.routing.router import Router
+from moekit.routing.stats import RoutingStats, routing_stats
+
+DISPATCHERS = ("all_to_all", "all_gather")
+
+
+@dataclass(frozen=True)
+class ExpertParallelStats(RoutingStats):
+    """RoutingStats plus this rank's forward communication for the layer call (bytes).
+
+    Backward sends the same amounts again (the transposed collectives).
+    """
+
+    comm_bytes_sent: Tensor
+    comm_bytes_received: Tensor
+    comm_bytes_moved: Tensor  # on behalf of this rank's tokens: rows out + results back
+    comm_bytes_ideal: Tensor  # the same for exactly the routed rows owned elsewhere
+    comm_meta_bytes: Tensor  # routing metadata sent (counts, ids, weights)
+    comm_padding_rows: Tensor  # capacity-mode rows sent that carry no token
+
+
+def local_experts_config(cfg: MoEConfig, num_local: int) -> MoEConfig:
+    """What the local Experts module needs: the expert shape, El experts."""
+    return MoEConfig(dim=cfg.dim, ffn_dim=cfg.ffn_dim, num_experts=num_local, top_k=1,
+                     activation=cfg.activation, expert_bias=cfg.expert_bias,
+                     swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha)
+
+
+def is_expert_parameter(p: nn.Parameter) -> bool:
+    """Expert weights are split over EP ranks: reduce their gradients over dp only."""
+    return bool(getattr(p, "_moekit_expert", False))
+
+
+class ExpertParallelMoE(MoE):
+    """``moekit.MoE`` with its experts split over the mesh's "ep" dimension.
+
+    Same call and outputs as ``MoE`` (the output on each rank is what ``MoE``
+    with the same weights gives for that rank's tokens); ``stats`` gains the
+    communication counters. Build one from a full layer with ``from_moe`` (or
+    ``moekit.distributed.parallelize`` for a whole model).
+    """
+
+    def __init__(self, config: MoEConfig, mesh: ExpertParallelMesh, backend: str = "auto",
+                 dispatcher: str = "all_to_all", overlap_chunks: int = 1) -> None:
+        nn.Module.__init__(self)
+        _validate(config, mesh, dispatcher, overlap_chunks)
+        self.config, self.mesh = config, mesh
+        self.dispatcher, self.overlap_chunks = dispatcher, overlap_chunks
+        self.num_local = config.num_experts // mesh.ep
+        self.expert_start = mesh.ep_rank * self.num_local
+        self.router = Router(config)
+        self.experts = Experts(local_experts_config(config, self.num_local), backend)
+        for p in self.experts.parameters():
+            p._moekit_expert = True  # type: ignore[attr-defined]
+        self.shared = SharedExperts(config) if config.num_shared_experts else None
+
+    @classmethod
+    def from_moe(cls, moe: MoE, mesh: ExpertParallelMesh, **kwargs) -> ExpertParallelMoE:
+        """Shard a full layer: keep this rank's experts, copy everything else."""
+        ep_moe = cls(moe.config, mesh, backend=moe.experts.backend, **kwargs)
+        ep_moe.to(device=moe.experts.w_in.device)
+        lo, hi = ep_moe.expert_start, ep_moe.expert_start + ep_moe.num_local
+        state = {k: (v[lo:hi] if k.startswith("experts.") else v)
+                 for k, v in moe.state_dict().items()}
+        with torch.no_grad():  # parameters take the source's dtypes; fp32 buffers stay fp32
+            for name, p in ep_moe.named_parameters():
+                p.data = p.data.to(state[name].dtype)
+        ep_moe.load_state_dict(state)
+        return ep_moe
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+        x_TD, routed, dispatch, capacity = self.route(x, token_ids)
+        T = x_TD.shape[0]
+        y_TD, comm = self._exchange(x_TD, dispatch, capacity)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        base = routing_stats(routed.plan, dispatch, T, routed.z_loss, routed.aux_loss)
+        stats = ExpertParallelStats(
+            **{f: getattr(base, f) for f in base.__dataclass_fields__},
+            comm_bytes_sent=comm.sent, comm_bytes_received=comm.received,
+            comm_bytes_moved=comm.moved, comm_bytes_ideal=comm.ideal,
+            comm_meta_bytes=comm.meta, comm_padding_rows=comm.padding_rows)
+        return MoEOutput(y_TD.view(x.shape), routed.aux_loss, stats)
+
+    def _experts_fn(self, x_RD: Tensor, local: Dispatch) -> Tensor:
+        return self.experts(x_RD, local)
+
+    def _exchange(self, x_TD: Tensor, d: Dispatch,
+                  capacity: int | None) -> tuple[Tensor, dsp.CommBytes]:
+        E, comm = self.config.num_experts, self.mesh.ep_comm
+        if self.dispatcher == "all_gather":
+            return dsp.all_gather_exchange(x_TD, d, self._experts_fn, comm, E)
+        if capacity is not None:
+            return dsp.padded_all_to_all(x_TD, d, self._experts_fn, comm, E, capacity)
+        if self.overlap_chunks > 1:
+            from moekit.distributed.overlap import chunked_all_to_all
+
+            return chunked_all_to_all(x_TD, d, self._experts_fn, comm, E, self.overlap_chunks)
+        return dsp.dropless_all_to_all(x_TD, d, self._experts_fn, comm, E)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float | None = None, group=None) -> None:
+        """Aux-loss-free bias step from the loads summed over all ranks (same on every rank)."""
+        self.router.update_bias(rate, group if group is not None else self.mesh.world.group)
+
+
+def _validate(cfg: MoEConfig, mesh: ExpertParallelMesh, dispatcher: str,
+              overlap_chunks: int) -> None:
+    if not isinstance(cfg, MoEConfig):
+        raise ValueError(f"config={type(cfg).__name__} is not allowed: it must be a "
+                         "moekit.MoEConfig")
+    if cfg.num_experts % mesh.ep:
+        raise ValueError(f"ep={mesh.ep} is not allowed for num_experts={cfg.num_experts}: "
+                         "ep must divide num_experts (each EP rank holds num_experts / ep "
+                         "experts)")
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"dispatcher={dispatcher!r} is not allowed: it must be one of "
+                         f"{', '.join(DISPATCHERS)}")
+    if isinstance(overlap_chunks, bool) or not isinstance(overlap_chunks, int) \
+            or overlap_chunks < 1:
+        raise ValueError(f"overlap_chunks={overlap_chunks!r} is not allowed: it must be a "
+                         "positive int (1 = no overlap)")

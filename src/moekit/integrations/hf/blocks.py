@@ -1,0 +1,105 @@
+"""Whole-block forwards for transformers MoE models whose experts are not stacked tensors.
+
+DBRX keeps gate and up as two [E*F, D] matrices; Switch Transformers keeps one
+``nn.Linear`` pair per expert. Both are gathered into moekit's [E, D, G] layout
+inside the forward (a copy of the weights, differentiable, so gradients reach
+the original Parameters and the state_dict is untouched).
+
+Shape letters: B sequences, L tokens per sequence, T = B*L tokens, D hidden,
+F expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moekit.dispatch.plan import RoutingPlan
+from moekit.dispatch.sort import capacity_keep
+from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts
+from moekit.routing.token_choice import softmax_topk
+
+
+class DbrxBlock:
+    """DBRX ``DbrxFFN``: the router module gives logits (and records them); softmax in the
+    logits' dtype, top K, weights divided by their p-norm (``moe_normalize_expert_weights``)."""
+
+    _moekit_backend: str = "auto"
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        logits_TE = self.router(hidden_states)  # jitter, if any, scales hidden_states in place
+        experts_TK, weights_TK, _ = softmax_topk(logits_TE, self.top_k, renormalize=False)
+        p = self.moe_normalize_expert_weights
+        if p is not None:
+            weights_TK = weights_TK / weights_TK.norm(p=p, dim=-1, keepdim=True)
+        mlp = self.experts.mlp
+        E, D = self.experts.num_experts, self.experts.hidden_size
+        gate_EFD, up_EFD = mlp.w1.view(E, -1, D), mlp.v1.view(E, -1, D)
+        w_in_EDG = torch.cat([gate_EFD, up_EFD], dim=1).transpose(1, 2)
+        x_TD = hidden_states.reshape(-1, D)
+        dispatch = dispatch_from_topk(experts_TK, weights_TK, E)
+        y_TD = run_experts(x_TD, dispatch, w_in_EDG, mlp.w2.view(E, -1, D), None, None,
+                           GluAct(mlp.activation_fn), self._moekit_backend)
+        return y_TD.view(hidden_states.shape[0], -1, D)
+
+
+class SwitchRouter:
+    """Switch Transformers top-1 router; same outputs as the original: the one-hot expert
+    mask with tokens over capacity zeroed [B, L, E], the chosen probability [B, L, 1] and
+    the logits [B, L, E] (recorded for the z-loss and the balance loss)."""
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(self.dtype)
+        if self.training and self.jitter_noise > 0:
+            # In place, like the original: the experts then see the jittered input too.
+            hidden_states *= torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        self.classifier = self.classifier.to(self.dtype)
+        logits_BLE = self.classifier(hidden_states)
+        B, L, E = logits_BLE.shape
+        # Probabilities in the input dtype before the choice, as the original does.
+        probs_TE = logits_BLE.reshape(-1, E).softmax(-1, dtype=self.dtype).to(self.input_dtype)
+        experts_T1 = probs_TE.argmax(-1, keepdim=True)  # argmax: ties go to the lowest id
+        keep_T1 = per_sequence_keep(experts_T1, probs_TE, L, self.expert_capacity)
+        mask_TE = torch.zeros_like(probs_TE, dtype=torch.long).scatter_(1, experts_T1,
+                                                                        keep_T1.long())
+        return mask_TE.view(B, L, E), probs_TE.gather(1, experts_T1).view(B, L, 1), logits_BLE
+
+
+def per_sequence_keep(experts_T1: Tensor, probs_TE: Tensor, seq_len: int,
+                      capacity: int) -> Tensor:
+    """Switch's capacity counts per sequence, earlier tokens first. moekit's capacity
+    policy counts per expert, so each sequence gets its own copy of the E experts."""
+    T, E = probs_TE.shape
+    arange_T = torch.arange(T, device=experts_T1.device)
+    virtual_T = (arange_T // seq_len) * E + experts_T1[:, 0]
+    plan = RoutingPlan(token_S=arange_T, expert_S=virtual_T, weight_S=probs_TE.gather(
+        1, experts_T1)[:, 0].float(), probs_TE=probs_TE, logits_TE=None, top_k=1)
+    return capacity_keep(plan, (T // seq_len) * E, capacity, "position")[:, None]
+
+
+class SwitchSparseMLP:
+    """Switch Transformers ``SparseMLP``: moekit's dispatch drops the tokens over capacity
+    (they get no expert output, as in the original) and runs the experts grouped."""
+
+    _moekit_backend: str = "auto"
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        B, L, D = hidden_states.shape
+        mask_BLE, probs_BL1, _ = self.router(hidden_states)
+        E = mask_BLE.shape[-1]
+        experts_T1 = mask_BLE.view(-1, E).argmax(-1, keepdim=True)
+        keep_T1 = mask_BLE.view(-1, E).sum(-1, keepdim=True) > 0
+        dispatch = dispatch_from_topk(experts_T1, probs_BL1.view(-1, 1), E, keep_T1)
+        mlps = [self.experts[f"expert_{e}"] for e in range(E)]
+        w_in_EDF = torch.stack([m.wi.weight for m in mlps]).transpose(1, 2)
+        w_out_EFD = torch.stack([m.wo.weight for m in mlps]).transpose(1, 2)
+        first = mlps[0]
+
+        def act(h_SF: Tensor) -> Tensor:
+            return first.dropout(first.act(h_SF))
+
+        y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None, None,
+                           act, self._moekit_backend)
+        return y_TD.to(hidden_states.dtype).view(B, L, D)

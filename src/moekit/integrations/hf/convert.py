@@ -1,0 +1,305 @@
+"""Lossless conversion between a transformers Mixtral checkpoint and moekit's language model.
+
+    moekit convert --to moekit HF_DIR RUN_DIR     # config.json + *.safetensors -> RUN_DIR/step_0
+    moekit convert --to hf RUN_DIR HF_DIR         # and back (Mixtral layout, per-expert w1/w2/w3)
+
+Only tensors are moved (no transformers import). Mixtral stores each expert as
+``w1`` (gate) [F, D], ``w3`` (up) [F, D], ``w2`` (down) [D, F]; moekit stacks them
+as ``w_in`` [E, D, 2F] = [gate | up] and ``w_out`` [E, F, D]. moekit's attention
+has one fused ``qkv`` [3D, D] and as many key/value heads as query heads, so
+grouped-query checkpoints get their key/value heads repeated (the function is
+unchanged) and regrouped on the way back. The original config.json travels
+inside the moekit checkpoint, so the round trip gives back the same files.
+
+Shape letters: V vocabulary, D hidden, F expert hidden, E experts, H heads,
+J key/value heads, Dh head size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+HF_PREFIX = "model.layers"
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+# -- reading a transformers directory -------------------------------------------------
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(config.json as a dict, every tensor of every *.safetensors shard)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        _fail("source", str(path), "it must be a transformers checkpoint directory holding "
+              "config.json and *.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    tensors: dict[str, Tensor] = {}
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        _fail("source", str(path), "it holds no *.safetensors file")
+    for shard in shards:
+        tensors.update(load_file(str(shard)))
+    return config, tensors
+
+
+def check_mixtral(config: dict[str, Any]) -> None:
+    """Refuse what moekit's language model cannot represent exactly."""
+    if config.get("model_type") != "mixtral":
+        _fail("model_type", config.get("model_type"), "moekit convert reads Mixtral-style "
+              "checkpoints (model_type='mixtral')")
+    D, H = config["hidden_size"], config["num_attention_heads"]
+    checks = [
+        ("hidden_act", config.get("hidden_act", "silu"), "silu", "moekit's experts are SwiGLU"),
+        ("head_dim", config.get("head_dim") or D // H, D // H, f"it must be hidden_size / "
+         f"num_attention_heads = {D // H}"),
+        ("rope_type", _rope(config).get("rope_type", "default"), "default",
+         "moekit's language model uses plain rotary embeddings"),
+    ]
+    for name, value, want, why in checks:
+        if value != want:
+            _fail(name, value, why)
+    window = config.get("sliding_window")
+    if window is not None and window < config["max_position_embeddings"]:
+        _fail("sliding_window", window, "moekit's attention is full causal: it must be None "
+              "or >= max_position_embeddings")
+
+
+def _rope(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 1e6)}
+
+
+def lm_config(config: dict[str, Any]) -> dict[str, Any]:
+    """moekit LMConfig fields for a Mixtral config.
+
+    A config written by ``moekit_to_hf`` also keeps the LM's own config under
+    "moekit_lm_config" (training-only fields such as ``z_loss_coef`` that Mixtral
+    has no name for); it is used when it still describes the same model.
+    """
+    mapped = _mapped_lm_config(config)
+    saved = config.get("moekit_lm_config")
+    if isinstance(saved, dict) and all(saved.get(k) == v for k, v in mapped.items()
+                                       if k not in TRAINING_ONLY):
+        return dict(saved)
+    return mapped
+
+
+# LMConfig fields that change training, not the function the weights compute.
+TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "jitter_eps", "init_std")
+
+
+def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        vocab_size=config["vocab_size"], dim=config["hidden_size"],
+        num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        max_seq_len=config["max_position_embeddings"], ffn_dim=config["intermediate_size"],
+        num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
+        moe_every=1, router="softmax", aux_loss_coef=config.get("router_aux_loss_coef", 0.0),
+        z_loss_coef=0.0, capacity_factor=None, jitter_eps=0.0, dense=False,
+        rope_theta=float(_rope(config)["rope_theta"]), norm_eps=config["rms_norm_eps"],
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        init_std=config.get("initializer_range", 0.02))
+
+
+# -- tensors: transformers names <-> moekit names ---------------------------------------
+
+
+def _repeat_heads(w_JDhD: Tensor, J: int, H: int) -> Tensor:
+    """Grouped-query keys/values [J*Dh, D] -> one per query head [H*Dh, D].
+
+    Query head h reads key/value head h // (H / J), as transformers' repeat_kv does.
+    """
+    return w_JDhD.view(J, -1, w_JDhD.shape[-1]).repeat_interleave(H // J, 0).reshape(
+        -1, w_JDhD.shape[-1])
+
+
+def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
+    """Inverse of _repeat_heads; the copies must still be equal (untrained since conversion)."""
+    w_JRDhD = w_HDhD.view(J, H // J, -1, w_HDhD.shape[-1])
+    if not bool((w_JRDhD == w_JRDhD[:, :1]).all()):
+        _fail(name, "diverged key/value heads", f"num_key_value_heads={J} needs the {H // J} "
+              "copies of each key/value head to be equal; convert with num_key_value_heads="
+              f"{H} instead (drop it from the saved config)")
+    return w_JRDhD[:, 0].reshape(-1, w_HDhD.shape[-1])
+
+
+def _experts_in(t: dict[str, Tensor], i: int, E: int) -> tuple[Tensor, Tensor, Tensor, str]:
+    """(router [E, D], w_in [E, D, 2F], w_out [E, F, D], layout) of layer i."""
+    stacked = f"{HF_PREFIX}.{i}.mlp.experts.gate_up_proj"
+    if stacked in t:  # transformers v5 in-memory names
+        w_in = t[stacked].transpose(1, 2)
+        w_out = t[f"{HF_PREFIX}.{i}.mlp.experts.down_proj"].transpose(1, 2)
+        return t[f"{HF_PREFIX}.{i}.mlp.gate.weight"], w_in, w_out, "stacked"
+    p = f"{HF_PREFIX}.{i}.block_sparse_moe"
+    w_in = torch.stack([torch.cat([t[f"{p}.experts.{e}.w1.weight"],
+                                   t[f"{p}.experts.{e}.w3.weight"]]).t() for e in range(E)])
+    w_out = torch.stack([t[f"{p}.experts.{e}.w2.weight"].t() for e in range(E)])
+    return t[f"{p}.gate.weight"], w_in, w_out, "per_expert"
+
+
+def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
+                 layout: str) -> dict[str, Tensor]:
+    if layout == "stacked":
+        p = f"{HF_PREFIX}.{i}.mlp"
+        return {f"{p}.gate.weight": router,
+                f"{p}.experts.gate_up_proj": w_in.transpose(1, 2),
+                f"{p}.experts.down_proj": w_out.transpose(1, 2)}
+    p = f"{HF_PREFIX}.{i}.block_sparse_moe"
+    out = {f"{p}.gate.weight": router}
+    gate, up = w_in.chunk(2, dim=-1)
+    for e in range(w_in.shape[0]):
+        out[f"{p}.experts.{e}.w1.weight"] = gate[e].t()
+        out[f"{p}.experts.{e}.w2.weight"] = w_out[e].t()
+        out[f"{p}.experts.{e}.w3.weight"] = up[e].t()
+    return out
+
+
+def hf_to_moekit_tensors(config: dict[str, Any],
+                         t: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """moekit LM state dict (and the expert layout found) from Mixtral tensors."""
+    H = config["num_attention_heads"]
+    J = config.get("num_key_value_heads") or H
+    out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
+    out["head.weight"] = out["embed.weight"] if config.get("tie_word_embeddings") \
+        else t["lm_head.weight"]
+    layout = "per_expert"
+    for i in range(config["num_hidden_layers"]):
+        a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
+        q, k, v = (t[f"{a}.self_attn.{n}_proj.weight"] for n in "qkv")
+        out[f"{b}.attn.qkv.weight"] = torch.cat([q, _repeat_heads(k, J, H),
+                                                 _repeat_heads(v, J, H)])
+        out[f"{b}.attn.out.weight"] = t[f"{a}.self_attn.o_proj.weight"]
+        out[f"{b}.attn_norm.weight"] = t[f"{a}.input_layernorm.weight"]
+        out[f"{b}.ffn_norm.weight"] = t[f"{a}.post_attention_layernorm.weight"]
+        router, w_in, w_out, layout = _experts_in(t, i, config["num_local_experts"])
+        out[f"{b}.ffn.router.weight"] = router
+        out[f"{b}.ffn.experts.w_in"] = w_in
+        out[f"{b}.ffn.experts.w_out"] = w_out
+    return out, layout
+
+
+def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
+                         layout: str = "per_expert") -> dict[str, Tensor]:
+    """Mixtral tensors (``layout`` "per_expert" as saved by transformers, or "stacked")."""
+    H = config["num_attention_heads"]
+    J = config.get("num_key_value_heads") or H
+    out = {"model.embed_tokens.weight": s["embed.weight"], "model.norm.weight": s["norm.weight"]}
+    if not config.get("tie_word_embeddings"):
+        out["lm_head.weight"] = s["head.weight"]
+    for i in range(config["num_hidden_layers"]):
+        a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
+        q, k, v = s[f"{b}.attn.qkv.weight"].chunk(3)
+        out[f"{a}.self_attn.q_proj.weight"] = q
+        out[f"{a}.self_attn.k_proj.weight"] = _group_heads(k, J, H, f"{b}.attn.qkv.weight")
+        out[f"{a}.self_attn.v_proj.weight"] = _group_heads(v, J, H, f"{b}.attn.qkv.weight")
+        out[f"{a}.self_attn.o_proj.weight"] = s[f"{b}.attn.out.weight"]
+        out[f"{a}.input_layernorm.weight"] = s[f"{b}.attn_norm.weight"]
+        out[f"{a}.post_attention_layernorm.weight"] = s[f"{b}.ffn_norm.weight"]
+        out.update(_experts_out(s[f"{b}.ffn.router.weight"], s[f"{b}.ffn.experts.w_in"],
+                                s[f"{b}.ffn.experts.w_out"], i, layout))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# -- configs ----------------------------------------------------------------------------
+
+
+def check_lm(lm: dict[str, Any]) -> None:
+    """Refuse moekit LMs that a Mixtral config cannot describe."""
+    wants = {"router": "softmax", "capacity_factor": None, "moe_every": 1, "dense": False,
+             "bias_update_rate": 0.0}
+    for name, want in wants.items():
+        if lm.get(name, want) != want:
+            _fail(name, lm.get(name), f"a Mixtral checkpoint needs {name}={want!r}")
+
+
+def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A Mixtral config.json for a moekit LMConfig (one key/value head per query head)."""
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "vocab_size": lm["vocab_size"], "hidden_size": lm["dim"],
+        "num_hidden_layers": lm["num_layers"], "num_attention_heads": lm["num_heads"],
+        "num_key_value_heads": lm["num_heads"], "max_position_embeddings": lm["max_seq_len"],
+        "intermediate_size": lm["ffn_dim"], "num_local_experts": lm["num_experts"],
+        "num_experts_per_tok": lm["top_k"], "hidden_act": "silu",
+        "rms_norm_eps": lm["norm_eps"], "tie_word_embeddings": lm["tie_embeddings"],
+        "rope_parameters": {"rope_theta": lm["rope_theta"], "rope_type": "default"},
+        "router_aux_loss_coef": lm["aux_loss_coef"], "router_jitter_noise": 0.0,
+        "initializer_range": lm["init_std"], "sliding_window": None,
+        "dtype": str(dtype).removeprefix("torch."), "moekit_lm_config": dict(lm),
+    }
+
+
+def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
+    return all(lm.get(k) == v for k, v in lm_config(hf_config).items())
+
+
+# -- directories ------------------------------------------------------------------------
+
+
+def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
+    """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral directory."""
+    from moekit.models import LMConfig, MoETransformer
+    from moekit.train.checkpoint import save_checkpoint
+
+    config, tensors = read_hf_dir(src)
+    check_mixtral(config)
+    state_dict, layout = hf_to_moekit_tensors(config, tensors)
+    lm = LMConfig.from_dict(lm_config(config))
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        model = MoETransformer(lm)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    state = {"step": 0, "model_config": lm.to_dict(),
+             "converted_from": {"hf_config": config, "expert_layout": layout}}
+    return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state)
+
+
+def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
+    """Write a Mixtral directory (config.json + model.safetensors) from a moekit LM checkpoint."""
+    from moekit.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(src)
+    lm = ckpt.state["model_config"]
+    check_lm(lm)
+    origin = ckpt.state.get("converted_from") or {}
+    config = origin.get("hf_config")
+    if config is None or not _same_model(config, lm):
+        config = mixtral_config(lm, ckpt.model["embed.weight"].dtype)
+    tensors = moekit_to_hf_tensors(config, ckpt.model, origin.get("expert_layout", "per_expert"))
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
+    save_file({k: v.clone() for k, v in tensors.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+# -- `moekit convert` -------------------------------------------------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("source", help="a transformers Mixtral directory (config.json + "
+                   "*.safetensors) or a moekit run / step_* directory")
+    p.add_argument("dest", help="directory to write")
+    p.add_argument("--to", choices=("moekit", "hf"), default=None,
+                   help="direction (default: moekit when source has config.json, else hf)")
+
+
+def run(args) -> int:
+    to = args.to or ("moekit" if (Path(args.source) / "config.json").is_file() else "hf")
+    try:
+        out = hf_to_moekit(args.source, args.dest) if to == "moekit" \
+            else moekit_to_hf(args.source, args.dest)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"moekit convert: {e}")
+        return 2
+    print(f"wrote {out}")
+    return 0

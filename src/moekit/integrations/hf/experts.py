@@ -1,0 +1,125 @@
+"""moekit's dispatch and expert backends run on a transformers experts module's own tensors.
+
+transformers v5 stores experts as stacked tensors ``gate_up_proj`` [E, 2F, D] and
+``down_proj`` [E, D, F] (``is_transposed``: [E, D, 2F] and [E, F, D]). moekit's
+backends want ``w_in`` [E, D, G] and ``w_out`` [E, F, D]; transposed views give
+exactly that with no copy, so the Parameters, and the state_dict, stay untouched.
+
+Shape letters: T tokens, D hidden, F expert hidden, G = 2F (gate and up), E
+experts, K experts per token, S routed rows (T*K).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moekit.dispatch.plan import Dispatch
+from moekit.experts.activations import swiglu_oai
+from moekit.experts.backends import grouped_mm_supported
+from moekit.experts.experts import resolve_backend
+
+
+def dispatch_from_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
+                       keep_TK: Tensor | None = None) -> Dispatch:
+    """Rows sorted by expert from a router's top-k choice; rows not kept go last, weight 0.
+
+    Within an expert the rows keep token order (stable sort), so each token's
+    outputs are summed in expert order, as transformers' eager loop sums them.
+    """
+    T, K = experts_TK.shape
+    expert_S = experts_TK.reshape(-1)
+    weight_S = weights_TK.reshape(-1)
+    ones_S = torch.ones_like(expert_S)
+    assigned_E = torch.zeros(num_experts, dtype=torch.long, device=expert_S.device)
+    assigned_E.scatter_add_(0, expert_S, ones_S)
+    if keep_TK is None:
+        order_S = torch.argsort(expert_S, stable=True)
+        counts_E = assigned_E
+    else:
+        keep_S = keep_TK.reshape(-1)
+        order_S = torch.argsort(torch.where(keep_S, expert_S, num_experts), stable=True)
+        counts_E = torch.zeros_like(assigned_E).scatter_add_(0, expert_S, keep_S.long())
+        weight_S = torch.where(keep_S, weight_S, 0.0)
+    token_S = torch.arange(T, device=expert_S.device).repeat_interleave(K)
+    return Dispatch(token_S=token_S[order_S], weight_S=weight_S[order_S], counts_E=counts_E,
+                    offsets_E=torch.cumsum(counts_E, 0).to(torch.int32), assigned_E=assigned_E)
+
+
+def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                b_in_EG: Tensor | None, b_out_ED: Tensor | None,
+                act: Callable[[Tensor], Tensor], backend: str) -> Tensor:
+    """The combined expert output [T, D] from moekit's chosen backend.
+
+    "auto" with an activation that has no ``kind`` (GPT-OSS's interleaved clamped
+    SwiGLU, Switch's ReLU + dropout) keeps to grouped_mm where it applies: a fused
+    backend falls back to autograd on recomputed chunks for those, which measured
+    0.58x transformers' grouped_mm at GPT-OSS E32 K4 against grouped_mm's 1.13x
+    (benchmarks/bench_hf.py with the issue3 fused backend merged).
+    """
+    if (backend == "auto" and getattr(act, "kind", None) is None
+            and grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)):
+        backend = "grouped_mm"
+    fn = resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD)
+    return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
+
+
+class GluAct:
+    """``act_fn(gate) * up`` on the fused [gate | up] projection, gate first.
+
+    ``kind`` is "swiglu" when ``act_fn`` is SiLU, so a fused moekit backend can use
+    its closed-form SwiGLU backward; None (autograd) for anything else.
+    """
+
+    def __init__(self, act_fn: Callable[[Tensor], Tensor]) -> None:
+        self.act_fn = act_fn
+        silu = type(act_fn).__name__ in ("SiLU", "SiLUActivation") or act_fn is F.silu
+        self.kind = "swiglu" if silu else None
+
+    def __call__(self, h_SG: Tensor) -> Tensor:
+        gate_SF, up_SF = h_SG.chunk(2, dim=-1)
+        return self.act_fn(gate_SF) * up_SF
+
+
+def interleaved_swiglu_oai(limit: float, alpha: float) -> Callable[[Tensor], Tensor]:
+    """GPT-OSS stores gate and up interleaved (gate0, up0, gate1, ...) in one projection."""
+    def act(h_SG: Tensor) -> Tensor:
+        return swiglu_oai(h_SG[..., ::2], h_SG[..., 1::2], limit, alpha)
+    return act
+
+
+class StackedExperts:
+    """Mixin for transformers' ``@use_experts_implementation`` experts classes.
+
+    Same call as the original: ``(hidden_states [T, D], top_k_index [T, K],
+    top_k_weights [T, K]) -> [T, D]``.
+    """
+
+    _moekit_backend: str = "auto"
+
+    def _moekit_act(self) -> Callable[[Tensor], Tensor]:
+        if not getattr(self, "is_concatenated", True):  # GPT-OSS
+            return interleaved_swiglu_oai(self.limit, self.alpha)
+        if type(self)._apply_gate.__name__ != "_default_apply_gate":  # the model's own gating
+            return self._apply_gate
+        return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        w_in, w_out = self.gate_up_proj, self.down_proj
+        if not self.is_transposed:
+            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+        b_in = self.gate_up_proj_bias if self.has_bias else None
+        b_out = self.down_proj_bias if self.has_bias else None
+        dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
+        y_TD = run_experts(hidden_states, dispatch, w_in, w_out, b_in, b_out,
+                           self._moekit_act(), self._moekit_backend)
+        return y_TD.to(hidden_states.dtype)
+
+
+def supports_stacked(module: object) -> bool:
+    """Whether a ``@use_experts_implementation`` module has a layout StackedExperts handles."""
+    return (getattr(module, "has_gate", False) and not getattr(module, "has_post_expert_norm", True)
+            and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"))

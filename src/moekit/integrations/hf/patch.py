@@ -1,0 +1,69 @@
+"""Swap the class of transformers' MoE modules in place, and back.
+
+A patched module is the same object with the same Parameters and buffers; only
+its class changes to a subclass whose ``forward`` runs moekit. So the
+state_dict keys, hooks already installed (transformers records router logits
+with forward hooks), ``isinstance`` checks and optimizer state all survive,
+and ``revert`` is a class swap back.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moekit.integrations.hf.blocks import DbrxBlock, SwitchRouter, SwitchSparseMLP
+from moekit.integrations.hf.experts import StackedExperts, supports_stacked
+from moekit.integrations.hf.routers import (
+    GptOssRouter,
+    MixtralRouter,
+    SigmoidGroupRouter,
+    SoftmaxTopKRouter,
+)
+
+# model_type -> {transformers class name: moekit mixin}
+ARCHITECTURES: dict[str, dict[str, type]] = {
+    "mixtral": {"MixtralTopKRouter": MixtralRouter, "MixtralExperts": StackedExperts},
+    "qwen2_moe": {"Qwen2MoeTopKRouter": SoftmaxTopKRouter, "Qwen2MoeExperts": StackedExperts},
+    "qwen3_moe": {"Qwen3MoeTopKRouter": SoftmaxTopKRouter, "Qwen3MoeExperts": StackedExperts},
+    "olmoe": {"OlmoeTopKRouter": SoftmaxTopKRouter, "OlmoeExperts": StackedExperts},
+    "flex_olmo": {"FlexOlmoTopKRouter": SoftmaxTopKRouter, "FlexOlmoExperts": StackedExperts},
+    "deepseek_v3": {"DeepseekV3TopkRouter": SigmoidGroupRouter,
+                    "DeepseekV3Experts": StackedExperts},
+    "dbrx": {"DbrxFFN": DbrxBlock},
+    "gpt_oss": {"GptOssTopKRouter": GptOssRouter, "GptOssExperts": StackedExperts},
+    "switch_transformers": {"SwitchTransformersTop1Router": SwitchRouter,
+                            "SwitchTransformersSparseMLP": SwitchSparseMLP},
+}
+SUPPORTED: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+
+_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+BACKEND_ATTR = "_moekit_backend"
+
+
+def patched_class(original: type, mixin: type) -> type:
+    """``class Moekit<Original>(mixin, original)``, created once per pair."""
+    key = (original, mixin)
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(f"Moekit{original.__name__}", (mixin, original),
+                                     {"_moekit_original": original,
+                                      "__module__": mixin.__module__})
+    return _PATCHED_CLASSES[key]
+
+
+def is_patched(module: nn.Module) -> bool:
+    return "_moekit_original" in type(module).__dict__
+
+
+def patch_module(module: nn.Module, mixin: type, backend: str) -> bool:
+    """Swap ``module``'s class; False when its layout is one moekit does not handle."""
+    if mixin is StackedExperts and not supports_stacked(module):
+        return False
+    module.__class__ = patched_class(type(module), mixin)
+    if hasattr(mixin, BACKEND_ATTR):
+        setattr(module, BACKEND_ATTR, backend)
+    return True
+
+
+def unpatch_module(module: nn.Module) -> None:
+    module.__class__ = type(module).__dict__["_moekit_original"]
+    module.__dict__.pop(BACKEND_ATTR, None)

@@ -1,0 +1,216 @@
+"""Expert-parallel training: the Trainer on a (dp, ep) mesh, launched by torchrun.
+
+Every rank builds the full model from the same seed, then keeps only its
+experts (``moekit.distributed.parallelize``). Each optimizer step's global
+batch is the single-process batch, split by rows over the ranks, so with a
+dropless router the losses and updates equal one process training on the
+whole batch (up to fp32 rounding). Losses whose value is nonlinear in the
+batch (switch and sequence aux losses, capacity) are computed per rank, as in
+Megatron-Core; they then differ slightly from one process.
+
+Shape letters: B batch, L sequence, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from moekit.distributed import (
+    ExpertParallelMesh,
+    is_expert_parameter,
+    parallelize,
+    reduce_gradients,
+)
+from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
+from moekit.distributed.layer import ExpertParallelMoE
+from moekit.layer import update_all_biases
+from moekit.models.config import LMConfig
+from moekit.train.data import Corpus
+from moekit.train.trainer import (
+    StepResult,
+    TrainConfig,
+    Trainer,
+    _reset_router_loads,
+    lr_at,
+    make_optimizer,
+)
+
+DCP_PREFIX = "dcp_step_"
+
+
+@torch.no_grad()
+def global_grad_norm(model: nn.Module, mesh: ExpertParallelMesh) -> Tensor:
+    """L2 norm of the whole model's gradient after ``reduce_gradients``.
+
+    Dense gradients are identical on every rank; expert gradients are split over
+    the EP ranks, so their squares are summed over the "ep" group.
+    """
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().square().sum().cpu()
+            if is_expert_parameter(p):
+                expert += sq
+            else:
+                dense += sq
+    mesh.ep_comm.run("all_reduce of the gradient norm", dist.all_reduce, expert,
+                     group=mesh.ep_comm.group)
+    return (dense + expert).sqrt()
+
+
+def _mean_over_ranks(values: list[float], mesh: ExpertParallelMesh) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    mesh.world.run("all_reduce of the step's losses", dist.all_reduce, t,
+                   group=mesh.world.group)
+    return (t / mesh.world_size).tolist()
+
+
+def _global_loads(loads: list[Tensor], mesh: ExpertParallelMesh) -> Tensor:
+    load_LE = torch.stack(loads).sum(0) if loads else torch.zeros(0, 0, dtype=torch.long)
+    if load_LE.numel():
+        mesh.world.run("all_reduce of expert loads", dist.all_reduce, load_LE,
+                       group=mesh.world.group)
+    return load_LE
+
+
+def distributed_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           batches: list[tuple[Tensor, Tensor]], cfg: TrainConfig, lr: float,
+                           mesh: ExpertParallelMesh, forward: nn.Module | None = None
+                           ) -> StepResult:
+    """``moekit.train.train_step`` on this rank's rows, with gradients, the gradient
+    norm, losses and loads reduced over the mesh. Every rank returns the same result."""
+    forward = forward or model
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = aux_sum = 0.0
+    loads, tokens = [], 0
+    for ids_BL, targets_BL in batches:
+        with torch.autocast(ids_BL.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = forward(ids_BL, targets_BL)
+        ((out.loss + out.aux_loss) / len(batches)).backward()
+        loss_sum += float(out.loss.detach())
+        aux_sum += float(out.aux_loss.detach())
+        if out.stats:
+            loads.append(torch.stack([s.tokens_per_expert for s in out.stats]))
+        tokens += ids_BL.numel() * mesh.world_size
+    reduce_gradients(model, mesh)
+    norm = global_grad_norm(model, mesh)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    params = [p for p in model.parameters() if p.grad is not None]
+    torch.nn.utils.clip_grads_with_norm_(params, clip, norm.float())
+    loss, aux = _mean_over_ranks([loss_sum / len(batches), aux_sum / len(batches)], mesh)
+    load_LE, grad_norm = _global_loads(loads, mesh), float(norm)
+    if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        _reset_router_loads(model)
+        return StepResult(loss, aux, grad_norm, True, load_LE, tokens)
+    optimizer.step()
+    update_all_biases(model)  # ExpertParallelMoE sums the loads over all ranks first
+    return StepResult(loss, aux, grad_norm, False, load_LE, tokens)
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """AdamW state keyed by parameter name; expert moments as global-shaped DTensors."""
+    if not optimizer.state:  # before the first step: create it so DCP can load in place
+        for p in model.parameters():
+            optimizer.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+    views = model_state_dict(model)
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        view = views.get(name)
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(view, DTensor) and value.shape == p.shape:
+                value = DTensor.from_local(value, view.device_mesh, view.placements,
+                                           run_check=False, shape=view.shape,
+                                           stride=view.stride())
+            out[f"{name}.{key}"] = value
+    return out
+
+
+class DistributedTrainer(Trainer):
+    """The Trainer with expert parallelism and data parallelism over ``mesh``.
+
+    ``train_config.batch_size`` is the global batch; each rank takes
+    ``batch_size / world_size`` of its rows. Rank 0 writes the metrics;
+    checkpoints are DCP directories ``dcp_step_<step>`` that load at any ep.
+    """
+
+    def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
+                 out_dir: str | Path, mesh: ExpertParallelMesh, progress: bool = True,
+                 **ep_kwargs: Any) -> None:
+        if train_config.batch_size % mesh.world_size:
+            raise ValueError(f"batch_size={train_config.batch_size} is not allowed with "
+                             f"{mesh.world_size} ranks: it must be a multiple of the world size")
+        super().__init__(model_config, train_config, corpus, out_dir,
+                         progress and dist.get_rank() == 0)
+        self.mesh = mesh
+        self.model = parallelize(self.model, mesh, **ep_kwargs)
+        self.optimizer = make_optimizer(self.model, train_config)
+        self.forward = torch.compile(self.model) if train_config.compile else self.model
+
+    def batches(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        rank, world = dist.get_rank(), self.mesh.world_size
+        rows = self.cfg.batch_size // world
+        return [(ids[rank * rows:(rank + 1) * rows], tgt[rank * rows:(rank + 1) * rows])
+                for ids, tgt in super().batches(step)]
+
+    def step_once(self) -> StepResult:
+        return distributed_train_step(self.model, self.optimizer, self.batches(self.step),
+                                      self.cfg, lr_at(self.step, self.cfg), self.mesh,
+                                      self.forward)
+
+    def _log(self, log, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if dist.get_rank() == 0:
+            log.write(record)
+
+    def save(self) -> Path:
+        path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
+        save_checkpoint(path, self.model, _optimizer_state(self.model, self.optimizer))
+        if dist.get_rank() == 0:
+            state = {"step": self.step, "model_config": self.mcfg.to_dict(),
+                     "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
+            (path / "trainer.json").write_text(json.dumps(state))
+            for old in sorted(self.out_dir.glob(f"{DCP_PREFIX}*"))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier(self.mesh.world.group)
+        self.last_checkpoint = path
+        return path
+
+    @classmethod
+    def resume_distributed(cls, path: str | Path, corpus: Corpus, mesh: ExpertParallelMesh,
+                           out_dir: str | Path | None = None, progress: bool = True,
+                           **overrides: Any) -> DistributedTrainer:
+        """Continue a run saved by ``save`` at any (dp, ep) with the same world batch."""
+        path = Path(path)
+        state = json.loads((path / "trainer.json").read_text())
+        mcfg = LMConfig.from_dict(state["model_config"])
+        tcfg = TrainConfig.from_dict(state["train_config"]).replace(**overrides)
+        trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress)
+        load_checkpoint(path, trainer.model, _optimizer_state(trainer.model, trainer.optimizer))
+        trainer.step = state["step"]
+        trainer.counters.update(state["counters"])
+        trainer.last_checkpoint = path
+        return trainer
+
+
+def ep_layers(model: nn.Module) -> list[ExpertParallelMoE]:
+    return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
+
+
+def rank_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

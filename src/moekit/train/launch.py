@@ -1,0 +1,148 @@
+"""`moekit train --nproc N --ep E`: expert-parallel training launched through torchrun.
+
+``moekit train --nproc 4 --ep 2 ...`` re-executes itself as
+``python -m torch.distributed.run --standalone --nproc-per-node 4 -m moekit.train ...``;
+``torchrun --nproc-per-node 4 -m moekit.train --ep 2 ...`` works directly. Under
+torchrun (WORLD_SIZE set) the run uses a (dp = world / ep, ep) mesh, gloo on
+CPU and NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moekit.distributed import CollectiveTimeoutError, init_distributed, init_mesh
+from moekit.distributed.layer import DISPATCHERS
+from moekit.distributed.mesh import DEFAULT_TIMEOUT_S
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (torch.distributed)")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="processes to launch on this machine through torchrun (default 1)")
+    g.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size; dp = world size / ep (default 1)")
+    g.add_argument("--dispatcher", choices=DISPATCHERS, default="all_to_all")
+    g.add_argument("--overlap-chunks", type=int, default=1,
+                   help="split the all-to-all into chunks overlapped with expert compute")
+    g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"collective timeout in seconds (default {DEFAULT_TIMEOUT_S:g}): a "
+                        "dead rank makes the others stop with an error instead of hanging")
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def wants_distributed(args: argparse.Namespace) -> bool:
+    return args.nproc > 1 or args.ep > 1 or under_torchrun()
+
+
+def _forwarded_argv() -> list[str]:
+    """This command's arguments without ``--nproc`` (and without a leading "train")."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["train"]:
+        argv = argv[1:]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun with ``args.nproc`` local processes."""
+    if args.nproc < 1:
+        raise ValueError(f"--nproc={args.nproc} is not allowed: it must be >= 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={args.nproc}", "-m", "moekit.train", *_forwarded_argv()]
+    print("launching:", " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def _build(args: argparse.Namespace, mesh):
+    from moekit.train.cli import TRAIN_FLAGS, _picked, configs_from_args, describe
+    from moekit.train.data import load_corpus
+    from moekit.train.distributed import DCP_PREFIX, DistributedTrainer
+
+    corpus = load_corpus(args.data)
+    ep_kwargs = {"dispatcher": args.dispatcher, "overlap_chunks": args.overlap_chunks}
+    if args.resume:
+        path = Path(args.resume)
+        if not path.name.startswith(DCP_PREFIX):  # a run directory: its newest checkpoint
+            found = sorted(path.glob(f"{DCP_PREFIX}*"))
+            if not found:
+                raise ValueError(f"--resume={args.resume} is not allowed: it holds no "
+                                 f"{DCP_PREFIX}* checkpoint")
+            path = found[-1]
+        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
+                     if k in ("steps", "eval_every", "save_every", "device")}
+        trainer = DistributedTrainer.resume_distributed(
+            path, corpus, mesh, progress=not args.no_progress, **overrides)
+    else:
+        model_cfg, train_cfg = configs_from_args(args)
+        trainer = DistributedTrainer(model_cfg, train_cfg, corpus, args.out, mesh,
+                                     progress=not args.no_progress, **ep_kwargs)
+    if dist.get_rank() == 0:
+        print(corpus.describe())
+        print(f"model: {describe(trainer)} (counted on rank 0: its experts only)")
+        print(f"mesh: dp={mesh.dp} x ep={mesh.ep}, backend {dist.get_backend()}, "
+              f"dispatcher {args.dispatcher}, collective timeout {mesh.timeout_s:g} s")
+        print(f"run directory: {trainer.out_dir} (metrics.jsonl, {DCP_PREFIX}* checkpoints)")
+    return trainer
+
+
+def _report(trainer, summary: dict | None) -> None:
+    from moekit.models.generate import generate
+    from moekit.train.data import decode, encode
+
+    prompt = encode("def ")[None].to(trainer.cfg.device)
+    new = min(120, trainer.mcfg.max_seq_len - prompt.shape[1])
+    sample = generate(trainer.model, prompt, new, temperature=0.8, top_k=40)
+    if summary is None:
+        return
+    print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.3f} "
+          f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s (all ranks), "
+          f"{summary['skipped_steps']} skipped steps")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print("sample:\n" + decode(sample[0]))
+
+
+def run_distributed(args: argparse.Namespace) -> int:
+    """Train on a (dp, ep) mesh (re-launching under torchrun when asked for --nproc)."""
+    if args.nproc > 1 and not under_torchrun():
+        return launch_torchrun(args)
+    if not under_torchrun():
+        print(f"moekit train: error: --ep={args.ep} needs several processes: add "
+              "--nproc N (or launch with torchrun)", file=sys.stderr)
+        return 2
+    init_distributed(timeout_s=args.timeout)
+    rank = dist.get_rank()
+    try:
+        if dist.get_world_size() % args.ep:
+            raise ValueError(f"--ep={args.ep} is not allowed: it must divide the world size "
+                             f"{dist.get_world_size()}")
+        mesh = init_mesh(dp=dist.get_world_size() // args.ep, ep=args.ep)
+        trainer = _build(args, mesh)
+        summary = trainer.fit()
+        torch.manual_seed(0)  # every rank samples alike: the EP forward is collective
+        _report(trainer, summary if rank == 0 else None)
+    except CollectiveTimeoutError as e:
+        print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken; its destructors would wait on the peer
+    except ValueError as e:
+        print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
+        return 2
+    dist.destroy_process_group()
+    return 0

@@ -1,0 +1,149 @@
+"""Expert parallelism on gloo: every check runs in a few spawned process groups.
+
+One spawn per world size runs many checks (spawning costs ~2-5 s a process on
+2 cores); each test below asserts one of them. The single-process reference is
+``moekit.MoE`` with the same weights, run on each rank's tokens in turn.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moekit import MoE
+from moekit.distributed.checkpoint import load_checkpoint
+from tests import dist_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, out_dir, args):
+    result = fn(rank, world, port, *args)
+    (Path(out_dir) / f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    # Skip interpreter teardown: with a frozen peer, gloo's destructors block on it.
+    os._exit(0)
+
+
+def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150,
+           wait_for: int | None = None) -> dict[int, dict]:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` processes; results by rank.
+
+    Waits for the first ``wait_for`` ranks (default: all), then kills the rest.
+    """
+    out_dir = tmp / f"out_{fn.__name__}"
+    out_dir.mkdir()
+    # forkserver with torch preloaded: ~0.3 s a process instead of ~5 s for "spawn", and
+    # unlike "fork" the children never inherit the test process's OpenMP threads.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "moekit.distributed", "tests.dist_workers"])
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, str(out_dir), args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs[:wait_for]:
+        p.join(max(0.1, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return {int(f.stem): pickle.loads(f.read_bytes()) for f in out_dir.glob("*.pkl")}
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ckpt") / "ep2"
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, ckpt_dir) -> dict[int, dict]:
+    res = launch(W.run_world2, 2, tmp_path_factory.mktemp("w2"), str(ckpt_dir))
+    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
+    return res
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory, ckpt_dir, world2) -> dict[int, dict]:
+    res = launch(W.run_world4, 4, tmp_path_factory.mktemp("w4"), str(ckpt_dir))
+    assert sorted(res) == [0, 1, 2, 3], "a rank crashed; see captured stderr"
+    return res
+
+
+def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
+    for rank, res in results.items():
+        assert res[name] is None, f"rank {rank}: {res[name]}"
+
+
+@pytest.mark.parametrize("name", [
+    "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_expert_choice",
+    "ep2_dropless_bf16", "ep2_capacity_bf16",
+    "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
+    "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process"])
+def test_world2(world2, name):
+    _assert_all_ranks(world2, name)
+
+
+@pytest.mark.parametrize("name", [
+    "ep4_dropless", "ep4_capacity", "dp2ep2_dropless", "dp2ep2_capacity",
+    "dp2ep2_allgather", "ckpt_load_ep4", "train_resume_ep4"])
+def test_world4(world4, name):
+    _assert_all_ranks(world4, name)
+
+
+@pytest.mark.parametrize("saved", ["ep2", "ep2_then_ep4"])
+def test_checkpoint_loads_at_ep1(world2, world4, ckpt_dir, saved):
+    """ep=1 is a plain MoE in one process, no process group; ep2 -> ep4 -> ep1 round trip."""
+    want = W.full_layer(4, 4, None, seed=7)
+    moe = W.full_layer(4, 4, None, seed=99)
+    load_checkpoint(ckpt_dir.parent / saved, moe)
+    for name, t in moe.state_dict().items():
+        assert torch.equal(t, want.state_dict()[name]), name
+    assert isinstance(moe, MoE)
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_dead_rank_raises_timeout_error(tmp_path, how):
+    """A killed rank resets its sockets (fast error); a frozen one trips the timeout."""
+    timeout_s = 4.0
+    start = time.monotonic()
+    res = launch(W.run_kill, 2, tmp_path, timeout_s, how, timeout_s=60, wait_for=1)
+    assert list(res) == [0], "rank 1 was to die, rank 0 to report"
+    assert res[0]["error"] is not None, "rank 0 never failed"
+    assert "timeout_s=4" in res[0]["error"] and "CollectiveTimeoutError" not in res[0]["error"]
+    assert res[0]["elapsed"] < timeout_s + 10
+    if how == "stop":
+        assert res[0]["elapsed"] >= timeout_s - 0.5, "failed before the timeout expired"
+    assert time.monotonic() - start < 60
+
+
+def test_cli_launches_through_torchrun(tmp_path):
+    """`python -m moekit.train --nproc 2 --ep 2` re-runs itself under torchrun."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.txt"
+    data.write_text((Path(__file__).parent.parent / "src/moekit/layer.py").read_text() * 2)
+    cmd = [sys.executable, "-m", "moekit.train", "--nproc", "2", "--ep", "2", "--preset",
+           "tiny", "--steps", "2", "--batch-size", "4", "--seq-len", "16", "--eval-every", "2",
+           "--eval-batches", "1", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "mesh: dp=1 x ep=2" in done.stdout and "done: step 2" in done.stdout
+    assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()

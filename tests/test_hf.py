@@ -1,0 +1,230 @@
+"""moekit.integrations.hf: a patched transformers MoE model computes what the original does.
+
+The oracle is the unpatched transformers model itself (its eager experts loop and
+its own routers), on a deep copy with identical weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moekit.integrations import hf
+from tests import hf_models  # skips this module when transformers is missing
+
+ARCHS = list(hf_models.BUILDERS)
+# fp32 throughout: the two paths differ only in GEMM blocking and summation order.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _inputs(name: str, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (2, 11), generator=gen)
+    kw = {"input_ids": ids, "labels": ids}
+    if name == "switch_transformers":
+        kw.update(decoder_input_ids=ids, output_router_logits=True)
+    return kw
+
+
+def _run(model, name: str, train: bool):
+    model.train(train)
+    model.zero_grad(set_to_none=True)
+    out = model(**_inputs(name))
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return out, grads
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    """(name, original, patched): same weights, the second patched."""
+    name = request.param
+    original = hf_models.build(name)
+    patched = hf.apply(copy.deepcopy(original))
+    return name, original, patched
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_logits_loss_and_grads_match(pair, train):
+    name, original, patched = pair
+    assert any(hf.is_patched(m) for m in patched.modules())
+    a, grads_a = _run(original, name, train)
+    b, grads_b = _run(patched, name, train)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(b.loss, a.loss, atol=ATOL, rtol=RTOL)
+    for key in ("aux_loss", "encoder_aux_loss", "decoder_z_loss"):
+        if getattr(a, key, None) is not None:
+            torch.testing.assert_close(getattr(b, key), getattr(a, key), atol=ATOL, rtol=RTOL)
+    assert grads_a.keys() == grads_b.keys()
+    for n, g in grads_a.items():
+        if g is None:
+            assert grads_b[n] is None, n
+            continue
+        torch.testing.assert_close(grads_b[n], g, atol=ATOL, rtol=RTOL,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_router_outputs_match(pair):
+    """What transformers records for its own balance / z losses is the same tensors."""
+    name, original, patched = pair
+    kw = _inputs(name)
+    kw["output_router_logits"] = True
+    original.eval()
+    patched.eval()
+    with torch.no_grad():
+        a, b = original(**kw), patched(**kw)
+    keys = ["encoder_router_logits", "decoder_router_logits"] if name == "switch_transformers" \
+        else ["router_logits"]
+    for key in keys:
+        ra, rb = getattr(a, key), getattr(b, key)
+        assert len(ra) == len(rb) > 0
+        for x, y in zip(ra, rb, strict=True):
+            torch.testing.assert_close(y, x, atol=ATOL, rtol=RTOL)
+
+
+def test_generate_same_tokens(pair):
+    name, original, patched = pair
+    ids = _inputs(name)["input_ids"][:1, :6]
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    original.eval()
+    patched.eval()
+    a = original.generate(ids, **kw)
+    b = patched.generate(ids, **kw)
+    assert torch.equal(a, b)
+
+
+def test_weights_shared_and_keys_unchanged():
+    model = hf_models.build("mixtral")
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    hf.apply(model)
+    after = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    assert after == before  # same keys, same storage: nothing copied
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss", "switch_transformers"])
+def test_save_load_round_trips(name, tmp_path):
+    """Saved patched, loaded plain (and the reverse): bitwise the same outputs."""
+    original = hf_models.build(name).eval()
+    cls = type(original)
+    with torch.no_grad():
+        want_plain = original(**_inputs(name)).logits
+        want_patched = hf.apply(original)(**_inputs(name)).logits
+    original.save_pretrained(tmp_path / "patched")
+    loaded = cls.from_pretrained(tmp_path / "patched").eval()
+    loaded.set_experts_implementation("eager")
+    assert not any(hf.is_patched(m) for m in loaded.modules())
+    hf.revert(original).save_pretrained(tmp_path / "plain")
+    repatched = hf.apply(cls.from_pretrained(tmp_path / "plain")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs(name)).logits, want_plain)
+        assert torch.equal(repatched(**_inputs(name)).logits, want_patched)
+    sd_a, sd_b = loaded.state_dict(), repatched.state_dict()
+    assert sd_a.keys() == sd_b.keys() == original.state_dict().keys()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+def test_revert_restores_original_modules():
+    model = hf_models.build("deepseek_v3")
+    classes = {n: type(m) for n, m in model.named_modules()}
+    hf.apply(model)
+    assert any(type(m) is not classes[n] for n, m in model.named_modules())
+    hf.revert(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert not any(k.startswith("_moekit") for m in model.modules() for k in vars(m))
+
+
+def test_apply_twice_keeps_classes_and_switches_backend():
+    model = hf_models.build("olmoe")
+    hf.apply(model)
+    classes = [type(m) for m in model.modules()]
+    hf.apply(model, backend="loop")
+    assert [type(m) for m in model.modules()] == classes
+    experts = [m for m in model.modules() if type(m).__name__.endswith("OlmoeExperts")]
+    assert experts and all(m._moekit_backend == "loop" for m in experts)
+
+
+def test_unsupported_model_lists_supported():
+    transformers = hf_models.transformers
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_models.COMMON.items()},
+                                   intermediate_size=16)
+    with pytest.raises(ValueError, match="model_type='llama'.*mixtral"):
+        hf.apply(transformers.LlamaForCausalLM(cfg))
+    with pytest.raises(ValueError, match="model=NoneType"):
+        hf.apply(None)  # type: ignore[arg-type]
+
+
+def test_bad_backend_rejected_before_any_change():
+    model = hf_models.build("mixtral")
+    with pytest.raises(ValueError, match="backend='fast'"):
+        hf.apply(model, backend="fast")
+    assert not any(hf.is_patched(m) for m in model.modules())
+
+
+def test_loop_backend_matches_too():
+    original = hf_models.build("qwen3_moe").eval()
+    patched = hf.apply(copy.deepcopy(original), backend="loop")
+    with torch.no_grad():
+        torch.testing.assert_close(patched(**_inputs("qwen3_moe")).logits,
+                                   original(**_inputs("qwen3_moe")).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_switch_capacity_drops_tokens():
+    """The test model's capacity is small enough that the capacity path is exercised."""
+    model = hf.apply(hf_models.build("switch_transformers"))
+    router = next(m for m in model.modules() if type(m).__name__.endswith("Top1Router"))
+    mask_BLE, _, _ = router(torch.randn(2, 11, 32))
+    assert (mask_BLE.sum(-1) == 0).any()  # some tokens got no expert
+    assert (mask_BLE.sum(1) <= 3).all()  # no expert took more than capacity per sequence
+
+
+def test_swiglu_oai_matches_gpt_oss():
+    from moekit.integrations.hf.experts import interleaved_swiglu_oai
+
+    experts = next(m for m in hf_models.build("gpt_oss").modules()
+                   if type(m).__name__ == "GptOssExperts")
+    h = torch.randn(40, 32) * 3  # beyond the clamp limit on both sides
+    want = experts._apply_gate(h)
+    assert torch.equal(interleaved_swiglu_oai(experts.limit, experts.alpha)(h), want)
+
+
+def test_top_level_helpers_are_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, moekit; assert 'transformers' not in sys.modules; "
+            "assert moekit.apply_hf is moekit.integrations.hf.apply")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "switch_transformers"])
+def test_jitter_matches_when_seeded_identically(name):
+    """Router jitter draws from torch's RNG in the same order with and without moekit."""
+    original = hf_models.build(name)
+    for m in original.modules():
+        if hasattr(m, "jitter_noise"):
+            m.jitter_noise = 0.1
+    patched = hf.apply(copy.deepcopy(original))
+    torch.manual_seed(5)
+    a, grads_a = _run(original, name, train=True)
+    torch.manual_seed(5)
+    b, grads_b = _run(patched, name, train=True)
+    torch.manual_seed(6)
+    c, _ = _run(patched, name, train=True)
+    torch.testing.assert_close(b.logits, a.logits, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(c.logits, a.logits, atol=ATOL, rtol=RTOL)  # jitter is on
+    for n, g in grads_a.items():
+        if g is not None:
+            torch.testing.assert_close(grads_b[n], g, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_bf16_matches(name):
+    """bf16 weights: same routing and outputs within bf16 rounding."""
+    original = hf_models.build(name).to(torch.bfloat16).eval()
+    patched = hf.apply(copy.deepcopy(original))
+    with torch.no_grad():
+        a = original(**_inputs(name)).logits.float()
+        b = patched(**_inputs(name)).logits.float()
+    torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)

@@ -1,0 +1,120 @@
+"""`moekit convert`: Mixtral checkpoint <-> moekit language model, lossless both ways.
+
+Oracles: transformers' own Mixtral forward (logits of the converted moekit model
+must match it) and the original files (a round trip must give back the same
+tensors, bit for bit, and the same config.json).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moekit.integrations.hf import convert
+from moekit.integrations.hf.convert import hf_to_moekit, moekit_to_hf
+from moekit.models import MoETransformer, preset
+from moekit.train.checkpoint import load_checkpoint, restore, save_checkpoint
+from tests import hf_models
+
+transformers = hf_models.transformers
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _mixtral(tmp_path, **kw):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**{**hf_models.COMMON, **kw}, intermediate_size=24,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model
+
+
+def cli(*argv: str) -> int:
+    """`moekit convert ARGV` (its own parser, as cli.py builds it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="moekit convert")
+    convert.add_arguments(parser)
+    return convert.run(parser.parse_args(argv))
+
+
+def _load_lm(path) -> MoETransformer:
+    ckpt = load_checkpoint(path)
+    from moekit.models import LMConfig
+
+    model = MoETransformer(LMConfig.from_dict(ckpt.state["model_config"]))
+    restore(ckpt, model, rng=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kv_heads,tied", [(2, False), (4, True)],
+                         ids=["gqa", "mha-tied"])
+def test_mixtral_to_moekit_and_back(tmp_path, kv_heads, tied):
+    hf_model = _mixtral(tmp_path, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+    assert cli(str(tmp_path / "hf"), str(tmp_path / "lm")) == 0
+    lm = _load_lm(tmp_path / "lm")
+    ids = torch.randint(3, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, hf_model(ids).logits, atol=ATOL, rtol=RTOL)
+
+    assert cli(str(tmp_path / "lm"), str(tmp_path / "back")) == 0
+    want, got = load_file(tmp_path / "hf" / "model.safetensors"), \
+        load_file(tmp_path / "back" / "model.safetensors")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((tmp_path / "hf" / "config.json").read_text())
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, hf_model(ids).logits)
+
+
+def test_moekit_to_mixtral_and_back(tmp_path):
+    torch.manual_seed(0)
+    lm = MoETransformer(preset("tiny", tie_embeddings=False)).eval()
+    optim = torch.optim.SGD(lm.parameters(), lr=0.0)
+    save_checkpoint(tmp_path / "run", lm, optim, {"step": 3, "model_config": lm.config.to_dict()})
+    moekit_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, lm(ids).logits, atol=ATOL, rtol=RTOL)
+    back = _load_lm(hf_to_moekit(tmp_path / "hf", tmp_path / "lm2"))
+    assert back.config == lm.config
+    for k, v in lm.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_stacked_layout_round_trips(tmp_path):
+    """A directory with transformers v5's stacked expert names comes back stacked."""
+    from safetensors.torch import save_file
+
+    hf_model = _mixtral(tmp_path)
+    (tmp_path / "v5").mkdir()
+    sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    save_file(sd, str(tmp_path / "v5" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "v5" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    hf_to_moekit(tmp_path / "v5", tmp_path / "lm")
+    moekit_to_hf(tmp_path / "lm", tmp_path / "back")
+    got = load_file(tmp_path / "back" / "model.safetensors")
+    assert got.keys() == sd.keys()
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_unsupported_checkpoints_are_refused(tmp_path):
+    hf_models.build("qwen3_moe").save_pretrained(tmp_path / "qwen")
+    with pytest.raises(ValueError, match="model_type='qwen3_moe'"):
+        hf_to_moekit(tmp_path / "qwen", tmp_path / "out")
+    _mixtral(tmp_path, sliding_window=8)
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        hf_to_moekit(tmp_path / "hf", tmp_path / "out")
+    with pytest.raises(ValueError, match="source="):
+        hf_to_moekit(tmp_path / "nowhere", tmp_path / "out")
+    lm = MoETransformer(preset("tiny", router="sigmoid"))
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 0, "model_config": lm.config.to_dict()})
+    with pytest.raises(ValueError, match="router='sigmoid'"):
+        moekit_to_hf(tmp_path / "run", tmp_path / "out")
