@@ -32,7 +32,7 @@ QUICK_CONFIGS = [(256, 64, 8, 256), (4096, 64, 8, 256)]
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 MOEKIT_IMPLS = ("moekit", "moekit-grouped_mm", "moekit-loop")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-BATCHED_MM_LIMIT_GIB = 2.0  # transformers' batched_mm copies one weight matrix per routed row
+BATCHED_MM_LIMIT_GIB = 1.0  # transformers' batched_mm copies one weight matrix per routed row
 REFERENCE_MAX_T = 256  # the per-row oracle builds an autograd graph of ~10 nodes per row
 REFERENCE_MAX_ROWS = 512  # and each row's w[e] makes a full-size zero gradient in backward
 
