@@ -41,8 +41,8 @@ def _fail(name: str, value: Any, allowed: str) -> None:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig(FrozenConfig):
-    # defaults = `moekit train`: ~0.35 CPU-s per step for the "small" preset at 1 thread
-    # (process_time on a loaded 2-core box), so 1500 steps (3.1M tokens) is ~9 minutes
+    # defaults = `moekit train`: 1500 steps (3.1M tokens) of the "small" preset took
+    # 5 min 03 s on the idle 2-core dev box (10.3k tokens/s), leaving room for slower machines
     steps: int = 1500
     batch_size: int = 16  # B, sequences per micro-batch
     seq_len: int = 128  # L
