@@ -20,16 +20,6 @@ def tiny(**changes) -> LMConfig:
     return LMConfig(**{**TINY, **changes})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: a second intra-op thread only adds sync overhead (and spins on a
-    shared 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("field,value", [
     ("dim", 0), ("num_layers", -1), ("num_heads", 3), ("top_k", 5), ("num_experts", 0),
     ("moe_every", 0), ("router", "bogus"), ("aux_loss_coef", -1.0), ("rope_theta", 0.0),

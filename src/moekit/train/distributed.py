@@ -14,7 +14,6 @@ Shape letters: B batch, L sequence, E experts.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -33,14 +32,14 @@ from moekit.distributed import (
 )
 from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from moekit.distributed.layer import ExpertParallelMoE
-from moekit.layer import update_all_biases
 from moekit.models.config import LMConfig
 from moekit.train.data import Corpus
 from moekit.train.trainer import (
     StepResult,
     TrainConfig,
     Trainer,
-    _reset_router_loads,
+    accumulate_gradients,
+    finish_step,
     lr_at,
     make_optimizer,
 )
@@ -90,35 +89,19 @@ def distributed_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                            ) -> StepResult:
     """``moekit.train.train_step`` on this rank's rows, with gradients, the gradient
     norm, losses and loads reduced over the mesh. Every rank returns the same result."""
-    forward = forward or model
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = aux_sum = 0.0
-    loads, tokens = [], 0
-    for ids_BL, targets_BL in batches:
-        with torch.autocast(ids_BL.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = forward(ids_BL, targets_BL)
-        ((out.loss + out.aux_loss) / len(batches)).backward()
-        loss_sum += float(out.loss.detach())
-        aux_sum += float(out.aux_loss.detach())
-        if out.stats:
-            loads.append(torch.stack([s.tokens_per_expert for s in out.stats]))
-        tokens += ids_BL.numel() * mesh.world_size
+    loss, aux, loads, tokens = accumulate_gradients(forward or model, batches, cfg)
     reduce_gradients(model, mesh)
     norm = global_grad_norm(model, mesh)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     params = [p for p in model.parameters() if p.grad is not None]
     torch.nn.utils.clip_grads_with_norm_(params, clip, norm.float())
-    loss, aux = _mean_over_ranks([loss_sum / len(batches), aux_sum / len(batches)], mesh)
-    load_LE, grad_norm = _global_loads(loads, mesh), float(norm)
-    if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        _reset_router_loads(model)
-        return StepResult(loss, aux, grad_norm, True, load_LE, tokens)
-    optimizer.step()
-    update_all_biases(model)  # ExpertParallelMoE sums the loads over all ranks first
-    return StepResult(loss, aux, grad_norm, False, load_LE, tokens)
+    loss, aux = _mean_over_ranks([loss, aux], mesh)
+    # ExpertParallelMoE sums the bias-update loads over all ranks itself
+    return finish_step(model, optimizer, loss, aux, float(norm), _global_loads(loads, mesh),
+                       tokens * mesh.world_size)
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:

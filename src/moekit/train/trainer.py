@@ -128,34 +128,29 @@ def _reset_router_loads(model: nn.Module) -> None:
             load.zero_()
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: list[tuple[Tensor, Tensor]], cfg: TrainConfig, lr: float,
-               forward: nn.Module | None = None) -> StepResult:
-    """One optimizer step over ``batches`` (gradient accumulation), skipped when
-    the loss or the gradient norm is not finite. ``forward`` may be a compiled
-    wrapper of ``model``. The aux-loss-free bias update runs after the step."""
-    forward = model if forward is None else forward
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
+def accumulate_gradients(forward: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                         cfg: TrainConfig) -> tuple[float, float, list[Tensor], int]:
+    """Forward and backward over the micro-batches (gradient accumulation).
+
+    Returns (mean LM loss, mean aux loss, per-micro-batch expert loads [L, E], tokens).
+    """
     loss_sum = aux_sum = 0.0
     loads, tokens = [], 0
     for ids_BL, targets_BL in batches:
-        autocast = (torch.autocast(ids_BL.device.type, dtype=torch.bfloat16)
-                    if cfg.bf16 else contextlib.nullcontext())
-        with autocast:
+        with torch.autocast(ids_BL.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = forward(ids_BL, targets_BL)
         ((out.loss + out.aux_loss) / len(batches)).backward()
-        loss_sum += out.loss.detach().float().item()
+        loss_sum += float(out.loss.detach())
         aux_sum += float(out.aux_loss.detach())
-        loads.append(torch.stack([s.tokens_per_expert for s in out.stats])
-                     if out.stats else torch.zeros(0, 0, dtype=torch.long))
+        if out.stats:
+            loads.append(torch.stack([s.tokens_per_expert for s in out.stats]))
         tokens += ids_BL.numel()
-    params = [p for p in model.parameters() if p.grad is not None]
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    loss, aux = loss_sum / len(batches), aux_sum / len(batches)
-    load_LE = torch.stack(loads).sum(0)
+    return loss_sum / len(batches), aux_sum / len(batches), loads, tokens
+
+
+def finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: float, aux: float,
+                grad_norm: float, load_LE: Tensor, tokens: int) -> StepResult:
+    """Step, then the aux-loss-free bias update; or skip it all when anything is not finite."""
     if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         _reset_router_loads(model)  # the bad batch must not steer the balancing bias
@@ -163,6 +158,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.step()
     update_all_biases(model)
     return StepResult(loss, aux, grad_norm, False, load_LE, tokens)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               batches: list[tuple[Tensor, Tensor]], cfg: TrainConfig, lr: float,
+               forward: nn.Module | None = None) -> StepResult:
+    """One optimizer step over ``batches`` (gradient accumulation), skipped when
+    the loss or the gradient norm is not finite. ``forward`` may be a compiled
+    wrapper of ``model``. The aux-loss-free bias update runs after the step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss, aux, loads, tokens = accumulate_gradients(
+        model if forward is None else forward, batches, cfg)
+    params = [p for p in model.parameters() if p.grad is not None]
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    load_LE = torch.stack(loads).sum(0) if loads else torch.zeros(0, 0, dtype=torch.long)
+    return finish_step(model, optimizer, loss, aux, grad_norm, load_LE, tokens)
 
 
 @torch.no_grad()
