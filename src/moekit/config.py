@@ -56,25 +56,26 @@ class FrozenConfig:
         return cls(**data)
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
+def reject(name: str, value: Any, allowed: str) -> None:
+    """Raise the house ValueError: the argument, its value, and what is allowed."""
     raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
-def _positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(name, value, "it must be a positive int")
+        reject(name, value, "it must be a positive int")
 
 
-def _non_negative(name: str, value: Any) -> None:
+def check_non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        _fail(name, value, "it must be a finite number >= 0")
+        reject(name, value, "it must be a finite number >= 0")
     if not math.isfinite(value):
-        _fail(name, value, "it must be a finite number >= 0")
+        reject(name, value, "it must be a finite number >= 0")
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        _fail(name, value, f"it must be one of {', '.join(allowed)}")
+        reject(name, value, f"it must be one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -125,61 +126,61 @@ class MoEConfig(FrozenConfig):
 
     def __post_init__(self) -> None:
         for name in ("dim", "ffn_dim", "num_experts", "top_k", "num_groups", "topk_groups"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.num_experts > MAX_EXPERTS:
-            _fail("num_experts", self.num_experts, f"it must be between 1 and {MAX_EXPERTS}")
+            reject("num_experts", self.num_experts, f"it must be between 1 and {MAX_EXPERTS}")
         if self.top_k > self.num_experts:
-            _fail("top_k", self.top_k,
+            reject("top_k", self.top_k,
                   f"it must be between 1 and num_experts={self.num_experts}")
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("router", self.router, ROUTERS)
-        _choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("router", self.router, ROUTERS)
+        check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if isinstance(self.num_shared_experts, bool) or not isinstance(
                 self.num_shared_experts, int) or self.num_shared_experts < 0:
-            _fail("num_shared_experts", self.num_shared_experts, "it must be an int >= 0")
+            reject("num_shared_experts", self.num_shared_experts, "it must be an int >= 0")
         if self.shared_ffn_dim is not None:
-            _positive_int("shared_ffn_dim", self.shared_ffn_dim)
+            check_positive_int("shared_ffn_dim", self.shared_ffn_dim)
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
                      "bias_update_rate", "jitter_eps", "swiglu_limit", "swiglu_alpha"):
-            _non_negative(name, getattr(self, name))
+            check_non_negative(name, getattr(self, name))
         if not (isinstance(self.routed_scaling_factor, (int, float))
                 and math.isfinite(self.routed_scaling_factor)
                 and self.routed_scaling_factor > 0):
-            _fail("routed_scaling_factor", self.routed_scaling_factor,
+            reject("routed_scaling_factor", self.routed_scaling_factor,
                   "it must be a finite number > 0")
         if self.jitter_eps >= 1:
-            _fail("jitter_eps", self.jitter_eps, "it must be in [0, 1)")
+            reject("jitter_eps", self.jitter_eps, "it must be in [0, 1)")
         if self.capacity_factor is not None and not (
                 isinstance(self.capacity_factor, (int, float))
                 and not isinstance(self.capacity_factor, bool)
                 and math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
-            _fail("capacity_factor", self.capacity_factor,
+            reject("capacity_factor", self.capacity_factor,
                   "it must be None (dropless) or a finite number > 0")
         self._check_router()
 
     def _check_router(self) -> None:
         if self.num_experts % self.num_groups:
-            _fail("num_groups", self.num_groups,
+            reject("num_groups", self.num_groups,
                   f"it must divide num_experts={self.num_experts}")
         if self.topk_groups > self.num_groups:
-            _fail("topk_groups", self.topk_groups,
+            reject("topk_groups", self.topk_groups,
                   f"it must be between 1 and num_groups={self.num_groups}")
         if self.num_groups > 1:
             if self.router not in ("softmax", "sigmoid"):
-                _fail("num_groups", self.num_groups,
+                reject("num_groups", self.num_groups,
                       "group-limited routing needs router='softmax' or 'sigmoid'")
             reachable = self.topk_groups * (self.num_experts // self.num_groups)
             if self.top_k > reachable:
-                _fail("top_k", self.top_k,
+                reject("top_k", self.top_k,
                       f"it must be <= topk_groups * experts per group = {reachable}")
         if self.router == "switch" and self.top_k != 1:
-            _fail("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
+            reject("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
         if self.router == "hash":
             if self.hash_vocab_size is None:
-                _fail("hash_vocab_size", None, "router='hash' needs the token-id vocabulary size")
-            _positive_int("hash_vocab_size", self.hash_vocab_size)
+                reject("hash_vocab_size", None, "router='hash' needs the token-id vocabulary size")
+            check_positive_int("hash_vocab_size", self.hash_vocab_size)
         if self.router == "expert_choice" and self.seq_aux_loss_coef:
-            _fail("seq_aux_loss_coef", self.seq_aux_loss_coef,
+            reject("seq_aux_loss_coef", self.seq_aux_loss_coef,
                   "expert_choice is balanced by construction; use 0")
 
     # -- derived -----------------------------------------------------------------

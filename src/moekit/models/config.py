@@ -6,27 +6,17 @@ F expert hidden size, E experts, K experts per token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from moekit.config import ROUTERS, FrozenConfig, MoEConfig
-
-
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(name, value, "it must be a positive int")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value) and value >= 0)
-    if not ok:
-        _fail(name, value, "it must be a finite number >= 0")
+from moekit.config import (
+    ROUTERS,
+    FrozenConfig,
+    MoEConfig,
+    check_non_negative,
+    check_positive_int,
+    reject,
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -61,22 +51,22 @@ class LMConfig(FrozenConfig):
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
                      "ffn_dim", "num_experts", "top_k", "moe_every"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
-            _fail("num_heads", self.num_heads,
+            reject("num_heads", self.num_heads,
                   f"dim={self.dim} must split into num_heads heads of even size")
         if self.router not in ROUTERS:
-            _fail("router", self.router, f"it must be one of {', '.join(ROUTERS)}")
+            reject("router", self.router, f"it must be one of {', '.join(ROUTERS)}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter_eps",
                      "init_std"):
-            _non_negative(name, getattr(self, name))
+            check_non_negative(name, getattr(self, name))
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
-            _non_negative(name, value)
+            check_non_negative(name, value)
             if value == 0:
-                _fail(name, value, "it must be > 0")
+                reject(name, value, "it must be > 0")
         if not isinstance(self.dense, bool):
-            _fail("dense", self.dense, "it must be True or False")
+            reject("dense", self.dense, "it must be True or False")
         if not self.dense:
             self.moe_config(0)  # MoEConfig validates top_k, router, capacity, ...
 
@@ -112,5 +102,5 @@ PRESETS: dict[str, LMConfig] = {
 
 def preset(name: str, **changes: Any) -> LMConfig:
     if name not in PRESETS:
-        _fail("preset", name, f"it must be one of {', '.join(PRESETS)}")
+        reject("preset", name, f"it must be one of {', '.join(PRESETS)}")
     return PRESETS[name].replace(**changes)

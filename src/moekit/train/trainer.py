@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.config import FrozenConfig
+from moekit.config import FrozenConfig, reject
 from moekit.layer import update_all_biases
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
@@ -35,8 +35,6 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,23 +71,23 @@ class TrainConfig(FrozenConfig):
                      "collapse_patience", "keep_checkpoints"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                _fail(name, v, "it must be a positive int")
+                reject(name, v, "it must be a positive int")
         if self.grad_accum > 64:
-            _fail("grad_accum", self.grad_accum, "it must be between 1 and 64")
+            reject("grad_accum", self.grad_accum, "it must be between 1 and 64")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
                 or self.warmup_steps < 0:
-            _fail("warmup_steps", self.warmup_steps, "it must be an int >= 0")
+            reject("warmup_steps", self.warmup_steps, "it must be an int >= 0")
         for name in ("lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
                     math.isfinite(v) and v >= 0):
-                _fail(name, v, "it must be a finite number >= 0")
+                reject(name, v, "it must be a finite number >= 0")
         for name in ("min_lr_ratio", "beta1", "beta2", "collapse_fraction"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                _fail(name, v, "it must be in [0, 1]")
+                reject(name, v, "it must be in [0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _fail("seed", self.seed, "it must be an int >= 0")
+            reject("seed", self.seed, "it must be an int >= 0")
 
 
 
@@ -224,7 +222,7 @@ class Trainer:
     def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
                  out_dir: str | Path, progress: bool = True) -> None:
         if train_config.seq_len > model_config.max_seq_len:
-            _fail("seq_len", train_config.seq_len,
+            reject("seq_len", train_config.seq_len,
                   f"it must be <= the model's max_seq_len={model_config.max_seq_len}")
         self.mcfg, self.cfg, self.corpus = model_config, train_config, corpus
         self.out_dir = Path(out_dir)

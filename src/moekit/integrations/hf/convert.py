@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from moekit.config import reject
+
 HF_PREFIX = "model.layers"
 
 
-def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
 # -- reading a transformers directory -------------------------------------------------
@@ -39,13 +39,13 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config.json as a dict, every tensor of every *.safetensors shard)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        _fail("source", str(path), "it must be a transformers checkpoint directory holding "
+        reject("source", str(path), "it must be a transformers checkpoint directory holding "
               "config.json and *.safetensors")
     config = json.loads((path / "config.json").read_text())
     tensors: dict[str, Tensor] = {}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
-        _fail("source", str(path), "it holds no *.safetensors file")
+        reject("source", str(path), "it holds no *.safetensors file")
     for shard in shards:
         tensors.update(load_file(str(shard)))
     return config, tensors
@@ -54,7 +54,7 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def check_mixtral(config: dict[str, Any]) -> None:
     """Refuse what moekit's language model cannot represent exactly."""
     if config.get("model_type") != "mixtral":
-        _fail("model_type", config.get("model_type"), "moekit convert reads Mixtral-style "
+        reject("model_type", config.get("model_type"), "moekit convert reads Mixtral-style "
               "checkpoints (model_type='mixtral')")
     D, H = config["hidden_size"], config["num_attention_heads"]
     checks = [
@@ -66,10 +66,10 @@ def check_mixtral(config: dict[str, Any]) -> None:
     ]
     for name, value, want, why in checks:
         if value != want:
-            _fail(name, value, why)
+            reject(name, value, why)
     window = config.get("sliding_window")
     if window is not None and window < config["max_position_embeddings"]:
-        _fail("sliding_window", window, "moekit's attention is full causal: it must be None "
+        reject("sliding_window", window, "moekit's attention is full causal: it must be None "
               "or >= max_position_embeddings")
 
 
@@ -125,7 +125,7 @@ def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
     """Inverse of _repeat_heads; the copies must still be equal (untrained since conversion)."""
     w_JRDhD = w_HDhD.view(J, H // J, -1, w_HDhD.shape[-1])
     if not bool((w_JRDhD == w_JRDhD[:, :1]).all()):
-        _fail(name, "diverged key/value heads", f"num_key_value_heads={J} needs the {H // J} "
+        reject(name, "diverged key/value heads", f"num_key_value_heads={J} needs the {H // J} "
               "copies of each key/value head to be equal; convert with num_key_value_heads="
               f"{H} instead (drop it from the saved config)")
     return w_JRDhD[:, 0].reshape(-1, w_HDhD.shape[-1])
@@ -217,7 +217,7 @@ def check_lm(lm: dict[str, Any]) -> None:
              "bias_update_rate": 0.0}
     for name, want in wants.items():
         if lm.get(name, want) != want:
-            _fail(name, lm.get(name), f"a Mixtral checkpoint needs {name}={want!r}")
+            reject(name, lm.get(name), f"a Mixtral checkpoint needs {name}={want!r}")
 
 
 def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
