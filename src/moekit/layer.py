@@ -52,6 +52,19 @@ def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
                          f"[0, hash_vocab_size={vocab})")
 
 
+def route_and_sort(router: Router, x_TD: Tensor, ids_T: Tensor | None, seq_len: int | None
+                   ) -> tuple[RouterOutput, Dispatch, int | None]:
+    """Route T tokens with ``router`` and sort the pairs by expert under the capacity policy.
+
+    Returns (the router's output, the Dispatch, the capacity or None when dropless).
+    """
+    cfg = router.cfg
+    routed = router(x_TD, ids_T, seq_len)
+    capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
+    dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
+    return routed, dispatch, capacity
+
+
 class MoE(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
 
@@ -83,9 +96,7 @@ class MoE(nn.Module):
         x_TD = x.reshape(-1, cfg.dim)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
         ids_T = None if token_ids is None else token_ids.reshape(-1)
-        routed = self.router(x_TD, ids_T, seq_len)
-        capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
-        dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
+        routed, dispatch, capacity = route_and_sort(self.router, x_TD, ids_T, seq_len)
         return x_TD, routed, dispatch, capacity
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:

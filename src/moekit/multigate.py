@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
-from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts
-from moekit.layer import check_input
+from moekit.layer import check_input, route_and_sort
 from moekit.routing.router import Router
 from moekit.routing.stats import RoutingStats, routing_stats
 
@@ -44,11 +44,9 @@ class MultiGateMoE(nn.Module):
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        capacity = None if cfg.capacity_factor is None else cfg.capacity(T)
-        outputs, stats, aux = [], [], x_TD.new_zeros((), dtype=x_TD.dtype).float()
+        outputs, stats, aux = [], [], x_TD.new_zeros((), dtype=torch.float32)
         for gate in self.gates:
-            routed = gate(x_TD, None, seq_len)
-            dispatch = sort_by_expert(routed.plan, cfg.num_experts, capacity, cfg.drop_policy)
+            routed, dispatch, _ = route_and_sort(gate, x_TD, None, seq_len)
             outputs.append(self.experts(x_TD, dispatch).view(x.shape))
             stats.append(routing_stats(routed.plan, dispatch, T, routed.z_loss, routed.aux_loss))
             aux = aux + routed.aux_loss
