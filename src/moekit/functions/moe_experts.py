@@ -5,7 +5,7 @@ in blocks of consecutive experts, each block at most ``BLOCK_ROWS`` rows
 (a single expert with more rows is a block of its own):
 
     forward   x_ND = x_TD[token]                 index_select into a reused buffer
-              h_NG = x_ND @ w_in[e] (+ b_in[e])   grouped GEMM; saved, nothing else is
+              h_NG = x_ND @ w_in[e] (+ b_in[e])   one mm per expert; saved, nothing else is
               y_ND = act(h_NG) @ w_out[e] (+ b_out[e])
               out_TD[token] += weight * y_ND       index_add_
     backward  recomputes x_ND and act(h_NG) per block, writes every expert's
@@ -16,9 +16,16 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
 - Blocks, not one expert at a time: a first version looped over experts in
   Python (~22 ops per expert); at T=4096/E=128/K=8/F=128 it measured 1.48x
   the dense FFN against 1.37x for blocks (1 thread, shared machine, A/B
-  medians). ``torch._grouped_mm`` runs a block's experts in C++.
+  medians). Within a block only the GEMMs are per expert (``mm(out=)`` into
+  the block's rows); gather, activation and scatter are one call per block.
   Blocks, not all rows at once: the gathered x, y and gradient rows stay
   bounded (BLOCK_ROWS x D) instead of K times the input.
+- A loop of ``mm``, not ``torch._grouped_mm``: on CPU the grouped kernel is a
+  C++ loop of the same GEMMs and measured slower (idle box, 2 threads, fp32,
+  random routing, all S rows in one call): gate+up 144 vs 103 ms at
+  T=4096/E=8/K=2, down 60 vs 35 ms at T=4096/E=128/K=8, equal within 5% at
+  T=256; and its weight gradient (``_grouped_mm(a.t(), b)``) 26.6 vs 10.4 ms
+  at T=256/E=64/K=8.
 - Only ``h`` (S x G) is saved and act(h) is recomputed: the dense SwiGLU
   FFN that the benchmark compares against saves h, silu(gate) and act(h).
 - Weight gradients: ``mm(..., out=grad[e])`` into one ``torch.empty``; indexing
@@ -28,9 +35,6 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
   advanced indexing costs 2-4x more on CPU, most of it in backward.
 - Reused row buffers: a fresh 1024 x 512 fp32 ``index_select`` result took
   1.5 ms and 409 page faults; into a reused buffer 0.1 ms and none.
-
-``torch._grouped_mm`` needs 16-byte aligned rows; otherwise (odd D or F, other
-dtypes) the same blocks run one ``mm`` per expert.
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
 else F, E experts, S routed rows, N rows of one block, B experts of one block.
@@ -58,7 +62,6 @@ class _Block:
     r0: int
     r1: int
     ends: tuple[int, ...]
-    ends_B: Tensor  # int32 copy of ``ends`` for torch._grouped_mm
 
     def experts(self):
         """(expert, first row, end row) within the block, for experts with rows."""
@@ -69,50 +72,29 @@ class _Block:
             start = end
 
 
-def _blocks(offsets: list[int], device: torch.device, block_rows: int) -> list[_Block]:
+def _blocks(offsets: list[int], block_rows: int) -> list[_Block]:
     blocks, e0, r0 = [], 0, 0
     for e, end in enumerate(offsets):
         last = e == len(offsets) - 1
         if last or offsets[e + 1] - r0 > block_rows:
             if end > r0:
                 ends = tuple(o - r0 for o in offsets[e0:e + 1])
-                blocks.append(_Block(e0, e + 1, r0, end, ends,
-                                     torch.tensor(ends, dtype=torch.int32, device=device)))
+                blocks.append(_Block(e0, e + 1, r0, end, ends))
             e0, r0 = e + 1, end
     return blocks
 
 
-def _aligned(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
-    """torch._grouped_mm: fp32/bf16, one dtype, D, F and G rows 16-byte aligned."""
-    per16 = 16 // x_TD.element_size()
-    dims = (x_TD.shape[1], w_in_EDG.shape[2], w_out_EFD.shape[1])
-    return (hasattr(torch, "_grouped_mm") and x_TD.dtype in (torch.float32, torch.bfloat16)
-            and x_TD.dtype == w_in_EDG.dtype == w_out_EFD.dtype
-            and all(n % per16 == 0 for n in dims))
-
-
-def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, grouped: bool, out_NY: Tensor) -> Tensor:
-    """Rows of expert e times b_BXY[e - e0]: [N, Y]."""
-    if grouped:
-        return torch._grouped_mm(a_NX, b_BXY, offs=blk.ends_B)
+def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
+    """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]."""
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t], b_BXY[e - blk.e0], out=out_NY[s:t])
     return out_NY
 
 
-def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor | None,
-                grouped: bool) -> Tensor:
-    """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows.
-
-    ``out_EXY=None`` (one block holding every expert): one grouped call returns
-    the whole gradient, zeros for experts without rows, instead of E mm calls.
-    """
-    if out_EXY is None:
-        assert grouped
-        return torch._grouped_mm(a_NX.t(), b_NY, offs=blk.ends_B)
+def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
+    """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
-    return out_EXY
 
 
 class _Workspace:
@@ -145,7 +127,6 @@ class _Weights:
     w_out_EFD: Tensor
     b_in_EG: Tensor | None
     b_out_ED: Tensor | None
-    grouped: bool
     kind: str | None
     act: ActFn
 
@@ -156,11 +137,11 @@ def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N
     n, D = tok_N.shape[0], x_TD.shape[1]
     G, F = p.w_in_EDG.shape[2], p.w_out_EFD.shape[1]
     x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
-    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, p.grouped, x_TD.new_empty(n, G))
+    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, x_TD.new_empty(n, G))
     if p.b_in_EG is not None:
         _bias_rows(p.b_in_EG, blk, h_NG)
     a_NF = _act_forward(h_NG, p.kind, p.act, ws.get("a", n, F))
-    y_ND = _gmm(a_NF, p.w_out_EFD[blk.e0:blk.e1], blk, p.grouped, ws.get("y", n, D))
+    y_ND = _gmm(a_NF, p.w_out_EFD[blk.e0:blk.e1], blk, ws.get("y", n, D))
     if p.b_out_ED is not None:
         _bias_rows(p.b_out_ED, blk, y_ND)
     out_TD.index_add_(0, tok_N, y_ND.mul_(w_N1))
@@ -175,24 +156,23 @@ class FusedExperts(torch.autograd.Function):
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, token_S: Tensor,
                 offsets: list[int], kind: str | None, act: ActFn,
                 block_rows: int = BLOCK_ROWS) -> Tensor:
-        blocks = _blocks(offsets, x_TD.device, block_rows)
-        grouped = _aligned(x_TD, w_in_EDG, w_out_EFD)
-        p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, grouped, kind, act)
+        blocks = _blocks(offsets, block_rows)
+        p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
         out_TD = x_TD.new_zeros(x_TD.shape)
         w_S1 = weight_S.to(x_TD.dtype)[:, None]
         ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
         hs = [_forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
               for b in blocks]
         ctx.save_for_backward(x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs)
-        ctx.blocks, ctx.p_static = blocks, (grouped, kind, act, b_in_EG is not None)
+        ctx.blocks, ctx.p_static = blocks, (kind, act, b_in_EG is not None)
         return out_TD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_TD: Tensor):
         x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs = ctx.saved_tensors
-        grouped, kind, act, has_b_in = ctx.p_static
-        p = _Weights(w_in_EDG, w_out_EFD, None, b_out_ED, grouped, kind, act)
+        kind, act, has_b_in = ctx.p_static
+        p = _Weights(w_in_EDG, w_out_EFD, None, b_out_ED, kind, act)
         grads = _Grads(ctx.needs_input_grad, x_TD, weight_S, p, has_b_in, ctx.blocks)
         g_TD = g_TD.contiguous()
         w_S1 = weight_S.to(x_TD.dtype)[:, None]
@@ -218,12 +198,8 @@ class _Grads:
         E, D, G = p.w_in_EDG.shape
         self.x_TD = x_TD.new_zeros(x_TD.shape) if need[0] else None  # index_add_ target
         self.weight_S = weight_S.new_zeros(weight_S.shape) if need[1] else None  # 0 if dropped
-        # one grouped call per weight when a single block holds every expert
-        self.whole = p.grouped and len(blocks) == 1
-        self.need_w_in, self.need_w_out = need[2], need[3]
-        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] and not self.whole else None
-        self.w_out = (p.w_out_EFD.new_empty(p.w_out_EFD.shape)
-                      if need[3] and not self.whole else None)
+        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] else None
+        self.w_out = p.w_out_EFD.new_empty(p.w_out_EFD.shape) if need[3] else None
         self.b_in = p.w_in_EDG.new_empty(E, G) if has_b_in and need[4] else None
         self.b_out = p.w_out_EFD.new_empty(E, D) if p.b_out_ED is not None and need[5] else None
         used = {e for b in blocks for e, _, _ in b.experts()}
@@ -250,7 +226,7 @@ class _Grads:
         w_out_BDF = p.w_out_EFD[blk.e0:blk.e1].transpose(1, 2)
         g_ND = torch.index_select(g_TD, 0, tok_N, out=ws.get("g", n, g_TD.shape[1]))
         # gradient of act(h) before the combine weight: d weight_S is its row dot with act(h)
-        gu_NF = _gmm(g_ND, w_out_BDF, blk, p.grouped, ws.get("gu", n, F))
+        gu_NF = _gmm(g_ND, w_out_BDF, blk, ws.get("gu", n, F))
         da_NF = torch.mul(gu_NF, w_N1, out=ws.get("da", n, F))
         a_NF, dh_NG = self._activation(ws, h_NG, da_NF)
         if self.weight_S is not None:
@@ -270,8 +246,8 @@ class _Grads:
         self.weight_S[blk.r0:blk.r1] = dw_N
 
     def _out_grads(self, blk: _Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
-        if self.need_w_out:
-            self.w_out = _gmm_weight(aw_NF, g_ND, blk, self.w_out, self.p.grouped)
+        if self.w_out is not None:
+            _gmm_weight(aw_NF, g_ND, blk, self.w_out)
         if self.b_out is not None:
             for e, s, t in blk.experts():
                 torch.mv(g_ND[s:t].t(), w_N1[s:t, 0], out=self.b_out[e])
@@ -281,12 +257,12 @@ class _Grads:
         if self.b_in is not None:
             for e, s, t in blk.experts():
                 torch.sum(dh_NG[s:t], 0, out=self.b_in[e])
-        if self.need_w_in:
+        if self.w_in is not None:
             x_ND = torch.index_select(self.x_in, 0, tok_N, out=ws.get("x", n, D))
-            self.w_in = _gmm_weight(x_ND, dh_NG, blk, self.w_in, self.p.grouped)
+            _gmm_weight(x_ND, dh_NG, blk, self.w_in)
         if self.x_TD is not None:
             w_in_BGD = self.p.w_in_EDG[blk.e0:blk.e1].transpose(1, 2)
-            dx_ND = _gmm(dh_NG, w_in_BGD, blk, self.p.grouped, ws.get("y", n, D))
+            dx_ND = _gmm(dh_NG, w_in_BGD, blk, ws.get("y", n, D))
             self.x_TD.index_add_(0, tok_N, dx_ND)
 
 
