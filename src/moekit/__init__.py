@@ -9,6 +9,7 @@ Shape letters used across the package:
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch, RoutingPlan
 from moekit.layer import MoE, MoEOutput, attach_bias_update, update_all_biases
+from moekit.malloc import tune_malloc
 from moekit.multigate import MultiGateMoE, MultiGateOutput
 from moekit.routing.stats import RoutingStats
 
@@ -42,5 +43,6 @@ __all__ = [
     "apply_hf",
     "attach_bias_update",
     "revert_hf",
+    "tune_malloc",
     "update_all_biases",
 ]

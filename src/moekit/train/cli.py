@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ROUTERS
+from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
 from moekit.train.checkpoint import LATEST, CheckpointError
@@ -105,6 +106,7 @@ def describe(trainer: Trainer) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_malloc()  # every step frees and re-allocates the same activations
     if args.threads:
         torch.set_num_threads(args.threads)
     if wants_distributed(args):

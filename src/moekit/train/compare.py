@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig
 from moekit.train.cli import add_model_arguments, add_train_arguments, configs_from_args
 from moekit.train.data import load_corpus
@@ -112,6 +113,7 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
