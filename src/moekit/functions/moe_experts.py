@@ -20,12 +20,16 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
   the block's rows); gather, activation and scatter are one call per block.
   Blocks, not all rows at once: the gathered x, y and gradient rows stay
   bounded (BLOCK_ROWS x D) instead of K times the input.
-- A loop of ``mm``, not ``torch._grouped_mm``: on CPU the grouped kernel is a
-  C++ loop of the same GEMMs and measured slower (idle box, 2 threads, fp32,
-  random routing, all S rows in one call): gate+up 144 vs 103 ms at
-  T=4096/E=8/K=2, down 60 vs 35 ms at T=4096/E=128/K=8, equal within 5% at
-  T=256; and its weight gradient (``_grouped_mm(a.t(), b)``) 26.6 vs 10.4 ms
-  at T=256/E=64/K=8.
+- The GEMMs of a block run in C++ (``moekit/csrc/cpu_experts.cpp``, built on
+  first use, see ``cpu_ext.py``): every expert's GEMM on one thread, the
+  threads taking different experts or output tiles. One GEMM at a time, each
+  split over both threads, T=256/E=64/K=8 measured 2.04x the dense FFN; with
+  the extension 1.62x (idle box, ``benchmarks/bench_cpu.py``, 7 A/B pairs).
+  Without the extension the same GEMMs run as a Python loop of ``mm(out=)``.
+- Not ``torch._grouped_mm``: on CPU it is a C++ loop of the same GEMMs and
+  measured slower than the Python loop (idle box, 2 threads, fp32, random
+  routing, all S rows in one call): gate+up 144 vs 103 ms at T=4096/E=8/K=2,
+  down 60 vs 35 ms at T=4096/E=128/K=8, equal within 5% at T=256.
 - Only ``h`` (S x G) is saved and act(h) is recomputed: the dense SwiGLU
   FFN that the benchmark compares against saves h, silu(gate) and act(h).
 - Weight gradients: ``mm(..., out=grad[e])`` into one ``torch.empty``; indexing
@@ -48,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from moekit.functions import cpu_ext
 from moekit.functions.glu import FAST_KINDS, ActFn, generic_backward, glu_backward, glu_forward
 
 BLOCK_ROWS = 8192
@@ -86,6 +91,10 @@ def _blocks(offsets: list[int], block_rows: int) -> list[_Block]:
 
 def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
     """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]."""
+    ext = cpu_ext.get() if a_NX.device.type == "cpu" else None
+    if ext is not None:
+        ext.grouped_mm_out(a_NX, b_BXY, blk.ends, out_NY)
+        return out_NY
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t], b_BXY[e - blk.e0], out=out_NY[s:t])
     return out_NY
@@ -93,6 +102,10 @@ def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
 
 def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
     """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
+    ext = cpu_ext.get() if a_NX.device.type == "cpu" else None
+    if ext is not None:
+        ext.grouped_mm_weight_out(a_NX, b_NY, blk.ends, out_EXY[blk.e0:blk.e1])
+        return
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
 

@@ -1,0 +1,168 @@
+// Grouped GEMMs for the fused CPU expert path, parallel over experts.
+//
+// A fine-grained MoE runs hundreds of small GEMMs (32 rows x 512 x 512 at
+// T=256, E=64, K=8). Run one at a time, each is split across every thread and
+// pays a parallel region per call; here every GEMM runs on one thread and the
+// threads take different experts (or tiles of one expert's output), cut into
+// tasks of about equal cost and dealt out in contiguous runs of equal total
+// cost. Inside the at::parallel_for region aten's mm (MKL on x86) runs
+// single-threaded.
+//
+// Built on first use by moekit/functions/cpu_ext.py (torch.utils.cpp_extension,
+// -fopenmp: at::parallel_for is an inline OpenMP region).
+//
+// Shape letters: N rows sorted by expert, X input width, Y output width,
+// B experts of the call; ends[i] is the end row of expert i (cumulative).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Task {
+  int64_t expert, r0, r1, c0, c1;  // output rows [r0, r1) and columns [c0, c1)
+  double cost;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Cuts one expert's output (rows x cols, cost per element `work`) into pieces
+// of about `target` cost: columns first (in multiples of 64, so the GEMM keeps
+// all of its rows), then rows (at least `min_rows` each).
+void cut(std::vector<Task>& tasks, int64_t expert, int64_t r0, int64_t r1, int64_t cols,
+         double work, double target, int64_t min_rows) {
+  const int64_t rows = r1 - r0;
+  const double cost = static_cast<double>(rows) * cols * work;
+  int64_t pieces = std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5));
+  const int64_t col_pieces = std::min(pieces, std::max<int64_t>(1, cols / 64));
+  const int64_t row_pieces =
+      std::min(ceil_div(pieces, col_pieces), std::max<int64_t>(1, rows / min_rows));
+  const int64_t col_step = ceil_div(ceil_div(cols, col_pieces), 16) * 16;
+  const int64_t row_step = ceil_div(rows, row_pieces);
+  for (int64_t r = r0; r < r1; r += row_step) {
+    for (int64_t c = 0; c < cols; c += col_step) {
+      const int64_t re = std::min(r1, r + row_step), ce = std::min(cols, c + col_step);
+      tasks.push_back({expert, r, re, c, ce, static_cast<double>(re - r) * (ce - c) * work});
+    }
+  }
+}
+
+// Runs `body(task)` for every task, each thread taking a contiguous run of
+// tasks of about equal total cost.
+template <typename F>
+void run(const std::vector<Task>& tasks, const F& body) {
+  if (tasks.empty()) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  std::vector<int64_t> first(threads + 1, static_cast<int64_t>(tasks.size()));
+  double total = 0;
+  for (const auto& t : tasks) total += t.cost;
+  double seen = 0;
+  int64_t next = 1;
+  first[0] = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(tasks.size()) && next < threads; ++i) {
+    // task i goes to the thread whose share holds its midpoint
+    while (next < threads && seen + tasks[i].cost / 2 >= total * next / threads) {
+      first[next++] = i;
+    }
+    seen += tasks[i].cost;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    // grad mode is thread-local and the pool's threads do not inherit the
+    // caller's no_grad: go straight to the CPU kernels (no autograd recording)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = first[t]; i < first[t + 1]; ++i) body(tasks[i]);
+    }
+  });
+}
+
+std::vector<int64_t> starts_of(const std::vector<int64_t>& ends) {
+  std::vector<int64_t> starts(ends.size());
+  for (size_t i = 0; i < ends.size(); ++i) starts[i] = i ? ends[i - 1] : 0;
+  return starts;
+}
+
+void check(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
+}
+
+double target_cost(double total) {
+  // about 4 tasks per thread; none smaller than 32 x 64 x 512 multiply-adds
+  return std::max(total / (4.0 * at::get_num_threads()), 32.0 * 64 * 512);
+}
+
+}  // namespace
+
+// out_NY[rows of expert i] = a_NX[rows of expert i] @ b_BXY[i]. b_BXY may be
+// any strided view (a transposed weight). Rows past ends.back() are untouched.
+void grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
+                    const std::vector<int64_t>& ends, torch::Tensor& out_NY) {
+  check(a_NX, "a_NX", 2);
+  check(b_BXY, "b_BXY", 3);
+  check(out_NY, "out_NY", 2);
+  TORCH_CHECK(static_cast<int64_t>(ends.size()) == b_BXY.size(0), "ends has ", ends.size(),
+              " entries for ", b_BXY.size(0), " experts");
+  TORCH_CHECK(ends.empty() || ends.back() <= a_NX.size(0), "ends.back()=", ends.back(),
+              " exceeds the ", a_NX.size(0), " rows of a_NX");
+  const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
+  TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
+              b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
+  const auto starts = starts_of(ends);
+  double total = 0;
+  for (size_t i = 0; i < ends.size(); ++i) total += double(ends[i] - starts[i]) * Y * X;
+  const double target = target_cost(total);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
+  }
+  run(tasks, [&](const Task& t) {
+    auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
+    at::mm_out(out, a_NX.narrow(0, t.r0, t.r1 - t.r0),
+               b_BXY.select(0, t.expert).narrow(1, t.c0, t.c1 - t.c0));
+  });
+}
+
+// out_BXY[i] = a_NX[rows of expert i]^T @ b_NY[rows of expert i], for the
+// experts with rows; the slices of experts without rows are untouched.
+void grouped_mm_weight_out(const torch::Tensor& a_NX, const torch::Tensor& b_NY,
+                           const std::vector<int64_t>& ends, torch::Tensor& out_BXY) {
+  check(a_NX, "a_NX", 2);
+  check(b_NY, "b_NY", 2);
+  check(out_BXY, "out_BXY", 3);
+  TORCH_CHECK(static_cast<int64_t>(ends.size()) == out_BXY.size(0), "ends has ", ends.size(),
+              " entries for ", out_BXY.size(0), " experts");
+  TORCH_CHECK(ends.empty() || ends.back() <= std::min(a_NX.size(0), b_NY.size(0)),
+              "ends.back() exceeds the rows of a_NX or b_NY");
+  const int64_t X = a_NX.size(1), Y = b_NY.size(1);
+  TORCH_CHECK(out_BXY.size(1) == X && out_BXY.size(2) == Y, "out_BXY ", out_BXY.sizes(),
+              " must be [", ends.size(), ", ", X, ", ", Y, "]");
+  const auto starts = starts_of(ends);
+  double total = 0;
+  for (size_t i = 0; i < ends.size(); ++i) total += double(ends[i] - starts[i]) * X * Y;
+  const double target = target_cost(total);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i) {
+    const int64_t n = ends[i] - starts[i];
+    if (n == 0) continue;
+    // tiles of the X x Y output; the reduction over the expert's n rows stays whole
+    cut(tasks, i, 0, X, Y, static_cast<double>(n), target, 64);
+  }
+  run(tasks, [&](const Task& t) {
+    const int64_t s = starts[t.expert], n = ends[t.expert] - s;
+    auto out = out_BXY.select(0, t.expert).narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0,
+                                                                               t.c1 - t.c0);
+    at::mm_out(out, a_NX.narrow(0, s, n).narrow(1, t.r0, t.r1 - t.r0).t(),
+               b_NY.narrow(0, s, n).narrow(1, t.c0, t.c1 - t.c0));
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("grouped_mm_out", &grouped_mm_out,
+        "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
+  m.def("grouped_mm_weight_out", &grouped_mm_weight_out,
+        "out[i] = a[rows of i]^T @ b[rows of i], parallel over experts");
+}

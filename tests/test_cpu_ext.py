@@ -1,0 +1,143 @@
+"""The C++ CPU grouped GEMMs (moekit/csrc/cpu_experts.cpp) against fp64 per-expert products.
+
+Covers experts without rows, transposed weight views, outputs cut into tiles
+(large experts), 1 and 2 threads, bf16, rows past the last expert left alone,
+the whole MoE layer with and without the extension, and the fallback when the
+build is disabled or fails. Shape letters: N rows sorted by expert, X input
+width, Y output width, B experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+from moekit.functions import cpu_ext
+
+# (X, Y, rows per expert): empty experts, a single row, and experts large enough
+# that their output is cut into tiles (cost > 32 x 64 x 512 multiply-adds): by
+# columns in the first shape, by rows in the second (Y = 64 is one column tile)
+SHAPES = [(64, 256, [0, 1, 37, 0, 300, 5, 260]), (512, 64, [0, 2000, 3])]
+X, Y = 64, 256
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = cpu_ext.get()
+    assert module is not None, "the C++ CPU kernels did not build on this machine"
+    return module
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _ends(rows):
+    return torch.tensor(rows).cumsum(0).tolist()
+
+
+def _close(got, want, dtype):
+    atol, rtol = TOL[dtype]
+    err = (got.double() - want).abs().max().item()
+    assert err <= atol + rtol * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["col_tiles", "row_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["w", "w_view_T"])
+def test_grouped_mm_matches_per_expert_products(ext, threads, shape, dtype, transposed):
+    X, Y, rows = shape
+    gen = torch.Generator().manual_seed(0)
+    ends, B = _ends(rows), len(rows)
+    a = torch.randn(ends[-1] + 3, X, generator=gen).to(dtype)  # 3 rows past the last expert
+    w = torch.randn(B, Y, X, generator=gen).to(dtype).transpose(1, 2) if transposed \
+        else torch.randn(B, X, Y, generator=gen).to(dtype)
+    out = torch.full((a.shape[0], Y), 7.0, dtype=dtype)
+    ext.grouped_mm_out(a, w, ends, out)
+    start = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            _close(out[start:end], a[start:end].double() @ w[e].double(), dtype)
+        start = end
+    assert (out[ends[-1]:] == 7).all()  # rows past the last expert untouched
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["col_tiles", "row_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_weight_grad_matches_per_expert_products(ext, threads, shape, dtype):
+    X, Y, rows = shape
+    gen = torch.Generator().manual_seed(1)
+    ends, B = _ends(rows), len(rows)
+    a = torch.randn(ends[-1], X, generator=gen).to(dtype)
+    b = torch.randn(ends[-1], Y, generator=gen).to(dtype)
+    out = torch.full((B, X, Y), 7.0, dtype=dtype)
+    ext.grouped_mm_weight_out(a, b, ends, out)
+    start = 0
+    for e, end in enumerate(ends):
+        if end == start:
+            assert (out[e] == 7).all()  # experts without rows: left to the caller
+        else:
+            _close(out[e], a[start:end].double().t() @ b[start:end].double(), dtype)
+        start = end
+
+
+def test_bad_shapes_are_named(ext):
+    a, w, out = torch.randn(10, X), torch.randn(3, X, Y), torch.empty(10, Y)
+    with pytest.raises(RuntimeError, match="ends has 2 entries for 3 experts"):
+        ext.grouped_mm_out(a, w, [4, 10], out)
+    with pytest.raises(RuntimeError, match="exceeds the 10 rows"):
+        ext.grouped_mm_out(a, w, [4, 10, 11], out)
+    with pytest.raises(RuntimeError, match="do not chain"):
+        ext.grouped_mm_out(a, torch.randn(3, X + 1, Y), [4, 8, 10], out)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(num_experts=16, top_k=4),
+    dict(num_experts=6, top_k=2, capacity_factor=0.6, expert_bias=True),
+    dict(num_experts=8, top_k=2, activation="gelu"),
+], ids=["E16K4", "drops+bias", "gelu"])
+def test_layer_with_and_without_the_extension_agree(ext, threads, cfg, monkeypatch):
+    """Weights require grad: the pool's threads must not record autograd."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=32, ffn_dim=48, **cfg), backend="fused")
+    x = torch.randn(2, 150, 32)
+
+    def run(module):
+        monkeypatch.setattr(cpu_ext, "_module", module)
+        xx = x.clone().requires_grad_(True)
+        moe.zero_grad(set_to_none=True)
+        out = moe(xx)
+        (out.output.square().sum() + out.aux_loss).backward()
+        return [out.output.detach(), xx.grad] + [p.grad for p in moe.parameters()]
+
+    with_ext, without = run(ext), run(None)
+    assert len(with_ext) == len(without)
+    for got, want in zip(with_ext, without, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_tried", False)
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setenv(cpu_ext.ENV, "0")
+    assert cpu_ext.get() is None
+
+
+def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_ext, "_tried", False)
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setattr(cpu_ext, "SOURCE", broken)
+    monkeypatch.setattr(cpu_ext, "NAME", "moekit_test_broken_build")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    monkeypatch.delenv(cpu_ext.ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="could not be built or loaded.*Python loop"):
+        assert cpu_ext.get() is None
+    assert cpu_ext.get() is None  # tried once, not again
