@@ -211,8 +211,11 @@ class _Grads:
         E, D, G = p.w_in_EDG.shape
         self.x_TD = x_TD.new_zeros(x_TD.shape) if need[0] else None  # index_add_ target
         self.weight_S = weight_S.new_zeros(weight_S.shape) if need[1] else None  # 0 if dropped
-        self.w_in = p.w_in_EDG.new_empty(E, D, G) if need[2] else None
-        self.w_out = p.w_out_EFD.new_empty(p.w_out_EFD.shape) if need[3] else None
+        # empty_like keeps the weight's strides: where the weight is a transposed view
+        # (transformers' [E, G, D] layout), the gradient comes back in the parameter's
+        # own layout and autograd stores it without a transposing copy
+        self.w_in = torch.empty_like(p.w_in_EDG) if need[2] else None
+        self.w_out = torch.empty_like(p.w_out_EFD) if need[3] else None
         self.b_in = p.w_in_EDG.new_empty(E, G) if has_b_in and need[4] else None
         self.b_out = p.w_out_EFD.new_empty(E, D) if p.b_out_ED is not None and need[5] else None
         used = {e for b in blocks for e, _, _ in b.experts()}
