@@ -50,3 +50,8 @@ def test_tuned_malloc_reuses_freed_memory_without_page_faults():
 def test_bad_top_pad_is_named(bad):
     with pytest.raises(ValueError, match="top_pad_bytes"):
         moekit.tune_malloc(bad)
+
+
+def test_the_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv("MOEKIT_TUNE_MALLOC", "0")
+    assert moekit.tune_malloc() is False
