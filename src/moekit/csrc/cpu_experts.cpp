@@ -4,8 +4,8 @@
 // T=256, E=64, K=8). Run one at a time, each is split across every thread and
 // pays a parallel region per call; here every GEMM runs on one thread and the
 // threads take different experts (or tiles of one expert's output), cut into
-// tasks of about equal cost and dealt out in contiguous runs of equal total
-// cost. Inside the at::parallel_for region aten's mm (MKL on x86) runs
+// tasks of about equal cost and handed out largest first to whichever thread
+// is free. Inside the at::parallel_for region aten's mm (MKL on x86) runs
 // single-threaded.
 //
 // Built on first use by moekit/functions/cpu_ext.py (torch.utils.cpp_extension,
@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -50,32 +52,25 @@ void cut(std::vector<Task>& tasks, int64_t expert, int64_t r0, int64_t r1, int64
   }
 }
 
-// Runs `body(task)` for every task, each thread taking a contiguous run of
-// tasks of about equal total cost.
+// Runs `body(task)` for every task: largest first, each thread taking the
+// next task when it finishes one. Measured against contiguous runs of equal
+// estimated cost per thread (one A/B median each, fwd+bwd of the MoE layer):
+// 0.977x the time at T=4096/E=128/K=8, 0.976x at T=4096/E=8/K=2, 1.009x at
+// T=256/E=64/K=8. Each task writes its own output tile with one
+// single-threaded GEMM, so results do not depend on which thread ran it.
 template <typename F>
-void run(const std::vector<Task>& tasks, const F& body) {
+void run(std::vector<Task> tasks, const F& body) {
   if (tasks.empty()) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks.size());
-  std::vector<int64_t> first(threads + 1, static_cast<int64_t>(tasks.size()));
-  double total = 0;
-  for (const auto& t : tasks) total += t.cost;
-  double seen = 0;
-  int64_t next = 1;
-  first[0] = 0;
-  for (int64_t i = 0; i < static_cast<int64_t>(tasks.size()) && next < threads; ++i) {
-    // task i goes to the thread whose share holds its midpoint
-    while (next < threads && seen + tasks[i].cost / 2 >= total * next / threads) {
-      first[next++] = i;
-    }
-    seen += tasks[i].cost;
-  }
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     // grad mode is thread-local and the pool's threads do not inherit the
     // caller's no_grad: go straight to the CPU kernels (no autograd recording)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = first[t]; i < first[t + 1]; ++i) body(tasks[i]);
-    }
+    for (int64_t i = next++; i < n; i = next++) body(tasks[i]);
   });
 }
 
@@ -119,7 +114,7 @@ void grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   for (size_t i = 0; i < ends.size(); ++i) {
     if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
   }
-  run(tasks, [&](const Task& t) {
+  run(std::move(tasks), [&](const Task& t) {
     auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
     at::mm_out(out, a_NX.narrow(0, t.r0, t.r1 - t.r0),
                b_BXY.select(0, t.expert).narrow(1, t.c0, t.c1 - t.c0));
@@ -151,7 +146,7 @@ void grouped_mm_weight_out(const torch::Tensor& a_NX, const torch::Tensor& b_NY,
     // tiles of the X x Y output; the reduction over the expert's n rows stays whole
     cut(tasks, i, 0, X, Y, static_cast<double>(n), target, 64);
   }
-  run(tasks, [&](const Task& t) {
+  run(std::move(tasks), [&](const Task& t) {
     const int64_t s = starts[t.expert], n = ends[t.expert] - s;
     auto out = out_BXY.select(0, t.expert).narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0,
                                                                                t.c1 - t.c0);
