@@ -85,8 +85,18 @@ void check(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
 }
 
-double target_cost(double total) {
-  // about 4 tasks per thread; none smaller than 32 x 64 x 512 multiply-adds
+// `ends` has one entry per expert and stays within `rows`.
+void check_ends(const std::vector<int64_t>& ends, int64_t experts, int64_t rows) {
+  TORCH_CHECK(static_cast<int64_t>(ends.size()) == experts, "ends has ", ends.size(),
+              " entries for ", experts, " experts");
+  TORCH_CHECK(ends.empty() || ends.back() <= rows, "ends.back()=", ends.back(),
+              " exceeds the ", rows, " rows");
+}
+
+// The cost one task should have: about 4 tasks per thread, none smaller than
+// 32 x 64 x 512 multiply-adds; `work_per_row` multiply-adds per routed row.
+double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
+  const double total = ends.empty() ? 0.0 : ends.back() * work_per_row;
   return std::max(total / (4.0 * at::get_num_threads()), 32.0 * 64 * 512);
 }
 
@@ -99,17 +109,12 @@ void grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   check(a_NX, "a_NX", 2);
   check(b_BXY, "b_BXY", 3);
   check(out_NY, "out_NY", 2);
-  TORCH_CHECK(static_cast<int64_t>(ends.size()) == b_BXY.size(0), "ends has ", ends.size(),
-              " entries for ", b_BXY.size(0), " experts");
-  TORCH_CHECK(ends.empty() || ends.back() <= a_NX.size(0), "ends.back()=", ends.back(),
-              " exceeds the ", a_NX.size(0), " rows of a_NX");
+  check_ends(ends, b_BXY.size(0), a_NX.size(0));
   const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
   TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
               b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
   const auto starts = starts_of(ends);
-  double total = 0;
-  for (size_t i = 0; i < ends.size(); ++i) total += double(ends[i] - starts[i]) * Y * X;
-  const double target = target_cost(total);
+  const double target = target_cost(ends, double(X) * Y);
   std::vector<Task> tasks;
   for (size_t i = 0; i < ends.size(); ++i) {
     if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
@@ -128,17 +133,12 @@ void grouped_mm_weight_out(const torch::Tensor& a_NX, const torch::Tensor& b_NY,
   check(a_NX, "a_NX", 2);
   check(b_NY, "b_NY", 2);
   check(out_BXY, "out_BXY", 3);
-  TORCH_CHECK(static_cast<int64_t>(ends.size()) == out_BXY.size(0), "ends has ", ends.size(),
-              " entries for ", out_BXY.size(0), " experts");
-  TORCH_CHECK(ends.empty() || ends.back() <= std::min(a_NX.size(0), b_NY.size(0)),
-              "ends.back() exceeds the rows of a_NX or b_NY");
+  check_ends(ends, out_BXY.size(0), std::min(a_NX.size(0), b_NY.size(0)));
   const int64_t X = a_NX.size(1), Y = b_NY.size(1);
   TORCH_CHECK(out_BXY.size(1) == X && out_BXY.size(2) == Y, "out_BXY ", out_BXY.sizes(),
               " must be [", ends.size(), ", ", X, ", ", Y, "]");
   const auto starts = starts_of(ends);
-  double total = 0;
-  for (size_t i = 0; i < ends.size(); ++i) total += double(ends[i] - starts[i]) * X * Y;
-  const double target = target_cost(total);
+  const double target = target_cost(ends, double(X) * Y);
   std::vector<Task> tasks;
   for (size_t i = 0; i < ends.size(); ++i) {
     const int64_t n = ends[i] - starts[i];
