@@ -2,7 +2,7 @@
 
 Checks the output and the gradients of x, w_in, w_out, b_in, b_out and the
 router weight through the whole MoE layer, and the Function on hand-made
-dispatches (dropped rows, blocks split across calls, the mm fallback).
+dispatches (dropped rows, blocks split across calls, odd sizes).
 Shape letters: T tokens, D hidden, F expert hidden, E experts, K top-k.
 """
 
@@ -30,7 +30,7 @@ CASES = [
     (24, 5, 5, 16, 8, {}),                             # K == E
     (40, 6, 2, 16, 8, {"capacity_factor": 0.5}),       # capacity: rows dropped
     (30, 4, 2, 16, 8, {"expert_bias": True}),          # biases
-    (29, 5, 2, 23, 13, {"expert_bias": True}),         # odd D/F: the mm fallback
+    (29, 5, 2, 23, 13, {"expert_bias": True}),         # odd D/F
     (20, 4, 2, 16, 8, {"activation": "geglu"}),
     (20, 4, 2, 16, 8, {"activation": "relu2"}),
     (20, 4, 2, 16, 8, {"activation": "gelu", "expert_bias": True}),
@@ -176,7 +176,7 @@ def _swiglu(h):
 
 @pytest.mark.parametrize("block_rows", [1, 5, 8192])
 @pytest.mark.parametrize("D,Fd", [(16, 8), (15, 7)])
-def test_blocks_dropped_rows_and_fallback(block_rows, D, Fd):
+def test_blocks_dropped_rows_and_odd_sizes(block_rows, D, Fd):
     """Dropped rows contribute nothing and get no gradient, however rows are blocked."""
     E, T, counts = 5, 10, [3, 0, 6, 1, 4]
     d = _dispatch(E, counts, dropped=4, T=T, seed=0)
