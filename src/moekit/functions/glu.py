@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moekit.functions import cpu_ext
+
 ActFn = Callable[[Tensor], Tensor]
 
 FAST_KINDS = frozenset({"swiglu", "geglu"})
@@ -33,8 +35,21 @@ def _act_into(kind: str, gate_NF: Tensor, out_NF: Tensor) -> Tensor:
     return torch.ops.aten.gelu.out(gate_NF, out=out_NF)
 
 
+def _one_pass(kind: str, *tensors: Tensor):
+    """The C++ one-pass SwiGLU (moekit/csrc/cpu_experts.cpp) where it applies, else None:
+    float32 CPU tensors with contiguous rows."""
+    if kind != "swiglu" or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                   and t.dim() == 2 and t.stride(1) == 1 for t in tensors):
+        return None
+    return cpu_ext.get()
+
+
 def glu_forward(h_NG: Tensor, kind: str, out_NF: Tensor) -> Tensor:
     """act(gate) * up for kind "swiglu" (silu) or "geglu" (exact gelu), into ``out_NF``."""
+    ext = _one_pass(kind, h_NG, out_NF)
+    if ext is not None:
+        ext.swiglu_out(h_NG, out_NF)
+        return out_NF
     gate_NF, up_NF = _split(h_NG)
     return _act_into(kind, gate_NF, out_NF).mul_(up_NF)
 
@@ -48,6 +63,10 @@ def glu_backward(h_NG: Tensor, da_NF: Tensor, kind: str, a_NF: Tensor, tmp_NF: T
     needs. Writes into the caller's buffers ``a_NF``, ``tmp_NF`` and ``dh_NG``:
     fresh allocations here page-fault on every call with glibc malloc.
     """
+    ext = _one_pass(kind, h_NG, da_NF, a_NF, dh_NG)
+    if ext is not None:
+        ext.swiglu_backward_out(h_NG, da_NF, a_NF, dh_NG)
+        return a_NF, dh_NG
     gate_NF, up_NF = _split(h_NG)
     dgate_NF, dup_NF = _split(dh_NG)
     act_NF = _act_into(kind, gate_NF, a_NF)
