@@ -31,6 +31,15 @@ DropPolicy = Literal["position", "probability"]
 DROP_POLICIES: tuple[str, ...] = DropPolicy.__args__  # type: ignore[attr-defined]
 
 MAX_EXPERTS = 512
+# Upper bounds that only an error reaches: typical values are 1e-3..1e-2 for loss
+# coefficients, 1e-3 for the bias step (scores lie in [0, 1]), 1..16 for the routed
+# scaling (DeepSeek-V2 16, V3 2.5), 7 for the GPT-OSS clamp. 1e308 made the loss inf.
+MAX_LOSS_COEF = 100.0
+MAX_SCALING = 1e3
+MAX_SWIGLU = 1e4
+# hash table rows: 4M ids x K int64 = 256 MiB at K=8; real vocabularies are < 300k
+MAX_HASH_VOCAB = 1 << 22
+MAX_SEED = 2**63 - 1
 
 _C = TypeVar("_C", bound="FrozenConfig")
 
@@ -61,9 +70,43 @@ def reject(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
-def check_positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        reject(name, value, "it must be a positive int")
+        reject(name, value, "it must be a positive int" + (
+            "" if maximum is None else f" <= {maximum}"))
+    if maximum is not None and value > maximum:
+        reject(name, value, f"it must be a positive int <= {maximum}")
+
+
+def check_int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        reject(name, value, f"it must be an int in [{low}, {high}]")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Only True or False: a truthy string such as "False" must not switch a feature on."""
+    if not isinstance(value, bool):
+        reject(name, value, "it must be True or False")
+
+
+def check_number(name: str, value: Any, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """A real number (not a bool), finite, in [low, high]; ``*_open`` excludes that end."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        span = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
+                f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        reject(name, value, f"it must be a finite number {span}")
+
+
+def flag_message(err: Exception, flags: dict[str, str]) -> str:
+    """One line for a command: ``field=value is not allowed: ...`` led by the field's flag."""
+    msg = " ".join(str(err).split())
+    field = msg.split("=", 1)[0]
+    return f"{flags[field]}: {msg}" if field in flags else msg
 
 
 def check_non_negative(name: str, value: Any) -> None:
@@ -140,23 +183,26 @@ class MoEConfig(FrozenConfig):
             reject("num_shared_experts", self.num_shared_experts, "it must be an int >= 0")
         if self.shared_ffn_dim is not None:
             check_positive_int("shared_ffn_dim", self.shared_ffn_dim)
-        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
-                     "bias_update_rate", "jitter_eps", "swiglu_limit", "swiglu_alpha"):
-            check_non_negative(name, getattr(self, name))
-        if not (isinstance(self.routed_scaling_factor, (int, float))
-                and math.isfinite(self.routed_scaling_factor)
-                and self.routed_scaling_factor > 0):
-            reject("routed_scaling_factor", self.routed_scaling_factor,
-                  "it must be a finite number > 0")
-        if self.jitter_eps >= 1:
-            reject("jitter_eps", self.jitter_eps, "it must be in [0, 1)")
-        if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float))
-                and not isinstance(self.capacity_factor, bool)
-                and math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
-            reject("capacity_factor", self.capacity_factor,
-                  "it must be None (dropless) or a finite number > 0")
+        for name in ("expert_bias", "shared_expert_gate", "renormalize", "check_finite"):
+            check_bool(name, getattr(self, name))
+        self._check_numbers()
         self._check_router()
+
+    def _check_numbers(self) -> None:
+        for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef"):
+            check_number(name, getattr(self, name), 0, MAX_LOSS_COEF)
+        check_number("bias_update_rate", self.bias_update_rate, 0, 1)
+        check_number("jitter_eps", self.jitter_eps, 0, 1, high_open=True)
+        check_number("swiglu_limit", self.swiglu_limit, 0, MAX_SWIGLU)
+        check_number("swiglu_alpha", self.swiglu_alpha, 0, MAX_SWIGLU)
+        check_number("routed_scaling_factor", self.routed_scaling_factor, 0, MAX_SCALING,
+                     low_open=True)
+        # capacity_factor = E already lets every expert hold all T*K pairs (expert
+        # choice: all T tokens); more only inflates buffers (1e308 overflowed to inf)
+        if self.capacity_factor is not None:
+            check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
+                         low_open=True)
+        check_int_range("hash_seed", self.hash_seed, 0, MAX_SEED)
 
     def _check_router(self) -> None:
         if self.num_experts % self.num_groups:
@@ -178,7 +224,7 @@ class MoEConfig(FrozenConfig):
         if self.router == "hash":
             if self.hash_vocab_size is None:
                 reject("hash_vocab_size", None, "router='hash' needs the token-id vocabulary size")
-            check_positive_int("hash_vocab_size", self.hash_vocab_size)
+            check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)
         if self.router == "expert_choice" and self.seq_aux_loss_coef:
             reject("seq_aux_loss_coef", self.seq_aux_loss_coef,
                   "expert_choice is balanced by construction; use 0")
@@ -202,7 +248,8 @@ class MoEConfig(FrozenConfig):
         """Rows each expert may take (C) for ``num_tokens`` tokens; T*K when dropless."""
         if self.router == "expert_choice":
             factor = self.top_k if self.capacity_factor is None else self.capacity_factor
-            return max(1, min(num_tokens, math.ceil(factor * num_tokens / self.num_experts)))
+            # min(T, .) last: zero tokens give C = 0, not a top-1 of an empty set
+            return min(num_tokens, max(1, math.ceil(factor * num_tokens / self.num_experts)))
         if self.capacity_factor is None:
             return num_tokens * self.top_k
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k

@@ -24,8 +24,20 @@ class MoEOutput(NamedTuple):
     stats: RoutingStats
 
 
-def check_input(x: Tensor, dim: int, check_finite: bool = False) -> None:
-    """Raise ValueError naming the argument, its value and what is allowed."""
+AUTOCAST_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_input(x: Tensor, dim: int, check_finite: bool = False,
+                weight: Tensor | None = None) -> None:
+    """Raise ValueError naming the argument, its value and what is allowed.
+
+    With ``weight`` (a parameter of the layer), x must also sit on its device
+    and have its dtype: we refuse rather than cast, because a silent cast would
+    hide a float64 pipeline losing precision (or double the memory of a bf16
+    one), and a mismatch found inside the GEMM comes after the router has
+    already counted the tokens into its load buffer. Under autocast any of
+    float32/bfloat16/float16 is fine: autocast casts for the GEMMs.
+    """
     if not isinstance(x, Tensor):
         raise ValueError(f"x={type(x).__name__} is not allowed: it must be a torch.Tensor")
     if not x.is_floating_point():
@@ -34,14 +46,34 @@ def check_input(x: Tensor, dim: int, check_finite: bool = False) -> None:
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"x.shape={tuple(x.shape)} is not allowed: its last dimension "
                          f"must be dim={dim}")
+    if weight is not None:
+        check_like_weight(x, weight)
     if check_finite and not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or inf, which is not allowed with check_finite=True")
+
+
+def check_like_weight(x: Tensor, weight: Tensor) -> None:
+    if x.device != weight.device:
+        raise ValueError(f"x.device={x.device} is not allowed: it must be the layer's device "
+                         f"({weight.device}); move one of them with .to()")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not (autocast and x.dtype in AUTOCAST_INPUTS):
+        raise ValueError(f"x.dtype={x.dtype} is not allowed: it must be the layer's dtype "
+                         f"({weight.dtype}), or float32/bfloat16/float16 under autocast; "
+                         f"cast with x.to({weight.dtype}) or the layer with .to({x.dtype})")
 
 
 def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
     if token_ids is None:
         raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
                          "(an integer tensor shaped like x without its last dimension)")
+    if not isinstance(token_ids, Tensor):
+        raise ValueError(f"token_ids={type(token_ids).__name__} is not allowed: it must be "
+                         "an integer torch.Tensor")
+    if token_ids.dtype == torch.bool or token_ids.is_complex():
+        # a bool tensor used as an index is a mask, not ids
+        raise ValueError(f"token_ids.dtype={token_ids.dtype} is not allowed: it must be an "
+                         "integer dtype (int64, int32, int16, int8, uint8)")
     if token_ids.shape != x.shape[:-1] or token_ids.is_floating_point():
         raise ValueError(f"token_ids (shape {tuple(token_ids.shape)}, {token_ids.dtype}) is "
                          f"not allowed: it must be an integer tensor of shape "
@@ -89,13 +121,15 @@ class MoE(nn.Module):
         Returns (x_TD, the router's output, the Dispatch, the capacity or None).
         """
         cfg = self.config
-        check_input(x, cfg.dim, cfg.check_finite)
+        check_input(x, cfg.dim, cfg.check_finite, self.experts.w_in)
         if cfg.router == "hash":
             assert cfg.hash_vocab_size is not None
             check_token_ids(token_ids, x, cfg.hash_vocab_size)
         x_TD = x.reshape(-1, cfg.dim)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        # int64 ids: a uint8 index tensor would be read as a mask, int8/int16 ids give
+        # index errors in the table lookup
+        ids_T = None if token_ids is None else token_ids.reshape(-1).long()
         routed, dispatch, capacity = route_and_sort(self.router, x_TD, ids_T, seq_len)
         return x_TD, routed, dispatch, capacity
 

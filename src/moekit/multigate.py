@@ -28,6 +28,9 @@ class MultiGateOutput(NamedTuple):
 class MultiGateMoE(nn.Module):
     def __init__(self, config: MoEConfig, num_tasks: int, backend: str = "auto") -> None:
         super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"config={type(config).__name__} is not allowed: it must be "
+                             "a moekit.MoEConfig")
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks={num_tasks!r} is not allowed: it must be an int >= 1")
         if config.router == "hash" or config.num_shared_experts:
@@ -40,7 +43,7 @@ class MultiGateMoE(nn.Module):
 
     def forward(self, x: Tensor) -> MultiGateOutput:
         cfg = self.config
-        check_input(x, cfg.dim, cfg.check_finite)
+        check_input(x, cfg.dim, cfg.check_finite, self.experts.w_in)
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
         seq_len = x.shape[-2] if x.dim() >= 3 else None

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.config import (
+    MAX_LOSS_COEF,
     ROUTERS,
     FrozenConfig,
     MoEConfig,
-    check_non_negative,
+    check_bool,
+    check_number,
     check_positive_int,
     reject,
 )
@@ -57,16 +59,18 @@ class LMConfig(FrozenConfig):
                   f"dim={self.dim} must split into num_heads heads of even size")
         if self.router not in ROUTERS:
             reject("router", self.router, f"it must be one of {', '.join(ROUTERS)}")
-        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter_eps",
-                     "init_std"):
-            check_non_negative(name, getattr(self, name))
-        for name in ("rope_theta", "norm_eps"):
-            value = getattr(self, name)
-            check_non_negative(name, value)
-            if value == 0:
-                reject(name, value, "it must be > 0")
-        if not isinstance(self.dense, bool):
-            reject("dense", self.dense, "it must be True or False")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            check_number(name, getattr(self, name), 0, MAX_LOSS_COEF)
+        check_number("bias_update_rate", self.bias_update_rate, 0, 1)
+        check_number("jitter_eps", self.jitter_eps, 0, 1, high_open=True)
+        check_number("init_std", self.init_std, 0, 1)
+        check_number("rope_theta", self.rope_theta, 0, 1e12, low_open=True)
+        check_number("norm_eps", self.norm_eps, 0, 1, low_open=True)
+        for name in ("dense", "tie_embeddings"):
+            check_bool(name, getattr(self, name))
+        if self.capacity_factor is not None:
+            check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
+                         low_open=True)
         if not self.dense:
             self.moe_config(0)  # MoEConfig validates top_k, router, capacity, ...
 

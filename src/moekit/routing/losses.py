@@ -15,7 +15,12 @@ def _assignment_fraction(experts_TK: Tensor, num_experts: int) -> Tensor:
     counts_E = torch.zeros(num_experts, device=experts_TK.device, dtype=torch.float32)
     counts_E.scatter_add_(0, experts_TK.reshape(-1),
                           torch.ones(experts_TK.numel(), device=experts_TK.device))
-    return counts_E / experts_TK.numel()
+    return counts_E / max(experts_TK.numel(), 1)
+
+
+def _mean_over_tokens(x_T: Tensor) -> Tensor:
+    """Mean over dim 0 that is 0 (not NaN) for zero tokens, so an empty batch adds no loss."""
+    return x_T.sum(0) / max(x_T.shape[0], 1)
 
 
 def switch_aux_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
@@ -25,7 +30,7 @@ def switch_aux_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     probability, differentiable).
     """
     E = probs_TE.shape[-1]
-    return E * (_assignment_fraction(experts_TK, E) * probs_TE.mean(0)).sum()
+    return E * (_assignment_fraction(experts_TK, E) * _mean_over_tokens(probs_TE)).sum()
 
 
 def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
@@ -36,6 +41,8 @@ def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
     """
     E = probs_BLE.shape[-1]
     B, L, K = experts_BLK.shape
+    if B * L == 0:  # no tokens: no imbalance to penalise (and no E / (K * 0))
+        return probs_BLE.sum() * 0.0
     counts_BE = torch.zeros(B, E, device=probs_BLE.device, dtype=torch.float32)
     counts_BE.scatter_add_(1, experts_BLK.reshape(B, L * K),
                            torch.ones(B, L * K, device=probs_BLE.device))
@@ -45,4 +52,4 @@ def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return _mean_over_tokens(torch.logsumexp(logits_TE, dim=-1).square())

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, check_number
 from moekit.dispatch.plan import RoutingPlan
 from moekit.routing import losses
 from moekit.routing.expert_choice import expert_choice
@@ -137,9 +137,9 @@ class Router(nn.Module):
             aux = aux + cfg.aux_loss_coef * losses.switch_aux_loss(probs_TE, experts_TK)
         if cfg.seq_aux_loss_coef:
             T, E = probs_TE.shape
-            L = seq_len or T
+            L = seq_len or T or 1  # zero tokens: any L > 0 gives an empty [0, L, E] view
             aux = aux + cfg.seq_aux_loss_coef * losses.seq_aux_loss(
-                probs_TE.view(T // L, L, E), experts_TK.view(T // L, L, -1))
+                probs_TE.view(T // L, L, E), experts_TK.view(T // L, L, experts_TK.shape[-1]))
         return aux
 
     def _expert_choice(self, logits_TE: Tensor) -> RouterOutput:
@@ -185,10 +185,14 @@ class Router(nn.Module):
         With ``group`` the loads are summed over its ranks first, so every rank
         moves its bias the same way.
         """
+        rate = self.cfg.bias_update_rate if rate is None else rate
+        check_number("rate", rate, 0, 1)  # nan or inf here would reach every bias
         if self.load is None or self.expert_bias is None:
             return
-        rate = self.cfg.bias_update_rate if rate is None else rate
         if group is not None:
             dist.all_reduce(self.load, group=group)
-        self.expert_bias += rate * torch.sign(self.load.mean() - self.load)
+        step_E = torch.sign(self.load.mean() - self.load)
+        # a non-finite load (a corrupted count or all-reduce) skips the step on the
+        # device, without a host sync, instead of writing NaN into every bias
+        self.expert_bias += rate * torch.where(self.load.isfinite().all(), step_E, 0.0)
         self.load.zero_()

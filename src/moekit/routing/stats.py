@@ -45,7 +45,7 @@ def routing_stats(plan: RoutingPlan, dispatch: Dispatch, num_tokens: int,
         else:
             dropped = 1.0 - kept / max(plan.expert_S.shape[0], 1)
         p_TE = plan.probs_TE
-        entropy = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        entropy = -(p_TE * p_TE.clamp_min(1e-20).log()).sum() / max(p_TE.shape[0], 1)
         return RoutingStats(
             tokens_per_expert=assigned_E,
             dropped_fraction=dropped,

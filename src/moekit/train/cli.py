@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import ROUTERS
+from moekit.config import ROUTERS, check_positive_int, flag_message
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
@@ -105,10 +105,31 @@ def describe(trainer: Trainer) -> str:
             f" {m.active_params_per_token():,} active per token")
 
 
+# config field -> the flag that sets it, so an error names what the user typed
+FIELD_FLAGS = {field: "--" + flag.replace("_", "-")
+               for flag, field in {**MODEL_FLAGS, **TRAIN_FLAGS, "data": "data",
+                                   "threads": "threads", "bf16": "bf16",
+                                   "compile": "compile"}.items()}
+
+
+def error(e: Exception) -> int:
+    """The one-line error of every bad flag: flag, value, what is allowed; exit status 2."""
+    print(f"moekit train: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
+    return 2
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        check_positive_int("threads", threads)
+        torch.set_num_threads(threads)
+
+
 def run(args: argparse.Namespace) -> int:
     tune_malloc()  # every step frees and re-allocates the same activations
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    try:
+        set_threads(args.threads)
+    except ValueError as e:
+        return error(e)
     if wants_distributed(args):
         return run_distributed(args)
     try:
@@ -126,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
             trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
                               progress=not args.no_progress)
     except (ValueError, CheckpointError) as e:
-        print(f"moekit train: error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     print(corpus.describe())
     print(f"model: {describe(trainer)}")
     print(f"run directory: {trainer.out_dir} (metrics.jsonl, checkpoints)")

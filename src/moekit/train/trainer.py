@@ -20,7 +20,15 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from moekit.config import FrozenConfig, reject
+from moekit.config import (
+    MAX_SEED,
+    FrozenConfig,
+    check_bool,
+    check_int_range,
+    check_non_negative,
+    check_number,
+    reject,
+)
 from moekit.layer import update_all_biases
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
@@ -78,17 +86,47 @@ class TrainConfig(FrozenConfig):
                 or self.warmup_steps < 0:
             reject("warmup_steps", self.warmup_steps, "it must be an int >= 0")
         for name in ("lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
-                    math.isfinite(v) and v >= 0):
-                reject(name, v, "it must be a finite number >= 0")
+            check_non_negative(name, getattr(self, name))
         for name in ("min_lr_ratio", "beta1", "beta2", "collapse_fraction"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                reject(name, v, "it must be in [0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            reject("seed", self.seed, "it must be an int >= 0")
+            check_number(name, getattr(self, name), 0, 1)
+        check_int_range("seed", self.seed, 0, MAX_SEED)
+        for name in ("bf16", "compile"):
+            check_bool(name, getattr(self, name))
+        check_device("device", self.device)
 
+
+def check_device(name: str, value: object) -> None:
+    """A device torch can parse and allocate on ("cpu", "cuda", "cuda:1", ...), not meta.
+
+    Whether the device exists on this machine is checked when the trainer starts
+    (a config saved on a GPU machine must still load on a CPU one).
+    """
+    try:
+        device = torch.device(value) if isinstance(value, str) else None
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type == "meta":
+        reject(name, value, "it must be a torch device such as cpu, cuda or cuda:1 "
+               "(meta holds no data to train)")
+
+
+
+def check_device_available(device: str) -> None:
+    """Fail before anything is built (or a run directory made) when the device is absent."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # CPU-only torch: AssertionError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reject("device", device, f"it is not available on this machine ({reason})")
+
+
+def check_corpus(corpus: Corpus, seq_len: int) -> None:
+    """Both splits must hold one window of seq_len + 1 bytes (an empty file held 1 byte)."""
+    for split in ("train", "val"):
+        n = getattr(corpus, split).numel()
+        if n < seq_len + 2:
+            reject("data", corpus.source, f"its {split} split has {n} bytes; it needs at "
+                   f"least seq_len + 2 = {seq_len + 2}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -224,6 +262,8 @@ class Trainer:
         if train_config.seq_len > model_config.max_seq_len:
             reject("seq_len", train_config.seq_len,
                   f"it must be <= the model's max_seq_len={model_config.max_seq_len}")
+        check_device_available(train_config.device)
+        check_corpus(corpus, train_config.seq_len)
         self.mcfg, self.cfg, self.corpus = model_config, train_config, corpus
         self.out_dir = Path(out_dir)
         self.progress = progress
