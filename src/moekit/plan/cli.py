@@ -9,13 +9,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from moekit.config import check_number, flag_message
 from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import Plan, make_plan
 from moekit.plan.hf import read_spec_file
 from moekit.plan.presets import PRESETS, get_preset
 from moekit.plan.report import plan_table, search_table
 from moekit.plan.search import search
-from moekit.plan.spec import ModelSpec, fail
+from moekit.plan.spec import ModelSpec, check_int, fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,8 +68,22 @@ OVERRIDES = {"peak_tflops": ("peak_flops", 1e12), "memory_gb": ("memory_bytes", 
              "inter_gbps": ("inter_node_bandwidth", 1e9), "power_w": ("power_watts", 1.0)}
 
 
+# config field -> the flag that sets it, so an error names what the user typed
+FIELD_FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node",
+               "compute_efficiency": "--efficiency", "a2a_overlap": "--a2a-overlap",
+               "memory_headroom": "--memory-headroom", "joules_per_flop": "--joules-per-flop",
+               "seq_len": "--seq-len", "global_batch": "--global-batch",
+               "micro_batch": "--micro-batch", "gpu": "--gpu", "precision": "--precision",
+               **{name: f"--{name}" for name in ("dp", "tp", "pp", "ep", "zero", "recompute",
+                                                  "top")}}
+
+
 def cluster_from_args(args: argparse.Namespace) -> Cluster:
     gpu = get_gpu(args.gpu)
+    for arg in OVERRIDES:  # checked before scaling, so the error shows the typed value
+        if getattr(args, arg) is not None:
+            check_number("--" + arg.replace("_", "-"), getattr(args, arg), 0, math.inf,
+                         low_open=True)
     changes = {field: getattr(args, arg) * scale for arg, (field, scale) in OVERRIDES.items()
                if getattr(args, arg) is not None}
     return Cluster(gpu=replace(gpu, **changes), num_gpus=args.gpus,
@@ -98,6 +113,7 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     cluster = cluster_from_args(args)
     setup = setup_from_args(args)
     if args.search:
+        check_int("top", args.top, 1)
         return search(spec, cluster, setup, top=args.top)
     return [make_plan(spec, cluster, setup, layout_from_args(args, spec, cluster))]
 
@@ -106,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         plans = plans_from_args(args)
     except ValueError as e:
-        print(f"moekit plan: error: {e}", file=sys.stderr)
+        print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([p.to_dict() for p in plans] if args.search else plans[0].to_dict(),

@@ -6,9 +6,11 @@ FLOP/s are dense (no 2:4 sparsity) bf16 tensor-core peaks from vendor data sheet
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from moekit.config import check_bool, check_number
 from moekit.plan.spec import check_int, fail
 
 GB = 1e9
@@ -28,9 +30,7 @@ class GPUSpec:
     def __post_init__(self) -> None:
         for name in ("peak_flops", "memory_bytes", "hbm_bandwidth", "intra_node_bandwidth",
                      "inter_node_bandwidth", "power_watts"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                fail(name, v, "it must be a number > 0")
+            check_number(name, getattr(self, name), 0, math.inf, low_open=True)
 
 
 GPUS: dict[str, GPUSpec] = {
@@ -176,14 +176,9 @@ class TrainSetup:
     def __post_init__(self) -> None:
         check_int("seq_len", self.seq_len, 1)
         check_int("global_batch", self.global_batch, 1)
-        if not (isinstance(self.compute_efficiency, (int, float))
-                and 0 < self.compute_efficiency <= 1):
-            fail("compute_efficiency", self.compute_efficiency, "it must be in (0, 1]")
-        if not (isinstance(self.a2a_overlap, (int, float)) and 0 <= self.a2a_overlap <= 1):
-            fail("a2a_overlap", self.a2a_overlap, "it must be in [0, 1]")
-        if not (isinstance(self.memory_headroom, (int, float))
-                and 0 <= self.memory_headroom < 1):
-            fail("memory_headroom", self.memory_headroom, "it must be in [0, 1)")
-        if self.joules_per_flop is not None and not (
-                isinstance(self.joules_per_flop, (int, float)) and self.joules_per_flop > 0):
-            fail("joules_per_flop", self.joules_per_flop, "it must be a number > 0 or None")
+        check_number("compute_efficiency", self.compute_efficiency, 0, 1, low_open=True)
+        check_number("a2a_overlap", self.a2a_overlap, 0, 1)
+        check_number("memory_headroom", self.memory_headroom, 0, 1, high_open=True)
+        if self.joules_per_flop is not None:
+            check_number("joules_per_flop", self.joules_per_flop, 0, math.inf, low_open=True)
+        check_bool("causal", self.causal)
