@@ -256,3 +256,42 @@ def dense_ffn(x: Tensor, w_in_DG: Tensor, w_out_FD: Tensor, cfg) -> Tensor:
     out = [ref_activation(x_TD[t] @ w_in_DG.float(), cfg) @ w_out_FD.float()
            for t in range(x_TD.shape[0])]
     return torch.stack(out).view(x.shape)
+
+
+# -- the selection rule in fp64, tie-robust --------------------------------------------
+
+def ref_selection_key(logits_TE: Tensor, score: str, bias_E: Tensor | None,
+                      num_groups: int = 1) -> Tensor:
+    """fp64 key whose top-k is the selection rule: the logit without a bias (softmax and
+    sigmoid are monotone); score + bias, the score in fp64, with one (or for the
+    sigmoid's top-2-sum group score)."""
+    lg = logits_TE.double()
+    if bias_E is None and (score == "softmax" or num_groups == 1):
+        return lg
+    s = lg.softmax(-1) if score == "softmax" else torch.sigmoid(lg)
+    return s if bias_E is None else s + bias_E.double()
+
+
+def assert_valid_selection(experts_TK: Tensor, key_TE: Tensor, num_groups: int = 1,
+                           topk_groups: int = 1, group_score: str = "max") -> None:
+    """experts_TK is a top-K of key_TE (within the best groups) up to ties: compared by
+    value, so where the fp64 rule itself ties any of the tied experts is right."""
+    T, E = key_TE.shape
+    K, n = experts_TK.shape[1], E // num_groups
+    allowed_TE = torch.ones(T, E, dtype=torch.bool)
+    if num_groups > 1:
+        grouped = key_TE.view(T, num_groups, n)
+        gs_TG = (grouped.topk(2, -1).values.sum(-1) if group_score == "top2_sum" and n >= 2
+                 else grouped.amax(-1))
+        t_T1 = gs_TG.topk(topk_groups, -1).values[:, -1:]
+        used_TG = torch.zeros(T, num_groups, dtype=torch.bool)
+        used_TG.scatter_(1, experts_TK // n, True)
+        assert (gs_TG.gather(1, experts_TK // n) >= t_T1).all(), "a chosen group is not a best"
+        kept_TG = (gs_TG > t_T1) | (used_TG & (gs_TG == t_T1))
+        assert (kept_TG.sum(1) <= topk_groups).all(), "too many groups"
+        allowed_TE = kept_TG.repeat_interleave(n, dim=1)
+    got = key_TE.gather(1, experts_TK).sort(-1).values
+    want = key_TE.masked_fill(~allowed_TE, float("-inf")).topk(K, -1).values.sort(-1).values
+    bad = (got != want).any(-1)
+    assert not bad.any(), f"{int(bad.sum())} of {T} tokens chose other experts than the rule"
+    assert (experts_TK.sort(-1).values.diff(dim=-1) > 0).all(), "an expert chosen twice"

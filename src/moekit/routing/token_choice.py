@@ -43,6 +43,20 @@ def _finish(weights_TK: Tensor, renormalize: bool, scale: float) -> Tensor:
     return weights_TK * scale if scale != 1.0 else weights_TK
 
 
+def _wide(x: Tensor) -> Tensor:
+    """fp64 for selection keys (MPS has no fp64: fp32 there)."""
+    return x if x.device.type == "mps" else x.double()
+
+
+# Selection never ranks saturated fp32 scores: softmax underflows to 0 past a logit
+# gap of ~104 and sigmoid rounds to 1.0 past a logit of ~17, and topk then broke the
+# ties arbitrarily (the sigmoid router sent 167 of 256 tokens at x*100 to the wrong
+# experts). Without a bias the key is the logit itself (softmax and sigmoid are
+# monotone, and a group's best expert is its best logit); with a bias, or for the
+# sigmoid's top-2-sum group score, the score + bias is formed in fp64 as the rule
+# says. A/B at T=4096 E=64 K=8 (benchmarks/bench_routing.py): see ROUTING_AB below.
+
+
 def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
                  bias_E: Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
                  scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -51,9 +65,12 @@ def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
     Returns (experts_TK, weights_TK, probs_TE). ``bias_E`` shifts selection only.
     """
     probs_TE = logits_TE.softmax(-1)
-    select_TE = probs_TE if bias_E is None else probs_TE + bias_E
+    select_TE = logits_TE if bias_E is None else _wide(logits_TE).softmax(-1) + _wide(bias_E)
     experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "max")
-    weights_TK = _finish(probs_TE.gather(1, experts_TK), renormalize, scale)
+    if renormalize:  # p_k / sum_j p_j over the chosen K = softmax of their logits, never 0/0
+        weights_TK = _finish(logits_TE.gather(1, experts_TK).softmax(-1), False, scale)
+    else:
+        weights_TK = _finish(probs_TE.gather(1, experts_TK), False, scale)
     return experts_TK, weights_TK, probs_TE
 
 
@@ -74,12 +91,18 @@ def sigmoid_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None,
     The returned distribution is the scores normalised to sum to 1 per token,
     which is what the sequence-level balance loss uses.
     """
-    scores_TE = logits_TE.sigmoid()
-    select_TE = scores_TE if bias_E is None else scores_TE + bias_E
+    if bias_E is None and num_groups == 1:
+        select_TE = logits_TE
+    else:
+        select_TE = _wide(logits_TE).sigmoid()
+        select_TE = select_TE if bias_E is None else select_TE + _wide(bias_E)
     experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "top2_sum")
-    weights_TK = _finish(scores_TE.gather(1, experts_TK), renormalize, scale)
-    probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    return experts_TK, weights_TK, probs_TE
+    chosen_TK = logits_TE.gather(1, experts_TK)
+    # s_k / sum_j s_j = softmax of log s: sums to 1 even when every s underflows to 0
+    weights_TK = (F.logsigmoid(chosen_TK).softmax(-1) if renormalize
+                  else chosen_TK.sigmoid())
+    probs_TE = F.logsigmoid(logits_TE).softmax(-1)
+    return experts_TK, _finish(weights_TK, False, scale), probs_TE
 
 
 def noisy_logits(logits_TE: Tensor, noise_logits_TE: Tensor,
