@@ -47,6 +47,7 @@ try:
     from moekit.functions.routing import fused_dispatch, fused_route, fused_topk
     from moekit.kernels.common import INTERPRET
     from moekit.routing.token_choice import sigmoid_topk, softmax_topk
+    from tests.reference import assert_valid_selection, ref_selection_key
     from tests.triton_oracle import CASES, DTYPES, check_case, make_inputs
 finally:
     _set_interpret(_PREV_INTERPRET)
@@ -147,6 +148,37 @@ def test_fused_topk_matches_router(T, E, K, score, bias, renorm, scale):
              for out in (got, want)]
     for a, b in zip((*got[1:], grads[0]), (*want[1:], grads[1]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score,scale,bias", [
+    ("softmax", 1e4, False),  # fp32 probabilities: one 1.0, the rest 0.0
+    ("softmax", 300.0, True),  # gaps of ~100-700: 0 in fp32, still ordered in fp64
+    ("sigmoid", 100.0, False),  # fp32 sigmoid: 1.0 above ~17, 0.0 below ~-103
+    ("sigmoid", 100.0, True),
+])
+def test_fused_topk_follows_the_fp64_rule(score, scale, bias):
+    """The kernel selects like routing/token_choice.py, checked against the fp64 rule."""
+    T, E, K = 48, 16, 4
+    g = torch.Generator().manual_seed(3)
+    logits_TE = torch.randn(T, E, generator=g) * scale
+    bias_E = torch.randint(-3, 4, (E,), generator=g) * 1e-3 if bias else None
+    experts_TK, weights_TK, _ = fused_topk(logits_TE, K, score, bias_E=bias_E)
+    assert_valid_selection(experts_TK, ref_selection_key(logits_TE, score, bias_E))
+    lg_TK = logits_TE.double().gather(1, experts_TK)
+    u_TK = lg_TK if score == "softmax" else torch.nn.functional.logsigmoid(lg_TK)
+    torch.testing.assert_close(weights_TK.double(), u_TK.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_fused_topk_renormalises_underflowed_sigmoid():
+    logits_TE = (-200.0 + torch.randn(8, 6, generator=torch.Generator().manual_seed(4)))
+    logits_TE.requires_grad_()
+    got = fused_topk(logits_TE, 3, "sigmoid")
+    want = sigmoid_topk(logits_TE, 3, bias_E=None)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1].sum(-1), torch.ones(8))  # was 0: 0 / clamp(0)
+    dw_TK = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
+    grads = [torch.autograd.grad((out[1] * dw_TK).sum(), logits_TE)[0] for out in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("T,E,K", [(1, 4, 2), (23, 5, 5), (40, 6, 2)])

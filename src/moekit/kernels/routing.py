@@ -23,12 +23,19 @@ SCORE_IDS = {"softmax": 0, "sigmoid": 1}
 
 
 @triton.jit
-def _scores(logits_ptr, rows, cols, T, E, stride_l, SCORE: tl.constexpr):
-    """fp32 scores [BLOCK_T, BLOCK_E]; lanes past E hold 0."""
+def _logits(logits_ptr, rows, cols, T, E, stride_l):
+    """fp32 logits [BLOCK_T, BLOCK_E]; lanes past E hold -inf, rows past T stay finite."""
     mask = (rows < T)[:, None] & (cols < E)[None, :]
     lg = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + cols[None, :], mask=mask,
                  other=0.0).to(tl.float32)
-    lg = tl.where((cols < E)[None, :], lg, float("-inf"))  # rows past T stay finite
+    return tl.where((cols < E)[None, :], lg, float("-inf"))
+
+
+@triton.jit
+def _scores(logits_ptr, rows, cols, T, E, stride_l, SCORE: tl.constexpr):
+    """fp32 scores [BLOCK_T, BLOCK_E]; lanes past E hold 0."""
+    mask = (rows < T)[:, None] & (cols < E)[None, :]
+    lg = _logits(logits_ptr, rows, cols, T, E, stride_l)
     if SCORE == 0:
         lg = lg - tl.max(lg, 1)[:, None]
         p = tl.exp(lg)
@@ -36,6 +43,29 @@ def _scores(logits_ptr, rows, cols, T, E, stride_l, SCORE: tl.constexpr):
     else:
         p = tl.sigmoid(lg)
     return tl.where(mask, p, 0.0)
+
+
+@triton.jit
+def _scores_fp64(lg, SCORE: tl.constexpr):
+    """fp64 softmax or sigmoid of fp32 logits (-inf lanes give 0), for selection keys."""
+    lg64 = lg.to(tl.float64)
+    if SCORE == 0:
+        e = tl.exp(lg64 - tl.max(lg64, 1)[:, None])
+        return e / tl.sum(e, 1)[:, None]
+    return 1.0 / (1.0 + tl.exp(-lg64))
+
+
+@triton.jit
+def _renormalised(lgk, ks, K: tl.constexpr, SCORE: tl.constexpr):
+    """s_k / sum_j s_j over the chosen K as a softmax of log-scores (sums to 1 even when
+    every score underflows): log-score = logit (softmax) or log-sigmoid."""
+    if SCORE == 0:
+        u = lgk
+    else:
+        u = tl.minimum(lgk, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(lgk)))
+    u = tl.where((ks < K)[None, :], u, float("-inf"))
+    e = tl.exp(u - tl.max(u, 1)[:, None])
+    return e / tl.sum(e, 1)[:, None]
 
 
 @triton.jit
@@ -52,12 +82,19 @@ def _route_kernel(logits_ptr, bias_ptr, experts_ptr, weights_ptr, scores_ptr, hi
     rows64 = rows.to(tl.int64)
     tl.store(scores_ptr + rows64[:, None] * E + cols[None, :], p,
              mask=tmask[:, None] & (cols < E)[None, :])
-    sel = p
+    lg = _logits(logits_ptr, rows, cols, T, E, stride_l)
+    # the rule of routing/token_choice.py: never rank saturated fp32 scores. Without a
+    # bias the logit is the key (softmax and sigmoid are monotone); with one, the
+    # score is formed in fp64 before the bias is added.
     if HAS_BIAS:  # the selection bias shifts the choice only, never the weights
-        sel = sel + tl.load(bias_ptr + cols, mask=cols < E, other=0.0)[None, :]
-    sel = tl.where((cols < E)[None, :], sel, float("-inf"))
+        sel = _scores_fp64(lg, SCORE) + tl.load(bias_ptr + cols, mask=cols < E,
+                                                other=0.0).to(tl.float64)[None, :]
+        sel = tl.where((cols < E)[None, :], sel, float("-inf"))
+    else:
+        sel = lg
     chosen = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     ws = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    lgk = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     hist = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for k in tl.static_range(K):
         best = tl.max(sel, 1)
@@ -67,10 +104,11 @@ def _route_kernel(logits_ptr, bias_ptr, experts_ptr, weights_ptr, scores_ptr, hi
         w = tl.sum(tl.where(hit, p, 0.0), 1)
         chosen = tl.where(ks[None, :] == k, idx[:, None], chosen)
         ws = tl.where(ks[None, :] == k, w[:, None], ws)
+        lgk = tl.where(ks[None, :] == k, tl.sum(tl.where(hit, lg, 0.0), 1)[:, None], lgk)
         hist += tl.sum((hit & tmask[:, None]).to(tl.int32), 0)
         sel = tl.where(hit, float("-inf"), sel)
     if RENORM:
-        ws = ws / tl.maximum(tl.sum(ws, 1), 1e-20)[:, None]
+        ws = _renormalised(lgk, ks, K, SCORE)
     ws = ws * SCALE
     omask = tmask[:, None] & (ks < K)[None, :]
     tl.store(experts_ptr + rows64[:, None] * K + ks[None, :], chosen, mask=omask)
@@ -111,24 +149,29 @@ def _route_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dscores_ptr, dlogit
     q = tl.load(dscores_ptr + rows64[:, None] * E + cols[None, :], mask=emask, other=0.0)
     dw = tl.load(dweights_ptr + rows64[:, None] * K + ks[None, :], mask=kmask, other=0.0)
     ex = tl.load(experts_ptr + rows64[:, None] * K + ks[None, :], mask=kmask, other=-1)
-    raw = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    lg = _logits(logits_ptr, rows, cols, T, E, stride_l)
+    lgk = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     for k in tl.static_range(K):
         e_k = tl.sum(tl.where(ks[None, :] == k, ex, 0), 1)
-        p_k = tl.sum(tl.where(cols[None, :] == e_k[:, None], p, 0.0), 1)
-        raw = tl.where(ks[None, :] == k, p_k[:, None], raw)
-    if RENORM:  # w_k = SCALE * raw_k / Z, Z = sum_j raw_j
-        z = tl.maximum(tl.sum(raw, 1), 1e-20)
-        draw = SCALE * (dw / z[:, None] - (tl.sum(dw * raw, 1) / (z * z))[:, None])
-    else:
-        draw = SCALE * dw
+        l_k = tl.sum(tl.where(cols[None, :] == e_k[:, None], lg, 0.0), 1)
+        lgk = tl.where(ks[None, :] == k, l_k[:, None], lgk)
+    if RENORM:  # w = SCALE * softmax_K(u): du_k = SCALE * w_k (dw_k - sum_j w_j dw_j)
+        w = _renormalised(lgk, ks, K, SCORE)
+        dlog = SCALE * w * (dw - tl.sum(w * dw, 1)[:, None])  # into the logits directly
+        dthrough = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    else:  # w_k = SCALE * s_k: through the scores
+        dlog = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        dthrough = SCALE * dw
+    extra = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for k in tl.static_range(K):
         e_k = tl.sum(tl.where(ks[None, :] == k, ex, 0), 1)
-        d_k = tl.sum(tl.where(ks[None, :] == k, draw, 0.0), 1)
-        q += tl.where(cols[None, :] == e_k[:, None], d_k[:, None], 0.0)
+        hit = cols[None, :] == e_k[:, None]
+        q += tl.where(hit, tl.sum(tl.where(ks[None, :] == k, dthrough, 0.0), 1)[:, None], 0.0)
+        extra += tl.where(hit, tl.sum(tl.where(ks[None, :] == k, dlog, 0.0), 1)[:, None], 0.0)
     if SCORE == 0:
-        dl = p * (q - tl.sum(p * q, 1)[:, None])
-    else:
-        dl = q * p * (1.0 - p)
+        dl = p * (q - tl.sum(p * q, 1)[:, None]) + extra
+    else:  # d log-sigmoid(l) / dl = 1 - sigmoid(l)
+        dl = q * p * (1.0 - p) + extra * (1.0 - p)
     tl.store(dlogits_ptr + rows64[:, None] * stride_l + cols[None, :], dl, mask=emask)
 
 
