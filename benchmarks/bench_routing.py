@@ -17,7 +17,6 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import Step, compare, machine  # noqa: E402
-
 from moekit.routing.token_choice import _select, sigmoid_topk, softmax_topk  # noqa: E402
 
 
