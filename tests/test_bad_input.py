@@ -17,7 +17,8 @@ import torch
 from moekit import MoE, MoEConfig, MultiGateMoE
 from moekit.cli import main as moekit_main
 from moekit.models.config import LMConfig
-from moekit.plan.cluster import GPUS, TrainSetup
+from moekit.plan.cluster import GPUS, Layout, TrainSetup
+from moekit.plan.spec import ModelSpec
 from moekit.routing.losses import seq_aux_loss, switch_aux_loss, z_loss
 from moekit.train.data import load_corpus
 from moekit.train.trainer import TrainConfig
@@ -154,6 +155,8 @@ def test_moe_config_is_strict(over, needle):
     (TrainSetup, dict(compute_efficiency=True), "compute_efficiency=True"),
     (TrainSetup, dict(joules_per_flop=math.inf), "joules_per_flop=inf"),
     (TrainSetup, dict(causal="no"), "causal='no'"),
+    (ModelSpec, dict(num_layers=2, dim=8, tied_embeddings="no"), "tied_embeddings='no'"),
+    (Layout, dict(zero=True), "zero=True"),
 ])
 def test_other_configs_are_strict(cls, over, needle):
     with pytest.raises(ValueError, match="not allowed") as err:

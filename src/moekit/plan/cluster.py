@@ -140,7 +140,7 @@ class Layout:
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "micro_batch"):
             check_int(name, getattr(self, name), 1)
-        if self.zero not in (0, 1, 2, 3):
+        if isinstance(self.zero, bool) or self.zero not in (0, 1, 2, 3):
             fail("zero", self.zero, "it must be 0, 1, 2 or 3")
         if self.recompute not in RECOMPUTE:
             fail("recompute", self.recompute, f"it must be one of {', '.join(RECOMPUTE)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from moekit.config import FrozenConfig
+from moekit.config import FrozenConfig, check_bool
 
 Norm = Literal["rmsnorm", "layernorm", "layernorm_nobias", "none"]
 NORMS: tuple[str, ...] = Norm.__args__  # type: ignore[attr-defined]
@@ -97,6 +97,10 @@ class ModelSpec(FrozenConfig):
             check_int(name, getattr(self, name), 0)
         for name in ("moe_every", "num_experts", "top_k"):
             check_int(name, getattr(self, name), 1)
+        for name in ("tied_embeddings", "attention_bias", "qkv_bias", "attention_sinks",
+                     "expert_bias", "shared_expert_gate", "router_bias", "noisy_router",
+                     "hash_router"):
+            check_bool(name, getattr(self, name))
         check_choice("norm", self.norm, NORMS)
         check_choice("qk_norm", self.qk_norm, QK_NORMS)
         check_choice("ffn_kind", self.ffn_kind, FFN_KINDS)
