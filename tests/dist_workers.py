@@ -249,6 +249,23 @@ def run_kill(rank: int, world: int, port: int, timeout_s: float, how: str) -> di
     return {"error": None, "elapsed": time.monotonic() - start}
 
 
+def run_kill_in_save(rank: int, world: int, port: int, timeout_s: float, ckpt: str) -> dict:
+    """Rank 1 dies (SIGKILL) while DCP writes its shard; rank 0 must raise a named error."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    init(rank, world, port, timeout_s)
+    mesh = init_mesh(dp=1, ep=2)
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 2, None), mesh)
+    if rank == 1:
+        FileSystemWriter.write_data = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        save_checkpoint(ckpt, ep_moe)
+    except BaseException as e:  # noqa: BLE001 - the test asserts on the type's name
+        return {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
 # -- training the tiny LM -------------------------------------------------------
 
 def lm_setup():
