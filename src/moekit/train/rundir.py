@@ -98,7 +98,8 @@ def verify_manifest(ckpt: Path, required: tuple[str, ...] = ()) -> list[str]:
     path = ckpt / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{ckpt} is incomplete: it has no {MANIFEST} (written last, "
-                              "after every other file)")
+                              "after every other file; moekit checkpoints saved before "
+                              "state.json format_version 2 have none either)")
     raw = path.read_bytes()
     try:
         hashes = json.loads(raw)["sha256"]
