@@ -160,6 +160,7 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "ep2_bad_ep", bad_ep, mesh)
     check(res, "ckpt_save_ep2", save_ep2, mesh, ckpt)
     check(res, "train_ep2_matches_one_process", train_matches, mesh, ckpt)
+    check(res, "resume_newest_complete_runs_no_code", resume_guarded, mesh, ckpt)
     dist.destroy_process_group()
     return res
 
@@ -249,6 +250,23 @@ def run_kill(rank: int, world: int, port: int, timeout_s: float, how: str) -> di
     return {"error": None, "elapsed": time.monotonic() - start}
 
 
+def run_kill_in_save(rank: int, world: int, port: int, timeout_s: float, ckpt: str) -> dict:
+    """Rank 1 dies (SIGKILL) while DCP writes its shard; rank 0 must raise a named error."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    init(rank, world, port, timeout_s)
+    mesh = init_mesh(dp=1, ep=2)
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 2, None), mesh)
+    if rank == 1:
+        FileSystemWriter.write_data = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        save_checkpoint(ckpt, ep_moe)
+    except BaseException as e:  # noqa: BLE001 - the test asserts on the type's name
+        return {"error": f"{type(e).__name__}: {e}", "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
 # -- training the tiny LM -------------------------------------------------------
 
 def lm_setup():
@@ -299,6 +317,47 @@ def train_matches(mesh, ckpt: str) -> str | None:
     if not got[-1][0] < got[0][0] - 0.1:
         return f"the loss did not go down: {got}"
     return None
+
+
+class RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def resume_guarded(mesh, ckpt: str) -> str | None:
+    """--resume RUN takes the newest complete dcp_step_*; a crafted .metadata (with a
+    matching manifest) raises CheckpointError on every rank and runs nothing."""
+    import pickle
+    import shutil
+
+    from moekit.errors import CheckpointError
+    from moekit.train import rundir
+    from moekit.train.distributed import DistributedTrainer
+
+    _, _, corpus = lm_setup()
+    src = Path(ckpt).parent / "lm" / "dcp_step_00000020"
+    run, evil, marker = (Path(ckpt).parent / n for n in ("guarded", "evil", "PWNED"))
+    if dist.get_rank() == 0:
+        shutil.copytree(src, run / src.name)
+        (run / "dcp_step_00000030").mkdir()  # a killed save: no manifest
+        shutil.copytree(src, evil / src.name)
+        (evil / src.name / ".metadata").write_bytes(pickle.dumps(RunsCode(str(marker))))
+        rundir.write_manifest(evil / src.name, rundir.verify_manifest(src))
+    dist.barrier()
+    trainer = DistributedTrainer.resume_distributed(run, corpus, mesh, progress=False)
+    if trainer.step != 20:
+        return f"resumed at step {trainer.step}, not at the newest complete checkpoint 20"
+    try:
+        DistributedTrainer.resume_distributed(evil, corpus, mesh, progress=False)
+        return "the crafted .metadata was accepted"
+    except CheckpointError as e:
+        if ".metadata" not in str(e):
+            return f"CheckpointError does not name the file: {e}"
+    dist.barrier()
+    return "the crafted .metadata ran a command" if marker.exists() else None
 
 
 def train_resume_ep4(mesh, ckpt: str) -> str | None:

@@ -93,7 +93,8 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_expert_choice",
     "ep2_dropless_bf16", "ep2_capacity_bf16",
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
-    "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process"])
+    "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process",
+    "resume_newest_complete_runs_no_code"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 
@@ -131,6 +132,15 @@ def test_dead_rank_raises_timeout_error(tmp_path, how):
     assert time.monotonic() - start < 60
 
 
+def test_rank_killed_during_dcp_save_raises_named_error(tmp_path):
+    res = launch(W.run_kill_in_save, 2, tmp_path, 4.0, str(tmp_path / "ckpt"), timeout_s=60,
+                 wait_for=1)
+    assert list(res) == [0], "rank 1 was to die, rank 0 to report"
+    error = res[0]["error"]
+    assert error is not None and error.startswith("CollectiveTimeoutError: DCP save"), error
+    assert "timeout_s=4" in error and res[0]["elapsed"] < 4.0 + 10
+
+
 def test_cli_launches_through_torchrun(tmp_path):
     """`python -m moekit.train --nproc 2 --ep 2` re-runs itself under torchrun."""
     import subprocess
@@ -147,3 +157,5 @@ def test_cli_launches_through_torchrun(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "mesh: dp=1 x ep=2" in done.stdout and "done: step 2" in done.stdout
     assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()
+    assert (tmp_path / "run" / "dcp_step_00000002" / "manifest.json").exists()  # complete
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]

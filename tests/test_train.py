@@ -282,7 +282,8 @@ def corrupt_missing(ck: Path):
 
 @pytest.mark.parametrize("damage,message", [
     (corrupt_truncate, "corrupt or truncated"), (corrupt_flip, "corrupt or truncated"),
-    (corrupt_json, "unreadable or corrupt"), (corrupt_missing, "missing"),
+    (corrupt_json, "state.json is corrupt"),  # the manifest covers state.json too
+    (corrupt_missing, "missing"),
 ])
 def test_bad_checkpoint_gives_named_error(tmp_path, corpus, damage, message):
     trained(tmp_path, corpus)

@@ -4,6 +4,11 @@ Expert weights are saved as DTensors sharded on the expert dimension over the
 "ep" mesh dimension (replicated over "dp"), so the checkpoint stores the full
 [E, ...] tensors once; any ep size (ep=1 being a plain ``moekit.MoE`` in one
 process) loads them back. Keys are exactly the single-process model's keys.
+
+Loading never runs code from the checkpoint: its ``.metadata`` pickle is read
+with an allow-list (``moekit.distributed.dcp_safe``). Errors come out named: a
+bad or unsafe checkpoint raises ``CheckpointError``, a peer rank that dies
+during a save or load raises ``CollectiveTimeoutError``.
 """
 
 from __future__ import annotations
@@ -11,14 +16,23 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from moekit.distributed.dcp_safe import SafeFileSystemReader, read_dcp_metadata
 from moekit.distributed.layer import ExpertParallelMoE
+from moekit.distributed.mesh import CollectiveTimeoutError, _group_timeout_s
+from moekit.errors import CheckpointError
+
+METADATA_FILE = ".metadata"
 
 
 def _global_view(p: Tensor, module: ExpertParallelMoE) -> DTensor:
@@ -51,19 +65,46 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
                     extra: dict[str, Tensor] | None = None) -> None:
     """Save ``model`` (every rank calls this) under the directory ``path``."""
     state = {"model": model_state_dict(model), **({"extra": extra} if extra else {})}
-    with _single_process_ok():
-        dcp.save(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    _run_dcp("save", path, dcp.save, state, checkpoint_id=str(path),
+             no_dist=not dist.is_initialized())
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     extra: dict[str, Tensor] | None = None) -> None:
     """Load in place into ``model`` at whatever ep it was built with (every rank calls this)."""
+    metadata = Path(path) / METADATA_FILE
+    if not metadata.is_file():
+        raise CheckpointError(f"checkpoint={str(path)!r} is not a DCP checkpoint: it has no "
+                              f"{METADATA_FILE} file")
+    read_dcp_metadata(str(metadata))  # every rank sees the same file: all raise or none
     state = {"model": model_state_dict(model), **({"extra": extra} if extra else {})}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    _run_dcp("load", path, dcp.load, state, storage_reader=SafeFileSystemReader(str(path)),
+             no_dist=not dist.is_initialized())
     with torch.no_grad():  # DTensor views share storage; plain tensors were loaded in place
         own = model.state_dict()
         for key, value in state["model"].items():
             local = value.to_local() if isinstance(value, DTensor) else value
             if own[key].data_ptr() != local.data_ptr():
                 own[key].copy_(local)
+
+
+def _run_dcp(what: str, path: str | os.PathLike, fn: Callable[..., Any], *args: Any,
+             **kwargs: Any) -> Any:
+    """Call ``dcp.save``/``dcp.load``; raise CheckpointError or CollectiveTimeoutError."""
+    try:
+        with _single_process_ok():
+            return fn(*args, **kwargs)
+    except CheckpointException as e:  # a BaseException: DCP gathered failures from ranks
+        errors = [exc for exc, _ in e.failures.values()]
+        named = next((x for x in errors if isinstance(x, CheckpointError)), None)
+        if named is not None:
+            raise named from e
+        raise CheckpointError(f"DCP {what} of {str(path)!r} failed on ranks "
+                              f"{sorted(e.failures)}: {errors[0]!r}") from e
+    except RuntimeError as e:  # gloo/NCCL: a peer died while DCP gathered or scattered
+        if not dist.is_initialized():
+            raise
+        timeout_s = _group_timeout_s()
+        raise CollectiveTimeoutError(
+            f"DCP {what} of {str(path)!r} failed: a peer rank died or did not answer within "
+            f"the collective timeout timeout_s={timeout_s:g}. Backend error: {e}") from e

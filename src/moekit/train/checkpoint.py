@@ -1,26 +1,28 @@
-"""Checkpoints: safetensors tensors + one JSON file, written atomically.
+"""Checkpoints: safetensors tensors + one JSON file + a manifest, written atomically.
 
 Layout of a run directory::
 
     RUN/step_00000100/model.safetensors      weights (tied copies stored once)
     RUN/step_00000100/optimizer.safetensors  optimizer tensors (AdamW moments, step)
     RUN/step_00000100/state.json             configs, step, RNG, data position,
-                                             optimizer hyper-parameters, file hashes
+                                             optimizer hyper-parameters
+    RUN/step_00000100/manifest.json          SHA-256 of each of the three files
     RUN/LATEST                               name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place,
-and only then named in LATEST (temp file + ``os.replace``). A crash at any point
-leaves the previous checkpoint complete and LATEST pointing at it. Loading
-checks every file's SHA-256 and every tensor's name and shape before anything
-is assigned, so a bad checkpoint raises ``CheckpointError`` and leaves the
-model and optimizer untouched.
+and only then named in LATEST (temp file + ``os.replace``). Re-saving the step
+LATEST names moves the old directory aside first and deletes it only after
+LATEST is rewritten (``rundir.swap_in``). A crash at any point leaves a complete
+checkpoint that LATEST names. Loading checks every file against the manifest,
+every field of state.json for type and range, and every tensor's name and shape
+before anything is assigned, so a bad checkpoint raises ``CheckpointError`` and
+leaves the model, optimizer and RNG untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,19 +34,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-FORMAT_VERSION = 1
-MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST = (
-    "model.safetensors", "optimizer.safetensors", "state.json", "LATEST")
+from moekit.errors import CheckpointError
+from moekit.train import rundir
+from moekit.train.checkpoint_state import check_optimizer_groups, check_state, rng_state
+from moekit.train.rundir import LATEST, MANIFEST, STEP_DIR
 
+__all__ = ["Checkpoint", "CheckpointError", "LATEST", "MANIFEST", "load_checkpoint",
+           "restore", "save_checkpoint"]
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, truncated or does not fit the model."""
+FORMAT_VERSION = 2  # 2: manifest.json covers state.json too
+MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+FILES = (MODEL_FILE, OPTIM_FILE, STATE_FILE)
 
 
 @dataclass
 class Checkpoint:
     path: Path
-    state: dict[str, Any]  # the parsed state.json
+    state: dict[str, Any]  # the parsed and validated state.json
     model: dict[str, Tensor]  # full state dict (tied names restored)
     optimizer: dict[str, Tensor]  # flat "state.<i>.<name>" tensors
 
@@ -54,22 +60,6 @@ class Checkpoint:
 
 
 # -- writing -------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dedupe_tied(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -99,13 +89,7 @@ def split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor]
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def write_latest(run_dir: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST)
+write_latest = rundir.write_latest
 
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -125,27 +109,26 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         optim_tensors, optim_rest = split_optimizer(optimizer)
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
         full = dict(state, format_version=FORMAT_VERSION, tied=aliases, optimizer=optim_rest,
-                    torch_rng=torch.get_rng_state().tolist(),
-                    sha256={f: _sha256(tmp / f) for f in (MODEL_FILE, OPTIM_FILE)})
+                    torch_rng=torch.get_rng_state().tolist())
         (tmp / STATE_FILE).write_text(json.dumps(full))
-        for f in (MODEL_FILE, OPTIM_FILE, STATE_FILE):
-            _fsync(tmp / f)
-        final = run_dir / name
-        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        for f in FILES:
+            rundir.fsync(tmp / f)
+        rundir.write_manifest(tmp, list(FILES))
+        aside = rundir.swap_in(tmp, run_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_latest(run_dir, name)
+    rundir.write_latest(run_dir, name)
+    if aside is not None:  # only now: LATEST names the new directory
+        shutil.rmtree(aside, ignore_errors=True)
     prune(run_dir, keep)
-    return final
+    return run_dir / name
 
 
 def prune(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (never the LATEST one)."""
-    latest = (run_dir / LATEST).read_text().strip()
-    done = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+    latest = rundir.read_latest(run_dir)
+    done = rundir.checkpoint_dirs(run_dir, STEP_DIR)
     for old in done[:-keep] if keep > 0 else []:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
@@ -155,14 +138,15 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (follows LATEST)."""
+    """A checkpoint directory, or a run directory (follows LATEST, checked)."""
     path = Path(path)
     if (path / STATE_FILE).exists():
         return path
     if (path / LATEST).exists():
-        name = (path / LATEST).read_text().strip()
-        if (path / name / STATE_FILE).exists():
-            return path / name
+        name = rundir.read_latest(path)
+        for candidate in (path / name, rundir.aside_of(path / name)):  # see swap_in
+            if (candidate / STATE_FILE).exists():
+                return candidate
         raise CheckpointError(f"{path / LATEST} names {name!r}, which is not a complete "
                               "checkpoint directory")
     raise CheckpointError(f"checkpoint={str(path)!r}: no {STATE_FILE} or {LATEST} there; "
@@ -172,23 +156,16 @@ def resolve(path: str | Path) -> Path:
 def _read_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{ckpt / STATE_FILE} is unreadable or corrupt: {e}") from e
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt / STATE_FILE}: format_version must be {FORMAT_VERSION}")
-    for key in ("step", "model_config", "sha256", "tied", "optimizer", "torch_rng"):
-        if key not in state:
-            raise CheckpointError(f"{ckpt / STATE_FILE} lacks the key {key!r}")
+    check_state(state, ckpt / STATE_FILE)
     return state
 
 
-def _read_tensors(ckpt: Path, name: str, expected_sha: str | None) -> dict[str, Tensor]:
+def _read_tensors(ckpt: Path, name: str) -> dict[str, Tensor]:
     path = ckpt / name
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing")
-    if _sha256(path) != expected_sha:
-        raise CheckpointError(f"{path} is corrupt or truncated: its SHA-256 does not match "
-                              f"the one recorded in {STATE_FILE}")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -198,9 +175,10 @@ def _read_tensors(ckpt: Path, name: str, expected_sha: str | None) -> dict[str, 
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify a checkpoint; assigns nothing."""
     ckpt = resolve(path)
+    rundir.verify_manifest(ckpt, required=FILES)
     state = _read_state(ckpt)
-    model = _read_tensors(ckpt, MODEL_FILE, state["sha256"].get(MODEL_FILE))
-    optim = _read_tensors(ckpt, OPTIM_FILE, state["sha256"].get(OPTIM_FILE))
+    model = _read_tensors(ckpt, MODEL_FILE)
+    optim = _read_tensors(ckpt, OPTIM_FILE)
     for alias, source in state["tied"].items():
         if source not in model:
             raise CheckpointError(f"{ckpt}: tied weight {alias!r} points at missing {source!r}")
@@ -223,21 +201,22 @@ def check_model_fits(model: nn.Module, tensors: dict[str, Tensor], where: Path) 
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
 
 
+_OPTIM_KEY = re.compile(r"state\.(\d{1,9})\.([A-Za-z_]\w{0,63})")
+
+
 def optimizer_state_dict(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> dict:
     """Rebuild ``optimizer.state_dict()`` from the checkpoint, checking every shape."""
     rest = ckpt.state["optimizer"]
-    # JSON turned tuples (AdamW betas) into lists; "params" stays a list
-    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v
-               for k, v in g.items()} for g in rest["param_groups"]]
+    groups = check_optimizer_groups(rest["param_groups"], optimizer.param_groups, ckpt.path)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
-    if len(groups) != len(optimizer.param_groups) or len(ids) != len(params):
-        raise CheckpointError(f"checkpoint {ckpt.path}: optimizer has {len(ids)} parameters "
-                              f"in {len(groups)} groups, the model needs {len(params)}")
     state: dict[int, dict[str, Any]] = {}
     for key, t in ckpt.optimizer.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
+        m = _OPTIM_KEY.fullmatch(key)
+        if m is None or int(m[1]) not in ids or not t.is_floating_point():
+            raise CheckpointError(f"checkpoint {ckpt.path}: optimizer tensor {key!r} "
+                                  f"({t.dtype}) is not a floating state of a parameter")
+        state.setdefault(int(m[1]), {})[m[2]] = t
     for key, value in rest["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
@@ -252,12 +231,13 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> 
 
 def restore(ckpt: Checkpoint, model: nn.Module,
             optimizer: torch.optim.Optimizer | None = None, rng: bool = True) -> None:
-    """Assign a verified checkpoint; everything is checked before the first write."""
+    """Assign a verified checkpoint; everything is checked and converted before the
+    first write, so an error leaves model, optimizer and RNG as they were."""
     check_model_fits(model, ckpt.model, ckpt.path)
     optim_sd = None if optimizer is None else optimizer_state_dict(optimizer, ckpt)
-    rng_state = torch.tensor(ckpt.state["torch_rng"], dtype=torch.uint8)
+    rng_bytes = rng_state(ckpt.state["torch_rng"], ckpt.path) if rng else None
     model.load_state_dict(ckpt.model, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(optim_sd)
-    if rng:
-        torch.set_rng_state(rng_state)
+    if rng_bytes is not None:
+        torch.set_rng_state(rng_bytes)

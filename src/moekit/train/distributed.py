@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from moekit.distributed import (
 )
 from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from moekit.distributed.layer import ExpertParallelMoE
+from moekit.errors import CheckpointError
 from moekit.models.config import LMConfig
+from moekit.train import rundir
+from moekit.train.checkpoint_state import check_state_dcp
 from moekit.train.data import Corpus
 from moekit.train.trainer import (
     StepResult,
@@ -45,6 +49,36 @@ from moekit.train.trainer import (
 )
 
 DCP_PREFIX = "dcp_step_"
+TRAINER_FILE = "trainer.json"
+
+
+def find_resumable(run_dir: str | Path) -> Path:
+    """The newest complete ``dcp_step_*`` checkpoint of a run directory.
+
+    A DCP checkpoint is complete once rank 0 has written its manifest.json, after
+    every rank finished writing; a rank killed while saving leaves none (and since
+    saves go to a temporary directory first, no ``dcp_step_*`` at all)."""
+    run_dir = Path(run_dir)
+    dirs = rundir.checkpoint_dirs(run_dir, rundir.DCP_DIR)
+    complete = [d for d in dirs if (d / rundir.MANIFEST).is_file()]
+    if not complete:
+        raise CheckpointError(
+            f"resume={str(run_dir)!r} holds no complete {DCP_PREFIX}NNNNNNNN checkpoint"
+            + (f" (incomplete: {[d.name for d in dirs]})" if dirs else ""))
+    return complete[-1]
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer.json of a complete, intact DCP checkpoint, every field checked."""
+    rundir.verify_manifest(path, required=(TRAINER_FILE, ".metadata"))
+    try:
+        state = json.loads((path / TRAINER_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path / TRAINER_FILE} is unreadable or corrupt: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_FILE} must hold a JSON object")
+    check_state_dcp(state, path / TRAINER_FILE)
+    return state
 
 
 @torch.no_grad()
@@ -160,26 +194,62 @@ class DistributedTrainer(Trainer):
         if dist.get_rank() == 0:
             log.write(record)
 
+    def _clean_run_dir(self) -> None:
+        if dist.get_rank() == 0:  # no other rank touches these names before the next save
+            super()._clean_run_dir()
+
+    def _barrier(self, what: str) -> None:
+        self.mesh.world.run(what, dist.barrier, self.mesh.world.group)
+
     def save(self) -> Path:
+        """Every rank writes into ``.dcp_step_N.tmp``; after a barrier rank 0 adds
+        trainer.json and, last, manifest.json (the completeness mark), then renames
+        the directory into place (``rundir.swap_in``) and prunes old checkpoints."""
         path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
-        save_checkpoint(path, self.model, _optimizer_state(self.model, self.optimizer))
-        if dist.get_rank() == 0:
-            state = {"step": self.step, "model_config": self.mcfg.to_dict(),
-                     "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
-            (path / "trainer.json").write_text(json.dumps(state))
-            for old in sorted(self.out_dir.glob(f"{DCP_PREFIX}*"))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier(self.mesh.world.group)
+        tmp = self.out_dir / f".{path.name}.tmp"
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier("barrier before a checkpoint")
+        save_checkpoint(tmp, self.model, _optimizer_state(self.model, self.optimizer))
+        self._barrier("barrier after every rank wrote its checkpoint shards")
+        if rank0:
+            self._finish_save(tmp, path)
+        self._barrier("barrier after the checkpoint was completed")
         self.last_checkpoint = path
         return path
+
+    def _finish_save(self, tmp: Path, path: Path) -> None:
+        state = {"step": self.step, "model_config": self.mcfg.to_dict(),
+                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
+        (tmp / TRAINER_FILE).write_text(json.dumps(state))
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        for name in files:
+            rundir.fsync(tmp / name)
+        rundir.write_manifest(tmp, files)
+        aside = rundir.swap_in(tmp, path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        complete = [d for d in rundir.checkpoint_dirs(self.out_dir, rundir.DCP_DIR)
+                    if (d / rundir.MANIFEST).is_file()]
+        for old in complete[:-self.cfg.keep_checkpoints]:
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def resume_distributed(cls, path: str | Path, corpus: Corpus, mesh: ExpertParallelMesh,
                            out_dir: str | Path | None = None, progress: bool = True,
                            **overrides: Any) -> DistributedTrainer:
-        """Continue a run saved by ``save`` at any (dp, ep) with the same world batch."""
+        """Continue a run saved by ``save`` at any (dp, ep) with the same world batch.
+
+        ``path`` is a ``dcp_step_*`` directory or a run directory (then its newest
+        complete checkpoint, after rank 0 cleaned up what killed saves left)."""
         path = Path(path)
-        state = json.loads((path / "trainer.json").read_text())
+        if not rundir.DCP_DIR.fullmatch(path.name):
+            _on_rank0_then_barrier(lambda: rundir.clean_run_dir(path), mesh)
+            path = find_resumable(path)
+        state = read_trainer_state(path)
         mcfg = LMConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"]).replace(**overrides)
         trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress)
@@ -188,6 +258,19 @@ class DistributedTrainer(Trainer):
         trainer.counters.update(state["counters"])
         trainer.last_checkpoint = path
         return trainer
+
+
+def _on_rank0_then_barrier(fn: Callable[[], Any], mesh: ExpertParallelMesh) -> None:
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except OSError as e:  # still reach the barrier: the other ranks wait in it
+            error = e
+    mesh.world.run("barrier after cleaning the run directory", dist.barrier,
+                   group=mesh.world.group)
+    if error is not None:
+        raise error
 
 
 def ep_layers(model: nn.Module) -> list[ExpertParallelMoE]:

@@ -13,7 +13,6 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -78,18 +77,11 @@ def _build(args: argparse.Namespace, mesh):
 
     corpus = load_corpus(args.data)
     ep_kwargs = {"dispatcher": args.dispatcher, "overlap_chunks": args.overlap_chunks}
-    if args.resume:
-        path = Path(args.resume)
-        if not path.name.startswith(DCP_PREFIX):  # a run directory: its newest checkpoint
-            found = sorted(path.glob(f"{DCP_PREFIX}*"))
-            if not found:
-                raise ValueError(f"--resume={args.resume} is not allowed: it holds no "
-                                 f"{DCP_PREFIX}* checkpoint")
-            path = found[-1]
+    if args.resume:  # a dcp_step_* directory, or a run directory: its newest complete one
         overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
                      if k in ("steps", "eval_every", "save_every", "device")}
         trainer = DistributedTrainer.resume_distributed(
-            path, corpus, mesh, progress=not args.no_progress, **overrides)
+            args.resume, corpus, mesh, progress=not args.no_progress, **overrides)
     else:
         model_cfg, train_cfg = configs_from_args(args)
         trainer = DistributedTrainer(model_cfg, train_cfg, corpus, args.out, mesh,
@@ -141,7 +133,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     except CollectiveTimeoutError as e:
         print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken; its destructors would wait on the peer
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError is one
         print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
         return 2
     dist.destroy_process_group()

@@ -35,6 +35,7 @@ from moekit.models.transformer import MoETransformer
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.data import Corpus, batch_seed, sample_windows
 from moekit.train.monitor import CollapseMonitor, MetricsLog
+from moekit.train.rundir import clean_run_dir
 
 VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
 
@@ -278,11 +279,23 @@ class Trainer:
                                        train_config.collapse_patience)
         self.load_since_eval: Tensor | None = None
         self.last_checkpoint: Path | None = None
+        self._clean_run_dir()
+
+    def _clean_run_dir(self) -> None:
+        """Leftovers of killed saves: temp files go, checkpoints moved aside come back."""
+        for line in clean_run_dir(self.out_dir):
+            tqdm.write(f"{self.out_dir}: {line}")
 
     @classmethod
     def resume(cls, path: str | Path, corpus: Corpus, out_dir: str | Path | None = None,
                progress: bool = True, **overrides: Any) -> Trainer:
-        """Continue a run exactly where its checkpoint left it (``overrides`` e.g. steps)."""
+        """Continue a run exactly where its checkpoint left it (``overrides`` e.g. steps).
+
+        Changing ``steps`` changes the cosine learning-rate schedule from here on
+        (``lr_at`` decays to the new last step), so the run differs from one
+        started with the new value."""
+        if (Path(path) / ckpt_io.LATEST).is_file():  # a run directory we are taking over
+            clean_run_dir(Path(path))
         ck = ckpt_io.load_checkpoint(path)
         mcfg = LMConfig.from_dict(ck.state["model_config"])
         tcfg = TrainConfig.from_dict(ck.state["train_config"]).replace(**overrides)

@@ -1,0 +1,182 @@
+"""The files of a run directory: LATEST, manifests, atomic swaps, leftovers of crashes.
+
+Shared by single-process checkpoints (``step_NNNNNNNN``) and expert-parallel
+DCP checkpoints (``dcp_step_NNNNNNNN``). Nothing here trusts a name read from
+disk: LATEST may only name a direct child of the run directory of the checkpoint
+form, never a path, and never a symbolic link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from moekit.errors import CheckpointError
+
+LATEST, MANIFEST = "LATEST", "manifest.json"
+STEP_DIR = re.compile(r"step_\d{8}")
+DCP_DIR = re.compile(r"dcp_step_\d{8}")
+ASIDE = ".old"  # a checkpoint being replaced waits under ".<name>.old" until LATEST moves
+_LATEST_MAX_BYTES = 4096  # "step_00000100\n" is 14; read no more than this
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- LATEST ----------------------------------------------------------------------
+
+
+def write_latest(run_dir: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / LATEST)
+
+
+def read_latest(run_dir: Path, pattern: re.Pattern[str] = STEP_DIR) -> str:
+    """The checkpoint name in ``run_dir/LATEST``, refused unless it is a plain child name."""
+    path = run_dir / LATEST
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_LATEST_MAX_BYTES + 1)
+        name = raw.decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from e
+    if len(raw) > _LATEST_MAX_BYTES or not pattern.fullmatch(name):
+        shown = raw[:_LATEST_MAX_BYTES].decode("ascii", "replace").strip()
+        raise CheckpointError(
+            f"{path} holds {shown if len(shown) <= 300 else shown[:300] + '...'!r}, "
+            f"which is not allowed: it may only name a checkpoint directory directly inside "
+            f"{run_dir}, of the form {pattern.pattern.replace(chr(92) + 'd{8}', 'NNNNNNNN')}")
+    if (run_dir / name).is_symlink():
+        raise CheckpointError(f"{path} names {name!r}, which is a symbolic link: a "
+                              "checkpoint must be a real directory inside the run directory")
+    return name
+
+
+# -- manifests: the SHA-256 of every file of a checkpoint ---------------------------
+
+
+def _canonical(hashes: dict[str, str]) -> bytes:
+    return json.dumps({"sha256": hashes}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_manifest(ckpt: Path, files: list[str]) -> None:
+    """Hash ``files`` of ``ckpt`` into ``ckpt/manifest.json`` (fsynced; written last)."""
+    tmp = ckpt / f".{MANIFEST}.tmp"
+    tmp.write_bytes(_canonical({f: sha256(ckpt / f) for f in sorted(files)}))
+    fsync(tmp)
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify_manifest(ckpt: Path, required: tuple[str, ...] = ()) -> list[str]:
+    """Check every file the manifest names; returns their names.
+
+    The manifest must be byte-for-byte the canonical JSON of what it holds, so
+    a flipped byte anywhere in it (or in a file it names) is an error.
+    """
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is incomplete: it has no {MANIFEST} (written last, "
+                              "after every other file; moekit checkpoints saved before "
+                              "state.json format_version 2 have none either)")
+    raw = path.read_bytes()
+    try:
+        hashes = json.loads(raw)["sha256"]
+        ok = _canonical(hashes) == raw and all(
+            isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in hashes.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path} is corrupt: it is not the manifest moekit writes")
+    for name in required:
+        if name not in hashes:
+            raise CheckpointError(f"{path} does not cover {name!r}")
+    for name, want in hashes.items():
+        f = ckpt / name
+        if Path(name).name != name or f.is_symlink() or not f.is_file():
+            raise CheckpointError(f"{ckpt / name} is missing (or not a plain file in {ckpt})")
+        if sha256(f) != want:
+            raise CheckpointError(f"{f} is corrupt or truncated: its SHA-256 does not match "
+                                  f"the one recorded in {MANIFEST}")
+    return sorted(hashes)
+
+
+# -- replacing a checkpoint and cleaning up after crashes ---------------------------
+
+
+def swap_in(tmp: Path, final: Path) -> Path | None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is first moved aside, not deleted.
+
+    Returns the aside directory (delete it once LATEST no longer needs it). A
+    crash between the two renames leaves the old checkpoint whole under
+    ``.<name>.old``: readers use it, ``clean_run_dir`` renames it back.
+    """
+    aside = final.parent / f".{final.name}{ASIDE}"
+    if final.exists():
+        if aside.exists():  # a leftover from an earlier crash; final is complete
+            shutil.rmtree(aside)
+        os.rename(final, aside)
+    os.rename(tmp, final)
+    return aside if aside.exists() else None
+
+
+def aside_of(ckpt: Path) -> Path:
+    return ckpt.parent / f".{ckpt.name}{ASIDE}"
+
+
+def clean_run_dir(run_dir: Path) -> list[str]:
+    """Remove temporary files of killed saves and restore checkpoints moved aside.
+
+    Call once at the start of a run that owns ``run_dir`` (never while another
+    process saves into it). Returns what it did, for the log.
+    """
+    done: list[str] = []
+    if not run_dir.is_dir():
+        return done
+    for p in sorted(run_dir.iterdir()):
+        name = p.name
+        if name.endswith(ASIDE) and (STEP_DIR.fullmatch(name[1:-len(ASIDE)])
+                                     or DCP_DIR.fullmatch(name[1:-len(ASIDE)])):
+            target = run_dir / name[1:-len(ASIDE)]
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {name} (replaced by {target.name})")
+            else:
+                os.rename(p, target)
+                done.append(f"restored {target.name} from {name}")
+        elif re.fullmatch(r"\.(dcp_)?step_\d{8}\.tmp.*|\.LATEST\..+", name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            done.append(f"removed {name}")
+    return done
+
+
+def checkpoint_dirs(run_dir: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Real directories directly in ``run_dir`` whose names fit ``pattern``, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
