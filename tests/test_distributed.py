@@ -93,7 +93,8 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_dropless", "ep2_capacity", "ep2_sigmoid_dropless", "ep2_expert_choice",
     "ep2_dropless_bf16", "ep2_capacity_bf16",
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
-    "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process"])
+    "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process",
+    "train_ep2_consolidated"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 

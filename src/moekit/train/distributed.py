@@ -33,6 +33,8 @@ from moekit.distributed import (
 from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
 from moekit.distributed.layer import ExpertParallelMoE
 from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer
+from moekit.train import checkpoint as ckpt_io
 from moekit.train.data import Corpus
 from moekit.train.trainer import (
     StepResult,
@@ -123,6 +125,33 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return out
 
 
+def _gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Expert shards all-gathered into full [E, ...] tensors (every rank must call this)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def save_single_process(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig,
+                        model_sd: dict[str, Tensor], optim_by_name: dict[str, Tensor],
+                        state: dict[str, Any]) -> Path:
+    """Write full tensors as the one-process trainer's checkpoint (``step_*`` + LATEST).
+
+    A one-process model and AdamW are given the tensors, so the files are exactly
+    what ``Trainer.save`` writes for that model (tied weights stay tied: copied,
+    not assigned). Building it must not move this rank's RNG, which the other
+    ranks' streams must keep matching.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = MoETransformer(mcfg)
+    model.load_state_dict({k: v.detach().cpu() for k, v in model_sd.items()}, strict=True)
+    optimizer = make_optimizer(model, tcfg)
+    for name, p in model.named_parameters():
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        if all(f"{name}.{k}" in optim_by_name for k in keys):
+            optimizer.state[p] = {k: optim_by_name[f"{name}.{k}"].detach().cpu().clone()
+                                  for k in keys}
+    return ckpt_io.save_checkpoint(run_dir, model, optimizer, state, tcfg.keep_checkpoints)
+
+
 class DistributedTrainer(Trainer):
     """The Trainer with expert parallelism and data parallelism over ``mesh``.
 
@@ -161,12 +190,20 @@ class DistributedTrainer(Trainer):
             log.write(record)
 
     def save(self) -> Path:
+        """``dcp_step_<step>`` (reshardable, for --nproc resumes) and, from rank 0, the
+        same state consolidated as a single-process ``step_<step>`` + LATEST, which
+        ``generate``, ``analyze``, ``plan`` and a one-process ``--resume`` read."""
         path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
-        save_checkpoint(path, self.model, _optimizer_state(self.model, self.optimizer))
+        optim = _optimizer_state(self.model, self.optimizer)
+        save_checkpoint(path, self.model, optim)
+        full_model = _gathered(model_state_dict(self.model))  # collectives: every rank
+        full_optim = _gathered(optim)
         if dist.get_rank() == 0:
             state = {"step": self.step, "model_config": self.mcfg.to_dict(),
                      "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
             (path / "trainer.json").write_text(json.dumps(state))
+            save_single_process(self.out_dir, self.mcfg, self.cfg, full_model, full_optim,
+                                self.checkpoint_state())
             for old in sorted(self.out_dir.glob(f"{DCP_PREFIX}*"))[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier(self.mesh.world.group)

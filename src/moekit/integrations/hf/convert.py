@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from moekit.config import reject
+from moekit.safetensors_write import save_file
 
 HF_PREFIX = "model.layers"
 
