@@ -117,7 +117,7 @@ def check_new_out(out: str | Path) -> None:
 
 def check_resume_path(resume: str) -> None:
     if not Path(resume).exists():
-        raise ValueError(f"resume={resume!r} is not allowed: it does not exist; pass a run "
+        raise ValueError(f"--resume={resume} is not allowed: it does not exist; pass a run "
                          "directory or one of its step_* checkpoints")
 
 
@@ -176,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     if wants_distributed(args):
         return run_distributed(args)
     try:
+        for flag in ("nproc", "ep"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
         corpus = load_corpus(args.data)
         trainer = build_trainer(args, corpus)
     except (ValueError, CheckpointError) as e:
