@@ -54,8 +54,8 @@ def coactivation_figure(layers: list[dict[str, Any]]):
             lift[i][i] = float("nan")  # the diagonal is each expert's own load
         lifts.append(lift)
     norm = centred_norm([v for lift in lifts for row in lift for v in row if v == v])
-    cmap = plt.get_cmap("coolwarm").copy()
-    cmap.set_bad("black")  # the diagonal (an expert with itself) is not a pair
+    # the diagonal (an expert with itself) is not a pair: drawn in black
+    cmap = plt.get_cmap("coolwarm").with_extremes(bad="black")
     for ax, layer, lift in zip(axes.flat, layers, lifts, strict=False):
         im = ax.imshow(lift, cmap=cmap, norm=norm)
         ax.set_title(f"{layer['name']}", fontsize=8)
