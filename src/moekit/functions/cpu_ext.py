@@ -29,7 +29,7 @@ _tried = False
 
 
 FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-BUILD_SECONDS = "about 40 s on 2 cores"  # measured 35-45 s on the 2-core dev box
+BUILD_SECONDS = "35-45 s on 2 cores"  # measured on the 2-core dev box; README says the same
 
 
 def build_dir() -> Path:
