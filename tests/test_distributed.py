@@ -148,3 +148,7 @@ def test_cli_launches_through_torchrun(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "mesh: dp=1 x ep=2" in done.stdout and "done: step 2" in done.stdout
     assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()
+    # the same state as a single-process checkpoint: generate reads the run directly
+    from moekit.cli import main
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step_00000002"
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4"]) == 0
