@@ -161,6 +161,7 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "ckpt_save_ep2", save_ep2, mesh, ckpt)
     check(res, "train_ep2_matches_one_process", train_matches, mesh, ckpt)
     check(res, "resume_newest_complete_runs_no_code", resume_guarded, mesh, ckpt)
+    check(res, "train_ep2_consolidated", consolidated_matches, mesh, ckpt)
     dist.destroy_process_group()
     return res
 
@@ -358,6 +359,37 @@ def resume_guarded(mesh, ckpt: str) -> str | None:
             return f"CheckpointError does not name the file: {e}"
     dist.barrier()
     return "the crafted .metadata ran a command" if marker.exists() else None
+
+
+def consolidated_matches(mesh, ckpt: str) -> str | None:
+    """The ep=2 run's single-process step_* checkpoint (written beside dcp_step_*) holds
+    what one process training the same 20 steps holds: weights and AdamW moments."""
+    from moekit.train.trainer import Trainer
+
+    if dist.get_rank() != 0:
+        return None
+    mcfg, tcfg, corpus = lm_setup()
+    ref = Trainer(mcfg, tcfg, corpus, Path(ckpt).parent / "one_ref", progress=False)
+    for _ in range(tcfg.steps):
+        ref.step_once()
+        ref.step += 1
+    run = Path(ckpt).parent / "lm"
+    got = Trainer.resume(run, corpus, out_dir=Path(ckpt).parent / "resumed", progress=False)
+    if got.step != 20 or got.last_checkpoint.name != "step_00000020":
+        return f"resumed {got.last_checkpoint} at step {got.step}, not step_00000020"
+    # fp32, 20 AdamW steps; the losses agree to 1e-5 (train_ep2_matches_one_process)
+    for (name, want), have in zip(ref.model.state_dict().items(),
+                                  got.model.state_dict().values(), strict=True):
+        if not torch.allclose(have, want, atol=1e-5, rtol=1e-4):
+            return f"{name}: consolidated {have.flatten()[:4]} vs one process {want.flatten()[:4]}"
+    for p_ref, p_got in zip(ref.model.parameters(), got.model.parameters(), strict=True):
+        s_ref, s_got = ref.optimizer.state[p_ref], got.optimizer.state[p_got]
+        if float(s_got["step"]) != 20:
+            return f"optimizer step {float(s_got['step'])}, not 20"
+        for key in ("exp_avg", "exp_avg_sq"):
+            if not torch.allclose(s_got[key], s_ref[key], atol=1e-6, rtol=1e-3):
+                return f"optimizer {key} of a {tuple(p_ref.shape)} parameter differs"
+    return None
 
 
 def train_resume_ep4(mesh, ckpt: str) -> str | None:

@@ -94,7 +94,8 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_dropless_bf16", "ep2_capacity_bf16",
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
     "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process",
-    "resume_newest_complete_runs_no_code"])
+    "resume_newest_complete_runs_no_code",
+    "train_ep2_consolidated"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 
@@ -159,3 +160,7 @@ def test_cli_launches_through_torchrun(tmp_path):
     assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()
     assert (tmp_path / "run" / "dcp_step_00000002" / "manifest.json").exists()  # complete
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    # the same state as a single-process checkpoint: generate reads the run directly
+    from moekit.cli import main
+    assert (tmp_path / "run" / "LATEST").read_text().strip() == "step_00000002"
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4"]) == 0

@@ -6,6 +6,7 @@ Shape letters used across the package:
     C capacity per expert, G router groups (or 2F for a fused gate+up).
 """
 
+import moekit._quiet  # noqa: F401  (before torch: see the module)
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch, RoutingPlan
 from moekit.layer import MoE, MoEOutput, attach_bias_update, update_all_biases

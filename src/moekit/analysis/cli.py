@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.analysis.analyze import analyze_model, windows
-from moekit.analysis.report import summary_table, write_report
+from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,4 +86,6 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(result, out)
     print("\n".join(summary_table(result["layers"])))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    if "load" not in paths:
+        print(f"no plots: matplotlib is not installed; {PLOT_HINT}", file=sys.stderr)
     return 0

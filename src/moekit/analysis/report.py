@@ -9,47 +9,81 @@ from typing import Any
 
 JSON_FILE, REPORT_FILE = "routing.json", "report.md"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
+PLOT_HINT = 'pip install "moekit[plot]" for the plots'
 
 
-def plot_load(layers: list[dict[str, Any]], path: Path) -> None:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def load_figure(layers: list[dict[str, Any]]):
+    """Each expert's load / uniform load per layer, white at 1.0 (balanced)."""
+    from moekit.train.plots import centred_norm
+    plt = _pyplot()
     rel = [[s * layer["num_experts"] for s in layer["load_share"]] for layer in layers]
     width = max(4.0, 0.35 * max(len(r) for r in rel) + 2)
-    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(rel)))
-    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0)
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(rel)), layout="constrained")
+    im = ax.imshow(rel, aspect="auto", cmap="coolwarm",
+                   norm=centred_norm([v for r in rel for v in r]))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(rel)))
+    ax.set_yticks(range(len(rel)), [layer["name"] for layer in layers], fontsize=7)
     ax.set_title("expert load / uniform load (1.0 = balanced)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.colorbar(im, ax=ax, label="load / uniform load")
+    return fig
 
 
-def plot_coactivation(layers: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def coactivation_figure(layers: list[dict[str, Any]]):
+    """Lift per layer on one colour scale for every panel, white at 1.0 (independent)."""
+    from moekit.train.plots import centred_norm
+    plt = _pyplot()
     n = len(layers)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1.0, 3.0 * rows),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, layer in zip(axes.flat, layers, strict=False):
+    lifts = []
+    for layer in layers:
         lift = [row[:] for row in layer["coactivation_lift"]]
         for i in range(len(lift)):
             lift[i][i] = float("nan")  # the diagonal is each expert's own load
-        im = ax.imshow(lift, cmap="magma", vmin=0)
+        lifts.append(lift)
+    norm = centred_norm([v for lift in lifts for row in lift for v in row if v == v])
+    # the diagonal (an expert with itself) is not a pair: drawn in black
+    cmap = plt.get_cmap("coolwarm").with_extremes(bad="black")
+    for ax, layer, lift in zip(axes.flat, layers, lifts, strict=False):
+        im = ax.imshow(lift, cmap=cmap, norm=norm)
         ax.set_title(f"{layer['name']}", fontsize=8)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("co-activation lift: P(i and j) / (P(i) P(j))")
-    fig.tight_layout()
+        ax.set_xlabel("expert j")
+        ax.set_ylabel("expert i")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="lift (1.0 = independent)")
+    fig.suptitle("co-activation lift: P(i and j) / (P(i) P(j)); diagonal in black")
+    return fig
+
+
+def plot_load(layers: list[dict[str, Any]], path: Path) -> None:
+    fig = load_figure(layers)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def plot_coactivation(layers: list[dict[str, Any]], path: Path) -> None:
+    fig = coactivation_figure(layers)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def fmt_items(items: list[dict[str, Any]], n: int = 4) -> str:
@@ -95,7 +129,7 @@ def layer_section(layer: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], plots: bool = True) -> str:
     meta = result["meta"]
     lines = [
         "# moekit routing analysis", "",
@@ -108,7 +142,8 @@ def markdown(result: dict[str, Any]) -> str:
         "brackets, the fraction of the item's occurrences routed to that expert. "
         "MI = mutual information between the token (or byte pattern) and the chosen expert.",
         "", "## Summary", "", *summary_table(result["layers"]), "",
-        f"![expert load]({LOAD_PNG})", "", f"![co-activation]({COACT_PNG})", "",
+        *([f"![expert load]({LOAD_PNG})", "", f"![co-activation]({COACT_PNG})"] if plots
+          else [f"(no plots: matplotlib is not installed; {PLOT_HINT})"]), "",
         "## Per layer", ""]
     for layer in result["layers"]:
         lines += layer_section(layer)
@@ -116,12 +151,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """routing.json and report.md always; the PNGs where matplotlib is installed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE,
-             "load": out / LOAD_PNG, "coactivation": out / COACT_PNG}
+    plots = have_matplotlib()
+    paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE}
     paths["json"].write_text(json.dumps(result, indent=1))
-    paths["report"].write_text(markdown(result))
-    plot_load(result["layers"], paths["load"])
-    plot_coactivation(result["layers"], paths["coactivation"])
+    paths["report"].write_text(markdown(result, plots))
+    if plots:
+        paths["load"], paths["coactivation"] = out / LOAD_PNG, out / COACT_PNG
+        plot_load(result["layers"], paths["load"])
+        plot_coactivation(result["layers"], paths["coactivation"])
     return paths

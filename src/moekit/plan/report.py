@@ -61,8 +61,23 @@ def memory_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def speed_lines(plan: Plan) -> list[str]:
+    """Step time and throughput, or why there is none (a layout that does not fit)."""
+    t, eff = plan.time, plan.setup.compute_efficiency
+    if not plan.fits:
+        other = "fits" if plan.memory_recompute.total <= usable_memory(plan.cluster, plan.setup) \
+            else "does not fit either"
+        flag = "--recompute none" if plan.layout.recompute == "full" else "--recompute full"
+        return [f"does not fit in memory: no step time or throughput for this layout "
+                f"({flag} {other}; try --search, more --gpus or --zero 3)"]
+    return [f"step {seconds(t.step_s)} = compute {seconds(t.compute_s)} at {eff:.0%} of peak "
+            f"(--efficiency) + exposed communication {seconds(t.exposed_comm_s)} + pipeline "
+            f"bubble {seconds(t.bubble_s)}",
+            f"  {t.tokens_per_s:,.0f} tokens/s, model FLOPs utilisation {t.mfu:.1%}"]
+
+
 def time_lines(plan: Plan) -> list[str]:
-    c, t = plan.comm, plan.time
+    c = plan.comm
     gpu = plan.cluster.gpu
     return [
         "communication per GPU per step",
@@ -74,14 +89,13 @@ def time_lines(plan: Plan) -> list[str]:
         f"{seconds(c.data_parallel_s)}",
         f"  pipeline sends               {c.pipeline_bytes / 1e9:10.2f} GB  "
         f"{seconds(c.pipeline_s)}",
-        f"roofline step {seconds(t.step_s)} = compute {seconds(t.compute_s)} + exposed "
-        f"communication {seconds(t.exposed_comm_s)} + pipeline bubble {seconds(t.bubble_s)}",
-        f"  {t.tokens_per_s:,.0f} tokens/s, model FLOPs utilisation {t.mfu:.1%}",
+        *speed_lines(plan),
         f"energy per token  {plan.energy_per_token_flops_j:.3g} J from FLOPs at "
         f"{plan.joules_per_flop * 1e12:.3g} pJ/FLOP"
         + (f" (= {gpu.power_watts:.0f} W / peak)" if plan.setup.joules_per_flop is None else "")
-        + f";  {plan.energy_per_token_wall_j:.3g} J wall-clock "
-        f"({plan.cluster.num_gpus} GPUs x {gpu.power_watts:.0f} W x step time)",
+        + (f";  {plan.energy_per_token_wall_j:.3g} J wall-clock "
+           f"({plan.cluster.num_gpus} GPUs x {gpu.power_watts:.0f} W x step time)"
+           if plan.fits else ""),
     ]
 
 

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moekit.errors import CheckpointError
+from moekit.safetensors_write import save_file
 from moekit.train import rundir
 from moekit.train.checkpoint_state import check_optimizer_groups, check_state, rng_state
 from moekit.train.rundir import LATEST, MANIFEST, STEP_DIR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from moekit.models.generate import generate
 from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus
 from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
+from moekit.train.memory import warn_step_memory
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 
 DEFAULT_OUT = "runs/train"
@@ -124,6 +126,68 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def check_new_out(out: str | Path) -> None:
+    """A new run must not write into a directory that holds one (single-process or --nproc)."""
+    path = Path(out)
+    if (path / LATEST).exists() or any(path.glob("dcp_step_*")):
+        raise ValueError(f"out={str(out)!r} already holds a run; continue it with "
+                         f"--resume {out}, or pick another --out")
+
+
+def check_resume_path(resume: str) -> None:
+    if not Path(resume).exists():
+        raise ValueError(f"--resume={resume} is not allowed: it does not exist; pass a run "
+                         "directory or one of its step_* checkpoints")
+
+
+def _val_at(run_dir: Path, step: int) -> float | None:
+    """The validation loss logged at ``step`` by an earlier session of this run, if any."""
+    found = None
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("kind") == "val" and r.get("step") == step:
+                    found = r["val_loss"]
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def loss_line(trainer: Trainer, summary: dict, start_step: int) -> str:
+    """"validation loss A -> B" from the step this session started at to the end."""
+    vals = [r for r in trainer.history if r.get("kind") == "val"]
+    first = vals[0]["val_loss"] if vals and vals[0]["step"] == start_step else None
+    if first is None and start_step:
+        first = _val_at(trainer.out_dir, start_step)
+    start = f"{first:.3f} at step {start_step} -> " if first is not None else ""
+    if start_step and first is None:
+        start = f"(resumed at step {start_step}) "
+    return (f"done: step {summary['step']}, validation loss {start}{summary['val_loss']:.3f} "
+            f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s, "
+            f"{summary['skipped_steps']} skipped steps")
+
+
+def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
+    """A new or resumed Trainer; raises ValueError (CheckpointError is one) on bad input."""
+    if args.resume:
+        check_resume_path(args.resume)
+        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
+                     if k in ("steps", "eval_every", "save_every", "device")}
+        trainer = Trainer.resume(args.resume, corpus, progress=not args.no_progress,
+                                 **overrides)
+        if trainer.step >= trainer.cfg.steps:
+            raise ValueError(f"resume={args.resume!r} is already at step {trainer.step} of "
+                             f"steps={trainer.cfg.steps}: pass a larger --steps to continue")
+    else:
+        model_cfg, train_cfg = configs_from_args(args)
+        check_new_out(args.out)
+        warn_step_memory(model_cfg, train_cfg.batch_size, train_cfg.seq_len, train_cfg.device)
+        trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
+                          progress=not args.no_progress)
+    return trainer
+
+
 def run(args: argparse.Namespace) -> int:
     tune_malloc()  # every step frees and re-allocates the same activations
     try:
@@ -133,24 +197,17 @@ def run(args: argparse.Namespace) -> int:
     if wants_distributed(args):
         return run_distributed(args)
     try:
+        for flag in ("nproc", "ep"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
         corpus = load_corpus(args.data)
-        if args.resume:
-            overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
-                         if k in ("steps", "eval_every", "save_every", "device")}
-            trainer = Trainer.resume(args.resume, corpus, progress=not args.no_progress,
-                                     **overrides)
-        else:
-            model_cfg, train_cfg = configs_from_args(args)
-            if (Path(args.out) / LATEST).exists():
-                raise ValueError(f"out={args.out!r} already holds a run; continue it with "
-                                 f"--resume {args.out}, or pick another --out")
-            trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
-                              progress=not args.no_progress)
+        trainer = build_trainer(args, corpus)
     except (ValueError, CheckpointError) as e:
         return error(e)
     print(corpus.describe())
     print(f"model: {describe(trainer)}")
     print(f"run directory: {trainer.out_dir} (metrics.jsonl, checkpoints)")
+    start_step = trainer.step
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
@@ -159,10 +216,7 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
-    first = next((r["val_loss"] for r in trainer.history if r.get("kind") == "val"), None)
-    print(f"done: step {summary['step']}, validation loss "
-          f"{'' if first is None else f'{first:.3f} -> '}{summary['val_loss']:.3f} nats/byte, "
-          f"{summary['tokens_per_s']:.0f} tokens/s, {summary['skipped_steps']} skipped steps")
+    print(loss_line(trainer, summary, start_step))
     print(f"checkpoint: {summary['checkpoint']}")
     prompt = encode("def ")[None].to(trainer.cfg.device)
     room = min(200, trainer.mcfg.max_seq_len - prompt.shape[1])

@@ -101,17 +101,23 @@ def read_bytes(paths: list[Path]) -> Tensor:
     """Concatenate files into one preallocated uint8 tensor, each followed by a newline.
 
     Sizes are known up front, so the corpus is held once (no list of chunks to join).
+    The buffer is a bytearray that the tensor shares (``torch.frombuffer``), not
+    ``Tensor.numpy()``: the CPU torch wheel does not bring numpy, and moekit's
+    main job must run without it.
     """
     sizes = [p.stat().st_size + 1 for p in paths]
-    out = torch.empty(sum(sizes), dtype=torch.uint8)
-    view = memoryview(out.numpy())
+    buf = bytearray(sum(sizes))
+    view = memoryview(buf)
     pos = 0
     for path, size in zip(paths, sizes, strict=True):
         with open(path, "rb") as f:
             got = f.readinto(view[pos:pos + size - 1])
         view[pos + got] = 10  # b"\n"
         pos += got + 1
-    return out[:pos]
+    view.release()
+    if not buf:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(buf, dtype=torch.uint8)[:pos]
 
 
 @dataclass

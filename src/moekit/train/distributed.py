@@ -35,6 +35,8 @@ from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, sav
 from moekit.distributed.layer import ExpertParallelMoE
 from moekit.errors import CheckpointError
 from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer
+from moekit.train import checkpoint as ckpt_io
 from moekit.train import rundir
 from moekit.train.checkpoint_state import check_state_dcp
 from moekit.train.data import Corpus
@@ -157,6 +159,33 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return out
 
 
+def _gathered(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Expert shards all-gathered into full [E, ...] tensors (every rank must call this)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def save_single_process(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig,
+                        model_sd: dict[str, Tensor], optim_by_name: dict[str, Tensor],
+                        state: dict[str, Any]) -> Path:
+    """Write full tensors as the one-process trainer's checkpoint (``step_*`` + LATEST).
+
+    A one-process model and AdamW are given the tensors, so the files are exactly
+    what ``Trainer.save`` writes for that model (tied weights stay tied: copied,
+    not assigned). Building it must not move this rank's RNG, which the other
+    ranks' streams must keep matching.
+    """
+    with torch.random.fork_rng(devices=[]):
+        model = MoETransformer(mcfg)
+    model.load_state_dict({k: v.detach().cpu() for k, v in model_sd.items()}, strict=True)
+    optimizer = make_optimizer(model, tcfg)
+    for name, p in model.named_parameters():
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        if all(f"{name}.{k}" in optim_by_name for k in keys):
+            optimizer.state[p] = {k: optim_by_name[f"{name}.{k}"].detach().cpu().clone()
+                                  for k in keys}
+    return ckpt_io.save_checkpoint(run_dir, model, optimizer, state, tcfg.keep_checkpoints)
+
+
 class DistributedTrainer(Trainer):
     """The Trainer with expert parallelism and data parallelism over ``mesh``.
 
@@ -202,9 +231,12 @@ class DistributedTrainer(Trainer):
         self.mesh.world.run(what, dist.barrier, self.mesh.world.group)
 
     def save(self) -> Path:
-        """Every rank writes into ``.dcp_step_N.tmp``; after a barrier rank 0 adds
-        trainer.json and, last, manifest.json (the completeness mark), then renames
-        the directory into place (``rundir.swap_in``) and prunes old checkpoints."""
+        """Every rank writes into ``.dcp_step_N.tmp`` (reshardable, for --nproc resumes);
+        after a barrier rank 0 adds trainer.json and, last, manifest.json (the completeness
+        mark), then renames the directory into place (``rundir.swap_in``) and prunes old
+        checkpoints. Rank 0 also writes the same state consolidated as a single-process
+        ``step_<step>`` + LATEST, which ``generate``, ``analyze``, ``plan`` and a
+        one-process ``--resume`` read."""
         path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
         tmp = self.out_dir / f".{path.name}.tmp"
         rank0 = dist.get_rank() == 0
@@ -212,10 +244,15 @@ class DistributedTrainer(Trainer):
             shutil.rmtree(tmp, ignore_errors=True)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._barrier("barrier before a checkpoint")
-        save_checkpoint(tmp, self.model, _optimizer_state(self.model, self.optimizer))
+        optim = _optimizer_state(self.model, self.optimizer)
+        save_checkpoint(tmp, self.model, optim)
         self._barrier("barrier after every rank wrote its checkpoint shards")
+        full_model = _gathered(model_state_dict(self.model))  # collectives: every rank
+        full_optim = _gathered(optim)
         if rank0:
             self._finish_save(tmp, path)
+            save_single_process(self.out_dir, self.mcfg, self.cfg, full_model, full_optim,
+                                self.checkpoint_state())
         self._barrier("barrier after the checkpoint was completed")
         self.last_checkpoint = path
         return path

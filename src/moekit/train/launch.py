@@ -62,8 +62,6 @@ def _forwarded_argv() -> list[str]:
 
 def launch_torchrun(args: argparse.Namespace) -> int:
     """Re-run this command under torchrun with ``args.nproc`` local processes."""
-    if args.nproc < 1:
-        raise ValueError(f"--nproc={args.nproc} is not allowed: it must be >= 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.nproc}", "-m", "moekit.train", *_forwarded_argv()]
     print("launching:", " ".join(cmd[1:]), flush=True)
@@ -111,14 +109,44 @@ def _report(trainer, summary: dict | None) -> None:
     print("sample:\n" + decode(sample[0]))
 
 
+def validate(args: argparse.Namespace, world: int) -> None:
+    """Every check that needs no process group, before torchrun starts anything: one line
+    naming the flag, its value and what is allowed (ValueError), nothing created."""
+    from moekit.train.cli import check_new_out, check_resume_path, configs_from_args
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc={args.nproc} is not allowed: it must be >= 1")
+    if args.ep < 1 or world % args.ep:
+        raise ValueError(f"--ep={args.ep} is not allowed with {world} processes: it must "
+                         f"divide the number of processes (here one of "
+                         f"{[d for d in range(1, world + 1) if world % d == 0]})")
+    if args.resume:
+        check_resume_path(args.resume)
+        return
+    model, train = configs_from_args(args)
+    if train.batch_size % world:
+        raise ValueError(f"--batch-size={train.batch_size} is not allowed with {world} "
+                         "processes: it must be a multiple of the number of processes")
+    if not model.dense and model.num_experts % args.ep:
+        raise ValueError(f"--ep={args.ep} is not allowed with {model.num_experts} experts: "
+                         "it must divide the number of experts")
+    check_new_out(args.out)
+
+
 def run_distributed(args: argparse.Namespace) -> int:
     """Train on a (dp, ep) mesh (re-launching under torchrun when asked for --nproc)."""
-    if args.nproc > 1 and not under_torchrun():
-        return launch_torchrun(args)
-    if not under_torchrun():
+    if not under_torchrun() and args.nproc == 1:
         print(f"moekit train: error: --ep={args.ep} needs several processes: add "
               "--nproc N (or launch with torchrun)", file=sys.stderr)
         return 2
+    world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
+    try:  # before torchrun starts, and on every rank before the first write
+        validate(args, world)
+    except ValueError as e:
+        print(f"moekit train: error: {e}", file=sys.stderr)
+        return 2
+    if not under_torchrun():
+        return launch_torchrun(args)
     init_distributed(timeout_s=args.timeout)
     rank = dist.get_rank()
     try:

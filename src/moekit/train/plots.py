@@ -1,4 +1,4 @@
-"""PNG plots for `moekit compare` (needs matplotlib: ``pip install moekit[plot]``)."""
+"""PNG plots for `moekit compare` (needs matplotlib: ``pip install "moekit[plot]"``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 
-def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
+def curves_figure(results: list[dict[str, Any]]):
     """Validation loss vs tokens: mean over seeds per variant, band = min..max."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    values = []
     for name in dict.fromkeys(r["variant"] for r in results):
         curves = [r["curve"] for r in results if r["variant"] == name]
         n = min(len(c) for c in curves)
@@ -23,38 +25,55 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
         line, = ax.plot(tokens, mean, label=f"{name} (n={len(curves)})")
         ax.fill_between(tokens, [min(v) for v in per_point], [max(v) for v in per_point],
                         color=line.get_color(), alpha=0.2)
+        values += [x for v in per_point for x in v]
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("MoE vs dense of equal active FLOPs")
-    finals = [r["val_loss"] for r in results]
-    ax.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
+    if values:  # every point, the first (untrained, ~5.5) included
+        pad = 0.03 * (max(values) - min(values)) or 0.05
+        ax.set_ylim(min(values) - pad, max(values) + pad)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
+    fig = curves_figure(results)
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def plot_load(result: dict[str, Any], path: Path) -> Path:
-    """Heatmap per MoE layer: share of tokens per expert (rows) over training (columns)."""
+def centred_norm(values: list[float]) -> TwoSlopeNorm:
+    """One colour scale for every panel: 0 .. max, white at 1.0 (uniform load)."""
+    return TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, max(values, default=2.0)))
+
+
+def load_figure(result: dict[str, Any]):
+    """Heatmap per MoE layer: each expert's load / uniform load (rows) over training."""
     steps = [s for s, _ in result["load"]]
     load_SLE = [load for _, load in result["load"]]
     num_layers = len(load_SLE[0])
-    fig, axes = plt.subplots(1, num_layers, figsize=(3.2 * num_layers, 3.0), dpi=100,
-                             squeeze=False)
-    for layer in range(num_layers):
-        grid = [[load_SLE[s][layer][e] for s in range(len(steps))]
-                for e in range(len(load_SLE[0][layer]))]
+    rel_LES = [[[load_SLE[s][layer][e] * len(load_SLE[0][layer]) for s in range(len(steps))]
+                for e in range(len(load_SLE[0][layer]))] for layer in range(num_layers)]
+    norm = centred_norm([v for grid in rel_LES for row in grid for v in row])
+    fig, axes = plt.subplots(1, num_layers, figsize=(3.2 * num_layers + 1.2, 3.0), dpi=100,
+                             squeeze=False, layout="constrained")
+    for layer, grid in enumerate(rel_LES):
         ax = axes[0][layer]
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest",
+        im = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=norm, interpolation="nearest",
                        extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
         ax.set_title(f"MoE layer {layer}")
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
-        fig.colorbar(im, ax=ax, label="share of routed tokens")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="load / uniform load (1.0 = balanced)")
     fig.suptitle(f"expert load over training: {result['variant']} seed {result['seed']}")
-    fig.tight_layout()
+    return fig
+
+
+def plot_load(result: dict[str, Any], path: Path) -> Path:
+    fig = load_figure(result)
     fig.savefig(path)
     plt.close(fig)
     return path

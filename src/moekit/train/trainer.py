@@ -357,13 +357,17 @@ class Trainer:
         self.history.append(record)
         log.write(record)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What state.json records besides tensors (also written by --nproc runs)."""
+        return {"step": self.step, "model_config": self.mcfg.to_dict(),
+                "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
+                "data": {"corpus": self.corpus.source, "position": "step",
+                         "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
+
     def save(self) -> Path:
-        state = {"step": self.step, "model_config": self.mcfg.to_dict(),
-                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                 "data": {"corpus": self.corpus.source, "position": "step",
-                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
         self.last_checkpoint = ckpt_io.save_checkpoint(
-            self.out_dir, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+            self.out_dir, self.model, self.optimizer, self.checkpoint_state(),
+            self.cfg.keep_checkpoints)
         return self.last_checkpoint
 
     def validate(self, log: MetricsLog) -> float:

@@ -18,14 +18,16 @@ J key/value heads, Dh head size.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from moekit.config import reject
+from moekit.safetensors_write import save_file
 
 HF_PREFIX = "model.layers"
 
@@ -293,13 +295,30 @@ def add_arguments(p) -> None:
                    help="direction (default: moekit when source has config.json, else hf)")
 
 
+RUN_MARKERS = ("LATEST", "state.json", "config.json", "model.safetensors")
+
+
+def check_dest(source: str | Path, dest: str | Path) -> None:
+    """The output must be a new place: not the input, not inside it, not a checkpoint."""
+    src, dst = Path(source).resolve(), Path(dest).resolve()
+    if dst == src or src in dst.parents:
+        reject("dest", str(dest), f"it must not be the source {str(source)!r} or a directory "
+               "inside it")
+    held = [m for m in RUN_MARKERS if (dst / m).exists()] + \
+        [p.name for p in sorted(dst.glob("step_*"))[:1]]
+    if held:
+        reject("dest", str(dest), f"it already holds a checkpoint ({', '.join(held)}); pick a "
+               "new directory")
+
+
 def run(args) -> int:
     to = args.to or ("moekit" if (Path(args.source) / "config.json").is_file() else "hf")
     try:
+        check_dest(args.source, args.dest)
         out = hf_to_moekit(args.source, args.dest) if to == "moekit" \
             else moekit_to_hf(args.source, args.dest)
     except (ValueError, OSError, KeyError) as e:
-        print(f"moekit convert: {e}")
+        print(f"moekit convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

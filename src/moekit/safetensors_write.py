@@ -1,0 +1,67 @@
+"""Write a safetensors file without numpy.
+
+``safetensors.torch.save_file`` (0.8) imports numpy to take each tensor's
+address, and neither the CPU torch wheel nor safetensors brings numpy, so on a
+fresh ``pip install -e .`` the first checkpoint of ``moekit train`` died with
+``ModuleNotFoundError: numpy``. The format is small (an 8-byte little-endian
+header length, a JSON header naming each tensor's dtype, shape and byte range,
+then the raw bytes), so moekit writes it itself; ``safetensors`` still reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+
+import torch
+from torch import Tensor
+
+# torch dtype -> safetensors dtype code (the codes of the format's specification)
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+    torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tuple[bytes, int]:
+    """The padded JSON header and the size of the data section."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    pos = 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_CODES:
+            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which is not allowed: "
+                             f"it must be one of {sorted(map(str, DTYPE_CODES))}")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + size]}
+        pos += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), pos  # the reference writer pads to 8 bytes
+
+
+def save_file(tensors: dict[str, Tensor], filename: str | os.PathLike,
+              metadata: dict[str, str] | None = None) -> None:
+    """Same contract as ``safetensors.torch.save_file`` for CPU or device tensors."""
+    if sys.byteorder != "little":
+        raise RuntimeError("moekit writes safetensors on little-endian machines only")
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.layout != torch.strided:
+            raise ValueError(f"tensor {name!r} is not allowed: it must be a dense torch.Tensor")
+    header, _ = _layout(tensors, metadata)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t in tensors.values():  # one tensor's bytes at a time: no copy of the whole dict
+            f.write(_raw_bytes(t))
+
+
+def _raw_bytes(t: Tensor) -> bytearray:
+    out = bytearray(t.numel() * t.element_size())
+    if out:
+        flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        torch.frombuffer(out, dtype=torch.uint8).copy_(flat)
+    return out
