@@ -56,10 +56,11 @@ def save_file(tensors: dict[str, Tensor], filename: str | os.PathLike,
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for t in tensors.values():  # one tensor's bytes at a time: no copy of the whole dict
-            f.write(_raw_bytes(t))
+            f.write(raw_bytes(t))
 
 
-def _raw_bytes(t: Tensor) -> bytearray:
+def raw_bytes(t: Tensor) -> bytearray:
+    """A tensor's bytes without numpy (``tensor.numpy()`` needs it; the CPU wheel lacks it)."""
     out = bytearray(t.numel() * t.element_size())
     if out:
         flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moekit.safetensors_write import raw_bytes
+
 VOCAB_SIZE = 256  # byte-level: token id = byte value
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", ".git"})
 TEXT_SUFFIXES = frozenset({".py", ".txt", ".md", ".rst", ".c", ".h", ".json", ".toml",
@@ -79,7 +81,7 @@ def non_text_fraction(data_N: Tensor) -> float:
     if data_N.numel() == 0:
         return 0.0
     control = (data_N < 32) & ~torch.isin(data_N, _TEXT_CONTROLS) | (data_N == 127)
-    invalid = bytes(data_N.numpy()).decode("utf-8", errors="replace").count("\ufffd")
+    invalid = bytes(raw_bytes(data_N)).decode("utf-8", errors="replace").count("\ufffd")
     return (int(control.sum()) + invalid) / data_N.numel()
 
 
