@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions import decode
 from moekit.functions.grouped_mm import grouped_mm
 from moekit.functions.moe_experts import fused_experts
+from moekit.quant.tensor import QuantizedTensor
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -114,6 +116,54 @@ def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
     return kind, cfg.swiglu_limit, cfg.swiglu_alpha
 
 
+def _kind(act: ActFn) -> str | None:
+    spec = _activation_spec(act)
+    return spec[0] if spec is not None else getattr(act, "kind", None)
+
+
+def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
+                   w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
+                   b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """The decode kernels (functions/decode.py): touched experts only, no autograd.
+
+    Quantized weights with more rows than ``QUANT_KERNEL_MAX_ROWS`` (prefill) are
+    dequantized a block of experts at a time for the fused path instead.
+    """
+    if torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad
+            for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)):
+        raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
+                           "torch.inference_mode(), or use backend='fused' to train")
+    quantized = isinstance(w_in_EDG, QuantizedTensor)
+    if quantized and (d.num_rows > QUANT_KERNEL_MAX_ROWS or not decode.available()):
+        return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
+                                          w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
+    spec = _activation_spec(act)
+    if spec is None and getattr(act, "kind", None) is not None:  # e.g. the HF integration's
+        spec = (act.kind, 0.0, 1.0)
+    return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
+                              b_in_EG, b_out_ED, act, spec)
+
+
+# Rows up to which "auto" picks the decode kernels over "fused" (CPU, no autograd).
+# Measured by benchmarks/bench_decode_kernel.py --crossover (one MoE layer, D=1024,
+# E=64, K=8, F=512, fp32, 2 threads): see DECODE_MAX_ROWS_NOTE.
+DECODE_MAX_ROWS = 256
+# Quantized weights: the kernel up to this many rows, dequantize + fused beyond.
+QUANT_KERNEL_MAX_ROWS = 512
+
+
+def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:
+    """Whether "auto" should run the decode kernels: CPU, no autograd, few rows, built."""
+    if isinstance(w_in_EDG, QuantizedTensor):
+        return True
+    return (x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and rows is not None
+            and rows <= DECODE_MAX_ROWS
+            and all(t.dtype in (torch.float32, torch.bfloat16) for t in (x_TD, w_in_EDG, w_out_EFD))
+            and decode.available())
+
+
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -150,4 +200,4 @@ def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tenso
 
 
 BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "triton": triton_experts,
-            "fused": fused_cpu_experts}
+            "fused": fused_cpu_experts, "decode": decode_experts}

@@ -1,4 +1,5 @@
-"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``), built on first use.
+"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``, ``cpu_decode.cpp``), built on
+first use.
 
 ``get()`` compiles the source with ``torch.utils.cpp_extension.load`` the first
 time it is called on a machine (about 40 s on the 2-core dev box; the library is
@@ -26,11 +27,11 @@ _module: ModuleType | None = None
 _tried = False
 
 
-def _cached() -> bool:
+def _cached(name: str) -> bool:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return any(root.glob(f"**/{NAME}/{NAME}.so"))
+    return any(root.glob(f"**/{name}/{name}.so"))
 
 
 def _gist(e: Exception) -> str:
@@ -38,6 +39,26 @@ def _gist(e: Exception) -> str:
     text = str(e).strip()
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     return (errors[0] if errors else text)[-400:]
+
+
+def _build(name: str, source: Path, what: str, fallback: str) -> ModuleType | None:
+    """Compile (first time on a machine) and load one C++ source; None with a warning."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        if not _cached(name):
+            print(f"moekit: building the C++ CPU {what} (once per machine and torch "
+                  "version, about a minute)...", file=sys.stderr, flush=True)
+        # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
+        # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
+        return load(name=name, sources=[str(source)],
+                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # any build or load failure falls back to the Python path
+        warnings.warn(f"moekit: the C++ CPU {what} could not be built or loaded "
+                      f"({type(e).__name__}: {_gist(e)}); {fallback} "
+                      f"Set {ENV}=0 to skip the build.", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def get() -> ModuleType | None:
@@ -48,21 +69,23 @@ def get() -> ModuleType | None:
     _tried = True
     if os.environ.get(ENV, "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        if not _cached():
-            print("moekit: building the C++ CPU expert kernels (once per machine and torch "
-                  "version, about a minute)...", file=sys.stderr, flush=True)
-        # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
-        # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
-        _module = load(name=NAME, sources=[str(SOURCE)],
-                       extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # any build or load failure falls back to the Python loop
-        warnings.warn(f"moekit: the C++ CPU expert kernels could not be built or loaded "
-                      f"({type(e).__name__}: {_gist(e)}); the fused CPU path "
-                      f"uses a Python loop of mm instead (same results, slower with many "
-                      f"experts). Set {ENV}=0 to skip the build.", RuntimeWarning, stacklevel=2)
-        _module = None
+    _module = _build(NAME, SOURCE, "expert kernels",
+                     "the fused CPU path uses a Python loop of mm instead (same results, "
+                     "slower with many experts).")
     return _module
+
+
+DECODE_NAME = "moekit_cpu_decode"
+DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
+_decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
+
+
+def get_decode() -> ModuleType | None:
+    """The decode kernels (``csrc/cpu_decode.cpp``), or None (disabled or build failed)."""
+    if not _decode:
+        disabled = os.environ.get(ENV, "1") == "0"
+        _decode.append(None if disabled else _build(
+            DECODE_NAME, DECODE_SOURCE, "decode kernels",
+            "backend 'auto' keeps the fused path for decoding, and quantized experts "
+            "are dequantized with torch ops."))
+    return _decode[0]

@@ -1,0 +1,566 @@
+// Decode expert kernels: few routed rows, so every step is memory-bound.
+//
+// At decode a layer has S = T*K routed rows (8 at batch 1, top-8) spread over
+// the few experts they touch, and the time is the bytes of those experts'
+// weights read once. Two calls per layer, each one parallel region over tasks:
+//
+//   gate_up       tasks (touched expert, tile of output columns): x rows of the
+//                 expert times w_in[e][:, tile], + b_in, then the activation
+//                 (SwiGLU / GeGLU / GPT-OSS SwiGLU on the matching gate and up
+//                 columns; ReLU^2 / GELU; or none: the caller applies it).
+//   down_combine  tasks (tile of D): for every touched expert, a rows times
+//                 w_out[e][:, tile] (+ b_out), times the row's combine weight,
+//                 added into out[token, tile]. A task owns its columns of every
+//                 token, so the combine has no races and sums in expert order.
+//
+// Weights (fp32 accumulation throughout):
+//   plain fp32 / bf16, any stride layout of the logical [E, K, N] (input K,
+//     output N) with unit stride along N ("KN", moekit's own w_in / w_out) or
+//     along K ("NK", transformers' non-transposed gate_up_proj / down_proj);
+//   int8 [E, N, K] symmetric, one fp32 scale per output channel: w = s * q;
+//   int4 [E, N, K/2] affine per group of g (32, 64, 128) along K:
+//     w = s[g] * q + z[g], q in 0..15; each 32-element block packs element j in
+//     the low nibble and element j + 16 in the high nibble of byte j (unpacking
+//     is a mask and a shift on 16 bytes, no shuffles). A group's dot product is
+//     s * sum(x * q) + z * sum(x): the zero point costs one multiply-add per
+//     group, not per weight.
+// Inner loops run over 16 independent fp32 lanes so the compiler vectorizes
+// them; target_clones builds AVX-512, AVX2 and baseline versions chosen at load
+// time from the CPU's flags. bf16 is widened by a 16-bit shift: at a few rows
+// per expert the step is memory-bound, so AVX-512 BF16 dot products (which
+// would also round the activations to bf16) would not read the bytes faster.
+//
+// Built on first use by moekit/functions/cpu_ext.py (-fopenmp: at::parallel_for
+// is an inline OpenMP region).
+//
+// Shape letters: T tokens, D hidden, E experts, S routed rows sorted by expert
+// (kept rows first; offsets_E[e] is the end of expert e's rows), K input width,
+// N output width of one projection, F = N / 2 for the GLU activations.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MEMBER inline __attribute__((always_inline))
+#define INLINE static MEMBER
+
+enum class Kind { F32, BF16, I8, I4 };
+
+struct Weights {
+  Kind kind;
+  bool n_unit;         // plain weights: unit stride along N (else along K)
+  const void* data;
+  int64_t s_e, s_k, s_n;  // element strides of the logical [E, K, N] (plain);
+                          // I8/I4: s_n = bytes per output row, s_e = per expert
+  const float* scales;    // I8 [E, N]; I4 [E, N, K/g]
+  const float* zeros;     // I4 [E, N, K/g]
+  int64_t group;          // I4 group size
+  int64_t E, K, N;
+};
+
+INLINE float bf16(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+INLINE float load(float v) { return v; }
+INLINE float load(uint16_t v) { return bf16(v); }
+
+// ---- KN layout (unit stride along outputs): acc[r, j] += x[r, k] * w[k, c0 + j]
+
+template <typename T>
+INLINE void kn_tile(const T* w, int64_t ldk, int64_t K, const float* const* x, int64_t n,
+                    int64_t W, float* acc) {
+  std::fill(acc, acc + n * W, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const T* wk = w + k * ldk;
+    for (int64_t r = 0; r < n; ++r) {
+      const float xv = x[r][k];
+      float* a = acc + r * W;
+      for (int64_t j = 0; j < W; ++j) a[j] += xv * load(wk[j]);
+    }
+  }
+}
+
+CLONES void kn_tile_f32(const float* w, int64_t ldk, int64_t K, const float* const* x,
+                        int64_t n, int64_t W, float* acc) {
+  kn_tile(w, ldk, K, x, n, W, acc);
+}
+
+CLONES void kn_tile_bf16(const uint16_t* w, int64_t ldk, int64_t K, const float* const* x,
+                         int64_t n, int64_t W, float* acc) {
+  kn_tile(w, ldk, K, x, n, W, acc);
+}
+
+// ---- NK layout (unit stride along inputs): one output row at a time, dot products
+// with up to R rows of x per pass over the weight row, 16 lanes each.
+
+struct DecF32 {
+  const float* p;
+  MEMBER void block(int64_t k, float* wf) const { for (int l = 0; l < 32; ++l) wf[l] = p[k + l]; }
+  MEMBER float one(int64_t k) const { return p[k]; }
+};
+struct DecBF16 {
+  const uint16_t* p;
+  MEMBER void block(int64_t k, float* wf) const {
+    for (int l = 0; l < 32; ++l) wf[l] = bf16(p[k + l]);
+  }
+  MEMBER float one(int64_t k) const { return bf16(p[k]); }
+};
+struct DecI8 {
+  const int8_t* p;
+  MEMBER void block(int64_t k, float* wf) const {
+    for (int l = 0; l < 32; ++l) wf[l] = static_cast<float>(p[k + l]);
+  }
+  MEMBER float one(int64_t k) const { return static_cast<float>(p[k]); }
+};
+struct DecI4 {
+  const uint8_t* p;  // the output row's packed bytes
+  MEMBER void block(int64_t k, float* wf) const {
+    const uint8_t* b = p + k / 2;
+    for (int l = 0; l < 16; ++l) {
+      wf[l] = static_cast<float>(b[l] & 15);
+      wf[16 + l] = static_cast<float>(b[l] >> 4);
+    }
+  }
+  MEMBER float one(int64_t) const { return 0.0f; }  // K is a multiple of the group
+};
+
+// out[r] = sum_k x[r][k] * w[k] for one output row; I4 adds the group scales
+// (gs) and zero points (gz, with xsum[r][g] = sum of x[r] over group g).
+template <typename Dec>
+INLINE void nk_row(const Dec& dec, int64_t K, int64_t group, const float* gs, const float* gz,
+                   const float* const* x, const float* xsum, int64_t n, float* out,
+                   int64_t ostride) {
+  constexpr int L = 16, R = 4;
+  const int64_t K32 = K / 32 * 32;
+  const int64_t ngroups = gs ? K / group : 1;
+  const int64_t glen = gs ? group : K32;
+  alignas(64) float wf[32];
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int64_t m = std::min<int64_t>(R, n - r0);
+    alignas(64) float tot[R][L] = {};
+    for (int64_t g = 0; g < ngroups; ++g) {
+      alignas(64) float acc[R][L] = {};
+      for (int64_t k = g * glen; k < (g + 1) * glen; k += 32) {
+        dec.block(k, wf);
+        for (int64_t r = 0; r < m; ++r) {
+          const float* xr = x[r0 + r] + k;
+          for (int l = 0; l < L; ++l) acc[r][l] += xr[l] * wf[l] + xr[L + l] * wf[L + l];
+        }
+      }
+      const float s = gs ? gs[g] : 1.0f;
+      for (int64_t r = 0; r < m; ++r)
+        for (int l = 0; l < L; ++l) tot[r][l] += s * acc[r][l];
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      float v = 0.0f;
+      for (int l = 0; l < L; ++l) v += tot[r][l];
+      if (gz) {
+        for (int64_t g = 0; g < ngroups; ++g) v += gz[g] * xsum[(r0 + r) * ngroups + g];
+      }
+      for (int64_t k = K32; k < K; ++k) v += x[r0 + r][k] * dec.one(k);
+      out[(r0 + r) * ostride] = v;
+    }
+  }
+}
+
+CLONES void nk_tile_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                        int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecF32{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+}
+
+CLONES void nk_tile_bf16(const uint16_t* w, int64_t ldn, int64_t K, const float* const* x,
+                         int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecBF16{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+}
+
+CLONES void nk_tile_i8(const int8_t* w, int64_t ldn, const float* scale, int64_t K,
+                       const float* const* x, int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j) {
+    nk_row(DecI8{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+    for (int64_t r = 0; r < n; ++r) acc[r * W + j] *= scale[j];
+  }
+}
+
+CLONES void nk_tile_i4(const uint8_t* w, int64_t ldn, const float* scales, const float* zeros,
+                       int64_t group, int64_t K, const float* const* x, const float* xsum,
+                       int64_t n, int64_t W, float* acc) {
+  const int64_t ng = K / group;
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecI4{w + j * ldn}, K, group, scales + j * ng, zeros + j * ng, x, xsum, n, acc + j,
+           W);
+}
+
+// acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
+void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
+          int64_t c0, int64_t W, float* acc) {
+  switch (w.kind) {
+    case Kind::F32: {
+      const float* p = static_cast<const float*>(w.data) + e * w.s_e;
+      if (w.n_unit) kn_tile_f32(p + c0, w.s_k, w.K, x, n, W, acc);
+      else nk_tile_f32(p + c0 * w.s_n, w.s_n, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w.data) + e * w.s_e;
+      if (w.n_unit) kn_tile_bf16(p + c0, w.s_k, w.K, x, n, W, acc);
+      else nk_tile_bf16(p + c0 * w.s_n, w.s_n, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::I8: {
+      const int8_t* p = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+      nk_tile_i8(p, w.s_n, w.scales + e * w.N + c0, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::I4: {
+      const uint8_t* p = static_cast<const uint8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+      const int64_t off = (e * w.N + c0) * (w.K / w.group);
+      nk_tile_i4(p, w.s_n, w.scales + off, w.zeros + off, w.group, w.K, x, xsum, n, W, acc);
+      return;
+    }
+  }
+}
+
+// Per-group sums of each row of x, for the int4 zero points; empty otherwise.
+std::vector<float> group_sums(const Weights& w, const float* const* x, int64_t n) {
+  if (w.kind != Kind::I4) return {};
+  const int64_t ng = w.K / w.group;
+  std::vector<float> s(n * ng, 0.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      float v = 0.0f;
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) v += x[r][k];
+      s[r * ng + g] = v;
+    }
+  return s;
+}
+
+// ---- activations (epilogue: O(rows x F), the weights are O(F x D)) ------------
+
+enum Act : int64_t { NONE = 0, SWIGLU = 1, GEGLU = 2, SWIGLU_OAI = 3, RELU2 = 4, GELU = 5 };
+
+bool is_glu(int64_t act) { return act == SWIGLU || act == GEGLU || act == SWIGLU_OAI; }
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
+
+inline float activate(int64_t act, float g, float u, float limit, float alpha) {
+  switch (act) {
+    case SWIGLU: return g * sigmoid(g) * u;
+    case GEGLU: return gelu(g) * u;
+    case SWIGLU_OAI: {
+      g = std::min(g, limit);
+      u = std::max(-limit, std::min(u, limit));
+      return g * sigmoid(alpha * g) * (u + 1.0f);
+    }
+    case RELU2: { const float r = std::max(g, 0.0f); return r * r; }
+    case GELU: return gelu(g);
+    default: return g;
+  }
+}
+
+// ---- tasks ------------------------------------------------------------------------
+
+struct Task { int64_t expert, c0, c1; };
+
+// Runs body(task) for every task, each thread taking the next one when it is done.
+template <typename Fn>
+void run(const std::vector<Task>& tasks, const Fn& body) {
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    for (const Task& t : tasks) body(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) body(tasks[i]);
+  });
+}
+
+// Tile width: about 4 tasks per thread over `units` tiles-worth of `cols` columns,
+// a multiple of 16, between 16 and 256 (256 fp32 = 1 KiB per weight row read).
+int64_t tile_width(int64_t cols, int64_t experts) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t w = (cols * experts + want - 1) / want;
+  w = (w + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min<int64_t>({w, 256, cols}));
+}
+
+struct Rows {
+  std::vector<int64_t> starts, ends;  // per touched expert
+  std::vector<int64_t> experts;
+  int64_t kept = 0;
+};
+
+Rows touched(const torch::Tensor& offsets_E) {
+  auto off = offsets_E.to(at::kLong).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  Rows rows;
+  int64_t start = 0;
+  for (int64_t e = 0; e < off.numel(); ++e) {
+    if (o[e] > start) {
+      rows.experts.push_back(e);
+      rows.starts.push_back(start);
+      rows.ends.push_back(o[e]);
+    }
+    start = std::max(start, o[e]);
+  }
+  rows.kept = start;
+  return rows;
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim, name,
+              " must be a contiguous float32 tensor with ", dim, " dimensions, got ",
+              t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
+}
+
+Weights weights(const torch::Tensor& data, const c10::optional<torch::Tensor>& scales,
+                const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group) {
+  check_cpu(data, "w");
+  TORCH_CHECK(data.dim() == 3, "w must have 3 dimensions, got ", data.sizes());
+  Weights w{};
+  w.data = data.data_ptr();
+  w.E = data.size(0);
+  if (bits == 0) {
+    TORCH_CHECK(data.scalar_type() == at::kFloat || data.scalar_type() == at::kBFloat16,
+                "plain w must be float32 or bfloat16, got ", data.scalar_type());
+    w.kind = data.scalar_type() == at::kFloat ? Kind::F32 : Kind::BF16;
+    w.K = data.size(1), w.N = data.size(2);
+    w.s_e = data.stride(0), w.s_k = data.stride(1), w.s_n = data.stride(2);
+    w.n_unit = w.s_n == 1 || w.N == 1;
+    TORCH_CHECK(w.n_unit || w.s_k == 1, "w [E, K, N] needs unit stride along K or N, got "
+                "strides ", data.strides());
+    if (!w.n_unit) w.s_n = data.stride(2);
+    return w;
+  }
+  TORCH_CHECK(data.is_contiguous(), "quantized w data must be contiguous");
+  TORCH_CHECK(scales.has_value(), "quantized w needs scales");
+  const auto& s = *scales;
+  check_cpu(s, "scales");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scales must be contiguous "
+              "float32");
+  w.N = data.size(1);
+  w.s_n = data.size(2), w.s_e = data.size(1) * data.size(2);
+  w.scales = s.data_ptr<float>();
+  if (bits == 8) {
+    TORCH_CHECK(data.scalar_type() == at::kChar, "int8 w must be int8, got ", data.scalar_type());
+    w.kind = Kind::I8;
+    w.K = data.size(2);
+    TORCH_CHECK(s.numel() == w.E * w.N, "int8 scales must be [E, N] = [", w.E, ", ", w.N,
+                "], got ", s.sizes());
+    return w;
+  }
+  TORCH_CHECK(bits == 4, "bits must be 0 (plain), 8 or 4, got ", bits);
+  TORCH_CHECK(data.scalar_type() == at::kByte, "int4 w must be uint8, got ", data.scalar_type());
+  TORCH_CHECK(zeros.has_value(), "int4 w needs zeros");
+  const auto& z = *zeros;
+  check_cpu(z, "zeros");
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.is_contiguous(), "zeros must be contiguous "
+              "float32");
+  w.kind = Kind::I4;
+  w.K = 2 * data.size(2);
+  w.group = group;
+  TORCH_CHECK(group > 0 && group % 32 == 0 && w.K % group == 0, "group=", group,
+              " must be a multiple of 32 dividing K=", w.K);
+  const int64_t ng = w.E * w.N * (w.K / group);
+  TORCH_CHECK(s.numel() == ng && z.numel() == ng, "int4 scales and zeros must be [E, N, K/g] = [",
+              w.E, ", ", w.N, ", ", w.K / group, "], got ", s.sizes(), " and ", z.sizes());
+  w.zeros = z.data_ptr<float>();
+  return w;
+}
+
+const float* bias_row(const c10::optional<torch::Tensor>& b, int64_t e, int64_t width) {
+  return b.has_value() ? b->data_ptr<float>() + e * width : nullptr;
+}
+
+void check_bias(const c10::optional<torch::Tensor>& b, const char* name, int64_t E, int64_t N) {
+  if (!b.has_value()) return;
+  check_f32(*b, name, 2);
+  TORCH_CHECK(b->size(0) == E && b->size(1) == N, name, " must be [", E, ", ", N, "], got ",
+              b->sizes());
+}
+
+}  // namespace
+
+// h rows of the touched experts: act(x[token] @ w_in[e] + b_in[e]) for the kept
+// rows in sorted order; [kept, N / 2] for GLU activations, else [kept, N].
+torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
+                      const torch::Tensor& offsets_E, const torch::Tensor& w_data,
+                      const c10::optional<torch::Tensor>& w_scales,
+                      const c10::optional<torch::Tensor>& w_zeros, int64_t bits, int64_t group,
+                      const c10::optional<torch::Tensor>& b_in, int64_t act, double limit,
+                      double alpha) {
+  check_f32(x_TD, "x_TD", 2);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(w.K == x_TD.size(1), "w_in input width ", w.K, " != x_TD width ", x_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
+              w.E, " experts");
+  TORCH_CHECK(act >= NONE && act <= GELU, "act=", act, " must be 0..5");
+  TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
+  check_bias(b_in, "b_in", w.E, w.N);
+  const Rows rows = touched(offsets_E);
+  auto tok = token_S.to(at::kLong).contiguous();
+  TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
+  const int64_t* token = tok.data_ptr<int64_t>();
+  const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
+  auto out = torch::empty({rows.kept, out_w}, x_TD.options());
+  const float* x = x_TD.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t D = x_TD.size(1), T = x_TD.size(0);
+  for (int64_t r = 0; r < rows.kept; ++r)
+    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
+  const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < rows.experts.size(); ++i)
+    for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
+  const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
+  run(tasks, [&](const Task& t) {
+    const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
+    const int64_t n = rows.ends[t.expert] - s0, cw = t.c1 - t.c0;
+    std::vector<const float*> xr(n);
+    for (int64_t r = 0; r < n; ++r) xr[r] = x + token[s0 + r] * D;
+    const std::vector<float> xsum = group_sums(w, xr.data(), n);
+    std::vector<float> g(n * cw), u;
+    tile(w, e, xr.data(), xsum.data(), n, t.c0, cw, g.data());
+    const float* bg = bias_row(b_in, e, w.N);
+    const float* bu = bg ? bg + out_w : nullptr;
+    if (is_glu(act)) {
+      u.resize(n * cw);
+      tile(w, e, xr.data(), xsum.data(), n, out_w + t.c0, cw, u.data());
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      float* dst = o + (s0 + r) * out_w + t.c0;
+      for (int64_t j = 0; j < cw; ++j) {
+        const float gv = g[r * cw + j] + (bg ? bg[t.c0 + j] : 0.0f);
+        const float uv = is_glu(act) ? u[r * cw + j] + (bu ? bu[t.c0 + j] : 0.0f) : 0.0f;
+        dst[j] = activate(act, gv, uv, lim, al);
+      }
+    }
+  });
+  return out;
+}
+
+// out_TD = sum over kept rows r of weight_S[r] * (a[r] @ w_out[e(r)] + b_out[e(r)]),
+// written row by row into out_TD[token_S[r]] (tokens without rows get 0).
+void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
+                  const torch::Tensor& weight_S, const torch::Tensor& offsets_E,
+                  const torch::Tensor& w_data, const c10::optional<torch::Tensor>& w_scales,
+                  const c10::optional<torch::Tensor>& w_zeros, int64_t bits, int64_t group,
+                  const c10::optional<torch::Tensor>& b_out, torch::Tensor& out_TD) {
+  check_f32(a_SF, "a_SF", 2);
+  check_f32(weight_S, "weight_S", 1);
+  check_f32(out_TD, "out_TD", 2);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(w.K == a_SF.size(1), "w_out input width ", w.K, " != a_SF width ", a_SF.size(1));
+  TORCH_CHECK(w.N == out_TD.size(1), "w_out output width ", w.N, " != out_TD width ",
+              out_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
+              w.E, " experts");
+  check_bias(b_out, "b_out", w.E, w.N);
+  const Rows rows = touched(offsets_E);
+  TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
+              "a_SF / weight_S have fewer rows than offsets_E says");
+  auto tok = token_S.to(at::kLong).contiguous();
+  const int64_t* token = tok.data_ptr<int64_t>();
+  const float* a = a_SF.data_ptr<float>();
+  const float* ws = weight_S.data_ptr<float>();
+  float* o = out_TD.data_ptr<float>();
+  const int64_t T = out_TD.size(0), D = w.N, F = w.K;
+  for (int64_t r = 0; r < rows.kept; ++r)
+    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
+  const int64_t W = tile_width(D, 1);
+  std::vector<Task> tasks;
+  for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
+  run(tasks, [&](const Task& t) {
+    const int64_t cw = t.c1 - t.c0;
+    for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
+    std::vector<float> acc;
+    std::vector<const float*> ar;
+    for (size_t i = 0; i < rows.experts.size(); ++i) {
+      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = rows.ends[i] - s0;
+      ar.resize(n);
+      for (int64_t r = 0; r < n; ++r) ar[r] = a + (s0 + r) * F;
+      const std::vector<float> xsum = group_sums(w, ar.data(), n);
+      acc.resize(n * cw);
+      tile(w, e, ar.data(), xsum.data(), n, t.c0, cw, acc.data());
+      const float* b = bias_row(b_out, e, D);
+      for (int64_t r = 0; r < n; ++r) {
+        float* dst = o + token[s0 + r] * D + t.c0;
+        const float wr = ws[s0 + r];
+        for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
+      }
+    }
+  });
+}
+
+// The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.
+torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
+                         const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
+                         int64_t group, int64_t e0, int64_t e1) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(0 <= e0 && e0 <= e1 && e1 <= w.E, "experts ", e0, "..", e1, " out of range");
+  auto out = torch::empty({e1 - e0, w.N, w.K}, w_scales.options());
+  float* o = out.data_ptr<float>();
+  const int64_t K = w.K, N = w.N;
+  at::parallel_for(0, (e1 - e0) * N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = e0 * N + i;  // global output row
+      float* dst = o + i * K;
+      if (w.kind == Kind::I8) {
+        const int8_t* q = static_cast<const int8_t*>(w.data) + row * K;
+        const float s = w.scales[row];
+        for (int64_t k = 0; k < K; ++k) dst[k] = s * static_cast<float>(q[k]);
+        continue;
+      }
+      const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (K / 2);
+      const int64_t ng = K / w.group;
+      for (int64_t k = 0; k < K; k += 32) {
+        const float s = w.scales[row * ng + k / w.group], z = w.zeros[row * ng + k / w.group];
+        for (int l = 0; l < 16; ++l) {
+          dst[k + l] = s * static_cast<float>(q[k / 2 + l] & 15) + z;
+          dst[k + 16 + l] = s * static_cast<float>(q[k / 2 + l] >> 4) + z;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Which clone the loader picked: the widest instruction set this CPU has.
+std::string isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return "avx512f";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "default";
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
+  m.def("down_combine", &down_combine,
+        "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts");
+  m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor");
+  m.def("isa", &isa, "instruction set of the kernels' clone chosen on this CPU");
+}
