@@ -39,6 +39,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -79,15 +80,37 @@ INLINE float load(uint16_t v) { return bf16(v); }
 
 // ---- KN layout (unit stride along outputs): acc[r, j] += x[r, k] * w[k, c0 + j]
 
+// Software prefetch PF rows ahead. (A first version cut tiles of columns, so a
+// task's rows lay 4 KiB apart and the hardware prefetchers, which stop at page
+// boundaries, left it at 3.1x the roofline: fp32, T=1, D=1024, E=64, K=8, F=512,
+// 1 thread. Tasks now read whole contiguous rows; see gate_up.)
+constexpr int64_t PF = 4;
+
 template <typename T>
 INLINE void kn_tile(const T* w, int64_t ldk, int64_t K, const float* const* x, int64_t n,
                     int64_t W, float* acc) {
   std::fill(acc, acc + n * W, 0.0f);
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int64_t line = 64 / sizeof(T);
+  int64_t k = 0;
+  // four weight rows per pass: one load and store of the accumulators per 4 FMAs
+  for (; k + 4 <= K; k += 4) {
+    const T* w0 = w + k * ldk;
+    const T *w1 = w0 + ldk, *w2 = w1 + ldk, *w3 = w2 + ldk;
+    if (k + 4 + PF < K) {
+      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(w0 + PF * ldk + j);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const float x0 = x[r][k], x1 = x[r][k + 1], x2 = x[r][k + 2], x3 = x[r][k + 3];
+      float* __restrict a = acc + r * W;
+      for (int64_t j = 0; j < W; ++j)
+        a[j] += x0 * load(w0[j]) + x1 * load(w1[j]) + x2 * load(w2[j]) + x3 * load(w3[j]);
+    }
+  }
+  for (; k < K; ++k) {
     const T* wk = w + k * ldk;
     for (int64_t r = 0; r < n; ++r) {
       const float xv = x[r][k];
-      float* a = acc + r * W;
+      float* __restrict a = acc + r * W;
       for (int64_t j = 0; j < W; ++j) a[j] += xv * load(wk[j]);
     }
   }
@@ -205,9 +228,133 @@ CLONES void nk_tile_i4(const uint8_t* w, int64_t ldn, const float* scales, const
            W);
 }
 
+// ---- NK with AVX-512 intrinsics (the compiler's vectorization of nk_row for the
+// integer kinds scalarized the 32-wide decode: int8 measured 11x the roofline) --
+
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+
+template <Kind KIND>
+AVX512 inline void load32(const void* p, int64_t k, __m512& lo, __m512& hi) {
+  if constexpr (KIND == Kind::F32) {
+    const float* f = static_cast<const float*>(p) + k;
+    lo = _mm512_loadu_ps(f), hi = _mm512_loadu_ps(f + 16);
+  } else if constexpr (KIND == Kind::BF16) {
+    const uint16_t* b = static_cast<const uint16_t*>(p) + k;
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m512i c =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    hi = _mm512_castsi512_ps(_mm512_slli_epi32(c, 16));
+  } else if constexpr (KIND == Kind::I8) {
+    const int8_t* q = static_cast<const int8_t*>(p) + k;
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    hi = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  } else {
+    const __m128i b =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2));
+    const __m128i m = _mm_set1_epi8(15);
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+  }
+}
+
+// R rows (1..4) of x against one output row p, K32 = K rounded down to 32 inputs.
+// int4: each group's 16 possible weights s * q + z go in one register and the
+// nibbles index it (vpermps reads the low 4 bits of each index): no integer to
+// float conversion, no per-group rescaling. Measured against converting the
+// nibbles and scaling each group (1 thread, T=1, D=1024, E=64, K=8, F=512,
+// loaded box): 2.9x -> see README.
+template <Kind KIND, int R>
+AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float* gs,
+                           const float* gz, const float* const* x, float* v) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = _mm512_setzero_ps(), a1[r] = _mm512_setzero_ps();
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = 0, g = 0; g0 < K32; g0 += glen, ++g) {
+    __m512 table = iota;
+    if constexpr (KIND == Kind::I4)
+      table = _mm512_fmadd_ps(iota, _mm512_set1_ps(gs[g]), _mm512_set1_ps(gz[g]));
+    for (int64_t k = g0; k < g0 + glen; k += 32) {
+      __m512 lo, hi;
+      if constexpr (KIND == Kind::I4) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2)));
+        lo = _mm512_permutexvar_ps(idx, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+      } else {
+        load32<KIND>(p, k, lo, hi);
+      }
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a0[r]);
+        a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a1[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) v[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
+template <Kind KIND>
+AVX512 void nk_tile_avx512(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
+                           const float* scales, const float* zeros, const float* const* x,
+                           int64_t n, int64_t W, float* acc) {
+  const int64_t K32 = K / 32 * 32;
+  const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
+  const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
+  for (int64_t j = 0; j < W; ++j) {
+    const void* p = static_cast<const char*>(base) + j * ldn_bytes;
+    const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
+    const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+      const int64_t m = std::min<int64_t>(4, n - r0);
+      float v[4];
+      switch (m) {
+        case 4: nk_rows_avx512<KIND, 4>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 3: nk_rows_avx512<KIND, 3>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 2: nk_rows_avx512<KIND, 2>(p, K32, glen, gs, gz, x + r0, v); break;
+        default: nk_rows_avx512<KIND, 1>(p, K32, glen, gs, gz, x + r0, v); break;
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float t = v[r];
+        if constexpr (KIND == Kind::I8) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * static_cast<float>(static_cast<const int8_t*>(p)[k]);
+          t *= scales[j];
+        } else if constexpr (KIND == Kind::BF16) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * bf16(static_cast<const uint16_t*>(p)[k]);
+        } else if constexpr (KIND == Kind::F32) {
+          for (int64_t k = K32; k < K; ++k) t += x[r0 + r][k] * static_cast<const float*>(p)[k];
+        }
+        acc[(r0 + r) * W + j] = t;
+      }
+    }
+  }
+}
+
+const bool HAVE_AVX512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}();
+
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
 void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
           int64_t c0, int64_t W, float* acc) {
+  if (HAVE_AVX512 && !w.n_unit) {
+    const int64_t es = w.kind == Kind::F32 ? 4 : w.kind == Kind::BF16 ? 2 : 1;
+    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + c0 * w.s_n) * es;
+    const int64_t ldn = w.s_n * es, ng = w.kind == Kind::I4 ? w.K / w.group : 1;
+    const float* sc = w.kind == Kind::I8 ? w.scales + e * w.N + c0
+                      : w.kind == Kind::I4 ? w.scales + (e * w.N + c0) * ng : nullptr;
+    const float* z = w.kind == Kind::I4 ? w.zeros + (e * w.N + c0) * ng : nullptr;
+    switch (w.kind) {
+      case Kind::F32: return nk_tile_avx512<Kind::F32>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::BF16: return nk_tile_avx512<Kind::BF16>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::I8: return nk_tile_avx512<Kind::I8>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::I4:
+        return nk_tile_avx512<Kind::I4>(p, ldn, w.K, w.group, sc, z, x, n, W, acc);
+    }
+  }
   switch (w.kind) {
     case Kind::F32: {
       const float* p = static_cast<const float*>(w.data) + e * w.s_e;
@@ -237,7 +384,7 @@ void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum,
 
 // Per-group sums of each row of x, for the int4 zero points; empty otherwise.
 std::vector<float> group_sums(const Weights& w, const float* const* x, int64_t n) {
-  if (w.kind != Kind::I4) return {};
+  if (w.kind != Kind::I4 || HAVE_AVX512) return {};  // the AVX-512 path needs none
   const int64_t ng = w.K / w.group;
   std::vector<float> s(n * ng, 0.0f);
   for (int64_t r = 0; r < n; ++r)
@@ -276,22 +423,6 @@ inline float activate(int64_t act, float g, float u, float limit, float alpha) {
 // ---- tasks ------------------------------------------------------------------------
 
 struct Task { int64_t expert, c0, c1; };
-
-// Runs body(task) for every task, each thread taking the next one when it is done.
-template <typename Fn>
-void run(const std::vector<Task>& tasks, const Fn& body) {
-  const int64_t n = static_cast<int64_t>(tasks.size());
-  if (n == 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1) {
-    for (const Task& t : tasks) body(t);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next++; i < n; i = next++) body(tasks[i]);
-  });
-}
 
 // Tile width: about 4 tasks per thread over `units` tiles-worth of `cols` columns,
 // a multiple of 16, between 16 and 256 (256 fp32 = 1 KiB per weight row read).
@@ -404,8 +535,115 @@ void check_bias(const c10::optional<torch::Tensor>& b, const char* name, int64_t
 
 }  // namespace
 
+namespace {
+
+// KN layout, phase 1: rows [k0, k1) of expert e's weights (contiguous memory, all N
+// columns) times the matching inputs of the expert's n rows, into part [n, N].
+void kn_part(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t k0,
+             int64_t k1, float* part) {
+  std::vector<const float*> xs(n);
+  for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + k0;
+  if (w.kind == Kind::F32) {
+    const float* p = static_cast<const float*>(w.data) + e * w.s_e + k0 * w.s_k;
+    kn_tile_f32(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w.data) + e * w.s_e + k0 * w.s_k;
+    kn_tile_bf16(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  }
+}
+
+// Splits of K per expert for the KN layout: enough tasks for about 4 per thread,
+// each at least 64 inputs deep.
+int64_t k_chunks(int64_t K, int64_t experts) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t c = (want + experts - 1) / std::max<int64_t>(1, experts);
+  return std::max<int64_t>(1, std::min<int64_t>(c, K / 64));
+}
+
+// The routed rows of the touched experts and, for the KN layout, their phase-1
+// partial sums: part(i, c) is [rows of expert i, N] for K chunk c.
+struct Plan {
+  Rows rows;
+  std::vector<std::vector<const float*>> x;  // per touched expert, its input rows
+  int64_t chunks = 0, K = 0, N = 0;
+  std::vector<int64_t> part_off;  // per touched expert, its offset into parts
+  std::vector<float> parts;
+
+  Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token)
+      : rows(r), K(w.K), N(w.N) {
+    const size_t m = rows.experts.size();
+    x.resize(m);
+    for (size_t i = 0; i < m; ++i)
+      for (int64_t s = rows.starts[i]; s < rows.ends[i]; ++s)
+        x[i].push_back(x0 + (token ? token[s] : s) * ldx);
+    if (!w.n_unit) return;
+    chunks = k_chunks(w.K, static_cast<int64_t>(m));
+    int64_t off = 0;
+    for (size_t i = 0; i < m; ++i) {
+      part_off.push_back(off);
+      off += chunks * static_cast<int64_t>(x[i].size()) * w.N;
+    }
+    parts.resize(off);
+  }
+  int64_t n(size_t i) const { return static_cast<int64_t>(x[i].size()); }
+  float* part(size_t i, int64_t c) { return parts.data() + part_off[i] + c * n(i) * N; }
+  std::vector<Task> phase1() const {
+    std::vector<Task> t;
+    for (size_t i = 0; i < x.size(); ++i)
+      for (int64_t c = 0; c < chunks; ++c) t.push_back({int64_t(i), c, c + 1});
+    return t;
+  }
+  void run_phase1(const Weights& w, const Task& t) {
+    const int64_t k0 = K * t.c0 / chunks, k1 = K * t.c1 / chunks;
+    kn_part(w, rows.experts[t.expert], x[t.expert].data(), n(t.expert), k0, k1,
+            part(t.expert, t.c0));
+  }
+  // acc [n, W] = columns c0.. of expert i: the sum of its partials (KN) or a tile (NK)
+  void columns(const Weights& w, size_t i, const float* xsum, int64_t c0, int64_t W,
+               float* acc) {
+    const int64_t rows_i = n(i);
+    if (!w.n_unit) {
+      tile(w, rows.experts[i], x[i].data(), xsum, rows_i, c0, W, acc);
+      return;
+    }
+    std::fill(acc, acc + rows_i * W, 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* p = part(i, c);
+      for (int64_t r = 0; r < rows_i; ++r)
+        for (int64_t j = 0; j < W; ++j) acc[r * W + j] += p[r * N + c0 + j];
+    }
+  }
+};
+
+// Phase 1 tasks, a barrier, phase 2 tasks: one OpenMP region, each thread taking
+// the next task of a phase when it finishes one.
+template <typename F1, typename F2>
+void run_phases(const std::vector<Task>& t1, const F1& b1, const std::vector<Task>& t2,
+                const F2& b2) {
+  const int64_t n1 = static_cast<int64_t>(t1.size()), n2 = static_cast<int64_t>(t2.size());
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), std::max(n1, n2)));
+  std::atomic<int64_t> next1{0}, next2{0};
+#pragma omp parallel num_threads(threads)
+  {
+    for (int64_t i = next1++; i < n1; i = next1++) b1(t1[i]);
+#pragma omp barrier
+    for (int64_t i = next2++; i < n2; i = next2++) b2(t2[i]);
+  }
+}
+
+void check_tokens(const int64_t* token, int64_t rows, int64_t T) {
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
+}
+
+}  // namespace
+
 // h rows of the touched experts: act(x[token] @ w_in[e] + b_in[e]) for the kept
 // rows in sorted order; [kept, N / 2] for GLU activations, else [kept, N].
+// NK layout and quantized weights: tasks (expert, output tile), epilogue in the
+// task. KN layout: tasks (expert, K chunk) over whole contiguous weight rows into
+// partial sums, then tasks (expert, output tile) sum them and run the epilogue.
 torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
                       const torch::Tensor& offsets_E, const torch::Tensor& w_data,
                       const c10::optional<torch::Tensor>& w_scales,
@@ -423,32 +661,27 @@ torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
   const Rows rows = touched(offsets_E);
   auto tok = token_S.to(at::kLong).contiguous();
   TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
-  const int64_t* token = tok.data_ptr<int64_t>();
+  check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
+  Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>());
   const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
   auto out = torch::empty({rows.kept, out_w}, x_TD.options());
-  const float* x = x_TD.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const int64_t D = x_TD.size(1), T = x_TD.size(0);
-  for (int64_t r = 0; r < rows.kept; ++r)
-    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
   const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
   std::vector<Task> tasks;
   for (size_t i = 0; i < rows.experts.size(); ++i)
     for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
   const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
-  run(tasks, [&](const Task& t) {
+  auto epilogue = [&](const Task& t) {
     const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
-    const int64_t n = rows.ends[t.expert] - s0, cw = t.c1 - t.c0;
-    std::vector<const float*> xr(n);
-    for (int64_t r = 0; r < n; ++r) xr[r] = x + token[s0 + r] * D;
-    const std::vector<float> xsum = group_sums(w, xr.data(), n);
+    const int64_t n = plan.n(t.expert), cw = t.c1 - t.c0;
+    const std::vector<float> xsum = group_sums(w, plan.x[t.expert].data(), n);
     std::vector<float> g(n * cw), u;
-    tile(w, e, xr.data(), xsum.data(), n, t.c0, cw, g.data());
+    plan.columns(w, t.expert, xsum.data(), t.c0, cw, g.data());
     const float* bg = bias_row(b_in, e, w.N);
     const float* bu = bg ? bg + out_w : nullptr;
     if (is_glu(act)) {
       u.resize(n * cw);
-      tile(w, e, xr.data(), xsum.data(), n, out_w + t.c0, cw, u.data());
+      plan.columns(w, t.expert, xsum.data(), out_w + t.c0, cw, u.data());
     }
     for (int64_t r = 0; r < n; ++r) {
       float* dst = o + (s0 + r) * out_w + t.c0;
@@ -458,12 +691,14 @@ torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
         dst[j] = activate(act, gv, uv, lim, al);
       }
     }
-  });
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, epilogue);
   return out;
 }
 
 // out_TD = sum over kept rows r of weight_S[r] * (a[r] @ w_out[e(r)] + b_out[e(r)]),
-// written row by row into out_TD[token_S[r]] (tokens without rows get 0).
+// written row by row into out_TD[token_S[r]] (tokens without rows get 0). Phase 2
+// tasks own tiles of D for every token, so the combine has no races.
 void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
                   const torch::Tensor& weight_S, const torch::Tensor& offsets_E,
                   const torch::Tensor& w_data, const c10::optional<torch::Tensor>& w_scales,
@@ -484,27 +719,23 @@ void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
               "a_SF / weight_S have fewer rows than offsets_E says");
   auto tok = token_S.to(at::kLong).contiguous();
   const int64_t* token = tok.data_ptr<int64_t>();
-  const float* a = a_SF.data_ptr<float>();
+  const int64_t T = out_TD.size(0), D = w.N;
+  check_tokens(token, rows.kept, T);
+  Plan plan(rows, w, a_SF.data_ptr<float>(), a_SF.size(1), nullptr);
   const float* ws = weight_S.data_ptr<float>();
   float* o = out_TD.data_ptr<float>();
-  const int64_t T = out_TD.size(0), D = w.N, F = w.K;
-  for (int64_t r = 0; r < rows.kept; ++r)
-    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
   const int64_t W = tile_width(D, 1);
   std::vector<Task> tasks;
   for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
-  run(tasks, [&](const Task& t) {
+  auto combine = [&](const Task& t) {
     const int64_t cw = t.c1 - t.c0;
     for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
     std::vector<float> acc;
-    std::vector<const float*> ar;
     for (size_t i = 0; i < rows.experts.size(); ++i) {
-      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = rows.ends[i] - s0;
-      ar.resize(n);
-      for (int64_t r = 0; r < n; ++r) ar[r] = a + (s0 + r) * F;
-      const std::vector<float> xsum = group_sums(w, ar.data(), n);
+      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = plan.n(i);
+      const std::vector<float> xsum = group_sums(w, plan.x[i].data(), n);
       acc.resize(n * cw);
-      tile(w, e, ar.data(), xsum.data(), n, t.c0, cw, acc.data());
+      plan.columns(w, i, xsum.data(), t.c0, cw, acc.data());
       const float* b = bias_row(b_out, e, D);
       for (int64_t r = 0; r < n; ++r) {
         float* dst = o + token[s0 + r] * D + t.c0;
@@ -512,7 +743,8 @@ void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
         for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
       }
     }
-  });
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, combine);
 }
 
 // The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.

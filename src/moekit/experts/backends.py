@@ -139,8 +139,8 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
     spec = _activation_spec(act)
-    if spec is None and getattr(act, "kind", None) is not None:  # e.g. the HF integration's
-        spec = (act.kind, 0.0, 1.0)
+    if spec is None and getattr(act, "kind", None) is not None:  # HF GluAct, inference._Act
+        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
     return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
                               b_in_EG, b_out_ED, act, spec)
 
