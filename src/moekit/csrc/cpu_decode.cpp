@@ -46,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -332,6 +333,57 @@ AVX512 void nk_tile_avx512(const void* base, int64_t ldn_bytes, int64_t K, int64
   }
 }
 
+// KN layout with AVX-512: 16 outputs per register, four weight rows per pass.
+template <Kind KIND>
+AVX512 inline __m512 load16(const void* p, int64_t j) {
+  if constexpr (KIND == Kind::F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + j);
+  } else {
+    const __m256i h =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <Kind KIND>
+AVX512 void kn_tile_avx512(const void* w, int64_t ldk, int64_t K, const float* const* x,
+                           int64_t n, int64_t W, float* acc) {
+  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
+  const T* base = static_cast<const T*>(w);
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t W16 = W / 16 * 16;
+  std::fill(acc, acc + n * W, 0.0f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T* w0 = base + k * ldk;
+    const T *w1 = w0 + ldk, *w2 = w1 + ldk, *w3 = w2 + ldk;
+    if (k + 4 + PF < K) {
+      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(w0 + PF * ldk + j);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const __m512 x0 = _mm512_set1_ps(x[r][k]), x1 = _mm512_set1_ps(x[r][k + 1]);
+      const __m512 x2 = _mm512_set1_ps(x[r][k + 2]), x3 = _mm512_set1_ps(x[r][k + 3]);
+      float* a = acc + r * W;
+      for (int64_t j = 0; j < W16; j += 16) {
+        __m512 v = _mm512_loadu_ps(a + j);
+        v = _mm512_fmadd_ps(x0, load16<KIND>(w0, j), v);
+        v = _mm512_fmadd_ps(x1, load16<KIND>(w1, j), v);
+        v = _mm512_fmadd_ps(x2, load16<KIND>(w2, j), v);
+        v = _mm512_fmadd_ps(x3, load16<KIND>(w3, j), v);
+        _mm512_storeu_ps(a + j, v);
+      }
+      for (int64_t j = W16; j < W; ++j)
+        a[j] += x[r][k] * load(w0[j]) + x[r][k + 1] * load(w1[j]) + x[r][k + 2] * load(w2[j]) +
+                x[r][k + 3] * load(w3[j]);
+    }
+  }
+  for (; k < K; ++k) {
+    const T* wk = base + k * ldk;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < W; ++j) acc[r * W + j] += x[r][k] * load(wk[j]);
+  }
+}
+
 const bool HAVE_AVX512 = [] {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
@@ -543,7 +595,12 @@ void kn_part(const Weights& w, int64_t e, const float* const* x, int64_t n, int6
              int64_t k1, float* part) {
   std::vector<const float*> xs(n);
   for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + k0;
-  if (w.kind == Kind::F32) {
+  if (HAVE_AVX512) {
+    const int64_t es = w.kind == Kind::F32 ? 4 : 2;
+    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + k0 * w.s_k) * es;
+    if (w.kind == Kind::F32) kn_tile_avx512<Kind::F32>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    else kn_tile_avx512<Kind::BF16>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  } else if (w.kind == Kind::F32) {
     const float* p = static_cast<const float*>(w.data) + e * w.s_e + k0 * w.s_k;
     kn_tile_f32(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
   } else {
