@@ -146,11 +146,17 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
 
 
 # Rows up to which "auto" picks the decode kernels over "fused" (CPU, no autograd).
-# Measured by benchmarks/bench_decode_kernel.py --crossover (one MoE layer, D=1024,
-# E=64, K=8, F=512, fp32, 2 threads): see DECODE_MAX_ROWS_NOTE.
-DECODE_MAX_ROWS = 256
-# Quantized weights: the kernel up to this many rows, dequantize + fused beyond.
-QUANT_KERNEL_MAX_ROWS = 512
+# benchmarks/bench_decode_kernel.py --crossover, one layer D=1024 F=512 fp32, 2 threads,
+# decode / fused time (medians of 5-7 A/B pairs, box loaded ~8 on 2 cores):
+#   E=64 K=8: 0.33 at 64 rows, 0.42 at 256, 0.64 at 512, 0.55 at 1024, 0.79 at 2048,
+#             0.89 at 4096;  E=8 K=2: 0.24 at 128, 0.41 at 256, 0.59 at 512, 0.60 at 1024.
+# No crossover below 4096 rows, but the gap closes with rows per expert (the
+# kernels re-read weights from cache per 4 rows where the GEMM blocks them), so
+# prefill-sized batches keep the fused GEMMs: the limit sits at 1024 rows.
+DECODE_MAX_ROWS = 1024
+# Quantized weights: the kernel up to this many rows, dequantize + fused beyond
+# (not measured separately: the same limit as plain weights).
+QUANT_KERNEL_MAX_ROWS = 1024
 
 
 def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:
