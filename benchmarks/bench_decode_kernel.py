@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Step, compare, machine  # noqa: E402
-
 from moekit import MoEConfig  # noqa: E402
 from moekit.experts import Experts  # noqa: E402
 from moekit.experts.backends import BACKENDS  # noqa: E402

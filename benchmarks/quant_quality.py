@@ -39,7 +39,8 @@ def agreement(a, b, data_N, n_bytes: int, ctx: int) -> float:
 def free_run(model, prompt: str, n: int) -> torch.Tensor:
     ids = encode(prompt)[None]
     for _ in range(n):
-        ids = torch.cat([ids, model(ids[:, -model.config.max_seq_len:]).logits[:, -1:].argmax(-1)], 1)
+        window = ids[:, -model.config.max_seq_len:]
+        ids = torch.cat([ids, model(window).logits[:, -1:].argmax(-1)], 1)
     return ids[0]
 
 
@@ -76,7 +77,8 @@ def main() -> None:
     base = rows["fp32"]["val_loss"]
     print(f"checkpoint {args.checkpoint}  {args.eval_batches} x 16 x 128 validation bytes  "
           f"agreement over {args.bytes} bytes  load {os.getloadavg()[0]:.2f}")
-    print(f"{'weights':>10} {'val loss':>9} {'vs fp32':>8} {'greedy agree':>12} {'free-run same':>13}  (of {args.free_run})")
+    print(f"{'weights':>10} {'val loss':>9} {'vs fp32':>8} {'greedy agree':>12} "
+          f"{'free-run same':>13}  (of {args.free_run})")
     for name, r in rows.items():
         print(f"{name:>10} {r['val_loss']:>9.4f} {100 * (r['val_loss'] / base - 1):>+7.2f}% "
               f"{100 * r['greedy_agreement']:>11.1f}% {r['free_run_identical_bytes']:>13}")

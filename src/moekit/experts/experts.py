@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
-from moekit.quant.tensor import QuantizedTensor
 from moekit.experts.backends import (
     BACKENDS,
     decode_supported,
@@ -23,6 +22,7 @@ from moekit.experts.backends import (
     grouped_mm_supported,
     triton_supported,
 )
+from moekit.quant.tensor import QuantizedTensor
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
