@@ -10,6 +10,7 @@ same run (a 1 GiB fp32 ``sum``).
 
     PYTHONPATH=src python benchmarks/bench_decode_kernel.py            # D=1024 E=64 K=8 F=512
     PYTHONPATH=src python benchmarks/bench_decode_kernel.py --crossover  # decode vs fused by rows
+    PYTHONPATH=src python benchmarks/bench_decode_kernel.py --cpu-time   # 1 thread, CPU time
 
 Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per token.
 """
@@ -101,6 +102,45 @@ def main_table(args, ex: Experts, bw: float) -> list[dict]:
     return rows
 
 
+def cpu_time_table(args, ex: Experts) -> list[dict]:
+    """1 thread, the thread's own CPU time (best of --reps): on a box loaded far past its
+    cores, wall time mostly measures waiting for a core; CPU time still includes
+    the memory stalls, so it stays a fair x-roofline (bandwidth measured the same way)."""
+    clk = time.thread_time
+    big = torch.ones(1 << 28)
+    big.sum()
+    bw = big.numel() * 4 / min(_timed(clk, big.sum) for _ in range(5)) / 1e9
+    del big
+    rows = []
+    print(f"1 thread, thread CPU time, best of {args.reps}; read bandwidth {bw:.1f} GB/s")
+    print(f"{'T':>3} {'touched':>7} {'weights':>9} {'backend':>7} {'ms':>7} {'roofline ms':>11} "
+          f"{'x roofline':>10}")
+    for T in args.tokens:
+        d = routing(T, args.experts, args.top_k, seed=T)
+        touched = int((d.counts_E > 0).sum())
+        x = torch.randn(T, args.dim)
+        ws = weights(ex)
+        cases = [("fp32", "fused")] + [(name, "decode") for name in ws]
+        for name, backend in cases:
+            wi, wo = ws[name]
+            call = step(backend, x, d, wi, wo, ex._act).forward
+            call()
+            ms = 1e3 * min(_timed(clk, call) for _ in range(args.reps))
+            roof = touched * (expert_bytes(wi) + expert_bytes(wo)) / (bw * 1e9) * 1e3
+            rows.append({"T": T, "touched": touched, "weights": name, "backend": backend,
+                         "ms": ms, "roofline_ms": roof, "x_roofline": ms / roof,
+                         "bandwidth_gbs": bw})
+            print(f"{T:>3} {touched:>7} {name:>9} {backend:>7} {ms:>7.2f} {roof:>11.2f} "
+                  f"{ms / roof:>10.2f}", flush=True)
+    return rows
+
+
+def _timed(clk, fn) -> float:
+    t0 = clk()
+    fn()
+    return clk() - t0
+
+
 def crossover(args, ex: Experts) -> list[dict]:
     out = []
     print(f"{'T':>4} {'rows':>5} {'decode ms':>9} {'fused ms':>9} {'decode/fused':>12}")
@@ -126,11 +166,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--crossover", action="store_true")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="1 thread, thread CPU time (for a heavily loaded box)")
     p.add_argument("--crossover-tokens", type=int, nargs="+",
                    default=[4, 8, 16, 24, 32, 48, 64, 96])
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     torch.manual_seed(0)
     cfg = MoEConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_experts=args.experts,
                     top_k=args.top_k)
@@ -142,7 +184,10 @@ def main() -> None:
           f"F={args.ffn_dim} swiglu  read bandwidth {bw:.1f} GB/s (1 GiB sum)  "
           f"median of {args.reps} A/B pairs")
     with torch.inference_mode():
-        rows = crossover(args, ex) if args.crossover else main_table(args, ex, bw)
+        if args.cpu_time:
+            rows = cpu_time_table(args, ex)
+        else:
+            rows = crossover(args, ex) if args.crossover else main_table(args, ex, bw)
     info["load_average_1m_end"] = round(__import__("os").getloadavg()[0], 2)
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": info, "bandwidth_gbs": bw,
