@@ -334,16 +334,20 @@ AVX512 void nk_tile_avx512(const void* base, int64_t ldn_bytes, int64_t K, int64
   }
 }
 
-// KN layout with AVX-512: 16 outputs per register, four weight rows per pass.
-template <Kind KIND>
-AVX512 inline __m512 load16(const void* p, int64_t j) {
-  if constexpr (KIND == Kind::F32) {
-    return _mm512_loadu_ps(static_cast<const float*>(p) + j);
-  } else {
-    const __m256i h =
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + j));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+// KN layout with AVX-512: four weight rows per pass.
+// bf16: 32 weights per 512-bit load, widened without shuffles: a lane holds
+// (w[2i], w[2i+1]); a 16-bit left shift gives w[2i] as fp32, masking the low half
+// gives w[2i+1]. The accumulators of a 32-column block hold the even columns,
+// then the odd ones, until kn_unpermute puts them back in order. (Widening with
+// vpmovzxwd, a cross-lane shuffle, left bf16 at 1.2x fp32's speed: 3.3x the roofline.)
+AVX512 inline void kn_unpermute(float* acc, int64_t n, int64_t W) {
+  alignas(64) float tmp[32];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j + 32 <= W; j += 32) {
+      float* a = acc + r * W + j;
+      std::memcpy(tmp, a, sizeof tmp);
+      for (int i = 0; i < 16; ++i) a[2 * i] = tmp[i], a[2 * i + 1] = tmp[16 + i];
+    }
 }
 
 template <Kind KIND>
@@ -352,32 +356,46 @@ AVX512 void kn_tile_avx512(const void* w, int64_t ldk, int64_t K, const float* c
   using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
   const T* base = static_cast<const T*>(w);
   constexpr int64_t line = 64 / sizeof(T);
-  const int64_t W16 = W / 16 * 16;
+  const int64_t W16 = W / 16 * 16, W32 = W / 32 * 32;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   std::fill(acc, acc + n * W, 0.0f);
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
-    const T* w0 = base + k * ldk;
-    const T *w1 = w0 + ldk, *w2 = w1 + ldk, *w3 = w2 + ldk;
+    const T* wq[4] = {base + k * ldk, base + (k + 1) * ldk, base + (k + 2) * ldk,
+                      base + (k + 3) * ldk};
     if (k + 4 + PF < K) {
-      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(w0 + PF * ldk + j);
+      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(wq[0] + PF * ldk + j);
     }
     for (int64_t r = 0; r < n; ++r) {
-      const __m512 x0 = _mm512_set1_ps(x[r][k]), x1 = _mm512_set1_ps(x[r][k + 1]);
-      const __m512 x2 = _mm512_set1_ps(x[r][k + 2]), x3 = _mm512_set1_ps(x[r][k + 3]);
+      __m512 xv[4];
+      for (int q = 0; q < 4; ++q) xv[q] = _mm512_set1_ps(x[r][k + q]);
       float* a = acc + r * W;
-      for (int64_t j = 0; j < W16; j += 16) {
-        __m512 v = _mm512_loadu_ps(a + j);
-        v = _mm512_fmadd_ps(x0, load16<KIND>(w0, j), v);
-        v = _mm512_fmadd_ps(x1, load16<KIND>(w1, j), v);
-        v = _mm512_fmadd_ps(x2, load16<KIND>(w2, j), v);
-        v = _mm512_fmadd_ps(x3, load16<KIND>(w3, j), v);
-        _mm512_storeu_ps(a + j, v);
+      int64_t jt;  // first column of the scalar tail
+      if constexpr (KIND == Kind::F32) {
+        for (int64_t j = 0; j < W16; j += 16) {
+          __m512 v = _mm512_loadu_ps(a + j);
+          for (int q = 0; q < 4; ++q) v = _mm512_fmadd_ps(xv[q], _mm512_loadu_ps(wq[q] + j), v);
+          _mm512_storeu_ps(a + j, v);
+        }
+        jt = W16;
+      } else {
+        for (int64_t j = 0; j < W32; j += 32) {
+          __m512 ve = _mm512_loadu_ps(a + j), vo = _mm512_loadu_ps(a + j + 16);
+          for (int q = 0; q < 4; ++q) {
+            const __m512i v = _mm512_loadu_si512(wq[q] + j);
+            ve = _mm512_fmadd_ps(xv[q], _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), ve);
+            vo = _mm512_fmadd_ps(xv[q], _mm512_castsi512_ps(_mm512_and_si512(v, odd)), vo);
+          }
+          _mm512_storeu_ps(a + j, ve);
+          _mm512_storeu_ps(a + j + 16, vo);
+        }
+        jt = W32;
       }
-      for (int64_t j = W16; j < W; ++j)
-        a[j] += x[r][k] * load(w0[j]) + x[r][k + 1] * load(w1[j]) + x[r][k + 2] * load(w2[j]) +
-                x[r][k + 3] * load(w3[j]);
+      for (int64_t j = jt; j < W; ++j)
+        for (int q = 0; q < 4; ++q) a[j] += x[r][k + q] * load(wq[q][j]);
     }
   }
+  if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W);
   for (; k < K; ++k) {
     const T* wk = base + k * ldk;
     for (int64_t r = 0; r < n; ++r)
