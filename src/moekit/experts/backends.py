@@ -126,8 +126,8 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
     """The decode kernels (functions/decode.py): touched experts only, no autograd.
 
-    Quantized weights with more rows than ``QUANT_KERNEL_MAX_ROWS`` (prefill) are
-    dequantized a block of experts at a time for the fused path instead.
+    Quantized weights with more rows than ``QUANT_KERNEL_MAX_ROWS`` (prefill), or
+    off the CPU, are dequantized a block of experts at a time for the fused path.
     """
     if torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad
@@ -135,7 +135,8 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
         raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
                            "torch.inference_mode(), or use backend='fused' to train")
     quantized = isinstance(w_in_EDG, QuantizedTensor)
-    if quantized and (d.num_rows > QUANT_KERNEL_MAX_ROWS or not decode.available()):
+    if quantized and (d.num_rows > QUANT_KERNEL_MAX_ROWS or x_TD.device.type != "cpu"
+                      or not decode.available()):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
     spec = _activation_spec(act)
