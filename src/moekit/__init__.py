@@ -20,6 +20,7 @@ _LAZY = {
     # transformers is an optional extra: imported only when these are used.
     "apply_hf": ("moekit.integrations.hf", "apply"),
     "revert_hf": ("moekit.integrations.hf", "revert"),
+    "quantize": ("moekit.quant", "quantize"),
 }
 
 
@@ -43,6 +44,7 @@ __all__ = [
     "RoutingStats",
     "apply_hf",
     "attach_bias_update",
+    "quantize",
     "revert_hf",
     "tune_malloc",
     "update_all_biases",

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions import decode
 from moekit.functions.grouped_mm import grouped_mm
 from moekit.functions.moe_experts import fused_experts
+from moekit.quant.tensor import QuantizedTensor
 
 ActFn = Callable[[Tensor], Tensor]
 
@@ -114,6 +116,61 @@ def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
     return kind, cfg.swiglu_limit, cfg.swiglu_alpha
 
 
+def _kind(act: ActFn) -> str | None:
+    spec = _activation_spec(act)
+    return spec[0] if spec is not None else getattr(act, "kind", None)
+
+
+def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
+                   w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
+                   b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    """The decode kernels (functions/decode.py): touched experts only, no autograd.
+
+    Quantized weights with more rows than ``QUANT_KERNEL_MAX_ROWS`` (prefill), or
+    off the CPU, are dequantized a block of experts at a time for the fused path.
+    """
+    if torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad
+            for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)):
+        raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
+                           "torch.inference_mode(), or use backend='fused' to train")
+    quantized = isinstance(w_in_EDG, QuantizedTensor)
+    if quantized and (d.num_rows > QUANT_KERNEL_MAX_ROWS or x_TD.device.type != "cpu"
+                      or not decode.available()):
+        return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
+                                          w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
+    spec = _activation_spec(act)
+    if spec is None and getattr(act, "kind", None) is not None:  # HF GluAct, inference._Act
+        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
+    return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
+                              b_in_EG, b_out_ED, act, spec)
+
+
+# Rows up to which "auto" picks the decode kernels over "fused" (CPU, no autograd).
+# benchmarks/bench_decode_kernel.py --crossover, one layer D=1024 F=512 fp32, 2 threads,
+# decode / fused time (medians of 5-7 A/B pairs, box loaded ~8 on 2 cores):
+#   E=64 K=8: 0.33 at 64 rows, 0.42 at 256, 0.64 at 512, 0.55 at 1024, 0.79 at 2048,
+#             0.89 at 4096;  E=8 K=2: 0.24 at 128, 0.41 at 256, 0.59 at 512, 0.60 at 1024.
+# No crossover below 4096 rows, but the gap closes with rows per expert (the
+# kernels re-read weights from cache per 4 rows where the GEMM blocks them), so
+# prefill-sized batches keep the fused GEMMs: the limit sits at 1024 rows.
+DECODE_MAX_ROWS = 1024
+# Quantized weights: the kernel up to this many rows, dequantize + fused beyond
+# (not measured separately: the same limit as plain weights).
+QUANT_KERNEL_MAX_ROWS = 1024
+
+
+def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:
+    """Whether "auto" should run the decode kernels: CPU, no autograd, few rows, built."""
+    if isinstance(w_in_EDG, QuantizedTensor):
+        return True
+    return (x_TD.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and rows is not None
+            and rows <= DECODE_MAX_ROWS
+            and all(t.dtype in (torch.float32, torch.bfloat16) for t in (x_TD, w_in_EDG, w_out_EFD))
+            and decode.available())
+
+
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -150,4 +207,4 @@ def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tenso
 
 
 BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "triton": triton_experts,
-            "fused": fused_cpu_experts}
+            "fused": fused_cpu_experts, "decode": decode_experts}

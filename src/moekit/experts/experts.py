@@ -17,26 +17,36 @@ from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.backends import (
     BACKENDS,
+    decode_supported,
     fused_supported,
     grouped_mm_supported,
     triton_supported,
 )
+from moekit.quant.tensor import QuantizedTensor
 
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor):
+def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                    rows: int | None = None):
     """The backend function for ``name``; "auto" picks the fastest that supports the shapes.
 
     Shared by ``Experts`` and the Hugging Face integration, so both follow the same choice.
+    ``rows`` (routed rows S) lets "auto" pick the decode kernels for few rows.
+    Quantized weights (``moekit.quantize``) always run the "decode" backend, which
+    dequantizes blocks of experts for the fused path when rows are many.
     """
-    if name == "auto":
-        name = auto_backend_name(x_TD, w_in_EDG, w_out_EFD)
+    if name == "auto" or isinstance(w_in_EDG, QuantizedTensor):
+        name = auto_backend_name(x_TD, w_in_EDG, w_out_EFD, rows)
     return BACKENDS[name]
 
 
-def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> str:
-    """triton on CUDA, "fused" on CPU (benchmarks/bench_cpu.py), else grouped_mm or loop."""
+def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                      rows: int | None = None) -> str:
+    """triton on CUDA; on CPU "decode" for few rows without autograd (or quantized
+    weights), else "fused" (benchmarks/bench_cpu.py); else grouped_mm or loop."""
+    if decode_supported(x_TD, w_in_EDG, w_out_EFD, rows):
+        return "decode"
     if triton_supported(x_TD):
         return "triton"
     # fused reads the expert counts on the host, so torch.compile(fullgraph=True)
@@ -82,12 +92,12 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """Weighted sum over each token's routed experts, [T, D]."""
-        fn = resolve_backend(self.backend, x_TD, self.w_in, self.w_out)
+        fn = resolve_backend(self.backend, x_TD, self.w_in, self.w_out, dispatch.num_rows)
         return fn(x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out, self._act)
 
-    def auto_backend(self, x_TD: Tensor) -> str:
-        """The backend name ``backend="auto"`` runs for this input."""
-        return auto_backend_name(x_TD, self.w_in, self.w_out)
+    def auto_backend(self, x_TD: Tensor, rows: int | None = None) -> str:
+        """The backend name ``backend="auto"`` runs for this input (and routed rows)."""
+        return auto_backend_name(x_TD, self.w_in, self.w_out, rows)
 
 
 class SharedExperts(nn.Module):

@@ -1,14 +1,15 @@
-"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``), built on first use.
+"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``, ``cpu_decode.cpp``), built on
+first use.
 
-``get()`` compiles the source with ``torch.utils.cpp_extension.load`` the first
-time it is called in an environment (about 40 s on the 2-core dev box; the library
-is cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in
-a directory keyed by the source, the flags and the environment, and loads in well
-under a second afterwards; every build prints a line saying so). It needs a C++
-compiler and ninja (a dependency of moekit). Where the build fails, ``get()`` warns once with the
-reason and returns None, and the fused expert path runs the same GEMMs as a
-Python loop of ``mm`` (same results, slower for fine-grained MoE).
-``MOEKIT_CPU_EXT=0`` skips the build.
+``get()`` / ``get_decode()`` compile their source with ``torch.utils.cpp_extension.load``
+the first time they are called in an environment (35-45 s each on the 2-core dev box;
+the library is cached under ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``, in a directory keyed by the source, the flags and the
+environment, and loads in well under a second afterwards; every build prints a line
+saying so). It needs a C++ compiler and ninja (a dependency of moekit). Where a build
+fails, the getter warns once with the reason and returns None, and moekit runs the
+same arithmetic with torch ops (same results, slower). ``MOEKIT_CPU_EXT=0`` skips the
+builds.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 BUILD_SECONDS = "35-45 s on 2 cores"  # measured on the 2-core dev box; README says the same
 
 
-def build_dir() -> Path:
+def build_dir(name: str | None = None, source: Path | None = None,
+              flags: list[str] | None = None) -> Path:
     """One build directory per source, flags and environment (torch version and install
     path, Python headers, compiler). Before, every environment shared one directory:
     ninja silently rebuilt (43 s) whenever another virtualenv had built there last."""
@@ -41,15 +43,16 @@ def build_dir() -> Path:
     import torch
     from torch.utils.cpp_extension import get_default_build_root, include_paths
 
+    name, source = name or NAME, source or SOURCE
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     parts = [torch.__version__, *include_paths(), sysconfig.get_paths()["include"],
-             os.environ.get("CXX", "c++"), *FLAGS, SOURCE.read_text()]
+             os.environ.get("CXX", "c++"), *(flags or FLAGS), source.read_text()]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    return root / f"{NAME}-{key}"
+    return root / f"{name}-{key}"
 
 
-def _cached(where: Path) -> bool:
-    return (where / f"{NAME}.so").exists()
+def _cached(where: Path, name: str) -> bool:
+    return (where / f"{name}.so").exists()
 
 
 def _gist(e: Exception) -> str:
@@ -57,6 +60,32 @@ def _gist(e: Exception) -> str:
     text = str(e).strip()
     errors = [line for line in text.splitlines() if "error" in line.lower()]
     return (errors[0] if errors else text)[-400:]
+
+
+def _build(name: str, source: Path, what: str, fallback: str,
+           flags: list[str] | None = None) -> ModuleType | None:
+    """Compile (first time in an environment) and load one C++ source; None with a warning."""
+    flags = flags or FLAGS
+    try:
+        from torch.utils.cpp_extension import load
+
+        where = build_dir(name, source, flags)
+        if not _cached(where, name):  # every build says so: once per environment and source
+            print(f"moekit: building the C++ CPU {what} into {where} ({BUILD_SECONDS}"
+                  "; once per environment)...", file=sys.stderr, flush=True)
+            if (where / "lock").exists():  # torch's build lock: a killed build leaves it
+                print(f"moekit: waiting for another build's lock {where / 'lock'}; if no "
+                      "build is running, delete that file", file=sys.stderr, flush=True)
+        where.mkdir(parents=True, exist_ok=True)
+        # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
+        # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
+        return load(name=name, sources=[str(source)], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+    except Exception as e:  # any build or load failure falls back to the torch path
+        warnings.warn(f"moekit: the C++ CPU {what} could not be built or loaded "
+                      f"({type(e).__name__}: {_gist(e)}); {fallback} "
+                      f"Set {ENV}=0 to skip the build.", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def get() -> ModuleType | None:
@@ -67,22 +96,23 @@ def get() -> ModuleType | None:
     _tried = True
     if os.environ.get(ENV, "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        where = build_dir()
-        if not _cached(where):  # every build says so: once per environment and source
-            print(f"moekit: building the C++ CPU expert kernels into {where} ({BUILD_SECONDS}"
-                  "; once per environment)...", file=sys.stderr, flush=True)
-        where.mkdir(parents=True, exist_ok=True)
-        # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
-        # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
-        _module = load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS,
-                       extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
-    except Exception as e:  # any build or load failure falls back to the Python loop
-        warnings.warn(f"moekit: the C++ CPU expert kernels could not be built or loaded "
-                      f"({type(e).__name__}: {_gist(e)}); the fused CPU path "
-                      f"uses a Python loop of mm instead (same results, slower with many "
-                      f"experts). Set {ENV}=0 to skip the build.", RuntimeWarning, stacklevel=2)
-        _module = None
+    _module = _build(NAME, SOURCE, "expert kernels",
+                     "the fused CPU path uses a Python loop of mm instead (same results, "
+                     "slower with many experts).")
     return _module
+
+
+DECODE_NAME = "moekit_cpu_decode"
+DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
+_decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
+
+
+def get_decode() -> ModuleType | None:
+    """The decode kernels (``csrc/cpu_decode.cpp``), or None (disabled or build failed)."""
+    if not _decode:
+        disabled = os.environ.get(ENV, "1") == "0"
+        _decode.append(None if disabled else _build(
+            DECODE_NAME, DECODE_SOURCE, "decode kernels",
+            "backend 'auto' keeps the fused path for decoding, and quantized experts "
+            "are dequantized with torch ops."))
+    return _decode[0]

@@ -29,7 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str) -> MoETransformer:
-    """A model built from the checkpoint's own config, weights verified and loaded."""
+    """A model built from the checkpoint's own config, weights verified and loaded
+    (a directory written by `moekit quantize` loads its quantized model)."""
+    from moekit.quant.io import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(path):
+        return load_quantized(path)
     ck = load_checkpoint(path)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)

@@ -4,6 +4,7 @@ transformers v5 stores experts as stacked tensors ``gate_up_proj`` [E, 2F, D] an
 ``down_proj`` [E, D, F] (``is_transposed``: [E, D, 2F] and [E, F, D]). moekit's
 backends want ``w_in`` [E, D, G] and ``w_out`` [E, F, D]; transposed views give
 exactly that with no copy, so the Parameters, and the state_dict, stay untouched.
+After ``moekit.quantize`` the two are ``QuantizedTensor`` modules of that shape.
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F (gate and up), E
 experts, K experts per token, S routed rows (T*K).
@@ -20,7 +21,8 @@ from torch import Tensor
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import swiglu_oai
 from moekit.experts.backends import grouped_mm_supported
-from moekit.experts.experts import resolve_backend
+from moekit.experts.experts import auto_backend_name, resolve_backend
+from moekit.quant.tensor import QuantizedTensor
 
 
 def dispatch_from_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
@@ -60,10 +62,12 @@ def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     0.58x transformers' grouped_mm at GPT-OSS E32 K4 against grouped_mm's 1.13x
     (benchmarks/bench_hf.py with the issue3 fused backend merged).
     """
+    rows = dispatch.num_rows
     if (backend == "auto" and getattr(act, "kind", None) is None
+            and auto_backend_name(x_TD, w_in_EDG, w_out_EFD, rows) != "decode"
             and grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)):
         backend = "grouped_mm"
-    fn = resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD)
+    fn = resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD, rows)
     return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
 
 
@@ -109,7 +113,8 @@ class StackedExperts:
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         w_in, w_out = self.gate_up_proj, self.down_proj
-        if not self.is_transposed:
+        # a QuantizedTensor (moekit.quantize) already has the [E, D, G] / [E, F, D] shape
+        if not self.is_transposed and not isinstance(w_in, QuantizedTensor):
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         b_in = self.gate_up_proj_bias if self.has_bias else None
         b_out = self.down_proj_bias if self.has_bias else None

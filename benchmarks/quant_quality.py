@@ -1,0 +1,90 @@
+"""Quality of quantized experts on a trained `moekit train` model: validation loss and
+greedy agreement with the fp32 model.
+
+Validation loss: the trainer's own ``evaluate`` (fixed held-out windows, here
+``--eval-batches`` of 16 x 128 bytes), the same windows for every variant.
+Greedy agreement: over ``--bytes`` held-out bytes (windows of the model's
+context), the fraction of positions where the quantized model's argmax next byte
+equals the fp32 model's (teacher-forced on the same text), and the length of
+free-running greedy generation from a prompt before the first differing byte.
+
+    PYTHONPATH=src python benchmarks/quant_quality.py --checkpoint runs/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moekit.quant import quantize
+from moekit.quant.io import load_model
+from moekit.train.data import encode, load_corpus
+from moekit.train.trainer import TrainConfig, evaluate
+
+
+def agreement(a, b, data_N, n_bytes: int, ctx: int) -> float:
+    same = total = 0
+    for start in range(0, n_bytes, ctx):
+        ids = data_N[start:start + min(ctx, n_bytes - start)][None].long()
+        same += int((a(ids).logits.argmax(-1) == b(ids).logits.argmax(-1)).sum())
+        total += ids.numel()
+    return same / total
+
+
+def free_run(model, prompt: str, n: int) -> torch.Tensor:
+    ids = encode(prompt)[None]
+    for _ in range(n):
+        window = ids[:, -model.config.max_seq_len:]
+        ids = torch.cat([ids, model(window).logits[:, -1:].argmax(-1)], 1)
+    return ids[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--bytes", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--groups", type=int, nargs="+", default=[64])
+    p.add_argument("--free-run", type=int, default=100, help="greedy bytes from 'def '")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    fp32 = load_model(args.checkpoint)
+    corpus = load_corpus()
+    cfg = TrainConfig(eval_batches=args.eval_batches)
+    variants = {"fp32": fp32, "int8": quantize(copy.deepcopy(fp32), bits=8)}
+    variants.update({f"int4-g{g}": quantize(copy.deepcopy(fp32), bits=4, group_size=g)
+                     for g in args.groups})
+    ctx = fp32.config.max_seq_len
+    rows = {}
+    with torch.inference_mode():
+        base_run = free_run(fp32, "def ", args.free_run)
+        for name, model in variants.items():
+            loss = evaluate(model, corpus.val, cfg)
+            agree = agreement(fp32, model, corpus.val, args.bytes, ctx)
+            run = free_run(model, "def ", args.free_run)
+            diff = (run != base_run).nonzero()
+            first = int(diff[0]) - 4 if diff.numel() else args.free_run
+            rows[name] = {"val_loss": loss, "greedy_agreement": agree,
+                          "free_run_identical_bytes": first}
+            print(name, rows[name], flush=True)
+    base = rows["fp32"]["val_loss"]
+    print(f"checkpoint {args.checkpoint}  {args.eval_batches} x 16 x 128 validation bytes  "
+          f"agreement over {args.bytes} bytes  load {os.getloadavg()[0]:.2f}")
+    print(f"{'weights':>10} {'val loss':>9} {'vs fp32':>8} {'greedy agree':>12} "
+          f"{'free-run same':>13}  (of {args.free_run})")
+    for name, r in rows.items():
+        print(f"{name:>10} {r['val_loss']:>9.4f} {100 * (r['val_loss'] / base - 1):>+7.2f}% "
+              f"{100 * r['greedy_agreement']:>11.1f}% {r['free_run_identical_bytes']:>13}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,874 @@
+// Decode expert kernels: few routed rows, so every step is memory-bound.
+//
+// At decode a layer has S = T*K routed rows (8 at batch 1, top-8) spread over
+// the few experts they touch, and the time is the bytes of those experts'
+// weights read once. Two calls per layer, each one parallel region over tasks:
+//
+//   gate_up       tasks (touched expert, tile of output columns): x rows of the
+//                 expert times w_in[e][:, tile], + b_in, then the activation
+//                 (SwiGLU / GeGLU / GPT-OSS SwiGLU on the matching gate and up
+//                 columns; ReLU^2 / GELU; or none: the caller applies it).
+//   down_combine  tasks (tile of D): for every touched expert, a rows times
+//                 w_out[e][:, tile] (+ b_out), times the row's combine weight,
+//                 added into out[token, tile]. A task owns its columns of every
+//                 token, so the combine has no races and sums in expert order.
+//
+// Weights (fp32 accumulation throughout):
+//   plain fp32 / bf16, any stride layout of the logical [E, K, N] (input K,
+//     output N) with unit stride along N ("KN", moekit's own w_in / w_out) or
+//     along K ("NK", transformers' non-transposed gate_up_proj / down_proj);
+//   int8 [E, N, K] symmetric, one fp32 scale per output channel: w = s * q;
+//   int4 [E, N, K/2] affine per group of g (32, 64, 128) along K:
+//     w = s[g] * q + z[g], q in 0..15; each 32-element block packs element j in
+//     the low nibble and element j + 16 in the high nibble of byte j (unpacking
+//     is a mask and a shift on 16 bytes, no shuffles). A group's dot product is
+//     s * sum(x * q) + z * sum(x): the zero point costs one multiply-add per
+//     group, not per weight.
+// Where the CPU has AVX-512 (F + BW, checked at load time) the inner loops are
+// intrinsics; elsewhere plain loops over 16 independent fp32 lanes, built by
+// target_clones for AVX2 and baseline x86 (chosen at load time from the CPU's
+// flags; any compiler-vectorizable ISA for non-x86 builds is up to the compiler). bf16 is widened by a 16-bit shift: at a few rows
+// per expert the step is memory-bound, so AVX-512 BF16 dot products (which
+// would also round the activations to bf16) would not read the bytes faster.
+//
+// Built on first use by moekit/functions/cpu_ext.py (-fopenmp: at::parallel_for
+// is an inline OpenMP region).
+//
+// Shape letters: T tokens, D hidden, E experts, S routed rows sorted by expert
+// (kept rows first; offsets_E[e] is the end of expert e's rows), K input width,
+// N output width of one projection, F = N / 2 for the GLU activations.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define MEMBER inline __attribute__((always_inline))
+#define INLINE static MEMBER
+
+enum class Kind { F32, BF16, I8, I4 };
+
+struct Weights {
+  Kind kind;
+  bool n_unit;         // plain weights: unit stride along N (else along K)
+  const void* data;
+  int64_t s_e, s_k, s_n;  // element strides of the logical [E, K, N] (plain);
+                          // I8/I4: s_n = bytes per output row, s_e = per expert
+  const float* scales;    // I8 [E, N]; I4 [E, N, K/g]
+  const float* zeros;     // I4 [E, N, K/g]
+  int64_t group;          // I4 group size
+  int64_t E, K, N;
+};
+
+INLINE float bf16(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+INLINE float load(float v) { return v; }
+INLINE float load(uint16_t v) { return bf16(v); }
+
+// ---- KN layout (unit stride along outputs): acc[r, j] += x[r, k] * w[k, c0 + j]
+
+// Software prefetch PF rows ahead. (A first version cut tiles of columns, so a
+// task's rows lay 4 KiB apart and the hardware prefetchers, which stop at page
+// boundaries, left it at 3.1x the roofline: fp32, T=1, D=1024, E=64, K=8, F=512,
+// 1 thread. Tasks now read whole contiguous rows, 1.2x-1.7x; see gate_up.)
+constexpr int64_t PF = 4;
+
+template <typename T>
+INLINE void kn_tile(const T* w, int64_t ldk, int64_t K, const float* const* x, int64_t n,
+                    int64_t W, float* acc) {
+  std::fill(acc, acc + n * W, 0.0f);
+  constexpr int64_t line = 64 / sizeof(T);
+  int64_t k = 0;
+  // four weight rows per pass: one load and store of the accumulators per 4 FMAs
+  for (; k + 4 <= K; k += 4) {
+    const T* w0 = w + k * ldk;
+    const T *w1 = w0 + ldk, *w2 = w1 + ldk, *w3 = w2 + ldk;
+    if (k + 4 + PF < K) {
+      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(w0 + PF * ldk + j);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const float x0 = x[r][k], x1 = x[r][k + 1], x2 = x[r][k + 2], x3 = x[r][k + 3];
+      float* __restrict a = acc + r * W;
+      for (int64_t j = 0; j < W; ++j)
+        a[j] += x0 * load(w0[j]) + x1 * load(w1[j]) + x2 * load(w2[j]) + x3 * load(w3[j]);
+    }
+  }
+  for (; k < K; ++k) {
+    const T* wk = w + k * ldk;
+    for (int64_t r = 0; r < n; ++r) {
+      const float xv = x[r][k];
+      float* __restrict a = acc + r * W;
+      for (int64_t j = 0; j < W; ++j) a[j] += xv * load(wk[j]);
+    }
+  }
+}
+
+CLONES void kn_tile_f32(const float* w, int64_t ldk, int64_t K, const float* const* x,
+                        int64_t n, int64_t W, float* acc) {
+  kn_tile(w, ldk, K, x, n, W, acc);
+}
+
+CLONES void kn_tile_bf16(const uint16_t* w, int64_t ldk, int64_t K, const float* const* x,
+                         int64_t n, int64_t W, float* acc) {
+  kn_tile(w, ldk, K, x, n, W, acc);
+}
+
+// ---- NK layout (unit stride along inputs): one output row at a time, dot products
+// with up to R rows of x per pass over the weight row, 16 lanes each.
+
+struct DecF32 {
+  const float* p;
+  MEMBER void block(int64_t k, float* wf) const { for (int l = 0; l < 32; ++l) wf[l] = p[k + l]; }
+  MEMBER float one(int64_t k) const { return p[k]; }
+};
+struct DecBF16 {
+  const uint16_t* p;
+  MEMBER void block(int64_t k, float* wf) const {
+    for (int l = 0; l < 32; ++l) wf[l] = bf16(p[k + l]);
+  }
+  MEMBER float one(int64_t k) const { return bf16(p[k]); }
+};
+struct DecI8 {
+  const int8_t* p;
+  MEMBER void block(int64_t k, float* wf) const {
+    for (int l = 0; l < 32; ++l) wf[l] = static_cast<float>(p[k + l]);
+  }
+  MEMBER float one(int64_t k) const { return static_cast<float>(p[k]); }
+};
+struct DecI4 {
+  const uint8_t* p;  // the output row's packed bytes
+  MEMBER void block(int64_t k, float* wf) const {
+    const uint8_t* b = p + k / 2;
+    for (int l = 0; l < 16; ++l) {
+      wf[l] = static_cast<float>(b[l] & 15);
+      wf[16 + l] = static_cast<float>(b[l] >> 4);
+    }
+  }
+  MEMBER float one(int64_t) const { return 0.0f; }  // K is a multiple of the group
+};
+
+// out[r] = sum_k x[r][k] * w[k] for one output row; I4 adds the group scales
+// (gs) and zero points (gz, with xsum[r][g] = sum of x[r] over group g).
+template <typename Dec>
+INLINE void nk_row(const Dec& dec, int64_t K, int64_t group, const float* gs, const float* gz,
+                   const float* const* x, const float* xsum, int64_t n, float* out,
+                   int64_t ostride) {
+  constexpr int L = 16, R = 4;
+  const int64_t K32 = K / 32 * 32;
+  const int64_t ngroups = gs ? K / group : 1;
+  const int64_t glen = gs ? group : K32;
+  alignas(64) float wf[32];
+  for (int64_t r0 = 0; r0 < n; r0 += R) {
+    const int64_t m = std::min<int64_t>(R, n - r0);
+    alignas(64) float tot[R][L] = {};
+    for (int64_t g = 0; g < ngroups; ++g) {
+      alignas(64) float acc[R][L] = {};
+      for (int64_t k = g * glen; k < (g + 1) * glen; k += 32) {
+        dec.block(k, wf);
+        for (int64_t r = 0; r < m; ++r) {
+          const float* xr = x[r0 + r] + k;
+          for (int l = 0; l < L; ++l) acc[r][l] += xr[l] * wf[l] + xr[L + l] * wf[L + l];
+        }
+      }
+      const float s = gs ? gs[g] : 1.0f;
+      for (int64_t r = 0; r < m; ++r)
+        for (int l = 0; l < L; ++l) tot[r][l] += s * acc[r][l];
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      float v = 0.0f;
+      for (int l = 0; l < L; ++l) v += tot[r][l];
+      if (gz) {
+        for (int64_t g = 0; g < ngroups; ++g) v += gz[g] * xsum[(r0 + r) * ngroups + g];
+      }
+      for (int64_t k = K32; k < K; ++k) v += x[r0 + r][k] * dec.one(k);
+      out[(r0 + r) * ostride] = v;
+    }
+  }
+}
+
+CLONES void nk_tile_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                        int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecF32{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+}
+
+CLONES void nk_tile_bf16(const uint16_t* w, int64_t ldn, int64_t K, const float* const* x,
+                         int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecBF16{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+}
+
+CLONES void nk_tile_i8(const int8_t* w, int64_t ldn, const float* scale, int64_t K,
+                       const float* const* x, int64_t n, int64_t W, float* acc) {
+  for (int64_t j = 0; j < W; ++j) {
+    nk_row(DecI8{w + j * ldn}, K, K, nullptr, nullptr, x, nullptr, n, acc + j, W);
+    for (int64_t r = 0; r < n; ++r) acc[r * W + j] *= scale[j];
+  }
+}
+
+CLONES void nk_tile_i4(const uint8_t* w, int64_t ldn, const float* scales, const float* zeros,
+                       int64_t group, int64_t K, const float* const* x, const float* xsum,
+                       int64_t n, int64_t W, float* acc) {
+  const int64_t ng = K / group;
+  for (int64_t j = 0; j < W; ++j)
+    nk_row(DecI4{w + j * ldn}, K, group, scales + j * ng, zeros + j * ng, x, xsum, n, acc + j,
+           W);
+}
+
+// ---- NK with AVX-512 intrinsics (the compiler's vectorization of nk_row for the
+// integer kinds scalarized the 32-wide decode: int8 measured 11x the roofline) --
+
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+
+template <Kind KIND>
+AVX512 inline void load32(const void* p, int64_t k, __m512& lo, __m512& hi) {
+  if constexpr (KIND == Kind::F32) {
+    const float* f = static_cast<const float*>(p) + k;
+    lo = _mm512_loadu_ps(f), hi = _mm512_loadu_ps(f + 16);
+  } else if constexpr (KIND == Kind::BF16) {
+    const uint16_t* b = static_cast<const uint16_t*>(p) + k;
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    const __m512i c =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)));
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    hi = _mm512_castsi512_ps(_mm512_slli_epi32(c, 16));
+  } else if constexpr (KIND == Kind::I8) {
+    const int8_t* q = static_cast<const int8_t*>(p) + k;
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    hi = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  } else {
+    const __m128i b =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2));
+    const __m128i m = _mm_set1_epi8(15);
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+  }
+}
+
+// R rows (1..4) of x against one output row p, K32 = K rounded down to 32 inputs.
+// int4: each group's 16 possible weights s * q + z go in one register and the
+// nibbles index it (vpermps reads the low 4 bits of each index): no integer to
+// float conversion, no per-group rescaling. Converting the nibbles and scaling
+// each group measured 2.9x / 3.4x / 3.9x the roofline at T = 1 / 4 / 16, this
+// 1.7x / 1.5x / 2.2x (1 thread, D=1024, E=64, K=8, F=512, thread CPU time, loaded box).
+template <Kind KIND, int R>
+AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float* gs,
+                           const float* gz, const float* const* x, float* v) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = _mm512_setzero_ps(), a1[r] = _mm512_setzero_ps();
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g0 = 0, g = 0; g0 < K32; g0 += glen, ++g) {
+    __m512 table = iota;
+    if constexpr (KIND == Kind::I4)
+      table = _mm512_fmadd_ps(iota, _mm512_set1_ps(gs[g]), _mm512_set1_ps(gz[g]));
+    for (int64_t k = g0; k < g0 + glen; k += 32) {
+      __m512 lo, hi;
+      if constexpr (KIND == Kind::I4) {
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+            reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2)));
+        lo = _mm512_permutexvar_ps(idx, table);
+        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+      } else {
+        load32<KIND>(p, k, lo, hi);
+      }
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a0[r]);
+        a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a1[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) v[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+
+template <Kind KIND>
+AVX512 void nk_tile_avx512(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
+                           const float* scales, const float* zeros, const float* const* x,
+                           int64_t n, int64_t W, float* acc) {
+  const int64_t K32 = K / 32 * 32;
+  const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
+  const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
+  for (int64_t j = 0; j < W; ++j) {
+    const void* p = static_cast<const char*>(base) + j * ldn_bytes;
+    const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
+    const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+      const int64_t m = std::min<int64_t>(4, n - r0);
+      float v[4];
+      switch (m) {
+        case 4: nk_rows_avx512<KIND, 4>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 3: nk_rows_avx512<KIND, 3>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 2: nk_rows_avx512<KIND, 2>(p, K32, glen, gs, gz, x + r0, v); break;
+        default: nk_rows_avx512<KIND, 1>(p, K32, glen, gs, gz, x + r0, v); break;
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float t = v[r];
+        if constexpr (KIND == Kind::I8) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * static_cast<float>(static_cast<const int8_t*>(p)[k]);
+          t *= scales[j];
+        } else if constexpr (KIND == Kind::BF16) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * bf16(static_cast<const uint16_t*>(p)[k]);
+        } else if constexpr (KIND == Kind::F32) {
+          for (int64_t k = K32; k < K; ++k) t += x[r0 + r][k] * static_cast<const float*>(p)[k];
+        }
+        acc[(r0 + r) * W + j] = t;
+      }
+    }
+  }
+}
+
+// KN layout with AVX-512: four weight rows per pass.
+// bf16: 32 weights per 512-bit load, widened without shuffles: a lane holds
+// (w[2i], w[2i+1]); a 16-bit left shift gives w[2i] as fp32, masking the low half
+// gives w[2i+1]. The accumulators of a 32-column block hold the even columns,
+// then the odd ones, until kn_unpermute puts them back in order. (Widening with
+// vpmovzxwd, a cross-lane shuffle, left bf16 at 1.2x fp32's speed: 3.3x the roofline.)
+AVX512 inline void kn_unpermute(float* acc, int64_t n, int64_t W) {
+  alignas(64) float tmp[32];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t j = 0; j + 32 <= W; j += 32) {
+      float* a = acc + r * W + j;
+      std::memcpy(tmp, a, sizeof tmp);
+      for (int i = 0; i < 16; ++i) a[2 * i] = tmp[i], a[2 * i + 1] = tmp[16 + i];
+    }
+}
+
+template <Kind KIND>
+AVX512 void kn_tile_avx512(const void* w, int64_t ldk, int64_t K, const float* const* x,
+                           int64_t n, int64_t W, float* acc) {
+  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
+  const T* base = static_cast<const T*>(w);
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t W16 = W / 16 * 16, W32 = W / 32 * 32;
+  const __m512i odd = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  std::fill(acc, acc + n * W, 0.0f);
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T* wq[4] = {base + k * ldk, base + (k + 1) * ldk, base + (k + 2) * ldk,
+                      base + (k + 3) * ldk};
+    if (k + 4 + PF < K) {
+      for (int64_t j = 0; j < W; j += line) __builtin_prefetch(wq[0] + PF * ldk + j);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      __m512 xv[4];
+      for (int q = 0; q < 4; ++q) xv[q] = _mm512_set1_ps(x[r][k + q]);
+      float* a = acc + r * W;
+      int64_t jt;  // first column of the scalar tail
+      if constexpr (KIND == Kind::F32) {
+        for (int64_t j = 0; j < W16; j += 16) {
+          __m512 v = _mm512_loadu_ps(a + j);
+          for (int q = 0; q < 4; ++q) v = _mm512_fmadd_ps(xv[q], _mm512_loadu_ps(wq[q] + j), v);
+          _mm512_storeu_ps(a + j, v);
+        }
+        jt = W16;
+      } else {
+        for (int64_t j = 0; j < W32; j += 32) {
+          __m512 ve = _mm512_loadu_ps(a + j), vo = _mm512_loadu_ps(a + j + 16);
+          for (int q = 0; q < 4; ++q) {
+            const __m512i v = _mm512_loadu_si512(wq[q] + j);
+            ve = _mm512_fmadd_ps(xv[q], _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), ve);
+            vo = _mm512_fmadd_ps(xv[q], _mm512_castsi512_ps(_mm512_and_si512(v, odd)), vo);
+          }
+          _mm512_storeu_ps(a + j, ve);
+          _mm512_storeu_ps(a + j + 16, vo);
+        }
+        jt = W32;
+      }
+      for (int64_t j = jt; j < W; ++j)
+        for (int q = 0; q < 4; ++q) a[j] += x[r][k + q] * load(wq[q][j]);
+    }
+  }
+  if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W);
+  for (; k < K; ++k) {
+    const T* wk = base + k * ldk;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < W; ++j) acc[r * W + j] += x[r][k] * load(wk[j]);
+  }
+}
+
+const bool HAVE_AVX512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}();
+
+// acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
+void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
+          int64_t c0, int64_t W, float* acc) {
+  if (HAVE_AVX512 && !w.n_unit) {
+    const int64_t es = w.kind == Kind::F32 ? 4 : w.kind == Kind::BF16 ? 2 : 1;
+    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + c0 * w.s_n) * es;
+    const int64_t ldn = w.s_n * es, ng = w.kind == Kind::I4 ? w.K / w.group : 1;
+    const float* sc = w.kind == Kind::I8 ? w.scales + e * w.N + c0
+                      : w.kind == Kind::I4 ? w.scales + (e * w.N + c0) * ng : nullptr;
+    const float* z = w.kind == Kind::I4 ? w.zeros + (e * w.N + c0) * ng : nullptr;
+    switch (w.kind) {
+      case Kind::F32: return nk_tile_avx512<Kind::F32>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::BF16: return nk_tile_avx512<Kind::BF16>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::I8: return nk_tile_avx512<Kind::I8>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::I4:
+        return nk_tile_avx512<Kind::I4>(p, ldn, w.K, w.group, sc, z, x, n, W, acc);
+    }
+  }
+  switch (w.kind) {
+    case Kind::F32: {
+      const float* p = static_cast<const float*>(w.data) + e * w.s_e;
+      if (w.n_unit) kn_tile_f32(p + c0, w.s_k, w.K, x, n, W, acc);
+      else nk_tile_f32(p + c0 * w.s_n, w.s_n, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::BF16: {
+      const uint16_t* p = static_cast<const uint16_t*>(w.data) + e * w.s_e;
+      if (w.n_unit) kn_tile_bf16(p + c0, w.s_k, w.K, x, n, W, acc);
+      else nk_tile_bf16(p + c0 * w.s_n, w.s_n, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::I8: {
+      const int8_t* p = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+      nk_tile_i8(p, w.s_n, w.scales + e * w.N + c0, w.K, x, n, W, acc);
+      return;
+    }
+    case Kind::I4: {
+      const uint8_t* p = static_cast<const uint8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+      const int64_t off = (e * w.N + c0) * (w.K / w.group);
+      nk_tile_i4(p, w.s_n, w.scales + off, w.zeros + off, w.group, w.K, x, xsum, n, W, acc);
+      return;
+    }
+  }
+}
+
+// Per-group sums of each row of x, for the int4 zero points; empty otherwise.
+std::vector<float> group_sums(const Weights& w, const float* const* x, int64_t n) {
+  if (w.kind != Kind::I4 || HAVE_AVX512) return {};  // the AVX-512 path needs none
+  const int64_t ng = w.K / w.group;
+  std::vector<float> s(n * ng, 0.0f);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      float v = 0.0f;
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) v += x[r][k];
+      s[r * ng + g] = v;
+    }
+  return s;
+}
+
+// ---- activations (epilogue: O(rows x F), the weights are O(F x D)) ------------
+
+enum Act : int64_t { NONE = 0, SWIGLU = 1, GEGLU = 2, SWIGLU_OAI = 3, RELU2 = 4, GELU = 5 };
+
+bool is_glu(int64_t act) { return act == SWIGLU || act == GEGLU || act == SWIGLU_OAI; }
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+inline float gelu(float v) { return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752f)); }
+
+inline float activate(int64_t act, float g, float u, float limit, float alpha) {
+  switch (act) {
+    case SWIGLU: return g * sigmoid(g) * u;
+    case GEGLU: return gelu(g) * u;
+    case SWIGLU_OAI: {
+      g = std::min(g, limit);
+      u = std::max(-limit, std::min(u, limit));
+      return g * sigmoid(alpha * g) * (u + 1.0f);
+    }
+    case RELU2: { const float r = std::max(g, 0.0f); return r * r; }
+    case GELU: return gelu(g);
+    default: return g;
+  }
+}
+
+// ---- tasks ------------------------------------------------------------------------
+
+struct Task { int64_t expert, c0, c1; };
+
+// Tile width: about 4 tasks per thread over `units` tiles-worth of `cols` columns,
+// a multiple of 16, between 16 and 256 (256 fp32 = 1 KiB per weight row read).
+int64_t tile_width(int64_t cols, int64_t experts) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t w = (cols * experts + want - 1) / want;
+  w = (w + 15) / 16 * 16;
+  return std::max<int64_t>(16, std::min<int64_t>({w, 256, cols}));
+}
+
+struct Rows {
+  std::vector<int64_t> starts, ends;  // per touched expert
+  std::vector<int64_t> experts;
+  int64_t kept = 0;
+};
+
+Rows touched(const torch::Tensor& offsets_E) {
+  auto off = offsets_E.to(at::kLong).contiguous();
+  const int64_t* o = off.data_ptr<int64_t>();
+  Rows rows;
+  int64_t start = 0;
+  for (int64_t e = 0; e < off.numel(); ++e) {
+    if (o[e] > start) {
+      rows.experts.push_back(e);
+      rows.starts.push_back(start);
+      rows.ends.push_back(o[e]);
+    }
+    start = std::max(start, o[e]);
+  }
+  rows.kept = start;
+  return rows;
+}
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+}
+
+void check_f32(const torch::Tensor& t, const char* name, int64_t dim) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim, name,
+              " must be a contiguous float32 tensor with ", dim, " dimensions, got ",
+              t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
+}
+
+Weights weights(const torch::Tensor& data, const c10::optional<torch::Tensor>& scales,
+                const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group) {
+  check_cpu(data, "w");
+  TORCH_CHECK(data.dim() == 3, "w must have 3 dimensions, got ", data.sizes());
+  Weights w{};
+  w.data = data.data_ptr();
+  w.E = data.size(0);
+  if (bits == 0) {
+    TORCH_CHECK(data.scalar_type() == at::kFloat || data.scalar_type() == at::kBFloat16,
+                "plain w must be float32 or bfloat16, got ", data.scalar_type());
+    w.kind = data.scalar_type() == at::kFloat ? Kind::F32 : Kind::BF16;
+    w.K = data.size(1), w.N = data.size(2);
+    w.s_e = data.stride(0), w.s_k = data.stride(1), w.s_n = data.stride(2);
+    w.n_unit = w.s_n == 1 || w.N == 1;
+    TORCH_CHECK(w.n_unit || w.s_k == 1, "w [E, K, N] needs unit stride along K or N, got "
+                "strides ", data.strides());
+    if (!w.n_unit) w.s_n = data.stride(2);
+    return w;
+  }
+  TORCH_CHECK(data.is_contiguous(), "quantized w data must be contiguous");
+  TORCH_CHECK(scales.has_value(), "quantized w needs scales");
+  const auto& s = *scales;
+  check_cpu(s, "scales");
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous(), "scales must be contiguous "
+              "float32");
+  w.N = data.size(1);
+  w.s_n = data.size(2), w.s_e = data.size(1) * data.size(2);
+  w.scales = s.data_ptr<float>();
+  if (bits == 8) {
+    TORCH_CHECK(data.scalar_type() == at::kChar, "int8 w must be int8, got ", data.scalar_type());
+    w.kind = Kind::I8;
+    w.K = data.size(2);
+    TORCH_CHECK(s.numel() == w.E * w.N, "int8 scales must be [E, N] = [", w.E, ", ", w.N,
+                "], got ", s.sizes());
+    return w;
+  }
+  TORCH_CHECK(bits == 4, "bits must be 0 (plain), 8 or 4, got ", bits);
+  TORCH_CHECK(data.scalar_type() == at::kByte, "int4 w must be uint8, got ", data.scalar_type());
+  TORCH_CHECK(zeros.has_value(), "int4 w needs zeros");
+  const auto& z = *zeros;
+  check_cpu(z, "zeros");
+  TORCH_CHECK(z.scalar_type() == at::kFloat && z.is_contiguous(), "zeros must be contiguous "
+              "float32");
+  w.kind = Kind::I4;
+  w.K = 2 * data.size(2);
+  w.group = group;
+  TORCH_CHECK(group > 0 && group % 32 == 0 && w.K % group == 0, "group=", group,
+              " must be a multiple of 32 dividing K=", w.K);
+  const int64_t ng = w.E * w.N * (w.K / group);
+  TORCH_CHECK(s.numel() == ng && z.numel() == ng, "int4 scales and zeros must be [E, N, K/g] = [",
+              w.E, ", ", w.N, ", ", w.K / group, "], got ", s.sizes(), " and ", z.sizes());
+  w.zeros = z.data_ptr<float>();
+  return w;
+}
+
+const float* bias_row(const c10::optional<torch::Tensor>& b, int64_t e, int64_t width) {
+  return b.has_value() ? b->data_ptr<float>() + e * width : nullptr;
+}
+
+void check_bias(const c10::optional<torch::Tensor>& b, const char* name, int64_t E, int64_t N) {
+  if (!b.has_value()) return;
+  check_f32(*b, name, 2);
+  TORCH_CHECK(b->size(0) == E && b->size(1) == N, name, " must be [", E, ", ", N, "], got ",
+              b->sizes());
+}
+
+}  // namespace
+
+namespace {
+
+// KN layout, phase 1: rows [k0, k1) of expert e's weights (contiguous memory, all N
+// columns) times the matching inputs of the expert's n rows, into part [n, N].
+void kn_part(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t k0,
+             int64_t k1, float* part) {
+  std::vector<const float*> xs(n);
+  for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + k0;
+  if (HAVE_AVX512) {
+    const int64_t es = w.kind == Kind::F32 ? 4 : 2;
+    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + k0 * w.s_k) * es;
+    if (w.kind == Kind::F32) kn_tile_avx512<Kind::F32>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    else kn_tile_avx512<Kind::BF16>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  } else if (w.kind == Kind::F32) {
+    const float* p = static_cast<const float*>(w.data) + e * w.s_e + k0 * w.s_k;
+    kn_tile_f32(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w.data) + e * w.s_e + k0 * w.s_k;
+    kn_tile_bf16(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  }
+}
+
+// Splits of K per expert for the KN layout: enough tasks for about 4 per thread,
+// each at least 64 inputs deep.
+int64_t k_chunks(int64_t K, int64_t experts) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t c = (want + experts - 1) / std::max<int64_t>(1, experts);
+  return std::max<int64_t>(1, std::min<int64_t>(c, K / 64));
+}
+
+// The routed rows of the touched experts and, for the KN layout, their phase-1
+// partial sums: part(i, c) is [rows of expert i, N] for K chunk c.
+struct Plan {
+  Rows rows;
+  std::vector<std::vector<const float*>> x;  // per touched expert, its input rows
+  int64_t chunks = 0, K = 0, N = 0;
+  std::vector<int64_t> part_off;  // per touched expert, its offset into parts
+  std::vector<float> parts;
+
+  Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token)
+      : rows(r), K(w.K), N(w.N) {
+    const size_t m = rows.experts.size();
+    x.resize(m);
+    for (size_t i = 0; i < m; ++i)
+      for (int64_t s = rows.starts[i]; s < rows.ends[i]; ++s)
+        x[i].push_back(x0 + (token ? token[s] : s) * ldx);
+    if (!w.n_unit) return;
+    chunks = k_chunks(w.K, static_cast<int64_t>(m));
+    int64_t off = 0;
+    for (size_t i = 0; i < m; ++i) {
+      part_off.push_back(off);
+      off += chunks * static_cast<int64_t>(x[i].size()) * w.N;
+    }
+    parts.resize(off);
+  }
+  int64_t n(size_t i) const { return static_cast<int64_t>(x[i].size()); }
+  float* part(size_t i, int64_t c) { return parts.data() + part_off[i] + c * n(i) * N; }
+  std::vector<Task> phase1() const {
+    std::vector<Task> t;
+    for (size_t i = 0; i < x.size(); ++i)
+      for (int64_t c = 0; c < chunks; ++c) t.push_back({int64_t(i), c, c + 1});
+    return t;
+  }
+  void run_phase1(const Weights& w, const Task& t) {
+    const int64_t k0 = K * t.c0 / chunks, k1 = K * t.c1 / chunks;
+    kn_part(w, rows.experts[t.expert], x[t.expert].data(), n(t.expert), k0, k1,
+            part(t.expert, t.c0));
+  }
+  // acc [n, W] = columns c0.. of expert i: the sum of its partials (KN) or a tile (NK)
+  void columns(const Weights& w, size_t i, const float* xsum, int64_t c0, int64_t W,
+               float* acc) {
+    const int64_t rows_i = n(i);
+    if (!w.n_unit) {
+      tile(w, rows.experts[i], x[i].data(), xsum, rows_i, c0, W, acc);
+      return;
+    }
+    std::fill(acc, acc + rows_i * W, 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* p = part(i, c);
+      for (int64_t r = 0; r < rows_i; ++r)
+        for (int64_t j = 0; j < W; ++j) acc[r * W + j] += p[r * N + c0 + j];
+    }
+  }
+};
+
+// Phase 1 tasks, a barrier, phase 2 tasks: one OpenMP region, each thread taking
+// the next task of a phase when it finishes one.
+template <typename F1, typename F2>
+void run_phases(const std::vector<Task>& t1, const F1& b1, const std::vector<Task>& t2,
+                const F2& b2) {
+  const int64_t n1 = static_cast<int64_t>(t1.size()), n2 = static_cast<int64_t>(t2.size());
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), std::max(n1, n2)));
+  std::atomic<int64_t> next1{0}, next2{0};
+#pragma omp parallel num_threads(threads)
+  {
+    for (int64_t i = next1++; i < n1; i = next1++) b1(t1[i]);
+#pragma omp barrier
+    for (int64_t i = next2++; i < n2; i = next2++) b2(t2[i]);
+  }
+}
+
+void check_tokens(const int64_t* token, int64_t rows, int64_t T) {
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
+}
+
+}  // namespace
+
+// h rows of the touched experts: act(x[token] @ w_in[e] + b_in[e]) for the kept
+// rows in sorted order; [kept, N / 2] for GLU activations, else [kept, N].
+// NK layout and quantized weights: tasks (expert, output tile), epilogue in the
+// task. KN layout: tasks (expert, K chunk) over whole contiguous weight rows into
+// partial sums, then tasks (expert, output tile) sum them and run the epilogue.
+torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
+                      const torch::Tensor& offsets_E, const torch::Tensor& w_data,
+                      const c10::optional<torch::Tensor>& w_scales,
+                      const c10::optional<torch::Tensor>& w_zeros, int64_t bits, int64_t group,
+                      const c10::optional<torch::Tensor>& b_in, int64_t act, double limit,
+                      double alpha) {
+  check_f32(x_TD, "x_TD", 2);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(w.K == x_TD.size(1), "w_in input width ", w.K, " != x_TD width ", x_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
+              w.E, " experts");
+  TORCH_CHECK(act >= NONE && act <= GELU, "act=", act, " must be 0..5");
+  TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
+  check_bias(b_in, "b_in", w.E, w.N);
+  const Rows rows = touched(offsets_E);
+  auto tok = token_S.to(at::kLong).contiguous();
+  TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
+  check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
+  Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>());
+  const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
+  auto out = torch::empty({rows.kept, out_w}, x_TD.options());
+  float* o = out.data_ptr<float>();
+  const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < rows.experts.size(); ++i)
+    for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
+  const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
+  auto epilogue = [&](const Task& t) {
+    const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
+    const int64_t n = plan.n(t.expert), cw = t.c1 - t.c0;
+    const std::vector<float> xsum = group_sums(w, plan.x[t.expert].data(), n);
+    std::vector<float> g(n * cw), u;
+    plan.columns(w, t.expert, xsum.data(), t.c0, cw, g.data());
+    const float* bg = bias_row(b_in, e, w.N);
+    const float* bu = bg ? bg + out_w : nullptr;
+    if (is_glu(act)) {
+      u.resize(n * cw);
+      plan.columns(w, t.expert, xsum.data(), out_w + t.c0, cw, u.data());
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      float* dst = o + (s0 + r) * out_w + t.c0;
+      for (int64_t j = 0; j < cw; ++j) {
+        const float gv = g[r * cw + j] + (bg ? bg[t.c0 + j] : 0.0f);
+        const float uv = is_glu(act) ? u[r * cw + j] + (bu ? bu[t.c0 + j] : 0.0f) : 0.0f;
+        dst[j] = activate(act, gv, uv, lim, al);
+      }
+    }
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, epilogue);
+  return out;
+}
+
+// out_TD = sum over kept rows r of weight_S[r] * (a[r] @ w_out[e(r)] + b_out[e(r)]),
+// written row by row into out_TD[token_S[r]] (tokens without rows get 0). Phase 2
+// tasks own tiles of D for every token, so the combine has no races.
+void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
+                  const torch::Tensor& weight_S, const torch::Tensor& offsets_E,
+                  const torch::Tensor& w_data, const c10::optional<torch::Tensor>& w_scales,
+                  const c10::optional<torch::Tensor>& w_zeros, int64_t bits, int64_t group,
+                  const c10::optional<torch::Tensor>& b_out, torch::Tensor& out_TD) {
+  check_f32(a_SF, "a_SF", 2);
+  check_f32(weight_S, "weight_S", 1);
+  check_f32(out_TD, "out_TD", 2);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(w.K == a_SF.size(1), "w_out input width ", w.K, " != a_SF width ", a_SF.size(1));
+  TORCH_CHECK(w.N == out_TD.size(1), "w_out output width ", w.N, " != out_TD width ",
+              out_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
+              w.E, " experts");
+  check_bias(b_out, "b_out", w.E, w.N);
+  const Rows rows = touched(offsets_E);
+  TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
+              "a_SF / weight_S have fewer rows than offsets_E says");
+  auto tok = token_S.to(at::kLong).contiguous();
+  const int64_t* token = tok.data_ptr<int64_t>();
+  const int64_t T = out_TD.size(0), D = w.N;
+  check_tokens(token, rows.kept, T);
+  Plan plan(rows, w, a_SF.data_ptr<float>(), a_SF.size(1), nullptr);
+  const float* ws = weight_S.data_ptr<float>();
+  float* o = out_TD.data_ptr<float>();
+  const int64_t W = tile_width(D, 1);
+  std::vector<Task> tasks;
+  for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
+  auto combine = [&](const Task& t) {
+    const int64_t cw = t.c1 - t.c0;
+    for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
+    std::vector<float> acc;
+    for (size_t i = 0; i < rows.experts.size(); ++i) {
+      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = plan.n(i);
+      const std::vector<float> xsum = group_sums(w, plan.x[i].data(), n);
+      acc.resize(n * cw);
+      plan.columns(w, i, xsum.data(), t.c0, cw, acc.data());
+      const float* b = bias_row(b_out, e, D);
+      for (int64_t r = 0; r < n; ++r) {
+        float* dst = o + token[s0 + r] * D + t.c0;
+        const float wr = ws[s0 + r];
+        for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
+      }
+    }
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, combine);
+}
+
+// The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.
+torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
+                         const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
+                         int64_t group, int64_t e0, int64_t e1) {
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
+  TORCH_CHECK(0 <= e0 && e0 <= e1 && e1 <= w.E, "experts ", e0, "..", e1, " out of range");
+  auto out = torch::empty({e1 - e0, w.N, w.K}, w_scales.options());
+  float* o = out.data_ptr<float>();
+  const int64_t K = w.K, N = w.N;
+  at::parallel_for(0, (e1 - e0) * N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = e0 * N + i;  // global output row
+      float* dst = o + i * K;
+      if (w.kind == Kind::I8) {
+        const int8_t* q = static_cast<const int8_t*>(w.data) + row * K;
+        const float s = w.scales[row];
+        for (int64_t k = 0; k < K; ++k) dst[k] = s * static_cast<float>(q[k]);
+        continue;
+      }
+      const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (K / 2);
+      const int64_t ng = K / w.group;
+      for (int64_t k = 0; k < K; k += 32) {
+        const float s = w.scales[row * ng + k / w.group], z = w.zeros[row * ng + k / w.group];
+        for (int l = 0; l < 16; ++l) {
+          dst[k + l] = s * static_cast<float>(q[k / 2 + l] & 15) + z;
+          dst[k + 16 + l] = s * static_cast<float>(q[k / 2 + l] >> 4) + z;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Which clone the loader picked: the widest instruction set this CPU has.
+std::string isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return "avx512f";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "default";
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
+  m.def("down_combine", &down_combine,
+        "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts");
+  m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor");
+  m.def("isa", &isa, "instruction set of the kernels' clone chosen on this CPU");
+}

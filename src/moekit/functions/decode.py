@@ -1,0 +1,95 @@
+"""The decode expert path: few routed rows, only the touched experts, no autograd.
+
+Two C++ calls per layer (``moekit/csrc/cpu_decode.cpp``), each one parallel
+region: gate+up with the activation fused, then the down projection with the
+weighted combine fused. Weights are plain fp32 / bf16 stacks in either layout
+(moekit's [E, D, G] or transformers' transposed views) or ``QuantizedTensor``
+(int8 / int4, dequantized inside the kernel). Activations without a kernel
+epilogue (any callable that is not one of moekit's five kinds) run in Python
+between the two calls.
+
+For many rows with quantized weights (prefill), ``dequantized_experts`` turns
+blocks of experts back into float and runs the fused training path on them.
+
+Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
+else F, E experts, S routed rows sorted by expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from moekit.functions import cpu_ext
+from moekit.functions.moe_experts import fused_experts
+from moekit.quant.tensor import QuantizedTensor
+
+ActFn = Callable[[Tensor], Tensor]
+ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
+DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
+
+
+def available() -> bool:
+    """Whether the decode kernels are built (or buildable) here."""
+    return cpu_ext.get_decode() is not None
+
+
+def _wargs(w: Tensor | QuantizedTensor) -> tuple:
+    if isinstance(w, QuantizedTensor):
+        return w.data, w.scales, w.zeros, w.bits, w.group_size or 0
+    if w.stride(2) != 1 and w.stride(1) != 1:  # neither layout the kernel reads
+        w = w.contiguous()
+    return w, None, None, 0, 0
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
+                w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
+                b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn,
+                spec: tuple[str, float, float] | None) -> Tensor:
+    """y_TD = sum over the kept rows r (sorted by expert, ``offsets_E`` their ends) of
+    weight_S[r] * expert_e(x_TD[token_S[r]]); output in x's dtype.
+
+    ``spec`` = (activation kind, swiglu_limit, swiglu_alpha) when ``act`` is one the
+    kernel knows; None runs ``act`` in Python on the fp32 gate+up output.
+    """
+    ext = cpu_ext.get_decode()
+    if ext is None:
+        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
+                           "failed); use backend='fused'")
+    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
+    code = ACT_CODES.get(kind, 0)
+    x = x_TD.detach().float().contiguous()
+    h = ext.gate_up(x, token_S, offsets_E, *_wargs(w_in), _f32(b_in_EG), code, limit, alpha)
+    if code == 0:
+        h = act(h).float().contiguous()
+    out = torch.empty_like(x)
+    ext.down_combine(h, token_S, weight_S.detach().float().contiguous(), offsets_E,
+                     *_wargs(w_out), _f32(b_out_ED), out)
+    return out.to(x_TD.dtype)
+
+
+def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
+                        w_in: QuantizedTensor, w_out: QuantizedTensor, b_in_EG: Tensor | None,
+                        b_out_ED: Tensor | None, act: ActFn, kind: str | None) -> Tensor:
+    """Prefill with quantized weights: per block of experts, dequantize to x's dtype and
+    run the fused path on that block's rows. Reads the offsets on the host."""
+    ends = offsets_E.tolist()
+    E = len(ends)
+    y_TD = torch.zeros_like(x_TD)
+    for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
+        e1 = min(E, e0 + DEQUANT_BLOCK_EXPERTS)
+        r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
+        if r1 == r0:
+            continue
+        wi, wo = w_in.dequantize(e0, e1, x_TD.dtype), w_out.dequantize(e0, e1, x_TD.dtype)
+        bi = None if b_in_EG is None else b_in_EG[e0:e1]
+        bo = None if b_out_ED is None else b_out_ED[e0:e1]
+        y_TD += fused_experts(x_TD, token_S[r0:r1], weight_S[r0:r1], offsets_E[e0:e1] - r0,
+                              wi, wo, bi, bo, act, kind)
+    return y_TD

@@ -1,0 +1,27 @@
+"""Weight-only int8 / int4 quantization of routed experts (``moekit.quantize``).
+
+``QuantizedTensor`` holds packed integers, scales and zero points in place of an
+expert weight stack; the decode kernels (``moekit/csrc/cpu_decode.cpp``) read it
+directly, prefill dequantizes a block of experts at a time. Checkpoints:
+``save_quantized`` / ``load_quantized`` (safetensors), or ``moekit quantize``.
+"""
+
+from moekit.quant.tensor import QuantizationError, QuantizedTensor, quantize_tensor
+
+__all__ = ["QuantizationError", "QuantizedTensor", "is_quantized", "is_quantized_checkpoint",
+           "load_model", "load_quantized", "quantize", "quantize_checkpoint", "quantize_tensor",
+           "save_quantized"]
+
+# the experts package imports QuantizedTensor from here, and quantize() walks Experts
+# modules (and the checkpoint functions build the language model): load those on use
+_LAZY = {"quantize": "model", "is_quantized": "model", "is_quantized_checkpoint": "io",
+         "load_model": "io", "load_quantized": "io", "save_quantized": "io",
+         "quantize_checkpoint": "io"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"moekit.quant.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'moekit.quant' has no attribute {name!r}")

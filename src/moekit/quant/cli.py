@@ -1,0 +1,30 @@
+"""`moekit quantize`: int8 / int4 experts of a trained checkpoint, saved with safetensors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moekit.quant.tensor import QuantizationError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="run directory (uses its LATEST) or a step_* directory")
+    p.add_argument("--bits", type=int, required=True, help="8 (per output channel) or 4")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size along the input: 32, 64 (default) or 128")
+    p.add_argument("--out", required=True, help="directory to write (moekit generate "
+                   "--checkpoint DIR loads it)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.quant.io import quantize_checkpoint
+    from moekit.train.checkpoint import CheckpointError
+
+    try:
+        out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
+    except (QuantizationError, CheckpointError, ValueError) as e:
+        print(f"moekit quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (bits={args.bits})")
+    return 0

@@ -1,0 +1,148 @@
+"""Quantized language-model checkpoints: ``model.safetensors`` + ``quantized.json``.
+
+    DIR/model.safetensors   every tensor of the quantized model (experts as
+                            ``...w_in.data`` / ``.scales`` / ``.zeros``; tied copies once)
+    DIR/quantized.json      format version, the model config, bits, group size,
+                            tied aliases, the SHA-256 of model.safetensors
+
+``load_quantized`` rebuilds the model from the config, puts empty quantized
+tensors where the experts go and checks every name, shape and dtype before
+assigning anything: a file whose scales are missing or misshaped raises
+``CheckpointError`` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer
+from moekit.quant.model import is_quantized, quantize, quantize_like
+from moekit.quant.tensor import QuantizedTensor
+from moekit.train.checkpoint import (
+    CheckpointError,
+    _fsync,
+    _sha256,
+    check_model_fits,
+    dedupe_tied,
+    load_checkpoint,
+    restore,
+)
+
+FORMAT_VERSION = 1
+MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by ``save_quantized``."""
+    return (Path(path) / META_FILE).exists()
+
+
+def _clear(out: Path) -> None:
+    """Make room for ``out``: only an earlier quantized checkpoint or an empty directory."""
+    if not out.exists():
+        return
+    if is_quantized_checkpoint(out):
+        shutil.rmtree(out)
+    elif out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    else:
+        raise ValueError(f"out={str(out)!r} exists and is not a quantized checkpoint: "
+                         "refusing to overwrite it; pass a new or empty directory")
+
+
+def save_quantized(model: MoETransformer, out: str | Path) -> Path:
+    """Write a quantized ``MoETransformer`` to the directory ``out`` (atomically)."""
+    qts = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
+    if not qts:
+        raise ValueError("model is not quantized: call moekit.quantize(model, bits=...) first")
+    out = Path(out)
+    if out.exists() and not is_quantized_checkpoint(out) and any(out.iterdir()):
+        _clear(out)  # raises before anything is written
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    weights, aliases = dedupe_tied(model.state_dict())
+    save_file(weights, str(tmp / MODEL_FILE))
+    meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
+            "bits": qts[0].bits, "group_size": qts[0].group_size, "tied": aliases,
+            "sha256": _sha256(tmp / MODEL_FILE)}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    for f in (MODEL_FILE, META_FILE):
+        _fsync(tmp / f)
+    _clear(out)
+    os.rename(tmp, out)
+    return out
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / META_FILE} is unreadable or corrupt: {e}") from e
+    for key in ("format_version", "model_config", "bits", "group_size", "tied", "sha256"):
+        if key not in meta:
+            raise CheckpointError(f"{path / META_FILE} lacks the key {key!r}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path / META_FILE}: format_version must be {FORMAT_VERSION}")
+    return meta
+
+
+def _check_dtypes(model: nn.Module, tensors: dict, where: Path) -> None:
+    wrong = sorted(f"{k}: checkpoint {tensors[k].dtype} vs model {v.dtype}"
+                   for k, v in model.state_dict().items() if tensors[k].dtype != v.dtype)
+    if wrong:
+        raise CheckpointError(f"checkpoint {where} does not match the model: dtype "
+                              f"mismatches {wrong[:5]}")
+
+
+def load_quantized(path: str | Path) -> MoETransformer:
+    """The quantized model saved in ``path``, verified before anything is assigned."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if _sha256(path / MODEL_FILE) != meta["sha256"]:
+        raise CheckpointError(f"{path / MODEL_FILE} is corrupt or truncated: its SHA-256 does "
+                              f"not match the one recorded in {META_FILE}")
+    try:
+        tensors = load_file(str(path / MODEL_FILE))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path / MODEL_FILE} is not a readable safetensors file: {e}") from e
+    for alias, source in meta["tied"].items():
+        if source in tensors:
+            tensors[alias] = tensors[source]
+    model = MoETransformer(LMConfig.from_dict(meta["model_config"]))
+    quantize_like(model, meta["bits"], meta["group_size"])
+    check_model_fits(model, tensors, path)
+    _check_dtypes(model, tensors, path)
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
+                        group_size: int | None = None) -> Path:
+    """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
+    ck = load_checkpoint(checkpoint)
+    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
+    restore(ck, model, rng=False)
+    return save_quantized(quantize(model, bits, group_size), out)
+
+
+def load_model(path: str | Path) -> MoETransformer:
+    """A model from a training checkpoint or a quantized one (for ``moekit generate``)."""
+    if is_quantized_checkpoint(path):
+        return load_quantized(path)
+    ck = load_checkpoint(path)
+    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
+    restore(ck, model, rng=False)
+    return model.eval()
+
+
+__all__ = ["is_quantized", "is_quantized_checkpoint", "load_model", "load_quantized",
+           "quantize_checkpoint", "save_quantized"]

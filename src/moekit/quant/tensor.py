@@ -1,0 +1,184 @@
+"""Weight-only quantized expert stacks: int8 per output channel, int4 per group.
+
+A ``QuantizedTensor`` stands where an expert weight stood. Its logical shape is
+the weight's, [E, K, N] (input K, output N: ``w_in`` [E, D, G], ``w_out``
+[E, F, D]); it stores each expert's matrix output-major, [E, N, K], so one
+output's inputs are contiguous (the decode kernel's dot products read them in
+order) and groups run along K.
+
+- int8: symmetric per output channel, ``w = scale * q``, q in -127..127,
+  ``scales`` [E, N] fp32. Per channel, not per group: a 1024-wide row costs 4
+  bytes of scale, and int8's 255 levels leave little to gain from groups.
+- int4: affine per group of g = 32, 64 or 128 inputs, ``w = scale * q + zero``,
+  q in 0..15, ``scales`` and ``zeros`` [E, N, K/g] fp32. Affine rather than
+  symmetric: a group of 32-128 weights is rarely centred on 0, and min/max
+  scaling uses all 16 levels where absmax wastes up to half of them on the
+  empty side; the zero point costs the kernel one multiply-add per group
+  (``zero * sum(x over the group)``), not one per weight. Packing: within
+  each block of 32 inputs, byte j holds input j (low nibble) and j + 16 (high).
+  Scales and zeros stay fp32 (25% on top of the int4 bytes at g=64, 12.5% at
+  g=128), exact under ``model.to(bfloat16)`` and friends (see ``_apply``).
+
+Shape letters: E experts, K input width, N output width, g group size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+
+
+class QuantizationError(ValueError):
+    """A quantization request or quantized checkpoint that cannot be honoured."""
+
+
+def check_bits(bits: int, group_size: int | None) -> int | None:
+    """The group size to use (None for int8); a QuantizationError for anything else."""
+    if bits not in BITS:
+        raise QuantizationError(f"bits={bits!r} is not allowed: it must be 8 (per output "
+                                "channel) or 4 (grouped)")
+    if bits == 8:
+        if group_size is not None:
+            raise QuantizationError(f"group_size={group_size} is not allowed with bits=8: int8 "
+                                    "scales are per output channel; leave group_size=None")
+        return None
+    group_size = 64 if group_size is None else group_size
+    if group_size not in GROUP_SIZES:
+        raise QuantizationError(f"group_size={group_size!r} is not allowed: it must be one of "
+                                f"{', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def check_divides(group_size: int | None, K: int, what: str) -> None:
+    if group_size is not None and K % group_size:
+        raise QuantizationError(f"group_size={group_size} does not divide {what}={K}: int4 "
+                                "groups run along the input dimension and must tile it")
+
+
+class QuantizedTensor(nn.Module):
+    """A quantized [E, K, N] weight stack (an nn.Module so its buffers are in state_dict).
+
+    ``data``: int8 [E, N, K] (bits=8) or uint8 [E, N, K/2] (bits=4); ``scales``
+    fp32 [E, N] or [E, N, K/g]; ``zeros`` fp32 [E, N, K/g] (bits=4 only).
+    """
+
+    def __init__(self, data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                 group_size: int | None) -> None:
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("data", data)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+
+    @classmethod
+    def empty(cls, E: int, K: int, N: int, bits: int, group_size: int | None,
+              device: torch.device | str = "cpu") -> QuantizedTensor:
+        """Buffers of the right shapes and dtypes, for loading a checkpoint into."""
+        if bits == 8:
+            return cls(torch.zeros(E, N, K, dtype=torch.int8, device=device),
+                       torch.ones(E, N, device=device), None, 8, None)
+        ng = K // group_size
+        return cls(torch.zeros(E, N, K // 2, dtype=torch.uint8, device=device),
+                   torch.ones(E, N, ng, device=device), torch.zeros(E, N, ng, device=device),
+                   4, group_size)
+
+    @property
+    def shape(self) -> torch.Size:
+        E, N = self.data.shape[:2]
+        K = self.data.shape[2] * (2 if self.bits == 4 else 1)
+        return torch.Size((E, K, N))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What it dequantizes to by default."""
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def nbytes_per_expert(self) -> int:
+        """Bytes one expert's matrix occupies (data, scales, zeros): what decode reads."""
+        bufs = [b for b in (self.data, self.scales, self.zeros) if b is not None]
+        return sum(b.numel() * b.element_size() for b in bufs) // self.data.shape[0]
+
+    def extra_repr(self) -> str:
+        g = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"shape={tuple(self.shape)}, bits={self.bits}{g}"
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() must not round the scales (nor touch the integers):
+        # only a move to another device applies
+        for name, b in self._buffers.items():
+            if b is not None:
+                moved = fn(b)
+                self._buffers[name] = moved if moved.dtype == b.dtype else b.to(moved.device)
+        return self
+
+    def select(self, experts: Tensor | list[int]) -> QuantizedTensor:
+        """A QuantizedTensor of the given experts only (in that order)."""
+        idx = torch.as_tensor(experts, dtype=torch.long, device=self.data.device)
+        z = None if self.zeros is None else self.zeros.index_select(0, idx)
+        return QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
+                               z, self.bits, self.group_size)
+
+    def dequantize(self, e0: int = 0, e1: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+        """Experts e0..e1-1 as a float [e1 - e0, K, N] tensor (a transposed view of [., N, K])."""
+        e1 = self.data.shape[0] if e1 is None else e1
+        return dequantize_NK(self, e0, e1).to(dtype).transpose(1, 2)
+
+
+def unpack_int4(data: Tensor) -> Tensor:
+    """uint8 [..., K/2] -> q in 0..15 as uint8 [..., K] (inverse of ``pack_int4``)."""
+    b = data.unflatten(-1, (-1, 16))                    # [..., K/32, 16]
+    q = torch.cat([b & 15, b >> 4], dim=-1)              # [..., K/32, 32]
+    return q.flatten(-2)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q in 0..15 [..., K] (K a multiple of 32) -> uint8 [..., K/2]."""
+    b = q.to(torch.uint8).unflatten(-1, (-1, 32))
+    return (b[..., :16] | (b[..., 16:] << 4)).flatten(-2)
+
+
+def _dequantize_torch(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
+    if qt.bits == 8:
+        return qt.data[e0:e1].float() * qt.scales[e0:e1, :, None]
+    q = unpack_int4(qt.data[e0:e1]).float().unflatten(-1, (-1, qt.group_size))
+    w = q * qt.scales[e0:e1, :, :, None] + qt.zeros[e0:e1, :, :, None]
+    return w.flatten(-2)
+
+
+def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
+    """fp32 [e1 - e0, N, K]: the C++ kernel where built (CPU), else torch ops (same values)."""
+    from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
+
+    ext = cpu_ext.get_decode() if qt.data.device.type == "cpu" else None
+    if ext is None:
+        return _dequantize_torch(qt, e0, e1)
+    return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1)
+
+
+def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None) -> QuantizedTensor:
+    """Quantize a [E, K, N] weight stack (any strides); errors name what is not allowed."""
+    group_size = check_bits(bits, group_size)
+    if w_EKN.dim() != 3 or not w_EKN.is_floating_point():
+        raise QuantizationError(f"weight of shape {tuple(w_EKN.shape)} and dtype {w_EKN.dtype} "
+                                "is not allowed: it must be a floating [E, K, N] stack")
+    check_divides(group_size, w_EKN.shape[1], "K")
+    w_ENK = w_EKN.detach().transpose(1, 2).float()
+    if bits == 8:
+        scale_EN = (w_ENK.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(w_ENK / scale_EN[..., None]).clamp_(-127, 127).to(torch.int8)
+        return QuantizedTensor(q.contiguous(), scale_EN.contiguous(), None, 8, None)
+    g = w_ENK.unflatten(-1, (-1, group_size))                # [E, N, K/g, g]
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
+    q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).flatten(-2)
+    return QuantizedTensor(pack_int4(q).contiguous(), scale.contiguous(), lo.contiguous(), 4,
+                           group_size)

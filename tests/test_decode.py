@@ -1,0 +1,185 @@
+"""The decode expert kernels (moekit/csrc/cpu_decode.cpp) against the per-token oracle.
+
+The oracle is tests/reference.py: one (token, expert) pair at a time, in fp32,
+from the raw parameters. Rows are routed with a top-k of random logits; the
+kernels see them sorted by expert.
+
+Tolerances: fp32 differs from the oracle only in summation order (D <= 96
+terms of size ~1): 1e-5 absolute, 1e-4 relative. bf16: the kernels read the
+same bf16 weights and inputs the oracle casts to fp32, accumulate in fp32, and
+round only the output to bf16, so the error is at most half a bf16 ulp of the
+output (2^-9 relative) plus fp32 noise: 4e-3 relative, 1e-4 absolute.
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS
+from moekit.functions import decode as decode_fn
+from moekit.inference import decode_experts, sorted_rows
+from tests.reference import f32, ref_expert
+
+pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
+
+ACTIVATIONS = ["swiglu", "geglu", "swiglu_oai", "relu2", "gelu"]
+DTYPES = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-4, 4e-3)]
+CASES = [
+    # (T, E, K, D, F)     what it exercises
+    (1, 4, 1, 64, 48),    # one row
+    (3, 8, 8, 40, 24),    # K == E: every expert touched; D not a multiple of 32
+    (5, 7, 3, 96, 80),    # odd T, prime E
+    (8, 16, 8, 64, 32),   # 64 rows
+]
+
+
+def _experts(E, D, F, act, dtype, seed=0) -> moekit.experts.Experts:
+    torch.manual_seed(seed)
+    cfg = moekit.MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=1, activation=act,
+                           expert_bias=True, swiglu_limit=1.5)
+    ex = moekit.experts.Experts(cfg).requires_grad_(False)
+    ex.b_in.normal_(0, 0.5)
+    ex.b_out.normal_(0, 0.5)
+    return ex.to(dtype)
+
+
+def _route(T, E, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    w, idx = logits.softmax(-1).topk(K, dim=-1)
+    return idx, w
+
+
+def _oracle(ex, x_TD, experts_TK, weights_TK):
+    p = f32(ex, "w_in", "w_out", "b_in", "b_out")
+    y = torch.zeros(x_TD.shape, dtype=torch.float32)
+    for t in range(x_TD.shape[0]):
+        for k in range(experts_TK.shape[1]):
+            e = int(experts_TK[t, k])
+            y[t] += weights_TK[t, k] * ref_expert(x_TD[t].float(), p, e, ex.cfg)
+    return y
+
+
+def _transposed(w):
+    """The same values with unit stride along the input (transformers' layout)."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("T,E,K,D,F", CASES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("layout", ["moekit", "transposed"])
+def test_matches_reference(T, E, K, D, F, act, dtype, atol, rtol, layout):
+    ex = _experts(E, D, F, act, dtype)
+    x = torch.randn(T, D).to(dtype)
+    experts_TK, weights_TK = _route(T, E, K)
+    w_in, w_out = ex.w_in, ex.w_out
+    if layout == "transposed":
+        w_in, w_out = _transposed(w_in), _transposed(w_out)
+    y = decode_experts(x, experts_TK, weights_TK, w_in, w_out, ex.b_in, ex.b_out, act,
+                       swiglu_limit=1.5, swiglu_alpha=ex.cfg.swiglu_alpha)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), _oracle(ex, x, experts_TK, weights_TK),
+                               atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_single_touched_expert_and_untouched_tokens(dtype, atol, rtol):
+    """Every row to expert 2 (the others idle); a token with weight 0 contributes 0."""
+    ex = _experts(6, 64, 32, "swiglu", dtype)
+    x = torch.randn(7, 64).to(dtype)
+    experts_TK = torch.full((7, 1), 2)
+    weights_TK = torch.rand(7, 1)
+    weights_TK[3] = 0.0
+    y = decode_experts(x, experts_TK, weights_TK, ex.w_in, ex.w_out, ex.b_in, ex.b_out)
+    want = _oracle(ex, x, experts_TK, weights_TK)
+    torch.testing.assert_close(y.float(), want, atol=atol, rtol=rtol)
+    assert torch.all(y[3] == 0)
+
+
+def test_callable_activation_runs_unfused():
+    """An activation the kernel does not know runs in Python between the two kernels."""
+    ex = _experts(5, 32, 16, "swiglu", torch.float32)
+    x = torch.randn(4, 32)
+    experts_TK, weights_TK = _route(4, 5, 2)
+
+    def tanh_glu(h):
+        g, u = h.chunk(2, dim=-1)
+        return torch.tanh(g) * u
+
+    y = decode_experts(x, experts_TK, weights_TK, ex.w_in, ex.w_out, ex.b_in, ex.b_out,
+                       tanh_glu)
+    p = f32(ex, "w_in", "w_out", "b_in", "b_out")
+    want = torch.zeros(4, 32)
+    for t in range(4):
+        for k in range(2):
+            e = int(experts_TK[t, k])
+            h = x[t] @ p.w_in[e] + p.b_in[e]
+            want[t] += weights_TK[t, k] * (tanh_glu(h) @ p.w_out[e] + p.b_out[e])
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+
+
+def test_dropped_rows_contribute_nothing():
+    """Rows past offsets_E[-1] (a capacity policy dropped them) are skipped."""
+    ex = _experts(4, 32, 16, "swiglu", torch.float32)
+    x = torch.randn(3, 32)
+    d = sorted_rows(torch.tensor([[0], [1], [1]]), torch.ones(3, 1), 4)
+    kept = torch.tensor([1, 1, 0, 0], dtype=torch.int32)  # token 2's row dropped
+    d2 = moekit.Dispatch(token_S=d.token_S, weight_S=d.weight_S, counts_E=kept.long(),
+                         offsets_E=torch.cumsum(kept, 0).to(torch.int32), assigned_E=d.counts_E)
+    with torch.no_grad():
+        y = BACKENDS["decode"](x, d2, ex.w_in, ex.w_out, ex.b_in, ex.b_out, ex._act)
+        want = BACKENDS["loop"](x, d2, ex.w_in, ex.w_out, ex.b_in, ex.b_out, ex._act)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+    assert torch.all(y[2] == 0)
+
+
+def test_auto_picks_decode_only_without_autograd_and_few_rows():
+    moe = moekit.MoE(moekit.MoEConfig(dim=32, ffn_dim=16, num_experts=4, top_k=2))
+    x = torch.randn(3, 32)
+    assert moe.experts.auto_backend(x, rows=6) == "fused"  # grad mode on
+    with torch.no_grad():
+        assert moe.experts.auto_backend(x, rows=6) == "decode"
+        assert moe.experts.auto_backend(x, rows=DECODE_MAX_ROWS + 1) == "fused"
+    with torch.inference_mode():
+        assert moe.experts.auto_backend(x, rows=DECODE_MAX_ROWS) == "decode"
+
+
+def test_layer_in_inference_mode_matches_training_path():
+    moe = moekit.MoE(moekit.MoEConfig(dim=48, ffn_dim=32, num_experts=8, top_k=2))
+    x = torch.randn(2, 3, 48)
+    want = moe(x)[0]
+    with torch.inference_mode():
+        got = moe(x)[0]
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_decode_backend_refuses_autograd():
+    moe = moekit.MoE(moekit.MoEConfig(dim=16, ffn_dim=8, num_experts=4, top_k=1),
+                     backend="decode")
+    with pytest.raises(RuntimeError, match="no backward"):
+        moe(torch.randn(2, 16))
+
+
+def test_hf_patched_model_decode_equals_fused():
+    """A patched transformers model (its [E, 2F, D] weights as transposed views) gives
+    the same logits and greedy tokens with the decode backend as with fused."""
+    from moekit.integrations import hf
+    from tests import hf_models
+
+    for name in ("qwen3_moe", "olmoe"):
+        model = hf.apply(hf_models.build(name), backend="fused").eval()
+        ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = model(input_ids=ids).logits
+            hf.apply(model, backend="decode")
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        kw = dict(max_new_tokens=5, do_sample=False, min_new_tokens=5)
+        tokens_decode = model.generate(ids[:1], **kw)
+        hf.apply(model, backend="fused")
+        assert torch.equal(tokens_decode, model.generate(ids[:1], **kw))

@@ -1,0 +1,235 @@
+"""Weight-only quantized experts: the format, the kernels, moekit.quantize, checkpoints.
+
+Oracles: the quantization's own definition (every weight within half a step of
+its dequantized value), and "dequantize, then the float loop backend" for the
+kernels: both see exactly the same float weights, so fp32 tolerances apply
+(1e-5 absolute, 1e-4 relative: summation order only).
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per token,
+N output width, g group size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moekit
+from moekit.experts import backends
+from moekit.experts.backends import BACKENDS
+from moekit.functions import cpu_ext
+from moekit.inference import sorted_rows
+from moekit.models import MoETransformer, preset
+from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
+from moekit.quant import io as qio
+from moekit.quant.tensor import _dequantize_torch, pack_int4, unpack_int4
+from moekit.train.checkpoint import CheckpointError, _sha256, save_checkpoint
+
+FORMATS = [(8, None), (4, 32), (4, 64), (4, 128)]
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+def test_every_weight_within_half_a_step(bits, g):
+    w = torch.randn(3, 128, 40) * torch.linspace(0.1, 3, 40)  # [E, K, N], varied columns
+    w[1, :, 5] = 0.7  # a constant column: int4 represents it exactly
+    q = quantize_tensor(w, bits, g)
+    assert q.shape == w.shape
+    back = q.dequantize()
+    w_ENK = w.transpose(1, 2)
+    if bits == 8:
+        step = w_ENK.abs().amax(-1, keepdim=True) / 127
+    else:
+        grp = w_ENK.unflatten(-1, (-1, g))
+        step = ((grp.amax(-1) - grp.amin(-1)) / 15).repeat_interleave(g, -1)
+    err = (back.transpose(1, 2) - w_ENK).abs()
+    assert torch.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+    if bits == 4:
+        assert torch.equal(back[1, :, 5], w[1, :, 5])
+
+
+def test_int4_packing_round_trips():
+    q = torch.randint(0, 16, (2, 3, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (2, 3, 32)
+    assert torch.equal(packed[0, 0, 0], q[0, 0, 0] | (q[0, 0, 16] << 4))  # j and j + 16
+    assert torch.equal(unpack_int4(packed), q)
+
+
+@pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
+@pytest.mark.parametrize("bits,g", FORMATS)
+def test_cpp_dequantize_equals_torch(bits, g):
+    q = quantize_tensor(torch.randn(4, 128, 24), bits, g)
+    got = cpu_ext.get_decode().dequantize(q.data, q.scales, q.zeros, bits, g or 0, 1, 3)
+    assert torch.equal(got, _dequantize_torch(q, 1, 3))
+
+
+def _dequantized(q: QuantizedTensor) -> torch.Tensor:
+    return _dequantize_torch(q, 0, q.data.shape[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (4, 6, 6), (16, 16, 4)])  # 2, 24, 64 rows
+@pytest.mark.parametrize("prefill", [False, True], ids=["kernel", "dequantize+fused"])
+def test_quantized_experts_match_dequantize_then_matmul(bits, g, T, E, K, prefill,
+                                                        monkeypatch):
+    if prefill:  # force the many-rows path: dequantize blocks of experts + fused GEMMs
+        monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
+    D = 256 if bits == 4 else 72  # int8: D not a multiple of 32 (the kernel's tail)
+    cfg = moekit.MoEConfig(dim=D, ffn_dim=128 if bits == 4 else 40, num_experts=E, top_k=K,
+                           expert_bias=True)
+    ex = moekit.experts.Experts(cfg).requires_grad_(False)
+    ex.b_in.normal_()
+    qi, qo = quantize_tensor(ex.w_in, bits, g), quantize_tensor(ex.w_out, bits, g)
+    x = torch.randn(T, D)
+    w, idx = torch.rand(T, E).topk(K, dim=-1)
+    d = sorted_rows(idx, w, E)
+    with torch.no_grad():
+        got = BACKENDS["decode"](x, d, qi, qo, ex.b_in, ex.b_out, ex._act)
+        want = BACKENDS["loop"](x, d, _dequantized(qi), _dequantized(qo), ex.b_in, ex.b_out,
+                                ex._act)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _lm(seed=0) -> MoETransformer:
+    torch.manual_seed(seed)
+    return MoETransformer(preset("tiny", dim=64, ffn_dim=64)).eval()
+
+
+def _dequantized_copy(model: MoETransformer, quantized: MoETransformer) -> MoETransformer:
+    """The float model with each expert weight replaced by its dequantized value."""
+    ref = copy.deepcopy(model)
+    for layer, qlayer in zip(ref.moe_layers(), quantized.moe_layers(), strict=True):
+        with torch.no_grad():
+            layer.experts.w_in.copy_(_dequantized(qlayer.experts.w_in))
+            layer.experts.w_out.copy_(_dequantized(qlayer.experts.w_out))
+    return ref
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 32)])
+def test_quantize_lm_in_place(bits, g):
+    model = _lm()
+    qmodel = moekit.quantize(copy.deepcopy(model), bits=bits, group_size=g)
+    assert isinstance(qmodel.moe_layers()[0].experts.w_in, QuantizedTensor)
+    assert qmodel.moe_layers()[0].experts.w_in.shape == model.moe_layers()[0].experts.w_in.shape
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        got = qmodel(ids).logits
+        want = _dequantized_copy(model, qmodel)(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=3), "bits=3"),
+    (dict(bits=4, group_size=48), "group_size=48"),
+    (dict(bits=8, group_size=64), "group_size=64 is not allowed with bits=8"),
+    (dict(bits=4, group_size=128), "does not divide"),  # tiny preset: D = F = 64
+])
+def test_bad_requests_change_nothing(kw, match):
+    model = _lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=match):
+        quantize(model, **kw)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_quantizing_twice_is_refused():
+    model = quantize(_lm(), bits=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize(model, bits=4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_model_to_dtype_keeps_scales_exact():
+    model = quantize(_lm(), bits=4, group_size=32)
+    scales = model.moe_layers()[0].experts.w_in.scales.clone()
+    model.to(torch.bfloat16)
+    q = model.moe_layers()[0].experts.w_in
+    assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales)
+
+
+def _trained_checkpoint(tmp_path) -> tuple[MoETransformer, object]:
+    model = _lm()
+    opt = torch.optim.AdamW(model.parameters())
+    run = tmp_path / "run"
+    save_checkpoint(run, model, opt, {"step": 1, "model_config": model.config.to_dict()})
+    return model, run
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 64)])
+def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, capsys):
+    from moekit.cli import main
+
+    model, run = _trained_checkpoint(tmp_path)
+    out = tmp_path / "q"
+    argv = ["quantize", str(run), "--bits", str(bits), "--out", str(out)]
+    assert main(argv + ([] if g is None else ["--group-size", str(g)])) == 0
+    loaded = qio.load_quantized(out)
+    expect = quantize(copy.deepcopy(model), bits=bits, group_size=g)
+    assert loaded.state_dict().keys() == expect.state_dict().keys()
+    for k, v in expect.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(loaded(ids).logits, expect(ids).logits)
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "ab",
+                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
+def _tamper(out, edit) -> None:
+    f = out / qio.MODEL_FILE
+    tensors = load_file(str(f))
+    edit(tensors)
+    save_file(tensors, str(f))
+    meta = json.loads((out / qio.META_FILE).read_text())
+    meta["sha256"] = _sha256(f)  # a consistent file: the names and shapes must catch it
+    (out / qio.META_FILE).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.pop("blocks.0.ffn.experts.w_in.scales"), "missing"),
+    (lambda t: t.update({"blocks.1.ffn.experts.w_out.scales":
+                         t["blocks.1.ffn.experts.w_out.scales"][:, :, :1].contiguous()}),
+     "shape mismatches"),
+    (lambda t: t.update({"blocks.0.ffn.experts.w_in.zeros":
+                         t["blocks.0.ffn.experts.w_in.zeros"].bfloat16()}), "dtype"),
+])
+def test_bad_quantized_checkpoint_raises(tmp_path, edit, match):
+    _, run = _trained_checkpoint(tmp_path)
+    out = qio.quantize_checkpoint(run, tmp_path / "q", bits=4, group_size=32)
+    _tamper(out, edit)
+    with pytest.raises(CheckpointError, match=match):
+        qio.load_quantized(out)
+
+
+def test_hf_patched_model_quantized_int8_generates_like_dequantized_original():
+    """Patched + int8 transformers model: generate() gives the greedy tokens of the
+    unpatched model holding the dequantized weights."""
+    from moekit.integrations import hf
+    from tests import hf_models
+
+    original = hf_models.build("qwen3_moe").eval()
+    patched = quantize(hf.apply(copy.deepcopy(original)), bits=8)
+    reference = copy.deepcopy(original)
+    for name, m in patched.named_modules():
+        if isinstance(getattr(m, "gate_up_proj", None), QuantizedTensor):
+            target = reference.get_submodule(name)
+            for attr in ("gate_up_proj", "down_proj"):
+                w_ENK = _dequantize_torch(getattr(m, attr), 0, None)  # [E, out, in]
+                with torch.no_grad():
+                    getattr(target, attr).copy_(
+                        w_ENK.transpose(1, 2) if m.is_transposed else w_ENK)
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert torch.equal(patched.generate(ids, **kw), reference.generate(ids, **kw))
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits,
+                                   reference(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
