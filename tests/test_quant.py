@@ -27,7 +27,8 @@ from moekit.models import MoETransformer, preset
 from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
 from moekit.quant.tensor import _dequantize_torch, pack_int4, unpack_int4
-from moekit.train.checkpoint import CheckpointError, _sha256, save_checkpoint
+from moekit.train.checkpoint import CheckpointError, save_checkpoint
+from moekit.train.rundir import sha256 as _sha256
 
 FORMATS = [(8, None), (4, 32), (4, 64), (4, 128)]
 

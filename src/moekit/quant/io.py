@@ -20,22 +20,23 @@ import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
 from moekit.quant.model import is_quantized, quantize, quantize_like
 from moekit.quant.tensor import QuantizedTensor
+from moekit.safetensors_write import save_file
 from moekit.train.checkpoint import (
     CheckpointError,
-    _fsync,
-    _sha256,
     check_model_fits,
     dedupe_tied,
     load_checkpoint,
     restore,
 )
+from moekit.train.rundir import fsync as _fsync
+from moekit.train.rundir import sha256 as _sha256
 
 FORMAT_VERSION = 1
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
