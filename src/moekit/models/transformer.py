@@ -40,7 +40,11 @@ def rotary_table(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Ten
 
 
 def apply_rotary(x_BHLd: Tensor, cos_Lh: Tensor, sin_Lh: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :h], x[..., h:]) by the position angle (half-split layout)."""
+    """Rotate pairs (x[..., :h], x[..., h:]) by the position angle (half-split layout).
+
+    ``cos_Lh`` / ``sin_Lh`` broadcast against x's trailing [L, h] (per-row positions:
+    [B, 1, L, h]); leading dimensions of x (e.g. q and k stacked) are free.
+    """
     x1, x2 = x_BHLd.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_Lh - x2 * sin_Lh, x1 * sin_Lh + x2 * cos_Lh], dim=-1)
     return out.to(x_BHLd.dtype)
@@ -184,8 +188,10 @@ class Attention(nn.Module):
                 cache: KVCache | StaticKVCache | None, past: int) -> Tensor:
         B, L, D = x_BLD.shape
         qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+        # q and k rotated in one call: half the small ops of a decode step's rotary
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+        v = qkv[2]
         if isinstance(cache, StaticKVCache):
             k, v = cache.write(self.layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
