@@ -203,7 +203,8 @@ class Engine:
             if step == cfg.max_new_tokens - 1 or len(finished) == len(active):
                 break
             if finished:
-                keep = [r for r in range(len(active)) if r not in set(finished)]
+                gone = set(finished)
+                keep = [r for r in range(len(active)) if r not in gone]
                 active = [active[r] for r in keep]
                 keep_R = torch.tensor(keep, device=next_R.device)
                 cache.keep_rows(keep_R)

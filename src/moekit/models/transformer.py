@@ -133,7 +133,7 @@ class StaticKVCache:
         """
         n, s = rows_R.shape[0], self.length
         for t in (*self.k, *self.v):
-            t[:n, :, :s] = t.index_select(0, rows_R)[:, :, :s]
+            t[:n, :, :s] = t[:, :, :s].index_select(0, rows_R)
         self.pad_B[:n] = self.pad_B.index_select(0, rows_R)
         self.valid_BM[:n] = self.valid_BM.index_select(0, rows_R)
         self.rows, self.padded = n, bool(self.pad_B[:n].any())
