@@ -319,10 +319,24 @@ def _rss_main(shape: str, variant: str, B: int, n: int) -> None:
 
 # -- one model ----------------------------------------------------------------------------
 
+BATCHED_MM_LIMIT_GIB = 1.0
+
+
+def hf_impls(model, ids_BL) -> list[str]:
+    """batched_mm copies one expert's weights per routed row, the prompt's rows included
+    (the fine model's 16 x 32-token prefill would copy 12 GiB): only where they fit."""
+    c = model.config
+    E = getattr(c, "num_local_experts", None) or c.num_experts
+    per_expert = 3 * c.hidden_size * c.intermediate_size * 4
+    rows = ids_BL.numel() * c.num_experts_per_tok
+    fits = rows * per_expert < BATCHED_MM_LIMIT_GIB * 2**30 and E > 0
+    return [i for i in HF_IMPLS if i != "batched_mm" or fits]
+
+
 def best_hf_impl(model, ids_BL, n: int) -> tuple[str, dict]:
     """transformers' fastest experts implementation here (one short generation each)."""
     times = {}
-    for impl in HF_IMPLS:
+    for impl in hf_impls(model, ids_BL):
         set_hf_impl(model, impl)
         run = Runner(model, ids_BL, n)
         run()
@@ -332,8 +346,9 @@ def best_hf_impl(model, ids_BL, n: int) -> tuple[str, dict]:
     return best, times
 
 
-def bench_model(args, shape: str, bandwidth: float) -> list[dict]:
-    rows = []
+def bench_model(args, shape: str, bandwidth: float, save) -> list[dict]:
+    """Every row of one model; ``save(rows)`` after each batch size (a killed run keeps them)."""
+    rows: list[dict] = []
     anchor_model = build(shape, "fp32")
     for B in args.batches:
         ids = prompts(B, PROMPT_LEN)
@@ -347,6 +362,7 @@ def bench_model(args, shape: str, bandwidth: float) -> list[dict]:
             if row is not None:
                 rows.append(row)
             gc.collect()
+        save(rows)
     if args.prefill:
         rows.append(bench_prefill(args, shape, anchor_model))
     return rows
@@ -528,9 +544,11 @@ def run(args: argparse.Namespace) -> int:
     print(HEADER)
     rows, t0 = [], time.time()
     for shape in args.models:
-        rows += bench_model(args, shape, bw[0])
+        rows += bench_model(args, shape, bw[0], lambda new, done=rows: _write(
+            args, info, bw, done + new, [], time.time() - t0))
         gc.collect()
         bw.append(read_bandwidth())
+        _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     _write(args, info, bw, rows, mem, time.time() - t0)
