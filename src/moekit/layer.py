@@ -142,6 +142,20 @@ class MoE(nn.Module):
                               routed.aux_loss)
         return MoEOutput(y_TD.view(x.shape), routed.aux_loss, stats)
 
+    def infer(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """The layer's output alone, for generation: the routing decision without its
+        losses, and no routing statistics. Same output as ``forward`` in eval mode."""
+        cfg = self.config
+        x_TD = x.reshape(-1, cfg.dim)
+        ids_T = None if token_ids is None else token_ids.reshape(-1)
+        plan = self.router.select(x_TD, ids_T)
+        capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
+        y_TD = self.experts(x_TD, sort_by_expert(plan, cfg.num_experts, capacity,
+                                                 cfg.drop_policy))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(x.shape)
+
     @torch.no_grad()
     def update_bias(self, rate: float | None = None, group=None) -> None:
         """Aux-loss-free balancing step from the loads accumulated since the last call."""

@@ -1,4 +1,4 @@
-"""Sampling from the language model, with or without a KV cache.
+"""Sampling from the language model, with the engine's static KV cache or without a cache.
 
 Shape letters: B batch, L sequence, V vocabulary.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.models.transformer import KVCache, MoETransformer
+from moekit.models.transformer import MoETransformer
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -47,7 +47,12 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
 def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
-    """Append ``max_new_tokens`` sampled tokens to ``ids_BL``; returns [B, L + new]."""
+    """Append ``max_new_tokens`` sampled tokens to ``ids_BL``; returns [B, L + new].
+
+    With the cache this runs ``moekit.inference.Engine`` (static KV cache, no
+    stopping); without it, the whole sequence is recomputed for every token
+    (the slow reference). ``generator=None`` draws from torch's global generator.
+    """
     check_sampling(temperature, top_k, top_p)
     if ids_BL.dim() != 2 or ids_BL.shape[1] < 1:
         raise ValueError(f"ids_BL.shape={tuple(ids_BL.shape)} is not allowed: it must be "
@@ -56,14 +61,23 @@ def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
     if ids_BL.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt length {ids_BL.shape[1]} + max_new_tokens={max_new_tokens} "
                          f"is not allowed: the total must be <= max_seq_len={limit}")
+    if max_new_tokens < 1:
+        return ids_BL.clone()
+    generator = torch.default_generator if generator is None else generator
+    if use_cache:
+        from moekit.inference.engine import Engine, GenerationConfig  # engine imports this file
+
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+        gens, _ = Engine(model).generate(list(ids_BL), cfg, generator=generator)
+        new_BN = torch.tensor([g.tokens for g in gens], dtype=ids_BL.dtype, device=ids_BL.device)
+        return torch.cat([ids_BL, new_BN], dim=1)
     was_training = model.training
     model.eval()
-    cache = KVCache(model.config.num_layers) if use_cache else None
-    out, step_in = ids_BL, ids_BL
+    out = ids_BL
     for _ in range(max_new_tokens):
-        logits = model(step_in if use_cache else out, cache=cache).logits[:, -1]
+        logits = model(out).logits[:, -1]
         nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, None]
         out = torch.cat([out, nxt], dim=1)
-        step_in = nxt
     model.train(was_training)
     return out

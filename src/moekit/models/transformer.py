@@ -1,7 +1,8 @@
 """A decoder-only transformer language model with MoE feed-forward blocks.
 
 Shape letters: B batch, L sequence (new tokens), P cached positions, S = P + L,
-D model size, H heads, Dh head size, V vocabulary, A dense FFN hidden size.
+D model size, H heads, Dh head size, V vocabulary, A dense FFN hidden size,
+R rows of a static cache in use (sequences still generating), M cache slots.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def rotary_table(max_len: int, head_dim: int, theta: float) -> tuple[Tensor, Ten
 
 
 def apply_rotary(x_BHLd: Tensor, cos_Lh: Tensor, sin_Lh: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :h], x[..., h:]) by the position angle (half-split layout)."""
+    """Rotate pairs (x[..., :h], x[..., h:]) by the position angle (half-split layout).
+
+    ``cos_Lh`` / ``sin_Lh`` broadcast against x's trailing [L, h] (per-row positions:
+    [B, 1, L, h]); leading dimensions of x (e.g. q and k stacked) are free.
+    """
     x1, x2 = x_BHLd.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos_Lh - x2 * sin_Lh, x1 * sin_Lh + x2 * cos_Lh], dim=-1)
     return out.to(x_BHLd.dtype)
@@ -64,6 +69,112 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """Keys and values preallocated per layer, [B, H, M, Dh], written in place.
+
+    The generation engine's cache: no ``torch.cat`` per step, attention reads a
+    view of the filled slots. Sequences of different lengths are left-padded:
+    row r's prompt starts at slot ``pad_B[r]``, ``valid_BM`` marks the slots
+    that hold real tokens, and row r's rotary position of slot s is
+    ``s - pad_B[r]``, so a padded sequence computes what it computes alone.
+    Rows ``[0, rows)`` are in use; ``keep_rows`` drops finished sequences.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        shape = (batch, num_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.valid_BM = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.pad_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots_M = torch.arange(max_len, device=device)
+        self.length, self.rows, self.padded = 0, batch, False
+        # set by begin() for the forward in progress; read by every layer
+        self.mask: Tensor | None = None
+        self.is_causal = False
+
+    @classmethod
+    def for_model(cls, model: MoETransformer, batch: int, max_len: int | None = None
+                  ) -> StaticKVCache:
+        cfg = model.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} is not allowed: it must be between 1 and "
+                             f"max_seq_len={cfg.max_seq_len}")
+        w = model.embed.weight
+        return cls(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.dim // cfg.num_heads,
+                   w.dtype, w.device)
+
+    @property
+    def batch(self) -> int:
+        return self.valid_BM.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BM.shape[1]
+
+    def reset(self, pad_B: Tensor | None = None) -> None:
+        """Empty the cache for ``len(pad_B)`` rows left-padded by ``pad_B`` (default: all
+        rows, no padding). Slots are overwritten, not cleared: the mask hides stale ones."""
+        rows = self.batch if pad_B is None else pad_B.shape[0]
+        if not 1 <= rows <= self.batch:
+            raise ValueError(f"{rows} rows are not allowed: this cache holds 1 to "
+                             f"{self.batch} sequences")
+        self.length, self.rows = 0, rows
+        self.pad_B[:rows] = 0 if pad_B is None else pad_B
+        self.valid_BM[:rows] = self.slots_M[None] >= self.pad_B[:rows, None]
+        self.padded = pad_B is not None and bool(pad_B.any())
+
+    def keep_rows(self, rows_R: Tensor) -> None:
+        """Keep only sequences ``rows_R`` (indices into the rows in use), moved to the front.
+
+        Runs once per finished sequence, not per step; copies the filled slots only.
+        """
+        n, s = rows_R.shape[0], self.length
+        for t in (*self.k, *self.v):
+            t[:n, :, :s] = t[:, :, :s].index_select(0, rows_R)
+        self.pad_B[:n] = self.pad_B.index_select(0, rows_R)
+        self.valid_BM[:n] = self.valid_BM.index_select(0, rows_R)
+        self.rows, self.padded = n, bool(self.pad_B[:n].any())
+
+    def begin(self, L: int, cos_M: Tensor, sin_M: Tensor) -> tuple[Tensor, Tensor]:
+        """Prepare a forward of L new tokens per row: set the attention mask, return the
+        rotary cos, sin ([L, Dh/2], or [R, 1, L, Dh/2] with per-row positions)."""
+        P, R = self.length, self.rows
+        if P + L > self.max_len:
+            raise ValueError(f"sequence length {P + L} is not allowed: this cache holds "
+                             f"max_len={self.max_len} positions")
+        self.is_causal, self.mask = False, None
+        if not self.padded:
+            if P == 0 and L > 1:
+                self.is_causal = True
+            elif L > 1:  # a chunk after a prefix: causal with an offset
+                self.mask = self.slots_M[P:P + L, None] >= self.slots_M[None, :P + L]
+            return cos_M[P:P + L], sin_M[P:P + L]
+        valid_R11S = self.valid_BM[:R, None, None, :P + L]
+        if L == 1:  # decode: a view, nothing allocated
+            self.mask = valid_R11S
+        else:  # causal over real keys; a padding query sees itself (no all-masked row, no NaN)
+            query_L1 = self.slots_M[P:P + L, None]
+            keys_1S = self.slots_M[None, :P + L]
+            self.mask = (valid_R11S & (query_L1 >= keys_1S)) | (query_L1 == keys_1S)
+        pos_RL = (self.slots_M[P:P + L][None] - self.pad_B[:R, None]).clamp_min(0)
+        return cos_M[pos_RL][:, None], sin_M[pos_RL][:, None]
+
+    def write(self, layer: int, k_RHLd: Tensor, v_RHLd: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys and values at the next L slots; views of the filled slots."""
+        P, L, R = self.length, k_RHLd.shape[2], self.rows
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all[:R, :, P:P + L] = k_RHLd
+        v_all[:R, :, P:P + L] = v_RHLd
+        return k_all[:R, :, :P + L], v_all[:R, :, :P + L]
+
+    def advance(self, L: int) -> None:
+        self.length += L
+        self.mask, self.is_causal = None, False
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
@@ -74,11 +185,18 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor,
-                cache: KVCache | None, past: int) -> Tensor:
+                cache: KVCache | StaticKVCache | None, past: int) -> Tensor:
         B, L, D = x_BLD.shape
         qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+        # q and k rotated in one call: half the small ops of a decode step's rotary
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+        v = qkv[2]
+        if isinstance(cache, StaticKVCache):
+            k, v = cache.write(self.layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
+                                               is_causal=cache.is_causal)
+            return self.out(y.transpose(1, 2).reshape(B, L, D))
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         if past == 0:
@@ -115,7 +233,7 @@ class Block(nn.Module):
         self.ffn: nn.Module = (MoE(cfg.moe_config(layer)) if self.is_moe
                                else DenseFFN(cfg.dim, cfg.active_ffn_dim))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticKVCache | None,
                 past: int, token_ids: Tensor) -> tuple[Tensor, Tensor | None, RoutingStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, past)
         h = self.ffn_norm(x)
@@ -123,6 +241,13 @@ class Block(nn.Module):
             return x + self.ffn(h), None, None
         y, aux, stats = self.ffn(h, token_ids=token_ids)
         return x + y, aux, stats
+
+    def infer(self, x: Tensor, cos: Tensor, sin: Tensor, cache: StaticKVCache,
+              token_ids: Tensor) -> Tensor:
+        """The block's output alone (generation: no losses, no routing statistics)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, cache.length)
+        h = self.ffn_norm(x)
+        return x + (self.ffn.infer(h, token_ids) if self.is_moe else self.ffn(h))
 
 
 class LMOutput(NamedTuple):
@@ -177,13 +302,17 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def forward(self, ids_BL: Tensor, targets_BL: Tensor | None = None,
-                cache: KVCache | None = None) -> LMOutput:
+                cache: KVCache | StaticKVCache | None = None) -> LMOutput:
         B, L = ids_BL.shape
         past = 0 if cache is None else cache.length
         if past + L > self.config.max_seq_len:
             raise ValueError(f"sequence length {past + L} is not allowed: it must be <= "
                              f"max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[past:past + L], self.rope_sin[past:past + L]
+        if isinstance(cache, StaticKVCache):
+            _check_rows(cache, B)
+            cos, sin = cache.begin(L, self.rope_cos, self.rope_sin)
+        else:
+            cos, sin = self.rope_cos[past:past + L], self.rope_sin[past:past + L]
         x = self.embed(ids_BL)
         aux = x.new_zeros((), dtype=torch.float32)
         stats: list[RoutingStats] = []
@@ -192,11 +321,27 @@ class MoETransformer(nn.Module):
             if aux_i is not None and stats_i is not None:
                 aux = aux + aux_i.float()
                 stats.append(stats_i)
+        if isinstance(cache, StaticKVCache):
+            cache.advance(L)
         logits = self.head(self.norm(x))
         loss = None
         if targets_BL is not None:
             loss = F.cross_entropy(logits.float().view(B * L, -1), targets_BL.reshape(-1))
         return LMOutput(logits, loss, aux, stats)
+
+    def infer(self, ids_BL: Tensor, cache: StaticKVCache) -> Tensor:
+        """Logits of each row's last position, [B, V], appending ``ids_BL`` to ``cache``.
+
+        The generation step: no losses, no routing statistics, the head on the
+        last position only. Call under ``torch.inference_mode()``.
+        """
+        _check_rows(cache, ids_BL.shape[0])
+        cos, sin = cache.begin(ids_BL.shape[1], self.rope_cos, self.rope_sin)
+        x = self.embed(ids_BL)
+        for block in self.blocks:
+            x = block.infer(x, cos, sin, cache, ids_BL)
+        cache.advance(ids_BL.shape[1])
+        return self.head(self.norm(x[:, -1]))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -212,3 +357,9 @@ class MoETransformer(nn.Module):
             per_expert = sum(p[0].numel() for p in moe.experts.parameters())
             total -= (cfg.num_experts - cfg.top_k) * per_expert
         return total
+
+
+def _check_rows(cache: StaticKVCache, B: int) -> None:
+    if B != cache.rows:
+        raise ValueError(f"batch of {B} sequences is not allowed: the cache is set up for "
+                         f"rows={cache.rows} (StaticKVCache.reset)")

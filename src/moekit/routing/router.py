@@ -35,6 +35,16 @@ class RouterOutput:
     z_loss: Tensor  # unweighted z-loss value (scalar, fp32; 0 without logits)
 
 
+def _token_plan(experts_TK: Tensor, weights_TK: Tensor, probs_TE: Tensor,
+                logits_TE: Tensor) -> RoutingPlan:
+    """Token-major (token, expert, weight) pairs of a token-choice decision."""
+    T, K = experts_TK.shape
+    return RoutingPlan(
+        token_S=torch.arange(T, device=experts_TK.device).repeat_interleave(K),
+        expert_S=experts_TK.reshape(-1), weight_S=weights_TK.reshape(-1),
+        probs_TE=probs_TE, logits_TE=logits_TE, top_k=K)
+
+
 class Router(nn.Module):
     """Scores tokens against experts and returns a RoutingPlan plus its losses.
 
@@ -93,12 +103,20 @@ class Router(nn.Module):
                                        torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32))
         aux = self._balance_loss(probs_TE, experts_TK, seq_len)
         z = losses.z_loss(logits_TE)
-        T, K = experts_TK.shape
-        plan = RoutingPlan(
-            token_S=torch.arange(T, device=x_TD.device).repeat_interleave(K),
-            expert_S=experts_TK.reshape(-1), weight_S=weights_TK.reshape(-1),
-            probs_TE=probs_TE, logits_TE=logits_TE, top_k=K)
+        plan = _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
         return RouterOutput(plan, aux + cfg.z_loss_coef * z, z)
+
+    def select(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RoutingPlan:
+        """The routing decision alone, for inference: no balance loss, no z-loss.
+
+        Same plan as ``forward`` (in training mode it is ``forward``, which also
+        counts the load for the bias update).
+        """
+        if self.training or self.cfg.router in ("hash", "expert_choice"):
+            return self(x_TD, token_ids_T).plan
+        logits_TE = self._logits(x_TD)
+        experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
+        return _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
 
     def _logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD.float()

@@ -1,31 +1,52 @@
-"""`moekit generate`: sample text from a trained checkpoint (KV cache, temperature,
-top-k, top-p)."""
+"""`moekit generate`: sample text from a trained checkpoint with the generation engine
+(static KV cache, batches of prompts of different lengths, stop strings, streaming)."""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import sys
+from pathlib import Path
 
 import torch
 
+from moekit.inference.engine import (
+    EmptyPromptError,
+    Engine,
+    GenerationConfig,
+    GenerationStats,
+    stop_sequences_from_text,
+)
 from moekit.models.config import LMConfig
-from moekit.models.generate import check_sampling, generate
+from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.train.checkpoint import CheckpointError, load_checkpoint, restore
 from moekit.train.data import decode, encode
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="run directory (uses its LATEST) or a step_* directory")
     p.add_argument("--prompt", default="def ")
+    p.add_argument("--prompts-file", default=None,
+                   help="a text file with one prompt per line (replaces --prompt)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="prompts (or samples) generated together in one batch")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop a sequence when its new text ends with this string (repeatable; "
+                   "backslash escapes such as \\n are understood)")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every token")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute the prefix every token (slow reference; no batching)")
 
 
 def load_model(path: str) -> MoETransformer:
@@ -41,25 +62,99 @@ def load_model(path: str) -> MoETransformer:
     return model.eval()
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts, each repeated ``--samples`` times; an empty one is an error."""
+    if args.prompts_file is None:
+        prompts = [args.prompt]
+    else:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: no such file")
+        prompts = path.read_text(encoding="utf-8").splitlines()
+        if not prompts:
+            raise EmptyPromptError(f"--prompts-file={str(path)!r} holds no prompt: it must "
+                                   "have one prompt per line")
+    for i, text in enumerate(prompts):
+        if not text:
+            where = "--prompt" if args.prompts_file is None else f"line {i + 1} of --prompts-file"
+            raise EmptyPromptError(f"{where} is empty, which is not allowed: a prompt must "
+                                   "hold at least one byte")
+    if args.samples < 1 or args.batch < 1:
+        raise ValueError(f"--samples={args.samples} / --batch={args.batch} is not allowed: "
+                         "both must be >= 1")
+    return [t for t in prompts for _ in range(args.samples)]
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    stops = [codecs.decode(s, "unicode_escape") if "\\" in s else s for s in args.stop]
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop_sequences=stop_sequences_from_text(stops))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-        model = load_model(args.checkpoint)
-        ids = encode(args.prompt)
-        if ids.numel() == 0:
-            raise ValueError("prompt='' is not allowed: it must hold at least one byte")
-        room = model.config.max_seq_len - ids.numel()
-        if room < 1:
-            raise ValueError(f"prompt of {ids.numel()} bytes is not allowed: it must be "
-                             f"shorter than max_seq_len={model.config.max_seq_len}")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        prompts = read_prompts(args)
+        cfg = _config(args)
+        model = load_model(args.checkpoint).to(DTYPES[args.dtype])
+        engine = Engine(model)
+        for text in prompts:  # every error before the first token is printed
+            engine.check_context([list(text.encode("utf-8"))], cfg.max_new_tokens)
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
-    gen = torch.Generator().manual_seed(args.seed)
-    for i in range(args.samples):
-        out = generate(model, ids[None], min(args.max_new_tokens, room), args.temperature,
-                       args.top_k, args.top_p, use_cache=not args.no_cache, generator=gen)
-        if args.samples > 1:
-            print(f"--- sample {i + 1}")
+    if args.no_cache:
+        return _run_no_cache(model, prompts, cfg)
+    total = []
+    for start in range(0, len(prompts), args.batch):
+        batch = prompts[start:start + args.batch]
+        total.append(_run_batch(engine, batch, cfg, start, len(prompts)))
+    _report(total, args.batch)
+    return 0
+
+
+def _run_batch(engine: Engine, batch: list[str], cfg: GenerationConfig, start: int,
+               total: int) -> GenerationStats:
+    """One batch; a lone sequence streams its text as it is produced."""
+    ids = [list(t.encode("utf-8")) for t in batch]
+    if total == 1:
+        sys.stdout.write(batch[0])
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        gens, stats = engine.generate(
+            ids, cfg, on_token=lambda _, tok: _write(utf8.decode(bytes([tok]))))
+        _write(utf8.decode(b"", final=True) + "\n")
+        return stats
+    gens, stats = engine.generate(ids, cfg)
+    for i, g in enumerate(gens):
+        print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
+        print(decode(g.prompt + g.tokens))
+    return stats
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _report(stats: list[GenerationStats], batch: int) -> None:
+    new = sum(s.new_tokens for s in stats)
+    prefill = sum(s.prefill_s for s in stats)
+    seconds = prefill + sum(s.decode_s for s in stats)
+    step_ms = 1e3 * sum(s.decode_s for s in stats) / max(sum(s.decode_steps for s in stats), 1)
+    print(f"moekit generate: {sum(s.sequences for s in stats)} sequences (batch <= {batch}), "
+          f"{new} new tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s; "
+          f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step", file=sys.stderr)
+
+
+def _run_no_cache(model: MoETransformer, prompts: list[str], cfg: GenerationConfig) -> int:
+    """The slow reference: the whole sequence recomputed per token, one prompt at a time."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for i, text in enumerate(prompts):
+        out = generate(model, encode(text)[None], cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_k, cfg.top_p, use_cache=False, generator=gen)
+        if len(prompts) > 1:
+            print(f"--- {i + 1}")
         print(decode(out[0]))
     return 0

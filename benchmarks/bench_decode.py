@@ -1,0 +1,587 @@
+"""Decode benchmark: moekit's generation engine against the memory roofline, dense LMs
+and transformers' generate(), on the same shapes and weights.
+
+For each model (a fine-grained "fine": D=1024, 4 layers, 64 experts top-8,
+F=512; a Mixtral-like "mixtral": 8 experts top-2, F=2048) and batch size, the
+anchor is moekit fp32 generating greedily. Every other variant (moekit bf16 /
+int8 / int4, the dense LM of equal active parameters, the dense LM of equal
+total parameters, transformers' Mixtral and OLMoE classes with the anchor's
+weights) is timed in alternation with the anchor (A B B A ...), and its ratio
+is the median over pairs of (variant step time / anchor step time) — the
+ratios come from the same run, the absolute times drift with the machine.
+
+A step's time is the median of the per-step intervals of one generation
+(moekit: the engine's token callback; transformers: a logits processor that
+only reads the clock). Roofline of a step = bytes it must read / read
+bandwidth, where bytes = the distinct experts the step's rows touch (counted
+per layer by a hook) + attention, router, norms and the (tied) embedding +
+the KV cache filled so far, and bandwidth is a 1 GiB ``sum`` timed in the same
+run. Peak RSS: a fresh process builds the model and generates (VmHWM reset
+after the build, so the number is the generation's own peak).
+
+    PYTHONPATH=src python benchmarks/bench_decode.py --quick      # ~2 min idle
+    PYTHONPATH=src python benchmarks/bench_decode.py              # everything
+    PYTHONPATH=src python benchmarks/bench_decode.py --profile    # where a step's time goes
+
+Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (benchmarks/ is not a package)
+
+SHAPES = {
+    "fine": dict(dim=1024, num_layers=4, num_heads=8, ffn_dim=512, num_experts=64, top_k=8),
+    "mixtral": dict(dim=1024, num_layers=4, num_heads=8, ffn_dim=2048, num_experts=8, top_k=2),
+}
+COMMON = dict(vocab_size=256, max_seq_len=1024, aux_loss_coef=0.0, z_loss_coef=0.0)
+MOEKIT_DTYPES = ("bf16", "int8", "int4")
+BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
+HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
+PROMPT_LEN = 32  # prompt of each sequence while decoding
+PREFILL_LEN = 512
+
+
+# -- models ---------------------------------------------------------------------------
+
+def lm_config(shape: str, variant: str = "fp32"):
+    from moekit.models import LMConfig
+
+    s = dict(SHAPES[shape])
+    if variant == "dense-active":
+        return LMConfig(**COMMON, **s, dense=True)  # FFN hidden K*F
+    if variant == "dense-total":
+        return LMConfig(**COMMON, **{**s, "top_k": s["num_experts"]}, dense=True)  # E*F
+    return LMConfig(**COMMON, **s)
+
+
+def quantize_fn():
+    """moekit.quantize when this checkout has it, else None."""
+    import moekit
+
+    return getattr(moekit, "quantize", None)
+
+
+def build(shape: str, variant: str, seed: int = 0):
+    """The model of ``variant``; moekit variants share the fp32 anchor's weights."""
+    import torch
+
+    from moekit.models import MoETransformer
+
+    torch.manual_seed(seed)
+    if variant.startswith("dense"):
+        return MoETransformer(lm_config(shape, variant)).eval()
+    model = MoETransformer(lm_config(shape)).eval()
+    if variant == "bf16":
+        return model.to(torch.bfloat16)
+    if variant in ("int8", "int4"):
+        bits = int(variant[3])
+        return quantize_fn()(model, bits=bits, **({"group_size": 64} if bits == 4 else {}))
+    if variant.startswith("hf-"):
+        return hf_model(model, variant.split("-")[1])
+    return model
+
+
+def hf_model(lm, family: str):
+    """transformers' Mixtral or OLMoE class holding the moekit model's weights.
+
+    Mixtral computes the same function (moekit's converter is lossless); OLMoE
+    adds RMSNorms on q and k (weights 1: same bytes and shapes, not the same function).
+    """
+    import transformers
+
+    from moekit.integrations.hf.convert import mixtral_config, moekit_to_hf_tensors
+
+    c = lm.config
+    cfg_dict = mixtral_config(c.to_dict(), next(lm.parameters()).dtype)
+    tensors = moekit_to_hf_tensors(cfg_dict, lm.state_dict(), layout="stacked")
+    if family == "mixtral":
+        cfg = transformers.MixtralConfig.from_dict(cfg_dict)
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.OlmoeConfig(
+            vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_heads, max_position_embeddings=c.max_seq_len,
+            num_experts=c.num_experts, num_experts_per_tok=c.top_k, norm_topk_prob=True,
+            rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=None, eos_token_id=None)
+        model = transformers.OlmoeForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    allowed = {"lm_head.weight"} | {k for k in missing if k.endswith(("q_norm.weight",
+                                                                       "k_norm.weight"))}
+    if set(missing) - allowed or unexpected:
+        raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def set_hf_impl(model, impl: str) -> None:
+    model.set_experts_implementation(impl)
+
+
+# -- timing one generation -------------------------------------------------------------
+
+def prompts(B: int, L: int, seed: int = 1):
+    import torch
+
+    return torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _median_step_ms(stamps: list[float]) -> float:
+    deltas = [b - a for a, b in itertools.pairwise(stamps)]
+    return 1e3 * statistics.median(deltas) if deltas else float("nan")
+
+
+class Runner:
+    """One timed generation of ``n`` new tokens per sequence for a model; returns step ms."""
+
+    def __init__(self, model, ids_BL, n: int) -> None:
+        from moekit.models import MoETransformer
+
+        self.model, self.ids, self.n = model, ids_BL, n
+        self.is_moekit = isinstance(model, MoETransformer)
+        if self.is_moekit:
+            from moekit.inference.engine import Engine, GenerationConfig
+
+            self.engine, self.cfg = Engine(model), GenerationConfig(max_new_tokens=n)
+        self.tokens = None
+
+    def __call__(self) -> float:
+        import torch
+
+        stamps: list[float] = []
+        if self.is_moekit:
+            gens, _ = self.engine.generate(
+                list(self.ids), self.cfg,
+                on_token=lambda s, _t: stamps.append(time.perf_counter()) if s == 0 else None)
+            self.tokens = [g.tokens for g in gens]
+            return _median_step_ms(stamps)
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Clock(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        with torch.inference_mode():
+            out = self.model.generate(self.ids, attention_mask=torch.ones_like(self.ids),
+                                      max_new_tokens=self.n, min_new_tokens=self.n,
+                                      do_sample=False,
+                                      logits_processor=LogitsProcessorList([Clock()]))
+        self.tokens = out[:, self.ids.shape[1]:].tolist()
+        return _median_step_ms(stamps)
+
+
+def paired(anchor, other, reps: int) -> dict:
+    """Alternate anchor and other (order swapped every pair); medians and the ratio."""
+    anchor()
+    other()  # warm-up pair
+    ta, tb = [], []
+    for i in range(reps):
+        if i % 2:
+            tb.append(other())
+            ta.append(anchor())
+        else:
+            ta.append(anchor())
+            tb.append(other())
+    return {"anchor_ms": statistics.median(ta), "ms": statistics.median(tb),
+            "ratio": statistics.median(b / a for a, b in zip(ta, tb, strict=True)),
+            "pairs": reps}
+
+
+# -- bytes a step must read --------------------------------------------------------------
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_bytes(model) -> tuple[int, list[float]]:
+    """(bytes of everything but the routed experts, bytes of one expert per MoE layer)."""
+    from moekit.experts.experts import Experts
+
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    inside = {id(t) for m in experts for t in itertools.chain(m.parameters(), m.buffers())}
+    rest = _bytes(p for p in model.parameters() if id(p) not in inside)
+    per = [_bytes(itertools.chain(m.parameters(), m.buffers())) / m.cfg.num_experts
+           for m in experts]
+    return rest, per
+
+
+def distinct_experts(model, ids_BL, n: int) -> list[float]:
+    """Mean distinct experts per decode step, per MoE layer (prefill excluded)."""
+    from moekit.experts.experts import Experts
+
+    seen: dict[int, list[int]] = {}
+    B = ids_BL.shape[0]
+
+    def hook(module, args):
+        x_TD, dispatch = args[0], args[1]
+        if x_TD.shape[0] <= B:  # a decode step (the prefill has B * prompt rows)
+            seen.setdefault(id(module), []).append(int((dispatch.counts_E > 0).sum()))
+
+    mods = [m for m in model.modules() if isinstance(m, Experts)]
+    handles = [m.register_forward_pre_hook(hook) for m in mods]
+    try:
+        Runner(model, ids_BL, n)()
+    finally:
+        for h in handles:
+            h.remove()
+    return [statistics.mean(seen.get(id(m), [0])) for m in mods]
+
+
+def roofline(model, ids_BL, n: int, bandwidth: float, distinct: list[float] | None) -> dict:
+    """Bytes one decode step reads and the time they take at ``bandwidth`` bytes/s."""
+    c = model.config
+    rest, per = weight_bytes(model)
+    experts = sum(d * p for d, p in zip(distinct or [], per, strict=False))
+    B, S = ids_BL.shape[0], ids_BL.shape[1] + n / 2  # mean filled slots over the steps
+    kv = c.num_layers * 2 * B * S * c.dim * next(model.parameters()).element_size()
+    total = rest + experts + kv
+    return {"bytes": total, "expert_bytes": experts, "other_weight_bytes": rest, "kv_bytes": kv,
+            "roofline_ms": 1e3 * total / bandwidth,
+            "expert_roofline_ms": 1e3 * experts / bandwidth,
+            "distinct_experts_per_layer": distinct}
+
+
+def read_bandwidth(reps: int = 5) -> float:
+    """Bytes/s of a 1 GiB fp32 ``sum`` (median of ``reps``)."""
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    del x
+    return 2**30 / statistics.median(ts)
+
+
+# -- prefill -------------------------------------------------------------------------------
+
+def prefill_runner(model, L: int):
+    import torch
+
+    from moekit.models.transformer import StaticKVCache
+
+    cache = StaticKVCache.for_model(model, 1, L)
+    ids = prompts(1, L, seed=2)
+
+    def run() -> float:
+        cache.reset()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.infer(ids, cache)
+        return 1e3 * (time.perf_counter() - t0)
+
+    return run
+
+
+# -- peak RSS in a fresh process ---------------------------------------------------------
+
+def peak_rss(shape: str, variant: str, B: int, n: int, threads: int) -> dict | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--rss", shape, variant, str(B), str(n),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        print(f"  peak RSS of {variant}: subprocess failed: {out.stderr[-500:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_main(shape: str, variant: str, B: int, n: int) -> None:
+    model = build(shape, variant)
+    gc.collect()
+    before = harness._rss_mib()
+    reset = harness._reset_peak()
+    Runner(model, prompts(B, PROMPT_LEN), n)()
+    print(json.dumps({"resident_before_mib": round(before, 1),
+                      "generate_peak_mib": round(harness._peak_mib(reset), 1),
+                      "process_peak_mib": round(harness._peak_mib(False), 1)}))
+
+
+# -- one model ----------------------------------------------------------------------------
+
+BATCHED_MM_LIMIT_GIB = 1.0
+
+
+def hf_impls(model, ids_BL) -> list[str]:
+    """batched_mm copies one expert's weights per routed row, the prompt's rows included
+    (the fine model's 16 x 32-token prefill would copy 12 GiB): only where they fit."""
+    c = model.config
+    E = getattr(c, "num_local_experts", None) or c.num_experts
+    per_expert = 3 * c.hidden_size * c.intermediate_size * 4
+    rows = ids_BL.numel() * c.num_experts_per_tok
+    fits = rows * per_expert < BATCHED_MM_LIMIT_GIB * 2**30 and E > 0
+    return [i for i in HF_IMPLS if i != "batched_mm" or fits]
+
+
+def best_hf_impl(model, ids_BL, n: int) -> tuple[str, dict]:
+    """transformers' fastest experts implementation here (one short generation each)."""
+    times = {}
+    for impl in hf_impls(model, ids_BL):
+        set_hf_impl(model, impl)
+        run = Runner(model, ids_BL, n)
+        run()
+        times[impl] = statistics.median(run() for _ in range(2))
+    best = min(times, key=times.get)
+    set_hf_impl(model, best)
+    return best, times
+
+
+def bench_model(args, shape: str, bandwidth: float, save) -> list[dict]:
+    """Every row of one model; ``save(rows)`` after each batch size (a killed run keeps them)."""
+    rows: list[dict] = []
+    anchor_model = build(shape, "fp32")
+    for B in args.batches:
+        ids = prompts(B, PROMPT_LEN)
+        anchor = Runner(anchor_model, ids, args.new_tokens)
+        distinct = distinct_experts(anchor_model, ids, args.new_tokens)
+        roof = roofline(anchor_model, ids, args.new_tokens, bandwidth, distinct)
+        ms = statistics.median(anchor() for _ in range(max(2, args.reps)))
+        rows.append(_row(shape, B, "moekit fp32", ms, None, roof, {}))
+        for variant in args.variants:
+            row = bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
+            if row is not None:
+                rows.append(row)
+            gc.collect()
+        save(rows)
+    if args.prefill:
+        rows.append(bench_prefill(args, shape, anchor_model))
+    return rows
+
+
+def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth) -> dict | None:
+    if variant in ("int8", "int4") and quantize_fn() is None:
+        print(f"  {variant}: skipped (moekit.quantize is not in this checkout)", flush=True)
+        return None
+    if variant.startswith("hf-") and (B not in args.hf_batches):
+        return None
+    model = build(shape, variant)
+    extra: dict = {}
+    if variant.startswith("hf-"):
+        best, times = best_hf_impl(model, ids, min(8, args.new_tokens))
+        extra = {"hf_impl": best, "hf_impl_ms": times}
+    other = Runner(model, ids, args.new_tokens)
+    r = paired(anchor, other, args.reps)
+    roof = None
+    if not variant.startswith("hf-"):
+        distinct = (distinct_experts(model, ids, args.new_tokens)
+                    if not variant.startswith("dense") else [])
+        roof = roofline(model, ids, args.new_tokens, bandwidth, distinct)
+    if variant == "hf-mixtral" and anchor.tokens is not None and other.tokens is not None:
+        same = [a == b for x, y in zip(anchor.tokens, other.tokens, strict=True)
+                for a, b in zip(x, y, strict=False)]
+        extra["greedy_agreement_with_moekit"] = sum(same) / max(len(same), 1)
+    label = f"moekit {variant}" if variant in MOEKIT_DTYPES else variant
+    return _row(shape, B, label, r["ms"], r, roof, extra)
+
+
+def _row(shape, B, label, ms, pair, roof, extra) -> dict:
+    row = {"model": shape, "batch": B, "variant": label, "step_ms": ms,
+           "tokens_per_s": 1e3 * B / ms, **extra}
+    if pair is not None:
+        row.update(anchor_ms=pair["anchor_ms"], x_moekit_fp32=pair["ratio"], pairs=pair["pairs"])
+    if roof is not None:
+        row.update(roof)
+        row["fraction_of_roofline"] = roof["roofline_ms"] / ms
+    _print_row(row)
+    return row
+
+
+def bench_prefill(args, shape: str, anchor_model) -> dict:
+    dense = build(shape, "dense-active")
+    a, b = prefill_runner(anchor_model, PREFILL_LEN), prefill_runner(dense, PREFILL_LEN)
+    r = paired(a, b, max(2, args.reps - 2))
+    row = {"model": shape, "variant": f"prefill {PREFILL_LEN} tokens", "moekit_ms": r["anchor_ms"],
+           "dense_active_ms": r["ms"], "moekit_x_dense_active": 1 / r["ratio"]}
+    print(f"{shape:8s} prefill {PREFILL_LEN} tokens, batch 1: moekit fp32 {r['anchor_ms']:.1f} ms, "
+          f"dense (equal active) {r['ms']:.1f} ms, moekit x dense = {1 / r['ratio']:.2f}",
+          flush=True)
+    return row
+
+
+HEADER = (f"{'model':8s} {'B':>3s} {'variant':16s} {'step ms':>8s} {'tok/s':>8s} "
+          f"{'roof ms':>8s} {'roof/step':>9s} {'x mk fp32':>9s}  notes")
+
+
+def _print_row(r: dict) -> None:
+    roof = f"{r['roofline_ms']:8.2f} {r['fraction_of_roofline']:9.2f}" if "roofline_ms" in r \
+        else f"{'-':>8s} {'-':>9s}"
+    x = f"{r['x_moekit_fp32']:9.2f}" if "x_moekit_fp32" in r else f"{'1.00':>9s}"
+    notes = []
+    if "distinct_experts_per_layer" in r and r["distinct_experts_per_layer"]:
+        notes.append(f"experts/layer {statistics.mean(r['distinct_experts_per_layer']):.1f}")
+    if "hf_impl" in r:
+        notes.append(f"impl {r['hf_impl']}")
+    if "greedy_agreement_with_moekit" in r:
+        notes.append(f"tokens = moekit {100 * r['greedy_agreement_with_moekit']:.0f}%")
+    print(f"{r['model']:8s} {r['batch']:3d} {r['variant']:16s} {r['step_ms']:8.2f} "
+          f"{r['tokens_per_s']:8.1f} {roof} {x}  {', '.join(notes)}", flush=True)
+
+
+# -- where the time goes ----------------------------------------------------------------------
+
+def profile_step(shape: str, B: int, steps: int = 8) -> None:
+    """torch.profiler over ``steps`` decode steps of moekit fp32 (prefill excluded)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from moekit.models.transformer import StaticKVCache
+
+    model = build(shape, "fp32")
+    ids = prompts(B, PROMPT_LEN)
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 2 * steps + 4)
+    cache.reset()
+    with torch.inference_mode():
+        logits = model.infer(ids, cache)
+        nxt = logits.argmax(-1)[:, None]
+        for _ in range(3):
+            nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+        wall = (time.perf_counter() - t0) / steps
+    print(f"profile: {shape} batch {B}, {steps} decode steps, {1e3 * wall:.2f} ms per step "
+          "(profiler on)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="fine model, batch 1 and 4, 16 tokens, 2 pairs, Mixtral class only")
+    p.add_argument("--models", default="fine,mixtral", help="comma list of fine, mixtral")
+    p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
+    p.add_argument("--hf-batches", default="1,8", help="batches that also time transformers")
+    p.add_argument("--variants", default=",".join((*MOEKIT_DTYPES, *BASELINES)),
+                   help="comma list of bf16, int8, int4, dense-active, dense-total, "
+                   "hf-mixtral, hf-olmoe")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation")
+    p.add_argument("--reps", type=int, default=4, help="A/B pairs per variant (median)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-prefill", dest="prefill", action="store_false")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the fresh-process peak RSS runs")
+    p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    if args.quick:
+        args.models, args.batches, args.hf_batches = "fine", "1,4", "1"
+        args.variants = "bf16,int8,int4,dense-active,dense-total,hf-mixtral"
+        args.new_tokens, args.reps = min(args.new_tokens, 16), min(args.reps, 2)
+    args.models = args.models.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.hf_batches = [int(b) for b in args.hf_batches.split(",")]
+    args.batches += [b for b in args.hf_batches if b not in args.batches]
+    args.variants = args.variants.split(",")
+    bad = [v for v in args.variants if v not in (*MOEKIT_DTYPES, *BASELINES)] + \
+        [m for m in args.models if m not in SHAPES]
+    if bad:
+        raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants "
+                         f"{[*MOEKIT_DTYPES, *BASELINES]}")
+    return args
+
+
+def memory_rows(args) -> list[dict]:
+    rows = []
+    variants = ["fp32", *[v for v in args.variants
+                          if not (v in ("int8", "int4") and quantize_fn() is None)]]
+    if args.quick:
+        variants = [v for v in variants if not v.startswith("hf-")]
+    print("\npeak RSS, fresh process, batch 1 (generate = peak while generating, VmHWM reset "
+          "after the build; process = whole-process peak)")
+    for shape in args.models:
+        for v in variants:
+            r = peak_rss(shape, v, 1, args.new_tokens, args.threads)
+            if r is not None:
+                rows.append({"model": shape, "variant": v, **r})
+                print(f"{shape:8s} {v:14s} generate {r['generate_peak_mib']:8.0f} MiB  "
+                      f"process {r['process_peak_mib']:8.0f} MiB", flush=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    args = _resolve(args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.profile:
+        for B in (1, 16):
+            profile_step(args.models[0], B)
+        return 0
+    info = harness.machine()
+    bw = [read_bandwidth()]
+    print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
+          f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
+          f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum)  {args.new_tokens} new tokens after a "
+          f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs")
+    if quantize_fn() is None:
+        print("note: moekit.quantize is not in this checkout: int8 and int4 are skipped")
+    print("x mk fp32 = median over pairs of (variant step / moekit fp32 step); roof/step = "
+          "roofline time / step time")
+    print(HEADER)
+    rows, t0 = [], time.time()
+    for shape in args.models:
+        rows += bench_model(args, shape, bw[0], lambda new, done=rows: _write(
+            args, info, bw, done + new, [], time.time() - t0))
+        gc.collect()
+        bw.append(read_bandwidth())
+        _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
+    mem = memory_rows(args) if args.memory else []
+    info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    _write(args, info, bw, rows, mem, time.time() - t0)
+    print(f"\nread bandwidth over the run: {', '.join(f'{b / 1e9:.1f}' for b in bw)} GB/s; "
+          f"load avg at the end {info['load_average_1m_end']}; wrote {args.out}")
+    return 0
+
+
+def _write(args, info, bw, rows, mem, seconds) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if not args.out:
+        kind = "quick" if args.quick else "full"
+        args.out = str(Path(__file__).resolve().parent / "results"
+                       / f"bench_decode_{kind}_{stamp}.json")
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "command": " ".join(sys.argv),
+                                "seconds": round(seconds, 1), "read_bandwidth_Bps": bw,
+                                "args": vars(args), "rows": rows, "peak_rss": mem},
+                               indent=1, default=str))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 6 and sys.argv[1] == "--rss":
+        import torch
+
+        torch.set_num_threads(int(sys.argv[7]) if len(sys.argv) > 7 else 2)
+        _rss_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        sys.exit(main())

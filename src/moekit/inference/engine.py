@@ -1,0 +1,239 @@
+"""The generation engine: prompts of different lengths in one batch, a static KV cache,
+per-sequence stopping, greedy or seeded sampling.
+
+    engine = Engine(model)
+    gens, stats = engine.generate([[100, 101, 102, 32], [99, 108]],
+                                  GenerationConfig(max_new_tokens=64, stop_ids=(10,)))
+
+How a batch runs: the prompts are left-padded to the longest and prefilled in
+one pass (the fused training path, no autograd state); each decode step feeds
+one token per unfinished sequence. A sequence that stops leaves the batch: its
+cache row is dropped (``StaticKVCache.keep_rows``, a copy once per finished
+sequence), so the remaining steps do not compute it. Everything runs under
+``torch.inference_mode()``, where the expert layer picks its decode path for
+few rows.
+
+Shape letters: B sequences, R rows still generating, L longest prompt, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moekit.config import FrozenConfig, check_positive_int, reject
+from moekit.models.generate import check_sampling, sample_next
+from moekit.models.transformer import MoETransformer, StaticKVCache
+
+Prompt = Sequence[int] | Tensor
+OnToken = Callable[[int, int], None]  # (sequence index, token id), as each token is chosen
+
+
+class ContextLengthError(ValueError):
+    """A prompt plus the tokens to generate would run past the model's context."""
+
+
+class EmptyPromptError(ValueError):
+    """A prompt holds no token: there is nothing to condition the first token on."""
+
+
+def _check_ids(name: str, ids: tuple, allow_empty: bool = True) -> None:
+    if not isinstance(ids, tuple) or (not ids and not allow_empty) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        reject(name, ids, "it must be a tuple of token ids (ints >= 0)"
+               + ("" if allow_empty else ", not empty"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationConfig(FrozenConfig):
+    """What to generate for every prompt of a batch.
+
+    A sequence stops after ``max_new_tokens``, or as soon as it produces a token
+    of ``stop_ids`` or its generated tokens end with one of ``stop_sequences``
+    (for the byte-level LM, the UTF-8 bytes of a stop string); the stop tokens
+    are kept in the output. ``temperature=0`` is greedy; sampling draws from
+    one generator seeded with ``seed``, so the same prompts and seed give the
+    same text.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int("max_new_tokens", self.max_new_tokens)
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        _check_ids("stop_ids", self.stop_ids)
+        if not isinstance(self.stop_sequences, tuple):
+            reject("stop_sequences", self.stop_sequences, "it must be a tuple of tuples of ids")
+        for seq in self.stop_sequences:
+            _check_ids("stop_sequences", seq, allow_empty=False)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            reject("seed", self.seed, "it must be an int")
+
+
+@dataclass
+class Generation:
+    """One sequence's result: its prompt, the new tokens, and why it ended."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "length" (max_new_tokens) or "stop"
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    sequences: int
+    prompt_tokens: int  # real prompt tokens, padding not counted
+    new_tokens: int
+    decode_steps: int  # forward passes after the prefill
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second of prefill + decode."""
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-12)
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / max(self.decode_steps, 1)
+
+
+class Engine:
+    """Generates from a ``MoETransformer``; keeps its KV cache between calls.
+
+    The cache is allocated for the first batch and reused while later batches
+    fit in it (rows and positions); it is reallocated only when one does not.
+    """
+
+    def __init__(self, model: MoETransformer) -> None:
+        if not isinstance(model, MoETransformer):
+            reject("model", type(model).__name__, "it must be a moekit MoETransformer "
+                   "(a transformers model runs its own generate())")
+        self.model = model
+        self.cache: StaticKVCache | None = None
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
+                 on_token: OnToken | None = None, generator: torch.Generator | None = None
+                 ) -> tuple[list[Generation], GenerationStats]:
+        """Generate for every prompt at once; ``generator`` overrides ``config.seed``."""
+        cfg = GenerationConfig() if config is None else config
+        ids = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        if not ids:
+            reject("prompts", prompts, "it must hold at least one prompt")
+        self.check_context(ids, cfg.max_new_tokens)
+        if generator is None:
+            generator = torch.Generator().manual_seed(cfg.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self._run(ids, cfg, on_token, generator)
+        finally:
+            self.model.train(was_training)
+
+    # -- checks ----------------------------------------------------------------------
+
+    def _check_prompt(self, i: int, prompt: Prompt) -> list[int]:
+        values = prompt.reshape(-1).tolist() if isinstance(prompt, Tensor) else list(prompt)
+        if not values:
+            raise EmptyPromptError(f"prompts[{i}] is empty, which is not allowed: a prompt "
+                                   "must hold at least one token")
+        V = self.model.config.vocab_size
+        if not all(isinstance(v, int) and 0 <= v < V for v in values):
+            reject(f"prompts[{i}]", values[:8], f"its tokens must be ints in [0, {V})")
+        return values
+
+    def check_context(self, ids: list[list[int]], max_new_tokens: int) -> None:
+        limit, longest = self.model.config.max_seq_len, max(len(p) for p in ids)
+        if longest + max_new_tokens > limit:
+            raise ContextLengthError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is not "
+                f"allowed: generating past the model's context, max_seq_len={limit} "
+                f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)")
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _prepare(self, ids: list[list[int]], max_new_tokens: int) -> tuple[Tensor, StaticKVCache]:
+        """Left-padded prompts [B, L] and a cache reset for them."""
+        B, L = len(ids), max(len(p) for p in ids)
+        need = L + max_new_tokens
+        w = self.model.embed.weight
+        c = self.cache
+        if c is None or c.batch < B or c.max_len < need or c.k[0].dtype != w.dtype \
+                or c.k[0].device != w.device:
+            c = self.cache = StaticKVCache.for_model(self.model, B, need)
+        ids_BL = torch.zeros(B, L, dtype=torch.long, device=w.device)
+        pad_B = torch.tensor([L - len(p) for p in ids], device=w.device)
+        for b, p in enumerate(ids):
+            ids_BL[b, L - len(p):] = torch.tensor(p)
+        c.reset(pad_B)
+        return ids_BL, c
+
+    def _run(self, ids: list[list[int]], cfg: GenerationConfig, on_token: OnToken | None,
+             generator: torch.Generator) -> tuple[list[Generation], GenerationStats]:
+        t0 = time.perf_counter()
+        ids_BL, cache = self._prepare(ids, cfg.max_new_tokens)
+        logits_RV = self.model.infer(ids_BL, cache)
+        t1 = time.perf_counter()
+        gens = [Generation(prompt=p) for p in ids]
+        active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
+        steps = 0
+        stops = _Stops(cfg)
+        for step in range(cfg.max_new_tokens):
+            next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+            finished = []
+            for r, tok in enumerate(next_R.tolist()):
+                g = gens[active[r]]
+                g.tokens.append(tok)
+                if on_token is not None:
+                    on_token(active[r], tok)
+                if stops.hit(g.tokens):
+                    g.finish_reason = "stop"
+                    finished.append(r)
+            if step == cfg.max_new_tokens - 1 or len(finished) == len(active):
+                break
+            if finished:
+                gone = set(finished)
+                keep = [r for r in range(len(active)) if r not in gone]
+                active = [active[r] for r in keep]
+                keep_R = torch.tensor(keep, device=next_R.device)
+                cache.keep_rows(keep_R)
+                next_R = next_R.index_select(0, keep_R)
+            logits_RV = self.model.infer(next_R[:, None], cache)
+            steps += 1
+        t2 = time.perf_counter()
+        stats = GenerationStats(sequences=len(ids), prompt_tokens=sum(len(p) for p in ids),
+                                new_tokens=sum(len(g.tokens) for g in gens),
+                                decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1)
+        return gens, stats
+
+
+class _Stops:
+    """Does a sequence's generated tail end with a stop id or a stop sequence?"""
+
+    def __init__(self, cfg: GenerationConfig) -> None:
+        self.ids = frozenset(cfg.stop_ids)
+        self.seqs = [list(s) for s in cfg.stop_sequences]
+
+    def hit(self, tokens: list[int]) -> bool:
+        if tokens[-1] in self.ids:
+            return True
+        return any(len(tokens) >= len(s) and tokens[-len(s):] == s for s in self.seqs)
+
+
+def stop_sequences_from_text(texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Stop strings as byte sequences, for the byte-level language model."""
+    out = tuple(tuple(t.encode("utf-8")) for t in texts)
+    if any(not s for s in out):
+        reject("stop", "", "a stop string must hold at least one character")
+    return out

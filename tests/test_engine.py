@@ -1,0 +1,209 @@
+"""The generation engine (moekit.inference.engine) and the static KV cache.
+
+Oracles: the model's full forward with no cache (every position recomputed),
+the old concatenating KVCache, and each prompt generated alone. Greedy tokens
+must be identical; logits close at a tolerance tied to the dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.inference.engine import (
+    ContextLengthError,
+    EmptyPromptError,
+    Engine,
+    GenerationConfig,
+)
+from moekit.models import KVCache, MoETransformer, generate, preset
+from moekit.models.transformer import StaticKVCache
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40], [100, 101, 102, 103], [7, 7]]
+
+
+def _model(dtype=torch.float32, seed=0, **changes) -> MoETransformer:
+    torch.manual_seed(seed)
+    return MoETransformer(preset("tiny", **changes)).eval().to(dtype)
+
+
+def _greedy_alone(model, prompt, n):
+    """Reference: the whole sequence recomputed for every token (no cache at all)."""
+    out = generate(model, torch.tensor([prompt]), n, temperature=0.0, use_cache=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", [
+    (torch.float32, 1e-5, 1e-4),
+    (torch.bfloat16, 3e-2, 3e-2),
+])
+def test_static_cache_matches_concat_cache_and_full_forward(dtype, atol, rtol):
+    model = _model(dtype)
+    ids = torch.randint(256, (2, 11), generator=torch.Generator().manual_seed(1))
+    chunks = [(0, 4), (4, 7), (7, 8), (8, 11)]  # prefill, a chunk after a prefix, 1, rest
+    with torch.inference_mode():
+        full = model(ids).logits.float()
+        static, old = StaticKVCache.for_model(model, 2, 16), KVCache(model.config.num_layers)
+        static.reset()
+        a = torch.cat([model(ids[:, i:j], cache=static).logits for i, j in chunks], 1).float()
+        b = torch.cat([model(ids[:, i:j], cache=old).logits for i, j in chunks], 1).float()
+    torch.testing.assert_close(a, full, atol=atol, rtol=rtol)
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert static.length == 11 and static.k[0].shape == (2, 2, 16, 16)  # no growth
+
+
+def test_left_padded_rows_compute_what_they_compute_alone():
+    """Per-row rotary positions and the padding mask: a padded row's logits == its own."""
+    model = _model()
+    short, long = [3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9]
+    ids = torch.tensor([[0] * 3 + short, long])
+    cache = StaticKVCache.for_model(model, 2, 12)
+    cache.reset(torch.tensor([3, 0]))
+    with torch.inference_mode():
+        got = torch.stack([model.infer(ids, cache), model.infer(torch.tensor([[7], [8]]), cache)])
+        want = [model(torch.tensor([short + [7], long + [8]][r])[None]).logits[0, -2:]
+                for r in range(2)]
+    for r in range(2):
+        torch.testing.assert_close(got[:, r], want[r], atol=1e-5, rtol=1e-4)
+
+
+def test_engine_greedy_equals_no_cache_reference():
+    model = _model()
+    gens, stats = Engine(model).generate([PROMPTS[0]], GenerationConfig(max_new_tokens=20))
+    assert gens[0].tokens == _greedy_alone(model, PROMPTS[0], 20)
+    assert gens[0].finish_reason == "length"
+    assert stats.new_tokens == 20 and stats.decode_steps == 19
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone():
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=16)
+    engine = Engine(model)
+    batched, _ = engine.generate(PROMPTS, cfg)
+    for prompt, g in zip(PROMPTS, batched, strict=True):
+        assert g.prompt == prompt
+        assert g.tokens == _greedy_alone(model, prompt, 16), prompt
+
+
+def test_batched_stopping_drops_rows_and_keeps_the_others_exact():
+    """One sequence stops early (its cache row leaves); the rest still match alone."""
+    model = _model()
+    ref = [_greedy_alone(model, p, 16) for p in PROMPTS]
+    stop = ref[1][2]  # sequence 1 stops at its 3rd token (or earlier, if the id repeats)
+    cfg = GenerationConfig(max_new_tokens=16, stop_ids=(stop,))
+    gens, _ = Engine(model).generate(PROMPTS, cfg)
+    for r, g in zip(ref, gens, strict=True):
+        end = r.index(stop) + 1 if stop in r else len(r)
+        assert g.tokens == r[:end]
+        assert g.finish_reason == ("stop" if stop in r else "length")
+    assert len(gens[1].tokens) <= 3
+
+
+def test_stop_sequence_ends_at_its_first_occurrence():
+    model = _model()
+    ref = _greedy_alone(model, PROMPTS[2], 24)
+    seq = tuple(ref[5:7])
+    first = next(i for i in range(1, len(ref)) if tuple(ref[i - 1:i + 1]) == seq)
+    gens, _ = Engine(model).generate([PROMPTS[2]], GenerationConfig(
+        max_new_tokens=24, stop_sequences=(seq,)))
+    assert gens[0].tokens == ref[:first + 1] and gens[0].finish_reason == "stop"
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = _model()
+    engine = Engine(model)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    a, _ = engine.generate(PROMPTS, cfg)
+    b, _ = engine.generate(PROMPTS, cfg)
+    c, _ = engine.generate(PROMPTS, cfg.replace(seed=4))
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    assert [g.tokens for g in a] != [g.tokens for g in c]
+    one, _ = engine.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=12, temperature=1.0,
+                                                           top_k=1))
+    assert one[0].tokens == _greedy_alone(model, PROMPTS[0], 12)
+
+
+def test_cache_is_preallocated_and_reused():
+    model = _model()
+    engine = Engine(model)
+    engine.generate(PROMPTS, GenerationConfig(max_new_tokens=8))
+    cache = engine.cache
+    ptrs = [t.data_ptr() for t in cache.k]
+    engine.generate(PROMPTS[:2], GenerationConfig(max_new_tokens=5))
+    assert engine.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
+
+
+def test_past_context_and_empty_prompt_are_named_errors():
+    model = _model()  # tiny: max_seq_len=64
+    engine = Engine(model)
+    with pytest.raises(ContextLengthError, match="max_seq_len=64"):
+        engine.generate([[1] * 60, [2]], GenerationConfig(max_new_tokens=5))
+    with pytest.raises(EmptyPromptError, match=r"prompts\[1\]"):
+        engine.generate([[1], []])
+    with pytest.raises(ValueError, match="prompts"):
+        engine.generate([[1, 999]])  # outside the vocabulary
+    assert engine.cache is None  # nothing was allocated or run
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(ValueError, match="stop_sequences"):
+        GenerationConfig(stop_sequences=((),))
+
+
+def _save(model, run_dir):
+    from moekit.train.checkpoint import save_checkpoint
+
+    save_checkpoint(run_dir, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+
+
+def test_cli_prompts_file(tmp_path, capsys):
+    model = _model()
+    _save(model, tmp_path / "run")
+    texts = ["def f(", "x", "import os"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompts-file",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "6", "--temperature", "0",
+            "--batch", "2"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr()
+    assert "tokens/s" in out.err
+    for t in texts:
+        new = _greedy_alone(model, list(t.encode()), 6)
+        assert (t.encode() + bytes(new)).decode("utf-8", errors="replace") in out.out
+    (tmp_path / "bad.txt").write_text("a\n\nb\n")
+    assert cli_main([*args[:4], str(tmp_path / "bad.txt")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert cli_main([*args, "--max-new-tokens", "80"]) == 2
+    assert "max_seq_len=64" in capsys.readouterr().err
+
+
+def test_cli_streams_a_single_prompt(tmp_path, capsys):
+    model = _model()
+    _save(model, tmp_path / "run")
+    rc = cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "ab",
+                   "--max-new-tokens", "5", "--temperature", "0"])
+    out = capsys.readouterr()
+    new = bytes(_greedy_alone(model, [97, 98], 5)).decode("utf-8", errors="replace")
+    assert rc == 0 and out.out == "ab" + new + "\n"
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_patched_transformers_generate_equals_unpatched():
+    """A left-padded batch through transformers' own generate(), in inference mode."""
+    hf_models = pytest.importorskip("tests.hf_models")
+    from moekit.integrations import hf
+
+    original = hf_models.build("olmoe").eval()
+    original.config.output_router_logits = False  # its aux loss breaks padded generate()
+    patched = hf.apply(copy.deepcopy(original))
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # the second prompt is 3 tokens shorter
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with torch.inference_mode():
+        a, b = original.generate(ids, **kw), patched.generate(ids, **kw)
+    assert torch.equal(a, b)
