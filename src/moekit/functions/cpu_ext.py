@@ -83,6 +83,14 @@ def get() -> ModuleType | None:
     return _module
 
 
+def native_bf16() -> bool:
+    """True where the CPU runs bf16 natively (AVX-512 BF16), by torch's own check."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
+
+
 def bf16() -> ModuleType | None:
     """The AVX-512 BF16 kernels, or None: forced off (MOEKIT_BF16_KERNEL=0 or
     MOEKIT_CPU_EXT=0), the CPU lacks the instructions, or the build failed."""
