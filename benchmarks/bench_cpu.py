@@ -273,6 +273,30 @@ def run_config(args, T, E, K, F, dtype) -> list[dict]:
     return rows
 
 
+def matmul_gflops(dtype: str, n: int = 2048, reps: int = 3) -> float:
+    """GFLOP/s of one large n x n x n matmul in ``dtype``, best of ``reps``: the machine's
+    GEMM peak that the MoE layers' FLOP rates are put against, measured in the same run."""
+    import torch
+
+    a = torch.randn(n, n).to(getattr(torch, dtype))
+    b = torch.randn(n, n).to(a.dtype)
+    a @ b  # warm-up
+    best = min(harness.time_alone(harness.Step(forward=lambda: a @ b, backward=lambda y: None),
+                                  1, warmup=0)["a_fwd_ms"] for _ in range(reps))
+    return 2 * n**3 / (best * 1e6)
+
+
+def _add_flop_rates(rows: list[dict], peak: float) -> None:
+    """fwd+bwd of the SwiGLU experts: 3 GEMMs per projection, 6 T K D F multiply-adds each
+    way (gate+up 2F wide, down F wide) = 18 T K D F FLOPs, for the layer and for dense."""
+    for r in rows:
+        if "a_total_ms" in r:
+            flops = 18 * r["T"] * r["K"] * r["D"] * r["F"]
+            r.update(gflops=flops / (r["a_total_ms"] * 1e6), matmul_peak_gflops=peak,
+                     dense_gflops=flops / (r["b_total_ms"] * 1e6))
+            r["peak_share"] = r["gflops"] / peak
+
+
 def _reference_timing(step, dense, reps) -> dict:
     """The per-row oracle is too slow to pair: its median against dense timed right after."""
     a = harness.time_alone(step, reps, warmup=0)
@@ -310,6 +334,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         if mk is None:
             continue
         s = {"config": key[0], "dtype": key[1], "moekit_x_dense": mk["ratio_total"],
+             "moekit_peak_share": mk.get("peak_share"), "dense_peak_share":
+             mk["dense_gflops"] / mk["matmul_peak_gflops"] if "dense_gflops" in mk else None,
              "moekit_peak_mib": mk.get("peak_mib"), "dense_peak_mib": mk.get("dense_peak_mib")}
         if hf:
             best = min(hf, key=lambda r: r["ratio_total"])
@@ -383,8 +409,11 @@ def run(args: argparse.Namespace) -> int:
     print(HEADER)
     rows, breakdowns, t0 = [], [], time.time()
     for dtype in args.dtypes:
+        peak = matmul_gflops(dtype)
+        print(f"{dtype}: one 2048^3 matmul runs at {peak:.0f} GFLOP/s (the peak below)")
         for T, E, K, F in args.configs:
             rows += run_config(args, T, E, K, F, dtype)
+            _add_flop_rates(rows, peak)
             _write(args, info, rows, breakdowns, summarize(rows), time.time() - t0)  # so far
             if args.breakdown and dtype == "float32":
                 b = {"config": f"T{T} E{E} K{K} F{F}", "dtype": dtype,
@@ -410,7 +439,9 @@ def _print_summary(summary: list[dict]) -> None:
         mem = (f"  peak {s['moekit_peak_mib']:.0f} / {s['dense_peak_mib']:.0f} MiB = "
                f"{s['moekit_peak_mib'] / max(s['dense_peak_mib'], 1e-9):.2f}x"
                if s.get("moekit_peak_mib") is not None else "")
-        print(f"{s['config']:20s} {dt:5s} moekit {s['moekit_x_dense']:5.2f}  {hf}{mem}")
+        share = (f"  {100 * s['moekit_peak_share']:.0f}% of matmul peak (dense "
+                 f"{100 * s['dense_peak_share']:.0f}%)" if s.get("moekit_peak_share") else "")
+        print(f"{s['config']:20s} {dt:5s} moekit {s['moekit_x_dense']:5.2f}  {hf}{mem}{share}")
 
 
 def _write(args, info, rows, breakdowns, summary, seconds) -> None:

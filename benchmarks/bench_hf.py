@@ -11,6 +11,7 @@ implementation with the lowest median time.
 
     PYTHONPATH=src python benchmarks/bench_hf.py            # all sizes
     PYTHONPATH=src python benchmarks/bench_hf.py --quick    # 2 small sizes, few rounds
+    PYTHONPATH=src python benchmarks/bench_hf.py --dtype bf16 # bf16 parameters throughout
 
 Shape letters: B sequences, L tokens per sequence, T = B*L, D hidden, F expert
 hidden, E experts, K experts per token.
@@ -62,7 +63,10 @@ QUICK = [Size("mixtral", D=128, F=256, E=8, K=2, L=256),
          Size("qwen3_moe", D=128, F=64, E=64, K=8, L=256)]
 
 
-def build(s: Size) -> torch.nn.Module:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build(s: Size, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     common = dict(vocab_size=512, hidden_size=s.D, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, head_dim=s.D // 4, max_position_embeddings=s.L,
                   num_experts_per_tok=s.K, pad_token_id=0, eos_token_id=None)
@@ -88,7 +92,7 @@ def build(s: Size) -> torch.nn.Module:
            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
            "deepseek_v3": transformers.DeepseekV3ForCausalLM}[s.arch]
     torch.manual_seed(0)
-    return cls(cfg).float().train()
+    return cls(cfg).to(dtype).train()
 
 
 def step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float]:
@@ -113,8 +117,8 @@ def hf_impls(s: Size) -> list[str]:
             + (["batched_mm"] if gathered < 2**30 else []))
 
 
-def bench(s: Size, rounds: int, backends: list[str]) -> dict:
-    base = build(s)
+def bench(s: Size, rounds: int, backends: list[str], dtype: torch.dtype) -> dict:
+    base = build(s, dtype)
     ids = torch.randint(3, 512, (s.B, s.L), generator=torch.Generator().manual_seed(0))
     models = {f"moekit:{b}": hf.apply(copy.deepcopy(base), backend=b) for b in backends}
     for impl in hf_impls(s):
@@ -142,7 +146,7 @@ def bench(s: Size, rounds: int, backends: list[str]) -> dict:
             "cpu_speedup_vs_best": {b: ratio(cpu, f"moekit:{b}", best) for b in backends}}
 
 
-def machine() -> str:
+def machine(dtype: str = "fp32") -> str:
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in subprocess.run(
             ["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -150,7 +154,7 @@ def machine() -> str:
     except (StopIteration, OSError):
         cpu = platform.processor()
     return (f"torch {torch.__version__}  transformers {transformers.__version__}  "
-            f"{torch.get_num_threads()} threads  {cpu}  fp32")
+            f"{torch.get_num_threads()} threads  {cpu}  {dtype}")
 
 
 def main() -> None:
@@ -161,17 +165,20 @@ def main() -> None:
                         help="comma-separated moekit backends to time (e.g. auto,grouped_mm)")
     parser.add_argument("--only", default="", help=ONLY_HELP)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="parameter dtype of every model (bf16: a pure bf16 step)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     backends = args.backends.split(",")
     sizes, rounds = (QUICK, 3) if args.quick else (SIZES, args.rounds)
     sizes = [s for s in sizes if args.only in s.label]
-    print(f"bench_hf  {machine()}  fwd+bwd, 2 layers, median of {rounds} alternating rounds")
+    print(f"bench_hf  {machine(args.dtype)}  fwd+bwd, 2 layers, "
+          f"median of {rounds} alternating rounds")
     head = "".join(f" {'moekit ' + b:>16} {'x best':>6} {'(cpu)':>6}" for b in backends)
     print(f"{'config':<36} {'hf grouped':>10} {'hf eager':>9} {'hf batched':>10}{head}")
     results = []
     for s in sizes:
-        r = bench(s, rounds, backends)
+        r = bench(s, rounds, backends, DTYPES[args.dtype])
         results.append(r)
         ms = r["median_ms"]
         cols = [ms.get(f"hf:{k}") for k in ("grouped_mm", "eager", "batched_mm")]
@@ -182,7 +189,7 @@ def main() -> None:
         print(f"{r['size']:<36} {hf_s}{mine}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(), "rounds": rounds,
+        args.json.write_text(json.dumps({"machine": machine(args.dtype), "rounds": rounds,
                                          "results": results}, indent=1))
 
 

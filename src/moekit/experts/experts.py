@@ -59,6 +59,17 @@ def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
     return "loop"
 
 
+def _autocast(x_TD: Tensor, params: tuple) -> tuple[Tensor, tuple]:
+    """Under CPU autocast, the input and the weights in the autocast dtype, as autocast
+    casts nn.Linear's: its rules do not reach into the fused Function, whose GEMMs
+    otherwise stay fp32 (and the bf16 kernels unused) in `moekit train --bf16`."""
+    device = x_TD.device.type
+    if device != "cpu" or not torch.is_autocast_enabled(device):
+        return x_TD, params
+    dtype = torch.get_autocast_dtype(device)
+    return x_TD.to(dtype), tuple(p.to(dtype) if isinstance(p, Tensor) else p for p in params)
+
+
 class Experts(nn.Module):
     """E feed-forward experts stored as stacked tensors.
 
@@ -92,8 +103,10 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """Weighted sum over each token's routed experts, [T, D]."""
-        fn = resolve_backend(self.backend, x_TD, self.w_in, self.w_out, dispatch.num_rows)
-        return fn(x_TD, dispatch, self.w_in, self.w_out, self.b_in, self.b_out, self._act)
+        x_TD, params = _autocast(x_TD, (self.w_in, self.w_out, self.b_in, self.b_out))
+        w_in, w_out, b_in, b_out = params
+        fn = resolve_backend(self.backend, x_TD, w_in, w_out, dispatch.num_rows)
+        return fn(x_TD, dispatch, w_in, w_out, b_in, b_out, self._act)
 
     def auto_backend(self, x_TD: Tensor, rows: int | None = None) -> str:
         """The backend name ``backend="auto"`` runs for this input (and routed rows)."""

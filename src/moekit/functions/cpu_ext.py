@@ -1,5 +1,5 @@
-"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``, ``cpu_decode.cpp``), built on
-first use.
+"""moekit's C++ CPU kernels (``moekit/csrc/cpu_experts.cpp``, ``cpu_decode.cpp``,
+``cpu_bf16.cpp``), built on first use.
 
 ``get()`` / ``get_decode()`` compile their source with ``torch.utils.cpp_extension.load``
 the first time they are called in an environment (35-45 s each on the 2-core dev box;
@@ -10,6 +10,12 @@ saying so). It needs a C++ compiler and ninja (a dependency of moekit). Where a 
 fails, the getter warns once with the reason and returns None, and moekit runs the
 same arithmetic with torch ops (same results, slower). ``MOEKIT_CPU_EXT=0`` skips the
 builds.
+
+``bf16()`` does the same for the bf16 kernels (``moekit/csrc/cpu_bf16.cpp``, a
+separate library so that they build only when bf16 runs): the module where the CPU
+has AVX-512 BF16 (checked at run time), else None and the bf16 GEMMs stay on aten's
+mm. ``MOEKIT_BF16_KERNEL=0`` forces that fallback; it is read on every call, so a
+test can flip it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,14 @@ from types import ModuleType
 NAME = "moekit_cpu_experts"
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_experts.cpp"
 ENV = "MOEKIT_CPU_EXT"
+BF16_NAME = "moekit_cpu_bf16"
+BF16_SOURCE = SOURCE.with_name("cpu_bf16.cpp")
+BF16_ENV = "MOEKIT_BF16_KERNEL"
 
 _module: ModuleType | None = None
 _tried = False
+_bf16: ModuleType | None = None
+_bf16_tried = False
 
 
 FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -116,3 +127,25 @@ def get_decode() -> ModuleType | None:
             "backend 'auto' keeps the fused path for decoding, and quantized experts "
             "are dequantized with torch ops."))
     return _decode[0]
+
+
+def native_bf16() -> bool:
+    """True where the CPU runs bf16 natively (AVX-512 BF16), by torch's own check."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def bf16() -> ModuleType | None:
+    """The AVX-512 BF16 kernels, or None: forced off (MOEKIT_BF16_KERNEL=0 or
+    MOEKIT_CPU_EXT=0), the CPU lacks the instructions, or the build failed."""
+    global _bf16, _bf16_tried
+    if os.environ.get(BF16_ENV, "1") == "0" or get() is None:
+        return None
+    if not _bf16_tried:
+        _bf16_tried = True
+        module = _build(BF16_NAME, BF16_SOURCE, "bf16 kernels",
+                        "bf16 experts use aten's mm instead.")
+        _bf16 = module if module is not None and module.available() else None
+    return _bf16

@@ -26,6 +26,8 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
   split over both threads, T=256/E=64/K=8 measured 2.04x the dense FFN; with
   the extension 1.62x (idle box, ``benchmarks/bench_cpu.py``, 7 A/B pairs).
   Without the extension the same GEMMs run as a Python loop of ``mm(out=)``.
+  bf16 GEMMs run on a hand AVX-512 BF16 kernel where the CPU has one
+  (``moekit/csrc/cpu_bf16.cpp``; ``MOEKIT_BF16_KERNEL=0`` keeps aten's mm).
 - Not ``torch._grouped_mm``: on CPU it is a C++ loop of the same GEMMs and
   measured slower than the Python loop (idle box, 2 threads, fp32, random
   routing, all S rows in one call): gate+up 144 vs 103 ms at T=4096/E=8/K=2,
@@ -89,9 +91,17 @@ def _blocks(offsets: list[int], block_rows: int) -> list[_Block]:
     return blocks
 
 
+def _ext(a: Tensor):
+    """The C++ kernels for these CPU tensors: the AVX-512 BF16 ones for bf16 where
+    the CPU has them, else the aten-mm ones; None off the CPU or without a build."""
+    if a.device.type != "cpu":
+        return None
+    return (cpu_ext.bf16() if a.dtype == torch.bfloat16 else None) or cpu_ext.get()
+
+
 def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
     """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]."""
-    ext = cpu_ext.get() if a_NX.device.type == "cpu" else None
+    ext = _ext(a_NX)
     if ext is not None:
         ext.grouped_mm_out(a_NX, b_BXY, blk.ends, out_NY)
         return out_NY
@@ -102,7 +112,7 @@ def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
 
 def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
     """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
-    ext = cpu_ext.get() if a_NX.device.type == "cpu" else None
+    ext = _ext(a_NX)
     if ext is not None:
         ext.grouped_mm_weight_out(a_NX, b_NY, blk.ends, out_EXY[blk.e0:blk.e1])
         return

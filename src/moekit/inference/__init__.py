@@ -27,4 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'moekit.inference' has no attribute {name!r}")
 
 
-__all__ = sorted([*_LAZY, "decode_experts", "sorted_rows"])
+__all__ = ["ContextLengthError", "EmptyPromptError", "Engine", "Generation",
+           "GenerationConfig", "GenerationStats", "decode_experts", "sorted_rows"]

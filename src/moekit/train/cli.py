@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ROUTERS, check_positive_int, flag_message
+from moekit.functions import cpu_ext
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
@@ -68,7 +69,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--max-bad-steps", type=int,
                    help="stop after this many non-finite steps in a row")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    g.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast (`moekit train`'s default on a CPU with native bf16)")
+    g.add_argument("--fp32", action="store_true",
+                   help="no autocast, also where the CPU has native bf16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", help="cpu (default), cuda, ...")
     g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
@@ -78,6 +82,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_train_arguments(p)
+    p.set_defaults(auto_bf16=True)  # `moekit train` only: `moekit compare` stays fp32
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run from its directory or a step_* checkpoint")
@@ -89,12 +94,31 @@ def _picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
             if getattr(args, flag, None) is not None}
 
 
+def default_bf16(device: str | None) -> bool:
+    """bf16 autocast unless told otherwise, on a CPU with native bf16 (AVX-512 BF16).
+
+    Measured on the 2-core AMD EPYC dev box (torch 2.13.0+cpu, shared, load 10-19):
+    `moekit train --steps 300 --threads 1`, validation loss 1.676 (fp32) vs 1.686 (bf16,
+    +0.6%; 2.052 vs 2.042 at step 150); one 16 x 128 training step of the small preset
+    costs 404 vs 317 ms of CPU time (1 thread, median of 8 alternating pairs).
+    """
+    return (device or "cpu") == "cpu" and cpu_ext.native_bf16()
+
+
+def use_bf16(args: argparse.Namespace) -> bool:
+    if args.bf16 and args.fp32:
+        raise ValueError("--bf16 and --fp32 were both given: pick one")
+    if args.bf16 or args.fp32:
+        return args.bf16
+    return getattr(args, "auto_bf16", False) and default_bf16(args.device)
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     changes = _picked(args, MODEL_FLAGS)
     if args.dense:
         changes["dense"] = True
     model = preset(args.preset, **changes)
-    train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=args.bf16, compile=args.compile)
+    train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
     return model, train
@@ -206,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         return error(e)
     print(corpus.describe())
     print(f"model: {describe(trainer)}")
+    print(f"precision: {'bf16 autocast' if trainer.cfg.bf16 else 'fp32'}")
     print(f"run directory: {trainer.out_dir} (metrics.jsonl, checkpoints)")
     start_step = trainer.step
     try:

@@ -1,0 +1,253 @@
+"""The AVX-512 BF16 expert kernels (moekit/csrc/cpu_bf16.cpp) and the bf16 default of training.
+
+The fused expert Function in bf16, on the hand kernels and on the forced aten
+fallback, against an fp64 per-token computation from the same bf16 values:
+the output and every gradient (x, routing weights, w_in, w_out, biases) on odd
+sizes, an expert with no rows, every row on one expert, T=1, K=E and experts
+large enough to be cut into tiles and reduction chunks. The GEMM entry points
+alone against fp64 products (transposed weight views, odd widths). And the
+dtype `moekit train` picks on CPUs with and without native bf16 (simulated).
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts, K top-k,
+S routed rows, N rows, X input width, Y output width.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.functions import cpu_ext
+from moekit.functions.moe_experts import fused_experts
+from moekit.train import cli as train_cli
+from moekit.train import compare
+
+# bf16 keeps 8 significant bits: each rounding of a stored value is off by at
+# most u = 2^-9 of it. The bf16 path stores h, act(h) (2 roundings: act, then
+# times up), y, weight * y and K partial sums of the combine, and in backward
+# as many again on the way to dh; about 12 roundings of values no larger than
+# the tensor's largest entry: 12 u = 2.3e-2 of max |reference|. The fp64
+# reference sees the same bf16 inputs, so input rounding is not counted.
+TOL = 12 * 2.0**-9
+
+CASES = [
+    # T, E, K, D, F, routing   what it exercises
+    (1, 4, 1, 16, 8, "random"),      # a single token
+    (37, 7, 3, 33, 19, "random"),    # odd T, D and F, prime E
+    (24, 5, 5, 64, 32, "random"),    # K == E: every expert sees every token
+    (40, 6, 1, 64, 48, "one"),       # every row on expert 2, the others idle
+    (50, 8, 2, 128, 96, "skip"),     # experts 0 and 5 get no rows
+    (600, 2, 2, 96, 80, "random"),   # 600 rows per expert: tiles, reduction chunks of 512
+]
+
+
+def _routing(T: int, E: int, K: int, how: str, gen: torch.Generator) -> torch.Tensor:
+    """experts_TK, distinct experts per token."""
+    if how == "one":
+        return torch.full((T, 1), 2)
+    pool = [e for e in range(E) if not (how == "skip" and e in (0, 5))]
+    picks = [torch.randperm(len(pool), generator=gen)[:K] for _ in range(T)]
+    return torch.tensor(pool)[torch.stack(picks)]
+
+
+def _problem(T, E, K, D, Fd, how, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    experts_TK = _routing(T, E, K, how, gen)
+    expert_S = experts_TK.reshape(-1)
+    order = torch.argsort(expert_S, stable=True)
+    token_S = torch.arange(T).repeat_interleave(experts_TK.shape[1])[order]
+    offsets_E = torch.bincount(expert_S, minlength=E).cumsum(0).to(torch.int32)
+
+    def bf16(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).bfloat16()
+
+    inputs = dict(x=bf16(T, D), weight=torch.rand(len(order), generator=gen).bfloat16(),
+                  w_in=bf16(E, D, 2 * Fd, scale=D**-0.5), w_out=bf16(E, Fd, D, scale=Fd**-0.5),
+                  b_in=bf16(E, 2 * Fd, scale=0.1), b_out=bf16(E, D, scale=0.1))
+    return token_S, offsets_E, expert_S[order], inputs, bf16(T, D)
+
+
+def _act(kind):
+    def act(h):
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) if kind == "swiglu" else F.gelu(gate)) * up
+    return act
+
+
+def _reference(token_S, expert_S, inputs, g, kind):
+    """y[t] = sum over rows r of token t: weight[r] * expert_e(x[t]), one row at a time, fp64."""
+    p = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    rows = []
+    for r in range(len(token_S)):
+        t, e = int(token_S[r]), int(expert_S[r])
+        h = p["x"][t] @ p["w_in"][e] + p["b_in"][e]
+        rows.append(p["weight"][r] * (_act(kind)(h) @ p["w_out"][e] + p["b_out"][e]))
+    y = torch.zeros_like(p["x"]).index_add(0, token_S, torch.stack(rows))
+    return [y.detach(), *torch.autograd.grad(y, list(p.values()), g.double())]
+
+
+def _fused(token_S, offsets_E, inputs, g, kind):
+    p = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = fused_experts(p["x"], token_S, p["weight"], offsets_E, p["w_in"], p["w_out"],
+                      p["b_in"], p["b_out"], _act(kind), kind)
+    return [y.detach(), *torch.autograd.grad(y, list(p.values()), g)]
+
+
+def _assert_close(got, want, names):
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.dtype == torch.bfloat16, name
+        err = (a.double() - b).abs().max().item()
+        scale = b.abs().max().item()
+        assert err <= TOL * scale, f"{name}: max error {err:.3g} > {TOL:.3g} x {scale:.3g}"
+
+
+class _Counting:
+    """The kernel module, counting the calls that reach it."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, {"grouped_mm_out": 0, "grouped_mm_weight_out": 0}
+
+    def __getattr__(self, name):
+        if name in self.calls:
+            self.calls[name] += 1
+        return getattr(self.module, name)
+
+
+@pytest.fixture
+def kernels():
+    module = cpu_ext.bf16()
+    if module is None:
+        pytest.skip("no AVX-512 BF16 on this CPU (or MOEKIT_BF16_KERNEL=0)")
+    return module
+
+
+def test_kernels_load_where_torch_sees_native_bf16():
+    """On a CPU with AVX-512 BF16 (the dev box) the kernels must not silently fall back."""
+    if cpu_ext.native_bf16():
+        assert cpu_ext.bf16() is not None
+
+
+NAMES = ["y", "x", "weight", "w_in", "w_out", "b_in", "b_out"]
+
+
+@pytest.mark.parametrize("T,E,K,D,Fd,how", CASES)
+def test_fused_bf16_kernels_match_fp64_per_token(kernels, monkeypatch, T, E, K, D, Fd, how):
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, expert_S, inputs, g = _problem(T, E, K, D, Fd, how)
+    got = _fused(token_S, offsets_E, inputs, g, "swiglu")
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, "swiglu"), NAMES)
+    # forward: 2 GEMMs per block, backward: 2 data and 2 weight GEMMs
+    assert counting.calls == {"grouped_mm_out": 4, "grouped_mm_weight_out": 2}
+    idle = [e for e in range(E) if e not in expert_S.tolist()]
+    assert not got[NAMES.index("w_in")][idle].any() and not got[NAMES.index("w_out")][idle].any()
+
+
+@pytest.mark.parametrize("T,E,K,D,Fd,how", [CASES[1], CASES[4]])
+def test_forced_aten_fallback_matches_fp64_per_token(monkeypatch, T, E, K, D, Fd, how):
+    monkeypatch.setenv(cpu_ext.BF16_ENV, "0")
+    assert cpu_ext.bf16() is None
+    token_S, offsets_E, expert_S, inputs, g = _problem(T, E, K, D, Fd, how, seed=1)
+    got = _fused(token_S, offsets_E, inputs, g, "geglu")
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, "geglu"), NAMES)
+
+
+# -- the GEMM entry points ------------------------------------------------------------
+
+# (X, Y, rows per expert): an expert without rows, single rows, odd widths, and
+# experts cut into column and row tiles
+GEMMS = [(64, 256, [0, 1, 37, 0, 300, 5]), (512, 64, [0, 2000, 3]), (33, 47, [3, 0, 17, 1])]
+
+
+@pytest.mark.parametrize("X,Y,rows", GEMMS)
+@pytest.mark.parametrize("transposed", [False, True], ids=["w", "w_view_T"])
+def test_grouped_mm_matches_fp64(kernels, X, Y, rows, transposed):
+    gen = torch.Generator().manual_seed(0)
+    ends = torch.tensor(rows).cumsum(0).tolist()
+    a = torch.randn(ends[-1] + 3, X, generator=gen).bfloat16()  # 3 rows past the last expert
+    shape = (len(rows), Y, X) if transposed else (len(rows), X, Y)
+    w = torch.randn(shape, generator=gen).bfloat16()
+    w = w.transpose(1, 2) if transposed else w
+    out = torch.full((a.shape[0], Y), 7.0).bfloat16()
+    kernels.grouped_mm_out(a, w, ends, out)
+    for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        want = a[s:t].double() @ w[e].double()
+        # one bf16 rounding (u = 2^-9 of the entry; 2^-8 leaves room) plus the fp32 sum's
+        # error, at most X * 2^-24 of the sum of |products| (2^-15 covers X <= 512)
+        bound = 2.0**-8 * want.abs() + 2.0**-15 * (a[s:t].double().abs() @ w[e].double().abs())
+        assert ((out[s:t].double() - want).abs() <= bound).all()
+    assert (out[ends[-1]:] == 7).all()
+
+
+@pytest.mark.parametrize("X,Y,rows", GEMMS)
+def test_grouped_weight_grad_matches_fp64(kernels, X, Y, rows):
+    gen = torch.Generator().manual_seed(1)
+    ends = torch.tensor(rows).cumsum(0).tolist()
+    a = torch.randn(ends[-1], X, generator=gen).bfloat16()
+    b = torch.randn(ends[-1], Y, generator=gen).bfloat16()
+    out = torch.full((len(rows), Y, X), 7.0).bfloat16().transpose(1, 2)  # a strided target
+    kernels.grouped_mm_weight_out(a, b, ends, out)
+    for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        if s == t:
+            assert (out[e] == 7).all()  # experts without rows: untouched
+            continue
+        want = a[s:t].double().t() @ b[s:t].double()
+        # the whole reduction in fp32, then one bf16 rounding (as above; 2000 rows: 2^-13)
+        bound = 2.0**-8 * want.abs() + 2.0**-13 * (a[s:t].double().abs().t() @
+                                                   b[s:t].double().abs())
+        assert ((out[e].double() - want).abs() <= bound).all()
+
+
+def test_rejects_non_bf16(kernels):
+    a = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="a_NX must be bfloat16"):
+        kernels.grouped_mm_out(a, torch.randn(1, 8, 8).bfloat16(), [4],
+                               torch.empty(4, 8).bfloat16())
+
+
+# -- the dtype `moekit train` picks ------------------------------------------------------
+
+def _train_config(monkeypatch, native: bool, flags: list[str], command=train_cli):
+    """TrainConfig from the command line on a CPU with or without native bf16 (simulated
+    where torch reads the CPU's flags)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return train_cli.configs_from_args(parser.parse_args(flags))[1]
+
+
+@pytest.mark.parametrize("native,flags,bf16", [
+    (True, [], True),                  # native bf16: autocast by default
+    (False, [], False),                # no native bf16: fp32
+    (True, ["--fp32"], False),         # forced off
+    (False, ["--bf16"], True),         # asked for
+    (True, ["--device", "cuda"], False),  # the default is about this CPU only
+])
+def test_train_default_dtype(monkeypatch, native, flags, bf16):
+    assert _train_config(monkeypatch, native, flags).bf16 is bf16
+
+
+def test_compare_keeps_fp32_and_flags_conflict(monkeypatch):
+    assert _train_config(monkeypatch, True, [], compare).bf16 is False
+    with pytest.raises(ValueError, match="--bf16 and --fp32"):
+        _train_config(monkeypatch, True, ["--bf16", "--fp32"])
+
+
+def test_experts_run_in_bf16_under_cpu_autocast():
+    """Autocast's rules stop at the fused Function: Experts casts as nn.Linear would, so
+    `moekit train --bf16` runs bf16 expert GEMMs while the parameters stay fp32."""
+    from moekit import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=32, ffn_dim=16, num_experts=4, top_k=2))
+    x = torch.randn(10, 32)
+    want = moe(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)[0]
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - want.double()).abs().max() <= TOL * want.abs().max()
+    y.float().square().sum().backward()
+    assert moe.experts.w_in.grad.dtype == torch.float32 and moe.experts.w_in.grad.abs().sum() > 0
