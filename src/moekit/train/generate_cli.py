@@ -11,6 +11,7 @@ import torch
 from moekit.models.config import LMConfig
 from moekit.models.generate import check_sampling, generate
 from moekit.models.transformer import MoETransformer
+from moekit.offload import load_offloaded
 from moekit.train.checkpoint import CheckpointError, load_checkpoint, restore
 from moekit.train.data import decode, encode
 
@@ -26,6 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every token")
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-memory: do not read the next layer's experts ahead")
 
 
 def load_model(path: str) -> MoETransformer:
@@ -39,7 +45,9 @@ def load_model(path: str) -> MoETransformer:
 def run(args: argparse.Namespace) -> int:
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
-        model = load_model(args.checkpoint)
+        model = (load_model(args.checkpoint) if args.expert_memory is None else
+                 load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy,
+                                prefetch=not args.no_prefetch))
         ids = encode(args.prompt)
         if ids.numel() == 0:
             raise ValueError("prompt='' is not allowed: it must hold at least one byte")
@@ -57,4 +65,7 @@ def run(args: argparse.Namespace) -> int:
         if args.samples > 1:
             print(f"--- sample {i + 1}")
         print(decode(out[0]))
+    if args.expert_memory is not None:
+        print(model.expert_offload.stats.summary(), file=sys.stderr)
+        model.expert_offload.close()
     return 0
