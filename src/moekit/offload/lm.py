@@ -20,7 +20,7 @@ from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.runtime import ExpertOffload
-from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_tensor
+from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import ExpertStore, Part, parse_bytes
 from moekit.train.checkpoint import MODEL_FILE, CheckpointError, _read_state, _sha256, resolve
 
@@ -130,7 +130,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
 
 def _load_resident(model: MoETransformer, locs: dict[str, TensorLoc], fds) -> None:
     cfg = model.config
-    model.load_state_dict({n: read_tensor(loc, fds) for n, loc in locs.items()}, strict=True)
+    read_into_module(model, locs, fds)
     if cfg.tie_embeddings:  # to_empty gives each module its own tensor
         model.head.weight = model.embed.weight
     cos, sin = rotary_table(cfg.max_seq_len, cfg.dim // cfg.num_heads, cfg.rope_theta)

@@ -124,6 +124,20 @@ def read_tensor(loc: TensorLoc, fds: dict[Path, int]) -> Tensor:
     return read_into(torch.empty(loc.shape, dtype=loc.dtype), [loc], fds)
 
 
+@torch.no_grad()
+def read_into_module(module: torch.nn.Module, locs: dict[str, TensorLoc],
+                     fds: dict[Path, int]) -> None:
+    """Fill each state_dict entry of ``module`` named in ``locs`` in place, one at a time
+    (never a second copy of the whole model in memory)."""
+    state = module.state_dict(keep_vars=True)
+    for name, loc in locs.items():
+        dest = state[name]
+        if dest.dtype == loc.dtype and dest.is_contiguous():
+            read_into(dest.data, [loc], fds)
+        else:
+            dest.data.copy_(read_tensor(loc, fds))
+
+
 def drop_page_cache(paths) -> None:
     """Ask the kernel to forget the files' cached pages (``posix_fadvise(DONTNEED)``).
 

@@ -37,7 +37,7 @@ from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, r
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.runtime import ExpertOffload
-from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_tensor
+from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import ExpertStore, Part, parse_bytes
 
 OFFLOADABLE = ("deepseek_v3", "flex_olmo", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
@@ -267,8 +267,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     store = ExpertStore({(i, e): p for i, name in enumerate(modules)
                          for e, p in parts[name].items()})
     try:
-        state = {n: read_tensor(loc, store._fds) for n, loc in resident.items()}
-        model.load_state_dict(state, strict=False)
+        read_into_module(model, resident, store._fds)
         offload = _attach(model, modules, store, budget, policy, prefetch, threaded)
     except BaseException:
         store.close()
