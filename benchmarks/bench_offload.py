@@ -203,6 +203,9 @@ def hits(trained: Path, tokens: int) -> list[dict]:
     from moekit.train.data import encode
 
     prompts = ["def ", "import os\n", "class Foo:\n    ", "    return self."]
+    # hit rates do not depend on speed: one thread, since a second OpenMP thread
+    # only spins at barriers on this shared machine at these tiny shapes
+    torch.set_num_threads(1)
     probe = load_offloaded(trained, "1GiB", prefetch=False, threaded=False)
     cfg = probe.config
     per_expert = max(probe.expert_offload.cache.store.nbytes(k)
