@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,14 +111,3 @@ class ExpertStore:
         except Exception:
             pass
 
-
-def layer_experts(store: ExpertStore) -> dict[int, list[int]]:
-    """layer -> its expert ids, sorted."""
-    out: dict[int, list[int]] = {}
-    for layer, e in sorted(store.experts):
-        out.setdefault(layer, []).append(e)
-    return out
-
-
-def files_of(store: ExpertStore) -> list[Path]:
-    return list(store.files)
