@@ -20,6 +20,7 @@ from moekit.inference.engine import (
 from moekit.models.config import LMConfig
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
+from moekit.offload import load_offloaded
 from moekit.train.checkpoint import CheckpointError, load_checkpoint, restore
 from moekit.train.data import decode, encode
 
@@ -47,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the prefix every token (slow reference; no batching)")
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-memory: do not read the next layer's experts ahead")
 
 
 def load_model(path: str) -> MoETransformer:
@@ -98,21 +104,38 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         prompts = read_prompts(args)
         cfg = _config(args)
-        model = load_model(args.checkpoint).to(DTYPES[args.dtype])
+        model = _load(args)
         engine = Engine(model)
         for text in prompts:  # every error before the first token is printed
             engine.check_context([list(text.encode("utf-8"))], cfg.max_new_tokens)
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
-    if args.no_cache:
-        return _run_no_cache(model, prompts, cfg)
-    total = []
-    for start in range(0, len(prompts), args.batch):
-        batch = prompts[start:start + args.batch]
-        total.append(_run_batch(engine, batch, cfg, start, len(prompts)))
-    _report(total, args.batch)
+    try:
+        if args.no_cache:
+            return _run_no_cache(model, prompts, cfg)
+        total = []
+        for start in range(0, len(prompts), args.batch):
+            batch = prompts[start:start + args.batch]
+            total.append(_run_batch(engine, batch, cfg, start, len(prompts)))
+        _report(total, args.batch)
+    finally:
+        offload = getattr(model, "expert_offload", None)
+        if offload is not None:
+            print(offload.stats.summary(), file=sys.stderr)
+            offload.close()
     return 0
+
+
+def _load(args: argparse.Namespace) -> MoETransformer:
+    """The checkpoint's model: resident, quantized, or with its experts read on demand."""
+    if args.expert_memory is None:
+        return load_model(args.checkpoint).to(DTYPES[args.dtype])
+    if args.dtype != "fp32":
+        raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
+                         "offloaded experts run in the checkpoint's own dtype (fp32)")
+    return load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy,
+                          prefetch=not args.no_prefetch)
 
 
 def _run_batch(engine: Engine, batch: list[str], cfg: GenerationConfig, start: int,

@@ -3,6 +3,7 @@
 >>> from moekit.integrations import hf
 >>> model = hf.apply(model)     # MoE routers and experts now run moekit
 >>> model = hf.revert(model)    # the original transformers modules again
+>>> model = hf.load_offloaded("ckpt_dir", expert_memory="2GiB")  # experts streamed from disk
 
 ``apply`` swaps the class of each MoE router / experts module in place (same
 object, same Parameters), so ``state_dict`` keys, ``save_pretrained`` and
@@ -23,7 +24,7 @@ from moekit.integrations.hf.patch import (
     unpatch_module,
 )
 
-__all__ = ["SUPPORTED", "apply", "is_patched", "revert"]
+__all__ = ["SUPPORTED", "apply", "is_patched", "load_offloaded", "revert"]
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -65,3 +66,13 @@ def revert(model: nn.Module) -> nn.Module:
         if is_patched(m):
             unpatch_module(m)
     return model
+
+
+def load_offloaded(path, expert_memory, quantize=None, **kwargs) -> nn.Module:
+    """A transformers MoE checkpoint whose experts are read on demand within a byte budget.
+
+    See ``moekit.integrations.hf.offload.load_offloaded`` (imported on first use).
+    """
+    from moekit.integrations.hf.offload import load_offloaded as load
+
+    return load(path, expert_memory, quantize=quantize, **kwargs)

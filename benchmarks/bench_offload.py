@@ -1,0 +1,281 @@
+"""Experts larger than memory: moekit's expert cache vs all-resident vs accelerate offloading.
+
+Sections (all by default; ``--only`` picks some):
+
+  make      write a random-weight OLMoE-shaped transformers checkpoint (bf16,
+            save_pretrained, 500 MB shards) unless ``--ckpt`` already holds one
+  speed     decode tokens/s in one process, rounds alternating: all-resident
+            (from_pretrained + hf.apply), offloaded with a warm page cache, and
+            offloaded with the shards' pages dropped (posix_fadvise DONTNEED)
+            before every round; the ratios are per round, then the median
+  peak      peak RSS (VmHWM) of load + generate in a fresh process, resident and
+            offloaded, with the RSS after imports for reference
+  accel     transformers + accelerate (device_map="auto", max_memory = the same
+            total budget, the rest offloaded to disk) in a fresh process; needs
+            accelerate importable (e.g. PYTHONPATH=/tmp/offload-accel:src)
+  hits      hit rates on a trained moekit checkpoint (``--trained``): LRU, LFU,
+            each with and without prefetch, against Belady on the same trace
+
+The expert budget is 2x the active experts of every layer (2 * K * L experts),
+the total budget that plus the non-expert weights.
+
+    PYTHONPATH=/tmp/offload-accel:src python benchmarks/bench_offload.py \\
+        --ckpt /tmp/offload-bench/olmoe --trained /tmp/offload-trained
+
+Shape letters: D hidden, F expert hidden, E experts, K experts per token, L layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import machine  # noqa: E402
+
+SHAPE = dict(L=8, D=1024, F=512, E=64, K=8, V=8192)  # 1.7 GB in bf16, see README
+PROMPT = 4  # prompt tokens: a short prefill, so decode dominates
+
+
+def olmoe_config(L, D, F, E, K, V):
+    import transformers
+
+    return transformers.OlmoeConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
+        num_attention_heads=D // 64, num_key_value_heads=D // 64, num_experts=E,
+        num_experts_per_tok=K, max_position_embeddings=512, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+
+
+def make(path: Path) -> None:
+    import transformers
+
+    if (path / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_config(olmoe_config(**SHAPE),
+                                                          dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="500MB")
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
+def sizes(path: Path) -> dict:
+    """Bytes of the checkpoint, its experts, one expert; the budgets."""
+    from moekit.integrations.hf.offload import shard_headers
+
+    locs = shard_headers(path)
+    expert = sum(loc.nbytes for n, loc in locs.items() if ".experts." in n)
+    total = sum(loc.nbytes for loc in locs.values())
+    cfg = json.loads((path / "config.json").read_text())
+    L, E, K = cfg["num_hidden_layers"], cfg["num_experts"], cfg["num_experts_per_tok"]
+    per_expert = expert // (L * E)
+    expert_budget = 2 * K * L * per_expert
+    return {"checkpoint": total, "experts": expert, "non_expert": total - expert,
+            "per_expert": per_expert, "expert_budget": expert_budget,
+            "total_budget": total - expert + expert_budget}
+
+
+def prompt_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 8000, (1, PROMPT), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_s(model, tokens: int, seed: int) -> float:
+    ids = prompt_ids(seed)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return time.perf_counter() - t0
+
+
+def load_resident(path: Path):
+    import transformers
+
+    from moekit.integrations import hf
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    return hf.apply(model).eval()
+
+
+def speed(path: Path, tokens: int, rounds: int) -> dict:
+    from moekit.integrations import hf
+    from moekit.offload import drop_page_cache
+
+    sz = sizes(path)
+    resident = load_resident(path)
+    warm = hf.load_offloaded(path, expert_memory=sz["expert_budget"])
+    cold = hf.load_offloaded(path, expert_memory=sz["expert_budget"])
+    files = cold.expert_offload.cache.store.files
+    same = torch.equal(resident.generate(prompt_ids(), max_new_tokens=8, do_sample=False),
+                       warm.generate(prompt_ids(), max_new_tokens=8, do_sample=False))
+
+    def run_cold(seed):
+        drop_page_cache(files)
+        return decode_s(cold, tokens, seed)
+
+    variants = {"resident": lambda s: decode_s(resident, tokens, s),
+                "offload_warm": lambda s: decode_s(warm, tokens, s), "offload_cold": run_cold}
+    for fn in variants.values():  # warm-up round
+        fn(0)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            times[name].append(variants[name](r + 1))
+    out = {"tokens_per_round": tokens, "rounds": rounds, "greedy_tokens_equal": same}
+    for name, ts in times.items():
+        out[f"{name}_tok_s"] = tokens / statistics.median(ts)
+        out[f"{name}_vs_resident"] = statistics.median(
+            [b / a for a, b in zip(ts, times["resident"], strict=True)])
+    for name, m in (("warm", warm), ("cold", cold)):
+        out[f"{name}_stats"] = m.expert_offload.stats.to_dict()
+        m.expert_offload.close()
+    return out
+
+
+# -- fresh processes: peak RSS and accelerate -----------------------------------------
+
+
+def _vmhwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(kind: str, path: Path, tokens: int) -> None:
+    """Run in a fresh process: load ``kind``, decode ``tokens``; print a JSON line."""
+    import transformers  # noqa: F401  (imports count in the baseline, not the model)
+
+    import moekit.integrations.hf  # noqa: F401
+
+    torch.set_num_threads(2)
+    base = _rss_mib()
+    sz = sizes(path)
+    t0 = time.perf_counter()
+    if kind == "resident":
+        model = load_resident(path)
+    elif kind == "offload":
+        from moekit.integrations import hf
+        model = hf.load_offloaded(path, expert_memory=sz["expert_budget"])
+    else:  # accelerate
+        import tempfile
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="auto",
+            max_memory={"cpu": sz["total_budget"]}, offload_folder=tempfile.mkdtemp())
+        model.eval()
+    load_s = time.perf_counter() - t0
+    decode_s(model, 2, 0)  # warm-up
+    dt = decode_s(model, tokens, 1)
+    print(json.dumps({"kind": kind, "rss_after_imports_mib": base, "peak_rss_mib": _vmhwm_mib(),
+                      "load_s": load_s, "tok_s": tokens / dt, "tokens": tokens}))
+
+
+def fresh(kind: str, path: Path, tokens: int, timeout: float = 1800) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(path),
+           "--tokens", str(tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return {"kind": kind, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- hit rates on a trained moekit model ----------------------------------------------
+
+
+def hits(trained: Path, tokens: int) -> list[dict]:
+    from moekit.models.generate import generate
+    from moekit.offload import load_offloaded
+    from moekit.train.data import encode
+
+    prompts = ["def ", "import os\n", "class Foo:\n    ", "    return self."]
+    # hit rates do not depend on speed: one thread, since a second OpenMP thread
+    # only spins at barriers on this shared machine at these tiny shapes
+    torch.set_num_threads(1)
+    probe = load_offloaded(trained, "1GiB", prefetch=False, threaded=False)
+    cfg = probe.config
+    per_expert = max(probe.expert_offload.cache.store.nbytes(k)
+                     for k in probe.expert_offload.cache.store.experts)
+    probe.expert_offload.close()
+    rows = []
+    for per_layer in (cfg.top_k, 2 * cfg.top_k):
+        budget = per_layer * cfg.num_layers * per_expert
+        for policy in ("lru", "lfu"):
+            for prefetch in (False, True):
+                model = load_offloaded(trained, budget, policy, prefetch=prefetch,
+                                       threaded=False)
+                for p in prompts:
+                    generate(model, encode(p)[None], tokens, temperature=0)
+                s = model.expert_offload.stats
+                rows.append({"experts_per_layer": per_layer, "budget": budget,
+                             "policy": policy, "prefetch": prefetch, "hit_rate": s.hit_rate,
+                             "belady": s.belady_hit_rate(),
+                             "bytes_loaded": int(s.total("bytes_loaded")),
+                             "precision": s.prefetch_precision, "recall": s.prefetch_recall})
+                model.expert_offload.close()
+    return rows
+
+
+def print_hits(rows: list[dict]) -> None:
+    print(f"{'experts/layer':>13s} {'policy':>6s} {'prefetch':>8s} {'hit rate':>8s} "
+          f"{'Belady':>7s} {'MiB read':>9s} {'prec':>5s} {'recall':>6s}")
+    for r in rows:
+        print(f"{r['experts_per_layer']:>13d} {r['policy']:>6s} {str(r['prefetch']):>8s} "
+              f"{r['hit_rate']:8.3f} {r['belady']:7.3f} {r['bytes_loaded'] / 2**20:9.1f} "
+              f"{r['precision']:5.2f} {r['recall']:6.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", type=Path, default=Path("/tmp/offload-bench/olmoe"))
+    p.add_argument("--trained", type=Path, default=None, help="moekit run for the hit rates")
+    p.add_argument("--only", nargs="*", default=["make", "speed", "peak", "accel", "hits"])
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--accel-tokens", type=int, default=3)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/offload.json"))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    if args.child:
+        return child(args.child, args.ckpt, args.tokens)
+    result = {"machine": machine(), "shape": SHAPE}
+    if "make" in args.only:
+        make(args.ckpt)
+    if any(s in args.only for s in ("speed", "peak", "accel")):
+        result["sizes"] = sizes(args.ckpt)
+        print(json.dumps(result["sizes"]))
+    if "speed" in args.only:
+        result["speed"] = speed(args.ckpt, args.tokens, args.rounds)
+        print(json.dumps({k: v for k, v in result["speed"].items() if "stats" not in k}))
+    if "peak" in args.only:
+        result["peak"] = [fresh(k, args.ckpt, args.tokens) for k in ("resident", "offload")]
+        print(json.dumps(result["peak"]))
+    if "accel" in args.only:
+        result["accelerate"] = fresh("accelerate", args.ckpt, args.accel_tokens)
+        print(json.dumps(result["accelerate"]))
+    if "hits" in args.only and args.trained is not None:
+        result["hits"] = hits(args.trained, args.tokens * 8)
+        print_hits(result["hits"])
+    result["load_average_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    args.out.write_text(json.dumps({**old, **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

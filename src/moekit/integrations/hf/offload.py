@@ -1,0 +1,294 @@
+"""transformers MoE checkpoints with experts streamed from their safetensors shards.
+
+>>> from moekit.integrations import hf
+>>> model = hf.load_offloaded("path/to/olmoe", expert_memory="2GiB")
+>>> model.generate(ids, max_new_tokens=20)            # unchanged transformers API
+>>> print(model.expert_offload.stats.summary())
+
+The experts modules are built on the meta device (their class's ``__init__``
+runs under ``torch.device("meta")`` while the model is constructed); every other
+weight is read from the shards. Each experts module becomes a moekit-patched
+class without parameters whose forward asks the expert cache for the experts
+the router picked. Routers are patched by ``hf.apply`` as in a resident model.
+
+Checkpoints store experts per expert (``experts.3.gate_proj.weight``, Mixtral's
+``w1``/``w3``/``w2``) or stacked (``experts.gate_up_proj`` [E, 2F, D]); both are
+read by byte range, gate and up straight into one [2F, D] buffer.
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.dispatch.plan import Dispatch
+from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
+from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
+from moekit.offload.cache import ExpertCache, check_budget
+from moekit.offload.runtime import ExpertOffload
+from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
+from moekit.offload.store import ExpertStore, Part, parse_bytes
+
+OFFLOADABLE = ("deepseek_v3", "flex_olmo", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\."
+                        r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+STACKED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
+        "w2": "down", "gate_up_proj": "gate_up"}
+
+
+class OffloadedStackedExperts(StackedExperts):
+    """Mixin: a transformers experts module whose weights come from the expert cache."""
+
+    _moekit_layer: int
+    _moekit_offload: ExpertOffload
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+                ) -> Tensor:
+        dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
+        y_TD = self._moekit_offload.run(
+            self._moekit_layer, hidden_states, dispatch,
+            lambda d, parts: self._moekit_compute(hidden_states, d, parts),
+            hidden_states.shape[-1])
+        return y_TD.to(hidden_states.dtype)
+
+    def _moekit_compute(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]
+                        ) -> Tensor:
+        # the resident module's layout: [E', 2F, D] and [E', D, F], transposed views
+        w_in = torch.stack([p["gate_up"] for p in parts])
+        w_out = torch.stack([p["down"] for p in parts])
+        if not self.is_transposed:
+            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+        return run_experts(x_TD, d, w_in, w_out, None, None, self._moekit_act(),
+                           self._moekit_backend)
+
+
+# -- reading the shards -------------------------------------------------------------
+
+
+def shard_headers(path: Path) -> dict[str, TensorLoc]:
+    """Every tensor of the checkpoint in ``path`` (one file or an index + shards)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        out: dict[str, TensorLoc] = {}
+        for file, names in sorted(by_file.items()):
+            if not (path / file).exists():
+                raise ShardError(f"shard {path / file} is missing (it holds {names[0]} and "
+                                 f"{len(names) - 1} more tensors)")
+            header = read_header(path / file)
+            lost = [n for n in names if n not in header]
+            if lost:
+                raise ShardError(f"tensor {lost[0]} is missing from {path / file}, where "
+                                 f"{index.name} says it is")
+            out.update({n: header[n] for n in names})
+        return out
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise ShardError(f"{path} has neither model.safetensors nor "
+                         "model.safetensors.index.json")
+    return read_header(single)
+
+
+def renamer(model: nn.Module) -> Callable[[str], str]:
+    """Checkpoint key -> model key, with transformers' own renamings (not its converters)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        renamings = [t for t in get_model_conversion_mapping(model)
+                     if isinstance(t, WeightRenaming)]
+    except ImportError:  # an older transformers renames nothing here
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)
+
+
+def expert_parts(locs: dict[str, TensorLoc], rename, modules: dict[str, nn.Module]
+                 ) -> dict[str, dict[int, dict[str, Part]]]:
+    """module name -> expert -> {"gate_up": Part, "down": Part}, checked against the module."""
+    found: dict[str, dict[int, dict[str, TensorLoc]]] = {name: {} for name in modules}
+    for key, loc in locs.items():
+        name = rename(key)
+        m = PER_EXPERT.match(name) or STACKED.match(name)
+        if m is None or m["prefix"] not in modules:
+            continue
+        experts = found[m["prefix"]]
+        if "e" in m.groupdict():
+            experts.setdefault(int(m["e"]), {})[ROLE[m["proj"]]] = loc
+        else:
+            for e in range(loc.shape[0]):
+                experts.setdefault(e, {})[ROLE[m["proj"]]] = loc.row(e)
+    return {name: _parts(name, found[name], mod) for name, mod in modules.items()}
+
+
+def _parts(name: str, experts: dict[int, dict[str, TensorLoc]], module: nn.Module
+           ) -> dict[int, dict[str, Part]]:
+    shapes = {"gate_up": tuple(module.gate_up_proj.shape[1:]),
+              "down": tuple(module.down_proj.shape[1:])}
+    out = {}
+    for e in range(module.num_experts):
+        have = experts.get(e, {})
+        if "gate_up" not in have:
+            have = dict(have, gate_up=tuple(have[r] for r in ("gate", "up") if r in have))
+        gu = have["gate_up"] if isinstance(have["gate_up"], tuple) else (have["gate_up"],)
+        for role, parts in (("gate_up", gu), ("down", (have["down"],) if "down" in have else ())):
+            nbytes = sum(p.nbytes for p in parts)
+            dtype = parts[0].dtype if parts else module.down_proj.dtype
+            need = shapes[role][0] * shapes[role][1] * dtype.itemsize
+            if not parts or nbytes != need or any(p.dtype != dtype for p in parts):
+                raise ShardError(f"expert {e} of {name}: its {role} tensor is missing or has "
+                                 f"the wrong size ({nbytes} bytes, the model needs {need})")
+        out[e] = {"gate_up": Part(shapes["gate_up"], dtype, gu),
+                  "down": Part(shapes["down"], dtype, (have["down"],))}
+    return out
+
+
+# -- building the model -------------------------------------------------------------
+
+
+def _experts_class(config) -> type:
+    from transformers import AutoModelForCausalLM
+    names = [n for n, mixin in ARCHITECTURES[config.model_type].items()
+             if mixin is StackedExperts]
+    model_cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return getattr(sys.modules[model_cls.__module__], names[0])
+
+
+@contextmanager
+def _meta_init(cls: type):
+    """Construct ``cls`` modules on the meta device while the context is open."""
+    had = "__init__" in cls.__dict__
+    original = cls.__init__
+
+    def init(self, *args, **kwargs):
+        with torch.device("meta"):
+            original(self, *args, **kwargs)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        if had:
+            cls.__init__ = original
+        else:
+            del cls.__init__
+
+
+def _resident_locs(model: nn.Module, locs: dict[str, TensorLoc], rename, skip: set[str],
+                   path: Path) -> dict[str, TensorLoc]:
+    """Model key -> location for every non-expert tensor; tied copies may be absent."""
+    by_name = {rename(k): loc for k, loc in locs.items()}
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        names = aliases.get(id(t), [name])
+        loc = next((by_name[n] for n in [name, *names] if n in by_name), None)
+        if loc is None:
+            raise ShardError(f"tensor {name} is missing from the checkpoint in {path}")
+        if loc.shape != tuple(t.shape):
+            raise ShardError(f"{loc.name} in {loc.file} has shape {loc.shape}, the model's "
+                             f"{name} is {tuple(t.shape)}")
+        out[name] = loc
+    return out
+
+
+def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Layer l+1's top-k from layer l's expert input, without calling the gate module
+    (transformers records router logits with hooks on it)."""
+    def predict(x_TD: Tensor) -> Tensor:
+        scores = F.linear(x_TD.float(), gate.weight.float())
+        bias = getattr(gate, "e_score_correction_bias", None)
+        if bias is not None:  # DeepSeek-V3: sigmoid scores, biased choice
+            scores = scores.sigmoid() + bias
+        return scores.topk(gate.top_k, dim=-1).indices
+    return predict
+
+
+def _check_quantize(quantize) -> None:
+    if quantize is None:
+        return
+    if quantize not in (8, 4):
+        raise ValueError(f"quantize={quantize!r} is not allowed: it must be None, 8 or 4")
+    if importlib.util.find_spec("moekit.quant") is None:
+        raise NotImplementedError(
+            f"quantize={quantize} needs moekit.quant (int8/int4 experts), which this build "
+            "does not have yet; load with quantize=None")
+    raise NotImplementedError(f"quantize={quantize}: caching quantized experts is not wired "
+                              "to moekit.quant yet; load with quantize=None")
+
+
+def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | None = None,
+                   policy: str = "lru", prefetch: bool = True, backend: str = "auto",
+                   threaded: bool = True) -> nn.Module:
+    """A transformers causal LM from ``path`` whose experts are read on demand.
+
+    ``expert_memory``: the expert cache's byte budget (int or "2GiB"); the other
+    weights are resident on top of it. ``policy``: "lru" or "lfu". Everything is
+    checked (files, sizes, every tensor's presence and shape) before the first
+    tensor is read. ``model.expert_offload`` has the cache, ``.stats`` and ``close()``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moekit.integrations.hf import apply
+
+    budget = parse_bytes(expert_memory)
+    _check_quantize(quantize)
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in OFFLOADABLE:
+        raise ValueError(f"model_type={config.model_type!r} is not supported for offloading: "
+                         f"it must be one of {', '.join(OFFLOADABLE)}")
+    locs = shard_headers(path)
+    dtype = next(loc.dtype for loc in locs.values() if loc.dtype.is_floating_point)
+    with _meta_init(_experts_class(config)):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    cls = _experts_class(config)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
+    rename = renamer(model)
+    parts = expert_parts(locs, rename, modules)
+    resident = _resident_locs(model, locs, rename, set(modules), path)
+    store = ExpertStore({(i, e): p for i, name in enumerate(modules)
+                         for e, p in parts[name].items()})
+    try:
+        read_into_module(model, resident, store._fds)
+        offload = _attach(model, modules, store, budget, policy, prefetch, threaded)
+    except BaseException:
+        store.close()
+        raise
+    apply(model, backend)
+    model.expert_offload = offload
+    return model.eval()
+
+
+def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore, budget: int,
+            policy: str, prefetch: bool, threaded: bool) -> ExpertOffload:
+    per_expert = max(store.nbytes(k) for k in store.experts)
+    gates = [model.get_submodule(name.rsplit(".", 1)[0]).gate for name in modules]
+    check_budget(budget, {i: g.top_k * per_expert for i, g in enumerate(gates)})
+    cache = ExpertCache(store, budget, policy, prefetch, len(modules), threaded)
+    limit = max(max(g.top_k for g in gates), budget // per_expert // len(modules))
+    offload = ExpertOffload(cache, [_next_gate_predictor(g) for g in gates[1:]], prefetch,
+                            limit)
+    for i, m in enumerate(modules.values()):
+        for name in list(m._parameters):  # meta placeholders: the cache holds the weights
+            del m._parameters[name]
+        m.__class__ = patched_class(type(m), OffloadedStackedExperts)
+        m._moekit_layer, m._moekit_offload = i, offload
+    return offload

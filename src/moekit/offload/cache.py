@@ -1,0 +1,238 @@
+"""The expert cache: experts held within a byte budget, read on demand or ahead of time.
+
+One pool for all layers, not a per-layer split: a layer whose router spreads
+tokens over many experts gets more room than a layer that keeps reusing a few,
+and the user sets one number. Layers are visited in a fixed cycle, so a global
+LRU behaves like a per-layer LRU with an equal share when layers are alike, and
+shifts room to the layers that need it when they are not.
+
+All bookkeeping (admission, eviction, statistics) happens on the caller's
+thread, in program order, so hits and evictions are the same run to run; the
+prefetch thread only reads bytes into buffers the caller already reserved.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.offload.policy import LFU, Key, make_policy
+from moekit.offload.stats import LayerStats, OffloadStats
+from moekit.offload.store import ExpertMemoryError, ExpertStore
+
+
+class PrefetchError(RuntimeError):
+    """A read on the prefetch thread failed; raised in the thread that runs the model."""
+
+
+class Loader:
+    """One background thread that runs ``fn(key)`` for submitted keys, in order."""
+
+    def __init__(self, fn) -> None:
+        self._fn = fn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="moekit-prefetch", daemon=True)
+        self.thread.start()
+
+    def submit(self, key: Key) -> Future:
+        if self._closing.is_set():
+            raise RuntimeError("the prefetch thread is closed")
+        fut: Future = Future()
+        self._queue.put((key, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            key, fut = item
+            if self._closing.is_set():  # closing: drop what has not started
+                fut.cancel()
+                continue
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self._fn(key))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                fut.set_exception(e)
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop after the read in progress; True when the thread has ended."""
+        self._closing.set()
+        self._queue.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+@dataclass
+class Entry:
+    value: Any  # the loaded tensors, or a Future while the prefetch thread reads them
+    nbytes: int
+
+
+class ExpertCache:
+    """Experts keyed ``(layer, expert)`` within ``budget`` bytes.
+
+    ``get(layer, experts)`` returns their tensors (reading the missing ones on
+    this thread, waiting for ones the prefetch thread is reading); ``prefetch``
+    reserves room and queues reads. ``policy`` is "lru" or "lfu".
+    """
+
+    def __init__(self, store: ExpertStore, budget: int, policy: str = "lru",
+                 prefetch: bool = True, num_layers: int | None = None,
+                 threaded: bool = True) -> None:
+        self.store, self.budget = store, budget
+        self.policy = make_policy(policy)
+        self.entries: dict[Key, Entry] = {}
+        self.used = 0
+        layers = 1 + max((k[0] for k in store.experts), default=-1)
+        self.stats = OffloadStats(budget, policy, prefetch,
+                                  [LayerStats() for _ in range(num_layers or layers)])
+        self._predicted: dict[int, set[int]] = {}
+        self._pending: list[Future] = []
+        self.loader = Loader(self._load) if (prefetch and threaded) else None
+
+    def _load(self, key: Key) -> Any:
+        return self.store.load(key)
+
+    # -- admission and eviction -------------------------------------------------------
+
+    def _admit(self, key: Key, protected: set[Key]) -> bool:
+        """Make room for ``key``; False when even evicting all unprotected keys is not enough."""
+        need = self.store.nbytes(key)
+        while self.used + need > self.budget:
+            out = self.policy.victim(protected)
+            if out is None:
+                return False
+            self._evict(out)
+        return True
+
+    def _evict(self, key: Key) -> None:
+        entry = self.entries.pop(key)
+        self.used -= entry.nbytes
+        self.policy.remove(key)
+        if isinstance(entry.value, Future) and entry.value.cancel():  # queued, never read
+            s = self.stats.layers[key[0]]
+            s.loads -= 1
+            s.bytes_loaded -= self.store.raw_nbytes(key)
+        # a read in progress finishes on the prefetch thread and its result is dropped
+
+    def _insert(self, key: Key, value: Any) -> None:
+        nbytes = self.store.nbytes(key)
+        self.entries[key] = Entry(value, nbytes)
+        self.used += nbytes
+        self.policy.insert(key)
+        layer_stats = self.stats.layers[key[0]]
+        layer_stats.loads += 1
+        layer_stats.bytes_loaded += self.store.raw_nbytes(key)
+
+    # -- demand --------------------------------------------------------------------
+
+    def get(self, layer: int, experts: list[int]) -> list[Any]:
+        """The tensors of ``experts`` of ``layer`` (sorted ids), in that order."""
+        self.raise_failures()
+        keys = [(layer, e) for e in experts]
+        self._record(layer, experts)
+        protected = set(keys)
+        out = []
+        for key in keys:
+            if isinstance(self.policy, LFU):
+                self.policy.count(key)
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.stats.layers[layer].hits += 1
+                self.policy.touch(key)
+                out.append(self._wait(entry, layer))
+                continue
+            t0 = time.perf_counter()
+            value = self.store.load(key)
+            self.stats.layers[layer].wait_s += time.perf_counter() - t0
+            if self._admit(key, protected):
+                self._insert(key, value)
+            else:  # a step that touches more than the budget holds: used, not kept
+                self.stats.layers[layer].loads += 1
+                self.stats.layers[layer].bytes_loaded += self.store.raw_nbytes(key)
+            out.append(value)
+        return out
+
+    def _record(self, layer: int, experts: list[int]) -> None:
+        s = self.stats.layers[layer]
+        s.requests += len(experts)
+        self.stats.trace.append((layer, tuple(experts)))
+        for e in experts:
+            self.stats.expert_bytes.setdefault((layer, e), self.store.nbytes((layer, e)))
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            s.needed_after_prediction += len(experts)
+            s.predicted_used += len(predicted.intersection(experts))
+
+    def _wait(self, entry: Entry, layer: int) -> Any:
+        if isinstance(entry.value, Future):
+            t0 = time.perf_counter()
+            try:
+                entry.value = entry.value.result()
+            except BaseException as e:
+                raise PrefetchError(f"prefetching an expert of layer {layer} failed: {e}") from e
+            finally:
+                self.stats.layers[layer].wait_s += time.perf_counter() - t0
+        return entry.value
+
+    # -- prefetch ------------------------------------------------------------------
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Reserve room for ``experts`` of ``layer`` and read the missing ones ahead of use."""
+        self.raise_failures()
+        self._predicted[layer] = set(experts)
+        self.stats.layers[layer].predicted += len(experts)
+        protected = {(layer, e) for e in experts}
+        for e in experts:
+            key = (layer, e)
+            if key in self.entries or not self._admit(key, protected):
+                continue
+            if self.loader is None:  # synchronous prefetch (deterministic timing, tests)
+                self._insert(key, self.store.load(key))
+            else:
+                fut = self.loader.submit(key)
+                self._pending.append(fut)
+                self._insert(key, fut)
+
+    def raise_failures(self) -> None:
+        """Raise, here, the first error of a prefetch read (even one evicted unused)."""
+        still = []
+        for fut in self._pending:
+            if not fut.done():
+                still.append(fut)
+            elif not fut.cancelled() and fut.exception() is not None:
+                self._pending = []
+                raise PrefetchError(f"a prefetch read failed: {fut.exception()}") \
+                    from fut.exception()
+        self._pending = still
+
+    def check_budget(self, layer_need: dict[int, int]) -> None:
+        """ExpertMemoryError when a layer's active experts (bytes per layer) exceed the budget."""
+        layer, need = max(layer_need.items(), key=lambda kv: kv[1])
+        if need > self.budget:
+            raise ExpertMemoryError(
+                f"expert_memory={self.budget} bytes is too small: MoE layer {layer} needs "
+                f"{need} bytes for the experts one token uses (top-k); give at least that")
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Stop the prefetch thread (bounded by ``timeout``); True when it has ended."""
+        stopped = True if self.loader is None else self.loader.close(timeout)
+        self.store.close()
+        return stopped
+
+
+def check_budget(budget: int, layer_need: dict[int, int]) -> None:
+    """ExpertMemoryError when one layer's active experts (bytes per layer) exceed ``budget``."""
+    layer, need = max(layer_need.items(), key=lambda kv: kv[1])
+    if need > budget:
+        raise ExpertMemoryError(
+            f"expert_memory={budget} bytes is too small: MoE layer {layer} needs {need} bytes "
+            "for the experts one token uses (top-k); it must be at least that")

@@ -1,0 +1,160 @@
+"""moekit checkpoints with experts on demand: ``load_offloaded(run_dir, expert_memory="512MiB")``.
+
+The model is built on the meta device, every MoE layer's ``Experts`` is swapped
+for ``OffloadedExperts`` (no parameters), and everything else is read from the
+checkpoint. Experts stay in ``model.safetensors`` until a step routes to them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moekit.dispatch.plan import Dispatch
+from moekit.experts.activations import activate
+from moekit.experts.experts import resolve_backend
+from moekit.layer import MoE
+from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer, rotary_table
+from moekit.offload.cache import ExpertCache, check_budget
+from moekit.offload.runtime import ExpertOffload
+from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
+from moekit.offload.store import ExpertStore, Part, parse_bytes
+from moekit.train.checkpoint import MODEL_FILE, CheckpointError, _read_state, _sha256, resolve
+
+EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for ``Experts``: same call, weights from the expert cache."""
+
+    def __init__(self, cfg, backend: str, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.backend, self.layer = cfg, backend, layer
+        self.offload: ExpertOffload | None = None  # set once the cache exists
+
+    def _act(self, h: Tensor) -> Tensor:  # a bound method with .cfg, as Experts has
+        return activate(h, self.cfg)
+
+    def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
+        assert self.offload is not None
+        return self.offload.run(self.layer, x_TD, dispatch, lambda d, parts: self._compute(
+            x_TD, d, parts), self.cfg.dim)
+
+    def _compute(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]) -> Tensor:
+        w = {n: torch.stack([p[n] for p in parts]) if n in parts[0] else None
+             for n in EXPERT_TENSORS}
+        fn = resolve_backend(self.backend, x_TD, w["w_in"], w["w_out"])
+        return fn(x_TD, d, w["w_in"], w["w_out"], w["b_in"], w["b_out"], self._act)
+
+
+def _expert_parts(header: dict[str, TensorLoc], prefix: str, cfg, path: Path
+                  ) -> dict[int, dict[str, Part]]:
+    names = [n for n in EXPERT_TENSORS if n in ("w_in", "w_out") or cfg.expert_bias]
+    out: dict[int, dict[str, Part]] = {e: {} for e in range(cfg.num_experts)}
+    for n in names:
+        loc = header.get(f"{prefix}.{n}")
+        if loc is None:
+            raise ShardError(f"tensor {prefix}.{n} is missing from {path}")
+        if loc.shape[0] != cfg.num_experts:
+            raise ShardError(f"{prefix}.{n} in {path} has shape {loc.shape}: expected "
+                             f"{cfg.num_experts} experts first")
+        for e in range(cfg.num_experts):
+            row = loc.row(e)
+            out[e][n] = Part(row.shape, row.dtype, (row,))
+    return out
+
+
+def _check_resident(model: nn.Module, header: dict[str, TensorLoc], tied: dict[str, str],
+                    path: Path) -> dict[str, TensorLoc]:
+    """The non-expert tensors to read, checked against the model before any is read."""
+    want = model.state_dict()
+    locs = {}
+    for name, t in want.items():
+        loc = header.get(tied.get(name, name))
+        if loc is None:
+            raise ShardError(f"tensor {name} is missing from {path}")
+        if loc.shape != tuple(t.shape):
+            raise ShardError(f"{name} in {path} has shape {loc.shape}, the model's is "
+                             f"{tuple(t.shape)}")
+        locs[name] = loc
+    return locs
+
+
+def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lru",
+                   prefetch: bool = True, backend: str = "auto", threaded: bool = True
+                   ) -> MoETransformer:
+    """A MoETransformer from a moekit checkpoint whose experts are read on demand.
+
+    ``expert_memory`` is the expert cache's byte budget (int or "512MiB"); the
+    model's other weights are resident on top of it. ``model.expert_offload``
+    holds the cache and its statistics (``.stats.summary()``); call its
+    ``close()`` to stop the prefetch thread. ``threaded=False`` prefetches on the
+    calling thread (same hits, no overlap).
+    """
+    budget = parse_bytes(expert_memory)
+    ckpt = resolve(path)
+    state = _read_state(ckpt)
+    file = ckpt / MODEL_FILE
+    if not file.exists():
+        raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+    if _sha256(file) != state["sha256"].get(MODEL_FILE):
+        raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not match "
+                              f"the one recorded in {ckpt / 'state.json'}")
+    header = read_header(file)
+    cfg = LMConfig.from_dict(state["model_config"])
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    store_parts, layer = {}, 0
+    for b, block in enumerate(model.blocks):
+        if isinstance(block.ffn, MoE):
+            moe = block.ffn
+            parts = _expert_parts(header, f"blocks.{b}.ffn.experts", moe.config, file)
+            store_parts.update({(layer, e): p for e, p in parts.items()})
+            moe.experts = OffloadedExperts(moe.config, backend, layer)
+            layer += 1
+    resident = _check_resident(model, header, state["tied"], file)
+    store = ExpertStore(store_parts)
+    try:
+        model.to_empty(device="cpu")
+        _load_resident(model, resident, store._fds)
+        offload = _attach(model, store, budget, policy, prefetch, threaded, layer)
+    except BaseException:
+        store.close()
+        raise
+    model.expert_offload = offload
+    return model.eval()
+
+
+def _load_resident(model: MoETransformer, locs: dict[str, TensorLoc], fds) -> None:
+    cfg = model.config
+    read_into_module(model, locs, fds)
+    if cfg.tie_embeddings:  # to_empty gives each module its own tensor
+        model.head.weight = model.embed.weight
+    cos, sin = rotary_table(cfg.max_seq_len, cfg.dim // cfg.num_heads, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin
+
+
+def _predictor(moe: MoE):
+    if moe.config.router == "hash":  # needs token ids, which the experts never see
+        return None
+
+    def predict(x_TD: Tensor) -> Tensor:
+        return moe.router(x_TD).plan.expert_S
+
+    return predict
+
+
+def _attach(model: MoETransformer, store: ExpertStore, budget: int, policy: str,
+            prefetch: bool, threaded: bool, num_layers: int) -> ExpertOffload:
+    moes = model.moe_layers()
+    per_expert = max(store.nbytes(k) for k in store.experts)
+    check_budget(budget, {i: m.config.top_k * per_expert for i, m in enumerate(moes)})
+    cache = ExpertCache(store, budget, policy, prefetch, num_layers, threaded)
+    limit = max(max(m.config.top_k for m in moes), budget // per_expert // len(moes))
+    offload = ExpertOffload(cache, [_predictor(m) for m in moes[1:]], prefetch, limit)
+    for m in moes:
+        m.experts.offload = offload
+    return offload

@@ -1,0 +1,93 @@
+"""What the expert cache did: per-layer hits, bytes read, time waiting, prefetch accuracy.
+
+The routing trace (which experts each layer step asked for, in order) is kept
+so Belady's optimal hit rate at the same budget can be computed afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moekit.offload.policy import Key, belady, flatten
+
+
+@dataclass
+class LayerStats:
+    requests: int = 0  # experts asked for by this layer's steps
+    hits: int = 0  # of those, already cached or being read by prefetch
+    loads: int = 0  # experts read from the store for this layer (demand + prefetch)
+    bytes_loaded: int = 0
+    wait_s: float = 0.0  # compute thread blocked on reads of this layer's experts
+    predicted: int = 0  # experts prefetch predicted for this layer
+    predicted_used: int = 0  # of those, asked for by the step that followed
+    needed_after_prediction: int = 0  # experts asked for by steps that had a prediction
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
+@dataclass
+class OffloadStats:
+    budget: int
+    policy: str
+    prefetch: bool
+    layers: list[LayerStats]
+    trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    expert_bytes: dict[Key, int] = field(default_factory=dict)
+
+    def total(self, name: str) -> float:
+        return sum(getattr(s, name) for s in self.layers)
+
+    @property
+    def hit_rate(self) -> float:
+        req = self.total("requests")
+        return self.total("hits") / req if req else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        p = self.total("predicted")
+        return self.total("predicted_used") / p if p else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        n = self.total("needed_after_prediction")
+        return self.total("predicted_used") / n if n else 0.0
+
+    def belady_hit_rate(self) -> float:
+        """Belady's MIN on this run's trace at the same byte budget (computed offline)."""
+        accesses = flatten(self.trace)
+        if not accesses:
+            return 0.0
+        hits = belady(accesses, budget=self.budget, nbytes=self.expert_bytes.__getitem__)
+        return sum(hits) / len(hits)
+
+    def to_dict(self) -> dict:
+        return {"budget_bytes": self.budget, "policy": self.policy, "prefetch": self.prefetch,
+                "hit_rate": self.hit_rate, "belady_hit_rate": self.belady_hit_rate(),
+                "bytes_loaded": int(self.total("bytes_loaded")),
+                "wait_s": self.total("wait_s"),
+                "prefetch_precision": self.prefetch_precision,
+                "prefetch_recall": self.prefetch_recall,
+                "hit_rate_per_layer": [s.hit_rate for s in self.layers]}
+
+    def summary(self) -> str:
+        """A few lines for the end of `moekit generate`."""
+        per_layer = " ".join(f"{s.hit_rate:.2f}" for s in self.layers)
+        lines = [f"expert cache: {_size(self.budget)}, {self.policy}"
+                 f"{' + prefetch' if self.prefetch else ''}; hit rate {self.hit_rate:.3f} "
+                 f"(Belady's optimum on this trace {self.belady_hit_rate():.3f})",
+                 f"  per layer: {per_layer}",
+                 f"  read {_size(self.total('bytes_loaded'))} in "
+                 f"{int(self.total('loads'))} expert loads; waited {self.total('wait_s'):.3f} s"]
+        if self.prefetch:
+            lines.append(f"  prefetch precision {self.prefetch_precision:.3f}, "
+                         f"recall {self.prefetch_recall:.3f}")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

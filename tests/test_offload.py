@@ -1,0 +1,344 @@
+"""moekit.offload: experts read on demand under a byte budget compute exactly what the
+resident model computes; the cache evicts in the order its policy says; Belady's
+hit count matches a hand count; broken checkpoints and small budgets fail early.
+
+Oracles: the resident model (same weights, same backend) for outputs, bitwise;
+hand-worked traces for eviction order, Belady and prefetch accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from moekit.models import MoETransformer
+from moekit.models.config import LMConfig
+from moekit.models.generate import generate
+from moekit.offload import (
+    LFU,
+    LRU,
+    ExpertCache,
+    ExpertMemoryError,
+    PrefetchError,
+    ShardError,
+    belady,
+    flatten,
+    load_offloaded,
+    parse_bytes,
+    simulate,
+)
+from moekit.train.checkpoint import CheckpointError, save_checkpoint
+
+# -- budgets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value,expected", [
+    (1000, 1000), ("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000),
+    ("64 KiB", 65536), ("7", 7), ("3b", 3)])
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "12XB", "-1MiB", 0, -5, "MiB", True])
+def test_parse_bytes_rejects(value):
+    with pytest.raises(ValueError, match="expert_memory="):
+        parse_bytes(value)
+
+
+# -- policies on hand-made traces ----------------------------------------------------
+
+
+class FakeStore:
+    """Every expert is ``size`` bytes; ``load`` returns its key (or fails / sleeps)."""
+
+    def __init__(self, keys, size=10, fail=None, delay=0.0):
+        self.experts = {k: None for k in keys}
+        self.size, self.fail, self.delay = size, fail, delay
+        self.loaded = []
+
+    def nbytes(self, key):
+        return self.size
+
+    raw_nbytes = nbytes
+
+    def load(self, key):
+        time.sleep(self.delay)
+        if key == self.fail:
+            raise OSError(f"cannot read {key}")
+        self.loaded.append(key)
+        return {"key": key}
+
+    def close(self):
+        pass
+
+
+A, B, C, D = (0, 0), (0, 1), (0, 2), (0, 3)
+TRACE = [A, B, C, A, B, D, A, C]
+
+
+def _replay(policy: str, trace, capacity: int):
+    """Run single-expert steps through a real ExpertCache; (hits, cached set after each)."""
+    cache = ExpertCache(FakeStore([A, B, C, D]), 10 * capacity, policy, prefetch=False)
+    hits, states = [], []
+    for layer, e in trace:
+        before = cache.stats.layers[0].hits
+        assert cache.get(layer, [e]) == [{"key": (layer, e)}]
+        hits.append(cache.stats.layers[0].hits > before)
+        states.append(set(cache.entries))
+    cache.close()
+    return hits, states
+
+
+def test_lru_eviction_order():
+    hits, states = _replay("lru", TRACE, capacity=2)
+    # A B -> {A,B}; C evicts A; A evicts B; B evicts C; D evicts A; A evicts B; C evicts D
+    assert hits == [False] * 8
+    assert states == [{A}, {A, B}, {B, C}, {C, A}, {A, B}, {B, D}, {D, A}, {A, C}]
+    assert simulate(LRU(), TRACE, 2) == hits
+
+
+def test_lfu_eviction_order():
+    trace = [A, A, B, C, B, D, C, A]
+    hits, states = _replay("lfu", trace, capacity=2)
+    # counts survive eviction; ties go to the least recently used
+    # A(1) A(2,hit) B(1) | C: victims B(1) vs A(2) -> B | B(2): A(2) vs C(1) -> C
+    # D: A(2) B(2) tie, A older -> A | C(2): B(2) D(1) -> D | A(3): B(2) C(2), B older -> B
+    assert hits == [False, True, False, False, False, False, False, False]
+    assert states == [{A}, {A}, {A, B}, {A, C}, {A, B}, {B, D}, {B, C}, {C, A}]
+    assert simulate(LFU(), trace, 2) == hits
+
+
+def test_lru_and_lfu_differ_on_a_skewed_trace():
+    trace = [A, A, A, B, C, A, D, A]
+    assert sum(_replay("lfu", trace, 2)[0]) == 4  # A is kept: hits at 2, 3, 6, 8
+    assert sum(_replay("lru", trace, 2)[0]) == 3  # A evicted by C, D: hits at 2, 3, 8
+
+
+def test_belady_by_hand():
+    # capacity 2: A B C(bypassed: C is never used again) A(hit) B(hit) D(bypassed) A(hit)
+    assert belady([A, B, C, A, B, D, A], capacity=2) == [False, False, False, True, True,
+                                                         False, True]
+    # capacity 1: the first B is used and dropped, since A comes back before B
+    assert belady([A, A, B, A, B, B], capacity=1) == [False, True, False, True, False, True]
+    # bytes: D is twice as large; budget 20 fits A+B or D alone
+    sizes = {A: 10, B: 10, D: 20}
+    assert belady([A, B, D, A, B], budget=20, nbytes=sizes.__getitem__) == [
+        False, False, False, True, True]
+
+
+def test_belady_bounds_the_online_policies():
+    gen = torch.Generator().manual_seed(0)
+    trace = [(0, int(e)) for e in torch.randint(0, 4, (200,), generator=gen)]
+    best = sum(belady(trace, capacity=2))
+    assert best >= sum(simulate(LRU(), trace, 2))
+    assert best >= sum(simulate(LFU(), trace, 2))
+    assert flatten([(1, (2, 3)), (0, (1,))]) == [(1, 2), (1, 3), (0, 1)]
+
+
+def test_prefetch_precision_recall_by_hand():
+    keys = [(1, e) for e in range(4)]
+    cache = ExpertCache(FakeStore(keys), 40, "lru", prefetch=True, threaded=False,
+                        num_layers=2)
+    cache.prefetch(1, [0, 1])  # predicted {0, 1}
+    cache.get(1, [1, 2])  # used {1, 2}: 1 was predicted; hits: 1 only
+    s = cache.stats
+    assert (s.prefetch_precision, s.prefetch_recall) == (0.5, 0.5)
+    assert (s.layers[1].hits, s.layers[1].requests) == (1, 2)
+    assert s.layers[1].bytes_loaded == 30  # 0, 1 prefetched, 2 on demand
+    cache.close()
+
+
+# -- the prefetch thread -------------------------------------------------------------
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "moekit-prefetch"]
+
+
+def test_prefetch_thread_stops_cleanly():
+    keys = [(0, e) for e in range(8)]
+    store = FakeStore(keys, delay=0.2)
+    cache = ExpertCache(store, 80, "lru", prefetch=True)
+    cache.prefetch(0, list(range(8)))  # 1.6 s of queued reads
+    t0 = time.perf_counter()
+    assert cache.close(timeout=5.0)
+    assert time.perf_counter() - t0 < 1.0  # the read in progress, not the queue
+    assert not cache.loader.thread.is_alive()
+    assert len(store.loaded) <= 2
+
+
+def test_prefetch_exception_surfaces_in_caller():
+    keys = [(0, e) for e in range(4)]
+    cache = ExpertCache(FakeStore(keys, fail=(0, 2)), 40, "lru", prefetch=True)
+    cache.prefetch(0, [2, 3])
+    with pytest.raises(PrefetchError, match="cannot read"):
+        for _ in range(100):  # the next call after the read fails raises it
+            cache.get(0, [0])
+            time.sleep(0.01)
+    assert cache.close(timeout=5.0)
+
+
+def test_waiting_on_a_failed_prefetch_raises():
+    cache = ExpertCache(FakeStore([(0, 0)], fail=(0, 0)), 10, "lru", prefetch=True)
+    cache.prefetch(0, [0])
+    cache.raise_failures = lambda: None  # go straight to the wait
+    with pytest.raises(PrefetchError, match="layer 0"):
+        cache.get(0, [0])
+    assert cache.close(timeout=5.0)
+
+
+# -- moekit checkpoints --------------------------------------------------------------
+
+CFG = LMConfig(dim=32, num_layers=3, num_heads=2, ffn_dim=24, num_experts=8, top_k=2,
+               max_seq_len=64)
+EXPERT_BYTES = (32 * 48 + 24 * 32) * 4  # w_in [D, 2F] + w_out [F, D], fp32
+
+
+@pytest.fixture(scope="module")
+def moekit_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MoETransformer(CFG).eval()
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run, model, torch.optim.AdamW(model.parameters()),
+                    {"step": 1, "model_config": CFG.to_dict()})
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    tokens = generate(model, ids, 12, temperature=0)
+    with torch.no_grad():
+        logits = model(tokens).logits
+    return run, ids, tokens, logits
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("prefetch,threaded", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("experts", [2, 5, 24])  # one layer's top-k .. everything
+def test_moekit_offloaded_equals_resident(moekit_ckpt, policy, prefetch, threaded, experts):
+    run, ids, tokens, logits = moekit_ckpt
+    model = load_offloaded(run, experts * EXPERT_BYTES, policy, prefetch=prefetch,
+                           threaded=threaded)
+    try:
+        assert torch.equal(generate(model, ids, 12, temperature=0), tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)  # bitwise
+        stats = model.expert_offload.stats
+        assert stats.total("requests") > 0
+        assert model.expert_offload.cache.used <= experts * EXPERT_BYTES
+        if experts == 24 and not prefetch:  # all fit: one miss per expert ever used
+            assert stats.total("loads") == len({k for k in flatten(stats.trace)})
+        assert stats.belady_hit_rate() >= (0.0 if prefetch else stats.hit_rate)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
+def test_moekit_budget_below_one_layer(moekit_ckpt):
+    with pytest.raises(ExpertMemoryError, match="expert_memory=.*too small"):
+        load_offloaded(moekit_ckpt[0], 2 * EXPERT_BYTES - 1)
+
+
+def test_moekit_truncated_checkpoint(moekit_ckpt, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(moekit_ckpt[0], run)
+    step = next(run.glob("step_*"))
+    with open(step / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    threads = len(_prefetch_threads())
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_offloaded(run, "1MiB")
+    assert len(_prefetch_threads()) == threads  # nothing started
+
+
+def test_generate_cli_expert_memory(moekit_ckpt, capsys):
+    import argparse
+
+    from moekit.train.generate_cli import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    common = ["--checkpoint", str(moekit_ckpt[0]), "--max-new-tokens", "8",
+              "--temperature", "0", "--prompt", "ab"]
+    assert run(p.parse_args(common)) == 0
+    resident = capsys.readouterr().out
+    assert run(p.parse_args(common + ["--expert-memory", f"{3 * EXPERT_BYTES}"])) == 0
+    out = capsys.readouterr()
+    assert out.out == resident
+    assert "hit rate" in out.err and "Belady" in out.err
+    assert run(p.parse_args(common + ["--expert-memory", "1KiB"])) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+# -- transformers checkpoints --------------------------------------------------------
+
+HF_ARCHS = ["mixtral", "qwen3_moe", "olmoe"]
+
+
+@pytest.fixture(scope="module", params=HF_ARCHS)
+def hf_ckpt(request, tmp_path_factory):
+    hf_models = pytest.importorskip("tests.hf_models")
+    transformers = pytest.importorskip("transformers")
+    from moekit.integrations import hf
+
+    path = tmp_path_factory.mktemp(request.param)
+    hf_models.build(request.param).save_pretrained(path, max_shard_size="40KB")
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf.apply(resident).eval()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    tokens = resident.generate(ids, max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        logits = resident(tokens).logits
+    experts = [m for m in resident.modules() if hasattr(m, "gate_up_proj")]
+    per_expert = sum(p[0].numel() * 4 for p in (experts[0].gate_up_proj, experts[0].down_proj))
+    top_k = resident.config.num_experts_per_tok
+    return path, ids, tokens, logits, per_expert, top_k
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("share", [1, 3])  # experts per layer the budget holds, x top-k
+def test_hf_offloaded_equals_resident(hf_ckpt, policy, share):
+    from moekit.integrations import hf
+
+    path, ids, tokens, logits, per_expert, top_k = hf_ckpt
+    assert json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    model = hf.load_offloaded(path, expert_memory=share * top_k * per_expert, policy=policy)
+    try:
+        assert not any(p.is_meta for p in model.parameters())
+        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)  # bitwise
+        assert model.expert_offload.stats.total("loads") > 0
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
+def test_hf_errors(hf_ckpt, tmp_path):
+    import shutil
+
+    from moekit.integrations import hf
+
+    path, *_, per_expert, top_k = hf_ckpt
+    with pytest.raises(ExpertMemoryError, match="too small"):
+        hf.load_offloaded(path, expert_memory=top_k * per_expert - 1)
+    with pytest.raises(NotImplementedError, match="quantize=8"):
+        hf.load_offloaded(path, expert_memory="1MiB", quantize=8)
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    name, shard = next((n, f) for n, f in sorted(index.items()) if ".experts." in n)
+    threads = len(_prefetch_threads())
+    missing = tmp_path / "missing"
+    shutil.copytree(path, missing)
+    (missing / shard).unlink()
+    with pytest.raises(ShardError, match=f"{shard}.*missing|missing.*{shard}") as e:
+        hf.load_offloaded(missing, expert_memory="1MiB")
+    assert any(n in str(e.value) for n, f in index.items() if f == shard)  # names a tensor
+    truncated = tmp_path / "truncated"
+    shutil.copytree(path, truncated)
+    with open(truncated / shard, "r+b") as f:
+        f.truncate(f.seek(0, 2) - 8)
+    with pytest.raises(ShardError, match="truncated") as e:
+        hf.load_offloaded(truncated, expert_memory="1MiB")
+    assert shard in str(e.value)
+    assert any(n in str(e.value) for n, f in index.items() if f == shard)
+    assert len(_prefetch_threads()) == threads  # nothing was started
