@@ -52,20 +52,24 @@ def straight_through(fn):
 
 
 def build(change: str, experts: int, seed: int, corpus, out: Path) -> Trainer:
-    mcfg = moe_variant(BASE, 256, 1, experts) if change != "dense" else dense_variant(BASE, 256)
+    """``change``: one name from the list above, or several joined by "+"
+    (e.g. "dense+lr_6e-3": the dense baseline at another learning rate)."""
+    parts = change.split("+")
+    mcfg = dense_variant(BASE, 256) if "dense" in parts else moe_variant(BASE, 256, 1, experts)
     tcfg = TRAIN.replace(seed=seed)
-    if change.startswith("lr_"):
-        tcfg = tcfg.replace(lr=float(change[3:]))
-    if change == "capacity_1.25":
-        mcfg = mcfg.replace(capacity_factor=1.25)
-    if change == "no_z_loss":
-        mcfg = mcfg.replace(z_loss_coef=0.0)
+    for part in parts:
+        if part.startswith("lr_"):
+            tcfg = tcfg.replace(lr=float(part[3:]))
+        if part == "capacity_1.25":
+            mcfg = mcfg.replace(capacity_factor=1.25)
+        if part == "no_z_loss":
+            mcfg = mcfg.replace(z_loss_coef=0.0)
     trainer = Trainer(mcfg, tcfg, corpus, out / f"{change}-e{experts}-seed{seed}", False)
     for moe in trainer.model.moe_layers():
-        if change == "gate_x_e":
+        if "gate_x_e" in parts:
             moe.router.cfg = dataclasses.replace(moe.router.cfg,
                                                  routed_scaling_factor=float(experts))
-        if change == "router_init_switch":
+        if "router_init_switch" in parts:
             torch.manual_seed(seed + 1)
             torch.nn.init.normal_(moe.router.weight, std=math.sqrt(0.1 / BASE.dim))
     return trainer
@@ -109,14 +113,15 @@ def main() -> None:
             print(path.read_text())
             continue
         original = router_mod.softmax_topk
-        if change == "st_gate":
+        if "st_gate" in change.split("+"):
             router_mod.softmax_topk = straight_through(original)
         try:
             trainer = build(change, args.experts, args.seed, corpus, out)
-            start_gate = mean_gate(trainer) if change != "dense" else None
+            moe = bool(trainer.model.moe_layers())
+            start_gate = mean_gate(trainer) if moe else None
             t0 = time.perf_counter()
             summary = trainer.fit()
-            end_gate = mean_gate(trainer) if change != "dense" else None
+            end_gate = mean_gate(trainer) if moe else None
         finally:
             router_mod.softmax_topk = original
         row = {"change": change, "experts": args.experts, "seed": args.seed,
