@@ -130,3 +130,7 @@ def test_summary_speedup_gaps_and_targets_from_known_runs():
     assert gaps[1]["drop_exceeds_spread"]  # 0.375 > 0.1
     text = "\n".join(targets(s, [2]))
     assert "monotonic: yes" in text and "1/3" in text and "0.49x dense's 100" in text
+    # one seed has no spread: the comparison is unknown, not "above a spread of 0"
+    one = summarize([r for r in runs if r["seed"] == 0], ["dense", "top2-e2", "top2-e4"])
+    assert [g["drop_exceeds_spread"] for g in doubling_gaps(one["points"], 2)] == [None, None]
+    assert "0/3 (spread unknown for some)" in "\n".join(targets(one, [2]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,10 @@ def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
     if dense is not None:
         ax.axhline(top, color="black", lw=1, label=f"dense: {top} steps")
     for k, line in _by_top_k(summary).items():
-        done = [p for p in line if p["steps_to_dense_final_mean"] is not None]
         missed = [p for p in line if p["steps_to_dense_final_mean"] is None]
-        lines = ax.plot([p["num_experts"] for p in done],
-                        [p["steps_to_dense_final_mean"] for p in done], marker="o",
-                        label=f"top-{k}")
+        steps = [math.nan if p in missed else p["steps_to_dense_final_mean"] for p in line]
+        lines = ax.plot([p["num_experts"] for p in line], steps, marker="o",
+                        label=f"top-{k}")  # NaN breaks the line where a point is missing
         if missed:
             ax.scatter([p["num_experts"] for p in missed], [top * 1.05] * len(missed),
                        marker="x", color=lines[0].get_color(),

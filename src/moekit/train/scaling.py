@@ -128,8 +128,10 @@ def doubling_gaps(points: list[dict[str, Any]], top_k: int) -> list[dict[str, An
     for a, b in zip(line, line[1:], strict=False):
         gap = a["val_loss"]["mean"] - b["val_loss"]["mean"]
         spread = max(a["val_loss"]["spread"], b["val_loss"]["spread"])
+        known = min(a["val_loss"]["n"], b["val_loss"]["n"]) > 1  # one seed has no spread
         out.append({"from": a["num_experts"], "to": b["num_experts"], "drop": gap,
-                    "spread": spread, "drop_exceeds_spread": gap > spread})
+                    "spread": spread if known else None,
+                    "drop_exceeds_spread": gap > spread if known else None})
     return out
 
 
@@ -139,6 +141,11 @@ def beats_dense(p: dict[str, Any], dense: dict[str, Any]) -> bool:
     gap = dense["val_loss"]["mean"] - p["val_loss"]["mean"]
     spread = max(p["val_loss"]["spread"], dense["val_loss"]["spread"])
     return gap > spread and p["val_loss"]["max"] < dense["val_loss"]["min"]
+
+
+def _gap_text(g: dict[str, Any]) -> str:
+    spread = "n/a, one seed" if g["spread"] is None else f"{g['spread']:.4f}"
+    return f"{g['from']}->{g['to']}: {g['drop']:+.4f} (spread {spread})"
 
 
 def targets(summary: dict[str, Any], top_ks: list[int]) -> list[str]:
@@ -151,11 +158,12 @@ def targets(summary: dict[str, Any], top_ks: list[int]) -> list[str]:
         if k == 1:  # the target asks top-1 to fall monotonically from 8 experts on
             gaps = [g for g in gaps if g["from"] >= 8]
         mono = all(g["drop"] > 0 for g in gaps)
-        text = ", ".join(f"{g['from']}->{g['to']}: {g['drop']:+.4f} (spread "
-                         f"{g['spread']:.4f})" for g in gaps)
+        text = ", ".join(_gap_text(g) for g in gaps)
+        first3 = [g["drop_exceeds_spread"] for g in gaps[:3]]
         lines.append(f"top-{k} loss drop per doubling: {text or 'n/a'}; monotonic: "
                      f"{'yes' if gaps and mono else 'no'}; first three drops above the "
-                     f"seed spread: {sum(g['drop_exceeds_spread'] for g in gaps[:3])}/3")
+                     f"seed spread: {sum(x is True for x in first3)}/3"
+                     f"{' (spread unknown for some)' if None in first3 else ''}")
     if dense is not None:
         for p in _line(points, 1):
             if p["num_experts"] >= 8:
