@@ -134,3 +134,41 @@ def test_summary_speedup_gaps_and_targets_from_known_runs():
     one = summarize([r for r in runs if r["seed"] == 0], ["dense", "top2-e2", "top2-e4"])
     assert [g["drop_exceeds_spread"] for g in doubling_gaps(one["points"], 2)] == [None, None]
     assert "0/3 (spread unknown for some)" in "\n".join(targets(one, [2]))
+
+
+def test_one_expert_switch_lm_is_the_dense_lm_without_router_losses():
+    """The curve's E=1 point: with the same weights, a 1-expert top-1 (Switch) LM has
+    the dense LM's loss and gradients; only its router losses (z-loss on one logit)
+    can make it train differently."""
+    import torch
+
+    base = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, ffn_dim=8,
+                    num_experts=4, top_k=2, aux_loss_coef=0.0, z_loss_coef=0.0)
+    configs = scaling_variants(base, 48, [1], [1])
+    torch.manual_seed(0)
+    dense, moe = MoETransformer(configs["dense"]), MoETransformer(configs["top1-e1"])
+    dense_params = dict(dense.named_parameters())
+
+    def dense_twin(name):  # experts hold [E, D, 2A] and [E, A, D]; nn.Linear the transpose
+        for ours, theirs in (("experts.w_in", "w_in.weight"), ("experts.w_out", "w_out.weight")):
+            if ours in name:
+                return dense_params[name.replace(ours, theirs)], lambda t: t.T[None]
+        return dense_params[name], lambda t: t
+
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if "router" not in name:
+                twin, as_moe = dense_twin(name)
+                p.copy_(as_moe(twin))
+    ids_BL = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    out_d, out_m = dense(ids_BL[:, :-1], ids_BL[:, 1:]), moe(ids_BL[:, :-1], ids_BL[:, 1:])
+    torch.testing.assert_close(out_m.loss, out_d.loss, atol=1e-6, rtol=1e-5)
+    assert float(out_m.aux_loss.detach()) == 0.0
+    out_d.loss.backward()
+    (out_m.loss + out_m.aux_loss).backward()
+    for name, p in moe.named_parameters():
+        if "router" in name:  # softmax over one expert is 1: no gradient reaches it
+            assert p.grad is None or float(p.grad.abs().max()) == 0.0
+            continue
+        twin, as_moe = dense_twin(name)
+        torch.testing.assert_close(p.grad, as_moe(twin.grad), atol=1e-6, rtol=1e-4)
