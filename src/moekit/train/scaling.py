@@ -167,9 +167,9 @@ def targets(summary: dict[str, Any], top_ks: list[int]) -> list[str]:
     if dense is not None:
         for p in _line(points, 1):
             if p["num_experts"] >= 8:
-                gap = dense["val_loss"]["mean"] - p["val_loss"]["mean"]
-                lines.append(f"{p['variant']} vs dense: {gap:+.4f} below dense -> beats dense "
-                             f"by more than the seed spread: "
+                gap = p["val_loss"]["mean"] - dense["val_loss"]["mean"]
+                lines.append(f"{p['variant']} minus dense: {gap:+.4f} (negative = better); "
+                             f"beats dense by more than the seed spread: "
                              f"{'yes' if beats_dense(p, dense) else 'NO'}")
         for p in _line(points, 2)[-1:]:
             s = p["steps_to_dense_final_mean"]
