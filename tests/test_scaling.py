@@ -123,6 +123,9 @@ def test_summary_speedup_gaps_and_targets_from_known_runs():
     assert e4["steps_to_dense_final"] == [pytest.approx(50 * 2.9 / 3), pytest.approx(50.0)]
     # seed 0 of top2-e2: 5.0 -> 2.4 -> 1.9; 2.1 is 0.3 / 0.5 of the way from 50 to 100
     assert s["points"][1]["steps_to_dense_final"][0] == pytest.approx(80.0)
+    # same-seed differences: seed 0 1.5 - 2.0, seed 1 1.6 - 2.2
+    assert s["points"][2]["paired_minus_dense"]["mean"] == pytest.approx((-0.5 - 0.6) / 2)
+    assert s["points"][2]["paired_minus_dense"]["spread"] == pytest.approx(0.1)
     gaps = doubling_gaps(s["points"], 2)
     assert [(g["from"], g["to"]) for g in gaps] == [(1, 2), (2, 4)]
     assert gaps[0]["drop"] == pytest.approx(2.1 - 1.925)

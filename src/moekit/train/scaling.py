@@ -108,6 +108,12 @@ def summarize(results: list[dict[str, Any]], order: list[str]) -> dict[str, Any]
     dense = by_name.get("dense") or []
     target = statistics.fmean(r["val_loss"] for r in dense) if dense else None
     points = [point(n, rs, target) for n, rs in by_name.items() if rs]
+    dense_by_seed = {r["seed"]: r["val_loss"] for r in dense}
+    for pt, rs in zip(points, (rs for rs in by_name.values() if rs), strict=True):
+        # same seed = same training tokens: the per-seed difference cancels data-order noise
+        diffs = [r["val_loss"] - dense_by_seed[r["seed"]] for r in rs
+                 if r["seed"] in dense_by_seed]
+        pt["paired_minus_dense"] = spread_stats(diffs) if diffs else None
     return {"dense_final_val_loss": target, "points": points,
             "wall_s": sum(r.get("wall_s", 0.0) for r in results),
             "runs": [{k: v for k, v in r.items() if k != "load"} for r in results]}
@@ -183,15 +189,23 @@ def table(summary: dict[str, Any]) -> str:
     target = summary["dense_final_val_loss"]
     lines = ["| variant | K | E | total params | active params/token | final val loss "
              "(mean ± std, n) | spread (max-min) | vs dense | steps to dense's final "
-             "(x dense) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "(x dense) | same-seed minus dense (mean, min..max) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in summary["points"]:
         v = p["val_loss"]
         gap = "" if p["variant"] == "dense" or target is None else f"{v['mean'] - target:+.4f}"
         lines.append(f"| {p['variant']} | {p['top_k'] or '-'} | {p['num_experts']} | "
                      f"{p['total_params']:,} | {p['active_params']:,} | {v['mean']:.4f} ± "
                      f"{v['std']:.4f} (n={v['n']}) | {v['spread']:.4f} | {gap} | "
-                     f"{_steps_cell(p, summary)} |")
+                     f"{_steps_cell(p, summary)} | {_paired_cell(p)} |")
     return "\n".join(lines)
+
+
+def _paired_cell(p: dict[str, Any]) -> str:
+    d = p.get("paired_minus_dense")
+    if p["variant"] == "dense" or not d:
+        return ""
+    return f"{d['mean']:+.4f} ({d['min']:+.4f}..{d['max']:+.4f}, n={d['n']})"
 
 
 def _steps_cell(p: dict[str, Any], summary: dict[str, Any]) -> str:
