@@ -29,9 +29,9 @@ def corpus_dir(tmp_path_factory):
     return root
 
 
-def run_cli(corpus_dir, out) -> int:
+def run_cli(corpus_dir, out, steps=3) -> int:
     return cli_main(["scaling", "--preset", "tiny", "--data", str(corpus_dir),
-                     "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+                     "--steps", str(steps), "--batch-size", "2", "--seq-len", "16",
                      "--eval-every", "1", "--eval-batches", "1", "--seeds", "0",
                      "--expert-counts", "2", "4", "--top-ks", "1", "2",
                      "--out", str(out), "--no-progress"])
@@ -66,6 +66,10 @@ def test_runner_writes_table_plots_json_then_resumes_without_training(
     again = json.loads((out / "scaling.json").read_text())
     assert again["points"] == summary["points"]
     assert "| top2-e4 |" in capsys.readouterr().out
+    # another budget in the same --out must not silently reuse these runs
+    assert run_cli(corpus_dir, out, steps=4) == 2
+    err = capsys.readouterr().err
+    assert "dense-seed0 was trained with steps=3, not steps=4" in err and "new --out" in err
 
 
 def ffn_free_params(cfg: LMConfig) -> int:
@@ -175,3 +179,10 @@ def test_one_expert_switch_lm_is_the_dense_lm_without_router_losses():
             continue
         twin, as_moe = dense_twin(name)
         torch.testing.assert_close(p.grad, as_moe(twin.grad), atol=1e-6, rtol=1e-4)
+
+
+def test_report_only_on_an_empty_out_says_so(tmp_path, corpus_dir, capsys):
+    rc = cli_main(["scaling", "--preset", "tiny", "--data", str(corpus_dir), "--report-only",
+                   "--expert-counts", "2", "--out", str(tmp_path / "empty")])
+    assert rc == 2
+    assert "holds no finished runs" in capsys.readouterr().err

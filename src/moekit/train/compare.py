@@ -78,9 +78,8 @@ def variants(base: LMConfig, active_ffn: int, top_ks: list[int]) -> dict[str, LM
 
 def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Path,
               progress: bool) -> dict[str, Any]:
-    cached = run_dir / RESULT
-    if cached.exists():
-        return json.loads(cached.read_text())
+    if (run_dir / RESULT).exists():
+        return cached_result(run_dir, mcfg, tcfg)
     print(f"== {name} seed {tcfg.seed}: {run_dir}", flush=True)
     trainer = Trainer(mcfg, tcfg, corpus, run_dir, progress)
     start = time.perf_counter()
@@ -97,8 +96,24 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
         "curve": [(r["tokens"], r["val_loss"]) for r in vals],
         "step_curve": [(r["step"], r["val_loss"]) for r in vals],
         "load": [(r["step"], r["expert_load"]) for r in vals if "expert_load" in r],
+        "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
     }
-    cached.write_text(json.dumps(result))
+    (run_dir / RESULT).write_text(json.dumps(result))
+    return result
+
+
+def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig) -> dict[str, Any]:
+    """A run's cached result; ValueError when it was trained with other settings
+    (the cache is keyed by directory, so a changed flag must not reuse it)."""
+    result = json.loads((run_dir / RESULT).read_text())
+    for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
+        then = result.get(key)  # absent in results written before it was recorded
+        changed = sorted(k for k in now if then is not None and then.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"out={str(run_dir.parent)!r} is not allowed: {run_dir.name} was trained with "
+                f"{', '.join(f'{k}={then.get(k)!r}' for k in changed)}, not "
+                f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; pick a new --out")
     return result
 
 
@@ -114,7 +129,7 @@ def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
                 results.append(train_one(name, mcfg, tcfg.replace(seed=seed), corpus,
                                          run_dir, progress))
             elif (run_dir / RESULT).exists():
-                results.append(json.loads((run_dir / RESULT).read_text()))
+                results.append(cached_result(run_dir, mcfg, tcfg.replace(seed=seed)))
     return results
 
 
@@ -180,7 +195,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit compare: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    try:
+        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    except ValueError as e:
+        print(f"moekit compare: error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"moekit compare: error: out={args.out!r} holds no finished runs to report",
+              file=sys.stderr)
+        return 2
     report = table(results) + "\n\n" + "\n".join(verdict(results))
     print(report)
     (out / "compare.md").write_text(report + "\n")

@@ -257,7 +257,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit scaling: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    try:
+        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    except ValueError as e:
+        print(f"moekit scaling: error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"moekit scaling: error: out={args.out!r} holds no finished runs to report",
+              file=sys.stderr)
+        return 2
     summary = summarize(results, list(configs))
     summary["config"] = {"model": next(iter(configs.values())).to_dict(),
                          "train": tcfg.to_dict(), "top_ks": args.top_ks,
