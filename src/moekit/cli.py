@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moekit.train.cli", "train the MoE language model (default: on the Python stdlib)"),
     "generate": ("moekit.train.generate_cli", "sample text from a trained checkpoint"),
     "compare": ("moekit.train.compare", "MoE vs dense of equal active FLOPs: table and plots"),
+    "scaling": ("moekit.train.scaling",
+                "loss vs number of experts at equal active FLOPs (Switch scaling): table, plots"),
     "plan": ("moekit.plan.cli", "parameters, FLOPs, memory, communication, time and energy"),
     "analyze": ("moekit.analysis.cli", "routing analysis of a trained LM checkpoint"),
     "convert": ("moekit.integrations.hf.convert",

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +30,122 @@ from moekit.train.trainer import TrainConfig, Trainer
 RESULT = "result.json"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, out: str, top_ks: list[int]) -> None:
+    """Flags shared by `moekit compare` and `moekit scaling`."""
     add_model_arguments(p)
     add_train_arguments(p)
     p.add_argument("--active-ffn", type=int,
                    help="A, FFN hidden size each token uses (default: preset top_k * ffn_dim)")
-    p.add_argument("--top-ks", type=int, nargs="+", default=[2, 1],
+    p.add_argument("--top-ks", type=int, nargs="+", default=top_ks,
                    help="MoE variants to train (experts of hidden A / K)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+",
                    help="train only these (e.g. dense moe-top2); others are read from cache")
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the cached runs (a partial sweep)")
+    p.add_argument("--out", default=out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p, "runs/compare", [2, 1])
+
+
+def moe_variant(base: LMConfig, active_ffn: int, top_k: int,
+                num_experts: int | None = None) -> LMConfig:
+    """A top-K MoE whose tokens do the FFN arithmetic of a dense SwiGLU of hidden A."""
+    if active_ffn % top_k:
+        raise ValueError(f"top-ks value {top_k} is not allowed: it must divide "
+                         f"active_ffn={active_ffn}")
+    # top-1 under a renormalising softmax router has a constant gate of 1.0, so
+    # the router would learn from the aux loss only (measured: val loss 0.14 worse
+    # than dense at 1M tokens); Switch's top-1 gate is the raw probability.
+    router = "switch" if top_k == 1 and base.router == "softmax" else base.router
+    experts = base.num_experts if num_experts is None else num_experts
+    return base.replace(dense=False, top_k=top_k, ffn_dim=active_ffn // top_k,
+                        router=router, num_experts=experts)
+
+
+def dense_variant(base: LMConfig, active_ffn: int) -> LMConfig:
+    return base.replace(dense=True, top_k=1, ffn_dim=active_ffn)
 
 
 def variants(base: LMConfig, active_ffn: int, top_ks: list[int]) -> dict[str, LMConfig]:
-    out = {"dense": base.replace(dense=True, top_k=1, ffn_dim=active_ffn)}
+    out = {"dense": dense_variant(base, active_ffn)}
     for k in top_ks:
-        if active_ffn % k:
-            raise ValueError(f"top-ks value {k} is not allowed: it must divide "
-                             f"active_ffn={active_ffn}")
-        # top-1 under a renormalising softmax router has a constant gate of 1.0, so
-        # the router would learn from the aux loss only (measured: val loss 0.14 worse
-        # than dense at 1M tokens); Switch's top-1 gate is the raw probability.
-        router = "switch" if k == 1 and base.router == "softmax" else base.router
-        out[f"moe-top{k}"] = base.replace(dense=False, top_k=k, ffn_dim=active_ffn // k,
-                                          router=router)
+        out[f"moe-top{k}"] = moe_variant(base, active_ffn, k)
     return out
 
 
 def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Path,
               progress: bool) -> dict[str, Any]:
-    cached = run_dir / RESULT
-    if cached.exists():
-        return json.loads(cached.read_text())
+    if (run_dir / RESULT).exists():
+        return cached_result(run_dir, mcfg, tcfg)
     print(f"== {name} seed {tcfg.seed}: {run_dir}", flush=True)
     trainer = Trainer(mcfg, tcfg, corpus, run_dir, progress)
+    start = time.perf_counter()
     summary = trainer.fit()
+    vals = [r for r in trainer.history if r["kind"] == "val"]
     result = {
         "variant": name, "seed": tcfg.seed, "total_params": trainer.model.num_params(),
         "active_params": trainer.model.active_params_per_token(),
+        "num_experts": 1 if mcfg.dense else mcfg.num_experts,
+        "top_k": 0 if mcfg.dense else mcfg.top_k, "router": mcfg.router,
         "tokens_per_s": summary["tokens_per_s"], "val_loss": summary["val_loss"],
-        "tokens": summary["tokens"],
-        "curve": [(r["tokens"], r["val_loss"]) for r in trainer.history if r["kind"] == "val"],
-        "load": [(r["step"], r["expert_load"]) for r in trainer.history
-                 if r["kind"] == "val" and "expert_load" in r],
+        "tokens": summary["tokens"], "steps": summary["step"],
+        "wall_s": time.perf_counter() - start, "load_avg_1m": os.getloadavg()[0],
+        "curve": [(r["tokens"], r["val_loss"]) for r in vals],
+        "step_curve": [(r["step"], r["val_loss"]) for r in vals],
+        "load": [(r["step"], r["expert_load"]) for r in vals if "expert_load" in r],
+        "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
     }
-    cached.write_text(json.dumps(result))
+    (run_dir / RESULT).write_text(json.dumps(result))
     return result
+
+
+def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig) -> dict[str, Any]:
+    """A run's cached result; ValueError when it was trained with other settings
+    (the cache is keyed by directory, so a changed flag must not reuse it)."""
+    result = json.loads((run_dir / RESULT).read_text())
+    for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
+        then = result.get(key)  # absent in results written before it was recorded
+        changed = sorted(k for k in now if then is not None and then.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"out={str(run_dir.parent)!r} is not allowed: {run_dir.name} was trained with "
+                f"{', '.join(f'{k}={then.get(k)!r}' for k in changed)}, not "
+                f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; pick a new --out")
+    return result
+
+
+def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
+            tcfg: TrainConfig, corpus, out: Path, progress: bool) -> list[dict[str, Any]]:
+    """Train the wanted variants (seed by seed, so a partial sweep covers every
+    variant once before repeating one); read the others' cached results."""
+    results = []
+    for seed in seeds:
+        for name, mcfg in configs.items():
+            run_dir = out / f"{name}-seed{seed}"
+            if name in wanted:
+                results.append(train_one(name, mcfg, tcfg.replace(seed=seed), corpus,
+                                         run_dir, progress))
+            elif (run_dir / RESULT).exists():
+                results.append(cached_result(run_dir, mcfg, tcfg.replace(seed=seed)))
+    return results
+
+
+def prepare(args: argparse.Namespace, make_configs: Callable[[LMConfig, int], dict[str, LMConfig]]
+            ) -> tuple[dict[str, LMConfig], list[str], TrainConfig, Any]:
+    """Configs, the variants to train, the train config and the corpus from the flags
+    (ValueError names the bad flag)."""
+    base, tcfg = configs_from_args(args)
+    configs = make_configs(base, args.active_ffn or base.active_ffn_dim)
+    wanted = args.variants or list(configs)
+    unknown = sorted(set(wanted) - set(configs))
+    if unknown:
+        raise ValueError(f"variants={unknown} is not allowed: choose from {list(configs)}")
+    if getattr(args, "report_only", False):
+        wanted = []
+    return configs, wanted, tcfg, load_corpus(args.data)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -144,28 +216,22 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        base, tcfg = configs_from_args(args)
-        active = args.active_ffn or base.active_ffn_dim
-        configs = variants(base, active, args.top_ks)
-        wanted = args.variants or list(configs)
-        unknown = sorted(set(wanted) - set(configs))
-        if unknown:
-            raise ValueError(f"variants={unknown} is not allowed: choose from {list(configs)}")
-        corpus = load_corpus(args.data)
+        configs, wanted, tcfg, corpus = prepare(
+            args, lambda base, active: variants(base, active, args.top_ks))
     except ValueError as e:
         print(f"moekit compare: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
-    results = []
-    for seed in args.seeds:
-        for name, mcfg in configs.items():
-            run_dir = out / f"{name}-seed{seed}"
-            if name in wanted:
-                results.append(train_one(name, mcfg, tcfg.replace(seed=seed), corpus, run_dir,
-                                         not args.no_progress))
-            elif (run_dir / RESULT).exists():
-                results.append(json.loads((run_dir / RESULT).read_text()))
+    try:
+        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    except ValueError as e:
+        print(f"moekit compare: error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"moekit compare: error: out={args.out!r} holds no finished runs to report",
+              file=sys.stderr)
+        return 2
     report = table(results) + "\n\n" + "\n".join(verdict(results))
     print(report)
     (out / "compare.md").write_text(report + "\n")

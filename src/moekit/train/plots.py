@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,81 @@ def load_figure(result: dict[str, Any]):
 
 def plot_load(result: dict[str, Any], path: Path) -> Path:
     fig = load_figure(result)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _by_top_k(summary: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    lines: dict[int, list[dict[str, Any]]] = {}
+    for p in summary["points"]:
+        if p["variant"] != "dense":
+            lines.setdefault(p["top_k"], []).append(p)
+    return {k: sorted(v, key=lambda p: p["num_experts"]) for k, v in sorted(lines.items())}
+
+
+def _dense(summary: dict[str, Any]) -> dict[str, Any] | None:
+    return next((p for p in summary["points"] if p["variant"] == "dense"), None)
+
+
+def _log2_axis(ax, summary: dict[str, Any]) -> None:
+    ax.set_xscale("log", base=2)
+    counts = sorted({p["num_experts"] for p in summary["points"]})
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.set_xlabel("experts per MoE layer (E)")
+    ax.grid(alpha=0.3)
+
+
+def plot_scaling(summary: dict[str, Any], path: Path) -> Path:
+    """Final validation loss against E: one line per top-K (error bars = min..max over
+    seeds), the dense model as a horizontal band (min..max over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    dense = _dense(summary)
+    if dense is not None:
+        v = dense["val_loss"]
+        ax.axhline(v["mean"], color="black", lw=1, label=f"dense (n={v['n']})")
+        ax.axhspan(v["min"], v["max"], color="black", alpha=0.12)
+    for k, line in _by_top_k(summary).items():
+        e = [p["num_experts"] for p in line]
+        mean = [p["val_loss"]["mean"] for p in line]
+        err = [[m - p["val_loss"]["min"] for m, p in zip(mean, line, strict=True)],
+               [p["val_loss"]["max"] - m for m, p in zip(mean, line, strict=True)]]
+        n = min(p["val_loss"]["n"] for p in line)
+        ax.errorbar(e, mean, yerr=err, marker="o", capsize=3,
+                    label=f"top-{k}{' (Switch router)' if k == 1 else ''}, n>={n}")
+    _log2_axis(ax, summary)
+    ax.set_ylabel("final validation loss (nats/byte)")
+    ax.set_title("equal active FLOPs per token: loss vs number of experts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
+    """Steps to reach the dense model's final validation loss, per E and top-K
+    (mean over seeds; crosses at the top = not reached by every seed)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    dense = _dense(summary)
+    top = dense["steps"] if dense is not None else max(p["steps"] for p in summary["points"])
+    if dense is not None:
+        ax.axhline(top, color="black", lw=1, label=f"dense: {top} steps")
+    for k, line in _by_top_k(summary).items():
+        missed = [p for p in line if p["steps_to_dense_final_mean"] is None]
+        steps = [math.nan if p in missed else p["steps_to_dense_final_mean"] for p in line]
+        lines = ax.plot([p["num_experts"] for p in line], steps, marker="o",
+                        label=f"top-{k}")  # NaN breaks the line where a point is missing
+        if missed:
+            ax.scatter([p["num_experts"] for p in missed], [top * 1.05] * len(missed),
+                       marker="x", color=lines[0].get_color(),
+                       label=f"top-{k}: not reached by every seed")
+    _log2_axis(ax, summary)
+    ax.set_ylim(0, top * 1.12)
+    ax.set_ylabel("steps to reach dense's final val loss")
+    ax.set_title("training steps to dense quality (lower = faster)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -1,0 +1,188 @@
+"""`moekit scaling`: the runner's outputs, resuming from cache, equal active FLOPs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import moekit.train.compare as compare
+from moekit.cli import main as cli_main
+from moekit.models import LMConfig, MoETransformer
+from moekit.train.scaling import (
+    doubling_gaps,
+    scaling_variants,
+    steps_to_reach,
+    summarize,
+    targets,
+)
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(40):  # enough files that the hash split puts some in validation
+        (root / f"mod_{i:02d}.py").write_text(TEXT * (3 + i % 5) + f"# file {i}\n")
+    return root
+
+
+def run_cli(corpus_dir, out, steps=3) -> int:
+    return cli_main(["scaling", "--preset", "tiny", "--data", str(corpus_dir),
+                     "--steps", str(steps), "--batch-size", "2", "--seq-len", "16",
+                     "--eval-every", "1", "--eval-batches", "1", "--seeds", "0",
+                     "--expert-counts", "2", "4", "--top-ks", "1", "2",
+                     "--out", str(out), "--no-progress"])
+
+
+def test_runner_writes_table_plots_json_then_resumes_without_training(
+        tmp_path, corpus_dir, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "scaling"
+    assert run_cli(corpus_dir, out) == 0
+    first = capsys.readouterr().out
+    names = ["dense", "top1-e2", "top2-e2", "top1-e4", "top2-e4"]
+    for name in names:
+        assert f"| {name} |" in first
+    for png in ("scaling.png", "speedup.png"):
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+    summary = json.loads((out / "scaling.json").read_text())
+    assert [p["variant"] for p in summary["points"]] == names
+    for p in summary["points"]:
+        assert p["val_loss"]["n"] == 1 and p["steps"] == 3
+    run = summary["runs"][0]
+    assert [s for s, _ in run["step_curve"]] == [0, 1, 2, 3]  # a val point per step
+    assert [t for t, _ in run["curve"]] == [0, 32, 64, 96]  # 2 x 16 tokens per step
+    assert summary["dense_final_val_loss"] == run["val_loss"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(compare, "Trainer", no_training)
+    assert run_cli(corpus_dir, out) == 0
+    again = json.loads((out / "scaling.json").read_text())
+    assert again["points"] == summary["points"]
+    assert "| top2-e4 |" in capsys.readouterr().out
+    # another budget in the same --out must not silently reuse these runs
+    assert run_cli(corpus_dir, out, steps=4) == 2
+    err = capsys.readouterr().err
+    assert "dense-seed0 was trained with steps=3, not steps=4" in err and "new --out" in err
+
+
+def ffn_free_params(cfg: LMConfig) -> int:
+    """Everything but the FFNs, from the architecture: tied embedding V x D, per
+    block attention 4 D^2 (qkv + out) and two RMSNorm weights, the final norm."""
+    D, L = cfg.dim, cfg.num_layers
+    return cfg.vocab_size * D + L * (4 * D * D + 2 * D) + D
+
+
+@pytest.mark.parametrize("active_ffn", [64, 96])
+def test_every_variant_has_the_dense_models_active_ffn_flops(active_ffn):
+    base = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, ffn_dim=8,
+                    num_experts=4, top_k=2)
+    configs = scaling_variants(base, active_ffn, [1, 2], [1, 2, 4, 8, 16, 32, 64])
+    assert len(configs) == 1 + 7 + 6  # dense, top-1 at E=1..64, top-2 at E=2..64
+    D, L = base.dim, base.num_layers
+    dense = MoETransformer(configs.pop("dense"))
+    # a SwiGLU of hidden A: gate and up D x A, down A x D -> 2 * 3 * D * A FLOPs per token
+    dense_ffn = 3 * D * active_ffn
+    assert dense.num_params() == ffn_free_params(base) + L * dense_ffn
+    for name, cfg in configs.items():
+        model = MoETransformer(cfg)
+        E, K, F = cfg.num_experts, cfg.top_k, cfg.ffn_dim
+        assert name == f"top{K}-e{E}" and K * F == active_ffn
+        assert (cfg.router == "switch") == (K == 1)
+        router = D * E
+        assert model.num_params() == ffn_free_params(base) + L * (E * 3 * D * F + router)
+        # a token runs K experts of 3 D F weights: the dense FFN's arithmetic, plus the router
+        assert model.active_params_per_token() == dense.num_params() + L * router, name
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [(0, 3.0), (10, 2.0), (20, 1.0), (30, 0.5)]
+    assert steps_to_reach(curve, 1.5) == pytest.approx(15.0)
+    assert steps_to_reach(curve, 1.0) == pytest.approx(20.0)
+    assert steps_to_reach(curve, 3.5) == 0.0
+    assert steps_to_reach(curve, 0.4) is None
+
+
+def fake_run(variant, top_k, experts, seed, final):
+    return {"variant": variant, "seed": seed, "top_k": top_k, "num_experts": experts,
+            "total_params": 1, "active_params": 1, "steps": 100, "tokens": 1000,
+            "val_loss": final, "step_curve": [(0, 5.0), (50, final + 0.5), (100, final)],
+            "curve": [], "load": []}
+
+
+def test_summary_speedup_gaps_and_targets_from_known_runs():
+    runs = [fake_run("dense", 0, 1, s, v) for s, v in ((0, 2.0), (1, 2.2))]
+    runs += [fake_run("top2-e2", 2, 2, s, v) for s, v in ((0, 1.9), (1, 1.95))]
+    runs += [fake_run("top2-e4", 2, 4, s, v) for s, v in ((0, 1.5), (1, 1.6))]
+    s = summarize(runs, ["dense", "top2-e2", "top2-e4"])
+    assert s["dense_final_val_loss"] == pytest.approx(2.1)
+    e4 = s["points"][2]
+    # seed 0: 5.0 -> 2.0 over steps 0..50 passes 2.1 at 50 * 2.9 / 3; seed 1 is 2.1 at 50
+    assert e4["steps_to_dense_final"] == [pytest.approx(50 * 2.9 / 3), pytest.approx(50.0)]
+    # seed 0 of top2-e2: 5.0 -> 2.4 -> 1.9; 2.1 is 0.3 / 0.5 of the way from 50 to 100
+    assert s["points"][1]["steps_to_dense_final"][0] == pytest.approx(80.0)
+    # same-seed differences: seed 0 1.5 - 2.0, seed 1 1.6 - 2.2
+    assert s["points"][2]["paired_minus_dense"]["mean"] == pytest.approx((-0.5 - 0.6) / 2)
+    assert s["points"][2]["paired_minus_dense"]["spread"] == pytest.approx(0.1)
+    gaps = doubling_gaps(s["points"], 2)
+    assert [(g["from"], g["to"]) for g in gaps] == [(1, 2), (2, 4)]
+    assert gaps[0]["drop"] == pytest.approx(2.1 - 1.925)
+    assert not gaps[0]["drop_exceeds_spread"]  # dense's spread 0.2 > drop 0.175
+    assert gaps[1]["drop_exceeds_spread"]  # 0.375 > 0.1
+    text = "\n".join(targets(s, [2]))
+    assert "monotonic: yes" in text and "1/3" in text and "0.49x dense's 100" in text
+    # one seed has no spread: the comparison is unknown, not "above a spread of 0"
+    one = summarize([r for r in runs if r["seed"] == 0], ["dense", "top2-e2", "top2-e4"])
+    assert [g["drop_exceeds_spread"] for g in doubling_gaps(one["points"], 2)] == [None, None]
+    assert "0/3 (spread unknown for some)" in "\n".join(targets(one, [2]))
+
+
+def test_one_expert_switch_lm_is_the_dense_lm_without_router_losses():
+    """The curve's E=1 point: with the same weights, a 1-expert top-1 (Switch) LM has
+    the dense LM's loss and gradients; only its router losses (z-loss on one logit)
+    can make it train differently."""
+    import torch
+
+    base = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, ffn_dim=8,
+                    num_experts=4, top_k=2, aux_loss_coef=0.0, z_loss_coef=0.0)
+    configs = scaling_variants(base, 48, [1], [1])
+    torch.manual_seed(0)
+    dense, moe = MoETransformer(configs["dense"]), MoETransformer(configs["top1-e1"])
+    dense_params = dict(dense.named_parameters())
+
+    def dense_twin(name):  # experts hold [E, D, 2A] and [E, A, D]; nn.Linear the transpose
+        for ours, theirs in (("experts.w_in", "w_in.weight"), ("experts.w_out", "w_out.weight")):
+            if ours in name:
+                return dense_params[name.replace(ours, theirs)], lambda t: t.T[None]
+        return dense_params[name], lambda t: t
+
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if "router" not in name:
+                twin, as_moe = dense_twin(name)
+                p.copy_(as_moe(twin))
+    ids_BL = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    out_d, out_m = dense(ids_BL[:, :-1], ids_BL[:, 1:]), moe(ids_BL[:, :-1], ids_BL[:, 1:])
+    torch.testing.assert_close(out_m.loss, out_d.loss, atol=1e-6, rtol=1e-5)
+    assert float(out_m.aux_loss.detach()) == 0.0
+    out_d.loss.backward()
+    (out_m.loss + out_m.aux_loss).backward()
+    for name, p in moe.named_parameters():
+        if "router" in name:  # softmax over one expert is 1: no gradient reaches it
+            assert p.grad is None or float(p.grad.abs().max()) == 0.0
+            continue
+        twin, as_moe = dense_twin(name)
+        torch.testing.assert_close(p.grad, as_moe(twin.grad), atol=1e-6, rtol=1e-4)
+
+
+def test_report_only_on_an_empty_out_says_so(tmp_path, corpus_dir, capsys):
+    rc = cli_main(["scaling", "--preset", "tiny", "--data", str(corpus_dir), "--report-only",
+                   "--expert-counts", "2", "--out", str(tmp_path / "empty")])
+    assert rc == 2
+    assert "holds no finished runs" in capsys.readouterr().err
