@@ -52,6 +52,14 @@ def check_input(x: Tensor, dim: int, check_finite: bool = False,
         raise ValueError("x contains NaN or inf, which is not allowed with check_finite=True")
 
 
+def reference_weight(layer: nn.Module) -> Tensor | None:
+    """The parameter whose dtype and device the input must match: the stacked expert
+    weight, or the router's where the experts hold no plain tensor (quantized experts,
+    experts streamed from disk)."""
+    w_in = getattr(layer.experts, "w_in", None)
+    return w_in if isinstance(w_in, Tensor) else getattr(layer.router, "weight", None)
+
+
 def check_like_weight(x: Tensor, weight: Tensor) -> None:
     if x.device != weight.device:
         raise ValueError(f"x.device={x.device} is not allowed: it must be the layer's device "
@@ -121,7 +129,7 @@ class MoE(nn.Module):
         Returns (x_TD, the router's output, the Dispatch, the capacity or None).
         """
         cfg = self.config
-        check_input(x, cfg.dim, cfg.check_finite, self.experts.w_in)
+        check_input(x, cfg.dim, cfg.check_finite, reference_weight(self))
         if cfg.router == "hash":
             assert cfg.hash_vocab_size is not None
             check_token_ids(token_ids, x, cfg.hash_vocab_size)

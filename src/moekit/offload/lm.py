@@ -22,7 +22,8 @@ from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.runtime import ExpertOffload
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import ExpertStore, Part, parse_bytes
-from moekit.train.checkpoint import MODEL_FILE, CheckpointError, _read_state, _sha256, resolve
+from moekit.train import rundir
+from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, _read_state, resolve
 
 EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
 
@@ -46,7 +47,7 @@ class OffloadedExperts(nn.Module):
     def _compute(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]) -> Tensor:
         w = {n: torch.stack([p[n] for p in parts]) if n in parts[0] else None
              for n in EXPERT_TENSORS}
-        fn = resolve_backend(self.backend, x_TD, w["w_in"], w["w_out"])
+        fn = resolve_backend(self.backend, x_TD, w["w_in"], w["w_out"], d.num_rows)
         return fn(x_TD, d, w["w_in"], w["w_out"], w["b_in"], w["b_out"], self._act)
 
 
@@ -96,13 +97,12 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     """
     budget = parse_bytes(expert_memory)
     ckpt = resolve(path)
-    state = _read_state(ckpt)
     file = ckpt / MODEL_FILE
     if not file.exists():
         raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
-    if _sha256(file) != state["sha256"].get(MODEL_FILE):
-        raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not match "
-                              f"the one recorded in {ckpt / 'state.json'}")
+    # the manifest's SHA-256 of every file, state.json included, before anything is read
+    rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
+    state = _read_state(ckpt)
     header = read_header(file)
     cfg = LMConfig.from_dict(state["model_config"])
     with torch.device("meta"):
