@@ -86,6 +86,10 @@ class ExpertParallelMoE(MoE):
         ep_moe.load_state_dict(state)
         return ep_moe
 
+    def infer(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """Generation goes through the all-to-all too: this rank holds only its experts."""
+        return self.forward(x, token_ids).output
+
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         x_TD, routed, dispatch, capacity = self.route(x, token_ids)
         T = x_TD.shape[0]
