@@ -17,11 +17,10 @@ from moekit.inference.engine import (
     GenerationStats,
     stop_sequences_from_text,
 )
-from moekit.models.config import LMConfig
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.offload import load_offloaded
-from moekit.train.checkpoint import CheckpointError, load_checkpoint, restore
+from moekit.train.checkpoint import CheckpointError
 from moekit.train.data import decode, encode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,14 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(path: str) -> MoETransformer:
     """A model built from the checkpoint's own config, weights verified and loaded
     (a directory written by `moekit quantize` loads its quantized model)."""
-    from moekit.quant.io import is_quantized_checkpoint, load_quantized
+    from moekit.quant.io import load_model as load_any
 
-    if is_quantized_checkpoint(path):
-        return load_quantized(path)
-    ck = load_checkpoint(path)
-    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
-    restore(ck, model, rng=False)
-    return model.eval()
+    return load_any(path)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
