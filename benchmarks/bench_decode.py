@@ -259,21 +259,6 @@ def roofline(model, ids_BL, n: int, bandwidth: float, distinct: list[float] | No
             "distinct_experts_per_layer": distinct}
 
 
-def read_bandwidth(reps: int = 5) -> float:
-    """Bytes/s of a 1 GiB fp32 ``sum`` (median of ``reps``)."""
-    import torch
-
-    x = torch.ones(2**28)
-    x.sum()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - t0)
-    del x
-    return 2**30 / statistics.median(ts)
-
-
 # -- prefill -------------------------------------------------------------------------------
 
 def prefill_runner(model, L: int):
@@ -532,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
             profile_step(args.models[0], B)
         return 0
     info = harness.machine()
-    bw = [read_bandwidth()]
+    bw = [harness.read_bandwidth()]
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum)  {args.new_tokens} new tokens after a "
@@ -547,7 +532,7 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_model(args, shape, bw[0], lambda new, done=rows: _write(
             args, info, bw, done + new, [], time.time() - t0))
         gc.collect()
-        bw.append(read_bandwidth())
+        bw.append(harness.read_bandwidth())
         _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,24 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Step, compare, machine  # noqa: E402
+from harness import Step, compare, machine, read_bandwidth  # noqa: E402
 from moekit import MoEConfig  # noqa: E402
 from moekit.experts import Experts  # noqa: E402
 from moekit.experts.backends import BACKENDS  # noqa: E402
 from moekit.inference import sorted_rows  # noqa: E402
 from moekit.quant.tensor import QuantizedTensor, quantize_tensor  # noqa: E402
-
-
-def bandwidth_gbs(reps: int = 5) -> float:
-    """Read bandwidth of a 1 GiB fp32 sum, median of ``reps`` (GB/s)."""
-    x = torch.ones(1 << 28)
-    x.sum()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(ts) / 1e9
 
 
 def expert_bytes(w) -> int:
@@ -178,7 +165,7 @@ def main() -> None:
                     top_k=args.top_k)
     ex = Experts(cfg).requires_grad_(False)
     info = machine()
-    bw = bandwidth_gbs()
+    bw = read_bandwidth() / 1e9  # GB/s
     print(f"bench_decode_kernel  torch {info['torch']}  {args.threads} threads  {info['cpu']}  "
           f"load {info['load_average_1m']}  D={args.dim} E={args.experts} K={args.top_k} "
           f"F={args.ffn_dim} swiglu  read bandwidth {bw:.1f} GB/s (1 GiB sum)  "

@@ -203,3 +203,19 @@ if __name__ == "__main__":
         _peak_main(*sys.argv[2:5])
     else:
         sys.exit("usage: harness.py --peak SCRIPT BUILDER KWARGS_JSON (used by the benchmarks)")
+
+
+def read_bandwidth(reps: int = 5) -> float:
+    """Bytes/s of a 1 GiB fp32 ``sum`` (median of ``reps``): the memory read bandwidth the
+    decode benchmarks divide their bytes by."""
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    del x
+    return 2**30 / statistics.median(ts)
