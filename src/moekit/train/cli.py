@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from moekit.config import ROUTERS, check_positive_int, flag_message
-from moekit.functions import cpu_ext
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
@@ -82,12 +81,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_train_arguments(p)
-    # fp32 by default: the full default run on the quiet dev box (2026-12-02, 2 threads)
-    # took 5 min 53 s at 9,549 tokens/s in bf16 (val 1.231) against 4 min 13 s at 12,355
-    # tokens/s in fp32 (val 1.225), although one 1-thread step costs 0.78x the CPU time in
-    # bf16: the D=128 model's GEMMs are too small to pay for the casts. True flips the
-    # default to bf16 on CPUs with native bf16 (see default_bf16).
-    p.set_defaults(auto_bf16=False)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run from its directory or a step_* checkpoint")
@@ -99,23 +92,14 @@ def _picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
             if getattr(args, flag, None) is not None}
 
 
-def default_bf16(device: str | None) -> bool:
-    """bf16 autocast unless told otherwise, on a CPU with native bf16 (AVX-512 BF16).
-
-    Measured on the 2-core AMD EPYC dev box (torch 2.13.0+cpu, shared, load 10-19):
-    `moekit train --steps 300 --threads 1`, validation loss 1.676 (fp32) vs 1.686 (bf16,
-    +0.6%; 2.052 vs 2.042 at step 150); one 16 x 128 training step of the small preset
-    costs 404 vs 317 ms of CPU time (1 thread, median of 8 alternating pairs).
-    """
-    return (device or "cpu") == "cpu" and cpu_ext.native_bf16()
-
-
 def use_bf16(args: argparse.Namespace) -> bool:
+    # fp32 unless --bf16: the full default run on the quiet dev box (2026-12-02, 2 threads)
+    # took 5 min 53 s at 9,549 tokens/s in bf16 (val 1.231) against 4 min 13 s at 12,355
+    # tokens/s in fp32 (val 1.225), although one 1-thread step costs 0.78x the CPU time in
+    # bf16: the D=128 model's GEMMs are too small to pay for the casts.
     if args.bf16 and args.fp32:
         raise ValueError("--bf16 and --fp32 were both given: pick one")
-    if args.bf16 or args.fp32:
-        return args.bf16
-    return getattr(args, "auto_bf16", False) and default_bf16(args.device)
+    return args.bf16
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
