@@ -93,3 +93,45 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
         y_TD += fused_experts(x_TD, token_S[r0:r1], weight_S[r0:r1], offsets_E[e0:e1] - r0,
                               wi, wo, bi, bo, act, kind)
     return y_TD
+
+
+def _list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
+    """Per-expert weights -> (data list, scales list | None, zeros list | None, bits, group)."""
+    first = ws[0]
+    if isinstance(first, QuantizedTensor):
+        return ([w.data[0] for w in ws], [w.scales[0] for w in ws],
+                None if first.zeros is None else [w.zeros[0] for w in ws],
+                first.bits, first.group_size or 0)
+    return list(ws), None, None, 0, 0
+
+
+def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
+                     w_in: list[Tensor | QuantizedTensor], w_out: list[Tensor | QuantizedTensor],
+                     b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn,
+                     spec: tuple[str, float, float] | None, out_TD: Tensor | None = None,
+                     plan_experts: int = 0) -> Tensor:
+    """``decode_rows`` with the weights as lists, one entry per entry of ``offsets_E``:
+    a [K, N] tensor (either unit-stride layout) or a one-expert QuantizedTensor. No
+    stacked copy; bitwise equal to ``decode_rows`` on the stacked weights.
+
+    ``out_TD`` (fp32 [T, D]): add into it instead of returning a fresh tensor, so a
+    step can run its experts in chunks (in expert order); ``plan_experts`` is then
+    the step's total touched experts, which the kernels' K split depends on.
+    Returns fp32 when ``out_TD`` is given, else x's dtype.
+    """
+    ext = cpu_ext.get_decode()
+    if ext is None:
+        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
+                           "failed); use backend='fused'")
+    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
+    code = ACT_CODES.get(kind, 0)
+    x = x_TD.detach().float().contiguous()
+    h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), _f32(b_in_EG), code, limit,
+                         alpha, plan_experts)
+    if code == 0:
+        h = act(h).float().contiguous()
+    out = torch.empty_like(x) if out_TD is None else out_TD
+    ext.down_combine_list(h, token_S, weight_S.detach().float().contiguous(), offsets_E,
+                          *_list_args(w_out), _f32(b_out_ED), out, out_TD is not None,
+                          plan_experts)
+    return out if out_TD is not None else out.to(x_TD.dtype)
