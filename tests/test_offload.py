@@ -322,8 +322,8 @@ def test_hf_errors(hf_ckpt, tmp_path):
     path, *_, per_expert, top_k = hf_ckpt
     with pytest.raises(ExpertMemoryError, match="too small"):
         hf.load_offloaded(path, expert_memory=top_k * per_expert - 1)
-    with pytest.raises(NotImplementedError, match="quantize=8"):
-        hf.load_offloaded(path, expert_memory="1MiB", quantize=8)
+    with pytest.raises(ValueError, match="quantize=3"):
+        hf.load_offloaded(path, expert_memory="1MiB", quantize=3)
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     name, shard = next((n, f) for n, f in sorted(index.items()) if ".experts." in n)
     threads = len(_prefetch_threads())

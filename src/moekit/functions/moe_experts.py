@@ -303,3 +303,24 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
     """
     return FusedExperts.apply(x_TD.contiguous(), weight_S, w_in_EDG, w_out_EFD, b_in_EG,
                               b_out_ED, token_S, offsets_E.tolist(), kind, act, block_rows)
+
+
+@torch.no_grad()
+def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: Tensor,
+                       offsets_E: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                       b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn,
+                       kind: str | None = None, block_rows: int = BLOCK_ROWS) -> Tensor:
+    """FusedExperts' forward without autograd, adding into ``out_TD`` (x's dtype).
+
+    For a caller that holds some experts' weights at a time (moekit.offload): run
+    them chunk by chunk in expert order into one ``out_TD``; each index_add_ adds a
+    token's rows in row order, so the sums are those of one call over all experts.
+    """
+    blocks = _blocks(offsets_E.tolist(), block_rows)
+    p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
+    x_TD = x_TD.contiguous()
+    w_S1 = weight_S.to(x_TD.dtype)[:, None]
+    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
+    for b in blocks:
+        _forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
+    return out_TD

@@ -3,6 +3,8 @@
 The model is built on the meta device, every MoE layer's ``Experts`` is swapped
 for ``OffloadedExperts`` (no parameters), and everything else is read from the
 checkpoint. Experts stay in ``model.safetensors`` until a step routes to them.
+A quantized checkpoint (a directory written by ``moekit quantize``) works the
+same way: its int8 / int4 bytes are what is read and cached.
 """
 
 from __future__ import annotations
@@ -19,41 +21,60 @@ from moekit.layer import MoE
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.cache import ExpertCache, check_budget
-from moekit.offload.runtime import ExpertOffload
+from moekit.offload.codecs import Quantized
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, _stack
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
-from moekit.offload.store import ExpertStore, Part, parse_bytes
+from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
+from moekit.quant import io as qio
 from moekit.train import rundir
-from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, _read_state, resolve
-
-EXPERT_TENSORS = ("w_in", "w_out", "b_in", "b_out")
-
+from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, _read_state, resolve
 
 class OffloadedExperts(nn.Module):
     """Stands in for ``Experts``: same call, weights from the expert cache."""
 
-    def __init__(self, cfg, backend: str, layer: int) -> None:
+    def __init__(self, cfg, backend: str, layer: int, dtype: torch.dtype,
+                 quantized: bool) -> None:
         super().__init__()
         self.cfg, self.backend, self.layer = cfg, backend, layer
         self.offload: ExpertOffload | None = None  # set once the cache exists
+        self.call = ExpertsCall(self._act, backend, dtype, quantized, self._unpack,
+                                self._stacked)
 
     def _act(self, h: Tensor) -> Tensor:  # a bound method with .cfg, as Experts has
         return activate(h, self.cfg)
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         assert self.offload is not None
-        return self.offload.run(self.layer, x_TD, dispatch, lambda d, parts: self._compute(
-            x_TD, d, parts), self.cfg.dim)
+        return self.offload.run(self.layer, x_TD, dispatch, self.call, self.cfg.dim)
 
-    def _compute(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]) -> Tensor:
-        w = {n: torch.stack([p[n] for p in parts]) if n in parts[0] else None
-             for n in EXPERT_TENSORS}
-        fn = resolve_backend(self.backend, x_TD, w["w_in"], w["w_out"], d.num_rows)
-        return fn(x_TD, d, w["w_in"], w["w_out"], w["b_in"], w["b_out"], self._act)
+    @staticmethod
+    def _unpack(parts: list[dict]) -> ExpertWeights:
+        b_in, b_out = ((torch.stack([p[n] for p in parts]) if n in parts[0] else None)
+                       for n in ("b_in", "b_out"))
+        return ExpertWeights([p["w_in"] for p in parts], [p["w_out"] for p in parts],
+                             b_in, b_out)
+
+    def _stacked(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]) -> Tensor:
+        """A backend other than auto / decode: one call on stacked copies."""
+        w = self._unpack(parts)
+        w_in, w_out = _stack(w.w_in), _stack(w.w_out)
+        fn = resolve_backend(self.backend, x_TD, w_in, w_out, d.num_rows)
+        return fn(x_TD, d, w_in, w_out, w.b_in_EG, w.b_out_ED, self._act)
 
 
-def _expert_parts(header: dict[str, TensorLoc], prefix: str, cfg, path: Path
-                  ) -> dict[int, dict[str, Part]]:
-    names = [n for n in EXPERT_TENSORS if n in ("w_in", "w_out") or cfg.expert_bias]
+def _part_names(cfg, bits: int | None) -> list[str]:
+    """The stored tensors of one expert: w_in, w_out (quantized: their data, scales and,
+    for int4, zeros), then the biases."""
+    biases = ["b_in", "b_out"] if cfg.expert_bias else []
+    if bits is None:
+        return ["w_in", "w_out", *biases]
+    buffers = ("data", "scales", "zeros") if bits == 4 else ("data", "scales")
+    return [f"{w}.{b}" for w in ("w_in", "w_out") for b in buffers] + biases
+
+
+def _expert_parts(header: dict[str, TensorLoc], prefix: str, cfg, path: Path,
+                  bits: int | None) -> dict[int, dict[str, Part]]:
+    names = _part_names(cfg, bits)
     out: dict[int, dict[str, Part]] = {e: {} for e in range(cfg.num_experts)}
     for n in names:
         loc = header.get(f"{prefix}.{n}")
@@ -96,13 +117,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     calling thread (same hits, no overlap).
     """
     budget = parse_bytes(expert_memory)
-    ckpt = resolve(path)
-    file = ckpt / MODEL_FILE
-    if not file.exists():
-        raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
-    # the manifest's SHA-256 of every file, state.json included, before anything is read
-    rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
-    state = _read_state(ckpt)
+    file, state, quant = _source(path)
     header = read_header(file)
     cfg = LMConfig.from_dict(state["model_config"])
     with torch.device("meta"):
@@ -111,12 +126,15 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):
             moe = block.ffn
-            parts = _expert_parts(header, f"blocks.{b}.ffn.experts", moe.config, file)
+            parts = _expert_parts(header, f"blocks.{b}.ffn.experts", moe.config, file,
+                                  quant[0] if quant else None)
             store_parts.update({(layer, e): p for e, p in parts.items()})
-            moe.experts = OffloadedExperts(moe.config, backend, layer)
+            dtype = torch.float32 if quant else parts[0]["w_in"].dtype
+            moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, quant is not None)
             layer += 1
     resident = _check_resident(model, header, state["tied"], file)
-    store = ExpertStore(store_parts)
+    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)
+    store = ExpertStore(store_parts, codec)
     try:
         model.to_empty(device="cpu")
         _load_resident(model, resident, store._fds)
@@ -126,6 +144,28 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
         raise
     model.expert_offload = offload
     return model.eval()
+
+
+def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None] | None]:
+    """(model file, state with model_config and tied, (bits, group) when quantized),
+    every file verified against its recorded SHA-256 before anything is read."""
+    if qio.is_quantized_checkpoint(path):
+        path = Path(path)
+        meta = qio._read_meta(path)
+        file = path / qio.MODEL_FILE
+        if not file.exists():
+            raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+        if rundir.sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not "
+                                  f"match the one recorded in {qio.META_FILE}")
+        return file, meta, (meta["bits"], meta["group_size"])
+    ckpt = resolve(path)
+    file = ckpt / MODEL_FILE
+    if not file.exists():
+        raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+    # the manifest's SHA-256 of every file, state.json included, before anything is read
+    rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
+    return file, _read_state(ckpt), None
 
 
 def _load_resident(model: MoETransformer, locs: dict[str, TensorLoc], fds) -> None:

@@ -1,25 +1,45 @@
 """The per-step hook: before a MoE layer's experts run, fetch the ones it routed to,
-queue the next layer's predicted experts, and run the touched experts through the
-same backend function the resident model uses.
+queue the next layer's predicted experts, and run the touched experts with the
+kernels the resident model uses, on the cached tensors themselves.
 
 Touched experts are renumbered 0..E'-1 in increasing id order, so the sorted
 rows, each expert's GEMM and the combine's summation order are those of the
 resident model: the output is bitwise equal, not merely close.
 
+No step stacks its experts into new [E', ...] tensors (that copy, outside the
+budget, was most of the peak RSS over budget + non-expert weights): the decode
+kernels take the list of cached tensors, and a step touching more experts than
+the cache holds runs in chunks of experts, in id order, adding into one output
+(the kernels' ``accumulate`` / ``fused_experts_into``), which sums every token's
+rows in the same order as one call. Prefill past the decode kernels' row limit
+stacks one chunk of at most ``FUSED_CHUNK`` experts at a time for the GEMMs.
+
 Shape letters: T tokens, D hidden, E experts, E' experts this step touches,
-K experts per token.
+K experts per token, G = 2F for GLU activations, N / K output / input width.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
+from moekit.experts.backends import (
+    DECODE_MAX_ROWS,
+    QUANT_KERNEL_MAX_ROWS,
+    _activation_spec,
+    fused_supported,
+)
+from moekit.functions import decode
+from moekit.functions.moe_experts import fused_experts, fused_experts_into
 from moekit.offload.cache import ExpertCache
+from moekit.quant.tensor import QuantizedTensor, dequantize_NK
+
+FUSED_CHUNK = 8  # experts stacked at a time for prefill GEMMs: 8 x 3 MiB at the bf16 OLMoE shape
 
 Predictor = Callable[[Tensor], Tensor]  # x_TD -> expert ids [T, K] of the next MoE layer
 
@@ -40,13 +60,97 @@ def rank_predictions(experts_TK: Tensor, limit: int) -> list[int]:
     return sorted(e for _, e in order[:limit])
 
 
+@dataclass(frozen=True)
+class ExpertWeights:
+    """A chunk of cached experts as the kernels take them, in expert order."""
+
+    w_in: list[Tensor | QuantizedTensor]  # per expert [D, G] (any unit-stride layout)
+    w_out: list[Tensor | QuantizedTensor]  # per expert [F, D]
+    b_in_EG: Tensor | None = None  # stacked biases (a few KiB)
+    b_out_ED: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ExpertsCall:
+    """How a model's experts compute: ``unpack`` turns cached values into ExpertWeights;
+    ``stacked(x_TD, d, parts)`` is the resident module's own call on stacked copies,
+    for backends the offloaded path does not run itself."""
+
+    act: Callable[[Tensor], Tensor]
+    backend: str
+    dtype: torch.dtype  # the experts' float dtype (of what dequantized ones run in)
+    quantized: bool
+    unpack: Callable[[list[Any]], ExpertWeights]
+    stacked: Callable[[Tensor, Dispatch, list[Any]], Tensor]
+
+
+def _kind(act) -> str | None:
+    spec = _activation_spec(act)
+    return spec[0] if spec is not None else getattr(act, "kind", None)
+
+
+def _spec(act) -> tuple[str, float, float] | None:
+    """What decode_experts hands the kernels for ``act`` (None: run it in Python)."""
+    spec = _activation_spec(act)
+    if spec is None and getattr(act, "kind", None) is not None:  # HF GluAct
+        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
+    return spec
+
+
+def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
+    """Which compute the resident model's "auto" / "decode" choice amounts to here:
+    "list" (decode kernels), "fused", "dequant" (quantized prefill) or "stacked"."""
+    cpu = x_TD.device.type == "cpu" and decode.available()
+    if call.quantized:
+        return "list" if cpu and rows <= QUANT_KERNEL_MAX_ROWS else "dequant"
+    if call.backend not in ("auto", "decode"):
+        return "stacked"
+    floats = (torch.float32, torch.bfloat16)
+    if call.backend == "decode" or (
+            cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and rows <= DECODE_MAX_ROWS and x_TD.dtype in floats and call.dtype in floats):
+        return "list"
+    like = torch.empty(0, dtype=call.dtype, device="meta")
+    if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
+            and _kind(call.act) is not None and fused_supported(x_TD, like, like)):
+        return "fused"
+    return "stacked"
+
+
+def _chunks(ids: list[int], size: int) -> list[tuple[int, int]]:
+    """[c0, c1) index ranges of ``ids`` of at most ``size``."""
+    return [(c0, min(len(ids), c0 + size)) for c0 in range(0, len(ids), size)]
+
+
+def _dequant_chunks(ids: list[int]) -> list[tuple[int, int]]:
+    """Touched experts grouped by the resident path's blocks of DEQUANT_BLOCK_EXPERTS ids."""
+    out, c0 = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] // decode.DEQUANT_BLOCK_EXPERTS != ids[c0] // \
+                decode.DEQUANT_BLOCK_EXPERTS:
+            out.append((c0, i))
+            c0 = i
+    return out
+
+
+def _stack(ws: list[Tensor]) -> Tensor:
+    """Stack per-expert matrices keeping their layout (a transposed view stays one)."""
+    if ws[0].stride(0) == 1 and ws[0].stride(1) != 1:
+        return torch.stack([w.t() for w in ws]).transpose(1, 2)
+    return torch.stack(ws)
+
+
+def _rows(ends: list[int], c0: int, c1: int) -> tuple[int, int]:
+    return (ends[c0 - 1] if c0 else 0), ends[c1 - 1]
+
+
 class ExpertOffload:
     """Ties an ExpertCache to a model's MoE layers (numbered 0..L-1 in forward order).
 
     ``predictors[l]`` maps layer l's expert input to layer l+1's expert choice; the
-    prefetch of layer l+1 is queued after layer l's own experts are in hand and
-    before they run, so the reads overlap this layer's compute and the next
-    attention block. At most ``prefetch_limit`` experts are queued per step (a
+    prefetch of layer l+1 is queued after layer l's (first chunk of) experts are in
+    hand and before they run, so the reads overlap this layer's compute and the
+    next attention block. At most ``prefetch_limit`` experts are queued per step (a
     long prompt would otherwise ask for every expert of the next layer).
     """
 
@@ -59,15 +163,69 @@ class ExpertOffload:
     def stats(self):
         return self.cache.stats
 
-    def run(self, layer: int, x_TD: Tensor, dispatch: Dispatch,
-            compute: Callable[[Dispatch, list[Any]], Tensor], out_dim: int) -> Tensor:
-        """Fetch the experts ``dispatch`` uses, queue the next layer's, then ``compute``."""
+    def run(self, layer: int, x_TD: Tensor, dispatch: Dispatch, call: ExpertsCall,
+            out_dim: int) -> Tensor:
+        """The layer's combined expert output [T, out_dim] from the cached experts."""
         touched_E = torch.nonzero(dispatch.counts_E).flatten()
-        parts = self.cache.get(layer, touched_E.tolist())
-        self._prefetch_next(layer, x_TD)
-        if touched_E.numel() == 0:  # every row dropped: nothing to compute
+        ids = touched_E.tolist()
+        if not ids:  # every row dropped: nothing to compute
+            self._prefetch_next(layer, x_TD)
             return x_TD.new_zeros(x_TD.shape[0], out_dim)
-        return compute(compact(dispatch, touched_E), parts)
+        d = compact(dispatch, touched_E)
+        how = path(call, x_TD, d.num_rows)
+        if how == "stacked":
+            parts = self._get(layer, ids, x_TD)
+            return call.stacked(x_TD, d, parts)
+        if how == "list":
+            return self._run_list(layer, x_TD, d, ids, call, out_dim)
+        return self._run_gemm(layer, x_TD, d, ids, call, how == "dequant")
+
+    def _get(self, layer: int, ids: list[int], predict_from: Tensor | None) -> list[Any]:
+        """The cached experts ``ids``; then, on a step's first chunk, the next layer's
+        prefetch from this layer's input ``predict_from``."""
+        parts = self.cache.get(layer, ids)
+        if predict_from is not None:
+            self._prefetch_next(layer, predict_from)
+        return parts
+
+    def _run_list(self, layer: int, x_TD: Tensor, d: Dispatch, ids: list[int],
+                  call: ExpertsCall, out_dim: int) -> Tensor:
+        """Decode kernels on the cached tensors; chunks of what the cache holds."""
+        spec, ends = _spec(call.act), d.offsets_E.tolist()
+        chunks = _chunks(ids, self.cache.capacity)
+        out = None if len(chunks) == 1 else x_TD.new_zeros(x_TD.shape[0], out_dim,
+                                                            dtype=torch.float32)
+        for i, (c0, c1) in enumerate(chunks):
+            w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
+            r0, r1 = _rows(ends, c0, c1)
+            y = decode.decode_rows_list(
+                x_TD, d.token_S[r0:r1], d.weight_S[r0:r1], d.offsets_E[c0:c1] - r0, w.w_in,
+                w.w_out, w.b_in_EG, w.b_out_ED, call.act, spec, out, len(ids))
+        return y if out is None else out.to(x_TD.dtype)
+
+    def _run_gemm(self, layer: int, x_TD: Tensor, d: Dispatch, ids: list[int],
+                  call: ExpertsCall, dequant: bool) -> Tensor:
+        """Prefill GEMMs a few stacked experts at a time, as the resident path runs them:
+        plain weights into one output (fused_experts_into); quantized ones dequantized
+        per block of ids and summed block by block (decode.dequantized_experts)."""
+        ends = d.offsets_E.tolist()
+        chunks = (_dequant_chunks(ids) if dequant
+                  else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
+        y_TD = torch.zeros_like(x_TD)
+        for i, (c0, c1) in enumerate(chunks):
+            w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
+            r0, r1 = _rows(ends, c0, c1)
+            args = (x_TD, d.token_S[r0:r1], d.weight_S[r0:r1], d.offsets_E[c0:c1] - r0)
+            if dequant:
+                wi, wo = (torch.cat([dequantize_NK(q, 0, 1) for q in ws]).to(x_TD.dtype)
+                          .transpose(1, 2) for ws in (w.w_in, w.w_out))
+                y_TD += fused_experts(*args, wi, wo, w.b_in_EG, w.b_out_ED, call.act,
+                                      _kind(call.act))
+            else:
+                spec = _activation_spec(call.act)
+                fused_experts_into(y_TD, *args, _stack(w.w_in), _stack(w.w_out), w.b_in_EG,
+                                   w.b_out_ED, call.act, None if spec is None else spec[0])
+        return y_TD
 
     @torch.no_grad()
     def _prefetch_next(self, layer: int, x_TD: Tensor) -> None:

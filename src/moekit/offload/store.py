@@ -1,17 +1,21 @@
 """The expert store: where each expert's tensors lie in the checkpoint's shards.
 
 One store entry per key ``(layer, expert)``: a dict name -> Part, each Part the
-byte ranges (concatenated along dim 0) that make one tensor. ``load(key)``
-reads them with ``pread`` and hands the dict to ``prepare`` (identity by
-default; a quantizer can turn it into packed int8/int4 parts), whose result is
-what the cache holds and counts.
+byte ranges (concatenated along dim 0) that make one tensor. A ``Codec`` says
+what the cache holds for it: the ``layout`` (cached tensors' shapes and dtypes,
+packed one after another in one buffer), how to ``encode`` the bytes read into
+that layout (identity, or int8/int4 quantization), and how to ``wrap`` the
+cached tensors into what the expert compute takes (transposed views, one-expert
+``QuantizedTensor``s). ``load(key, out)`` reads into ``out`` (a cache slot) so
+the cached bytes are the only copy.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Callable
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,45 +64,104 @@ class Part:
         return sum(loc.nbytes for loc in self.locs)
 
 
-def tree_nbytes(value: Any) -> int:
-    """Bytes held by a tensor, a dict/list/tuple of them, or an object of tensors."""
-    if isinstance(value, Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tree_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tree_nbytes(v) for v in value)
-    if hasattr(value, "__dict__"):
-        return sum(tree_nbytes(v) for v in vars(value).values())
-    return 0
+ALIGN = 8  # bytes: each cached tensor starts at a multiple (int8 data before fp32 scales)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The cached tensors of one expert: name -> (shape, dtype, byte offset); ``nbytes`` total."""
+
+    tensors: dict[str, tuple[tuple[int, ...], torch.dtype, int]]
+    nbytes: int
+
+    @classmethod
+    def of(cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> Layout:
+        out, pos = {}, 0
+        for name, (shape, dtype) in specs.items():
+            pos = -(-pos // ALIGN) * ALIGN
+            out[name] = (tuple(shape), dtype, pos)
+            pos += math.prod(shape) * dtype.itemsize
+        return cls(out, -(-pos // ALIGN) * ALIGN)
+
+    def views(self, buf_B: Tensor) -> dict[str, Tensor]:
+        """Tensors over the uint8 buffer ``buf_B`` (at least ``nbytes`` long)."""
+        return {n: buf_B[o:o + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+                for n, (shape, dt, o) in self.tensors.items()}
+
+
+class Codec:
+    """Identity: the cache holds the parts as read; the compute gets them as they are."""
+
+    def layout(self, parts: dict[str, Part]) -> Layout:
+        return Layout.of({n: (p.shape, p.dtype) for n, p in parts.items()})
+
+    def reads_into_cache(self) -> bool:
+        """True when the parts are read straight into the cached tensors (no encode step)."""
+        return True
+
+    def encode(self, raw: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def wrap(self, cached: dict[str, Tensor]) -> Any:
+        return cached
 
 
 class ExpertStore:
     """Reads experts from safetensors shards; thread-safe (one fd per file, ``pread``)."""
 
-    def __init__(self, experts: dict[Key, dict[str, Part]],
-                 prepare: Callable[[dict[str, Tensor]], Any] | None = None,
-                 prepared_nbytes: Callable[[Key], int] | None = None) -> None:
+    def __init__(self, experts: dict[Key, dict[str, Part]], codec: Codec | None = None) -> None:
         self.experts = experts
-        self.prepare = prepare
-        self._prepared_nbytes = prepared_nbytes
+        self.codec = codec or Codec()
+        self._layouts: dict[tuple, Layout] = {}
         self.files = sorted({loc.file for parts in experts.values()
                              for p in parts.values() for loc in p.locs})
         self._fds = {f: os.open(f, os.O_RDONLY) for f in self.files}
+        self._scratch = threading.local()  # per thread: raw buffers for an encoding codec
+
+    def layout(self, key: Key) -> Layout:
+        parts = self.experts[key]
+        sig = tuple((n, p.shape, p.dtype) for n, p in parts.items())
+        got = self._layouts.get(sig)
+        if got is None:
+            got = self._layouts[sig] = self.codec.layout(parts)
+        return got
 
     def raw_nbytes(self, key: Key) -> int:
+        """Bytes read from the shards for ``key``."""
         return sum(p.nbytes for p in self.experts[key].values())
 
     def nbytes(self, key: Key) -> int:
-        """Bytes the cache holds for ``key``: after ``prepare`` when a sizer was given."""
-        if self._prepared_nbytes is not None:
-            return self._prepared_nbytes(key)
-        return self.raw_nbytes(key)
+        """Bytes the cache holds for ``key`` (after the codec, aligned)."""
+        return self.layout(key).nbytes
 
-    def load(self, key: Key) -> Any:
-        tensors = {name: read_into(torch.empty(p.shape, dtype=p.dtype), list(p.locs), self._fds)
-                   for name, p in self.experts[key].items()}
-        return tensors if self.prepare is None else self.prepare(tensors)
+    @property
+    def slot_bytes(self) -> int:
+        """The largest cached expert: the size of one cache slot."""
+        return max(self.nbytes(k) for k in self.experts)
+
+    def load(self, key: Key, out_B: Tensor | None = None) -> Any:
+        """Read ``key`` into the uint8 buffer ``out_B`` (fresh when None); what to compute with."""
+        layout = self.layout(key)
+        if out_B is None:
+            out_B = torch.empty(layout.nbytes, dtype=torch.uint8)
+        cached = layout.views(out_B)
+        parts = self.experts[key]
+        if self.codec.reads_into_cache():
+            for name, p in parts.items():
+                read_into(cached[name], list(p.locs), self._fds)
+        else:
+            raw = {name: read_into(self._raw_buffer(name, p), list(p.locs), self._fds)
+                   for name, p in parts.items()}
+            self.codec.encode(raw, cached)
+        return self.codec.wrap(cached)
+
+    def _raw_buffer(self, name: str, p: Part) -> Tensor:
+        """A per-thread buffer for the raw bytes of ``name`` (reused from read to read)."""
+        bufs = self._scratch.__dict__.setdefault("bufs", {})
+        buf = bufs.get(name)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = bufs[name] = torch.empty(p.shape, dtype=p.dtype)
+        return buf
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
@@ -110,4 +173,3 @@ class ExpertStore:
             self.close()
         except Exception:
             pass
-

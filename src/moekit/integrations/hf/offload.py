@@ -4,6 +4,7 @@
 >>> model = hf.load_offloaded("path/to/olmoe", expert_memory="2GiB")
 >>> model.generate(ids, max_new_tokens=20)            # unchanged transformers API
 >>> print(model.expert_offload.stats.summary())
+>>> q = hf.load_offloaded("path/to/olmoe", expert_memory="1GiB", quantize=4)  # int4 cached
 
 The experts modules are built on the meta device (their class's ``__init__``
 runs under ``torch.device("meta")`` while the model is constructed); every other
@@ -13,14 +14,15 @@ the router picked. Routers are patched by ``hf.apply`` as in a resident model.
 
 Checkpoints store experts per expert (``experts.3.gate_proj.weight``, Mixtral's
 ``w1``/``w3``/``w2``) or stacked (``experts.gate_up_proj`` [E, 2F, D]); both are
-read by byte range, gate and up straight into one [2F, D] buffer.
+read by byte range, gate and up straight into one [2F, D] buffer. With
+``quantize=8|4`` each expert is quantized as it is read (``moekit.quantize``'s
+int8 / int4 format) and only the quantized bytes are cached.
 
 Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import sys
@@ -36,9 +38,11 @@ from moekit.dispatch.plan import Dispatch
 from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
-from moekit.offload.runtime import ExpertOffload
+from moekit.offload.codecs import Quantize, Renamed
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, _stack
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
-from moekit.offload.store import ExpertStore, Part, parse_bytes
+from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
+from moekit.quant.tensor import check_bits
 
 OFFLOADABLE = ("deepseek_v3", "flex_olmo", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\."
@@ -53,25 +57,28 @@ class OffloadedStackedExperts(StackedExperts):
 
     _moekit_layer: int
     _moekit_offload: ExpertOffload
+    _moekit_dtype: torch.dtype
+    _moekit_quantized: bool
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                 ) -> Tensor:
         dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
-        y_TD = self._moekit_offload.run(
-            self._moekit_layer, hidden_states, dispatch,
-            lambda d, parts: self._moekit_compute(hidden_states, d, parts),
-            hidden_states.shape[-1])
+        call = ExpertsCall(self._moekit_act(), self._moekit_backend, self._moekit_dtype,
+                           self._moekit_quantized, _unpack, self._moekit_stacked)
+        y_TD = self._moekit_offload.run(self._moekit_layer, hidden_states, dispatch, call,
+                                        hidden_states.shape[-1])
         return y_TD.to(hidden_states.dtype)
 
-    def _moekit_compute(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]
-                        ) -> Tensor:
-        # the resident module's layout: [E', 2F, D] and [E', D, F], transposed views
-        w_in = torch.stack([p["gate_up"] for p in parts])
-        w_out = torch.stack([p["down"] for p in parts])
-        if not self.is_transposed:
-            w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-        return run_experts(x_TD, d, w_in, w_out, None, None, self._moekit_act(),
-                           self._moekit_backend)
+    def _moekit_stacked(self, x_TD: Tensor, d: Dispatch, parts: list[dict]) -> Tensor:
+        """A backend other than auto / decode: one call on stacked copies, in the
+        resident module's layout ([E', D, 2F] / [E', F, D], transposed views or not)."""
+        w = _unpack(parts)
+        return run_experts(x_TD, d, _stack(w.w_in), _stack(w.w_out), None, None,
+                           self._moekit_act(), self._moekit_backend)
+
+
+def _unpack(parts: list[dict]) -> ExpertWeights:
+    return ExpertWeights([p["w_in"] for p in parts], [p["w_out"] for p in parts])
 
 
 # -- reading the shards -------------------------------------------------------------
@@ -221,26 +228,29 @@ def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
     return predict
 
 
-def _check_quantize(quantize) -> None:
+def _codec(quantize: int | None, group_size: int | None, stored_nk: bool) -> Codec:
+    """The cache's form of an expert: gate_up / down as read (as w_in / w_out views), or
+    quantized on read. ``stored_nk``: the checkpoint stores [N, K] (not transposed)."""
+    roles = {"w_in": ("gate_up", stored_nk), "w_out": ("down", stored_nk)}
     if quantize is None:
-        return
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size} is not allowed without quantize=4")
+        return Renamed(roles)
     if quantize not in (8, 4):
         raise ValueError(f"quantize={quantize!r} is not allowed: it must be None, 8 or 4")
-    if importlib.util.find_spec("moekit.quant") is None:
-        raise NotImplementedError(
-            f"quantize={quantize} needs moekit.quant (int8/int4 experts), which this build "
-            "does not have yet; load with quantize=None")
-    raise NotImplementedError(f"quantize={quantize}: caching quantized experts is not wired "
-                              "to moekit.quant yet; load with quantize=None")
+    return Quantize(roles, quantize, check_bits(quantize, group_size))
 
 
 def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | None = None,
                    policy: str = "lru", prefetch: bool = True, backend: str = "auto",
-                   threaded: bool = True) -> nn.Module:
+                   threaded: bool = True, group_size: int | None = None) -> nn.Module:
     """A transformers causal LM from ``path`` whose experts are read on demand.
 
     ``expert_memory``: the expert cache's byte budget (int or "2GiB"); the other
-    weights are resident on top of it. ``policy``: "lru" or "lfu". Everything is
+    weights are resident on top of it. ``quantize``: 8 or 4 quantizes each expert
+    as it is read (``moekit.quantize``'s format; int4 groups of ``group_size``,
+    default 64) and caches the quantized bytes; outputs equal those of
+    ``moekit.quantize(resident, bits)``. ``policy``: "lru" or "lfu". Everything is
     checked (files, sizes, every tensor's presence and shape) before the first
     tensor is read. ``model.expert_offload`` has the cache, ``.stats`` and ``close()``.
     """
@@ -249,7 +259,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     from moekit.integrations.hf import apply
 
     budget = parse_bytes(expert_memory)
-    _check_quantize(quantize)
+    _codec(quantize, group_size, True)  # arguments checked before anything is read
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in OFFLOADABLE:
@@ -264,8 +274,10 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     rename = renamer(model)
     parts = expert_parts(locs, rename, modules)
     resident = _resident_locs(model, locs, rename, set(modules), path)
+    stored_nk = not next(iter(modules.values())).is_transposed
     store = ExpertStore({(i, e): p for i, name in enumerate(modules)
-                         for e, p in parts[name].items()})
+                         for e, p in parts[name].items()},
+                        _codec(quantize, group_size, stored_nk))
     try:
         read_into_module(model, resident, store._fds)
         offload = _attach(model, modules, store, budget, policy, prefetch, threaded)
@@ -291,4 +303,6 @@ def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore,
             del m._parameters[name]
         m.__class__ = patched_class(type(m), OffloadedStackedExperts)
         m._moekit_layer, m._moekit_offload = i, offload
+        m._moekit_dtype = store.experts[(i, 0)]["down"].dtype
+        m._moekit_quantized = isinstance(store.codec, Quantize)
     return offload
