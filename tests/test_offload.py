@@ -233,6 +233,87 @@ def test_moekit_offloaded_equals_resident(moekit_ckpt, policy, prefetch, threade
         assert model.expert_offload.close(timeout=5.0)
 
 
+def test_moekit_prefill_past_the_decode_rows_equals_resident(moekit_ckpt):
+    """600 tokens x top-2 = 1200 routed rows: the fused GEMMs, a chunk of experts at a
+    time into one output (budget 2: chunks of 2 experts), bitwise as one resident call."""
+    run = moekit_ckpt[0]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(3))
+    resident = _resident(run)
+    with torch.no_grad():
+        want = resident(ids).logits
+    for experts in (2, 24):
+        model = load_offloaded(run, experts * EXPERT_BYTES, prefetch=False, threaded=False)
+        try:
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, want)
+        finally:
+            model.expert_offload.close()
+
+
+def _resident(run):
+    from moekit.quant.io import load_model
+
+    return load_model(run)
+
+
+def test_moekit_decode_reads_only_the_cache(moekit_ckpt, monkeypatch):
+    """Decode and short prefill compute on the cached tensors themselves: no stacked
+    copy (runtime.stack_experts is never called), every cached tensor lies in the cache's
+    one budget-sized buffer."""
+    from moekit.offload import runtime
+
+    run, ids, tokens, logits = moekit_ckpt
+    monkeypatch.setattr(runtime, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
+    model = load_offloaded(run, 5 * EXPERT_BYTES, prefetch=True, threaded=True)
+    try:
+        assert torch.equal(generate(model, ids, 12, temperature=0), tokens)
+        cache = model.expert_offload.cache
+        buf = cache.arena.buf_B
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()
+        assert buf.numel() == 5 * EXPERT_BYTES
+        for entry in cache.entries.values():
+            for t in (entry.value["w_in"], entry.value["w_out"]):
+                assert lo <= t.data_ptr() and t.data_ptr() + t.numel() * 4 <= hi
+    finally:
+        model.expert_offload.close()
+
+
+CFG_Q = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=32, num_experts=8, top_k=2,
+                 max_seq_len=64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, tmp_path):
+    """A `moekit quantize` directory under an expert budget: the int8/int4 bytes are
+    cached (budget in quantized bytes) and outputs equal the resident quantized model,
+    decode (kernels) and a 1200-row prefill (dequantized blocks) alike."""
+    from moekit.quant import quantize
+    from moekit.quant.io import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    save_quantized(quantize(MoETransformer(CFG_Q).eval(), bits, 32 if bits == 4 else None),
+                   tmp_path / "q")
+    resident = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    long_ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(2))
+    tokens = generate(resident, ids, 8, temperature=0)
+    with torch.no_grad():
+        logits, long_logits = resident(tokens).logits, resident(long_ids).logits
+    qt = resident.blocks[0].ffn.experts.w_in
+    per_expert = qt.nbytes_per_expert() + resident.blocks[0].ffn.experts.w_out.nbytes_per_expert()
+    for experts in (2, 16):
+        model = load_offloaded(tmp_path / "q", experts * per_expert, prefetch=True)
+        try:
+            assert torch.equal(generate(model, ids, 8, temperature=0), tokens)
+            with torch.no_grad():
+                assert torch.equal(model(tokens).logits, logits)
+                assert torch.equal(model(long_ids).logits, long_logits)
+            assert model.expert_offload.cache.capacity == experts  # quantized bytes cached
+        finally:
+            model.expert_offload.close()
+
+
 def test_moekit_budget_below_one_layer(moekit_ckpt):
     with pytest.raises(ExpertMemoryError, match="expert_memory=.*too small"):
         load_offloaded(moekit_ckpt[0], 2 * EXPERT_BYTES - 1)
@@ -310,6 +391,56 @@ def test_hf_offloaded_equals_resident(hf_ckpt, policy, share):
         with torch.no_grad():
             assert torch.equal(model(tokens).logits, logits)  # bitwise
         assert model.expert_offload.stats.total("loads") > 0
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
+@pytest.mark.parametrize("bits", [8])
+def test_hf_quantized_offloaded_equals_resident(hf_ckpt, bits):
+    """quantize=8: each expert quantized as it is read equals moekit.quantize on the
+    resident model, bitwise; the budget counts quantized bytes."""
+    import transformers
+
+    from moekit import quantize
+    from moekit.integrations import hf
+
+    path, ids, *_, per_expert, top_k = hf_ckpt
+    resident = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantize(hf.apply(resident).eval(), bits)
+    tokens = resident.generate(ids, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = resident(tokens).logits
+    model = hf.load_offloaded(path, expert_memory=top_k * per_expert // 3, quantize=bits)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
+def test_hf_int4_offloaded_equals_resident(tmp_path):
+    """quantize=4 (group 32) on an OLMoE whose expert widths the groups tile."""
+    transformers = pytest.importorskip("transformers")
+    hf_models = pytest.importorskip("tests.hf_models")
+    from moekit import quantize
+    from moekit.integrations import hf
+
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, "intermediate_size": 32,
+                                      "num_experts": 8, "num_experts_per_tok": 2})
+    transformers.OlmoeForCausalLM(cfg).save_pretrained(tmp_path, max_shard_size="40KB")
+    resident = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    quantize(hf.apply(resident).eval(), 4, 32)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    tokens = resident.generate(ids, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = resident(tokens).logits
+    model = hf.load_offloaded(tmp_path, expert_memory="32KiB", quantize=4, group_size=32)
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)
     finally:
         assert model.expert_offload.close(timeout=5.0)
 

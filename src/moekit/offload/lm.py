@@ -22,12 +22,13 @@ from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantized
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, _stack
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, stack_experts
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
 from moekit.train import rundir
 from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, _read_state, resolve
+
 
 class OffloadedExperts(nn.Module):
     """Stands in for ``Experts``: same call, weights from the expert cache."""
@@ -57,7 +58,7 @@ class OffloadedExperts(nn.Module):
     def _stacked(self, x_TD: Tensor, d: Dispatch, parts: list[dict[str, Tensor]]) -> Tensor:
         """A backend other than auto / decode: one call on stacked copies."""
         w = self._unpack(parts)
-        w_in, w_out = _stack(w.w_in), _stack(w.w_out)
+        w_in, w_out = stack_experts(w.w_in), stack_experts(w.w_out)
         fn = resolve_backend(self.backend, x_TD, w_in, w_out, d.num_rows)
         return fn(x_TD, d, w_in, w_out, w.b_in_EG, w.b_out_ED, self._act)
 

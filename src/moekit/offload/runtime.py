@@ -133,7 +133,7 @@ def _dequant_chunks(ids: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _stack(ws: list[Tensor]) -> Tensor:
+def stack_experts(ws: list[Tensor]) -> Tensor:
     """Stack per-expert matrices keeping their layout (a transposed view stays one)."""
     if ws[0].stride(0) == 1 and ws[0].stride(1) != 1:
         return torch.stack([w.t() for w in ws]).transpose(1, 2)
@@ -223,8 +223,9 @@ class ExpertOffload:
                                       _kind(call.act))
             else:
                 spec = _activation_spec(call.act)
-                fused_experts_into(y_TD, *args, _stack(w.w_in), _stack(w.w_out), w.b_in_EG,
-                                   w.b_out_ED, call.act, None if spec is None else spec[0])
+                fused_experts_into(y_TD, *args, stack_experts(w.w_in), stack_experts(w.w_out),
+                                   w.b_in_EG, w.b_out_ED, call.act,
+                                   None if spec is None else spec[0])
         return y_TD
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, r
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, _stack
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, stack_experts
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant.tensor import check_bits
@@ -73,7 +73,7 @@ class OffloadedStackedExperts(StackedExperts):
         """A backend other than auto / decode: one call on stacked copies, in the
         resident module's layout ([E', D, 2F] / [E', F, D], transposed views or not)."""
         w = _unpack(parts)
-        return run_experts(x_TD, d, _stack(w.w_in), _stack(w.w_out), None, None,
+        return run_experts(x_TD, d, stack_experts(w.w_in), stack_experts(w.w_out), None, None,
                            self._moekit_act(), self._moekit_backend)
 
 
