@@ -89,10 +89,17 @@ def prompt_ids(seed: int = 0) -> torch.Tensor:
 
 
 def decode_s(model, tokens: int, seed: int) -> float:
+    return decode_times(model, tokens, seed)[0]
+
+
+def decode_times(model, tokens: int, seed: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one generate call. CPU time counts this process's
+    threads only (the prefetch thread's reads included), so on a shared, loaded box
+    its ratio at 1 thread is the fairer one; wall time counts the waits."""
     ids = prompt_ids(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def load_resident(path: Path):
@@ -118,22 +125,25 @@ def speed(path: Path, tokens: int, rounds: int) -> dict:
 
     def run_cold(seed):
         drop_page_cache(files)
-        return decode_s(cold, tokens, seed)
+        return decode_times(cold, tokens, seed)
 
-    variants = {"resident": lambda s: decode_s(resident, tokens, s),
-                "offload_warm": lambda s: decode_s(warm, tokens, s), "offload_cold": run_cold}
+    variants = {"resident": lambda s: decode_times(resident, tokens, s),
+                "offload_warm": lambda s: decode_times(warm, tokens, s),
+                "offload_cold": run_cold}
     for fn in variants.values():  # warm-up round
         fn(0)
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
             times[name].append(variants[name](r + 1))
-    out = {"tokens_per_round": tokens, "rounds": rounds, "greedy_tokens_equal": same}
+    out = {"tokens_per_round": tokens, "rounds": rounds, "threads": torch.get_num_threads(),
+           "greedy_tokens_equal": same, "load_average": os.getloadavg()}
     for name, ts in times.items():
-        out[f"{name}_tok_s"] = tokens / statistics.median(ts)
-        out[f"{name}_vs_resident"] = statistics.median(
-            [b / a for a, b in zip(ts, times["resident"], strict=True)])
+        out[f"{name}_tok_s"] = tokens / statistics.median(w for w, _ in ts)
+        for i, what in ((0, "wall"), (1, "cpu")):
+            out[f"{name}_vs_resident_{what}"] = statistics.median(
+                [b[i] / a[i] for a, b in zip(ts, times["resident"], strict=True)])
     for name, m in (("warm", warm), ("cold", cold)):
         out[f"{name}_stats"] = m.expert_offload.stats.to_dict()
         m.expert_offload.close()
@@ -156,13 +166,17 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(kind: str, path: Path, tokens: int) -> None:
+def child(kind: str, path: Path, tokens: int, threads: int) -> None:
     """Run in a fresh process: load ``kind``, decode ``tokens``; print a JSON line."""
-    import transformers  # noqa: F401  (imports count in the baseline, not the model)
+    import transformers  # (imports count in the baseline, not the model)
 
     import moekit.integrations.hf  # noqa: F401
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
+    # the model's modeling module is an import too (transformers' modeling_olmoe: 208 MiB
+    # of RSS on this box), paid alike by every variant: counted in the baseline
+    config = transformers.AutoConfig.from_pretrained(path)
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]
     base = _rss_mib()
     sz = sizes(path)
     t0 = time.perf_counter()
@@ -180,18 +194,48 @@ def child(kind: str, path: Path, tokens: int) -> None:
         model.eval()
     load_s = time.perf_counter() - t0
     decode_s(model, 2, 0)  # warm-up
-    dt = decode_s(model, tokens, 1)
+    dt, cpu = decode_times(model, tokens, 1)
     print(json.dumps({"kind": kind, "rss_after_imports_mib": base, "peak_rss_mib": _vmhwm_mib(),
-                      "load_s": load_s, "tok_s": tokens / dt, "tokens": tokens}))
+                      "load_s": load_s, "tok_s": tokens / dt, "cpu_s_per_token": cpu / tokens,
+                      "tokens": tokens, "threads": threads, "load_average": os.getloadavg()}))
 
 
-def fresh(kind: str, path: Path, tokens: int, timeout: float = 1800) -> dict:
+def fresh(kind: str, path: Path, tokens: int, threads: int, timeout: float = 1800) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(path),
-           "--tokens", str(tokens)]
+           "--tokens", str(tokens), "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         return {"kind": kind, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak(path: Path, tokens: int, threads: int) -> dict:
+    """Peak RSS above the post-import RSS, resident and offloaded, against the target
+    expert budget + non-expert weights + 15%."""
+    sz = sizes(path)
+    runs = [fresh(k, path, tokens, threads) for k in ("resident", "offload")]
+    out = {"runs": runs, "target_mib": 1.15 * sz["total_budget"] / 2**20}
+    for r in runs:
+        if "peak_rss_mib" in r:
+            out[f"{r['kind']}_above_imports_mib"] = r["peak_rss_mib"] - r["rss_after_imports_mib"]
+    return out
+
+
+def versus_accelerate(path: Path, tokens: int, pairs: int, threads: int) -> dict:
+    """moekit's offloading and accelerate's, fresh processes back to back (alternating
+    order, same load), the same tokens each; ratios per pair, then the median."""
+    rows = []
+    for i in range(pairs):
+        order = ("offload", "accelerate") if i % 2 == 0 else ("accelerate", "offload")
+        rows.append({k: fresh(k, path, tokens, threads) for k in order})
+    ok = [r for r in rows if all("tok_s" in v for v in r.values())]
+    out: dict = {"pairs": rows, "tokens": tokens, "threads": threads}
+    if ok:
+        out["wall_speedup"] = statistics.median(
+            r["offload"]["tok_s"] / r["accelerate"]["tok_s"] for r in ok)
+        out["cpu_speedup"] = statistics.median(
+            r["accelerate"]["cpu_s_per_token"] / r["offload"]["cpu_s_per_token"] for r in ok)
+    return out
 
 
 # -- hit rates on a trained moekit model ----------------------------------------------
@@ -247,12 +291,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--accel-tokens", type=int, default=3)
+    p.add_argument("--accel-pairs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads; 1 makes the CPU-time ratios meaningful on a loaded box")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/offload.json"))
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.child:
-        return child(args.child, args.ckpt, args.tokens)
+        return child(args.child, args.ckpt, args.tokens, args.threads)
     result = {"machine": machine(), "shape": SHAPE}
     if "make" in args.only:
         make(args.ckpt)
@@ -263,10 +310,11 @@ def main() -> None:
         result["speed"] = speed(args.ckpt, args.tokens, args.rounds)
         print(json.dumps({k: v for k, v in result["speed"].items() if "stats" not in k}))
     if "peak" in args.only:
-        result["peak"] = [fresh(k, args.ckpt, args.tokens) for k in ("resident", "offload")]
+        result["peak"] = peak(args.ckpt, args.tokens, args.threads)
         print(json.dumps(result["peak"]))
     if "accel" in args.only:
-        result["accelerate"] = fresh("accelerate", args.ckpt, args.accel_tokens)
+        result["accelerate"] = versus_accelerate(args.ckpt, args.accel_tokens, args.accel_pairs,
+                                                 args.threads)
         print(json.dumps(result["accelerate"]))
     if "hits" in args.only and args.trained is not None:
         result["hits"] = hits(args.trained, args.tokens * 8)

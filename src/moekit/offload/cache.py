@@ -205,7 +205,7 @@ class ExpertCache:
             if entry is not None:
                 self.stats.layers[layer].hits += 1
                 self.policy.touch(key)
-                out.append(self._wait(entry, layer))
+                out.append(self._wait(key, entry, layer))
                 continue
             out.append(self._miss(layer, key, protected))
         self._pinned = protected
@@ -242,11 +242,14 @@ class ExpertCache:
             s.needed_after_prediction += len(experts)
             s.predicted_used += len(predicted.intersection(experts))
 
-    def _wait(self, entry: Entry, layer: int) -> Any:
+    def _wait(self, key: Key, entry: Entry, layer: int) -> Any:
+        """The entry's tensors; a prefetch still queued is read here instead (waiting for
+        the thread to reach it cost a thread hand-off per expert on the loaded 2-core box)."""
         if isinstance(entry.value, Future):
             t0 = time.perf_counter()
+            fut = entry.value
             try:
-                entry.value = entry.value.result()
+                entry.value = self._load((key, entry.slot)) if fut.cancel() else fut.result()
             except BaseException as e:
                 raise PrefetchError(f"prefetching an expert of layer {layer} failed: {e}") from e
             finally:

@@ -27,7 +27,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -194,6 +194,19 @@ def _meta_init(cls: type):
             del cls.__init__
 
 
+def _no_init_weights():
+    """transformers' own switch that skips weight initialisation: every weight is read
+    next, so initialising them is time spent on values thrown away."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return nullcontext()
+    return no_init_weights()
+
+
 def _resident_locs(model: nn.Module, locs: dict[str, TensorLoc], rename, skip: set[str],
                    path: Path) -> dict[str, TensorLoc]:
     """Model key -> location for every non-expert tensor; tied copies may be absent."""
@@ -218,9 +231,15 @@ def _resident_locs(model: nn.Module, locs: dict[str, TensorLoc], rename, skip: s
 
 def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
     """Layer l+1's top-k from layer l's expert input, without calling the gate module
-    (transformers records router logits with hooks on it)."""
+    (transformers records router logits with hooks on it). The fp32 copy of the gate's
+    weight is made once (per change of the weight), not per step."""
+    held: dict[str, object] = {}
+
     def predict(x_TD: Tensor) -> Tensor:
-        scores = F.linear(x_TD.float(), gate.weight.float())
+        w = gate.weight
+        if held.get("src") is not w or held.get("version") != w._version:
+            held.update(src=w, version=w._version, w32=w.detach().float())
+        scores = F.linear(x_TD.float(), held["w32"])
         bias = getattr(gate, "e_score_correction_bias", None)
         if bias is not None:  # DeepSeek-V3: sigmoid scores, biased choice
             scores = scores.sigmoid() + bias
@@ -267,7 +286,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
                          f"it must be one of {', '.join(OFFLOADABLE)}")
     locs = shard_headers(path)
     dtype = next(loc.dtype for loc in locs.values() if loc.dtype.is_floating_point)
-    with _meta_init(_experts_class(config)):
+    with _meta_init(_experts_class(config)), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     cls = _experts_class(config)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
