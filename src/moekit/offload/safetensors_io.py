@@ -101,7 +101,12 @@ def read_into(out: Tensor, locs: list[TensorLoc], fds: dict[Path, int]) -> Tenso
     Concatenating along dim 0 is a byte concatenation, so gate and up (two [F, D]
     tensors) land in one [2F, D] buffer without a copy.
     """
-    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    pread_into(memoryview(out.view(-1).view(torch.uint8).numpy()), locs, fds)
+    return out
+
+
+def pread_into(buf: memoryview, locs: list[TensorLoc], fds: dict[Path, int]) -> None:
+    """Fill the byte buffer ``buf`` with the bytes of ``locs``, one after another."""
     pos = 0
     for loc in locs:
         fd = fds.get(loc.file)
@@ -116,7 +121,6 @@ def read_into(out: Tensor, locs: list[TensorLoc], fds: dict[Path, int]) -> Tenso
                                  f"{loc.nbytes} bytes")
             got += more
         pos += loc.nbytes
-    return out
 
 
 def read_tensor(loc: TensorLoc, fds: dict[Path, int]) -> Tensor:
