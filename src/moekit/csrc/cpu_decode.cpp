@@ -1044,8 +1044,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("down_combine", &down_combine,
         "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts");
   m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor");
-  m.def("gate_up_list", &gate_up_list, "gate_up with w_in as a list of per-expert tensors");
+  // without the GIL: the expert cache's prefetch thread (Python) runs during the kernels
+  m.def("gate_up_list", &gate_up_list, "gate_up with w_in as a list of per-expert tensors",
+        py::call_guard<py::gil_scoped_release>());
   m.def("down_combine_list", &down_combine_list,
-        "down_combine with w_out as a list of per-expert tensors (optionally accumulating)");
+        "down_combine with w_out as a list of per-expert tensors (optionally accumulating)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "instruction set of the kernels' clone chosen on this CPU");
 }
