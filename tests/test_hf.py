@@ -228,3 +228,13 @@ def test_bf16_matches(name):
         a = original(**_inputs(name)).logits.float()
         b = patched(**_inputs(name)).logits.float()
     torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)
+
+
+def test_revert_refuses_quantized_experts_and_changes_nothing():
+    from moekit import quantize
+
+    model = quantize(hf.apply(hf_models.build("olmoe")), bits=8)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="int8 weights from moekit.quantize"):
+        hf.revert(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes

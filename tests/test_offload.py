@@ -473,3 +473,17 @@ def test_hf_errors(hf_ckpt, tmp_path):
     assert shard in str(e.value)
     assert any(n in str(e.value) for n, f in index.items() if f == shard)
     assert len(_prefetch_threads()) == threads  # nothing was started
+
+
+def test_hf_revert_refuses_offloaded_experts(hf_ckpt):
+    from moekit.integrations import hf
+
+    path, *_, per_expert, top_k = hf_ckpt
+    model = hf.load_offloaded(path, expert_memory=2 * top_k * per_expert)
+    try:
+        classes = {n: type(m) for n, m in model.named_modules()}
+        with pytest.raises(ValueError, match="streamed from disk by load_offloaded"):
+            hf.revert(model)
+        assert {n: type(m) for n, m in model.named_modules()} == classes
+    finally:
+        assert model.expert_offload.close(timeout=5.0)

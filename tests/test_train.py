@@ -332,6 +332,20 @@ def test_router_collapse_warns_with_layer_and_experts():
     assert monitor.update(load, tokens=100) == []  # warned once per episode
 
 
+@pytest.mark.parametrize("num_experts,top_k", [(1, 1), (2, 2), (4, 8)])
+def test_router_collapse_not_claimed_when_every_expert_must_take_every_token(num_experts, top_k):
+    """E <= K: every token goes to every expert (a 1-expert Switch layer is dense)."""
+    monitor = CollapseMonitor(fraction=0.9, patience=2, top_k=top_k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):
+            assert monitor.update(torch.full((2, num_experts), 100), tokens=100) == []
+    hot = CollapseMonitor(fraction=0.9, patience=2, top_k=1)  # same loads, E > K: collapse
+    with pytest.warns(RouterCollapseWarning):
+        for _ in range(2):
+            hot.update(torch.tensor([[100, 0, 0]]), tokens=100)
+
+
 # -- command line ----------------------------------------------------------------------
 
 

@@ -22,11 +22,13 @@ class CollapseMonitor:
     """Counts consecutive steps in which a layer looks collapsed; warns once per episode.
 
     ``fraction``: an expert receiving more than this share of a layer's tokens is
-    "taking most tokens". An expert with zero tokens is "starved".
+    "taking most tokens". An expert with zero tokens is "starved". With ``top_k`` >= the
+    number of experts every expert receives every token by construction, so such a layer
+    is never "hot" (a 1-expert Switch layer is the dense model, not a collapse).
     """
 
-    def __init__(self, fraction: float, patience: int) -> None:
-        self.fraction, self.patience = fraction, patience
+    def __init__(self, fraction: float, patience: int, top_k: int = 1) -> None:
+        self.fraction, self.patience, self.top_k = fraction, patience, top_k
         self.hot: dict[tuple[int, int], int] = {}  # (layer, expert) -> steps in a row
         self.cold: dict[tuple[int, int], int] = {}
         self.warned: set[tuple[str, int, int]] = set()
@@ -35,7 +37,10 @@ class CollapseMonitor:
         """``load_LE``: tokens each expert received this step; returns new warnings."""
         messages = []
         share_LE = load_LE.float() / max(tokens, 1)
-        for kind, flags_LE, counts in (("hot", share_LE > self.fraction, self.hot),
+        hot_LE = share_LE > self.fraction
+        if load_LE.shape[-1] <= self.top_k:
+            hot_LE = torch.zeros_like(hot_LE)
+        for kind, flags_LE, counts in (("hot", hot_LE, self.hot),
                                        ("cold", load_LE == 0, self.cold)):
             for layer, expert in torch.nonzero(flags_LE).tolist():
                 counts[layer, expert] = counts.get((layer, expert), 0) + 1

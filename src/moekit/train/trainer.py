@@ -276,7 +276,7 @@ class Trainer:
         self.counters = {"tokens": 0, "skipped_steps": 0, "bad_in_row": 0}
         self.history: list[dict[str, Any]] = []  # what was logged this session
         self.monitor = CollapseMonitor(train_config.collapse_fraction,
-                                       train_config.collapse_patience)
+                                       train_config.collapse_patience, model_config.top_k)
         self.load_since_eval: Tensor | None = None
         self.last_checkpoint: Path | None = None
         self._clean_run_dir()

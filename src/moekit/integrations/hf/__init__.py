@@ -60,8 +60,29 @@ def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
     return model
 
 
+def _unrevertable(model: nn.Module) -> str | None:
+    """Why transformers' own modules could not run ``model`` after ``revert``, or None."""
+    from moekit.quant.tensor import QuantizedTensor  # noqa: PLC0415 (keeps import light)
+
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedTensor):
+            return (f"{name} holds int{m.bits} weights from moekit.quantize, which transformers' "
+                    "modules cannot run; reload the unquantized checkpoint instead")
+        if is_patched(m) and getattr(type(m), "_moekit_offloaded", False):
+            return (f"{name} holds experts streamed from disk by load_offloaded (not in "
+                    "memory); load the checkpoint with from_pretrained instead")
+    return None
+
+
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: every patched module gets its transformers class back; returns ``model``."""
+    """Undo ``apply``: every patched module gets its transformers class back; returns ``model``.
+
+    Refused (ValueError, nothing changed) for a model with quantized or offloaded experts:
+    the transformers classes would hold weights they cannot use.
+    """
+    reason = _unrevertable(model)
+    if reason is not None:
+        raise ValueError(f"model cannot be reverted to transformers' modules: {reason}")
     for m in model.modules():
         if is_patched(m):
             unpatch_module(m)

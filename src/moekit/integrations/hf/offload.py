@@ -55,6 +55,7 @@ ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_pr
 class OffloadedStackedExperts(StackedExperts):
     """Mixin: a transformers experts module whose weights come from the expert cache."""
 
+    _moekit_offloaded = True  # hf.revert refuses: the original class would hold meta weights
     _moekit_layer: int
     _moekit_offload: ExpertOffload
     _moekit_dtype: torch.dtype
