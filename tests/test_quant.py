@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import moekit
 from moekit.experts import backends
@@ -26,6 +27,7 @@ from moekit.inference import sorted_rows
 from moekit.models import MoETransformer, preset
 from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
+from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import _dequantize_torch, pack_int4, unpack_int4
 from moekit.train.checkpoint import CheckpointError, save_checkpoint
 from moekit.train.rundir import sha256 as _sha256
@@ -100,13 +102,24 @@ def _lm(seed=0) -> MoETransformer:
     return MoETransformer(preset("tiny", dim=64, ffn_dim=64)).eval()
 
 
-def _dequantized_copy(model: MoETransformer, quantized: MoETransformer) -> MoETransformer:
-    """The float model with each expert weight replaced by its dequantized value."""
+def _dequantized_copy(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """The float model with every quantized weight replaced by its dequantized value
+    (torch ops, not the kernels): expert stacks [E, K, N], nn.Linear / nn.Embedding
+    weights [N, K], shared-expert weights [K, N]."""
     ref = copy.deepcopy(model)
-    for layer, qlayer in zip(ref.moe_layers(), quantized.moe_layers(), strict=True):
+    for name, q in quantized.named_modules():
+        if not isinstance(q, QuantizedTensor):
+            continue
+        w_EKN = _dequantized(q)
+        owner, _, attr = name.rpartition(".")
+        parent = ref.get_submodule(owner)
+        target = getattr(parent, attr)
+        if isinstance(parent, nn.Linear | nn.Embedding):
+            value = w_EKN[0].T
+        else:
+            value = w_EKN if target.dim() == 3 else w_EKN[0]
         with torch.no_grad():
-            layer.experts.w_in.copy_(_dequantized(qlayer.experts.w_in))
-            layer.experts.w_out.copy_(_dequantized(qlayer.experts.w_out))
+            target.copy_(value)
     return ref
 
 
@@ -228,6 +241,9 @@ def test_hf_patched_model_quantized_int8_generates_like_dequantized_original():
                 with torch.no_grad():
                     getattr(target, attr).copy_(
                         w_ENK.transpose(1, 2) if m.is_transposed else w_ENK)
+        if isinstance(m, QuantizedLinear):  # attention projections, lm_head
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(_dequantize_torch(m.weight, 0, 1)[0])
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(patched.generate(ids, **kw), reference.generate(ids, **kw))
