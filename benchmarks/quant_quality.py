@@ -11,7 +11,7 @@ free-running greedy generation from a prompt before the first differing byte.
 
     PYTHONPATH=src python benchmarks/quant_quality.py --checkpoint runs/train
 
-A quickly trained model to run it on (~13 min on the loaded 2-core box):
+A quickly trained model to run it on (~60 min with the 2-core box loaded 9-15):
 
     PYTHONPATH=src python -m moekit.cli train --steps 200 --batch-size 8 --seq-len 128 \
         --eval-every 200 --eval-batches 2 --out /tmp/run200
