@@ -16,12 +16,19 @@ only reads the clock). Roofline of a step = bytes it must read / read
 bandwidth, where bytes = the distinct experts the step's rows touch (counted
 per layer by a hook) + attention, router, norms and the (tied) embedding +
 the KV cache filled so far, and bandwidth is a 1 GiB ``sum`` timed in the same
-run. Peak RSS: a fresh process builds the model and generates (VmHWM reset
+run. Bytes are the tensors' real bytes: quantized weights (int8 / int4 data,
+scales, zero points) and bf16 weights count what they occupy, tied tensors once.
+``x mk fp32`` is the step-time ratio to moekit fp32, ``tok/s x fp32`` its inverse.
+``--cpu-time``: 1 thread, every interval is the main thread's CPU time
+(``time.thread_time``), so other jobs on a loaded machine distort it less.
+Peak RSS: a fresh process builds the model and generates (VmHWM reset
 after the build, so the number is the generation's own peak).
 
     PYTHONPATH=src python benchmarks/bench_decode.py --quick      # ~2 min idle
     PYTHONPATH=src python benchmarks/bench_decode.py              # everything
     PYTHONPATH=src python benchmarks/bench_decode.py --profile    # where a step's time goes
+    PYTHONPATH=src python benchmarks/bench_decode.py --cpu-time --models fine --batches 1 \
+        --variants bf16,int8,int4 --no-prefill --no-memory         # bytes pay, loaded box
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
 """
@@ -49,10 +56,15 @@ SHAPES = {
 }
 COMMON = dict(vocab_size=256, max_seq_len=1024, aux_loss_coef=0.0, z_loss_coef=0.0)
 MOEKIT_DTYPES = ("bf16", "int8", "int4")
+# not in the default list: quantized experts only (attention, head in fp32), and fp32
+# with every dense projection on torch's GEMM instead of the decode kernel
+MOEKIT_EXTRA = ("int8-experts", "int4-experts", "fp32-aten-linear")
+QUANT = ("int8", "int4", "int8-experts", "int4-experts")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
+CLOCK = [time.perf_counter]  # time.thread_time under --cpu-time
 
 
 # -- models ---------------------------------------------------------------------------
@@ -84,12 +96,15 @@ def build(shape: str, variant: str, seed: int = 0):
     torch.manual_seed(seed)
     if variant.startswith("dense"):
         return MoETransformer(lm_config(shape, variant)).eval()
+    if variant == "fp32-aten-linear":
+        variant = "fp32"
     model = MoETransformer(lm_config(shape)).eval()
     if variant == "bf16":
         return model.to(torch.bfloat16)
-    if variant in ("int8", "int4"):
-        bits = int(variant[3])
-        return quantize_fn()(model, bits=bits, **({"group_size": 64} if bits == 4 else {}))
+    if variant in QUANT:
+        bits, scope = int(variant[3]), "experts" if variant.endswith("experts") else "all"
+        return quantize_fn()(model, bits=bits, scope=scope,
+                             **({"group_size": 64} if bits == 4 else {}))
     if variant.startswith("hf-"):
         return hf_model(model, variant.split("-")[1])
     return model
@@ -169,14 +184,14 @@ class Runner:
         if self.is_moekit:
             gens, _ = self.engine.generate(
                 list(self.ids), self.cfg,
-                on_token=lambda s, _t: stamps.append(time.perf_counter()) if s == 0 else None)
+                on_token=lambda s, _t: stamps.append(CLOCK[0]()) if s == 0 else None)
             self.tokens = [g.tokens for g in gens]
             return _median_step_ms(stamps)
         from transformers import LogitsProcessor, LogitsProcessorList
 
         class Clock(LogitsProcessor):
             def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
+                stamps.append(CLOCK[0]())
                 return scores
 
         with torch.inference_mode():
@@ -186,6 +201,19 @@ class Runner:
                                       logits_processor=LogitsProcessorList([Clock()]))
         self.tokens = out[:, self.ids.shape[1]:].tolist()
         return _median_step_ms(stamps)
+
+
+class AtenLinear(Runner):
+    """A Runner whose generations run every float dense projection on torch's GEMM."""
+
+    def __call__(self) -> float:
+        from moekit.functions import decode
+
+        keep, decode.FLOAT_KERNEL_MAX_ROWS = decode.FLOAT_KERNEL_MAX_ROWS, 0
+        try:
+            return super().__call__()
+        finally:
+            decode.FLOAT_KERNEL_MAX_ROWS = keep
 
 
 def paired(anchor, other, reps: int) -> dict:
@@ -212,12 +240,18 @@ def _bytes(tensors) -> int:
 
 
 def weight_bytes(model) -> tuple[int, list[float]]:
-    """(bytes of everything but the routed experts, bytes of one expert per MoE layer)."""
+    """(bytes of everything but the routed experts, bytes of one expert per MoE layer).
+
+    Every saved tensor (parameters and quantized buffers: int8 / int4 data, scales,
+    zero points) at its own element size; a tensor shared by two names (the tied
+    embedding and head) once."""
     from moekit.experts.experts import Experts
 
     experts = [m for m in model.modules() if isinstance(m, Experts)]
-    inside = {id(t) for m in experts for t in itertools.chain(m.parameters(), m.buffers())}
-    rest = _bytes(p for p in model.parameters() if id(p) not in inside)
+    inside = {t.data_ptr() for m in experts
+              for t in itertools.chain(m.parameters(), m.buffers())}
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    rest = _bytes(t for ptr, t in unique.items() if ptr not in inside)
     per = [_bytes(itertools.chain(m.parameters(), m.buffers())) / m.cfg.num_experts
            for m in experts]
     return rest, per
@@ -251,7 +285,7 @@ def roofline(model, ids_BL, n: int, bandwidth: float, distinct: list[float] | No
     rest, per = weight_bytes(model)
     experts = sum(d * p for d, p in zip(distinct or [], per, strict=False))
     B, S = ids_BL.shape[0], ids_BL.shape[1] + n / 2  # mean filled slots over the steps
-    kv = c.num_layers * 2 * B * S * c.dim * next(model.parameters()).element_size()
+    kv = c.num_layers * 2 * B * S * c.dim * model.norm.weight.element_size()
     total = rest + experts + kv
     return {"bytes": total, "expert_bytes": experts, "other_weight_bytes": rest, "kv_bytes": kv,
             "roofline_ms": 1e3 * total / bandwidth,
@@ -354,7 +388,7 @@ def bench_model(args, shape: str, bandwidth: float, save) -> list[dict]:
 
 
 def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth) -> dict | None:
-    if variant in ("int8", "int4") and quantize_fn() is None:
+    if variant in QUANT and quantize_fn() is None:
         print(f"  {variant}: skipped (moekit.quantize is not in this checkout)", flush=True)
         return None
     if variant.startswith("hf-") and (B not in args.hf_batches):
@@ -364,7 +398,7 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
     if variant.startswith("hf-"):
         best, times = best_hf_impl(model, ids, min(8, args.new_tokens))
         extra = {"hf_impl": best, "hf_impl_ms": times}
-    other = Runner(model, ids, args.new_tokens)
+    other = (AtenLinear if variant == "fp32-aten-linear" else Runner)(model, ids, args.new_tokens)
     r = paired(anchor, other, args.reps)
     roof = None
     if not variant.startswith("hf-"):
@@ -375,7 +409,7 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
         same = [a == b for x, y in zip(anchor.tokens, other.tokens, strict=True)
                 for a, b in zip(x, y, strict=False)]
         extra["greedy_agreement_with_moekit"] = sum(same) / max(len(same), 1)
-    label = f"moekit {variant}" if variant in MOEKIT_DTYPES else variant
+    label = f"moekit {variant}" if variant in (*MOEKIT_DTYPES, *MOEKIT_EXTRA) else variant
     return _row(shape, B, label, r["ms"], r, roof, extra)
 
 
@@ -383,7 +417,8 @@ def _row(shape, B, label, ms, pair, roof, extra) -> dict:
     row = {"model": shape, "batch": B, "variant": label, "step_ms": ms,
            "tokens_per_s": 1e3 * B / ms, **extra}
     if pair is not None:
-        row.update(anchor_ms=pair["anchor_ms"], x_moekit_fp32=pair["ratio"], pairs=pair["pairs"])
+        row.update(anchor_ms=pair["anchor_ms"], x_moekit_fp32=pair["ratio"], pairs=pair["pairs"],
+                   tokens_per_s_x_fp32=1 / pair["ratio"])
     if roof is not None:
         row.update(roof)
         row["fraction_of_roofline"] = roof["roofline_ms"] / ms
@@ -404,13 +439,14 @@ def bench_prefill(args, shape: str, anchor_model) -> dict:
 
 
 HEADER = (f"{'model':8s} {'B':>3s} {'variant':16s} {'step ms':>8s} {'tok/s':>8s} "
-          f"{'roof ms':>8s} {'roof/step':>9s} {'x mk fp32':>9s}  notes")
+          f"{'roof ms':>8s} {'roof/step':>9s} {'x mk fp32':>9s} {'tok/s x fp32':>12s}  notes")
 
 
 def _print_row(r: dict) -> None:
     roof = f"{r['roofline_ms']:8.2f} {r['fraction_of_roofline']:9.2f}" if "roofline_ms" in r \
         else f"{'-':>8s} {'-':>9s}"
-    x = f"{r['x_moekit_fp32']:9.2f}" if "x_moekit_fp32" in r else f"{'1.00':>9s}"
+    x = f"{r['x_moekit_fp32']:9.2f} {1 / r['x_moekit_fp32']:12.2f}" if "x_moekit_fp32" in r \
+        else f"{'1.00':>9s} {'1.00':>12s}"
     notes = []
     if "distinct_experts_per_layer" in r and r["distinct_experts_per_layer"]:
         notes.append(f"experts/layer {statistics.mean(r['distinct_experts_per_layer']):.1f}")
@@ -459,11 +495,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
     p.add_argument("--hf-batches", default="1,8", help="batches that also time transformers")
     p.add_argument("--variants", default=",".join((*MOEKIT_DTYPES, *BASELINES)),
-                   help="comma list of bf16, int8, int4, dense-active, dense-total, "
+                   help="comma list of bf16, int8, int4, int8-experts, int4-experts, "
+                   "fp32-aten-linear, dense-active, dense-total, "
                    "hf-mixtral, hf-olmoe")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation")
     p.add_argument("--reps", type=int, default=4, help="A/B pairs per variant (median)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpu-time", action="store_true",
+                   help="1 thread, steps timed by the main thread's CPU time (loaded machine)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak RSS runs")
@@ -481,18 +520,18 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.hf_batches = [int(b) for b in args.hf_batches.split(",")]
     args.batches += [b for b in args.hf_batches if b not in args.batches]
     args.variants = args.variants.split(",")
-    bad = [v for v in args.variants if v not in (*MOEKIT_DTYPES, *BASELINES)] + \
+    bad = [v for v in args.variants if v not in (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES)] + \
         [m for m in args.models if m not in SHAPES]
     if bad:
         raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants "
-                         f"{[*MOEKIT_DTYPES, *BASELINES]}")
+                         f"{[*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES]}")
     return args
 
 
 def memory_rows(args) -> list[dict]:
     rows = []
     variants = ["fp32", *[v for v in args.variants
-                          if not (v in ("int8", "int4") and quantize_fn() is None)]]
+                          if not (v in QUANT and quantize_fn() is None)]]
     if args.quick:
         variants = [v for v in variants if not v.startswith("hf-")]
     print("\npeak RSS, fresh process, batch 1 (generate = peak while generating, VmHWM reset "
@@ -507,21 +546,41 @@ def memory_rows(args) -> list[dict]:
     return rows
 
 
+def read_bandwidth(reps: int = 5) -> float:
+    """harness.read_bandwidth, or under --cpu-time the same 1 GiB ``sum`` timed by the
+    thread's CPU time (the steps' clock)."""
+    if CLOCK[0] is time.perf_counter:
+        return harness.read_bandwidth(reps)
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = CLOCK[0]()
+        x.sum()
+        ts.append(CLOCK[0]() - t0)
+    return 2**30 / statistics.median(ts)
+
+
 def run(args: argparse.Namespace) -> int:
     args = _resolve(args)
     import torch
 
+    if args.cpu_time:
+        args.threads, CLOCK[0] = 1, time.thread_time
     torch.set_num_threads(args.threads)
     if args.profile:
         for B in (1, 16):
             profile_step(args.models[0], B)
         return 0
     info = harness.machine()
-    bw = [harness.read_bandwidth()]
+    bw = [read_bandwidth()]
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum)  {args.new_tokens} new tokens after a "
-          f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs")
+          f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs"
+          + ("; step times are 1-thread CPU time" if args.cpu_time else ""))
     if quantize_fn() is None:
         print("note: moekit.quantize is not in this checkout: int8 and int4 are skipped")
     print("x mk fp32 = median over pairs of (variant step / moekit fp32 step); roof/step = "
@@ -532,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_model(args, shape, bw[0], lambda new, done=rows: _write(
             args, info, bw, done + new, [], time.time() - t0))
         gc.collect()
-        bw.append(harness.read_bandwidth())
+        bw.append(read_bandwidth())
         _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)

@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import moekit
 from moekit.experts import backends
@@ -26,6 +27,7 @@ from moekit.inference import sorted_rows
 from moekit.models import MoETransformer, preset
 from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
+from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import _dequantize_torch, pack_int4, unpack_int4
 from moekit.train.checkpoint import CheckpointError, save_checkpoint
 from moekit.train.rundir import sha256 as _sha256
@@ -95,18 +97,29 @@ def test_quantized_experts_match_dequantize_then_matmul(bits, g, T, E, K, prefil
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def _lm(seed=0) -> MoETransformer:
+def _lm(seed=0, **changes) -> MoETransformer:
     torch.manual_seed(seed)
-    return MoETransformer(preset("tiny", dim=64, ffn_dim=64)).eval()
+    return MoETransformer(preset("tiny", dim=64, ffn_dim=64, **changes)).eval()
 
 
-def _dequantized_copy(model: MoETransformer, quantized: MoETransformer) -> MoETransformer:
-    """The float model with each expert weight replaced by its dequantized value."""
+def _dequantized_copy(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """The float model with every quantized weight replaced by its dequantized value
+    (torch ops, not the kernels): expert stacks [E, K, N], nn.Linear / nn.Embedding
+    weights [N, K], shared-expert weights [K, N]."""
     ref = copy.deepcopy(model)
-    for layer, qlayer in zip(ref.moe_layers(), quantized.moe_layers(), strict=True):
+    for name, q in quantized.named_modules():
+        if not isinstance(q, QuantizedTensor):
+            continue
+        w_EKN = _dequantized(q)
+        owner, _, attr = name.rpartition(".")
+        parent = ref.get_submodule(owner)
+        target = getattr(parent, attr)
+        if isinstance(parent, nn.Linear | nn.Embedding):
+            value = w_EKN[0].T
+        else:
+            value = w_EKN if target.dim() == 3 else w_EKN[0]
         with torch.no_grad():
-            layer.experts.w_in.copy_(_dequantized(qlayer.experts.w_in))
-            layer.experts.w_out.copy_(_dequantized(qlayer.experts.w_out))
+            target.copy_(value)
     return ref
 
 
@@ -179,10 +192,28 @@ def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, capsys):
     ids = torch.randint(0, 256, (1, 9))
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, expect(ids).logits)
+    assert isinstance(loaded.blocks[0].attn.qkv, QuantizedLinear)
+    assert loaded.embed.weight is loaded.head.weight  # tied: one table, saved once
+    assert "blocks.0.attn.qkv.weight.scales" in load_file(str(out / qio.MODEL_FILE))
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(out), "--prompt", "ab",
-                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("ab")
+    for dtype in ("fp32", "bf16"):
+        assert main(["generate", "--checkpoint", str(out), "--prompt", "ab", "--dtype", dtype,
+                     "--max-new-tokens", "5", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.startswith("ab")
+
+
+def test_experts_only_checkpoint_and_format_version_1(tmp_path):
+    """scope="experts" is recorded; a version-1 file (no scope) loads as experts-only."""
+    _, run = _trained_checkpoint(tmp_path)
+    out = qio.quantize_checkpoint(run, tmp_path / "q", bits=8, scope="experts")
+    assert type(qio.load_quantized(out).blocks[0].attn.qkv) is not QuantizedLinear
+    meta = json.loads((out / qio.META_FILE).read_text())
+    del meta["scope"]
+    meta["format_version"] = 1
+    (out / qio.META_FILE).write_text(json.dumps(meta))
+    loaded = qio.load_quantized(out)
+    assert isinstance(loaded.blocks[0].ffn.experts.w_in, QuantizedTensor)
+    assert type(loaded.embed) is nn.Embedding
 
 
 def _tamper(out, edit) -> None:
@@ -202,6 +233,10 @@ def _tamper(out, edit) -> None:
      "shape mismatches"),
     (lambda t: t.update({"blocks.0.ffn.experts.w_in.zeros":
                          t["blocks.0.ffn.experts.w_in.zeros"].bfloat16()}), "dtype"),
+    (lambda t: t.pop("blocks.1.attn.qkv.weight.scales"), "missing"),
+    (lambda t: t.update({"blocks.0.attn.out.weight.zeros":
+                         t["blocks.0.attn.out.weight.zeros"][:, :3].contiguous()}),
+     "shape mismatches"),
 ])
 def test_bad_quantized_checkpoint_raises(tmp_path, edit, match):
     _, run = _trained_checkpoint(tmp_path)
@@ -211,13 +246,15 @@ def test_bad_quantized_checkpoint_raises(tmp_path, edit, match):
         qio.load_quantized(out)
 
 
-def test_hf_patched_model_quantized_int8_generates_like_dequantized_original():
-    """Patched + int8 transformers model: generate() gives the greedy tokens of the
-    unpatched model holding the dequantized weights."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])  # qwen2: a shared expert
+def test_hf_patched_model_quantized_int8_generates_like_dequantized_original(family):
+    """Patched + int8 transformers model (experts, attention, shared expert, lm_head):
+    generate() gives the greedy tokens of the unpatched model holding the dequantized
+    weights; routers (``gate``, ``shared_expert_gate``) stay float."""
     from moekit.integrations import hf
     from tests import hf_models
 
-    original = hf_models.build("qwen3_moe").eval()
+    original = hf_models.build(family).eval()
     patched = quantize(hf.apply(copy.deepcopy(original)), bits=8)
     reference = copy.deepcopy(original)
     for name, m in patched.named_modules():
@@ -228,9 +265,126 @@ def test_hf_patched_model_quantized_int8_generates_like_dequantized_original():
                 with torch.no_grad():
                     getattr(target, attr).copy_(
                         w_ENK.transpose(1, 2) if m.is_transposed else w_ENK)
+        if isinstance(m, QuantizedLinear):  # attention projections, lm_head
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(_dequantize_torch(m.weight, 0, 1)[0])
+    layer = patched.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, QuantizedLinear)
+    assert isinstance(patched.lm_head, QuantizedLinear)
+    assert not isinstance(layer.mlp.gate.weight, QuantizedTensor)
+    if family == "qwen2_moe":
+        assert isinstance(layer.mlp.shared_expert.down_proj, QuantizedLinear)
+        assert type(layer.mlp.shared_expert_gate) is nn.Linear
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert torch.equal(patched.generate(ids, **kw), reference.generate(ids, **kw))
     with torch.no_grad():
         torch.testing.assert_close(patched(input_ids=ids).logits,
                                    reference(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+
+
+# -- dense projections: QuantizedLinear, the float decode-kernel Linear, whole models --------
+
+LINEAR_FORMATS = [(8, None, 72), (4, 32, 96), (4, 64, 192), (4, 128, 384)]  # (bits, g, K)
+needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
+
+
+@pytest.mark.parametrize("bits,g,K", LINEAR_FORMATS)
+@pytest.mark.parametrize("T", [1, 5, 17])
+@pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
+def test_quantized_linear_matches_dequantize_then_matmul(bits, g, K, T, path, monkeypatch):
+    from moekit.functions import decode
+
+    monkeypatch.setattr(decode, "QUANT_LINEAR_MAX_ROWS", 10**6 if path == "kernel" else 0)
+    N = 37  # odd output width; int8's K = 72 is not a multiple of 32 (the kernel's tail)
+    w_NK, b_N = torch.randn(N, K) * torch.linspace(0.2, 2, K), torch.randn(N)
+    lin = QuantizedLinear(quantize_tensor(w_NK.T[None], bits, g), b_N)
+    x = torch.randn(T, 3, K)[:, 1]  # a strided input
+    with torch.no_grad():
+        got = lin(x)
+    want = x @ _dequantized(lin.weight)[0] + b_N
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-4),
+                                             (torch.bfloat16, 2e-2, 2e-2)])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_float_linear_kernel_matches_torch(dtype, atol, rtol, T):
+    """moekit's Linear under no_grad (the decode kernel for <= 8 rows) == F.linear in fp64
+    of the same weights; with autograd on it is F.linear itself."""
+    from moekit.models.transformer import Linear
+
+    lin = Linear(72, 37, bias=False).to(dtype)
+    x = torch.randn(2, T, 72).to(dtype)
+    want = (x.double() @ lin.weight.double().T).to(dtype)
+    with torch.no_grad():
+        got = lin(x)
+    assert got.dtype == dtype and got.shape == (2, T, 37)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+
+
+def test_quantize_all_covers_attention_head_dense_ffn_and_ties_the_embedding():
+    model = _lm(moe_every=2)  # block 0 dense FFN, block 1 MoE
+    q = quantize(copy.deepcopy(model), bits=4, group_size=32)
+    b0, b1 = q.blocks
+    for m in (b0.attn.qkv, b0.attn.out, b0.ffn.w_in, b0.ffn.w_out, b1.attn.qkv, q.head):
+        assert isinstance(m, QuantizedLinear)
+    assert isinstance(q.embed, QuantizedEmbedding) and q.embed.weight is q.head.weight
+    assert isinstance(b1.ffn.router.weight, nn.Parameter)  # the router stays float
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.inference_mode():
+        got = q(ids).logits
+        want = _dequantized_copy(model, q)(ids).logits
+        torch.testing.assert_close(q.embed(ids), _dequantized_copy(model, q).embed(ids))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    experts_only = quantize(copy.deepcopy(model), bits=8, scope="experts")
+    assert type(experts_only.blocks[0].attn.qkv) is not QuantizedLinear
+    assert type(experts_only.embed) is nn.Embedding
+
+
+def test_untied_embedding_stays_float():
+    model = _lm(tie_embeddings=False)
+    q = quantize(copy.deepcopy(model), bits=8)
+    assert type(q.embed) is nn.Embedding and isinstance(q.head, QuantizedLinear)
+    assert torch.equal(q.embed.weight, model.embed.weight)
+
+
+@pytest.mark.parametrize("T", [1, 20])  # the kernel, and dequantize + matmul
+def test_shared_experts_quantized(T):
+    cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=4, top_k=2, num_shared_experts=1,
+                           shared_expert_gate=True)
+    torch.manual_seed(0)
+    layer = moekit.MoE(cfg).eval()
+    q = quantize(copy.deepcopy(layer), bits=4, group_size=32)
+    assert isinstance(q.shared.w_in, QuantizedTensor) and isinstance(q.shared.gate, nn.Parameter)
+    x = torch.randn(T, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x)[0], _dequantized_copy(layer, q)(x)[0], atol=1e-5,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=8, scope="attention"), "scope='attention'"),
+    (dict(bits=4, group_size=64), "shared.w_out"),  # shared hidden 48: 64 does not divide it
+])
+def test_bad_dense_requests_change_nothing(kw, match):
+    cfg = moekit.MoEConfig(dim=64, ffn_dim=64, num_experts=4, top_k=2, num_shared_experts=1,
+                           shared_ffn_dim=48)
+    layer = moekit.MoE(cfg)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(QuantizationError, match=match):
+        quantize(layer, **kw)
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    assert not moekit.quant.is_quantized(layer)
+    quantize(layer, bits=4, group_size=64, scope="experts")  # the experts alone are fine
+
+
+def test_bf16_quantized_model_generates_in_bf16():
+    from moekit.inference import Engine, GenerationConfig
+
+    model = quantize(_lm(), bits=8).to(torch.bfloat16)
+    assert model.embed(torch.tensor([[3]])).dtype == torch.bfloat16
+    gens, _ = Engine(model).generate([[1, 2, 3], [4]], GenerationConfig(max_new_tokens=4))
+    assert [len(g.tokens) for g in gens] == [4, 4]

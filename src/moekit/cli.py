@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("moekit.integrations.hf.convert",
                 "Mixtral-style transformers checkpoint <-> moekit language model, lossless"),
     "bench": ("moekit.bench", "CPU benchmark: moekit vs dense FFN, transformers, reference"),
-    "quantize": ("moekit.quant.cli", "int8 / int4 experts of a checkpoint (safetensors)"),
+    "quantize": ("moekit.quant.cli", "int8 / int4 weights of a checkpoint (safetensors)"),
 }
 
 

@@ -22,6 +22,7 @@ from moekit.experts.backends import (
     grouped_mm_supported,
     triton_supported,
 )
+from moekit.functions import decode
 from moekit.quant.tensor import QuantizedTensor
 
 BACKEND_NAMES = ("auto", *BACKENDS)
@@ -132,9 +133,10 @@ class SharedExperts(nn.Module):
             nn.init.normal_(self.gate, std=1.0 / math.sqrt(D))
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        h = x_TD @ self.w_in
+        # project: the decode kernel for few rows without autograd, and quantized weights
+        h = decode.project(x_TD, self.w_in)
         h = activate(h if self.b_in is None else h + self.b_in, self.cfg)
-        y = h @ self.w_out
+        y = decode.project(h, self.w_out)
         if self.b_out is not None:
             y = y + self.b_out
         if self.gate is not None:

@@ -167,7 +167,7 @@ class Engine:
         """Left-padded prompts [B, L] and a cache reset for them."""
         B, L = len(ids), max(len(p) for p in ids)
         need = L + max_new_tokens
-        w = self.model.embed.weight
+        w = self.model.norm.weight  # the activations' dtype and device
         c = self.cache
         if c is None or c.batch < B or c.max_len < need or c.k[0].dtype != w.dtype \
                 or c.k[0].device != w.device:

@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 quantization of routed experts (``moekit.quantize``).
+"""Weight-only int8 / int4 quantization for inference (``moekit.quantize``): routed
+experts, and by default the dense projections too (``quant/linear.py``).
 
 ``QuantizedTensor`` holds packed integers, scales and zero points in place of an
 expert weight stack; the decode kernels (``moekit/csrc/cpu_decode.cpp``) read it

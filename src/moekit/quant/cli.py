@@ -1,4 +1,4 @@
-"""`moekit quantize`: int8 / int4 experts of a trained checkpoint, saved with safetensors."""
+"""`moekit quantize`: int8 / int4 weights of a trained checkpoint, saved with safetensors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, required=True, help="8 (per output channel) or 4")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size along the input: 32, 64 (default) or 128")
+    p.add_argument("--scope", choices=("all", "experts"), default="all",
+                   help="all: experts + attention, LM head, dense FFNs, shared experts "
+                   "(default); experts: routed experts only")
     p.add_argument("--out", required=True, help="directory to write (moekit generate "
                    "--checkpoint DIR loads it)")
 
@@ -22,9 +25,10 @@ def run(args: argparse.Namespace) -> int:
     from moekit.train.checkpoint import CheckpointError
 
     try:
-        out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size)
+        out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
+                                  args.scope)
     except (QuantizationError, CheckpointError, ValueError) as e:
         print(f"moekit quantize: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} (bits={args.bits})")
+    print(f"wrote {out} (bits={args.bits}, scope={args.scope})")
     return 0

@@ -3,6 +3,7 @@
     DIR/model.safetensors   every tensor of the quantized model (experts as
                             ``...w_in.data`` / ``.scales`` / ``.zeros``; tied copies once)
     DIR/quantized.json      format version, the model config, bits, group size,
+                            scope ("all" or "experts"; version 1 files: experts),
                             tied aliases, the SHA-256 of model.safetensors
 
 ``load_quantized`` rebuilds the model from the config, puts empty quantized
@@ -25,7 +26,7 @@ from torch import nn
 
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
-from moekit.quant.model import is_quantized, quantize, quantize_like
+from moekit.quant.model import SCOPES, is_quantized, quantize, quantize_like, quantized_scope
 from moekit.quant.tensor import QuantizedTensor
 from moekit.safetensors_write import save_file
 from moekit.train.checkpoint import (
@@ -38,7 +39,7 @@ from moekit.train.checkpoint import (
 from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "scope"; 1 (experts only) still loads
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
 
 
@@ -73,7 +74,8 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     weights, aliases = dedupe_tied(model.state_dict())
     save_file(weights, str(tmp / MODEL_FILE))
     meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
-            "bits": qts[0].bits, "group_size": qts[0].group_size, "tied": aliases,
+            "bits": qts[0].bits, "group_size": qts[0].group_size,
+            "scope": quantized_scope(model), "tied": aliases,
             "sha256": _sha256(tmp / MODEL_FILE)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     for f in (MODEL_FILE, META_FILE):
@@ -91,8 +93,13 @@ def _read_meta(path: Path) -> dict:
     for key in ("format_version", "model_config", "bits", "group_size", "tied", "sha256"):
         if key not in meta:
             raise CheckpointError(f"{path / META_FILE} lacks the key {key!r}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path / META_FILE}: format_version must be {FORMAT_VERSION}")
+    if meta["format_version"] not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{path / META_FILE}: format_version must be 1 or "
+                              f"{FORMAT_VERSION}, got {meta['format_version']!r}")
+    meta.setdefault("scope", "experts")
+    if meta["scope"] not in SCOPES:
+        raise CheckpointError(f"{path / META_FILE}: scope={meta['scope']!r} must be one of "
+                              f"{SCOPES}")
     return meta
 
 
@@ -119,7 +126,7 @@ def load_quantized(path: str | Path) -> MoETransformer:
         if source in tensors:
             tensors[alias] = tensors[source]
     model = MoETransformer(LMConfig.from_dict(meta["model_config"]))
-    quantize_like(model, meta["bits"], meta["group_size"])
+    quantize_like(model, meta["bits"], meta["group_size"], meta["scope"])
     check_model_fits(model, tensors, path)
     _check_dtypes(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
@@ -127,12 +134,12 @@ def load_quantized(path: str | Path) -> MoETransformer:
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
-                        group_size: int | None = None) -> Path:
+                        group_size: int | None = None, scope: str = "all") -> Path:
     """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
     ck = load_checkpoint(checkpoint)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)
-    return save_quantized(quantize(model, bits, group_size), out)
+    return save_quantized(quantize(model, bits, group_size, scope), out)
 
 
 def load_model(path: str | Path) -> MoETransformer:

@@ -1,14 +1,30 @@
-"""``moekit.quantize``: weight-only quantization of a model's routed experts, in place.
+"""``moekit.quantize``: weight-only quantization of a model for inference, in place.
 
-Finds every moekit ``Experts`` module (``w_in`` / ``w_out``) and every transformers
-experts module patched by ``moekit.integrations.hf.apply`` (``gate_up_proj`` /
-``down_proj``), checks them all, then replaces each weight by a
-``QuantizedTensor`` of the same logical shape. Biases, routers, attention,
-embeddings and shared experts stay in floating point. Quantized experts run on
-the "decode" backend (its kernels for few rows, block-wise dequantization +
-the fused path for many) and have no backward.
+``scope="all"`` (the default) quantizes every weight a decode step reads in
+bulk: the routed experts, and every dense projection (attention q/k/v/o, the LM
+head, dense FFN blocks, shared experts). ``scope="experts"`` quantizes the
+routed experts only. Why "all" by default: with float attention and head the
+bytes a step reads cannot shrink enough for int8/int4 to pay (the fine model,
+D=1024, 64 experts top-8, F=512: a batch-1 step reads 272 MB in fp32, 102 MB
+with int4 experts only, 44.5 MB with all weights int4), and the quality cost is small
+(``benchmarks/quant_quality.py``; README). What stays in floating point:
+routers (small, and their logits pick experts: a flipped choice costs more than
+the bytes save), norms, biases, and an embedding table that is not tied to the
+head (a lookup reads only B rows of it, so quantizing it would save memory, not
+time). A tied embedding shares the head's quantized table (``QuantizedEmbedding``
+dequantizes only the rows it looks up).
 
-Shape letters: E experts, D hidden, F expert hidden, G = 2F for GLU activations.
+Finds moekit ``Experts`` modules (``w_in`` / ``w_out``) and transformers experts
+modules patched by ``moekit.integrations.hf.apply`` (``gate_up_proj`` /
+``down_proj``); with scope "all" also every ``nn.Linear`` outside routed
+experts and routers (a transformers router is a module named ``gate``,
+``router`` or ``*_gate``) and moekit ``SharedExperts``. Everything is checked
+first, then each weight is replaced by a ``QuantizedTensor`` of the same
+logical shape (an ``nn.Linear`` by a ``QuantizedLinear``). Quantized weights
+run on the decode kernels for few rows and dequantize for many; no backward.
+
+Shape letters: E experts, D hidden, F expert hidden, G = 2F for GLU activations,
+K input width, N output width.
 """
 
 from __future__ import annotations
@@ -17,7 +33,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from moekit.experts.experts import Experts
+from moekit.experts.experts import Experts, SharedExperts
+from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import (
     QuantizationError,
     QuantizedTensor,
@@ -26,15 +43,33 @@ from moekit.quant.tensor import (
     quantize_tensor,
 )
 
+SCOPES = ("all", "experts")
+ROUTER_NAMES = ("gate", "router")  # transformers' router modules (and names ending _gate)
+
 
 @dataclass(frozen=True)
 class _Target:
-    """One weight to quantize: module.<attr>, its logical [E, K, N] view, its name."""
+    """One weight to quantize: module.<attr>, its logical [E, K, N] view, its name.
+
+    ``kind``: "stack" (an expert stack or a [K, N] parameter: the attribute becomes a
+    QuantizedTensor) or "linear" (an nn.Linear child: it becomes a QuantizedLinear).
+    """
 
     module: nn.Module
     attr: str
     w_EKN: Tensor
     name: str
+    kind: str = "stack"
+    bias: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Tied:
+    """An nn.Embedding whose weight is the weight of the linear target ``source``."""
+
+    module: nn.Module
+    attr: str
+    source: int  # index into the targets
 
 
 def _hf_view(module: nn.Module, attr: str) -> Tensor:
@@ -42,7 +77,7 @@ def _hf_view(module: nn.Module, attr: str) -> Tensor:
     return w if getattr(module, "is_transposed", False) else w.transpose(1, 2)
 
 
-def _targets(model: nn.Module) -> list[_Target]:
+def _expert_targets(model: nn.Module) -> list[_Target]:
     from moekit.integrations.hf.experts import StackedExperts  # no transformers import
 
     out = []
@@ -58,49 +93,116 @@ def _targets(model: nn.Module) -> list[_Target]:
     return out
 
 
-def _check(targets: list[_Target], group_size: int | None) -> None:
-    if not targets:
+def _is_router(attr: str) -> bool:
+    return attr in ROUTER_NAMES or attr.endswith("_gate")
+
+
+def _dense_targets(model: nn.Module) -> list[_Target]:
+    """nn.Linear children outside routed experts and routers; SharedExperts weights."""
+    out: list[_Target] = []
+
+    def walk(m: nn.Module, prefix: str) -> None:
+        for attr, child in m.named_children():
+            name = f"{prefix}{attr}"
+            if attr == "experts" or isinstance(child, Experts | QuantizedTensor):
+                continue  # routed experts: _expert_targets (or a per-expert ModuleList)
+            if isinstance(child, SharedExperts):
+                out.extend(_Target(child, a, getattr(child, a)[None], f"{name}.{a}")
+                           for a in ("w_in", "w_out")
+                           if not isinstance(getattr(child, a), QuantizedTensor))
+            elif isinstance(child, nn.Linear) and not _is_router(attr):
+                out.append(_Target(m, attr, child.weight[None].transpose(1, 2), name, "linear",
+                                   child.bias))
+            else:
+                walk(child, f"{name}.")
+
+    walk(model, "")
+    return out
+
+
+def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
+    """Embeddings sharing a linear target's weight (tied input and output embeddings)."""
+    by_weight = {id(t.module.get_submodule(t.attr).weight): i
+                 for i, t in enumerate(targets) if t.kind == "linear"}
+    out = []
+    for m in model.modules():
+        for attr, child in m.named_children():
+            if isinstance(child, nn.Embedding) and id(child.weight) in by_weight:
+                out.append(_Tied(m, attr, by_weight[id(child.weight)]))
+    return out
+
+
+def _targets(model: nn.Module, scope: str) -> list[_Target]:
+    if scope not in SCOPES:
+        raise QuantizationError(f"scope={scope!r} is not allowed: it must be 'all' (experts "
+                                "and dense projections) or 'experts' (routed experts only)")
+    return _expert_targets(model) + (_dense_targets(model) if scope == "all" else [])
+
+
+def _check(model: nn.Module, targets: list[_Target], group_size: int | None) -> None:
+    if not _expert_targets(model):
         raise QuantizationError("the model has no moekit Experts module nor a transformers "
                                 "experts module patched by moekit.integrations.hf.apply: "
                                 "nothing to quantize")
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedTensor)]
+    if done:
+        raise QuantizationError(f"{done[0]} is already quantized: quantizing twice is not "
+                                "allowed; load the float model")
     for t in targets:
-        if isinstance(t.w_EKN, QuantizedTensor):
-            raise QuantizationError(f"{t.name} is already quantized ({t.w_EKN.extra_repr()}): "
-                                    "quantizing twice is not allowed; load the float model")
         check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None) -> nn.Module:
-    """Quantize the routed experts of ``model`` in place and return it.
+def _replace(model: nn.Module, targets: list[_Target], qs: list[QuantizedTensor]) -> None:
+    tied = _tied(model, targets)
+    for t, q in zip(targets, qs, strict=True):
+        if t.kind == "linear":
+            setattr(t.module, t.attr, QuantizedLinear(q, t.bias))
+        else:
+            delattr(t.module, t.attr)
+            setattr(t.module, t.attr, q)
+    for e in tied:
+        dtype = getattr(e.module, e.attr).weight.dtype
+        setattr(e.module, e.attr, QuantizedEmbedding(qs[e.source], dtype))
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
+             scope: str = "all") -> nn.Module:
+    """Quantize ``model`` in place (see the module docstring for what ``scope`` covers)
+    and return it.
 
     ``bits=8``: int8, one scale per output channel (``group_size`` must be None).
     ``bits=4``: int4 with a scale and zero point per ``group_size`` (32, 64 or 128;
     default 64) inputs. Everything is checked before anything changes: bits=3, a
-    group size that does not divide an input dimension, a model already quantized
-    or without experts raise ``QuantizationError`` and leave the model untouched.
+    group size that does not divide an input dimension, an unknown scope, a model
+    already quantized or without experts raise ``QuantizationError`` and leave the
+    model untouched.
     """
     group_size = check_bits(bits, group_size)
-    targets = _targets(model)
-    _check(targets, group_size)
-    quantized = [quantize_tensor(t.w_EKN, bits, group_size) for t in targets]
-    for t, q in zip(targets, quantized, strict=True):
-        delattr(t.module, t.attr)
-        setattr(t.module, t.attr, q.to(t.w_EKN.device))
+    targets = _targets(model, scope)
+    _check(model, targets, group_size)
+    qs = [quantize_tensor(t.w_EKN, bits, group_size).to(t.w_EKN.device) for t in targets]
+    _replace(model, targets, qs)
     return model
 
 
-def quantize_like(model: nn.Module, bits: int, group_size: int | None) -> nn.Module:
-    """Empty QuantizedTensors of the right shapes in place of the experts (for loading)."""
+def quantize_like(model: nn.Module, bits: int, group_size: int | None,
+                  scope: str = "experts") -> nn.Module:
+    """Empty QuantizedTensors of the right shapes where ``quantize`` puts them (loading)."""
     group_size = check_bits(bits, group_size)
-    targets = _targets(model)
-    _check(targets, group_size)
-    for t in targets:
-        E, K, N = t.w_EKN.shape
-        delattr(t.module, t.attr)
-        setattr(t.module, t.attr, QuantizedTensor.empty(E, K, N, bits, group_size,
-                                                        t.w_EKN.device))
+    targets = _targets(model, scope)
+    _check(model, targets, group_size)
+    qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device)
+          for t in targets]
+    _replace(model, targets, qs)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedTensor) for m in model.modules())
+
+
+def quantized_scope(model: nn.Module) -> str | None:
+    """"all" when dense projections are quantized too, "experts" when only experts, else None."""
+    if not is_quantized(model):
+        return None
+    return "all" if any(isinstance(m, QuantizedLinear) for m in model.modules()) else "experts"

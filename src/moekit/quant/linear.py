@@ -1,0 +1,98 @@
+"""Quantized dense projections and the (tied) embedding, for inference.
+
+``QuantizedLinear`` stands where an ``nn.Linear`` stood (attention q/k/v/o, the LM
+head, dense FFNs, shared experts): its weight is a ``QuantizedTensor`` of one
+"expert", logical [1, K, N], stored [1, N, K] like an ``nn.Linear`` weight, so the
+decode kernel reads it as it reads an expert. Few rows (decode) run on that
+kernel; more rows (prefill) dequantize the weight once per call into x's dtype
+and use torch's GEMM (``functions/decode.py`` has the measured crossover).
+
+``QuantizedEmbedding`` looks up rows of a quantized [V, D] table (the LM head's
+weight when embeddings are tied: the same ``QuantizedTensor`` object): it
+gathers the packed rows of the ids and dequantizes only those, so a decode
+step reads B rows, not the table.
+
+Shape letters: T rows, K input width, N output width, V vocabulary, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moekit.quant.tensor import QuantizedTensor, dequantize_NK
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + b with W dequantized from ``weight`` (a [1, K, N] QuantizedTensor)."""
+
+    def __init__(self, weight: QuantizedTensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[2]
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float [N, K] weight (an ``nn.Linear`` weight)."""
+        return dequantize_NK(self.weight, 0, 1)[0].to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from moekit.functions import decode  # the kernels' layer; imported late to stay cheap
+
+        x_TK = x.reshape(-1, x.shape[-1])
+        if decode.dense_kernel_ok(x, self.weight, x_TK.shape[0]):
+            y = decode.dense_rows(x_TK, self.weight)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(x_TK, self.dequantized(x.dtype), bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Rows of a quantized [V, D] table (``weight``: a [1, D, V] QuantizedTensor), in
+    ``out_dtype`` (the float dtype the model runs in; follows ``model.to(dtype)``)."""
+
+    def __init__(self, weight: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = weight
+        self.out_dtype = out_dtype
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[2]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        q = self.weight
+        idx = ids.reshape(-1).to(q.device)
+        rows = QuantizedTensor(q.data[0].index_select(0, idx)[None],
+                               q.scales[0].index_select(0, idx)[None],
+                               None if q.zeros is None else q.zeros[0].index_select(0, idx)[None],
+                               q.bits, q.group_size)
+        out = dequantize_NK(rows, 0, 1)[0].to(self.out_dtype)
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # moves the QuantizedTensor (its dtypes stay)
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, out_dtype={self.out_dtype}"
