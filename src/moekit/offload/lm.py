@@ -26,6 +26,7 @@ from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, st
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
+from moekit.quant.model import quantize_like
 from moekit.train import rundir
 from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, _read_state, resolve
 
@@ -123,6 +124,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     cfg = LMConfig.from_dict(state["model_config"])
     with torch.device("meta"):
         model = MoETransformer(cfg)
+        if quant is not None and state.get("scope", "experts") == "all":
+            quantize_like(model, *quant, "all")  # attention and head as QuantizedLinear
     store_parts, layer = {}, 0
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):

@@ -185,6 +185,18 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     return model
 
 
+def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -> nn.Module:
+    """``quantize``'s scope "all" without the routed experts, for a model whose experts
+    are quantized elsewhere (offloaded experts, quantized as they are read)."""
+    group_size = check_bits(bits, group_size)
+    targets = _dense_targets(model)
+    for t in targets:
+        check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
+    _replace(model, targets, [quantize_tensor(t.w_EKN, bits, group_size).to(t.w_EKN.device)
+                              for t in targets])
+    return model
+
+
 def quantize_like(model: nn.Module, bits: int, group_size: int | None,
                   scope: str = "experts") -> nn.Module:
     """Empty QuantizedTensors of the right shapes where ``quantize`` puts them (loading)."""

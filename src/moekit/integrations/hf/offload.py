@@ -42,6 +42,7 @@ from moekit.offload.codecs import Quantize, Renamed
 from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, stack_experts
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
+from moekit.quant.model import quantize_dense
 from moekit.quant.tensor import check_bits
 
 OFFLOADABLE = ("deepseek_v3", "flex_olmo", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
@@ -301,6 +302,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     try:
         read_into_module(model, resident, store._fds)
         offload = _attach(model, modules, store, budget, policy, prefetch, threaded)
+        if quantize is not None:  # the rest as moekit.quantize's default scope does it
+            quantize_dense(model, quantize, group_size)
     except BaseException:
         store.close()
         raise
