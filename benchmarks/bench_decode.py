@@ -22,6 +22,13 @@ after the build, so the number is the generation's own peak).
     PYTHONPATH=src python benchmarks/bench_decode.py --quick      # ~2 min idle
     PYTHONPATH=src python benchmarks/bench_decode.py              # everything
     PYTHONPATH=src python benchmarks/bench_decode.py --profile    # where a step's time goes
+    PYTHONPATH=src python benchmarks/bench_decode.py --breakdown  # same, 1-thread CPU time
+    PYTHONPATH=src python benchmarks/bench_decode.py --cpu-time ... # 1 thread, CPU time
+
+``--cpu-time`` runs everything on one thread and times steps (and the bandwidth
+``sum``) with the thread's CPU time instead of the wall clock: on a loaded box
+the wall clock counts the time other processes hold the core, CPU time does not
+(one thread computes everything, so a step's CPU time is its cost).
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
 """
@@ -52,6 +59,7 @@ MOEKIT_DTYPES = ("bf16", "int8", "int4")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 PROMPT_LEN = 32  # prompt of each sequence while decoding
+CLOCK = time.perf_counter  # time.thread_time under --cpu-time
 PREFILL_LEN = 512
 
 
@@ -169,14 +177,14 @@ class Runner:
         if self.is_moekit:
             gens, _ = self.engine.generate(
                 list(self.ids), self.cfg,
-                on_token=lambda s, _t: stamps.append(time.perf_counter()) if s == 0 else None)
+                on_token=lambda s, _t: stamps.append(CLOCK()) if s == 0 else None)
             self.tokens = [g.tokens for g in gens]
             return _median_step_ms(stamps)
         from transformers import LogitsProcessor, LogitsProcessorList
 
         class Clock(LogitsProcessor):
             def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
+                stamps.append(CLOCK())
                 return scores
 
         with torch.inference_mode():
@@ -271,10 +279,10 @@ def prefill_runner(model, L: int):
 
     def run() -> float:
         cache.reset()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         with torch.inference_mode():
             model.infer(ids, cache)
-        return 1e3 * (time.perf_counter() - t0)
+        return 1e3 * (CLOCK() - t0)
 
     return run
 
@@ -450,6 +458,107 @@ def profile_step(shape: str, B: int, steps: int = 8) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
+def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
+    """1-thread CPU time of a decode step's parts (timers wrapped around them; a part's
+    time includes the parts inside it). Small ops cost more here than alone: each
+    weight stream evicts their code and data from the caches."""
+    import collections
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    import moekit.functions.decode as fd
+    import moekit.layer as ly
+    import moekit.models.transformer as tr
+    import moekit.routing.router as rr
+    from moekit.functions import cpu_ext
+    from moekit.models.transformer import StaticKVCache
+
+    spent: collections.Counter = collections.Counter()
+    undo = []
+
+    def wrap(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t0 = time.thread_time_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.thread_time_ns() - t0
+
+        setattr(owner, name, timed)
+        undo.append((owner, name, fn))
+
+    class Ext:  # the decode kernels, timed per entry
+        def __init__(self, ext) -> None:
+            self.ext = ext
+
+        def __getattr__(self, name):
+            fn = getattr(self.ext, name)
+
+            def timed(*a, **k):
+                t0 = time.thread_time_ns()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[f"kernel {name}"] += time.thread_time_ns() - t0
+            return timed
+
+    model = build(shape, "fp32")
+    ids = prompts(B, PROMPT_LEN)
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + steps + 8)
+    cache.reset()
+    for owner, name, label in [
+            (tr.RMSNorm, "forward", "RMSNorm"), (tr, "apply_rotary", "rotary"),
+            (tr.StaticKVCache, "write", "KV cache write"), (F, "scaled_dot_product_attention",
+                                                            "attention (sdpa)"),
+            (tr.Attention, "forward", "attention block (all)"),
+            (torch.nn.Linear, "forward", "nn.Linear (aten)"),
+            (fd, "linear", "dense linears (kernel)"),  # also counted in kernel gate_up
+            (rr.Router, "select", "router + top-k"), (ly, "sort_by_expert", "sort by expert"),
+            (fd, "decode_rows", "experts (decode_rows)"), (ly.MoE, "infer", "MoE layer (all)")]:
+        wrap(owner, name, label)
+    ext = cpu_ext.get_decode()
+    get = cpu_ext.get_decode
+    cpu_ext.get_decode = lambda: Ext(ext)
+    try:
+        with torch.inference_mode():
+            nxt = model.infer(ids, cache).argmax(-1)[:, None]
+            for _ in range(3):
+                nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+            spent.clear()
+            t0 = time.thread_time_ns()
+            for _ in range(steps):
+                nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+            total = time.thread_time_ns() - t0
+    finally:
+        cpu_ext.get_decode = get
+        for owner, name, fn in undo:
+            setattr(owner, name, fn)
+    print(f"breakdown: {shape} batch {B}, {steps} decode steps, 1 thread CPU time "
+          f"{total / steps / 1e6:.2f} ms per step (load avg {os.getloadavg()[0]:.1f})")
+    for label, ns in spent.most_common():
+        print(f"  {label:26s} {ns / steps / 1e6:8.3f} ms  {100 * ns / total:5.1f}%")
+
+
+def read_bandwidth_cpu(reps: int = 5) -> float:
+    """harness.read_bandwidth timed with the thread's CPU time (--cpu-time, 1 thread)."""
+    import torch
+
+    x = torch.ones(2**28)
+    x.sum()
+    ts = []
+    for _ in range(reps):
+        t0 = time.thread_time()
+        x.sum()
+        ts.append(time.thread_time() - t0)
+    del x
+    return 2**30 / statistics.median(ts)
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -468,6 +577,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak RSS runs")
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
+    p.add_argument("--breakdown", action="store_true",
+                   help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="1 thread; steps timed by the thread's CPU time (loaded box)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
@@ -511,17 +624,27 @@ def run(args: argparse.Namespace) -> int:
     args = _resolve(args)
     import torch
 
+    global CLOCK
+    if args.cpu_time:
+        args.threads, CLOCK = 1, time.thread_time
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        torch.set_num_threads(1)
+        for B in (1, 8, 16):
+            breakdown_step(args.models[0], B)
+        return 0
     if args.profile:
         for B in (1, 16):
             profile_step(args.models[0], B)
         return 0
     info = harness.machine()
-    bw = [harness.read_bandwidth()]
+    measure_bw = read_bandwidth_cpu if args.cpu_time else harness.read_bandwidth
+    bw = [measure_bw()]
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum)  {args.new_tokens} new tokens after a "
-          f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs")
+          f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs"
+          + ("; 1-thread CPU time" if args.cpu_time else ""))
     if quantize_fn() is None:
         print("note: moekit.quantize is not in this checkout: int8 and int4 are skipped")
     print("x mk fp32 = median over pairs of (variant step / moekit fp32 step); roof/step = "
@@ -532,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_model(args, shape, bw[0], lambda new, done=rows: _write(
             args, info, bw, done + new, [], time.time() - t0))
         gc.collect()
-        bw.append(harness.read_bandwidth())
+        bw.append(measure_bw())
         _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
