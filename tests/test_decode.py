@@ -34,6 +34,7 @@ CASES = [
     (3, 8, 8, 40, 24),    # K == E: every expert touched; D not a multiple of 32
     (5, 7, 3, 96, 80),    # odd T, prime E
     (8, 16, 8, 64, 32),   # 64 rows
+    (12, 4, 2, 37, 21),   # ~6 rows per expert (row groups of 4 + rest); odd D, F: tails
 ]
 
 
@@ -183,3 +184,45 @@ def test_hf_patched_model_decode_equals_fused():
         tokens_decode = model.generate(ids[:1], **kw)
         hf.apply(model, backend="fused")
         assert torch.equal(tokens_decode, model.generate(ids[:1], **kw))
+
+
+# -- dense weights through the decode kernel (functions/decode.linear) ---------------
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_dense_linear_matches_per_row_dot_products(rows, dtype, atol, rtol):
+    """linear(x, w, b) == w @ x[r] + b row by row in float64 (N=70, K=37: every tail)."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(70, 37, generator=g).to(dtype), torch.randn(70, generator=g).to(dtype)
+    x = torch.randn(1, rows, 37, generator=g).to(dtype)
+    with torch.no_grad():
+        assert decode_fn.dense_supported(x, w)
+        y = decode_fn.linear(x, w, b)
+    want = torch.stack([w.double() @ x[0, r].double() + b.double() for r in range(rows)])
+    assert y.shape == (1, rows, 70) and y.dtype == dtype
+    torch.testing.assert_close(y[0].double(), want, atol=atol, rtol=rtol)
+
+
+def test_project_takes_the_kernel_only_for_few_rows_of_a_plain_linear(monkeypatch):
+    """models.transformer.project: the kernel for <= DENSE_MAX_ROWS rows without autograd;
+    more rows, autograd, or a module that is not a plain nn.Linear run the module."""
+    from moekit.models.transformer import project
+
+    calls = []
+    real = decode_fn.linear
+    monkeypatch.setattr(decode_fn, "linear", lambda *a: calls.append(1) or real(*a))
+    lin = torch.nn.Linear(37, 70)
+
+    class Sub(torch.nn.Linear):  # e.g. a quantized replacement with its own forward
+        pass
+
+    sub = Sub(37, 70)
+    n = decode_fn.DENSE_MAX_ROWS
+    few, many = torch.randn(1, n, 37), torch.randn(n + 1, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(project(lin, few), lin(few), atol=1e-5, rtol=1e-4)
+        assert len(calls) == 1
+        project(lin, many), project(sub, few)
+        assert len(calls) == 1
+    y = project(lin, few)  # autograd on: aten, and the graph is kept
+    assert len(calls) == 1 and y.requires_grad
