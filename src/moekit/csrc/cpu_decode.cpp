@@ -434,6 +434,57 @@ AVX512 void kn_tile_avx512(const void* w, int64_t ldk, int64_t K, const float* c
   if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W);
 }
 
+// NK layout, fp32, several output columns at once: R rows of x against C weight
+// rows (output columns), R*C accumulators, so each x and weight vector loaded
+// serves C or R FMAs (one weight row at a time costs 2 loads per FMA, and at 8-16
+// rows, e.g. a batch's attention projections, the step is bound by those loads).
+template <int R, int C>
+AVX512 inline void nk_rc_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                             int64_t j, int64_t W, float* acc) {
+  const int64_t K16 = K / 16 * 16;
+  __m512 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + c * ldn + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x[r] + k);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(xv, wv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float t = _mm512_reduce_add_ps(a[r][c]);
+      for (int64_t k = K16; k < K; ++k) t += x[r][k] * w[c * ldn + k];
+      acc[r * W + j + c] = t;
+    }
+}
+
+// C weight rows (16 KiB at K = 1024) stay in L1 while every group of 4 rows of x
+// passes over them.
+template <int C>
+AVX512 void nk_block_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                         int64_t n, int64_t j, int64_t W, float* acc) {
+  for (int64_t r0 = 0; r0 < n; r0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - r0);
+    float* a = acc + r0 * W;
+    switch (m) {
+      case 4: nk_rc_f32<4, C>(w, ldn, K, x + r0, j, W, a); break;
+      case 3: nk_rc_f32<3, C>(w, ldn, K, x + r0, j, W, a); break;
+      case 2: nk_rc_f32<2, C>(w, ldn, K, x + r0, j, W, a); break;
+      default: nk_rc_f32<1, C>(w, ldn, K, x + r0, j, W, a); break;
+    }
+  }
+}
+
+AVX512 void nk_tile_f32_avx512(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                               int64_t n, int64_t W, float* acc) {
+  int64_t j = 0;
+  for (; j + 4 <= W; j += 4) nk_block_f32<4>(w + j * ldn, ldn, K, x, n, j, W, acc);
+  for (; j < W; ++j) nk_block_f32<1>(w + j * ldn, ldn, K, x, n, j, W, acc);
+}
+
 const bool HAVE_AVX512 = [] {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
@@ -450,7 +501,8 @@ void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum,
                       : w.kind == Kind::I4 ? w.scales + (e * w.N + c0) * ng : nullptr;
     const float* z = w.kind == Kind::I4 ? w.zeros + (e * w.N + c0) * ng : nullptr;
     switch (w.kind) {
-      case Kind::F32: return nk_tile_avx512<Kind::F32>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+      case Kind::F32:
+        return nk_tile_f32_avx512(reinterpret_cast<const float*>(p), w.s_n, w.K, x, n, W, acc);
       case Kind::BF16: return nk_tile_avx512<Kind::BF16>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
       case Kind::I8: return nk_tile_avx512<Kind::I8>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
       case Kind::I4:

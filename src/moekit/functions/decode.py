@@ -33,11 +33,12 @@ from moekit.quant.tensor import QuantizedTensor
 ActFn = Callable[[Tensor], Tensor]
 ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
 DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
-# Rows up to which ``linear`` beats F.linear (MKL). One decode step's dense weights
-# (4 x (qkv 3072x1024 + out 1024x1024) + head 256x1024 fp32, 65 MB), 1 thread CPU
-# time, loaded box (load avg ~6), kernel / F.linear: 0.83 at 1 row, 0.41 at 2,
-# 0.58 at 4, 1.04 at 8, 1.26 at 16 (MKL's GEMM blocks many rows better).
-DENSE_MAX_ROWS = 4
+# Rows up to which ``linear`` runs instead of F.linear (MKL). One decode step's dense
+# weights (4 x (qkv 3072x1024 + out 1024x1024) + head 256x1024 fp32, 65 MB), 1 thread
+# CPU time, loaded box (load avg ~8.5), kernel / F.linear: 0.94-0.98 at 1 row, 0.69
+# at 2, 0.73 at 4, 0.76 at 8, 0.80-0.83 at 16, 0.90 at 32, 0.92 at 64 (the fp32 NK
+# kernel blocks 4 rows x 4 columns in registers). Prefill keeps aten's GEMM.
+DENSE_MAX_ROWS = 32
 
 
 def available() -> bool:
@@ -80,11 +81,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     route = _ROUTES.get(T)
     if route is None:
         route = _ROUTES[T] = (torch.arange(T), torch.tensor([T], dtype=torch.int32))
-    x32 = x_TK if x_TK.dtype == torch.float32 and x_TK.is_contiguous() \
-        else x_TK.float().contiguous()
-    b = None if bias is None else bias.float().reshape(1, N)
-    y = ext.gate_up(x32, route[0], route[1], weight.t()[None], None, None, 0, 0, b, 0, 0.0, 1.0)
-    return y.view(*x.shape[:-1], N).to(x.dtype)
+    b = None if bias is None else _plain_f32(bias).view(1, N)
+    w_1KN = weight.as_strided((1, K, N), (N * K, 1, weight.stride(0)))
+    y = ext.gate_up(_plain_f32(x_TK), route[0], route[1], w_1KN, None, None, 0, 0, b, 0, 0.0,
+                    1.0)
+    y = y.view(*x.shape[:-1], N)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -103,14 +105,21 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
                            "failed); use backend='fused'")
     kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
     code = ACT_CODES.get(kind, 0)
-    x = x_TD.detach().float().contiguous()
+    # conversions only where needed: every Python-side op of a decode step runs right
+    # after a weight stream has evicted its code and data (~0.1 ms for the first one)
+    x = _plain_f32(x_TD)
     h = ext.gate_up(x, token_S, offsets_E, *_wargs(w_in), _f32(b_in_EG), code, limit, alpha)
     if code == 0:
         h = act(h).float().contiguous()
     out = torch.empty_like(x)
-    ext.down_combine(h, token_S, weight_S.detach().float().contiguous(), offsets_E,
-                     *_wargs(w_out), _f32(b_out_ED), out)
-    return out.to(x_TD.dtype)
+    ext.down_combine(h, token_S, _plain_f32(weight_S), offsets_E, *_wargs(w_out),
+                     _f32(b_out_ED), out)
+    return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
+
+
+def _plain_f32(t: Tensor) -> Tensor:
+    """t as a contiguous float32 tensor the kernels read (the C++ side takes no autograd)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
 
 
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
