@@ -29,6 +29,7 @@ after the build, so the number is the generation's own peak).
     PYTHONPATH=src python benchmarks/bench_decode.py --profile    # where a step's time goes
     PYTHONPATH=src python benchmarks/bench_decode.py --cpu-time --models fine --batches 1 \
         --variants bf16,int8,int4 --no-prefill --no-memory         # bytes pay, loaded box
+    PYTHONPATH=src python benchmarks/bench_decode.py --breakdown  # parts of a step, CPU time
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
 """
@@ -305,10 +306,10 @@ def prefill_runner(model, L: int):
 
     def run() -> float:
         cache.reset()
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         with torch.inference_mode():
             model.infer(ids, cache)
-        return 1e3 * (time.perf_counter() - t0)
+        return 1e3 * (CLOCK[0]() - t0)
 
     return run
 
@@ -486,6 +487,92 @@ def profile_step(shape: str, B: int, steps: int = 8) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
+def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
+    """1-thread CPU time of a decode step's parts (timers wrapped around them; a part's
+    time includes the parts inside it). Small ops cost more here than alone: each
+    weight stream evicts their code and data from the caches."""
+    import collections
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+
+    import moekit.functions.decode as fd
+    import moekit.layer as ly
+    import moekit.models.transformer as tr
+    import moekit.routing.router as rr
+    from moekit.functions import cpu_ext
+    from moekit.models.transformer import StaticKVCache
+
+    spent: collections.Counter = collections.Counter()
+    undo = []
+
+    def wrap(owner, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            t0 = time.thread_time_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.thread_time_ns() - t0
+
+        setattr(owner, name, timed)
+        undo.append((owner, name, fn))
+
+    class Ext:  # the decode kernels, timed per entry
+        def __init__(self, ext) -> None:
+            self.ext = ext
+
+        def __getattr__(self, name):
+            fn = getattr(self.ext, name)
+
+            def timed(*a, **k):
+                t0 = time.thread_time_ns()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    spent[f"kernel {name}"] += time.thread_time_ns() - t0
+            return timed
+
+    model = build(shape, "fp32")
+    ids = prompts(B, PROMPT_LEN)
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + steps + 8)
+    cache.reset()
+    for owner, name, label in [
+            (tr.RMSNorm, "forward", "RMSNorm"), (tr, "apply_rotary", "rotary"),
+            (tr.StaticKVCache, "write", "KV cache write"), (F, "scaled_dot_product_attention",
+                                                            "attention (sdpa)"),
+            (tr.Attention, "forward", "attention block (all)"),
+            (torch.nn.Linear, "forward", "nn.Linear (aten)"),
+            (fd, "linear", "dense linears (kernel)"),  # also counted in kernel gate_up
+            (rr.Router, "select", "router + top-k"), (ly, "sort_by_expert", "sort by expert"),
+            (fd, "decode_rows", "experts (decode_rows)"), (ly.MoE, "infer", "MoE layer (all)")]:
+        wrap(owner, name, label)
+    ext = cpu_ext.get_decode()
+    get = cpu_ext.get_decode
+    cpu_ext.get_decode = lambda: Ext(ext)
+    try:
+        with torch.inference_mode():
+            nxt = model.infer(ids, cache).argmax(-1)[:, None]
+            for _ in range(3):
+                nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+            spent.clear()
+            t0 = time.thread_time_ns()
+            for _ in range(steps):
+                nxt = model.infer(nxt, cache).argmax(-1)[:, None]
+            total = time.thread_time_ns() - t0
+    finally:
+        cpu_ext.get_decode = get
+        for owner, name, fn in undo:
+            setattr(owner, name, fn)
+    print(f"breakdown: {shape} batch {B}, {steps} decode steps, 1 thread CPU time "
+          f"{total / steps / 1e6:.2f} ms per step (load avg {os.getloadavg()[0]:.1f})")
+    for label, ns in spent.most_common():
+        print(f"  {label:26s} {ns / steps / 1e6:8.3f} ms  {100 * ns / total:5.1f}%")
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -507,6 +594,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak RSS runs")
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
+    p.add_argument("--breakdown", action="store_true",
+                   help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
@@ -570,6 +659,11 @@ def run(args: argparse.Namespace) -> int:
     if args.cpu_time:
         args.threads, CLOCK[0] = 1, time.thread_time
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        torch.set_num_threads(1)
+        for B in (1, 8, 16):
+            breakdown_step(args.models[0], B)
+        return 0
     if args.profile:
         for B in (1, 16):
             profile_step(args.models[0], B)

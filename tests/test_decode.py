@@ -34,6 +34,7 @@ CASES = [
     (3, 8, 8, 40, 24),    # K == E: every expert touched; D not a multiple of 32
     (5, 7, 3, 96, 80),    # odd T, prime E
     (8, 16, 8, 64, 32),   # 64 rows
+    (12, 4, 2, 37, 21),   # ~6 rows per expert (row groups of 4 + rest); odd D, F: tails
 ]
 
 
@@ -183,3 +184,43 @@ def test_hf_patched_model_decode_equals_fused():
         tokens_decode = model.generate(ids[:1], **kw)
         hf.apply(model, backend="fused")
         assert torch.equal(tokens_decode, model.generate(ids[:1], **kw))
+
+
+# -- dense weights through the decode kernel (functions/decode.dense_rows) -----------
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_dense_rows_match_per_row_dot_products(rows, dtype, atol, rtol):
+    """dense_rows(x, W) == W @ x[r] row by row in float64 for an nn.Linear weight [N, K]
+    (N=70, K=37: every row and column tail of the 4 x 4 register blocks)."""
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 37, generator=g).to(dtype)
+    x = torch.randn(rows, 37, generator=g).to(dtype)
+    with torch.no_grad():
+        y = decode_fn.dense_rows(x, w[None].transpose(1, 2))
+    want = torch.stack([w.double() @ x[r].double() for r in range(rows)])
+    assert y.shape == (rows, 70) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_takes_the_kernel_only_for_few_rows_without_autograd(monkeypatch, dtype):
+    """models.transformer.Linear: the kernel up to FLOAT_KERNEL_MAX_ROWS rows without
+    autograd; more rows, or autograd on, run F.linear (and keep the graph)."""
+    from moekit.models.transformer import Linear
+
+    calls = []
+    real = decode_fn.dense_rows
+    monkeypatch.setattr(decode_fn, "dense_rows", lambda *a: calls.append(1) or real(*a))
+    lin = Linear(37, 70, bias=False).to(dtype)
+    n = decode_fn.FLOAT_KERNEL_MAX_ROWS[dtype]
+    few, many = torch.randn(1, n, 37).to(dtype), torch.randn(n + 1, 37).to(dtype)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(few.double(), lin.weight.double())
+        _, atol, rtol = next(d for d in DTYPES if d[0] == dtype)
+        torch.testing.assert_close(lin(few).double(), want, atol=atol, rtol=rtol)
+        assert len(calls) == 1
+        lin(many)
+        assert len(calls) == 1
+    y = lin(few)  # autograd on: F.linear, and the graph is kept
+    assert len(calls) == 1 and y.requires_grad

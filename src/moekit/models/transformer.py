@@ -41,6 +41,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32:
+            # one op instead of seven: generation runs 2 per layer + 1 per step
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32: under bf16 autocast the mean of squares loses ~3 digits
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
