@@ -108,7 +108,9 @@ class _Counting:
     """The kernel module, counting the calls that reach it."""
 
     def __init__(self, module):
-        self.module, self.calls = module, {"grouped_mm_out": 0, "grouped_mm_weight_out": 0}
+        self.module = module
+        self.calls = dict.fromkeys(["grouped_mm_out", "grouped_mm_weight_out", "glu_up_out",
+                                    "scatter_mm", "glu_backward_out"], 0)
 
     def __getattr__(self, name):
         if name in self.calls:
@@ -133,15 +135,19 @@ def test_kernels_load_where_torch_sees_native_bf16():
 NAMES = ["y", "x", "weight", "w_in", "w_out", "b_in", "b_out"]
 
 
-@pytest.mark.parametrize("T,E,K,D,Fd,how", CASES)
-def test_fused_bf16_kernels_match_fp64_per_token(kernels, monkeypatch, T, E, K, D, Fd, how):
+@pytest.mark.parametrize("T,E,K,D,Fd,how,kind", [
+    *((*c, "swiglu") for c in CASES), (*CASES[1], "geglu"), (*CASES[5], "geglu")])
+def test_fused_bf16_kernels_match_fp64_per_token(kernels, monkeypatch, T, E, K, D, Fd, how,
+                                                 kind):
     counting = _Counting(kernels)
     monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
     token_S, offsets_E, expert_S, inputs, g = _problem(T, E, K, D, Fd, how)
-    got = _fused(token_S, offsets_E, inputs, g, "swiglu")
-    _assert_close(got, _reference(token_S, expert_S, inputs, g, "swiglu"), NAMES)
-    # forward: 2 GEMMs per block, backward: 2 data and 2 weight GEMMs
-    assert counting.calls == {"grouped_mm_out": 4, "grouped_mm_weight_out": 2}
+    got = _fused(token_S, offsets_E, inputs, g, kind)
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, kind), NAMES)
+    # one block, all fused: forward gate+up+GLU, down+combine; backward the GLU
+    # backward GEMM, 2 weight GEMMs and the input gradient's scatter GEMM
+    assert counting.calls == {"grouped_mm_out": 0, "grouped_mm_weight_out": 2,
+                              "glu_up_out": 1, "scatter_mm": 2, "glu_backward_out": 1}
     idle = [e for e in range(E) if e not in expert_S.tolist()]
     assert not got[NAMES.index("w_in")][idle].any() and not got[NAMES.index("w_out")][idle].any()
 
