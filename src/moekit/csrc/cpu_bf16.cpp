@@ -127,6 +127,17 @@ MOEKIT_BF16 void pack_pairs(const bf16_t* src, int64_t sk, int64_t sj, int64_t k
     const bf16_t* hi = k + 1 < k1 ? src + (idx ? idx[k + 1] : k + 1) * sk : nullptr;
     int32_t* out = dst + p * width;
     if (sj == 1) {
+      // weight rows 64 ahead, to the cache: a fine-grained MoE's weights come from memory
+      // on every call (32 MiB of w_in at E=64, F=256); 0.90-0.95x the time of the gate+up
+      // and down kernels at T=256, unchanged at T=4096 (1 thread, 9 interleaved pairs)
+      const int64_t ka = k + 64;
+      if (ka + 1 < k1)
+        for (int64_t j = 0; j < cols; j += 32) {
+          _mm_prefetch(reinterpret_cast<const char*>(src + (idx ? idx[ka] : ka) * sk + j),
+                       _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(src + (idx ? idx[ka + 1] : ka + 1) * sk + j),
+                       _MM_HINT_T0);
+        }
       for (int64_t j = 0; j < width; j += 16) {
         const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, cols - j));
         const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
