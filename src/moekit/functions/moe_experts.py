@@ -27,7 +27,9 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
   the extension 1.62x (idle box, ``benchmarks/bench_cpu.py``, 7 A/B pairs).
   Without the extension the same GEMMs run as a Python loop of ``mm(out=)``.
   bf16 GEMMs run on a hand AVX-512 BF16 kernel where the CPU has one
-  (``moekit/csrc/cpu_bf16.cpp``; ``MOEKIT_BF16_KERNEL=0`` keeps aten's mm).
+  (``moekit/csrc/cpu_bf16.cpp``; ``MOEKIT_BF16_KERNEL=0`` keeps aten's mm);
+  there, SwiGLU and GeGLU blocks run with the gather, the activation and the
+  combine fused into those GEMMs (``bf16_fused.py``).
 - Not ``torch._grouped_mm``: on CPU it is a C++ loop of the same GEMMs and
   measured slower than the Python loop (idle box, 2 threads, fp32, random
   routing, all S rows in one call): gate+up 144 vs 103 ms at T=4096/E=8/K=2,
