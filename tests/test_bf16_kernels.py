@@ -108,7 +108,9 @@ class _Counting:
     """The kernel module, counting the calls that reach it."""
 
     def __init__(self, module):
-        self.module, self.calls = module, {"grouped_mm_out": 0, "grouped_mm_weight_out": 0}
+        self.module = module
+        self.calls = dict.fromkeys(["grouped_mm_out", "grouped_mm_weight_out", "glu_up_out",
+                                    "scatter_mm", "glu_backward_out"], 0)
 
     def __getattr__(self, name):
         if name in self.calls:
@@ -133,17 +135,66 @@ def test_kernels_load_where_torch_sees_native_bf16():
 NAMES = ["y", "x", "weight", "w_in", "w_out", "b_in", "b_out"]
 
 
-@pytest.mark.parametrize("T,E,K,D,Fd,how", CASES)
-def test_fused_bf16_kernels_match_fp64_per_token(kernels, monkeypatch, T, E, K, D, Fd, how):
+@pytest.mark.parametrize("T,E,K,D,Fd,how,kind", [
+    *((*c, "swiglu") for c in CASES), (*CASES[1], "geglu"), (*CASES[5], "geglu")])
+def test_fused_bf16_kernels_match_fp64_per_token(kernels, monkeypatch, T, E, K, D, Fd, how,
+                                                 kind):
     counting = _Counting(kernels)
     monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
     token_S, offsets_E, expert_S, inputs, g = _problem(T, E, K, D, Fd, how)
-    got = _fused(token_S, offsets_E, inputs, g, "swiglu")
-    _assert_close(got, _reference(token_S, expert_S, inputs, g, "swiglu"), NAMES)
-    # forward: 2 GEMMs per block, backward: 2 data and 2 weight GEMMs
-    assert counting.calls == {"grouped_mm_out": 4, "grouped_mm_weight_out": 2}
+    got = _fused(token_S, offsets_E, inputs, g, kind)
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, kind), NAMES)
+    # one block, all fused: forward gate+up+GLU, down+combine; backward the GLU
+    # backward GEMM, 2 weight GEMMs and the input gradient's scatter GEMM
+    assert counting.calls == {"grouped_mm_out": 0, "grouped_mm_weight_out": 2,
+                              "glu_up_out": 1, "scatter_mm": 2, "glu_backward_out": 1}
     idle = [e for e in range(E) if e not in expert_S.tolist()]
     assert not got[NAMES.index("w_in")][idle].any() and not got[NAMES.index("w_out")][idle].any()
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """1 thread, and 2: the down kernel cuts columns into narrower ranges per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _hf_layout(inputs):
+    """The weights as transposed views of [E, G, D] and [E, D, F] storage (transformers)."""
+    out = dict(inputs)
+    out["w_in"] = inputs["w_in"].transpose(1, 2).contiguous().transpose(1, 2)
+    out["w_out"] = inputs["w_out"].transpose(1, 2).contiguous().transpose(1, 2)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_fused_bf16_blocks_and_weight_views(kernels, monkeypatch, threads, kind):
+    """Several blocks (the fp32 combine accumulates across them), transposed weight views,
+    odd widths and an idle expert, against the fp64 per-token reference."""
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, expert_S, inputs, g = _problem(45, 9, 3, 47, 37, "skip", seed=2)
+    inputs = _hf_layout(inputs)
+    p = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = fused_experts(p["x"], token_S, p["weight"], offsets_E, p["w_in"], p["w_out"],
+                      p["b_in"], p["b_out"], _act(kind), kind, block_rows=40)
+    got = [y.detach(), *torch.autograd.grad(y, list(p.values()), g)]
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, kind), NAMES)
+    assert counting.calls["glu_up_out"] >= 3  # 135 rows in blocks of at most 40 + one expert
+    assert got[NAMES.index("w_in")].stride() == inputs["w_in"].stride()
+
+
+def test_other_activations_keep_the_unfused_path(kernels, monkeypatch):
+    """An activation without a fused epilogue: the plain bf16 GEMMs and aten in between."""
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, expert_S, inputs, g = _problem(37, 7, 3, 33, 19, "random", seed=3)
+    got = _fused(token_S, offsets_E, inputs, g, None)  # _act(None): gelu(gate) * up, generic
+    _assert_close(got, _reference(token_S, expert_S, inputs, g, None), NAMES)
+    assert counting.calls["glu_up_out"] == counting.calls["scatter_mm"] == 0
+    assert counting.calls["grouped_mm_out"] == 4
 
 
 @pytest.mark.parametrize("T,E,K,D,Fd,how", [CASES[1], CASES[4]])
@@ -199,6 +250,33 @@ def test_grouped_weight_grad_matches_fp64(kernels, X, Y, rows):
         bound = 2.0**-8 * want.abs() + 2.0**-13 * (a[s:t].double().abs().t() @
                                                    b[s:t].double().abs())
         assert ((out[e].double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("X,Y,rows", GEMMS)
+def test_scatter_mm_matches_fp64(kernels, threads, X, Y, rows):
+    """out[tok] += w * (a @ b[e] + bias[e]) into a float32 out that already holds values,
+    rows of one token spread over several experts, transposed weight views."""
+    gen = torch.Generator().manual_seed(2)
+    ends = torch.tensor(rows).cumsum(0).tolist()
+    N, T = ends[-1], 11
+    a = torch.randn(N + 2, X, generator=gen).bfloat16()  # 2 rows past the last expert
+    b = torch.randn(len(rows), Y, X, generator=gen).bfloat16().transpose(1, 2)
+    bias = torch.randn(len(rows), Y, generator=gen).bfloat16()
+    w = torch.rand(N + 2, generator=gen)
+    tok = torch.randint(0, T, (N + 2,), generator=gen)
+    out = torch.randn(T, Y, generator=gen)
+    want = out.double().clone()
+    for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        y = a[s:t].double() @ b[e].double() + bias[e].double()
+        want.index_add_(0, tok[s:t], w[s:t, None].double() * y)
+    kernels.scatter_mm(a, b, bias, w, tok, ends, out)
+    # fp32 products and sums only, no bf16 rounding: X * 2^-24 of the sum of |terms|
+    # (2^-14 covers X <= 512 with the adds of the scatter)
+    scale = torch.zeros(T, Y, dtype=torch.float64)
+    for e, (s, t) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):
+        mag = a[s:t].double().abs() @ b[e].double().abs() + bias[e].double().abs()
+        scale.index_add_(0, tok[s:t], w[s:t, None].double() * mag)
+    assert ((out.double() - want).abs() <= 2.0**-14 * (scale + want.abs())).all()
 
 
 def test_rejects_non_bf16(kernels):

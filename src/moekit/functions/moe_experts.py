@@ -27,7 +27,9 @@ Why this shape (2-core dev box, torch 2.13 CPU, see benchmarks/bench_cpu.py):
   the extension 1.62x (idle box, ``benchmarks/bench_cpu.py``, 7 A/B pairs).
   Without the extension the same GEMMs run as a Python loop of ``mm(out=)``.
   bf16 GEMMs run on a hand AVX-512 BF16 kernel where the CPU has one
-  (``moekit/csrc/cpu_bf16.cpp``; ``MOEKIT_BF16_KERNEL=0`` keeps aten's mm).
+  (``moekit/csrc/cpu_bf16.cpp``; ``MOEKIT_BF16_KERNEL=0`` keeps aten's mm);
+  there, SwiGLU and GeGLU blocks run with the gather, the activation and the
+  combine fused into those GEMMs (``bf16_fused.py``).
 - Not ``torch._grouped_mm``: on CPU it is a C++ loop of the same GEMMs and
   measured slower than the Python loop (idle box, 2 threads, fp32, random
   routing, all S rows in one call): gate+up 144 vs 103 ms at T=4096/E=8/K=2,
@@ -54,7 +56,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from moekit.functions import cpu_ext
+from moekit.functions import bf16_fused, cpu_ext
 from moekit.functions.glu import FAST_KINDS, ActFn, generic_backward, glu_backward, glu_forward
 
 BLOCK_ROWS = 8192
@@ -181,11 +183,15 @@ class FusedExperts(torch.autograd.Function):
                 block_rows: int = BLOCK_ROWS) -> Tensor:
         blocks = _blocks(offsets, block_rows)
         p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
-        out_TD = x_TD.new_zeros(x_TD.shape)
-        w_S1 = weight_S.to(x_TD.dtype)[:, None]
         ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
-        hs = [_forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
-              for b in blocks]
+        bf16 = bf16_fused.kernels(x_TD, kind)
+        if bf16 is not None:
+            out_TD, hs = _forward_bf16(bf16, ws, p, blocks, x_TD, token_S, weight_S)
+        else:
+            out_TD = x_TD.new_zeros(x_TD.shape)
+            w_S1 = weight_S.to(x_TD.dtype)[:, None]
+            hs = [_forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
+                  for b in blocks]
         ctx.save_for_backward(x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs)
         ctx.blocks, ctx.p_static = blocks, (kind, act, b_in_EG is not None)
         return out_TD
@@ -198,13 +204,39 @@ class FusedExperts(torch.autograd.Function):
         p = _Weights(w_in_EDG, w_out_EFD, None, b_out_ED, kind, act)
         grads = _Grads(ctx.needs_input_grad, x_TD, weight_S, p, has_b_in, ctx.blocks)
         g_TD = g_TD.contiguous()
-        w_S1 = weight_S.to(x_TD.dtype)[:, None]
         ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in ctx.blocks), default=0))
-        for blk, h_NG in zip(ctx.blocks, hs, strict=True):
-            grads.block(ws, blk, token_S[blk.r0:blk.r1], g_TD, w_S1[blk.r0:blk.r1], h_NG)
+        bf16 = bf16_fused.kernels(x_TD, kind)
+        if bf16 is not None:
+            _backward_bf16(bf16, grads, ws, ctx.blocks, hs, token_S, g_TD, weight_S)
+        else:
+            w_S1 = weight_S.to(x_TD.dtype)[:, None]
+            for blk, h_NG in zip(ctx.blocks, hs, strict=True):
+                grads.block(ws, blk, token_S[blk.r0:blk.r1], g_TD, w_S1[blk.r0:blk.r1], h_NG)
         # (x, weight_S, w_in, w_out, b_in, b_out, token_S, offsets, kind, act, block_rows)
         return (grads.x_TD, grads.weight_S, grads.w_in, grads.w_out, grads.b_in, grads.b_out,
                 None, None, None, None, None)
+
+
+def _forward_bf16(ext, ws: _Workspace, p: _Weights, blocks: list[_Block], x_TD: Tensor,
+                  token_S: Tensor, weight_S: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The blocks on the fused bf16 kernels (bf16_fused.py): the combine sums in fp32."""
+    out32_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
+    w_S, token_S = weight_S.float().contiguous(), token_S.long().contiguous()
+    F = p.w_out_EFD.shape[1]
+    hs = [bf16_fused.forward_block(ext, b, p, x_TD, token_S[b.r0:b.r1], w_S[b.r0:b.r1],
+                                   ws.get("a", b.r1 - b.r0, F), out32_TD) for b in blocks]
+    return out32_TD.to(x_TD.dtype), hs
+
+
+def _backward_bf16(ext, grads: _Grads, ws: _Workspace, blocks: list[_Block], hs: list[Tensor],
+                   token_S: Tensor, g_TD: Tensor, weight_S: Tensor) -> None:
+    w_S, token_S = weight_S.float().contiguous(), token_S.long().contiguous()
+    dx32_TD = None if grads.x_TD is None else torch.zeros(grads.x_TD.shape, dtype=torch.float32)
+    for blk, h_NG in zip(blocks, hs, strict=True):
+        bf16_fused.backward_block(ext, grads, ws, blk, token_S[blk.r0:blk.r1], g_TD,
+                                  w_S[blk.r0:blk.r1], h_NG, dx32_TD)
+    if dx32_TD is not None:
+        grads.x_TD = dx32_TD.to(g_TD.dtype)
 
 
 class _Grads:
