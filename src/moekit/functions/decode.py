@@ -52,6 +52,16 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
+def _kernels(spec: tuple[str, float, float] | None):
+    """(the decode extension, activation code, swiglu limit, swiglu alpha) for ``spec``."""
+    ext = cpu_ext.get_decode()
+    if ext is None:
+        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
+                           "failed); use backend='fused'")
+    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
+    return ext, ACT_CODES.get(kind, 0), limit, alpha
+
+
 def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                 w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn,
@@ -62,12 +72,7 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
     ``spec`` = (activation kind, swiglu_limit, swiglu_alpha) when ``act`` is one the
     kernel knows; None runs ``act`` in Python on the fp32 gate+up output.
     """
-    ext = cpu_ext.get_decode()
-    if ext is None:
-        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
-                           "failed); use backend='fused'")
-    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
-    code = ACT_CODES.get(kind, 0)
+    ext, code, limit, alpha = _kernels(spec)
     # conversions only where needed: every Python-side op of a decode step runs right
     # after a weight stream has evicted its code and data (~0.1 ms for the first one)
     x = _plain_f32(x_TD)
@@ -130,12 +135,7 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
     the step's total touched experts, which the kernels' K split depends on.
     Returns fp32 when ``out_TD`` is given, else x's dtype.
     """
-    ext = cpu_ext.get_decode()
-    if ext is None:
-        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
-                           "failed); use backend='fused'")
-    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
-    code = ACT_CODES.get(kind, 0)
+    ext, code, limit, alpha = _kernels(spec)
     x = x_TD.detach().float().contiguous()
     h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), _f32(b_in_EG), code, limit,
                          alpha, plan_experts)
