@@ -222,11 +222,7 @@ class ExpertCache:
         slot = self._slot() if admitted else None
         t0 = time.perf_counter()
         try:
-            value = self._load((key, slot))
-        except BaseException:
-            if slot is not None:
-                self.arena.give(slot)
-            raise
+            value = self._read(key, slot)
         finally:
             self.stats.layers[layer].wait_s += time.perf_counter() - t0
         if admitted:
@@ -235,6 +231,15 @@ class ExpertCache:
             self.stats.layers[layer].loads += 1
             self.stats.layers[layer].bytes_loaded += self.store.raw_nbytes(key)
         return value
+
+    def _read(self, key: Key, slot: Any) -> Any:
+        """Read ``key`` into ``slot``; the slot goes back to the arena if the read fails."""
+        try:
+            return self._load((key, slot))
+        except BaseException:
+            if slot is not None:
+                self.arena.give(slot)
+            raise
 
     def _record(self, layer: int, experts: list[int]) -> None:
         s = self.stats.layers[layer]
@@ -276,13 +281,7 @@ class ExpertCache:
                 continue
             slot = self._slot()
             if self.loader is None:  # synchronous prefetch (deterministic timing, tests)
-                try:
-                    value = self._load((key, slot))
-                except BaseException:
-                    if slot is not None:
-                        self.arena.give(slot)
-                    raise
-                self._insert(key, value, slot)
+                self._insert(key, self._read(key, slot), slot)
             else:
                 fut: Future = Future()
                 self._insert(key, fut, slot)
