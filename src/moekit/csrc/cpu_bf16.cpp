@@ -372,6 +372,26 @@ const int64_t* index_ptr(const std::optional<torch::Tensor>& idx, const char* na
   return p;
 }
 
+// Task t's output columns kCols at a time: c [rows of t, kCols apart] = rows [t.r0, t.r1)
+// of a (row r being a[idx[r]] with `idx`) @ columns c0.. of the expert's [X, *] weight
+// b_e (strides sx, sc), then epilogue(c, c0, cols) for each panel.
+template <typename F>
+void panels(const Task& t, const torch::Tensor& a, const int64_t* idx, const bf16_t* b_e,
+            int64_t sx, int64_t sc, const F& epilogue) {
+  Scratch& s = scratch();
+  const int64_t rows = t.r1 - t.r0, X = a.size(1), P = (X + 1) / 2;
+  const int32_t* const* ar = a_rows(a, idx, t.r0, t.r1, s);
+  int32_t* bp = grow(s.b, P * kCols);
+  float* c = grow(s.c, rows * kCols);
+  for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
+    const int64_t cols = std::min(kCols, t.c1 - c0);
+    const int nv = static_cast<int>(ceil_div(cols, 16));
+    pack_b(b_e + c0 * sc, sx, sc, 0, X, cols, 16 * nv, bp);
+    panel_gemm(ar, 1, bp, 16 * nv, P, rows, nv, c, kCols, false);
+    epilogue(c, c0, cols);
+  }
+}
+
 }  // namespace
 
 // True where the CPU (and the OS) run AVX-512 BF16.
@@ -392,7 +412,7 @@ void bf16_grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   check(out_NY, "out_NY", 2);
   TORCH_CHECK(bf16_available(), "this CPU has no AVX-512 BF16");
   check_ends(ends, b_BXY.size(0), a_NX.size(0));
-  const int64_t X = a_NX.size(1), Y = b_BXY.size(2), P = (X + 1) / 2;
+  const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
   TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
               b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
   const auto starts = starts_of(ends);
@@ -403,21 +423,12 @@ void bf16_grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   const bf16_t* b = ptr(b_BXY);
   bf16_t* out = reinterpret_cast<bf16_t*>(out_NY.data_ptr<at::BFloat16>());
   run(std::move(tasks), [&](const Task& t) {
-    Scratch& s = scratch();
-    const int64_t rows = t.r1 - t.r0;
-    const int32_t* const* a = a_rows(a_NX, nullptr, t.r0, t.r1, s);
-    int32_t* bp = grow(s.b, P * kCols);
-    float* c = grow(s.c, rows * kCols);
-    const bf16_t* be = b + t.expert * b_BXY.stride(0);
-    for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
-      const int64_t cols = std::min(kCols, t.c1 - c0);
-      const int nv = static_cast<int>(ceil_div(cols, 16));
-      pack_b(be + c0 * b_BXY.stride(2), b_BXY.stride(1), b_BXY.stride(2), 0, X, cols, 16 * nv,
-             bp);
-      panel_gemm(a, 1, bp, 16 * nv, P, rows, nv, c, 16 * nv, false);
-      store_bf16(c, 16 * nv, rows, cols, out + t.r0 * out_NY.stride(0) + c0 * out_NY.stride(1),
-                 out_NY.stride(0), out_NY.stride(1));
-    }
+    panels(t, a_NX, nullptr, b + t.expert * b_BXY.stride(0), b_BXY.stride(1), b_BXY.stride(2),
+           [&](const float* c, int64_t c0, int64_t cols) {
+             store_bf16(c, kCols, t.r1 - t.r0, cols,
+                        out + t.r0 * out_NY.stride(0) + c0 * out_NY.stride(1), out_NY.stride(0),
+                        out_NY.stride(1));
+           });
   });
 }
 
@@ -830,7 +841,7 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   check(wt_BYF, "wt_BYF", 3);
   TORCH_CHECK(bf16_available(), "this CPU has no AVX-512 BF16");
   TORCH_CHECK(kind == kSwiGLU || kind == kGeGLU, "kind=", kind, " must be 0 (swiglu) or 1 (geglu)");
-  const int64_t Y = dy_TY.size(1), F = wt_BYF.size(2), P = (Y + 1) / 2;
+  const int64_t Y = dy_TY.size(1), F = wt_BYF.size(2);
   TORCH_CHECK(wt_BYF.size(1) == Y, "wt_BYF ", wt_BYF.sizes(), " must be [B, ", Y, ", F]");
   const int64_t* tok = index_ptr(tok_N, "tok_N", dy_TY.size(0));
   check_ends(ends, wt_BYF.size(0), tok_N.size(0));
@@ -852,22 +863,14 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   float* dw = dw_NC.data_ptr<float>();
   const int64_t sy = wt_BYF.stride(1), sf = wt_BYF.stride(2);
   run(std::move(tasks), [&](const Task& t) {
-    Scratch& s = scratch();
-    const int64_t rows = t.r1 - t.r0;
-    const int32_t* const* ar = a_rows(dy_TY, tok, t.r0, t.r1, s);
-    int32_t* bp = grow(s.b, P * kCols);
-    float* c = grow(s.c, rows * kCols);
-    const bf16_t* we = wt + t.expert * wt_BYF.stride(0);
-    for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
-      const int64_t cols = std::min(kCols, t.c1 - c0);
-      const int nv = static_cast<int>(ceil_div(cols, 16));
-      pack_b(we + c0 * sf, sy, sf, 0, Y, cols, 16 * nv, bp);
-      panel_gemm(ar, 1, bp, 16 * nv, P, rows, nv, c, kCols, false);
-      (kind == kSwiGLU ? glu_backward_epilogue<kSwiGLU> : glu_backward_epilogue<kGeGLU>)(
-          c, rows, cols, h + t.r0 * h_NG.stride(0) + c0, h_NG.stride(0), F, w + t.r0,
-          dh + t.r0 * dh_NG.stride(0) + c0, dh_NG.stride(0), aw + t.r0 * aw_NF.stride(0) + c0,
-          aw_NF.stride(0), dw + t.r0 * dw_NC.stride(0) + c0 / kCols, dw_NC.stride(0));
-    }
+    panels(t, dy_TY, tok, wt + t.expert * wt_BYF.stride(0), sy, sf,
+           [&](const float* c, int64_t c0, int64_t cols) {
+             (kind == kSwiGLU ? glu_backward_epilogue<kSwiGLU> : glu_backward_epilogue<kGeGLU>)(
+                 c, t.r1 - t.r0, cols, h + t.r0 * h_NG.stride(0) + c0, h_NG.stride(0), F,
+                 w + t.r0, dh + t.r0 * dh_NG.stride(0) + c0, dh_NG.stride(0),
+                 aw + t.r0 * aw_NF.stride(0) + c0, aw_NF.stride(0),
+                 dw + t.r0 * dw_NC.stride(0) + c0 / kCols, dw_NC.stride(0));
+           });
   });
 }
 
