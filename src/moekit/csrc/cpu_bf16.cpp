@@ -313,6 +313,17 @@ std::vector<int64_t> starts_of(const std::vector<int64_t>& ends) {
   return starts;
 }
 
+// Tasks over every expert's rows (expert i: rows [ends[i-1], ends[i])) and `cols` output
+// columns, `work` per output element, cut to about target_cost each.
+std::vector<Task> row_tasks(const std::vector<int64_t>& ends, int64_t cols, double work) {
+  const auto starts = starts_of(ends);
+  const double target = target_cost(ends, cols * work);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i)
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], cols, work, target, 16);
+  return tasks;
+}
+
 void check(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
@@ -415,11 +426,7 @@ void bf16_grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
   TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
               b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(X) * Y);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, Y, X);
   const bf16_t* b = ptr(b_BXY);
   bf16_t* out = reinterpret_cast<bf16_t*>(out_NY.data_ptr<at::BFloat16>());
   run(std::move(tasks), [&](const Task& t) {
@@ -711,11 +718,7 @@ void bf16_glu_up_out(const torch::Tensor& x_TX, const torch::Tensor& tok_N,
     TORCH_CHECK(b_BG->size(0) == w_BXG.size(0) && b_BG->size(1) == G && b_BG->stride(1) == 1,
                 "b_BG ", b_BG->sizes(), " must be [", w_BXG.size(0), ", ", G, "], rows contiguous");
   }
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, 2.0 * X * F);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * X, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, F, 2.0 * X);
   const bf16_t* w = ptr(w_BXG);
   bf16_t* h = reinterpret_cast<bf16_t*>(h_NG.data_ptr<at::BFloat16>());
   bf16_t* a = reinterpret_cast<bf16_t*>(a_NF.data_ptr<at::BFloat16>());
@@ -851,11 +854,7 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   check_rows(aw_NF, "aw_NF", N, F, at::kBFloat16);
   check_rows(dw_NC, "dw_NC", N, ceil_div(F, kCols), at::kFloat);
   const float* w = weights_ptr(w_N, N);
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(Y) * F);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, Y, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, F, Y);
   const bf16_t* wt = ptr(wt_BYF);
   const bf16_t* h = ptr(h_NG);
   bf16_t* dh = reinterpret_cast<bf16_t*>(dh_NG.data_ptr<at::BFloat16>());
