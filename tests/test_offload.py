@@ -395,6 +395,18 @@ def test_hf_offloaded_equals_resident(hf_ckpt, policy, share):
         assert model.expert_offload.close(timeout=5.0)
 
 
+def _assert_generates_and_closes(model, ids, new_tokens, tokens, logits):
+    """The offloaded model's greedy ``tokens`` and its ``logits`` on them equal the resident
+    model's, bitwise; its expert offload then shuts down cleanly (also after a failure)."""
+    try:
+        assert torch.equal(model.generate(ids, max_new_tokens=new_tokens, do_sample=False),
+                           tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
 @pytest.mark.parametrize("bits", [8])
 def test_hf_quantized_offloaded_equals_resident(hf_ckpt, bits):
     """quantize=8: each expert quantized as it is read equals moekit.quantize on the
@@ -411,12 +423,7 @@ def test_hf_quantized_offloaded_equals_resident(hf_ckpt, bits):
     with torch.no_grad():
         logits = resident(tokens).logits
     model = hf.load_offloaded(path, expert_memory=top_k * per_expert // 3, quantize=bits)
-    try:
-        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
-        with torch.no_grad():
-            assert torch.equal(model(tokens).logits, logits)
-    finally:
-        assert model.expert_offload.close(timeout=5.0)
+    _assert_generates_and_closes(model, ids, 6, tokens, logits)
 
 
 def test_hf_int4_offloaded_equals_resident(tmp_path):
@@ -437,12 +444,7 @@ def test_hf_int4_offloaded_equals_resident(tmp_path):
     with torch.no_grad():
         logits = resident(tokens).logits
     model = hf.load_offloaded(tmp_path, expert_memory="32KiB", quantize=4, group_size=32)
-    try:
-        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
-        with torch.no_grad():
-            assert torch.equal(model(tokens).logits, logits)
-    finally:
-        assert model.expert_offload.close(timeout=5.0)
+    _assert_generates_and_closes(model, ids, 6, tokens, logits)
 
 
 def test_hf_errors(hf_ckpt, tmp_path):

@@ -313,6 +313,17 @@ std::vector<int64_t> starts_of(const std::vector<int64_t>& ends) {
   return starts;
 }
 
+// Tasks over every expert's rows (expert i: rows [ends[i-1], ends[i])) and `cols` output
+// columns, `work` per output element, cut to about target_cost each.
+std::vector<Task> row_tasks(const std::vector<int64_t>& ends, int64_t cols, double work) {
+  const auto starts = starts_of(ends);
+  const double target = target_cost(ends, cols * work);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i)
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], cols, work, target, 16);
+  return tasks;
+}
+
 void check(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
@@ -372,6 +383,26 @@ const int64_t* index_ptr(const std::optional<torch::Tensor>& idx, const char* na
   return p;
 }
 
+// Task t's output columns kCols at a time: c [rows of t, kCols apart] = rows [t.r0, t.r1)
+// of a (row r being a[idx[r]] with `idx`) @ columns c0.. of the expert's [X, *] weight
+// b_e (strides sx, sc), then epilogue(c, c0, cols) for each panel.
+template <typename F>
+void panels(const Task& t, const torch::Tensor& a, const int64_t* idx, const bf16_t* b_e,
+            int64_t sx, int64_t sc, const F& epilogue) {
+  Scratch& s = scratch();
+  const int64_t rows = t.r1 - t.r0, X = a.size(1), P = (X + 1) / 2;
+  const int32_t* const* ar = a_rows(a, idx, t.r0, t.r1, s);
+  int32_t* bp = grow(s.b, P * kCols);
+  float* c = grow(s.c, rows * kCols);
+  for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
+    const int64_t cols = std::min(kCols, t.c1 - c0);
+    const int nv = static_cast<int>(ceil_div(cols, 16));
+    pack_b(b_e + c0 * sc, sx, sc, 0, X, cols, 16 * nv, bp);
+    panel_gemm(ar, 1, bp, 16 * nv, P, rows, nv, c, kCols, false);
+    epilogue(c, c0, cols);
+  }
+}
+
 }  // namespace
 
 // True where the CPU (and the OS) run AVX-512 BF16.
@@ -392,32 +423,19 @@ void bf16_grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   check(out_NY, "out_NY", 2);
   TORCH_CHECK(bf16_available(), "this CPU has no AVX-512 BF16");
   check_ends(ends, b_BXY.size(0), a_NX.size(0));
-  const int64_t X = a_NX.size(1), Y = b_BXY.size(2), P = (X + 1) / 2;
+  const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
   TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
               b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(X) * Y);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, Y, X);
   const bf16_t* b = ptr(b_BXY);
   bf16_t* out = reinterpret_cast<bf16_t*>(out_NY.data_ptr<at::BFloat16>());
   run(std::move(tasks), [&](const Task& t) {
-    Scratch& s = scratch();
-    const int64_t rows = t.r1 - t.r0;
-    const int32_t* const* a = a_rows(a_NX, nullptr, t.r0, t.r1, s);
-    int32_t* bp = grow(s.b, P * kCols);
-    float* c = grow(s.c, rows * kCols);
-    const bf16_t* be = b + t.expert * b_BXY.stride(0);
-    for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
-      const int64_t cols = std::min(kCols, t.c1 - c0);
-      const int nv = static_cast<int>(ceil_div(cols, 16));
-      pack_b(be + c0 * b_BXY.stride(2), b_BXY.stride(1), b_BXY.stride(2), 0, X, cols, 16 * nv,
-             bp);
-      panel_gemm(a, 1, bp, 16 * nv, P, rows, nv, c, 16 * nv, false);
-      store_bf16(c, 16 * nv, rows, cols, out + t.r0 * out_NY.stride(0) + c0 * out_NY.stride(1),
-                 out_NY.stride(0), out_NY.stride(1));
-    }
+    panels(t, a_NX, nullptr, b + t.expert * b_BXY.stride(0), b_BXY.stride(1), b_BXY.stride(2),
+           [&](const float* c, int64_t c0, int64_t cols) {
+             store_bf16(c, kCols, t.r1 - t.r0, cols,
+                        out + t.r0 * out_NY.stride(0) + c0 * out_NY.stride(1), out_NY.stride(0),
+                        out_NY.stride(1));
+           });
   });
 }
 
@@ -700,11 +718,7 @@ void bf16_glu_up_out(const torch::Tensor& x_TX, const torch::Tensor& tok_N,
     TORCH_CHECK(b_BG->size(0) == w_BXG.size(0) && b_BG->size(1) == G && b_BG->stride(1) == 1,
                 "b_BG ", b_BG->sizes(), " must be [", w_BXG.size(0), ", ", G, "], rows contiguous");
   }
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, 2.0 * X * F);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * X, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, F, 2.0 * X);
   const bf16_t* w = ptr(w_BXG);
   bf16_t* h = reinterpret_cast<bf16_t*>(h_NG.data_ptr<at::BFloat16>());
   bf16_t* a = reinterpret_cast<bf16_t*>(a_NF.data_ptr<at::BFloat16>());
@@ -830,7 +844,7 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   check(wt_BYF, "wt_BYF", 3);
   TORCH_CHECK(bf16_available(), "this CPU has no AVX-512 BF16");
   TORCH_CHECK(kind == kSwiGLU || kind == kGeGLU, "kind=", kind, " must be 0 (swiglu) or 1 (geglu)");
-  const int64_t Y = dy_TY.size(1), F = wt_BYF.size(2), P = (Y + 1) / 2;
+  const int64_t Y = dy_TY.size(1), F = wt_BYF.size(2);
   TORCH_CHECK(wt_BYF.size(1) == Y, "wt_BYF ", wt_BYF.sizes(), " must be [B, ", Y, ", F]");
   const int64_t* tok = index_ptr(tok_N, "tok_N", dy_TY.size(0));
   check_ends(ends, wt_BYF.size(0), tok_N.size(0));
@@ -840,11 +854,7 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   check_rows(aw_NF, "aw_NF", N, F, at::kBFloat16);
   check_rows(dw_NC, "dw_NC", N, ceil_div(F, kCols), at::kFloat);
   const float* w = weights_ptr(w_N, N);
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(Y) * F);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i)
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, Y, target, 16);
+  std::vector<Task> tasks = row_tasks(ends, F, Y);
   const bf16_t* wt = ptr(wt_BYF);
   const bf16_t* h = ptr(h_NG);
   bf16_t* dh = reinterpret_cast<bf16_t*>(dh_NG.data_ptr<at::BFloat16>());
@@ -852,22 +862,14 @@ void bf16_glu_backward_out(const torch::Tensor& dy_TY, const torch::Tensor& tok_
   float* dw = dw_NC.data_ptr<float>();
   const int64_t sy = wt_BYF.stride(1), sf = wt_BYF.stride(2);
   run(std::move(tasks), [&](const Task& t) {
-    Scratch& s = scratch();
-    const int64_t rows = t.r1 - t.r0;
-    const int32_t* const* ar = a_rows(dy_TY, tok, t.r0, t.r1, s);
-    int32_t* bp = grow(s.b, P * kCols);
-    float* c = grow(s.c, rows * kCols);
-    const bf16_t* we = wt + t.expert * wt_BYF.stride(0);
-    for (int64_t c0 = t.c0; c0 < t.c1; c0 += kCols) {
-      const int64_t cols = std::min(kCols, t.c1 - c0);
-      const int nv = static_cast<int>(ceil_div(cols, 16));
-      pack_b(we + c0 * sf, sy, sf, 0, Y, cols, 16 * nv, bp);
-      panel_gemm(ar, 1, bp, 16 * nv, P, rows, nv, c, kCols, false);
-      (kind == kSwiGLU ? glu_backward_epilogue<kSwiGLU> : glu_backward_epilogue<kGeGLU>)(
-          c, rows, cols, h + t.r0 * h_NG.stride(0) + c0, h_NG.stride(0), F, w + t.r0,
-          dh + t.r0 * dh_NG.stride(0) + c0, dh_NG.stride(0), aw + t.r0 * aw_NF.stride(0) + c0,
-          aw_NF.stride(0), dw + t.r0 * dw_NC.stride(0) + c0 / kCols, dw_NC.stride(0));
-    }
+    panels(t, dy_TY, tok, wt + t.expert * wt_BYF.stride(0), sy, sf,
+           [&](const float* c, int64_t c0, int64_t cols) {
+             (kind == kSwiGLU ? glu_backward_epilogue<kSwiGLU> : glu_backward_epilogue<kGeGLU>)(
+                 c, t.r1 - t.r0, cols, h + t.r0 * h_NG.stride(0) + c0, h_NG.stride(0), F,
+                 w + t.r0, dh + t.r0 * dh_NG.stride(0) + c0, dh_NG.stride(0),
+                 aw + t.r0 * aw_NF.stride(0) + c0, aw_NF.stride(0),
+                 dw + t.r0 * dw_NC.stride(0) + c0 / kCols, dw_NC.stride(0));
+           });
   });
 }
 

@@ -719,8 +719,29 @@ int64_t k_chunks(int64_t K, int64_t experts) {
   return std::max<int64_t>(1, std::min<int64_t>(c, K / 64));
 }
 
+// Expert weights as the kernels read them: one stacked [E, K, N] tensor (expert e is
+// entry e of it) or a list of one-expert tensors (expert e is entry 0 of list[e]) of
+// one dtype, shape and layout. of(e) gives the weights holding expert e, entry(e) its
+// index there; front() the dtype, shape and layout every expert shares.
+struct Stacked {
+  Weights w;
+  const Weights& front() const { return w; }
+  const Weights& of(int64_t) const { return w; }
+  int64_t entry(int64_t e) const { return e; }
+  int64_t experts() const { return w.E; }
+};
+
+struct PerExpert {
+  std::vector<Weights> list;
+  const Weights& front() const { return list.front(); }
+  const Weights& of(int64_t e) const { return list[e]; }
+  int64_t entry(int64_t) const { return 0; }
+  int64_t experts() const { return static_cast<int64_t>(list.size()); }
+};
+
 // The routed rows of the touched experts and, for the KN layout, their phase-1
-// partial sums: part(i, c) is [rows of expert i, N] for K chunk c.
+// partial sums: part(i, c) is [rows of expert i, N] for K chunk c. The K chunks are
+// planned for `plan_experts` experts where that is > 0, else for the touched ones.
 struct Plan {
   Rows rows;
   std::vector<std::vector<const float*>> x;  // per touched expert, its input rows
@@ -728,7 +749,8 @@ struct Plan {
   std::vector<int64_t> part_off;  // per touched expert, its offset into parts
   std::vector<float> parts;
 
-  Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token)
+  Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
+       int64_t plan_experts)
       : rows(r), K(w.K), N(w.N) {
     const size_t m = rows.experts.size();
     x.resize(m);
@@ -736,7 +758,7 @@ struct Plan {
       for (int64_t s = rows.starts[i]; s < rows.ends[i]; ++s)
         x[i].push_back(x0 + (token ? token[s] : s) * ldx);
     if (!w.n_unit) return;
-    chunks = k_chunks(w.K, static_cast<int64_t>(m));
+    chunks = k_chunks(w.K, plan_experts > 0 ? plan_experts : static_cast<int64_t>(m));
     int64_t off = 0;
     for (size_t i = 0; i < m; ++i) {
       part_off.push_back(off);
@@ -752,17 +774,20 @@ struct Plan {
       for (int64_t c = 0; c < chunks; ++c) t.push_back({int64_t(i), c, c + 1});
     return t;
   }
-  void run_phase1(const Weights& w, const Task& t) {
+  template <typename Ws>
+  void run_phase1(const Ws& ws, const Task& t) {
     const int64_t k0 = K * t.c0 / chunks, k1 = K * t.c1 / chunks;
-    kn_part(w, rows.experts[t.expert], x[t.expert].data(), n(t.expert), k0, k1,
+    const int64_t e = rows.experts[t.expert];
+    kn_part(ws.of(e), ws.entry(e), x[t.expert].data(), n(t.expert), k0, k1,
             part(t.expert, t.c0));
   }
   // acc [n, W] = columns c0.. of expert i: the sum of its partials (KN) or a tile (NK)
-  void columns(const Weights& w, size_t i, const float* xsum, int64_t c0, int64_t W,
+  template <typename Ws>
+  void columns(const Ws& ws, size_t i, const float* xsum, int64_t c0, int64_t W,
                float* acc) {
-    const int64_t rows_i = n(i);
-    if (!w.n_unit) {
-      tile(w, rows.experts[i], x[i].data(), xsum, rows_i, c0, W, acc);
+    const int64_t rows_i = n(i), e = rows.experts[i];
+    if (!ws.of(e).n_unit) {
+      tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc);
       return;
     }
     std::fill(acc, acc + rows_i * W, 0.0f);
@@ -796,6 +821,106 @@ void check_tokens(const int64_t* token, int64_t rows, int64_t T) {
     TORCH_CHECK(token[r] >= 0 && token[r] < T, "token_S[", r, "]=", token[r], " out of range");
 }
 
+// gate_up on either kind of weights, after the entry checked x_TD and built `ws`.
+template <typename Ws>
+torch::Tensor gate_up_rows(const torch::Tensor& x_TD, const torch::Tensor& token_S,
+                           const torch::Tensor& offsets_E, const Ws& ws,
+                           const c10::optional<torch::Tensor>& b_in, int64_t act, double limit,
+                           double alpha, int64_t plan_experts) {
+  const Weights& w = ws.front();
+  TORCH_CHECK(w.K == x_TD.size(1), "w_in input width ", w.K, " != x_TD width ", x_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == ws.experts(), "offsets_E has ", offsets_E.numel(),
+              " entries for ", ws.experts(), " experts");
+  TORCH_CHECK(act >= NONE && act <= GELU, "act=", act, " must be 0..5");
+  TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
+  check_bias(b_in, "b_in", ws.experts(), w.N);
+  const Rows rows = touched(offsets_E);
+  auto tok = token_S.to(at::kLong).contiguous();
+  TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
+  check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
+  Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>(),
+            plan_experts);
+  const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
+  auto out = torch::empty({rows.kept, out_w}, x_TD.options());
+  float* o = out.data_ptr<float>();
+  const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < rows.experts.size(); ++i)
+    for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
+  const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
+  auto epilogue = [&](const Task& t) {
+    const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
+    const int64_t n = plan.n(t.expert), cw = t.c1 - t.c0;
+    const std::vector<float> xsum = group_sums(ws.of(e), plan.x[t.expert].data(), n);
+    std::vector<float> g(n * cw), u;
+    plan.columns(ws, t.expert, xsum.data(), t.c0, cw, g.data());
+    const float* bg = bias_row(b_in, e, w.N);
+    const float* bu = bg ? bg + out_w : nullptr;
+    if (is_glu(act)) {
+      u.resize(n * cw);
+      plan.columns(ws, t.expert, xsum.data(), out_w + t.c0, cw, u.data());
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      float* dst = o + (s0 + r) * out_w + t.c0;
+      for (int64_t j = 0; j < cw; ++j) {
+        const float gv = g[r * cw + j] + (bg ? bg[t.c0 + j] : 0.0f);
+        const float uv = is_glu(act) ? u[r * cw + j] + (bu ? bu[t.c0 + j] : 0.0f) : 0.0f;
+        dst[j] = activate(act, gv, uv, lim, al);
+      }
+    }
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, epilogue);
+  return out;
+}
+
+// down_combine on either kind of weights, after the entry checked a_SF, weight_S and
+// out_TD and built `ws`; `accumulate` adds into out_TD instead of overwriting it.
+template <typename Ws>
+void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
+                       const torch::Tensor& weight_S, const torch::Tensor& offsets_E,
+                       const Ws& ws, const c10::optional<torch::Tensor>& b_out,
+                       torch::Tensor& out_TD, bool accumulate, int64_t plan_experts) {
+  const Weights& w = ws.front();
+  TORCH_CHECK(w.K == a_SF.size(1), "w_out input width ", w.K, " != a_SF width ", a_SF.size(1));
+  TORCH_CHECK(w.N == out_TD.size(1), "w_out output width ", w.N, " != out_TD width ",
+              out_TD.size(1));
+  TORCH_CHECK(offsets_E.numel() == ws.experts(), "offsets_E has ", offsets_E.numel(),
+              " entries for ", ws.experts(), " experts");
+  check_bias(b_out, "b_out", ws.experts(), w.N);
+  const Rows rows = touched(offsets_E);
+  TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
+              "a_SF / weight_S have fewer rows than offsets_E says");
+  auto tok = token_S.to(at::kLong).contiguous();
+  const int64_t* token = tok.data_ptr<int64_t>();
+  const int64_t T = out_TD.size(0), D = w.N;
+  check_tokens(token, rows.kept, T);
+  Plan plan(rows, w, a_SF.data_ptr<float>(), a_SF.size(1), nullptr, plan_experts);
+  const float* wts = weight_S.data_ptr<float>();
+  float* o = out_TD.data_ptr<float>();
+  const int64_t W = tile_width(D, 1);
+  std::vector<Task> tasks;
+  for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
+  auto combine = [&](const Task& t) {
+    const int64_t cw = t.c1 - t.c0;
+    if (!accumulate)
+      for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
+    std::vector<float> acc;
+    for (size_t i = 0; i < rows.experts.size(); ++i) {
+      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = plan.n(i);
+      const std::vector<float> xsum = group_sums(ws.of(e), plan.x[i].data(), n);
+      acc.resize(n * cw);
+      plan.columns(ws, i, xsum.data(), t.c0, cw, acc.data());
+      const float* b = bias_row(b_out, e, D);
+      for (int64_t r = 0; r < n; ++r) {
+        float* dst = o + token[s0 + r] * D + t.c0;
+        const float wr = wts[s0 + r];
+        for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
+      }
+    }
+  };
+  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, combine);
+}
+
 }  // namespace
 
 // h rows of the touched experts: act(x[token] @ w_in[e] + b_in[e]) for the kept
@@ -810,49 +935,8 @@ torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
                       const c10::optional<torch::Tensor>& b_in, int64_t act, double limit,
                       double alpha) {
   check_f32(x_TD, "x_TD", 2);
-  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
-  TORCH_CHECK(w.K == x_TD.size(1), "w_in input width ", w.K, " != x_TD width ", x_TD.size(1));
-  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
-              w.E, " experts");
-  TORCH_CHECK(act >= NONE && act <= GELU, "act=", act, " must be 0..5");
-  TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
-  check_bias(b_in, "b_in", w.E, w.N);
-  const Rows rows = touched(offsets_E);
-  auto tok = token_S.to(at::kLong).contiguous();
-  TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
-  check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
-  Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>());
-  const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
-  auto out = torch::empty({rows.kept, out_w}, x_TD.options());
-  float* o = out.data_ptr<float>();
-  const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < rows.experts.size(); ++i)
-    for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
-  const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
-  auto epilogue = [&](const Task& t) {
-    const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
-    const int64_t n = plan.n(t.expert), cw = t.c1 - t.c0;
-    const std::vector<float> xsum = group_sums(w, plan.x[t.expert].data(), n);
-    std::vector<float> g(n * cw), u;
-    plan.columns(w, t.expert, xsum.data(), t.c0, cw, g.data());
-    const float* bg = bias_row(b_in, e, w.N);
-    const float* bu = bg ? bg + out_w : nullptr;
-    if (is_glu(act)) {
-      u.resize(n * cw);
-      plan.columns(w, t.expert, xsum.data(), out_w + t.c0, cw, u.data());
-    }
-    for (int64_t r = 0; r < n; ++r) {
-      float* dst = o + (s0 + r) * out_w + t.c0;
-      for (int64_t j = 0; j < cw; ++j) {
-        const float gv = g[r * cw + j] + (bg ? bg[t.c0 + j] : 0.0f);
-        const float uv = is_glu(act) ? u[r * cw + j] + (bu ? bu[t.c0 + j] : 0.0f) : 0.0f;
-        dst[j] = activate(act, gv, uv, lim, al);
-      }
-    }
-  };
-  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, epilogue);
-  return out;
+  const Stacked ws{weights(w_data, w_scales, w_zeros, bits, group)};
+  return gate_up_rows(x_TD, token_S, offsets_E, ws, b_in, act, limit, alpha, 0);
 }
 
 // out_TD = sum over kept rows r of weight_S[r] * (a[r] @ w_out[e(r)] + b_out[e(r)]),
@@ -866,44 +950,8 @@ void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   check_f32(a_SF, "a_SF", 2);
   check_f32(weight_S, "weight_S", 1);
   check_f32(out_TD, "out_TD", 2);
-  const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
-  TORCH_CHECK(w.K == a_SF.size(1), "w_out input width ", w.K, " != a_SF width ", a_SF.size(1));
-  TORCH_CHECK(w.N == out_TD.size(1), "w_out output width ", w.N, " != out_TD width ",
-              out_TD.size(1));
-  TORCH_CHECK(offsets_E.numel() == w.E, "offsets_E has ", offsets_E.numel(), " entries for ",
-              w.E, " experts");
-  check_bias(b_out, "b_out", w.E, w.N);
-  const Rows rows = touched(offsets_E);
-  TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
-              "a_SF / weight_S have fewer rows than offsets_E says");
-  auto tok = token_S.to(at::kLong).contiguous();
-  const int64_t* token = tok.data_ptr<int64_t>();
-  const int64_t T = out_TD.size(0), D = w.N;
-  check_tokens(token, rows.kept, T);
-  Plan plan(rows, w, a_SF.data_ptr<float>(), a_SF.size(1), nullptr);
-  const float* ws = weight_S.data_ptr<float>();
-  float* o = out_TD.data_ptr<float>();
-  const int64_t W = tile_width(D, 1);
-  std::vector<Task> tasks;
-  for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
-  auto combine = [&](const Task& t) {
-    const int64_t cw = t.c1 - t.c0;
-    for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
-    std::vector<float> acc;
-    for (size_t i = 0; i < rows.experts.size(); ++i) {
-      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = plan.n(i);
-      const std::vector<float> xsum = group_sums(w, plan.x[i].data(), n);
-      acc.resize(n * cw);
-      plan.columns(w, i, xsum.data(), t.c0, cw, acc.data());
-      const float* b = bias_row(b_out, e, D);
-      for (int64_t r = 0; r < n; ++r) {
-        float* dst = o + token[s0 + r] * D + t.c0;
-        const float wr = ws[s0 + r];
-        for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
-      }
-    }
-  };
-  run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(w, t); }, tasks, combine);
+  const Stacked ws{weights(w_data, w_scales, w_zeros, bits, group)};
+  down_combine_rows(a_SF, token_S, weight_S, offsets_E, ws, b_out, out_TD, false, 0);
 }
 
 // The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.
@@ -954,61 +1002,35 @@ std::string isa() {
 // The expert cache (moekit/offload) holds every expert in its own buffer; stacking
 // the touched ones into an [E', K, N] tensor per step copied them all outside the
 // cache's byte budget (+427 MiB peak RSS at the OLMoE-shaped benchmark). These
-// entries take the list. Tasks, K chunks and the summation order are those of
-// gate_up / down_combine on the stacked tensor (the same Plan), so the outputs are
-// bitwise equal. `plan_experts` > 0 plans the K chunks for that many experts: a
+// entries take the list and run the same code as gate_up / down_combine
+// (gate_up_rows / down_combine_rows on PerExpert instead of Stacked): the same
+// tasks, K chunks and summation order, so the outputs are bitwise equal. `plan_experts` > 0 plans the K chunks for that many experts: a
 // step split into several calls (chunks of experts; down_combine_list with
 // `accumulate`) then sums exactly as one call over all of them would.
 
 namespace {
 
-std::vector<Weights> list_weights(const std::vector<torch::Tensor>& data,
-                                  const c10::optional<std::vector<torch::Tensor>>& scales,
-                                  const c10::optional<std::vector<torch::Tensor>>& zeros,
-                                  int64_t bits, int64_t group, int64_t experts) {
+PerExpert list_weights(const std::vector<torch::Tensor>& data,
+                       const c10::optional<std::vector<torch::Tensor>>& scales,
+                       const c10::optional<std::vector<torch::Tensor>>& zeros, int64_t bits,
+                       int64_t group, int64_t experts) {
   TORCH_CHECK(static_cast<int64_t>(data.size()) == experts, "w lists ", data.size(),
               " experts, offsets_E has ", experts);
   TORCH_CHECK(!scales || scales->size() == data.size(), "w_scales must list one per expert");
   TORCH_CHECK(!zeros || zeros->size() == data.size(), "w_zeros must list one per expert");
-  std::vector<Weights> ws;
+  PerExpert ws;
   for (size_t i = 0; i < data.size(); ++i) {
     TORCH_CHECK(data[i].dim() == 2, "w[", i, "] must have 2 dimensions, got ", data[i].sizes());
     c10::optional<torch::Tensor> s, z;
     if (scales) s = (*scales)[i].unsqueeze(0);
     if (zeros) z = (*zeros)[i].unsqueeze(0);
-    ws.push_back(weights(data[i].unsqueeze(0), s, z, bits, group));
-    const Weights& a = ws.front();
-    const Weights& b = ws.back();
+    ws.list.push_back(weights(data[i].unsqueeze(0), s, z, bits, group));
+    const Weights& a = ws.list.front();
+    const Weights& b = ws.list.back();
     TORCH_CHECK(b.kind == a.kind && b.K == a.K && b.N == a.N && b.n_unit == a.n_unit,
                 "w[", i, "] differs from w[0] in dtype, shape or layout");
   }
   return ws;
-}
-
-// Plan the K chunks (KN layout) for `experts` experts instead of the touched ones.
-void rechunk(Plan& plan, int64_t experts) {
-  if (plan.chunks == 0 || experts <= 0) return;
-  plan.chunks = k_chunks(plan.K, experts);
-  plan.part_off.clear();
-  int64_t off = 0;
-  for (size_t i = 0; i < plan.x.size(); ++i) {
-    plan.part_off.push_back(off);
-    off += plan.chunks * plan.n(i) * plan.N;
-  }
-  plan.parts.assign(off, 0.0f);
-}
-
-void list_phase1(Plan& p, const std::vector<Weights>& ws, const Task& t) {
-  const int64_t k0 = p.K * t.c0 / p.chunks, k1 = p.K * t.c1 / p.chunks;
-  kn_part(ws[p.rows.experts[t.expert]], 0, p.x[t.expert].data(), p.n(t.expert), k0, k1,
-          p.part(t.expert, t.c0));
-}
-
-void list_columns(Plan& p, const std::vector<Weights>& ws, size_t i, const float* xsum,
-                  int64_t c0, int64_t W, float* acc) {
-  const Weights& w = ws[p.rows.experts[i]];
-  if (w.n_unit) return p.columns(w, i, xsum, c0, W, acc);  // sums partials: no weights read
-  tile(w, 0, p.x[i].data(), xsum, p.n(i), c0, W, acc);
 }
 
 }  // namespace
@@ -1022,50 +1044,8 @@ torch::Tensor gate_up_list(const torch::Tensor& x_TD, const torch::Tensor& token
                            int64_t bits, int64_t group, const c10::optional<torch::Tensor>& b_in,
                            int64_t act, double limit, double alpha, int64_t plan_experts) {
   check_f32(x_TD, "x_TD", 2);
-  const std::vector<Weights> ws = list_weights(w_data, w_scales, w_zeros, bits, group,
-                                               offsets_E.numel());
-  const Weights& w = ws.front();
-  TORCH_CHECK(w.K == x_TD.size(1), "w_in input width ", w.K, " != x_TD width ", x_TD.size(1));
-  TORCH_CHECK(act >= NONE && act <= GELU, "act=", act, " must be 0..5");
-  TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
-  check_bias(b_in, "b_in", offsets_E.numel(), w.N);
-  const Rows rows = touched(offsets_E);
-  auto tok = token_S.to(at::kLong).contiguous();
-  TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
-  check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
-  Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>());
-  rechunk(plan, plan_experts);
-  const int64_t out_w = is_glu(act) ? w.N / 2 : w.N;
-  auto out = torch::empty({rows.kept, out_w}, x_TD.options());
-  float* o = out.data_ptr<float>();
-  const int64_t W = tile_width(out_w, static_cast<int64_t>(rows.experts.size()));
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < rows.experts.size(); ++i)
-    for (int64_t c = 0; c < out_w; c += W) tasks.push_back({int64_t(i), c, std::min(out_w, c + W)});
-  const float lim = static_cast<float>(limit), al = static_cast<float>(alpha);
-  auto epilogue = [&](const Task& t) {
-    const int64_t e = rows.experts[t.expert], s0 = rows.starts[t.expert];
-    const int64_t n = plan.n(t.expert), cw = t.c1 - t.c0;
-    const std::vector<float> xsum = group_sums(ws[e], plan.x[t.expert].data(), n);
-    std::vector<float> g(n * cw), u;
-    list_columns(plan, ws, t.expert, xsum.data(), t.c0, cw, g.data());
-    const float* bg = bias_row(b_in, e, w.N);
-    const float* bu = bg ? bg + out_w : nullptr;
-    if (is_glu(act)) {
-      u.resize(n * cw);
-      list_columns(plan, ws, t.expert, xsum.data(), out_w + t.c0, cw, u.data());
-    }
-    for (int64_t r = 0; r < n; ++r) {
-      float* dst = o + (s0 + r) * out_w + t.c0;
-      for (int64_t j = 0; j < cw; ++j) {
-        const float gv = g[r * cw + j] + (bg ? bg[t.c0 + j] : 0.0f);
-        const float uv = is_glu(act) ? u[r * cw + j] + (bu ? bu[t.c0 + j] : 0.0f) : 0.0f;
-        dst[j] = activate(act, gv, uv, lim, al);
-      }
-    }
-  };
-  run_phases(plan.phase1(), [&](const Task& t) { list_phase1(plan, ws, t); }, tasks, epilogue);
-  return out;
+  const PerExpert ws = list_weights(w_data, w_scales, w_zeros, bits, group, offsets_E.numel());
+  return gate_up_rows(x_TD, token_S, offsets_E, ws, b_in, act, limit, alpha, plan_experts);
 }
 
 // down_combine with w_out as a list; `accumulate` adds into out_TD instead of
@@ -1080,46 +1060,9 @@ void down_combine_list(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   check_f32(a_SF, "a_SF", 2);
   check_f32(weight_S, "weight_S", 1);
   check_f32(out_TD, "out_TD", 2);
-  const std::vector<Weights> ws = list_weights(w_data, w_scales, w_zeros, bits, group,
-                                               offsets_E.numel());
-  const Weights& w = ws.front();
-  TORCH_CHECK(w.K == a_SF.size(1), "w_out input width ", w.K, " != a_SF width ", a_SF.size(1));
-  TORCH_CHECK(w.N == out_TD.size(1), "w_out output width ", w.N, " != out_TD width ",
-              out_TD.size(1));
-  check_bias(b_out, "b_out", offsets_E.numel(), w.N);
-  const Rows rows = touched(offsets_E);
-  TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
-              "a_SF / weight_S have fewer rows than offsets_E says");
-  auto tok = token_S.to(at::kLong).contiguous();
-  const int64_t* token = tok.data_ptr<int64_t>();
-  const int64_t T = out_TD.size(0), D = w.N;
-  check_tokens(token, rows.kept, T);
-  Plan plan(rows, w, a_SF.data_ptr<float>(), a_SF.size(1), nullptr);
-  rechunk(plan, plan_experts);
-  const float* wts = weight_S.data_ptr<float>();
-  float* o = out_TD.data_ptr<float>();
-  const int64_t W = tile_width(D, 1);
-  std::vector<Task> tasks;
-  for (int64_t c = 0; c < D; c += W) tasks.push_back({0, c, std::min(D, c + W)});
-  auto combine = [&](const Task& t) {
-    const int64_t cw = t.c1 - t.c0;
-    if (!accumulate)
-      for (int64_t tt = 0; tt < T; ++tt) std::fill(o + tt * D + t.c0, o + tt * D + t.c1, 0.0f);
-    std::vector<float> acc;
-    for (size_t i = 0; i < rows.experts.size(); ++i) {
-      const int64_t e = rows.experts[i], s0 = rows.starts[i], n = plan.n(i);
-      const std::vector<float> xsum = group_sums(ws[e], plan.x[i].data(), n);
-      acc.resize(n * cw);
-      list_columns(plan, ws, i, xsum.data(), t.c0, cw, acc.data());
-      const float* b = bias_row(b_out, e, D);
-      for (int64_t r = 0; r < n; ++r) {
-        float* dst = o + token[s0 + r] * D + t.c0;
-        const float wr = wts[s0 + r];
-        for (int64_t j = 0; j < cw; ++j) dst[j] += wr * (acc[r * cw + j] + (b ? b[t.c0 + j] : 0.0f));
-      }
-    }
-  };
-  run_phases(plan.phase1(), [&](const Task& t) { list_phase1(plan, ws, t); }, tasks, combine);
+  const PerExpert ws = list_weights(w_data, w_scales, w_zeros, bits, group, offsets_E.numel());
+  down_combine_rows(a_SF, token_S, weight_S, offsets_E, ws, b_out, out_TD, accumulate,
+                    plan_experts);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

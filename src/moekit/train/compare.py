@@ -133,6 +133,23 @@ def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
     return results
 
 
+def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMConfig],
+                  wanted: list[str], tcfg: TrainConfig, corpus, out: Path
+                  ) -> list[dict[str, Any]] | None:
+    """collect's results for `moekit <command>`, or None with the error printed (a cached
+    run trained with other settings, or --out holding no finished run)."""
+    try:
+        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+    except ValueError as e:
+        print(f"moekit {command}: error: {e}", file=sys.stderr)
+        return None
+    if not results:
+        print(f"moekit {command}: error: out={args.out!r} holds no finished runs to report",
+              file=sys.stderr)
+        return None
+    return results
+
+
 def prepare(args: argparse.Namespace, make_configs: Callable[[LMConfig, int], dict[str, LMConfig]]
             ) -> tuple[dict[str, LMConfig], list[str], TrainConfig, Any]:
     """Configs, the variants to train, the train config and the corpus from the flags
@@ -223,14 +240,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
-    try:
-        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
-    except ValueError as e:
-        print(f"moekit compare: error: {e}", file=sys.stderr)
-        return 2
-    if not results:
-        print(f"moekit compare: error: out={args.out!r} holds no finished runs to report",
-              file=sys.stderr)
+    results = finished_runs("compare", args, configs, wanted, tcfg, corpus, out)
+    if results is None:
         return 2
     report = table(results) + "\n\n" + "\n".join(verdict(results))
     print(report)

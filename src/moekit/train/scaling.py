@@ -30,8 +30,8 @@ from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig
 from moekit.train.compare import (
     add_common_arguments,
-    collect,
     dense_variant,
+    finished_runs,
     moe_variant,
     prepare,
 )
@@ -257,14 +257,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit scaling: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
-        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
-    except ValueError as e:
-        print(f"moekit scaling: error: {e}", file=sys.stderr)
-        return 2
-    if not results:
-        print(f"moekit scaling: error: out={args.out!r} holds no finished runs to report",
-              file=sys.stderr)
+    results = finished_runs("scaling", args, configs, wanted, tcfg, corpus, out)
+    if results is None:
         return 2
     summary = summarize(results, list(configs))
     summary["config"] = {"model": next(iter(configs.values())).to_dict(),
