@@ -12,7 +12,12 @@ Sections (all by default; ``--only`` picks some):
             offloaded, with the RSS after imports for reference
   accel     transformers + accelerate (device_map="auto", max_memory = the same
             total budget, the rest offloaded to disk) in a fresh process; needs
-            accelerate importable (e.g. PYTHONPATH=/tmp/offload-accel:src)
+            accelerate importable (e.g. PYTHONPATH=/tmp/offload-accel:src).
+            ``--memory-limit budget`` runs both sides in a memory cgroup of the
+            same size (RSS after imports + 1.15 x the total budget + slack), so
+            the budget is the kernel's, page cache included: without it
+            accelerate's offloaded weights stay in the page cache and count in no
+            budget (needs a writable cgroup v1 or v2 memory controller, e.g. root)
   hits      hit rates on a trained moekit checkpoint (``--trained``): LRU, LFU,
             each with and without prefetch, against Belady on the same trace
 
@@ -178,6 +183,9 @@ def child(kind: str, path: Path, tokens: int, threads: int) -> None:
     config = transformers.AutoConfig.from_pretrained(path)
     transformers.AutoModelForCausalLM._model_mapping[type(config)]
     base = _rss_mib()
+    if kind == "imports":
+        print(json.dumps({"kind": kind, "rss_after_imports_mib": base}))
+        return
     sz = sizes(path)
     t0 = time.perf_counter()
     if kind == "resident":
@@ -200,13 +208,62 @@ def child(kind: str, path: Path, tokens: int, threads: int) -> None:
                       "tokens": tokens, "threads": threads, "load_average": os.getloadavg()}))
 
 
-def fresh(kind: str, path: Path, tokens: int, threads: int, timeout: float = 1800) -> dict:
+class MemoryCgroup:
+    """A memory cgroup of ``limit`` bytes (v2 unified hierarchy, else v1) that a child
+    process joins before it execs; ``peak()`` is the most it was charged (RSS and page
+    cache). Removed on exit."""
+
+    V2, V1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, name: str, limit: int) -> None:
+        v2 = (self.V2 / "cgroup.controllers").exists() and "memory" in (
+            self.V2 / "cgroup.controllers").read_text().split()
+        root = self.V2 if v2 else self.V1
+        if not (root / "cgroup.procs").exists():
+            raise RuntimeError("memory-limit=budget is not possible here: no cgroup memory "
+                               "controller at /sys/fs/cgroup (v2) or /sys/fs/cgroup/memory (v1)")
+        self.dir = root / f"moekit-bench-{os.getpid()}-{name}"
+        self.dir.mkdir(exist_ok=True)
+        (self.dir / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+        self.peak_file = self.dir / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
+        self.limit = limit
+
+    def join(self) -> None:  # runs in the child between fork and exec
+        (self.dir / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int | None:
+        return int(self.peak_file.read_text()) if self.peak_file.exists() else None
+
+    def __enter__(self) -> MemoryCgroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
+
+
+def fresh(kind: str, path: Path, tokens: int, threads: int, timeout: float = 1800,
+          limit: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(path),
            "--tokens", str(tokens), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if limit is None:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        peak = None
+    else:
+        with MemoryCgroup(kind, limit) as cg:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                 preexec_fn=cg.join)
+            peak = cg.peak()
     if out.returncode != 0:
-        return {"kind": kind, "error": out.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        killed = " (killed: over the memory limit)" if out.returncode == -9 else ""
+        return {"kind": kind, "returncode": out.returncode, "cgroup_peak": peak,
+                "error": out.stderr.strip().splitlines()[-1:] or [f"no output{killed}"]}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    if limit is not None:
+        row.update(cgroup_limit=limit, cgroup_peak=peak)
+    return row
 
 
 def peak(path: Path, tokens: int, threads: int) -> dict:
@@ -221,15 +278,30 @@ def peak(path: Path, tokens: int, threads: int) -> dict:
     return out
 
 
-def versus_accelerate(path: Path, tokens: int, pairs: int, threads: int) -> dict:
+def budget_limit(path: Path, threads: int, slack_mib: int) -> dict:
+    """The memory cgroup size both sides get: the RSS after imports (a fresh child that
+    loads nothing), plus the issue's peak-RSS target (1.15 x the total budget), plus
+    ``slack_mib`` for allocator and staging buffers."""
+    base = fresh("imports", path, 0, threads)["rss_after_imports_mib"]
+    target = 1.15 * sizes(path)["total_budget"]
+    limit = int(base * 2**20 + target + slack_mib * 2**20)
+    return {"limit": limit, "imports_mib": base, "target_mib": target / 2**20,
+            "slack_mib": slack_mib}
+
+
+def versus_accelerate(path: Path, tokens: int, pairs: int, threads: int,
+                      memory_limit: str = "none", slack_mib: int = 256) -> dict:
     """moekit's offloading and accelerate's, fresh processes back to back (alternating
-    order, same load), the same tokens each; ratios per pair, then the median."""
+    order, same load), the same tokens each; ratios per pair, then the median.
+    ``memory_limit="budget"``: both in a memory cgroup of the same size."""
+    cap = budget_limit(path, threads, slack_mib) if memory_limit == "budget" else None
     rows = []
     for i in range(pairs):
         order = ("offload", "accelerate") if i % 2 == 0 else ("accelerate", "offload")
-        rows.append({k: fresh(k, path, tokens, threads) for k in order})
+        rows.append({k: fresh(k, path, tokens, threads, limit=cap and cap["limit"])
+                     for k in order})
     ok = [r for r in rows if all("tok_s" in v for v in r.values())]
-    out: dict = {"pairs": rows, "tokens": tokens, "threads": threads}
+    out: dict = {"pairs": rows, "tokens": tokens, "threads": threads, "memory_limit": cap}
     if ok:
         out["wall_speedup"] = statistics.median(
             r["offload"]["tok_s"] / r["accelerate"]["tok_s"] for r in ok)
@@ -292,6 +364,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--accel-tokens", type=int, default=3)
     p.add_argument("--accel-pairs", type=int, default=2)
+    p.add_argument("--memory-limit", choices=["none", "budget"], default="none",
+                   help="accel: run both sides in a memory cgroup of the budget's size")
+    p.add_argument("--limit-slack-mib", type=int, default=256)
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads; 1 makes the CPU-time ratios meaningful on a loaded box")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -313,9 +388,10 @@ def main() -> None:
         result["peak"] = peak(args.ckpt, args.tokens, args.threads)
         print(json.dumps(result["peak"]))
     if "accel" in args.only:
-        result["accelerate"] = versus_accelerate(args.ckpt, args.accel_tokens, args.accel_pairs,
-                                                 args.threads)
-        print(json.dumps(result["accelerate"]))
+        key = "accelerate" if args.memory_limit == "none" else "accelerate_cgroup"
+        result[key] = versus_accelerate(args.ckpt, args.accel_tokens, args.accel_pairs,
+                                        args.threads, args.memory_limit, args.limit_slack_mib)
+        print(json.dumps(result[key]))
     if "hits" in args.only and args.trained is not None:
         result["hits"] = hits(args.trained, args.tokens * 8)
         print_hits(result["hits"])
