@@ -121,6 +121,15 @@ def _kind(act: ActFn) -> str | None:
     return spec[0] if spec is not None else getattr(act, "kind", None)
 
 
+def _kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
+    """What the decode kernels take for ``act``: an Experts module's activation, or a
+    callable naming its ``kind`` (HF GluAct, inference._Act); None runs it in Python."""
+    spec = _activation_spec(act)
+    if spec is None and getattr(act, "kind", None) is not None:
+        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
+    return spec
+
+
 def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
                    w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
@@ -139,11 +148,8 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
                       or not decode.available()):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
-    spec = _activation_spec(act)
-    if spec is None and getattr(act, "kind", None) is not None:  # HF GluAct, inference._Act
-        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
     return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
-                              b_in_EG, b_out_ED, act, spec)
+                              b_in_EG, b_out_ED, act, _kernel_spec(act))
 
 
 # Rows up to which "auto" picks the decode kernels over "fused" (CPU, no autograd).

@@ -136,13 +136,13 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
     Returns fp32 when ``out_TD`` is given, else x's dtype.
     """
     ext, code, limit, alpha = _kernels(spec)
-    x = x_TD.detach().float().contiguous()
+    x = _plain_f32(x_TD)
     h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), _f32(b_in_EG), code, limit,
                          alpha, plan_experts)
     if code == 0:
         h = act(h).float().contiguous()
     out = torch.empty_like(x) if out_TD is None else out_TD
-    ext.down_combine_list(h, token_S, weight_S.detach().float().contiguous(), offsets_E,
+    ext.down_combine_list(h, token_S, _plain_f32(weight_S), offsets_E,
                           *_list_args(w_out), _f32(b_out_ED), out, out_TD is not None,
                           plan_experts)
     return out if out_TD is not None else out.to(x_TD.dtype)

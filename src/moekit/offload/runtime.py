@@ -32,6 +32,8 @@ from moekit.experts.backends import (
     DECODE_MAX_ROWS,
     QUANT_KERNEL_MAX_ROWS,
     _activation_spec,
+    _kernel_spec,
+    _kind,
     fused_supported,
 )
 from moekit.functions import decode
@@ -82,19 +84,6 @@ class ExpertsCall:
     quantized: bool
     unpack: Callable[[list[Any]], ExpertWeights]
     stacked: Callable[[Tensor, Dispatch, list[Any]], Tensor]
-
-
-def _kind(act) -> str | None:
-    spec = _activation_spec(act)
-    return spec[0] if spec is not None else getattr(act, "kind", None)
-
-
-def _spec(act) -> tuple[str, float, float] | None:
-    """What decode_experts hands the kernels for ``act`` (None: run it in Python)."""
-    spec = _activation_spec(act)
-    if spec is None and getattr(act, "kind", None) is not None:  # HF GluAct
-        spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
-    return spec
 
 
 def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
@@ -191,7 +180,7 @@ class ExpertOffload:
     def _run_list(self, layer: int, x_TD: Tensor, d: Dispatch, ids: list[int],
                   call: ExpertsCall, out_dim: int) -> Tensor:
         """Decode kernels on the cached tensors; chunks of what the cache holds."""
-        spec, ends = _spec(call.act), d.offsets_E.tolist()
+        spec, ends = _kernel_spec(call.act), d.offsets_E.tolist()
         chunks = _chunks(ids, self.cache.capacity)
         out = None if len(chunks) == 1 else x_TD.new_zeros(x_TD.shape[0], out_dim,
                                                             dtype=torch.float32)
