@@ -179,11 +179,20 @@ def dense_rows(x_TK: Tensor, w_1KN: Tensor | QuantizedTensor) -> Tensor:
     dtype. ``w_1KN``: a float [1, K, N] view with unit stride along K or N (an
     ``nn.Linear`` weight is ``w[None].transpose(1, 2)``) or a QuantizedTensor of E=1."""
     ext = cpu_ext.get_decode()
-    T = x_TK.shape[0]
-    x = x_TK.detach().float().contiguous()
-    offsets = torch.full((1,), T, dtype=torch.int32)
-    y = ext.gate_up(x, torch.arange(T), offsets, *_wargs(w_1KN), None, 0, 0.0, 1.0)
-    return y.to(x_TK.dtype)
+    rows_T, offsets_1 = _all_rows(x_TK.shape[0])
+    y = ext.gate_up(_plain_f32(x_TK), rows_T, offsets_1, *_wargs(w_1KN), None, 0, 0.0, 1.0)
+    return y if y.dtype == x_TK.dtype else y.to(x_TK.dtype)
+
+
+_ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}
+
+
+def _all_rows(T: int) -> tuple[Tensor, Tensor]:
+    """(arange(T), [T] as int32): every row routed to the one expert; made once per T
+    (T <= 32 here), since the kernel only reads them."""
+    if T not in _ALL_ROWS:
+        _ALL_ROWS[T] = torch.arange(T), torch.full((1,), T, dtype=torch.int32)
+    return _ALL_ROWS[T]
 
 
 def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:

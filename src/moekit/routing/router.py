@@ -119,11 +119,12 @@ class Router(nn.Module):
         return _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
 
     def _logits(self, x_TD: Tensor) -> Tensor:
-        x_TD = x_TD.float()
+        x_TD = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
         if self.cfg.router == "switch" and self.training and self.cfg.jitter_eps > 0:
             x_TD = jitter(x_TD, self.cfg.jitter_eps)
-        assert self.weight is not None
-        return F.linear(x_TD, self.weight.float())
+        w_ED = self.weight
+        assert w_ED is not None
+        return F.linear(x_TD, w_ED if w_ED.dtype == torch.float32 else w_ED.float())
 
     def _token_choice(self, logits_TE: Tensor, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.cfg
