@@ -30,6 +30,7 @@ after the build, so the number is the generation's own peak).
     PYTHONPATH=src python benchmarks/bench_decode.py --cpu-time --models fine --batches 1 \
         --variants bf16,int8,int4 --no-prefill --no-memory         # bytes pay, loaded box
     PYTHONPATH=src python benchmarks/bench_decode.py --breakdown  # parts of a step, CPU time
+    PYTHONPATH=src python benchmarks/bench_decode.py --ops        # aten ops per step, by line
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
 """
@@ -575,6 +576,39 @@ def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
 
 # -- main ---------------------------------------------------------------------------------
 
+def count_ops(shape: str, B: int, variant: str = "fp32") -> None:
+    """The aten ops one decode step dispatches (Python and C++ callers alike), counted by
+    the innermost moekit line that issued them: a step's fixed cost, independent of load."""
+    import collections
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moekit.models.transformer import StaticKVCache
+
+    model = build(shape, variant)
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 8)
+    cache.reset()
+    counts: collections.Counter = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            here = [f for f in traceback.extract_stack() if "/moekit/" in f.filename]
+            site = f"{here[-1].filename.split('/moekit/')[-1]}:{here[-1].lineno}" if here else "?"
+            counts[(str(func), site)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode():
+        nxt = model.infer(prompts(B, PROMPT_LEN), cache).argmax(-1)[:, None]
+        nxt = model.infer(nxt, cache).argmax(-1)[:, None]  # warm (lazy builds, caches)
+        with Count():
+            model.infer(nxt, cache)
+    print(f"ops: {shape} {variant} batch {B}: {sum(counts.values())} aten ops per decode step")
+    for (func, site), n in counts.most_common():
+        print(f"{n:5d}  {func:44s} {site}")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fine model, batch 1 and 4, 16 tokens, 2 pairs, Mixtral class only")
@@ -596,6 +630,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
     p.add_argument("--breakdown", action="store_true",
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
+    p.add_argument("--ops", action="store_true",
+                   help="count the aten ops of one decode step by call site (batches) and exit")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
@@ -663,6 +699,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
         for B in (1, 8, 16):
             breakdown_step(args.models[0], B)
+        return 0
+    if args.ops:
+        for B in args.batches:
+            count_ops(args.models[0], B)
         return 0
     if args.profile:
         for B in (1, 16):

@@ -156,20 +156,22 @@ def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None] | None
     if qio.is_quantized_checkpoint(path):
         path = Path(path)
         meta = qio._read_meta(path)
-        file = path / qio.MODEL_FILE
-        if not file.exists():
-            raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+        file = _model_file(path / qio.MODEL_FILE)
         if rundir.sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not "
                                   f"match the one recorded in {qio.META_FILE}")
         return file, meta, (meta["bits"], meta["group_size"])
     ckpt = resolve(path)
-    file = ckpt / MODEL_FILE
-    if not file.exists():
-        raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+    file = _model_file(ckpt / MODEL_FILE)
     # the manifest's SHA-256 of every file, state.json included, before anything is read
     rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
     return file, _read_state(ckpt), None
+
+
+def _model_file(file: Path) -> Path:
+    if not file.exists():
+        raise ShardError(f"shard {file} is missing (tensor: every model tensor)")
+    return file
 
 
 def _load_resident(model: MoETransformer, locs: dict[str, TensorLoc], fds) -> None:

@@ -132,15 +132,13 @@ def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
     return out
 
 
-def _targets(model: nn.Module, scope: str) -> list[_Target]:
+def _checked_targets(model: nn.Module, scope: str, group_size: int | None) -> list[_Target]:
+    """``quantize``'s targets for ``scope``, after every check (nothing changed yet)."""
     if scope not in SCOPES:
         raise QuantizationError(f"scope={scope!r} is not allowed: it must be 'all' (experts "
                                 "and dense projections) or 'experts' (routed experts only)")
-    return _expert_targets(model) + (_dense_targets(model) if scope == "all" else [])
-
-
-def _check(model: nn.Module, targets: list[_Target], group_size: int | None) -> None:
-    if not _expert_targets(model):
+    experts = _expert_targets(model)
+    if not experts:
         raise QuantizationError("the model has no moekit Experts module nor a transformers "
                                 "experts module patched by moekit.integrations.hf.apply: "
                                 "nothing to quantize")
@@ -148,6 +146,12 @@ def _check(model: nn.Module, targets: list[_Target], group_size: int | None) -> 
     if done:
         raise QuantizationError(f"{done[0]} is already quantized: quantizing twice is not "
                                 "allowed; load the float model")
+    targets = experts + (_dense_targets(model) if scope == "all" else [])
+    _check_divides(targets, group_size)
+    return targets
+
+
+def _check_divides(targets: list[_Target], group_size: int | None) -> None:
     for t in targets:
         check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
 
@@ -178,11 +182,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     model untouched.
     """
     group_size = check_bits(bits, group_size)
-    targets = _targets(model, scope)
-    _check(model, targets, group_size)
-    qs = [quantize_tensor(t.w_EKN, bits, group_size).to(t.w_EKN.device) for t in targets]
-    _replace(model, targets, qs)
-    return model
+    return _quantize(model, _checked_targets(model, scope, group_size), bits, group_size)
 
 
 def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -> nn.Module:
@@ -190,8 +190,12 @@ def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -
     are quantized elsewhere (offloaded experts, quantized as they are read)."""
     group_size = check_bits(bits, group_size)
     targets = _dense_targets(model)
-    for t in targets:
-        check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
+    _check_divides(targets, group_size)
+    return _quantize(model, targets, bits, group_size)
+
+
+def _quantize(model: nn.Module, targets: list[_Target], bits: int,
+              group_size: int | None) -> nn.Module:
     _replace(model, targets, [quantize_tensor(t.w_EKN, bits, group_size).to(t.w_EKN.device)
                               for t in targets])
     return model
@@ -201,8 +205,7 @@ def quantize_like(model: nn.Module, bits: int, group_size: int | None,
                   scope: str = "experts") -> nn.Module:
     """Empty QuantizedTensors of the right shapes where ``quantize`` puts them (loading)."""
     group_size = check_bits(bits, group_size)
-    targets = _targets(model, scope)
-    _check(model, targets, group_size)
+    targets = _checked_targets(model, scope, group_size)
     qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device)
           for t in targets]
     _replace(model, targets, qs)
