@@ -9,6 +9,9 @@ width, Y output width, B experts.
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -141,6 +144,34 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="could not be built or loaded.*Python loop"):
         assert cpu_ext.get() is None
     assert cpu_ext.get() is None  # tried once, not again
+
+
+@pytest.mark.parametrize("age_min, removed", [(60, True), (1, False)])
+def test_a_killed_builds_lock_is_removed_a_live_ones_is_not(tmp_path, monkeypatch, capsys,
+                                                             age_min, removed):
+    """torch waits forever on a lock its build left when killed; moekit removes one older
+    than STALE_LOCK_S before building and leaves a younger one (a build in progress)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("moekit_test_lock", cpu_ext.SOURCE)
+    where.mkdir(parents=True)
+    lock = where / "lock"
+    lock.touch()
+    old = time.time() - 60 * age_min
+    os.utime(lock, (old, old))
+    seen = {}
+
+    def fake_load(**kwargs):  # stands in for torch's build: records what it would wait on
+        seen["lock"] = lock.exists()
+        return "module"
+
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    assert cpu_ext._build("moekit_test_lock", cpu_ext.SOURCE, "test kernels", "") == "module"
+    assert seen["lock"] is not removed
+    err = capsys.readouterr().err
+    assert ("removing the build lock" in err) is removed
+    assert ("waiting for another build's lock" in err) is not removed
 
 
 def _swiglu64(h, da):

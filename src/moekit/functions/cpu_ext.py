@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -66,6 +67,29 @@ def _cached(where: Path, name: str) -> bool:
     return (where / f"{name}.so").exists()
 
 
+# A build's lock (torch's, created empty) older than this is a killed build's: torch
+# would wait on it forever. A build takes 35-45 s on 2 idle cores and 1-3 minutes
+# with the box loaded several times over; a lock left by a killed build once held up
+# every later run for an hour.
+STALE_LOCK_S = 15 * 60
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """Remove ``lock`` if it is older than STALE_LOCK_S, else say whose build we wait for."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"moekit: removing the build lock {lock}: it is {age / 60:.0f} minutes old, "
+              "left by a build that was killed", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+    else:
+        print(f"moekit: waiting for another build's lock {lock} ({age:.0f} s old; one older "
+              f"than {STALE_LOCK_S // 60} minutes is removed as a killed build's)",
+              file=sys.stderr, flush=True)
+
+
 def _gist(e: Exception) -> str:
     """The compiler's first error line where there is one, else the message's end."""
     text = str(e).strip()
@@ -84,9 +108,7 @@ def _build(name: str, source: Path, what: str, fallback: str,
         if not _cached(where, name):  # every build says so: once per environment and source
             print(f"moekit: building the C++ CPU {what} into {where} ({BUILD_SECONDS}"
                   "; once per environment)...", file=sys.stderr, flush=True)
-            if (where / "lock").exists():  # torch's build lock: a killed build leaves it
-                print(f"moekit: waiting for another build's lock {where / 'lock'}; if no "
-                      "build is running, delete that file", file=sys.stderr, flush=True)
+            _clear_stale_lock(where / "lock")
         where.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
         # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
