@@ -24,10 +24,10 @@
 //     is a mask and a shift on 16 bytes, no shuffles). A group's dot product is
 //     s * sum(x * q) + z * sum(x): the zero point costs one multiply-add per
 //     group, not per weight.
-// Where the CPU has AVX-512 (F + BW, checked at load time) the inner loops are
-// intrinsics; elsewhere plain loops over 16 independent fp32 lanes, built by
-// target_clones for AVX2 and baseline x86 (chosen at load time from the CPU's
-// flags; any compiler-vectorizable ISA for non-x86 builds is up to the compiler). bf16 is widened by a 16-bit shift: at a few rows
+// The inner loops are intrinsics where the CPU has AVX-512 (F + BW) or AVX2 + FMA
+// (checked at load time; MOEKIT_CPU_ISA caps it); elsewhere plain loops over 16
+// independent fp32 lanes, built by target_clones (any compiler-vectorizable ISA
+// for non-x86 builds is up to the compiler). bf16 is widened by a 16-bit shift: at a few rows
 // per expert the step is memory-bound, so AVX-512 BF16 dot products (which
 // would also round the activations to bf16) would not read the bytes faster.
 //
@@ -46,7 +46,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -296,57 +298,20 @@ AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float
   for (int r = 0; r < R; ++r) v[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 }
 
-template <Kind KIND>
-AVX512 void nk_tile_avx512(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
-                           const float* scales, const float* zeros, const float* const* x,
-                           int64_t n, int64_t W, float* acc) {
-  const int64_t K32 = K / 32 * 32;
-  const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
-  const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
-  for (int64_t j = 0; j < W; ++j) {
-    const void* p = static_cast<const char*>(base) + j * ldn_bytes;
-    const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
-    const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
-    for (int64_t r0 = 0; r0 < n; r0 += 4) {
-      const int64_t m = std::min<int64_t>(4, n - r0);
-      float v[4];
-      switch (m) {
-        case 4: nk_rows_avx512<KIND, 4>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 3: nk_rows_avx512<KIND, 3>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 2: nk_rows_avx512<KIND, 2>(p, K32, glen, gs, gz, x + r0, v); break;
-        default: nk_rows_avx512<KIND, 1>(p, K32, glen, gs, gz, x + r0, v); break;
-      }
-      for (int64_t r = 0; r < m; ++r) {
-        float t = v[r];
-        if constexpr (KIND == Kind::I8) {
-          for (int64_t k = K32; k < K; ++k)
-            t += x[r0 + r][k] * static_cast<float>(static_cast<const int8_t*>(p)[k]);
-          t *= scales[j];
-        } else if constexpr (KIND == Kind::BF16) {
-          for (int64_t k = K32; k < K; ++k)
-            t += x[r0 + r][k] * bf16(static_cast<const uint16_t*>(p)[k]);
-        } else if constexpr (KIND == Kind::F32) {
-          for (int64_t k = K32; k < K; ++k) t += x[r0 + r][k] * static_cast<const float*>(p)[k];
-        }
-        acc[(r0 + r) * W + j] = t;
-      }
-    }
-  }
-}
-
 // KN layout with AVX-512.
 // bf16: 32 weights per 512-bit load, widened without shuffles: a lane holds
 // (w[2i], w[2i+1]); a 16-bit left shift gives w[2i] as fp32, masking the low half
 // gives w[2i+1]. The accumulators of a 32-column block hold the even columns,
-// then the odd ones, until kn_unpermute puts them back in order. (Widening with
+// then the odd ones, until kn_unpermute puts them back in order (half = 16; the
+// AVX2 path does the same with 16-column blocks, half = 8). (Widening with
 // vpmovzxwd, a cross-lane shuffle, left bf16 at 1.2x fp32's speed: 3.3x the roofline.)
-AVX512 inline void kn_unpermute(float* acc, int64_t n, int64_t W) {
-  alignas(64) float tmp[32];
+inline void kn_unpermute(float* acc, int64_t n, int64_t W, int half) {
+  float tmp[32];
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t j = 0; j + 32 <= W; j += 32) {
+    for (int64_t j = 0; j + 2 * half <= W; j += 2 * half) {
       float* a = acc + r * W + j;
-      std::memcpy(tmp, a, sizeof tmp);
-      for (int i = 0; i < 16; ++i) a[2 * i] = tmp[i], a[2 * i + 1] = tmp[16 + i];
+      std::memcpy(tmp, a, 2 * half * sizeof(float));
+      for (int i = 0; i < half; ++i) a[2 * i] = tmp[i], a[2 * i + 1] = tmp[half + i];
     }
 }
 
@@ -410,30 +375,6 @@ AVX512 void kn_rows(const void* w, int64_t ldk, int64_t kb, const float* const* 
       for (int r = 0; r < R; ++r) acc[r * W + j] += x[r][k0 + q] * load(base[q * ldk + j]);
 }
 
-template <Kind KIND>
-AVX512 void kn_tile_avx512(const void* w, int64_t ldk, int64_t K, const float* const* x,
-                           int64_t n, int64_t W, float* acc) {
-  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
-  const T* base = static_cast<const T*>(w);
-  std::fill(acc, acc + n * W, 0.0f);
-  for (int64_t k0 = 0; k0 < K; k0 += KB) {
-    const int64_t kb = std::min(KB, K - k0);
-    const int64_t pf_rows = std::max<int64_t>(0, std::min(KB, K - k0 - KB));
-    const T* wk = base + k0 * ldk;
-    for (int64_t r0 = 0; r0 < n; r0 += 4) {
-      const int64_t m = std::min<int64_t>(4, n - r0), pf = r0 == 0 ? pf_rows : 0;
-      float* a = acc + r0 * W;
-      switch (m) {
-        case 4: kn_rows<KIND, 4>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        case 3: kn_rows<KIND, 3>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        case 2: kn_rows<KIND, 2>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        default: kn_rows<KIND, 1>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-      }
-    }
-  }
-  if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W);
-}
-
 // NK layout, fp32, several output columns at once: R rows of x against C weight
 // rows (output columns), R*C accumulators, so each x and weight vector loaded
 // serves C or R FMAs (one weight row at a time costs 2 loads per FMA, and at 8-16
@@ -461,53 +402,321 @@ AVX512 inline void nk_rc_f32(const float* w, int64_t ldn, int64_t K, const float
     }
 }
 
-// C weight rows (16 KiB at K = 1024) stay in L1 while every group of 4 rows of x
-// passes over them.
-template <int C>
-AVX512 void nk_block_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
-                         int64_t n, int64_t j, int64_t W, float* acc) {
-  for (int64_t r0 = 0; r0 < n; r0 += 4) {
-    const int64_t m = std::min<int64_t>(4, n - r0);
-    float* a = acc + r0 * W;
-    switch (m) {
-      case 4: nk_rc_f32<4, C>(w, ldn, K, x + r0, j, W, a); break;
-      case 3: nk_rc_f32<3, C>(w, ldn, K, x + r0, j, W, a); break;
-      case 2: nk_rc_f32<2, C>(w, ldn, K, x + r0, j, W, a); break;
-      default: nk_rc_f32<1, C>(w, ldn, K, x + r0, j, W, a); break;
+// ---- AVX2 + FMA intrinsics, for CPUs without AVX-512 (AMD Zen 1-3, Intel client
+// parts): the same kernels as above with 8 lanes and 16 registers. target_clones'
+// avx2 clone of the plain loops measured 0.96x / 1.68x / 3.27x / 12.7x the roofline
+// for fp32 / bf16 / int8 / int4-g64 at T = 1 (Zen 3, 1 thread, D=1024, E=64, K=8,
+// F=512, thread CPU time, loaded box): the compiler turned the integer widening
+// into scalar code, so int4 ran slower than fp32.
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+AVX2 inline __m128i load8_bytes(const void* p) {
+  return _mm_loadl_epi64(static_cast<const __m128i*>(p));
+}
+
+// Weights k..k+31 of one NK row as four vectors of 8, in order. bf16 and int8 are
+// widened from memory (vpmovzxwd / vpmovsxbd); int4 gives the nibbles q as floats
+// (the caller applies s * q + z): bytes 0-7 hold elements 0-7 in their low nibbles
+// and 16-23 in their high ones, bytes 8-15 elements 8-15 and 24-31.
+template <Kind KIND>
+AVX2 inline void load32_avx2(const void* p, int64_t k, __m256* w) {
+  if constexpr (KIND == Kind::F32) {
+    const float* f = static_cast<const float*>(p) + k;
+    for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps(f + 8 * i);
+  } else if constexpr (KIND == Kind::BF16) {
+    const uint16_t* b = static_cast<const uint16_t*>(p) + k;
+    for (int i = 0; i < 4; ++i) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 8 * i));
+      w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  } else if constexpr (KIND == Kind::I8) {
+    const int8_t* q = static_cast<const int8_t*>(p) + k;
+    for (int i = 0; i < 4; ++i)
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8_bytes(q + 8 * i)));
+  } else {
+    const uint8_t* b = static_cast<const uint8_t*>(p) + k / 2;
+    const __m256i lo = _mm256_cvtepu8_epi32(load8_bytes(b));
+    const __m256i hi = _mm256_cvtepu8_epi32(load8_bytes(b + 8));
+    const __m256i m = _mm256_set1_epi32(15);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(lo, m));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(hi, m));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
+  }
+}
+
+// R rows (1..4) of x against one output row p, as nk_rows_avx512. int4: each
+// weight becomes s * q + z with one FMA (AVX2's 8-entry vpermps cannot index a
+// 16-entry table). A accumulators per row: with one or two rows, 2 would leave
+// the FMAs waiting on their latency.
+template <Kind KIND, int R>
+AVX2 void nk_rows_avx2(const void* p, int64_t K32, int64_t glen, const float* gs,
+                       const float* gz, const float* const* x, float* v) {
+  constexpr int A = R <= 2 ? 4 : 2;
+  __m256 a[R][A];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < A; ++i) a[r][i] = _mm256_setzero_ps();
+  for (int64_t g0 = 0, g = 0; g0 < K32; g0 += glen, ++g) {
+    __m256 s = _mm256_setzero_ps(), z = s;
+    if constexpr (KIND == Kind::I4) s = _mm256_set1_ps(gs[g]), z = _mm256_set1_ps(gz[g]);
+    for (int64_t k = g0; k < g0 + glen; k += 32) {
+      __m256 w[4];
+      load32_avx2<KIND>(p, k, w);
+      if constexpr (KIND == Kind::I4)
+        for (int i = 0; i < 4; ++i) w[i] = _mm256_fmadd_ps(w[i], s, z);
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i)
+          a[r][i % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x[r] + k + 8 * i), w[i], a[r][i % A]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 t = a[r][0];
+    for (int i = 1; i < A; ++i) t = _mm256_add_ps(t, a[r][i]);
+    v[r] = hsum(t);
+  }
+}
+
+// KN layout: as kn_block, 8 columns per vector; bf16 loads 16 weights, even columns
+// then odd ones (kn_unpermute with half = 8).
+template <Kind KIND, int R, int C>
+AVX2 inline void kn_block_avx2(const void* w, int64_t ldk, int64_t kb, const float* const* x,
+                               int64_t k0, int64_t j, int64_t W, float* acc, int64_t pf_rows) {
+  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
+  constexpr int bytes = C * 8 * static_cast<int>(sizeof(T));
+  const T* base = static_cast<const T*>(w) + j;
+  const __m256i odd = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * W + j + 8 * c);
+  for (int64_t q = 0; q < kb; ++q) {
+    const T* wr = base + q * ldk;
+    __m256 wv[C];
+    if constexpr (KIND == Kind::F32) {
+      for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(wr + 8 * c);
+    } else {
+      for (int c = 0; c < C; c += 2) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 8 * c));
+        wv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        wv[c + 1] = _mm256_castsi256_ps(_mm256_and_si256(v, odd));
+      }
+    }
+    if (q < pf_rows) {
+      for (int b = 0; b < bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + KB * ldk) + b, _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_set1_ps(x[r][k0 + q]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(xb, wv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(acc + r * W + j + 8 * c, a[r][c]);
+}
+
+// As kn_rows: 32 columns per block for up to 2 rows of x, 16 for 3-4 (R * C
+// accumulators + C weight vectors within 16 registers).
+template <Kind KIND, int R>
+AVX2 void kn_rows_avx2(const void* w, int64_t ldk, int64_t kb, const float* const* x,
+                       int64_t k0, int64_t W, float* acc, int64_t pf_rows) {
+  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
+  constexpr int C = R <= 2 ? 4 : 2;
+  constexpr int64_t step = 8 * C, unit = KIND == Kind::F32 ? 8 : 16;
+  int64_t j = 0;
+  for (; j + step <= W; j += step) kn_block_avx2<KIND, R, C>(w, ldk, kb, x, k0, j, W, acc, pf_rows);
+  for (; j + unit <= W; j += unit)
+    kn_block_avx2<KIND, R, unit / 8>(w, ldk, kb, x, k0, j, W, acc, pf_rows);
+  const T* base = static_cast<const T*>(w);
+  for (; j < W; ++j)
+    for (int64_t q = 0; q < kb; ++q)
+      for (int r = 0; r < R; ++r) acc[r * W + j] += x[r][k0 + q] * load(base[q * ldk + j]);
+}
+
+// NK fp32, R rows x C output columns, as nk_rc_f32.
+template <int R, int C>
+AVX2 inline void nk_rc_f32_avx2(const float* w, int64_t ldn, int64_t K, const float* const* x,
+                                int64_t j, int64_t W, float* acc) {
+  const int64_t K8 = K / 8 * 8;
+  __m256 a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * ldn + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x[r] + k);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float t = hsum(a[r][c]);
+      for (int64_t k = K8; k < K; ++k) t += x[r][k] * w[c * ldn + k];
+      acc[r * W + j + c] = t;
+    }
+}
+
+// ---- the intrinsics path this CPU runs: the widest it has, or a narrower one named
+// by MOEKIT_CPU_ISA (avx2 or generic; checked by moekit/functions/cpu_ext.py), so
+// that an AVX-512 machine's tests also cover the AVX2 and plain-loop kernels.
+
+enum class Isa { Generic, Avx2, Avx512 };
+
+const Isa CPU_ISA = [] {
+  __builtin_cpu_init();
+  const char* cap = std::getenv("MOEKIT_CPU_ISA");
+  const std::string want = cap ? cap : "";
+  if (want != "avx2" && want != "generic" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw"))
+    return Isa::Avx512;
+  if (want != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::Avx2;
+  return Isa::Generic;
+}();
+
+template <Kind KIND, Isa ISA, int R>
+inline void nk_rows(const void* p, int64_t K32, int64_t glen, const float* gs, const float* gz,
+                    const float* const* x, float* v) {
+  if constexpr (ISA == Isa::Avx512) nk_rows_avx512<KIND, R>(p, K32, glen, gs, gz, x, v);
+  else nk_rows_avx2<KIND, R>(p, K32, glen, gs, gz, x, v);
+}
+
+template <Kind KIND, Isa ISA, int R>
+inline void kn_rows_isa(const void* w, int64_t ldk, int64_t kb, const float* const* x,
+                        int64_t k0, int64_t W, float* acc, int64_t pf_rows) {
+  if constexpr (ISA == Isa::Avx512) kn_rows<KIND, R>(w, ldk, kb, x, k0, W, acc, pf_rows);
+  else kn_rows_avx2<KIND, R>(w, ldk, kb, x, k0, W, acc, pf_rows);
+}
+
+template <Kind KIND, Isa ISA>
+void nk_tile_vec(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
+                 const float* scales, const float* zeros, const float* const* x,
+                           int64_t n, int64_t W, float* acc) {
+  const int64_t K32 = K / 32 * 32;
+  const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
+  const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
+  for (int64_t j = 0; j < W; ++j) {
+    const void* p = static_cast<const char*>(base) + j * ldn_bytes;
+    const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
+    const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+      const int64_t m = std::min<int64_t>(4, n - r0);
+      float v[4];
+      switch (m) {
+        case 4: nk_rows<KIND, ISA, 4>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 3: nk_rows<KIND, ISA, 3>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 2: nk_rows<KIND, ISA, 2>(p, K32, glen, gs, gz, x + r0, v); break;
+        default: nk_rows<KIND, ISA, 1>(p, K32, glen, gs, gz, x + r0, v); break;
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float t = v[r];
+        if constexpr (KIND == Kind::I8) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * static_cast<float>(static_cast<const int8_t*>(p)[k]);
+          t *= scales[j];
+        } else if constexpr (KIND == Kind::BF16) {
+          for (int64_t k = K32; k < K; ++k)
+            t += x[r0 + r][k] * bf16(static_cast<const uint16_t*>(p)[k]);
+        } else if constexpr (KIND == Kind::F32) {
+          for (int64_t k = K32; k < K; ++k) t += x[r0 + r][k] * static_cast<const float*>(p)[k];
+        }
+        acc[(r0 + r) * W + j] = t;
+      }
     }
   }
 }
 
-AVX512 void nk_tile_f32_avx512(const float* w, int64_t ldn, int64_t K, const float* const* x,
-                               int64_t n, int64_t W, float* acc) {
-  int64_t j = 0;
-  for (; j + 4 <= W; j += 4) nk_block_f32<4>(w + j * ldn, ldn, K, x, n, j, W, acc);
-  for (; j < W; ++j) nk_block_f32<1>(w + j * ldn, ldn, K, x, n, j, W, acc);
+template <Kind KIND, Isa ISA>
+void kn_tile_vec(const void* w, int64_t ldk, int64_t K, const float* const* x,
+                 int64_t n, int64_t W, float* acc) {
+  using T = std::conditional_t<KIND == Kind::F32, float, uint16_t>;
+  const T* base = static_cast<const T*>(w);
+  std::fill(acc, acc + n * W, 0.0f);
+  for (int64_t k0 = 0; k0 < K; k0 += KB) {
+    const int64_t kb = std::min(KB, K - k0);
+    const int64_t pf_rows = std::max<int64_t>(0, std::min(KB, K - k0 - KB));
+    const T* wk = base + k0 * ldk;
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+      const int64_t m = std::min<int64_t>(4, n - r0), pf = r0 == 0 ? pf_rows : 0;
+      float* a = acc + r0 * W;
+      switch (m) {
+        case 4: kn_rows_isa<KIND, ISA, 4>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
+        case 3: kn_rows_isa<KIND, ISA, 3>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
+        case 2: kn_rows_isa<KIND, ISA, 2>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
+        default: kn_rows_isa<KIND, ISA, 1>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
+      }
+    }
+  }
+  if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W, ISA == Isa::Avx512 ? 16 : 8);
 }
 
-const bool HAVE_AVX512 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-}();
+// C weight rows (16 KiB at K = 1024 and C = 4) stay in L1 while every group of 4
+// rows of x passes over them.
+template <Isa ISA, int R, int C>
+inline void nk_rc(const float* w, int64_t ldn, int64_t K, const float* const* x, int64_t j,
+                  int64_t W, float* acc) {
+  if constexpr (ISA == Isa::Avx512) nk_rc_f32<R, C>(w, ldn, K, x, j, W, acc);
+  else nk_rc_f32_avx2<R, C>(w, ldn, K, x, j, W, acc);
+}
+
+template <Isa ISA, int C>
+void nk_block_f32(const float* w, int64_t ldn, int64_t K, const float* const* x, int64_t n,
+                  int64_t j, int64_t W, float* acc) {
+  for (int64_t r0 = 0; r0 < n; r0 += 4) {
+    const int64_t m = std::min<int64_t>(4, n - r0);
+    float* a = acc + r0 * W;
+    switch (m) {
+      case 4: nk_rc<ISA, 4, C>(w, ldn, K, x + r0, j, W, a); break;
+      case 3: nk_rc<ISA, 3, C>(w, ldn, K, x + r0, j, W, a); break;
+      case 2: nk_rc<ISA, 2, C>(w, ldn, K, x + r0, j, W, a); break;
+      default: nk_rc<ISA, 1, C>(w, ldn, K, x + r0, j, W, a); break;
+    }
+  }
+}
+
+// 4 output columns at a time with AVX-512 (4 rows x 4 columns = 16 of 32 registers),
+// 2 with AVX2 (8 of 16).
+template <Isa ISA>
+void nk_tile_f32_vec(const float* w, int64_t ldn, int64_t K, const float* const* x, int64_t n,
+                     int64_t W, float* acc) {
+  constexpr int C = ISA == Isa::Avx512 ? 4 : 2;
+  int64_t j = 0;
+  for (; j + C <= W; j += C) nk_block_f32<ISA, C>(w + j * ldn, ldn, K, x, n, j, W, acc);
+  for (; j < W; ++j) nk_block_f32<ISA, 1>(w + j * ldn, ldn, K, x, n, j, W, acc);
+}
+
+// The NK layout and quantized weights on the intrinsics path.
+template <Isa ISA>
+void nk_tile_isa(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+                 int64_t W, float* acc) {
+  const int64_t es = w.kind == Kind::F32 ? 4 : w.kind == Kind::BF16 ? 2 : 1;
+  const char* p = static_cast<const char*>(w.data) + (e * w.s_e + c0 * w.s_n) * es;
+  const int64_t ldn = w.s_n * es, ng = w.kind == Kind::I4 ? w.K / w.group : 1;
+  const float* sc = w.kind == Kind::I8 ? w.scales + e * w.N + c0
+                    : w.kind == Kind::I4 ? w.scales + (e * w.N + c0) * ng : nullptr;
+  const float* z = w.kind == Kind::I4 ? w.zeros + (e * w.N + c0) * ng : nullptr;
+  switch (w.kind) {
+    case Kind::F32:
+      return nk_tile_f32_vec<ISA>(reinterpret_cast<const float*>(p), w.s_n, w.K, x, n, W, acc);
+    case Kind::BF16: return nk_tile_vec<Kind::BF16, ISA>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+    case Kind::I8: return nk_tile_vec<Kind::I8, ISA>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
+    case Kind::I4:
+      return nk_tile_vec<Kind::I4, ISA>(p, ldn, w.K, w.group, sc, z, x, n, W, acc);
+  }
+}
 
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
 void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
           int64_t c0, int64_t W, float* acc) {
-  if (HAVE_AVX512 && !w.n_unit) {
-    const int64_t es = w.kind == Kind::F32 ? 4 : w.kind == Kind::BF16 ? 2 : 1;
-    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + c0 * w.s_n) * es;
-    const int64_t ldn = w.s_n * es, ng = w.kind == Kind::I4 ? w.K / w.group : 1;
-    const float* sc = w.kind == Kind::I8 ? w.scales + e * w.N + c0
-                      : w.kind == Kind::I4 ? w.scales + (e * w.N + c0) * ng : nullptr;
-    const float* z = w.kind == Kind::I4 ? w.zeros + (e * w.N + c0) * ng : nullptr;
-    switch (w.kind) {
-      case Kind::F32:
-        return nk_tile_f32_avx512(reinterpret_cast<const float*>(p), w.s_n, w.K, x, n, W, acc);
-      case Kind::BF16: return nk_tile_avx512<Kind::BF16>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
-      case Kind::I8: return nk_tile_avx512<Kind::I8>(p, ldn, w.K, 0, sc, z, x, n, W, acc);
-      case Kind::I4:
-        return nk_tile_avx512<Kind::I4>(p, ldn, w.K, w.group, sc, z, x, n, W, acc);
-    }
+  if (CPU_ISA != Isa::Generic && !w.n_unit) {
+    if (CPU_ISA == Isa::Avx512) return nk_tile_isa<Isa::Avx512>(w, e, x, n, c0, W, acc);
+    return nk_tile_isa<Isa::Avx2>(w, e, x, n, c0, W, acc);
   }
   switch (w.kind) {
     case Kind::F32: {
@@ -538,7 +747,7 @@ void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum,
 
 // Per-group sums of each row of x, for the int4 zero points; empty otherwise.
 std::vector<float> group_sums(const Weights& w, const float* const* x, int64_t n) {
-  if (w.kind != Kind::I4 || HAVE_AVX512) return {};  // the AVX-512 path needs none
+  if (w.kind != Kind::I4 || CPU_ISA != Isa::Generic) return {};  // the intrinsics need none
   const int64_t ng = w.K / w.group;
   std::vector<float> s(n * ng, 0.0f);
   for (int64_t r = 0; r < n; ++r)
@@ -697,11 +906,14 @@ void kn_part(const Weights& w, int64_t e, const float* const* x, int64_t n, int6
              int64_t k1, float* part) {
   std::vector<const float*> xs(n);
   for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + k0;
-  if (HAVE_AVX512) {
+  if (CPU_ISA != Isa::Generic) {
     const int64_t es = w.kind == Kind::F32 ? 4 : 2;
     const char* p = static_cast<const char*>(w.data) + (e * w.s_e + k0 * w.s_k) * es;
-    if (w.kind == Kind::F32) kn_tile_avx512<Kind::F32>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
-    else kn_tile_avx512<Kind::BF16>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    const bool f32 = w.kind == Kind::F32;
+    if (CPU_ISA == Isa::Avx512 && f32) kn_tile_vec<Kind::F32, Isa::Avx512>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    else if (CPU_ISA == Isa::Avx512) kn_tile_vec<Kind::BF16, Isa::Avx512>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    else if (f32) kn_tile_vec<Kind::F32, Isa::Avx2>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+    else kn_tile_vec<Kind::BF16, Isa::Avx2>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
   } else if (w.kind == Kind::F32) {
     const float* p = static_cast<const float*>(w.data) + e * w.s_e + k0 * w.s_k;
     kn_tile_f32(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
@@ -988,12 +1200,10 @@ torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_sca
   return out;
 }
 
-// Which clone the loader picked: the widest instruction set this CPU has.
+// The kernels' path on this CPU: "avx512" or "avx2" (intrinsics), else "generic"
+// (loops vectorized by the compiler, target_clones picking the clone at load time).
 std::string isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512f";
-  if (__builtin_cpu_supports("avx2")) return "avx2";
-  return "default";
+  return CPU_ISA == Isa::Avx512 ? "avx512" : CPU_ISA == Isa::Avx2 ? "avx2" : "generic";
 }
 
 
@@ -1076,5 +1286,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("down_combine_list", &down_combine_list,
         "down_combine with w_out as a list of per-expert tensors (optionally accumulating)",
         py::call_guard<py::gil_scoped_release>());
-  m.def("isa", &isa, "instruction set of the kernels' clone chosen on this CPU");
+  m.def("isa", &isa, "the kernels' path on this CPU: avx512, avx2 or generic");
 }

@@ -138,11 +138,22 @@ def get() -> ModuleType | None:
 DECODE_NAME = "moekit_cpu_decode"
 DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
 _decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
+ISA_ENV = "MOEKIT_CPU_ISA"  # caps the decode kernels' path, read once when they load
+ISAS = ("avx512", "avx2", "generic")
 
 
 def get_decode() -> ModuleType | None:
-    """The decode kernels (``csrc/cpu_decode.cpp``), or None (disabled or build failed)."""
+    """The decode kernels (``csrc/cpu_decode.cpp``), or None (disabled or build failed).
+
+    They run AVX-512 or AVX2 intrinsics where the CPU has them, else compiler-vectorized
+    loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
+    on a wider CPU), and ``kernels.isa()`` says which path runs.
+    """
     if not _decode:
+        cap = os.environ.get(ISA_ENV, "")
+        if cap and cap not in ISAS:
+            raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(ISAS)} "
+                             "(or unset: the widest this CPU has)")
         disabled = os.environ.get(ENV, "1") == "0"
         _decode.append(None if disabled else _build(
             DECODE_NAME, DECODE_SOURCE, "decode kernels",
