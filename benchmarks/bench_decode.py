@@ -211,7 +211,7 @@ class AtenLinear(Runner):
     def __call__(self) -> float:
         from moekit.functions import decode
 
-        keep, decode.FLOAT_KERNEL_MAX_ROWS = decode.FLOAT_KERNEL_MAX_ROWS, 0
+        keep, decode.FLOAT_KERNEL_MAX_ROWS = decode.FLOAT_KERNEL_MAX_ROWS, {}
         try:
             return super().__call__()
         finally:
@@ -547,7 +547,7 @@ def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
                                                             "attention (sdpa)"),
             (tr.Attention, "forward", "attention block (all)"),
             (torch.nn.Linear, "forward", "nn.Linear (aten)"),
-            (fd, "linear", "dense linears (kernel)"),  # also counted in kernel gate_up
+            (fd, "dense_rows", "dense linears (kernel)"),  # also counted in kernel gate_up
             (rr.Router, "select", "router + top-k"), (ly, "sort_by_expert", "sort by expert"),
             (fd, "decode_rows", "experts (decode_rows)"), (ly.MoE, "infer", "MoE layer (all)")]:
         wrap(owner, name, label)

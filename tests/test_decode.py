@@ -205,7 +205,7 @@ def test_dense_rows_match_per_row_dot_products(rows, dtype, atol, rtol):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_takes_the_kernel_only_for_few_rows_without_autograd(monkeypatch, dtype):
-    """models.transformer.Linear: the kernel up to FLOAT_KERNEL_MAX_ROWS rows without
+    """models.transformer.Linear: the kernel up to float_kernel_max_rows rows without
     autograd; more rows, or autograd on, run F.linear (and keep the graph)."""
     from moekit.models.transformer import Linear
 
@@ -213,7 +213,7 @@ def test_linear_takes_the_kernel_only_for_few_rows_without_autograd(monkeypatch,
     real = decode_fn.dense_rows
     monkeypatch.setattr(decode_fn, "dense_rows", lambda *a: calls.append(1) or real(*a))
     lin = Linear(37, 70, bias=False).to(dtype)
-    n = decode_fn.FLOAT_KERNEL_MAX_ROWS[dtype]
+    n = decode_fn.float_kernel_max_rows(dtype)
     few, many = torch.randn(1, n, 37).to(dtype), torch.randn(n + 1, 37).to(dtype)
     with torch.no_grad():
         want = torch.nn.functional.linear(few.double(), lin.weight.double())

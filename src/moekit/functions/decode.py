@@ -21,6 +21,7 @@ else F, E experts, S routed rows sorted by expert.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -155,8 +156,27 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
 #   fp32 0.65 at 1 row, 0.72 at 4, 1.39 at 16;  bf16 0.46 at 1 row, 0.68 at 4, 2.7 at 16.
 # With the fp32 NK kernel that blocks 4 rows x 4 columns in registers (a decode step's
 # dense weights, 65 MB, load ~8.5): fp32 0.94-0.98 at 1 row, 0.73 at 4, 0.80-0.83 at 16,
-# 0.90 at 32, 0.92 at 64; bf16 keeps one row at a time there.
-FLOAT_KERNEL_MAX_ROWS = {torch.float32: 32, torch.bfloat16: 8}
+# 0.90 at 32, 0.92 at 64; bf16 keeps one row at a time there. Those were AVX-512 BF16
+# machines. On AVX2 (Zen 3; [1024 -> 1024], 48 matrices in turn, 1 thread CPU time,
+# load ~2.5): fp32 0.96 at 1 row, 0.74 at 4, 1.09 at 16, 1.19 at 32; bf16 0.24-0.26
+# from 8 to 64 rows (torch's bf16 GEMM has no native bf16 there to use).
+def float_kernel_max_rows(dtype: torch.dtype) -> int:
+    """Rows up to which a ``dtype`` projection runs on the decode kernel on this CPU."""
+    if FLOAT_KERNEL_MAX_ROWS is not None:
+        return FLOAT_KERNEL_MAX_ROWS.get(dtype, 0)
+    return _cpu_max_rows(dtype)
+
+
+@functools.cache
+def _cpu_max_rows(dtype: torch.dtype) -> int:
+    if dtype == torch.float32:
+        return 32 if cpu_ext.get_decode().isa() == "avx512" else 8
+    if dtype == torch.bfloat16:
+        return 8 if cpu_ext.native_bf16() else 64
+    return 0
+
+
+FLOAT_KERNEL_MAX_ROWS: dict[torch.dtype, int] | None = None  # None: by the CPU, as above
 # Quantized projections: the kernel up to this many rows, then dequantize + torch's GEMM.
 # Same setting, kernel / (dequantize + F.linear): int8 0.16 at 1 row, 0.22 at 4, 0.81 at
 # 16, 1.11 at 64; int4 0.18, 0.20, 0.61, 1.07.
@@ -169,7 +189,7 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
         return False
     if isinstance(w, QuantizedTensor):
         return rows <= QUANT_LINEAR_MAX_ROWS
-    return (rows <= FLOAT_KERNEL_MAX_ROWS.get(w.dtype, 0) and not torch.is_grad_enabled()
+    return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and x.dtype in (torch.float32, torch.bfloat16))
 
