@@ -597,7 +597,7 @@ inline void kn_rows_isa(const void* w, int64_t ldk, int64_t kb, const float* con
 template <Kind KIND, Isa ISA>
 void nk_tile_vec(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
                  const float* scales, const float* zeros, const float* const* x,
-                           int64_t n, int64_t W, float* acc) {
+                 int64_t n, int64_t W, float* acc) {
   const int64_t K32 = K / 32 * 32;
   const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
   const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
@@ -900,20 +900,26 @@ void check_bias(const c10::optional<torch::Tensor>& b, const char* name, int64_t
 
 namespace {
 
+// kn_part on the intrinsics path (xs already offset to k0).
+template <Isa ISA>
+void kn_part_isa(const Weights& w, int64_t e, const float* const* xs, int64_t n, int64_t k0,
+                 int64_t k1, float* part) {
+  const int64_t es = w.kind == Kind::F32 ? 4 : 2;
+  const char* p = static_cast<const char*>(w.data) + (e * w.s_e + k0 * w.s_k) * es;
+  if (w.kind == Kind::F32) kn_tile_vec<Kind::F32, ISA>(p, w.s_k, k1 - k0, xs, n, w.N, part);
+  else kn_tile_vec<Kind::BF16, ISA>(p, w.s_k, k1 - k0, xs, n, w.N, part);
+}
+
 // KN layout, phase 1: rows [k0, k1) of expert e's weights (contiguous memory, all N
 // columns) times the matching inputs of the expert's n rows, into part [n, N].
 void kn_part(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t k0,
              int64_t k1, float* part) {
   std::vector<const float*> xs(n);
   for (int64_t r = 0; r < n; ++r) xs[r] = x[r] + k0;
-  if (CPU_ISA != Isa::Generic) {
-    const int64_t es = w.kind == Kind::F32 ? 4 : 2;
-    const char* p = static_cast<const char*>(w.data) + (e * w.s_e + k0 * w.s_k) * es;
-    const bool f32 = w.kind == Kind::F32;
-    if (CPU_ISA == Isa::Avx512 && f32) kn_tile_vec<Kind::F32, Isa::Avx512>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
-    else if (CPU_ISA == Isa::Avx512) kn_tile_vec<Kind::BF16, Isa::Avx512>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
-    else if (f32) kn_tile_vec<Kind::F32, Isa::Avx2>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
-    else kn_tile_vec<Kind::BF16, Isa::Avx2>(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
+  if (CPU_ISA == Isa::Avx512) {
+    kn_part_isa<Isa::Avx512>(w, e, xs.data(), n, k0, k1, part);
+  } else if (CPU_ISA == Isa::Avx2) {
+    kn_part_isa<Isa::Avx2>(w, e, xs.data(), n, k0, k1, part);
   } else if (w.kind == Kind::F32) {
     const float* p = static_cast<const float*>(w.data) + e * w.s_e + k0 * w.s_k;
     kn_tile_f32(p, w.s_k, k1 - k0, xs.data(), n, w.N, part);
