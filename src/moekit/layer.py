@@ -14,6 +14,7 @@ from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts, SharedExperts
+from moekit.functions import decode
 from moekit.routing.router import Router, RouterOutput
 from moekit.routing.stats import RoutingStats, routing_stats
 
@@ -155,14 +156,32 @@ class MoE(nn.Module):
         losses, and no routing statistics. Same output as ``forward`` in eval mode."""
         cfg = self.config
         x_TD = x.reshape(-1, cfg.dim)
-        ids_T = None if token_ids is None else token_ids.reshape(-1)
-        plan = self.router.select(x_TD, ids_T)
-        capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
-        y_TD = self.experts(x_TD, sort_by_expert(plan, cfg.num_experts, capacity,
-                                                 cfg.drop_policy))
+        dispatch = self._route_kernel(x_TD)
+        if dispatch is None:
+            ids_T = None if token_ids is None else token_ids.reshape(-1)
+            plan = self.router.select(x_TD, ids_T)
+            capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
+            dispatch = sort_by_expert(plan, cfg.num_experts, capacity, cfg.drop_policy)
+        y_TD = self.experts(x_TD, dispatch)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(x.shape)
+
+    def _route_kernel(self, x_TD: Tensor) -> Dispatch | None:
+        """A decode step's routing and sort in one C++ call (``decode.route_sort``), for
+        few tokens on the CPU without autograd and dropless; None where it does not apply."""
+        if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
+                or torch.is_grad_enabled() or self.config.capacity_factor is not None):
+            return None
+        spec = self.router.kernel_spec()
+        if spec is None or not decode.available():
+            return None
+        mode, renormalize, bias_E = spec
+        token_S, weight_S, counts_E, offsets_E = decode.route_sort(
+            self.router._logits(x_TD), self.config.top_k, mode, renormalize,
+            self.config.routed_scaling_factor, bias_E)
+        return Dispatch(token_S=token_S, weight_S=weight_S, counts_E=counts_E,
+                        offsets_E=offsets_E, assigned_E=counts_E)
 
     @torch.no_grad()
     def update_bias(self, rate: float | None = None, group=None) -> None:

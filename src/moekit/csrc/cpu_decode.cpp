@@ -1281,6 +1281,212 @@ void down_combine_list(const torch::Tensor& a_SF, const torch::Tensor& token_S,
                     plan_experts);
 }
 
+// ---- the rest of a decode step: routing and attention for one new token per row ----
+//
+// A decode step's small ops (router top-k, sort by expert, rotary, KV cache write,
+// attention over the cache) each ran as several aten ops, ~260 per step at batch 1
+// for four layers; each pays dispatch and, right after a weight stream has evicted
+// the caches, cold code and data. These two entries do a layer's share in one call
+// each. Both are row-independent: a row computes the same bits alone or in a batch.
+
+namespace {
+
+// Router modes: softmax (probs over all experts; renormalised weights are the softmax
+// of the chosen logits) or sigmoid (DeepSeek-V3: weights sigmoid(l), renormalised as
+// the softmax of logsigmoid(l); selection on sigmoid(l) + bias in fp64 with a bias).
+enum RouteMode : int64_t { ROUTE_SOFTMAX = 0, ROUTE_SIGMOID = 1 };
+
+inline double logsigmoid(double v) { return std::min(v, 0.0) - std::log1p(std::exp(-std::abs(v))); }
+
+}  // namespace
+
+// Top-k routing and the sort by expert in one pass: logits [T, E] fp32 ->
+// (token_S int64 [T*K], weight_S fp32 [T*K], counts_E int64 [E], offsets_E int32 [E]),
+// rows sorted by expert and by token within an expert (a stable sort of the
+// token-major pairs), dropless. Selection is on the logits (softmax and sigmoid are
+// monotone), or on sigmoid(logit) + bias in fp64; ties go to the lower expert index.
+std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k, int64_t mode,
+                                      bool renormalize, double scale,
+                                      const c10::optional<torch::Tensor>& bias_E) {
+  check_f32(logits_TE, "logits_TE", 2);
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "k=", k, " is not allowed: it must be in [1, ", E, "]");
+  TORCH_CHECK(mode == ROUTE_SOFTMAX || mode == ROUTE_SIGMOID, "mode=", mode,
+              " is not allowed: 0 (softmax) or 1 (sigmoid)");
+  const float* bias = nullptr;
+  torch::Tensor b;
+  if (bias_E) {
+    TORCH_CHECK(mode == ROUTE_SIGMOID, "bias_E is only taken with mode 1 (sigmoid)");
+    b = bias_E->detach().to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == E, "bias_E must hold ", E, " values, got ", b.numel());
+    bias = b.data_ptr<float>();
+  }
+  const float* l = logits_TE.data_ptr<float>();
+  std::vector<int64_t> chosen(T * k);
+  std::vector<float> wk(T * k);
+  std::vector<double> key(E), top(k);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* lt = l + t * E;
+    for (int64_t e = 0; e < E; ++e)
+      key[e] = bias ? 1.0 / (1.0 + std::exp(-static_cast<double>(lt[e]))) + bias[e] : lt[e];
+    // insertion into the k best so far, descending; a tie keeps the earlier expert first
+    int64_t n = 0, * c = chosen.data() + t * k;
+    for (int64_t e = 0; e < E; ++e) {
+      if (n == k && !(key[e] > top[k - 1])) continue;
+      int64_t i = n < k ? n++ : k - 1;
+      while (i > 0 && key[e] > top[i - 1]) top[i] = top[i - 1], c[i] = c[i - 1], --i;
+      top[i] = key[e], c[i] = e;
+    }
+    float* w = wk.data() + t * k;
+    if (mode == ROUTE_SOFTMAX && renormalize) {  // softmax over the chosen logits
+      float m = lt[c[0]], sum = 0.0f;
+      for (int64_t j = 1; j < k; ++j) m = std::max(m, lt[c[j]]);
+      for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(lt[c[j]] - m));
+      for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+    } else if (mode == ROUTE_SOFTMAX) {  // the chosen experts' probabilities over all E
+      float m = lt[0], sum = 0.0f;
+      for (int64_t e = 1; e < E; ++e) m = std::max(m, lt[e]);
+      for (int64_t e = 0; e < E; ++e) sum += std::exp(lt[e] - m);
+      for (int64_t j = 0; j < k; ++j) w[j] = std::exp(lt[c[j]] - m) / sum;
+    } else if (renormalize) {  // s_k / sum_j s_j as the softmax of log s: no 0/0
+      double ls[64];
+      TORCH_CHECK(k <= 64, "k=", k, " is not allowed with mode 1 here: at most 64");
+      double m = -INFINITY, sum = 0.0;
+      for (int64_t j = 0; j < k; ++j) m = std::max(m, ls[j] = logsigmoid(lt[c[j]]));
+      for (int64_t j = 0; j < k; ++j) sum += (ls[j] = std::exp(ls[j] - m));
+      for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(ls[j] / sum);
+    } else {
+      for (int64_t j = 0; j < k; ++j) w[j] = 1.0f / (1.0f + std::exp(-lt[c[j]]));
+    }
+    if (scale != 1.0)
+      for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scale);
+  }
+  auto counts = torch::zeros({E}, torch::dtype(at::kLong));
+  auto offsets = torch::empty({E}, torch::dtype(at::kInt));
+  auto token = torch::empty({T * k}, torch::dtype(at::kLong));
+  auto weight = torch::empty({T * k}, torch::dtype(at::kFloat));
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t s = 0; s < T * k; ++s) ++cnt[chosen[s]];
+  std::vector<int64_t> next(E);
+  for (int64_t e = 0, end = 0; e < E; ++e) next[e] = end, end += cnt[e], off[e] = static_cast<int32_t>(end);
+  int64_t* tok = token.data_ptr<int64_t>();
+  float* wt = weight.data_ptr<float>();
+  for (int64_t s = 0; s < T * k; ++s) {  // token-major pairs, so a stable sort
+    const int64_t r = next[chosen[s]]++;
+    tok[r] = s / k, wt[r] = wk[s];
+  }
+  return {token, weight, counts, offsets};
+}
+
+// One new token per row: rotary on q and k, k and v written to the cache at slot P,
+// attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
+// fp32. qkv_RC [R, 3 H Dh] as the qkv projection gives it ([q | k | v], each H
+// heads of Dh, rotary in the half-split layout); cos_XDh / sin_XDh [1 or R, Dh] from
+// ``rotary_table`` (R rows: per-row positions); k_BHMD / v_BHMD the layer's cache.
+// Returns y_RC [R, H Dh], the heads side by side (what the out projection reads).
+torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_XDh,
+                         const torch::Tensor& sin_XDh, torch::Tensor& k_BHMD,
+                         torch::Tensor& v_BHMD, int64_t P,
+                         const c10::optional<torch::Tensor>& valid_BM) {
+  check_f32(qkv_RC, "qkv_RC", 2);
+  check_f32(cos_XDh, "cos_XDh", 2);
+  check_f32(sin_XDh, "sin_XDh", 2);
+  check_f32(k_BHMD, "k_BHMD", 4);
+  check_f32(v_BHMD, "v_BHMD", 4);
+  const int64_t R = qkv_RC.size(0), B = k_BHMD.size(0), H = k_BHMD.size(1),
+                M = k_BHMD.size(2), Dh = k_BHMD.size(3), half = Dh / 2;
+  TORCH_CHECK(v_BHMD.sizes() == k_BHMD.sizes(), "v_BHMD must match k_BHMD ", k_BHMD.sizes());
+  TORCH_CHECK(qkv_RC.size(1) == 3 * H * Dh && R <= B && Dh % 2 == 0,
+              "qkv_RC ", qkv_RC.sizes(), " does not fit a cache of ", k_BHMD.sizes());
+  TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the cache holds ", M, " slots");
+  const int64_t X = cos_XDh.size(0);
+  TORCH_CHECK((X == 1 || X == R) && cos_XDh.size(1) == Dh && sin_XDh.sizes() == cos_XDh.sizes(),
+              "cos_XDh / sin_XDh must be [1 or ", R, ", ", Dh, "], got ", cos_XDh.sizes());
+  const bool* valid = nullptr;
+  torch::Tensor vb;
+  if (valid_BM) {
+    vb = valid_BM->contiguous();
+    TORCH_CHECK(vb.scalar_type() == at::kBool && vb.dim() == 2 && vb.size(0) >= R &&
+                vb.size(1) == M, "valid_BM must be bool [>= ", R, ", ", M, "], got ",
+                vb.scalar_type(), " ", vb.sizes());
+    valid = vb.data_ptr<bool>();
+  }
+  auto y = torch::empty({R, H * Dh}, qkv_RC.options());
+  const float* qkv = qkv_RC.data_ptr<float>();
+  const float* cs = cos_XDh.data_ptr<float>();
+  const float* sn = sin_XDh.data_ptr<float>();
+  float* kc = k_BHMD.data_ptr<float>();
+  float* vc = v_BHMD.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  at::parallel_for(0, R * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> q(Dh), p(P + 1);
+    for (int64_t rh = lo; rh < hi; ++rh) {
+      const int64_t r = rh / H, h = rh % H;
+      const float* c = cs + (X == 1 ? 0 : r) * Dh;
+      const float* s = sn + (X == 1 ? 0 : r) * Dh;
+      const float* src = qkv + r * 3 * H * Dh + h * Dh;
+      float* kr = kc + ((r * H + h) * M) * Dh;
+      float* vr = vc + ((r * H + h) * M) * Dh;
+      // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
+      for (int64_t i = 0; i < Dh; ++i) {
+        const int64_t j = i < half ? i + half : i - half;
+        q[i] = src[i] * c[i] + src[j] * s[i];
+        kr[P * Dh + i] = src[H * Dh + i] * c[i] + src[H * Dh + j] * s[i];
+        vr[P * Dh + i] = src[2 * H * Dh + i];
+      }
+      const bool* ok = valid ? valid + r * M : nullptr;
+      float m = -INFINITY;
+      for (int64_t t = 0; t <= P; ++t) {
+        if (ok && !ok[t]) continue;
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t i = 0; i < Dh; ++i) d += q[i] * kr[t * Dh + i];
+        m = std::max(m, p[t] = d * scale);
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t <= P; ++t)
+        if (!ok || ok[t]) sum += (p[t] = std::exp(p[t] - m));
+      float* o = out + r * H * Dh + h * Dh;
+      std::fill(o, o + Dh, 0.0f);
+      for (int64_t t = 0; t <= P; ++t) {
+        if (ok && !ok[t]) continue;
+        const float a = p[t] / sum;
+        for (int64_t i = 0; i < Dh; ++i) o[i] += a * vr[t * Dh + i];
+      }
+    }
+  });
+  return y;
+}
+
+// The residual add and the next RMSNorm in one pass: (x + y, rms_norm(x + y) * w), each
+// [R, D] fp32, new tensors; the norm as torch's: s * rsqrt(mean(s^2) + eps) * w.
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x_RD, const torch::Tensor& y_RD,
+                                        const torch::Tensor& w_D, double eps) {
+  check_f32(x_RD, "x_RD", 2);
+  check_f32(y_RD, "y_RD", 2);
+  check_f32(w_D, "w_D", 1);
+  const int64_t R = x_RD.size(0), D = x_RD.size(1);
+  TORCH_CHECK(y_RD.sizes() == x_RD.sizes() && w_D.size(0) == D, "y_RD ", y_RD.sizes(),
+              " and w_D ", w_D.sizes(), " must match x_RD ", x_RD.sizes());
+  auto sum = torch::empty_like(x_RD), norm = torch::empty_like(x_RD);
+  const float *x = x_RD.data_ptr<float>(), *y = y_RD.data_ptr<float>(), *w = w_D.data_ptr<float>();
+  float *s = sum.data_ptr<float>(), *h = norm.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    float* sr = s + r * D;
+    float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t i = 0; i < D; ++i) {
+      sr[i] = x[r * D + i] + y[r * D + i];
+      sq += sr[i] * sr[i];
+    }
+    const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t i = 0; i < D; ++i) h[r * D + i] = sr[i] * rstd * w[i];
+  }
+  return {sum, norm};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
   m.def("down_combine", &down_combine,
@@ -1292,5 +1498,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("down_combine_list", &down_combine_list,
         "down_combine with w_out as a list of per-expert tensors (optionally accumulating)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("route_sort", &route_sort,
+        "top-k routing and the sort by expert: (token_S, weight_S, counts_E, offsets_E)");
+  m.def("attend_one", &attend_one,
+        "rotary, KV cache write and attention for one new token per row");
+  m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");
   m.def("isa", &isa, "the kernels' path on this CPU: avx512, avx2 or generic");
 }

@@ -225,3 +225,58 @@ def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
     else:
         y = x_TK @ (w.dequantize(0, 1, x.dtype)[0] if quantized else w)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+# -- the rest of a decode step: routing, and attention for one new token ------------------
+
+# Rows up to which a decode step's residual add and RMSNorm run as one call (and the
+# routing below as one call): a decode step's batch; prefill keeps the torch ops.
+ADD_NORM_MAX_ROWS = 256
+
+
+def add_norm_ok(x: Tensor, w: Tensor) -> bool:
+    """Whether ``add_rms_norm`` runs for x: fp32 on the CPU, few rows, no autograd."""
+    return (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() <= ADD_NORM_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and available())
+
+
+def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + y, rms_norm(x + y) * w) in one call, shaped like x."""
+    D = x.shape[-1]
+    s, h = cpu_ext.get_decode().add_rms_norm(_plain_f32(x.reshape(-1, D)),
+                                             _plain_f32(y.reshape(-1, y.shape[-1])), w, eps)
+    return s.view(x.shape), h.view(x.shape)
+
+
+# Tokens up to which MoE.infer routes and sorts in one C++ call (a decode step's
+# batch); prefill keeps the torch ops (the same decision, vectorized over T).
+ROUTE_KERNEL_MAX_TOKENS = 256
+
+
+def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scale: float,
+               bias_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k routing and the sort by expert in one call: (token_S, weight_S, counts_E,
+    offsets_E), the rows ``sort_by_expert`` gives for the router's plan (dropless).
+    ``mode`` 0: softmax router, 1: sigmoid (``Router.kernel_spec``)."""
+    return cpu_ext.get_decode().route_sort(_plain_f32(logits_TE), top_k, mode, renormalize,
+                                           scale, bias_E)
+
+
+def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
+    """Whether ``attend_one`` runs this step: fp32 on the CPU, no autograd, built."""
+    return (qkv.dtype == k_cache.dtype == torch.float32 and qkv.device.type == "cpu"
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and available())
+
+
+def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BHMD: Tensor, v_BHMD: Tensor,
+               P: int, valid_BM: Tensor | None) -> Tensor:
+    """One new token per row in one call: rotary on q and k, k and v written to the
+    cache at slot P, attention over the row's slots [0, P] (``valid_BM``: the real
+    ones). ``qkv_RC`` [R, 3 H Dh] is [q | k | v]; cos / sin broadcast to [R, Dh]
+    (``rotary_table`` rows: one for all, or per row). Returns [R, H Dh]."""
+    Dh = k_BHMD.shape[-1]
+    return cpu_ext.get_decode().attend_one(_plain_f32(qkv_RC), _plain_f32(cos.reshape(-1, Dh)),
+                                           _plain_f32(sin.reshape(-1, Dh)), k_BHMD, v_BHMD, P,
+                                           valid_BM)

@@ -210,6 +210,13 @@ class Attention(nn.Module):
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | StaticKVCache | None, past: int) -> Tensor:
         B, L, D = x_BLD.shape
+        if (L == 1 and isinstance(cache, StaticKVCache)
+                and decode.attend_one_ok(x_BLD, cache.k[self.layer])):
+            # a decode step: rotary, cache write and attention in one call
+            y = decode.attend_one(self.qkv(x_BLD).view(B, 3 * D), cos, sin,
+                                  cache.k[self.layer], cache.v[self.layer], cache.length,
+                                  cache.valid_BM if cache.padded else None)
+            return self.out(y.view(B, 1, D))
         qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
         # q and k rotated in one call: half the small ops of a decode step's rotary
@@ -265,12 +272,21 @@ class Block(nn.Module):
         y, aux, stats = self.ffn(h, token_ids=token_ids)
         return x + y, aux, stats
 
-    def infer(self, x: Tensor, cos: Tensor, sin: Tensor, cache: StaticKVCache,
-              token_ids: Tensor) -> Tensor:
-        """The block's output alone (generation: no losses, no routing statistics)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, cache.length)
-        h = self.ffn_norm(x)
-        return x + (self.ffn.infer(h, token_ids) if self.is_moe else self.ffn(h))
+    def infer(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, cache: StaticKVCache,
+              token_ids: Tensor, next_norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        """Generation (no losses, no routing statistics): from the residual stream x and
+        h = attn_norm(x), the block's output and ``next_norm`` of it."""
+        x, h = add_norm(x, self.attn(h, cos, sin, cache, cache.length), self.ffn_norm)
+        return add_norm(x, self.ffn.infer(h, token_ids) if self.is_moe else self.ffn(h),
+                        next_norm)
+
+
+def add_norm(x: Tensor, y: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
+    """(x + y, norm(x + y)): one C++ call for a decode step's few rows."""
+    if decode.add_norm_ok(x, norm.weight):
+        return decode.add_rms_norm(x, y, norm.weight, norm.eps)
+    x = x + y
+    return x, norm(x)
 
 
 class LMOutput(NamedTuple):
@@ -361,10 +377,13 @@ class MoETransformer(nn.Module):
         _check_rows(cache, ids_BL.shape[0])
         cos, sin = cache.begin(ids_BL.shape[1], self.rope_cos, self.rope_sin)
         x = self.embed(ids_BL)
-        for block in self.blocks:
-            x = block.infer(x, cos, sin, cache, ids_BL)
+        h = self.blocks[0].attn_norm(x)
+        for i, block in enumerate(self.blocks):
+            last = i + 1 == len(self.blocks)
+            x, h = block.infer(x, h, cos, sin, cache, ids_BL,
+                               self.norm if last else self.blocks[i + 1].attn_norm)
         cache.advance(ids_BL.shape[1])
-        return self.head(self.norm(x[:, -1]))
+        return self.head(h[:, -1])
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

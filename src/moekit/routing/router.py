@@ -118,6 +118,24 @@ class Router(nn.Module):
         experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
         return _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
 
+    def kernel_spec(self) -> tuple[int, bool, Tensor | None] | None:
+        """What the decode step's one-call routing (``decode.route_sort``) takes for this
+        router in eval mode, (mode, renormalize, selection bias): mode 0 softmax, 1
+        sigmoid; None where it has no such kernel (training, hash, expert choice,
+        group-limited, a softmax router with a selection bias)."""
+        cfg = self.cfg
+        if self.training or cfg.num_groups > 1:
+            return None
+        if cfg.router == "sigmoid":
+            return 1, cfg.renormalize, self.expert_bias
+        if self.expert_bias is not None:
+            return None
+        if cfg.router in ("softmax_topk", "noisy_topk"):  # softmax over the top-k logits
+            return 0, True, None
+        if cfg.router in ("softmax", "switch"):
+            return 0, cfg.renormalize and cfg.router != "switch", None
+        return None
+
     def _logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
         if self.cfg.router == "switch" and self.training and self.cfg.jitter_eps > 0:

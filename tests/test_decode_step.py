@@ -1,0 +1,229 @@
+"""A decode step's one-call routing, attention and residual norm (``route_sort``,
+``attend_one``, ``add_rms_norm`` in moekit/csrc/cpu_decode.cpp) against per-token
+float64 references written here.
+
+Tolerances: weights and attention outputs are fp32 sums of a few terms of size ~1
+against float64: 1e-6 relative on routing weights, 1e-5 absolute on attention
+outputs. Expert choice and row order are compared exactly (random logits: no ties).
+
+Shape letters: T tokens, E experts, K experts per token, R rows, H heads, Dh head
+dim, M cache slots, P slots filled before this step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import moekit
+from moekit.functions import decode
+from moekit.inference.engine import Engine, GenerationConfig
+from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer, StaticKVCache, rotary_table
+
+pytestmark = pytest.mark.skipif(not decode.available(), reason="decode kernels not built")
+
+
+# -- routing ---------------------------------------------------------------------------
+
+def _route_reference(logits_TE, K, mode, renormalize, scale, bias_E):
+    """Per token in float64: the chosen experts and weights, then rows by (expert, token)."""
+    T, E = logits_TE.shape
+    pairs = []  # (expert, token, weight)
+    for t in range(T):
+        l = logits_TE[t].double()
+        if mode == 0:
+            key = l
+        else:
+            key = l.sigmoid() + (0 if bias_E is None else bias_E.double())
+        chosen = sorted(range(E), key=lambda e: -key[e].item())[:K]
+        if mode == 0:
+            probs = l.softmax(-1)
+            w = probs[chosen] / probs[chosen].sum() if renormalize else probs[chosen]
+        else:
+            s = l.sigmoid()[chosen]
+            w = s / s.sum() if renormalize else s
+        pairs += [(e, t, scale * w[j].item()) for j, e in enumerate(chosen)]
+    pairs.sort(key=lambda p: (p[0], p[1]))
+    counts = torch.bincount(torch.tensor([p[0] for p in pairs]), minlength=E)
+    return (torch.tensor([p[1] for p in pairs]),
+            torch.tensor([p[2] for p in pairs], dtype=torch.float64),
+            counts, counts.cumsum(0))
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 64, 8), (5, 8, 2), (3, 6, 6), (33, 16, 1)])
+@pytest.mark.parametrize("mode,renormalize,scale,bias", [
+    (0, True, 1.0, False),   # Mixtral / OLMoE
+    (0, False, 1.0, False),  # Qwen2-MoE, Switch
+    (0, True, 2.5, False),   # routed scaling
+    (1, True, 1.0, True),    # DeepSeek-V3: sigmoid, selection bias
+    (1, False, 1.0, False),  # sigmoid, raw scores
+])
+def test_route_sort_matches_reference(T, E, K, mode, renormalize, scale, bias):
+    g = torch.Generator().manual_seed(T * 100 + E)
+    logits = torch.randn(T, E, generator=g) * 3
+    bias_E = torch.randn(E, generator=g) * 0.1 if bias else None
+    token_S, weight_S, counts_E, offsets_E = decode.route_sort(
+        logits, K, mode, renormalize, scale, bias_E)
+    ref_token, ref_weight, ref_counts, ref_offsets = _route_reference(
+        logits, K, mode, renormalize, scale, bias_E)
+    assert token_S.dtype == torch.long and offsets_E.dtype == torch.int32
+    assert torch.equal(token_S, ref_token)
+    assert torch.equal(counts_E, ref_counts)
+    assert torch.equal(offsets_E.long(), ref_offsets)
+    torch.testing.assert_close(weight_S.double(), ref_weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("router,kwargs", [
+    ("softmax", {}), ("softmax", {"renormalize": False}), ("switch", {}),
+    ("softmax_topk", {}), ("sigmoid", {"routed_scaling_factor": 2.0}),
+])
+def test_layer_infer_with_route_kernel_matches_training_path(router, kwargs):
+    top_k = 1 if router == "switch" else 3
+    cfg = moekit.MoEConfig(dim=32, ffn_dim=24, num_experts=8, top_k=top_k, router=router,
+                           **kwargs)
+    torch.manual_seed(0)
+    layer = moekit.MoE(cfg).eval()
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.normal_(0, 0.2)
+    x = torch.randn(2, 3, 32)
+    assert layer.router.kernel_spec() is not None
+    with torch.no_grad():
+        expected = layer(x).output
+    with torch.inference_mode():
+        got = layer.infer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_route_kernel_not_taken_where_it_does_not_apply():
+    grouped = moekit.MoEConfig(dim=32, ffn_dim=16, num_experts=8, top_k=2, num_groups=4,
+                               topk_groups=2)
+    biased = moekit.MoEConfig(dim=32, ffn_dim=16, num_experts=8, top_k=2,
+                              bias_update_rate=1e-3)
+    for cfg in (grouped, biased):
+        assert moekit.MoE(cfg).eval().router.kernel_spec() is None
+    assert moekit.MoE(moekit.MoEConfig(dim=32, ffn_dim=16, num_experts=8, top_k=2)
+                      ).train().router.kernel_spec() is None
+
+
+def test_route_sort_rejects_bad_k():
+    with pytest.raises(RuntimeError, match="k=9 is not allowed"):
+        decode.route_sort(torch.randn(2, 8), 9, 0, True, 1.0, None)
+
+
+# -- attention for one new token -------------------------------------------------------
+
+def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
+    """Per row and head in float64: rotate q and k at the row's position, attend over the
+    valid slots [0, P] (slot P: the new k, v). Returns (y [R, H Dh], new k [R, H, Dh])."""
+    R, H, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
+    half = Dh // 2
+    inv = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
+    y = torch.zeros(R, H, Dh, dtype=torch.float64)
+    k_new = torch.zeros(R, H, Dh, dtype=torch.float64)
+    q3 = qkv_RC.double().view(R, 3, H, Dh)
+    for r in range(R):
+        ang = pos_R[r] * inv
+        c, s = ang.cos(), ang.sin()
+
+        def rot(x, c=c, s=s):
+            x1, x2 = x[:half], x[half:]
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s])
+
+        for h in range(H):
+            q, k, v = rot(q3[r, 0, h]), rot(q3[r, 1, h]), q3[r, 2, h]
+            k_new[r, h] = k
+            keys = torch.cat([k_cache[r, h, :P].double(), k[None]])
+            vals = torch.cat([v_cache[r, h, :P].double(), v[None]])
+            score = keys @ q / math.sqrt(Dh)
+            score[~valid_RM[r, :P + 1]] = -math.inf
+            y[r, h] = score.softmax(0) @ vals
+    return y.view(R, H * Dh), k_new
+
+
+@pytest.mark.parametrize("R,H,Dh,P,padded", [(1, 4, 16, 0, False), (3, 2, 32, 7, False),
+                                             (4, 3, 8, 12, True), (2, 16, 64, 40, True)])
+def test_attend_one_matches_reference(R, H, Dh, P, padded):
+    g = torch.Generator().manual_seed(R + P)
+    M, theta = 64, 10000.0
+    k_cache = torch.randn(R + 1, H, M, Dh, generator=g)
+    v_cache = torch.randn(R + 1, H, M, Dh, generator=g)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(R, 3 * H * Dh, generator=g)
+    cos_M, sin_M = rotary_table(M, Dh, theta)
+    valid = torch.ones(R + 1, M, dtype=torch.bool)
+    if padded:  # row r's prompt starts at slot r: slots before it are padding
+        pad = torch.arange(R + 1)
+        valid = torch.arange(M)[None] >= pad[:, None]
+        pos = (P - pad[:R]).clamp_min(0)
+        cos, sin = cos_M[pos], sin_M[pos]
+    else:
+        pos = torch.full((R,), P)
+        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
+    ref_y, ref_k = _attend_reference(qkv, pos, valid, k_before, v_before, P, theta)
+    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(k_cache[:R, :, P].double(), ref_k, rtol=0, atol=1e-5)
+    assert torch.equal(v_cache[:R, :, P], qkv.view(R, 3, H, Dh)[:, 2])
+    # nothing else in the cache moved
+    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+def test_attend_one_rejects_a_full_cache():
+    k = torch.zeros(1, 2, 4, 8)
+    cos, sin = rotary_table(4, 8, 1e4)
+    with pytest.raises(RuntimeError, match="P=4 is not allowed"):
+        decode.attend_one(torch.zeros(1, 48), cos[:1], sin[:1], k, k.clone(), 4, None)
+
+
+# -- residual add + RMSNorm -------------------------------------------------------------
+
+@pytest.mark.parametrize("R,D", [(1, 1024), (7, 37), (3, 64)])
+def test_add_rms_norm_matches_reference(R, D):
+    g = torch.Generator().manual_seed(R * D)
+    x, y, w = (torch.randn(R, 1, D, generator=g) * 3, torch.randn(R, 1, D, generator=g),
+               torch.randn(D, generator=g))
+    s, h = decode.add_rms_norm(x, y, w, 1e-5)
+    ref_s = x.double() + y.double()
+    ref_h = ref_s * torch.rsqrt(ref_s.square().mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert s.shape == h.shape == x.shape
+    assert torch.equal(s, x + y)  # one fp32 add: exact
+    torch.testing.assert_close(h.double(), ref_h, rtol=1e-5, atol=1e-6)
+
+
+def test_add_rms_norm_rejects_mismatched_shapes():
+    with pytest.raises(RuntimeError, match="must match x_RD"):
+        decode.add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 9), torch.ones(8), 1e-5)
+
+
+# -- a whole model: the one-call step against the torch ops it replaces ------------------
+
+def _lm(router="softmax"):
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=64, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
+                   num_experts=8, top_k=2, ffn_dim=32, router=router)
+    return MoETransformer(cfg).eval()
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_generation_matches_the_torch_op_step(monkeypatch, router):
+    model = _lm(router)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]  # different lengths: padded rows
+    cfg = GenerationConfig(max_new_tokens=12)
+    with_kernels, _ = Engine(model).generate(prompts, cfg)
+    cache = StaticKVCache.for_model(model, 1, 16)
+    with torch.inference_mode():
+        fast = model.infer(torch.tensor([[3, 4, 5]]), cache)
+        fast = torch.stack([fast, model.infer(torch.tensor([[6]]), cache)])
+    monkeypatch.setattr(decode, "ROUTE_KERNEL_MAX_TOKENS", 0)
+    monkeypatch.setattr(decode, "attend_one_ok", lambda *a: False)
+    without, _ = Engine(model).generate(prompts, cfg)
+    cache = StaticKVCache.for_model(model, 1, 16)
+    with torch.inference_mode():
+        slow = model.infer(torch.tensor([[3, 4, 5]]), cache)
+        slow = torch.stack([slow, model.infer(torch.tensor([[6]]), cache)])
+    assert [g.tokens for g in with_kernels] == [g.tokens for g in without]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
