@@ -159,7 +159,12 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
 # 0.90 at 32, 0.92 at 64; bf16 keeps one row at a time there. Those were AVX-512 BF16
 # machines. On AVX2 (Zen 3; [1024 -> 1024], 48 matrices in turn, 1 thread CPU time,
 # load ~2.5): fp32 0.96 at 1 row, 0.74 at 4, 1.09 at 16, 1.19 at 32; bf16 0.24-0.26
-# from 8 to 64 rows (torch's bf16 GEMM has no native bf16 there to use).
+# from 8 to 64 rows (torch's bf16 GEMM has no native bf16 there to use). The same Zen 3
+# idle, [1024 -> 3072], 24 matrices in turn (300 MB), wall time: fp32 2 threads 0.65 at
+# 1 row, 0.36 at 4, 0.52 at 8, 0.66 at 16, 0.87 at 32, 0.99 at 64, 1.33 at 128;
+# 1 thread 0.67 at 8, 0.85 at 16, 1.07 at 32, 1.13 at 64. So fp32 takes the kernel up
+# to 32 rows on AVX2 too (it was 8: a batch of 16 spent 15 ms of a 66 ms Mixtral-shaped
+# step in aten's GEMMs).
 def float_kernel_max_rows(dtype: torch.dtype) -> int:
     """Rows up to which a ``dtype`` projection runs on the decode kernel on this CPU."""
     if FLOAT_KERNEL_MAX_ROWS is not None:
@@ -170,7 +175,7 @@ def float_kernel_max_rows(dtype: torch.dtype) -> int:
 @functools.cache
 def _cpu_max_rows(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
-        return 32 if cpu_ext.get_decode().isa() == "avx512" else 8
+        return 32 if cpu_ext.get_decode().isa() in ("avx512", "avx2") else 8
     if dtype == torch.bfloat16:
         return 8 if cpu_ext.native_bf16() else 64
     return 0
