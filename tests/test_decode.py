@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS
+from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS, decode_max_rows
 from moekit.functions import decode as decode_fn
 from moekit.inference import decode_experts, sorted_rows
 from tests.reference import f32, ref_expert
@@ -147,7 +147,10 @@ def test_auto_picks_decode_only_without_autograd_and_few_rows():
         assert moe.experts.auto_backend(x, rows=6) == "decode"
         assert moe.experts.auto_backend(x, rows=DECODE_MAX_ROWS + 1) == "fused"
     with torch.inference_mode():
-        assert moe.experts.auto_backend(x, rows=DECODE_MAX_ROWS) == "decode"
+        limit = decode_max_rows(4)  # 1024, or 24 per expert without AVX-512
+        assert limit == (DECODE_MAX_ROWS if decode_fn.isa() == "avx512" else 96)
+        assert moe.experts.auto_backend(x, rows=limit) == "decode"
+        assert moe.experts.auto_backend(x, rows=limit + 1) == "fused"
 
 
 def test_layer_in_inference_mode_matches_training_path():

@@ -161,6 +161,11 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
 # kernels re-read weights from cache per 4 rows where the GEMM blocks them), so
 # prefill-sized batches keep the fused GEMMs: the limit sits at 1024 rows.
 DECODE_MAX_ROWS = 1024
+# Those were AVX-512 machines. On AVX2 (Zen 3, idle, 2 threads, same bench) the fused
+# GEMMs win past ~24 rows per expert: E=8 K=2 F=2048: 0.90 at 128 rows, 1.14 at 256,
+# 1.42 at 512, 1.77 at 1024; E=64 K=8 F=512: 0.59 at 512, 0.81 at 1024, 1.08 at 2048
+# (a Mixtral-shaped 512-token prefill spent 1.7x the dense LM's time in the kernels).
+DECODE_MAX_ROWS_PER_EXPERT = 24  # without AVX-512
 # Quantized weights: the kernel up to this many rows, dequantize + fused beyond
 # (not measured separately: the same limit as plain weights).
 QUANT_KERNEL_MAX_ROWS = 1024
@@ -174,7 +179,15 @@ def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> boo
             and not torch.compiler.is_compiling() and rows is not None
             and rows <= DECODE_MAX_ROWS
             and all(t.dtype in (torch.float32, torch.bfloat16) for t in (x_TD, w_in_EDG, w_out_EFD))
-            and decode.available())
+            and decode.available() and rows <= decode_max_rows(w_in_EDG.shape[0]))
+
+
+def decode_max_rows(num_experts: int) -> int:
+    """Routed rows up to which "auto" runs the decode kernels for ``num_experts`` experts
+    (float weights) on this CPU."""
+    if decode.isa() == "avx512":
+        return DECODE_MAX_ROWS
+    return min(DECODE_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

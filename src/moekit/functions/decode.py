@@ -41,6 +41,17 @@ def available() -> bool:
     return cpu_ext.get_decode() is not None
 
 
+def isa() -> str:
+    """The decode kernels' path on this CPU: "avx512", "avx2" or "generic" ("" unbuilt)."""
+    ext = cpu_ext.get_decode()
+    return "" if ext is None else _isa(ext)
+
+
+@functools.cache
+def _isa(ext) -> str:
+    return ext.isa()
+
+
 def _wargs(w: Tensor | QuantizedTensor) -> tuple:
     if isinstance(w, QuantizedTensor):
         return w.data, w.scales, w.zeros, w.bits, w.group_size or 0
@@ -175,7 +186,7 @@ def float_kernel_max_rows(dtype: torch.dtype) -> int:
 @functools.cache
 def _cpu_max_rows(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
-        return 32 if cpu_ext.get_decode().isa() in ("avx512", "avx2") else 8
+        return 32 if isa() in ("avx512", "avx2") else 8
     if dtype == torch.bfloat16:
         return 8 if cpu_ext.native_bf16() else 64
     return 0
