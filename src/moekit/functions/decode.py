@@ -15,6 +15,11 @@ blocks of experts back into float and runs the fused training path on them.
 quantized) through the same kernel as one "expert" every row is routed to, for
 the few rows of a decode step, where it reads the weight faster than aten's mm.
 
+The rest of a decode step is one call per part too: ``route_sort`` (top-k routing
+and the sort by expert), ``attend_one`` (rotary, KV cache write and attention for
+one new token per row) and ``add_rms_norm`` (the residual add and the next norm);
+each replaced 5-20 aten ops that ran cold right after a weight stream.
+
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
 else F, E experts, S routed rows sorted by expert.
 """
