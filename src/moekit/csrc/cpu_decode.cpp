@@ -236,6 +236,12 @@ CLONES void nk_tile_i4(const uint8_t* w, int64_t ldn, const float* scales, const
 // integer kinds scalarized the 32-wide decode: int8 measured 11x the roofline) --
 
 #define AVX512 __attribute__((target("avx512f,avx512bw")))
+#ifndef MOEKIT_NK_PF
+#define MOEKIT_NK_PF 4096
+#endif
+#ifndef MOEKIT_NK_HINT
+#define MOEKIT_NK_HINT _MM_HINT_T1
+#endif
 
 template <Kind KIND>
 AVX512 inline void load32(const void* p, int64_t k, __m512& lo, __m512& hi) {
@@ -263,39 +269,96 @@ AVX512 inline void load32(const void* p, int64_t k, __m512& lo, __m512& hi) {
   }
 }
 
-// R rows (1..4) of x against one output row p, K32 = K rounded down to 32 inputs.
+// R rows (1..8) of x against one output row p, K32 = K rounded down to 32 inputs.
 // int4: each group's 16 possible weights s * q + z go in one register and the
 // nibbles index it (vpermps reads the low 4 bits of each index): no integer to
 // float conversion, no per-group rescaling. Converting the nibbles and scaling
 // each group measured 2.9x / 3.4x / 3.9x the roofline at T = 1 / 4 / 16, this
 // 1.7x / 1.5x / 2.2x (1 thread, D=1024, E=64, K=8, F=512, thread CPU time, loaded box).
+// One row alternates two pairs of accumulators over 32-input chunks: with one pair
+// each FMA waits on the last one's latency (4 cycles for 16 weights). Up to 8 rows
+// per pass: each decoded weight vector serves R rows (4 rows per pass decoded a
+// batch-16 projection's weights 4 times).
+AVX512 inline __m512 i4_table(const float* gs, const float* gz, int64_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_fmadd_ps(iota, _mm512_set1_ps(gs[g]), _mm512_set1_ps(gz[g]));
+}
+
+template <Kind KIND>
+AVX512 inline void decode32(const void* p, int64_t k, __m512 table, __m512& lo, __m512& hi) {
+  if constexpr (KIND == Kind::I4) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2)));
+    lo = _mm512_permutexvar_ps(idx, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
+  } else {
+    load32<KIND>(p, k, lo, hi);
+  }
+}
+
+// Bytes of one 32-input chunk, and the software prefetch distance: the next output
+// row's bytes (a tile's rows are contiguous) are requested while this one is read.
+template <Kind KIND>
+constexpr int64_t chunk_bytes() {
+  return KIND == Kind::F32 ? 128 : KIND == Kind::BF16 ? 64 : KIND == Kind::I8 ? 32 : 16;
+}
+constexpr int64_t NK_PREFETCH = MOEKIT_NK_PF;
+
+template <Kind KIND>
+AVX512 inline void nk_prefetch(const void* p, int64_t c) {
+  constexpr int64_t B = chunk_bytes<KIND>();
+  const char* at = static_cast<const char*>(p) + B * c + NK_PREFETCH;
+  if constexpr (B >= 64) {
+    for (int64_t i = 0; i < B; i += 64) _mm_prefetch(at + i, MOEKIT_NK_HINT);
+  } else {
+    if ((B * c) % 64 == 0) _mm_prefetch(at, MOEKIT_NK_HINT);
+  }
+}
+
 template <Kind KIND, int R>
 AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float* gs,
                            const float* gz, const float* const* x, float* v) {
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = _mm512_setzero_ps(), a1[r] = _mm512_setzero_ps();
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t g0 = 0, g = 0; g0 < K32; g0 += glen, ++g) {
-    __m512 table = iota;
-    if constexpr (KIND == Kind::I4)
-      table = _mm512_fmadd_ps(iota, _mm512_set1_ps(gs[g]), _mm512_set1_ps(gz[g]));
-    for (int64_t k = g0; k < g0 + glen; k += 32) {
-      __m512 lo, hi;
+  constexpr int P = R == 1 ? 2 : 1;  // accumulator pairs per row
+  __m512 a[R][2 * P];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 2 * P; ++i) a[r][i] = _mm512_setzero_ps();
+  const int64_t nc = K32 / 32, cpg = glen / 32;  // chunks, chunks per int4 group
+  __m512 table = _mm512_setzero_ps();
+  int64_t c = 0, g = 0, left = 0;  // int4: the group's table, chunks left in the group
+  for (; c + P <= nc; c += P) {
+    for (int u = 0; u < P; ++u) {
+      const int64_t k = 32 * (c + u);
       if constexpr (KIND == Kind::I4) {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(
-            reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p) + k / 2)));
-        lo = _mm512_permutexvar_ps(idx, table);
-        hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
-      } else {
-        load32<KIND>(p, k, lo, hi);
+        if (left == 0) table = i4_table(gs, gz, g++), left = cpg;
+        --left;
       }
+      if (NK_PREFETCH) nk_prefetch<KIND>(p, c + u);
+      __m512 lo, hi;
+      decode32<KIND>(p, k, table, lo, hi);
       for (int r = 0; r < R; ++r) {
-        a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a0[r]);
-        a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a1[r]);
+        a[r][2 * u] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a[r][2 * u]);
+        a[r][2 * u + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a[r][2 * u + 1]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) v[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+  for (; c < nc; ++c) {  // P = 2 and an odd number of chunks
+    const int64_t k = 32 * c;
+    if constexpr (KIND == Kind::I4) {
+      if (left == 0) table = i4_table(gs, gz, g++), left = cpg;
+      --left;
+    }
+    __m512 lo, hi;
+    decode32<KIND>(p, k, table, lo, hi);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 t = _mm512_add_ps(a[r][0], a[r][1]);
+    if constexpr (P == 2) t = _mm512_add_ps(t, _mm512_add_ps(a[r][2], a[r][3]));
+    v[r] = _mm512_reduce_add_ps(t);
+  }
 }
 
 // KN layout with AVX-512.
@@ -669,14 +732,23 @@ void nk_tile_vec(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
   const int64_t K32 = K / 32 * 32;
   const int64_t ngroups = KIND == Kind::I4 ? K / group : 1;
   const int64_t glen = KIND == Kind::I4 ? group : std::max<int64_t>(K32, 32);
-  for (int64_t j = 0; j < W; ++j) {
-    const void* p = static_cast<const char*>(base) + j * ldn_bytes;
-    const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
-    const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
-    for (int64_t r0 = 0; r0 < n; r0 += 4) {
-      const int64_t m = std::min<int64_t>(4, n - r0);
-      float v[4];
+  // Passes of RMAX rows (as many as the registers hold), each over every output row
+  // of the tile: a pass's x rows (32 KiB at 8 rows of K = 1024) stay in L1. (Output
+  // rows outside, all 16 rows of a batch-16 projection per output row, read x from L2
+  // and took 1.5x two passes' time.)
+  constexpr int64_t RMAX = ISA == Isa::Avx512 ? 8 : 4;
+  for (int64_t r0 = 0; r0 < n; r0 += RMAX) {
+    const int64_t m = std::min<int64_t>(RMAX, n - r0);
+    for (int64_t j = 0; j < W; ++j) {
+      const void* p = static_cast<const char*>(base) + j * ldn_bytes;
+      const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
+      const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
+      float v[RMAX];
       switch (m) {
+        case 8: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 8>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 7: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 7>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 6: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 6>(p, K32, glen, gs, gz, x + r0, v); break;
+        case 5: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 5>(p, K32, glen, gs, gz, x + r0, v); break;
         case 4: nk_rows<KIND, ISA, 4>(p, K32, glen, gs, gz, x + r0, v); break;
         case 3: nk_rows<KIND, ISA, 3>(p, K32, glen, gs, gz, x + r0, v); break;
         case 2: nk_rows<KIND, ISA, 2>(p, K32, glen, gs, gz, x + r0, v); break;
