@@ -147,8 +147,8 @@ def test_auto_picks_decode_only_without_autograd_and_few_rows():
         assert moe.experts.auto_backend(x, rows=6) == "decode"
         assert moe.experts.auto_backend(x, rows=DECODE_MAX_ROWS + 1) == "fused"
     with torch.inference_mode():
-        limit = decode_max_rows(4)  # 1024, or 24 per expert without AVX-512
-        assert limit == (DECODE_MAX_ROWS if decode_fn.isa() == "avx512" else 96)
+        limit = decode_max_rows(4)  # 24 rows per expert
+        assert limit == 96 and decode_max_rows(64) == DECODE_MAX_ROWS
         assert moe.experts.auto_backend(x, rows=limit) == "decode"
         assert moe.experts.auto_backend(x, rows=limit + 1) == "fused"
 

@@ -161,13 +161,19 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
 # kernels re-read weights from cache per 4 rows where the GEMM blocks them), so
 # prefill-sized batches keep the fused GEMMs: the limit sits at 1024 rows.
 DECODE_MAX_ROWS = 1024
-# Those were AVX-512 machines. On AVX2 (Zen 3, idle, 2 threads, same bench) the fused
-# GEMMs win past ~24 rows per expert: E=8 K=2 F=2048: 0.90 at 128 rows, 1.14 at 256,
-# 1.42 at 512, 1.77 at 1024; E=64 K=8 F=512: 0.59 at 512, 0.81 at 1024, 1.08 at 2048
-# (a Mixtral-shaped 512-token prefill spent 1.7x the dense LM's time in the kernels).
-DECODE_MAX_ROWS_PER_EXPERT = 24  # without AVX-512
-# Quantized weights: the kernel up to this many rows, dequantize + fused beyond
-# (not measured separately: the same limit as plain weights).
+# Those were a loaded AMD AVX-512 box. On AVX2 (Zen 3, idle, 2 threads, same bench) the
+# fused GEMMs win past ~24 rows per expert: E=8 K=2 F=2048: 0.90 at 128 rows, 1.14 at
+# 256, 1.42 at 512, 1.77 at 1024; E=64 K=8 F=512: 0.59 at 512, 0.81 at 1024, 1.08 at
+# 2048 (a Mixtral-shaped 512-token prefill spent 1.7x the dense LM's time in the
+# kernels). On an idle Intel AVX-512 VM (2026-12-04, 21 pairs) the same: E=8 K=2 F=2048
+# 0.94 at 128 rows, 1.16 at 256, 1.85 at 1024; E=64 K=8 F=512 0.84 at 1024, 1.11 at
+# 2048, 1.34 at 4096 (a Mixtral-shaped 512-token prefill took 2.16x the dense LM's time
+# with the 1024-row limit alone). So the per-expert limit holds on every CPU.
+DECODE_MAX_ROWS_PER_EXPERT = 24
+# Quantized weights: the kernel up to this many rows, dequantize + fused beyond. Its
+# dequantization costs more than the kernel's slower GEMM: one Mixtral-shaped layer
+# (E=8 K=2 F=2048, Intel AVX-512 VM, 2 threads), kernel / (dequantize + fused) at
+# 1024 rows 0.62 (int8) and 0.72 (int4); at 256 rows 0.22 / 0.25.
 QUANT_KERNEL_MAX_ROWS = 1024
 
 
@@ -184,9 +190,7 @@ def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> boo
 
 def decode_max_rows(num_experts: int) -> int:
     """Routed rows up to which "auto" runs the decode kernels for ``num_experts`` experts
-    (float weights) on this CPU."""
-    if decode.isa() == "avx512":
-        return DECODE_MAX_ROWS
+    (float weights)."""
     return min(DECODE_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
 
 
