@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moekit
-from moekit.functions import decode
+from moekit.functions import cpu_ext, decode
 from moekit.inference.engine import Engine, GenerationConfig
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, StaticKVCache, rotary_table
@@ -117,7 +117,8 @@ def test_route_sort_rejects_bad_k():
 
 def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
     """Per row and head in float64: rotate q and k at the row's position, attend over the
-    valid slots [0, P] (slot P: the new k, v). Returns (y [R, H Dh], new k [R, H, Dh])."""
+    valid slots [0, P] (slot P: the new k, v; k as the cache stores it, in its dtype).
+    Returns (y [R, H Dh], new k [R, H, Dh] before that rounding)."""
     R, H, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
     half = Dh // 2
     inv = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
@@ -135,7 +136,7 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
         for h in range(H):
             q, k, v = rot(q3[r, 0, h]), rot(q3[r, 1, h]), q3[r, 2, h]
             k_new[r, h] = k
-            keys = torch.cat([k_cache[r, h, :P].double(), k[None]])
+            keys = torch.cat([k_cache[r, h, :P].double(), k[None].to(k_cache.dtype).double()])
             vals = torch.cat([v_cache[r, h, :P].double(), v[None]])
             score = keys @ q / math.sqrt(Dh)
             score[~valid_RM[r, :P + 1]] = -math.inf
@@ -172,6 +173,38 @@ def test_attend_one_matches_reference(R, H, Dh, P, padded):
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
+def test_attend_one_bf16_matches_reference():
+    """bf16 activations and cache: the new k and the output are rounded to bf16 once, q
+    and the scores stay fp32. So against float64 on the same bf16 inputs: half a bf16
+    ulp (2^-9 relative) plus fp32 sums, checked as rtol 2^-8; y is a convex combination
+    of v rows (|y| <= max |v|), so its fp32 part is bounded by 1e-5 absolute as in fp32."""
+    R, H, Dh, P, M, theta = 3, 4, 32, 9, 32, 10000.0
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(R, H, M, Dh, generator=g).bfloat16()
+    v_cache = torch.randn(R, H, M, Dh, generator=g).bfloat16()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(R, 3 * H * Dh, generator=g).bfloat16()
+    cos_M, sin_M = rotary_table(M, Dh, theta)
+    with torch.no_grad():
+        assert decode.attend_one_ok(qkv, k_cache)
+    y = decode.attend_one(qkv, cos_M[P:P + 1], sin_M[P:P + 1], k_cache, v_cache, P, None)
+    valid = torch.ones(R, M, dtype=torch.bool)
+    ref_y, ref_k = _attend_reference(qkv, torch.full((R,), P), valid, k_before, v_before, P,
+                                     theta)
+    assert y.dtype == torch.bfloat16 and y.shape == (R, H * Dh)
+    torch.testing.assert_close(y.double(), ref_y, rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(k_cache[:, :, P].double(), ref_k, rtol=2**-8, atol=1e-5)
+    assert torch.equal(v_cache[:, :, P], qkv.view(R, 3, H, Dh)[:, 2])
+
+
+def test_attend_one_rejects_mixed_dtypes():
+    k = torch.zeros(1, 2, 4, 8)
+    cos, sin = rotary_table(4, 8, 1e4)
+    with pytest.raises(RuntimeError, match="k_BHMD is Float: it must match"):
+        cpu_ext.get_decode().attend_one(torch.zeros(1, 48, dtype=torch.bfloat16), cos[:1], sin[:1],
+                                        k, k.clone(), 0, None)
+
+
 def test_attend_one_rejects_a_full_cache():
     k = torch.zeros(1, 2, 4, 8)
     cos, sin = rotary_table(4, 8, 1e4)
@@ -192,6 +225,25 @@ def test_add_rms_norm_matches_reference(R, D):
     assert s.shape == h.shape == x.shape
     assert torch.equal(s, x + y)  # one fp32 add: exact
     torch.testing.assert_close(h.double(), ref_h, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("R,D", [(1, 1024), (5, 37)])
+def test_add_rms_norm_bf16_matches_reference(R, D):
+    """bf16: the sum rounded once (exactly torch's bf16 add), then normalized in fp32 and
+    rounded once: within half a bf16 ulp (2^-9 relative) of float64 on the rounded sum,
+    checked as rtol 2^-8."""
+    g = torch.Generator().manual_seed(R + D)
+    x, y, w = (torch.randn(R, 1, D, generator=g).bfloat16() * 3,
+               torch.randn(R, 1, D, generator=g).bfloat16(),
+               torch.randn(D, generator=g).bfloat16())
+    with torch.no_grad():
+        assert decode.add_norm_ok(x, w)
+    s, h = decode.add_rms_norm(x, y, w, 1e-5)
+    assert s.dtype == h.dtype == torch.bfloat16 and s.shape == h.shape == x.shape
+    assert torch.equal(s, x + y)
+    s64 = s.double()
+    ref_h = s64 * torch.rsqrt(s64.square().mean(-1, keepdim=True) + 1e-5) * w.double()
+    torch.testing.assert_close(h.double(), ref_h, rtol=2**-8, atol=1e-6)
 
 
 def test_add_rms_norm_rejects_mismatched_shapes():
@@ -227,3 +279,27 @@ def test_generation_matches_the_torch_op_step(monkeypatch, router):
         slow = torch.stack([slow, model.infer(torch.tensor([[6]]), cache)])
     assert [g.tokens for g in with_kernels] == [g.tokens for g in without]
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_model_step_matches_the_torch_op_step(monkeypatch):
+    """A bf16 model's decode step with add_rms_norm / attend_one against the torch ops.
+    The ops round q, k and each rotary product to bf16 and normalize in their own
+    order, the kernels round once, so logits agree to bf16's precision (logits here are
+    ~1: 3e-2, the bound test_engine uses for bf16 generation), not bit for bit."""
+    model = _lm().to(torch.bfloat16)
+
+    def step():
+        cache = StaticKVCache.for_model(model, 2, 16)
+        with torch.inference_mode():
+            model.infer(torch.tensor([[3, 4, 5], [6, 7, 8]]), cache)
+            return model.infer(torch.tensor([[6], [9]]), cache)
+
+    with torch.no_grad():
+        assert decode.attend_one_ok(torch.zeros(1, 3, dtype=torch.bfloat16),
+                                    StaticKVCache.for_model(model, 1, 4).k[0])
+    fast = step()
+    monkeypatch.setattr(decode, "attend_one_ok", lambda *a: False)
+    monkeypatch.setattr(decode, "add_norm_ok", lambda *a: False)
+    slow = step()
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=3e-2, atol=3e-2)

@@ -255,19 +255,30 @@ def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
 ADD_NORM_MAX_ROWS = 256
 
 
+STEP_DTYPES = (torch.float32, torch.bfloat16)  # what add_rms_norm and attend_one take
+
+
 def add_norm_ok(x: Tensor, w: Tensor) -> bool:
-    """Whether ``add_rms_norm`` runs for x: fp32 on the CPU, few rows, no autograd."""
-    return (x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether ``add_rms_norm`` runs for x: fp32 or bf16 (x and the norm's weight alike)
+    on the CPU, few rows, no autograd."""
+    return (x.dtype == w.dtype and x.dtype in STEP_DTYPES and x.device.type == "cpu"
             and x.numel() <= ADD_NORM_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and available())
 
 
 def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x + y, rms_norm(x + y) * w) in one call, shaped like x."""
+    """(x + y, rms_norm(x + y) * w) in one call, shaped like x, in x's dtype (fp32 or
+    bf16; bf16 rounds the sum, then normalizes it in fp32 and rounds h once)."""
     D = x.shape[-1]
-    s, h = cpu_ext.get_decode().add_rms_norm(_plain_f32(x.reshape(-1, D)),
-                                             _plain_f32(y.reshape(-1, y.shape[-1])), w, eps)
+    s, h = cpu_ext.get_decode().add_rms_norm(_plain(x.reshape(-1, D), x.dtype),
+                                             _plain(y.reshape(-1, y.shape[-1]), x.dtype),
+                                             _plain(w, x.dtype), eps)
     return s.view(x.shape), h.view(x.shape)
+
+
+def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
 
 
 # Tokens up to which MoE.infer routes and sorts in one C++ call (a decode step's
@@ -285,8 +296,9 @@ def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scal
 
 
 def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
-    """Whether ``attend_one`` runs this step: fp32 on the CPU, no autograd, built."""
-    return (qkv.dtype == k_cache.dtype == torch.float32 and qkv.device.type == "cpu"
+    """Whether ``attend_one`` runs this step: fp32 or bf16 (activations and cache alike)
+    on the CPU, no autograd, built."""
+    return (qkv.dtype == k_cache.dtype and qkv.dtype in STEP_DTYPES and qkv.device.type == "cpu"
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and available())
 
@@ -296,8 +308,11 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BHMD: Tensor, v_BHMD:
     """One new token per row in one call: rotary on q and k, k and v written to the
     cache at slot P, attention over the row's slots [0, P] (``valid_BM``: the real
     ones). ``qkv_RC`` [R, 3 H Dh] is [q | k | v]; cos / sin broadcast to [R, Dh]
-    (``rotary_table`` rows: one for all, or per row). Returns [R, H Dh]."""
+    (``rotary_table`` rows: one for all, or per row). Returns [R, H Dh] in the cache's
+    dtype (fp32 or bf16: bf16 rounds the new k and the output once; q and the scores
+    stay fp32)."""
     Dh = k_BHMD.shape[-1]
-    return cpu_ext.get_decode().attend_one(_plain_f32(qkv_RC), _plain_f32(cos.reshape(-1, Dh)),
+    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, k_BHMD.dtype),
+                                           _plain_f32(cos.reshape(-1, Dh)),
                                            _plain_f32(sin.reshape(-1, Dh)), k_BHMD, v_BHMD, P,
                                            valid_BM)
