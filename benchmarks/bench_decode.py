@@ -63,6 +63,10 @@ MOEKIT_DTYPES = ("bf16", "int8", "int4")
 MOEKIT_EXTRA = ("int8-experts", "int4-experts", "fp32-aten-linear")
 QUANT = ("int8", "int4", "int8-experts", "int4-experts")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
+# transformers' models patched with moekit.integrations.hf.apply (their own generate()),
+# fp32 or quantized by moekit.quantize; each is also paired with the unpatched model
+HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", "hfpatch-mixtral-int8", "hfpatch-mixtral-int4",
+              "hfpatch-olmoe-int8", "hfpatch-olmoe-int4")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
@@ -109,6 +113,15 @@ def build(shape: str, variant: str, seed: int = 0):
                              **({"group_size": 64} if bits == 4 else {}))
     if variant.startswith("hf-"):
         return hf_model(model, variant.split("-")[1])
+    if variant.startswith("hfpatch-"):
+        from moekit.integrations import hf
+
+        _, family, *bits = variant.split("-")
+        patched = hf.apply(hf_model(model, family))
+        if not bits:
+            return patched
+        b = int(bits[0][3:])
+        return quantize_fn()(patched, bits=b, **({"group_size": 64} if b == 4 else {}))
     return model
 
 
@@ -393,7 +406,7 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
     if variant in QUANT and quantize_fn() is None:
         print(f"  {variant}: skipped (moekit.quantize is not in this checkout)", flush=True)
         return None
-    if variant.startswith("hf-") and (B not in args.hf_batches):
+    if variant.startswith(("hf-", "hfpatch-")) and (B not in args.hf_batches):
         return None
     model = build(shape, variant)
     extra: dict = {}
@@ -402,8 +415,10 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
         extra = {"hf_impl": best, "hf_impl_ms": times}
     other = (AtenLinear if variant == "fp32-aten-linear" else Runner)(model, ids, args.new_tokens)
     r = paired(anchor, other, args.reps)
+    if variant.startswith("hfpatch-"):
+        extra = patched_vs_transformers(args, shape, variant, ids, other)
     roof = None
-    if not variant.startswith("hf-"):
+    if not variant.startswith(("hf-", "hfpatch-")):
         distinct = (distinct_experts(model, ids, args.new_tokens)
                     if not variant.startswith("dense") else [])
         roof = roofline(model, ids, args.new_tokens, bandwidth, distinct)
@@ -413,6 +428,20 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
         extra["greedy_agreement_with_moekit"] = sum(same) / max(len(same), 1)
     label = f"moekit {variant}" if variant in (*MOEKIT_DTYPES, *MOEKIT_EXTRA) else variant
     return _row(shape, B, label, r["ms"], r, roof, extra)
+
+
+def patched_vs_transformers(args, shape, variant, ids, patched) -> dict:
+    """The patched model against the same transformers model unpatched (its fastest
+    experts implementation), paired in this run, and their greedy agreement."""
+    plain = build(shape, "hf-" + variant.split("-")[1])
+    best, _ = best_hf_impl(plain, ids, min(8, args.new_tokens))
+    unpatched = Runner(plain, ids, args.new_tokens)
+    r = paired(unpatched, patched, args.reps)
+    same = [a == b for x, y in zip(unpatched.tokens, patched.tokens, strict=True)
+            for a, b in zip(x, y, strict=False)]
+    return {"hf_impl": best, "transformers_ms": r["anchor_ms"],
+            "speedup_over_transformers": 1 / r["ratio"],
+            "greedy_agreement_with_transformers": sum(same) / max(len(same), 1)}
 
 
 def _row(shape, B, label, ms, pair, roof, extra) -> dict:
@@ -440,7 +469,7 @@ def bench_prefill(args, shape: str, anchor_model) -> dict:
     return row
 
 
-HEADER = (f"{'model':8s} {'B':>3s} {'variant':16s} {'step ms':>8s} {'tok/s':>8s} "
+HEADER = (f"{'model':8s} {'B':>3s} {'variant':20s} {'step ms':>8s} {'tok/s':>8s} "
           f"{'roof ms':>8s} {'roof/step':>9s} {'x mk fp32':>9s} {'tok/s x fp32':>12s}  notes")
 
 
@@ -456,7 +485,11 @@ def _print_row(r: dict) -> None:
         notes.append(f"impl {r['hf_impl']}")
     if "greedy_agreement_with_moekit" in r:
         notes.append(f"tokens = moekit {100 * r['greedy_agreement_with_moekit']:.0f}%")
-    print(f"{r['model']:8s} {r['batch']:3d} {r['variant']:16s} {r['step_ms']:8.2f} "
+    if "speedup_over_transformers" in r:
+        notes.append(f"{r['speedup_over_transformers']:.2f}x transformers "
+                     f"({r['transformers_ms']:.2f} ms), tokens = transformers "
+                     f"{100 * r['greedy_agreement_with_transformers']:.0f}%")
+    print(f"{r['model']:8s} {r['batch']:3d} {r['variant']:20s} {r['step_ms']:8.2f} "
           f"{r['tokens_per_s']:8.1f} {roof} {x}  {', '.join(notes)}", flush=True)
 
 
@@ -618,7 +651,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join((*MOEKIT_DTYPES, *BASELINES)),
                    help="comma list of bf16, int8, int4, int8-experts, int4-experts, "
                    "fp32-aten-linear, dense-active, dense-total, "
-                   "hf-mixtral, hf-olmoe")
+                   "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4] "
+                   "(transformers patched by moekit, also paired with the unpatched model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation")
     p.add_argument("--reps", type=int, default=4, help="A/B pairs per variant (median)")
     p.add_argument("--threads", type=int, default=2)
@@ -645,11 +679,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.hf_batches = [int(b) for b in args.hf_batches.split(",")]
     args.batches += [b for b in args.hf_batches if b not in args.batches]
     args.variants = args.variants.split(",")
-    bad = [v for v in args.variants if v not in (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES)] + \
+    known = (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED)
+    bad = [v for v in args.variants if v not in known] + \
         [m for m in args.models if m not in SHAPES]
     if bad:
-        raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants "
-                         f"{[*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES]}")
+        raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants {list(known)}")
     return args
 
 
