@@ -119,17 +119,36 @@ class _Counting:
 
 
 @pytest.fixture
-def kernels():
+def kernels(monkeypatch):
+    monkeypatch.setenv(cpu_ext.BF16_ENV, "1")  # the kernels, even where AMX makes aten faster
     module = cpu_ext.bf16()
     if module is None:
-        pytest.skip("no AVX-512 BF16 on this CPU (or MOEKIT_BF16_KERNEL=0)")
+        pytest.skip("no AVX-512 BF16 on this CPU")
     return module
 
 
-def test_kernels_load_where_torch_sees_native_bf16():
-    """On a CPU with AVX-512 BF16 (the dev box) the kernels must not silently fall back."""
+def test_kernels_load_where_torch_sees_native_bf16(monkeypatch):
+    """On a CPU with AVX-512 BF16 the kernels must not silently fall back when asked for."""
+    monkeypatch.setenv(cpu_ext.BF16_ENV, "1")
     if cpu_ext.native_bf16():
         assert cpu_ext.bf16() is not None
+
+
+@pytest.mark.parametrize("has_amx", [False, True])
+def test_default_leaves_amx_cpus_to_aten(monkeypatch, has_amx):
+    """Unset, the kernels run only on CPUs without AMX (simulated both ways here)."""
+    monkeypatch.delenv(cpu_ext.BF16_ENV, raising=False)
+    monkeypatch.setattr(cpu_ext, "amx", lambda: has_amx)
+    if has_amx:
+        assert cpu_ext.bf16() is None
+    elif cpu_ext.native_bf16():
+        assert cpu_ext.bf16() is not None
+
+
+def test_bad_bf16_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv(cpu_ext.BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=r"MOEKIT_BF16_KERNEL='yes' is not allowed: 0"):
+        cpu_ext.bf16()
 
 
 NAMES = ["y", "x", "weight", "w_in", "w_out", "b_in", "b_out"]

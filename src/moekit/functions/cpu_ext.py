@@ -13,9 +13,12 @@ builds.
 
 ``bf16()`` does the same for the bf16 kernels (``moekit/csrc/cpu_bf16.cpp``, a
 separate library so that they build only when bf16 runs): the module where the CPU
-has AVX-512 BF16 (checked at run time), else None and the bf16 GEMMs stay on aten's
-mm. ``MOEKIT_BF16_KERNEL=0`` forces that fallback; it is read on every call, so a
-test can flip it.
+has AVX-512 BF16 and no AMX (checked at run time), else None and the bf16 GEMMs stay
+on aten's mm, which runs AMX tiles (oneDNN) where the CPU has them: on an AMX machine
+the moekit bf16 layer took 1.2-3.7x longer on the kernels than on aten's mm (the
+kernels' ``vdpbf16ps`` gives half the products per second of fp32 FMAs there).
+``MOEKIT_BF16_KERNEL=0`` forces the fallback, ``=1`` the kernels wherever they run; it
+is read on every call, so a test can flip it.
 """
 
 from __future__ import annotations
@@ -170,11 +173,28 @@ def native_bf16() -> bool:
     return bool(check is not None and check())
 
 
+def amx() -> bool:
+    """True where the CPU has AMX tiles (aten's bf16 mm runs them through oneDNN)."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
+BF16_SETTINGS = ("0", "1", "")
+
+
 def bf16() -> ModuleType | None:
     """The AVX-512 BF16 kernels, or None: forced off (MOEKIT_BF16_KERNEL=0 or
-    MOEKIT_CPU_EXT=0), the CPU lacks the instructions, or the build failed."""
+    MOEKIT_CPU_EXT=0), left to aten's AMX path (unset, on a CPU with AMX), the CPU
+    lacks the instructions, or the build failed. MOEKIT_BF16_KERNEL=1 takes the kernels
+    wherever they run."""
     global _bf16, _bf16_tried
-    if os.environ.get(BF16_ENV, "1") == "0" or get() is None:
+    setting = os.environ.get(BF16_ENV, "")
+    if setting not in BF16_SETTINGS:
+        raise ValueError(f"{BF16_ENV}={setting!r} is not allowed: 0 (aten's mm), 1 (the "
+                         "kernels) or unset (the kernels unless the CPU has AMX)")
+    if setting == "0" or (setting == "" and amx()) or get() is None:
         return None
     if not _bf16_tried:
         _bf16_tried = True
