@@ -7,7 +7,8 @@ per-sequence stopping, greedy or seeded sampling.
 
 How a batch runs: the prompts are left-padded to the longest and prefilled in
 one pass (the fused training path, no autograd state); each decode step feeds
-one token per unfinished sequence. A sequence that stops leaves the batch: its
+one token per unfinished sequence (``DecodePlan``: the step's kernel calls prepared
+once per generation, where the model allows). A sequence that stops leaves the batch: its
 cache row is dropped (``StaticKVCache.keep_rows``, a copy once per finished
 sequence), so the remaining steps do not compute it. Everything runs under
 ``torch.inference_mode()``, where the expert layer picks its decode path for
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import FrozenConfig, check_positive_int, reject
+from moekit.inference.decode_plan import DecodePlan
 from moekit.models.generate import check_sampling, sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
 
@@ -184,6 +186,7 @@ class Engine:
         t0 = time.perf_counter()
         ids_BL, cache = self._prepare(ids, cfg.max_new_tokens)
         logits_RV = self.model.infer(ids_BL, cache)
+        plan = DecodePlan.build(self.model)  # the decode steps' kernel calls, or None
         t1 = time.perf_counter()
         gens = [Generation(prompt=p) for p in ids]
         active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
@@ -209,7 +212,9 @@ class Engine:
                 keep_R = torch.tensor(keep, device=next_R.device)
                 cache.keep_rows(keep_R)
                 next_R = next_R.index_select(0, keep_R)
-            logits_RV = self.model.infer(next_R[:, None], cache)
+            logits_RV = None if plan is None else plan.step(next_R[:, None], cache)
+            if logits_RV is None:
+                logits_RV = self.model.infer(next_R[:, None], cache)
             steps += 1
         t2 = time.perf_counter()
         stats = GenerationStats(sequences=len(ids), prompt_tokens=sum(len(p) for p in ids),

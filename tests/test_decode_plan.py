@@ -1,0 +1,130 @@
+"""``DecodePlan``: a decode step as prepared kernel calls must give exactly what
+``MoETransformer.infer`` gives (the same kernels with the same arguments, so bitwise
+the same logits), fall back wherever the modules would leave the kernels, and the
+generation engine must produce the same tokens with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.functions import decode
+from moekit.inference import decode_plan as dp
+from moekit.inference.decode_plan import DecodePlan
+from moekit.inference.engine import Engine, GenerationConfig
+from moekit.models.config import LMConfig
+from moekit.models.transformer import MoETransformer, StaticKVCache
+
+pytestmark = pytest.mark.skipif(not decode.available(), reason="decode kernels not built")
+
+
+def _lm(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, dim=64, num_layers=2, num_heads=4, max_seq_len=64,
+               num_experts=8, top_k=2, ffn_dim=32)
+    model = MoETransformer(LMConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():  # norms of ones would hide a norm applied in the wrong place
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _variant(name: str):
+    if name == "sigmoid":
+        return _lm(router="sigmoid")
+    model = _lm()
+    if name == "bf16":
+        return model.to(torch.bfloat16)
+    if name == "int8":
+        return moekit.quantize(model, bits=8)
+    if name == "int4":
+        return moekit.quantize(model, bits=4, group_size=32)
+    return model
+
+
+def _steps(model, step, prompts, n=6):
+    """Logits of a prefill and n decode steps (greedy), each step run by ``step``."""
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    cache = StaticKVCache.for_model(model, len(prompts), L + n + 1)
+    cache.reset(torch.tensor([L - len(p) for p in prompts]))
+    out = []
+    with torch.inference_mode():
+        logits = model.infer(ids, cache)
+        for _ in range(n):
+            nxt = logits.argmax(-1)[:, None]
+            logits = step(nxt, cache)
+            assert logits is not None
+            out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
+                         ids=["one", "padded"])
+def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
+    model = _variant(variant)
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    assert plan is not None
+    fast = _steps(model, plan.step, prompts)
+    slow = _steps(model, model.infer, prompts)
+    assert fast.dtype == slow.dtype == model.norm.weight.dtype
+    assert torch.equal(fast, slow)
+
+
+def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch):
+    model = _variant("int8")
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    cfg = GenerationConfig(max_new_tokens=10, stop_ids=(5,))
+    calls = []
+    step = DecodePlan.step
+    monkeypatch.setattr(DecodePlan, "step", lambda self, *a: calls.append(1) or step(self, *a))
+    with_plan, _ = Engine(model).generate(prompts, cfg)
+    assert calls  # the plan ran the decode steps
+    monkeypatch.setattr(dp.DecodePlan, "build", classmethod(lambda cls, m: None))
+    without, _ = Engine(model).generate(prompts, cfg)
+    assert [g.tokens for g in with_plan] == [g.tokens for g in without]
+
+
+@pytest.mark.parametrize("what", ["dense layer", "hash router", "fused backend",
+                                  "shared experts", "softmax with bias"])
+def test_no_plan_where_a_part_leaves_the_kernels(what):
+    if what == "dense layer":
+        model = _lm(moe_every=2)
+    elif what == "hash router":
+        model = _lm(router="hash")
+    elif what == "softmax with bias":
+        model = _lm(bias_update_rate=1e-3)
+    else:
+        model = _lm()
+        moe = model.blocks[0].ffn
+        if what == "fused backend":
+            moe.experts.backend = "fused"
+        else:
+            moe.shared = moekit.experts.SharedExperts(moekit.MoEConfig(
+                dim=64, ffn_dim=32, num_experts=8, top_k=2, num_shared_experts=1))
+    with torch.inference_mode():
+        assert DecodePlan.build(model) is None
+
+
+def test_step_declines_and_leaves_the_cache_alone_outside_the_kernels(monkeypatch):
+    model = _lm()
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    cache = StaticKVCache.for_model(model, 2, 16)
+    cache.reset()
+    with torch.inference_mode():
+        model.infer(torch.tensor([[1, 2], [3, 4]]), cache)
+    before = cache.length
+    nxt = torch.tensor([[5], [6]])
+    with torch.no_grad():
+        assert plan.step(torch.tensor([[5, 6], [7, 8]]), cache) is None  # two tokens a row
+        assert plan.step(nxt[:1], cache) is None  # rows != the cache's
+    assert plan.step(nxt, cache) is None  # autograd on
+    monkeypatch.setattr(plan, "max_rows", 1)
+    with torch.no_grad():
+        assert plan.step(nxt, cache) is None  # more rows than a kernel takes
+    assert cache.length == before
