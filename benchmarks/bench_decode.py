@@ -284,11 +284,18 @@ def distinct_experts(model, ids_BL, n: int) -> list[float]:
         if x_TD.shape[0] <= B:  # a decode step (the prefill has B * prompt rows)
             seen.setdefault(id(module), []).append(int((dispatch.counts_E > 0).sum()))
 
+    from moekit.inference.decode_plan import DecodePlan
+
     mods = [m for m in model.modules() if isinstance(m, Experts)]
     handles = [m.register_forward_pre_hook(hook) for m in mods]
+    # the modules' path, so that the hooks see every step (DecodePlan calls the kernels
+    # directly; its steps are bitwise the modules', so the same experts are routed to)
+    build = DecodePlan.__dict__["build"]
+    DecodePlan.build = classmethod(lambda cls, m: None)
     try:
         Runner(model, ids_BL, n)()
     finally:
+        DecodePlan.build = build
         for h in handles:
             h.remove()
     return [statistics.mean(seen.get(id(m), [0])) for m in mods]
