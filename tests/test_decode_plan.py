@@ -90,7 +90,7 @@ def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch)
 
 
 @pytest.mark.parametrize("what", ["dense layer", "hash router", "fused backend",
-                                  "shared experts", "softmax with bias"])
+                                  "shared experts", "softmax with bias", "other experts"])
 def test_no_plan_where_a_part_leaves_the_kernels(what):
     if what == "dense layer":
         model = _lm(moe_every=2)
@@ -103,6 +103,8 @@ def test_no_plan_where_a_part_leaves_the_kernels(what):
         moe = model.blocks[0].ffn
         if what == "fused backend":
             moe.experts.backend = "fused"
+        elif what == "other experts":  # e.g. offloaded or expert-parallel ones
+            moe.experts.__class__ = type("Other", (type(moe.experts),), {})
         else:
             moe.shared = moekit.experts.SharedExperts(moekit.MoEConfig(
                 dim=64, ffn_dim=32, num_experts=8, top_k=2, num_shared_experts=1))

@@ -5,8 +5,9 @@ Python calls (module dispatch, the checks that pick each kernel, argument
 conversions) around 8 kernel calls. At batch 1 with int8 weights that was ~0.9 ms of
 a 3.3 ms step (fine model of bench_decode, 2 threads). ``DecodePlan.build(model)``
 resolves those choices once, for a model whose every part takes the kernel path
-(fp32 or bf16 activations; MoE blocks with a kernel router, no shared experts, backend
-"auto" and a kernel activation; bias-free float or quantized projections), and
+(fp32 or bf16 activations; moekit's own MoE blocks and resident experts with a kernel
+router, no shared experts, backend "auto" and a kernel activation; bias-free float or
+quantized projections), and
 ``plan.step(ids, cache)`` then makes the same kernel calls with the same arguments:
 the logits are bitwise those of ``model.infer``. A step outside the limits the
 modules would check (rows per kernel, autograd, autocast, the cache's dtype) returns
@@ -57,6 +58,13 @@ def _projection(module, dtype: torch.dtype) -> tuple | None:
 
 
 def _experts(moe, dtype: torch.dtype) -> tuple | None:
+    from moekit.experts.experts import Experts
+    from moekit.layer import MoE
+
+    # exactly moekit's own layer and experts: expert-parallel and offloaded experts
+    # (other classes) move or fetch weights in their forward
+    if type(moe) is not MoE or type(moe.experts) is not Experts:
+        return None
     ex = moe.experts
     if ex.backend != "auto" or moe.shared is not None or moe.config.capacity_factor is not None:
         return None
