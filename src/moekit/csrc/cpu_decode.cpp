@@ -50,7 +50,6 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
-#include <type_traits>
 #include <vector>
 
 namespace {
@@ -326,6 +325,26 @@ AVX512 inline void nk_prefetch(const void* p, int64_t c) {
   }
 }
 
+// One 32-input chunk c of R rows into accumulator pair U (int4: the group's table,
+// renewed when the last group's chunks are used up).
+template <Kind KIND, int R, int U, int A>
+AVX512 inline void nk_chunk(const void* p, int64_t c, const float* gs, const float* gz,
+                            int64_t cpg, __m512& table, int64_t& g, int64_t& left,
+                            const float* const* x, __m512 (&a)[R][A]) {
+  const int64_t k = 32 * c;
+  if constexpr (KIND == Kind::I4) {
+    if (left == 0) table = i4_table(gs, gz, g++), left = cpg;
+    --left;
+  }
+  if (NK_PREFETCH) nk_prefetch<KIND>(p, c);
+  __m512 lo, hi;
+  decode32<KIND>(p, k, table, lo, hi);
+  for (int r = 0; r < R; ++r) {
+    a[r][2 * U] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a[r][2 * U]);
+    a[r][2 * U + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a[r][2 * U + 1]);
+  }
+}
+
 template <Kind KIND, int R>
 AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float* gs,
                            const float* gz, const float* const* x, float* v) {
@@ -337,34 +356,10 @@ AVX512 void nk_rows_avx512(const void* p, int64_t K32, int64_t glen, const float
   __m512 table = _mm512_setzero_ps();
   int64_t c = 0, g = 0, left = 0;  // int4: the group's table, chunks left in the group
   for (; c + P <= nc; c += P) {
-    for (int u = 0; u < P; ++u) {
-      const int64_t k = 32 * (c + u);
-      if constexpr (KIND == Kind::I4) {
-        if (left == 0) table = i4_table(gs, gz, g++), left = cpg;
-        --left;
-      }
-      if (NK_PREFETCH) nk_prefetch<KIND>(p, c + u);
-      __m512 lo, hi;
-      decode32<KIND>(p, k, table, lo, hi);
-      for (int r = 0; r < R; ++r) {
-        a[r][2 * u] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a[r][2 * u]);
-        a[r][2 * u + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a[r][2 * u + 1]);
-      }
-    }
+    nk_chunk<KIND, R, 0>(p, c, gs, gz, cpg, table, g, left, x, a);
+    if constexpr (P == 2) nk_chunk<KIND, R, 1>(p, c + 1, gs, gz, cpg, table, g, left, x, a);
   }
-  for (; c < nc; ++c) {  // P = 2 and an odd number of chunks
-    const int64_t k = 32 * c;
-    if constexpr (KIND == Kind::I4) {
-      if (left == 0) table = i4_table(gs, gz, g++), left = cpg;
-      --left;
-    }
-    __m512 lo, hi;
-    decode32<KIND>(p, k, table, lo, hi);
-    for (int r = 0; r < R; ++r) {
-      a[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), lo, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16), hi, a[r][1]);
-    }
-  }
+  if (c < nc) nk_chunk<KIND, R, 0>(p, c, gs, gz, cpg, table, g, left, x, a);  // odd count
   for (int r = 0; r < R; ++r) {
     __m512 t = _mm512_add_ps(a[r][0], a[r][1]);
     if constexpr (P == 2) t = _mm512_add_ps(t, _mm512_add_ps(a[r][2], a[r][3]));
@@ -1547,12 +1542,6 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
   return {token, weight, counts, offsets};
 }
 
-// One new token per row: rotary on q and k, k and v written to the cache at slot P,
-// attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
-// fp32. qkv_RC [R, 3 H Dh] as the qkv projection gives it ([q | k | v], each H
-// heads of Dh, rotary in the half-split layout); cos_XDh / sin_XDh [1 or R, Dh] from
-// ``rotary_table`` (R rows: per-row positions); k_BHMD / v_BHMD the layer's cache.
-// Returns y_RC [R, H Dh], the heads side by side (what the out projection reads).
 // One (row, head) of attend_one: rotary on q and k, the K/V write at slot P, attention
 // over the valid slots 0..P. T: fp32 or bf16 (qkv, cache and output; bf16 rounds the
 // cache writes and the output once, q stays fp32). Compiled through target_clones
@@ -1625,6 +1614,13 @@ void check_f32_or_bf16(const torch::Tensor& t, const char* name, int64_t dim,
               "-D tensor, got ", t.sizes());
 }
 
+// One new token per row: rotary on q and k, k and v written to the cache at slot P,
+// attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
+// fp32 or bf16 (qkv, cache and output alike). qkv_RC [R, 3 H Dh] as the qkv
+// projection gives it ([q | k | v], each H heads of Dh, rotary in the half-split
+// layout); cos_XDh / sin_XDh [1 or R, Dh] from
+// ``rotary_table`` (R rows: per-row positions); k_BHMD / v_BHMD the layer's cache.
+// Returns y_RC [R, H Dh], the heads side by side (what the out projection reads).
 torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_XDh,
                          const torch::Tensor& sin_XDh, torch::Tensor& k_BHMD,
                          torch::Tensor& v_BHMD, int64_t P,

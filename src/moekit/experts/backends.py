@@ -183,7 +183,6 @@ def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> boo
         return True
     return (x_TD.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and rows is not None
-            and rows <= DECODE_MAX_ROWS
             and all(t.dtype in (torch.float32, torch.bfloat16) for t in (x_TD, w_in_EDG, w_out_EFD))
             and decode.available() and rows <= decode_max_rows(w_in_EDG.shape[0]))
 

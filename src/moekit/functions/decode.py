@@ -102,9 +102,14 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
     return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
 
 
+def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
+
+
 def _plain_f32(t: Tensor) -> Tensor:
     """t as a contiguous float32 tensor the kernels read (the C++ side takes no autograd)."""
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.detach().float().contiguous()
+    return _plain(t, torch.float32)
 
 
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -274,11 +279,6 @@ def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, T
                                              _plain(y.reshape(-1, y.shape[-1]), x.dtype),
                                              _plain(w, x.dtype), eps)
     return s.view(x.shape), h.view(x.shape)
-
-
-def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
 
 
 # Tokens up to which MoE.infer routes and sorts in one C++ call (a decode step's

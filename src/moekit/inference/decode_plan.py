@@ -98,7 +98,6 @@ class DecodePlan:
                             decode.ADD_NORM_MAX_ROWS)
         self.expert_rows = expert_rows  # routed rows per layer up to which experts decode
         self.top_k = max(layer.route[0] for layer in layers)
-        self._rows: dict[int, tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def build(cls, model) -> DecodePlan | None:
@@ -131,11 +130,6 @@ class DecodePlan:
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
         return cls(model, layers, head[1], float_rows, quant_rows, expert_rows)
 
-    def _all_rows(self, R: int) -> tuple[Tensor, Tensor]:
-        if R not in self._rows:
-            self._rows[R] = torch.arange(R), torch.full((1,), R, dtype=torch.int32)
-        return self._rows[R]
-
     def step(self, ids_R1: Tensor, cache) -> Tensor | None:
         """Logits [R, V] of one new token per row, appending it to ``cache``; None (and
         nothing done) where the modules would leave the kernels this step."""
@@ -146,7 +140,7 @@ class DecodePlan:
                 or k0.dtype != self.dtype or k0.device.type != "cpu"):
             return None
         model, ext, dt = self.model, self.ext, self.dtype
-        rows_R, ends_1 = self._all_rows(R)
+        rows_R, ends_1 = decode._all_rows(R)  # as decode.dense_rows passes them
         cos, sin = cache.begin(1, model.rope_cos, model.rope_sin)
         Dh = k0.shape[-1]
         cos, sin = decode._plain_f32(cos.reshape(-1, Dh)), decode._plain_f32(sin.reshape(-1, Dh))
