@@ -430,9 +430,7 @@ def bench_variant(args, shape, B, variant, anchor_model, anchor, ids, bandwidth)
                     if not variant.startswith("dense") else [])
         roof = roofline(model, ids, args.new_tokens, bandwidth, distinct)
     if variant == "hf-mixtral" and anchor.tokens is not None and other.tokens is not None:
-        same = [a == b for x, y in zip(anchor.tokens, other.tokens, strict=True)
-                for a, b in zip(x, y, strict=False)]
-        extra["greedy_agreement_with_moekit"] = sum(same) / max(len(same), 1)
+        extra["greedy_agreement_with_moekit"] = agreement(anchor.tokens, other.tokens)
     label = f"moekit {variant}" if variant in (*MOEKIT_DTYPES, *MOEKIT_EXTRA) else variant
     return _row(shape, B, label, r["ms"], r, roof, extra)
 
@@ -444,11 +442,16 @@ def patched_vs_transformers(args, shape, variant, ids, patched) -> dict:
     best, _ = best_hf_impl(plain, ids, min(8, args.new_tokens))
     unpatched = Runner(plain, ids, args.new_tokens)
     r = paired(unpatched, patched, args.reps)
-    same = [a == b for x, y in zip(unpatched.tokens, patched.tokens, strict=True)
-            for a, b in zip(x, y, strict=False)]
     return {"hf_impl": best, "transformers_ms": r["anchor_ms"],
             "speedup_over_transformers": 1 / r["ratio"],
-            "greedy_agreement_with_transformers": sum(same) / max(len(same), 1)}
+            "greedy_agreement_with_transformers": agreement(unpatched.tokens, patched.tokens)}
+
+
+def agreement(a_tokens: list[list[int]], b_tokens: list[list[int]]) -> float:
+    """Share of positions where two generations' greedy tokens are the same."""
+    same = [a == b for x, y in zip(a_tokens, b_tokens, strict=True)
+            for a, b in zip(x, y, strict=False)]
+    return sum(same) / max(len(same), 1)
 
 
 def _row(shape, B, label, ms, pair, roof, extra) -> dict:
