@@ -69,6 +69,10 @@ def test_grouped_mm_matches_per_expert_products(ext, threads, shape, dtype, tran
             _close(out[start:end], a[start:end].double() @ w[e].double(), dtype)
         start = end
     assert (out[ends[-1]:] == 7).all()  # rows past the last expert untouched
+    # the experts as a list of [X, Y] matrices (the expert cache's): the same tiles
+    listed = torch.full_like(out, 7.0)
+    ext.grouped_mm_list_out(a, list(w.unbind(0)), ends, listed)
+    assert torch.equal(listed, out)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["col_tiles", "row_tiles"])
@@ -98,6 +102,13 @@ def test_bad_shapes_are_named(ext):
         ext.grouped_mm_out(a, w, [4, 10, 11], out)
     with pytest.raises(RuntimeError, match="do not chain"):
         ext.grouped_mm_out(a, torch.randn(3, X + 1, Y), [4, 8, 10], out)
+    with pytest.raises(RuntimeError, match="ends has 2 entries for 3 experts"):
+        ext.grouped_mm_list_out(a, list(w), [4, 10], out)
+    with pytest.raises(RuntimeError, match=rf"b_XY\[i\] must be \[{X}, {Y}\] of Float, "
+                                           rf"got \[{X}, {Y + 1}\]"):
+        ext.grouped_mm_list_out(a, [w[0], w[1], torch.randn(X, Y + 1)], [4, 8, 10], out)
+    with pytest.raises(RuntimeError, match=r"got \[64, 256\] of Double"):
+        ext.grouped_mm_list_out(a, [w[0], w[1], w[2].double()], [4, 8, 10], out)
 
 
 @pytest.mark.parametrize("cfg", [

@@ -233,12 +233,14 @@ def test_moekit_offloaded_equals_resident(moekit_ckpt, policy, prefetch, threade
         assert model.expert_offload.close(timeout=5.0)
 
 
-def test_moekit_prefill_past_the_decode_rows_equals_resident(moekit_ckpt):
-    """600 tokens x top-2 = 1200 routed rows: the fused GEMMs, a chunk of experts at a
+@pytest.mark.parametrize("B,L", [(20, 30), (4, 50)])
+def test_moekit_prefill_past_the_decode_rows_equals_resident(moekit_ckpt, B, L):
+    """600 tokens x top-2 = 1200 routed rows (past DECODE_MAX_ROWS), and 400 (past the
+    per-expert limit, 24 x 8 experts, not 1024): the fused GEMMs, a chunk of experts at a
     time into one output (budget 2: chunks of 2 experts), bitwise as one resident call."""
     run = moekit_ckpt[0]
     torch.manual_seed(0)
-    ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(3))
     resident = _resident(run)
     with torch.no_grad():
         want = resident(ids).logits
@@ -258,16 +260,19 @@ def _resident(run):
 
 
 def test_moekit_decode_reads_only_the_cache(moekit_ckpt, monkeypatch):
-    """Decode and short prefill compute on the cached tensors themselves: no stacked
-    copy (runtime.stack_experts is never called), every cached tensor lies in the cache's
-    one budget-sized buffer."""
-    from moekit.offload import runtime
+    """Decode and prefill (decode kernels or GEMMs) compute on the cached tensors
+    themselves: no stacked copy (stack_experts is never called), every cached tensor
+    lies in the cache's one budget-sized buffer."""
+    from moekit.functions import moe_experts
 
     run, ids, tokens, logits = moekit_ckpt
-    monkeypatch.setattr(runtime, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
+    monkeypatch.setattr(moe_experts, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
     model = load_offloaded(run, 5 * EXPERT_BYTES, prefetch=True, threaded=True)
     try:
         assert torch.equal(generate(model, ids, 12, temperature=0), tokens)
+        long_ids = torch.randint(0, 256, (4, 50), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():  # 400 routed rows: the GEMMs
+            assert torch.equal(model(long_ids).logits, _resident(run)(long_ids).logits)
         cache = model.expert_offload.cache
         buf = cache.arena.buf_B
         lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel()

@@ -104,6 +104,24 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 
 }  // namespace
 
+// Tasks of about equal cost over the experts' output tiles; body(a, b_i, out) runs
+// one tile's GEMM. Shared by the stacked and the list form below.
+template <typename B>
+void grouped_mm_tiles(const torch::Tensor& a_NX, const B& b_of, int64_t Y,
+                      const std::vector<int64_t>& ends, torch::Tensor& out_NY) {
+  const auto starts = starts_of(ends);
+  const double target = target_cost(ends, double(a_NX.size(1)) * Y);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, a_NX.size(1), target, 16);
+  }
+  run(std::move(tasks), [&](const Task& t) {
+    auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
+    at::mm_out(out, a_NX.narrow(0, t.r0, t.r1 - t.r0),
+               b_of(t.expert).narrow(1, t.c0, t.c1 - t.c0));
+  });
+}
+
 // out_NY[rows of expert i] = a_NX[rows of expert i] @ b_BXY[i]. b_BXY may be
 // any strided view (a transposed weight). Rows past ends.back() are untouched.
 void grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
@@ -115,17 +133,25 @@ void grouped_mm_out(const torch::Tensor& a_NX, const torch::Tensor& b_BXY,
   const int64_t X = a_NX.size(1), Y = b_BXY.size(2);
   TORCH_CHECK(b_BXY.size(1) == X && out_NY.size(1) == Y, "shapes a ", a_NX.sizes(), ", b ",
               b_BXY.sizes(), ", out ", out_NY.sizes(), " do not chain");
-  const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(X) * Y);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i) {
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16);
+  grouped_mm_tiles(a_NX, [&](int64_t i) { return b_BXY.select(0, i); }, Y, ends, out_NY);
+}
+
+// The same with expert i's matrix as b_XY[i] (any strides): for a caller that holds
+// experts apart (the expert cache), which would otherwise stack copies of them. The
+// tiles and their GEMMs are those of grouped_mm_out, so the results are bitwise its.
+void grouped_mm_list_out(const torch::Tensor& a_NX, const std::vector<torch::Tensor>& b_XY,
+                         const std::vector<int64_t>& ends, torch::Tensor& out_NY) {
+  check(a_NX, "a_NX", 2);
+  check(out_NY, "out_NY", 2);
+  check_ends(ends, static_cast<int64_t>(b_XY.size()), a_NX.size(0));
+  const int64_t X = a_NX.size(1), Y = out_NY.size(1);
+  for (const auto& b : b_XY) {
+    check(b, "b_XY[i]", 2);
+    TORCH_CHECK(b.size(0) == X && b.size(1) == Y && b.scalar_type() == a_NX.scalar_type(),
+                "b_XY[i] must be [", X, ", ", Y, "] of ", a_NX.scalar_type(), ", got ",
+                b.sizes(), " of ", b.scalar_type());
   }
-  run(std::move(tasks), [&](const Task& t) {
-    auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
-    at::mm_out(out, a_NX.narrow(0, t.r0, t.r1 - t.r0),
-               b_BXY.select(0, t.expert).narrow(1, t.c0, t.c1 - t.c0));
-  });
+  grouped_mm_tiles(a_NX, [&](int64_t i) { return b_XY[i]; }, Y, ends, out_NY);
 }
 
 // out_BXY[i] = a_NX[rows of expert i]^T @ b_NY[rows of expert i], for the
@@ -259,6 +285,8 @@ void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
+  m.def("grouped_mm_list_out", &grouped_mm_list_out,
+        "grouped_mm_out with the experts' matrices as a list");
   m.def("grouped_mm_weight_out", &grouped_mm_weight_out,
         "out[i] = a[rows of i]^T @ b[rows of i], parallel over experts");
   m.def("swiglu_out", &swiglu_out, "a = silu(gate) * up, one pass, float32");

@@ -101,15 +101,28 @@ def _ext(a: Tensor):
     return (cpu_ext.bf16() if a.dtype == torch.bfloat16 else None) or cpu_ext.get()
 
 
-def _gmm(a_NX: Tensor, b_BXY: Tensor, blk: _Block, out_NY: Tensor) -> Tensor:
-    """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]."""
+def _gmm(a_NX: Tensor, b_BXY: Tensor | list[Tensor], blk: _Block, out_NY: Tensor) -> Tensor:
+    """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]; b_BXY stacked or a list
+    of [X, Y] matrices (the expert cache's, not copied where the kernel takes a list)."""
     ext = _ext(a_NX)
     if ext is not None:
-        ext.grouped_mm_out(a_NX, b_BXY, blk.ends, out_NY)
+        if not isinstance(b_BXY, list):
+            ext.grouped_mm_out(a_NX, b_BXY, blk.ends, out_NY)
+        elif hasattr(ext, "grouped_mm_list_out"):
+            ext.grouped_mm_list_out(a_NX, b_BXY, blk.ends, out_NY)
+        else:  # the bf16 kernels: their own layout, from a stacked copy
+            ext.grouped_mm_out(a_NX, stack_experts(b_BXY), blk.ends, out_NY)
         return out_NY
     for e, s, t in blk.experts():
         torch.mm(a_NX[s:t], b_BXY[e - blk.e0], out=out_NY[s:t])
     return out_NY
+
+
+def stack_experts(ws: list[Tensor]) -> Tensor:
+    """Stack per-expert matrices keeping their layout (a transposed view stays one)."""
+    if ws[0].stride(0) == 1 and ws[0].stride(1) != 1:
+        return torch.stack([w.t() for w in ws]).transpose(1, 2)
+    return torch.stack(ws)
 
 
 def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
@@ -160,7 +173,7 @@ def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N
                    w_N1: Tensor, out_TD: Tensor) -> Tensor:
     """Adds the block's weighted expert outputs to out_TD; returns h_NG to save."""
     n, D = tok_N.shape[0], x_TD.shape[1]
-    G, F = p.w_in_EDG.shape[2], p.w_out_EFD.shape[1]
+    G, F = p.w_in_EDG[0].shape[-1], p.w_out_EFD[0].shape[-2]
     x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
     h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, x_TD.new_empty(n, G))
     if p.b_in_EG is not None:
@@ -339,14 +352,16 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
 
 @torch.no_grad()
 def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: Tensor,
-                       offsets_E: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
-                       b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn,
-                       kind: str | None = None, block_rows: int = BLOCK_ROWS) -> Tensor:
+                       offsets_E: Tensor, w_in_EDG: Tensor | list[Tensor],
+                       w_out_EFD: Tensor | list[Tensor], b_in_EG: Tensor | None,
+                       b_out_ED: Tensor | None, act: ActFn, kind: str | None = None,
+                       block_rows: int = BLOCK_ROWS) -> Tensor:
     """FusedExperts' forward without autograd, adding into ``out_TD`` (x's dtype).
 
     For a caller that holds some experts' weights at a time (moekit.offload): run
     them chunk by chunk in expert order into one ``out_TD``; each index_add_ adds a
     token's rows in row order, so the sums are those of one call over all experts.
+    The weights may be lists of per-expert [D, G] and [F, D] matrices (no stacked copy).
     """
     blocks = _blocks(offsets_E.tolist(), block_rows)
     p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)

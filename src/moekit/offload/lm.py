@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.experts import resolve_backend
+from moekit.functions.moe_experts import stack_experts
 from moekit.layer import MoE
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantized
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, stack_experts
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
@@ -39,8 +40,8 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.cfg, self.backend, self.layer = cfg, backend, layer
         self.offload: ExpertOffload | None = None  # set once the cache exists
-        self.call = ExpertsCall(self._act, backend, dtype, quantized, self._unpack,
-                                self._stacked)
+        self.call = ExpertsCall(self._act, backend, dtype, quantized, cfg.num_experts,
+                                self._unpack, self._stacked)
 
     def _act(self, h: Tensor) -> Tensor:  # a bound method with .cfg, as Experts has
         return activate(h, self.cfg)

@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.dispatch.plan import Dispatch
+from moekit.functions.moe_experts import stack_experts
 from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, stack_experts
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant.model import quantize_dense
@@ -66,7 +67,8 @@ class OffloadedStackedExperts(StackedExperts):
                 ) -> Tensor:
         dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
         call = ExpertsCall(self._moekit_act(), self._moekit_backend, self._moekit_dtype,
-                           self._moekit_quantized, _unpack, self._moekit_stacked)
+                           self._moekit_quantized, self.num_experts, _unpack,
+                           self._moekit_stacked)
         y_TD = self._moekit_offload.run(self._moekit_layer, hidden_states, dispatch, call,
                                         hidden_states.shape[-1])
         return y_TD.to(hidden_states.dtype)
