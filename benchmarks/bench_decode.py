@@ -57,11 +57,11 @@ SHAPES = {
     "mixtral": dict(dim=1024, num_layers=4, num_heads=8, ffn_dim=2048, num_experts=8, top_k=2),
 }
 COMMON = dict(vocab_size=256, max_seq_len=1024, aux_loss_coef=0.0, z_loss_coef=0.0)
-MOEKIT_DTYPES = ("bf16", "int8", "int4")
+MOEKIT_DTYPES = ("bf16", "int8", "int4", "int4a8")
 # not in the default list: quantized experts only (attention, head in fp32), and fp32
 # with every dense projection on torch's GEMM instead of the decode kernel
 MOEKIT_EXTRA = ("int8-experts", "int4-experts", "fp32-aten-linear")
-QUANT = ("int8", "int4", "int8-experts", "int4-experts")
+QUANT = ("int8", "int4", "int4a8", "int8-experts", "int4-experts")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 # transformers' models patched with moekit.integrations.hf.apply (their own generate()),
 # fp32 or quantized by moekit.quantize; each is also paired with the unpatched model
@@ -109,8 +109,9 @@ def build(shape: str, variant: str, seed: int = 0):
         return model.to(torch.bfloat16)
     if variant in QUANT:
         bits, scope = int(variant[3]), "experts" if variant.endswith("experts") else "all"
+        act = {"activations": "int8"} if variant == "int4a8" else {}  # W4A8
         return quantize_fn()(model, bits=bits, scope=scope,
-                             **({"group_size": 64} if bits == 4 else {}))
+                             **({"group_size": 64} if bits == 4 else {}), **act)
     if variant.startswith("hf-"):
         return hf_model(model, variant.split("-")[1])
     if variant.startswith("hfpatch-"):

@@ -5,7 +5,8 @@ compiler-vectorized loops ("generic"), whichever is the widest the CPU has. The
 other test modules cover only that one; here every narrower path this CPU can run
 (``MOEKIT_CPU_ISA`` caps it, read once when the kernels load, so each runs in a
 fresh process) passes the same oracle tests: the per-token reference for the
-expert kernels, dequantize-then-matmul for int8 / int4, torch for the dense rows.
+expert kernels, dequantize-then-matmul for int8 / int4 (and int4 with int8
+activations), torch for the dense rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TESTS = ("matches_reference or single_touched or dense_rows or quantized_experts_match "
-                "or quantized_linear or float_linear")
+                "or quantized_linear or float_linear or int8_activation")
 
 
 def _narrower() -> list[str]:
@@ -50,7 +51,8 @@ def test_narrower_path_matches_the_oracles(cap):
     env = {**os.environ, cpu_ext.ISA_ENV: cap}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_decode.py", "tests/test_quant.py", "-k", ORACLE_TESTS],
+         "tests/test_decode.py", "tests/test_quant.py", "tests/test_quant_a8.py", "-k",
+         ORACLE_TESTS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     # 0: tests ran and passed (5 would be none selected, 1 a failure)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

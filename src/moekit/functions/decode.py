@@ -57,9 +57,14 @@ def _isa(ext) -> str:
     return ext.isa()
 
 
+def kernel_bits(qt: QuantizedTensor) -> int:
+    """The kernels' weight format code: 8, 4, or 48 (int4 weights, int8 activations)."""
+    return 48 if qt.bits == 4 and qt.activations == "int8" else qt.bits
+
+
 def _wargs(w: Tensor | QuantizedTensor) -> tuple:
     if isinstance(w, QuantizedTensor):
-        return w.data, w.scales, w.zeros, w.bits, w.group_size or 0
+        return w.data, w.scales, w.zeros, kernel_bits(w), w.group_size or 0
     if w.stride(2) != 1 and w.stride(1) != 1:  # neither layout the kernel reads
         w = w.contiguous()
     return w, None, None, 0, 0
@@ -139,7 +144,7 @@ def _list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
     if isinstance(first, QuantizedTensor):
         return ([w.data[0] for w in ws], [w.scales[0] for w in ws],
                 None if first.zeros is None else [w.zeros[0] for w in ws],
-                first.bits, first.group_size or 0)
+                kernel_bits(first), first.group_size or 0)
     return list(ws), None, None, 0, 0
 
 

@@ -4,6 +4,7 @@
                             ``...w_in.data`` / ``.scales`` / ``.zeros``; tied copies once)
     DIR/quantized.json      format version, the model config, bits, group size,
                             scope ("all" or "experts"; version 1 files: experts),
+                            activations ("float" or "int8"; absent: float),
                             tied aliases, the SHA-256 of model.safetensors
 
 ``load_quantized`` rebuilds the model from the config, puts empty quantized
@@ -27,7 +28,7 @@ from torch import nn
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
 from moekit.quant.model import SCOPES, is_quantized, quantize, quantize_like, quantized_scope
-from moekit.quant.tensor import QuantizedTensor
+from moekit.quant.tensor import QuantizationError, QuantizedTensor, check_activations
 from moekit.safetensors_write import save_file
 from moekit.train.checkpoint import (
     CheckpointError,
@@ -75,6 +76,7 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     save_file(weights, str(tmp / MODEL_FILE))
     meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
             "bits": qts[0].bits, "group_size": qts[0].group_size,
+            "activations": qts[0].activations,
             "scope": quantized_scope(model), "tied": aliases,
             "sha256": _sha256(tmp / MODEL_FILE)}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -97,6 +99,11 @@ def _read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path / META_FILE}: format_version must be 1 or "
                               f"{FORMAT_VERSION}, got {meta['format_version']!r}")
     meta.setdefault("scope", "experts")
+    meta.setdefault("activations", "float")  # written since the int8-activation kernels
+    try:
+        check_activations(meta["activations"], meta["bits"])
+    except QuantizationError as e:
+        raise CheckpointError(f"{path / META_FILE}: {e}") from e
     if meta["scope"] not in SCOPES:
         raise CheckpointError(f"{path / META_FILE}: scope={meta['scope']!r} must be one of "
                               f"{SCOPES}")
@@ -126,7 +133,7 @@ def load_quantized(path: str | Path) -> MoETransformer:
         if source in tensors:
             tensors[alias] = tensors[source]
     model = MoETransformer(LMConfig.from_dict(meta["model_config"]))
-    quantize_like(model, meta["bits"], meta["group_size"], meta["scope"])
+    quantize_like(model, meta["bits"], meta["group_size"], meta["scope"], meta["activations"])
     check_model_fits(model, tensors, path)
     _check_dtypes(model, tensors, path)
     model.load_state_dict(tensors, strict=True)
@@ -134,12 +141,13 @@ def load_quantized(path: str | Path) -> MoETransformer:
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
-                        group_size: int | None = None, scope: str = "all") -> Path:
+                        group_size: int | None = None, scope: str = "all",
+                        activations: str = "float") -> Path:
     """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
     ck = load_checkpoint(checkpoint)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)
-    return save_quantized(quantize(model, bits, group_size, scope), out)
+    return save_quantized(quantize(model, bits, group_size, scope, activations), out)
 
 
 def load_model(path: str | Path) -> MoETransformer:

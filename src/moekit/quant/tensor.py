@@ -52,6 +52,20 @@ def check_bits(bits: int, group_size: int | None) -> int | None:
     return group_size
 
 
+ACTIVATIONS = ("float", "int8")
+
+
+def check_activations(activations: str, bits: int) -> str:
+    """``activations`` if allowed with ``bits``; a QuantizationError naming it otherwise."""
+    if activations not in ACTIVATIONS:
+        raise QuantizationError(f"activations={activations!r} is not allowed: it must be "
+                                "'float' (weight-only) or 'int8'")
+    if activations == "int8" and bits != 4:
+        raise QuantizationError(f"activations='int8' is not allowed with bits={bits}: the "
+                                "int8-activation kernels are for int4 weights (bits=4)")
+    return activations
+
+
 def check_divides(group_size: int | None, K: int, what: str) -> None:
     if group_size is not None and K % group_size:
         raise QuantizationError(f"group_size={group_size} does not divide {what}={K}: int4 "
@@ -69,6 +83,9 @@ class QuantizedTensor(nn.Module):
                  group_size: int | None) -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
+        # "int8": the decode kernels round the activations to int8 (int4 only; see
+        # moekit.quantize); "float": weight-only
+        self.activations = "float"
         self.register_buffer("data", data)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
@@ -107,7 +124,8 @@ class QuantizedTensor(nn.Module):
 
     def extra_repr(self) -> str:
         g = "" if self.group_size is None else f", group_size={self.group_size}"
-        return f"shape={tuple(self.shape)}, bits={self.bits}{g}"
+        a = ", activations=int8" if self.activations == "int8" else ""
+        return f"shape={tuple(self.shape)}, bits={self.bits}{g}{a}"
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() must not round the scales (nor touch the integers):
@@ -122,8 +140,10 @@ class QuantizedTensor(nn.Module):
         """A QuantizedTensor of the given experts only (in that order)."""
         idx = torch.as_tensor(experts, dtype=torch.long, device=self.data.device)
         z = None if self.zeros is None else self.zeros.index_select(0, idx)
-        return QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
-                               z, self.bits, self.group_size)
+        out = QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
+                              z, self.bits, self.group_size)
+        out.activations = self.activations
+        return out
 
     def dequantize(self, e0: int = 0, e1: int | None = None,
                    dtype: torch.dtype = torch.float32) -> Tensor:
