@@ -1,6 +1,7 @@
 """Quality of a quantized `moekit train` model: validation loss and greedy agreement
 with the fp32 model, for every weight quantized (``scope="all"``, the default) and
-for the routed experts alone (``--scopes all experts``).
+for the routed experts alone (``--scopes all experts``); ``--a8`` adds int4 with
+int8 activations (``activations="int8"``, scope all), measured on the kernels.
 
 Validation loss: the trainer's own ``evaluate`` (fixed held-out windows, here
 ``--eval-batches`` of 16 x 128 bytes), the same windows for every variant.
@@ -20,6 +21,7 @@ A quickly trained model to run it on (~60 min with the 2-core box loaded 9-15):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.experts import backends
+from moekit.functions import decode
 from moekit.quant import quantize
 from moekit.quant.io import load_model
 from moekit.train.data import encode, load_corpus
@@ -50,6 +54,20 @@ def free_run(model, prompt: str, n: int) -> torch.Tensor:
     return ids[0]
 
 
+@contextlib.contextmanager
+def on_kernels(enable: bool):
+    """Every row of quantized projections on the decode kernels (which alone round
+    activations to int8): past their row limits the model dequantizes and runs
+    float activations, so an int8-activation model must be measured with them off."""
+    saved = backends.QUANT_KERNEL_MAX_ROWS, decode.QUANT_LINEAR_MAX_ROWS
+    if enable:
+        backends.QUANT_KERNEL_MAX_ROWS = decode.QUANT_LINEAR_MAX_ROWS = 1 << 30
+    try:
+        yield
+    finally:
+        backends.QUANT_KERNEL_MAX_ROWS, decode.QUANT_LINEAR_MAX_ROWS = saved
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
@@ -59,6 +77,8 @@ def main() -> None:
     p.add_argument("--groups", type=int, nargs="+", default=[64])
     p.add_argument("--scopes", nargs="+", default=["all", "experts"],
                    help="what to quantize: all (experts + dense projections), experts")
+    p.add_argument("--a8", action="store_true",
+                   help="also int4 with int8 activations (scope all), every row on the kernels")
     p.add_argument("--free-run", type=int, default=100, help="greedy bytes from 'def '")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -72,14 +92,18 @@ def main() -> None:
         variants[f"int8{tag}"] = quantize(copy.deepcopy(fp32), bits=8, scope=scope)
         variants.update({f"int4-g{g}{tag}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,
                                                      scope=scope) for g in args.groups})
+    if args.a8:
+        variants.update({f"int4a8-g{g}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,
+                                                  activations="int8") for g in args.groups})
     ctx = fp32.config.max_seq_len
     rows = {}
     with torch.inference_mode():
         base_run = free_run(fp32, "def ", args.free_run)
         for name, model in variants.items():
-            loss = evaluate(model, corpus.val, cfg)
-            agree = agreement(fp32, model, corpus.val, args.bytes, ctx)
-            run = free_run(model, "def ", args.free_run)
+            with on_kernels(name.startswith("int4a8")):
+                loss = evaluate(model, corpus.val, cfg)
+                agree = agreement(fp32, model, corpus.val, args.bytes, ctx)
+                run = free_run(model, "def ", args.free_run)
             diff = (run != base_run).nonzero()
             first = int(diff[0]) - 4 if diff.numel() else args.free_run
             rows[name] = {"val_loss": loss, "greedy_agreement": agree,
