@@ -898,6 +898,21 @@ struct A8Layout {
   int64_t hi(int64_t c) const { return lo(c) + (c < 4 * (K / 128) ? 64 : 16); }
 };
 
+// One half (16 inputs) of a chunk: q = round(x / scale), clamped; returns their sum.
+// Loops the compiler vectorizes (target_clones): the division and rounding are IEEE
+// operations, so every clone gives the same q.
+CLONES int32_t round_half(const float* x, float scale, int8_t* q) {
+  int32_t v[16], sum = 0;
+  for (int j = 0; j < 16; ++j)
+    v[j] = scale > 0.0f ? static_cast<int32_t>(std::nearbyint(x[j] / scale)) : 0;
+  for (int j = 0; j < 16; ++j) {
+    v[j] = std::min(127, std::max(-127, v[j]));
+    q[j] = static_cast<int8_t>(v[j]);
+    sum += v[j];
+  }
+  return sum;
+}
+
 void quantize_a8(const float* x, const A8Layout& L, char* rec) {
   int8_t* q = reinterpret_cast<int8_t*>(rec);
   float* sx = reinterpret_cast<float*>(rec + L.sx_off);
@@ -909,13 +924,7 @@ void quantize_a8(const float* x, const A8Layout& L, char* rec) {
     float amax = 0.0f;
     for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xc[j]));
     const float scale = amax / 127.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int32_t v = scale > 0.0f ? std::clamp(
-          static_cast<int32_t>(std::nearbyint(xc[j] / scale)), -127, 127) : 0;
-      q[(j < 16 ? L.lo(c) : L.hi(c)) + j % 16] = static_cast<int8_t>(v);
-      sum += v;
-    }
+    const int32_t sum = round_half(xc, scale, q + L.lo(c)) + round_half(xc + 16, scale, q + L.hi(c));
     for (int i = 0; i < 4; ++i) sx[4 * c + i] = scale;
     zx[c / per_group] += scale * static_cast<float>(sum);
   }
@@ -1212,21 +1221,30 @@ struct Rows {
   int64_t kept = 0;
 };
 
-Rows touched(const torch::Tensor& offsets_E) {
-  auto off = offsets_E.to(at::kLong).contiguous();
-  const int64_t* o = off.data_ptr<int64_t>();
+template <typename I>
+Rows touched_from(const I* o, int64_t n) {
   Rows rows;
   int64_t start = 0;
-  for (int64_t e = 0; e < off.numel(); ++e) {
-    if (o[e] > start) {
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t end = o[e];
+    if (end > start) {
       rows.experts.push_back(e);
       rows.starts.push_back(start);
-      rows.ends.push_back(o[e]);
+      rows.ends.push_back(end);
     }
-    start = std::max(start, o[e]);
+    start = std::max(start, end);
   }
   rows.kept = start;
   return rows;
+}
+
+// int32 offsets (route_sort's, the dense rows') are read as they are: a conversion to
+// int64 was an aten op per kernel call, 17 per batch-1 step of the fine model.
+Rows touched(const torch::Tensor& offsets_E) {
+  if (offsets_E.scalar_type() == at::kInt && offsets_E.is_contiguous())
+    return touched_from(offsets_E.data_ptr<int32_t>(), offsets_E.numel());
+  auto off = offsets_E.to(at::kLong).contiguous();
+  return touched_from(off.data_ptr<int64_t>(), off.numel());
 }
 
 void check_cpu(const torch::Tensor& t, const char* name) {
