@@ -66,7 +66,8 @@ BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 # transformers' models patched with moekit.integrations.hf.apply (their own generate()),
 # fp32 or quantized by moekit.quantize; each is also paired with the unpatched model
 HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", "hfpatch-mixtral-int8", "hfpatch-mixtral-int4",
-              "hfpatch-olmoe-int8", "hfpatch-olmoe-int4")
+              "hfpatch-mixtral-int4a8", "hfpatch-olmoe-int8", "hfpatch-olmoe-int4",
+              "hfpatch-olmoe-int4a8")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
@@ -121,8 +122,9 @@ def build(shape: str, variant: str, seed: int = 0):
         patched = hf.apply(hf_model(model, family))
         if not bits:
             return patched
-        b = int(bits[0][3:])
-        return quantize_fn()(patched, bits=b, **({"group_size": 64} if b == 4 else {}))
+        b = int(bits[0][3])  # int8, int4, int4a8 (int8 activations)
+        act = {"activations": "int8"} if bits[0].endswith("a8") else {}
+        return quantize_fn()(patched, bits=b, **({"group_size": 64} if b == 4 else {}), **act)
     return model
 
 
@@ -660,9 +662,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
     p.add_argument("--hf-batches", default="1,8", help="batches that also time transformers")
     p.add_argument("--variants", default=",".join((*MOEKIT_DTYPES, *BASELINES)),
-                   help="comma list of bf16, int8, int4, int8-experts, int4-experts, "
-                   "fp32-aten-linear, dense-active, dense-total, "
-                   "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4] "
+                   help="comma list of bf16, int8, int4, int4a8 (int4, int8 activations), "
+                   "int8-experts, int4-experts, fp32-aten-linear, dense-active, dense-total, "
+                   "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4|-int4a8] "
                    "(transformers patched by moekit, also paired with the unpatched model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation")
     p.add_argument("--reps", type=int, default=4, help="A/B pairs per variant (median)")

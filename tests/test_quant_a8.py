@@ -239,3 +239,29 @@ def test_checkpoint_with_bad_activations_is_refused(tmp_path):
     (out / qio.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="activations='int2' is not allowed"):
         qio.load_quantized(out)
+
+
+@needs_kernel
+def test_hf_patched_model_with_int8_activations():
+    """A transformers model patched by hf.apply and quantized with int8 activations:
+    every quantized weight carries the flag, its logits differ from weight-only int4's
+    by the activations' rounding only (close), and its own generate() runs."""
+    transformers = pytest.importorskip("transformers")
+    from moekit.integrations import hf
+    from tests import hf_models
+
+    torch.manual_seed(0)  # an OLMoE whose expert widths int4 groups of 32 tile
+    cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, "intermediate_size": 32,
+                                      "num_experts": 8, "num_experts_per_tok": 2})
+    original = transformers.OlmoeForCausalLM(cfg).eval()
+    a8 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32, activations="int8")
+    w4 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32)
+    qts = [m for m in a8.modules() if isinstance(m, moekit.quant.QuantizedTensor)]
+    assert qts and all(q.activations == "int8" for q in qts)
+    ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lw = a8(input_ids=ids).logits, w4(input_ids=ids).logits
+    diff = (la - lw).abs().max().item()
+    assert 0 < diff < 0.05 * lw.abs().max().item()
+    out = a8.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 10) and torch.equal(out[:, :6], ids)

@@ -930,25 +930,32 @@ void quantize_a8(const float* x, const A8Layout& L, char* rec) {
   }
 }
 
-// One output row p (int4, K / 2 bytes; its group scales gs and zeros gz) against R
-// row records: v[r] = the dot product. Plain loops, for CPUs without AVX-512 VNNI.
+// Chunks c0.. of output row p (int4, K / 2 bytes; group scales gs) against record xr,
+// one chunk at a time: the plain loops' whole row, the intrinsics' tail past K / 128
+// blocks. With `zeros`, the zero points' term (gz against the record's zx) too.
+INLINE float i4a8_chunks(const uint8_t* p, const A8Layout& L, const float* gs,
+                         const float* gz, const char* xr, int64_t c0, bool zeros) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(xr);
+  const float* sx = reinterpret_cast<const float*>(xr + L.sx_off);
+  const float* zx = reinterpret_cast<const float*>(xr + L.zx_off);
+  float t = 0.0f;
+  for (int64_t c = c0; c < L.K / 32; ++c) {
+    const uint8_t* b = p + 16 * c;
+    const int8_t *ql = q + L.lo(c), *qh = q + L.hi(c);
+    int32_t sum = 0;
+    for (int j = 0; j < 16; ++j) sum += (b[j] & 15) * ql[j] + (b[j] >> 4) * qh[j];
+    t += static_cast<float>(sum) * (gs[32 * c / L.group] * sx[4 * c]);
+  }
+  if (zeros)
+    for (int64_t g = 0; g < L.K / L.group; ++g) t += gz[g] * zx[g];
+  return t;
+}
+
+// One output row p (its group scales gs and zeros gz) against R row records: v[r] =
+// the dot product. Plain loops, for CPUs without AVX2 (or MOEKIT_CPU_ISA=generic).
 CLONES void i4a8_rows_generic(const uint8_t* p, const A8Layout& L, const float* gs,
                               const float* gz, const char* const* xr, int64_t R, float* v) {
-  for (int64_t r = 0; r < R; ++r) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(xr[r]);
-    const float* sx = reinterpret_cast<const float*>(xr[r] + L.sx_off);
-    const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
-    float t = 0.0f;
-    for (int64_t c = 0; c < L.K / 32; ++c) {
-      const uint8_t* b = p + 16 * c;
-      const int8_t *ql = q + L.lo(c), *qh = q + L.hi(c);
-      int32_t sum = 0;
-      for (int j = 0; j < 16; ++j) sum += (b[j] & 15) * ql[j] + (b[j] >> 4) * qh[j];
-      t += static_cast<float>(sum) * (gs[32 * c / L.group] * sx[4 * c]);
-    }
-    for (int64_t g = 0; g < L.K / L.group; ++g) t += gz[g] * zx[g];
-    v[r] = t;
-  }
+  for (int64_t r = 0; r < R; ++r) v[r] = i4a8_chunks(p, L, gs, gz, xr[r], 0, true);
 }
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -1002,17 +1009,7 @@ VNNI void i4a8_rows_vnni(const uint8_t* p, const A8Layout& L, const A8Vnni& V, c
   for (int r = 0; r < R; ++r) {
     const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
     float t = _mm512_reduce_add_ps(dot_acc(gz, zx, V.ng, acc[r]));
-    if (L.K % 128) {  // chunks past the last block
-      const int8_t* q = reinterpret_cast<const int8_t*>(xr[r]);
-      const float* sx = reinterpret_cast<const float*>(xr[r] + L.sx_off);
-      for (int64_t c = 4 * V.nb; c < L.K / 32; ++c) {
-        const uint8_t* bc = p + 16 * c;
-        int32_t sum = 0;
-        for (int j = 0; j < 16; ++j)
-          sum += (bc[j] & 15) * q[L.lo(c) + j] + (bc[j] >> 4) * q[L.hi(c) + j];
-        t += static_cast<float>(sum) * (gs[32 * c / L.group] * sx[4 * c]);
-      }
-    }
+    if (L.K % 128) t += i4a8_chunks(p, L, gs, gz, xr[r], 4 * V.nb, false);  // past the blocks
     v[r] = t;
   }
 }
@@ -1065,18 +1062,7 @@ AVX2 void i4a8_rows_avx2(const uint8_t* p, const A8Layout& L, const A8Avx2& V,
     _mm256_store_ps(lanes, acc[r]);
     float t = 0.0f;
     for (float f : lanes) t += f;
-    const int8_t* q = reinterpret_cast<const int8_t*>(xr[r]);
-    const float* sx = reinterpret_cast<const float*>(xr[r] + L.sx_off);
-    const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
-    for (int64_t c = 4 * nb; c < L.K / 32; ++c) {  // chunks past the last block
-      const uint8_t* bc = p + 16 * c;
-      int32_t sum = 0;
-      for (int j = 0; j < 16; ++j)
-        sum += (bc[j] & 15) * q[L.lo(c) + j] + (bc[j] >> 4) * q[L.hi(c) + j];
-      t += static_cast<float>(sum) * (gs[32 * c / L.group] * sx[4 * c]);
-    }
-    for (int64_t g = 0; g < L.K / L.group; ++g) t += gz[g] * zx[g];
-    v[r] = t;
+    v[r] = t + i4a8_chunks(p, L, gs, gz, xr[r], 4 * nb, true);  // past the blocks; zeros
   }
 }
 
@@ -1421,35 +1407,36 @@ struct Plan {
   // x's rows replaced by permuted copies, one per distinct row (a token routed to
   // k experts is permuted once): O(rows x K) against the O(experts x N x K) weights.
   void permute_rows() {
-    std::vector<const float*> distinct;
-    for (const auto& xi : x) distinct.insert(distinct.end(), xi.begin(), xi.end());
-    std::sort(distinct.begin(), distinct.end());
-    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    const auto distinct = distinct_rows();
     permuted.resize(distinct.size() * K);
     for (size_t i = 0; i < distinct.size(); ++i) permute_x32(distinct[i], K, &permuted[i * K]);
-    for (auto& xi : x)
-      for (const float*& row : xi) {
-        const auto at = std::lower_bound(distinct.begin(), distinct.end(), row) - distinct.begin();
-        row = &permuted[at * K];
-      }
+    repoint(distinct, permuted.data(), K);
   }
   // x's rows replaced by their int8 records (quantize_a8), one per distinct row; the
   // pointers stay const float* on their way to i4a8_tile.
   void quantize_rows(const A8Layout& L) {
-    std::vector<const float*> distinct;
-    for (const auto& xi : x) distinct.insert(distinct.end(), xi.begin(), xi.end());
-    std::sort(distinct.begin(), distinct.end());
-    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    const auto distinct = distinct_rows();
     const int64_t fl = L.bytes / 4;  // floats per record (a multiple of 16: 64-byte aligned)
     records.resize(distinct.size() * fl + 16);
     float* first = records.data();
     first += (16 - (reinterpret_cast<uintptr_t>(first) / 4) % 16) % 16;
     for (size_t i = 0; i < distinct.size(); ++i)
       quantize_a8(distinct[i], L, reinterpret_cast<char*>(first + i * fl));
+    repoint(distinct, first, fl);
+  }
+  std::vector<const float*> distinct_rows() const {
+    std::vector<const float*> distinct;
+    for (const auto& xi : x) distinct.insert(distinct.end(), xi.begin(), xi.end());
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    return distinct;
+  }
+  // every row pointer to its distinct row's copy: base + (its index) * stride
+  void repoint(const std::vector<const float*>& distinct, const float* base, int64_t stride) {
     for (auto& xi : x)
       for (const float*& row : xi) {
         const auto at = std::lower_bound(distinct.begin(), distinct.end(), row) - distinct.begin();
-        row = first + at * fl;
+        row = base + at * stride;
       }
   }
   int64_t n(size_t i) const { return static_cast<int64_t>(x[i].size()); }
