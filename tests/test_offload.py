@@ -288,17 +288,18 @@ CFG_Q = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=32, num_experts=8, t
                  max_seq_len=64)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, tmp_path):
+@pytest.mark.parametrize("bits,activations", [(8, "float"), (4, "float"), (4, "int8")])
+def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations, tmp_path):
     """A `moekit quantize` directory under an expert budget: the int8/int4 bytes are
     cached (budget in quantized bytes) and outputs equal the resident quantized model,
-    decode (kernels) and a 1200-row prefill (dequantized blocks) alike."""
+    decode (kernels) and a 1200-row prefill (dequantized blocks) alike; int4 with int8
+    activations keeps them offloaded too."""
     from moekit.quant import quantize
     from moekit.quant.io import load_quantized, save_quantized
 
     torch.manual_seed(0)
-    save_quantized(quantize(MoETransformer(CFG_Q).eval(), bits, 32 if bits == 4 else None),
-                   tmp_path / "q")
+    save_quantized(quantize(MoETransformer(CFG_Q).eval(), bits, 32 if bits == 4 else None,
+                            activations=activations), tmp_path / "q")
     resident = load_quantized(tmp_path / "q")
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     long_ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(2))
@@ -315,6 +316,7 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, tmp_path):
                 assert torch.equal(model(tokens).logits, logits)
                 assert torch.equal(model(long_ids).logits, long_logits)
             assert model.expert_offload.cache.capacity == experts  # quantized bytes cached
+            assert model.blocks[0].attn.qkv.weight.activations == activations
         finally:
             model.expert_offload.close()
 

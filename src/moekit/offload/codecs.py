@@ -23,11 +23,13 @@ from moekit.offload.store import Codec, Layout, Part
 from moekit.quant.tensor import QuantizedTensor, check_divides, quantize_tensor
 
 
-def _wrap(cached: dict[str, Tensor], role: str, bits: int, group: int | None
-          ) -> QuantizedTensor:
+def _wrap(cached: dict[str, Tensor], role: str, bits: int, group: int | None,
+          activations: str = "float") -> QuantizedTensor:
     z = cached.get(f"{role}.zeros")
-    return QuantizedTensor(cached[f"{role}.data"][None], cached[f"{role}.scales"][None],
-                           None if z is None else z[None], bits, group)
+    q = QuantizedTensor(cached[f"{role}.data"][None], cached[f"{role}.scales"][None],
+                        None if z is None else z[None], bits, group)
+    q.activations = activations
+    return q
 
 
 class Renamed(Codec):
@@ -47,12 +49,15 @@ class Renamed(Codec):
 class Quantized(Codec):
     """Parts ``<role>.data`` / ``.scales`` / ``.zeros`` per role (``w_in``, ``w_out``)."""
 
-    def __init__(self, roles: tuple[str, ...], bits: int, group: int | None) -> None:
+    def __init__(self, roles: tuple[str, ...], bits: int, group: int | None,
+                 activations: str = "float") -> None:
         self.roles, self.bits, self.group = roles, bits, group
+        self.activations = activations  # a moekit quantized directory's (quantized.json)
 
     def wrap(self, cached: dict[str, Tensor]) -> dict:
         out = {k: v for k, v in cached.items() if k.split(".")[0] not in self.roles}
-        out.update({r: _wrap(cached, r, self.bits, self.group) for r in self.roles})
+        out.update({r: _wrap(cached, r, self.bits, self.group, self.activations)
+                    for r in self.roles})
         return out
 
 

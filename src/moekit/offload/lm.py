@@ -126,7 +126,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     with torch.device("meta"):
         model = MoETransformer(cfg)
         if quant is not None and state.get("scope", "experts") == "all":
-            quantize_like(model, *quant, "all")  # attention and head as QuantizedLinear
+            quantize_like(model, quant[0], quant[1], "all", quant[2])  # attention, head
     store_parts, layer = {}, 0
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):
@@ -138,7 +138,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
             moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, quant is not None)
             layer += 1
     resident = _check_resident(model, header, state["tied"], file)
-    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)
+    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)  # + activations
     store = ExpertStore(store_parts, codec)
     try:
         model.to_empty(device="cpu")
@@ -151,8 +151,9 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     return model.eval()
 
 
-def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None] | None]:
-    """(model file, state with model_config and tied, (bits, group) when quantized),
+def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None, str] | None]:
+    """(model file, state with model_config and tied, (bits, group, activations) when
+    quantized),
     every file verified against its recorded SHA-256 before anything is read."""
     if qio.is_quantized_checkpoint(path):
         path = Path(path)
@@ -161,7 +162,7 @@ def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None] | None
         if rundir.sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not "
                                   f"match the one recorded in {qio.META_FILE}")
-        return file, meta, (meta["bits"], meta["group_size"])
+        return file, meta, (meta["bits"], meta["group_size"], meta["activations"])
     ckpt = resolve(path)
     file = _model_file(ckpt / MODEL_FILE)
     # the manifest's SHA-256 of every file, state.json included, before anything is read
