@@ -1,4 +1,5 @@
-"""``moekit.quantize``: weight-only quantization of a model for inference, in place.
+"""``moekit.quantize``: weight-only quantization of a model for inference, in place
+(int4 optionally with int8 activations in the decode kernels: ``activations="int8"``).
 
 ``scope="all"`` (the default) quantizes every weight a decode step reads in
 bulk: the routed experts, and every dense projection (attention q/k/v/o, the LM
