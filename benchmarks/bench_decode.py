@@ -22,7 +22,8 @@ scales, zero points) and bf16 weights count what they occupy, tied tensors once.
 ``--cpu-time``: 1 thread, every interval is the main thread's CPU time
 (``time.thread_time``), so other jobs on a loaded machine distort it less.
 Peak RSS: a fresh process builds the model and generates (VmHWM reset
-after the build, so the number is the generation's own peak).
+after the build, so "generate" is the generation's own peak; "process" is the larger
+of it and the build's).
 
     PYTHONPATH=src python benchmarks/bench_decode.py --quick      # ~2 min idle
     PYTHONPATH=src python benchmarks/bench_decode.py              # everything
