@@ -26,10 +26,10 @@ from moekit.experts.backends import BACKENDS
 from moekit.functions import cpu_ext
 from moekit.functions import decode as decode_fn
 from moekit.inference import sorted_rows
-from moekit.models import MoETransformer, preset
-from moekit.quant import QuantizationError, quantize, quantize_tensor
+from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
-from moekit.train.checkpoint import CheckpointError, save_checkpoint
+from moekit.train.checkpoint import CheckpointError
+from tests.test_quant import _lm, _trained_checkpoint
 
 needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
 
@@ -48,11 +48,6 @@ def _check(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, K: in
     assert excess <= 1.0, f"error {excess:.2f} x the fp32 summation bound"
 
 
-def _a8(qt):
-    qt.activations = "int8"
-    return qt
-
-
 @needs_kernel
 # 160 and 96: a tail of chunks past the last block of 128 inputs
 @pytest.mark.parametrize("K,g", [(1024, 32), (1024, 64), (1024, 128), (384, 64), (384, 128),
@@ -61,7 +56,7 @@ def _a8(qt):
 def test_int8_activation_gate_up_matches_definition(K, g, T):
     E, N, topk = 5, 48, 3
     gen = torch.Generator().manual_seed(K + g + T)
-    qt = _a8(quantize_tensor(torch.randn(E, K, N, generator=gen), 4, g))
+    qt = quantize_tensor(torch.randn(E, K, N, generator=gen), 4, g, activations="int8")
     x = torch.randn(T, K, generator=gen) * torch.rand(T, 1, generator=gen) * 4
     x[0, :32] = 0  # a block of zeros: scale 0
     w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
@@ -83,7 +78,7 @@ def test_int8_activation_gate_up_matches_definition(K, g, T):
 def test_int8_activation_down_combine_matches_definition(g, T):
     E, F, D, topk = 6, 256, 96, 2
     gen = torch.Generator().manual_seed(7 + g + T)
-    qt = _a8(quantize_tensor(torch.randn(E, F, D, generator=gen), 4, g))
+    qt = quantize_tensor(torch.randn(E, F, D, generator=gen), 4, g, activations="int8")
     w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
     d = sorted_rows(idx, w, E)
     a = torch.randn(T * topk, F, generator=gen)
@@ -107,7 +102,7 @@ def test_int8_activations_change_the_result_and_weight_only_does_not():
     activations' rounding); a prefill past the kernels' rows runs float activations."""
     E, K, N = 4, 256, 32
     qt = quantize_tensor(torch.randn(E, K, N), 4, 64)
-    qa = _a8(copy.deepcopy(qt))
+    qa = QuantizedTensor(qt.data, qt.scales, qt.zeros, 4, 64, activations="int8")
     x = torch.randn(3, K)
     d = sorted_rows(torch.tensor([[0], [2], [3]]), torch.ones(3, 1), E)
     ext = cpu_ext.get_decode()
@@ -130,7 +125,7 @@ def test_int8_activation_experts_through_the_backend(prefill, monkeypatch):
         monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
     cfg = moekit.MoEConfig(dim=128, ffn_dim=64, num_experts=6, top_k=2)
     ex = moekit.experts.Experts(cfg).requires_grad_(False)
-    qi, qo = (_a8(quantize_tensor(w, 4, 32)) for w in (ex.w_in, ex.w_out))
+    qi, qo = (quantize_tensor(w, 4, 32, activations="int8") for w in (ex.w_in, ex.w_out))
     T = 4
     x = torch.randn(T, 128)
     w, idx = torch.rand(T, 6).topk(2, dim=-1)
@@ -148,11 +143,6 @@ def test_int8_activation_experts_through_the_backend(prefill, monkeypatch):
     # h is rounded in fp32 here and in the kernel: a near-tie may round either way
     # once, moving one input by a step (sx ~ |a| / 127): a loose bound on purpose
     torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=2e-3)
-
-
-def _lm(seed=0) -> MoETransformer:
-    torch.manual_seed(seed)
-    return MoETransformer(preset("tiny", dim=64, ffn_dim=64)).eval()
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -177,7 +167,7 @@ def test_generation_runs_the_int8_activation_kernels():
     a8 = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
     w4 = quantize(copy.deepcopy(model), bits=4, group_size=32)
     assert all(q.activations == "int8" for q in a8.modules()
-               if isinstance(q, moekit.quant.QuantizedTensor))
+               if isinstance(q, QuantizedTensor))
     assert "activations=int8" in repr(a8.blocks[0].ffn.experts.w_in)
     from moekit.models.transformer import StaticKVCache
     with torch.inference_mode():
@@ -191,19 +181,11 @@ def test_generation_runs_the_int8_activation_kernels():
     assert 0 < diff < 0.1 * outs[1].abs().max().item()
 
 
-def _checkpoint(tmp_path):
-    model = _lm()
-    run = tmp_path / "run"
-    save_checkpoint(run, model, torch.optim.AdamW(model.parameters()),
-                    {"step": 1, "model_config": model.config.to_dict()})
-    return model, run
-
-
 @needs_kernel
 def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
     from moekit.cli import main
 
-    model, run = _checkpoint(tmp_path)
+    model, run = _trained_checkpoint(tmp_path)
     out = tmp_path / "q"
     assert main(["quantize", str(run), "--bits", "4", "--activations", "int8",
                  "--out", str(out)]) == 0
@@ -211,7 +193,7 @@ def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
     assert json.loads((out / qio.META_FILE).read_text())["activations"] == "int8"
     loaded = qio.load_quantized(out)
     expect = quantize(copy.deepcopy(model), bits=4, activations="int8")
-    qts = [m for m in loaded.modules() if isinstance(m, moekit.quant.QuantizedTensor)]
+    qts = [m for m in loaded.modules() if isinstance(m, QuantizedTensor)]
     assert qts and all(q.activations == "int8" for q in qts)
     ids = torch.randint(0, 256, (1, 9))
     with torch.inference_mode():
@@ -226,14 +208,14 @@ def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
 
 
 def test_checkpoint_with_bad_activations_is_refused(tmp_path):
-    model, run = _checkpoint(tmp_path)
+    model, run = _trained_checkpoint(tmp_path)
     out = qio.quantize_checkpoint(run, tmp_path / "q", 4)
     meta = json.loads((out / qio.META_FILE).read_text())
     assert meta["activations"] == "float"
     del meta["activations"]  # files written before the flag: weight-only
     (out / qio.META_FILE).write_text(json.dumps(meta))
     assert all(q.activations == "float" for q in qio.load_quantized(out).modules()
-               if isinstance(q, moekit.quant.QuantizedTensor))
+               if isinstance(q, QuantizedTensor))
     meta["activations"] = "int2"
     (out / qio.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="activations='int2' is not allowed"):
@@ -255,7 +237,7 @@ def test_hf_patched_model_with_int8_activations():
     original = transformers.OlmoeForCausalLM(cfg).eval()
     a8 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32, activations="int8")
     w4 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32)
-    qts = [m for m in a8.modules() if isinstance(m, moekit.quant.QuantizedTensor)]
+    qts = [m for m in a8.modules() if isinstance(m, QuantizedTensor)]
     assert qts and all(q.activations == "int8" for q in qts)
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -26,10 +26,8 @@ from moekit.quant.tensor import QuantizedTensor, check_divides, quantize_tensor
 def _wrap(cached: dict[str, Tensor], role: str, bits: int, group: int | None,
           activations: str = "float") -> QuantizedTensor:
     z = cached.get(f"{role}.zeros")
-    q = QuantizedTensor(cached[f"{role}.data"][None], cached[f"{role}.scales"][None],
-                        None if z is None else z[None], bits, group)
-    q.activations = activations
-    return q
+    return QuantizedTensor(cached[f"{role}.data"][None], cached[f"{role}.scales"][None],
+                           None if z is None else z[None], bits, group, activations)
 
 
 class Renamed(Codec):

@@ -10,6 +10,7 @@ same way: its int8 / int4 bytes are what is read and cached.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -126,19 +127,20 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     with torch.device("meta"):
         model = MoETransformer(cfg)
         if quant is not None and state.get("scope", "experts") == "all":
-            quantize_like(model, quant[0], quant[1], "all", quant[2])  # attention, head
+            # attention and head as QuantizedLinear
+            quantize_like(model, quant.bits, quant.group, "all", quant.activations)
     store_parts, layer = {}, 0
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):
             moe = block.ffn
             parts = _expert_parts(header, f"blocks.{b}.ffn.experts", moe.config, file,
-                                  quant[0] if quant else None)
+                                  quant.bits if quant else None)
             store_parts.update({(layer, e): p for e, p in parts.items()})
             dtype = torch.float32 if quant else parts[0]["w_in"].dtype
             moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, quant is not None)
             layer += 1
     resident = _check_resident(model, header, state["tied"], file)
-    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)  # + activations
+    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)
     store = ExpertStore(store_parts, codec)
     try:
         model.to_empty(device="cpu")
@@ -151,10 +153,17 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     return model.eval()
 
 
-def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None, str] | None]:
-    """(model file, state with model_config and tied, (bits, group, activations) when
-    quantized),
-    every file verified against its recorded SHA-256 before anything is read."""
+class _Quant(NamedTuple):
+    """A moekit quantized directory's format (quantized.json)."""
+
+    bits: int
+    group: int | None
+    activations: str
+
+
+def _source(path: str | Path) -> tuple[Path, dict, _Quant | None]:
+    """(model file, state with model_config and tied, the format when quantized), every
+    file verified against its recorded SHA-256 before anything is read."""
     if qio.is_quantized_checkpoint(path):
         path = Path(path)
         meta = qio._read_meta(path)
@@ -162,7 +171,7 @@ def _source(path: str | Path) -> tuple[Path, dict, tuple[int, int | None, str] |
         if rundir.sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not "
                                   f"match the one recorded in {qio.META_FILE}")
-        return file, meta, (meta["bits"], meta["group_size"], meta["activations"])
+        return file, meta, _Quant(meta["bits"], meta["group_size"], meta["activations"])
     ckpt = resolve(path)
     file = _model_file(ckpt / MODEL_FILE)
     # the manifest's SHA-256 of every file, state.json included, before anything is read

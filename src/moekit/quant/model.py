@@ -205,10 +205,8 @@ def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -
 
 def _quantize(model: nn.Module, targets: list[_Target], bits: int,
               group_size: int | None, activations: str = "float") -> nn.Module:
-    qs = [quantize_tensor(t.w_EKN, bits, group_size).to(t.w_EKN.device) for t in targets]
-    for q in qs:
-        q.activations = activations
-    _replace(model, targets, qs)
+    _replace(model, targets, [quantize_tensor(t.w_EKN, bits, group_size, activations)
+                              .to(t.w_EKN.device) for t in targets])
     return model
 
 
@@ -218,10 +216,8 @@ def quantize_like(model: nn.Module, bits: int, group_size: int | None,
     group_size = check_bits(bits, group_size)
     check_activations(activations, bits)
     targets = _checked_targets(model, scope, group_size)
-    qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device)
+    qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device, activations)
           for t in targets]
-    for q in qs:
-        q.activations = activations
     _replace(model, targets, qs)
     return model
 

@@ -80,27 +80,28 @@ class QuantizedTensor(nn.Module):
     """
 
     def __init__(self, data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                 group_size: int | None) -> None:
+                 group_size: int | None, activations: str = "float") -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
         # "int8": the decode kernels round the activations to int8 (int4 only; see
         # moekit.quantize); "float": weight-only
-        self.activations = "float"
+        self.activations = activations
         self.register_buffer("data", data)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
 
     @classmethod
     def empty(cls, E: int, K: int, N: int, bits: int, group_size: int | None,
-              device: torch.device | str = "cpu") -> QuantizedTensor:
+              device: torch.device | str = "cpu", activations: str = "float"
+              ) -> QuantizedTensor:
         """Buffers of the right shapes and dtypes, for loading a checkpoint into."""
         if bits == 8:
             return cls(torch.zeros(E, N, K, dtype=torch.int8, device=device),
-                       torch.ones(E, N, device=device), None, 8, None)
+                       torch.ones(E, N, device=device), None, 8, None, activations)
         ng = K // group_size
         return cls(torch.zeros(E, N, K // 2, dtype=torch.uint8, device=device),
                    torch.ones(E, N, ng, device=device), torch.zeros(E, N, ng, device=device),
-                   4, group_size)
+                   4, group_size, activations)
 
     @property
     def shape(self) -> torch.Size:
@@ -140,10 +141,8 @@ class QuantizedTensor(nn.Module):
         """A QuantizedTensor of the given experts only (in that order)."""
         idx = torch.as_tensor(experts, dtype=torch.long, device=self.data.device)
         z = None if self.zeros is None else self.zeros.index_select(0, idx)
-        out = QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
-                              z, self.bits, self.group_size)
-        out.activations = self.activations
-        return out
+        return QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
+                               z, self.bits, self.group_size, self.activations)
 
     def dequantize(self, e0: int = 0, e1: int | None = None,
                    dtype: torch.dtype = torch.float32) -> Tensor:
@@ -183,9 +182,11 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
     return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1)
 
 
-def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None) -> QuantizedTensor:
+def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
+                    activations: str = "float") -> QuantizedTensor:
     """Quantize a [E, K, N] weight stack (any strides); errors name what is not allowed."""
     group_size = check_bits(bits, group_size)
+    check_activations(activations, bits)
     if w_EKN.dim() != 3 or not w_EKN.is_floating_point():
         raise QuantizationError(f"weight of shape {tuple(w_EKN.shape)} and dtype {w_EKN.dtype} "
                                 "is not allowed: it must be a floating [E, K, N] stack")
@@ -194,11 +195,11 @@ def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None) -> 
     if bits == 8:
         scale_EN = (w_ENK.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w_ENK / scale_EN[..., None]).clamp_(-127, 127).to(torch.int8)
-        return QuantizedTensor(q.contiguous(), scale_EN.contiguous(), None, 8, None)
+        return QuantizedTensor(q.contiguous(), scale_EN.contiguous(), None, 8, None, activations)
     g = w_ENK.unflatten(-1, (-1, group_size))                # [E, N, K/g, g]
     lo, hi = g.amin(-1), g.amax(-1)
     scale = (hi - lo) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
     q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).flatten(-2)
     return QuantizedTensor(pack_int4(q).contiguous(), scale.contiguous(), lo.contiguous(), 4,
-                           group_size)
+                           group_size, activations)
