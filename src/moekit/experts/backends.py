@@ -181,10 +181,18 @@ def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> boo
     """Whether "auto" should run the decode kernels: CPU, no autograd, few rows, built."""
     if isinstance(w_in_EDG, QuantizedTensor):
         return True
+    return decode_fits(x_TD, rows, w_in_EDG.shape[0], w_in_EDG.dtype, w_out_EFD.dtype)
+
+
+def decode_fits(x_TD: Tensor, rows: int | None, num_experts: int,
+                *w_dtypes: torch.dtype) -> bool:
+    """The float-weight half of ``decode_supported``, from dtypes and the expert count
+    (also what the offloaded experts decide with: moekit.offload.runtime.path)."""
+    floats = (torch.float32, torch.bfloat16)
     return (x_TD.device.type == "cpu" and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and rows is not None
-            and all(t.dtype in (torch.float32, torch.bfloat16) for t in (x_TD, w_in_EDG, w_out_EFD))
-            and decode.available() and rows <= decode_max_rows(w_in_EDG.shape[0]))
+            and all(dt in floats for dt in (x_TD.dtype, *w_dtypes))
+            and decode.available() and rows <= decode_max_rows(num_experts))
 
 
 def decode_max_rows(num_experts: int) -> int:

@@ -36,7 +36,7 @@ from moekit.experts.backends import (
     _activation_spec,
     _kernel_spec,
     _kind,
-    decode_max_rows,
+    decode_fits,
     fused_supported,
 )
 from moekit.functions import decode
@@ -98,11 +98,7 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
         return "list" if cpu and rows <= QUANT_KERNEL_MAX_ROWS else "dequant"
     if call.backend not in ("auto", "decode"):
         return "stacked"
-    floats = (torch.float32, torch.bfloat16)
-    if call.backend == "decode" or (
-            cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and rows <= decode_max_rows(call.num_experts) and x_TD.dtype in floats
-            and call.dtype in floats):
+    if call.backend == "decode" or decode_fits(x_TD, rows, call.num_experts, call.dtype):
         return "list"
     like = torch.empty(0, dtype=call.dtype, device="meta")
     if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
