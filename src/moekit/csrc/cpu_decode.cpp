@@ -70,7 +70,7 @@ struct Weights {
   const float* zeros;     // I4 [E, N, K/g]
   int64_t group;          // I4 group size
   int64_t E, K, N;
-  bool a8 = false;        // I4 with int8 activations (bits = 48, see i4a8_rows)
+  bool a8 = false;        // I4 with int8 activations (bits = 48, see i4a8_tile)
 };
 
 INLINE float bf16(uint16_t v) {
@@ -873,7 +873,8 @@ void nk_tile_isa(const Weights& w, int64_t e, const float* const* x, int64_t n, 
 // to xq = round(x / sx) with sx = max|x| / 127 (0 for an all-zero block), and the
 // kernels compute the exact product of the dequantized weights (s * q + z) with
 // x' = sx * xq: sum over groups of s * sum(q * xq * sx) + z * sum(x'). Prefill past
-// the kernel's rows runs dequantized weights on float activations (decode.py).
+// the kernels' rows runs dequantized weights on float activations (the row limits:
+// experts/backends.py QUANT_KERNEL_MAX_ROWS, functions/decode.py QUANT_LINEAR_MAX_ROWS).
 //
 // A row record (one per distinct input row, 64-byte aligned):
 //   xq   K int8, per block of 128 inputs the low halves of its four 32-input
