@@ -94,6 +94,89 @@ def test_grouped_weight_grad_matches_per_expert_products(ext, threads, shape, dt
         start = end
 
 
+# moekit's own fp32 GEMM (sgemm_rows: on AVX-512F CPUs, experts of up to
+# ext.sgemm_max_rows() rows and weights of at least 512 x 1024 elements): rows 1-6 (every
+# register block), 7 and 13 (blocks of 3 + 4 and 6 + 7), 96 (the limit: its own kernel)
+# and 97 (aten); X = 300 spans 3 packed blocks of 128 with a tail, Y = 2100 three passes
+# of columns, the last with a partial panel (1,024 + 1,024 + 52); with 2 threads the
+# larger experts' outputs are also cut into column tiles
+SGEMM_ROWS = [1, 2, 3, 4, 5, 6, 7, 13, 0, 64, 96, 97]
+SGEMM_X, SGEMM_Y = 300, 2100
+
+
+def _small_ints(gen, *shape):
+    return torch.randint(-3, 4, shape, generator=gen).float()
+
+
+@pytest.mark.parametrize("sgemm", ["1", "0"], ids=["moekit_gemm", "aten_mm"])
+def test_small_row_gemm_is_exact_on_integers(ext, threads, monkeypatch, sgemm):
+    """Small integers: every product and partial sum is exact in fp32, so any path must
+    equal the fp64 product bit for bit (an indexing, masking or packing slip cannot hide
+    in a tolerance)."""
+    monkeypatch.setenv("MOEKIT_SGEMM", sgemm)
+    gen = torch.Generator().manual_seed(3)
+    ends, B = _ends(SGEMM_ROWS), len(SGEMM_ROWS)
+    a = _small_ints(gen, ends[-1] + 2, SGEMM_X)
+    w = _small_ints(gen, B, SGEMM_X, SGEMM_Y)
+    out = torch.full((a.shape[0], SGEMM_Y), 7.0)
+    ext.grouped_mm_out(a, w, ends, out)
+    start = 0
+    for e, end in enumerate(ends):
+        assert torch.equal(out[start:end], (a[start:end].double() @ w[e].double()).float())
+        start = end
+    assert (out[ends[-1]:] == 7).all()
+    listed = torch.full_like(out, 7.0)
+    ext.grouped_mm_list_out(a, list(w.unbind(0)), ends, listed)
+    assert torch.equal(listed, out)
+
+
+def test_small_row_gemm_on_floats(ext, threads, monkeypatch):
+    """Random floats: both paths within fp32's error of the fp64 product."""
+    gen = torch.Generator().manual_seed(4)
+    ends, B = _ends(SGEMM_ROWS), len(SGEMM_ROWS)
+    a = torch.randn(ends[-1], SGEMM_X, generator=gen)
+    w = torch.randn(B, SGEMM_X, SGEMM_Y, generator=gen)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MOEKIT_SGEMM", flag)
+        out = torch.empty(a.shape[0], SGEMM_Y)
+        ext.grouped_mm_out(a, w, ends, out)
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                _close(out[start:end], a[start:end].double() @ w[e].double(), torch.float32)
+            start = end
+
+
+def test_small_row_gemm_takes_experts_up_to_its_limit(ext, monkeypatch):
+    """Where the CPU has AVX-512F: experts of up to 96 rows run moekit's GEMM; larger
+    ones, weights under 512 x 1024 elements, other dtypes, strided weights and
+    MOEKIT_SGEMM=0 aten's mm."""
+    monkeypatch.setenv("MOEKIT_SGEMM", "1")
+    limit = ext.sgemm_max_rows()
+    if limit == 0:
+        pytest.skip("no AVX-512F: aten's mm only")
+    assert limit == 96
+    gen = torch.Generator().manual_seed(5)
+
+    def tiles(rows, dtype=torch.float32, transposed=False, x=512, y=1024):
+        ends = _ends(rows)
+        a = torch.randn(ends[-1], x, generator=gen).to(dtype)
+        w = torch.randn(len(rows), y, x, generator=gen).to(dtype).transpose(1, 2) \
+            if transposed else torch.randn(len(rows), x, y, generator=gen).to(dtype)
+        before = ext.sgemm_tiles()
+        ext.grouped_mm_out(a, w, ends, torch.empty(ends[-1], y, dtype=dtype))
+        return ext.sgemm_tiles() - before
+
+    assert tiles([96, 1, 0]) >= 2
+    assert tiles([97, 200]) == 0
+    assert tiles([96, 97]) >= 1 and tiles([97]) == 0
+    assert tiles([30], dtype=torch.bfloat16) == 0
+    assert tiles([30], transposed=True) == 0
+    assert tiles([30], y=1008) == 0 and tiles([30], x=1024, y=512) >= 1
+    monkeypatch.setenv("MOEKIT_SGEMM", "0")
+    assert ext.sgemm_max_rows() == 0 and tiles([30]) == 0
+
+
 def test_bad_shapes_are_named(ext):
     a, w, out = torch.randn(10, X), torch.randn(3, X, Y), torch.empty(10, Y)
     with pytest.raises(RuntimeError, match="ends has 2 entries for 3 experts"):
