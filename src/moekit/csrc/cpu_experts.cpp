@@ -17,7 +17,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -129,12 +131,15 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 // the KC blocks), so a result does not depend on how the output is cut into tasks.
 // AVX-512F only; elsewhere (and with MOEKIT_SGEMM=0) aten's mm.
 
+constexpr int64_t SGEMM_MAX_ROWS = 96;
+constexpr int64_t SGEMM_MIN_WEIGHT = 512 * 1024;
+
+#if defined(__x86_64__)
+
 #define AVX512F __attribute__((target("avx512f")))
 
 constexpr int64_t SG_ROWS = 6;     // rows per register block (6 x 64 columns: 24 accumulators)
 constexpr int64_t SG_KC = 128;     // weight rows per packed block (32 KiB per 64 columns)
-constexpr int64_t SGEMM_MAX_ROWS = 96;
-constexpr int64_t SGEMM_MIN_WEIGHT = 512 * 1024;
 
 const bool CPU_AVX512F = [] {
   __builtin_cpu_init();
@@ -293,6 +298,14 @@ AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb
     }
   }
 }
+
+#else  // not x86-64: aten's mm only
+
+constexpr bool CPU_AVX512F = false;
+void sgemm_rows(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
+                int64_t) {}  // never called (sgemm_enabled() is false)
+
+#endif
 
 std::atomic<int64_t> SGEMM_TILES{0};  // tiles sgemm_rows has run (for tests)
 
