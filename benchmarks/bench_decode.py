@@ -475,15 +475,45 @@ def _row(shape, B, label, ms, pair, roof, extra) -> dict:
     return row
 
 
+def prefill_routing(model, L: int) -> list[dict]:
+    """Per MoE layer, how the prefill's routed rows spread over the experts (these
+    random-weight models' routers are far from balanced)."""
+    from moekit.experts.experts import Experts
+
+    counts: dict[int, list[int]] = {}
+
+    def hook(module, args):
+        counts[id(module)] = args[1].counts_E.tolist()
+
+    mods = [m for m in model.modules() if isinstance(m, Experts)]
+    handles = [m.register_forward_pre_hook(hook) for m in mods]
+    try:
+        prefill_runner(model, L)()
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for m in mods:
+        rows = sorted(counts.get(id(m), []))
+        out.append({"experts_with_rows": sum(r > 0 for r in rows),
+                    "median_rows": statistics.median(rows) if rows else 0,
+                    "max_rows": rows[-1] if rows else 0})
+    return out
+
+
 def bench_prefill(args, shape: str, anchor_model) -> dict:
     dense = build(shape, "dense-active")
     a, b = prefill_runner(anchor_model, PREFILL_LEN), prefill_runner(dense, PREFILL_LEN)
     r = paired(a, b, max(2, args.reps - 2))
+    routing = prefill_routing(anchor_model, PREFILL_LEN)
     row = {"model": shape, "variant": f"prefill {PREFILL_LEN} tokens", "moekit_ms": r["anchor_ms"],
-           "dense_active_ms": r["ms"], "moekit_x_dense_active": 1 / r["ratio"]}
+           "dense_active_ms": r["ms"], "moekit_x_dense_active": 1 / r["ratio"],
+           "routing_per_layer": routing}
     print(f"{shape:8s} prefill {PREFILL_LEN} tokens, batch 1: moekit fp32 {r['anchor_ms']:.1f} ms, "
-          f"dense (equal active) {r['ms']:.1f} ms, moekit x dense = {1 / r['ratio']:.2f}",
-          flush=True)
+          f"dense (equal active) {r['ms']:.1f} ms, moekit x dense = {1 / r['ratio']:.2f}; "
+          "rows per expert by layer (experts with rows / median / max): "
+          + ", ".join(f"{x['experts_with_rows']}/{x['median_rows']:g}/{x['max_rows']}"
+                      for x in routing), flush=True)
     return row
 
 
