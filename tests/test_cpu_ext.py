@@ -96,7 +96,7 @@ def test_grouped_weight_grad_matches_per_expert_products(ext, threads, shape, dt
 
 # moekit's own fp32 GEMM (sgemm_rows: on AVX-512F CPUs, experts of up to
 # ext.sgemm_max_rows() rows and weights of at least 512 x 1024 elements): rows 1-6 (every
-# register block), 7 and 13 (blocks of 3 + 4 and 6 + 7), 96 (the limit: its own kernel)
+# register block), 7 and 13 (blocks of 4 + 3 and 5 + 4 + 4), 96 (the limit: its own kernel)
 # and 97 (aten); X = 300 spans 3 packed blocks of 128 with a tail, Y = 2100 three passes
 # of columns, the last with a partial panel (1,024 + 1,024 + 52); with 2 threads the
 # larger experts' outputs are also cut into column tiles
@@ -119,7 +119,9 @@ def test_small_row_gemm_is_exact_on_integers(ext, threads, monkeypatch, sgemm):
     a = _small_ints(gen, ends[-1] + 2, SGEMM_X)
     w = _small_ints(gen, B, SGEMM_X, SGEMM_Y)
     out = torch.full((a.shape[0], SGEMM_Y), 7.0)
+    before = ext.sgemm_tiles()
     ext.grouped_mm_out(a, w, ends, out)
+    assert (ext.sgemm_tiles() > before) == (ext.sgemm_max_rows() > 0)  # which path ran
     start = 0
     for e, end in enumerate(ends):
         assert torch.equal(out[start:end], (a[start:end].double() @ w[e].double()).float())

@@ -109,7 +109,6 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
   return std::max(total / (4.0 * at::get_num_threads()), 32.0 * 64 * 512);
 }
 
-
 // ---- fp32 GEMMs of few rows: a prefill's experts ------------------------------------
 //
 // A 512-token prefill of 64 experts (top-8) gives each expert ~64 rows. aten's mm (MKL)
@@ -121,11 +120,12 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 // at a time, each line prefetched 64 lines ahead: the read overlaps the FMAs (cold 134,
 // hot 149 on one thread). With both threads MKL hides part of its wait behind the other
 // thread's work, so the gain is smaller: grouped_mm_out over 64 experts x [1024, 1024],
-// 2 threads, medians of 9 interleaved runs, two runs: 16 rows 1.08-1.11x the speed of
-// aten's, 32 rows 1.13-1.23x, 64 rows 1.06-1.09x; 4-8 rows equal (memory-bound); 128
+// 2 threads, medians of 9 interleaved runs, three runs (the last one
+// benchmarks/bench_sgemm.py): 16 rows 1.08-1.14x the speed of aten's, 32 rows
+// 1.13-1.23x, 64 rows 1.06-1.10x, 96 rows 0.99-1.02x; 4-8 rows equal (memory-bound); 128
 // rows 0.98-1.01x and 191 rows 0.92-1.00x, so experts of more than SGEMM_MAX_ROWS rows
 // stay on aten. The fine benchmark model's 4 MoE layers on 512 random (balanced) tokens:
-// 0.91-0.96x the time over five A/B runs.
+// 0.91-0.97x the time over six A/B runs.
 //
 // Each output element is one chain of FMAs over k in order (carried through C between
 // the KC blocks), so a result does not depend on how the output is cut into tasks.
