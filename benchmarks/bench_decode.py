@@ -514,6 +514,14 @@ def bench_prefill(args, shape: str, anchor_model) -> dict:
           "rows per expert by layer (experts with rows / median / max): "
           + ", ".join(f"{x['experts_with_rows']}/{x['median_rows']:g}/{x['max_rows']}"
                       for x in routing), flush=True)
+    for variant in args.prefill_variants:  # the same prefill on moekit's other weights
+        other = build(shape, variant)
+        p = paired(a, prefill_runner(other, PREFILL_LEN), max(2, args.reps - 2))
+        row[f"{variant}_ms"], row[f"{variant}_x_fp32"] = p["ms"], p["ratio"]
+        print(f"{shape:8s} prefill {PREFILL_LEN} tokens, {variant}: {p['ms']:.1f} ms against "
+              f"fp32 {p['anchor_ms']:.1f} ms ({p['ratio']:.2f}x its time)", flush=True)
+        del other
+        gc.collect()
     return row
 
 
@@ -707,6 +715,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="1 thread, steps timed by the main thread's CPU time (loaded machine)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false")
+    p.add_argument("--prefill-variants", default="",
+                   help=f"comma list of {', '.join(MOEKIT_DTYPES)}: their prefill against "
+                        "fp32's too (paired)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak RSS runs")
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
@@ -727,11 +738,15 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.hf_batches = [int(b) for b in args.hf_batches.split(",")]
     args.batches += [b for b in args.hf_batches if b not in args.batches]
     args.variants = args.variants.split(",")
+    args.prefill_variants = [v for v in args.prefill_variants.split(",") if v]
     known = (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED)
     bad = [v for v in args.variants if v not in known] + \
         [m for m in args.models if m not in SHAPES]
     if bad:
         raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants {list(known)}")
+    bad = [v for v in args.prefill_variants if v not in MOEKIT_DTYPES]
+    if bad:
+        raise SystemExit(f"--prefill-variants {bad} is not allowed: {list(MOEKIT_DTYPES)}")
     return args
 
 

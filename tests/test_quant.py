@@ -22,13 +22,13 @@ from torch import nn
 import moekit
 from moekit.experts import backends
 from moekit.experts.backends import BACKENDS
-from moekit.functions import cpu_ext
+from moekit.functions import cpu_ext, decode
 from moekit.inference import sorted_rows
 from moekit.models import MoETransformer, preset
 from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
 from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
-from moekit.quant.tensor import _dequantize_torch, pack_int4, unpack_int4
+from moekit.quant.tensor import _dequantize_torch, dequantize_NK, pack_int4, unpack_int4
 from moekit.train.checkpoint import CheckpointError, save_checkpoint
 from moekit.train.rundir import sha256 as _sha256
 
@@ -68,6 +68,66 @@ def test_cpp_dequantize_equals_torch(bits, g):
     q = quantize_tensor(torch.randn(4, 128, 24), bits, g)
     got = cpu_ext.get_decode().dequantize(q.data, q.scales, q.zeros, bits, g or 0, 1, 3)
     assert torch.equal(got, _dequantize_torch(q, 1, 3))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("bits,g", FORMATS)
+def test_dequantize_into_a_buffer(bits, g, kernel, monkeypatch):
+    """Into a given buffer (prefill reuses one): the same values, in that buffer; a buffer
+    of another shape, dtype or layout is named and left alone."""
+    if kernel and cpu_ext.get_decode() is None:
+        pytest.skip("decode kernels not built")
+    if not kernel:
+        monkeypatch.setattr(cpu_ext, "get_decode", lambda: None)
+    q = quantize_tensor(torch.randn(4, 128, 24), bits, g)
+    buf = torch.full((2, 24, 128), float("nan"))
+    got = dequantize_NK(q, 1, 3, buf)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, _dequantize_torch(q, 1, 3))
+    if not kernel:
+        return
+    for bad in (torch.zeros(2, 24, 127), torch.zeros(2, 24, 128, dtype=torch.float64),
+                torch.zeros(2, 128, 24).transpose(1, 2)):
+        with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 CPU tensor "
+                                               r"of shape \[2, 24, 128\]"):
+            dequantize_NK(q, 1, 3, bad)
+        assert (bad == 0).all()
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+def test_dequantized_prefill_skips_empty_experts_and_reuses_its_buffer(bits, g, monkeypatch):
+    """Blocks of 3 experts, rows for experts 0, 1, 3, 5 and 7 only: experts 2, 4 and 6
+    are never dequantized, and their buffer slots (4 and 6 hold experts 1 and 3 of an
+    earlier block) are never read: the result is dequantize-then-matmul's."""
+    monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(decode, "DEQUANT_BLOCK_EXPERTS", 3)
+    seen = []
+    real = decode.dequantize_NK
+
+    def spy(qt, e0, e1, out=None):
+        seen.append((e0, e1))
+        return real(qt, e0, e1, out)
+
+    monkeypatch.setattr(decode, "dequantize_NK", spy)
+    D, E = 128, 8
+    cfg = moekit.MoEConfig(dim=D, ffn_dim=128, num_experts=E, top_k=2, expert_bias=True)
+    ex = moekit.experts.Experts(cfg).requires_grad_(False)
+    ex.b_in.normal_()
+    qi, qo = quantize_tensor(ex.w_in, bits, g), quantize_tensor(ex.w_out, bits, g)
+    gen = torch.Generator().manual_seed(0)
+    touched = torch.tensor([0, 1, 3, 5, 7])
+    T = 12
+    idx = torch.stack([touched[torch.randperm(5, generator=gen)[:2]] for _ in range(T)])
+    d = sorted_rows(idx, torch.rand(T, 2, generator=gen), E)
+    assert set(idx.flatten().tolist()) == set(touched.tolist())
+    x = torch.randn(T, D, generator=gen)
+    with torch.no_grad():
+        got = BACKENDS["decode"](x, d, qi, qo, ex.b_in, ex.b_out, ex._act)
+        want = BACKENDS["loop"](x, d, _dequantized(qi), _dequantized(qo), ex.b_in, ex.b_out,
+                                ex._act)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    done = sorted({e for e0, e1 in seen for e in range(e0, e1)})
+    assert done == touched.tolist()
+    assert sorted(set(seen)) == [(0, 2), (3, 4), (5, 6), (7, 8)]  # runs of experts with rows
 
 
 def _dequantized(q: QuantizedTensor) -> torch.Tensor:

@@ -1629,13 +1629,23 @@ void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
 }
 
 // The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.
+// Experts e0..e1-1 as float32 [e1 - e0, N, K], into `out` where given (a reused buffer:
+// a fresh 32 MiB tensor spent ~3/4 of a dequantization in first-touch page faults).
 torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
                          const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
-                         int64_t group, int64_t e0, int64_t e1) {
+                         int64_t group, int64_t e0, int64_t e1,
+                         const c10::optional<torch::Tensor>& into) {
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
   const Weights w = weights(w_data, w_scales, w_zeros, bits, group);
   TORCH_CHECK(0 <= e0 && e0 <= e1 && e1 <= w.E, "experts ", e0, "..", e1, " out of range");
-  auto out = torch::empty({e1 - e0, w.N, w.K}, w_scales.options());
+  if (into) {
+    const auto& t = *into;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() &&
+                    t.sizes() == torch::IntArrayRef({e1 - e0, w.N, w.K}),
+                "out must be a contiguous float32 CPU tensor of shape [", e1 - e0, ", ", w.N,
+                ", ", w.K, "], got ", t.scalar_type(), " ", t.sizes());
+  }
+  auto out = into ? *into : torch::empty({e1 - e0, w.N, w.K}, w_scales.options());
   float* o = out.data_ptr<float>();
   const int64_t K = w.K, N = w.N;
   at::parallel_for(0, (e1 - e0) * N, 64, [&](int64_t i0, int64_t i1) {
@@ -2010,7 +2020,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
   m.def("down_combine", &down_combine,
         "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts");
-  m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor");
+  m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor",
+        py::arg("data"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group"),
+        py::arg("e0"), py::arg("e1"), py::arg("out") = py::none());
   // without the GIL: the expert cache's prefetch thread (Python) runs during the kernels
   m.def("gate_up_list", &gate_up_list, "gate_up with w_in as a list of per-expert tensors",
         py::call_guard<py::gil_scoped_release>());

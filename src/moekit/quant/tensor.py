@@ -172,14 +172,17 @@ def _dequantize_torch(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
     return w.flatten(-2)
 
 
-def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
-    """fp32 [e1 - e0, N, K]: the C++ kernel where built (CPU), else torch ops (same values)."""
+def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = None) -> Tensor:
+    """fp32 [e1 - e0, N, K]: the C++ kernel where built (CPU), else torch ops (same values);
+    written into ``out`` (contiguous fp32 of that shape) where given."""
     from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
 
     ext = cpu_ext.get_decode() if qt.data.device.type == "cpu" else None
     if ext is None:
-        return _dequantize_torch(qt, e0, e1)
-    return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1)
+        w = _dequantize_torch(qt, e0, e1)
+        return w if out is None else out.copy_(w)
+    return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1,
+                          out)
 
 
 def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
