@@ -321,6 +321,31 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
             model.expert_offload.close()
 
 
+def test_moekit_quantized_offloaded_prefill_in_several_chunks(tmp_path, monkeypatch):
+    """Blocks of 3 experts: the offloaded dequantized prefill runs three chunks per layer
+    (the last of 2 experts) through one reused float buffer per weight, and equals the
+    resident model (same blocks) bitwise."""
+    from moekit.functions import decode
+    from moekit.quant import quantize
+    from moekit.quant.io import load_quantized, save_quantized
+
+    monkeypatch.setattr(decode, "DEQUANT_BLOCK_EXPERTS", 3)
+    torch.manual_seed(0)
+    save_quantized(quantize(MoETransformer(CFG_Q).eval(), 4, 32), tmp_path / "q")
+    resident = load_quantized(tmp_path / "q")
+    long_ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = resident(long_ids).logits
+    experts = resident.blocks[0].ffn.experts
+    per_expert = experts.w_in.nbytes_per_expert() + experts.w_out.nbytes_per_expert()
+    model = load_offloaded(tmp_path / "q", 16 * per_expert)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(long_ids).logits, want)
+    finally:
+        model.expert_offload.close()
+
+
 def test_moekit_budget_below_one_layer(moekit_ckpt):
     with pytest.raises(ExpertMemoryError, match="expert_memory=.*too small"):
         load_offloaded(moekit_ckpt[0], 2 * EXPERT_BYTES - 1)

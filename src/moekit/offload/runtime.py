@@ -112,6 +112,20 @@ def _chunks(ids: list[int], size: int) -> list[tuple[int, int]]:
     return [(c0, min(len(ids), c0 + size)) for c0 in range(0, len(ids), size)]
 
 
+def _dequantize_into(bufs: dict[str, Tensor], name: str, ws: list[QuantizedTensor],
+                     most: int) -> Tensor:
+    """One-expert quantized weights as float32 [len(ws), N, K], in a buffer of ``most``
+    experts kept in ``bufs`` under ``name`` for the next chunk (a fresh tensor per expert
+    and their concatenation spent most of a dequantization in page faults)."""
+    _, K, N = ws[0].shape
+    buf = bufs.get(name)
+    if buf is None:
+        buf = bufs[name] = torch.empty(most, N, K, device=ws[0].data.device)
+    for j, q in enumerate(ws):
+        dequantize_NK(q, 0, 1, buf[j:j + 1])
+    return buf[:len(ws)]
+
+
 def _dequant_chunks(ids: list[int]) -> list[tuple[int, int]]:
     """Touched experts grouped by the resident path's blocks of DEQUANT_BLOCK_EXPERTS ids."""
     out, c0 = [], 0
@@ -196,13 +210,15 @@ class ExpertOffload:
         chunks = (_dequant_chunks(ids) if dequant
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
+        bufs: dict[str, Tensor] = {}  # float32 weights, reused by every chunk
+        most = max((b - a for a, b in chunks), default=0)
         for i, (c0, c1) in enumerate(chunks):
             w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
             r0, r1 = _rows(ends, c0, c1)
             args = (x_TD, d.token_S[r0:r1], d.weight_S[r0:r1], d.offsets_E[c0:c1] - r0)
             if dequant:
-                wi, wo = (torch.cat([dequantize_NK(q, 0, 1) for q in ws]).to(x_TD.dtype)
-                          .transpose(1, 2) for ws in (w.w_in, w.w_out))
+                wi, wo = (_dequantize_into(bufs, name, ws, most).to(x_TD.dtype).transpose(1, 2)
+                          for name, ws in (("in", w.w_in), ("out", w.w_out)))
                 y_TD += fused_experts(*args, wi, wo, w.b_in_EG, w.b_out_ED, call.act,
                                       _kind(call.act))
             else:
