@@ -27,6 +27,7 @@ else F, E experts, S routed rows sorted by expert.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -117,6 +118,15 @@ def _plain_f32(t: Tensor) -> Tensor:
     return _plain(t, torch.float32)
 
 
+def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor,
+                 dtype: torch.dtype) -> Tensor:
+    """Experts e0.. of ``w`` as [len(buf), K, N] in ``dtype``: each run of experts
+    dequantized into its slots of ``buf`` (float32 [., N, K]), the other slots as they were."""
+    for run in runs:
+        dequantize_NK(w, run[0], run[-1] + 1, buf[run[0] - e0:run[-1] + 1 - e0])
+    return buf.to(dtype).transpose(1, 2)
+
+
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                         w_in: QuantizedTensor, w_out: QuantizedTensor, b_in_EG: Tensor | None,
                         b_out_ED: Tensor | None, act: ActFn, kind: str | None) -> Tensor:
@@ -129,33 +139,19 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     read: the fused path runs only experts with rows."""
     ends = offsets_E.tolist()
     E = len(ends)
-    counts = [end - start for start, end in zip([0] + ends[:-1], ends, strict=True)]
+    has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
-    bufs: dict[int, Tensor] = {}
-
-    def dequantized(w: QuantizedTensor, e0: int, e1: int) -> Tensor:
-        E_, K, N = w.shape
-        if id(w) not in bufs:
-            bufs[id(w)] = torch.empty(min(E_, DEQUANT_BLOCK_EXPERTS), N, K, device=w.data.device)
-        buf = bufs[id(w)]
-        e = e0
-        while e < e1:  # each run of consecutive experts with rows in one call
-            if counts[e] == 0:
-                e += 1
-                continue
-            run_end = e
-            while run_end < e1 and counts[run_end]:
-                run_end += 1
-            dequantize_NK(w, e, run_end, buf[e - e0:run_end - e0])
-            e = run_end
-        return buf[:e1 - e0].to(x_TD.dtype).transpose(1, 2)
-
+    B = min(E, DEQUANT_BLOCK_EXPERTS)
+    bufs = [torch.empty(B, w.shape[2], w.shape[1], device=w.data.device) for w in (w_in, w_out)]
     for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
         e1 = min(E, e0 + DEQUANT_BLOCK_EXPERTS)
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
         if r1 == r0:
             continue
-        wi, wo = dequantized(w_in, e0, e1), dequantized(w_out, e0, e1)
+        runs = [list(run) for rows, run in itertools.groupby(range(e0, e1), has_rows.__getitem__)
+                if rows]  # consecutive experts with rows: one call each
+        wi, wo = (_dequantized(w, e0, runs, buf[:e1 - e0], x_TD.dtype)
+                  for w, buf in zip((w_in, w_out), bufs, strict=True))
         bi = None if b_in_EG is None else b_in_EG[e0:e1]
         bo = None if b_out_ED is None else b_out_ED[e0:e1]
         y_TD += fused_experts(x_TD, token_S[r0:r1], weight_S[r0:r1], offsets_E[e0:e1] - r0,
