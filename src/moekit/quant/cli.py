@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moekit.quant.tensor import QuantizationError
+from moekit.quant.tensor import ACTIVATIONS, QuantizationError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("all", "experts"), default="all",
                    help="all: experts + attention, LM head, dense FFNs, shared experts "
                    "(default); experts: routed experts only")
-    p.add_argument("--activations", choices=("float", "int8"), default="float",
+    p.add_argument("--activations", choices=ACTIVATIONS, default="float",
                    help="int8: the decode kernels also round activations to int8 (int4 "
                    "weights only; its kernels ~2x, a batch-1 step ~1.45x int4's, measured "
                    "on an AVX-512 VNNI CPU); float: weight-only (default)")
