@@ -116,16 +116,22 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 // memory: one thread, 64 experts' [1024, 1024] fp32 weights in a row, 96-117 GFLOP/s
 // against 140-170 with one hot weight (/tmp microbenchmarks, 2026-12-04, this Xeon).
 // sgemm_rows packs the weight in blocks of KC = 128 rows x up to 1,024 columns and,
-// while it multiplies one block, copies the next into a second buffer one 64-byte line
-// at a time, each line prefetched 64 lines ahead: the read overlaps the FMAs (cold 134,
-// hot 149 on one thread). With both threads MKL hides part of its wait behind the other
-// thread's work, so the gain is smaller: grouped_mm_out over 64 experts x [1024, 1024],
-// 2 threads, medians of 9 interleaved runs, three runs (the last one
-// benchmarks/bench_sgemm.py): 16 rows 1.08-1.14x the speed of aten's, 32 rows
-// 1.13-1.23x, 64 rows 1.06-1.10x, 96 rows 0.99-1.02x; 4-8 rows equal (memory-bound); 128
-// rows 0.98-1.01x and 191 rows 0.92-1.00x, so experts of more than SGEMM_MAX_ROWS rows
-// stay on aten. The fine benchmark model's 4 MoE layers on 512 random (balanced) tokens:
-// 0.91-0.97x the time over six A/B runs.
+// while it multiplies one block, copies the next into a second buffer, 4 lines (one
+// row's 64 columns of a panel) every few k-steps, each prefetched 16 such segments ahead:
+// the read overlaps the FMAs. Copying one line per call instead cost ~5 cycles of
+// bookkeeping per line, which at 32 rows is a third of the line's 16 cycles of FMAs:
+// one thread, 4 experts [1024, 1024] (a /tmp script), GFLOP/s hot / cold at 32 rows
+// 134 / 128 -> 154 / 144, 64 rows 167 / 159 -> 177 / 171, 96 rows 182 / 172 -> 185 /
+// 183. benchmarks/bench_sgemm.py (grouped_mm_out over 64 experts x [1024, 1024], 2
+// threads, medians of 9 interleaved A/B runs), time over aten's: 4 / 8 / 16 / 32 / 64 /
+// 96 rows 0.74 / 0.80 / 0.81 / 0.77 / 0.83 / 0.90 (one line per call: 1.03 / 0.98 /
+// 0.88 / 0.86 / 0.91 / 1.01); the fine benchmark model's 4 MoE layers on 512 random
+// (balanced) tokens 0.86 (0.91-0.97). Past 96 rows MKL's own packing pays off: one
+// thread, 2 experts, sgemm_rows / aten GFLOP/s at 128 rows 180-185 / 160-170, 256 rows
+// 177-181 / 191-197, 512 rows 161-184 / 198-201; a bench_decode fine prefill's grouped
+// GEMMs took the same time with the limit at 96, 128 or 160 rows (152.5-154.1 ms) and
+// longer at 256 (155.3) or 600 (163.4), so experts of more than SGEMM_MAX_ROWS rows stay
+// on aten.
 //
 // Each output element is one chain of FMAs over k in order (carried through C between
 // the KC blocks), so a result does not depend on how the output is cut into tasks.
@@ -150,39 +156,51 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
 }
 
-// The next packed block, copied one 64-byte line at a time while the current block is
-// multiplied (a line every `every` k-steps), each line prefetched LEAD lines before its
-// copy. Packed layout: panels of 64 columns, [kc, 64] each, `ps` floats apart; zeros
-// past the last column.
+// The next packed block, copied while the current block is multiplied: one row's 64
+// columns of one panel (4 lines) every `every` k-steps, each 4 lines prefetched LEAD
+// segments before their copy. Packed layout: panels of 64 columns, [kc, 64] each, `ps`
+// floats apart; zeros past the last column.
 struct NextBlock {
-  static constexpr int64_t LEAD = 64;
+  static constexpr int64_t LEAD = 16;
   const float* src = nullptr;  // the block's first weight row (at its first column)
   float* dst = nullptr;
-  int64_t ldb = 0, nc = 0, ps = 0, lpr = 0;  // lines per row, a multiple of 4
-  int64_t k = 0, l = 0, left = 0;            // the copy: row, line, lines still to copy
-  int64_t pk = 0, pl = 0, pleft = 0;         // the prefetch
+  int64_t ldb = 0, nc = 0, ps = 0, np = 0;  // panels per row
+  int64_t k = 0, p = 0, left = 0;           // the copy: row, panel, segments still to copy
+  int64_t pk = 0, pp = 0, pleft = 0;        // the prefetch
   int64_t every = 1, cnt = 1;
 
   AVX512F void start(const float* s, int64_t ld, int64_t rows, int64_t cols, float* d,
                      int64_t stride, int64_t steps) {
-    src = s, dst = d, ldb = ld, nc = cols, ps = stride, lpr = (cols + 63) / 64 * 4;
-    k = l = pk = pl = 0;
-    left = pleft = rows * lpr;
+    src = s, dst = d, ldb = ld, nc = cols, ps = stride, np = (cols + 63) / 64;
+    k = p = pk = pp = 0;
+    left = pleft = rows * np;
     every = cnt = std::max<int64_t>(1, steps / (left + LEAD));
   }
   AVX512F void copy() {
-    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(nc - 16 * l), src + k * ldb + 16 * l);
-    _mm512_store_ps(dst + (l >> 2) * ps + 64 * k + 16 * (l & 3), v);
-    if (++l == lpr) l = 0, ++k;
+    const float* s = src + k * ldb + 64 * p;
+    float* d = dst + p * ps + 64 * k;
+    const int64_t c = nc - 64 * p;
+    if (c >= 64) {
+      const __m512 v0 = _mm512_loadu_ps(s), v1 = _mm512_loadu_ps(s + 16),
+                   v2 = _mm512_loadu_ps(s + 32), v3 = _mm512_loadu_ps(s + 48);
+      _mm512_store_ps(d, v0), _mm512_store_ps(d + 16, v1);
+      _mm512_store_ps(d + 32, v2), _mm512_store_ps(d + 48, v3);
+    } else {
+      for (int i = 0; i < 4; ++i)
+        _mm512_store_ps(d + 16 * i, _mm512_maskz_loadu_ps(tail_mask(c - 16 * i), s + 16 * i));
+    }
+    if (++p == np) p = 0, ++k;
     --left;
   }
   AVX512F void step() {
     if (pleft > 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + pk * ldb + 16 * pl), _MM_HINT_T1);
-      if (++pl == lpr) pl = 0, ++pk;
+      const char* s = reinterpret_cast<const char*>(src + pk * ldb + 64 * pp);
+      _mm_prefetch(s, _MM_HINT_T1), _mm_prefetch(s + 64, _MM_HINT_T1);
+      _mm_prefetch(s + 128, _MM_HINT_T1), _mm_prefetch(s + 192, _MM_HINT_T1);
+      if (++pp == np) pp = 0, ++pk;
       --pleft;
     }
-    if (left > 0 && (pleft == 0 || left - pleft >= LEAD)) copy();  // LEAD lines behind
+    if (left > 0 && (pleft == 0 || left - pleft >= LEAD)) copy();  // LEAD segments behind
   }
   AVX512F void finish() {
     while (left > 0) copy();
