@@ -725,6 +725,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
     p.add_argument("--ops", action="store_true",
                    help="count the aten ops of one decode step by call site (batches) and exit")
+    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                   help="glibc's defaults (a library user's process) or moekit.tune_malloc's "
+                        "settings (what `moekit generate` runs with)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
@@ -787,6 +790,7 @@ def read_bandwidth(reps: int = 5) -> float:
 
 def run(args: argparse.Namespace) -> int:
     args = _resolve(args)
+    harness.use_malloc(args.malloc)  # may re-exec this process
     import torch
 
     if args.cpu_time:

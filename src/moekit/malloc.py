@@ -12,8 +12,8 @@ Measured on the 2-core dev box (torch 2.13.0+cpu):
 default model) 10,506 -> 11,155, 9,150 -> 10,557 and 9,621 -> 11,130 tokens/s,
 median x1.15, with the same losses (checked on one pair); one fwd+bwd of an MoE
 layer at T=256/E=64/K=8, D=512: 95 -> 62 ms. The cost: the process's resident memory
-no longer shrinks after a peak. ``moekit train`` and ``moekit compare`` call
-it (``MOEKIT_TUNE_MALLOC=0`` turns that off); library users opt in.
+no longer shrinks after a peak. ``moekit train``, ``moekit compare`` and ``moekit
+generate`` call it (``MOEKIT_TUNE_MALLOC=0`` turns that off); library users opt in.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from moekit.inference.engine import (
     GenerationStats,
     stop_sequences_from_text,
 )
+from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.offload import load_offloaded
@@ -93,6 +94,7 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    tune_malloc()  # a prefill's expert layers free and re-allocate the same buffers
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
