@@ -53,7 +53,7 @@ def _route_reference(logits_TE, K, mode, renormalize, scale, bias_E):
             counts, counts.cumsum(0))
 
 
-@pytest.mark.parametrize("T,E,K", [(1, 64, 8), (5, 8, 2), (3, 6, 6), (33, 16, 1)])
+@pytest.mark.parametrize("T,E,K", [(1, 64, 8), (5, 8, 2), (3, 6, 6), (33, 16, 1), (700, 64, 8)])
 @pytest.mark.parametrize("mode,renormalize,scale,bias", [
     (0, True, 1.0, False),   # Mixtral / OLMoE
     (0, False, 1.0, False),  # Qwen2-MoE, Switch
@@ -80,7 +80,12 @@ def test_route_sort_matches_reference(T, E, K, mode, renormalize, scale, bias):
     ("softmax", {}), ("softmax", {"renormalize": False}), ("switch", {}),
     ("softmax_topk", {}), ("sigmoid", {"routed_scaling_factor": 2.0}),
 ])
-def test_layer_infer_with_route_kernel_matches_training_path(router, kwargs):
+@pytest.mark.parametrize("tokens", [3, 400], ids=lambda t: f"T{2 * t}")  # a step, a prefill
+def test_layer_infer_with_route_kernel_matches_training_path(monkeypatch, router, kwargs,
+                                                            tokens):
+    calls = []
+    route_sort = decode.route_sort
+    monkeypatch.setattr(decode, "route_sort", lambda *a: calls.append(1) or route_sort(*a))
     top_k = 1 if router == "switch" else 3
     cfg = moekit.MoEConfig(dim=32, ffn_dim=24, num_experts=8, top_k=top_k, router=router,
                            **kwargs)
@@ -88,12 +93,14 @@ def test_layer_infer_with_route_kernel_matches_training_path(router, kwargs):
     layer = moekit.MoE(cfg).eval()
     if layer.router.expert_bias is not None:
         layer.router.expert_bias.normal_(0, 0.2)
-    x = torch.randn(2, 3, 32)
+    x = torch.randn(2, tokens, 32)
     assert layer.router.kernel_spec() is not None
+    assert 2 * tokens <= decode.ROUTE_KERNEL_MAX_TOKENS
     with torch.no_grad():
         expected = layer(x).output
     with torch.inference_mode():
         got = layer.infer(x)
+    assert calls == [1]  # the kernel routed it
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
