@@ -115,7 +115,7 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 // packs each weight before it multiplies, and with a cold weight that packing waits on
 // memory: one thread, 64 experts' [1024, 1024] fp32 weights in a row, 96-117 GFLOP/s
 // against 140-170 with one hot weight (/tmp microbenchmarks, 2026-12-04, this Xeon).
-// sgemm_rows packs the weight in blocks of KC = 128 rows x up to 1,024 columns and,
+// sgemm_rows packs the weight in blocks of KC = 96 rows x up to 1,024 columns and,
 // while it multiplies one block, copies the next into a second buffer, 4 lines (one
 // row's 64 columns of a panel) every few k-steps, each prefetched 16 such segments ahead:
 // the read overlaps the FMAs. Copying one line per call instead cost ~5 cycles of
@@ -145,7 +145,11 @@ constexpr int64_t SGEMM_MIN_WEIGHT = 512 * 1024;
 #define AVX512F __attribute__((target("avx512f")))
 
 constexpr int64_t SG_ROWS = 6;     // rows per register block (6 x 64 columns: 24 accumulators)
-constexpr int64_t SG_KC = 128;     // weight rows per packed block (32 KiB per 64 columns)
+// weight rows per packed block (24 KiB per 64 columns, half of L1 with the rows of A and
+// C): 96 against 128, interleaved A/B in one process, 2 threads, time 0.94 / 0.96 / 0.97
+// / 0.99 at 16 / 32 / 64 / 96 rows x 64 experts [1024 -> 1024], 0.98 on the fine
+// benchmark model's prefill GEMMs (a /tmp script, 21 pairs each)
+constexpr int64_t SG_KC = 96;
 
 const bool CPU_AVX512F = [] {
   __builtin_cpu_init();
@@ -265,14 +269,14 @@ AVX512F void sg_rows(int64_t R, const float* A, int64_t lda, const float* P, int
   }
 }
 
-constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 512 KiB packed block)
+constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed block)
 
 // C [M, N] = A [M, K] @ B [K, N], every matrix with unit column stride.
 AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                         int64_t ldc, int64_t M, int64_t K, int64_t N) {
   // row blocks of 5-6 rows (64 rows: 9 x 6 + 2 x 5, not 10 x 6 + 4)
   const int64_t nb = (M + SG_ROWS - 1) / SG_ROWS, base = M / nb, extra = M % nb;
-  // panels 64 bytes more than a [KC, 64] block apart: 32 KiB apart, the stores of one
+  // panels 64 bytes more than a [KC, 64] block apart: 24 KiB apart, the stores of one
   // k would all meet in one L1 set
   const int64_t ps = SG_KC * 64 + 16, bytes = 2 * ps * (SG_NC / 64) * sizeof(float);
   struct Free {
