@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import fused_experts
+from moekit.functions.moe_experts import RowBuffers, fused_experts, reuse_row_buffers
 from moekit.train import cli as train_cli
 from moekit.train import compare
 
@@ -348,3 +348,25 @@ def test_experts_run_in_bf16_under_cpu_autocast():
     assert (y.double() - want.double()).abs().max() <= TOL * want.abs().max()
     y.float().square().sum().backward()
     assert moe.experts.w_in.grad.dtype == torch.float32 and moe.experts.w_in.grad.abs().sum() > 0
+
+
+def test_fused_bf16_with_kept_row_buffers(kernels, monkeypatch):
+    """Inference inside reuse_row_buffers: the same output, every block's h in one kept
+    buffer instead of a fresh one per block."""
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, _, inputs, _ = _problem(45, 9, 3, 47, 37, "skip", seed=4)
+
+    def run():
+        return fused_experts(inputs["x"], token_S, inputs["weight"], offsets_E, inputs["w_in"],
+                             inputs["w_out"], inputs["b_in"], inputs["b_out"], _act("swiglu"),
+                             "swiglu", block_rows=40)
+
+    with torch.no_grad():
+        want = run()
+        kept = RowBuffers()
+        with reuse_row_buffers(kept):
+            got = run()
+    assert counting.calls["glu_up_out"] >= 6  # both runs in blocks
+    assert {k[0] for k in kept._bufs} == {"a", "h"}
+    assert torch.equal(got, want)

@@ -8,6 +8,8 @@ Shape letters: T tokens, D hidden, F expert hidden, E experts, K top-k.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from moekit import MoE, MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
-from moekit.functions.moe_experts import fused_experts
+from moekit.functions.moe_experts import RowBuffers, fused_experts, reuse_row_buffers
 
 DTYPES = [
     # (dtype, atol, rtol): max |got - want| <= atol + rtol * max |want|, per tensor
@@ -218,3 +220,81 @@ def test_skips_gradients_nobody_needs():
                       _swiglu, "swiglu")
     (gw,) = torch.autograd.grad(y.sum(), [w_in])
     assert gw.shape == w_in.shape and x.grad is None and w_out.grad is None
+
+
+# -- row buffers kept between calls (inference) ---------------------------------------
+
+def _blocked_problem(dtype=torch.float32, seed=3):
+    E, T, D, Fd, counts = 6, 40, 24, 12, [9, 0, 30, 4, 17, 20]
+    d = _dispatch(E, counts, dropped=3, T=T, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    args = [torch.randn(T, D, generator=gen), torch.randn(E, D, 2 * Fd, generator=gen) / 5,
+            torch.randn(E, Fd, D, generator=gen) / 5]
+    return d, [a.to(dtype) for a in args]
+
+
+@pytest.mark.parametrize("block_rows", [8, 8192])  # several blocks share one "h" buffer
+def test_kept_row_buffers_give_the_same_output_and_are_reused(block_rows):
+    d, (x, w_in, w_out) = _blocked_problem()
+
+    def run():
+        return fused_experts(x, d.token_S, d.weight_S, d.offsets_E, w_in, w_out, None, None,
+                             _swiglu, "swiglu", block_rows=block_rows)
+
+    with torch.no_grad():
+        want = run()
+        kept = RowBuffers()
+        with reuse_row_buffers(kept):
+            got = run()
+            ptrs = {k: b.data_ptr() for k, b in kept._bufs.items()}
+            again = run()
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert {k[0] for k in ptrs} == {"x", "h", "a", "y"}
+    assert {k: b.data_ptr() for k, b in kept._bufs.items()} == ptrs  # no new buffers
+    assert all(got.data_ptr() != p for p in ptrs.values())  # the output is the caller's
+    assert kept.nbytes > 0
+    kept.clear()
+    assert kept.nbytes == 0
+
+
+def test_kept_row_buffers_are_not_used_where_autograd_saves_tensors():
+    d, (x, w_in, w_out) = _blocked_problem()
+    p = [t.clone().requires_grad_(True) for t in (x, w_in, w_out)]
+
+    def grads():
+        y = fused_experts(p[0], d.token_S, d.weight_S, d.offsets_E, p[1], p[2], None, None,
+                          _swiglu, "swiglu", block_rows=8)
+        return [y.detach(), *torch.autograd.grad(y, p, torch.ones_like(y))]
+
+    want = grads()
+    kept = RowBuffers()
+    with reuse_row_buffers(kept):
+        got = grads()
+    assert kept.nbytes == 0
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_generation_keeps_row_buffers_in_its_cache(monkeypatch):
+    """A prefill through the fused path, twice on one cache: the same logits as without
+    kept buffers, and the second prefill allocates none."""
+    from moekit.models import LMConfig, MoETransformer, transformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(LMConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4,
+                                    max_seq_len=128, num_experts=4, top_k=2, ffn_dim=16)).eval()
+    ids = torch.randint(64, (2, 100))  # 400 routed rows a layer: past the decode kernels'
+    cache = transformer.StaticKVCache.for_model(model, 2, 100)
+    with torch.inference_mode():
+        got = model.infer(ids, cache)
+        ptrs = {k: b.data_ptr() for k, b in cache.row_buffers._bufs.items()}
+        cache.reset()
+        again = model.infer(ids, cache)
+    assert {k[0] for k in ptrs} >= {"x", "h", "a", "y"}
+    assert {k: b.data_ptr() for k, b in cache.row_buffers._bufs.items()} == ptrs
+    monkeypatch.setattr(transformer, "reuse_row_buffers", lambda b: contextlib.nullcontext())
+    plain = transformer.StaticKVCache.for_model(model, 2, 100)
+    with torch.inference_mode():
+        want = model.infer(ids, plain)
+    assert plain.row_buffers.nbytes == 0
+    assert torch.equal(got, want) and torch.equal(again, want)

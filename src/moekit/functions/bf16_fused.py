@@ -47,12 +47,11 @@ def _slice(t: Tensor | None, e0: int, e1: int, dtype: torch.dtype) -> Tensor | N
 
 
 def forward_block(ext: ModuleType, blk, p, x_TD: Tensor, tok_N: Tensor, w_N: Tensor,
-                  a_NF: Tensor, out32_TD: Tensor) -> Tensor:
-    """Adds the block's weighted expert outputs to out32_TD (fp32); returns h_NG to save.
+                  a_NF: Tensor, h_NG: Tensor, out32_TD: Tensor) -> Tensor:
+    """Adds the block's weighted expert outputs to out32_TD (fp32); returns h_NG (the
+    caller's [n, G] buffer, filled) to save.
 
     ``blk`` is a moe_experts._Block, ``p`` its _Weights, ``w_N`` float32 weights."""
-    n, G = tok_N.shape[0], p.w_in_EDG.shape[2]
-    h_NG = x_TD.new_empty(n, G)
     e0, e1 = blk.e0, blk.e1
     ext.glu_up_out(x_TD, tok_N, p.w_in_EDG[e0:e1], _slice(p.b_in_EG, e0, e1, x_TD.dtype),
                    list(blk.ends), KIND_IDS[p.kind], h_NG, a_NF)

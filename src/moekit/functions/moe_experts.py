@@ -50,6 +50,9 @@ else F, E experts, S routed rows, N rows of one block, B experts of one block.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -135,18 +138,81 @@ def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> Non
         torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
 
 
-class _Workspace:
-    """Row buffers sized for the largest block, reused by every block of one call."""
+class RowBuffers:
+    """The fused path's row buffers kept from one call to the next.
 
-    def __init__(self, like: Tensor, n: int) -> None:
-        self.like, self.n = like, n
+    Each call allocates its gathered rows, gate+up output, activation and expert
+    outputs afresh (tens of MB at a 512-token prefill: 4096 rows x D=1024 fp32 is
+    16 MiB each), and glibc's default malloc hands such blocks back to the kernel
+    and page-faults them in again, zero-filled, on the next layer (see
+    ``moekit.tune_malloc``). Inside ``reuse_row_buffers(buffers)`` the forwards that
+    save nothing for backward take them from ``buffers`` instead, which grow to the
+    largest call and stay. A generation's ``StaticKVCache`` holds one.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, like: Tensor, numel: int) -> Tensor:
+        """A flat buffer of at least ``numel`` elements of ``like``'s dtype and device."""
+        key = (name, like.dtype, like.device)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            self._bufs.pop(key, None)  # the smaller one goes before the new one is made
+            buf = self._bufs[key] = like.new_empty(numel)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+_ROW_BUFFERS: ContextVar[RowBuffers | None] = ContextVar("moekit_row_buffers", default=None)
+
+
+@contextmanager
+def reuse_row_buffers(buffers: RowBuffers) -> Iterator[RowBuffers]:
+    """Within: the fused path's forwards without autograd use ``buffers``' row buffers."""
+    token = _ROW_BUFFERS.set(buffers)
+    try:
+        yield buffers
+    finally:
+        _ROW_BUFFERS.reset(token)
+
+
+def _kept_buffers(*tensors: Tensor | None) -> RowBuffers | None:
+    """The active RowBuffers, where this call saves nothing for backward."""
+    kept = _ROW_BUFFERS.get()
+    if kept is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors):
+        return None
+    return kept
+
+
+class _Workspace:
+    """Row buffers sized for the largest block, reused by every block of one call (and
+    by later calls, from ``kept``)."""
+
+    def __init__(self, like: Tensor, n: int, kept: RowBuffers | None = None) -> None:
+        self.like, self.n, self.kept = like, n, kept
         self._bufs: dict[str, Tensor] = {}
 
     def get(self, name: str, n: int, width: int) -> Tensor:
+        if self.kept is not None:
+            return self.kept.get(name, self.like, self.n * width)[: n * width].view(n, width)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < self.n * width:
             buf = self._bufs[name] = self.like.new_empty(self.n * width)
         return buf[: n * width].view(n, width)
+
+    def saved(self, name: str, n: int, width: int) -> Tensor:
+        """A buffer for a tensor the forward saves for backward: fresh, unless nothing is
+        saved (``kept``)."""
+        return self.get(name, n, width) if self.kept is not None else \
+            self.like.new_empty(n, width)
 
 
 def _act_forward(h_NG: Tensor, kind: str | None, act: ActFn, out_NF: Tensor) -> Tensor:
@@ -175,7 +241,7 @@ def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N
     n, D = tok_N.shape[0], x_TD.shape[1]
     G, F = p.w_in_EDG[0].shape[-1], p.w_out_EFD[0].shape[-2]
     x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
-    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, x_TD.new_empty(n, G))
+    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, ws.saved("h", n, G))
     if p.b_in_EG is not None:
         _bias_rows(p.b_in_EG, blk, h_NG)
     a_NF = _act_forward(h_NG, p.kind, p.act, ws.get("a", n, F))
@@ -193,10 +259,10 @@ class FusedExperts(torch.autograd.Function):
     def forward(ctx, x_TD: Tensor, weight_S: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, token_S: Tensor,
                 offsets: list[int], kind: str | None, act: ActFn,
-                block_rows: int = BLOCK_ROWS) -> Tensor:
+                block_rows: int = BLOCK_ROWS, kept: RowBuffers | None = None) -> Tensor:
         blocks = _blocks(offsets, block_rows)
         p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
-        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
+        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), kept)
         bf16 = bf16_fused.kernels(x_TD, kind)
         if bf16 is not None:
             out_TD, hs = _forward_bf16(bf16, ws, p, blocks, x_TD, token_S, weight_S)
@@ -225,9 +291,10 @@ class FusedExperts(torch.autograd.Function):
             w_S1 = weight_S.to(x_TD.dtype)[:, None]
             for blk, h_NG in zip(ctx.blocks, hs, strict=True):
                 grads.block(ws, blk, token_S[blk.r0:blk.r1], g_TD, w_S1[blk.r0:blk.r1], h_NG)
-        # (x, weight_S, w_in, w_out, b_in, b_out, token_S, offsets, kind, act, block_rows)
+        # (x, weight_S, w_in, w_out, b_in, b_out, token_S, offsets, kind, act, block_rows,
+        #  kept)
         return (grads.x_TD, grads.weight_S, grads.w_in, grads.w_out, grads.b_in, grads.b_out,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _forward_bf16(ext, ws: _Workspace, p: _Weights, blocks: list[_Block], x_TD: Tensor,
@@ -235,9 +302,10 @@ def _forward_bf16(ext, ws: _Workspace, p: _Weights, blocks: list[_Block], x_TD: 
     """The blocks on the fused bf16 kernels (bf16_fused.py): the combine sums in fp32."""
     out32_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
     w_S, token_S = weight_S.float().contiguous(), token_S.long().contiguous()
-    F = p.w_out_EFD.shape[1]
+    F, G = p.w_out_EFD.shape[1], p.w_in_EDG.shape[2]
     hs = [bf16_fused.forward_block(ext, b, p, x_TD, token_S[b.r0:b.r1], w_S[b.r0:b.r1],
-                                   ws.get("a", b.r1 - b.r0, F), out32_TD) for b in blocks]
+                                   ws.get("a", b.r1 - b.r0, F), ws.saved("h", b.r1 - b.r0, G),
+                                   out32_TD) for b in blocks]
     return out32_TD.to(x_TD.dtype), hs
 
 
@@ -346,8 +414,9 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
     Rows at and past ``offsets_E[-1]`` (dropped by a capacity policy) are skipped.
     Reads ``offsets_E`` on the host: a CPU path (on CUDA this synchronises).
     """
+    kept = _kept_buffers(x_TD, weight_S, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
     return FusedExperts.apply(x_TD.contiguous(), weight_S, w_in_EDG, w_out_EFD, b_in_EG,
-                              b_out_ED, token_S, offsets_E.tolist(), kind, act, block_rows)
+                              b_out_ED, token_S, offsets_E.tolist(), kind, act, block_rows, kept)
 
 
 @torch.no_grad()
@@ -367,7 +436,7 @@ def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: 
     p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
     x_TD = x_TD.contiguous()
     w_S1 = weight_S.to(x_TD.dtype)[:, None]
-    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0))
+    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), _ROW_BUFFERS.get())
     for b in blocks:
         _forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
     return out_TD

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.functions import decode
+from moekit.functions.moe_experts import RowBuffers, reuse_row_buffers
 from moekit.layer import MoE
 from moekit.models.config import LMConfig
 from moekit.routing.stats import RoutingStats
@@ -101,6 +102,9 @@ class StaticKVCache:
     that hold real tokens, and row r's rotary position of slot s is
     ``s - pad_B[r]``, so a padded sequence computes what it computes alone.
     Rows ``[0, rows)`` are in use; ``keep_rows`` drops finished sequences.
+    ``row_buffers`` keeps the fused expert path's row buffers between the forwards
+    that use this cache (``moe_experts.RowBuffers``; ``row_buffers.nbytes`` says how
+    much, ``row_buffers.clear()`` frees them).
     """
 
     def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int,
@@ -116,6 +120,8 @@ class StaticKVCache:
         # set by begin() for the forward in progress; read by every layer
         self.mask: Tensor | None = None
         self.is_causal = False
+        # the expert layers' row buffers, kept from one prefill (and layer) to the next
+        self.row_buffers = RowBuffers()
 
     @classmethod
     def for_model(cls, model: MoETransformer, batch: int, max_len: int | None = None
@@ -378,10 +384,11 @@ class MoETransformer(nn.Module):
         cos, sin = cache.begin(ids_BL.shape[1], self.rope_cos, self.rope_sin)
         x = self.embed(ids_BL)
         h = self.blocks[0].attn_norm(x)
-        for i, block in enumerate(self.blocks):
-            last = i + 1 == len(self.blocks)
-            x, h = block.infer(x, h, cos, sin, cache, ids_BL,
-                               self.norm if last else self.blocks[i + 1].attn_norm)
+        with reuse_row_buffers(cache.row_buffers):
+            for i, block in enumerate(self.blocks):
+                last = i + 1 == len(self.blocks)
+                x, h = block.infer(x, h, cos, sin, cache, ids_BL,
+                                   self.norm if last else self.blocks[i + 1].attn_norm)
         cache.advance(ids_BL.shape[1])
         return self.head(h[:, -1])
 
