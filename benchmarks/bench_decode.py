@@ -725,9 +725,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
     p.add_argument("--ops", action="store_true",
                    help="count the aten ops of one decode step by call site (batches) and exit")
-    p.add_argument("--malloc", choices=("default", "tuned"), default="default",
-                   help="glibc's defaults (a library user's process) or moekit.tune_malloc's "
-                        "settings (what `moekit generate` runs with)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="moekit.tune_malloc's settings (what `moekit generate` runs with; "
+                        "no page faults on either side of an A/B) or glibc's defaults")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
