@@ -168,8 +168,9 @@ class MoE(nn.Module):
         return y_TD.view(x.shape)
 
     def _route_kernel(self, x_TD: Tensor) -> Dispatch | None:
-        """A decode step's routing and sort in one C++ call (``decode.route_sort``), for
-        few tokens on the CPU without autograd and dropless; None where it does not apply."""
+        """Routing and the sort by expert in one C++ call (``decode.route_sort``), for up
+        to ``decode.ROUTE_KERNEL_MAX_TOKENS`` tokens (a decode step, a prefill) on the CPU
+        without autograd and dropless; None where it does not apply."""
         if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
                 or torch.is_grad_enabled() or self.config.capacity_factor is not None):
             return None

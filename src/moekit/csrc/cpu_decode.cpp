@@ -1787,46 +1787,51 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
     TORCH_CHECK(b.numel() == E, "bias_E must hold ", E, " values, got ", b.numel());
     bias = b.data_ptr<float>();
   }
+  TORCH_CHECK(!(mode == ROUTE_SIGMOID && renormalize) || k <= 64, "k=", k,
+              " is not allowed with mode 1 here: at most 64");
   const float* l = logits_TE.data_ptr<float>();
   std::vector<int64_t> chosen(T * k);
   std::vector<float> wk(T * k);
-  std::vector<double> key(E), top(k);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* lt = l + t * E;
-    for (int64_t e = 0; e < E; ++e)
-      key[e] = bias ? 1.0 / (1.0 + std::exp(-static_cast<double>(lt[e]))) + bias[e] : lt[e];
-    // insertion into the k best so far, descending; a tie keeps the earlier expert first
-    int64_t n = 0, * c = chosen.data() + t * k;
-    for (int64_t e = 0; e < E; ++e) {
-      if (n == k && !(key[e] > top[k - 1])) continue;
-      int64_t i = n < k ? n++ : k - 1;
-      while (i > 0 && key[e] > top[i - 1]) top[i] = top[i - 1], c[i] = c[i - 1], --i;
-      top[i] = key[e], c[i] = e;
+  // each token's choice on its own (a prefill's thousands of tokens over the threads),
+  // then the counting sort in token order
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<double> key(E), top(k);
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* lt = l + t * E;
+      for (int64_t e = 0; e < E; ++e)
+        key[e] = bias ? 1.0 / (1.0 + std::exp(-static_cast<double>(lt[e]))) + bias[e] : lt[e];
+      // insertion into the k best so far, descending; a tie keeps the earlier expert first
+      int64_t n = 0, * c = chosen.data() + t * k;
+      for (int64_t e = 0; e < E; ++e) {
+        if (n == k && !(key[e] > top[k - 1])) continue;
+        int64_t i = n < k ? n++ : k - 1;
+        while (i > 0 && key[e] > top[i - 1]) top[i] = top[i - 1], c[i] = c[i - 1], --i;
+        top[i] = key[e], c[i] = e;
+      }
+      float* w = wk.data() + t * k;
+      if (mode == ROUTE_SOFTMAX && renormalize) {  // softmax over the chosen logits
+        float m = lt[c[0]], sum = 0.0f;
+        for (int64_t j = 1; j < k; ++j) m = std::max(m, lt[c[j]]);
+        for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(lt[c[j]] - m));
+        for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+      } else if (mode == ROUTE_SOFTMAX) {  // the chosen experts' probabilities over all E
+        float m = lt[0], sum = 0.0f;
+        for (int64_t e = 1; e < E; ++e) m = std::max(m, lt[e]);
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(lt[e] - m);
+        for (int64_t j = 0; j < k; ++j) w[j] = std::exp(lt[c[j]] - m) / sum;
+      } else if (renormalize) {  // s_k / sum_j s_j as the softmax of log s: no 0/0
+        double ls[64];  // k <= 64: checked above
+        double m = -INFINITY, sum = 0.0;
+        for (int64_t j = 0; j < k; ++j) m = std::max(m, ls[j] = logsigmoid(lt[c[j]]));
+        for (int64_t j = 0; j < k; ++j) sum += (ls[j] = std::exp(ls[j] - m));
+        for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(ls[j] / sum);
+      } else {
+        for (int64_t j = 0; j < k; ++j) w[j] = 1.0f / (1.0f + std::exp(-lt[c[j]]));
+      }
+      if (scale != 1.0)
+        for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scale);
     }
-    float* w = wk.data() + t * k;
-    if (mode == ROUTE_SOFTMAX && renormalize) {  // softmax over the chosen logits
-      float m = lt[c[0]], sum = 0.0f;
-      for (int64_t j = 1; j < k; ++j) m = std::max(m, lt[c[j]]);
-      for (int64_t j = 0; j < k; ++j) sum += (w[j] = std::exp(lt[c[j]] - m));
-      for (int64_t j = 0; j < k; ++j) w[j] /= sum;
-    } else if (mode == ROUTE_SOFTMAX) {  // the chosen experts' probabilities over all E
-      float m = lt[0], sum = 0.0f;
-      for (int64_t e = 1; e < E; ++e) m = std::max(m, lt[e]);
-      for (int64_t e = 0; e < E; ++e) sum += std::exp(lt[e] - m);
-      for (int64_t j = 0; j < k; ++j) w[j] = std::exp(lt[c[j]] - m) / sum;
-    } else if (renormalize) {  // s_k / sum_j s_j as the softmax of log s: no 0/0
-      double ls[64];
-      TORCH_CHECK(k <= 64, "k=", k, " is not allowed with mode 1 here: at most 64");
-      double m = -INFINITY, sum = 0.0;
-      for (int64_t j = 0; j < k; ++j) m = std::max(m, ls[j] = logsigmoid(lt[c[j]]));
-      for (int64_t j = 0; j < k; ++j) sum += (ls[j] = std::exp(ls[j] - m));
-      for (int64_t j = 0; j < k; ++j) w[j] = static_cast<float>(ls[j] / sum);
-    } else {
-      for (int64_t j = 0; j < k; ++j) w[j] = 1.0f / (1.0f + std::exp(-lt[c[j]]));
-    }
-    if (scale != 1.0)
-      for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scale);
-  }
+  });
   auto counts = torch::zeros({E}, torch::dtype(at::kLong));
   auto offsets = torch::empty({E}, torch::dtype(at::kInt));
   auto token = torch::empty({T * k}, torch::dtype(at::kLong));

@@ -307,12 +307,12 @@ def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, T
     return s.view(x.shape), h.view(x.shape)
 
 
-# Tokens up to which MoE.infer routes and sorts in one C++ call (one thread) instead of
-# the torch ops (the same decision, vectorized over T). Per layer, router logits
-# included, torch ops / kernel on the Intel AVX-512 VM (2 threads, 2026-12-04): E=64
-# K=8 D=1024 0.46 / 0.23 ms at 256 tokens, 0.89 / 0.48 at 512, 2.62 / 1.84 at 2048,
-# 4.17 / 3.48 at 4096; E=8 K=2 0.20 / 0.09 at 512, 1.58 / 0.77 at 4096. So prefills of
-# up to 4096 tokens take it too (it was 256: decode steps only).
+# Tokens up to which MoE.infer routes and sorts in one C++ call (each token's choice over
+# the threads, then a counting sort) instead of the torch ops (the same decision,
+# vectorized over T). Per layer, router logits included, torch ops / kernel on the Intel
+# AVX-512 VM (2 threads, 2026-12-04): E=64 K=8 D=1024 0.45 / 0.17 ms at 256 tokens, 0.87 /
+# 0.37 at 512, 2.60 / 1.44 at 2048, 4.13 / 2.68 at 4096; E=8 K=2 0.21 / 0.08 at 512, 1.58
+# / 0.70 at 4096. So prefills of up to 4096 tokens take it too (it was 256: decode steps).
 ROUTE_KERNEL_MAX_TOKENS = 4096
 
 
