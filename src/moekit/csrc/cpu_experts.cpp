@@ -126,12 +126,13 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
 // threads, medians of 9 interleaved A/B runs), time over aten's: 4 / 8 / 16 / 32 / 64 /
 // 96 rows 0.74 / 0.80 / 0.81 / 0.77 / 0.83 / 0.90 (one line per call: 1.03 / 0.98 /
 // 0.88 / 0.86 / 0.91 / 1.01); the fine benchmark model's 4 MoE layers on 512 random
-// (balanced) tokens 0.86 (0.91-0.97). Past 96 rows MKL's own packing pays off: one
-// thread, 2 experts, sgemm_rows / aten GFLOP/s at 128 rows 180-185 / 160-170, 256 rows
-// 177-181 / 191-197, 512 rows 161-184 / 198-201; a bench_decode fine prefill's grouped
-// GEMMs took the same time with the limit at 96, 128 or 160 rows (152.5-154.1 ms) and
-// longer at 256 (155.3) or 600 (163.4), so experts of more than SGEMM_MAX_ROWS rows stay
-// on aten.
+// (balanced) tokens 0.86 (0.91-0.97). Past 96 rows: one thread, 2 experts, sgemm_rows /
+// aten GFLOP/s at 128 rows 180-185 / 160-170, 256 rows 177-181 / 191-197, 512 rows
+// 161-184 / 198-201; but with both threads a bench_decode fine prefill's grouped GEMMs
+// (two builds, interleaved A/B) took 1.004x the time with the limit at 140 rows, 1.02x at
+// 200, and at 224 up to 1.066x on a layer (one thread on that layer's 97-200-row experts,
+// sgemm_rows 162-178 GFLOP/s against aten's 116-144: the two-thread loss is not
+// understood). So experts of more than SGEMM_MAX_ROWS rows stay on aten.
 //
 // Each output element is one chain of FMAs over k in order (carried through C between
 // the KC blocks), so a result does not depend on how the output is cut into tasks.
