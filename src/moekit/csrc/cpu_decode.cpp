@@ -1628,9 +1628,9 @@ void down_combine(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   down_combine_rows(a_SF, token_S, weight_S, offsets_E, ws, b_out, out_TD, false, 0);
 }
 
-// The float32 [e1 - e0, N, K] weights of experts e0..e1-1 of a quantized tensor.
-// Experts e0..e1-1 as float32 [e1 - e0, N, K], into `out` where given (a reused buffer:
-// a fresh 32 MiB tensor spent ~3/4 of a dequantization in first-touch page faults).
+// Experts e0..e1-1 of a quantized tensor as float32 [e1 - e0, N, K], into `out` where
+// given (a reused buffer: a fresh 32 MiB tensor spent ~3/4 of a dequantization in
+// first-touch page faults).
 torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
                          const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
                          int64_t group, int64_t e0, int64_t e1,

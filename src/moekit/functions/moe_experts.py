@@ -197,22 +197,17 @@ class _Workspace:
     by later calls, from ``kept``)."""
 
     def __init__(self, like: Tensor, n: int, kept: RowBuffers | None = None) -> None:
-        self.like, self.n, self.kept = like, n, kept
-        self._bufs: dict[str, Tensor] = {}
+        self.like, self.n = like, n
+        self.kept = kept is not None  # the buffers outlive this call: nothing is saved
+        self._bufs = kept if kept is not None else RowBuffers()
 
     def get(self, name: str, n: int, width: int) -> Tensor:
-        if self.kept is not None:
-            return self.kept.get(name, self.like, self.n * width)[: n * width].view(n, width)
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < self.n * width:
-            buf = self._bufs[name] = self.like.new_empty(self.n * width)
-        return buf[: n * width].view(n, width)
+        return self._bufs.get(name, self.like, self.n * width)[: n * width].view(n, width)
 
     def saved(self, name: str, n: int, width: int) -> Tensor:
         """A buffer for a tensor the forward saves for backward: fresh, unless nothing is
         saved (``kept``)."""
-        return self.get(name, n, width) if self.kept is not None else \
-            self.like.new_empty(n, width)
+        return self.get(name, n, width) if self.kept else self.like.new_empty(n, width)
 
 
 def _act_forward(h_NG: Tensor, kind: str | None, act: ActFn, out_NF: Tensor) -> Tensor:
