@@ -17,7 +17,13 @@ import torch.nn.functional as F
 from moekit import MoE, MoEConfig
 from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
-from moekit.functions.moe_experts import RowBuffers, fused_experts, reuse_row_buffers
+from moekit.functions import cpu_ext, moe_experts
+from moekit.functions.moe_experts import (
+    RowBuffers,
+    fused_experts,
+    fused_experts_into,
+    reuse_row_buffers,
+)
 
 DTYPES = [
     # (dtype, atol, rtol): max |got - want| <= atol + rtol * max |want|, per tensor
@@ -233,8 +239,11 @@ def _blocked_problem(dtype=torch.float32, seed=3):
     return d, [a.to(dtype) for a in args]
 
 
-@pytest.mark.parametrize("block_rows", [8, 8192])  # several blocks share one "h" buffer
-def test_kept_row_buffers_give_the_same_output_and_are_reused(block_rows):
+@pytest.mark.parametrize("block_rows", [8, 8192])  # several blocks share one buffer
+@pytest.mark.parametrize("one_call", [True, False])
+def test_kept_row_buffers_give_the_same_output_and_are_reused(block_rows, one_call,
+                                                               monkeypatch):
+    monkeypatch.setattr(moe_experts, "ONE_CALL_FORWARD", one_call)
     d, (x, w_in, w_out) = _blocked_problem()
 
     def run():
@@ -249,7 +258,8 @@ def test_kept_row_buffers_give_the_same_output_and_are_reused(block_rows):
             ptrs = {k: b.data_ptr() for k, b in kept._bufs.items()}
             again = run()
     assert torch.equal(got, want) and torch.equal(again, want)
-    assert {k[0] for k in ptrs} == {"x", "h", "a", "y"}
+    # the one-call forward gathers x's rows and keeps h in its threads' own buffers
+    assert {k[0] for k in ptrs} == ({"a", "y"} if one_call else {"x", "h", "a", "y"})
     assert {k: b.data_ptr() for k, b in kept._bufs.items()} == ptrs  # no new buffers
     assert all(got.data_ptr() != p for p in ptrs.values())  # the output is the caller's
     assert kept.nbytes > 0
@@ -290,7 +300,7 @@ def test_generation_keeps_row_buffers_in_its_cache(monkeypatch):
         ptrs = {k: b.data_ptr() for k, b in cache.row_buffers._bufs.items()}
         cache.reset()
         again = model.infer(ids, cache)
-    assert {k[0] for k in ptrs} >= {"x", "h", "a", "y"}
+    assert {k[0] for k in ptrs} >= {"a", "y"}
     assert {k: b.data_ptr() for k, b in cache.row_buffers._bufs.items()} == ptrs
     monkeypatch.setattr(transformer, "reuse_row_buffers", lambda b: contextlib.nullcontext())
     plain = transformer.StaticKVCache.for_model(model, 2, 100)
@@ -298,3 +308,100 @@ def test_generation_keeps_row_buffers_in_its_cache(monkeypatch):
         want = model.infer(ids, plain)
     assert plain.row_buffers.nbytes == 0
     assert torch.equal(got, want) and torch.equal(again, want)
+
+
+# -- the one-call fp32 SwiGLU forward (swiglu_experts_out) ------------------------------
+
+# rows per expert: none, the register blocks' edge cases, the last sgemm_rows size (96)
+# and past it (aten's mm); F = 520 makes a task's columns a multiple of 64 but for the
+# last one (both halves of a narrow tile); D x 2F is past sgemm_rows' smallest weight
+ONE_CALL_COUNTS, ONE_CALL_D, ONE_CALL_F, ONE_CALL_T = [0, 1, 5, 7, 64, 96, 97, 150], 512, 520, 200
+
+
+def _one_call_problem(seed=5):
+    E = len(ONE_CALL_COUNTS)
+    d = _dispatch(E, ONE_CALL_COUNTS, dropped=3, T=ONE_CALL_T, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    D, Fd = ONE_CALL_D, ONE_CALL_F
+    x = torch.randn(ONE_CALL_T, D, generator=gen)
+    w_in = torch.randn(E, D, 2 * Fd, generator=gen) / D**0.5
+    w_out = torch.randn(E, Fd, D, generator=gen) / Fd**0.5
+    return d, x, w_in, w_out
+
+
+def _per_row_fp64(d, x, w_in, w_out):
+    """sum over kept rows r of weight[r] * swiglu(x[t] @ w_in[e]) @ w_out[e], in fp64."""
+    x, w_in, w_out = x.double(), w_in.double(), w_out.double()
+    want = torch.zeros_like(x)
+    start = 0
+    for e, end in enumerate(d.offsets_E.tolist()):
+        tok = d.token_S[start:end]
+        y = _swiglu(x[tok] @ w_in[e]) @ w_out[e]
+        want.index_add_(0, tok, d.weight_S[start:end, None].double() * y)
+        start = end
+    return want
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("sgemm", ["1", "0"], ids=["moekit_gemm", "aten_mm"])
+def test_one_call_forward_matches_per_row_sums(sgemm, monkeypatch, two_threads):
+    ext = cpu_ext.get()
+    if ext is None:
+        pytest.skip("the C++ kernels did not build")
+    monkeypatch.setenv("MOEKIT_SGEMM", sgemm)
+    d, x, w_in, w_out = _one_call_problem()
+
+    def run(one_call):
+        monkeypatch.setattr(moe_experts, "ONE_CALL_FORWARD", one_call)
+        with torch.no_grad():
+            return fused_experts(x, d.token_S, d.weight_S, d.offsets_E, w_in, w_out, None,
+                                 None, _swiglu, "swiglu")
+
+    tiles = ext.sgemm_tiles()
+    got = run(True)
+    assert (ext.sgemm_tiles() > tiles) == (ext.sgemm_max_rows() > 0)  # which GEMM ran
+    _assert_close([got], [_per_row_fp64(d, x, w_in, w_out)], ["y"], 1e-5, 1e-4)
+    if ext.sgemm_max_rows() > 0:
+        # sgemm_rows: each element one FMA chain over k in order, however the columns are
+        # cut; the combine adds a token's rows in row order, as index_add_ does
+        assert torch.equal(got, run(False))
+
+
+def test_one_call_forward_with_listed_experts_adds_into_out(two_threads):
+    """fused_experts_into (the expert cache's call): weights as lists, two chunks of experts
+    added into one output that already holds values."""
+    d, x, w_in, w_out = _one_call_problem(seed=6)
+    start = torch.randn(ONE_CALL_T, ONE_CALL_D)
+    with torch.no_grad():
+        want = start + fused_experts(x, d.token_S, d.weight_S, d.offsets_E, w_in, w_out, None,
+                                     None, _swiglu, "swiglu")
+        out = start.clone()
+        ends = d.offsets_E.tolist()
+        for e0, e1 in ((0, 5), (5, len(ends))):
+            r0 = ends[e0 - 1] if e0 else 0
+            fused_experts_into(out, x, d.token_S[r0:ends[e1 - 1]], d.weight_S[r0:ends[e1 - 1]],
+                               d.offsets_E[e0:e1] - r0, list(w_in[e0:e1]), list(w_out[e0:e1]),
+                               None, None, _swiglu, "swiglu")
+    _assert_close([out], [want], ["out"], 1e-5, 1e-5)
+
+
+def test_one_call_forward_rejects_a_token_outside_x():
+    ext = cpu_ext.get()
+    if ext is None:
+        pytest.skip("the C++ kernels did not build")
+    d, x, w_in, w_out = _one_call_problem()
+    rows = int(d.offsets_E[-1])
+    tok = d.token_S.clone()
+    tok[rows - 1] = ONE_CALL_T  # one past the last token
+    out = torch.zeros(ONE_CALL_T, ONE_CALL_D)
+    a, y = torch.empty(len(tok), ONE_CALL_F), torch.empty(len(tok), ONE_CALL_D)
+    with pytest.raises(RuntimeError, match=rf"tok_N\[{rows - 1}\]={ONE_CALL_T} is not a row"):
+        ext.swiglu_experts_out(x, tok, d.weight_S, w_in, w_out, d.offsets_E.tolist(), a, y, out)
+    assert not out.any()  # checked before anything is written

@@ -41,17 +41,18 @@ struct Task {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Cuts one expert's output (rows x cols, cost per element `work`) into pieces
-// of about `target` cost: columns first (in multiples of 64, so the GEMM keeps
-// all of its rows), then rows (at least `min_rows` each).
+// of about `target` cost: columns first (at most cols / 64 pieces, so the GEMM keeps
+// all of its rows; each a multiple of `align` columns but the last), then rows (at
+// least `min_rows` each).
 void cut(std::vector<Task>& tasks, int64_t expert, int64_t r0, int64_t r1, int64_t cols,
-         double work, double target, int64_t min_rows) {
+         double work, double target, int64_t min_rows, int64_t align = 16) {
   const int64_t rows = r1 - r0;
   const double cost = static_cast<double>(rows) * cols * work;
   int64_t pieces = std::max<int64_t>(1, static_cast<int64_t>(cost / target + 0.5));
   const int64_t col_pieces = std::min(pieces, std::max<int64_t>(1, cols / 64));
   const int64_t row_pieces =
       std::min(ceil_div(pieces, col_pieces), std::max<int64_t>(1, rows / min_rows));
-  const int64_t col_step = ceil_div(ceil_div(cols, col_pieces), 16) * 16;
+  const int64_t col_step = ceil_div(ceil_div(cols, col_pieces), align) * align;
   const int64_t row_step = ceil_div(rows, row_pieces);
   for (int64_t r = r0; r < r1; r += row_step) {
     for (int64_t c = 0; c < cols; c += col_step) {
@@ -164,25 +165,27 @@ inline __mmask16 tail_mask(int64_t left) {
 // The next packed block, copied while the current block is multiplied: one row's 64
 // columns of one panel (4 lines) every `every` k-steps, each 4 lines prefetched LEAD
 // segments before their copy. Packed layout: panels of 64 columns, [kc, 64] each, `ps`
-// floats apart; zeros past the last column.
+// floats apart; zeros past the last column. Panel p's source columns start at src[p]
+// (the block's first row), so the columns of a block may come from two matrices.
 struct NextBlock {
   static constexpr int64_t LEAD = 16;
-  const float* src = nullptr;  // the block's first weight row (at its first column)
+  const float* src[16] = {};  // each panel's first weight row, at its first column
   float* dst = nullptr;
   int64_t ldb = 0, nc = 0, ps = 0, np = 0;  // panels per row
   int64_t k = 0, p = 0, left = 0;           // the copy: row, panel, segments still to copy
   int64_t pk = 0, pp = 0, pleft = 0;        // the prefetch
   int64_t every = 1, cnt = 1;
 
-  AVX512F void start(const float* s, int64_t ld, int64_t rows, int64_t cols, float* d,
+  AVX512F void start(const float* const* s, int64_t ld, int64_t rows, int64_t cols, float* d,
                      int64_t stride, int64_t steps) {
-    src = s, dst = d, ldb = ld, nc = cols, ps = stride, np = (cols + 63) / 64;
+    dst = d, ldb = ld, nc = cols, ps = stride, np = (cols + 63) / 64;
+    for (int64_t i = 0; i < np; ++i) src[i] = s[i];
     k = p = pk = pp = 0;
     left = pleft = rows * np;
     every = cnt = std::max<int64_t>(1, steps / (left + LEAD));
   }
   AVX512F void copy() {
-    const float* s = src + k * ldb + 64 * p;
+    const float* s = src[p] + k * ldb;
     float* d = dst + p * ps + 64 * k;
     const int64_t c = nc - 64 * p;
     if (c >= 64) {
@@ -199,7 +202,7 @@ struct NextBlock {
   }
   AVX512F void step() {
     if (pleft > 0) {
-      const char* s = reinterpret_cast<const char*>(src + pk * ldb + 64 * pp);
+      const char* s = reinterpret_cast<const char*>(src[pp] + pk * ldb);
       _mm_prefetch(s, _MM_HINT_T1), _mm_prefetch(s + 64, _MM_HINT_T1);
       _mm_prefetch(s + 128, _MM_HINT_T1), _mm_prefetch(s + 192, _MM_HINT_T1);
       if (++pp == np) pp = 0, ++pk;
@@ -212,12 +215,14 @@ struct NextBlock {
   }
 };
 
-// C[R, 64] (masked m0..m3; += C unless first) of A [R, kc] rows times the packed block
-// P [kc, 64]; steps the next block's copy.
+// C[R, 64] (masked m0..m3; += C unless first) of R rows of A (row r's kc values from
+// A[r] + k0) times the packed block P [kc, 64]; steps the next block's copy.
 template <int R>
-AVX512F void sg_block(const float* A, int64_t lda, const float* P, int64_t kc, float* C,
+AVX512F void sg_block(const float* const* A, int64_t k0, const float* P, int64_t kc, float* C,
                       int64_t ldc, const __mmask16* m, bool first, NextBlock& next) {
   const __mmask16 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
+  const float* a[R];
+  for (int r = 0; r < R; ++r) a[r] = A[r] + k0;
   __m512 a0[R], a1[R], a2[R], a3[R];
   for (int r = 0; r < R; ++r) {
     if (first) {
@@ -237,7 +242,7 @@ AVX512F void sg_block(const float* A, int64_t lda, const float* P, int64_t kc, f
                  w2 = _mm512_load_ps(w + 32), w3 = _mm512_load_ps(w + 48);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(A[r * lda + k]);
+      const __m512 x = _mm512_set1_ps(a[r][k]);
       a0[r] = _mm512_fmadd_ps(x, w0, a0[r]);
       a1[r] = _mm512_fmadd_ps(x, w1, a1[r]);
       a2[r] = _mm512_fmadd_ps(x, w2, a2[r]);
@@ -258,23 +263,25 @@ AVX512F void sg_block(const float* A, int64_t lda, const float* P, int64_t kc, f
   }
 }
 
-AVX512F void sg_rows(int64_t R, const float* A, int64_t lda, const float* P, int64_t kc,
+AVX512F void sg_rows(int64_t R, const float* const* A, int64_t k0, const float* P, int64_t kc,
                      float* C, int64_t ldc, const __mmask16* m, bool first, NextBlock& next) {
   switch (R) {
-    case 6: return sg_block<6>(A, lda, P, kc, C, ldc, m, first, next);
-    case 5: return sg_block<5>(A, lda, P, kc, C, ldc, m, first, next);
-    case 4: return sg_block<4>(A, lda, P, kc, C, ldc, m, first, next);
-    case 3: return sg_block<3>(A, lda, P, kc, C, ldc, m, first, next);
-    case 2: return sg_block<2>(A, lda, P, kc, C, ldc, m, first, next);
-    default: return sg_block<1>(A, lda, P, kc, C, ldc, m, first, next);
+    case 6: return sg_block<6>(A, k0, P, kc, C, ldc, m, first, next);
+    case 5: return sg_block<5>(A, k0, P, kc, C, ldc, m, first, next);
+    case 4: return sg_block<4>(A, k0, P, kc, C, ldc, m, first, next);
+    case 3: return sg_block<3>(A, k0, P, kc, C, ldc, m, first, next);
+    case 2: return sg_block<2>(A, k0, P, kc, C, ldc, m, first, next);
+    default: return sg_block<1>(A, k0, P, kc, C, ldc, m, first, next);
   }
 }
 
 constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed block)
 
-// C [M, N] = A [M, K] @ B [K, N], every matrix with unit column stride.
-AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                        int64_t ldc, int64_t M, int64_t K, int64_t N) {
+// C [M, N] = A [M, K] @ B [K, N], every matrix with unit column stride: row r of A at
+// A[r], B's columns [0, split) at B0 and [split, N) at B1, both with rows ldb apart
+// (split = N: one matrix; else a multiple of 64, so that no 64-column panel straddles).
+AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1, int64_t split,
+                        int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K, int64_t N) {
   // row blocks of 5-6 rows (64 rows: 9 x 6 + 2 x 5, not 10 x 6 + 4)
   const int64_t nb = (M + SG_ROWS - 1) / SG_ROWS, base = M / nb, extra = M % nb;
   // panels 64 bytes more than a [KC, 64] block apart: 24 KiB apart, the stores of one
@@ -290,20 +297,31 @@ AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb
                 "-byte packing buffers");
   }
   float* buf[2] = {buffers.get(), buffers.get() + ps * (SG_NC / 64)};
+  // where each panel of the block at weight row k0, columns c0.. starts
+  const float* srcs[SG_NC / 64];
+  auto panels = [&](int64_t k0, int64_t c0, int64_t nc) {
+    for (int64_t p = 0; 64 * p < nc; ++p) {
+      const int64_t c = c0 + 64 * p;
+      srcs[p] = (c < split ? B0 + c : B1 + (c - split)) + k0 * ldb;
+    }
+    return srcs;
+  };
   int cur = 0;
   NextBlock next;
-  next.start(B, ldb, std::min(SG_KC, K), std::min(SG_NC, N), buf[cur], ps, 0);
+  next.start(panels(0, 0, std::min(SG_NC, N)), ldb, std::min(SG_KC, K), std::min(SG_NC, N),
+             buf[cur], ps, 0);
   next.finish();  // the first block: packed before any compute
   for (int64_t c0 = 0; c0 < N; c0 += SG_NC) {
     const int64_t nc = std::min(SG_NC, N - c0), np = (nc + 63) / 64;
     for (int64_t k0 = 0; k0 < K; k0 += SG_KC) {
       const int64_t kc = std::min(SG_KC, K - k0), steps = np * nb * kc;
       if (k0 + kc < K)  // this column range's next rows
-        next.start(B + (k0 + kc) * ldb + c0, ldb, std::min(SG_KC, K - k0 - kc), nc,
+        next.start(panels(k0 + kc, c0, nc), ldb, std::min(SG_KC, K - k0 - kc), nc,
                    buf[1 - cur], ps, steps);
       else if (c0 + SG_NC < N)  // the next column range's first rows
-        next.start(B + c0 + SG_NC, ldb, std::min(SG_KC, K), std::min(SG_NC, N - c0 - SG_NC),
-                   buf[1 - cur], ps, steps);
+        next.start(panels(0, c0 + SG_NC, std::min(SG_NC, N - c0 - SG_NC)), ldb,
+                   std::min(SG_KC, K), std::min(SG_NC, N - c0 - SG_NC), buf[1 - cur], ps,
+                   steps);
       for (int64_t p = 0; p < np; ++p) {
         const int64_t cols = nc - 64 * p;
         const __mmask16 m[4] = {tail_mask(cols), tail_mask(cols - 16), tail_mask(cols - 32),
@@ -311,8 +329,7 @@ AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb
         const float* P = buf[cur] + p * ps;
         for (int64_t b = 0, r0 = 0; b < nb; ++b) {
           const int64_t R = base + (b < extra);
-          sg_rows(R, A + r0 * lda + k0, lda, P, kc, C + r0 * ldc + c0 + 64 * p, ldc, m, k0 == 0,
-                  next);
+          sg_rows(R, A + r0, k0, P, kc, C + r0 * ldc + c0 + 64 * p, ldc, m, k0 == 0, next);
           r0 += R;
         }
       }
@@ -325,8 +342,8 @@ AVX512F void sgemm_rows(const float* A, int64_t lda, const float* B, int64_t ldb
 #else  // not x86-64: aten's mm only
 
 constexpr bool CPU_AVX512F = false;
-void sgemm_rows(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t,
-                int64_t) {}  // never called (sgemm_enabled() is false)
+void sgemm_rows(const float* const*, const float*, const float*, int64_t, int64_t, float*,
+                int64_t, int64_t, int64_t, int64_t) {}  // never called (sgemm_enabled() is false)
 
 #endif
 
@@ -343,21 +360,44 @@ bool sgemm_enabled() {
 // rows, a weight of at least SGEMM_MIN_WEIGHT elements (2 MiB: smaller ones come from
 // the caches, where MKL's packing costs little; training's [512, 512] experts at 32 rows
 // ran 1.04x slower on sgemm_rows).
+bool sgemm_weight(const torch::Tensor& b, int64_t rows) {
+  return rows <= SGEMM_MAX_ROWS && b.size(0) * b.stride(0) >= SGEMM_MIN_WEIGHT &&
+         b.size(0) > 0 && b.scalar_type() == torch::kFloat && b.stride(1) == 1;
+}
+
 bool use_sgemm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out,
                int64_t rows) {
-  return rows <= SGEMM_MAX_ROWS && b.size(0) * b.stride(0) >= SGEMM_MIN_WEIGHT &&
-         a.size(1) > 0 && a.scalar_type() == torch::kFloat &&
-         b.scalar_type() == torch::kFloat && out.scalar_type() == torch::kFloat &&
-         a.stride(1) == 1 && b.stride(1) == 1 && out.stride(1) == 1;
+  return sgemm_weight(b, rows) && a.scalar_type() == torch::kFloat &&
+         out.scalar_type() == torch::kFloat && a.stride(1) == 1 && out.stride(1) == 1;
 }
 
 }  // namespace
 
-// Tasks of about equal cost over the experts' output tiles; body(a, b_i, out) runs
-// one tile's GEMM. Shared by the stacked and the list form below.
+// Row pointers for sgemm_rows: row r at `row(r)`, in this thread's array (reused).
+template <typename Row>
+const float* const* row_ptrs(int64_t M, const Row& row) {
+  thread_local std::vector<const float*> rows;
+  if (static_cast<int64_t>(rows.size()) < M) rows.resize(M);
+  for (int64_t r = 0; r < M; ++r) rows[r] = row(r);
+  return rows.data();
+}
+
+// Row r of the tile [rows, cols] at c (row stride ldc) times scale[r].
+void scale_rows(float* c, int64_t ldc, int64_t rows, int64_t cols, const float* scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = c + r * ldc;
+    const float w = scale[r];
+    for (int64_t j = 0; j < cols; ++j) row[j] *= w;
+  }
+}
+
+// Tasks of about equal cost over the experts' output tiles; each runs one tile's GEMM and,
+// given `scale` (one float per row), multiplies the tile's rows by it while they are
+// still in the cache. Shared by the stacked and the list form below.
 template <typename B>
 void grouped_mm_tiles(const torch::Tensor& a_NX, const B& b_of, int64_t Y,
-                      const std::vector<int64_t>& ends, torch::Tensor& out_NY) {
+                      const std::vector<int64_t>& ends, torch::Tensor& out_NY,
+                      const float* scale = nullptr) {
   const auto starts = starts_of(ends);
   const double target = target_cost(ends, double(a_NX.size(1)) * Y);
   std::vector<Task> tasks;
@@ -369,15 +409,17 @@ void grouped_mm_tiles(const torch::Tensor& a_NX, const B& b_of, int64_t Y,
     auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
     const auto a = a_NX.narrow(0, t.r0, t.r1 - t.r0);
     const auto b = b_of(t.expert).narrow(1, t.c0, t.c1 - t.c0);
+    float* c = static_cast<float*>(out.data_ptr());
     if (sgemm && use_sgemm(a, b, out, ends[t.expert] - starts[t.expert])) {
       SGEMM_TILES.fetch_add(1, std::memory_order_relaxed);
-      sgemm_rows(static_cast<const float*>(a.data_ptr()), a.stride(0),
-                 static_cast<const float*>(b.data_ptr()), b.stride(0),
-                 static_cast<float*>(out.data_ptr()), out.stride(0), a.size(0), a.size(1),
-                 b.size(1));
+      const float* a0 = static_cast<const float*>(a.data_ptr());
+      const float* b0 = static_cast<const float*>(b.data_ptr());
+      sgemm_rows(row_ptrs(a.size(0), [&](int64_t r) { return a0 + r * a.stride(0); }), b0, b0,
+                 b.size(1), b.stride(0), c, out.stride(0), a.size(0), a.size(1), b.size(1));
     } else {
       at::mm_out(out, a, b);
     }
+    if (scale != nullptr) scale_rows(c, out.stride(0), out.size(0), out.size(1), scale + t.r0);
   });
 }
 
@@ -549,6 +591,196 @@ void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
   });
 }
 
+// ---- An fp32 SwiGLU expert layer's forward for inference, in three parallel passes ----
+//
+// moe_experts._forward_block makes four passes over the routed rows besides its two
+// grouped GEMMs: it gathers x's rows (index_select), applies the activation
+// (swiglu_out), multiplies by the routing weights (mul_) and adds the rows into their
+// tokens (index_add_); at a 512-token prefill of bench_decode's fine model (4096 rows x
+// D = 1024) they took ~2.7 ms a layer against ~42 ms of GEMMs. Where nothing is saved for
+// backward, this does them inside the GEMMs' tasks, on rows still in the cache:
+//  1. gate and up: a task is an expert's rows times the same columns of its gate and of
+//     its up projection; sgemm_rows reads x's rows where they are (row pointers) and
+//     aten's mm (experts of more rows) from a copy in this thread's buffer; the task's
+//     [rows, 2 x cols] gate|up tile stays in this thread's buffer, and only the SwiGLU
+//     of it is written, to a_NF (h is never stored);
+//  2. down: grouped_mm_tiles with each tile's rows times their routing weight;
+//  3. the combine: each token's rows added into out_TD in row order, parallel over tokens.
+// Each output element is computed by the same operations in the same order as on
+// _forward_block's path (a token's rows summed in row order, as index_add_ does).
+
+namespace {
+
+// A 64-byte aligned float buffer of this thread's, grown to the largest request.
+float* thread_buffer(int which, int64_t n) {
+  struct Free {
+    void operator()(float* f) const { std::free(f); }
+  };
+  thread_local std::unique_ptr<float, Free> bufs[2];
+  thread_local int64_t sizes[2] = {0, 0};
+  if (sizes[which] < n) {
+    const int64_t bytes = ceil_div(n * static_cast<int64_t>(sizeof(float)), 64) * 64;
+    bufs[which].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    sizes[which] = bufs[which] ? n : 0;
+    TORCH_CHECK(bufs[which] != nullptr, "no memory for a ", bytes, "-byte row buffer");
+  }
+  return bufs[which].get();
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_row(float* __restrict out, const float* __restrict y, int64_t D) {
+  for (int64_t j = 0; j < D; ++j) out[j] += y[j];
+}
+
+void check_float_rows(const torch::Tensor& t, const char* name, int64_t dim) {
+  check(t, name, dim);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have contiguous rows, got strides ",
+              t.strides());
+}
+
+// The forward; w_in_of(i) is expert i's [D, 2F] (gate | up), w_out_of(i) its [F, D].
+template <typename WI, typename WO>
+void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                    const torch::Tensor& w_N, const WI& w_in_of, const WO& w_out_of,
+                    int64_t experts, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
+                    torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  check_float_rows(x_TD, "x_TD", 2);
+  check_float_rows(out_TD, "out_TD", 2);
+  check_float_rows(a_NF, "a_NF", 2);
+  check_float_rows(y_ND, "y_ND", 2);
+  check(tok_N, "tok_N", 1);
+  check(w_N, "w_N", 1);
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), F = a_NF.size(1), N = tok_N.size(0);
+  TORCH_CHECK(tok_N.scalar_type() == at::kLong && tok_N.is_contiguous(),
+              "tok_N must be contiguous int64, got ", tok_N.scalar_type());
+  TORCH_CHECK(w_N.scalar_type() == at::kFloat && w_N.is_contiguous() && w_N.size(0) == N,
+              "w_N must be contiguous float32 of ", N, " rows, got ", w_N.scalar_type(), " ",
+              w_N.sizes());
+  TORCH_CHECK(out_TD.size(0) == T && out_TD.size(1) == D, "out_TD must be [", T, ", ", D,
+              "], got ", out_TD.sizes());
+  TORCH_CHECK(a_NF.size(0) >= N && y_ND.size(0) >= N && y_ND.size(1) == D, "a_NF ",
+              a_NF.sizes(), " and y_ND ", y_ND.sizes(), " must have ", N, " rows and y_ND ",
+              D, " columns");
+  check_ends(ends, experts, N);
+  for (int64_t i = 0; i < experts; ++i) {
+    const auto wi = w_in_of(i), wo = w_out_of(i);
+    TORCH_CHECK(wi.dim() == 2 && wi.size(0) == D && wi.size(1) == 2 * F &&
+                    wi.scalar_type() == at::kFloat,
+                "expert ", i, "'s w_in must be float32 [", D, ", ", 2 * F, "], got ",
+                wi.scalar_type(), " ", wi.sizes());
+    TORCH_CHECK(wo.dim() == 2 && wo.size(0) == F && wo.size(1) == D &&
+                    wo.scalar_type() == at::kFloat,
+                "expert ", i, "'s w_out must be float32 [", F, ", ", D, "], got ",
+                wo.scalar_type(), " ", wo.sizes());
+  }
+  const int64_t rows = ends.empty() ? 0 : ends.back();
+  const int64_t* tok = tok_N.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(tok[r] >= 0 && tok[r] < T, "tok_N[", r, "]=", tok[r], " is not a row of x_TD (",
+                T, " rows)");
+  if (rows == 0) return;
+
+  const auto starts = starts_of(ends);
+  const float* x = x_TD.data_ptr<float>();
+  const int64_t ldx = x_TD.stride(0), lda = a_NF.stride(0);
+  float* a = a_NF.data_ptr<float>();
+  const auto opts = x_TD.options();
+  const bool sgemm = sgemm_enabled();
+
+  // 1. a = swiglu(x[tok] @ w_in): tasks of an expert's rows x columns c0..c1 of its gate
+  //    and the same of its up
+  std::vector<Task> tasks;
+  const double target = target_cost(ends, 2.0 * D * F);
+  for (int64_t i = 0; i < experts; ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * D, target, 16, 64);
+  }
+  run(std::move(tasks), [&](const Task& t) {
+    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
+    const auto b = w_in_of(t.expert);
+    const int64_t* tk = tok + t.r0;
+    float* h = thread_buffer(0, n * 2 * cw);  // [n, gate cw | up cw]
+    if (sgemm && sgemm_weight(b, ends[t.expert] - starts[t.expert])) {
+      SGEMM_TILES.fetch_add(1, std::memory_order_relaxed);
+      const auto A = row_ptrs(n, [&](int64_t r) { return x + tk[r] * ldx; });
+      const float* g = static_cast<const float*>(b.data_ptr()) + t.c0;
+      const float* u = g + F;
+      if (cw % 64 == 0) {
+        sgemm_rows(A, g, u, cw, b.stride(0), h, 2 * cw, n, D, 2 * cw);
+      } else {  // the last, narrow tile: each half on its own
+        sgemm_rows(A, g, g, cw, b.stride(0), h, 2 * cw, n, D, cw);
+        sgemm_rows(A, u, u, cw, b.stride(0), h + cw, 2 * cw, n, D, cw);
+      }
+    } else {
+      float* xg = thread_buffer(1, n * D);
+      for (int64_t r = 0; r < n; ++r) std::memcpy(xg + r * D, x + tk[r] * ldx, D * sizeof(float));
+      const auto xt = torch::from_blob(xg, {n, D}, opts);
+      auto ht = torch::from_blob(h, {n, 2 * cw}, opts);
+      if (cw == F) {
+        at::mm_out(ht, xt, b);
+      } else {
+        auto hg = ht.narrow(1, 0, cw), hu = ht.narrow(1, cw, cw);
+        at::mm_out(hg, xt, b.narrow(1, t.c0, cw));
+        at::mm_out(hu, xt, b.narrow(1, F + t.c0, cw));
+      }
+    }
+    for (int64_t r = 0; r < n; ++r)
+      swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r) * lda + t.c0, cw);
+  });
+
+  // 2. y = (a @ w_out) * w, row by row
+  grouped_mm_tiles(a_NF.narrow(0, 0, rows), w_out_of, D, ends, y_ND, w_N.data_ptr<float>());
+
+  // 3. out[t] += its rows of y, in row order
+  std::vector<int64_t> first(T + 1, 0), order(rows);
+  for (int64_t r = 0; r < rows; ++r) ++first[tok[r] + 1];
+  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+  {
+    std::vector<int64_t> pos(first.begin(), first.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) order[pos[tok[r]]++] = r;
+  }
+  const float* y = y_ND.data_ptr<float>();
+  float* out = out_TD.data_ptr<float>();
+  const int64_t ldy = y_ND.stride(0), ldo = out_TD.stride(0);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = first[t]; i < first[t + 1]; ++i) add_row(out + t * ldo, y + order[i] * ldy, D);
+  });
+}
+
+}  // namespace
+
+// out_TD[t] += sum over the rows r of token t (tok_N[r] = t) of
+// w_N[r] * (silu(x[t] @ gate) * (x[t] @ up)) @ w_out, gate | up = w_in_EDG[e] for row r's
+// expert e (rows sorted by expert, ends[e] the end row of expert e). a_NF and y_ND are
+// scratch rows. Nothing is kept for a backward.
+void swiglu_experts_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                        const torch::Tensor& w_N, const torch::Tensor& w_in_EDG,
+                        const torch::Tensor& w_out_EFD, const std::vector<int64_t>& ends,
+                        torch::Tensor& a_NF, torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  check(w_in_EDG, "w_in_EDG", 3);
+  check(w_out_EFD, "w_out_EFD", 3);
+  TORCH_CHECK(w_in_EDG.size(0) == w_out_EFD.size(0), "w_in_EDG ", w_in_EDG.sizes(),
+              " and w_out_EFD ", w_out_EFD.sizes(), " must have the same experts");
+  swiglu_experts(
+      x_TD, tok_N, w_N, [&](int64_t i) { return w_in_EDG.select(0, i); },
+      [&](int64_t i) { return w_out_EFD.select(0, i); }, w_in_EDG.size(0), ends, a_NF, y_ND,
+      out_TD);
+}
+
+// The same with the experts' matrices as lists (the expert cache's).
+void swiglu_experts_list_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                             const torch::Tensor& w_N, const std::vector<torch::Tensor>& w_in,
+                             const std::vector<torch::Tensor>& w_out,
+                             const std::vector<int64_t>& ends, torch::Tensor& a_NF,
+                             torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  TORCH_CHECK(w_in.size() == w_out.size(), "w_in has ", w_in.size(), " experts, w_out ",
+              w_out.size());
+  swiglu_experts(
+      x_TD, tok_N, w_N, [&](int64_t i) { return w_in[i]; }, [&](int64_t i) { return w_out[i]; },
+      static_cast<int64_t>(w_in.size()), ends, a_NF, y_ND, out_TD);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
@@ -561,6 +793,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sgemm_tiles", [] { return SGEMM_TILES.load(); },
         "output tiles moekit's fp32 GEMM has run in this process");
   m.def("swiglu_out", &swiglu_out, "a = silu(gate) * up, one pass, float32");
+  m.def("swiglu_experts_out", &swiglu_experts_out,
+        "an fp32 SwiGLU expert layer's forward into out_TD, gathers and combine fused");
+  m.def("swiglu_experts_list_out", &swiglu_experts_list_out,
+        "swiglu_experts_out with the experts' matrices as lists");
   m.def("swiglu_backward_out", &swiglu_backward_out,
         "a and dh of SwiGLU from da, one pass, float32");
 }

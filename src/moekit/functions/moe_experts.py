@@ -184,17 +184,17 @@ def reuse_row_buffers(buffers: RowBuffers) -> Iterator[RowBuffers]:
 
 
 def _kept_buffers(*tensors: Tensor | None) -> RowBuffers | None:
-    """The active RowBuffers, where this call saves nothing for backward."""
-    kept = _ROW_BUFFERS.get()
-    if kept is not None and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors):
+    """None where this call saves tensors for backward; else the active RowBuffers, or
+    fresh ones for this call alone outside ``reuse_row_buffers``."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return None
-    return kept
+    kept = _ROW_BUFFERS.get()
+    return RowBuffers() if kept is None else kept
 
 
 class _Workspace:
     """Row buffers sized for the largest block, reused by every block of one call (and
-    by later calls, from ``kept``)."""
+    by later calls, from ``kept``). Given ``kept``, the forward saves nothing."""
 
     def __init__(self, like: Tensor, n: int, kept: RowBuffers | None = None) -> None:
         self.like, self.n = like, n
@@ -230,11 +230,38 @@ class _Weights:
     act: ActFn
 
 
+# Whether a forward that saves nothing runs a fp32 SwiGLU layer in one C++ call
+# (swiglu_experts_out in moekit/csrc/cpu_experts.cpp: the gather, activation, routing
+# weights and combine inside the GEMMs' tasks) where it applies; tests and A/B runs flip it.
+ONE_CALL_FORWARD = True
+
+
+def _one_call(ws: _Workspace, p: _Weights, x_TD: Tensor, tok_N: Tensor, out_TD: Tensor):
+    """The C++ module for swiglu_experts_out where it applies to this block, else None."""
+    if not (ONE_CALL_FORWARD and ws.kept and p.kind == "swiglu" and p.b_in_EG is None
+            and p.b_out_ED is None and x_TD.dtype == torch.float32
+            and x_TD.device.type == "cpu" and out_TD.dtype == torch.float32
+            and out_TD.stride(-1) == 1 and tok_N.dtype == torch.int64):
+        return None
+    if any(w[0].dtype != torch.float32 for w in (p.w_in_EDG, p.w_out_EFD)):
+        return None
+    ext = cpu_ext.get()
+    return ext if hasattr(ext, "swiglu_experts_out") else None
+
+
 def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N: Tensor,
-                   w_N1: Tensor, out_TD: Tensor) -> Tensor:
-    """Adds the block's weighted expert outputs to out_TD; returns h_NG to save."""
+                   w_N1: Tensor, out_TD: Tensor) -> Tensor | None:
+    """Adds the block's weighted expert outputs to out_TD; returns h_NG to save (None
+    from the one-call forward, which saves nothing)."""
     n, D = tok_N.shape[0], x_TD.shape[1]
     G, F = p.w_in_EDG[0].shape[-1], p.w_out_EFD[0].shape[-2]
+    ext = _one_call(ws, p, x_TD, tok_N, out_TD)
+    if ext is not None:
+        w_in, w_out = p.w_in_EDG[blk.e0:blk.e1], p.w_out_EFD[blk.e0:blk.e1]
+        call = ext.swiglu_experts_list_out if isinstance(w_in, list) else ext.swiglu_experts_out
+        call(x_TD, tok_N.contiguous(), w_N1[:, 0].contiguous(), w_in, w_out, list(blk.ends),
+             ws.get("a", n, F), ws.get("y", n, D), out_TD)
+        return None
     x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
     h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, ws.saved("h", n, G))
     if p.b_in_EG is not None:
@@ -431,7 +458,8 @@ def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: 
     p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
     x_TD = x_TD.contiguous()
     w_S1 = weight_S.to(x_TD.dtype)[:, None]
-    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), _ROW_BUFFERS.get())
+    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0),
+                    _ROW_BUFFERS.get() or RowBuffers())
     for b in blocks:
         _forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
     return out_TD
