@@ -313,9 +313,10 @@ def test_generation_keeps_row_buffers_in_its_cache(monkeypatch):
 # -- the one-call fp32 SwiGLU forward (swiglu_experts_out) ------------------------------
 
 # rows per expert: none, the register blocks' edge cases, the last sgemm_rows size (96)
-# and past it (aten's mm); F = 520 makes a task's columns a multiple of 64 but for the
-# last one (both halves of a narrow tile); D x 2F is past sgemm_rows' smallest weight
-ONE_CALL_COUNTS, ONE_CALL_D, ONE_CALL_F, ONE_CALL_T = [0, 1, 5, 7, 64, 96, 97, 150], 512, 520, 200
+# and past it (aten's mm; 300 rows: in two pieces of at most 256); F = 520 makes a
+# task's columns a multiple of 64 but for the last one (both halves of a narrow tile);
+# D x 2F is past sgemm_rows' smallest weight
+ONE_CALL_COUNTS, ONE_CALL_D, ONE_CALL_F, ONE_CALL_T = [0, 1, 5, 7, 64, 96, 97, 300], 512, 520, 200
 
 
 def _one_call_problem(seed=5):

@@ -601,7 +601,8 @@ void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
 // backward, this does them inside the GEMMs' tasks, on rows still in the cache:
 //  1. gate and up: a task is an expert's rows times the same columns of its gate and of
 //     its up projection; sgemm_rows reads x's rows where they are (row pointers) and
-//     aten's mm (experts of more rows) from a copy in this thread's buffer; the task's
+//     aten's mm (experts of more rows) from a copy in this thread's buffer, at most
+//     ROW_CHUNK rows at a time; the task's
 //     [rows, 2 x cols] gate|up tile stays in this thread's buffer, and only the SwiGLU
 //     of it is written, to a_NF (h is never stored);
 //  2. down: grouped_mm_tiles with each tile's rows times their routing weight;
@@ -610,6 +611,12 @@ void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
 // _forward_block's path (a token's rows summed in row order, as index_add_ does).
 
 namespace {
+
+// Rows per aten mm in step 1: each thread's buffers hold at most ROW_CHUNK x (D + 2 x a
+// task's columns) floats (2 MiB at D = 1024, where a 507-row expert would have taken 4
+// MiB); at 256 the fine prefill took the same time as in one piece (266.6 / 266.8 ms,
+// 9 interleaved pairs), at 128 1.03x.
+constexpr int64_t ROW_CHUNK = 256;
 
 // A 64-byte aligned float buffer of this thread's, grown to the largest request.
 float* thread_buffer(int which, int64_t n) {
@@ -699,9 +706,14 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const auto b = w_in_of(t.expert);
     const int64_t* tk = tok + t.r0;
-    float* h = thread_buffer(0, n * 2 * cw);  // [n, gate cw | up cw]
+    // a's rows r0.. of this task from its m x [gate cw | up cw] tile h
+    auto act = [&](const float* h, int64_t r0, int64_t m) {
+      for (int64_t r = 0; r < m; ++r)
+        swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r0 + r) * lda + t.c0, cw);
+    };
     if (sgemm && sgemm_weight(b, ends[t.expert] - starts[t.expert])) {
       SGEMM_TILES.fetch_add(1, std::memory_order_relaxed);
+      float* h = thread_buffer(0, n * 2 * cw);
       const auto A = row_ptrs(n, [&](int64_t r) { return x + tk[r] * ldx; });
       const float* g = static_cast<const float*>(b.data_ptr()) + t.c0;
       const float* u = g + F;
@@ -711,11 +723,19 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
         sgemm_rows(A, g, g, cw, b.stride(0), h, 2 * cw, n, D, cw);
         sgemm_rows(A, u, u, cw, b.stride(0), h + cw, 2 * cw, n, D, cw);
       }
-    } else {
-      float* xg = thread_buffer(1, n * D);
-      for (int64_t r = 0; r < n; ++r) std::memcpy(xg + r * D, x + tk[r] * ldx, D * sizeof(float));
-      const auto xt = torch::from_blob(xg, {n, D}, opts);
-      auto ht = torch::from_blob(h, {n, 2 * cw}, opts);
+      act(h, 0, n);
+      return;
+    }
+    // aten's mm on this thread's copy of the rows, ROW_CHUNK rows at a time
+    const int64_t chunk = std::min(n, ROW_CHUNK);
+    float* xg = thread_buffer(1, chunk * D);
+    float* h = thread_buffer(0, chunk * 2 * cw);
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t m = std::min(chunk, n - r0);
+      for (int64_t r = 0; r < m; ++r)
+        std::memcpy(xg + r * D, x + tk[r0 + r] * ldx, D * sizeof(float));
+      const auto xt = torch::from_blob(xg, {m, D}, opts);
+      auto ht = torch::from_blob(h, {m, 2 * cw}, opts);
       if (cw == F) {
         at::mm_out(ht, xt, b);
       } else {
@@ -723,9 +743,8 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
         at::mm_out(hg, xt, b.narrow(1, t.c0, cw));
         at::mm_out(hu, xt, b.narrow(1, F + t.c0, cw));
       }
+      act(h, r0, m);
     }
-    for (int64_t r = 0; r < n; ++r)
-      swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r) * lda + t.c0, cw);
   });
 
   // 2. y = (a @ w_out) * w, row by row
