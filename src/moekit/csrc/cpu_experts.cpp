@@ -602,9 +602,8 @@ void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
 //  1. gate and up: a task is an expert's rows times the same columns of its gate and of
 //     its up projection; sgemm_rows reads x's rows where they are (row pointers) and
 //     aten's mm (experts of more rows) from a copy in this thread's buffer, at most
-//     ROW_CHUNK rows at a time; the task's
-//     [rows, 2 x cols] gate|up tile stays in this thread's buffer, and only the SwiGLU
-//     of it is written, to a_NF (h is never stored);
+//     ROW_CHUNK rows at a time; the task's [rows, 2 x cols] gate|up tile stays in this
+//     thread's buffer, and only its SwiGLU is written, to a_NF (h is never stored);
 //  2. down: grouped_mm_tiles with each tile's rows times their routing weight;
 //  3. the combine: each token's rows added into out_TD in row order, parallel over tokens.
 // Each output element is computed by the same operations in the same order as on

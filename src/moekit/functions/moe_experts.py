@@ -237,7 +237,7 @@ class _Weights:
     act: ActFn
 
 
-# Whether a forward that saves nothing runs a fp32 SwiGLU layer in one C++ call
+# Whether a forward that saves nothing runs an fp32 SwiGLU block in one C++ call
 # (swiglu_experts_out in moekit/csrc/cpu_experts.cpp: the gather, activation, routing
 # weights and combine inside the GEMMs' tasks) where it applies; tests and A/B runs flip it.
 ONE_CALL_FORWARD = True
