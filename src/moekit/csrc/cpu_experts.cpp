@@ -95,6 +95,23 @@ void check(const torch::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.sizes());
 }
 
+// A 64-byte aligned float buffer of this thread's, grown to the largest request: which = 0
+// and 1 swiglu_experts' row tiles, 2 sgemm_rows' packed weight blocks.
+float* thread_buffer(int which, int64_t n) {
+  struct Free {
+    void operator()(float* f) const { std::free(f); }
+  };
+  thread_local std::unique_ptr<float, Free> bufs[3];
+  thread_local int64_t sizes[3] = {0, 0, 0};
+  if (sizes[which] < n) {
+    const int64_t bytes = ceil_div(n * static_cast<int64_t>(sizeof(float)), 64) * 64;
+    bufs[which].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    sizes[which] = bufs[which] ? n : 0;
+    TORCH_CHECK(bufs[which] != nullptr, "no memory for a ", bytes, "-byte thread buffer");
+  }
+  return bufs[which].get();
+}
+
 // `ends` has one entry per expert and stays within `rows`.
 void check_ends(const std::vector<int64_t>& ends, int64_t experts, int64_t rows) {
   TORCH_CHECK(static_cast<int64_t>(ends.size()) == experts, "ends has ", ends.size(),
@@ -286,17 +303,9 @@ AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1,
   const int64_t nb = (M + SG_ROWS - 1) / SG_ROWS, base = M / nb, extra = M % nb;
   // panels 64 bytes more than a [KC, 64] block apart: 24 KiB apart, the stores of one
   // k would all meet in one L1 set
-  const int64_t ps = SG_KC * 64 + 16, bytes = 2 * ps * (SG_NC / 64) * sizeof(float);
-  struct Free {
-    void operator()(float* f) const { std::free(f); }
-  };
-  thread_local std::unique_ptr<float, Free> buffers;  // this thread's two packed blocks
-  if (!buffers) {
-    buffers.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    TORCH_CHECK(buffers != nullptr, "sgemm_rows: no memory for its ", bytes,
-                "-byte packing buffers");
-  }
-  float* buf[2] = {buffers.get(), buffers.get() + ps * (SG_NC / 64)};
+  const int64_t ps = SG_KC * 64 + 16;
+  float* const packed = thread_buffer(2, 2 * ps * (SG_NC / 64));  // two packed blocks
+  float* buf[2] = {packed, packed + ps * (SG_NC / 64)};
   // where each panel of the block at weight row k0, columns c0.. starts
   const float* srcs[SG_NC / 64];
   auto panels = [&](int64_t k0, int64_t c0, int64_t nc) {
@@ -543,12 +552,18 @@ void swiglu_backward_rows(const float* __restrict gate, const float* __restrict 
   }
 }
 
-void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  check(t, name, 2);
+// A float32 tensor of `dim` dimensions whose last one is contiguous.
+void check_float_rows(const torch::Tensor& t, const char* name, int64_t dim) {
+  check(t, name, dim);
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have contiguous rows, got strides ",
+              t.strides());
+}
+
+void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  check_float_rows(t, name, 2);
   TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, name, " must be [", rows, ", ", cols,
               "], got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1, name, " must have contiguous rows, got strides ", t.strides());
 }
 
 }  // namespace
@@ -617,32 +632,9 @@ namespace {
 // 9 interleaved pairs), at 128 1.03x.
 constexpr int64_t ROW_CHUNK = 256;
 
-// A 64-byte aligned float buffer of this thread's, grown to the largest request.
-float* thread_buffer(int which, int64_t n) {
-  struct Free {
-    void operator()(float* f) const { std::free(f); }
-  };
-  thread_local std::unique_ptr<float, Free> bufs[2];
-  thread_local int64_t sizes[2] = {0, 0};
-  if (sizes[which] < n) {
-    const int64_t bytes = ceil_div(n * static_cast<int64_t>(sizeof(float)), 64) * 64;
-    bufs[which].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    sizes[which] = bufs[which] ? n : 0;
-    TORCH_CHECK(bufs[which] != nullptr, "no memory for a ", bytes, "-byte row buffer");
-  }
-  return bufs[which].get();
-}
-
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void add_row(float* __restrict out, const float* __restrict y, int64_t D) {
   for (int64_t j = 0; j < D; ++j) out[j] += y[j];
-}
-
-void check_float_rows(const torch::Tensor& t, const char* name, int64_t dim) {
-  check(t, name, dim);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.stride(dim - 1) == 1, name, " must have contiguous rows, got strides ",
-              t.strides());
 }
 
 // The forward; w_in_of(i) is expert i's [D, 2F] (gate | up), w_out_of(i) its [F, D].

@@ -35,9 +35,10 @@ def _act_into(kind: str, gate_NF: Tensor, out_NF: Tensor) -> Tensor:
     return torch.ops.aten.gelu.out(gate_NF, out=out_NF)
 
 
-def _one_pass(kind: str, *tensors: Tensor):
+def one_pass(kind: str, *tensors: Tensor):
     """The C++ one-pass SwiGLU (moekit/csrc/cpu_experts.cpp) where it applies, else None:
-    float32 CPU tensors with contiguous rows."""
+    float32 CPU tensors with contiguous rows (also what moe_experts' one-call forward
+    needs of its rows)."""
     if kind != "swiglu" or not all(t.dtype == torch.float32 and t.device.type == "cpu"
                                    and t.dim() == 2 and t.stride(1) == 1 for t in tensors):
         return None
@@ -46,7 +47,7 @@ def _one_pass(kind: str, *tensors: Tensor):
 
 def glu_forward(h_NG: Tensor, kind: str, out_NF: Tensor) -> Tensor:
     """act(gate) * up for kind "swiglu" (silu) or "geglu" (exact gelu), into ``out_NF``."""
-    ext = _one_pass(kind, h_NG, out_NF)
+    ext = one_pass(kind, h_NG, out_NF)
     if ext is not None:
         ext.swiglu_out(h_NG, out_NF)
         return out_NF
@@ -63,7 +64,7 @@ def glu_backward(h_NG: Tensor, da_NF: Tensor, kind: str, a_NF: Tensor, tmp_NF: T
     needs. Writes into the caller's buffers ``a_NF``, ``tmp_NF`` and ``dh_NG``:
     fresh allocations here page-fault on every call with glibc malloc.
     """
-    ext = _one_pass(kind, h_NG, da_NF, a_NF, dh_NG)
+    ext = one_pass(kind, h_NG, da_NF, a_NF, dh_NG)
     if ext is not None:
         ext.swiglu_backward_out(h_NG, da_NF, a_NF, dh_NG)
         return a_NF, dh_NG

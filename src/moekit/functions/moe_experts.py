@@ -67,7 +67,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moekit.functions import bf16_fused, cpu_ext
-from moekit.functions.glu import FAST_KINDS, ActFn, generic_backward, glu_backward, glu_forward
+from moekit.functions.glu import (
+    FAST_KINDS,
+    ActFn,
+    generic_backward,
+    glu_backward,
+    glu_forward,
+    one_pass,
+)
 
 BLOCK_ROWS = 8192
 
@@ -245,14 +252,11 @@ ONE_CALL_FORWARD = True
 
 def _one_call(ws: _Workspace, p: _Weights, x_TD: Tensor, tok_N: Tensor, out_TD: Tensor):
     """The C++ module for swiglu_experts_out where it applies to this block, else None."""
-    if not (ONE_CALL_FORWARD and ws.kept and p.kind == "swiglu" and p.b_in_EG is None
-            and p.b_out_ED is None and x_TD.dtype == torch.float32
-            and x_TD.device.type == "cpu" and out_TD.dtype == torch.float32
-            and out_TD.stride(-1) == 1 and tok_N.dtype == torch.int64):
+    if not (ONE_CALL_FORWARD and ws.kept and p.b_in_EG is None and p.b_out_ED is None
+            and tok_N.dtype == torch.int64
+            and all(w[0].dtype == torch.float32 for w in (p.w_in_EDG, p.w_out_EFD))):
         return None
-    if any(w[0].dtype != torch.float32 for w in (p.w_in_EDG, p.w_out_EFD)):
-        return None
-    ext = cpu_ext.get()
+    ext = one_pass(p.kind, x_TD, out_TD)  # SwiGLU, float32 CPU rows, the module built
     return ext if hasattr(ext, "swiglu_experts_out") else None
 
 
@@ -465,8 +469,7 @@ def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: 
     p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
     x_TD = x_TD.contiguous()
     w_S1 = weight_S.to(x_TD.dtype)[:, None]
-    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0),
-                    _ROW_BUFFERS.get() or RowBuffers())
+    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), _kept_buffers())
     for b in blocks:
         _forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
     return out_TD
