@@ -182,21 +182,33 @@ inline __mmask16 tail_mask(int64_t left) {
 // The next packed block, copied while the current block is multiplied: one row's 64
 // columns of one panel (4 lines) every `every` k-steps, each 4 lines prefetched LEAD
 // segments before their copy. Packed layout: panels of 64 columns, [kc, 64] each, `ps`
-// floats apart; zeros past the last column. Panel p's source columns start at src[p]
-// (the block's first row), so the columns of a block may come from two matrices.
+// floats apart; zeros past the last column. The call's columns [0, split) are B0's, the
+// rest B1's (rows ldb apart), so the columns of a block may come from two matrices.
 struct NextBlock {
+  static constexpr int64_t KC = SG_KC;
   static constexpr int64_t LEAD = 16;
+  static constexpr bool BETWEEN = false;  // copies inside sg_block's k loop
+  const float *B0, *B1;
+  int64_t split, ldb;
   const float* src[16] = {};  // each panel's first weight row, at its first column
   float* dst = nullptr;
-  int64_t ldb = 0, nc = 0, ps = 0, np = 0;  // panels per row
-  int64_t k = 0, p = 0, left = 0;           // the copy: row, panel, segments still to copy
-  int64_t pk = 0, pp = 0, pleft = 0;        // the prefetch
+  int64_t nc = 0, ps = 0, np = 0;      // panels per row
+  int64_t k = 0, p = 0, left = 0;      // the copy: row, panel, segments still to copy
+  int64_t pk = 0, pp = 0, pleft = 0;   // the prefetch
   int64_t every = 1, cnt = 1;
 
-  AVX512F void start(const float* const* s, int64_t ld, int64_t rows, int64_t cols, float* d,
+  NextBlock(const float* b0, const float* b1, int64_t split_, int64_t ldb_)
+      : B0(b0), B1(b1), split(split_), ldb(ldb_) {}
+
+  // Starts packing the block of weight rows k0..k0+rows, columns c0..c0+cols into d,
+  // spread over the next `steps` k-steps (0: finish() copies it all).
+  AVX512F void begin(int64_t k0, int64_t c0, int64_t rows, int64_t cols, float* d,
                      int64_t stride, int64_t steps) {
-    dst = d, ldb = ld, nc = cols, ps = stride, np = (cols + 63) / 64;
-    for (int64_t i = 0; i < np; ++i) src[i] = s[i];
+    dst = d, nc = cols, ps = stride, np = (cols + 63) / 64;
+    for (int64_t i = 0; i < np; ++i) {
+      const int64_t c = c0 + 64 * i;
+      src[i] = (c < split ? B0 + c : B1 + (c - split)) + k0 * ldb;
+    }
     k = p = pk = pp = 0;
     left = pleft = rows * np;
     every = cnt = std::max<int64_t>(1, steps / (left + LEAD));
@@ -227,16 +239,181 @@ struct NextBlock {
     }
     if (left > 0 && (pleft == 0 || left - pleft >= LEAD)) copy();  // LEAD segments behind
   }
+  AVX512F void between() {}
   AVX512F void finish() {
     while (left > 0) copy();
   }
 };
 
+// 16 x 16 floats transposed in registers: r[i][j] -> r[j][i] (64 shuffles).
+AVX512F inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      const int j = 8 * h + i;
+      t[j] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0x88);
+      t[j + 4] = _mm512_shuffle_f32x4(r[j], r[j + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// The same packed blocks from a quantized weight stored [N, K] (an output channel per row,
+// moekit.quant's layout), dequantized and transposed on the way in, so the float weights
+// are never written out. A segment is 16 channels x SEG_K weight rows: each channel's 64
+// bytes (64 int8 or 128 int4 weights) is one load, the 16 x 16 dwords are transposed in
+// registers, and each dword (4 bytes of one channel) then gives its weights by shifts:
+// (q << 24 - 8b) >> 24 for int8, (q >> 8b (+ 4)) & 15 for int4 (byte j of a 32-weight chunk
+// holds weight j in its low nibble, j + 16 in its high one). A segment costs 64 shuffles;
+// transposing the converted floats instead (two 16 x 16 float tiles per 32 weight rows)
+// cost 4 shuffles per 16 weights, on the port the FMAs also use. The values are
+// cpu_decode's dequantize's, bitwise: s * q (int8, a scale per channel), s * q + z (int4,
+// per group along K), not an FMA.
+struct QMatrix {
+  int bits = 8;                     // 8 or 4
+  const uint8_t* data = nullptr;    // [N, row_bytes]
+  int64_t row_bytes = 0;
+  const float* scales = nullptr;    // int8 [N]; int4 [N, K / group]
+  const float* zeros = nullptr;     // int4 [N, K / group]
+  int64_t group = 0;                // int4: weights per group (a multiple of 32)
+};
+
+struct QNextBlock {
+  static constexpr int64_t KC = 128;   // weight rows per packed block (a multiple of SEG_K)
+  static constexpr int64_t LEAD = 2;   // segments prefetched before their copy
+  static constexpr bool BETWEEN = true;  // copies between register blocks, not in the k loop
+  const QMatrix& q;
+  int64_t n0, n1, split;  // call column c is channel n0 + c (c < split), else n1 + c - split
+  int64_t seg_k;          // weight rows per segment: 64 (int8) or 128 (int4)
+  float* dst = nullptr;
+  int64_t k0 = 0, c0 = 0, kc = 0, nc = 0, ps = 0, nks = 0;
+  int64_t seg = 0, nseg = 0, pseg = 0, calls = 0, done = 0;
+  int64_t every = INT64_MAX, cnt = INT64_MAX;  // sg_block's k loop never steps it
+
+  QNextBlock(const QMatrix& m, int64_t n0_, int64_t n1_, int64_t split_)
+      : q(m), n0(n0_), n1(n1_), split(split_), seg_k(m.bits == 8 ? 64 : 128) {}
+
+  // `steps` counts register blocks here (sgemm_blocks calls between() after each one).
+  AVX512F void begin(int64_t k0_, int64_t c0_, int64_t rows, int64_t cols, float* d,
+                     int64_t stride, int64_t steps) {
+    dst = d, k0 = k0_, c0 = c0_, kc = rows, nc = cols, ps = stride;
+    nks = (rows + seg_k - 1) / seg_k;
+    seg = pseg = 0;
+    nseg = nks * 4 * ((cols + 63) / 64);  // whole panels: the columns past nc get zeros
+    calls = steps, done = 0;
+  }
+  // The channel of call column c (< nc).
+  int64_t channel(int64_t c) const {
+    const int64_t col = c0 + c;
+    return col < split ? n0 + col : n1 + (col - split);
+  }
+  const uint8_t* at(int64_t c, int64_t k) const {
+    return q.data + channel(c) * q.row_bytes + (q.bits == 8 ? k : k / 2);
+  }
+  AVX512F void prefetch(int64_t s) {
+    const int64_t c = 16 * (s / nks), k = k0 + seg_k * (s % nks);
+    for (int64_t i = 0; i < 16 && c + i < nc; ++i)
+      _mm_prefetch(reinterpret_cast<const char*>(at(c + i, k)), _MM_HINT_T1);
+  }
+  AVX512F void copy() {
+    const int64_t c = 16 * (seg / nks), kk = k0 + seg_k * (seg % nks);
+    const int64_t kn = std::min(seg_k, k0 + kc - kk), bytes = q.bits == 8 ? kn : kn / 2;
+    const __mmask16 dm = tail_mask(bytes / 4);  // dwords of the segment (bytes % 16 == 0)
+    const __mmask16 cm = tail_mask(nc - c);
+    float* d = dst + (c / 64) * ps + 64 * (kk - k0) + c % 64;  // weight row kk, column c
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = c + i < nc ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dm, at(c + i, kk)))
+                        : _mm512_setzero_ps();
+    transpose16(r);  // r[j] lane i: bytes 4j..4j+3 of channel c + i
+    if (cm == 0) {   // a panel's columns past the last: zeros
+      for (int64_t k = 0; k < kn; ++k) _mm512_store_ps(d + 64 * k, _mm512_setzero_ps());
+    } else if (q.bits == 8) {
+      // the 16 channels' scales (c's 16 columns are consecutive channels of one part)
+      const __m512 s = _mm512_maskz_loadu_ps(cm, q.scales + channel(c));
+      for (int64_t j = 0; 4 * j < kn; ++j) {
+        const __m512i v = _mm512_castps_si512(r[j]);
+        const __m512i b0 = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);
+        const __m512i b1 = _mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24);
+        const __m512i b2 = _mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24);
+        const __m512i b3 = _mm512_srai_epi32(v, 24);
+        float* o = d + 64 * 4 * j;
+        _mm512_store_ps(o, _mm512_mul_ps(s, _mm512_cvtepi32_ps(b0)));
+        _mm512_store_ps(o + 64, _mm512_mul_ps(s, _mm512_cvtepi32_ps(b1)));
+        _mm512_store_ps(o + 128, _mm512_mul_ps(s, _mm512_cvtepi32_ps(b2)));
+        _mm512_store_ps(o + 192, _mm512_mul_ps(s, _mm512_cvtepi32_ps(b3)));
+      }
+    } else {
+      const int64_t ng = q.row_bytes * 2 / q.group;  // groups per channel
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+          _mm512_set1_epi32(static_cast<int32_t>(ng)));
+      const int64_t base = channel(c) * ng;
+      const __m512i m15 = _mm512_set1_epi32(15);
+      __m512 s = _mm512_setzero_ps(), z = s;
+      int64_t g = -1;
+      for (int64_t ch = 0; 32 * ch < kn; ++ch) {  // 32-weight chunks: 16 bytes, 4 dwords
+        if ((kk + 32 * ch) / q.group != g) {  // a group's 16 scales and zeros
+          g = (kk + 32 * ch) / q.group;
+          s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cm, idx, q.scales + base + g, 4);
+          z = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), cm, idx, q.zeros + base + g, 4);
+        }
+        for (int jd = 0; jd < 4; ++jd) {
+          const __m512i v = _mm512_castps_si512(r[4 * ch + jd]);
+          for (int b = 0; b < 4; ++b) {
+            const int64_t k = 32 * ch + 4 * jd + b;  // low nibble's weight row in the segment
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * b), m15));
+            const __m512 hi =
+                _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * b + 4), m15));
+            // s * q rounded, then + z (GCC would contract mul_ps + add_ps into an FMA;
+            // the _round_ form is a builtin it leaves apart)
+            _mm512_store_ps(d + 64 * k,
+                            _mm512_add_ps(_mm512_mul_round_ps(s, lo, _MM_FROUND_CUR_DIRECTION), z));
+            _mm512_store_ps(d + 64 * (k + 16),
+                            _mm512_add_ps(_mm512_mul_round_ps(s, hi, _MM_FROUND_CUR_DIRECTION), z));
+          }
+        }
+      }
+    }
+    ++seg;
+  }
+  // The k loop's hook: nothing (a segment's 16 + registers there would spill the
+  // accumulators: a 64-row expert's GEMMs took 1.53x the float ones' time, 1.17x between).
+  AVX512F void step() {}
+  // After register block `done` of `calls`: the segments due by then, each prefetched
+  // LEAD segments ahead.
+  AVX512F void between() {
+    // (after the last block's begin() the calls go on past `calls`: nothing more is due)
+    const int64_t due = calls > 0 ? std::min(nseg, nseg * ++done / calls) : nseg;
+    while (seg < due) {
+      while (pseg < nseg && pseg < seg + 1 + LEAD) prefetch(pseg++);
+      copy();
+    }
+  }
+  AVX512F void finish() {
+    while (seg < nseg) copy();
+  }
+};
+
 // C[R, 64] (masked m0..m3; += C unless first) of R rows of A (row r's kc values from
 // A[r] + k0) times the packed block P [kc, 64]; steps the next block's copy.
-template <int R>
+template <int R, typename Next>
 AVX512F void sg_block(const float* const* A, int64_t k0, const float* P, int64_t kc, float* C,
-                      int64_t ldc, const __mmask16* m, bool first, NextBlock& next) {
+                      int64_t ldc, const __mmask16* m, bool first, Next& next) {
   const __mmask16 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
   const float* a[R];
   for (int r = 0; r < R; ++r) a[r] = A[r] + k0;
@@ -280,8 +457,9 @@ AVX512F void sg_block(const float* const* A, int64_t k0, const float* P, int64_t
   }
 }
 
+template <typename Next>
 AVX512F void sg_rows(int64_t R, const float* const* A, int64_t k0, const float* P, int64_t kc,
-                     float* C, int64_t ldc, const __mmask16* m, bool first, NextBlock& next) {
+                     float* C, int64_t ldc, const __mmask16* m, bool first, Next& next) {
   switch (R) {
     case 6: return sg_block<6>(A, k0, P, kc, C, ldc, m, first, next);
     case 5: return sg_block<5>(A, k0, P, kc, C, ldc, m, first, next);
@@ -294,43 +472,33 @@ AVX512F void sg_rows(int64_t R, const float* const* A, int64_t k0, const float* 
 
 constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed block)
 
-// C [M, N] = A [M, K] @ B [K, N], every matrix with unit column stride: row r of A at
-// A[r], B's columns [0, split) at B0 and [split, N) at B1, both with rows ldb apart
-// (split = N: one matrix; else a multiple of 64, so that no 64-column panel straddles).
-AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1, int64_t split,
-                        int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K, int64_t N) {
+// C [M, N] = A [M, K] @ B [K, N], row r of A at A[r], C with unit column stride; `next`
+// packs B's blocks (NextBlock: float rows; QNextBlock: a quantized [N, K] weight).
+template <typename Next>
+AVX512F void sgemm_blocks(const float* const* A, Next& next, float* C, int64_t ldc, int64_t M,
+                          int64_t K, int64_t N) {
+  constexpr int64_t KC = Next::KC;
   // row blocks of 5-6 rows (64 rows: 9 x 6 + 2 x 5, not 10 x 6 + 4)
   const int64_t nb = (M + SG_ROWS - 1) / SG_ROWS, base = M / nb, extra = M % nb;
-  // panels 64 bytes more than a [KC, 64] block apart: 24 KiB apart, the stores of one
-  // k would all meet in one L1 set
-  const int64_t ps = SG_KC * 64 + 16;
+  // panels 64 bytes more than a [KC, 64] block apart: 24 or 32 KiB apart, the stores of
+  // one k would all meet in one L1 set
+  const int64_t ps = KC * 64 + 16;
   float* const packed = thread_buffer(2, 2 * ps * (SG_NC / 64));  // two packed blocks
   float* buf[2] = {packed, packed + ps * (SG_NC / 64)};
-  // where each panel of the block at weight row k0, columns c0.. starts
-  const float* srcs[SG_NC / 64];
-  auto panels = [&](int64_t k0, int64_t c0, int64_t nc) {
-    for (int64_t p = 0; 64 * p < nc; ++p) {
-      const int64_t c = c0 + 64 * p;
-      srcs[p] = (c < split ? B0 + c : B1 + (c - split)) + k0 * ldb;
-    }
-    return srcs;
-  };
   int cur = 0;
-  NextBlock next;
-  next.start(panels(0, 0, std::min(SG_NC, N)), ldb, std::min(SG_KC, K), std::min(SG_NC, N),
-             buf[cur], ps, 0);
+  next.begin(0, 0, std::min(KC, K), std::min(SG_NC, N), buf[cur], ps, 0);
   next.finish();  // the first block: packed before any compute
   for (int64_t c0 = 0; c0 < N; c0 += SG_NC) {
     const int64_t nc = std::min(SG_NC, N - c0), np = (nc + 63) / 64;
-    for (int64_t k0 = 0; k0 < K; k0 += SG_KC) {
-      const int64_t kc = std::min(SG_KC, K - k0), steps = np * nb * kc;
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min(KC, K - k0);
+      // k-steps for NextBlock, register blocks for QNextBlock
+      const int64_t steps = Next::BETWEEN ? np * nb : np * nb * kc;
       if (k0 + kc < K)  // this column range's next rows
-        next.start(panels(k0 + kc, c0, nc), ldb, std::min(SG_KC, K - k0 - kc), nc,
-                   buf[1 - cur], ps, steps);
+        next.begin(k0 + kc, c0, std::min(KC, K - k0 - kc), nc, buf[1 - cur], ps, steps);
       else if (c0 + SG_NC < N)  // the next column range's first rows
-        next.start(panels(0, c0 + SG_NC, std::min(SG_NC, N - c0 - SG_NC)), ldb,
-                   std::min(SG_KC, K), std::min(SG_NC, N - c0 - SG_NC), buf[1 - cur], ps,
-                   steps);
+        next.begin(0, c0 + SG_NC, std::min(KC, K), std::min(SG_NC, N - c0 - SG_NC),
+                   buf[1 - cur], ps, steps);
       for (int64_t p = 0; p < np; ++p) {
         const int64_t cols = nc - 64 * p;
         const __mmask16 m[4] = {tail_mask(cols), tail_mask(cols - 16), tail_mask(cols - 32),
@@ -339,6 +507,7 @@ AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1,
         for (int64_t b = 0, r0 = 0; b < nb; ++b) {
           const int64_t R = base + (b < extra);
           sg_rows(R, A + r0, k0, P, kc, C + r0 * ldc + c0 + 64 * p, ldc, m, k0 == 0, next);
+          next.between();
           r0 += R;
         }
       }
@@ -348,11 +517,39 @@ AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1,
   }
 }
 
+// C [M, N] = A [M, K] @ B [K, N], every matrix with unit column stride: B's columns
+// [0, split) at B0 and [split, N) at B1, both with rows ldb apart (split = N: one
+// matrix; else a multiple of 64, so that no 64-column panel straddles).
+AVX512F void sgemm_rows(const float* const* A, const float* B0, const float* B1, int64_t split,
+                        int64_t ldb, float* C, int64_t ldc, int64_t M, int64_t K, int64_t N) {
+  NextBlock next(B0, B1, split, ldb);
+  sgemm_blocks(A, next, C, ldc, M, K, N);
+}
+
+// The same with B [K, N] the quantized q read as [K, N]: column c is channel n0 + c for
+// c < split, else n1 + c - split (split = N, or a multiple of 64). K % 32 == 0.
+AVX512F void sgemm_q(const float* const* A, const QMatrix& q, int64_t n0, int64_t n1,
+                     int64_t split, float* C, int64_t ldc, int64_t M, int64_t K, int64_t N) {
+  QNextBlock next(q, n0, n1, split);
+  sgemm_blocks(A, next, C, ldc, M, K, N);
+}
+
 #else  // not x86-64: aten's mm only
 
 constexpr bool CPU_AVX512F = false;
+struct QMatrix {
+  int bits = 8;
+  const uint8_t* data = nullptr;
+  int64_t row_bytes = 0;
+  const float* scales = nullptr;
+  const float* zeros = nullptr;
+  int64_t group = 0;
+};
+// never called (sgemm_enabled() is false)
 void sgemm_rows(const float* const*, const float*, const float*, int64_t, int64_t, float*,
-                int64_t, int64_t, int64_t, int64_t) {}  // never called (sgemm_enabled() is false)
+                int64_t, int64_t, int64_t, int64_t) {}
+void sgemm_q(const float* const*, const QMatrix&, int64_t, int64_t, int64_t, float*, int64_t,
+             int64_t, int64_t, int64_t) {}
 
 #endif
 
@@ -637,19 +834,18 @@ void add_row(float* __restrict out, const float* __restrict y, int64_t D) {
   for (int64_t j = 0; j < D; ++j) out[j] += y[j];
 }
 
-// The forward; w_in_of(i) is expert i's [D, 2F] (gate | up), w_out_of(i) its [F, D].
-template <typename WI, typename WO>
-void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
-                    const torch::Tensor& w_N, const WI& w_in_of, const WO& w_out_of,
-                    int64_t experts, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
-                    torch::Tensor& y_ND, torch::Tensor& out_TD) {
+// The checks of the rows, routing and scratch every forward below makes; returns the rows.
+int64_t check_swiglu_rows(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                          const torch::Tensor& w_N, int64_t experts,
+                          const std::vector<int64_t>& ends, const torch::Tensor& a_NF,
+                          const torch::Tensor& y_ND, const torch::Tensor& out_TD) {
   check_float_rows(x_TD, "x_TD", 2);
   check_float_rows(out_TD, "out_TD", 2);
   check_float_rows(a_NF, "a_NF", 2);
   check_float_rows(y_ND, "y_ND", 2);
   check(tok_N, "tok_N", 1);
   check(w_N, "w_N", 1);
-  const int64_t T = x_TD.size(0), D = x_TD.size(1), F = a_NF.size(1), N = tok_N.size(0);
+  const int64_t T = x_TD.size(0), D = x_TD.size(1), N = tok_N.size(0);
   TORCH_CHECK(tok_N.scalar_type() == at::kLong && tok_N.is_contiguous(),
               "tok_N must be contiguous int64, got ", tok_N.scalar_type());
   TORCH_CHECK(w_N.scalar_type() == at::kFloat && w_N.is_contiguous() && w_N.size(0) == N,
@@ -661,6 +857,54 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
               a_NF.sizes(), " and y_ND ", y_ND.sizes(), " must have ", N, " rows and y_ND ",
               D, " columns");
   check_ends(ends, experts, N);
+  const int64_t rows = ends.empty() ? 0 : ends.back();
+  const int64_t* tok = tok_N.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(tok[r] >= 0 && tok[r] < T, "tok_N[", r, "]=", tok[r], " is not a row of x_TD (",
+                T, " rows)");
+  return rows;
+}
+
+// 3. of the forwards: out[t] += its rows of y, in row order, parallel over tokens.
+void combine_rows(const int64_t* tok, int64_t rows, const torch::Tensor& y_ND,
+                  torch::Tensor& out_TD) {
+  const int64_t T = out_TD.size(0), D = out_TD.size(1);
+  std::vector<int64_t> first(T + 1, 0), order(rows);
+  for (int64_t r = 0; r < rows; ++r) ++first[tok[r] + 1];
+  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
+  {
+    std::vector<int64_t> pos(first.begin(), first.end() - 1);
+    for (int64_t r = 0; r < rows; ++r) order[pos[tok[r]]++] = r;
+  }
+  const float* y = y_ND.data_ptr<float>();
+  float* out = out_TD.data_ptr<float>();
+  const int64_t ldy = y_ND.stride(0), ldo = out_TD.stride(0);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = first[t]; i < first[t + 1]; ++i) add_row(out + t * ldo, y + order[i] * ldy, D);
+  });
+}
+
+// 1. of the forwards: tasks of an expert's rows x columns c0..c1 of its gate and the same of
+// its up (F of each), cut to about equal cost.
+std::vector<Task> gate_up_tasks(const std::vector<int64_t>& ends, int64_t D, int64_t F) {
+  const auto starts = starts_of(ends);
+  std::vector<Task> tasks;
+  const double target = target_cost(ends, 2.0 * D * F);
+  for (size_t i = 0; i < ends.size(); ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * D, target, 16, 64);
+  }
+  return tasks;
+}
+
+// The forward; w_in_of(i) is expert i's [D, 2F] (gate | up), w_out_of(i) its [F, D].
+template <typename WI, typename WO>
+void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                    const torch::Tensor& w_N, const WI& w_in_of, const WO& w_out_of,
+                    int64_t experts, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
+                    torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, experts, ends, a_NF, y_ND, out_TD);
+  const int64_t D = x_TD.size(1), F = a_NF.size(1);
   for (int64_t i = 0; i < experts; ++i) {
     const auto wi = w_in_of(i), wo = w_out_of(i);
     TORCH_CHECK(wi.dim() == 2 && wi.size(0) == D && wi.size(1) == 2 * F &&
@@ -672,28 +916,18 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                 "expert ", i, "'s w_out must be float32 [", F, ", ", D, "], got ",
                 wo.scalar_type(), " ", wo.sizes());
   }
-  const int64_t rows = ends.empty() ? 0 : ends.back();
-  const int64_t* tok = tok_N.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    TORCH_CHECK(tok[r] >= 0 && tok[r] < T, "tok_N[", r, "]=", tok[r], " is not a row of x_TD (",
-                T, " rows)");
   if (rows == 0) return;
 
   const auto starts = starts_of(ends);
+  const int64_t* tok = tok_N.data_ptr<int64_t>();
   const float* x = x_TD.data_ptr<float>();
   const int64_t ldx = x_TD.stride(0), lda = a_NF.stride(0);
   float* a = a_NF.data_ptr<float>();
   const auto opts = x_TD.options();
   const bool sgemm = sgemm_enabled();
 
-  // 1. a = swiglu(x[tok] @ w_in): tasks of an expert's rows x columns c0..c1 of its gate
-  //    and the same of its up
-  std::vector<Task> tasks;
-  const double target = target_cost(ends, 2.0 * D * F);
-  for (int64_t i = 0; i < experts; ++i) {
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * D, target, 16, 64);
-  }
-  run(std::move(tasks), [&](const Task& t) {
+  // 1. a = swiglu(x[tok] @ w_in)
+  run(gate_up_tasks(ends, D, F), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const auto b = w_in_of(t.expert);
     const int64_t* tk = tok + t.r0;
@@ -741,21 +975,8 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
   // 2. y = (a @ w_out) * w, row by row
   grouped_mm_tiles(a_NF.narrow(0, 0, rows), w_out_of, D, ends, y_ND, w_N.data_ptr<float>());
 
-  // 3. out[t] += its rows of y, in row order
-  std::vector<int64_t> first(T + 1, 0), order(rows);
-  for (int64_t r = 0; r < rows; ++r) ++first[tok[r] + 1];
-  for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
-  {
-    std::vector<int64_t> pos(first.begin(), first.end() - 1);
-    for (int64_t r = 0; r < rows; ++r) order[pos[tok[r]]++] = r;
-  }
-  const float* y = y_ND.data_ptr<float>();
-  float* out = out_TD.data_ptr<float>();
-  const int64_t ldy = y_ND.stride(0), ldo = out_TD.stride(0);
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = first[t]; i < first[t + 1]; ++i) add_row(out + t * ldo, y + order[i] * ldy, D);
-  });
+  // 3. out[t] += its rows of y
+  combine_rows(tok, rows, y_ND, out_TD);
 }
 
 }  // namespace
@@ -791,6 +1012,138 @@ void swiglu_experts_list_out(const torch::Tensor& x_TD, const torch::Tensor& tok
       static_cast<int64_t>(w_in.size()), ends, a_NF, y_ND, out_TD);
 }
 
+// ---- The same forward on quantized weights (int8 / int4, moekit.quant's layout) ----------
+//
+// A quantized model's prefill ran this layer on float weights: it dequantized each block of
+// 8 experts into a float32 [8, N, K] buffer (4 bytes written and read again per weight) and
+// ran aten's mm on the transposed views. Here sgemm_q dequantizes inside the GEMM's packing
+// (QNextBlock): it reads 1 (int8) or 0.5 + 0.125 (int4 g64) bytes per weight, and the
+// float weights exist only as the packed block in L1/L2. Every expert, however many rows,
+// runs on sgemm_q (no aten fallback: that would need the float weights written out), and the
+// packed values are dequantize's bitwise, so each output equals sgemm_rows' on
+// dequantize's weights.
+
+namespace {
+
+// A stacked quantized weight [E, N, K] (int8) or [E, N, K / 2] (uint8, int4), checked.
+struct QStack {
+  int bits;
+  int64_t E, N, K, group;
+  const uint8_t* data;
+  const float *scales, *zeros;
+
+  QMatrix expert(int64_t e) const {
+    QMatrix m;
+    m.bits = bits, m.group = group;
+    m.row_bytes = bits == 8 ? K : K / 2;
+    m.data = data + e * N * m.row_bytes;
+    const int64_t per = bits == 8 ? N : N * (K / group);
+    m.scales = scales + e * per;
+    m.zeros = zeros == nullptr ? nullptr : zeros + e * per;
+    return m;
+  }
+};
+
+QStack q_stack(const char* name, const torch::Tensor& data, const torch::Tensor& scales,
+               const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group,
+               int64_t E, int64_t N, int64_t K) {
+  TORCH_CHECK(bits == 8 || bits == 4, name, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(K % 32 == 0, name, ": the input width K=", K, " must be a multiple of 32");
+  check(data, name, 3);
+  const int64_t kb = bits == 8 ? K : K / 2;
+  TORCH_CHECK(data.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && data.is_contiguous() &&
+                  data.sizes() == torch::IntArrayRef({E, N, kb}),
+              name, " data must be contiguous ", bits == 8 ? "int8" : "uint8", " [", E, ", ", N,
+              ", ", kb, "], got ", data.scalar_type(), " ", data.sizes());
+  QStack q{static_cast<int>(bits), E, N, K, bits == 8 ? 0 : group,
+           static_cast<const uint8_t*>(data.data_ptr()),
+           nullptr, nullptr};
+  std::vector<int64_t> ss{E, N};
+  if (bits == 4) {
+    TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, name, ": group=", group,
+                " must be a multiple of 32 that divides K=", K);
+    ss.push_back(K / group);
+  }
+  auto check_f = [&](const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.sizes() == torch::IntArrayRef(ss),
+                name, " ", what, " must be contiguous float32 ", torch::IntArrayRef(ss), ", got ",
+                t.scalar_type(), " ", t.sizes());
+    return t.data_ptr<float>();
+  };
+  q.scales = check_f(scales, "scales");
+  if (bits == 4) {
+    TORCH_CHECK(zeros.has_value(), name, ": int4 needs zeros");
+    q.zeros = check_f(*zeros, "zeros");
+  }
+  return q;
+}
+
+}  // namespace
+
+// swiglu_experts_out with w_in (logical [E, D, 2F]: data [E, 2F, D(/2)], gate channels
+// first) and w_out (logical [E, F, D]: data [E, D, F(/2)]) quantized, both `bits` (8 or
+// 4, int4 with groups of `group`): out_TD[t] += sum over token t's rows of
+// w_N[r] * swiglu(x[t] @ W_in[e]) @ W_out[e], the W dequantized as
+// cpu_decode's dequantize does. AVX-512F CPUs only (quantized_swiglu_experts_ok()).
+void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                          const torch::Tensor& w_N, const torch::Tensor& wi_data,
+                          const torch::Tensor& wi_scales,
+                          const c10::optional<torch::Tensor>& wi_zeros,
+                          const torch::Tensor& wo_data, const torch::Tensor& wo_scales,
+                          const c10::optional<torch::Tensor>& wo_zeros, int64_t bits,
+                          int64_t group, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
+                          torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_out needs an AVX-512F CPU");
+  const int64_t E = static_cast<int64_t>(ends.size());
+  const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
+  const int64_t D = x_TD.size(1), F = a_NF.size(1);
+  const QStack wi = q_stack("w_in", wi_data, wi_scales, wi_zeros, bits, group, E, 2 * F, D);
+  const QStack wo = q_stack("w_out", wo_data, wo_scales, wo_zeros, bits, group, E, D, F);
+  if (rows == 0) return;
+  const int64_t* tok = tok_N.data_ptr<int64_t>();
+  const float* x = x_TD.data_ptr<float>();
+  const int64_t ldx = x_TD.stride(0), lda = a_NF.stride(0);
+  float* a = a_NF.data_ptr<float>();
+
+  // 1. a = swiglu(x[tok] @ w_in): gate channels c0.. and up channels F + c0.. of one expert
+  run(gate_up_tasks(ends, D, F), [&](const Task& t) {
+    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
+    const QMatrix q = wi.expert(t.expert);
+    float* h = thread_buffer(0, n * 2 * cw);
+    const auto A = row_ptrs(n, [&](int64_t r) { return x + tok[t.r0 + r] * ldx; });
+    if (cw % 64 == 0) {
+      sgemm_q(A, q, t.c0, F + t.c0, cw, h, 2 * cw, n, D, 2 * cw);
+    } else {  // the last, narrow tile: each half on its own
+      sgemm_q(A, q, t.c0, t.c0, cw, h, 2 * cw, n, D, cw);
+      sgemm_q(A, q, F + t.c0, F + t.c0, cw, h + cw, 2 * cw, n, D, cw);
+    }
+    for (int64_t r = 0; r < n; ++r)
+      swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r) * lda + t.c0, cw);
+  });
+
+  // 2. y = (a @ w_out) * w, tiles of an expert's rows x columns of D
+  const auto starts = starts_of(ends);
+  std::vector<Task> tasks;
+  const double target = target_cost(ends, double(F) * D);
+  for (int64_t i = 0; i < E; ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], D, F, target, 16);
+  }
+  float* y = y_ND.data_ptr<float>();
+  const float* wr = w_N.data_ptr<float>();
+  const int64_t ldy = y_ND.stride(0);
+  run(std::move(tasks), [&](const Task& t) {
+    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
+    const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
+    float* c = y + t.r0 * ldy + t.c0;
+    sgemm_q(A, wo.expert(t.expert), t.c0, t.c0, cw, c, ldy, n, F, cw);
+    scale_rows(c, ldy, n, cw, wr + t.r0);
+  });
+
+  // 3. out[t] += its rows of y
+  combine_rows(tok, rows, y_ND, out_TD);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
@@ -807,6 +1160,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "an fp32 SwiGLU expert layer's forward into out_TD, gathers and combine fused");
   m.def("swiglu_experts_list_out", &swiglu_experts_list_out,
         "swiglu_experts_out with the experts' matrices as lists");
+  m.def("swiglu_experts_q_out", &swiglu_experts_q_out,
+        "swiglu_experts_out on int8 / int4 weights, dequantized in the GEMMs' packing");
+  m.def("quantized_swiglu_experts_ok", [] { return CPU_AVX512F; },
+        "whether swiglu_experts_q_out runs on this CPU (AVX-512F)");
   m.def("swiglu_backward_out", &swiglu_backward_out,
         "a and dh of SwiGLU from da, one pass, float32");
 }

@@ -8,8 +8,10 @@ weighted combine fused. Weights are plain fp32 / bf16 stacks in either layout
 epilogue (any callable that is not one of moekit's five kinds) run in Python
 between the two calls.
 
-For many rows with quantized weights (prefill), ``dequantized_experts`` turns
-blocks of experts back into float and runs the fused training path on them.
+For many rows with quantized weights (prefill), ``dequantized_experts`` runs an fp32
+SwiGLU layer without biases in one C++ call that dequantizes inside its GEMMs' packing
+(``swiglu_experts_q_out``, AVX-512F CPUs); anything else it turns back into float a
+block of experts at a time and runs on the fused path.
 
 ``dense_rows`` runs a dense projection (attention, LM head, dense FFN; float or
 quantized) through the same kernel as one "expert" every row is routed to, for
@@ -34,12 +36,15 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import fused_experts
+from moekit.functions.moe_experts import _kept_buffers, fused_experts
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]
 ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
 DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
+# Whether a quantized prefill runs an fp32 SwiGLU layer on swiglu_experts_q_out where it
+# applies (tests and A/B runs flip it; MOEKIT_SGEMM=0 also turns it off)
+QUANT_ONE_CALL = True
 
 
 def available() -> bool:
@@ -127,11 +132,30 @@ def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor
     return buf.to(dtype).transpose(1, 2)
 
 
+def _quant_one_call(x_TD: Tensor, w_in: QuantizedTensor, w_out: QuantizedTensor,
+                    biased: bool, kind: str | None):
+    """The C++ module for swiglu_experts_q_out where it applies to this layer, else None:
+    SwiGLU, no biases, float32 CPU rows, int8 or int4 weights of one format whose input
+    widths are multiples of 32, and moekit's GEMM enabled on this CPU."""
+    if not (QUANT_ONE_CALL and kind == "swiglu" and not biased and x_TD.dtype == torch.float32
+            and x_TD.device.type == "cpu" and x_TD.dim() == 2 and x_TD.stride(1) == 1
+            and (w_in.bits, w_in.group_size) == (w_out.bits, w_out.group_size)
+            and w_in.shape[1] % 32 == 0 and w_out.shape[1] % 32 == 0
+            and w_in.data.device.type == "cpu"):
+        return None
+    ext = cpu_ext.get()
+    ok = ext is not None and hasattr(ext, "swiglu_experts_q_out") and ext.sgemm_max_rows() > 0
+    return ext if ok else None
+
+
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                         w_in: QuantizedTensor, w_out: QuantizedTensor, b_in_EG: Tensor | None,
                         b_out_ED: Tensor | None, act: ActFn, kind: str | None) -> Tensor:
-    """Prefill with quantized weights: per block of experts, dequantize to x's dtype and
-    run the fused path on that block's rows. Reads the offsets on the host.
+    """Prefill with quantized weights. An fp32 SwiGLU layer without biases is one C++ call
+    that dequantizes each weight block inside its GEMMs' packing (never writing the float
+    weights; each output equals the fused path's on ``dequantize``'s weights, bitwise
+    where both run moekit's GEMM). Otherwise: per block of experts, dequantize to x's
+    dtype and run the fused path on that block's rows. Reads the offsets on the host.
 
     Only the experts with rows are dequantized, into one float32 buffer per weight that
     every block reuses (a fresh buffer per block spent ~3/4 of the dequantization in
@@ -139,6 +163,17 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     read: the fused path runs only experts with rows."""
     ends = offsets_E.tolist()
     E = len(ends)
+    ext = _quant_one_call(x_TD, w_in, w_out, b_in_EG is not None or b_out_ED is not None, kind)
+    if ext is not None:
+        S, (F, D) = (ends[-1] if ends else 0), w_out.shape[1:]
+        bufs = _kept_buffers()
+        out_TD = torch.zeros_like(x_TD)
+        ext.swiglu_experts_q_out(
+            x_TD, token_S[:S].contiguous(), _plain_f32(weight_S[:S]), w_in.data, w_in.scales,
+            w_in.zeros, w_out.data, w_out.scales, w_out.zeros, w_in.bits,
+            w_in.group_size or 0, ends, bufs.get("a", x_TD, S * F)[:S * F].view(S, F),
+            bufs.get("y", x_TD, S * D)[:S * D].view(S, D), out_TD)
+        return out_TD
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)

@@ -1,0 +1,157 @@
+"""Quantized prefill in one C++ call: int8 / int4 weights dequantized inside the GEMMs'
+packing (``swiglu_experts_q_out``, moekit/csrc/cpu_experts.cpp), against an fp64
+computation on ``dequantize``'s weights and, bitwise, against the float one-call
+forward on those weights.
+
+Shape letters: T tokens, D hidden, F expert hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.experts.backends import BACKENDS
+from moekit.functions import cpu_ext, decode
+from moekit.inference import sorted_rows
+from moekit.quant.tensor import _dequantize_torch, quantize_tensor
+from tests.test_fast_path import _assert_close, _dispatch, _per_row_fp64
+
+FORMATS = [(8, None), (4, 32), (4, 64), (4, 128)]
+# rows per expert: none, one, the register blocks' edges, 64, 96 and past moekit's float
+# GEMM's rows (97, 300)
+COUNTS, T = [0, 1, 5, 7, 64, 96, 97, 300], 200
+
+
+def _q_ext():
+    ext = cpu_ext.get()
+    if ext is None or not hasattr(ext, "swiglu_experts_q_out"):
+        pytest.skip("the C++ kernels did not build")
+    if not ext.quantized_swiglu_experts_ok():
+        pytest.skip("swiglu_experts_q_out needs an AVX-512F CPU")
+    return ext
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _problem(bits, g, D, Fd, counts=COUNTS, seed=3):
+    E = len(counts)
+    d = _dispatch(E, counts, dropped=3, T=T, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    qi = quantize_tensor(torch.randn(E, D, 2 * Fd, generator=gen) / D**0.5, bits, g)
+    qo = quantize_tensor(torch.randn(E, Fd, D, generator=gen) / Fd**0.5, bits, g)
+    return d, x, qi, qo
+
+
+def _float(q) -> torch.Tensor:
+    """dequantize's weights as a contiguous [E, K, N] stack (torch ops, not the kernels)."""
+    return _dequantize_torch(q, 0, q.data.shape[0]).transpose(1, 2).contiguous()
+
+
+def _call(ext, d, x, qi, qo, out):
+    S, (Fd, D) = int(d.offsets_E[-1]), qo.shape[1:]
+    ext.swiglu_experts_q_out(x, d.token_S[:S].contiguous(), d.weight_S[:S].contiguous(),
+                             qi.data, qi.scales, qi.zeros, qo.data, qo.scales, qo.zeros,
+                             qi.bits, qi.group_size or 0, d.offsets_E.tolist(),
+                             torch.empty(S, Fd), torch.empty(S, D), out)
+    return out
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+# D = 160: a last 16-column group and panel past D's end in the down projection;
+# F = 96: every gate|up task narrower than 64 columns (its halves packed apart)
+@pytest.mark.parametrize("D,Fd", [(256, 128), (160, 96)])
+def test_matches_fp64_on_dequantized_weights(bits, g, D, Fd, two_threads):
+    ext = _q_ext()
+    if bits == 4 and (D % g or Fd % g):
+        pytest.skip("the group does not divide the width")
+    d, x, qi, qo = _problem(bits, g, D, Fd)
+    start = torch.randn(T, D)
+    got = _call(ext, d, x, qi, qo, start.clone())
+    want = start.double() + _per_row_fp64(d, x, _float(qi), _float(qo))
+    _assert_close([got], [want], ["out"], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 64)])
+def test_bitwise_the_float_one_call_on_dequantized_weights(bits, g, two_threads):
+    """Experts of at most 96 rows with weights past 512 x 1024: the float call runs moekit's
+    GEMM there too, each output one FMA chain over k in order; so equal packed weights
+    (transpose, nibble order, scales, zero points) give bitwise equal outputs."""
+    ext = _q_ext()
+    if ext.sgemm_max_rows() < 96:
+        pytest.skip("moekit's float GEMM is off (MOEKIT_SGEMM=0)")
+    counts = [0, 1, 5, 7, 64, 96, 0, 3, 50]
+    d, x, qi, qo = _problem(bits, g, 1024, 512, counts)
+    S = int(d.offsets_E[-1])
+    got = _call(ext, d, x, qi, qo, torch.zeros(T, 1024))
+    want = torch.zeros(T, 1024)
+    ext.swiglu_experts_out(x, d.token_S[:S].contiguous(), d.weight_S[:S].contiguous(),
+                           _float(qi), _float(qo), d.offsets_E.tolist(), torch.empty(S, 512),
+                           torch.empty(S, 1024), want)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 32)])
+def test_prefill_takes_it_and_matches_the_dequantize_path(bits, g, monkeypatch, two_threads):
+    """A quantized SwiGLU MoE layer past the decode kernels' rows: the one call runs (the
+    dequantize-per-block path is not entered) and agrees with that path."""
+    _q_ext()
+    cfg = moekit.MoEConfig(dim=128, ffn_dim=96, num_experts=6, top_k=2)
+    ex = moekit.experts.Experts(cfg).requires_grad_(False)
+    qi, qo = quantize_tensor(ex.w_in, bits, g), quantize_tensor(ex.w_out, bits, g)
+    monkeypatch.setattr("moekit.experts.backends.QUANT_KERNEL_MAX_ROWS", 0)
+    x = torch.randn(50, 128)
+    w, idx = torch.rand(50, 6).topk(2, dim=-1)
+    d = sorted_rows(idx, w, 6)
+    calls = []
+    real = decode._dequantized
+    monkeypatch.setattr(decode, "_dequantized", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = BACKENDS["decode"](x, d, qi, qo, None, None, ex._act)
+        assert not calls
+        monkeypatch.setattr(decode, "QUANT_ONE_CALL", False)
+        want = BACKENDS["decode"](x, d, qi, qo, None, None, ex._act)
+        assert calls
+        ref = BACKENDS["loop"](x, d, _float(qi), _float(qo), None, None, ex._act)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_refused_before_anything_is_written():
+    ext = _q_ext()
+    d, x, qi, qo = _problem(4, 64, 256, 128)
+    out = torch.zeros(T, 256)
+
+    def call(**change):
+        args = dict(qi_data=qi.data, qi_zeros=qi.zeros, qo_scales=qo.scales, group=64)
+        args.update(change)
+        S = int(d.offsets_E[-1])
+        ext.swiglu_experts_q_out(x, d.token_S[:S].contiguous(), d.weight_S[:S].contiguous(),
+                                 args["qi_data"], qi.scales, args["qi_zeros"], qo.data,
+                                 args["qo_scales"], qo.zeros, 4, args["group"],
+                                 d.offsets_E.tolist(), torch.empty(S, 128),
+                                 torch.empty(S, 256), out)
+
+    with pytest.raises(RuntimeError, match=r"w_in: int4 needs zeros"):
+        call(qi_zeros=None)
+    with pytest.raises(RuntimeError, match=r"w_in data must be contiguous uint8 \[8, 256, 128\]"):
+        call(qi_data=qi.data[:, :, :64])
+    with pytest.raises(RuntimeError, match=r"w_out scales must be contiguous float32"):
+        call(qo_scales=qo.scales[:, :, :1])
+    with pytest.raises(RuntimeError, match=r"group=48 must be a multiple of 32"):
+        call(group=48)
+    assert not out.any()
+    # an input width that is not a multiple of 32 (int8 allows any K)
+    d8, x8, qi8, qo8 = _problem(8, None, 256, 40, counts=[3, 4])
+    with pytest.raises(RuntimeError, match=r"w_out: the input width K=40 must be a multiple "
+                                           r"of 32"):
+        _call(ext, d8, x8, qi8, qo8, out)
+    assert not out.any()
