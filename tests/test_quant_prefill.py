@@ -155,3 +155,20 @@ def test_bad_input_is_refused_before_anything_is_written():
                                            r"of 32"):
         _call(ext, d8, x8, qi8, qo8, out)
     assert not out.any()
+
+
+def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_runs():
+    """Past 24 rows per expert the one call is faster than the decode kernels (measured in
+    experts/backends.py), so "decode" hands those rows to it; with biases (no one call)
+    the kernels keep up to QUANT_KERNEL_MAX_ROWS."""
+    from moekit.experts import backends
+
+    ext = _q_ext()
+    assert ext.sgemm_max_rows() > 0
+    _, _, qi, qo = _problem(8, None, 256, 128, counts=[1] * 6)
+    limit = backends.quant_kernel_max_rows(torch.float32, qi, qo, False, "swiglu")
+    assert limit == backends.DECODE_MAX_ROWS_PER_EXPERT * 6
+    for args in ((torch.float32, qi, qo, True, "swiglu"),     # biases
+                 (torch.bfloat16, qi, qo, False, "swiglu"),   # bf16 activations
+                 (torch.float32, qi, qo, False, "geglu")):    # another activation
+        assert backends.quant_kernel_max_rows(*args) == backends.QUANT_KERNEL_MAX_ROWS

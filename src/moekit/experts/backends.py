@@ -135,8 +135,8 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
     """The decode kernels (functions/decode.py): touched experts only, no autograd.
 
-    Quantized weights with more rows than ``QUANT_KERNEL_MAX_ROWS`` (prefill), or
-    off the CPU, are dequantized a block of experts at a time for the fused path.
+    Quantized weights with more rows than ``quant_kernel_max_rows`` (prefill), or off
+    the CPU, go to ``decode.dequantized_experts``.
     """
     if torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad
@@ -144,8 +144,10 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
         raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
                            "torch.inference_mode(), or use backend='fused' to train")
     quantized = isinstance(w_in_EDG, QuantizedTensor)
-    if quantized and (d.num_rows > QUANT_KERNEL_MAX_ROWS or x_TD.device.type != "cpu"
-                      or not decode.available()):
+    if quantized and (x_TD.device.type != "cpu" or not decode.available()
+                      or d.num_rows > quant_kernel_max_rows(
+                          x_TD.dtype, w_in_EDG, w_out_EFD,
+                          b_in_EG is not None or b_out_ED is not None, _kind(act), d.num_rows)):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
     return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
@@ -175,6 +177,24 @@ DECODE_MAX_ROWS_PER_EXPERT = 24
 # (E=8 K=2 F=2048, Intel AVX-512 VM, 2 threads), kernel / (dequantize + fused) at
 # 1024 rows 0.62 (int8) and 0.72 (int4); at 256 rows 0.22 / 0.25.
 QUANT_KERNEL_MAX_ROWS = 1024
+# Where the prefill's one call (swiglu_experts_q_out: dequantization inside the GEMMs'
+# packing) takes the rows instead, the float limit per expert holds again. One layer,
+# D=1024, random distinct experts per token, 2 threads, int8 / int4 g64 (the same VM,
+# 9 interleaved pairs, a /tmp script), kernel / one call: E=8 K=2 F=2048 at 8 / 16 / 32 /
+# 64 rows per expert 0.60 / 0.93 / 1.16 / 1.38 and 0.75 / 1.10 / 1.39 / 1.57; E=64 K=8
+# F=512 0.57 / 0.81 / 1.06 / 1.32 and 0.85 / 1.14 / 1.40 / 1.57.
+
+
+def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
+                          biased: bool, kind: str | None, rows: int = 1 << 30) -> int:
+    """Routed rows up to which quantized experts run on the decode kernels:
+    ``DECODE_MAX_ROWS_PER_EXPERT`` per expert where ``decode.dequantized_experts`` runs
+    its one call for more (``rows`` below that limit skips the check), else
+    ``QUANT_KERNEL_MAX_ROWS``."""
+    per_expert = min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * w_in.shape[0])
+    if rows <= per_expert or not decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind):
+        return QUANT_KERNEL_MAX_ROWS
+    return per_expert
 
 
 def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:

@@ -132,20 +132,27 @@ def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor
     return buf.to(dtype).transpose(1, 2)
 
 
-def _quant_one_call(x_TD: Tensor, w_in: QuantizedTensor, w_out: QuantizedTensor,
-                    biased: bool, kind: str | None):
-    """The C++ module for swiglu_experts_q_out where it applies to this layer, else None:
-    SwiGLU, no biases, float32 CPU rows, int8 or int4 weights of one format whose input
-    widths are multiples of 32, and moekit's GEMM enabled on this CPU."""
-    if not (QUANT_ONE_CALL and kind == "swiglu" and not biased and x_TD.dtype == torch.float32
-            and x_TD.device.type == "cpu" and x_TD.dim() == 2 and x_TD.stride(1) == 1
+def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
+                           biased: bool, kind: str | None) -> bool:
+    """Whether a quantized prefill of ``dtype`` activations runs swiglu_experts_q_out:
+    SwiGLU, no biases, float32, CPU int8 or int4 weights of one format whose input widths
+    are multiples of 32, and moekit's GEMM enabled on this CPU (AVX-512F, MOEKIT_SGEMM)."""
+    if not (QUANT_ONE_CALL and kind == "swiglu" and not biased and dtype == torch.float32
             and (w_in.bits, w_in.group_size) == (w_out.bits, w_out.group_size)
             and w_in.shape[1] % 32 == 0 and w_out.shape[1] % 32 == 0
             and w_in.data.device.type == "cpu"):
-        return None
+        return False
     ext = cpu_ext.get()
-    ok = ext is not None and hasattr(ext, "swiglu_experts_q_out") and ext.sgemm_max_rows() > 0
-    return ext if ok else None
+    return ext is not None and hasattr(ext, "swiglu_experts_q_out") and ext.sgemm_max_rows() > 0
+
+
+def _quant_one_call(x_TD: Tensor, w_in: QuantizedTensor, w_out: QuantizedTensor,
+                    biased: bool, kind: str | None):
+    """The C++ module for swiglu_experts_q_out where it applies to this call, else None."""
+    if (x_TD.device.type == "cpu" and x_TD.dim() == 2 and x_TD.stride(1) == 1
+            and quant_one_call_applies(x_TD.dtype, w_in, w_out, biased, kind)):
+        return cpu_ext.get()
+    return None
 
 
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,

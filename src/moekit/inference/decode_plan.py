@@ -112,7 +112,7 @@ class DecodePlan:
         if head is None:
             return None
         norms = [b.attn_norm for b in model.blocks[1:]] + [model.norm]
-        layers, kinds, experts_E = [], {head[0]}, []
+        layers, kinds, experts_rows = [], {head[0]}, []
         for block, nxt in zip(model.blocks, norms, strict=True):
             qkv, out = _projection(block.attn.qkv, dtype), _projection(block.attn.out, dtype)
             ex = _experts(block.ffn, dtype) if block.is_moe else None
@@ -120,12 +120,16 @@ class DecodePlan:
                 return None
             quantized, router, route, w_in, w_out, b_in, b_out, act = ex
             kinds |= {qkv[0], out[0]}
-            experts_E.append((quantized, block.ffn.config.num_experts))
+            fx = block.ffn.experts
+            experts_rows.append(
+                backends.quant_kernel_max_rows(
+                    dtype, fx.w_in, fx.w_out, fx.b_in is not None or fx.b_out is not None,
+                    backends._kind(fx._act))
+                if quantized else backends.decode_max_rows(block.ffn.config.num_experts))
             layers.append(_Layer(qkv[1], out[1], (block.ffn_norm.weight, block.ffn_norm.eps),
                                  (nxt.weight, nxt.eps), router, route, w_in, w_out, b_in,
                                  b_out, act))
-        expert_rows = min(backends.QUANT_KERNEL_MAX_ROWS if q else backends.decode_max_rows(E)
-                          for q, E in experts_E)
+        expert_rows = min(experts_rows)
         float_rows = decode.float_kernel_max_rows(dtype) if "float" in kinds else 1 << 30
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
         return cls(model, layers, head[1], float_rows, quant_rows, expert_rows)
