@@ -288,24 +288,52 @@ CFG_Q = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=32, num_experts=8, t
                  max_seq_len=64)
 
 
+def _one_call_counter(monkeypatch, one_call: bool) -> list:
+    """Counts the quantized prefill's one-call runs (decode.quantized_experts_into);
+    ``one_call`` False turns it off (the dequantized blocks run)."""
+    from moekit.functions import decode
+
+    monkeypatch.setattr(decode, "QUANT_ONE_CALL", one_call)
+    calls, real = [], decode.quantized_experts_into
+    monkeypatch.setattr(decode, "quantized_experts_into",
+                        lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _one_call_expected() -> bool:
+    from moekit.functions import cpu_ext
+
+    ext = cpu_ext.get()
+    return ext is not None and hasattr(ext, "quantized_swiglu_experts_ok") and \
+        ext.quantized_swiglu_experts_ok() and ext.sgemm_max_rows() > 0
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["one_call", "dequantized"])
 @pytest.mark.parametrize("bits,activations", [(8, "float"), (4, "float"), (4, "int8")])
-def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations, tmp_path):
+def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations, one_call,
+                                                               tmp_path, monkeypatch):
     """A `moekit quantize` directory under an expert budget: the int8/int4 bytes are
     cached (budget in quantized bytes) and outputs equal the resident quantized model,
-    decode (kernels) and a 1200-row prefill (dequantized blocks) alike; int4 with int8
-    activations keeps them offloaded too."""
+    decode (kernels), a 300-row prefill (past 24 rows per expert: the one call where it
+    runs, else the kernels) and a 1200-row one (the one call, or dequantized blocks) alike;
+    int4 with int8 activations keeps them offloaded too."""
     from moekit.quant import quantize
     from moekit.quant.io import load_quantized, save_quantized
 
+    calls = _one_call_counter(monkeypatch, one_call)
     torch.manual_seed(0)
     save_quantized(quantize(MoETransformer(CFG_Q).eval(), bits, 32 if bits == 4 else None,
                             activations=activations), tmp_path / "q")
     resident = load_quantized(tmp_path / "q")
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     long_ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(2))
+    mid_ids = long_ids[:5]
     tokens = generate(resident, ids, 8, temperature=0)
     with torch.no_grad():
         logits, long_logits = resident(tokens).logits, resident(long_ids).logits
+        mid_logits = resident(mid_ids).logits
+    resident_calls = len(calls)
+    assert (resident_calls == 4) == (one_call and _one_call_expected())  # 2 prefills x 2 layers
     qt = resident.blocks[0].ffn.experts.w_in
     per_expert = qt.nbytes_per_expert() + resident.blocks[0].ffn.experts.w_out.nbytes_per_expert()
     for experts in (2, 16):
@@ -314,7 +342,11 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
             assert torch.equal(generate(model, ids, 8, temperature=0), tokens)
             with torch.no_grad():
                 assert torch.equal(model(tokens).logits, logits)
+                before = len(calls)
                 assert torch.equal(model(long_ids).logits, long_logits)
+                assert torch.equal(model(mid_ids).logits, mid_logits)
+            # the same path as the resident model: one call per chunk of cached experts
+            assert (len(calls) > before) == (resident_calls > 0)
             assert model.expert_offload.cache.capacity == experts  # quantized bytes cached
             assert model.blocks[0].attn.qkv.weight.activations == activations
         finally:
@@ -322,14 +354,15 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
 
 
 def test_moekit_quantized_offloaded_prefill_in_several_chunks(tmp_path, monkeypatch):
-    """Blocks of 3 experts: the offloaded dequantized prefill runs three chunks per layer
-    (the last of 2 experts) through one reused float buffer per weight, and equals the
-    resident model (same blocks) bitwise."""
+    """Blocks of 3 experts: the offloaded dequantized prefill (the one call off) runs three
+    chunks per layer (the last of 2 experts) through one reused float buffer per weight,
+    and equals the resident model (same blocks) bitwise."""
     from moekit.functions import decode
     from moekit.quant import quantize
     from moekit.quant.io import load_quantized, save_quantized
 
     monkeypatch.setattr(decode, "DEQUANT_BLOCK_EXPERTS", 3)
+    monkeypatch.setattr(decode, "QUANT_ONE_CALL", False)
     torch.manual_seed(0)
     save_quantized(quantize(MoETransformer(CFG_Q).eval(), 4, 32), tmp_path / "q")
     resident = load_quantized(tmp_path / "q")
@@ -475,7 +508,12 @@ def test_hf_int4_offloaded_equals_resident(tmp_path):
     tokens = resident.generate(ids, max_new_tokens=6, do_sample=False)
     with torch.no_grad():
         logits = resident(tokens).logits
+    long_ids = torch.randint(3, 64, (8, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        long_logits = resident(long_ids).logits  # 960 rows: the one call where it runs
     model = hf.load_offloaded(tmp_path, expert_memory="32KiB", quantize=4, group_size=32)
+    with torch.no_grad():
+        assert torch.equal(model(long_ids).logits, long_logits)
     _assert_generates_and_closes(model, ids, 6, tokens, logits)
 
 

@@ -1025,51 +1025,40 @@ void swiglu_experts_list_out(const torch::Tensor& x_TD, const torch::Tensor& tok
 
 namespace {
 
-// A stacked quantized weight [E, N, K] (int8) or [E, N, K / 2] (uint8, int4), checked.
-struct QStack {
-  int bits;
-  int64_t E, N, K, group;
-  const uint8_t* data;
-  const float *scales, *zeros;
-
-  QMatrix expert(int64_t e) const {
-    QMatrix m;
-    m.bits = bits, m.group = group;
-    m.row_bytes = bits == 8 ? K : K / 2;
-    m.data = data + e * N * m.row_bytes;
-    const int64_t per = bits == 8 ? N : N * (K / group);
-    m.scales = scales + e * per;
-    m.zeros = zeros == nullptr ? nullptr : zeros + e * per;
-    return m;
-  }
-};
-
-QStack q_stack(const char* name, const torch::Tensor& data, const torch::Tensor& scales,
-               const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group,
-               int64_t E, int64_t N, int64_t K) {
+// Expert e's weight as a QMatrix: data [N, K] int8 or [N, K / 2] uint8 (int4), scales [N]
+// or [N, K / group], zeros like the int4 scales; `lead` leading dimensions (1: a stack's
+// experts, 0: one expert), checked.
+QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tensor& scales,
+                 const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group,
+                 std::vector<int64_t> lead, int64_t N, int64_t K, int64_t e) {
   TORCH_CHECK(bits == 8 || bits == 4, name, ": bits must be 8 or 4, got ", bits);
   TORCH_CHECK(K % 32 == 0, name, ": the input width K=", K, " must be a multiple of 32");
-  check(data, name, 3);
   const int64_t kb = bits == 8 ? K : K / 2;
+  auto shape = lead;
+  shape.insert(shape.end(), {N, kb});
+  check(data, name, static_cast<int64_t>(shape.size()));
   TORCH_CHECK(data.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && data.is_contiguous() &&
-                  data.sizes() == torch::IntArrayRef({E, N, kb}),
-              name, " data must be contiguous ", bits == 8 ? "int8" : "uint8", " [", E, ", ", N,
-              ", ", kb, "], got ", data.scalar_type(), " ", data.sizes());
-  QStack q{static_cast<int>(bits), E, N, K, bits == 8 ? 0 : group,
-           static_cast<const uint8_t*>(data.data_ptr()),
-           nullptr, nullptr};
-  std::vector<int64_t> ss{E, N};
+                  data.sizes() == torch::IntArrayRef(shape),
+              name, " data must be contiguous ", bits == 8 ? "int8" : "uint8", " ",
+              torch::IntArrayRef(shape), ", got ", data.scalar_type(), " ", data.sizes());
+  QMatrix q;
+  q.bits = static_cast<int>(bits), q.row_bytes = kb;
+  q.data = static_cast<const uint8_t*>(data.data_ptr()) + e * N * kb;
+  auto ss = lead;
+  ss.push_back(N);
   if (bits == 4) {
     TORCH_CHECK(group > 0 && group % 32 == 0 && K % group == 0, name, ": group=", group,
                 " must be a multiple of 32 that divides K=", K);
     ss.push_back(K / group);
+    q.group = group;
   }
+  const int64_t per = bits == 8 ? N : N * (K / group);
   auto check_f = [&](const torch::Tensor& t, const char* what) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                     t.sizes() == torch::IntArrayRef(ss),
                 name, " ", what, " must be contiguous float32 ", torch::IntArrayRef(ss), ", got ",
                 t.scalar_type(), " ", t.sizes());
-    return t.data_ptr<float>();
+    return t.data_ptr<float>() + e * per;
   };
   q.scales = check_f(scales, "scales");
   if (bits == 4) {
@@ -1079,27 +1068,14 @@ QStack q_stack(const char* name, const torch::Tensor& data, const torch::Tensor&
   return q;
 }
 
-}  // namespace
-
-// swiglu_experts_out with w_in (logical [E, D, 2F]: data [E, 2F, D(/2)], gate channels
-// first) and w_out (logical [E, F, D]: data [E, D, F(/2)]) quantized, both `bits` (8 or
-// 4, int4 with groups of `group`): out_TD[t] += sum over token t's rows of
-// w_N[r] * swiglu(x[t] @ W_in[e]) @ W_out[e], the W dequantized as
-// cpu_decode's dequantize does. AVX-512F CPUs only (quantized_swiglu_experts_ok()).
-void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
-                          const torch::Tensor& w_N, const torch::Tensor& wi_data,
-                          const torch::Tensor& wi_scales,
-                          const c10::optional<torch::Tensor>& wi_zeros,
-                          const torch::Tensor& wo_data, const torch::Tensor& wo_scales,
-                          const c10::optional<torch::Tensor>& wo_zeros, int64_t bits,
-                          int64_t group, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
-                          torch::Tensor& y_ND, torch::Tensor& out_TD) {
-  TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_out needs an AVX-512F CPU");
+// The forward on experts wi[e] ([2F, D] channels, gate first) and wo[e] ([D, F]).
+void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                      const torch::Tensor& w_N, const std::vector<QMatrix>& wi,
+                      const std::vector<QMatrix>& wo, const std::vector<int64_t>& ends,
+                      int64_t rows, torch::Tensor& a_NF, torch::Tensor& y_ND,
+                      torch::Tensor& out_TD) {
   const int64_t E = static_cast<int64_t>(ends.size());
-  const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
-  const QStack wi = q_stack("w_in", wi_data, wi_scales, wi_zeros, bits, group, E, 2 * F, D);
-  const QStack wo = q_stack("w_out", wo_data, wo_scales, wo_zeros, bits, group, E, D, F);
   if (rows == 0) return;
   const int64_t* tok = tok_N.data_ptr<int64_t>();
   const float* x = x_TD.data_ptr<float>();
@@ -1109,7 +1085,7 @@ void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
   // 1. a = swiglu(x[tok] @ w_in): gate channels c0.. and up channels F + c0.. of one expert
   run(gate_up_tasks(ends, D, F), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
-    const QMatrix q = wi.expert(t.expert);
+    const QMatrix& q = wi[t.expert];
     float* h = thread_buffer(0, n * 2 * cw);
     const auto A = row_ptrs(n, [&](int64_t r) { return x + tok[t.r0 + r] * ldx; });
     if (cw % 64 == 0) {
@@ -1136,12 +1112,71 @@ void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
     float* c = y + t.r0 * ldy + t.c0;
-    sgemm_q(A, wo.expert(t.expert), t.c0, t.c0, cw, c, ldy, n, F, cw);
+    sgemm_q(A, wo[t.expert], t.c0, t.c0, cw, c, ldy, n, F, cw);
     scale_rows(c, ldy, n, cw, wr + t.r0);
   });
 
   // 3. out[t] += its rows of y
   combine_rows(tok, rows, y_ND, out_TD);
+}
+
+}  // namespace
+
+// swiglu_experts_out with w_in (logical [E, D, 2F]: data [E, 2F, D(/2)], gate channels
+// first) and w_out (logical [E, F, D]: data [E, D, F(/2)]) quantized, both `bits` (8 or
+// 4, int4 with groups of `group`): out_TD[t] += sum over token t's rows of
+// w_N[r] * swiglu(x[t] @ W_in[e]) @ W_out[e], the W dequantized as
+// cpu_decode's dequantize does. AVX-512F CPUs only (quantized_swiglu_experts_ok()).
+void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                          const torch::Tensor& w_N, const torch::Tensor& wi_data,
+                          const torch::Tensor& wi_scales,
+                          const c10::optional<torch::Tensor>& wi_zeros,
+                          const torch::Tensor& wo_data, const torch::Tensor& wo_scales,
+                          const c10::optional<torch::Tensor>& wo_zeros, int64_t bits,
+                          int64_t group, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
+                          torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_out needs an AVX-512F CPU");
+  const int64_t E = static_cast<int64_t>(ends.size());
+  const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
+  const int64_t D = x_TD.size(1), F = a_NF.size(1);
+  std::vector<QMatrix> wi, wo;
+  for (int64_t e = 0; e < E; ++e) {
+    wi.push_back(q_matrix("w_in", wi_data, wi_scales, wi_zeros, bits, group, {E}, 2 * F, D, e));
+    wo.push_back(q_matrix("w_out", wo_data, wo_scales, wo_zeros, bits, group, {E}, D, F, e));
+  }
+  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD);
+}
+
+// The same with one quantized matrix per expert in lists (the expert cache's): data [2F,
+// D(/2)] and [D, F(/2)], scales [N] or [N, K / group], zeros (int4) like the scales.
+// Bitwise the stacked call's output on the same experts.
+void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
+                               const torch::Tensor& w_N, const std::vector<torch::Tensor>& wi_data,
+                               const std::vector<torch::Tensor>& wi_scales,
+                               const c10::optional<std::vector<torch::Tensor>>& wi_zeros,
+                               const std::vector<torch::Tensor>& wo_data,
+                               const std::vector<torch::Tensor>& wo_scales,
+                               const c10::optional<std::vector<torch::Tensor>>& wo_zeros,
+                               int64_t bits, int64_t group, const std::vector<int64_t>& ends,
+                               torch::Tensor& a_NF, torch::Tensor& y_ND, torch::Tensor& out_TD) {
+  TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_list_out needs an AVX-512F CPU");
+  const int64_t E = static_cast<int64_t>(ends.size());
+  const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
+  const int64_t D = x_TD.size(1), F = a_NF.size(1);
+  const auto n = static_cast<size_t>(E);
+  TORCH_CHECK(wi_data.size() == n && wi_scales.size() == n && wo_data.size() == n &&
+                  wo_scales.size() == n && (!wi_zeros || wi_zeros->size() == n) &&
+                  (!wo_zeros || wo_zeros->size() == n),
+              "the weight lists must have one entry per expert (", E, ")");
+  std::vector<QMatrix> wi, wo;
+  for (size_t e = 0; e < n; ++e) {
+    c10::optional<torch::Tensor> zi, zo;
+    if (wi_zeros) zi = (*wi_zeros)[e];
+    if (wo_zeros) zo = (*wo_zeros)[e];
+    wi.push_back(q_matrix("w_in", wi_data[e], wi_scales[e], zi, bits, group, {}, 2 * F, D, 0));
+    wo.push_back(q_matrix("w_out", wo_data[e], wo_scales[e], zo, bits, group, {}, D, F, 0));
+  }
+  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1162,6 +1197,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "swiglu_experts_out with the experts' matrices as lists");
   m.def("swiglu_experts_q_out", &swiglu_experts_q_out,
         "swiglu_experts_out on int8 / int4 weights, dequantized in the GEMMs' packing");
+  m.def("swiglu_experts_q_list_out", &swiglu_experts_q_list_out,
+        "swiglu_experts_q_out with one quantized matrix per expert in lists");
   m.def("quantized_swiglu_experts_ok", [] { return CPU_AVX512F; },
         "whether swiglu_experts_q_out runs on this CPU (AVX-512F)");
   m.def("swiglu_backward_out", &swiglu_backward_out,

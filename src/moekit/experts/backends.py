@@ -189,12 +189,21 @@ def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Quan
                           biased: bool, kind: str | None, rows: int = 1 << 30) -> int:
     """Routed rows up to which quantized experts run on the decode kernels:
     ``DECODE_MAX_ROWS_PER_EXPERT`` per expert where ``decode.dequantized_experts`` runs
-    its one call for more (``rows`` below that limit skips the check), else
-    ``QUANT_KERNEL_MAX_ROWS``."""
-    per_expert = min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * w_in.shape[0])
-    if rows <= per_expert or not decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind):
+    its one call for more, else ``QUANT_KERNEL_MAX_ROWS``. ``rows`` within the first
+    limit skip the check (a decode step's)."""
+    if rows <= quant_rows_per_expert(w_in.shape[0]):
         return QUANT_KERNEL_MAX_ROWS
-    return per_expert
+    one = decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind)
+    return quant_rows_limit(w_in.shape[0], one)
+
+
+def quant_rows_per_expert(num_experts: int) -> int:
+    return min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
+
+
+def quant_rows_limit(num_experts: int, one_call: bool) -> int:
+    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's)."""
+    return quant_rows_per_expert(num_experts) if one_call else QUANT_KERNEL_MAX_ROWS
 
 
 def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:

@@ -132,18 +132,26 @@ def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor
     return buf.to(dtype).transpose(1, 2)
 
 
-def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
-                           biased: bool, kind: str | None) -> bool:
-    """Whether a quantized prefill of ``dtype`` activations runs swiglu_experts_q_out:
-    SwiGLU, no biases, float32, CPU int8 or int4 weights of one format whose input widths
-    are multiples of 32, and moekit's GEMM enabled on this CPU (AVX-512F, MOEKIT_SGEMM)."""
+def quant_one_call_format(dtype: torch.dtype, bits: int, group_size: int | None, D: int,
+                          F: int, biased: bool, kind: str | None) -> bool:
+    """Whether a quantized prefill of ``dtype`` activations runs swiglu_experts_q_out on
+    experts of this format (both projections ``bits`` / ``group_size``, input widths D and
+    F): SwiGLU, no biases, float32, widths that are multiples of 32, and moekit's GEMM
+    enabled on this CPU (AVX-512F, MOEKIT_SGEMM). The expert cache decides with this too."""
     if not (QUANT_ONE_CALL and kind == "swiglu" and not biased and dtype == torch.float32
-            and (w_in.bits, w_in.group_size) == (w_out.bits, w_out.group_size)
-            and w_in.shape[1] % 32 == 0 and w_out.shape[1] % 32 == 0
-            and w_in.data.device.type == "cpu"):
+            and bits in (8, 4) and D % 32 == 0 and F % 32 == 0):
         return False
     ext = cpu_ext.get()
     return ext is not None and hasattr(ext, "swiglu_experts_q_out") and ext.sgemm_max_rows() > 0
+
+
+def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
+                           biased: bool, kind: str | None) -> bool:
+    """``quant_one_call_format`` for these weights (CPU, one format for both)."""
+    return (w_in.data.device.type == "cpu"
+            and (w_in.bits, w_in.group_size) == (w_out.bits, w_out.group_size)
+            and quant_one_call_format(dtype, w_in.bits, w_in.group_size, w_in.shape[1],
+                                      w_out.shape[1], biased, kind))
 
 
 def _quant_one_call(x_TD: Tensor, w_in: QuantizedTensor, w_out: QuantizedTensor,
@@ -153,6 +161,33 @@ def _quant_one_call(x_TD: Tensor, w_in: QuantizedTensor, w_out: QuantizedTensor,
             and quant_one_call_applies(x_TD.dtype, w_in, w_out, biased, kind)):
         return cpu_ext.get()
     return None
+
+
+def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
+                           weight_S: Tensor, offsets_E: Tensor,
+                           w_in: QuantizedTensor | list[QuantizedTensor],
+                           w_out: QuantizedTensor | list[QuantizedTensor]) -> Tensor:
+    """out_TD (float32) += the experts' weighted SwiGLU outputs, one swiglu_experts_q_out
+    call (``ext`` from ``_quant_one_call``); the weights a stack or one-expert lists (the
+    expert cache's: bitwise the stacked call's output)."""
+    ends = offsets_E.tolist()
+    S = ends[-1] if ends else 0
+    first = w_out[0] if isinstance(w_out, list) else w_out
+    F, D = first.shape[1:]
+    bufs = _kept_buffers()
+    rows = (token_S[:S].contiguous(), _plain_f32(weight_S[:S]))
+    scratch = (bufs.get("a", x_TD, S * F)[:S * F].view(S, F),
+               bufs.get("y", x_TD, S * D)[:S * D].view(S, D), out_TD)
+    fmt = (first.bits, first.group_size or 0)
+    if isinstance(w_in, list):
+        parts = [([q.data[0] for q in ws], [q.scales[0] for q in ws],
+                  None if ws[0].zeros is None else [q.zeros[0] for q in ws])
+                 for ws in (w_in, w_out)]
+        ext.swiglu_experts_q_list_out(x_TD, *rows, *parts[0], *parts[1], *fmt, ends, *scratch)
+    else:
+        ext.swiglu_experts_q_out(x_TD, *rows, w_in.data, w_in.scales, w_in.zeros, w_out.data,
+                                 w_out.scales, w_out.zeros, *fmt, ends, *scratch)
+    return out_TD
 
 
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -172,15 +207,8 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     E = len(ends)
     ext = _quant_one_call(x_TD, w_in, w_out, b_in_EG is not None or b_out_ED is not None, kind)
     if ext is not None:
-        S, (F, D) = (ends[-1] if ends else 0), w_out.shape[1:]
-        bufs = _kept_buffers()
-        out_TD = torch.zeros_like(x_TD)
-        ext.swiglu_experts_q_out(
-            x_TD, token_S[:S].contiguous(), _plain_f32(weight_S[:S]), w_in.data, w_in.scales,
-            w_in.zeros, w_out.data, w_out.scales, w_out.zeros, w_in.bits,
-            w_in.group_size or 0, ends, bufs.get("a", x_TD, S * F)[:S * F].view(S, F),
-            bufs.get("y", x_TD, S * D)[:S * D].view(S, D), out_TD)
-        return out_TD
+        return quantized_experts_into(ext, torch.zeros_like(x_TD), x_TD, token_S, weight_S,
+                                      offsets_E, w_in, w_out)
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)

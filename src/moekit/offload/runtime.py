@@ -32,14 +32,14 @@ from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.backends import (
-    QUANT_KERNEL_MAX_ROWS,
     _activation_spec,
     _kernel_spec,
     _kind,
     decode_fits,
     fused_supported,
+    quant_rows_limit,
 )
-from moekit.functions import decode
+from moekit.functions import cpu_ext, decode
 from moekit.functions.moe_experts import fused_experts, fused_experts_into
 from moekit.offload.cache import ExpertCache
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
@@ -88,6 +88,9 @@ class ExpertsCall:
     num_experts: int  # the layer's (all of them, not only the cached): the resident row limit
     unpack: Callable[[list[Any]], ExpertWeights]
     stacked: Callable[[Tensor, Dispatch, list[Any]], Tensor]
+    # quantized experts' (bits, group_size, D, F, biased): whether the resident model's
+    # prefill would run its one call (decode.quant_one_call_format); None: it never does
+    quant_format: tuple[int, int | None, int, int, bool] | None = None
 
 
 def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
@@ -95,7 +98,9 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
     "list" (decode kernels), "fused", "dequant" (quantized prefill) or "stacked"."""
     cpu = x_TD.device.type == "cpu" and decode.available()
     if call.quantized:
-        return "list" if cpu and rows <= QUANT_KERNEL_MAX_ROWS else "dequant"
+        if cpu and rows <= quant_rows_limit(call.num_experts, cpu and _one_call_format(call, x_TD)):
+            return "list"
+        return "dequant"  # (_run_gemm runs the one call where it applies)
     if call.backend not in ("auto", "decode"):
         return "stacked"
     if call.backend == "decode" or decode_fits(x_TD, rows, call.num_experts, call.dtype):
@@ -105,6 +110,13 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
             and _kind(call.act) is not None and fused_supported(x_TD, like, like)):
         return "fused"
     return "stacked"
+
+
+def _one_call_format(call: ExpertsCall, x_TD: Tensor) -> bool:
+    """Whether the resident model's quantized prefill would run its one call on these
+    experts (the format half of it: decode.quant_one_call_format)."""
+    return call.quant_format is not None and decode.quant_one_call_format(
+        x_TD.dtype, *call.quant_format, _kind(call.act))
 
 
 def _chunks(ids: list[int], size: int) -> list[tuple[int, int]]:
@@ -204,10 +216,14 @@ class ExpertOffload:
                   call: ExpertsCall, dequant: bool) -> Tensor:
         """Prefill GEMMs a few experts at a time, as the resident path runs them: plain
         weights (the cached tensors, not stacked) into one output (fused_experts_into);
-        quantized ones dequantized per block of ids and summed block by block
-        (decode.dequantized_experts)."""
+        quantized ones in the one call that dequantizes inside its GEMMs, or dequantized per
+        block of ids and summed block by block (decode.dequantized_experts)."""
         ends = d.offsets_E.tolist()
-        chunks = (_dequant_chunks(ids) if dequant
+        # the resident model's one call (decode.dequantized_experts), chunks of what the
+        # cache holds added into y_TD: a token's rows summed in row order, as in one call
+        one = (dequant and x_TD.device.type == "cpu" and x_TD.dim() == 2
+               and x_TD.stride(1) == 1 and _one_call_format(call, x_TD))
+        chunks = (_chunks(ids, self.cache.capacity) if one else _dequant_chunks(ids) if dequant
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
         bufs: dict[str, Tensor] = {}  # float32 weights, reused by every chunk
@@ -216,7 +232,9 @@ class ExpertOffload:
             w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
             r0, r1 = _rows(ends, c0, c1)
             args = (x_TD, d.token_S[r0:r1], d.weight_S[r0:r1], d.offsets_E[c0:c1] - r0)
-            if dequant:
+            if one:
+                decode.quantized_experts_into(cpu_ext.get(), y_TD, *args, w.w_in, w.w_out)
+            elif dequant:
                 wi, wo = (_dequantize_into(bufs, name, ws, most).to(x_TD.dtype).transpose(1, 2)
                           for name, ws in (("in", w.w_in), ("out", w.w_out)))
                 y_TD += fused_experts(*args, wi, wo, w.b_in_EG, w.b_out_ED, call.act,

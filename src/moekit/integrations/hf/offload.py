@@ -62,13 +62,14 @@ class OffloadedStackedExperts(StackedExperts):
     _moekit_offload: ExpertOffload
     _moekit_dtype: torch.dtype
     _moekit_quantized: bool
+    _moekit_quant_format: tuple[int, int | None, int, int, bool] | None  # see ExpertsCall
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                 ) -> Tensor:
         dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
         call = ExpertsCall(self._moekit_act(), self._moekit_backend, self._moekit_dtype,
                            self._moekit_quantized, self.num_experts, _unpack,
-                           self._moekit_stacked)
+                           self._moekit_stacked, self._moekit_quant_format)
         y_TD = self._moekit_offload.run(self._moekit_layer, hidden_states, dispatch, call,
                                         hidden_states.shape[-1])
         return y_TD.to(hidden_states.dtype)
@@ -330,4 +331,10 @@ def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore,
         m._moekit_layer, m._moekit_offload = i, offload
         m._moekit_dtype = store.experts[(i, 0)]["down"].dtype
         m._moekit_quantized = isinstance(store.codec, Quantize)
+        m._moekit_quant_format = None
+        if m._moekit_quantized:  # (bits, group, D, F, no biases); down is stored [D, F] (nk)
+            stored, nk = store.codec.roles["w_out"]
+            down = store.experts[(i, 0)][stored].shape
+            D, F = down if nk else down[::-1]
+            m._moekit_quant_format = (store.codec.bits, store.codec.group, D, F, False)
     return offload
