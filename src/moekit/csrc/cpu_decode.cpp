@@ -874,7 +874,7 @@ void nk_tile_isa(const Weights& w, int64_t e, const float* const* x, int64_t n, 
 // kernels compute the exact product of the dequantized weights (s * q + z) with
 // x' = sx * xq: sum over groups of s * sum(q * xq * sx) + z * sum(x'). Prefill past
 // the kernels' rows runs dequantized weights on float activations (the row limits:
-// experts/backends.py QUANT_KERNEL_MAX_ROWS, functions/decode.py QUANT_LINEAR_MAX_ROWS).
+// experts/backends.py quant_kernel_max_rows, functions/decode.py QUANT_LINEAR_MAX_ROWS).
 //
 // A row record (one per distinct input row, 64-byte aligned):
 //   xq   K int8, per block of 128 inputs the low halves of its four 32-input

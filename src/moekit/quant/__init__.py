@@ -3,7 +3,9 @@ experts, and by default the dense projections too (``quant/linear.py``).
 
 ``QuantizedTensor`` holds packed integers, scales and zero points in place of an
 expert weight stack; the decode kernels (``moekit/csrc/cpu_decode.cpp``) read it
-directly, prefill dequantizes a block of experts at a time. Checkpoints:
+directly; prefill dequantizes inside its GEMMs' packing (fp32 SwiGLU experts on
+AVX-512F CPUs: ``swiglu_experts_q_out`` in ``moekit/csrc/cpu_experts.cpp``) or a block
+of experts at a time. Checkpoints:
 ``save_quantized`` / ``load_quantized`` (safetensors), or ``moekit quantize``.
 """
 
