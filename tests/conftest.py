@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import pytest
 import torch
 
 
@@ -38,3 +39,13 @@ torch.set_num_threads(1)
 if importlib.util.find_spec("triton") is not None and (
         not torch.cuda.is_available() or os.environ.get("MOEKIT_TEST_INTERPRET") == "1"):
     _import_kernels_interpreted()
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads for one test (the kernels' task splits and races need both)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+

@@ -343,14 +343,6 @@ def _per_row_fp64(d, x, w_in, w_out):
     return want
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("sgemm", ["1", "0"], ids=["moekit_gemm", "aten_mm"])
 def test_one_call_forward_matches_per_row_sums(sgemm, monkeypatch, two_threads):
     ext = cpu_ext.get()

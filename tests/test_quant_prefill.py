@@ -33,14 +33,6 @@ def _q_ext():
     return ext
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _problem(bits, g, D, Fd, counts=COUNTS, seed=3):
     E = len(counts)
     d = _dispatch(E, counts, dropped=3, T=T, seed=seed)
