@@ -12,10 +12,10 @@ kernels take the list of cached tensors, and a step touching more experts than
 the cache holds runs in chunks of experts, in id order, adding into one output
 (the kernels' ``accumulate`` / ``fused_experts_into``), which sums every token's
 rows in the same order as one call. Prefill past the decode kernels' row limit runs
-the GEMMs on the cached tensors as well, a chunk of at most ``FUSED_CHUNK`` experts at
-a time (only bf16 on the AVX-512 BF16 kernels, which take their own layout, stacks a
-chunk's copy: stacking every chunk was 0.2 s of a 0.49 s Mixtral-shaped 512-token
-prefill with every expert cached, against 0.28 s resident).
+the GEMMs on the cached tensors as well, a chunk of what the cache holds at a time
+(bf16: at most ``FUSED_CHUNK`` experts, as the AVX-512 BF16 kernels, which take their
+own layout, stack a chunk's copy: stacking every chunk was 0.2 s of a 0.49 s
+Mixtral-shaped 512-token prefill with every expert cached, against 0.28 s resident).
 
 Shape letters: T tokens, D hidden, E experts, E' experts this step touches,
 K experts per token, G = 2F for GLU activations, N / K output / input width.
@@ -44,7 +44,7 @@ from moekit.functions.moe_experts import fused_experts, fused_experts_into
 from moekit.offload.cache import ExpertCache
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
-FUSED_CHUNK = 8  # experts per prefill GEMM call (a bf16 stack: 8 x 3 MiB at the OLMoE shape)
+FUSED_CHUNK = 8  # experts per bf16 prefill GEMM call (a stack: 8 x 3 MiB at the OLMoE shape)
 
 Predictor = Callable[[Tensor], Tensor]  # x_TD -> expert ids [T, K] of the next MoE layer
 
@@ -223,7 +223,12 @@ class ExpertOffload:
         # cache holds added into y_TD: a token's rows summed in row order, as in one call
         one = (dequant and x_TD.device.type == "cpu" and x_TD.dim() == 2
                and x_TD.stride(1) == 1 and _one_call_format(call, x_TD))
-        chunks = (_chunks(ids, self.cache.capacity) if one else _dequant_chunks(ids) if dequant
+        # fp32 lists go to the kernels as they are (no copy): a chunk of every cached
+        # expert lets the tasks balance over the threads (the fine benchmark model, every
+        # expert cached, one 512-token forward: 303.4 ms in chunks of 8, 286.1 in one,
+        # resident 287.7; a /tmp script, medians of 9); the bf16 kernels stack a copy
+        whole = one or (not dequant and x_TD.dtype == torch.float32)
+        chunks = (_chunks(ids, self.cache.capacity) if whole else _dequant_chunks(ids) if dequant
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
         bufs: dict[str, Tensor] = {}  # float32 weights, reused by every chunk
