@@ -171,6 +171,7 @@ constexpr int64_t SG_ROWS = 6;     // rows per register block (6 x 64 columns: 2
 // / 0.99 at 16 / 32 / 64 / 96 rows x 64 experts [1024 -> 1024], 0.98 on the fine
 // benchmark model's prefill GEMMs (a /tmp script, 21 pairs each)
 constexpr int64_t SG_KC = 96;
+constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed block)
 
 const bool CPU_AVX512F = [] {
   __builtin_cpu_init();
@@ -188,6 +189,7 @@ inline __mmask16 tail_mask(int64_t left) {
 // rest B1's (rows ldb apart), so the columns of a block may come from two matrices.
 struct NextBlock {
   static constexpr int64_t KC = SG_KC;
+  static constexpr int64_t NC = SG_NC;
   static constexpr int64_t LEAD = 16;
   static constexpr bool BETWEEN = false;  // copies inside sg_block's k loop
   const float *B0, *B1;
@@ -296,6 +298,9 @@ struct QMatrix {
 
 struct QNextBlock {
   static constexpr int64_t KC = 128;   // weight rows per packed block (a multiple of SEG_K)
+  // columns per pass (two 256 KiB packed blocks): against 1024, in-process A/B, 64 experts
+  // x 8 / 64 rows, int8 0.98 / 0.99x the time, int4 g64 0.93 / 0.97x (256: the same)
+  static constexpr int64_t NC = 512;
   static constexpr int64_t LEAD = 2;   // segments prefetched before their copy
   static constexpr bool BETWEEN = true;  // copies between register blocks, not in the k loop
   const QMatrix& q;
@@ -478,7 +483,6 @@ AVX512F void sg_rows(int64_t R, const float* const* A, int64_t k0, const float* 
   }
 }
 
-constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed block)
 
 // C [M, N] = A [M, K] @ B [K, N], row r of A at A[r], C with unit column stride; `next`
 // packs B's blocks (NextBlock: float rows; QNextBlock: a quantized [N, K] weight).
@@ -490,27 +494,27 @@ constexpr int64_t SG_NC = 1024;  // columns per pass over K (a 384 KiB packed bl
 template <typename Next>
 AVX512F ALWAYS_INLINE void sgemm_blocks(const float* const* A, Next& next, float* C,
                                         int64_t ldc, int64_t M, int64_t K, int64_t N) {
-  constexpr int64_t KC = Next::KC;
+  constexpr int64_t KC = Next::KC, NC = Next::NC;
   // row blocks of 5-6 rows (64 rows: 9 x 6 + 2 x 5, not 10 x 6 + 4)
   const int64_t nb = (M + SG_ROWS - 1) / SG_ROWS, base = M / nb, extra = M % nb;
   // panels 64 bytes more than a [KC, 64] block apart: 24 or 32 KiB apart, the stores of
   // one k would all meet in one L1 set
   const int64_t ps = KC * 64 + 16;
-  float* const packed = thread_buffer(2, 2 * ps * (SG_NC / 64));  // two packed blocks
-  float* buf[2] = {packed, packed + ps * (SG_NC / 64)};
+  float* const packed = thread_buffer(2, 2 * ps * (NC / 64));  // two packed blocks
+  float* buf[2] = {packed, packed + ps * (NC / 64)};
   int cur = 0;
-  next.begin(0, 0, std::min(KC, K), std::min(SG_NC, N), buf[cur], ps, 0);
+  next.begin(0, 0, std::min(KC, K), std::min(NC, N), buf[cur], ps, 0);
   next.finish();  // the first block: packed before any compute
-  for (int64_t c0 = 0; c0 < N; c0 += SG_NC) {
-    const int64_t nc = std::min(SG_NC, N - c0), np = (nc + 63) / 64;
+  for (int64_t c0 = 0; c0 < N; c0 += NC) {
+    const int64_t nc = std::min(NC, N - c0), np = (nc + 63) / 64;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       // k-steps for NextBlock, register blocks for QNextBlock
       const int64_t steps = Next::BETWEEN ? np * nb : np * nb * kc;
       if (k0 + kc < K)  // this column range's next rows
         next.begin(k0 + kc, c0, std::min(KC, K - k0 - kc), nc, buf[1 - cur], ps, steps);
-      else if (c0 + SG_NC < N)  // the next column range's first rows
-        next.begin(0, c0 + SG_NC, std::min(KC, K), std::min(SG_NC, N - c0 - SG_NC),
+      else if (c0 + NC < N)  // the next column range's first rows
+        next.begin(0, c0 + NC, std::min(KC, K), std::min(NC, N - c0 - NC),
                    buf[1 - cur], ps, steps);
       for (int64_t p = 0; p < np; ++p) {
         const int64_t cols = nc - 64 * p;
