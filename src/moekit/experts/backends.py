@@ -198,6 +198,7 @@ def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Quan
 
 
 def quant_rows_per_expert(num_experts: int) -> int:
+    """The float weights' limit (``DECODE_MAX_ROWS_PER_EXPERT`` per expert), for quantized."""
     return min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
 
 

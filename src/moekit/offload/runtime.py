@@ -98,7 +98,7 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
     "list" (decode kernels), "fused", "dequant" (quantized prefill) or "stacked"."""
     cpu = x_TD.device.type == "cpu" and decode.available()
     if call.quantized:
-        if cpu and rows <= quant_rows_limit(call.num_experts, cpu and _one_call_format(call, x_TD)):
+        if cpu and rows <= quant_rows_limit(call.num_experts, _one_call_format(call, x_TD)):
             return "list"
         return "dequant"  # (_run_gemm runs the one call where it applies)
     if call.backend not in ("auto", "decode"):
@@ -227,7 +227,7 @@ class ExpertOffload:
         # expert lets the tasks balance over the threads (the fine benchmark model, every
         # expert cached, one 512-token forward: 303.4 ms in chunks of 8, 286.1 in one,
         # resident 287.7; a /tmp script, medians of 9); the bf16 kernels stack a copy
-        whole = one or (not dequant and x_TD.dtype == torch.float32)
+        whole = one or (not dequant and x_TD.dtype == call.dtype == torch.float32)
         chunks = (_chunks(ids, self.cache.capacity) if whole else _dequant_chunks(ids) if dequant
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
