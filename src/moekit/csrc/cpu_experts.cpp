@@ -278,7 +278,7 @@ AVX512F inline void transpose16(__m512 (&r)[16]) {
 
 // The same packed blocks from a quantized weight stored [N, K] (an output channel per row,
 // moekit.quant's layout), dequantized and transposed on the way in, so the float weights
-// are never written out. A segment is 16 channels x SEG_K weight rows: each channel's 64
+// are never written out. A segment is 16 channels x seg_k weight rows: each channel's 64
 // bytes (64 int8 or 128 int4 weights) is one load, the 16 x 16 dwords are transposed in
 // registers, and each dword (4 bytes of one channel) then gives its weights by shifts:
 // (q << 24 - 8b) >> 24 for int8, (q >> 8b (+ 4)) & 15 for int4 (byte j of a 32-weight chunk
@@ -297,11 +297,11 @@ struct QMatrix {
 };
 
 struct QNextBlock {
-  static constexpr int64_t KC = 128;   // weight rows per packed block (a multiple of SEG_K)
+  static constexpr int64_t KC = 128;   // weight rows per packed block (a multiple of seg_k)
   // columns per pass (two 256 KiB packed blocks): against 1024, in-process A/B, 64 experts
   // x 8 / 64 rows, int8 0.98 / 0.99x the time, int4 g64 0.93 / 0.97x (256: the same)
   static constexpr int64_t NC = 512;
-  static constexpr int64_t LEAD = 2;   // segments prefetched before their copy
+  static constexpr int64_t LEAD = 2;   // segments prefetched past the next block's
   static constexpr bool BETWEEN = true;  // copies between register blocks, not in the k loop
   const QMatrix& q;
   int64_t n0, n1, split;  // call column c is channel n0 + c (c < split), else n1 + c - split
