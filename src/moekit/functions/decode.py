@@ -175,7 +175,7 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
     first = w_out[0] if isinstance(w_out, list) else w_out
     F, D = first.shape[1:]
     bufs = _kept_buffers()
-    rows = (token_S[:S].contiguous(), _plain_f32(weight_S[:S]))
+    rows = (token_S[:S].to(torch.int64).contiguous(), _plain_f32(weight_S[:S]))
     scratch = (bufs.get("a", x_TD, S * F)[:S * F].view(S, F),
                bufs.get("y", x_TD, S * D)[:S * D].view(S, D), out_TD)
     fmt = (first.bits, first.group_size or 0)
