@@ -127,6 +127,19 @@ double target_cost(const std::vector<int64_t>& ends, double work_per_row) {
   return std::max(total / (4.0 * at::get_num_threads()), 32.0 * 64 * 512);
 }
 
+// Tasks of about equal cost over the experts' [rows, Y] output tiles, X multiply-adds per
+// output element; each piece a multiple of `align` columns but the last.
+std::vector<Task> expert_tiles(const std::vector<int64_t>& ends, double X, int64_t Y,
+                               int64_t align = 16) {
+  const auto starts = starts_of(ends);
+  const double target = target_cost(ends, X * Y);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < ends.size(); ++i) {
+    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, X, target, 16, align);
+  }
+  return tasks;
+}
+
 // ---- fp32 GEMMs of few rows: a prefill's experts ------------------------------------
 //
 // A 512-token prefill of 64 experts (top-8) gives each expert ~64 rows. aten's mm (MKL)
@@ -243,7 +256,6 @@ struct NextBlock {
     }
     if (left > 0 && (pleft == 0 || left - pleft >= LEAD)) copy();  // LEAD segments behind
   }
-  AVX512F void between() {}
   AVX512F void finish() {
     while (left > 0) copy();
   }
@@ -309,7 +321,6 @@ struct QNextBlock {
   float* dst = nullptr;
   int64_t k0 = 0, c0 = 0, kc = 0, nc = 0, ps = 0, nks = 0;
   int64_t seg = 0, nseg = 0, pseg = 0, calls = 0, done = 0;
-  int64_t every = INT64_MAX, cnt = INT64_MAX;  // sg_block's k loop never steps it
 
   QNextBlock(const QMatrix& m, int64_t n0_, int64_t n1_, int64_t split_)
       : q(m), n0(n0_), n1(n1_), split(split_), seg_k(m.bits == 8 ? 64 : 128) {}
@@ -402,9 +413,6 @@ struct QNextBlock {
     }
     ++seg;
   }
-  // The k loop's hook: nothing (a segment's 16 + registers there would spill the
-  // accumulators: a 64-row expert's GEMMs took 1.53x the float ones' time, 1.17x between).
-  AVX512F void step() {}
   // After register block `done` of `calls`: the segments due by then, and a prefetch of
   // those due after the next block, so that they arrive while it computes. (perf, one
   // thread, 64 experts x 64 rows int8: copy() ~21% of the time, three quarters of it
@@ -442,7 +450,8 @@ AVX512F void sg_block(const float* const* A, int64_t k0, const float* P, int64_t
       a3[r] = _mm512_maskz_loadu_ps(m3, c + 48);
     }
   }
-  int64_t cnt = next.cnt;
+  [[maybe_unused]] int64_t cnt = 0;  // k-steps to the next copy step (in-loop packers)
+  if constexpr (!Next::BETWEEN) cnt = next.cnt;
   for (int64_t k = 0; k < kc; ++k) {
     const float* w = P + 64 * k;
     const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16),
@@ -455,12 +464,14 @@ AVX512F void sg_block(const float* const* A, int64_t k0, const float* P, int64_t
       a2[r] = _mm512_fmadd_ps(x, w2, a2[r]);
       a3[r] = _mm512_fmadd_ps(x, w3, a3[r]);
     }
-    if (--cnt == 0) {
-      cnt = next.every;
-      next.step();
+    if constexpr (!Next::BETWEEN) {
+      if (--cnt == 0) {
+        cnt = next.every;
+        next.step();
+      }
     }
   }
-  next.cnt = cnt;
+  if constexpr (!Next::BETWEEN) next.cnt = cnt;
   for (int r = 0; r < R; ++r) {
     float* c = C + r * ldc;
     _mm512_mask_storeu_ps(c, m0, a0[r]);
@@ -624,13 +635,8 @@ void grouped_mm_tiles(const torch::Tensor& a_NX, const B& b_of, int64_t Y,
                       const std::vector<int64_t>& ends, torch::Tensor& out_NY,
                       const float* scale = nullptr) {
   const auto starts = starts_of(ends);
-  const double target = target_cost(ends, double(a_NX.size(1)) * Y);
-  std::vector<Task> tasks;
-  for (size_t i = 0; i < ends.size(); ++i) {
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], Y, a_NX.size(1), target, 16);
-  }
   const bool sgemm = sgemm_enabled();
-  run(std::move(tasks), [&](const Task& t) {
+  run(expert_tiles(ends, a_NX.size(1), Y), [&](const Task& t) {
     auto out = out_NY.narrow(0, t.r0, t.r1 - t.r0).narrow(1, t.c0, t.c1 - t.c0);
     const auto a = a_NX.narrow(0, t.r0, t.r1 - t.r0);
     const auto b = b_of(t.expert).narrow(1, t.c0, t.c1 - t.c0);
@@ -904,18 +910,6 @@ void combine_rows(const int64_t* tok, int64_t rows, const torch::Tensor& y_ND,
   });
 }
 
-// 1. of the forwards: tasks of an expert's rows x columns c0..c1 of its gate and the same of
-// its up (F of each), cut to about equal cost.
-std::vector<Task> gate_up_tasks(const std::vector<int64_t>& ends, int64_t D, int64_t F) {
-  const auto starts = starts_of(ends);
-  std::vector<Task> tasks;
-  const double target = target_cost(ends, 2.0 * D * F);
-  for (size_t i = 0; i < ends.size(); ++i) {
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], F, 2.0 * D, target, 16, 64);
-  }
-  return tasks;
-}
-
 // The forward; w_in_of(i) is expert i's [D, 2F] (gate | up), w_out_of(i) its [F, D].
 template <typename WI, typename WO>
 void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
@@ -946,7 +940,7 @@ void swiglu_experts(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
   const bool sgemm = sgemm_enabled();
 
   // 1. a = swiglu(x[tok] @ w_in)
-  run(gate_up_tasks(ends, D, F), [&](const Task& t) {
+  run(expert_tiles(ends, 2.0 * D, F, 64), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const auto b = w_in_of(t.expert);
     const int64_t* tk = tok + t.r0;
@@ -1093,7 +1087,6 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                       const std::vector<QMatrix>& wo, const std::vector<int64_t>& ends,
                       int64_t rows, torch::Tensor& a_NF, torch::Tensor& y_ND,
                       torch::Tensor& out_TD) {
-  const int64_t E = static_cast<int64_t>(ends.size());
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
   if (rows == 0) return;
   const int64_t* tok = tok_N.data_ptr<int64_t>();
@@ -1102,7 +1095,7 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
   float* a = a_NF.data_ptr<float>();
 
   // 1. a = swiglu(x[tok] @ w_in): gate channels c0.. and up channels F + c0.. of one expert
-  run(gate_up_tasks(ends, D, F), [&](const Task& t) {
+  run(expert_tiles(ends, 2.0 * D, F, 64), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const QMatrix& q = wi[t.expert];
     float* h = thread_buffer(0, n * 2 * cw);
@@ -1117,17 +1110,11 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
       swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r) * lda + t.c0, cw);
   });
 
-  // 2. y = (a @ w_out) * w, tiles of an expert's rows x columns of D
-  const auto starts = starts_of(ends);
-  std::vector<Task> tasks;
-  const double target = target_cost(ends, double(F) * D);
-  for (int64_t i = 0; i < E; ++i) {
-    if (ends[i] > starts[i]) cut(tasks, i, starts[i], ends[i], D, F, target, 16);
-  }
+  // 2. y = (a @ w_out) * w, tiles of an expert's rows x columns of D (grouped_mm_tiles')
   float* y = y_ND.data_ptr<float>();
   const float* wr = w_N.data_ptr<float>();
   const int64_t ldy = y_ND.stride(0);
-  run(std::move(tasks), [&](const Task& t) {
+  run(expert_tiles(ends, F, D), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
     float* c = y + t.r0 * ldy + t.c0;
