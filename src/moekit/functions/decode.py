@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import _kept_buffers, fused_experts
+from moekit.functions.moe_experts import _kept_buffers, _Workspace, fused_experts
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]
@@ -174,10 +174,9 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
     S = ends[-1] if ends else 0
     first = w_out[0] if isinstance(w_out, list) else w_out
     F, D = first.shape[1:]
-    bufs = _kept_buffers()
+    ws = _Workspace(x_TD, S, _kept_buffers())
     rows = (token_S[:S].to(torch.int64).contiguous(), _plain_f32(weight_S[:S]))
-    scratch = (bufs.get("a", x_TD, S * F)[:S * F].view(S, F),
-               bufs.get("y", x_TD, S * D)[:S * D].view(S, D), out_TD)
+    scratch = (ws.get("a", S, F), ws.get("y", S, D), out_TD)
     fmt = (first.bits, first.group_size or 0)
     if isinstance(w_in, list):
         parts = [([q.data[0] for q in ws], [q.scales[0] for q in ws],
@@ -203,12 +202,12 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     every block reuses (a fresh buffer per block spent ~3/4 of the dequantization in
     first-touch page faults); the slots of experts without rows are stale and never
     read: the fused path runs only experts with rows."""
-    ends = offsets_E.tolist()
-    E = len(ends)
     ext = _quant_one_call(x_TD, w_in, w_out, b_in_EG is not None or b_out_ED is not None, kind)
     if ext is not None:
         return quantized_experts_into(ext, torch.zeros_like(x_TD), x_TD, token_S, weight_S,
                                       offsets_E, w_in, w_out)
+    ends = offsets_E.tolist()
+    E = len(ends)
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)
