@@ -78,6 +78,23 @@ def test_experts_bf16_upcast():
     check_case(CASES[2], torch.bfloat16, 5e-2, 5e-2)
 
 
+def test_same_precision_bound_catches_a_wrong_kernel(monkeypatch):
+    """The GPU tests' fp16 / bf16 bound (check_case's same_precision_factor) passes the
+    kernel held to it alone and fails one whose last routed row has a 10% wrong weight."""
+    import tests.triton_oracle as oracle
+
+    case = (64, 48, 40, 8, 2, "swiglu_oai", True, None, ())
+    check_case(case, torch.float16, 0.0, 0.0, same_precision_factor=4.0)  # bound only
+
+    def wrong_weight(x, token_S, weight_S, *rest):
+        weight_S = torch.cat([weight_S[:-1], 0.9 * weight_S[-1:]])
+        return fused_experts(x, token_S, weight_S, *rest)
+
+    monkeypatch.setattr(oracle, "fused_experts", wrong_weight)
+    with pytest.raises(AssertionError, match="same-precision torch reference"):
+        check_case(case, torch.float16, 1e-2, 1e-2, same_precision_factor=4.0)
+
+
 def test_layer_triton_backend_matches_loop():
     """The "triton" backend inside MoE, all gradients, against the "loop" backend."""
     cfg = MoEConfig(dim=24, ffn_dim=20, num_experts=5, top_k=2, expert_bias=True)
