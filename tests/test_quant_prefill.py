@@ -164,3 +164,105 @@ def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_run
                  (torch.bfloat16, qi, qo, False, "swiglu"),   # bf16 activations
                  (torch.float32, qi, qo, False, "geglu")):    # another activation
         assert backends.quant_kernel_max_rows(*args) == backends.QUANT_KERNEL_MAX_ROWS
+
+
+# -- a quantized linear's rows past the decode kernel: q_linear_out --------------------
+
+
+def _q_linear(bits, g, K, N, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_tensor(torch.randn(1, K, N, generator=gen) / K**0.5, bits, g)
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+# N = 200: a last panel of 8 columns; 33 rows: one past the decode kernel's
+@pytest.mark.parametrize("M,K,N", [(33, 256, 200), (130, 128, 1024), (256, 512, 64)])
+def test_q_linear_matches_fp64_on_dequantized_weights(bits, g, M, K, N, two_threads):
+    ext = _q_ext()
+    if bits == 4 and K % g:
+        pytest.skip("the group does not divide K")
+    q = _q_linear(bits, g, K, N)
+    x = torch.randn(M, K)
+    out = torch.full((M, N), float("nan"))
+    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, out)
+    _assert_close([out], [x.double() @ _float(q)[0].double()], ["out"], 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 64)])
+def test_q_linear_bitwise_the_float_gemm_on_dequantized_weights(bits, g, two_threads):
+    """Up to 96 rows the float grouped GEMM runs moekit's GEMM on a [512, 1024] weight too:
+    the same FMA chain per output, so bitwise equal outputs."""
+    ext = _q_ext()
+    if ext.sgemm_max_rows() < 96:
+        pytest.skip("moekit's float GEMM is off (MOEKIT_SGEMM=0)")
+    q = _q_linear(bits, g, 512, 1024)
+    x = torch.randn(96, 512)
+    got, want = torch.empty(96, 1024), torch.empty(96, 1024)
+    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, got)
+    ext.grouped_mm_out(x, _float(q), [96], want)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 32)])
+def test_quantized_linear_takes_it_between_the_kernel_and_the_float_copy(bits, g,
+                                                                         monkeypatch):
+    """QuantizedLinear (and decode.project) on 33..QUANT_GEMM_MAX_ROWS fp32 rows: one
+    q_linear_out call, no float copy of the weight; past it, or with a gradient wanted
+    through x, or in bf16, the dequantize path."""
+    from moekit.quant.linear import QuantizedLinear
+
+    _q_ext()
+    q = _q_linear(bits, g, 128, 96)
+    bias = torch.randn(96)
+    layer = QuantizedLinear(q, bias)
+    copies = []
+    import moekit.quant.linear as qlinear
+    import moekit.quant.tensor as qtensor
+
+    real = qtensor.dequantize_NK
+    for module in (qlinear, qtensor):  # QuantizedLinear's and QuantizedTensor.dequantize's
+        monkeypatch.setattr(module, "dequantize_NK",
+                            lambda *a, **k: copies.append(1) or real(*a, **k))
+    ref = _float(q)[0].double()
+    for rows in (33, decode.QUANT_GEMM_MAX_ROWS):
+        x = torch.randn(rows, 128)
+        with torch.no_grad():
+            got = layer(x)
+            via_project = decode.project(x, q)
+        assert not copies
+        _assert_close([got, via_project], [x.double() @ ref + bias.double(), x.double() @ ref],
+                      ["QuantizedLinear", "project"], 1e-5, 1e-5)
+    x = torch.randn(decode.QUANT_GEMM_MAX_ROWS + 1, 128)
+    with torch.no_grad():
+        layer(x)
+        assert copies
+        copies.clear()
+        decode.project(x, q)
+    assert copies
+    copies.clear()
+    x = torch.randn(40, 128, requires_grad=True)
+    y = layer(x)  # autograd wants dy/dx: the float path
+    assert copies and y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, _float(q)[0].sum(1).expand(40, 128), atol=1e-5,
+                               rtol=1e-5)
+    copies.clear()
+    with torch.no_grad():
+        assert layer(torch.randn(40, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert copies
+
+
+def test_q_linear_refuses_bad_input_before_writing():
+    ext = _q_ext()
+    q = _q_linear(4, 64, 256, 128)
+    out = torch.zeros(40, 128)
+    with pytest.raises(RuntimeError, match=r"weight: int4 needs zeros"):
+        ext.q_linear_out(torch.randn(40, 256), q.data, q.scales, None, 4, 64, out)
+    with pytest.raises(RuntimeError, match=r"out_MN must be \[40, 128\], got \[40, 64\]"):
+        ext.q_linear_out(torch.randn(40, 256), q.data, q.scales, q.zeros, 4, 64,
+                         torch.zeros(40, 64))
+    with pytest.raises(RuntimeError, match=r"weight data must be contiguous uint8 \[1, 128, 128\]"):
+        ext.q_linear_out(torch.randn(40, 256), q.data[:, :, :64], q.scales, q.zeros, 4, 64, out)
+    with pytest.raises(RuntimeError, match=r"x_MK must be float32"):
+        ext.q_linear_out(torch.randn(40, 256).double(), q.data, q.scales, q.zeros, 4, 64, out)
+    assert not out.any()

@@ -1185,6 +1185,33 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
   swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD);
 }
 
+// out_MN = x_MK @ W for a quantized linear's weight (logical [1, K, N]: data [1, N, K] int8
+// or [1, N, K / 2] uint8 int4, scales [1, N] or [1, N, K / group], zeros like the int4
+// scales), dequantized in the GEMM's packing as swiglu_experts_q_out's weights are: the
+// prefill of a quantized attention projection or LM head without the float [N, K] copy
+// that dequantize-then-mm writes and reads (4 bytes a weight; 1.2 GB for a 151k x 2048
+// head). Tasks are tiles of rows x columns, each one sgemm_q. AVX-512F CPUs only.
+void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
+                  const torch::Tensor& scales, const c10::optional<torch::Tensor>& zeros,
+                  int64_t bits, int64_t group, torch::Tensor& out_MN) {
+  TORCH_CHECK(CPU_AVX512F, "q_linear_out needs an AVX-512F CPU");
+  check_float_rows(x_MK, "x_MK", 2);
+  TORCH_CHECK(data.dim() == 3 && data.size(0) == 1,
+              "weight data must be [1, N, K] (int8) or [1, N, K / 2] (int4), got ", data.sizes());
+  const int64_t M = x_MK.size(0), K = x_MK.size(1), N = data.size(1);
+  const QMatrix q = q_matrix("weight", data, scales, zeros, bits, group, {1}, N, K, 0);
+  check_rows(out_MN, "out_MN", M, N);
+  if (M == 0) return;
+  const float* x = x_MK.data_ptr<float>();
+  float* out = out_MN.data_ptr<float>();
+  const int64_t ldx = x_MK.stride(0), ldo = out_MN.stride(0);
+  run(expert_tiles({M}, K, N, 64), [&](const Task& t) {
+    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
+    const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
+    sgemm_q(A, q, t.c0, t.c0, cw, out + t.r0 * ldo + t.c0, ldo, n, K, cw);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
@@ -1205,6 +1232,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "swiglu_experts_out on int8 / int4 weights, dequantized in the GEMMs' packing");
   m.def("swiglu_experts_q_list_out", &swiglu_experts_q_list_out,
         "swiglu_experts_q_out with one quantized matrix per expert in lists");
+  m.def("q_linear_out", &q_linear_out,
+        "out = x @ W for a quantized [1, K, N] weight, dequantized in the GEMM's packing");
   m.def("quantized_swiglu_experts_ok", [] { return CPU_AVX512F; },
         "whether swiglu_experts_q_out runs on this CPU (AVX-512F)");
   m.def("swiglu_backward_out", &swiglu_backward_out,

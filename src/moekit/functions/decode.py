@@ -302,6 +302,14 @@ FLOAT_KERNEL_MAX_ROWS: dict[torch.dtype, int] | None = None  # None: by the CPU,
 # Same setting, kernel / (dequantize + F.linear): int8 0.16 at 1 row, 0.22 at 4, 0.81 at
 # 16, 1.11 at 64; int4 0.18, 0.20, 0.61, 1.07.
 QUANT_LINEAR_MAX_ROWS = 32
+# fp32 rows past that, up to this many, go to one q_linear_out call where moekit's GEMM
+# runs (AVX-512F): it dequantizes inside its packing and writes no float copy of the
+# weight. Time over dequantize + F.linear (benchmarks/bench_quant_linear.py, 2 threads,
+# this Xeon), int8 / int4 g64, at 64 / 128 / 256 / 512 / 1024 rows: [1024 -> 1024] 0.55 /
+# 0.77 / 0.86 / 1.07 / 1.23 and 0.60 / 0.71 / 0.85 / 1.11 / 1.24; [1024 -> 8192] 0.31 /
+# 0.47 / 0.60 / 0.91 / 1.09 and 0.28 / 0.42 / 0.61 / 0.92 / 1.01 (MKL's GEMM is the
+# faster one at many rows, where the copy costs relatively little).
+QUANT_GEMM_MAX_ROWS = 256
 
 
 def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
@@ -313,6 +321,26 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
     return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and x.dtype in (torch.float32, torch.bfloat16))
+
+
+def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
+    """x_TK @ w_1KN[0] (float32) on q_linear_out where it applies, else None: float32 rows
+    on the CPU, QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS, K a multiple of 32,
+    no gradient wanted through x, moekit's GEMM enabled on this CPU (QUANT_ONE_CALL)."""
+    rows, K = x_TK.shape
+    if not (QUANT_ONE_CALL and QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS
+            and x_TK.dtype == torch.float32 and x_TK.device.type == "cpu"
+            and w_1KN.data.device.type == "cpu" and w_1KN.shape[0] == 1 and K % 32 == 0
+            and not (torch.is_grad_enabled() and x_TK.requires_grad)
+            and not torch.compiler.is_compiling()):
+        return None
+    ext = cpu_ext.get()
+    if ext is None or not hasattr(ext, "q_linear_out") or ext.sgemm_max_rows() == 0:
+        return None
+    y = torch.empty(rows, w_1KN.shape[2])
+    ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,
+                     w_1KN.group_size or 0, y)
+    return y
 
 
 def dense_rows(x_TK: Tensor, w_1KN: Tensor | QuantizedTensor) -> Tensor:
@@ -343,6 +371,8 @@ def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
     quantized = isinstance(w, QuantizedTensor)
     if dense_kernel_ok(x, w, x_TK.shape[0]):
         y = dense_rows(x_TK, w if quantized else w[None])
+    elif quantized and (y := quant_gemm_rows(x_TK, w)) is not None:
+        pass
     else:
         y = x_TK @ (w.dequantize(0, 1, x.dtype)[0] if quantized else w)
     return y.view(*x.shape[:-1], y.shape[-1])

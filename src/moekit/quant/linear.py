@@ -52,6 +52,9 @@ class QuantizedLinear(nn.Module):
             y = decode.dense_rows(x_TK, self.weight)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
+        elif (y := decode.quant_gemm_rows(x_TK, self.weight)) is not None:
+            if self.bias is not None:
+                y += self.bias
         else:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = F.linear(x_TK, self.dequantized(x.dtype), bias)
