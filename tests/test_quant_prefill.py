@@ -24,12 +24,16 @@ FORMATS = [(8, None), (4, 32), (4, 64), (4, 128)]
 COUNTS, T = [0, 1, 5, 7, 64, 96, 97, 300], 200
 
 
-def _q_ext():
+def _q_ext(gemm: bool = False):
+    """The C++ module; ``gemm``: also skip where moekit's GEMM is off (MOEKIT_SGEMM=0), so
+    that the model paths do not take the one call."""
     ext = cpu_ext.get()
     if ext is None or not hasattr(ext, "swiglu_experts_q_out"):
         pytest.skip("the C++ kernels did not build")
     if not ext.quantized_swiglu_experts_ok():
         pytest.skip("swiglu_experts_q_out needs an AVX-512F CPU")
+    if gemm and ext.sgemm_max_rows() == 0:
+        pytest.skip("moekit's GEMM is off (MOEKIT_SGEMM=0)")
     return ext
 
 
@@ -95,7 +99,7 @@ def test_bitwise_the_float_one_call_on_dequantized_weights(bits, g, two_threads)
 def test_prefill_takes_it_and_matches_the_dequantize_path(bits, g, monkeypatch, two_threads):
     """A quantized SwiGLU MoE layer past the decode kernels' rows: the one call runs (the
     dequantize-per-block path is not entered) and agrees with that path."""
-    _q_ext()
+    _q_ext(gemm=True)
     cfg = moekit.MoEConfig(dim=128, ffn_dim=96, num_experts=6, top_k=2)
     ex = moekit.experts.Experts(cfg).requires_grad_(False)
     qi, qo = quantize_tensor(ex.w_in, bits, g), quantize_tensor(ex.w_out, bits, g)
@@ -155,8 +159,7 @@ def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_run
     the kernels keep up to QUANT_KERNEL_MAX_ROWS."""
     from moekit.experts import backends
 
-    ext = _q_ext()
-    assert ext.sgemm_max_rows() > 0
+    _q_ext(gemm=True)
     _, _, qi, qo = _problem(8, None, 256, 128, counts=[1] * 6)
     limit = backends.quant_kernel_max_rows(torch.float32, qi, qo, False, "swiglu")
     assert limit == backends.DECODE_MAX_ROWS_PER_EXPERT * 6
@@ -211,7 +214,7 @@ def test_quantized_linear_takes_it_between_the_kernel_and_the_float_copy(bits, g
     through x, or in bf16, the dequantize path."""
     from moekit.quant.linear import QuantizedLinear
 
-    _q_ext()
+    _q_ext(gemm=True)
     q = _q_linear(bits, g, 128, 96)
     bias = torch.randn(96)
     layer = QuantizedLinear(q, bias)
