@@ -142,6 +142,39 @@ def test_loss_decreases(tmp_path, corpus):
                and "expert_load" in r)
 
 
+def test_tokens_per_s_counts_training_steps_after_the_first(tmp_path, corpus, monkeypatch):
+    """A fake clock: validation, checkpoints and the first step (where a fresh machine
+    builds the C++ kernels) take long; the reported rate is the later steps' alone."""
+    import moekit.train.trainer as trainer_mod
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock["now"])
+    trainer = Trainer(MODEL, TRAIN.replace(steps=4, eval_every=2, save_every=2), corpus,
+                      tmp_path, progress=False)
+    real_step, real_validate, real_save = trainer.step_once, trainer.validate, trainer.save
+    seconds = iter([40.0, 0.5, 0.5, 0.5])  # the first step's build, then 0.5 s a step
+
+    def step_once():
+        clock["now"] += next(seconds)
+        return real_step()
+
+    def slow(fn):
+        def call(*a, **k):
+            clock["now"] += 7.0
+            return fn(*a, **k)
+        return call
+
+    monkeypatch.setattr(trainer, "step_once", step_once)
+    monkeypatch.setattr(trainer, "validate", slow(real_validate))
+    monkeypatch.setattr(trainer, "save", slow(real_save))
+    summary = trainer.fit()
+    tokens = TRAIN.batch_size * TRAIN.seq_len
+    assert summary["tokens_per_s"] == pytest.approx(tokens / 0.5)
+    assert summary["seconds"] == pytest.approx(40.0 + 3 * 0.5 + 3 * 7.0 + 2 * 7.0)
+    rates = [r["tokens_per_s"] for r in trainer.history if r["kind"] == "train"]
+    assert rates == pytest.approx([tokens / 40.0] + [tokens / 0.5] * 3)
+
+
 def poison_embedding(model, calls):
     """Forward hook: NaN out the embedding on the given (0-based) forward calls."""
     count = {"n": 0}

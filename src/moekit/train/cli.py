@@ -177,8 +177,8 @@ def loss_line(trainer: Trainer, summary: dict, start_step: int) -> str:
     if start_step and first is None:
         start = f"(resumed at step {start_step}) "
     return (f"done: step {summary['step']}, validation loss {start}{summary['val_loss']:.3f} "
-            f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s, "
-            f"{summary['skipped_steps']} skipped steps")
+            f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s in training steps "
+            f"({summary['seconds']:.0f} s in all), {summary['skipped_steps']} skipped steps")
 
 
 def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
