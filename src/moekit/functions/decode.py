@@ -366,15 +366,16 @@ def _all_rows(T: int) -> tuple[Tensor, Tensor]:
 
 def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
     """x @ w for a float [K, N] weight or a [1, K, N] QuantizedTensor (shared experts):
-    the decode kernel for few rows, else torch's matmul (quantized: dequantized first)."""
+    the decode kernel for few rows, quantized fp32 rows up to QUANT_GEMM_MAX_ROWS on
+    q_linear_out, else torch's matmul (quantized: dequantized first)."""
     x_TK = x.reshape(-1, x.shape[-1])
     quantized = isinstance(w, QuantizedTensor)
     if dense_kernel_ok(x, w, x_TK.shape[0]):
         y = dense_rows(x_TK, w if quantized else w[None])
-    elif quantized and (y := quant_gemm_rows(x_TK, w)) is not None:
-        pass
     else:
-        y = x_TK @ (w.dequantize(0, 1, x.dtype)[0] if quantized else w)
+        y = quant_gemm_rows(x_TK, w) if quantized else None
+        if y is None:
+            y = x_TK @ (w.dequantize(0, 1, x.dtype)[0] if quantized else w)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

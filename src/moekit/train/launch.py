@@ -103,7 +103,7 @@ def _report(trainer, summary: dict | None) -> None:
     if summary is None:
         return
     print(f"done: step {summary['step']}, validation loss {summary['val_loss']:.3f} "
-          f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s (all ranks), "
+          f"nats/byte, {summary['tokens_per_s']:.0f} tokens/s in training steps (all ranks), "
           f"{summary['skipped_steps']} skipped steps")
     print(f"checkpoint: {summary['checkpoint']}")
     print("sample:\n" + decode(sample[0]))
