@@ -87,10 +87,43 @@ def test_dequantize_into_a_buffer(bits, g, kernel, monkeypatch):
         return
     for bad in (torch.zeros(2, 24, 127), torch.zeros(2, 24, 128, dtype=torch.float64),
                 torch.zeros(2, 128, 24).transpose(1, 2)):
-        with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 CPU tensor "
-                                               r"of shape \[2, 24, 128\]"):
+        with pytest.raises(RuntimeError, match=r"out must be a contiguous float32 or bfloat16 "
+                                               r"CPU tensor of shape \[2, 24, 128\]"):
             dequantize_NK(q, 1, 3, bad)
         assert (bad == 0).all()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpp", "torch"])
+@pytest.mark.parametrize("bits,g", FORMATS)
+def test_dequantize_to_bf16_rounds_as_torch_does(bits, g, kernel, monkeypatch):
+    """bfloat16 (and float16) out: bitwise float32's values through .to(); in the kernel
+    (AVX-512: 16 lanes, then a scalar tail) with ties to even, values that overflow to inf,
+    subnormal results, NaN and inf scales."""
+    if kernel and cpu_ext.get_decode() is None:
+        pytest.skip("decode kernels not built")
+    if not kernel:
+        monkeypatch.setattr(cpu_ext, "get_decode", lambda: None)
+    K = {8: 72, 32: 96, 64: 192, 128: 384}[g or 8]  # int8: 4 x 16 lanes + a tail of 8
+    q = quantize_tensor(torch.randn(3, K, 40), bits, g)
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 3.4e38, 1e-41, float("nan"),
+                            float("inf")])
+    q.scales[1, :special.numel()] = special.view(-1, *[1] * (q.scales.dim() - 2))
+    if q.zeros is not None:  # s * q exactly: 1 + 3 * 2**-8 (q = 1) is a tie to round up
+        q.zeros[1, :special.numel()] = 0
+    want = dequantize_NK(q, 0, 3)
+    assert want.isnan().any() and want.isinf().any()  # the cases above are there
+
+    def same(a, b):  # bitwise, NaN for NaN (its payload aside)
+        nan = b.isnan()
+        return torch.equal(a.isnan(), nan) and torch.equal(
+            a.masked_fill(nan, 0).view(torch.int16), b.masked_fill(nan, 0).view(torch.int16))
+
+    for dtype in (torch.bfloat16, torch.float16):
+        got = dequantize_NK(q, 0, 3, dtype=dtype)
+        assert got.dtype == dtype and same(got, want.to(dtype))
+    buf = torch.empty(2, 40, K, dtype=torch.bfloat16)
+    assert dequantize_NK(q, 1, 3, buf).data_ptr() == buf.data_ptr()
+    assert same(buf, want[1:].bfloat16())
 
 
 @pytest.mark.parametrize("bits,g", FORMATS)
@@ -128,6 +161,35 @@ def test_dequantized_prefill_skips_empty_experts_and_reuses_its_buffer(bits, g, 
     done = sorted({e for e0, e1 in seen for e in range(e0, e1)})
     assert done == touched.tolist()
     assert sorted(set(seen)) == [(0, 2), (3, 4), (5, 6), (7, 8)]  # runs of experts with rows
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 32)])
+def test_bf16_prefill_dequantizes_straight_to_bf16(bits, g, monkeypatch):
+    """bf16 activations past the kernels' rows: the experts are dequantized into bf16
+    buffers (no float32 copy), and the layer equals the loop backend on dequantize's
+    weights rounded to bf16."""
+    monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
+    seen = []
+    real = decode.dequantize_NK
+
+    def spy(qt, e0, e1, out=None):
+        seen.append(out.dtype)
+        return real(qt, e0, e1, out)
+
+    monkeypatch.setattr(decode, "dequantize_NK", spy)
+    cfg = moekit.MoEConfig(dim=64, ffn_dim=96, num_experts=6, top_k=2)
+    ex = moekit.experts.Experts(cfg).requires_grad_(False)
+    qi, qo = quantize_tensor(ex.w_in, bits, g), quantize_tensor(ex.w_out, bits, g)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 64, generator=gen).bfloat16()
+    w, idx = torch.rand(40, 6, generator=gen).topk(2, dim=-1)
+    d = sorted_rows(idx, w, 6)
+    with torch.no_grad():
+        got = BACKENDS["decode"](x, d, qi, qo, None, None, ex._act)
+        want = BACKENDS["loop"](x, d, _dequantized(qi).bfloat16(), _dequantized(qo).bfloat16(),
+                                None, None, ex._act)
+    assert seen and set(seen) == {torch.bfloat16} and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
 def _dequantized(q: QuantizedTensor) -> torch.Tensor:

@@ -156,7 +156,8 @@ def test_bad_input_is_refused_before_anything_is_written():
 def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_runs():
     """Past 24 rows per expert the one call is faster than the decode kernels (measured in
     experts/backends.py), so "decode" hands those rows to it; with biases (no one call)
-    the kernels keep up to QUANT_KERNEL_MAX_ROWS."""
+    the kernels keep up to QUANT_KERNEL_MAX_ROWS, with bf16 activations 64 per expert
+    (dequantized straight to bf16) up to that."""
     from moekit.experts import backends
 
     _q_ext(gemm=True)
@@ -164,9 +165,13 @@ def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_run
     limit = backends.quant_kernel_max_rows(torch.float32, qi, qo, False, "swiglu")
     assert limit == backends.DECODE_MAX_ROWS_PER_EXPERT * 6
     for args in ((torch.float32, qi, qo, True, "swiglu"),     # biases
-                 (torch.bfloat16, qi, qo, False, "swiglu"),   # bf16 activations
                  (torch.float32, qi, qo, False, "geglu")):    # another activation
         assert backends.quant_kernel_max_rows(*args) == backends.QUANT_KERNEL_MAX_ROWS
+    bf16 = (torch.bfloat16, qi, qo, False, "swiglu")
+    assert backends.quant_kernel_max_rows(*bf16) == backends.BF16_QUANT_ROWS_PER_EXPERT * 6
+    _, _, q64, q64o = _problem(8, None, 256, 128, counts=[1] * 64)
+    assert backends.quant_kernel_max_rows(torch.bfloat16, q64, q64o, False, "swiglu") == \
+        backends.QUANT_KERNEL_MAX_ROWS
 
 
 # -- a quantized linear's rows past the decode kernel: q_linear_out --------------------

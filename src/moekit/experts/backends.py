@@ -177,6 +177,12 @@ DECODE_MAX_ROWS_PER_EXPERT = 24
 # (E=8 K=2 F=2048, Intel AVX-512 VM, 2 threads), kernel / (dequantize + fused) at
 # 1024 rows 0.62 (int8) and 0.72 (int4); at 256 rows 0.22 / 0.25.
 QUANT_KERNEL_MAX_ROWS = 1024
+# bf16 activations, where the one call does not run: dequantized straight to bf16, the
+# fused bf16 GEMMs overtake the kernels sooner. One layer, 2 threads, this Xeon (a /tmp
+# script, 7 interleaved pairs), kernel / (dequantize + fused), int8 / int4 g64: E=8 K=2
+# F=2048 at 32 / 64 / 128 rows per expert 0.47 / 0.82 / 1.40 and 0.59 / 0.87 / 1.50;
+# E=64 K=8 F=512 at 16 / 32 / 64 0.55 / 0.96 / 1.34 and 0.62 / 1.10 / 1.78.
+BF16_QUANT_ROWS_PER_EXPERT = 64
 # Where the prefill's one call (swiglu_experts_q_out: dequantization inside the GEMMs'
 # packing) takes the rows instead, the float limit per expert holds again. One layer,
 # D=1024, random distinct experts per token, 2 threads, int8 / int4 g64 (the same VM,
@@ -189,12 +195,13 @@ def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Quan
                           biased: bool, kind: str | None, rows: int = 1 << 30) -> int:
     """Routed rows up to which quantized experts run on the decode kernels:
     ``DECODE_MAX_ROWS_PER_EXPERT`` per expert where ``decode.dequantized_experts`` runs
-    its one call for more, else ``QUANT_KERNEL_MAX_ROWS``. ``rows`` within the first
-    limit skip the check (a decode step's)."""
+    its one call for more, ``BF16_QUANT_ROWS_PER_EXPERT`` per expert (at most
+    ``QUANT_KERNEL_MAX_ROWS``) for bf16 activations, else ``QUANT_KERNEL_MAX_ROWS``.
+    ``rows`` within the first limit skip the check (a decode step's)."""
     if rows <= quant_rows_per_expert(w_in.shape[0]):
         return QUANT_KERNEL_MAX_ROWS
     one = decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind)
-    return quant_rows_limit(w_in.shape[0], one)
+    return quant_rows_limit(w_in.shape[0], one, dtype)
 
 
 def quant_rows_per_expert(num_experts: int) -> int:
@@ -202,9 +209,15 @@ def quant_rows_per_expert(num_experts: int) -> int:
     return min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
 
 
-def quant_rows_limit(num_experts: int, one_call: bool) -> int:
-    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's)."""
-    return quant_rows_per_expert(num_experts) if one_call else QUANT_KERNEL_MAX_ROWS
+def quant_rows_limit(num_experts: int, one_call: bool,
+                     dtype: torch.dtype = torch.float32) -> int:
+    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's)
+    and the activations' dtype."""
+    if one_call:
+        return quant_rows_per_expert(num_experts)
+    if dtype == torch.bfloat16:
+        return min(QUANT_KERNEL_MAX_ROWS, BF16_QUANT_ROWS_PER_EXPERT * num_experts)
+    return QUANT_KERNEL_MAX_ROWS
 
 
 def decode_supported(x_TD: Tensor, w_in_EDG, w_out_EFD, rows: int | None) -> bool:

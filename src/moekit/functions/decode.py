@@ -126,7 +126,8 @@ def _plain_f32(t: Tensor) -> Tensor:
 def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor,
                  dtype: torch.dtype) -> Tensor:
     """Experts e0.. of ``w`` as [len(buf), K, N] in ``dtype``: each run of experts
-    dequantized into its slots of ``buf`` (float32 [., N, K]), the other slots as they were."""
+    dequantized into its slots of ``buf`` ([., N, K], float32 or bfloat16), the other
+    slots as they were."""
     for run in runs:
         dequantize_NK(w, run[0], run[-1] + 1, buf[run[0] - e0:run[-1] + 1 - e0])
     return buf.to(dtype).transpose(1, 2)
@@ -198,10 +199,10 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     where both run moekit's GEMM). Otherwise: per block of experts, dequantize to x's
     dtype and run the fused path on that block's rows. Reads the offsets on the host.
 
-    Only the experts with rows are dequantized, into one float32 buffer per weight that
-    every block reuses (a fresh buffer per block spent ~3/4 of the dequantization in
-    first-touch page faults); the slots of experts without rows are stale and never
-    read: the fused path runs only experts with rows."""
+    Only the experts with rows are dequantized, into one buffer per weight (float32, or
+    bfloat16 for bf16 activations) that every block reuses (a fresh buffer per block
+    spent ~3/4 of the dequantization in first-touch page faults); the slots of experts
+    without rows are stale and never read: the fused path runs only experts with rows."""
     ext = _quant_one_call(x_TD, w_in, w_out, b_in_EG is not None or b_out_ED is not None, kind)
     if ext is not None:
         return quantized_experts_into(ext, torch.zeros_like(x_TD), x_TD, token_S, weight_S,
@@ -211,7 +212,10 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)
-    bufs = [torch.empty(B, w.shape[2], w.shape[1], device=w.data.device) for w in (w_in, w_out)]
+    # bf16 activations: dequantized straight to bf16 (no float32 copy written and read)
+    dt = x_TD.dtype if x_TD.dtype == torch.bfloat16 else torch.float32
+    bufs = [torch.empty(B, w.shape[2], w.shape[1], dtype=dt, device=w.data.device)
+            for w in (w_in, w_out)]
     for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
         e1 = min(E, e0 + DEQUANT_BLOCK_EXPERTS)
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]

@@ -98,7 +98,8 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
     "list" (decode kernels), "fused", "dequant" (quantized prefill) or "stacked"."""
     cpu = x_TD.device.type == "cpu" and decode.available()
     if call.quantized:
-        if cpu and rows <= quant_rows_limit(call.num_experts, _one_call_format(call, x_TD)):
+        if cpu and rows <= quant_rows_limit(call.num_experts, _one_call_format(call, x_TD),
+                                            x_TD.dtype):
             return "list"
         return "dequant"  # (_run_gemm runs the one call where it applies)
     if call.backend not in ("auto", "decode"):

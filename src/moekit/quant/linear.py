@@ -42,7 +42,7 @@ class QuantizedLinear(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float [N, K] weight (an ``nn.Linear`` weight)."""
-        return dequantize_NK(self.weight, 0, 1)[0].to(dtype)
+        return dequantize_NK(self.weight, 0, 1, dtype=dtype)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         from moekit.functions import decode  # the kernels' layer; imported late to stay cheap
@@ -89,7 +89,7 @@ class QuantizedEmbedding(nn.Module):
                                q.scales[0].index_select(0, idx)[None],
                                None if q.zeros is None else q.zeros[0].index_select(0, idx)[None],
                                q.bits, q.group_size)
-        out = dequantize_NK(rows, 0, 1)[0].to(self.out_dtype)
+        out = dequantize_NK(rows, 0, 1, dtype=self.out_dtype)[0]
         return out.view(*ids.shape, self.embedding_dim)
 
     def _apply(self, fn, recurse=True):

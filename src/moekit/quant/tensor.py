@@ -148,7 +148,7 @@ class QuantizedTensor(nn.Module):
                    dtype: torch.dtype = torch.float32) -> Tensor:
         """Experts e0..e1-1 as a float [e1 - e0, K, N] tensor (a transposed view of [., N, K])."""
         e1 = self.data.shape[0] if e1 is None else e1
-        return dequantize_NK(self, e0, e1).to(dtype).transpose(1, 2)
+        return dequantize_NK(self, e0, e1, dtype=dtype).transpose(1, 2)
 
 
 def unpack_int4(data: Tensor) -> Tensor:
@@ -172,15 +172,25 @@ def _dequantize_torch(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
     return w.flatten(-2)
 
 
-def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = None) -> Tensor:
-    """fp32 [e1 - e0, N, K]: the C++ kernel where built (CPU), else torch ops (same values);
-    written into ``out`` (contiguous fp32 of that shape) where given."""
+def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """[e1 - e0, N, K] in ``dtype``, or into ``out`` (contiguous float32 or bfloat16 of
+    that shape): the C++ kernel where built (CPU), else torch ops (same values). Other
+    dtypes are the float32 values rounded as ``.to(dtype)`` rounds them; bfloat16 is
+    rounded in the kernel, with no float32 copy written and read again (NaN: a quiet NaN,
+    its payload not necessarily torch's)."""
     from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
 
     ext = cpu_ext.get_decode() if qt.data.device.type == "cpu" else None
     if ext is None:
         w = _dequantize_torch(qt, e0, e1)
-        return w if out is None else out.copy_(w)
+        return w.to(dtype) if out is None else out.copy_(w)
+    if out is None and dtype not in (torch.float32, torch.bfloat16):
+        return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0,
+                              e1, None).to(dtype)
+    if out is None and dtype == torch.bfloat16:
+        out = torch.empty(e1 - e0, qt.shape[2], qt.shape[1], dtype=dtype)
+    # the kernel checks a given out: float32 or bfloat16, contiguous, [e1 - e0, N, K]
     return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1,
                           out)
 
