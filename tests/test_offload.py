@@ -353,11 +353,14 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
             model.expert_offload.close()
 
 
-def test_moekit_quantized_offloaded_prefill_in_several_chunks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moekit_quantized_offloaded_prefill_in_several_chunks(dtype, tmp_path, monkeypatch):
     """Blocks of 3 experts: the offloaded dequantized prefill (the one call off) runs three
-    chunks per layer (the last of 2 experts) through one reused float buffer per weight,
-    and equals the resident model (same blocks) bitwise."""
+    chunks per layer (the last of 2 experts) through one reused buffer per weight (bf16
+    for a bf16 model: dequantized straight to it), and equals the resident model (same
+    blocks) bitwise."""
     from moekit.functions import decode
+    from moekit.offload import runtime
     from moekit.quant import quantize
     from moekit.quant.io import load_quantized, save_quantized
 
@@ -365,16 +368,21 @@ def test_moekit_quantized_offloaded_prefill_in_several_chunks(tmp_path, monkeypa
     monkeypatch.setattr(decode, "QUANT_ONE_CALL", False)
     torch.manual_seed(0)
     save_quantized(quantize(MoETransformer(CFG_Q).eval(), 4, 32), tmp_path / "q")
-    resident = load_quantized(tmp_path / "q")
+    resident = load_quantized(tmp_path / "q").to(dtype)
     long_ids = torch.randint(0, 256, (20, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = resident(long_ids).logits
     experts = resident.blocks[0].ffn.experts
     per_expert = experts.w_in.nbytes_per_expert() + experts.w_out.nbytes_per_expert()
-    model = load_offloaded(tmp_path / "q", 16 * per_expert)
+    model = load_offloaded(tmp_path / "q", 16 * per_expert).to(dtype)
+    buffers, real = [], runtime.dequantize_NK
+    monkeypatch.setattr(runtime, "dequantize_NK",
+                        lambda q, e0, e1, out: buffers.append(out.dtype) or real(q, e0, e1, out))
     try:
         with torch.no_grad():
-            assert torch.equal(model(long_ids).logits, want)
+            got = model(long_ids).logits
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert set(buffers) == {dtype}
     finally:
         model.expert_offload.close()
 

@@ -126,14 +126,15 @@ def _chunks(ids: list[int], size: int) -> list[tuple[int, int]]:
 
 
 def _dequantize_into(bufs: dict[str, Tensor], name: str, ws: list[QuantizedTensor],
-                     most: int) -> Tensor:
-    """One-expert quantized weights as float32 [len(ws), N, K], in a buffer of ``most``
-    experts kept in ``bufs`` under ``name`` for the next chunk (a fresh tensor per expert
-    and their concatenation spent most of a dequantization in page faults)."""
+                     most: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-expert quantized weights as [len(ws), N, K] in ``dtype`` (float32, or bfloat16
+    rounded in the kernel), in a buffer of ``most`` experts kept in ``bufs`` under
+    ``name`` for the next chunk (a fresh tensor per expert and their concatenation spent
+    most of a dequantization in page faults)."""
     _, K, N = ws[0].shape
     buf = bufs.get(name)
     if buf is None:
-        buf = bufs[name] = torch.empty(most, N, K, device=ws[0].data.device)
+        buf = bufs[name] = torch.empty(most, N, K, dtype=dtype, device=ws[0].data.device)
     for j, q in enumerate(ws):
         dequantize_NK(q, 0, 1, buf[j:j + 1])
     return buf[:len(ws)]
@@ -232,7 +233,9 @@ class ExpertOffload:
         chunks = (_chunks(ids, self.cache.capacity) if whole else _dequant_chunks(ids) if dequant
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
-        bufs: dict[str, Tensor] = {}  # float32 weights, reused by every chunk
+        bufs: dict[str, Tensor] = {}  # dequantized weights, reused by every chunk
+        # bf16 activations: dequantized straight to bf16, as the resident prefill does
+        dt = x_TD.dtype if x_TD.dtype == torch.bfloat16 else torch.float32
         most = max((b - a for a, b in chunks), default=0)
         for i, (c0, c1) in enumerate(chunks):
             w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
@@ -241,7 +244,8 @@ class ExpertOffload:
             if one:
                 decode.quantized_experts_into(cpu_ext.get(), y_TD, *args, w.w_in, w.w_out)
             elif dequant:
-                wi, wo = (_dequantize_into(bufs, name, ws, most).to(x_TD.dtype).transpose(1, 2)
+                wi, wo = (_dequantize_into(bufs, name, ws, most, dt).to(x_TD.dtype)
+                          .transpose(1, 2)
                           for name, ws in (("in", w.w_in), ("out", w.w_out)))
                 y_TD += fused_experts(*args, wi, wo, w.b_in_EG, w.b_out_ED, call.act,
                                       _kind(call.act))
