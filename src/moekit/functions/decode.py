@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import _kept_buffers, _Workspace, fused_experts
+from moekit.functions.moe_experts import RowBuffers, _kept_buffers, _Workspace, fused_experts
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]
@@ -212,10 +212,15 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)
-    # bf16 activations: dequantized straight to bf16 (no float32 copy written and read)
+    # bf16 activations: dequantized straight to bf16 (no float32 copy written and read).
+    # The buffers come from the kept row buffers where a generation holds them: fresh ones
+    # were page-faulted in again every layer (glibc's defaults hand large blocks back).
     dt = x_TD.dtype if x_TD.dtype == torch.bfloat16 else torch.float32
-    bufs = [torch.empty(B, w.shape[2], w.shape[1], dtype=dt, device=w.data.device)
-            for w in (w_in, w_out)]
+    kept = _kept_buffers(x_TD) or RowBuffers()  # (fresh ones where autograd saves tensors)
+    bufs = [kept.get(name, torch.empty(0, dtype=dt, device=w.data.device),
+                     B * w.shape[1] * w.shape[2])[:B * w.shape[1] * w.shape[2]]
+            .view(B, w.shape[2], w.shape[1])
+            for name, w in (("dequantized w_in", w_in), ("dequantized w_out", w_out))]
     for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
         e1 = min(E, e0 + DEQUANT_BLOCK_EXPERTS)
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
