@@ -6,7 +6,7 @@ other test modules cover only that one; here every narrower path this CPU can ru
 (``MOEKIT_CPU_ISA`` caps it, read once when the kernels load, so each runs in a
 fresh process) passes the same oracle tests: the per-token reference for the
 expert kernels, dequantize-then-matmul for int8 / int4 (and int4 with int8
-activations), torch for the dense rows.
+activations), torch for the dense rows and for dequantization to bf16.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TESTS = ("matches_reference or single_touched or dense_rows or quantized_experts_match "
-                "or quantized_linear or float_linear or int8_activation")
+                "or quantized_linear or float_linear or int8_activation or bf16_rounds")
 
 
 def _narrower() -> list[str]:

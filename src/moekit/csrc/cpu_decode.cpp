@@ -1647,8 +1647,33 @@ AVX512 void round_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
   for (; k < n; ++k) dst[k] = to_bf16(src[k]);
 }
 
+// The same with 8 lanes: AVX2 has no unsigned compare, but both sides of the NaN test are
+// below 2^31, and no 32 -> 16 narrowing without saturation, but every lane fits 16 bits.
+AVX2 void round_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  const __m256i low = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const __m256i abs = _mm256_set1_epi32(0x7FFFFFFF), inf = _mm256_set1_epi32(0x7F800000);
+  const __m256i quiet = _mm256_set1_epi32(0x40);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    __m256i r[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + k + 8 * h));
+      const __m256i hi = _mm256_srli_epi32(u, 16);
+      const __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(u, _mm256_add_epi32(low, _mm256_and_si256(hi, one))), 16);
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+      r[h] = _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, quiet), nan);
+    }
+    // packus works per 128-bit lane: [r0 lo, r1 lo, r0 hi, r1 hi] -> reorder the quarters
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), packed);
+  }
+  for (; k < n; ++k) dst[k] = to_bf16(src[k]);
+}
+
 void round_bf16_row(const float* src, uint16_t* dst, int64_t n) {
   if (CPU_ISA == Isa::Avx512) return round_bf16_avx512(src, dst, n);
+  if (CPU_ISA == Isa::Avx2) return round_bf16_avx2(src, dst, n);
   for (int64_t k = 0; k < n; ++k) dst[k] = to_bf16(src[k]);
 }
 
