@@ -169,6 +169,17 @@ std::vector<Task> expert_tiles(const std::vector<int64_t>& ends, double X, int64
 // the KC blocks), so a result does not depend on how the output is cut into tasks.
 // AVX-512F only; elsewhere (and with MOEKIT_SGEMM=0) aten's mm.
 
+// A quantized [N, K] weight as the GEMM reads it (moekit.quant's layout: an output channel
+// per row; QNextBlock below packs it).
+struct QMatrix {
+  int bits = 8;                     // 8 or 4
+  const uint8_t* data = nullptr;    // [N, row_bytes]
+  int64_t row_bytes = 0;
+  const float* scales = nullptr;    // int8 [N]; int4 [N, K / group]
+  const float* zeros = nullptr;     // int4 [N, K / group]
+  int64_t group = 0;                // int4: weights per group (a multiple of 32)
+};
+
 constexpr int64_t SGEMM_MAX_ROWS = 96;
 constexpr int64_t SGEMM_MIN_WEIGHT = 512 * 1024;
 
@@ -299,15 +310,6 @@ AVX512F inline void transpose16(__m512 (&r)[16]) {
 // cost 4 shuffles per 16 weights, on the port the FMAs also use. The values are
 // cpu_decode's dequantize's, bitwise: s * q (int8, a scale per channel), s * q + z (int4,
 // per group along K), not an FMA.
-struct QMatrix {
-  int bits = 8;                     // 8 or 4
-  const uint8_t* data = nullptr;    // [N, row_bytes]
-  int64_t row_bytes = 0;
-  const float* scales = nullptr;    // int8 [N]; int4 [N, K / group]
-  const float* zeros = nullptr;     // int4 [N, K / group]
-  int64_t group = 0;                // int4: weights per group (a multiple of 32)
-};
-
 struct QNextBlock {
   static constexpr int64_t KC = 128;   // weight rows per packed block (a multiple of seg_k)
   // columns per pass (two 256 KiB packed blocks): against 1024, in-process A/B, 64 experts
@@ -567,14 +569,6 @@ NOINLINE AVX512F void sgemm_q(const float* const* A, const QMatrix& q, int64_t n
 #else  // not x86-64: aten's mm only
 
 constexpr bool CPU_AVX512F = false;
-struct QMatrix {
-  int bits = 8;
-  const uint8_t* data = nullptr;
-  int64_t row_bytes = 0;
-  const float* scales = nullptr;
-  const float* zeros = nullptr;
-  int64_t group = 0;
-};
 // never called (sgemm_enabled() is false)
 void sgemm_rows(const float* const*, const float*, const float*, int64_t, int64_t, float*,
                 int64_t, int64_t, int64_t, int64_t) {}

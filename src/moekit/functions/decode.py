@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import RowBuffers, _kept_buffers, _Workspace, fused_experts
+from moekit.functions.moe_experts import _kept_buffers, _Workspace, fused_experts
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]
@@ -139,11 +139,22 @@ def quant_one_call_format(dtype: torch.dtype, bits: int, group_size: int | None,
     experts of this format (both projections ``bits`` / ``group_size``, input widths D and
     F): SwiGLU, no biases, float32, widths that are multiples of 32, and moekit's GEMM
     enabled on this CPU (AVX-512F, MOEKIT_SGEMM). The expert cache decides with this too."""
-    if not (QUANT_ONE_CALL and kind == "swiglu" and not biased and dtype == torch.float32
-            and bits in (8, 4) and D % 32 == 0 and F % 32 == 0):
-        return False
+    return (QUANT_ONE_CALL and kind == "swiglu" and not biased and dtype == torch.float32
+            and bits in (8, 4) and D % 32 == 0 and F % 32 == 0
+            and _q_gemm_module("swiglu_experts_q_out") is not None)
+
+
+def _q_gemm_module(entry: str):
+    """The C++ module where it has ``entry`` (a call on sgemm_q) and moekit's GEMM runs on
+    this CPU (AVX-512F, MOEKIT_SGEMM), else None."""
     ext = cpu_ext.get()
-    return ext is not None and hasattr(ext, "swiglu_experts_q_out") and ext.sgemm_max_rows() > 0
+    return ext if ext is not None and hasattr(ext, entry) and ext.sgemm_max_rows() > 0 else None
+
+
+def dequantized_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What prefill dequantizes weights to for ``dtype`` activations: bf16 straight to
+    bf16 (no float32 copy written and read again), anything else to float32."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
 
 
 def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
@@ -212,14 +223,11 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     has_rows = [end > start for start, end in zip([0] + ends[:-1], ends, strict=True)]
     y_TD = torch.zeros_like(x_TD)
     B = min(E, DEQUANT_BLOCK_EXPERTS)
-    # bf16 activations: dequantized straight to bf16 (no float32 copy written and read).
     # The buffers come from the kept row buffers where a generation holds them: fresh ones
     # were page-faulted in again every layer (glibc's defaults hand large blocks back).
-    dt = x_TD.dtype if x_TD.dtype == torch.bfloat16 else torch.float32
-    kept = _kept_buffers(x_TD) or RowBuffers()  # (fresh ones where autograd saves tensors)
-    bufs = [kept.get(name, torch.empty(0, dtype=dt, device=w.data.device),
-                     B * w.shape[1] * w.shape[2])[:B * w.shape[1] * w.shape[2]]
-            .view(B, w.shape[2], w.shape[1])
+    like = torch.empty(0, dtype=dequantized_dtype(x_TD.dtype), device=w_in.data.device)
+    ws = _Workspace(like, B, _kept_buffers(x_TD))  # (fresh where autograd saves tensors)
+    bufs = [ws.get(name, B, w.shape[1] * w.shape[2]).view(B, w.shape[2], w.shape[1])
             for name, w in (("dequantized w_in", w_in), ("dequantized w_out", w_out))]
     for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
         e1 = min(E, e0 + DEQUANT_BLOCK_EXPERTS)
@@ -343,8 +351,8 @@ def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
             and not (torch.is_grad_enabled() and x_TK.requires_grad)
             and not torch.compiler.is_compiling()):
         return None
-    ext = cpu_ext.get()
-    if ext is None or not hasattr(ext, "q_linear_out") or ext.sgemm_max_rows() == 0:
+    ext = _q_gemm_module("q_linear_out")
+    if ext is None:
         return None
     y = torch.empty(rows, w_1KN.shape[2])
     ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,

@@ -234,8 +234,7 @@ class ExpertOffload:
                   else _chunks(ids, min(FUSED_CHUNK, self.cache.capacity)))
         y_TD = torch.zeros_like(x_TD)
         bufs: dict[str, Tensor] = {}  # dequantized weights, reused by every chunk
-        # bf16 activations: dequantized straight to bf16, as the resident prefill does
-        dt = x_TD.dtype if x_TD.dtype == torch.bfloat16 else torch.float32
+        dt = decode.dequantized_dtype(x_TD.dtype)  # as the resident prefill's
         most = max((b - a for a, b in chunks), default=0)
         for i, (c0, c1) in enumerate(chunks):
             w = call.unpack(self._get(layer, ids[c0:c1], x_TD if i == 0 else None))
