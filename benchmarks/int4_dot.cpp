@@ -1,0 +1,282 @@
+// What an int4 dot product costs on AVX-512 with each kind of activation: the
+// microbenchmark behind the README's "int4 >= 5x fp32" finding (bench_int4_dot.py
+// builds and runs it). One weight row per dot product, moekit's int4 layout
+// (moekit.quant: per 32-weight chunk 16 bytes, byte j holding weight j in its low
+// nibble and weight j + 16 in its high one; an affine scale s and zero z per group of g
+// weights, w = s q + z), against one activation row x, for every row of a weight pool.
+//
+// Variants (the activation's form, and the instruction that multiplies):
+//   0 table  fp32 x; the group's 16 values s q + z in a register, looked up by the
+//            nibbles (vpermps) and multiplied by FMA: moekit's weight-only kernel
+//   1 bf16   x rounded to bf16; nibbles become bf16(128 + q) by OR-ing in an exponent,
+//            vdpbf16ps multiplies 32 pairs; the 128 is taken off per group at the end
+//   2 bf16x2 x as a pair of bf16 (hi + lo, 16 significant bits), two vdpbf16ps
+//   3 int16  x rounded to int16 per 32-input chunk (a scale each), nibbles widened to
+//            words by shifts and masks, vpdpwssd multiplies 32 pairs
+//   4 int8   x rounded to int8 per chunk, vpdpbusd multiplies 64 pairs: moekit's W4A8
+//
+// Every variant but the table computes a block of 128 weights (64 bytes) per step:
+// lane l of its 16 int32 / fp32 sums covers chunk l / 4 of the block, scaled per lane
+// by the chunk's group scale (and activation scale). Built with -march=native; the
+// caller checks that the CPU has AVX-512 BF16 and VNNI.
+
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct Row {  // one weight row: K / 2 bytes, K / g scales and zeros
+  const uint8_t* q;
+  const float* s;
+  const float* z;
+};
+
+struct Shape {
+  int64_t K, g;
+  __m512i lane_group;  // lane -> group within a 128-weight block
+  __mmask16 gmask;     // the block's groups (128 / g of them)
+  int64_t gpb;         // groups per block
+};
+
+// acc + a[i] * b[i] over i < n, 16 lanes at a time (the zero points' term: a row's
+// zeros against the activation's group sums)
+inline __m512 dot_acc(const float* a, const float* b, int64_t n, __m512 acc) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return acc;
+}
+
+inline __m512 block_scales(const Shape& S, const float* s, int64_t b) {
+  return _mm512_permutexvar_ps(S.lane_group, _mm512_maskz_loadu_ps(S.gmask, s + b * S.gpb));
+}
+
+// 0: table lookup, fp32 activations (as moekit's nk_rows_avx512 at one row)
+__attribute__((noinline)) float dot_table(const Row& r, const Shape& S, const float* x) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                 _mm512_setzero_ps()};
+  for (int64_t g = 0; g < S.K / S.g; ++g) {
+    const __m512 t = _mm512_fmadd_ps(iota, _mm512_set1_ps(r.s[g]), _mm512_set1_ps(r.z[g]));
+    for (int64_t k = g * S.g; k < (g + 1) * S.g; k += 64) {
+      for (int u = 0; u < 2; ++u) {
+        const int64_t kk = k + 32 * u;
+        const __m512i idx = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.q + kk / 2)));
+        a[2 * u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + kk), _mm512_permutexvar_ps(idx, t),
+                                   a[2 * u]);
+        a[2 * u + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + kk + 16),
+                                       _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t),
+                                       a[2 * u + 1]);
+      }
+    }
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+// Word-level view of a 64-byte block: word i holds bytes 2i, 2i + 1 of chunk c = i / 8,
+// so its four nibbles (vectors v = 0..3 below) are weights 32c + b + {0, 16, 1, 17}
+// (b = 2 (i % 8)); the activation records follow that order.
+
+// 1, 2: bf16 activations (one or two parts), weights bf16(128 + q)
+template <int PARTS>
+__attribute__((noinline)) float dot_bf16(const Row& r, const Shape& S, const uint16_t* xr, const float* gsum) {
+  const __m512i m = _mm512_set1_epi16(0x000F), e = _mm512_set1_epi16(0x4300);
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t b = 0; b < S.K / 128; ++b) {
+    const __m512i w = _mm512_loadu_si512(r.q + 64 * b);
+    const __m512i n[4] = {_mm512_ternarylogic_epi32(w, m, e, 0xEA),  // (w & m) | e
+                          _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 4), m, e, 0xEA),
+                          _mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 8), m, e, 0xEA),
+                          _mm512_or_si512(_mm512_srli_epi16(w, 12), e)};
+    const uint16_t* xb = xr + 128 * PARTS * b;
+    __m512 s[4];
+    for (int v = 0; v < 4; ++v) {
+      s[v] = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)n[v],
+                              (__m512bh)_mm512_loadu_si512(xb + 32 * v));
+      if constexpr (PARTS == 2)
+        s[v] = _mm512_dpbf16_ps(s[v], (__m512bh)n[v],
+                                (__m512bh)_mm512_loadu_si512(xb + 128 + 32 * v));
+    }
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]));
+    tot = _mm512_fmadd_ps(sum, block_scales(S, r.s, b), tot);
+  }
+  // minus 128 s per group: gsum holds the group sums times -128 after the plain ones
+  tot = dot_acc(r.s, gsum + S.K / S.g, S.K / S.g, dot_acc(r.z, gsum, S.K / S.g, tot));
+  return _mm512_reduce_add_ps(tot);
+}
+
+// 3: int16 activations (scale per 32-input chunk), vpdpwssd
+__attribute__((noinline)) float dot_i16(const Row& r, const Shape& S, const int16_t* xr, const float* sx,
+              const float* gsum) {
+  const __m512i m = _mm512_set1_epi16(0x000F);
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t b = 0; b < S.K / 128; ++b) {
+    const __m512i w = _mm512_loadu_si512(r.q + 64 * b);
+    const int16_t* xb = xr + 128 * b;
+    __m512i i0 = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, m),
+                                     _mm512_loadu_si512(xb));
+    __m512i i1 = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                                     _mm512_and_si512(_mm512_srli_epi16(w, 4), m),
+                                     _mm512_loadu_si512(xb + 32));
+    i0 = _mm512_dpwssd_epi32(i0, _mm512_and_si512(_mm512_srli_epi16(w, 8), m),
+                             _mm512_loadu_si512(xb + 64));
+    i1 = _mm512_dpwssd_epi32(i1, _mm512_srli_epi16(w, 12), _mm512_loadu_si512(xb + 96));
+    const __m512 scale = _mm512_mul_ps(block_scales(S, r.s, b), _mm512_loadu_ps(sx + 16 * b));
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), scale, tot);
+  }
+  return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
+}
+
+// 4: int8 activations, vpdpbusd (moekit's i4a8_rows_vnni at one row)
+__attribute__((noinline)) float dot_i8(const Row& r, const Shape& S, const int8_t* xr, const float* sx,
+             const float* gsum) {
+  const __m512i m = _mm512_set1_epi8(15);
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t b = 0; b < S.K / 128; ++b) {
+    const __m512i w = _mm512_loadu_si512(r.q + 64 * b);
+    __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, m),
+                                    _mm512_loadu_si512(xr + 128 * b));
+    i = _mm512_dpbusd_epi32(i, _mm512_and_si512(_mm512_srli_epi16(w, 4), m),
+                            _mm512_loadu_si512(xr + 128 * b + 64));
+    const __m512 scale = _mm512_mul_ps(block_scales(S, r.s, b), _mm512_loadu_ps(sx + 16 * b));
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), scale, tot);
+  }
+  return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
+}
+
+uint16_t to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The activation row in each variant's form: records laid out as the kernels read them,
+// and the per-group sums of the activation values they represent.
+struct Acts {
+  std::vector<uint16_t> bf;   // variants 1, 2
+  std::vector<int16_t> i16;   // 3
+  std::vector<int8_t> i8;     // 4
+  std::vector<float> sx;      // 3, 4: per lane (4 lanes per chunk)
+  std::vector<float> gsum;    // per weight group
+  std::vector<float> xrep;    // the represented activations (for the reference)
+};
+
+Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
+  Acts A;
+  A.xrep.assign(x, x + K);
+  if (variant == 1 || variant == 2) {
+    const int parts = variant;
+    A.bf.resize(parts * K);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t hi = to_bf16(x[k]);
+      const uint16_t lo = to_bf16(x[k] - from_bf16(hi));
+      A.xrep[k] = parts == 1 ? from_bf16(hi) : from_bf16(hi) + from_bf16(lo);
+      // element k sits in block k / 128, chunk c, at vector v's word i
+      const int64_t b = k / 128, c = (k % 128) / 32, j = k % 32;
+      const int v = (j >= 16 ? 1 : 0) + 2 * (j % 2);
+      const int64_t i = 8 * c + (j % 16) / 2;
+      A.bf[128 * parts * b + 32 * v + i] = hi;
+      if (parts == 2) A.bf[128 * parts * b + 128 + 32 * v + i] = lo;
+    }
+  } else if (variant == 3 || variant == 4) {
+    const float top = variant == 3 ? 32767.0f : 127.0f;
+    if (variant == 3) A.i16.resize(K); else A.i8.resize(K);
+    A.sx.resize(4 * (K / 32));
+    for (int64_t c = 0; c < K / 32; ++c) {
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[32 * c + j]));
+      const float sc = amax / top;
+      for (int l = 0; l < 4; ++l) A.sx[4 * c + l] = sc;
+      for (int j = 0; j < 32; ++j) {
+        const int64_t k = 32 * c + j;
+        const float q = sc > 0 ? std::nearbyint(x[k] / sc) : 0.0f;
+        A.xrep[k] = sc * q;
+        const int64_t b = k / 128, cc = (k % 128) / 32;
+        if (variant == 3) {
+          const int v = (j >= 16 ? 1 : 0) + 2 * (j % 2);
+          A.i16[128 * b + 32 * v + 8 * cc + (j % 16) / 2] = static_cast<int16_t>(q);
+        } else {  // low nibbles (weights j < 16 of each chunk) then high ones
+          A.i8[128 * b + (j >= 16 ? 64 : 0) + 16 * cc + j % 16] = static_cast<int8_t>(q);
+        }
+      }
+    }
+  }
+  A.gsum.assign(2 * (K / g), 0.0f);  // the sums, then -128 times them (bf16's)
+  for (int64_t k = 0; k < K; ++k) A.gsum[k / g] += A.xrep[k];
+  for (int64_t i = 0; i < K / g; ++i) A.gsum[K / g + i] = -128.0f * A.gsum[i];
+  return A;
+}
+
+}  // namespace
+
+// out [N] = each weight row . x in variant's form; returns (out, the represented x,
+// the best of `reps` passes over all rows in seconds). K a multiple of 128, g of 32.
+std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor& data,
+                                               const at::Tensor& scales, const at::Tensor& zeros,
+                                               int64_t g, const at::Tensor& x, int64_t threads,
+                                               int64_t reps) {
+  TORCH_CHECK(variant >= 0 && variant <= 4, "variant must be 0..4, got ", variant);
+  const int64_t N = data.size(0), K = 2 * data.size(1);
+  TORCH_CHECK(K % 128 == 0 && (g == 32 || g == 64 || g == 128),
+              "K must be a multiple of 128 and g one of 32, 64, 128, got K=", K, ", g=", g);
+  TORCH_CHECK(data.is_contiguous() && scales.is_contiguous() && zeros.is_contiguous() &&
+              x.is_contiguous() && x.numel() == K, "contiguous inputs, x of K values");
+  Shape S{K, g, {}, 0, 0};
+  alignas(64) int32_t lane_group[16];
+  for (int l = 0; l < 16; ++l) lane_group[l] = static_cast<int32_t>((l / 4) * 32 / g);
+  S.lane_group = _mm512_load_si512(lane_group);
+  S.gpb = 128 / g;
+  S.gmask = static_cast<__mmask16>((1u << S.gpb) - 1);
+  const Acts A = prepare(static_cast<int>(variant), x.data_ptr<float>(), K, g);
+  const uint8_t* q = data.data_ptr<uint8_t>();
+  const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
+  const float* xf = x.data_ptr<float>();
+  at::Tensor out = at::empty({N});
+  float* o = out.data_ptr<float>();
+  omp_set_num_threads(static_cast<int>(threads));
+  auto rows = [&](auto row_dot) {  // one parallel pass over the rows
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      o[n] = row_dot(Row{q + n * (K / 2), s + n * (K / g), z + n * (K / g)});
+  };
+  auto pass = [&] {
+    switch (variant) {
+      case 0: return rows([&](const Row& r) { return dot_table(r, S, xf); });
+      case 1: return rows([&](const Row& r) { return dot_bf16<1>(r, S, A.bf.data(), A.gsum.data()); });
+      case 2: return rows([&](const Row& r) { return dot_bf16<2>(r, S, A.bf.data(), A.gsum.data()); });
+      case 3:
+        return rows([&](const Row& r) { return dot_i16(r, S, A.i16.data(), A.sx.data(), A.gsum.data()); });
+      default:
+        return rows([&](const Row& r) { return dot_i8(r, S, A.i8.data(), A.sx.data(), A.gsum.data()); });
+    }
+  };
+  double best = 1e30;
+  for (int64_t it = 0; it < reps; ++it) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pass();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+                              .count());
+  }
+  at::Tensor xrep = at::empty({K});
+  std::copy(A.xrep.begin(), A.xrep.end(), xrep.data_ptr<float>());
+  return {out, xrep, best};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("dot", &dot); }
