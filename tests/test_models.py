@@ -154,9 +154,25 @@ def test_sampling_filters():
     assert picks == {1, 3}
 
 
+def test_tiny_temperature_is_greedy():
+    # logits / 1e-30 overflowed to inf and softmax gave NaN (multinomial raised)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, -1.0, 4.999, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    for t in (1e-30, 1e-40, 1e-300, 5e-324):
+        assert sample_next(logits, t, None, None, gen).tolist() == [1, 0]
+    torch.manual_seed(0)
+    model = MoETransformer(tiny())
+    prompt = torch.randint(256, (2, 3))
+    assert torch.equal(generate(model, prompt, 8, 1e-30, generator=gen),
+                       generate(model, prompt, 8, 0.0))
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"),
     (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=100), "max_seq_len"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature="0.5"), "temperature"),
+    (dict(temperature=True), "temperature"), (dict(top_p="0.9"), "top_p"),
+    (dict(top_p=True), "top_p"),
 ])
 def test_generate_bad_arguments(kwargs, name):
     model = MoETransformer(tiny())

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moekit.config import FrozenConfig, check_positive_int, reject
+from moekit.config import MAX_SEED, FrozenConfig, check_int_range, check_positive_int, reject
 from moekit.inference.decode_plan import DecodePlan
 from moekit.models.generate import check_sampling, sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
@@ -78,8 +78,7 @@ class GenerationConfig(FrozenConfig):
             reject("stop_sequences", self.stop_sequences, "it must be a tuple of tuples of ids")
         for seq in self.stop_sequences:
             _check_ids("stop_sequences", seq, allow_empty=False)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            reject("seed", self.seed, "it must be an int")
+        check_int_range("seed", self.seed, 0, MAX_SEED)  # as training's seed
 
 
 @dataclass
@@ -129,6 +128,10 @@ class Engine:
                  ) -> tuple[list[Generation], GenerationStats]:
         """Generate for every prompt at once; ``generator`` overrides ``config.seed``."""
         cfg = GenerationConfig() if config is None else config
+        if not isinstance(cfg, GenerationConfig):
+            reject("config", cfg, "it must be None or a GenerationConfig")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            reject("generator", generator, "it must be None or a torch.Generator")
         ids = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         if not ids:
             reject("prompts", prompts, "it must hold at least one prompt")

@@ -5,20 +5,26 @@ Shape letters: B batch, L sequence, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from moekit.models.transformer import MoETransformer
 
 
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: it must be >= 0 "
-                         "(0 = greedy)")
+    if not (_is_real(temperature) and 0 <= temperature < math.inf):
+        raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite "
+                         "number >= 0 (0 = greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is not allowed: it must be None or an int >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} is not allowed: it must be None or in (0, 1]")
 
 
@@ -28,7 +34,12 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
-    logits_BV = logits_BV / temperature
+    # in float64 with the row's maximum taken off first: any temperature > 0 (down to
+    # 5e-324) gives 0 for the best token and a finite or -inf score for the others,
+    # never NaN (fp32 rounded a temperature under ~1e-45 to 0, and logits / 1e-40
+    # overflowed to inf); the same distribution as softmax(logits / temperature)
+    logits_BV = logits_BV.double()
+    logits_BV = (logits_BV - logits_BV.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.config import check_positive_int
 from moekit.inference.engine import (
     EmptyPromptError,
     Engine,
@@ -71,7 +72,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ValueError(f"--prompts-file={str(path)!r} is not allowed: no such file")
-        prompts = path.read_text(encoding="utf-8").splitlines()
+        try:
+            prompts = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: it is not UTF-8 "
+                             f"text ({e})") from e
         if not prompts:
             raise EmptyPromptError(f"--prompts-file={str(path)!r} holds no prompt: it must "
                                    "have one prompt per line")
@@ -86,8 +91,19 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [t for t in prompts for _ in range(args.samples)]
 
 
+def _unescape_stop(text: str) -> str:
+    """``--stop``'s backslash escapes (\\n, \\t, \\u00e9, ...) decoded; other text kept as is."""
+    if "\\" not in text:
+        return text
+    try:  # non-Latin-1 text as \u escapes first: unicode_escape reads bytes as Latin-1
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        raise ValueError(f"--stop={text!r} is not allowed: its backslash escapes must be "
+                         "Python's (\\n, \\t, \\\\, \\xhh, \\uhhhh)") from None
+
+
 def _config(args: argparse.Namespace) -> GenerationConfig:
-    stops = [codecs.decode(s, "unicode_escape") if "\\" in s else s for s in args.stop]
+    stops = [_unescape_stop(s) for s in args.stop]
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             stop_sequences=stop_sequences_from_text(stops))
@@ -97,9 +113,11 @@ def run(args: argparse.Namespace) -> int:
     tune_malloc()  # a prefill's expert layers free and re-allocate the same buffers
     try:
         if args.threads is not None:
-            torch.set_num_threads(args.threads)
+            check_positive_int("--threads", args.threads)
         prompts = read_prompts(args)
         cfg = _config(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         model = _load(args)
         engine = Engine(model)
         for text in prompts:  # every error before the first token is printed

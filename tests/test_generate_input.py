@@ -1,0 +1,103 @@
+"""Bad input to `moekit generate`, GenerationConfig and Engine.generate: a one-line error
+naming the argument, its value and what is allowed, before anything runs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.inference.engine import Engine, GenerationConfig
+from moekit.models import MoETransformer, preset
+from moekit.train import generate_cli
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    from moekit.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    return tmp_path / "run"
+
+
+def _fails(run_dir, capsys, argv, *needles):
+    threads = torch.get_num_threads()
+    rc = cli_main(["generate", "--checkpoint", str(run_dir), "--max-new-tokens", "3",
+                   "--temperature", "0", *argv])
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert out.out == ""  # nothing generated
+    for needle in needles:
+        assert needle in err, err
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_threads_not_positive(run_dir, capsys, value):
+    _fails(run_dir, capsys, ["--threads", value], f"--threads={value}", "positive int")
+
+
+def test_bad_prompt_does_not_set_threads(run_dir, capsys):
+    _fails(run_dir, capsys, ["--threads", "1" if torch.get_num_threads() > 1 else "2",
+                             "--prompt", ""], "empty")
+
+
+@pytest.mark.parametrize("seed", [2**64, -1])
+def test_seed_out_of_range(run_dir, capsys, seed):
+    with pytest.raises(ValueError, match=f"seed={seed} is not allowed"):
+        GenerationConfig(seed=seed)
+    _fails(run_dir, capsys, ["--seed", str(seed)], f"seed={seed}", "[0, 9223372036854775807]")
+
+
+def test_seed_out_of_range_allocates_nothing():
+    engine = Engine(MoETransformer(preset("tiny")).eval())
+    with pytest.raises(ValueError, match="seed="):
+        engine.generate([[1, 2]], GenerationConfig(max_new_tokens=2, seed=2**64))
+    assert engine.cache is None
+
+
+def _stops(*stops: str) -> tuple[tuple[int, ...], ...]:
+    args = argparse.Namespace(max_new_tokens=3, temperature=0.0, top_k=None, top_p=None,
+                              seed=0, stop=list(stops))
+    return generate_cli._config(args).stop_sequences
+
+
+@pytest.mark.parametrize("typed,want", [
+    ("é\\n", "é\n"),  # was 'Ã©\n': the stop never matched
+    ("€\\t", "€\t"),
+    ("\\u00e9", "é"),
+    ("a\\\\b", "a\\b"),
+    ("\\n", "\n"),
+    ("é", "é"),
+])
+def test_stop_escapes_keep_non_ascii_text(typed, want):
+    assert _stops(typed) == (tuple(want.encode("utf-8")),)
+
+
+@pytest.mark.parametrize("typed", ["\\", "ab\\", "\\x4"])
+def test_stop_bad_escape_names_the_flag(run_dir, capsys, typed):
+    _fails(run_dir, capsys, ["--stop", typed], f"--stop={typed!r}", "escape")
+
+
+def test_prompts_file_not_utf8_names_the_flag(run_dir, tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café\n".encode("latin-1"))
+    _fails(run_dir, capsys, ["--prompts-file", str(path)], f"--prompts-file={str(path)!r}",
+           "UTF-8")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(generator=42), "generator=42"),  # was a TypeError from multinomial after the prefill
+    (dict(config={"max_new_tokens": 2}), "config="),
+])
+def test_engine_bad_generator_or_config(kwargs, name):
+    engine = Engine(MoETransformer(preset("tiny")).eval())
+    with pytest.raises(ValueError, match=name):
+        engine.generate([[1, 2]], **kwargs)
+    assert engine.cache is None  # rejected before the cache is made
