@@ -263,6 +263,8 @@ def test_quantize_lm_in_place(bits, g):
     (dict(bits=4, group_size=48), "group_size=48"),
     (dict(bits=8, group_size=64), "group_size=64 is not allowed with bits=8"),
     (dict(bits=4, group_size=128), "does not divide"),  # tiny preset: D = F = 64
+    (dict(bits=4, group_size=32.0), "group_size=32.0"),  # was a TypeError from unflatten
+    (dict(bits=8.0), "bits=8.0"),
 ])
 def test_bad_requests_change_nothing(kw, match):
     model = _lm()

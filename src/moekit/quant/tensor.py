@@ -37,7 +37,7 @@ class QuantizationError(ValueError):
 
 def check_bits(bits: int, group_size: int | None) -> int | None:
     """The group size to use (None for int8); a QuantizationError for anything else."""
-    if bits not in BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise QuantizationError(f"bits={bits!r} is not allowed: it must be 8 (per output "
                                 "channel) or 4 (grouped)")
     if bits == 8:
@@ -46,7 +46,8 @@ def check_bits(bits: int, group_size: int | None) -> int | None:
                                     "scales are per output channel; leave group_size=None")
         return None
     group_size = 64 if group_size is None else group_size
-    if group_size not in GROUP_SIZES:
+    if (isinstance(group_size, bool) or not isinstance(group_size, int)
+            or group_size not in GROUP_SIZES):  # 64.0 == 64, but not a size to unflatten by
         raise QuantizationError(f"group_size={group_size!r} is not allowed: it must be one of "
                                 f"{', '.join(map(str, GROUP_SIZES))}")
     return group_size
