@@ -101,3 +101,13 @@ def test_engine_bad_generator_or_config(kwargs, name):
     with pytest.raises(ValueError, match=name):
         engine.generate([[1, 2]], **kwargs)
     assert engine.cache is None  # rejected before the cache is made
+
+
+def test_no_cache_rejects_stop(run_dir, capsys):  # --stop was silently ignored
+    _fails(run_dir, capsys, ["--no-cache", "--stop", "x"], "--stop='x'", "--no-cache")
+
+
+def test_no_cache_runs(run_dir, capsys):
+    assert cli_main(["generate", "--checkpoint", str(run_dir), "--max-new-tokens", "3",
+                     "--temperature", "0", "--no-cache", "--prompt", "ab"]) == 0
+    assert capsys.readouterr().out.startswith("ab")

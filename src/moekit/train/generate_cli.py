@@ -114,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.threads is not None:
             check_positive_int("--threads", args.threads)
+        if args.no_cache and args.stop:  # was silently ignored
+            raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
+                             "slow reference does not stop early")
         prompts = read_prompts(args)
         cfg = _config(args)
         if args.threads is not None:
