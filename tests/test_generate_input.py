@@ -111,3 +111,14 @@ def test_no_cache_runs(run_dir, capsys):
     assert cli_main(["generate", "--checkpoint", str(run_dir), "--max-new-tokens", "3",
                      "--temperature", "0", "--no-cache", "--prompt", "ab"]) == 0
     assert capsys.readouterr().out.startswith("ab")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(stop_ids=(1, 300)), "stop_ids="),  # were silently never hit (vocab 256)
+    (dict(stop_sequences=((65,), (66, 256))), r"stop_sequences\[1\]="),
+])
+def test_engine_stop_ids_past_the_vocabulary(kwargs, name):
+    engine = Engine(MoETransformer(preset("tiny")).eval())
+    with pytest.raises(ValueError, match=name):
+        engine.generate([[1, 2]], GenerationConfig(max_new_tokens=2, **kwargs))
+    assert engine.cache is None

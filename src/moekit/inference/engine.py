@@ -136,6 +136,7 @@ class Engine:
         if not ids:
             reject("prompts", prompts, "it must hold at least one prompt")
         self.check_context(ids, cfg.max_new_tokens)
+        self._check_stops(cfg)
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed)
         was_training = self.model.training
@@ -157,6 +158,16 @@ class Engine:
         if not all(isinstance(v, int) and 0 <= v < V for v in values):
             reject(f"prompts[{i}]", values[:8], f"its tokens must be ints in [0, {V})")
         return values
+
+    def _check_stops(self, cfg: GenerationConfig) -> None:
+        """Stop ids past the vocabulary would never be produced: an error, not a silent
+        no-op."""
+        V = self.model.config.vocab_size
+        for name, ids in (("stop_ids", cfg.stop_ids), *(
+                (f"stop_sequences[{i}]", seq) for i, seq in enumerate(cfg.stop_sequences))):
+            if any(i >= V for i in ids):
+                reject(name, ids, f"its ids must be < vocab_size={V}: the model never "
+                       "produces the others")
 
     def check_context(self, ids: list[list[int]], max_new_tokens: int) -> None:
         limit, longest = self.model.config.max_seq_len, max(len(p) for p in ids)
