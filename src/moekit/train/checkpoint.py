@@ -98,20 +98,24 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     """Write ``run_dir/step_<step>`` atomically and point LATEST at it.
 
     ``state`` must hold "step" and "model_config"; it may hold anything JSON-able
-    (train config, data position, counters). Returns the checkpoint directory.
+    (train config, data position, counters). A state that ``load_checkpoint``
+    would refuse raises ``CheckpointError`` before anything is written. Returns
+    the checkpoint directory.
     """
     run_dir = Path(run_dir)
+    weights, aliases = dedupe_tied(model.state_dict())
+    optim_tensors, optim_rest = split_optimizer(optimizer)
+    text = json.dumps(dict(state, format_version=FORMAT_VERSION, tied=aliases,
+                           optimizer=optim_rest, torch_rng=torch.get_rng_state().tolist()))
+    # what load_checkpoint would refuse is refused here, before LATEST moves or prune runs
+    check_state(json.loads(text), Path("state"))
+    name = f"step_{state['step']:08d}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step_{int(state['step']):08d}"
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.tmp"))
     try:
-        weights, aliases = dedupe_tied(model.state_dict())
         save_file(weights, str(tmp / MODEL_FILE))
-        optim_tensors, optim_rest = split_optimizer(optimizer)
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
-        full = dict(state, format_version=FORMAT_VERSION, tied=aliases, optimizer=optim_rest,
-                    torch_rng=torch.get_rng_state().tolist())
-        (tmp / STATE_FILE).write_text(json.dumps(full))
+        (tmp / STATE_FILE).write_text(text)
         for f in FILES:
             rundir.fsync(tmp / f)
         rundir.write_manifest(tmp, list(FILES))
