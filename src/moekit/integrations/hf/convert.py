@@ -18,11 +18,13 @@ J key/value heads, Dh head size.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -49,7 +51,11 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not shards:
         reject("source", str(path), "it holds no *.safetensors file")
     for shard in shards:
-        tensors.update(load_file(str(shard)))
+        try:
+            tensors.update(load_file(str(shard)))
+        except (SafetensorError, OSError) as e:
+            reject("source", str(path), f"its shard {shard.name} is not a readable "
+                   f"safetensors file (truncated or corrupt?): {e}")
     return config, tensors
 
 
@@ -164,9 +170,32 @@ def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
     return out
 
 
-def hf_to_moekit_tensors(config: dict[str, Any],
-                         t: dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
-    """moekit LM state dict (and the expert layout found) from Mixtral tensors."""
+class _Reads(dict):
+    """The tensors of ``source`` by name, remembering which were read; a missing one is named."""
+
+    def __init__(self, tensors: dict[str, Tensor], source: str) -> None:
+        super().__init__(tensors)
+        self.source = source
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self:
+            reject("source", self.source, f"it has no tensor {name!r}, which its config.json "
+                   "needs")
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
+                         source: str = "tensors") -> tuple[dict[str, Tensor], str]:
+    """moekit LM state dict (and the expert layout found) from Mixtral tensors.
+
+    Every tensor of ``t`` must be used (a tied ``lm_head.weight`` is transformers'
+    copy of the embedding, ``rotary_emb.inv_freq`` a buffer older exports saved, which
+    moekit derives from the config): one the config does not account for raises
+    instead of being dropped from the converted checkpoint.
+    """
+    t = _Reads(t, source)
     H = config["num_attention_heads"]
     J = config.get("num_key_value_heads") or H
     out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
@@ -185,6 +214,15 @@ def hf_to_moekit_tensors(config: dict[str, Any],
         out[f"{b}.ffn.router.weight"] = router
         out[f"{b}.ffn.experts.w_in"] = w_in
         out[f"{b}.ffn.experts.w_out"] = w_out
+    derived = {n for n in t if n.endswith("rotary_emb.inv_freq")}  # older exports save it
+    if config.get("tie_word_embeddings"):
+        derived.add("lm_head.weight")
+    unused = sorted(set(t) - t.read - derived)
+    if unused:
+        reject("source", source, f"it holds {len(unused)} tensors its config.json "
+               f"(num_hidden_layers={config['num_hidden_layers']}, num_local_experts="
+               f"{config['num_local_experts']}) has no place for, e.g. {unused[:5]}; "
+               "converting would drop them")
     return out, layout
 
 
@@ -253,11 +291,14 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
 
     config, tensors = read_hf_dir(src)
     check_mixtral(config)
-    state_dict, layout = hf_to_moekit_tensors(config, tensors)
     lm = LMConfig.from_dict(lm_config(config))
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = MoETransformer(lm)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        state_dict, layout = hf_to_moekit_tensors(config, tensors, str(src))
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:  # shapes that do not fit the config
+        reject("source", str(src), f"its tensors do not fit its config.json: {e}")
     state = {"step": 0, "model_config": lm.to_dict(),
              "converted_from": {"hf_config": config, "expert_layout": layout}}
     return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state)
@@ -266,6 +307,7 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
 def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     """Write a Mixtral directory (config.json + model.safetensors) from a moekit LM checkpoint."""
     from moekit.train.checkpoint import load_checkpoint
+    from moekit.train.rundir import fsync
 
     ckpt = load_checkpoint(src)
     lm = ckpt.state["model_config"]
@@ -276,11 +318,25 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
         config = mixtral_config(lm, ckpt.model["embed.weight"].dtype)
     tensors = moekit_to_hf_tensors(config, ckpt.model, origin.get("expert_layout", "per_expert"))
     dst = Path(dst)
+    made = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
-    save_file({k: v.clone() for k, v in tensors.items()}, str(dst / "model.safetensors"),
-              metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # each file is written under a temporary name and renamed into place once complete,
+    # so a failed write leaves no partial file (that would also block `moekit convert`)
+    files = {name: dst / f".{name}.tmp" for name in ("model.safetensors", "config.json")}
+    try:
+        # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
+        save_file({k: v.clone() for k, v in tensors.items()}, str(files["model.safetensors"]),
+                  metadata={"format": "pt"})
+        files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, tmp in files.items():
+            fsync(tmp)
+            os.replace(tmp, dst / name)
+    except BaseException:
+        for tmp in files.values():
+            tmp.unlink(missing_ok=True)
+        if made and not any(dst.iterdir()):
+            dst.rmdir()
+        raise
     return dst
 
 
