@@ -78,16 +78,21 @@ def _part_names(cfg, bits: int | None) -> list[str]:
 
 
 def _expert_parts(header: dict[str, TensorLoc], prefix: str, cfg, path: Path,
-                  bits: int | None) -> dict[int, dict[str, Part]]:
+                  bits: int | None, want: dict[str, Tensor]) -> dict[int, dict[str, Part]]:
+    """Where each expert's tensors lie, each stored tensor checked against ``want`` (the
+    meta ``Experts``' state dict): its shape, and when quantized its dtype, as
+    ``load_quantized`` checks them, before anything is read."""
     names = _part_names(cfg, bits)
     out: dict[int, dict[str, Part]] = {e: {} for e in range(cfg.num_experts)}
     for n in names:
         loc = header.get(f"{prefix}.{n}")
         if loc is None:
             raise ShardError(f"tensor {prefix}.{n} is missing from {path}")
-        if loc.shape[0] != cfg.num_experts:
-            raise ShardError(f"{prefix}.{n} in {path} has shape {loc.shape}: expected "
-                             f"{cfg.num_experts} experts first")
+        shape, dtype = tuple(want[n].shape), want[n].dtype
+        if loc.shape != shape or (bits is not None and loc.dtype != dtype):
+            raise ShardError(f"{prefix}.{n} in {path} is {loc.dtype} of shape {loc.shape}: "
+                             f"the model needs {'' if bits is None else f'{dtype} of '}"
+                             f"shape {shape}")
         for e in range(cfg.num_experts):
             row = loc.row(e)
             out[e][n] = Part(row.shape, row.dtype, (row,))
@@ -127,15 +132,14 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     cfg = LMConfig.from_dict(state["model_config"])
     with torch.device("meta"):
         model = MoETransformer(cfg)
-        if quant is not None and state.get("scope", "experts") == "all":
-            # attention and head as QuantizedLinear
-            quantize_like(model, quant.bits, quant.group, "all", quant.activations)
+        if quant is not None:  # the experts' stored layout; scope "all": attention and head
+            quantize_like(model, quant.bits, quant.group, state["scope"], quant.activations)
     store_parts, layer = {}, 0
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):
             moe = block.ffn
             parts = _expert_parts(header, f"blocks.{b}.ffn.experts", moe.config, file,
-                                  quant.bits if quant else None)
+                                  quant.bits if quant else None, moe.experts.state_dict())
             store_parts.update({(layer, e): p for e, p in parts.items()})
             dtype = torch.float32 if quant else parts[0]["w_in"].dtype
             moe.experts = OffloadedExperts(moe.config, backend, layer, dtype,
