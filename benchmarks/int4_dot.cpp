@@ -60,8 +60,18 @@ inline __m512 block_scales(const Shape& S, const float* s, int64_t b) {
   return _mm512_permutexvar_ps(S.lane_group, _mm512_maskz_loadu_ps(S.gmask, s + b * S.gpb));
 }
 
+// tot + block b's 16 integer sums, each lane scaled by its group's weight scale and its
+// chunk's activation scale
+inline __m512 add_block(__m512 tot, __m512i sums, const Shape& S, const Row& r, int64_t b,
+                        const float* sx) {
+  const __m512 scale = _mm512_mul_ps(block_scales(S, r.s, b), _mm512_loadu_ps(sx + 16 * b));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, tot);
+}
+
+#define NOINLINE __attribute__((noinline))  // one call per row, as moekit's kernels
+
 // 0: table lookup, fp32 activations (as moekit's nk_rows_avx512 at one row)
-__attribute__((noinline)) float dot_table(const Row& r, const Shape& S, const float* x) {
+NOINLINE float dot_table(const Row& r, const Shape& S, const float* x) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                  _mm512_setzero_ps()};
@@ -89,7 +99,7 @@ __attribute__((noinline)) float dot_table(const Row& r, const Shape& S, const fl
 
 // 1, 2: bf16 activations (one or two parts), weights bf16(128 + q)
 template <int PARTS>
-__attribute__((noinline)) float dot_bf16(const Row& r, const Shape& S, const uint16_t* xr, const float* gsum) {
+NOINLINE float dot_bf16(const Row& r, const Shape& S, const uint16_t* xr, const float* gsum) {
   const __m512i m = _mm512_set1_epi16(0x000F), e = _mm512_set1_epi16(0x4300);
   __m512 tot = _mm512_setzero_ps();
   for (int64_t b = 0; b < S.K / 128; ++b) {
@@ -116,8 +126,8 @@ __attribute__((noinline)) float dot_bf16(const Row& r, const Shape& S, const uin
 }
 
 // 3: int16 activations (scale per 32-input chunk), vpdpwssd
-__attribute__((noinline)) float dot_i16(const Row& r, const Shape& S, const int16_t* xr, const float* sx,
-              const float* gsum) {
+NOINLINE float dot_i16(const Row& r, const Shape& S, const int16_t* xr, const float* sx,
+                       const float* gsum) {
   const __m512i m = _mm512_set1_epi16(0x000F);
   __m512 tot = _mm512_setzero_ps();
   for (int64_t b = 0; b < S.K / 128; ++b) {
@@ -131,15 +141,14 @@ __attribute__((noinline)) float dot_i16(const Row& r, const Shape& S, const int1
     i0 = _mm512_dpwssd_epi32(i0, _mm512_and_si512(_mm512_srli_epi16(w, 8), m),
                              _mm512_loadu_si512(xb + 64));
     i1 = _mm512_dpwssd_epi32(i1, _mm512_srli_epi16(w, 12), _mm512_loadu_si512(xb + 96));
-    const __m512 scale = _mm512_mul_ps(block_scales(S, r.s, b), _mm512_loadu_ps(sx + 16 * b));
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), scale, tot);
+    tot = add_block(tot, _mm512_add_epi32(i0, i1), S, r, b, sx);
   }
   return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
 }
 
 // 4: int8 activations, vpdpbusd (moekit's i4a8_rows_vnni at one row)
-__attribute__((noinline)) float dot_i8(const Row& r, const Shape& S, const int8_t* xr, const float* sx,
-             const float* gsum) {
+NOINLINE float dot_i8(const Row& r, const Shape& S, const int8_t* xr, const float* sx,
+                      const float* gsum) {
   const __m512i m = _mm512_set1_epi8(15);
   __m512 tot = _mm512_setzero_ps();
   for (int64_t b = 0; b < S.K / 128; ++b) {
@@ -148,8 +157,7 @@ __attribute__((noinline)) float dot_i8(const Row& r, const Shape& S, const int8_
                                     _mm512_loadu_si512(xr + 128 * b));
     i = _mm512_dpbusd_epi32(i, _mm512_and_si512(_mm512_srli_epi16(w, 4), m),
                             _mm512_loadu_si512(xr + 128 * b + 64));
-    const __m512 scale = _mm512_mul_ps(block_scales(S, r.s, b), _mm512_loadu_ps(sx + 16 * b));
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), scale, tot);
+    tot = add_block(tot, i, S, r, b, sx);
   }
   return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
 }
@@ -256,15 +264,15 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
     for (int64_t n = 0; n < N; ++n)
       o[n] = row_dot(Row{q + n * (K / 2), s + n * (K / g), z + n * (K / g)});
   };
+  const uint16_t* bf = A.bf.data();
+  const float *sx = A.sx.data(), *gsum = A.gsum.data();
   auto pass = [&] {
     switch (variant) {
       case 0: return rows([&](const Row& r) { return dot_table(r, S, xf); });
-      case 1: return rows([&](const Row& r) { return dot_bf16<1>(r, S, A.bf.data(), A.gsum.data()); });
-      case 2: return rows([&](const Row& r) { return dot_bf16<2>(r, S, A.bf.data(), A.gsum.data()); });
-      case 3:
-        return rows([&](const Row& r) { return dot_i16(r, S, A.i16.data(), A.sx.data(), A.gsum.data()); });
-      default:
-        return rows([&](const Row& r) { return dot_i8(r, S, A.i8.data(), A.sx.data(), A.gsum.data()); });
+      case 1: return rows([&](const Row& r) { return dot_bf16<1>(r, S, bf, gsum); });
+      case 2: return rows([&](const Row& r) { return dot_bf16<2>(r, S, bf, gsum); });
+      case 3: return rows([&](const Row& r) { return dot_i16(r, S, A.i16.data(), sx, gsum); });
+      default: return rows([&](const Row& r) { return dot_i8(r, S, A.i8.data(), sx, gsum); });
     }
   };
   double best = 1e30;
