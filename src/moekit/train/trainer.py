@@ -35,7 +35,7 @@ from moekit.models.transformer import MoETransformer
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.data import Corpus, batch_seed, sample_windows
 from moekit.train.monitor import CollapseMonitor, MetricsLog
-from moekit.train.rundir import clean_run_dir
+from moekit.train.rundir import ASIDE, clean_run_dir
 
 VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
 
@@ -284,7 +284,9 @@ class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
     def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
-                 out_dir: str | Path, progress: bool = True) -> None:
+                 out_dir: str | Path, progress: bool = True, *, clean_dir: bool = True) -> None:
+        """``clean_dir=False`` leaves ``out_dir`` alone (``resume`` cleans it only once
+        the checkpoint is restored)."""
         if train_config.seq_len > model_config.max_seq_len:
             reject("seq_len", train_config.seq_len,
                   f"it must be <= the model's max_seq_len={model_config.max_seq_len}")
@@ -304,7 +306,8 @@ class Trainer:
                                        train_config.collapse_patience, model_config.top_k)
         self.load_since_eval: Tensor | None = None
         self.last_checkpoint: Path | None = None
-        self._clean_run_dir()
+        if clean_dir:
+            self._clean_run_dir()
 
     def _clean_run_dir(self) -> None:
         """Leftovers of killed saves: temp files go, checkpoints moved aside come back."""
@@ -318,18 +321,37 @@ class Trainer:
 
         Changing ``steps`` changes the cosine learning-rate schedule from here on
         (``lr_at`` decays to the new last step), so the run differs from one
-        started with the new value."""
-        if (Path(path) / ckpt_io.LATEST).is_file():  # a run directory we are taking over
-            clean_run_dir(Path(path))
+        started with the new value.
+
+        Everything is read and checked, and the checkpoint assigned, before the run
+        directory is cleaned; a checkpoint that cannot be resumed raises
+        ``CheckpointError`` (a ``ValueError``) with the global RNG and the run directory
+        as they were."""
         ck = ckpt_io.load_checkpoint(path)
+        missing = [k for k in ("train_config", "counters") if k not in ck.state]
+        if missing:  # e.g. written by `moekit convert --to moekit`: weights only
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {ck.path} holds no training state (its {ckpt_io.STATE_FILE} has "
+                f"no {' or '.join(missing)}, like one written by `moekit convert`): it can be "
+                "used with `moekit generate`, but not resumed")
         mcfg = LMConfig.from_dict(ck.state["model_config"])
         tcfg = TrainConfig.from_dict(ck.state["train_config"]).replace(**overrides)
         run_dir = Path(out_dir) if out_dir is not None else ck.path.parent
-        trainer = cls(mcfg, tcfg, corpus, run_dir, progress)
-        ckpt_io.restore(ck, trainer.model, trainer.optimizer)
+        rng = torch.get_rng_state()
+        try:  # the constructor reseeds the global RNG; restore sets the saved one
+            trainer = cls(mcfg, tcfg, corpus, run_dir, progress, clean_dir=False)
+            ckpt_io.restore(ck, trainer.model, trainer.optimizer)
+        except BaseException:
+            torch.set_rng_state(rng)
+            raise
+        if (Path(path) / ckpt_io.LATEST).is_file():  # a run directory we are taking over
+            clean_run_dir(Path(path))
+        trainer._clean_run_dir()
         trainer.step = ck.step
         trainer.counters.update(ck.state["counters"])
-        trainer.last_checkpoint = ck.path
+        # a checkpoint read from where a killed save moved it aside is back in place now
+        trainer.last_checkpoint = ck.path if ck.path.exists() else \
+            ck.path.parent / ck.path.name[1:-len(ASIDE)]
         return trainer
 
     # -- one step -------------------------------------------------------------
