@@ -45,7 +45,14 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not (path / "config.json").is_file():
         reject("source", str(path), "it must be a transformers checkpoint directory holding "
               "config.json and *.safetensors")
-    config = json.loads((path / "config.json").read_text())
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        reject("source", str(path), f"its {file} is unreadable or not valid JSON: {e}")
+    if not isinstance(config, dict):
+        reject("source", str(path), f"its {file} must hold a JSON object, not "
+               f"{type(config).__name__}")
     tensors: dict[str, Tensor] = {}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
@@ -59,11 +66,23 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return config, tensors
 
 
-def check_mixtral(config: dict[str, Any]) -> None:
-    """Refuse what moekit's language model cannot represent exactly."""
+# what the conversion reads from a Mixtral config.json without a default
+MIXTRAL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "intermediate_size", "num_local_experts",
+                "num_experts_per_tok", "rms_norm_eps")
+
+
+def check_mixtral(config: dict[str, Any], source: str | Path = ".") -> None:
+    """Refuse what moekit's language model cannot represent exactly (``source``: the
+    directory holding the config.json, named in errors)."""
     if config.get("model_type") != "mixtral":
         reject("model_type", config.get("model_type"), "moekit convert reads Mixtral-style "
               "checkpoints (model_type='mixtral')")
+    missing = [k for k in MIXTRAL_KEYS if k not in config]
+    if missing:
+        reject("source", str(source), f"its {Path(source) / 'config.json'} lacks the key"
+               f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, which "
+               "a Mixtral config.json must hold")
     D, H = config["hidden_size"], config["num_attention_heads"]
     checks = [
         ("hidden_act", config.get("hidden_act", "silu"), "silu", "moekit's experts are SwiGLU"),
@@ -290,7 +309,7 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     from moekit.train.checkpoint import save_checkpoint
 
     config, tensors = read_hf_dir(src)
-    check_mixtral(config)
+    check_mixtral(config, src)
     lm = LMConfig.from_dict(lm_config(config))
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = MoETransformer(lm)
