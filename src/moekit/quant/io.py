@@ -16,7 +16,6 @@ assigning anything: a file whose scales are missing or misshaped raises
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,6 +38,7 @@ from moekit.train.checkpoint import (
 )
 from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
+from moekit.train.rundir import swap_in
 
 FORMAT_VERSION = 2  # 2 added "scope"; 1 (experts only) still loads
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
@@ -49,41 +49,46 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).exists()
 
 
-def _clear(out: Path) -> None:
-    """Make room for ``out``: only an earlier quantized checkpoint or an empty directory."""
-    if not out.exists():
-        return
-    if is_quantized_checkpoint(out):
-        shutil.rmtree(out)
-    elif out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    else:
+def _check_replaceable(out: Path) -> None:
+    """``out`` may only be replaced if it is an earlier quantized checkpoint or empty."""
+    if out.exists() and not is_quantized_checkpoint(out) and not (
+            out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"out={str(out)!r} exists and is not a quantized checkpoint: "
                          "refusing to overwrite it; pass a new or empty directory")
 
 
 def save_quantized(model: MoETransformer, out: str | Path) -> Path:
-    """Write a quantized ``MoETransformer`` to the directory ``out`` (atomically)."""
+    """Write a quantized ``MoETransformer`` to the directory ``out`` (atomically).
+
+    The files go to a temporary directory, removed if anything fails. An existing
+    ``out`` is renamed aside before the new one is renamed into place and deleted
+    only after that (``rundir.swap_in``), so one complete output is always on disk.
+    """
     qts = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
     if not qts:
         raise ValueError("model is not quantized: call moekit.quantize(model, bits=...) first")
     out = Path(out)
-    if out.exists() and not is_quantized_checkpoint(out) and any(out.iterdir()):
-        _clear(out)  # raises before anything is written
+    _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    weights, aliases = dedupe_tied(model.state_dict())
-    save_file(weights, str(tmp / MODEL_FILE))
-    meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
-            "bits": qts[0].bits, "group_size": qts[0].group_size,
-            "activations": qts[0].activations,
-            "scope": quantized_scope(model), "tied": aliases,
-            "sha256": _sha256(tmp / MODEL_FILE)}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-    for f in (MODEL_FILE, META_FILE):
-        _fsync(tmp / f)
-    _clear(out)
-    os.rename(tmp, out)
+    try:
+        weights, aliases = dedupe_tied(model.state_dict())
+        save_file(weights, str(tmp / MODEL_FILE))
+        meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
+                "bits": qts[0].bits, "group_size": qts[0].group_size,
+                "activations": qts[0].activations,
+                "scope": quantized_scope(model), "tied": aliases,
+                "sha256": _sha256(tmp / MODEL_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        for f in (MODEL_FILE, META_FILE):
+            _fsync(tmp / f)
+        _check_replaceable(out)  # again: it may have changed while we wrote
+        aside = swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if aside is not None:  # only now: the new output is in place
+        shutil.rmtree(aside, ignore_errors=True)
     return out
 
 

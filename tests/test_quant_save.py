@@ -1,0 +1,95 @@
+"""``save_quantized`` replaces its output atomically and leaves nothing behind on failure.
+
+Before: a write that failed left its ``.<out>.tmp*`` directory next to the output, and
+an overwrite deleted the old output before renaming the new one into place, so a crash
+between the two lost both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from moekit.models import LMConfig, MoETransformer
+from moekit.quant import io as qio
+from moekit.quant import quantize
+from moekit.train import rundir
+
+CFG = LMConfig(vocab_size=64, dim=32, num_layers=1, num_heads=2, max_seq_len=16, ffn_dim=32,
+               num_experts=4, top_k=2)
+
+
+def _quantized(seed: int) -> MoETransformer:
+    torch.manual_seed(seed)
+    return quantize(MoETransformer(CFG).eval(), bits=8)
+
+
+def _files(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def _assert_same_weights(model: MoETransformer, out) -> None:
+    loaded = qio.load_quantized(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def _dies_midway(monkeypatch) -> None:
+    """The weights are half written when the process gets an error (disk full)."""
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qio, "save_file", half_written)
+
+
+def test_failed_overwrite_keeps_the_old_output_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    old = _quantized(0)
+    out = qio.save_quantized(old, tmp_path / "q")
+    before = _files(out)
+    _dies_midway(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        qio.save_quantized(_quantized(1), out)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no .q.tmp*, no .q.old
+    assert _files(out) == before
+    _assert_same_weights(old, out)
+
+
+def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
+    _dies_midway(monkeypatch)
+    with pytest.raises(OSError):
+        qio.save_quantized(_quantized(0), tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_old_output_without_leftovers(tmp_path, monkeypatch):
+    out = qio.save_quantized(_quantized(0), tmp_path / "q")
+    new = _quantized(1)
+    renames = []
+    real_rename = os.rename
+
+    def watched(src, dst):  # the old output must still exist whenever the new is not there
+        renames.append((str(src), str(dst)))
+        assert out.exists() or rundir.aside_of(out).exists()
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", watched)
+    qio.save_quantized(new, out)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    _assert_same_weights(new, out)
+    assert renames and renames[-1][1] == str(out)
+
+
+def test_output_holding_other_files_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not a quantized checkpoint"):
+        qio.save_quantized(_quantized(0), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert _files(out) == {"notes.txt": b"mine"}
