@@ -93,3 +93,16 @@ def test_output_holding_other_files_is_refused_before_anything_is_written(tmp_pa
         qio.save_quantized(_quantized(0), out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert _files(out) == {"notes.txt": b"mine"}
+
+
+def test_output_left_aside_by_a_killed_overwrite_is_read(tmp_path):
+    """Killed between swap_in's two renames: the old output lies under .<name>.old."""
+    old, out = _quantized(0), tmp_path / "q"
+    qio.save_quantized(old, out)
+    os.rename(out, rundir.aside_of(out))  # what the first rename leaves
+    assert qio.is_quantized_checkpoint(out)
+    _assert_same_weights(old, out)
+    new = _quantized(1)
+    qio.save_quantized(new, out)  # the next save puts a complete output back
+    _assert_same_weights(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]

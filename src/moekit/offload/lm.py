@@ -171,7 +171,7 @@ def _source(path: str | Path) -> tuple[Path, dict, _Quant | None]:
     """(model file, state with model_config and tied, the format when quantized), every
     file verified against its recorded SHA-256 before anything is read."""
     if qio.is_quantized_checkpoint(path):
-        path = Path(path)
+        path = qio.located(path)
         meta = qio._read_meta(path)
         file = _model_file(path / qio.MODEL_FILE)
         if rundir.sha256(file) != meta["sha256"]:

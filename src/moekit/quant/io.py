@@ -36,17 +36,27 @@ from moekit.train.checkpoint import (
     load_checkpoint,
     restore,
 )
+from moekit.train.rundir import aside_of, swap_in
 from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
-from moekit.train.rundir import swap_in
 
 FORMAT_VERSION = 2  # 2 added "scope"; 1 (experts only) still loads
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
 
 
+def located(path: str | Path) -> Path:
+    """``path``, or where a save killed between its two renames left the previous output
+    (``.<name>.old``, ``rundir.swap_in``) while ``path`` is missing: readers use that."""
+    path = Path(path)
+    aside = aside_of(path)
+    if not path.exists() and (aside / META_FILE).exists():
+        return aside
+    return path
+
+
 def is_quantized_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a directory written by ``save_quantized``."""
-    return (Path(path) / META_FILE).exists()
+    return (located(path) / META_FILE).exists()
 
 
 def _check_replaceable(out: Path) -> None:
@@ -125,7 +135,7 @@ def _check_dtypes(model: nn.Module, tensors: dict, where: Path) -> None:
 
 def load_quantized(path: str | Path) -> MoETransformer:
     """The quantized model saved in ``path``, verified before anything is assigned."""
-    path = Path(path)
+    path = located(path)
     meta = _read_meta(path)
     if _sha256(path / MODEL_FILE) != meta["sha256"]:
         raise CheckpointError(f"{path / MODEL_FILE} is corrupt or truncated: its SHA-256 does "
