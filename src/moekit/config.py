@@ -50,6 +50,7 @@ class FrozenConfig:
     __slots__ = ()
 
     def replace(self: _C, **changes: Any) -> _C:
+        type(self)._check_keys(changes)
         return replace(self, **changes)  # type: ignore[type-var]
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,12 +58,17 @@ class FrozenConfig:
 
     @classmethod
     def from_dict(cls: type[_C], data: dict[str, Any]) -> _C:
+        cls._check_keys(data)
+        return cls(**data)
+
+    @classmethod
+    def _check_keys(cls, data: dict[str, Any]) -> None:
+        """ValueError naming the unknown keys and the allowed ones (not a TypeError)."""
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"{cls.__name__} got unknown keys {unknown}; "
                              f"allowed: {sorted(known)}")
-        return cls(**data)
 
 
 def reject(name: str, value: Any, allowed: str) -> None:
@@ -183,6 +189,8 @@ class MoEConfig(FrozenConfig):
             reject("num_shared_experts", self.num_shared_experts, "it must be an int >= 0")
         if self.shared_ffn_dim is not None:
             check_positive_int("shared_ffn_dim", self.shared_ffn_dim)
+        if self.hash_vocab_size is not None:  # unused by other routers, but never garbage
+            check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)
         for name in ("expert_bias", "shared_expert_gate", "renormalize", "check_finite"):
             check_bool(name, getattr(self, name))
         self._check_numbers()

@@ -5,7 +5,8 @@ Shape letters: T tokens (all leading dims flattened), D hidden, E experts.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +94,29 @@ def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
                          f"[0, hash_vocab_size={vocab})")
 
 
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    """Raise ValueError before ``load_state_dict`` writes anything where ``state_dict``
+    does not fit ``module`` (nn.Module copies the tensors that fit, then raises for the
+    rest, so a state dict of another config left a half-loaded layer)."""
+    if not isinstance(state_dict, Mapping):
+        return  # nn.Module.load_state_dict raises its TypeError before any write
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict)) if strict else []
+    unexpected = sorted(set(state_dict) - set(own)) if strict else []
+    wrong = [f"{k}: {_shape(state_dict[k])} where the layer's is {tuple(v.shape)}"
+             for k, v in own.items()
+             if k in state_dict and _shape(state_dict[k]) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"state_dict (missing keys {missing[:5]}, unexpected keys "
+                         f"{unexpected[:5]}, mismatches {wrong[:5]}) is not allowed: it must "
+                         f"hold this {type(module).__name__}'s tensors with their shapes "
+                         "(a state dict of another config does not fit)")
+
+
+def _shape(value: Any) -> tuple[int, ...] | str:
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
 def route_and_sort(router: Router, x_TD: Tensor, ids_T: Tensor | None, seq_len: int | None
                    ) -> tuple[RouterOutput, Dispatch, int | None]:
     """Route T tokens with ``router`` and sort the pairs by expert under the capacity policy.
@@ -123,24 +147,39 @@ class MoE(nn.Module):
         self.experts = Experts(config, backend)
         self.shared = SharedExperts(config) if config.num_shared_experts else None
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a state dict that does not fit (another config)
+        raises ValueError before any tensor is written."""
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict, assign)
+
     def route(self, x: Tensor, token_ids: Tensor | None = None
               ) -> tuple[Tensor, RouterOutput, Dispatch, int | None]:
         """Check x, route its tokens and sort them by expert.
 
         Returns (x_TD, the router's output, the Dispatch, the capacity or None).
         """
-        cfg = self.config
-        check_input(x, cfg.dim, cfg.check_finite, reference_weight(self))
-        if cfg.router == "hash":
-            assert cfg.hash_vocab_size is not None
-            check_token_ids(token_ids, x, cfg.hash_vocab_size)
-        x_TD = x.reshape(-1, cfg.dim)
+        x_TD, ids_T = self._checked(x, token_ids)
         seq_len = x.shape[-2] if x.dim() >= 3 else None
-        # int64 ids: a uint8 index tensor would be read as a mask, int8/int16 ids give
-        # index errors in the table lookup
-        ids_T = None if token_ids is None else token_ids.reshape(-1).long()
         routed, dispatch, capacity = route_and_sort(self.router, x_TD, ids_T, seq_len)
         return x_TD, routed, dispatch, capacity
+
+    def _checked(self, x: Tensor, token_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Check x (and the token ids of router='hash') before anything runs.
+
+        Returns (x_TD, the ids as int64 [T], None for routers that take no ids).
+        """
+        cfg = self.config
+        check_input(x, cfg.dim, cfg.check_finite, reference_weight(self))
+        if cfg.router != "hash":
+            return x.reshape(-1, cfg.dim), None
+        assert cfg.hash_vocab_size is not None
+        check_token_ids(token_ids, x, cfg.hash_vocab_size)
+        assert token_ids is not None
+        # int64 ids: a uint8 index tensor would be read as a mask, int8/int16 ids give
+        # index errors in the table lookup
+        return x.reshape(-1, cfg.dim), token_ids.reshape(-1).long()
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         x_TD, routed, dispatch, _ = self.route(x, token_ids)
@@ -155,10 +194,9 @@ class MoE(nn.Module):
         """The layer's output alone, for generation: the routing decision without its
         losses, and no routing statistics. Same output as ``forward`` in eval mode."""
         cfg = self.config
-        x_TD = x.reshape(-1, cfg.dim)
+        x_TD, ids_T = self._checked(x, token_ids)
         dispatch = self._route_kernel(x_TD)
         if dispatch is None:
-            ids_T = None if token_ids is None else token_ids.reshape(-1)
             plan = self.router.select(x_TD, ids_T)
             capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
             dispatch = sort_by_expert(plan, cfg.num_experts, capacity, cfg.drop_policy)

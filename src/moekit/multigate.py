@@ -7,14 +7,15 @@ softmax mixture). Shape letters: T tokens, D hidden.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
 from moekit.experts.experts import Experts
-from moekit.layer import check_input, route_and_sort
+from moekit.layer import check_input, check_state_dict, route_and_sort
 from moekit.routing.router import Router
 from moekit.routing.stats import RoutingStats, routing_stats
 
@@ -40,6 +41,13 @@ class MultiGateMoE(nn.Module):
         self.config = config
         self.experts = Experts(config, backend)
         self.gates = nn.ModuleList(Router(config) for _ in range(num_tasks))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a state dict that does not fit (another config
+        or number of tasks) raises ValueError before any tensor is written."""
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict, assign)
 
     def forward(self, x: Tensor) -> MultiGateOutput:
         cfg = self.config

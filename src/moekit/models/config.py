@@ -15,6 +15,7 @@ from moekit.config import (
     FrozenConfig,
     MoEConfig,
     check_bool,
+    check_choice,
     check_number,
     check_positive_int,
     reject,
@@ -105,6 +106,5 @@ PRESETS: dict[str, LMConfig] = {
 
 
 def preset(name: str, **changes: Any) -> LMConfig:
-    if name not in PRESETS:
-        reject("preset", name, f"it must be one of {', '.join(PRESETS)}")
+    check_choice("preset", name, tuple(PRESETS))  # a list name: no unhashable TypeError
     return PRESETS[name].replace(**changes)
