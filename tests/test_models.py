@@ -22,7 +22,8 @@ def tiny(**changes) -> LMConfig:
 
 @pytest.mark.parametrize("field,value", [
     ("dim", 0), ("num_layers", -1), ("num_heads", 3), ("top_k", 5), ("num_experts", 0),
-    ("moe_every", 0), ("router", "bogus"), ("aux_loss_coef", -1.0), ("rope_theta", 0.0),
+    ("moe_every", 0), ("moe_every", 3), ("router", "bogus"), ("aux_loss_coef", -1.0),
+    ("rope_theta", 0.0),
     ("capacity_factor", -2.0), ("max_seq_len", 1.5), ("dense", "yes"),
 ])
 def test_bad_config_values_name_the_field(field, value):

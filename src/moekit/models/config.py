@@ -55,6 +55,9 @@ class LMConfig(FrozenConfig):
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
                      "ffn_dim", "num_experts", "top_k", "moe_every"):
             check_positive_int(name, getattr(self, name))
+        if not self.dense and self.moe_every > self.num_layers:
+            reject("moe_every", self.moe_every, f"it must be <= num_layers={self.num_layers}: "
+                   "otherwise no layer is an MoE layer (dense=True builds a dense model)")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             reject("num_heads", self.num_heads,
                   f"dim={self.dim} must split into num_heads heads of even size")
