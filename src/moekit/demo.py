@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
-from moekit.config import ROUTERS, MoEConfig
+from moekit.config import (
+    MAX_SEED,
+    ROUTERS,
+    MoEConfig,
+    check_int_range,
+    check_positive_int,
+    flag_message,
+)
 from moekit.layer import MoE
+
+# config field -> the flag that sets it, so an error names what the user typed
+FIELD_FLAGS = {"dim": "--dim", "ffn_dim": "--ffn-dim", "num_experts": "--experts",
+               "top_k": "--top-k", "capacity_factor": "--capacity-factor"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,12 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def config_from_args(args: argparse.Namespace) -> MoEConfig:
+    """The layer's config; ValueError naming the bad flag, before anything is built."""
+    check_positive_int("--tokens", args.tokens)
+    check_int_range("--seed", args.seed, 0, MAX_SEED)
+    return MoEConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_experts=args.experts,
+                     top_k=args.top_k, router=args.router, aux_loss_coef=0.01,
+                     z_loss_coef=1e-3, capacity_factor=args.capacity_factor,
+                     hash_vocab_size=1000 if args.router == "hash" else None)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"moekit demo: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
-    cfg = MoEConfig(dim=args.dim, ffn_dim=args.ffn_dim, num_experts=args.experts,
-                    top_k=args.top_k, router=args.router, aux_loss_coef=0.01,
-                    z_loss_coef=1e-3, capacity_factor=args.capacity_factor,
-                    hash_vocab_size=1000 if args.router == "hash" else None)
     moe = MoE(cfg)
     x = torch.randn(args.tokens, args.dim, requires_grad=True)
     ids = torch.randint(1000, (args.tokens,)) if args.router == "hash" else None

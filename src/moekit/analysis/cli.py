@@ -14,6 +14,11 @@ from typing import Any
 
 from moekit.analysis.analyze import analyze_model, windows
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
+from moekit.config import flag_message
+
+# argument -> the flag that sets it, so an error names what the user typed
+FIELD_FLAGS = {name: "--" + name.replace("_", "-")
+               for name in ("data", "tokens", "seq_len", "batch_size", "top", "min_count")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,10 +57,13 @@ def trained_on(state: dict[str, Any]) -> str | None:
 
 def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
+    from moekit.train.cli import check_out_dir
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
+    out = ck.path / "analysis" if args.out is None else Path(args.out)
+    check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
     cfg = model.config
-    seq_len = args.seq_len or cfg.max_seq_len
+    seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len  # 0 is an error
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is not allowed: it must be <= the model's "
                          f"max_seq_len={cfg.max_seq_len}")
@@ -73,7 +81,6 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             "model": f"{cfg.num_layers} layers, dim {cfg.dim}, {cfg.num_experts} experts, "
                      f"top-{cfg.top_k}, {cfg.router} router",
             "model_config": cfg.to_dict()}
-    out = Path(args.out) if args.out else ck.path / "analysis"
     return {"meta": meta, "layers": layers}, out
 
 
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result, out = analyze_checkpoint(args)
     except ValueError as e:
-        print(f"moekit analyze: error: {e}", file=sys.stderr)
+        print(f"moekit analyze: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
         return 2
     paths = write_report(result, out)
     print("\n".join(summary_table(result["layers"])))

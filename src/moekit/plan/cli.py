@@ -97,9 +97,13 @@ def cluster_from_args(args: argparse.Namespace) -> Cluster:
 
 
 def layout_from_args(args: argparse.Namespace, spec: ModelSpec, cluster: Cluster) -> Layout:
-    tp, pp = args.tp or 1, args.pp or 1
-    dp = args.dp or max(cluster.num_gpus // (tp * pp), 1)
-    ep = args.ep or math.gcd(dp, spec.num_experts)
+    for name in ("dp", "tp", "pp", "ep"):  # a given 0 is an error, not "the default"
+        if getattr(args, name) is not None:
+            check_int(name, getattr(args, name), 1)
+    tp = 1 if args.tp is None else args.tp
+    pp = 1 if args.pp is None else args.pp
+    dp = max(cluster.num_gpus // (tp * pp), 1) if args.dp is None else args.dp
+    ep = math.gcd(dp, spec.num_experts) if args.ep is None else args.ep
     return Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=args.zero, recompute=args.recompute,
                   micro_batch=args.micro_batch)
 

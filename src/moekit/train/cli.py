@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from moekit.config import ROUTERS, check_positive_int, flag_message
+from moekit.config import ROUTERS, check_positive_int, flag_message, reject
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
@@ -139,8 +140,24 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def check_out_dir(flag: str, out: str | Path) -> None:
+    """``out`` can become a directory that this process writes into: it is named, it is
+    not a file, no file stands in its path, and its nearest existing parent is writable."""
+    if str(out) == "":  # Path("") is the current directory
+        reject(flag, str(out), "it must name a directory")
+    path = Path(out)
+    here = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if here.exists() and not here.is_dir():
+        where = "it" if here == path else f"{str(here)!r} in its path"
+        reject(flag, str(out), f"{where} is a file, not a directory; pick a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        reject(flag, str(out), f"{str(here)!r} is not writable; pick a directory you can "
+               "write to")
+
+
 def check_new_out(out: str | Path) -> None:
     """A new run must not write into a directory that holds one (single-process or --nproc)."""
+    check_out_dir("--out", out)
     path = Path(out)
     if (path / LATEST).exists() or any(path.glob("dcp_step_*")):
         raise ValueError(f"out={str(out)!r} already holds a run; continue it with "

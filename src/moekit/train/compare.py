@@ -21,9 +21,16 @@ from typing import Any
 
 import torch
 
+from moekit.config import MAX_SEED, check_int_range, check_positive_int, flag_message, reject
 from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig
-from moekit.train.cli import add_model_arguments, add_train_arguments, configs_from_args
+from moekit.train.cli import (
+    FIELD_FLAGS,
+    add_model_arguments,
+    add_train_arguments,
+    check_out_dir,
+    configs_from_args,
+)
 from moekit.train.data import load_corpus
 from moekit.train.trainer import TrainConfig, Trainer
 
@@ -150,10 +157,32 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
     return results
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """This command's own flags, before any config is built (where 0 would mean 'default'
+    or divide by zero) and before any run starts (a bad last seed after the others ran)."""
+    if args.seed is not None:  # each run's seed comes from --seeds
+        reject("--seed", args.seed, "use --seeds: one run per seed")
+    for flag in ("threads", "active_ffn"):
+        if getattr(args, flag) is not None:
+            check_positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+    for k in args.top_ks:
+        check_positive_int("--top-ks", k)
+    for seed in args.seeds:
+        check_int_range("--seeds", seed, 0, MAX_SEED)
+    check_out_dir("--out", args.out)
+
+
+def error(command: str, e: Exception) -> int:
+    """The one-line error of a bad flag, led by the flag; exit status 2."""
+    print(f"moekit {command}: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
+    return 2
+
+
 def prepare(args: argparse.Namespace, make_configs: Callable[[LMConfig, int], dict[str, LMConfig]]
             ) -> tuple[dict[str, LMConfig], list[str], TrainConfig, Any]:
     """Configs, the variants to train, the train config and the corpus from the flags
     (ValueError names the bad flag)."""
+    check_flags(args)
     base, tcfg = configs_from_args(args)
     configs = make_configs(base, args.active_ffn or base.active_ffn_dim)
     wanted = args.variants or list(configs)
@@ -230,14 +259,13 @@ def plan_line(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
 
 def run(args: argparse.Namespace) -> int:
     tune_malloc()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         configs, wanted, tcfg, corpus = prepare(
             args, lambda base, active: variants(base, active, args.top_ks))
     except ValueError as e:
-        print(f"moekit compare: error: {e}", file=sys.stderr)
-        return 2
+        return error("compare", e)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
     results = finished_runs("compare", args, configs, wanted, tcfg, corpus, out)

@@ -31,6 +31,7 @@ from moekit.models.config import LMConfig
 from moekit.train.compare import (
     add_common_arguments,
     dense_variant,
+    error,
     finished_runs,
     moe_variant,
     prepare,
@@ -248,14 +249,13 @@ def write_outputs(summary: dict[str, Any], report: str, out: Path) -> list[Path]
 
 def run(args: argparse.Namespace) -> int:
     tune_malloc()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         configs, wanted, tcfg, corpus = prepare(args, lambda base, active: scaling_variants(
             base, active, args.top_ks, args.expert_counts))
     except ValueError as e:
-        print(f"moekit scaling: error: {e}", file=sys.stderr)
-        return 2
+        return error("scaling", e)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = finished_runs("scaling", args, configs, wanted, tcfg, corpus, out)
     if results is None:

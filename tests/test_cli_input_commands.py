@@ -1,0 +1,163 @@
+"""Bad flags of `moekit demo`, `train`, `analyze`, `plan`, `compare` and `scaling`: one
+error line on stderr that names the flag and its value, exit status 2, no traceback and
+nothing written. Each test failed before its fix (a traceback, a flag taken as its
+default, a run trained before the error, or an error that did not name the flag)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit.train.compare as compare
+from moekit.cli import main
+from moekit.models import MoETransformer, preset
+from moekit.train import checkpoint as ckpt_io
+from moekit.train.trainer import TrainConfig, make_optimizer
+
+
+def _fails(capsys, argv: list[str], *words: str) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "ok.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 200)
+    return path
+
+
+@pytest.fixture
+def a_file(tmp_path) -> Path:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a directory\n")
+    return path
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# -- moekit demo: a bad flag was a ValueError / RuntimeError traceback -------------------
+
+@pytest.mark.parametrize("argv,words", [
+    (["--dim", "0"], ["--dim", "dim=0", "positive int"]),
+    (["--experts", "0"], ["--experts", "num_experts=0"]),
+    (["--top-k", "9"], ["--top-k", "top_k=9", "num_experts=8"]),
+    (["--capacity-factor", "-1"], ["--capacity-factor", "-1.0"]),
+    (["--tokens", "-1"], ["--tokens=-1", "positive int"]),
+    (["--tokens", "0"], ["--tokens=0", "positive int"]),  # printed dropped_fraction 1.0
+    (["--seed", str(2**64)], [f"--seed={2**64}", "[0, "]),
+])
+def test_demo_bad_flag(argv, words, capsys):
+    _fails(capsys, ["demo", "--dim", "16", "--ffn-dim", "16", "--tokens", "8", *argv], *words)
+
+
+def test_demo_still_runs(capsys):
+    assert main(["demo", "--dim", "16", "--ffn-dim", "16", "--tokens", "8"]) == 0
+    assert "moekit demo: softmax router" in capsys.readouterr().out
+
+
+# -- --out that is a file, under a file, or empty: a traceback (or the cwd written) --------
+
+TRAIN = ["train", "--preset", "tiny", "--steps", "1", "--seq-len", "32", "--no-progress"]
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_train_out_is_a_file(where, text_file, a_file, capsys):
+    out = a_file if where == "file" else a_file / "run"
+    before = _listing(a_file.parent)
+    _fails(capsys, [*TRAIN, "--data", str(text_file), "--out", str(out)], "--out",
+           str(out), "is a file")
+    assert a_file.read_text() == "not a directory\n"
+    assert _listing(a_file.parent) == before
+
+
+def test_train_empty_out_does_not_write_the_current_directory(text_file, tmp_path,
+                                                              monkeypatch, capsys):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    _fails(capsys, [*TRAIN, "--data", str(text_file), "--out", ""], "--out=''",
+           "name a directory")
+    assert not any(here.iterdir())
+
+
+@pytest.fixture
+def lm_run(tmp_path) -> Path:
+    cfg = preset("tiny")
+    model = MoETransformer(cfg)
+    path = tmp_path / "run"
+    ckpt_io.save_checkpoint(path, model, make_optimizer(model, TrainConfig()),
+                            {"step": 0, "model_config": cfg.to_dict()})
+    return path
+
+
+def test_analyze_out_is_a_file(lm_run, a_file, text_file, capsys):
+    before = _listing(lm_run)
+    _fails(capsys, ["analyze", str(lm_run), "--data", str(text_file), "--tokens", "64",
+                    "--seq-len", "32", "--out", str(a_file)], "--out", str(a_file), "is a file")
+    assert a_file.read_text() == "not a directory\n"
+    assert _listing(lm_run) == before
+
+
+# -- a given 0 taken as "the default" --------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--ep", "--dp", "--tp", "--pp"])
+def test_plan_zero_parallel_size_is_an_error(flag, capsys):
+    _fails(capsys, ["plan", "mixtral-8x7b", flag, "0"], flag, f"{flag[2:]}=0", ">= 1")
+
+
+def test_plan_given_sizes_still_plan(capsys):
+    assert main(["plan", "mixtral-8x7b", "--dp", "4", "--tp", "2", "--ep", "4"]) == 0
+    assert "dp4 tp2 pp1 ep4" in capsys.readouterr().out
+
+
+def test_analyze_seq_len_zero_is_an_error(lm_run, text_file, capsys):
+    before = _listing(lm_run)
+    _fails(capsys, ["analyze", str(lm_run), "--data", str(text_file), "--tokens", "64",
+                    "--seq-len", "0"], "--seq-len", "seq_len=0")
+    assert _listing(lm_run) == before  # no analysis/ written
+
+
+# -- moekit compare / scaling: tracebacks, flags ignored, errors after training ----------
+
+@pytest.fixture
+def no_training(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a run was trained before the bad flag was refused")
+    monkeypatch.setattr(compare, "train_one", refuse)
+
+
+@pytest.mark.parametrize("command", ["compare", "scaling"])
+@pytest.mark.parametrize("argv,words", [
+    (["--top-ks", "0"], ["--top-ks=0", "positive int"]),  # ZeroDivisionError
+    (["--top-ks", "-2"], ["--top-ks=-2"]),  # was "ffn_dim=-32"
+    (["--threads", "-1"], ["--threads=-1"]),  # RuntimeError from torch
+    (["--threads", "0"], ["--threads=0"]),  # ignored
+    (["--active-ffn", "0"], ["--active-ffn=0"]),  # taken as the default
+    (["--seeds", "0", "-1"], ["--seeds=-1"]),  # refused after seed 0 was trained
+    (["--seed", "3"], ["--seed=3", "--seeds"]),  # ignored: --seeds sets each run's seed
+    (["--steps", "0"], ["--steps", "steps=0"]),  # did not name the flag
+])
+def test_compare_and_scaling_bad_flags(command, argv, words, text_file, tmp_path, no_training,
+                                       capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "out"
+    _fails(capsys, [command, "--preset", "tiny", "--data", str(text_file), "--out", str(out),
+                    "--no-progress", "--seeds", "0", *argv], *words)
+    assert not out.exists()
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("command", ["compare", "scaling"])
+def test_compare_and_scaling_out_is_a_file(command, a_file, text_file, no_training, capsys):
+    _fails(capsys, [command, "--preset", "tiny", "--data", str(text_file), "--out",
+                    str(a_file), "--no-progress"], "--out", str(a_file), "is a file")
+    assert a_file.read_text() == "not a directory\n"
