@@ -31,15 +31,19 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__} is not allowed: it must be a "
+                         "transformers PreTrainedModel (a torch.nn.Module)")
+
+
 def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Run every MoE block of a transformers ``model`` with moekit, in place; returns it.
 
     ``backend`` is a moekit expert backend ("auto" picks the fastest available).
     Raises ValueError for a model whose architecture is not in ``SUPPORTED``.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model={type(model).__name__} is not allowed: it must be a "
-                         "transformers PreTrainedModel (a torch.nn.Module)")
+    _check_module(model)
     model_type = _model_type(model)
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type={model_type!r} is not supported: moekit.integrations.hf "
@@ -80,6 +84,7 @@ def revert(model: nn.Module) -> nn.Module:
     Refused (ValueError, nothing changed) for a model with quantized or offloaded experts:
     the transformers classes would hold weights they cannot use.
     """
+    _check_module(model)
     reason = _unrevertable(model)
     if reason is not None:
         raise ValueError(f"model cannot be reverted to transformers' modules: {reason}")

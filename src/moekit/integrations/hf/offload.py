@@ -34,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import check_bool, check_choice, reject
 from moekit.dispatch.plan import Dispatch
+from moekit.experts.experts import BACKEND_NAMES
 from moekit.functions.moe_experts import stack_experts
 from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
+from moekit.offload.policy import POLICIES
 from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
@@ -265,6 +268,19 @@ def _codec(quantize: int | None, group_size: int | None, stored_nk: bool) -> Cod
     return Quantize(roles, quantize, check_bits(quantize, group_size))
 
 
+def _check_arguments(path: Path, policy: str, prefetch: bool, backend: str,
+                     threaded: bool) -> None:
+    """What is used only once the shards are read (the cache, its thread, hf.apply):
+    checked before anything is read, opened or started."""
+    if not path.is_dir():
+        reject("path", str(path), "it must be a directory holding a transformers checkpoint "
+               "(config.json and its safetensors files)")
+    check_choice("policy", policy, tuple(POLICIES))
+    check_choice("backend", backend, BACKEND_NAMES)
+    check_bool("prefetch", prefetch)
+    check_bool("threaded", threaded)
+
+
 def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | None = None,
                    policy: str = "lru", prefetch: bool = True, backend: str = "auto",
                    threaded: bool = True, group_size: int | None = None) -> nn.Module:
@@ -285,6 +301,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     budget = parse_bytes(expert_memory)
     _codec(quantize, group_size, True)  # arguments checked before anything is read
     path = Path(path)
+    _check_arguments(path, policy, prefetch, backend, threaded)
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in OFFLOADABLE:
         raise ValueError(f"model_type={config.model_type!r} is not supported for offloading: "
