@@ -36,14 +36,25 @@ from moekit.train.checkpoint import CheckpointError, save_checkpoint
 # -- budgets -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(prefetch="no"), "prefetch="), (dict(threaded="False"), "threaded="),
+    (dict(policy="fifo"), "policy="), (dict(backend="fast"), "backend="),
+])
+def test_load_offloaded_options_checked_before_reading(tmp_path, kwargs, name):
+    # a truthy string was taken as True; the path does not exist: nothing was read
+    with pytest.raises(ValueError, match=name):
+        load_offloaded(tmp_path / "absent", "1GiB", **kwargs)
+
+
 @pytest.mark.parametrize("value,expected", [
     (1000, 1000), ("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000),
-    ("64 KiB", 65536), ("7", 7), ("3b", 3)])
+    ("64 KiB", 65536), ("7", 7), ("3b", 3), (2e9, 2_000_000_000), ("0.5KB", 500)])
 def test_parse_bytes(value, expected):
     assert parse_bytes(value) == expected
 
 
-@pytest.mark.parametrize("value", ["", "12XB", "-1MiB", 0, -5, "MiB", True])
+@pytest.mark.parametrize("value", ["", "12XB", "-1MiB", 0, -5, "MiB", True,
+                                   1.5, "1.5"])  # 1.5 was read as 1 byte
 def test_parse_bytes_rejects(value):
     with pytest.raises(ValueError, match="expert_memory="):
         parse_bytes(value)

@@ -24,7 +24,7 @@ from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantized
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, check_options
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
@@ -127,6 +127,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     calling thread (same hits, no overlap).
     """
     budget = parse_bytes(expert_memory)
+    check_options(policy, prefetch, backend, threaded)  # before anything is read
     file, state, quant = _source(path)
     header = read_header(file)
     cfg = LMConfig.from_dict(state["model_config"])

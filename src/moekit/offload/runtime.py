@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.config import check_bool, check_choice
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.backends import (
     _activation_spec,
@@ -39,9 +40,11 @@ from moekit.experts.backends import (
     fused_supported,
     quant_rows_limit,
 )
+from moekit.experts.experts import BACKEND_NAMES
 from moekit.functions import cpu_ext, decode
 from moekit.functions.moe_experts import fused_experts, fused_experts_into
 from moekit.offload.cache import ExpertCache
+from moekit.offload.policy import POLICIES
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 FUSED_CHUNK = 8  # experts per bf16 prefill GEMM call (a stack: 8 x 3 MiB at the OLMoE shape)
@@ -263,3 +266,12 @@ class ExpertOffload:
 
     def close(self, timeout: float | None = 10.0) -> bool:
         return self.cache.close(timeout)
+
+
+def check_options(policy: str, prefetch: bool, backend: str, threaded: bool) -> None:
+    """The offloaded loaders' options (used only once the shards are read: the cache, its
+    thread, the experts' backend), checked before anything is read, opened or started."""
+    check_choice("policy", policy, tuple(POLICIES))
+    check_choice("backend", backend, BACKEND_NAMES)
+    check_bool("prefetch", prefetch)
+    check_bool("threaded", threaded)

@@ -45,7 +45,11 @@ def parse_bytes(value: int | str, name: str = "expert_memory") -> int:
         if m is None or unit not in UNITS:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a number of bytes "
                              "(int) or a string such as '2GiB', '512MiB', '1.5GB'")
-        n = int(float(m.group(1)) * UNITS[unit])
+        size = float(m.group(1)) * UNITS[unit]
+        if not size.is_integer():  # 1.5 (bytes) was read as 1 byte
+            raise ValueError(f"{name}={value!r} is not allowed: it must be a whole number of "
+                             "bytes (or a size with a unit, such as '1.5GB')")
+        n = int(size)
     if n <= 0:
         raise ValueError(f"{name}={value!r} is not allowed: it must be > 0 bytes")
     return n

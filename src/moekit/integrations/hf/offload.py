@@ -34,16 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import check_bool, check_choice, reject
+from moekit.config import reject
 from moekit.dispatch.plan import Dispatch
-from moekit.experts.experts import BACKEND_NAMES
 from moekit.functions.moe_experts import stack_experts
 from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
-from moekit.offload.policy import POLICIES
-from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights
+from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, check_options
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant.model import quantize_dense
@@ -275,10 +273,7 @@ def _check_arguments(path: Path, policy: str, prefetch: bool, backend: str,
     if not path.is_dir():
         reject("path", str(path), "it must be a directory holding a transformers checkpoint "
                "(config.json and its safetensors files)")
-    check_choice("policy", policy, tuple(POLICIES))
-    check_choice("backend", backend, BACKEND_NAMES)
-    check_bool("prefetch", prefetch)
-    check_bool("threaded", threaded)
+    check_options(policy, prefetch, backend, threaded)
 
 
 def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | None = None,
