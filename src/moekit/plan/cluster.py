@@ -71,10 +71,9 @@ GPUS: dict[str, GPUSpec] = {
 
 
 def get_gpu(name: str) -> GPUSpec:
-    key = name.lower()
-    if key not in GPUS:
+    if not isinstance(name, str) or name.lower() not in GPUS:
         fail("gpu", name, f"known GPUs are {', '.join(GPUS)}")
-    return GPUS[key]
+    return GPUS[name.lower()]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,6 +107,11 @@ class Precision:
     grad_bytes: int
     optimizer_bytes: int  # master weights + Adam m and v
     activation_bytes: int
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bytes", "grad_bytes", "activation_bytes"):
+            check_int(name, getattr(self, name), 1)
+        check_int("optimizer_bytes", self.optimizer_bytes, 0)  # 0: plain SGD
 
 
 PRECISIONS: dict[str, Precision] = {
@@ -174,6 +178,9 @@ class TrainSetup:
     a2a_overlap: float = 0.0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.precision, Precision):
+            fail("precision", self.precision, "it must be a Precision, e.g. "
+                 f"PRECISIONS['bf16-mixed'] (known: {', '.join(PRECISIONS)})")
         check_int("seq_len", self.seq_len, 1)
         check_int("global_batch", self.global_batch, 1)
         check_number("compute_efficiency", self.compute_efficiency, 0, 1, low_open=True)

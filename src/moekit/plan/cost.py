@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from moekit.plan.cluster import Cluster, Layout, TrainSetup, usable_memory
 from moekit.plan.params import ParamCounts, count_params
 from moekit.plan.spec import ModelSpec, fail, glu_matrices
 
 FP32 = 4
+PLAN_ARGS: dict[str, type] = {"spec": ModelSpec, "cluster": Cluster, "setup": TrainSetup,
+                              "layout": Layout}
 
 
 # -- FLOPs ---------------------------------------------------------------------------
@@ -338,6 +341,14 @@ class Plan:
         }
 
 
+def check_types(**args: Any) -> None:
+    """Each argument of make_plan / search is its class (not a dict, a name or None)."""
+    for name, value in args.items():
+        cls = PLAN_ARGS[name]
+        if not isinstance(value, cls):
+            fail(name, value, f"it must be a moekit.plan.{cls.__name__}")
+
+
 def check_layout(spec: ModelSpec, cluster: Cluster, lay: Layout) -> None:
     if spec.num_experts % lay.ep:
         fail("ep", lay.ep, f"it must divide num_experts={spec.num_experts}")
@@ -353,6 +364,7 @@ def check_layout(spec: ModelSpec, cluster: Cluster, lay: Layout) -> None:
 def make_plan(spec: ModelSpec, cluster: Cluster, setup: TrainSetup, lay: Layout,
               counts: ParamCounts | None = None) -> Plan:
     """Every estimate for ``spec`` trained on ``cluster`` with layout ``lay``."""
+    check_types(spec=spec, cluster=cluster, setup=setup, layout=lay)
     check_layout(spec, cluster, lay)
     counts = counts or count_params(spec)
     fl = flops(spec, counts, setup, lay.recompute)

@@ -15,15 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import GLU_ACTIVATIONS, MoEConfig
-from moekit.plan.spec import ModelSpec, fail
+from moekit.plan.spec import ModelSpec, check_int, fail
 
 HFReader = Callable[[dict[str, Any]], ModelSpec]
 
 
 def _attention(c: dict[str, Any], heads: int = 32, kv: int | None = None) -> dict[str, Any]:
     H = c.get("num_attention_heads", heads)
+    check_int("num_attention_heads", H, 1)  # checked before it divides hidden_size
+    head_dim = c.get("head_dim")
+    if not head_dim:
+        hidden = c.get("hidden_size", 4096)
+        check_int("hidden_size", hidden, 1)
+        head_dim = hidden // H
     return {"num_heads": H, "num_kv_heads": c.get("num_key_value_heads", kv) or H,
-            "head_dim": c.get("head_dim") or c.get("hidden_size", 4096) // H}
+            "head_dim": head_dim}
 
 
 def _common(c: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +122,8 @@ def read_gpt_oss(c: dict[str, Any]) -> ModelSpec:
 def read_dbrx(c: dict[str, Any]) -> ModelSpec:
     attn, ffn = c.get("attn_config") or {}, c.get("ffn_config") or {}
     H, D = c.get("n_heads", 16), c.get("d_model", 2048)
+    check_int("n_heads", H, 1)  # checked before it divides d_model
+    check_int("d_model", D, 1)
     return ModelSpec(
         name=c.get("_name_or_path") or "dbrx", num_layers=c.get("n_layers", 24), dim=D,
         vocab_size=c.get("vocab_size", 32000),
@@ -152,6 +160,8 @@ HF_READERS: dict[str, HFReader] = {
 
 def from_hf_config(config: dict[str, Any]) -> ModelSpec:
     """A ModelSpec from a transformers config dict (``config.json`` contents)."""
+    if not isinstance(config, dict):
+        fail("config", config, "it must be a dict (the contents of a config.json)")
     model_type = config.get("model_type")
     if model_type not in HF_READERS:
         fail("model_type", model_type, f"the planner reads {', '.join(sorted(HF_READERS))}")

@@ -135,7 +135,6 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str) -> Preset:
-    key = name.lower()
-    if key not in PRESETS:
+    if not isinstance(name, str) or name.lower() not in PRESETS:
         fail("preset", name, f"known presets are {', '.join(PRESETS)}")
-    return PRESETS[key]
+    return PRESETS[name.lower()]

@@ -6,9 +6,9 @@ import math
 from collections.abc import Iterator
 
 from moekit.plan.cluster import RECOMPUTE, Cluster, Layout, TrainSetup, usable_memory
-from moekit.plan.cost import Plan, make_plan, memory
+from moekit.plan.cost import Plan, check_types, make_plan, memory
 from moekit.plan.params import count_params
-from moekit.plan.spec import ModelSpec
+from moekit.plan.spec import ModelSpec, check_int
 
 
 def divisors(n: int) -> list[int]:
@@ -40,6 +40,8 @@ def candidate_layouts(spec: ModelSpec, cluster: Cluster, setup: TrainSetup,
 def search(spec: ModelSpec, cluster: Cluster, setup: TrainSetup,
            top: int = 10) -> list[Plan]:
     """The ``top`` layouts that fit, fastest first (ties: less memory first)."""
+    check_types(spec=spec, cluster=cluster, setup=setup)
+    check_int("top", top, 1)  # a negative top sliced off the last layouts instead
     counts = count_params(spec)
     cap = usable_memory(cluster, setup)
     fitting = [make_plan(spec, cluster, setup, lay, counts)
