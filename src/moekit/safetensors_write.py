@@ -43,14 +43,31 @@ def _layout(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> tupl
     return raw + b" " * (-len(raw) % 8), pos  # the reference writer pads to 8 bytes
 
 
+def _check(tensors: object, metadata: object) -> None:
+    """What the format can hold, and what safetensors can read back."""
+    if not isinstance(tensors, dict):
+        raise ValueError(f"tensors={type(tensors).__name__} is not allowed: it must be a dict "
+                         "of name -> torch.Tensor")
+    for name, t in tensors.items():
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"tensor name {name!r} is not allowed: it must be a str other "
+                             "than '__metadata__' (the header's metadata key)")
+        if not isinstance(t, Tensor) or t.layout != torch.strided or t.is_meta:
+            raise ValueError(f"tensor {name!r} is not allowed: it must be a dense torch.Tensor "
+                             "with data (not on the meta device)")
+    if metadata is not None and not (
+            isinstance(metadata, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ValueError(f"metadata={metadata!r} is not allowed: it must be a dict of str -> "
+                         "str (safetensors cannot read other values back)")
+
+
 def save_file(tensors: dict[str, Tensor], filename: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
     """Same contract as ``safetensors.torch.save_file`` for CPU or device tensors."""
     if sys.byteorder != "little":
         raise RuntimeError("moekit writes safetensors on little-endian machines only")
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor) or t.layout != torch.strided:
-            raise ValueError(f"tensor {name!r} is not allowed: it must be a dense torch.Tensor")
+    _check(tensors, metadata)  # everything before the file is opened: no half-written file
     header, _ = _layout(tensors, metadata)
     with open(filename, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
