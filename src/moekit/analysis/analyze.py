@@ -9,6 +9,9 @@ from torch import Tensor, nn
 
 from moekit.analysis.collect import RoutingCollector
 from moekit.analysis.stats import summarise
+from moekit.config import check_positive_int
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def windows(data_N: Tensor, tokens: int, seq_len: int) -> Tensor:
@@ -27,11 +30,21 @@ def windows(data_N: Tensor, tokens: int, seq_len: int) -> Tensor:
 def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size: int = 16,
                   top: int = 5, min_count: int = 5) -> list[dict[str, Any]]:
     """Per-layer routing summaries of ``model`` over the sequences ``ids_BL``."""
+    for name, v in (("vocab_size", vocab_size), ("batch_size", batch_size), ("top", top),
+                    ("min_count", min_count)):
+        check_positive_int(name, v)
+    if not isinstance(ids_BL, Tensor) or ids_BL.dim() != 2 or ids_BL.numel() == 0 \
+            or ids_BL.dtype not in INT_DTYPES:
+        what = (f"shape {tuple(ids_BL.shape)}, {ids_BL.dtype}" if isinstance(ids_BL, Tensor)
+                else type(ids_BL).__name__)
+        raise ValueError(f"ids_BL ({what}) is not allowed: it must be a non-empty [B, L] "
+                         "integer tensor of token ids")
+    rc = RoutingCollector(model, vocab_size)  # checks the model before it is touched
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        with RoutingCollector(model, vocab_size) as rc:
+        with rc:
             for start in range(0, ids_BL.shape[0], batch_size):
                 chunk = ids_BL[start:start + batch_size]
                 rc.set_tokens(chunk)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moekit.config import check_positive_int, reject
 from moekit.layer import MoE
 
 # Byte classes for "byte patterns": the class of the previous byte and of this one.
@@ -74,6 +75,9 @@ class RoutingCollector:
     """
 
     def __init__(self, model: nn.Module, vocab_size: int) -> None:
+        if not isinstance(model, nn.Module):
+            reject("model", model, "it must be a torch.nn.Module holding moekit.MoE layers")
+        check_positive_int("vocab_size", vocab_size)
         self.modules = [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
         if not self.modules:
             raise ValueError("model has no moekit.MoE layers, which is not allowed: there is "
