@@ -75,6 +75,9 @@ class ExpertParallelMoE(MoE):
     @classmethod
     def from_moe(cls, moe: MoE, mesh: ExpertParallelMesh, **kwargs) -> ExpertParallelMoE:
         """Shard a full layer: keep this rank's experts, copy everything else."""
+        if not isinstance(moe, MoE) or isinstance(moe, ExpertParallelMoE):
+            raise ValueError(f"moe={type(moe).__name__} is not allowed: it must be a full "
+                             "moekit.MoE layer (not already expert-parallel)")
         ep_moe = cls(moe.config, mesh, backend=moe.experts.backend, **kwargs)
         ep_moe.to(device=moe.experts.w_in.device)
         lo, hi = ep_moe.expert_start, ep_moe.expert_start + ep_moe.num_local
@@ -131,6 +134,9 @@ def _validate(cfg: MoEConfig, mesh: ExpertParallelMesh, dispatcher: str,
     if not isinstance(cfg, MoEConfig):
         raise ValueError(f"config={type(cfg).__name__} is not allowed: it must be a "
                          "moekit.MoEConfig")
+    if not isinstance(mesh, ExpertParallelMesh):
+        raise ValueError(f"mesh={type(mesh).__name__} is not allowed: it must be the "
+                         "ExpertParallelMesh that moekit.distributed.init_mesh(dp, ep) returns")
     if cfg.num_experts % mesh.ep:
         raise ValueError(f"ep={mesh.ep} is not allowed for num_experts={cfg.num_experts}: "
                          "ep must divide num_experts (each EP rank holds num_experts / ep "

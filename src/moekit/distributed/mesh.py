@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from moekit.config import check_number
+
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -84,6 +86,15 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be a positive int")
 
 
+# ~31,700 years: gloo keeps the timeout in int64 microseconds (8.6e13 s failed its
+# "Invalid timeout" check; 1e12 s works); inf and nan overflowed datetime.timedelta
+MAX_TIMEOUT_S = 1e12
+
+
+def check_timeout(value: Any) -> None:
+    check_number("timeout_s", value, 0, MAX_TIMEOUT_S, low_open=True)
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -94,8 +105,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
     ``timeout_s`` bounds every collective: when a rank dies the others raise
     ``CollectiveTimeoutError`` instead of hanging. Does nothing if already initialised.
     """
-    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-        raise ValueError(f"timeout_s={timeout_s!r} is not allowed: it must be a number > 0")
+    check_timeout(timeout_s)
     if dist.is_initialized():
         return
     backend = backend or default_backend()
@@ -118,6 +128,7 @@ def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
                          f"world size {world}")
     if timeout_s is None:
         timeout_s = _group_timeout_s()
+    check_timeout(timeout_s)  # it goes into every collective error message
     device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     mesh = init_device_mesh(device_type, (dp, ep), mesh_dim_names=("dp", "ep"))
     return ExpertParallelMesh(
