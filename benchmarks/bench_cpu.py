@@ -31,6 +31,9 @@ CONFIGS = [  # (T, E, K, F)
 QUICK_CONFIGS = [(256, 64, 8, 256), (4096, 64, 8, 256)]
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 MOEKIT_IMPLS = ("moekit", "moekit-grouped_mm", "moekit-loop")
+ALL_IMPLS = (*MOEKIT_IMPLS, "reference",
+             *(f"hf-{m}-{i}" for m in ("mixtral", "olmoe") for i in HF_IMPLS))
+QUICK_IMPLS = ("moekit", "moekit-loop", "hf-mixtral-grouped_mm", "hf-olmoe-grouped_mm")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 BATCHED_MM_LIMIT_GIB = 1.0  # transformers' batched_mm copies one weight matrix per routed row
 REFERENCE_MAX_T = 256  # the per-row oracle builds an autograd graph of ~10 nodes per row
@@ -353,13 +356,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="2 configs, fp32, 3 pairs, no reference or eager: a smoke run")
+                   help="2 configs, fp32, 3 pairs, no reference or eager: a smoke run "
+                   "(--configs, --dtypes, --impls, --reps given as well win)")
     p.add_argument("--configs", default=None,
                    help="T,E,K,F;T,E,K,F;... (default: the five from the issue)")
     p.add_argument("--dim", type=int, default=512, help="D (default 512)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default both)")
     p.add_argument("--impls", default=None, help="comma list; default: all")
-    p.add_argument("--reps", type=int, default=5, help="timed A/B pairs (median)")
+    p.add_argument("--reps", type=int, default=None, help="timed A/B pairs (median; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed A/B pairs first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--slow-max-t", type=int, default=None,
@@ -371,30 +375,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    all_impls = ["moekit", "moekit-grouped_mm", "moekit-loop", "reference",
-                 *(f"hf-{m}-{i}" for m in ("mixtral", "olmoe") for i in HF_IMPLS)]
-    if args.quick:
-        args.reps, args.dtypes = min(args.reps, 3), "fp32"
-        args.configs = args.configs or ";".join(",".join(map(str, c)) for c in QUICK_CONFIGS)
-        args.impls = args.impls or "moekit,moekit-loop,hf-mixtral-grouped_mm,hf-olmoe-grouped_mm"
-    args.impls = args.impls.split(",") if args.impls else all_impls
-    bad = [m for m in args.impls if m not in all_impls]
-    if bad:
-        raise SystemExit(f"--impls has {bad}, which is not allowed: choose from {all_impls}")
-    args.configs = ([tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
-                    if args.configs else CONFIGS)
-    args.dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
-    return args
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed flags checked and resolved, in a new namespace: --quick's choices where
+    no flag was given (an explicit --configs, --dtypes, --impls or --reps wins), lists
+    parsed. ValueError naming the first bad flag, its value and what is allowed; nothing
+    is built, timed or written before it returns."""
+    from moekit.config import MAX_EXPERTS, check_positive_int, reject
+
+    a = argparse.Namespace(**vars(args))
+    if a.reps is None:
+        a.reps = 3 if a.quick else 5
+    harness.check_flags(a.threads, a.reps, a.out)
+    check_positive_int("--dim", a.dim)
+    if isinstance(a.warmup, bool) or not isinstance(a.warmup, int) or a.warmup < 0:
+        reject("--warmup", a.warmup, "it must be an int >= 0")
+    if a.slow_max_t is not None:
+        check_positive_int("--slow-max-t", a.slow_max_t)
+    dtypes = a.dtypes if a.dtypes is not None else "fp32" if a.quick else "fp32,bf16"
+    if any(d not in DTYPES for d in dtypes.split(",")):
+        reject("--dtypes", dtypes, f"it must be a comma list of {', '.join(DTYPES)}")
+    a.dtypes = [DTYPES[d] for d in dtypes.split(",")]
+    impls = a.impls if a.impls is not None else ",".join(QUICK_IMPLS) if a.quick else None
+    if impls is not None and any(m not in ALL_IMPLS for m in impls.split(",")):
+        reject("--impls", impls, f"it must be a comma list of {', '.join(ALL_IMPLS)}")
+    a.impls = impls.split(",") if impls is not None else list(ALL_IMPLS)
+    a.configs = (_parse_configs(a.configs) if a.configs is not None else
+                 QUICK_CONFIGS if a.quick else CONFIGS)
+    for T, E, K, F in a.configs:
+        if E > MAX_EXPERTS or K > E:
+            reject("--configs", args.configs, f"in 'T,E,K,F' = '{T},{E},{K},{F}' it must be "
+                   f"K <= E <= {MAX_EXPERTS}; here K={K}, E={E}")
+    return a
+
+
+def _parse_configs(text: str) -> list[tuple[int, int, int, int]]:
+    from moekit.config import reject
+
+    out = []
+    for entry in text.split(";"):
+        try:
+            values = tuple(int(v) for v in entry.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 4 or min(values) < 1:
+            reject("--configs", text, f"{entry!r} is not T,E,K,F: each ';'-separated entry "
+                   "must be four positive ints (tokens, experts, top-k, expert hidden size), "
+                   "e.g. 4096,64,8,256;256,8,2,1024")
+        out.append(values)
+    return out
 
 
 def main(argv=None) -> int:
-    return run(parse_args(argv))
+    try:
+        args = check_args(parse_args(argv))
+    except ValueError as e:
+        print(f"bench_cpu.py: error: {e}", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark for parsed arguments (``moekit bench`` calls this)."""
-    args = _resolve(args)
+    """Run the benchmark for flags that ``check_args`` returned (``moekit bench`` calls it)."""
     malloc = harness.use_malloc(args.malloc)  # may re-exec this process
     import torch
 

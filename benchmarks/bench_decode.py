@@ -731,26 +731,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    if args.quick:
-        args.models, args.batches, args.hf_batches = "fine", "1,4", "1"
-        args.variants = "bf16,int8,int4,dense-active,dense-total,hf-mixtral"
-        args.new_tokens, args.reps = min(args.new_tokens, 16), min(args.reps, 2)
-    args.models = args.models.split(",")
-    args.batches = [int(b) for b in args.batches.split(",")]
-    args.hf_batches = [int(b) for b in args.hf_batches.split(",")]
-    args.batches += [b for b in args.hf_batches if b not in args.batches]
-    args.variants = args.variants.split(",")
-    args.prefill_variants = [v for v in args.prefill_variants.split(",") if v]
-    known = (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED)
-    bad = [v for v in args.variants if v not in known] + \
-        [m for m in args.models if m not in SHAPES]
-    if bad:
-        raise SystemExit(f"{bad} is not allowed: models {list(SHAPES)}, variants {list(known)}")
-    bad = [v for v in args.prefill_variants if v not in MOEKIT_DTYPES]
-    if bad:
-        raise SystemExit(f"--prefill-variants {bad} is not allowed: {list(MOEKIT_DTYPES)}")
-    return args
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The parsed flags checked and resolved (--quick applied, lists parsed), in a new
+    namespace. ValueError naming the first bad flag, its value and what is allowed;
+    nothing is built, timed or written before it returns."""
+    from moekit.config import check_positive_int
+
+    a = argparse.Namespace(**vars(args))
+    if a.quick:
+        a.models, a.batches, a.hf_batches = "fine", "1,4", "1"
+        a.variants = "bf16,int8,int4,dense-active,dense-total,hf-mixtral"
+        a.new_tokens, a.reps = min(a.new_tokens, 16), min(a.reps, 2)
+    harness.check_flags(a.threads, a.reps, a.out)
+    check_positive_int("--new-tokens", a.new_tokens, COMMON["max_seq_len"] - PROMPT_LEN)
+    a.models = _names("--models", a.models, tuple(SHAPES))
+    a.variants = _names("--variants", a.variants,
+                        (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED))
+    a.prefill_variants = (_names("--prefill-variants", a.prefill_variants, MOEKIT_DTYPES)
+                          if a.prefill_variants else [])
+    a.batches, a.hf_batches = _sizes("--batches", a.batches), _sizes("--hf-batches", a.hf_batches)
+    a.batches += [b for b in a.hf_batches if b not in a.batches]
+    return a
+
+
+def _names(flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    from moekit.config import reject
+
+    if any(v not in allowed for v in value.split(",")):
+        reject(flag, value, f"it must be a comma list of {', '.join(allowed)}")
+    return value.split(",")
+
+
+def _sizes(flag: str, value: str) -> list[int]:
+    from moekit.config import reject
+
+    try:
+        sizes = [int(b) for b in value.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        reject(flag, value, "it must be a comma list of positive ints")
+    return sizes
 
 
 def memory_rows(args) -> list[dict]:
@@ -789,7 +810,8 @@ def read_bandwidth(reps: int = 5) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    args = _resolve(args)
+    """Run the benchmark for flags that ``check_args`` returned (``moekit bench --decode``
+    calls it)."""
     harness.use_malloc(args.malloc)  # may re-exec this process
     import torch
 
@@ -853,7 +875,12 @@ def _write(args, info, bw, rows, mem, seconds) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    try:
+        args = check_args(p.parse_args(argv))
+    except ValueError as e:
+        print(f"bench_decode.py: error: {e}", file=sys.stderr)
+        return 2
+    return run(args)
 
 
 if __name__ == "__main__":

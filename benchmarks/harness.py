@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 TUNED_MALLOC = {
     "MALLOC_MMAP_MAX_": "0",  # no mmap'd blocks: freed memory stays in the heap
@@ -50,6 +51,38 @@ def use_malloc(mode: str) -> str:
     if any(os.environ.get(k) != env.get(k) for k in TUNED_MALLOC):
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     return malloc_description()
+
+
+def check_flags(threads: object, reps: object, out: object) -> None:
+    """The flags every benchmark here shares: ``--threads`` and ``--reps`` positive ints,
+    ``--out`` None (the default under results/) or a JSON file path that can be written.
+    ValueError naming the flag, its value and what is allowed; call it before anything
+    is built, timed or written (and before ``use_malloc``, which may re-execute)."""
+    from moekit.config import check_positive_int
+
+    check_positive_int("--threads", threads)
+    check_positive_int("--reps", reps)
+    if out is not None:
+        check_out_file("--out", out)
+
+
+def check_out_file(flag: str, out: object) -> None:
+    """``out`` names a file this process can create or overwrite: not empty, not a
+    directory, no file in its path, its nearest existing folder writable."""
+    from moekit.config import reject
+
+    if not isinstance(out, (str, os.PathLike)) or str(out) == "":
+        reject(flag, out, "it must name a JSON file")
+    path = Path(out)
+    if path.is_dir():
+        reject(flag, str(out), "it is a directory; name a JSON file")
+    here = next((p for p in path.parents if p.exists()), Path("."))
+    if not here.is_dir():
+        reject(flag, str(out), f"{str(here)!r} in its path is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        reject(flag, str(out), f"{str(here)!r} is not writable; pick a folder you can write to")
+    if path.exists() and not os.access(path, os.W_OK):
+        reject(flag, str(out), "the file is not writable")
 
 
 def malloc_description() -> str:

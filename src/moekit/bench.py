@@ -4,14 +4,23 @@ benchmarks/bench_decode.py) from the source checkout.
 Benchmarks live outside the package (DESIGN.md), so this command needs the
 repository: with an editable install (``pip install -e .``) it finds
 ``benchmarks/`` next to ``src/``; from a wheel it says where it looked.
+
+Every flag is checked (``check_args``) before anything is built, timed or written: a
+bad one is one line on stderr naming it, its value and what is allowed, exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
+
+from moekit.config import flag_message, reject
+
+# the flags `moekit bench --decode` passes on to bench_decode.py; any other is refused
+DECODE_FLAGS = ("quick", "threads")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_cpu.py"
 DECODE_SCRIPT = SCRIPT.with_name("bench_decode.py")
@@ -34,17 +43,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         module.add_arguments(p)
     p.add_argument("--decode", action="store_true",
                    help="run the decode benchmark (benchmarks/bench_decode.py) instead; "
-                   "with --quick its quick mode, --threads passed on")
+                   "only --quick (its quick mode) and --threads apply")
+
+
+def check_args(args: argparse.Namespace, module: ModuleType) -> argparse.Namespace:
+    """The flags ``module.run`` gets (bench_cpu's, or with --decode bench_decode's), checked
+    by the benchmark's own ``check_args``: ValueError naming the first bad flag, its value
+    and what is allowed, before anything is built, timed or written."""
+    if not args.decode:
+        return module.check_args(args)
+    cpu = _load()
+    if cpu is not None:  # a CPU-benchmark flag would be ignored: refuse it
+        parser = argparse.ArgumentParser(add_help=False)
+        cpu.add_arguments(parser)
+        for action in parser._actions:
+            value = getattr(args, action.dest, None)
+            if action.dest in DECODE_FLAGS or value == action.default:
+                continue
+            allowed = (f"with --decode only --{' and --'.join(DECODE_FLAGS)} apply; run "
+                       "`python benchmarks/bench_decode.py --help` for its own flags")
+            if action.nargs == 0:  # a switch such as --no-memory: no value to show
+                raise ValueError(f"{action.option_strings[-1]} is not allowed: {allowed}")
+            reject(action.option_strings[-1], value, allowed)
+    parser = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(parser)
+    decode_args = parser.parse_args([])
+    for dest in DECODE_FLAGS:
+        setattr(decode_args, dest, getattr(args, dest))
+    return module.check_args(decode_args)
 
 
 def run(args: argparse.Namespace) -> int:
     module = _load(DECODE_SCRIPT if args.decode else SCRIPT)
     if module is None:
-        print(f"moekit bench: {SCRIPT} not found. The benchmarks ship with the source "
-              "repository, not the package: clone it and `pip install -e .`, then run "
-              "`moekit bench` (or `python benchmarks/bench_cpu.py`).")
+        print(f"moekit bench: {DECODE_SCRIPT if args.decode else SCRIPT} not found. The "
+              "benchmarks ship with the source repository, not the package: clone it and "
+              "`pip install -e .`, then run `moekit bench` (or `python "
+              "benchmarks/bench_cpu.py`).", file=sys.stderr)
         return 2
-    if args.decode:
-        argv = ["--threads", str(getattr(args, "threads", 2))]
-        return int(module.main(argv + (["--quick"] if getattr(args, "quick", False) else [])))
-    return int(module.run(args))
+    try:
+        checked = check_args(args, module)
+    except ValueError as e:
+        print(f"moekit bench: error: {flag_message(e, {})}", file=sys.stderr)
+        return 2
+    return int(module.run(checked))
