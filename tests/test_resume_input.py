@@ -18,30 +18,12 @@ import pytest
 import torch
 
 from moekit.cli import main as cli_main
-from moekit.models import LMConfig
-from moekit.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, rundir
+from moekit.train import CheckpointError, Trainer, load_checkpoint, rundir
 from moekit.train import checkpoint as ckpt_io
-from moekit.train.data import Corpus, encode
+from tests import test_checkpoint_security as shared
 
-MODEL = LMConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=16, ffn_dim=8,
-                 num_experts=4, top_k=2)
-TRAIN = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_every=2,
-                    eval_batches=1, save_every=2, log_every=1)
-TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 20
-STEP = "step_00000002"
-
-
-@pytest.fixture(scope="module")
-def corpus() -> Corpus:
-    data = encode(TEXT)
-    return Corpus(data[:900], data[900:], "inline", 1, 1)
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory, corpus) -> Path:
-    run = tmp_path_factory.mktemp("saved") / "run"
-    Trainer(MODEL, TRAIN, corpus, run, progress=False).fit()
-    return run
+STEP, TEXT = shared.STEP, shared.TEXT
+corpus, saved_run = shared.corpus, shared.saved_run  # the fixtures: one tiny run
 
 
 @pytest.fixture
