@@ -145,6 +145,7 @@ def no_training(monkeypatch):
     (["--seeds", "0", "-1"], ["--seeds=-1"]),  # refused after seed 0 was trained
     (["--seed", "3"], ["--seed=3", "--seeds"]),  # ignored: --seeds sets each run's seed
     (["--steps", "0"], ["--steps", "steps=0"]),  # did not name the flag
+    (["--dense"], ["--dense", "variants"]),  # ignored: the variants set it
 ])
 def test_compare_and_scaling_bad_flags(command, argv, words, text_file, tmp_path, no_training,
                                        capsys):
@@ -161,3 +162,11 @@ def test_compare_and_scaling_out_is_a_file(command, a_file, text_file, no_traini
     _fails(capsys, [command, "--preset", "tiny", "--data", str(text_file), "--out",
                     str(a_file), "--no-progress"], "--out", str(a_file), "is a file")
     assert a_file.read_text() == "not a directory\n"
+
+
+def test_scaling_experts_flag_is_refused(text_file, tmp_path, no_training, capsys):
+    # ignored: --expert-counts sets each MoE's experts
+    _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out",
+                    str(tmp_path / "out"), "--no-progress", "--experts", "4"],
+           "--experts=4", "--expert-counts")
+    assert not (tmp_path / "out").exists()

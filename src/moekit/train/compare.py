@@ -162,6 +162,11 @@ def check_flags(args: argparse.Namespace) -> None:
     or divide by zero) and before any run starts (a bad last seed after the others ran)."""
     if args.seed is not None:  # each run's seed comes from --seeds
         reject("--seed", args.seed, "use --seeds: one run per seed")
+    if args.dense:  # the variants set dense themselves
+        raise ValueError("--dense is not allowed here: the dense model is one of the "
+                         "variants ('dense' in --variants)")
+    if getattr(args, "expert_counts", None) is not None and args.experts is not None:
+        reject("--experts", args.experts, "use --expert-counts: one MoE per count")
     for flag in ("threads", "active_ffn"):
         if getattr(args, flag) is not None:
             check_positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
