@@ -15,7 +15,7 @@ import moekit
 from moekit.plan.cli import add_arguments, plans_from_args, run
 from moekit.plan.cluster import GPUS, PRECISIONS, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import communication, make_plan, memory
-from moekit.plan.hf import from_moe_config, read_spec_file
+from moekit.plan.hf import from_hf_config, from_moe_config, read_spec_file
 from moekit.plan.params import count_params
 from moekit.plan.presets import PRESETS, get_preset
 from moekit.plan.spec import ModelSpec
@@ -433,3 +433,12 @@ def test_moekit_command_runs_plan(capsys):
     from moekit.cli import main
     assert main(["plan", "olmoe-1b-7b", "--gpus", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"]["total_params"] == 6_919_161_856
+
+
+@pytest.mark.parametrize("model_type,dim,heads", [("olmoe", 2048, 16), ("qwen2_moe", 2048, 16)])
+def test_hf_config_without_hidden_size_uses_the_family_width(model_type, dim, heads):
+    # the head size came from a default width of 4096 while dim took the family's 2048
+    trimmed = from_hf_config({"model_type": model_type})
+    full = from_hf_config({"model_type": model_type, "hidden_size": dim,
+                           "num_attention_heads": heads})
+    assert (trimmed.dim, trimmed.head_dim) == (full.dim, full.head_dim) == (dim, dim // heads)

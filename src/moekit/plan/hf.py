@@ -20,14 +20,16 @@ from moekit.plan.spec import ModelSpec, check_int, fail
 HFReader = Callable[[dict[str, Any]], ModelSpec]
 
 
-def _attention(c: dict[str, Any], heads: int = 32, kv: int | None = None) -> dict[str, Any]:
+def _attention(c: dict[str, Any], dim: int, heads: int = 32,
+               kv: int | None = None) -> dict[str, Any]:
+    """Heads and head size; ``dim``: the model width already read (the family's default
+    where the config omits hidden_size: 4096 here had given OLMoE head size 256)."""
     H = c.get("num_attention_heads", heads)
     check_int("num_attention_heads", H, 1)  # checked before it divides hidden_size
     head_dim = c.get("head_dim")
     if not head_dim:
-        hidden = c.get("hidden_size", 4096)
-        check_int("hidden_size", hidden, 1)
-        head_dim = hidden // H
+        check_int("hidden_size", dim, 1)
+        head_dim = dim // H
     return {"num_heads": H, "num_kv_heads": c.get("num_key_value_heads", kv) or H,
             "head_dim": head_dim}
 
@@ -42,7 +44,7 @@ def _common(c: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
 
 def read_mixtral(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 32, "dim": 4096, "vocab": 32000})
-    return ModelSpec(**base, **_attention(c, 32, 8),
+    return ModelSpec(**base, **_attention(c, base["dim"], 32, 8),
                      num_experts=c.get("num_local_experts", 8),
                      top_k=c.get("num_experts_per_tok", 2),
                      expert_ffn_dim=c.get("intermediate_size", 14336))
@@ -65,7 +67,7 @@ def read_qwen_moe(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 24 if qwen2 else 48, "dim": 2048, "vocab": 151936})
     shared = c.get("shared_expert_intermediate_size", 5632) if qwen2 else 0
     return ModelSpec(
-        **base, **_attention(c, 16 if qwen2 else 32, 16 if qwen2 else 4),
+        **base, **_attention(c, base["dim"], 16 if qwen2 else 32, 16 if qwen2 else 4),
         qkv_bias=bool(c.get("qkv_bias", True)) if qwen2 else False,
         attention_bias=False if qwen2 else bool(c.get("attention_bias", False)),
         qk_norm="none" if qwen2 else "head",
@@ -101,7 +103,7 @@ def read_deepseek(c: dict[str, Any]) -> ModelSpec:
 
 def read_olmoe(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 16, "dim": 2048, "vocab": 50304})
-    return ModelSpec(**base, **_attention(c, 16, None), qk_norm="full",
+    return ModelSpec(**base, **_attention(c, base["dim"], 16, None), qk_norm="full",
                      attention_bias=bool(c.get("attention_bias", False)),
                      num_experts=c.get("num_experts", 64), top_k=c.get("num_experts_per_tok", 8),
                      expert_ffn_dim=c.get("intermediate_size", 2048))
@@ -109,7 +111,7 @@ def read_olmoe(c: dict[str, Any]) -> ModelSpec:
 
 def read_gpt_oss(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 36, "dim": 2880, "vocab": 201088})
-    attn = _attention(c, 64, 8)
+    attn = _attention(c, base["dim"], 64, 8)
     attn["head_dim"] = c.get("head_dim", 64)
     return ModelSpec(**base, **attn, attention_bias=bool(c.get("attention_bias", True)),
                      attention_sinks=True,
