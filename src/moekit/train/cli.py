@@ -14,8 +14,9 @@ from moekit.config import ROUTERS, check_positive_int, flag_message, reject
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
+from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint import LATEST, CheckpointError
-from moekit.train.data import decode, encode, load_corpus
+from moekit.train.data import decode, encode, load_corpus, stdlib_dir
 from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
 from moekit.train.memory import warn_step_memory
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
@@ -32,11 +33,14 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "eval_every": "eval_every", "eval_batches": "eval_batches",
                "save_every": "save_every", "seed": "seed", "max_bad_steps": "max_bad_steps",
                "device": "device"}
+# what --resume may change; every other setting is the run's own, read from its checkpoint
+RESUME_FLAGS = ("steps", "eval_every", "save_every", "device")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    g.add_argument("--preset", choices=sorted(PRESETS),  # None: tell a given one apart
+                   help="model size (default small)")
     g.add_argument("--dim", type=int, help="D, model size")
     g.add_argument("--layers", type=int, help="number of transformer blocks")
     g.add_argument("--heads", type=int, help="attention heads")
@@ -107,7 +111,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     changes = _picked(args, MODEL_FLAGS)
     if args.dense:
         changes["dense"] = True
-    model = preset(args.preset, **changes)
+    model = preset(args.preset or "small", **changes)
     train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
@@ -170,6 +174,44 @@ def check_resume_path(resume: str) -> None:
                          "directory or one of its step_* checkpoints")
 
 
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """A resumed run keeps the settings saved in its checkpoint: a flag that would change
+    one of them is refused, not ignored (``--resume RUN --lr 1e-4`` had trained on at the
+    saved learning rate without a word)."""
+    given = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+             for flag, field in {"preset": "preset", **MODEL_FLAGS, **TRAIN_FLAGS}.items()
+             if field not in RESUME_FLAGS and getattr(args, flag, None) is not None]
+    given += [f"--{flag}" for flag in ("dense", "bf16", "fp32", "compile")
+              if getattr(args, flag, False)]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not "
+                         "allowed with --resume: a resumed run keeps the settings saved in "
+                         "its checkpoint; only --steps, --eval-every, --save-every, --device "
+                         "and --data may be given (start a new run with --out to change the "
+                         "others)")
+
+
+def data_for(args: argparse.Namespace) -> str | None:
+    """``--data``; on ``--resume`` without it, the corpus the run was trained on (its
+    checkpoint names it), not the default one: resuming a ``--data`` run without the flag
+    had continued on the Python standard library without a word."""
+    if not args.resume or args.data is not None:
+        return args.data
+    check_resume_path(args.resume)
+    ckpt = ckpt_io.resolve(args.resume)
+    try:
+        source = json.loads((ckpt / ckpt_io.STATE_FILE).read_text())["data"]["corpus"]
+    except (OSError, ValueError, KeyError, TypeError):  # Trainer.resume names the problem
+        return None
+    if not isinstance(source, str) or source == str(stdlib_dir()):
+        return None  # the default corpus, the stdlib .py files
+    if not Path(source).exists():
+        raise ValueError(f"resume={args.resume!r} needs --data: its run was trained on "
+                         f"{source!r}, which does not exist here; pass --data with that "
+                         "corpus")
+    return source
+
+
 def _val_at(run_dir: Path, step: int) -> float | None:
     """The validation loss logged at ``step`` by an earlier session of this run, if any."""
     found = None
@@ -202,8 +244,8 @@ def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
     """A new or resumed Trainer; raises ValueError (CheckpointError is one) on bad input."""
     if args.resume:
         check_resume_path(args.resume)
-        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
-                     if k in ("steps", "eval_every", "save_every", "device")}
+        check_resume_flags(args)
+        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
         trainer = Trainer.resume(args.resume, corpus, progress=not args.no_progress,
                                  **overrides)
         if trainer.step >= trainer.cfg.steps:
@@ -230,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("nproc", "ep"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
-        corpus = load_corpus(args.data)
+        if args.resume:
+            check_resume_flags(args)  # before the corpus is read
+        corpus = load_corpus(data_for(args))
         trainer = build_trainer(args, corpus)
     except (ValueError, CheckpointError) as e:
         return error(e)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moekit.config import check_number, reject
 from moekit.safetensors_write import raw_bytes
 
 VOCAB_SIZE = 256  # byte-level: token id = byte value
@@ -138,8 +139,11 @@ class Corpus:
 
 def load_corpus(data: str | None = None, val_percent: float = 5.0) -> Corpus:
     """``data`` None -> the Python stdlib ``.py`` files; else a text file or directory."""
-    if not 0 < val_percent < 100:
-        raise ValueError(f"val_percent={val_percent!r} is not allowed: it must be in (0, 100)")
+    check_number("val_percent", val_percent, 0, 100, low_open=True, high_open=True)
+    if data is not None and str(data) == "":
+        # Path("") is the current directory: `--data "$UNSET"` trained on whatever was there
+        reject("data", data, "it must name a text file or directory (leave it out for the "
+               "Python standard library)")
     root = stdlib_dir() if data is None else Path(data)
     if not root.exists():
         raise ValueError(f"data={data!r} is not allowed: no such file or directory")

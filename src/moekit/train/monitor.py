@@ -100,5 +100,20 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``, one per step and kind across resumed sessions.
+
+    A resumed session starts with ``{"kind": "resume", "step": S}`` and logs the steps
+    after S again (its checkpoint is at S): the records an earlier session wrote for
+    those steps stay in the file, but they describe a run no checkpoint holds, so
+    they are left out here.
+    """
+    records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("kind") == "resume" and isinstance(record.get("step"), int):
+                records = [r for r in records if r.get("step", 0) <= record["step"]]
+            records.append(record)
+    return records

@@ -38,6 +38,11 @@ from moekit.train.monitor import CollapseMonitor, MetricsLog
 from moekit.train.rundir import ASIDE, clean_run_dir
 
 VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
+# Upper bounds that only an error reaches (AdamW's lr is ~1e-4..1e-2, weight decay ~0..0.1):
+# --lr 1e39 was a RuntimeError traceback from inside AdamW's step (the float32 parameters
+# cannot take the update), and weight_decay=1e300 turned the weights into NaN and saved them.
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 100.0
 
 
 class NonFiniteError(RuntimeError):
@@ -86,10 +91,13 @@ class TrainConfig(FrozenConfig):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
                 or self.warmup_steps < 0:
             reject("warmup_steps", self.warmup_steps, "it must be an int >= 0")
-        for name in ("lr", "weight_decay", "grad_clip"):
-            check_non_negative(name, getattr(self, name))
-        for name in ("min_lr_ratio", "beta1", "beta2", "collapse_fraction"):
+        check_number("lr", self.lr, 0, MAX_LR)
+        check_number("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
+        check_non_negative("grad_clip", self.grad_clip)
+        for name in ("min_lr_ratio", "collapse_fraction"):
             check_number(name, getattr(self, name), 0, 1)
+        for name in ("beta1", "beta2"):  # AdamW refuses 1.0 (its bias correction divides by 0)
+            check_number(name, getattr(self, name), 0, 1, high_open=True)
         check_int_range("seed", self.seed, 0, MAX_SEED)
         for name in ("bf16", "compile"):
             check_bool(name, getattr(self, name))
@@ -412,6 +420,15 @@ class Trainer:
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
 
     def save(self) -> Path:
+        """Write a checkpoint and point LATEST at it; weights holding NaN or inf are never
+        saved (NonFiniteError): LATEST keeps naming the last good checkpoint."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"step {self.step}: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}), so they were not saved. Lower the learning "
+                f"rate (lr={self.cfg.lr}) or weight_decay={self.cfg.weight_decay}; the last "
+                f"good checkpoint is {self.last_checkpoint}")
         self.last_checkpoint = ckpt_io.save_checkpoint(
             self.out_dir, self.model, self.optimizer, self.checkpoint_state(),
             self.cfg.keep_checkpoints)
@@ -441,6 +458,8 @@ class Trainer:
             with _InterruptFlag() as interrupt:
                 if self.step == 0:
                     val = self.validate(log)
+                else:  # read_metrics drops what an earlier session logged after this step
+                    self._log(log, {"kind": "resume", "step": self.step})
                 while self.step < cfg.steps:
                     t0, tokens0 = time.perf_counter(), self.counters["tokens"]
                     res = self.run_step(log)
@@ -450,7 +469,9 @@ class Trainer:
                         val = self.validate(log)
                         bar.set_description(f"train (val {val:.3f})")
                     at_save = self.step % cfg.save_every == 0 or self.step == cfg.steps
-                    if at_save and not res.skipped:  # only states after a good update
+                    # only states after a good update; and the final state (a skipped step
+                    # changed nothing; save() refuses NaN or inf weights)
+                    if at_save and (not res.skipped or self.step == cfg.steps):
                         self.save()
                     if interrupt.requested:
                         raise KeyboardInterrupt

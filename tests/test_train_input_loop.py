@@ -1,0 +1,169 @@
+"""Training input and the loop: what the run is given is checked before anything runs,
+and no checkpoint holds weights that are NaN or inf. Each test failed before its fix.
+
+Before: ``--data ""`` trained on the current directory (``Path("")`` is ``.``);
+``--lr 1e39`` passed the checks and ended in a RuntimeError traceback from inside
+AdamW's step ("value cannot be converted to type float without overflow");
+``weight_decay=1e300`` turned the weights into NaN after a step whose loss and gradient
+were finite, and that checkpoint was saved with LATEST moved onto it; ``beta1=1.0`` or
+``beta2=1.0`` passed TrainConfig and were refused by torch as "Invalid beta parameter
+at index 1"; ``load_corpus(val_percent="5")`` was a TypeError.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.models import LMConfig
+from moekit.train import NonFiniteError, TrainConfig, Trainer, load_checkpoint, load_corpus
+from moekit.train.checkpoint import LATEST
+
+TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+MODEL = LMConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=16, ffn_dim=16,
+                 num_experts=4, top_k=2)
+TRAIN = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup_steps=0, eval_every=4,
+                    eval_batches=1, save_every=1, log_every=1)
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "book.txt"
+    path.write_text(TEXT * 60)
+    return path
+
+
+def train_fails(argv: list[str], tmp_path: Path, capsys, *words: str) -> None:
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--preset", "tiny", "--steps", "2", "--seq-len", "16",
+                   "--out", str(out), "--no-progress", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()  # nothing created
+
+
+def test_empty_data_is_refused_not_the_current_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "notes.txt").write_text(TEXT * 60)  # what `.` would have trained on
+    monkeypatch.chdir(tmp_path)
+    train_fails(["--data", ""], tmp_path, capsys, "--data", "data=''",
+                "must name a text file or directory")
+
+
+@pytest.mark.parametrize("value", ["5", True, math.nan, 100])
+def test_val_percent_of_the_wrong_type_or_range_is_named(text_file, value):
+    with pytest.raises(ValueError) as e:
+        load_corpus(str(text_file), val_percent=value)
+    assert f"val_percent={value!r} is not allowed" in str(e.value) and "(0, 100)" in str(e.value)
+
+
+@pytest.mark.parametrize("lr", ["1e39", "1e30", "11"])
+def test_huge_lr_is_refused_before_the_run_starts(lr, text_file, tmp_path, capsys):
+    train_fails(["--data", str(text_file), "--lr", lr, "--warmup", "0"], tmp_path, capsys,
+                "--lr", f"lr={float(lr)!r}", "[0, 10]")
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("weight_decay", 1e300, "[0, 100]"),
+    ("weight_decay", -0.1, "[0, 100]"),
+    ("beta1", 1.0, "[0, 1)"),
+    ("beta2", 1.0, "[0, 1)"),
+])
+def test_optimizer_values_adamw_cannot_use_are_named(field, value, allowed):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**{field: value})
+    assert f"{field}={value!r} is not allowed" in str(e.value) and allowed in str(e.value)
+
+
+def test_the_largest_allowed_values_still_train(text_file, tmp_path):
+    cfg = TRAIN.replace(lr=10.0, weight_decay=0.1, beta1=0.99, beta2=0.999, steps=2,
+                        max_bad_steps=3)
+    Trainer(MODEL, cfg, load_corpus(str(text_file)), tmp_path, progress=False).fit()
+
+
+def poison_after_step(trainer: Trainer, step: int) -> None:
+    """The optimizer step that makes ``step`` leaves a NaN in one weight (as a huge weight
+    decay did), while that step's loss and gradient were finite."""
+    calls = {"n": 0}
+
+    def hook(optimizer, args, kwargs) -> None:
+        calls["n"] += 1
+        if calls["n"] == step:
+            with torch.no_grad():
+                trainer.model.embed.weight[0, 0] = math.nan
+
+    trainer.optimizer.register_step_post_hook(hook)
+
+
+def test_nan_weights_are_never_saved_and_latest_stays_on_the_good_one(text_file, tmp_path):
+    trainer = Trainer(MODEL, TRAIN, load_corpus(str(text_file)), tmp_path, progress=False)
+    poison_after_step(trainer, 3)
+    with pytest.raises(NonFiniteError, match=r"step 3: 1 parameter\(s\) hold NaN or inf "
+                                             r"\(embed.weight\).*step_00000002"):
+        trainer.fit()
+    assert (tmp_path / LATEST).read_text().strip() == "step_00000002"
+    assert not (tmp_path / "step_00000003").exists()
+    ck = load_checkpoint(tmp_path)
+    assert ck.step == 2 and all(torch.isfinite(t).all() for t in ck.model.values())
+
+
+def test_ctrl_c_after_nan_weights_does_not_save_them(text_file, tmp_path):
+    trainer = Trainer(MODEL, TRAIN.replace(save_every=100), load_corpus(str(text_file)),
+                      tmp_path, progress=False)
+    poison_after_step(trainer, 1)
+
+    def interrupt(module, inputs, output):
+        if trainer.step == 2:
+            raise KeyboardInterrupt
+        return output
+
+    trainer.model.embed.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(NonFiniteError, match="hold NaN or inf.*checkpoint is None"):
+            trainer.fit()
+    except KeyboardInterrupt:  # before the fix: saved, then re-raised (and ended pytest)
+        pytest.fail(f"Ctrl-C saved the NaN weights: LATEST is {trainer.last_checkpoint}")
+    assert not (tmp_path / LATEST).exists()
+
+
+def test_cli_nan_weights_are_one_error_line_and_exit_1(text_file, tmp_path, capsys,
+                                                       monkeypatch):
+    from moekit.train import trainer as trainer_module
+    real = trainer_module.make_optimizer
+
+    def poisoned(model, cfg):
+        optimizer = real(model, cfg)
+
+        def hook(opt, args, kwargs) -> None:
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.nan)
+
+        optimizer.register_step_post_hook(hook)
+        return optimizer
+
+    monkeypatch.setattr(trainer_module, "make_optimizer", poisoned)
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--preset", "tiny", "--steps", "2", "--seq-len", "16",
+                   "--data", str(text_file), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "hold NaN or inf" in err and "Traceback" not in err, err
+    assert not (out / LATEST).exists()
+
+
+def test_a_run_whose_last_step_is_skipped_still_saves_its_final_state(text_file, tmp_path):
+    trainer = Trainer(MODEL, TRAIN.replace(steps=3, save_every=100),
+                      load_corpus(str(text_file)), tmp_path, progress=False)
+
+    def nan_batch(module, inputs, output):  # one bad batch: the last step's
+        return output * math.nan if module.training and trainer.step == 2 else output
+
+    trainer.model.embed.register_forward_hook(nan_batch)
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 1 and summary["checkpoint"].endswith("step_00000003")
+    ck = load_checkpoint(tmp_path)
+    assert ck.step == 3 and all(torch.isfinite(t).all() for t in ck.model.values())
