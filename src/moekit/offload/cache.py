@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.config import check_bool, check_positive_int, reject
 from moekit.offload.policy import LFU, Key, make_policy
 from moekit.offload.stats import LayerStats, OffloadStats
 from moekit.offload.store import ExpertMemoryError, ExpertStore
@@ -127,11 +128,13 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, budget: int, policy: str = "lru",
                  prefetch: bool = True, num_layers: int | None = None,
                  threaded: bool = True) -> None:
+        layers = 1 + max((k[0] for k in store.experts), default=-1)
+        _check_cache_args(store, budget, prefetch, num_layers, threaded, layers)
         self.store, self.budget = store, budget
         self.policy = make_policy(policy)
+        self.closed = False
         self.entries: dict[Key, Entry] = {}
         self.used = 0
-        layers = 1 + max((k[0] for k in store.experts), default=-1)
         self.stats = OffloadStats(budget, policy, prefetch,
                                   [LayerStats() for _ in range(num_layers or layers)])
         self._predicted: dict[int, set[int]] = {}
@@ -197,6 +200,8 @@ class ExpertCache:
 
     def get(self, layer: int, experts: list[int]) -> list[Any]:
         """The tensors of ``experts`` of ``layer`` (sorted ids), in that order."""
+        if self.closed:
+            self._raise_closed()
         self.raise_failures()
         keys = [(layer, e) for e in experts]
         self._record(layer, experts)
@@ -270,6 +275,8 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Reserve room for ``experts`` of ``layer`` and read the missing ones ahead of use."""
+        if self.closed:
+            self._raise_closed()
         self.raise_failures()
         self._predicted[layer] = set(experts)
         self.stats.layers[layer].predicted += len(experts)
@@ -311,10 +318,38 @@ class ExpertCache:
                 f"{need} bytes for the experts one token uses (top-k); give at least that")
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Stop the prefetch thread (bounded by ``timeout``); True when it has ended."""
+        """Stop the prefetch thread (bounded by ``timeout``) and close the shard files; True
+        when the thread has ended. Closing twice is harmless; using the cache after it
+        (``get``, ``prefetch``) raises a RuntimeError before anything changes."""
+        self.closed = True
         stopped = True if self.loader is None else self.loader.close(timeout)
         self.store.close()
         return stopped
+
+    @staticmethod
+    def _raise_closed() -> None:
+        # was: a step after close() reopened the shard files behind the closed store, or
+        # failed deep in a forward ("the prefetch thread is closed") with reads reserved
+        raise RuntimeError("the expert cache is closed: expert_offload.close() stopped its "
+                           "prefetch thread and closed its shard files; load the model "
+                           "again to run it")
+
+
+def _check_cache_args(store: ExpertStore, budget: int, prefetch: bool,
+                      num_layers: int | None, threaded: bool, layers: int) -> None:
+    """ExpertCache's arguments, before its buffer is allocated or its thread started."""
+    check_positive_int("budget", budget)
+    largest = max((store.nbytes(k) for k in store.experts), default=0)
+    if budget < largest:  # no slot: nothing cached, and every step read in chunks of 0
+        raise ExpertMemoryError(f"budget={budget} is not allowed: it must be at least "
+                                f"{largest} bytes, the largest expert (one must fit)")
+    check_bool("prefetch", prefetch)
+    check_bool("threaded", threaded)
+    if num_layers is not None:
+        check_positive_int("num_layers", num_layers)
+        if num_layers < layers:
+            reject("num_layers", num_layers, f"it must be at least {layers}, the layers "
+                   "the store holds experts of")
 
 
 def check_budget(budget: int, layer_need: dict[int, int]) -> None:

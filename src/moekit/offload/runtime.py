@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.config import check_bool, check_choice
+from moekit.config import check_bool, check_choice, check_positive_int
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.backends import (
     _activation_spec,
@@ -170,8 +170,29 @@ class ExpertOffload:
 
     def __init__(self, cache: ExpertCache, predictors: list[Predictor | None],
                  prefetch: bool, prefetch_limit: int) -> None:
+        self.prefetch, self.prefetch_limit = prefetch, prefetch_limit  # (both checked)
         self.cache, self.predictors = cache, predictors
-        self.prefetch, self.prefetch_limit = prefetch, prefetch_limit
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether steps queue the next layer's predicted experts; switchable between steps
+        (only True or False: a truthy string such as "False" switched it on)."""
+        return self._prefetch
+
+    @prefetch.setter
+    def prefetch(self, value: bool) -> None:
+        check_bool("prefetch", value)
+        self._prefetch = value
+
+    @property
+    def prefetch_limit(self) -> int:
+        """At most this many experts queued per step (a positive int)."""
+        return self._prefetch_limit
+
+    @prefetch_limit.setter
+    def prefetch_limit(self, value: int) -> None:
+        check_positive_int("prefetch_limit", value)  # 0 turned prefetch off; -1 dropped one
+        self._prefetch_limit = value
 
     @property
     def stats(self):

@@ -21,24 +21,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.quant.tensor import QuantizedTensor, dequantize_NK
+from moekit.quant.tensor import QuantizationError, QuantizedTensor, dequantize_NK
 
 
 class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W dequantized from ``weight`` (a [1, K, N] QuantizedTensor)."""
 
     def __init__(self, weight: QuantizedTensor, bias: Tensor | None = None) -> None:
+        if not isinstance(weight, QuantizedTensor) or weight.shape[0] != 1:
+            shape = tuple(weight.shape) if isinstance(weight, QuantizedTensor | Tensor) else ""
+            raise QuantizationError(f"weight={type(weight).__name__}{shape} is not allowed: it "
+                                    "must be a QuantizedTensor of one expert, [1, K, N]")
+        if bias is not None and (not isinstance(bias, Tensor)
+                                 or tuple(bias.shape) != (weight.shape[2],)):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise QuantizationError(f"bias of shape {shape} is not allowed: it must be None or "
+                                    f"[N] = [{weight.shape[2]}]")
         super().__init__()
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[2]
+        # plain ints, as nn.Linear's (forward checks x against in_features without
+        # reading the QuantizedTensor's shape)
+        _, self.in_features, self.out_features = weight.shape
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float [N, K] weight (an ``nn.Linear`` weight)."""
@@ -47,6 +51,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         from moekit.functions import decode  # the kernels' layer; imported late to stay cheap
 
+        if x.dim() == 0 or x.shape[-1] != self.in_features:  # the kernels' and GEMMs' errors
+            # named w_in and x_TD, mat1 and mat2, or blamed the weight's shape
+            raise ValueError(f"x of shape {tuple(x.shape)} is not allowed: its last dimension "
+                             f"must be in_features={self.in_features}")
         x_TK = x.reshape(-1, x.shape[-1])
         if decode.dense_kernel_ok(x, self.weight, x_TK.shape[0]):
             y = decode.dense_rows(x_TK, self.weight)

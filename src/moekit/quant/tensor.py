@@ -24,6 +24,8 @@ Shape letters: E experts, K input width, N output width, g group size.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 
@@ -73,6 +75,46 @@ def check_divides(group_size: int | None, K: int, what: str) -> None:
                                 "groups run along the input dimension and must tile it")
 
 
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} of shape {tuple(t.shape)}{'' if t.is_contiguous() else ' (strided)'}"
+    return repr(t)
+
+
+def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                group_size: int | None, activations: str) -> None:
+    """A QuantizedTensor's parts, consistent with each other and with the format the
+    kernels read (checked once, at construction: a hand-made one that passed here and then
+    met a kernel's own check failed deep in a forward, or not at all on the torch path)."""
+    if bits == 4 and group_size is None:  # check_bits' default is for quantize's callers
+        raise QuantizationError(f"group_size=None is not allowed with bits=4: it must be one "
+                                f"of {', '.join(map(str, GROUP_SIZES))}")
+    check_bits(bits, group_size)
+    check_activations(activations, bits)
+    want = torch.int8 if bits == 8 else torch.uint8
+    if not (isinstance(data, Tensor) and data.dim() == 3 and data.dtype == want
+            and data.is_contiguous()):
+        raise QuantizationError(f"data={_describe(data)} is not allowed: with bits={bits} it "
+                                f"must be a contiguous {want} tensor [E, N, "
+                                f"{'K' if bits == 8 else 'K/2'}]")
+    E, N, K = data.shape[0], data.shape[1], data.shape[2] * (2 if bits == 4 else 1)
+    check_divides(group_size, K, "K")
+    shape = (E, N) if bits == 8 else (E, N, K // group_size)
+    dims = "[E, N]" if bits == 8 else f"[E, N, K/{group_size}]"
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if name == "zeros" and bits == 8:
+            if zeros is not None:
+                raise QuantizationError(f"zeros={_describe(zeros)} is not allowed with "
+                                        "bits=8: int8 is symmetric; it must be None")
+            continue
+        if not (isinstance(t, Tensor) and t.dtype == torch.float32 and t.is_contiguous()
+                and tuple(t.shape) == shape and t.device == data.device):
+            raise QuantizationError(
+                f"{name}={_describe(t)} is not allowed: with bits={bits} and data of shape "
+                f"{tuple(data.shape)} it must be a contiguous float32 tensor {dims} = "
+                f"{list(shape)} on data's device ({data.device})")
+
+
 class QuantizedTensor(nn.Module):
     """A quantized [E, K, N] weight stack (an nn.Module so its buffers are in state_dict).
 
@@ -82,6 +124,7 @@ class QuantizedTensor(nn.Module):
 
     def __init__(self, data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                  group_size: int | None, activations: str = "float") -> None:
+        check_parts(data, scales, zeros, bits, group_size, activations)
         super().__init__()
         self.bits, self.group_size = bits, group_size
         # "int8": the decode kernels round the activations to int8 (int4 only; see
@@ -140,7 +183,12 @@ class QuantizedTensor(nn.Module):
 
     def select(self, experts: Tensor | list[int]) -> QuantizedTensor:
         """A QuantizedTensor of the given experts only (in that order)."""
-        idx = torch.as_tensor(experts, dtype=torch.long, device=self.data.device)
+        ids = torch.as_tensor(experts, dtype=torch.long, device="cpu")  # checked here
+        E = self.data.shape[0]
+        if ids.dim() != 1 or (ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < E):
+            raise QuantizationError(f"experts={experts!r} is not allowed: it must list expert "
+                                    f"ids in [0, {E - 1}]")
+        idx = ids.to(self.data.device)
         z = None if self.zeros is None else self.zeros.index_select(0, idx)
         return QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
                                z, self.bits, self.group_size, self.activations)
@@ -182,8 +230,13 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = No
     its payload not necessarily torch's)."""
     from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
 
-    ext = cpu_ext.get_decode() if qt.data.device.type == "cpu" else None
+    data = qt.data
+    if not (type(e0) is int and type(e1) is int and 0 <= e0 <= e1 <= data.shape[0]):
+        e0, e1 = _check_range(e0, e1, data.shape[0])  # (the check above costs ~0.1 us)
+    ext = cpu_ext.get_decode() if data.device.type == "cpu" else None
     if ext is None:
+        if out is not None:  # as the kernel checks it (copy_ would broadcast one expert)
+            _check_out(out, (e1 - e0, qt.shape[2], qt.shape[1]))
         w = _dequantize_torch(qt, e0, e1)
         return w.to(dtype) if out is None else out.copy_(w)
     if out is None and dtype not in (torch.float32, torch.bfloat16):
@@ -194,6 +247,31 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = No
     # the kernel checks a given out: float32 or bfloat16, contiguous, [e1 - e0, N, K]
     return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1,
                           out)
+
+
+def _check_range(e0: object, e1: object, E: int) -> tuple[int, int]:
+    """(e0, e1) as ints when 0 <= e0 <= e1 <= E; a QuantizationError naming them otherwise
+    (the kernel's "experts 5..2 out of range" named neither; torch's slicing returned an
+    empty or wrong block of experts)."""
+    try:
+        if isinstance(e0, bool) or isinstance(e1, bool):
+            raise TypeError
+        i0, i1 = operator.index(e0), operator.index(e1)
+    except TypeError:
+        i0, i1 = -1, -1
+    if not 0 <= i0 <= i1 <= E:
+        raise QuantizationError(f"e0={e0!r}, e1={e1!r} is not allowed: the experts e0..e1-1 "
+                                f"must be ints with 0 <= e0 <= e1 <= {E} (the tensor's "
+                                "experts)")
+    return i0, i1
+
+
+def _check_out(out: Tensor, shape: tuple[int, int, int]) -> None:
+    if not (isinstance(out, Tensor) and out.dtype in (torch.float32, torch.bfloat16)
+            and out.is_contiguous() and tuple(out.shape) == shape):
+        raise QuantizationError(f"out={_describe(out)} is not allowed: it must be a contiguous "
+                                f"float32 or bfloat16 tensor of shape {list(shape)} "
+                                "([e1 - e0, N, K])")
 
 
 def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
