@@ -10,22 +10,17 @@ import math
 import torch
 from torch import Tensor
 
+from moekit.config import check_number
 from moekit.models.transformer import MoETransformer
 
 
-def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (_is_real(temperature) and 0 <= temperature < math.inf):
-        raise ValueError(f"temperature={temperature!r} is not allowed: it must be a finite "
-                         "number >= 0 (0 = greedy)")
+    check_number("temperature", temperature, 0, math.inf)  # 0 = greedy
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or top_k < 1):
         raise ValueError(f"top_k={top_k!r} is not allowed: it must be None or an int >= 1")
-    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} is not allowed: it must be None or in (0, 1]")
+    if top_p is not None:
+        check_number("top_p", top_p, 0, 1, low_open=True)
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
