@@ -70,17 +70,14 @@ def check_out_file(flag: str, out: object) -> None:
     """``out`` names a file this process can create or overwrite: not empty, not a
     directory, no file in its path, its nearest existing folder writable."""
     from moekit.config import reject
+    from moekit.train.cli import check_writable_folder
 
     if not isinstance(out, (str, os.PathLike)) or str(out) == "":
         reject(flag, out, "it must name a JSON file")
     path = Path(out)
     if path.is_dir():
         reject(flag, str(out), "it is a directory; name a JSON file")
-    here = next((p for p in path.parents if p.exists()), Path("."))
-    if not here.is_dir():
-        reject(flag, str(out), f"{str(here)!r} in its path is a file, not a directory")
-    if not os.access(here, os.W_OK | os.X_OK):
-        reject(flag, str(out), f"{str(here)!r} is not writable; pick a folder you can write to")
+    check_writable_folder(flag, out, list(path.parents))
     if path.exists() and not os.access(path, os.W_OK):
         reject(flag, str(out), "the file is not writable")
 

@@ -144,19 +144,25 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def check_writable_folder(flag: str, out: str | Path, candidates: list[Path]) -> None:
+    """The nearest existing path of ``candidates`` (``out`` and / or its parents, nearest
+    first) is a directory this process can write into; else a ValueError naming ``flag``."""
+    here = next((p for p in candidates if p.exists()), Path("."))
+    if not here.is_dir():
+        where = "it" if here == Path(out) else f"{str(here)!r} in its path"
+        reject(flag, str(out), f"{where} is a file, not a directory; pick a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        reject(flag, str(out), f"{str(here)!r} is not writable; pick a directory you can "
+               "write to")
+
+
 def check_out_dir(flag: str, out: str | Path) -> None:
     """``out`` can become a directory that this process writes into: it is named, it is
     not a file, no file stands in its path, and its nearest existing parent is writable."""
     if str(out) == "":  # Path("") is the current directory
         reject(flag, str(out), "it must name a directory")
     path = Path(out)
-    here = next((p for p in (path, *path.parents) if p.exists()), Path("."))
-    if here.exists() and not here.is_dir():
-        where = "it" if here == path else f"{str(here)!r} in its path"
-        reject(flag, str(out), f"{where} is a file, not a directory; pick a directory")
-    if not os.access(here, os.W_OK | os.X_OK):
-        reject(flag, str(out), f"{str(here)!r} is not writable; pick a directory you can "
-               "write to")
+    check_writable_folder(flag, out, [path, *path.parents])
 
 
 def check_new_out(out: str | Path) -> None:
