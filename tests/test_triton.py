@@ -263,3 +263,29 @@ def test_opcheck_fused_experts():
     torch.library.opcheck(fused_experts_fwd, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
+
+
+def test_wide_tiles_only_for_16_bit_and_many_rows_per_expert():
+    """The autotuners' pruning (moekit.kernels.grouped._prune): the WIDE_* tiles join the
+    search only for fp16 / bf16 inputs with MIN_WIDE_ROWS or more rows per expert."""
+    import triton
+
+    from moekit.kernels import grouped
+
+    for base, wide in [(grouped.BASE_ROW, grouped.WIDE_SCATTER),
+                       (grouped.BASE_ROW, grouped.WIDE_DOWN_BWD),
+                       (grouped.BASE_WGRAD, grouped.WIDE_WGRAD)]:
+        assert not set(base) & set(wide)
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                 num_stages=s) for m, n, k, w, s in base + wide]
+        prune = grouped._prune(base)["early_config_prune"]
+
+        def kept(dtype, rows, prune=prune, configs=configs):
+            args = {"M": 8, "a_ptr": torch.zeros(2, dtype=dtype), "M_BUCKET": rows}
+            return [grouped.config_shape(c) for c in prune(configs, args)]
+
+        rows = grouped.MIN_WIDE_ROWS
+        assert kept(torch.bfloat16, rows) == base + wide
+        assert kept(torch.float16, 4 * rows) == base + wide
+        assert kept(torch.bfloat16, rows // 2) == base
+        assert kept(torch.float32, 4 * rows) == base

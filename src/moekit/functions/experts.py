@@ -4,10 +4,15 @@ Forward (two kernels): gather + up projection + activation, then the down
 projection with the weighted combine scattered into the tokens. Backward (four
 kernels): dA = dy[tok] @ W_out^T with the activation derivative, the combine
 weight's gradient and the recomputed activation in its epilogue; dx by a
-scatter GEMM against W_in^T; dW_in and dW_out (+ bias sums) per expert.
+scatter GEMM against W_in^T; dW_in = x[tok]^T dh and dW_out = (weight * act)^T dy[tok]
+(+ bias sums) per expert.
 
 Only the pre-activation h_SG [S, G] is kept for backward; the activation
-output a_SF is a forward temporary and is recomputed where backward needs it.
+output a_SF is a forward temporary. The backward's first kernel recomputes it and
+writes weight * act(h) [S, F], a backward temporary, so that dW_out's GEMM reads
+plain rows instead of recomputing the activation in its inner loop (which kept
+that loop's loads from being pipelined: 108-115 TFLOP/s against 250-275 for dW_in
+on an H200, benchmarks/bench_triton_bwd.py, 2026-12-04).
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU kinds else
 F, E experts, S routed rows sorted by expert.
@@ -54,20 +59,22 @@ def fused_experts_bwd(dy_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: Te
                       limit: float, alpha: float, need_x: bool, need_w: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx_TD, dweight_S, dw_in, dw_out, db_in, db_out); skipped ones are empty."""
-    E, D, G = w_in_EDG.shape
-    F = w_out_EFD.shape[1]
-    dh_SG, dweight_S = grouped.down_backward(dy_TD, token_S, weight_S, offsets_E, w_out_EFD,
-                                             b_out_ED, h_SG, act, limit, alpha)
+    dh_SG, dweight_S, aw_SF = grouped.down_backward(dy_TD, token_S, weight_S, offsets_E,
+                                                    w_out_EFD, b_out_ED, h_SG, act, limit,
+                                                    alpha, store_aw=need_w)
     dx_TD = _empty(x_TD)
     if need_x:
         dx_TD = grouped.scatter_rows(dh_SG, token_S, None, offsets_E, w_in_EDG.transpose(1, 2),
                                      None, x_TD.shape[0]).to(x_TD.dtype)
     grads = [_empty(x_TD)] * 4
     if need_w:
-        dw_in, db_in = grouped.weight_grad(x_TD, token_S, None, offsets_E, dh_SG, D, G,
-                                           b_in_EG is not None)
-        dw_out, db_out = grouped.weight_grad(h_SG, token_S, weight_S, offsets_E, dy_TD, F, D,
-                                             b_out_ED is not None, act, limit, alpha)
+        dw_in, db_in = grouped.weight_grad(x_TD, token_S, offsets_E, dh_SG, a_gather=True,
+                                           b_gather=False, with_bias=b_in_EG is not None)
+        # (weight * act(h))^T dy[tok]: the combine weight sits in the left operand, which
+        # the backward's first kernel wrote, so both operands are plain loads
+        dw_out, db_out = grouped.weight_grad(aw_SF, token_S, offsets_E, dy_TD, a_gather=False,
+                                             b_gather=True, with_bias=b_out_ED is not None,
+                                             bias_weight_S=weight_S)
         grads = [dw_in, dw_out, *(g if g is not None else _empty(x_TD) for g in (db_in, db_out))]
     return dx_TD, dweight_S, *grads
 

@@ -38,24 +38,54 @@ from moekit.kernels.common import (
     rows_bucket,
 )
 
+# Launch configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BASE serves
+# every dtype and row count. The WIDE_* lists add larger tiles and more warps for fp16 /
+# bf16 with at least MIN_WIDE_ROWS rows per expert; each was kept only if it compiles
+# for sm_90 without register spills (`python tests/triton_aot.py --tiles`, triton 3.6:
+# benchmarks/results/triton_tiles_sm90_20261204.txt). That report shows five of the
+# seven BASE tiles of _down_bwd_kernel spilling 1.4-1.5 KB per thread: its epilogue
+# holds the GEMM tile, both pre-activation tiles and the activation's derivatives, so
+# WIDE_DOWN_BWD puts 8 warps on 64x128 / 128x64 tiles (no spill). On an H200 the WIDE
+# lists took that kernel 12% and a T=4096 training step 5% faster
+# (benchmarks/bench_triton_bwd.py, 2026-12-04).
+BASE_ROW = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+            (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (32, 64, 64, 4, 4)]
+BASE_WGRAD = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+              (128, 128, 64, 8, 3)]
+WIDE_UP = [(128, 64, 64, 4, 4)]
+WIDE_SCATTER = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4)]
+WIDE_DOWN_BWD = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 4),
+                 (64, 64, 64, 4, 4)]
+WIDE_WGRAD = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+              (64, 256, 64, 4, 3)]
+MIN_WIDE_ROWS = 64
 
-def _row_configs() -> list[triton.Config]:
+
+def _configs(base: list, wide: list) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
-    shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3),
-              (128, 128, 32, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3),
-              (32, 64, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                          num_stages=s) for m, n, k, w, s in shapes]
+                          num_stages=s) for m, n, k, w, s in base + wide]
 
 
-def _wgrad_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
-    shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-              (128, 128, 32, 8, 3), (128, 128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                          num_stages=s) for m, n, k, w, s in shapes]
+def config_shape(config: triton.Config) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a launch configuration."""
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _prune(base: list):
+    """Autotune pruning: only the BASE tiles for fp32 or few rows per expert."""
+    keep = set(base)
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        first = next(v for v in named_args.values() if isinstance(v, Tensor))
+        if first.element_size() <= 2 and named_args["M_BUCKET"] >= MIN_WIDE_ROWS:
+            return configs
+        return [c for c in configs if config_shape(c) in keep] or configs
+
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -78,7 +108,8 @@ def _expert_block(offsets_ptr, E, pid, BLOCK_M: tl.constexpr, BLOCK_E: tl.conste
 # -- forward: gather + up projection + activation --------------------------------------------
 
 
-@triton.autotune(configs=_row_configs(), key=["D", "F", "M_BUCKET"])
+@triton.autotune(configs=_configs(BASE_ROW, WIDE_UP), key=["D", "F", "M_BUCKET"],
+                 prune_configs_by=_prune(BASE_ROW))
 @triton.jit
 def _up_kernel(x_ptr, tok_ptr, off_ptr, w_ptr, b_ptr, h_ptr, a_ptr,
                E, D, F, M_BUCKET, stride_x, stride_we, stride_wd, stride_wg, stride_be,
@@ -134,7 +165,8 @@ def _up_kernel(x_ptr, tok_ptr, off_ptr, w_ptr, b_ptr, h_ptr, a_ptr,
 # -- forward down projection + weighted combine; backward input gradient ------------------
 
 
-@triton.autotune(configs=_row_configs(), key=["K", "N", "M_BUCKET"], reset_to_zero=["out_ptr"])
+@triton.autotune(configs=_configs(BASE_ROW, WIDE_SCATTER), key=["K", "N", "M_BUCKET"],
+                 reset_to_zero=["out_ptr"], prune_configs_by=_prune(BASE_ROW))
 @triton.jit
 def _scatter_kernel(a_ptr, tok_ptr, wt_ptr, off_ptr, w_ptr, b_ptr, out_ptr,
                     E, K, N, M_BUCKET, stride_a, stride_we, stride_wk, stride_wn, stride_be,
@@ -175,16 +207,18 @@ def _scatter_kernel(a_ptr, tok_ptr, wt_ptr, off_ptr, w_ptr, b_ptr, out_ptr,
 # -- backward through the down projection, the combine weight and the activation ----------
 
 
-@triton.autotune(configs=_row_configs(), key=["D", "F", "M_BUCKET"], reset_to_zero=["dwt_ptr"])
+@triton.autotune(configs=_configs(BASE_ROW, WIDE_DOWN_BWD), key=["D", "F", "M_BUCKET"],
+                 reset_to_zero=["dwt_ptr"], prune_configs_by=_prune(BASE_ROW))
 @triton.jit
 def _down_bwd_kernel(dy_ptr, tok_ptr, wt_ptr, off_ptr, w_ptr, b_ptr, h_ptr, dh_ptr, dwt_ptr,
-                     E, D, F, M_BUCKET, stride_dy, stride_we, stride_wf, stride_wd, stride_be,
-                     stride_h, stride_dh,
+                     aw_ptr, E, D, F, M_BUCKET, stride_dy, stride_we, stride_wf, stride_wd,
+                     stride_be, stride_h, stride_dh, stride_aw,
                      ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     LIMIT: tl.constexpr, ALPHA: tl.constexpr, UPCAST: tl.constexpr,
-                     PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dA = dy[tok] @ W_out[e]^T; dh = act'(h) * weight * dA; dweight = <act(h), dA> (+ bias)."""
+                     STORE_AW: tl.constexpr, LIMIT: tl.constexpr, ALPHA: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dA = dy[tok] @ W_out[e]^T; dh = act'(h) * weight * dA; dweight = <act(h), dA> (+ bias);
+    with STORE_AW also aw = weight * act(h), the left operand of dW_out."""
     expert, row0, row_end = _expert_block(off_ptr, E, tl.program_id(0), BLOCK_M, BLOCK_E)
     if expert < E:
         pid_n = tl.program_id(1)
@@ -226,6 +260,9 @@ def _down_bwd_kernel(dy_ptr, tok_ptr, wt_ptr, off_ptr, w_ptr, b_ptr, h_ptr, dh_p
                     dwt += tl.sum(g.to(tl.float32) * b.to(tl.float32)[None, :], 1)
         tl.atomic_add(dwt_ptr + rows, dwt, mask=rmask)
         wt = tl.load(wt_ptr + rows, mask=rmask, other=0.0)
+        if STORE_AW:
+            tl.store(aw_ptr + rows64[:, None] * stride_aw + cols[None, :],
+                     (act * wt[:, None]).to(aw_ptr.dtype.element_ty), mask=omask)
         d_g, d_u = act_bwd(h_g, h_u, acc * wt[:, None], ACT, LIMIT, ALPHA)
         tl.store(dh_ptr + rows64[:, None] * stride_dh + cols[None, :],
                  d_g.to(dh_ptr.dtype.element_ty), mask=omask)
@@ -237,18 +274,19 @@ def _down_bwd_kernel(dy_ptr, tok_ptr, wt_ptr, off_ptr, w_ptr, b_ptr, h_ptr, dh_p
 # -- weight gradients ---------------------------------------------------------------------
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "M_BUCKET"])
+@triton.autotune(configs=_configs(BASE_WGRAD, WIDE_WGRAD), key=["M", "N", "M_BUCKET"],
+                 prune_configs_by=_prune(BASE_WGRAD))
 @triton.jit
 def _wgrad_kernel(a_ptr, tok_ptr, wt_ptr, off_ptr, b_ptr, dw_ptr, db_ptr,
-                  M, N, F, M_BUCKET, stride_a, stride_b, stride_dwe, stride_dwm, stride_db,
-                  A_ACT: tl.constexpr, B_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  ACT: tl.constexpr, GLU: tl.constexpr, LIMIT: tl.constexpr,
-                  ALPHA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                  M, N, M_BUCKET, stride_a, stride_b, stride_dwe, stride_dwm, stride_db,
+                  A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BIAS_WEIGHT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dW[e] = A_e^T @ B_e over expert e's rows; db[e] = column sums of B_e.
 
-    A is x[tok[r]] (A_ACT False) or act(h[r]) recomputed (A_ACT True);
-    B is dh[r] (B_GATHER False) or weight[r] * dy[tok[r]] (B_GATHER True).
+    A is a[tok[r]] (A_GATHER) or a[r]; B is b[tok[r]] (B_GATHER) or b[r]. With
+    BIAS_WEIGHT the bias sums weight[r] * B[r]. Both operands are plain (gathered)
+    loads, so the loop's loads are pipelined; nothing is computed on them in registers.
     """
     expert = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -264,29 +302,22 @@ def _wgrad_kernel(a_ptr, tok_ptr, wt_ptr, off_ptr, b_ptr, dw_ptr, db_ptr,
         rs = r0 + tl.arange(0, BLOCK_K)
         rmask = rs < end
         rs64 = rs.to(tl.int64)
-        amask = mmask[:, None] & rmask[None, :]
-        if A_ACT:
-            h_g = tl.load(a_ptr + rs64[None, :] * stride_a + ms[:, None], mask=amask, other=0.0)
-            h_u = h_g
-            if GLU:
-                h_u = tl.load(a_ptr + rs64[None, :] * stride_a + (ms + F)[:, None], mask=amask,
-                              other=0.0)
-            at = act_fwd(h_g.to(tl.float32), h_u.to(tl.float32), ACT, LIMIT, ALPHA)
-            at = at.to(h_g.dtype)
-        else:
+        tok = rs64
+        if A_GATHER or B_GATHER:
             tok = tl.load(tok_ptr + rs, mask=rmask, other=0).to(tl.int64)
-            at = tl.load(a_ptr + tok[None, :] * stride_a + ms[:, None], mask=amask, other=0.0)
-        bmask = rmask[:, None] & nmask[None, :]
-        if B_GATHER:
-            tok_b = tl.load(tok_ptr + rs, mask=rmask, other=0).to(tl.int64)
-            wt = tl.load(wt_ptr + rs, mask=rmask, other=0.0)
-            g = tl.load(b_ptr + tok_b[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0)
-            bt = (g.to(tl.float32) * wt[:, None]).to(g.dtype)
-        else:
-            bt = tl.load(b_ptr + rs64[:, None] * stride_b + ns[None, :], mask=bmask, other=0.0)
+        a_rows = tok if A_GATHER else rs64
+        b_rows = tok if B_GATHER else rs64
+        at = tl.load(a_ptr + a_rows[None, :] * stride_a + ms[:, None],
+                     mask=mmask[:, None] & rmask[None, :], other=0.0)
+        bt = tl.load(b_ptr + b_rows[:, None] * stride_b + ns[None, :],
+                     mask=rmask[:, None] & nmask[None, :], other=0.0)
         acc = mma(at, bt, acc, UPCAST, PREC)
         if HAS_BIAS:
-            bsum += tl.sum(bt.to(tl.float32), 0)
+            if BIAS_WEIGHT:
+                wt = tl.load(wt_ptr + rs, mask=rmask, other=0.0)
+                bsum += tl.sum(bt.to(tl.float32) * wt[:, None], 0)
+            else:
+                bsum += tl.sum(bt.to(tl.float32), 0)
     dw_base = dw_ptr + expert.to(tl.int64) * stride_dwe
     tl.store(dw_base + ms[:, None].to(tl.int64) * stride_dwm + ns[None, :],
              acc.to(dw_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
@@ -352,41 +383,42 @@ def scatter_rows(a_SK: Tensor, token_S: Tensor, weight_S: Tensor | None, offsets
 
 def down_backward(dy_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
                   w_out_EFD: Tensor, b_out_ED: Tensor | None, h_SG: Tensor, act: str,
-                  limit: float, alpha: float) -> tuple[Tensor, Tensor]:
-    """(dh_SG, dweight_S fp32): rows past offsets_E[-1] get dweight 0, dh unset."""
+                  limit: float, alpha: float, store_aw: bool = False
+                  ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dh_SG, dweight_S fp32, aw_SF): rows past offsets_E[-1] get dweight 0, dh and aw
+    unset. aw_SF = weight_S * act(h_SG) (dW_out's left operand) only with ``store_aw``."""
     S, (E, F, D) = token_S.shape[0], w_out_EFD.shape
     dh_SG = torch.empty_like(h_SG)
     dweight_S = torch.zeros(S, device=dy_TD.device, dtype=torch.float32)
+    aw_SF = h_SG.new_empty(S, F) if store_aw else None
+    aw = aw_SF if aw_SF is not None else dh_SG
     b = b_out_ED if b_out_ED is not None else w_out_EFD
     _down_bwd_kernel[_row_grid(S, E, F)](
-        dy_TD, token_S, weight_S, offsets_E, w_out_EFD, b, h_SG, dh_SG, dweight_S,
+        dy_TD, token_S, weight_S, offsets_E, w_out_EFD, b, h_SG, dh_SG, dweight_S, aw,
         E, D, F, rows_bucket(S, E), dy_TD.stride(0), *w_out_EFD.stride(), b.stride(0),
-        h_SG.stride(0), dh_SG.stride(0),
-        HAS_BIAS=b_out_ED is not None, **_act_args(act, limit, alpha),
+        h_SG.stride(0), dh_SG.stride(0), aw.stride(0),
+        HAS_BIAS=b_out_ED is not None, STORE_AW=store_aw, **_act_args(act, limit, alpha),
         **_dot_args(dy_TD.dtype, E))
-    return dh_SG, dweight_S
+    return dh_SG, dweight_S, aw_SF
 
 
-def weight_grad(a: Tensor, token_S: Tensor, weight_S: Tensor | None, offsets_E: Tensor,
-                b: Tensor, M: int, N: int, with_bias: bool, act: str | None = None,
-                limit: float = 0.0, alpha: float = 0.0) -> tuple[Tensor, Tensor | None]:
+def weight_grad(a: Tensor, token_S: Tensor, offsets_E: Tensor, b: Tensor, a_gather: bool,
+                b_gather: bool, with_bias: bool, bias_weight_S: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
     """(dW_EMN, db_EN): per-expert A^T B over sorted rows (see ``_wgrad_kernel``).
 
-    ``act`` None: A = a[token_S] (a is x_TD). Else A = act(a) with a = h_SG.
-    ``weight_S`` None: B = b[r] (b is dh_SG). Else B = weight_S * b[token_S].
+    A = a[token_S] with ``a_gather`` else a[r] (M = a's width); B = b[token_S] with
+    ``b_gather`` else b[r] (N = b's width). db sums ``bias_weight_S`` * B when given.
     """
-    E = offsets_E.shape[0]
+    E, M, N = offsets_E.shape[0], a.shape[1], b.shape[1]
     dw_EMN = a.new_empty(E, M, N)
     db_EN = a.new_empty(E, N) if with_bias else dw_EMN
-    F = a.shape[1] // 2 if act in GLU_ACTS else M
-    acts = _act_args(act or "swiglu", limit, alpha)
-    acts["GLU"] = acts["GLU"] and act is not None
+    wt = bias_weight_S if bias_weight_S is not None else offsets_E
     grid = lambda meta: (E, triton.cdiv(M, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(N, meta["BLOCK_N"]))
     _wgrad_kernel[grid](
-        a, token_S, weight_S if weight_S is not None else offsets_E, offsets_E, b, dw_EMN,
-        db_EN, M, N, F, rows_bucket(token_S.shape[0], E), a.stride(0), b.stride(0),
-        dw_EMN.stride(0), dw_EMN.stride(1), db_EN.stride(0),
-        A_ACT=act is not None, B_GATHER=weight_S is not None, HAS_BIAS=with_bias, **acts,
-        **_dot_args(a.dtype))
+        a, token_S, wt, offsets_E, b, dw_EMN, db_EN, M, N, rows_bucket(token_S.shape[0], E),
+        a.stride(0), b.stride(0), dw_EMN.stride(0), dw_EMN.stride(1), db_EN.stride(0),
+        A_GATHER=a_gather, B_GATHER=b_gather, HAS_BIAS=with_bias,
+        BIAS_WEIGHT=bias_weight_S is not None, **_dot_args(a.dtype))
     return dw_EMN, (db_EN if with_bias else None)
