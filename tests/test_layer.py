@@ -302,3 +302,29 @@ def test_aux_loss_is_one_when_perfectly_balanced():
 def test_many_experts(E, K):
     moe, x, _ = build((3,), E, K, capacity_factor=None)
     check_against_reference(moe, x, None, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("F_, grad, dtype, capability, want", [
+    (1024, True, torch.bfloat16, (9, 0), "grouped_mm"),  # training wide experts
+    (1408, True, torch.bfloat16, (10, 0), "grouped_mm"),
+    (768, True, torch.bfloat16, (9, 0), "triton"),  # narrow experts: the fused kernels
+    (1024, False, torch.bfloat16, (9, 0), "triton"),  # no autograd: the fused forward
+    (1024, True, torch.float16, (9, 0), "triton"),  # grouped_mm takes bf16 only
+    (1024, True, torch.bfloat16, (8, 0), "triton"),  # before sm_90
+])
+def test_auto_on_cuda_trains_wide_experts_on_grouped_mm(monkeypatch, F_, grad, dtype,
+                                                        capability, want):
+    """backend="auto" where triton serves the tensors (faked here: no GPU): grouped_mm
+    only for a bf16 training step on sm_90+ with experts of GROUPED_MM_TRAIN_MIN_HIDDEN
+    or more (the H200 measurements in moekit/experts/experts.py)."""
+    from moekit.experts import experts
+
+    monkeypatch.setattr(experts, "triton_supported", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x = torch.zeros(4, 64, dtype=dtype, requires_grad=grad)
+    w_in = torch.zeros(8, 64, 2 * F_, dtype=dtype, requires_grad=grad)
+    w_out = torch.zeros(8, F_, 64, dtype=dtype, requires_grad=grad)
+    assert experts.GROUPED_MM_TRAIN_MIN_HIDDEN == 1024
+    assert experts.auto_backend_name(x, w_in, w_out) == want
+    with torch.no_grad():  # the same tensors outside autograd: always the fused forward
+        assert experts.auto_backend_name(x, w_in, w_out) == "triton"

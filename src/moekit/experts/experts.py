@@ -44,12 +44,13 @@ def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor
 
 def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
                       rows: int | None = None) -> str:
-    """triton on CUDA; on CPU "decode" for few rows without autograd (or quantized
-    weights), else "fused" (benchmarks/bench_cpu.py); else grouped_mm or loop."""
+    """triton on CUDA (grouped_mm for training wide experts: ``grouped_mm_trains_faster``);
+    on CPU "decode" for few rows without autograd (or quantized weights), else "fused"
+    (benchmarks/bench_cpu.py); else grouped_mm or loop."""
     if decode_supported(x_TD, w_in_EDG, w_out_EFD, rows):
         return "decode"
     if triton_supported(x_TD):
-        return "triton"
+        return "grouped_mm" if grouped_mm_trains_faster(x_TD, w_in_EDG, w_out_EFD) else "triton"
     # fused reads the expert counts on the host, so torch.compile(fullgraph=True)
     # gets the host-sync-free grouped_mm path instead
     if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -58,6 +59,33 @@ def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
     if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD):
         return "grouped_mm"
     return "loop"
+
+
+# Expert hidden size from which a CUDA training step runs grouped_mm rather than the
+# Triton kernels. One H200, bf16, fwd+bwd ms triton / grouped_mm (benchmarks/
+# bench_triton.py, 2026-12-04): T=4096 D=2048 F=1408 E=8 K=2 (Mixtral-like) 1.26, 1.22
+# and, after dW_out's rewrite, 1.17; F=768 E=64 K=8 at T=1024 / 4096 / 16384 1.08-1.12,
+# 1.02-1.04 and 0.99-1.02 before it, which took about 0.47 ms (10%) off the T=4096 step
+# (bench_triton_bwd.py). Triton's GEMMs run at half grouped_mm's TFLOP/s there and its
+# gain is the fused gather, activation and combine, whose traffic per FLOP falls as F
+# grows: so wide experts train on grouped_mm, narrow ones on triton. The forward alone
+# (no autograd) stays on triton: 0.67-0.94x grouped_mm's time at the fine-grained
+# shapes, 0.90-1.03x at the Mixtral-like one.
+GROUPED_MM_TRAIN_MIN_HIDDEN = 1024
+
+
+def grouped_mm_trains_faster(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
+    """Whether "auto" should train experts on grouped_mm instead of triton (asked for
+    tensors triton serves, i.e. on a GPU): autograd recording through the experts, bf16
+    on an sm_90+ GPU (torch._grouped_mm's fast path), and experts at least
+    ``GROUPED_MM_TRAIN_MIN_HIDDEN`` wide."""
+    training = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w_in_EDG, w_out_EFD))
+    return (training and x_TD.dtype == torch.bfloat16
+            and w_out_EFD.dtype == torch.bfloat16 and w_in_EDG.dtype == torch.bfloat16
+            and w_out_EFD.shape[1] >= GROUPED_MM_TRAIN_MIN_HIDDEN
+            and grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)
+            and torch.cuda.get_device_capability(x_TD.device) >= (9, 0))
 
 
 def _autocast(x_TD: Tensor, params: tuple) -> tuple[Tensor, tuple]:
