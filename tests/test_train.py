@@ -453,6 +453,30 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
     assert resumed.fit()["step"] == TRAIN.steps
 
 
+def test_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, corpus):
+    """A second Ctrl-C can land between the optimizer's update and the step counter:
+    fit stops there and writes no checkpoint (one would hold step 4's weights labelled
+    step 3); the saved step 6 of an earlier session stays the one to resume from."""
+    import signal
+    trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
+    calls = {"n": 0}
+
+    def press_ctrl_c_twice(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == TRAIN.eval_batches + 3:  # during step 3's forward
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = trainer.model.embed.register_forward_hook(press_ctrl_c_twice)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    handle.remove()
+    assert trainer.step == 2  # step 3 never completed
+    assert trainer.last_checkpoint is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("step_")]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_single_text_file_validates_on_its_tail(tmp_path):
     path = tmp_path / "book.txt"
     path.write_bytes(bytes(range(32, 127)) * 20)  # 1900 bytes

@@ -239,10 +239,15 @@ def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
+class _StopAtBoundary(KeyboardInterrupt):
+    """The loop stopping at a step boundary after a first Ctrl-C: the state is whole."""
+
+
 class _InterruptFlag:
     """First Ctrl-C asks the loop to save and stop at the next step boundary (so
     the checkpoint never holds a half-applied optimizer step); a second one
-    interrupts at once."""
+    interrupts at once, and then nothing is saved: it may land between the
+    optimizer's update and the step counter, or inside the update."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -446,7 +451,8 @@ class Trainer:
         return val
 
     def fit(self) -> dict[str, Any]:
-        """Train to cfg.steps; returns a summary. Ctrl-C saves, then re-raises."""
+        """Train to cfg.steps; returns a summary. A first Ctrl-C finishes the step in
+        flight, saves and re-raises; a second one stops at once and saves nothing."""
         cfg = self.cfg
         log = MetricsLog(self.out_dir)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
@@ -474,12 +480,16 @@ class Trainer:
                     if at_save and (not res.skipped or self.step == cfg.steps):
                         self.save()
                     if interrupt.requested:
-                        raise KeyboardInterrupt
-        except KeyboardInterrupt:
+                        raise _StopAtBoundary
+        except _StopAtBoundary:
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     f"step_{self.step:08d}":
                 self.save()
             tqdm.write(f"interrupted at step {self.step}: saved {self.last_checkpoint}")
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:  # a second Ctrl-C, anywhere in a step: nothing is saved
+            tqdm.write(f"second Ctrl-C: stopped without saving (the model may hold part of "
+                       f"step {self.step + 1}); last checkpoint: {self.last_checkpoint}")
             raise
         finally:
             bar.close()
