@@ -7,6 +7,7 @@ One spawn per world size runs many checks (spawning costs ~2-5 s a process on
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import pickle
@@ -165,3 +166,21 @@ def test_cli_launches_through_torchrun(tmp_path):
     from moekit.cli import main
     assert (tmp_path / "run" / "LATEST").read_text().strip() == "step_00000002"
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4"]) == 0
+    trainer_json = json.loads((tmp_path / "run" / "dcp_step_00000002" / "trainer.json").read_text())
+    assert trainer_json["data"] == {"corpus": str(data)}
+
+    # --resume without --data continues on the corpus the run was trained on (it had
+    # taken the default corpus), with this session's --dispatcher
+    resume = [sys.executable, "-m", "moekit.train", "--nproc", "2", "--ep", "2", "--resume",
+              str(tmp_path / "run"), "--steps", "3", "--no-progress"]
+    done = subprocess.run(resume + ["--dispatcher", "all_gather"], capture_output=True,
+                          text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
+    assert f"{data}: 1 train files" in done.stdout
+    assert "dispatcher all_gather" in done.stdout and "done: step 3" in done.stdout
+    # a flag that would change a saved setting is refused before torchrun starts
+    done = subprocess.run(resume + ["--lr", "1e-4"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2
+    assert "--lr=0.0001 is not allowed with --resume" in done.stderr
+    assert "launching" not in done.stdout

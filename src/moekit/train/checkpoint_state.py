@@ -37,12 +37,7 @@ def _is_number(v: Any) -> bool:
 def check_state(state: dict[str, Any], where: Path) -> None:
     """Raise CheckpointError for a missing field or one of the wrong type or range."""
     _check_common(state, where, ("step", "model_config", "tied", "optimizer", "torch_rng"))
-    data = state.get("data", {})
-    if not isinstance(data, dict) or not all(
-            isinstance(data.get(k, ""), str) for k in ("corpus", "position")) or not \
-            _is_int(data.get("next_batch_seed", 0)):
-        _fail(where, "data", data, "it must hold corpus and position strings and "
-              "next_batch_seed, an int >= 0")
+    _check_data(state, where)
     tied = state["tied"]
     if not isinstance(tied, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
@@ -57,6 +52,16 @@ def check_state(state: dict[str, Any], where: Path) -> None:
 def check_state_dcp(state: dict[str, Any], where: Path) -> None:
     """The same for trainer.json of an expert-parallel (DCP) checkpoint."""
     _check_common(state, where, ("step", "model_config", "train_config", "counters"))
+    _check_data(state, where)
+
+
+def _check_data(state: dict[str, Any], where: Path) -> None:
+    data = state.get("data", {})
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(k, ""), str) for k in ("corpus", "position")) or not \
+            _is_int(data.get("next_batch_seed", 0)):
+        _fail(where, "data", data, "it must hold corpus and position strings and "
+              "next_batch_seed, an int >= 0")
 
 
 def _check_common(state: dict[str, Any], where: Path, required: tuple[str, ...]) -> None:

@@ -209,10 +209,16 @@ def data_for(args: argparse.Namespace) -> str | None:
         source = json.loads((ckpt / ckpt_io.STATE_FILE).read_text())["data"]["corpus"]
     except (OSError, ValueError, KeyError, TypeError):  # Trainer.resume names the problem
         return None
+    return recorded_corpus(args.resume, source)
+
+
+def recorded_corpus(resume: str, source: object) -> str | None:
+    """The corpus a checkpoint names, for ``load_corpus``: None for the default one (or
+    none recorded); an error naming --data when it does not exist here."""
     if not isinstance(source, str) or source == str(stdlib_dir()):
         return None  # the default corpus, the stdlib .py files
     if not Path(source).exists():
-        raise ValueError(f"resume={args.resume!r} needs --data: its run was trained on "
+        raise ValueError(f"resume={resume!r} needs --data: its run was trained on "
                          f"{source!r}, which does not exist here; pass --data with that "
                          "corpus")
     return source

@@ -259,7 +259,8 @@ class DistributedTrainer(Trainer):
 
     def _finish_save(self, tmp: Path, path: Path) -> None:
         state = {"step": self.step, "model_config": self.mcfg.to_dict(),
-                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters)}
+                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
+                 "data": {"corpus": self.corpus.source}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in files:
@@ -277,24 +278,36 @@ class DistributedTrainer(Trainer):
     @classmethod
     def resume_distributed(cls, path: str | Path, corpus: Corpus, mesh: ExpertParallelMesh,
                            out_dir: str | Path | None = None, progress: bool = True,
+                           ep_kwargs: dict[str, Any] | None = None,
                            **overrides: Any) -> DistributedTrainer:
         """Continue a run saved by ``save`` at any (dp, ep) with the same world batch.
 
         ``path`` is a ``dcp_step_*`` directory or a run directory (then its newest
-        complete checkpoint, after rank 0 cleaned up what killed saves left)."""
-        path = Path(path)
-        if not rundir.DCP_DIR.fullmatch(path.name):
-            _on_rank0_then_barrier(lambda: rundir.clean_run_dir(path), mesh)
-            path = find_resumable(path)
+        complete checkpoint: ``resumable_checkpoint``). ``ep_kwargs`` go to
+        ``parallelize`` (dispatcher, overlap_chunks: how this session runs, not
+        saved), ``overrides`` to the saved TrainConfig."""
+        path = resumable_checkpoint(path, mesh)
         state = read_trainer_state(path)
         mcfg = LMConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"]).replace(**overrides)
-        trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress)
+        trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress,
+                      **(ep_kwargs or {}))
         load_checkpoint(path, trainer.model, _optimizer_state(trainer.model, trainer.optimizer))
         trainer.step = state["step"]
         trainer.counters.update(state["counters"])
         trainer.last_checkpoint = path
         return trainer
+
+
+def resumable_checkpoint(path: str | Path, mesh: ExpertParallelMesh) -> Path:
+    """``path`` if it is a ``dcp_step_*`` directory, else the newest complete checkpoint
+    of the run directory ``path``, after rank 0 cleaned up what killed saves left
+    (restoring a checkpoint a killed save had moved aside). Collective."""
+    path = Path(path)
+    if rundir.DCP_DIR.fullmatch(path.name):
+        return path
+    _on_rank0_then_barrier(lambda: rundir.clean_run_dir(path), mesh)
+    return find_resumable(path)
 
 
 def _on_rank0_then_barrier(fn: Callable[[], Any], mesh: ExpertParallelMesh) -> None:

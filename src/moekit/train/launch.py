@@ -69,18 +69,39 @@ def launch_torchrun(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace, mesh):
-    from moekit.train.cli import TRAIN_FLAGS, _picked, configs_from_args, describe
+    from moekit.train.cli import (
+        RESUME_FLAGS,
+        TRAIN_FLAGS,
+        _picked,
+        configs_from_args,
+        describe,
+        recorded_corpus,
+    )
     from moekit.train.data import load_corpus
-    from moekit.train.distributed import DCP_PREFIX, DistributedTrainer
+    from moekit.train.distributed import (
+        DCP_PREFIX,
+        DistributedTrainer,
+        read_trainer_state,
+        resumable_checkpoint,
+    )
 
-    corpus = load_corpus(args.data)
     ep_kwargs = {"dispatcher": args.dispatcher, "overlap_chunks": args.overlap_chunks}
     if args.resume:  # a dcp_step_* directory, or a run directory: its newest complete one
-        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items()
-                     if k in ("steps", "eval_every", "save_every", "device")}
+        path = resumable_checkpoint(args.resume, mesh)
+        # the corpus the run was trained on, which its checkpoint names (runs saved before
+        # it did: the default corpus unless --data is given)
+        source = args.data if args.data is not None else recorded_corpus(
+            args.resume, read_trainer_state(path).get("data", {}).get("corpus"))
+        corpus = load_corpus(source)
+        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
         trainer = DistributedTrainer.resume_distributed(
-            args.resume, corpus, mesh, progress=not args.no_progress, **overrides)
+            path, corpus, mesh, progress=not args.no_progress, ep_kwargs=ep_kwargs,
+            **overrides)
+        if trainer.step >= trainer.cfg.steps:
+            raise ValueError(f"resume={args.resume!r} is already at step {trainer.step} of "
+                             f"steps={trainer.cfg.steps}: pass a larger --steps to continue")
     else:
+        corpus = load_corpus(args.data)
         model_cfg, train_cfg = configs_from_args(args)
         trainer = DistributedTrainer(model_cfg, train_cfg, corpus, args.out, mesh,
                                      progress=not args.no_progress, **ep_kwargs)
@@ -112,7 +133,12 @@ def _report(trainer, summary: dict | None) -> None:
 def validate(args: argparse.Namespace, world: int) -> None:
     """Every check that needs no process group, before torchrun starts anything: one line
     naming the flag, its value and what is allowed (ValueError), nothing created."""
-    from moekit.train.cli import check_new_out, check_resume_path, configs_from_args
+    from moekit.train.cli import (
+        check_new_out,
+        check_resume_flags,
+        check_resume_path,
+        configs_from_args,
+    )
 
     if args.nproc < 1:
         raise ValueError(f"--nproc={args.nproc} is not allowed: it must be >= 1")
@@ -122,6 +148,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
                          f"{[d for d in range(1, world + 1) if world % d == 0]})")
     if args.resume:
         check_resume_path(args.resume)
+        check_resume_flags(args)  # a flag that would change a saved setting is refused
         return
     model, train = configs_from_args(args)
     if train.batch_size % world:
