@@ -29,29 +29,27 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_triton import timed  # noqa: E402
 
 SHAPES = [(4096, 2048, 1408, 8, 2), (4096, 2048, 768, 64, 8)]  # (T, D, F, E, K)
 ACT = ("swiglu", 7.0, 1.702)
 
 
 def timer(device: str):
-    if device != "cuda":  # the interpreter dry run (TRITON_INTERPRET=1): wall time
-        def wall(fn) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        return wall
+    """bench_triton's CUDA-event timer; wall time for the interpreter's dry run."""
+    if device == "cuda":
+        return timed
 
-    def timed(fn) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def wall(fn) -> float:
+        t0 = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    return timed
+        return (time.perf_counter() - t0) * 1e3
+    return wall
 
 
 def make_case(T, D, F_, E, K, dtype, device):

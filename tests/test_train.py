@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -433,20 +434,25 @@ def test_cli_compare_writes_table_and_plots(tmp_path, corpus_dir, capsys):
     assert results[1]["active_params"] - results[0]["active_params"] == 2 * 32 * 4
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
-    import signal
-    trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
+def _ctrl_c_in_step_3(trainer: Trainer, presses: int) -> None:
+    """Run ``trainer.fit()`` pressing Ctrl-C ``presses`` times during step 3's forward."""
     calls = {"n": 0}
 
-    def press_ctrl_c(module, inputs, output):
+    def press(module, inputs, output):
         calls["n"] += 1
-        if calls["n"] == TRAIN.eval_batches + 3:  # during step 3's forward
-            os.kill(os.getpid(), signal.SIGINT)
+        if calls["n"] == TRAIN.eval_batches + 3:  # the validation's batches, then steps
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
 
-    handle = trainer.model.embed.register_forward_hook(press_ctrl_c)
+    handle = trainer.model.embed.register_forward_hook(press)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     handle.remove()
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
+    trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
+    _ctrl_c_in_step_3(trainer, presses=1)
     assert trainer.step == 3  # the step in flight was completed, not torn
     assert load_checkpoint(tmp_path).step == 3
     resumed = Trainer.resume(tmp_path, corpus, progress=False)
@@ -455,22 +461,10 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, corpus):
 
 def test_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, corpus):
     """A second Ctrl-C can land between the optimizer's update and the step counter:
-    fit stops there and writes no checkpoint (one would hold step 4's weights labelled
-    step 3); the saved step 6 of an earlier session stays the one to resume from."""
-    import signal
+    fit stops there and writes no checkpoint (one could hold part of step 3's update
+    labelled step 2)."""
     trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
-    calls = {"n": 0}
-
-    def press_ctrl_c_twice(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == TRAIN.eval_batches + 3:  # during step 3's forward
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    handle = trainer.model.embed.register_forward_hook(press_ctrl_c_twice)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
-    handle.remove()
+    _ctrl_c_in_step_3(trainer, presses=2)
     assert trainer.step == 2  # step 3 never completed
     assert trainer.last_checkpoint is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("step_")]

@@ -89,6 +89,19 @@ def compile_rest(target, ty: str) -> None:
 # the JIT turns a 1 into a constant and marks multiples of 16 (tiles_report).
 _E, _D, _F, _S = 64, 2048, 768, 32768
 _G = 2 * _F
+
+
+def _wgrad_case(a_gather: bool, M: int, N: int) -> tuple:
+    """dW_in (A gathered from x) or dW_out (B gathered from dy), A [S, M], B [S, N]."""
+    return (grouped._wgrad_kernel,
+            {"a_ptr": "bf16", "tok_ptr": "i64", "wt_ptr": "fp32", "off_ptr": "i32",
+             "b_ptr": "bf16", "dw_ptr": "bf16", "db_ptr": "bf16"},
+            {"A_GATHER": a_gather, "B_GATHER": not a_gather, "HAS_BIAS": False,
+             "BIAS_WEIGHT": False},
+            dict(M=M, N=N, M_BUCKET=512, stride_a=M, stride_b=N, stride_dwe=M * N,
+                 stride_dwm=N, stride_db=N))
+
+
 TILE_CASES = {  # name: (kernel, pointer types, constexprs, integer arguments)
     "up": (grouped._up_kernel,
            {"x_ptr": "bf16", "tok_ptr": "i64", "off_ptr": "i32", "w_ptr": "bf16",
@@ -111,20 +124,8 @@ TILE_CASES = {  # name: (kernel, pointer types, constexprs, integer arguments)
                  dict(E=_E, D=_D, F=_F, M_BUCKET=512, stride_dy=_D, stride_we=_F * _D,
                       stride_wf=_D, stride_wd=1, stride_be=_D, stride_h=_G, stride_dh=_G,
                       stride_aw=_F)),
-    "wgrad dW_in": (grouped._wgrad_kernel,
-                    {"a_ptr": "bf16", "tok_ptr": "i64", "wt_ptr": "fp32", "off_ptr": "i32",
-                     "b_ptr": "bf16", "dw_ptr": "bf16", "db_ptr": "bf16"},
-                    {"A_GATHER": True, "B_GATHER": False, "HAS_BIAS": False,
-                     "BIAS_WEIGHT": False},
-                    dict(M=_D, N=_G, M_BUCKET=512, stride_a=_D, stride_b=_G,
-                         stride_dwe=_D * _G, stride_dwm=_G, stride_db=_G)),
-    "wgrad dW_out": (grouped._wgrad_kernel,
-                     {"a_ptr": "bf16", "tok_ptr": "i64", "wt_ptr": "fp32", "off_ptr": "i32",
-                      "b_ptr": "bf16", "dw_ptr": "bf16", "db_ptr": "bf16"},
-                     {"A_GATHER": False, "B_GATHER": True, "HAS_BIAS": False,
-                      "BIAS_WEIGHT": False},
-                     dict(M=_F, N=_D, M_BUCKET=512, stride_a=_F, stride_b=_D,
-                          stride_dwe=_F * _D, stride_dwm=_D, stride_db=_D)),
+    "wgrad dW_in": _wgrad_case(a_gather=True, M=_D, N=_G),
+    "wgrad dW_out": _wgrad_case(a_gather=False, M=_F, N=_D),
 }
 
 
