@@ -35,12 +35,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("--hbm-tbps", "HBM TB/s"), ("--intra-gbps", "GB/s per direction"),
                        ("--inter-gbps", "GB/s per direction"), ("--power-w", "W per GPU")):
         g.add_argument(flag, type=float, default=None, help=f"override the preset's {what}")
-    lay = p.add_argument_group("layout (default: tp 1, pp 1, dp = GPUs, ep = gcd(dp, E))")
+    lay = p.add_argument_group(
+        "layout", "default: tp 1, pp 1, dp = GPUs / (tp * pp), ep = gcd(dp, E), ZeRO 1, no "
+        "recomputation, micro-batch 1. With --search, every layout flag given restricts the "
+        "search to layouts with that value (e.g. --search --tp 8 ranks only tp 8 layouts); "
+        "a value no searched layout can have is an error")
     for flag in ("--dp", "--tp", "--pp", "--ep"):
         lay.add_argument(flag, type=int, default=None)
-    lay.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3")
-    lay.add_argument("--recompute", default="none", help=f"one of {', '.join(RECOMPUTE)}")
-    lay.add_argument("--micro-batch", type=int, default=1, help="sequences per forward")
+    lay.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 (default 1)")
+    lay.add_argument("--recompute", default=None,
+                     help=f"one of {', '.join(RECOMPUTE)} (default none)")
+    lay.add_argument("--micro-batch", type=int, default=None,
+                     help="sequences per forward (default 1; --search: 1, 2, 4, 8)")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, default=4096)
     t.add_argument("--global-batch", type=int, default=1024, help="sequences per step")
@@ -55,7 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the all-to-all hidden behind compute (0-1)")
     t.add_argument("--memory-headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (context, buffers, fragmentation)")
-    p.add_argument("--search", action="store_true", help="rank the layouts that fit")
+    p.add_argument("--search", action="store_true",
+                   help="rank the layouts that fit; the layout flags given (--dp, --tp, "
+                   "--pp, --ep, --zero, --recompute, --micro-batch) restrict it to layouts "
+                   "with those values")
     p.add_argument("--top", type=int, default=10, help="layouts shown by --search")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -104,8 +113,24 @@ def layout_from_args(args: argparse.Namespace, spec: ModelSpec, cluster: Cluster
     pp = 1 if args.pp is None else args.pp
     dp = max(cluster.num_gpus // (tp * pp), 1) if args.dp is None else args.dp
     ep = math.gcd(dp, spec.num_experts) if args.ep is None else args.ep
-    return Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=args.zero, recompute=args.recompute,
-                  micro_batch=args.micro_batch)
+    given = fixed_layout(args)
+    return Layout(dp=dp, tp=tp, pp=pp, ep=ep, zero=given.get("zero", 1),
+                  recompute=given.get("recompute", "none"),
+                  micro_batch=given.get("micro_batch", 1))
+
+
+LAYOUT_FLAGS = {"dp": "--dp", "tp": "--tp", "pp": "--pp", "ep": "--ep", "zero": "--zero",
+                "recompute": "--recompute", "micro_batch": "--micro-batch"}
+
+
+def fixed_layout(args: argparse.Namespace) -> dict:
+    """The layout flags given on the command line: Layout field -> value."""
+    return {name: getattr(args, name) for name in LAYOUT_FLAGS
+            if getattr(args, name) is not None}
+
+
+def given_flags(args: argparse.Namespace) -> str:
+    return " ".join(f"{LAYOUT_FLAGS[name]} {value}" for name, value in fixed_layout(args).items())
 
 
 def setup_from_args(args: argparse.Namespace) -> TrainSetup:
@@ -124,7 +149,7 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     setup = setup_from_args(args)
     if args.search:
         check_int("top", args.top, 1)
-        return search(spec, cluster, setup, top=args.top)
+        return search(spec, cluster, setup, top=args.top, fixed=fixed_layout(args))
     return [make_plan(spec, cluster, setup, layout_from_args(args, spec, cluster))]
 
 
@@ -138,13 +163,18 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([p.to_dict() for p in plans] if args.search else plans[0].to_dict(),
                          indent=1))
     elif args.search:
+        given = given_flags(args)
         if not plans:
-            print(f"no layout fits in memory on {args.gpus} x {args.gpu} (searched tp, pp, "
-                  "ep, ZeRO 0-3, recomputation and micro-batches 1-8 at that GPU count); "
-                  "try more --gpus, or a GPU with more memory")
+            mbs = "micro-batches 1-8" if args.micro_batch is None else "the micro-batch"
+            print(f"no layout{f' with {given}' if given else ''} fits in memory on "
+                  f"{args.gpus} x {args.gpu} (searched tp, pp, ep, ZeRO 0-3, recomputation "
+                  f"and {mbs} at that GPU count); try "
+                  f"{'without some of those flags, ' if given else ''}more --gpus, or a GPU "
+                  "with more memory")
             return 1
         print(plan_table(plans[0]))
-        print(f"\nlayouts that fit, fastest first (top {len(plans)}):")
+        print(f"\nlayouts that fit{f' with {given}' if given else ''}, fastest first "
+              f"(top {len(plans)}):")
         print(search_table(plans))
     else:
         print(plan_table(plans[0]))

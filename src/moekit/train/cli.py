@@ -19,6 +19,7 @@ from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus, stdlib_dir
 from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
 from moekit.train.memory import warn_step_memory
+from moekit.train.monitor import read_metrics
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 
 DEFAULT_OUT = "runs/train"
@@ -226,16 +227,13 @@ def recorded_corpus(resume: str, source: object) -> str | None:
 
 def _val_at(run_dir: Path, step: int) -> float | None:
     """The validation loss logged at ``step`` by an earlier session of this run, if any."""
-    found = None
     try:
-        with open(run_dir / "metrics.jsonl") as f:
-            for line in f:
-                r = json.loads(line)
-                if r.get("kind") == "val" and r.get("step") == step:
-                    found = r["val_loss"]
-    except (OSError, ValueError):
+        records = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):  # no log, or a corrupt line: the summary goes without it
         return None
-    return found
+    vals = [r.get("val_loss") for r in records
+            if r.get("kind") == "val" and r.get("step") == step]
+    return vals[-1] if vals else None
 
 
 def loss_line(trainer: Trainer, summary: dict, start_step: int) -> str:

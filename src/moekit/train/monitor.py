@@ -6,9 +6,10 @@ Shape letters: L MoE layers, E experts.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -75,7 +76,11 @@ class MetricsLog:
     def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        cut = _ends_mid_line(self.path)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if cut:  # a session killed mid-write: end its cut line, and say so for read_metrics
+            self.file.write("\n" + json.dumps(CUT_MARK) + "\n")
+            self.file.flush()
         self.tb = None
         if tensorboard:
             try:
@@ -99,6 +104,23 @@ class MetricsLog:
             self.tb.close()
 
 
+# Written by MetricsLog on the line after one a killed session left unfinished.
+CUT_MARK = {"kind": "cut_line", "note": "the line above was cut off: an earlier session "
+            "was killed while writing it"}
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether ``path`` exists and its last line has no newline (a write cut short)."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl``, one per step and kind across resumed sessions.
 
@@ -106,14 +128,54 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     after S again (its checkpoint is at S): the records an earlier session wrote for
     those steps stay in the file, but they describe a run no checkpoint holds, so
     they are left out here.
+
+    A run killed while writing leaves its last line cut off (no newline): that line is
+    skipped with a warning, and so is, silently, such a line that a later session ended
+    and marked (``{"kind": "cut_line"}``, which is left out too). Any other line that is
+    not a JSON object raises ValueError naming the file and the line number.
     """
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    bad: tuple[int, bytes, str] | None = None  # an unparsed line, judged by what follows
+    bad_ended = False  # whether that line has its newline (then it was written whole)
+    with open(path, "rb") as f:  # bytes: a cut may split a character; json.loads decodes
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line.rstrip(b"\n"))
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as e:
+                if bad is not None:
+                    _corrupt(path, *bad)
+                why = (f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError)
+                       else str(e))
+                bad = (number, line.rstrip(b"\n"), why)
+                bad_ended = line.endswith(b"\n")
+                continue
+            if record.get("kind") == CUT_MARK["kind"]:
+                bad = None  # MetricsLog marked the line above as cut off by a kill
+                continue
+            if bad is not None:
+                _corrupt(path, *bad)
             if record.get("kind") == "resume" and isinstance(record.get("step"), int):
                 records = [r for r in records if r.get("step", 0) <= record["step"]]
             records.append(record)
+    if bad is not None:
+        if bad_ended:  # the last line, but it has its newline: written whole, not cut
+            _corrupt(path, *bad)
+        warnings.warn(f"{path}: skipped line {bad[0]}, cut off (the run was killed while "
+                      f"writing it?): {_shown(bad[1])}; returning the {len(records)} "
+                      "records before it", stacklevel=2)
     return records
+
+
+def _shown(line: bytes) -> str:
+    text = line.decode("utf-8", "replace")
+    return repr(text if len(text) <= 80 else text[:80] + "...")
+
+
+def _corrupt(path: str | Path, number: int, line: bytes, why: str) -> NoReturn:
+    raise ValueError(f"{path}: line {number} is not a JSON object ({why}): {_shown(line)}; "
+                     "only a cut-off last line (a run killed while writing) is skipped, so "
+                     "repair or delete this line")
