@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, TypeVar
 
+import torch
+
 Router = Literal[
     "softmax",  # softmax over all E, take top-K (optionally renormalised)
     "softmax_topk",  # top-K of the logits, softmax over those K only
@@ -84,9 +86,15 @@ def check_positive_int(name: str, value: Any, maximum: int | None = None) -> Non
         reject(name, value, f"it must be a positive int <= {maximum}")
 
 
-def check_int_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        reject(name, value, f"it must be an int in [{low}, {high}]")
+def check_int_range(name: str, value: Any, low: int, high: int | None = None) -> None:
+    """An int (not a bool) in [low, high]; ``high=None``: no upper bound.
+
+    A torch.SymInt (a shape under symbolic tracing) counts as an int.
+    """
+    is_int = isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+    if not is_int or value < low or (high is not None and value > high):
+        reject(name, value, f"it must be an int >= {low}" if high is None else
+               f"it must be an int in [{low}, {high}]")
 
 
 def check_bool(name: str, value: Any) -> None:
@@ -184,11 +192,13 @@ class MoEConfig(FrozenConfig):
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("router", self.router, ROUTERS)
         check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
-        if isinstance(self.num_shared_experts, bool) or not isinstance(
-                self.num_shared_experts, int) or self.num_shared_experts < 0:
-            reject("num_shared_experts", self.num_shared_experts, "it must be an int >= 0")
+        check_int_range("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_ffn_dim is not None:
             check_positive_int("shared_ffn_dim", self.shared_ffn_dim)
+            if not self.num_shared_experts:  # no shared FFN is built, but the plan counted one
+                reject("shared_ffn_dim", self.shared_ffn_dim,
+                       f"it must be None when num_shared_experts={self.num_shared_experts} "
+                       "(it sizes the shared experts; set num_shared_experts >= 1 to use it)")
         if self.hash_vocab_size is not None:  # unused by other routers, but never garbage
             check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)
         for name in ("expert_bias", "shared_expert_gate", "renormalize", "check_finite"):
@@ -254,6 +264,7 @@ class MoEConfig(FrozenConfig):
 
     def capacity(self, num_tokens: int) -> int:
         """Rows each expert may take (C) for ``num_tokens`` tokens; T*K when dropless."""
+        check_int_range("num_tokens", num_tokens, 0)  # -1 gave C=-2, 2.5 gave 5.0
         if self.router == "expert_choice":
             factor = self.top_k if self.capacity_factor is None else self.capacity_factor
             # min(T, .) last: zero tokens give C = 0, not a top-1 of an empty set

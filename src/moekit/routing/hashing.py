@@ -2,12 +2,18 @@
 
 A fixed, seeded table maps each token id to K distinct experts; the router has
 no parameters and every chosen expert gets weight 1/K.
+
+Shape letters: T tokens, V token-id vocabulary, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from moekit.config import reject
 
 
 def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> Tensor:
@@ -17,3 +23,59 @@ def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> Tens
     base_V = torch.randint(num_experts, (vocab_size,), generator=gen)
     slots_VK = (base_V[:, None] + torch.arange(top_k)) % num_experts
     return perm_E[slots_VK]
+
+
+def _check_integer(name: str, value: Any) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name}={type(value).__name__} is not allowed: it must be an "
+                         "integer torch.Tensor")
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        # a bool tensor used as an index is a mask; a float table loads truncated
+        reject(f"{name}.dtype", value.dtype,
+               "it must be an integer dtype (int64, int32, int16, int8, uint8)")
+
+
+def _check_values(name: str, values: Tensor, high: int, what: str) -> None:
+    """ValueError unless every value lies in [0, high): reads them on the host."""
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= high):
+        raise ValueError(f"{name} has values in [{int(values.min())}, {int(values.max())}], "
+                         f"which is not allowed: they must lie in [0, {what}={high})")
+
+
+def check_hash_table(table: Any, shape_VK: tuple[int, int], num_experts: int,
+                     name: str = "hash_table") -> None:
+    """ValueError unless ``table`` is an integer [V, K] tensor of expert ids in [0, E).
+
+    Reads every entry (a host sync on CUDA): for load time, not for every step.
+    """
+    _check_integer(name, table)
+    if tuple(table.shape) != shape_VK:
+        reject(f"{name}.shape", tuple(table.shape),
+               f"it must be [hash_vocab_size, top_k] = {shape_VK}")
+    _check_values(name, table, num_experts, "num_experts")
+
+
+def check_token_ids(token_ids_T: Any, num_tokens: int, vocab_size: int) -> None:
+    """ValueError unless ``token_ids_T`` is an integer [T] tensor of ids in [0, V).
+
+    The value range is read only from CPU tensors outside torch.compile: on CUDA it
+    would cost a host sync every step (the MoE layer has checked the ids already).
+    """
+    if token_ids_T is None:
+        raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
+                         "(an integer tensor shaped like x without its last dimension)")
+    _check_integer("token_ids_T", token_ids_T)
+    if tuple(token_ids_T.shape) != (num_tokens,):
+        reject("token_ids_T.shape", tuple(token_ids_T.shape),
+               f"it must be (T,) = ({num_tokens},), one id per row of x_TD")
+    if token_ids_T.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_values("token_ids_T", token_ids_T, vocab_size, "hash_vocab_size")
+
+
+def check_table_rows(table_VK: Tensor, experts_TK: Tensor, num_experts: int) -> None:
+    """The table rows of this batch, for a table changed after loading (an in-place edit,
+    an assigned buffer): its dtype always, its values on the CPU only (see
+    ``check_token_ids``)."""
+    _check_integer("hash_table", table_VK)
+    if experts_TK.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_values("hash_table", experts_TK, num_experts, "num_experts")

@@ -7,18 +7,25 @@ D hidden, E experts, K experts per token, B sequences, L tokens per sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig, check_number
+from moekit.config import MoEConfig, check_int_range, check_number, reject
 from moekit.dispatch.plan import RoutingPlan
 from moekit.routing import losses
 from moekit.routing.expert_choice import expert_choice
-from moekit.routing.hashing import hash_table
+from moekit.routing.hashing import (
+    check_hash_table,
+    check_table_rows,
+    check_token_ids,
+    hash_table,
+)
 from moekit.routing.token_choice import (
     jitter,
     noisy_logits,
@@ -54,6 +61,9 @@ class Router(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
+        if not isinstance(cfg, MoEConfig):
+            raise ValueError(f"cfg={type(cfg).__name__} is not allowed: it must be a "
+                             "moekit.MoEConfig")
         super().__init__()
         self.cfg = cfg
         E, D = cfg.num_experts, cfg.dim
@@ -69,6 +79,7 @@ class Router(nn.Module):
             assert cfg.hash_vocab_size is not None  # validated by MoEConfig
             self.register_buffer("hash_table", hash_table(
                 cfg.hash_vocab_size, E, cfg.top_k, cfg.hash_seed), persistent=True)
+            self.register_load_state_dict_pre_hook(_check_loaded_table)
         self.reset_parameters()
 
     def _apply(self, fn, recurse=True):
@@ -91,6 +102,13 @@ class Router(nn.Module):
                 seq_len: int | None = None) -> RouterOutput:
         """Route T tokens. ``seq_len`` (L) lets the sequence-level loss see sequences."""
         cfg = self.cfg
+        self._check_x(x_TD)
+        if seq_len is not None:  # 0 only for zero tokens: [B, 0, D] has L = 0
+            T = x_TD.shape[0]
+            check_int_range("seq_len", seq_len, 0 if T == 0 else 1)
+            if seq_len and T % seq_len:
+                reject("seq_len", seq_len,
+                       f"it must divide the number of tokens T={T} (B sequences of L tokens)")
         if cfg.router == "hash":
             return self._hash(x_TD, token_ids_T)
         logits_TE = self._logits(x_TD)
@@ -114,6 +132,7 @@ class Router(nn.Module):
         """
         if self.training or self.cfg.router in ("hash", "expert_choice"):
             return self(x_TD, token_ids_T).plan
+        self._check_x(x_TD)
         logits_TE = self._logits(x_TD)
         experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
         return _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
@@ -135,6 +154,15 @@ class Router(nn.Module):
         if cfg.router in ("softmax", "switch"):
             return 0, cfg.renormalize and cfg.router != "switch", None
         return None
+
+    def _check_x(self, x_TD: Tensor) -> None:
+        """Shape only (no host sync); the MoE layer checks dtype, device and values."""
+        if not isinstance(x_TD, Tensor):
+            raise ValueError(f"x_TD={type(x_TD).__name__} is not allowed: it must be a "
+                             "torch.Tensor")
+        if x_TD.dim() != 2 or x_TD.shape[1] != self.cfg.dim:
+            reject("x_TD.shape", tuple(x_TD.shape),
+                   f"it must be [T, dim={self.cfg.dim}] (reshape x to (-1, {self.cfg.dim}))")
 
     def _logits(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
@@ -197,10 +225,11 @@ class Router(nn.Module):
 
     def _hash(self, x_TD: Tensor, token_ids_T: Tensor | None) -> RouterOutput:
         cfg = self.cfg
-        if token_ids_T is None:
-            raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
-                             "(an integer tensor shaped like x without its last dimension)")
-        experts_TK = self.hash_table[token_ids_T]
+        check_token_ids(token_ids_T, x_TD.shape[0], cfg.hash_vocab_size)
+        # int64 ids: a uint8 index tensor would be read as a mask
+        experts_TK = self.hash_table[token_ids_T.long()]
+        check_table_rows(self.hash_table, experts_TK, cfg.num_experts)
+        experts_TK = experts_TK.long()  # a table assigned as int32 (scatter_ takes int64)
         T, K = experts_TK.shape
         weights_TK = torch.full((T, K), cfg.routed_scaling_factor / K, device=x_TD.device)
         probs_TE = torch.zeros(T, cfg.num_experts, device=x_TD.device)
@@ -233,3 +262,15 @@ class Router(nn.Module):
         # device, without a host sync, instead of writing NaN into every bias
         self.expert_bias += rate * torch.where(self.load.isfinite().all(), step_E, 0.0)
         self.load.zero_()
+
+
+def _check_loaded_table(router: Router, state_dict: Mapping[str, Any], prefix: str,
+                        *_: Any) -> None:
+    """load_state_dict pre-hook: refuse a bad hash table before this router copies
+    anything. An id >= E or < 0 failed inside scatter_ at the first forward (CPU; a
+    device assert on CUDA) and a float table was truncated by copy_ without a word.
+    One host sync, at load time only."""
+    name = prefix + "hash_table"
+    if name in state_dict:
+        check_hash_table(state_dict[name], tuple(router.hash_table.shape),
+                         router.cfg.num_experts, name)
