@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
+from moekit.config import check_non_negative, check_positive_int, reject
+
 Key = tuple[int, int]
 
 
@@ -89,6 +91,12 @@ def flatten(trace: Iterable[tuple[int, Sequence[int]]]) -> list[Key]:
 
 def simulate(policy: LRU | LFU, accesses: Sequence[Key], capacity: int) -> list[bool]:
     """Replay ``accesses`` through ``policy`` with room for ``capacity`` keys; hit per access."""
+    # capacity 0 or -1 was KeyError: None (no victim), 1.5 was taken as 2, "2" a TypeError
+    check_positive_int("capacity", capacity)
+    if not all(callable(getattr(policy, m, None)) for m in ("insert", "touch", "remove",
+                                                            "victim")):
+        reject("policy", policy, "it must be a policy object such as LRU() or LFU() "
+               "(make_policy(name) builds one by name)")
     cached: set[Key] = set()
     hits = []
     for key in accesses:
@@ -119,8 +127,25 @@ def belady(accesses: Sequence[Key], capacity: int | None = None,
     """
     if (capacity is None) == (budget is None):
         raise ValueError("belady needs exactly one of capacity= (keys) or budget= (bytes)")
-    size = (lambda k: 1) if budget is None else nbytes
-    room = capacity if budget is None else budget
+    # capacity 0 or budget 0 missed every access, -1 failed in max() of an empty cache,
+    # 1.5 was taken as 2, budget without nbytes was "'NoneType' object is not callable"
+    if budget is None:
+        check_positive_int("capacity", capacity)
+        if nbytes is not None:  # was ignored: the sizes did not count
+            reject("nbytes", nbytes, "it is used with budget= (bytes), not with capacity= "
+                   "(keys); pass budget= instead")
+        size, room = (lambda k: 1), capacity
+    else:
+        check_positive_int("budget", budget)
+        if not callable(nbytes):
+            reject("nbytes", nbytes, "with budget= it must be a function from a key to its "
+                   "size in bytes")
+        sizes: dict[Key, int] = {}
+        for key in accesses:  # each distinct key's size once, checked (a negative one
+            if key not in sizes:  # made room that was not there)
+                sizes[key] = nbytes(key)
+                check_non_negative(f"nbytes({key!r})", sizes[key])
+        size, room = sizes.__getitem__, budget
     never = len(accesses)
     next_use = [never] * len(accesses)
     last: dict[Key, int] = {}

@@ -6,8 +6,9 @@ so Belady's optimal hit rate at the same budget can be computed afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from moekit.config import check_positive_int, reject
 from moekit.offload.policy import Key, belady, flatten
 
 
@@ -36,7 +37,14 @@ class OffloadStats:
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     expert_bytes: dict[Key, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a budget of 0 or less made belady_hit_rate (and summary, to_dict) fail later
+        check_positive_int("budget", self.budget)
+
     def total(self, name: str) -> float:
+        """The sum over layers of the LayerStats counter ``name``."""
+        if name not in COUNTERS:  # a typo summed to 0 with no layers, else AttributeError
+            reject("name", name, f"it must be one of {', '.join(COUNTERS)}")
         return sum(getattr(s, name) for s in self.layers)
 
     @property
@@ -59,6 +67,11 @@ class OffloadStats:
         accesses = flatten(self.trace)
         if not accesses:
             return 0.0
+        missing = sorted({k for k in accesses if k not in self.expert_bytes})
+        if missing:  # was KeyError from inside belady
+            raise ValueError(f"expert_bytes lacks the sizes of {len(missing)} experts of the "
+                             f"trace, e.g. {missing[:3]}: it must hold every (layer, expert) "
+                             "key the trace asks for")
         hits = belady(accesses, budget=self.budget, nbytes=self.expert_bytes.__getitem__)
         return sum(hits) / len(hits)
 
@@ -84,6 +97,9 @@ class OffloadStats:
             lines.append(f"  prefetch precision {self.prefetch_precision:.3f}, "
                          f"recall {self.prefetch_recall:.3f}")
         return "\n".join(lines)
+
+
+COUNTERS = tuple(f.name for f in fields(LayerStats))
 
 
 def _size(n: float) -> str:

@@ -16,6 +16,7 @@ assigning anything: a file whose scales are missing or misshaped raises
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,10 +25,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from moekit.config import reject
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
-from moekit.quant.model import SCOPES, is_quantized, quantize, quantize_like, quantized_scope
-from moekit.quant.tensor import QuantizationError, QuantizedTensor, check_activations
+from moekit.quant.model import (
+    SCOPES,
+    check_scope,
+    is_quantized,
+    quantize,
+    quantize_like,
+    quantized_scope,
+)
+from moekit.quant.tensor import (
+    QuantizationError,
+    QuantizedTensor,
+    check_activations,
+    check_bits,
+)
 from moekit.safetensors_write import save_file
 from moekit.train.checkpoint import (
     CheckpointError,
@@ -44,10 +58,18 @@ FORMAT_VERSION = 2  # 2 added "scope"; 1 (experts only) still loads
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
 
 
+def _check_path(name: str, value: object) -> Path:
+    """``value`` as a Path; a ValueError naming ``name`` when it is not a path (None was
+    Path's TypeError "expected str, bytes or os.PathLike object", naming no argument)."""
+    if not isinstance(value, str | os.PathLike):
+        reject(name, value, "it must be a directory path (a str or os.PathLike)")
+    return Path(value)
+
+
 def located(path: str | Path) -> Path:
     """``path``, or where a save killed between its two renames left the previous output
     (``.<name>.old``, ``rundir.swap_in``) while ``path`` is missing: readers use that."""
-    path = Path(path)
+    path = _check_path("path", path)
     aside = aside_of(path)
     if not path.exists() and (aside / META_FILE).exists():
         return aside
@@ -74,10 +96,13 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     ``out`` is renamed aside before the new one is renamed into place and deleted
     only after that (``rundir.swap_in``), so one complete output is always on disk.
     """
+    if not isinstance(model, MoETransformer):  # was AttributeError, after out's parent made
+        raise QuantizationError(f"model={type(model).__name__} is not allowed: it must be a "
+                                "moekit MoETransformer quantized with moekit.quantize")
     qts = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
     if not qts:
         raise ValueError("model is not quantized: call moekit.quantize(model, bits=...) first")
-    out = Path(out)
+    out = _check_path("out", out)
     _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
@@ -159,6 +184,12 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
                         group_size: int | None = None, scope: str = "all",
                         activations: str = "float") -> Path:
     """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
+    # what can be checked before the checkpoint is read and quantized (out=None failed
+    # only at the end, with Path's TypeError; an unknown scope after quantizing nothing)
+    check_bits(bits, group_size)
+    check_activations(activations, bits)
+    check_scope(scope)
+    _check_replaceable(_check_path("out", out))
     ck = load_checkpoint(checkpoint)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)

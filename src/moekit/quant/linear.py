@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moekit.quant.tensor import QuantizationError, QuantizedTensor, dequantize_NK
+from moekit.quant.tensor import (
+    QuantizationError,
+    QuantizedTensor,
+    check_float_dtype,
+    dequantize_NK,
+)
 
 
 class QuantizedLinear(nn.Module):
@@ -78,6 +83,13 @@ class QuantizedEmbedding(nn.Module):
     ``out_dtype`` (the float dtype the model runs in; follows ``model.to(dtype)``)."""
 
     def __init__(self, weight: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> None:
+        # as QuantizedLinear's: a [E > 1] stack looked rows up in expert 0 only, and
+        # out_dtype="float32" failed each forward as .to's "Invalid device string"
+        if not isinstance(weight, QuantizedTensor) or weight.shape[0] != 1:
+            shape = tuple(weight.shape) if isinstance(weight, QuantizedTensor | Tensor) else ""
+            raise QuantizationError(f"weight={type(weight).__name__}{shape} is not allowed: it "
+                                    "must be a QuantizedTensor of one table, [1, D, V]")
+        check_float_dtype("out_dtype", out_dtype)
         super().__init__()
         self.weight = weight
         self.out_dtype = out_dtype

@@ -134,11 +134,24 @@ def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
     return out
 
 
-def _checked_targets(model: nn.Module, scope: str, group_size: int | None) -> list[_Target]:
-    """``quantize``'s targets for ``scope``, after every check (nothing changed yet)."""
+def _check_model(model: object) -> None:
+    """An nn.Module; a QuantizationError naming ``model`` and its type otherwise (None or a
+    path string failed with AttributeError on ``named_modules``)."""
+    if not isinstance(model, nn.Module):
+        raise QuantizationError(f"model={type(model).__name__} is not allowed: it must be an "
+                                "nn.Module (a moekit MoETransformer, or a transformers model "
+                                "patched by moekit.integrations.hf.apply)")
+
+
+def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise QuantizationError(f"scope={scope!r} is not allowed: it must be 'all' (experts "
                                 "and dense projections) or 'experts' (routed experts only)")
+
+
+def _checked_targets(model: nn.Module, scope: str, group_size: int | None) -> list[_Target]:
+    """``quantize``'s targets for ``scope``, after every check (nothing changed yet)."""
+    check_scope(scope)
     experts = _expert_targets(model)
     if not experts:
         raise QuantizationError("the model has no moekit Experts module nor a transformers "
@@ -188,6 +201,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     quantized or without experts raise ``QuantizationError`` and leave the model
     untouched.
     """
+    _check_model(model)
     group_size = check_bits(bits, group_size)
     check_activations(activations, bits)
     return _quantize(model, _checked_targets(model, scope, group_size), bits, group_size,
@@ -197,6 +211,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
 def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -> nn.Module:
     """``quantize``'s scope "all" without the routed experts, for a model whose experts
     are quantized elsewhere (offloaded experts, quantized as they are read)."""
+    _check_model(model)
     group_size = check_bits(bits, group_size)
     targets = _dense_targets(model)
     _check_divides(targets, group_size)
@@ -213,6 +228,7 @@ def _quantize(model: nn.Module, targets: list[_Target], bits: int,
 def quantize_like(model: nn.Module, bits: int, group_size: int | None,
                   scope: str = "experts", activations: str = "float") -> nn.Module:
     """Empty QuantizedTensors of the right shapes where ``quantize`` puts them (loading)."""
+    _check_model(model)
     group_size = check_bits(bits, group_size)
     check_activations(activations, bits)
     targets = _checked_targets(model, scope, group_size)
@@ -223,6 +239,7 @@ def quantize_like(model: nn.Module, bits: int, group_size: int | None,
 
 
 def is_quantized(model: nn.Module) -> bool:
+    _check_model(model)
     return any(isinstance(m, QuantizedTensor) for m in model.modules())
 
 

@@ -29,6 +29,8 @@ import operator
 import torch
 from torch import Tensor, nn
 
+from moekit.config import check_positive_int
+
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
 
@@ -69,6 +71,16 @@ def check_activations(activations: str, bits: int) -> str:
     return activations
 
 
+def check_float_dtype(name: str, dtype: object) -> None:
+    """A floating torch.dtype (what dequantized weights may be); a QuantizationError naming
+    ``name`` otherwise (a string was taken for a device by ``.to``; an integer dtype
+    truncated the weights)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise QuantizationError(f"{name}={dtype!r} is not allowed: it must be a floating "
+                                "torch.dtype (torch.float32, torch.bfloat16, torch.float16, "
+                                "...)")
+
+
 def check_divides(group_size: int | None, K: int, what: str) -> None:
     if group_size is not None and K % group_size:
         raise QuantizationError(f"group_size={group_size} does not divide {what}={K}: int4 "
@@ -81,16 +93,21 @@ def _describe(t: object) -> str:
     return repr(t)
 
 
-def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                group_size: int | None, activations: str) -> None:
-    """A QuantizedTensor's parts, consistent with each other and with the format the
-    kernels read (checked once, at construction: a hand-made one that passed here and then
-    met a kernel's own check failed deep in a forward, or not at all on the torch path)."""
+def _check_format(bits: int, group_size: int | None, activations: str) -> None:
+    """bits, group_size (given: no default) and activations of an existing QuantizedTensor."""
     if bits == 4 and group_size is None:  # check_bits' default is for quantize's callers
         raise QuantizationError(f"group_size=None is not allowed with bits=4: it must be one "
                                 f"of {', '.join(map(str, GROUP_SIZES))}")
     check_bits(bits, group_size)
     check_activations(activations, bits)
+
+
+def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                group_size: int | None, activations: str) -> None:
+    """A QuantizedTensor's parts, consistent with each other and with the format the
+    kernels read (checked once, at construction: a hand-made one that passed here and then
+    met a kernel's own check failed deep in a forward, or not at all on the torch path)."""
+    _check_format(bits, group_size, activations)
     want = torch.int8 if bits == 8 else torch.uint8
     if not (isinstance(data, Tensor) and data.dim() == 3 and data.dtype == want
             and data.is_contiguous()):
@@ -139,6 +156,15 @@ class QuantizedTensor(nn.Module):
               device: torch.device | str = "cpu", activations: str = "float"
               ) -> QuantizedTensor:
         """Buffers of the right shapes and dtypes, for loading a checkpoint into."""
+        # checked before allocating: bits=3 built an int4 tensor, group_size=None failed
+        # in K // None, and an odd K was reported as the even K - 1
+        _check_format(bits, group_size, activations)
+        for name, n in (("E", E), ("K", K), ("N", N)):
+            try:
+                check_positive_int(name, n)
+            except ValueError as e:
+                raise QuantizationError(str(e)) from None
+        check_divides(group_size, K, "K")
         if bits == 8:
             return cls(torch.zeros(E, N, K, dtype=torch.int8, device=device),
                        torch.ones(E, N, device=device), None, 8, None, activations)
@@ -183,9 +209,10 @@ class QuantizedTensor(nn.Module):
 
     def select(self, experts: Tensor | list[int]) -> QuantizedTensor:
         """A QuantizedTensor of the given experts only (in that order)."""
-        ids = torch.as_tensor(experts, dtype=torch.long, device="cpu")  # checked here
+        ids = _expert_ids(experts)
         E = self.data.shape[0]
-        if ids.dim() != 1 or (ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < E):
+        if ids is None or ids.dim() != 1 or (ids.numel() and not
+                                             0 <= int(ids.min()) <= int(ids.max()) < E):
             raise QuantizationError(f"experts={experts!r} is not allowed: it must list expert "
                                     f"ids in [0, {E - 1}]")
         idx = ids.to(self.data.device)
@@ -200,15 +227,53 @@ class QuantizedTensor(nn.Module):
         return dequantize_NK(self, e0, e1, dtype=dtype).transpose(1, 2)
 
 
+def _expert_ids(experts: object) -> Tensor | None:
+    """``experts`` as int64 ids on the CPU; None when they are not integers (as_tensor with
+    dtype=long truncated 0.7 to expert 0 and read a bool mask as the ids 1 and 0)."""
+    if isinstance(experts, Tensor):
+        ids = experts
+    else:
+        try:
+            ids = torch.as_tensor(experts)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if ids.numel() == 0:  # [] is float32 to as_tensor: no experts
+            return ids.to(torch.long)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        return None
+    return ids.to("cpu", torch.long)
+
+
 def unpack_int4(data: Tensor) -> Tensor:
-    """uint8 [..., K/2] -> q in 0..15 as uint8 [..., K] (inverse of ``pack_int4``)."""
+    """uint8 [..., K/2] -> q in 0..15 as uint8 [..., K] (inverse of ``pack_int4``).
+
+    Checks shape and dtype only (no pass over the values): the torch dequantize path
+    calls it on every call."""
+    if not (isinstance(data, Tensor) and data.dtype == torch.uint8 and data.dim() >= 1
+            and data.shape[-1] % 16 == 0):  # an int8 byte's >> 4 kept its sign
+        raise QuantizationError(f"data={_describe(data)} is not allowed: it must be a uint8 "
+                                "tensor [..., K/2] of packed int4 values, its last dimension "
+                                "a multiple of 16 (32 inputs per 16 bytes)")
     b = data.unflatten(-1, (-1, 16))                    # [..., K/32, 16]
     q = torch.cat([b & 15, b >> 4], dim=-1)              # [..., K/32, 32]
     return q.flatten(-2)
 
 
 def pack_int4(q: Tensor) -> Tensor:
-    """q in 0..15 [..., K] (K a multiple of 32) -> uint8 [..., K/2]."""
+    """q in 0..15 [..., K] (an integer tensor, K a multiple of 32) -> uint8 [..., K/2].
+
+    Checks the values too (one pass over q; called when quantizing, not per step): 16
+    spilled into the neighbouring nibble (input j + 16) and -1 set both."""
+    if not (isinstance(q, Tensor) and q.dim() >= 1 and q.shape[-1] % 32 == 0
+            and q.dtype != torch.bool and not q.is_floating_point() and not q.is_complex()):
+        raise QuantizationError(f"q={_describe(q)} is not allowed: it must be an integer "
+                                "tensor [..., K] with values in 0..15, K a multiple of 32 "
+                                "(each block of 32 inputs packs into 16 bytes)")
+    if q.numel():
+        lo, hi = (int(v) for v in torch.aminmax(q))
+        if lo < 0 or hi > 15:
+            raise QuantizationError(f"q with values in [{lo}, {hi}] is not allowed: int4 "
+                                    "values must be in 0..15")
     b = q.to(torch.uint8).unflatten(-1, (-1, 32))
     return (b[..., :16] | (b[..., 16:] << 4)).flatten(-2)
 
@@ -233,6 +298,8 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = No
     data = qt.data
     if not (type(e0) is int and type(e1) is int and 0 <= e0 <= e1 <= data.shape[0]):
         e0, e1 = _check_range(e0, e1, data.shape[0])  # (the check above costs ~0.1 us)
+    if out is None and dtype is not torch.float32 and dtype is not torch.bfloat16:
+        check_float_dtype("dtype", dtype)  # (decode passes out or float32: no cost there)
     ext = cpu_ext.get_decode() if data.device.type == "cpu" else None
     if ext is None:
         if out is not None:  # as the kernel checks it (copy_ would broadcast one expert)
@@ -279,9 +346,12 @@ def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
     """Quantize a [E, K, N] weight stack (any strides); errors name what is not allowed."""
     group_size = check_bits(bits, group_size)
     check_activations(activations, bits)
-    if w_EKN.dim() != 3 or not w_EKN.is_floating_point():
-        raise QuantizationError(f"weight of shape {tuple(w_EKN.shape)} and dtype {w_EKN.dtype} "
-                                "is not allowed: it must be a floating [E, K, N] stack")
+    if not (isinstance(w_EKN, Tensor) and w_EKN.dim() == 3 and w_EKN.is_floating_point()
+            and w_EKN.shape[1] > 0):  # K = 0: amax's "Expected reduction dim -1" (int8)
+        what = (f"weight of shape {tuple(w_EKN.shape)} and dtype {w_EKN.dtype}"
+                if isinstance(w_EKN, Tensor) else f"weight={type(w_EKN).__name__}")
+        raise QuantizationError(f"{what} is not allowed: it must be a floating [E, K, N] "
+                                "tensor stack with K >= 1")
     check_divides(group_size, w_EKN.shape[1], "K")
     w_ENK = w_EKN.detach().transpose(1, 2).float()
     if bits == 8:
@@ -293,5 +363,6 @@ def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
     scale = (hi - lo) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
     q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).flatten(-2)
+    q = q.to(torch.uint8)  # exact: rounded and clamped to 0..15
     return QuantizedTensor(pack_int4(q).contiguous(), scale.contiguous(), lo.contiguous(), 4,
                            group_size, activations)
