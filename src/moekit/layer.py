@@ -16,6 +16,7 @@ from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts, SharedExperts
 from moekit.functions import decode
+from moekit.routing.hashing import check_id_range, check_integer_tensor
 from moekit.routing.router import Router, RouterOutput
 from moekit.routing.stats import RoutingStats, routing_stats
 
@@ -74,24 +75,18 @@ def check_like_weight(x: Tensor, weight: Tensor) -> None:
 
 
 def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
+    """Hash routing's ids: integers shaped like x without its last dimension, in
+    [0, vocab). The values are read on every device (one host sync per step on CUDA,
+    where an id out of range would be a device-side assert rather than an error)."""
     if token_ids is None:
         raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
                          "(an integer tensor shaped like x without its last dimension)")
-    if not isinstance(token_ids, Tensor):
-        raise ValueError(f"token_ids={type(token_ids).__name__} is not allowed: it must be "
-                         "an integer torch.Tensor")
-    if token_ids.dtype == torch.bool or token_ids.is_complex():
-        # a bool tensor used as an index is a mask, not ids
-        raise ValueError(f"token_ids.dtype={token_ids.dtype} is not allowed: it must be an "
-                         "integer dtype (int64, int32, int16, int8, uint8)")
-    if token_ids.shape != x.shape[:-1] or token_ids.is_floating_point():
+    check_integer_tensor("token_ids", token_ids)
+    if token_ids.shape != x.shape[:-1]:
         raise ValueError(f"token_ids (shape {tuple(token_ids.shape)}, {token_ids.dtype}) is "
                          f"not allowed: it must be an integer tensor of shape "
                          f"{tuple(x.shape[:-1])}")
-    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab):
-        raise ValueError(f"token_ids has values in [{int(token_ids.min())}, "
-                         f"{int(token_ids.max())}], which is not allowed: they must lie in "
-                         f"[0, hash_vocab_size={vocab})")
+    check_id_range("token_ids", token_ids, vocab, "hash_vocab_size")
 
 
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:

@@ -25,7 +25,8 @@ def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> Tens
     return perm_E[slots_VK]
 
 
-def _check_integer(name: str, value: Any) -> None:
+def check_integer_tensor(name: str, value: Any) -> None:
+    """ValueError unless ``value`` is a tensor of an integer dtype (not bool)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name}={type(value).__name__} is not allowed: it must be an "
                          "integer torch.Tensor")
@@ -35,7 +36,7 @@ def _check_integer(name: str, value: Any) -> None:
                "it must be an integer dtype (int64, int32, int16, int8, uint8)")
 
 
-def _check_values(name: str, values: Tensor, high: int, what: str) -> None:
+def check_id_range(name: str, values: Tensor, high: int, what: str) -> None:
     """ValueError unless every value lies in [0, high): reads them on the host."""
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= high):
         raise ValueError(f"{name} has values in [{int(values.min())}, {int(values.max())}], "
@@ -48,11 +49,11 @@ def check_hash_table(table: Any, shape_VK: tuple[int, int], num_experts: int,
 
     Reads every entry (a host sync on CUDA): for load time, not for every step.
     """
-    _check_integer(name, table)
+    check_integer_tensor(name, table)
     if tuple(table.shape) != shape_VK:
         reject(f"{name}.shape", tuple(table.shape),
                f"it must be [hash_vocab_size, top_k] = {shape_VK}")
-    _check_values(name, table, num_experts, "num_experts")
+    check_id_range(name, table, num_experts, "num_experts")
 
 
 def check_token_ids(token_ids_T: Any, num_tokens: int, vocab_size: int) -> None:
@@ -64,18 +65,18 @@ def check_token_ids(token_ids_T: Any, num_tokens: int, vocab_size: int) -> None:
     if token_ids_T is None:
         raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
                          "(an integer tensor shaped like x without its last dimension)")
-    _check_integer("token_ids_T", token_ids_T)
+    check_integer_tensor("token_ids_T", token_ids_T)
     if tuple(token_ids_T.shape) != (num_tokens,):
         reject("token_ids_T.shape", tuple(token_ids_T.shape),
                f"it must be (T,) = ({num_tokens},), one id per row of x_TD")
     if token_ids_T.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_values("token_ids_T", token_ids_T, vocab_size, "hash_vocab_size")
+        check_id_range("token_ids_T", token_ids_T, vocab_size, "hash_vocab_size")
 
 
 def check_table_rows(table_VK: Tensor, experts_TK: Tensor, num_experts: int) -> None:
     """The table rows of this batch, for a table changed after loading (an in-place edit,
     an assigned buffer): its dtype always, its values on the CPU only (see
     ``check_token_ids``)."""
-    _check_integer("hash_table", table_VK)
+    check_integer_tensor("hash_table", table_VK)
     if experts_TK.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_values("hash_table", experts_TK, num_experts, "num_experts")
+        check_id_range("hash_table", experts_TK, num_experts, "num_experts")
