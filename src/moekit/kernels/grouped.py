@@ -46,7 +46,7 @@ from moekit.kernels.common import (
 # seven BASE tiles of _down_bwd_kernel spilling 1.4-1.5 KB per thread: its epilogue
 # holds the GEMM tile, both pre-activation tiles and the activation's derivatives, so
 # WIDE_DOWN_BWD puts 8 warps on 64x128 / 128x64 tiles (no spill). On an H200 the WIDE
-# lists took that kernel 12% and a T=4096 training step 5% faster
+# lists took 10-12% off that kernel and 5-6% off a T=4096 training step
 # (benchmarks/bench_triton_bwd.py, 2026-12-04).
 BASE_ROW = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
             (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (32, 64, 64, 4, 4)]
