@@ -65,7 +65,7 @@ def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
 # Triton kernels. One H200, bf16, fwd+bwd ms triton / grouped_mm (benchmarks/
 # bench_triton.py, 2026-12-04): T=4096 D=2048 F=1408 E=8 K=2 (Mixtral-like) 1.26, 1.22
 # and, after dW_out's rewrite, 1.17; F=768 E=64 K=8 at T=1024 / 4096 / 16384 1.08-1.12,
-# 1.02-1.04 and 0.99-1.02 before it, which took about 0.47 ms (10%) off the T=4096 step
+# 1.02-1.04 and 0.99-1.02 before it, which took 5-10% off the T=4096 step
 # (bench_triton_bwd.py). Triton's GEMMs run at half grouped_mm's TFLOP/s there and its
 # gain is the fused gather, activation and combine, whose traffic per FLOP falls as F
 # grows: so wide experts train on grouped_mm, narrow ones on triton. The forward alone
