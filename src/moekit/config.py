@@ -203,6 +203,10 @@ class MoEConfig(FrozenConfig):
             check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)
         for name in ("expert_bias", "shared_expert_gate", "renormalize", "check_finite"):
             check_bool(name, getattr(self, name))
+        if self.shared_expert_gate and not self.num_shared_experts:  # no shared FFN to gate
+            reject("shared_expert_gate", self.shared_expert_gate,
+                   f"it must be False when num_shared_experts={self.num_shared_experts} "
+                   "(it gates the shared experts; set num_shared_experts >= 1 to use it)")
         self._check_numbers()
         self._check_router()
 

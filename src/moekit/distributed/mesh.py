@@ -19,9 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moekit.config import check_number
+from moekit.config import check_choice, check_number
 
 DEFAULT_TIMEOUT_S = 300.0
+# What init_mesh derives from the backend (nccl -> cuda, gloo -> cpu). torch's
+# init_device_mesh takes any all-letter name: "bogus" built a mesh whose device
+# setup was skipped in silence, and "xla" failed later with an unrelated message.
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -116,9 +120,14 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None =
 
 def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
               device_type: str | None = None) -> ExpertParallelMesh:
-    """Build the (dp, ep) mesh over the initialised default process group."""
+    """Build the (dp, ep) mesh over the initialised default process group.
+
+    ``device_type``: "cpu" or "cuda"; None takes it from the backend (nccl: "cuda").
+    """
     _positive("dp", dp)
     _positive("ep", ep)
+    if device_type is not None:  # before any process-group work
+        check_choice("device_type", device_type, DEVICE_TYPES)
     if not dist.is_initialized():
         raise ValueError("init_mesh needs torch.distributed to be initialised: call "
                          "moekit.distributed.init_distributed() first (under torchrun)")

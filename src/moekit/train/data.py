@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moekit.config import check_number, reject
+from moekit.config import check_number, check_positive_int, reject
 from moekit.safetensors_write import raw_bytes
 
 VOCAB_SIZE = 256  # byte-level: token id = byte value
@@ -171,7 +171,12 @@ def sample_windows(data_N: Tensor, batch: int, seq_len: int, seed: int) -> tuple
 
     The windows depend only on ``seed``, so a run resumed at step s draws the
     same batches as an uninterrupted one (the data position is the step).
+    ``data_N`` is 1-D byte token ids: uint8 (a loaded corpus) or an integer dtype
+    (``encode``) with values in [0, 256).
     """
+    check_data(data_N)
+    check_positive_int("batch", batch)
+    check_positive_int("seq_len", seq_len)
     if data_N.numel() < seq_len + 2:
         raise ValueError(f"the corpus has {data_N.numel()} bytes, which is not allowed: "
                          f"it needs more than seq_len + 1 = {seq_len + 1}")
@@ -179,7 +184,31 @@ def sample_windows(data_N: Tensor, batch: int, seq_len: int, seed: int) -> tuple
     starts_B = torch.randint(0, data_N.numel() - seq_len - 1, (batch,), generator=gen)
     idx_BL = starts_B[:, None] + torch.arange(seq_len + 1)
     window = data_N[idx_BL].long()
+    if data_N.dtype != torch.uint8:  # uint8 is in range by construction
+        # the drawn window only (B*(L+1) values), never the corpus: a full scan per
+        # step would cost as much as reading it
+        low, high = (int(v) for v in torch.aminmax(window))
+        if low < 0 or high >= VOCAB_SIZE:
+            reject("data_N token id", low if low < 0 else high,
+                   f"it must be a byte in [0, {VOCAB_SIZE}) (the model's vocabulary)")
     return window[:, :-1], window[:, 1:]
+
+
+# bool is no token id; float ids were truncated by .long() in silence (0.7 -> 0)
+_ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_data(data_N: object) -> None:
+    """A 1-D tensor of byte token ids: type, dtype and shape only (no scan of the values)."""
+    if not isinstance(data_N, Tensor):
+        reject("data_N", type(data_N).__name__, "it must be a 1-D torch.Tensor of byte "
+               "token ids (uint8, or int64 from encode)")
+    if data_N.dtype not in _ID_DTYPES:
+        reject("data_N.dtype", data_N.dtype, "it must be torch.uint8 or an integer dtype "
+               "(int16, int32, int64) holding byte token ids; float ids would be truncated")
+    if data_N.dim() != 1:
+        reject("data_N.shape", tuple(data_N.shape), "it must be 1-D [N]: one stream of bytes "
+               "(flatten it, or concatenate the documents)")
 
 
 def batch_seed(seed: int, step: int, micro: int) -> int:

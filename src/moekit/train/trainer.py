@@ -12,6 +12,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,6 +147,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warn_short_schedule(cfg: TrainConfig) -> None:
+    """Warn when the warm-up outlasts the run: the learning rate never reaches cfg.lr.
+
+    A warning, not an error: short runs with the default warm-up (the CI smoke,
+    `--steps 20`) are legitimate. Called by the Trainer, not by TrainConfig, which is
+    also built for resume, comparisons and tests."""
+    if cfg.warmup_steps > cfg.steps:
+        peak = lr_at(cfg.steps - 1, cfg)  # the warm-up is still rising at the last step
+        warnings.warn(
+            f"warmup_steps={cfg.warmup_steps} is longer than steps={cfg.steps}: the "
+            f"learning rate peaks at {peak:.3g} (lr={cfg.lr:g} x {cfg.steps}/"
+            f"{cfg.warmup_steps}) on the last step, never reaching lr, and the cosine decay "
+            f"never starts; set warmup_steps (--warmup) <= steps", stacklevel=3)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -305,6 +321,7 @@ class Trainer:
                   f"it must be <= the model's max_seq_len={model_config.max_seq_len}")
         check_device_available(train_config.device)
         check_corpus(corpus, train_config.seq_len)
+        warn_short_schedule(train_config)
         self.mcfg, self.cfg, self.corpus = model_config, train_config, corpus
         self.out_dir = Path(out_dir)
         self.progress = progress
