@@ -380,6 +380,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     no flag was given (an explicit --configs, --dtypes, --impls or --reps wins), lists
     parsed. ValueError naming the first bad flag, its value and what is allowed; nothing
     is built, timed or written before it returns."""
+    from moekit.bench import refuse_repeats
     from moekit.config import MAX_EXPERTS, check_positive_int, reject
 
     a = argparse.Namespace(**vars(args))
@@ -405,6 +406,12 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         if E > MAX_EXPERTS or K > E:
             reject("--configs", args.configs, f"in 'T,E,K,F' = '{T},{E},{K},{F}' it must be "
                    f"K <= E <= {MAX_EXPERTS}; here K={K}, E={E}")
+    # the entries are well formed: now the repeats (None: the default or --quick's list)
+    for flag, value, entries in (("--configs", args.configs, a.configs),
+                                 ("--dtypes", args.dtypes, str(args.dtypes).split(",")),
+                                 ("--impls", args.impls, a.impls)):
+        if value is not None:
+            refuse_repeats(flag, value, entries)
     return a
 
 

@@ -73,6 +73,13 @@ HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
 CLOCK = [time.perf_counter]  # time.thread_time under --cpu-time
+# the flags whose default --quick replaces, unless given (an explicit flag wins, as in
+# `moekit bench`): their parser default is None, resolved in check_args
+FULL = dict(models="fine,mixtral", batches="1,4,16", hf_batches="1,8",
+            variants=",".join((*MOEKIT_DTYPES, *BASELINES)), new_tokens=32, reps=4)
+QUICK = dict(models="fine", batches="1,4", hf_batches="1",
+             variants="bf16,int8,int4,dense-active,dense-total,hf-mixtral", new_tokens=16,
+             reps=2)
 
 
 # -- models ---------------------------------------------------------------------------
@@ -700,17 +707,25 @@ def count_ops(shape: str, B: int, variant: str = "fp32") -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
-                   help="fine model, batch 1 and 4, 16 tokens, 2 pairs, Mixtral class only")
-    p.add_argument("--models", default="fine,mixtral", help="comma list of fine, mixtral")
-    p.add_argument("--batches", default="1,4,16", help="comma list of batch sizes")
-    p.add_argument("--hf-batches", default="1,8", help="batches that also time transformers")
-    p.add_argument("--variants", default=",".join((*MOEKIT_DTYPES, *BASELINES)),
+                   help="fine model, batch 1 and 4, 16 tokens, 2 pairs, Mixtral class only "
+                   "(--models, --batches, --hf-batches, --variants, --new-tokens, --reps "
+                   "given as well win)")
+    p.add_argument("--models", default=None,
+                   help=f"comma list of fine, mixtral (default {FULL['models']})")
+    p.add_argument("--batches", default=None,
+                   help=f"comma list of batch sizes (default {FULL['batches']})")
+    p.add_argument("--hf-batches", default=None,
+                   help=f"batches that also time transformers (default {FULL['hf_batches']})")
+    p.add_argument("--variants", default=None,
                    help="comma list of bf16, int8, int4, int4a8 (int4, int8 activations), "
                    "int8-experts, int4-experts, fp32-aten-linear, dense-active, dense-total, "
                    "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4|-int4a8] "
-                   "(transformers patched by moekit, also paired with the unpatched model)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed generation")
-    p.add_argument("--reps", type=int, default=4, help="A/B pairs per variant (median)")
+                   "(transformers patched by moekit, also paired with the unpatched model; "
+                   f"default {FULL['variants']})")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help=f"tokens per timed generation (default {FULL['new_tokens']})")
+    p.add_argument("--reps", type=int, default=None,
+                   help=f"A/B pairs per variant (median; default {FULL['reps']})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cpu-time", action="store_true",
                    help="1 thread, steps timed by the main thread's CPU time (loaded machine)")
@@ -732,16 +747,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The parsed flags checked and resolved (--quick applied, lists parsed), in a new
-    namespace. ValueError naming the first bad flag, its value and what is allowed;
-    nothing is built, timed or written before it returns."""
+    """The parsed flags checked and resolved, in a new namespace: --quick's choices where
+    no flag was given (an explicit --models, --batches, --hf-batches, --variants,
+    --new-tokens or --reps wins), lists parsed, an entry given twice refused. ValueError
+    naming the first bad flag, its value and what is allowed; nothing is built, timed or
+    written before it returns."""
     from moekit.config import check_positive_int
 
     a = argparse.Namespace(**vars(args))
-    if a.quick:
-        a.models, a.batches, a.hf_batches = "fine", "1,4", "1"
-        a.variants = "bf16,int8,int4,dense-active,dense-total,hf-mixtral"
-        a.new_tokens, a.reps = min(a.new_tokens, 16), min(a.reps, 2)
+    preset = QUICK if a.quick else FULL
+    quick_variants = a.quick and a.variants is None
+    for name, value in preset.items():
+        if getattr(a, name) is None:  # None: not given (the parser's default)
+            setattr(a, name, value)
     harness.check_flags(a.threads, a.reps, a.out)
     check_positive_int("--new-tokens", a.new_tokens, COMMON["max_seq_len"] - PROMPT_LEN)
     a.models = _names("--models", a.models, tuple(SHAPES))
@@ -750,19 +768,24 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     a.prefill_variants = (_names("--prefill-variants", a.prefill_variants, MOEKIT_DTYPES)
                           if a.prefill_variants else [])
     a.batches, a.hf_batches = _sizes("--batches", a.batches), _sizes("--hf-batches", a.hf_batches)
-    a.batches += [b for b in a.hf_batches if b not in a.batches]
+    a.batches += [b for b in a.hf_batches if b not in a.batches]  # both lists: timed once
+    # the variants whose peak RSS is measured: --quick's own list skips transformers'
+    a.memory_variants = [v for v in a.variants if not (quick_variants and v.startswith("hf-"))]
     return a
 
 
 def _names(flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    from moekit.bench import refuse_repeats
     from moekit.config import reject
 
     if any(v not in allowed for v in value.split(",")):
         reject(flag, value, f"it must be a comma list of {', '.join(allowed)}")
+    refuse_repeats(flag, value, value.split(","))
     return value.split(",")
 
 
 def _sizes(flag: str, value: str) -> list[int]:
+    from moekit.bench import refuse_repeats
     from moekit.config import reject
 
     try:
@@ -771,15 +794,14 @@ def _sizes(flag: str, value: str) -> list[int]:
         sizes = []
     if not sizes or min(sizes) < 1:
         reject(flag, value, "it must be a comma list of positive ints")
+    refuse_repeats(flag, value, sizes)
     return sizes
 
 
 def memory_rows(args) -> list[dict]:
     rows = []
-    variants = ["fp32", *[v for v in args.variants
+    variants = ["fp32", *[v for v in args.memory_variants
                           if not (v in QUANT and quantize_fn() is None)]]
-    if args.quick:
-        variants = [v for v in variants if not v.startswith("hf-")]
     print("\npeak RSS, fresh process, batch 1 (generate = peak while generating, VmHWM reset "
           "after the build; process = whole-process peak)")
     for shape in args.models:

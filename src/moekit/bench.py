@@ -46,10 +46,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "only --quick (its quick mode) and --threads apply")
 
 
+def refuse_repeats(flag: str, value: object, entries: list) -> None:
+    """ValueError naming ``flag``, its ``value`` and the first of its ``entries`` (parsed,
+    so that ``8,4,2,8`` and `` 8,4,2,8`` are the same) given twice: a repeated entry
+    would time the same measurement again, most likely a typo."""
+    seen = set()
+    for entry in entries:
+        if entry in seen:
+            shown = ",".join(map(str, entry)) if isinstance(entry, tuple) else str(entry)
+            reject(flag, value, f"{shown!r} is given twice; each entry must appear once "
+                   "(a repeat would time the same measurement again)")
+        seen.add(entry)
+
+
 def check_args(args: argparse.Namespace, module: ModuleType) -> argparse.Namespace:
     """The flags ``module.run`` gets (bench_cpu's, or with --decode bench_decode's), checked
     by the benchmark's own ``check_args``: ValueError naming the first bad flag, its value
-    and what is allowed, before anything is built, timed or written."""
+    and what is allowed, before anything is built, timed or written. A list flag with an
+    entry given twice is refused (by the benchmarks' own checks, also when run directly)."""
     if not args.decode:
         return module.check_args(args)
     cpu = _load()

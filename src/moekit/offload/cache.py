@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.config import check_bool, check_positive_int, reject
+from moekit.config import check_bool, check_non_negative, check_positive_int, reject
 from moekit.offload.policy import LFU, Key, make_policy
 from moekit.offload.stats import LayerStats, OffloadStats
 from moekit.offload.store import ExpertMemoryError, ExpertStore
@@ -318,12 +319,23 @@ class ExpertCache:
                 f"{need} bytes for the experts one token uses (top-k); give at least that")
 
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Stop the prefetch thread (bounded by ``timeout``) and close the shard files; True
-        when the thread has ended. Closing twice is harmless; using the cache after it
-        (``get``, ``prefetch``) raises a RuntimeError before anything changes."""
+        """Stop the prefetch thread (waiting at most ``timeout`` seconds, None: until it
+        ends) and close the shard files; True when the thread has ended. When it has not
+        (a read outlasted ``timeout``), a RuntimeWarning says so and the files stay open
+        for that read, which closes them as it ends: closing them under it failed the read
+        or filled the slot with another file's bytes. Closing twice is harmless; using the
+        cache after it (``get``, ``prefetch``) raises a RuntimeError before anything
+        changes."""
+        if timeout is not None:
+            check_non_negative("timeout", timeout)
         self.closed = True
         stopped = True if self.loader is None else self.loader.close(timeout)
-        self.store.close()
+        self.store.close()  # a store with a read in progress closes its files after it
+        if not stopped:
+            warnings.warn(f"expert cache close(timeout={timeout}): the prefetch thread is "
+                          "still reading an expert; it stops after that read, and the "
+                          "shard files are closed when that read ends", RuntimeWarning,
+                          stacklevel=2)
         return stopped
 
     @staticmethod

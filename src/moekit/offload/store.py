@@ -111,7 +111,11 @@ class Codec:
 
 
 class ExpertStore:
-    """Reads experts from safetensors shards; thread-safe (one fd per file, ``pread``)."""
+    """Reads experts from safetensors shards; thread-safe (one fd per file, ``pread``).
+
+    ``close`` never closes a file under a read in progress (the prefetch thread's, which
+    ``ExpertCache.close(timeout)`` may give up waiting for): the last such read closes
+    them as it ends. A read after ``close`` is refused (it would reopen the files)."""
 
     def __init__(self, experts: dict[Key, dict[str, Part]], codec: Codec | None = None) -> None:
         self.experts = experts
@@ -119,6 +123,9 @@ class ExpertStore:
         self._layouts: dict[tuple, Layout] = {}
         self.files = sorted({loc.file for parts in experts.values()
                              for p in parts.values() for loc in p.locs})
+        self._lock = threading.Lock()  # guards _reads, _closed and closing _fds
+        self._reads = 0  # reads in progress, on any thread
+        self._closed = False
         self._fds = {f: os.open(f, os.O_RDONLY) for f in self.files}
         self._scratch = threading.local()  # per thread: raw buffers for an encoding codec
         # per (slot buffer, layout): its tensor views, byte views and wrapped value, made
@@ -149,7 +156,15 @@ class ExpertStore:
 
     def load(self, key: Key, out_B: Tensor | None = None) -> Any:
         """Read ``key`` into the uint8 buffer ``out_B`` (a cache slot, or fresh when None);
-        what to compute with (a slot's is the same object each time the slot is read)."""
+        what to compute with (a slot's is the same object each time the slot is read).
+        RuntimeError after ``close``, before anything is read or made."""
+        fds = self._begin_read()
+        try:
+            return self._load(key, out_B, fds)
+        finally:
+            self._end_read()
+
+    def _load(self, key: Key, out_B: Tensor | None, fds: dict) -> Any:
         layout = self.layout(key)
         if out_B is None:
             cached, mvs, value = self._views(torch.empty(layout.nbytes, dtype=torch.uint8),
@@ -162,12 +177,28 @@ class ExpertStore:
         parts = self.experts[key]
         if self.codec.reads_into_cache():
             for name, p in parts.items():
-                pread_into(mvs[name], p.locs, self._fds)
+                pread_into(mvs[name], p.locs, fds)
         else:
-            raw = {name: read_into(self._raw_buffer(name, p), list(p.locs), self._fds)
+            raw = {name: read_into(self._raw_buffer(name, p), list(p.locs), fds)
                    for name, p in parts.items()}
             self.codec.encode(raw, cached)
         return value
+
+    def _begin_read(self) -> dict:
+        """The open shard files, held open until ``_end_read``."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the expert store is closed: close() closed its shard "
+                                   "files; load the model again to read its experts")
+            self._reads += 1
+            return self._fds
+
+    def _end_read(self) -> None:
+        with self._lock:
+            self._reads -= 1
+            last = self._closed and self._reads == 0
+        if last:  # close() came during this read: the files are closed now
+            self._close_files()
 
     def _views(self, buf_B: Tensor, layout: Layout) -> tuple[dict, dict, Any]:
         cached = layout.views(buf_B)
@@ -182,8 +213,19 @@ class ExpertStore:
             buf = bufs[name] = torch.empty(p.shape, dtype=p.dtype)
         return buf
 
-    def close(self) -> None:
-        fds, self._fds = self._fds, {}
+    def close(self) -> bool:
+        """Close the shard files: now (True), or when the reads in progress end (False).
+        Closing twice is harmless."""
+        with self._lock:
+            self._closed = True
+            if self._reads:
+                return False
+        self._close_files()
+        return True
+
+    def _close_files(self) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
 
