@@ -276,4 +276,4 @@ def test_bench_cpu_run_directly_refuses_a_repeated_entry():
                                          "given twice"):
         CPU.check_args(args)
     assert CPU.check_args(parser.parse_args(["--dtypes", "fp32,bf16"])).dtypes == [
-        torch.float32, torch.bfloat16]
+        "float32", "bfloat16"]
