@@ -277,3 +277,18 @@ def test_bench_cpu_run_directly_refuses_a_repeated_entry():
         CPU.check_args(args)
     assert CPU.check_args(parser.parse_args(["--dtypes", "fp32,bf16"])).dtypes == [
         "float32", "bfloat16"]
+
+
+def test_store_closes_the_shards_it_opened_when_a_later_one_fails(shard, tmp_path):
+    """A missing second shard raised from the constructor with the first one left open."""
+    path, _ = shard
+    missing = tmp_path / "zz_gone.bin"  # opened after shard.bin (the files are sorted)
+    n = ROWS * COLS * 4
+    experts = {(0, 0): {"w": Part((ROWS, COLS), torch.float32, (TensorLoc(
+                   path, "w[0]", 0, n, torch.float32, (ROWS, COLS)),))},
+               (0, 1): {"w": Part((ROWS, COLS), torch.float32, (TensorLoc(
+                   missing, "w[1]", 0, n, torch.float32, (ROWS, COLS)),))}}
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(FileNotFoundError):
+        ExpertStore(experts)
+    assert set(os.listdir("/proc/self/fd")) <= before

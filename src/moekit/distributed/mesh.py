@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moekit.config import check_choice, check_number
+from moekit.config import check_choice, check_number, check_positive_int
 
 DEFAULT_TIMEOUT_S = 300.0
 # What init_mesh derives from the backend (nccl -> cuda, gloo -> cpu). torch's
@@ -85,11 +85,6 @@ class ExpertParallelMesh:
         return self.dp * self.ep
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive int")
-
-
 # ~31,700 years: gloo keeps the timeout in int64 microseconds (8.6e13 s failed its
 # "Invalid timeout" check; 1e12 s works); inf and nan overflowed datetime.timedelta
 MAX_TIMEOUT_S = 1e12
@@ -124,8 +119,8 @@ def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
 
     ``device_type``: "cpu" or "cuda"; None takes it from the backend (nccl: "cuda").
     """
-    _positive("dp", dp)
-    _positive("ep", ep)
+    check_positive_int("dp", dp)
+    check_positive_int("ep", ep)
     if device_type is not None:  # before any process-group work
         check_choice("device_type", device_type, DEVICE_TYPES)
     if not dist.is_initialized():

@@ -126,7 +126,13 @@ class ExpertStore:
         self._lock = threading.Lock()  # guards _reads, _closed and closing _fds
         self._reads = 0  # reads in progress, on any thread
         self._closed = False
-        self._fds = {f: os.open(f, os.O_RDONLY) for f in self.files}
+        self._fds: dict[str, int] = {}
+        try:
+            for f in self.files:
+                self._fds[f] = os.open(f, os.O_RDONLY)
+        except OSError:  # the shards opened before the one that failed are closed again
+            self._close_files()
+            raise
         self._scratch = threading.local()  # per thread: raw buffers for an encoding codec
         # per (slot buffer, layout): its tensor views, byte views and wrapped value, made
         # once; re-making them per read held the GIL ~0.1 ms per expert on the prefetch
