@@ -170,3 +170,19 @@ def test_scaling_experts_flag_is_refused(text_file, tmp_path, no_training, capsy
                     str(tmp_path / "out"), "--no-progress", "--experts", "4"],
            "--experts=4", "--expert-counts")
     assert not (tmp_path / "out").exists()
+
+
+def test_moekits_own_warnings_print_as_one_house_line():
+    """Under the `moekit` command a warning from moekit's code reads like its errors
+    (``moekit train: warning: ...``), not Python's ``file:line: UserWarning``; warnings
+    from other packages keep Python's format."""
+    import warnings
+
+    from moekit.cli import PACKAGE_DIR, warning_format
+
+    fmt = warning_format("train")
+    ours = fmt(UserWarning("warmup_steps=100 is longer than steps=2"), UserWarning,
+               str(PACKAGE_DIR / "train" / "trainer.py"), 372)
+    assert ours == "moekit train: warning: warmup_steps=100 is longer than steps=2\n"
+    theirs = fmt(UserWarning("x"), UserWarning, warnings.__file__, 1, "")
+    assert "UserWarning: x" in theirs and warnings.__file__ in theirs

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 # name -> (module, one-line help). Add a line here to add a subcommand.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,13 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def warning_format(command: str):
+    """``warnings.formatwarning`` for a command: moekit's own warnings as one line in the
+    house style (``moekit train: warning: ...``, like its errors) instead of Python's
+    file:line report; warnings from other packages unchanged."""
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
+            return f"moekit {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(importlib.import_module(args._module).run(args) or 0)
+    saved = warnings.formatwarning
+    warnings.formatwarning = warning_format(args.command)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    finally:
+        warnings.formatwarning = saved
 
 
 if __name__ == "__main__":
