@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -155,6 +156,8 @@ def warn_short_schedule(cfg: TrainConfig) -> None:
     A warning, not an error: short runs with the default warm-up (the CI smoke,
     `--steps 20`) are legitimate. Called by the Trainer, not by TrainConfig, which is
     also built for resume, comparisons and tests."""
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # one line per run, not one per rank
     if cfg.warmup_steps > cfg.steps:
         peak = lr_at(cfg.steps - 1, cfg)  # the warm-up is still rising at the last step
         warnings.warn(
