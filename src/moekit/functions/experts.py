@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.config import reject
 from moekit.kernels import grouped
 from moekit.kernels.common import ACT_IDS, GLU_ACTS, INTERPRET
 
@@ -119,14 +120,34 @@ fused_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_shapes(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
-                  w_in_EDG: Tensor, w_out_EFD: Tensor, act: str) -> None:
-    """Shapes only (no values are read: that would synchronise with the GPU)."""
+                  w_in_EDG: Tensor, w_out_EFD: Tensor, b_in_EG: Tensor | None,
+                  b_out_ED: Tensor | None, act: str) -> None:
+    """Shapes and dtypes only (no values are read: that would synchronise with the GPU).
+
+    The kernels index the biases by expert and column and the rows by token id, unchecked:
+    a bias of the wrong shape read past its end (1e23 or NaN outputs, silently)."""
+    for name, t in (("x_TD", x_TD), ("token_S", token_S), ("weight_S", weight_S),
+                    ("offsets_E", offsets_E), ("w_in_EDG", w_in_EDG), ("w_out_EFD", w_out_EFD),
+                    ("b_in_EG", b_in_EG), ("b_out_ED", b_out_ED)):
+        if not isinstance(t, Tensor) and not (t is None and name.startswith("b_")):
+            raise ValueError(f"{name}={type(t).__name__} is not allowed: it must be a "
+                             "torch.Tensor")
+    if not x_TD.is_floating_point():
+        reject("x_TD.dtype", x_TD.dtype, "it must be a floating dtype")
+    for name, t in (("token_S", token_S), ("offsets_E", offsets_E)):
+        if t.dtype not in (torch.int64, torch.int32):
+            reject(f"{name}.dtype", t.dtype, "it must be torch.int64 or torch.int32")
+    if token_S.dim() != 1:
+        reject("token_S.shape", tuple(token_S.shape), "it must be 1-D [S]")
     E, D, G = w_in_EDG.shape if w_in_EDG.dim() == 3 else (None, None, None)
     F = None if G is None else (G // 2 if act in GLU_ACTS else G)
     wants = [("x_TD.shape", tuple(x_TD.shape), (x_TD.shape[0] if x_TD.dim() else 0, D)),
              ("w_out_EFD.shape", tuple(w_out_EFD.shape), (E, F, D)),
              ("weight_S.shape", tuple(weight_S.shape), tuple(token_S.shape)),
              ("offsets_E.shape", tuple(offsets_E.shape), (E,))]
+    wants += [(f"{name}.shape", tuple(b.shape), want)
+              for name, b, want in (("b_in_EG", b_in_EG, (E, G)), ("b_out_ED", b_out_ED, (E, D)))
+              if b is not None]
     if G is None or (act in GLU_ACTS and G % 2):
         raise ValueError(f"w_in_EDG.shape={tuple(w_in_EDG.shape)} is not allowed: it must be "
                          f"[E, D, G] with G = 2F (gate, then up) for act={act!r}")
@@ -148,7 +169,8 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
     """
     if act not in ACT_IDS:
         raise ValueError(f"act={act!r} is not allowed: it must be one of {', '.join(ACT_IDS)}")
-    _check_shapes(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, act)
+    _check_shapes(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, b_in_EG,
+                  b_out_ED, act)
     if not x_TD.is_cuda and not INTERPRET:
         raise ValueError(f"x_TD.device={x_TD.device} is not allowed: the Triton experts need "
                          "CUDA tensors, or TRITON_INTERPRET=1 set before moekit.kernels is "

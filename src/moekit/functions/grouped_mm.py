@@ -12,15 +12,34 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.config import reject
+
+
+def _check(x_SD: Tensor, w_EDN: Tensor, offsets_E: Tensor) -> None:
+    """Shapes and dtypes only (free). A 2-D weight made torch._grouped_mm group along D
+    instead and return [E, S, N], silently, where the fake kernel promised [S, N]."""
+    if x_SD.dim() != 2:
+        reject("x_SD.shape", tuple(x_SD.shape), "it must be 2-D [S, D]")
+    if w_EDN.dim() != 3 or w_EDN.shape[1] != x_SD.shape[1]:
+        reject("w_EDN.shape", tuple(w_EDN.shape),
+               f"it must be 3-D [E, D, N] with D=x_SD.shape[1]={x_SD.shape[1]}")
+    if offsets_E.dtype != torch.int32:
+        reject("offsets_E.dtype", offsets_E.dtype, "it must be torch.int32")
+    if tuple(offsets_E.shape) != (w_EDN.shape[0],):
+        reject("offsets_E.shape", tuple(offsets_E.shape),
+               f"it must be (E,) = ({w_EDN.shape[0]},), one end per expert")
+
 
 @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
 def grouped_mm(x_SD: Tensor, w_EDN: Tensor, offsets_E: Tensor) -> Tensor:
     """Row block e of x (ending at offsets_E[e]) times w_EDN[e]; offsets int32."""
+    _check(x_SD, w_EDN, offsets_E)
     return torch._grouped_mm(x_SD, w_EDN, offs=offsets_E)
 
 
 @grouped_mm.register_fake
 def _(x_SD: Tensor, w_EDN: Tensor, offsets_E: Tensor) -> Tensor:
+    _check(x_SD, w_EDN, offsets_E)
     return x_SD.new_empty(x_SD.shape[0], w_EDN.shape[-1])
 
 

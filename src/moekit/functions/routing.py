@@ -15,6 +15,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moekit.config import (
+    MAX_SCALING,
+    check_bool,
+    check_choice,
+    check_int_range,
+    check_number,
+    reject,
+)
 from moekit.dispatch.plan import Dispatch
 from moekit.kernels import routing
 from moekit.kernels.common import INTERPRET
@@ -80,13 +88,27 @@ def _(experts_TK, start_CE):
     return experts_TK.new_empty(experts_TK.numel(), dtype=torch.int64)
 
 
-def _check(logits_TE: Tensor, top_k: int, score: str) -> None:
-    if score not in routing.SCORE_IDS:
-        raise ValueError(f"score={score!r} is not allowed: it must be one of "
-                         f"{', '.join(routing.SCORE_IDS)}")
-    if logits_TE.dim() != 2 or not 1 <= top_k <= logits_TE.shape[-1]:
-        raise ValueError(f"top_k={top_k} with logits_TE.shape={tuple(logits_TE.shape)} is not "
-                         "allowed: logits must be [T, E] and 1 <= top_k <= E")
+def _check(logits_TE: Tensor, top_k: int, score: str, bias_E: Tensor | None,
+           renormalize: bool, scale: float) -> None:
+    """Shapes, dtypes and Python values only (no tensor values: that would synchronise with
+    the GPU). The kernel reads bias_E[e] for every expert e, unchecked: a shorter bias was
+    read past its end, silently."""
+    check_choice("score", score, tuple(routing.SCORE_IDS))
+    if not isinstance(logits_TE, Tensor):
+        raise ValueError(f"logits_TE={type(logits_TE).__name__} is not allowed: it must be a "
+                         "[T, E] torch.Tensor")
+    if logits_TE.dim() != 2:
+        reject("logits_TE.shape", tuple(logits_TE.shape), "logits must be [T, E]")
+    E = logits_TE.shape[-1]
+    check_int_range("top_k", top_k, 1, E)  # a bool or 2.0 was taken as an expert count
+    if bias_E is not None:
+        if not isinstance(bias_E, Tensor):
+            raise ValueError(f"bias_E={type(bias_E).__name__} is not allowed: it must be None "
+                             "or an [E] torch.Tensor")
+        if tuple(bias_E.shape) != (E,):
+            reject("bias_E.shape", tuple(bias_E.shape), f"it must be (E,) = ({E},)")
+    check_bool("renormalize", renormalize)
+    check_number("scale", scale, 0, MAX_SCALING, low_open=True)  # as routed_scaling_factor
     if not logits_TE.is_cuda and not INTERPRET:
         raise ValueError(f"logits_TE.device={logits_TE.device} is not allowed: the Triton "
                          "router needs CUDA tensors, or TRITON_INTERPRET=1 set before "
@@ -108,7 +130,7 @@ def fused_topk(logits_TE: Tensor, top_k: int, score: str = "softmax", *,
 
 
 def _route(logits_TE, top_k, score, bias_E, renormalize, scale):
-    _check(logits_TE, top_k, score)
+    _check(logits_TE, top_k, score, bias_E, renormalize, scale)
     bias = None if bias_E is None else bias_E.float().contiguous()
     return fused_route(logits_TE.float().contiguous(), bias, top_k, score, renormalize,
                        float(scale))
