@@ -9,20 +9,21 @@ from torch import Tensor, nn
 
 from moekit.analysis.collect import RoutingCollector
 from moekit.analysis.stats import summarise
-from moekit.config import check_positive_int
+from moekit.config import check_positive_int, reject
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def windows(data_N: Tensor, tokens: int, seq_len: int) -> Tensor:
     """Consecutive, non-overlapping sequences from the start of ``data_N``: [B, L]."""
-    for name, v in (("tokens", tokens), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} is not allowed: it must be a positive int")
+    check_positive_int("tokens", tokens)
+    check_positive_int("seq_len", seq_len)
+    if tokens < seq_len:  # was blamed on the text ("the text has 1201 tokens")
+        reject("tokens", tokens, f"it must be >= seq_len={seq_len}, one whole sequence")
     n = min(tokens, data_N.numel()) // seq_len
     if n < 1:
         raise ValueError(f"the text has {data_N.numel()} tokens, which is not allowed: it "
-                         f"needs at least seq_len={seq_len} (and tokens={tokens} >= seq_len)")
+                         f"needs at least seq_len={seq_len}")
     return data_N[: n * seq_len].long().view(n, seq_len)
 
 
@@ -48,7 +49,9 @@ def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size:
             for start in range(0, ids_BL.shape[0], batch_size):
                 chunk = ids_BL[start:start + batch_size]
                 rc.set_tokens(chunk)
-                model(chunk.to(device))
+                # int64: the ids may be any integer dtype (uint8 bytes), an embedding
+                # takes int64 / int32 only
+                model(chunk.to(device=device, dtype=torch.long))
     finally:
         model.train(was_training)
     base_CC = rc.base_CC if rc.classes is not None else None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from moekit.config import check_positive_int, reject
 from moekit.layer import MoE
+from moekit.routing.hashing import check_integer_tensor
 
 # Byte classes for "byte patterns": the class of the previous byte and of this one.
 CLASS_NAMES = ("start", "newline", "space", "tab", "lower", "upper", "digit", "underscore",
@@ -94,6 +95,7 @@ class RoutingCollector:
 
     def set_tokens(self, ids_BL: Tensor) -> None:
         """The token ids of the next forward pass (B sequences of L tokens)."""
+        check_integer_tensor("ids_BL", ids_BL)  # floats were truncated, bools read as 0 / 1
         ids_BL = ids_BL.detach().cpu().long()
         if ids_BL.dim() != 2 or ids_BL.numel() == 0 or int(ids_BL.min()) < 0 \
                 or int(ids_BL.max()) >= self.vocab_size:

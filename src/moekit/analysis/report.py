@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moekit.config import reject
+
 JSON_FILE, REPORT_FILE = "routing.json", "report.md"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
 PLOT_HINT = 'pip install "moekit[plot]" for the plots'
@@ -150,14 +152,43 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
     return "\n".join(lines)
 
 
+META_KEYS = ("checkpoint", "step", "source", "tokens", "sequences", "seq_len", "model")
+
+
+def check_result(result: Any) -> None:
+    """``result`` is what ``analyze_checkpoint`` returns: {"meta": {...}, "layers": [...]}
+    with the meta keys the report prints (analyze_model's list alone has no meta)."""
+    if not isinstance(result, dict) or not isinstance(result.get("meta"), dict) \
+            or not isinstance(result.get("layers"), list):
+        what = sorted(result, key=str) if isinstance(result, dict) else type(result).__name__
+        reject("result", what, 'it must be a dict {"meta": dict, "layers": list of '
+               "analyze_model's layer summaries}")
+    missing = [k for k in META_KEYS if k not in result["meta"]]
+    if missing:
+        reject("result['meta']", sorted(result["meta"], key=str),
+               f"it lacks {missing} (the report prints {', '.join(META_KEYS)})")
+
+
 def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """routing.json and report.md always; the PNGs where matplotlib is installed."""
+    """routing.json and report.md always; the PNGs where matplotlib is installed.
+
+    Both texts are made before anything is written: a bad ``result`` leaves an existing
+    report as it was (a result without "meta" overwrote routing.json, then a KeyError).
+    """
+    from moekit.train.cli import check_out_dir
+    check_result(result)
+    check_out_dir("out_dir", out_dir)  # a file, "" (the current directory): refused
+    try:
+        json_text = json.dumps(result, indent=1)
+    except (TypeError, ValueError) as e:  # a tensor, a circular reference: not JSON
+        reject("result", type(result).__name__, f"it must hold JSON values only ({e})")
+    plots = have_matplotlib()
+    report_text = markdown(result, plots)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = have_matplotlib()
     paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["report"].write_text(markdown(result, plots))
+    paths["json"].write_text(json_text)
+    paths["report"].write_text(report_text)
     if plots:
         paths["load"], paths["coactivation"] = out / LOAD_PNG, out / COACT_PNG
         plot_load(result["layers"], paths["load"])

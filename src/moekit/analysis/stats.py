@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from moekit.analysis.collect import CLASS_NAMES, LayerRouting
+from moekit.config import check_positive_int
 
 
 def imbalance(load_E: Tensor) -> dict[str, float]:
@@ -103,6 +104,8 @@ def specialisation(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, 
 def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: int = 5,
               min_count: int = 5) -> dict[str, Any]:
     """Everything the report shows about one MoE layer, as plain Python values."""
+    check_positive_int("top", top)  # 0 listed nothing, -1 all items but the last
+    check_positive_int("min_count", min_count)
     E = layer.num_experts
     lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
     entropy = layer.entropy_sum / max(layer.tokens, 1)

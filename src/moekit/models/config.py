@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moekit.config import (
+    MAX_HASH_VOCAB,
     MAX_LOSS_COEF,
     ROUTERS,
     FrozenConfig,
@@ -75,6 +76,11 @@ class LMConfig(FrozenConfig):
         if self.capacity_factor is not None:
             check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
                          low_open=True)
+        if self.router == "hash" and not self.dense and self.vocab_size > MAX_HASH_VOCAB:
+            # the hash table has a row per token id: was blamed on hash_vocab_size, which
+            # LMConfig has no field for
+            reject("vocab_size", self.vocab_size,
+                   f"it must be <= {MAX_HASH_VOCAB} with router='hash' (one table row per id)")
         if not self.dense:
             self.moe_config(0)  # MoEConfig validates top_k, router, capacity, ...
 

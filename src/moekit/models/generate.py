@@ -10,8 +10,9 @@ import math
 import torch
 from torch import Tensor
 
-from moekit.config import check_number
+from moekit.config import check_bool, check_int_range, check_number, reject
 from moekit.models.transformer import MoETransformer
+from moekit.routing.hashing import check_id_range, check_integer_tensor
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -26,6 +27,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> Tensor:
     """One token id per row, [B]. temperature 0 is greedy."""
+    # scalars only, no host sync (0.4 us a call): temperature=-1 sampled the least
+    # likely tokens, top_k=0 / top_p=0 were torch errors
+    check_sampling(temperature, top_k, top_p)
+    if not isinstance(logits_BV, Tensor) or logits_BV.dim() != 2:
+        reject("logits_BV.shape", tuple(logits_BV.shape) if isinstance(logits_BV, Tensor)
+               else type(logits_BV).__name__, "it must be a [batch, vocab] tensor")
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
@@ -59,10 +66,14 @@ def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
     stopping); without it, the whole sequence is recomputed for every token
     (the slow reference). ``generator=None`` draws from torch's global generator.
     """
+    if not isinstance(model, MoETransformer):
+        reject("model", type(model).__name__, "it must be a moekit MoETransformer")
+    check_int_range("max_new_tokens", max_new_tokens, 0)  # -1 returned the prompt
     check_sampling(temperature, top_k, top_p)
-    if ids_BL.dim() != 2 or ids_BL.shape[1] < 1:
-        raise ValueError(f"ids_BL.shape={tuple(ids_BL.shape)} is not allowed: it must be "
-                         "[batch, length >= 1]")
+    check_bool("use_cache", use_cache)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        reject("generator", generator, "it must be None or a torch.Generator")
+    _check_prompt(ids_BL, model.config.vocab_size)
     limit = model.config.max_seq_len
     if ids_BL.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt length {ids_BL.shape[1]} + max_new_tokens={max_new_tokens} "
@@ -80,10 +91,25 @@ def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
         return torch.cat([ids_BL, new_BN], dim=1)
     was_training = model.training
     model.eval()
-    out = ids_BL
-    for _ in range(max_new_tokens):
-        logits = model(out).logits[:, -1]
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, None]
-        out = torch.cat([out, nxt], dim=1)
-    model.train(was_training)
-    return out
+    out = ids_BL.long()  # the embedding takes int64 / int32 only
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(out).logits[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)[:, None]
+            out = torch.cat([out, nxt], dim=1)
+    finally:
+        model.train(was_training)
+    return out.to(ids_BL.dtype)  # the prompt's dtype, as with the cache
+
+
+def _check_prompt(ids_BL: Tensor, vocab_size: int) -> None:
+    """An integer [B >= 1, L >= 1] tensor of ids in [0, vocab_size) whose dtype holds
+    every id the model can produce. Reads the ids once per call (a host sync on CUDA)."""
+    check_integer_tensor("ids_BL", ids_BL)  # a bool prompt ran as ids 0 / 1
+    if ids_BL.dim() != 2 or ids_BL.shape[0] < 1 or ids_BL.shape[1] < 1:
+        raise ValueError(f"ids_BL.shape={tuple(ids_BL.shape)} is not allowed: it must be "
+                         "[batch >= 1, length >= 1]")
+    if torch.iinfo(ids_BL.dtype).max < vocab_size - 1:  # uint8 with V=512: overflow at the end
+        reject("ids_BL.dtype", ids_BL.dtype, f"it cannot hold the ids the model produces "
+               f"(up to vocab_size - 1 = {vocab_size - 1}); use int64")
+    check_id_range("ids_BL", ids_BL, vocab_size, "vocab_size")

@@ -8,16 +8,18 @@ R rows of a static cache in use (sequences still generating), M cache slots.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moekit.config import check_positive_int, reject
 from moekit.functions import decode
 from moekit.functions.moe_experts import RowBuffers, reuse_row_buffers
 from moekit.layer import MoE
 from moekit.models.config import LMConfig
+from moekit.routing.hashing import check_id_range, check_integer_tensor
 from moekit.routing.stats import RoutingStats
 
 
@@ -128,9 +130,11 @@ class StaticKVCache:
                   ) -> StaticKVCache:
         cfg = model.config
         max_len = cfg.max_seq_len if max_len is None else max_len
-        if not 1 <= max_len <= cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} is not allowed: it must be between 1 and "
-                             f"max_seq_len={cfg.max_seq_len}")
+        check_positive_int("batch", batch)  # -1 / 2.5 were torch.zeros errors
+        if isinstance(max_len, bool) or not isinstance(max_len, int) \
+                or not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len!r} is not allowed: it must be an int between "
+                             f"1 and max_seq_len={cfg.max_seq_len}")
         w = model.norm.weight  # the activations' dtype (the embedding may be quantized)
         return cls(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.dim // cfg.num_heads,
                    w.dtype, w.device)
@@ -348,6 +352,7 @@ class MoETransformer(nn.Module):
 
     def forward(self, ids_BL: Tensor, targets_BL: Tensor | None = None,
                 cache: KVCache | StaticKVCache | None = None) -> LMOutput:
+        self._check_forward(ids_BL, targets_BL, cache)
         B, L = ids_BL.shape
         past = 0 if cache is None else cache.length
         if past + L > self.config.max_seq_len:
@@ -371,8 +376,30 @@ class MoETransformer(nn.Module):
         logits = self.head(self.norm(x))
         loss = None
         if targets_BL is not None:
-            loss = F.cross_entropy(logits.float().view(B * L, -1), targets_BL.reshape(-1))
+            # .long(): no copy for int64; int32 targets (int32 ids work) were a torch error
+            loss = F.cross_entropy(logits.float().view(B * L, -1),
+                                   targets_BL.reshape(-1).long())
         return LMOutput(logits, loss, aux, stats)
+
+    def _check_forward(self, ids_BL: Any, targets_BL: Any, cache: Any) -> None:
+        """Shapes, dtypes and the cache's type always (free); the id values on CPU
+        tensors only, outside torch.compile (on CUDA a host sync every step)."""
+        check_token_ids("ids_BL", ids_BL, self.config.vocab_size)
+        if targets_BL is not None:
+            check_integer_tensor("targets_BL", targets_BL)
+            # same numel, other shape (e.g. [L, B]) gave a silently wrong loss
+            if targets_BL.shape != ids_BL.shape:
+                reject("targets_BL.shape", tuple(targets_BL.shape),
+                       f"it must be ids_BL's shape {tuple(ids_BL.shape)}")
+        if cache is None:
+            return
+        if not isinstance(cache, (KVCache, StaticKVCache)):
+            reject("cache", type(cache).__name__, "it must be None, a KVCache or a "
+                   "StaticKVCache")
+        n = len(cache.layers) if isinstance(cache, KVCache) else len(cache.k)
+        if n != self.config.num_layers:
+            reject("cache", f"{type(cache).__name__} of {n} layers",
+                   f"it must hold num_layers={self.config.num_layers}")
 
     def infer(self, ids_BL: Tensor, cache: StaticKVCache) -> Tensor:
         """Logits of each row's last position, [B, V], appending ``ids_BL`` to ``cache``.
@@ -406,6 +433,20 @@ class MoETransformer(nn.Module):
             per_expert = sum(p[0].numel() for p in moe.experts.parameters())
             total -= (cfg.num_experts - cfg.top_k) * per_expert
         return total
+
+
+def check_token_ids(name: str, ids_BL: Any, vocab_size: int) -> None:
+    """An int64 / int32 [B, L] tensor (the embedding's index types) of ids in
+    [0, vocab_size); the values are read on CPU tensors only, outside torch.compile."""
+    if not isinstance(ids_BL, Tensor):
+        reject(name, type(ids_BL).__name__, "it must be a torch.Tensor of token ids")
+    if ids_BL.dtype not in (torch.int64, torch.int32):
+        reject(f"{name}.dtype", ids_BL.dtype, "it must be int64 or int32 (the embedding's "
+               "index types); cast with .long()")
+    if ids_BL.dim() != 2:
+        reject(f"{name}.shape", tuple(ids_BL.shape), "it must be [batch, length]")
+    if ids_BL.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_id_range(name, ids_BL, vocab_size, "vocab_size")
 
 
 def _check_rows(cache: StaticKVCache, B: int) -> None:
