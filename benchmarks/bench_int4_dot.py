@@ -11,7 +11,9 @@ moekit's layout (``benchmarks/int4_dot.cpp``, built here with ``-march=native``)
   exponent onto the nibble, vdpbf16ps;
 - ``bf16x2``: activations as two bf16 (hi + lo: 16 significant bits), two vdpbf16ps;
 - ``int16``: activations rounded to int16 per 32 inputs, vpdpwssd;
-- ``int8``: activations rounded to int8 per 32 inputs, vpdpbusd (moekit's W4A8).
+- ``int8``: activations rounded to int8 per 32 inputs, vpdpbusd (moekit's W4A8);
+- ``amx``: activations as bf16 hi + lo, 16 weight rows at a time through AMX tiles
+  (tdpbf16ps; CPUs with AMX-BF16 and groups of 64+ only).
 
 Per pool and round every variant runs once (best of ``--reps`` passes); the report is
 the median over rounds of int4 GB/s and of each round's ratio to ``table``, and each
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
-VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8"]
+VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx"]
 SOURCE = Path(__file__).resolve().with_name("int4_dot.cpp")
 
 
@@ -66,13 +68,16 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10, help="passes per variant and round (best)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    missing = {"avx512f", "avx512_bf16", "avx512_vnni"} - cpu_flags()
+    flags = cpu_flags()
+    missing = {"avx512f", "avx512_bf16", "avx512_vnni"} - flags
     if missing:
         print(f"this CPU lacks {', '.join(sorted(missing))}: nothing to measure")
         return
     ext = build()
     torch.manual_seed(0)
     K, g = args.K, args.group
+    variants = [v for v in VARIANTS if v != "amx" or ({"amx_tile", "amx_bf16"} <= flags
+                                                       and g >= 64)]
     x = torch.randn(K)
     report = {"machine": machine(), "K": K, "group": g, "threads": args.threads,
               "rounds": args.rounds, "reps": args.reps, "pools": []}
@@ -83,25 +88,25 @@ def main() -> None:
         w_NK = dequantize_NK(q, 0, 1)[0].double()
         scale_N = w_NK.abs() @ x.double().abs()  # sum |w x| per row
         ref = w_NK @ x.double()
-        gbs: dict[str, list[float]] = {v: [] for v in VARIANTS}
-        ratio: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        gbs: dict[str, list[float]] = {v: [] for v in variants}
+        ratio: dict[str, list[float]] = {v: [] for v in variants}
         err: dict[str, dict[str, float]] = {}
         for _ in range(args.rounds):
             secs = {}
-            for i, v in enumerate(VARIANTS):
-                out, xrep, secs[v] = ext.dot(i, data, scales, zeros, g, x, args.threads,
-                                             args.reps)
+            for v in variants:
+                out, xrep, secs[v] = ext.dot(VARIANTS.index(v), data, scales, zeros, g, x,
+                                             args.threads, args.reps)
                 gbs[v].append(data.numel() / secs[v] / 1e9)
                 if v not in err:
                     kern = ((out.double() - w_NK @ xrep.double()).abs() / scale_N).max().item()
                     total = ((out.double() - ref).abs() / scale_N).max().item()
                     err[v] = {"kernel": kern, "total": total}
-            for v in VARIANTS:
+            for v in variants:
                 ratio[v].append(secs["table"] / secs[v])
         rows = []
         print(f"pool {mib} MiB of int4 ({N} rows of K={K}, g={g}), {args.threads} threads, "
               f"median of {args.rounds} rounds:")
-        for v in VARIANTS:
+        for v in variants:
             row = {"variant": v, "gb_s": statistics.median(gbs[v]),
                    "speed_over_table": statistics.median(ratio[v]), **{
                        f"err_{k}": e for k, e in err[v].items()}}

@@ -14,6 +14,9 @@
 //   3 int16  x rounded to int16 per 32-input chunk (a scale each), nibbles widened to
 //            words by shifts and masks, vpdpwssd multiplies 32 pairs
 //   4 int8   x rounded to int8 per chunk, vpdpbusd multiplies 64 pairs: moekit's W4A8
+//   5 amx    x as bf16 hi + lo (as 2) in two columns of an AMX B tile; 16 weight rows
+//            at a time as an A tile of bf16(128 + q) (a per-word shift and an OR per
+//            32 weights), tdpbf16ps; g >= 64 (an A row must lie in one group)
 //
 // Every variant but the table computes a block of 128 weights (64 bytes) per step:
 // lane l of its 16 int32 / fp32 sums covers chunk l / 4 of the block, scaled per lane
@@ -23,6 +26,8 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -162,6 +167,87 @@ NOINLINE float dot_i8(const Row& r, const Shape& S, const int8_t* xr, const floa
   return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
 }
 
+// 5: AMX (rows n0..n0 + 63 at once). Per group of 64 weights a row's 32 bytes, broadcast
+// to both halves of a vector and shifted per word by 0 / 4 (then 8 / 12) bits, give two
+// A-tile rows of bf16(128 + q): 32 weights each, in the word order of the records above
+// (v = 0, 1 then 2, 3). The B tiles (prepare) hold group u's activations in column u % 8
+// (hi) and 8 + u % 8 (lo), zeros elsewhere, so one C tile of 16 rows sums 8 groups apart;
+// it is stored, and each row's 8 group sums scaled, every 8 groups. The A tiles go
+// through memory (a tile loads from memory only).
+#define AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-bf16")))
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+AMX inline void amx_a_rows(const uint8_t* q, uint16_t* a0, uint16_t* a1) {
+  const __m512i sh0 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+  const __m512i sh1 = _mm512_add_epi16(sh0, _mm512_set1_epi16(8));
+  const __m512i m = _mm512_set1_epi16(0x000F), e = _mm512_set1_epi16(0x4300);
+  const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  _mm512_store_si512(a0, _mm512_ternarylogic_epi32(_mm512_srlv_epi16(v, sh0), m, e, 0xEA));
+  _mm512_store_si512(a1, _mm512_ternarylogic_epi32(_mm512_srlv_epi16(v, sh1), m, e, 0xEA));
+}
+
+// GCC's tile intrinsics are asm statements that declare no memory access: BARRIER keeps
+// the A rows' stores before the tile loads that read them (-O3 dropped them as dead),
+// and the C tiles' stores before the reads of c.
+#define BARRIER() asm volatile("" : : : "memory")
+#define AMX_BLOCK(C)                                                                     \
+  for (int r = 0; r < 16; ++r)                                                           \
+    amx_a_rows(q + (n0 + 16 * C + r) * (S.K / 2) + 32 * u, a + 1024 * (C % 2) + 32 * r,  \
+               a + 1024 * (C % 2) + 512 + 32 * r);                                       \
+  BARRIER();                                                                             \
+  _tile_loadd(4, a + 1024 * (C % 2), 64);                                                \
+  _tile_dpbf16ps(C, 4, 6);                                                               \
+  _tile_loadd(5, a + 1024 * (C % 2) + 512, 64);                                          \
+  _tile_dpbf16ps(C, 5, 7);
+
+AMX NOINLINE void dot_amx(const uint8_t* q, const float* s, const float* z, const Shape& S,
+                          const uint16_t* bt, const float* gsum, int64_t n0, float* out) {
+  alignas(64) uint16_t a[2048];
+  alignas(64) float c[4][256];
+  const int64_t G = S.K / S.g, upg = S.g / 64, units = S.K / 64;  // 64-weight units
+  float acc[64] = {};
+  for (int64_t u0 = 0; u0 < units; u0 += 8 * upg) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t u = u0; u < std::min(units, u0 + 8 * upg); ++u) {
+      _tile_loadd(6, bt + 1024 * u, 64);
+      _tile_loadd(7, bt + 1024 * u + 512, 64);
+      AMX_BLOCK(0) AMX_BLOCK(1) AMX_BLOCK(2) AMX_BLOCK(3)
+    }
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+    BARRIER();
+    const int64_t g0 = u0 / upg, ng = std::min<int64_t>(8, G - g0);
+    const __mmask8 km = static_cast<__mmask8>((1u << ng) - 1);
+    const __m256 sx = _mm256_maskz_loadu_ps(km, gsum + g0);
+    for (int r = 0; r < 64; ++r) {  // s (hi + lo) + (z - 128 s) sum(x), per group
+      const int64_t n = n0 + r;
+      const __m256 sg = _mm256_maskz_loadu_ps(km, s + n * G + g0);
+      const __m256 zg = _mm256_maskz_loadu_ps(km, z + n * G + g0);
+      const float* cr = c[r / 16] + 16 * (r % 16);
+      __m256 t = _mm256_mul_ps(sg, _mm256_add_ps(_mm256_load_ps(cr), _mm256_load_ps(cr + 8)));
+      t = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(128.0f), sg, zg), sx, t);
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      acc[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+  }
+  std::copy(acc, acc + 64, out + n0);
+}
+
+AMX void amx_start() {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+  BARRIER();  // (ldtilecfg's asm declares only the first byte of cfg as read)
+  _tile_loadconfig(&cfg);
+}
+
+AMX void amx_end() { _tile_release(); }
+
 uint16_t to_bf16(float f) {  // round to nearest even (finite inputs)
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -184,6 +270,7 @@ struct Acts {
   std::vector<float> sx;      // 3, 4: per lane (4 lanes per chunk)
   std::vector<float> gsum;    // per weight group
   std::vector<float> xrep;    // the represented activations (for the reference)
+  std::vector<uint16_t> bt;   // 5: B tiles, two per 64 inputs
 };
 
 Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
@@ -226,6 +313,23 @@ Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
       }
     }
   }
+  if (variant == 5) {  // per 64 inputs two B tiles [16 pairs][16 columns][2]
+    A.bt.assign(1024 * (K / 64), 0);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint16_t hi = to_bf16(x[k]);
+      const uint16_t lo = to_bf16(x[k] - from_bf16(hi));
+      A.xrep[k] = from_bf16(hi) + from_bf16(lo);
+      // weight k of unit u: chunk c, j; its word i and nibble v as in the records above
+      const int64_t u = k / 64, c = (k % 64) / 32, j = k % 32;
+      const int v = (j >= 16 ? 1 : 0) + 2 * (j % 2);
+      const int64_t i = 8 * c + (j % 16) / 2;
+      const int64_t w = 16 * (v % 2) + i;  // element of A row v / 2
+      const int64_t col = (k / g) % 8;
+      uint16_t* tile = A.bt.data() + 1024 * u + 512 * (v / 2) + 32 * (w / 2) + w % 2;
+      tile[2 * col] = hi;
+      tile[2 * (8 + col)] = lo;
+    }
+  }
   A.gsum.assign(2 * (K / g), 0.0f);  // the sums, then -128 times them (bf16's)
   for (int64_t k = 0; k < K; ++k) A.gsum[k / g] += A.xrep[k];
   for (int64_t i = 0; i < K / g; ++i) A.gsum[K / g + i] = -128.0f * A.gsum[i];
@@ -240,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
                                                const at::Tensor& scales, const at::Tensor& zeros,
                                                int64_t g, const at::Tensor& x, int64_t threads,
                                                int64_t reps) {
-  TORCH_CHECK(variant >= 0 && variant <= 4, "variant must be 0..4, got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 5, "variant must be 0..5, got ", variant);
   const int64_t N = data.size(0), K = 2 * data.size(1);
   TORCH_CHECK(K % 128 == 0 && (g == 32 || g == 64 || g == 128),
               "K must be a multiple of 128 and g one of 32, 64, 128, got K=", K, ", g=", g);
@@ -266,7 +370,22 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
   };
   const uint16_t* bf = A.bf.data();
   const float *sx = A.sx.data(), *gsum = A.gsum.data();
+  if (variant == 5) {
+    TORCH_CHECK(g >= 64 && N % 64 == 0, "amx: g >= 64 and rows a multiple of 64");
+    TORCH_CHECK(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                        18 /* XFEATURE_XTILEDATA */) == 0, "amx: no permission for AMX tiles");
+  }
   auto pass = [&] {
+    if (variant == 5) {
+#pragma omp parallel
+      {
+        amx_start();
+#pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < N; n0 += 64) dot_amx(q, s, z, S, A.bt.data(), A.gsum.data(), n0, o);
+        amx_end();
+      }
+      return;
+    }
     switch (variant) {
       case 0: return rows([&](const Row& r) { return dot_table(r, S, xf); });
       case 1: return rows([&](const Row& r) { return dot_bf16<1>(r, S, bf, gsum); });
