@@ -11,15 +11,20 @@ else F, E experts, K experts per token, S = T*K routed rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from moekit.config import reject
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.backends import decode_experts as _decode_backend
 from moekit.quant.tensor import QuantizedTensor
+from moekit.routing.hashing import check_id_range, check_integer_tensor
 
 ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai", "relu2", "gelu")
+GLU_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")  # G = 2F: gate and up halves
 
 
 def sorted_rows(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Dispatch:
@@ -61,6 +66,52 @@ def decode_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     (fused into the kernel) or any callable on the [S, G] gate+up output.
     """
     act = activation if callable(activation) else _Act(activation, swiglu_limit, swiglu_alpha)
+    _check_args(x_TD, experts_TK, weights_TK, w_in, w_out, b_in, b_out, activation)
     d = sorted_rows(experts_TK, weights_TK, w_in.shape[0])
     with torch.no_grad():
         return _decode_backend(x_TD, d, w_in, w_out, b_in, b_out, act)
+
+
+def _shape(t: Any) -> tuple | str:
+    return tuple(t.shape) if isinstance(t, (Tensor, QuantizedTensor)) else type(t).__name__
+
+
+def _check_args(x_TD: Any, experts_TK: Any, weights_TK: Any, w_in: Any, w_out: Any,
+                b_in: Any, b_out: Any, activation: Any) -> None:
+    """Shapes and dtypes of decode_experts' arguments, and the expert ids on CPU tensors
+    (reading them on CUDA would sync the host): before any work. Without them a routing
+    table of T - 1 rows left the last token's output 0, combine weights of another shape
+    were paired with the wrong experts, and integer activations came back truncated."""
+    if not isinstance(x_TD, Tensor) or x_TD.dim() != 2 or not x_TD.is_floating_point():
+        reject("x_TD", f"{_shape(x_TD)} {getattr(x_TD, 'dtype', '')}".strip(),
+               "it must be a floating-point [T, D] tensor")
+    T, D = x_TD.shape
+    check_integer_tensor("experts_TK", experts_TK)
+    if experts_TK.dim() != 2 or experts_TK.shape[0] != T:
+        reject("experts_TK.shape", tuple(experts_TK.shape),
+               f"it must be [T, K] with T = x_TD.shape[0] = {T}")
+    if not isinstance(weights_TK, Tensor) or not weights_TK.is_floating_point() \
+            or weights_TK.shape != experts_TK.shape:
+        reject("weights_TK", f"{_shape(weights_TK)} {getattr(weights_TK, 'dtype', '')}".strip(),
+               f"it must be a floating-point tensor of experts_TK's shape "
+               f"{tuple(experts_TK.shape)}")
+    for name, w in (("w_in", w_in), ("w_out", w_out)):
+        if not isinstance(w, (Tensor, QuantizedTensor)) or len(w.shape) != 3:
+            reject(name, _shape(w), "it must be a 3-D tensor or QuantizedTensor "
+                   f"({'[E, D, G]' if name == 'w_in' else '[E, F, D]'})")
+    E, _, G = w_in.shape
+    if w_in.shape[1] != D:
+        reject("w_in.shape", tuple(w_in.shape), f"it must be [E, D, G] with D = "
+               f"x_TD.shape[1] = {D}")
+    F = G // 2 if activation in GLU_ACTIVATIONS else G
+    want = (E, F, D) if not callable(activation) else (E, w_out.shape[1], D)
+    if tuple(w_out.shape) != want or (activation in GLU_ACTIVATIONS and G % 2):
+        reject("w_out.shape", tuple(w_out.shape),
+               f"it must be [E, F, D] = {list(want)} for w_in {list(w_in.shape)}"
+               + (f" and activation={activation!r} (G = 2F)" if activation in GLU_ACTIVATIONS
+                  else ""))
+    for name, b, shape in (("b_in", b_in, (E, G)), ("b_out", b_out, (E, D))):
+        if b is not None and (not isinstance(b, Tensor) or tuple(b.shape) != shape):
+            reject(f"{name}.shape", _shape(b), f"it must be None or {list(shape)}")
+    if experts_TK.device.type == "cpu":
+        check_id_range("experts_TK", experts_TK, E, "num_experts (w_in.shape[0])")
