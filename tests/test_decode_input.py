@@ -1,5 +1,6 @@
-"""Bad input to moekit.inference.decode_experts: a ValueError naming the argument, its
-value and what is allowed, before any work. Before these checks a routing table one row
+"""Bad input to moekit.inference.decode_experts / sorted_rows and the bias-update
+helpers: a ValueError naming the argument, its value and what is allowed, before any
+work. Before these checks a routing table one row
 short left the last token's output at 0, combine weights of another shape were paired
 with the wrong experts, integer activations came back truncated, and the rest were
 RuntimeErrors from the C++ kernels or torch."""
@@ -11,7 +12,8 @@ import re
 import pytest
 import torch
 
-from moekit.inference import decode_experts
+import moekit
+from moekit.inference import decode_experts, sorted_rows
 from moekit.quant.tensor import quantize_tensor
 
 T, D, E, F = 3, 64, 4, 32
@@ -87,3 +89,47 @@ def test_float64_activations_come_back_in_float64():
         y32 = decode_experts(**a)
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64.float(), y32, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: sorted_rows(torch.tensor([[0.0, 1.0]]), torch.rand(1, 2), 4),
+     "experts_TK.dtype=torch.float32 is not allowed"),  # was NotImplementedError (bincount)
+    (lambda: sorted_rows(torch.tensor([[0, 5]]), torch.rand(1, 2), 4),
+     "experts_TK has values in [0, 5], which is not allowed: they must lie in "
+     "[0, num_experts=4)"),  # was a Dispatch whose offsets miss expert 5's row
+    (lambda: sorted_rows(torch.tensor([[0, 1]]), torch.rand(1, 3), 4),
+     "weights_TK='(1, 3) torch.float32' is not allowed"),  # was paired silently
+    (lambda: sorted_rows(torch.tensor([[0, 1]]), torch.rand(1, 2), 0),
+     "num_experts=0 is not allowed: it must be a positive int"),
+])
+def test_sorted_rows_checks(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call()
+
+
+def test_sorted_rows_plan():
+    """Against a hand-built plan: rows grouped by expert, token order within one."""
+    d = sorted_rows(torch.tensor([[2, 1], [1, 0]]), torch.tensor([[0.6, 0.4], [0.7, 0.3]]), 4)
+    assert d.token_S.tolist() == [1, 0, 1, 0]  # e0: t1; e1: t0, t1; e2: t0
+    assert d.weight_S.tolist() == pytest.approx([0.3, 0.4, 0.7, 0.6])
+    assert d.offsets_E.tolist() == [1, 3, 4, 4]
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: moekit.update_all_biases("model"),
+     "model='str' is not allowed: it must be a torch.nn.Module"),  # was AttributeError
+    (lambda: moekit.attach_bias_update(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)),
+     "optimizer='Linear' is not allowed: it must be a torch.optim.Optimizer"),
+])
+def test_bias_update_helpers_check_arguments(call, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        call()
+
+
+def test_attach_bias_update_checks_the_model_before_any_step():
+    """A wrong model failed inside the first optimizer.step(), after the weights moved."""
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=re.escape("model='dict' is not allowed")):
+        moekit.attach_bias_update(opt, {})
+    assert not opt._optimizer_step_post_hooks  # nothing attached

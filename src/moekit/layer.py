@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from moekit.config import MoEConfig
+from moekit.config import MoEConfig, reject
 from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts, SharedExperts
@@ -225,6 +225,7 @@ class MoE(nn.Module):
 
 def update_all_biases(model: nn.Module, group=None) -> None:
     """Call ``update_bias`` on every MoE layer in ``model`` that has a selection bias."""
+    _check_module("model", model)
     for m in model.modules():
         if isinstance(m, MoE) and m.config.bias_update_rate > 0:
             m.update_bias(group=group)
@@ -233,7 +234,17 @@ def update_all_biases(model: nn.Module, group=None) -> None:
 def attach_bias_update(optimizer: torch.optim.Optimizer, model: nn.Module, group=None):
     """Run the aux-loss-free bias update after every ``optimizer.step()``.
 
-    Returns the hook handle (``handle.remove()`` detaches it).
+    Returns the hook handle (``handle.remove()`` detaches it). The arguments are checked
+    here, not at the first ``step()``: a wrong model would fail after the weights moved.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        reject("optimizer", type(optimizer).__name__, "it must be a torch.optim.Optimizer")
+    _check_module("model", model)
     return optimizer.register_step_post_hook(
         lambda *_: update_all_biases(model, group))
+
+
+def _check_module(name: str, model: object) -> None:
+    if not isinstance(model, nn.Module):
+        reject(name, type(model).__name__, "it must be a torch.nn.Module (the model whose "
+               "MoE layers update their selection bias)")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.config import reject
+from moekit.config import check_positive_int, reject
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.backends import decode_experts as _decode_backend
@@ -29,6 +29,12 @@ GLU_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")  # G = 2F: gate and up halve
 
 def sorted_rows(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Dispatch:
     """The (token, expert) pairs sorted by expert (stable: token order within an expert)."""
+    check_positive_int("num_experts", num_experts)
+    _check_routing(experts_TK, weights_TK, None, num_experts, "num_experts")
+    return _sorted_rows(experts_TK, weights_TK, num_experts)
+
+
+def _sorted_rows(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Dispatch:
     T, K = experts_TK.shape
     expert_S = experts_TK.reshape(-1)
     order_S = torch.argsort(expert_S, stable=True)
@@ -67,7 +73,7 @@ def decode_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     """
     act = activation if callable(activation) else _Act(activation, swiglu_limit, swiglu_alpha)
     _check_args(x_TD, experts_TK, weights_TK, w_in, w_out, b_in, b_out, activation)
-    d = sorted_rows(experts_TK, weights_TK, w_in.shape[0])
+    d = _sorted_rows(experts_TK, weights_TK, w_in.shape[0])
     with torch.no_grad():
         return _decode_backend(x_TD, d, w_in, w_out, b_in, b_out, act)
 
@@ -86,15 +92,7 @@ def _check_args(x_TD: Any, experts_TK: Any, weights_TK: Any, w_in: Any, w_out: A
         reject("x_TD", f"{_shape(x_TD)} {getattr(x_TD, 'dtype', '')}".strip(),
                "it must be a floating-point [T, D] tensor")
     T, D = x_TD.shape
-    check_integer_tensor("experts_TK", experts_TK)
-    if experts_TK.dim() != 2 or experts_TK.shape[0] != T:
-        reject("experts_TK.shape", tuple(experts_TK.shape),
-               f"it must be [T, K] with T = x_TD.shape[0] = {T}")
-    if not isinstance(weights_TK, Tensor) or not weights_TK.is_floating_point() \
-            or weights_TK.shape != experts_TK.shape:
-        reject("weights_TK", f"{_shape(weights_TK)} {getattr(weights_TK, 'dtype', '')}".strip(),
-               f"it must be a floating-point tensor of experts_TK's shape "
-               f"{tuple(experts_TK.shape)}")
+    _check_routing(experts_TK, weights_TK, T)
     for name, w in (("w_in", w_in), ("w_out", w_out)):
         if not isinstance(w, (Tensor, QuantizedTensor)) or len(w.shape) != 3:
             reject(name, _shape(w), "it must be a 3-D tensor or QuantizedTensor "
@@ -115,3 +113,20 @@ def _check_args(x_TD: Any, experts_TK: Any, weights_TK: Any, w_in: Any, w_out: A
             reject(f"{name}.shape", _shape(b), f"it must be None or {list(shape)}")
     if experts_TK.device.type == "cpu":
         check_id_range("experts_TK", experts_TK, E, "num_experts (w_in.shape[0])")
+
+
+def _check_routing(experts_TK: Any, weights_TK: Any, T: int | None, E: int | None = None,
+                   what: str = "") -> None:
+    """experts_TK an integer [T, K] tensor (T = x_TD's rows where given), weights_TK a
+    float tensor of its shape; with E, the ids in [0, E) (read on CPU tensors only)."""
+    check_integer_tensor("experts_TK", experts_TK)
+    if experts_TK.dim() != 2 or (T is not None and experts_TK.shape[0] != T):
+        reject("experts_TK.shape", tuple(experts_TK.shape), "it must be [T, K]"
+               + (f" with T = x_TD.shape[0] = {T}" if T is not None else ""))
+    if not isinstance(weights_TK, Tensor) or not weights_TK.is_floating_point() \
+            or weights_TK.shape != experts_TK.shape:
+        reject("weights_TK", f"{_shape(weights_TK)} {getattr(weights_TK, 'dtype', '')}".strip(),
+               f"it must be a floating-point tensor of experts_TK's shape "
+               f"{tuple(experts_TK.shape)}")
+    if E is not None and experts_TK.device.type == "cpu":
+        check_id_range("experts_TK", experts_TK, E, what)
