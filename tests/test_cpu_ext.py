@@ -9,6 +9,7 @@ width, Y output width, B experts.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -221,6 +222,53 @@ def test_layer_with_and_without_the_extension_agree(ext, threads, cfg, monkeypat
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_backward_runs_the_weighted_swiglu_pass(ext, dtype, monkeypatch):
+    """The fused path's backward takes the one-pass SwiGLU (glu.weighted_backward) and
+    gives the gradients of the aten passes it replaced (capacity drops, expert biases)."""
+    from moekit.functions import moe_experts
+
+    if dtype == torch.bfloat16 and cpu_ext.bf16() is not None:
+        pytest.skip("this CPU runs bf16 blocks on the AVX-512 BF16 kernels (bf16_fused)")
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=32, ffn_dim=48, num_experts=6, top_k=2, capacity_factor=0.6,
+                        expert_bias=True), backend="fused").to(dtype)
+    x = torch.randn(2, 150, 32, dtype=dtype)
+    calls: list[bool] = []
+    real = moe_experts.weighted_backward
+
+    def spy(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    def grads(layer, inp, weighted):
+        monkeypatch.setattr(moe_experts, "weighted_backward", weighted)
+        xx = inp.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(xx)
+        (out.output.double().square().sum() + out.aux_loss).backward()
+        return [xx.grad.double()] + [p.grad.double() for p in layer.parameters()
+                                     if p.grad is not None]
+
+    fast = grads(moe, x, spy)
+    assert calls and all(calls)
+    slow = grads(moe, x, lambda *args: False)
+    assert len(fast) == len(slow) >= 5  # x, router, w_in, w_out, b_in, b_out
+    if dtype == torch.float32:
+        for got, want in zip(fast, slow, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        return
+    # bf16 rounds at other points (once per output, not after each of nine passes):
+    # against the float64 layer, its error is no larger than the aten passes' (it was
+    # 0.4-1.1% of each gradient's largest entry, the passes' 0.4-1.2%)
+    ref = grads(copy.deepcopy(moe).double(), x.double(), real)
+    for got, want, exact in zip(fast, slow, ref, strict=True):
+        scale = exact.abs().max().item()
+        err_fast = (got - exact).abs().max().item() / scale
+        err_slow = (want - exact).abs().max().item() / scale
+        assert err_fast <= 1.1 * err_slow + 1e-3 and err_fast < 0.03, (err_fast, err_slow)
+
+
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_tried", False)
     monkeypatch.setattr(cpu_ext, "_module", None)
@@ -296,9 +344,63 @@ def test_one_pass_swiglu_matches_the_formulas(ext, threads, F):
                                    rtol=1e-5)
 
 
+def _bf16_close(got, want, scale):
+    """Within one bf16 rounding of the exact value (2^-8 relative), plus fp32 arithmetic
+    on the row's scale."""
+    err = (got.double() - want).abs()
+    assert (err <= 2.0**-8 * want.abs() + 1e-6 * scale).all(), (err - 2.0**-8 * want.abs()).max()
+
+
+@pytest.mark.parametrize("F", [1, 13, 256, 300], ids=lambda f: f"F{f}")
+def test_one_pass_swiglu_in_bf16(ext, threads, F):
+    """bf16 rows: computed in fp32 from the bf16 inputs, each output rounded once.
+    F = 300 crosses the kernels' 256-element chunks."""
+    gen = torch.Generator().manual_seed(3)
+    n = 40
+    h = (torch.randn(n, 2 * F + 3, generator=gen) * 6).bfloat16()[:, :2 * F]
+    da = torch.randn(n, F, generator=gen).bfloat16()
+    a, a2 = torch.empty(n, F, dtype=torch.bfloat16), torch.empty(n, F, dtype=torch.bfloat16)
+    dh = torch.empty(n, 2 * F, dtype=torch.bfloat16)
+    ext.swiglu_out(h, a)
+    ext.swiglu_backward_out(h, da, a2, dh)
+    want_a, want_dg, want_du = _swiglu64(h, da)
+    for got, want in ((a, want_a), (a2, want_a), (dh[:, :F], want_dg), (dh[:, F:], want_du)):
+        _bf16_close(got, want, want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("F", [1, 13, 256, 300], ids=lambda f: f"F{f}")
+def test_weighted_swiglu_backward_matches_the_formulas(ext, threads, dtype, F):
+    """aw = w act(h), dh with da = w gu, and d w = rowsum(gu act(h)) in one pass."""
+    gen = torch.Generator().manual_seed(4)
+    n = 50
+    h = (torch.randn(n, 2 * F + 5, generator=gen) * 4).to(dtype)[:, :2 * F]
+    gu = torch.randn(n, F, generator=gen).to(dtype)
+    w = torch.rand(n, generator=gen)
+    aw, dh = torch.empty(n, F, dtype=dtype), torch.empty(n, 2 * F, dtype=dtype)
+    dw = torch.empty(n)
+    ext.swiglu_backward_weighted_out(h, gu, w, aw, dh, dw)
+    w64 = w.double()[:, None]
+    act, dg, du = _swiglu64(h, gu.double() * w64)
+    want_dw = (gu.double() * act).sum(1)
+    dw_scale = (gu.double() * act).abs().sum(1)  # the sum's own rounding scale
+    assert ((dw.double() - want_dw).abs() <= 1e-5 * dw_scale + 1e-12).all()
+    for got, want in ((aw, act * w64), (dh[:, :F], dg), (dh[:, F:], du)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5,
+                                       atol=1e-5 * want.abs().max().item())
+        else:
+            _bf16_close(got, want, want.abs().max().item())
+
+
 def test_one_pass_swiglu_rejects_other_dtypes(ext):
     h = torch.randn(4, 8, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="h_NG must be float32"):
+    with pytest.raises(RuntimeError, match="h_NG must be float32 or bfloat16, got Double"):
         ext.swiglu_out(h, torch.empty(4, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"h_NG must be \[4, 6\]"):
         ext.swiglu_out(h.float(), torch.empty(4, 3))
+    with pytest.raises(RuntimeError, match="a_NF must be Float like h_NG, got BFloat16"):
+        ext.swiglu_out(h.float(), torch.empty(4, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"w_N must be a contiguous float32 \[4\]"):
+        ext.swiglu_backward_weighted_out(h.float(), torch.randn(4, 4), torch.rand(4).double(),
+                                         torch.empty(4, 4), torch.empty(4, 8), torch.empty(4))

@@ -35,19 +35,25 @@ def _act_into(kind: str, gate_NF: Tensor, out_NF: Tensor) -> Tensor:
     return torch.ops.aten.gelu.out(gate_NF, out=out_NF)
 
 
-def one_pass(kind: str, *tensors: Tensor):
+ONE_PASS_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def one_pass(kind: str, *tensors: Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
     """The C++ one-pass SwiGLU (moekit/csrc/cpu_experts.cpp) where it applies, else None:
-    float32 CPU tensors with contiguous rows (also what moe_experts' one-call forward
-    needs of its rows)."""
-    if kind != "swiglu" or not all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                   and t.dim() == 2 and t.stride(1) == 1 for t in tensors):
+    CPU tensors of one dtype in ``dtypes`` with contiguous rows. float32 only by default
+    (what moe_experts' one-call forward needs of its rows); the activation's own calls
+    also take bfloat16 (computed in fp32, rounded once per output)."""
+    dtype = tensors[0].dtype
+    if kind != "swiglu" or dtype not in dtypes or not all(
+            t.dtype == dtype and t.device.type == "cpu" and t.dim() == 2 and t.stride(1) == 1
+            for t in tensors):
         return None
     return cpu_ext.get()
 
 
 def glu_forward(h_NG: Tensor, kind: str, out_NF: Tensor) -> Tensor:
     """act(gate) * up for kind "swiglu" (silu) or "geglu" (exact gelu), into ``out_NF``."""
-    ext = one_pass(kind, h_NG, out_NF)
+    ext = one_pass(kind, h_NG, out_NF, dtypes=ONE_PASS_DTYPES)
     if ext is not None:
         ext.swiglu_out(h_NG, out_NF)
         return out_NF
@@ -64,7 +70,7 @@ def glu_backward(h_NG: Tensor, da_NF: Tensor, kind: str, a_NF: Tensor, tmp_NF: T
     needs. Writes into the caller's buffers ``a_NF``, ``tmp_NF`` and ``dh_NG``:
     fresh allocations here page-fault on every call with glibc malloc.
     """
-    ext = one_pass(kind, h_NG, da_NF, a_NF, dh_NG)
+    ext = one_pass(kind, h_NG, da_NF, a_NF, dh_NG, dtypes=ONE_PASS_DTYPES)
     if ext is not None:
         ext.swiglu_backward_out(h_NG, da_NF, a_NF, dh_NG)
         return a_NF, dh_NG
@@ -87,3 +93,17 @@ def generic_backward(h_NG: Tensor, da_NF: Tensor, act: ActFn) -> tuple[Tensor, T
         a = act(h)
         (dh,) = torch.autograd.grad(a, h, da_NF)
     return a.detach(), dh
+
+
+def weighted_backward(h_NG: Tensor, gu_NF: Tensor, w_N: Tensor, aw_NF: Tensor, dh_NG: Tensor,
+                      dw_N: Tensor) -> bool:
+    """SwiGLU rows' backward around the activation in one C++ pass, where it applies
+    (float32 or bfloat16 rows, ``w_N`` / ``dw_N`` float32): from gu = dy[tok] @ w_out^T
+    and the combine weights w, ``aw_NF`` = w act(h), ``dh_NG`` = d h with da = w gu, and
+    ``dw_N`` = rowsum(gu act(h)), the combine weights' gradient. False (nothing written)
+    where the extension lacks it or the tensors do not fit: the caller runs the passes."""
+    ext = one_pass("swiglu", h_NG, gu_NF, aw_NF, dh_NG, dtypes=ONE_PASS_DTYPES)
+    if ext is None or not hasattr(ext, "swiglu_backward_weighted_out"):
+        return False
+    ext.swiglu_backward_weighted_out(h_NG, gu_NF, w_N, aw_NF, dh_NG, dw_N)
+    return True

