@@ -818,18 +818,6 @@ void swiglu_rows(const float* __restrict gate, const float* __restrict up,
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void swiglu_backward_rows(const float* __restrict gate, const float* __restrict up,
-                          const float* __restrict da, float* __restrict a,
-                          float* __restrict dgate, float* __restrict dup, int64_t F) {
-  for (int64_t j = 0; j < F; ++j) {
-    const float g = gate[j], s = 1.0f / (1.0f + exp_poly(-g)), sg = g * s;
-    a[j] = sg * up[j];
-    dup[j] = da[j] * sg;
-    dgate[j] = da[j] * up[j] * s * (1.0f + g * (1.0f - s));  // silu'(g) = s (1 + g (1 - s))
-  }
-}
-
 // The backward of one routed row of combine weight w, with that weight's gradient: from
 // gu = dy[tok] @ w_out^T (the gradient of w * a), da = w gu; writes aw = w a (what
 // dW_out multiplies) and dh = [da u silu'(g) | da silu(g)], returns d w = sum_j gu_j a_j.
@@ -889,17 +877,6 @@ void swiglu_rows(const uint16_t* gate, const uint16_t* up, uint16_t* a, int64_t 
     widen(gate + j, g, n), widen(up + j, u, n);
     swiglu_rows(g, u, o, n);
     narrow(o, a + j, n);
-  }
-}
-
-void swiglu_backward_rows(const uint16_t* gate, const uint16_t* up, const uint16_t* da,
-                          uint16_t* a, uint16_t* dgate, uint16_t* dup, int64_t F) {
-  alignas(64) float g[GLU_CHUNK], u[GLU_CHUNK], d[GLU_CHUNK], o[3][GLU_CHUNK];
-  for (int64_t j = 0; j < F; j += GLU_CHUNK) {
-    const int64_t n = std::min(GLU_CHUNK, F - j);
-    widen(gate + j, g, n), widen(up + j, u, n), widen(da + j, d, n);
-    swiglu_backward_rows(g, u, d, o[0], o[1], o[2], n);
-    narrow(o[0], a + j, n), narrow(o[1], dgate + j, n), narrow(o[2], dup + j, n);
   }
 }
 
@@ -985,30 +962,18 @@ void swiglu_out(const torch::Tensor& h_NG, torch::Tensor& a_NF) {
   });
 }
 
+void swiglu_backward_weighted_out(const torch::Tensor& h_NG, const torch::Tensor& gu_NF,
+                                  const torch::Tensor& w_N, torch::Tensor& aw_NF,
+                                  torch::Tensor& dh_NG, torch::Tensor& dw_N);
+
 // From da_NF: a_NF = silu(gate) * up (the recomputed activation) and
 // dh_NG = [da * up * silu'(gate) | da * silu(gate)]; float32 or bfloat16 (as swiglu_out).
+// The weighted pass below with every weight 1 (a * 1 and da * 1 are exact).
 void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
                          torch::Tensor& a_NF, torch::Tensor& dh_NG) {
-  const int64_t N = h_NG.size(0), F = da_NF.size(1);
-  check_glu_rows(h_NG, "h_NG", N, 2 * F, h_NG);
-  check_glu_rows(da_NF, "da_NF", N, F, h_NG);
-  check_glu_rows(a_NF, "a_NF", N, F, h_NG);
-  check_glu_rows(dh_NG, "dh_NG", N, 2 * F, h_NG);
-  glu_dispatch(h_NG, [&](auto tag) {
-    using T = decltype(tag);
-    const T* h = elems<T>(h_NG);
-    const T* da = elems<T>(da_NF);
-    T* a = elems<T>(a_NF);
-    T* dh = elems<T>(dh_NG);
-    at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* g = h + r * h_NG.stride(0);
-        T* dg = dh + r * dh_NG.stride(0);
-        swiglu_backward_rows(g, g + F, da + r * da_NF.stride(0), a + r * a_NF.stride(0),
-                                dg, dg + F, F);
-      }
-    });
-  });
+  const auto f32 = h_NG.options().dtype(at::kFloat);
+  auto dw = at::empty({h_NG.size(0)}, f32);
+  swiglu_backward_weighted_out(h_NG, da_NF, at::ones({h_NG.size(0)}, f32), a_NF, dh_NG, dw);
 }
 
 // The fused path's per-row backward around the activation in one pass (float32 or
