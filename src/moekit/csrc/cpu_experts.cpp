@@ -611,17 +611,19 @@ bool use_sgemm(const torch::Tensor& a, const torch::Tensor& b, const torch::Tens
 // ([M, 128] @ [128, 512] bf16, M = 1300-1400, 1 and 2 threads, this Xeon, 2026-12-04).
 // An expert's row count changes every training step, so nearly every expert GEMM built a
 // primitive: `moekit train --bf16` ran at 5.3k tokens/s against 14.8k in fp32. So for
-// these dtypes the data GEMMs run in row pieces of 1024, 512, ..., 16 and one of fewer
-// than 16 (22 shapes per weight shape), and the weight gradients, whose reduction
-// runs over the expert's rows, over rows zero-padded to a multiple of 1/8 of their power
-// of two (at least 16): at most 8 shapes per octave, < 12.5% more multiply-adds. fp32
-// runs MKL's sgemm, which builds nothing per shape, and is left as it was.
+// these dtypes the data GEMMs run in two row pieces, a multiple of 64 and the rest (< 64
+// shapes of the second, one first shape per 64 rows of range), and the weight gradients,
+// whose reduction runs over the expert's rows, over rows zero-padded to a multiple of 1/8
+// of their power of two (at least 16): at most 8 shapes per octave, < 12.5% more
+// multiply-adds. (Pieces of 1024, 512, ..., 16 and < 16, 22 shapes, cost the reused-shape
+// case 13-19% in calls; these two 3-9%.) fp32 runs MKL's sgemm, which builds nothing per
+// shape, and is left as it was.
 
 bool few_shapes(const torch::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 
-// out = a @ b in row pieces of the sizes above (each row's result is the same GEMM's).
+// out = a @ b in the row pieces above (each row's result comes from one GEMM).
 void mm_row_pieces(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& b) {
   const int64_t M = a.size(0);
   int64_t r = 0;
@@ -630,9 +632,7 @@ void mm_row_pieces(torch::Tensor& out, const torch::Tensor& a, const torch::Tens
     at::mm_out(o, a.narrow(0, r, m), b);
     r += m;
   };
-  while (M - r >= 1024) piece(1024);
-  for (int64_t p = 512; p >= 16; p /= 2)
-    if (M - r >= p) piece(p);
+  if (M >= 64) piece(M / 64 * 64);
   if (M > r) piece(M - r);
 }
 

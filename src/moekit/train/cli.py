@@ -103,8 +103,8 @@ def use_bf16(args: argparse.Namespace) -> bool:
     # took 5 min 53 s at 9,549 tokens/s in bf16 (val 1.231) against 4 min 13 s at 12,355
     # tokens/s in fp32 (val 1.225), although one 1-thread step costs 0.78x the CPU time in
     # bf16: the D=128 model's GEMMs are too small to pay for the casts. On the Intel AMX VM
-    # (2026-12-04, 60 steps) bf16 ran 13.4-13.6k tokens/s against 14.8-16.3k in fp32, after
-    # the expert GEMMs stopped building a oneDNN primitive per row count (5.3k before).
+    # (2026-12-04, 60 steps) bf16 ran 12.0-12.4k tokens/s against 14.9k in fp32, after the
+    # expert GEMMs stopped building a oneDNN primitive per row count (5.3k before).
     if args.bf16 and args.fp32:
         raise ValueError("--bf16 and --fp32 were both given: pick one")
     return args.bf16
