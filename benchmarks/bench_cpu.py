@@ -53,12 +53,16 @@ def _init(params, dtype, seed: int) -> None:
         p.data = p.data.to(dtype)
 
 
-def _step(params, forward, x, dtype):
+def _step(params, forward, xs, dtype):
+    """A Step on the inputs ``xs`` in turn (one: the same input, and routing, every step)."""
     import torch
 
-    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gy = torch.randn(xs[0].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    turn = [0]
 
     def fwd():
+        x = xs[turn[0] % len(xs)]
+        turn[0] += 1
         for p in [*params, x]:
             p.grad = None
         return forward(x)
@@ -129,8 +133,9 @@ def _hf(impl, T, E, K, F, D, dtype):
 
 
 def build_step(impl: str, T: int, E: int, K: int, F: int, D: int, dtype: str,
-               threads: int = 2) -> harness.Step:
-    """A forward+backward step of ``impl`` on T tokens (memory subprocesses call it)."""
+               threads: int = 2, inputs: int = 1) -> harness.Step:
+    """A forward+backward step of ``impl`` on T tokens (memory subprocesses call it), on
+    ``inputs`` different inputs in turn (``--fresh-inputs``: a new routing every step)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -144,8 +149,8 @@ def build_step(impl: str, T: int, E: int, K: int, F: int, D: int, dtype: str,
         params, forward = _moekit(impl, T, E, K, F, D, dt)
     else:
         params, forward = _hf(impl, T, E, K, F, D, dt)
-    x = torch.randn(T, D).to(dt).requires_grad_(True)
-    return _step(params, forward, x, dt)
+    xs = [torch.randn(T, D).to(dt).requires_grad_(True) for _ in range(inputs)]
+    return _step(params, forward, xs, dt)
 
 
 # -- the time breakdown of moekit's layer ---------------------------------------------
@@ -251,14 +256,15 @@ def _has_transformers() -> bool:
 def run_config(args, T, E, K, F, dtype) -> list[dict]:
     D, rows = args.dim, []
     shape = dict(T=T, E=E, K=K, F=F, D=D, dtype=dtype, threads=args.threads)
-    dense = build_step("dense", **shape)
+    inputs = args.warmup + args.reps + 1 if args.fresh_inputs else 1
+    dense = build_step("dense", **shape, inputs=inputs)
     for impl, skip in _impls(args, T, K, F, D, dtype):
         row = {"config": f"T{T} E{E} K{K} F{F}", **shape, "impl": impl}
         if skip:
             rows.append({**row, "skipped": skip})
             _print_row(rows[-1])
             continue
-        step = build_step(impl, **shape)
+        step = build_step(impl, **shape, inputs=inputs)
         if impl == "reference":
             row.update(_reference_timing(step, dense, 1))
         else:
@@ -372,6 +378,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak-memory runs")
     p.add_argument("--no-breakdown", dest="breakdown", action="store_false")
+    p.add_argument("--fresh-inputs", action="store_true",
+                   help="a new input (so new routing) every step, as in training; by default "
+                        "one input, whose expert row counts repeat every step")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
 
 
@@ -450,7 +459,8 @@ def run(args: argparse.Namespace) -> int:
     info = harness.machine()
     print(f"moekit bench  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {malloc}  load avg {info['load_average_1m']}  D={args.dim}  "
-          f"median of {args.reps} A/B pairs after {args.warmup} warm-up")
+          f"median of {args.reps} A/B pairs after {args.warmup} warm-up  inputs: "
+          f"{'a new one every step' if args.fresh_inputs else 'one, reused'}")
     print("x dense = median over pairs of (impl time / dense SwiGLU FFN D->K*F->D time);"
           " * = unpaired (median vs dense timed right after); peak = growth of one fwd+bwd,"
           " fresh process (fp32 only)")

@@ -292,3 +292,20 @@ def test_store_closes_the_shards_it_opened_when_a_later_one_fails(shard, tmp_pat
     with pytest.raises(FileNotFoundError):
         ExpertStore(experts)
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_bench_cpu_fresh_inputs_turn_through_the_inputs():
+    """--fresh-inputs: every step of a variant takes the next of its inputs (new routing);
+    by default every step reuses one."""
+    import torch
+
+    shape = dict(T=6, E=2, K=1, F=4, D=8, dtype="float32", threads=1)
+    before = torch.get_num_threads()
+    try:
+        fresh = CPU.build_step("moekit", **shape, inputs=2)
+        y = [fresh.forward().detach().clone() for _ in range(3)]
+        assert not torch.equal(y[0], y[1]) and torch.equal(y[0], y[2])
+        reused = CPU.build_step("moekit", **shape)
+        assert torch.equal(reused.forward(), reused.forward())
+    finally:
+        torch.set_num_threads(before)
