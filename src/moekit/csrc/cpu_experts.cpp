@@ -962,20 +962,6 @@ void swiglu_out(const torch::Tensor& h_NG, torch::Tensor& a_NF) {
   });
 }
 
-void swiglu_backward_weighted_out(const torch::Tensor& h_NG, const torch::Tensor& gu_NF,
-                                  const torch::Tensor& w_N, torch::Tensor& aw_NF,
-                                  torch::Tensor& dh_NG, torch::Tensor& dw_N);
-
-// From da_NF: a_NF = silu(gate) * up (the recomputed activation) and
-// dh_NG = [da * up * silu'(gate) | da * silu(gate)]; float32 or bfloat16 (as swiglu_out).
-// The weighted pass below with every weight 1 (a * 1 and da * 1 are exact).
-void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
-                         torch::Tensor& a_NF, torch::Tensor& dh_NG) {
-  const auto f32 = h_NG.options().dtype(at::kFloat);
-  auto dw = at::empty({h_NG.size(0)}, f32);
-  swiglu_backward_weighted_out(h_NG, da_NF, at::ones({h_NG.size(0)}, f32), a_NF, dh_NG, dw);
-}
-
 // The fused path's per-row backward around the activation in one pass (float32 or
 // bfloat16 rows, w_N and dw_N float32): from gu_NF = dy[tok] @ w_out^T and the combine
 // weights w_N, aw_NF = w * silu(gate) * up (for dW_out), dh_NG = [da up silu'(gate) |
@@ -1014,6 +1000,16 @@ void swiglu_backward_weighted_out(const torch::Tensor& h_NG, const torch::Tensor
       }
     });
   });
+}
+
+// From da_NF: a_NF = silu(gate) * up (the recomputed activation) and
+// dh_NG = [da * up * silu'(gate) | da * silu(gate)]; float32 or bfloat16 (as swiglu_out).
+// The weighted pass above with every weight 1 (a * 1 and da * 1 are exact).
+void swiglu_backward_out(const torch::Tensor& h_NG, const torch::Tensor& da_NF,
+                         torch::Tensor& a_NF, torch::Tensor& dh_NG) {
+  const auto f32 = h_NG.options().dtype(at::kFloat);
+  auto dw = at::empty({h_NG.size(0)}, f32);
+  swiglu_backward_weighted_out(h_NG, da_NF, at::ones({h_NG.size(0)}, f32), a_NF, dh_NG, dw);
 }
 
 // ---- An fp32 SwiGLU expert layer's forward for inference, in three parallel passes ----
