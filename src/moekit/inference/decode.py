@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moekit.config import check_positive_int, reject
+from moekit.config import GLU_ACTIVATIONS, check_positive_int, reject
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.backends import decode_experts as _decode_backend
@@ -24,7 +24,6 @@ from moekit.quant.tensor import QuantizedTensor
 from moekit.routing.hashing import check_id_range, check_integer_tensor
 
 ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai", "relu2", "gelu")
-GLU_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")  # G = 2F: gate and up halves
 
 
 def sorted_rows(experts_TK: Tensor, weights_TK: Tensor, num_experts: int) -> Dispatch:
@@ -101,13 +100,14 @@ def _check_args(x_TD: Any, experts_TK: Any, weights_TK: Any, w_in: Any, w_out: A
     if w_in.shape[1] != D:
         reject("w_in.shape", tuple(w_in.shape), f"it must be [E, D, G] with D = "
                f"x_TD.shape[1] = {D}")
-    F = G // 2 if activation in GLU_ACTIVATIONS else G
+    # G = 2F (gate and up halves) for a named GLU; a callable maps G to w_out's F itself
+    glu = isinstance(activation, str) and activation in GLU_ACTIVATIONS
+    F = G // 2 if glu else G
     want = (E, F, D) if not callable(activation) else (E, w_out.shape[1], D)
-    if tuple(w_out.shape) != want or (activation in GLU_ACTIVATIONS and G % 2):
+    if tuple(w_out.shape) != want or (glu and G % 2):
         reject("w_out.shape", tuple(w_out.shape),
                f"it must be [E, F, D] = {list(want)} for w_in {list(w_in.shape)}"
-               + (f" and activation={activation!r} (G = 2F)" if activation in GLU_ACTIVATIONS
-                  else ""))
+               + (f" and activation={activation!r} (G = 2F)" if glu else ""))
     for name, b, shape in (("b_in", b_in, (E, G)), ("b_out", b_out, (E, D))):
         if b is not None and (not isinstance(b, Tensor) or tuple(b.shape) != shape):
             reject(f"{name}.shape", _shape(b), f"it must be None or {list(shape)}")
