@@ -25,28 +25,14 @@ import harness  # noqa: E402
 CONFIGS = [(4096, 64, 8, 256), (4096, 8, 2, 1024), (2048, 8, 2, 256)]  # T, E, K, F
 
 
-def steps(T: int, E: int, K: int, F: int, D: int, dtype: str, pool: int):
-    """(fresh, fixed): harness.Steps of one layer, the first on a new input every call."""
-    import torch
+def steps(T: int, E: int, K: int, F: int, D: int, dtype: str, pool: int, threads: int):
+    """(fresh, fixed): bench_cpu's moekit step (the same layer, weights and gradient), the
+    first turning through ``pool`` inputs, the second on one."""
+    import bench_cpu
 
-    from moekit import MoE, MoEConfig
-
-    torch.manual_seed(0)
-    dt = getattr(torch, dtype)
-    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=K)).to(dt)
-    xs = [torch.randn(T, D, dtype=dt) for _ in range(pool + 1)]
-    gy = torch.randn(T, D, dtype=dt)
-    used = iter(xs[1:])
-
-    def step(next_x):
-        def fwd():
-            moe.zero_grad(set_to_none=True)
-            x = next_x().requires_grad_(True)
-            return moe(x).output
-
-        return harness.Step(forward=fwd, backward=lambda y: y.backward(gy))
-
-    return step(lambda: next(used).clone()), step(lambda: xs[0].clone())
+    shape = dict(T=T, E=E, K=K, F=F, D=D, dtype=dtype, threads=threads)
+    return (bench_cpu.build_step("moekit", **shape, inputs=pool),
+            bench_cpu.build_step("moekit", **shape))
 
 
 def main() -> None:
@@ -58,17 +44,21 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     harness.check_flags(args.threads, args.reps, args.out)
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    dtypes = args.dtypes.split(",")
+    for dtype in dtypes:  # all of them before anything runs
+        if dtype not in names:
+            raise SystemExit(f"bench_fresh_routing.py: error: --dtypes={args.dtypes!r} is not "
+                             f"allowed: {dtype!r} is not one of {', '.join(names)}")
     import torch
 
     torch.set_num_threads(args.threads)
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
     report = {"machine": harness.machine(), "dim": args.dim, "reps": args.reps, "rows": []}
     print(f"{'T, E, K, F':22s} {'dtype':6s} {'fresh ms':>9s} {'fixed ms':>9s} {'fresh/fixed':>12s}")
-    for dtype in args.dtypes.split(","):
-        if dtype not in names:
-            raise SystemExit(f"--dtypes: {dtype!r} is not one of {', '.join(names)}")
+    for dtype in dtypes:
         for T, E, K, F in CONFIGS:
-            fresh, fixed = steps(T, E, K, F, args.dim, names[dtype], pool=2 * args.reps + 4)
+            fresh, fixed = steps(T, E, K, F, args.dim, names[dtype], pool=args.reps + 1,
+                                 threads=args.threads)
             r = harness.compare(fresh, fixed, args.reps, warmup=1)
             row = {"T": T, "E": E, "K": K, "F": F, "dtype": dtype, "fresh_ms": r["a_total_ms"],
                    "fixed_ms": r["b_total_ms"], "fresh_over_fixed": r["ratio_total"]}
