@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
+from tests.reference import ref_expert
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -33,6 +36,15 @@ def run(code: str, **names) -> dict:
     scope = dict(names)
     exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - the README's own code
     return scope
+
+
+def _per_token_swiglu(x_TD, experts_TK, weights_TK, w_in, w_out):
+    """sum_k weights_TK[t, k] * expert(x_TD[t]) token by token: tests/reference.py's expert."""
+    experts = SimpleNamespace(w_in=w_in, w_out=w_out, b_in=None, b_out=None)
+    cfg = SimpleNamespace(activation="swiglu")
+    return torch.stack([sum(w * ref_expert(x_D, experts, int(e), cfg)
+                            for e, w in zip(e_K, w_K, strict=True))
+                        for x_D, e_K, w_K in zip(x_TD, experts_TK, weights_TK, strict=True)])
 
 
 def tiny_lm():
@@ -96,13 +108,7 @@ def test_fused_functions(monkeypatch):
     assert torch.equal(experts_TK.sort(-1).values, top_TK.indices.sort(-1).values)
     weights_TK = scores_TE.gather(1, experts_TK)
     weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)  # renormalize=True
-    ref = torch.zeros(T, D)
-    for t in range(T):
-        for k in range(2):
-            e = int(experts_TK[t, k])
-            h = x_TD[t] @ w_in_EDG[e]
-            act = torch.nn.functional.silu(h[:F]) * h[F:]
-            ref[t] += weights_TK[t, k] * (act @ w_out_EFD[e])
+    ref = _per_token_swiglu(x_TD, experts_TK, weights_TK, w_in_EDG, w_out_EFD)
     torch.testing.assert_close(scope["y_TD"].cpu(), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -120,12 +126,7 @@ def test_quantize_and_decode_experts():
                 weights_TK=weights_TK, w_in=w_in, w_out=w_out)
     assert scope["model"] is model  # quantized in place
     assert scope["logits"].shape == (1, ids.shape[1], model.config.vocab_size)
-    ref = torch.zeros(T, D)
-    for t in range(T):
-        for k in range(2):
-            e = int(experts_TK[t, k])
-            h = x_TD[t] @ w_in[e]
-            ref[t] += weights_TK[t, k] * ((torch.nn.functional.silu(h[:F]) * h[F:]) @ w_out[e])
+    ref = _per_token_swiglu(x_TD, experts_TK, weights_TK, w_in, w_out)
     torch.testing.assert_close(scope["y_TD"], ref, rtol=1e-4, atol=1e-5)
 
 
