@@ -69,8 +69,7 @@ def check_flags(threads: object, reps: object, out: object) -> None:
 def check_out_file(flag: str, out: object) -> None:
     """``out`` names a file this process can create or overwrite: not empty, not a
     directory, no file in its path, its nearest existing folder writable."""
-    from moekit.config import reject
-    from moekit.train.cli import check_writable_folder
+    from moekit.config import check_writable_folder, reject
 
     if not isinstance(out, (str, os.PathLike)) or str(out) == "":
         reject(flag, out, "it must name a JSON file")

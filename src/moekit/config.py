@@ -9,7 +9,9 @@ Shape letters: D hidden size, F expert hidden size, E experts, K experts per tok
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -76,6 +78,27 @@ class FrozenConfig:
 def reject(name: str, value: Any, allowed: str) -> None:
     """Raise the house ValueError: the argument, its value, and what is allowed."""
     raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def check_writable_folder(flag: str, out: str | Path, candidates: list[Path]) -> None:
+    """The nearest existing path of ``candidates`` (``out`` and / or its parents, nearest
+    first) is a directory this process can write into; else a ValueError naming ``flag``."""
+    here = next((p for p in candidates if p.exists()), Path("."))
+    if not here.is_dir():
+        where = "it" if here == Path(out) else f"{str(here)!r} in its path"
+        reject(flag, str(out), f"{where} is a file, not a directory; pick a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        reject(flag, str(out), f"{str(here)!r} is not writable; pick a directory you can "
+               "write to")
+
+
+def check_out_dir(flag: str, out: str | Path) -> None:
+    """``out`` can become a directory that this process writes into: it is named, it is
+    not a file, no file stands in its path, and its nearest existing parent is writable."""
+    if str(out) == "":  # Path("") is the current directory
+        reject(flag, str(out), "it must name a directory")
+    path = Path(out)
+    check_writable_folder(flag, out, [path, *path.parents])
 
 
 def check_positive_int(name: str, value: Any, maximum: int | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from moekit.analysis.analyze import analyze_model, windows
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
-from moekit.config import flag_message
+from moekit.config import check_out_dir, flag_message
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
@@ -57,7 +57,6 @@ def trained_on(state: dict[str, Any]) -> str | None:
 
 def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
-    from moekit.train.cli import check_out_dir
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
     out = ck.path / "analysis" if args.out is None else Path(args.out)

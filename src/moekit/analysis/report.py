@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moekit.config import reject
+from moekit.config import check_out_dir, reject
 
 JSON_FILE, REPORT_FILE = "routing.json", "report.md"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
@@ -175,7 +175,6 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
     """
-    from moekit.train.cli import check_out_dir
     check_result(result)
     check_out_dir("out_dir", out_dir)  # a file, "" (the current directory): refused
     try:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from moekit.config import ROUTERS, check_positive_int, flag_message, reject
+from moekit.config import ROUTERS, check_out_dir, check_positive_int, flag_message
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, LMConfig, preset
 from moekit.models.generate import generate
@@ -145,27 +144,6 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         check_positive_int("threads", threads)
         torch.set_num_threads(threads)
-
-
-def check_writable_folder(flag: str, out: str | Path, candidates: list[Path]) -> None:
-    """The nearest existing path of ``candidates`` (``out`` and / or its parents, nearest
-    first) is a directory this process can write into; else a ValueError naming ``flag``."""
-    here = next((p for p in candidates if p.exists()), Path("."))
-    if not here.is_dir():
-        where = "it" if here == Path(out) else f"{str(here)!r} in its path"
-        reject(flag, str(out), f"{where} is a file, not a directory; pick a directory")
-    if not os.access(here, os.W_OK | os.X_OK):
-        reject(flag, str(out), f"{str(here)!r} is not writable; pick a directory you can "
-               "write to")
-
-
-def check_out_dir(flag: str, out: str | Path) -> None:
-    """``out`` can become a directory that this process writes into: it is named, it is
-    not a file, no file stands in its path, and its nearest existing parent is writable."""
-    if str(out) == "":  # Path("") is the current directory
-        reject(flag, str(out), "it must name a directory")
-    path = Path(out)
-    check_writable_folder(flag, out, [path, *path.parents])
 
 
 def check_new_out(out: str | Path) -> None:

@@ -21,14 +21,20 @@ from typing import Any
 
 import torch
 
-from moekit.config import MAX_SEED, check_int_range, check_positive_int, flag_message, reject
+from moekit.config import (
+    MAX_SEED,
+    check_int_range,
+    check_out_dir,
+    check_positive_int,
+    flag_message,
+    reject,
+)
 from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig
 from moekit.train.cli import (
     FIELD_FLAGS,
     add_model_arguments,
     add_train_arguments,
-    check_out_dir,
     configs_from_args,
 )
 from moekit.train.data import load_corpus
