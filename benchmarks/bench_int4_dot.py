@@ -14,6 +14,9 @@ moekit's layout (``benchmarks/int4_dot.cpp``, built here with ``-march=native``)
 - ``int8``: activations rounded to int8 per 32 inputs, vpdpbusd (moekit's W4A8);
 - ``amx``: activations as bf16 hi + lo, 16 weight rows at a time through AMX tiles
   (tdpbf16ps; CPUs with AMX-BF16 and groups of 64+ only).
+- ``mant``: fp32 activations, each nibble shifted into the top of an fp32 mantissa
+  with 1.0's exponent (1 + q / 16: a shift and a vpternlogd per 16 weights, no
+  shuffles), FMA; the 1 is taken off per group.
 
 Per pool and round every variant runs once (best of ``--reps`` passes); the report is
 the median over rounds of int4 GB/s and of each round's ratio to ``table``, and each
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
-VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx"]
+VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx", "mant"]
 SOURCE = Path(__file__).resolve().with_name("int4_dot.cpp")
 
 

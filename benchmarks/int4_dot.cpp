@@ -17,6 +17,9 @@
 //   5 amx    x as bf16 hi + lo (as 2) in two columns of an AMX B tile; 16 weight rows
 //            at a time as an A tile of bf16(128 + q) (a per-word shift and an OR per
 //            32 weights), tdpbf16ps; g >= 64 (an A row must lie in one group)
+//   6 mant   fp32 x (exact); each nibble shifted into the top of an fp32 mantissa and
+//            OR-ed with the exponent of 1.0 (one shift, one vpternlogd): 1 + q / 16,
+//            an FMA per 16 weights, no shuffles; the 1 is taken off per group at the end
 //
 // Every variant but the table computes a block of 128 weights (64 bytes) per step:
 // lane l of its 16 int32 / fp32 sums covers chunk l / 4 of the block, scaled per lane
@@ -167,6 +170,40 @@ NOINLINE float dot_i8(const Row& r, const Shape& S, const int8_t* xr, const floa
   return _mm512_reduce_add_ps(dot_acc(r.z, gsum, S.K / S.g, tot));
 }
 
+// 6: fp32 activations, weights made fp32 (1 + q / 16) in place: lane l of a 64-byte
+// block holds bytes 4l..4l + 3, its nibble v (bits 4v..4v + 3) is shifted to bits 19..22
+// and OR-ed with 1.0's exponent. The activation record holds x in that (v, l) order; per
+// group, 16 s (sum x (1 + q / 16)) - 16 s sum x + z sum x = s sum q x + z sum x.
+template <int V>
+inline __m512 mant(__m512i w) {
+  constexpr int sh = 19 - 4 * V;
+  const __m512i v = sh >= 0 ? _mm512_slli_epi32(w, sh) : _mm512_srli_epi32(w, -sh);
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(v, _mm512_set1_epi32(0x00780000),
+                                                       _mm512_set1_epi32(0x3F800000), 0xEA));
+}
+
+NOINLINE float dot_mant(const Row& r, const Shape& S, const float* xr, const float* gsum) {
+  __m512 tot = _mm512_setzero_ps();
+  const __m512 sixteen = _mm512_set1_ps(16.0f);
+  for (int64_t b = 0; b < S.K / 128; ++b) {
+    const __m512i w = _mm512_loadu_si512(r.q + 64 * b);
+    const float* xb = xr + 128 * b;
+    __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(xb), mant<0>(w));
+    __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(xb + 16), mant<1>(w));
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 32), mant<2>(w), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 48), mant<3>(w), a1);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 64), mant<4>(w), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 80), mant<5>(w), a1);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 96), mant<6>(w), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(xb + 112), mant<7>(w), a1);
+    tot = _mm512_fmadd_ps(_mm512_add_ps(a0, a1),
+                          _mm512_mul_ps(sixteen, block_scales(S, r.s, b)), tot);
+  }
+  // gsum holds the group sums, then -16 times them (this variant's)
+  tot = dot_acc(r.s, gsum + S.K / S.g, S.K / S.g, dot_acc(r.z, gsum, S.K / S.g, tot));
+  return _mm512_reduce_add_ps(tot);
+}
+
 // 5: AMX (rows n0..n0 + 63 at once). Per group of 64 weights a row's 32 bytes, broadcast
 // to both halves of a vector and shifted per word by 0 / 4 (then 8 / 12) bits, give two
 // A-tile rows of bf16(128 + q): 32 weights each, in the word order of the records above
@@ -271,6 +308,7 @@ struct Acts {
   std::vector<float> gsum;    // per weight group
   std::vector<float> xrep;    // the represented activations (for the reference)
   std::vector<uint16_t> bt;   // 5: B tiles, two per 64 inputs
+  std::vector<float> f;       // 6: x in the record order
 };
 
 Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
@@ -313,6 +351,15 @@ Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
       }
     }
   }
+  if (variant == 6) {  // element k: block k / 128, its byte B and nibble half
+    A.f.resize(K);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t b = k / 128, c = (k % 128) / 32, j = k % 32;
+      const int64_t byte = 16 * c + j % 16;  // within the block
+      const int64_t l = byte / 4, v = 2 * (byte % 4) + (j >= 16 ? 1 : 0);
+      A.f[128 * b + 16 * v + l] = x[k];
+    }
+  }
   if (variant == 5) {  // per 64 inputs two B tiles [16 pairs][16 columns][2]
     A.bt.assign(1024 * (K / 64), 0);
     for (int64_t k = 0; k < K; ++k) {
@@ -330,9 +377,10 @@ Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
       tile[2 * (8 + col)] = lo;
     }
   }
-  A.gsum.assign(2 * (K / g), 0.0f);  // the sums, then -128 times them (bf16's)
+  A.gsum.assign(2 * (K / g), 0.0f);  // the sums, then -128 (bf16) or -16 (mant) x them
   for (int64_t k = 0; k < K; ++k) A.gsum[k / g] += A.xrep[k];
-  for (int64_t i = 0; i < K / g; ++i) A.gsum[K / g + i] = -128.0f * A.gsum[i];
+  const float off = variant == 6 ? -16.0f : -128.0f;  // the weights' offset x their scale
+  for (int64_t i = 0; i < K / g; ++i) A.gsum[K / g + i] = off * A.gsum[i];
   return A;
 }
 
@@ -344,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
                                                const at::Tensor& scales, const at::Tensor& zeros,
                                                int64_t g, const at::Tensor& x, int64_t threads,
                                                int64_t reps) {
-  TORCH_CHECK(variant >= 0 && variant <= 5, "variant must be 0..5, got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 6, "variant must be 0..6, got ", variant);
   const int64_t N = data.size(0), K = 2 * data.size(1);
   TORCH_CHECK(K % 128 == 0 && (g == 32 || g == 64 || g == 128),
               "K must be a multiple of 128 and g one of 32, 64, 128, got K=", K, ", g=", g);
@@ -391,7 +439,8 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
       case 1: return rows([&](const Row& r) { return dot_bf16<1>(r, S, bf, gsum); });
       case 2: return rows([&](const Row& r) { return dot_bf16<2>(r, S, bf, gsum); });
       case 3: return rows([&](const Row& r) { return dot_i16(r, S, A.i16.data(), sx, gsum); });
-      default: return rows([&](const Row& r) { return dot_i8(r, S, A.i8.data(), sx, gsum); });
+      case 4: return rows([&](const Row& r) { return dot_i8(r, S, A.i8.data(), sx, gsum); });
+      default: return rows([&](const Row& r) { return dot_mant(r, S, A.f.data(), gsum); });
     }
   };
   double best = 1e30;
