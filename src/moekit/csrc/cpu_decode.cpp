@@ -459,9 +459,17 @@ AVX512 void kn_rows(const void* w, int64_t ldk, int64_t kb, const float* const* 
 // rows (output columns), R*C accumulators, so each x and weight vector loaded
 // serves C or R FMAs (one weight row at a time costs 2 loads per FMA, and at 8-16
 // rows, e.g. a batch's attention projections, the step is bound by those loads).
+// `pf` (the first pass of x rows over these weight rows) prefetches the rows NK_RC_AHEAD
+// further on at the same inputs, into L2: a cold 1024 x 1024 fp32 projection at one row
+// read 15.6 GB/s on one thread without, 22.8 with (2 threads 29.5 -> 33.4; 4 rows ahead
+// 21.3 / 32.3, 16 32.3 at 2 threads; AMD EPYC Zen 4 VM, 2026-12-04). Past the last row
+// of a tile it reads the next tile's rows or, at the end of the tensor, nothing: a
+// prefetch does not fault.
+constexpr int64_t NK_RC_AHEAD = 8;
+
 template <int R, int C>
 AVX512 inline void nk_rc_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
-                             int64_t j, int64_t W, float* acc) {
+                             int64_t j, int64_t W, float* acc, bool pf) {
   const int64_t K16 = K / 16 * 16;
   __m512 a[R][C];
   for (int r = 0; r < R; ++r)
@@ -469,6 +477,9 @@ AVX512 inline void nk_rc_f32(const float* w, int64_t ldn, int64_t K, const float
   for (int64_t k = 0; k < K16; k += 16) {
     __m512 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + c * ldn + k);
+    if (pf)
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c + NK_RC_AHEAD) * ldn + k), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(x[r] + k);
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(xv, wv[c], a[r][c]);
@@ -688,7 +699,7 @@ AVX2 void kn_rows_avx2(const void* w, int64_t ldk, int64_t kb, const float* cons
 // NK fp32, R rows x C output columns, as nk_rc_f32.
 template <int R, int C>
 AVX2 inline void nk_rc_f32_avx2(const float* w, int64_t ldn, int64_t K, const float* const* x,
-                                int64_t j, int64_t W, float* acc) {
+                                int64_t j, int64_t W, float* acc, bool pf) {
   const int64_t K8 = K / 8 * 8;
   __m256 a[R][C];
   for (int r = 0; r < R; ++r)
@@ -696,6 +707,9 @@ AVX2 inline void nk_rc_f32_avx2(const float* w, int64_t ldn, int64_t K, const fl
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 wv[C];
     for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * ldn + k);
+    if (pf && k % 16 == 0)  // one prefetch per 64-byte line
+      for (int c = 0; c < C; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (c + NK_RC_AHEAD) * ldn + k), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x[r] + k);
       for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(xv, wv[c], a[r][c]);
@@ -817,9 +831,9 @@ void kn_tile_vec(const void* w, int64_t ldk, int64_t K, const float* const* x,
 // rows of x passes over them.
 template <Isa ISA, int R, int C>
 inline void nk_rc(const float* w, int64_t ldn, int64_t K, const float* const* x, int64_t j,
-                  int64_t W, float* acc) {
-  if constexpr (ISA == Isa::Avx512) nk_rc_f32<R, C>(w, ldn, K, x, j, W, acc);
-  else nk_rc_f32_avx2<R, C>(w, ldn, K, x, j, W, acc);
+                  int64_t W, float* acc, bool pf) {
+  if constexpr (ISA == Isa::Avx512) nk_rc_f32<R, C>(w, ldn, K, x, j, W, acc, pf);
+  else nk_rc_f32_avx2<R, C>(w, ldn, K, x, j, W, acc, pf);
 }
 
 template <Isa ISA, int C>
@@ -828,11 +842,12 @@ void nk_block_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
   for (int64_t r0 = 0; r0 < n; r0 += 4) {
     const int64_t m = std::min<int64_t>(4, n - r0);
     float* a = acc + r0 * W;
+    const bool pf = r0 == 0;
     switch (m) {
-      case 4: nk_rc<ISA, 4, C>(w, ldn, K, x + r0, j, W, a); break;
-      case 3: nk_rc<ISA, 3, C>(w, ldn, K, x + r0, j, W, a); break;
-      case 2: nk_rc<ISA, 2, C>(w, ldn, K, x + r0, j, W, a); break;
-      default: nk_rc<ISA, 1, C>(w, ldn, K, x + r0, j, W, a); break;
+      case 4: nk_rc<ISA, 4, C>(w, ldn, K, x + r0, j, W, a, pf); break;
+      case 3: nk_rc<ISA, 3, C>(w, ldn, K, x + r0, j, W, a, pf); break;
+      case 2: nk_rc<ISA, 2, C>(w, ldn, K, x + r0, j, W, a, pf); break;
+      default: nk_rc<ISA, 1, C>(w, ldn, K, x + r0, j, W, a, pf); break;
     }
   }
 }
