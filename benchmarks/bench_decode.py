@@ -874,10 +874,29 @@ def run(args: argparse.Namespace) -> int:
         _write(args, info, bw, rows, [], time.time() - t0)  # what there is so far
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    info["bandwidth_note"] = bandwidth_note(bw)
     _write(args, info, bw, rows, mem, time.time() - t0)
     print(f"\nread bandwidth over the run: {', '.join(f'{b / 1e9:.1f}' for b in bw)} GB/s; "
           f"load avg at the end {info['load_average_1m_end']}; wrote {args.out}")
+    if info["bandwidth_note"]:
+        print(info["bandwidth_note"])
     return 0
+
+
+BW_SPREAD = 1.15  # largest / smallest bandwidth reading of a run past which it is flagged
+
+
+def bandwidth_note(bw: list[float]) -> str:
+    """A warning when the read bandwidth moved during the run, else "". On a VM whose
+    neighbours come and go it moved 33-65 GB/s within minutes: the fp32 anchor's step
+    follows it, steps bound by their instructions (int8 / int4) do not, so their ratios to
+    fp32 changed by up to 1.5x between runs."""
+    if len(bw) < 2 or max(bw) <= BW_SPREAD * min(bw):
+        return ""
+    return (f"note: the read bandwidth moved between {min(bw) / 1e9:.1f} and "
+            f"{max(bw) / 1e9:.1f} GB/s during this run; ratios to fp32 of variants not "
+            "bound by it (int8, int4) move with it: compare each row's anchor_ms in the "
+            "JSON, or run again")
 
 
 def _write(args, info, bw, rows, mem, seconds) -> None:

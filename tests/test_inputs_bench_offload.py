@@ -309,3 +309,17 @@ def test_bench_cpu_fresh_inputs_turn_through_the_inputs():
         assert torch.equal(reused.forward(), reused.forward())
     finally:
         torch.set_num_threads(before)
+
+
+@needs_benchmarks
+def test_decode_flags_a_run_whose_bandwidth_moved():
+    """The VM this was measured on read 33-65 GB/s within minutes: a run whose readings
+    spread past BW_SPREAD says so (with both ends), a steady one says nothing."""
+    steady = [33.0e9, 34.5e9, 35.1e9]
+    assert DECODE.bandwidth_note(steady) == ""
+    assert DECODE.bandwidth_note([48.4e9]) == ""  # one reading: nothing to compare
+    note = DECODE.bandwidth_note([48.4e9, 35.6e9])
+    assert "35.6 and 48.4 GB/s" in note and "anchor_ms" in note
+    edge = 33.0e9 * DECODE.BW_SPREAD
+    assert DECODE.bandwidth_note([33.0e9, edge]) == ""
+    assert DECODE.bandwidth_note([33.0e9, edge * 1.01]) != ""
