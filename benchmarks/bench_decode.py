@@ -31,6 +31,7 @@ of it and the build's).
     PYTHONPATH=src python benchmarks/bench_decode.py --cpu-time --models fine --batches 1 \
         --variants bf16,int8,int4 --no-prefill --no-memory         # bytes pay, loaded box
     PYTHONPATH=src python benchmarks/bench_decode.py --breakdown  # parts of a step, CPU time
+    PYTHONPATH=src python benchmarks/bench_decode.py --breakdown --breakdown-variant int4
     PYTHONPATH=src python benchmarks/bench_decode.py --ops        # aten ops per step, by line
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
@@ -70,6 +71,7 @@ HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", "hfpatch-mixtral-int8", "hfpat
               "hfpatch-mixtral-int4a8", "hfpatch-olmoe-int8", "hfpatch-olmoe-int4",
               "hfpatch-olmoe-int4a8")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
+BREAKDOWN_VARIANTS = ("fp32", *MOEKIT_DTYPES, *MOEKIT_EXTRA[:2])  # --breakdown-variant
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
 CLOCK = [time.perf_counter]  # time.thread_time under --cpu-time
@@ -584,7 +586,7 @@ def profile_step(shape: str, B: int, steps: int = 8) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
-def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
+def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -> None:
     """1-thread CPU time of a decode step's parts (timers wrapped around them; a part's
     time includes the parts inside it). Small ops cost more here than alone: each
     weight stream evicts their code and data from the caches."""
@@ -633,7 +635,7 @@ def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
                     spent[f"kernel {name}"] += time.thread_time_ns() - t0
             return timed
 
-    model = build(shape, "fp32")
+    model = build(shape, variant)
     ids = prompts(B, PROMPT_LEN)
     cache = StaticKVCache.for_model(model, B, PROMPT_LEN + steps + 8)
     cache.reset()
@@ -664,7 +666,7 @@ def breakdown_step(shape: str, B: int, steps: int = 20) -> None:
         cpu_ext.get_decode = get
         for owner, name, fn in undo:
             setattr(owner, name, fn)
-    print(f"breakdown: {shape} batch {B}, {steps} decode steps, 1 thread CPU time "
+    print(f"breakdown: {shape} {variant} batch {B}, {steps} decode steps, 1 thread CPU time "
           f"{total / steps / 1e6:.2f} ms per step (load avg {os.getloadavg()[0]:.1f})")
     for label, ns in spent.most_common():
         print(f"  {label:26s} {ns / steps / 1e6:8.3f} ms  {100 * ns / total:5.1f}%")
@@ -738,6 +740,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
     p.add_argument("--breakdown", action="store_true",
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
+    p.add_argument("--breakdown-variant", default="fp32",
+                   help="the moekit model --breakdown times: fp32 (default), "
+                        f"{', '.join(MOEKIT_DTYPES + MOEKIT_EXTRA[:2])}")
     p.add_argument("--ops", action="store_true",
                    help="count the aten ops of one decode step by call site (batches) and exit")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
@@ -752,7 +757,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     --new-tokens or --reps wins), lists parsed, an entry given twice refused. ValueError
     naming the first bad flag, its value and what is allowed; nothing is built, timed or
     written before it returns."""
-    from moekit.config import check_positive_int
+    from moekit.config import check_positive_int, reject
 
     a = argparse.Namespace(**vars(args))
     preset = QUICK if a.quick else FULL
@@ -763,6 +768,9 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     harness.check_flags(a.threads, a.reps, a.out)
     check_positive_int("--new-tokens", a.new_tokens, COMMON["max_seq_len"] - PROMPT_LEN)
     a.models = _names("--models", a.models, tuple(SHAPES))
+    if a.breakdown_variant not in BREAKDOWN_VARIANTS:
+        reject("--breakdown-variant", a.breakdown_variant,
+               f"it must be one of {', '.join(BREAKDOWN_VARIANTS)}")
     a.variants = _names("--variants", a.variants,
                         (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED))
     a.prefill_variants = (_names("--prefill-variants", a.prefill_variants, MOEKIT_DTYPES)
@@ -843,7 +851,7 @@ def run(args: argparse.Namespace) -> int:
     if args.breakdown:
         torch.set_num_threads(1)
         for B in (1, 8, 16):
-            breakdown_step(args.models[0], B)
+            breakdown_step(args.models[0], B, args.breakdown_variant)
         return 0
     if args.ops:
         for B in args.batches:
