@@ -651,10 +651,10 @@ void mm_weight_padded(torch::Tensor& out, const torch::Tensor& a, const torch::T
     at::mm_out(out, a.t(), b);
     return;
   }
-  auto ap = at::zeros({np, a.size(1)}, a.options());
-  auto bp = at::zeros({np, b.size(1)}, b.options());
-  ap.narrow(0, 0, n).copy_(a);
-  bp.narrow(0, 0, n).copy_(b);
+  auto ap = at::empty({np, a.size(1)}, a.options());
+  auto bp = at::empty({np, b.size(1)}, b.options());
+  ap.narrow(0, 0, n).copy_(a), ap.narrow(0, n, np - n).zero_();  // each row written once
+  bp.narrow(0, 0, n).copy_(b), bp.narrow(0, n, np - n).zero_();
   at::mm_out(out, ap.t(), bp);
 }
 
