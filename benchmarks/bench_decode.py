@@ -71,7 +71,8 @@ HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", "hfpatch-mixtral-int8", "hfpat
               "hfpatch-mixtral-int4a8", "hfpatch-olmoe-int8", "hfpatch-olmoe-int4",
               "hfpatch-olmoe-int4a8")
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
-BREAKDOWN_VARIANTS = ("fp32", *MOEKIT_DTYPES, *MOEKIT_EXTRA[:2])  # --breakdown-variant
+# --breakdown-variant: fp32 and every moekit model variant that is quantized or bf16
+BREAKDOWN_VARIANTS = ("fp32", *MOEKIT_DTYPES, *(v for v in MOEKIT_EXTRA if v in QUANT))
 PROMPT_LEN = 32  # prompt of each sequence while decoding
 PREFILL_LEN = 512
 CLOCK = [time.perf_counter]  # time.thread_time under --cpu-time
@@ -741,8 +742,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
     p.add_argument("--breakdown-variant", default="fp32",
-                   help="the moekit model --breakdown times: fp32 (default), "
-                        f"{', '.join(MOEKIT_DTYPES + MOEKIT_EXTRA[:2])}")
+                   help="the moekit model --breakdown times, one of "
+                        f"{', '.join(BREAKDOWN_VARIANTS)} (default fp32)")
     p.add_argument("--ops", action="store_true",
                    help="count the aten ops of one decode step by call site (batches) and exit")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",

@@ -13,7 +13,7 @@ moekit's layout (``benchmarks/int4_dot.cpp``, built here with ``-march=native``)
 - ``int16``: activations rounded to int16 per 32 inputs, vpdpwssd;
 - ``int8``: activations rounded to int8 per 32 inputs, vpdpbusd (moekit's W4A8);
 - ``amx``: activations as bf16 hi + lo, 16 weight rows at a time through AMX tiles
-  (tdpbf16ps; CPUs with AMX-BF16 and groups of 64+ only).
+  (tdpbf16ps; CPUs with AMX-BF16 and groups of 64+ only);
 - ``mant``: fp32 activations, each nibble shifted into the top of an fp32 mantissa
   with 1.0's exponent (1 + q / 16: a shift and a vpternlogd per 16 weights, no
   shuffles), FMA; the 1 is taken off per group.
