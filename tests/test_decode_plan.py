@@ -41,6 +41,8 @@ def _variant(name: str):
         return moekit.quantize(model, bits=8)
     if name == "int4":
         return moekit.quantize(model, bits=4, group_size=32)
+    if name == "int8a8":
+        return moekit.quantize(model, bits=8, activations="int8")
     if name == "int4a8":
         return moekit.quantize(model, bits=4, group_size=32, activations="int8")
     return model
@@ -63,7 +65,8 @@ def _steps(model, step, prompts, n=6):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int4a8"])
+@pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
+                                     "int4a8"])
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
                          ids=["one", "padded"])
 def test_plan_step_is_bitwise_the_modules_step(variant, prompts):

@@ -330,5 +330,5 @@ def test_decode_breakdown_variant_checked():
     assert _decode_checked("--breakdown", "--breakdown-variant", "int4").breakdown_variant == "int4"
     assert _decode_checked("--breakdown").breakdown_variant == "fp32"
     with pytest.raises(ValueError, match=r"--breakdown-variant='int3' is not allowed: it must "
-                                         r"be one of fp32, bf16, int8, int4, int4a8"):
+                                         r"be one of fp32, bf16, int8, int4, int8a8, int4a8"):
         _decode_checked("--breakdown", "--breakdown-variant", "int3")

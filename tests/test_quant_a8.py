@@ -1,8 +1,10 @@
-"""int4 weights with int8 activations (``moekit.quantize(..., activations="int8")``).
+"""int4 and int8 weights with int8 activations (``moekit.quantize(..., activations="int8")``,
+W4A8 and W8A8).
 
 Oracle: the definition, in float64. Each input row is rounded per block of 32 inputs
-to xq = round(x / sx), sx = max|x| / 127 (fp32, as written in the docstring of
-``moekit.quantize``: computed here with torch ops, not by the kernels), and the
+(the last block may be shorter) to xq = round(x / sx), sx = max|x| / 127 (fp32, as
+written in the docstring of ``moekit.quantize``: computed here with torch ops, not by
+the kernels), and the
 kernels must return the product of the dequantized weights with sx * xq. The bound
 is fp32 summation: (K + 2) * 2^-24 times the sum of the terms' magnitudes. Also
 the API's checks, checkpoints and CLI, prefill (float activations), and a whole
@@ -35,11 +37,17 @@ needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode k
 
 
 def round_a8(x: torch.Tensor) -> torch.Tensor:
-    """x [.., K] (fp32) as the kernels see it: sx * round(x / sx) per block of 32."""
-    b = x.float().unflatten(-1, (-1, 32))
+    """x [.., K] (fp32) as the kernels see it: sx * round(x / sx) per block of 32 (the
+    last block: the K % 32 inputs left; zeros added to fill it change no max)."""
+    K = x.shape[-1]
+    b = torch.nn.functional.pad(x.float(), (0, -K % 32)).unflatten(-1, (-1, 32))
     sx = b.abs().amax(-1, keepdim=True) / 127
     q = torch.where(sx > 0, (b / torch.where(sx > 0, sx, 1)).round().clamp(-127, 127), 0)
-    return (q.double() * sx.double()).flatten(-2)
+    return (q.double() * sx.double()).flatten(-2)[..., :K]
+
+
+def _quantize(w: torch.Tensor, bits: int, g: int | None) -> QuantizedTensor:
+    return quantize_tensor(w, bits, g if bits == 4 else None, activations="int8")
 
 
 def _check(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, K: int) -> None:
@@ -49,16 +57,19 @@ def _check(got: torch.Tensor, want: torch.Tensor, magnitude: torch.Tensor, K: in
 
 
 @needs_kernel
-# 160 and 96: a tail of chunks past the last block of 128 inputs
-@pytest.mark.parametrize("K,g", [(1024, 32), (1024, 64), (1024, 128), (384, 64), (384, 128),
-                                 (160, 32), (96, 32)])
+# int4: 160 and 96, a tail of chunks past the last block of 128 inputs; int8: K % 64 (a
+# last, partial block of the 64-input records: 100, 33, 7; 160 and 96 one of 32)
+@pytest.mark.parametrize("bits,K,g", [
+    *((4, K, g) for K, g in [(1024, 32), (1024, 64), (1024, 128), (384, 64), (384, 128),
+                             (160, 32), (96, 32)]),
+    *((8, K, None) for K in (1024, 160, 100, 96, 64, 33, 7))])
 @pytest.mark.parametrize("T", [1, 3, 9])  # 9: a pass of 8 rows (4 on AVX2) and a rest
-def test_int8_activation_gate_up_matches_definition(K, g, T):
-    E, N, topk = 5, 48, 3
-    gen = torch.Generator().manual_seed(K + g + T)
-    qt = quantize_tensor(torch.randn(E, K, N, generator=gen), 4, g, activations="int8")
+def test_int8_activation_gate_up_matches_definition(bits, K, g, T):
+    E, N, topk = 5, 45, 3  # N odd: a tile's last output row alone (W8A8 pairs them)
+    gen = torch.Generator().manual_seed(K + (g or 0) + T + bits)
+    qt = _quantize(torch.randn(E, K, N, generator=gen), bits, g)
     x = torch.randn(T, K, generator=gen) * torch.rand(T, 1, generator=gen) * 4
-    x[0, :32] = 0  # a block of zeros: scale 0
+    x[0, :min(32, K)] = 0  # a block of zeros: scale 0
     w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
     d = sorted_rows(idx, w, E)
     ext = cpu_ext.get_decode()
@@ -73,12 +84,12 @@ def test_int8_activation_gate_up_matches_definition(K, g, T):
 
 
 @needs_kernel
-@pytest.mark.parametrize("g", [32, 64])
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (8, None)])
 @pytest.mark.parametrize("T", [1, 6])
-def test_int8_activation_down_combine_matches_definition(g, T):
+def test_int8_activation_down_combine_matches_definition(bits, g, T):
     E, F, D, topk = 6, 256, 96, 2
-    gen = torch.Generator().manual_seed(7 + g + T)
-    qt = quantize_tensor(torch.randn(E, F, D, generator=gen), 4, g, activations="int8")
+    gen = torch.Generator().manual_seed(7 + (g or 0) + T + bits)
+    qt = _quantize(torch.randn(E, F, D, generator=gen), bits, g)
     w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
     d = sorted_rows(idx, w, E)
     a = torch.randn(T * topk, F, generator=gen)
@@ -97,27 +108,29 @@ def test_int8_activation_down_combine_matches_definition(g, T):
 
 
 @needs_kernel
-def test_int8_activations_change_the_result_and_weight_only_does_not():
-    """The flag reaches the kernels (a weight-only run differs from W4A8 by the
-    activations' rounding); a prefill past the kernels' rows runs float activations."""
+@pytest.mark.parametrize("bits,g", [(4, 64), (8, None)])
+def test_int8_activations_change_the_result_and_weight_only_does_not(bits, g):
+    """The flag reaches the kernels (a weight-only run differs from W4A8 / W8A8 by the
+    activations' rounding)."""
     E, K, N = 4, 256, 32
-    qt = quantize_tensor(torch.randn(E, K, N), 4, 64)
-    qa = QuantizedTensor(qt.data, qt.scales, qt.zeros, 4, 64, activations="int8")
+    qt = quantize_tensor(torch.randn(E, K, N), bits, g)
+    qa = QuantizedTensor(qt.data, qt.scales, qt.zeros, bits, g, activations="int8")
     x = torch.randn(3, K)
     d = sorted_rows(torch.tensor([[0], [2], [3]]), torch.ones(3, 1), E)
     ext = cpu_ext.get_decode()
-    h4 = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    h48 = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qa), None, 0, 0.0, 1.0)
+    hw = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    ha = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qa), None, 0, 0.0, 1.0)
     W = qt.dequantize().double()[[0, 2, 3]]
     exact = torch.einsum("sk,skn->sn", x.double(), W)
     rounded = torch.einsum("sk,skn->sn", round_a8(x), W)
-    assert (h4.double() - exact).abs().max() < 1e-3 < (h4.double() - rounded).abs().max()
-    assert (h48.double() - rounded).abs().max() < 1e-3 < (h48.double() - exact).abs().max()
+    assert (hw.double() - exact).abs().max() < 1e-3 < (hw.double() - rounded).abs().max()
+    assert (ha.double() - rounded).abs().max() < 1e-3 < (ha.double() - exact).abs().max()
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("prefill", [False, True], ids=["kernel", "dequantize+fused"])
-def test_int8_activation_experts_through_the_backend(prefill, monkeypatch):
+def test_int8_activation_experts_through_the_backend(prefill, bits, monkeypatch):
     """The MoE experts' decode backend (gather, SwiGLU, combine) against the definition:
     x rounded before w_in, the activated rows rounded before w_out; prefill past the
     kernels' rows keeps float activations (dequantize + fused GEMMs)."""
@@ -125,7 +138,7 @@ def test_int8_activation_experts_through_the_backend(prefill, monkeypatch):
         monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
     cfg = moekit.MoEConfig(dim=128, ffn_dim=64, num_experts=6, top_k=2)
     ex = moekit.experts.Experts(cfg).requires_grad_(False)
-    qi, qo = (quantize_tensor(w, 4, 32, activations="int8") for w in (ex.w_in, ex.w_out))
+    qi, qo = (_quantize(w, bits, 32) for w in (ex.w_in, ex.w_out))
     T = 4
     x = torch.randn(T, 128)
     w, idx = torch.rand(T, 6).topk(2, dim=-1)
@@ -147,7 +160,7 @@ def test_int8_activation_experts_through_the_backend(prefill, monkeypatch):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(bits=4, activations="int4"), "activations='int4' is not allowed"),
-    (dict(bits=8, activations="int8"), "activations='int8' is not allowed with bits=8"),
+    (dict(bits=8, activations=None), "activations=None is not allowed"),
 ])
 def test_bad_activation_requests_change_nothing(kw, match):
     model = _lm()
@@ -159,13 +172,14 @@ def test_bad_activation_requests_change_nothing(kw, match):
 
 
 @needs_kernel
-def test_generation_runs_the_int8_activation_kernels():
-    """Greedy generation of a W4A8 model differs from weight-only int4's logits (the
-    flag reaches every quantized projection) and agrees on most tokens."""
+@pytest.mark.parametrize("bits,g", [(4, 32), (8, None)])
+def test_generation_runs_the_int8_activation_kernels(bits, g):
+    """A decode step of a W4A8 / W8A8 model differs from the weight-only model's logits
+    (the flag reaches every quantized projection), by little."""
     model = _lm()
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
-    a8 = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
-    w4 = quantize(copy.deepcopy(model), bits=4, group_size=32)
+    a8 = quantize(copy.deepcopy(model), bits=bits, group_size=g, activations="int8")
+    w4 = quantize(copy.deepcopy(model), bits=bits, group_size=g)
     assert all(q.activations == "int8" for q in a8.modules()
                if isinstance(q, QuantizedTensor))
     assert "activations=int8" in repr(a8.blocks[0].ffn.experts.w_in)
@@ -182,17 +196,18 @@ def test_generation_runs_the_int8_activation_kernels():
 
 
 @needs_kernel
-def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_checkpoint_round_trip_and_cli(tmp_path, capsys, bits):
     from moekit.cli import main
 
     model, run = _trained_checkpoint(tmp_path)
     out = tmp_path / "q"
-    assert main(["quantize", str(run), "--bits", "4", "--activations", "int8",
+    assert main(["quantize", str(run), "--bits", str(bits), "--activations", "int8",
                  "--out", str(out)]) == 0
     assert "activations=int8" in capsys.readouterr().out
     assert json.loads((out / qio.META_FILE).read_text())["activations"] == "int8"
     loaded = qio.load_quantized(out)
-    expect = quantize(copy.deepcopy(model), bits=4, activations="int8")
+    expect = quantize(copy.deepcopy(model), bits=bits, activations="int8")
     qts = [m for m in loaded.modules() if isinstance(m, QuantizedTensor)]
     assert qts and all(q.activations == "int8" for q in qts)
     ids = torch.randint(0, 256, (1, 9))
@@ -201,10 +216,6 @@ def test_checkpoint_round_trip_and_cli(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(out), "--prompt", "ab",
                  "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("ab")
-    assert main(["quantize", str(run), "--bits", "8", "--activations", "int8",
-                 "--out", str(tmp_path / "q8")]) == 2
-    assert "activations='int8' is not allowed with bits=8" in capsys.readouterr().err
-    assert not (tmp_path / "q8").exists()
 
 
 def test_checkpoint_with_bad_activations_is_refused(tmp_path):
@@ -223,10 +234,11 @@ def test_checkpoint_with_bad_activations_is_refused(tmp_path):
 
 
 @needs_kernel
-def test_hf_patched_model_with_int8_activations():
+@pytest.mark.parametrize("bits,g", [(4, 32), (8, None)])
+def test_hf_patched_model_with_int8_activations(bits, g):
     """A transformers model patched by hf.apply and quantized with int8 activations:
-    every quantized weight carries the flag, its logits differ from weight-only int4's
-    by the activations' rounding only (close), and its own generate() runs."""
+    every quantized weight carries the flag, its logits differ from the weight-only
+    model's by the activations' rounding only (close), and its own generate() runs."""
     transformers = pytest.importorskip("transformers")
     from moekit.integrations import hf
     from tests import hf_models
@@ -235,8 +247,9 @@ def test_hf_patched_model_with_int8_activations():
     cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, "intermediate_size": 32,
                                       "num_experts": 8, "num_experts_per_tok": 2})
     original = transformers.OlmoeForCausalLM(cfg).eval()
-    a8 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32, activations="int8")
-    w4 = quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32)
+    a8 = quantize(hf.apply(copy.deepcopy(original)), bits=bits, group_size=g,
+                  activations="int8")
+    w4 = quantize(hf.apply(copy.deepcopy(original)), bits=bits, group_size=g)
     qts = [m for m in a8.modules() if isinstance(m, QuantizedTensor)]
     assert qts and all(q.activations == "int8" for q in qts)
     ids = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(0))

@@ -70,7 +70,7 @@ struct Weights {
   const float* zeros;     // I4 [E, N, K/g]
   int64_t group;          // I4 group size
   int64_t E, K, N;
-  bool a8 = false;        // I4 with int8 activations (bits = 48, see i4a8_tile)
+  bool a8 = false;        // int8 activations: I4 bits = 48 (i4a8_tile), I8 88 (i8a8_tile)
 };
 
 INLINE float bf16(uint16_t v) {
@@ -1146,10 +1146,198 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   }
 }
 
+// ---- int8 weights, int8 activations (bits = 88, "W8A8") ----------------------------
+//
+// The weight-only int8 dot product widens every weight to fp32 (a sign extension and
+// a convert per 16) before its FMA per row. With the activations rounded to int8 as
+// W4A8's are (per block of 32 inputs, xq = round(x / sx), sx = max|x| / 127; the last
+// block of a row may be shorter), one vpdpbusd multiplies 64 weights by 64 inputs and
+// sums them in fours into exact int32 lanes; a convert and one FMA by the blocks'
+// scales per row follow, the output channel's scale once per dot product.
+//
+// vpdpbusd multiplies unsigned by signed bytes: the weights go in as w ^ 0x80 = w + 128
+// (unsigned), and each lane's accumulator starts at -128 * (its four inputs' sum), so
+// the lane ends at the exact sum of w * xq. AVX2 (no VNNI) uses vpmaddubsw on |w| and
+// xq with w's sign (|w|, |xq| <= 127: pairwise sums within int16), then vpmaddwd by ones.
+//
+// A row record (one per distinct input row, 64-byte aligned), per block b of 64 inputs
+// (ceil(K / 64) of them; the last one's missing inputs are zeros), 192 bytes:
+//   xq  64 int8     the block's inputs, in order
+//   nc  16 int32    lane l: -128 * (xq[4l] + .. + xq[4l + 3])
+//   sx  16 float    lane l: the scale of the 32-input block holding inputs 4l..4l+3
+struct Q8Layout {
+  static constexpr int64_t BLOCK = 192;
+  int64_t K, nb, bytes;
+  explicit Q8Layout(int64_t k) : K(k), nb((k + 63) / 64), bytes(BLOCK * nb) {}
+};
+
+void quantize_q8(const float* x, const Q8Layout& L, char* rec) {
+  std::memset(rec, 0, L.bytes);
+  for (int64_t c = 0; 32 * c < L.K; ++c) {
+    const int64_t k0 = 32 * c, n = std::min<int64_t>(32, L.K - k0);
+    float amax = 0.0f, xc[32] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      xc[j] = x[k0 + j];
+      amax = std::max(amax, std::fabs(xc[j]));
+    }
+    const float scale = amax / 127.0f;
+    char* blk = rec + Q8Layout::BLOCK * (c / 2);
+    int8_t* q = reinterpret_cast<int8_t*>(blk) + 32 * (c % 2);
+    round_half(xc, scale, q);
+    round_half(xc + 16, scale, q + 16);
+    int32_t* nc = reinterpret_cast<int32_t*>(blk + 64) + 8 * (c % 2);
+    float* sx = reinterpret_cast<float*>(blk + 128) + 8 * (c % 2);
+    for (int l = 0; l < 8; ++l) {
+      nc[l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+      sx[l] = scale;
+    }
+  }
+}
+
+// Blocks b0.. of int8 output row p (K weights) against record xr, one 32-input block
+// at a time: the plain loops' whole row, AVX2's last (partial) block. Unscaled by the
+// output channel's scale.
+INLINE float i8a8_blocks(const int8_t* p, const Q8Layout& L, const char* xr, int64_t b0) {
+  float t = 0.0f;
+  for (int64_t c = 2 * b0; 32 * c < L.K; ++c) {
+    const char* blk = xr + Q8Layout::BLOCK * (c / 2);
+    const int8_t* q = reinterpret_cast<const int8_t*>(blk) + 32 * (c % 2);
+    const int64_t n = std::min<int64_t>(32, L.K - 32 * c);
+    int32_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += p[32 * c + j] * q[j];
+    t += static_cast<float>(sum) * reinterpret_cast<const float*>(blk + 128)[8 * (c % 2)];
+  }
+  return t;
+}
+
+CLONES void i8a8_rows_generic(const int8_t* p, const Q8Layout& L, const char* const* xr,
+                              int64_t R, float* v) {
+  for (int64_t r = 0; r < R; ++r) v[r] = i8a8_blocks(p, L, xr[r], 0);
+}
+
+// R (1..8) records per pass over C (1..2) output rows p, p + ldn: 64 weights per
+// vpdpbusd. Two rows share each record load (a record block is three loads per row
+// of x; with one output row at a time the loads, not the arithmetic, bound it when
+// several rows of x meet an expert).
+template <int R, int C>
+VNNI void i8a8_rows_vnni(const int8_t* p, int64_t ldn, const Q8Layout& L, const char* const* xr,
+                         float* v) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __mmask64 tail = L.K % 64 ? (~0ull >> (64 - L.K % 64)) : ~0ull;
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < L.nb; ++b) {
+    __m512i w[C];
+    for (int c = 0; c < C; ++c) {
+      const int8_t* at = p + c * ldn + 64 * b;
+      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
+                                    MOEKIT_NK_HINT);
+      // past K (the last block's missing weights): 0 ^ 0x80 = 128, times xq = 0
+      w[c] = _mm512_xor_si512(
+          b + 1 < L.nb ? _mm512_loadu_si512(at) : _mm512_maskz_loadu_epi8(tail, at), flip);
+    }
+    for (int r = 0; r < R; ++r) {
+      const char* blk = xr[r] + Q8Layout::BLOCK * b;
+      const __m512i q = _mm512_load_si512(blk), nc = _mm512_load_si512(blk + 64);
+      const __m512 sx = _mm512_load_ps(reinterpret_cast<const float*>(blk + 128));
+      for (int c = 0; c < C; ++c)
+        acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, w[c], q)), sx,
+                                    acc[c][r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) v[c * 8 + r] = _mm512_reduce_add_ps(acc[c][r]);
+}
+
+// AVX2: per 32-byte half of a block, |w| times xq with w's sign (vpsignb; xq = 0 where
+// w = 0, as the product), pairwise into int16, by ones into 8 int32 lanes.
+template <int R>
+AVX2 void i8a8_rows_avx2(const int8_t* p, const Q8Layout& L, const char* const* xr, float* v) {
+  const int64_t full = L.K / 64;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < full; ++b) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * b + 32 * h));
+      const __m256i aw = _mm256_abs_epi8(w);
+      for (int r = 0; r < R; ++r) {
+        const char* blk = xr[r] + Q8Layout::BLOCK * b;
+        const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i*>(blk + 32 * h));
+        const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i),
+                                 _mm256_load_ps(reinterpret_cast<const float*>(blk + 128) + 8 * h),
+                                 acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[r]);
+    float t = 0.0f;
+    for (float f : lanes) t += f;
+    v[r] = t + i8a8_blocks(p, L, xr[r], full);  // the last, partial block
+  }
+}
+
+template <int C>
+void i8a8_vnni(int64_t m, const int8_t* p, int64_t ldn, const Q8Layout& L,
+               const char* const* xr, float* v) {
+  switch (m) {
+    case 8: return i8a8_rows_vnni<8, C>(p, ldn, L, xr, v);
+    case 7: return i8a8_rows_vnni<7, C>(p, ldn, L, xr, v);
+    case 6: return i8a8_rows_vnni<6, C>(p, ldn, L, xr, v);
+    case 5: return i8a8_rows_vnni<5, C>(p, ldn, L, xr, v);
+    case 4: return i8a8_rows_vnni<4, C>(p, ldn, L, xr, v);
+    case 3: return i8a8_rows_vnni<3, C>(p, ldn, L, xr, v);
+    case 2: return i8a8_rows_vnni<2, C>(p, ldn, L, xr, v);
+    default: return i8a8_rows_vnni<1, C>(p, ldn, L, xr, v);
+  }
+}
+
+// acc [n, W] = n row records @ int8 weights w[e][:, c0 : c0 + W] (bits = 88).
+void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+               int64_t W, float* acc) {
+  const Q8Layout L(w.K);
+  const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+  const float* sc = w.scales + e * w.N + c0;
+  const char* const* xr = reinterpret_cast<const char* const*>(x);
+  const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;  // AVX2: 16 registers
+  for (int64_t r0 = 0; r0 < n; r0 += rmax) {
+    const int64_t m = std::min<int64_t>(rmax, n - r0);
+    for (int64_t j = 0; j < W;) {
+      const int8_t* p = base + j * w.s_n;
+      float v[16];  // [output row][record]
+      int64_t cols = 1;
+      if (CPU_VNNI) {
+        cols = std::min<int64_t>(2, W - j);
+        if (cols == 2) i8a8_vnni<2>(m, p, w.s_n, L, xr + r0, v);
+        else i8a8_vnni<1>(m, p, w.s_n, L, xr + r0, v);
+      } else if (CPU_ISA == Isa::Generic) {
+        i8a8_rows_generic(p, L, xr + r0, m, v);
+      } else {  // AVX2, or AVX-512 without VNNI
+        switch (m) {
+          case 4: i8a8_rows_avx2<4>(p, L, xr + r0, v); break;
+          case 3: i8a8_rows_avx2<3>(p, L, xr + r0, v); break;
+          case 2: i8a8_rows_avx2<2>(p, L, xr + r0, v); break;
+          default: i8a8_rows_avx2<1>(p, L, xr + r0, v); break;
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = sc[j + c] * v[8 * c + r];
+      j += cols;
+    }
+  }
+}
+
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
 void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
           int64_t c0, int64_t W, float* acc) {
-  if (w.a8) return i4a8_tile(w, e, x, n, c0, W, acc);  // x: row records (Plan::quantize_rows)
+  if (w.a8) {  // x: row records (Plan::quantize_rows)
+    if (w.kind == Kind::I8) return i8a8_tile(w, e, x, n, c0, W, acc);
+    return i4a8_tile(w, e, x, n, c0, W, acc);
+  }
   if (CPU_ISA != Isa::Generic && !w.n_unit) {
     if (CPU_ISA == Isa::Avx512) return nk_tile_isa<Isa::Avx512>(w, e, x, n, c0, W, acc);
     return nk_tile_isa<Isa::Avx2>(w, e, x, n, c0, W, acc);
@@ -1303,7 +1491,8 @@ Weights weights(const torch::Tensor& data, const c10::optional<torch::Tensor>& s
   w.N = data.size(1);
   w.s_n = data.size(2), w.s_e = data.size(1) * data.size(2);
   w.scales = s.data_ptr<float>();
-  if (bits == 8) {
+  if (bits == 8 || bits == 88) {
+    w.a8 = bits == 88;
     TORCH_CHECK(data.scalar_type() == at::kChar, "int8 w must be int8, got ", data.scalar_type());
     w.kind = Kind::I8;
     w.K = data.size(2);
@@ -1311,8 +1500,8 @@ Weights weights(const torch::Tensor& data, const c10::optional<torch::Tensor>& s
                 "], got ", s.sizes());
     return w;
   }
-  TORCH_CHECK(bits == 4 || bits == 48, "bits must be 0 (plain), 8, 4 or 48 (int4 weights, "
-              "int8 activations), got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 48, "bits must be 0 (plain), 8, 4, 88 or 48 (int8 / int4 "
+              "weights, int8 activations), got ", bits);
   w.a8 = bits == 48;
   TORCH_CHECK(data.scalar_type() == at::kByte, "int4 w must be uint8, got ", data.scalar_type());
   TORCH_CHECK(zeros.has_value(), "int4 w needs zeros");
@@ -1414,7 +1603,7 @@ struct Plan {
   std::vector<int64_t> part_off;  // per touched expert, its offset into parts
   std::vector<float> parts;
   std::vector<float> permuted;  // int8 on AVX2: each distinct input row, permute_x32'd
-  std::vector<float> records;   // int4 with int8 activations: each distinct row's record
+  std::vector<float> records;   // int8 activations: each distinct row's record
 
   Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
        int64_t plan_experts)
@@ -1424,8 +1613,13 @@ struct Plan {
     for (size_t i = 0; i < m; ++i)
       for (int64_t s = rows.starts[i]; s < rows.ends[i]; ++s)
         x[i].push_back(x0 + (token ? token[s] : s) * ldx);
-    if (w.kind == Kind::I8 && CPU_ISA == Isa::Avx2) permute_rows();
-    if (w.a8) quantize_rows(A8Layout(w.K, w.group));
+    if (w.kind == Kind::I8 && !w.a8 && CPU_ISA == Isa::Avx2) permute_rows();
+    if (w.a8 && w.kind == Kind::I8) quantize_rows(Q8Layout(w.K).bytes, [&](const float* r, char* rec) {
+      quantize_q8(r, Q8Layout(w.K), rec);
+    });
+    if (w.a8 && w.kind == Kind::I4) quantize_rows(A8Layout(w.K, w.group).bytes, [&](const float* r, char* rec) {
+      quantize_a8(r, A8Layout(w.K, w.group), rec);
+    });
     if (!w.n_unit) return;
     chunks = k_chunks(w.K, plan_experts > 0 ? plan_experts : static_cast<int64_t>(m));
     int64_t off = 0;
@@ -1443,16 +1637,18 @@ struct Plan {
     for (size_t i = 0; i < distinct.size(); ++i) permute_x32(distinct[i], K, &permuted[i * K]);
     repoint(distinct, permuted.data(), K);
   }
-  // x's rows replaced by their int8 records (quantize_a8), one per distinct row; the
-  // pointers stay const float* on their way to i4a8_tile.
-  void quantize_rows(const A8Layout& L) {
+  // x's rows replaced by their int8 records (quantize_a8 / quantize_q8: `bytes`, a
+  // multiple of 64), one per distinct row; the pointers stay const float* on their way
+  // to i4a8_tile / i8a8_tile.
+  template <typename Q>
+  void quantize_rows(int64_t bytes, const Q& quantize) {
     const auto distinct = distinct_rows();
-    const int64_t fl = L.bytes / 4;  // floats per record (a multiple of 16: 64-byte aligned)
+    const int64_t fl = bytes / 4;  // floats per record (a multiple of 16: 64-byte aligned)
     records.resize(distinct.size() * fl + 16);
     float* first = records.data();
     first += (16 - (reinterpret_cast<uintptr_t>(first) / 4) % 16) % 16;
     for (size_t i = 0; i < distinct.size(); ++i)
-      quantize_a8(distinct[i], L, reinterpret_cast<char*>(first + i * fl));
+      quantize(distinct[i], reinterpret_cast<char*>(first + i * fl));
     repoint(distinct, first, fl);
   }
   std::vector<const float*> distinct_rows() const {

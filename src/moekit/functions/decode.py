@@ -64,8 +64,9 @@ def _isa(ext) -> str:
 
 
 def kernel_bits(qt: QuantizedTensor) -> int:
-    """The kernels' weight format code: 8, 4, or 48 (int4 weights, int8 activations)."""
-    return 48 if qt.bits == 4 and qt.activations == "int8" else qt.bits
+    """The kernels' weight format code: 8, 4, 88 or 48 (int8 / int4 weights, int8
+    activations)."""
+    return {8: 88, 4: 48}[qt.bits] if qt.activations == "int8" else qt.bits
 
 
 def _wargs(w: Tensor | QuantizedTensor) -> tuple:

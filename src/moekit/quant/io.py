@@ -141,7 +141,7 @@ def _read_meta(path: Path) -> dict:
     meta.setdefault("scope", "experts")
     meta.setdefault("activations", "float")  # written since the int8-activation kernels
     try:
-        check_activations(meta["activations"], meta["bits"])
+        check_activations(meta["activations"])
     except QuantizationError as e:
         raise CheckpointError(f"{path / META_FILE}: {e}") from e
     if meta["scope"] not in SCOPES:
@@ -187,7 +187,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     # what can be checked before the checkpoint is read and quantized (out=None failed
     # only at the end, with Path's TypeError; an unknown scope after quantizing nothing)
     check_bits(bits, group_size)
-    check_activations(activations, bits)
+    check_activations(activations)
     check_scope(scope)
     _check_replaceable(_check_path("out", out))
     ck = load_checkpoint(checkpoint)

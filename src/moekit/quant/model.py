@@ -1,5 +1,5 @@
 """``moekit.quantize``: weight-only quantization of a model for inference, in place
-(int4 optionally with int8 activations in the decode kernels: ``activations="int8"``).
+(optionally with int8 activations in the decode kernels: ``activations="int8"``).
 
 ``scope="all"`` (the default) quantizes every weight a decode step reads in
 bulk: the routed experts, and every dense projection (attention q/k/v/o, the LM
@@ -191,11 +191,14 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
 
     ``bits=8``: int8, one scale per output channel (``group_size`` must be None).
     ``bits=4``: int4 with a scale and zero point per ``group_size`` (32, 64 or 128;
-    default 64) inputs. ``activations="int8"`` (bits=4 only; W4A8): the decode
-    kernels also round each input row to int8 per block of 32 inputs (scale
-    max|x| / 127) and multiply with integer dot products (AVX-512 VNNI), about 2x
-    the weight-only int4 kernel's speed where those instructions exist; prefill past
-    the kernels' rows stays on float activations. The stored weights are the same.
+    default 64) inputs. ``activations="int8"`` (W4A8 / W8A8): the decode kernels
+    also round each input row to int8 per block of 32 inputs (the last block may be
+    shorter; scale max|x| / 127) and multiply with integer dot products (AVX-512
+    VNNI; vpmaddubsw on AVX2). int4: about 2x the weight-only kernel's speed where
+    VNNI exists. int8: the same speed where the weight-only kernel reads at the
+    memory bandwidth (batch 1), 1.2-1.3x where several rows meet each expert
+    (docs/cpu-inference.md). Prefill past the kernels' rows stays on float
+    activations. The stored weights are the same.
     Everything is checked before anything changes: bits=3, a group size that does
     not divide an input dimension, an unknown scope or activations, a model already
     quantized or without experts raise ``QuantizationError`` and leave the model
@@ -203,7 +206,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     """
     _check_model(model)
     group_size = check_bits(bits, group_size)
-    check_activations(activations, bits)
+    check_activations(activations)
     return _quantize(model, _checked_targets(model, scope, group_size), bits, group_size,
                      activations)
 
@@ -230,7 +233,7 @@ def quantize_like(model: nn.Module, bits: int, group_size: int | None,
     """Empty QuantizedTensors of the right shapes where ``quantize`` puts them (loading)."""
     _check_model(model)
     group_size = check_bits(bits, group_size)
-    check_activations(activations, bits)
+    check_activations(activations)
     targets = _checked_targets(model, scope, group_size)
     qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device, activations)
           for t in targets]

@@ -60,14 +60,11 @@ def check_bits(bits: int, group_size: int | None) -> int | None:
 ACTIVATIONS = ("float", "int8")
 
 
-def check_activations(activations: str, bits: int) -> str:
-    """``activations`` if allowed with ``bits``; a QuantizationError naming it otherwise."""
+def check_activations(activations: str) -> str:
+    """``activations`` if allowed (with either bits); a QuantizationError naming it otherwise."""
     if activations not in ACTIVATIONS:
         raise QuantizationError(f"activations={activations!r} is not allowed: it must be "
                                 "'float' (weight-only) or 'int8'")
-    if activations == "int8" and bits != 4:
-        raise QuantizationError(f"activations='int8' is not allowed with bits={bits}: the "
-                                "int8-activation kernels are for int4 weights (bits=4)")
     return activations
 
 
@@ -99,7 +96,7 @@ def _check_format(bits: int, group_size: int | None, activations: str) -> None:
         raise QuantizationError(f"group_size=None is not allowed with bits=4: it must be one "
                                 f"of {', '.join(map(str, GROUP_SIZES))}")
     check_bits(bits, group_size)
-    check_activations(activations, bits)
+    check_activations(activations)
 
 
 def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
@@ -144,7 +141,7 @@ class QuantizedTensor(nn.Module):
         check_parts(data, scales, zeros, bits, group_size, activations)
         super().__init__()
         self.bits, self.group_size = bits, group_size
-        # "int8": the decode kernels round the activations to int8 (int4 only; see
+        # "int8": the decode kernels round the activations to int8 (see
         # moekit.quantize); "float": weight-only
         self.activations = activations
         self.register_buffer("data", data)
@@ -345,7 +342,7 @@ def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
                     activations: str = "float") -> QuantizedTensor:
     """Quantize a [E, K, N] weight stack (any strides); errors name what is not allowed."""
     group_size = check_bits(bits, group_size)
-    check_activations(activations, bits)
+    check_activations(activations)
     if not (isinstance(w_EKN, Tensor) and w_EKN.dim() == 3 and w_EKN.is_floating_point()
             and w_EKN.shape[1] > 0):  # K = 0: amax's "Expected reduction dim -1" (int8)
         what = (f"weight of shape {tuple(w_EKN.shape)} and dtype {w_EKN.dtype}"
