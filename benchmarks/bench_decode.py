@@ -59,17 +59,16 @@ SHAPES = {
     "mixtral": dict(dim=1024, num_layers=4, num_heads=8, ffn_dim=2048, num_experts=8, top_k=2),
 }
 COMMON = dict(vocab_size=256, max_seq_len=1024, aux_loss_coef=0.0, z_loss_coef=0.0)
-MOEKIT_DTYPES = ("bf16", "int8", "int4", "int4a8")
+MOEKIT_DTYPES = ("bf16", "int8", "int4", "int8a8", "int4a8")
 # not in the default list: quantized experts only (attention, head in fp32), and fp32
 # with every dense projection on torch's GEMM instead of the decode kernel
 MOEKIT_EXTRA = ("int8-experts", "int4-experts", "fp32-aten-linear")
-QUANT = ("int8", "int4", "int4a8", "int8-experts", "int4-experts")
+QUANT = ("int8", "int4", "int8a8", "int4a8", "int8-experts", "int4-experts")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 # transformers' models patched with moekit.integrations.hf.apply (their own generate()),
 # fp32 or quantized by moekit.quantize; each is also paired with the unpatched model
-HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", "hfpatch-mixtral-int8", "hfpatch-mixtral-int4",
-              "hfpatch-mixtral-int4a8", "hfpatch-olmoe-int8", "hfpatch-olmoe-int4",
-              "hfpatch-olmoe-int4a8")
+HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", *(f"hfpatch-{family}-{q}" for family in
+              ("mixtral", "olmoe") for q in ("int8", "int4", "int8a8", "int4a8")))
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 # --breakdown-variant: fp32 and every moekit model variant that is quantized or bf16
 BREAKDOWN_VARIANTS = ("fp32", *MOEKIT_DTYPES, *(v for v in MOEKIT_EXTRA if v in QUANT))
@@ -121,7 +120,7 @@ def build(shape: str, variant: str, seed: int = 0):
         return model.to(torch.bfloat16)
     if variant in QUANT:
         bits, scope = int(variant[3]), "experts" if variant.endswith("experts") else "all"
-        act = {"activations": "int8"} if variant == "int4a8" else {}  # W4A8
+        act = {"activations": "int8"} if variant.endswith("a8") else {}  # W8A8, W4A8
         return quantize_fn()(model, bits=bits, scope=scope,
                              **({"group_size": 64} if bits == 4 else {}), **act)
     if variant.startswith("hf-"):
@@ -133,7 +132,7 @@ def build(shape: str, variant: str, seed: int = 0):
         patched = hf.apply(hf_model(model, family))
         if not bits:
             return patched
-        b = int(bits[0][3])  # int8, int4, int4a8 (int8 activations)
+        b = int(bits[0][3])  # int8, int4, int8a8, int4a8 (int8 activations)
         act = {"activations": "int8"} if bits[0].endswith("a8") else {}
         return quantize_fn()(patched, bits=b, **({"group_size": 64} if b == 4 else {}), **act)
     return model
@@ -720,9 +719,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batches", default=None,
                    help=f"batches that also time transformers (default {FULL['hf_batches']})")
     p.add_argument("--variants", default=None,
-                   help="comma list of bf16, int8, int4, int4a8 (int4, int8 activations), "
+                   help="comma list of bf16, int8, int4, int8a8 / int4a8 (int8 activations), "
                    "int8-experts, int4-experts, fp32-aten-linear, dense-active, dense-total, "
-                   "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4|-int4a8] "
+                   "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4|-int8a8|-int4a8] "
                    "(transformers patched by moekit, also paired with the unpatched model; "
                    f"default {FULL['variants']})")
     p.add_argument("--new-tokens", type=int, default=None,

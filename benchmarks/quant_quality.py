@@ -1,7 +1,7 @@
 """Quality of a quantized `moekit train` model: validation loss and greedy agreement
 with the fp32 model, for every weight quantized (``scope="all"``, the default) and
-for the routed experts alone (``--scopes all experts``); ``--a8`` adds int4 with
-int8 activations (``activations="int8"``, scope all), measured on the kernels.
+for the routed experts alone (``--scopes all experts``); ``--a8`` adds int8 and int4
+with int8 activations (``activations="int8"``, scope all), measured on the kernels.
 
 Validation loss: the trainer's own ``evaluate`` (fixed held-out windows, here
 ``--eval-batches`` of 16 x 128 bytes), the same windows for every variant.
@@ -78,7 +78,8 @@ def main() -> None:
     p.add_argument("--scopes", nargs="+", default=["all", "experts"],
                    help="what to quantize: all (experts + dense projections), experts")
     p.add_argument("--a8", action="store_true",
-                   help="also int4 with int8 activations (scope all), every row on the kernels")
+                   help="also int8 and int4 with int8 activations (scope all), every row on "
+                   "the kernels")
     p.add_argument("--free-run", type=int, default=100, help="greedy bytes from 'def '")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -93,6 +94,7 @@ def main() -> None:
         variants.update({f"int4-g{g}{tag}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,
                                                      scope=scope) for g in args.groups})
     if args.a8:
+        variants["int8a8"] = quantize(copy.deepcopy(fp32), bits=8, activations="int8")
         variants.update({f"int4a8-g{g}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,
                                                   activations="int8") for g in args.groups})
     ctx = fp32.config.max_seq_len
@@ -100,7 +102,7 @@ def main() -> None:
     with torch.inference_mode():
         base_run = free_run(fp32, "def ", args.free_run)
         for name, model in variants.items():
-            with on_kernels(name.startswith("int4a8")):
+            with on_kernels("a8" in name):
                 loss = evaluate(model, corpus.val, cfg)
                 agree = agreement(fp32, model, corpus.val, args.bytes, ctx)
                 run = free_run(model, "def ", args.free_run)
