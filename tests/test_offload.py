@@ -320,14 +320,15 @@ def _one_call_expected() -> bool:
 
 
 @pytest.mark.parametrize("one_call", [True, False], ids=["one_call", "dequantized"])
-@pytest.mark.parametrize("bits,activations", [(8, "float"), (4, "float"), (4, "int8")])
+@pytest.mark.parametrize("bits,activations", [(8, "float"), (4, "float"), (8, "int8"),
+                                              (4, "int8")])
 def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations, one_call,
                                                                tmp_path, monkeypatch):
     """A `moekit quantize` directory under an expert budget: the int8/int4 bytes are
     cached (budget in quantized bytes) and outputs equal the resident quantized model,
     decode (kernels), a 300-row prefill (past 24 rows per expert: the one call where it
     runs, else the kernels) and a 1200-row one (the one call, or dequantized blocks) alike;
-    int4 with int8 activations keeps them offloaded too."""
+    int8 activations (W8A8, W4A8) keep them offloaded too."""
     from moekit.quant import quantize
     from moekit.quant.io import load_quantized, save_quantized
 
