@@ -213,7 +213,7 @@ def _parts(bits: int, g: int | None) -> tuple:
     (lambda d, s, z: (d, s, torch.zeros(4, 24), 8, None), "zeros=torch.float32"),
     (lambda d, s, z: (d, s, None, 8, 32), "group_size=32 is not allowed with bits=8"),
     (lambda d, s, z: (d, s, None, 3, None), "bits=3"),
-    (lambda d, s, z: (d, s, None, 8, None, "int8"), "activations='int8'"),
+    (lambda d, s, z: (d, s, None, 8, None, None), "activations=None"),
     (lambda d, s, z: (d, s, None, 8, None, "int4"), "activations='int4'"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_hand_built_int8_tensor_checked_at_construction(make, words):
