@@ -1016,32 +1016,61 @@ VNNI inline __m512 dot_acc(const float* a, const float* b, int64_t n, __m512 acc
   return acc;
 }
 
-// The same with AVX-512 VNNI, R (1..8) records per pass over the weight row.
-template <int R>
-VNNI void i4a8_rows_vnni(const uint8_t* p, const A8Layout& L, const A8Vnni& V, const float* gs,
-                         const float* gz, const char* const* xr, float* v) {
+// The same with AVX-512 VNNI, R (1..8) records per pass over C (1..2) output rows p,
+// p + ldn (group scales gs, gs + ng; zeros gz, gz + ng): two rows share each record
+// load, as in i8a8_rows_vnni.
+template <int R, int C>
+VNNI void i4a8_rows_vnni(const uint8_t* p, int64_t ldn, const A8Layout& L, const A8Vnni& V,
+                         const float* gs, const float* gz, const char* const* xr, float* v) {
   const __m512i m = _mm512_set1_epi8(15);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < V.nb; ++b) {
-    if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(p) + 64 * b + NK_PREFETCH,
-                                  MOEKIT_NK_HINT);
-    const __m512i w = _mm512_loadu_si512(p + 64 * b);
-    const __m512i lo = _mm512_and_si512(w, m), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m);
-    const __m512 sw = _mm512_permutexvar_ps(V.idx, _mm512_maskz_loadu_ps(V.gmask, gs + b * V.gpb));
+    __m512i lo[C], hi[C];
+    __m512 sw[C];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* at = p + c * ldn + 64 * b;
+      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
+                                    MOEKIT_NK_HINT);
+      const __m512i w = _mm512_loadu_si512(at);
+      lo[c] = _mm512_and_si512(w, m), hi[c] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m);
+      sw[c] = _mm512_permutexvar_ps(
+          V.idx, _mm512_maskz_loadu_ps(V.gmask, gs + c * V.ng + b * V.gpb));
+    }
     for (int r = 0; r < R; ++r) {
       const char* q = xr[r] + 128 * b;
-      __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
-      i = _mm512_dpbusd_epi32(i, hi, _mm512_loadu_si512(q + 64));
+      const __m512i ql = _mm512_loadu_si512(q), qh = _mm512_loadu_si512(q + 64);
       const __m512 sx = _mm512_loadu_ps(reinterpret_cast<const float*>(xr[r] + L.sx_off) + 16 * b);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(sw, sx), acc[r]);
+      for (int c = 0; c < C; ++c) {
+        __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[c], ql);
+        i = _mm512_dpbusd_epi32(i, hi[c], qh);
+        acc[c][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(sw[c], sx), acc[c][r]);
+      }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
-    float t = _mm512_reduce_add_ps(dot_acc(gz, zx, V.ng, acc[r]));
-    if (L.K % 128) t += i4a8_chunks(p, L, gs, gz, xr[r], 4 * V.nb, false);  // past the blocks
-    v[r] = t;
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
+      float t = _mm512_reduce_add_ps(dot_acc(gz + c * V.ng, zx, V.ng, acc[c][r]));
+      if (L.K % 128)  // past the blocks
+        t += i4a8_chunks(p + c * ldn, L, gs + c * V.ng, gz + c * V.ng, xr[r], 4 * V.nb, false);
+      v[c * 8 + r] = t;
+    }
+}
+
+template <int C>
+void i4a8_vnni(int64_t m, const uint8_t* p, int64_t ldn, const A8Layout& L, const A8Vnni& V,
+               const float* gs, const float* gz, const char* const* xr, float* v) {
+  switch (m) {
+    case 8: return i4a8_rows_vnni<8, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 7: return i4a8_rows_vnni<7, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 6: return i4a8_rows_vnni<6, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 5: return i4a8_rows_vnni<5, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 4: return i4a8_rows_vnni<4, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 3: return i4a8_rows_vnni<3, C>(p, ldn, L, V, gs, gz, xr, v);
+    case 2: return i4a8_rows_vnni<2, C>(p, ldn, L, V, gs, gz, xr, v);
+    default: return i4a8_rows_vnni<1, C>(p, ldn, L, V, gs, gz, xr, v);
   }
 }
 
@@ -1116,10 +1145,11 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;  // AVX2: 16 registers
   for (int64_t r0 = 0; r0 < n; r0 += rmax) {
     const int64_t m = std::min<int64_t>(rmax, n - r0);
-    for (int64_t j = 0; j < W; ++j) {
+    for (int64_t j = 0; j < W;) {
       const uint8_t* p = base + j * w.s_n;
       const float *gs = sc + j * ng, *gz = z + j * ng;
-      float v[8];
+      float v[16];  // [output row][record]
+      int64_t cols = 1;
       if (CPU_ISA == Isa::Avx2 || (CPU_ISA == Isa::Avx512 && !CPU_VNNI)) {
         switch (m) {
           case 4: i4a8_rows_avx2<4>(p, L, V2, gs, gz, xr + r0, v); break;
@@ -1130,18 +1160,12 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
       } else if (!CPU_VNNI) {
         i4a8_rows_generic(p, L, gs, gz, xr + r0, m, v);
       } else {
-        switch (m) {
-          case 8: i4a8_rows_vnni<8>(p, L, V, gs, gz, xr + r0, v); break;
-          case 7: i4a8_rows_vnni<7>(p, L, V, gs, gz, xr + r0, v); break;
-          case 6: i4a8_rows_vnni<6>(p, L, V, gs, gz, xr + r0, v); break;
-          case 5: i4a8_rows_vnni<5>(p, L, V, gs, gz, xr + r0, v); break;
-          case 4: i4a8_rows_vnni<4>(p, L, V, gs, gz, xr + r0, v); break;
-          case 3: i4a8_rows_vnni<3>(p, L, V, gs, gz, xr + r0, v); break;
-          case 2: i4a8_rows_vnni<2>(p, L, V, gs, gz, xr + r0, v); break;
-          default: i4a8_rows_vnni<1>(p, L, V, gs, gz, xr + r0, v); break;
-        }
+        cols = std::min<int64_t>(2, W - j);
+        (cols == 2 ? i4a8_vnni<2> : i4a8_vnni<1>)(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
       }
-      for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j] = v[r];
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = v[8 * c + r];
+      j += cols;
     }
   }
 }
