@@ -1161,7 +1161,8 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
         i4a8_rows_generic(p, L, gs, gz, xr + r0, m, v);
       } else {
         cols = std::min<int64_t>(2, W - j);
-        (cols == 2 ? i4a8_vnni<2> : i4a8_vnni<1>)(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
+        if (cols == 2) i4a8_vnni<2>(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
+        else i4a8_vnni<1>(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
       }
       for (int64_t c = 0; c < cols; ++c)
         for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = v[8 * c + r];
@@ -1638,12 +1639,13 @@ struct Plan {
       for (int64_t s = rows.starts[i]; s < rows.ends[i]; ++s)
         x[i].push_back(x0 + (token ? token[s] : s) * ldx);
     if (w.kind == Kind::I8 && !w.a8 && CPU_ISA == Isa::Avx2) permute_rows();
-    if (w.a8 && w.kind == Kind::I8) quantize_rows(Q8Layout(w.K).bytes, [&](const float* r, char* rec) {
-      quantize_q8(r, Q8Layout(w.K), rec);
-    });
-    if (w.a8 && w.kind == Kind::I4) quantize_rows(A8Layout(w.K, w.group).bytes, [&](const float* r, char* rec) {
-      quantize_a8(r, A8Layout(w.K, w.group), rec);
-    });
+    if (w.a8 && w.kind == Kind::I8) {
+      const Q8Layout L(w.K);
+      quantize_rows(L.bytes, [&](const float* row, char* rec) { quantize_q8(row, L, rec); });
+    } else if (w.a8) {
+      const A8Layout L(w.K, w.group);
+      quantize_rows(L.bytes, [&](const float* row, char* rec) { quantize_a8(row, L, rec); });
+    }
     if (!w.n_unit) return;
     chunks = k_chunks(w.K, plan_experts > 0 ? plan_experts : static_cast<int64_t>(m));
     int64_t off = 0;
