@@ -18,9 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default); experts: routed experts only")
     p.add_argument("--activations", choices=ACTIVATIONS, default="float",
                    help="int8: the decode kernels also round activations to int8 (int4: "
-                   "kernels ~2x, a batch-1 step ~1.45x weight-only int4's; int8: 1.2-1.3x "
-                   "where several rows meet an expert, on AVX-512 VNNI CPUs); float: "
-                   "weight-only (default)")
+                   "kernels ~2x, a batch-1 step ~1.45x weight-only int4's; int8: batch-16 "
+                   "steps 1.1-1.4x weight-only int8's, on AVX-512 VNNI CPUs; batch 1 1.3x "
+                   "on AVX2 ones); float: weight-only (default)")
     p.add_argument("--out", required=True, help="directory to write (moekit generate "
                    "--checkpoint DIR loads it)")
 
