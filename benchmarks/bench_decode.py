@@ -32,6 +32,8 @@ of it and the build's).
         --variants bf16,int8,int4 --no-prefill --no-memory         # bytes pay, loaded box
     PYTHONPATH=src python benchmarks/bench_decode.py --breakdown  # parts of a step, CPU time
     PYTHONPATH=src python benchmarks/bench_decode.py --breakdown --breakdown-variant int4
+    PYTHONPATH=src python benchmarks/bench_decode.py --step-calls --batches 1 \
+        --breakdown-variant int4a8                                 # the engine's calls, wall
     PYTHONPATH=src python benchmarks/bench_decode.py --ops        # aten ops per step, by line
 
 Shape letters: B sequences, D hidden, F expert hidden, E experts, K top-k, V vocabulary.
@@ -672,6 +674,66 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
         print(f"  {label:26s} {ns / steps / 1e6:8.3f} ms  {100 * ns / total:5.1f}%")
 
 
+def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> None:
+    """Wall time of the calls in the engine's decode steps (``DecodePlan.step``, what
+    ``generate`` runs; the process's threads): each kernel call and the routers'
+    ``F.linear`` wrapped in a timer, and the rest of the step ("outside": Python, the
+    embedding, the first norm, the rotary tables, ``argmax``, the timers themselves),
+    beside an untimed step of the same model."""
+    import collections
+
+    import torch
+
+    import moekit.inference.decode_plan as dp
+    from moekit.models.transformer import StaticKVCache
+
+    model = build(shape, variant)
+    plan = dp.DecodePlan.build(model)
+    if plan is None:
+        print(f"step calls: {shape} {variant}: no decode plan for this model")
+        return
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 3 * steps + 8)  # 3 runs of steps
+    cache.reset()
+    spent: collections.Counter = collections.Counter()
+
+    def timed(fn, label: str):
+        def call(*a, **k):
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += time.perf_counter_ns() - t0
+        return call
+
+    class Ext:
+        def __init__(self, ext) -> None:
+            self.ext = ext
+
+        def __getattr__(self, name):
+            return timed(getattr(self.ext, name), name)
+
+    def run_steps(nxt):
+        t0 = time.perf_counter_ns()
+        for _ in range(steps):
+            nxt = plan.step(nxt, cache).argmax(-1)[:, None]
+        return nxt, (time.perf_counter_ns() - t0) / steps
+
+    linear = dp.F.linear
+    with torch.inference_mode():
+        nxt = model.infer(prompts(B, PROMPT_LEN), cache).argmax(-1)[:, None]
+        nxt, _ = run_steps(nxt)  # warm-up
+        nxt, plain = run_steps(nxt)
+        ext, plan.ext, dp.F.linear = plan.ext, Ext(plan.ext), timed(linear, "F.linear (routers)")
+        try:
+            nxt, total = run_steps(nxt)
+        finally:
+            plan.ext, dp.F.linear = ext, linear
+    print(f"step calls: {shape} {variant} batch {B}, {steps} steps, {torch.get_num_threads()} "
+          f"threads: {plain / 1e6:.3f} ms per step untimed, {total / 1e6:.3f} ms timed")
+    for label, ns in [*spent.most_common(), ("outside", total * steps - sum(spent.values()))]:
+        print(f"  {label:22s} {ns / steps / 1e6:8.3f} ms  {100 * ns / steps / total:5.1f}%")
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def count_ops(shape: str, B: int, variant: str = "fp32") -> None:
@@ -741,8 +803,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breakdown", action="store_true",
                    help="1-thread CPU time of a decode step's parts (batch 1, 8, 16) and exit")
     p.add_argument("--breakdown-variant", default="fp32",
-                   help="the moekit model --breakdown times, one of "
+                   help="the moekit model --breakdown / --step-calls time, one of "
                         f"{', '.join(BREAKDOWN_VARIANTS)} (default fp32)")
+    p.add_argument("--step-calls", action="store_true",
+                   help="wall time of the calls in the engine's decode steps (--threads, "
+                   "--batches, --models' first, --breakdown-variant's model) and exit")
     p.add_argument("--ops", action="store_true",
                    help="count the aten ops of one decode step by call site (batches) and exit")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
@@ -852,6 +917,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)
         for B in (1, 8, 16):
             breakdown_step(args.models[0], B, args.breakdown_variant)
+        return 0
+    if args.step_calls:
+        for B in args.batches:
+            step_calls(args.models[0], B, args.breakdown_variant)
         return 0
     if args.ops:
         for B in args.batches:
