@@ -276,10 +276,15 @@ def pack_int4(q: Tensor) -> Tensor:
 
 
 def _dequantize_torch(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
-    if qt.bits == 8:
-        return qt.data[e0:e1].float() * qt.scales[e0:e1, :, None]
-    q = unpack_int4(qt.data[e0:e1]).float().unflatten(-1, (-1, qt.group_size))
-    w = q * qt.scales[e0:e1, :, :, None] + qt.zeros[e0:e1, :, :, None]
+    return _dequantize_torch_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size, e0, e1)
+
+
+def _dequantize_torch_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                            group_size: int | None, e0: int, e1: int) -> Tensor:
+    if bits == 8:
+        return data[e0:e1].float() * scales[e0:e1, :, None]
+    q = unpack_int4(data[e0:e1]).float().unflatten(-1, (-1, group_size))
+    w = q * scales[e0:e1, :, :, None] + zeros[e0:e1, :, :, None]
     return w.flatten(-2)
 
 
@@ -290,27 +295,35 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = No
     dtypes are the float32 values rounded as ``.to(dtype)`` rounds them; bfloat16 is
     rounded in the kernel, with no float32 copy written and read again (NaN: a quiet NaN,
     its payload not necessarily torch's)."""
+    return dequantize_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size, e0, e1,
+                            out, dtype)
+
+
+def dequantize_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
+                     group_size: int | None, e0: int, e1: int, out: Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """``dequantize_NK`` of a QuantizedTensor's parts, taken as they are (a caller that
+    cut them from a checked QuantizedTensor: ``QuantizedEmbedding``'s rows, without
+    building a module per lookup)."""
     from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
 
-    data = qt.data
     if not (type(e0) is int and type(e1) is int and 0 <= e0 <= e1 <= data.shape[0]):
         e0, e1 = _check_range(e0, e1, data.shape[0])  # (the check above costs ~0.1 us)
     if out is None and dtype is not torch.float32 and dtype is not torch.bfloat16:
         check_float_dtype("dtype", dtype)  # (decode passes out or float32: no cost there)
     ext = cpu_ext.get_decode() if data.device.type == "cpu" else None
+    N, K = data.shape[1], data.shape[2] * (2 if bits == 4 else 1)
     if ext is None:
         if out is not None:  # as the kernel checks it (copy_ would broadcast one expert)
-            _check_out(out, (e1 - e0, qt.shape[2], qt.shape[1]))
-        w = _dequantize_torch(qt, e0, e1)
+            _check_out(out, (e1 - e0, N, K))
+        w = _dequantize_torch_parts(data, scales, zeros, bits, group_size, e0, e1)
         return w.to(dtype) if out is None else out.copy_(w)
     if out is None and dtype not in (torch.float32, torch.bfloat16):
-        return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0,
-                              e1, None).to(dtype)
+        return ext.dequantize(data, scales, zeros, bits, group_size or 0, e0, e1, None).to(dtype)
     if out is None and dtype == torch.bfloat16:
-        out = torch.empty(e1 - e0, qt.shape[2], qt.shape[1], dtype=dtype)
+        out = torch.empty(e1 - e0, N, K, dtype=dtype)
     # the kernel checks a given out: float32 or bfloat16, contiguous, [e1 - e0, N, K]
-    return ext.dequantize(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size or 0, e0, e1,
-                          out)
+    return ext.dequantize(data, scales, zeros, bits, group_size or 0, e0, e1, out)
 
 
 def _check_range(e0: object, e1: object, E: int) -> tuple[int, int]:
