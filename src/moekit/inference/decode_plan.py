@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moekit.experts import backends
@@ -37,7 +36,7 @@ class _Layer:
     out: tuple
     ffn_norm: tuple[Tensor, float]
     next_norm: tuple[Tensor, float]
-    router_ED: Tensor
+    router: tuple  # the routers' [D -> E] fp32 projection, kernel arguments
     route: tuple  # (top_k, mode, renormalize, scale, bias_E)
     w_in: tuple
     w_out: tuple
@@ -79,8 +78,9 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     if not quantized and not all(isinstance(w, Tensor) and w.dtype == dtype for w in weights):
         return None
     mode, renormalize, bias_E = spec
-    # Router._logits: fp32 logits from fp32 copies of x and the weight
-    return (quantized, router.float(), (moe.config.top_k, mode, renormalize,
+    # MoE._router_logits: fp32 logits from fp32 copies of x and the weight, on the kernel
+    return (quantized, decode._wargs(router.float()[None].transpose(1, 2)),
+            (moe.config.top_k, mode, renormalize,
                                 moe.config.routed_scaling_factor, bias_E),
             decode._wargs(ex.w_in), decode._wargs(ex.w_out), decode._f32(ex.b_in),
             decode._f32(ex.b_out), (code, *act[1:]))
@@ -94,8 +94,9 @@ class DecodePlan:
         self.model, self.layers, self.head = model, layers, head
         self.dtype = model.norm.weight.dtype  # the activations' (and the KV cache's)
         self.ext = cpu_ext.get_decode()
+        # routers: fp32 projections on the kernel (MoE._router_logits)
         self.max_rows = min(float_rows, quant_rows, decode.ROUTE_KERNEL_MAX_TOKENS,
-                            decode.ADD_NORM_MAX_ROWS)
+                            decode.ADD_NORM_MAX_ROWS, decode.float_kernel_max_rows(torch.float32))
         self.expert_rows = expert_rows  # routed rows per layer up to which experts decode
         self.top_k = max(layer.route[0] for layer in layers)
 
@@ -167,8 +168,8 @@ class DecodePlan:
             a = _out(ext.gate_up(_in(y), rows_R, ends_1, *ly.out, None, 0, 0.0, 1.0))
             x, h = ext.add_rms_norm(x, a, *ly.ffn_norm)
             h32 = _in(h)
-            token_S, weight_S, _, offsets_E = ext.route_sort(F.linear(h32, ly.router_ED),
-                                                              *ly.route)
+            logits = ext.gate_up(h32, rows_R, ends_1, *ly.router, None, 0, 0.0, 1.0)
+            token_S, weight_S, _, offsets_E = ext.route_sort(logits, *ly.route)
             g = ext.gate_up(h32, token_S, offsets_E, *ly.w_in, ly.b_in, *ly.act)
             o = torch.empty_like(h32)
             ext.down_combine(g, token_S, weight_S, offsets_E, *ly.w_out, ly.b_out, o)
