@@ -26,6 +26,7 @@ from torch import Tensor
 
 from moekit.experts import backends
 from moekit.functions import cpu_ext, decode
+from moekit.models.transformer import first_norm
 from moekit.quant.linear import QuantizedLinear
 from moekit.quant.tensor import QuantizedTensor
 
@@ -152,7 +153,7 @@ class DecodePlan:
         valid = cache.valid_BM if cache.padded else None
         P = cache.length
         x = model.embed(ids_R1)
-        h = model.blocks[0].attn_norm(x).view(R, -1)
+        h = first_norm(x, model.blocks[0].attn_norm).view(R, -1)
         x = x.view(R, -1)
         # bf16: the weight kernels read fp32 rows and the modules round their outputs
         # to bf16 (decode.dense_rows, decode_rows); _in / _out do the same here
