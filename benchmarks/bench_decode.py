@@ -588,12 +588,37 @@ def profile_step(shape: str, B: int, steps: int = 8) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 
 
+def _timer(spent, clock):
+    """timed(fn, label): fn with the ``clock`` time of each call added to spent[label]."""
+    import functools
+
+    def timed(fn, label: str):
+        @functools.wraps(fn)
+        def call(*a, **k):
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] += clock() - t0
+        return call
+    return timed
+
+
+class _TimedExt:
+    """The decode kernels' module with every entry timed (as ``prefix + name``)."""
+
+    def __init__(self, ext, timed, prefix: str = "") -> None:
+        self._ext, self._timed, self._prefix = ext, timed, prefix
+
+    def __getattr__(self, name: str):
+        return self._timed(getattr(self._ext, name), self._prefix + name)
+
+
 def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -> None:
     """1-thread CPU time of a decode step's parts (timers wrapped around them; a part's
     time includes the parts inside it). Small ops cost more here than alone: each
     weight stream evicts their code and data from the caches."""
     import collections
-    import functools
 
     import torch
     import torch.nn.functional as F
@@ -606,36 +631,13 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
     from moekit.models.transformer import StaticKVCache
 
     spent: collections.Counter = collections.Counter()
+    timed = _timer(spent, time.thread_time_ns)
     undo = []
 
     def wrap(owner, name: str, label: str) -> None:
         fn = getattr(owner, name)
-
-        @functools.wraps(fn)
-        def timed(*a, **k):
-            t0 = time.thread_time_ns()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[label] += time.thread_time_ns() - t0
-
-        setattr(owner, name, timed)
+        setattr(owner, name, timed(fn, label))
         undo.append((owner, name, fn))
-
-    class Ext:  # the decode kernels, timed per entry
-        def __init__(self, ext) -> None:
-            self.ext = ext
-
-        def __getattr__(self, name):
-            fn = getattr(self.ext, name)
-
-            def timed(*a, **k):
-                t0 = time.thread_time_ns()
-                try:
-                    return fn(*a, **k)
-                finally:
-                    spent[f"kernel {name}"] += time.thread_time_ns() - t0
-            return timed
 
     model = build(shape, variant)
     ids = prompts(B, PROMPT_LEN)
@@ -653,7 +655,7 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
         wrap(owner, name, label)
     ext = cpu_ext.get_decode()
     get = cpu_ext.get_decode
-    cpu_ext.get_decode = lambda: Ext(ext)
+    cpu_ext.get_decode = lambda: _TimedExt(ext, timed, "kernel ")
     try:
         with torch.inference_mode():
             nxt = model.infer(ids, cache).argmax(-1)[:, None]
@@ -695,22 +697,7 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
     cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 3 * steps + 8)  # 3 runs of steps
     cache.reset()
     spent: collections.Counter = collections.Counter()
-
-    def timed(fn, label: str):
-        def call(*a, **k):
-            t0 = time.perf_counter_ns()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[label] += time.perf_counter_ns() - t0
-        return call
-
-    class Ext:
-        def __init__(self, ext) -> None:
-            self.ext = ext
-
-        def __getattr__(self, name):
-            return timed(getattr(self.ext, name), name)
+    timed = _timer(spent, time.perf_counter_ns)
 
     def run_steps(nxt):
         t0 = time.perf_counter_ns()
@@ -722,7 +709,7 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
         nxt = model.infer(prompts(B, PROMPT_LEN), cache).argmax(-1)[:, None]
         nxt, _ = run_steps(nxt)  # warm-up
         nxt, plain = run_steps(nxt)
-        ext, plan.ext = plan.ext, Ext(plan.ext)
+        ext, plan.ext = plan.ext, _TimedExt(plan.ext, timed)
         try:
             nxt, total = run_steps(nxt)
         finally:
