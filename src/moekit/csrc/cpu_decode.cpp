@@ -746,6 +746,16 @@ const Isa CPU_ISA = [] {
   return Isa::Generic;
 }();
 
+// f(std::integral_constant<int, m>{}) for m in 1..MAX: a pass's count of x rows is the
+// row kernels' template argument.
+template <int MAX, typename F>
+inline void with_rows(int64_t m, const F& f) {
+  if constexpr (MAX > 1) {
+    if (m < MAX) return with_rows<MAX - 1>(m, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
 template <Kind KIND, Isa ISA, int R>
 inline void nk_rows(const void* p, int64_t K32, int64_t glen, const float* gs, const float* gz,
                     const float* const* x, float* v) {
@@ -780,16 +790,9 @@ void nk_tile_vec(const void* base, int64_t ldn_bytes, int64_t K, int64_t group,
       const float* gs = KIND == Kind::I4 ? scales + j * ngroups : nullptr;
       const float* gz = KIND == Kind::I4 ? zeros + j * ngroups : nullptr;
       float v[RMAX];
-      switch (m) {
-        case 8: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 8>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 7: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 7>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 6: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 6>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 5: if constexpr (RMAX == 8) nk_rows<KIND, ISA, 5>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 4: nk_rows<KIND, ISA, 4>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 3: nk_rows<KIND, ISA, 3>(p, K32, glen, gs, gz, x + r0, v); break;
-        case 2: nk_rows<KIND, ISA, 2>(p, K32, glen, gs, gz, x + r0, v); break;
-        default: nk_rows<KIND, ISA, 1>(p, K32, glen, gs, gz, x + r0, v); break;
-      }
+      with_rows<RMAX>(m, [&](auto R) {
+        nk_rows<KIND, ISA, decltype(R)::value>(p, K32, glen, gs, gz, x + r0, v);
+      });
       for (int64_t r = 0; r < m; ++r) {
         float t = v[r];
         if constexpr (KIND == Kind::I8) {
@@ -821,12 +824,9 @@ void kn_tile_vec(const void* w, int64_t ldk, int64_t K, const float* const* x,
     for (int64_t r0 = 0; r0 < n; r0 += 4) {
       const int64_t m = std::min<int64_t>(4, n - r0), pf = r0 == 0 ? pf_rows : 0;
       float* a = acc + r0 * W;
-      switch (m) {
-        case 4: kn_rows_isa<KIND, ISA, 4>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        case 3: kn_rows_isa<KIND, ISA, 3>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        case 2: kn_rows_isa<KIND, ISA, 2>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-        default: kn_rows_isa<KIND, ISA, 1>(wk, ldk, kb, x + r0, k0, W, a, pf); break;
-      }
+      with_rows<4>(m, [&](auto R) {
+        kn_rows_isa<KIND, ISA, decltype(R)::value>(wk, ldk, kb, x + r0, k0, W, a, pf);
+      });
     }
   }
   if constexpr (KIND == Kind::BF16) kn_unpermute(acc, n, W, ISA == Isa::Avx512 ? 16 : 8);
@@ -848,12 +848,9 @@ void nk_block_f32(const float* w, int64_t ldn, int64_t K, const float* const* x,
     const int64_t m = std::min<int64_t>(4, n - r0);
     float* a = acc + r0 * W;
     const bool pf = r0 == 0;
-    switch (m) {
-      case 4: nk_rc<ISA, 4, C>(w, ldn, K, x + r0, j, W, a, pf); break;
-      case 3: nk_rc<ISA, 3, C>(w, ldn, K, x + r0, j, W, a, pf); break;
-      case 2: nk_rc<ISA, 2, C>(w, ldn, K, x + r0, j, W, a, pf); break;
-      default: nk_rc<ISA, 1, C>(w, ldn, K, x + r0, j, W, a, pf); break;
-    }
+    with_rows<4>(m, [&](auto R) {
+      nk_rc<ISA, decltype(R)::value, C>(w, ldn, K, x + r0, j, W, a, pf);
+    });
   }
 }
 
@@ -1059,21 +1056,6 @@ VNNI void i4a8_rows_vnni(const uint8_t* p, int64_t ldn, const A8Layout& L, const
     }
 }
 
-template <int C>
-void i4a8_vnni(int64_t m, const uint8_t* p, int64_t ldn, const A8Layout& L, const A8Vnni& V,
-               const float* gs, const float* gz, const char* const* xr, float* v) {
-  switch (m) {
-    case 8: return i4a8_rows_vnni<8, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 7: return i4a8_rows_vnni<7, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 6: return i4a8_rows_vnni<6, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 5: return i4a8_rows_vnni<5, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 4: return i4a8_rows_vnni<4, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 3: return i4a8_rows_vnni<3, C>(p, ldn, L, V, gs, gz, xr, v);
-    case 2: return i4a8_rows_vnni<2, C>(p, ldn, L, V, gs, gz, xr, v);
-    default: return i4a8_rows_vnni<1, C>(p, ldn, L, V, gs, gz, xr, v);
-  }
-}
-
 // AVX2 (no VNNI): vpmaddubsw multiplies nibbles by int8 inputs into pairwise int16
 // sums (at most 2 x 15 x 127 each, so a low and a high half add without overflow),
 // vpmaddwd by ones sums those into int32 lanes; each 32-byte half of a block covers
@@ -1131,6 +1113,25 @@ const bool CPU_VNNI = [] {
   return CPU_ISA == Isa::Avx512 && __builtin_cpu_supports("avx512vnni");
 }();
 
+// The passes over a tile of row records (int8 activations): x rows in groups of up to 8
+// (4 on AVX2 without VNNI: 16 registers), output rows one at a time or, with `pairs`,
+// two; pass(r0, m, j, cols, v) leaves output row j + c of x row r0 + r in v[8 * c + r].
+template <typename Pass>
+void record_tile(int64_t n, int64_t W, bool pairs, const Pass& pass, float* acc) {
+  const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;
+  for (int64_t r0 = 0; r0 < n; r0 += rmax) {
+    const int64_t m = std::min<int64_t>(rmax, n - r0);
+    for (int64_t j = 0; j < W;) {
+      const int64_t cols = pairs ? std::min<int64_t>(2, W - j) : 1;
+      float v[16];
+      pass(r0, m, j, cols, v);
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = v[8 * c + r];
+      j += cols;
+    }
+  }
+}
+
 // acc [n, W] = n row records @ int4 weights w[e][:, c0 : c0 + W] (bits = 48).
 void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
                int64_t W, float* acc) {
@@ -1142,33 +1143,21 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   const char* const* xr = reinterpret_cast<const char* const*>(x);
   const A8Vnni V = CPU_VNNI ? a8_vnni(L) : A8Vnni{};
   const A8Avx2 V2(L);
-  const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;  // AVX2: 16 registers
-  for (int64_t r0 = 0; r0 < n; r0 += rmax) {
-    const int64_t m = std::min<int64_t>(rmax, n - r0);
-    for (int64_t j = 0; j < W;) {
-      const uint8_t* p = base + j * w.s_n;
-      const float *gs = sc + j * ng, *gz = z + j * ng;
-      float v[16];  // [output row][record]
-      int64_t cols = 1;
-      if (CPU_ISA == Isa::Avx2 || (CPU_ISA == Isa::Avx512 && !CPU_VNNI)) {
-        switch (m) {
-          case 4: i4a8_rows_avx2<4>(p, L, V2, gs, gz, xr + r0, v); break;
-          case 3: i4a8_rows_avx2<3>(p, L, V2, gs, gz, xr + r0, v); break;
-          case 2: i4a8_rows_avx2<2>(p, L, V2, gs, gz, xr + r0, v); break;
-          default: i4a8_rows_avx2<1>(p, L, V2, gs, gz, xr + r0, v); break;
-        }
-      } else if (!CPU_VNNI) {
-        i4a8_rows_generic(p, L, gs, gz, xr + r0, m, v);
-      } else {
-        cols = std::min<int64_t>(2, W - j);
-        if (cols == 2) i4a8_vnni<2>(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
-        else i4a8_vnni<1>(m, p, w.s_n, L, V, gs, gz, xr + r0, v);
-      }
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = v[8 * c + r];
-      j += cols;
-    }
-  }
+  record_tile(n, W, CPU_VNNI, [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
+    const uint8_t* p = base + j * w.s_n;
+    const float *gs = sc + j * ng, *gz = z + j * ng;
+    if (CPU_VNNI)
+      with_rows<8>(m, [&](auto R) {
+        if (cols == 2) i4a8_rows_vnni<decltype(R)::value, 2>(p, w.s_n, L, V, gs, gz, xr + r0, v);
+        else i4a8_rows_vnni<decltype(R)::value, 1>(p, w.s_n, L, V, gs, gz, xr + r0, v);
+      });
+    else if (CPU_ISA == Isa::Generic)
+      i4a8_rows_generic(p, L, gs, gz, xr + r0, m, v);
+    else  // AVX2, or AVX-512 without VNNI
+      with_rows<4>(m, [&](auto R) {
+        i4a8_rows_avx2<decltype(R)::value>(p, L, V2, gs, gz, xr + r0, v);
+      });
+  }, acc);
 }
 
 // ---- int8 weights, int8 activations (bits = 88, "W8A8") ----------------------------
@@ -1306,21 +1295,6 @@ AVX2 void i8a8_rows_avx2(const int8_t* p, const Q8Layout& L, const char* const* 
   }
 }
 
-template <int C>
-void i8a8_vnni(int64_t m, const int8_t* p, int64_t ldn, const Q8Layout& L,
-               const char* const* xr, float* v) {
-  switch (m) {
-    case 8: return i8a8_rows_vnni<8, C>(p, ldn, L, xr, v);
-    case 7: return i8a8_rows_vnni<7, C>(p, ldn, L, xr, v);
-    case 6: return i8a8_rows_vnni<6, C>(p, ldn, L, xr, v);
-    case 5: return i8a8_rows_vnni<5, C>(p, ldn, L, xr, v);
-    case 4: return i8a8_rows_vnni<4, C>(p, ldn, L, xr, v);
-    case 3: return i8a8_rows_vnni<3, C>(p, ldn, L, xr, v);
-    case 2: return i8a8_rows_vnni<2, C>(p, ldn, L, xr, v);
-    default: return i8a8_rows_vnni<1, C>(p, ldn, L, xr, v);
-  }
-}
-
 // acc [n, W] = n row records @ int8 weights w[e][:, c0 : c0 + W] (bits = 88).
 void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
                int64_t W, float* acc) {
@@ -1328,32 +1302,20 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
   const float* sc = w.scales + e * w.N + c0;
   const char* const* xr = reinterpret_cast<const char* const*>(x);
-  const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;  // AVX2: 16 registers
-  for (int64_t r0 = 0; r0 < n; r0 += rmax) {
-    const int64_t m = std::min<int64_t>(rmax, n - r0);
-    for (int64_t j = 0; j < W;) {
-      const int8_t* p = base + j * w.s_n;
-      float v[16];  // [output row][record]
-      int64_t cols = 1;
-      if (CPU_VNNI) {
-        cols = std::min<int64_t>(2, W - j);
-        if (cols == 2) i8a8_vnni<2>(m, p, w.s_n, L, xr + r0, v);
-        else i8a8_vnni<1>(m, p, w.s_n, L, xr + r0, v);
-      } else if (CPU_ISA == Isa::Generic) {
-        i8a8_rows_generic(p, L, xr + r0, m, v);
-      } else {  // AVX2, or AVX-512 without VNNI
-        switch (m) {
-          case 4: i8a8_rows_avx2<4>(p, L, xr + r0, v); break;
-          case 3: i8a8_rows_avx2<3>(p, L, xr + r0, v); break;
-          case 2: i8a8_rows_avx2<2>(p, L, xr + r0, v); break;
-          default: i8a8_rows_avx2<1>(p, L, xr + r0, v); break;
-        }
-      }
-      for (int64_t c = 0; c < cols; ++c)
-        for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = sc[j + c] * v[8 * c + r];
-      j += cols;
-    }
-  }
+  record_tile(n, W, CPU_VNNI, [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
+    const int8_t* p = base + j * w.s_n;
+    if (CPU_VNNI)
+      with_rows<8>(m, [&](auto R) {
+        if (cols == 2) i8a8_rows_vnni<decltype(R)::value, 2>(p, w.s_n, L, xr + r0, v);
+        else i8a8_rows_vnni<decltype(R)::value, 1>(p, w.s_n, L, xr + r0, v);
+      });
+    else if (CPU_ISA == Isa::Generic)
+      i8a8_rows_generic(p, L, xr + r0, m, v);
+    else  // AVX2, or AVX-512 without VNNI
+      with_rows<4>(m, [&](auto R) { i8a8_rows_avx2<decltype(R)::value>(p, L, xr + r0, v); });
+    for (int64_t c = 0; c < cols; ++c)  // the output channels' scales
+      for (int64_t r = 0; r < m; ++r) v[8 * c + r] *= sc[j + c];
+  }, acc);
 }
 
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
