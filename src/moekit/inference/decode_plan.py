@@ -80,9 +80,8 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
         return None
     mode, renormalize, bias_E = spec
     # MoE._router_logits: fp32 logits from fp32 copies of x and the weight, on the kernel
-    return (quantized, decode._wargs(router.float()[None].transpose(1, 2)),
-            (moe.config.top_k, mode, renormalize,
-                                moe.config.routed_scaling_factor, bias_E),
+    route = (moe.config.top_k, mode, renormalize, moe.config.routed_scaling_factor, bias_E)
+    return (quantized, decode._wargs(router.float()[None].transpose(1, 2)), route,
             decode._wargs(ex.w_in), decode._wargs(ex.w_out), decode._f32(ex.b_in),
             decode._f32(ex.b_out), (code, *act[1:]))
 
