@@ -335,7 +335,7 @@ def test_decode_breakdown_variant_checked():
 
 
 @needs_benchmarks
-def test_decode_step_calls_times_the_engine_and_restores_it(monkeypatch, capsys):
+def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
     """--step-calls times every kind of call in a DecodePlan step (a W8A8 model: its
     kernels too) and the rest of the step."""
     from moekit.functions import cpu_ext
