@@ -15,6 +15,7 @@ from moekit.inference.decode_plan import DecodePlan
 from moekit.inference.engine import Engine, GenerationConfig
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, StaticKVCache
+from moekit.quant.linear import QuantizedEmbedding
 
 pytestmark = pytest.mark.skipif(not decode.available(), reason="decode kernels not built")
 
@@ -34,6 +35,8 @@ def _lm(**kw):
 def _variant(name: str):
     if name == "sigmoid":
         return _lm(router="sigmoid")
+    if name == "int8 untied":  # a float nn.Embedding beside a quantized head
+        return moekit.quantize(_lm(tie_embeddings=False), bits=8)
     model = _lm()
     if name == "bf16":
         return model.to(torch.bfloat16)
@@ -45,6 +48,8 @@ def _variant(name: str):
         return moekit.quantize(model, bits=8, activations="int8")
     if name == "int4a8":
         return moekit.quantize(model, bits=4, group_size=32, activations="int8")
+    if name == "int4 bf16":  # the quantized tied table looked up into bf16 rows
+        return moekit.quantize(model, bits=4, group_size=32).to(torch.bfloat16)
     return model
 
 
@@ -66,7 +71,7 @@ def _steps(model, step, prompts, n=6):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
-                                     "int4a8"])
+                                     "int4a8", "int8 untied", "int4 bf16"])
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
                          ids=["one", "padded"])
 def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
@@ -74,6 +79,8 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     with torch.inference_mode():
         plan = DecodePlan.build(model)
     assert plan is not None
+    quantized_table = isinstance(model.embed, QuantizedEmbedding)
+    assert quantized_table == (variant not in ("fp32", "sigmoid", "bf16", "int8 untied"))
     fast = _steps(model, plan.step, prompts)
     slow = _steps(model, model.infer, prompts)
     assert fast.dtype == slow.dtype == model.norm.weight.dtype

@@ -2292,6 +2292,150 @@ std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x_RD, const torch::
   return {sum, norm};
 }
 
+// -- a whole decode step's layers in one call ------------------------------------------
+
+// One projection's kernel arguments (decode._wargs in Python): float weights as data
+// alone, quantized ones with their scales, zero points, format code and group.
+struct Proj {
+  torch::Tensor data;
+  c10::optional<torch::Tensor> scales, zeros;
+  int64_t bits = 0, group = 0;
+
+  explicit Proj(const py::tuple& t)
+      : data(t[0].cast<torch::Tensor>()),
+        scales(t[1].cast<c10::optional<torch::Tensor>>()),
+        zeros(t[2].cast<c10::optional<torch::Tensor>>()),
+        bits(t[3].cast<int64_t>()),
+        group(t[4].cast<int64_t>()) {}
+
+  // x_RK @ w for every row (rows_R / ends_1: all rows on the one "expert")
+  torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& rows_R,
+                      const torch::Tensor& ends_1) const {
+    return gate_up(x, rows_R, ends_1, data, scales, zeros, bits, group, c10::nullopt, 0, 0.0,
+                   1.0);
+  }
+};
+
+struct StepLayer {
+  Proj qkv, out, router, w_in, w_out;
+  torch::Tensor ffn_norm, next_norm;
+  double ffn_eps, next_eps;
+  int64_t top_k, mode;
+  bool renormalize;
+  double scale;
+  c10::optional<torch::Tensor> bias_E, b_in, b_out;
+  int64_t act;
+  double limit, alpha;
+};
+
+// A decode step of a model whose every part takes the kernels (DecodePlan in
+// moekit/inference/decode_plan.py builds it once per generation): the embedding, the
+// first norm, each layer's calls and the LM head, as MoETransformer.infer makes them on
+// the kernel path, in the same order with the same arguments, so the logits are bitwise
+// the same (tests/test_decode_plan.py). One call instead of ~40 Python lines, each of
+// which ran with cold caches after the weights' stream. Activations are the model's
+// dtype (float32 or bfloat16); the weight kernels read float32 rows and their outputs
+// are rounded to bfloat16 as the modules round them.
+class DecodeStep {
+ public:
+  // layers: one tuple per layer (DecodePlan's _Layer fields in order); head: the LM
+  // head's projection; embed: ("float", table [V, D]) or ("quant", data, scales, zeros,
+  // bits, group) of a quantized [V, D] table (QuantizedEmbedding's, expert 0); first_norm:
+  // (weight, eps) of the first block's attention norm.
+  DecodeStep(const py::list& layers, const py::tuple& head, const py::tuple& embed,
+             const py::tuple& first_norm)
+      : head_(head),
+        quant_embed_(embed[0].cast<std::string>() == "quant"),
+        table_(embed[1].cast<torch::Tensor>()),
+        first_norm_(first_norm[0].cast<torch::Tensor>()),
+        first_eps_(first_norm[1].cast<double>()) {
+    if (quant_embed_) {
+      table_scales_ = embed[2].cast<torch::Tensor>();
+      table_zeros_ = embed[3].cast<c10::optional<torch::Tensor>>();
+      table_bits_ = embed[4].cast<int64_t>();
+      table_group_ = embed[5].cast<int64_t>();
+    }
+    for (const auto& item : layers) {
+      const auto t = item.cast<py::tuple>();
+      const auto ffn = t[2].cast<py::tuple>(), nxt = t[3].cast<py::tuple>();
+      const auto route = t[5].cast<py::tuple>(), act = t[10].cast<py::tuple>();
+      layers_.push_back(StepLayer{
+          Proj(t[0].cast<py::tuple>()), Proj(t[1].cast<py::tuple>()),
+          Proj(t[4].cast<py::tuple>()), Proj(t[6].cast<py::tuple>()),
+          Proj(t[7].cast<py::tuple>()), ffn[0].cast<torch::Tensor>(),
+          nxt[0].cast<torch::Tensor>(), ffn[1].cast<double>(), nxt[1].cast<double>(),
+          route[0].cast<int64_t>(), route[1].cast<int64_t>(), route[2].cast<bool>(),
+          route[3].cast<double>(), route[4].cast<c10::optional<torch::Tensor>>(),
+          t[8].cast<c10::optional<torch::Tensor>>(), t[9].cast<c10::optional<torch::Tensor>>(),
+          act[0].cast<int64_t>(), act[1].cast<double>(), act[2].cast<double>()});
+    }
+  }
+
+  // Logits [R, V] of one new token per row (ids_R), in the first norm's dtype, writing
+  // each layer's k and v at slot P of k_L[i] / v_L[i].
+  torch::Tensor run(const torch::Tensor& ids_R, const torch::Tensor& rows_R,
+                    const torch::Tensor& ends_1, const torch::Tensor& cos_XDh,
+                    const torch::Tensor& sin_XDh, std::vector<torch::Tensor> k_L,
+                    std::vector<torch::Tensor> v_L, int64_t P,
+                    const c10::optional<torch::Tensor>& valid_BM) const {
+    const auto n = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(k_L.size()) == n && static_cast<int64_t>(v_L.size()) == n,
+                "k_L / v_L must hold one tensor per layer (", n, "), got ", k_L.size(), " / ",
+                v_L.size());
+    TORCH_CHECK(ids_R.dim() == 1 && ids_R.scalar_type() == at::kLong, "ids_R must be int64 [R], got ",
+                ids_R.scalar_type(), " ", ids_R.sizes());
+    const auto dt = first_norm_.scalar_type();
+    const auto in = [](const torch::Tensor& t) {
+      return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+    };
+    const auto out = [dt](const torch::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+    // the embedding and the first norm as the modules compute them (nn.Embedding /
+    // QuantizedEmbedding, transformer.first_norm)
+    torch::Tensor x;
+    if (quant_embed_) {
+      c10::optional<torch::Tensor> zeros, buf;
+      if (table_zeros_) zeros = table_zeros_->index_select(0, ids_R).unsqueeze(0);
+      if (dt != at::kFloat) buf = torch::empty({1, ids_R.size(0), table_.size(1) * (table_bits_ == 4 ? 2 : 1)}, table_scales_.options().dtype(dt));
+      x = dequantize(table_.index_select(0, ids_R).unsqueeze(0),
+                     table_scales_.index_select(0, ids_R).unsqueeze(0), zeros, table_bits_,
+                     table_group_, 0, 1, buf)[0];
+    } else {
+      x = at::embedding(table_, ids_R);
+    }
+    torch::Tensor h = add_rms_norm(x, torch::zeros_like(x), first_norm_, first_eps_)[1];
+    for (int64_t i = 0; i < n; ++i) {
+      const StepLayer& ly = layers_[i];
+      const auto qkv = out(ly.qkv.apply(in(h), rows_R, ends_1));
+      const auto y = attend_one(qkv, cos_XDh, sin_XDh, k_L[i], v_L[i], P, valid_BM);
+      const auto a = out(ly.out.apply(in(y), rows_R, ends_1));
+      auto s = add_rms_norm(x, a, ly.ffn_norm, ly.ffn_eps);
+      const auto h32 = in(s[1]);
+      x = s[0];
+      const auto logits = ly.router.apply(h32, rows_R, ends_1);
+      const auto r = route_sort(logits, ly.top_k, ly.mode, ly.renormalize, ly.scale, ly.bias_E);
+      const auto g = gate_up(h32, r[0], r[3], ly.w_in.data, ly.w_in.scales, ly.w_in.zeros,
+                             ly.w_in.bits, ly.w_in.group, ly.b_in, ly.act, ly.limit, ly.alpha);
+      auto o = torch::empty_like(h32);
+      down_combine(g, r[0], r[1], r[3], ly.w_out.data, ly.w_out.scales, ly.w_out.zeros,
+                   ly.w_out.bits, ly.w_out.group, ly.b_out, o);
+      s = add_rms_norm(x, out(o), ly.next_norm, ly.next_eps);
+      x = s[0];
+      h = s[1];
+    }
+    return out(head_.apply(in(h), rows_R, ends_1));
+  }
+
+ private:
+  std::vector<StepLayer> layers_;
+  Proj head_;
+  bool quant_embed_;
+  torch::Tensor table_, first_norm_;
+  double first_eps_;
+  torch::Tensor table_scales_;
+  c10::optional<torch::Tensor> table_zeros_;
+  int64_t table_bits_ = 0, table_group_ = 0;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
   m.def("down_combine", &down_combine,
@@ -2310,5 +2454,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one", &attend_one,
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");
+  py::class_<DecodeStep>(m, "DecodeStep", "a decode step's layers and LM head in one call")
+      .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
+           py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))
+      .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the kernels' path on this CPU: avx512, avx2 or generic");
 }

@@ -1,4 +1,4 @@
-"""A decode step as a short list of kernel calls, its arguments prepared once.
+"""A decode step as one C++ call, its arguments prepared once.
 
 ``MoETransformer.infer`` runs a decode step through the modules: per layer some 40
 Python calls (module dispatch, the checks that pick each kernel, argument
@@ -7,11 +7,15 @@ a 3.3 ms step (fine model of bench_decode, 2 threads). ``DecodePlan.build(model)
 resolves those choices once, for a model whose every part takes the kernel path
 (fp32 or bf16 activations; moekit's own MoE blocks and resident experts with a kernel
 router, no shared experts, backend "auto" and a kernel activation; bias-free float or
-quantized projections), and
-``plan.step(ids, cache)`` then makes the same kernel calls with the same arguments:
-the logits are bitwise those of ``model.infer``. A step outside the limits the
-modules would check (rows per kernel, autograd, autocast, the cache's dtype) returns
-None and the caller runs ``model.infer``. The plan holds the weights' tensors, so it
+quantized projections; an ``nn.Embedding`` or a ``QuantizedEmbedding``), and
+``plan.step(ids, cache)`` then makes the same kernel calls with the same arguments,
+all of them (the embedding, the norms, every layer, the LM head) inside one C++ call
+(``DecodeStep`` in ``moekit/csrc/cpu_decode.cpp``; a Python loop over the layers'
+calls, run with cold caches after each weight stream, took 3-12% longer: section "A
+decode step in one C++ call" of docs/cpu-inference.md): the logits are bitwise those of
+``model.infer``. A step outside the limits the modules would check (rows per kernel,
+autograd, autocast, the cache's dtype) returns None and the caller runs
+``model.infer``. The plan holds the weights' tensors, so it
 is for one generation: build it again after changing the model (quantize, ``.to``).
 
 Shape letters: R rows (one new token each), D hidden, V vocabulary, E experts.
@@ -19,15 +23,14 @@ Shape letters: R rows (one new token each), D hidden, V vocabulary, E experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moekit.experts import backends
 from moekit.functions import cpu_ext, decode
-from moekit.models.transformer import first_norm
-from moekit.quant.linear import QuantizedLinear
+from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import QuantizedTensor
 
 
@@ -54,6 +57,18 @@ def _projection(module, dtype: torch.dtype) -> tuple | None:
         return ("quant", decode._wargs(module.weight))
     if type(module) is Linear and module.bias is None and module.weight.dtype == dtype:
         return ("float", decode._wargs(module.weight[None].transpose(1, 2)))
+    return None
+
+
+def _embedding(module, dtype: torch.dtype) -> tuple | None:
+    """The lookup's arguments (a float table, or a quantized one's parts) where it gives
+    ``dtype`` rows as the module does, or None (not plannable)."""
+    if isinstance(module, QuantizedEmbedding) and module.out_dtype == dtype:
+        q = module.weight
+        return ("quant", q.data[0], q.scales[0], None if q.zeros is None else q.zeros[0],
+                q.bits, q.group_size or 0)
+    if type(module) is nn.Embedding and module.max_norm is None and module.weight.dtype == dtype:
+        return ("float", module.weight)
     return None
 
 
@@ -89,11 +104,15 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
 class DecodePlan:
     """The kernel calls of one decode step of ``model`` (see the module docstring)."""
 
-    def __init__(self, model, layers: list[_Layer], head: tuple, float_rows: int,
-                 quant_rows: int, expert_rows: int) -> None:
+    def __init__(self, model, layers: list[_Layer], head: tuple, embed: tuple,
+                 float_rows: int, quant_rows: int, expert_rows: int) -> None:
         self.model, self.layers, self.head = model, layers, head
         self.dtype = model.norm.weight.dtype  # the activations' (and the KV cache's)
-        self.ext = cpu_ext.get_decode()
+        # the step's calls, made by one C++ call (DecodeStep in csrc/cpu_decode.cpp)
+        norm = model.blocks[0].attn_norm
+        self.native = cpu_ext.get_decode().DecodeStep(
+            [tuple(getattr(ly, f.name) for f in fields(ly)) for ly in layers], head, embed,
+            (norm.weight, norm.eps))
         # routers: fp32 projections on the kernel (MoE._router_logits)
         self.max_rows = min(float_rows, quant_rows, decode.ROUTE_KERNEL_MAX_TOKENS,
                             decode.ADD_NORM_MAX_ROWS, decode.float_kernel_max_rows(torch.float32))
@@ -109,8 +128,8 @@ class DecodePlan:
         if (type(model) is not MoETransformer or not decode.available()
                 or dtype not in decode.STEP_DTYPES or model.norm.weight.device.type != "cpu"):
             return None
-        head = _projection(model.head, dtype)
-        if head is None:
+        head, embed = _projection(model.head, dtype), _embedding(model.embed, dtype)
+        if head is None or embed is None:
             return None
         norms = [b.attn_norm for b in model.blocks[1:]] + [model.norm]
         layers, kinds, experts_rows = [], {head[0]}, []
@@ -133,7 +152,7 @@ class DecodePlan:
         expert_rows = min(experts_rows)
         float_rows = decode.float_kernel_max_rows(dtype) if "float" in kinds else 1 << 30
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
-        return cls(model, layers, head[1], float_rows, quant_rows, expert_rows)
+        return cls(model, layers, head[1], embed, float_rows, quant_rows, expert_rows)
 
     def step(self, ids_R1: Tensor, cache) -> Tensor | None:
         """Logits [R, V] of one new token per row, appending it to ``cache``; None (and
@@ -144,35 +163,13 @@ class DecodePlan:
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
                 or k0.dtype != self.dtype or k0.device.type != "cpu"):
             return None
-        model, ext, dt = self.model, self.ext, self.dtype
+        model = self.model
         rows_R, ends_1 = decode._all_rows(R)  # as decode.dense_rows passes them
         cos, sin = cache.begin(1, model.rope_cos, model.rope_sin)
         Dh = k0.shape[-1]
         cos, sin = decode._plain_f32(cos.reshape(-1, Dh)), decode._plain_f32(sin.reshape(-1, Dh))
         valid = cache.valid_BM if cache.padded else None
-        P = cache.length
-        x = model.embed(ids_R1)
-        h = first_norm(x, model.blocks[0].attn_norm).view(R, -1)
-        x = x.view(R, -1)
-        # bf16: the weight kernels read fp32 rows and the modules round their outputs
-        # to bf16 (decode.dense_rows, decode_rows); _in / _out do the same here
-        def _in(t: Tensor) -> Tensor:
-            return t if dt == torch.float32 else t.float()
-
-        def _out(t: Tensor) -> Tensor:
-            return t if dt == torch.float32 else t.to(dt)
-
-        for i, ly in enumerate(self.layers):
-            qkv = _out(ext.gate_up(_in(h), rows_R, ends_1, *ly.qkv, None, 0, 0.0, 1.0))
-            y = ext.attend_one(qkv, cos, sin, cache.k[i], cache.v[i], P, valid)
-            a = _out(ext.gate_up(_in(y), rows_R, ends_1, *ly.out, None, 0, 0.0, 1.0))
-            x, h = ext.add_rms_norm(x, a, *ly.ffn_norm)
-            h32 = _in(h)
-            logits = ext.gate_up(h32, rows_R, ends_1, *ly.router, None, 0, 0.0, 1.0)
-            token_S, weight_S, _, offsets_E = ext.route_sort(logits, *ly.route)
-            g = ext.gate_up(h32, token_S, offsets_E, *ly.w_in, ly.b_in, *ly.act)
-            o = torch.empty_like(h32)
-            ext.down_combine(g, token_S, weight_S, offsets_E, *ly.w_out, ly.b_out, o)
-            x, h = ext.add_rms_norm(x, _out(o), *ly.next_norm)
+        logits = self.native.run(ids_R1.reshape(R).long(), rows_R, ends_1, cos, sin, cache.k,
+                                 cache.v, cache.length, valid)
         cache.advance(1)
-        return _out(ext.gate_up(_in(h), rows_R, ends_1, *self.head, None, 0, 0.0, 1.0))
+        return logits
