@@ -253,6 +253,27 @@ def test_add_rms_norm_bf16_matches_reference(R, D):
     torch.testing.assert_close(h.double(), ref_h, rtol=2**-8, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,D", [(1, 1024), (5, 37)])
+def test_rms_norm_matches_reference(R, D, dtype):
+    """The norm alone (a decode step's first norm): float64's within fp32 / half a bf16
+    ulp, and what add_rms_norm gives with y = 0 (the call it replaced), bit for bit."""
+    g = torch.Generator().manual_seed(R * D + 1)
+    x, w = (torch.randn(R, 1, D, generator=g) * 3).to(dtype), torch.randn(D, generator=g).to(dtype)
+    h = decode.rms_norm(x, w, 1e-5)
+    assert h.dtype == dtype and h.shape == x.shape
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5) * w.double()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(h.double(), ref, **tol)
+    assert torch.equal(h, decode.add_rms_norm(x, torch.zeros_like(x), w, 1e-5)[1])
+
+
+def test_rms_norm_rejects_a_mismatched_weight():
+    with pytest.raises(RuntimeError, match="must match x_RD"):
+        decode.rms_norm(torch.zeros(2, 8), torch.ones(9), 1e-5)
+
+
 def test_add_rms_norm_rejects_mismatched_shapes():
     with pytest.raises(RuntimeError, match="must match x_RD"):
         decode.add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 9), torch.ones(8), 1e-5)

@@ -2256,7 +2256,8 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
 // [R, D] fp32 or bf16 (x, y and w alike), new tensors; the norm as torch's:
 // s * rsqrt(mean(s^2) + eps) * w. bf16 rounds the sum once (as torch's bf16 add) and
 // normalizes the rounded sum in fp32 (as moekit's RMSNorm does for bf16), rounding h once.
-template <typename T>
+// Without y (ADD false): the norm of x alone, s not written.
+template <bool ADD, typename T>
 void add_rms_norm_rows(const T* x, const T* y, const T* w, T* s, T* h, int64_t R, int64_t D,
                        float eps) {
   std::vector<float> sr(D);
@@ -2264,8 +2265,12 @@ void add_rms_norm_rows(const T* x, const T* y, const T* w, T* s, T* h, int64_t R
     float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
     for (int64_t i = 0; i < D; ++i) {
-      store(s + r * D + i, load(x[r * D + i]) + load(y[r * D + i]));
-      sr[i] = load(s[r * D + i]);
+      if constexpr (ADD) {
+        store(s + r * D + i, load(x[r * D + i]) + load(y[r * D + i]));
+        sr[i] = load(s[r * D + i]);
+      } else {
+        sr[i] = load(x[r * D + i]);
+      }
       sq += sr[i] * sr[i];
     }
     const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(D) + eps);
@@ -2273,23 +2278,41 @@ void add_rms_norm_rows(const T* x, const T* y, const T* w, T* s, T* h, int64_t R
   }
 }
 
-std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x_RD, const torch::Tensor& y_RD,
-                                        const torch::Tensor& w_D, double eps) {
+// Both entries below check their inputs, then run add_rms_norm_rows<ADD> on x's type.
+template <bool ADD>
+void norm_rows(const torch::Tensor& x_RD, const torch::Tensor* y_RD, const torch::Tensor& w_D,
+               double eps, torch::Tensor* sum, torch::Tensor& norm) {
   check_f32_or_bf16(x_RD, "x_RD", 2, x_RD);
-  check_f32_or_bf16(y_RD, "y_RD", 2, x_RD);
+  if (y_RD) check_f32_or_bf16(*y_RD, "y_RD", 2, x_RD);
   check_f32_or_bf16(w_D, "w_D", 1, x_RD);
   const int64_t R = x_RD.size(0), D = x_RD.size(1);
-  TORCH_CHECK(y_RD.sizes() == x_RD.sizes() && w_D.size(0) == D, "y_RD ", y_RD.sizes(),
-              " and w_D ", w_D.sizes(), " must match x_RD ", x_RD.sizes());
-  auto sum = torch::empty_like(x_RD), norm = torch::empty_like(x_RD);
+  TORCH_CHECK((!y_RD || y_RD->sizes() == x_RD.sizes()) && w_D.size(0) == D, "y_RD ",
+              y_RD ? y_RD->sizes() : x_RD.sizes(), " and w_D ", w_D.sizes(), " must match x_RD ",
+              x_RD.sizes());
+  norm = torch::empty_like(x_RD);
+  if (sum) *sum = torch::empty_like(x_RD);
   const float e = static_cast<float>(eps);
-  if (x_RD.scalar_type() == at::kFloat)
-    add_rms_norm_rows(elems<float>(x_RD), elems<float>(y_RD), elems<float>(w_D),
-                      elems<float>(sum), elems<float>(norm), R, D, e);
-  else
-    add_rms_norm_rows(elems<uint16_t>(x_RD), elems<uint16_t>(y_RD), elems<uint16_t>(w_D),
-                      elems<uint16_t>(sum), elems<uint16_t>(norm), R, D, e);
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    add_rms_norm_rows<ADD>(elems<T>(x_RD), y_RD ? elems<T>(*y_RD) : nullptr, elems<T>(w_D),
+                           sum ? elems<T>(*sum) : nullptr, elems<T>(norm), R, D, e);
+  };
+  if (x_RD.scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+  else run(static_cast<uint16_t*>(nullptr));
+}
+
+std::vector<torch::Tensor> add_rms_norm(const torch::Tensor& x_RD, const torch::Tensor& y_RD,
+                                        const torch::Tensor& w_D, double eps) {
+  torch::Tensor sum, norm;
+  norm_rows<true>(x_RD, &y_RD, w_D, eps, &sum, norm);
   return {sum, norm};
+}
+
+// rms_norm(x) * w, as add_rms_norm's second result with y = 0 (a step's first norm).
+torch::Tensor rms_norm(const torch::Tensor& x_RD, const torch::Tensor& w_D, double eps) {
+  torch::Tensor norm;
+  norm_rows<false>(x_RD, nullptr, w_D, eps, nullptr, norm);
+  return norm;
 }
 
 // -- a whole decode step's layers in one call ------------------------------------------
@@ -2402,7 +2425,7 @@ class DecodeStep {
     } else {
       x = at::embedding(table_, ids_R);
     }
-    torch::Tensor h = add_rms_norm(x, torch::zeros_like(x), first_norm_, first_eps_)[1];
+    torch::Tensor h = rms_norm(x, first_norm_, first_eps_);
     for (int64_t i = 0; i < n; ++i) {
       const StepLayer& ly = layers_[i];
       const auto qkv = out(ly.qkv.apply(in(h), rows_R, ends_1));
@@ -2454,6 +2477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one", &attend_one,
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");
+  m.def("rms_norm", &rms_norm, "rms_norm(x) * w");
   py::class_<DecodeStep>(m, "DecodeStep", "a decode step's layers and LM head in one call")
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
            py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))

@@ -425,6 +425,14 @@ def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, T
     return s.view(x.shape), h.view(x.shape)
 
 
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """rms_norm(x) * w in one call, shaped like x, in x's dtype (fp32 or bf16: normalized
+    in fp32, rounded once); ``add_norm_ok`` says where it runs."""
+    D = x.shape[-1]
+    h = cpu_ext.get_decode().rms_norm(_plain(x.reshape(-1, D), x.dtype), _plain(w, x.dtype), eps)
+    return h.view(x.shape)
+
+
 # Tokens up to which MoE.infer routes and sorts in one C++ call (each token's choice over
 # the threads, then a counting sort) instead of the torch ops (the same decision,
 # vectorized over T). Per layer, router logits included, torch ops / kernel on the Intel

@@ -292,11 +292,11 @@ class Block(nn.Module):
 
 
 def first_norm(x: Tensor, norm: RMSNorm) -> Tensor:
-    """norm(x) for a generation step: for a decode step's rows the add_rms_norm kernel
-    with y = 0 (torch's fused rms_norm of one row took ~15 us hot and ~60 inside a step,
-    after the weights' stream; the kernel ~2 hot), else the module."""
+    """norm(x) for a generation step: for a decode step's rows the rms_norm kernel
+    (torch's fused rms_norm of one row took ~15 us hot and ~60 inside a step, after the
+    weights' stream; the kernel ~2 hot), else the module."""
     if decode.add_norm_ok(x, norm.weight):
-        return decode.add_rms_norm(x, torch.zeros_like(x), norm.weight, norm.eps)[1]
+        return decode.rms_norm(x, norm.weight, norm.eps)
     return norm(x)
 
 
