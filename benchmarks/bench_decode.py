@@ -679,9 +679,9 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
 def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> None:
     """Wall time of the parts of the engine's decode steps (``DecodePlan.step``, what
     ``generate`` runs; the process's threads): the one C++ call that runs the embedding,
-    the layers and the LM head, and the rotary tables, each wrapped in a timer, and the
-    rest ("outside": Python, ``argmax``, the timers themselves), beside an untimed step
-    of the same model. The kernels inside the C++ call: ``--breakdown``."""
+    the layers and the LM head (and, from its own timers, the parts inside it), the
+    rotary tables, and the rest ("outside": Python, ``argmax``, the timers themselves),
+    beside an untimed step of the same model."""
     import collections
 
     import torch
@@ -698,10 +698,11 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
     cache.reset()
     spent: collections.Counter = collections.Counter()
     timed = _timer(spent, time.perf_counter_ns)
+    call = "the step's one C++ call"
 
     class _Native:  # DecodeStep is a C++ class: its run is wrapped, not patched
         def __init__(self, native) -> None:
-            self.run = timed(native.run, "the step's one C++ call")
+            self.run = timed(native.run, call)
 
     def run_steps(nxt):
         t0 = time.perf_counter_ns()
@@ -715,15 +716,23 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
         nxt, plain = run_steps(nxt)
         native, plan.native = plan.native, _Native(plan.native)
         cache.begin = timed(cache.begin, "rotary tables (cache.begin)")
+        native.set_timing(True)
         try:
             nxt, total = run_steps(nxt)
         finally:
+            native.set_timing(False)
             plan.native = native
             del cache.begin
+    inside = [(part, ns) for part, ns in native.times() if ns]
     print(f"step calls: {shape} {variant} batch {B}, {steps} steps, {torch.get_num_threads()} "
           f"threads: {plain / 1e6:.3f} ms per step untimed, {total / 1e6:.3f} ms timed")
     for label, ns in [*spent.most_common(), ("outside", total * steps - sum(spent.values()))]:
         print(f"  {label:30s} {ns / steps / 1e6:8.3f} ms  {100 * ns / steps / total:5.1f}%")
+        if label == call:
+            for part, part_ns in [*sorted(inside, key=lambda p: -p[1]),
+                                  ("(the call's own)", ns - sum(n for _, n in inside))]:
+                print(f"    {part:28s} {part_ns / steps / 1e6:8.3f} ms  "
+                      f"{100 * part_ns / steps / total:5.1f}%")
 
 
 # -- main ---------------------------------------------------------------------------------

@@ -337,7 +337,7 @@ def test_decode_breakdown_variant_checked():
 @needs_benchmarks
 def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
     """--step-calls times the parts of a DecodePlan step (a W8A8 model): its one C++
-    call, the rotary tables and the rest."""
+    call and the parts inside it, the rotary tables and the rest."""
     from moekit.functions import cpu_ext
 
     if cpu_ext.get_decode() is None:
@@ -349,3 +349,7 @@ def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
     assert "step calls: tiny int8a8 batch 2, 3 steps" in out
     for label in ("the step's one C++ call", "rotary tables (cache.begin)", "outside"):
         assert f"\n  {label} " in out
+    for part in ("embedding", "norms", "attention projections", "attend_one",
+                 "router + route_sort", "experts gate_up", "experts down_combine", "LM head"):
+        assert f"\n    {part} " in out  # the parts inside the call, from its own timers
+    assert "bf16 conversions" not in out  # an fp32 model converts nothing

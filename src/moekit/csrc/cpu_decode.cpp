@@ -43,7 +43,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -2408,47 +2410,93 @@ class DecodeStep {
     TORCH_CHECK(ids_R.dim() == 1 && ids_R.scalar_type() == at::kLong, "ids_R must be int64 [R], got ",
                 ids_R.scalar_type(), " ", ids_R.sizes());
     const auto dt = first_norm_.scalar_type();
-    const auto in = [](const torch::Tensor& t) {
-      return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+    const auto in = [&](const torch::Tensor& t) {
+      return t.scalar_type() == at::kFloat ? t : timed(CONVERT, [&] { return t.to(at::kFloat); });
     };
-    const auto out = [dt](const torch::Tensor& t) { return dt == at::kFloat ? t : t.to(dt); };
+    const auto out = [&](const torch::Tensor& t) {
+      return dt == at::kFloat ? t : timed(CONVERT, [&] { return t.to(dt); });
+    };
     // the embedding and the first norm as the modules compute them (nn.Embedding /
     // QuantizedEmbedding, transformer.first_norm)
-    torch::Tensor x;
-    if (quant_embed_) {
+    torch::Tensor x = timed(EMBED, [&] {
+      if (!quant_embed_) return at::embedding(table_, ids_R);
       c10::optional<torch::Tensor> zeros, buf;
       if (table_zeros_) zeros = table_zeros_->index_select(0, ids_R).unsqueeze(0);
-      if (dt != at::kFloat) buf = torch::empty({1, ids_R.size(0), table_.size(1) * (table_bits_ == 4 ? 2 : 1)}, table_scales_.options().dtype(dt));
-      x = dequantize(table_.index_select(0, ids_R).unsqueeze(0),
-                     table_scales_.index_select(0, ids_R).unsqueeze(0), zeros, table_bits_,
-                     table_group_, 0, 1, buf)[0];
-    } else {
-      x = at::embedding(table_, ids_R);
-    }
-    torch::Tensor h = rms_norm(x, first_norm_, first_eps_);
+      const int64_t D = table_.size(1) * (table_bits_ == 4 ? 2 : 1);
+      if (dt != at::kFloat) buf = torch::empty({1, ids_R.size(0), D}, first_norm_.options());
+      return dequantize(table_.index_select(0, ids_R).unsqueeze(0),
+                        table_scales_.index_select(0, ids_R).unsqueeze(0), zeros, table_bits_,
+                        table_group_, 0, 1, buf)[0];
+    });
+    torch::Tensor h = timed(NORMS, [&] { return rms_norm(x, first_norm_, first_eps_); });
     for (int64_t i = 0; i < n; ++i) {
       const StepLayer& ly = layers_[i];
-      const auto qkv = out(ly.qkv.apply(in(h), rows_R, ends_1));
-      const auto y = attend_one(qkv, cos_XDh, sin_XDh, k_L[i], v_L[i], P, valid_BM);
-      const auto a = out(ly.out.apply(in(y), rows_R, ends_1));
-      auto s = add_rms_norm(x, a, ly.ffn_norm, ly.ffn_eps);
+      const auto hq = in(h);
+      const auto qkv = out(timed(PROJ, [&] { return ly.qkv.apply(hq, rows_R, ends_1); }));
+      const auto y = timed(ATTEND, [&] {
+        return attend_one(qkv, cos_XDh, sin_XDh, k_L[i], v_L[i], P, valid_BM);
+      });
+      const auto y32 = in(y);
+      const auto a = out(timed(PROJ, [&] { return ly.out.apply(y32, rows_R, ends_1); }));
+      auto s = timed(NORMS, [&] { return add_rms_norm(x, a, ly.ffn_norm, ly.ffn_eps); });
       const auto h32 = in(s[1]);
       x = s[0];
-      const auto logits = ly.router.apply(h32, rows_R, ends_1);
-      const auto r = route_sort(logits, ly.top_k, ly.mode, ly.renormalize, ly.scale, ly.bias_E);
-      const auto g = gate_up(h32, r[0], r[3], ly.w_in.data, ly.w_in.scales, ly.w_in.zeros,
-                             ly.w_in.bits, ly.w_in.group, ly.b_in, ly.act, ly.limit, ly.alpha);
-      auto o = torch::empty_like(h32);
-      down_combine(g, r[0], r[1], r[3], ly.w_out.data, ly.w_out.scales, ly.w_out.zeros,
-                   ly.w_out.bits, ly.w_out.group, ly.b_out, o);
-      s = add_rms_norm(x, out(o), ly.next_norm, ly.next_eps);
+      const auto r = timed(ROUTE, [&] {
+        const auto logits = ly.router.apply(h32, rows_R, ends_1);
+        return route_sort(logits, ly.top_k, ly.mode, ly.renormalize, ly.scale, ly.bias_E);
+      });
+      const auto g = timed(EXPERTS_IN, [&] {
+        return gate_up(h32, r[0], r[3], ly.w_in.data, ly.w_in.scales, ly.w_in.zeros,
+                       ly.w_in.bits, ly.w_in.group, ly.b_in, ly.act, ly.limit, ly.alpha);
+      });
+      const auto o = timed(EXPERTS_OUT, [&] {
+        auto o = torch::empty_like(h32);
+        down_combine(g, r[0], r[1], r[3], ly.w_out.data, ly.w_out.scales, ly.w_out.zeros,
+                     ly.w_out.bits, ly.w_out.group, ly.b_out, o);
+        return o;
+      });
+      const auto o_dt = out(o);
+      s = timed(NORMS, [&] { return add_rms_norm(x, o_dt, ly.next_norm, ly.next_eps); });
       x = s[0];
       h = s[1];
     }
-    return out(head_.apply(in(h), rows_R, ends_1));
+    const auto h_last = in(h);
+    return out(timed(HEAD, [&] { return head_.apply(h_last, rows_R, ends_1); }));
+  }
+
+  // Wall time of each part of the steps run while timing is on, in ns by part (bench_decode
+  // --step-calls); set_timing(true) starts again from zero, set_timing(false) keeps the
+  // sums for times(). Off, a part costs a branch.
+  void set_timing(bool on) {
+    if (on && !timing_) spent_.fill(0);
+    timing_ = on;
+  }
+
+  std::vector<std::pair<std::string, int64_t>> times() const {
+    std::vector<std::pair<std::string, int64_t>> t;
+    for (int p = 0; p < NPARTS; ++p) t.emplace_back(PART_NAMES[p], spent_[p]);
+    return t;
   }
 
  private:
+  enum Part { EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, NPARTS };
+  static constexpr const char* PART_NAMES[NPARTS] = {
+      "embedding", "norms", "attention projections", "attend_one",
+      "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
+      "bf16 conversions"};
+
+  template <typename F>
+  auto timed(Part part, const F& f) const -> decltype(f()) {
+    if (!timing_) return f();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto result = f();
+    spent_[part] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t0).count();
+    return result;
+  }
+
+  bool timing_ = false;
+  mutable std::array<int64_t, NPARTS> spent_{};
   std::vector<StepLayer> layers_;
   Proj head_;
   bool quant_embed_;
@@ -2481,6 +2529,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStep>(m, "DecodeStep", "a decode step's layers and LM head in one call")
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
            py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))
-      .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>());
+      .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>())
+      .def("set_timing", &DecodeStep::set_timing, "time the parts of the next runs (on: from 0; off: keeps the sums)")
+      .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");
   m.def("isa", &isa, "the kernels' path on this CPU: avx512, avx2 or generic");
 }
