@@ -2317,7 +2317,7 @@ torch::Tensor rms_norm(const torch::Tensor& x_RD, const torch::Tensor& w_D, doub
   return norm;
 }
 
-// -- a whole decode step's layers in one call ------------------------------------------
+// -- a whole decode step in one call ----------------------------------------------------
 
 // One projection's kernel arguments (decode._wargs in Python): float weights as data
 // alone, quantized ones with their scales, zero points, format code and group.
@@ -2407,8 +2407,8 @@ class DecodeStep {
     TORCH_CHECK(static_cast<int64_t>(k_L.size()) == n && static_cast<int64_t>(v_L.size()) == n,
                 "k_L / v_L must hold one tensor per layer (", n, "), got ", k_L.size(), " / ",
                 v_L.size());
-    TORCH_CHECK(ids_R.dim() == 1 && ids_R.scalar_type() == at::kLong, "ids_R must be int64 [R], got ",
-                ids_R.scalar_type(), " ", ids_R.sizes());
+    TORCH_CHECK(ids_R.dim() == 1 && ids_R.scalar_type() == at::kLong,
+                "ids_R must be int64 [R], got ", ids_R.scalar_type(), " ", ids_R.sizes());
     const auto dt = first_norm_.scalar_type();
     const auto in = [&](const torch::Tensor& t) {
       return t.scalar_type() == at::kFloat ? t : timed(CONVERT, [&] { return t.to(at::kFloat); });
@@ -2479,7 +2479,9 @@ class DecodeStep {
   }
 
  private:
-  enum Part { EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, NPARTS };
+  enum Part {
+    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, NPARTS
+  };
   static constexpr const char* PART_NAMES[NPARTS] = {
       "embedding", "norms", "attention projections", "attend_one",
       "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
@@ -2526,11 +2528,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");
   m.def("rms_norm", &rms_norm, "rms_norm(x) * w");
-  py::class_<DecodeStep>(m, "DecodeStep", "a decode step's layers and LM head in one call")
+  py::class_<DecodeStep>(m, "DecodeStep", "a decode step, embedding to LM head, in one call")
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
            py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))
       .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>())
-      .def("set_timing", &DecodeStep::set_timing, "time the parts of the next runs (on: from 0; off: keeps the sums)")
+      .def("set_timing", &DecodeStep::set_timing,
+           "time the parts of the next runs (on: from 0; off: keeps the sums)")
       .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");
   m.def("isa", &isa, "the kernels' path on this CPU: avx512, avx2 or generic");
 }

@@ -10,13 +10,13 @@ router, no shared experts, backend "auto" and a kernel activation; bias-free flo
 quantized projections; an ``nn.Embedding`` or a ``QuantizedEmbedding``), and
 ``plan.step(ids, cache)`` then makes the same kernel calls with the same arguments,
 all of them (the embedding, the norms, every layer, the LM head) inside one C++ call
-(``DecodeStep`` in ``moekit/csrc/cpu_decode.cpp``; a Python loop over the layers'
-calls, run with cold caches after each weight stream, took 3-12% longer: section "A
-decode step in one C++ call" of docs/cpu-inference.md): the logits are bitwise those of
-``model.infer``. A step outside the limits the modules would check (rows per kernel,
-autograd, autocast, the cache's dtype) returns None and the caller runs
-``model.infer``. The plan holds the weights' tensors, so it
-is for one generation: build it again after changing the model (quantize, ``.to``).
+(``DecodeStep`` in ``moekit/csrc/cpu_decode.cpp``): the logits are bitwise those of
+``model.infer``. (The same calls from a Python loop, each line run with cold caches
+after a weight stream, took 5-10% longer per quantized or bf16 step at batch 1:
+docs/cpu-inference.md, "A decode step in one C++ call".) A step outside the limits the
+modules would check (rows per kernel, autograd, autocast, the cache's dtype) returns
+None and the caller runs ``model.infer``. The plan holds the weights' tensors, so it is
+for one generation: build it again after changing the model (quantize, ``.to``).
 
 Shape letters: R rows (one new token each), D hidden, V vocabulary, E experts.
 """
@@ -36,6 +36,8 @@ from moekit.quant.tensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class _Layer:
+    # DecodeStep's constructor (csrc/cpu_decode.cpp) reads these by position: keep the
+    # two in the same order
     qkv: tuple  # the kernels' weight arguments (decode._wargs)
     out: tuple
     ffn_norm: tuple[Tensor, float]
@@ -106,7 +108,7 @@ class DecodePlan:
 
     def __init__(self, model, layers: list[_Layer], head: tuple, embed: tuple,
                  float_rows: int, quant_rows: int, expert_rows: int) -> None:
-        self.model, self.layers, self.head = model, layers, head
+        self.model, self.layers = model, layers
         self.dtype = model.norm.weight.dtype  # the activations' (and the KV cache's)
         # the step's calls, made by one C++ call (DecodeStep in csrc/cpu_decode.cpp)
         norm = model.blocks[0].attn_norm
