@@ -35,6 +35,8 @@ def _lm(**kw):
 def _variant(name: str):
     if name == "sigmoid":
         return _lm(router="sigmoid")
+    if name == "gpt-oss experts":  # every per-layer argument DecodeStep reads, not defaults
+        return _other_experts()
     if name == "int8 untied":  # a float nn.Embedding beside a quantized head
         return moekit.quantize(_lm(tie_embeddings=False), bits=8)
     model = _lm()
@@ -50,6 +52,25 @@ def _variant(name: str):
         return moekit.quantize(model, bits=4, group_size=32, activations="int8")
     if name == "int4 bf16":  # the quantized tied table looked up into bf16 rows
         return moekit.quantize(model, bits=4, group_size=32).to(torch.bfloat16)
+    return model
+
+
+def _other_experts():
+    """MoE blocks with GPT-OSS's clamped SwiGLU (limit and alpha not the defaults), expert
+    biases, a sigmoid router with a selection bias, no renormalization and a routed
+    scaling factor: the activation, biases and routing arguments the plan passes on."""
+    model = _lm()
+    cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=8, top_k=2, router="sigmoid",
+                           activation="swiglu_oai", swiglu_limit=1.5, swiglu_alpha=1.3,
+                           expert_bias=True, renormalize=False, routed_scaling_factor=2.5,
+                           bias_update_rate=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for block in model.blocks:
+        block.ffn = moekit.MoE(cfg).eval()
+        with torch.no_grad():
+            for p in block.ffn.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            block.ffn.router.expert_bias.copy_(torch.randn(8, generator=g))
     return model
 
 
@@ -71,7 +92,8 @@ def _steps(model, step, prompts, n=6):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
-                                     "int4a8", "int8 untied", "int4 bf16"])
+                                     "int4a8", "int8 untied", "int4 bf16",
+                                     "gpt-oss experts"])
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
                          ids=["one", "padded"])
 def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
@@ -80,7 +102,8 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
         plan = DecodePlan.build(model)
     assert plan is not None
     quantized_table = isinstance(model.embed, QuantizedEmbedding)
-    assert quantized_table == (variant not in ("fp32", "sigmoid", "bf16", "int8 untied"))
+    assert quantized_table == (variant not in ("fp32", "sigmoid", "bf16", "int8 untied",
+                                               "gpt-oss experts"))
     fast = _steps(model, plan.step, prompts)
     slow = _steps(model, model.infer, prompts)
     assert fast.dtype == slow.dtype == model.norm.weight.dtype
