@@ -191,18 +191,19 @@ def test_hf_patched_model_decode_equals_fused():
 
 # -- dense weights through the decode kernel (functions/decode.dense_rows) -----------
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 def test_dense_rows_match_per_row_dot_products(rows, dtype, atol, rtol):
     """dense_rows(x, W) == W @ x[r] row by row in float64 for an nn.Linear weight [N, K]
-    (N=70, K=37: every row and column tail of the 4 x 4 register blocks)."""
+    (N=71, K=37: every row and column tail of the register blocks: passes of 4 rows, 6
+    or 4 columns at a time (11 x 6 + 4 + 1, or 17 x 4 + 3), then single columns)."""
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(70, 37, generator=g).to(dtype)
+    w = torch.randn(71, 37, generator=g).to(dtype)
     x = torch.randn(rows, 37, generator=g).to(dtype)
     with torch.no_grad():
         y = decode_fn.dense_rows(x, w[None].transpose(1, 2))
     want = torch.stack([w.double() @ x[r].double() for r in range(rows)])
-    assert y.shape == (rows, 70) and y.dtype == dtype
+    assert y.shape == (rows, 71) and y.dtype == dtype
     torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
 
 
