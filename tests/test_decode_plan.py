@@ -165,3 +165,24 @@ def test_step_declines_and_leaves_the_cache_alone_outside_the_kernels(monkeypatc
     with torch.no_grad():
         assert plan.step(nxt, cache) is None  # more rows than a kernel takes
     assert cache.length == before
+
+
+def test_native_step_names_bad_arguments():
+    """The one C++ call checks what it is given (the plan passes it right; a caller of
+    the extension gets the argument named, not a crash)."""
+    model = _lm()
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+        cache = StaticKVCache.for_model(model, 1, 16)
+        cache.reset()
+        model.infer(torch.tensor([[1, 2]]), cache)
+        rows_R, ends_1 = decode._all_rows(1)
+        cos, sin = (t[2:3].float().contiguous() for t in (model.rope_cos, model.rope_sin))
+        args = (rows_R, ends_1, cos, sin)
+        with pytest.raises(RuntimeError, match="k_L / v_L must hold one tensor per layer"):
+            plan.native.run(torch.tensor([3]), *args, cache.k[:1], cache.v[:1], 2, None)
+        with pytest.raises(RuntimeError, match="ids_R must be int64"):
+            plan.native.run(torch.tensor([3], dtype=torch.int32), *args, cache.k, cache.v, 2,
+                            None)
+        with pytest.raises(RuntimeError, match="P=16 is not allowed"):
+            plan.native.run(torch.tensor([3]), *args, cache.k, cache.v, 16, None)
