@@ -2375,7 +2375,7 @@ struct StepLayer {
 // are rounded to bfloat16 as the modules round them.
 class DecodeStep {
  public:
-  // layers: one tuple per layer (DecodePlan's _Layer fields in order); head: the LM
+  // layers: one dict per layer (DecodePlan's _Layer fields by name); head: the LM
   // head's projection; embed: ("float", table [V, D]) or ("quant", data, scales, zeros,
   // bits, group) of a quantized [V, D] table (QuantizedEmbedding's, expert 0); first_norm:
   // (weight, eps) of the first block's attention norm.
@@ -2393,18 +2393,20 @@ class DecodeStep {
       table_group_ = embed[5].cast<int64_t>();
     }
     for (const auto& item : layers) {
-      const auto t = item.cast<py::tuple>();
-      const auto ffn = t[2].cast<py::tuple>(), nxt = t[3].cast<py::tuple>();
-      const auto route = t[5].cast<py::tuple>(), act = t[10].cast<py::tuple>();
+      const auto d = item.cast<py::dict>();
+      const auto at = [&](const char* key) { return py::object(d[key]); };
+      const auto tuple = [&](const char* key) { return at(key).cast<py::tuple>(); };
+      const auto ffn = tuple("ffn_norm"), nxt = tuple("next_norm");
+      const auto route = tuple("route"), act = tuple("act");
       layers_.push_back(StepLayer{
-          Proj(t[0].cast<py::tuple>()), Proj(t[1].cast<py::tuple>()),
-          Proj(t[4].cast<py::tuple>()), Proj(t[6].cast<py::tuple>()),
-          Proj(t[7].cast<py::tuple>()), ffn[0].cast<torch::Tensor>(),
-          nxt[0].cast<torch::Tensor>(), ffn[1].cast<double>(), nxt[1].cast<double>(),
-          route[0].cast<int64_t>(), route[1].cast<int64_t>(), route[2].cast<bool>(),
-          route[3].cast<double>(), route[4].cast<c10::optional<torch::Tensor>>(),
-          t[8].cast<c10::optional<torch::Tensor>>(), t[9].cast<c10::optional<torch::Tensor>>(),
-          act[0].cast<int64_t>(), act[1].cast<double>(), act[2].cast<double>()});
+          Proj(tuple("qkv")), Proj(tuple("out")), Proj(tuple("router")), Proj(tuple("w_in")),
+          Proj(tuple("w_out")), ffn[0].cast<torch::Tensor>(), nxt[0].cast<torch::Tensor>(),
+          ffn[1].cast<double>(), nxt[1].cast<double>(), route[0].cast<int64_t>(),
+          route[1].cast<int64_t>(), route[2].cast<bool>(), route[3].cast<double>(),
+          route[4].cast<c10::optional<torch::Tensor>>(),
+          at("b_in").cast<c10::optional<torch::Tensor>>(),
+          at("b_out").cast<c10::optional<torch::Tensor>>(), act[0].cast<int64_t>(),
+          act[1].cast<double>(), act[2].cast<double>()});
     }
   }
 

@@ -36,8 +36,7 @@ from moekit.quant.tensor import QuantizedTensor
 
 @dataclass(frozen=True)
 class _Layer:
-    # DecodeStep's constructor (csrc/cpu_decode.cpp) reads these by position: keep the
-    # two in the same order
+    # DecodeStep's constructor (csrc/cpu_decode.cpp) reads these fields by name
     qkv: tuple  # the kernels' weight arguments (decode._wargs)
     out: tuple
     ffn_norm: tuple[Tensor, float]
@@ -113,7 +112,7 @@ class DecodePlan:
         # the step's calls, made by one C++ call (DecodeStep in csrc/cpu_decode.cpp)
         norm = model.blocks[0].attn_norm
         self.native = cpu_ext.get_decode().DecodeStep(
-            [tuple(getattr(ly, f.name) for f in fields(ly)) for ly in layers], head, embed,
+            [{f.name: getattr(ly, f.name) for f in fields(ly)} for ly in layers], head, embed,
             (norm.weight, norm.eps))
         # routers: fp32 projections on the kernel (MoE._router_logits)
         self.max_rows = min(float_rows, quant_rows, decode.ROUTE_KERNEL_MAX_TOKENS,
