@@ -2300,9 +2300,12 @@ void norm_rows(const torch::Tensor& x_RD, const torch::Tensor* y_RD, const torch
   if (y_RD) check_f32_or_bf16(*y_RD, "y_RD", 2, x_RD);
   check_f32_or_bf16(w_D, "w_D", 1, x_RD);
   const int64_t R = x_RD.size(0), D = x_RD.size(1);
-  TORCH_CHECK((!y_RD || y_RD->sizes() == x_RD.sizes()) && w_D.size(0) == D, "y_RD ",
-              y_RD ? y_RD->sizes() : x_RD.sizes(), " and w_D ", w_D.sizes(), " must match x_RD ",
-              x_RD.sizes());
+  if (y_RD) {
+    TORCH_CHECK(y_RD->sizes() == x_RD.sizes() && w_D.size(0) == D, "y_RD ", y_RD->sizes(),
+                " and w_D ", w_D.sizes(), " must match x_RD ", x_RD.sizes());
+  } else {  // rms_norm: there is no y to name
+    TORCH_CHECK(w_D.size(0) == D, "w_D ", w_D.sizes(), " must match x_RD ", x_RD.sizes());
+  }
   norm = torch::empty_like(x_RD);
   if (sum) *sum = torch::empty_like(x_RD);
   const float e = static_cast<float>(eps);
