@@ -207,6 +207,24 @@ def test_dense_rows_match_per_row_dot_products(rows, dtype, atol, rtol):
     torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 12, 13])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_dense_rows_kn_layout_match_per_row_products(rows, dtype, atol, rtol):
+    """dense_rows(x, W) with W [1, K, N] of unit stride along N (moekit's own w_in / w_out
+    layout, the KN kernels) == x[r] @ W row by row in float64: passes of up to 6 rows
+    with AVX-512 (4 with AVX2), an expert's rows split evenly (7: 4 + 3, 13: 5 + 4 + 4);
+    N=71: the 64- and 16-column blocks and single columns; K=37: a partial last block
+    of 8 weight rows."""
+    g = torch.Generator().manual_seed(100 + rows)
+    w = torch.randn(1, 37, 71, generator=g).to(dtype)
+    x = torch.randn(rows, 37, generator=g).to(dtype)
+    with torch.no_grad():
+        y = decode_fn.dense_rows(x, w)
+    want = torch.stack([x[r].double() @ w[0].double() for r in range(rows)])
+    assert y.shape == (rows, 71) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_takes_the_kernel_only_for_few_rows_without_autograd(monkeypatch, dtype):
     """models.transformer.Linear: the kernel up to float_kernel_max_rows rows without
