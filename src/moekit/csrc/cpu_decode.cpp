@@ -409,8 +409,9 @@ constexpr auto KN_HINT = _MM_HINT_T1;
 
 // The accumulators stay in registers over the block's rows: the loop has one path (the
 // prefetch of the row KB rows below, or with pf_rows 0 of the row itself, in L1
-// already; a prefetch past the weights' end is dropped by the CPU) and runs at least
-// once. A prefetch under a branch (q < pf_rows) had the compiler split the loop in two
+// already; below an expert's last row that is the next expert's row or, past the
+// tensor, an address computed as an integer, as rows_ahead's: a prefetch does not
+// fault) and runs at least once. A prefetch under a branch (q < pf_rows) had the compiler split the loop in two
 // and keep the accumulators on the stack around it: 3 stores and 2 loads more of each
 // per block. (gate_up, 2 of L3-resident experts D=1024 2F=2048, 2 threads, Zen 4 VM:
 // 4 rows per expert 31-42 -> 40-50 G FMA/s; the Mixtral-like batch-16 experts, cold,
@@ -424,7 +425,7 @@ AVX512 inline void kn_block(const void* w, int64_t ldk, int64_t kb, const float*
   __m512 a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_loadu_ps(acc + r * W + j + 16 * c);
-  const int64_t pf_step = pf_rows > 0 ? KB * ldk : 0;
+  const uintptr_t pf_step = pf_rows > 0 ? KB * ldk * sizeof(T) : 0;
   int64_t q = 0;
   do {
     const T* wr = base + q * ldk;
@@ -438,7 +439,7 @@ AVX512 inline void kn_block(const void* w, int64_t ldk, int64_t kb, const float*
         wv[c + 1] = _mm512_castsi512_ps(_mm512_and_si512(v, odd));
       }
     }
-    const char* pf = reinterpret_cast<const char*>(wr + pf_step);
+    const char* pf = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wr) + pf_step);
     for (int c = 0; c < C * static_cast<int>(sizeof(T)) / 4; ++c)
       _mm_prefetch(pf + 64 * c, KN_HINT);
     for (int r = 0; r < R; ++r) {
@@ -670,7 +671,7 @@ AVX2 inline void kn_block_avx2(const void* w, int64_t ldk, int64_t kb, const flo
   __m256 a[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) a[r][c] = _mm256_loadu_ps(acc + r * W + j + 8 * c);
-  const int64_t pf_step = pf_rows > 0 ? KB * ldk : 0;  // one path, as kn_block's
+  const uintptr_t pf_step = pf_rows > 0 ? KB * ldk * sizeof(T) : 0;  // as kn_block's
   int64_t q = 0;
   do {
     const T* wr = base + q * ldk;
@@ -685,7 +686,8 @@ AVX2 inline void kn_block_avx2(const void* w, int64_t ldk, int64_t kb, const flo
       }
     }
     for (int b = 0; b < bytes; b += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(wr + pf_step) + b, KN_HINT);
+      _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wr) + pf_step) + b,
+                   KN_HINT);
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_set1_ps(x[r][k0 + q]);
       for (int c = 0; c < C; ++c) a[r][c] = _mm256_fmadd_ps(xb, wv[c], a[r][c]);
