@@ -411,11 +411,12 @@ constexpr auto KN_HINT = _MM_HINT_T1;
 // prefetch of the row KB rows below, or with pf_rows 0 of the row itself, in L1
 // already; below an expert's last row that is the next expert's row or, past the
 // tensor, an address computed as an integer, as rows_ahead's: a prefetch does not
-// fault) and runs at least once. A prefetch under a branch (q < pf_rows) had the compiler split the loop in two
-// and keep the accumulators on the stack around it: 3 stores and 2 loads more of each
-// per block. (gate_up, 2 of L3-resident experts D=1024 2F=2048, 2 threads, Zen 4 VM:
-// 4 rows per expert 31-42 -> 40-50 G FMA/s; the Mixtral-like batch-16 experts, cold,
-// 4 layers: 33.1 -> 29.5 ms with this and KN_RMAX's passes together.)
+// fault) and runs at least once. A prefetch under a branch (q < pf_rows) had the
+// compiler split the loop in two and keep the accumulators on the stack around it: 3
+// stores and 2 loads more of each per block. (gate_up, 2 of L3-resident experts D=1024
+// 2F=2048, 2 threads, Zen 4 VM: 4 rows per expert 31-42 -> 40-50 G FMA/s; the
+// Mixtral-like batch-16 experts, cold, 4 layers: 33.1 -> 29.5 ms with this and
+// KN_RMAX's passes together.)
 template <Kind KIND, int R, int C>
 AVX512 inline void kn_block(const void* w, int64_t ldk, int64_t kb, const float* const* x,
                             int64_t k0, int64_t j, int64_t W, float* acc, int64_t pf_rows) {
