@@ -409,12 +409,15 @@ def test_hf_patched_model_quantized_int8_generates_like_dequantized_original(fam
 
 # -- dense projections: QuantizedLinear, the float decode-kernel Linear, whole models --------
 
-LINEAR_FORMATS = [(8, None, 72), (4, 32, 96), (4, 64, 192), (4, 128, 384)]  # (bits, g, K)
+# (bits, g, K): int4 with K a multiple of 128 runs the 128-input block kernel on AVX-512,
+# other K the per-chunk one
+LINEAR_FORMATS = [(8, None, 72), (4, 32, 96), (4, 64, 192), (4, 128, 384), (4, 32, 256),
+                  (4, 64, 128)]
 needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
 
 
 @pytest.mark.parametrize("bits,g,K", LINEAR_FORMATS)
-@pytest.mark.parametrize("T", [1, 5, 17])
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 17])  # the kernels' passes of 1-8 rows
 @pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
 def test_quantized_linear_matches_dequantize_then_matmul(bits, g, K, T, path, monkeypatch):
     from moekit.functions import decode

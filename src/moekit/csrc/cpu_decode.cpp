@@ -1025,24 +1025,25 @@ CLONES void i4a8_rows_generic(const uint8_t* p, const A8Layout& L, const float* 
 
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
-// What i4a8_rows_vnni needs of the layout, computed once per tile (per output row, the
-// lane table's integer divisions cost more than the row's 8 blocks at K = 1024).
-struct A8Vnni {
+// What the kernels of 128-input blocks (i4a8_rows_vnni, i4f_rows) need of the int4
+// layout, computed once per tile (per output row, the lane table's integer divisions
+// cost more than the row's 8 blocks at K = 1024).
+struct BlockGroups {
   __m512i idx;        // lane -> weight group within a block
   __mmask16 gmask;    // the block's group scales (128 / g of them)
   int64_t nb, gpb, ng;
 };
 
-VNNI A8Vnni a8_vnni(const A8Layout& L) {
+AVX512 BlockGroups block_groups(int64_t K, int64_t group) {
   alignas(64) int32_t lane_group[16];
-  for (int l = 0; l < 16; ++l) lane_group[l] = static_cast<int32_t>((l / 4) * 32 / L.group);
-  const int64_t gpb = 128 / L.group;
-  return {_mm512_load_si512(lane_group), static_cast<__mmask16>((1u << gpb) - 1), L.K / 128,
-          gpb, L.K / L.group};
+  for (int l = 0; l < 16; ++l) lane_group[l] = static_cast<int32_t>((l / 4) * 32 / group);
+  const int64_t gpb = 128 / group;
+  return {_mm512_load_si512(lane_group), static_cast<__mmask16>((1u << gpb) - 1), K / 128,
+          gpb, K / group};
 }
 
 // sum of a[i] * b[i], i < n, 16 lanes at a time
-VNNI inline __m512 dot_acc(const float* a, const float* b, int64_t n, __m512 acc) {
+AVX512 inline __m512 dot_acc(const float* a, const float* b, int64_t n, __m512 acc) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
@@ -1054,7 +1055,7 @@ VNNI inline __m512 dot_acc(const float* a, const float* b, int64_t n, __m512 acc
 // p + ldn (group scales gs, gs + ng; zeros gz, gz + ng): two rows share each record
 // load, as in i8a8_rows_vnni.
 template <int R, int C>
-VNNI void i4a8_rows_vnni(const uint8_t* p, int64_t ldn, const A8Layout& L, const A8Vnni& V,
+VNNI void i4a8_rows_vnni(const uint8_t* p, int64_t ldn, const A8Layout& L, const BlockGroups& V,
                          const float* gs, const float* gz, const char* const* xr, float* v) {
   const __m512i m = _mm512_set1_epi8(15);
   __m512 acc[C][R];
@@ -1150,17 +1151,22 @@ const bool CPU_VNNI = [] {
   return CPU_ISA == Isa::Avx512 && __builtin_cpu_supports("avx512vnni");
 }();
 
-// The passes over a tile of row records (int8 activations): x rows in groups of up to 8
-// (4 on AVX2 without VNNI: 16 registers), output rows one at a time or, with `pairs`,
-// two; pass(r0, m, j, cols, v) leaves output row j + c of x row r0 + r in v[8 * c + r].
-template <typename Pass>
-void record_tile(int64_t n, int64_t W, bool pairs, const Pass& pass, float* acc) {
-  const int64_t rmax = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;
+// int8 activations: x rows per pass up to 8 (4 on AVX2 without VNNI: 16 registers),
+// output rows two at a time with VNNI.
+const int64_t A8_RMAX = CPU_VNNI || CPU_ISA == Isa::Generic ? 8 : 4;
+inline int64_t a8_cols(int64_t) { return CPU_VNNI ? 2 : 1; }
+
+// The passes over a tile of row records: x rows in groups of up to rmax, output rows
+// cmax(m) at a time (1, 2 or 4; one at a time for the tile's last ones, fewer than
+// that); pass(r0, m, j, cols, v) leaves output row j + c of x row r0 + r in v[8 * c + r].
+template <typename Cols, typename Pass>
+void record_tile(int64_t n, int64_t W, int64_t rmax, const Cols& cmax, const Pass& pass,
+                 float* acc) {
   for (int64_t r0 = 0; r0 < n; r0 += rmax) {
-    const int64_t m = std::min<int64_t>(rmax, n - r0);
+    const int64_t m = std::min<int64_t>(rmax, n - r0), cm = cmax(m);
     for (int64_t j = 0; j < W;) {
-      const int64_t cols = pairs ? std::min<int64_t>(2, W - j) : 1;
-      float v[16];
+      const int64_t cols = W - j >= cm ? cm : 1;
+      float v[32];
       pass(r0, m, j, cols, v);
       for (int64_t c = 0; c < cols; ++c)
         for (int64_t r = 0; r < m; ++r) acc[(r0 + r) * W + j + c] = v[8 * c + r];
@@ -1178,9 +1184,9 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   const float* sc = w.scales + (e * w.N + c0) * ng;
   const float* z = w.zeros + (e * w.N + c0) * ng;
   const char* const* xr = reinterpret_cast<const char* const*>(x);
-  const A8Vnni V = CPU_VNNI ? a8_vnni(L) : A8Vnni{};
+  const BlockGroups V = CPU_VNNI ? block_groups(L.K, L.group) : BlockGroups{};
   const A8Avx2 V2(L);
-  record_tile(n, W, CPU_VNNI, [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
+  auto pass = [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
     const uint8_t* p = base + j * w.s_n;
     const float *gs = sc + j * ng, *gz = z + j * ng;
     if (CPU_VNNI)
@@ -1194,6 +1200,129 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
       with_rows<4>(m, [&](auto R) {
         i4a8_rows_avx2<decltype(R)::value>(p, L, V2, gs, gz, xr + r0, v);
       });
+  };
+  record_tile(n, W, A8_RMAX, a8_cols, pass, acc);
+}
+
+// ---- int4 weights, float activations, 128-input blocks on AVX-512 ("i4f") -------
+//
+// The per-chunk kernel (nk_rows_avx512) spends per 32 weights a widening, two vpermps
+// lookups and a shift (on the shuffle units, 1 per cycle each on Zen 4) and two
+// FMAs: at batch 1 it read ~17 GB/s of int4 on 2 threads, half the read bandwidth.
+// Here a block's 64 bytes are one load of 16 dwords, each holding 8 nibbles; nibble j
+// (bits 4j..4j+3) of every dword is one AND with 0xF << 4j and one unsigned convert:
+// q * 2^4j exactly (4 significant bits), times an input prescaled by 2^-4j (exact), so
+// each product is x * q as fp32 computes it. An AND (any of the 4 vector pipes), a
+// convert and an FMA per 16 weights, no shuffles; an input vector serves the pass's
+// C output rows. The group scale is one FMA per block, the zero point z * sum(x) one
+// per group. gate_up of 64 experts D=1024 2F=2048 g64, 2 threads, Zen 4 VM, against
+// the per-chunk kernel in one process: 8 touched at 1 row, cold, 21.7 -> 24.2 GB/s of
+// int4; 1-16 rows 1.10-1.22x, L3-warm or cold. (A /tmp microbenchmark, one thread
+// from L2: one output row per pass ran slower than the per-chunk kernel; `vdpbf16ps`
+// with each input split into two bf16 terms 1.2x faster than this, but it keeps 16 of
+// an input's 24 significant bits; with three terms, exact, no faster than this.)
+//
+// Nibble j of dword d of block b is input 128 b + 32 (d / 4) + 4 (d % 4) + j / 2 +
+// 16 (j % 2) (the chunk layout at the top of this file: byte i of a 16-byte chunk
+// holds inputs i and 16 + i); lane d belongs to chunk d / 4 (block_groups' lanes).
+//
+// A row record (one per distinct input row, 64-byte aligned; K % 128 == 0):
+//   xs   per block of 128 inputs, for j = 0..7, 16 floats: lane d the input of
+//        nibble j of dword d, times 2^-4j
+//   zx   K / g floats: sum of x over each weight group
+struct F4Layout {
+  int64_t K, group, zx_off, bytes;
+  F4Layout(int64_t k, int64_t g) : K(k), group(g) {
+    zx_off = 4 * K;
+    bytes = (zx_off + 4 * (K / g) + 63) / 64 * 64;
+  }
+};
+
+// int4 weights of the NK layout whose tiles run i4f_tile.
+bool i4f(const Weights& w) {
+  return CPU_ISA == Isa::Avx512 && w.kind == Kind::I4 && !w.a8 && !w.n_unit &&
+         w.K % 128 == 0 && (w.group == 32 || w.group == 64 || w.group == 128);
+}
+
+AVX512 void f4_record(const float* x, const F4Layout& L, char* rec) {
+  float* xs = reinterpret_cast<float*>(rec);
+  float* zx = reinterpret_cast<float*>(rec + L.zx_off);
+  const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 32, 36, 40, 44, 64, 68, 72, 76, 96,
+                                          100, 104, 108);
+  for (int64_t b = 0; b < L.K / 128; ++b)
+    for (int j = 0; j < 8; ++j) {
+      const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(j / 2 + 16 * (j % 2)));
+      const __m512 v = _mm512_i32gather_ps(at, x + 128 * b, 4);
+      _mm512_storeu_ps(xs + 128 * b + 16 * j,
+                       _mm512_mul_ps(v, _mm512_set1_ps(std::ldexp(1.0f, -4 * j))));
+    }
+  std::fill(zx, zx + L.K / L.group, 0.0f);
+  for (int64_t k = 0; k < L.K; k += 16)
+    zx[k / L.group] += _mm512_reduce_add_ps(_mm512_loadu_ps(x + k));
+}
+
+// R (1..8) records per pass over C (1, 2 or 4) output rows p, p + ldn, ..: each
+// nibble vector of a row is converted once for the R records.
+template <int R, int C>
+AVX512 void i4f_rows(const uint8_t* p, int64_t ldn, const F4Layout& L, const BlockGroups& V,
+                     const float* gs, const float* gz, const char* const* xr, float* v) {
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < V.nb; ++b) {
+    __m512i w[C];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* at = p + c * ldn + 64 * b;
+      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
+                                    MOEKIT_NK_HINT);
+      w[c] = _mm512_loadu_si512(at);
+    }
+    __m512 e[C][R];
+    for (int j = 0; j < 8; ++j) {
+      __m512 xj[R];
+      for (int r = 0; r < R; ++r)
+        xj[r] = _mm512_loadu_ps(reinterpret_cast<const float*>(xr[r]) + 128 * b + 16 * j);
+      for (int c = 0; c < C; ++c) {
+        const __m512 q =
+            _mm512_cvtepu32_ps(_mm512_and_si512(w[c], _mm512_set1_epi32(0xFu << (4 * j))));
+        for (int r = 0; r < R; ++r)
+          e[c][r] = j == 0 ? _mm512_mul_ps(xj[r], q) : _mm512_fmadd_ps(xj[r], q, e[c][r]);
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      const __m512 sw = _mm512_permutexvar_ps(
+          V.idx, _mm512_maskz_loadu_ps(V.gmask, gs + c * V.ng + b * V.gpb));
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm512_fmadd_ps(sw, e[c][r], acc[c][r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      const float* zx = reinterpret_cast<const float*>(xr[r] + L.zx_off);
+      v[c * 8 + r] = _mm512_reduce_add_ps(dot_acc(gz + c * V.ng, zx, V.ng, acc[c][r]));
+    }
+}
+
+// Output rows per pass: 4 for 1-2 records, 2 for 3-4, else 1 (at most 8 accumulators).
+constexpr int64_t i4f_cols(int64_t m) { return m <= 2 ? 4 : m <= 4 ? 2 : 1; }
+
+// acc [n, W] = n row records (f4_record) @ int4 weights w[e][:, c0 : c0 + W].
+void i4f_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+              int64_t W, float* acc) {
+  const F4Layout L(w.K, w.group);
+  const int64_t ng = w.K / w.group;
+  const uint8_t* base = static_cast<const uint8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+  const float* sc = w.scales + (e * w.N + c0) * ng;
+  const float* z = w.zeros + (e * w.N + c0) * ng;
+  const char* const* xr = reinterpret_cast<const char* const*>(x);
+  const BlockGroups V = block_groups(w.K, w.group);
+  record_tile(n, W, 8, i4f_cols, [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
+    const uint8_t* p = base + j * w.s_n;
+    const float *gs = sc + j * ng, *gz = z + j * ng;
+    with_rows<8>(m, [&](auto R) {
+      constexpr int RR = decltype(R)::value, C = static_cast<int>(i4f_cols(RR));
+      if (cols == C) i4f_rows<RR, C>(p, w.s_n, L, V, gs, gz, xr + r0, v);
+      else i4f_rows<RR, 1>(p, w.s_n, L, V, gs, gz, xr + r0, v);
+    });
   }, acc);
 }
 
@@ -1339,7 +1468,7 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
   const float* sc = w.scales + e * w.N + c0;
   const char* const* xr = reinterpret_cast<const char* const*>(x);
-  record_tile(n, W, CPU_VNNI, [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
+  auto pass = [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
     const int8_t* p = base + j * w.s_n;
     if (CPU_VNNI)
       with_rows<8>(m, [&](auto R) {
@@ -1352,7 +1481,8 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
       with_rows<4>(m, [&](auto R) { i8a8_rows_avx2<decltype(R)::value>(p, L, xr + r0, v); });
     for (int64_t c = 0; c < cols; ++c)  // the output channels' scales
       for (int64_t r = 0; r < m; ++r) v[8 * c + r] *= sc[j + c];
-  }, acc);
+  };
+  record_tile(n, W, A8_RMAX, a8_cols, pass, acc);
 }
 
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
@@ -1362,6 +1492,7 @@ void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum,
     if (w.kind == Kind::I8) return i8a8_tile(w, e, x, n, c0, W, acc);
     return i4a8_tile(w, e, x, n, c0, W, acc);
   }
+  if (i4f(w)) return i4f_tile(w, e, x, n, c0, W, acc);  // x: row records too
   if (CPU_ISA != Isa::Generic && !w.n_unit) {
     if (CPU_ISA == Isa::Avx512) return nk_tile_isa<Isa::Avx512>(w, e, x, n, c0, W, acc);
     return nk_tile_isa<Isa::Avx2>(w, e, x, n, c0, W, acc);
@@ -1627,7 +1758,7 @@ struct Plan {
   std::vector<int64_t> part_off;  // per touched expert, its offset into parts
   std::vector<float> parts;
   std::vector<float> permuted;  // int8 on AVX2: each distinct input row, permute_x32'd
-  std::vector<float> records;   // int8 activations: each distinct row's record
+  std::vector<float> records;   // int8 activations, int4 blocks: each distinct row's record
 
   Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
        int64_t plan_experts)
@@ -1644,6 +1775,9 @@ struct Plan {
     } else if (w.a8) {
       const A8Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { quantize_a8(row, L, rec); });
+    } else if (i4f(w)) {
+      const F4Layout L(w.K, w.group);
+      quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
     }
     if (!w.n_unit) return;
     chunks = k_chunks(w.K, plan_experts > 0 ? plan_experts : static_cast<int64_t>(m));
@@ -1662,9 +1796,9 @@ struct Plan {
     for (size_t i = 0; i < distinct.size(); ++i) permute_x32(distinct[i], K, &permuted[i * K]);
     repoint(distinct, permuted.data(), K);
   }
-  // x's rows replaced by their int8 records (quantize_a8 / quantize_q8: `bytes`, a
-  // multiple of 64), one per distinct row; the pointers stay const float* on their way
-  // to i4a8_tile / i8a8_tile.
+  // x's rows replaced by their records (quantize_a8 / quantize_q8 / f4_record: `bytes`,
+  // a multiple of 64), one per distinct row; the pointers stay const float* on their
+  // way to i4a8_tile / i8a8_tile / i4f_tile.
   template <typename Q>
   void quantize_rows(int64_t bytes, const Q& quantize) {
     const auto distinct = distinct_rows();
@@ -1672,8 +1806,11 @@ struct Plan {
     records.resize(distinct.size() * fl + 16);
     float* first = records.data();
     first += (16 - (reinterpret_cast<uintptr_t>(first) / 4) % 16) % 16;
-    for (size_t i = 0; i < distinct.size(); ++i)
-      quantize(distinct[i], reinterpret_cast<char*>(first + i * fl));
+    // prefill's hundreds of rows in parallel (a row: ~0.5-1 us)
+    at::parallel_for(0, static_cast<int64_t>(distinct.size()), 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        quantize(distinct[i], reinterpret_cast<char*>(first + i * fl));
+    });
     repoint(distinct, first, fl);
   }
   std::vector<const float*> distinct_rows() const {
