@@ -1278,6 +1278,7 @@ AVX512 void i4f_rows(const uint8_t* p, int64_t ldn, const F4Layout& L, const Blo
       w[c] = _mm512_loadu_si512(at);
     }
     __m512 e[C][R];
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m512 xj[R];
       for (int r = 0; r < R; ++r)
