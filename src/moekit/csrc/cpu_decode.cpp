@@ -1266,6 +1266,7 @@ AVX512 void f4_record(const float* x, const F4Layout& L, char* rec) {
 template <int R, int C>
 AVX512 void i4f_rows(const uint8_t* p, int64_t ldn, const F4Layout& L, const BlockGroups& V,
                      const float* gs, const float* gz, const char* const* xr, float* v) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[C][R];
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
@@ -1285,7 +1286,8 @@ AVX512 void i4f_rows(const uint8_t* p, int64_t ldn, const F4Layout& L, const Blo
         xj[r] = _mm512_loadu_ps(reinterpret_cast<const float*>(xr[r]) + 128 * b + 16 * j);
       for (int c = 0; c < C; ++c) {
         const __m512 q =
-            _mm512_cvtepu32_ps(_mm512_and_si512(w[c], _mm512_set1_epi32(0xFu << (4 * j))));
+            j == 0 ? _mm512_permutexvar_ps(w[c], iota)
+                   : _mm512_cvtepu32_ps(_mm512_and_si512(w[c], _mm512_set1_epi32(0xFu << (4 * j))));
         for (int r = 0; r < R; ++r)
           e[c][r] = j == 0 ? _mm512_mul_ps(xj[r], q) : _mm512_fmadd_ps(xj[r], q, e[c][r]);
       }
