@@ -1213,11 +1213,12 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
 // (bits 4j..4j+3) of every dword is one AND with 0xF << 4j and one unsigned convert:
 // q * 2^4j exactly (4 significant bits), times an input prescaled by 2^-4j (exact), so
 // each product is x * q as fp32 computes it. An AND (any of the 4 vector pipes), a
-// convert and an FMA per 16 weights, no shuffles; an input vector serves the pass's
-// C output rows. The group scale is one FMA per block, the zero point z * sum(x) one
-// per group. gate_up of 64 experts D=1024 2F=2048 g64, 2 threads, Zen 4 VM, against
-// the per-chunk kernel in one process: 8 touched at 1 row, cold, 21.7 -> 24.2 GB/s of
-// int4; 1-16 rows 1.10-1.22x, L3-warm or cold. (A /tmp microbenchmark, one thread
+// convert and an FMA per 16 weights (nibble 0: one vpermps from a table of 0..15, which
+// reads an index's low 4 bits only), no other shuffles; an input vector serves the
+// pass's C output rows. The group scale is one FMA per block, the zero point
+// z * sum(x) one per group. gate_up of 64 experts D=1024 2F=2048 g64, 2 threads, Zen 4
+// VM, against the per-chunk kernel in one process: 8 touched at 1 row, cold, 21.9 ->
+// 27.8 GB/s of int4; 1-16 rows 1.15-1.29x, L3-warm 1.14-1.28x. (A /tmp microbenchmark, one thread
 // from L2: one output row per pass ran slower than the per-chunk kernel; `vdpbf16ps`
 // with each input split into two bf16 terms 1.2x faster than this, but it keeps 16 of
 // an input's 24 significant bits; with three terms, exact, no faster than this.)
