@@ -1204,7 +1204,7 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   record_tile(n, W, A8_RMAX, a8_cols, pass, acc);
 }
 
-// ---- int4 weights, float activations, 128-input blocks on AVX-512 ("i4f") -------
+// ---- int4 weights, float activations, 128-input blocks ("i4f"; AVX-512, AVX2) -----
 //
 // The per-chunk kernel (nk_rows_avx512) spends per 32 weights a widening, two vpermps
 // lookups and a shift (on the shuffle units, 1 per cycle each on Zen 4) and two
@@ -1229,7 +1229,7 @@ void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
 //
 // A row record (one per distinct input row, 64-byte aligned; K % 128 == 0):
 //   xs   per block of 128 inputs, for j = 0..7, 16 floats: lane d the input of
-//        nibble j of dword d, times 2^-4j
+//        nibble j of dword d, times 2^-4j (j = 7: 2^-f4_top())
 //   zx   K / g floats: sum of x over each weight group
 struct F4Layout {
   int64_t K, group, zx_off, bytes;
