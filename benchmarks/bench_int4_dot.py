@@ -1,12 +1,15 @@
 """What an int4 dot product costs with each kind of activation (AVX-512 BF16 / VNNI CPUs).
 
 The decode issue asks int4 weight-only experts for >= 5x fp32's tokens/s at batch 1;
-moekit's weight-only int4 kernel reaches ~3.8x and its int8-activation one (W4A8) ~5x.
-This measures why, on one weight row per dot product over a pool of int4 rows in
-moekit's layout (``benchmarks/int4_dot.cpp``, built here with ``-march=native``):
+moekit's weight-only int4 kernel reached ~3.8-4.3x with table lookups (4.9-5.3x on the
+Mixtral-like model with the block kernel, ``blocks`` below) and its int8-activation one
+(W4A8) ~5-6x. This measures why, on one weight row per dot product (``blocks``: four) over
+a pool of int4 rows in moekit's layout (``benchmarks/int4_dot.cpp``, built here with
+``-march=native``):
 
 - ``table``: fp32 activations, each group's 16 values looked up by the nibbles
-  (vpermps) and multiplied by FMA (moekit's weight-only kernel);
+  (vpermps) and multiplied by FMA (moekit's weight-only kernel where K is not a
+  multiple of 128);
 - ``bf16``: activations rounded to bf16, weights turned into bf16 by OR-ing an
   exponent onto the nibble, vdpbf16ps;
 - ``bf16x2``: activations as two bf16 (hi + lo: 16 significant bits), two vdpbf16ps;
@@ -17,6 +20,9 @@ moekit's layout (``benchmarks/int4_dot.cpp``, built here with ``-march=native``)
 - ``mant``: fp32 activations, each nibble shifted into the top of an fp32 mantissa
   with 1.0's exponent (1 + q / 16: a shift and a vpternlogd per 16 weights, no
   shuffles), FMA; the 1 is taken off per group.
+- ``blocks``: fp32 activations (exact) prescaled by 2^-4j; nibble j of each dword by an
+  AND and an unsigned convert (nibble 0 by vpermps), FMA; 4 weight rows per pass sharing
+  each activation load (moekit's weight-only int4 kernel since 2026-12-05).
 
 Per pool and round every variant runs once (best of ``--reps`` passes); the report is
 the median over rounds of int4 GB/s and of each round's ratio to ``table``, and each
@@ -40,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
-VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx", "mant"]
+VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx", "mant", "blocks"]
 SOURCE = Path(__file__).resolve().with_name("int4_dot.cpp")
 
 

@@ -7,7 +7,8 @@
 //
 // Variants (the activation's form, and the instruction that multiplies):
 //   0 table  fp32 x; the group's 16 values s q + z in a register, looked up by the
-//            nibbles (vpermps) and multiplied by FMA: moekit's weight-only kernel
+//            nibbles (vpermps) and multiplied by FMA: moekit's weight-only kernel (now
+//            where K is not a multiple of 128)
 //   1 bf16   x rounded to bf16; nibbles become bf16(128 + q) by OR-ing in an exponent,
 //            vdpbf16ps multiplies 32 pairs; the 128 is taken off per group at the end
 //   2 bf16x2 x as a pair of bf16 (hi + lo, 16 significant bits), two vdpbf16ps
@@ -20,6 +21,12 @@
 //   6 mant   fp32 x (exact); each nibble shifted into the top of an fp32 mantissa and
 //            OR-ed with the exponent of 1.0 (one shift, one vpternlogd): 1 + q / 16,
 //            an FMA per 16 weights, no shuffles; the 1 is taken off per group at the end
+//   7 blocks fp32 x (exact), prescaled by 2^-4j in nibble order; nibble j of each dword
+//            by an AND with 0xF << 4j and an unsigned convert (q 2^4j exactly; nibble 0 a
+//            vpermps from 0..15), an FMA per 16 weights; 4 weight rows per pass share
+//            each activation load: moekit's int4 kernel since 2026-12-05 (i4f_rows),
+//            with its software prefetch 4 KiB ahead (the only variant with one: without
+//            it, 4 rows read in 64-byte steps ran 0.64x table from a 256 MiB pool)
 //
 // Every variant but the table computes a block of 128 weights (64 bytes) per step:
 // lane l of its 16 int32 / fp32 sums covers chunk l / 4 of the block, scaled per lane
@@ -204,6 +211,36 @@ NOINLINE float dot_mant(const Row& r, const Shape& S, const float* xr, const flo
   return _mm512_reduce_add_ps(tot);
 }
 
+// 7: rows n0..n0 + 3 at once. xs: block b's 8 vectors, lane d of vector j the input of
+// nibble j of dword d, times 2^-4j.
+NOINLINE void dot_blocks4(const Row* r, const Shape& S, const float* xs, const float* gsum,
+                          float* out) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 tot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  for (int64_t b = 0; b < S.K / 128; ++b) {
+    __m512i w[4];
+    for (int c = 0; c < 4; ++c) {  // with moekit's prefetch 4 KiB ahead (alone here)
+      _mm_prefetch(reinterpret_cast<const char*>(r[c].q + 64 * b) + 4096, _MM_HINT_T1);
+      w[c] = _mm512_loadu_si512(r[c].q + 64 * b);
+    }
+    __m512 e[4];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const __m512 xj = _mm512_loadu_ps(xs + 128 * b + 16 * j);
+      for (int c = 0; c < 4; ++c) {
+        const __m512 q =
+            j == 0 ? _mm512_permutexvar_ps(w[c], iota)
+                   : _mm512_cvtepu32_ps(_mm512_and_si512(w[c], _mm512_set1_epi32(0xFu << (4 * j))));
+        e[c] = j == 0 ? _mm512_mul_ps(xj, q) : _mm512_fmadd_ps(xj, q, e[c]);
+      }
+    }
+    for (int c = 0; c < 4; ++c) tot[c] = _mm512_fmadd_ps(block_scales(S, r[c].s, b), e[c], tot[c]);
+  }
+  for (int c = 0; c < 4; ++c)
+    out[c] = _mm512_reduce_add_ps(dot_acc(r[c].z, gsum, S.K / S.g, tot[c]));
+}
+
 // 5: AMX (rows n0..n0 + 63 at once). Per group of 64 weights a row's 32 bytes, broadcast
 // to both halves of a vector and shifted per word by 0 / 4 (then 8 / 12) bits, give two
 // A-tile rows of bf16(128 + q): 32 weights each, in the word order of the records above
@@ -309,6 +346,7 @@ struct Acts {
   std::vector<float> xrep;    // the represented activations (for the reference)
   std::vector<uint16_t> bt;   // 5: B tiles, two per 64 inputs
   std::vector<float> f;       // 6: x in the record order
+  std::vector<float> xs;      // 7: x prescaled, in nibble order
 };
 
 Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
@@ -360,6 +398,14 @@ Acts prepare(int variant, const float* x, int64_t K, int64_t g) {
       A.f[128 * b + 16 * v + l] = x[k];
     }
   }
+  if (variant == 7) {  // block b, nibble j, dword d
+    A.xs.resize(K);
+    for (int64_t b = 0; b < K / 128; ++b)
+      for (int j = 0; j < 8; ++j)
+        for (int d = 0; d < 16; ++d)
+          A.xs[128 * b + 16 * j + d] =
+              std::ldexp(x[128 * b + 32 * (d / 4) + 4 * (d % 4) + j / 2 + 16 * (j % 2)], -4 * j);
+  }
   if (variant == 5) {  // per 64 inputs two B tiles [16 pairs][16 columns][2]
     A.bt.assign(1024 * (K / 64), 0);
     for (int64_t k = 0; k < K; ++k) {
@@ -392,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
                                                const at::Tensor& scales, const at::Tensor& zeros,
                                                int64_t g, const at::Tensor& x, int64_t threads,
                                                int64_t reps) {
-  TORCH_CHECK(variant >= 0 && variant <= 6, "variant must be 0..6, got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 7, "variant must be 0..7, got ", variant);
   const int64_t N = data.size(0), K = 2 * data.size(1);
   TORCH_CHECK(K % 128 == 0 && (g == 32 || g == 64 || g == 128),
               "K must be a multiple of 128 and g one of 32, 64, 128, got K=", K, ", g=", g);
@@ -423,7 +469,20 @@ std::tuple<at::Tensor, at::Tensor, double> dot(int64_t variant, const at::Tensor
     TORCH_CHECK(syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
                         18 /* XFEATURE_XTILEDATA */) == 0, "amx: no permission for AMX tiles");
   }
+  if (variant == 7) TORCH_CHECK(N % 4 == 0, "blocks: rows a multiple of 4");
   auto pass = [&] {
+    if (variant == 7) {
+#pragma omp parallel for schedule(static)
+      for (int64_t n0 = 0; n0 < N; n0 += 4) {
+        Row r4[4];
+        for (int c = 0; c < 4; ++c) {
+          const int64_t n = n0 + c;
+          r4[c] = Row{q + n * (K / 2), s + n * (K / g), z + n * (K / g)};
+        }
+        dot_blocks4(r4, S, A.xs.data(), A.gsum.data(), o + n0);
+      }
+      return;
+    }
     if (variant == 5) {
 #pragma omp parallel
       {
