@@ -1563,7 +1563,7 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
 
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
 void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
-          int64_t c0, int64_t W, float* acc, bool f4 = false) {
+          int64_t c0, int64_t W, float* acc, bool f4) {
   if (w.a8) {  // x: row records (Plan::quantize_rows)
     if (w.kind == Kind::I8) return i8a8_tile(w, e, x, n, c0, W, acc);
     return i4a8_tile(w, e, x, n, c0, W, acc);
