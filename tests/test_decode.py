@@ -20,6 +20,7 @@ import torch
 
 import moekit
 from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS, decode_max_rows
+from moekit.functions import cpu_ext
 from moekit.functions import decode as decode_fn
 from moekit.inference import decode_experts, sorted_rows
 from tests.reference import f32, ref_expert
@@ -122,6 +123,30 @@ def test_callable_activation_runs_unfused():
             h = x[t] @ p.w_in[e] + p.b_in[e]
             want[t] += weights_TK[t, k] * (tanh_glu(h) @ p.w_out[e] + p.b_out[e])
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("F", [50, 256])  # 50: tiles of 16 and a tail of 2
+def test_swiglu_matches_definition_over_the_exp_range(F):
+    """SwiGLU's epilogue (AVX-512: a vector exp) against float64 silu(g) * u for gates
+    from -120 to 100 (exp's underflow and overflow), +-inf and NaN: x = 0 and zero
+    weights, so g and u are the biases exactly."""
+    E, K = 1, 16
+    gen = torch.Generator().manual_seed(F)
+    g = torch.cat([torch.linspace(-120, 100, F - 5),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])])
+    g = g[torch.randperm(F, generator=gen)]
+    u = torch.rand(F, generator=gen) + 0.5
+    b_in = torch.cat([g, u])[None]  # [E, 2F]
+    w_in = torch.zeros(E, K, 2 * F)
+    d = sorted_rows(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), E)
+    ext = cpu_ext.get_decode()
+    h = ext.gate_up(torch.zeros(1, K), d.token_S, d.offsets_E, w_in, None, None, 0, 0, b_in,
+                    1, 0.0, 1.0)  # act 1: SwiGLU
+    g64 = g.double()
+    want = (g64 * torch.sigmoid(g64) * u.double()).float()
+    want[g == float("-inf")] = float("nan")  # -inf * sigmoid(-inf) = -inf * 0
+    # atol: below g ~ -88.7, exp(-g) overflows fp32 and the fp32 formula gives 0
+    torch.testing.assert_close(h[0], want, rtol=1e-6, atol=1e-30, equal_nan=True)
 
 
 def test_dropped_rows_contribute_nothing():

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_TESTS = ("matches_reference or single_touched or dense_rows or quantized_experts_match "
-                "or quantized_linear or float_linear or int8_activation or bf16_rounds")
+                "or quantized_linear or float_linear or int8_activation or bf16_rounds "
+                "or swiglu_matches")
 
 
 def _narrower() -> list[str]:
