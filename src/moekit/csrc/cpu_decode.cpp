@@ -1705,19 +1705,27 @@ AVX512 inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// dst[j] = activate(SWIGLU, g[j] + bg[j], u[j] + bu[j]) for j < n (biases optional), 16
-// at a time: the scalar formula's operations in its order, exp16 for std::exp. A decode
-// step's gate_up calls ran 16K of these one std::exp call each (fine-grained model,
-// batch 1: ~4% of the step's CPU time).
+// dst[j] = activate(act, g[j] + bg[j], u[j] + bu[j]) for j < n (biases optional) and act
+// SWIGLU or (OAI) SWIGLU_OAI, 16 at a time: the scalar formula's operations in its order
+// (min / max as std::min / std::max, NaN included), exp16 for std::exp. A decode step's
+// gate_up calls ran 16K of these one std::exp call each (fine-grained model, batch 1:
+// ~4% of the step's CPU time).
+template <bool OAI>
 AVX512 void swiglu_avx512(const float* g, const float* u, const float* bg, const float* bu,
-                          float* dst, int64_t n) {
-  const __m512 one = _mm512_set1_ps(1.0f);
+                          float* dst, int64_t n, float limit, float alpha) {
+  const __m512 one = _mm512_set1_ps(1.0f), lim = _mm512_set1_ps(limit);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
     __m512 gv = _mm512_maskz_loadu_ps(m, g + j), uv = _mm512_maskz_loadu_ps(m, u + j);
     if (bg) gv = _mm512_add_ps(gv, _mm512_maskz_loadu_ps(m, bg + j));
     if (bu) uv = _mm512_add_ps(uv, _mm512_maskz_loadu_ps(m, bu + j));
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    __m512 v = gv;
+    if constexpr (OAI) {
+      gv = _mm512_min_ps(lim, gv);
+      uv = _mm512_add_ps(_mm512_max_ps(_mm512_min_ps(lim, uv), _mm512_set1_ps(-limit)), one);
+      v = _mm512_mul_ps(_mm512_set1_ps(alpha), gv);
+    }
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
     const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, e));
     _mm512_mask_storeu_ps(dst + j, m, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
   }
@@ -1744,20 +1752,42 @@ AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(a)), pow2_8(b));
 }
 
+template <bool OAI>
 AVX2 void swiglu_avx2(const float* g, const float* u, const float* bg, const float* bu,
-                      float* dst, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.0f);
+                      float* dst, int64_t n, float limit, float alpha) {
+  const __m256 one = _mm256_set1_ps(1.0f), lim = _mm256_set1_ps(limit);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     __m256 gv = _mm256_loadu_ps(g + j), uv = _mm256_loadu_ps(u + j);
     if (bg) gv = _mm256_add_ps(gv, _mm256_loadu_ps(bg + j));
     if (bu) uv = _mm256_add_ps(uv, _mm256_loadu_ps(bu + j));
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    __m256 v = gv;
+    if constexpr (OAI) {
+      gv = _mm256_min_ps(lim, gv);
+      uv = _mm256_add_ps(_mm256_max_ps(_mm256_min_ps(lim, uv), _mm256_set1_ps(-limit)), one);
+      v = _mm256_mul_ps(_mm256_set1_ps(alpha), gv);
+    }
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
     const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
     _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), uv));
   }
   for (; j < n; ++j)
-    dst[j] = activate(SWIGLU, g[j] + (bg ? bg[j] : 0.0f), u[j] + (bu ? bu[j] : 0.0f), 0.0f, 0.0f);
+    dst[j] = activate(OAI ? SWIGLU_OAI : SWIGLU, g[j] + (bg ? bg[j] : 0.0f),
+                      u[j] + (bu ? bu[j] : 0.0f), limit, alpha);
+}
+
+// swiglu_avx512 / swiglu_avx2 for act (SWIGLU or SWIGLU_OAI) on this CPU's ISA
+void swiglu_rows(int64_t act, const float* g, const float* u, const float* bg, const float* bu,
+                 float* dst, int64_t n, float limit, float alpha) {
+  const bool oai = act == SWIGLU_OAI;
+  if (CPU_ISA == Isa::Avx512) {
+    if (oai) swiglu_avx512<true>(g, u, bg, bu, dst, n, limit, alpha);
+    else swiglu_avx512<false>(g, u, bg, bu, dst, n, limit, alpha);
+  } else if (oai) {
+    swiglu_avx2<true>(g, u, bg, bu, dst, n, limit, alpha);
+  } else {
+    swiglu_avx2<false>(g, u, bg, bu, dst, n, limit, alpha);
+  }
 }
 
 // ---- tasks ------------------------------------------------------------------------
@@ -2128,10 +2158,9 @@ torch::Tensor gate_up_rows(const torch::Tensor& x_TD, const torch::Tensor& token
     }
     for (int64_t r = 0; r < n; ++r) {
       float* dst = o + (s0 + r) * out_w + t.c0;
-      if (act == SWIGLU && CPU_ISA != Isa::Generic) {
-        const float *gb = bg ? bg + t.c0 : nullptr, *ub = bu ? bu + t.c0 : nullptr;
-        if (CPU_ISA == Isa::Avx512) swiglu_avx512(&g[r * cw], &u[r * cw], gb, ub, dst, cw);
-        else swiglu_avx2(&g[r * cw], &u[r * cw], gb, ub, dst, cw);
+      if ((act == SWIGLU || act == SWIGLU_OAI) && CPU_ISA != Isa::Generic) {
+        swiglu_rows(act, &g[r * cw], &u[r * cw], bg ? bg + t.c0 : nullptr,
+                    bu ? bu + t.c0 : nullptr, dst, cw, lim, al);
         continue;
       }
       for (int64_t j = 0; j < cw; ++j) {
