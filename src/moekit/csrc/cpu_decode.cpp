@@ -1265,53 +1265,30 @@ AVX2 void f4_group_sums(const float* x, const F4Layout& L, float* zx) {
   }
 }
 
-// AVX2: gathers of 8 lanes, lane d of half h of a block being dword 8 h + d.
-AVX2 void f4_record_avx2(const float* x, const F4Layout& L, char* rec) {
+// Inputs 32 q + 16 s + 4 m + i of a block (chunk q, half s) are nibble j = 2 i + s of
+// dword 4 q + m: a 4 x 4 transpose of 16 inputs gives nibble 2 i + s's four values for
+// dwords 4 q..4 q + 3 in row i. No gathers: with 16 of them per 128 inputs, a scalar
+// ldexp per nibble position and block, and the group sums chained through memory, the
+// records of the down projection's 8 rows (K = 512) took 4.5 us per layer of the fine
+// model while the other thread waited.
+AVX2 void f4_record(const float* x, const F4Layout& L, char* rec) {
   float* xs = reinterpret_cast<float*>(rec);
-  const __m256i lanes = _mm256_setr_epi32(0, 4, 8, 12, 32, 36, 40, 44);
-  __m256 scale[8];
-  for (int j = 0; j < 8; ++j) scale[j] = _mm256_set1_ps(f4_scale(j));
-  for (int64_t b = 0; b < L.K / 128; ++b)
-    for (int j = 0; j < 8; ++j) {
-      const __m256i at = _mm256_add_epi32(lanes, _mm256_set1_epi32(j / 2 + 16 * (j % 2)));
-      for (int h = 0; h < 2; ++h)
-        _mm256_storeu_ps(xs + 128 * b + 16 * j + 8 * h,
-                         _mm256_mul_ps(_mm256_i32gather_ps(x + 128 * b + 64 * h, at, 4), scale[j]));
-    }
-  f4_group_sums(x, L, reinterpret_cast<float*>(rec + L.zx_off));
-}
-
-// AVX-512: inputs 32 q + 16 s + 4 m + i of a block (chunk q, half s) are nibble
-// j = 2 i + s of dword 4 q + m, so a 4 x 4 transpose of 16 inputs puts nibble 2 i + s's
-// four values in 128-bit lane i, stored at dwords 4 q..4 q + 3 of its vector. No
-// gathers: a row's record took 4.5 us per layer on the down projection's 8 rows (K =
-// 512) with them and a serial group-sum chain, while the other thread waited.
-AVX512 void f4_record_avx512(const float* x, const F4Layout& L, char* rec) {
-  float* xs = reinterpret_cast<float*>(rec);
-  const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  __m512 scale[2];  // lane group i of half s: nibble 2 i + s's prescale
-  for (int s = 0; s < 2; ++s)
-    scale[s] = _mm512_setr_ps(f4_scale(s), f4_scale(s), f4_scale(s), f4_scale(s),
-                              f4_scale(2 + s), f4_scale(2 + s), f4_scale(2 + s), f4_scale(2 + s),
-                              f4_scale(4 + s), f4_scale(4 + s), f4_scale(4 + s), f4_scale(4 + s),
-                              f4_scale(6 + s), f4_scale(6 + s), f4_scale(6 + s), f4_scale(6 + s));
+  __m128 scale[8];
+  for (int j = 0; j < 8; ++j) scale[j] = _mm_set1_ps(f4_scale(j));
   for (int64_t b = 0; b < L.K / 128; ++b)
     for (int q = 0; q < 4; ++q)
       for (int s = 0; s < 2; ++s) {
-        const __m512 v = _mm512_mul_ps(
-            _mm512_permutexvar_ps(tr, _mm512_loadu_ps(x + 128 * b + 32 * q + 16 * s)), scale[s]);
+        const float* in = x + 128 * b + 32 * q + 16 * s;
+        __m128 r0 = _mm_loadu_ps(in), r1 = _mm_loadu_ps(in + 4), r2 = _mm_loadu_ps(in + 8),
+               r3 = _mm_loadu_ps(in + 12);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
         float* at = xs + 128 * b + 16 * s + 4 * q;  // nibble s, dword 4 q; then + 32 per i
-        _mm_storeu_ps(at, _mm512_extractf32x4_ps(v, 0));
-        _mm_storeu_ps(at + 32, _mm512_extractf32x4_ps(v, 1));
-        _mm_storeu_ps(at + 64, _mm512_extractf32x4_ps(v, 2));
-        _mm_storeu_ps(at + 96, _mm512_extractf32x4_ps(v, 3));
+        _mm_storeu_ps(at, _mm_mul_ps(r0, scale[s]));
+        _mm_storeu_ps(at + 32, _mm_mul_ps(r1, scale[2 + s]));
+        _mm_storeu_ps(at + 64, _mm_mul_ps(r2, scale[4 + s]));
+        _mm_storeu_ps(at + 96, _mm_mul_ps(r3, scale[6 + s]));
       }
   f4_group_sums(x, L, reinterpret_cast<float*>(rec + L.zx_off));
-}
-
-void f4_record(const float* x, const F4Layout& L, char* rec) {
-  if (CPU_ISA == Isa::Avx512) f4_record_avx512(x, L, rec);
-  else f4_record_avx2(x, L, rec);
 }
 
 // R (1..8) records per pass over C (1, 2 or 4) output rows p, p + ldn, ..: each
