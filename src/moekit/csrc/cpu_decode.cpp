@@ -321,6 +321,11 @@ constexpr int64_t chunk_bytes() {
 }
 constexpr int64_t NK_PREFETCH = MOEKIT_NK_PF;
 
+// The block kernels' prefetch: the bytes NK_PREFETCH past `at` (a weight row's block).
+inline void prefetch_ahead(const void* at) {
+  if (NK_PREFETCH) _mm_prefetch(static_cast<const char*>(at) + NK_PREFETCH, MOEKIT_NK_HINT);
+}
+
 template <Kind KIND>
 AVX512 inline void nk_prefetch(const void* p, int64_t c) {
   constexpr int64_t B = chunk_bytes<KIND>();
@@ -1066,8 +1071,7 @@ VNNI void i4a8_rows_vnni(const uint8_t* p, int64_t ldn, const A8Layout& L, const
     __m512 sw[C];
     for (int c = 0; c < C; ++c) {
       const uint8_t* at = p + c * ldn + 64 * b;
-      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
-                                    MOEKIT_NK_HINT);
+      prefetch_ahead(at);
       const __m512i w = _mm512_loadu_si512(at);
       lo[c] = _mm512_and_si512(w, m), hi[c] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m);
       sw[c] = _mm512_permutexvar_ps(
@@ -1304,8 +1308,7 @@ AVX512 void i4f_rows(const uint8_t* p, int64_t ldn, const F4Layout& L, const Blo
     __m512i w[C];
     for (int c = 0; c < C; ++c) {
       const uint8_t* at = p + c * ldn + 64 * b;
-      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
-                                    MOEKIT_NK_HINT);
+      prefetch_ahead(at);
       w[c] = _mm512_loadu_si512(at);
     }
     __m512 e[C][R];
@@ -1352,8 +1355,7 @@ AVX2 void i4f_rows_avx2(const uint8_t* p, int64_t ldn, const F4Layout& L, const 
     __m256i w[C];
     for (int c = 0; c < C; ++c) {
       const uint8_t* at = p + c * ldn + 32 * hb;
-      if (NK_PREFETCH && h == 0) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
-                                              MOEKIT_NK_HINT);
+      if (h == 0) prefetch_ahead(at);
       w[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
     }
     __m256 e[C][R];
@@ -1508,8 +1510,7 @@ VNNI void i8a8_rows_vnni(const int8_t* p, int64_t ldn, const Q8Layout& L, const 
     __m512i w[C];
     for (int c = 0; c < C; ++c) {
       const int8_t* at = p + c * ldn + 64 * b;
-      if (NK_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + NK_PREFETCH,
-                                    MOEKIT_NK_HINT);
+      prefetch_ahead(at);
       // past K (the last block's missing weights): 0 ^ 0x80 = 128, times xq = 0
       w[c] = _mm512_xor_si512(
           b + 1 < L.nb ? _mm512_loadu_si512(at) : _mm512_maskz_loadu_epi8(tail, at), flip);
