@@ -677,11 +677,11 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
 
 
 def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> None:
-    """Wall time of the parts of the engine's decode steps (``DecodePlan.step``, what
-    ``generate`` runs; the process's threads): the one C++ call that runs the embedding,
-    the layers and the LM head (and, from its own timers, the parts inside it), the
-    rotary tables, and the rest ("outside": Python, ``argmax``, the timers themselves),
-    beside an untimed step of the same model."""
+    """Wall time of the parts of the engine's greedy decode steps (``DecodePlan.step``,
+    what ``generate`` runs; the process's threads): the one C++ call that runs the
+    rotary rows, the embedding, the layers, the LM head and the argmax (and, from its own
+    timers, the parts inside it), and the rest ("outside": Python, the timers
+    themselves), beside an untimed step of the same model."""
     import collections
 
     import torch
@@ -700,14 +700,14 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
     timed = _timer(spent, time.perf_counter_ns)
     call = "the step's one C++ call"
 
-    class _Native:  # DecodeStep is a C++ class: its run is wrapped, not patched
+    class _Native:  # DecodeStep is a C++ class: its step is wrapped, not patched
         def __init__(self, native) -> None:
-            self.run = timed(native.run, call)
+            self.bind, self.step = native.bind, timed(native.step, call)
 
     def run_steps(nxt):
         t0 = time.perf_counter_ns()
         for _ in range(steps):
-            nxt = plan.step(nxt, cache).argmax(-1)[:, None]
+            nxt = plan.step(nxt, cache, greedy=True)[:, None]
         return nxt, (time.perf_counter_ns() - t0) / steps
 
     with torch.inference_mode():
@@ -715,14 +715,12 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
         nxt, _ = run_steps(nxt)  # warm-up
         nxt, plain = run_steps(nxt)
         native, plan.native = plan.native, _Native(plan.native)
-        cache.begin = timed(cache.begin, "rotary tables (cache.begin)")
         native.set_timing(True)
         try:
             nxt, total = run_steps(nxt)
         finally:
             native.set_timing(False)
             plan.native = native
-            del cache.begin
     inside = [(part, ns) for part, ns in native.times() if ns]
     print(f"step calls: {shape} {variant} batch {B}, {steps} steps, {torch.get_num_threads()} "
           f"threads: {plain / 1e6:.3f} ms per step untimed, {total / 1e6:.3f} ms timed")

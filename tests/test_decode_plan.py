@@ -110,6 +110,56 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "int4"])
+def test_greedy_step_is_the_argmax_of_the_logits_step(variant):
+    """step(greedy=True) returns logits.argmax(-1) of the same step. Two caches fed the
+    same tokens alternate, so the plan binds a cache again at every step."""
+    model = _variant(variant)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    pad = torch.tensor([L - len(p) for p in prompts])
+    caches = [StaticKVCache.for_model(model, 3, L + 8) for _ in range(2)]
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+        for c in caches:
+            c.reset(pad)
+            nxt = model.infer(ids, c).argmax(-1)
+        for _ in range(6):
+            logits = plan.step(nxt[:, None], caches[0])
+            greedy = plan.step(nxt[:, None], caches[1], greedy=True)
+            assert greedy.dtype == torch.long and torch.equal(greedy, logits.argmax(-1))
+            nxt = greedy
+    assert caches[0].length == caches[1].length == L + 6
+
+
+def test_greedy_step_breaks_ties_and_nans_as_torch_argmax():
+    """Tokens with equal logits: the first one; NaN logits: the first NaN (torch's
+    argmax), in fp32 and bf16. Head rows 3, 5, 9 are v and the others -v, so the largest
+    logit is shared either by 3, 5, 9 or by all the others."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _lm(tie_embeddings=False)
+        v = torch.randn(model.head.weight.shape[1], generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            model.head.weight.copy_(-v)
+            model.head.weight[[3, 5, 9]] = v
+        model = model.to(dtype)
+        caches = [StaticKVCache.for_model(model, 1, 8) for _ in range(2)]
+        with torch.inference_mode():
+            plan = DecodePlan.build(model)
+            for c in caches:
+                c.reset()
+                model.infer(torch.tensor([[1, 2]]), c)
+            logits = plan.step(torch.tensor([[4]]), caches[0])[0]
+            assert (logits == logits.max()).sum() >= 3  # a tie at the top
+            top = plan.step(torch.tensor([[4]]), caches[1], greedy=True).item()
+            assert top == logits.argmax().item() and top in (0, 3), dtype
+            with torch.no_grad():
+                model.head.weight[[7, 11]] = float("nan")
+            plan = DecodePlan.build(model)  # the plan holds the weights: build it again
+            assert plan.step(torch.tensor([[4]]), caches[1], greedy=True).item() == 7, dtype
+
+
 def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch):
     model = _variant("int8")
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
@@ -165,6 +215,13 @@ def test_step_declines_and_leaves_the_cache_alone_outside_the_kernels(monkeypatc
     with torch.no_grad():
         assert plan.step(nxt, cache) is None  # more rows than a kernel takes
     assert cache.length == before
+    cache.length = cache.max_len  # full: the step says so, as cache.begin does
+    k_before = [k.clone() for k in cache.k]
+    monkeypatch.setattr(plan, "max_rows", 2)
+    with torch.no_grad(), pytest.raises(ValueError, match="sequence length 17 is not allowed"):
+        plan.step(nxt, cache)
+    assert cache.length == 16
+    assert all(torch.equal(a, b) for a, b in zip(k_before, cache.k, strict=True))
 
 
 def test_native_step_names_bad_arguments():
@@ -186,3 +243,16 @@ def test_native_step_names_bad_arguments():
                             None)
         with pytest.raises(RuntimeError, match="P=16 is not allowed"):
             plan.native.run(torch.tensor([3]), *args, cache.k, cache.v, 16, None)
+        with pytest.raises(RuntimeError, match="step needs a bound cache"):
+            plan.native.step(torch.tensor([3]), 2, False, True)
+        tables = (model.rope_cos.float().contiguous(), model.rope_sin.float().contiguous())
+        with pytest.raises(RuntimeError, match="k_L / v_L must hold one tensor per layer"):
+            plan.native.bind(cache.k[:1], cache.v, *tables, cache.pad_B, cache.valid_BM)
+        with pytest.raises(RuntimeError, match="pad_B must be a contiguous int64"):
+            plan.native.bind(cache.k, cache.v, *tables, cache.pad_B.int(), cache.valid_BM)
+        plan.native.bind(cache.k, cache.v, *tables, cache.pad_B, cache.valid_BM)
+        with pytest.raises(RuntimeError, match="ids_R must be \\[R\\] with 1 <= R <= 1"):
+            plan.native.step(torch.tensor([3, 4]), 2, False, True)
+        M = model.rope_cos.shape[0]
+        with pytest.raises(RuntimeError, match=f"P={M} is not allowed: the rotary tables"):
+            plan.native.step(torch.tensor([3]), M, False, True)

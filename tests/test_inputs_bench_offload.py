@@ -336,8 +336,8 @@ def test_decode_breakdown_variant_checked():
 
 @needs_benchmarks
 def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
-    """--step-calls times the parts of a DecodePlan step (a W8A8 model): its one C++
-    call and the parts inside it, the rotary tables and the rest."""
+    """--step-calls times the parts of a greedy DecodePlan step (a W8A8 model): its one
+    C++ call and the parts inside it, and the rest."""
     from moekit.functions import cpu_ext
 
     if cpu_ext.get_decode() is None:
@@ -347,9 +347,10 @@ def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
     DECODE.step_calls("tiny", 2, "int8a8", steps=3)
     out = capsys.readouterr().out
     assert "step calls: tiny int8a8 batch 2, 3 steps" in out
-    for label in ("the step's one C++ call", "rotary tables (cache.begin)", "outside"):
+    for label in ("the step's one C++ call", "outside"):
         assert f"\n  {label} " in out
-    for part in ("embedding", "norms", "attention projections", "attend_one",
-                 "router + route_sort", "experts gate_up", "experts down_combine", "LM head"):
+    for part in ("rotary rows", "embedding", "norms", "attention projections", "attend_one",
+                 "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
+                 "argmax"):
         assert f"\n    {part} " in out  # the parts inside the call, from its own timers
     assert "bf16 conversions" not in out  # an fp32 model converts nothing

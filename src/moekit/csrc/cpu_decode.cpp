@@ -50,6 +50,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -2858,6 +2859,76 @@ class DecodeStep {
     return out(timed(HEAD, [&] { return head_.apply(h_last, rows_R, ends_1); }));
   }
 
+  // The generation's KV cache (k_L / v_L as run takes them), the model's rotary tables
+  // cos_MDh / sin_MDh (fp32, a row per position) and the cache's left padding pad_B
+  // (int64) and valid slots valid_BM (bool [B, M]), bound for the steps that follow
+  // (DecodePlan binds its cache once): step() then takes only the new ids and the slot.
+  // The cache updates these tensors in place (reset, keep_rows), so they stay bound.
+  void bind(std::vector<torch::Tensor> k_L, std::vector<torch::Tensor> v_L,
+            const torch::Tensor& cos_MDh, const torch::Tensor& sin_MDh,
+            const torch::Tensor& pad_B, const torch::Tensor& valid_BM) {
+    const auto n = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(k_L.size()) == n && static_cast<int64_t>(v_L.size()) == n,
+                "k_L / v_L must hold one tensor per layer (", n, "), got ", k_L.size(), " / ",
+                v_L.size());
+    check_f32(cos_MDh, "cos_MDh", 2);
+    TORCH_CHECK(sin_MDh.sizes() == cos_MDh.sizes(), "sin_MDh must match cos_MDh ",
+                cos_MDh.sizes(), ", got ", sin_MDh.sizes());
+    check_f32(sin_MDh, "sin_MDh", 2);
+    check_cpu(pad_B, "pad_B");
+    TORCH_CHECK(pad_B.scalar_type() == at::kLong && pad_B.dim() == 1 && pad_B.is_contiguous(),
+                "pad_B must be a contiguous int64 [B] tensor, got ", pad_B.scalar_type(), " ",
+                pad_B.sizes());
+    TORCH_CHECK(valid_BM.scalar_type() == at::kBool && valid_BM.dim() == 2 &&
+                valid_BM.size(0) == pad_B.size(0),
+                "valid_BM must be bool [", pad_B.size(0), ", M], got ", valid_BM.scalar_type(),
+                " ", valid_BM.sizes());
+    k_L_ = std::move(k_L), v_L_ = std::move(v_L);
+    cos_ = cos_MDh, sin_ = sin_MDh, pad_ = pad_B, valid_ = valid_BM;
+  }
+
+  // run() for the first R rows of the bound cache at slot P: each row's rotary row of
+  // the tables (row r at position max(P - pad_B[r], 0) where the rows are padded, P
+  // otherwise, as StaticKVCache.begin computes it). Returns the logits [R, V], or with
+  // greedy each row's argmax [R] int64 (as torch's: the first largest, a NaN first).
+  torch::Tensor step(const torch::Tensor& ids_R, int64_t P, bool padded, bool greedy) const {
+    TORCH_CHECK(cos_.defined(), "step needs a bound cache: call bind first");
+    const int64_t R = ids_R.size(0), B = pad_.size(0), M = cos_.size(0), Dh = cos_.size(1);
+    TORCH_CHECK(ids_R.dim() == 1 && R >= 1 && R <= B, "ids_R must be [R] with 1 <= R <= ",
+                B, " (the bound cache's rows), got ", ids_R.sizes());
+    TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the rotary tables hold ", M,
+                " positions");
+    auto [cos, sin] = timed(ROTARY, [&] {
+      const auto row = [&](const torch::Tensor& t) {  // row P as a view (narrow: ~5 us cold)
+        return torch::from_blob(t.data_ptr<float>() + P * Dh, {1, Dh}, t.options());
+      };
+      if (!padded) return std::make_pair(row(cos_), row(sin_));
+      auto c = torch::empty({R, Dh}, cos_.options()), s = torch::empty({R, Dh}, cos_.options());
+      const int64_t* pad = pad_.data_ptr<int64_t>();
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t pos = std::max<int64_t>(P - pad[r], 0);
+        std::memcpy(c.data_ptr<float>() + r * Dh, cos_.data_ptr<float>() + pos * Dh,
+                    Dh * sizeof(float));
+        std::memcpy(s.data_ptr<float>() + r * Dh, sin_.data_ptr<float>() + pos * Dh,
+                    Dh * sizeof(float));
+      }
+      return std::make_pair(c, s);
+    });
+    const auto& [rows_R, ends_1] = all_rows(R);
+    auto logits = run(ids_R, rows_R, ends_1, cos, sin, k_L_, v_L_, P,
+                      padded ? c10::optional<torch::Tensor>(valid_) : c10::nullopt);
+    if (!greedy) return logits;
+    return timed(ARGMAX, [&] {
+      auto ids = torch::empty({R}, torch::dtype(at::kLong));
+      const int64_t V = logits.size(1);
+      if (logits.scalar_type() == at::kFloat)
+        argmax_rows(elems<float>(logits), R, V, ids.data_ptr<int64_t>());
+      else
+        argmax_rows(elems<uint16_t>(logits), R, V, ids.data_ptr<int64_t>());
+      return ids;
+    });
+  }
+
   // Wall time of each part of the steps run while timing is on, in ns by part (bench_decode
   // --step-calls); set_timing(true) starts again from zero, set_timing(false) keeps the
   // sums for times(). Off, a part costs a branch.
@@ -2874,12 +2945,37 @@ class DecodeStep {
 
  private:
   enum Part {
-    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, NPARTS
+    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, ROTARY, ARGMAX,
+    NPARTS
   };
   static constexpr const char* PART_NAMES[NPARTS] = {
       "embedding", "norms", "attention projections", "attend_one",
       "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
-      "bf16 conversions"};
+      "bf16 conversions", "rotary rows", "argmax"};
+
+  // (arange(R), [R] as int32): every row on the one "expert" of a dense projection, made
+  // once per R (decode._all_rows' pair); the kernels only read them.
+  const std::pair<torch::Tensor, torch::Tensor>& all_rows(int64_t R) const {
+    auto& at = all_rows_[R];
+    if (!at.first.defined())
+      at = {torch::arange(R, torch::dtype(at::kLong)),
+            torch::full({1}, R, torch::dtype(at::kInt))};
+    return at;
+  }
+
+  template <typename T>
+  static void argmax_rows(const T* logits, int64_t R, int64_t V, int64_t* out) {
+    for (int64_t r = 0; r < R; ++r) {
+      const T* row = logits + r * V;
+      int64_t best = 0;
+      float top = load(row[0]);
+      for (int64_t v = 1; v < V && !std::isnan(top); ++v) {
+        const float x = load(row[v]);
+        if (x > top || std::isnan(x)) top = x, best = v;
+      }
+      out[r] = best;
+    }
+  }
 
   template <typename F>
   auto timed(Part part, const F& f) const -> decltype(f()) {
@@ -2901,6 +2997,10 @@ class DecodeStep {
   torch::Tensor table_scales_;
   c10::optional<torch::Tensor> table_zeros_;
   int64_t table_bits_ = 0, table_group_ = 0;
+  // bind()'s tensors
+  std::vector<torch::Tensor> k_L_, v_L_;
+  torch::Tensor cos_, sin_, pad_, valid_;
+  mutable std::map<int64_t, std::pair<torch::Tensor, torch::Tensor>> all_rows_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2926,6 +3026,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
            py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))
       .def("run", &DecodeStep::run, py::call_guard<py::gil_scoped_release>())
+      .def("bind", &DecodeStep::bind, "the generation's KV cache and rotary tables for step()",
+           py::arg("k_L"), py::arg("v_L"), py::arg("cos_MDh"), py::arg("sin_MDh"),
+           py::arg("pad_B"), py::arg("valid_BM"))
+      .def("step", &DecodeStep::step,
+           "run() on the bound cache at slot P: logits [R, V], or the argmax ids with greedy",
+           py::arg("ids_R"), py::arg("P"), py::arg("padded"), py::arg("greedy"),
+           py::call_guard<py::gil_scoped_release>())
       .def("set_timing", &DecodeStep::set_timing,
            "time the parts of the next runs (on: from 0; off: keeps the sums)")
       .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");

@@ -13,7 +13,10 @@ all of them (the embedding, the norms, every layer, the LM head) inside one C++ 
 (``DecodeStep`` in ``moekit/csrc/cpu_decode.cpp``): the logits are bitwise those of
 ``model.infer``. (The same calls from a Python loop, each line run with cold caches
 after a weight stream, took 5-10% longer per quantized or bf16 step at batch 1:
-docs/cpu-inference.md, "A decode step in one C++ call".) A step outside the limits the
+docs/cpu-inference.md, "A decode step in one C++ call".) The call also takes the rotary
+rows from the model's tables (the cache's tensors are bound to it on the first step)
+and, for greedy decoding, the argmax: the engine's Python per step is its own loop.
+A step outside the limits the
 modules would check (rows per kernel, autograd, autocast, the cache's dtype) returns
 None and the caller runs ``model.infer``. The plan holds the weights' tensors, so it is
 for one generation: build it again after changing the model (quantize, ``.to``).
@@ -119,6 +122,7 @@ class DecodePlan:
                             decode.ADD_NORM_MAX_ROWS, decode.float_kernel_max_rows(torch.float32))
         self.expert_rows = expert_rows  # routed rows per layer up to which experts decode
         self.top_k = max(layer.route[0] for layer in layers)
+        self._bound = None  # the StaticKVCache bound to self.native (step binds it)
 
     @classmethod
     def build(cls, model) -> DecodePlan | None:
@@ -155,22 +159,26 @@ class DecodePlan:
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
         return cls(model, layers, head[1], embed, float_rows, quant_rows, expert_rows)
 
-    def step(self, ids_R1: Tensor, cache) -> Tensor | None:
-        """Logits [R, V] of one new token per row, appending it to ``cache``; None (and
-        nothing done) where the modules would leave the kernels this step."""
+    def step(self, ids_R1: Tensor, cache, greedy: bool = False) -> Tensor | None:
+        """Logits [R, V] of one new token per row, appending it to ``cache``; with
+        ``greedy`` each row's argmax instead ([R] int64, as ``logits.argmax(-1)``). None
+        (and nothing done) where the modules would leave the kernels this step."""
         R, L = ids_R1.shape
         k0 = cache.k[0]
         if (L != 1 or R != cache.rows or R > self.max_rows or R * self.top_k > self.expert_rows
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
                 or k0.dtype != self.dtype or k0.device.type != "cpu"):
             return None
-        model = self.model
-        rows_R, ends_1 = decode._all_rows(R)  # as decode.dense_rows passes them
-        cos, sin = cache.begin(1, model.rope_cos, model.rope_sin)
-        Dh = k0.shape[-1]
-        cos, sin = decode._plain_f32(cos.reshape(-1, Dh)), decode._plain_f32(sin.reshape(-1, Dh))
-        valid = cache.valid_BM if cache.padded else None
-        logits = self.native.run(ids_R1.reshape(R).long(), rows_R, ends_1, cos, sin, cache.k,
-                                 cache.v, cache.length, valid)
+        P = cache.length
+        if P + 1 > cache.max_len:  # as cache.begin says it
+            raise ValueError(f"sequence length {P + 1} is not allowed: this cache holds "
+                             f"max_len={cache.max_len} positions")
+        if cache is not self._bound:  # the cache's tensors change in place, not identity
+            model, Dh = self.model, k0.shape[-1]
+            self.native.bind(cache.k, cache.v, decode._plain_f32(model.rope_cos.reshape(-1, Dh)),
+                             decode._plain_f32(model.rope_sin.reshape(-1, Dh)), cache.pad_B,
+                             cache.valid_BM)
+            self._bound = cache
+        out = self.native.step(ids_R1.reshape(R).long(), P, cache.padded, greedy)
         cache.advance(1)
-        return logits
+        return out

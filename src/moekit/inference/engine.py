@@ -206,8 +206,9 @@ class Engine:
         active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
         steps = 0
         stops = _Stops(cfg)
+        greedy = cfg.temperature == 0  # the plan's step then returns the argmax ids
+        next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         for step in range(cfg.max_new_tokens):
-            next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
             finished = []
             for r, tok in enumerate(next_R.tolist()):
                 g = gens[active[r]]
@@ -226,9 +227,13 @@ class Engine:
                 keep_R = torch.tensor(keep, device=next_R.device)
                 cache.keep_rows(keep_R)
                 next_R = next_R.index_select(0, keep_R)
-            logits_RV = None if plan is None else plan.step(next_R[:, None], cache)
-            if logits_RV is None:
-                logits_RV = self.model.infer(next_R[:, None], cache)
+            out = None if plan is None else plan.step(next_R[:, None], cache, greedy)
+            if out is not None and greedy:
+                next_R = out  # the argmax ids, taken inside the plan's one call
+            else:
+                logits_RV = self.model.infer(next_R[:, None], cache) if out is None else out
+                next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p,
+                                     generator)
             steps += 1
         t2 = time.perf_counter()
         stats = GenerationStats(sequences=len(ids), prompt_tokens=sum(len(p) for p in ids),
