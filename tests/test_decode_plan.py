@@ -224,6 +224,19 @@ def test_step_declines_and_leaves_the_cache_alone_outside_the_kernels(monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(k_before, cache.k, strict=True))
 
 
+def test_native_step_names_an_id_past_a_quantized_table():
+    model = _variant("int4")
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+        cache = StaticKVCache.for_model(model, 1, 16)
+        cache.reset()
+        model.infer(torch.tensor([[1, 2]]), cache)
+        with pytest.raises(RuntimeError, match="ids_R\\[0\\]=64 is not allowed: the "
+                                               "embedding table holds 64 rows"):
+            plan.step(torch.tensor([[64]]), cache)
+        assert cache.length == 2  # nothing written
+
+
 def test_native_step_names_bad_arguments():
     """The one C++ call checks what it is given (the plan passes it right; a caller of
     the extension gets the argument named, not a crash)."""

@@ -2288,6 +2288,33 @@ void round_bf16_row(const float* src, uint16_t* dst, int64_t n) {
 // first-touch page faults). `out` may be bfloat16: each value rounded as torch's
 // .to(torch.bfloat16) rounds the float32 one (bf16 activations' prefill, without the
 // float32 copy written and read again).
+// Global output row `row` of int8 / int4 weights w (expert row / N, channel row % N) as
+// float32 into row i of out [., K] (float32 or bfloat16: there the float32 row rounded
+// once): s * q, or s * q + z per group.
+void dequantize_row(const Weights& w, int64_t row, torch::Tensor& out, int64_t i) {
+  const int64_t K = w.K;
+  const bool bf16 = out.scalar_type() == torch::kBFloat16;
+  thread_local std::vector<float> row_f32;  // bf16: the row in float32 first
+  if (bf16 && static_cast<int64_t>(row_f32.size()) < K) row_f32.resize(K);
+  float* dst = bf16 ? row_f32.data() : out.data_ptr<float>() + i * K;
+  if (w.kind == Kind::I8) {
+    const int8_t* q = static_cast<const int8_t*>(w.data) + row * K;
+    const float s = w.scales[row];
+    for (int64_t k = 0; k < K; ++k) dst[k] = s * static_cast<float>(q[k]);
+  } else {
+    const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (K / 2);
+    const int64_t ng = K / w.group;
+    for (int64_t k = 0; k < K; k += 32) {
+      const float s = w.scales[row * ng + k / w.group], z = w.zeros[row * ng + k / w.group];
+      for (int l = 0; l < 16; ++l) {
+        dst[k + l] = s * static_cast<float>(q[k / 2 + l] & 15) + z;
+        dst[k + 16 + l] = s * static_cast<float>(q[k / 2 + l] >> 4) + z;
+      }
+    }
+  }
+  if (bf16) round_bf16_row(dst, reinterpret_cast<uint16_t*>(out.data_ptr()) + i * K, K);
+}
+
 torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
                          const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
                          int64_t group, int64_t e0, int64_t e1,
@@ -2304,33 +2331,8 @@ torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_sca
                 ", ", w.N, ", ", w.K, "], got ", t.scalar_type(), " ", t.sizes());
   }
   auto out = into ? *into : torch::empty({e1 - e0, w.N, w.K}, w_scales.options());
-  const int64_t K = w.K, N = w.N;
-  const bool bf16 = out.scalar_type() == torch::kBFloat16;
-  float* o32 = bf16 ? nullptr : out.data_ptr<float>();
-  uint16_t* o16 = bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr()) : nullptr;
-  at::parallel_for(0, (e1 - e0) * N, 64, [&](int64_t i0, int64_t i1) {
-    thread_local std::vector<float> row_f32;  // bf16: the row in float32 first
-    if (bf16 && static_cast<int64_t>(row_f32.size()) < K) row_f32.resize(K);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t row = e0 * N + i;  // global output row
-      float* dst = bf16 ? row_f32.data() : o32 + i * K;
-      if (w.kind == Kind::I8) {
-        const int8_t* q = static_cast<const int8_t*>(w.data) + row * K;
-        const float s = w.scales[row];
-        for (int64_t k = 0; k < K; ++k) dst[k] = s * static_cast<float>(q[k]);
-      } else {
-        const uint8_t* q = static_cast<const uint8_t*>(w.data) + row * (K / 2);
-        const int64_t ng = K / w.group;
-        for (int64_t k = 0; k < K; k += 32) {
-          const float s = w.scales[row * ng + k / w.group], z = w.zeros[row * ng + k / w.group];
-          for (int l = 0; l < 16; ++l) {
-            dst[k + l] = s * static_cast<float>(q[k / 2 + l] & 15) + z;
-            dst[k + 16 + l] = s * static_cast<float>(q[k / 2 + l] >> 4) + z;
-          }
-        }
-      }
-      if (bf16) round_bf16_row(dst, o16 + i * K, K);
-    }
+  at::parallel_for(0, (e1 - e0) * w.N, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequantize_row(w, e0 * w.N + i, out, i);
   });
   return out;
 }
@@ -2772,6 +2774,10 @@ class DecodeStep {
       table_zeros_ = embed[3].cast<c10::optional<torch::Tensor>>();
       table_bits_ = embed[4].cast<int64_t>();
       table_group_ = embed[5].cast<int64_t>();
+      table_w_ = weights(table_.unsqueeze(0), table_scales_.unsqueeze(0),
+                         table_zeros_ ? c10::optional<torch::Tensor>(table_zeros_->unsqueeze(0))
+                                      : c10::nullopt,
+                         table_bits_, table_group_);
     }
     for (const auto& item : layers) {
       const auto d = item.cast<py::dict>();
@@ -2815,13 +2821,17 @@ class DecodeStep {
     // QuantizedEmbedding, transformer.first_norm)
     torch::Tensor x = timed(EMBED, [&] {
       if (!quant_embed_) return at::embedding(table_, ids_R);
-      c10::optional<torch::Tensor> zeros, buf;
-      if (table_zeros_) zeros = table_zeros_->index_select(0, ids_R).unsqueeze(0);
-      const int64_t D = table_.size(1) * (table_bits_ == 4 ? 2 : 1);
-      if (dt != at::kFloat) buf = torch::empty({1, ids_R.size(0), D}, first_norm_.options());
-      return dequantize(table_.index_select(0, ids_R).unsqueeze(0),
-                        table_scales_.index_select(0, ids_R).unsqueeze(0), zeros, table_bits_,
-                        table_group_, 0, 1, buf)[0];
+      // the table's rows as dequantize makes them (QuantizedEmbedding's lookup)
+      const int64_t R = ids_R.size(0), V = table_w_.N;
+      auto rows = torch::empty({R, table_w_.K}, first_norm_.options());
+      const auto ids = ids_R.contiguous();
+      const int64_t* id = ids.data_ptr<int64_t>();
+      for (int64_t r = 0; r < R; ++r) {
+        TORCH_CHECK(id[r] >= 0 && id[r] < V, "ids_R[", r, "]=", id[r], " is not allowed: ",
+                    "the embedding table holds ", V, " rows");
+        dequantize_row(table_w_, id[r], rows, r);
+      }
+      return rows;
     });
     torch::Tensor h = timed(NORMS, [&] { return rms_norm(x, first_norm_, first_eps_); });
     for (int64_t i = 0; i < n; ++i) {
@@ -2997,6 +3007,7 @@ class DecodeStep {
   torch::Tensor table_scales_;
   c10::optional<torch::Tensor> table_zeros_;
   int64_t table_bits_ = 0, table_group_ = 0;
+  Weights table_w_{};  // the quantized table as one expert of V rows (its tensors above)
   // bind()'s tensors
   std::vector<torch::Tensor> k_L_, v_L_;
   torch::Tensor cos_, sin_, pad_, valid_;
