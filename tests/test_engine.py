@@ -20,6 +20,7 @@ from moekit.inference.engine import (
     GenerationConfig,
 )
 from moekit.models import KVCache, MoETransformer, generate, preset
+from moekit.models.generate import _sampler, sample_next, sample_torch
 from moekit.models.transformer import StaticKVCache
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40], [100, 101, 102, 103], [7, 7]]
@@ -124,6 +125,49 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
     one, _ = engine.generate(PROMPTS[:1], GenerationConfig(max_new_tokens=12, temperature=1.0,
                                                            top_k=1))
     assert one[0].tokens == _greedy_alone(model, PROMPTS[0], 12)
+
+
+SAMPLING = [(0.8, None, None), (1.3, 40, None), (0.7, None, 0.9), (0.5, 20, 0.8),
+            (2.0, 1, None), (1.0, None, 0.3), (1e-3, None, None), (50.0, 5, 0.99)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: many ties
+def test_sampler_draws_what_the_torch_ops_draw(dtype):
+    """sample_next's C++ sampler against sample_torch (torch.multinomial's draw over the
+    same masked softmax): the same token for every row, seed and setting, and the
+    generator left in the same state."""
+    if _sampler(torch.zeros(1, 1)) is None:
+        pytest.skip("decode kernels not built")
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        logits = (torch.randn(3, 256, generator=g) * (1 + seed % 5)).to(dtype)
+        for args in SAMPLING:
+            ga, gb = (torch.Generator().manual_seed(seed + 1) for _ in range(2))
+            ref = sample_torch(logits.float(), *args, ga)
+            got = sample_next(logits, *args, gb)
+            assert torch.equal(got, ref), (seed, args)
+            assert torch.equal(torch.rand(2, generator=ga), torch.rand(2, generator=gb))
+    for seed in range(20):  # many equal logits across top-p's boundary: kept in token order
+        ties = torch.randint(0, 4, (2, 256), generator=torch.Generator().manual_seed(seed))
+        for top_p in (0.3, 0.6, 0.9):
+            ga, gb = (torch.Generator().manual_seed(seed) for _ in range(2))
+            ref = sample_torch(ties.float(), 1.0, None, top_p, ga)
+            assert torch.equal(sample_next(ties.to(dtype), 1.0, None, top_p, gb), ref)
+    torch.manual_seed(7)  # no generator: torch's global one, as torch.multinomial
+    ref = sample_torch(logits.float(), 1.0, None, 0.9, None)
+    torch.manual_seed(7)
+    assert torch.equal(sample_next(logits, 1.0, None, 0.9, None), ref)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_sampling_names_logits_without_a_finite_largest_one(bad):
+    logits = torch.randn(2, 16)
+    logits[1, 3] = bad
+    if bad == float("-inf"):
+        logits[1] = bad  # every token masked
+    for fn in (sample_next, sample_torch):
+        with pytest.raises(ValueError, match="largest logit must be finite"):
+            fn(logits, 1.0, None, None, torch.Generator())
 
 
 def test_cache_is_preallocated_and_reused():

@@ -2646,6 +2646,77 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   return y;
 }
 
+// One token per row of logits_RV (fp32 or bf16), drawn as sample_next's torch ops draw it
+// (moekit/models/generate.py): in float64, the row's largest logit taken off and the rest
+// divided by the temperature; top_k: scores under the k-th largest masked; top_p: in
+// descending order, a score masked once the probability mass before it reaches top_p;
+// softmax; then torch.multinomial's draw of one sample, argmax(p / q) with q ~ Exp(1) from
+// one exponential_ over [R, V] float64 (the same generator stream). A row loop of V, no
+// host syncs (sample_next's ops took 27-77 us a call at V = 256). top_k <= 0 or >= V: no
+// top-k; top_p >= 1: no top-p. Ties in the top-p order go by index (a stable sort).
+torch::Tensor sample_rows(const torch::Tensor& logits_RV, double temperature, int64_t top_k,
+                          double top_p, c10::optional<at::Generator> generator) {
+  check_cpu(logits_RV, "logits_RV");
+  TORCH_CHECK((logits_RV.scalar_type() == at::kFloat ||
+               logits_RV.scalar_type() == at::kBFloat16) && logits_RV.dim() == 2,
+              "logits_RV must be a float32 or bfloat16 [R, V] tensor, got ",
+              logits_RV.scalar_type(), " ", logits_RV.sizes());
+  TORCH_CHECK(temperature > 0 && top_p > 0, "temperature=", temperature, " / top_p=", top_p,
+              " is not allowed: both must be > 0");
+  const auto logits = logits_RV.contiguous();
+  const int64_t R = logits.size(0), V = logits.size(1);
+  auto q = torch::empty({R, V}, torch::dtype(at::kDouble));
+  q.exponential_(1, generator);  // torch.multinomial's draw
+  auto ids = torch::empty({R}, torch::dtype(at::kLong));
+  std::vector<double> sc(V), e(V);
+  std::vector<int64_t> order(V);
+  for (int64_t r = 0; r < R; ++r) {
+    if (logits.scalar_type() == at::kFloat)
+      for (int64_t v = 0; v < V; ++v) sc[v] = logits.data_ptr<float>()[r * V + v];
+    else
+      for (int64_t v = 0; v < V; ++v)
+        sc[v] = load(reinterpret_cast<const uint16_t*>(logits.data_ptr()) [r * V + v]);
+    double m = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) m = std::isnan(sc[v]) || std::isnan(m) ? NAN : std::max(m, sc[v]);
+    TORCH_CHECK_VALUE(std::isfinite(m), "logits_BV=rows with a largest logit of ", m,
+                      " is not allowed: each row's largest logit must be finite");
+    for (int64_t v = 0; v < V; ++v) sc[v] = (sc[v] - m) / temperature;
+    if (top_k > 0 && top_k < V) {
+      e = sc;
+      std::nth_element(e.begin(), e.begin() + (top_k - 1), e.end(), std::greater<double>());
+      const double kth = e[top_k - 1];
+      for (int64_t v = 0; v < V; ++v)
+        if (sc[v] < kth) sc[v] = -INFINITY;
+    }
+    if (top_p < 1) {
+      for (int64_t v = 0; v < V; ++v) order[v] = v;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return sc[a] > sc[b]; });
+      const double top = sc[order[0]];
+      double sum = 0;
+      for (int64_t i = 0; i < V; ++i) sum += (e[i] = std::exp(sc[order[i]] - top));
+      double cum = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        const double p = e[i] / sum;
+        cum += p;
+        if (cum - p >= top_p) sc[order[i]] = -INFINITY;
+      }
+    }
+    double top = -INFINITY, sum = 0;
+    for (int64_t v = 0; v < V; ++v) top = std::max(top, sc[v]);
+    for (int64_t v = 0; v < V; ++v) sum += (e[v] = std::exp(sc[v] - top));
+    const double* qr = q.data_ptr<double>() + r * V;
+    int64_t best = 0;
+    double best_ratio = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) {
+      const double ratio = e[v] / sum / qr[v];
+      if (ratio > best_ratio) best_ratio = ratio, best = v;
+    }
+    ids.data_ptr<int64_t>()[r] = best;
+  }
+  return ids;
+}
+
 // The residual add and the next RMSNorm in one pass: (x + y, rms_norm(x + y) * w), each
 // [R, D] fp32 or bf16 (x, y and w alike), new tensors; the norm as torch's:
 // s * rsqrt(mean(s^2) + eps) * w. bf16 rounds the sum once (as torch's bf16 add) and
@@ -3032,6 +3103,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one", &attend_one,
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");
+  m.def("sample_rows", &sample_rows,
+        "a token per row: temperature, top-k, top-p and torch.multinomial's draw",
+        py::arg("logits_RV"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("generator"));
   m.def("rms_norm", &rms_norm, "rms_norm(x) * w");
   py::class_<DecodeStep>(m, "DecodeStep", "a decode step, embedding to LM head, in one call")
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),

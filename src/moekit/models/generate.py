@@ -36,17 +36,42 @@ def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None,
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(-1)
+    ext = _sampler(logits_BV)
+    if ext is not None:  # the same ops in one C++ call (cpu_decode.cpp, sample_rows)
+        return ext.sample_rows(logits_BV, temperature, top_k or 0, 1.0 if top_p is None
+                               else top_p, generator)
+    return sample_torch(logits_BV, temperature, top_k, top_p, generator)
+
+
+def _sampler(logits_BV: Tensor):
+    """The decode extension where it samples these logits (a CPU tensor), else None."""
+    if logits_BV.device.type != "cpu":
+        return None
+    from moekit.functions import cpu_ext  # a lower layer; imported late to stay cheap
+
+    return cpu_ext.get_decode()
+
+
+def sample_torch(logits_BV: Tensor, temperature: float, top_k: int | None,
+                 top_p: float | None, generator: torch.Generator | None) -> Tensor:
+    """``sample_next`` (temperature > 0) in torch ops: on other devices, without the
+    decode extension, and the reference its C++ sampler is tested against."""
     # in float64 with the row's maximum taken off first: any temperature > 0 (down to
     # 5e-324) gives 0 for the best token and a finite or -inf score for the others,
     # never NaN (fp32 rounded a temperature under ~1e-45 to 0, and logits / 1e-40
     # overflowed to inf); the same distribution as softmax(logits / temperature)
     logits_BV = logits_BV.double()
-    logits_BV = (logits_BV - logits_BV.amax(-1, keepdim=True)) / temperature
+    max_B1 = logits_BV.amax(-1, keepdim=True)
+    if not bool(max_B1.isfinite().all()):  # NaN / inf: no distribution (as sample_rows)
+        reject("logits_BV", f"rows with a largest logit of {max_B1[~max_B1.isfinite()][0]}",
+               "each row's largest logit must be finite")
+    logits_BV = (logits_BV - max_B1) / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if top_p is not None and top_p < 1:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        # stable: equal scores in token order (sample_rows' order too)
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True, stable=True)
         cum_BV = sorted_BV.softmax(-1).cumsum(-1)
         # drop a token when the mass before it already reaches top_p (keeps at least one)
         drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p
