@@ -2283,11 +2283,6 @@ void round_bf16_row(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = to_bf16(src[k]);
 }
 
-// Experts e0..e1-1 of a quantized tensor as float32 [e1 - e0, N, K], into `out` where
-// given (a reused buffer: a fresh 32 MiB tensor spent ~3/4 of a dequantization in
-// first-touch page faults). `out` may be bfloat16: each value rounded as torch's
-// .to(torch.bfloat16) rounds the float32 one (bf16 activations' prefill, without the
-// float32 copy written and read again).
 // Global output row `row` of int8 / int4 weights w (expert row / N, channel row % N) as
 // float32 into row i of out [., K] (float32 or bfloat16: there the float32 row rounded
 // once): s * q, or s * q + z per group.
@@ -2315,6 +2310,11 @@ void dequantize_row(const Weights& w, int64_t row, torch::Tensor& out, int64_t i
   if (bf16) round_bf16_row(dst, reinterpret_cast<uint16_t*>(out.data_ptr()) + i * K, K);
 }
 
+// Experts e0..e1-1 of a quantized tensor as float32 [e1 - e0, N, K], into `out` where
+// given (a reused buffer: a fresh 32 MiB tensor spent ~3/4 of a dequantization in
+// first-touch page faults). `out` may be bfloat16: each value rounded as torch's
+// .to(torch.bfloat16) rounds the float32 one (bf16 activations' prefill, without the
+// float32 copy written and read again).
 torch::Tensor dequantize(const torch::Tensor& w_data, const torch::Tensor& w_scales,
                          const c10::optional<torch::Tensor>& w_zeros, int64_t bits,
                          int64_t group, int64_t e0, int64_t e1,
@@ -2675,9 +2675,10 @@ torch::Tensor sample_rows(const torch::Tensor& logits_RV, double temperature, in
       for (int64_t v = 0; v < V; ++v) sc[v] = logits.data_ptr<float>()[r * V + v];
     else
       for (int64_t v = 0; v < V; ++v)
-        sc[v] = load(reinterpret_cast<const uint16_t*>(logits.data_ptr()) [r * V + v]);
+        sc[v] = load(reinterpret_cast<const uint16_t*>(logits.data_ptr())[r * V + v]);
     double m = -INFINITY;
-    for (int64_t v = 0; v < V; ++v) m = std::isnan(sc[v]) || std::isnan(m) ? NAN : std::max(m, sc[v]);
+    for (int64_t v = 0; v < V; ++v)  // NaN wins, as torch's amax
+      m = std::isnan(sc[v]) || std::isnan(m) ? NAN : std::max(m, sc[v]);
     TORCH_CHECK_VALUE(std::isfinite(m), "logits_BV=rows with a largest logit of ", m,
                       " is not allowed: each row's largest logit must be finite");
     for (int64_t v = 0; v < V; ++v) sc[v] = (sc[v] - m) / temperature;
@@ -2974,9 +2975,11 @@ class DecodeStep {
   // greedy each row's argmax [R] int64 (as torch's: the first largest, a NaN first).
   torch::Tensor step(const torch::Tensor& ids_R, int64_t P, bool padded, bool greedy) const {
     TORCH_CHECK(cos_.defined(), "step needs a bound cache: call bind first");
-    const int64_t R = ids_R.size(0), B = pad_.size(0), M = cos_.size(0), Dh = cos_.size(1);
-    TORCH_CHECK(ids_R.dim() == 1 && R >= 1 && R <= B, "ids_R must be [R] with 1 <= R <= ",
-                B, " (the bound cache's rows), got ", ids_R.sizes());
+    const int64_t B = pad_.size(0), M = cos_.size(0), Dh = cos_.size(1);
+    TORCH_CHECK(ids_R.dim() == 1 && ids_R.size(0) >= 1 && ids_R.size(0) <= B,
+                "ids_R must be [R] with 1 <= R <= ", B, " (the bound cache's rows), got ",
+                ids_R.sizes());
+    const int64_t R = ids_R.size(0);
     TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the rotary tables hold ", M,
                 " positions");
     auto [cos, sin] = timed(ROTARY, [&] {
@@ -3037,11 +3040,11 @@ class DecodeStep {
   // (arange(R), [R] as int32): every row on the one "expert" of a dense projection, made
   // once per R (decode._all_rows' pair); the kernels only read them.
   const std::pair<torch::Tensor, torch::Tensor>& all_rows(int64_t R) const {
-    auto& at = all_rows_[R];
-    if (!at.first.defined())
-      at = {torch::arange(R, torch::dtype(at::kLong)),
-            torch::full({1}, R, torch::dtype(at::kInt))};
-    return at;
+    auto& entry = all_rows_[R];
+    if (!entry.first.defined())
+      entry = {torch::arange(R, torch::dtype(at::kLong)),
+               torch::full({1}, R, torch::dtype(at::kInt))};
+    return entry;
   }
 
   template <typename T>
