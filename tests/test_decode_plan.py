@@ -14,6 +14,7 @@ from moekit.inference import decode_plan as dp
 from moekit.inference.decode_plan import DecodePlan
 from moekit.inference.engine import Engine, GenerationConfig
 from moekit.models.config import LMConfig
+from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
 from moekit.quant.linear import QuantizedEmbedding
 
@@ -111,15 +112,17 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "int4"])
-def test_greedy_step_is_the_argmax_of_the_logits_step(variant):
-    """step(greedy=True) returns logits.argmax(-1) of the same step. Two caches fed the
-    same tokens alternate, so the plan binds a cache again at every step."""
+def test_picking_steps_pick_from_the_logits_step(variant):
+    """step(greedy=True) returns logits.argmax(-1) of the same step, step(sample=...)
+    what sample_next draws from those logits with the same generator. Three caches fed
+    the same tokens take turns, so the plan binds a cache again at every step."""
     model = _variant(variant)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
     pad = torch.tensor([L - len(p) for p in prompts])
-    caches = [StaticKVCache.for_model(model, 3, L + 8) for _ in range(2)]
+    caches = [StaticKVCache.for_model(model, 3, L + 8) for _ in range(3)]
+    g_ref, g_plan = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     with torch.inference_mode():
         plan = DecodePlan.build(model)
         for c in caches:
@@ -129,8 +132,10 @@ def test_greedy_step_is_the_argmax_of_the_logits_step(variant):
             logits = plan.step(nxt[:, None], caches[0])
             greedy = plan.step(nxt[:, None], caches[1], greedy=True)
             assert greedy.dtype == torch.long and torch.equal(greedy, logits.argmax(-1))
+            drawn = plan.step(nxt[:, None], caches[2], sample=(1.5, 20, 0.9, g_plan))
+            assert torch.equal(drawn, sample_next(logits, 1.5, 20, 0.9, g_ref))
             nxt = greedy
-    assert caches[0].length == caches[1].length == L + 6
+    assert caches[0].length == caches[1].length == caches[2].length == L + 6
 
 
 def test_greedy_step_breaks_ties_and_nans_as_torch_argmax():
@@ -160,10 +165,15 @@ def test_greedy_step_breaks_ties_and_nans_as_torch_argmax():
             assert plan.step(torch.tensor([[4]]), caches[1], greedy=True).item() == 7, dtype
 
 
-def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch):
-    model = _variant("int8")
+@pytest.mark.parametrize("variant,cfg", [
+    ("int8", GenerationConfig(max_new_tokens=10, stop_ids=(5,))),
+    ("int8", GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=12, top_p=0.95,
+                              seed=3)),
+    ("bf16", GenerationConfig(max_new_tokens=10, temperature=1.2, seed=4))],
+    ids=["greedy", "sampled", "sampled bf16"])
+def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch, variant, cfg):
+    model = _variant(variant)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
-    cfg = GenerationConfig(max_new_tokens=10, stop_ids=(5,))
     calls = []
     step = DecodePlan.step
     monkeypatch.setattr(DecodePlan, "step", lambda self, *a: calls.append(1) or step(self, *a))

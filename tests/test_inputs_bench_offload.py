@@ -351,6 +351,6 @@ def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
         assert f"\n  {label} " in out
     for part in ("rotary rows", "embedding", "norms", "attention projections", "attend_one",
                  "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
-                 "argmax"):
+                 "argmax / sampling"):
         assert f"\n    {part} " in out  # the parts inside the call, from its own timers
     assert "bf16 conversions" not in out  # an fp32 model converts nothing

@@ -51,6 +51,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -2971,9 +2972,13 @@ class DecodeStep {
 
   // run() for the first R rows of the bound cache at slot P: each row's rotary row of
   // the tables (row r at position max(P - pad_B[r], 0) where the rows are padded, P
-  // otherwise, as StaticKVCache.begin computes it). Returns the logits [R, V], or with
-  // greedy each row's argmax [R] int64 (as torch's: the first largest, a NaN first).
-  torch::Tensor step(const torch::Tensor& ids_R, int64_t P, bool padded, bool greedy) const {
+  // otherwise, as StaticKVCache.begin computes it). Returns the logits [R, V]; with
+  // greedy each row's argmax [R] int64 instead (as torch's: the first largest, a NaN
+  // first); with sample = (temperature, top_k, top_p, generator) the token sample_rows
+  // draws from the logits (as sample_next draws it).
+  using Sample = std::tuple<double, int64_t, double, c10::optional<at::Generator>>;
+  torch::Tensor step(const torch::Tensor& ids_R, int64_t P, bool padded, bool greedy,
+                     const c10::optional<Sample>& sample) const {
     TORCH_CHECK(cos_.defined(), "step needs a bound cache: call bind first");
     const int64_t B = pad_.size(0), M = cos_.size(0), Dh = cos_.size(1);
     TORCH_CHECK(ids_R.dim() == 1 && ids_R.size(0) >= 1 && ids_R.size(0) <= B,
@@ -3001,8 +3006,13 @@ class DecodeStep {
     const auto& [rows_R, ends_1] = all_rows(R);
     auto logits = run(ids_R, rows_R, ends_1, cos, sin, k_L_, v_L_, P,
                       padded ? c10::optional<torch::Tensor>(valid_) : c10::nullopt);
+    if (sample)
+      return timed(PICK, [&] {
+        return sample_rows(logits, std::get<0>(*sample), std::get<1>(*sample),
+                           std::get<2>(*sample), std::get<3>(*sample));
+      });
     if (!greedy) return logits;
-    return timed(ARGMAX, [&] {
+    return timed(PICK, [&] {
       auto ids = torch::empty({R}, torch::dtype(at::kLong));
       const int64_t V = logits.size(1);
       if (logits.scalar_type() == at::kFloat)
@@ -3029,13 +3039,13 @@ class DecodeStep {
 
  private:
   enum Part {
-    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, ROTARY, ARGMAX,
+    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, ROTARY, PICK,
     NPARTS
   };
   static constexpr const char* PART_NAMES[NPARTS] = {
       "embedding", "norms", "attention projections", "attend_one",
       "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
-      "bf16 conversions", "rotary rows", "argmax"};
+      "bf16 conversions", "rotary rows", "argmax / sampling"};
 
   // (arange(R), [R] as int32): every row on the one "expert" of a dense projection, made
   // once per R (decode._all_rows' pair); the kernels only read them.
@@ -3119,9 +3129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("k_L"), py::arg("v_L"), py::arg("cos_MDh"), py::arg("sin_MDh"),
            py::arg("pad_B"), py::arg("valid_BM"))
       .def("step", &DecodeStep::step,
-           "run() on the bound cache at slot P: logits [R, V], or the argmax ids with greedy",
+           "run() on the bound cache at slot P: logits [R, V], or the argmax ids with greedy, "
+           "or sampled ids with sample = (temperature, top_k, top_p, generator)",
            py::arg("ids_R"), py::arg("P"), py::arg("padded"), py::arg("greedy"),
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("sample") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("set_timing", &DecodeStep::set_timing,
            "time the parts of the next runs (on: from 0; off: keeps the sums)")
       .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");

@@ -159,10 +159,13 @@ class DecodePlan:
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
         return cls(model, layers, head[1], embed, float_rows, quant_rows, expert_rows)
 
-    def step(self, ids_R1: Tensor, cache, greedy: bool = False) -> Tensor | None:
+    def step(self, ids_R1: Tensor, cache, greedy: bool = False,
+             sample: tuple | None = None) -> Tensor | None:
         """Logits [R, V] of one new token per row, appending it to ``cache``; with
-        ``greedy`` each row's argmax instead ([R] int64, as ``logits.argmax(-1)``). None
-        (and nothing done) where the modules would leave the kernels this step."""
+        ``greedy`` each row's argmax instead ([R] int64, as ``logits.argmax(-1)``), with
+        ``sample`` = (temperature > 0, top_k or 0, top_p or 1.0, generator) the tokens
+        ``sample_next`` draws from those logits. None (and nothing done) where the modules
+        would leave the kernels this step."""
         R, L = ids_R1.shape
         k0 = cache.k[0]
         if (L != 1 or R != cache.rows or R > self.max_rows or R * self.top_k > self.expert_rows
@@ -179,6 +182,6 @@ class DecodePlan:
                              decode._plain_f32(model.rope_sin.reshape(-1, Dh)), cache.pad_B,
                              cache.valid_BM)
             self._bound = cache
-        out = self.native.step(ids_R1.reshape(R).long(), P, cache.padded, greedy)
+        out = self.native.step(ids_R1.reshape(R).long(), P, cache.padded, greedy, sample)
         cache.advance(1)
         return out

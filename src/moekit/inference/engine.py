@@ -206,7 +206,11 @@ class Engine:
         active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
         steps = 0
         stops = _Stops(cfg)
-        greedy = cfg.temperature == 0  # the plan's step then returns the argmax ids
+        # the plan's step picks the next tokens inside its one call: the argmax, or drawn
+        # as sample_next draws them (the same generator)
+        greedy = cfg.temperature == 0
+        sample = None if greedy else (cfg.temperature, cfg.top_k or 0,
+                                      1.0 if cfg.top_p is None else cfg.top_p, generator)
         next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         for step in range(cfg.max_new_tokens):
             finished = []
@@ -227,11 +231,11 @@ class Engine:
                 keep_R = torch.tensor(keep, device=next_R.device)
                 cache.keep_rows(keep_R)
                 next_R = next_R.index_select(0, keep_R)
-            out = None if plan is None else plan.step(next_R[:, None], cache, greedy)
-            if out is not None and greedy:
-                next_R = out  # the argmax ids, taken inside the plan's one call
+            out = None if plan is None else plan.step(next_R[:, None], cache, greedy, sample)
+            if out is not None:
+                next_R = out
             else:
-                logits_RV = self.model.infer(next_R[:, None], cache) if out is None else out
+                logits_RV = self.model.infer(next_R[:, None], cache)
                 next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p,
                                      generator)
             steps += 1
