@@ -2652,9 +2652,11 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
 // divided by the temperature; top_k: scores under the k-th largest masked; top_p: in
 // descending order, a score masked once the probability mass before it reaches top_p;
 // softmax; then torch.multinomial's draw of one sample, argmax(p / q) with q ~ Exp(1) from
-// one exponential_ over [R, V] float64 (the same generator stream). A row loop of V, no
-// host syncs (sample_next's ops took 27-77 us a call at V = 256). top_k <= 0 or >= V: no
-// top-k; top_p >= 1: no top-p. Ties in the top-p order go by index (a stable sort).
+// one exponential_ over [R, V] float64 (the same generator stream: torch's CPU
+// multinomial draws one sample so since 1.x; test_engine's sampler test would catch a
+// change). A row loop of V, no host syncs (sample_next's torch ops took 27-90 us a call
+// at V = 256). top_k <= 0 or >= V: no top-k; top_p >= 1: no top-p. Ties in the top-p
+// order go by index (a stable sort).
 torch::Tensor sample_rows(const torch::Tensor& logits_RV, double temperature, int64_t top_k,
                           double top_p, c10::optional<at::Generator> generator) {
   check_cpu(logits_RV, "logits_RV");
