@@ -45,7 +45,7 @@ def bench_layers(ext, reps: int) -> list[dict]:
         for K, N, M in LAYERS:
             q = quantize_tensor(torch.randn(1, K, N) / K**0.5, bits, g)
             x, out = torch.randn(M, K), torch.empty(M, N)
-            args = (x, q.data, q.scales, q.zeros, bits, g or 0, out)
+            args = (x, q.data, q.scales, q.zeros, bits, g or 0, out, False)
             r = compare(_forward_only(lambda a=args: ext.q_linear_out(*a)),
                         _forward_only(lambda x=x, q=q: F.linear(x, dequantize_NK(q, 0, 1)[0])),
                         reps)

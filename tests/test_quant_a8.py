@@ -129,13 +129,24 @@ def test_int8_activations_change_the_result_and_weight_only_does_not(bits, g):
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("prefill", [False, True], ids=["kernel", "dequantize+fused"])
-def test_int8_activation_experts_through_the_backend(prefill, bits, monkeypatch):
+@pytest.mark.parametrize("path", ["kernel", "one call", "dequantize+fused"])
+def test_int8_activation_experts_through_the_backend(path, bits, monkeypatch):
     """The MoE experts' decode backend (gather, SwiGLU, combine) against the definition:
-    x rounded before w_in, the activated rows rounded before w_out; prefill past the
-    kernels' rows keeps float activations (dequantize + fused GEMMs)."""
-    if prefill:
+    x rounded before w_in, the activated rows rounded before w_out, on the decode kernels
+    and on prefill's one call where it rounds them too (igemm_a8: AVX-512 VNNI); prefill
+    on dequantized weights and the fused GEMMs keeps float activations."""
+    if path != "kernel":
         monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 0)
+        monkeypatch.setattr(backends, "DECODE_MAX_ROWS_PER_EXPERT", 0)
+    if path == "one call":
+        ext = cpu_ext.get()
+        if ext is None or not decode_fn.quant_one_call_format(torch.float32, bits, 32, 128, 64,
+                                                             False, "swiglu") \
+                or not ext.int8_activations_gemm_ok():
+            pytest.skip("prefill's one call with int8 activations needs AVX-512 VNNI")
+    else:
+        monkeypatch.setattr(decode_fn, "QUANT_ONE_CALL", path == "kernel")
+    prefill = path == "dequantize+fused"
     cfg = moekit.MoEConfig(dim=128, ffn_dim=64, num_experts=6, top_k=2)
     ex = moekit.experts.Experts(cfg).requires_grad_(False)
     qi, qo = (_quantize(w, bits, 32) for w in (ex.w_in, ex.w_out))

@@ -57,7 +57,7 @@ def _call(ext, d, x, qi, qo, out):
     ext.swiglu_experts_q_out(x, d.token_S[:S].contiguous(), d.weight_S[:S].contiguous(),
                              qi.data, qi.scales, qi.zeros, qo.data, qo.scales, qo.zeros,
                              qi.bits, qi.group_size or 0, d.offsets_E.tolist(),
-                             torch.empty(S, Fd), torch.empty(S, D), out)
+                             torch.empty(S, Fd), torch.empty(S, D), out, False)
     return out
 
 
@@ -134,7 +134,7 @@ def test_bad_input_is_refused_before_anything_is_written():
                                  args["qi_data"], qi.scales, args["qi_zeros"], qo.data,
                                  args["qo_scales"], qo.zeros, 4, args["group"],
                                  d.offsets_E.tolist(), torch.empty(S, 128),
-                                 torch.empty(S, 256), out)
+                                 torch.empty(S, 256), out, False)
 
     with pytest.raises(RuntimeError, match=r"w_in: int4 needs zeros"):
         call(qi_zeros=None)
@@ -192,7 +192,7 @@ def test_q_linear_matches_fp64_on_dequantized_weights(bits, g, M, K, N, two_thre
     q = _q_linear(bits, g, K, N)
     x = torch.randn(M, K)
     out = torch.full((M, N), float("nan"))
-    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, out)
+    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, out, False)
     _assert_close([out], [x.double() @ _float(q)[0].double()], ["out"], 1e-5, 1e-5)
 
 
@@ -206,7 +206,7 @@ def test_q_linear_bitwise_the_float_gemm_on_dequantized_weights(bits, g, two_thr
     q = _q_linear(bits, g, 512, 1024)
     x = torch.randn(96, 512)
     got, want = torch.empty(96, 1024), torch.empty(96, 1024)
-    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, got)
+    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, got, False)
     ext.grouped_mm_out(x, _float(q), [96], want)
     assert torch.equal(got, want)
 
@@ -265,12 +265,128 @@ def test_q_linear_refuses_bad_input_before_writing():
     q = _q_linear(4, 64, 256, 128)
     out = torch.zeros(40, 128)
     with pytest.raises(RuntimeError, match=r"weight: int4 needs zeros"):
-        ext.q_linear_out(torch.randn(40, 256), q.data, q.scales, None, 4, 64, out)
+        ext.q_linear_out(torch.randn(40, 256), q.data, q.scales, None, 4, 64, out, False)
     with pytest.raises(RuntimeError, match=r"out_MN must be \[40, 128\], got \[40, 64\]"):
         ext.q_linear_out(torch.randn(40, 256), q.data, q.scales, q.zeros, 4, 64,
-                         torch.zeros(40, 64))
+                         torch.zeros(40, 64), False)
     with pytest.raises(RuntimeError, match=r"weight data must be contiguous uint8 \[1, 128, 128\]"):
-        ext.q_linear_out(torch.randn(40, 256), q.data[:, :, :64], q.scales, q.zeros, 4, 64, out)
+        ext.q_linear_out(torch.randn(40, 256), q.data[:, :, :64], q.scales, q.zeros, 4, 64, out,
+                         False)
     with pytest.raises(RuntimeError, match=r"x_MK must be float32"):
-        ext.q_linear_out(torch.randn(40, 256).double(), q.data, q.scales, q.zeros, 4, 64, out)
+        ext.q_linear_out(torch.randn(40, 256).double(), q.data, q.scales, q.zeros, 4, 64, out,
+                         False)
     assert not out.any()
+
+
+# -- int8 activations (activations="int8" weights): igemm_a8 -----------------------------
+
+
+def _a8_ext():
+    ext = _q_ext()
+    if not ext.int8_activations_gemm_ok():
+        pytest.skip("the int8-activation GEMM needs AVX-512 VNNI")
+    return ext
+
+
+def _a8_rows(M: int, K: int, seed: int = 7) -> torch.Tensor:
+    """Random rows, with row 0's first chunk full of exact ties (max 127, so sx = 1: x / sx
+    = k + 0.5 rounds to even; half away from zero would be off by one) and row 1's first
+    chunk all zeros (sx = 0)."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+    x[0, :32] = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 1.5, -2.5, 4.5] * 4)
+    if M > 1:
+        x[1, :32] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+# K = 96: one short block; 288 / 544: blocks of 256 inputs and a short last one. Rows 1,
+# 7, 13 and 300: the 6-row register blocks and their rests. N = 70 / 33 / 200: a last
+# panel of 6 / 1 / 8 columns
+@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (7, 288, 200), (13, 1024, 33), (300, 544, 64)])
+def test_q_linear_int8_activations_match_the_definition(bits, g, M, K, N, two_threads):
+    """out = x' @ W, x' the rows rounded per 32 inputs as the decode kernels round them
+    (tests/test_quant_a8.round_a8), W dequantize's weights: within fp32 summation's bound."""
+    from tests.test_quant_a8 import _check, round_a8
+
+    ext = _a8_ext()
+    if bits == 4 and K % g:
+        pytest.skip("the group does not divide K")
+    q = quantize_tensor(torch.randn(1, K, N, generator=torch.Generator().manual_seed(5))
+                        / K**0.5, bits, g, activations="int8")
+    x = _a8_rows(M, K)
+    out = torch.full((M, N), float("nan"))
+    ext.q_linear_out(x, q.data, q.scales, q.zeros, bits, g or 0, out, True)
+    W = _float(q)[0].double()
+    _check(out, round_a8(x) @ W, round_a8(x).abs() @ W.abs(), K)
+
+
+@pytest.mark.parametrize("bits,g", FORMATS)
+@pytest.mark.parametrize("D,Fd", [(256, 128), (160, 96)])
+def test_swiglu_experts_int8_activations_match_the_definition(bits, g, D, Fd, two_threads):
+    """The one call with a8: a = swiglu(x' @ W_in) per routed row, then out += w * a' @
+    W_out (a' the kernel's own a, rounded: a near-tie in a's fp32 rounding may round
+    either way, so the two projections are checked apart), each within fp32's bound."""
+    from tests.test_quant_a8 import _check, round_a8
+
+    ext = _a8_ext()
+    if bits == 4 and (D % g or Fd % g):
+        pytest.skip("the group does not divide the width")
+    d, _, qi, qo = _problem(bits, g, D, Fd)
+    qi, qo = (quantize_tensor(_float(q), bits, g, activations="int8") for q in (qi, qo))
+    x = _a8_rows(T, D)
+    S = int(d.offsets_E[-1])
+    a, y, out = torch.empty(S, Fd), torch.empty(S, D), torch.zeros(T, D)
+    ext.swiglu_experts_q_out(x, d.token_S[:S].contiguous(), d.weight_S[:S].contiguous(),
+                             qi.data, qi.scales, qi.zeros, qo.data, qo.scales, qo.zeros, bits,
+                             g or 0, d.offsets_E.tolist(), a, y, out, True)
+    e_S = torch.repeat_interleave(torch.arange(len(COUNTS)), d.counts_E)[:S]
+    xr, Wi, Wo = round_a8(x[d.token_S[:S]]), _float(qi).double(), _float(qo).double()
+    h = torch.einsum("sk,skn->sn", xr, Wi[e_S])
+    gate, up = h.chunk(2, dim=-1)
+    want_a = torch.nn.functional.silu(gate) * up
+    # h's fp32 error carried through swiglu (|silu'| <= 1.1), and swiglu's own rounding
+    # (silu in fp32 and a product): 4 ulp of |a|
+    mag_h = torch.einsum("sk,skn->sn", xr.abs(), Wi[e_S].abs())
+    mag_a = 1.1 * up.abs() * mag_h[:, :Fd] + torch.nn.functional.silu(gate).abs() * \
+        mag_h[:, Fd:] + 4 * want_a.abs() / (D + 2)
+    _check(a, want_a, mag_a, D)
+    ar, w_S = round_a8(a), d.weight_S[:S].double()[:, None]
+    want_y = torch.einsum("sk,skn->sn", ar, Wo[e_S]) * w_S
+    _check(y, want_y, torch.einsum("sk,skn->sn", ar.abs(), Wo[e_S].abs()) * w_S, Fd + 1)
+    # the combine: out[t] = the sum of its rows of y (a few fp32 additions)
+    want = torch.zeros(T, D, dtype=torch.float64).index_add_(0, d.token_S[:S], y.double())
+    bound = 4 * 2.0**-24 * torch.zeros_like(want).index_add_(0, d.token_S[:S], y.double().abs())
+    assert ((out.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 64)])
+def test_int8_activation_model_prefills_the_function_it_decodes(bits, g, monkeypatch,
+                                                                two_threads):
+    """An LM quantized with activations="int8": a 4 x 50-token forward on prefill's GEMMs
+    (experts of ~100 rows, projections of 200 rows) gives the logits of the same forward
+    forced onto the decode kernels (which round every projection's inputs), to fp32
+    summation differences; with float inputs in prefill (the one call off) it did not."""
+    from tests.test_quant import _lm
+
+    _a8_ext()
+    model = moekit.quantize(_lm(num_experts=4, top_k=2), bits=bits, group_size=g,
+                            activations="int8", scope="all")
+    ids = torch.randint(0, 256, (4, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(ids)
+        monkeypatch.setattr(decode, "QUANT_ONE_CALL", False)
+        floats = model(ids)
+        from moekit.experts import backends
+        monkeypatch.setattr(backends, "QUANT_KERNEL_MAX_ROWS", 1 << 30)
+        monkeypatch.setattr(backends, "DECODE_MAX_ROWS_PER_EXPERT", 1 << 30)
+        monkeypatch.setattr(decode, "QUANT_LINEAR_MAX_ROWS", 1 << 30)
+        want = model(ids)
+    got, floats, want = (getattr(t, "logits", t) for t in (got, floats, want))
+    # where an input lands within fp32 noise of a rounding tie (x / sx = k + 1/2) the two
+    # orders of summation may round it apart, one step (sx) in one input; such a flip
+    # moves the logits of its position (here ~1% of the logits, by up to ~1e-3); every
+    # other logit agrees to fp32 noise. Float inputs moved all of them.
+    far, far_floats = ((t - want).abs() > 1e-5 for t in (got, floats))
+    assert far.float().mean() < 0.05 and far_floats.float().mean() > 0.5
+    assert (got - want).abs().mean() * 50 < (floats - want).abs().mean()

@@ -97,13 +97,13 @@ void check(const torch::Tensor& t, const char* name, int64_t dim) {
 }
 
 // A 64-byte aligned float buffer of this thread's, grown to the largest request: which = 0
-// and 1 swiglu_experts' row tiles, 2 sgemm_rows' packed weight blocks.
+// and 1 swiglu_experts' row tiles, 2 sgemm_rows' packed weight blocks, 3 igemm_a8's.
 float* thread_buffer(int which, int64_t n) {
   struct Free {
     void operator()(float* f) const { std::free(f); }
   };
-  thread_local std::unique_ptr<float, Free> bufs[3];
-  thread_local int64_t sizes[3] = {0, 0, 0};
+  thread_local std::unique_ptr<float, Free> bufs[4];
+  thread_local int64_t sizes[4] = {0, 0, 0, 0};
   if (sizes[which] < n) {
     const int64_t bytes = ceil_div(n * static_cast<int64_t>(sizeof(float)), 64) * 64;
     bufs[which].reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
@@ -567,14 +567,293 @@ NOINLINE AVX512F void sgemm_q(const float* const* A, const QMatrix& q, int64_t n
   sgemm_blocks(A, next, C, ldc, M, K, N);
 }
 
+
+// ---- int8 activations on int8 / int4 weights: a VNNI GEMM for prefill ---------------
+//
+// A model quantized with activations="int8" has its decode kernels (cpu_decode.cpp,
+// i4a8 / i8a8) round each input row per block of 32 inputs, xq = round(x / sx), sx =
+// max|x| / 127, and compute the exact product of the dequantized weights with x' = sx *
+// xq. igemm_a8 computes the same for many rows at once, so a prefill runs the function its
+// decode steps run (before, past the kernels' rows, it ran the float GEMM above on the
+// unrounded x), on vpdpbusd: 64 products per instruction against the FMA's 16.
+//
+// Each weight block of KC inputs x 32 output channels is packed once per call and used
+// by every row of the tile: [KC / 4][32] dwords, dword (k4, j) = channel j's weights 4 k4
+// .. 4 k4 + 3 as unsigned bytes (int8: w ^ 0x80 = w + 128; int4: the nibble q). One
+// vpdpbusd per 4 inputs then adds, per lane (output channel), 4 products of a row's
+// broadcast 4 inputs; a lane's int32 sum over one 32-input chunk is exact (at most 32 x
+// 255 x 127) and is converted and scaled once per chunk:
+//   int8: y += sx_c * (sum_c (w + 128) xq - 128 sum_c xq), times the channel's scale at
+//         the end (the accumulator starts each chunk at -128 sum_c xq);
+//   int4: y += (s_g sx_c) * sum_c q xq, and once per group y += z_g * zx_g, zx_g = sum of
+//         sx_c sum_c xq over the group's chunks (the zero points' term), as i4a8's.
+// Per 6 rows x 32 channels x 32 inputs: 96 vpdpbusd, and 12 converts, 12 FMAs (+ 12
+// multiplies for int4) besides.
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+const bool CPU_VNNI = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}();
+
+// A row's rounded inputs (one record per distinct row, 64-byte aligned):
+//   xq  K int8, in order;  sx  K / 32 floats (each chunk's scale);
+//   nc  K / 32 int32, -128 times each chunk's sum of xq (int8 weights);
+//   zx  K / group floats, sum over the group's chunks of sx * sum(xq) (int4 weights).
+struct A8Rows {
+  int64_t K, group, sx_off, nc_off, zx_off, bytes;
+  A8Rows(int64_t k, int64_t g) : K(k), group(g) {
+    sx_off = K;
+    nc_off = sx_off + 4 * (K / 32);
+    zx_off = nc_off + 4 * (K / 32);
+    bytes = (zx_off + 4 * (K / 32) + 63) / 64 * 64;
+  }
+};
+
+// 16 inputs v / s rounded to nearest even, clamped to +-127 (a NaN quotient converts to
+// INT_MIN: -127), stored as int8 at dst; returns their sum.
+VNNI inline int32_t round16_a8(__m512 v, __m512 s, int8_t* dst) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, s),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512i i = _mm512_cvttps_epi32(r);
+  i = _mm512_min_epi32(_mm512_max_epi32(i, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(i));
+  return _mm512_reduce_add_epi32(i);
+}
+
+// Rounds row x (K inputs) into record rec as cpu_decode's quantize_a8 / quantize_q8 do,
+// bitwise: amax by std::max's rule (a NaN input does not count), round to nearest even,
+// a NaN or out-of-range quotient converted to INT_MIN and clamped (-127), 0 where the
+// chunk's scale is not > 0.
+VNNI void round_row_a8(const float* x, const A8Rows& L, char* rec) {
+  int8_t* q = reinterpret_cast<int8_t*>(rec);
+  float* sx = reinterpret_cast<float*>(rec + L.sx_off);
+  int32_t* nc = reinterpret_cast<int32_t*>(rec + L.nc_off);
+  float* zx = reinterpret_cast<float*>(rec + L.zx_off);
+  const int64_t chunks = L.K / 32, per_group = L.group > 0 ? L.group / 32 : 1;
+  for (int64_t g = 0; g < chunks; ++g) zx[g] = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512 a = _mm512_loadu_ps(x + 32 * c), b = _mm512_loadu_ps(x + 32 * c + 16);
+    __m512 m = _mm512_max_ps(_mm512_abs_ps(a), _mm512_setzero_ps());
+    m = _mm512_max_ps(_mm512_abs_ps(b), m);
+    const float scale = _mm512_reduce_max_ps(m) / 127.0f;
+    int32_t sum = 0;
+    if (scale > 0.0f) {
+      const __m512 s = _mm512_set1_ps(scale);
+      sum = round16_a8(a, s, q + 32 * c) + round16_a8(b, s, q + 32 * c + 16);
+    } else {
+      std::memset(q + 32 * c, 0, 32);
+    }
+    sx[c] = scale;
+    nc[c] = -128 * sum;
+    zx[c / per_group] += scale * static_cast<float>(sum);
+  }
+}
+
+constexpr int64_t A8_KC = 256;  // inputs per packed block (8 KiB per 32 channels)
+constexpr int A8_ROWS = 6;      // rows per register block (24 accumulators)
+
+// Packs inputs [k0, k0 + kc) of the tile's channels (column j: channel n0 + j for j <
+// split, else n1 + j - split; zeros past cw) into P: panels of 32 columns, [kc / 4][32]
+// dwords each. int4: the per-chunk group scales and zero points of each column into S, Z
+// ([panel][kc / 32][32] floats).
+VNNI void pack_a8(const QMatrix& q, int64_t n0, int64_t n1, int64_t split, int64_t cw,
+                  int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
+  const int64_t panels = ceil_div(cw, 32), chunks = kc / 32;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), nib = _mm512_set1_epi8(0x0F);
+  auto channel = [&](int64_t j) { return j < split ? n0 + j : n1 + j - split; };
+  for (int64_t p = 0; p < panels; ++p) {
+    uint8_t* panel = P + p * kc * 32;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j0 = 32 * p + 16 * h;
+      const uint8_t* src[16];
+      for (int i = 0; i < 16; ++i)
+        src[i] = j0 + i < cw ? q.data + channel(j0 + i) * q.row_bytes : nullptr;
+      // source bytes per 64-byte piece: int8 64 inputs, int4 128
+      const int64_t per = q.bits == 8 ? 64 : 128;
+      for (int64_t i0 = 0; i0 < kc; i0 += per) {
+        const int64_t n_in = std::min(per, kc - i0), n_bytes = q.bits == 8 ? n_in : n_in / 2;
+        const __mmask16 dw = tail_mask(n_bytes / 4);
+        const int64_t b0 = q.bits == 8 ? k0 + i0 : (k0 + i0) / 2;
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = src[i] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dw, src[i] + b0))
+                        : _mm512_setzero_ps();
+        if (q.bits == 8) {
+          transpose16(r);
+          for (int64_t d = 0; d < n_bytes / 4; ++d)  // dword d: inputs i0 + 4d..
+            _mm512_storeu_si512(panel + ((i0 / 4 + d) * 32 + 16 * h) * 4,
+                                _mm512_xor_si512(_mm512_castps_si512(r[d]), flip));
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            const __m512i v = _mm512_castps_si512(r[i]);
+            t[i] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+            r[i] = _mm512_castsi512_ps(_mm512_and_si512(v, nib));
+          }
+          transpose16(r), transpose16(t);
+          // byte b of a 32-input chunk (16 bytes) holds input b (low nibble) and b + 16
+          // (high): dword d of the piece is chunk d / 4's inputs 4 (d % 4).. (+ 16)
+          for (int64_t d = 0; d < n_bytes / 4; ++d) {
+            const int64_t k4 = i0 / 4 + 8 * (d / 4) + d % 4;
+            _mm512_storeu_si512(panel + (k4 * 32 + 16 * h) * 4, _mm512_castps_si512(r[d]));
+            _mm512_storeu_si512(panel + ((k4 + 4) * 32 + 16 * h) * 4, _mm512_castps_si512(t[d]));
+          }
+        }
+      }
+    }
+    if (q.bits == 4) {
+      const int64_t G = q.row_bytes * 2 / q.group;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t g = (k0 + 32 * c) / q.group;
+        float* s = S + (p * chunks + c) * 32;
+        float* z = Z + (p * chunks + c) * 32;
+        for (int64_t j = 0; j < 32; ++j) {
+          const int64_t col = 32 * p + j;
+          s[j] = col < cw ? q.scales[channel(col) * G + g] : 0.0f;
+          z[j] = col < cw ? q.zeros[channel(col) * G + g] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+// C[R, 32 columns] (masks m0, m1; += C unless first) of R row records against one packed
+// panel of chunks c0.. c0 + chunks; int8: times s (32 channel scales) when given (the last
+// block).
+template <int R, int BITS>
+VNNI void a8_panel(const char* const* rec, const A8Rows& L, int64_t c0, int64_t chunks,
+                   const uint8_t* P, const float* S, const float* Z, float* C, int64_t ldc,
+                   __mmask16 m0, __mmask16 m1, bool first, const float* s8) {
+  __m512 f[R][2];
+  for (int r = 0; r < R; ++r) {
+    f[r][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, C + r * ldc);
+    f[r][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, C + r * ldc + 16);
+  }
+  const int64_t per_group = BITS == 4 ? L.group / 32 : 1;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t c = c0 + ch;
+    __m512i a[R][2];
+    for (int r = 0; r < R; ++r) {
+      const __m512i init = BITS == 8
+          ? _mm512_set1_epi32(reinterpret_cast<const int32_t*>(rec[r] + L.nc_off)[c])
+          : _mm512_setzero_si512();
+      a[r][0] = init, a[r][1] = init;
+    }
+    const uint8_t* pk = P + ch * 8 * 128;
+    for (int kk = 0; kk < 8; ++kk) {
+      const __m512i b0 = _mm512_loadu_si512(pk + 128 * kk);
+      const __m512i b1 = _mm512_loadu_si512(pk + 128 * kk + 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, rec[r] + 32 * c + 4 * kk, 4);
+        const __m512i xb = _mm512_set1_epi32(x4);
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], b0, xb);
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], b1, xb);
+      }
+    }
+    if constexpr (BITS == 8) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 sx = _mm512_set1_ps(reinterpret_cast<const float*>(rec[r] + L.sx_off)[c]);
+        f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][0]), sx, f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][1]), sx, f[r][1]);
+      }
+    } else {
+      const __m512 s0 = _mm512_loadu_ps(S + 32 * ch), s1 = _mm512_loadu_ps(S + 32 * ch + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 sx = _mm512_set1_ps(reinterpret_cast<const float*>(rec[r] + L.sx_off)[c]);
+        f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][0]), _mm512_mul_ps(s0, sx), f[r][0]);
+        f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][1]), _mm512_mul_ps(s1, sx), f[r][1]);
+      }
+      if (c % per_group == per_group - 1) {  // the group's last chunk: its zero points
+        const __m512 z0 = _mm512_loadu_ps(Z + 32 * ch), z1 = _mm512_loadu_ps(Z + 32 * ch + 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 zx = _mm512_set1_ps(
+              reinterpret_cast<const float*>(rec[r] + L.zx_off)[c / per_group]);
+          f[r][0] = _mm512_fmadd_ps(z0, zx, f[r][0]);
+          f[r][1] = _mm512_fmadd_ps(z1, zx, f[r][1]);
+        }
+      }
+    }
+  }
+  if (BITS == 8 && s8) {
+    const __m512 s0 = _mm512_loadu_ps(s8), s1 = _mm512_loadu_ps(s8 + 16);
+    for (int r = 0; r < R; ++r) f[r][0] = _mm512_mul_ps(f[r][0], s0), f[r][1] = _mm512_mul_ps(f[r][1], s1);
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(C + r * ldc, m0, f[r][0]);
+    _mm512_mask_storeu_ps(C + r * ldc + 16, m1, f[r][1]);
+  }
+}
+
+template <int BITS>
+VNNI void a8_rows(int R, const char* const* rec, const A8Rows& L, int64_t c0, int64_t chunks,
+                  const uint8_t* P, const float* S, const float* Z, float* C, int64_t ldc,
+                  __mmask16 m0, __mmask16 m1, bool first, const float* s8) {
+  switch (R) {
+    case 6: return a8_panel<6, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+    case 5: return a8_panel<5, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+    case 4: return a8_panel<4, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+    case 3: return a8_panel<3, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+    case 2: return a8_panel<2, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+    default: return a8_panel<1, BITS>(rec, L, c0, chunks, P, S, Z, C, ldc, m0, m1, first, s8);
+  }
+}
+
+// C [M, cw] = the rows' records (rounded inputs) @ the quantized q read as [K, cw]: column
+// j is channel n0 + j for j < split, else n1 + j - split. K % 32 == 0.
+NOINLINE VNNI void igemm_a8(const char* const* rec, const A8Rows& L, const QMatrix& q,
+                            int64_t n0, int64_t n1, int64_t split, float* C, int64_t ldc,
+                            int64_t M, int64_t cw) {
+  const int64_t K = L.K, panels = ceil_div(cw, 32);
+  const int64_t kcmax = std::min(A8_KC, K);
+  // this thread's packed block: weights, then int4 scales and zeros (or int8 scales)
+  float* buf = thread_buffer(3, panels * (kcmax * 8 + 2 * kcmax) + 32 * panels);
+  uint8_t* P = reinterpret_cast<uint8_t*>(buf);
+  float* S = buf + panels * kcmax * 8;
+  float* Z = S + panels * kcmax;
+  float* s8 = Z + panels * kcmax;
+  if (q.bits == 8)
+    for (int64_t j = 0; j < 32 * panels; ++j)
+      s8[j] = j < cw ? q.scales[j < split ? n0 + j : n1 + j - split] : 0.0f;
+  for (int64_t k0 = 0; k0 < K; k0 += A8_KC) {
+    const int64_t kc = std::min(A8_KC, K - k0), chunks = kc / 32;
+    const bool first = k0 == 0, last = k0 + kc == K;
+    pack_a8(q, n0, n1, split, cw, k0, kc, P, S, Z);
+    for (int64_t r0 = 0; r0 < M; r0 += A8_ROWS) {
+      const int R = static_cast<int>(std::min<int64_t>(A8_ROWS, M - r0));
+      for (int64_t p = 0; p < panels; ++p) {
+        const __mmask16 m0 = tail_mask(cw - 32 * p), m1 = tail_mask(cw - 32 * p - 16);
+        const uint8_t* Pp = P + p * kc * 32;
+        float* Cp = C + r0 * ldc + 32 * p;
+        if (q.bits == 8)
+          a8_rows<8>(R, rec + r0, L, k0 / 32, chunks, Pp, nullptr, nullptr, Cp, ldc, m0, m1,
+                     first, last ? s8 + 32 * p : nullptr);
+        else
+          a8_rows<4>(R, rec + r0, L, k0 / 32, chunks, Pp, S + p * chunks * 32,
+                     Z + p * chunks * 32, Cp, ldc, m0, m1, first, nullptr);
+      }
+    }
+  }
+}
+
 #else  // not x86-64: aten's mm only
 
 constexpr bool CPU_AVX512F = false;
+constexpr bool CPU_VNNI = false;
+struct A8Rows {
+  int64_t K = 0, group = 0, sx_off = 0, nc_off = 0, zx_off = 0, bytes = 64;
+  A8Rows(int64_t, int64_t) {}
+};
 // never called (sgemm_enabled() is false)
 void sgemm_rows(const float* const*, const float*, const float*, int64_t, int64_t, float*,
                 int64_t, int64_t, int64_t, int64_t) {}
 void sgemm_q(const float* const*, const QMatrix&, int64_t, int64_t, int64_t, float*, int64_t,
              int64_t, int64_t, int64_t) {}
+void round_row_a8(const float*, const A8Rows&, char*) {}
+void igemm_a8(const char* const*, const A8Rows&, const QMatrix&, int64_t, int64_t, int64_t,
+              float*, int64_t, int64_t, int64_t) {}
 
 #endif
 
@@ -1265,30 +1544,61 @@ QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tenso
   return q;
 }
 
-// The forward on experts wi[e] ([2F, D] channels, gate first) and wo[e] ([D, F]).
+// M rows (row r at x + r * ldx, L.K floats) rounded into records, in parallel: a
+// uint8 tensor [M, L.bytes] (64-byte aligned rows).
+torch::Tensor round_rows_a8(const float* x, int64_t ldx, int64_t M, const A8Rows& L) {
+  auto rec = at::empty({M, L.bytes}, at::TensorOptions().dtype(at::kByte));
+  char* base = reinterpret_cast<char*>(rec.data_ptr());
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) round_row_a8(x + r * ldx, L, base + r * L.bytes);
+  });
+  return rec;
+}
+
+// Record pointers for igemm_a8: row r's at `row(r)`, in this thread's array (reused).
+template <typename Row>
+const char* const* rec_ptrs(int64_t M, const Row& row) {
+  thread_local std::vector<const char*> recs;
+  if (static_cast<int64_t>(recs.size()) < M) recs.resize(M);
+  for (int64_t r = 0; r < M; ++r) recs[r] = row(r);
+  return recs.data();
+}
+
+// The forward on experts wi[e] ([2F, D] channels, gate first) and wo[e] ([D, F]). With
+// `a8` (activations="int8" weights) the inputs of both projections are rounded to int8 as
+// the decode kernels round them, and igemm_a8 runs instead of sgemm_q.
 void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                       const torch::Tensor& w_N, const std::vector<QMatrix>& wi,
                       const std::vector<QMatrix>& wo, const std::vector<int64_t>& ends,
                       int64_t rows, torch::Tensor& a_NF, torch::Tensor& y_ND,
-                      torch::Tensor& out_TD) {
+                      torch::Tensor& out_TD, bool a8) {
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
   if (rows == 0) return;
   const int64_t* tok = tok_N.data_ptr<int64_t>();
   const float* x = x_TD.data_ptr<float>();
   const int64_t ldx = x_TD.stride(0), lda = a_NF.stride(0);
   float* a = a_NF.data_ptr<float>();
+  const A8Rows Lx(D, wi[0].group), La(F, wo[0].group);
+  torch::Tensor rx, ra;
+  if (a8) rx = round_rows_a8(x, ldx, x_TD.size(0), Lx);
 
   // 1. a = swiglu(x[tok] @ w_in): gate channels c0.. and up channels F + c0.. of one expert
   run(expert_tiles(ends, 2.0 * D, F, 64), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
     const QMatrix& q = wi[t.expert];
     float* h = thread_buffer(0, n * 2 * cw);
-    const auto A = row_ptrs(n, [&](int64_t r) { return x + tok[t.r0 + r] * ldx; });
-    if (cw % 64 == 0) {
-      sgemm_q(A, q, t.c0, F + t.c0, cw, h, 2 * cw, n, D, 2 * cw);
-    } else {  // the last, narrow tile: each half on its own
-      sgemm_q(A, q, t.c0, t.c0, cw, h, 2 * cw, n, D, cw);
-      sgemm_q(A, q, F + t.c0, F + t.c0, cw, h + cw, 2 * cw, n, D, cw);
+    if (a8) {
+      const char* base = reinterpret_cast<const char*>(rx.data_ptr());
+      const auto R = rec_ptrs(n, [&](int64_t r) { return base + tok[t.r0 + r] * Lx.bytes; });
+      igemm_a8(R, Lx, q, t.c0, F + t.c0, cw, h, 2 * cw, n, 2 * cw);  // any split
+    } else {
+      const auto A = row_ptrs(n, [&](int64_t r) { return x + tok[t.r0 + r] * ldx; });
+      if (cw % 64 == 0) {
+        sgemm_q(A, q, t.c0, F + t.c0, cw, h, 2 * cw, n, D, 2 * cw);
+      } else {  // the last, narrow tile: each half on its own
+        sgemm_q(A, q, t.c0, t.c0, cw, h, 2 * cw, n, D, cw);
+        sgemm_q(A, q, F + t.c0, F + t.c0, cw, h + cw, 2 * cw, n, D, cw);
+      }
     }
     for (int64_t r = 0; r < n; ++r)
       swiglu_rows(h + r * 2 * cw, h + r * 2 * cw + cw, a + (t.r0 + r) * lda + t.c0, cw);
@@ -1298,11 +1608,18 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
   float* y = y_ND.data_ptr<float>();
   const float* wr = w_N.data_ptr<float>();
   const int64_t ldy = y_ND.stride(0);
+  if (a8) ra = round_rows_a8(a, lda, rows, La);
   run(expert_tiles(ends, F, D), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
-    const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
     float* c = y + t.r0 * ldy + t.c0;
-    sgemm_q(A, wo[t.expert], t.c0, t.c0, cw, c, ldy, n, F, cw);
+    if (a8) {
+      const char* base = reinterpret_cast<const char*>(ra.data_ptr());
+      const auto R = rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * La.bytes; });
+      igemm_a8(R, La, wo[t.expert], t.c0, t.c0, cw, c, ldy, n, cw);
+    } else {
+      const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
+      sgemm_q(A, wo[t.expert], t.c0, t.c0, cw, c, ldy, n, F, cw);
+    }
     scale_rows(c, ldy, n, cw, wr + t.r0);
   });
 
@@ -1324,8 +1641,9 @@ void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                           const torch::Tensor& wo_data, const torch::Tensor& wo_scales,
                           const c10::optional<torch::Tensor>& wo_zeros, int64_t bits,
                           int64_t group, const std::vector<int64_t>& ends, torch::Tensor& a_NF,
-                          torch::Tensor& y_ND, torch::Tensor& out_TD) {
+                          torch::Tensor& y_ND, torch::Tensor& out_TD, bool a8) {
   TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_out needs an AVX-512F CPU");
+  TORCH_CHECK(!a8 || CPU_VNNI, "swiglu_experts_q_out with int8 activations needs AVX-512 VNNI");
   const int64_t E = static_cast<int64_t>(ends.size());
   const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
@@ -1334,7 +1652,7 @@ void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
     wi.push_back(q_matrix("w_in", wi_data, wi_scales, wi_zeros, bits, group, {E}, 2 * F, D, e));
     wo.push_back(q_matrix("w_out", wo_data, wo_scales, wo_zeros, bits, group, {E}, D, F, e));
   }
-  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD);
+  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD, a8);
 }
 
 // The same with one quantized matrix per expert in lists (the expert cache's): data [2F,
@@ -1348,8 +1666,10 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
                                const std::vector<torch::Tensor>& wo_scales,
                                const c10::optional<std::vector<torch::Tensor>>& wo_zeros,
                                int64_t bits, int64_t group, const std::vector<int64_t>& ends,
-                               torch::Tensor& a_NF, torch::Tensor& y_ND, torch::Tensor& out_TD) {
+                               torch::Tensor& a_NF, torch::Tensor& y_ND, torch::Tensor& out_TD,
+                               bool a8) {
   TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_list_out needs an AVX-512F CPU");
+  TORCH_CHECK(!a8 || CPU_VNNI, "swiglu_experts_q_list_out with int8 activations needs AVX-512 VNNI");
   const int64_t E = static_cast<int64_t>(ends.size());
   const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
@@ -1366,7 +1686,7 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
     wi.push_back(q_matrix("w_in", wi_data[e], wi_scales[e], zi, bits, group, {}, 2 * F, D, 0));
     wo.push_back(q_matrix("w_out", wo_data[e], wo_scales[e], zo, bits, group, {}, D, F, 0));
   }
-  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD);
+  swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD, a8);
 }
 
 // out_MN = x_MK @ W for a quantized linear's weight (logical [1, K, N]: data [1, N, K] int8
@@ -1377,8 +1697,9 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
 // head). Tasks are tiles of rows x columns, each one sgemm_q. AVX-512F CPUs only.
 void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
                   const torch::Tensor& scales, const c10::optional<torch::Tensor>& zeros,
-                  int64_t bits, int64_t group, torch::Tensor& out_MN) {
+                  int64_t bits, int64_t group, torch::Tensor& out_MN, bool a8) {
   TORCH_CHECK(CPU_AVX512F, "q_linear_out needs an AVX-512F CPU");
+  TORCH_CHECK(!a8 || CPU_VNNI, "q_linear_out with int8 activations needs AVX-512 VNNI");
   check_float_rows(x_MK, "x_MK", 2);
   TORCH_CHECK(data.dim() == 3 && data.size(0) == 1,
               "weight data must be [1, N, K] (int8) or [1, N, K / 2] (int4), got ", data.sizes());
@@ -1389,10 +1710,20 @@ void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
   const float* x = x_MK.data_ptr<float>();
   float* out = out_MN.data_ptr<float>();
   const int64_t ldx = x_MK.stride(0), ldo = out_MN.stride(0);
+  const A8Rows L(K, q.group);
+  torch::Tensor rx;
+  if (a8) rx = round_rows_a8(x, ldx, M, L);
   run(expert_tiles({M}, K, N, 64), [&](const Task& t) {
     const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
-    const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
-    sgemm_q(A, q, t.c0, t.c0, cw, out + t.r0 * ldo + t.c0, ldo, n, K, cw);
+    float* c = out + t.r0 * ldo + t.c0;
+    if (a8) {
+      const char* base = reinterpret_cast<const char*>(rx.data_ptr());
+      igemm_a8(rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * L.bytes; }), L, q, t.c0,
+               t.c0, cw, c, ldo, n, cw);
+    } else {
+      const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
+      sgemm_q(A, q, t.c0, t.c0, cw, c, ldo, n, K, cw);
+    }
   });
 }
 
@@ -1422,6 +1753,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ W for a quantized [1, K, N] weight, dequantized in the GEMM's packing");
   m.def("quantized_swiglu_experts_ok", [] { return CPU_AVX512F; },
         "whether swiglu_experts_q_out runs on this CPU (AVX-512F)");
+  m.def("int8_activations_gemm_ok", [] { return CPU_VNNI; },
+        "whether swiglu_experts_q_out / q_linear_out take a8 = True here (AVX-512 VNNI, BW)");
   m.def("swiglu_backward_out", &swiglu_backward_out,
         "a and dh of SwiGLU from da, one pass, float32");
 }

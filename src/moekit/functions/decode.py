@@ -162,7 +162,8 @@ def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Qua
                            biased: bool, kind: str | None) -> bool:
     """``quant_one_call_format`` for these weights (CPU, one format for both)."""
     return (w_in.data.device.type == "cpu"
-            and (w_in.bits, w_in.group_size) == (w_out.bits, w_out.group_size)
+            and (w_in.bits, w_in.group_size, w_in.activations)
+            == (w_out.bits, w_out.group_size, w_out.activations)
             and quant_one_call_format(dtype, w_in.bits, w_in.group_size, w_in.shape[1],
                                       w_out.shape[1], biased, kind))
 
@@ -191,15 +192,25 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
     rows = (token_S[:S].to(torch.int64).contiguous(), _plain_f32(weight_S[:S]))
     scratch = (ws.get("a", S, F), ws.get("y", S, D), out_TD)
     fmt = (first.bits, first.group_size or 0)
+    a8 = int8_activations_gemm(ext, first)
     if isinstance(w_in, list):
         parts = [([q.data[0] for q in ws], [q.scales[0] for q in ws],
                   None if ws[0].zeros is None else [q.zeros[0] for q in ws])
                  for ws in (w_in, w_out)]
-        ext.swiglu_experts_q_list_out(x_TD, *rows, *parts[0], *parts[1], *fmt, ends, *scratch)
+        ext.swiglu_experts_q_list_out(x_TD, *rows, *parts[0], *parts[1], *fmt, ends, *scratch,
+                                      a8)
     else:
         ext.swiglu_experts_q_out(x_TD, *rows, w_in.data, w_in.scales, w_in.zeros, w_out.data,
-                                 w_out.scales, w_out.zeros, *fmt, ends, *scratch)
+                                 w_out.scales, w_out.zeros, *fmt, ends, *scratch, a8)
     return out_TD
+
+
+def int8_activations_gemm(ext, w: QuantizedTensor) -> bool:
+    """Whether the prefill GEMMs (``ext``'s swiglu_experts_q_out / q_linear_out) round the
+    inputs of ``w`` to int8 as its decode kernels do: weights quantized with
+    activations="int8", on a CPU with AVX-512 VNNI (igemm_a8). Elsewhere such weights
+    prefill on float inputs, the dequantized weights' exact product."""
+    return w.activations == "int8" and ext.int8_activations_gemm_ok()
 
 
 def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -343,10 +354,11 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
 
 def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
     """x_TK @ w_1KN[0] (float32) on q_linear_out where it applies, else None: float32 rows
-    on the CPU, QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS, K a multiple of 32,
-    no gradient wanted through x, moekit's GEMM enabled on this CPU (QUANT_ONE_CALL)."""
+    on the CPU, QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS (any number past the
+    first where the inputs are rounded to int8: ``int8_activations_gemm``), K a multiple of
+    32, no gradient wanted through x, moekit's GEMM enabled on this CPU (QUANT_ONE_CALL)."""
     rows, K = x_TK.shape
-    if not (QUANT_ONE_CALL and QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS
+    if not (QUANT_ONE_CALL and QUANT_LINEAR_MAX_ROWS < rows
             and x_TK.dtype == torch.float32 and x_TK.device.type == "cpu"
             and w_1KN.data.device.type == "cpu" and w_1KN.shape[0] == 1 and K % 32 == 0
             and not (torch.is_grad_enabled() and x_TK.requires_grad)
@@ -355,9 +367,12 @@ def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
     ext = _q_gemm_module("q_linear_out")
     if ext is None:
         return None
+    a8 = int8_activations_gemm(ext, w_1KN)
+    if rows > QUANT_GEMM_MAX_ROWS and not a8:
+        return None
     y = torch.empty(rows, w_1KN.shape[2])
     ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,
-                     w_1KN.group_size or 0, y)
+                     w_1KN.group_size or 0, y, a8)
     return y
 
 
