@@ -345,7 +345,11 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
         logits, long_logits = resident(tokens).logits, resident(long_ids).logits
         mid_logits = resident(mid_ids).logits
     resident_calls = len(calls)
-    assert (resident_calls == 4) == (one_call and _one_call_expected())  # 2 prefills x 2 layers
+    # 2 prefills x 2 layers; 3 for W8A8 where the one call rounds the inputs (its row limit,
+    # backends.A8_ROWS_PER_EXPERT: 6 per expert, so the 60 rows of `tokens` pass it too)
+    from moekit.functions import decode
+    prefills = 3 if (bits, activations) == (8, "int8") and decode.int8_gemm_here() else 2
+    assert (resident_calls == 2 * prefills) == (one_call and _one_call_expected())
     qt = resident.blocks[0].ffn.experts.w_in
     per_expert = qt.nbytes_per_expert() + resident.blocks[0].ffn.experts.w_out.nbytes_per_expert()
     for experts in (2, 16):

@@ -172,6 +172,16 @@ def test_the_decode_kernels_keep_few_rows_per_expert_only_where_the_one_call_run
     _, _, q64, q64o = _problem(8, None, 256, 128, counts=[1] * 64)
     assert backends.quant_kernel_max_rows(torch.bfloat16, q64, q64o, False, "swiglu") == \
         backends.QUANT_KERNEL_MAX_ROWS
+    # int8-activation weights: the one call rounds their inputs too where the CPU has
+    # AVX-512 VNNI, and overtakes the kernels sooner
+    for bits, g in [(8, None), (4, 32)]:
+        a8 = [quantize_tensor(_float(q), bits, g, activations="int8")
+              for q in _problem(bits, g, 256, 128, counts=[1] * 6)[2:]]
+        per = backends.A8_ROWS_PER_EXPERT[bits] if decode.int8_gemm_here() else \
+            backends.DECODE_MAX_ROWS_PER_EXPERT
+        assert backends.quant_kernel_max_rows(torch.float32, *a8, False, "swiglu") == per * 6
+        assert backends.quant_kernel_max_rows(torch.float32, *a8, True, "swiglu") == \
+            backends.QUANT_KERNEL_MAX_ROWS
 
 
 # -- a quantized linear's rows past the decode kernel: q_linear_out --------------------

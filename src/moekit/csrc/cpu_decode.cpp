@@ -944,7 +944,8 @@ void nk_tile_isa(const Weights& w, int64_t e, const float* const* x, int64_t n, 
 // to xq = round(x / sx) with sx = max|x| / 127 (0 for an all-zero block), and the
 // kernels compute the exact product of the dequantized weights (s * q + z) with
 // x' = sx * xq: sum over groups of s * sum(q * xq * sx) + z * sum(x'). Prefill past
-// the kernels' rows runs dequantized weights on float activations (the row limits:
+// the kernels' rows rounds the inputs the same way on AVX-512 VNNI CPUs (cpu_experts.cpp's
+// igemm_a8) and elsewhere runs dequantized weights on float activations (the row limits:
 // experts/backends.py quant_kernel_max_rows, functions/decode.py QUANT_LINEAR_MAX_ROWS).
 //
 // A row record (one per distinct input row, 64-byte aligned):

@@ -652,68 +652,65 @@ VNNI void round_row_a8(const float* x, const A8Rows& L, char* rec) {
   }
 }
 
-constexpr int64_t A8_KC = 256;  // inputs per packed block (8 KiB per 32 channels)
-constexpr int A8_ROWS = 6;      // rows per register block (24 accumulators)
+// Inputs per packed panel block: a panel of 32 channels is then (for K up to this) one
+// contiguous stretch of the weight (channels are rows of [N, K]), read in order. (Blocks
+// of 256 inputs across every panel of the tile, each block's 128-256 bytes of 1,024
+// channels at a time, took 1.7-2x the time at 4-8 rows per expert, cold weights.)
+constexpr int64_t A8_KC = 2048;
+constexpr int A8_ROWS = 6;  // rows per register block (24 accumulators)
 
-// Packs inputs [k0, k0 + kc) of the tile's channels (column j: channel n0 + j for j <
-// split, else n1 + j - split; zeros past cw) into P: panels of 32 columns, [kc / 4][32]
-// dwords each. int4: the per-chunk group scales and zero points of each column into S, Z
-// ([panel][kc / 32][32] floats).
+// Packs inputs [k0, k0 + kc) of the tile's columns 32 p .. 32 p + 31 (column j: channel n0
+// + j for j < split, else n1 + j - split; zeros past cw) into P, [kc / 4][32] dwords.
+// int4: each chunk's group scales and zero points of the 32 columns into S, Z ([kc /
+// 32][32] floats).
 VNNI void pack_a8(const QMatrix& q, int64_t n0, int64_t n1, int64_t split, int64_t cw,
-                  int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
-  const int64_t panels = ceil_div(cw, 32), chunks = kc / 32;
+                  int64_t p, int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), nib = _mm512_set1_epi8(0x0F);
   auto channel = [&](int64_t j) { return j < split ? n0 + j : n1 + j - split; };
-  for (int64_t p = 0; p < panels; ++p) {
-    uint8_t* panel = P + p * kc * 32;
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j0 = 32 * p + 16 * h;
-      const uint8_t* src[16];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j0 = 32 * p + 16 * h;
+    const uint8_t* src[16];
+    for (int i = 0; i < 16; ++i)
+      src[i] = j0 + i < cw ? q.data + channel(j0 + i) * q.row_bytes : nullptr;
+    const int64_t per = q.bits == 8 ? 64 : 128;  // inputs per 64 source bytes
+    for (int64_t i0 = 0; i0 < kc; i0 += per) {
+      const int64_t n_in = std::min(per, kc - i0), n_bytes = q.bits == 8 ? n_in : n_in / 2;
+      const __mmask16 dw = tail_mask(n_bytes / 4);
+      const int64_t b0 = q.bits == 8 ? k0 + i0 : (k0 + i0) / 2;
+      __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
-        src[i] = j0 + i < cw ? q.data + channel(j0 + i) * q.row_bytes : nullptr;
-      // source bytes per 64-byte piece: int8 64 inputs, int4 128
-      const int64_t per = q.bits == 8 ? 64 : 128;
-      for (int64_t i0 = 0; i0 < kc; i0 += per) {
-        const int64_t n_in = std::min(per, kc - i0), n_bytes = q.bits == 8 ? n_in : n_in / 2;
-        const __mmask16 dw = tail_mask(n_bytes / 4);
-        const int64_t b0 = q.bits == 8 ? k0 + i0 : (k0 + i0) / 2;
-        __m512 r[16], t[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = src[i] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dw, src[i] + b0))
-                        : _mm512_setzero_ps();
-        if (q.bits == 8) {
-          transpose16(r);
-          for (int64_t d = 0; d < n_bytes / 4; ++d)  // dword d: inputs i0 + 4d..
-            _mm512_storeu_si512(panel + ((i0 / 4 + d) * 32 + 16 * h) * 4,
-                                _mm512_xor_si512(_mm512_castps_si512(r[d]), flip));
-        } else {
-          for (int i = 0; i < 16; ++i) {
-            const __m512i v = _mm512_castps_si512(r[i]);
-            t[i] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-            r[i] = _mm512_castsi512_ps(_mm512_and_si512(v, nib));
-          }
-          transpose16(r), transpose16(t);
-          // byte b of a 32-input chunk (16 bytes) holds input b (low nibble) and b + 16
-          // (high): dword d of the piece is chunk d / 4's inputs 4 (d % 4).. (+ 16)
-          for (int64_t d = 0; d < n_bytes / 4; ++d) {
-            const int64_t k4 = i0 / 4 + 8 * (d / 4) + d % 4;
-            _mm512_storeu_si512(panel + (k4 * 32 + 16 * h) * 4, _mm512_castps_si512(r[d]));
-            _mm512_storeu_si512(panel + ((k4 + 4) * 32 + 16 * h) * 4, _mm512_castps_si512(t[d]));
-          }
+        r[i] = src[i] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dw, src[i] + b0))
+                      : _mm512_setzero_ps();
+      if (q.bits == 8) {
+        transpose16(r);
+        for (int64_t d = 0; d < n_bytes / 4; ++d)  // dword d: inputs i0 + 4d..
+          _mm512_storeu_si512(P + ((i0 / 4 + d) * 32 + 16 * h) * 4,
+                              _mm512_xor_si512(_mm512_castps_si512(r[d]), flip));
+      } else {
+        for (int i = 0; i < 16; ++i) {
+          const __m512i v = _mm512_castps_si512(r[i]);
+          t[i] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+          r[i] = _mm512_castsi512_ps(_mm512_and_si512(v, nib));
+        }
+        transpose16(r), transpose16(t);
+        // byte b of a 32-input chunk (16 bytes) holds input b (low nibble) and b + 16
+        // (high): dword d of the piece is chunk d / 4's inputs 4 (d % 4).. (+ 16)
+        for (int64_t d = 0; d < n_bytes / 4; ++d) {
+          const int64_t k4 = i0 / 4 + 8 * (d / 4) + d % 4;
+          _mm512_storeu_si512(P + (k4 * 32 + 16 * h) * 4, _mm512_castps_si512(r[d]));
+          _mm512_storeu_si512(P + ((k4 + 4) * 32 + 16 * h) * 4, _mm512_castps_si512(t[d]));
         }
       }
     }
-    if (q.bits == 4) {
-      const int64_t G = q.row_bytes * 2 / q.group;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t g = (k0 + 32 * c) / q.group;
-        float* s = S + (p * chunks + c) * 32;
-        float* z = Z + (p * chunks + c) * 32;
-        for (int64_t j = 0; j < 32; ++j) {
-          const int64_t col = 32 * p + j;
-          s[j] = col < cw ? q.scales[channel(col) * G + g] : 0.0f;
-          z[j] = col < cw ? q.zeros[channel(col) * G + g] : 0.0f;
-        }
+  }
+  if (q.bits == 4) {
+    const int64_t G = q.row_bytes * 2 / q.group;
+    for (int64_t c = 0; c < kc / 32; ++c) {
+      const int64_t g = (k0 + 32 * c) / q.group;
+      for (int64_t j = 0; j < 32; ++j) {
+        const int64_t col = 32 * p + j;
+        S[32 * c + j] = col < cw ? q.scales[channel(col) * G + g] : 0.0f;
+        Z[32 * c + j] = col < cw ? q.zeros[channel(col) * G + g] : 0.0f;
       }
     }
   }
@@ -802,37 +799,43 @@ VNNI void a8_rows(int R, const char* const* rec, const A8Rows& L, int64_t c0, in
 }
 
 // C [M, cw] = the rows' records (rounded inputs) @ the quantized q read as [K, cw]: column
-// j is channel n0 + j for j < split, else n1 + j - split. K % 32 == 0.
+// j is channel n0 + j for j < split, else n1 + j - split. K % 32 == 0. Panel by panel: its
+// weights packed once, then every row block against them; the next panel's bytes
+// prefetched (into L2) while this one's rows run.
 NOINLINE VNNI void igemm_a8(const char* const* rec, const A8Rows& L, const QMatrix& q,
                             int64_t n0, int64_t n1, int64_t split, float* C, int64_t ldc,
                             int64_t M, int64_t cw) {
-  const int64_t K = L.K, panels = ceil_div(cw, 32);
-  const int64_t kcmax = std::min(A8_KC, K);
-  // this thread's packed block: weights, then int4 scales and zeros (or int8 scales)
-  float* buf = thread_buffer(3, panels * (kcmax * 8 + 2 * kcmax) + 32 * panels);
+  const int64_t K = L.K, panels = ceil_div(cw, 32), kcmax = std::min(A8_KC, K);
+  // this thread's packed panel block: weights, then int4 scales and zeros, int8 scales
+  float* buf = thread_buffer(3, kcmax * 8 + 2 * kcmax + 32);
   uint8_t* P = reinterpret_cast<uint8_t*>(buf);
-  float* S = buf + panels * kcmax * 8;
-  float* Z = S + panels * kcmax;
-  float* s8 = Z + panels * kcmax;
-  if (q.bits == 8)
-    for (int64_t j = 0; j < 32 * panels; ++j)
-      s8[j] = j < cw ? q.scales[j < split ? n0 + j : n1 + j - split] : 0.0f;
-  for (int64_t k0 = 0; k0 < K; k0 += A8_KC) {
-    const int64_t kc = std::min(A8_KC, K - k0), chunks = kc / 32;
-    const bool first = k0 == 0, last = k0 + kc == K;
-    pack_a8(q, n0, n1, split, cw, k0, kc, P, S, Z);
-    for (int64_t r0 = 0; r0 < M; r0 += A8_ROWS) {
-      const int R = static_cast<int>(std::min<int64_t>(A8_ROWS, M - r0));
-      for (int64_t p = 0; p < panels; ++p) {
-        const __mmask16 m0 = tail_mask(cw - 32 * p), m1 = tail_mask(cw - 32 * p - 16);
-        const uint8_t* Pp = P + p * kc * 32;
+  float* S = buf + kcmax * 8;
+  float* Z = S + kcmax;
+  float* s8 = Z + kcmax;
+  auto channel = [&](int64_t j) { return j < split ? n0 + j : n1 + j - split; };
+  const int64_t row_lines = ((q.bits == 8 ? kcmax : kcmax / 2) + 63) / 64;
+  for (int64_t p = 0; p < panels; ++p) {
+    const __mmask16 m0 = tail_mask(cw - 32 * p), m1 = tail_mask(cw - 32 * p - 16);
+    if (q.bits == 8)
+      for (int64_t j = 0; j < 32; ++j)
+        s8[j] = 32 * p + j < cw ? q.scales[channel(32 * p + j)] : 0.0f;
+    for (int64_t k0 = 0; k0 < K; k0 += A8_KC) {
+      const int64_t kc = std::min(A8_KC, K - k0), chunks = kc / 32;
+      const bool first = k0 == 0, last = k0 + kc == K;
+      pack_a8(q, n0, n1, split, cw, p, k0, kc, P, S, Z);
+      if (last && p + 1 < panels)  // the next panel's first block
+        for (int64_t j = 32 * (p + 1); j < std::min(cw, 32 * (p + 2)); ++j) {
+          const char* row = reinterpret_cast<const char*>(q.data + channel(j) * q.row_bytes);
+          for (int64_t l = 0; l < row_lines; ++l) _mm_prefetch(row + 64 * l, _MM_HINT_T1);
+        }
+      for (int64_t r0 = 0; r0 < M; r0 += A8_ROWS) {
+        const int R = static_cast<int>(std::min<int64_t>(A8_ROWS, M - r0));
         float* Cp = C + r0 * ldc + 32 * p;
         if (q.bits == 8)
-          a8_rows<8>(R, rec + r0, L, k0 / 32, chunks, Pp, nullptr, nullptr, Cp, ldc, m0, m1,
-                     first, last ? s8 + 32 * p : nullptr);
+          a8_rows<8>(R, rec + r0, L, k0 / 32, chunks, P, nullptr, nullptr, Cp, ldc, m0, m1,
+                     first, last ? s8 : nullptr);
         else
-          a8_rows<4>(R, rec + r0, L, k0 / 32, chunks, Pp, S + p * chunks * 32,
-                     Z + p * chunks * 32, Cp, ldc, m0, m1, first, nullptr);
+          a8_rows<4>(R, rec + r0, L, k0 / 32, chunks, P, S, Z, Cp, ldc, m0, m1, first, nullptr);
       }
     }
   }
@@ -1633,7 +1636,10 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
 // first) and w_out (logical [E, F, D]: data [E, D, F(/2)]) quantized, both `bits` (8 or
 // 4, int4 with groups of `group`): out_TD[t] += sum over token t's rows of
 // w_N[r] * swiglu(x[t] @ W_in[e]) @ W_out[e], the W dequantized as
-// cpu_decode's dequantize does. AVX-512F CPUs only (quantized_swiglu_experts_ok()).
+// cpu_decode's dequantize does. AVX-512F CPUs only (quantized_swiglu_experts_ok()). With
+// a8 (weights quantized with activations="int8"; AVX-512 VNNI, int8_activations_gemm_ok())
+// x and the activated rows are rounded to int8 first, as the decode kernels round them
+// (igemm_a8).
 void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                           const torch::Tensor& w_N, const torch::Tensor& wi_data,
                           const torch::Tensor& wi_scales,
@@ -1694,7 +1700,8 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
 // scales), dequantized in the GEMM's packing as swiglu_experts_q_out's weights are: the
 // prefill of a quantized attention projection or LM head without the float [N, K] copy
 // that dequantize-then-mm writes and reads (4 bytes a weight; 1.2 GB for a 151k x 2048
-// head). Tasks are tiles of rows x columns, each one sgemm_q. AVX-512F CPUs only.
+// head). Tasks are tiles of rows x columns, each one sgemm_q (with a8: x rounded to int8
+// and igemm_a8, as swiglu_experts_q_out's). AVX-512F CPUs only.
 void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
                   const torch::Tensor& scales, const c10::optional<torch::Tensor>& zeros,
                   int64_t bits, int64_t group, torch::Tensor& out_MN, bool a8) {

@@ -191,30 +191,46 @@ BF16_QUANT_ROWS_PER_EXPERT = 64
 # F=512 0.57 / 0.81 / 1.06 / 1.32 and 0.85 / 1.14 / 1.40 / 1.57.
 
 
+# int8-activation weights (activations="int8") where the one call rounds the inputs too
+# (igemm_a8, AVX-512 VNNI): it overtakes the decode kernels' VNNI paths sooner. One layer,
+# random distinct experts per token, cold weights (a 64 MiB write between calls), 2
+# threads, the Zen 4 VM, medians of 7 interleaved pairs (a /tmp script), kernel / one call
+# at 4 / 8 / 12 / 16 / 24 rows per expert: int4 g64 E=64 K=8 D=1024 F=512 0.57 / 0.92 /
+# 1.11 / 1.24 / 1.43, E=8 K=2 D=1024 F=2048 0.55 / 0.80 / 0.93 / 1.09 / 1.24; int8 0.84 /
+# 1.15 / 1.38 / 1.56 / 1.88 and 0.77 / 1.24 / 1.49 / 1.71 / 2.00. Rows per expert, by bits:
+A8_ROWS_PER_EXPERT = {8: 6, 4: 12}
+
+
 def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: QuantizedTensor,
                           biased: bool, kind: str | None, rows: int = 1 << 30) -> int:
     """Routed rows up to which quantized experts run on the decode kernels:
     ``DECODE_MAX_ROWS_PER_EXPERT`` per expert where ``decode.dequantized_experts`` runs
-    its one call for more, ``BF16_QUANT_ROWS_PER_EXPERT`` per expert (at most
-    ``QUANT_KERNEL_MAX_ROWS``) for bf16 activations, else ``QUANT_KERNEL_MAX_ROWS``.
-    ``rows`` within the first limit skip the check (a decode step's)."""
-    if rows <= quant_rows_per_expert(w_in.shape[0]):
+    its one call for more (``A8_ROWS_PER_EXPERT`` where that call rounds the inputs to
+    int8), ``BF16_QUANT_ROWS_PER_EXPERT`` per expert (at most ``QUANT_KERNEL_MAX_ROWS``)
+    for bf16 activations, else ``QUANT_KERNEL_MAX_ROWS``. ``rows`` within the first limit
+    skip the check (a decode step's)."""
+    a8 = w_in.bits if w_in.activations == "int8" and decode.int8_gemm_here() else None
+    if rows <= quant_rows_per_expert(w_in.shape[0], a8):
         return QUANT_KERNEL_MAX_ROWS
     one = decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind)
-    return quant_rows_limit(w_in.shape[0], one, dtype)
+    return quant_rows_limit(w_in.shape[0], one, dtype, a8)
 
 
-def quant_rows_per_expert(num_experts: int) -> int:
-    """The float weights' limit (``DECODE_MAX_ROWS_PER_EXPERT`` per expert), for quantized."""
-    return min(QUANT_KERNEL_MAX_ROWS, DECODE_MAX_ROWS_PER_EXPERT * num_experts)
+def quant_rows_per_expert(num_experts: int, a8_bits: int | None = None) -> int:
+    """The float weights' limit (``DECODE_MAX_ROWS_PER_EXPERT`` per expert) for quantized
+    ones; with ``a8_bits`` (int8-activation weights of those bits, rounded by the one call
+    too) ``A8_ROWS_PER_EXPERT``'s."""
+    per = DECODE_MAX_ROWS_PER_EXPERT if a8_bits is None else A8_ROWS_PER_EXPERT[a8_bits]
+    return min(QUANT_KERNEL_MAX_ROWS, per * num_experts)
 
 
 def quant_rows_limit(num_experts: int, one_call: bool,
-                     dtype: torch.dtype = torch.float32) -> int:
-    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's)
-    and the activations' dtype."""
+                     dtype: torch.dtype = torch.float32, a8_bits: int | None = None) -> int:
+    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's,
+    which keeps the float weights' limit for int8-activation weights too: ``a8_bits`` not
+    passed) and the activations' dtype."""
     if one_call:
-        return quant_rows_per_expert(num_experts)
+        return quant_rows_per_expert(num_experts, a8_bits)
     if dtype == torch.bfloat16:
         return min(QUANT_KERNEL_MAX_ROWS, BF16_QUANT_ROWS_PER_EXPERT * num_experts)
     return QUANT_KERNEL_MAX_ROWS

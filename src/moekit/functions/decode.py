@@ -10,8 +10,10 @@ between the two calls.
 
 For many rows with quantized weights (prefill), ``dequantized_experts`` runs an fp32
 SwiGLU layer without biases in one C++ call that dequantizes inside its GEMMs' packing
-(``swiglu_experts_q_out``, AVX-512F CPUs); anything else it turns back into float a
-block of experts at a time and runs on the fused path.
+(``swiglu_experts_q_out``, AVX-512F CPUs; weights quantized with activations="int8"
+have their inputs rounded to int8 there too, as the decode kernels round them, on a VNNI
+GEMM where the CPU has AVX-512 VNNI); anything else it turns back into float a block of
+experts at a time and runs on the fused path.
 
 ``dense_rows`` runs a dense projection (attention, LM head, dense FFN; float or
 quantized) through the same kernel as one "expert" every row is routed to, for
@@ -203,6 +205,13 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
         ext.swiglu_experts_q_out(x_TD, *rows, w_in.data, w_in.scales, w_in.zeros, w_out.data,
                                  w_out.scales, w_out.zeros, *fmt, ends, *scratch, a8)
     return out_TD
+
+
+def int8_gemm_here() -> bool:
+    """Whether prefill's GEMMs round int8-activation weights' inputs on this CPU (AVX-512
+    VNNI, moekit's GEMM enabled): ``int8_activations_gemm`` for any such weight."""
+    ext = _q_gemm_module("q_linear_out")
+    return ext is not None and QUANT_ONE_CALL and ext.int8_activations_gemm_ok()
 
 
 def int8_activations_gemm(ext, w: QuantizedTensor) -> bool:

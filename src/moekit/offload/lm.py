@@ -37,11 +37,12 @@ class OffloadedExperts(nn.Module):
     """Stands in for ``Experts``: same call, weights from the expert cache."""
 
     def __init__(self, cfg, backend: str, layer: int, dtype: torch.dtype,
-                 quant: tuple[int, int | None] | None) -> None:
+                 quant: tuple[int, int | None, str] | None) -> None:
         super().__init__()
         self.cfg, self.backend, self.layer = cfg, backend, layer
         self.offload: ExpertOffload | None = None  # set once the cache exists
-        fmt = None if quant is None else (*quant, cfg.dim, cfg.ffn_dim, cfg.expert_bias)
+        fmt = None if quant is None else (quant[0], quant[1], cfg.dim, cfg.ffn_dim,
+                                          cfg.expert_bias, quant[2])
         self.call = ExpertsCall(self._act, backend, dtype, quant is not None, cfg.num_experts,
                                 self._unpack, self._stacked, fmt)
 
@@ -143,8 +144,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
                                   quant.bits if quant else None, moe.experts.state_dict())
             store_parts.update({(layer, e): p for e, p in parts.items()})
             dtype = torch.float32 if quant else parts[0]["w_in"].dtype
-            moe.experts = OffloadedExperts(moe.config, backend, layer, dtype,
-                                           None if quant is None else (quant.bits, quant.group))
+            fmt = None if quant is None else (quant.bits, quant.group, quant.activations)
+            moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, fmt)
             layer += 1
     resident = _check_resident(model, header, state["tied"], file)
     codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)

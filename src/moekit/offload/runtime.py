@@ -91,9 +91,10 @@ class ExpertsCall:
     num_experts: int  # the layer's (all of them, not only the cached): the resident row limit
     unpack: Callable[[list[Any]], ExpertWeights]
     stacked: Callable[[Tensor, Dispatch, list[Any]], Tensor]
-    # quantized experts' (bits, group_size, D, F, biased): whether the resident model's
-    # prefill would run its one call (decode.quant_one_call_format); None: it never does
-    quant_format: tuple[int, int | None, int, int, bool] | None = None
+    # quantized experts' (bits, group_size, D, F, biased, activations): whether the resident
+    # model's prefill would run its one call (decode.quant_one_call_format), and from how
+    # many rows (backends.quant_rows_limit); None: it never does
+    quant_format: tuple[int, int | None, int, int, bool, str] | None = None
 
 
 def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
@@ -102,7 +103,7 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
     cpu = x_TD.device.type == "cpu" and decode.available()
     if call.quantized:
         if cpu and rows <= quant_rows_limit(call.num_experts, _one_call_format(call, x_TD),
-                                            x_TD.dtype):
+                                            x_TD.dtype, _a8_bits(call)):
             return "list"
         return "dequant"  # (_run_gemm runs the one call where it applies)
     if call.backend not in ("auto", "decode"):
@@ -120,7 +121,14 @@ def _one_call_format(call: ExpertsCall, x_TD: Tensor) -> bool:
     """Whether the resident model's quantized prefill would run its one call on these
     experts (the format half of it: decode.quant_one_call_format)."""
     return call.quant_format is not None and decode.quant_one_call_format(
-        x_TD.dtype, *call.quant_format, _kind(call.act))
+        x_TD.dtype, *call.quant_format[:5], _kind(call.act))
+
+
+def _a8_bits(call: ExpertsCall) -> int | None:
+    """The bits of int8-activation experts whose one call rounds their inputs here (the
+    resident model's limit then: backends.quant_kernel_max_rows), else None."""
+    fmt = call.quant_format
+    return fmt[0] if fmt is not None and fmt[5] == "int8" and decode.int8_gemm_here() else None
 
 
 def _chunks(ids: list[int], size: int) -> list[tuple[int, int]]:

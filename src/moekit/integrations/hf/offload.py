@@ -63,7 +63,7 @@ class OffloadedStackedExperts(StackedExperts):
     _moekit_offload: ExpertOffload
     _moekit_dtype: torch.dtype
     _moekit_quantized: bool
-    _moekit_quant_format: tuple[int, int | None, int, int, bool] | None  # see ExpertsCall
+    _moekit_quant_format: tuple[int, int | None, int, int, bool, str] | None  # ExpertsCall's
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
                 ) -> Tensor:
@@ -344,9 +344,10 @@ def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore,
         m._moekit_dtype = store.experts[(i, 0)]["down"].dtype
         m._moekit_quantized = isinstance(store.codec, Quantize)
         m._moekit_quant_format = None
-        if m._moekit_quantized:  # (bits, group, D, F, no biases); down is stored [D, F] (nk)
+        if m._moekit_quantized:  # (bits, group, D, F, no biases, activations); down: [D, F] (nk)
             stored, nk = store.codec.roles["w_out"]
             down = store.experts[(i, 0)][stored].shape
             D, F = down if nk else down[::-1]
-            m._moekit_quant_format = (store.codec.bits, store.codec.group, D, F, False)
+            m._moekit_quant_format = (store.codec.bits, store.codec.group, D, F, False,
+                                      "float")  # Quantize: weight-only
     return offload
