@@ -6,11 +6,14 @@ Same process, same inputs, A/B alternating, median of the per-pair time ratios
 
 - layers: one [K -> N] int8 / int4 (g64) weight, M rows: ``q_linear_out`` (dequantized in
   its GEMM's packing, no float copy of the weight) against ``dequantize_NK`` + ``F.linear``;
+- with ``--a8``: weights quantized with activations="int8": ``q_linear_out`` rounding the
+  rows to int8 (igemm_a8, AVX-512 VNNI) against the same call on float rows (how such
+  weights prefilled before it) and against ``F.linear`` on the dequantized weights;
 - models: bench_decode's quantized models (``scope="all"``: attention and head quantized
   too) with ``decode.QUANT_GEMM_MAX_ROWS`` at 256 (q_linear_out for 33-256 rows) against
   32 (the dequantize path): a 128-token prefill and a decode step of 64 sequences.
 
-    PYTHONPATH=src python benchmarks/bench_quant_linear.py [--reps 7] [--skip-models]
+    PYTHONPATH=src python benchmarks/bench_quant_linear.py [--reps 7] [--skip-models] [--a8]
 
 Needs moekit's C++ GEMM (an AVX-512F CPU); elsewhere it says so and exits. Shape
 letters: M rows, K input width, N output width, B sequences, L prompt tokens.
@@ -58,6 +61,31 @@ def bench_layers(ext, reps: int) -> list[dict]:
     return rows
 
 
+def bench_a8_layers(ext, reps: int) -> list[dict]:
+    rows = []
+    for bits, g in FORMATS:
+        for K, N in ((1024, 1024), (1024, 8192)):
+            for M in (64, 256, 1024):
+                q = quantize_tensor(torch.randn(1, K, N) / K**0.5, bits, g, activations="int8")
+                x, out = torch.randn(M, K), torch.empty(M, N)
+                args = (x, q.data, q.scales, q.zeros, bits, g or 0, out)
+                a8 = _forward_only(lambda a=args: ext.q_linear_out(*a, True))
+                floats = compare(a8, _forward_only(lambda a=args: ext.q_linear_out(*a, False)),
+                                 reps)
+                w = dequantize_NK(q, 0, 1)[0]
+                mkl = compare(a8, _forward_only(lambda x=x, w=w: F.linear(x, w)), reps)
+                rows.append({"bits": bits, "group": g, "K": K, "N": N, "M": M,
+                             "a8_ms": floats["a_fwd_ms"], "float_rows_ms": floats["b_fwd_ms"],
+                             "ratio_float_rows": floats["ratio_fwd"],
+                             "f_linear_ms": mkl["b_fwd_ms"], "ratio_f_linear": mkl["ratio_fwd"]})
+                print(f"int{bits}a8 [{K} -> {N}] {M:5d} rows: int8 rows {floats['a_fwd_ms']:7.2f} "
+                      f"ms ({2 * M * K * N / floats['a_fwd_ms'] / 1e6:.0f} GOP/s), float rows "
+                      f"{floats['b_fwd_ms']:7.2f} ms (ratio {floats['ratio_fwd']:.2f}), F.linear "
+                      f"on dequantized {mkl['b_fwd_ms']:7.2f} ms (ratio {mkl['ratio_fwd']:.2f})",
+                      flush=True)
+    return rows
+
+
 def bench_models(reps: int) -> list[dict]:
     import bench_decode as bd
     from moekit.models.transformer import StaticKVCache
@@ -102,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=7, help="A/B pairs per row (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-models", action="store_true")
+    p.add_argument("--a8", action="store_true",
+                   help="int8-activation weights: the int8 rows' GEMM against float rows "
+                        "(layers only)")
     p.add_argument("--out", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -111,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_quant_linear: moekit's C++ GEMM does not run here (it needs an AVX-512F "
               "CPU and the built extension); nothing to compare")
         return 0
-    result = {"machine": machine(), "layers": bench_layers(ext, args.reps)}
-    if not args.skip_models:
+    if args.a8:
+        if not ext.int8_activations_gemm_ok():
+            print("bench_quant_linear --a8: the int8-activation GEMM needs AVX-512 VNNI")
+            return 0
+        result = {"machine": machine(), "a8_layers": bench_a8_layers(ext, args.reps)}
+    else:
+        result = {"machine": machine(), "layers": bench_layers(ext, args.reps)}
+    if not args.skip_models and not args.a8:
         result["models"] = bench_models(args.reps)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
