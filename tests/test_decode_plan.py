@@ -279,3 +279,25 @@ def test_native_step_names_bad_arguments():
         M = model.rope_cos.shape[0]
         with pytest.raises(RuntimeError, match=f"P={M} is not allowed: the rotary tables"):
             plan.native.step(torch.tensor([3]), M, False, True)
+
+
+@pytest.mark.parametrize("variant", ["int8a8", "int4a8"])
+def test_plan_runs_int8_activation_projections_of_many_rows_on_the_gemm(variant):
+    """From decode.A8_LINEAR_MIN_ROWS rows the int8-activation projections run the prefill
+    GEMM (where the CPU has AVX-512 VNNI), in QuantizedLinear and in the plan's one call
+    alike: the steps of that many sequences stay bitwise the modules'; with the plan's GEMM off
+    (the decode kernel, another order of the same sums) they are not."""
+    from moekit.functions import cpu_ext, decode
+
+    if not decode.int8_gemm_here():
+        pytest.skip("the int8-activation GEMM needs AVX-512 VNNI (and moekit's GEMM on)")
+    B = max(decode.A8_LINEAR_MIN_ROWS.values())
+    assert B <= decode.QUANT_LINEAR_MAX_ROWS
+    model = _variant(variant)
+    prompts = [[1 + i, 2, 3 + 2 * i][: 1 + i % 3] for i in range(B)]
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    slow = _steps(model, model.infer, prompts)
+    assert torch.equal(_steps(model, plan.step, prompts), slow)
+    plan.native.set_a8_gemm(cpu_ext.get().q_linear_a8_address(), 1 << 30, 1 << 30)
+    assert not torch.equal(_steps(model, plan.step, prompts), slow)

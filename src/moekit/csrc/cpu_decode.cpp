@@ -2792,10 +2792,18 @@ torch::Tensor rms_norm(const torch::Tensor& x_RD, const torch::Tensor& w_D, doub
 
 // One projection's kernel arguments (decode._wargs in Python): float weights as data
 // alone, quantized ones with their scales, zero points, format code and group.
+// cpu_experts.cpp's moekit_q_linear_a8 (the prefill GEMM on int8 rows), whose address
+// DecodeStep::set_a8_gemm receives: out [M, N] = rounded x [M, K] @ an int8 / int4 [N, K]
+// weight (x, ldx, M, K, data, N, bits, scales, zeros, group, out, ldo).
+using A8Gemm = void (*)(const float*, int64_t, int64_t, int64_t, const uint8_t*, int64_t,
+                        int64_t, const float*, const float*, int64_t, float*, int64_t);
+
 struct Proj {
   torch::Tensor data;
   c10::optional<torch::Tensor> scales, zeros;
   int64_t bits = 0, group = 0;
+  A8Gemm gemm = nullptr;  // int8-activation weights: the GEMM from gemm_rows rows
+  int64_t gemm_rows = 0;
 
   explicit Proj(const py::tuple& t)
       : data(t[0].cast<torch::Tensor>()),
@@ -2804,9 +2812,29 @@ struct Proj {
         bits(t[3].cast<int64_t>()),
         group(t[4].cast<int64_t>()) {}
 
+  // The GEMM for this projection's rows from `rows` on, where its weight has int8
+  // activations (88 / 48) in the GEMM's layout ([1, N, K(/2)] contiguous, K % 32 == 0).
+  void set_gemm(A8Gemm fn, int64_t rows) {
+    const bool a8 = bits == 88 || bits == 48;
+    const int64_t K = a8 ? data.size(2) * (bits == 48 ? 2 : 1) : 0;
+    if (a8 && data.dim() == 3 && data.size(0) == 1 && data.is_contiguous() && K % 32 == 0 &&
+        scales && scales->is_contiguous() && (bits == 88 || (zeros && zeros->is_contiguous())))
+      gemm = fn, gemm_rows = rows;
+  }
+
   // x_RK @ w for every row (rows_R / ends_1: all rows on the one "expert")
   torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& rows_R,
                       const torch::Tensor& ends_1) const {
+    if (gemm && x.size(0) >= gemm_rows && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
+        x.size(1) == data.size(2) * (bits == 48 ? 2 : 1)) {
+      const int64_t R = x.size(0), N = data.size(1);
+      auto y = torch::empty({R, N}, x.options());
+      gemm(x.data_ptr<float>(), x.stride(0), R, x.size(1),
+           static_cast<const uint8_t*>(data.data_ptr()), N, bits == 88 ? 8 : 4,
+           scales->data_ptr<float>(), zeros ? zeros->data_ptr<float>() : nullptr, group,
+           y.data_ptr<float>(), N);
+      return y;
+    }
     return gate_up(x, rows_R, ends_1, data, scales, zeros, bits, group, c10::nullopt, 0, 0.0,
                    1.0);
   }
@@ -2943,6 +2971,14 @@ class DecodeStep {
     }
     const auto h_last = in(h);
     return out(timed(HEAD, [&] { return head_.apply(h_last, rows_R, ends_1); }));
+  }
+
+  // Projections with int8 activations (attention and LM head) of `rows8` rows or more
+  // (int8 weights; int4: `rows4`) run the prefill GEMM at `address` (cpu_experts'
+  // q_linear_a8_address()).
+  void set_a8_gemm(int64_t address, int64_t rows8, int64_t rows4) {
+    const auto fn = reinterpret_cast<A8Gemm>(static_cast<uintptr_t>(address));
+    for (Proj* p : projections()) p->set_gemm(fn, p->bits == 88 ? rows8 : rows4);
   }
 
   // The generation's KV cache (k_L / v_L as run takes them), the model's rotary tables
@@ -3088,6 +3124,12 @@ class DecodeStep {
   mutable std::array<int64_t, NPARTS> spent_{};
   std::vector<StepLayer> layers_;
   Proj head_;
+
+  std::vector<Proj*> projections() {
+    std::vector<Proj*> ps{&head_};
+    for (auto& ly : layers_) ps.push_back(&ly.qkv), ps.push_back(&ly.out);
+    return ps;
+  }
   bool quant_embed_;
   torch::Tensor table_, first_norm_;
   double first_eps_;
@@ -3136,6 +3178,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "or sampled ids with sample = (temperature, top_k, top_p, generator)",
            py::arg("ids_R"), py::arg("P"), py::arg("padded"), py::arg("greedy"),
            py::arg("sample") = py::none(), py::call_guard<py::gil_scoped_release>())
+      .def("set_a8_gemm", &DecodeStep::set_a8_gemm,
+           "int8-activation projections of at least rows8 (int8) / rows4 (int4) rows on the "
+           "GEMM at `address`", py::arg("address"), py::arg("rows8"), py::arg("rows4"))
       .def("set_timing", &DecodeStep::set_timing,
            "time the parts of the next runs (on: from 0; off: keeps the sums)")
       .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");

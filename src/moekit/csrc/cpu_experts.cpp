@@ -1695,6 +1695,28 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
   swiglu_experts_q(x_TD, tok_N, w_N, wi, wo, ends, rows, a_NF, y_ND, out_TD, a8);
 }
 
+// out [M, N] = x [M, K] @ the quantized q, tasks of rows x columns, each one sgemm_q or
+// (a8) igemm_a8 on the rows rounded to int8.
+static void linear_tiles(const float* x, int64_t ldx, int64_t M, int64_t K, const QMatrix& q,
+                  int64_t N, bool a8, float* out, int64_t ldo) {
+  if (M == 0) return;
+  const A8Rows L(K, q.group);
+  torch::Tensor rx;
+  if (a8) rx = round_rows_a8(x, ldx, M, L);
+  run(expert_tiles({M}, K, N, 64), [&](const Task& t) {
+    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
+    float* c = out + t.r0 * ldo + t.c0;
+    if (a8) {
+      const char* base = reinterpret_cast<const char*>(rx.data_ptr());
+      igemm_a8(rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * L.bytes; }), L, q, t.c0,
+               t.c0, cw, c, ldo, n, cw);
+    } else {
+      const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
+      sgemm_q(A, q, t.c0, t.c0, cw, c, ldo, n, K, cw);
+    }
+  });
+}
+
 // out_MN = x_MK @ W for a quantized linear's weight (logical [1, K, N]: data [1, N, K] int8
 // or [1, N, K / 2] uint8 int4, scales [1, N] or [1, N, K / group], zeros like the int4
 // scales), dequantized in the GEMM's packing as swiglu_experts_q_out's weights are: the
@@ -1713,25 +1735,23 @@ void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
   const int64_t M = x_MK.size(0), K = x_MK.size(1), N = data.size(1);
   const QMatrix q = q_matrix("weight", data, scales, zeros, bits, group, {1}, N, K, 0);
   check_rows(out_MN, "out_MN", M, N);
-  if (M == 0) return;
-  const float* x = x_MK.data_ptr<float>();
-  float* out = out_MN.data_ptr<float>();
-  const int64_t ldx = x_MK.stride(0), ldo = out_MN.stride(0);
-  const A8Rows L(K, q.group);
-  torch::Tensor rx;
-  if (a8) rx = round_rows_a8(x, ldx, M, L);
-  run(expert_tiles({M}, K, N, 64), [&](const Task& t) {
-    const int64_t n = t.r1 - t.r0, cw = t.c1 - t.c0;
-    float* c = out + t.r0 * ldo + t.c0;
-    if (a8) {
-      const char* base = reinterpret_cast<const char*>(rx.data_ptr());
-      igemm_a8(rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * L.bytes; }), L, q, t.c0,
-               t.c0, cw, c, ldo, n, cw);
-    } else {
-      const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
-      sgemm_q(A, q, t.c0, t.c0, cw, c, ldo, n, K, cw);
-    }
-  });
+  linear_tiles(x_MK.data_ptr<float>(), x_MK.stride(0), M, K, q, N, a8,
+               out_MN.data_ptr<float>(), out_MN.stride(0));
+}
+
+// q_linear_out with a8 for cpu_decode's DecodeStep (another extension module, which gets
+// this function's address from q_linear_a8_address()): out [M, N] (rows ldo apart) = x
+// [M, K] (rows ldx apart) rounded to int8 @ the quantized [N, K] weight data (int8, or
+// int4 with groups of `group`), scales [N] or [N, K / group], zeros (int4) like them. The
+// caller has checked every argument (K % 32 == 0, an AVX-512 VNNI CPU).
+extern "C" void moekit_q_linear_a8(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                   const uint8_t* data, int64_t N, int64_t bits,
+                                   const float* scales, const float* zeros, int64_t group,
+                                   float* out, int64_t ldo) {
+  QMatrix q;
+  q.bits = static_cast<int>(bits), q.data = data, q.row_bytes = bits == 8 ? K : K / 2;
+  q.scales = scales, q.zeros = zeros, q.group = bits == 4 ? group : 0;
+  linear_tiles(x, ldx, M, K, q, N, true, out, ldo);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1760,6 +1780,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ W for a quantized [1, K, N] weight, dequantized in the GEMM's packing");
   m.def("quantized_swiglu_experts_ok", [] { return CPU_AVX512F; },
         "whether swiglu_experts_q_out runs on this CPU (AVX-512F)");
+  m.def("q_linear_a8_address",
+        [] { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&moekit_q_linear_a8)); },
+        "the address of q_linear_out's a8 GEMM as a C function, for cpu_decode's DecodeStep");
   m.def("int8_activations_gemm_ok", [] { return CPU_VNNI; },
         "whether swiglu_experts_q_out / q_linear_out take a8 = True here (AVX-512 VNNI, BW)");
   m.def("swiglu_backward_out", &swiglu_backward_out,

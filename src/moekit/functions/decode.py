@@ -348,6 +348,16 @@ QUANT_LINEAR_MAX_ROWS = 32
 # 0.47 / 0.60 / 0.91 / 1.09 and 0.28 / 0.42 / 0.61 / 0.92 / 1.01 (MKL's GEMM is the
 # faster one at many rows, where the copy costs relatively little).
 QUANT_GEMM_MAX_ROWS = 256
+# Weights with int8 activations where the prefill GEMM rounds the inputs too (igemm_a8:
+# int8_gemm_here): the GEMM from this many rows. decode.dense_rows over q_linear_out with
+# int8 rows (a /tmp script, cold weights, 2 threads, the Zen 4 VM, medians of 9) at 8 / 16 /
+# 32 rows: [1024 -> 1024] int8 1.50 / 1.97 / 2.51, int4 g64 1.11 / 1.34 / 1.78; [1024 ->
+# 3072] int8 1.38 / 1.80 / 2.38, int4 1.00 / 1.30 / 1.64; [1024 -> 256] int8 1.86 / 2.15 /
+# 2.48, int4 1.44 / 1.62 / 1.84. Whole decode steps (the engine's, 24 tokens, paired in one
+# process, median of 9) with the GEMM from 8 rows against from 33: int8 weights fine /
+# Mixtral-like at batch 8 0.978 / 0.969, at 16 0.926 / 0.905; int4 at 8 1.010 / 1.021, at
+# 16 0.960 / 0.959. By bits; DecodePlan's steps take the same limits (set_a8_gemm).
+A8_LINEAR_MIN_ROWS = {8: 8, 4: 16}
 
 
 def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
@@ -355,29 +365,39 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not available():
         return False
     if isinstance(w, QuantizedTensor):
+        if w.activations == "int8" and rows >= A8_LINEAR_MIN_ROWS[w.bits] and int8_gemm_here() \
+                and quant_gemm_ok(x, w):
+            return False
         return rows <= QUANT_LINEAR_MAX_ROWS
     return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_grad_enabled()
             and not torch.is_autocast_enabled("cpu")
             and x.dtype in (torch.float32, torch.bfloat16))
 
 
+def quant_gemm_ok(x: Tensor, w_1KN: QuantizedTensor) -> bool:
+    """The rows-independent half of ``quant_gemm_rows``' conditions: float32 rows on the
+    CPU, a one-matrix CPU weight with K a multiple of 32, no gradient wanted through x."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu"
+            and w_1KN.data.device.type == "cpu" and w_1KN.shape[0] == 1
+            and x.shape[-1] % 32 == 0 and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling())
+
+
 def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
     """x_TK @ w_1KN[0] (float32) on q_linear_out where it applies, else None: float32 rows
-    on the CPU, QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS (any number past the
-    first where the inputs are rounded to int8: ``int8_activations_gemm``), K a multiple of
-    32, no gradient wanted through x, moekit's GEMM enabled on this CPU (QUANT_ONE_CALL)."""
+    on the CPU, QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS (any number from
+    A8_LINEAR_MIN_ROWS where the inputs are rounded to int8: ``int8_activations_gemm``), K a
+    multiple of 32, no gradient wanted through x, moekit's GEMM enabled on this CPU
+    (QUANT_ONE_CALL)."""
     rows, K = x_TK.shape
-    if not (QUANT_ONE_CALL and QUANT_LINEAR_MAX_ROWS < rows
-            and x_TK.dtype == torch.float32 and x_TK.device.type == "cpu"
-            and w_1KN.data.device.type == "cpu" and w_1KN.shape[0] == 1 and K % 32 == 0
-            and not (torch.is_grad_enabled() and x_TK.requires_grad)
-            and not torch.compiler.is_compiling()):
+    if not (QUANT_ONE_CALL and quant_gemm_ok(x_TK, w_1KN)):
         return None
     ext = _q_gemm_module("q_linear_out")
     if ext is None:
         return None
     a8 = int8_activations_gemm(ext, w_1KN)
-    if rows > QUANT_GEMM_MAX_ROWS and not a8:
+    if not (QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS
+            or a8 and rows >= A8_LINEAR_MIN_ROWS[w_1KN.bits]):
         return None
     y = torch.empty(rows, w_1KN.shape[2])
     ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,
