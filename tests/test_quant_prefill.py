@@ -310,10 +310,10 @@ def _a8_rows(M: int, K: int, seed: int = 7) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits,g", FORMATS)
-# K = 96: one short block; 288 / 544: blocks of 256 inputs and a short last one. Rows 1,
-# 7, 13 and 300: the 6-row register blocks and their rests. N = 70 / 33 / 200: a last
-# panel of 6 / 1 / 8 columns
-@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (7, 288, 200), (13, 1024, 33), (300, 544, 64)])
+# K = 96 .. 1024: one packed block of a panel; 2176: a block of 2048 inputs (A8_KC) and a
+# short last one. Rows 1, 7, 13 and 300: the 6-row register blocks and their rests. N =
+# 70 / 200 / 33: a last panel of 6 / 8 / 1 columns
+@pytest.mark.parametrize("M,K,N", [(1, 96, 70), (7, 384, 200), (13, 1024, 33), (300, 2176, 64)])
 def test_q_linear_int8_activations_match_the_definition(bits, g, M, K, N, two_threads):
     """out = x' @ W, x' the rows rounded per 32 inputs as the decode kernels round them
     (tests/test_quant_a8.round_a8), W dequantize's weights: within fp32 summation's bound."""
