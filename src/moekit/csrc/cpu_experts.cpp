@@ -940,13 +940,15 @@ void mm_weight_padded(torch::Tensor& out, const torch::Tensor& a, const torch::T
   at::mm_out(out, ap.t(), bp);
 }
 
-// Row pointers for sgemm_rows: row r at `row(r)`, in this thread's array (reused).
+// Row pointers for sgemm_rows (const float*) and igemm_a8 (const char*: the rows' records):
+// row r at `row(r)`, in this thread's array (reused).
 template <typename Row>
-const float* const* row_ptrs(int64_t M, const Row& row) {
-  thread_local std::vector<const float*> rows;
+auto row_ptrs(int64_t M, const Row& row) {
+  using P = decltype(row(int64_t{0}));
+  thread_local std::vector<P> rows;
   if (static_cast<int64_t>(rows.size()) < M) rows.resize(M);
   for (int64_t r = 0; r < M; ++r) rows[r] = row(r);
-  return rows.data();
+  return static_cast<const P*>(rows.data());
 }
 
 // Row r of the tile [rows, cols] at c (row stride ldc) times scale[r].
@@ -1558,15 +1560,6 @@ torch::Tensor round_rows_a8(const float* x, int64_t ldx, int64_t M, const A8Rows
   return rec;
 }
 
-// Record pointers for igemm_a8: row r's at `row(r)`, in this thread's array (reused).
-template <typename Row>
-const char* const* rec_ptrs(int64_t M, const Row& row) {
-  thread_local std::vector<const char*> recs;
-  if (static_cast<int64_t>(recs.size()) < M) recs.resize(M);
-  for (int64_t r = 0; r < M; ++r) recs[r] = row(r);
-  return recs.data();
-}
-
 // The forward on experts wi[e] ([2F, D] channels, gate first) and wo[e] ([D, F]). With
 // `a8` (activations="int8" weights) the inputs of both projections are rounded to int8 as
 // the decode kernels round them, and igemm_a8 runs instead of sgemm_q.
@@ -1592,7 +1585,7 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
     float* h = thread_buffer(0, n * 2 * cw);
     if (a8) {
       const char* base = reinterpret_cast<const char*>(rx.data_ptr());
-      const auto R = rec_ptrs(n, [&](int64_t r) { return base + tok[t.r0 + r] * Lx.bytes; });
+      const auto R = row_ptrs(n, [&](int64_t r) { return base + tok[t.r0 + r] * Lx.bytes; });
       igemm_a8(R, Lx, q, t.c0, F + t.c0, cw, h, 2 * cw, n, 2 * cw);  // any split
     } else {
       const auto A = row_ptrs(n, [&](int64_t r) { return x + tok[t.r0 + r] * ldx; });
@@ -1617,7 +1610,7 @@ void swiglu_experts_q(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
     float* c = y + t.r0 * ldy + t.c0;
     if (a8) {
       const char* base = reinterpret_cast<const char*>(ra.data_ptr());
-      const auto R = rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * La.bytes; });
+      const auto R = row_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * La.bytes; });
       igemm_a8(R, La, wo[t.expert], t.c0, t.c0, cw, c, ldy, n, cw);
     } else {
       const auto A = row_ptrs(n, [&](int64_t r) { return a + (t.r0 + r) * lda; });
@@ -1708,7 +1701,7 @@ static void linear_tiles(const float* x, int64_t ldx, int64_t M, int64_t K, cons
     float* c = out + t.r0 * ldo + t.c0;
     if (a8) {
       const char* base = reinterpret_cast<const char*>(rx.data_ptr());
-      igemm_a8(rec_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * L.bytes; }), L, q, t.c0,
+      igemm_a8(row_ptrs(n, [&](int64_t r) { return base + (t.r0 + r) * L.bytes; }), L, q, t.c0,
                t.c0, cw, c, ldo, n, cw);
     } else {
       const auto A = row_ptrs(n, [&](int64_t r) { return x + (t.r0 + r) * ldx; });
