@@ -285,6 +285,11 @@ def test_q_linear_refuses_bad_input_before_writing():
     with pytest.raises(RuntimeError, match=r"x_MK must be float32"):
         ext.q_linear_out(torch.randn(40, 256).double(), q.data, q.scales, q.zeros, 4, 64, out,
                          False)
+    if ext.int8_activations_gemm_ok():  # int4 groups must divide the int8 GEMM's blocks
+        parts = torch.zeros(1, 128, 96, dtype=torch.uint8), torch.ones(1, 128, 2)
+        with pytest.raises(RuntimeError, match=r"group=96 is not allowed with int8 activations"):
+            ext.q_linear_out(torch.randn(40, 192), *parts, torch.zeros(1, 128, 2), 4, 96, out,
+                             True)
     assert not out.any()
 
 

@@ -2817,7 +2817,9 @@ struct Proj {
   void set_gemm(A8Gemm fn, int64_t rows) {
     const bool a8 = bits == 88 || bits == 48;
     const int64_t K = a8 ? data.size(2) * (bits == 48 ? 2 : 1) : 0;
+    // (int4: the GEMM's blocks of 2048 inputs hold whole groups)
     if (a8 && data.dim() == 3 && data.size(0) == 1 && data.is_contiguous() && K % 32 == 0 &&
+        (bits == 88 || (group > 0 && 2048 % group == 0)) &&
         scales && scales->is_contiguous() && (bits == 88 || (zeros && zeros->is_contiguous())))
       gemm = fn, gemm_rows = rows;
   }

@@ -661,8 +661,8 @@ constexpr int A8_ROWS = 6;  // rows per register block (24 accumulators)
 
 // Packs inputs [k0, k0 + kc) of the tile's columns 32 p .. 32 p + 31 (column j: channel n0
 // + j for j < split, else n1 + j - split; zeros past cw) into P, [kc / 4][32] dwords.
-// int4: each chunk's group scales and zero points of the 32 columns into S, Z ([kc /
-// 32][32] floats).
+// int4: each group's scales and zero points of the 32 columns into S, Z ([kc / group][32]
+// floats).
 VNNI void pack_a8(const QMatrix& q, int64_t n0, int64_t n1, int64_t split, int64_t cw,
                   int64_t p, int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), nib = _mm512_set1_epi8(0x0F);
@@ -703,14 +703,23 @@ VNNI void pack_a8(const QMatrix& q, int64_t n0, int64_t n1, int64_t split, int64
       }
     }
   }
-  if (q.bits == 4) {
+  if (q.bits == 4) {  // per group of the block (k0 is a multiple of the group): 2 gathers each
     const int64_t G = q.row_bytes * 2 / q.group;
-    for (int64_t c = 0; c < kc / 32; ++c) {
-      const int64_t g = (k0 + 32 * c) / q.group;
-      for (int64_t j = 0; j < 32; ++j) {
-        const int64_t col = 32 * p + j;
-        S[32 * c + j] = col < cw ? q.scales[channel(col) * G + g] : 0.0f;
-        Z[32 * c + j] = col < cw ? q.zeros[channel(col) * G + g] : 0.0f;
+    for (int h = 0; h < 2; ++h) {
+      int32_t row[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t j = 32 * p + 16 * h + i;
+        row[i] = static_cast<int32_t>((j < cw ? channel(j) : 0) * G);
+      }
+      const __m512i base = _mm512_loadu_si512(row);
+      const __mmask16 m = tail_mask(cw - 32 * p - 16 * h);
+      for (int64_t g = 0; g < kc / q.group; ++g) {
+        const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int32_t>(
+                                                       k0 / q.group + g)));
+        _mm512_storeu_ps(S + 32 * g + 16 * h, _mm512_mask_i32gather_ps(
+                                                  _mm512_setzero_ps(), m, idx, q.scales, 4));
+        _mm512_storeu_ps(Z + 32 * g + 16 * h, _mm512_mask_i32gather_ps(
+                                                  _mm512_setzero_ps(), m, idx, q.zeros, 4));
       }
     }
   }
@@ -757,14 +766,16 @@ VNNI void a8_panel(const char* const* rec, const A8Rows& L, int64_t c0, int64_t 
         f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][1]), sx, f[r][1]);
       }
     } else {
-      const __m512 s0 = _mm512_loadu_ps(S + 32 * ch), s1 = _mm512_loadu_ps(S + 32 * ch + 16);
+      const float* sg = S + 32 * (ch / per_group);
+      const __m512 s0 = _mm512_loadu_ps(sg), s1 = _mm512_loadu_ps(sg + 16);
       for (int r = 0; r < R; ++r) {
         const __m512 sx = _mm512_set1_ps(reinterpret_cast<const float*>(rec[r] + L.sx_off)[c]);
         f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][0]), _mm512_mul_ps(s0, sx), f[r][0]);
         f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][1]), _mm512_mul_ps(s1, sx), f[r][1]);
       }
       if (c % per_group == per_group - 1) {  // the group's last chunk: its zero points
-        const __m512 z0 = _mm512_loadu_ps(Z + 32 * ch), z1 = _mm512_loadu_ps(Z + 32 * ch + 16);
+        const float* zg = Z + 32 * (ch / per_group);
+        const __m512 z0 = _mm512_loadu_ps(zg), z1 = _mm512_loadu_ps(zg + 16);
         for (int r = 0; r < R; ++r) {
           const __m512 zx = _mm512_set1_ps(
               reinterpret_cast<const float*>(rec[r] + L.zx_off)[c / per_group]);
@@ -845,6 +856,7 @@ NOINLINE VNNI void igemm_a8(const char* const* rec, const A8Rows& L, const QMatr
 
 constexpr bool CPU_AVX512F = false;
 constexpr bool CPU_VNNI = false;
+constexpr int64_t A8_KC = 2048;
 struct A8Rows {
   int64_t K = 0, group = 0, sx_off = 0, nc_off = 0, zx_off = 0, bytes = 64;
   A8Rows(int64_t, int64_t) {}
@@ -1549,6 +1561,12 @@ QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tenso
   return q;
 }
 
+// igemm_a8 packs int4 scales per group of a block of A8_KC inputs: the group divides it.
+void check_a8_group(bool a8, int64_t bits, int64_t group) {
+  TORCH_CHECK(!a8 || bits != 4 || (group > 0 && A8_KC % group == 0), "group=", group,
+              " is not allowed with int8 activations: it must divide ", A8_KC);
+}
+
 // M rows (row r at x + r * ldx, L.K floats) rounded into records, in parallel: a
 // uint8 tensor [M, L.bytes] (64-byte aligned rows).
 torch::Tensor round_rows_a8(const float* x, int64_t ldx, int64_t M, const A8Rows& L) {
@@ -1643,6 +1661,7 @@ void swiglu_experts_q_out(const torch::Tensor& x_TD, const torch::Tensor& tok_N,
                           torch::Tensor& y_ND, torch::Tensor& out_TD, bool a8) {
   TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_out needs an AVX-512F CPU");
   TORCH_CHECK(!a8 || CPU_VNNI, "swiglu_experts_q_out with int8 activations needs AVX-512 VNNI");
+  check_a8_group(a8, bits, group);
   const int64_t E = static_cast<int64_t>(ends.size());
   const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
@@ -1669,6 +1688,7 @@ void swiglu_experts_q_list_out(const torch::Tensor& x_TD, const torch::Tensor& t
                                bool a8) {
   TORCH_CHECK(CPU_AVX512F, "swiglu_experts_q_list_out needs an AVX-512F CPU");
   TORCH_CHECK(!a8 || CPU_VNNI, "swiglu_experts_q_list_out with int8 activations needs AVX-512 VNNI");
+  check_a8_group(a8, bits, group);
   const int64_t E = static_cast<int64_t>(ends.size());
   const int64_t rows = check_swiglu_rows(x_TD, tok_N, w_N, E, ends, a_NF, y_ND, out_TD);
   const int64_t D = x_TD.size(1), F = a_NF.size(1);
@@ -1722,6 +1742,7 @@ void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
                   int64_t bits, int64_t group, torch::Tensor& out_MN, bool a8) {
   TORCH_CHECK(CPU_AVX512F, "q_linear_out needs an AVX-512F CPU");
   TORCH_CHECK(!a8 || CPU_VNNI, "q_linear_out with int8 activations needs AVX-512 VNNI");
+  check_a8_group(a8, bits, group);
   check_float_rows(x_MK, "x_MK", 2);
   TORCH_CHECK(data.dim() == 3 && data.size(0) == 1,
               "weight data must be [1, N, K] (int8) or [1, N, K / 2] (int4), got ", data.sizes());
