@@ -2790,14 +2790,14 @@ torch::Tensor rms_norm(const torch::Tensor& x_RD, const torch::Tensor& w_D, doub
 
 // -- a whole decode step in one call ----------------------------------------------------
 
-// One projection's kernel arguments (decode._wargs in Python): float weights as data
-// alone, quantized ones with their scales, zero points, format code and group.
 // cpu_experts.cpp's moekit_q_linear_a8 (the prefill GEMM on int8 rows), whose address
 // DecodeStep::set_a8_gemm receives: out [M, N] = rounded x [M, K] @ an int8 / int4 [N, K]
 // weight (x, ldx, M, K, data, N, bits, scales, zeros, group, out, ldo).
 using A8Gemm = void (*)(const float*, int64_t, int64_t, int64_t, const uint8_t*, int64_t,
                         int64_t, const float*, const float*, int64_t, float*, int64_t);
 
+// One projection's kernel arguments (decode._wargs in Python): float weights as data
+// alone, quantized ones with their scales, zero points, format code and group.
 struct Proj {
   torch::Tensor data;
   c10::optional<torch::Tensor> scales, zeros;
@@ -2980,7 +2980,9 @@ class DecodeStep {
   // q_linear_a8_address()).
   void set_a8_gemm(int64_t address, int64_t rows8, int64_t rows4) {
     const auto fn = reinterpret_cast<A8Gemm>(static_cast<uintptr_t>(address));
-    for (Proj* p : projections()) p->set_gemm(fn, p->bits == 88 ? rows8 : rows4);
+    const auto set = [&](Proj& p) { p.set_gemm(fn, p.bits == 88 ? rows8 : rows4); };
+    for (auto& ly : layers_) set(ly.qkv), set(ly.out);
+    set(head_);
   }
 
   // The generation's KV cache (k_L / v_L as run takes them), the model's rotary tables
@@ -3126,12 +3128,6 @@ class DecodeStep {
   mutable std::array<int64_t, NPARTS> spent_{};
   std::vector<StepLayer> layers_;
   Proj head_;
-
-  std::vector<Proj*> projections() {
-    std::vector<Proj*> ps{&head_};
-    for (auto& ly : layers_) ps.push_back(&ly.qkv), ps.push_back(&ly.out);
-    return ps;
-  }
   bool quant_embed_;
   torch::Tensor table_, first_norm_;
   double first_eps_;

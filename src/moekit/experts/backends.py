@@ -226,9 +226,9 @@ def quant_rows_per_expert(num_experts: int, a8_bits: int | None = None) -> int:
 
 def quant_rows_limit(num_experts: int, one_call: bool,
                      dtype: torch.dtype = torch.float32, a8_bits: int | None = None) -> int:
-    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache's,
-    which keeps the float weights' limit for int8-activation weights too: ``a8_bits`` not
-    passed) and the activations' dtype."""
+    """``quant_kernel_max_rows`` given whether the one call applies (the expert cache
+    decides with this too), the activations' dtype and, for int8-activation weights whose
+    one call rounds the inputs, their bits (``a8_bits``)."""
     if one_call:
         return quant_rows_per_expert(num_experts, a8_bits)
     if dtype == torch.bfloat16:
