@@ -2803,7 +2803,7 @@ struct Proj {
   c10::optional<torch::Tensor> scales, zeros;
   int64_t bits = 0, group = 0;
   A8Gemm gemm = nullptr;  // int8-activation weights: the GEMM from gemm_rows rows
-  int64_t gemm_rows = 0;
+  int64_t gemm_rows = 0, gemm_k = 0;  // (gemm_k: the weight's input width K)
 
   explicit Proj(const py::tuple& t)
       : data(t[0].cast<torch::Tensor>()),
@@ -2821,17 +2821,17 @@ struct Proj {
     if (a8 && data.dim() == 3 && data.size(0) == 1 && data.is_contiguous() && K % 32 == 0 &&
         (bits == 88 || (group > 0 && 2048 % group == 0)) &&
         scales && scales->is_contiguous() && (bits == 88 || (zeros && zeros->is_contiguous())))
-      gemm = fn, gemm_rows = rows;
+      gemm = fn, gemm_rows = rows, gemm_k = K;
   }
 
   // x_RK @ w for every row (rows_R / ends_1: all rows on the one "expert")
   torch::Tensor apply(const torch::Tensor& x, const torch::Tensor& rows_R,
                       const torch::Tensor& ends_1) const {
     if (gemm && x.size(0) >= gemm_rows && x.scalar_type() == at::kFloat && x.stride(1) == 1 &&
-        x.size(1) == data.size(2) * (bits == 48 ? 2 : 1)) {
+        x.size(1) == gemm_k) {
       const int64_t R = x.size(0), N = data.size(1);
       auto y = torch::empty({R, N}, x.options());
-      gemm(x.data_ptr<float>(), x.stride(0), R, x.size(1),
+      gemm(x.data_ptr<float>(), x.stride(0), R, gemm_k,
            static_cast<const uint8_t*>(data.data_ptr()), N, bits == 88 ? 8 : 4,
            scales->data_ptr<float>(), zeros ? zeros->data_ptr<float>() : nullptr, group,
            y.data_ptr<float>(), N);

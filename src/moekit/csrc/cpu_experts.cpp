@@ -659,14 +659,19 @@ VNNI void round_row_a8(const float* x, const A8Rows& L, char* rec) {
 constexpr int64_t A8_KC = 2048;
 constexpr int A8_ROWS = 6;  // rows per register block (24 accumulators)
 
-// Packs inputs [k0, k0 + kc) of the tile's columns 32 p .. 32 p + 31 (column j: channel n0
-// + j for j < split, else n1 + j - split; zeros past cw) into P, [kc / 4][32] dwords.
-// int4: each group's scales and zero points of the 32 columns into S, Z ([kc / group][32]
-// floats).
-VNNI void pack_a8(const QMatrix& q, int64_t n0, int64_t n1, int64_t split, int64_t cw,
-                  int64_t p, int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
+// A tile's columns: column j is channel n0 + j for j < split, else n1 + j - split.
+struct TileColumns {
+  int64_t n0, n1, split;
+  int64_t channel(int64_t j) const { return j < split ? n0 + j : n1 + j - split; }
+};
+
+// Packs inputs [k0, k0 + kc) of the tile's columns 32 p .. 32 p + 31 (zeros past cw) into
+// P, [kc / 4][32] dwords. int4: each group's scales and zero points of the 32 columns into
+// S, Z ([kc / group][32] floats).
+VNNI void pack_a8(const QMatrix& q, const TileColumns& cols, int64_t cw, int64_t p,
+                  int64_t k0, int64_t kc, uint8_t* P, float* S, float* Z) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), nib = _mm512_set1_epi8(0x0F);
-  auto channel = [&](int64_t j) { return j < split ? n0 + j : n1 + j - split; };
+  auto channel = [&](int64_t j) { return cols.channel(j); };
   for (int h = 0; h < 2; ++h) {
     const int64_t j0 = 32 * p + 16 * h;
     const uint8_t* src[16];
@@ -823,7 +828,8 @@ NOINLINE VNNI void igemm_a8(const char* const* rec, const A8Rows& L, const QMatr
   float* S = buf + kcmax * 8;
   float* Z = S + kcmax;
   float* s8 = Z + kcmax;
-  auto channel = [&](int64_t j) { return j < split ? n0 + j : n1 + j - split; };
+  const TileColumns cols{n0, n1, split};
+  auto channel = [&](int64_t j) { return cols.channel(j); };
   const int64_t row_lines = ((q.bits == 8 ? kcmax : kcmax / 2) + 63) / 64;
   for (int64_t p = 0; p < panels; ++p) {
     const __mmask16 m0 = tail_mask(cw - 32 * p), m1 = tail_mask(cw - 32 * p - 16);
@@ -833,7 +839,7 @@ NOINLINE VNNI void igemm_a8(const char* const* rec, const A8Rows& L, const QMatr
     for (int64_t k0 = 0; k0 < K; k0 += A8_KC) {
       const int64_t kc = std::min(A8_KC, K - k0), chunks = kc / 32;
       const bool first = k0 == 0, last = k0 + kc == K;
-      pack_a8(q, n0, n1, split, cw, p, k0, kc, P, S, Z);
+      pack_a8(q, cols, cw, p, k0, kc, P, S, Z);
       if (last && p + 1 < panels)  // the next panel's first block
         for (int64_t j = 32 * (p + 1); j < std::min(cw, 32 * (p + 2)); ++j) {
           const char* row = reinterpret_cast<const char*>(q.data + channel(j) * q.row_bytes);

@@ -209,11 +209,14 @@ def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Quan
     int8), ``BF16_QUANT_ROWS_PER_EXPERT`` per expert (at most ``QUANT_KERNEL_MAX_ROWS``)
     for bf16 activations, else ``QUANT_KERNEL_MAX_ROWS``. ``rows`` within the first limit
     skip the check (a decode step's)."""
-    a8 = w_in.bits if w_in.activations == "int8" and decode.int8_gemm_here() else None
-    if rows <= quant_rows_per_expert(w_in.shape[0], a8):
+    E, int8_bits = w_in.shape[0], w_in.bits if w_in.activations == "int8" else None
+    # the lowest limit these weights can have: within it, no need to ask which applies
+    # (int8_gemm_here reads the CPU and the environment)
+    if rows <= min(quant_rows_per_expert(E), quant_rows_per_expert(E, int8_bits)):
         return QUANT_KERNEL_MAX_ROWS
+    a8 = int8_bits if int8_bits is not None and decode.int8_gemm_here() else None
     one = decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind)
-    return quant_rows_limit(w_in.shape[0], one, dtype, a8)
+    return quant_rows_limit(E, one, dtype, a8)
 
 
 def quant_rows_per_expert(num_experts: int, a8_bits: int | None = None) -> int:
