@@ -160,7 +160,7 @@ def hf_model(lm, family: str):
         cfg = transformers.OlmoeConfig(
             vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-            num_key_value_heads=c.num_heads, max_position_embeddings=c.max_seq_len,
+            num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_seq_len,
             num_experts=c.num_experts, num_experts_per_tok=c.top_k, norm_topk_prob=True,
             rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True,
             pad_token_id=0, bos_token_id=None, eos_token_id=None)

@@ -123,15 +123,18 @@ def test_route_sort_rejects_bad_k():
 # -- attention for one new token -------------------------------------------------------
 
 def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
-    """Per row and head in float64: rotate q and k at the row's position, attend over the
-    valid slots [0, P] (slot P: the new k, v; k as the cache stores it, in its dtype).
-    Returns (y [R, H Dh], new k [R, H, Dh] before that rounding)."""
-    R, H, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
+    """Per row and query head in float64: rotate q and k at the row's position, attend
+    over the valid slots [0, P] (slot P: the new k, v; k as the cache stores it, in its
+    dtype). The cache holds J key/value heads: query head h reads head h // (H / J).
+    Returns (y [R, H Dh], new k [R, J, Dh] before that rounding)."""
+    R, J, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
+    H = qkv_RC.shape[1] // Dh - 2 * J
     half = Dh // 2
     inv = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)
     y = torch.zeros(R, H, Dh, dtype=torch.float64)
-    k_new = torch.zeros(R, H, Dh, dtype=torch.float64)
-    q3 = qkv_RC.double().view(R, 3, H, Dh)
+    k_new = torch.zeros(R, J, Dh, dtype=torch.float64)
+    q_RHD, k_RJD, v_RJD = (t.double().reshape(R, -1, Dh)
+                           for t in qkv_RC.split([H * Dh, J * Dh, J * Dh], dim=1))
     for r in range(R):
         ang = pos_R[r] * inv
         c, s = ang.cos(), ang.sin()
@@ -140,26 +143,32 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
             x1, x2 = x[:half], x[half:]
             return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s])
 
+        for j in range(J):
+            k_new[r, j] = rot(k_RJD[r, j])
         for h in range(H):
-            q, k, v = rot(q3[r, 0, h]), rot(q3[r, 1, h]), q3[r, 2, h]
-            k_new[r, h] = k
-            keys = torch.cat([k_cache[r, h, :P].double(), k[None].to(k_cache.dtype).double()])
-            vals = torch.cat([v_cache[r, h, :P].double(), v[None]])
+            j = h // (H // J)
+            q, k, v = rot(q_RHD[r, h]), k_new[r, j], v_RJD[r, j]
+            keys = torch.cat([k_cache[r, j, :P].double(), k[None].to(k_cache.dtype).double()])
+            vals = torch.cat([v_cache[r, j, :P].double(), v[None]])
             score = keys @ q / math.sqrt(Dh)
             score[~valid_RM[r, :P + 1]] = -math.inf
             y[r, h] = score.softmax(0) @ vals
     return y.view(R, H * Dh), k_new
 
 
-@pytest.mark.parametrize("R,H,Dh,P,padded", [(1, 4, 16, 0, False), (3, 2, 32, 7, False),
-                                             (4, 3, 8, 12, True), (2, 16, 64, 40, True)])
-def test_attend_one_matches_reference(R, H, Dh, P, padded):
-    g = torch.Generator().manual_seed(R + P)
+@pytest.mark.parametrize("R,H,J,Dh,P,padded", [
+    (1, 4, 4, 16, 0, False), (3, 2, 2, 32, 7, False), (4, 3, 3, 8, 12, True),
+    (2, 16, 16, 64, 40, True),
+    # grouped-query: J key/value heads, query head h reads h // (H / J); J = 1 is MQA
+    (1, 8, 2, 16, 5, False), (3, 8, 1, 32, 9, True), (2, 6, 3, 8, 0, False),
+    (4, 16, 4, 64, 30, True)])
+def test_attend_one_matches_reference(R, H, J, Dh, P, padded):
+    g = torch.Generator().manual_seed(R + P + J)
     M, theta = 64, 10000.0
-    k_cache = torch.randn(R + 1, H, M, Dh, generator=g)
-    v_cache = torch.randn(R + 1, H, M, Dh, generator=g)
+    k_cache = torch.randn(R + 1, J, M, Dh, generator=g)
+    v_cache = torch.randn(R + 1, J, M, Dh, generator=g)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(R, 3 * H * Dh, generator=g)
+    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
     cos_M, sin_M = rotary_table(M, Dh, theta)
     valid = torch.ones(R + 1, M, dtype=torch.bool)
     if padded:  # row r's prompt starts at slot r: slots before it are padding
@@ -172,9 +181,10 @@ def test_attend_one_matches_reference(R, H, Dh, P, padded):
         cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
     y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
     ref_y, ref_k = _attend_reference(qkv, pos, valid, k_before, v_before, P, theta)
+    assert y.shape == (R, H * Dh)
     torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
     torch.testing.assert_close(k_cache[:R, :, P].double(), ref_k, rtol=0, atol=1e-5)
-    assert torch.equal(v_cache[:R, :, P], qkv.view(R, 3, H, Dh)[:, 2])
+    assert torch.equal(v_cache[:R, :, P], qkv[:, (H + J) * Dh:].view(R, J, Dh))
     # nothing else in the cache moved
     k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
@@ -201,15 +211,25 @@ def test_attend_one_bf16_matches_reference():
     assert y.dtype == torch.bfloat16 and y.shape == (R, H * Dh)
     torch.testing.assert_close(y.double(), ref_y, rtol=2**-8, atol=1e-5)
     torch.testing.assert_close(k_cache[:, :, P].double(), ref_k, rtol=2**-8, atol=1e-5)
-    assert torch.equal(v_cache[:, :, P], qkv.view(R, 3, H, Dh)[:, 2])
+    assert torch.equal(v_cache[:, :, P], qkv[:, 2 * H * Dh:].view(R, H, Dh))
 
 
 def test_attend_one_rejects_mixed_dtypes():
     k = torch.zeros(1, 2, 4, 8)
     cos, sin = rotary_table(4, 8, 1e4)
-    with pytest.raises(RuntimeError, match="k_BHMD is Float: it must match"):
+    with pytest.raises(RuntimeError, match="k_BJMD is Float: it must match"):
         cpu_ext.get_decode().attend_one(torch.zeros(1, 48, dtype=torch.bfloat16), cos[:1], sin[:1],
                                         k, k.clone(), 0, None)
+
+
+@pytest.mark.parametrize("width", [40, 44, 56])
+def test_attend_one_rejects_a_qkv_that_does_not_fit_the_cache(width):
+    """A cache of J = 2 heads of 8: the width must be (H + 2 J) 8 with J dividing H (40
+    leaves H = 1 < J, 44 is not whole heads, 56 gives H = 3)."""
+    k = torch.zeros(1, 2, 4, 8)
+    cos, sin = rotary_table(4, 8, 1e4)
+    with pytest.raises(RuntimeError, match="does not fit a cache of"):
+        decode.attend_one(torch.zeros(1, width), cos[:1], sin[:1], k, k.clone(), 0, None)
 
 
 def test_attend_one_rejects_a_full_cache():

@@ -37,12 +37,13 @@ def _greedy_alone(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("dtype,atol,rtol", [
     (torch.float32, 1e-5, 1e-4),
     (torch.bfloat16, 3e-2, 3e-2),
 ])
-def test_static_cache_matches_concat_cache_and_full_forward(dtype, atol, rtol):
-    model = _model(dtype)
+def test_static_cache_matches_concat_cache_and_full_forward(dtype, atol, rtol, kv_heads):
+    model = _model(dtype, num_kv_heads=kv_heads)
     ids = torch.randint(256, (2, 11), generator=torch.Generator().manual_seed(1))
     chunks = [(0, 4), (4, 7), (7, 8), (8, 11)]  # prefill, a chunk after a prefix, 1, rest
     with torch.inference_mode():
@@ -53,7 +54,7 @@ def test_static_cache_matches_concat_cache_and_full_forward(dtype, atol, rtol):
         b = torch.cat([model(ids[:, i:j], cache=old).logits for i, j in chunks], 1).float()
     torch.testing.assert_close(a, full, atol=atol, rtol=rtol)
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
-    assert static.length == 11 and static.k[0].shape == (2, 2, 16, 16)  # no growth
+    assert static.length == 11 and static.k[0].shape == (2, kv_heads or 2, 16, 16)  # no growth
 
 
 def test_left_padded_rows_compute_what_they_compute_alone():
@@ -69,6 +70,38 @@ def test_left_padded_rows_compute_what_they_compute_alone():
                 for r in range(2)]
     for r in range(2):
         torch.testing.assert_close(got[:, r], want[r], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_query_generation_is_its_repeated_heads_twins(dtype):
+    """A model of 2 key/value heads for 4 query heads, generating prompts of different
+    lengths (left padding, the decode kernels' one call per step): the same tokens as
+    the twin whose key/value heads are repeated (tests/test_models.py), each decode
+    step's logits too (bitwise: the kernel computes each query head alike), and a cache
+    of 2 heads."""
+    from tests.test_models import _repeated_heads_twin
+
+    model = _model(num_heads=4, num_kv_heads=2)
+    twin = _repeated_heads_twin(model).eval().to(dtype)
+    model = model.to(dtype)
+    cfg = GenerationConfig(max_new_tokens=12)
+    got, _ = Engine(model).generate(PROMPTS, cfg)
+    want, _ = Engine(twin).generate(PROMPTS, cfg)
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    L = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in PROMPTS])
+    steps = []
+    for m in (model, twin):
+        cache = StaticKVCache.for_model(m, len(PROMPTS), L + 8)
+        cache.reset(torch.tensor([L - len(p) for p in PROMPTS]))
+        with torch.inference_mode():
+            logits = [m.infer(ids, cache)]
+            for _ in range(6):
+                logits.append(m.infer(logits[-1].argmax(-1)[:, None], cache))
+        steps.append(torch.stack(logits))
+    assert cache.k[0].shape[1] == 4 and StaticKVCache.for_model(model, 1).k[0].shape[1] == 2
+    torch.testing.assert_close(steps[0][0], steps[1][0], atol=1e-5, rtol=1e-5)  # prefill
+    assert torch.equal(steps[0][1:], steps[1][1:])  # decode steps
 
 
 def test_engine_greedy_equals_no_cache_reference():

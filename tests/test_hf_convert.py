@@ -56,6 +56,10 @@ def test_mixtral_to_moekit_and_back(tmp_path, kv_heads, tied):
     hf_model = _mixtral(tmp_path, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
     assert cli(str(tmp_path / "hf"), str(tmp_path / "lm")) == 0
     lm = _load_lm(tmp_path / "lm")
+    # the checkpoint's key/value heads, none repeated (num_kv_heads None: one per query head)
+    assert lm.config.kv_heads == kv_heads
+    assert lm.config.num_kv_heads == (None if kv_heads == 4 else kv_heads)
+    assert lm.blocks[0].attn.qkv.weight.shape[0] == (4 + 2 * kv_heads) * 8
     ids = torch.randint(3, 64, (2, 13), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, hf_model(ids).logits, atol=ATOL, rtol=RTOL)
@@ -72,9 +76,38 @@ def test_mixtral_to_moekit_and_back(tmp_path, kv_heads, tied):
         assert torch.equal(reloaded(ids).logits, hf_model(ids).logits)
 
 
+def test_checkpoint_converted_with_repeated_heads_converts_back(tmp_path):
+    """Before grouped-query attention moekit converted a Mixtral of J key/value heads with
+    each head repeated H / J times (num_kv_heads absent from its config): such a
+    checkpoint still converts back to the original files, and one whose copies have
+    diverged (trained since) is refused by name."""
+    from tests.test_models import _repeated_heads_twin
+
+    _mixtral(tmp_path, num_key_value_heads=2)
+    hf_to_moekit(tmp_path / "hf", tmp_path / "lm")
+    ckpt = load_checkpoint(tmp_path / "lm")
+    old = _repeated_heads_twin(_load_lm(tmp_path / "lm"))
+    config = {k: v for k, v in ckpt.state["model_config"].items() if k != "num_kv_heads"}
+    state = {**ckpt.state, "model_config": config}
+    save_checkpoint(tmp_path / "old", old, torch.optim.SGD(old.parameters(), lr=0.0), state)
+    moekit_to_hf(tmp_path / "old", tmp_path / "back")
+    want, got = load_file(tmp_path / "hf" / "model.safetensors"), \
+        load_file(tmp_path / "back" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((tmp_path / "hf" / "config.json").read_text())
+    with torch.no_grad():
+        old.blocks[1].attn.qkv.weight[4 * 8] += 1.0  # copy 0 of key head 0 moves
+    save_checkpoint(tmp_path / "trained", old, torch.optim.SGD(old.parameters(), lr=0.0), state)
+    with pytest.raises(ValueError, match="blocks.1.attn.qkv.weight='diverged key/value heads'"):
+        moekit_to_hf(tmp_path / "trained", tmp_path / "back2")
+    assert not (tmp_path / "back2").exists()
+
+
 def test_moekit_to_mixtral_and_back(tmp_path):
     torch.manual_seed(0)
-    lm = MoETransformer(preset("tiny", tie_embeddings=False)).eval()
+    lm = MoETransformer(preset("tiny", tie_embeddings=False, num_heads=4,
+                               num_kv_heads=2)).eval()
     optim = torch.optim.SGD(lm.parameters(), lr=0.0)
     save_checkpoint(tmp_path / "run", lm, optim, {"step": 3, "model_config": lm.config.to_dict()})
     moekit_to_hf(tmp_path / "run", tmp_path / "hf")

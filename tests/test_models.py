@@ -25,6 +25,7 @@ def tiny(**changes) -> LMConfig:
     ("moe_every", 0), ("moe_every", 3), ("router", "bogus"), ("aux_loss_coef", -1.0),
     ("rope_theta", 0.0),
     ("capacity_factor", -2.0), ("max_seq_len", 1.5), ("dense", "yes"),
+    ("num_kv_heads", 0), ("num_kv_heads", 3), ("num_kv_heads", True),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -116,6 +117,47 @@ def test_moe_every_and_dense_variant_params():
     # equal active FFN arithmetic; the router's D x E weight is the only difference
     assert moe.active_params_per_token() - dense.active_params_per_token() == L * E * D
     assert dense.num_params() == dense.active_params_per_token()
+
+
+def _repeated_heads_twin(model: MoETransformer) -> MoETransformer:
+    """The model with one key/value head per query head: each of its J heads repeated
+    H / J times (query head h reads head h // (H / J)), the function unchanged."""
+    cfg = model.config
+    H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    twin = MoETransformer(cfg.replace(num_kv_heads=None))
+    sd = model.state_dict()
+    for i in range(cfg.num_layers):
+        name = f"blocks.{i}.attn.qkv.weight"
+        q, k, v = sd[name].split([H * Dh, J * Dh, J * Dh])
+        sd[name] = torch.cat([q] + [w.view(J, Dh, -1).repeat_interleave(H // J, 0)
+                                    .reshape(H * Dh, -1) for w in (k, v)])
+    twin.load_state_dict(sd)
+    return twin.train(model.training)
+
+
+@pytest.mark.parametrize("H,J", [(4, 2), (4, 1), (8, 2)])
+def test_grouped_query_attention_is_attention_with_repeated_heads(H, J):
+    """A model of J key/value heads computes what its twin with each head repeated
+    computes; the gradient of a key/value head is the sum of its copies' gradients."""
+    torch.manual_seed(H + J)
+    model = MoETransformer(tiny(num_heads=H, num_kv_heads=J))
+    twin = _repeated_heads_twin(model)
+    assert model.blocks[0].attn.qkv.weight.shape == ((H + 2 * J) * (32 // H), 32)
+    ids = torch.randint(256, (2, 12))
+    out, ref = model(ids, ids), twin(ids, ids)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-5)
+    (out.loss + out.aux_loss).backward()
+    (ref.loss + ref.aux_loss).backward()
+    Dh = 32 // H
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        if name.endswith("attn.qkv.weight"):
+            gq, gk, gv = p.grad.split([H * Dh, J * Dh, J * Dh])
+            tq, tk, tv = q.grad.split([H * Dh] * 3)
+            copies = [t.view(J, H // J, Dh, -1).sum(1).reshape(J * Dh, -1) for t in (tk, tv)]
+            for got, want in zip((gq, gk, gv), (tq, *copies), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
 
 
 def test_kv_cache_logits_match_full_forward():

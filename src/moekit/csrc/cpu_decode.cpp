@@ -2517,33 +2517,44 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
   return {token, weight, counts, offsets};
 }
 
-// One (row, head) of attend_one: rotary on q and k, the K/V write at slot P, attention
-// over the valid slots 0..P. T: fp32 or bf16 (qkv, cache and output; bf16 rounds the
-// cache writes and the output once, q stays fp32). Compiled through target_clones
-// (the extension builds for baseline x86-64, where these loops ran as SSE2; batch 16:
-// 0.56 -> 0.44 ms per layer).
+// One (row, query head) of attend_one: rotary on q and on the new key of its key/value head,
+// attention over the valid slots 0..P, the new key and value (slot P) taken from the
+// projection (kt: the rotated key, rounded to T as the cache holds it), so the query heads
+// that share a key/value head read nothing another thread writes; `write`: this item also
+// stores slot P of the key/value head. T: fp32 or bf16 (qkv, cache and output; bf16 rounds
+// the cache writes and the output once, q stays fp32). Compiled through target_clones (the
+// extension builds for baseline x86-64, where these loops ran as SSE2; batch 16: 0.56 ->
+// 0.44 ms per layer).
 template <typename T>
-INLINE void attend_head(const T* src, int64_t HDh, const float* c, const float* s, T* kr,
-                        T* vr, int64_t P, int64_t Dh, const bool* ok, float scale, float* q,
-                        float* p, float* o, T* out) {
+INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
+  float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+  for (int64_t i = 0; i < Dh; ++i) d += q[i] * load(k[i]);
+  return d;
+}
+
+template <typename T>
+INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
+                        T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
+                        bool write, float* q, float* p, float* o, T* kt, T* out) {
   const int64_t half = Dh / 2;
   // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
   for (int64_t i = 0; i < half; ++i) {
-    const float q1 = load(src[i]), q2 = load(src[i + half]);
-    const float k1 = load(src[HDh + i]), k2 = load(src[HDh + i + half]);
+    const float q1 = load(sq[i]), q2 = load(sq[i + half]);
+    const float k1 = load(sk[i]), k2 = load(sk[i + half]);
     q[i] = q1 * c[i] + q2 * s[i];
     q[i + half] = q2 * c[i + half] + q1 * s[i + half];
-    store(kr + P * Dh + i, k1 * c[i] + k2 * s[i]);
-    store(kr + P * Dh + i + half, k2 * c[i + half] + k1 * s[i + half]);
+    store(kt + i, k1 * c[i] + k2 * s[i]);
+    store(kt + i + half, k2 * c[i + half] + k1 * s[i + half]);
   }
-  for (int64_t i = 0; i < Dh; ++i) vr[P * Dh + i] = src[2 * HDh + i];
+  if (write) {
+    std::copy(kt, kt + Dh, kr + P * Dh);
+    std::copy(sv, sv + Dh, vr + P * Dh);
+  }
   float m = -INFINITY;
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
-    float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-    for (int64_t i = 0; i < Dh; ++i) d += q[i] * load(kr[t * Dh + i]);
-    m = std::max(m, p[t] = d * scale);
+    m = std::max(m, p[t] = dot_row(q, t < P ? kr + t * Dh : kt, Dh) * scale);
   }
   float sum = 0.0f;
   for (int64_t t = 0; t <= P; ++t)
@@ -2552,22 +2563,25 @@ INLINE void attend_head(const T* src, int64_t HDh, const float* c, const float* 
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
     const float a = p[t] / sum;
+    const T* vt = t < P ? vr + t * Dh : sv;
 #pragma omp simd
-    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vr[t * Dh + i]);
+    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vt[i]);
   }
   for (int64_t i = 0; i < Dh; ++i) store(out + i, o[i]);
 }
 
-CLONES void attend_head_f32(const float* src, int64_t HDh, const float* c, const float* s,
-                            float* kr, float* vr, int64_t P, int64_t Dh, const bool* ok,
-                            float scale, float* q, float* p, float* o, float* out) {
-  attend_head(src, HDh, c, s, kr, vr, P, Dh, ok, scale, q, p, o, out);
+CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
+                            const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
+                            const bool* ok, float scale, bool write, float* q, float* p,
+                            float* o, float* kt, float* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, write, q, p, o, kt, out);
 }
 
-CLONES void attend_head_bf16(const uint16_t* src, int64_t HDh, const float* c, const float* s,
-                             uint16_t* kr, uint16_t* vr, int64_t P, int64_t Dh, const bool* ok,
-                             float scale, float* q, float* p, float* o, uint16_t* out) {
-  attend_head(src, HDh, c, s, kr, vr, P, Dh, ok, scale, q, p, o, out);
+CLONES void attend_head_bf16(const uint16_t* sq, const uint16_t* sk, const uint16_t* sv,
+                             const float* c, const float* s, uint16_t* kr, uint16_t* vr,
+                             int64_t P, int64_t Dh, const bool* ok, float scale, bool write,
+                             float* q, float* p, float* o, uint16_t* kt, uint16_t* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, write, q, p, o, kt, out);
 }
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
@@ -2591,25 +2605,28 @@ void check_f32_or_bf16(const torch::Tensor& t, const char* name, int64_t dim,
 
 // One new token per row: rotary on q and k, k and v written to the cache at slot P,
 // attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
-// fp32 or bf16 (qkv, cache and output alike). qkv_RC [R, 3 H Dh] as the qkv
-// projection gives it ([q | k | v], each H heads of Dh, rotary in the half-split
-// layout); cos_XDh / sin_XDh [1 or R, Dh] from
-// ``rotary_table`` (R rows: per-row positions); k_BHMD / v_BHMD the layer's cache.
-// Returns y_RC [R, H Dh], the heads side by side (what the out projection reads).
+// fp32 or bf16 (qkv, cache and output alike). qkv_RC [R, (H + 2 J) Dh] as the qkv
+// projection gives it ([q | k | v]: H query heads, then J key and J value heads of Dh,
+// rotary in the half-split layout; query head h reads key/value head h / (H / J));
+// cos_XDh / sin_XDh [1 or R, Dh] from ``rotary_table`` (R rows: per-row positions);
+// k_BJMD / v_BJMD the layer's cache. Returns y_RC [R, H Dh], the heads side by side (what
+// the out projection reads).
 torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_XDh,
-                         const torch::Tensor& sin_XDh, torch::Tensor& k_BHMD,
-                         torch::Tensor& v_BHMD, int64_t P,
+                         const torch::Tensor& sin_XDh, torch::Tensor& k_BJMD,
+                         torch::Tensor& v_BJMD, int64_t P,
                          const c10::optional<torch::Tensor>& valid_BM) {
   check_f32_or_bf16(qkv_RC, "qkv_RC", 2, qkv_RC);
   check_f32(cos_XDh, "cos_XDh", 2);
   check_f32(sin_XDh, "sin_XDh", 2);
-  check_f32_or_bf16(k_BHMD, "k_BHMD", 4, qkv_RC);
-  check_f32_or_bf16(v_BHMD, "v_BHMD", 4, qkv_RC);
-  const int64_t R = qkv_RC.size(0), B = k_BHMD.size(0), H = k_BHMD.size(1),
-                M = k_BHMD.size(2), Dh = k_BHMD.size(3);
-  TORCH_CHECK(v_BHMD.sizes() == k_BHMD.sizes(), "v_BHMD must match k_BHMD ", k_BHMD.sizes());
-  TORCH_CHECK(qkv_RC.size(1) == 3 * H * Dh && R <= B && Dh % 2 == 0,
-              "qkv_RC ", qkv_RC.sizes(), " does not fit a cache of ", k_BHMD.sizes());
+  check_f32_or_bf16(k_BJMD, "k_BJMD", 4, qkv_RC);
+  check_f32_or_bf16(v_BJMD, "v_BJMD", 4, qkv_RC);
+  const int64_t R = qkv_RC.size(0), C = qkv_RC.size(1), B = k_BJMD.size(0),
+                J = k_BJMD.size(1), M = k_BJMD.size(2), Dh = k_BJMD.size(3);
+  TORCH_CHECK(v_BJMD.sizes() == k_BJMD.sizes(), "v_BJMD must match k_BJMD ", k_BJMD.sizes());
+  const int64_t H = Dh > 0 ? C / Dh - 2 * J : 0;
+  TORCH_CHECK(Dh > 0 && Dh % 2 == 0 && C % Dh == 0 && H >= J && H % J == 0 && R <= B,
+              "qkv_RC ", qkv_RC.sizes(), " does not fit a cache of ", k_BJMD.sizes(),
+              ": its width must be (H + 2 J) Dh with J key/value heads dividing H");
   TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the cache holds ", M, " slots");
   const int64_t X = cos_XDh.size(0);
   TORCH_CHECK((X == 1 || X == R) && cos_XDh.size(1) == Dh && sin_XDh.sizes() == cos_XDh.sizes(),
@@ -2627,23 +2644,28 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   const float* cs = cos_XDh.data_ptr<float>();
   const float* sn = sin_XDh.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
+  const int64_t G = H / J;  // query heads per key/value head
   auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto head) {
+    using T = std::remove_pointer_t<decltype(qkv)>;
     at::parallel_for(0, R * H, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> q(Dh), p(P + 1), o(Dh);
+      std::vector<T> kt(Dh);
       for (int64_t rh = lo; rh < hi; ++rh) {
-        const int64_t r = rh / H, h = rh % H;
-        head(qkv + r * 3 * H * Dh + h * Dh, H * Dh, cs + (X == 1 ? 0 : r) * Dh,
-             sn + (X == 1 ? 0 : r) * Dh, kc + ((r * H + h) * M) * Dh,
-             vc + ((r * H + h) * M) * Dh, P, Dh, valid ? valid + r * M : nullptr, scale,
-             q.data(), p.data(), o.data(), out + r * H * Dh + h * Dh);
+        const int64_t r = rh / H, h = rh % H, j = h / G;
+        const T* row = qkv + r * C;
+        head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh,
+             cs + (X == 1 ? 0 : r) * Dh, sn + (X == 1 ? 0 : r) * Dh,
+             kc + ((r * J + j) * M) * Dh, vc + ((r * J + j) * M) * Dh, P, Dh,
+             valid ? valid + r * M : nullptr, scale, h % G == 0, q.data(), p.data(), o.data(),
+             kt.data(), out + r * H * Dh + h * Dh);
       }
     });
   };
   if (qkv_RC.scalar_type() == at::kFloat)
-    run(elems<float>(qkv_RC), elems<float>(k_BHMD), elems<float>(v_BHMD), elems<float>(y),
+    run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
         attend_head_f32);
   else
-    run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BHMD), elems<uint16_t>(v_BHMD),
+    run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
         elems<uint16_t>(y), attend_head_bf16);
   return y;
 }

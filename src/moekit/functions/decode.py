@@ -503,16 +503,17 @@ def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
             and available())
 
 
-def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BHMD: Tensor, v_BHMD: Tensor,
+def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD: Tensor,
                P: int, valid_BM: Tensor | None) -> Tensor:
     """One new token per row in one call: rotary on q and k, k and v written to the
     cache at slot P, attention over the row's slots [0, P] (``valid_BM``: the real
-    ones). ``qkv_RC`` [R, 3 H Dh] is [q | k | v]; cos / sin broadcast to [R, Dh]
-    (``rotary_table`` rows: one for all, or per row). Returns [R, H Dh] in the cache's
-    dtype (fp32 or bf16: bf16 rounds the new k and the output once; q and the scores
-    stay fp32)."""
-    Dh = k_BHMD.shape[-1]
-    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, k_BHMD.dtype),
+    ones). ``qkv_RC`` [R, (H + 2 J) Dh] is [q | k | v] with J key/value heads (the
+    cache's; J = H, or grouped-query: query head h reads key/value head h // (H / J));
+    cos / sin broadcast to [R, Dh] (``rotary_table`` rows: one for all, or per row).
+    Returns [R, H Dh] in the cache's dtype (fp32 or bf16: bf16 rounds the new k and the
+    output once; q and the scores stay fp32)."""
+    Dh = k_BJMD.shape[-1]
+    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, k_BJMD.dtype),
                                            _plain_f32(cos.reshape(-1, Dh)),
-                                           _plain_f32(sin.reshape(-1, Dh)), k_BHMD, v_BHMD, P,
+                                           _plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
                                            valid_BM)

@@ -1,6 +1,6 @@
 """Frozen, validated configuration for the MoE language model.
 
-Shape letters: V vocabulary, D model size, H attention heads, L layers,
+Shape letters: V vocabulary, D model size, H attention heads, J key/value heads, L layers,
 F expert hidden size, E experts, K experts per token.
 """
 
@@ -35,6 +35,9 @@ class LMConfig(FrozenConfig):
     dim: int = 128  # D
     num_layers: int = 4  # L
     num_heads: int = 4  # H, D must be divisible by H
+    # J key/value heads (grouped-query attention: query head h reads key/value head
+    # h // (H / J)); None: one per query head
+    num_kv_heads: int | None = None
     max_seq_len: int = 256  # longest context (rotary table size)
     ffn_dim: int = 256  # F, hidden size of one expert
     num_experts: int = 8  # E
@@ -62,6 +65,11 @@ class LMConfig(FrozenConfig):
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             reject("num_heads", self.num_heads,
                   f"dim={self.dim} must split into num_heads heads of even size")
+        if self.num_kv_heads is not None:
+            check_positive_int("num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                reject("num_kv_heads", self.num_kv_heads,
+                       f"it must divide num_heads={self.num_heads}")
         if self.router not in ROUTERS:
             reject("router", self.router, f"it must be one of {', '.join(ROUTERS)}")
         for name in ("aux_loss_coef", "z_loss_coef"):
@@ -87,6 +95,16 @@ class LMConfig(FrozenConfig):
     def is_moe_layer(self, layer: int) -> bool:
         """Layers moe_every-1, 2*moe_every-1, ... are MoE (all layers when moe_every=1)."""
         return not self.dense and (layer + 1) % self.moe_every == 0
+
+    @property
+    def kv_heads(self) -> int:
+        """J: key/value heads (``num_kv_heads``, or one per query head)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Dh = D / H."""
+        return self.dim // self.num_heads
 
     @property
     def active_ffn_dim(self) -> int:

@@ -1,8 +1,9 @@
 """A decoder-only transformer language model with MoE feed-forward blocks.
 
 Shape letters: B batch, L sequence (new tokens), P cached positions, S = P + L,
-D model size, H heads, Dh head size, V vocabulary, A dense FFN hidden size,
-R rows of a static cache in use (sequences still generating), M cache slots.
+D model size, H heads, J key/value heads (J = H unless grouped-query), Dh head size,
+V vocabulary, A dense FFN hidden size, R rows of a static cache in use (sequences still
+generating), M cache slots.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def apply_rotary(x_BHLd: Tensor, cos_Ld: Tensor, sin_Ld: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values seen so far, one (k, v) pair per layer, each [B, H, P, Dh]."""
+    """Keys and values seen so far, one (k, v) pair per layer, each [B, J, P, Dh]."""
 
     def __init__(self, num_layers: int) -> None:
         self.layers: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
@@ -96,7 +97,7 @@ class KVCache:
 
 
 class StaticKVCache:
-    """Keys and values preallocated per layer, [B, H, M, Dh], written in place.
+    """Keys and values preallocated per layer, [B, J, M, Dh], written in place.
 
     The generation engine's cache: no ``torch.cat`` per step, attention reads a
     view of the filled slots. Sequences of different lengths are left-padded:
@@ -109,10 +110,10 @@ class StaticKVCache:
     much, ``row_buffers.clear()`` frees them).
     """
 
-    def __init__(self, num_layers: int, batch: int, num_heads: int, max_len: int,
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
-        shape = (batch, num_heads, max_len, head_dim)
+        shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid_BM = torch.ones(batch, max_len, dtype=torch.bool, device=device)
@@ -136,8 +137,7 @@ class StaticKVCache:
             raise ValueError(f"max_len={max_len!r} is not allowed: it must be an int between "
                              f"1 and max_seq_len={cfg.max_seq_len}")
         w = model.norm.weight  # the activations' dtype (the embedding may be quantized)
-        return cls(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.dim // cfg.num_heads,
-                   w.dtype, w.device)
+        return cls(cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
     @property
     def batch(self) -> int:
@@ -195,12 +195,12 @@ class StaticKVCache:
         pos_RL = (self.slots_M[P:P + L][None] - self.pad_B[:R, None]).clamp_min(0)
         return cos_M[pos_RL][:, None], sin_M[pos_RL][:, None]
 
-    def write(self, layer: int, k_RHLd: Tensor, v_RHLd: Tensor) -> tuple[Tensor, Tensor]:
+    def write(self, layer: int, k_RJLd: Tensor, v_RJLd: Tensor) -> tuple[Tensor, Tensor]:
         """Store the new keys and values at the next L slots; views of the filled slots."""
-        P, L, R = self.length, k_RHLd.shape[2], self.rows
+        P, L, R = self.length, k_RJLd.shape[2], self.rows
         k_all, v_all = self.k[layer], self.v[layer]
-        k_all[:R, :, P:P + L] = k_RHLd
-        v_all[:R, :, P:P + L] = v_RHLd
+        k_all[:R, :, P:P + L] = k_RJLd
+        v_all[:R, :, P:P + L] = v_RJLd
         return k_all[:R, :, :P + L], v_all[:R, :, :P + L]
 
     def advance(self, L: int) -> None:
@@ -212,9 +212,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.dim // cfg.num_heads
-        self.qkv = Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        # [q | k | v]: H query heads, then J key and J value heads, Dh each
+        self.qkv = Linear(cfg.dim, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.out = Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor,
@@ -223,30 +223,36 @@ class Attention(nn.Module):
         if (L == 1 and isinstance(cache, StaticKVCache)
                 and decode.attend_one_ok(x_BLD, cache.k[self.layer])):
             # a decode step: rotary, cache write and attention in one call
-            y = decode.attend_one(self.qkv(x_BLD).view(B, 3 * D), cos, sin,
+            y = decode.attend_one(self.qkv(x_BLD).view(B, -1), cos, sin,
                                   cache.k[self.layer], cache.v[self.layer], cache.length,
                                   cache.valid_BM if cache.padded else None)
             return self.out(y.view(B, 1, D))
-        qkv = self.qkv(x_BLD).view(B, L, 3, self.num_heads, self.head_dim)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
-        # q and k rotated in one call: half the small ops of a decode step's rotary
-        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
-        v = qkv[2]
+        H, J, Dh = self.num_heads, self.kv_heads, self.head_dim
+        if J == H:
+            qkv = self.qkv(x_BLD).view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
+            # q and k rotated in one call: half the small ops of a decode step's rotary
+            q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+            v = qkv[2]
+        else:  # grouped-query: J key/value heads, attention repeats none of them
+            q, k, v = (t.view(B, L, -1, Dh).transpose(1, 2)  # [B, H or J, L, Dh]
+                       for t in self.qkv(x_BLD).split([H * Dh, J * Dh, J * Dh], dim=-1))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = {"enable_gqa": True} if J != H else {}
         if isinstance(cache, StaticKVCache):
             k, v = cache.write(self.layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
-                                               is_causal=cache.is_causal)
+                                               is_causal=cache.is_causal, **gqa)
             return self.out(y.transpose(1, 2).reshape(B, L, D))
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         elif L == 1:  # one new token attends to everything before it
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, **gqa)
         else:  # a chunk after a prefix: causal with an offset
             mask_LS = (torch.arange(L, device=q.device)[:, None] + past
                        >= torch.arange(past + L, device=q.device)[None, :])
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, **gqa)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -330,8 +336,7 @@ class MoETransformer(nn.Module):
         self.head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_table(config.max_seq_len, config.dim // config.num_heads,
-                                config.rope_theta)
+        cos, sin = rotary_table(config.max_seq_len, config.head_dim, config.rope_theta)
         # derived from the config: not saved in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

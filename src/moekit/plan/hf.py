@@ -188,7 +188,7 @@ def from_lm_config(cfg: Any) -> ModelSpec:
     return ModelSpec(
         name="moekit-lm", num_layers=cfg.num_layers, dim=cfg.dim, vocab_size=cfg.vocab_size,
         tied_embeddings=cfg.tie_embeddings, num_heads=cfg.num_heads,
-        dense_ffn_dim=dense_ffn,
+        num_kv_heads=cfg.kv_heads, dense_ffn_dim=dense_ffn,
         num_dense_layers=cfg.num_layers if cfg.dense else 0,
         moe_every=cfg.moe_every, num_experts=1 if cfg.dense else cfg.num_experts,
         top_k=1 if cfg.dense else cfg.top_k, expert_ffn_dim=cfg.ffn_dim,

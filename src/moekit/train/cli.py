@@ -24,6 +24,7 @@ from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 DEFAULT_OUT = "runs/train"
 # model flag -> LMConfig field (None = keep the preset's value)
 MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
+               "kv_heads": "num_kv_heads",
                "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
                "moe_every": "moe_every", "router": "router",
                "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
@@ -44,6 +45,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dim", type=int, help="D, model size")
     g.add_argument("--layers", type=int, help="number of transformer blocks")
     g.add_argument("--heads", type=int, help="attention heads")
+    g.add_argument("--kv-heads", type=int,
+                   help="key/value heads (grouped-query attention; default: --heads)")
     g.add_argument("--ffn-dim", type=int, help="F, hidden size of one expert")
     g.add_argument("--experts", type=int, help="E, experts per MoE layer")
     g.add_argument("--top-k", type=int, help="K, experts per token")

@@ -6,10 +6,12 @@
 Only tensors are moved (no transformers import). Mixtral stores each expert as
 ``w1`` (gate) [F, D], ``w3`` (up) [F, D], ``w2`` (down) [D, F]; moekit stacks them
 as ``w_in`` [E, D, 2F] = [gate | up] and ``w_out`` [E, F, D]. moekit's attention
-has one fused ``qkv`` [3D, D] and as many key/value heads as query heads, so
-grouped-query checkpoints get their key/value heads repeated (the function is
-unchanged) and regrouped on the way back. The original config.json travels
-inside the moekit checkpoint, so the round trip gives back the same files.
+has one fused ``qkv`` [(H + 2J) Dh, D] = [q | k | v] with the checkpoint's J
+key/value heads (``LMConfig.num_kv_heads``: grouped-query attention, nothing
+repeated). Checkpoints converted before moekit had grouped-query attention hold J = H
+copies of the key/value heads; they still convert back (the copies regrouped). The
+original config.json travels inside the moekit checkpoint, so the round trip gives
+back the same files.
 
 Shape letters: V vocabulary, D hidden, F expert hidden, E experts, H heads,
 J key/value heads, Dh head size.
@@ -127,6 +129,7 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
     return dict(
         vocab_size=config["vocab_size"], dim=config["hidden_size"],
         num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        num_kv_heads=_kv_heads(config),
         max_seq_len=config["max_position_embeddings"], ffn_dim=config["intermediate_size"],
         num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
         moe_every=1, router="softmax", aux_loss_coef=config.get("router_aux_loss_coef", 0.0),
@@ -136,20 +139,21 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
         init_std=config.get("initializer_range", 0.02))
 
 
+def _kv_heads(config: dict[str, Any]) -> int | None:
+    """LMConfig.num_kv_heads for a Mixtral config: None where J = H (moekit's default)."""
+    H = config["num_attention_heads"]
+    J = config.get("num_key_value_heads") or H
+    return None if J == H else J
+
+
 # -- tensors: transformers names <-> moekit names ---------------------------------------
 
 
-def _repeat_heads(w_JDhD: Tensor, J: int, H: int) -> Tensor:
-    """Grouped-query keys/values [J*Dh, D] -> one per query head [H*Dh, D].
-
-    Query head h reads key/value head h // (H / J), as transformers' repeat_kv does.
-    """
-    return w_JDhD.view(J, -1, w_JDhD.shape[-1]).repeat_interleave(H // J, 0).reshape(
-        -1, w_JDhD.shape[-1])
-
-
 def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
-    """Inverse of _repeat_heads; the copies must still be equal (untrained since conversion)."""
+    """Key/value heads repeated to one per query head [H*Dh, D] (moekit checkpoints
+    converted before grouped-query attention: query head h read copy h of head
+    h // (H / J), as transformers' repeat_kv) -> [J*Dh, D]; the copies must still be
+    equal (untrained since conversion)."""
     w_JRDhD = w_HDhD.view(J, H // J, -1, w_HDhD.shape[-1])
     if not bool((w_JRDhD == w_JRDhD[:, :1]).all()):
         reject(name, "diverged key/value heads", f"num_key_value_heads={J} needs the {H // J} "
@@ -215,17 +219,14 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
     instead of being dropped from the converted checkpoint.
     """
     t = _Reads(t, source)
-    H = config["num_attention_heads"]
-    J = config.get("num_key_value_heads") or H
     out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
     out["head.weight"] = out["embed.weight"] if config.get("tie_word_embeddings") \
         else t["lm_head.weight"]
     layout = "per_expert"
     for i in range(config["num_hidden_layers"]):
         a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
-        q, k, v = (t[f"{a}.self_attn.{n}_proj.weight"] for n in "qkv")
-        out[f"{b}.attn.qkv.weight"] = torch.cat([q, _repeat_heads(k, J, H),
-                                                 _repeat_heads(v, J, H)])
+        out[f"{b}.attn.qkv.weight"] = torch.cat([t[f"{a}.self_attn.{n}_proj.weight"]
+                                                 for n in "qkv"])
         out[f"{b}.attn.out.weight"] = t[f"{a}.self_attn.o_proj.weight"]
         out[f"{b}.attn_norm.weight"] = t[f"{a}.input_layernorm.weight"]
         out[f"{b}.ffn_norm.weight"] = t[f"{a}.post_attention_layernorm.weight"]
@@ -247,18 +248,25 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
 
 def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
                          layout: str = "per_expert") -> dict[str, Tensor]:
-    """Mixtral tensors (``layout`` "per_expert" as saved by transformers, or "stacked")."""
+    """Mixtral tensors (``layout`` "per_expert" as saved by transformers, or "stacked").
+    The moekit qkv holds the config's key/value heads, or one copy per query head (a
+    checkpoint converted before grouped-query attention: regrouped)."""
     H = config["num_attention_heads"]
     J = config.get("num_key_value_heads") or H
+    Dh = config["hidden_size"] // H
     out = {"model.embed_tokens.weight": s["embed.weight"], "model.norm.weight": s["norm.weight"]}
     if not config.get("tie_word_embeddings"):
         out["lm_head.weight"] = s["head.weight"]
     for i in range(config["num_hidden_layers"]):
         a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
-        q, k, v = s[f"{b}.attn.qkv.weight"].chunk(3)
+        qkv = s[f"{b}.attn.qkv.weight"]
+        kv = (qkv.shape[0] // Dh - H) // 2  # the checkpoint's key/value heads: J, or H
+        q, k, v = qkv.split([H * Dh, kv * Dh, kv * Dh])
+        if kv != J:
+            k, v = (_group_heads(w, J, H, f"{b}.attn.qkv.weight") for w in (k, v))
         out[f"{a}.self_attn.q_proj.weight"] = q
-        out[f"{a}.self_attn.k_proj.weight"] = _group_heads(k, J, H, f"{b}.attn.qkv.weight")
-        out[f"{a}.self_attn.v_proj.weight"] = _group_heads(v, J, H, f"{b}.attn.qkv.weight")
+        out[f"{a}.self_attn.k_proj.weight"] = k
+        out[f"{a}.self_attn.v_proj.weight"] = v
         out[f"{a}.self_attn.o_proj.weight"] = s[f"{b}.attn.out.weight"]
         out[f"{a}.input_layernorm.weight"] = s[f"{b}.attn_norm.weight"]
         out[f"{a}.post_attention_layernorm.weight"] = s[f"{b}.ffn_norm.weight"]
@@ -280,12 +288,13 @@ def check_lm(lm: dict[str, Any]) -> None:
 
 
 def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """A Mixtral config.json for a moekit LMConfig (one key/value head per query head)."""
+    """A Mixtral config.json for a moekit LMConfig."""
     return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
         "vocab_size": lm["vocab_size"], "hidden_size": lm["dim"],
         "num_hidden_layers": lm["num_layers"], "num_attention_heads": lm["num_heads"],
-        "num_key_value_heads": lm["num_heads"], "max_position_embeddings": lm["max_seq_len"],
+        "num_key_value_heads": lm.get("num_kv_heads") or lm["num_heads"],
+        "max_position_embeddings": lm["max_seq_len"],
         "intermediate_size": lm["ffn_dim"], "num_local_experts": lm["num_experts"],
         "num_experts_per_tok": lm["top_k"], "hidden_act": "silu",
         "rms_norm_eps": lm["norm_eps"], "tie_word_embeddings": lm["tie_embeddings"],
@@ -297,7 +306,12 @@ def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
-    return all(lm.get(k) == v for k, v in lm_config(hf_config).items())
+    # an LM without num_kv_heads converted from a grouped-query checkpoint before moekit
+    # had grouped-query attention holds copies of its key/value heads (regrouped on the
+    # way back, where they must still be equal)
+    old = lm.get("num_kv_heads") is None
+    return all(lm.get(k) == v for k, v in lm_config(hf_config).items()
+               if not (old and k == "num_kv_heads"))
 
 
 # -- directories ------------------------------------------------------------------------
