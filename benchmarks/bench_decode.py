@@ -160,7 +160,8 @@ def hf_model(lm, family: str):
         cfg = transformers.OlmoeConfig(
             vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-            num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_seq_len,
+            num_key_value_heads=getattr(c, "kv_heads", c.num_heads),
+            max_position_embeddings=c.max_seq_len,
             num_experts=c.num_experts, num_experts_per_tok=c.top_k, norm_topk_prob=True,
             rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=True,
             pad_token_id=0, bos_token_id=None, eos_token_id=None)
@@ -322,7 +323,8 @@ def roofline(model, ids_BL, n: int, bandwidth: float, distinct: list[float] | No
     rest, per = weight_bytes(model)
     experts = sum(d * p for d, p in zip(distinct or [], per, strict=False))
     B, S = ids_BL.shape[0], ids_BL.shape[1] + n / 2  # mean filled slots over the steps
-    kv = c.num_layers * 2 * B * S * c.dim * model.norm.weight.element_size()
+    width = getattr(c, "kv_heads", c.num_heads) * (c.dim // c.num_heads)  # J Dh per slot
+    kv = c.num_layers * 2 * B * S * width * model.norm.weight.element_size()
     total = rest + experts + kv
     return {"bytes": total, "expert_bytes": experts, "other_weight_bytes": rest, "kv_bytes": kv,
             "roofline_ms": 1e3 * total / bandwidth,
