@@ -161,7 +161,7 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
     (2, 16, 16, 64, 40, True),
     # grouped-query: J key/value heads, query head h reads h // (H / J); J = 1 is MQA
     (1, 8, 2, 16, 5, False), (3, 8, 1, 32, 9, True), (2, 6, 3, 8, 0, False),
-    (4, 16, 4, 64, 30, True)])
+    (4, 16, 4, 64, 30, True), (1, 6, 1, 16, 3, False)])  # the last: a group split
 def test_attend_one_matches_reference(R, H, J, Dh, P, padded):
     g = torch.Generator().manual_seed(R + P + J)
     M, theta = 64, 10000.0
@@ -188,6 +188,30 @@ def test_attend_one_matches_reference(R, H, J, Dh, P, padded):
     # nothing else in the cache moved
     k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_one_is_the_same_for_any_split_of_a_group(dtype):
+    """A group's query heads run together, or split between threads where the groups are
+    fewer than the threads: each head's sums are taken in one order either way, so the
+    output and the cache are bitwise the same at any thread count."""
+    R, H, J, Dh, P, M = 1, 8, 1, 32, 20, 32
+    g = torch.Generator().manual_seed(11)
+    caches = torch.randn(2, R, J, M, Dh, generator=g).to(dtype)
+    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g).to(dtype)
+    cos_M, sin_M = rotary_table(M, Dh, 1e4)
+    got = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            k, v = caches[0].clone(), caches[1].clone()
+            got.append((decode.attend_one(qkv, cos_M[P:P + 1], sin_M[P:P + 1], k, v, P, None),
+                        k, v))
+    finally:
+        torch.set_num_threads(threads)
+    for y, k, v in got[1:]:
+        assert torch.equal(y, got[0][0]) and torch.equal(k, got[0][1]) and torch.equal(v, got[0][2])
 
 
 def test_attend_one_bf16_matches_reference():

@@ -76,8 +76,9 @@ def test_left_padded_rows_compute_what_they_compute_alone():
 def test_grouped_query_generation_is_its_repeated_heads_twins(dtype):
     """A model of 2 key/value heads for 4 query heads, generating prompts of different
     lengths (left padding, the decode kernels' one call per step): the same tokens as
-    the twin whose key/value heads are repeated (tests/test_models.py), each decode
-    step's logits too (bitwise: the kernel computes each query head alike), and a cache
+    the twin whose key/value heads are repeated (tests/test_models.py), each step's
+    logits within the dtype's tolerance (the twin's decode steps run attend_one's
+    one-head items, the model's its group passes: other summation orders), and a cache
     of 2 heads."""
     from tests.test_models import _repeated_heads_twin
 
@@ -100,8 +101,8 @@ def test_grouped_query_generation_is_its_repeated_heads_twins(dtype):
                 logits.append(m.infer(logits[-1].argmax(-1)[:, None], cache))
         steps.append(torch.stack(logits))
     assert cache.k[0].shape[1] == 4 and StaticKVCache.for_model(model, 1).k[0].shape[1] == 2
-    torch.testing.assert_close(steps[0][0], steps[1][0], atol=1e-5, rtol=1e-5)  # prefill
-    assert torch.equal(steps[0][1:], steps[1][1:])  # decode steps
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(steps[0].float(), steps[1].float(), **tol)
 
 
 def test_engine_greedy_equals_no_cache_reference():

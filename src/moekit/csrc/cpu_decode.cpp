@@ -2517,14 +2517,15 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
   return {token, weight, counts, offsets};
 }
 
-// One (row, query head) of attend_one: rotary on q and on the new key of its key/value head,
-// attention over the valid slots 0..P, the new key and value (slot P) taken from the
-// projection (kt: the rotated key, rounded to T as the cache holds it), so the query heads
-// that share a key/value head read nothing another thread writes; `write`: this item also
-// stores slot P of the key/value head. T: fp32 or bf16 (qkv, cache and output; bf16 rounds
+// One (row, head) of attend_one where each query head has its own key/value head: rotary
+// on q and k, the new key and value written at slot P, attention over the valid slots
+// 0..P, one key row and one value row at a time (slot P: the new ones, kt the rotated key
+// rounded to T as the cache holds it). T: fp32 or bf16 (qkv, cache and output; bf16 rounds
 // the cache writes and the output once, q stays fp32). Compiled through target_clones (the
 // extension builds for baseline x86-64, where these loops ran as SSE2; batch 16: 0.56 ->
-// 0.44 ms per layer).
+// 0.44 ms per layer). Its dot products are chains of dependent FMAs, but one head's keys
+// and values are read once, so it waits on memory: attend_heads' 4-row passes (below) ran
+// it 1.2-1.3x slower on cold fp32 caches (8 heads of 128, 200-1,000 slots, Zen 4 VM).
 template <typename T>
 INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
   float d = 0.0f;
@@ -2536,7 +2537,7 @@ INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
 template <typename T>
 INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
                         T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                        bool write, float* q, float* p, float* o, T* kt, T* out) {
+                        float* q, float* p, float* o, T* kt, T* out) {
   const int64_t half = Dh / 2;
   // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
   for (int64_t i = 0; i < half; ++i) {
@@ -2547,10 +2548,8 @@ INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, c
     store(kt + i, k1 * c[i] + k2 * s[i]);
     store(kt + i + half, k2 * c[i + half] + k1 * s[i + half]);
   }
-  if (write) {
-    std::copy(kt, kt + Dh, kr + P * Dh);
-    std::copy(sv, sv + Dh, vr + P * Dh);
-  }
+  std::copy(kt, kt + Dh, kr + P * Dh);
+  std::copy(sv, sv + Dh, vr + P * Dh);
   float m = -INFINITY;
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
@@ -2572,16 +2571,186 @@ INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, c
 
 CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
                             const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
-                            const bool* ok, float scale, bool write, float* q, float* p,
-                            float* o, float* kt, float* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, write, q, p, o, kt, out);
+                            const bool* ok, float scale, float* q, float* p, float* o,
+                            float* kt, float* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
 }
 
 CLONES void attend_head_bf16(const uint16_t* sq, const uint16_t* sk, const uint16_t* sv,
                              const float* c, const float* s, uint16_t* kr, uint16_t* vr,
-                             int64_t P, int64_t Dh, const bool* ok, float scale, bool write,
-                             float* q, float* p, float* o, uint16_t* kt, uint16_t* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, write, q, p, o, kt, out);
+                             int64_t P, int64_t Dh, const bool* ok, float scale, float* q,
+                             float* p, float* o, uint16_t* kt, uint16_t* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
+}
+
+// p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
+// std::exp), else std::exp. A softmax over 4,000 cached positions and 32 heads took
+// ~0.3 ms of std::exp calls per layer.
+AVX512 void exp_shift_avx512(float* p, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+    _mm512_mask_storeu_ps(p + t, k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p + t), mv)));
+  }
+}
+
+AVX2 void exp_shift_avx2(float* p, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(p + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), mv)));
+  for (; t < n; ++t) p[t] = std::exp(p[t] - m);
+}
+
+void exp_shift(float* p, int64_t n, float m) {
+  if (CPU_ISA == Isa::Avx512) return exp_shift_avx512(p, n, m);
+  if (CPU_ISA == Isa::Avx2) return exp_shift_avx2(p, n, m);
+  for (int64_t t = 0; t < n; ++t) p[t] = std::exp(p[t] - m);
+}
+
+// Query heads [g0, g1) of one key/value head of one row, for attend_one: rotary on each q
+// and on the new key, attention over the valid slots 0..P, every key and value row read
+// once for the heads together (a head's sums in the order one head alone takes them, so
+// the result does not depend on how a group is split). The new key and value (slot P) are
+// taken from the projection (kt: the rotated key, rounded to T as the cache holds it), so
+// the items of one group read nothing another item writes; the item of g0 = 0 stores slot
+// P. T: fp32 or bf16 (qkv, cache and output; bf16 rounds the cache writes and the output
+// once, q stays fp32). Compiled through target_clones (the extension builds for baseline
+// x86-64, where these loops ran as SSE2; batch 16: 0.56 -> 0.44 ms per layer). Buffers: q
+// and o n Dh floats, p n (P + 1), kt Dh; sq / out the first head's, Dh apart.
+//
+// Keys 4 at a time (4 independent sums: one dot product at a time was a chain of
+// dependent FMAs, ~19 G FMA/s on 2 threads at 4,000 positions), values 4 rows per pass
+// over the output (each output element's sum still in slot order), the exponentials
+// vectorized (exp_shift).
+#ifndef MOEKIT_ATT_AHEAD
+#define MOEKIT_ATT_AHEAD 16
+#endif
+constexpr int64_t ATT_AHEAD = MOEKIT_ATT_AHEAD;
+
+template <typename T>
+INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
+                 int64_t Dh, float* d) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < Dh; ++i) {
+    const float x = q[i];
+    a0 += x * load(k0[i]);
+    a1 += x * load(k1[i]);
+    a2 += x * load(k2[i]);
+    a3 += x * load(k3[i]);
+  }
+  d[0] = a0, d[1] = a1, d[2] = a2, d[3] = a3;
+}
+
+template <typename T>
+INLINE void attend_heads(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
+                         T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
+                         int64_t g0, int64_t g1, float* q, float* p, float* o, T* kt, T* out) {
+  const int64_t half = Dh / 2, n = g1 - g0, S = P + 1;
+  // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
+  for (int64_t g = 0; g < n; ++g) {
+    const T* x = sq + g * Dh;
+    float* qg = q + g * Dh;
+    for (int64_t i = 0; i < half; ++i) {
+      const float q1 = load(x[i]), q2 = load(x[i + half]);
+      qg[i] = q1 * c[i] + q2 * s[i];
+      qg[i + half] = q2 * c[i + half] + q1 * s[i + half];
+    }
+  }
+  for (int64_t i = 0; i < half; ++i) {
+    const float k1 = load(sk[i]), k2 = load(sk[i + half]);
+    store(kt + i, k1 * c[i] + k2 * s[i]);
+    store(kt + i + half, k2 * c[i + half] + k1 * s[i + half]);
+  }
+  if (g0 == 0) {
+    std::copy(kt, kt + Dh, kr + P * Dh);
+    std::copy(sv, sv + Dh, vr + P * Dh);
+  }
+  const auto key = [&](int64_t t) { return t < P ? kr + t * Dh : kt; };
+  const auto value = [&](int64_t t) { return t < P ? vr + t * Dh : sv; };
+  // the rows ATT_AHEAD slots on, a line at a time (4 rows read side by side: Zen 4's
+  // prefetchers left cold fp32 keys at ~0.6x the speed of one row at a time)
+  const auto fetch = [&](const T* base, int64_t t) {
+    if (t + ATT_AHEAD + 4 > P) return;
+    const char* b = reinterpret_cast<const char*>(base + (t + ATT_AHEAD) * Dh);
+    for (int64_t l = 0; l < 4 * Dh * static_cast<int64_t>(sizeof(T)); l += 64)
+      __builtin_prefetch(b + l, 0, 3);
+  };
+  // scores (masked slots -inf: no weight in the max, zeroed after the exponential)
+  for (int64_t t = 0; t < S; t += 4) {
+    float d[4];
+    const int64_t w = std::min<int64_t>(4, S - t);
+    fetch(kr, t);
+    for (int64_t g = 0; g < n; ++g) {
+      const float* qg = q + g * Dh;
+      if (w == 4) {
+        dot4(qg, key(t), key(t + 1), key(t + 2), key(t + 3), Dh, d);
+      } else {  // the last 1-3 slots: the same sums, the missing keys repeated
+        dot4(qg, key(t), key(t + std::min<int64_t>(1, w - 1)),
+             key(t + std::min<int64_t>(2, w - 1)), key(t + w - 1), Dh, d);
+      }
+      for (int64_t u = 0; u < w; ++u)
+        p[g * S + t + u] = ok && !ok[t + u] ? -INFINITY : d[u] * scale;
+    }
+  }
+  for (int64_t g = 0; g < n; ++g) {
+    float* pg = p + g * S;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < S; ++t) m = std::max(m, pg[t]);
+    exp_shift(pg, S, m);
+    float sum = 0.0f;
+    if (ok) {
+      for (int64_t t = 0; t < S; ++t) pg[t] = ok[t] ? pg[t] : 0.0f;
+    }
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < S; ++t) sum += pg[t];
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t t = 0; t < S; ++t) pg[t] *= inv;
+  }
+  std::fill(o, o + n * Dh, 0.0f);
+  for (int64_t t = 0; t < S;) {
+    if (t + 4 <= S && (!ok || (ok[t] && ok[t + 1] && ok[t + 2] && ok[t + 3]))) {
+      fetch(vr, t);
+      const T *v0 = value(t), *v1 = value(t + 1), *v2 = value(t + 2), *v3 = value(t + 3);
+      for (int64_t g = 0; g < n; ++g) {
+        const float* a = p + g * S + t;
+        float* og = o + g * Dh;
+#pragma omp simd
+        for (int64_t i = 0; i < Dh; ++i)
+          og[i] = (((og[i] + a[0] * load(v0[i])) + a[1] * load(v1[i])) + a[2] * load(v2[i])) +
+                  a[3] * load(v3[i]);
+      }
+      t += 4;
+      continue;
+    }
+    if (!ok || ok[t]) {
+      const T* v = value(t);
+      for (int64_t g = 0; g < n; ++g) {
+        const float a = p[g * S + t];
+        float* og = o + g * Dh;
+#pragma omp simd
+        for (int64_t i = 0; i < Dh; ++i) og[i] += a * load(v[i]);
+      }
+    }
+    ++t;
+  }
+  for (int64_t i = 0; i < n * Dh; ++i) store(out + i, o[i]);
+}
+
+CLONES void attend_heads_f32(const float* sq, const float* sk, const float* sv, const float* c,
+                             const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
+                             const bool* ok, float scale, int64_t g0, int64_t g1, float* q,
+                             float* p, float* o, float* kt, float* out) {
+  attend_heads(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, kt, out);
+}
+
+CLONES void attend_heads_bf16(const uint16_t* sq, const uint16_t* sk, const uint16_t* sv,
+                              const float* c, const float* s, uint16_t* kr, uint16_t* vr,
+                              int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,
+                              int64_t g1, float* q, float* p, float* o, uint16_t* kt,
+                              uint16_t* out) {
+  attend_heads(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, kt, out);
 }
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
@@ -2644,29 +2813,42 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   const float* cs = cos_XDh.data_ptr<float>();
   const float* sn = sin_XDh.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  const int64_t G = H / J;  // query heads per key/value head
-  auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto head) {
+  // J = H: items (row, head), one key and value row at a time (attend_head). J < H: items
+  // of a row's key/value head and `per` of its G query heads, which read its keys and values
+  // once together (attend_heads); a group is split only where there are fewer groups than
+  // threads.
+  const int64_t G = H / J, groups = R * J;
+  const auto up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t per = up(G, std::min(G, up(at::get_num_threads(), groups)));
+  const int64_t parts = up(G, per);
+  auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto head, auto heads) {
     using T = std::remove_pointer_t<decltype(qkv)>;
-    at::parallel_for(0, R * H, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> q(Dh), p(P + 1), o(Dh);
+    at::parallel_for(0, groups * parts, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> q(per * Dh), p(per * (P + 1)), o(per * Dh);
       std::vector<T> kt(Dh);
-      for (int64_t rh = lo; rh < hi; ++rh) {
-        const int64_t r = rh / H, h = rh % H, j = h / G;
+      for (int64_t item = lo; item < hi; ++item) {
+        const int64_t r = item / (J * parts), j = item / parts % J, g0 = item % parts * per;
+        const int64_t h = j * G + g0;  // the item's first query head
         const T* row = qkv + r * C;
-        head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh,
-             cs + (X == 1 ? 0 : r) * Dh, sn + (X == 1 ? 0 : r) * Dh,
-             kc + ((r * J + j) * M) * Dh, vc + ((r * J + j) * M) * Dh, P, Dh,
-             valid ? valid + r * M : nullptr, scale, h % G == 0, q.data(), p.data(), o.data(),
-             kt.data(), out + r * H * Dh + h * Dh);
+        const float *c = cs + (X == 1 ? 0 : r) * Dh, *s = sn + (X == 1 ? 0 : r) * Dh;
+        T *kr = kc + ((r * J + j) * M) * Dh, *vr = vc + ((r * J + j) * M) * Dh;
+        const bool* ok = valid ? valid + r * M : nullptr;
+        if (G == 1)
+          head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
+               ok, scale, q.data(), p.data(), o.data(), kt.data(), out + r * H * Dh + h * Dh);
+        else
+          heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
+                ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), kt.data(),
+                out + r * H * Dh + h * Dh);
       }
     });
   };
   if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
-        attend_head_f32);
+        attend_head_f32, attend_heads_f32);
   else
     run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<uint16_t>(y), attend_head_bf16);
+        elems<uint16_t>(y), attend_head_bf16, attend_heads_bf16);
   return y;
 }
 
