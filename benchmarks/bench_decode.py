@@ -74,7 +74,7 @@ HF_PATCHED = ("hfpatch-mixtral", "hfpatch-olmoe", *(f"hfpatch-{family}-{q}" for 
 HF_IMPLS = ("grouped_mm", "batched_mm", "eager")
 # --breakdown-variant: fp32 and every moekit model variant that is quantized or bf16
 BREAKDOWN_VARIANTS = ("fp32", *MOEKIT_DTYPES, *(v for v in MOEKIT_EXTRA if v in QUANT))
-PROMPT_LEN = 32  # prompt of each sequence while decoding
+PROMPT_LEN = 32  # prompt of each sequence while decoding (--prompt-len sets it)
 PREFILL_LEN = 512
 CLOCK = [time.perf_counter]  # time.thread_time under --cpu-time
 # the flags whose default --quick replaces, unless given (an explicit flag wins, as in
@@ -356,7 +356,7 @@ def prefill_runner(model, L: int):
 
 def peak_rss(shape: str, variant: str, B: int, n: int, threads: int) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--rss", shape, variant, str(B), str(n),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--prompt-len", str(PROMPT_LEN)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         print(f"  peak RSS of {variant}: subprocess failed: {out.stderr[-500:]}")
@@ -789,6 +789,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"default {FULL['variants']})")
     p.add_argument("--new-tokens", type=int, default=None,
                    help=f"tokens per timed generation (default {FULL['new_tokens']})")
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
+                   help="prompt tokens of each sequence before its timed decode steps (the "
+                   f"KV cache the steps read; default {PROMPT_LEN}; prompt + new tokens <= "
+                   f"{COMMON['max_seq_len']})")
     p.add_argument("--reps", type=int, default=None,
                    help=f"A/B pairs per variant (median; default {FULL['reps']})")
     p.add_argument("--threads", type=int, default=2)
@@ -832,7 +836,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(a, name) is None:  # None: not given (the parser's default)
             setattr(a, name, value)
     harness.check_flags(a.threads, a.reps, a.out)
-    check_positive_int("--new-tokens", a.new_tokens, COMMON["max_seq_len"] - PROMPT_LEN)
+    check_positive_int("--prompt-len", a.prompt_len, COMMON["max_seq_len"] - 1)
+    check_positive_int("--new-tokens", a.new_tokens, COMMON["max_seq_len"] - a.prompt_len)
     a.models = _names("--models", a.models, tuple(SHAPES))
     if a.breakdown_variant not in BREAKDOWN_VARIANTS:
         reject("--breakdown-variant", a.breakdown_variant,
@@ -908,8 +913,11 @@ def read_bandwidth(reps: int = 5) -> float:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark for flags that ``check_args`` returned (``moekit bench --decode``
     calls it)."""
+    global PROMPT_LEN
     harness.use_malloc(args.malloc)  # may re-exec this process
     import torch
+
+    PROMPT_LEN = args.prompt_len
 
     if args.cpu_time:
         args.threads, CLOCK[0] = 1, time.thread_time
@@ -1007,6 +1015,7 @@ if __name__ == "__main__":
         import torch
 
         torch.set_num_threads(int(sys.argv[7]) if len(sys.argv) > 7 else 2)
+        PROMPT_LEN = int(sys.argv[9]) if len(sys.argv) > 9 else PROMPT_LEN
         _rss_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         sys.exit(main())

@@ -103,6 +103,20 @@ def test_decode_quick_still_checks_an_explicit_flag(capsys, no_run):
     assert err.startswith("bench_decode.py: error: --new-tokens=5000 is not allowed"), err
 
 
+@needs_benchmarks
+@pytest.mark.parametrize("flags, words", [
+    (["--prompt-len", "0"], "--prompt-len=0 is not allowed: it must be a positive int <= 1023"),
+    (["--prompt-len", "1000", "--new-tokens", "32"],
+     "--new-tokens=32 is not allowed: it must be a positive int <= 24"),
+])
+def test_decode_prompt_len_leaves_room_for_the_new_tokens(capsys, no_run, flags, words):
+    """The prompt and the timed tokens must fit the benchmark models' 1024 positions."""
+    assert DECODE.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"bench_decode.py: error: {words}", err
+    assert _decode_checked("--prompt-len", "1000", "--new-tokens", "24").prompt_len == 1000
+
+
 # -- 2. a list flag refuses a repeated entry -----------------------------------------------
 
 @needs_benchmarks
