@@ -2614,9 +2614,9 @@ void exp_shift(float* p, int64_t n, float m) {
 // taken from the projection (kt: the rotated key, rounded to T as the cache holds it), so
 // the items of one group read nothing another item writes; the item of g0 = 0 stores slot
 // P. T: fp32 or bf16 (qkv, cache and output; bf16 rounds the cache writes and the output
-// once, q stays fp32). Compiled through target_clones (the extension builds for baseline
-// x86-64, where these loops ran as SSE2; batch 16: 0.56 -> 0.44 ms per layer). Buffers: q
-// and o n Dh floats, p n (P + 1), kt Dh; sq / out the first head's, Dh apart.
+// once, q stays fp32). Built twice (ATTEND_HEADS below): through target_clones for any
+// head size, and for AVX-512 where the head size is a multiple of 16 (dot4<16>). Buffers:
+// q and o n Dh floats, p n (P + 1), kt Dh; sq / out the first head's, Dh apart.
 //
 // Keys 4 at a time (4 independent sums: one dot product at a time was a chain of
 // dependent FMAs, ~19 G FMA/s on 2 threads at 4,000 positions), values 4 rows per pass
