@@ -2614,8 +2614,9 @@ void exp_shift(float* p, int64_t n, float m) {
 // taken from the projection (kt: the rotated key, rounded to T as the cache holds it), so
 // the items of one group read nothing another item writes; the item of g0 = 0 stores slot
 // P. T: fp32 or bf16 (qkv, cache and output; bf16 rounds the cache writes and the output
-// once, q stays fp32). Built twice (ATTEND_HEADS below): through target_clones for any
-// head size, and for AVX-512 where the head size is a multiple of 16 (dot4<16>). Buffers:
+// once, q stays fp32). Built three times (ATTEND_HEADS below): through target_clones for
+// any head size, for AVX-512 where the head size is a multiple of 16 (dot4<16>) and for
+// AVX2 where it is a multiple of 8 (dot4<8>). Buffers:
 // q and o n Dh floats, p n (P + 1), kt Dh; sq / out the first head's, Dh apart.
 //
 // Keys 4 at a time (4 independent sums: one dot product at a time was a chain of
@@ -2630,24 +2631,31 @@ constexpr int64_t ATT_AHEAD = MOEKIT_ATT_AHEAD;
 typedef float F16 __attribute__((vector_size(64)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef float F8 __attribute__((vector_size(32)));
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
 
-// 16 inputs as floats into v (bf16: shifted into the high half); v by reference, as a
-// 64-byte vector return would change the ABI outside AVX-512 code
-template <typename T>
-INLINE void load16(const T* p, F16& v) {
+// 16 (F16) or 8 (F8) inputs as floats into v (bf16: shifted into the high half); v by
+// reference, as a vector return would change the ABI outside AVX code
+template <typename T, typename V>
+INLINE void load_lanes(const T* p, V& v) {
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(&v, p, sizeof v);
-  } else {
+  } else if constexpr (std::is_same_v<V, F16>) {
     U16x16 h;
     std::memcpy(&h, p, sizeof h);
     v = reinterpret_cast<F16>(__builtin_convertvector(h, U32x16) << 16);
+  } else {
+    U16x8 h;
+    std::memcpy(&h, p, sizeof h);
+    v = reinterpret_cast<F8>(__builtin_convertvector(h, U32x8) << 16);
   }
 }
 
 // d[u] = q . k_u for 4 key rows. W = 16 (Dh a multiple of 16, compiled for AVX-512 by
-// attend_heads_*_v16): 16-lane sums, the four reduced together by one shuffle tree (the
-// loop below reduced each through the stack: ~1/5 of attend_one's samples at 4,000
-// slots); W = 0: any Dh, whatever the compiler makes of the loop.
+// attend_heads_*_v16) or 8 (AVX2, _v8): W-lane sums, the four reduced together by one
+// shuffle tree (the loop below reduced each through the stack: ~1/5 of attend_one's
+// samples at 4,000 slots); W = 0: any Dh, whatever the compiler makes of the loop.
 template <int W, typename T>
 INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
                  int64_t Dh, float* d) {
@@ -2655,8 +2663,8 @@ INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T*
     F16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t i = 0; i < Dh; i += 16) {
       F16 x, y0, y1, y2, y3;
-      load16(q + i, x), load16(k0 + i, y0), load16(k1 + i, y1), load16(k2 + i, y2);
-      load16(k3 + i, y3);
+      load_lanes(q + i, x), load_lanes(k0 + i, y0), load_lanes(k1 + i, y1);
+      load_lanes(k2 + i, y2), load_lanes(k3 + i, y3);
       a0 += x * y0, a1 += x * y1, a2 += x * y2, a3 += x * y3;
     }
     // [a0 | a1] by halves, [a2 | a3], then quarters, pairs and neighbours
@@ -2677,6 +2685,22 @@ INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T*
     const F16 w = u + __builtin_shufflevector(u, u, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12,
                                               15, 14);
     d[0] = w[0], d[1] = w[4], d[2] = w[8], d[3] = w[12];
+  } else if constexpr (W == 8) {  // the same on 8 lanes (AVX2)
+    F8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t i = 0; i < Dh; i += 8) {
+      F8 x, y0, y1, y2, y3;
+      load_lanes(q + i, x), load_lanes(k0 + i, y0), load_lanes(k1 + i, y1);
+      load_lanes(k2 + i, y2), load_lanes(k3 + i, y3);
+      a0 += x * y0, a1 += x * y1, a2 += x * y2, a3 += x * y3;
+    }
+    const F8 s01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+    const F8 s23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+    const F8 t = __builtin_shufflevector(s01, s23, 0, 1, 4, 5, 8, 9, 12, 13) +
+                 __builtin_shufflevector(s01, s23, 2, 3, 6, 7, 10, 11, 14, 15);
+    const F8 u = t + __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
+    d[0] = u[0], d[1] = u[2], d[2] = u[4], d[3] = u[6];
   } else {
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -2799,6 +2823,8 @@ ATTEND_HEADS(attend_heads_f32_any, CLONES, 0, float)
 ATTEND_HEADS(attend_heads_bf16_any, CLONES, 0, uint16_t)
 ATTEND_HEADS(attend_heads_f32_v16, AVX512, 16, float)
 ATTEND_HEADS(attend_heads_bf16_v16, AVX512, 16, uint16_t)
+ATTEND_HEADS(attend_heads_f32_v8, AVX2, 8, float)
+ATTEND_HEADS(attend_heads_bf16_v8, AVX2, 8, uint16_t)
 #undef ATTEND_HEADS
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
@@ -2891,13 +2917,16 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
       }
     });
   };
-  const bool v16 = CPU_ISA == Isa::Avx512 && Dh % 16 == 0;
+  const int lanes = CPU_ISA == Isa::Avx512 && Dh % 16 == 0 ? 16
+                    : CPU_ISA != Isa::Generic && Dh % 8 == 0 ? 8 : 0;
   if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
-        attend_head_f32, v16 ? attend_heads_f32_v16 : attend_heads_f32_any);
+        attend_head_f32, lanes == 16 ? attend_heads_f32_v16
+                         : lanes == 8 ? attend_heads_f32_v8 : attend_heads_f32_any);
   else
     run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<uint16_t>(y), attend_head_bf16, v16 ? attend_heads_bf16_v16 : attend_heads_bf16_any);
+        elems<uint16_t>(y), attend_head_bf16, lanes == 16 ? attend_heads_bf16_v16
+                            : lanes == 8 ? attend_heads_bf16_v8 : attend_heads_bf16_any);
   return y;
 }
 
