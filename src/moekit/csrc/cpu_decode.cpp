@@ -2656,26 +2656,33 @@ INLINE void load_lanes(const T* p, V& v) {
 // attend_heads_*_v16) or 8 (AVX2, _v8): W-lane sums, the four reduced together by one
 // shuffle tree (the loop below reduced each through the stack: ~1/5 of attend_one's
 // samples at 4,000 slots); W = 0: any Dh, whatever the compiler makes of the loop.
+// a[u] += q * k_u over Dh (a multiple of the vector's L lanes), lane by lane
+template <typename V, int L, typename T>
+INLINE void lane_sums(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
+                      int64_t Dh, V (&a)[4]) {
+  for (int64_t i = 0; i < Dh; i += L) {
+    V x, y0, y1, y2, y3;
+    load_lanes(q + i, x), load_lanes(k0 + i, y0), load_lanes(k1 + i, y1);
+    load_lanes(k2 + i, y2), load_lanes(k3 + i, y3);
+    a[0] += x * y0, a[1] += x * y1, a[2] += x * y2, a[3] += x * y3;
+  }
+}
+
 template <int W, typename T>
 INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
                  int64_t Dh, float* d) {
   if constexpr (W == 16) {
-    F16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t i = 0; i < Dh; i += 16) {
-      F16 x, y0, y1, y2, y3;
-      load_lanes(q + i, x), load_lanes(k0 + i, y0), load_lanes(k1 + i, y1);
-      load_lanes(k2 + i, y2), load_lanes(k3 + i, y3);
-      a0 += x * y0, a1 += x * y1, a2 += x * y2, a3 += x * y3;
-    }
+    F16 a[4] = {};
+    lane_sums<F16, 16>(q, k0, k1, k2, k3, Dh, a);
     // [a0 | a1] by halves, [a2 | a3], then quarters, pairs and neighbours
-    const F16 s01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
-                                            21, 22, 23) +
-                    __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
-                                            28, 29, 30, 31);
-    const F16 s23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20,
-                                            21, 22, 23) +
-                    __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
-                                            28, 29, 30, 31);
+    const F16 s01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                            20, 21, 22, 23) +
+                    __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                            27, 28, 29, 30, 31);
+    const F16 s23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                            20, 21, 22, 23) +
+                    __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                            27, 28, 29, 30, 31);
     const F16 t = __builtin_shufflevector(s01, s23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
                                           25, 26, 27) +
                   __builtin_shufflevector(s01, s23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23,
@@ -2686,17 +2693,12 @@ INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T*
                                               15, 14);
     d[0] = w[0], d[1] = w[4], d[2] = w[8], d[3] = w[12];
   } else if constexpr (W == 8) {  // the same on 8 lanes (AVX2)
-    F8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t i = 0; i < Dh; i += 8) {
-      F8 x, y0, y1, y2, y3;
-      load_lanes(q + i, x), load_lanes(k0 + i, y0), load_lanes(k1 + i, y1);
-      load_lanes(k2 + i, y2), load_lanes(k3 + i, y3);
-      a0 += x * y0, a1 += x * y1, a2 += x * y2, a3 += x * y3;
-    }
-    const F8 s01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
-    const F8 s23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
-                   __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+    F8 a[4] = {};
+    lane_sums<F8, 8>(q, k0, k1, k2, k3, Dh, a);
+    const F8 s01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    const F8 s23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a[2], a[3], 4, 5, 6, 7, 12, 13, 14, 15);
     const F8 t = __builtin_shufflevector(s01, s23, 0, 1, 4, 5, 8, 9, 12, 13) +
                  __builtin_shufflevector(s01, s23, 2, 3, 6, 7, 10, 11, 14, 15);
     const F8 u = t + __builtin_shufflevector(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
