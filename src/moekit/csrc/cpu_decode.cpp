@@ -2526,6 +2526,18 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
 // 0.44 ms per layer). Its dot products are chains of dependent FMAs, but one head's keys
 // and values are read once, so it waits on memory: attend_heads' 4-row passes (below) ran
 // it 1.2-1.3x slower on cold fp32 caches (8 heads of 128, 200-1,000 slots, Zen 4 VM).
+// out = x * cos + [x2 | x1] * [-sin | sin] (apply_rotary's half-split layout) for one head
+// of Dh; O float (q) or T (the new key, rounded as the cache holds it)
+template <typename T, typename O>
+INLINE void rotate(const T* x, const float* c, const float* s, int64_t Dh, O* out) {
+  const int64_t half = Dh / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = load(x[i]), x2 = load(x[i + half]);
+    store(out + i, x1 * c[i] + x2 * s[i]);
+    store(out + i + half, x2 * c[i + half] + x1 * s[i + half]);
+  }
+}
+
 template <typename T>
 INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
   float d = 0.0f;
@@ -2538,16 +2550,8 @@ template <typename T>
 INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
                         T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
                         float* q, float* p, float* o, T* kt, T* out) {
-  const int64_t half = Dh / 2;
-  // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
-  for (int64_t i = 0; i < half; ++i) {
-    const float q1 = load(sq[i]), q2 = load(sq[i + half]);
-    const float k1 = load(sk[i]), k2 = load(sk[i + half]);
-    q[i] = q1 * c[i] + q2 * s[i];
-    q[i + half] = q2 * c[i + half] + q1 * s[i + half];
-    store(kt + i, k1 * c[i] + k2 * s[i]);
-    store(kt + i + half, k2 * c[i + half] + k1 * s[i + half]);
-  }
+  rotate(sq, c, s, Dh, q);
+  rotate(sk, c, s, Dh, kt);
   std::copy(kt, kt + Dh, kr + P * Dh);
   std::copy(sv, sv + Dh, vr + P * Dh);
   float m = -INFINITY;
@@ -2584,8 +2588,7 @@ CLONES void attend_head_bf16(const uint16_t* sq, const uint16_t* sk, const uint1
 }
 
 // p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
-// std::exp), else std::exp. A softmax over 4,000 cached positions and 32 heads took
-// ~0.3 ms of std::exp calls per layer.
+// std::exp), else std::exp.
 AVX512 void exp_shift_avx512(float* p, int64_t n, float m) {
   const __m512 mv = _mm512_set1_ps(m);
   for (int64_t t = 0; t < n; t += 16) {
@@ -2652,10 +2655,6 @@ INLINE void load_lanes(const T* p, V& v) {
   }
 }
 
-// d[u] = q . k_u for 4 key rows. W = 16 (Dh a multiple of 16, compiled for AVX-512 by
-// attend_heads_*_v16) or 8 (AVX2, _v8): W-lane sums, the four reduced together by one
-// shuffle tree (the loop below reduced each through the stack: ~1/5 of attend_one's
-// samples at 4,000 slots); W = 0: any Dh, whatever the compiler makes of the loop.
 // a[u] += q * k_u over Dh (a multiple of the vector's L lanes), lane by lane
 template <typename V, int L, typename T>
 INLINE void lane_sums(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
@@ -2668,6 +2667,10 @@ INLINE void lane_sums(const float* q, const T* k0, const T* k1, const T* k2, con
   }
 }
 
+// d[u] = q . k_u for 4 key rows. W = 16 (Dh a multiple of 16, compiled for AVX-512 by
+// attend_heads_*_v16) or 8 (AVX2, _v8): W-lane sums, the four reduced together by one
+// shuffle tree (the loop below reduced each through the stack: ~1/5 of attend_one's
+// samples at 4,000 slots); W = 0: any Dh, whatever the compiler makes of the loop.
 template <int W, typename T>
 INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3,
                  int64_t Dh, float* d) {
@@ -2721,22 +2724,9 @@ template <int W, typename T>
 INLINE void attend_heads(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
                          T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
                          int64_t g0, int64_t g1, float* q, float* p, float* o, T* kt, T* out) {
-  const int64_t half = Dh / 2, n = g1 - g0, S = P + 1;
-  // x * cos + [x2 | x1] * [-sin | sin], as apply_rotary
-  for (int64_t g = 0; g < n; ++g) {
-    const T* x = sq + g * Dh;
-    float* qg = q + g * Dh;
-    for (int64_t i = 0; i < half; ++i) {
-      const float q1 = load(x[i]), q2 = load(x[i + half]);
-      qg[i] = q1 * c[i] + q2 * s[i];
-      qg[i + half] = q2 * c[i + half] + q1 * s[i + half];
-    }
-  }
-  for (int64_t i = 0; i < half; ++i) {
-    const float k1 = load(sk[i]), k2 = load(sk[i + half]);
-    store(kt + i, k1 * c[i] + k2 * s[i]);
-    store(kt + i + half, k2 * c[i + half] + k1 * s[i + half]);
-  }
+  const int64_t n = g1 - g0, S = P + 1;
+  for (int64_t g = 0; g < n; ++g) rotate(sq + g * Dh, c, s, Dh, q + g * Dh);
+  rotate(sk, c, s, Dh, kt);
   if (g0 == 0) {
     std::copy(kt, kt + Dh, kr + P * Dh);
     std::copy(sv, sv + Dh, vr + P * Dh);
@@ -2813,8 +2803,8 @@ INLINE void attend_heads(const T* sq, const T* sk, const T* sv, const float* c, 
   for (int64_t i = 0; i < n * Dh; ++i) store(out + i, o[i]);
 }
 
-// attend_heads for fp32 / bf16: any head size (_any, through target_clones) or a multiple
-// of 16 on AVX-512 (_v16).
+// attend_heads for fp32 / bf16: any head size (_any, through target_clones), a multiple
+// of 16 on AVX-512 (_v16) or of 8 on AVX2 (_v8).
 #define ATTEND_HEADS(NAME, ATTR, W, T)                                                        \
   ATTR void NAME(const T* sq, const T* sk, const T* sv, const float* c, const float* s, T* kr, \
                  T* vr, int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,        \

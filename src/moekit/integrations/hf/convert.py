@@ -252,7 +252,7 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
     The moekit qkv holds the config's key/value heads, or one copy per query head (a
     checkpoint converted before grouped-query attention: regrouped)."""
     H = config["num_attention_heads"]
-    J = config.get("num_key_value_heads") or H
+    J = _kv_heads(config) or H
     Dh = config["hidden_size"] // H
     out = {"model.embed_tokens.weight": s["embed.weight"], "model.norm.weight": s["norm.weight"]}
     if not config.get("tie_word_embeddings"):
