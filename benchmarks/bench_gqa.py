@@ -40,7 +40,7 @@ def repeated_heads(model: MoETransformer) -> MoETransformer:
     """The model with each key/value head repeated H / J times (query head h reads head
     h // (H / J), as transformers' repeat_kv): one key/value head per query head."""
     cfg = model.config
-    H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_size
     twin = MoETransformer(cfg.replace(num_kv_heads=None))
     state = model.state_dict()
     for i in range(cfg.num_layers):

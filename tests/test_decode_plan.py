@@ -42,6 +42,13 @@ def _variant(name: str):
         return _lm(num_kv_heads=2)
     if name == "gqa int4 bf16":
         return moekit.quantize(_lm(num_kv_heads=1), bits=4, group_size=32).to(torch.bfloat16)
+    if name == "qwen3":  # heads wider than D / H, per-head q / k norms, grouped-query
+        return _lm(num_kv_heads=2, head_dim=24, qk_norm="head")
+    if name == "olmoe":  # q / k norms over all heads, no renormalization of the top-k
+        return _lm(qk_norm="full", renormalize=False)
+    if name == "qwen3 int4 bf16":
+        return moekit.quantize(_lm(num_kv_heads=2, head_dim=24, qk_norm="head"), bits=4,
+                               group_size=32).to(torch.bfloat16)
     if name == "int8 untied":  # a float nn.Embedding beside a quantized head
         return moekit.quantize(_lm(tie_embeddings=False), bits=8)
     model = _lm()
@@ -98,7 +105,8 @@ def _steps(model, step, prompts, n=6):
 
 @pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
                                      "int4a8", "int8 untied", "int4 bf16",
-                                     "gpt-oss experts", "gqa", "gqa int4 bf16"])
+                                     "gpt-oss experts", "gqa", "gqa int4 bf16", "qwen3",
+                                     "olmoe", "qwen3 int4 bf16"])
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
                          ids=["one", "padded"])
 def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
@@ -108,7 +116,8 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     assert plan is not None
     quantized_table = isinstance(model.embed, QuantizedEmbedding)
     assert quantized_table == (variant not in ("fp32", "sigmoid", "bf16", "int8 untied",
-                                               "gpt-oss experts", "gqa"))
+                                               "gpt-oss experts", "gqa", "qwen3",
+                                               "olmoe"))
     fast = _steps(model, plan.step, prompts)
     slow = _steps(model, model.infer, prompts)
     assert fast.dtype == slow.dtype == model.norm.weight.dtype

@@ -1,8 +1,9 @@
-"""`moekit convert`: Mixtral checkpoint <-> moekit language model, lossless both ways.
+"""`moekit convert`: Mixtral / Qwen3-MoE / OLMoE checkpoint <-> moekit language model,
+lossless both ways.
 
-Oracles: transformers' own Mixtral forward (logits of the converted moekit model
-must match it) and the original files (a round trip must give back the same
-tensors, bit for bit, and the same config.json).
+Oracles: transformers' own forward and generate() (logits and greedy tokens of the
+converted moekit model must match them) and the original files (a round trip must give
+back the same tensors, bit for bit, and the same config.json).
 """
 
 from __future__ import annotations
@@ -137,17 +138,116 @@ def test_stacked_layout_round_trips(tmp_path):
     assert all(torch.equal(got[k], sd[k]) for k in sd)
 
 
+def _family(tmp_path, name: str, **kw):
+    """A random Qwen3-MoE or OLMoE model saved to tmp_path / "hf", its norms not ones (a
+    q / k norm applied in the wrong place would otherwise change nothing)."""
+    torch.manual_seed(0)
+    if name == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**{**hf_models.COMMON, **kw}, intermediate_size=48,
+                                          moe_intermediate_size=16, num_experts=8,
+                                          num_experts_per_tok=3)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, **kw}, intermediate_size=16,
+                                       num_experts=8, num_experts_per_tok=2)
+        model = transformers.OlmoeForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.eval().save_pretrained(tmp_path / "hf")
+    return model
+
+
+@pytest.mark.parametrize("name,kw,want", [
+    ("qwen3_moe", dict(head_dim=16, norm_topk_prob=True),  # heads twice D / H
+     dict(head_dim=16, qk_norm="head", renormalize=True, num_kv_heads=2)),
+    ("qwen3_moe", dict(norm_topk_prob=False, num_key_value_heads=4, tie_word_embeddings=True),
+     dict(head_dim=None, qk_norm="head", renormalize=False, num_kv_heads=None)),
+    ("olmoe", dict(),
+     dict(head_dim=None, qk_norm="full", renormalize=False, num_kv_heads=2)),
+], ids=["qwen3-wide-heads", "qwen3-mha-unnormalized", "olmoe"])
+def test_qwen3_moe_and_olmoe_to_moekit_and_back(tmp_path, name, kw, want):
+    """Logits as transformers' own forward gives them, greedy tokens of moekit's engine
+    (the decode step's C++ q / k norms) as transformers' generate(), and back to the
+    same files."""
+    from moekit.inference.decode_plan import DecodePlan
+    from moekit.inference.engine import Engine, GenerationConfig
+
+    hf_model = _family(tmp_path, name, **kw)
+    assert cli(str(tmp_path / "hf"), str(tmp_path / "lm")) == 0
+    lm = _load_lm(tmp_path / "lm")
+    assert {k: getattr(lm.config, k) for k in want} == want
+    ids = torch.randint(3, 64, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, hf_model(ids).logits, atol=ATOL, rtol=RTOL)
+    with torch.inference_mode():
+        assert DecodePlan.build(lm) is not None  # the engine's steps run in one C++ call
+    prompt = [5, 9, 17, 33, 4]
+    gens, _ = Engine(lm).generate([prompt], GenerationConfig(max_new_tokens=12))
+    out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False)
+    assert gens[0].tokens == out[0, len(prompt):].tolist()
+
+    assert cli(str(tmp_path / "lm"), str(tmp_path / "back")) == 0
+    want_t, got = load_file(tmp_path / "hf" / "model.safetensors"), \
+        load_file(tmp_path / "back" / "model.safetensors")
+    assert want_t.keys() == got.keys() and all(torch.equal(want_t[k], got[k]) for k in want_t)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == \
+        json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("changes,cls", [
+    (dict(qk_norm="head", head_dim=12, num_kv_heads=2), "Qwen3MoeForCausalLM"),
+    (dict(qk_norm="head", renormalize=False), "Qwen3MoeForCausalLM"),
+    (dict(qk_norm="full", renormalize=False, num_kv_heads=2), "OlmoeForCausalLM"),
+    (dict(head_dim=12), "MixtralForCausalLM"),
+], ids=["qwen3-wide-heads", "qwen3-unnormalized", "olmoe", "mixtral-wide-heads"])
+def test_moekit_lm_with_qk_norms_to_transformers_and_back(tmp_path, changes, cls):
+    """A model trained in moekit is written as the family its q / k norms name, which
+    transformers loads and runs to the same logits."""
+    torch.manual_seed(0)
+    lm = MoETransformer(preset("tiny", tie_embeddings=False, num_heads=4, **changes)).eval()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 3, "model_config": lm.config.to_dict()})
+    moekit_to_hf(tmp_path / "run", tmp_path / "hf")
+    hf_model = getattr(transformers, cls).from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, lm(ids).logits, atol=ATOL, rtol=RTOL)
+    back = _load_lm(hf_to_moekit(tmp_path / "hf", tmp_path / "lm2"))
+    assert back.config == lm.config
+    for k, v in lm.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
 def test_unsupported_checkpoints_are_refused(tmp_path):
-    hf_models.build("qwen3_moe").save_pretrained(tmp_path / "qwen")
-    with pytest.raises(ValueError, match="model_type='qwen3_moe'"):
-        hf_to_moekit(tmp_path / "qwen", tmp_path / "out")
+    hf_models.build("qwen2_moe").save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="model_type='qwen2_moe'"):
+        hf_to_moekit(tmp_path / "qwen2", tmp_path / "out")
     _mixtral(tmp_path, sliding_window=8)
     with pytest.raises(ValueError, match="sliding_window=8"):
         hf_to_moekit(tmp_path / "hf", tmp_path / "out")
+    for name, kw, match in [("qwen3_moe", dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+                            ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+                            ("qwen3_moe", dict(use_sliding_window=True), "use_sliding_window"),
+                            ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0"),
+                            ("olmoe", dict(head_dim=16), "head_dim=16")]:
+        _family(tmp_path / name / str(len(kw)) / match[:4], name, **kw)
+        with pytest.raises(ValueError, match=match):
+            hf_to_moekit(tmp_path / name / str(len(kw)) / match[:4] / "hf", tmp_path / "out")
     with pytest.raises(ValueError, match="source="):
         hf_to_moekit(tmp_path / "nowhere", tmp_path / "out")
-    lm = MoETransformer(preset("tiny", router="sigmoid"))
-    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
-                    {"step": 0, "model_config": lm.config.to_dict()})
-    with pytest.raises(ValueError, match="router='sigmoid'"):
-        moekit_to_hf(tmp_path / "run", tmp_path / "out")
+    for changes, match in [(dict(router="sigmoid"), "router='sigmoid'"),
+                           (dict(renormalize=False), "renormalize=False"),
+                           (dict(qk_norm="full", head_dim=8), "head_dim=8")]:
+        lm = MoETransformer(preset("tiny", **changes))
+        save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                        {"step": 0, "model_config": lm.config.to_dict()})
+        with pytest.raises(ValueError, match=match):
+            moekit_to_hf(tmp_path / "run", tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.models import KVCache, LMConfig, MoETransformer, generate, preset, sample_next
-from moekit.models.transformer import Attention, apply_rotary, rotary_table
+from moekit.models.transformer import Attention, StaticKVCache, apply_rotary, rotary_table
 
 TINY = dict(dim=32, num_layers=2, num_heads=2, max_seq_len=48, ffn_dim=16, num_experts=4,
             top_k=2)
@@ -26,6 +26,8 @@ def tiny(**changes) -> LMConfig:
     ("rope_theta", 0.0),
     ("capacity_factor", -2.0), ("max_seq_len", 1.5), ("dense", "yes"),
     ("num_kv_heads", 0), ("num_kv_heads", 3), ("num_kv_heads", True),
+    ("head_dim", 0), ("head_dim", 7), ("head_dim", 8.0), ("qk_norm", "layer"),
+    ("qk_norm", None), ("renormalize", "no"),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -40,19 +42,33 @@ def test_unknown_preset_and_keys_are_named():
     assert LMConfig.from_dict(tiny().to_dict()) == tiny()
 
 
+def _rms(x, w, eps):
+    x = x.double()
+    return (x / (x.square().mean(-1, keepdim=True) + eps).sqrt() * w.double()).float()
+
+
 def naive_attention(x_BLD, attn: Attention, cos, sin):
-    """Per-head softmax(q k^T / sqrt(d) + causal mask) v with explicit loops."""
+    """Per-head softmax(q k^T / sqrt(d) + causal mask) v with explicit loops; query head h
+    reads key/value head h // (H / J); q / k RMSNorms (per head, or over all heads) in
+    float64 before rotary."""
     B, L, D = x_BLD.shape
-    H, Dh = attn.num_heads, attn.head_dim
-    q, k, v = (x_BLD @ attn.qkv.weight.T).split(D, dim=-1)
-    out = torch.zeros(B, L, D, dtype=torch.float64)
+    H, J, Dh = attn.num_heads, attn.kv_heads, attn.head_dim
+    q, k, v = (x_BLD @ attn.qkv.weight.T).split([H * Dh, J * Dh, J * Dh], dim=-1)
+    if attn.qk_norm == "full":
+        q, k = _rms(q, attn.q_norm.weight, attn.q_norm.eps), _rms(k, attn.k_norm.weight,
+                                                                 attn.k_norm.eps)
+    out = torch.zeros(B, L, H * Dh, dtype=torch.float64)
     for h in range(H):
-        sl = slice(h * Dh, (h + 1) * Dh)
-        qh, kh = apply_rotary(q[..., sl], cos, sin), apply_rotary(k[..., sl], cos, sin)
+        sl, kv = slice(h * Dh, (h + 1) * Dh), slice(h // (H // J) * Dh, (h // (H // J) + 1) * Dh)
+        qh, kh = q[..., sl], k[..., kv]
+        if attn.qk_norm == "head":
+            qh, kh = _rms(qh, attn.q_norm.weight, attn.q_norm.eps), _rms(kh, attn.k_norm.weight,
+                                                                        attn.k_norm.eps)
+        qh, kh = apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin)
         scores = (qh.double() @ kh.double().transpose(-1, -2)) / math.sqrt(Dh)
         mask = torch.ones(L, L, dtype=torch.bool).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
-        out[..., sl] = scores.softmax(-1) @ v[..., sl].double()
+        out[..., sl] = scores.softmax(-1) @ v[..., kv].double()
     return out.float() @ attn.out.weight.T
 
 
@@ -69,14 +85,61 @@ def test_rotary_rotates_pairs_by_position_angle():
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
 
 
-def test_attention_matches_naive_oracle():
+@pytest.mark.parametrize("changes", [
+    {}, dict(num_heads=4, num_kv_heads=2, head_dim=12, qk_norm="head"),
+    dict(num_heads=4, num_kv_heads=1, qk_norm="full"), dict(head_dim=6)],
+    ids=["mha", "qwen3-like", "olmoe-like", "narrow-heads"])
+def test_attention_matches_naive_oracle(changes):
     torch.manual_seed(0)
-    cfg = tiny()
+    cfg = tiny(**changes)
     attn = Attention(cfg, 0)
+    if attn.q_norm is not None:
+        with torch.no_grad():
+            attn.q_norm.weight.uniform_(0.5, 1.5)
+            attn.k_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(2, 11, cfg.dim)
-    cos, sin = rotary_table(11, cfg.dim // cfg.num_heads, cfg.rope_theta)
+    cos, sin = rotary_table(11, cfg.head_size, cfg.rope_theta)
     torch.testing.assert_close(attn(x, cos, sin, None, 0), naive_attention(x, attn, cos, sin),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("changes", [dict(num_heads=4, num_kv_heads=2, head_dim=12,
+                                          qk_norm="head"),
+                                     dict(num_heads=4, qk_norm="full", renormalize=False)],
+                         ids=["qwen3-like", "olmoe-like"])
+def test_decode_steps_with_qk_norms_match_the_full_forward(changes, dtype):
+    """The decode step's q / k norms (a C++ call on the qkv rows, before attend_one) give
+    the logits of the full forward (torch's norms on the heads), a row at a time."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(**changes)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    ids = torch.randint(256, (2, 12))
+    with torch.inference_mode():
+        full = model(ids).logits
+        cache = StaticKVCache.for_model(model, 2, 16)
+        steps = [model.infer(ids[:, :5], cache)]
+        steps += [model.infer(ids[:, i:i + 1], cache) for i in range(5, 12)]
+    # bf16: measured 0.002 against logits up to 0.87 (without the norms: 0.075)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.01, rtol=0.01)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], **tol)
+
+
+def test_qk_norms_learn():
+    """The q / k norms are parameters the loss reaches (training updates them)."""
+    torch.manual_seed(0)
+    model = MoETransformer(tiny(num_heads=4, qk_norm="head", head_dim=12))
+    ids = torch.randint(256, (2, 12))
+    out = model(ids, ids)
+    out.loss.backward()
+    for block in model.blocks:
+        assert block.attn.q_norm.weight.grad.abs().sum() > 0
+        assert block.attn.k_norm.weight.grad.abs().sum() > 0
+    assert block.attn.out.weight.shape == (32, 4 * 12)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid", "switch", "hash", "expert_choice"])
@@ -123,7 +186,7 @@ def _repeated_heads_twin(model: MoETransformer) -> MoETransformer:
     """The model with one key/value head per query head: each of its J heads repeated
     H / J times (query head h reads head h // (H / J)), the function unchanged."""
     cfg = model.config
-    H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_size
     twin = MoETransformer(cfg.replace(num_kv_heads=None))
     sd = model.state_dict()
     for i in range(cfg.num_layers):

@@ -3062,6 +3062,37 @@ torch::Tensor rms_norm(const torch::Tensor& x_RD, const torch::Tensor& w_D, doub
   return norm;
 }
 
+// The q / k RMSNorms of a decode step (LMConfig.qk_norm), in place on the qkv
+// projection's rows qkv_RC [R, C] = [q | k | v]: q = columns [0, q_width) in pieces of
+// q_w's size (Dh: each head, Qwen3-MoE; q_width: all heads, OLMoE), k = the next k_width
+// columns in pieces of k_w's size, each piece as rms_norm normalizes a row (fp32, or bf16
+// normalized in fp32 and rounded once, as moekit's RMSNorm). Before attend_one's rotary.
+void qk_norm_(torch::Tensor& qkv_RC, const torch::Tensor& q_w, const torch::Tensor& k_w,
+              double eps, int64_t q_width, int64_t k_width) {
+  check_f32_or_bf16(qkv_RC, "qkv_RC", 2, qkv_RC);
+  check_f32_or_bf16(q_w, "q_w", 1, qkv_RC);
+  check_f32_or_bf16(k_w, "k_w", 1, qkv_RC);
+  const int64_t R = qkv_RC.size(0), C = qkv_RC.size(1), nq = q_w.size(0), nk = k_w.size(0);
+  TORCH_CHECK(q_width > 0 && k_width > 0 && q_width + k_width <= C && nq > 0 && nk > 0 &&
+              q_width % nq == 0 && k_width % nk == 0,
+              "q_width=", q_width, " / k_width=", k_width, " do not fit qkv_RC ",
+              qkv_RC.sizes(), " in pieces of q_w ", q_w.sizes(), " / k_w ", k_w.sizes());
+  const float e = static_cast<float>(eps);
+  auto run = [&](auto* x) {
+    using T = std::remove_pointer_t<decltype(x)>;
+    const T *wq = elems<T>(q_w), *wk = elems<T>(k_w);
+    for (int64_t r = 0; r < R; ++r) {
+      T* q = x + r * C;  // in place: each piece is read whole before it is written
+      add_rms_norm_rows<false>(q, static_cast<const T*>(nullptr), wq, static_cast<T*>(nullptr),
+                               q, q_width / nq, nq, e);
+      add_rms_norm_rows<false>(q + q_width, static_cast<const T*>(nullptr), wk,
+                               static_cast<T*>(nullptr), q + q_width, k_width / nk, nk, e);
+    }
+  };
+  if (qkv_RC.scalar_type() == at::kFloat) run(elems<float>(qkv_RC));
+  else run(elems<uint16_t>(qkv_RC));
+}
+
 // -- a whole decode step in one call ----------------------------------------------------
 
 // cpu_experts.cpp's moekit_q_linear_a8 (the prefill GEMM on int8 rows), whose address
@@ -3126,6 +3157,10 @@ struct StepLayer {
   c10::optional<torch::Tensor> bias_E, b_in, b_out;
   int64_t act;
   double limit, alpha;
+  // the q / k norms (qk_norm_'s arguments), absent where the model has none
+  c10::optional<torch::Tensor> q_norm, k_norm;
+  double qk_eps = 0.0;
+  int64_t q_width = 0, k_width = 0;
 };
 
 // A decode step of a model whose every part takes the kernels (DecodePlan in
@@ -3174,6 +3209,13 @@ class DecodeStep {
           at("b_in").cast<c10::optional<torch::Tensor>>(),
           at("b_out").cast<c10::optional<torch::Tensor>>(), act[0].cast<int64_t>(),
           act[1].cast<double>(), act[2].cast<double>()});
+      if (!at("qk_norm").is_none()) {  // (q_w, k_w, eps, q_width, k_width)
+        const auto qk = tuple("qk_norm");
+        StepLayer& ly = layers_.back();
+        ly.q_norm = qk[0].cast<torch::Tensor>(), ly.k_norm = qk[1].cast<torch::Tensor>();
+        ly.qk_eps = qk[2].cast<double>();
+        ly.q_width = qk[3].cast<int64_t>(), ly.k_width = qk[4].cast<int64_t>();
+      }
     }
   }
 
@@ -3217,8 +3259,9 @@ class DecodeStep {
     for (int64_t i = 0; i < n; ++i) {
       const StepLayer& ly = layers_[i];
       const auto hq = in(h);
-      const auto qkv = out(timed(PROJ, [&] { return ly.qkv.apply(hq, rows_R, ends_1); }));
+      auto qkv = out(timed(PROJ, [&] { return ly.qkv.apply(hq, rows_R, ends_1); }));
       const auto y = timed(ATTEND, [&] {
+        if (ly.q_norm) qk_norm_(qkv, *ly.q_norm, *ly.k_norm, ly.qk_eps, ly.q_width, ly.k_width);
         return attend_one(qkv, cos_XDh, sin_XDh, k_L[i], v_L[i], P, valid_BM);
       });
       const auto y32 = in(y);
@@ -3438,6 +3481,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits_RV"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
         py::arg("generator"));
   m.def("rms_norm", &rms_norm, "rms_norm(x) * w");
+  m.def("qk_norm_", &qk_norm_, "the q / k RMSNorms of a decode step, in place on qkv");
   py::class_<DecodeStep>(m, "DecodeStep", "a decode step, embedding to LM head, in one call")
       .def(py::init<const py::list&, const py::tuple&, const py::tuple&, const py::tuple&>(),
            py::arg("layers"), py::arg("head"), py::arg("embed"), py::arg("first_norm"))

@@ -495,6 +495,18 @@ def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scal
                                            scale, bias_E)
 
 
+def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
+             k_width: int) -> Tensor:
+    """The q and k RMSNorms before ``attend_one``, in place on a contiguous ``qkv_RC``
+    [R, C] = [q | k | v] (fp32 or bf16, the weights alike): q = the first ``q_width``
+    columns normalized in pieces of q_w's size (Dh: each head; q_width: all heads), k =
+    the next ``k_width`` in pieces of k_w's size; each piece as ``rms_norm`` normalizes a
+    row. Returns qkv_RC."""
+    cpu_ext.get_decode().qk_norm_(qkv_RC, _plain(q_w, qkv_RC.dtype), _plain(k_w, qkv_RC.dtype),
+                                  eps, q_width, k_width)
+    return qkv_RC
+
+
 def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
     """Whether ``attend_one`` runs this step: fp32 or bf16 (activations and cache alike)
     on the CPU, no autograd, built."""

@@ -51,6 +51,7 @@ class _Layer:
     b_in: Tensor | None
     b_out: Tensor | None
     act: tuple[int, float, float]  # (code, swiglu limit, swiglu alpha)
+    qk_norm: tuple | None  # (q_w, k_w, eps, q_width, k_width) of decode.qk_norm_, or None
 
 
 def _projection(module, dtype: torch.dtype) -> tuple | None:
@@ -74,6 +75,18 @@ def _embedding(module, dtype: torch.dtype) -> tuple | None:
     if type(module) is nn.Embedding and module.max_norm is None and module.weight.dtype == dtype:
         return ("float", module.weight)
     return None
+
+
+def _qk_norm(attn, dtype: torch.dtype) -> tuple | None | bool:
+    """qk_norm_'s arguments for the attention's q / k norms, None where it has none, False
+    where they are not of the activations' dtype (not plannable: the modules take torch's)."""
+    if attn.q_norm is None:
+        return None
+    q, k = attn.q_norm, attn.k_norm
+    if q.weight.dtype != dtype or k.weight.dtype != dtype:
+        return False
+    H, J, Dh = attn.num_heads, attn.kv_heads, attn.head_dim
+    return (q.weight, k.weight, q.eps, H * Dh, J * Dh)
 
 
 def _experts(moe, dtype: torch.dtype) -> tuple | None:
@@ -144,7 +157,8 @@ class DecodePlan:
         for block, nxt in zip(model.blocks, norms, strict=True):
             qkv, out = _projection(block.attn.qkv, dtype), _projection(block.attn.out, dtype)
             ex = _experts(block.ffn, dtype) if block.is_moe else None
-            if qkv is None or out is None or ex is None:
+            qk_norm = _qk_norm(block.attn, dtype)
+            if qkv is None or out is None or ex is None or qk_norm is False:
                 return None
             quantized, router, route, w_in, w_out, b_in, b_out, act = ex
             kinds |= {qkv[0], out[0]}
@@ -156,7 +170,7 @@ class DecodePlan:
                 if quantized else backends.decode_max_rows(block.ffn.config.num_experts))
             layers.append(_Layer(qkv[1], out[1], (block.ffn_norm.weight, block.ffn_norm.eps),
                                  (nxt.weight, nxt.eps), router, route, w_in, w_out, b_in,
-                                 b_out, act))
+                                 b_out, act, qk_norm))
         expert_rows = min(experts_rows)
         float_rows = decode.float_kernel_max_rows(dtype) if "float" in kinds else 1 << 30
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30

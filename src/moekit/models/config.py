@@ -1,7 +1,7 @@
 """Frozen, validated configuration for the MoE language model.
 
-Shape letters: V vocabulary, D model size, H attention heads, J key/value heads, L layers,
-F expert hidden size, E experts, K experts per token.
+Shape letters: V vocabulary, D model size, H attention heads, J key/value heads, Dh head
+size, L layers, F expert hidden size, E experts, K experts per token.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from moekit.config import (
     reject,
 )
 
+QK_NORMS = ("none", "head", "full")  # LMConfig.qk_norm
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LMConfig(FrozenConfig):
@@ -34,16 +36,25 @@ class LMConfig(FrozenConfig):
     vocab_size: int = 256  # V, bytes
     dim: int = 128  # D
     num_layers: int = 4  # L
-    num_heads: int = 4  # H, D must be divisible by H
+    num_heads: int = 4  # H
     # J key/value heads (grouped-query attention: query head h reads key/value head
     # h // (H / J)); None: one per query head
     num_kv_heads: int | None = None
+    # Dh, the size of one head (even: rotary pairs); None: D / H. Qwen3-MoE's heads are
+    # wider than D / H: q is [H Dh], the out projection [H Dh -> D].
+    head_dim: int | None = None
+    # RMSNorm on q and k before rotary: "head" over each head's Dh (Qwen3-MoE), "full"
+    # over all H Dh of q and all J Dh of k (OLMoE), "none"
+    qk_norm: str = "none"
     max_seq_len: int = 256  # longest context (rotary table size)
     ffn_dim: int = 256  # F, hidden size of one expert
     num_experts: int = 8  # E
     top_k: int = 2  # K
     moe_every: int = 1  # an MoE FFN on every N-th layer (others dense with hidden K*F)
     router: str = "softmax"
+    # the K chosen weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob);
+    # False: the router's probabilities as they are (OLMoE)
+    renormalize: bool = True
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 0.0  # aux-loss-free balancing (driven by the trainer)
@@ -62,9 +73,15 @@ class LMConfig(FrozenConfig):
         if not self.dense and self.moe_every > self.num_layers:
             reject("moe_every", self.moe_every, f"it must be <= num_layers={self.num_layers}: "
                    "otherwise no layer is an MoE layer (dense=True builds a dense model)")
-        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+        if self.head_dim is not None:
+            check_positive_int("head_dim", self.head_dim)
+            if self.head_dim % 2:
+                reject("head_dim", self.head_dim, "it must be even (rotary rotates pairs)")
+        elif self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             reject("num_heads", self.num_heads,
-                  f"dim={self.dim} must split into num_heads heads of even size")
+                  f"dim={self.dim} must split into num_heads heads of even size (or give "
+                  "head_dim)")
+        check_choice("qk_norm", self.qk_norm, QK_NORMS)
         if self.num_kv_heads is not None:
             check_positive_int("num_kv_heads", self.num_kv_heads)
             if self.num_heads % self.num_kv_heads:
@@ -79,7 +96,7 @@ class LMConfig(FrozenConfig):
         check_number("init_std", self.init_std, 0, 1)
         check_number("rope_theta", self.rope_theta, 0, 1e12, low_open=True)
         check_number("norm_eps", self.norm_eps, 0, 1, low_open=True)
-        for name in ("dense", "tie_embeddings"):
+        for name in ("dense", "tie_embeddings", "renormalize"):
             check_bool(name, getattr(self, name))
         if self.capacity_factor is not None:
             check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
@@ -102,9 +119,9 @@ class LMConfig(FrozenConfig):
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
-    def head_dim(self) -> int:
-        """Dh = D / H."""
-        return self.dim // self.num_heads
+    def head_size(self) -> int:
+        """Dh: ``head_dim``, or D / H."""
+        return self.dim // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
     def active_ffn_dim(self) -> int:
@@ -115,7 +132,8 @@ class LMConfig(FrozenConfig):
         del layer  # every MoE layer is configured alike
         return MoEConfig(
             dim=self.dim, ffn_dim=self.ffn_dim, num_experts=self.num_experts,
-            top_k=self.top_k, router=self.router, aux_loss_coef=self.aux_loss_coef,
+            top_k=self.top_k, router=self.router, renormalize=self.renormalize,
+            aux_loss_coef=self.aux_loss_coef,
             z_loss_coef=self.z_loss_coef, bias_update_rate=self.bias_update_rate,
             capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,
             hash_vocab_size=self.vocab_size if self.router == "hash" else None)

@@ -137,7 +137,7 @@ class StaticKVCache:
             raise ValueError(f"max_len={max_len!r} is not allowed: it must be an int between "
                              f"1 and max_seq_len={cfg.max_seq_len}")
         w = model.norm.weight  # the activations' dtype (the embedding may be quantized)
-        return cls(cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
+        return cls(cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_size, w.dtype, w.device)
 
     @property
     def batch(self) -> int:
@@ -212,37 +212,53 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        self.num_heads, self.kv_heads, self.head_dim = H, J, Dh
         # [q | k | v]: H query heads, then J key and J value heads, Dh each
-        self.qkv = Linear(cfg.dim, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
-        self.out = Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv = Linear(cfg.dim, (H + 2 * J) * Dh, bias=False)
+        self.out = Linear(H * Dh, cfg.dim, bias=False)
+        # RMSNorms of q and k before rotary: over each head ("head"), or all heads ("full")
+        self.qk_norm = cfg.qk_norm
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(Dh if per_head else H * Dh, cfg.norm_eps)
+            self.k_norm = RMSNorm(Dh if per_head else J * Dh, cfg.norm_eps)
 
     def forward(self, x_BLD: Tensor, cos: Tensor, sin: Tensor,
                 cache: KVCache | StaticKVCache | None, past: int) -> Tensor:
-        B, L, D = x_BLD.shape
-        if (L == 1 and isinstance(cache, StaticKVCache)
-                and decode.attend_one_ok(x_BLD, cache.k[self.layer])):
-            # a decode step: rotary, cache write and attention in one call
-            y = decode.attend_one(self.qkv(x_BLD).view(B, -1), cos, sin,
-                                  cache.k[self.layer], cache.v[self.layer], cache.length,
-                                  cache.valid_BM if cache.padded else None)
-            return self.out(y.view(B, 1, D))
+        B, L, _ = x_BLD.shape
         H, J, Dh = self.num_heads, self.kv_heads, self.head_dim
-        if J == H:
+        if (L == 1 and isinstance(cache, StaticKVCache)
+                and decode.attend_one_ok(x_BLD, cache.k[self.layer])
+                and (self.q_norm is None or self.q_norm.weight.dtype == x_BLD.dtype)):
+            # a decode step: (the q / k norms,) rotary, cache write and attention in one call
+            qkv = self.qkv(x_BLD).view(B, -1)
+            if self.q_norm is not None:
+                decode.qk_norm_(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                H * Dh, J * Dh)
+            y = decode.attend_one(qkv, cos, sin, cache.k[self.layer], cache.v[self.layer],
+                                  cache.length, cache.valid_BM if cache.padded else None)
+            return self.out(y.view(B, 1, H * Dh))
+        if J == H and self.q_norm is None:
             qkv = self.qkv(x_BLD).view(B, L, 3, H, Dh).permute(2, 0, 3, 1, 4)  # [3, B, H, L, Dh]
             # q and k rotated in one call: half the small ops of a decode step's rotary
             q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
             v = qkv[2]
-        else:  # grouped-query: J key/value heads, attention repeats none of them
-            q, k, v = (t.view(B, L, -1, Dh).transpose(1, 2)  # [B, H or J, L, Dh]
-                       for t in self.qkv(x_BLD).split([H * Dh, J * Dh, J * Dh], dim=-1))
+        else:  # grouped-query (attention repeats none of the J heads) or q / k norms
+            q, k, v = self.qkv(x_BLD).split([H * Dh, J * Dh, J * Dh], dim=-1)
+            if self.q_norm is not None and self.k_norm is not None:
+                if self.qk_norm == "head":
+                    q, k = q.unflatten(-1, (H, Dh)), k.unflatten(-1, (J, Dh))
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.reshape(B, L, -1, Dh).transpose(1, 2) for t in (q, k, v))  # [B, *, L, Dh]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = {"enable_gqa": True} if J != H else {}
         if isinstance(cache, StaticKVCache):
             k, v = cache.write(self.layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
                                                is_causal=cache.is_causal, **gqa)
-            return self.out(y.transpose(1, 2).reshape(B, L, D))
+            return self.out(y.transpose(1, 2).reshape(B, L, H * Dh))
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         if past == 0:
@@ -253,7 +269,7 @@ class Attention(nn.Module):
             mask_LS = (torch.arange(L, device=q.device)[:, None] + past
                        >= torch.arange(past + L, device=q.device)[None, :])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, **gqa)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+        return self.out(y.transpose(1, 2).reshape(B, L, H * Dh))
 
 
 class DenseFFN(nn.Module):
@@ -336,7 +352,7 @@ class MoETransformer(nn.Module):
         self.head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_table(config.max_seq_len, config.head_dim, config.rope_theta)
+        cos, sin = rotary_table(config.max_seq_len, config.head_size, config.rope_theta)
         # derived from the config: not saved in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

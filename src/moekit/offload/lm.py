@@ -198,7 +198,7 @@ def _load_resident(model: MoETransformer, locs: dict[str, TensorLoc], fds) -> No
     read_into_module(model, locs, fds)
     if cfg.tie_embeddings:  # to_empty gives each module its own tensor
         model.head.weight = model.embed.weight
-    cos, sin = rotary_table(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+    cos, sin = rotary_table(cfg.max_seq_len, cfg.head_size, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
 
 

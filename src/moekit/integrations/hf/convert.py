@@ -1,17 +1,22 @@
-"""Lossless conversion between a transformers Mixtral checkpoint and moekit's language model.
+"""Lossless conversion between transformers MoE checkpoints and moekit's language model.
 
     moekit convert --to moekit HF_DIR RUN_DIR     # config.json + *.safetensors -> RUN_DIR/step_0
-    moekit convert --to hf RUN_DIR HF_DIR         # and back (Mixtral layout, per-expert w1/w2/w3)
+    moekit convert --to hf RUN_DIR HF_DIR         # and back (the same files)
 
-Only tensors are moved (no transformers import). Mixtral stores each expert as
-``w1`` (gate) [F, D], ``w3`` (up) [F, D], ``w2`` (down) [D, F]; moekit stacks them
-as ``w_in`` [E, D, 2F] = [gate | up] and ``w_out`` [E, F, D]. moekit's attention
-has one fused ``qkv`` [(H + 2J) Dh, D] = [q | k | v] with the checkpoint's J
+Three families (``FAMILIES``): Mixtral, Qwen3-MoE (q / k RMSNorms per head, heads of
+``head_dim`` wider than D / H, ``norm_topk_prob``) and OLMoE (q / k RMSNorms over all
+heads, top-k weights not renormalized); all of them dropless top-k softmax routers over
+SwiGLU experts, every layer MoE. Only tensors are moved (no transformers import).
+Mixtral stores each expert as ``w1`` (gate) [F, D], ``w3`` (up) [F, D], ``w2`` (down)
+[D, F], Qwen3-MoE and OLMoE as ``gate_proj`` / ``up_proj`` / ``down_proj``; moekit
+stacks them as ``w_in`` [E, D, 2F] = [gate | up] and ``w_out`` [E, F, D]. moekit's
+attention has one fused ``qkv`` [(H + 2J) Dh, D] = [q | k | v] with the checkpoint's J
 key/value heads (``LMConfig.num_kv_heads``: grouped-query attention, nothing
 repeated). Checkpoints converted before moekit had grouped-query attention hold J = H
 copies of the key/value heads; they still convert back (the copies regrouped). The
 original config.json travels inside the moekit checkpoint, so the round trip gives
-back the same files.
+back the same files. A model trained in moekit is written as the family its q / k
+norms name (``check_lm``).
 
 Shape letters: V vocabulary, D hidden, F expert hidden, E experts, H heads,
 J key/value heads, Dh head size.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,79 +74,143 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return config, tensors
 
 
-# what the conversion reads from a Mixtral config.json without a default
-MIXTRAL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings", "intermediate_size", "num_local_experts",
-                "num_experts_per_tok", "rms_norm_eps")
+@dataclass(frozen=True)
+class Family:
+    """What differs between the transformers MoE checkpoints moekit converts."""
+
+    model_type: str
+    architecture: str
+    experts: tuple[str, ...]  # config keys naming E (the first present)
+    ffn: str  # the config key of F, one expert's hidden size
+    qk_norm: str  # LMConfig.qk_norm: the family's q / k norms
+    rope_theta: float  # transformers' default where the config names none
+    # per-expert tensors: layer.{moe}.experts.{e}.{gate | up | down}.weight
+    moe: str
+    gate_up_down: tuple[str, str, str]
 
 
-def check_mixtral(config: dict[str, Any], source: str | Path = ".") -> None:
+FAMILIES = {f.model_type: f for f in (
+    Family("mixtral", "MixtralForCausalLM", ("num_local_experts",), "intermediate_size",
+           "none", 1e6, "block_sparse_moe", ("w1", "w3", "w2")),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", ("num_experts", "num_local_experts"),
+           "moe_intermediate_size", "head", 1e4, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    Family("olmoe", "OlmoeForCausalLM", ("num_experts", "num_local_experts"),
+           "intermediate_size", "full", 1e4, "mlp", ("gate_proj", "up_proj", "down_proj")),
+)}
+
+# what the conversion reads from every config.json without a default (and each family's
+# experts / FFN keys)
+COMMON_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+               "max_position_embeddings", "num_experts_per_tok", "rms_norm_eps")
+
+
+def family(config: dict[str, Any]) -> Family:
+    kind = config.get("model_type")
+    if kind not in FAMILIES:
+        reject("model_type", kind, "moekit convert reads Mixtral, Qwen3-MoE and OLMoE "
+               f"checkpoints (model_type one of {', '.join(map(repr, FAMILIES))})")
+    return FAMILIES[kind]
+
+
+def _num_experts(config: dict[str, Any], fam: Family) -> int:
+    return next(config[k] for k in fam.experts if k in config)
+
+
+def check_hf(config: dict[str, Any], source: str | Path = ".") -> None:
     """Refuse what moekit's language model cannot represent exactly (``source``: the
     directory holding the config.json, named in errors)."""
-    if config.get("model_type") != "mixtral":
-        reject("model_type", config.get("model_type"), "moekit convert reads Mixtral-style "
-              "checkpoints (model_type='mixtral')")
-    missing = [k for k in MIXTRAL_KEYS if k not in config]
+    fam = family(config)
+    missing = [k for k in (*COMMON_KEYS, fam.ffn) if k not in config]
+    if not any(k in config for k in fam.experts):
+        missing.append(fam.experts[0])
     if missing:
         reject("source", str(source), f"its {Path(source) / 'config.json'} lacks the key"
                f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, which "
-               "a Mixtral config.json must hold")
+               f"a {fam.model_type} config.json must hold")
     D, H = config["hidden_size"], config["num_attention_heads"]
+    Dh = _head_dim(config)
     checks = [
         ("hidden_act", config.get("hidden_act", "silu"), "silu", "moekit's experts are SwiGLU"),
-        ("head_dim", config.get("head_dim") or D // H, D // H, f"it must be hidden_size / "
-         f"num_attention_heads = {D // H}"),
-        ("rope_type", _rope(config).get("rope_type", "default"), "default",
+        ("rope_type", _rope(config, fam).get("rope_type", "default"), "default",
          "moekit's language model uses plain rotary embeddings"),
+        ("attention_bias", config.get("attention_bias", False), False,
+         "moekit's attention projections have no bias"),
+        ("use_sliding_window", config.get("use_sliding_window", False), False,
+         "moekit's attention is full causal"),
+        ("clip_qkv", config.get("clip_qkv"), None, "moekit does not clamp q / k / v"),
+        ("decoder_sparse_step", config.get("decoder_sparse_step", 1), 1,
+         "every moekit layer of a converted model is an MoE layer"),
+        ("mlp_only_layers", config.get("mlp_only_layers") or [], [],
+         "every moekit layer of a converted model is an MoE layer"),
     ]
+    if fam.qk_norm == "full":  # OLMoE's q norm is over hidden_size: H Dh must be D
+        checks.append(("head_dim", Dh, D // H, f"an OLMoE head must be hidden_size / "
+                       f"num_attention_heads = {D // H}"))
     for name, value, want, why in checks:
         if value != want:
             reject(name, value, why)
+    if not isinstance(Dh, int) or Dh <= 0 or Dh % 2:
+        reject("head_dim", Dh, "it must be a positive even integer (rotary rotates pairs)")
     window = config.get("sliding_window")
-    if window is not None and window < config["max_position_embeddings"]:
+    if fam.model_type == "mixtral" and window is not None \
+            and window < config["max_position_embeddings"]:
         reject("sliding_window", window, "moekit's attention is full causal: it must be None "
               "or >= max_position_embeddings")
 
 
-def _rope(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 1e6)}
+def _head_dim(config: dict[str, Any]) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _rope(config: dict[str, Any], fam: Family) -> dict[str, Any]:
+    return config.get("rope_parameters") or \
+        {"rope_theta": config.get("rope_theta", fam.rope_theta)}
 
 
 def lm_config(config: dict[str, Any]) -> dict[str, Any]:
-    """moekit LMConfig fields for a Mixtral config.
+    """moekit LMConfig fields for a Mixtral / Qwen3-MoE / OLMoE config.
 
     A config written by ``moekit_to_hf`` also keeps the LM's own config under
-    "moekit_lm_config" (training-only fields such as ``z_loss_coef`` that Mixtral
+    "moekit_lm_config" (training-only fields such as ``z_loss_coef`` that transformers
     has no name for); it is used when it still describes the same model.
     """
     mapped = _mapped_lm_config(config)
     saved = config.get("moekit_lm_config")
-    if isinstance(saved, dict) and all(saved.get(k) == v for k, v in mapped.items()
-                                       if k not in TRAINING_ONLY):
+    if isinstance(saved, dict) and all(saved.get(k, DEFAULTS.get(k)) == v
+                                       for k, v in mapped.items() if k not in TRAINING_ONLY):
         return dict(saved)
     return mapped
 
 
 # LMConfig fields that change training, not the function the weights compute.
 TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "jitter_eps", "init_std")
+# LMConfig fields newer than some saved moekit_lm_config dicts, at their defaults
+DEFAULTS: dict[str, Any] = {"head_dim": None, "qk_norm": "none", "renormalize": True}
 
 
 def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
+    fam = family(config)
+    D, H = config["hidden_size"], config["num_attention_heads"]
     return dict(
-        vocab_size=config["vocab_size"], dim=config["hidden_size"],
-        num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+        vocab_size=config["vocab_size"], dim=D,
+        num_layers=config["num_hidden_layers"], num_heads=H,
         num_kv_heads=_kv_heads(config),
-        max_seq_len=config["max_position_embeddings"], ffn_dim=config["intermediate_size"],
-        num_experts=config["num_local_experts"], top_k=config["num_experts_per_tok"],
-        moe_every=1, router="softmax", aux_loss_coef=config.get("router_aux_loss_coef", 0.0),
+        head_dim=None if _head_dim(config) == D // H else _head_dim(config),
+        qk_norm=fam.qk_norm,
+        max_seq_len=config["max_position_embeddings"], ffn_dim=config[fam.ffn],
+        num_experts=_num_experts(config, fam), top_k=config["num_experts_per_tok"],
+        moe_every=1, router="softmax",
+        # Mixtral's softmax over the chosen logits is the renormalized top-k
+        renormalize=fam.model_type == "mixtral" or bool(config.get("norm_topk_prob", False)),
+        aux_loss_coef=config.get("router_aux_loss_coef", 0.0),
         z_loss_coef=0.0, capacity_factor=None, jitter_eps=0.0, dense=False,
-        rope_theta=float(_rope(config)["rope_theta"]), norm_eps=config["rms_norm_eps"],
+        rope_theta=float(_rope(config, fam)["rope_theta"]), norm_eps=config["rms_norm_eps"],
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=config.get("initializer_range", 0.02))
 
 
 def _kv_heads(config: dict[str, Any]) -> int | None:
-    """LMConfig.num_kv_heads for a Mixtral config: None where J = H (moekit's default)."""
+    """LMConfig.num_kv_heads for a config: None where J = H (moekit's default)."""
     H = config["num_attention_heads"]
     J = config.get("num_key_value_heads") or H
     return None if J == H else J
@@ -162,34 +232,37 @@ def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
     return w_JRDhD[:, 0].reshape(-1, w_HDhD.shape[-1])
 
 
-def _experts_in(t: dict[str, Tensor], i: int, E: int) -> tuple[Tensor, Tensor, Tensor, str]:
+def _experts_in(t: dict[str, Tensor], i: int, E: int,
+                fam: Family) -> tuple[Tensor, Tensor, Tensor, str]:
     """(router [E, D], w_in [E, D, 2F], w_out [E, F, D], layout) of layer i."""
     stacked = f"{HF_PREFIX}.{i}.mlp.experts.gate_up_proj"
     if stacked in t:  # transformers v5 in-memory names
         w_in = t[stacked].transpose(1, 2)
         w_out = t[f"{HF_PREFIX}.{i}.mlp.experts.down_proj"].transpose(1, 2)
         return t[f"{HF_PREFIX}.{i}.mlp.gate.weight"], w_in, w_out, "stacked"
-    p = f"{HF_PREFIX}.{i}.block_sparse_moe"
-    w_in = torch.stack([torch.cat([t[f"{p}.experts.{e}.w1.weight"],
-                                   t[f"{p}.experts.{e}.w3.weight"]]).t() for e in range(E)])
-    w_out = torch.stack([t[f"{p}.experts.{e}.w2.weight"].t() for e in range(E)])
+    p = f"{HF_PREFIX}.{i}.{fam.moe}"
+    gate, up, down = fam.gate_up_down
+    w_in = torch.stack([torch.cat([t[f"{p}.experts.{e}.{gate}.weight"],
+                                   t[f"{p}.experts.{e}.{up}.weight"]]).t() for e in range(E)])
+    w_out = torch.stack([t[f"{p}.experts.{e}.{down}.weight"].t() for e in range(E)])
     return t[f"{p}.gate.weight"], w_in, w_out, "per_expert"
 
 
 def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
-                 layout: str) -> dict[str, Tensor]:
+                 layout: str, fam: Family) -> dict[str, Tensor]:
     if layout == "stacked":
         p = f"{HF_PREFIX}.{i}.mlp"
         return {f"{p}.gate.weight": router,
                 f"{p}.experts.gate_up_proj": w_in.transpose(1, 2),
                 f"{p}.experts.down_proj": w_out.transpose(1, 2)}
-    p = f"{HF_PREFIX}.{i}.block_sparse_moe"
+    p = f"{HF_PREFIX}.{i}.{fam.moe}"
     out = {f"{p}.gate.weight": router}
-    gate, up = w_in.chunk(2, dim=-1)
+    gate_w, up_w = w_in.chunk(2, dim=-1)
+    gate, up, down = fam.gate_up_down
     for e in range(w_in.shape[0]):
-        out[f"{p}.experts.{e}.w1.weight"] = gate[e].t()
-        out[f"{p}.experts.{e}.w2.weight"] = w_out[e].t()
-        out[f"{p}.experts.{e}.w3.weight"] = up[e].t()
+        out[f"{p}.experts.{e}.{gate}.weight"] = gate_w[e].t()
+        out[f"{p}.experts.{e}.{down}.weight"] = w_out[e].t()
+        out[f"{p}.experts.{e}.{up}.weight"] = up_w[e].t()
     return out
 
 
@@ -211,7 +284,7 @@ class _Reads(dict):
 
 def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
                          source: str = "tensors") -> tuple[dict[str, Tensor], str]:
-    """moekit LM state dict (and the expert layout found) from Mixtral tensors.
+    """moekit LM state dict (and the expert layout found) from a family's tensors.
 
     Every tensor of ``t`` must be used (a tied ``lm_head.weight`` is transformers'
     copy of the embedding, ``rotary_emb.inv_freq`` a buffer older exports saved, which
@@ -219,6 +292,7 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
     instead of being dropped from the converted checkpoint.
     """
     t = _Reads(t, source)
+    fam = family(config)
     out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
     out["head.weight"] = out["embed.weight"] if config.get("tie_word_embeddings") \
         else t["lm_head.weight"]
@@ -230,7 +304,10 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
         out[f"{b}.attn.out.weight"] = t[f"{a}.self_attn.o_proj.weight"]
         out[f"{b}.attn_norm.weight"] = t[f"{a}.input_layernorm.weight"]
         out[f"{b}.ffn_norm.weight"] = t[f"{a}.post_attention_layernorm.weight"]
-        router, w_in, w_out, layout = _experts_in(t, i, config["num_local_experts"])
+        if fam.qk_norm != "none":
+            for n in "qk":
+                out[f"{b}.attn.{n}_norm.weight"] = t[f"{a}.self_attn.{n}_norm.weight"]
+        router, w_in, w_out, layout = _experts_in(t, i, _num_experts(config, fam), fam)
         out[f"{b}.ffn.router.weight"] = router
         out[f"{b}.ffn.experts.w_in"] = w_in
         out[f"{b}.ffn.experts.w_out"] = w_out
@@ -240,20 +317,21 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
     unused = sorted(set(t) - t.read - derived)
     if unused:
         reject("source", source, f"it holds {len(unused)} tensors its config.json "
-               f"(num_hidden_layers={config['num_hidden_layers']}, num_local_experts="
-               f"{config['num_local_experts']}) has no place for, e.g. {unused[:5]}; "
+               f"(num_hidden_layers={config['num_hidden_layers']}, experts="
+               f"{_num_experts(config, fam)}) has no place for, e.g. {unused[:5]}; "
                "converting would drop them")
     return out, layout
 
 
 def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
                          layout: str = "per_expert") -> dict[str, Tensor]:
-    """Mixtral tensors (``layout`` "per_expert" as saved by transformers, or "stacked").
-    The moekit qkv holds the config's key/value heads, or one copy per query head (a
-    checkpoint converted before grouped-query attention: regrouped)."""
+    """A family's tensors (``layout`` "per_expert" as saved by transformers, or
+    "stacked"). The moekit qkv holds the config's key/value heads, or one copy per query
+    head (a checkpoint converted before grouped-query attention: regrouped)."""
+    fam = family(config)
     H = config["num_attention_heads"]
     J = _kv_heads(config) or H
-    Dh = config["hidden_size"] // H
+    Dh = _head_dim(config)
     out = {"model.embed_tokens.weight": s["embed.weight"], "model.norm.weight": s["norm.weight"]}
     if not config.get("tie_word_embeddings"):
         out["lm_head.weight"] = s["head.weight"]
@@ -270,39 +348,70 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
         out[f"{a}.self_attn.o_proj.weight"] = s[f"{b}.attn.out.weight"]
         out[f"{a}.input_layernorm.weight"] = s[f"{b}.attn_norm.weight"]
         out[f"{a}.post_attention_layernorm.weight"] = s[f"{b}.ffn_norm.weight"]
+        if fam.qk_norm != "none":
+            for n in "qk":
+                out[f"{a}.self_attn.{n}_norm.weight"] = s[f"{b}.attn.{n}_norm.weight"]
         out.update(_experts_out(s[f"{b}.ffn.router.weight"], s[f"{b}.ffn.experts.w_in"],
-                                s[f"{b}.ffn.experts.w_out"], i, layout))
+                                s[f"{b}.ffn.experts.w_out"], i, layout, fam))
     return {k: v.contiguous() for k, v in out.items()}
 
 
 # -- configs ----------------------------------------------------------------------------
 
 
-def check_lm(lm: dict[str, Any]) -> None:
-    """Refuse moekit LMs that a Mixtral config cannot describe."""
+def check_lm(lm: dict[str, Any]) -> Family:
+    """The family whose config describes a moekit LM (by its q / k norms: none Mixtral,
+    per head Qwen3-MoE, over all heads OLMoE); refuse LMs that none can describe."""
+    fam = next(f for f in FAMILIES.values() if f.qk_norm == lm.get("qk_norm", "none"))
     wants = {"router": "softmax", "capacity_factor": None, "moe_every": 1, "dense": False,
              "bias_update_rate": 0.0}
+    if fam.model_type == "mixtral":  # Mixtral's softmax over the chosen logits
+        wants["renormalize"] = True
+    if fam.model_type == "olmoe":  # its q norm is over hidden_size
+        wants["head_dim"] = None
     for name, want in wants.items():
         if lm.get(name, want) != want:
-            reject(name, lm.get(name), f"a Mixtral checkpoint needs {name}={want!r}")
+            reject(name, lm.get(name), f"a {fam.model_type} checkpoint (qk_norm="
+                   f"{fam.qk_norm!r}) needs {name}={want!r}")
+    return fam
+
+
+def hf_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """A config.json for a moekit LMConfig, of the family ``check_lm`` names."""
+    fam = check_lm(lm)
+    H, E, F, K = lm["num_heads"], lm["num_experts"], lm["ffn_dim"], lm["top_k"]
+    config = {
+        "architectures": [fam.architecture], "model_type": fam.model_type,
+        "vocab_size": lm["vocab_size"], "hidden_size": lm["dim"],
+        "num_hidden_layers": lm["num_layers"], "num_attention_heads": H,
+        "num_key_value_heads": lm.get("num_kv_heads") or H,
+        "head_dim": lm.get("head_dim") or lm["dim"] // H,
+        "max_position_embeddings": lm["max_seq_len"], "num_experts_per_tok": K,
+        "hidden_act": "silu", "rms_norm_eps": lm["norm_eps"],
+        "tie_word_embeddings": lm["tie_embeddings"],
+        "rope_parameters": {"rope_theta": lm["rope_theta"], "rope_type": "default"},
+        "router_aux_loss_coef": lm["aux_loss_coef"], "initializer_range": lm["init_std"],
+        "dtype": str(dtype).removeprefix("torch."), "moekit_lm_config": dict(lm),
+    }
+    if fam.model_type == "mixtral":
+        config.update(intermediate_size=F, num_local_experts=E, router_jitter_noise=0.0,
+                      sliding_window=None)
+    else:
+        config.update(num_experts=E, norm_topk_prob=lm.get("renormalize", True),
+                      attention_bias=False)
+        # Qwen3-MoE: dense layers (none here) would be of intermediate_size
+        config.update({fam.ffn: F} if fam.model_type == "olmoe" else
+                      {"moe_intermediate_size": F, "intermediate_size": K * F,
+                       "decoder_sparse_step": 1, "mlp_only_layers": [],
+                       "use_sliding_window": False, "sliding_window": None})
+    return config
 
 
 def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """A Mixtral config.json for a moekit LMConfig."""
-    return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "vocab_size": lm["vocab_size"], "hidden_size": lm["dim"],
-        "num_hidden_layers": lm["num_layers"], "num_attention_heads": lm["num_heads"],
-        "num_key_value_heads": lm.get("num_kv_heads") or lm["num_heads"],
-        "max_position_embeddings": lm["max_seq_len"],
-        "intermediate_size": lm["ffn_dim"], "num_local_experts": lm["num_experts"],
-        "num_experts_per_tok": lm["top_k"], "hidden_act": "silu",
-        "rms_norm_eps": lm["norm_eps"], "tie_word_embeddings": lm["tie_embeddings"],
-        "rope_parameters": {"rope_theta": lm["rope_theta"], "rope_type": "default"},
-        "router_aux_loss_coef": lm["aux_loss_coef"], "router_jitter_noise": 0.0,
-        "initializer_range": lm["init_std"], "sliding_window": None,
-        "dtype": str(dtype).removeprefix("torch."), "moekit_lm_config": dict(lm),
-    }
+    """A Mixtral config.json for a moekit LMConfig without q / k norms."""
+    if lm.get("qk_norm", "none") != "none":
+        reject("qk_norm", lm["qk_norm"], "a Mixtral checkpoint has no q / k norms")
+    return hf_config(lm, dtype)
 
 
 def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
@@ -310,7 +419,7 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
     # had grouped-query attention holds copies of its key/value heads (regrouped on the
     # way back, where they must still be equal)
     old = lm.get("num_kv_heads") is None
-    return all(lm.get(k) == v for k, v in lm_config(hf_config).items()
+    return all(lm.get(k, DEFAULTS.get(k)) == v for k, v in lm_config(hf_config).items()
                if not (old and k == "num_kv_heads"))
 
 
@@ -318,12 +427,13 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
 
 
 def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
-    """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral directory."""
+    """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral, Qwen3-MoE or
+    OLMoE directory."""
     from moekit.models import LMConfig, MoETransformer
     from moekit.train.checkpoint import save_checkpoint
 
     config, tensors = read_hf_dir(src)
-    check_mixtral(config, src)
+    check_hf(config, src)
     lm = LMConfig.from_dict(lm_config(config))
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = MoETransformer(lm)
@@ -338,7 +448,8 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
 
 
 def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
-    """Write a Mixtral directory (config.json + model.safetensors) from a moekit LM checkpoint."""
+    """Write a transformers directory (config.json + model.safetensors) from a moekit LM
+    checkpoint: the family it was converted from, else the one ``check_lm`` names."""
     from moekit.train.checkpoint import load_checkpoint
     from moekit.train.rundir import fsync
 
@@ -348,7 +459,7 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     origin = ckpt.state.get("converted_from") or {}
     config = origin.get("hf_config")
     if config is None or not _same_model(config, lm):
-        config = mixtral_config(lm, ckpt.model["embed.weight"].dtype)
+        config = hf_config(lm, ckpt.model["embed.weight"].dtype)
     tensors = moekit_to_hf_tensors(config, ckpt.model, origin.get("expert_layout", "per_expert"))
     dst = Path(dst)
     made = not dst.exists()
@@ -377,8 +488,8 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("source", help="a transformers Mixtral directory (config.json + "
-                   "*.safetensors) or a moekit run / step_* directory")
+    p.add_argument("source", help="a transformers Mixtral, Qwen3-MoE or OLMoE directory "
+                   "(config.json + *.safetensors) or a moekit run / step_* directory")
     p.add_argument("dest", help="directory to write")
     p.add_argument("--to", choices=("moekit", "hf"), default=None,
                    help="direction (default: moekit when source has config.json, else hf)")
