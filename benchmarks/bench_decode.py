@@ -389,7 +389,8 @@ def hf_impls(model, ids_BL) -> list[str]:
     (the fine model's 16 x 32-token prefill would copy 12 GiB): only where they fit."""
     c = model.config
     E = getattr(c, "num_local_experts", None) or c.num_experts
-    per_expert = 3 * c.hidden_size * c.intermediate_size * 4
+    F = getattr(c, "moe_intermediate_size", None) or c.intermediate_size  # (Qwen3-MoE)
+    per_expert = 3 * c.hidden_size * F * 4
     rows = ids_BL.numel() * c.num_experts_per_tok
     fits = rows * per_expert < BATCHED_MM_LIMIT_GIB * 2**30 and E > 0
     return [i for i in HF_IMPLS if i != "batched_mm" or fits]

@@ -323,6 +323,43 @@ def test_add_rms_norm_rejects_mismatched_shapes():
         decode.add_rms_norm(torch.zeros(2, 8), torch.zeros(2, 9), torch.ones(8), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R,H,J,Dh,mode", [(1, 16, 4, 128, "head"), (3, 4, 2, 6, "head"),
+                                           (2, 8, 8, 16, "full"), (5, 4, 1, 10, "full")])
+def test_qk_norm_matches_reference(R, H, J, Dh, mode, dtype):
+    """The decode step's q / k norms, in place on qkv rows [q | k | v]: q's pieces (each
+    head, or all heads) and k's normalized as float64 does it, v untouched."""
+    g = torch.Generator().manual_seed(R * H + J * Dh)
+    C = (H + 2 * J) * Dh
+    qkv = (torch.randn(R, C, generator=g) * 3).to(dtype)
+    nq, nk = (Dh, Dh) if mode == "head" else (H * Dh, J * Dh)
+    wq, wk = (torch.rand(n, generator=g).add(0.5).to(dtype) for n in (nq, nk))
+    before = qkv.clone()
+    out = decode.qk_norm_(qkv, wq, wk, 1e-6, H * Dh, J * Dh)
+    assert out is qkv
+    q, k, v = before.double().split([H * Dh, J * Dh, J * Dh], dim=-1)
+
+    def norm(x, w):
+        x = x.reshape(R, -1, w.numel())
+        return (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w.double()).flatten(1)
+
+    ref = torch.cat([norm(q, wq), norm(k, wk), v], dim=-1)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(qkv.double(), ref, **tol)
+    assert torch.equal(qkv[:, (H + J) * Dh:], before[:, (H + J) * Dh:])
+
+
+@pytest.mark.parametrize("q_width,k_width,match", [
+    (30, 16, "q_width=30 / k_width=16 do not fit"),  # not whole pieces of q_w
+    (32, 48, "q_width=32 / k_width=48 do not fit"),  # past the row
+])
+def test_qk_norm_rejects_widths_that_do_not_fit(q_width, k_width, match):
+    qkv = torch.zeros(2, 64)
+    with pytest.raises(RuntimeError, match=match):
+        decode.qk_norm_(qkv, torch.ones(8), torch.ones(8), 1e-6, q_width, k_width)
+    assert not qkv.any()  # nothing written
+
+
 # -- a whole model: the one-call step against the torch ops it replaces ------------------
 
 def _lm(router="softmax"):

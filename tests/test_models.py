@@ -285,3 +285,20 @@ def test_generate_bad_arguments(kwargs, name):
     args = dict(max_new_tokens=4, temperature=1.0)
     with pytest.raises(ValueError, match=name):
         generate(model, torch.zeros(1, 2, dtype=torch.long), **{**args, **kwargs})
+
+
+def test_train_flags_set_head_size_and_qk_norms():
+    import argparse
+
+    from moekit.train import cli as train_cli
+
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    lm, _ = train_cli.configs_from_args(parser.parse_args(
+        ["--heads", "4", "--kv-heads", "2", "--head-dim", "48", "--qk-norm", "head"]))
+    assert (lm.num_heads, lm.kv_heads, lm.head_dim, lm.head_size, lm.qk_norm) == \
+        (4, 2, 48, 48, "head")
+    with pytest.raises(ValueError, match="head_dim=7"):
+        train_cli.configs_from_args(parser.parse_args(["--head-dim", "7"]))
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["--qk-norm", "layer"])

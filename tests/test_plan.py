@@ -352,6 +352,8 @@ LM_CASES = [
     dict(dense=True),
     dict(tie_embeddings=False, router="noisy_topk"),
     dict(router="hash"),
+    dict(num_heads=4, num_kv_heads=2, head_dim=12, qk_norm="head"),  # Qwen3-MoE's layout
+    dict(num_heads=4, num_kv_heads=1, qk_norm="full"),  # OLMoE's
 ]
 
 

@@ -183,12 +183,14 @@ def from_moe_config(cfg: MoEConfig, num_layers: int = 1) -> ModelSpec:
 
 def from_lm_config(cfg: Any) -> ModelSpec:
     """The moekit language model (moekit.models.LMConfig): RMSNorm pre-norm blocks,
-    fused bias-free qkv, SwiGLU experts, dense layers of hidden K*F between MoE layers."""
+    fused bias-free qkv (heads of ``head_size``, the config's q / k norms), SwiGLU
+    experts, dense layers of hidden K*F between MoE layers."""
     dense_ffn = cfg.top_k * cfg.ffn_dim
     return ModelSpec(
         name="moekit-lm", num_layers=cfg.num_layers, dim=cfg.dim, vocab_size=cfg.vocab_size,
         tied_embeddings=cfg.tie_embeddings, num_heads=cfg.num_heads,
-        num_kv_heads=cfg.kv_heads, dense_ffn_dim=dense_ffn,
+        num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size, qk_norm=cfg.qk_norm,
+        dense_ffn_dim=dense_ffn,
         num_dense_layers=cfg.num_layers if cfg.dense else 0,
         moe_every=cfg.moe_every, num_experts=1 if cfg.dense else cfg.num_experts,
         top_k=1 if cfg.dense else cfg.top_k, expert_ffn_dim=cfg.ffn_dim,

@@ -11,7 +11,7 @@ import torch
 
 from moekit.config import ROUTERS, check_out_dir, check_positive_int, flag_message
 from moekit.malloc import tune_malloc
-from moekit.models.config import PRESETS, LMConfig, preset
+from moekit.models.config import PRESETS, QK_NORMS, LMConfig, preset
 from moekit.models.generate import generate
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint import LATEST, CheckpointError
@@ -24,7 +24,7 @@ from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 DEFAULT_OUT = "runs/train"
 # model flag -> LMConfig field (None = keep the preset's value)
 MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
-               "kv_heads": "num_kv_heads",
+               "kv_heads": "num_kv_heads", "head_dim": "head_dim", "qk_norm": "qk_norm",
                "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
                "moe_every": "moe_every", "router": "router",
                "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
@@ -47,6 +47,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heads", type=int, help="attention heads")
     g.add_argument("--kv-heads", type=int,
                    help="key/value heads (grouped-query attention; default: --heads)")
+    g.add_argument("--head-dim", type=int, help="size of one head (default: dim / heads)")
+    g.add_argument("--qk-norm", choices=QK_NORMS,
+                   help="RMSNorms on q and k: per head (Qwen3-MoE) or over all heads "
+                   "(OLMoE); default none")
     g.add_argument("--ffn-dim", type=int, help="F, hidden size of one expert")
     g.add_argument("--experts", type=int, help="E, experts per MoE layer")
     g.add_argument("--top-k", type=int, help="K, experts per token")
