@@ -149,6 +149,13 @@ class Engine:
 
     # -- checks ----------------------------------------------------------------------
 
+    def check(self, prompts: Sequence[Prompt], config: GenerationConfig) -> None:
+        """The errors ``generate`` would raise for these prompts and config, before
+        anything runs (a caller that writes the prompts first checks them here)."""
+        self.check_context([self._check_prompt(i, p) for i, p in enumerate(prompts)],
+                           config.max_new_tokens)
+        self._check_stops(config)
+
     def _check_prompt(self, i: int, prompt: Prompt) -> list[int]:
         values = prompt.reshape(-1).tolist() if isinstance(prompt, Tensor) else list(prompt)
         if not values:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moekit.config import reject
+from moekit.inference.text import copy_tokenizer, find_tokenizer
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
 from moekit.quant.model import (
@@ -193,7 +194,11 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     ck = load_checkpoint(checkpoint)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)
-    return save_quantized(quantize(model, bits, group_size, scope, activations), out)
+    saved = save_quantized(quantize(model, bits, group_size, scope, activations), out)
+    tokenizer = find_tokenizer(checkpoint)  # a converted model's, for `moekit generate`
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, out)
+    return saved
 
 
 def load_model(path: str | Path) -> MoETransformer:

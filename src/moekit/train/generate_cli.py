@@ -1,10 +1,11 @@
 """`moekit generate`: sample text from a trained checkpoint with the generation engine
-(static KV cache, batches of prompts of different lengths, stop strings, streaming)."""
+(static KV cache, batches of prompts of different lengths, stop strings, streaming).
+Text is UTF-8 bytes for moekit's own models, a converted checkpoint's tokenizer where it
+has one (``moekit.inference.text``)."""
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 from pathlib import Path
 
@@ -16,14 +17,13 @@ from moekit.inference.engine import (
     Engine,
     GenerationConfig,
     GenerationStats,
-    stop_sequences_from_text,
 )
+from moekit.inference.text import ByteText, TokenizerText, text_for
 from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.offload import load_offloaded
 from moekit.train.checkpoint import CheckpointError
-from moekit.train.data import decode, encode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
     p.add_argument("--no-prefetch", action="store_true",
                    help="with --expert-memory: do not read the next layer's experts ahead")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a directory holding tokenizer.json (default: the checkpoint's own, "
+                   "which `moekit convert` copies; else UTF-8 bytes)")
 
 
 def load_model(path: str) -> MoETransformer:
@@ -102,11 +105,11 @@ def _unescape_stop(text: str) -> str:
                          "Python's (\\n, \\t, \\\\, \\xhh, \\uhhhh)") from None
 
 
-def _config(args: argparse.Namespace) -> GenerationConfig:
+def _config(args: argparse.Namespace, text: ByteText | TokenizerText) -> GenerationConfig:
     stops = [_unescape_stop(s) for s in args.stop]
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop_sequences=stop_sequences_from_text(stops))
+                            stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,23 +121,25 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
                              "slow reference does not stop early")
         prompts = read_prompts(args)
-        cfg = _config(args)
+        text = text_for(args.checkpoint, args.tokenizer)
+        cfg = _config(args, text)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = _load(args)
         engine = Engine(model)
-        for text in prompts:  # every error before the first token is printed
-            engine.check_context([list(text.encode("utf-8"))], cfg.max_new_tokens)
+        ids = [text.encode(p) for p in prompts]
+        engine.check(ids, cfg)  # every error before the first token is printed
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
     try:
         if args.no_cache:
-            return _run_no_cache(model, prompts, cfg)
+            return _run_no_cache(model, prompts, ids, text, cfg)
         total = []
         for start in range(0, len(prompts), args.batch):
-            batch = prompts[start:start + args.batch]
-            total.append(_run_batch(engine, batch, cfg, start, len(prompts)))
+            batch = slice(start, start + args.batch)
+            total.append(_run_batch(engine, prompts[batch], ids[batch], text, cfg, start,
+                                    len(prompts)))
         _report(total, args.batch)
     finally:
         offload = getattr(model, "expert_offload", None)
@@ -155,21 +160,21 @@ def _load(args: argparse.Namespace) -> MoETransformer:
                           prefetch=not args.no_prefetch)
 
 
-def _run_batch(engine: Engine, batch: list[str], cfg: GenerationConfig, start: int,
+def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
+               text: ByteText | TokenizerText, cfg: GenerationConfig, start: int,
                total: int) -> GenerationStats:
-    """One batch; a lone sequence streams its text as it is produced."""
-    ids = [list(t.encode("utf-8")) for t in batch]
+    """One batch; a lone sequence streams its text as it is produced (after the prompt as
+    typed; a tokenizer's special tokens are not written)."""
     if total == 1:
         sys.stdout.write(batch[0])
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        gens, stats = engine.generate(
-            ids, cfg, on_token=lambda _, tok: _write(utf8.decode(bytes([tok]))))
-        _write(utf8.decode(b"", final=True) + "\n")
+        emit = text.stream()
+        gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)))
+        _write(emit(None) + "\n")
         return stats
     gens, stats = engine.generate(ids, cfg)
     for i, g in enumerate(gens):
         print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
-        print(decode(g.prompt + g.tokens))
+        print(batch[i] + text.decode(g.tokens))
     return stats
 
 
@@ -188,13 +193,15 @@ def _report(stats: list[GenerationStats], batch: int) -> None:
           f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step", file=sys.stderr)
 
 
-def _run_no_cache(model: MoETransformer, prompts: list[str], cfg: GenerationConfig) -> int:
-    """The slow reference: the whole sequence recomputed per token, one prompt at a time."""
+def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]],
+                  text: ByteText | TokenizerText, cfg: GenerationConfig) -> int:
+    """The slow reference: the whole sequence recomputed per token, one prompt at a time
+    (no stopping: --stop is refused with it, end-of-sequence ids are generated past)."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    for i, text in enumerate(prompts):
-        out = generate(model, encode(text)[None], cfg.max_new_tokens, cfg.temperature,
+    for i, (prompt, p) in enumerate(zip(prompts, ids, strict=True)):
+        out = generate(model, torch.tensor([p]), cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k, cfg.top_p, use_cache=False, generator=gen)
         if len(prompts) > 1:
             print(f"--- {i + 1}")
-        print(decode(out[0]))
+        print(prompt + text.decode(out[0, len(p):].tolist()))
     return 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from moekit.config import reject
+from moekit.inference.text import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
 from moekit.safetensors_write import save_file
 
 HF_PREFIX = "model.layers"
@@ -444,7 +446,9 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
         reject("source", str(src), f"its tensors do not fit its config.json: {e}")
     state = {"step": 0, "model_config": lm.to_dict(),
              "converted_from": {"hf_config": config, "expert_layout": layout}}
-    return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state)
+    out = save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state)
+    copy_tokenizer(src, dst)  # for `moekit generate` (dst/tokenizer), where src has one
+    return out
 
 
 def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
@@ -467,7 +471,12 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     # each file is written under a temporary name and renamed into place once complete,
     # so a failed write leaves no partial file (that would also block `moekit convert`)
     files = {name: dst / f".{name}.tmp" for name in ("model.safetensors", "config.json")}
+    tokenizer = find_tokenizer(src)  # the run's tokenizer files go back beside the model
+    names = [n for n in TOKENIZER_FILES if tokenizer and (tokenizer / n).is_file()]
+    files.update({name: dst / f".{name}.tmp" for name in names})
     try:
+        for name in names:
+            shutil.copyfile(tokenizer / name, files[name])
         # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
         save_file({k: v.clone() for k, v in tensors.items()}, str(files["model.safetensors"]),
                   metadata={"format": "pt"})

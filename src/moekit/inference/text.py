@@ -1,0 +1,162 @@
+"""Text <-> token ids for ``moekit generate``.
+
+moekit's own language models read UTF-8 bytes (``ByteText``). A checkpoint converted
+from transformers (``moekit convert``) reads its tokenizer's ids: the convert step copies
+the tokenizer's files (``tokenizer.json`` and the configs that name its special tokens)
+into ``RUN_DIR/tokenizer``, and ``TokenizerText`` reads them with the ``tokenizers``
+library (installed with transformers: ``pip install 'moekit[hf]'``). Its end-of-sequence
+ids (``generation_config.json``, else the tokenizer config's ``eos_token``) stop a
+sequence; a ``--stop`` string is matched as the token ids the tokenizer gives it alone.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from moekit.config import reject
+from moekit.inference.engine import stop_sequences_from_text
+
+TOKENIZER_DIR = "tokenizer"  # beside a run's step_* directories
+# what is copied where a transformers directory has it (tokenizer.json is what is read)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+class ByteText:
+    """UTF-8 bytes as token ids (moekit's byte-level models)."""
+
+    stop_ids: tuple[int, ...] = ()
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        return stop_sequences_from_text(texts)
+
+    def stream(self) -> Callable[[int | None], str]:
+        """A decoder of one generation's new ids as they come: ``emit(id)`` the text they
+        complete, ``emit(None)`` the rest at the end."""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda t: utf8.decode(b"", final=True) if t is None else utf8.decode(bytes([t]))
+
+
+class TokenizerText:
+    """A transformers tokenizer's ``tokenizer.json`` in ``directory``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"tokenizer={str(directory)!r} is not allowed here: reading it "
+                             "needs the tokenizers library (pip install 'moekit[hf]')") from None
+        path = Path(directory) / "tokenizer.json"
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises its own Exception types
+            reject("tokenizer", str(directory), f"its {path} is not a readable tokenizers "
+                   f"file: {e}")
+        self.stop_ids = self._eos_ids(Path(directory))
+
+    def _eos_ids(self, directory: Path) -> tuple[int, ...]:
+        for name in ("generation_config.json", "tokenizer_config.json"):
+            try:
+                config = json.loads((directory / name).read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict):
+                continue
+            eos = config.get("eos_token_id")
+            if isinstance(eos, int):
+                return (eos,)
+            if isinstance(eos, list) and all(isinstance(e, int) for e in eos):
+                return tuple(eos)
+            token = config.get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
+                return (self.tokenizer.token_to_id(token),)
+        return ()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids  # with the tokenizer's own special tokens
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        out = tuple(tuple(self.tokenizer.encode(t, add_special_tokens=False).ids)
+                    for t in texts)
+        if any(not s for s in out):
+            reject("stop", next(t for t, s in zip(texts, out, strict=True) if not s),
+                   "a stop string must give at least one token")
+        return out
+
+    def stream(self) -> Callable[[int | None], str]:
+        """As ``ByteText.stream``: the new text once it no longer ends inside a character
+        (a byte-level token can hold part of one) and extends what was written."""
+        ids: list[int] = []
+        done = [""]
+
+        def emit(t: int | None) -> str:
+            if t is not None:
+                ids.append(t)
+            text = self.decode(ids)
+            if t is not None and (text.endswith("\ufffd") or not text.startswith(done[0])):
+                return ""
+            new, done[0] = text[len(done[0]):] if text.startswith(done[0]) else "", text
+            return new
+
+        return emit
+
+
+def find_tokenizer(checkpoint: str | Path) -> Path | None:
+    """The tokenizer directory of a run (``checkpoint``: the run, one of its step_*
+    directories, or a quantized directory), or None."""
+    path = Path(checkpoint)
+    for where in (path, path / TOKENIZER_DIR, path.parent / TOKENIZER_DIR):
+        if (where / "tokenizer.json").is_file():
+            return where
+    return None
+
+
+def text_for(checkpoint: str | Path, tokenizer: str | Path | None = None
+             ) -> ByteText | TokenizerText:
+    """``tokenizer``'s text (a directory holding tokenizer.json), else the checkpoint's
+    own tokenizer, else bytes."""
+    if tokenizer is not None:
+        if not (Path(tokenizer) / "tokenizer.json").is_file():
+            reject("--tokenizer", str(tokenizer), "it must be a directory holding "
+                   "tokenizer.json (a transformers checkpoint's, or a converted run's "
+                   f"{TOKENIZER_DIR}/)")
+        return TokenizerText(tokenizer)
+    found = find_tokenizer(checkpoint)
+    return ByteText() if found is None else TokenizerText(found)
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> Path | None:
+    """``src``'s tokenizer files (those of TOKENIZER_FILES it has; None where it has no
+    tokenizer.json) into ``dst / TOKENIZER_DIR``, whole or not at all (written beside it,
+    then renamed into place)."""
+    src, out = Path(src), Path(dst) / TOKENIZER_DIR
+    if not (src / "tokenizer.json").is_file():
+        return None
+    tmp = Path(dst) / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,116 @@
+"""`moekit generate` on a converted checkpoint speaks its tokenizer's text.
+
+`moekit convert` copies a transformers directory's tokenizer files into the run
+(RUN/tokenizer), `moekit quantize` and `convert --to hf` carry them on, and `moekit
+generate` encodes the prompt, stops at the end-of-sequence id and writes the text with
+them. Oracle: transformers' own greedy generate() of the original model on the
+tokenizers library's ids, decoded by the same library.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from tests import hf_models
+
+transformers = hf_models.transformers
+tokenizers = pytest.importorskip("tokenizers")
+
+CORPUS = ["def hello(world):\n    return world + 1\n", "the quick brown fox jumps over",
+          "import torch\nx = torch.zeros(3)\n"] * 20
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(tokenizer, transformers model, its directory, the converted run). The
+    end-of-sequence id is the 5th token the model generates after "import torch", so
+    that prompt's sequence stops early."""
+    root = tmp_path_factory.mktemp("tok")
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(**{**hf_models.COMMON, "vocab_size": 320,
+                                         "eos_token_id": None, "bos_token_id": None},
+                                      intermediate_size=48, moe_intermediate_size=16,
+                                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    ids = tok.encode("import torch").ids
+    new = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False)[0, len(ids):]
+    assert new[4] not in new[:4]
+    model.config.eos_token_id = model.generation_config.eos_token_id = int(new[4])
+    model.save_pretrained(root / "hf")
+    tok.save(str(root / "hf" / "tokenizer.json"))
+    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    return tok, model, root
+
+
+def _want(tok, model, prompt: str, n: int) -> str:
+    ids = tok.encode(prompt).ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return prompt + tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def test_generate_streams_the_tokenizers_text(converted, capsys):
+    tok, model, root = converted
+    assert (root / "lm" / "tokenizer" / "tokenizer.json").is_file()
+    assert (root / "lm" / "tokenizer" / "generation_config.json").is_file()
+    prompt = "def hello(world"
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--prompt", prompt,
+                     "--temperature", "0", "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out == _want(tok, model, prompt, 16) + "\n"
+
+
+def test_generate_batches_and_stops_at_the_end_of_sequence_id(converted, capsys, tmp_path):
+    """Two prompts in one batch, each as transformers generates it alone; one that ends
+    at the end-of-sequence id says so."""
+    tok, model, root = converted
+    prompts = ["import torch", "the quick brown"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--prompts-file",
+                     str(tmp_path / "prompts.txt"), "--temperature", "0",
+                     "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    for i, p in enumerate(prompts):
+        assert f"--- {i + 1} (" in out
+        assert _want(tok, model, p, 40) + "\n" in out
+    # the end-of-sequence id ended the first sequence after 5 tokens (the fixture)
+    assert "--- 1 (stop, 5 tokens)" in out
+
+
+def test_quantized_and_transformers_directories_keep_the_tokenizer(converted, tmp_path, capsys):
+    tok, model, root = converted
+    assert cli_main(["quantize", str(root / "lm"), "--bits", "8", "--out",
+                     str(tmp_path / "q8")]) == 0
+    assert (tmp_path / "q8" / "tokenizer" / "tokenizer.json").is_file()
+    outs = []
+    for extra in ([], ["--tokenizer", str(root / "hf")]):  # its own copy, or the original
+        capsys.readouterr()
+        assert cli_main(["generate", "--checkpoint", str(tmp_path / "q8"), "--prompt",
+                         "def hello(world", "--temperature", "0", "--max-new-tokens", "8",
+                         *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("def hello(world")
+    assert cli_main(["convert", "--to", "hf", str(root / "lm"), str(tmp_path / "back")]) == 0
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (root / "hf" / name).read_bytes()
+
+
+def test_a_directory_without_tokenizer_json_is_named(converted, tmp_path, capsys):
+    _, _, root = converted
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--tokenizer",
+                     str(tmp_path), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"--tokenizer={str(tmp_path)!r}" in err and "tokenizer.json" in err
