@@ -326,6 +326,51 @@ def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, capsys):
         assert capsys.readouterr().out.startswith("ab")
 
 
+def test_a_bf16_checkpoint_loads_and_quantizes_without_an_fp32_copy(tmp_path):
+    """A bf16 checkpoint (what `moekit convert` writes from a bf16 transformers model) is
+    assembled from its own tensors: load_model keeps bf16 when asked (dtype=None) or
+    gives what restoring into an fp32 model gave, and quantize_checkpoint writes the
+    same files as quantizing that fp32 model (bf16 -> fp32 is exact)."""
+    from moekit.train.checkpoint import load_checkpoint, restore
+
+    model = _lm().to(torch.bfloat16)
+    run = tmp_path / "run"
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": model.config.to_dict()})
+    kept = qio.load_model(run, dtype=None)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert kept.head.weight is kept.embed.weight
+    for (name, p), q in zip(kept.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    old = MoETransformer(model.config)
+    restore(load_checkpoint(run), old, rng=False)
+    new = qio.load_model(run)
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(new(ids).logits, old.eval()(ids).logits)
+        # (as `moekit generate --dtype bf16` loads it: .to() rounds the rotary tables too)
+        assert torch.equal(qio.load_model(run, torch.bfloat16)(ids).logits,
+                           model.eval()(ids).logits)
+    out = qio.quantize_checkpoint(run, tmp_path / "q", bits=4, group_size=32)
+    expect = quantize(old, bits=4, group_size=32).state_dict()
+    got = load_file(str(out / qio.MODEL_FILE))
+    assert all(torch.equal(got[k], v) for k, v in expect.items() if k in got)
+    assert {t.dtype for t in got.values()} <= {torch.float32, torch.uint8}
+
+
+def test_a_checkpoint_of_integer_weights_is_named_and_builds_nothing(tmp_path):
+    model = _lm()
+    run = tmp_path / "run"
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": model.config.to_dict()})
+    from moekit.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(run)
+    ck.model["norm.weight"] = ck.model["norm.weight"].long()
+    with pytest.raises(CheckpointError, match=r"norm.weight: torch.int64"):
+        qio.assemble(model.config, ck.model, ck.path)
+
+
 def test_experts_only_checkpoint_and_format_version_1(tmp_path):
     """scope="experts" is recorded; a version-1 file (no scope) loads as experts-only."""
     _, run = _trained_checkpoint(tmp_path)

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -28,7 +29,7 @@ from torch import nn
 from moekit.config import reject
 from moekit.inference.text import copy_tokenizer, find_tokenizer
 from moekit.models.config import LMConfig
-from moekit.models.transformer import MoETransformer
+from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.quant.model import (
     SCOPES,
     check_scope,
@@ -49,7 +50,6 @@ from moekit.train.checkpoint import (
     check_model_fits,
     dedupe_tied,
     load_checkpoint,
-    restore,
 )
 from moekit.train.rundir import aside_of, swap_in
 from moekit.train.rundir import fsync as _fsync
@@ -173,11 +173,36 @@ def load_quantized(path: str | Path) -> MoETransformer:
     for alias, source in meta["tied"].items():
         if source in tensors:
             tensors[alias] = tensors[source]
-    model = MoETransformer(LMConfig.from_dict(meta["model_config"]))
-    quantize_like(model, meta["bits"], meta["group_size"], meta["scope"], meta["activations"])
-    check_model_fits(model, tensors, path)
-    _check_dtypes(model, tensors, path)
-    model.load_state_dict(tensors, strict=True)
+    quant = (meta["bits"], meta["group_size"], meta["scope"], meta["activations"])
+    return assemble(LMConfig.from_dict(meta["model_config"]), tensors, path, quant)
+
+
+def assemble(config: LMConfig, tensors: dict, where: Path,
+             quant: tuple | None = None) -> MoETransformer:
+    """The model of ``config`` holding ``tensors`` themselves (built on the meta device,
+    then each tensor assigned: no second copy of the weights, which a model built first
+    and then loaded needed, in fp32 whatever the checkpoint's dtype). ``quant``: (bits,
+    group_size, scope, activations) of a quantized checkpoint, whose dtypes must be the
+    model's; a training checkpoint's float weights keep their dtype. Checked before
+    anything is built."""
+    with torch.device("meta"):
+        model = MoETransformer(config)
+        if quant is not None:
+            quantize_like(model, *quant)
+    check_model_fits(model, tensors, where)
+    if quant is not None:
+        _check_dtypes(model, tensors, where)
+    else:
+        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
+                       if t.dtype not in (torch.float32, torch.bfloat16, torch.float16))
+        if wrong:
+            raise CheckpointError(f"checkpoint {where} does not match the model: its "
+                                  f"weights must be float32, bfloat16 or float16, got {wrong[:5]}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_embeddings:  # assigned as two Parameters of one tensor: one again
+        model.head.weight = model.embed.weight
+    model.rope_cos, model.rope_sin = rotary_table(config.max_seq_len, config.head_size,
+                                                  config.rope_theta)
     return model.eval()
 
 
@@ -192,23 +217,27 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     check_scope(scope)
     _check_replaceable(_check_path("out", out))
     ck = load_checkpoint(checkpoint)
-    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
-    restore(ck, model, rng=False)
-    saved = save_quantized(quantize(model, bits, group_size, scope, activations), out)
+    # the checkpoint's own tensors (a converted bf16 model stays bf16 until each weight
+    # is quantized), the rest in fp32 as a quantized directory holds it
+    model = assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path)
+    del ck
+    saved = save_quantized(quantize(model, bits, group_size, scope, activations).float(), out)
     tokenizer = find_tokenizer(checkpoint)  # a converted model's, for `moekit generate`
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out)
     return saved
 
 
-def load_model(path: str | Path) -> MoETransformer:
-    """A model from a training checkpoint or a quantized one (for ``moekit generate``)."""
+def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> MoETransformer:
+    """A model from a training checkpoint or a quantized one (for ``moekit generate``),
+    its float weights in ``dtype`` (None: as saved; a quantized model's packed weights
+    and scales stay as they are)."""
     if is_quantized_checkpoint(path):
-        return load_quantized(path)
-    ck = load_checkpoint(path)
-    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
-    restore(ck, model, rng=False)
-    return model.eval()
+        model = load_quantized(path)
+    else:
+        ck = load_checkpoint(path)
+        model = assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path)
+    return model if dtype is None else model.to(dtype)
 
 
 __all__ = ["is_quantized", "is_quantized_checkpoint", "load_model", "load_quantized",

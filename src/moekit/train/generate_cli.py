@@ -59,12 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "which `moekit convert` copies; else UTF-8 bytes)")
 
 
-def load_model(path: str) -> MoETransformer:
-    """A model built from the checkpoint's own config, weights verified and loaded
-    (a directory written by `moekit quantize` loads its quantized model)."""
+def load_model(path: str, dtype: torch.dtype = torch.float32) -> MoETransformer:
+    """A model built from the checkpoint's own config, weights verified and loaded in
+    ``dtype`` (a directory written by `moekit quantize` loads its quantized model)."""
     from moekit.quant.io import load_model as load_any
 
-    return load_any(path)
+    return load_any(path, dtype)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> MoETransformer:
     """The checkpoint's model: resident, quantized, or with its experts read on demand."""
     if args.expert_memory is None:
-        return load_model(args.checkpoint).to(DTYPES[args.dtype])
+        return load_model(args.checkpoint, DTYPES[args.dtype])
     if args.dtype != "fp32":
         raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
                          "offloaded experts run in the checkpoint's own dtype (fp32)")
