@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
-from harness import machine, read_bandwidth  # noqa: E402
+from harness import run_and_write  # noqa: E402
 from moekit.integrations.hf.convert import hf_to_moekit  # noqa: E402
 from moekit.models import LMConfig, MoETransformer  # noqa: E402
 from moekit.train.checkpoint import load_checkpoint, restore  # noqa: E402
@@ -118,20 +118,7 @@ def main(argv=None) -> int:
         print(f"bench_families.py: error: --reps={args.reps} / --new-tokens={args.new_tokens} "
               "are not allowed: at least 1 pair and 2 new tokens", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    bw = [read_bandwidth()]
-    rows = run(args)
-    bw.append(read_bandwidth())
-    print(f"read bandwidth {bw[0] / 1e9:.1f} / {bw[1] / 1e9:.1f} GB/s (start / end)")
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"bench_families_{stamp}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv),
-                               "seconds": round(time.perf_counter() - t0, 1),
-                               "read_bandwidth_Bps": bw, "args": vars(args), "rows": rows},
-                              indent=1))
-    print(f"wrote {out}")
+    run_and_write("bench_families", args, run)
     return 0
 
 

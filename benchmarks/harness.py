@@ -248,3 +248,24 @@ def read_bandwidth(reps: int = 5) -> float:
         ts.append(time.perf_counter() - t0)
     del x
     return 2**30 / statistics.median(ts)
+
+
+def run_and_write(name: str, args, run: Callable[..., list[dict]]) -> Path:
+    """``run(args)``'s rows, between two read-bandwidth measurements, written as JSON
+    (machine, command, seconds, the bandwidths, the arguments, the rows) to ``args.out``
+    or results/<name>_<UTC time>.json; prints the bandwidths and the path."""
+    t0 = time.perf_counter()
+    bandwidth = [read_bandwidth()]
+    rows = run(args)
+    bandwidth.append(read_bandwidth())
+    print(f"read bandwidth {bandwidth[0] / 1e9:.1f} / {bandwidth[-1] / 1e9:.1f} GB/s "
+          "(start / end)")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"{name}_{stamp}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv),
+                               "seconds": round(time.perf_counter() - t0, 1),
+                               "read_bandwidth_Bps": bandwidth, "args": vars(args),
+                               "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return out
