@@ -109,6 +109,39 @@ def test_truncated_shard_is_named(hf_dir, tmp_path, capsys):
     assert "shard model.safetensors is not a readable safetensors file" in err
 
 
+def test_a_read_failing_mid_conversion_leaves_no_checkpoint(hf_dir, tmp_path, monkeypatch,
+                                                              capsys):
+    """The conversion reads and writes a tensor at a time: a shard that fails on the last
+    layer's experts (a disk error, a file changed underneath) leaves no step directory
+    and no LATEST, and the retry converts."""
+    from safetensors import SafetensorError
+
+    real = convert.ShardTensors.__init__
+
+    class Failing:  # a shard handle whose reads of one expert fail
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, name):
+            if name.startswith("model.layers.1.block_sparse_moe.experts.3"):
+                raise SafetensorError("simulated read error")
+            return self.handle.get_tensor(name)
+
+    def failing(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.handles = [Failing(h) for h in self.handles]
+
+    monkeypatch.setattr(convert.ShardTensors, "__init__", failing)
+    assert cli(str(hf_dir), str(tmp_path / "lm")) == 2
+    assert "simulated read error" in capsys.readouterr().err
+    assert not list((tmp_path / "lm").glob("step_*")) and not (tmp_path / "lm" / "LATEST").exists()
+    monkeypatch.setattr(convert.ShardTensors, "__init__", real)
+    assert cli(str(hf_dir), str(tmp_path / "lm")) == 0
+
+
 def test_interrupted_write_to_hf_leaves_nothing_and_the_retry_works(hf_dir, tmp_path,
                                                                      monkeypatch, capsys):
     assert cli(str(hf_dir), str(tmp_path / "lm")) == 0

@@ -100,6 +100,29 @@ def test_safetensors_writer_is_read_back_by_safetensors(tmp_path, dtype):
         assert f.metadata() == {"format": "pt"}
 
 
+def test_streamed_safetensors_are_read_back_and_checked_against_the_header(tmp_path):
+    """save_stream writes tensors made one at a time under a header from their layout;
+    one out of order, of another dtype or shape, or missing is refused."""
+    from safetensors.torch import load_file
+
+    from moekit.safetensors_write import save_stream
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(6).view(2, 3),
+               "c": torch.ones(5).bfloat16()}
+    layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
+    save_stream(layout, iter(tensors.items()), tmp_path / "t.safetensors")
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    items = list(tensors.items())
+    for bad, match in [(items[::-1], "'c'.*the header expects 'a'"),
+                       ([items[0], ("b", tensors["b"].float()), items[2]], "'b' torch.float32"),
+                       ([items[0], ("b", tensors["b"].view(3, 2)), items[2]], r"\(3, 2\)"),
+                       (items[:2], r"tensors \['c'\] of the header were never given"),
+                       ([*items, ("d", torch.ones(1))], "expects no more tensors")]:
+        with pytest.raises(ValueError, match=match):
+            save_stream(layout, iter(bad), tmp_path / "bad.safetensors")
+
+
 # -- moekit train ----------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -83,3 +84,31 @@ def raw_bytes(t: Tensor) -> bytearray:
         flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         torch.frombuffer(out, dtype=torch.uint8).copy_(flat)
     return out
+
+
+def save_stream(layout: dict[str, Tensor], tensors: Iterable[tuple[str, Tensor]],
+                filename: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``save_file`` for tensors made one at a time (a conversion that holds one layer,
+    not the model): ``layout`` gives each name's dtype and shape (meta tensors will do)
+    for the header, ``tensors`` then yields (name, tensor) in that order, each checked
+    against it before its bytes are written."""
+    if sys.byteorder != "little":
+        raise RuntimeError("moekit writes safetensors on little-endian machines only")
+    header, _ = _layout(layout, metadata)
+    want = iter(layout.items())
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for name, t in tensors:
+            expected = next(want, None)
+            if expected is None or expected[0] != name or t.dtype != expected[1].dtype \
+                    or t.shape != expected[1].shape:
+                raise ValueError(f"tensor {name!r} {t.dtype} {tuple(t.shape)} is not allowed "
+                                 "here: the header expects " + (
+                                     "no more tensors" if expected is None else
+                                     f"{expected[0]!r} {expected[1].dtype} "
+                                     f"{tuple(expected[1].shape)}"))
+            f.write(raw_bytes(t))
+        rest = [name for name, _ in want]
+        if rest:
+            raise ValueError(f"tensors {rest[:5]} of the header were never given")

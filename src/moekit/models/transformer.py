@@ -219,7 +219,8 @@ class Attention(nn.Module):
         self.out = Linear(H * Dh, cfg.dim, bias=False)
         # RMSNorms of q and k before rotary: over each head ("head"), or all heads ("full")
         self.qk_norm = cfg.qk_norm
-        self.q_norm = self.k_norm = None
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
         if cfg.qk_norm != "none":
             per_head = cfg.qk_norm == "head"
             self.q_norm = RMSNorm(Dh if per_head else H * Dh, cfg.norm_eps)

@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moekit.errors import CheckpointError
-from moekit.safetensors_write import save_file
+from moekit.safetensors_write import save_file, save_stream
 from moekit.train import rundir
 from moekit.train.checkpoint_state import check_optimizer_groups, check_state, rng_state
 from moekit.train.rundir import LATEST, MANIFEST, STEP_DIR
@@ -93,17 +94,34 @@ def split_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor]
 write_latest = rundir.write_latest
 
 
+@dataclass(frozen=True)
+class StreamedWeights:
+    """A model's weights made one at a time while they are written (``save_checkpoint``'s
+    ``weights``): ``layout`` name -> a tensor of the dtype and shape (meta will do),
+    ``tensors()`` yields (name, tensor) in that order, ``aliases`` the tied names."""
+
+    layout: dict[str, Tensor]
+    tensors: Callable[[], Iterable[tuple[str, Tensor]]]
+    aliases: dict[str, str]
+
+
 def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+                    state: dict[str, Any], keep: int = 2,
+                    weights: StreamedWeights | None = None) -> Path:
     """Write ``run_dir/step_<step>`` atomically and point LATEST at it.
 
     ``state`` must hold "step" and "model_config"; it may hold anything JSON-able
     (train config, data position, counters). A state that ``load_checkpoint``
     would refuse raises ``CheckpointError`` before anything is written. Returns
-    the checkpoint directory.
+    the checkpoint directory. ``weights``: the model's tensors as they are made (the
+    model itself then only lends its optimizer's parameters: it may be on the meta
+    device).
     """
     run_dir = Path(run_dir)
-    weights, aliases = dedupe_tied(model.state_dict())
+    if weights is None:
+        tensors, aliases = dedupe_tied(model.state_dict())
+    else:
+        aliases = dict(weights.aliases)
     optim_tensors, optim_rest = split_optimizer(optimizer)
     text = json.dumps(dict(state, format_version=FORMAT_VERSION, tied=aliases,
                            optimizer=optim_rest, torch_rng=torch.get_rng_state().tolist()))
@@ -113,7 +131,10 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.tmp"))
     try:
-        save_file(weights, str(tmp / MODEL_FILE))
+        if weights is None:
+            save_file(tensors, str(tmp / MODEL_FILE))
+        else:
+            save_stream(weights.layout, weights.tensors(), tmp / MODEL_FILE)
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
         (tmp / STATE_FILE).write_text(text)
         for f in FILES:

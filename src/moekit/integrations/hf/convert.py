@@ -28,20 +28,21 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moekit.config import reject
 from moekit.inference.text import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
-from moekit.safetensors_write import save_file
+from moekit.safetensors_write import DTYPE_CODES, save_file
 
 HF_PREFIX = "model.layers"
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}  # safetensors -> torch
 
 
 
@@ -49,8 +50,9 @@ HF_PREFIX = "model.layers"
 # -- reading a transformers directory -------------------------------------------------
 
 
-def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(config.json as a dict, every tensor of every *.safetensors shard)."""
+def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], ShardTensors]:
+    """(config.json as a dict, every tensor of every *.safetensors shard by name, each
+    read when it is looked up)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         reject("source", str(path), "it must be a transformers checkpoint directory holding "
@@ -63,17 +65,53 @@ def read_hf_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not isinstance(config, dict):
         reject("source", str(path), f"its {file} must hold a JSON object, not "
                f"{type(config).__name__}")
-    tensors: dict[str, Tensor] = {}
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         reject("source", str(path), "it holds no *.safetensors file")
-    for shard in shards:
+    return config, ShardTensors(shards, str(path))
+
+
+class ShardTensors(Mapping):
+    """The tensors of safetensors shards by name, each read from its shard when looked
+    up; every shard's header is read up front. ``meta=True``: meta tensors of each
+    tensor's dtype and shape, nothing read (a conversion's layout, worked out before the
+    first byte is written)."""
+
+    def __init__(self, shards: list[Path], source: str, meta: bool = False) -> None:
+        self.shards, self.source, self.meta = shards, source, meta
+        self.handles, self.where = [], {}
+        for shard in shards:
+            try:
+                handle = safe_open(str(shard), framework="pt")
+            except (SafetensorError, OSError) as e:
+                reject("source", source, f"its shard {shard.name} is not a readable "
+                       f"safetensors file (truncated or corrupt?): {e}")
+            self.handles.append(handle)
+            self.where.update(dict.fromkeys(handle.keys(), len(self.handles) - 1))
+
+    def as_meta(self) -> ShardTensors:
+        return ShardTensors(self.shards, self.source, meta=True)
+
+    def __getitem__(self, name: str) -> Tensor:
+        i = self.where[name]
         try:
-            tensors.update(load_file(str(shard)))
+            if not self.meta:
+                return self.handles[i].get_tensor(name)
+            part = self.handles[i].get_slice(name)
+            code = part.get_dtype()
+            if code not in CODE_DTYPES:
+                reject("source", self.source, f"its tensor {name!r} is {code}, which is not "
+                       f"allowed: moekit reads {', '.join(sorted(CODE_DTYPES))}")
+            return torch.empty(part.get_shape(), dtype=CODE_DTYPES[code], device="meta")
         except (SafetensorError, OSError) as e:
-            reject("source", str(path), f"its shard {shard.name} is not a readable "
-                   f"safetensors file (truncated or corrupt?): {e}")
-    return config, tensors
+            reject("source", self.source, f"its shard {self.shards[i].name} could not give "
+                   f"the tensor {name!r} (truncated or corrupt?): {e}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 @dataclass(frozen=True)
@@ -268,23 +306,28 @@ def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
     return out
 
 
-class _Reads(dict):
+class _Reads:
     """The tensors of ``source`` by name, remembering which were read; a missing one is named."""
 
-    def __init__(self, tensors: dict[str, Tensor], source: str) -> None:
-        super().__init__(tensors)
-        self.source = source
+    def __init__(self, tensors: Mapping[str, Tensor], source: str) -> None:
+        self.tensors, self.source = tensors, source
         self.read: set[str] = set()
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
     def __getitem__(self, name: str) -> Tensor:
-        if name not in self:
+        if name not in self.tensors:
             reject("source", self.source, f"it has no tensor {name!r}, which its config.json "
                    "needs")
         self.read.add(name)
-        return super().__getitem__(name)
+        return self.tensors[name]
 
 
-def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
+def hf_to_moekit_tensors(config: dict[str, Any], t: Mapping[str, Tensor],
                          source: str = "tensors") -> tuple[dict[str, Tensor], str]:
     """moekit LM state dict (and the expert layout found) from a family's tensors.
 
@@ -293,36 +336,53 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: dict[str, Tensor],
     moekit derives from the config): one the config does not account for raises
     instead of being dropped from the converted checkpoint.
     """
-    t = _Reads(t, source)
+    reads = _Reads(t, source)
+    out = dict(_converted(config, reads))
+    if config.get("tie_word_embeddings"):
+        out["head.weight"] = out["embed.weight"]
+    _check_all_read(config, reads)
+    return out, _layout(reads)
+
+
+def _layout(t: _Reads) -> str:
+    """The expert layout of the tensors (transformers v5's stacked names, or per expert)."""
+    return "stacked" if f"{HF_PREFIX}.0.mlp.experts.gate_up_proj" in t else "per_expert"
+
+
+def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]]:
+    """moekit's tensors one at a time, layer by layer (a tied head is not given: it is the
+    embedding)."""
     fam = family(config)
-    out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
-    out["head.weight"] = out["embed.weight"] if config.get("tie_word_embeddings") \
-        else t["lm_head.weight"]
-    layout = "per_expert"
+    yield "embed.weight", t["model.embed_tokens.weight"]
     for i in range(config["num_hidden_layers"]):
         a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
-        out[f"{b}.attn.qkv.weight"] = torch.cat([t[f"{a}.self_attn.{n}_proj.weight"]
-                                                 for n in "qkv"])
-        out[f"{b}.attn.out.weight"] = t[f"{a}.self_attn.o_proj.weight"]
-        out[f"{b}.attn_norm.weight"] = t[f"{a}.input_layernorm.weight"]
-        out[f"{b}.ffn_norm.weight"] = t[f"{a}.post_attention_layernorm.weight"]
+        yield f"{b}.attn_norm.weight", t[f"{a}.input_layernorm.weight"]
+        yield f"{b}.attn.qkv.weight", torch.cat([t[f"{a}.self_attn.{n}_proj.weight"]
+                                                  for n in "qkv"])
         if fam.qk_norm != "none":
             for n in "qk":
-                out[f"{b}.attn.{n}_norm.weight"] = t[f"{a}.self_attn.{n}_norm.weight"]
-        router, w_in, w_out, layout = _experts_in(t, i, _num_experts(config, fam), fam)
-        out[f"{b}.ffn.router.weight"] = router
-        out[f"{b}.ffn.experts.w_in"] = w_in
-        out[f"{b}.ffn.experts.w_out"] = w_out
+                yield f"{b}.attn.{n}_norm.weight", t[f"{a}.self_attn.{n}_norm.weight"]
+        yield f"{b}.attn.out.weight", t[f"{a}.self_attn.o_proj.weight"]
+        yield f"{b}.ffn_norm.weight", t[f"{a}.post_attention_layernorm.weight"]
+        router, w_in, w_out, _ = _experts_in(t, i, _num_experts(config, fam), fam)
+        yield f"{b}.ffn.router.weight", router
+        yield f"{b}.ffn.experts.w_in", w_in
+        yield f"{b}.ffn.experts.w_out", w_out
+    yield "norm.weight", t["model.norm.weight"]
+    if not config.get("tie_word_embeddings"):
+        yield "head.weight", t["lm_head.weight"]
+
+
+def _check_all_read(config: dict[str, Any], t: _Reads) -> None:
     derived = {n for n in t if n.endswith("rotary_emb.inv_freq")}  # older exports save it
     if config.get("tie_word_embeddings"):
         derived.add("lm_head.weight")
     unused = sorted(set(t) - t.read - derived)
     if unused:
-        reject("source", source, f"it holds {len(unused)} tensors its config.json "
+        reject("source", t.source, f"it holds {len(unused)} tensors its config.json "
                f"(num_hidden_layers={config['num_hidden_layers']}, experts="
-               f"{_num_experts(config, fam)}) has no place for, e.g. {unused[:5]}; "
-               "converting would drop them")
-    return out, layout
+               f"{_num_experts(config, family(config))}) has no place for, e.g. "
+               f"{unused[:5]}; converting would drop them")
 
 
 def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
@@ -430,23 +490,30 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
 
 def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral, Qwen3-MoE or
-    OLMoE directory."""
+    OLMoE directory, a tensor at a time: the layout is worked out from the shards'
+    headers first (meta tensors: names, shapes and dtypes checked against the config,
+    nothing read), then each tensor is read, converted and written, so the conversion
+    holds about one layer's experts, not the model."""
     from moekit.models import LMConfig, MoETransformer
-    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.checkpoint import StreamedWeights, save_checkpoint
 
-    config, tensors = read_hf_dir(src)
+    config, shards = read_hf_dir(src)
     check_hf(config, src)
     lm = LMConfig.from_dict(lm_config(config))
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         model = MoETransformer(lm)
+    meta, layout = hf_to_moekit_tensors(config, shards.as_meta(), str(src))
     try:
-        state_dict, layout = hf_to_moekit_tensors(config, tensors, str(src))
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.load_state_dict(meta, strict=True, assign=True)
     except RuntimeError as e:  # shapes that do not fit the config
         reject("source", str(src), f"its tensors do not fit its config.json: {e}")
+    aliases = {"head.weight": "embed.weight"} if lm.tie_embeddings else {}
+    weights = StreamedWeights({k: v for k, v in meta.items() if k not in aliases},
+                              lambda: _converted(config, _Reads(shards, str(src))), aliases)
     state = {"step": 0, "model_config": lm.to_dict(),
              "converted_from": {"hf_config": config, "expert_layout": layout}}
-    out = save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state)
+    out = save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state,
+                          weights=weights)
     copy_tokenizer(src, dst)  # for `moekit generate` (dst/tokenizer), where src has one
     return out
 
