@@ -9,6 +9,8 @@ tokenizers library's ids, decoded by the same library.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -20,6 +22,22 @@ tokenizers = pytest.importorskip("tokenizers")
 
 CORPUS = ["def hello(world):\n    return world + 1\n", "the quick brown fox jumps over",
           "import torch\nx = torch.zeros(3)\n"] * 20
+
+
+# ChatML as Qwen's templates write it, with the environment's extras (a namespace, loop
+# controls, tojson of non-ASCII text, raise_exception, a special token by name)
+CHAT = """{%- set ns = namespace(n=0) -%}
+{%- for m in messages -%}
+{%- if m.role not in ["system", "user", "assistant"] -%}
+{{ raise_exception("unknown role " ~ m.role) }}
+{%- endif -%}
+{%- if m.content == "skip" -%}{% continue %}{%- endif -%}
+{%- set ns.n = ns.n + 1 -%}
+<|im_start|>{{ m.role }}
+{{ m.content }} {{ {"n": ns.n, "t": "é"} | tojson }}<|im_end|>{{ eos_token }}
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}"""
 
 
 def _tokenizer():
@@ -43,7 +61,8 @@ def converted(tmp_path_factory):
     tok = _tokenizer()
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(**{**hf_models.COMMON, "vocab_size": 320,
-                                         "eos_token_id": None, "bos_token_id": None},
+                                         "eos_token_id": None, "bos_token_id": None,
+                                         "max_position_embeddings": 256},
                                       intermediate_size=48, moe_intermediate_size=16,
                                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
     model = transformers.Qwen3MoeForCausalLM(cfg).eval()
@@ -53,6 +72,8 @@ def converted(tmp_path_factory):
     model.config.eos_token_id = model.generation_config.eos_token_id = int(new[4])
     model.save_pretrained(root / "hf")
     tok.save(str(root / "hf" / "tokenizer.json"))
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT, "eos_token": "end", "bos_token": None}))
     assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
     return tok, model, root
 
@@ -114,3 +135,44 @@ def test_a_directory_without_tokenizer_json_is_named(converted, tmp_path, capsys
                      str(tmp_path), "--max-new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert f"--tokenizer={str(tmp_path)!r}" in err and "tokenizer.json" in err
+
+
+def test_chat_prompts_are_rendered_as_transformers_renders_them(converted, capsys):
+    """--chat: the user message in the tokenizer's template, rendered as transformers'
+    apply_chat_template renders it, then generated as transformers generates from it."""
+    from moekit.inference.text import TokenizerText, render_chat
+
+    tok, model, root = converted
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "hf" / "tokenizer.json"), chat_template=CHAT, eos_token="end")
+    messages = [{"role": "user", "content": "def hello(world"}]
+    want = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert render_chat(CHAT, messages, eos_token="end") == want
+    assert '{"n": 1, "t": "é"}<|im_end|>end' in want  # the extras took part
+    ids = TokenizerText(root / "lm" / "tokenizer").encode_chat("def hello(world")
+    assert ids == tok.encode(want, add_special_tokens=False).ids
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--prompt",
+                     "def hello(world", "--temperature", "0", "--max-new-tokens", "10"]) == 0
+    out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)
+    reply = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    assert capsys.readouterr().out == "def hello(world\n" + reply + "\n"
+    with pytest.raises(ValueError, match="unknown role tool"):
+        render_chat(CHAT, [{"role": "tool", "content": "x"}])
+
+
+def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
+    from moekit.models import MoETransformer, preset
+    from moekit.train.checkpoint import save_checkpoint
+
+    lm = MoETransformer(preset("tiny"))
+    save_checkpoint(tmp_path / "bytes", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 0, "model_config": lm.config.to_dict()})
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "bytes"), "--chat"]) == 2
+    assert "--chat is not allowed here: the checkpoint has no tokenizer" in capsys.readouterr().err
+    _, _, root = converted
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "tokenizer.json").write_bytes(
+        (root / "hf" / "tokenizer.json").read_bytes())
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--tokenizer",
+                     str(tmp_path / "plain")]) == 2
+    assert "has no chat template" in capsys.readouterr().err

@@ -7,6 +7,11 @@ into ``RUN_DIR/tokenizer``, and ``TokenizerText`` reads them with the ``tokenize
 library (installed with transformers: ``pip install 'moekit[hf]'``). Its end-of-sequence
 ids (``generation_config.json``, else the tokenizer config's ``eos_token``) stop a
 sequence; a ``--stop`` string is matched as the token ids the tokenizer gives it alone.
+With ``--chat`` a prompt is a user message rendered by the tokenizer's chat template
+(``chat_template.jinja`` or tokenizer_config.json's ``chat_template``), as transformers'
+``apply_chat_template(..., add_generation_prompt=True)`` renders it: a sandboxed jinja2
+environment (trim_blocks, lstrip_blocks, loop controls, a ``tojson`` that keeps
+non-ASCII text, ``raise_exception``, ``strftime_now``), the special tokens by name.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from moekit.inference.engine import stop_sequences_from_text
 TOKENIZER_DIR = "tokenizer"  # beside a run's step_* directories
 # what is copied where a transformers directory has it (tokenizer.json is what is read)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+                   "generation_config.json", "chat_template.jinja")
 
 
 class ByteText:
@@ -63,7 +68,8 @@ class TokenizerText:
         except Exception as e:  # the library raises its own Exception types
             reject("tokenizer", str(directory), f"its {path} is not a readable tokenizers "
                    f"file: {e}")
-        self.stop_ids = self._eos_ids(Path(directory))
+        self.directory = Path(directory)
+        self.stop_ids = self._eos_ids(self.directory)
 
     def _eos_ids(self, directory: Path) -> tuple[int, ...]:
         for name in ("generation_config.json", "tokenizer_config.json"):
@@ -86,6 +92,42 @@ class TokenizerText:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids  # with the tokenizer's own special tokens
+
+    def encode_chat(self, text: str) -> list[int]:
+        """``text`` as a user message in the chat template, followed by the assistant's
+        turn; the template writes the special tokens itself."""
+        rendered = render_chat(self._chat_template(), [{"role": "user", "content": text}],
+                               **self._special_tokens())
+        return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+
+    def _config(self) -> dict:
+        try:
+            config = json.loads((self.directory / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return config if isinstance(config, dict) else {}
+
+    def _chat_template(self) -> str:
+        file = self.directory / "chat_template.jinja"
+        if file.is_file():
+            return file.read_text()
+        template = self._config().get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template
+                             if isinstance(t, dict) and t.get("name") == "default"), None)
+        if not isinstance(template, str):
+            reject("--chat", True, f"the tokenizer in {self.directory} has no chat template "
+                   "(chat_template.jinja, or chat_template in tokenizer_config.json)")
+        return template
+
+    def _special_tokens(self) -> dict[str, str]:
+        out = {}
+        for key, value in self._config().items():
+            if key.endswith("_token"):
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    out[key] = value
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -114,6 +156,32 @@ class TokenizerText:
             return new
 
         return emit
+
+
+def render_chat(template: str, messages: list[dict], **variables) -> str:
+    """A chat template rendered for ``messages`` with the assistant's turn opened."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                **variables)
+    except jinja2.exceptions.TemplateError as e:
+        reject("--chat", True, f"the chat template failed: {e}")
 
 
 def find_tokenizer(checkpoint: str | Path) -> Path | None:

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
     p.add_argument("--no-prefetch", action="store_true",
                    help="with --expert-memory: do not read the next layer's experts ahead")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message in the tokenizer's chat template "
+                   "(an instruct model's format); needs a tokenizer")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a directory holding tokenizer.json (default: the checkpoint's own, "
                    "which `moekit convert` copies; else UTF-8 bytes)")
@@ -122,13 +125,19 @@ def run(args: argparse.Namespace) -> int:
                              "slow reference does not stop early")
         prompts = read_prompts(args)
         text = text_for(args.checkpoint, args.tokenizer)
+        if args.chat and not isinstance(text, TokenizerText):
+            raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
+                             "(moekit's byte-level models have no chat template); give "
+                             "--tokenizer DIR")
         cfg = _config(args, text)
+        ids = [text.encode_chat(p) if args.chat else text.encode(p) for p in prompts]
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = _load(args)
         engine = Engine(model)
-        ids = [text.encode(p) for p in prompts]
         engine.check(ids, cfg)  # every error before the first token is printed
+        if args.chat:  # the user's message, then the reply on its own line
+            prompts = [f"{p}\n" for p in prompts]
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
