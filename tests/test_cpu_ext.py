@@ -292,14 +292,19 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     assert cpu_ext.get() is None  # tried once, not again
 
 
+@pytest.mark.parametrize("built", [False, True], ids=["first-build", "rebuild"])
 @pytest.mark.parametrize("age_min, removed", [(60, True), (1, False)])
 def test_a_killed_builds_lock_is_removed_a_live_ones_is_not(tmp_path, monkeypatch, capsys,
-                                                             age_min, removed):
+                                                             age_min, removed, built):
     """torch waits forever on a lock its build left when killed; moekit removes one older
-    than STALE_LOCK_S before building and leaves a younger one (a build in progress)."""
+    than STALE_LOCK_S before building and leaves a younger one (a build in progress).
+    Also where the module was built before and torch rebuilds it (its source moved: a
+    killed rebuild's lock hung every later run)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     where = cpu_ext.build_dir("moekit_test_lock", cpu_ext.SOURCE)
     where.mkdir(parents=True)
+    if built:
+        (where / "moekit_test_lock.so").touch()
     lock = where / "lock"
     lock.touch()
     old = time.time() - 60 * age_min

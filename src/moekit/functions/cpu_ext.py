@@ -111,7 +111,9 @@ def _build(name: str, source: Path, what: str, fallback: str,
         if not _cached(where, name):  # every build says so: once per environment and source
             print(f"moekit: building the C++ CPU {what} into {where} ({BUILD_SECONDS}"
                   "; once per environment)...", file=sys.stderr, flush=True)
-            _clear_stale_lock(where / "lock")
+        # also where a built module is rebuilt (torch's ninja sees its source moved, e.g.
+        # a clone of the same tree built it): a killed rebuild's lock hung every later run
+        _clear_stale_lock(where / "lock")
         where.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
         # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
