@@ -54,6 +54,23 @@ def test_every_weight_within_half_a_step(bits, g):
         assert torch.equal(back[1, :, 5], w[1, :, 5])
 
 
+@pytest.mark.parametrize("bits,g", [(8, None), (4, 32)])
+@pytest.mark.parametrize("piece", [64, 3 * 64 * 40, 1 << 30], ids=["rows", "experts", "whole"])
+def test_quantizing_in_pieces_is_bitwise_the_whole_stack(monkeypatch, bits, g, piece):
+    """quantize_tensor works through pieces of QUANT_PIECE elements (rows of an expert,
+    or whole experts) to bound its fp32 temporaries: the same bytes as one piece."""
+    from moekit.quant import tensor as qt
+
+    w = torch.randn(7, 64, 40, generator=torch.Generator().manual_seed(3)).bfloat16()
+    w[2, :, 5] = 0.25  # a constant row: int4 groups with scale 0
+    monkeypatch.setattr(qt, "QUANT_PIECE", 1 << 30)
+    whole = quantize_tensor(w.transpose(1, 2).contiguous().transpose(1, 2), bits, g)
+    monkeypatch.setattr(qt, "QUANT_PIECE", piece)
+    got = quantize_tensor(w, bits, g)
+    for name, t in whole.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+
+
 def test_int4_packing_round_trips():
     q = torch.randint(0, 16, (2, 3, 64), dtype=torch.uint8)
     packed = pack_int4(q)

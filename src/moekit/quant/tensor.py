@@ -363,16 +363,44 @@ def quantize_tensor(w_EKN: Tensor, bits: int, group_size: int | None = None,
         raise QuantizationError(f"{what} is not allowed: it must be a floating [E, K, N] "
                                 "tensor stack with K >= 1")
     check_divides(group_size, w_EKN.shape[1], "K")
-    w_ENK = w_EKN.detach().transpose(1, 2).float()
+    E, K, N = w_EKN.shape
+    dev = w_EKN.device
+    if bits == 8:
+        parts = [torch.empty(E, N, K, dtype=torch.int8, device=dev),
+                 torch.empty(E, N, device=dev)]
+    else:
+        parts = [torch.empty(E, N, K // 2, dtype=torch.uint8, device=dev),
+                 *(torch.empty(E, N, K // group_size, device=dev) for _ in range(2))]
+    # pieces of at most QUANT_PIECE elements (whole experts, or rows of one): the fp32
+    # temporaries of a piece, not of the stack (a 128-expert layer of Qwen3-30B-A3B is 1.6
+    # GB in fp32, its quantization took ~5 such copies); each value is computed as for the
+    # whole stack (per-row, per-group reductions along K)
+    experts = max(1, QUANT_PIECE // max(N * K, 1))
+    rows = N if experts > 1 else max(1, QUANT_PIECE // K)
+    for e0 in range(0, E, experts):
+        for n0 in range(0, N, rows):
+            e, n = slice(e0, e0 + experts), slice(n0, n0 + rows)
+            w_ENK = w_EKN[e, :, n].detach().transpose(1, 2).float()
+            for out, value in zip(parts, _quantized_piece(w_ENK, bits, group_size),
+                                  strict=True):
+                out[e, n] = value
+    return QuantizedTensor(*parts, None, 8, None, activations) if bits == 8 else \
+        QuantizedTensor(*parts, 4, group_size, activations)
+
+
+QUANT_PIECE = 1 << 24  # elements quantized at once (64 MiB in fp32)
+
+
+def _quantized_piece(w_ENK: Tensor, bits: int, group_size: int | None) -> tuple[Tensor, ...]:
+    """(data, scales[, zeros]) of an fp32 [E, N, K] piece, as QuantizedTensor holds them."""
     if bits == 8:
         scale_EN = (w_ENK.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w_ENK / scale_EN[..., None]).clamp_(-127, 127).to(torch.int8)
-        return QuantizedTensor(q.contiguous(), scale_EN.contiguous(), None, 8, None, activations)
+        return q, scale_EN
     g = w_ENK.unflatten(-1, (-1, group_size))                # [E, N, K/g, g]
     lo, hi = g.amin(-1), g.amax(-1)
     scale = (hi - lo) / 15
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
     q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15).flatten(-2)
     q = q.to(torch.uint8)  # exact: rounded and clamped to 0..15
-    return QuantizedTensor(pack_int4(q).contiguous(), scale.contiguous(), lo.contiguous(), 4,
-                           group_size, activations)
+    return pack_int4(q), scale, lo
