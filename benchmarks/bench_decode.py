@@ -275,12 +275,17 @@ def weight_bytes(model) -> tuple[int, list[float]]:
 
     Every saved tensor (parameters and quantized buffers: int8 / int4 data, scales,
     zero points) at its own element size; a tensor shared by two names (the tied
-    embedding and head) once."""
+    embedding and head) once. An untied embedding table is left out: a step reads one
+    row of it per sequence (negligible), not the table (at V = 151,936 it was most of
+    the "bytes")."""
     from moekit.experts.experts import Experts
 
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     inside = {t.data_ptr() for m in experts
               for t in itertools.chain(m.parameters(), m.buffers())}
+    if not getattr(model.config, "tie_embeddings", True):
+        inside |= {t.data_ptr() for t in itertools.chain(model.embed.parameters(),
+                                                         model.embed.buffers())}
     unique = {t.data_ptr(): t for t in model.state_dict().values()}
     rest = _bytes(t for ptr, t in unique.items() if ptr not in inside)
     per = [_bytes(itertools.chain(m.parameters(), m.buffers())) / m.cfg.num_experts
@@ -323,7 +328,8 @@ def roofline(model, ids_BL, n: int, bandwidth: float, distinct: list[float] | No
     rest, per = weight_bytes(model)
     experts = sum(d * p for d, p in zip(distinct or [], per, strict=False))
     B, S = ids_BL.shape[0], ids_BL.shape[1] + n / 2  # mean filled slots over the steps
-    width = getattr(c, "kv_heads", c.num_heads) * (c.dim // c.num_heads)  # J Dh per slot
+    Dh = getattr(c, "head_size", c.dim // c.num_heads)
+    width = getattr(c, "kv_heads", c.num_heads) * Dh  # J Dh per slot
     kv = c.num_layers * 2 * B * S * width * model.norm.weight.element_size()
     total = rest + experts + kv
     return {"bytes": total, "expert_bytes": experts, "other_weight_bytes": rest, "kv_bytes": kv,

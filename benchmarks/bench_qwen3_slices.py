@@ -1,0 +1,123 @@
+"""Qwen3-30B-A3B's decode step on this machine, from slices of its 48 layers.
+
+moekit language models with Qwen3-30B-A3B's shapes (D=2048; 32 query and 4 key/value
+heads of 128 with per-head q / k norms; 128 experts top-8 of F=768, renormalized;
+V=151,936, untied head) and L = 2 and 4 of its layers, random weights; int4 (g64) then
+bf16. Per dtype: the decode step at batch 1 after a 32-token prompt (the generation
+engine; the two slices alternate, the order swapped every pair, medians), the cost of
+one layer (the median over pairs of (4-layer step - 2-layer step) / 2) and of the rest
+(embedding, final norm, LM head: the 2-layer step less 2 layers), and the full model's
+step extrapolated as rest + 48 layers, beside its bytes per step (bench_decode's
+``roofline``: 8 experts per layer at batch 1) at the mean of the read bandwidth measured
+before and after the dtype's pairs. An extrapolation,
+not a run of the real model: its bf16 weights (61 GB) do not fit this machine, and
+random weights route differently from trained ones (at batch 1 each layer reads 8
+experts either way).
+
+    python benchmarks/bench_qwen3_slices.py [--reps 9] [--new-tokens 24] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_decode as bd  # noqa: E402
+import moekit  # noqa: E402
+from harness import read_bandwidth, run_and_write  # noqa: E402
+from moekit.models import LMConfig, MoETransformer  # noqa: E402
+from moekit.models.transformer import rotary_table  # noqa: E402
+
+LAYERS = 48  # Qwen3-30B-A3B's
+SLICES = (2, 4)
+QWEN3_30B = dict(vocab_size=151_936, dim=2048, num_heads=32, num_kv_heads=4, head_dim=128,
+                 qk_norm="head", ffn_dim=768, num_experts=128, top_k=8, max_seq_len=4096,
+                 rope_theta=1e6, tie_embeddings=False, aux_loss_coef=0.0, z_loss_coef=0.0)
+
+
+def build(num_layers: int, seed: int = 0) -> MoETransformer:
+    """A bf16 model of the shapes, random normal(0, 0.02) weights (norms 1), made in bf16
+    (an fp32 model of 4 layers would take 12 GB)."""
+    cfg = LMConfig(**QWEN3_30B, num_layers=num_layers)
+    with torch.device("meta"):
+        model = MoETransformer(cfg).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
+    model.rope_cos, model.rope_sin = rotary_table(cfg.max_seq_len, cfg.head_size,
+                                                  cfg.rope_theta)
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    models = {L: build(L) for L in SLICES}
+    ids = bd.prompts(1, bd.PROMPT_LEN)
+    rows = []
+    for dtype in ("int4", "bf16"):
+        if dtype == "int4":
+            models = {L: moekit.quantize(m, bits=4, group_size=64) for L, m in models.items()}
+        else:  # the bf16 models again (quantize replaced their weights)
+            del models
+            models = {L: build(L) for L in SLICES}
+        bws = [read_bandwidth()]
+        a, b = (bd.Runner(models[L], ids, args.new_tokens) for L in SLICES)
+        a(), b()  # warm-up pair
+        ta, tb = [], []
+        for i in range(args.reps):  # alternating, the order swapped every pair
+            for run_one, times in ((a, ta), (b, tb))[::-1 if i % 2 else 1]:
+                times.append(run_one())
+        bws.append(read_bandwidth())
+        bw = statistics.mean(bws)
+        steps = {SLICES[0]: statistics.median(ta), SLICES[1]: statistics.median(tb)}
+        # a layer's cost from each pair's difference (the slices ran side by side)
+        per_layer = statistics.median((y - x) / (SLICES[1] - SLICES[0])
+                                      for x, y in zip(ta, tb, strict=True))
+        roofs = {L: bd.roofline(models[L], ids, args.new_tokens, bw, [8.0] * L)
+                 for L in SLICES}
+        rest = steps[2] - 2 * per_layer
+        roof_layer = (roofs[4]["roofline_ms"] - roofs[2]["roofline_ms"]) / 2
+        roof_rest = roofs[2]["roofline_ms"] - 2 * roof_layer
+        full = rest + LAYERS * per_layer
+        full_roof = roof_rest + LAYERS * roof_layer
+        rows.append({"dtype": dtype, "read_bandwidth_Bps": bws,
+                     "step_ms": steps,
+                     "roofline_ms": {L: roofs[L]["roofline_ms"] for L in SLICES},
+                     "bytes": {L: roofs[L]["bytes"] for L in SLICES},
+                     "per_layer_ms": per_layer, "rest_ms": rest,
+                     "per_layer_roofline_ms": roof_layer, "rest_roofline_ms": roof_rest,
+                     "full_48_layers_ms": full, "full_48_layers_roofline_ms": full_roof,
+                     "full_tokens_per_s": 1e3 / full,
+                     "full_fraction_of_roofline": full_roof / full,
+                     "pairs": args.reps})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=9, help="alternating pairs per dtype")
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--out", help="JSON file (default: results/bench_qwen3_slices_<time>.json)")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.new_tokens < 2:
+        print(f"bench_qwen3_slices.py: error: --reps={args.reps} / --new-tokens="
+              f"{args.new_tokens} are not allowed: at least 1 pair and 2 new tokens",
+              file=sys.stderr)
+        return 2
+    run_and_write("bench_qwen3_slices", args, run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
