@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
-from harness import run_and_write  # noqa: E402
+from harness import pairs_main  # noqa: E402
 from moekit.integrations.hf.convert import hf_to_moekit  # noqa: E402
 from moekit.models import LMConfig, MoETransformer  # noqa: E402
 from moekit.train.checkpoint import load_checkpoint, restore  # noqa: E402
@@ -109,17 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=5, help="alternating pairs per case")
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--out", help="JSON file (default: results/bench_families_<time>.json)")
-    args = p.parse_args(argv)
-    if args.reps < 1 or args.new_tokens < 2:
-        print(f"bench_families.py: error: --reps={args.reps} / --new-tokens={args.new_tokens} "
-              "are not allowed: at least 1 pair and 2 new tokens", file=sys.stderr)
-        return 2
-    run_and_write("bench_families", args, run)
-    return 0
+    return pairs_main(argv, __doc__, "bench_families", 5, run)
 
 
 if __name__ == "__main__":

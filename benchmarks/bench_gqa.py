@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 import moekit  # noqa: E402
-from harness import run_and_write  # noqa: E402
+from harness import pairs_main  # noqa: E402
 from moekit.models import LMConfig, MoETransformer  # noqa: E402
 from moekit.models.transformer import StaticKVCache  # noqa: E402
 
@@ -84,24 +84,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--heads", type=int, default=16, help="H, query heads (D=1024)")
-    p.add_argument("--kv-heads", type=int, default=4, help="J, key/value heads")
-    p.add_argument("--reps", type=int, default=7, help="alternating pairs per case")
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--out", help="JSON file (default: results/bench_gqa_<time>.json)")
-    args = p.parse_args(argv)
-    try:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--heads", type=int, default=16, help="H, query heads (D=1024)")
+        p.add_argument("--kv-heads", type=int, default=4, help="J, key/value heads")
+
+    def check(args: argparse.Namespace) -> None:
         LMConfig(**bd.COMMON, **dict(bd.SHAPES["mixtral"], num_heads=args.heads),
                  num_kv_heads=args.kv_heads)
-        if args.reps < 1 or args.new_tokens < 2:
-            raise ValueError(f"--reps={args.reps} / --new-tokens={args.new_tokens} are not "
-                             "allowed: at least 1 pair and 2 new tokens")
-    except ValueError as e:
-        print(f"bench_gqa.py: error: {e}", file=sys.stderr)
-        return 2
-    run_and_write("bench_gqa", args, run)
-    return 0
+
+    return pairs_main(argv, __doc__, "bench_gqa", 7, run, add, check)
 
 
 if __name__ == "__main__":

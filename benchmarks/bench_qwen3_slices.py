@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 import moekit  # noqa: E402
-from harness import read_bandwidth, run_and_write  # noqa: E402
+from harness import pairs_main, read_bandwidth  # noqa: E402
 from moekit.models import LMConfig, MoETransformer  # noqa: E402
 from moekit.models.transformer import rotary_table  # noqa: E402
 
@@ -105,18 +105,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=9, help="alternating pairs per dtype")
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--out", help="JSON file (default: results/bench_qwen3_slices_<time>.json)")
-    args = p.parse_args(argv)
-    if args.reps < 1 or args.new_tokens < 2:
-        print(f"bench_qwen3_slices.py: error: --reps={args.reps} / --new-tokens="
-              f"{args.new_tokens} are not allowed: at least 1 pair and 2 new tokens",
-              file=sys.stderr)
-        return 2
-    run_and_write("bench_qwen3_slices", args, run)
-    return 0
+    return pairs_main(argv, __doc__, "bench_qwen3_slices", 9, run)
 
 
 if __name__ == "__main__":

@@ -269,3 +269,30 @@ def run_and_write(name: str, args, run: Callable[..., list[dict]]) -> Path:
                                "rows": rows}, indent=1))
     print(f"wrote {out}")
     return out
+
+
+def pairs_main(argv, doc: str, name: str, reps: int, run: Callable[..., list[dict]],
+               add: Callable | None = None, check: Callable | None = None) -> int:
+    """``main`` of a paired generation benchmark (``name``.py): --reps, --new-tokens,
+    --out and what ``add(parser)`` adds, checked (with ``check(args)``, which raises
+    ValueError) before anything runs, then ``run_and_write``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--reps", type=int, default=reps, help="alternating pairs per case")
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--out", help=f"JSON file (default: results/{name}_<time>.json)")
+    if add is not None:
+        add(p)
+    args = p.parse_args(argv)
+    try:
+        if args.reps < 1 or args.new_tokens < 2:
+            raise ValueError(f"--reps={args.reps} / --new-tokens={args.new_tokens} are not "
+                             "allowed: at least 1 pair and 2 new tokens")
+        if check is not None:
+            check(args)
+    except ValueError as e:
+        print(f"{name}.py: error: {e}", file=sys.stderr)
+        return 2
+    run_and_write(name, args, run)
+    return 0
