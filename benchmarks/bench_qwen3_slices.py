@@ -2,17 +2,18 @@
 
 moekit language models with Qwen3-30B-A3B's shapes (D=2048; 32 query and 4 key/value
 heads of 128 with per-head q / k norms; 128 experts top-8 of F=768, renormalized;
-V=151,936, untied head) and L = 2 and 4 of its layers, random weights; int4 (g64) then
-bf16. Per dtype: the decode step at batch 1 after a 32-token prompt (the generation
-engine; the two slices alternate, the order swapped every pair, medians), the cost of
-one layer (the median over pairs of (4-layer step - 2-layer step) / 2) and of the rest
-(embedding, final norm, LM head: the 2-layer step less 2 layers), and the full model's
-step extrapolated as rest + 48 layers, beside its bytes per step (bench_decode's
-``roofline``: 8 experts per layer at batch 1) at the mean of the read bandwidth measured
-before and after the dtype's pairs. An extrapolation,
-not a run of the real model: its bf16 weights (61 GB) do not fit this machine, and
-random weights route differently from trained ones (at batch 1 each layer reads 8
-experts either way).
+V=151,936, untied head) and L = 2 and 4 of its layers, random weights; int4 (g64, fp32
+activations: what `moekit quantize` writes and `moekit generate` runs) then bf16. Per
+dtype: the decode step at batch 1 after a 32-token prompt (the generation engine; the two
+slices alternate, the order swapped every pair, medians), the cost of one layer (the
+median over pairs of (4-layer step - 2-layer step) / 2) and of the rest (embedding,
+final norm, LM head: the 2-layer step less 2 layers), and the full model's step
+extrapolated as rest + 48 layers, beside its bytes per step (bench_decode's
+``roofline``: 8 experts per layer at batch 1) at the mean of the read bandwidth
+measured before and after the dtype's pairs; and where the 4-layer step's time goes
+(DecodeStep's timers, ms per step by part). An extrapolation, not a run of the real
+model: its bf16 weights (61 GB) do not fit this machine, and random weights route
+differently from trained ones (at batch 1 each layer reads 8 experts either way).
 
     python benchmarks/bench_qwen3_slices.py [--reps 9] [--new-tokens 24] [--out FILE]
 """
@@ -60,13 +61,36 @@ def build(num_layers: int, seed: int = 0) -> MoETransformer:
     return model.eval()
 
 
+def parts(model: MoETransformer, ids, steps: int = 30) -> dict[str, float]:
+    """Wall ms per decode step of each part of the one-call step (DecodeStep's own timers:
+    attention projections, attend_one, experts gate_up / down_combine, LM head, ...)."""
+    from moekit.inference.decode_plan import DecodePlan
+    from moekit.models.transformer import StaticKVCache
+
+    cache = StaticKVCache.for_model(model, 1, ids.shape[1] + steps + 8)
+    cache.reset()
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+        nxt = model.infer(ids, cache).argmax(-1)[:, None]
+        for _ in range(3):
+            nxt = plan.step(nxt, cache, greedy=True)[:, None]
+        plan.native.set_timing(True)
+        for _ in range(steps):
+            nxt = plan.step(nxt, cache, greedy=True)[:, None]
+        plan.native.set_timing(False)
+    return {part: ns / steps / 1e6 for part, ns in plan.native.times() if ns}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     models = {L: build(L) for L in SLICES}
     ids = bd.prompts(1, bd.PROMPT_LEN)
     rows = []
     for dtype in ("int4", "bf16"):
         if dtype == "int4":
-            models = {L: moekit.quantize(m, bits=4, group_size=64) for L, m in models.items()}
+            # fp32 activations, as `moekit quantize` writes a model and `moekit generate`
+            # loads it by default (the unquantized norms and router back in fp32)
+            models = {L: moekit.quantize(m, bits=4, group_size=64).float()
+                      for L, m in models.items()}
         else:  # the bf16 models again (quantize replaced their weights)
             del models
             models = {L: build(L) for L in SLICES}
@@ -99,7 +123,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                      "full_48_layers_ms": full, "full_48_layers_roofline_ms": full_roof,
                      "full_tokens_per_s": 1e3 / full,
                      "full_fraction_of_roofline": full_roof / full,
-                     "pairs": args.reps})
+                     "pairs": args.reps,
+                     "parts_ms_4_layers": parts(models[SLICES[1]], ids)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
