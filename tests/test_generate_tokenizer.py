@@ -158,6 +158,12 @@ def test_chat_prompts_are_rendered_as_transformers_renders_them(converted, capsy
     assert capsys.readouterr().out == "def hello(world\n" + reply + "\n"
     with pytest.raises(ValueError, match="unknown role tool"):
         render_chat(CHAT, [{"role": "tool", "content": "x"}])
+    # --system: a system message first
+    with_system = [{"role": "system", "content": "Be brief."}, *messages]
+    want = hf_tok.apply_chat_template(with_system, add_generation_prompt=True, tokenize=False)
+    assert want.startswith("<|im_start|>system\nBe brief.")
+    ids = TokenizerText(root / "lm" / "tokenizer").encode_chat("def hello(world", "Be brief.")
+    assert ids == tok.encode(want, add_special_tokens=False).ids
 
 
 def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
@@ -170,6 +176,8 @@ def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "bytes"), "--chat"]) == 2
     assert "--chat is not allowed here: the checkpoint has no tokenizer" in capsys.readouterr().err
     _, _, root = converted
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--system", "x"]) == 2
+    assert "--system='x' is not allowed without --chat" in capsys.readouterr().err
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "tokenizer.json").write_bytes(
         (root / "hf" / "tokenizer.json").read_bytes())

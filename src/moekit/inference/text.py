@@ -93,10 +93,13 @@ class TokenizerText:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids  # with the tokenizer's own special tokens
 
-    def encode_chat(self, text: str) -> list[int]:
-        """``text`` as a user message in the chat template, followed by the assistant's
-        turn; the template writes the special tokens itself."""
-        rendered = render_chat(self._chat_template(), [{"role": "user", "content": text}],
+    def encode_chat(self, text: str, system: str | None = None) -> list[int]:
+        """``text`` as a user message in the chat template (after a ``system`` message
+        where given), followed by the assistant's turn; the template writes the special
+        tokens itself."""
+        messages = [] if system is None else [{"role": "system", "content": system}]
+        rendered = render_chat(self._chat_template(),
+                               [*messages, {"role": "user", "content": text}],
                                **self._special_tokens())
         return self.tokenizer.encode(rendered, add_special_tokens=False).ids
 

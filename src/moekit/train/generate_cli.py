@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user message in the tokenizer's chat template "
                    "(an instruct model's format); needs a tokenizer")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system message before each prompt")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a directory holding tokenizer.json (default: the checkpoint's own, "
                    "which `moekit convert` copies; else UTF-8 bytes)")
@@ -130,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
                              "(moekit's byte-level models have no chat template); give "
                              "--tokenizer DIR")
         cfg = _config(args, text)
-        ids = [text.encode_chat(p) if args.chat else text.encode(p) for p in prompts]
+        if args.system is not None and not args.chat:  # would be silently ignored
+            raise ValueError(f"--system={args.system!r} is not allowed without --chat")
+        ids = [text.encode_chat(p, args.system) if args.chat else text.encode(p)
+               for p in prompts]
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = _load(args)
