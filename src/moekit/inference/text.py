@@ -17,6 +17,7 @@ non-ASCII text, ``raise_exception``, ``strftime_now``), the special tokens by na
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import os
 import shutil
@@ -69,16 +70,12 @@ class TokenizerText:
             reject("tokenizer", str(directory), f"its {path} is not a readable tokenizers "
                    f"file: {e}")
         self.directory = Path(directory)
-        self.stop_ids = self._eos_ids(self.directory)
+        # read once, not per --chat prompt (its special tokens, its template)
+        self.config = _json_object(self.directory / "tokenizer_config.json")
+        self.stop_ids = self._eos_ids()
 
-    def _eos_ids(self, directory: Path) -> tuple[int, ...]:
-        for name in ("generation_config.json", "tokenizer_config.json"):
-            try:
-                config = json.loads((directory / name).read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(config, dict):
-                continue
+    def _eos_ids(self) -> tuple[int, ...]:
+        for config in (_json_object(self.directory / "generation_config.json"), self.config):
             eos = config.get("eos_token_id")
             if isinstance(eos, int):
                 return (eos,)
@@ -103,18 +100,11 @@ class TokenizerText:
                                **self._special_tokens())
         return self.tokenizer.encode(rendered, add_special_tokens=False).ids
 
-    def _config(self) -> dict:
-        try:
-            config = json.loads((self.directory / "tokenizer_config.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return config if isinstance(config, dict) else {}
-
     def _chat_template(self) -> str:
         file = self.directory / "chat_template.jinja"
         if file.is_file():
             return file.read_text()
-        template = self._config().get("chat_template")
+        template = self.config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t.get("template") for t in template
                              if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -125,7 +115,7 @@ class TokenizerText:
 
     def _special_tokens(self) -> dict[str, str]:
         out = {}
-        for key, value in self._config().items():
+        for key, value in self.config.items():
             if key.endswith("_token"):
                 value = value.get("content") if isinstance(value, dict) else value
                 if isinstance(value, str):
@@ -163,6 +153,19 @@ class TokenizerText:
 
 def render_chat(template: str, messages: list[dict], **variables) -> str:
     """A chat template rendered for ``messages`` with the assistant's turn opened."""
+    import jinja2
+
+    try:
+        return _compiled(template).render(messages=messages, add_generation_prompt=True,
+                                          **variables)
+    except jinja2.exceptions.TemplateError as e:
+        reject("--chat", True, f"the chat template failed: {e}")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(template: str):
+    """The template compiled once (not per prompt) in a sandboxed environment with what
+    transformers' chat templates use."""
     import datetime
 
     import jinja2
@@ -180,11 +183,16 @@ def render_chat(template: str, messages: list[dict], **variables) -> str:
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``; {} where it is missing, unreadable or not an object."""
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                **variables)
-    except jinja2.exceptions.TemplateError as e:
-        reject("--chat", True, f"the chat template failed: {e}")
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def find_tokenizer(checkpoint: str | Path) -> Path | None:

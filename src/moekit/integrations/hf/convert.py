@@ -24,6 +24,7 @@ J key/value heads, Dh head size.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -90,7 +91,10 @@ class ShardTensors(Mapping):
             self.where.update(dict.fromkeys(handle.keys(), len(self.handles) - 1))
 
     def as_meta(self) -> ShardTensors:
-        return ShardTensors(self.shards, self.source, meta=True)
+        """The same shards (their handles, headers read once) giving meta tensors."""
+        view = copy.copy(self)
+        view.meta = True
+        return view
 
     def __getitem__(self, name: str) -> Tensor:
         i = self.where[name]
