@@ -66,15 +66,9 @@ def _check(tensors: object, metadata: object) -> None:
 def save_file(tensors: dict[str, Tensor], filename: str | os.PathLike,
               metadata: dict[str, str] | None = None) -> None:
     """Same contract as ``safetensors.torch.save_file`` for CPU or device tensors."""
-    if sys.byteorder != "little":
-        raise RuntimeError("moekit writes safetensors on little-endian machines only")
     _check(tensors, metadata)  # everything before the file is opened: no half-written file
-    header, _ = _layout(tensors, metadata)
-    with open(filename, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for t in tensors.values():  # one tensor's bytes at a time: no copy of the whole dict
-            f.write(raw_bytes(t))
+    # one tensor's bytes at a time: no copy of the whole dict
+    save_stream(tensors, tensors.items(), filename, metadata)
 
 
 def raw_bytes(t: Tensor) -> bytearray:
