@@ -276,20 +276,20 @@ def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
     return w_JRDhD[:, 0].reshape(-1, w_HDhD.shape[-1])
 
 
-def _experts_in(t: dict[str, Tensor], i: int, E: int,
-                fam: Family) -> tuple[Tensor, Tensor, Tensor, str]:
-    """(router [E, D], w_in [E, D, 2F], w_out [E, F, D], layout) of layer i."""
+def _experts_in(t: _Reads, i: int, E: int, fam: Family) -> tuple[Tensor, Tensor, Tensor]:
+    """(router [E, D], w_in [E, D, 2F], w_out [E, F, D]) of layer i (the layout is
+    ``_layout``'s)."""
     stacked = f"{HF_PREFIX}.{i}.mlp.experts.gate_up_proj"
     if stacked in t:  # transformers v5 in-memory names
         w_in = t[stacked].transpose(1, 2)
         w_out = t[f"{HF_PREFIX}.{i}.mlp.experts.down_proj"].transpose(1, 2)
-        return t[f"{HF_PREFIX}.{i}.mlp.gate.weight"], w_in, w_out, "stacked"
+        return t[f"{HF_PREFIX}.{i}.mlp.gate.weight"], w_in, w_out
     p = f"{HF_PREFIX}.{i}.{fam.moe}"
     gate, up, down = fam.gate_up_down
     w_in = torch.stack([torch.cat([t[f"{p}.experts.{e}.{gate}.weight"],
                                    t[f"{p}.experts.{e}.{up}.weight"]]).t() for e in range(E)])
     w_out = torch.stack([t[f"{p}.experts.{e}.{down}.weight"].t() for e in range(E)])
-    return t[f"{p}.gate.weight"], w_in, w_out, "per_expert"
+    return t[f"{p}.gate.weight"], w_in, w_out
 
 
 def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
@@ -368,7 +368,7 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
                 yield f"{b}.attn.{n}_norm.weight", t[f"{a}.self_attn.{n}_norm.weight"]
         yield f"{b}.attn.out.weight", t[f"{a}.self_attn.o_proj.weight"]
         yield f"{b}.ffn_norm.weight", t[f"{a}.post_attention_layernorm.weight"]
-        router, w_in, w_out, _ = _experts_in(t, i, _num_experts(config, fam), fam)
+        router, w_in, w_out = _experts_in(t, i, _num_experts(config, fam), fam)
         yield f"{b}.ffn.router.weight", router
         yield f"{b}.ffn.experts.w_in", w_in
         yield f"{b}.ffn.experts.w_out", w_out
