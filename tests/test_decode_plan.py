@@ -49,6 +49,13 @@ def _variant(name: str):
     if name == "qwen3 int4 bf16":
         return moekit.quantize(_lm(num_kv_heads=2, head_dim=24, qk_norm="head"), bits=4,
                                group_size=32).to(torch.bfloat16)
+    if name.startswith("qwen2"):  # shared experts (gated), q / k / v biases, grouped-query
+        model = _qwen2(gate="ungated" not in name)
+        if "int4" in name:
+            model = moekit.quantize(model, bits=4, group_size=32)
+        if "int8a8" in name:
+            model = moekit.quantize(model, bits=8, activations="int8")
+        return model.to(torch.bfloat16) if "bf16" in name else model
     if name == "int8 untied":  # a float nn.Embedding beside a quantized head
         return moekit.quantize(_lm(tie_embeddings=False), bits=8)
     model = _lm()
@@ -64,6 +71,17 @@ def _variant(name: str):
         return moekit.quantize(model, bits=4, group_size=32, activations="int8")
     if name == "int4 bf16":  # the quantized tied table looked up into bf16 rows
         return moekit.quantize(model, bits=4, group_size=32).to(torch.bfloat16)
+    return model
+
+
+def _qwen2(gate: bool = True):
+    model = _lm(num_kv_heads=2, num_shared_experts=1, shared_ffn_dim=96,
+                shared_expert_gate=gate, qkv_bias=True)
+    with torch.no_grad():  # zero biases (their init) would hide a bias left out
+        for block in model.blocks:
+            block.attn.qkv.bias.uniform_(-0.5, 0.5)
+            if gate:  # a gate far from 0 (sigmoid 0.5 everywhere would hide its scale)
+                block.ffn.shared.gate.normal_(0, 0.5)
     return model
 
 
@@ -106,7 +124,8 @@ def _steps(model, step, prompts, n=6):
 @pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
                                      "int4a8", "int8 untied", "int4 bf16",
                                      "gpt-oss experts", "gqa", "gqa int4 bf16", "qwen3",
-                                     "olmoe", "qwen3 int4 bf16"])
+                                     "olmoe", "qwen3 int4 bf16", "qwen2", "qwen2 bf16",
+                                     "qwen2 ungated bf16", "qwen2 int4 bf16", "qwen2 int8a8"])
 @pytest.mark.parametrize("prompts", [[[1, 2, 3]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]],
                          ids=["one", "padded"])
 def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
@@ -117,7 +136,8 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     quantized_table = isinstance(model.embed, QuantizedEmbedding)
     assert quantized_table == (variant not in ("fp32", "sigmoid", "bf16", "int8 untied",
                                                "gpt-oss experts", "gqa", "qwen3",
-                                               "olmoe"))
+                                               "olmoe", "qwen2", "qwen2 bf16",
+                                               "qwen2 ungated bf16"))
     fast = _steps(model, plan.step, prompts)
     slow = _steps(model, model.infer, prompts)
     assert fast.dtype == slow.dtype == model.norm.weight.dtype
@@ -198,7 +218,8 @@ def test_engine_generates_the_same_tokens_with_and_without_the_plan(monkeypatch,
 
 
 @pytest.mark.parametrize("what", ["dense layer", "hash router", "fused backend",
-                                  "shared experts", "softmax with bias", "other experts"])
+                                  "fp64 shared experts", "softmax with bias",
+                                  "other experts"])
 def test_no_plan_where_a_part_leaves_the_kernels(what):
     if what == "dense layer":
         model = _lm(moe_every=2)
@@ -215,7 +236,7 @@ def test_no_plan_where_a_part_leaves_the_kernels(what):
             moe.experts.__class__ = type("Other", (type(moe.experts),), {})
         else:
             moe.shared = moekit.experts.SharedExperts(moekit.MoEConfig(
-                dim=64, ffn_dim=32, num_experts=8, top_k=2, num_shared_experts=1))
+                dim=64, ffn_dim=32, num_experts=8, top_k=2, num_shared_experts=1)).double()
     with torch.inference_mode():
         assert DecodePlan.build(model) is None
 

@@ -11,6 +11,7 @@ import torch
 
 from moekit import MoE, MoEConfig
 from moekit.experts.backends import BACKENDS
+from moekit.functions import decode
 from tests.reference import ref_moe
 
 D, F = 16, 8  # 16-byte aligned in fp32 and bf16, so grouped_mm backends run too
@@ -180,6 +181,30 @@ def test_shared_experts(gate, dtype, atol, rtol):
     moe, x, _ = build((2, 7), 4, 2, dtype, num_shared_experts=2, shared_expert_gate=gate)
     assert moe.shared.w_out.shape == (2 * F, D)
     check_against_reference(moe, x, None, atol, rtol)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "swiglu_oai", "relu2", "gelu"])
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES, ids=["fp32", "bf16"])
+def test_shared_experts_on_the_decode_kernels(activation, dtype, atol, rtol, monkeypatch):
+    """Few rows without autograd: the shared experts' two kernel calls (decode.shared_rows,
+    the gate as the down projection's combine weight, biases) against the reference."""
+    moe, x, _ = build((3,), 4, 2, dtype, num_shared_experts=2, shared_expert_gate=True,
+                      expert_bias=True, activation=activation, swiglu_limit=1.5)
+    with torch.no_grad():
+        for b in (moe.shared.b_in, moe.shared.b_out):
+            b.normal_()
+    calls = []
+    shared_rows = decode.shared_rows
+    monkeypatch.setattr(decode, "shared_rows", lambda *a: calls.append(1) or shared_rows(*a))
+    with torch.no_grad():
+        y, _, _ = moe.eval()(x)
+        assert len(calls) == 1
+        y_ref, _, _ = ref_moe(moe, x.detach())
+    assert_close(y, y_ref, atol, rtol, "output")
+    y_grad = moe.shared(x)  # autograd on: the torch ops, which give the same
+    assert len(calls) == 1
+    with torch.no_grad():
+        assert_close(moe.shared(x), y_grad, atol, rtol, "kernel vs torch ops")
 
 
 def test_odd_dims_use_a_fallback_and_match():

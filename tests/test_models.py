@@ -27,7 +27,8 @@ def tiny(**changes) -> LMConfig:
     ("capacity_factor", -2.0), ("max_seq_len", 1.5), ("dense", "yes"),
     ("num_kv_heads", 0), ("num_kv_heads", 3), ("num_kv_heads", True),
     ("head_dim", 0), ("head_dim", 7), ("head_dim", 8.0), ("qk_norm", "layer"),
-    ("qk_norm", None), ("renormalize", "no"),
+    ("qk_norm", None), ("renormalize", "no"), ("qkv_bias", 1), ("num_shared_experts", -1),
+    ("shared_ffn_dim", 24), ("shared_expert_gate", True), ("shared_expert_gate", "yes"),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -53,7 +54,10 @@ def naive_attention(x_BLD, attn: Attention, cos, sin):
     float64 before rotary."""
     B, L, D = x_BLD.shape
     H, J, Dh = attn.num_heads, attn.kv_heads, attn.head_dim
-    q, k, v = (x_BLD @ attn.qkv.weight.T).split([H * Dh, J * Dh, J * Dh], dim=-1)
+    qkv = x_BLD @ attn.qkv.weight.T
+    if attn.qkv.bias is not None:
+        qkv = qkv + attn.qkv.bias
+    q, k, v = qkv.split([H * Dh, J * Dh, J * Dh], dim=-1)
     if attn.qk_norm == "full":
         q, k = _rms(q, attn.q_norm.weight, attn.q_norm.eps), _rms(k, attn.k_norm.weight,
                                                                  attn.k_norm.eps)
@@ -87,12 +91,16 @@ def test_rotary_rotates_pairs_by_position_angle():
 
 @pytest.mark.parametrize("changes", [
     {}, dict(num_heads=4, num_kv_heads=2, head_dim=12, qk_norm="head"),
-    dict(num_heads=4, num_kv_heads=1, qk_norm="full"), dict(head_dim=6)],
-    ids=["mha", "qwen3-like", "olmoe-like", "narrow-heads"])
+    dict(num_heads=4, num_kv_heads=1, qk_norm="full"), dict(head_dim=6),
+    dict(num_heads=4, num_kv_heads=2, qkv_bias=True)],
+    ids=["mha", "qwen3-like", "olmoe-like", "narrow-heads", "qwen2-like"])
 def test_attention_matches_naive_oracle(changes):
     torch.manual_seed(0)
     cfg = tiny(**changes)
     attn = Attention(cfg, 0)
+    if attn.qkv.bias is not None:
+        with torch.no_grad():
+            attn.qkv.bias.uniform_(-1, 1)
     if attn.q_norm is not None:
         with torch.no_grad():
             attn.q_norm.weight.uniform_(0.5, 1.5)
@@ -106,17 +114,23 @@ def test_attention_matches_naive_oracle(changes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("changes", [dict(num_heads=4, num_kv_heads=2, head_dim=12,
                                           qk_norm="head"),
-                                     dict(num_heads=4, qk_norm="full", renormalize=False)],
-                         ids=["qwen3-like", "olmoe-like"])
+                                     dict(num_heads=4, qk_norm="full", renormalize=False),
+                                     dict(num_heads=4, num_kv_heads=2, qkv_bias=True,
+                                          num_shared_experts=1, shared_ffn_dim=24,
+                                          shared_expert_gate=True)],
+                         ids=["qwen3-like", "olmoe-like", "qwen2-like"])
 def test_decode_steps_with_qk_norms_match_the_full_forward(changes, dtype):
-    """The decode step's q / k norms (a C++ call on the qkv rows, before attend_one) give
-    the logits of the full forward (torch's norms on the heads), a row at a time."""
+    """The decode step's q / k norms (a C++ call on the qkv rows, before attend_one), and
+    its qkv biases and shared experts (kernel calls), give the logits of the full forward
+    (torch's ops), a row at a time."""
     torch.manual_seed(0)
     model = MoETransformer(tiny(**changes)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("qkv.bias") or name.endswith("shared.gate"):
+                p.uniform_(-1, 1)
     model = model.to(dtype)
     ids = torch.randint(256, (2, 12))
     with torch.inference_mode():
@@ -302,3 +316,15 @@ def test_train_flags_set_head_size_and_qk_norms():
         train_cli.configs_from_args(parser.parse_args(["--head-dim", "7"]))
     with pytest.raises(SystemExit):  # argparse names the choices
         parser.parse_args(["--qk-norm", "layer"])
+    lm, _ = train_cli.configs_from_args(parser.parse_args(
+        ["--qkv-bias", "--shared-experts", "2", "--shared-ffn-dim", "96",
+         "--shared-expert-gate"]))
+    assert (lm.qkv_bias, lm.num_shared_experts, lm.shared_dim, lm.shared_expert_gate) == \
+        (True, 2, 96, True)
+    assert (lm.top_k * lm.ffn_dim + 96) == lm.active_ffn_dim
+    model = MoETransformer(lm)
+    assert model.blocks[0].attn.qkv.bias is not None
+    assert model.blocks[0].ffn.shared.w_out.shape == (96, lm.dim)
+    plain, _ = train_cli.configs_from_args(parser.parse_args([]))
+    assert (plain.qkv_bias, plain.num_shared_experts, plain.shared_expert_gate) == \
+        (False, 0, False)

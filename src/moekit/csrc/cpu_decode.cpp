@@ -3161,6 +3161,11 @@ struct StepLayer {
   c10::optional<torch::Tensor> q_norm, k_norm;
   double qk_eps = 0.0;
   int64_t q_width = 0, k_width = 0;
+  c10::optional<torch::Tensor> qkv_bias;  // in the activations' dtype, added after qkv
+  // shared experts (decode.shared_rows' arguments), absent where the layer has none:
+  // [1, D, G] / [1, F, D] weights, biases [1, G] / [1, D], the gate [D, 1] fp32
+  c10::optional<Proj> sh_in, sh_out;
+  c10::optional<torch::Tensor> sh_b_in, sh_b_out, sh_gate;
 };
 
 // A decode step of a model whose every part takes the kernels (DecodePlan in
@@ -3216,6 +3221,15 @@ class DecodeStep {
         ly.qk_eps = qk[2].cast<double>();
         ly.q_width = qk[3].cast<int64_t>(), ly.k_width = qk[4].cast<int64_t>();
       }
+      StepLayer& ly = layers_.back();
+      ly.qkv_bias = at("qkv_bias").cast<c10::optional<torch::Tensor>>();
+      if (!at("shared").is_none()) {  // (w_in, w_out, b_in, b_out, gate)
+        const auto sh = tuple("shared");
+        ly.sh_in.emplace(sh[0].cast<py::tuple>()), ly.sh_out.emplace(sh[1].cast<py::tuple>());
+        ly.sh_b_in = sh[2].cast<c10::optional<torch::Tensor>>();
+        ly.sh_b_out = sh[3].cast<c10::optional<torch::Tensor>>();
+        ly.sh_gate = sh[4].cast<c10::optional<torch::Tensor>>();
+      }
     }
   }
 
@@ -3260,6 +3274,7 @@ class DecodeStep {
       const StepLayer& ly = layers_[i];
       const auto hq = in(h);
       auto qkv = out(timed(PROJ, [&] { return ly.qkv.apply(hq, rows_R, ends_1); }));
+      if (ly.qkv_bias) qkv = timed(PROJ, [&] { return qkv + *ly.qkv_bias; });
       const auto y = timed(ATTEND, [&] {
         if (ly.q_norm) qk_norm_(qkv, *ly.q_norm, *ly.k_norm, ly.qk_eps, ly.q_width, ly.k_width);
         return attend_one(qkv, cos_XDh, sin_XDh, k_L[i], v_L[i], P, valid_BM);
@@ -3283,7 +3298,22 @@ class DecodeStep {
                      ly.w_out.bits, ly.w_out.group, ly.b_out, o);
         return o;
       });
-      const auto o_dt = out(o);
+      auto o_dt = out(o);
+      if (ly.sh_in) {  // decode.shared_rows, then added as MoE.infer adds it
+        const auto sh = timed(SHARED, [&] {
+          const int64_t R = h32.size(0);
+          const auto g = gate_up(h32, rows_R, ends_1, ly.sh_in->data, ly.sh_in->scales,
+                                 ly.sh_in->zeros, ly.sh_in->bits, ly.sh_in->group, ly.sh_b_in,
+                                 ly.act, ly.limit, ly.alpha);
+          const auto w = ly.sh_gate ? at::sigmoid(at::mm(h32, *ly.sh_gate)).view(-1)
+                                    : torch::ones({R}, h32.options());
+          auto o = torch::empty_like(h32);
+          down_combine(g, rows_R, w, ends_1, ly.sh_out->data, ly.sh_out->scales,
+                       ly.sh_out->zeros, ly.sh_out->bits, ly.sh_out->group, ly.sh_b_out, o);
+          return o;
+        });
+        o_dt = o_dt + out(sh);
+      }
       s = timed(NORMS, [&] { return add_rms_norm(x, o_dt, ly.next_norm, ly.next_eps); });
       x = s[0];
       h = s[1];
@@ -3399,12 +3429,13 @@ class DecodeStep {
 
  private:
   enum Part {
-    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, HEAD, CONVERT, ROTARY, PICK,
-    NPARTS
+    EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, SHARED, HEAD, CONVERT, ROTARY,
+    PICK, NPARTS
   };
   static constexpr const char* PART_NAMES[NPARTS] = {
       "embedding", "norms", "attention projections", "attend_one",
-      "router + route_sort", "experts gate_up", "experts down_combine", "LM head",
+      "router + route_sort", "experts gate_up", "experts down_combine", "shared experts",
+      "LM head",
       "bf16 conversions", "rotary rows", "argmax / sampling"};
 
   // (arange(R), [R] as int32): every row on the one "expert" of a dense projection, made

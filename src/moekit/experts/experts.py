@@ -161,6 +161,11 @@ class SharedExperts(nn.Module):
             nn.init.normal_(self.gate, std=1.0 / math.sqrt(D))
 
     def forward(self, x_TD: Tensor) -> Tensor:
+        if self._kernel_ok(x_TD):  # a decode step's rows: two kernel calls
+            cfg = self.cfg
+            return decode.shared_rows(x_TD, self.w_in, self.w_out, self.b_in, self.b_out,
+                                      self.gate, (cfg.activation, cfg.swiglu_limit,
+                                                  cfg.swiglu_alpha))
         # project: the decode kernel for few rows without autograd, and quantized weights
         h = decode.project(x_TD, self.w_in)
         h = activate(h if self.b_in is None else h + self.b_in, self.cfg)
@@ -170,3 +175,12 @@ class SharedExperts(nn.Module):
         if self.gate is not None:
             y = torch.sigmoid(F.linear(x_TD, self.gate)) * y
         return y
+
+    def _kernel_ok(self, x_TD: Tensor) -> bool:
+        """Whether ``decode.shared_rows`` runs: few rows of fp32 / bf16 on the CPU without
+        autograd, weights quantized or of x's dtype, an activation the kernels fuse."""
+        return (self.cfg.activation in decode.ACT_CODES and not torch.is_grad_enabled()
+                and x_TD.dtype in decode.STEP_DTYPES
+                and decode.dense_kernel_ok(x_TD, self.w_in, x_TD.shape[0])
+                and all(isinstance(w, QuantizedTensor) or w.dtype == x_TD.dtype
+                        for w in (self.w_in, self.w_out)))

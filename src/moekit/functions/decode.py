@@ -415,12 +415,35 @@ def dense_rows(x_TK: Tensor, w_1KN: Tensor | QuantizedTensor) -> Tensor:
     return y if y.dtype == x_TK.dtype else y.to(x_TK.dtype)
 
 
+def shared_rows(x_TD: Tensor, w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
+                b_in_G: Tensor | None, b_out_D: Tensor | None, gate_1D: Tensor | None,
+                spec: tuple[str, float, float]) -> Tensor:
+    """Shared experts (one FFN every row goes through) on the decode kernels: gate+up with
+    the activation fused, then the down projection whose combine weight is
+    sigmoid(x @ gate) per row (Qwen2-MoE's shared-expert gate; 1 without one). ``w_in``
+    [D, G] / ``w_out`` [F, D] float or [1, D, G] / [1, F, D] quantized; output in x's
+    dtype. DecodeStep (csrc/cpu_decode.cpp) makes the same calls."""
+    ext, code, limit, alpha = _kernels(spec)
+    x = _plain_f32(x_TD)
+    rows_T, ends_1 = _all_rows(x.shape[0])
+    w_in = w_in if isinstance(w_in, QuantizedTensor) else w_in[None]
+    w_out = w_out if isinstance(w_out, QuantizedTensor) else w_out[None]
+    h = ext.gate_up(x, rows_T, ends_1, *_wargs(w_in),
+                    None if b_in_G is None else _f32(b_in_G[None]), code, limit, alpha)
+    weight_T = (torch.ones(x.shape[0]) if gate_1D is None
+                else torch.sigmoid(torch.mm(x, _f32(gate_1D).t())).view(-1))
+    out = torch.empty_like(x)
+    ext.down_combine(h, rows_T, weight_T, ends_1, *_wargs(w_out),
+                     None if b_out_D is None else _f32(b_out_D[None]), out)
+    return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
+
+
 _ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}
 
 
 def _all_rows(T: int) -> tuple[Tensor, Tensor]:
     """(arange(T), [T] as int32): every row routed to the one expert; made once per T
-    (T <= 32 here), since the kernel only reads them."""
+    (a decode step's rows), since the kernel only reads them."""
     if T not in _ALL_ROWS:
         _ALL_ROWS[T] = torch.arange(T), torch.full((1,), T, dtype=torch.int32)
     return _ALL_ROWS[T]

@@ -6,8 +6,9 @@ conversions) around 8 kernel calls. At batch 1 with int8 weights that was ~0.9 m
 a 3.3 ms step (fine model of bench_decode, 2 threads). ``DecodePlan.build(model)``
 resolves those choices once, for a model whose every part takes the kernel path
 (fp32 or bf16 activations; moekit's own MoE blocks and resident experts with a kernel
-router, no shared experts, backend "auto" and a kernel activation; bias-free float or
-quantized projections; an ``nn.Embedding`` or a ``QuantizedEmbedding``), and
+router, backend "auto" and a kernel activation, shared experts or none; float or
+quantized projections, biases on qkv only; an ``nn.Embedding`` or a
+``QuantizedEmbedding``), and
 ``plan.step(ids, cache)`` then makes the same kernel calls with the same arguments,
 all of them (the embedding, the norms, every layer, the LM head) inside one C++ call
 (``DecodeStep`` in ``moekit/csrc/cpu_decode.cpp``): the logits are bitwise those of
@@ -52,16 +53,23 @@ class _Layer:
     b_out: Tensor | None
     act: tuple[int, float, float]  # (code, swiglu limit, swiglu alpha)
     qk_norm: tuple | None  # (q_w, k_w, eps, q_width, k_width) of decode.qk_norm_, or None
+    qkv_bias: Tensor | None  # added to the qkv projection's output (Linear.forward)
+    # decode.shared_rows' arguments: (w_in, w_out, b_in [1, G], b_out [1, D], gate [D, 1]
+    # fp32 or None); None: no shared experts
+    shared: tuple | None
 
 
 def _projection(module, dtype: torch.dtype) -> tuple | None:
-    """Kernel arguments of a bias-free [K -> N] projection, or None (not plannable)."""
+    """(kind, kernel arguments, bias in ``dtype`` or None) of a [K -> N] projection, or
+    None (not plannable). The bias is added to the kernel's output in ``dtype``, as
+    ``Linear`` and ``QuantizedLinear`` add it."""
     from moekit.models.transformer import Linear
 
-    if isinstance(module, QuantizedLinear) and module.bias is None:
-        return ("quant", decode._wargs(module.weight))
-    if type(module) is Linear and module.bias is None and module.weight.dtype == dtype:
-        return ("float", decode._wargs(module.weight[None].transpose(1, 2)))
+    bias = None if module.bias is None else module.bias.detach().to(dtype)
+    if isinstance(module, QuantizedLinear):
+        return ("quant", decode._wargs(module.weight), bias)
+    if type(module) is Linear and module.weight.dtype == dtype:
+        return ("float", decode._wargs(module.weight[None].transpose(1, 2)), bias)
     return None
 
 
@@ -98,7 +106,7 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     if type(moe) is not MoE or type(moe.experts) is not Experts:
         return None
     ex = moe.experts
-    if ex.backend != "auto" or moe.shared is not None or moe.config.capacity_factor is not None:
+    if ex.backend != "auto" or moe.config.capacity_factor is not None:
         return None
     spec = moe.router.kernel_spec()
     act = backends._kernel_spec(ex._act)
@@ -116,6 +124,31 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     return (quantized, decode._wargs(router.float()[None].transpose(1, 2)), route,
             decode._wargs(ex.w_in), decode._wargs(ex.w_out), decode._f32(ex.b_in),
             decode._f32(ex.b_out), (code, *act[1:]))
+
+
+def _shared(moe, dtype: torch.dtype) -> tuple | None | bool:
+    """decode.shared_rows' arguments for the layer's shared experts, None where it has
+    none, False where they would not take the kernel (SharedExperts._kernel_ok)."""
+    sh = moe.shared
+    if sh is None:
+        return None
+    w = (sh.w_in, sh.w_out)
+    if sh.cfg.activation not in decode.ACT_CODES or not all(
+            isinstance(t, QuantizedTensor) or t.dtype == dtype for t in w):
+        return False
+    w = tuple(t if isinstance(t, QuantizedTensor) else t[None] for t in w)
+    b_in, b_out = (None if b is None else decode._f32(b[None]) for b in (sh.b_in, sh.b_out))
+    gate = None if sh.gate is None else decode._f32(sh.gate).t()  # as shared_rows' mm
+    return (decode._wargs(w[0]), decode._wargs(w[1]), b_in, b_out, gate)
+
+
+def _shared_max_rows(moe) -> int:
+    """Rows up to which the shared experts take the kernel (``decode.dense_kernel_ok``):
+    int8-activation weights go to the GEMM from A8_LINEAR_MIN_ROWS on."""
+    w = moe.shared.w_in if moe.shared is not None else None
+    if isinstance(w, QuantizedTensor) and w.activations == "int8" and decode.int8_gemm_here():
+        return decode.A8_LINEAR_MIN_ROWS[w.bits] - 1
+    return 1 << 30
 
 
 class DecodePlan:
@@ -153,12 +186,16 @@ class DecodePlan:
         if head is None or embed is None:
             return None
         norms = [b.attn_norm for b in model.blocks[1:]] + [model.norm]
-        layers, kinds, experts_rows = [], {head[0]}, []
+        if head[2] is not None:
+            return None
+        layers, kinds, experts_rows, shared_rows = [], {head[0]}, [], 1 << 30
         for block, nxt in zip(model.blocks, norms, strict=True):
             qkv, out = _projection(block.attn.qkv, dtype), _projection(block.attn.out, dtype)
             ex = _experts(block.ffn, dtype) if block.is_moe else None
             qk_norm = _qk_norm(block.attn, dtype)
-            if qkv is None or out is None or ex is None or qk_norm is False:
+            shared = _shared(block.ffn, dtype) if block.is_moe else False
+            if (qkv is None or out is None or out[2] is not None or ex is None
+                    or qk_norm is False or shared is False):
                 return None
             quantized, router, route, w_in, w_out, b_in, b_out, act = ex
             kinds |= {qkv[0], out[0]}
@@ -168,12 +205,17 @@ class DecodePlan:
                     dtype, fx.w_in, fx.w_out, fx.b_in is not None or fx.b_out is not None,
                     backends._kind(fx._act))
                 if quantized else backends.decode_max_rows(block.ffn.config.num_experts))
+            if shared is not None:  # the projection kernels' row limits apply to it too
+                kinds.add("quant" if isinstance(block.ffn.shared.w_in, QuantizedTensor)
+                          else "float")
+                shared_rows = min(shared_rows, _shared_max_rows(block.ffn))
             layers.append(_Layer(qkv[1], out[1], (block.ffn_norm.weight, block.ffn_norm.eps),
                                  (nxt.weight, nxt.eps), router, route, w_in, w_out, b_in,
-                                 b_out, act, qk_norm))
+                                 b_out, act, qk_norm, qkv[2], shared))
         expert_rows = min(experts_rows)
         float_rows = decode.float_kernel_max_rows(dtype) if "float" in kinds else 1 << 30
         quant_rows = decode.QUANT_LINEAR_MAX_ROWS if "quant" in kinds else 1 << 30
+        quant_rows = min(quant_rows, shared_rows)
         return cls(model, layers, head[1], embed, float_rows, quant_rows, expert_rows)
 
     def step(self, ids_R1: Tensor, cache, greedy: bool = False,

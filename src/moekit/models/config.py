@@ -46,6 +46,7 @@ class LMConfig(FrozenConfig):
     # RMSNorm on q and k before rotary: "head" over each head's Dh (Qwen3-MoE), "full"
     # over all H Dh of q and all J Dh of k (OLMoE), "none"
     qk_norm: str = "none"
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
     max_seq_len: int = 256  # longest context (rotary table size)
     ffn_dim: int = 256  # F, hidden size of one expert
     num_experts: int = 8  # E
@@ -55,6 +56,12 @@ class LMConfig(FrozenConfig):
     # the K chosen weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob);
     # False: the router's probabilities as they are (OLMoE)
     renormalize: bool = True
+    # shared experts in every MoE layer: a dense SwiGLU every token goes through, of hidden
+    # size shared_ffn_dim (None: num_shared_experts * F), its output scaled by
+    # sigmoid(h @ w) with shared_expert_gate (Qwen2-MoE), added to the routed experts'
+    num_shared_experts: int = 0
+    shared_ffn_dim: int | None = None
+    shared_expert_gate: bool = False
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 0.0  # aux-loss-free balancing (driven by the trainer)
@@ -96,7 +103,7 @@ class LMConfig(FrozenConfig):
         check_number("init_std", self.init_std, 0, 1)
         check_number("rope_theta", self.rope_theta, 0, 1e12, low_open=True)
         check_number("norm_eps", self.norm_eps, 0, 1, low_open=True)
-        for name in ("dense", "tie_embeddings", "renormalize"):
+        for name in ("dense", "tie_embeddings", "renormalize", "qkv_bias"):
             check_bool(name, getattr(self, name))
         if self.capacity_factor is not None:
             check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
@@ -108,6 +115,11 @@ class LMConfig(FrozenConfig):
                    f"it must be <= {MAX_HASH_VOCAB} with router='hash' (one table row per id)")
         if not self.dense:
             self.moe_config(0)  # MoEConfig validates top_k, router, capacity, ...
+        else:  # the shared experts' fields, which the dense FFN's size counts
+            MoEConfig(dim=self.dim, ffn_dim=self.ffn_dim,
+                      num_shared_experts=self.num_shared_experts,
+                      shared_ffn_dim=self.shared_ffn_dim,
+                      shared_expert_gate=self.shared_expert_gate)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layers moe_every-1, 2*moe_every-1, ... are MoE (all layers when moe_every=1)."""
@@ -124,9 +136,15 @@ class LMConfig(FrozenConfig):
         return self.dim // self.num_heads if self.head_dim is None else self.head_dim
 
     @property
+    def shared_dim(self) -> int:
+        """Hidden size of one MoE layer's shared experts (0: none)."""
+        return self.shared_ffn_dim or self.num_shared_experts * self.ffn_dim
+
+    @property
     def active_ffn_dim(self) -> int:
-        """Hidden size of the dense FFN with the same active parameters per token."""
-        return self.top_k * self.ffn_dim
+        """Hidden size of the dense FFN with the same active parameters per token (the K
+        routed experts and the shared ones)."""
+        return self.top_k * self.ffn_dim + self.shared_dim
 
     def moe_config(self, layer: int) -> MoEConfig:
         del layer  # every MoE layer is configured alike
@@ -136,6 +154,8 @@ class LMConfig(FrozenConfig):
             aux_loss_coef=self.aux_loss_coef,
             z_loss_coef=self.z_loss_coef, bias_update_rate=self.bias_update_rate,
             capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,
+            num_shared_experts=self.num_shared_experts, shared_ffn_dim=self.shared_ffn_dim,
+            shared_expert_gate=self.shared_expert_gate,
             hash_vocab_size=self.vocab_size if self.router == "hash" else None)
 
 

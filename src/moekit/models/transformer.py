@@ -28,12 +28,14 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state_dict) whose few-row inference (decode,
     no autograd, CPU) runs on the decode kernel: one [1024 -> 3072] projection at 1
     row takes 0.65x (fp32) / 0.46x (bf16) the time of torch's GEMM (see
-    ``functions/decode.py``). Everything else is ``F.linear``."""
+    ``functions/decode.py``), the bias added after it. Everything else is ``F.linear``."""
 
     def forward(self, x: Tensor) -> Tensor:
         x_TK = x.reshape(-1, x.shape[-1])
-        if self.bias is None and decode.dense_kernel_ok(x, self.weight, x_TK.shape[0]):
+        if decode.dense_kernel_ok(x, self.weight, x_TK.shape[0]):
             y = decode.dense_rows(x_TK, self.weight[None].transpose(1, 2))
+            if self.bias is not None:  # as QuantizedLinear adds it (DecodePlan: the same)
+                y = y + self.bias.to(y.dtype)
             return y.view(*x.shape[:-1], y.shape[-1])
         return super().forward(x)
 
@@ -215,7 +217,7 @@ class Attention(nn.Module):
         H, J, Dh = cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.num_heads, self.kv_heads, self.head_dim = H, J, Dh
         # [q | k | v]: H query heads, then J key and J value heads, Dh each
-        self.qkv = Linear(cfg.dim, (H + 2 * J) * Dh, bias=False)
+        self.qkv = Linear(cfg.dim, (H + 2 * J) * Dh, bias=cfg.qkv_bias)
         self.out = Linear(H * Dh, cfg.dim, bias=False)
         # RMSNorms of q and k before rotary: over each head ("head"), or all heads ("full")
         self.qk_norm = cfg.qk_norm
@@ -368,12 +370,19 @@ class MoETransformer(nn.Module):
             nn.init.normal_(self.head.weight, std=std)
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=std)
+            if block.attn.qkv.bias is not None:
+                nn.init.zeros_(block.attn.qkv.bias)
             nn.init.normal_(block.attn.out.weight, std=std * out_scale)
             # dense and MoE FFNs get the same per-weight scales so the comparison is fair
             if block.is_moe:
                 experts = block.ffn.experts
                 nn.init.normal_(experts.w_in, std=std)
                 nn.init.normal_(experts.w_out, std=std * out_scale)
+                if (shared := block.ffn.shared) is not None:
+                    nn.init.normal_(shared.w_in, std=std)
+                    nn.init.normal_(shared.w_out, std=std * out_scale)
+                    if shared.gate is not None:
+                        nn.init.normal_(shared.gate, std=std)
             else:
                 nn.init.normal_(block.ffn.w_in.weight, std=std)
                 nn.init.normal_(block.ffn.w_out.weight, std=std * out_scale)

@@ -183,17 +183,21 @@ def from_moe_config(cfg: MoEConfig, num_layers: int = 1) -> ModelSpec:
 
 def from_lm_config(cfg: Any) -> ModelSpec:
     """The moekit language model (moekit.models.LMConfig): RMSNorm pre-norm blocks,
-    fused bias-free qkv (heads of ``head_size``, the config's q / k norms), SwiGLU
-    experts, dense layers of hidden K*F between MoE layers."""
-    dense_ffn = cfg.top_k * cfg.ffn_dim
+    fused qkv (heads of ``head_size``, its biases and q / k norms where the config has
+    them), SwiGLU experts and shared experts, dense layers of ``active_ffn_dim`` between
+    MoE layers."""
+    dense_ffn = cfg.active_ffn_dim
     return ModelSpec(
         name="moekit-lm", num_layers=cfg.num_layers, dim=cfg.dim, vocab_size=cfg.vocab_size,
         tied_embeddings=cfg.tie_embeddings, num_heads=cfg.num_heads,
         num_kv_heads=cfg.kv_heads, head_dim=cfg.head_size, qk_norm=cfg.qk_norm,
-        dense_ffn_dim=dense_ffn,
+        qkv_bias=cfg.qkv_bias, dense_ffn_dim=dense_ffn,
         num_dense_layers=cfg.num_layers if cfg.dense else 0,
         moe_every=cfg.moe_every, num_experts=1 if cfg.dense else cfg.num_experts,
         top_k=1 if cfg.dense else cfg.top_k, expert_ffn_dim=cfg.ffn_dim,
+        num_shared_experts=0 if cfg.dense else cfg.num_shared_experts,
+        shared_ffn_dim=0 if cfg.dense else cfg.shared_dim,
+        shared_expert_gate=cfg.shared_expert_gate and not cfg.dense,
         noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash")
 
 

@@ -25,6 +25,8 @@ DEFAULT_OUT = "runs/train"
 # model flag -> LMConfig field (None = keep the preset's value)
 MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
                "kv_heads": "num_kv_heads", "head_dim": "head_dim", "qk_norm": "qk_norm",
+               "qkv_bias": "qkv_bias", "shared_experts": "num_shared_experts",
+               "shared_ffn_dim": "shared_ffn_dim", "shared_expert_gate": "shared_expert_gate",
                "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
                "moe_every": "moe_every", "router": "router",
                "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
@@ -51,10 +53,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qk-norm", choices=QK_NORMS,
                    help="RMSNorms on q and k: per head (Qwen3-MoE) or over all heads "
                    "(OLMoE); default none")
+    g.add_argument("--qkv-bias", action="store_true", default=None,
+                   help="biases on the q, k and v projections (Qwen2-MoE)")
     g.add_argument("--ffn-dim", type=int, help="F, hidden size of one expert")
     g.add_argument("--experts", type=int, help="E, experts per MoE layer")
     g.add_argument("--top-k", type=int, help="K, experts per token")
     g.add_argument("--moe-every", type=int, help="MoE FFN on every N-th block (1 = all)")
+    g.add_argument("--shared-experts", type=int,
+                   help="shared experts per MoE layer: an FFN every token goes through "
+                   "(DeepSeekMoE, Qwen2-MoE); default 0")
+    g.add_argument("--shared-ffn-dim", type=int,
+                   help="hidden size of the shared experts (default: shared experts * F)")
+    g.add_argument("--shared-expert-gate", action="store_true", default=None,
+                   help="scale the shared experts' output by sigmoid(h @ w) (Qwen2-MoE)")
     g.add_argument("--router", choices=ROUTERS)
     g.add_argument("--aux-loss-coef", type=float)
     g.add_argument("--z-loss-coef", type=float)
@@ -62,7 +73,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="aux-loss-free balancing step (DeepSeek-V3); 0 = off")
     g.add_argument("--capacity-factor", type=float, help="default: dropless")
     g.add_argument("--dense", action="store_true",
-                   help="dense baseline: one SwiGLU of hidden top_k * ffn_dim per block")
+                   help="dense baseline: one SwiGLU of hidden top_k * ffn_dim (+ the shared "
+                   "experts' hidden size) per block")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
