@@ -1,21 +1,25 @@
-"""Converted Qwen3-MoE and OLMoE checkpoints: moekit's engine against transformers' generate().
+"""Converted Qwen3-MoE, OLMoE and Qwen2-MoE checkpoints: moekit's engine against
+transformers' generate().
 
 A random transformers model of each family, saved with ``save_pretrained`` (as a
 downloaded checkpoint is read) and converted by ``moekit convert`` (``hf_to_moekit``:
 the same function, q / k norms and all). Per family and batch: decode ms/token of
 moekit's generation engine and of transformers' ``generate()`` (its fastest experts
 implementation here), alternating (bench_decode's ``paired``, median of the per-pair
-ratios), and the share of greedy tokens the two agree on; and what the q / k norms cost
-a moekit decode step: the converted model against its twin without them (the same other
-weights; not the same function), alternating likewise.
+ratios), and the share of greedy tokens the two agree on; and what the family's extras
+cost a moekit decode step (q / k norms; Qwen2-MoE's shared expert, its gate and the q / k
+/ v biases): the converted model against its twin without them (the same other weights;
+not the same function), alternating likewise.
 
-    python benchmarks/bench_families.py [--reps 5] [--new-tokens 24] [--out FILE]
+    python benchmarks/bench_families.py [--reps 5] [--new-tokens 24] [--families ...]
+        [--out FILE]
 
 Shapes: bench_decode's fine model (D=1024, 4 layers, 64 experts top-8, F=512, V=256),
 fp32, prompts of 32 tokens. Qwen3-MoE as Qwen3-30B-A3B lays it out: 16 query heads and
 4 key/value heads of 128 (q is 2D wide), per-head q / k norms, top-k weights
 renormalized. OLMoE: 16 heads of 64, q / k norms over all heads, top-k weights as the
-softmax gives them.
+softmax gives them. Qwen2-MoE as Qwen1.5-MoE-A2.7B lays it out: 16 heads of 64 with q / k
+/ v biases, a gated shared expert 4 F wide, top-k weights as the softmax gives them.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ def hf_family(name: str):
     import transformers
 
     torch.manual_seed(0)
-    if name == "qwen3_moe":
+    if name == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**SHAPE, num_attention_heads=16, num_key_value_heads=16,
+                                          moe_intermediate_size=512, intermediate_size=4096,
+                                          shared_expert_intermediate_size=2048,
+                                          norm_topk_prob=False)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+    elif name == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**SHAPE, num_attention_heads=16, num_key_value_heads=4,
                                           head_dim=128, moe_intermediate_size=512,
                                           intermediate_size=4096, norm_topk_prob=True)
@@ -60,6 +70,8 @@ def hf_family(name: str):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if n.endswith("proj.bias"):  # zeros would hide a bias left out
+                p.uniform_(-0.5, 0.5)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -77,21 +89,30 @@ def converted(hf_model, root: Path) -> tuple[MoETransformer, float]:
     return model.eval(), seconds
 
 
-def without_qk_norms(model: MoETransformer) -> MoETransformer:
-    twin = MoETransformer(model.config.replace(qk_norm="none"))
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(("q_norm.weight",
-                                                                             "k_norm.weight"))}
-    twin.load_state_dict(state)
+# what each family's twin leaves out (LMConfig changes), and the tensors that go with it
+EXTRAS = {
+    "qwen3_moe": (dict(qk_norm="none"), ("q_norm.weight", "k_norm.weight")),
+    "olmoe": (dict(qk_norm="none"), ("q_norm.weight", "k_norm.weight")),
+    "qwen2_moe": (dict(qkv_bias=False, num_shared_experts=0, shared_ffn_dim=None,
+                       shared_expert_gate=False), ("qkv.bias", "shared.w_in", "shared.w_out",
+                                                   "shared.gate")),
+}
+
+
+def twin_without_extras(model: MoETransformer, name: str) -> MoETransformer:
+    changes, names = EXTRAS[name]
+    twin = MoETransformer(model.config.replace(**changes))
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(names)})
     return twin.eval()
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     rows = []
-    for name in ("qwen3_moe", "olmoe"):
+    for name in args.families:
         hf = hf_family(name)
         with tempfile.TemporaryDirectory() as tmp:
             lm, seconds = converted(hf, Path(tmp))
-        twin = without_qk_norms(lm)
+        twin = twin_without_extras(lm, name)
         for B in BATCHES:
             ids = bd.prompts(B, bd.PROMPT_LEN)
             impl, _ = bd.best_hf_impl(hf, ids, min(8, args.new_tokens))
@@ -103,13 +124,17 @@ def run(args: argparse.Namespace) -> list[dict]:
                          "hf_impl": impl, "transformers_ms": r["anchor_ms"], "moekit_ms": r["ms"],
                          "speedup_over_transformers": 1 / r["ratio"],
                          "greedy_agreement": bd.agreement(theirs.tokens, ours.tokens),
-                         "without_qk_norms_ms": q["anchor_ms"], "qk_norm_ratio": q["ratio"]})
+                         "without": "+".join(EXTRAS[name][1]), "without_ms": q["anchor_ms"],
+                         "with_over_without": q["ratio"]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main(argv=None) -> int:
-    return pairs_main(argv, __doc__, "bench_families", 5, run)
+    def add(p):
+        p.add_argument("--families", nargs="+", choices=tuple(EXTRAS), default=tuple(EXTRAS),
+                       help="which (default: all)")
+    return pairs_main(argv, __doc__, "bench_families", 5, run, add)
 
 
 if __name__ == "__main__":

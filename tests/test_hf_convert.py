@@ -1,4 +1,5 @@
-"""`moekit convert`: Mixtral / Qwen3-MoE / OLMoE checkpoint <-> moekit language model,
+"""`moekit convert`: Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE checkpoint <-> moekit language
+model,
 lossless both ways.
 
 Oracles: transformers' own forward and generate() (logits and greedy tokens of the
@@ -122,10 +123,17 @@ def test_stacked_layout_round_trips(tmp_path):
 
 
 def _family(tmp_path, name: str, **kw):
-    """A random Qwen3-MoE or OLMoE model saved to tmp_path / "hf", its norms not ones (a
-    q / k norm applied in the wrong place would otherwise change nothing)."""
+    """A random Qwen3-MoE, OLMoE or Qwen2-MoE model saved to tmp_path / "hf", its norms
+    not ones (a q / k norm applied in the wrong place would otherwise change nothing),
+    its q / k / v biases not zeros."""
     torch.manual_seed(0)
-    if name == "qwen3_moe":
+    if name == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(**{**hf_models.COMMON, **kw}, intermediate_size=48,
+                                          moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=40, num_experts=8,
+                                          num_experts_per_tok=3)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+    elif name == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**{**hf_models.COMMON, **kw}, intermediate_size=48,
                                           moe_intermediate_size=16, num_experts=8,
                                           num_experts_per_tok=3)
@@ -138,6 +146,8 @@ def _family(tmp_path, name: str, **kw):
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if n.endswith("proj.bias"):
+                p.uniform_(-0.5, 0.5)
     model.eval().save_pretrained(tmp_path / "hf")
     return model
 
@@ -149,7 +159,13 @@ def _family(tmp_path, name: str, **kw):
      dict(head_dim=None, qk_norm="head", renormalize=False, num_kv_heads=None)),
     ("olmoe", dict(),
      dict(head_dim=None, qk_norm="full", renormalize=False, num_kv_heads=2)),
-], ids=["qwen3-wide-heads", "qwen3-mha-unnormalized", "olmoe"])
+    ("qwen2_moe", dict(),  # Qwen1.5-MoE: top-k weights not renormalized
+     dict(qkv_bias=True, num_shared_experts=1, shared_dim=40, shared_expert_gate=True,
+          renormalize=False, qk_norm="none")),
+    ("qwen2_moe", dict(norm_topk_prob=True, qkv_bias=False, head_dim=16,
+                       tie_word_embeddings=True),
+     dict(qkv_bias=False, shared_dim=40, renormalize=True, head_dim=16)),
+], ids=["qwen3-wide-heads", "qwen3-mha-unnormalized", "olmoe", "qwen2", "qwen2-no-bias"])
 def test_qwen3_moe_and_olmoe_to_moekit_and_back(tmp_path, name, kw, want):
     """Logits as transformers' own forward gives them, greedy tokens of moekit's engine
     (the decode step's C++ q / k norms) as transformers' generate(), and back to the
@@ -186,16 +202,24 @@ def test_qwen3_moe_and_olmoe_to_moekit_and_back(tmp_path, name, kw, want):
     (dict(qk_norm="full", renormalize=False, num_kv_heads=2), "OlmoeForCausalLM"),
     (dict(num_kv_heads=2), "MixtralForCausalLM"),
     (dict(head_dim=12), "MixtralForCausalLM"),
-], ids=["qwen3-wide-heads", "qwen3-unnormalized", "olmoe", "mixtral", "mixtral-wide-heads"])
+    (dict(qkv_bias=True, num_shared_experts=2, shared_expert_gate=True, renormalize=False),
+     "Qwen2MoeForCausalLM"),
+    (dict(num_shared_experts=1, shared_ffn_dim=24, shared_expert_gate=True, head_dim=12),
+     "Qwen2MoeForCausalLM"),
+], ids=["qwen3-wide-heads", "qwen3-unnormalized", "olmoe", "mixtral", "mixtral-wide-heads",
+        "qwen2", "qwen2-no-bias-wide-heads"])
 def test_moekit_lm_with_qk_norms_to_transformers_and_back(tmp_path, changes, cls):
-    """A model trained in moekit is written as the family its q / k norms name, which
-    transformers loads and runs to the same logits."""
+    """A model trained in moekit is written as the family its q / k norms (or its shared
+    experts and q / k / v biases) name, which transformers loads and runs to the same
+    logits."""
     torch.manual_seed(0)
     lm = MoETransformer(preset("tiny", tie_embeddings=False, num_heads=4, **changes)).eval()
     with torch.no_grad():
         for n, p in lm.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if n.endswith("qkv.bias") or n.endswith("shared.gate"):
+                p.uniform_(-1, 1)
     save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
                     {"step": 3, "model_config": lm.config.to_dict()})
     moekit_to_hf(tmp_path / "run", tmp_path / "hf")
@@ -210,9 +234,9 @@ def test_moekit_lm_with_qk_norms_to_transformers_and_back(tmp_path, changes, cls
 
 
 def test_unsupported_checkpoints_are_refused(tmp_path):
-    hf_models.build("qwen2_moe").save_pretrained(tmp_path / "qwen2")
-    with pytest.raises(ValueError, match="model_type='qwen2_moe'"):
-        hf_to_moekit(tmp_path / "qwen2", tmp_path / "out")
+    hf_models.build("deepseek_v3").save_pretrained(tmp_path / "dsv3")
+    with pytest.raises(ValueError, match="model_type='deepseek_v3'"):
+        hf_to_moekit(tmp_path / "dsv3", tmp_path / "out")
     _mixtral(tmp_path, sliding_window=8)
     with pytest.raises(ValueError, match="sliding_window=8"):
         hf_to_moekit(tmp_path / "hf", tmp_path / "out")
@@ -220,7 +244,9 @@ def test_unsupported_checkpoints_are_refused(tmp_path):
                             ("qwen3_moe", dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
                             ("qwen3_moe", dict(use_sliding_window=True), "use_sliding_window"),
                             ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0"),
-                            ("olmoe", dict(head_dim=16), "head_dim=16")]:
+                            ("olmoe", dict(head_dim=16), "head_dim=16"),
+                            ("qwen2_moe", dict(mlp_only_layers=[0]), r"mlp_only_layers=\[0\]"),
+                            ("qwen2_moe", dict(use_sliding_window=True), "use_sliding_window")]:
         _family(tmp_path / name / str(len(kw)) / match[:4], name, **kw)
         with pytest.raises(ValueError, match=match):
             hf_to_moekit(tmp_path / name / str(len(kw)) / match[:4] / "hf", tmp_path / "out")
@@ -228,7 +254,11 @@ def test_unsupported_checkpoints_are_refused(tmp_path):
         hf_to_moekit(tmp_path / "nowhere", tmp_path / "out")
     for changes, match in [(dict(router="sigmoid"), "router='sigmoid'"),
                            (dict(renormalize=False), "renormalize=False"),
-                           (dict(qk_norm="full", head_dim=8), "head_dim=8")]:
+                           (dict(qk_norm="full", head_dim=8), "head_dim=8"),
+                           (dict(num_shared_experts=1), "shared_expert_gate=False"),
+                           (dict(qkv_bias=True), "needs shared experts"),
+                           (dict(num_shared_experts=1, shared_expert_gate=True,
+                                 qk_norm="head"), "qk_norm='head'")]:
         lm = MoETransformer(preset("tiny", **changes))
         save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
                         {"step": 0, "model_config": lm.config.to_dict()})

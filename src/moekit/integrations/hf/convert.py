@@ -3,12 +3,14 @@
     moekit convert --to moekit HF_DIR RUN_DIR     # config.json + *.safetensors -> RUN_DIR/step_0
     moekit convert --to hf RUN_DIR HF_DIR         # and back (the same files)
 
-Three families (``FAMILIES``): Mixtral, Qwen3-MoE (q / k RMSNorms per head, heads of
-``head_dim`` wider than D / H, ``norm_topk_prob``) and OLMoE (q / k RMSNorms over all
-heads, top-k weights not renormalized); all of them dropless top-k softmax routers over
-SwiGLU experts, every layer MoE. Only tensors are moved (no transformers import).
-Mixtral stores each expert as ``w1`` (gate) [F, D], ``w3`` (up) [F, D], ``w2`` (down)
-[D, F], Qwen3-MoE and OLMoE as ``gate_proj`` / ``up_proj`` / ``down_proj``; moekit
+Four families (``FAMILIES``): Mixtral, Qwen3-MoE (q / k RMSNorms per head, heads of
+``head_dim`` wider than D / H, ``norm_topk_prob``), OLMoE (q / k RMSNorms over all
+heads, top-k weights not renormalized) and Qwen2-MoE (q / k / v biases, and a shared
+expert every token goes through, scaled by sigmoid(h @ shared_expert_gate)); all of them
+dropless top-k softmax routers over SwiGLU experts, every layer MoE. Only tensors are
+moved (no transformers import). Mixtral stores each expert as ``w1`` (gate) [F, D],
+``w3`` (up) [F, D], ``w2`` (down) [D, F], the others as ``gate_proj`` / ``up_proj`` /
+``down_proj`` (Qwen2-MoE's shared expert too, beside its [1, D] gate); moekit
 stacks them as ``w_in`` [E, D, 2F] = [gate | up] and ``w_out`` [E, F, D]. moekit's
 attention has one fused ``qkv`` [(H + 2J) Dh, D] = [q | k | v] with the checkpoint's J
 key/value heads (``LMConfig.num_kv_heads``: grouped-query attention, nothing
@@ -16,7 +18,7 @@ repeated). Checkpoints converted before moekit had grouped-query attention hold 
 copies of the key/value heads; they still convert back (the copies regrouped). The
 original config.json travels inside the moekit checkpoint, so the round trip gives
 back the same files. A model trained in moekit is written as the family its q / k
-norms name (``check_lm``).
+norms, or its shared experts and q / k / v biases, name (``check_lm``).
 
 Shape letters: V vocabulary, D hidden, F expert hidden, E experts, H heads,
 J key/value heads, Dh head size.
@@ -131,6 +133,9 @@ class Family:
     # per-expert tensors: layer.{moe}.experts.{e}.{gate | up | down}.weight
     moe: str
     gate_up_down: tuple[str, str, str]
+    # a gated shared expert (layer.mlp.shared_expert.*, mlp.shared_expert_gate) and the
+    # config key of its hidden size; q / k / v biases where the config's qkv_bias says
+    shared: str | None = None
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -140,6 +145,9 @@ FAMILIES = {f.model_type: f for f in (
            "moe_intermediate_size", "head", 1e4, "mlp", ("gate_proj", "up_proj", "down_proj")),
     Family("olmoe", "OlmoeForCausalLM", ("num_experts", "num_local_experts"),
            "intermediate_size", "full", 1e4, "mlp", ("gate_proj", "up_proj", "down_proj")),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", ("num_experts",), "moe_intermediate_size",
+           "none", 1e4, "mlp", ("gate_proj", "up_proj", "down_proj"),
+           "shared_expert_intermediate_size"),
 )}
 
 # what the conversion reads from every config.json without a default (and each family's
@@ -151,8 +159,9 @@ COMMON_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
 def family(config: dict[str, Any]) -> Family:
     kind = config.get("model_type")
     if kind not in FAMILIES:
-        reject("model_type", kind, "moekit convert reads Mixtral, Qwen3-MoE and OLMoE "
-               f"checkpoints (model_type one of {', '.join(map(repr, FAMILIES))})")
+        reject("model_type", kind, "moekit convert reads Mixtral, Qwen3-MoE, OLMoE and "
+               "Qwen2-MoE checkpoints (model_type one of "
+               f"{', '.join(map(repr, FAMILIES))})")
     return FAMILIES[kind]
 
 
@@ -164,7 +173,8 @@ def check_hf(config: dict[str, Any], source: str | Path = ".") -> None:
     """Refuse what moekit's language model cannot represent exactly (``source``: the
     directory holding the config.json, named in errors)."""
     fam = family(config)
-    missing = [k for k in (*COMMON_KEYS, fam.ffn) if k not in config]
+    missing = [k for k in (*COMMON_KEYS, fam.ffn, *filter(None, [fam.shared]))
+               if k not in config]
     if not any(k in config for k in fam.experts):
         missing.append(fam.experts[0])
     if missing:
@@ -220,16 +230,32 @@ def lm_config(config: dict[str, Any]) -> dict[str, Any]:
     """
     mapped = _mapped_lm_config(config)
     saved = config.get("moekit_lm_config")
-    if isinstance(saved, dict) and all(saved.get(k, DEFAULTS.get(k)) == v
-                                       for k, v in mapped.items() if k not in TRAINING_ONLY):
+    if isinstance(saved, dict) and _describes(saved, mapped, TRAINING_ONLY):
         return dict(saved)
     return mapped
+
+
+def _describes(lm: dict[str, Any], mapped: dict[str, Any], skip: tuple[str, ...] = ()) -> bool:
+    """Whether LMConfig fields ``lm`` describe the model of ``mapped`` (the fields a
+    config.json maps to): equal fields (missing ones at their DEFAULTS), but for the shared
+    experts, whose hidden size counts (2 shared experts of F are the one of 2F that a
+    Qwen2-MoE config holds)."""
+    a, b = (_shared_as_one({**DEFAULTS, **d}) for d in (lm, mapped))
+    return all(a.get(k) == v for k, v in b.items() if k not in skip)
+
+
+def _shared_as_one(lm: dict[str, Any]) -> dict[str, Any]:
+    n, f = lm.pop("num_shared_experts", 0) or 0, lm.pop("shared_ffn_dim", None)
+    lm["shared_dim"] = (f or n * lm.get("ffn_dim", 0)) if n else 0
+    return lm
 
 
 # LMConfig fields that change training, not the function the weights compute.
 TRAINING_ONLY = ("aux_loss_coef", "z_loss_coef", "jitter_eps", "init_std")
 # LMConfig fields newer than some saved moekit_lm_config dicts, at their defaults
-DEFAULTS: dict[str, Any] = {"head_dim": None, "qk_norm": "none", "renormalize": True}
+DEFAULTS: dict[str, Any] = {"head_dim": None, "qk_norm": "none", "renormalize": True,
+                            "qkv_bias": False, "num_shared_experts": 0,
+                            "shared_ffn_dim": None, "shared_expert_gate": False}
 
 
 def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +276,12 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
         z_loss_coef=0.0, capacity_factor=None, jitter_eps=0.0, dense=False,
         rope_theta=float(_rope(config, fam)["rope_theta"]), norm_eps=config["rms_norm_eps"],
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        init_std=config.get("initializer_range", 0.02))
+        init_std=config.get("initializer_range", 0.02),
+        # Qwen2-MoE: one gated shared expert, q / k / v biases (older configs: always)
+        qkv_bias=fam.shared is not None and bool(config.get("qkv_bias", True)),
+        num_shared_experts=1 if fam.shared else 0,
+        shared_ffn_dim=config[fam.shared] if fam.shared else None,
+        shared_expert_gate=fam.shared is not None)
 
 
 def _kv_heads(config: dict[str, Any]) -> int | None:
@@ -363,6 +394,9 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
         yield f"{b}.attn_norm.weight", t[f"{a}.input_layernorm.weight"]
         yield f"{b}.attn.qkv.weight", torch.cat([t[f"{a}.self_attn.{n}_proj.weight"]
                                                   for n in "qkv"])
+        if _qkv_bias(config):
+            yield f"{b}.attn.qkv.bias", torch.cat([t[f"{a}.self_attn.{n}_proj.bias"]
+                                                    for n in "qkv"])
         if fam.qk_norm != "none":
             for n in "qk":
                 yield f"{b}.attn.{n}_norm.weight", t[f"{a}.self_attn.{n}_norm.weight"]
@@ -372,9 +406,19 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
         yield f"{b}.ffn.router.weight", router
         yield f"{b}.ffn.experts.w_in", w_in
         yield f"{b}.ffn.experts.w_out", w_out
+        if fam.shared:  # moekit's SharedExperts: w_in [D, 2F] = [gate | up], w_out [F, D]
+            p = f"{a}.mlp.shared_expert"
+            yield f"{b}.ffn.shared.w_in", torch.cat([t[f"{p}.gate_proj.weight"],
+                                                     t[f"{p}.up_proj.weight"]]).t()
+            yield f"{b}.ffn.shared.w_out", t[f"{p}.down_proj.weight"].t()
+            yield f"{b}.ffn.shared.gate", t[f"{a}.mlp.shared_expert_gate.weight"]
     yield "norm.weight", t["model.norm.weight"]
     if not config.get("tie_word_embeddings"):
         yield "head.weight", t["lm_head.weight"]
+
+
+def _qkv_bias(config: dict[str, Any]) -> bool:
+    return bool(_mapped_lm_config(config)["qkv_bias"])
 
 
 def _check_all_read(config: dict[str, Any], t: _Reads) -> None:
@@ -411,6 +455,10 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
         out[f"{a}.self_attn.q_proj.weight"] = q
         out[f"{a}.self_attn.k_proj.weight"] = k
         out[f"{a}.self_attn.v_proj.weight"] = v
+        if _qkv_bias(config):
+            q, k, v = s[f"{b}.attn.qkv.bias"].split([H * Dh, J * Dh, J * Dh])
+            out.update({f"{a}.self_attn.{n}_proj.bias": w for n, w in zip("qkv", (q, k, v),
+                                                                          strict=True)})
         out[f"{a}.self_attn.o_proj.weight"] = s[f"{b}.attn.out.weight"]
         out[f"{a}.input_layernorm.weight"] = s[f"{b}.attn_norm.weight"]
         out[f"{a}.post_attention_layernorm.weight"] = s[f"{b}.ffn_norm.weight"]
@@ -419,6 +467,13 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
                 out[f"{a}.self_attn.{n}_norm.weight"] = s[f"{b}.attn.{n}_norm.weight"]
         out.update(_experts_out(s[f"{b}.ffn.router.weight"], s[f"{b}.ffn.experts.w_in"],
                                 s[f"{b}.ffn.experts.w_out"], i, layout, fam))
+        if fam.shared:
+            p = f"{a}.mlp.shared_expert"
+            gate_w, up_w = s[f"{b}.ffn.shared.w_in"].chunk(2, dim=-1)
+            out[f"{p}.gate_proj.weight"] = gate_w.t()
+            out[f"{p}.up_proj.weight"] = up_w.t()
+            out[f"{p}.down_proj.weight"] = s[f"{b}.ffn.shared.w_out"].t()
+            out[f"{a}.mlp.shared_expert_gate.weight"] = s[f"{b}.ffn.shared.gate"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -426,15 +481,24 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
 
 
 def check_lm(lm: dict[str, Any]) -> Family:
-    """The family whose config describes a moekit LM (by its q / k norms: none Mixtral,
-    per head Qwen3-MoE, over all heads OLMoE); refuse LMs that none can describe."""
-    fam = next(f for f in FAMILIES.values() if f.qk_norm == lm.get("qk_norm", "none"))
+    """The family whose config describes a moekit LM (shared experts or q / k / v biases:
+    Qwen2-MoE; else by its q / k norms: none Mixtral, per head Qwen3-MoE, over all heads
+    OLMoE); refuse LMs that none can describe."""
+    qwen2 = bool(lm.get("num_shared_experts") or lm.get("qkv_bias"))
+    fam = FAMILIES["qwen2_moe"] if qwen2 else \
+        next(f for f in FAMILIES.values() if f.qk_norm == lm.get("qk_norm", "none"))
     wants = {"router": "softmax", "capacity_factor": None, "moe_every": 1, "dense": False,
              "bias_update_rate": 0.0}
     if fam.model_type == "mixtral":  # Mixtral's softmax over the chosen logits
         wants["renormalize"] = True
     if fam.model_type == "olmoe":  # its q norm is over hidden_size
         wants["head_dim"] = None
+    if qwen2:  # one shared expert, always gated; no q / k norms
+        wants.update(qk_norm="none", shared_expert_gate=True)
+        if not lm.get("num_shared_experts"):
+            reject("qkv_bias", lm.get("qkv_bias"), "a moekit model with q / k / v biases is "
+                   "written as Qwen2-MoE, which needs shared experts (num_shared_experts "
+                   f"= {lm.get('num_shared_experts', 0)})")
     for name, want in wants.items():
         if lm.get(name, want) != want:
             reject(name, lm.get(name), f"a {fam.model_type} checkpoint (qk_norm="
@@ -462,6 +526,13 @@ def hf_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     if fam.model_type == "mixtral":
         config.update(intermediate_size=F, num_local_experts=E, router_jitter_noise=0.0,
                       sliding_window=None)
+    elif fam.shared:
+        config.update(num_experts=E, norm_topk_prob=lm.get("renormalize", True),
+                      moe_intermediate_size=F, intermediate_size=K * F,
+                      shared_expert_intermediate_size=lm.get("shared_ffn_dim")
+                      or lm["num_shared_experts"] * F, qkv_bias=bool(lm.get("qkv_bias")),
+                      decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+                      sliding_window=None)
     else:
         config.update(num_experts=E, norm_topk_prob=lm.get("renormalize", True),
                       attention_bias=False)
@@ -485,8 +556,7 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
     # had grouped-query attention holds copies of its key/value heads (regrouped on the
     # way back, where they must still be equal)
     old = lm.get("num_kv_heads") is None
-    return all(lm.get(k, DEFAULTS.get(k)) == v for k, v in lm_config(hf_config).items()
-               if not (old and k == "num_kv_heads"))
+    return _describes(lm, lm_config(hf_config), ("num_kv_heads",) if old else ())
 
 
 # -- directories ------------------------------------------------------------------------
