@@ -222,7 +222,7 @@ def _rope(config: dict[str, Any], fam: Family) -> dict[str, Any]:
 
 
 def lm_config(config: dict[str, Any]) -> dict[str, Any]:
-    """moekit LMConfig fields for a Mixtral / Qwen3-MoE / OLMoE config.
+    """moekit LMConfig fields for a Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE config.
 
     A config written by ``moekit_to_hf`` also keeps the LM's own config under
     "moekit_lm_config" (training-only fields such as ``z_loss_coef`` that transformers
@@ -563,8 +563,8 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
 
 
 def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
-    """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral, Qwen3-MoE or
-    OLMoE directory, a tensor at a time: the layout is worked out from the shards'
+    """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral, Qwen3-MoE,
+    OLMoE or Qwen2-MoE directory, a tensor at a time: the layout is worked out from the shards'
     headers first (meta tensors: names, shapes and dtypes checked against the config,
     nothing read), then each tensor is read, converted and written, so the conversion
     holds about one layer's experts, not the model."""
@@ -638,8 +638,9 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("source", help="a transformers Mixtral, Qwen3-MoE or OLMoE directory "
-                   "(config.json + *.safetensors) or a moekit run / step_* directory")
+    p.add_argument("source", help="a transformers Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE "
+                   "directory (config.json + *.safetensors) or a moekit run / step_* "
+                   "directory")
     p.add_argument("dest", help="directory to write")
     p.add_argument("--to", choices=("moekit", "hf"), default=None,
                    help="direction (default: moekit when source has config.json, else hf)")
