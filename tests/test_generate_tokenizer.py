@@ -184,3 +184,165 @@ def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
     assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--tokenizer",
                      str(tmp_path / "plain")]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+# streamed text: characters of 2, 3 and 4 UTF-8 bytes, spaces at the ends and in runs
+TEXTS = ["def hello(world):\n    return world + 1\n", "naïve café, déjà vu — ÀÉÎõü",
+         "中文字符：你好，世界！", "emoji 🙂👍🏽 and 🇫🇷 flags", " leading  and trailing ",
+         "mixed 中 é 🙂 x\n\tend", "😀"]
+SPECIALS = ["<|im_end|>", "<|endoftext|>"]
+
+
+def _text(tok, directory):
+    """``tok`` as moekit reads it (a directory holding its tokenizer.json)."""
+    from moekit.inference.text import TokenizerText
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return TokenizerText(directory)
+
+
+def _streamed(text, ids) -> list[str]:
+    emit = text.stream()
+    return [emit(t) for t in ids] + [emit(None)]
+
+
+def _with_specials(tok, ids: list[int], seed: int) -> list[int]:
+    """``ids`` with special tokens put in at random places (inside a character's bytes
+    too) and at both ends, and an id outside the vocabulary."""
+    import random
+
+    rng = random.Random(seed)
+    specials = [tok.token_to_id(s) for s in SPECIALS]
+    out = [specials[0]]
+    for t in ids:
+        out.append(t)
+        if rng.random() < 0.3:
+            out.extend(rng.choice(specials) for _ in range(rng.randint(1, 3)))
+    return [*out, tok.get_vocab_size() + 7, specials[1]]
+
+
+def _check_stream(text, tok, ids: list[int]) -> list[str]:
+    """The pieces add up to the tokenizer's own decode of all the ids; none holds a
+    replacement character the full text does not."""
+    want = tok.decode(ids, skip_special_tokens=True)
+    pieces = _streamed(text, ids)
+    assert "".join(pieces) == want
+    if "\ufffd" not in want:
+        assert not any("\ufffd" in p for p in pieces)
+    return pieces
+
+
+def _byte_level_multilingual():
+    """A byte-level BPE trained on TEXTS too, so that tokens hold parts of characters
+    (the last bytes of one and the first of the next)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS + TEXTS * 5, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+@pytest.mark.parametrize("trained", ["ascii", "multilingual"])
+def test_streamed_text_is_the_whole_decode_with_multibyte_and_special_tokens(
+        trained, tmp_path):
+    tok = _tokenizer() if trained == "ascii" else _byte_level_multilingual()
+    tok.add_special_tokens(SPECIALS)
+    text = _text(tok, tmp_path / "tok")
+    # the ids hold characters cut in two: into single bytes, or (multilingual) across
+    # tokens that also hold a whole character
+    pieces = [tok.decode([t]) for t in tok.encode("".join(TEXTS)).ids]
+    if trained == "ascii":
+        assert any(p == "\ufffd" for p in pieces)
+    else:
+        assert any(len(p) > 1 and "\ufffd" in p for p in pieces)
+    for i, s in enumerate(TEXTS):
+        ids = tok.encode(s).ids
+        _check_stream(text, tok, ids)
+        _check_stream(text, tok, _with_specials(tok, ids, seed=i))
+    # a character cut short at the end: the last piece writes it as the full decode does
+    ids = tok.encode("ok 🙂👍🏽").ids
+    cut = ids[:max(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))]
+    assert _check_stream(text, tok, cut)[-1].endswith("\ufffd")
+    # a stray byte of a character in the middle: written as the full decode writes it
+    stray = next(i for i in range(tok.get_vocab_size()) if tok.decode([i]) == "\ufffd")
+    _check_stream(text, tok, [*tok.encode("a").ids, stray, *tok.encode("b 中").ids])
+    # special tokens only: no text at all
+    assert _streamed(text, [tok.token_to_id(SPECIALS[0])] * 3) == [""] * 4
+
+
+def _metaspace(decoder: str):
+    """A SentencePiece-style BPE ("▁" for a space, prepended to the text) trained on
+    ASCII text: with the Metaspace decoder (which drops the first token's "▁"), or as
+    Llama's tokenizer.json writes it (bytes of other characters as <0xXX> tokens,
+    decoded by Replace, ByteFallback, Fuse and a Strip of one leading space)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(CORPUS + [" leading  and trailing "], trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", *SPECIALS]))
+    if decoder == "metaspace":
+        return tok
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = json.loads(decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0)]).__getstate__())
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+@pytest.mark.parametrize("decoder", ["metaspace", "byte_fallback"])
+def test_streamed_text_keeps_sentencepiece_spaces(decoder, tmp_path):
+    """A decoder that drops the leading space of what it decodes: the streamed text keeps
+    each later word's space, drops the first one's as the full decode does."""
+    tok = _metaspace(decoder)
+    text = _text(tok, tmp_path / "tok")
+    assert tok.decode(tok.encode("the fox").ids) == "the fox"
+    assert tok.decode(tok.encode("the fox").ids[1:]) == "fox"  # the space a window loses
+    if decoder == "byte_fallback":
+        assert "<0xE4>" in tok.encode("中").tokens
+    for i, s in enumerate([*TEXTS, "the quick brown fox", "x   y", "  two spaces first"]):
+        ids = tok.encode(s).ids
+        assert _check_stream(text, tok, ids)[0] != " "  # the first word's space dropped
+        _check_stream(text, tok, _with_specials(tok, ids, seed=i))
+        _check_stream(text, tok, ids[1:])  # starting at any token
+    # a lone "▁" first, then a word: the full decode drops the space
+    space = tok.token_to_id("▁")
+    _check_stream(text, tok, [space, *tok.encode("fox").ids[1:]])
+
+
+def test_streaming_decodes_a_few_ids_per_id(tmp_path, monkeypatch):
+    """The ids decoded for a generation of n ids grow as n, not n^2 (each decode of the
+    whole generation so far)."""
+    tok = _byte_level_multilingual()
+    tok.add_special_tokens(SPECIALS)
+    text = _text(tok, tmp_path / "tok")
+    ids: list[int] = []
+    while len(ids) < 2000:
+        ids += _with_specials(tok, tok.encode(" ".join(TEXTS)).ids, seed=len(ids))
+    decoded = []
+
+    class Counting:
+        """The tokenizer, counting the ids it is asked to decode."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def decode(self, ids, **kw):
+            decoded.append(len(ids))
+            return self.inner.decode(ids, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(text, "tokenizer", Counting(text.tokenizer))
+    _check_stream(text, tok, ids)
+    assert sum(decoded) < 20 * len(ids) and max(decoded) < 50

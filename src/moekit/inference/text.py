@@ -135,17 +135,37 @@ class TokenizerText:
 
     def stream(self) -> Callable[[int | None], str]:
         """As ``ByteText.stream``: the new text once it no longer ends inside a character
-        (a byte-level token can hold part of one) and extends what was written."""
-        ids: list[int] = []
-        done = [""]
+        (a byte-level token can hold part of one) and extends what was written.
+
+        Incremental (as text-generation-inference and vLLM detokenize): an id costs a
+        decode of the few ids from those of the last piece written on, not of the whole
+        generation."""
+        # what decode() drops wherever it stands (special tokens, ids outside the
+        # vocabulary) never enters the window, so that a run of them does not grow it
+        special = {i for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                   if t.special}
+        # window[:read]: the ids that wrote the last piece (written: their own decode);
+        # window[read:]: those since. The new text is what decode(window) adds to
+        # written: both decodes start at the same token, so a decoder that treats its
+        # first token apart (Metaspace, Strip: no leading space) treats it alike in both
+        window: list[int] = []
+        read = 0
+        written = ""
 
         def emit(t: int | None) -> str:
+            nonlocal read, written
             if t is not None:
-                ids.append(t)
-            text = self.decode(ids)
-            if t is not None and (text.endswith("\ufffd") or not text.startswith(done[0])):
+                if t in special or self.tokenizer.id_to_token(t) is None:
+                    return ""
+                window.append(t)
+            text = self.decode(window)
+            # "\ufffd" last: maybe a character whose remaining bytes are still to come
+            if len(text) <= len(written) or (t is not None and text.endswith("\ufffd")):
                 return ""
-            new, done[0] = text[len(done[0]):] if text.startswith(done[0]) else "", text
+            new = text[len(written):]
+            del window[:read]
+            read = len(window)
+            written = self.decode(window)
             return new
 
         return emit
