@@ -1,21 +1,28 @@
-"""Qwen3-30B-A3B's decode step on this machine, from slices of its 48 layers.
+"""Qwen3-30B-A3B's (or Qwen1.5-MoE-A2.7B's) decode step on this machine, from slices of
+its layers.
 
 moekit language models with Qwen3-30B-A3B's shapes (D=2048; 32 query and 4 key/value
 heads of 128 with per-head q / k norms; 128 experts top-8 of F=768, renormalized;
-V=151,936, untied head) and L = 2 and 4 of its layers, random weights; int4 (g64, fp32
+V=151,936, untied head; 48 layers) or, with ``--model qwen1.5-moe-a2.7b``, Qwen1.5-MoE-
+A2.7B's (Qwen2-MoE: D=2048; 16 heads of 128 with q / k / v biases; 60 experts top-4 of
+F=1408, not renormalized, and a gated shared expert of 5632; V=151,936, untied head; 24
+layers), and L = 2 and 4 of their layers, random weights; int4 (g64, fp32
 activations: what `moekit quantize` writes and `moekit generate` runs) then bf16. Per
 dtype: the decode step at batch 1 after a 32-token prompt (the generation engine; the two
 slices alternate, the order swapped every pair, medians), the cost of one layer (the
 median over pairs of (4-layer step - 2-layer step) / 2) and of the rest (embedding,
 final norm, LM head: the 2-layer step less 2 layers), and the full model's step
-extrapolated as rest + 48 layers, beside its bytes per step (bench_decode's
-``roofline``: 8 experts per layer at batch 1) at the mean of the read bandwidth
+extrapolated as rest + all its layers, beside its bytes per step (bench_decode's
+``roofline``: top-k experts per layer at batch 1, the shared expert whole) at the mean of
+the read bandwidth
 measured before and after the dtype's pairs; and where the 4-layer step's time goes
 (DecodeStep's timers, ms per step by part). An extrapolation, not a run of the real
-model: its bf16 weights (61 GB) do not fit this machine, and random weights route
-differently from trained ones (at batch 1 each layer reads 8 experts either way).
+model: its bf16 weights (61 GB; Qwen1.5-MoE-A2.7B 29 GB) do not fit this machine, and
+random weights route differently from trained ones (at batch 1 each layer reads top-k
+experts either way).
 
-    python benchmarks/bench_qwen3_slices.py [--reps 9] [--new-tokens 24] [--out FILE]
+    python benchmarks/bench_qwen3_slices.py [--model qwen3-30b-a3b] [--reps 9]
+        [--new-tokens 24] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,17 +42,24 @@ from harness import pairs_main, read_bandwidth  # noqa: E402
 from moekit.models import LMConfig, MoETransformer  # noqa: E402
 from moekit.models.transformer import rotary_table  # noqa: E402
 
-LAYERS = 48  # Qwen3-30B-A3B's
 SLICES = (2, 4)
-QWEN3_30B = dict(vocab_size=151_936, dim=2048, num_heads=32, num_kv_heads=4, head_dim=128,
-                 qk_norm="head", ffn_dim=768, num_experts=128, top_k=8, max_seq_len=4096,
-                 rope_theta=1e6, tie_embeddings=False, aux_loss_coef=0.0, z_loss_coef=0.0)
+COMMON = dict(vocab_size=151_936, dim=2048, head_dim=128, max_seq_len=4096, rope_theta=1e6,
+              tie_embeddings=False, aux_loss_coef=0.0, z_loss_coef=0.0)
+# name: (LMConfig fields, the model's layers); from each model's config.json on the Hub
+MODELS = {
+    "qwen3-30b-a3b": (dict(COMMON, num_heads=32, num_kv_heads=4, qk_norm="head", ffn_dim=768,
+                           num_experts=128, top_k=8), 48),
+    "qwen1.5-moe-a2.7b": (dict(COMMON, num_heads=16, qkv_bias=True, ffn_dim=1408,
+                               num_experts=60, top_k=4, renormalize=False,
+                               num_shared_experts=1, shared_ffn_dim=5632,
+                               shared_expert_gate=True), 24),
+}
 
 
-def build(num_layers: int, seed: int = 0) -> MoETransformer:
+def build(num_layers: int, seed: int = 0, model: str = "qwen3-30b-a3b") -> MoETransformer:
     """A bf16 model of the shapes, random normal(0, 0.02) weights (norms 1), made in bf16
     (an fp32 model of 4 layers would take 12 GB)."""
-    cfg = LMConfig(**QWEN3_30B, num_layers=num_layers)
+    cfg = LMConfig(**MODELS[model][0], num_layers=num_layers)
     with torch.device("meta"):
         model = MoETransformer(cfg).to(torch.bfloat16)
     model.to_empty(device="cpu")
@@ -82,7 +96,8 @@ def parts(model: MoETransformer, ids, steps: int = 30) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    models = {L: build(L) for L in SLICES}
+    fields, LAYERS = MODELS[args.model]
+    models = {L: build(L, model=args.model) for L in SLICES}
     ids = bd.prompts(1, bd.PROMPT_LEN)
     rows = []
     for dtype in ("int4", "bf16"):
@@ -93,7 +108,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                       for L, m in models.items()}
         else:  # the bf16 models again (quantize replaced their weights)
             del models
-            models = {L: build(L) for L in SLICES}
+            models = {L: build(L, model=args.model) for L in SLICES}
         bws = [read_bandwidth()]
         a, b = (bd.Runner(models[L], ids, args.new_tokens) for L in SLICES)
         a(), b()  # warm-up pair
@@ -107,20 +122,21 @@ def run(args: argparse.Namespace) -> list[dict]:
         # a layer's cost from each pair's difference (the slices ran side by side)
         per_layer = statistics.median((y - x) / (SLICES[1] - SLICES[0])
                                       for x, y in zip(ta, tb, strict=True))
-        roofs = {L: bd.roofline(models[L], ids, args.new_tokens, bw, [8.0] * L)
+        roofs = {L: bd.roofline(models[L], ids, args.new_tokens, bw, [float(fields["top_k"])] * L)
                  for L in SLICES}
         rest = steps[2] - 2 * per_layer
         roof_layer = (roofs[4]["roofline_ms"] - roofs[2]["roofline_ms"]) / 2
         roof_rest = roofs[2]["roofline_ms"] - 2 * roof_layer
         full = rest + LAYERS * per_layer
         full_roof = roof_rest + LAYERS * roof_layer
-        rows.append({"dtype": dtype, "read_bandwidth_Bps": bws,
+        rows.append({"model": args.model, "layers": LAYERS, "dtype": dtype,
+                     "read_bandwidth_Bps": bws,
                      "step_ms": steps,
                      "roofline_ms": {L: roofs[L]["roofline_ms"] for L in SLICES},
                      "bytes": {L: roofs[L]["bytes"] for L in SLICES},
                      "per_layer_ms": per_layer, "rest_ms": rest,
                      "per_layer_roofline_ms": roof_layer, "rest_roofline_ms": roof_rest,
-                     "full_48_layers_ms": full, "full_48_layers_roofline_ms": full_roof,
+                     "full_model_ms": full, "full_model_roofline_ms": full_roof,
                      "full_tokens_per_s": 1e3 / full,
                      "full_fraction_of_roofline": full_roof / full,
                      "pairs": args.reps,
@@ -130,7 +146,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    return pairs_main(argv, __doc__, "bench_qwen3_slices", 9, run)
+    def add(p):
+        p.add_argument("--model", choices=tuple(MODELS), default="qwen3-30b-a3b")
+    return pairs_main(argv, __doc__, "bench_qwen3_slices", 9, run, add)
 
 
 if __name__ == "__main__":

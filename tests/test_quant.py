@@ -309,19 +309,26 @@ def test_model_to_dtype_keeps_scales_exact():
     assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales)
 
 
-def _trained_checkpoint(tmp_path) -> tuple[MoETransformer, object]:
-    model = _lm()
+def _trained_checkpoint(tmp_path, **changes) -> tuple[MoETransformer, object]:
+    model = _lm(**changes)
+    with torch.no_grad():  # nonzero biases and gates (their init would hide a lost one)
+        for name, p in model.named_parameters():
+            if name.endswith(("qkv.bias", "shared.gate")):
+                p.uniform_(-1, 1)
     opt = torch.optim.AdamW(model.parameters())
     run = tmp_path / "run"
     save_checkpoint(run, model, opt, {"step": 1, "model_config": model.config.to_dict()})
     return model, run
 
 
-@pytest.mark.parametrize("bits,g", [(8, None), (4, 64)])
-def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, capsys):
+@pytest.mark.parametrize("bits,g,changes", [
+    (8, None, {}), (4, 64, {}),
+    (4, 64, dict(qkv_bias=True, num_shared_experts=1, shared_ffn_dim=128,
+                 shared_expert_gate=True))], ids=["int8", "int4", "int4 qwen2-like"])
+def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, changes, capsys):
     from moekit.cli import main
 
-    model, run = _trained_checkpoint(tmp_path)
+    model, run = _trained_checkpoint(tmp_path, **changes)
     out = tmp_path / "q"
     argv = ["quantize", str(run), "--bits", str(bits), "--out", str(out)]
     assert main(argv + ([] if g is None else ["--group-size", str(g)])) == 0
@@ -335,7 +342,12 @@ def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, capsys):
         assert torch.equal(loaded(ids).logits, expect(ids).logits)
     assert isinstance(loaded.blocks[0].attn.qkv, QuantizedLinear)
     assert loaded.embed.weight is loaded.head.weight  # tied: one table, saved once
-    assert "blocks.0.attn.qkv.weight.scales" in load_file(str(out / qio.MODEL_FILE))
+    saved = load_file(str(out / qio.MODEL_FILE))
+    assert "blocks.0.attn.qkv.weight.scales" in saved
+    if changes:  # the biases and the gate float, the shared expert quantized
+        assert torch.equal(saved["blocks.0.attn.qkv.bias"], model.blocks[0].attn.qkv.bias)
+        assert isinstance(loaded.blocks[0].ffn.shared.w_in, QuantizedTensor)
+        assert torch.equal(loaded.blocks[0].ffn.shared.gate, model.blocks[0].ffn.shared.gate)
     capsys.readouterr()
     for dtype in ("fp32", "bf16"):
         assert main(["generate", "--checkpoint", str(out), "--prompt", "ab", "--dtype", dtype,
