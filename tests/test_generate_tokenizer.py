@@ -319,6 +319,34 @@ def test_streamed_text_keeps_sentencepiece_spaces(decoder, tmp_path):
     _check_stream(text, tok, [space, *tok.encode("fox").ids[1:]])
 
 
+@pytest.mark.parametrize("decoder", ["metaspace", "byte_fallback", "byte_level"])
+def test_text_after_a_prompt_keeps_the_first_words_space(decoder, tmp_path):
+    """Generated ids after a prompt's: streamed and batch text are what the full decode of
+    prompt + generation adds to the prompt's decode, the first generated word's space
+    included (SentencePiece decoders drop the space of a text's first token: "the" then
+    "▁fox" came out as "thefox")."""
+    tok = _byte_level_multilingual() if decoder == "byte_level" else _metaspace(decoder)
+    text = _text(tok, tmp_path / "tok")
+    the, fox = tok.encode("the").ids, tok.encode("the fox").ids[len(tok.encode("the").ids):]
+    assert "".join(_streamed_after(text, the, fox)) == " fox"
+    assert text.decode_after(the, fox) == " fox"
+    for s in [*TEXTS, "the quick brown fox jumps over the lazy dog"]:
+        ids = tok.encode(s).ids
+        for k in range(1, len(ids)):
+            prompt, new = ids[:k], ids[k:]
+            base, full = tok.decode(prompt), tok.decode(ids)
+            if not full.startswith(base):  # a character split between the two
+                continue
+            want = full[len(base):]
+            assert text.decode_after(prompt, new) == want, (s, k)
+            assert "".join(_streamed_after(text, prompt, new)) == want, (s, k)
+
+
+def _streamed_after(text, prompt, ids) -> list[str]:
+    emit = text.stream(prompt)
+    return [emit(t) for t in ids] + [emit(None)]
+
+
 def test_streaming_decodes_a_few_ids_per_id(tmp_path, monkeypatch):
     """The ids decoded for a generation of n ids grow as n, not n^2 (each decode of the
     whole generation so far)."""

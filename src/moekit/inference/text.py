@@ -28,6 +28,8 @@ from moekit.config import reject
 from moekit.inference.engine import stop_sequences_from_text
 
 TOKENIZER_DIR = "tokenizer"  # beside a run's step_* directories
+# prompt ids the new text is decoded behind (text-generation-inference and vLLM take 5)
+CONTEXT_IDS = 5
 # what is copied where a transformers directory has it (tokenizer.json is what is read)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -47,9 +49,16 @@ class ByteText:
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         return stop_sequences_from_text(texts)
 
-    def stream(self) -> Callable[[int | None], str]:
+    def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
+        """The text ``ids`` add after ``context`` (the prompt's): bytes need none."""
+        del context
+        return self.decode(ids)
+
+    def stream(self, context: Sequence[int] = ()) -> Callable[[int | None], str]:
         """A decoder of one generation's new ids as they come: ``emit(id)`` the text they
-        complete, ``emit(None)`` the rest at the end."""
+        complete, ``emit(None)`` the rest at the end (``context``: the prompt's ids, which
+        a tokenizer's text may depend on; bytes need none)."""
+        del context
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return lambda t: utf8.decode(b"", final=True) if t is None else utf8.decode(bytes([t]))
 
@@ -133,24 +142,48 @@ class TokenizerText:
                    "a stop string must give at least one token")
         return out
 
-    def stream(self) -> Callable[[int | None], str]:
+    def _dropped(self) -> set[int]:
+        """Ids decode() drops wherever they stand (special tokens)."""
+        return {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+    def _tail(self, context: Sequence[int]) -> list[int]:
+        """The last CONTEXT_IDS of ``context`` that decode() keeps: what the text of the
+        ids after them is decoded behind (a SentencePiece decoder drops the leading space
+        of a text's first token, so the first generated word would lose it alone)."""
+        dropped = self._dropped()
+        kept = [t for t in context if t not in dropped]
+        n = min(CONTEXT_IDS, len(kept))
+        # not from inside a character (byte tokens): back to where its first byte is
+        while n < len(kept) and n < CONTEXT_IDS + 4 and self.decode(kept[-n:])[:1] == "\ufffd":
+            n += 1
+        return kept[len(kept) - n:]
+
+    def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
+        """The text ``ids`` add after ``context`` (the prompt's ids): decoded behind the
+        context's last ids, that text taken off (``decode(ids)`` where the context's text
+        is not a prefix of it)."""
+        tail = self._tail(context)
+        base, text = self.decode(tail), self.decode([*tail, *ids])
+        return text[len(base):] if text.startswith(base) else self.decode(ids)
+
+    def stream(self, context: Sequence[int] = ()) -> Callable[[int | None], str]:
         """As ``ByteText.stream``: the new text once it no longer ends inside a character
-        (a byte-level token can hold part of one) and extends what was written.
+        (a byte-level token can hold part of one) and extends what was written; decoded
+        behind the last ids of ``context`` (the prompt's), as ``decode_after``.
 
         Incremental (as text-generation-inference and vLLM detokenize): an id costs a
         decode of the few ids from those of the last piece written on, not of the whole
         generation."""
         # what decode() drops wherever it stands (special tokens, ids outside the
         # vocabulary) never enters the window, so that a run of them does not grow it
-        special = {i for i, t in self.tokenizer.get_added_tokens_decoder().items()
-                   if t.special}
+        special = self._dropped()
         # window[:read]: the ids that wrote the last piece (written: their own decode);
         # window[read:]: those since. The new text is what decode(window) adds to
         # written: both decodes start at the same token, so a decoder that treats its
         # first token apart (Metaspace, Strip: no leading space) treats it alike in both
-        window: list[int] = []
-        read = 0
-        written = ""
+        window = self._tail(context)
+        read = len(window)
+        written = self.decode(window)
 
         def emit(t: int | None) -> str:
             nonlocal read, written

@@ -181,14 +181,14 @@ def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
     typed; a tokenizer's special tokens are not written)."""
     if total == 1:
         sys.stdout.write(batch[0])
-        emit = text.stream()
+        emit = text.stream(ids[0])
         gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)))
         _write(emit(None) + "\n")
         return stats
     gens, stats = engine.generate(ids, cfg)
     for i, g in enumerate(gens):
         print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
-        print(batch[i] + text.decode(g.tokens))
+        print(batch[i] + text.decode_after(ids[i], g.tokens))
     return stats
 
 
@@ -217,5 +217,5 @@ def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]
                        cfg.top_k, cfg.top_p, use_cache=False, generator=gen)
         if len(prompts) > 1:
             print(f"--- {i + 1}")
-        print(prompt + text.decode(out[0, len(p):].tolist()))
+        print(prompt + text.decode_after(p, out[0, len(p):].tolist()))
     return 0
