@@ -355,6 +355,46 @@ def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, changes, capsys):
         assert capsys.readouterr().out.startswith("ab")
 
 
+@pytest.mark.parametrize("kw,changes", [
+    (dict(bits=8), {}),
+    (dict(bits=4, group_size=32), dict(tie_embeddings=False)),
+    (dict(bits=4, group_size=64, scope="experts"), {}),
+    (dict(bits=4, group_size=64, activations="int8"),
+     dict(qkv_bias=True, num_shared_experts=1, shared_ffn_dim=128, shared_expert_gate=True)),
+    (dict(bits=8, activations="int8"), dict(tie_embeddings=False, num_kv_heads=2)),
+], ids=["int8 tied", "int4 untied", "int4 experts", "int4a8 qwen2-like", "int8a8 gqa"])
+def test_quantize_checkpoint_streams_the_files_quantizing_the_model_writes(tmp_path, kw,
+                                                                          changes):
+    """`moekit quantize` writes each weight as it is quantized (a meta model gives the
+    layout): the same model.safetensors and quantized.json, bitwise, as quantizing the
+    whole model and saving it (``save_quantized``), with one weight's quantized tensors
+    alive at a time."""
+    import gc
+    import weakref
+
+    model, run = _trained_checkpoint(tmp_path, **changes)
+    whole = qio.save_quantized(quantize(copy.deepcopy(model), **kw).float(), tmp_path / "whole")
+    alive: list[weakref.ref] = []
+    peak = [0]
+    real = qio.quantize_tensor
+
+    def counting(*a, **k):
+        gc.collect()
+        peak[0] = max(peak[0], 1 + sum(r() is not None for r in alive))
+        q = real(*a, **k)
+        alive.append(weakref.ref(q))
+        return q
+
+    qio.quantize_tensor = counting
+    try:
+        streamed = qio.quantize_checkpoint(run, tmp_path / "streamed", **kw)
+    finally:
+        qio.quantize_tensor = real
+    assert len(alive) >= 4 and peak[0] == 1  # (2 layers: w_in, w_out each at least)
+    for name in (qio.MODEL_FILE, qio.META_FILE):
+        assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
+
+
 def test_a_bf16_checkpoint_loads_and_quantizes_without_an_fp32_copy(tmp_path):
     """A bf16 checkpoint (what `moekit convert` writes from a bf16 transformers model) is
     assembled from its own tensors: load_model keeps bf16 when asked (dtype=None) or

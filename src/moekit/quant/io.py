@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,9 +33,10 @@ from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.quant.model import (
     SCOPES,
+    _checked_targets,
+    _Target,
     check_scope,
     is_quantized,
-    quantize,
     quantize_like,
     quantized_scope,
 )
@@ -43,8 +45,9 @@ from moekit.quant.tensor import (
     QuantizedTensor,
     check_activations,
     check_bits,
+    quantize_tensor,
 )
-from moekit.safetensors_write import save_file
+from moekit.safetensors_write import save_file, save_stream
 from moekit.train.checkpoint import (
     CheckpointError,
     check_model_fits,
@@ -103,18 +106,24 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     qts = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
     if not qts:
         raise ValueError("model is not quantized: call moekit.quantize(model, bits=...) first")
+    weights, aliases = dedupe_tied(model.state_dict())
+    meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
+            "bits": qts[0].bits, "group_size": qts[0].group_size,
+            "activations": qts[0].activations, "scope": quantized_scope(model),
+            "tied": aliases}
+    return _write(out, lambda f: save_file(weights, str(f)), meta)
+
+
+def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict) -> Path:
+    """``out`` holding the model file ``write_model`` writes and quantized.json (``meta``
+    and the file's SHA-256), written to a temporary directory and swapped into place."""
     out = _check_path("out", out)
     _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
-        weights, aliases = dedupe_tied(model.state_dict())
-        save_file(weights, str(tmp / MODEL_FILE))
-        meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
-                "bits": qts[0].bits, "group_size": qts[0].group_size,
-                "activations": qts[0].activations,
-                "scope": quantized_scope(model), "tied": aliases,
-                "sha256": _sha256(tmp / MODEL_FILE)}
+        write_model(tmp / MODEL_FILE)
+        meta = {**meta, "sha256": _sha256(tmp / MODEL_FILE)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         for f in (MODEL_FILE, META_FILE):
             _fsync(tmp / f)
@@ -219,13 +228,68 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     ck = load_checkpoint(checkpoint)
     # the checkpoint's own tensors (a converted bf16 model stays bf16 until each weight
     # is quantized), the rest in fp32 as a quantized directory holds it
-    model = assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path)
+    config = LMConfig.from_dict(ck.state["model_config"])
+    model = assemble(config, ck.model, ck.path)
     del ck
-    saved = save_quantized(quantize(model, bits, group_size, scope, activations).float(), out)
+    group_size = check_bits(bits, group_size)
+    targets = _checked_targets(model, scope, group_size)  # every check, nothing written
+    # the quantized model's layout: a meta model quantized alike, its floats in fp32
+    with torch.device("meta"):
+        shape = quantize_like(MoETransformer(config), bits, group_size, scope,
+                              activations).float()
+    layout, aliases, owners = _quantized_layout(shape, targets)
+    meta = {"format_version": FORMAT_VERSION, "model_config": config.to_dict(), "bits": bits,
+            "group_size": group_size, "activations": activations,
+            "scope": quantized_scope(shape), "tied": aliases}
+    tensors = _quantized_tensors(model, layout, owners, bits, group_size, activations)
+    saved = _write(out, lambda f: save_stream(layout, tensors, f), meta)
     tokenizer = find_tokenizer(checkpoint)  # a converted model's, for `moekit generate`
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out)
     return saved
+
+
+def _quantized_layout(shape: MoETransformer, targets: list[_Target]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, _Target]]:
+    """(the saved tensors of ``shape``, a meta model quantized by ``quantize_like``, by
+    name in state-dict order; the tied aliases, as ``dedupe_tied`` records them for the
+    quantized model; each QuantizedTensor's name -> the ``target`` it quantizes (a tied
+    embedding's: the head's))."""
+    by_id = {id(shape.get_submodule(t.name + (".weight" if t.kind == "linear" else ""))): t
+             for t in targets}
+    owners = {name: by_id[id(m)] for name, m in shape.named_modules(remove_duplicate=False)
+              if isinstance(m, QuantizedTensor)}
+    layout: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}  # meta tensors have no storage: tied ones are the same object
+    for name, t in shape.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            layout[name] = t.detach()
+    return layout, aliases, owners
+
+
+def _quantized_tensors(model: MoETransformer, layout: dict[str, torch.Tensor],
+                       owners: dict[str, _Target], bits: int, group_size: int | None,
+                       activations: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``layout`` one at a time: each weight quantized when its first part
+    is due and dropped after its last (one weight's quantized tensors held at a time,
+    not the model's), the floats as ``.float()`` gives them."""
+    floats = model.state_dict()
+    owner, q = None, None
+    for name in layout:
+        module, part = name.rsplit(".", 1)
+        target = owners.get(module)
+        if target is None:
+            t = floats[name]
+            yield name, t.float() if t.is_floating_point() else t
+            continue
+        if module != owner:
+            owner, q = module, None  # the last weight's tensors go before the next's come
+            q = quantize_tensor(target.w_EKN, bits, group_size, activations)
+        yield name, getattr(q, part)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> MoETransformer:
