@@ -57,3 +57,23 @@ def test_good_input_still_round_trips(tmp_path):
     save_file(tensors, tmp_path / "t.safetensors", metadata={})
     back = load_file(str(tmp_path / "t.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def test_tensors_are_written_in_pieces(tmp_path, monkeypatch):
+    """write_raw copies a tensor out in pieces of WRITE_PIECE bytes: with pieces of 7
+    bytes (a piece ends inside elements, and tensors of 0, 1 and many pieces) the file is
+    bitwise the one written in one piece, and safetensors reads back the tensors."""
+    from moekit import safetensors_write
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 3, generator=g), "b": torch.randn(11, generator=g).bfloat16(),
+               "c": torch.randint(-128, 127, (3,), dtype=torch.int8, generator=g),
+               "empty": torch.zeros(0, 4), "t": torch.randn(4, 6, generator=g).t()}
+    safetensors_write.save_file(tensors, str(tmp_path / "whole.safetensors"))
+    monkeypatch.setattr(safetensors_write, "WRITE_PIECE", 7)
+    safetensors_write.save_file(tensors, str(tmp_path / "pieces.safetensors"))
+    assert (tmp_path / "pieces.safetensors").read_bytes() == \
+        (tmp_path / "whole.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "pieces.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())

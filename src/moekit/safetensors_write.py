@@ -80,6 +80,22 @@ def raw_bytes(t: Tensor) -> bytearray:
     return out
 
 
+WRITE_PIECE = 1 << 26  # bytes copied out of a tensor at a time by write_raw
+
+
+def write_raw(f, t: Tensor) -> None:
+    """A tensor's bytes written to the file ``f`` in pieces of WRITE_PIECE (raw_bytes'
+    one copy of the whole tensor doubled the memory a large one took while written)."""
+    flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    n = flat.numel()
+    buf = bytearray(min(n, WRITE_PIECE))
+    piece = torch.frombuffer(buf, dtype=torch.uint8) if buf else None
+    for i in range(0, n, WRITE_PIECE):
+        m = min(WRITE_PIECE, n - i)
+        piece[:m].copy_(flat[i:i + m])
+        f.write(memoryview(buf)[:m])
+
+
 def save_stream(layout: dict[str, Tensor], tensors: Iterable[tuple[str, Tensor]],
                 filename: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """``save_file`` for tensors made one at a time (a conversion that holds one layer,
@@ -102,7 +118,7 @@ def save_stream(layout: dict[str, Tensor], tensors: Iterable[tuple[str, Tensor]]
                                      "no more tensors" if expected is None else
                                      f"{expected[0]!r} {expected[1].dtype} "
                                      f"{tuple(expected[1].shape)}"))
-            f.write(raw_bytes(t))
+            write_raw(f, t)
         rest = [name for name, _ in want]
         if rest:
             raise ValueError(f"tensors {rest[:5]} of the header were never given")
