@@ -166,6 +166,45 @@ def test_chat_prompts_are_rendered_as_transformers_renders_them(converted, capsy
     assert ids == tok.encode(want, add_special_tokens=False).ids
 
 
+def test_interactive_chat_answers_each_line_with_the_conversation_so_far(converted, capsys,
+                                                                        monkeypatch):
+    """--interactive: each stdin line a user message; the second turn's prompt is the
+    template of [user, the first reply (without its end-of-sequence id), user] as
+    transformers' apply_chat_template renders it, and each reply is what transformers'
+    generate() gives from that prompt."""
+    import io
+
+    tok, model, root = converted
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "hf" / "tokenizer.json"), chat_template=CHAT, eos_token="end")
+    eos = model.generation_config.eos_token_id
+    messages, want = [], ""
+    for line in ("def hello(world", "import torch"):
+        messages.append({"role": "user", "content": line})
+        prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True,
+                                            tokenize=False)
+        ids = tok.encode(prompt, add_special_tokens=False).ids
+        new = model.generate(torch.tensor([ids]), max_new_tokens=12,
+                             do_sample=False)[0, len(ids):].tolist()
+        want += tok.decode(new, skip_special_tokens=True) + "\n"
+        content = new[:-1] if new[-1] == eos else new
+        messages.append({"role": "assistant", "content": tok.decode(content)})
+    assert any(m["role"] == "assistant" and m["content"] for m in messages)
+    monkeypatch.setattr("sys.stdin", io.StringIO("def hello(world\n\nimport torch\n"))
+    capsys.readouterr()
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--interactive",
+                     "--temperature", "0", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == want
+    # a conversation longer than the context (256) loses its oldest exchange, said so
+    monkeypatch.setattr("sys.stdin", io.StringIO("def hello(world\nimport torch\n"))
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--interactive",
+                     "--temperature", "0", "--max-new-tokens", "150"]) == 0
+    assert "oldest exchange is dropped" in capsys.readouterr().err
+    for bad in (["--interactive"], ["--chat", "--interactive", "--samples", "2"]):
+        assert cli_main(["generate", "--checkpoint", str(root / "lm"), *bad]) == 2
+        assert "--interactive is not allowed" in capsys.readouterr().err
+
+
 def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
     from moekit.models import MoETransformer, preset
     from moekit.train.checkpoint import save_checkpoint

@@ -104,9 +104,12 @@ class TokenizerText:
         where given), followed by the assistant's turn; the template writes the special
         tokens itself."""
         messages = [] if system is None else [{"role": "system", "content": system}]
-        rendered = render_chat(self._chat_template(),
-                               [*messages, {"role": "user", "content": text}],
-                               **self._special_tokens())
+        return self.encode_messages([*messages, {"role": "user", "content": text}])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation (dicts of "role" and "content") in the chat template, followed
+        by the assistant's turn."""
+        rendered = render_chat(self._chat_template(), messages, **self._special_tokens())
         return self.tokenizer.encode(rendered, add_special_tokens=False).ids
 
     def _chat_template(self) -> str:

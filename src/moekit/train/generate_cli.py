@@ -59,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(an instruct model's format); needs a tokenizer")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="with --chat: a system message before each prompt")
+    p.add_argument("--interactive", action="store_true",
+                   help="with --chat: a conversation: each line read from stdin is the "
+                   "user's next message, answered with the whole conversation so far as "
+                   "context (oldest turns dropped where it outgrows the model's context); "
+                   "ends at end of input")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a directory holding tokenizer.json (default: the checkpoint's own, "
                    "which `moekit convert` copies; else UTF-8 bytes)")
@@ -134,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = _config(args, text)
         if args.system is not None and not args.chat:  # would be silently ignored
             raise ValueError(f"--system={args.system!r} is not allowed without --chat")
+        if args.interactive and (not args.chat or args.prompts_file or args.no_cache
+                                 or args.samples != 1):
+            raise ValueError("--interactive is not allowed here: it needs --chat, reads "
+                             "its messages from stdin (no --prompts-file), one reply each "
+                             "(no --samples) with the cache (no --no-cache)")
         ids = [text.encode_chat(p, args.system) if args.chat else text.encode(p)
                for p in prompts]
         if args.threads is not None:
@@ -147,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.interactive:
+            return _converse(engine, text, cfg, args.system)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         total = []
@@ -190,6 +202,48 @@ def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
         print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
         print(batch[i] + text.decode_after(ids[i], g.tokens))
     return stats
+
+
+def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
+              system: str | None) -> int:
+    """--interactive: each stdin line a user message, each reply streamed on its own line
+    after it, the conversation so far its context (the oldest exchanges dropped, with a
+    note on stderr, where the prompt and the reply would not fit the model's context)."""
+    context = engine.model.config.max_seq_len
+    head = [] if system is None else [{"role": "system", "content": system}]
+    turns: list[dict] = []
+    stats = []
+    for line in sys.stdin:
+        message = line.rstrip("\n")
+        if not message:
+            continue
+        turns.append({"role": "user", "content": message})
+        ids = text.encode_messages([*head, *turns])
+        while len(ids) + cfg.max_new_tokens > context and len(turns) > 1:
+            del turns[:2]  # the oldest user message and its reply
+            print("moekit generate: the conversation outgrew the context "
+                  f"({context} tokens): its oldest exchange is dropped", file=sys.stderr)
+            ids = text.encode_messages([*head, *turns])
+        try:
+            engine.check([ids], cfg)
+        except ValueError as e:
+            print(f"moekit generate: error: {e}", file=sys.stderr)
+            return 2
+        emit, reply = text.stream(ids), []
+
+        def on_token(_, tok: int, emit=emit, reply=reply) -> None:
+            reply.append(tok)
+            _write(emit(tok))
+
+        _, s = engine.generate([ids], cfg, on_token=on_token)
+        _write(emit(None) + "\n")
+        stats.append(s)
+        if reply and reply[-1] in text.stop_ids:  # the end of the turn, not its content
+            reply.pop()
+        turns.append({"role": "assistant", "content": text.decode(reply)})
+    if stats:
+        _report(stats, 1)
+    return 0
 
 
 def _write(text: str) -> None:
