@@ -403,6 +403,31 @@ def test_moekit_quantized_offloaded_prefill_in_several_chunks(dtype, tmp_path, m
         model.expert_offload.close()
 
 
+def test_moekit_offloaded_with_shared_experts_and_qkv_biases_equals_resident(tmp_path):
+    """A Qwen2-MoE-like model (a gated shared expert, q / k / v biases): its routed experts
+    read from disk, its shared expert and biases resident, the same tokens and logits."""
+    cfg = CFG.replace(qkv_bias=True, num_shared_experts=1, shared_ffn_dim=48,
+                      shared_expert_gate=True)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("qkv.bias", "shared.gate")):
+                p.uniform_(-1, 1)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": cfg.to_dict()})
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    tokens = generate(model, ids, 12, temperature=0)
+    off = load_offloaded(tmp_path / "run", 5 * EXPERT_BYTES, "lru")
+    try:
+        assert torch.equal(generate(off, ids, 12, temperature=0), tokens)
+        with torch.no_grad():
+            assert torch.equal(off(tokens).logits, model(tokens).logits)
+        assert off.expert_offload.stats.total("loads") > 0
+    finally:
+        assert off.expert_offload.close(timeout=5.0)
+
+
 def test_moekit_budget_below_one_layer(moekit_ckpt):
     with pytest.raises(ExpertMemoryError, match="expert_memory=.*too small"):
         load_offloaded(moekit_ckpt[0], 2 * EXPERT_BYTES - 1)
