@@ -4,7 +4,7 @@ Each preset keeps the architecture keys of the released config.json (read by
 the same code that reads user files, hf.py) and the totals its authors
 published. ``published_active_counts_embedding`` records the convention each
 publisher used for "active" parameters: whether the input embedding table is
-counted (Mixtral, Qwen3, OLMoE) or not (DeepSeek-V3, DBRX, GPT-OSS; their output
+counted (Mixtral, Qwen1.5 / Qwen3, OLMoE) or not (DeepSeek-V3, DBRX, GPT-OSS; their output
 head is counted). tests/test_plan.py checks every total within 1%.
 """
 
@@ -84,6 +84,16 @@ PRESETS: dict[str, Preset] = {
          "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
          "mlp_only_layers": [], "vocab_size": 151936, "tie_word_embeddings": False},
         235 * B, 22 * B, True, "huggingface.co/Qwen/Qwen3-235B-A22B (model card)"),
+    # huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json; totals: its model card
+    # ("14.3B parameters in total and 2.7B activated parameters during runtime").
+    "qwen1.5-moe-a2.7b": Preset(
+        {"_name_or_path": "qwen1.5-moe-a2.7b", "model_type": "qwen2_moe", "hidden_size": 2048,
+         "intermediate_size": 5632, "moe_intermediate_size": 1408,
+         "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+         "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [],
+         "vocab_size": 151936, "tie_word_embeddings": False},
+        14.3 * B, 2.7 * B, True, "huggingface.co/Qwen/Qwen1.5-MoE-A2.7B (model card)"),
     # huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json; totals: Muennighoff et
     # al. 2024, "OLMoE" (arXiv 2409.02060), Table 1: 6.9B total, 1.3B active.
     "olmoe-1b-7b": Preset(
