@@ -214,6 +214,38 @@ def test_cache_is_preallocated_and_reused():
     assert engine.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
 
 
+def test_a_conversation_prefills_only_what_the_cache_does_not_hold(monkeypatch):
+    """reuse_prefix: a prompt extending the last call's prompt and reply prefills only
+    its new ids (the model's infer sees them alone) and generates the tokens a fresh
+    engine generates from the whole prompt; a batch, a prompt that shares nothing, or
+    one the cache holds whole (one id is prefilled again for its logits) still give the
+    fresh engine's tokens. The cache was allocated for 3 rows: the held row is row 0."""
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=10)
+    engine = Engine(model, reuse_prefix=True)
+    engine.generate(PROMPTS, cfg)  # a batch first: nothing held after it
+    seen = []
+    infer = MoETransformer.infer
+    monkeypatch.setattr(MoETransformer, "infer",
+                        lambda self, ids, cache: seen.append(ids.shape[1]) or
+                        infer(self, ids, cache))
+    first, s1 = engine.generate([PROMPTS[0]], cfg)
+    assert s1.reused_tokens == 0 and seen[0] == len(PROMPTS[0])
+    turn = PROMPTS[0] + first[0].tokens + [7, 8, 9]
+    seen.clear()
+    gens, stats = engine.generate([turn], cfg)
+    held = len(PROMPTS[0]) + len(first[0].tokens) - 1  # the last token was never fed
+    assert stats.reused_tokens == held and seen[0] == len(turn) - held
+    assert gens[0].tokens == _greedy_alone(model, turn, 10)
+    again, stats = engine.generate([turn[:held]], cfg)  # all held: one id prefilled again
+    assert stats.reused_tokens == held - 1 and again[0].tokens == _greedy_alone(
+        model, turn[:held], 10)
+    other, stats = engine.generate([PROMPTS[1]], cfg)
+    assert stats.reused_tokens == 0 and other[0].tokens == _greedy_alone(model, PROMPTS[1], 10)
+    with pytest.raises(ValueError, match="reuse_prefix"):
+        Engine(model, reuse_prefix=1)
+
+
 def test_past_context_and_empty_prompt_are_named_errors():
     model = _model()  # tiny: max_seq_len=64
     engine = Engine(model)

@@ -194,7 +194,9 @@ def test_interactive_chat_answers_each_line_with_the_conversation_so_far(convert
     capsys.readouterr()
     assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--interactive",
                      "--temperature", "0", "--max-new-tokens", "12"]) == 0
-    assert capsys.readouterr().out == want
+    out = capsys.readouterr()
+    assert out.out == want
+    assert "prompt tokens held in the cache from earlier turns" in out.err  # turn 2 reused
     # a conversation longer than the context (256) loses its oldest exchange, said so
     monkeypatch.setattr("sys.stdin", io.StringIO("def hello(world\nimport torch\n"))
     assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--chat", "--interactive",

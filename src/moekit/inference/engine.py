@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moekit.config import MAX_SEED, FrozenConfig, check_int_range, check_positive_int, reject
+from moekit.config import (
+    MAX_SEED,
+    FrozenConfig,
+    check_bool,
+    check_int_range,
+    check_positive_int,
+    reject,
+)
 from moekit.inference.decode_plan import DecodePlan
 from moekit.models.generate import check_sampling, sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
@@ -98,6 +105,7 @@ class GenerationStats:
     decode_steps: int  # forward passes after the prefill
     prefill_s: float
     decode_s: float
+    reused_tokens: int = 0  # prompt tokens whose keys and values the cache already held
 
     @property
     def tokens_per_s(self) -> float:
@@ -114,14 +122,20 @@ class Engine:
 
     The cache is allocated for the first batch and reused while later batches
     fit in it (rows and positions); it is reallocated only when one does not.
+    ``reuse_prefix=True`` (a conversation, one sequence at a time): a prompt that starts
+    with the ids the cache holds from the last single-sequence call (its prompt and the
+    tokens fed back) prefills only the rest; the model must not change between calls.
     """
 
-    def __init__(self, model: MoETransformer) -> None:
+    def __init__(self, model: MoETransformer, reuse_prefix: bool = False) -> None:
         if not isinstance(model, MoETransformer):
             reject("model", type(model).__name__, "it must be a moekit MoETransformer "
                    "(a transformers model runs its own generate())")
+        check_bool("reuse_prefix", reuse_prefix)
         self.model = model
         self.cache: StaticKVCache | None = None
+        self.reuse_prefix = reuse_prefix
+        self._held: list[int] = []  # the ids whose keys and values fill row 0's slots
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
                  on_token: OnToken | None = None, generator: torch.Generator | None = None
@@ -186,26 +200,49 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def _prepare(self, ids: list[list[int]], max_new_tokens: int) -> tuple[Tensor, StaticKVCache]:
-        """Left-padded prompts [B, L] and a cache reset for them."""
+    def _prepare(self, ids: list[list[int]], max_new_tokens: int
+                 ) -> tuple[Tensor, StaticKVCache, int]:
+        """Left-padded prompts [B, L] and a cache reset for them; with ``reuse_prefix``
+        and one prompt, only its ids past those the cache holds (and how many it held)."""
         B, L = len(ids), max(len(p) for p in ids)
         need = L + max_new_tokens
         w = self.model.norm.weight  # the activations' dtype and device
         c = self.cache
+        held, self._held = self._held, []
+        reuse = self.reuse_prefix and B == 1
         if c is None or c.batch < B or c.max_len < need or c.k[0].dtype != w.dtype \
                 or c.k[0].device != w.device:
-            c = self.cache = StaticKVCache.for_model(self.model, B, need)
+            old = c
+            grow = need if old is None or not reuse else \
+                min(max(need, 2 * old.max_len), self.model.config.max_seq_len)
+            c = self.cache = StaticKVCache.for_model(self.model, B, grow)
+            if reuse and old is not None and old.k[0].dtype == w.dtype \
+                    and old.k[0].device == w.device:  # a longer conversation: keep what it held
+                n = min(len(held), old.max_len)
+                for new_t, old_t in zip(c.k + c.v, old.k + old.v, strict=True):
+                    new_t[0, :, :n] = old_t[0, :, :n]
+                held = held[:n]
+            else:
+                held = []
+        if reuse:
+            n = 0  # the common prefix, leaving at least one id to prefill (its logits)
+            while n < min(len(held), L - 1) and held[n] == ids[0][n]:
+                n += 1
+            if n:
+                c.reset(torch.zeros(1, dtype=torch.long, device=w.device))  # one row
+                c.length = n
+                return torch.tensor([ids[0][n:]], device=w.device), c, n
         ids_BL = torch.zeros(B, L, dtype=torch.long, device=w.device)
         pad_B = torch.tensor([L - len(p) for p in ids], device=w.device)
         for b, p in enumerate(ids):
             ids_BL[b, L - len(p):] = torch.tensor(p)
         c.reset(pad_B)
-        return ids_BL, c
+        return ids_BL, c, 0
 
     def _run(self, ids: list[list[int]], cfg: GenerationConfig, on_token: OnToken | None,
              generator: torch.Generator) -> tuple[list[Generation], GenerationStats]:
         t0 = time.perf_counter()
-        ids_BL, cache = self._prepare(ids, cfg.max_new_tokens)
+        ids_BL, cache, reused = self._prepare(ids, cfg.max_new_tokens)
         logits_RV = self.model.infer(ids_BL, cache)
         plan = DecodePlan.build(self.model)  # the decode steps' kernel calls, or None
         t1 = time.perf_counter()
@@ -247,9 +284,12 @@ class Engine:
                                      generator)
             steps += 1
         t2 = time.perf_counter()
+        if self.reuse_prefix and len(ids) == 1:  # every token but the last was fed back
+            self._held = ids[0] + gens[0].tokens[:-1]
         stats = GenerationStats(sequences=len(ids), prompt_tokens=sum(len(p) for p in ids),
                                 new_tokens=sum(len(g.tokens) for g in gens),
-                                decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1)
+                                decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1,
+                                reused_tokens=reused)
         return gens, stats
 
 

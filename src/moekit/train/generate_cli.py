@@ -157,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit generate: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.interactive:
-            return _converse(engine, text, cfg, args.system)
+        if args.interactive:  # each turn prefills only what the cache does not hold
+            return _converse(Engine(model, reuse_prefix=True), text, cfg, args.system)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         total = []
@@ -258,7 +258,9 @@ def _report(stats: list[GenerationStats], batch: int) -> None:
     step_ms = 1e3 * sum(s.decode_s for s in stats) / max(sum(s.decode_steps for s in stats), 1)
     print(f"moekit generate: {sum(s.sequences for s in stats)} sequences (batch <= {batch}), "
           f"{new} new tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s; "
-          f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step", file=sys.stderr)
+          f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step"
+          + (f"; {reused} prompt tokens held in the cache from earlier turns, not prefilled"
+             if (reused := sum(s.reused_tokens for s in stats)) else ""), file=sys.stderr)
 
 
 def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]],
