@@ -213,7 +213,13 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
     head = [] if system is None else [{"role": "system", "content": system}]
     turns: list[dict] = []
     stats = []
-    for line in sys.stdin:
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:  # a prompt for the person typing (stdout stays the conversation's text)
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
         message = line.rstrip("\n")
         if not message:
             continue
