@@ -214,6 +214,28 @@ def test_cache_is_preallocated_and_reused():
     assert engine.cache is cache and [t.data_ptr() for t in cache.k] == ptrs
 
 
+def test_stop_when_ends_its_sequence_and_leaves_the_others_exact():
+    """stop_when(i, tokens): sequence 1 stops after its third token (asked with its own
+    tokens so far each time), the others run to max_new_tokens as each alone."""
+    model = _model()
+    asked = []
+
+    def stop_when(i, tokens):
+        asked.append((i, list(tokens)))
+        return i == 1 and len(tokens) == 3
+
+    gens, _ = Engine(model).generate(PROMPTS, GenerationConfig(max_new_tokens=8),
+                                     stop_when=stop_when)
+    assert len(gens[1].tokens) == 3 and gens[1].finish_reason == "stop"
+    assert gens[1].tokens == _greedy_alone(model, PROMPTS[1], 3)
+    for i in (0, 2):
+        assert gens[i].tokens == _greedy_alone(model, PROMPTS[i], 8)
+        assert gens[i].finish_reason == "length"
+    assert (1, gens[1].tokens[:2]) in asked and (0, gens[0].tokens) in asked
+    with pytest.raises(ValueError, match="stop_when"):
+        Engine(model).generate(PROMPTS, GenerationConfig(max_new_tokens=2), stop_when=3)
+
+
 def test_a_conversation_prefills_only_what_the_cache_does_not_hold(monkeypatch):
     """reuse_prefix: a prompt extending the last call's prompt and reply prefills only
     its new ids (the model's infer sees them alone) and generates the tokens a fresh

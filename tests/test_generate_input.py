@@ -66,7 +66,7 @@ def test_seed_out_of_range_allocates_nothing():
 def _stops(*stops: str) -> tuple[tuple[int, ...], ...]:
     args = argparse.Namespace(max_new_tokens=3, temperature=0.0, top_k=None, top_p=None,
                               seed=0, stop=list(stops))
-    return generate_cli._config(args, ByteText()).stop_sequences
+    return generate_cli._config(args, ByteText())[0].stop_sequences
 
 
 @pytest.mark.parametrize("typed,want", [

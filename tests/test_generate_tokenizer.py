@@ -207,6 +207,28 @@ def test_interactive_chat_answers_each_line_with_the_conversation_so_far(convert
         assert "--interactive is not allowed" in capsys.readouterr().err
 
 
+def test_a_stop_string_is_found_in_the_text_not_in_its_ids_alone(converted, capsys):
+    """--stop with a tokenizer: the sequence ends at the token whose text completes the
+    string's first occurrence, also where the string spans two tokens and ends inside
+    the second (its own ids, encoded alone, are not what was generated)."""
+    tok, model, root = converted
+    prompt = "def hello(world"
+    ids = tok.encode(prompt).ids
+    new = model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False,
+                         eos_token_id=None)[0, len(ids):].tolist()
+    pieces = [tok.decode(new[:k + 1]) for k in range(len(new))]
+    # a string from the last character of one token's text into the next token's text
+    k = next(k for k in range(2, len(new)) if len(pieces[k]) - len(pieces[k - 1]) >= 2
+             and pieces[k - 1] and pieces[k].startswith(pieces[k - 1]))
+    stop = pieces[k][len(pieces[k - 1]) - 1:len(pieces[k - 1]) + 1]
+    first = next(j for j in range(len(new)) if stop in pieces[j])
+    ids_alone = tok.encode(stop, add_special_tokens=False).ids
+    assert new[first + 1 - len(ids_alone):first + 1] != ids_alone  # id matching misses it
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--prompt", prompt,
+                     "--temperature", "0", "--max-new-tokens", "30", "--stop", stop]) == 0
+    assert capsys.readouterr().out == prompt + tok.decode(new[:first + 1]) + "\n"
+
+
 def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
     from moekit.models import MoETransformer, preset
     from moekit.train.checkpoint import save_checkpoint

@@ -40,6 +40,9 @@ from moekit.models.transformer import MoETransformer, StaticKVCache
 
 Prompt = Sequence[int] | Tensor
 OnToken = Callable[[int, int], None]  # (sequence index, token id), as each token is chosen
+# (sequence index, its generated tokens so far) -> stop it now (e.g. its text holds a stop
+# string: TokenizerText.stop_when)
+StopWhen = Callable[[int, list[int]], bool]
 
 
 class ContextLengthError(ValueError):
@@ -138,14 +141,19 @@ class Engine:
         self._held: list[int] = []  # the ids whose keys and values fill row 0's slots
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
-                 on_token: OnToken | None = None, generator: torch.Generator | None = None
+                 on_token: OnToken | None = None, generator: torch.Generator | None = None,
+                 stop_when: StopWhen | None = None
                  ) -> tuple[list[Generation], GenerationStats]:
-        """Generate for every prompt at once; ``generator`` overrides ``config.seed``."""
+        """Generate for every prompt at once; ``generator`` overrides ``config.seed``;
+        ``stop_when(i, tokens)`` stops sequence i after its latest token where it returns
+        True (besides the config's stop ids and sequences)."""
         cfg = GenerationConfig() if config is None else config
         if not isinstance(cfg, GenerationConfig):
             reject("config", cfg, "it must be None or a GenerationConfig")
         if generator is not None and not isinstance(generator, torch.Generator):
             reject("generator", generator, "it must be None or a torch.Generator")
+        if stop_when is not None and not callable(stop_when):
+            reject("stop_when", stop_when, "it must be None or a callable (i, tokens) -> bool")
         ids = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         if not ids:
             reject("prompts", prompts, "it must hold at least one prompt")
@@ -157,7 +165,7 @@ class Engine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self._run(ids, cfg, on_token, generator)
+                return self._run(ids, cfg, on_token, generator, stop_when)
         finally:
             self.model.train(was_training)
 
@@ -240,7 +248,8 @@ class Engine:
         return ids_BL, c, 0
 
     def _run(self, ids: list[list[int]], cfg: GenerationConfig, on_token: OnToken | None,
-             generator: torch.Generator) -> tuple[list[Generation], GenerationStats]:
+             generator: torch.Generator, stop_when: StopWhen | None = None
+             ) -> tuple[list[Generation], GenerationStats]:
         t0 = time.perf_counter()
         ids_BL, cache, reused = self._prepare(ids, cfg.max_new_tokens)
         logits_RV = self.model.infer(ids_BL, cache)
@@ -263,7 +272,8 @@ class Engine:
                 g.tokens.append(tok)
                 if on_token is not None:
                     on_token(active[r], tok)
-                if stops.hit(g.tokens):
+                if stops.hit(g.tokens) or (stop_when is not None
+                                           and stop_when(active[r], g.tokens)):
                     g.finish_reason = "stop"
                     finished.append(r)
             if step == cfg.max_new_tokens - 1 or len(finished) == len(active):

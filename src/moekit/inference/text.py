@@ -49,6 +49,10 @@ class ByteText:
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         return stop_sequences_from_text(texts)
 
+    def stop_when(self, texts: Sequence[str]) -> None:
+        """Bytes match as id sequences (``stop_sequences``): nothing more to check."""
+        del texts
+
     def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
         """The text ``ids`` add after ``context`` (the prompt's): bytes need none."""
         del context
@@ -138,12 +142,21 @@ class TokenizerText:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-        out = tuple(tuple(self.tokenizer.encode(t, add_special_tokens=False).ids)
-                    for t in texts)
-        if any(not s for s in out):
-            reject("stop", next(t for t, s in zip(texts, out, strict=True) if not s),
-                   "a stop string must give at least one token")
-        return out
+        """None as id sequences: a tokenizer's stop strings are matched in the text
+        (``stop_when``), where the ids of a string alone may not be those generated (a
+        merged token such as ".\n\n" holds "\n\n")."""
+        if any(not t for t in texts):
+            reject("stop", "", "a stop string must hold at least one character")
+        return ()
+
+    def stop_when(self, texts: Sequence[str]) -> Callable[[int, list[int]], bool] | None:
+        """``Engine.generate``'s stop_when for stop strings: a sequence stops at the token
+        whose text completes one of ``texts`` (the new text decoded, a window of the last
+        ids: enough for the longest string, 4 ids a character). None without strings."""
+        if not texts:
+            return None
+        window = 4 * max(len(t) for t in texts) + 8
+        return lambda _, tokens: any(t in self.decode(tokens[-window:]) for t in texts)
 
     def _dropped(self) -> set[int]:
         """Ids decode() drops wherever they stand (special tokens)."""

@@ -17,6 +17,7 @@ from moekit.inference.engine import (
     Engine,
     GenerationConfig,
     GenerationStats,
+    StopWhen,
 )
 from moekit.inference.text import ByteText, TokenizerText, text_for
 from moekit.malloc import tune_malloc
@@ -41,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=[],
-                   help="stop a sequence when its new text ends with this string (repeatable; "
-                   "backslash escapes such as \\n are understood)")
+                   help="stop a sequence when its new text ends with this string (with a "
+                   "tokenizer: at the token whose text completes it); repeatable; "
+                   "backslash escapes such as \\n are understood")
     p.add_argument("--samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype")
@@ -115,11 +117,15 @@ def _unescape_stop(text: str) -> str:
                          "Python's (\\n, \\t, \\\\, \\xhh, \\uhhhh)") from None
 
 
-def _config(args: argparse.Namespace, text: ByteText | TokenizerText) -> GenerationConfig:
+def _config(args: argparse.Namespace, text: ByteText | TokenizerText
+            ) -> tuple[GenerationConfig, StopWhen | None]:
+    """The generation config, and the engine's stop_when for a tokenizer's stop strings
+    (matched in the text; bytes match as id sequences)."""
     stops = [_unescape_stop(s) for s in args.stop]
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops))
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops))
+    return cfg, text.stop_when(stops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
                              "(moekit's byte-level models have no chat template); give "
                              "--tokenizer DIR")
-        cfg = _config(args, text)
+        cfg, stop_when = _config(args, text)
         if args.system is not None and not args.chat:  # would be silently ignored
             raise ValueError(f"--system={args.system!r} is not allowed without --chat")
         if args.interactive and (not args.chat or args.prompts_file or args.no_cache
@@ -158,14 +164,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
-            return _converse(Engine(model, reuse_prefix=True), text, cfg, args.system)
+            return _converse(Engine(model, reuse_prefix=True), text, cfg, args.system,
+                             stop_when)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         total = []
         for start in range(0, len(prompts), args.batch):
             batch = slice(start, start + args.batch)
             total.append(_run_batch(engine, prompts[batch], ids[batch], text, cfg, start,
-                                    len(prompts)))
+                                    len(prompts), stop_when))
         _report(total, args.batch)
     finally:
         offload = getattr(model, "expert_offload", None)
@@ -188,16 +195,17 @@ def _load(args: argparse.Namespace) -> MoETransformer:
 
 def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
                text: ByteText | TokenizerText, cfg: GenerationConfig, start: int,
-               total: int) -> GenerationStats:
+               total: int, stop_when: StopWhen | None = None) -> GenerationStats:
     """One batch; a lone sequence streams its text as it is produced (after the prompt as
     typed; a tokenizer's special tokens are not written)."""
     if total == 1:
         sys.stdout.write(batch[0])
         emit = text.stream(ids[0])
-        gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)))
+        gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)),
+                                      stop_when=stop_when)
         _write(emit(None) + "\n")
         return stats
-    gens, stats = engine.generate(ids, cfg)
+    gens, stats = engine.generate(ids, cfg, stop_when=stop_when)
     for i, g in enumerate(gens):
         print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
         print(batch[i] + text.decode_after(ids[i], g.tokens))
@@ -205,7 +213,7 @@ def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
-              system: str | None) -> int:
+              system: str | None, stop_when: StopWhen | None = None) -> int:
     """--interactive: each stdin line a user message, each reply streamed on its own line
     after it, the conversation so far its context (the oldest exchanges dropped, with a
     note on stderr, where the prompt and the reply would not fit the model's context)."""
@@ -241,7 +249,7 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
             reply.append(tok)
             _write(emit(tok))
 
-        _, s = engine.generate([ids], cfg, on_token=on_token)
+        _, s = engine.generate([ids], cfg, on_token=on_token, stop_when=stop_when)
         _write(emit(None) + "\n")
         stats.append(s)
         if reply and reply[-1] in text.stop_ids:  # the end of the turn, not its content
