@@ -177,10 +177,15 @@ class SharedExperts(nn.Module):
         return y
 
     def _kernel_ok(self, x_TD: Tensor) -> bool:
-        """Whether ``decode.shared_rows`` runs: few rows of fp32 / bf16 on the CPU without
-        autograd, weights quantized or of x's dtype, an activation the kernels fuse."""
-        return (self.cfg.activation in decode.ACT_CODES and not torch.is_grad_enabled()
-                and x_TD.dtype in decode.STEP_DTYPES
-                and decode.dense_kernel_ok(x_TD, self.w_in, x_TD.shape[0])
-                and all(isinstance(w, QuantizedTensor) or w.dtype == x_TD.dtype
+        """Whether ``decode.shared_rows`` runs: few rows on the CPU without autograd, of a
+        dtype ``kernel_takes``."""
+        return (not torch.is_grad_enabled() and self.kernel_takes(x_TD.dtype)
+                and decode.dense_kernel_ok(x_TD, self.w_in, x_TD.shape[0]))
+
+    def kernel_takes(self, dtype: torch.dtype) -> bool:
+        """Whether ``decode.shared_rows`` takes activations of ``dtype`` (fp32 / bf16)
+        for these weights (quantized or of that dtype) and activation (one the kernels
+        fuse)."""
+        return (self.cfg.activation in decode.ACT_CODES and dtype in decode.STEP_DTYPES
+                and all(isinstance(w, QuantizedTensor) or w.dtype == dtype
                         for w in (self.w_in, self.w_out)))

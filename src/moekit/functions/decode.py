@@ -426,16 +426,25 @@ def shared_rows(x_TD: Tensor, w_in: Tensor | QuantizedTensor, w_out: Tensor | Qu
     ext, code, limit, alpha = _kernels(spec)
     x = _plain_f32(x_TD)
     rows_T, ends_1 = _all_rows(x.shape[0])
+    w_in, w_out, b_in, b_out, gate_D1 = shared_args(w_in, w_out, b_in_G, b_out_D, gate_1D)
+    h = ext.gate_up(x, rows_T, ends_1, *w_in, b_in, code, limit, alpha)
+    weight_T = (torch.ones(x.shape[0]) if gate_D1 is None
+                else torch.sigmoid(torch.mm(x, gate_D1)).view(-1))
+    out = torch.empty_like(x)
+    ext.down_combine(h, rows_T, weight_T, ends_1, *w_out, b_out, out)
+    return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
+
+
+def shared_args(w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
+                b_in_G: Tensor | None, b_out_D: Tensor | None, gate_1D: Tensor | None
+                ) -> tuple:
+    """The kernel arguments ``shared_rows`` passes (and DecodePlan gives DecodeStep):
+    the weights' as one expert, the biases [1, G] / [1, D] fp32, the gate [D, 1] fp32."""
     w_in = w_in if isinstance(w_in, QuantizedTensor) else w_in[None]
     w_out = w_out if isinstance(w_out, QuantizedTensor) else w_out[None]
-    h = ext.gate_up(x, rows_T, ends_1, *_wargs(w_in),
-                    None if b_in_G is None else _f32(b_in_G[None]), code, limit, alpha)
-    weight_T = (torch.ones(x.shape[0]) if gate_1D is None
-                else torch.sigmoid(torch.mm(x, _f32(gate_1D).t())).view(-1))
-    out = torch.empty_like(x)
-    ext.down_combine(h, rows_T, weight_T, ends_1, *_wargs(w_out),
-                     None if b_out_D is None else _f32(b_out_D[None]), out)
-    return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
+    b_in, b_out = (None if b is None else _f32(b[None]) for b in (b_in_G, b_out_D))
+    return (_wargs(w_in), _wargs(w_out), b_in, b_out,
+            None if gate_1D is None else _f32(gate_1D).t())
 
 
 _ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}

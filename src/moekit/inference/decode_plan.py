@@ -128,18 +128,13 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
 
 def _shared(moe, dtype: torch.dtype) -> tuple | None | bool:
     """decode.shared_rows' arguments for the layer's shared experts, None where it has
-    none, False where they would not take the kernel (SharedExperts._kernel_ok)."""
+    none, False where they would not take the kernel (SharedExperts.kernel_takes)."""
     sh = moe.shared
     if sh is None:
         return None
-    w = (sh.w_in, sh.w_out)
-    if sh.cfg.activation not in decode.ACT_CODES or not all(
-            isinstance(t, QuantizedTensor) or t.dtype == dtype for t in w):
+    if not sh.kernel_takes(dtype):
         return False
-    w = tuple(t if isinstance(t, QuantizedTensor) else t[None] for t in w)
-    b_in, b_out = (None if b is None else decode._f32(b[None]) for b in (sh.b_in, sh.b_out))
-    gate = None if sh.gate is None else decode._f32(sh.gate).t()  # as shared_rows' mm
-    return (decode._wargs(w[0]), decode._wargs(w[1]), b_in, b_out, gate)
+    return decode.shared_args(sh.w_in, sh.w_out, sh.b_in, sh.b_out, sh.gate)
 
 
 def _shared_max_rows(moe) -> int:
