@@ -221,7 +221,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
     # what can be checked before the checkpoint is read and quantized (out=None failed
     # only at the end, with Path's TypeError; an unknown scope after quantizing nothing)
-    check_bits(bits, group_size)
+    group_size = check_bits(bits, group_size)
     check_activations(activations)
     check_scope(scope)
     _check_replaceable(_check_path("out", out))
@@ -231,7 +231,6 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     config = LMConfig.from_dict(ck.state["model_config"])
     model = assemble(config, ck.model, ck.path)
     del ck
-    group_size = check_bits(bits, group_size)
     targets = _checked_targets(model, scope, group_size)  # every check, nothing written
     # the quantized model's layout: a meta model quantized alike, its floats in fp32
     with torch.device("meta"):

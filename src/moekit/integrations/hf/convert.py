@@ -245,6 +245,7 @@ def _describes(lm: dict[str, Any], mapped: dict[str, Any], skip: tuple[str, ...]
 
 
 def _shared_as_one(lm: dict[str, Any]) -> dict[str, Any]:
+    """``lm`` (changed in place) with its shared experts as one size, "shared_dim" (0: none)."""
     n, f = lm.pop("num_shared_experts", 0) or 0, lm.pop("shared_ffn_dim", None)
     lm["shared_dim"] = (f or n * lm.get("ffn_dim", 0)) if n else 0
     return lm
@@ -278,7 +279,7 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=config.get("initializer_range", 0.02),
         # Qwen2-MoE: one gated shared expert, q / k / v biases (older configs: always)
-        qkv_bias=fam.shared is not None and bool(config.get("qkv_bias", True)),
+        qkv_bias=_qkv_bias(config),
         num_shared_experts=1 if fam.shared else 0,
         shared_ffn_dim=config[fam.shared] if fam.shared else None,
         shared_expert_gate=fam.shared is not None)
@@ -387,14 +388,14 @@ def _layout(t: _Reads) -> str:
 def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]]:
     """moekit's tensors one at a time, layer by layer (a tied head is not given: it is the
     embedding)."""
-    fam = family(config)
+    fam, bias = family(config), _qkv_bias(config)
     yield "embed.weight", t["model.embed_tokens.weight"]
     for i in range(config["num_hidden_layers"]):
         a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
         yield f"{b}.attn_norm.weight", t[f"{a}.input_layernorm.weight"]
         yield f"{b}.attn.qkv.weight", torch.cat([t[f"{a}.self_attn.{n}_proj.weight"]
                                                   for n in "qkv"])
-        if _qkv_bias(config):
+        if bias:
             yield f"{b}.attn.qkv.bias", torch.cat([t[f"{a}.self_attn.{n}_proj.bias"]
                                                     for n in "qkv"])
         if fam.qk_norm != "none":
@@ -418,7 +419,9 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
 
 
 def _qkv_bias(config: dict[str, Any]) -> bool:
-    return bool(_mapped_lm_config(config)["qkv_bias"])
+    """Whether the checkpoint's q / k / v projections have biases (Qwen2-MoE's do, unless
+    its config says qkv_bias false; configs older than the key have them)."""
+    return family(config).shared is not None and bool(config.get("qkv_bias", True))
 
 
 def _check_all_read(config: dict[str, Any], t: _Reads) -> None:
@@ -438,7 +441,7 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
     """A family's tensors (``layout`` "per_expert" as saved by transformers, or
     "stacked"). The moekit qkv holds the config's key/value heads, or one copy per query
     head (a checkpoint converted before grouped-query attention: regrouped)."""
-    fam = family(config)
+    fam, bias = family(config), _qkv_bias(config)
     H = config["num_attention_heads"]
     J = _kv_heads(config) or H
     Dh = _head_dim(config)
@@ -455,7 +458,7 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
         out[f"{a}.self_attn.q_proj.weight"] = q
         out[f"{a}.self_attn.k_proj.weight"] = k
         out[f"{a}.self_attn.v_proj.weight"] = v
-        if _qkv_bias(config):
+        if bias:
             q, k, v = s[f"{b}.attn.qkv.bias"].split([H * Dh, J * Dh, J * Dh])
             out.update({f"{a}.self_attn.{n}_proj.bias": w for n, w in zip("qkv", (q, k, v),
                                                                           strict=True)})
@@ -529,8 +532,8 @@ def hf_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     elif fam.shared:
         config.update(num_experts=E, norm_topk_prob=lm.get("renormalize", True),
                       moe_intermediate_size=F, intermediate_size=K * F,
-                      shared_expert_intermediate_size=lm.get("shared_ffn_dim")
-                      or lm["num_shared_experts"] * F, qkv_bias=bool(lm.get("qkv_bias")),
+                      shared_expert_intermediate_size=_shared_as_one(dict(lm))["shared_dim"],
+                      qkv_bias=bool(lm.get("qkv_bias")),
                       decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
                       sliding_window=None)
     else:
