@@ -75,9 +75,13 @@ def raw_bytes(t: Tensor) -> bytearray:
     """A tensor's bytes without numpy (``tensor.numpy()`` needs it; the CPU wheel lacks it)."""
     out = bytearray(t.numel() * t.element_size())
     if out:
-        flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        torch.frombuffer(out, dtype=torch.uint8).copy_(flat)
+        torch.frombuffer(out, dtype=torch.uint8).copy_(_bytes_of(t))
     return out
+
+
+def _bytes_of(t: Tensor) -> Tensor:
+    """A tensor's bytes as a flat uint8 CPU tensor (a view where it is contiguous)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
 
 
 WRITE_PIECE = 1 << 26  # bytes copied out of a tensor at a time by write_raw
@@ -86,7 +90,7 @@ WRITE_PIECE = 1 << 26  # bytes copied out of a tensor at a time by write_raw
 def write_raw(f, t: Tensor) -> None:
     """A tensor's bytes written to the file ``f`` in pieces of WRITE_PIECE (raw_bytes'
     one copy of the whole tensor doubled the memory a large one took while written)."""
-    flat = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    flat = _bytes_of(t)
     n = flat.numel()
     buf = bytearray(min(n, WRITE_PIECE))
     piece = torch.frombuffer(buf, dtype=torch.uint8) if buf else None

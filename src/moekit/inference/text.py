@@ -86,6 +86,9 @@ class TokenizerText:
         # read once, not per --chat prompt (its special tokens, its template)
         self.config = _json_object(self.directory / "tokenizer_config.json")
         self.stop_ids = self._eos_ids()
+        # ids decode() drops wherever they stand (special tokens): once, not per stream
+        self.dropped = frozenset(i for i, t in self.tokenizer.get_added_tokens_decoder().items()
+                                 if t.special)
 
     def _eos_ids(self) -> tuple[int, ...]:
         for config in (_json_object(self.directory / "generation_config.json"), self.config):
@@ -158,16 +161,11 @@ class TokenizerText:
         window = 4 * max(len(t) for t in texts) + 8
         return lambda _, tokens: any(t in self.decode(tokens[-window:]) for t in texts)
 
-    def _dropped(self) -> set[int]:
-        """Ids decode() drops wherever they stand (special tokens)."""
-        return {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
-
     def _tail(self, context: Sequence[int]) -> list[int]:
         """The last CONTEXT_IDS of ``context`` that decode() keeps: what the text of the
         ids after them is decoded behind (a SentencePiece decoder drops the leading space
         of a text's first token, so the first generated word would lose it alone)."""
-        dropped = self._dropped()
-        kept = [t for t in context if t not in dropped]
+        kept = [t for t in context if t not in self.dropped]
         n = min(CONTEXT_IDS, len(kept))
         # not from inside a character (byte tokens): back to where its first byte is
         while n < len(kept) and n < CONTEXT_IDS + 4 and self.decode(kept[-n:])[:1] == "\ufffd":
@@ -192,7 +190,7 @@ class TokenizerText:
         generation."""
         # what decode() drops wherever it stands (special tokens, ids outside the
         # vocabulary) never enters the window, so that a run of them does not grow it
-        special = self._dropped()
+        special = self.dropped
         # window[:read]: the ids that wrote the last piece (written: their own decode);
         # window[read:]: those since. The new text is what decode(window) adds to
         # written: both decodes start at the same token, so a decoder that treats its

@@ -243,17 +243,14 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
         except ValueError as e:
             print(f"moekit generate: error: {e}", file=sys.stderr)
             return 2
-        emit, reply = text.stream(ids), []
-
-        def on_token(_, tok: int, emit=emit, reply=reply) -> None:
-            reply.append(tok)
-            _write(emit(tok))
-
-        _, s = engine.generate([ids], cfg, on_token=on_token, stop_when=stop_when)
+        emit = text.stream(ids)
+        gens, s = engine.generate([ids], cfg, on_token=lambda _, tok, emit=emit: _write(emit(tok)),
+                                  stop_when=stop_when)
         _write(emit(None) + "\n")
         stats.append(s)
+        reply = gens[0].tokens
         if reply and reply[-1] in text.stop_ids:  # the end of the turn, not its content
-            reply.pop()
+            reply = reply[:-1]
         turns.append({"role": "assistant", "content": text.decode(reply)})
     if stats:
         _report(stats, 1)
