@@ -226,7 +226,45 @@ def test_a_stop_string_is_found_in_the_text_not_in_its_ids_alone(converted, caps
     assert new[first + 1 - len(ids_alone):first + 1] != ids_alone  # id matching misses it
     assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--prompt", prompt,
                      "--temperature", "0", "--max-new-tokens", "30", "--stop", stop]) == 0
-    assert capsys.readouterr().out == prompt + tok.decode(new[:first + 1]) + "\n"
+    # the text ends with the string: what the completing token adds after it is cut
+    text = pieces[first][:pieces[first].index(stop) + len(stop)]
+    assert len(text) < len(pieces[first])  # the case the cut is for
+    assert capsys.readouterr().out == prompt + text + "\n"
+    # a batch: each sequence's text cut alike, one without the string kept whole
+    other = "the quick"
+    rest = model.generate(torch.tensor([tok.encode(other).ids]), max_new_tokens=30,
+                          do_sample=False, eos_token_id=None)[0, len(tok.encode(other).ids):]
+    rest_text = tok.decode(rest.tolist())
+    assert stop not in rest_text
+    (root / "two.txt").write_text(f"{prompt}\n{other}\n")
+    assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--prompts-file",
+                     str(root / "two.txt"), "--temperature", "0", "--max-new-tokens", "30",
+                     "--stop", stop]) == 0
+    out = capsys.readouterr().out
+    assert f"--- 1 (stop, {first + 1} tokens)\n{prompt}{text}\n" in out
+    assert f"--- 2 (length, 30 tokens)\n{other}{rest_text}\n" in out
+
+
+@pytest.mark.parametrize("stops", [("ab",), ("b", "abc"), ("cab", "x"), ("a",), ("zz",)])
+def test_streamed_text_is_cut_after_the_first_stop_string(stops):
+    """cut_stream over any split of a text into pieces writes the text up to the end of
+    the stop string occurrence that ends first (a plain search of the whole text), and
+    nothing after it; cut_text the same of the whole text."""
+    import random
+
+    from moekit.inference.text import cut_stream, cut_text
+
+    rng = random.Random(0)
+    for _ in range(200):
+        text = "".join(rng.choice("abcx") for _ in range(rng.randint(0, 12)))
+        ends = [text.find(s) + len(s) for s in stops if s in text]
+        want = text[:min(ends)] if ends else text
+        cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, len(text) + 1)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        it = iter(pieces)
+        emit = cut_stream(lambda t, it=it: next(it, ""), stops)
+        assert "".join(emit(0) for _ in pieces) + emit(None) == want
+        assert cut_text(text, stops) == want
 
 
 def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):

@@ -6,7 +6,8 @@ the tokenizer's files (``tokenizer.json`` and the configs that name its special 
 into ``RUN_DIR/tokenizer``, and ``TokenizerText`` reads them with the ``tokenizers``
 library (installed with transformers: ``pip install 'moekit[hf]'``). Its end-of-sequence
 ids (``generation_config.json``, else the tokenizer config's ``eos_token``) stop a
-sequence; a ``--stop`` string is matched as the token ids the tokenizer gives it alone.
+sequence; a ``--stop`` string is matched in the text, the sequence ends at the token
+whose text completes it, and the text written ends with the string (``cut_stream``).
 With ``--chat`` a prompt is a user message rendered by the tokenizer's chat template
 (``chat_template.jinja`` or tokenizer_config.json's ``chat_template``), as transformers'
 ``apply_chat_template(..., add_generation_prompt=True)`` renders it: a sandboxed jinja2
@@ -216,6 +217,47 @@ class TokenizerText:
             return new
 
         return emit
+
+
+def stop_end(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Where ``text`` ends when cut after its first stop string: the end of the stop
+    string occurrence that ends first, among those ending after ``start`` (the text before
+    was searched already); None where there is none."""
+    ends = [i + len(s) for s in stops
+            if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(ends, default=None)
+
+
+def cut_stream(emit: Callable[[int | None], str], stops: Sequence[str]
+               ) -> Callable[[int | None], str]:
+    """``emit`` (a ``stream``) whose text ends with the first stop string: a tokenizer's
+    sequence stops at the token whose text completes one (``stop_when``), and that
+    token's text after the string is not written; nothing is after it."""
+    if not stops:
+        return emit
+    keep = max(len(s) for s in stops) - 1  # the written text a stop string may start in
+    tail, done = "", False
+
+    def out(t: int | None) -> str:
+        nonlocal tail, done
+        if done:
+            return ""
+        text = tail + emit(t)
+        end = stop_end(text, stops, len(tail))
+        if end is not None:
+            done = True
+            return text[len(tail):end]
+        new = text[len(tail):]
+        tail = text[-keep:] if keep else ""
+        return new
+
+    return out
+
+
+def cut_text(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the end of its first stop string (all of it where it has none)."""
+    end = stop_end(text, stops)
+    return text if end is None else text[:end]
 
 
 def render_chat(template: str, messages: list[dict], **variables) -> str:

@@ -6,6 +6,7 @@ has one (``moekit.inference.text``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from moekit.inference.engine import (
     GenerationStats,
     StopWhen,
 )
-from moekit.inference.text import ByteText, TokenizerText, text_for
+from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, text_for
 from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--stop", action="append", default=[],
                    help="stop a sequence when its new text ends with this string (with a "
-                   "tokenizer: at the token whose text completes it); repeatable; "
+                   "tokenizer: at the token whose text completes it, the text cut "
+                   "after the string); repeatable; "
                    "backslash escapes such as \\n are understood")
     p.add_argument("--samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
@@ -117,15 +119,23 @@ def _unescape_stop(text: str) -> str:
                          "Python's (\\n, \\t, \\\\, \\xhh, \\uhhhh)") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stops:
+    """The stop strings: the engine's stop_when for a tokenizer's (matched in the text;
+    bytes match as id sequences), and the strings the written text is cut after."""
+
+    when: StopWhen | None
+    strings: tuple[str, ...]
+
+
 def _config(args: argparse.Namespace, text: ByteText | TokenizerText
-            ) -> tuple[GenerationConfig, StopWhen | None]:
-    """The generation config, and the engine's stop_when for a tokenizer's stop strings
-    (matched in the text; bytes match as id sequences)."""
-    stops = [_unescape_stop(s) for s in args.stop]
+            ) -> tuple[GenerationConfig, _Stops]:
+    """The generation config and its stop strings."""
+    stops = tuple(_unescape_stop(s) for s in args.stop)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops))
-    return cfg, text.stop_when(stops)
+    return cfg, _Stops(text.stop_when(stops), stops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
                              "(moekit's byte-level models have no chat template); give "
                              "--tokenizer DIR")
-        cfg, stop_when = _config(args, text)
+        cfg, stops = _config(args, text)
         if args.system is not None and not args.chat:  # would be silently ignored
             raise ValueError(f"--system={args.system!r} is not allowed without --chat")
         if args.interactive and (not args.chat or args.prompts_file or args.no_cache
@@ -165,14 +175,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
             return _converse(Engine(model, reuse_prefix=True), text, cfg, args.system,
-                             stop_when)
+                             stops)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         total = []
         for start in range(0, len(prompts), args.batch):
             batch = slice(start, start + args.batch)
             total.append(_run_batch(engine, prompts[batch], ids[batch], text, cfg, start,
-                                    len(prompts), stop_when))
+                                    len(prompts), stops))
         _report(total, args.batch)
     finally:
         offload = getattr(model, "expert_offload", None)
@@ -195,25 +205,26 @@ def _load(args: argparse.Namespace) -> MoETransformer:
 
 def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
                text: ByteText | TokenizerText, cfg: GenerationConfig, start: int,
-               total: int, stop_when: StopWhen | None = None) -> GenerationStats:
+               total: int, stops: _Stops = _Stops(None, ())) -> GenerationStats:
     """One batch; a lone sequence streams its text as it is produced (after the prompt as
-    typed; a tokenizer's special tokens are not written)."""
+    typed; a tokenizer's special tokens are not written; the text ends with the stop
+    string that stopped it)."""
     if total == 1:
         sys.stdout.write(batch[0])
-        emit = text.stream(ids[0])
+        emit = cut_stream(text.stream(ids[0]), stops.strings)
         gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)),
-                                      stop_when=stop_when)
+                                      stop_when=stops.when)
         _write(emit(None) + "\n")
         return stats
-    gens, stats = engine.generate(ids, cfg, stop_when=stop_when)
+    gens, stats = engine.generate(ids, cfg, stop_when=stops.when)
     for i, g in enumerate(gens):
         print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
-        print(batch[i] + text.decode_after(ids[i], g.tokens))
+        print(batch[i] + cut_text(text.decode_after(ids[i], g.tokens), stops.strings))
     return stats
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
-              system: str | None, stop_when: StopWhen | None = None) -> int:
+              system: str | None, stops: _Stops = _Stops(None, ())) -> int:
     """--interactive: each stdin line a user message, each reply streamed on its own line
     after it, the conversation so far its context (the oldest exchanges dropped, with a
     note on stderr, where the prompt and the reply would not fit the model's context)."""
@@ -243,15 +254,16 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
         except ValueError as e:
             print(f"moekit generate: error: {e}", file=sys.stderr)
             return 2
-        emit = text.stream(ids)
+        emit = cut_stream(text.stream(ids), stops.strings)
         gens, s = engine.generate([ids], cfg, on_token=lambda _, tok, emit=emit: _write(emit(tok)),
-                                  stop_when=stop_when)
+                                  stop_when=stops.when)
         _write(emit(None) + "\n")
         stats.append(s)
         reply = gens[0].tokens
         if reply and reply[-1] in text.stop_ids:  # the end of the turn, not its content
             reply = reply[:-1]
-        turns.append({"role": "assistant", "content": text.decode(reply)})
+        turns.append({"role": "assistant",
+                      "content": cut_text(text.decode(reply), stops.strings)})
     if stats:
         _report(stats, 1)
     return 0
