@@ -245,26 +245,35 @@ def test_a_stop_string_is_found_in_the_text_not_in_its_ids_alone(converted, caps
     assert f"--- 2 (length, 30 tokens)\n{other}{rest_text}\n" in out
 
 
-@pytest.mark.parametrize("stops", [("ab",), ("b", "abc"), ("cab", "x"), ("a",), ("zz",)])
-def test_streamed_text_is_cut_after_the_first_stop_string(stops):
-    """cut_stream over any split of a text into pieces writes the text up to the end of
-    the stop string occurrence that ends first (a plain search of the whole text), and
-    nothing after it; cut_text the same of the whole text."""
+@pytest.mark.parametrize("keep_stop", [True, False], ids=["after", "before"])
+@pytest.mark.parametrize("stops", [("ab",), ("b", "abc"), ("cab", "x"), ("a",), ("zz",),
+                                   ("abab", "ba")])
+def test_streamed_text_is_cut_at_the_first_stop_string(stops, keep_stop):
+    """cut_stream over any split of a text into pieces writes the text up to the end
+    (keep_stop) or the start of the stop string occurrence that ends first (a plain
+    search of the whole text), nothing after it, and never text it takes back (what it
+    wrote is a prefix of the answer at every piece); cut_text the same of the whole
+    text."""
     import random
 
     from moekit.inference.text import cut_stream, cut_text
 
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(300):
         text = "".join(rng.choice("abcx") for _ in range(rng.randint(0, 12)))
-        ends = [text.find(s) + len(s) for s in stops if s in text]
-        want = text[:min(ends)] if ends else text
+        spans = [(text.find(s), text.find(s) + len(s)) for s in stops if s in text]
+        first = min(spans, key=lambda span: span[1]) if spans else None
+        want = text if first is None else text[:first[1] if keep_stop else first[0]]
         cuts = sorted(rng.sample(range(len(text) + 1), rng.randint(0, len(text) + 1)))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         it = iter(pieces)
-        emit = cut_stream(lambda t, it=it: next(it, ""), stops)
-        assert "".join(emit(0) for _ in pieces) + emit(None) == want
-        assert cut_text(text, stops) == want
+        emit = cut_stream(lambda t, it=it: next(it, ""), stops, keep_stop)
+        written = ""
+        for _ in pieces:
+            written += emit(0)
+            assert want.startswith(written)
+        assert written + emit(None) == want
+        assert cut_text(text, stops, keep_stop) == want
 
 
 def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):

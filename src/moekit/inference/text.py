@@ -219,45 +219,53 @@ class TokenizerText:
         return emit
 
 
-def stop_end(text: str, stops: Sequence[str], start: int = 0) -> int | None:
-    """Where ``text`` ends when cut after its first stop string: the end of the stop
-    string occurrence that ends first, among those ending after ``start`` (the text before
-    was searched already); None where there is none."""
-    ends = [i + len(s) for s in stops
-            if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(ends, default=None)
+def stop_span(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
+    """(start, end) in ``text`` of the stop string occurrence that ends first; None where
+    none is in it."""
+    spans = [(i, i + len(s)) for s in stops if (i := text.find(s)) >= 0]
+    return min(spans, key=lambda span: span[1], default=None)
 
 
-def cut_stream(emit: Callable[[int | None], str], stops: Sequence[str]
-               ) -> Callable[[int | None], str]:
-    """``emit`` (a ``stream``) whose text ends with the first stop string: a tokenizer's
-    sequence stops at the token whose text completes one (``stop_when``), and that
-    token's text after the string is not written; nothing is after it."""
+def _held(text: str, stops: Sequence[str]) -> int:
+    """How many of ``text``'s last characters begin a stop string (they may be one
+    when the next text comes)."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
+               default=0)
+
+
+def cut_stream(emit: Callable[[int | None], str], stops: Sequence[str],
+               keep_stop: bool = True) -> Callable[[int | None], str]:
+    """``emit`` (a ``stream``) whose text ends at the first stop string, after it
+    (``keep_stop``, as ``moekit generate`` writes it) or before it (as OpenAI's API
+    returns it). A tokenizer's sequence stops at the token whose text completes a stop
+    string (``stop_when``): that token's text after the string is not written. Text
+    that may begin a stop string is held back until the next text tells (and written at
+    the end, ``emit(None)``, where none came)."""
     if not stops:
         return emit
-    keep = max(len(s) for s in stops) - 1  # the written text a stop string may start in
-    tail, done = "", False
+    held, done = "", False  # held: text not written yet
 
     def out(t: int | None) -> str:
-        nonlocal tail, done
+        nonlocal held, done
         if done:
             return ""
-        text = tail + emit(t)
-        end = stop_end(text, stops, len(tail))
-        if end is not None:
+        text = held + emit(t)
+        span = stop_span(text, stops)
+        if span is not None:
             done = True
-            return text[len(tail):end]
-        new = text[len(tail):]
-        tail = text[-keep:] if keep else ""
-        return new
+            return text[:span[1] if keep_stop else span[0]]
+        n = 0 if t is None else _held(text, stops)
+        held = text[len(text) - n:]
+        return text[:len(text) - n]
 
     return out
 
 
-def cut_text(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to the end of its first stop string (all of it where it has none)."""
-    end = stop_end(text, stops)
-    return text if end is None else text[:end]
+def cut_text(text: str, stops: Sequence[str], keep_stop: bool = True) -> str:
+    """``text`` up to the end (``keep_stop``) or start of its first stop string (all of it
+    where it has none)."""
+    span = stop_span(text, stops)
+    return text if span is None else text[:span[1] if keep_stop else span[0]]
 
 
 def render_chat(template: str, messages: list[dict], **variables) -> str:
