@@ -1,6 +1,7 @@
 """Quality of a quantized `moekit train` model: validation loss and greedy agreement
 with the fp32 model, for every weight quantized (``scope="all"``, the default) and
-for the routed experts alone (``--scopes all experts``); ``--a8`` adds int8 and int4
+for the routed experts alone (``--scopes all experts``); ``--float-embeddings`` adds
+scope all with an untied embedding table kept float; ``--a8`` adds int8 and int4
 with int8 activations (``activations="int8"``, scope all), measured on the kernels.
 
 Validation loss: the trainer's own ``evaluate`` (fixed held-out windows, here
@@ -77,6 +78,9 @@ def main() -> None:
     p.add_argument("--groups", type=int, nargs="+", default=[64])
     p.add_argument("--scopes", nargs="+", default=["all", "experts"],
                    help="what to quantize: all (experts + dense projections), experts")
+    p.add_argument("--float-embeddings", action="store_true",
+                   help="also scope all with an untied embedding table kept float "
+                   "(embeddings=False): what quantizing the table costs")
     p.add_argument("--a8", action="store_true",
                    help="also int8 and int4 with int8 activations (scope all), every row on "
                    "the kernels")
@@ -93,6 +97,11 @@ def main() -> None:
         variants[f"int8{tag}"] = quantize(copy.deepcopy(fp32), bits=8, scope=scope)
         variants.update({f"int4-g{g}{tag}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,
                                                      scope=scope) for g in args.groups})
+    if args.float_embeddings:
+        variants["int8-float-table"] = quantize(copy.deepcopy(fp32), bits=8, embeddings=False)
+        variants.update({f"int4-g{g}-float-table": quantize(copy.deepcopy(fp32), bits=4,
+                                                            group_size=g, embeddings=False)
+                         for g in args.groups})
     if args.a8:
         variants["int8a8"] = quantize(copy.deepcopy(fp32), bits=8, activations="int8")
         variants.update({f"int4a8-g{g}": quantize(copy.deepcopy(fp32), bits=4, group_size=g,

@@ -57,7 +57,10 @@ def _variant(name: str):
             model = moekit.quantize(model, bits=8, activations="int8")
         return model.to(torch.bfloat16) if "bf16" in name else model
     if name == "int8 untied":  # a float nn.Embedding beside a quantized head
-        return moekit.quantize(_lm(tie_embeddings=False), bits=8)
+        return moekit.quantize(_lm(tie_embeddings=False), bits=8, embeddings=False)
+    if name == "int4 untied bf16":  # a quantized table of its own beside the head's
+        return moekit.quantize(_lm(tie_embeddings=False), bits=4,
+                               group_size=32).to(torch.bfloat16)
     model = _lm()
     if name == "bf16":
         return model.to(torch.bfloat16)
@@ -122,7 +125,7 @@ def _steps(model, step, prompts, n=6):
 
 
 @pytest.mark.parametrize("variant", ["fp32", "sigmoid", "bf16", "int8", "int4", "int8a8",
-                                     "int4a8", "int8 untied", "int4 bf16",
+                                     "int4a8", "int8 untied", "int4 untied bf16", "int4 bf16",
                                      "gpt-oss experts", "gqa", "gqa int4 bf16", "qwen3",
                                      "olmoe", "qwen3 int4 bf16", "qwen2", "qwen2 bf16",
                                      "qwen2 ungated bf16", "qwen2 int4 bf16", "qwen2 int8a8"])

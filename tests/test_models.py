@@ -328,3 +328,9 @@ def test_train_flags_set_head_size_and_qk_norms():
     plain, _ = train_cli.configs_from_args(parser.parse_args([]))
     assert (plain.qkv_bias, plain.num_shared_experts, plain.shared_expert_gate) == \
         (False, 0, False)
+    untied, _ = train_cli.configs_from_args(parser.parse_args(["--untied-embeddings"]))
+    assert plain.tie_embeddings and not untied.tie_embeddings
+    model = MoETransformer(untied)
+    assert model.head.weight is not model.embed.weight
+    with pytest.raises(ValueError, match="--untied-embeddings is not allowed with --resume"):
+        train_cli.check_resume_flags(parser.parse_args(["--untied-embeddings"]))

@@ -369,6 +369,31 @@ def test_moekit_quantized_checkpoint_offloaded_equals_resident(bits, activations
             model.expert_offload.close()
 
 
+@pytest.mark.parametrize("embeddings", [True, False], ids=["int4 table", "float table"])
+def test_quantized_untied_table_offloaded_equals_resident(embeddings, tmp_path):
+    """A quantized directory of an untied model, its table quantized or kept float:
+    offloaded, the table is resident as saved and the tokens and logits are the
+    resident model's."""
+    from moekit.quant import quantize
+    from moekit.quant.io import load_quantized, save_quantized
+    from moekit.quant.linear import QuantizedEmbedding
+
+    torch.manual_seed(0)
+    save_quantized(quantize(MoETransformer(CFG_Q.replace(tie_embeddings=False)).eval(), 4, 32,
+                            embeddings=embeddings), tmp_path / "q")
+    resident = load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    tokens = generate(resident, ids, 8, temperature=0)
+    model = load_offloaded(tmp_path / "q", "1MiB")
+    try:
+        assert isinstance(model.embed, QuantizedEmbedding) == embeddings
+        assert torch.equal(generate(model, ids, 8, temperature=0), tokens)
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, resident(tokens).logits)
+    finally:
+        model.expert_offload.close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moekit_quantized_offloaded_prefill_in_several_chunks(dtype, tmp_path, monkeypatch):
     """Blocks of 3 experts: the offloaded dequantized prefill (the one call off) runs three

@@ -362,7 +362,9 @@ def test_checkpoint_round_trip_and_cli(tmp_path, bits, g, changes, capsys):
     (dict(bits=4, group_size=64, activations="int8"),
      dict(qkv_bias=True, num_shared_experts=1, shared_ffn_dim=128, shared_expert_gate=True)),
     (dict(bits=8, activations="int8"), dict(tie_embeddings=False, num_kv_heads=2)),
-], ids=["int8 tied", "int4 untied", "int4 experts", "int4a8 qwen2-like", "int8a8 gqa"])
+    (dict(bits=8, embeddings=False), dict(tie_embeddings=False)),
+], ids=["int8 tied", "int4 untied", "int4 experts", "int4a8 qwen2-like", "int8a8 gqa",
+        "int8 float table"])
 def test_quantize_checkpoint_streams_the_files_quantizing_the_model_writes(tmp_path, kw,
                                                                           changes):
     """`moekit quantize` writes each weight as it is quantized (a meta model gives the
@@ -454,6 +456,36 @@ def test_experts_only_checkpoint_and_format_version_1(tmp_path):
     assert type(loaded.embed) is nn.Embedding
 
 
+def test_untied_table_checkpoint_and_format_version_2(tmp_path):
+    """An untied table quantized (format 3, "embeddings": true) loads as the model
+    quantize() gives; a version-2 file (no "embeddings": its table float) loads with the
+    float table; a version-3 file without the key is refused by name."""
+    model, run = _trained_checkpoint(tmp_path, tie_embeddings=False)
+    out = qio.quantize_checkpoint(run, tmp_path / "q", bits=4, group_size=32)
+    assert json.loads((out / qio.META_FILE).read_text())["embeddings"] is True
+    loaded, want = qio.load_quantized(out), quantize(copy.deepcopy(model), bits=4, group_size=32)
+    assert isinstance(loaded.embed, QuantizedEmbedding)
+    ids = torch.tensor([[1, 2, 3, 250]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want(ids).logits)
+    from moekit.cli import main
+
+    old = tmp_path / "old"  # `moekit quantize --float-embeddings`: the table kept float
+    assert main(["quantize", str(run), "--bits", "4", "--group-size", "32",
+                 "--float-embeddings", "--out", str(old)]) == 0
+    meta = json.loads((old / qio.META_FILE).read_text())
+    assert meta["embeddings"] is False
+    del meta["embeddings"]
+    (old / qio.META_FILE).write_text(json.dumps({**meta, "format_version": 2}))
+    loaded = qio.load_quantized(old)
+    assert type(loaded.embed) is nn.Embedding
+    assert torch.equal(loaded.embed.weight, model.embed.weight)
+    (old / qio.META_FILE).write_text(json.dumps(meta))  # version 3 without the key
+    with pytest.raises(CheckpointError, match="embeddings must be true or false, got "
+                                              "'nothing'"):
+        qio.load_quantized(old)
+
+
 def _tamper(out, edit) -> None:
     f = out / qio.MODEL_FILE
     tensors = load_file(str(f))
@@ -506,9 +538,13 @@ def test_hf_patched_model_quantized_int8_generates_like_dequantized_original(fam
         if isinstance(m, QuantizedLinear):  # attention projections, lm_head
             with torch.no_grad():
                 reference.get_submodule(name).weight.copy_(_dequantize_torch(m.weight, 0, 1)[0])
+        if isinstance(m, QuantizedEmbedding):  # [1, D, V] dequantized as [1, V, D]
+            with torch.no_grad():
+                reference.get_submodule(name).weight.copy_(_dequantize_torch(m.weight, 0, 1)[0])
     layer = patched.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, QuantizedLinear)
     assert isinstance(patched.lm_head, QuantizedLinear)
+    assert isinstance(patched.model.embed_tokens, QuantizedEmbedding)
     assert not isinstance(layer.mlp.gate.weight, QuantizedTensor)
     if family == "qwen2_moe":
         assert isinstance(layer.mlp.shared_expert.down_proj, QuantizedLinear)
@@ -597,11 +633,28 @@ def test_quantize_all_covers_attention_head_dense_ffn_and_ties_the_embedding():
     assert type(experts_only.embed) is nn.Embedding
 
 
-def test_untied_embedding_stays_float():
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32)])
+def test_untied_embedding_table_is_quantized_as_its_own(bits, group):
+    """Scope "all" quantizes an untied table apart from the head: its rows are the
+    table quantized alone (quantize_tensor of the [V, D] table, dequantized: an
+    independent reference), looked up in fp32 and bf16; embeddings=False and scope
+    "experts" keep it float, untouched."""
     model = _lm(tie_embeddings=False)
-    q = quantize(copy.deepcopy(model), bits=8)
-    assert type(q.embed) is nn.Embedding and isinstance(q.head, QuantizedLinear)
-    assert torch.equal(q.embed.weight, model.embed.weight)
+    q = quantize(copy.deepcopy(model), bits=bits, group_size=group)
+    assert isinstance(q.embed, QuantizedEmbedding) and isinstance(q.head, QuantizedLinear)
+    assert q.embed.weight is not q.head.weight
+    table = model.embed.weight.detach()
+    want = dequantize_NK(quantize_tensor(table.T[None].contiguous(), bits, group), 0, 1)[0]
+    ids = torch.tensor([[0, 5, 255], [17, 17, 3]])
+    assert torch.equal(q.embed(ids), want[ids])
+    assert not torch.equal(want, table)  # the rows are the quantized table's, not the float's
+    assert torch.equal(q.to(torch.bfloat16).embed(ids), want[ids].to(torch.bfloat16))
+    for kw in (dict(embeddings=False), dict(scope="experts")):
+        f = quantize(copy.deepcopy(model), bits=bits, group_size=group, **kw)
+        assert type(f.embed) is nn.Embedding and torch.equal(f.embed.weight, table)
+    with pytest.raises(QuantizationError, match="embeddings='no' is not allowed"):
+        quantize(model, bits=8, embeddings="no")
+    assert type(model.embed) is nn.Embedding
 
 
 @pytest.mark.parametrize("T", [1, 20])  # the kernel, and dequantize + matmul

@@ -135,7 +135,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     with torch.device("meta"):
         model = MoETransformer(cfg)
         if quant is not None:  # the experts' stored layout; scope "all": attention and head
-            quantize_like(model, quant.bits, quant.group, state["scope"], quant.activations)
+            quantize_like(model, quant.bits, quant.group, state["scope"], quant.activations,
+                          state["embeddings"])
     store_parts, layer = {}, 0
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):

@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "kernels ~2x, a batch-1 step ~1.45x weight-only int4's; int8: batch-16 "
                    "steps 1.1-1.4x weight-only int8's, on AVX-512 VNNI CPUs; batch 1 1.3x "
                    "on AVX2 ones); float: weight-only (default)")
+    p.add_argument("--float-embeddings", action="store_true",
+                   help="keep an embedding table that is not the LM head's in floating point "
+                   "(scope all quantizes it like the head: lookups read only their rows, "
+                   "so this costs memory, not speed)")
     p.add_argument("--out", required=True, help="directory to write (moekit generate "
                    "--checkpoint DIR loads it)")
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
-                                  args.scope, args.activations)
+                                  args.scope, args.activations, not args.float_embeddings)
     except (QuantizationError, CheckpointError, ValueError) as e:
         print(f"moekit quantize: error: {e}", file=sys.stderr)
         return 2

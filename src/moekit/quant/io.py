@@ -5,6 +5,8 @@
     DIR/quantized.json      format version, the model config, bits, group size,
                             scope ("all" or "experts"; version 1 files: experts),
                             activations ("float" or "int8"; absent: float),
+                            embeddings (whether an untied embedding table is
+                            quantized; versions 1 and 2: never),
                             tied aliases, the SHA-256 of model.safetensors
 
 ``load_quantized`` rebuilds the model from the config, puts empty quantized
@@ -38,6 +40,7 @@ from moekit.quant.model import (
     check_scope,
     is_quantized,
     quantize_like,
+    quantized_embeddings,
     quantized_scope,
 )
 from moekit.quant.tensor import (
@@ -58,7 +61,7 @@ from moekit.train.rundir import aside_of, swap_in
 from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
 
-FORMAT_VERSION = 2  # 2 added "scope"; 1 (experts only) still loads
+FORMAT_VERSION = 3  # 3 added "embeddings", 2 "scope"; 1 (experts only) and 2 still load
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
 
 
@@ -110,7 +113,7 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
             "bits": qts[0].bits, "group_size": qts[0].group_size,
             "activations": qts[0].activations, "scope": quantized_scope(model),
-            "tied": aliases}
+            "embeddings": quantized_embeddings(model), "tied": aliases}
     return _write(out, lambda f: save_file(weights, str(f)), meta)
 
 
@@ -145,10 +148,14 @@ def _read_meta(path: Path) -> dict:
     for key in ("format_version", "model_config", "bits", "group_size", "tied", "sha256"):
         if key not in meta:
             raise CheckpointError(f"{path / META_FILE} lacks the key {key!r}")
-    if meta["format_version"] not in (1, FORMAT_VERSION):
-        raise CheckpointError(f"{path / META_FILE}: format_version must be 1 or "
+    if meta["format_version"] not in (1, 2, FORMAT_VERSION):
+        raise CheckpointError(f"{path / META_FILE}: format_version must be 1, 2 or "
                               f"{FORMAT_VERSION}, got {meta['format_version']!r}")
+    if meta["format_version"] == FORMAT_VERSION and not isinstance(meta.get("embeddings"), bool):
+        raise CheckpointError(f"{path / META_FILE}: embeddings must be true or false, got "
+                              f"{meta.get('embeddings', 'nothing')!r}")
     meta.setdefault("scope", "experts")
+    meta.setdefault("embeddings", False)  # before version 3 embedding tables stayed float
     meta.setdefault("activations", "float")  # written since the int8-activation kernels
     try:
         check_activations(meta["activations"])
@@ -182,7 +189,8 @@ def load_quantized(path: str | Path) -> MoETransformer:
     for alias, source in meta["tied"].items():
         if source in tensors:
             tensors[alias] = tensors[source]
-    quant = (meta["bits"], meta["group_size"], meta["scope"], meta["activations"])
+    quant = (meta["bits"], meta["group_size"], meta["scope"], meta["activations"],
+             meta["embeddings"])
     return assemble(LMConfig.from_dict(meta["model_config"]), tensors, path, quant)
 
 
@@ -191,7 +199,7 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     """The model of ``config`` holding ``tensors`` themselves (built on the meta device,
     then each tensor assigned: no second copy of the weights, which a model built first
     and then loaded needed, in fp32 whatever the checkpoint's dtype). ``quant``: (bits,
-    group_size, scope, activations) of a quantized checkpoint, whose dtypes must be the
+    group_size, scope, activations, embeddings) of a quantized checkpoint, whose dtypes must be the
     model's; a training checkpoint's float weights keep their dtype. Checked before
     anything is built."""
     with torch.device("meta"):
@@ -217,8 +225,9 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
                         group_size: int | None = None, scope: str = "all",
-                        activations: str = "float") -> Path:
-    """Load a training checkpoint (run or step directory), quantize it, save it to ``out``."""
+                        activations: str = "float", embeddings: bool = True) -> Path:
+    """Load a training checkpoint (run or step directory), quantize it (as ``quantize``
+    with these arguments), save it to ``out``."""
     # what can be checked before the checkpoint is read and quantized (out=None failed
     # only at the end, with Path's TypeError; an unknown scope after quantizing nothing)
     group_size = check_bits(bits, group_size)
@@ -231,15 +240,17 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     config = LMConfig.from_dict(ck.state["model_config"])
     model = assemble(config, ck.model, ck.path)
     del ck
-    targets = _checked_targets(model, scope, group_size)  # every check, nothing written
+    # every check, nothing written
+    targets = _checked_targets(model, scope, group_size, embeddings)
     # the quantized model's layout: a meta model quantized alike, its floats in fp32
     with torch.device("meta"):
         shape = quantize_like(MoETransformer(config), bits, group_size, scope,
-                              activations).float()
+                              activations, embeddings).float()
     layout, aliases, owners = _quantized_layout(shape, targets)
     meta = {"format_version": FORMAT_VERSION, "model_config": config.to_dict(), "bits": bits,
             "group_size": group_size, "activations": activations,
-            "scope": quantized_scope(shape), "tied": aliases}
+            "scope": quantized_scope(shape), "embeddings": quantized_embeddings(shape),
+            "tied": aliases}
     tensors = _quantized_tensors(model, layout, owners, bits, group_size, activations)
     saved = _write(out, lambda f: save_stream(layout, tensors, f), meta)
     tokenizer = find_tokenizer(checkpoint)  # a converted model's, for `moekit generate`
@@ -254,7 +265,7 @@ def _quantized_layout(shape: MoETransformer, targets: list[_Target]
     name in state-dict order; the tied aliases, as ``dedupe_tied`` records them for the
     quantized model; each QuantizedTensor's name -> the ``target`` it quantizes (a tied
     embedding's: the head's))."""
-    by_id = {id(shape.get_submodule(t.name + (".weight" if t.kind == "linear" else ""))): t
+    by_id = {id(shape.get_submodule(t.name + ("" if t.kind == "stack" else ".weight"))): t
              for t in targets}
     owners = {name: by_id[id(m)] for name, m in shape.named_modules(remove_duplicate=False)
               if isinstance(m, QuantizedTensor)}

@@ -75,6 +75,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dense", action="store_true",
                    help="dense baseline: one SwiGLU of hidden top_k * ffn_dim (+ the shared "
                    "experts' hidden size) per block")
+    g.add_argument("--untied-embeddings", action="store_true",
+                   help="an output head of its own (default: the head is the embedding "
+                   "table, tied; Qwen-, Mixtral- and OLMoE-style models untie them)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,6 +135,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     changes = _picked(args, MODEL_FLAGS)
     if args.dense:
         changes["dense"] = True
+    if args.untied_embeddings:
+        changes["tie_embeddings"] = False
     model = preset(args.preset or "small", **changes)
     train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
     if train.seq_len > model.max_seq_len:
@@ -187,7 +192,8 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     given = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
              for flag, field in {"preset": "preset", **MODEL_FLAGS, **TRAIN_FLAGS}.items()
              if field not in RESUME_FLAGS and getattr(args, flag, None) is not None]
-    given += [f"--{flag}" for flag in ("dense", "bf16", "fp32", "compile")
+    given += [f"--{flag.replace('_', '-')}"
+              for flag in ("dense", "untied_embeddings", "bf16", "fp32", "compile")
               if getattr(args, flag, False)]
     if given:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not "
