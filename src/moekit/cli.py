@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "Mixtral-style transformers checkpoint <-> moekit language model, lossless"),
     "bench": ("moekit.bench", "CPU benchmark: moekit vs dense FFN, transformers, reference"),
     "quantize": ("moekit.quant.cli", "int8 / int4 weights of a checkpoint (safetensors)"),
+    "serve": ("moekit.inference.server", "an OpenAI-compatible HTTP API for a checkpoint"),
 }
 
 

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
                for p in prompts]
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        model = _load(args)
+        model = load_for_generation(args)
         engine = Engine(model)
         engine.check(ids, cfg)  # every error before the first token is printed
         if args.chat:  # the user's message, then the reply on its own line
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace) -> MoETransformer:
+def load_for_generation(args: argparse.Namespace) -> MoETransformer:
     """The checkpoint's model: resident, quantized, or with its experts read on demand."""
     if args.expert_memory is None:
         return load_model(args.checkpoint, DTYPES[args.dtype])

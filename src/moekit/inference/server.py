@@ -1,0 +1,508 @@
+"""`moekit serve`: a checkpoint behind an OpenAI-compatible HTTP API.
+
+    moekit serve --checkpoint runs/train-int4 --port 8000
+    curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32}'
+
+Endpoints: ``POST /v1/completions`` (a prompt or a list of prompts), ``POST
+/v1/chat/completions`` (messages rendered by the tokenizer's chat template: a converted
+checkpoint's), ``GET /v1/models``, ``GET /health``. Both POSTs stream with ``"stream":
+true`` (server-sent events, ``data: [DONE]`` last; ``stream_options.include_usage`` adds a
+usage chunk). Fields as OpenAI's API reads them: ``max_tokens`` (completions: 16; chat:
+the rest of the context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
+``top_p``, ``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text
+ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``.
+Fields that would change the answer in ways moekit does not implement (``logprobs``,
+``echo``, penalties, ``logit_bias``, ``tools``, ...) are refused by name unless they hold
+their no-op value; the ``model`` field is not checked (one model is served).
+
+One generation runs at a time (requests queue); a request's prompts and samples are one
+batch of the engine (``Engine``: static KV cache, sequences leave the
+batch as they stop), and a conversation continued from the last single-sequence request
+prefills only its new tokens (``reuse_prefix``). A client that disconnects mid-stream
+stops its generation. Bad input gets HTTP 400 with an OpenAI-style error naming the
+field, before anything is generated.
+
+``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
+handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
+main thread had run any (a 128-token generation of a small model: 37-50 ms on the main
+thread, 210-290 ms from a handler thread; 2,000 small matmuls 79-93 ms against 237-255
+ms; `/tmp` scripts, the Intel VM, 2026-12-06).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+from moekit.config import MAX_SEED
+from moekit.inference.engine import Engine, GenerationConfig
+from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text
+
+MAX_BODY = 16 << 20  # bytes of a request body
+MAX_N = 64  # samples per prompt
+# fields that change nothing at these values (clients send them by default)
+NO_OP = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+         "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+         "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "logit_bias": (None, {}),
+         "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
+         "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, True, False)}
+READ = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options", "user"}
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400), naming the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _reject(param: str, value: object, allowed: str) -> None:
+    raise RequestError(param, f"{param}={value!r} is not allowed: {allowed}")
+
+
+def _number(body: dict, name: str, default, kind: type, low: float, high: float | None = None):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and (
+        kind is float or isinstance(value, int)) and value >= low and (high is None
+                                                                        or value <= high)
+    if not ok:
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _reject(name, value, f"it must be {'a number' if kind is float else 'an integer'} "
+                f"{bound}")
+    return kind(value)
+
+
+def _strings(name: str, value: object, allow_empty: bool) -> list[str]:
+    """A string or a non-empty list of strings, as a list."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(
+            isinstance(s, str) and (s or allow_empty) for s in items):
+        _reject(name, value, "it must be a string or a non-empty list of strings"
+                + ("" if allow_empty else ", none of them empty"))
+    return items
+
+
+def _content(i: int, content: object) -> str:
+    """A message's text: a string, or a list of text parts (as newer clients send)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    _reject(f"messages[{i}].content", content, "it must be a string or a list of "
+            "{\"type\": \"text\", \"text\": ...} parts")
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked request: the prompts' ids (each repeated n times), the generation config,
+    the stop strings, and how to answer."""
+
+    chat: bool
+    ids: list[list[int]]
+    n: int
+    config: GenerationConfig
+    stops: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str
+    tokens: int
+
+
+class _Job:
+    """A generation handed to the thread in ``Service.work``: its pieces of text come back
+    through ``out`` ((i, piece), then ("done", result) or ("error", exception))."""
+
+    def __init__(self, request: Request, streams: bool) -> None:
+        self.request = request
+        self.streams = streams
+        self.out: queue.Queue = queue.Queue()
+        self.gone = False  # the client went away: set by the handler's thread
+
+
+class Service:
+    """A model, its text and one engine: what the HTTP handler calls. Generations run one
+    at a time: on the thread in ``work`` where one runs, else on the caller's, under
+    ``lock``."""
+
+    def __init__(self, model, text: ByteText | TokenizerText, name: str) -> None:
+        self.engine = Engine(model, reuse_prefix=True)
+        self.text = text
+        self.name = name
+        self.lock = threading.Lock()
+        self._jobs: queue.Queue | None = None
+
+    def work(self, stop: threading.Event) -> None:
+        """Run every generation on this thread until ``stop`` is set (the thread that
+        loaded the model: see the module docstring)."""
+        self._jobs = queue.Queue()
+        try:
+            while not stop.is_set():
+                try:
+                    job = self._jobs.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                self._run(job)
+        finally:
+            self._jobs = None
+
+    def _run(self, job: _Job) -> None:
+        def on_text(i: int, piece: str) -> bool:
+            job.out.put((i, piece))
+            return not job.gone
+
+        try:
+            result = self._generate(job.request, on_text if job.streams else None)
+        except Exception as e:  # handed to the request's thread, which answers it
+            job.out.put(("error", e))
+        else:
+            job.out.put(("done", result))
+
+    def parse(self, body: object, chat: bool) -> Request:
+        """The request ``body`` checked (every field before anything runs)."""
+        if not isinstance(body, dict):
+            _reject("body", type(body).__name__, "it must be a JSON object")
+        unknown = sorted(k for k in body if k not in READ and k not in NO_OP)
+        if unknown:
+            _reject(unknown[0], body[unknown[0]], "moekit serve does not read this field")
+        for key, values in NO_OP.items():
+            if key in body and not any(type(body[key]) is type(v) and body[key] == v
+                                       for v in values):
+                _reject(key, body[key], "moekit serve supports only its no-op value"
+                        + ("s " if len(values) > 1 else " ")
+                        + ", ".join(json.dumps(v) for v in values))
+        text = self.text
+        if chat:
+            if not isinstance(text, TokenizerText):
+                raise RequestError("messages", "chat completions need a tokenizer with a chat "
+                                   "template (a converted checkpoint's); this model reads "
+                                   "UTF-8 bytes: use /v1/completions")
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+                _reject("messages", messages, "it must be a non-empty list of objects with "
+                        "a \"role\" and a \"content\"")
+            convo = [{"role": m["role"], "content": _content(i, m.get("content"))}
+                     for i, m in enumerate(messages)]
+            try:
+                prompts = [text.encode_messages(convo)]
+            except ValueError as e:
+                raise RequestError("messages", str(e)) from None
+        else:
+            prompts = [text.encode(p) for p in _strings("prompt", body.get("prompt"), False)]
+        n = _number(body, "n", 1, int, 1, MAX_N)
+        context = self.engine.model.config.max_seq_len
+        longest = max(len(p) for p in prompts)
+        default = context - longest if chat else 16
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        max_tokens = _number(body, name, max(default, 1), int, 1)
+        stops = () if body.get("stop") is None else tuple(_strings("stop", body["stop"], False))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            _reject("stream", stream, "it must be true or false")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False),
+                                                           bool):
+            _reject("stream_options", options, "it must be an object whose include_usage is "
+                    "true or false")
+        seed = body.get("seed")
+        try:
+            config = GenerationConfig(
+                max_new_tokens=max_tokens,
+                temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
+                top_k=_number(body, "top_k", None, int, 1),
+                top_p=_number(body, "top_p", None, float, 0.0, 1.0),
+                stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops),
+                seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed)
+            ids = [p for p in prompts for _ in range(n)]
+            self.engine.check(ids, config)
+        except ValueError as e:  # the config's and the engine's errors, in the API's names
+            message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
+            raise RequestError(_param(message, name), message) from None
+        return Request(chat, ids, n, config, stops, stream, options.get("include_usage", False))
+
+    def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
+                 ) -> tuple[list[Choice], dict]:
+        """The choices and the usage. ``on_text(i, piece)`` gets each sequence's new text
+        as it is produced (what the answer holds: cut before a stop string), on the
+        caller's thread; where it returns False (the client is gone) every sequence stops."""
+        jobs = self._jobs
+        if jobs is None:
+            return self._generate(request, on_text)
+        job = _Job(request, on_text is not None)
+        jobs.put(job)
+        while True:
+            kind, value = job.out.get()
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+            if not job.gone and not on_text(kind, value):
+                job.gone = True
+
+    def _generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
+                  ) -> tuple[list[Choice], dict]:
+        text, stops = self.text, request.stops
+        emits = [cut_stream(text.stream(p), stops, keep_stop=False) for p in request.ids]
+        gone = False
+        by_text = text.stop_when(stops)
+
+        def on_token(i: int, tok: int) -> None:
+            nonlocal gone
+            piece = emits[i](tok)
+            if piece and not gone and not on_text(i, piece):
+                gone = True
+
+        def stop_when(i: int, tokens: list[int]) -> bool:
+            return gone or (by_text is not None and by_text(i, tokens))
+
+        with self.lock:
+            gens, stats = self.engine.generate(request.ids, request.config,
+                                               on_token=None if on_text is None else on_token,
+                                               stop_when=stop_when)
+        choices = []
+        for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
+            if on_text is not None:
+                tail = emits[i](None)
+                if tail and not gone and not on_text(i, tail):
+                    gone = True
+            choices.append(Choice(cut_text(text.decode_after(p, g.tokens), stops, False),
+                                  g.finish_reason, len(g.tokens)))
+        completion = sum(c.tokens for c in choices)
+        prompt = sum(len(p) for p in request.ids[::request.n])
+        return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
+                         "total_tokens": prompt + completion}
+
+
+def _param(message: str, max_name: str) -> str:
+    """The request field a config or engine error is about."""
+    for field, param in ((max_name, max_name), ("temperature", "temperature"),
+                         ("top_k", "top_k"), ("top_p", "top_p"), ("seed", "seed"),
+                         ("stop", "stop"), ("prompt[", "prompt")):
+        if field in message:
+            return param
+    return "body"
+
+
+def _answer(service: Service, request: Request, rid: str, created: int,
+            choices: list[Choice], usage: dict) -> dict:
+    head = {"id": rid, "created": created, "model": service.name}
+    if request.chat:
+        return {**head, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": i, "message": {"role": "assistant", "content": c.text},
+             "finish_reason": c.finish_reason, "logprobs": None}
+            for i, c in enumerate(choices)]}
+    return {**head, "object": "text_completion", "usage": usage, "choices": [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        for i, c in enumerate(choices)]}
+
+
+def _chunk(request: Request, head: dict, i: int, piece: str | None,
+           finish: str | None = None) -> dict:
+    if request.chat:
+        delta = {} if piece is None else {"content": piece}
+        return {**head, "object": "chat.completion.chunk", "choices": [
+            {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    return {**head, "object": "text_completion", "choices": [
+        {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": None}]}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """The HTTP side: routes, JSON bodies, server-sent events."""
+
+    service: Service  # set on the subclass make_server builds
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:
+        sys.stderr.write(f"moekit serve: {self.address_string()} {format % args}\n")
+
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, message: str, param: str | None = None) -> None:
+        kind = "invalid_request_error" if status == 400 else HTTPStatus(status).phrase
+        self._send_json(status, {"error": {"message": message, "type": kind, "param": param,
+                                           "code": None}})
+
+    def do_GET(self) -> None:
+        if self.path in ("/health", "/v1/health"):
+            self._send_json(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [
+                {"id": self.service.name, "object": "model", "created": 0,
+                 "owned_by": "moekit"}]})
+        else:
+            self._error(404, f"no such path: {self.path}")
+
+    def do_POST(self) -> None:
+        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        if self.path not in routes:
+            self._error(404, f"no such path: {self.path}")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(411, "a request body needs a Content-Length header")
+            return
+        if not 0 < length <= MAX_BODY:
+            self._error(413 if length > 0 else 400, f"the body must hold 1 to {MAX_BODY} "
+                        f"bytes, got {length}", "body")
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._error(400, f"the body is not JSON: {e}", "body")
+            return
+        try:
+            request = self.service.parse(body, routes[self.path])
+        except RequestError as e:
+            self._error(400, str(e), e.param)
+            return
+        rid = ("chatcmpl-" if request.chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        if not request.stream:
+            try:
+                choices, usage = self.service.generate(request)
+            except Exception as e:  # noqa: BLE001 (the server answers and keeps serving)
+                self._error(500, f"the generation failed: {type(e).__name__}: {e}")
+                return
+            self._send_json(200, _answer(self.service, request, rid, created, choices, usage))
+        else:
+            self._stream(request, {"id": rid, "created": created, "model": self.service.name})
+
+    def _stream(self, request: Request, head: dict) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def send(payload: dict | str) -> bool:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            try:
+                self.wfile.write(f"data: {data}\n\n".encode())
+                self.wfile.flush()
+                return True
+            except OSError:  # the client went away
+                return False
+
+        if request.chat:  # the role first, as OpenAI's stream starts
+            for i in range(len(request.ids)):
+                chunk = _chunk(request, head, i, None)
+                chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                if not send(chunk):
+                    return
+        try:
+            choices, usage = self.service.generate(
+                request, lambda i, piece: send(_chunk(request, head, i, piece)))
+        except Exception as e:  # noqa: BLE001 (the stream ends with the error)
+            send({"error": {"message": f"the generation failed: {type(e).__name__}: {e}",
+                            "type": "server_error", "param": None, "code": None}})
+            return
+        for i, c in enumerate(choices):
+            send(_chunk(request, head, i, None, c.finish_reason))
+        if request.include_usage:
+            send({**head, "object": _chunk(request, head, 0, None)["object"], "choices": [],
+                  "usage": usage})
+        send("[DONE]")
+
+
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000
+                ) -> ThreadingHTTPServer:
+    """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any)."""
+    handler = type("MoekitHandler", (Handler,), {"service": service})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (uses its LATEST), a step_* directory or a "
+                   "`moekit quantize` output")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None,
+                   help="the model's id in responses and /v1/models (default: the "
+                   "checkpoint directory's name)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a directory holding tokenizer.json (default: the checkpoint's own; "
+                   "else UTF-8 bytes)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights' dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-memory: do not read the next layer's experts ahead")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.config import check_positive_int
+    from moekit.inference.text import text_for
+    from moekit.malloc import tune_malloc
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.generate_cli import load_for_generation
+
+    tune_malloc()
+    try:
+        if args.threads is not None:
+            check_positive_int("--threads", args.threads)
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port={args.port} is not allowed: it must be in [0, 65535]")
+        text = text_for(args.checkpoint, args.tokenizer)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        model = load_for_generation(args)
+        name = args.model_name or Path(args.checkpoint).resolve().name
+        server = make_server(Service(model, text, name), args.host, args.port)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"moekit serve: error: {e}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
+          + (", chat completions" if isinstance(text, TokenizerText) else "")
+          + "); Ctrl-C stops", file=sys.stderr, flush=True)
+    http = threading.Thread(target=server.serve_forever, daemon=True)
+    http.start()
+    try:  # the generations on this thread, the requests on the server's
+        server.RequestHandlerClass.service.work(threading.Event())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        offload = getattr(model, "expert_offload", None)
+        if offload is not None:
+            offload.close()
+    return 0
+

@@ -1,0 +1,292 @@
+"""`moekit serve`: the OpenAI-compatible HTTP API over a real socket.
+
+Oracles: the slow reference generation (``moekit.models.generate`` without a cache, the
+whole prefix recomputed per token) for the byte-level model, and transformers' own
+``apply_chat_template`` + greedy ``generate()`` for a converted checkpoint's chat.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.inference.server import Service, make_server
+from moekit.inference.text import ByteText
+from moekit.models import MoETransformer, preset
+from moekit.models.generate import generate
+from moekit.train.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module", params=["inline", "worker"])
+def byte_server(request):
+    """A server of a random tiny byte-level model; its generations on the request's
+    thread ("inline") or handed to a thread in Service.work ("worker", as `moekit serve`
+    runs them on its main thread)."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny")
+    server = make_server(service, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stop = threading.Event()
+    if request.param == "worker":
+        threading.Thread(target=service.work, args=(stop,), daemon=True).start()
+        while service._jobs is None:
+            time.sleep(0.01)
+    yield model, f"http://127.0.0.1:{server.server_address[1]}", service
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url: str, body: dict | bytes, path: str = "/v1/completions"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            if r.headers["Content-Type"] == "text/event-stream":
+                return r.status, [_event(line) for line in r if line.startswith(b"data: ")]
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _event(line: bytes):
+    data = line[6:].strip().decode()
+    return data if data == "[DONE]" else json.loads(data)
+
+
+def _greedy(model, prompt: str, n: int) -> str:
+    """The reference: every token from the whole prefix recomputed (no cache)."""
+    ids = torch.tensor([list(prompt.encode())])
+    out = generate(model, ids, n, temperature=0, use_cache=False)
+    return bytes(out[0, ids.shape[1]:].tolist()).decode("utf-8", errors="replace")
+
+
+def test_completion_is_the_reference_greedy_text(byte_server):
+    model, url, _ = byte_server
+    status, r = _post(url, {"model": "x", "prompt": "def ", "max_tokens": 12,
+                            "temperature": 0})
+    assert status == 200 and r["object"] == "text_completion" and r["model"] == "tiny"
+    assert r["choices"] == [{"index": 0, "text": _greedy(model, "def ", 12),
+                             "finish_reason": "length", "logprobs": None}]
+    assert r["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+    # a list of prompts with n samples each: one batch, choices prompt-major
+    status, r = _post(url, {"prompt": ["def ", "import o"], "n": 2, "max_tokens": 9,
+                            "temperature": 0})
+    assert status == 200
+    assert [c["text"] for c in r["choices"]] == [_greedy(model, "def ", 9)] * 2 + \
+        [_greedy(model, "import o", 9)] * 2
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["usage"]["prompt_tokens"] == 4 + 8 and r["usage"]["completion_tokens"] == 36
+
+
+def test_stream_gives_the_same_text_in_pieces(byte_server):
+    model, url, _ = byte_server
+    body = {"prompt": "class ", "max_tokens": 20, "temperature": 0.9, "seed": 3}
+    _, whole = _post(url, body)
+    status, events = _post(url, {**body, "stream": True,
+                                 "stream_options": {"include_usage": True}})
+    assert status == 200 and events[-1] == "[DONE]"
+    chunks = events[:-1]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["text"]  # same seed: the same sample
+    assert len([c for c in chunks if c["choices"] and c["choices"][0]["text"]]) > 1
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finals[-1] == "length" and set(finals[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+
+
+def test_stop_string_ends_the_text_before_it(byte_server):
+    model, url, _ = byte_server
+    full = _greedy(model, "def ", 24)
+    stop = full[10:12]
+    first = full.find(stop)
+    for stream in (False, True):
+        status, r = _post(url, {"prompt": "def ", "max_tokens": 24, "temperature": 0,
+                                "stop": [stop, "\u00e9\u00e9\u00e9"], "stream": stream})
+        assert status == 200
+        if stream:
+            text = "".join(c["choices"][0]["text"] for c in r[:-1] if c["choices"])
+            reason = r[-2]["choices"][0]["finish_reason"]
+        else:
+            text, reason = r["choices"][0]["text"], r["choices"][0]["finish_reason"]
+        assert (text, reason) == (full[:first], "stop")
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"prompt": "a", "temperature": -1}, "temperature", "temperature=-1 is not allowed"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p", "top_p=1.5"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": ["a", 3]}, "prompt", "list of strings"),
+    ({}, "prompt", "prompt=None"),
+    ({"prompt": "a", "max_tokens": 10_000}, "max_tokens", "max_tokens=10000 is not allowed: "
+     "generating past the model's context"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens=0"),
+    ({"prompt": "a", "n": 0}, "n", "n=0"),
+    ({"prompt": "a", "logprobs": 5}, "logprobs", "no-op value"),
+    ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty", "no-op value"),
+    ({"prompt": "a", "best_of": 3, "n": 1}, "best_of", "no-op value"),
+    ({"prompt": "a", "mystery": 1}, "mystery", "does not read this field"),
+    ({"prompt": "a", "stop": [""]}, "stop", "none of them empty"),
+    ({"prompt": "a", "stream": "yes"}, "stream", "true or false"),
+    ({"prompt": "a", "seed": -2}, "seed", "seed=-2"),
+])
+def test_bad_requests_get_400_naming_the_field(byte_server, body, param, words):
+    _, url, _ = byte_server
+    status, r = _post(url, body)
+    assert status == 400, r
+    assert r["error"]["param"] == param and r["error"]["type"] == "invalid_request_error"
+    assert words in r["error"]["message"]
+
+
+def test_no_op_fields_clients_send_are_accepted(byte_server):
+    _, url, _ = byte_server
+    status, r = _post(url, {"prompt": "a", "max_tokens": 2, "logprobs": None, "echo": False,
+                            "presence_penalty": 0, "frequency_penalty": 0.0, "n": 1,
+                            "user": "me", "best_of": 1})
+    assert status == 200 and len(r["choices"]) == 1
+
+
+def test_routes_and_protocol_errors(byte_server):
+    _, url, _ = byte_server
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    assert _post(url, b"{not json")[0] == 400
+    assert _post(url, [1, 2])[1]["error"]["param"] == "body"
+    assert _post(url, {"prompt": "a"}, "/v1/nothing")[0] == 404
+    status, r = _post(url, {"messages": [{"role": "user", "content": "hi"}]},
+                      "/v1/chat/completions")
+    assert status == 400 and "need a tokenizer" in r["error"]["message"]
+
+
+def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch):
+    """The client closes after the first chunk: its sequence stops well before
+    max_tokens (each token slowed to 20 ms here) and the server keeps serving."""
+    import socket
+
+    model, url, service = byte_server
+    results = []
+    real = service.engine.generate
+
+    def slow(ids, cfg, on_token=None, stop_when=None):
+        def on_slow_token(i, tok):
+            time.sleep(0.02)
+            on_token(i, tok)
+        gens, stats = real(ids, cfg, on_token=on_slow_token, stop_when=stop_when)
+        results.append(gens)
+        return gens, stats
+
+    monkeypatch.setattr(service.engine, "generate", slow)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "def ", "max_tokens": 60, "stream": True,
+                       "temperature": 0}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        got = b""
+        while b"data: " not in got:  # the headers, then the first chunk
+            got += s.recv(4096)
+    with service.lock:  # the generation is over
+        pass
+    time.sleep(0.1)
+    assert len(results) == 1 and 0 < len(results[0][0].tokens) < 30
+    monkeypatch.undo()
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+
+
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(byte_server, monkeypatch):
+    model, url, service = byte_server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(service.engine, "generate", broken)
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 3})
+    assert status == 500 and "RuntimeError: out of memory" in r["error"]["message"]
+    status, events = _post(url, {"prompt": "def ", "max_tokens": 3, "stream": True})
+    assert status == 200 and "out of memory" in events[-1]["error"]["message"]
+    monkeypatch.undo()
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+
+
+def test_serve_command_refuses_bad_flags(tmp_path, capsys):
+    lm = MoETransformer(preset("tiny"))
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 0, "model_config": lm.config.to_dict()})
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--port", "70000"]) == 2
+    assert "--port=70000 is not allowed" in capsys.readouterr().err
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "moekit serve: error:" in capsys.readouterr().err
+
+
+def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_factory):
+    """A converted checkpoint with a tokenizer and chat template: the reply to a
+    two-message conversation is transformers' greedy generate() of its
+    apply_chat_template prompt, decoded without special tokens (streamed alike)."""
+    from tests import test_generate_tokenizer as tg
+
+    transformers = tg.transformers
+    root = tmp_path_factory.mktemp("chat")
+    tok = tg._tokenizer()
+    torch.manual_seed(1)
+    cfg = transformers.Qwen3MoeConfig(**{**tg.hf_models.COMMON, "vocab_size": 320,
+                                         "eos_token_id": None, "bos_token_id": None,
+                                         "max_position_embeddings": 256},
+                                      intermediate_size=48, moe_intermediate_size=16,
+                                      num_experts=8, num_experts_per_tok=2)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    model.save_pretrained(root / "hf")
+    tok.save(str(root / "hf" / "tokenizer.json"))
+    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": tg.CHAT, "eos_token": "end", "bos_token": None}))
+    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    messages = [{"role": "system", "content": "def hello(world"},
+                {"role": "user", "content": [{"type": "text", "text": "import "},
+                                             {"type": "text", "text": "torch"}]}]
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(root / "hf" / "tokenizer.json"), chat_template=tg.CHAT,
+        eos_token="end")
+    flat = [messages[0], {"role": "user", "content": "import torch"}]
+    prompt = hf_tok.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    new = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                         eos_token_id=None)[0, len(ids):].tolist()
+    want = tok.decode(new, skip_special_tokens=True)
+
+    from moekit.inference.text import text_for
+    from moekit.quant.io import load_model
+
+    server = make_server(Service(load_model(root / "lm"), text_for(root / "lm"), "q"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+        status, r = _post(url, body, "/v1/chat/completions")
+        assert status == 200 and r["object"] == "chat.completion"
+        assert r["choices"][0]["message"] == {"role": "assistant", "content": want}
+        assert r["usage"]["prompt_tokens"] == len(ids)
+        status, events = _post(url, {**body, "stream": True}, "/v1/chat/completions")
+        deltas = [c["choices"][0]["delta"] for c in events[:-1]]
+        assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+        assert "".join(d.get("content", "") for d in deltas) == want
+        assert {c["object"] for c in events[:-1]} == {"chat.completion.chunk"}
+        bad = {"messages": [{"role": "user", "content": 5}]}
+        status, r = _post(url, bad, "/v1/chat/completions")
+        assert status == 400 and r["error"]["param"] == "messages[0].content"
+    finally:
+        server.shutdown()
+        server.server_close()
