@@ -148,6 +148,37 @@ def test_bad_requests_get_400_naming_the_field(byte_server, body, param, words):
     assert words in r["error"]["message"]
 
 
+def test_prompts_as_token_ids(byte_server):
+    model, url, _ = byte_server
+    want = _greedy(model, "def ", 6)
+    for prompt in ([100, 101, 102, 32], [[100, 101, 102, 32], list(b"import o")]):
+        status, r = _post(url, {"prompt": prompt, "max_tokens": 6, "temperature": 0})
+        assert status == 200 and r["choices"][0]["text"] == want
+    assert r["choices"][1]["text"] == _greedy(model, "import o", 6)
+    for bad, words in (([[1, 2], []], "non-empty lists of ints"), ([300], "prompt[0]=")):
+        status, r = _post(url, {"prompt": bad})
+        assert status == 400 and r["error"]["param"] == "prompt" and words in \
+            r["error"]["message"]
+
+
+def test_served_context_limits_requests_and_sizes_the_cache():
+    """--context: a request past it is refused naming the flag; kv_bytes is what the
+    engine allocates for a sequence of it (a chat's default max_tokens fills it: the
+    chat test)."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny", context=20)
+    with pytest.raises(ValueError, match="max_tokens=17 is not allowed: a prompt of 4 tokens "
+                                         r"\+ max_tokens must fit the served context of 20"):
+        service.parse({"prompt": "def ", "max_tokens": 17}, False)
+    service.generate(service.parse({"prompt": "def ", "max_tokens": 16}, False))
+    cache = service.engine.cache
+    assert sum(t.nbytes for t in cache.k + cache.v) == service.kv_bytes()
+    for bad in (0, 65, True):
+        with pytest.raises(ValueError, match=f"context={bad!r} is not allowed"):
+            Service(model, ByteText(), "tiny", context=bad)
+
+
 def test_no_op_fields_clients_send_are_accepted(byte_server):
     _, url, _ = byte_server
     status, r = _post(url, {"prompt": "a", "max_tokens": 2, "logprobs": None, "echo": False,
@@ -229,6 +260,9 @@ def test_serve_command_refuses_bad_flags(tmp_path, capsys):
                     {"step": 0, "model_config": lm.config.to_dict()})
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--port", "70000"]) == 2
     assert "--port=70000 is not allowed" in capsys.readouterr().err
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--context", "65"]) == 2
+    assert "--context=65 is not allowed: it must be an int in [1, max_seq_len=64]" in \
+        capsys.readouterr().err
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "moekit serve: error:" in capsys.readouterr().err
 
@@ -270,7 +304,10 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
     from moekit.inference.text import text_for
     from moekit.quant.io import load_model
 
-    server = make_server(Service(load_model(root / "lm"), text_for(root / "lm"), "q"), port=0)
+    service = Service(load_model(root / "lm"), text_for(root / "lm"), "q", context=200)
+    # without max_tokens a reply may fill the served context
+    assert service.parse({"messages": messages}, True).config.max_new_tokens == 200 - len(ids)
+    server = make_server(service, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:

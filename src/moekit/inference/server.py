@@ -3,12 +3,13 @@
     moekit serve --checkpoint runs/train-int4 --port 8000
     curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32}'
 
-Endpoints: ``POST /v1/completions`` (a prompt or a list of prompts), ``POST
+Endpoints: ``POST /v1/completions`` (a prompt or a list of prompts: text, or token ids
+as lists of ints), ``POST
 /v1/chat/completions`` (messages rendered by the tokenizer's chat template: a converted
 checkpoint's), ``GET /v1/models``, ``GET /health``. Both POSTs stream with ``"stream":
 true`` (server-sent events, ``data: [DONE]`` last; ``stream_options.include_usage`` adds a
 usage chunk). Fields as OpenAI's API reads them: ``max_tokens`` (completions: 16; chat:
-the rest of the context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
+the rest of the served context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
 ``top_p``, ``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text
 ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``.
 Fields that would change the answer in ways moekit does not implement (``logprobs``,
@@ -52,6 +53,7 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
+DEFAULT_CONTEXT = 4096  # tokens a request may use unless --context says otherwise
 # fields that change nothing at these values (clients send them by default)
 NO_OP = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
          "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -96,6 +98,22 @@ def _strings(name: str, value: object, allow_empty: bool) -> list[str]:
         _reject(name, value, "it must be a string or a non-empty list of strings"
                 + ("" if allow_empty else ", none of them empty"))
     return items
+
+
+def _prompts(text: ByteText | TokenizerText, value: object) -> list[list[int]]:
+    """``prompt`` as token ids: a string, a list of strings, a list of token ids or a list
+    of such lists (as OpenAI's API takes them)."""
+    def ids(x: object) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if ids(value):
+        return [value]
+    if isinstance(value, list) and value and all(ids(x) for x in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
+        _reject("prompt", value, "a list of token-id lists must hold non-empty lists of ints")
+    return [text.encode(p) for p in _strings("prompt", value, False)]
 
 
 def _content(i: int, content: object) -> str:
@@ -146,12 +164,25 @@ class Service:
     at a time: on the thread in ``work`` where one runs, else on the caller's, under
     ``lock``."""
 
-    def __init__(self, model, text: ByteText | TokenizerText, name: str) -> None:
+    def __init__(self, model, text: ByteText | TokenizerText, name: str,
+                 context: int | None = None) -> None:
+        limit = model.config.max_seq_len
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                    or not 1 <= context <= limit):
+            _reject("context", context, f"it must be an int in [1, max_seq_len={limit}]")
         self.engine = Engine(model, reuse_prefix=True)
         self.text = text
         self.name = name
+        # prompt + new tokens of a request (the KV cache is allocated for what one asks)
+        self.context = limit if context is None else context
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
+
+    def kv_bytes(self) -> int:
+        """The KV cache's bytes for one sequence of the whole served context."""
+        c = self.engine.model.config
+        dtype = next(p.dtype for p in self.engine.model.parameters() if p.is_floating_point())
+        return 2 * c.num_layers * c.kv_heads * c.head_size * self.context * dtype.itemsize
 
     def work(self, stop: threading.Event) -> None:
         """Run every generation on this thread until ``stop`` is set (the thread that
@@ -210,13 +241,17 @@ class Service:
             except ValueError as e:
                 raise RequestError("messages", str(e)) from None
         else:
-            prompts = [text.encode(p) for p in _strings("prompt", body.get("prompt"), False)]
+            prompts = _prompts(text, body.get("prompt"))
         n = _number(body, "n", 1, int, 1, MAX_N)
-        context = self.engine.model.config.max_seq_len
         longest = max(len(p) for p in prompts)
-        default = context - longest if chat else 16
+        default = self.context - longest if chat else 16
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = _number(body, name, max(default, 1), int, 1)
+        if longest + max_tokens > self.context:  # the model's own limit: the engine's error
+            if self.context < self.engine.model.config.max_seq_len:
+                _reject(name, max_tokens, f"a prompt of {longest} tokens + {name} must fit "
+                        f"the served context of {self.context} tokens (moekit serve "
+                        f"--context; use at most {max(self.context - longest, 0)})")
         stops = () if body.get("stop") is None else tuple(_strings("stop", body["stop"], False))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -456,6 +491,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a directory holding tokenizer.json (default: the checkpoint's own; "
                    "else UTF-8 bytes)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="most tokens (prompt + new) a request may use (default: the "
+                   "model's max_seq_len, at most 4096; the KV cache is allocated for what "
+                   "a request asks, up to this per sequence)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights' dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -484,18 +523,26 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         model = load_for_generation(args)
         name = args.model_name or Path(args.checkpoint).resolve().name
-        server = make_server(Service(model, text, name), args.host, args.port)
+        context = args.context if args.context is not None else min(
+            model.config.max_seq_len, DEFAULT_CONTEXT)
+        try:
+            service = Service(model, text, name, context)
+        except RequestError as e:
+            raise ValueError(f"--{e}") from None
+        server = make_server(service, args.host, args.port)
     except (ValueError, CheckpointError, OSError) as e:
         print(f"moekit serve: error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
           + (", chat completions" if isinstance(text, TokenizerText) else "")
-          + "); Ctrl-C stops", file=sys.stderr, flush=True)
+          + f"); context {service.context} tokens (KV cache up to "
+          f"{service.kv_bytes() / 2**20:.0f} MiB a sequence); Ctrl-C stops",
+          file=sys.stderr, flush=True)
     http = threading.Thread(target=server.serve_forever, daemon=True)
     http.start()
     try:  # the generations on this thread, the requests on the server's
-        server.RequestHandlerClass.service.work(threading.Event())
+        service.work(threading.Event())
     except KeyboardInterrupt:
         pass
     finally:
