@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moekit.bench", "CPU benchmark: moekit vs dense FFN, transformers, reference"),
     "quantize": ("moekit.quant.cli", "int8 / int4 weights of a checkpoint (safetensors)"),
     "serve": ("moekit.inference.server", "an OpenAI-compatible HTTP API for a checkpoint"),
+    "perplexity": ("moekit.inference.perplexity",
+                   "how well a checkpoint predicts a text: perplexity, bits per byte"),
 }
 
 

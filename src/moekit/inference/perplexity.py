@@ -1,0 +1,256 @@
+"""`moekit perplexity`: how well a checkpoint predicts a text, in its own tokens.
+
+    moekit perplexity --checkpoint runs/train-int4 [--text FILE] [--context 512]
+
+The text is cut into chunks of ``--context`` tokens, one forward each (the prefill path:
+quantized, bf16 and offloaded models run as they generate); in each chunk the tokens
+after the first ``--score-from`` (default: half the chunk) are scored, so every scored
+token sees at least that much context (llama.cpp's ``llama-perplexity`` scores chunks
+alike). Reported: perplexity exp(mean negative log-likelihood) with its standard error,
+nats per token, bits per byte of the scored text (comparable across tokenizers), and
+tokens per second. The same text, context and chunks give comparable numbers for the
+float, bf16, int8 and int4 forms of one model: what quantizing costs, in the model's own
+tokens (``benchmarks/quant_quality.py`` measures moekit's byte-level models on their
+trainer's validation windows). ``--against BASE`` also runs the base checkpoint (say, the
+float model a quantized one came from) on the same chunks and reports the mean KL
+divergence of this model's next-token distribution from the base's and how often their
+top tokens agree (as llama.cpp's ``--kl-divergence``): differences too small to move the
+perplexity past its standard error still show there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from moekit.config import check_positive_int, reject
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """The scores of one text: sums over every scored token."""
+
+    tokens: int  # scored tokens
+    nll: float  # sum of their negative log-likelihoods (nats)
+    nll_sq: float  # sum of their squares (for the standard error)
+    chunks: int
+    context: int
+    score_from: int
+    seconds: float  # forward passes and scoring
+    scored_bytes: int = 0  # UTF-8 bytes of the scored tokens' text (0: not known)
+    # against a base model (None: not run): sums of KL(base || model) per scored token,
+    # their squares, and the positions where both models' most likely tokens are equal
+    kl: float | None = None
+    kl_sq: float | None = None
+    top1_same: int | None = None
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    @property
+    def stderr(self) -> float:
+        """The standard error of the perplexity (of the mean NLL, through exp)."""
+        n, mean = self.tokens, self.nats_per_token
+        var = max(self.nll_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        return self.perplexity * math.sqrt(var / n)
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll / math.log(2) / self.scored_bytes if self.scored_bytes else None
+
+    @property
+    def kl_mean(self) -> float | None:
+        return None if self.kl is None else self.kl / self.tokens
+
+    @property
+    def kl_stderr(self) -> float | None:
+        if self.kl is None:
+            return None
+        n, mean = self.tokens, self.kl / self.tokens
+        return math.sqrt(max(self.kl_sq / n - mean * mean, 0.0) / max(n - 1, 1))
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return None if self.top1_same is None else self.top1_same / self.tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens through the model (context and scored) per second."""
+        return self.chunks * self.context / max(self.seconds, 1e-12)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "perplexity": self.perplexity, "stderr": self.stderr,
+                "nats_per_token": self.nats_per_token, "bits_per_byte": self.bits_per_byte,
+                "tokens_per_s": self.tokens_per_s, "kl_mean": self.kl_mean,
+                "kl_stderr": self.kl_stderr, "top1_agreement": self.top1_agreement}
+
+
+def chunk_ids(ids: list[int], context: int, chunks: int | None = None) -> Tensor:
+    """[C, context]: the first ``chunks`` (None: all) whole chunks of ``ids``."""
+    check_positive_int("context", context)
+    n = len(ids) // context if chunks is None else min(chunks, len(ids) // context)
+    if n < 1:
+        reject("text", f"{len(ids)} tokens", f"it must hold at least one chunk of "
+               f"context={context} tokens")
+    return torch.tensor(ids[:n * context], dtype=torch.long).view(n, context)
+
+
+@torch.inference_mode()
+def score(model, chunks_CL: Tensor, score_from: int | None = None,
+          decode=None, base=None) -> Perplexity:
+    """The negative log-likelihoods of each chunk's tokens after ``score_from`` (default
+    half the chunk; at least 1: the first token has no prediction), one chunk per
+    forward. ``decode(ids) -> str`` (the model's text) counts the scored bytes; ``base``
+    (a model of the same vocabulary) adds KL(base || model) and top-1 agreement."""
+    C, L = chunks_CL.shape
+    first = L // 2 if score_from is None else score_from
+    if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < L:
+        reject("score_from", first, f"it must be an int in [1, context={L})")
+    if base is not None and base.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"base has vocab_size={base.config.vocab_size}, which is not "
+                         "allowed: it must share the model's vocabulary, vocab_size="
+                         f"{model.config.vocab_size}")
+    was_training = model.training
+    model.eval()
+    nll = nll_sq = 0.0
+    kl = kl_sq = 0.0
+    same = 0
+    scored_bytes = 0
+    start = time.perf_counter()
+    try:
+        for c in range(C):
+            ids = chunks_CL[c:c + 1]
+            logits = model(ids).logits[0, first - 1:L - 1].float()  # predicts first..L-1
+            target = ids[0, first:]
+            token_nll = torch.logsumexp(logits, -1) - logits.gather(1, target[:, None])[:, 0]
+            nll += float(token_nll.double().sum())
+            nll_sq += float(token_nll.double().square().sum())
+            if base is not None:
+                logp = logits.log_softmax(-1)
+                base_logp = base(ids).logits[0, first - 1:L - 1].float().log_softmax(-1)
+                token_kl = (base_logp.exp() * (base_logp - logp)).sum(-1).double()
+                kl += float(token_kl.sum())
+                kl_sq += float(token_kl.square().sum())
+                same += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
+            if decode is not None:
+                scored_bytes += len(decode(target.tolist()).encode("utf-8"))
+    finally:
+        model.train(was_training)
+    return Perplexity(tokens=C * (L - first), nll=nll, nll_sq=nll_sq, chunks=C, context=L,
+                      score_from=first, seconds=time.perf_counter() - start,
+                      scored_bytes=scored_bytes,
+                      **({} if base is None else {"kl": kl, "kl_sq": kl_sq, "top1_same": same}))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory (uses its LATEST), a step_* directory or a "
+                   "`moekit quantize` output")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text to score (default: the validation files of the built-in "
+                   "corpus, the Python standard library's source)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per chunk (default: the model's max_seq_len, at most 512)")
+    p.add_argument("--score-from", type=int, default=None,
+                   help="score each chunk's tokens after this many (default: half the chunk)")
+    p.add_argument("--chunks", type=int, default=32,
+                   help="chunks to score, from the text's start (0: every whole chunk)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a directory holding tokenizer.json (default: the checkpoint's own, "
+                   "else UTF-8 bytes)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="keep experts on disk, cache at most BYTES of them")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--against", default=None, metavar="BASE",
+                   help="also run this checkpoint (e.g. the float model a quantized one came "
+                   "from; loaded in fp32, resident) on the same chunks: KL divergence "
+                   "from it and top-token agreement")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _read_text(path: str | None) -> str:
+    if path is None:
+        from moekit.train.data import load_corpus
+
+        return bytes(load_corpus().val.tolist()).decode("utf-8", errors="replace")
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--text={path!r} is not allowed: no such file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text={path!r} is not allowed: it is not UTF-8 text ({e})") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from moekit.inference.text import text_for
+    from moekit.malloc import tune_malloc
+    from moekit.train.checkpoint import CheckpointError
+    from moekit.train.generate_cli import load_for_generation
+
+    tune_malloc()
+    model = None
+    try:
+        for flag in ("threads", "context", "score_from"):
+            if getattr(args, flag) is not None:
+                check_positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+        if args.chunks < 0:
+            raise ValueError(f"--chunks={args.chunks} is not allowed: it must be >= 0 "
+                             "(0: every whole chunk)")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        text = text_for(args.checkpoint, args.tokenizer)
+        raw = _read_text(args.text)
+        model = load_for_generation(args)
+        limit = model.config.max_seq_len
+        context = args.context if args.context is not None else min(limit, 512)
+        if context > limit:
+            raise ValueError(f"--context={context} is not allowed: it must be <= the "
+                             f"model's max_seq_len={limit}")
+        chunks = chunk_ids(text.encode(raw), context, args.chunks or None)
+        if args.score_from is not None and args.score_from >= context:
+            raise ValueError(f"--score-from={args.score_from} is not allowed: it must be "
+                             f"< --context={context}")
+        base = None
+        if args.against is not None:
+            from moekit.quant.io import load_model
+
+            base = load_model(args.against)
+        result = score(model, chunks, args.score_from, text.decode, base)
+    except (ValueError, CheckpointError) as e:
+        print(f"moekit perplexity: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        offload = getattr(model, "expert_offload", None)
+        if offload is not None:
+            offload.close()
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=1))
+        return 0
+    bpb = result.bits_per_byte
+    print(f"perplexity {result.perplexity:.4f} +- {result.stderr:.4f} over {result.tokens:,} "
+          f"tokens ({result.chunks} chunks of {result.context}, scoring the last "
+          f"{result.context - result.score_from} of each): {result.nats_per_token:.4f} "
+          f"nats/token" + ("" if bpb is None else f", {bpb:.4f} bits/byte")
+          + f"; {result.tokens_per_s:.0f} tokens/s")
+    if result.kl is not None:
+        print(f"against {args.against}: KL divergence {result.kl_mean:.6f} +- "
+              f"{result.kl_stderr:.6f} nats/token, top token the same at "
+              f"{100 * result.top1_agreement:.2f}% of {result.tokens:,} positions")
+    return 0

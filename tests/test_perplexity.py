@@ -1,0 +1,152 @@
+"""`moekit perplexity`: the negative log-likelihood of a text in chunks.
+
+Oracle: transformers' own forward of the original model (float64 log-softmax of its
+logits at the scored positions), on the tokenizers library's ids of the text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.inference.perplexity import chunk_ids, score
+from tests import test_generate_tokenizer as tg
+
+transformers = tg.transformers
+TEXT = "".join(tg.CORPUS[:12]) + "déjà vu: naïve café\n" * 3
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppl")
+    tok = tg._tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(**{**tg.hf_models.COMMON, "vocab_size": 320,
+                                         "max_position_embeddings": 64},
+                                      intermediate_size=48, moe_intermediate_size=32,
+                                      num_experts=8, num_experts_per_tok=2)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    model.save_pretrained(root / "hf")
+    tok.save(str(root / "hf" / "tokenizer.json"))
+    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    return tok, model, root
+
+
+def _reference(model, ids: list[int], context: int, first: int) -> list[float]:
+    """Per-token NLLs of the scored positions, from transformers' logits in float64."""
+    out = []
+    for c in range(len(ids) // context):
+        chunk = torch.tensor([ids[c * context:(c + 1) * context]])
+        with torch.no_grad():
+            logp = model(chunk).logits[0].double().log_softmax(-1)
+        out += [-float(logp[t - 1, chunk[0, t]]) for t in range(first, context)]
+    return out
+
+
+def test_scores_are_transformers_log_likelihoods(converted, capsys):
+    tok, model, root = converted
+    from moekit.quant.io import load_model
+
+    ids = tok.encode(TEXT).ids
+    assert len(ids) >= 3 * 32
+    want = _reference(model, ids, 32, 16)
+    got = score(load_model(root / "lm"), chunk_ids(ids, 32), decode=tok.decode)
+    assert (got.tokens, got.chunks, got.score_from) == (len(want), len(ids) // 32, 16)
+    assert got.nll == pytest.approx(sum(want), rel=1e-5)
+    n, mean = len(want), sum(want) / len(want)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in want) / (n - 1))
+    assert got.perplexity == pytest.approx(math.exp(mean), rel=1e-5)
+    assert got.stderr == pytest.approx(math.exp(mean) * sd / math.sqrt(n), rel=1e-4)
+    scored = sum(len(tok.decode(ids[c * 32 + 16:(c + 1) * 32]).encode())
+                 for c in range(len(ids) // 32))
+    assert got.bits_per_byte == pytest.approx(sum(want) / math.log(2) / scored, rel=1e-5)
+    # the command: the same numbers from the checkpoint's own tokenizer, other chunking
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--text",
+                     str(root / "text.txt"), "--context", "24", "--score-from", "4",
+                     "--chunks", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    want = _reference(model, ids[:48], 24, 4)
+    assert (r["tokens"], r["chunks"]) == (40, 2)
+    assert r["perplexity"] == pytest.approx(math.exp(sum(want) / 40), rel=1e-5)
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--text",
+                     str(root / "text.txt"), "--context", "32"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("perplexity ") and "bits/byte" in line and "scoring the last 16" in line
+
+
+def test_quantized_checkpoints_score_close_to_the_float_model(converted, tmp_path, capsys):
+    """int8 and int4 directories run through the same command (their prefill path);
+    their perplexity is near the float model's on this random model (a smoke bound: the
+    oracle test above holds the arithmetic)."""
+    _, _, root = converted
+    got = {}
+    for bits in ("8", "4"):
+        out = tmp_path / f"q{bits}"
+        group = ["--group-size", "32"] if bits == "4" else []
+        assert cli_main(["quantize", str(root / "lm"), "--bits", bits, *group,
+                         "--out", str(out)]) == 0
+        capsys.readouterr()
+        for src in (out, root / "lm"):
+            assert cli_main(["perplexity", "--checkpoint", str(src), "--text",
+                             str(root / "text.txt"), "--context", "32", "--json"]) == 0
+            got[src.name] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert got["q8"] == pytest.approx(got["lm"], rel=0.01)
+    assert got["q4"] == pytest.approx(got["lm"], rel=0.1)
+
+
+def test_kl_divergence_and_top_token_agreement_against_a_base(converted, tmp_path, capsys):
+    """--against: KL(base || model) summed over the scored positions, as torch's kl_div
+    of the two models' float64 log-probabilities gives it, and their argmax agreement;
+    a model against itself: 0 and 100%."""
+    tok, _, root = converted
+    from moekit.models import MoETransformer, preset
+    from moekit.quant.io import load_model
+
+    assert cli_main(["quantize", str(root / "lm"), "--bits", "8", "--out",
+                     str(tmp_path / "q8")]) == 0
+    base, q8 = load_model(root / "lm"), load_model(tmp_path / "q8")
+    chunks = chunk_ids(tok.encode(TEXT).ids, 32)
+    kl, same = 0.0, 0
+    with torch.no_grad():
+        for chunk in chunks:
+            lq = q8(chunk[None]).logits[0, 15:31].double().log_softmax(-1)
+            lb = base(chunk[None]).logits[0, 15:31].double().log_softmax(-1)
+            kl += float(torch.nn.functional.kl_div(lq, lb, log_target=True, reduction="sum"))
+            same += int((lq.argmax(-1) == lb.argmax(-1)).sum())
+    got = score(q8, chunks, base=base)
+    assert kl > 0 and got.kl == pytest.approx(kl, rel=1e-3, abs=1e-6 * got.tokens)
+    assert got.top1_same == same
+    alone = score(base, chunks, base=base)
+    assert alone.kl == pytest.approx(0, abs=1e-6 * alone.tokens) and alone.top1_agreement == 1
+    capsys.readouterr()
+    assert cli_main(["perplexity", "--checkpoint", str(tmp_path / "q8"), "--text",
+                     str(root / "text.txt"), "--context", "32", "--against",
+                     str(root / "lm")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith(f"against {root / 'lm'}: KL divergence ")
+    assert f"{100 * same / got.tokens:.2f}% of {got.tokens:,} positions" in out[1]
+    with pytest.raises(ValueError, match="base has vocab_size=256, which is not allowed"):
+        score(q8, chunks, base=MoETransformer(preset("tiny")))
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--context", "0"], "--context=0 is not allowed"),
+    (["--context", "65"], "--context=65 is not allowed: it must be <= the model's "
+                          "max_seq_len=64"),
+    (["--context", "16", "--score-from", "16"], "--score-from=16 is not allowed"),
+    (["--chunks", "-1"], "--chunks=-1 is not allowed"),
+    (["--text", "/nonexistent.txt"], "--text='/nonexistent.txt' is not allowed: no such file"),
+    (["--context", "64", "--text", "SHORT"], "at least one chunk of context=64 tokens"),
+])
+def test_bad_flags_are_named(converted, capsys, tmp_path, flags, words):
+    _, _, root = converted
+    if "SHORT" in flags:
+        (tmp_path / "short.txt").write_text("def f")
+        flags = [f if f != "SHORT" else str(tmp_path / "short.txt") for f in flags]
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), *flags]) == 2
+    assert words in capsys.readouterr().err
