@@ -52,6 +52,28 @@ def _tokenizer():
     return tok
 
 
+def convert_random_qwen3(root, seed: int, max_positions: int, moe_ffn: int,
+                         chat: bool = False):
+    """(tokenizer, model): a random Qwen3-MoE of this module's tokenizer (no
+    end-of-sequence id) saved with it under root/hf, with the CHAT template where
+    ``chat``, and converted to root/lm."""
+    tok = _tokenizer()
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3MoeConfig(**{**hf_models.COMMON, "vocab_size": 320,
+                                         "eos_token_id": None, "bos_token_id": None,
+                                         "max_position_embeddings": max_positions},
+                                      intermediate_size=48, moe_intermediate_size=moe_ffn,
+                                      num_experts=8, num_experts_per_tok=2)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    model.save_pretrained(root / "hf")
+    tok.save(str(root / "hf" / "tokenizer.json"))
+    if chat:
+        (root / "hf" / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": CHAT, "eos_token": "end", "bos_token": None}))
+    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    return tok, model
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(tokenizer, transformers model, its directory, the converted run). The

@@ -16,23 +16,13 @@ from moekit.cli import main as cli_main
 from moekit.inference.perplexity import chunk_ids, score
 from tests import test_generate_tokenizer as tg
 
-transformers = tg.transformers
 TEXT = "".join(tg.CORPUS[:12]) + "déjà vu: naïve café\n" * 3
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppl")
-    tok = tg._tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(**{**tg.hf_models.COMMON, "vocab_size": 320,
-                                         "max_position_embeddings": 64},
-                                      intermediate_size=48, moe_intermediate_size=32,
-                                      num_experts=8, num_experts_per_tok=2)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    model.save_pretrained(root / "hf")
-    tok.save(str(root / "hf" / "tokenizer.json"))
-    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    tok, model = tg.convert_random_qwen3(root, seed=0, max_positions=64, moe_ffn=32)
     (root / "text.txt").write_text(TEXT, encoding="utf-8")
     return tok, model, root
 

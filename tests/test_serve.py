@@ -275,19 +275,8 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
 
     transformers = tg.transformers
     root = tmp_path_factory.mktemp("chat")
-    tok = tg._tokenizer()
-    torch.manual_seed(1)
-    cfg = transformers.Qwen3MoeConfig(**{**tg.hf_models.COMMON, "vocab_size": 320,
-                                         "eos_token_id": None, "bos_token_id": None,
-                                         "max_position_embeddings": 256},
-                                      intermediate_size=48, moe_intermediate_size=16,
-                                      num_experts=8, num_experts_per_tok=2)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    model.save_pretrained(root / "hf")
-    tok.save(str(root / "hf" / "tokenizer.json"))
-    (root / "hf" / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": tg.CHAT, "eos_token": "end", "bos_token": None}))
-    assert cli_main(["convert", str(root / "hf"), str(root / "lm")]) == 0
+    tok, model = tg.convert_random_qwen3(root, seed=1, max_positions=256, moe_ffn=16,
+                                         chat=True)
     messages = [{"role": "system", "content": "def hello(world"},
                 {"role": "user", "content": [{"type": "text", "text": "import "},
                                              {"type": "text", "text": "torch"}]}]

@@ -156,9 +156,9 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (uses its LATEST), a step_* directory or a "
-                   "`moekit quantize` output")
+    from moekit.train.generate_cli import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text to score (default: the validation files of the built-in "
                    "corpus, the Python standard library's source)")
@@ -168,15 +168,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="score each chunk's tokens after this many (default: half the chunk)")
     p.add_argument("--chunks", type=int, default=32,
                    help="chunks to score, from the text's start (0: every whole chunk)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="a directory holding tokenizer.json (default: the checkpoint's own, "
-                   "else UTF-8 bytes)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights' dtype")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--expert-memory", default=None, metavar="BYTES",
-                   help="keep experts on disk, cache at most BYTES of them")
-    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
-    p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--against", default=None, metavar="BASE",
                    help="also run this checkpoint (e.g. the float model a quantized one came "
                    "from; loaded in fp32, resident) on the same chunks: KL divergence "

@@ -479,30 +479,19 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="run directory (uses its LATEST), a step_* directory or a "
-                   "`moekit quantize` output")
+    from moekit.train.generate_cli import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default=None,
                    help="the model's id in responses and /v1/models (default: the "
                    "checkpoint directory's name)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="a directory holding tokenizer.json (default: the checkpoint's own; "
-                   "else UTF-8 bytes)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="most tokens (prompt + new) a request may use (default: the "
                    "model's max_seq_len, at most 4096; the KV cache is allocated for what "
                    "a request asks, up to this per sequence)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="weights' dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--expert-memory", default=None, metavar="BYTES",
-                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
-    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="with --expert-memory: do not read the next layer's experts ahead")
 
 
 def run(args: argparse.Namespace) -> int:

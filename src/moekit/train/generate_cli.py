@@ -30,9 +30,26 @@ from moekit.train.checkpoint import CheckpointError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that say which model to load and how (``load_for_generation`` reads
+    them): generate's, and serve's and perplexity's."""
     p.add_argument("--checkpoint", required=True,
-                   help="run directory (uses its LATEST) or a step_* directory")
+                   help="run directory (uses its LATEST), a step_* directory or a "
+                   "`moekit quantize` output")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a directory holding tokenizer.json (default: the checkpoint's own, "
+                   "which `moekit convert` copies; else UTF-8 bytes)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--expert-memory", default=None, metavar="BYTES",
+                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="with --expert-memory: do not read the next layer's experts ahead")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--prompt", default="def ")
     p.add_argument("--prompts-file", default=None,
                    help="a text file with one prompt per line (replaces --prompt)")
@@ -49,15 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "backslash escapes such as \\n are understood")
     p.add_argument("--samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the prefix every token (slow reference; no batching)")
-    p.add_argument("--expert-memory", default=None, metavar="BYTES",
-                   help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
-    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="with --expert-memory: do not read the next layer's experts ahead")
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user message in the tokenizer's chat template "
                    "(an instruct model's format); needs a tokenizer")
@@ -68,9 +78,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "user's next message, answered with the whole conversation so far as "
                    "context (oldest turns dropped where it outgrows the model's context); "
                    "ends at end of input")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="a directory holding tokenizer.json (default: the checkpoint's own, "
-                   "which `moekit convert` copies; else UTF-8 bytes)")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32) -> MoETransformer:
