@@ -657,6 +657,20 @@ def test_untied_embedding_table_is_quantized_as_its_own(bits, group):
     assert type(model.embed) is nn.Embedding
 
 
+def test_only_the_token_table_is_quantized_as_an_embedding():
+    """Other nn.Embedding tables (a position table, a relative-bias table of a few
+    heads, whose width an int4 group would not divide) stay float and untouched."""
+    model = _lm(tie_embeddings=False)
+    model.pos = nn.Embedding(64, 32)
+    model.blocks[0].bias_table = nn.Embedding(32, 6)
+    pos, bias = model.pos.weight.detach().clone(), model.blocks[0].bias_table.weight.detach()
+    q = quantize(model, bits=4, group_size=32)
+    assert isinstance(q.embed, QuantizedEmbedding)
+    assert type(q.pos) is nn.Embedding and torch.equal(q.pos.weight, pos)
+    assert type(q.blocks[0].bias_table) is nn.Embedding
+    assert torch.equal(q.blocks[0].bias_table.weight, bias)
+
+
 @pytest.mark.parametrize("T", [1, 20])  # the kernel, and dequantize + matmul
 def test_shared_experts_quantized(T):
     cfg = moekit.MoEConfig(dim=64, ffn_dim=32, num_experts=4, top_k=2, num_shared_experts=1,

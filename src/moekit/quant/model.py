@@ -125,13 +125,27 @@ def _dense_targets(model: nn.Module) -> list[_Target]:
     return out
 
 
+def _token_embedding(model: nn.Module) -> nn.Module | None:
+    """The token embedding table: a transformers model's ``get_input_embeddings()``, a
+    moekit model's ``embed`` (not other tables: position or relative-bias embeddings)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else getattr(model, "embed", None)
+    except NotImplementedError:
+        return None
+
+
 def _embedding_targets(model: nn.Module, targets: list[_Target]) -> list[_Target]:
-    """nn.Embedding children whose table is not a linear target's (not tied to a head)."""
+    """The token embedding table where it is an nn.Embedding whose table is not a linear
+    target's (not tied to a head)."""
+    table = _token_embedding(model)
+    if type(table) is not nn.Embedding:
+        return []
     linear = {id(t.module.get_submodule(t.attr).weight) for t in targets if t.kind == "linear"}
     return [_Target(m, attr, child.weight.T[None], f"{prefix}.{attr}" if prefix else attr,
                     "embedding")
             for prefix, m in model.named_modules() for attr, child in m.named_children()
-            if type(child) is nn.Embedding and id(child.weight) not in linear]
+            if child is table and id(child.weight) not in linear]
 
 
 def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
