@@ -155,8 +155,9 @@ def test_prompts_as_token_ids(byte_server):
         status, r = _post(url, {"prompt": prompt, "max_tokens": 6, "temperature": 0})
         assert status == 200 and r["choices"][0]["text"] == want
     assert r["choices"][1]["text"] == _greedy(model, "import o", 6)
-    for bad, words in (([[1, 2], []], "non-empty lists of ints"), ([300], "prompt[0]=")):
-        status, r = _post(url, {"prompt": bad})
+    for bad, words in (([[1, 2], []], "non-empty lists of ints"), ([300], "prompt[0]="),
+                       ([[1, 2], [3, 300]], "prompt[1]=")):
+        status, r = _post(url, {"prompt": bad, "n": 3})
         assert status == 400 and r["error"]["param"] == "prompt" and words in \
             r["error"]["message"]
 

@@ -180,9 +180,10 @@ class Service:
 
     def kv_bytes(self) -> int:
         """The KV cache's bytes for one sequence of the whole served context."""
-        c = self.engine.model.config
-        dtype = next(p.dtype for p in self.engine.model.parameters() if p.is_floating_point())
-        return 2 * c.num_layers * c.kv_heads * c.head_size * self.context * dtype.itemsize
+        model = self.engine.model
+        c = model.config
+        itemsize = model.norm.weight.dtype.itemsize  # the cache's dtype (the engine's rule)
+        return 2 * c.num_layers * c.kv_heads * c.head_size * self.context * itemsize
 
     def work(self, stop: threading.Event) -> None:
         """Run every generation on this thread until ``stop`` is set (the thread that
@@ -270,11 +271,11 @@ class Service:
                 top_p=_number(body, "top_p", None, float, 0.0, 1.0),
                 stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops),
                 seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed)
-            ids = [p for p in prompts for _ in range(n)]
-            self.engine.check(ids, config)
+            self.engine.check(prompts, config)  # (its errors index the request's prompts)
         except ValueError as e:  # the config's and the engine's errors, in the API's names
             message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
             raise RequestError(_param(message, name), message) from None
+        ids = [p for p in prompts for _ in range(n)]
         return Request(chat, ids, n, config, stops, stream, options.get("include_usage", False))
 
     def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
