@@ -113,6 +113,34 @@ def test_engine_greedy_equals_no_cache_reference():
     assert stats.new_tokens == 20 and stats.decode_steps == 19
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_logprobs_are_the_full_forwards_log_softmax(temperature):
+    """generate(logprobs=N): each token's log-probability and the N most likely tokens
+    are the float64 log-softmax of the whole sequence's forward (no cache) at that
+    position, before temperature; the tokens are those generate gives without them (the
+    plan's step picks greedy and sampled tokens as the modules' step does)."""
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=10, temperature=temperature, seed=4)
+    want, _ = Engine(model).generate(PROMPTS[:3], cfg)
+    gens, _ = Engine(model).generate(PROMPTS[:3], cfg, logprobs=3)
+    for g, w in zip(gens, want, strict=True):
+        assert g.tokens == w.tokens and len(g.logprobs) == len(g.top_logprobs) == 10
+        seq = torch.tensor([g.prompt + g.tokens])
+        with torch.no_grad():
+            logp = model(seq).logits[0].double().log_softmax(-1)
+        for j, tok in enumerate(g.tokens):
+            row = logp[len(g.prompt) + j - 1]
+            assert g.logprobs[j] == pytest.approx(float(row[tok]), abs=1e-4)
+            ids = [t for t, _ in g.top_logprobs[j]]
+            assert ids == row.topk(3).indices.tolist()
+            assert [v for _, v in g.top_logprobs[j]] == pytest.approx(
+                row.topk(3).values.tolist(), abs=1e-4)
+    plain, _ = Engine(model).generate(PROMPTS[:1], cfg)
+    assert plain[0].logprobs is None
+    with pytest.raises(ValueError, match="logprobs=21"):
+        Engine(model).generate(PROMPTS[:1], cfg, logprobs=21)
+
+
 def test_batched_prompts_of_different_lengths_equal_each_alone():
     model = _model()
     cfg = GenerationConfig(max_new_tokens=16)

@@ -474,6 +474,31 @@ def test_text_after_a_prompt_keeps_the_first_words_space(decoder, tmp_path):
             assert "".join(_streamed_after(text, prompt, new)) == want, (s, k)
 
 
+@pytest.mark.parametrize("decoder", ["byte_fallback", "byte_level"])
+def test_token_bytes_spell_the_text(decoder, tmp_path):
+    """token_bytes of each id, concatenated, are the UTF-8 bytes of the decoded text,
+    also where a token is part of a character (a <0xE4> byte-fallback token, a
+    byte-level piece of a multi-byte character); token_label names those by bytes."""
+    from moekit.inference.text import token_label
+
+    tok = _byte_level_multilingual() if decoder == "byte_level" else _metaspace(decoder)
+    text = _text(tok, tmp_path / "tok")
+    partial = 0
+    for s in [*TEXTS, "中文 naïve café ✓"]:
+        ids = tok.encode(s).ids
+        raw = [text.token_bytes(t) for t in ids]
+        joined = b"".join(raw).decode("utf-8")
+        # byte fallback's decoder strips one leading space (of the "▁" it prepends)
+        assert (joined[1:] if decoder == "byte_fallback" else joined) == tok.decode(ids)
+        for r in raw:
+            try:
+                assert token_label(r) == r.decode("utf-8")
+            except UnicodeDecodeError:
+                partial += 1
+                assert token_label(r) == "bytes:" + "".join(f"\\x{b:02x}" for b in r)
+    assert partial  # tokens that are parts of characters were there
+
+
 def _streamed_after(text, prompt, ids) -> list[str]:
     emit = text.stream(prompt)
     return [emit(t) for t in ids] + [emit(None)]

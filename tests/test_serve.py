@@ -132,7 +132,7 @@ def test_stop_string_ends_the_text_before_it(byte_server):
      "generating past the model's context"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens=0"),
     ({"prompt": "a", "n": 0}, "n", "n=0"),
-    ({"prompt": "a", "logprobs": 5}, "logprobs", "no-op value"),
+    ({"prompt": "a", "logit_bias": {"5": 1}}, "logit_bias", "no-op value"),
     ({"prompt": "a", "frequency_penalty": 0.5}, "frequency_penalty", "no-op value"),
     ({"prompt": "a", "best_of": 3, "n": 1}, "best_of", "no-op value"),
     ({"prompt": "a", "mystery": 1}, "mystery", "does not read this field"),
@@ -180,6 +180,95 @@ def test_served_context_limits_requests_and_sizes_the_cache():
             Service(model, ByteText(), "tiny", context=bad)
 
 
+def _label(byte: int) -> str:
+    """A byte-level token's label: its character where it is one (ASCII), else OpenAI's
+    "bytes:\\xNN"."""
+    return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
+
+
+def _log_softmax(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+
+def test_completion_logprobs_and_echo(byte_server):
+    """logprobs: N gives each generated token's log-probability and the N most likely
+    tokens (the float64 log-softmax of the full forward of prompt + tokens); echo with
+    max_tokens 0 scores the prompt alone (its first token null), as lm-evaluation-harness
+    asks for log-likelihoods."""
+    model, url, _ = byte_server
+    prompt = list(b"def f(x):")
+    status, r = _post(url, {"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                            "logprobs": 2})
+    assert status == 200
+    c = r["choices"][0]
+    new = list(c["text"].encode())
+    lp = c["logprobs"]
+    logp = _log_softmax(model, prompt + new)
+    assert lp["tokens"] == [_label(t) for t in new]
+    assert lp["token_logprobs"] == pytest.approx(
+        [float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(new)], abs=1e-4)
+    for j, top in enumerate(lp["top_logprobs"]):
+        best = logp[len(prompt) + j - 1].topk(2)
+        assert list(top) == [_label(t) for t in best.indices.tolist()]
+    assert lp["text_offset"] == [sum(t < 128 for t in new[:j]) for j in range(len(new))]
+    status, r = _post(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert status == 200
+    c = r["choices"][0]
+    logp = _log_softmax(model, prompt)
+    assert c["text"] == "def f(x):" and r["usage"]["completion_tokens"] == 0
+    assert c["logprobs"]["token_logprobs"][0] is None
+    assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        [float(logp[j - 1, t]) for j, t in enumerate(prompt) if j], abs=1e-4)
+    assert c["logprobs"]["top_logprobs"][0] is None
+    assert all(len(top) == 1 for top in c["logprobs"]["top_logprobs"][1:])
+    # echo with new tokens: the prompt's entries, then the generated ones
+    status, r = _post(url, {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 0,
+                            "temperature": 0})
+    c = r["choices"][0]
+    assert c["text"].startswith("def f(x):") and len(c["logprobs"]["tokens"]) == 9 + 3
+
+
+def test_log_likelihoods_as_evaluation_harnesses_ask_for_them(byte_server):
+    """The request lm-evaluation-harness's local-completions model sends for a batch of
+    (context, continuation) log-likelihoods (token ids, echo, logprobs 1, max_tokens 1):
+    the continuation's log-likelihood is the sum of token_logprobs after the context,
+    the generated token left out, and "greedy" whether each of those is its position's
+    most likely; both against the model's own float64 log-softmax."""
+    model, url, _ = byte_server
+    pairs = [(list(b"def f(x):\n"), list(b"    return")), (list(b"import "), list(b"os"))]
+    status, r = _post(url, {"model": "m", "prompt": [c + x for c, x in pairs],
+                            "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+                            "echo": True})
+    assert status == 200
+    for choice, (ctx, cont) in zip(sorted(r["choices"], key=lambda c: c["index"]), pairs,
+                                   strict=True):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ctx) + len(cont) + 1
+        got = sum(lp["token_logprobs"][len(ctx):-1])
+        greedy = all(t == max(top.values()) for t, top in
+                     zip(lp["token_logprobs"][len(ctx):-1], lp["top_logprobs"][len(ctx):-1],
+                         strict=True))
+        logp = _log_softmax(model, ctx + cont)
+        want = sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont))
+        assert got == pytest.approx(want, abs=1e-4)
+        assert greedy == all(int(logp[len(ctx) + j - 1].argmax()) == t
+                             for j, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"prompt": "a", "logprobs": 2, "stream": True}, "logprobs", "only with stream false"),
+    ({"prompt": "a", "logprobs": 21}, "logprobs", "logprobs=21"),
+    ({"prompt": "a", "top_logprobs": 2}, "top_logprobs", "completions take logprobs: N"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens=0"),
+    ({"prompt": "a", "echo": "yes"}, "echo", "true or false"),
+])
+def test_bad_logprob_requests_are_named(byte_server, body, param, words):
+    _, url, _ = byte_server
+    status, r = _post(url, body)
+    assert status == 400 and r["error"]["param"] == param and words in r["error"]["message"]
+
+
 def test_no_op_fields_clients_send_are_accepted(byte_server):
     _, url, _ = byte_server
     status, r = _post(url, {"prompt": "a", "max_tokens": 2, "logprobs": None, "echo": False,
@@ -211,11 +300,11 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
     results = []
     real = service.engine.generate
 
-    def slow(ids, cfg, on_token=None, stop_when=None):
+    def slow(ids, cfg, on_token=None, **kwargs):
         def on_slow_token(i, tok):
             time.sleep(0.02)
             on_token(i, tok)
-        gens, stats = real(ids, cfg, on_token=on_slow_token, stop_when=stop_when)
+        gens, stats = real(ids, cfg, on_token=on_slow_token, **kwargs)
         results.append(gens)
         return gens, stats
 
@@ -314,6 +403,29 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
         bad = {"messages": [{"role": "user", "content": 5}]}
         status, r = _post(url, bad, "/v1/chat/completions")
         assert status == 400 and r["error"]["param"] == "messages[0].content"
+        # logprobs: each reply token with its log-probability and the 2 most likely
+        status, r = _post(url, {**body, "logprobs": True, "top_logprobs": 2},
+                          "/v1/chat/completions")
+        content = r["choices"][0]["logprobs"]["content"]
+        with torch.no_grad():
+            hf_logp = model(torch.tensor([ids + new])).logits[0].double().log_softmax(-1)
+        # the tokens' bytes spell the reply (parts of characters included; this random
+        # model's bytes are not all valid UTF-8: decoded alike), and a token that is not
+        # whole characters is labelled by its bytes
+        spelled = b"".join(bytes(e["bytes"]) for e in content)
+        assert spelled.decode("utf-8", errors="replace") == tok.decode(new)
+        for e, t in zip(content, new, strict=True):
+            alone = tok.decode([t])
+            assert e["token"] == (alone if "\ufffd" not in alone else
+                                  "bytes:" + "".join(f"\\x{b:02x}" for b in e["bytes"]))
+        assert any(e["token"].startswith("bytes:") for e in content)  # the case is here
+        assert [e["logprob"] for e in content] == pytest.approx(
+            [float(hf_logp[len(ids) + j - 1, t]) for j, t in enumerate(new)], abs=1e-4)
+        assert all(len(e["top_logprobs"]) == 2 for e in content)
+        for bad, param in (({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                           ({"echo": True}, "echo")):
+            status, r = _post(url, {**body, **bad}, "/v1/chat/completions")
+            assert status == 400 and r["error"]["param"] == param
     finally:
         server.shutdown()
         server.server_close()

@@ -43,6 +43,7 @@ OnToken = Callable[[int, int], None]  # (sequence index, token id), as each toke
 # (sequence index, its generated tokens so far) -> stop it now (e.g. its text holds a stop
 # string: TokenizerText.stop_when)
 StopWhen = Callable[[int, list[int]], bool]
+MAX_LOGPROBS = 20  # most likely tokens recorded per step (OpenAI's limit)
 
 
 class ContextLengthError(ValueError):
@@ -93,11 +94,16 @@ class GenerationConfig(FrozenConfig):
 
 @dataclass
 class Generation:
-    """One sequence's result: its prompt, the new tokens, and why it ended."""
+    """One sequence's result: its prompt, the new tokens, and why it ended; with
+    ``generate(logprobs=N)``, each new token's log-probability under the model (its
+    log-softmax, before temperature, top-k or top-p) and the N most likely tokens there
+    with theirs."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "length" (max_new_tokens) or "stop"
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,11 +148,14 @@ class Engine:
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
                  on_token: OnToken | None = None, generator: torch.Generator | None = None,
-                 stop_when: StopWhen | None = None
+                 stop_when: StopWhen | None = None, logprobs: int | None = None
                  ) -> tuple[list[Generation], GenerationStats]:
         """Generate for every prompt at once; ``generator`` overrides ``config.seed``;
         ``stop_when(i, tokens)`` stops sequence i after its latest token where it returns
-        True (besides the config's stop ids and sequences)."""
+        True (besides the config's stop ids and sequences). ``logprobs=N`` (0 <= N <=
+        MAX_LOGPROBS) records each token's log-probability and the N most likely tokens'
+        (``Generation.logprobs`` / ``top_logprobs``); the steps then run the modules
+        rather than the one-call plan, which picks tokens without returning logits."""
         cfg = GenerationConfig() if config is None else config
         if not isinstance(cfg, GenerationConfig):
             reject("config", cfg, "it must be None or a GenerationConfig")
@@ -154,6 +163,8 @@ class Engine:
             reject("generator", generator, "it must be None or a torch.Generator")
         if stop_when is not None and not callable(stop_when):
             reject("stop_when", stop_when, "it must be None or a callable (i, tokens) -> bool")
+        if logprobs is not None:
+            check_int_range("logprobs", logprobs, 0, MAX_LOGPROBS)
         ids = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
         if not ids:
             reject("prompts", prompts, "it must hold at least one prompt")
@@ -165,7 +176,7 @@ class Engine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                return self._run(ids, cfg, on_token, generator, stop_when)
+                return self._run(ids, cfg, on_token, generator, stop_when, logprobs)
         finally:
             self.model.train(was_training)
 
@@ -248,14 +259,18 @@ class Engine:
         return ids_BL, c, 0
 
     def _run(self, ids: list[list[int]], cfg: GenerationConfig, on_token: OnToken | None,
-             generator: torch.Generator, stop_when: StopWhen | None = None
-             ) -> tuple[list[Generation], GenerationStats]:
+             generator: torch.Generator, stop_when: StopWhen | None = None,
+             logprobs: int | None = None) -> tuple[list[Generation], GenerationStats]:
         t0 = time.perf_counter()
         ids_BL, cache, reused = self._prepare(ids, cfg.max_new_tokens)
         logits_RV = self.model.infer(ids_BL, cache)
-        plan = DecodePlan.build(self.model)  # the decode steps' kernel calls, or None
+        # the decode steps' kernel calls, or None (logprobs need the steps' logits)
+        plan = None if logprobs is not None else DecodePlan.build(self.model)
         t1 = time.perf_counter()
         gens = [Generation(prompt=p) for p in ids]
+        if logprobs is not None:
+            for g in gens:
+                g.logprobs, g.top_logprobs = [], []
         active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
         steps = 0
         stops = _Stops(cfg)
@@ -267,6 +282,8 @@ class Engine:
         next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         for step in range(cfg.max_new_tokens):
             finished = []
+            if logprobs is not None:
+                _record_logprobs([gens[a] for a in active], logits_RV, next_R, logprobs)
             for r, tok in enumerate(next_R.tolist()):
                 g = gens[active[r]]
                 g.tokens.append(tok)
@@ -301,6 +318,18 @@ class Engine:
                                 decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1,
                                 reused_tokens=reused)
         return gens, stats
+
+
+def _record_logprobs(gens: list[Generation], logits_RV: Tensor, next_R: Tensor,
+                     top: int) -> None:
+    """Each row's chosen token's log-probability and its ``top`` most likely tokens'."""
+    logp_RV = logits_RV.float().log_softmax(-1)
+    chosen = logp_RV.gather(1, next_R[:, None].to(logp_RV.device))[:, 0].tolist()
+    values, indices = logp_RV.topk(top, -1) if top else (None, None)
+    for r, g in enumerate(gens):
+        g.logprobs.append(chosen[r])
+        g.top_logprobs.append([] if not top else
+                              list(zip(indices[r].tolist(), values[r].tolist(), strict=True)))
 
 
 class _Stops:

@@ -11,10 +11,15 @@ true`` (server-sent events, ``data: [DONE]`` last; ``stream_options.include_usag
 usage chunk). Fields as OpenAI's API reads them: ``max_tokens`` (completions: 16; chat:
 the rest of the served context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
 ``top_p``, ``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text
-ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``.
-Fields that would change the answer in ways moekit does not implement (``logprobs``,
-``echo``, penalties, ``logit_bias``, ``tools``, ...) are refused by name unless they hold
-their no-op value; the ``model`` field is not checked (one model is served).
+ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``,
+``logprobs`` (completions: the N most likely tokens too, N <= 20; chat: ``logprobs:
+true`` and ``top_logprobs``: each token's log-probability under the model, before
+temperature and top-k / top-p; not with ``stream``), ``echo`` (completions: the prompt
+first in the text and, with ``logprobs``, its tokens' log-probabilities, the first one
+null; ``max_tokens: 0`` then scores the prompt alone, as lm-evaluation-harness asks).
+Fields that would change the answer in ways moekit does not implement (penalties,
+``logit_bias``, ``best_of``, ``suffix``, ``tools``, ...) are refused by name unless they
+hold their no-op value; the ``model`` field is not checked (one model is served).
 
 One generation runs at a time (requests queue); a request's prompts and samples are one
 batch of the engine (``Engine``: static KV cache, sequences leave the
@@ -48,20 +53,20 @@ from pathlib import Path
 import torch
 
 from moekit.config import MAX_SEED
-from moekit.inference.engine import Engine, GenerationConfig
-from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text
+from moekit.inference.engine import MAX_LOGPROBS, Engine, Generation, GenerationConfig
+from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, token_label
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
 DEFAULT_CONTEXT = 4096  # tokens a request may use unless --context says otherwise
 # fields that change nothing at these values (clients send them by default)
-NO_OP = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-         "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+NO_OP = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
          "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "logit_bias": (None, {}),
          "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
          "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, True, False)}
 READ = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options", "user"}
+        "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options", "user", "logprobs",
+        "top_logprobs", "echo"}
 
 
 class RequestError(ValueError):
@@ -135,10 +140,12 @@ class Request:
     chat: bool
     ids: list[list[int]]
     n: int
-    config: GenerationConfig
+    config: GenerationConfig | None  # None: echo with max_tokens 0 (the prompt scored)
     stops: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None = None  # the most likely tokens per position; None: none asked
+    echo: bool = False
 
 
 @dataclass
@@ -146,6 +153,9 @@ class Choice:
     text: str
     finish_reason: str
     tokens: int
+    # with logprobs: per token (the echoed prompt's first), its id, log-probability
+    # (None: the prompt's first token) and the most likely (id, log-probability) there
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
 
 class _Job:
@@ -244,10 +254,11 @@ class Service:
         else:
             prompts = _prompts(text, body.get("prompt"))
         n = _number(body, "n", 1, int, 1, MAX_N)
+        logprobs, echo = _logprob_fields(body, chat)
         longest = max(len(p) for p in prompts)
         default = self.context - longest if chat else 16
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _number(body, name, max(default, 1), int, 1)
+        max_tokens = _number(body, name, max(default, 1), int, 0 if echo else 1)
         if longest + max_tokens > self.context:  # the model's own limit: the engine's error
             if self.context < self.engine.model.config.max_seq_len:
                 _reject(name, max_tokens, f"a prompt of {longest} tokens + {name} must fit "
@@ -257,6 +268,10 @@ class Service:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             _reject("stream", stream, "it must be true or false")
+        if stream and (logprobs is not None or echo):
+            _reject("logprobs" if logprobs is not None else "echo", body.get("logprobs")
+                    if logprobs is not None else True, "moekit serve gives log-probabilities "
+                    "and echoed prompts only with stream false")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False),
                                                            bool):
@@ -265,7 +280,7 @@ class Service:
         seed = body.get("seed")
         try:
             config = GenerationConfig(
-                max_new_tokens=max_tokens,
+                max_new_tokens=max(max_tokens, 1),
                 temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
                 top_k=_number(body, "top_k", None, int, 1),
                 top_p=_number(body, "top_p", None, float, 0.0, 1.0),
@@ -276,7 +291,8 @@ class Service:
             message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
             raise RequestError(_param(message, name), message) from None
         ids = [p for p in prompts for _ in range(n)]
-        return Request(chat, ids, n, config, stops, stream, options.get("include_usage", False))
+        return Request(chat, ids, n, config if max_tokens else None, stops, stream,
+                       options.get("include_usage", False), logprobs, echo)
 
     def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
                  ) -> tuple[list[Choice], dict]:
@@ -314,21 +330,76 @@ class Service:
             return gone or (by_text is not None and by_text(i, tokens))
 
         with self.lock:
-            gens, stats = self.engine.generate(request.ids, request.config,
+            if request.config is None:  # echo with max_tokens 0: the prompts scored alone
+                gens = [Generation(prompt=p, logprobs=[], top_logprobs=[])
+                        for p in request.ids]
+            else:
+                gens, _ = self.engine.generate(request.ids, request.config,
                                                on_token=None if on_text is None else on_token,
-                                               stop_when=stop_when)
+                                               stop_when=stop_when, logprobs=request.logprobs)
+            echoed = [self._score_prompt(p, request.logprobs or 0)
+                      if request.echo and request.logprobs is not None else None
+                      for p in request.ids]
         choices = []
         for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
             if on_text is not None:
                 tail = emits[i](None)
                 if tail and not gone and not on_text(i, tail):
                     gone = True
-            choices.append(Choice(cut_text(text.decode_after(p, g.tokens), stops, False),
-                                  g.finish_reason, len(g.tokens)))
+            new = cut_text(text.decode_after(p, g.tokens), stops, False)
+            logprobs = None
+            if request.logprobs is not None:
+                logprobs = (echoed[i] or []) + list(zip(g.tokens, g.logprobs, g.top_logprobs,
+                                                         strict=True))
+            choices.append(Choice(text.decode(p) + new if request.echo else new,
+                                  g.finish_reason, len(g.tokens), logprobs))
         completion = sum(c.tokens for c in choices)
         prompt = sum(len(p) for p in request.ids[::request.n])
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
                          "total_tokens": prompt + completion}
+
+
+    @torch.inference_mode()
+    def _score_prompt(self, ids: list[int], top: int) -> list[tuple]:
+        """(token, log-probability given the tokens before it, the ``top`` most likely
+        there) for each prompt token; the first has none (None, None)."""
+        model = self.engine.model
+        was_training = model.training
+        model.eval()
+        try:
+            logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        finally:
+            model.train(was_training)
+        chosen = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        values, indices = logp.topk(top, -1) if top else (None, None)
+        return [(ids[0], None, None)] + [
+            (t, chosen[j], [] if not top else
+             list(zip(indices[j].tolist(), values[j].tolist(), strict=True)))
+            for j, t in enumerate(ids[1:])]
+
+
+def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, bool]:
+    """(how many most likely tokens to give per position, None: no log-probabilities;
+    echo): completions' ``logprobs: N`` and ``echo``, chat's ``logprobs: true`` and
+    ``top_logprobs: N``."""
+    if chat:
+        if body.get("echo") not in (None, False):
+            _reject("echo", body["echo"], "chat completions do not echo (completions do)")
+        wants = body.get("logprobs")
+        if wants is not None and not isinstance(wants, bool):
+            _reject("logprobs", wants, "for chat completions it must be true or false (how "
+                    "many likely tokens: top_logprobs)")
+        top = _number(body, "top_logprobs", None, int, 0, MAX_LOGPROBS)
+        if top is not None and not wants:
+            _reject("top_logprobs", top, "it needs logprobs: true")
+        return (top or 0) if wants else None, False
+    if body.get("top_logprobs") is not None:
+        _reject("top_logprobs", body["top_logprobs"], "completions take logprobs: N (chat "
+                "completions take top_logprobs)")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        _reject("echo", echo, "it must be true or false")
+    return _number(body, "logprobs", None, int, 0, MAX_LOGPROBS), echo
 
 
 def _param(message: str, max_name: str) -> str:
@@ -344,14 +415,43 @@ def _param(message: str, max_name: str) -> str:
 def _answer(service: Service, request: Request, rid: str, created: int,
             choices: list[Choice], usage: dict) -> dict:
     head = {"id": rid, "created": created, "model": service.name}
+    def token(t: int) -> tuple[str, bytes]:
+        raw = service.text.token_bytes(t)
+        return token_label(raw), raw
+
     if request.chat:
         return {**head, "object": "chat.completion", "usage": usage, "choices": [
             {"index": i, "message": {"role": "assistant", "content": c.text},
-             "finish_reason": c.finish_reason, "logprobs": None}
+             "finish_reason": c.finish_reason,
+             "logprobs": None if c.logprobs is None else {"refusal": None, "content": [
+                 {**_token_entry(*token(t), lp),
+                  "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
+                 for t, lp, top in c.logprobs]}}
             for i, c in enumerate(choices)]}
     return {**head, "object": "text_completion", "usage": usage, "choices": [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": None if c.logprobs is None else _completion_logprobs(c.logprobs, token)}
         for i, c in enumerate(choices)]}
+
+
+def _token_entry(label: str, raw: bytes, logprob: float) -> dict:
+    return {"token": label, "logprob": logprob, "bytes": list(raw)}
+
+
+def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]
+                         ) -> dict:
+    """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the
+    most likely tokens at each (a dict by token label) and each token's offset in the
+    text (the sum of the tokens' own texts before it; a part of a character counts 0)."""
+    labels = [token(t)[0] for t, _, _ in entries]
+    offsets, at = [], 0
+    for label in labels:
+        offsets.append(at)
+        at += 0 if label.startswith("bytes:") else len(label)
+    return {"tokens": labels, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {token(u)[0]: v for u, v in top}
+                             for _, _, top in entries],
+            "text_offset": offsets}
 
 
 def _chunk(request: Request, head: dict, i: int, piece: str | None,

@@ -47,6 +47,10 @@ class ByteText:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes."""
+        return bytes([token])
+
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         return stop_sequences_from_text(texts)
 
@@ -145,6 +149,35 @@ class TokenizerText:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's own bytes (special tokens' text included) from its spelling in the
+        vocabulary: byte-level characters mapped back to bytes (a piece of a character
+        gives its bytes, not the U+FFFD its decode would), a ``<0xNN>`` byte-fallback
+        token its byte, SentencePiece's "▁" a space (a decode of the token alone drops a
+        first word's space); else its decode."""
+        raw = self.tokenizer.id_to_token(token) or ""
+        kinds = self._decoder_kinds
+        if "ByteLevel" in kinds:
+            table = _byte_level_decoder()
+            if raw and all(c in table for c in raw):
+                return bytes(table[c] for c in raw)
+        if "ByteFallback" in kinds and len(raw) == 6 and raw.startswith("<0x") \
+                and raw.endswith(">"):
+            try:
+                return bytes([int(raw[3:5], 16)])
+            except ValueError:
+                pass
+        if kinds & {"Metaspace", "Replace"} and "\u2581" in raw:
+            return raw.replace("\u2581", " ").encode("utf-8")
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def _decoder_kinds(self) -> frozenset[str]:
+        """The types of the tokenizer's decoders (a Sequence's members too)."""
+        spec = json.loads(self.tokenizer.to_str()).get("decoder") or {}
+        parts = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+        return frozenset(d.get("type", "") for d in parts if isinstance(d, dict))
+
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """None as id sequences: a tokenizer's stop strings are matched in the text
         (``stop_when``), where the ids of a string alone may not be those generated (a
@@ -217,6 +250,28 @@ class TokenizerText:
             return new
 
         return emit
+
+
+def token_label(raw: bytes) -> str:
+    """A token's bytes as text: the text where they are whole UTF-8 characters, else
+    ``bytes:\\xNN...`` (OpenAI's spelling of such tokens)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (as tokenizers' ByteLevel pre-tokenizer spells bytes)
+    back to bytes: printable Latin-1 bytes stand for themselves, the other bytes for
+    the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
 
 
 def stop_span(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
