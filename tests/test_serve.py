@@ -32,6 +32,9 @@ def byte_server(request):
     torch.manual_seed(0)
     model = MoETransformer(preset("tiny")).eval()
     service = Service(model, ByteText(), "tiny")
+    # a first generation here: the C++ kernels build on first use (35-60 s on 2 cores),
+    # which a request's timeout should not have to cover
+    service.generate(service.parse({"prompt": "a", "max_tokens": 2}, False))
     server = make_server(service, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stop = threading.Event()
@@ -50,7 +53,7 @@ def _post(url: str, body: dict | bytes, path: str = "/v1/completions"):
     req = urllib.request.Request(url + path, data=data,
                                  headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=300) as r:
             if r.headers["Content-Type"] == "text/event-stream":
                 return r.status, [_event(line) for line in r if line.startswith(b"data: ")]
             return r.status, json.loads(r.read())
@@ -326,6 +329,35 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
     monkeypatch.undo()
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+
+
+def test_connections_are_kept_alive_and_closed_after_an_unread_body(byte_server):
+    """Two requests on one connection (HTTP/1.1 keep-alive); a POST answered before its
+    body is read (a wrong path) closes the connection, so the body is not taken for the
+    next request."""
+    import http.client
+    import socket
+
+    _, url, _ = byte_server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"prompt": "def ", "max_tokens": 2, "temperature": 0})
+    socks = []
+    for _ in range(2):
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["choices"]
+        socks.append(conn.sock)
+    assert socks[0] is socks[1] is not None  # the same connection both times
+    conn.close()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        junk = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # a request inside the body
+        s.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                  + str(len(junk)).encode() + b"\r\n\r\n" + junk)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 404") and got.count(b"HTTP/1.1") == 1
 
 
 def test_a_failed_generation_is_a_500_and_the_server_goes_on(byte_server, monkeypatch):

@@ -358,7 +358,6 @@ class Service:
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
                          "total_tokens": prompt + completion}
 
-
     @torch.inference_mode()
     def _score_prompt(self, ids: list[int], top: int) -> list[tuple]:
         """(token, log-probability given the tokens before it, the ``top`` most likely
@@ -415,6 +414,7 @@ def _param(message: str, max_name: str) -> str:
 def _answer(service: Service, request: Request, rid: str, created: int,
             choices: list[Choice], usage: dict) -> dict:
     head = {"id": rid, "created": created, "model": service.name}
+
     def token(t: int) -> tuple[str, bytes]:
         raw = service.text.token_bytes(t)
         return token_label(raw), raw
@@ -478,6 +478,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -498,15 +500,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        # answered before the body is read: the connection closes after the answer (its
+        # unread body would be read as the next request)
         if self.path not in routes:
+            self.close_connection = True
             self._error(404, f"no such path: {self.path}")
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
+            self.close_connection = True
             self._error(411, "a request body needs a Content-Length header")
             return
         if not 0 < length <= MAX_BODY:
+            self.close_connection = True
             self._error(413 if length > 0 else 400, f"the body must hold 1 to {MAX_BODY} "
                         f"bytes, got {length}", "body")
             return
