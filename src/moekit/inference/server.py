@@ -634,7 +634,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
           + (", chat completions" if isinstance(text, TokenizerText) else "")
           + f"); context {service.context} tokens (KV cache up to "
-          f"{service.kv_bytes() / 2**20:.0f} MiB a sequence); Ctrl-C stops",
+          f"{service.kv_bytes() / 2**20:.1f} MiB a sequence); Ctrl-C stops",
           file=sys.stderr, flush=True)
     http = threading.Thread(target=server.serve_forever, daemon=True)
     http.start()
