@@ -296,6 +296,24 @@ def test_a_conversation_prefills_only_what_the_cache_does_not_hold(monkeypatch):
         Engine(model, reuse_prefix=1)
 
 
+@pytest.mark.parametrize("cap,want", [(None, 60), (40, 40)])
+def test_a_growing_conversation_cache_doubles_up_to_its_cap(cap, want):
+    """A conversation that outgrows the held cache gets one twice as long, at most
+    max_cache_len positions (the model's max_seq_len, 64, by default), and the same
+    tokens as a fresh engine."""
+    model = _model()
+    engine = Engine(model, reuse_prefix=True, max_cache_len=cap)
+    first, _ = engine.generate([list(range(1, 21))], GenerationConfig(max_new_tokens=10))
+    assert engine.cache.max_len == 30
+    turn = list(range(1, 21)) + first[0].tokens + [5, 6, 7]
+    gens, stats = engine.generate([turn], GenerationConfig(max_new_tokens=2))
+    assert engine.cache.max_len == want and stats.reused_tokens == 29
+    assert gens[0].tokens == _greedy_alone(model, turn, 2)
+    for bad in (0, 65, 2.0):
+        with pytest.raises(ValueError, match=f"max_cache_len={bad}"):
+            Engine(model, reuse_prefix=True, max_cache_len=bad)
+
+
 def test_past_context_and_empty_prompt_are_named_errors():
     model = _model()  # tiny: max_seq_len=64
     engine = Engine(model)

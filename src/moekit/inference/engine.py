@@ -134,13 +134,20 @@ class Engine:
     ``reuse_prefix=True`` (a conversation, one sequence at a time): a prompt that starts
     with the ids the cache holds from the last single-sequence call (its prompt and the
     tokens fed back) prefills only the rest; the model must not change between calls.
+    The cache then grows by doubling, up to ``max_cache_len`` positions (default the
+    model's max_seq_len; ``moekit serve`` passes its ``--context``).
     """
 
-    def __init__(self, model: MoETransformer, reuse_prefix: bool = False) -> None:
+    def __init__(self, model: MoETransformer, reuse_prefix: bool = False,
+                 max_cache_len: int | None = None) -> None:
         if not isinstance(model, MoETransformer):
             reject("model", type(model).__name__, "it must be a moekit MoETransformer "
                    "(a transformers model runs its own generate())")
         check_bool("reuse_prefix", reuse_prefix)
+        limit = model.config.max_seq_len
+        if max_cache_len is not None:
+            check_int_range("max_cache_len", max_cache_len, 1, limit)
+        self.max_cache_len = limit if max_cache_len is None else max_cache_len
         self.model = model
         self.cache: StaticKVCache | None = None
         self.reuse_prefix = reuse_prefix
@@ -233,7 +240,7 @@ class Engine:
                 or c.k[0].device != w.device:
             old = c
             grow = need if old is None or not reuse else \
-                min(max(need, 2 * old.max_len), self.model.config.max_seq_len)
+                max(need, min(2 * old.max_len, self.max_cache_len))
             c = self.cache = StaticKVCache.for_model(self.model, B, grow)
             if reuse and old is not None and old.k[0].dtype == w.dtype \
                     and old.k[0].device == w.device:  # a longer conversation: keep what it held

@@ -180,11 +180,12 @@ class Service:
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
             _reject("context", context, f"it must be an int in [1, max_seq_len={limit}]")
-        self.engine = Engine(model, reuse_prefix=True)
+        # prompt + new tokens of a request (the KV cache is allocated for what one asks,
+        # and a continued conversation's grows by doubling up to it)
+        self.context = limit if context is None else context
+        self.engine = Engine(model, reuse_prefix=True, max_cache_len=self.context)
         self.text = text
         self.name = name
-        # prompt + new tokens of a request (the KV cache is allocated for what one asks)
-        self.context = limit if context is None else context
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
 
