@@ -81,6 +81,9 @@ def test_completion_is_the_reference_greedy_text(byte_server):
     assert r["choices"] == [{"index": 0, "text": _greedy(model, "def ", 12),
                              "finish_reason": "length", "logprobs": None}]
     assert r["usage"] == {"prompt_tokens": 4, "completion_tokens": 12, "total_tokens": 16}
+    t = r["timings"]  # llama-server's extra field: where the time went
+    assert (t["prompt_tokens"], t["new_tokens"]) == (4, 12) and t["prefill_ms"] > 0
+    assert t["seconds"] * 1e3 >= t["prefill_ms"] + t["decode_ms"]
     # a list of prompts with n samples each: one batch, choices prompt-major
     status, r = _post(url, {"prompt": ["def ", "import o"], "n": 2, "max_tokens": 9,
                             "temperature": 0})

@@ -296,10 +296,11 @@ class Service:
                        options.get("include_usage", False), logprobs, echo)
 
     def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
-                 ) -> tuple[list[Choice], dict]:
-        """The choices and the usage. ``on_text(i, piece)`` gets each sequence's new text
-        as it is produced (what the answer holds: cut before a stop string), on the
-        caller's thread; where it returns False (the client is gone) every sequence stops."""
+                 ) -> tuple[list[Choice], dict, dict]:
+        """The choices, the usage and the timings (``_timings``). ``on_text(i, piece)``
+        gets each sequence's new text as it is produced (what the answer holds: cut before
+        a stop string), on the caller's thread; where it returns False (the client is
+        gone) every sequence stops."""
         jobs = self._jobs
         if jobs is None:
             return self._generate(request, on_text)
@@ -315,7 +316,7 @@ class Service:
                 job.gone = True
 
     def _generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
-                  ) -> tuple[list[Choice], dict]:
+                  ) -> tuple[list[Choice], dict, dict]:
         text, stops = self.text, request.stops
         emits = [cut_stream(text.stream(p), stops, keep_stop=False) for p in request.ids]
         gone = False
@@ -331,16 +332,19 @@ class Service:
             return gone or (by_text is not None and by_text(i, tokens))
 
         with self.lock:
+            start = time.perf_counter()
+            stats = None
             if request.config is None:  # echo with max_tokens 0: the prompts scored alone
                 gens = [Generation(prompt=p, logprobs=[], top_logprobs=[])
                         for p in request.ids]
             else:
-                gens, _ = self.engine.generate(request.ids, request.config,
+                gens, stats = self.engine.generate(request.ids, request.config,
                                                on_token=None if on_text is None else on_token,
                                                stop_when=stop_when, logprobs=request.logprobs)
             echoed = [self._score_prompt(p, request.logprobs or 0)
                       if request.echo and request.logprobs is not None else None
                       for p in request.ids]
+            seconds = time.perf_counter() - start
         choices = []
         for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
             if on_text is not None:
@@ -357,7 +361,7 @@ class Service:
         completion = sum(c.tokens for c in choices)
         prompt = sum(len(p) for p in request.ids[::request.n])
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
+                         "total_tokens": prompt + completion}, _timings(stats, seconds)
 
     @torch.inference_mode()
     def _score_prompt(self, ids: list[int], top: int) -> list[tuple]:
@@ -376,6 +380,18 @@ class Service:
             (t, chosen[j], [] if not top else
              list(zip(indices[j].tolist(), values[j].tolist(), strict=True)))
             for j, t in enumerate(ids[1:])]
+
+
+def _timings(stats, seconds: float) -> dict:
+    """Where a request's time went (as llama-server's ``timings``): the engine's prefill
+    and decode, the prompt tokens its cache already held, tokens per second of decode."""
+    if stats is None:  # the prompts scored, nothing generated
+        return {"seconds": seconds}
+    return {"seconds": seconds, "prompt_tokens": stats.prompt_tokens,
+            "cached_tokens": stats.reused_tokens, "prefill_ms": 1e3 * stats.prefill_s,
+            "new_tokens": stats.new_tokens, "decode_ms": 1e3 * stats.decode_s,
+            "decode_tokens_per_s": stats.decode_steps / max(stats.decode_s, 1e-9),
+            "tokens_per_s": stats.new_tokens / max(seconds, 1e-9)}
 
 
 def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, bool]:
@@ -532,11 +548,13 @@ class Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         if not request.stream:
             try:
-                choices, usage = self.service.generate(request)
+                choices, usage, timings = self.service.generate(request)
             except Exception as e:  # noqa: BLE001 (the server answers and keeps serving)
                 self._error(500, f"the generation failed: {type(e).__name__}: {e}")
                 return
-            self._send_json(200, _answer(self.service, request, rid, created, choices, usage))
+            self._send_json(200, {**_answer(self.service, request, rid, created, choices,
+                                            usage), "timings": timings})
+            self._log_timings(timings)
         else:
             self._stream(request, {"id": rid, "created": created, "model": self.service.name})
 
@@ -564,7 +582,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not send(chunk):
                     return
         try:
-            choices, usage = self.service.generate(
+            choices, usage, timings = self.service.generate(
                 request, lambda i, piece: send(_chunk(request, head, i, piece)))
         except Exception as e:  # noqa: BLE001 (the stream ends with the error)
             send({"error": {"message": f"the generation failed: {type(e).__name__}: {e}",
@@ -576,6 +594,16 @@ class Handler(BaseHTTPRequestHandler):
             send({**head, "object": _chunk(request, head, 0, None)["object"], "choices": [],
                   "usage": usage})
         send("[DONE]")
+        self._log_timings(timings)
+
+    def _log_timings(self, t: dict) -> None:
+        if "new_tokens" not in t:
+            return
+        sys.stderr.write(
+            f"moekit serve: {t['new_tokens']} new tokens in {t['seconds']:.2f} s "
+            f"({t['tokens_per_s']:.1f} tokens/s; prefill {t['prefill_ms']:.0f} ms of "
+            f"{t['prompt_tokens']} prompt tokens, {t['cached_tokens']} held in the cache; "
+            f"decode {t['decode_tokens_per_s']:.1f} steps/s)\n")
 
 
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000
