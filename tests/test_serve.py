@@ -464,3 +464,98 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_tool_calls_are_parsed_from_the_hermes_format():
+    from moekit.inference.server import parse_tool_calls
+
+    text, calls = parse_tool_calls('I will look.\n<tool_call>\n{"name": "get", "arguments": '
+                                   '{"city": "Oslo"}}\n</tool_call>\n<tool_call>{"name": "t", '
+                                   '"arguments": "{\\"a\\": 1}"}</tool_call>')
+    assert text == "I will look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] \
+        == [("get", {"city": "Oslo"}), ("t", {"a": 1})]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    for plain in ("no calls here", "<tool_call>not json</tool_call>", "<tool_call>{\"x\": 1}"):
+        assert parse_tool_calls(plain) == (plain, [])
+
+
+TOOLS_CHAT = """{%- if tools %}<|im_start|>system
+# Tools
+{% for t in tools %}{{ t | tojson }}
+{% endfor %}<|im_end|>
+{% endif -%}
+{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{"name": "{{ c.function.name }}", \
+"arguments": {{ c.function.arguments }}}</tool_call>{% endfor %}{% else %}{{ m.content }}\
+{% endif %}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif -%}"""
+
+
+def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypatch):
+    """tools go to the chat template as transformers' apply_chat_template(tools=...) gives
+    them (with an earlier assistant tool call and the tool's answer in the messages); a
+    reply that writes a <tool_call> is answered as tool_calls with finish_reason
+    "tool_calls"; tool_choice "none" renders no tools; streaming and "required" are
+    refused by name."""
+    from moekit.inference.engine import Generation, GenerationStats
+    from moekit.inference.text import text_for
+    from moekit.quant.io import load_model
+    from tests import test_generate_tokenizer as tg
+
+    tok, _ = tg.convert_random_qwen3(tmp_path, seed=2, max_positions=512, moe_ffn=16,
+                                     chat=True)
+    (tmp_path / "lm" / "tokenizer" / "chat_template.jinja").write_text(TOOLS_CHAT)
+    service = Service(load_model(tmp_path / "lm"), text_for(tmp_path / "lm"), "q")
+    tools = [{"type": "function", "function": {
+        "name": "weather", "description": "the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+                {"role": "user", "content": "and in Rome?"}]
+    hf_tok = tg.transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"), chat_template=TOOLS_CHAT)
+    want = tok.encode(hf_tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                 add_generation_prompt=True),
+                      add_special_tokens=False).ids
+    seen = []
+    reply = 'Checking.<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
+
+    def scripted(ids, cfg, **kwargs):
+        seen.append(ids[0])
+        return ([Generation(prompt=ids[0], tokens=tok.encode(reply).ids, finish_reason="stop")],
+                GenerationStats(1, len(ids[0]), 5, 4, 0.01, 0.02))
+
+    monkeypatch.setattr(service.engine, "generate", scripted)
+    server = make_server(service, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        body = {"messages": messages, "tools": tools, "max_tokens": 20}
+        status, r = _post(url, body, "/v1/chat/completions")
+        assert status == 200 and seen[-1] == want
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Checking."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"]["name"] == "weather"
+        assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+        status, r = _post(url, {**body, "tool_choice": "none"}, "/v1/chat/completions")
+        assert status == 200 and "# Tools" not in tok.decode(seen[-1])
+        assert "tool_calls" not in r["choices"][0]["message"]  # no tools: the text as is
+        for bad, param in (({"stream": True}, "stream"), ({"tool_choice": "required"},
+                                                          "tool_choice"),
+                           ({"tools": [{"type": "web"}]}, "tools")):
+            status, r = _post(url, {**body, **bad}, "/v1/chat/completions")
+            assert status == 400 and r["error"]["param"] == param
+        status, r = _post(url, {"prompt": "a", "tools": tools})
+        assert status == 400 and r["error"]["param"] == "tools"
+    finally:
+        server.shutdown()
+        server.server_close()

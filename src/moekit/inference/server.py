@@ -17,9 +17,12 @@ true`` and ``top_logprobs``: each token's log-probability under the model, befor
 temperature and top-k / top-p; not with ``stream``), ``echo`` (completions: the prompt
 first in the text and, with ``logprobs``, its tokens' log-probabilities, the first one
 null; ``max_tokens: 0`` then scores the prompt alone, as lm-evaluation-harness asks).
-Fields that would change the answer in ways moekit does not implement (penalties,
-``logit_bias``, ``best_of``, ``suffix``, ``tools``, ...) are refused by name unless they
-hold their no-op value; the ``model`` field is not checked (one model is served).
+Chat completions take ``tools`` (rendered by the chat template) and answer a reply's
+``<tool_call>`` blocks (the Hermes format Qwen's templates ask for) as ``tool_calls``
+(``parse_tool_calls``). Fields that would change the answer in ways moekit does not
+implement (penalties, ``logit_bias``, ``best_of``, ``suffix``, ...) are refused by name
+unless they hold their no-op value; the ``model`` field is not checked (one model is
+served).
 
 One generation runs at a time (requests queue); a request's prompts and samples are one
 batch of the engine (``Engine``: static KV cache, sequences leave the
@@ -62,11 +65,13 @@ DEFAULT_CONTEXT = 4096  # tokens a request may use unless --context says otherwi
 # fields that change nothing at these values (clients send them by default)
 NO_OP = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
          "repetition_penalty": (None, 1, 1.0), "best_of": (None, 1), "logit_bias": (None, {}),
-         "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"),
-         "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, True, False)}
+         "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+         "parallel_tool_calls": (None, True, False)}
 READ = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options", "user", "logprobs",
-        "top_logprobs", "echo"}
+        "top_logprobs", "echo", "tools", "tool_choice"}
+# what a message may carry besides its role and content (the chat template reads them)
+MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
 
 
 class RequestError(ValueError):
@@ -122,7 +127,10 @@ def _prompts(text: ByteText | TokenizerText, value: object) -> list[list[int]]:
 
 
 def _content(i: int, content: object) -> str:
-    """A message's text: a string, or a list of text parts (as newer clients send)."""
+    """A message's text: a string, or a list of text parts (as newer clients send); none
+    (an assistant's message that only calls tools) is empty."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
@@ -146,6 +154,7 @@ class Request:
     include_usage: bool
     logprobs: int | None = None  # the most likely tokens per position; None: none asked
     echo: bool = False
+    tools: bool = False  # the reply's tool calls parsed (chat with tools)
 
 
 @dataclass
@@ -246,13 +255,19 @@ class Service:
                     isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
                 _reject("messages", messages, "it must be a non-empty list of objects with "
                         "a \"role\" and a \"content\"")
-            convo = [{"role": m["role"], "content": _content(i, m.get("content"))}
+            convo = [{"role": m["role"], "content": _content(i, m.get("content")),
+                      **{k: m[k] for k in MESSAGE_KEYS if k in m}}
                      for i, m in enumerate(messages)]
+            tools = _tools(body)
             try:
-                prompts = [text.encode_messages(convo)]
+                prompts = [text.encode_messages(convo, tools)]
             except ValueError as e:
                 raise RequestError("messages", str(e)) from None
         else:
+            for key in ("tools", "tool_choice"):
+                if body.get(key) is not None:
+                    _reject(key, body[key], "tools are for chat completions")
+            tools = None
             prompts = _prompts(text, body.get("prompt"))
         n = _number(body, "n", 1, int, 1, MAX_N)
         logprobs, echo = _logprob_fields(body, chat)
@@ -269,6 +284,9 @@ class Service:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             _reject("stream", stream, "it must be true or false")
+        if stream and tools:
+            _reject("stream", True, "moekit serve parses tool calls from whole replies: "
+                    "stream false with tools")
         if stream and (logprobs is not None or echo):
             _reject("logprobs" if logprobs is not None else "echo", body.get("logprobs")
                     if logprobs is not None else True, "moekit serve gives log-probabilities "
@@ -293,7 +311,7 @@ class Service:
             raise RequestError(_param(message, name), message) from None
         ids = [p for p in prompts for _ in range(n)]
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
-                       options.get("include_usage", False), logprobs, echo)
+                       options.get("include_usage", False), logprobs, echo, bool(tools))
 
     def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
                  ) -> tuple[list[Choice], dict, dict]:
@@ -382,6 +400,50 @@ class Service:
             for j, t in enumerate(ids[1:])]
 
 
+def _tools(body: dict) -> list[dict] | None:
+    """The request's function tools for the chat template (None: none, or
+    ``tool_choice: "none"``); "required" or a named function is not supported."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        _reject("tool_choice", choice, "moekit serve supports \"auto\" and \"none\" (the "
+                "model decides; nothing forces a call)")
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function"
+            and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        _reject("tools", tools, "it must be a list of {\"type\": \"function\", \"function\": "
+                "{\"name\": ..., \"parameters\": ...}}")
+    return None if choice == "none" else tools
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """(the text outside tool calls, the calls) of a reply that writes each call as
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the Hermes format Qwen's
+    chat templates ask for); a block that is not such JSON stays in the text."""
+    calls, kept, at = [], [], 0
+    while (start := text.find("<tool_call>", at)) >= 0:
+        end = text.find("</tool_call>", start)
+        if end < 0:
+            break
+        try:
+            call = json.loads(text[start + len("<tool_call>"):end])
+        except json.JSONDecodeError:
+            call = None
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            args = call.get("arguments", {})
+            calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                          "function": {"name": call["name"], "arguments": args
+                                       if isinstance(args, str) else json.dumps(args)}})
+            kept.append(text[at:start])
+        else:
+            kept.append(text[at:end + len("</tool_call>")])
+        at = end + len("</tool_call>")
+    kept.append(text[at:])
+    return "".join(kept).strip() if calls else text, calls
+
+
 def _timings(stats, seconds: float) -> dict:
     """Where a request's time went (as llama-server's ``timings``): the engine's prefill
     and decode, the prompt tokens its cache already held, tokens per second of decode."""
@@ -437,18 +499,30 @@ def _answer(service: Service, request: Request, rid: str, created: int,
         return token_label(raw), raw
 
     if request.chat:
-        return {**head, "object": "chat.completion", "usage": usage, "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text},
-             "finish_reason": c.finish_reason,
-             "logprobs": None if c.logprobs is None else {"refusal": None, "content": [
-                 {**_token_entry(*token(t), lp),
-                  "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
-                 for t, lp, top in c.logprobs]}}
-            for i, c in enumerate(choices)]}
+        out = []
+        for i, c in enumerate(choices):
+            message = _message(c.text, request.tools)
+            out.append({"index": i, "message": message, "finish_reason": "tool_calls"
+                        if "tool_calls" in message else c.finish_reason,
+                        "logprobs": None if c.logprobs is None else {
+                            "refusal": None, "content": [
+                                {**_token_entry(*token(t), lp),
+                                 "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
+                                for t, lp, top in c.logprobs]}})
+        return {**head, "object": "chat.completion", "usage": usage, "choices": out}
     return {**head, "object": "text_completion", "usage": usage, "choices": [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
          "logprobs": None if c.logprobs is None else _completion_logprobs(c.logprobs, token)}
         for i, c in enumerate(choices)]}
+
+
+def _message(text: str, tools: bool) -> dict:
+    """A chat reply: its text, and with tools the calls it writes (their text taken out;
+    content null where nothing else is left, as OpenAI's)."""
+    content, calls = parse_tool_calls(text) if tools else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}
 
 
 def _token_entry(label: str, raw: bytes, logprob: float) -> dict:

@@ -118,10 +118,15 @@ class TokenizerText:
         messages = [] if system is None else [{"role": "system", "content": system}]
         return self.encode_messages([*messages, {"role": "user", "content": text}])
 
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """A conversation (dicts of "role" and "content") in the chat template, followed
-        by the assistant's turn."""
-        rendered = render_chat(self._chat_template(), messages, **self._special_tokens())
+    def encode_messages(self, messages: list[dict], tools: list[dict] | None = None
+                        ) -> list[int]:
+        """A conversation (dicts of "role" and "content", and what the template reads
+        besides: an assistant's "tool_calls", a tool's "tool_call_id") in the chat
+        template, followed by the assistant's turn; ``tools`` (function schemas, as
+        transformers' ``apply_chat_template(tools=...)`` takes them) where given."""
+        extra = {} if tools is None else {"tools": tools}
+        rendered = render_chat(self._chat_template(), messages, **self._special_tokens(),
+                               **extra)
         return self.tokenizer.encode(rendered, add_special_tokens=False).ids
 
     def _chat_template(self) -> str:
