@@ -111,6 +111,27 @@ def test_stream_gives_the_same_text_in_pieces(byte_server):
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
 
 
+def test_concurrent_requests_queue_and_each_gets_its_own_answer(byte_server):
+    """Four clients at once, streamed and whole: each answer is its own prompt's
+    reference greedy text (the generations ran one at a time, none mixed into another)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, url, _ = byte_server
+    prompts = ["def ", "import o", "class A", "return "]
+
+    def ask(i: int) -> str:
+        body = {"prompt": prompts[i], "max_tokens": 12, "temperature": 0, "stream": i % 2 == 1}
+        status, r = _post(url, body)
+        assert status == 200
+        if body["stream"]:
+            return "".join(c["choices"][0]["text"] for c in r[:-1] if c["choices"])
+        return r["choices"][0]["text"]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, range(4)))
+    assert got == [_greedy(model, p, 12) for p in prompts]
+
+
 def test_stop_string_ends_the_text_before_it(byte_server):
     model, url, _ = byte_server
     full = _greedy(model, "def ", 24)
