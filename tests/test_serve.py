@@ -580,3 +580,44 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
+    """make_server(api_key=...): /v1/ paths answer 401 without "Authorization: Bearer
+    KEY" (or with another key) and serve with it; /health stays open; an empty key is
+    refused, by `moekit serve --api-key` too."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    server = make_server(Service(model, ByteText(), "tiny"), port=0, api_key="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(path: str, key: str | None, body: dict | None = None) -> int:
+        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + path, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            assert e.code != 401 or "API key" in json.loads(e.read())["error"]["message"]
+            return e.code
+
+    try:
+        body = {"prompt": "a", "max_tokens": 2}
+        assert call("/v1/completions", None, body) == 401
+        assert call("/v1/completions", "wrong", body) == 401
+        assert call("/v1/models", None) == 401
+        assert call("/v1/completions", "s3cret", body) == 200
+        assert call("/v1/models", "s3cret") == 200
+        assert call("/health", None) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="api_key='' is not allowed"):
+        make_server(Service(model, ByteText(), "tiny"), port=0, api_key="")
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    monkeypatch.setenv("MOEKIT_API_KEY", " ")
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "run")]) == 2
+    assert "--api-key=' ' is not allowed" in capsys.readouterr().err

@@ -28,8 +28,9 @@ One generation runs at a time (requests queue); a request's prompts and samples 
 batch of the engine (``Engine``: static KV cache, sequences leave the
 batch as they stop), and a conversation continued from the last single-sequence request
 prefills only its new tokens (``reuse_prefix``). A client that disconnects mid-stream
-stops its generation. Bad input gets HTTP 400 with an OpenAI-style error naming the
-field, before anything is generated.
+stops its generation. ``--api-key`` (or ``MOEKIT_API_KEY``) makes every /v1/ request
+carry ``Authorization: Bearer KEY`` (401 otherwise). Bad input gets HTTP 400 with an
+OpenAI-style error naming the field, before anything is generated.
 
 ``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
 handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
@@ -41,7 +42,9 @@ ms; `/tmp` scripts, the Intel VM, 2026-12-06).
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
+import os
 import queue
 import secrets
 import sys
@@ -559,7 +562,21 @@ class Handler(BaseHTTPRequestHandler):
     """The HTTP side: routes, JSON bodies, server-sent events."""
 
     service: Service  # set on the subclass make_server builds
+    api_key: str | None = None  # where set, /v1/ requests must carry it as a bearer token
     protocol_version = "HTTP/1.1"
+
+    def _authorized(self) -> bool:
+        """Whether the request may go on (a 401 answered where not): with an API key,
+        every /v1/ path needs "Authorization: Bearer KEY" (/health does not)."""
+        if self.api_key is None or not self.path.startswith("/v1/"):
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            return True
+        self.close_connection = True
+        self._error(401, "this server needs an API key: send \"Authorization: Bearer KEY\" "
+                    "(moekit serve --api-key)")
+        return False
 
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"moekit serve: {self.address_string()} {format % args}\n")
@@ -580,6 +597,8 @@ class Handler(BaseHTTPRequestHandler):
                                            "code": None}})
 
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path in ("/health", "/v1/health"):
             self._send_json(200, {"status": "ok"})
         elif self.path == "/v1/models":
@@ -590,6 +609,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such path: {self.path}")
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         routes = {"/v1/completions": False, "/v1/chat/completions": True}
         # answered before the body is read: the connection closes after the answer (its
         # unread body would be read as the next request)
@@ -680,10 +701,13 @@ class Handler(BaseHTTPRequestHandler):
             f"decode {t['decode_tokens_per_s']:.1f} steps/s)\n")
 
 
-def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000
-                ) -> ThreadingHTTPServer:
-    """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any)."""
-    handler = type("MoekitHandler", (Handler,), {"service": service})
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
+                api_key: str | None = None) -> ThreadingHTTPServer:
+    """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any);
+    with ``api_key``, /v1/ requests must carry it as a bearer token."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        _reject("api_key", api_key, "it must be a non-empty string")
+    handler = type("MoekitHandler", (Handler,), {"service": service, "api_key": api_key})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
@@ -699,6 +723,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None,
                    help="the model's id in responses and /v1/models (default: the "
                    "checkpoint directory's name)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require \"Authorization: Bearer KEY\" on /v1/ requests (default: "
+                   "the MOEKIT_API_KEY environment variable; none: no authentication)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="most tokens (prompt + new) a request may use (default: the "
                    "model's max_seq_len, at most 4096; the KV cache is allocated for what "
@@ -718,6 +745,10 @@ def run(args: argparse.Namespace) -> int:
             check_positive_int("--threads", args.threads)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port={args.port} is not allowed: it must be in [0, 65535]")
+        key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY")
+        if key is not None and not key.strip():
+            raise ValueError(f"--api-key={key!r} is not allowed: it must be a non-empty "
+                             "string (leave it out, and MOEKIT_API_KEY unset, for none)")
         text = text_for(args.checkpoint, args.tokenizer)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -729,7 +760,7 @@ def run(args: argparse.Namespace) -> int:
             service = Service(model, text, name, context)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
-        server = make_server(service, args.host, args.port)
+        server = make_server(service, args.host, args.port, key)
     except (ValueError, CheckpointError, OSError) as e:
         print(f"moekit serve: error: {e}", file=sys.stderr)
         return 2
@@ -737,8 +768,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
           + (", chat completions" if isinstance(text, TokenizerText) else "")
           + f"); context {service.context} tokens (KV cache up to "
-          f"{service.kv_bytes() / 2**20:.1f} MiB a sequence); Ctrl-C stops",
+          f"{service.kv_bytes() / 2**20:.1f} MiB a sequence)"
+          + ("; API key required" if key else "") + "; Ctrl-C stops",
           file=sys.stderr, flush=True)
+    if key is None and host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"moekit serve: warning: listening on {host} without --api-key: anyone who "
+              "can reach this port can use the model", file=sys.stderr, flush=True)
     http = threading.Thread(target=server.serve_forever, daemon=True)
     http.start()
     try:  # the generations on this thread, the requests on the server's
