@@ -737,7 +737,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.inference.text import text_for
     from moekit.malloc import tune_malloc
     from moekit.train.checkpoint import CheckpointError
-    from moekit.train.generate_cli import load_for_generation
+    from moekit.train.generate_cli import close_offload, load_for_generation
 
     tune_malloc()
     try:
@@ -783,8 +783,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.shutdown()
         server.server_close()
-        offload = getattr(model, "expert_offload", None)
-        if offload is not None:
-            offload.close()
+        close_offload(model)
     return 0
 

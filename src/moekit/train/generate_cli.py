@@ -192,11 +192,17 @@ def run(args: argparse.Namespace) -> int:
                                     len(prompts), stops))
         _report(total, args.batch)
     finally:
-        offload = getattr(model, "expert_offload", None)
-        if offload is not None:
-            print(offload.stats.summary(), file=sys.stderr)
-            offload.close()
+        close_offload(model)
     return 0
+
+
+def close_offload(model: MoETransformer | None) -> None:
+    """Where ``model``'s experts are offloaded: what its expert cache did, on stderr, and
+    its prefetch thread stopped."""
+    offload = getattr(model, "expert_offload", None)
+    if offload is not None:
+        print(offload.stats.summary(), file=sys.stderr)
+        offload.close()
 
 
 def load_for_generation(args: argparse.Namespace) -> MoETransformer:
