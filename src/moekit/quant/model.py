@@ -141,17 +141,23 @@ def _embedding_targets(model: nn.Module, targets: list[_Target]) -> list[_Target
     table = _token_embedding(model)
     if type(table) is not nn.Embedding:
         return []
-    linear = {id(t.module.get_submodule(t.attr).weight) for t in targets if t.kind == "linear"}
+    linear = _linear_weights(targets)
     return [_Target(m, attr, child.weight.T[None], f"{prefix}.{attr}" if prefix else attr,
                     "embedding")
             for prefix, m in model.named_modules() for attr, child in m.named_children()
             if child is table and id(child.weight) not in linear]
 
 
+def _linear_weights(targets: list[_Target]) -> dict[int, int]:
+    """id of each linear target's weight -> the target's index (what a tied embedding
+    shares)."""
+    return {id(t.module.get_submodule(t.attr).weight): i
+            for i, t in enumerate(targets) if t.kind == "linear"}
+
+
 def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
     """Embeddings sharing a linear target's weight (tied input and output embeddings)."""
-    by_weight = {id(t.module.get_submodule(t.attr).weight): i
-                 for i, t in enumerate(targets) if t.kind == "linear"}
+    by_weight = _linear_weights(targets)
     out = []
     for m in model.modules():
         for attr, child in m.named_children():
