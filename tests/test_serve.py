@@ -249,6 +249,16 @@ def test_completion_logprobs_and_echo(byte_server):
         [float(logp[j - 1, t]) for j, t in enumerate(prompt) if j], abs=1e-4)
     assert c["logprobs"]["top_logprobs"][0] is None
     assert all(len(top) == 1 for top in c["logprobs"]["top_logprobs"][1:])
+    # two prompts, two samples each: every choice scores its own prompt
+    other = list(b"import os")
+    status, r = _post(url, {"prompt": [prompt, other], "n": 2, "max_tokens": 0, "echo": True,
+                            "logprobs": 1})
+    assert status == 200
+    scores = [c["logprobs"]["token_logprobs"] for c in r["choices"]]
+    assert scores[0] == scores[1] == c["logprobs"]["token_logprobs"]
+    assert scores[2] == scores[3] and scores[2][1:] == pytest.approx(
+        [float(_log_softmax(model, other)[j - 1, t]) for j, t in enumerate(other) if j],
+        abs=1e-4)
     # echo with new tokens: the prompt's entries, then the generated ones
     status, r = _post(url, {"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 0,
                             "temperature": 0})

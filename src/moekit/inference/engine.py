@@ -327,16 +327,26 @@ class Engine:
         return gens, stats
 
 
+def token_logprobs(logits_RV: Tensor, tokens_R: Tensor, top: int
+                   ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Row r's log-probability of ``tokens_R[r]`` under ``logits_RV[r]`` (log-softmax in
+    fp32) and its ``top`` most likely (token, log-probability) pairs, most likely first."""
+    logp_RV = logits_RV.float().log_softmax(-1)
+    chosen = logp_RV.gather(1, tokens_R[:, None].to(logp_RV.device))[:, 0].tolist()
+    if not top:
+        return chosen, [[] for _ in chosen]
+    values, indices = logp_RV.topk(top, -1)
+    return chosen, [list(zip(i, v, strict=True))
+                    for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+
+
 def _record_logprobs(gens: list[Generation], logits_RV: Tensor, next_R: Tensor,
                      top: int) -> None:
     """Each row's chosen token's log-probability and its ``top`` most likely tokens'."""
-    logp_RV = logits_RV.float().log_softmax(-1)
-    chosen = logp_RV.gather(1, next_R[:, None].to(logp_RV.device))[:, 0].tolist()
-    values, indices = logp_RV.topk(top, -1) if top else (None, None)
-    for r, g in enumerate(gens):
-        g.logprobs.append(chosen[r])
-        g.top_logprobs.append([] if not top else
-                              list(zip(indices[r].tolist(), values[r].tolist(), strict=True)))
+    chosen, tops = token_logprobs(logits_RV, next_R, top)
+    for g, lp, best in zip(gens, chosen, tops, strict=True):
+        g.logprobs.append(lp)
+        g.top_logprobs.append(best)
 
 
 class _Stops:

@@ -59,7 +59,13 @@ from pathlib import Path
 import torch
 
 from moekit.config import MAX_SEED
-from moekit.inference.engine import MAX_LOGPROBS, Engine, Generation, GenerationConfig
+from moekit.inference.engine import (
+    MAX_LOGPROBS,
+    Engine,
+    Generation,
+    GenerationConfig,
+    token_logprobs,
+)
 from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, token_label
 
 MAX_BODY = 16 << 20  # bytes of a request body
@@ -339,7 +345,9 @@ class Service:
     def _generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
                   ) -> tuple[list[Choice], dict, dict]:
         text, stops = self.text, request.stops
-        emits = [cut_stream(text.stream(p), stops, keep_stop=False) for p in request.ids]
+        # the streamed text of each sequence (none to build for a whole answer)
+        emits = [] if on_text is None else [cut_stream(text.stream(p), stops, keep_stop=False)
+                                            for p in request.ids]
         gone = False
         by_text = text.stop_when(stops)
 
@@ -362,9 +370,10 @@ class Service:
                 gens, stats = self.engine.generate(request.ids, request.config,
                                                on_token=None if on_text is None else on_token,
                                                stop_when=stop_when, logprobs=request.logprobs)
-            echoed = [self._score_prompt(p, request.logprobs or 0)
-                      if request.echo and request.logprobs is not None else None
-                      for p in request.ids]
+            # each prompt scored once, not once per sample (request.ids repeats it n times)
+            scored = [self._score_prompt(p, request.logprobs or 0)
+                      for p in request.ids[::request.n]] \
+                if request.echo and request.logprobs is not None else None
             seconds = time.perf_counter() - start
         choices = []
         for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
@@ -375,8 +384,8 @@ class Service:
             new = cut_text(text.decode_after(p, g.tokens), stops, False)
             logprobs = None
             if request.logprobs is not None:
-                logprobs = (echoed[i] or []) + list(zip(g.tokens, g.logprobs, g.top_logprobs,
-                                                         strict=True))
+                logprobs = ([] if scored is None else scored[i // request.n]) + list(
+                    zip(g.tokens, g.logprobs, g.top_logprobs, strict=True))
             choices.append(Choice(text.decode(p) + new if request.echo else new,
                                   g.finish_reason, len(g.tokens), logprobs))
         completion = sum(c.tokens for c in choices)
@@ -392,15 +401,11 @@ class Service:
         was_training = model.training
         model.eval()
         try:
-            logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
         finally:
             model.train(was_training)
-        chosen = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-        values, indices = logp.topk(top, -1) if top else (None, None)
-        return [(ids[0], None, None)] + [
-            (t, chosen[j], [] if not top else
-             list(zip(indices[j].tolist(), values[j].tolist(), strict=True)))
-            for j, t in enumerate(ids[1:])]
+        chosen, tops = token_logprobs(logits, torch.tensor(ids[1:]), top)
+        return [(ids[0], None, None), *zip(ids[1:], chosen, tops, strict=True)]
 
 
 def _tools(body: dict) -> list[dict] | None:
