@@ -1,16 +1,26 @@
-"""What `moekit serve`'s HTTP layer costs: a generation through the server against the
-engine called in this process.
+"""What `moekit serve` costs and what its batching gives.
 
-`moekit serve` runs in its own process (generations on its main thread); this process
-alternates the same greedy request three ways: the engine here (``Service.generate`` on
-the main thread), the server's answer whole, and the server's answer streamed as
-server-sent events (read to ``[DONE]``). Median of ``--reps`` rounds; the ratios are
-each way's time over the engine's in the same round. Both sides must give the same text.
+1. The HTTP layer: a generation through the server against the engine called in this
+process. `moekit serve` runs in its own process (generations on its main thread); this
+process alternates the same greedy request three ways: the engine here
+(``Service.generate`` on the main thread), the server's answer whole, and the server's
+answer streamed as server-sent events (read to ``[DONE]``). Median of ``--reps`` rounds;
+the ratios are each way's time over the engine's in the same round. Both sides must give
+the same text.
 
-    python benchmarks/bench_serve.py [--checkpoint DIR] [--new-tokens 24] [--reps 5]
+2. Concurrent clients (``--clients C``, 0 skips it): C clients post different greedy
+requests at once, to a server started with ``--parallel C`` (their sequences decode
+together) and to one with ``--parallel 1`` (one sequence at a time), alternately, the
+two servers side by side (the idle one waits on a queue). Wall time until the last
+answer, aggregate new tokens/s, and the batched server's time over the serial one's in
+the same round (median). Both servers must give the same texts.
 
-Default checkpoint: a random moekit model of the "small" preset written to a temporary
-directory (small, so the per-token cost of the HTTP layer shows at its largest).
+    python benchmarks/bench_serve.py [--checkpoint DIR | --model small|fine|mixtral]
+        [--new-tokens 24] [--reps 5] [--clients 4]
+
+Default: a random moekit model of the "small" preset written to a temporary directory
+(small, so the per-token cost of the HTTP layer shows at its largest); ``fine`` and
+``mixtral`` are bench_decode.py's shapes (memory-bound steps, where batching pays).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -40,7 +51,12 @@ def _checkpoint(args, tmp: Path) -> str:
     from moekit.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    model = MoETransformer(preset("small"))
+    if args.model == "small":
+        model = MoETransformer(preset("small"))
+    else:
+        from bench_decode import lm_config
+
+        model = MoETransformer(lm_config(args.model))
     save_checkpoint(tmp / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
                     {"step": 0, "model_config": model.config.to_dict()})
     return str(tmp / "run")
@@ -76,6 +92,78 @@ def _post(url: str, body: dict) -> str:
     return "".join(e["choices"][0]["text"] for e in events if e["choices"])
 
 
+def _serve(checkpoint: str, *flags: str) -> tuple[str, subprocess.Popen]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", "--checkpoint",
+                               checkpoint, "--port", str(port), *flags],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f"http://127.0.0.1:{port}", server
+
+
+def _stop(*servers: subprocess.Popen) -> None:
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.wait(30)
+
+
+def _at_once(url: str, bodies: list[dict]) -> tuple[float, list[str]]:
+    """Post every body at once (a thread each, released together): the wall time until
+    the last answer, and the texts."""
+    gate = threading.Barrier(len(bodies) + 1)
+    texts: list[str | BaseException] = [""] * len(bodies)
+
+    def ask(i: int) -> None:
+        gate.wait()
+        try:
+            texts[i] = _post(url, bodies[i])
+        except BaseException as e:  # noqa: BLE001 (raised below, on the main thread)
+            texts[i] = e
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    gate.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for t in texts:
+        if isinstance(t, BaseException):
+            raise t
+    return seconds, texts
+
+
+def _concurrent(args, checkpoint: str) -> list[dict]:
+    C = args.clients
+    bodies = [{"prompt": f"def parse_{i}(self, text):\n", "max_tokens": args.new_tokens,
+               "temperature": 0} for i in range(C)]
+    (batched, a), (serial, b) = _serve(checkpoint, "--parallel", str(C)), \
+        _serve(checkpoint, "--parallel", "1")
+    try:
+        _wait(batched, a)
+        _wait(serial, b)
+        ways = {f"{C} clients, --parallel {C}": batched, f"{C} clients, --parallel 1": serial}
+        texts = {k: _at_once(url, bodies)[1] for k, url in ways.items()}  # warm-up
+        if texts[next(iter(ways))] != texts[list(ways)[1]]:
+            raise RuntimeError(f"the servers disagree: {texts}")
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(args.reps):
+            for k, url in ways.items():
+                times[k].append(_at_once(url, bodies)[0])
+    finally:
+        _stop(a, b)
+    rows, base = [], times[list(ways)[1]]
+    for k, ts in times.items():
+        row = {"way": k, "median_ms": 1e3 * statistics.median(ts),
+               "tokens_per_s": C * args.new_tokens / statistics.median(ts),
+               "vs_serial": statistics.median(t / s for t, s in zip(ts, base, strict=True))}
+        rows.append(row)
+        print(f"{k:28s} {row['median_ms']:8.1f} ms  {row['tokens_per_s']:7.1f} tokens/s "
+              f"(all clients)  {row['vs_serial']:.3f}x the serial server's time", flush=True)
+    return rows
+
+
 def run(args) -> list[dict]:
     from moekit.inference.server import Service
     from moekit.inference.text import text_for
@@ -83,11 +171,7 @@ def run(args) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _checkpoint(args, Path(tmp))
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "moekit.cli", "serve", "--checkpoint",
-                                   checkpoint, "--port", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
+        url, server = _serve(checkpoint)
         try:
             _wait(url, server)
             service = Service(load_model(checkpoint), text_for(checkpoint), "m")
@@ -107,8 +191,14 @@ def run(args) -> list[dict]:
                     f()
                     times[k].append(time.perf_counter() - t0)
         finally:
-            server.terminate()
-            server.wait(30)
+            _stop(server)
+        rows = _http_rows(args, times)
+        if args.clients:
+            rows += _concurrent(args, checkpoint)
+    return rows
+
+
+def _http_rows(args, times: dict[str, list[float]]) -> list[dict]:
     rows = []
     for k, ts in times.items():
         ratios = [t / e for t, e in zip(ts, times["engine"], strict=True)]
@@ -123,8 +213,17 @@ def run(args) -> list[dict]:
 
 def add(p) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="what to serve (default: a random 'small' preset model)")
+                   help="what to serve (default: a random model, --model)")
+    p.add_argument("--model", default="small", choices=("small", "fine", "mixtral"),
+                   help="the random model's shape without --checkpoint (default small)")
+    p.add_argument("--clients", type=int, default=4,
+                   help="concurrent clients of part 2 (default 4; 0 skips it)")
+
+
+def check(args) -> None:
+    if not 0 <= args.clients <= 64:
+        raise ValueError(f"--clients={args.clients} is not allowed: it must be in [0, 64]")
 
 
 if __name__ == "__main__":
-    sys.exit(pairs_main(sys.argv[1:], __doc__, "bench_serve", 5, run, add))
+    sys.exit(pairs_main(sys.argv[1:], __doc__, "bench_serve", 5, run, add, check))

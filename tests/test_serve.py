@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moekit.cli import main as cli_main
+from moekit.inference.engine import Engine, GenerationConfig
 from moekit.inference.server import Service, make_server
 from moekit.inference.text import ByteText
 from moekit.models import MoETransformer, preset
@@ -111,16 +112,33 @@ def test_stream_gives_the_same_text_in_pieces(byte_server):
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
 
 
-def test_concurrent_requests_queue_and_each_gets_its_own_answer(byte_server):
-    """Four clients at once, streamed and whole: each answer is its own prompt's
-    reference greedy text (the generations ran one at a time, none mixed into another)."""
+def test_concurrent_requests_batch_and_each_gets_its_own_answer(byte_server, monkeypatch):
+    """Four clients at once, streamed and whole, greedy and seeded sampling: each answer
+    is what its request generates alone (Engine), none mixed into another. With the
+    worker thread the four decode together (the worker's first step waits for them)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    model, url, _ = byte_server
+    model, url, service = byte_server
     prompts = ["def ", "import o", "class A", "return "]
+    configs = [GenerationConfig(max_new_tokens=12 + 3 * i, temperature=0.8 * (i % 2),
+                                seed=7 + i) for i in range(4)]
+    worker = service._jobs is not None
+    most, step, deadline = [0], service.batcher.step, time.monotonic() + 20
+
+    def counting() -> bool:
+        if worker and not most[0] and service.batcher.waiting < 4 \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)  # the others are on their way: take them first
+            return True
+        most[0] = max(most[0], service.batcher.running)
+        return step()
+
+    monkeypatch.setattr(service.batcher, "step", counting)
 
     def ask(i: int) -> str:
-        body = {"prompt": prompts[i], "max_tokens": 12, "temperature": 0, "stream": i % 2 == 1}
+        cfg = configs[i]
+        body = {"prompt": prompts[i], "max_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature, "seed": cfg.seed, "stream": i < 2}
         status, r = _post(url, body)
         assert status == 200
         if body["stream"]:
@@ -129,7 +147,13 @@ def test_concurrent_requests_queue_and_each_gets_its_own_answer(byte_server):
 
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(ask, range(4)))
-    assert got == [_greedy(model, p, 12) for p in prompts]
+    text = service.text
+    want = []
+    for p, cfg in zip(prompts, configs, strict=True):
+        (g,), _ = Engine(model).generate([text.encode(p)], cfg)
+        want.append(text.decode_after(g.prompt, g.tokens))
+    assert got == want
+    assert most[0] == (4 if worker else 1)
 
 
 def test_stop_string_ends_the_text_before_it(byte_server):
@@ -190,9 +214,8 @@ def test_prompts_as_token_ids(byte_server):
 
 
 def test_served_context_limits_requests_and_sizes_the_cache():
-    """--context: a request past it is refused naming the flag; kv_bytes is what the
-    engine allocates for a sequence of it (a chat's default max_tokens fills it: the
-    chat test)."""
+    """--context: a request past it is refused naming the flag; kv_bytes is the shared
+    cache's: --parallel rows of twice the context (room for sequences to join)."""
     torch.manual_seed(0)
     model = MoETransformer(preset("tiny")).eval()
     service = Service(model, ByteText(), "tiny", context=20)
@@ -200,8 +223,8 @@ def test_served_context_limits_requests_and_sizes_the_cache():
                                          r"\+ max_tokens must fit the served context of 20"):
         service.parse({"prompt": "def ", "max_tokens": 17}, False)
     service.generate(service.parse({"prompt": "def ", "max_tokens": 16}, False))
-    cache = service.engine.cache
-    assert sum(t.nbytes for t in cache.k + cache.v) == service.kv_bytes()
+    c = model.config  # keys and values, every layer, 4 rows (--parallel) of 2 x 20 slots
+    assert service.kv_bytes() == 2 * c.num_layers * c.kv_heads * c.head_size * 4 * 40 * 4
     for bad in (0, 65, True):
         with pytest.raises(ValueError, match=f"context={bad!r} is not allowed"):
             Service(model, ByteText(), "tiny", context=bad)
@@ -335,17 +358,16 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
 
     model, url, service = byte_server
     results = []
-    real = service.engine.generate
+    real = service.batcher.submit
 
     def slow(ids, cfg, on_token=None, **kwargs):
         def on_slow_token(i, tok):
             time.sleep(0.02)
             on_token(i, tok)
-        gens, stats = real(ids, cfg, on_token=on_slow_token, **kwargs)
-        results.append(gens)
-        return gens, stats
+        results.append(real(ids, cfg, on_token=on_slow_token, **kwargs))
+        return results[-1]
 
-    monkeypatch.setattr(service.engine, "generate", slow)
+    monkeypatch.setattr(service.batcher, "submit", slow)
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "def ", "max_tokens": 60, "stream": True,
                        "temperature": 0}).encode()
@@ -356,10 +378,11 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
         got = b""
         while b"data: " not in got:  # the headers, then the first chunk
             got += s.recv(4096)
-    with service.lock:  # the generation is over
-        pass
-    time.sleep(0.1)
-    assert len(results) == 1 and 0 < len(results[0][0].tokens) < 30
+    for _ in range(300):  # until the generation is over
+        if results and results[0].done:
+            break
+        time.sleep(0.01)
+    assert len(results) == 1 and results[0].done and 0 < len(results[0].gens[0].tokens) < 30
     monkeypatch.undo()
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
@@ -400,7 +423,7 @@ def test_a_failed_generation_is_a_500_and_the_server_goes_on(byte_server, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(service.engine, "generate", broken)
+    monkeypatch.setattr(model, "infer", broken)  # the prefill fails
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3})
     assert status == 500 and "RuntimeError: out of memory" in r["error"]["message"]
     status, events = _post(url, {"prompt": "def ", "max_tokens": 3, "stream": True})
@@ -532,6 +555,7 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
     reply that writes a <tool_call> is answered as tool_calls with finish_reason
     "tool_calls"; tool_choice "none" renders no tools; streaming and "required" are
     refused by name."""
+    from moekit.inference.batcher import Group
     from moekit.inference.engine import Generation, GenerationStats
     from moekit.inference.text import text_for
     from moekit.quant.io import load_model
@@ -558,12 +582,15 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
     seen = []
     reply = 'Checking.<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
 
-    def scripted(ids, cfg, **kwargs):
+    def scripted(ids, cfg, on_done=None, **kwargs):
         seen.append(ids[0])
-        return ([Generation(prompt=ids[0], tokens=tok.encode(reply).ids, finish_reason="stop")],
-                GenerationStats(1, len(ids[0]), 5, 4, 0.01, 0.02))
+        group = Group(ids, cfg, torch.Generator(), done=True, gens=[Generation(
+            prompt=ids[0], tokens=tok.encode(reply).ids, finish_reason="stop")],
+            stats=GenerationStats(1, len(ids[0]), 5, 4, 0.01, 0.02))
+        on_done(group)
+        return group
 
-    monkeypatch.setattr(service.engine, "generate", scripted)
+    monkeypatch.setattr(service.batcher, "submit", scripted)
     server = make_server(service, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -3375,8 +3375,10 @@ class DecodeStep {
                 "ids_R must be [R] with 1 <= R <= ", B, " (the bound cache's rows), got ",
                 ids_R.sizes());
     const int64_t R = ids_R.size(0);
-    TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the rotary tables hold ", M,
-                " positions");
+    // slot P is position P unless padded: then row r's position P - pad_B[r] (a shared
+    // cache's slots may outnumber the positions: Batcher)
+    TORCH_CHECK(P >= 0 && (padded || P < M), "P=", P, " is not allowed: the rotary tables "
+                "hold ", M, " positions");
     auto [cos, sin] = timed(ROTARY, [&] {
       const auto row = [&](const torch::Tensor& t) {  // row P as a view (narrow: ~5 us cold)
         return torch::from_blob(t.data_ptr<float>() + P * Dh, {1, Dh}, t.options());
@@ -3386,6 +3388,8 @@ class DecodeStep {
       const int64_t* pad = pad_.data_ptr<int64_t>();
       for (int64_t r = 0; r < R; ++r) {
         const int64_t pos = std::max<int64_t>(P - pad[r], 0);
+        TORCH_CHECK(pos < M, "row ", r, "'s position ", pos, " is not allowed: the rotary "
+                    "tables hold ", M, " positions");
         std::memcpy(c.data_ptr<float>() + r * Dh, cos_.data_ptr<float>() + pos * Dh,
                     Dh * sizeof(float));
         std::memcpy(s.data_ptr<float>() + r * Dh, sin_.data_ptr<float>() + pos * Dh,

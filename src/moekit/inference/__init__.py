@@ -1,5 +1,6 @@
 """Inference: the decode expert path (few routed rows, no autograd) and the generation
-engine (static KV cache, batched generation).
+engine (static KV cache, batched generation) and the continuous batcher (sequences
+that join and leave a running batch: ``moekit serve``).
 
 The engine's names resolve on first use, so importing this package pulls in neither
 the language model nor the kernels (the expert backends import from here too).
@@ -18,6 +19,7 @@ _LAZY = {
     "GenerationStats": "moekit.inference.engine",
     "ContextLengthError": "moekit.inference.engine",
     "EmptyPromptError": "moekit.inference.engine",
+    "Batcher": "moekit.inference.batcher",
 }
 
 
@@ -27,5 +29,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'moekit.inference' has no attribute {name!r}")
 
 
-__all__ = ["ContextLengthError", "EmptyPromptError", "Engine", "Generation",
+__all__ = ["Batcher", "ContextLengthError", "EmptyPromptError", "Engine", "Generation",
            "GenerationConfig", "GenerationStats", "decode_experts", "sorted_rows"]

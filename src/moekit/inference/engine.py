@@ -161,22 +161,10 @@ class Engine:
         ``stop_when(i, tokens)`` stops sequence i after its latest token where it returns
         True (besides the config's stop ids and sequences). ``logprobs=N`` (0 <= N <=
         MAX_LOGPROBS) records each token's log-probability and the N most likely tokens'
-        (``Generation.logprobs`` / ``top_logprobs``); the steps then run the modules
-        rather than the one-call plan, which picks tokens without returning logits."""
-        cfg = GenerationConfig() if config is None else config
-        if not isinstance(cfg, GenerationConfig):
-            reject("config", cfg, "it must be None or a GenerationConfig")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            reject("generator", generator, "it must be None or a torch.Generator")
-        if stop_when is not None and not callable(stop_when):
-            reject("stop_when", stop_when, "it must be None or a callable (i, tokens) -> bool")
-        if logprobs is not None:
-            check_int_range("logprobs", logprobs, 0, MAX_LOGPROBS)
-        ids = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
-        if not ids:
-            reject("prompts", prompts, "it must hold at least one prompt")
-        self.check_context(ids, cfg.max_new_tokens)
-        self._check_stops(cfg)
+        (``Generation.logprobs`` / ``top_logprobs``; the plan's steps then return their
+        logits and the tokens are picked from them as ``model.infer``'s would be)."""
+        cfg = checked_options(config, generator, stop_when, logprobs)
+        ids = checked_prompts(self.model, prompts, cfg)
         if generator is None:
             generator = torch.Generator().manual_seed(cfg.seed)
         was_training = self.model.training
@@ -192,37 +180,7 @@ class Engine:
     def check(self, prompts: Sequence[Prompt], config: GenerationConfig) -> None:
         """The errors ``generate`` would raise for these prompts and config, before
         anything runs (a caller that writes the prompts first checks them here)."""
-        self.check_context([self._check_prompt(i, p) for i, p in enumerate(prompts)],
-                           config.max_new_tokens)
-        self._check_stops(config)
-
-    def _check_prompt(self, i: int, prompt: Prompt) -> list[int]:
-        values = prompt.reshape(-1).tolist() if isinstance(prompt, Tensor) else list(prompt)
-        if not values:
-            raise EmptyPromptError(f"prompts[{i}] is empty, which is not allowed: a prompt "
-                                   "must hold at least one token")
-        V = self.model.config.vocab_size
-        if not all(isinstance(v, int) and 0 <= v < V for v in values):
-            reject(f"prompts[{i}]", values[:8], f"its tokens must be ints in [0, {V})")
-        return values
-
-    def _check_stops(self, cfg: GenerationConfig) -> None:
-        """Stop ids past the vocabulary would never be produced: an error, not a silent
-        no-op."""
-        V = self.model.config.vocab_size
-        for name, ids in (("stop_ids", cfg.stop_ids), *(
-                (f"stop_sequences[{i}]", seq) for i, seq in enumerate(cfg.stop_sequences))):
-            if any(i >= V for i in ids):
-                reject(name, ids, f"its ids must be < vocab_size={V}: the model never "
-                       "produces the others")
-
-    def check_context(self, ids: list[list[int]], max_new_tokens: int) -> None:
-        limit, longest = self.model.config.max_seq_len, max(len(p) for p in ids)
-        if longest + max_new_tokens > limit:
-            raise ContextLengthError(
-                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} is not "
-                f"allowed: generating past the model's context, max_seq_len={limit} "
-                f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)")
+        checked_prompts(self.model, prompts, config)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -271,8 +229,7 @@ class Engine:
         t0 = time.perf_counter()
         ids_BL, cache, reused = self._prepare(ids, cfg.max_new_tokens)
         logits_RV = self.model.infer(ids_BL, cache)
-        # the decode steps' kernel calls, or None (logprobs need the steps' logits)
-        plan = None if logprobs is not None else DecodePlan.build(self.model)
+        plan = DecodePlan.build(self.model)  # the decode steps' kernel calls, or None
         t1 = time.perf_counter()
         gens = [Generation(prompt=p) for p in ids]
         if logprobs is not None:
@@ -309,11 +266,13 @@ class Engine:
                 keep_R = torch.tensor(keep, device=next_R.device)
                 cache.keep_rows(keep_R)
                 next_R = next_R.index_select(0, keep_R)
-            out = None if plan is None else plan.step(next_R[:, None], cache, greedy, sample)
-            if out is not None:
+            picks = logprobs is None  # else the step's logits are kept
+            out = None if plan is None else plan.step(
+                next_R[:, None], cache, greedy and picks, sample if picks else None)
+            if out is not None and picks:
                 next_R = out
             else:
-                logits_RV = self.model.infer(next_R[:, None], cache)
+                logits_RV = self.model.infer(next_R[:, None], cache) if out is None else out
                 next_R = sample_next(logits_RV, cfg.temperature, cfg.top_k, cfg.top_p,
                                      generator)
             steps += 1
@@ -325,6 +284,52 @@ class Engine:
                                 decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1,
                                 reused_tokens=reused)
         return gens, stats
+
+
+def checked_options(config: GenerationConfig | None, generator: torch.Generator | None,
+                    stop_when: StopWhen | None, logprobs: int | None) -> GenerationConfig:
+    """``generate``'s options checked; the config (default ``GenerationConfig()``)."""
+    cfg = GenerationConfig() if config is None else config
+    if not isinstance(cfg, GenerationConfig):
+        reject("config", cfg, "it must be None or a GenerationConfig")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        reject("generator", generator, "it must be None or a torch.Generator")
+    if stop_when is not None and not callable(stop_when):
+        reject("stop_when", stop_when, "it must be None or a callable (i, tokens) -> bool")
+    if logprobs is not None:
+        check_int_range("logprobs", logprobs, 0, MAX_LOGPROBS)
+    return cfg
+
+
+def checked_prompts(model: MoETransformer, prompts: Sequence[Prompt],
+                    config: GenerationConfig) -> list[list[int]]:
+    """The prompts as lists of ids, after the checks a generation makes before anything
+    runs: each prompt's ids, the context, the config's stop ids against the vocabulary."""
+    V, limit = model.config.vocab_size, model.config.max_seq_len
+    ids = []
+    for i, prompt in enumerate(prompts):
+        values = prompt.reshape(-1).tolist() if isinstance(prompt, Tensor) else list(prompt)
+        if not values:
+            raise EmptyPromptError(f"prompts[{i}] is empty, which is not allowed: a prompt "
+                                   "must hold at least one token")
+        if not all(isinstance(v, int) and 0 <= v < V for v in values):
+            reject(f"prompts[{i}]", values[:8], f"its tokens must be ints in [0, {V})")
+        ids.append(values)
+    if not ids:
+        reject("prompts", prompts, "it must hold at least one prompt")
+    longest, new = max(len(p) for p in ids), config.max_new_tokens
+    if longest + new > limit:
+        raise ContextLengthError(
+            f"prompt of {longest} tokens + max_new_tokens={new} is not "
+            f"allowed: generating past the model's context, max_seq_len={limit} "
+            f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)")
+    # stop ids past the vocabulary would never be produced: an error, not a silent no-op
+    for name, stop in (("stop_ids", config.stop_ids), *(
+            (f"stop_sequences[{i}]", seq) for i, seq in enumerate(config.stop_sequences))):
+        if any(i >= V for i in stop):
+            reject(name, stop, f"its ids must be < vocab_size={V}: the model never "
+                   "produces the others")
+    return ids
 
 
 def token_logprobs(logits_RV: Tensor, tokens_R: Tensor, top: int

@@ -24,11 +24,13 @@ implement (penalties, ``logit_bias``, ``best_of``, ``suffix``, ...) are refused 
 unless they hold their no-op value; the ``model`` field is not checked (one model is
 served).
 
-One generation runs at a time (requests queue); a request's prompts and samples are one
-batch of the engine (``Engine``: static KV cache, sequences leave the
-batch as they stop), and a conversation continued from the last single-sequence request
-prefills only its new tokens (``reuse_prefix``). A client that disconnects mid-stream
-stops its generation. ``--api-key`` (or ``MOEKIT_API_KEY``) makes every /v1/ request
+Requests are batched continuously (``Batcher``): up to ``--parallel`` sequences (every
+request's prompts x samples) decode together, each step one token for each of them; a
+request joins between steps once its prompt is prefilled and leaves as its sequences
+stop, so concurrent clients share the weight reads of each step. A conversation
+continued from a finished single-sequence request prefills only its new tokens (the last
+``--parallel`` conversations are kept). A client that disconnects mid-stream stops its
+sequences. ``--api-key`` (or ``MOEKIT_API_KEY``) makes every /v1/ request
 carry ``Authorization: Bearer KEY`` (401 otherwise). Bad input gets HTTP 400 with an
 OpenAI-style error naming the field, before anything is generated.
 
@@ -59,17 +61,20 @@ from pathlib import Path
 import torch
 
 from moekit.config import MAX_SEED
+from moekit.inference.batcher import Batcher, Group
 from moekit.inference.engine import (
     MAX_LOGPROBS,
-    Engine,
     Generation,
     GenerationConfig,
+    checked_prompts,
     token_logprobs,
 )
 from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, token_label
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
+MAX_PARALLEL = 256  # sequences decoded together (--parallel)
+DEFAULT_PARALLEL = 4  # as llama-server's slots
 DEFAULT_CONTEXT = 4096  # tokens a request may use unless --context says otherwise
 # fields that change nothing at these values (clients send them by default)
 NO_OP = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
@@ -177,7 +182,7 @@ class Choice:
 
 
 class _Job:
-    """A generation handed to the thread in ``Service.work``: its pieces of text come back
+    """A request handed to the thread in ``Service.work``: its pieces of text come back
     through ``out`` ((i, piece), then ("done", result) or ("error", exception))."""
 
     def __init__(self, request: Request, streams: bool) -> None:
@@ -188,57 +193,68 @@ class _Job:
 
 
 class Service:
-    """A model, its text and one engine: what the HTTP handler calls. Generations run one
-    at a time: on the thread in ``work`` where one runs, else on the caller's, under
-    ``lock``."""
+    """A model, its text and a ``Batcher``: what the HTTP handler calls. Requests run
+    together, up to ``parallel`` sequences decoded per step: on the thread in ``work``
+    where one runs, else one at a time on the caller's, under ``lock``."""
 
     def __init__(self, model, text: ByteText | TokenizerText, name: str,
-                 context: int | None = None) -> None:
+                 context: int | None = None, parallel: int = DEFAULT_PARALLEL) -> None:
         limit = model.config.max_seq_len
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
             _reject("context", context, f"it must be an int in [1, max_seq_len={limit}]")
-        # prompt + new tokens of a request (the KV cache is allocated for what one asks,
-        # and a continued conversation's grows by doubling up to it)
-        self.context = limit if context is None else context
-        self.engine = Engine(model, reuse_prefix=True, max_cache_len=self.context)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) \
+                or not 1 <= parallel <= MAX_PARALLEL:
+            _reject("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
+        self.context = limit if context is None else context  # prompt + new tokens
+        self.model = model
+        # a finished conversation per row kept for its next turn
+        self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel)
         self.text = text
         self.name = name
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
 
+    @property
+    def parallel(self) -> int:
+        return self.batcher.cache.batch
+
     def kv_bytes(self) -> int:
-        """The KV cache's bytes for one sequence of the whole served context."""
-        model = self.engine.model
-        c = model.config
-        itemsize = model.norm.weight.dtype.itemsize  # the cache's dtype (the engine's rule)
-        return 2 * c.num_layers * c.kv_heads * c.head_size * self.context * itemsize
+        """The shared KV cache's bytes (every row; resident as its slots fill)."""
+        return self.batcher.kv_bytes
 
     def work(self, stop: threading.Event) -> None:
         """Run every generation on this thread until ``stop`` is set (the thread that
-        loaded the model: see the module docstring)."""
+        loaded the model: see the module docstring): take the requests that came, then
+        one step of the batch."""
         self._jobs = queue.Queue()
         try:
             while not stop.is_set():
+                idle = not (self.batcher.running or self.batcher.waiting)
                 try:
-                    job = self._jobs.get(timeout=0.1)
+                    job = self._jobs.get(timeout=0.1) if idle else self._jobs.get_nowait()
                 except queue.Empty:
-                    continue
-                self._run(job)
+                    job = None
+                if job is not None:
+                    self._start(job)
+                elif not idle:
+                    self.batcher.step()
         finally:
             self._jobs = None
 
-    def _run(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> None:
         def on_text(i: int, piece: str) -> bool:
             job.out.put((i, piece))
             return not job.gone
 
+        def done(result: tuple | BaseException) -> None:
+            job.out.put(("error", result) if isinstance(result, BaseException)
+                        else ("done", result))
+
         try:
-            result = self._generate(job.request, on_text if job.streams else None)
-        except Exception as e:  # handed to the request's thread, which answers it
-            job.out.put(("error", e))
-        else:
-            job.out.put(("done", result))
+            self._open(job.request, on_text if job.streams else None, done)
+        except Exception as e:  # noqa: BLE001 (handed to the request's thread)
+            done(e)
 
     def parse(self, body: object, chat: bool) -> Request:
         """The request ``body`` checked (every field before anything runs)."""
@@ -285,7 +301,7 @@ class Service:
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = _number(body, name, max(default, 1), int, 0 if echo else 1)
         if longest + max_tokens > self.context:  # the model's own limit: the engine's error
-            if self.context < self.engine.model.config.max_seq_len:
+            if self.context < self.model.config.max_seq_len:
                 _reject(name, max_tokens, f"a prompt of {longest} tokens + {name} must fit "
                         f"the served context of {self.context} tokens (moekit serve "
                         f"--context; use at most {max(self.context - longest, 0)})")
@@ -314,10 +330,14 @@ class Service:
                 top_p=_number(body, "top_p", None, float, 0.0, 1.0),
                 stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops),
                 seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed)
-            self.engine.check(prompts, config)  # (its errors index the request's prompts)
+            checked_prompts(self.model, prompts, config)  # (its errors index the prompts)
         except ValueError as e:  # the config's and the engine's errors, in the API's names
             message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
             raise RequestError(_param(message, name), message) from None
+        if len(prompts) * n > self.parallel:
+            _reject("n" if n > 1 else "prompt", n if n > 1 else f"{len(prompts)} prompts",
+                    f"a request's prompts x n ({len(prompts)} x {n}) must be at most the "
+                    f"{self.parallel} sequences served together (moekit serve --parallel)")
         ids = [p for p in prompts for _ in range(n)]
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
                        options.get("include_usage", False), logprobs, echo, bool(tools))
@@ -329,8 +349,15 @@ class Service:
         a stop string), on the caller's thread; where it returns False (the client is
         gone) every sequence stops."""
         jobs = self._jobs
-        if jobs is None:
-            return self._generate(request, on_text)
+        if jobs is None:  # no thread in work(): run it here, alone
+            out: list = []
+            with self.lock:
+                group = self._open(request, on_text, out.append)
+                if group is not None:
+                    self.batcher.run(group)
+            if isinstance(out[0], BaseException):
+                raise out[0]
+            return out[0]
         job = _Job(request, on_text is not None)
         jobs.put(job)
         while True:
@@ -342,45 +369,58 @@ class Service:
             if not job.gone and not on_text(kind, value):
                 job.gone = True
 
-    def _generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
-                  ) -> tuple[list[Choice], dict, dict]:
+    def _open(self, request: Request, on_text: Callable[[int, str], bool] | None,
+              done: Callable[[tuple | BaseException], None]) -> Group | None:
+        """Submit ``request`` to the batcher (None where nothing is generated: an echoed
+        prompt scored); ``done`` gets ``generate``'s result, or the exception, once it
+        ends."""
         text, stops = self.text, request.stops
+        start = time.perf_counter()
         # the streamed text of each sequence (none to build for a whole answer)
         emits = [] if on_text is None else [cut_stream(text.stream(p), stops, keep_stop=False)
                                             for p in request.ids]
         gone = False
         by_text = text.stop_when(stops)
 
-        def on_token(i: int, tok: int) -> None:
+        def send(i: int, piece: str) -> None:
             nonlocal gone
-            piece = emits[i](tok)
             if piece and not gone and not on_text(i, piece):
                 gone = True
+
+        def on_token(i: int, tok: int) -> None:
+            send(i, emits[i](tok))
 
         def stop_when(i: int, tokens: list[int]) -> bool:
             return gone or (by_text is not None and by_text(i, tokens))
 
-        with self.lock:
-            start = time.perf_counter()
-            stats = None
-            if request.config is None:  # echo with max_tokens 0: the prompts scored alone
-                gens = [Generation(prompt=p, logprobs=[], top_logprobs=[])
-                        for p in request.ids]
-            else:
-                gens, stats = self.engine.generate(request.ids, request.config,
-                                               on_token=None if on_text is None else on_token,
-                                               stop_when=stop_when, logprobs=request.logprobs)
-            # each prompt scored once, not once per sample (request.ids repeats it n times)
-            scored = [self._score_prompt(p, request.logprobs or 0)
-                      for p in request.ids[::request.n]] \
-                if request.echo and request.logprobs is not None else None
-            seconds = time.perf_counter() - start
+        def finish(gens: list[Generation], stats) -> None:
+            try:
+                if on_text is not None:
+                    for i in range(len(gens)):
+                        send(i, emits[i](None))
+                done(self._result(request, gens, stats, start))
+            except Exception as e:  # noqa: BLE001 (answered as the generation's failure)
+                done(e)
+
+        if request.config is None:  # echo with max_tokens 0: the prompts scored alone
+            finish([Generation(prompt=p, logprobs=[], top_logprobs=[]) for p in request.ids],
+                   None)
+            return None
+        return self.batcher.submit(
+            request.ids, request.config, on_token=None if on_text is None else on_token,
+            stop_when=stop_when, logprobs=request.logprobs,
+            on_done=lambda g: done(g.error) if g.error is not None else finish(g.gens, g.stats))
+
+    def _result(self, request: Request, gens: list[Generation], stats, start: float
+                ) -> tuple[list[Choice], dict, dict]:
+        text, stops = self.text, request.stops
+        # each prompt scored once, not once per sample (request.ids repeats it n times)
+        scored = [self._score_prompt(p, request.logprobs or 0)
+                  for p in request.ids[::request.n]] \
+            if request.echo and request.logprobs is not None else None
+        seconds = time.perf_counter() - start
         choices = []
         for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
-            if on_text is not None:
-                tail = emits[i](None)
-                if tail and not gone and not on_text(i, tail):
-                    gone = True
             new = cut_text(text.decode_after(p, g.tokens), stops, False)
             logprobs = None
             if request.logprobs is not None:
@@ -397,7 +437,7 @@ class Service:
     def _score_prompt(self, ids: list[int], top: int) -> list[tuple]:
         """(token, log-probability given the tokens before it, the ``top`` most likely
         there) for each prompt token; the first has none (None, None)."""
-        model = self.engine.model
+        model = self.model
         was_training = model.training
         model.eval()
         try:
@@ -732,9 +772,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require \"Authorization: Bearer KEY\" on /v1/ requests (default: "
                    "the MOEKIT_API_KEY environment variable; none: no authentication)")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
-                   help="most tokens (prompt + new) a request may use (default: the "
-                   "model's max_seq_len, at most 4096; the KV cache is allocated for what "
-                   "a request asks, up to this per sequence)")
+                   help="most tokens (prompt + new) a sequence may use (default: the "
+                   "model's max_seq_len, at most 4096)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help="sequences decoded together, across requests (default "
+                   f"{DEFAULT_PARALLEL}; the KV cache holds N x 2 x --context tokens, "
+                   "resident as they fill; a request's prompts x n must be at most N)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -762,7 +805,7 @@ def run(args: argparse.Namespace) -> int:
         context = args.context if args.context is not None else min(
             model.config.max_seq_len, DEFAULT_CONTEXT)
         try:
-            service = Service(model, text, name, context)
+            service = Service(model, text, name, context, args.parallel)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
         server = make_server(service, args.host, args.port, key)
@@ -772,8 +815,9 @@ def run(args: argparse.Namespace) -> int:
     host, port = server.server_address[:2]
     print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
           + (", chat completions" if isinstance(text, TokenizerText) else "")
-          + f"); context {service.context} tokens (KV cache up to "
-          f"{service.kv_bytes() / 2**20:.1f} MiB a sequence)"
+          + f"); context {service.context} tokens, {service.parallel} sequences at "
+          f"once (KV cache up to {service.kv_bytes() / 2**20:.1f} MiB, kept conversations "
+          f"up to {service.batcher.prefix_bytes / 2**20:.1f} MiB)"
           + ("; API key required" if key else "") + "; Ctrl-C stops",
           file=sys.stderr, flush=True)
     if key is None and host not in ("127.0.0.1", "::1", "localhost"):

@@ -9,6 +9,7 @@ generating), M cache slots.
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Any, NamedTuple
 
 import torch
@@ -98,6 +99,14 @@ class KVCache:
         return k, v
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tensor:
+    """Zeros in an anonymous memory map: its pages become resident when first written, so
+    a cache sized for the worst case costs what its sequences fill (``lazy=True``)."""
+    n = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, max(n, 1)), dtype=torch.uint8)[:n].view(dtype).view(
+        shape)
+
+
 class StaticKVCache:
     """Keys and values preallocated per layer, [B, J, M, Dh], written in place.
 
@@ -107,6 +116,8 @@ class StaticKVCache:
     that hold real tokens, and row r's rotary position of slot s is
     ``s - pad_B[r]``, so a padded sequence computes what it computes alone.
     Rows ``[0, rows)`` are in use; ``keep_rows`` drops finished sequences.
+    ``lazy=True`` (CPU): the keys and values start as untouched zero pages, resident as
+    slots are written (``Batcher`` sizes its shared cache for the worst case).
     ``row_buffers`` keeps the fused expert path's row buffers between the forwards
     that use this cache (``moe_experts.RowBuffers``; ``row_buffers.nbytes`` says how
     much, ``row_buffers.clear()`` frees them).
@@ -114,10 +125,12 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, lazy: bool = False) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        zeros = _lazy_zeros if lazy and torch.device(device or "cpu").type == "cpu" \
+            else torch.zeros
+        self.k = [zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.valid_BM = torch.ones(batch, max_len, dtype=torch.bool, device=device)
         self.pad_B = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots_M = torch.arange(max_len, device=device)
@@ -172,6 +185,46 @@ class StaticKVCache:
         self.pad_B[:n] = self.pad_B.index_select(0, rows_R)
         self.valid_BM[:n] = self.valid_BM.index_select(0, rows_R)
         self.rows, self.padded = n, bool(self.pad_B[:n].any())
+
+    def shift(self, d: int) -> None:
+        """Move every row's filled slots by ``d`` (< 0: toward slot 0, over slots no row
+        uses; > 0: away from it), with their padding: what each row computes is
+        unchanged (its positions count from its own first slot). ``Batcher`` makes room
+        this way for a joining sequence; one copy of the filled slots."""
+        R, s = self.rows, self.length
+        if not -int(self.pad_B[:R].min()) <= d <= self.max_len - s:
+            raise ValueError(f"shift d={d} is not allowed: the rows' filled slots must stay "
+                             f"in [0, max_len={self.max_len}) (d in "
+                             f"[{-int(self.pad_B[:R].min())}, {self.max_len - s}])")
+        if d:
+            src, dst = (slice(-d, s), slice(0, s + d)) if d < 0 else \
+                (slice(0, s), slice(d, s + d))
+            for t in (*self.k, *self.v):
+                t[:R, :, dst] = t[:R, :, src].clone()  # (the ranges overlap)
+            self.pad_B[:R] += d
+            self.valid_BM[:R] = self.slots_M[None] >= self.pad_B[:R, None]
+            self.length = s + d
+            self.padded = bool(self.pad_B[:R].any())
+
+    def join(self, src: StaticKVCache, rows_S: Tensor, lengths: list[int]) -> None:
+        """Append rows ``rows_S`` of ``src`` (a prefill's cache, its prompts right-aligned
+        at ``src.length``; ``lengths`` their real tokens) as new rows, right-aligned at this
+        cache's length: their positions are what they were in ``src``."""
+        n, s = rows_S.shape[0], self.length
+        R = self.rows
+        if not (R + n <= self.batch and all(1 <= p <= min(s, src.length) for p in lengths)
+                and len(lengths) == n):
+            raise ValueError(f"joining {n} rows of lengths {lengths} is not allowed: this "
+                             f"cache has {self.batch - R} free rows and its sequences fill "
+                             f"{s} slots (each joining prompt must fit in them)")
+        m = min(s, src.length)  # the slots copied, padding included (masked)
+        for dst_t, src_t in zip((*self.k, *self.v), (*src.k, *src.v), strict=True):
+            dst_t[R:R + n, :, s - m:s] = src_t[:, :, src.length - m:src.length].index_select(
+                0, rows_S)
+        self.pad_B[R:R + n] = torch.tensor([s - p for p in lengths], device=self.pad_B.device)
+        self.valid_BM[R:R + n] = self.slots_M[None] >= self.pad_B[R:R + n, None]
+        self.rows = R + n
+        self.padded = bool(self.pad_B[:R + n].any())
 
     def begin(self, L: int, cos_M: Tensor, sin_M: Tensor) -> tuple[Tensor, Tensor]:
         """Prepare a forward of L new tokens per row: set the attention mask, return the

@@ -1,0 +1,429 @@
+"""Continuous batching: sequences join a running batch between steps and leave it as
+they stop, so concurrent requests share each decode step's weight reads.
+
+    batcher = Batcher(model, rows=4, context=2048)
+    group = batcher.submit([[100, 101, 32]], GenerationConfig(max_new_tokens=64))
+    while not group.done:
+        batcher.step()
+    group.gens[0].tokens
+
+A ``Group`` is one request: its prompts (a prompt repeated once per sample), its config,
+its own generator and callbacks. Each ``step()`` first lets waiting groups join, in the
+order they came, while they fit, then decodes one token for every running sequence (one
+``DecodePlan`` call, or ``model.infer`` where the plan does not take the step).
+
+How a group joins: its prompts are prefilled on their own (left-padded to the longest,
+as ``Engine`` prefills a batch) in a cache of their own, and their keys and values are
+copied into free rows of the shared cache, right-aligned with the sequences already
+there (``StaticKVCache.join``). Every row shares the cache's length; a row's rotary
+positions count from its own first slot (``pad_B``), so it computes what it computes
+alone. Where the prompt is longer than the filled slots, or the rows' first slots have
+moved on, all rows shift together (``StaticKVCache.shift``: one copy of the filled
+slots) so that each running sequence's last slot (its join length + max_new_tokens - 1)
+still fits in the cache; a group that cannot fit waits (and the groups after it). The
+shared cache has ``2 * context`` slots per row (``context`` with one row), so sequences
+of the whole context can join one another. With nothing running, a group prefills in the
+shared cache itself.
+
+Tokens: a group's rows are picked together, by the argmax or by ``sample_next`` with its
+generator over its own rows' logits, so a seeded request draws what it would draw alone,
+whatever else runs beside it; the logits themselves are those of a batched step, where
+the kernels' blocking (rows per expert, the int8 path's row thresholds) may round them
+differently from a step of the request alone. One group running picks its tokens inside
+the plan's call, as ``Engine`` does.
+
+``prefix_entries`` keeps that many finished single-sequence conversations' keys and values
+(most recent first): a prompt that starts with one of them prefills only the rest (a
+chat continued turn by turn).
+
+Shape letters: R running rows, L a joining group's longest prompt, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from moekit.config import check_int_range, check_positive_int, reject
+from moekit.inference.decode_plan import DecodePlan
+from moekit.inference.engine import (
+    Generation,
+    GenerationConfig,
+    GenerationStats,
+    OnToken,
+    Prompt,
+    StopWhen,
+    _record_logprobs,
+    _Stops,
+    checked_options,
+    checked_prompts,
+)
+from moekit.models.generate import sample_next
+from moekit.models.transformer import MoETransformer, StaticKVCache
+
+
+@dataclass(eq=False)
+class Group:
+    """One request's sequences in a ``Batcher`` (``submit`` makes it). ``on_token(i,
+    tok)`` sees sequence i's tokens as they are chosen; ``stop_when(i, tokens)`` stops it
+    where it returns True; ``on_done(group)`` runs once every sequence has stopped (or
+    the group failed: ``error``). Read ``gens`` and ``stats`` once ``done``."""
+
+    ids: list[list[int]]
+    config: GenerationConfig
+    generator: torch.Generator
+    on_token: OnToken | None = None
+    stop_when: StopWhen | None = None
+    logprobs: int | None = None
+    on_done: Callable[[Group], None] | None = None
+    gens: list[Generation] = field(default_factory=list)
+    stats: GenerationStats | None = None
+    error: BaseException | None = None
+    done: bool = False
+    # set as it runs
+    prefill_s: float = 0.0
+    reused: int = 0
+    steps: int = 0
+    joined: float = 0.0  # perf_counter when its prefill ended
+    stops: _Stops | None = None
+
+
+@dataclass
+class _Prefix:
+    ids: list[int]
+    k: list[Tensor]  # per layer [J, n, Dh]
+    v: list[Tensor]
+
+
+class Batcher:
+    """Generates for groups of sequences that come and go (see the module docstring).
+
+    ``rows``: sequences decoded together at most; ``context``: prompt + new tokens of a
+    sequence at most (default the model's max_seq_len); ``prefix_entries``: finished
+    conversations whose keys and values are kept for a continuation. Not thread-safe:
+    call ``submit`` and ``step`` from one thread (``moekit serve``'s main thread).
+    """
+
+    def __init__(self, model: MoETransformer, rows: int = 1, context: int | None = None,
+                 prefix_entries: int = 0) -> None:
+        if not isinstance(model, MoETransformer):
+            reject("model", type(model).__name__, "it must be a moekit MoETransformer")
+        check_positive_int("rows", rows)
+        limit = model.config.max_seq_len
+        if context is not None:
+            check_int_range("context", context, 1, limit)
+        check_int_range("prefix_entries", prefix_entries, 0, 1 << 20)
+        self.model = model.eval()
+        self.context = limit if context is None else context
+        cfg = model.config
+        w = model.norm.weight  # the activations' dtype (the engine's cache rule)
+        self.cache = StaticKVCache(cfg.num_layers, rows, cfg.kv_heads,
+                                   self.context if rows == 1 else 2 * self.context,
+                                   cfg.head_size, w.dtype, w.device, lazy=True)
+        self.cache.rows = 0
+        self.plan = DecodePlan.build(model)
+        self.prefix_entries = prefix_entries
+        self._prefixes: deque[_Prefix] = deque()
+        self._waiting: deque[Group] = deque()
+        # row r of the cache decodes sequence _seqs[r] = (group, index); _next[r] is the
+        # token it feeds next; _ends[r] the cache length by which it has stopped
+        self._seqs: list[tuple[Group, int]] = []
+        self._next: list[int] = []
+        self._ends: list[int] = []
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the shared KV cache (allocated at construction)."""
+        return sum(t.nbytes for t in (*self.cache.k, *self.cache.v))
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes the kept conversations may hold at most (``prefix_entries`` of the whole
+        context)."""
+        c = self.cache
+        return self.kv_bytes // (c.batch * c.max_len) * self.context * self.prefix_entries
+
+    @property
+    def running(self) -> int:
+        """Sequences decoding now."""
+        return len(self._seqs)
+
+    @property
+    def waiting(self) -> int:
+        """Groups waiting to join."""
+        return len(self._waiting)
+
+    def check(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
+        """The prompts' ids after the errors ``submit`` would raise, before anything runs."""
+        ids = checked_prompts(self.model, prompts, config)
+        if len(ids) > self.cache.batch:
+            reject("prompts", f"{len(ids)} sequences", f"a group may hold at most "
+                   f"rows={self.cache.batch} sequences (prompts x samples)")
+        longest = max(len(p) for p in ids)
+        if longest + config.max_new_tokens > self.context:
+            reject("max_new_tokens", config.max_new_tokens, f"a prompt of {longest} tokens + "
+                   f"max_new_tokens must fit the context of {self.context} tokens (use at "
+                   f"most {max(self.context - longest, 0)})")
+        return ids
+
+    def submit(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
+               generator: torch.Generator | None = None, on_token: OnToken | None = None,
+               stop_when: StopWhen | None = None, logprobs: int | None = None,
+               on_done: Callable[[Group], None] | None = None) -> Group:
+        """Queue a group (see ``Group``); it joins at a coming ``step``. Arguments as
+        ``Engine.generate``'s; every error is raised here, before it is queued."""
+        cfg = checked_options(config, generator, stop_when, logprobs)
+        if on_done is not None and not callable(on_done):
+            reject("on_done", on_done, "it must be None or a callable (group) -> None")
+        ids = self.check(prompts, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
+        group = Group(ids, cfg, gen, on_token, stop_when, logprobs, on_done,
+                      gens=[Generation(prompt=p) for p in ids], stops=_Stops(cfg))
+        if logprobs is not None:
+            for g in group.gens:
+                g.logprobs, g.top_logprobs = [], []
+        self._waiting.append(group)
+        return group
+
+    def step(self) -> bool:
+        """Let waiting groups join while they fit, then decode one token for every running
+        sequence. Returns whether anything is left to do (running or waiting)."""
+        with torch.inference_mode():
+            while self._waiting and (d := self._room(self._waiting[0])) is not None:
+                group = self._waiting.popleft()
+                try:
+                    self._join(group, d)
+                except Exception as e:  # noqa: BLE001 (that group fails, the rest go on)
+                    self._fail([group], e)
+            if self._seqs:
+                try:
+                    self._decode()
+                except Exception as e:  # noqa: BLE001 (every running group fails)
+                    self._fail(list(dict.fromkeys(g for g, _ in self._seqs)), e)
+        return bool(self._seqs or self._waiting)
+
+    def run(self, group: Group) -> Group:
+        """Step until ``group`` is done (and anything submitted before it)."""
+        while not group.done:
+            self.step()
+        return group
+
+    # -- joining -----------------------------------------------------------------------
+
+    def _room(self, group: Group) -> int | None:
+        """The shift of the running rows that lets ``group`` join now, or None (it waits)."""
+        c, n = self.cache, len(group.ids)
+        if len(self._seqs) + n > c.batch:
+            return None
+        if not self._seqs:
+            return 0
+        L, N = max(len(p) for p in group.ids), group.config.max_new_tokens
+        lo = max(-int(c.pad_B[:c.rows].min()), L - c.length)
+        hi = min(c.max_len - (N - 1) - c.length, c.max_len - max(self._ends))
+        return lo if lo <= hi else None
+
+    def _join(self, group: Group, d: int) -> None:
+        t0 = time.perf_counter()
+        c, ids = self.cache, group.ids
+        fresh = not self._seqs
+        if fresh:  # nothing running: prefill in the shared cache itself
+            c.length, c.rows = 0, 0
+            into = c
+        else:
+            if d:
+                c.shift(d)
+                self._ends = [e + d for e in self._ends]
+            cfg = self.model.config
+            into = StaticKVCache(cfg.num_layers, len(ids), cfg.kv_heads,
+                                 max(len(p) for p in ids), cfg.head_size, c.k[0].dtype,
+                                 c.k[0].device)
+        logits_RV = self.model.infer(self._prefill_ids(group, into), into)
+        group.prefill_s = time.perf_counter() - t0
+        group.joined = time.perf_counter()
+        tokens_R = sample_next(logits_RV, group.config.temperature, group.config.top_k,
+                               group.config.top_p, group.generator)
+        stopped = self._take(group, list(range(len(ids))), tokens_R, logits_RV)
+        keep = [i for i in range(len(ids)) if i not in stopped]
+        for i in sorted(stopped):
+            self._remember(group, i, into, i)
+        if fresh:
+            c.keep_rows(torch.tensor(keep, dtype=torch.long))
+        elif keep:
+            c.join(into, torch.tensor(keep, dtype=torch.long), [len(ids[i]) for i in keep])
+        end = c.length + group.config.max_new_tokens - 1
+        tokens = tokens_R.tolist()
+        for i in keep:
+            self._seqs.append((group, i))
+            self._next.append(tokens[i])
+            self._ends.append(end)
+        if not keep:
+            self._finish(group)
+        if not self._seqs:
+            c.length = 0
+
+    def _prefill_ids(self, group: Group, cache: StaticKVCache) -> Tensor:
+        """The group's prompts left-padded [B, L] with ``cache`` reset for them; one prompt
+        that continues a kept prefix: only its rest, the prefix's keys and values copied
+        in."""
+        ids, dev = group.ids, cache.slots_M.device
+        if len(ids) == 1 and (hit := self._prefix_for(ids[0])) is not None:
+            entry, n = hit
+            cache.reset(torch.zeros(1, dtype=torch.long, device=dev))
+            for dst, src in zip((*cache.k, *cache.v), (*entry.k, *entry.v), strict=True):
+                dst[0, :, :n] = src[:, :n]
+            cache.length = group.reused = n
+            return torch.tensor([ids[0][n:]], device=dev)
+        L = max(len(p) for p in ids)
+        ids_BL = torch.zeros(len(ids), L, dtype=torch.long, device=dev)
+        for b, p in enumerate(ids):
+            ids_BL[b, L - len(p):] = torch.tensor(p)
+        cache.reset(torch.tensor([L - len(p) for p in ids], device=dev))
+        return ids_BL
+
+    def _prefix_for(self, prompt: list[int]) -> tuple[_Prefix, int] | None:
+        """The kept prefix sharing the most leading ids with ``prompt`` and how many (at
+        least one id left to prefill: its logits), or None."""
+        best, most = None, 0
+        for entry in self._prefixes:
+            n, top = 0, min(len(entry.ids), len(prompt) - 1)
+            while n < top and entry.ids[n] == prompt[n]:
+                n += 1
+            if n > most:
+                best, most = entry, n
+        if best is None:
+            return None
+        self._prefixes.remove(best)  # most recently used first
+        self._prefixes.appendleft(best)
+        return best, most
+
+    def _remember(self, group: Group, i: int, cache: StaticKVCache, row: int) -> None:
+        """Keep a finished single-sequence group's keys and values (prompt and the tokens
+        fed back) for a continuation."""
+        if not self.prefix_entries or len(group.ids) != 1:
+            return
+        held = group.ids[i] + group.gens[i].tokens[:-1]  # the last token was not fed back
+        start = int(cache.pad_B[row])
+        stop = start + len(held)
+        self._prefixes.appendleft(_Prefix(held, [t[row, :, start:stop].clone() for t in cache.k],
+                                          [t[row, :, start:stop].clone() for t in cache.v]))
+        while len(self._prefixes) > self.prefix_entries:
+            self._prefixes.pop()
+
+    # -- decoding ----------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        c = self.cache
+        groups = list(dict.fromkeys(g for g, _ in self._seqs))
+        rows_of = {g: [r for r, (h, _) in enumerate(self._seqs) if h is g] for g in groups}
+        ids_R1 = torch.tensor(self._next, device=c.slots_M.device)[:, None]
+        # the plan picks the tokens inside its call where one rule picks them all: every
+        # row greedy, or one group's sampling; else (or for log-probabilities) its logits
+        greedy = all(g.config.temperature == 0 for g in groups)
+        logits = any(g.logprobs is not None for g in groups) or (
+            not greedy and len(groups) > 1)
+        sample = None
+        if not greedy and not logits:
+            g = groups[0]
+            sample = (g.config.temperature, g.config.top_k or 0,
+                      1.0 if g.config.top_p is None else g.config.top_p, g.generator)
+        out = None if self.plan is None else self.plan.step(
+            ids_R1, c, greedy and not logits, sample)
+        logits_RV = None
+        if out is None:
+            logits_RV = self.model.infer(ids_R1, c)
+        elif logits or out.dim() == 2:
+            logits_RV, out = out, None
+        stopped: set[int] = set()
+        for g in groups:
+            rows = rows_of[g]
+            g.steps += 1
+            if out is not None:
+                tokens_S = out.index_select(0, torch.tensor(rows)) if len(groups) > 1 else out
+                logits_SV = None
+            else:
+                logits_SV = logits_RV[rows] if len(groups) > 1 else logits_RV
+                tokens_S = sample_next(logits_SV, g.config.temperature, g.config.top_k,
+                                       g.config.top_p, g.generator)
+            seqs = [self._seqs[r][1] for r in rows]
+            done = self._take(g, seqs, tokens_S, logits_SV)
+            for r, tok in zip(rows, tokens_S.tolist(), strict=True):
+                self._next[r] = tok
+                if self._seqs[r][1] in done:
+                    stopped.add(r)
+        if stopped:
+            self._leave(stopped)
+
+    def _take(self, group: Group, seqs: list[int], tokens_S: Tensor,
+              logits_SV: Tensor | None) -> set[int]:
+        """Append each sequence's new token; the sequences that stop with it."""
+        if group.logprobs is not None:
+            _record_logprobs([group.gens[s] for s in seqs], logits_SV, tokens_S, group.logprobs)
+        stops, stopped = group.stops, set()
+        for s, tok in zip(seqs, tokens_S.tolist(), strict=True):
+            gen = group.gens[s]
+            gen.tokens.append(tok)
+            if group.on_token is not None:
+                group.on_token(s, tok)
+            if stops.hit(gen.tokens) or (group.stop_when is not None
+                                         and group.stop_when(s, gen.tokens)):
+                gen.finish_reason = "stop"
+                stopped.add(s)
+            elif len(gen.tokens) == group.config.max_new_tokens:
+                stopped.add(s)
+        return stopped
+
+    def _leave(self, stopped: set[int]) -> None:
+        """Drop the stopped rows; finish the groups left with none; compact the cache once
+        the rows' first slots have moved past half of it."""
+        c = self.cache
+        for r in sorted(stopped):
+            g, i = self._seqs[r]
+            self._remember(g, i, c, r)
+        keep = [r for r in range(len(self._seqs)) if r not in stopped]
+        gone = {self._seqs[r][0] for r in stopped}
+        c.keep_rows(torch.tensor(keep, dtype=torch.long, device=c.slots_M.device))
+        self._seqs = [self._seqs[r] for r in keep]
+        self._next = [self._next[r] for r in keep]
+        self._ends = [self._ends[r] for r in keep]
+        still = {g for g, _ in self._seqs}
+        for g in gone - still:
+            self._finish(g)
+        if not self._seqs:
+            c.length = 0
+            return
+        first = int(c.pad_B[:c.rows].min())
+        if first and 2 * first >= c.length:
+            c.shift(-first)
+            self._ends = [e - first for e in self._ends]
+
+    def _finish(self, group: Group) -> None:
+        gens = group.gens
+        group.stats = GenerationStats(
+            sequences=len(gens), prompt_tokens=sum(len(p) for p in group.ids),
+            new_tokens=sum(len(g.tokens) for g in gens), decode_steps=group.steps,
+            prefill_s=group.prefill_s, decode_s=time.perf_counter() - group.joined,
+            reused_tokens=group.reused)
+        group.done = True
+        if group.on_done is not None:
+            group.on_done(group)
+
+    def _fail(self, groups: list[Group], error: BaseException) -> None:
+        """End ``groups`` with ``error`` (their rows dropped)."""
+        drop = {r for r, (g, _) in enumerate(self._seqs) if g in groups}
+        if drop:
+            keep = [r for r in range(len(self._seqs)) if r not in drop]
+            self._seqs = [self._seqs[r] for r in keep]
+            self._next = [self._next[r] for r in keep]
+            self._ends = [self._ends[r] for r in keep]
+            self.cache.keep_rows(torch.tensor(keep, dtype=torch.long))
+            if not self._seqs:
+                self.cache.length = 0
+        for g in groups:
+            g.error, g.done = error, True
+            if g.on_done is not None:
+                g.on_done(g)

@@ -1,0 +1,233 @@
+"""Continuous batching (moekit.inference.batcher) and the cache operations it uses.
+
+Oracle: each group generated alone by ``Engine.generate`` (itself tested against the
+no-cache forward in test_engine.py): identical tokens and finish reasons, greedy and
+seeded sampling, whatever else runs beside a group and however the rows shift.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moekit.inference.batcher import Batcher
+from moekit.inference.engine import ContextLengthError, Engine, GenerationConfig
+from moekit.models import MoETransformer, preset
+from moekit.models.transformer import StaticKVCache
+
+
+def _model(dtype=torch.float32, **changes) -> MoETransformer:
+    torch.manual_seed(0)
+    return MoETransformer(preset("tiny", **changes)).eval().to(dtype)
+
+
+def _requests(seed: int, count: int, context: int, vocab: int = 256) -> list:
+    """(prompts, config, steps to run before the next one comes) at random: prompt
+    lengths, new tokens up to the context, 1 or 2 samples, greedy or sampled, a stop id."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        n = rng.randint(1, context // 2 + 4)
+        prompt = [rng.randrange(vocab) for _ in range(n)]
+        cfg = GenerationConfig(max_new_tokens=rng.randint(1, context - n),
+                               temperature=rng.choice([0.0, 0.9]), top_k=rng.choice([None, 40]),
+                               seed=1000 * seed + i, stop_ids=(rng.randrange(vocab),))
+        out.append(([prompt] * rng.choice([1, 1, 2]), cfg, rng.randint(0, 4)))
+    return out
+
+
+def _run(batcher: Batcher, requests: list) -> tuple[list, dict]:
+    """Submit the requests as they come; step until all are done. The groups, and how
+    often the rows shifted and the most that ran at once."""
+    seen = {"shifts": 0, "most": 0}
+    shift = batcher.cache.shift
+
+    def counting(d: int) -> None:
+        seen["shifts"] += 1
+        shift(d)
+
+    batcher.cache.shift = counting
+    groups = []
+    for prompts, cfg, wait in requests:
+        groups.append(batcher.submit(prompts, cfg))
+        for _ in range(wait):
+            batcher.step()
+            seen["most"] = max(seen["most"], batcher.running)
+    while batcher.step():
+        seen["most"] = max(seen["most"], batcher.running)
+    return groups, seen
+
+
+def _alone(model, prompts, cfg):
+    gens, _ = Engine(model).generate(prompts, cfg)
+    return [(g.tokens, g.finish_reason) for g in gens]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_groups_that_come_and_go_generate_what_they_generate_alone(seed):
+    model = _model()
+    requests = _requests(seed, 14, context=40)
+    batcher = Batcher(model, rows=3, context=40)
+    groups, seen = _run(batcher, requests)
+    for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
+        assert g.done and g.error is None
+        assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, prompts, cfg)
+        assert g.stats.new_tokens == sum(len(s.tokens) for s in g.gens)
+    assert seen["most"] == 3 and seen["shifts"] > 0  # batches shared, rows moved
+    assert batcher.running == batcher.waiting == 0 and batcher.cache.length == 0
+
+
+def test_quantized_and_bf16_models_batch_as_they_generate_alone():
+    from moekit.quant import quantize
+
+    for model in (quantize(_model(), bits=8), _model(torch.bfloat16)):
+        requests = [(p, GenerationConfig(max_new_tokens=12), 1) for p in
+                    ([[5, 6, 7, 8, 9]], [[40]], [[100, 101, 102]], [[7, 7, 7, 7, 7, 7, 7, 7]])]
+        groups, seen = _run(Batcher(model, rows=4, context=32), requests)
+        assert seen["most"] == 4
+        for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
+            assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, prompts, cfg)
+
+
+def test_log_probabilities_in_a_batch_match_the_engines():
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0.7, seed=5)
+    batcher = Batcher(model, rows=3, context=32)
+    other = batcher.submit([[9, 9, 9]], GenerationConfig(max_new_tokens=20))
+    batcher.step()
+    group = batcher.submit([[1, 2, 3, 4]], cfg, logprobs=3)
+    batcher.run(group)
+    batcher.run(other)
+    (ref,), _ = Engine(model).generate([[1, 2, 3, 4]], cfg, logprobs=3)
+    (got,) = group.gens
+    assert got.tokens == ref.tokens
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(ref.logprobs),
+                               atol=1e-5, rtol=0)
+    assert [[t for t, _ in top] for top in got.top_logprobs] == \
+        [[t for t, _ in top] for top in ref.top_logprobs]
+
+
+def test_a_continued_conversation_prefills_only_its_new_tokens():
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=6)
+    for entries in (2, 0):
+        batcher = Batcher(model, rows=2, context=48, prefix_entries=entries)
+        first = batcher.run(batcher.submit([[3, 4, 5, 6]], cfg))
+        turn = [3, 4, 5, 6] + first.gens[0].tokens + [50, 51]
+        other = batcher.submit([[8, 8]], GenerationConfig(max_new_tokens=30))
+        batcher.step()
+        second = batcher.run(batcher.submit([turn], cfg))
+        batcher.run(other)
+        # every token of the first turn but its last was fed back: held
+        assert second.stats.reused_tokens == (4 + 6 - 1 if entries else 0)
+        assert second.gens[0].tokens == _alone(model, [turn], cfg)[0][0]
+        c = model.config  # keys and values of every layer, fp32, for the whole context
+        per_token = 2 * c.num_layers * c.kv_heads * c.head_size * 4
+        assert batcher.prefix_bytes == per_token * 48 * entries
+        assert batcher.kv_bytes == per_token * 2 * 96
+
+
+def test_a_group_waits_for_rows_and_joins_in_order():
+    model = _model()
+    batcher = Batcher(model, rows=2, context=32)
+    long = batcher.submit([[1, 2], [3, 4]], GenerationConfig(max_new_tokens=10))
+    batcher.step()
+    late = batcher.submit([[5]], GenerationConfig(max_new_tokens=3))
+    later = batcher.submit([[6]], GenerationConfig(max_new_tokens=3))
+    for _ in range(5):
+        batcher.step()
+        assert batcher.running == 2 and batcher.waiting == 2 and not late.gens[0].tokens
+    batcher.run(later)
+    assert long.done and late.done and later.done
+    assert late.gens[0].tokens == _alone(model, [[5]], GenerationConfig(max_new_tokens=3))[0][0]
+
+
+def test_a_failed_step_fails_its_groups_and_the_batcher_goes_on(monkeypatch):
+    model = _model()
+    batcher = Batcher(model, rows=4, context=32)
+    done = []
+    a = batcher.submit([[1, 2, 3]], GenerationConfig(max_new_tokens=9), on_done=done.append)
+    batcher.step()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batcher.plan, "step", broken)
+    monkeypatch.setattr(model, "infer", broken)
+    b = batcher.submit([[4]], GenerationConfig(max_new_tokens=9))
+    assert not batcher.step()  # b's prefill fails, then a's step
+    assert done == [a] and isinstance(a.error, RuntimeError) and isinstance(b.error,
+                                                                             RuntimeError)
+    monkeypatch.undo()
+    c = batcher.run(batcher.submit([[4]], GenerationConfig(max_new_tokens=5)))
+    assert c.error is None and c.gens[0].tokens == _alone(
+        model, [[4]], GenerationConfig(max_new_tokens=5))[0][0]
+
+
+def test_bad_input_is_refused_before_it_is_queued():
+    model = _model()
+    batcher = Batcher(model, rows=2, context=20)
+    for kwargs, words in (
+            ({"prompts": [[1]] * 3}, "at most rows=2 sequences"),
+            ({"prompts": [[1] * 10], "config": GenerationConfig(max_new_tokens=11)},
+             "max_new_tokens=11 is not allowed: a prompt of 10 tokens"),
+            ({"prompts": [[]]}, r"prompts\[0\] is empty"),
+            ({"prompts": [[1]], "logprobs": 99}, "logprobs=99"),
+            ({"prompts": [[1]], "on_done": 3}, "on_done=3")):
+        with pytest.raises(ValueError, match=words):
+            batcher.submit(**{"config": GenerationConfig(max_new_tokens=5), **kwargs})
+    with pytest.raises(ContextLengthError):
+        batcher.submit([[1] * 60], GenerationConfig(max_new_tokens=5))
+    assert batcher.waiting == 0
+    for kwargs, words in (({"rows": 0}, "rows=0"), ({"context": 65}, "context=65"),
+                          ({"prefix_entries": -1}, "prefix_entries=-1")):
+        with pytest.raises(ValueError, match=words):
+            Batcher(model, **kwargs)
+    with pytest.raises(ValueError, match="model="):
+        Batcher(torch.nn.Linear(2, 2))
+
+
+def test_shifted_and_joined_rows_compute_what_they_computed():
+    """StaticKVCache.shift moves the rows (their positions kept); join appends a prefill's
+    rows right-aligned: the next step's logits are those of the unmoved cache."""
+    model = _model()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 40, 41, 42, 43]])
+    with torch.inference_mode():
+        ref = StaticKVCache.for_model(model, 2, 16)
+        ref.reset(torch.tensor([0, 2]))
+        model.infer(ids, ref)
+        want = model.infer(torch.tensor([[11], [44]]), ref)
+        for d in (3, -2):
+            c = StaticKVCache(2, 2, model.config.kv_heads, 24, model.config.head_size)
+            c.reset(torch.tensor([0, 2]))
+            model.infer(ids, c)
+            c.shift(5)
+            if d < 0:
+                c.shift(d)
+            assert c.length == 11 + min(d, 0) and c.pad_B.tolist() == [5 + min(d, 0),
+                                                                      7 + min(d, 0)]
+            torch.testing.assert_close(model.infer(torch.tensor([[11], [44]]), c), want)
+        # a row joined from a prefill of its own
+        c = StaticKVCache(2, 2, model.config.kv_heads, 24, model.config.head_size)
+        c.reset(torch.tensor([0]))
+        model.infer(ids[:1], c)
+        alone = StaticKVCache.for_model(model, 1, 8)
+        alone.reset()
+        model.infer(ids[1:, 2:], alone)
+        c.join(alone, torch.tensor([0]), [4])
+        assert c.rows == 2 and c.pad_B[:2].tolist() == [0, 2]
+        torch.testing.assert_close(model.infer(torch.tensor([[11], [44]]), c), want)
+        with pytest.raises(ValueError, match="shift d=-3 is not allowed"):
+            c.shift(-3)  # row 0 starts at slot 0
+        with pytest.raises(ValueError, match="joining 1 rows of lengths"):
+            c.join(alone, torch.tensor([0]), [4])  # no free row
+
+
+def test_a_lazy_cache_is_zeros_and_writable():
+    c = StaticKVCache(2, 3, 2, 4096, 16, torch.bfloat16, lazy=True)
+    assert c.k[0].shape == (3, 2, 4096, 16) and c.k[1].dtype == torch.bfloat16
+    assert not c.v[1].any()
+    c.v[1][2, 1, 4095] = 1.5
+    assert c.v[1].sum().item() == 16 * 1.5 and not c.v[0].any()
