@@ -231,3 +231,22 @@ def test_a_lazy_cache_is_zeros_and_writable():
     assert not c.v[1].any()
     c.v[1][2, 1, 4095] = 1.5
     assert c.v[1].sum().item() == 16 * 1.5 and not c.v[0].any()
+
+
+def test_the_samples_of_a_prompt_prefill_it_once(monkeypatch):
+    model = _model()
+    shapes, infer = [], model.infer
+
+    def spy(ids, cache):
+        shapes.append(tuple(ids.shape))
+        return infer(ids, cache)
+
+    monkeypatch.setattr(model, "infer", spy)
+    prompts = [[1, 2, 3], [1, 2, 3], [4, 5], [1, 2, 3]]
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.9, seed=4)
+    batcher = Batcher(model, rows=4, context=32)
+    group = batcher.run(batcher.submit(prompts, cfg))
+    assert shapes[0] == (2, 3)  # the two distinct prompts
+    monkeypatch.undo()
+    assert [(s.tokens, s.finish_reason) for s in group.gens] == _alone(model, prompts, cfg)
+    assert len({tuple(s.tokens) for s in group.gens}) > 2  # the samples drew apart

@@ -12,18 +12,18 @@ its own generator and callbacks. Each ``step()`` first lets waiting groups join,
 order they came, while they fit, then decodes one token for every running sequence (one
 ``DecodePlan`` call, or ``model.infer`` where the plan does not take the step).
 
-How a group joins: its prompts are prefilled on their own (left-padded to the longest,
-as ``Engine`` prefills a batch) in a cache of their own, and their keys and values are
-copied into free rows of the shared cache, right-aligned with the sequences already
-there (``StaticKVCache.join``). Every row shares the cache's length; a row's rotary
-positions count from its own first slot (``pad_B``), so it computes what it computes
-alone. Where the prompt is longer than the filled slots, or the rows' first slots have
-moved on, all rows shift together (``StaticKVCache.shift``: one copy of the filled
-slots) so that each running sequence's last slot (its join length + max_new_tokens - 1)
-still fits in the cache; a group that cannot fit waits (and the groups after it). The
-shared cache has ``2 * context`` slots per row (``context`` with one row), so sequences
-of the whole context can join one another. With nothing running, a group prefills in the
-shared cache itself.
+How a group joins: its distinct prompts are prefilled (left-padded to the longest, as
+``Engine`` prefills a batch; a prompt once for all its samples) in a cache of their own,
+and their keys and values are copied into free rows of the shared cache, right-aligned
+with the sequences already there (``StaticKVCache.join``). Every row shares the cache's
+length; a row's rotary positions count from its own first slot (``pad_B``), so it
+computes what it computes alone. Where the prompt is longer than the filled slots, or
+the rows' first slots have moved on, all rows shift together (``StaticKVCache.shift``:
+one copy of the filled slots) so that each running sequence's last slot (its join
+length + max_new_tokens - 1) still fits in the cache; a group that cannot fit waits (and
+the groups after it). The shared cache has ``2 * context`` slots per row (``context``
+with one row), so sequences of the whole context can join one another. A prefill runs
+whole between two steps: the running sequences wait for it (no chunked prefill).
 
 Tokens: a group's rows are picked together, by the argmax or by ``sample_next`` with its
 generator over its own rows' logits, so a seeded request draws what it would draw alone,
@@ -228,21 +228,23 @@ class Batcher:
         return lo if lo <= hi else None
 
     def _join(self, group: Group, d: int) -> None:
+        """Prefill the group's distinct prompts (a prompt once for its samples) in a cache
+        of their own; its sequences that go on join the shared cache."""
         t0 = time.perf_counter()
         c, ids = self.cache, group.ids
-        fresh = not self._seqs
-        if fresh:  # nothing running: prefill in the shared cache itself
-            c.length, c.rows = 0, 0
-            into = c
-        else:
-            if d:
-                c.shift(d)
-                self._ends = [e + d for e in self._ends]
-            cfg = self.model.config
-            into = StaticKVCache(cfg.num_layers, len(ids), cfg.kv_heads,
-                                 max(len(p) for p in ids), cfg.head_size, c.k[0].dtype,
-                                 c.k[0].device)
-        logits_RV = self.model.infer(self._prefill_ids(group, into), into)
+        if not self._seqs:  # nothing running: the group's rows alone
+            c.rows, c.length = 0, max(len(p) for p in ids)
+        elif d:
+            c.shift(d)
+            self._ends = [e + d for e in self._ends]
+        distinct = list(dict.fromkeys(tuple(p) for p in ids))
+        row_of = [distinct.index(tuple(p)) for p in ids]  # each sequence's prefilled row
+        cfg = self.model.config
+        into = StaticKVCache(cfg.num_layers, len(distinct), cfg.kv_heads,
+                             max(len(p) for p in distinct), cfg.head_size, c.k[0].dtype,
+                             c.k[0].device)
+        logits_UV = self.model.infer(self._prefill_ids(group, distinct, into), into)
+        logits_RV = logits_UV if len(distinct) == len(ids) else logits_UV[row_of]
         group.prefill_s = time.perf_counter() - t0
         group.joined = time.perf_counter()
         tokens_R = sample_next(logits_RV, group.config.temperature, group.config.top_k,
@@ -250,11 +252,10 @@ class Batcher:
         stopped = self._take(group, list(range(len(ids))), tokens_R, logits_RV)
         keep = [i for i in range(len(ids)) if i not in stopped]
         for i in sorted(stopped):
-            self._remember(group, i, into, i)
-        if fresh:
-            c.keep_rows(torch.tensor(keep, dtype=torch.long))
-        elif keep:
-            c.join(into, torch.tensor(keep, dtype=torch.long), [len(ids[i]) for i in keep])
+            self._remember(group, i, into, row_of[i])
+        if keep:
+            c.join(into, torch.tensor([row_of[i] for i in keep], dtype=torch.long),
+                   [len(ids[i]) for i in keep])
         end = c.length + group.config.max_new_tokens - 1
         tokens = tokens_R.tolist()
         for i in keep:
@@ -266,24 +267,24 @@ class Batcher:
         if not self._seqs:
             c.length = 0
 
-    def _prefill_ids(self, group: Group, cache: StaticKVCache) -> Tensor:
-        """The group's prompts left-padded [B, L] with ``cache`` reset for them; one prompt
-        that continues a kept prefix: only its rest, the prefix's keys and values copied
-        in."""
-        ids, dev = group.ids, cache.slots_M.device
-        if len(ids) == 1 and (hit := self._prefix_for(ids[0])) is not None:
+    def _prefill_ids(self, group: Group, prompts: list[tuple[int, ...]],
+                     cache: StaticKVCache) -> Tensor:
+        """``prompts`` left-padded [U, L] with ``cache`` reset for them; one prompt that
+        continues a kept prefix: only its rest, the prefix's keys and values copied in."""
+        dev = cache.slots_M.device
+        if len(group.ids) == 1 and (hit := self._prefix_for(group.ids[0])) is not None:
             entry, n = hit
             cache.reset(torch.zeros(1, dtype=torch.long, device=dev))
             for dst, src in zip((*cache.k, *cache.v), (*entry.k, *entry.v), strict=True):
                 dst[0, :, :n] = src[:, :n]
             cache.length = group.reused = n
-            return torch.tensor([ids[0][n:]], device=dev)
-        L = max(len(p) for p in ids)
-        ids_BL = torch.zeros(len(ids), L, dtype=torch.long, device=dev)
-        for b, p in enumerate(ids):
-            ids_BL[b, L - len(p):] = torch.tensor(p)
-        cache.reset(torch.tensor([L - len(p) for p in ids], device=dev))
-        return ids_BL
+            return torch.tensor([group.ids[0][n:]], device=dev)
+        L = max(len(p) for p in prompts)
+        ids_UL = torch.zeros(len(prompts), L, dtype=torch.long, device=dev)
+        for u, p in enumerate(prompts):
+            ids_UL[u, L - len(p):] = torch.tensor(p)
+        cache.reset(torch.tensor([L - len(p) for p in prompts], device=dev))
+        return ids_UL
 
     def _prefix_for(self, prompt: list[int]) -> tuple[_Prefix, int] | None:
         """The kept prefix sharing the most leading ids with ``prompt`` and how many (at
