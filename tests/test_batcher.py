@@ -65,11 +65,13 @@ def _alone(model, prompts, cfg):
     return [(g.tokens, g.finish_reason) for g in gens]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_groups_that_come_and_go_generate_what_they_generate_alone(seed):
+@pytest.mark.parametrize("seed,chunk", [(0, 256), (1, 256), (2, 256), (3, 3), (4, 5)])
+def test_groups_that_come_and_go_generate_what_they_generate_alone(seed, chunk):
+    """Chunk 3 / 5: the prompts of groups that join running sequences prefill in chunks
+    of that many positions, one chunk per step."""
     model = _model()
     requests = _requests(seed, 14, context=40)
-    batcher = Batcher(model, rows=3, context=40)
+    batcher = Batcher(model, rows=3, context=40, prefill_chunk=chunk)
     groups, seen = _run(batcher, requests)
     for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
         assert g.done and g.error is None
@@ -182,7 +184,8 @@ def test_bad_input_is_refused_before_it_is_queued():
         batcher.submit([[1] * 60], GenerationConfig(max_new_tokens=5))
     assert batcher.waiting == 0
     for kwargs, words in (({"rows": 0}, "rows=0"), ({"context": 65}, "context=65"),
-                          ({"prefix_entries": -1}, "prefix_entries=-1")):
+                          ({"prefix_entries": -1}, "prefix_entries=-1"),
+                          ({"prefill_chunk": 0}, "prefill_chunk=0")):
         with pytest.raises(ValueError, match=words):
             Batcher(model, **kwargs)
     with pytest.raises(ValueError, match="model="):
@@ -250,3 +253,26 @@ def test_the_samples_of_a_prompt_prefill_it_once(monkeypatch):
     monkeypatch.undo()
     assert [(s.tokens, s.finish_reason) for s in group.gens] == _alone(model, prompts, cfg)
     assert len({tuple(s.tokens) for s in group.gens}) > 2  # the samples drew apart
+
+
+def test_a_long_prompt_prefills_in_chunks_while_the_others_decode():
+    """A 30-position prompt joins a running sequence in chunks of 4: the running one gets
+    a token every step meanwhile, the new one its first two in the ceil(30 / 4) = 8th."""
+    model = _model()
+    batcher = Batcher(model, rows=2, context=60, prefill_chunk=4)
+    a = batcher.submit([[1, 2, 3]], GenerationConfig(max_new_tokens=25))
+    batcher.step()
+    prompt = list(range(10, 40))
+    b = batcher.submit([prompt], GenerationConfig(max_new_tokens=5))
+    for i in range(8):
+        before = len(a.gens[0].tokens)
+        batcher.step()
+        assert len(a.gens[0].tokens) == before + 1
+        # the last chunk gives its first token, and it decodes in the same step
+        assert len(b.gens[0].tokens) == (2 if i == 7 else 0)
+    assert batcher.running == 2
+    batcher.run(b)
+    batcher.run(a)
+    assert b.gens[0].tokens == _alone(model, [prompt], GenerationConfig(max_new_tokens=5))[0][0]
+    assert a.gens[0].tokens == _alone(model, [[1, 2, 3]],
+                                      GenerationConfig(max_new_tokens=25))[0][0]

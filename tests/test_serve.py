@@ -442,6 +442,11 @@ def test_serve_command_refuses_bad_flags(tmp_path, capsys):
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--context", "65"]) == 2
     assert "--context=65 is not allowed: it must be an int in [1, max_seq_len=64]" in \
         capsys.readouterr().err
+    for flag, words in (("--parallel", "--parallel=0 is not allowed: it must be an int in "
+                                       "[1, 256]"),
+                        ("--prefill-chunk", "--prefill-chunk=0 is not allowed")):
+        assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), flag, "0"]) == 2
+        assert words in capsys.readouterr().err
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "moekit serve: error:" in capsys.readouterr().err
 

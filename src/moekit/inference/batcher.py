@@ -22,8 +22,10 @@ the rows' first slots have moved on, all rows shift together (``StaticKVCache.sh
 one copy of the filled slots) so that each running sequence's last slot (its join
 length + max_new_tokens - 1) still fits in the cache; a group that cannot fit waits (and
 the groups after it). The shared cache has ``2 * context`` slots per row (``context``
-with one row), so sequences of the whole context can join one another. A prefill runs
-whole between two steps: the running sequences wait for it (no chunked prefill).
+with one row), so sequences of the whole context can join one another. While sequences
+run, a joining group's prefill goes ``prefill_chunk`` prompt positions per step (its
+rows held for it), so a long prompt delays each running sequence's next token by a chunk,
+not by the whole prompt; with nothing running, prompts prefill whole.
 
 Tokens: a group's rows are picked together, by the argmax or by ``sample_next`` with its
 generator over its own rows' logits, so a seeded request draws what it would draw alone,
@@ -66,6 +68,8 @@ from moekit.inference.engine import (
 from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
 
+PREFILL_CHUNK = 512  # prompt positions prefilled per step while sequences decode
+
 
 @dataclass(eq=False)
 class Group:
@@ -91,6 +95,21 @@ class Group:
     steps: int = 0
     joined: float = 0.0  # perf_counter when its prefill ended
     stops: _Stops | None = None
+    fill: _Fill | None = None
+
+
+@dataclass(eq=False)
+class _Fill:
+    """A group's prefill in progress: its own cache, the distinct prompts left-padded
+    [U, L], the positions done, each sequence's row; at the end its first tokens and the
+    sequences that go on."""
+
+    cache: StaticKVCache
+    ids_UL: Tensor
+    row_of: list[int]
+    pos: int = 0
+    tokens: list[int] = field(default_factory=list)
+    keep: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -110,7 +129,7 @@ class Batcher:
     """
 
     def __init__(self, model: MoETransformer, rows: int = 1, context: int | None = None,
-                 prefix_entries: int = 0) -> None:
+                 prefix_entries: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> None:
         if not isinstance(model, MoETransformer):
             reject("model", type(model).__name__, "it must be a moekit MoETransformer")
         check_positive_int("rows", rows)
@@ -118,6 +137,8 @@ class Batcher:
         if context is not None:
             check_int_range("context", context, 1, limit)
         check_int_range("prefix_entries", prefix_entries, 0, 1 << 20)
+        check_positive_int("prefill_chunk", prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.model = model.eval()
         self.context = limit if context is None else context
         cfg = model.config
@@ -130,6 +151,7 @@ class Batcher:
         self.prefix_entries = prefix_entries
         self._prefixes: deque[_Prefix] = deque()
         self._waiting: deque[Group] = deque()
+        self._filling: Group | None = None  # the group whose prompts are prefilling
         # row r of the cache decodes sequence _seqs[r] = (group, index); _next[r] is the
         # token it feeds next; _ends[r] the cache length by which it has stopped
         self._seqs: list[tuple[Group, int]] = []
@@ -155,8 +177,8 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        """Groups waiting to join."""
-        return len(self._waiting)
+        """Groups waiting to join (the one prefilling included)."""
+        return len(self._waiting) + (self._filling is not None)
 
     def check(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
         """The prompts' ids after the errors ``submit`` would raise, before anything runs."""
@@ -191,21 +213,17 @@ class Batcher:
         return group
 
     def step(self) -> bool:
-        """Let waiting groups join while they fit, then decode one token for every running
-        sequence. Returns whether anything is left to do (running or waiting)."""
+        """Prefill and join waiting groups (with sequences running, ``prefill_chunk``
+        prompt positions at most), then decode one token for every running sequence.
+        Returns whether anything is left to do (running or waiting)."""
         with torch.inference_mode():
-            while self._waiting and (d := self._room(self._waiting[0])) is not None:
-                group = self._waiting.popleft()
-                try:
-                    self._join(group, d)
-                except Exception as e:  # noqa: BLE001 (that group fails, the rest go on)
-                    self._fail([group], e)
+            self._admit()
             if self._seqs:
                 try:
                     self._decode()
                 except Exception as e:  # noqa: BLE001 (every running group fails)
                     self._fail(list(dict.fromkeys(g for g, _ in self._seqs)), e)
-        return bool(self._seqs or self._waiting)
+        return bool(self._seqs or self._waiting or self._filling)
 
     def run(self, group: Group) -> Group:
         """Step until ``group`` is done (and anything submitted before it)."""
@@ -215,11 +233,74 @@ class Batcher:
 
     # -- joining -----------------------------------------------------------------------
 
+    def _admit(self) -> None:
+        """Prefill the waiting groups in order, one at a time (its rows held for it from
+        its first chunk), and join each as soon as it fits. With nothing running, whole
+        prompts, and every group that fits joins before the next step; else this step's
+        ``prefill_chunk`` positions at most."""
+        budget = None if not self._seqs else self.prefill_chunk
+        while budget is None or budget > 0:
+            group = self._filling
+            if group is None:
+                if not self._waiting or \
+                        len(self._seqs) + len(self._waiting[0].ids) > self.cache.batch:
+                    return
+                group = self._filling = self._waiting.popleft()
+            try:
+                if group.fill is None or group.fill.pos < group.fill.ids_UL.shape[1]:
+                    budget = self._prefill(group, budget)
+                    if group.fill.pos < group.fill.ids_UL.shape[1]:
+                        return  # this step's chunk is spent
+                    if not group.fill.keep:  # every sequence stopped at its first token
+                        self._filling = None
+                        self._finish(group)
+                        continue
+                d = self._room(group)
+                if d is None:
+                    return  # it waits for the running sequences' slots
+                self._filling = None
+                self._join(group, d)
+            except Exception as e:  # noqa: BLE001 (that group fails, the rest go on)
+                self._filling = None
+                self._fail([group], e)
+
+    def _prefill(self, group: Group, budget: int | None) -> int | None:
+        """The next chunk of the group's prefill (``budget`` positions, None: the rest);
+        at its end the first tokens. The budget left."""
+        t0 = time.perf_counter()
+        fill = group.fill
+        if fill is None:  # a cache of its own for the distinct prompts (once per sample)
+            distinct = list(dict.fromkeys(tuple(p) for p in group.ids))
+            c, cfg = self.cache, self.model.config
+            into = StaticKVCache(cfg.num_layers, len(distinct), cfg.kv_heads,
+                                 max(len(p) for p in distinct), cfg.head_size, c.k[0].dtype,
+                                 c.k[0].device)
+            fill = group.fill = _Fill(into, self._prefill_ids(group, distinct, into),
+                                      [distinct.index(tuple(p)) for p in group.ids])
+        n = fill.ids_UL.shape[1] - fill.pos
+        if budget is not None:
+            n = min(n, budget)
+            budget -= n
+        logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:fill.pos + n], fill.cache)
+        fill.pos += n
+        group.prefill_s += time.perf_counter() - t0
+        if fill.pos == fill.ids_UL.shape[1]:  # the first tokens
+            ids = group.ids
+            logits_RV = logits_UV if len(ids) == logits_UV.shape[0] else logits_UV[fill.row_of]
+            tokens_R = sample_next(logits_RV, group.config.temperature, group.config.top_k,
+                                   group.config.top_p, group.generator)
+            group.joined = time.perf_counter()
+            stopped = self._take(group, list(range(len(ids))), tokens_R, logits_RV)
+            fill.keep = [i for i in range(len(ids)) if i not in stopped]
+            fill.tokens = tokens_R.tolist()
+            for i in sorted(stopped):
+                self._remember(group, i, fill.cache, fill.row_of[i])
+        return budget
+
     def _room(self, group: Group) -> int | None:
-        """The shift of the running rows that lets ``group`` join now, or None (it waits)."""
-        c, n = self.cache, len(group.ids)
-        if len(self._seqs) + n > c.batch:
-            return None
+        """The shift of the running rows that lets ``group``'s sequences join now, or None
+        (it waits)."""
+        c = self.cache
         if not self._seqs:
             return 0
         L, N = max(len(p) for p in group.ids), group.config.max_new_tokens
@@ -228,44 +309,21 @@ class Batcher:
         return lo if lo <= hi else None
 
     def _join(self, group: Group, d: int) -> None:
-        """Prefill the group's distinct prompts (a prompt once for its samples) in a cache
-        of their own; its sequences that go on join the shared cache."""
-        t0 = time.perf_counter()
-        c, ids = self.cache, group.ids
+        """The prefilled group's sequences that go on join the shared cache."""
+        c, fill = self.cache, group.fill
         if not self._seqs:  # nothing running: the group's rows alone
-            c.rows, c.length = 0, max(len(p) for p in ids)
+            c.rows, c.length = 0, max(len(p) for p in group.ids)
         elif d:
             c.shift(d)
             self._ends = [e + d for e in self._ends]
-        distinct = list(dict.fromkeys(tuple(p) for p in ids))
-        row_of = [distinct.index(tuple(p)) for p in ids]  # each sequence's prefilled row
-        cfg = self.model.config
-        into = StaticKVCache(cfg.num_layers, len(distinct), cfg.kv_heads,
-                             max(len(p) for p in distinct), cfg.head_size, c.k[0].dtype,
-                             c.k[0].device)
-        logits_UV = self.model.infer(self._prefill_ids(group, distinct, into), into)
-        logits_RV = logits_UV if len(distinct) == len(ids) else logits_UV[row_of]
-        group.prefill_s = time.perf_counter() - t0
-        group.joined = time.perf_counter()
-        tokens_R = sample_next(logits_RV, group.config.temperature, group.config.top_k,
-                               group.config.top_p, group.generator)
-        stopped = self._take(group, list(range(len(ids))), tokens_R, logits_RV)
-        keep = [i for i in range(len(ids)) if i not in stopped]
-        for i in sorted(stopped):
-            self._remember(group, i, into, row_of[i])
-        if keep:
-            c.join(into, torch.tensor([row_of[i] for i in keep], dtype=torch.long),
-                   [len(ids[i]) for i in keep])
+        c.join(fill.cache, torch.tensor([fill.row_of[i] for i in fill.keep], dtype=torch.long),
+               [len(group.ids[i]) for i in fill.keep])
         end = c.length + group.config.max_new_tokens - 1
-        tokens = tokens_R.tolist()
-        for i in keep:
+        for i in fill.keep:
             self._seqs.append((group, i))
-            self._next.append(tokens[i])
+            self._next.append(fill.tokens[i])
             self._ends.append(end)
-        if not keep:
-            self._finish(group)
-        if not self._seqs:
-            c.length = 0
+        group.fill = None  # (its cache freed)
 
     def _prefill_ids(self, group: Group, prompts: list[tuple[int, ...]],
                      cache: StaticKVCache) -> Tensor:
@@ -425,6 +483,6 @@ class Batcher:
             if not self._seqs:
                 self.cache.length = 0
         for g in groups:
-            g.error, g.done = error, True
+            g.error, g.done, g.fill = error, True, None
             if g.on_done is not None:
                 g.on_done(g)

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import MAX_SEED
-from moekit.inference.batcher import Batcher, Group
+from moekit.inference.batcher import PREFILL_CHUNK, Batcher, Group
 from moekit.inference.engine import (
     MAX_LOGPROBS,
     Generation,
@@ -198,7 +198,8 @@ class Service:
     where one runs, else one at a time on the caller's, under ``lock``."""
 
     def __init__(self, model, text: ByteText | TokenizerText, name: str,
-                 context: int | None = None, parallel: int = DEFAULT_PARALLEL) -> None:
+                 context: int | None = None, parallel: int = DEFAULT_PARALLEL,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         limit = model.config.max_seq_len
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
@@ -209,7 +210,11 @@ class Service:
         self.context = limit if context is None else context  # prompt + new tokens
         self.model = model
         # a finished conversation per row kept for its next turn
-        self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel)
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
+                or prefill_chunk < 1:
+            _reject("prefill_chunk", prefill_chunk, "it must be an int >= 1")
+        self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel,
+                               prefill_chunk=prefill_chunk)
         self.text = text
         self.name = name
         self.lock = threading.Lock()
@@ -778,6 +783,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences decoded together, across requests (default "
                    f"{DEFAULT_PARALLEL}; the KV cache holds N x 2 x --context tokens, "
                    "resident as they fill; a request's prompts x n must be at most N)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt positions prefilled per step while other sequences decode "
+                   f"(default {PREFILL_CHUNK}: a long prompt delays their next token by a "
+                   "chunk's time, not the whole prompt's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -791,6 +800,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.threads is not None:
             check_positive_int("--threads", args.threads)
+        check_positive_int("--prefill-chunk", args.prefill_chunk)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port={args.port} is not allowed: it must be in [0, 65535]")
         key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY")
@@ -805,7 +815,7 @@ def run(args: argparse.Namespace) -> int:
         context = args.context if args.context is not None else min(
             model.config.max_seq_len, DEFAULT_CONTEXT)
         try:
-            service = Service(model, text, name, context, args.parallel)
+            service = Service(model, text, name, context, args.parallel, args.prefill_chunk)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
         server = make_server(service, args.host, args.port, key)
