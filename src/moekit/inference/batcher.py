@@ -124,8 +124,11 @@ class Batcher:
 
     ``rows``: sequences decoded together at most; ``context``: prompt + new tokens of a
     sequence at most (default the model's max_seq_len); ``prefix_entries``: finished
-    conversations whose keys and values are kept for a continuation. Not thread-safe:
-    call ``submit`` and ``step`` from one thread (``moekit serve``'s main thread).
+    conversations whose keys and values are kept for a continuation; ``prefill_chunk``:
+    prompt positions prefilled per step while sequences decode. The model is put in eval
+    mode and must not change while the batcher serves it (its ``DecodePlan`` holds the
+    weights). Not thread-safe: call ``submit`` and ``step`` from one thread (``moekit
+    serve``'s main thread).
     """
 
     def __init__(self, model: MoETransformer, rows: int = 1, context: int | None = None,
