@@ -276,3 +276,37 @@ def test_a_long_prompt_prefills_in_chunks_while_the_others_decode():
     assert b.gens[0].tokens == _alone(model, [prompt], GenerationConfig(max_new_tokens=5))[0][0]
     assert a.gens[0].tokens == _alone(model, [[1, 2, 3]],
                                       GenerationConfig(max_new_tokens=25))[0][0]
+
+
+def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
+    """`moekit generate --prompts-file`: sampled text per sequence is what the engine
+    draws alone with that sequence's generator (sequence_seed), printed in order, the
+    same whatever --batch; the run's stats count every sequence."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.generate_cli import sequence_seed
+
+    model = _model()
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    texts = ["def f(", "x", "import os", "class A:"]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
+    outs = []
+    for batch in ("1", "3"):
+        assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompts-file",
+                         str(tmp_path / "prompts.txt"), "--max-new-tokens", "12",
+                         "--temperature", "0.9", "--seed", "5", "--samples", "2",
+                         "--batch", batch]) == 0
+        out = capsys.readouterr()
+        assert "moekit generate: 8 sequences" in out.err
+        outs.append(out.out)
+    assert outs[0] == outs[1]
+    want = []
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.9, seed=5)
+    for i, t in enumerate(t for t in texts for _ in range(2)):
+        (g,), _ = Engine(model).generate(
+            [list(t.encode())], cfg, generator=torch.Generator().manual_seed(
+                sequence_seed(5, i)))
+        text = (t.encode() + bytes(g.tokens)).decode("utf-8", errors="replace")
+        want.append(f"--- {i + 1} (length, 12 tokens)\n{text}\n")
+    assert outs[0] == "".join(want)

@@ -160,6 +160,7 @@ class Batcher:
         self._seqs: list[tuple[Group, int]] = []
         self._next: list[int] = []
         self._ends: list[int] = []
+        self.decode_steps = 0  # steps that decoded (prefills not counted)
 
     @property
     def kv_bytes(self) -> int:
@@ -380,6 +381,7 @@ class Batcher:
 
     def _decode(self) -> None:
         c = self.cache
+        self.decode_steps += 1
         groups = list(dict.fromkeys(g for g, _ in self._seqs))
         rows_of = {g: [r for r, (h, _) in enumerate(self._seqs) if h is g] for g in groups}
         ids_R1 = torch.tensor(self._next, device=c.slots_M.device)[:, None]

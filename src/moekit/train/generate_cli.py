@@ -1,5 +1,5 @@
 """`moekit generate`: sample text from a trained checkpoint with the generation engine
-(static KV cache, batches of prompts of different lengths, stop strings, streaming).
+(static KV cache, stop strings, streaming; many prompts batched continuously).
 Text is UTF-8 bytes for moekit's own models, a converted checkpoint's tokenizer where it
 has one (``moekit.inference.text``)."""
 
@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from moekit.config import check_positive_int
+from moekit.config import MAX_SEED, check_positive_int
+from moekit.inference.batcher import Batcher
 from moekit.inference.engine import (
     EmptyPromptError,
     Engine,
@@ -54,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", default=None,
                    help="a text file with one prompt per line (replaces --prompt)")
     p.add_argument("--batch", type=int, default=8,
-                   help="prompts (or samples) generated together in one batch")
+                   help="sequences (prompts x samples) decoded together; one that stops "
+                   "makes room for the next at once")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -185,12 +188,11 @@ def run(args: argparse.Namespace) -> int:
                              stops)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
-        total = []
-        for start in range(0, len(prompts), args.batch):
-            batch = slice(start, start + args.batch)
-            total.append(_run_batch(engine, prompts[batch], ids[batch], text, cfg, start,
-                                    len(prompts), stops))
-        _report(total, args.batch)
+        if len(prompts) == 1:
+            _report([_run_one(engine, prompts[0], ids[0], text, cfg, stops)], 1)
+        else:
+            _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops)],
+                    args.batch)
     finally:
         close_offload(model)
     return 0
@@ -216,24 +218,55 @@ def load_for_generation(args: argparse.Namespace) -> MoETransformer:
                           prefetch=not args.no_prefetch)
 
 
-def _run_batch(engine: Engine, batch: list[str], ids: list[list[int]],
-               text: ByteText | TokenizerText, cfg: GenerationConfig, start: int,
-               total: int, stops: _Stops = _Stops(None, ())) -> GenerationStats:
-    """One batch; a lone sequence streams its text as it is produced (after the prompt as
-    typed; a tokenizer's special tokens are not written; the text ends with the stop
-    string that stopped it)."""
-    if total == 1:
-        sys.stdout.write(batch[0])
-        emit = cut_stream(text.stream(ids[0]), stops.strings)
-        gens, stats = engine.generate(ids, cfg, on_token=lambda _, tok: _write(emit(tok)),
-                                      stop_when=stops.when)
-        _write(emit(None) + "\n")
-        return stats
-    gens, stats = engine.generate(ids, cfg, stop_when=stops.when)
-    for i, g in enumerate(gens):
-        print(f"--- {start + i + 1} ({g.finish_reason}, {len(g.tokens)} tokens)")
-        print(batch[i] + cut_text(text.decode_after(ids[i], g.tokens), stops.strings))
+def _run_one(engine: Engine, prompt: str, ids: list[int], text: ByteText | TokenizerText,
+             cfg: GenerationConfig, stops: _Stops = _Stops(None, ())) -> GenerationStats:
+    """One sequence, its text streamed as it is produced (after the prompt as typed; a
+    tokenizer's special tokens are not written; the text ends with the stop string that
+    stopped it)."""
+    sys.stdout.write(prompt)
+    emit = cut_stream(text.stream(ids), stops.strings)
+    _, stats = engine.generate([ids], cfg, on_token=lambda _, tok: _write(emit(tok)),
+                               stop_when=stops.when)
+    _write(emit(None) + "\n")
     return stats
+
+
+def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
+              text: ByteText | TokenizerText, cfg: GenerationConfig, batch: int,
+              stops: _Stops = _Stops(None, ())) -> GenerationStats:
+    """Every sequence through one ``Batcher`` of ``batch`` rows: a sequence that stops
+    makes room for the next prompt at once (no batch waits for its longest sequence).
+    Each is printed, in order, once it and those before it are done. Sequence i samples
+    from a generator of its own (``sequence_seed``), so its text does not depend on
+    ``--batch``."""
+    batcher = Batcher(model, rows=min(batch, len(ids)),
+                      context=max(map(len, ids)) + cfg.max_new_tokens)
+    groups = [batcher.submit([p], cfg, torch.Generator().manual_seed(sequence_seed(cfg.seed, i)),
+                             stop_when=stops.when) for i, p in enumerate(ids)]
+    t0 = time.perf_counter()
+    printed = 0
+    more = True
+    while more:
+        more = batcher.step()
+        while printed < len(groups) and groups[printed].done:
+            g = groups[printed]
+            if g.error is not None:
+                raise g.error
+            (gen,) = g.gens
+            print(f"--- {printed + 1} ({gen.finish_reason}, {len(gen.tokens)} tokens)")
+            print(prompts[printed] + cut_text(text.decode_after(ids[printed], gen.tokens),
+                                              stops.strings), flush=True)
+            printed += 1
+    prefill = sum(g.stats.prefill_s for g in groups)
+    return GenerationStats(sequences=len(groups), prompt_tokens=sum(map(len, ids)),
+                           new_tokens=sum(len(g.gens[0].tokens) for g in groups),
+                           decode_steps=batcher.decode_steps, prefill_s=prefill,
+                           decode_s=time.perf_counter() - t0 - prefill)
+
+
+def sequence_seed(seed: int, i: int) -> int:
+    """The seed of sequence i's generator in a ``--prompts-file`` run with ``--seed``."""
+    return (seed * 1_000_003 + i) % MAX_SEED
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
