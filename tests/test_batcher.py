@@ -310,3 +310,28 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
         text = (t.encode() + bytes(g.tokens)).decode("utf-8", errors="replace")
         want.append(f"--- {i + 1} (length, 12 tokens)\n{text}\n")
     assert outs[0] == "".join(want)
+
+
+def test_groups_that_wait_together_prefill_in_one_forward(monkeypatch):
+    """Three groups submitted at once prefill as one left-padded forward; a fourth whose
+    prompt would make the padding outweigh the prompts waits for a forward of its own.
+    Each generates what it generates alone."""
+    model = _model()
+    shapes, infer = [], model.infer
+
+    def spy(ids, cache):
+        shapes.append(tuple(ids.shape))
+        return infer(ids, cache)
+
+    monkeypatch.setattr(model, "infer", spy)
+    prompts = [[5, 6, 7, 8], [40, 41], [100, 101, 102], [9] * 30]
+    cfgs = [GenerationConfig(max_new_tokens=6 + i, temperature=0.8 * (i % 2), seed=i)
+            for i in range(4)]
+    batcher = Batcher(model, rows=4, context=48)
+    groups = [batcher.submit([p], cfg) for p, cfg in zip(prompts, cfgs, strict=True)]
+    while batcher.step():
+        pass
+    assert shapes[:2] == [(3, 4), (1, 30)]  # two prefills (the steps run the plan)
+    monkeypatch.undo()
+    for g, p, cfg in zip(groups, prompts, cfgs, strict=True):
+        assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, [p], cfg)

@@ -13,9 +13,11 @@ order they came, while they fit, then decodes one token for every running sequen
 ``DecodePlan`` call, or ``model.infer`` where the plan does not take the step).
 
 How a group joins: its distinct prompts are prefilled (left-padded to the longest, as
-``Engine`` prefills a batch; a prompt once for all its samples) in a cache of their own,
-and their keys and values are copied into free rows of the shared cache, right-aligned
-with the sequences already there (``StaticKVCache.join``). Every row shares the cache's
+``Engine`` prefills a batch; a prompt once for all its samples), with those of the groups
+waiting behind it that fit the free rows (one forward for them all, while the padding
+stays at most their own tokens), in a cache of their own, and their keys and values are
+copied into free rows of the shared cache, right-aligned with the sequences already
+there (``StaticKVCache.join``). Every row shares the cache's
 length; a row's rotary positions count from its own first slot (``pad_B``), so it
 computes what it computes alone. Where the prompt is longer than the filled slots, or
 the rows' first slots have moved on, all rows shift together (``StaticKVCache.shift``:
@@ -23,9 +25,9 @@ one copy of the filled slots) so that each running sequence's last slot (its joi
 length + max_new_tokens - 1) still fits in the cache; a group that cannot fit waits (and
 the groups after it). The shared cache has ``2 * context`` slots per row (``context``
 with one row), so sequences of the whole context can join one another. While sequences
-run, a joining group's prefill goes ``prefill_chunk`` prompt positions per step (its
-rows held for it), so a long prompt delays each running sequence's next token by a chunk,
-not by the whole prompt; with nothing running, prompts prefill whole.
+run, a joining prefill goes ``prefill_chunk`` prompt tokens per step (padding counted;
+its rows held for it), so a long prompt delays each running sequence's next token by a
+chunk, not by the whole prompt; with nothing running, prompts prefill whole.
 
 Tokens: a group's rows are picked together, by the argmax or by ``sample_next`` with its
 generator over its own rows' logits, so a seeded request draws what it would draw alone,
@@ -68,7 +70,7 @@ from moekit.inference.engine import (
 from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
 
-PREFILL_CHUNK = 512  # prompt positions prefilled per step while sequences decode
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step while sequences decode
 
 
 @dataclass(eq=False)
@@ -95,21 +97,22 @@ class Group:
     steps: int = 0
     joined: float = 0.0  # perf_counter when its prefill ended
     stops: _Stops | None = None
-    fill: _Fill | None = None
 
 
 @dataclass(eq=False)
 class _Fill:
-    """A group's prefill in progress: its own cache, the distinct prompts left-padded
-    [U, L], the positions done, each sequence's row; at the end its first tokens and the
-    sequences that go on."""
+    """Groups prefilling together (a cohort): their own cache, their distinct prompts
+    left-padded [U, L], the positions done, each group's sequences' rows; at the end each
+    group's first tokens and the sequences that go on."""
 
+    groups: list[Group]
     cache: StaticKVCache
     ids_UL: Tensor
-    row_of: list[int]
+    rows: list[list[int]]
     pos: int = 0
-    tokens: list[int] = field(default_factory=list)
-    keep: list[int] = field(default_factory=list)
+    logits_UV: Tensor | None = None  # the last chunk's
+    tokens: list[list[int]] = field(default_factory=list)
+    keep: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -125,7 +128,7 @@ class Batcher:
     ``rows``: sequences decoded together at most; ``context``: prompt + new tokens of a
     sequence at most (default the model's max_seq_len); ``prefix_entries``: finished
     conversations whose keys and values are kept for a continuation; ``prefill_chunk``:
-    prompt positions prefilled per step while sequences decode. The model is put in eval
+    prompt tokens prefilled per step while sequences decode. The model is put in eval
     mode and must not change while the batcher serves it (its ``DecodePlan`` holds the
     weights). Not thread-safe: call ``submit`` and ``step`` from one thread (``moekit
     serve``'s main thread).
@@ -154,7 +157,7 @@ class Batcher:
         self.prefix_entries = prefix_entries
         self._prefixes: deque[_Prefix] = deque()
         self._waiting: deque[Group] = deque()
-        self._filling: Group | None = None  # the group whose prompts are prefilling
+        self._filling: _Fill | None = None  # the groups whose prompts are prefilling
         # row r of the cache decodes sequence _seqs[r] = (group, index); _next[r] is the
         # token it feeds next; _ends[r] the cache length by which it has stopped
         self._seqs: list[tuple[Group, int]] = []
@@ -181,8 +184,8 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        """Groups waiting to join (the one prefilling included)."""
-        return len(self._waiting) + (self._filling is not None)
+        """Groups waiting to join (those prefilling included)."""
+        return len(self._waiting) + (0 if self._filling is None else len(self._filling.groups))
 
     def check(self, prompts: Sequence[Prompt], config: GenerationConfig) -> list[list[int]]:
         """The prompts' ids after the errors ``submit`` would raise, before anything runs."""
@@ -218,7 +221,7 @@ class Batcher:
 
     def step(self) -> bool:
         """Prefill and join waiting groups (with sequences running, ``prefill_chunk``
-        prompt positions at most), then decode one token for every running sequence.
+        prompt tokens at most), then decode one token for every running sequence.
         Returns whether anything is left to do (running or waiting)."""
         with torch.inference_mode():
             self._admit()
@@ -238,103 +241,142 @@ class Batcher:
     # -- joining -----------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Prefill the waiting groups in order, one at a time (its rows held for it from
-        its first chunk), and join each as soon as it fits. With nothing running, whole
-        prompts, and every group that fits joins before the next step; else this step's
-        ``prefill_chunk`` positions at most."""
+        """Prefill the waiting groups in order, those that come together in one forward
+        (``_cohort``; their rows held for them from the first chunk), and join them as soon
+        as they fit. With nothing running, whole prompts, and every group that fits joins
+        before the next step; else this step's ``prefill_chunk`` tokens at most."""
         budget = None if not self._seqs else self.prefill_chunk
         while budget is None or budget > 0:
-            group = self._filling
-            if group is None:
-                if not self._waiting or \
-                        len(self._seqs) + len(self._waiting[0].ids) > self.cache.batch:
+            fill = self._filling
+            if fill is None:
+                fill = self._filling = self._cohort()
+                if fill is None:
                     return
-                group = self._filling = self._waiting.popleft()
             try:
-                if group.fill is None or group.fill.pos < group.fill.ids_UL.shape[1]:
-                    budget = self._prefill(group, budget)
-                    if group.fill.pos < group.fill.ids_UL.shape[1]:
+                if fill.pos < fill.ids_UL.shape[1]:
+                    budget = self._prefill(fill, budget)
+                    if fill.pos < fill.ids_UL.shape[1]:
                         return  # this step's chunk is spent
-                    if not group.fill.keep:  # every sequence stopped at its first token
+                    self._first_tokens(fill)
+                    if not fill.groups:  # every sequence stopped at its first token
                         self._filling = None
-                        self._finish(group)
                         continue
-                d = self._room(group)
+                d = self._room(fill)
                 if d is None:
                     return  # it waits for the running sequences' slots
                 self._filling = None
-                self._join(group, d)
-            except Exception as e:  # noqa: BLE001 (that group fails, the rest go on)
+                self._join(fill, d)
+            except Exception as e:  # noqa: BLE001 (those groups fail, the rest go on)
                 self._filling = None
-                self._fail([group], e)
+                self._fail(fill.groups, e)
 
-    def _prefill(self, group: Group, budget: int | None) -> int | None:
-        """The next chunk of the group's prefill (``budget`` positions, None: the rest);
-        at its end the first tokens. The budget left."""
+    def _cohort(self) -> _Fill | None:
+        """The next waiting groups to prefill together, or None (the first does not fit
+        the free rows): the first, and those after it that fit the rows while the left
+        padding stays at most the prompts' own tokens; a prompt that continues a kept
+        conversation alone. Their distinct prompts (a prompt once for its samples) in a
+        cache of their own."""
+        free = self.cache.batch - len(self._seqs)
+        if not self._waiting or len(self._waiting[0].ids) > free:
+            return None
+        groups = [self._waiting.popleft()]
+        free -= len(groups[0].ids)
+        distinct = dict.fromkeys(tuple(p) for p in groups[0].ids)
+        alone = len(groups[0].ids) == 1 and self._prefix_for(groups[0].ids[0]) is not None
+        while not alone and self._waiting and len(self._waiting[0].ids) <= free:
+            g = self._waiting[0]
+            if len(g.ids) == 1 and self._prefix_for(g.ids[0]) is not None:
+                break  # it prefills alone, after these
+            more = {**distinct, **dict.fromkeys(tuple(p) for p in g.ids)}
+            width = max(len(p) for p in more)
+            if len(more) * width > 2 * sum(len(p) for p in more):
+                break  # too much padding
+            distinct = more
+            groups.append(self._waiting.popleft())
+            free -= len(g.ids)
+        prompts = list(distinct)
+        c, cfg = self.cache, self.model.config
+        into = StaticKVCache(cfg.num_layers, len(prompts), cfg.kv_heads,
+                             max(len(p) for p in prompts), cfg.head_size, c.k[0].dtype,
+                             c.k[0].device)
+        index = {p: u for u, p in enumerate(prompts)}
+        rows = [[index[tuple(p)] for p in g.ids] for g in groups]
+        return _Fill(groups, into, self._prefill_ids(groups[0], prompts, into), rows)
+
+    def _prefill(self, fill: _Fill, budget: int | None) -> int | None:
+        """The next chunk of a cohort's prefill (``budget`` tokens, padding counted; None:
+        the rest). The budget left."""
         t0 = time.perf_counter()
-        fill = group.fill
-        if fill is None:  # a cache of its own for the distinct prompts (once per sample)
-            distinct = list(dict.fromkeys(tuple(p) for p in group.ids))
-            c, cfg = self.cache, self.model.config
-            into = StaticKVCache(cfg.num_layers, len(distinct), cfg.kv_heads,
-                                 max(len(p) for p in distinct), cfg.head_size, c.k[0].dtype,
-                                 c.k[0].device)
-            fill = group.fill = _Fill(into, self._prefill_ids(group, distinct, into),
-                                      [distinct.index(tuple(p)) for p in group.ids])
-        n = fill.ids_UL.shape[1] - fill.pos
+        U, W = fill.ids_UL.shape
+        n = W - fill.pos
         if budget is not None:
-            n = min(n, budget)
-            budget -= n
-        logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:fill.pos + n], fill.cache)
+            n = min(n, max(1, budget // U))
+            budget -= n * U
+        fill.logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:fill.pos + n], fill.cache)
         fill.pos += n
-        group.prefill_s += time.perf_counter() - t0
-        if fill.pos == fill.ids_UL.shape[1]:  # the first tokens
-            ids = group.ids
-            logits_RV = logits_UV if len(ids) == logits_UV.shape[0] else logits_UV[fill.row_of]
-            tokens_R = sample_next(logits_RV, group.config.temperature, group.config.top_k,
-                                   group.config.top_p, group.generator)
-            group.joined = time.perf_counter()
-            stopped = self._take(group, list(range(len(ids))), tokens_R, logits_RV)
-            fill.keep = [i for i in range(len(ids)) if i not in stopped]
-            fill.tokens = tokens_R.tolist()
-            for i in sorted(stopped):
-                self._remember(group, i, fill.cache, fill.row_of[i])
+        for g in fill.groups:
+            g.prefill_s += time.perf_counter() - t0
         return budget
 
-    def _room(self, group: Group) -> int | None:
-        """The shift of the running rows that lets ``group``'s sequences join now, or None
-        (it waits)."""
+    def _first_tokens(self, fill: _Fill) -> None:
+        """Each group's first tokens, from its rows' logits with its own generator; the
+        groups whose every sequence stopped with it finish and leave the cohort."""
+        went_on = []
+        for g, rows in zip(fill.groups, fill.rows, strict=True):
+            logits_RV = fill.logits_UV[torch.tensor(rows)]
+            tokens_R = sample_next(logits_RV, g.config.temperature, g.config.top_k,
+                                   g.config.top_p, g.generator)
+            g.joined = time.perf_counter()
+            stopped = self._take(g, list(range(len(g.ids))), tokens_R, logits_RV)
+            for i in sorted(stopped):
+                self._remember(g, i, fill.cache, rows[i])
+            keep = [i for i in range(len(g.ids)) if i not in stopped]
+            if keep:
+                went_on.append((g, rows, tokens_R.tolist(), keep))
+            else:
+                self._finish(g)
+        fill.groups = [g for g, *_ in went_on]
+        fill.rows = [rows for _, rows, *_ in went_on]
+        fill.tokens = [tokens for *_, tokens, _ in went_on]
+        fill.keep = [keep for *_, keep in went_on]
+        fill.logits_UV = None
+
+    def _room(self, fill: _Fill) -> int | None:
+        """The shift of the running rows that lets the cohort's sequences join now, or
+        None (they wait)."""
         c = self.cache
         if not self._seqs:
             return 0
-        L, N = max(len(p) for p in group.ids), group.config.max_new_tokens
+        L = max(len(p) for g in fill.groups for p in g.ids)
+        N = max(g.config.max_new_tokens for g in fill.groups)
         lo = max(-int(c.pad_B[:c.rows].min()), L - c.length)
         hi = min(c.max_len - (N - 1) - c.length, c.max_len - max(self._ends))
         return lo if lo <= hi else None
 
-    def _join(self, group: Group, d: int) -> None:
-        """The prefilled group's sequences that go on join the shared cache."""
-        c, fill = self.cache, group.fill
-        if not self._seqs:  # nothing running: the group's rows alone
-            c.rows, c.length = 0, max(len(p) for p in group.ids)
+    def _join(self, fill: _Fill, d: int) -> None:
+        """The prefilled cohort's sequences that go on join the shared cache."""
+        c = self.cache
+        if not self._seqs:  # nothing running: the cohort's rows alone
+            c.rows, c.length = 0, max(len(p) for g in fill.groups for p in g.ids)
         elif d:
             c.shift(d)
             self._ends = [e + d for e in self._ends]
-        c.join(fill.cache, torch.tensor([fill.row_of[i] for i in fill.keep], dtype=torch.long),
-               [len(group.ids[i]) for i in fill.keep])
-        end = c.length + group.config.max_new_tokens - 1
-        for i in fill.keep:
-            self._seqs.append((group, i))
-            self._next.append(fill.tokens[i])
-            self._ends.append(end)
-        group.fill = None  # (its cache freed)
+        parts = [(g, i, rows[i], tokens[i]) for g, rows, tokens, keep in
+                 zip(fill.groups, fill.rows, fill.tokens, fill.keep, strict=True) for i in keep]
+        c.join(fill.cache, torch.tensor([row for _, _, row, _ in parts], dtype=torch.long),
+               [len(g.ids[i]) for g, i, _, _ in parts])
+        for g, i, _, token in parts:
+            self._seqs.append((g, i))
+            self._next.append(token)
+            self._ends.append(c.length + g.config.max_new_tokens - 1)
 
     def _prefill_ids(self, group: Group, prompts: list[tuple[int, ...]],
                      cache: StaticKVCache) -> Tensor:
         """``prompts`` left-padded [U, L] with ``cache`` reset for them; one prompt that
         continues a kept prefix: only its rest, the prefix's keys and values copied in."""
         dev = cache.slots_M.device
-        if len(group.ids) == 1 and (hit := self._prefix_for(group.ids[0])) is not None:
+        if len(prompts) == len(group.ids) == 1 and \
+                (hit := self._prefix_for(group.ids[0], touch=True)) is not None:
             entry, n = hit
             cache.reset(torch.zeros(1, dtype=torch.long, device=dev))
             for dst, src in zip((*cache.k, *cache.v), (*entry.k, *entry.v), strict=True):
@@ -348,9 +390,11 @@ class Batcher:
         cache.reset(torch.tensor([L - len(p) for p in prompts], device=dev))
         return ids_UL
 
-    def _prefix_for(self, prompt: list[int]) -> tuple[_Prefix, int] | None:
+    def _prefix_for(self, prompt: list[int], touch: bool = False
+                    ) -> tuple[_Prefix, int] | None:
         """The kept prefix sharing the most leading ids with ``prompt`` and how many (at
-        least one id left to prefill: its logits), or None."""
+        least one id left to prefill: its logits), or None; ``touch``: it is used (most
+        recently used first)."""
         best, most = None, 0
         for entry in self._prefixes:
             n, top = 0, min(len(entry.ids), len(prompt) - 1)
@@ -360,8 +404,9 @@ class Batcher:
                 best, most = entry, n
         if best is None:
             return None
-        self._prefixes.remove(best)  # most recently used first
-        self._prefixes.appendleft(best)
+        if touch:
+            self._prefixes.remove(best)
+            self._prefixes.appendleft(best)
         return best, most
 
     def _remember(self, group: Group, i: int, cache: StaticKVCache, row: int) -> None:
@@ -488,6 +533,6 @@ class Batcher:
             if not self._seqs:
                 self.cache.length = 0
         for g in groups:
-            g.error, g.done, g.fill = error, True, None
+            g.error, g.done = error, True
             if g.on_done is not None:
                 g.on_done(g)

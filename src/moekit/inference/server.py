@@ -784,7 +784,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_PARALLEL}; the KV cache holds N x 2 x --context tokens, "
                    "resident as they fill; a request's prompts x n must be at most N)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
-                   help="prompt positions prefilled per step while other sequences decode "
+                   help="prompt tokens prefilled per step while other sequences decode "
                    f"(default {PREFILL_CHUNK}: a long prompt delays their next token by a "
                    "chunk's time, not the whole prompt's)")
 
