@@ -65,20 +65,23 @@ def _alone(model, prompts, cfg):
     return [(g.tokens, g.finish_reason) for g in gens]
 
 
-@pytest.mark.parametrize("seed,chunk", [(0, 256), (1, 256), (2, 256), (3, 3), (4, 5)])
-def test_groups_that_come_and_go_generate_what_they_generate_alone(seed, chunk):
-    """Chunk 3 / 5: the prompts of groups that join running sequences prefill in chunks
-    of that many positions, one chunk per step."""
+def test_groups_that_come_and_go_generate_what_they_generate_alone():
+    """Random arrivals, five runs; chunk 3 / 5: the prompts that join running sequences
+    prefill in chunks of that many tokens, each carried by a decode step."""
     model = _model()
-    requests = _requests(seed, 14, context=40)
-    batcher = Batcher(model, rows=3, context=40, prefill_chunk=chunk)
-    groups, seen = _run(batcher, requests)
-    for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
-        assert g.done and g.error is None
-        assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, prompts, cfg)
-        assert g.stats.new_tokens == sum(len(s.tokens) for s in g.gens)
-    assert seen["most"] == 3 and seen["shifts"] > 0  # batches shared, rows moved
-    assert batcher.running == batcher.waiting == 0 and batcher.cache.length == 0
+    shifts = 0
+    for seed, chunk in ((0, 256), (1, 256), (2, 256), (3, 3), (4, 5)):
+        requests = _requests(seed, 14, context=40)
+        batcher = Batcher(model, rows=3, context=40, prefill_chunk=chunk)
+        groups, seen = _run(batcher, requests)
+        for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
+            assert g.done and g.error is None
+            assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, prompts, cfg)
+            assert g.stats.new_tokens == sum(len(s.tokens) for s in g.gens)
+        assert seen["most"] == 3  # batches shared
+        assert batcher.running == batcher.waiting == 0 and batcher.cache.length == 0
+        shifts += seen["shifts"]
+    assert shifts > 0  # rows moved to make room
 
 
 def test_quantized_and_bf16_models_batch_as_they_generate_alone():
@@ -158,8 +161,9 @@ def test_a_failed_step_fails_its_groups_and_the_batcher_goes_on(monkeypatch):
 
     monkeypatch.setattr(batcher.plan, "step", broken)
     monkeypatch.setattr(model, "infer", broken)
+    monkeypatch.setattr(model, "infer_pair", broken)
     b = batcher.submit([[4]], GenerationConfig(max_new_tokens=9))
-    assert not batcher.step()  # b's prefill fails, then a's step
+    assert not batcher.step()  # a's step, which carries b's prefill, fails
     assert done == [a] and isinstance(a.error, RuntimeError) and isinstance(b.error,
                                                                              RuntimeError)
     monkeypatch.undo()
@@ -256,8 +260,9 @@ def test_the_samples_of_a_prompt_prefill_it_once(monkeypatch):
 
 
 def test_a_long_prompt_prefills_in_chunks_while_the_others_decode():
-    """A 30-position prompt joins a running sequence in chunks of 4: the running one gets
-    a token every step meanwhile, the new one its first two in the ceil(30 / 4) = 8th."""
+    """A 30-token prompt joins a running sequence in chunks of 4, each carried by one of
+    its decode steps: the running one gets a token every step meanwhile, the new one its
+    first in the ceil(30 / 4) = 8th, and it decodes from the next."""
     model = _model()
     batcher = Batcher(model, rows=2, context=60, prefill_chunk=4)
     a = batcher.submit([[1, 2, 3]], GenerationConfig(max_new_tokens=25))
@@ -268,9 +273,9 @@ def test_a_long_prompt_prefills_in_chunks_while_the_others_decode():
         before = len(a.gens[0].tokens)
         batcher.step()
         assert len(a.gens[0].tokens) == before + 1
-        # the last chunk gives its first token, and it decodes in the same step
-        assert len(b.gens[0].tokens) == (2 if i == 7 else 0)
-    assert batcher.running == 2
+        assert len(b.gens[0].tokens) == (1 if i == 7 else 0)  # the last chunk's token
+    batcher.step()
+    assert batcher.running == 2 and len(b.gens[0].tokens) == 2
     batcher.run(b)
     batcher.run(a)
     assert b.gens[0].tokens == _alone(model, [prompt], GenerationConfig(max_new_tokens=5))[0][0]
@@ -314,16 +319,21 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
 
 def test_groups_that_wait_together_prefill_in_one_forward(monkeypatch):
     """Three groups submitted at once prefill as one left-padded forward; a fourth whose
-    prompt would make the padding outweigh the prompts waits for a forward of its own.
+    prompt would make the padding outweigh the prompts waits for a prefill of its own.
     Each generates what it generates alone."""
     model = _model()
-    shapes, infer = [], model.infer
+    shapes, infer, pair = [], model.infer, model.infer_pair
 
     def spy(ids, cache):
         shapes.append(tuple(ids.shape))
         return infer(ids, cache)
 
+    def spy_pair(ids, cache, chunk, other):
+        shapes.append(("with a step", tuple(chunk.shape)))
+        return pair(ids, cache, chunk, other)
+
     monkeypatch.setattr(model, "infer", spy)
+    monkeypatch.setattr(model, "infer_pair", spy_pair)
     prompts = [[5, 6, 7, 8], [40, 41], [100, 101, 102], [9] * 30]
     cfgs = [GenerationConfig(max_new_tokens=6 + i, temperature=0.8 * (i % 2), seed=i)
             for i in range(4)]
@@ -331,7 +341,38 @@ def test_groups_that_wait_together_prefill_in_one_forward(monkeypatch):
     groups = [batcher.submit([p], cfg) for p, cfg in zip(prompts, cfgs, strict=True)]
     while batcher.step():
         pass
-    assert shapes[:2] == [(3, 4), (1, 30)]  # two prefills (the steps run the plan)
+    # two prefills: the first alone, the second carried by a decode step (the other
+    # steps run the plan)
+    assert shapes == [(3, 4), ("with a step", (1, 30))]
     monkeypatch.undo()
     for g, p, cfg in zip(groups, prompts, cfgs, strict=True):
         assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, [p], cfg)
+
+
+@pytest.mark.parametrize("changes", [{}, {"num_kv_heads": 1, "qk_norm": "head"}],
+                         ids=["mha", "gqa-qknorm"])
+def test_infer_pair_is_two_infers(changes):
+    """MoETransformer.infer_pair: a decode step of padded rows and a padded prefill chunk
+    after a prefix, each with its own cache, in one pass: the logits and the caches of
+    two infer calls."""
+    import copy
+
+    model = _model(**changes)
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        a = StaticKVCache.for_model(model, 3, 32)
+        a.reset(torch.tensor([0, 2, 1]))
+        model.infer(torch.randint(256, (3, 6), generator=gen), a)
+        b = StaticKVCache.for_model(model, 2, 32)
+        b.reset(torch.tensor([0, 3]))
+        model.infer(torch.randint(256, (2, 5), generator=gen), b)
+        a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+        ids_a, ids_b = torch.randint(256, (3, 1), generator=gen), torch.randint(
+            256, (2, 4), generator=gen)
+        got_a, got_b = model.infer_pair(ids_a, a, ids_b, b)
+        want_a, want_b = model.infer(ids_a, a2), model.infer(ids_b, b2)
+    torch.testing.assert_close(got_a, want_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_b, want_b, atol=1e-5, rtol=1e-5)
+    assert (a.length, b.length) == (7, 9)
+    for x, y in zip(a.k + a.v + b.k + b.v, a2.k + a2.v + b2.k + b2.v, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

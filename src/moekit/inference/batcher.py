@@ -154,6 +154,8 @@ class Batcher:
                                    cfg.head_size, w.dtype, w.device, lazy=True)
         self.cache.rows = 0
         self.plan = DecodePlan.build(model)
+        self._dropless = all(b.ffn.config.capacity_factor is None
+                             for b in model.blocks if b.is_moe)
         self.prefix_entries = prefix_entries
         self._prefixes: deque[_Prefix] = deque()
         self._waiting: deque[Group] = deque()
@@ -228,8 +230,10 @@ class Batcher:
             if self._seqs:
                 try:
                     self._decode()
-                except Exception as e:  # noqa: BLE001 (every running group fails)
-                    self._fail(list(dict.fromkeys(g for g, _ in self._seqs)), e)
+                except Exception as e:  # noqa: BLE001 (every group in the step fails)
+                    fill, self._filling = self._filling, None
+                    self._fail(list(dict.fromkeys(g for g, _ in self._seqs))
+                               + ([] if fill is None else fill.groups), e)
         return bool(self._seqs or self._waiting or self._filling)
 
     def run(self, group: Group) -> Group:
@@ -243,10 +247,9 @@ class Batcher:
     def _admit(self) -> None:
         """Prefill the waiting groups in order, those that come together in one forward
         (``_cohort``; their rows held for them from the first chunk), and join them as soon
-        as they fit. With nothing running, whole prompts, and every group that fits joins
-        before the next step; else this step's ``prefill_chunk`` tokens at most."""
-        budget = None if not self._seqs else self.prefill_chunk
-        while budget is None or budget > 0:
+        as they fit. With nothing running, whole prompts; else their chunks go with the
+        decode steps (``_decode``)."""
+        while True:
             fill = self._filling
             if fill is None:
                 fill = self._filling = self._cohort()
@@ -254,9 +257,9 @@ class Batcher:
                     return
             try:
                 if fill.pos < fill.ids_UL.shape[1]:
-                    budget = self._prefill(fill, budget)
-                    if fill.pos < fill.ids_UL.shape[1]:
-                        return  # this step's chunk is spent
+                    if self._seqs:
+                        return  # its chunks go with the decode steps
+                    self._prefill(fill)
                     self._first_tokens(fill)
                     if not fill.groups:  # every sequence stopped at its first token
                         self._filling = None
@@ -303,20 +306,13 @@ class Batcher:
         rows = [[index[tuple(p)] for p in g.ids] for g in groups]
         return _Fill(groups, into, self._prefill_ids(groups[0], prompts, into), rows)
 
-    def _prefill(self, fill: _Fill, budget: int | None) -> int | None:
-        """The next chunk of a cohort's prefill (``budget`` tokens, padding counted; None:
-        the rest). The budget left."""
+    def _prefill(self, fill: _Fill) -> None:
+        """The rest of a cohort's prefill, alone (nothing else runs)."""
         t0 = time.perf_counter()
-        U, W = fill.ids_UL.shape
-        n = W - fill.pos
-        if budget is not None:
-            n = min(n, max(1, budget // U))
-            budget -= n * U
-        fill.logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:fill.pos + n], fill.cache)
-        fill.pos += n
+        fill.logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:], fill.cache)
+        fill.pos = fill.ids_UL.shape[1]
         for g in fill.groups:
             g.prefill_s += time.perf_counter() - t0
-        return budget
 
     def _first_tokens(self, fill: _Fill) -> None:
         """Each group's first tokens, from its rows' logits with its own generator; the
@@ -430,6 +426,20 @@ class Batcher:
         groups = list(dict.fromkeys(g for g, _ in self._seqs))
         rows_of = {g: [r for r, (h, _) in enumerate(self._seqs) if h is g] for g in groups}
         ids_R1 = torch.tensor(self._next, device=c.slots_M.device)[:, None]
+        fill = self._filling
+        if fill is not None and fill.pos < fill.ids_UL.shape[1]:
+            logits_RV = self._mixed(ids_R1, fill)
+            self._pick(groups, rows_of, None, logits_RV)
+            if fill.pos == fill.ids_UL.shape[1]:
+                try:
+                    self._first_tokens(fill)
+                except Exception as e:  # noqa: BLE001 (those groups fail, the rest go on)
+                    self._filling = None
+                    self._fail(fill.groups, e)
+                else:
+                    if not fill.groups:
+                        self._filling = None
+            return
         # the plan picks the tokens inside its call where one rule picks them all: every
         # row greedy, or one group's sampling; else (or for log-probabilities) its logits
         greedy = all(g.config.temperature == 0 for g in groups)
@@ -447,6 +457,32 @@ class Batcher:
             logits_RV = self.model.infer(ids_R1, c)
         elif logits or out.dim() == 2:
             logits_RV, out = out, None
+        self._pick(groups, rows_of, out, logits_RV)
+
+    def _mixed(self, ids_R1: Tensor, fill: _Fill) -> Tensor:
+        """A decode step that carries the next ``prefill_chunk`` tokens of the cohort's
+        prefill (padding counted): one pass, the experts read once for both
+        (``MoETransformer.infer_pair``; two where the experts have a capacity). The decode
+        rows' logits."""
+        t0 = time.perf_counter()
+        U, W = fill.ids_UL.shape
+        n = min(W - fill.pos, max(1, self.prefill_chunk // U))
+        chunk = fill.ids_UL[:, fill.pos:fill.pos + n]
+        if self._dropless:
+            logits_RV, fill.logits_UV = self.model.infer_pair(ids_R1, self.cache, chunk,
+                                                              fill.cache)
+        else:  # an expert's capacity counts the step's tokens: the two apart
+            fill.logits_UV = self.model.infer(chunk, fill.cache)
+            logits_RV = self.model.infer(ids_R1, self.cache)
+        fill.pos += n
+        for g in fill.groups:
+            g.prefill_s += time.perf_counter() - t0
+        return logits_RV
+
+    def _pick(self, groups: list[Group], rows_of: dict, out: Tensor | None,
+              logits_RV: Tensor | None) -> None:
+        """Each group's tokens of this step (``out``: picked by the plan; else from
+        ``logits_RV``), appended; the rows that stopped leave."""
         stopped: set[int] = set()
         for g in groups:
             rows = rows_of[g]

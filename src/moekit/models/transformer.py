@@ -512,6 +512,37 @@ class MoETransformer(nn.Module):
         cache.advance(ids_BL.shape[1])
         return self.head(h[:, -1])
 
+    def infer_pair(self, ids_RL: Tensor, cache: StaticKVCache, ids_UN: Tensor,
+                   other: StaticKVCache) -> tuple[Tensor, Tensor]:
+        """``infer`` of two batches, each with its own cache, in one pass: attention
+        apart, every other layer (embedding, norms, experts, head) over the tokens of both,
+        so the experts a step touches are read once for both (``Batcher``: a decode step
+        and a joining prompt's prefill chunk). Logits [R, V] and [U, V]: those of two
+        ``infer`` calls up to the kernels' rounding for a different number of rows."""
+        _check_rows(cache, ids_RL.shape[0])
+        _check_rows(other, ids_UN.shape[0])
+        pairs = ((ids_RL, cache, cache.begin(ids_RL.shape[1], self.rope_cos, self.rope_sin)),
+                 (ids_UN, other, other.begin(ids_UN.shape[1], self.rope_cos, self.rope_sin)))
+        ids_T = torch.cat([ids_RL.reshape(-1), ids_UN.reshape(-1)])
+        sizes = [ids_RL.numel(), ids_UN.numel()]
+        x = self.embed(ids_T)
+        h = first_norm(x, self.blocks[0].attn_norm)
+        with reuse_row_buffers(cache.row_buffers):
+            for i, block in enumerate(self.blocks):
+                attn = [block.attn(part.view(*ids.shape, -1), cos, sin, c, c.length).flatten(0, 1)
+                        for part, (ids, c, (cos, sin)) in zip(h.split(sizes), pairs, strict=True)]
+                x, h = add_norm(x, torch.cat(attn), block.ffn_norm)
+                last = i + 1 == len(self.blocks)
+                x, h = add_norm(x, block.ffn.infer(h, ids_T) if block.is_moe else block.ffn(h),
+                                self.norm if last else self.blocks[i + 1].attn_norm)
+        for ids, c, _ in pairs:
+            c.advance(ids.shape[1])
+        R, L = ids_RL.shape
+        U, N = ids_UN.shape
+        rows = torch.cat([torch.arange(R) * L + L - 1, sizes[0] + torch.arange(U) * N + N - 1])
+        logits = self.head(h.index_select(0, rows.to(h.device)))
+        return logits[:R], logits[R:]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
