@@ -26,8 +26,9 @@ length + max_new_tokens - 1) still fits in the cache; a group that cannot fit wa
 the groups after it). The shared cache has ``2 * context`` slots per row (``context``
 with one row), so sequences of the whole context can join one another. While sequences
 run, a joining prefill goes ``prefill_chunk`` prompt tokens per step (padding counted;
-its rows held for it), so a long prompt delays each running sequence's next token by a
-chunk, not by the whole prompt; with nothing running, prompts prefill whole.
+its rows held for it), carried by the step (``MoETransformer.infer_pair``: one pass, the
+experts read once for both), so a long prompt delays each running sequence's next token
+by a chunk, not by the whole prompt; with nothing running, prompts prefill whole.
 
 Tokens: a group's rows are picked together, by the argmax or by ``sample_next`` with its
 generator over its own rows' logits, so a seeded request draws what it would draw alone,
