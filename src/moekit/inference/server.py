@@ -208,11 +208,11 @@ class Service:
                 or not 1 <= parallel <= MAX_PARALLEL:
             _reject("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
         self.context = limit if context is None else context  # prompt + new tokens
-        self.model = model
-        # a finished conversation per row kept for its next turn
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
                 or prefill_chunk < 1:
             _reject("prefill_chunk", prefill_chunk, "it must be an int >= 1")
+        self.model = model
+        # a finished conversation per row kept for its next turn
         self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel,
                                prefill_chunk=prefill_chunk)
         self.text = text
