@@ -289,7 +289,7 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
     same whatever --batch; the run's stats count every sequence."""
     from moekit.cli import main as cli_main
     from moekit.train.checkpoint import save_checkpoint
-    from moekit.train.generate_cli import sequence_seed
+    from moekit.inference.batcher import sequence_seed
 
     model = _model()
     save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),

@@ -663,3 +663,30 @@ def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEKIT_API_KEY", " ")
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "run")]) == 2
     assert "--api-key=' ' is not allowed" in capsys.readouterr().err
+
+
+def test_a_request_of_more_sequences_than_rows_runs_in_groups(byte_server):
+    """n = 6 samples on a server of 4 rows: groups of 4 and 2, the second drawing from
+    sequence_seed(seed, 1); each group's texts are the engine's for those samples alone,
+    whole and streamed alike."""
+    from moekit.inference.batcher import sequence_seed
+
+    model, url, service = byte_server
+    assert service.parallel == 4
+    body = {"prompt": "def ", "max_tokens": 10, "temperature": 0.9, "seed": 11, "n": 6}
+    status, r = _post(url, body)
+    assert status == 200 and [c["index"] for c in r["choices"]] == list(range(6))
+    ids = service.text.encode("def ")
+    want = []
+    for n, seed in ((4, 11), (2, sequence_seed(11, 1))):
+        gens, _ = Engine(model).generate([ids] * n, GenerationConfig(
+            max_new_tokens=10, temperature=0.9, seed=seed))
+        want += [service.text.decode_after(ids, g.tokens) for g in gens]
+    assert [c["text"] for c in r["choices"]] == want
+    assert r["usage"]["completion_tokens"] == 60
+    status, events = _post(url, {**body, "stream": True})
+    streamed = [""] * 6
+    for e in events[:-1]:
+        for c in e["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert status == 200 and streamed == want

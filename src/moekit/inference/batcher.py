@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moekit.config import check_int_range, check_positive_int, reject
+from moekit.config import MAX_SEED, check_int_range, check_positive_int, reject
 from moekit.inference.decode_plan import DecodePlan
 from moekit.inference.engine import (
     Generation,
@@ -72,6 +72,13 @@ from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
 
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step while sequences decode
+
+
+def sequence_seed(seed: int, i: int) -> int:
+    """The seed of the i-th generator drawn from ``seed`` (``moekit generate
+    --prompts-file``'s sequence i; ``moekit serve``'s i-th group of a request with more
+    sequences than rows)."""
+    return (seed * 1_000_003 + i) % MAX_SEED
 
 
 @dataclass(eq=False)

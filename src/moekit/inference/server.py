@@ -44,6 +44,7 @@ ms; `/tmp` scripts, the Intel VM, 2026-12-06).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hmac
 import json
 import os
@@ -61,11 +62,12 @@ from pathlib import Path
 import torch
 
 from moekit.config import MAX_SEED
-from moekit.inference.batcher import PREFILL_CHUNK, Batcher, Group
+from moekit.inference.batcher import PREFILL_CHUNK, Batcher, Group, sequence_seed
 from moekit.inference.engine import (
     MAX_LOGPROBS,
     Generation,
     GenerationConfig,
+    GenerationStats,
     checked_prompts,
     token_logprobs,
 )
@@ -339,10 +341,6 @@ class Service:
         except ValueError as e:  # the config's and the engine's errors, in the API's names
             message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
             raise RequestError(_param(message, name), message) from None
-        if len(prompts) * n > self.parallel:
-            _reject("n" if n > 1 else "prompt", n if n > 1 else f"{len(prompts)} prompts",
-                    f"a request's prompts x n ({len(prompts)} x {n}) must be at most the "
-                    f"{self.parallel} sequences served together (moekit serve --parallel)")
         ids = [p for p in prompts for _ in range(n)]
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
                        options.get("include_usage", False), logprobs, echo, bool(tools))
@@ -357,8 +355,7 @@ class Service:
         if jobs is None:  # no thread in work(): run it here, alone
             out: list = []
             with self.lock:
-                group = self._open(request, on_text, out.append)
-                if group is not None:
+                for group in self._open(request, on_text, out.append):
                     self.batcher.run(group)
             if isinstance(out[0], BaseException):
                 raise out[0]
@@ -375,10 +372,10 @@ class Service:
                 job.gone = True
 
     def _open(self, request: Request, on_text: Callable[[int, str], bool] | None,
-              done: Callable[[tuple | BaseException], None]) -> Group | None:
-        """Submit ``request`` to the batcher (None where nothing is generated: an echoed
-        prompt scored); ``done`` gets ``generate``'s result, or the exception, once it
-        ends."""
+              done: Callable[[tuple | BaseException], None]) -> list[Group]:
+        """Submit ``request`` to the batcher (its groups; none where nothing is generated:
+        an echoed prompt scored); ``done`` gets ``generate``'s result, or the exception,
+        once it ends."""
         text, stops = self.text, request.stops
         start = time.perf_counter()
         # the streamed text of each sequence (none to build for a whole answer)
@@ -410,11 +407,30 @@ class Service:
         if request.config is None:  # echo with max_tokens 0: the prompts scored alone
             finish([Generation(prompt=p, logprobs=[], top_logprobs=[]) for p in request.ids],
                    None)
-            return None
-        return self.batcher.submit(
-            request.ids, request.config, on_token=None if on_text is None else on_token,
-            stop_when=stop_when, logprobs=request.logprobs,
-            on_done=lambda g: done(g.error) if g.error is not None else finish(g.gens, g.stats))
+            return []
+        # more sequences than rows: groups of at most --parallel, the j-th (j > 0) drawing
+        # from a generator of its own (sequence_seed(seed, j)); answered once all are done
+        size = self.parallel
+        starts = range(0, len(request.ids), size)
+        ended: dict[int, Group] = {}
+
+        def part_done(o: int, g: Group) -> None:
+            failed = any(e.error is not None for e in ended.values())
+            ended[o] = g
+            if failed:
+                return
+            if g.error is not None:
+                done(g.error)
+            elif len(ended) == len(starts):
+                finish([gen for o in starts for gen in ended[o].gens],
+                       _merged([ended[o].stats for o in starts]))
+
+        return [self.batcher.submit(
+            request.ids[o:o + size], request.config if j == 0 else dataclasses.replace(
+                request.config, seed=sequence_seed(request.config.seed, j)),
+            on_token=None if on_text is None else (lambda i, t, o=o: on_token(o + i, t)),
+            stop_when=lambda i, t, o=o: stop_when(o + i, t), logprobs=request.logprobs,
+            on_done=lambda g, o=o: part_done(o, g)) for j, o in enumerate(starts)]
 
     def _result(self, request: Request, gens: list[Generation], stats, start: float
                 ) -> tuple[list[Choice], dict, dict]:
@@ -495,6 +511,18 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
         at = end + len("</tool_call>")
     kept.append(text[at:])
     return "".join(kept).strip() if calls else text, calls
+
+
+def _merged(stats: list[GenerationStats]) -> GenerationStats:
+    """The stats of a request's groups as one: counts and prefill time summed; its decode
+    time and steps the longest group's."""
+    longest = max(stats, key=lambda s: s.decode_s)
+    return GenerationStats(
+        sequences=sum(s.sequences for s in stats), prompt_tokens=sum(s.prompt_tokens
+                                                                     for s in stats),
+        new_tokens=sum(s.new_tokens for s in stats), decode_steps=longest.decode_steps,
+        prefill_s=sum(s.prefill_s for s in stats), decode_s=longest.decode_s,
+        reused_tokens=sum(s.reused_tokens for s in stats))
 
 
 def _timings(stats, seconds: float) -> dict:
@@ -782,7 +810,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
                    help="sequences decoded together, across requests (default "
                    f"{DEFAULT_PARALLEL}; the KV cache holds N x 2 x --context tokens, "
-                   "resident as they fill; a request's prompts x n must be at most N)")
+                   "resident as they fill; a request of more sequences, prompts x n, runs "
+                   "in groups of N)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
                    help="prompt tokens prefilled per step while other sequences decode "
                    f"(default {PREFILL_CHUNK}: a long prompt delays their next token by a "

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import MAX_SEED, check_positive_int
-from moekit.inference.batcher import Batcher
+from moekit.config import check_positive_int
+from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
     EmptyPromptError,
     Engine,
@@ -262,11 +262,6 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                            new_tokens=sum(len(g.gens[0].tokens) for g in groups),
                            decode_steps=batcher.decode_steps, prefill_s=prefill,
                            decode_s=time.perf_counter() - t0 - prefill)
-
-
-def sequence_seed(seed: int, i: int) -> int:
-    """The seed of sequence i's generator in a ``--prompts-file`` run with ``--seed``."""
-    return (seed * 1_000_003 + i) % MAX_SEED
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
