@@ -625,8 +625,9 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
 
 
 def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
-    """make_server(api_key=...): /v1/ paths answer 401 without "Authorization: Bearer
-    KEY" (or with another key) and serve with it; /health stays open; an empty key is
+    """make_server(api_key=...): /v1/ paths and /metrics answer 401 without
+    "Authorization: Bearer KEY" (or with another key) and serve with it; /health stays
+    open; an empty key is
     refused, by `moekit serve --api-key` too."""
     torch.manual_seed(0)
     model = MoETransformer(preset("tiny")).eval()
@@ -652,6 +653,7 @@ def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
         assert call("/v1/models", None) == 401
         assert call("/v1/completions", "s3cret", body) == 200
         assert call("/v1/models", "s3cret") == 200
+        assert call("/metrics", None) == 401 and call("/metrics", "s3cret") == 200
         assert call("/health", None) == 200
     finally:
         server.shutdown()
@@ -690,3 +692,46 @@ def test_a_request_of_more_sequences_than_rows_runs_in_groups(byte_server):
         for c in e["choices"]:
             streamed[c["index"]] += c["text"]
     assert status == 200 and streamed == want
+
+
+def test_metrics_count_requests_tokens_and_failures(monkeypatch):
+    """GET /metrics (Prometheus text): answered requests and their usage tokens, failed
+    ones, decode steps; the gauges at rest."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny")
+    server = make_server(service, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def metrics() -> dict[str, float]:
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            lines = r.read().decode().splitlines()
+        assert all(line.startswith(("# HELP moekit_", "# TYPE moekit_", "moekit_"))
+                   for line in lines)
+        return {k: float(v) for k, v in (line.split() for line in lines
+                                         if not line.startswith("#"))}
+
+    try:
+        assert metrics()["moekit_requests_total"] == 0
+        status, r = _post(url, {"prompt": "def ", "max_tokens": 5, "n": 2})
+        assert status == 200
+        status, r2 = _post(url, {"prompt": "ab", "max_tokens": 3, "stream": True})
+        assert status == 200
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(model, "infer", broken)
+        assert _post(url, {"prompt": "a", "max_tokens": 2})[0] == 500
+        m = metrics()
+        assert m["moekit_requests_total"] == 2 and m["moekit_requests_failed_total"] == 1
+        assert m["moekit_prompt_tokens_total"] == 4 + 2
+        assert m["moekit_generated_tokens_total"] == 2 * 5 + 3
+        assert m["moekit_decode_steps_total"] == 4 + 2  # tokens after each first
+        assert m["moekit_sequences_running"] == m["moekit_requests_waiting"] == 0
+        assert m["moekit_kv_cache_used_ratio"] == 0
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,12 +4,13 @@
     curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32}'
 
 Endpoints: ``POST /v1/completions`` (a prompt or a list of prompts: text, or token ids
-as lists of ints), ``POST
-/v1/chat/completions`` (messages rendered by the tokenizer's chat template: a converted
-checkpoint's), ``GET /v1/models``, ``GET /health``. Both POSTs stream with ``"stream":
-true`` (server-sent events, ``data: [DONE]`` last; ``stream_options.include_usage`` adds a
-usage chunk). Fields as OpenAI's API reads them: ``max_tokens`` (completions: 16; chat:
-the rest of the served context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
+as lists of ints), ``POST /v1/chat/completions`` (messages rendered by the tokenizer's
+chat template: a converted checkpoint's), ``GET /v1/models``, ``GET /health``, ``GET
+/metrics`` (Prometheus' text format: requests, tokens, decode steps, running and waiting
+sequences, KV cache use). Both POSTs stream with ``"stream": true`` (server-sent events,
+``data: [DONE]`` last; ``stream_options.include_usage`` adds a usage chunk). Fields as
+OpenAI's API reads them: ``max_tokens`` (completions: 16; chat: the rest of the served
+context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
 ``top_p``, ``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text
 ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``,
 ``logprobs`` (completions: the N most likely tokens too, N <= 20; chat: ``logprobs:
@@ -221,6 +222,9 @@ class Service:
         self.name = name
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
+        # what /metrics counts (written by the thread that generates)
+        self.counts = dict.fromkeys(("requests", "failed", "prompt_tokens",
+                                     "completion_tokens"), 0)
 
     @property
     def parallel(self) -> int:
@@ -229,6 +233,26 @@ class Service:
     def kv_bytes(self) -> int:
         """The shared KV cache's bytes (every row; resident as its slots fill)."""
         return self.batcher.kv_bytes
+
+    def metrics(self) -> str:
+        """``GET /metrics``: counters and gauges in Prometheus' text format (as vLLM's and
+        llama-server's)."""
+        b, c = self.batcher, self.batcher.cache
+        rows = [("requests_total", "counter", "requests answered", self.counts["requests"]),
+                ("requests_failed_total", "counter", "requests whose generation failed",
+                 self.counts["failed"]),
+                ("prompt_tokens_total", "counter", "prompt tokens of answered requests",
+                 self.counts["prompt_tokens"]),
+                ("generated_tokens_total", "counter", "tokens generated for answered "
+                 "requests", self.counts["completion_tokens"]),
+                ("decode_steps_total", "counter", "decode steps run", b.decode_steps),
+                ("sequences_running", "gauge", "sequences decoding now", b.running),
+                ("requests_waiting", "gauge", "requests (groups) waiting to decode",
+                 b.waiting),
+                ("kv_cache_used_ratio", "gauge", "share of the shared KV cache's slots "
+                 "the running sequences span", b.running * c.length / (c.batch * c.max_len))]
+        return "".join(f"# HELP moekit_{name} {doc}\n# TYPE moekit_{name} {kind}\n"
+                       f"moekit_{name} {value}\n" for name, kind, doc, value in rows)
 
     def work(self, stop: threading.Event) -> None:
         """Run every generation on this thread until ``stop`` is set (the thread that
@@ -378,6 +402,17 @@ class Service:
         once it ends."""
         text, stops = self.text, request.stops
         start = time.perf_counter()
+
+        def counted(result: tuple | BaseException) -> None:  # done, counted for /metrics
+            if isinstance(result, BaseException):
+                self.counts["failed"] += 1
+            else:
+                usage = result[1]
+                self.counts["requests"] += 1
+                self.counts["prompt_tokens"] += usage["prompt_tokens"]
+                self.counts["completion_tokens"] += usage["completion_tokens"]
+            done(result)
+
         # the streamed text of each sequence (none to build for a whole answer)
         emits = [] if on_text is None else [cut_stream(text.stream(p), stops, keep_stop=False)
                                             for p in request.ids]
@@ -400,9 +435,9 @@ class Service:
                 if on_text is not None:
                     for i in range(len(gens)):
                         send(i, emits[i](None))
-                done(self._result(request, gens, stats, start))
+                counted(self._result(request, gens, stats, start))
             except Exception as e:  # noqa: BLE001 (answered as the generation's failure)
-                done(e)
+                counted(e)
 
         if request.config is None:  # echo with max_tokens 0: the prompts scored alone
             finish([Generation(prompt=p, logprobs=[], top_logprobs=[]) for p in request.ids],
@@ -420,7 +455,7 @@ class Service:
             if failed:
                 return
             if g.error is not None:
-                done(g.error)
+                counted(g.error)
             elif len(ended) == len(starts):
                 finish([gen for o in starts for gen in ended[o].gens],
                        _merged([ended[o].stats for o in starts]))
@@ -645,8 +680,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         """Whether the request may go on (a 401 answered where not): with an API key,
-        every /v1/ path needs "Authorization: Bearer KEY" (/health does not)."""
-        if self.api_key is None or not self.path.startswith("/v1/"):
+        every /v1/ path and /metrics need "Authorization: Bearer KEY" (/health does
+        not)."""
+        if self.api_key is None or not (self.path.startswith("/v1/")
+                                        or self.path == "/metrics"):
             return True
         given = self.headers.get("Authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -679,6 +716,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path in ("/health", "/v1/health"):
             self._send_json(200, {"status": "ok"})
+        elif self.path == "/metrics":
+            data = self.service.metrics().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif self.path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [
                 {"id": self.service.name, "object": "model", "created": 0,
