@@ -288,8 +288,8 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
     draws alone with that sequence's generator (sequence_seed), printed in order, the
     same whatever --batch; the run's stats count every sequence."""
     from moekit.cli import main as cli_main
-    from moekit.train.checkpoint import save_checkpoint
     from moekit.inference.batcher import sequence_seed
+    from moekit.train.checkpoint import save_checkpoint
 
     model = _model()
     save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
