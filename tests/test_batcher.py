@@ -7,6 +7,7 @@ seeded sampling, whatever else runs beside a group and however the rows shift.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -315,6 +316,25 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
         text = (t.encode() + bytes(g.tokens)).decode("utf-8", errors="replace")
         want.append(f"--- {i + 1} (length, 12 tokens)\n{text}\n")
     assert outs[0] == "".join(want)
+    # --jsonl: the same sequences as JSON lines, nothing on stdout
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", str(tmp_path / "run"), "--prompts-file",
+            str(tmp_path / "prompts.txt"), "--max-new-tokens", "12", "--temperature", "0.9",
+            "--seed", "5", "--samples", "2", "--jsonl", str(out)]
+    assert cli_main(args) == 0 and capsys.readouterr().out == ""
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(8))
+    assert [r["prompt"] + r["text"] for r in records] == [w.split("\n", 1)[1][:-1]
+                                                          for w in want]
+    assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 12
+               and r["prompt_tokens"] == len(r["prompt"].encode()) for r in records)
+    for bad, words in ((str(tmp_path), "not a directory"),
+                       (str(tmp_path / "none" / "x.jsonl"), "does not exist")):
+        assert cli_main([*args[:-1], bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--jsonl={bad!r} is not allowed" in err and words in err
+    assert cli_main([*args, "--no-cache"]) == 2 and "--jsonl" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 8  # the refused runs left it as it was
 
 
 def test_groups_that_wait_together_prefill_in_one_forward(monkeypatch):

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from moekit.config import check_positive_int
+from moekit.config import check_positive_int, check_writable_folder, reject
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
     EmptyPromptError,
@@ -68,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "after the string); repeatable; "
                    "backslash escapes such as \\n are understood")
     p.add_argument("--samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--jsonl", default=None, metavar="FILE",
+                   help="write each sequence as a JSON line to FILE (index, prompt, text, "
+                   "finish_reason, token counts; in order; written whole at the end) "
+                   "instead of printing it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true",
                    help="recompute the prefix every token (slow reference; no batching)")
@@ -165,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, stops = _config(args, text)
         if args.system is not None and not args.chat:  # would be silently ignored
             raise ValueError(f"--system={args.system!r} is not allowed without --chat")
+        if args.jsonl is not None:
+            _check_jsonl(args)
         if args.interactive and (not args.chat or args.prompts_file or args.no_cache
                                  or args.samples != 1):
             raise ValueError("--interactive is not allowed here: it needs --chat, reads "
@@ -172,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                              "(no --samples) with the cache (no --no-cache)")
         ids = [text.encode_chat(p, args.system) if args.chat else text.encode(p)
                for p in prompts]
+        typed = list(prompts)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = load_for_generation(args)
@@ -188,7 +197,12 @@ def run(args: argparse.Namespace) -> int:
                              stops)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
-        if len(prompts) == 1:
+        if args.jsonl is not None:
+            records: list[dict] = []
+            stats = _run_many(model, typed, ids, text, cfg, args.batch, stops, records)
+            _write_jsonl(Path(args.jsonl), records)
+            _report([stats], args.batch)
+        elif len(prompts) == 1:
             _report([_run_one(engine, prompts[0], ids[0], text, cfg, stops)], 1)
         else:
             _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops)],
@@ -233,12 +247,13 @@ def _run_one(engine: Engine, prompt: str, ids: list[int], text: ByteText | Token
 
 def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
               text: ByteText | TokenizerText, cfg: GenerationConfig, batch: int,
-              stops: _Stops = _Stops(None, ())) -> GenerationStats:
+              stops: _Stops = _Stops(None, ()), records: list[dict] | None = None
+              ) -> GenerationStats:
     """Every sequence through one ``Batcher`` of ``batch`` rows: a sequence that stops
     makes room for the next prompt at once (no batch waits for its longest sequence).
-    Each is printed, in order, once it and those before it are done. Sequence i samples
-    from a generator of its own (``sequence_seed``), so its text does not depend on
-    ``--batch``."""
+    Each is printed, in order, once it and those before it are done (with ``records``:
+    appended there as a dict instead). Sequence i samples from a generator of its own
+    (``sequence_seed``), so its text does not depend on ``--batch``."""
     batcher = Batcher(model, rows=min(batch, len(ids)),
                       context=max(map(len, ids)) + cfg.max_new_tokens)
     groups = [batcher.submit([p], cfg, torch.Generator().manual_seed(sequence_seed(cfg.seed, i)),
@@ -253,15 +268,49 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
             if g.error is not None:
                 raise g.error
             (gen,) = g.gens
-            print(f"--- {printed + 1} ({gen.finish_reason}, {len(gen.tokens)} tokens)")
-            print(prompts[printed] + cut_text(text.decode_after(ids[printed], gen.tokens),
-                                              stops.strings), flush=True)
+            new = cut_text(text.decode_after(ids[printed], gen.tokens), stops.strings)
+            if records is not None:
+                records.append({"index": printed, "prompt": prompts[printed], "text": new,
+                                "finish_reason": gen.finish_reason,
+                                "prompt_tokens": len(ids[printed]),
+                                "completion_tokens": len(gen.tokens)})
+            else:
+                print(f"--- {printed + 1} ({gen.finish_reason}, {len(gen.tokens)} tokens)")
+                print(prompts[printed] + new, flush=True)
             printed += 1
     prefill = sum(g.stats.prefill_s for g in groups)
     return GenerationStats(sequences=len(groups), prompt_tokens=sum(map(len, ids)),
                            new_tokens=sum(len(g.gens[0].tokens) for g in groups),
                            decode_steps=batcher.decode_steps, prefill_s=prefill,
                            decode_s=time.perf_counter() - t0 - prefill)
+
+
+def _check_jsonl(args: argparse.Namespace) -> None:
+    """--jsonl names a file that can be written (its folder exists and is writable), with
+    a run that writes sequences (not --interactive or --no-cache)."""
+    path = Path(args.jsonl)
+    if args.interactive or args.no_cache:
+        reject("--jsonl", args.jsonl, "it writes the sequences of a run of prompts: not with "
+               "--interactive or --no-cache")
+    if not args.jsonl or path.is_dir():
+        reject("--jsonl", args.jsonl, "it must name a file, not a directory")
+    if not path.parent.is_dir():
+        reject("--jsonl", args.jsonl, f"its folder {str(path.parent)!r} does not exist")
+    check_writable_folder("--jsonl", path, [path.parent])
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """The records as JSON lines in ``path``, whole or not at all (written beside it, then
+    renamed into place: a file there before stays as it was if this fails)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
