@@ -15,8 +15,14 @@ two servers side by side (the idle one waits on a queue). Wall time until the la
 answer, aggregate new tokens/s, and the batched server's time over the serial one's in
 the same round (median). Both servers must give the same texts.
 
+3. Arrivals (``--rate R``, 0 skips it): ``--requests`` streamed greedy requests
+arriving at random (exponential gaps, R a second on average; prompts of 16-256
+characters) to the ``--parallel C`` and ``--parallel 1`` servers in turn: mean time to
+the first text, mean time per later token, time until the last answer (medians over
+``--reps`` rounds).
+
     python benchmarks/bench_serve.py [--checkpoint DIR | --model small|fine|mixtral]
-        [--new-tokens 24] [--reps 5] [--clients 4]
+        [--new-tokens 24] [--reps 5] [--clients 4] [--rate 0 --requests 16]
 
 Default: a random moekit model of the "small" preset written to a temporary directory
 (small, so the per-token cost of the HTTP layer shows at its largest); ``fine`` and
@@ -164,6 +170,78 @@ def _concurrent(args, checkpoint: str) -> list[dict]:
     return rows
 
 
+def _timed_stream(url: str, body: dict, at: float, t0: float) -> tuple[float, float]:
+    """Post ``body`` streamed at ``t0 + at``: seconds to its first text, and to its end."""
+    time.sleep(max(0.0, t0 + at - time.perf_counter()))
+    start, first = time.perf_counter(), None
+    req = urllib.request.Request(url + "/v1/completions",
+                                 data=json.dumps({**body, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if first is None and line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                if event["choices"] and event["choices"][0]["text"]:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return (end if first is None else first) - start, end - start
+
+
+def _arrivals(args, checkpoint: str) -> list[dict]:
+    """Part 3: ``--requests`` streamed greedy requests arriving at ``--rate`` a second
+    (exponential gaps, seeded; prompts of 16-256 characters), to both servers in turn:
+    the mean time to the first text (TTFT), the mean time per later token (TPOT) and the
+    time until the last answer, medians over rounds."""
+    import random
+
+    rng = random.Random(0)
+    gaps = [rng.expovariate(args.rate) for _ in range(args.requests)]
+    at = [sum(gaps[:i]) for i in range(args.requests)]
+    text = PROMPT * 12  # 276 characters
+    bodies = [{"prompt": text[:rng.randint(16, 256)], "max_tokens": args.new_tokens,
+               "temperature": 0} for _ in range(args.requests)]
+    C = args.clients or 4
+    (batched, a), (serial, b) = _serve(checkpoint, "--parallel", str(C)), \
+        _serve(checkpoint, "--parallel", "1")
+    ways = {f"rate {args.rate:g}/s, --parallel {C}": batched,
+            f"rate {args.rate:g}/s, --parallel 1": serial}
+    got: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ways}
+    try:
+        _wait(batched, a)
+        _wait(serial, b)
+        for url in ways.values():  # warm-up
+            _post(url, bodies[0])
+        for _ in range(args.reps):
+            for k, url in ways.items():
+                t0 = time.perf_counter() + 0.05
+                out: list = [None] * len(bodies)
+
+                def ask(i: int, url: str = url, t0: float = t0, out: list = out) -> None:
+                    out[i] = _timed_stream(url, bodies[i], at[i], t0)
+
+                threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                if any(o is None for o in out):
+                    raise RuntimeError(f"{k}: a request failed")
+                ttft = statistics.mean(f for f, _ in out)
+                tpot = statistics.mean((e - f) / (args.new_tokens - 1) for f, e in out)
+                got[k].append((ttft, tpot, wall))
+    finally:
+        _stop(a, b)
+    rows = []
+    for k, runs in got.items():
+        row = {"way": k, "ttft_ms": 1e3 * statistics.median(r[0] for r in runs),
+               "tpot_ms": 1e3 * statistics.median(r[1] for r in runs),
+               "wall_ms": 1e3 * statistics.median(r[2] for r in runs)}
+        rows.append(row)
+        print(f"{k:28s} mean TTFT {row['ttft_ms']:8.1f} ms  mean TPOT {row['tpot_ms']:6.1f} ms"
+              f"  last answer {row['wall_ms']:8.1f} ms after the first request", flush=True)
+    return rows
+
+
 def run(args) -> list[dict]:
     from moekit.inference.server import Service
     from moekit.inference.text import text_for
@@ -195,6 +273,8 @@ def run(args) -> list[dict]:
         rows = _http_rows(args, times)
         if args.clients:
             rows += _concurrent(args, checkpoint)
+        if args.rate:
+            rows += _arrivals(args, checkpoint)
     return rows
 
 
@@ -217,12 +297,19 @@ def add(p) -> None:
     p.add_argument("--model", default="small", choices=("small", "fine", "mixtral"),
                    help="the random model's shape without --checkpoint (default small)")
     p.add_argument("--clients", type=int, default=4,
-                   help="concurrent clients of part 2 (default 4; 0 skips it)")
+                   help="concurrent clients of part 2 (default 4; 0 skips it), and part "
+                   "3's --parallel")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="part 3: requests a second arriving at random (default 0: skip)")
+    p.add_argument("--requests", type=int, default=16, help="part 3's requests")
 
 
 def check(args) -> None:
     if not 0 <= args.clients <= 64:
         raise ValueError(f"--clients={args.clients} is not allowed: it must be in [0, 64]")
+    if not 0 <= args.rate <= 1000 or not 1 <= args.requests <= 1000:
+        raise ValueError(f"--rate={args.rate} / --requests={args.requests} are not allowed: "
+                         "a rate in [0, 1000] and 1 to 1000 requests")
 
 
 if __name__ == "__main__":
