@@ -67,6 +67,7 @@ from moekit.inference.engine import (
     _Stops,
     checked_options,
     checked_prompts,
+    left_padded,
 )
 from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
@@ -110,8 +111,8 @@ class Group:
 @dataclass(eq=False)
 class _Fill:
     """Groups prefilling together (a cohort): their own cache, their distinct prompts
-    left-padded [U, L], the positions done, each group's sequences' rows; at the end each
-    group's first tokens and the sequences that go on."""
+    left-padded [U, L], the positions done, each group's sequences' rows; at the end the
+    sequences that go on, with their first tokens."""
 
     groups: list[Group]
     cache: StaticKVCache
@@ -119,8 +120,9 @@ class _Fill:
     rows: list[list[int]]
     pos: int = 0
     logits_UV: Tensor | None = None  # the last chunk's
-    tokens: list[list[int]] = field(default_factory=list)
-    keep: list[list[int]] = field(default_factory=list)
+    # after the first tokens: (group, sequence, its row here, its first token) of each
+    # sequence that goes on
+    joining: list[tuple[Group, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -293,8 +295,8 @@ class Batcher:
         groups = [self._waiting.popleft()]
         free -= len(groups[0].ids)
         distinct = dict.fromkeys(tuple(p) for p in groups[0].ids)
-        alone = len(groups[0].ids) == 1 and self._prefix_for(groups[0].ids[0]) is not None
-        while not alone and self._waiting and len(self._waiting[0].ids) <= free:
+        hit = self._prefix_for(groups[0].ids[0]) if len(groups[0].ids) == 1 else None
+        while hit is None and self._waiting and len(self._waiting[0].ids) <= free:
             g = self._waiting[0]
             if len(g.ids) == 1 and self._prefix_for(g.ids[0]) is not None:
                 break  # it prefills alone, after these
@@ -312,7 +314,7 @@ class Batcher:
                              c.k[0].device)
         index = {p: u for u, p in enumerate(prompts)}
         rows = [[index[tuple(p)] for p in g.ids] for g in groups]
-        return _Fill(groups, into, self._prefill_ids(groups[0], prompts, into), rows)
+        return _Fill(groups, into, self._prefill_ids(groups[0], hit, prompts, into), rows)
 
     def _prefill(self, fill: _Fill) -> None:
         """The rest of a cohort's prefill, alone (nothing else runs)."""
@@ -334,15 +336,13 @@ class Batcher:
             stopped = self._take(g, list(range(len(g.ids))), tokens_R, logits_RV)
             for i in sorted(stopped):
                 self._remember(g, i, fill.cache, rows[i])
-            keep = [i for i in range(len(g.ids)) if i not in stopped]
-            if keep:
-                went_on.append((g, rows, tokens_R.tolist(), keep))
+            if len(stopped) < len(g.ids):
+                went_on.append(g)
+                fill.joining += [(g, i, rows[i], tok) for i, tok in enumerate(tokens_R.tolist())
+                                 if i not in stopped]
             else:
                 self._finish(g)
-        fill.groups = [g for g, *_ in went_on]
-        fill.rows = [rows for _, rows, *_ in went_on]
-        fill.tokens = [tokens for *_, tokens, _ in went_on]
-        fill.keep = [keep for *_, keep in went_on]
+        fill.groups = went_on
         fill.logits_UV = None
 
     def _room(self, fill: _Fill) -> int | None:
@@ -365,8 +365,7 @@ class Batcher:
         elif d:
             c.shift(d)
             self._ends = [e + d for e in self._ends]
-        parts = [(g, i, rows[i], tokens[i]) for g, rows, tokens, keep in
-                 zip(fill.groups, fill.rows, fill.tokens, fill.keep, strict=True) for i in keep]
+        parts = fill.joining
         c.join(fill.cache, torch.tensor([row for _, _, row, _ in parts], dtype=torch.long),
                [len(g.ids[i]) for g, i, _, _ in parts])
         for g, i, _, token in parts:
@@ -374,31 +373,25 @@ class Batcher:
             self._next.append(token)
             self._ends.append(c.length + g.config.max_new_tokens - 1)
 
-    def _prefill_ids(self, group: Group, prompts: list[tuple[int, ...]],
-                     cache: StaticKVCache) -> Tensor:
-        """``prompts`` left-padded [U, L] with ``cache`` reset for them; one prompt that
-        continues a kept prefix: only its rest, the prefix's keys and values copied in."""
-        dev = cache.slots_M.device
-        if len(prompts) == len(group.ids) == 1 and \
-                (hit := self._prefix_for(group.ids[0], touch=True)) is not None:
-            entry, n = hit
-            cache.reset(torch.zeros(1, dtype=torch.long, device=dev))
-            for dst, src in zip((*cache.k, *cache.v), (*entry.k, *entry.v), strict=True):
-                dst[0, :, :n] = src[:, :n]
-            cache.length = group.reused = n
-            return torch.tensor([group.ids[0][n:]], device=dev)
-        L = max(len(p) for p in prompts)
-        ids_UL = torch.zeros(len(prompts), L, dtype=torch.long, device=dev)
-        for u, p in enumerate(prompts):
-            ids_UL[u, L - len(p):] = torch.tensor(p)
-        cache.reset(torch.tensor([L - len(p) for p in prompts], device=dev))
-        return ids_UL
+    def _prefill_ids(self, group: Group, hit: tuple[_Prefix, int] | None,
+                     prompts: list[tuple[int, ...]], cache: StaticKVCache) -> Tensor:
+        """``prompts`` left-padded [U, L] with ``cache`` reset for them; with ``hit`` (the
+        group's one prompt continues a kept prefix): only its rest, the prefix's keys and
+        values copied in (the prefix is then the most recently used)."""
+        if hit is None:
+            return left_padded(prompts, cache)
+        entry, n = hit
+        self._prefixes.remove(entry)
+        self._prefixes.appendleft(entry)
+        cache.reset(torch.zeros(1, dtype=torch.long, device=cache.slots_M.device))
+        for dst, src in zip((*cache.k, *cache.v), (*entry.k, *entry.v), strict=True):
+            dst[0, :, :n] = src[:, :n]
+        cache.length = group.reused = n
+        return torch.tensor([group.ids[0][n:]], device=cache.slots_M.device)
 
-    def _prefix_for(self, prompt: list[int], touch: bool = False
-                    ) -> tuple[_Prefix, int] | None:
+    def _prefix_for(self, prompt: list[int]) -> tuple[_Prefix, int] | None:
         """The kept prefix sharing the most leading ids with ``prompt`` and how many (at
-        least one id left to prefill: its logits), or None; ``touch``: it is used (most
-        recently used first)."""
+        least one id left to prefill: its logits), or None."""
         best, most = None, 0
         for entry in self._prefixes:
             n, top = 0, min(len(entry.ids), len(prompt) - 1)
@@ -406,12 +399,7 @@ class Batcher:
                 n += 1
             if n > most:
                 best, most = entry, n
-        if best is None:
-            return None
-        if touch:
-            self._prefixes.remove(best)
-            self._prefixes.appendleft(best)
-        return best, most
+        return None if best is None else (best, most)
 
     def _remember(self, group: Group, i: int, cache: StaticKVCache, row: int) -> None:
         """Keep a finished single-sequence group's keys and values (prompt and the tokens
@@ -537,22 +525,29 @@ class Batcher:
         for r in sorted(stopped):
             g, i = self._seqs[r]
             self._remember(g, i, c, r)
-        keep = [r for r in range(len(self._seqs)) if r not in stopped]
         gone = {self._seqs[r][0] for r in stopped}
-        c.keep_rows(torch.tensor(keep, dtype=torch.long, device=c.slots_M.device))
-        self._seqs = [self._seqs[r] for r in keep]
-        self._next = [self._next[r] for r in keep]
-        self._ends = [self._ends[r] for r in keep]
+        self._drop(stopped)
         still = {g for g, _ in self._seqs}
         for g in gone - still:
             self._finish(g)
         if not self._seqs:
-            c.length = 0
             return
         first = int(c.pad_B[:c.rows].min())
         if first and 2 * first >= c.length:
             c.shift(-first)
             self._ends = [e - first for e in self._ends]
+
+    def _drop(self, rows: set[int]) -> None:
+        """Take ``rows`` out of the batch: the cache's rows and the sequences' records (the
+        cache empty once none is left)."""
+        c = self.cache
+        keep = [r for r in range(len(self._seqs)) if r not in rows]
+        c.keep_rows(torch.tensor(keep, dtype=torch.long, device=c.slots_M.device))
+        self._seqs = [self._seqs[r] for r in keep]
+        self._next = [self._next[r] for r in keep]
+        self._ends = [self._ends[r] for r in keep]
+        if not self._seqs:
+            c.length = 0
 
     def _finish(self, group: Group) -> None:
         gens = group.gens
@@ -569,13 +564,7 @@ class Batcher:
         """End ``groups`` with ``error`` (their rows dropped)."""
         drop = {r for r, (g, _) in enumerate(self._seqs) if g in groups}
         if drop:
-            keep = [r for r in range(len(self._seqs)) if r not in drop]
-            self._seqs = [self._seqs[r] for r in keep]
-            self._next = [self._next[r] for r in keep]
-            self._ends = [self._ends[r] for r in keep]
-            self.cache.keep_rows(torch.tensor(keep, dtype=torch.long))
-            if not self._seqs:
-                self.cache.length = 0
+            self._drop(drop)
         for g in groups:
             g.error, g.done = error, True
             if g.on_done is not None:

@@ -216,12 +216,7 @@ class Engine:
                 c.reset(torch.zeros(1, dtype=torch.long, device=w.device))  # one row
                 c.length = n
                 return torch.tensor([ids[0][n:]], device=w.device), c, n
-        ids_BL = torch.zeros(B, L, dtype=torch.long, device=w.device)
-        pad_B = torch.tensor([L - len(p) for p in ids], device=w.device)
-        for b, p in enumerate(ids):
-            ids_BL[b, L - len(p):] = torch.tensor(p)
-        c.reset(pad_B)
-        return ids_BL, c, 0
+        return left_padded(ids, c), c, 0
 
     def _run(self, ids: list[list[int]], cfg: GenerationConfig, on_token: OnToken | None,
              generator: torch.Generator, stop_when: StopWhen | None = None,
@@ -284,6 +279,17 @@ class Engine:
                                 decode_steps=steps, prefill_s=t1 - t0, decode_s=t2 - t1,
                                 reused_tokens=reused)
         return gens, stats
+
+
+def left_padded(prompts: Sequence[Sequence[int]], cache: StaticKVCache) -> Tensor:
+    """The prompts left-padded to the longest, [B, L], with ``cache`` reset for them."""
+    dev = cache.slots_M.device
+    L = max(len(p) for p in prompts)
+    ids_BL = torch.zeros(len(prompts), L, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        ids_BL[b, L - len(p):] = torch.tensor(p)
+    cache.reset(torch.tensor([L - len(p) for p in prompts], device=dev))
+    return ids_BL
 
 
 def checked_options(config: GenerationConfig | None, generator: torch.Generator | None,
