@@ -9,6 +9,7 @@ Shape letters used across the package:
 import moekit._quiet  # noqa: F401  (before torch: see the module)
 from moekit.config import MoEConfig
 from moekit.dispatch.plan import Dispatch, RoutingPlan
+from moekit.hugepages import HugePages, huge_pages
 from moekit.layer import MoE, MoEOutput, attach_bias_update, update_all_biases
 from moekit.malloc import tune_malloc
 from moekit.multigate import MultiGateMoE, MultiGateOutput
@@ -35,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Dispatch",
+    "HugePages",
     "MoE",
     "MoEConfig",
     "MoEOutput",
@@ -44,6 +46,7 @@ __all__ = [
     "RoutingStats",
     "apply_hf",
     "attach_bias_update",
+    "huge_pages",
     "quantize",
     "revert_hf",
     "tune_malloc",

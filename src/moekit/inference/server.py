@@ -838,7 +838,7 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from moekit.train.generate_cli import add_model_arguments
 
-    add_model_arguments(p)
+    add_model_arguments(p, huge_pages=True)  # a server runs long: worth its seconds
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import check_positive_int, check_writable_folder, reject
+from moekit.hugepages import huge_pages
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
     EmptyPromptError,
@@ -34,9 +35,10 @@ from moekit.train.checkpoint import CheckpointError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) -> None:
     """The flags that say which model to load and how (``load_for_generation`` reads
-    them): generate's, and serve's and perplexity's."""
+    them): generate's, and serve's and perplexity's (``huge_pages``: --huge-pages's
+    default)."""
     p.add_argument("--checkpoint", required=True,
                    help="run directory (uses its LATEST), a step_* directory or a "
                    "`moekit quantize` output")
@@ -50,6 +52,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
     p.add_argument("--no-prefetch", action="store_true",
                    help="with --expert-memory: do not read the next layer's experts ahead")
+    p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=huge_pages,
+                   help="move the loaded weights into transparent huge pages "
+                   "(moekit.huge_pages: ~2-3 s per GiB once, then decode steps 2-7%% "
+                   f"faster on the Intel VM; default {'on' if huge_pages else 'off'})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -222,14 +228,19 @@ def close_offload(model: MoETransformer | None) -> None:
 
 
 def load_for_generation(args: argparse.Namespace) -> MoETransformer:
-    """The checkpoint's model: resident, quantized, or with its experts read on demand."""
+    """The checkpoint's model: resident, quantized, or with its experts read on demand;
+    with --huge-pages its weights moved into huge pages (what was done to stderr)."""
     if args.expert_memory is None:
-        return load_model(args.checkpoint, DTYPES[args.dtype])
-    if args.dtype != "fp32":
+        model = load_model(args.checkpoint, DTYPES[args.dtype])
+    elif args.dtype != "fp32":
         raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
                          "offloaded experts run in the checkpoint's own dtype (fp32)")
-    return load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy,
-                          prefetch=not args.no_prefetch)
+    else:
+        model = load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy,
+                               prefetch=not args.no_prefetch)
+    if args.huge_pages:
+        print(f"moekit: {huge_pages(model)}", file=sys.stderr)
+    return model
 
 
 def _run_one(engine: Engine, prompt: str, ids: list[int], text: ByteText | TokenizerText,
