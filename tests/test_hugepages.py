@@ -192,3 +192,57 @@ def test_generate_and_serve_flags(tmp_path, capsys, monkeypatch):
         p = argparse.ArgumentParser()
         cmd(p)
         assert p.parse_args(["--checkpoint", "x", *flags]).huge_pages is want
+
+
+@linux
+def test_a_files_mapping_is_copied_out_first(tmp_path):
+    """A checkpoint loaded without a copy maps its file: the kernel collapses anonymous
+    memory only, so the tensors on it move to a copy (same Parameters, ties, views)."""
+    n = 5 * MiB // 4  # two 5 MiB halves of one mapped file
+    want = torch.randn(2 * n, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(want.numpy().tobytes())
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    flat = torch.frombuffer(m, dtype=torch.float32)
+    mod = torch.nn.Module()
+    mod.a = torch.nn.Parameter(flat[:n].view(1024, -1))
+    mod.b = torch.nn.Parameter(flat[n:].view(1024, -1))
+    mod.register_buffer("a_view", mod.a.detach()[:4])
+    a, ptr = mod.a, flat.data_ptr()
+    assert hp._file_backed(ptr)
+    r = huge_pages(mod)
+    assert r.copied == 2 * n * 4 and r.tensors == 1
+    assert mod.a is a and mod.a.requires_grad  # the same Parameter object
+    assert mod.a.untyped_storage().data_ptr() != ptr and not hp._file_backed(mod.a.data_ptr())
+    # the three tensors still share one storage, at their offsets
+    assert mod.b.data_ptr() == mod.a.data_ptr() + n * 4 == mod.a_view.data_ptr() + n * 4
+    assert torch.equal(torch.cat([mod.a.detach().flatten(), mod.b.detach().flatten()]), want)
+    if r.reason is None:
+        assert r.collapsed == r.asked > 0
+    del flat
+    m.close()
+
+
+def test_a_checkpoint_generates_the_same_after_huge_pages(tmp_path):
+    """load_model maps the checkpoint's file: huge_pages copies it out, same tokens."""
+    from moekit.inference.engine import Engine, GenerationConfig
+    from moekit.models import LMConfig, MoETransformer
+    from moekit.train.checkpoint import save_checkpoint
+    from moekit.train.generate_cli import load_model
+
+    torch.manual_seed(0)
+    model = MoETransformer(LMConfig(vocab_size=256, dim=256, num_layers=2, num_heads=4,
+                                    ffn_dim=256, num_experts=16, top_k=2,
+                                    max_seq_len=64)).eval()
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    cfg = GenerationConfig(max_new_tokens=10)
+    want = [g.tokens for g in Engine(model).generate([[1, 2, 3]], cfg)[0]]
+    loaded = load_model(str(tmp_path / "run"), torch.float32)
+    r = huge_pages(loaded)
+    assert r.tensors >= 4 and r.copied > 0  # safetensors mapped the file
+    assert [g.tokens for g in Engine(loaded).generate([[1, 2, 3]], cfg)[0]] == want
+    for (name, p), q in zip(loaded.state_dict().items(), model.state_dict().values(),
+                            strict=True):
+        assert torch.equal(p, q), name
