@@ -316,8 +316,36 @@ def test_log_likelihoods_as_evaluation_harnesses_ask_for_them(byte_server):
                              for j, t in enumerate(cont))
 
 
+@pytest.mark.parametrize("body", [
+    {"prompt": ["def f(", "x = "], "max_tokens": 12, "temperature": 0, "logprobs": 2},
+    {"prompt": "def f(", "max_tokens": 16, "temperature": 0.9, "seed": 7, "n": 2,
+     "logprobs": 1, "stop": ["v", "W"]},
+])
+def test_streamed_logprobs_are_the_whole_answers(byte_server, body):
+    """A stream with logprobs: its chunks' texts and log-probability entries, joined per
+    choice, are the whole answer's (tokens, log-probabilities, the most likely tokens,
+    text offsets), the tokens past a stop string included, as the whole answer has them."""
+    _, url, _ = byte_server
+    status, whole = _post(url, body)
+    assert status == 200
+    status, events = _post(url, {**body, "stream": True})
+    assert status == 200 and events[-1] == "[DONE]"
+    for c in whole["choices"]:
+        chunks = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == c["index"]]
+        assert "".join(k["text"] for k in chunks) == c["text"]
+        lps = [k["logprobs"] for k in chunks if k["logprobs"] is not None]
+        assert lps
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [x for lp in lps for x in lp[key]] == c["logprobs"][key], key
+        assert chunks[-1]["finish_reason"] == c["finish_reason"]
+    if "stop" in body:  # the case of tokens past the stop string is here
+        assert any(c["finish_reason"] == "stop" and len(c["logprobs"]["tokens"]) > 0
+                   for c in whole["choices"])
+
+
 @pytest.mark.parametrize("body,param,words", [
-    ({"prompt": "a", "logprobs": 2, "stream": True}, "logprobs", "only with stream false"),
+    ({"prompt": "a", "logprobs": 2, "echo": True, "stream": True}, "echo",
+     "only with stream false"),
     ({"prompt": "a", "logprobs": 21}, "logprobs", "logprobs=21"),
     ({"prompt": "a", "top_logprobs": 2}, "top_logprobs", "completions take logprobs: N"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens", "max_tokens=0"),
@@ -516,6 +544,13 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
         assert [e["logprob"] for e in content] == pytest.approx(
             [float(hf_logp[len(ids) + j - 1, t]) for j, t in enumerate(new)], abs=1e-4)
         assert all(len(e["top_logprobs"]) == 2 for e in content)
+        # streamed: the chunks' entries, joined, are the whole answer's
+        status, events = _post(url, {**body, "logprobs": True, "top_logprobs": 2,
+                                     "stream": True}, "/v1/chat/completions")
+        chunks = [e["choices"][0] for e in events[:-1]]
+        assert "".join(c["delta"].get("content", "") for c in chunks) == want
+        assert [x for c in chunks if c["logprobs"] is not None
+                for x in c["logprobs"]["content"]] == content
         for bad, param in (({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
                            ({"echo": True}, "echo")):
             status, r = _post(url, {**body, **bad}, "/v1/chat/completions")

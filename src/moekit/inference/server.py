@@ -15,7 +15,8 @@ context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
 ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``,
 ``logprobs`` (completions: the N most likely tokens too, N <= 20; chat: ``logprobs:
 true`` and ``top_logprobs``: each token's log-probability under the model, before
-temperature and top-k / top-p; not with ``stream``), ``echo`` (completions: the prompt
+temperature and top-k / top-p; streamed chunks carry those of the tokens their text came
+from), ``echo`` (completions: the prompt
 first in the text and, with ``logprobs``, its tokens' log-probabilities, the first one
 null; ``max_tokens: 0`` then scores the prompt alone, as lm-evaluation-harness asks).
 Chat completions take ``tools`` (rendered by the chat template) and answer a reply's
@@ -76,6 +77,8 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text,
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
+# a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
+OnText = Callable[[int, str, "list[tuple] | None"], bool]
 MAX_PARALLEL = 256  # sequences decoded together (--parallel)
 DEFAULT_PARALLEL = 4  # as llama-server's slots
 DEFAULT_CONTEXT = 4096  # tokens a request may use unless --context says otherwise
@@ -274,8 +277,8 @@ class Service:
             self._jobs = None
 
     def _start(self, job: _Job) -> None:
-        def on_text(i: int, piece: str) -> bool:
-            job.out.put((i, piece))
+        def on_text(i: int, piece: str, entries: list[tuple] | None) -> bool:
+            job.out.put((i, (piece, entries)))
             return not job.gone
 
         def done(result: tuple | BaseException) -> None:
@@ -343,10 +346,8 @@ class Service:
         if stream and tools:
             _reject("stream", True, "moekit serve parses tool calls from whole replies: "
                     "stream false with tools")
-        if stream and (logprobs is not None or echo):
-            _reject("logprobs" if logprobs is not None else "echo", body.get("logprobs")
-                    if logprobs is not None else True, "moekit serve gives log-probabilities "
-                    "and echoed prompts only with stream false")
+        if stream and echo:
+            _reject("echo", True, "moekit serve echoes prompts only with stream false")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False),
                                                            bool):
@@ -369,12 +370,15 @@ class Service:
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
                        options.get("include_usage", False), logprobs, echo, bool(tools))
 
-    def generate(self, request: Request, on_text: Callable[[int, str], bool] | None = None
+    def generate(self, request: Request, on_text: OnText | None = None
                  ) -> tuple[list[Choice], dict, dict]:
-        """The choices, the usage and the timings (``_timings``). ``on_text(i, piece)``
-        gets each sequence's new text as it is produced (what the answer holds: cut before
-        a stop string), on the caller's thread; where it returns False (the client is
-        gone) every sequence stops."""
+        """The choices, the usage and the timings (``_timings``). ``on_text(i, piece,
+        entries)`` gets each sequence's new text as it is produced (what the answer holds:
+        cut before a stop string) and, with ``request.logprobs``, the (token,
+        log-probability, most likely tokens) entries of the tokens since the last piece
+        (else None; the last call may have an empty piece: tokens whose text was cut),
+        on the caller's thread; where it returns False (the client is gone) every
+        sequence stops."""
         jobs = self._jobs
         if jobs is None:  # no thread in work(): run it here, alone
             out: list = []
@@ -392,10 +396,10 @@ class Service:
                 return value
             if kind == "error":
                 raise value
-            if not job.gone and not on_text(kind, value):
+            if not job.gone and not on_text(kind, *value):
                 job.gone = True
 
-    def _open(self, request: Request, on_text: Callable[[int, str], bool] | None,
+    def _open(self, request: Request, on_text: OnText | None,
               done: Callable[[tuple | BaseException], None]) -> list[Group]:
         """Submit ``request`` to the batcher (its groups; none where nothing is generated:
         an echoed prompt scored); ``done`` gets ``generate``'s result, or the exception,
@@ -418,14 +422,25 @@ class Service:
                                             for p in request.ids]
         gone = False
         by_text = text.stop_when(stops)
+        # with logprobs: each sequence's tokens not yet sent with a piece of text
+        pending: list[list[tuple]] | None = None if request.logprobs is None else [
+            [] for _ in request.ids]
+        groups: dict[int, Group] = {}  # by their first sequence's index
 
         def send(i: int, piece: str) -> None:
             nonlocal gone
-            if piece and not gone and not on_text(i, piece):
-                gone = True
+            entries = None if pending is None else pending[i]
+            if (piece or entries) and not gone:
+                if pending is not None:
+                    pending[i] = []
+                if not on_text(i, piece, entries):
+                    gone = True
 
-        def on_token(i: int, tok: int) -> None:
-            send(i, emits[i](tok))
+        def on_token(o: int, i: int, tok: int) -> None:
+            if pending is not None:  # the batcher recorded them before calling this
+                g = groups[o].gens[i]
+                pending[o + i].append((tok, g.logprobs[-1], g.top_logprobs[-1]))
+            send(o + i, emits[o + i](tok))
 
         def stop_when(i: int, tokens: list[int]) -> bool:
             return gone or (by_text is not None and by_text(i, tokens))
@@ -460,12 +475,14 @@ class Service:
                 finish([gen for o in starts for gen in ended[o].gens],
                        _merged([ended[o].stats for o in starts]))
 
-        return [self.batcher.submit(
-            request.ids[o:o + size], request.config if j == 0 else dataclasses.replace(
-                request.config, seed=sequence_seed(request.config.seed, j)),
-            on_token=None if on_text is None else (lambda i, t, o=o: on_token(o + i, t)),
-            stop_when=lambda i, t, o=o: stop_when(o + i, t), logprobs=request.logprobs,
-            on_done=lambda g, o=o: part_done(o, g)) for j, o in enumerate(starts)]
+        for j, o in enumerate(starts):  # (no step runs before submit returns)
+            groups[o] = self.batcher.submit(
+                request.ids[o:o + size], request.config if j == 0 else dataclasses.replace(
+                    request.config, seed=sequence_seed(request.config.seed, j)),
+                on_token=None if on_text is None else (lambda i, t, o=o: on_token(o, i, t)),
+                stop_when=lambda i, t, o=o: stop_when(o + i, t), logprobs=request.logprobs,
+                on_done=lambda g, o=o: part_done(o, g))
+        return list(groups.values())
 
     def _result(self, request: Request, gens: list[Generation], stats, start: float
                 ) -> tuple[list[Choice], dict, dict]:
@@ -609,27 +626,38 @@ def _param(message: str, max_name: str) -> str:
 def _answer(service: Service, request: Request, rid: str, created: int,
             choices: list[Choice], usage: dict) -> dict:
     head = {"id": rid, "created": created, "model": service.name}
-
-    def token(t: int) -> tuple[str, bytes]:
-        raw = service.text.token_bytes(t)
-        return token_label(raw), raw
-
+    token = _labeller(service)
     if request.chat:
         out = []
         for i, c in enumerate(choices):
             message = _message(c.text, request.tools)
             out.append({"index": i, "message": message, "finish_reason": "tool_calls"
                         if "tool_calls" in message else c.finish_reason,
-                        "logprobs": None if c.logprobs is None else {
-                            "refusal": None, "content": [
-                                {**_token_entry(*token(t), lp),
-                                 "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
-                                for t, lp, top in c.logprobs]}})
+                        "logprobs": None if c.logprobs is None
+                        else _chat_logprobs(c.logprobs, token)})
         return {**head, "object": "chat.completion", "usage": usage, "choices": out}
     return {**head, "object": "text_completion", "usage": usage, "choices": [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-         "logprobs": None if c.logprobs is None else _completion_logprobs(c.logprobs, token)}
+         "logprobs": None if c.logprobs is None
+         else _completion_logprobs(c.logprobs, token)[0]}
         for i, c in enumerate(choices)]}
+
+
+def _labeller(service: Service) -> Callable[[int], tuple[str, bytes]]:
+    """A token id's label (its text, or ``bytes:\\xNN`` for part of a character) and bytes."""
+    def token(t: int) -> tuple[str, bytes]:
+        raw = service.text.token_bytes(t)
+        return token_label(raw), raw
+
+    return token
+
+
+def _chat_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]) -> dict:
+    """Chat's ``logprobs`` object: each token's entry with the most likely tokens there."""
+    return {"refusal": None, "content": [
+        {**_token_entry(*token(t), lp),
+         "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
+        for t, lp, top in entries]}
 
 
 def _message(text: str, tools: bool) -> dict:
@@ -645,30 +673,31 @@ def _token_entry(label: str, raw: bytes, logprob: float) -> dict:
     return {"token": label, "logprob": logprob, "bytes": list(raw)}
 
 
-def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]
-                         ) -> dict:
+def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]],
+                         at: int = 0) -> tuple[dict, int]:
     """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the
     most likely tokens at each (a dict by token label) and each token's offset in the
-    text (the sum of the tokens' own texts before it; a part of a character counts 0)."""
+    text (``at`` + the tokens' own texts before it; a part of a character counts 0); and
+    the offset after the last (a stream's next chunk starts there)."""
     labels = [token(t)[0] for t, _, _ in entries]
-    offsets, at = [], 0
+    offsets = []
     for label in labels:
         offsets.append(at)
         at += 0 if label.startswith("bytes:") else len(label)
     return {"tokens": labels, "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [None if top is None else {token(u)[0]: v for u, v in top}
                              for _, _, top in entries],
-            "text_offset": offsets}
+            "text_offset": offsets}, at
 
 
 def _chunk(request: Request, head: dict, i: int, piece: str | None,
-           finish: str | None = None) -> dict:
+           finish: str | None = None, logprobs: dict | None = None) -> dict:
     if request.chat:
         delta = {} if piece is None else {"content": piece}
         return {**head, "object": "chat.completion.chunk", "choices": [
-            {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
     return {**head, "object": "text_completion", "choices": [
-        {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": None}]}
+        {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}]}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -798,9 +827,19 @@ class Handler(BaseHTTPRequestHandler):
                 chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 if not send(chunk):
                     return
+        token = _labeller(self.service)
+        offsets = [0] * len(request.ids)  # completions: each sequence's text_offset so far
+
+        def on_text(i: int, piece: str, entries: list[tuple] | None) -> bool:
+            logprobs = None
+            if entries is not None and request.chat:
+                logprobs = _chat_logprobs(entries, token)
+            elif entries is not None:
+                logprobs, offsets[i] = _completion_logprobs(entries, token, offsets[i])
+            return send(_chunk(request, head, i, piece, logprobs=logprobs))
+
         try:
-            choices, usage, timings = self.service.generate(
-                request, lambda i, piece: send(_chunk(request, head, i, piece)))
+            choices, usage, timings = self.service.generate(request, on_text)
         except Exception as e:  # noqa: BLE001 (the stream ends with the error)
             send({"error": {"message": f"the generation failed: {type(e).__name__}: {e}",
                             "type": "server_error", "param": None, "code": None}})
