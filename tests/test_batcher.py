@@ -396,3 +396,42 @@ def test_infer_pair_is_two_infers(changes):
     assert (a.length, b.length) == (7, 9)
     for x, y in zip(a.k + a.v + b.k + b.v, a2.k + a2.v + b2.k + b2.v, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_cancelled_groups_leave_and_the_others_are_unchanged():
+    """cancel: a waiting group never runs; a running one stops at the next step with the
+    tokens it had (a prefix of its solo generation); a group being prefilled leaves once
+    its prefill ends; those beside them generate what they generate alone."""
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=12)
+    prompts = [[5, 6, 7], [8, 9], list(range(10, 22)), [14] * 9]
+    batcher = Batcher(model, rows=2, context=40, prefill_chunk=4)
+    done = []
+    groups = [batcher.submit([p], cfg, on_done=done.append) for p in prompts]
+    batcher.step()  # groups 0 and 1 run; 2 and 3 wait
+    assert batcher.running == 2 and batcher.waiting == 2
+    batcher.cancel(groups[3])  # waiting: gone now, never prefilled
+    assert groups[3].done and done == [groups[3]] and batcher.waiting == 1
+    assert groups[3].gens[0].tokens == [] and groups[3].gens[0].finish_reason == "cancelled"
+    for _ in range(3):
+        batcher.step()
+    batcher.cancel(groups[0])  # running: leaves at the next step with the tokens it has
+    n = len(groups[0].gens[0].tokens)
+    assert not groups[0].done and 1 < n < 12
+    batcher.step()
+    assert groups[0].done and groups[0].gens[0].finish_reason == "cancelled"
+    assert groups[0].gens[0].tokens == _alone(model, [prompts[0]], cfg)[0][0][:n]
+    # group 2's prefill (12 tokens: 3 chunks of 4) rides on group 1's steps
+    assert batcher._filling is not None and groups[2] in batcher._filling.groups
+    batcher.cancel(groups[2])
+    while batcher.step():
+        pass
+    assert groups[2].done and groups[2].gens[0].finish_reason == "cancelled"
+    assert len(groups[2].gens[0].tokens) <= 1
+    assert [(s.tokens, s.finish_reason) for s in groups[1].gens] == _alone(
+        model, [prompts[1]], cfg)
+    assert done.count(groups[0]) == done.count(groups[2]) == 1
+    batcher.cancel(groups[1])  # done: left as it was
+    assert groups[1].gens[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="group='list' is not allowed"):
+        batcher.cancel([groups[1]])

@@ -416,6 +416,80 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
 
 
+def _raw_post(url: str, body: dict):
+    """A socket that has sent a POST of ``body`` to /v1/completions (read nothing)."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+              b"application/json\r\nContent-Length: " + str(len(data)).encode()
+              + b"\r\n\r\n" + data)
+    return s
+
+
+def _until(condition, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_clients_gone_before_their_answer_are_cancelled():
+    """Whole answers (nothing is written until the end): a client that closes while its
+    request waits for a row is dropped from the queue, never prefilled; one that closes
+    while its sequence runs stops it (`Batcher.cancel`); /metrics counts both; the
+    server keeps serving. One row, each step slowed to 30 ms."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny", parallel=1)
+    service.generate(service.parse({"prompt": "a", "max_tokens": 2}, False))  # the build
+    b = service.batcher
+    step, submitted, prefilled = b.step, [], []
+
+    def slow_step():
+        time.sleep(0.03)
+        return step()
+
+    b.step = slow_step
+    submit, prefill = b.submit, b._prefill
+    b.submit = lambda *a, **k: submitted.append(submit(*a, **k)) or submitted[-1]
+    b._prefill = lambda fill: prefilled.extend(fill.groups) or prefill(fill)
+    server = make_server(service, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stop = threading.Event()
+    threading.Thread(target=service.work, args=(stop,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _until(lambda: service._jobs is not None)
+        running = _raw_post(url, {"prompt": "def ", "max_tokens": 56, "temperature": 0})
+        assert _until(lambda: b.running == 1)
+        waiting = _raw_post(url, {"prompt": "x = ", "max_tokens": 20, "temperature": 0})
+        assert _until(lambda: b.waiting == 1)
+        waiting.close()
+        assert _until(lambda: service.counts["cancelled"] == 1, 3.0)
+        assert b.waiting == 0 and b.running == 1  # the other one goes on
+        assert submitted[1].done and submitted[1] not in prefilled
+        assert submitted[1].gens[0].tokens == []
+        running.close()
+        assert _until(lambda: service.counts["cancelled"] == 2, 3.0)
+        gen = submitted[0].gens[0]
+        assert gen.finish_reason == "cancelled" and 0 < len(gen.tokens) < 56
+        assert gen.tokens == Engine(model).generate(
+            [list(b"def ")], GenerationConfig(max_new_tokens=56))[0][0].tokens[:len(gen.tokens)]
+        status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
+        assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as m:
+            assert "moekit_requests_cancelled_total 2" in m.read().decode()
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+
+
 def test_connections_are_kept_alive_and_closed_after_an_unread_body(byte_server):
     """Two requests on one connection (HTTP/1.1 keep-alive); a POST answered before its
     body is read (a wrong path) closes the connection, so the body is not taken for the

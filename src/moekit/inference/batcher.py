@@ -106,6 +106,7 @@ class Group:
     steps: int = 0
     joined: float = 0.0  # perf_counter when its prefill ended
     stops: _Stops | None = None
+    cancelled: bool = False  # ``Batcher.cancel``: its rows leave at the next step
 
 
 @dataclass(eq=False)
@@ -236,7 +237,9 @@ class Batcher:
         prompt tokens at most), then decode one token for every running sequence.
         Returns whether anything is left to do (running or waiting)."""
         with torch.inference_mode():
+            self._reap()  # (their rows free for the waiting groups)
             self._admit()
+            self._reap()  # (one that just joined: no step for it)
             if self._seqs:
                 try:
                     self._decode()
@@ -245,6 +248,42 @@ class Batcher:
                     self._fail(list(dict.fromkeys(g for g, _ in self._seqs))
                                + ([] if fill is None else fill.groups), e)
         return bool(self._seqs or self._waiting or self._filling)
+
+    def cancel(self, group: Group) -> None:
+        """Stop ``group`` (its client went away): waiting, it leaves the queue now; running,
+        its sequences leave at the next step (being prefilled, as it joins, with its first
+        tokens). Its sequences still going end with ``finish_reason`` "cancelled" and the
+        tokens they have; ``on_done`` runs as for any group. A group already done is left
+        alone."""
+        if not isinstance(group, Group):
+            reject("group", type(group).__name__, "it must be a Group that submit returned")
+        if group.done or group.cancelled:
+            return
+        group.cancelled = True
+        if group in self._waiting:
+            self._waiting.remove(group)
+            self._end_cancelled(group, range(len(group.gens)))
+
+    def _end_cancelled(self, group: Group, going) -> None:
+        """Finish a cancelled group; its sequences ``going`` (indices) had not stopped."""
+        for i in going:
+            group.gens[i].finish_reason = "cancelled"
+        if not group.joined:
+            group.joined = time.perf_counter()
+        self._finish(group)
+
+    def _reap(self) -> None:
+        """Drop the rows of cancelled groups and end those groups."""
+        rows = {r for r, (g, _) in enumerate(self._seqs) if g.cancelled}
+        if not rows:
+            return
+        going: dict[Group, list[int]] = {}
+        for r in sorted(rows):
+            g, i = self._seqs[r]
+            going.setdefault(g, []).append(i)
+        self._drop(rows)
+        for g, seqs in going.items():
+            self._end_cancelled(g, seqs)
 
     def run(self, group: Group) -> Group:
         """Step until ``group`` is done (and anything submitted before it)."""

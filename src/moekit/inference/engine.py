@@ -101,7 +101,7 @@ class Generation:
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "length" (max_new_tokens) or "stop"
+    finish_reason: str = "length"  # "length" (max_new_tokens), "stop" or "cancelled" (Batcher)
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
 

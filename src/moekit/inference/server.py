@@ -31,10 +31,13 @@ request's prompts x samples) decode together, each step one token for each of th
 request joins between steps once its prompt is prefilled and leaves as its sequences
 stop, so concurrent clients share the weight reads of each step. A conversation
 continued from a finished single-sequence request prefills only its new tokens (the last
-``--parallel`` conversations are kept). A client that disconnects mid-stream stops its
-sequences. ``--api-key`` (or ``MOEKIT_API_KEY``) makes every /v1/ request
-carry ``Authorization: Bearer KEY`` (401 otherwise). Bad input gets HTTP 400 with an
-OpenAI-style error naming the field, before anything is generated.
+``--parallel`` conversations are kept). A client that disconnects, streamed or not, has
+its sequences cancelled (``Batcher.cancel``; one waiting for a row is never prefilled):
+the handler looks every ``CLIENT_POLL_S`` (a client that shuts down its sending side
+after the request counts as gone, as a closed connection reads the same). ``--api-key``
+(or ``MOEKIT_API_KEY``) makes every /v1/ request carry ``Authorization: Bearer KEY``
+(401 otherwise). Bad input gets HTTP 400 with an OpenAI-style error naming the field,
+before anything is generated.
 
 ``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
 handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
@@ -52,6 +55,8 @@ import json
 import os
 import queue
 import secrets
+import select
+import socket
 import sys
 import threading
 import time
@@ -77,6 +82,7 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text,
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
+CLIENT_POLL_S = 0.25  # how often a waiting handler looks whether its client went away
 # a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
 OnText = Callable[[int, str, "list[tuple] | None"], bool]
 MAX_PARALLEL = 256  # sequences decoded together (--parallel)
@@ -189,13 +195,19 @@ class Choice:
 
 class _Job:
     """A request handed to the thread in ``Service.work``: its pieces of text come back
-    through ``out`` ((i, piece), then ("done", result) or ("error", exception))."""
+    through ``out`` ((i, (piece, entries)), then ("done", result) or ("error", exception))."""
 
     def __init__(self, request: Request, streams: bool) -> None:
         self.request = request
         self.streams = streams
         self.out: queue.Queue = queue.Queue()
         self.gone = False  # the client went away: set by the handler's thread
+        self.groups: list[Group] = []  # in the batcher (set by the thread in work)
+
+
+class ClientGoneError(Exception):
+    """``Service.generate``'s client went away before the answer: its sequences were
+    cancelled (nothing to send)."""
 
 
 class Service:
@@ -226,7 +238,7 @@ class Service:
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
         # what /metrics counts (written by the thread that generates)
-        self.counts = dict.fromkeys(("requests", "failed", "prompt_tokens",
+        self.counts = dict.fromkeys(("requests", "failed", "cancelled", "prompt_tokens",
                                      "completion_tokens"), 0)
 
     @property
@@ -244,6 +256,8 @@ class Service:
         rows = [("requests_total", "counter", "requests answered", self.counts["requests"]),
                 ("requests_failed_total", "counter", "requests whose generation failed",
                  self.counts["failed"]),
+                ("requests_cancelled_total", "counter", "requests stopped because their "
+                 "client went away", self.counts["cancelled"]),
                 ("prompt_tokens_total", "counter", "prompt tokens of answered requests",
                  self.counts["prompt_tokens"]),
                 ("generated_tokens_total", "counter", "tokens generated for answered "
@@ -262,8 +276,14 @@ class Service:
         loaded the model: see the module docstring): take the requests that came, then
         one step of the batch."""
         self._jobs = queue.Queue()
+        live: list[_Job] = []  # the requests in the batcher
         try:
             while not stop.is_set():
+                for job in live:  # a client that went away: its sequences stop
+                    if job.gone:
+                        for g in job.groups:
+                            self.batcher.cancel(g)
+                live = [j for j in live if not all(g.done for g in j.groups)]
                 idle = not (self.batcher.running or self.batcher.waiting)
                 try:
                     job = self._jobs.get(timeout=0.1) if idle else self._jobs.get_nowait()
@@ -271,6 +291,7 @@ class Service:
                     job = None
                 if job is not None:
                     self._start(job)
+                    live.append(job)
                 elif not idle:
                     self.batcher.step()
         finally:
@@ -286,7 +307,7 @@ class Service:
                         else ("done", result))
 
         try:
-            self._open(job.request, on_text if job.streams else None, done)
+            job.groups = self._open(job.request, on_text if job.streams else None, done)
         except Exception as e:  # noqa: BLE001 (handed to the request's thread)
             done(e)
 
@@ -370,7 +391,8 @@ class Service:
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
                        options.get("include_usage", False), logprobs, echo, bool(tools))
 
-    def generate(self, request: Request, on_text: OnText | None = None
+    def generate(self, request: Request, on_text: OnText | None = None,
+                 client_gone: Callable[[], bool] | None = None
                  ) -> tuple[list[Choice], dict, dict]:
         """The choices, the usage and the timings (``_timings``). ``on_text(i, piece,
         entries)`` gets each sequence's new text as it is produced (what the answer holds:
@@ -378,7 +400,10 @@ class Service:
         log-probability, most likely tokens) entries of the tokens since the last piece
         (else None; the last call may have an empty piece: tokens whose text was cut),
         on the caller's thread; where it returns False (the client is gone) every
-        sequence stops."""
+        sequence stops. With the thread in ``work``, ``client_gone()`` is asked every
+        ``CLIENT_POLL_S`` while the answer is not done: once it says True the request's
+        sequences are cancelled (waiting ones never prefilled) and ``ClientGoneError`` is
+        raised."""
         jobs = self._jobs
         if jobs is None:  # no thread in work(): run it here, alone
             out: list = []
@@ -390,9 +415,17 @@ class Service:
             return out[0]
         job = _Job(request, on_text is not None)
         jobs.put(job)
+        polled = False  # whether client_gone said so
         while True:
-            kind, value = job.out.get()
+            try:
+                kind, value = job.out.get(timeout=CLIENT_POLL_S)
+            except queue.Empty:
+                if client_gone is not None and not job.gone and client_gone():
+                    job.gone = polled = True
+                continue
             if kind == "done":
+                if polled:
+                    raise ClientGoneError("the client went away")
                 return value
             if kind == "error":
                 raise value
@@ -412,7 +445,8 @@ class Service:
                 self.counts["failed"] += 1
             else:
                 usage = result[1]
-                self.counts["requests"] += 1
+                cancelled = any(c.finish_reason == "cancelled" for c in result[0])
+                self.counts["cancelled" if cancelled else "requests"] += 1
                 self.counts["prompt_tokens"] += usage["prompt_tokens"]
                 self.counts["completion_tokens"] += usage["completion_tokens"]
             done(result)
@@ -722,6 +756,15 @@ class Handler(BaseHTTPRequestHandler):
                     "(moekit serve --api-key)")
         return False
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (readable with nothing to read; a
+        next request it already sent is not a close)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"moekit serve: {self.address_string()} {format % args}\n")
 
@@ -794,7 +837,11 @@ class Handler(BaseHTTPRequestHandler):
         created = int(time.time())
         if not request.stream:
             try:
-                choices, usage, timings = self.service.generate(request)
+                choices, usage, timings = self.service.generate(
+                    request, client_gone=self._client_gone)
+            except ClientGoneError:
+                self.close_connection = True
+                return
             except Exception as e:  # noqa: BLE001 (the server answers and keeps serving)
                 self._error(500, f"the generation failed: {type(e).__name__}: {e}")
                 return
@@ -839,7 +886,10 @@ class Handler(BaseHTTPRequestHandler):
             return send(_chunk(request, head, i, piece, logprobs=logprobs))
 
         try:
-            choices, usage, timings = self.service.generate(request, on_text)
+            choices, usage, timings = self.service.generate(request, on_text,
+                                                            self._client_gone)
+        except ClientGoneError:
+            return
         except Exception as e:  # noqa: BLE001 (the stream ends with the error)
             send({"error": {"message": f"the generation failed: {type(e).__name__}: {e}",
                             "type": "server_error", "param": None, "code": None}})
