@@ -667,8 +667,9 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
     """tools go to the chat template as transformers' apply_chat_template(tools=...) gives
     them (with an earlier assistant tool call and the tool's answer in the messages); a
     reply that writes a <tool_call> is answered as tool_calls with finish_reason
-    "tool_calls"; tool_choice "none" renders no tools; streaming and "required" are
-    refused by name."""
+    "tool_calls"; tool_choice "none" renders no tools; streamed, the text before the call
+    comes as it is produced and the call as one delta at the end; "required" is refused
+    by name."""
     from moekit.inference.batcher import Group
     from moekit.inference.engine import Generation, GenerationStats
     from moekit.inference.text import text_for
@@ -694,12 +695,16 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
                                                  add_generation_prompt=True),
                       add_special_tokens=False).ids
     seen = []
-    reply = 'Checking.<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
+    call_text = '<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>'
+    reply = ["Checking." + call_text]
 
-    def scripted(ids, cfg, on_done=None, **kwargs):
+    def scripted(ids, cfg, on_done=None, on_token=None, **kwargs):
         seen.append(ids[0])
+        tokens = tok.encode(reply[0]).ids
+        for t in tokens if on_token is not None else ():
+            on_token(0, t)
         group = Group(ids, cfg, torch.Generator(), done=True, gens=[Generation(
-            prompt=ids[0], tokens=tok.encode(reply).ids, finish_reason="stop")],
+            prompt=ids[0], tokens=tokens, finish_reason="stop")],
             stats=GenerationStats(1, len(ids[0]), 5, 4, 0.01, 0.02))
         on_done(group)
         return group
@@ -721,8 +726,26 @@ def test_chat_with_tools_renders_them_and_answers_tool_calls(tmp_path, monkeypat
         status, r = _post(url, {**body, "tool_choice": "none"}, "/v1/chat/completions")
         assert status == 200 and "# Tools" not in tok.decode(seen[-1])
         assert "tool_calls" not in r["choices"][0]["message"]  # no tools: the text as is
-        for bad, param in (({"stream": True}, "stream"), ({"tool_choice": "required"},
-                                                          "tool_choice"),
+        # streamed: the same content and call, the text before the call as it comes
+        for text, content in (("Checking." + call_text, "Checking."),
+                              ("Checking. \n" + call_text + "\n", "Checking."),
+                              (call_text, None), ("No call needed. ", "No call needed. ")):
+            reply[0] = text
+            status, whole = _post(url, body, "/v1/chat/completions")
+            assert whole["choices"][0]["message"]["content"] == content
+            status, events = _post(url, {**body, "stream": True}, "/v1/chat/completions")
+            assert status == 200 and events[-1] == "[DONE]"
+            deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+            assert "".join(d.get("content") or "" for d in deltas) == (content or "")
+            calls = [c for d in deltas for c in d.get("tool_calls", [])]
+            want_calls = whole["choices"][0]["message"].get("tool_calls", [])
+            assert [(c["index"], c["function"]) for c in calls] == [
+                (k, c["function"]) for k, c in enumerate(want_calls)]
+            assert events[-2]["choices"][0]["finish_reason"] == whole["choices"][0][
+                "finish_reason"]
+            if calls and content:  # the text before the call came before the call
+                assert deltas.index(next(d for d in deltas if "tool_calls" in d)) > 1
+        for bad, param in (({"tool_choice": "required"}, "tool_choice"),
                            ({"tools": [{"type": "web"}]}, "tools")):
             status, r = _post(url, {**body, **bad}, "/v1/chat/completions")
             assert status == 400 and r["error"]["param"] == param

@@ -21,10 +21,11 @@ first in the text and, with ``logprobs``, its tokens' log-probabilities, the fir
 null; ``max_tokens: 0`` then scores the prompt alone, as lm-evaluation-harness asks).
 Chat completions take ``tools`` (rendered by the chat template) and answer a reply's
 ``<tool_call>`` blocks (the Hermes format Qwen's templates ask for) as ``tool_calls``
-(``parse_tool_calls``). Fields that would change the answer in ways moekit does not
-implement (penalties, ``logit_bias``, ``best_of``, ``suffix``, ...) are refused by name
-unless they hold their no-op value; the ``model`` field is not checked (one model is
-served).
+(``parse_tool_calls``; streamed: the text before the first call as it is produced, the
+calls in one ``tool_calls`` delta once the reply is done). Fields that would change the
+answer in ways moekit does not implement (penalties, ``logit_bias``, ``best_of``,
+``suffix``, ...) are refused by name unless they hold their no-op value; the ``model``
+field is not checked (one model is served).
 
 Requests are batched continuously (``Batcher``): up to ``--parallel`` sequences (every
 request's prompts x samples) decode together, each step one token for each of them; a
@@ -364,9 +365,6 @@ class Service:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             _reject("stream", stream, "it must be true or false")
-        if stream and tools:
-            _reject("stream", True, "moekit serve parses tool calls from whole replies: "
-                    "stream false with tools")
         if stream and echo:
             _reject("echo", True, "moekit serve echoes prompts only with stream false")
         options = body.get("stream_options") or {}
@@ -454,6 +452,8 @@ class Service:
         # the streamed text of each sequence (none to build for a whole answer)
         emits = [] if on_text is None else [cut_stream(text.stream(p), stops, keep_stop=False)
                                             for p in request.ids]
+        if request.tools:
+            emits = [_until_tool_call(e) for e in emits]
         gone = False
         by_text = text.stop_when(stops)
         # with logprobs: each sequence's tokens not yet sent with a piece of text
@@ -571,6 +571,25 @@ def _tools(body: dict) -> list[dict] | None:
         _reject("tools", tools, "it must be a list of {\"type\": \"function\", \"function\": "
                 "{\"name\": ..., \"parameters\": ...}}")
     return None if choice == "none" else tools
+
+
+def _until_tool_call(emit: Callable[[int | None], str]) -> Callable[[int | None], str]:
+    """A streamed reply to a request with tools: its text before the first
+    ``<tool_call>``, trailing whitespace held (the parsed content strips it); what is left,
+    and the calls, the handler sends once the whole reply is parsed (``_stream``)."""
+    cut = cut_stream(emit, ("<tool_call>",), keep_stop=False)
+    held = ""
+
+    def out(t: int | None) -> str:
+        nonlocal held
+        if t is None:
+            return ""
+        text = held + cut(t)
+        body = text.rstrip()
+        held = text[len(body):]
+        return body
+
+    return out
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -876,8 +895,10 @@ class Handler(BaseHTTPRequestHandler):
                     return
         token = _labeller(self.service)
         offsets = [0] * len(request.ids)  # completions: each sequence's text_offset so far
+        sent = [""] * len(request.ids)  # each sequence's text so far
 
         def on_text(i: int, piece: str, entries: list[tuple] | None) -> bool:
+            sent[i] += piece
             logprobs = None
             if entries is not None and request.chat:
                 logprobs = _chat_logprobs(entries, token)
@@ -895,7 +916,19 @@ class Handler(BaseHTTPRequestHandler):
                             "type": "server_error", "param": None, "code": None}})
             return
         for i, c in enumerate(choices):
-            send(_chunk(request, head, i, None, c.finish_reason))
+            finish = c.finish_reason
+            if request.tools:  # the rest of the content, then the calls (one delta)
+                message = _message(c.text, True)
+                content = message["content"] or ""
+                if content.startswith(sent[i]) and len(content) > len(sent[i]):
+                    send(_chunk(request, head, i, content[len(sent[i]):]))
+                if "tool_calls" in message:
+                    chunk = _chunk(request, head, i, None)
+                    chunk["choices"][0]["delta"] = {"tool_calls": [
+                        {"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+                    send(chunk)
+                    finish = "tool_calls"
+            send(_chunk(request, head, i, None, finish))
         if request.include_usage:
             send({**head, "object": _chunk(request, head, 0, None)["object"], "choices": [],
                   "usage": usage})
