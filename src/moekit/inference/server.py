@@ -10,15 +10,15 @@ chat template: a converted checkpoint's), ``GET /v1/models``, ``GET /health``, `
 sequences, KV cache use). Both POSTs stream with ``"stream": true`` (server-sent events,
 ``data: [DONE]`` last; ``stream_options.include_usage`` adds a usage chunk). Fields as
 OpenAI's API reads them: ``max_tokens`` (completions: 16; chat: the rest of the served
-context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy),
-``top_p``, ``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text
-ends before it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``,
+context; ``max_completion_tokens`` too), ``temperature`` (1.0; 0 greedy), ``top_p``,
+``top_k`` (an extension, as vLLM's), ``stop`` (a string or a list: the text ends before
+it), ``seed`` (random where absent), ``n`` (samples per prompt), ``stream``,
 ``logprobs`` (completions: the N most likely tokens too, N <= 20; chat: ``logprobs:
 true`` and ``top_logprobs``: each token's log-probability under the model, before
 temperature and top-k / top-p; streamed chunks carry those of the tokens their text came
-from), ``echo`` (completions: the prompt
-first in the text and, with ``logprobs``, its tokens' log-probabilities, the first one
-null; ``max_tokens: 0`` then scores the prompt alone, as lm-evaluation-harness asks).
+from), ``echo`` (completions: the prompt first in the text and, with ``logprobs``, its
+tokens' log-probabilities, the first one null; ``max_tokens: 0`` then scores the prompt
+alone, as lm-evaluation-harness asks).
 Chat completions take ``tools`` (rendered by the chat template) and answer a reply's
 ``<tool_call>`` blocks (the Hermes format Qwen's templates ask for) as ``tool_calls``
 (``parse_tool_calls``; streamed: the text before the first call as it is produced, the
