@@ -396,6 +396,7 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
         return results[-1]
 
     monkeypatch.setattr(service.batcher, "submit", slow)
+    cancelled = service.counts["cancelled"]
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"prompt": "def ", "max_tokens": 60, "stream": True,
                        "temperature": 0}).encode()
@@ -411,6 +412,7 @@ def test_a_client_gone_mid_stream_stops_its_generation(byte_server, monkeypatch)
             break
         time.sleep(0.01)
     assert len(results) == 1 and results[0].done and 0 < len(results[0].gens[0].tokens) < 30
+    assert _until(lambda: service.counts["cancelled"] == cancelled + 1)  # not "answered"
     monkeypatch.undo()
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)

@@ -443,7 +443,8 @@ class Service:
                 self.counts["failed"] += 1
             else:
                 usage = result[1]
-                cancelled = any(c.finish_reason == "cancelled" for c in result[0])
+                # (a failed streamed send may stop the sequences before a cancel does)
+                cancelled = gone or any(c.finish_reason == "cancelled" for c in result[0])
                 self.counts["cancelled" if cancelled else "requests"] += 1
                 self.counts["prompt_tokens"] += usage["prompt_tokens"]
                 self.counts["completion_tokens"] += usage["completion_tokens"]
