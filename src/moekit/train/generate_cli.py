@@ -54,8 +54,9 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
                    help="with --expert-memory: do not read the next layer's experts ahead")
     p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=huge_pages,
                    help="move the loaded weights into transparent huge pages "
-                   "(moekit.huge_pages: ~2-3 s per GiB once, then decode steps 2-7%% "
-                   f"faster on the Intel VM; default {'on' if huge_pages else 'off'})")
+                   "(moekit.huge_pages: ~2.7 s per GiB once, then decode steps ~4%% "
+                   "faster, 0-11%%, on the Intel VM; default "
+                   f"{'on' if huge_pages else 'off'})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
