@@ -224,6 +224,7 @@ def test_a_files_mapping_is_copied_out_first(tmp_path):
     m.close()
 
 
+@linux
 def test_a_checkpoint_generates_the_same_after_huge_pages(tmp_path):
     """load_model maps the checkpoint's file: huge_pages copies it out, same tokens."""
     from moekit.inference.engine import Engine, GenerationConfig
