@@ -435,3 +435,23 @@ def test_cancelled_groups_leave_and_the_others_are_unchanged():
     assert groups[1].gens[0].finish_reason == "length"
     with pytest.raises(ValueError, match="group='list' is not allowed"):
         batcher.cancel([groups[1]])
+
+
+def test_a_cancelled_group_leaves_its_cohort_unchanged():
+    """Two groups prefilling together in chunks beside a running one; one is cancelled
+    mid-prefill: it leaves as the cohort joins, the other two generate what they
+    generate alone."""
+    model = _model()
+    cfg = GenerationConfig(max_new_tokens=10)
+    batcher = Batcher(model, rows=4, context=48, prefill_chunk=3)
+    first = batcher.submit([[1, 2, 3]], cfg)
+    batcher.step()
+    a, b = (batcher.submit([list(range(20 + 7 * k, 30 + 7 * k))], cfg) for k in range(2))
+    batcher.step()
+    assert batcher._filling is not None and batcher._filling.groups == [a, b]
+    batcher.cancel(b)
+    while batcher.step():
+        pass
+    assert b.done and b.gens[0].finish_reason == "cancelled" and len(b.gens[0].tokens) <= 1
+    for g in (first, a):
+        assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, g.ids, cfg)
