@@ -911,29 +911,8 @@ def memory_rows(args) -> list[dict]:
 
 def read_bandwidth(reps: int = 5) -> float:
     """harness.read_bandwidth (the faster of 4 KiB and huge pages; its 4 KiB reading is
-    kept in BW_4K), or under --cpu-time the same 1 GiB ``sum``s timed by the thread's CPU
-    time (the steps' clock)."""
-    import torch
-
-    if CLOCK[0] is time.perf_counter:
-        both = harness.read_bandwidths(reps)
-    else:
-        from moekit.hugepages import huge_pages
-
-        def timed(x) -> float:
-            x.sum()
-            ts = []
-            for _ in range(reps):
-                t0 = CLOCK[0]()
-                x.sum()
-                ts.append(CLOCK[0]() - t0)
-            return 2**30 / statistics.median(ts)
-
-        x = torch.ones(2**28)
-        both = {"4k": timed(x), "huge": None}
-        pages = huge_pages(x)
-        if pages.collapsed >= 0.99 * pages.asked:
-            both["huge"] = timed(x)
+    kept in BW_4K), timed by the steps' clock (under --cpu-time the thread's CPU time)."""
+    both = harness.read_bandwidths(reps, CLOCK[0])
     BW_4K.append(both["4k"])
     return max(b for b in both.values() if b is not None)
 

@@ -170,19 +170,18 @@ def huge_pages(target: nn.Module | Tensor | Iterable[Tensor], *,
     if madvise is None:
         return report(0, "not Linux with glibc: madvise is not available")
 
-    def collapse(group: list[Tensor]) -> int:  # 0, or the errno
-        lo, hi = _span(group[0].untyped_storage())
+    def collapse(lo: int, hi: int) -> int:  # 0, or the errno
         return 0 if madvise(lo, hi - lo, _MADV_COLLAPSE) == 0 else ctypes.get_errno()
 
     collapsed, failures = 0, {}
     for group in groups:
         span = _span(group[0].untyped_storage())
-        err = collapse(group)
+        err = collapse(*span)
         if err == errno.EINVAL and _file_backed(span[0]):  # a file's pages: copy them out
             _move(group)
             copied += group[0].untyped_storage().nbytes()
             span = _span(group[0].untyped_storage())
-            err = collapse(group)
+            err = collapse(*span)
         if err == 0:
             collapsed += span[1] - span[0]
             continue

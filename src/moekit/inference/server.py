@@ -896,10 +896,12 @@ class Handler(BaseHTTPRequestHandler):
                     return
         token = _labeller(self.service)
         offsets = [0] * len(request.ids)  # completions: each sequence's text_offset so far
-        sent = [""] * len(request.ids)  # each sequence's text so far
+        # with tools: each sequence's pieces so far (the parsed reply's rest follows them)
+        sent = [[] for _ in request.ids] if request.tools else None
 
         def on_text(i: int, piece: str, entries: list[tuple] | None) -> bool:
-            sent[i] += piece
+            if sent is not None:
+                sent[i].append(piece)
             logprobs = None
             if entries is not None and request.chat:
                 logprobs = _chat_logprobs(entries, token)
@@ -921,8 +923,9 @@ class Handler(BaseHTTPRequestHandler):
             if request.tools:  # the rest of the content, then the calls (one delta)
                 message = _message(c.text, True)
                 content = message["content"] or ""
-                if content.startswith(sent[i]) and len(content) > len(sent[i]):
-                    send(_chunk(request, head, i, content[len(sent[i]):]))
+                streamed = "".join(sent[i])
+                if content.startswith(streamed) and len(content) > len(streamed):
+                    send(_chunk(request, head, i, content[len(streamed):]))
                 if "tool_calls" in message:
                     chunk = _chunk(request, head, i, None)
                     chunk["choices"][0]["delta"] = {"tool_calls": [
