@@ -107,11 +107,12 @@ def _other_experts():
     return model
 
 
-def _steps(model, step, prompts, n=6):
-    """Logits of a prefill and n decode steps (greedy), each step run by ``step``."""
+def _steps(model, step, prompts, n=6, kv=None):
+    """Logits of a prefill and n decode steps (greedy), each step run by ``step``; ``kv``:
+    the cache's dtype."""
     L = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
-    cache = StaticKVCache.for_model(model, len(prompts), L + n + 1)
+    cache = StaticKVCache.for_model(model, len(prompts), L + n + 1, kv)
     cache.reset(torch.tensor([L - len(p) for p in prompts]))
     out = []
     with torch.inference_mode():
@@ -145,6 +146,21 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     slow = _steps(model, model.infer, prompts)
     assert fast.dtype == slow.dtype == model.norm.weight.dtype
     assert torch.equal(fast, slow)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "gqa", "int4", "qwen3", "int8a8"])
+def test_plan_step_over_a_bf16_cache_is_bitwise_the_modules_step(variant):
+    """fp32 activations over a bf16 KV cache: the plan's one call per step gives the
+    modules' logits bitwise (both run attend_one's fp32-over-bf16 kernel)."""
+    model = _variant(variant)
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    fast = _steps(model, plan.step, prompts, kv="bfloat16")
+    slow = _steps(model, model.infer, prompts, kv="bfloat16")
+    assert fast.dtype == torch.float32
+    assert torch.equal(fast, slow)
+    assert not torch.equal(slow, _steps(model, model.infer, prompts))  # the cache rounds
 
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "int4"])

@@ -122,11 +122,12 @@ def test_route_sort_rejects_bad_k():
 
 # -- attention for one new token -------------------------------------------------------
 
-def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
+def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_P=None):
     """Per row and query head in float64: rotate q and k at the row's position, attend
-    over the valid slots [0, P] (slot P: the new k, v; k as the cache stores it, in its
-    dtype). The cache holds J key/value heads: query head h reads head h // (H / J).
-    Returns (y [R, H Dh], new k [R, J, Dh] before that rounding)."""
+    over the valid slots [0, P] (slot P: the new k, v as the cache stores them, in its
+    dtype; ``k_at_P`` [R, J, Dh]: that key instead). The cache holds J key/value heads:
+    query head h reads head h // (H / J). Returns (y [R, H Dh], new k [R, J, Dh] before
+    that rounding)."""
     R, J, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
     H = qkv_RC.shape[1] // Dh - 2 * J
     half = Dh // 2
@@ -148,8 +149,9 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta):
         for h in range(H):
             j = h // (H // J)
             q, k, v = rot(q_RHD[r, h]), k_new[r, j], v_RJD[r, j]
-            keys = torch.cat([k_cache[r, j, :P].double(), k[None].to(k_cache.dtype).double()])
-            vals = torch.cat([v_cache[r, j, :P].double(), v[None]])
+            k_P = k[None].to(k_cache.dtype) if k_at_P is None else k_at_P[r, j][None]
+            keys = torch.cat([k_cache[r, j, :P].double(), k_P.double()])
+            vals = torch.cat([v_cache[r, j, :P].double(), v[None].to(v_cache.dtype).double()])
             score = keys @ q / math.sqrt(Dh)
             score[~valid_RM[r, :P + 1]] = -math.inf
             y[r, h] = score.softmax(0) @ vals
@@ -236,6 +238,46 @@ def test_attend_one_bf16_matches_reference():
     torch.testing.assert_close(y.double(), ref_y, rtol=2**-8, atol=1e-5)
     torch.testing.assert_close(k_cache[:, :, P].double(), ref_k, rtol=2**-8, atol=1e-5)
     assert torch.equal(v_cache[:, :, P], qkv[:, 2 * H * Dh:].view(R, H, Dh))
+
+
+@pytest.mark.parametrize("R,H,J,Dh,P,padded", [
+    (1, 4, 4, 16, 0, False), (4, 3, 3, 8, 12, True), (2, 16, 16, 64, 40, True),
+    (3, 8, 1, 32, 9, True), (4, 16, 4, 64, 30, True), (1, 6, 1, 16, 3, False),
+    (2, 4, 2, 20, 6, False)])  # the last: a head size of no vector width (the loops)
+def test_attend_one_fp32_over_a_bf16_cache_matches_reference(R, H, J, Dh, P, padded):
+    """fp32 activations over a bf16 cache: the new k (rotated in fp32) and v are rounded
+    to bf16 as the cache holds them, and slot P reads them so; q, the scores, the sums and
+    the output stay fp32. The new key is within half a bf16 ulp of the float64 rotation
+    (rtol 2^-8); given the key it stored, y is the float64 attention over the cache's
+    values to fp32 sums (1e-5, as for fp32 caches)."""
+    g = torch.Generator().manual_seed(3 * R + P + J)
+    M, theta = 64, 10000.0
+    k_cache = torch.randn(R + 1, J, M, Dh, generator=g).bfloat16()
+    v_cache = torch.randn(R + 1, J, M, Dh, generator=g).bfloat16()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
+    cos_M, sin_M = rotary_table(M, Dh, theta)
+    valid = torch.ones(R + 1, M, dtype=torch.bool)
+    if padded:
+        pad = torch.arange(R + 1)
+        valid = torch.arange(M)[None] >= pad[:, None]
+        pos = (P - pad[:R]).clamp_min(0)
+        cos, sin = cos_M[pos], sin_M[pos]
+    else:
+        pos = torch.full((R,), P)
+        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    with torch.no_grad():
+        assert decode.attend_one_ok(qkv, k_cache)
+    y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
+    _, ref_k = _attend_reference(qkv, pos, valid, k_before, v_before, P, theta)
+    k_P = k_cache[:R, :, P]
+    ref_y, _ = _attend_reference(qkv, pos, valid, k_before, v_before, P, theta, k_at_P=k_P)
+    assert y.dtype == torch.float32 and y.shape == (R, H * Dh)
+    torch.testing.assert_close(k_P.double(), ref_k, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
+    assert torch.equal(v_cache[:R, :, P], qkv[:, (H + J) * Dh:].view(R, J, Dh).bfloat16())
+    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
 def test_attend_one_rejects_mixed_dtypes():

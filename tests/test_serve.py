@@ -228,6 +228,14 @@ def test_served_context_limits_requests_and_sizes_the_cache():
     for bad in (0, 65, True):
         with pytest.raises(ValueError, match=f"context={bad!r} is not allowed"):
             Service(model, ByteText(), "tiny", context=bad)
+    # --kv-cache-dtype bfloat16: half the bytes, and the engine's tokens over a bf16 cache
+    half = Service(model, ByteText(), "tiny", context=20, kv_cache_dtype="bfloat16")
+    assert 2 * half.kv_bytes() == service.kv_bytes()
+    choices, _, _ = half.generate(half.parse({"prompt": "def ", "max_tokens": 8,
+                                              "temperature": 0}, False))
+    want, _ = Engine(model, kv_cache_dtype="bfloat16").generate(
+        [list(b"def ")], GenerationConfig(max_new_tokens=8))
+    assert choices[0].text == bytes(want[0].tokens).decode("utf-8", errors="replace")
 
 
 def _label(byte: int) -> str:
@@ -551,6 +559,9 @@ def test_serve_command_refuses_bad_flags(tmp_path, capsys):
                         ("--prefill-chunk", "--prefill-chunk=0 is not allowed")):
         assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), flag, "0"]) == 2
         assert words in capsys.readouterr().err
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--dtype", "bf16",
+                     "--kv-cache-dtype", "float32"]) == 2
+    assert "kv_cache_dtype='float32' is not allowed" in capsys.readouterr().err
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "moekit serve: error:" in capsys.readouterr().err
 

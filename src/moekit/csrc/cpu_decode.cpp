@@ -2546,14 +2546,15 @@ INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
   return d;
 }
 
-template <typename T>
-INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
-                        T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                        float* q, float* p, float* o, T* kt, T* out) {
+template <typename A, typename C>
+INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, const float* s,
+                        C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
+                        float* q, float* p, float* o, C* kt, C* vt, A* out) {
   rotate(sq, c, s, Dh, q);
   rotate(sk, c, s, Dh, kt);
+  for (int64_t i = 0; i < Dh; ++i) store(vt + i, load(sv[i]));
   std::copy(kt, kt + Dh, kr + P * Dh);
-  std::copy(sv, sv + Dh, vr + P * Dh);
+  std::copy(vt, vt + Dh, vr + P * Dh);
   float m = -INFINITY;
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
@@ -2566,26 +2567,24 @@ INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, c
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
     const float a = p[t] / sum;
-    const T* vt = t < P ? vr + t * Dh : sv;
+    const C* vs = t < P ? vr + t * Dh : vt;
 #pragma omp simd
-    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vt[i]);
+    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vs[i]);
   }
   for (int64_t i = 0; i < Dh; ++i) store(out + i, o[i]);
 }
 
-CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
-                            const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
-                            const bool* ok, float scale, float* q, float* p, float* o,
-                            float* kt, float* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
-}
-
-CLONES void attend_head_bf16(const uint16_t* sq, const uint16_t* sk, const uint16_t* sv,
-                             const float* c, const float* s, uint16_t* kr, uint16_t* vr,
-                             int64_t P, int64_t Dh, const bool* ok, float scale, float* q,
-                             float* p, float* o, uint16_t* kt, uint16_t* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
-}
+// attend_head for activations A and cache C: fp32 / fp32, bf16 / bf16, fp32 / bf16
+#define ATTEND_HEAD(NAME, A, C)                                                              \
+  CLONES void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s,    \
+                   C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale, float* q, \
+                   float* p, float* o, C* kt, C* vt, A* out) {                                 \
+    attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, vt, out);           \
+  }
+ATTEND_HEAD(attend_head_f32, float, float)
+ATTEND_HEAD(attend_head_bf16, uint16_t, uint16_t)
+ATTEND_HEAD(attend_head_f32_bf16, float, uint16_t)
+#undef ATTEND_HEAD
 
 // p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
 // std::exp), else std::exp.
@@ -2720,19 +2719,22 @@ INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T*
   }
 }
 
-template <int W, typename T>
-INLINE void attend_heads(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
-                         T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                         int64_t g0, int64_t g1, float* q, float* p, float* o, T* kt, T* out) {
+template <int W, typename A, typename C>
+INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, const float* s,
+                         C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
+                         int64_t g0, int64_t g1, float* q, float* p, float* o, C* kt, C* vt,
+                         A* out) {
+  using T = C;
   const int64_t n = g1 - g0, S = P + 1;
   for (int64_t g = 0; g < n; ++g) rotate(sq + g * Dh, c, s, Dh, q + g * Dh);
   rotate(sk, c, s, Dh, kt);
+  for (int64_t i = 0; i < Dh; ++i) store(vt + i, load(sv[i]));
   if (g0 == 0) {
     std::copy(kt, kt + Dh, kr + P * Dh);
-    std::copy(sv, sv + Dh, vr + P * Dh);
+    std::copy(vt, vt + Dh, vr + P * Dh);
   }
   const auto key = [&](int64_t t) { return t < P ? kr + t * Dh : kt; };
-  const auto value = [&](int64_t t) { return t < P ? vr + t * Dh : sv; };
+  const auto value = [&](int64_t t) { return t < P ? vr + t * Dh : vt; };
   // the rows ATT_AHEAD slots on, a line at a time (4 rows read side by side: Zen 4's
   // prefetchers left cold fp32 keys at ~0.6x the speed of one row at a time)
   const auto fetch = [&](const T* base, int64_t t) {
@@ -2803,20 +2805,24 @@ INLINE void attend_heads(const T* sq, const T* sk, const T* sv, const float* c, 
   for (int64_t i = 0; i < n * Dh; ++i) store(out + i, o[i]);
 }
 
-// attend_heads for fp32 / bf16: any head size (_any, through target_clones), a multiple
-// of 16 on AVX-512 (_v16) or of 8 on AVX2 (_v8).
-#define ATTEND_HEADS(NAME, ATTR, W, T)                                                        \
-  ATTR void NAME(const T* sq, const T* sk, const T* sv, const float* c, const float* s, T* kr, \
-                 T* vr, int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,        \
-                 int64_t g1, float* q, float* p, float* o, T* kt, T* out) {                    \
-    attend_heads<W>(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, kt, out);    \
+// attend_heads for activations / cache fp32 / fp32, bf16 / bf16 and fp32 / bf16: any head
+// size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or of 8 on AVX2
+// (_v8).
+#define ATTEND_HEADS(NAME, ATTR, W, A, C)                                                     \
+  ATTR void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s, C* kr, \
+                 C* vr, int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,        \
+                 int64_t g1, float* q, float* p, float* o, C* kt, C* vt, A* out) {             \
+    attend_heads<W>(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, kt, vt, out); \
   }
-ATTEND_HEADS(attend_heads_f32_any, CLONES, 0, float)
-ATTEND_HEADS(attend_heads_bf16_any, CLONES, 0, uint16_t)
-ATTEND_HEADS(attend_heads_f32_v16, AVX512, 16, float)
-ATTEND_HEADS(attend_heads_bf16_v16, AVX512, 16, uint16_t)
-ATTEND_HEADS(attend_heads_f32_v8, AVX2, 8, float)
-ATTEND_HEADS(attend_heads_bf16_v8, AVX2, 8, uint16_t)
+ATTEND_HEADS(attend_heads_f32_any, CLONES, 0, float, float)
+ATTEND_HEADS(attend_heads_bf16_any, CLONES, 0, uint16_t, uint16_t)
+ATTEND_HEADS(attend_heads_f32_bf16_any, CLONES, 0, float, uint16_t)
+ATTEND_HEADS(attend_heads_f32_v16, AVX512, 16, float, float)
+ATTEND_HEADS(attend_heads_bf16_v16, AVX512, 16, uint16_t, uint16_t)
+ATTEND_HEADS(attend_heads_f32_bf16_v16, AVX512, 16, float, uint16_t)
+ATTEND_HEADS(attend_heads_f32_v8, AVX2, 8, float, float)
+ATTEND_HEADS(attend_heads_bf16_v8, AVX2, 8, uint16_t, uint16_t)
+ATTEND_HEADS(attend_heads_f32_bf16_v8, AVX2, 8, float, uint16_t)
 #undef ATTEND_HEADS
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
@@ -2840,7 +2846,8 @@ void check_f32_or_bf16(const torch::Tensor& t, const char* name, int64_t dim,
 
 // One new token per row: rotary on q and k, k and v written to the cache at slot P,
 // attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
-// fp32 or bf16 (qkv, cache and output alike). qkv_RC [R, (H + 2 J) Dh] as the qkv
+// fp32 or bf16 (qkv and output alike; the cache of their dtype, or bf16 under fp32: the new
+// key and value rounded to it as it holds them, the scores and sums fp32). qkv_RC [R, (H + 2 J) Dh] as the qkv
 // projection gives it ([q | k | v]: H query heads, then J key and J value heads of Dh,
 // rotary in the half-split layout; query head h reads key/value head h / (H / J));
 // cos_XDh / sin_XDh [1 or R, Dh] from ``rotary_table`` (R rows: per-row positions);
@@ -2853,13 +2860,15 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   check_f32_or_bf16(qkv_RC, "qkv_RC", 2, qkv_RC);
   check_f32(cos_XDh, "cos_XDh", 2);
   check_f32(sin_XDh, "sin_XDh", 2);
-  check_f32_or_bf16(k_BJMD, "k_BJMD", 4, qkv_RC);
-  check_f32_or_bf16(v_BJMD, "v_BJMD", 4, qkv_RC);
-  const int64_t R = qkv_RC.size(0), C = qkv_RC.size(1), B = k_BJMD.size(0),
+  // the cache: the activations' dtype, or bf16 under fp32 activations
+  const bool mixed = qkv_RC.scalar_type() == at::kFloat && k_BJMD.scalar_type() == at::kBFloat16;
+  check_f32_or_bf16(k_BJMD, "k_BJMD", 4, mixed ? k_BJMD : qkv_RC);
+  check_f32_or_bf16(v_BJMD, "v_BJMD", 4, k_BJMD);
+  const int64_t R = qkv_RC.size(0), width = qkv_RC.size(1), B = k_BJMD.size(0),
                 J = k_BJMD.size(1), M = k_BJMD.size(2), Dh = k_BJMD.size(3);
   TORCH_CHECK(v_BJMD.sizes() == k_BJMD.sizes(), "v_BJMD must match k_BJMD ", k_BJMD.sizes());
-  const int64_t H = Dh > 0 ? C / Dh - 2 * J : 0;
-  TORCH_CHECK(Dh > 0 && Dh % 2 == 0 && C % Dh == 0 && H >= J && H % J == 0 && R <= B,
+  const int64_t H = Dh > 0 ? width / Dh - 2 * J : 0;
+  TORCH_CHECK(Dh > 0 && Dh % 2 == 0 && width % Dh == 0 && H >= J && H % J == 0 && R <= B,
               "qkv_RC ", qkv_RC.sizes(), " does not fit a cache of ", k_BJMD.sizes(),
               ": its width must be (H + 2 J) Dh with J key/value heads dividing H");
   TORCH_CHECK(P >= 0 && P < M, "P=", P, " is not allowed: the cache holds ", M, " slots");
@@ -2888,30 +2897,36 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   const int64_t per = up(G, std::min(G, up(at::get_num_threads(), groups)));
   const int64_t parts = up(G, per);
   auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto head, auto heads) {
-    using T = std::remove_pointer_t<decltype(qkv)>;
+    using A = std::remove_pointer_t<decltype(qkv)>;
+    using C = std::remove_pointer_t<decltype(kc)>;
     at::parallel_for(0, groups * parts, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> q(per * Dh), p(per * (P + 1)), o(per * Dh);
-      std::vector<T> kt(Dh);
+      std::vector<C> kt(Dh), vt(Dh);
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t r = item / (J * parts), j = item / parts % J, g0 = item % parts * per;
         const int64_t h = j * G + g0;  // the item's first query head
-        const T* row = qkv + r * C;
+        const A* row = qkv + r * width;
         const float *c = cs + (X == 1 ? 0 : r) * Dh, *s = sn + (X == 1 ? 0 : r) * Dh;
-        T *kr = kc + ((r * J + j) * M) * Dh, *vr = vc + ((r * J + j) * M) * Dh;
+        C *kr = kc + ((r * J + j) * M) * Dh, *vr = vc + ((r * J + j) * M) * Dh;
         const bool* ok = valid ? valid + r * M : nullptr;
         if (G == 1)
           head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
-               ok, scale, q.data(), p.data(), o.data(), kt.data(), out + r * H * Dh + h * Dh);
+               ok, scale, q.data(), p.data(), o.data(), kt.data(), vt.data(),
+               out + r * H * Dh + h * Dh);
         else
           heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
                 ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), kt.data(),
-                out + r * H * Dh + h * Dh);
+                vt.data(), out + r * H * Dh + h * Dh);
       }
     });
   };
   const int lanes = CPU_ISA == Isa::Avx512 && Dh % 16 == 0 ? 16
                     : CPU_ISA != Isa::Generic && Dh % 8 == 0 ? 8 : 0;
-  if (qkv_RC.scalar_type() == at::kFloat)
+  if (mixed)
+    run(elems<float>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
+        elems<float>(y), attend_head_f32_bf16, lanes == 16 ? attend_heads_f32_bf16_v16
+                         : lanes == 8 ? attend_heads_f32_bf16_v8 : attend_heads_f32_bf16_any);
+  else if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
         attend_head_f32, lanes == 16 ? attend_heads_f32_v16
                          : lanes == 8 ? attend_heads_f32_v8 : attend_heads_f32_any);

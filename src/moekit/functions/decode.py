@@ -539,10 +539,17 @@ def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
     return qkv_RC
 
 
+def cache_takes(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether ``attend_one`` takes a KV cache of ``cache_dtype`` under activations of
+    ``dtype``: fp32 or bf16 alike, or a bf16 cache under fp32."""
+    return dtype in STEP_DTYPES and (cache_dtype == dtype or (
+        dtype == torch.float32 and cache_dtype == torch.bfloat16))
+
+
 def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
-    """Whether ``attend_one`` runs this step: fp32 or bf16 (activations and cache alike)
-    on the CPU, no autograd, built."""
-    return (qkv.dtype == k_cache.dtype and qkv.dtype in STEP_DTYPES and qkv.device.type == "cpu"
+    """Whether ``attend_one`` runs this step: fp32 or bf16 activations with a cache
+    ``cache_takes``, on the CPU, no autograd, built."""
+    return (cache_takes(qkv.dtype, k_cache.dtype) and qkv.device.type == "cpu"
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and available())
 
@@ -554,10 +561,13 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     ones). ``qkv_RC`` [R, (H + 2 J) Dh] is [q | k | v] with J key/value heads (the
     cache's; J = H, or grouped-query: query head h reads key/value head h // (H / J));
     cos / sin broadcast to [R, Dh] (``rotary_table`` rows: one for all, or per row).
-    Returns [R, H Dh] in the cache's dtype (fp32 or bf16: bf16 rounds the new k and the
-    output once; q and the scores stay fp32)."""
+    Returns [R, H Dh] in qkv's dtype (fp32 or bf16: bf16 rounds the output once; q and
+    the scores stay fp32). The cache is of qkv's dtype, or bf16 under fp32 qkv
+    (``cache_takes``): the new k and v are rounded to the cache's dtype as it holds them,
+    and slot P reads them so."""
     Dh = k_BJMD.shape[-1]
-    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, k_BJMD.dtype),
+    dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
+    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
                                            _plain_f32(cos.reshape(-1, Dh)),
                                            _plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
                                            valid_BM)

@@ -71,6 +71,7 @@ from moekit.inference.engine import (
 )
 from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
+from moekit.models.transformer import kv_cache_dtype as kv_dtype_of
 
 PREFILL_CHUNK = 512  # prompt tokens prefilled per step while sequences decode
 
@@ -141,14 +142,17 @@ class Batcher:
     conversations whose keys and values are kept for a continuation; ``prefill_chunk``:
     prompt tokens prefilled per step while sequences decode. The model is put in eval
     mode and must not change while the batcher serves it (its ``DecodePlan`` holds the
-    weights). Not thread-safe: call ``submit`` and ``step`` from one thread (``moekit
-    serve``'s main thread).
+    weights). ``kv_cache_dtype``: the shared cache's keys and values (``moekit.models.
+    transformer.kv_cache_dtype``: default the activations'). Not thread-safe: call
+    ``submit`` and ``step`` from one thread (``moekit serve``'s main thread).
     """
 
     def __init__(self, model: MoETransformer, rows: int = 1, context: int | None = None,
-                 prefix_entries: int = 0, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefix_entries: int = 0, prefill_chunk: int = PREFILL_CHUNK,
+                 kv_cache_dtype: torch.dtype | str | None = None) -> None:
         if not isinstance(model, MoETransformer):
             reject("model", type(model).__name__, "it must be a moekit MoETransformer")
+        kv = kv_dtype_of(model, kv_cache_dtype)
         check_positive_int("rows", rows)
         limit = model.config.max_seq_len
         if context is not None:
@@ -159,10 +163,9 @@ class Batcher:
         self.model = model.eval()
         self.context = limit if context is None else context
         cfg = model.config
-        w = model.norm.weight  # the activations' dtype (the engine's cache rule)
         self.cache = StaticKVCache(cfg.num_layers, rows, cfg.kv_heads,
                                    self.context if rows == 1 else 2 * self.context,
-                                   cfg.head_size, w.dtype, w.device, lazy=True)
+                                   cfg.head_size, kv, model.norm.weight.device, lazy=True)
         self.cache.rows = 0
         self.plan = DecodePlan.build(model)
         self._dropless = all(b.ffn.config.capacity_factor is None

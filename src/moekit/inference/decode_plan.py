@@ -152,7 +152,7 @@ class DecodePlan:
     def __init__(self, model, layers: list[_Layer], head: tuple, embed: tuple,
                  float_rows: int, quant_rows: int, expert_rows: int) -> None:
         self.model = model  # (the layers' arguments live in self.native)
-        self.dtype = model.norm.weight.dtype  # the activations' (and the KV cache's)
+        self.dtype = model.norm.weight.dtype  # the activations' (the KV cache: these or bf16)
         # the step's calls, made by one C++ call (DecodeStep in csrc/cpu_decode.cpp)
         norm = model.blocks[0].attn_norm
         self.native = cpu_ext.get_decode().DecodeStep(
@@ -224,7 +224,7 @@ class DecodePlan:
         k0 = cache.k[0]
         if (L != 1 or R != cache.rows or R > self.max_rows or R * self.top_k > self.expert_rows
                 or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")
-                or k0.dtype != self.dtype or k0.device.type != "cpu"):
+                or not decode.cache_takes(self.dtype, k0.dtype) or k0.device.type != "cpu"):
             return None
         P = cache.length
         if P + 1 > cache.max_len:  # as cache.begin says it

@@ -37,6 +37,7 @@ from moekit.config import (
 from moekit.inference.decode_plan import DecodePlan
 from moekit.models.generate import check_sampling, sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
+from moekit.models.transformer import kv_cache_dtype as kv_dtype_of
 
 Prompt = Sequence[int] | Tensor
 OnToken = Callable[[int, int], None]  # (sequence index, token id), as each token is chosen
@@ -136,14 +137,20 @@ class Engine:
     tokens fed back) prefills only the rest; the model must not change between calls.
     The cache then grows by doubling, up to ``max_cache_len`` positions (default the
     model's max_seq_len; ``moekit serve`` passes its ``--context``).
+    ``kv_cache_dtype``: the cache's keys and values (``moekit.models.transformer.
+    kv_cache_dtype``: default the activations'; "bfloat16" under fp32 activations halves
+    the cache).
     """
 
     def __init__(self, model: MoETransformer, reuse_prefix: bool = False,
-                 max_cache_len: int | None = None) -> None:
+                 max_cache_len: int | None = None,
+                 kv_cache_dtype: torch.dtype | str | None = None) -> None:
         if not isinstance(model, MoETransformer):
             reject("model", type(model).__name__, "it must be a moekit MoETransformer "
                    "(a transformers model runs its own generate())")
         check_bool("reuse_prefix", reuse_prefix)
+        kv_dtype_of(model, kv_cache_dtype)  # checked now; resolved per call (the model's dtype)
+        self.kv_cache_dtype = kv_cache_dtype
         limit = model.config.max_seq_len
         if max_cache_len is not None:
             check_int_range("max_cache_len", max_cache_len, 1, limit)
@@ -190,17 +197,18 @@ class Engine:
         and one prompt, only its ids past those the cache holds (and how many it held)."""
         B, L = len(ids), max(len(p) for p in ids)
         need = L + max_new_tokens
-        w = self.model.norm.weight  # the activations' dtype and device
+        w = self.model.norm.weight  # the activations' device
+        kv = kv_dtype_of(self.model, self.kv_cache_dtype)
         c = self.cache
         held, self._held = self._held, []
         reuse = self.reuse_prefix and B == 1
-        if c is None or c.batch < B or c.max_len < need or c.k[0].dtype != w.dtype \
+        if c is None or c.batch < B or c.max_len < need or c.k[0].dtype != kv \
                 or c.k[0].device != w.device:
             old = c
             grow = need if old is None or not reuse else \
                 max(need, min(2 * old.max_len, self.max_cache_len))
-            c = self.cache = StaticKVCache.for_model(self.model, B, grow)
-            if reuse and old is not None and old.k[0].dtype == w.dtype \
+            c = self.cache = StaticKVCache.for_model(self.model, B, grow, kv)
+            if reuse and old is not None and old.k[0].dtype == kv \
                     and old.k[0].device == w.device:  # a longer conversation: keep what it held
                 n = min(len(held), old.max_len)
                 for new_t, old_t in zip(c.k + c.v, old.k + old.v, strict=True):

@@ -218,7 +218,8 @@ class Service:
 
     def __init__(self, model, text: ByteText | TokenizerText, name: str,
                  context: int | None = None, parallel: int = DEFAULT_PARALLEL,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK,
+                 kv_cache_dtype: torch.dtype | str | None = None) -> None:
         limit = model.config.max_seq_len
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
@@ -233,7 +234,7 @@ class Service:
         self.model = model
         # a finished conversation per row kept for its next turn
         self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel,
-                               prefill_chunk=prefill_chunk)
+                               prefill_chunk=prefill_chunk, kv_cache_dtype=kv_cache_dtype)
         self.text = text
         self.name = name
         self.lock = threading.Lock()
@@ -962,9 +963,10 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moekit.train.generate_cli import add_model_arguments
+    from moekit.train.generate_cli import add_kv_cache_argument, add_model_arguments
 
     add_model_arguments(p, huge_pages=True)  # a server runs long: worth its seconds
+    add_kv_cache_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -1014,7 +1016,8 @@ def run(args: argparse.Namespace) -> int:
         context = args.context if args.context is not None else min(
             model.config.max_seq_len, DEFAULT_CONTEXT)
         try:
-            service = Service(model, text, name, context, args.parallel, args.prefill_chunk)
+            service = Service(model, text, name, context, args.parallel, args.prefill_chunk,
+                              args.kv_cache_dtype)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
         server = make_server(service, args.host, args.port, key)

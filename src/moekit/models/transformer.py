@@ -107,6 +107,28 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tens
         shape)
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def kv_cache_dtype(model: MoETransformer, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The dtype of ``model``'s KV cache for ``dtype``: None or "auto" the activations'
+    (``model.norm.weight``'s: the embedding may be quantized); "float32" / "bfloat16"
+    (or the torch dtypes) where the activations are fp32, a bf16 cache halving its bytes
+    (keys and values rounded once as they are stored; the scores and sums stay fp32);
+    a model with bf16 activations keeps a bf16 cache."""
+    act = model.norm.weight.dtype
+    if dtype is None or dtype == "auto":
+        return act
+    kv = KV_CACHE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if kv not in (act, torch.bfloat16 if act == torch.float32 else act):
+        allowed = ['"auto"'] + [f'"{n}"' for n, d in KV_CACHE_DTYPES.items()
+                                if d == act or (act == torch.float32 and d == torch.bfloat16)]
+        reject("kv_cache_dtype", dtype, f"this model's activations are {act}: it must be "
+               f"one of {', '.join(allowed)} (or the torch dtype)")
+    return kv
+
+
 class StaticKVCache:
     """Keys and values preallocated per layer, [B, J, M, Dh], written in place.
 
@@ -142,17 +164,20 @@ class StaticKVCache:
         self.row_buffers = RowBuffers()
 
     @classmethod
-    def for_model(cls, model: MoETransformer, batch: int, max_len: int | None = None
-                  ) -> StaticKVCache:
+    def for_model(cls, model: MoETransformer, batch: int, max_len: int | None = None,
+                  dtype: torch.dtype | str | None = None) -> StaticKVCache:
+        """A cache for ``model``: ``max_len`` positions (default its max_seq_len), keys and
+        values in ``dtype`` (``kv_cache_dtype``: default the activations')."""
         cfg = model.config
+        kv = kv_cache_dtype(model, dtype)
         max_len = cfg.max_seq_len if max_len is None else max_len
         check_positive_int("batch", batch)  # -1 / 2.5 were torch.zeros errors
         if isinstance(max_len, bool) or not isinstance(max_len, int) \
                 or not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len={max_len!r} is not allowed: it must be an int between "
                              f"1 and max_seq_len={cfg.max_seq_len}")
-        w = model.norm.weight  # the activations' dtype (the embedding may be quantized)
-        return cls(cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_size, w.dtype, w.device)
+        return cls(cfg.num_layers, batch, cfg.kv_heads, max_len, cfg.head_size, kv,
+                   model.norm.weight.device)
 
     @property
     def batch(self) -> int:
@@ -312,6 +337,8 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": True} if J != H else {}
         if isinstance(cache, StaticKVCache):
             k, v = cache.write(self.layer, k, v)
+            if k.dtype != q.dtype:  # a bf16 cache under fp32: its values, as decode reads them
+                k, v = k.to(q.dtype), v.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
                                                is_causal=cache.is_causal, **gqa)
             return self.out(y.transpose(1, 2).reshape(B, L, H * Dh))

@@ -59,8 +59,18 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
                    f"{'on' if huge_pages else 'off'})")
 
 
+def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
+    """--kv-cache-dtype: generate's and serve's."""
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the KV cache's keys and values (default auto: the activations' "
+                   "dtype); bfloat16 under fp32 or quantized weights halves the cache's "
+                   "memory and the bytes a decode step reads from it (keys and values "
+                   "rounded once as they are stored)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_kv_cache_argument(p)
     p.add_argument("--prompt", default="def ")
     p.add_argument("--prompts-file", default=None,
                    help="a text file with one prompt per line (replaces --prompt)")
@@ -166,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.threads is not None:
             check_positive_int("--threads", args.threads)
+        if args.no_cache and args.kv_cache_dtype != "auto":  # no cache to type
+            raise ValueError(f"--kv-cache-dtype={args.kv_cache_dtype} is not allowed with "
+                             "--no-cache: the slow reference keeps no KV cache")
         if args.no_cache and args.stop:  # was silently ignored
             raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
                              "slow reference does not stop early")
@@ -191,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = load_for_generation(args)
-        engine = Engine(model)
+        kv = args.kv_cache_dtype
+        engine = Engine(model, kv_cache_dtype=kv)
         engine.check(ids, cfg)  # every error before the first token is printed
         if args.chat:  # the user's message, then the reply on its own line
             prompts = [f"{p}\n" for p in prompts]
@@ -200,19 +214,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
-            return _converse(Engine(model, reuse_prefix=True), text, cfg, args.system,
+            return _converse(Engine(model, reuse_prefix=True, kv_cache_dtype=kv), text, cfg,
+                             args.system,
                              stops)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         if args.jsonl is not None:
             records: list[dict] = []
-            stats = _run_many(model, typed, ids, text, cfg, args.batch, stops, records)
+            stats = _run_many(model, typed, ids, text, cfg, args.batch, stops, records, kv)
             _write_jsonl(Path(args.jsonl), records)
             _report([stats], args.batch)
         elif len(prompts) == 1:
             _report([_run_one(engine, prompts[0], ids[0], text, cfg, stops)], 1)
         else:
-            _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops)],
+            _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops, kv=kv)],
                     args.batch)
     finally:
         close_offload(model)
@@ -259,15 +274,16 @@ def _run_one(engine: Engine, prompt: str, ids: list[int], text: ByteText | Token
 
 def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
               text: ByteText | TokenizerText, cfg: GenerationConfig, batch: int,
-              stops: _Stops = _Stops(None, ()), records: list[dict] | None = None
-              ) -> GenerationStats:
+              stops: _Stops = _Stops(None, ()), records: list[dict] | None = None,
+              kv: str = "auto") -> GenerationStats:
     """Every sequence through one ``Batcher`` of ``batch`` rows: a sequence that stops
     makes room for the next prompt at once (no batch waits for its longest sequence).
     Each is printed, in order, once it and those before it are done (with ``records``:
     appended there as a dict instead). Sequence i samples from a generator of its own
-    (``sequence_seed``), so its text does not depend on ``--batch``."""
+    (``sequence_seed``), so its text does not depend on ``--batch``. ``kv``: the KV
+    cache's dtype (``--kv-cache-dtype``)."""
     batcher = Batcher(model, rows=min(batch, len(ids)),
-                      context=max(map(len, ids)) + cfg.max_new_tokens)
+                      context=max(map(len, ids)) + cfg.max_new_tokens, kv_cache_dtype=kv)
     groups = [batcher.submit([p], cfg, torch.Generator().manual_seed(sequence_seed(cfg.seed, i)),
                              stop_when=stops.when) for i, p in enumerate(ids)]
     t0 = time.perf_counter()
