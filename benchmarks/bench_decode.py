@@ -199,9 +199,10 @@ def _median_step_ms(stamps: list[float]) -> float:
 
 class Runner:
     """One timed generation of ``n`` new tokens per sequence for a model; returns step ms.
-    A moekit model's weights are moved into huge pages first unless ``huge`` is False."""
+    A moekit model's weights are moved into huge pages first unless ``huge`` is False;
+    ``kv``: its KV cache's dtype (the engine's ``kv_cache_dtype``)."""
 
-    def __init__(self, model, ids_BL, n: int, huge: bool = True) -> None:
+    def __init__(self, model, ids_BL, n: int, huge: bool = True, kv: str | None = None) -> None:
         from moekit.models import MoETransformer
 
         self.model, self.ids, self.n = model, ids_BL, n
@@ -212,7 +213,8 @@ class Runner:
 
             if huge:  # as `moekit serve` has its weights (transformers': as allocated)
                 huge_pages(model)
-            self.engine, self.cfg = Engine(model), GenerationConfig(max_new_tokens=n)
+            self.engine = Engine(model, kv_cache_dtype=kv)
+            self.cfg = GenerationConfig(max_new_tokens=n)
         self.tokens = None
 
     def __call__(self) -> float:
