@@ -97,23 +97,25 @@ def test_quantized_and_bf16_models_batch_as_they_generate_alone():
             assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, prompts, cfg)
 
 
-def test_a_bf16_cache_batches_as_it_generates_alone():
-    """kv_cache_dtype="bfloat16" under fp32 weights: the shared cache, the prefill caches
-    that join it and the decode steps all hold bf16; each group's tokens are the engine's
-    over a bf16 cache alone. A bad dtype is refused by name."""
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_a_small_cache_batches_as_it_generates_alone(kv):
+    """kv_cache_dtype "bfloat16" / "int8" under fp32 weights: the shared cache, the
+    prefill caches that join it (in chunks of 3 while others decode) and the decode steps
+    all hold that dtype; each group's tokens are the engine's over such a cache alone. A
+    bad dtype is refused by name."""
     model = _model()
     requests = [(p, GenerationConfig(max_new_tokens=12), 1) for p in
                 ([[5, 6, 7, 8, 9]], [[40]], [[100, 101, 102]], [[7, 7, 7, 7, 7, 7, 7, 7]])]
-    batcher = Batcher(model, rows=2, context=32, prefill_chunk=3, kv_cache_dtype="bfloat16")
-    assert batcher.cache.k[0].dtype == torch.bfloat16
+    batcher = Batcher(model, rows=2, context=32, prefill_chunk=3, kv_cache_dtype=kv)
+    assert batcher.cache.k[0].dtype == getattr(torch, kv)
     groups, seen = _run(batcher, requests)
     assert seen["most"] == 2
     for g, (prompts, cfg, _) in zip(groups, requests, strict=True):
-        gens, _ = Engine(model, kv_cache_dtype="bfloat16").generate(prompts, cfg)
+        gens, _ = Engine(model, kv_cache_dtype=kv).generate(prompts, cfg)
         assert [(s.tokens, s.finish_reason) for s in g.gens] == \
             [(x.tokens, x.finish_reason) for x in gens]
-    with pytest.raises(ValueError, match="kv_cache_dtype='int8'"):
-        Batcher(model, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4'"):
+        Batcher(model, kv_cache_dtype="int4")
 
 
 def test_log_probabilities_in_a_batch_match_the_engines():

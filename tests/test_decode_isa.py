@@ -6,7 +6,8 @@ other test modules cover only that one; here every narrower path this CPU can ru
 (``MOEKIT_CPU_ISA`` caps it, read once when the kernels load, so each runs in a
 fresh process) passes the same oracle tests: the per-token reference for the
 expert kernels, dequantize-then-matmul for int8 / int4 (and int4 with int8
-activations), torch for the dense rows and for dequantization to bf16.
+activations), torch for the dense rows and for dequantization to bf16, and float64
+attention for ``attend_one`` over fp32, bf16 and int8 caches.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def test_narrower_path_matches_the_oracles(cap):
     env = {**os.environ, cpu_ext.ISA_ENV: cap}
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_decode.py", "tests/test_quant.py", "tests/test_quant_a8.py", "-k",
+         "tests/test_decode.py", "tests/test_quant.py", "tests/test_quant_a8.py",
+         "tests/test_decode_step.py", "-k",
          ORACLE_TESTS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     # 0: tests ran and passed (5 would be none selected, 1 a failure)

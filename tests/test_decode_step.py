@@ -21,7 +21,13 @@ import moekit
 from moekit.functions import cpu_ext, decode
 from moekit.inference.engine import Engine, GenerationConfig
 from moekit.models.config import LMConfig
-from moekit.models.transformer import MoETransformer, StaticKVCache, rotary_table
+from moekit.models.transformer import (
+    MoETransformer,
+    StaticKVCache,
+    dequantize_kv,
+    quantize_kv,
+    rotary_table,
+)
 
 pytestmark = pytest.mark.skipif(not decode.available(), reason="decode kernels not built")
 
@@ -122,12 +128,13 @@ def test_route_sort_rejects_bad_k():
 
 # -- attention for one new token -------------------------------------------------------
 
-def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_P=None):
+def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_P=None,
+                      v_at_P=None):
     """Per row and query head in float64: rotate q and k at the row's position, attend
     over the valid slots [0, P] (slot P: the new k, v as the cache stores them, in its
-    dtype; ``k_at_P`` [R, J, Dh]: that key instead). The cache holds J key/value heads:
-    query head h reads head h // (H / J). Returns (y [R, H Dh], new k [R, J, Dh] before
-    that rounding)."""
+    dtype; ``k_at_P`` / ``v_at_P`` [R, J, Dh]: those instead). The cache holds J key/value
+    heads: query head h reads head h // (H / J). Returns (y [R, H Dh], new k [R, J, Dh]
+    before that rounding)."""
     R, J, _, Dh = qkv_RC.shape[0], *k_cache.shape[1:]
     H = qkv_RC.shape[1] // Dh - 2 * J
     half = Dh // 2
@@ -151,7 +158,8 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_
             q, k, v = rot(q_RHD[r, h]), k_new[r, j], v_RJD[r, j]
             k_P = k[None].to(k_cache.dtype) if k_at_P is None else k_at_P[r, j][None]
             keys = torch.cat([k_cache[r, j, :P].double(), k_P.double()])
-            vals = torch.cat([v_cache[r, j, :P].double(), v[None].to(v_cache.dtype).double()])
+            v_P = v[None].to(v_cache.dtype) if v_at_P is None else v_at_P[r, j][None]
+            vals = torch.cat([v_cache[r, j, :P].double(), v_P.double()])
             score = keys @ q / math.sqrt(Dh)
             score[~valid_RM[r, :P + 1]] = -math.inf
             y[r, h] = score.softmax(0) @ vals
@@ -278,6 +286,69 @@ def test_attend_one_fp32_over_a_bf16_cache_matches_reference(R, H, J, Dh, P, pad
     assert torch.equal(v_cache[:R, :, P], qkv[:, (H + J) * Dh:].view(R, J, Dh).bfloat16())
     k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+@pytest.mark.parametrize("R,H,J,Dh,P,padded", [
+    (1, 4, 4, 16, 0, False), (4, 3, 3, 8, 12, True), (2, 16, 16, 64, 40, True),
+    (3, 8, 1, 32, 9, True), (4, 16, 4, 64, 30, True), (1, 6, 1, 16, 3, False),
+    (2, 4, 2, 20, 6, False)])
+def test_attend_one_fp32_over_an_int8_cache_matches_reference(R, H, J, Dh, P, padded):
+    """fp32 activations over an int8 cache ([B, J, M, Dh + 4]: each slot's values and
+    float scale): the new v is stored as quantize_kv stores it (bitwise: the kernel's
+    quantizer is torch's), the new k within half a quantization step of the float64
+    rotation; given what it stored, y is the float64 attention over the cache's
+    dequantized values to fp32 sums."""
+    g = torch.Generator().manual_seed(5 * R + P + J)
+    M, theta = 64, 10000.0
+    k_cache = quantize_kv(torch.randn(R + 1, J, M, Dh, generator=g) * 3)
+    v_cache = quantize_kv(torch.randn(R + 1, J, M, Dh, generator=g))
+    k_cache[0, 0, 1] = quantize_kv(torch.zeros(Dh))  # a zero row: scale 0
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
+    cos_M, sin_M = rotary_table(M, Dh, theta)
+    valid = torch.ones(R + 1, M, dtype=torch.bool)
+    if padded:
+        pad = torch.arange(R + 1)
+        valid = torch.arange(M)[None] >= pad[:, None]
+        pos = (P - pad[:R]).clamp_min(0)
+        cos, sin = cos_M[pos], sin_M[pos]
+    else:
+        pos = torch.full((R,), P)
+        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    with torch.no_grad():
+        assert decode.attend_one_ok(qkv, k_cache)
+    y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
+    k_P, v_P = k_cache[:R, :, P], v_cache[:R, :, P]
+    assert torch.equal(v_P, quantize_kv(qkv[:, (H + J) * Dh:].view(R, J, Dh)))
+    _, ref_k = _attend_reference(qkv, pos, valid, dequantize_kv(k_before),
+                                 dequantize_kv(v_before), P, theta)
+    step = k_P[..., Dh:].contiguous().view(torch.float32)  # the scales: one level each
+    assert ((dequantize_kv(k_P).double() - ref_k).abs() <= step / 2 + 1e-5).all()
+    ref_y, _ = _attend_reference(qkv, pos, valid, dequantize_kv(k_before),
+                                 dequantize_kv(v_before), P, theta, k_at_P=dequantize_kv(k_P),
+                                 v_at_P=dequantize_kv(v_P))
+    assert y.dtype == torch.float32 and y.shape == (R, H * Dh)
+    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
+    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+def test_quantize_kv_is_per_row_absmax_int8():
+    """Against a per-row loop: scale = max |x| / 127, q = round half to even of x /
+    scale; a zero row has scale 0 and dequantizes to zeros; dequantize_kv is q * scale."""
+    x = torch.tensor([[127.0, 63.5, -0.5, 2.5],  # scale 1: halves to even
+                      [0.0, 0.0, 0.0, 0.0], [3.0, -3.0, 1.5, -0.01]])
+    packed = quantize_kv(x)
+    assert packed.dtype == torch.int8 and packed.shape == (3, 8)
+    for row, got in zip(x.tolist(), packed, strict=True):
+        amax = max(abs(v) for v in row)
+        scale = torch.tensor(amax, dtype=torch.float32) / 127
+        want = [int(torch.round(torch.tensor(v, dtype=torch.float32)
+                                / (scale if amax else 1.0))) for v in row]
+        assert got[:4].tolist() == want
+        assert got[4:].view(torch.float32).item() == scale.item()
+        assert torch.equal(dequantize_kv(got), got[:4].float() * scale)
+    assert packed[0, :4].tolist() == [127, 64, 0, 2]
 
 
 def test_attend_one_rejects_mixed_dtypes():

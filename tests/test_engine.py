@@ -330,20 +330,22 @@ def test_past_context_and_empty_prompt_are_named_errors():
         GenerationConfig(stop_sequences=((),))
 
 
-# -- a bf16 KV cache under fp32 activations (kv_cache_dtype)
+# -- a bf16 or int8 KV cache under fp32 activations (kv_cache_dtype)
 
 
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
 @pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
-def test_bf16_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads):
-    """An fp32 model over a bf16 cache: each decode step (attend_one's fp32-over-bf16
-    kernel) gives the logits a prefill of the whole sequence over a fresh bf16 cache gives
-    (torch's SDPA over the keys and values the cache rounded), at fp32's tolerance. The
-    cache holds half the bytes, and the logits are not the fp32 cache's (the keys and
+def test_small_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads, kv):
+    """An fp32 model over a bf16 / int8 cache: each decode step (attend_one's kernel for
+    that cache) gives the logits a prefill of the whole sequence over a fresh cache of the
+    same dtype gives (torch's SDPA over the keys and values the cache rounded or
+    quantized), at fp32's tolerance. The cache holds half the bytes (bf16) or a quarter
+    plus a scale per row (int8), and the logits are not the fp32 cache's (the keys and
     values were rounded) but within bf16's tolerance of them."""
     model = _model(num_kv_heads=kv_heads)
     ids = torch.randint(256, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        c16, c32 = (StaticKVCache.for_model(model, 2, 16, dt) for dt in ("bfloat16", None))
+        c16, c32 = (StaticKVCache.for_model(model, 2, 16, dt) for dt in (kv, None))
         got, fp32 = [], []
         for cache, out in ((c16, got), (c32, fp32)):
             cache.reset()
@@ -351,42 +353,53 @@ def test_bf16_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads):
             out.extend(model.infer(ids[:, t:t + 1], cache) for t in range(6, 12))
         want = []
         for t in range(6, 13):
-            fresh = StaticKVCache.for_model(model, 2, 16, torch.bfloat16)
+            fresh = StaticKVCache.for_model(model, 2, 16, kv)
             fresh.reset()
             want.append(model.infer(ids[:, :t], fresh))
     got, fp32, want = torch.stack(got), torch.stack(fp32), torch.stack(want)
-    assert c16.k[0].dtype == c16.v[0].dtype == torch.bfloat16 and got.dtype == torch.float32
-    assert 2 * c16.k[0].nbytes == c32.k[0].nbytes
+    Dh = model.config.head_size
+    if kv == "bfloat16":
+        assert c16.k[0].dtype == c16.v[0].dtype == torch.bfloat16
+        assert 2 * c16.k[0].nbytes == c32.k[0].nbytes
+    else:
+        assert c16.k[0].dtype == c16.v[0].dtype == torch.int8
+        assert c16.k[0].nbytes * 4 * Dh == c32.k[0].nbytes * (Dh + 4)
+    assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.equal(got, fp32)
     torch.testing.assert_close(got, fp32, atol=3e-2, rtol=3e-2)
 
 
-def test_bf16_cache_batched_prompts_equal_each_alone():
+@pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8])
+def test_small_cache_batched_prompts_equal_each_alone(kv):
     model = _model()
     cfg = GenerationConfig(max_new_tokens=16)
-    engine = Engine(model, kv_cache_dtype="bfloat16")
+    engine = Engine(model, kv_cache_dtype=kv)
     batched, _ = engine.generate(PROMPTS, cfg)
-    assert engine.cache.k[0].dtype == torch.bfloat16
+    assert engine.cache.k[0].dtype == kv
     for prompt, g in zip(PROMPTS, batched, strict=True):
-        alone, _ = Engine(model, kv_cache_dtype=torch.bfloat16).generate([prompt], cfg)
+        alone, _ = Engine(model, kv_cache_dtype=kv).generate([prompt], cfg)
         assert g.tokens == alone[0].tokens, prompt
 
 
 def test_kv_cache_dtype_is_checked_by_name_before_anything_runs():
     model = _model()
-    for bad in ("int8", torch.float16, 3):
+    for bad in ("int4", torch.float16, 3):
         with pytest.raises(ValueError, match="kv_cache_dtype="):
             Engine(model, kv_cache_dtype=bad)
         with pytest.raises(ValueError, match="kv_cache_dtype="):
             StaticKVCache.for_model(model, 1, 8, bad)
     bf16 = _model(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"activations are torch.bfloat16: it must be one of "
-                                         r'"auto", "bfloat16", "bf16"'):
-        Engine(bf16, kv_cache_dtype="float32")
+    for bad in ("float32", "int8"):
+        with pytest.raises(ValueError, match=r"activations are torch.bfloat16: it must be one "
+                                             r'of "auto", "bfloat16", "bf16"'):
+            Engine(bf16, kv_cache_dtype=bad)
     for ok in ("auto", None, "bf16", torch.bfloat16):
         assert StaticKVCache.for_model(bf16, 1, 8, ok).k[0].dtype == torch.bfloat16
     assert StaticKVCache.for_model(model, 1, 8, "fp32").k[0].dtype == torch.float32
+    with pytest.raises(ValueError, match=r'it must be one of "auto", "float32", "fp32", '
+                                         r'"bfloat16", "bf16", "int8"'):
+        Engine(model, kv_cache_dtype="int4")
 
 
 def _save(model, run_dir):
@@ -417,17 +430,18 @@ def test_cli_prompts_file(tmp_path, capsys):
     assert "max_seq_len=64" in capsys.readouterr().err
 
 
-def test_cli_generates_over_a_bf16_cache(tmp_path, capsys):
-    """--kv-cache-dtype bfloat16: one prompt (the engine) and a prompts file (the
-    batcher) print what the engine generates over a bf16 cache; with --no-cache, or a
-    bf16 model asked for a float32 cache, a named error."""
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_cli_generates_over_a_small_cache(tmp_path, capsys, kv):
+    """--kv-cache-dtype bfloat16 / int8: one prompt (the engine) and a prompts file (the
+    batcher) print what the engine generates over that cache; with --no-cache, or a bf16
+    model asked for a float32 cache, a named error."""
     model = _model()
     _save(model, tmp_path / "run")
     cfg = GenerationConfig(max_new_tokens=6)
-    want = {t: bytes(Engine(model, kv_cache_dtype="bfloat16").generate(
+    want = {t: bytes(Engine(model, kv_cache_dtype=kv).generate(
         [list(t.encode())], cfg)[0][0].tokens) for t in ("ab", "x", "import os")}
     base = ["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "6",
-            "--temperature", "0", "--kv-cache-dtype", "bfloat16"]
+            "--temperature", "0", "--kv-cache-dtype", kv]
     assert cli_main([*base, "--prompt", "ab"]) == 0
     assert capsys.readouterr().out == "ab" + want["ab"].decode("utf-8", errors="replace") + "\n"
     (tmp_path / "prompts.txt").write_text("x\nimport os\n")
@@ -436,7 +450,7 @@ def test_cli_generates_over_a_bf16_cache(tmp_path, capsys):
     for t in ("x", "import os"):
         assert (t.encode() + want[t]).decode("utf-8", errors="replace") in out
     assert cli_main([*base, "--prompt", "ab", "--no-cache"]) == 2
-    assert "--kv-cache-dtype=bfloat16 is not allowed with --no-cache" in capsys.readouterr().err
+    assert f"--kv-cache-dtype={kv} is not allowed with --no-cache" in capsys.readouterr().err
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "run"), "--dtype", "bf16",
                      "--kv-cache-dtype", "float32"]) == 2
     assert "kv_cache_dtype='float32' is not allowed" in capsys.readouterr().err

@@ -236,6 +236,10 @@ def test_served_context_limits_requests_and_sizes_the_cache():
     want, _ = Engine(model, kv_cache_dtype="bfloat16").generate(
         [list(b"def ")], GenerationConfig(max_new_tokens=8))
     assert choices[0].text == bytes(want[0].tokens).decode("utf-8", errors="replace")
+    # int8: a quarter of the values, plus a float scale per slot and head
+    small = Service(model, ByteText(), "tiny", context=20, kv_cache_dtype="int8")
+    Dh = c.head_size
+    assert small.kv_bytes() * 4 * Dh == service.kv_bytes() * (Dh + 4)
 
 
 def _label(byte: int) -> str:

@@ -86,6 +86,7 @@ INLINE float bf16(uint16_t v) {
 
 INLINE float load(float v) { return v; }
 INLINE float load(uint16_t v) { return bf16(v); }
+INLINE float load(int8_t v) { return static_cast<float>(v); }
 
 // fp32 -> bf16, round to nearest even (as torch's .to(torch.bfloat16)); NaN stays NaN.
 INLINE uint16_t to_bf16(float f) {
@@ -2519,15 +2520,15 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
 
 // One (row, head) of attend_one where each query head has its own key/value head: rotary
 // on q and k, the new key and value written at slot P, attention over the valid slots
-// 0..P, one key row and one value row at a time (slot P: the new ones, kt the rotated key
-// rounded to T as the cache holds it). T: fp32 or bf16 (qkv, cache and output; bf16 rounds
-// the cache writes and the output once, q stays fp32). Compiled through target_clones (the
+// 0..P, one key row and one value row at a time (slot P: the new ones, kt / vt as the cache
+// holds them). attend_one runs it for fp32 caches only (bf16 and int8 ones go to
+// attend_heads, whatever J), so it is built for fp32 alone. Compiled through target_clones (the
 // extension builds for baseline x86-64, where these loops ran as SSE2; batch 16: 0.56 ->
 // 0.44 ms per layer). Its dot products are chains of dependent FMAs, but one head's keys
 // and values are read once, so it waits on memory: attend_heads' 4-row passes (below) ran
 // it 1.2-1.3x slower on cold fp32 caches (8 heads of 128, 200-1,000 slots, Zen 4 VM).
 // out = x * cos + [x2 | x1] * [-sin | sin] (apply_rotary's half-split layout) for one head
-// of Dh; O float (q) or T (the new key, rounded as the cache holds it)
+// of Dh into floats (q, or the new key before store_row rounds it as the cache holds it)
 template <typename T, typename O>
 INLINE void rotate(const T* x, const float* c, const float* s, int64_t Dh, O* out) {
   const int64_t half = Dh / 2;
@@ -2535,6 +2536,49 @@ INLINE void rotate(const T* x, const float* c, const float* s, int64_t Dh, O* ou
     const float x1 = load(x[i]), x2 = load(x[i + half]);
     store(out + i, x1 * c[i] + x2 * s[i]);
     store(out + i + half, x2 * c[i + half] + x1 * s[i + half]);
+  }
+}
+
+
+// A KV cache row (one slot of one key/value head): Dh values of C; for int8 then a float
+// scale in its 4 bytes (unaligned): value = scale * q.
+template <typename C>
+constexpr int64_t row_extra() {
+  return std::is_same_v<C, int8_t> ? 4 : 0;
+}
+
+template <typename C>
+INLINE float row_scale(const C* row, int64_t Dh) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + Dh, sizeof scale);
+    return scale;
+  } else {
+    return 1.0f;
+  }
+}
+
+// x (Dh floats) as the cache holds it: fp32 as is, bf16 rounded to nearest even, int8
+// quantized by the row's largest magnitude: scale = amax / 127, q = x / scale rounded half
+// to even (a zero row: scale 0, q 0; a NaN: scale NaN), as quantize_kv in
+// moekit/models/transformer.py quantizes a prefill's rows.
+template <typename C>
+INLINE void store_row(C* dst, const float* x, int64_t Dh) {
+  if constexpr (std::is_same_v<C, int8_t>) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < Dh; ++i) {
+      const float a = std::fabs(x[i]);
+      amax = a > amax || std::isnan(a) ? a : amax;
+      if (std::isnan(amax)) break;
+    }
+    const float scale = amax / 127.0f, div = scale > 0.0f ? scale : 1.0f;
+    for (int64_t i = 0; i < Dh; ++i) {
+      const float v = std::nearbyint(x[i] / div);
+      dst[i] = static_cast<int8_t>(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f);
+    }
+    std::memcpy(dst + Dh, &scale, sizeof scale);
+  } else {
+    for (int64_t i = 0; i < Dh; ++i) store(dst + i, x[i]);
   }
 }
 
@@ -2549,16 +2593,20 @@ INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
 template <typename A, typename C>
 INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, const float* s,
                         C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                        float* q, float* p, float* o, C* kt, C* vt, A* out) {
+                        float* q, float* p, float* o, float* f, C* kt, C* vt, A* out) {
+  const int64_t rs = Dh + row_extra<C>();  // a cache row's elements
   rotate(sq, c, s, Dh, q);
-  rotate(sk, c, s, Dh, kt);
-  for (int64_t i = 0; i < Dh; ++i) store(vt + i, load(sv[i]));
-  std::copy(kt, kt + Dh, kr + P * Dh);
-  std::copy(vt, vt + Dh, vr + P * Dh);
+  rotate(sk, c, s, Dh, f);
+  store_row(kt, f, Dh);
+  for (int64_t i = 0; i < Dh; ++i) f[i] = load(sv[i]);
+  store_row(vt, f, Dh);
+  std::copy(kt, kt + rs, kr + P * rs);
+  std::copy(vt, vt + rs, vr + P * rs);
   float m = -INFINITY;
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
-    m = std::max(m, p[t] = dot_row(q, t < P ? kr + t * Dh : kt, Dh) * scale);
+    const C* key = t < P ? kr + t * rs : kt;
+    m = std::max(m, p[t] = dot_row(q, key, Dh) * row_scale(key, Dh) * scale);
   }
   float sum = 0.0f;
   for (int64_t t = 0; t <= P; ++t)
@@ -2566,25 +2614,21 @@ INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, c
   std::fill(o, o + Dh, 0.0f);
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
-    const float a = p[t] / sum;
-    const C* vs = t < P ? vr + t * Dh : vt;
+    const C* vs = t < P ? vr + t * rs : vt;
+    const float a = p[t] / sum * row_scale(vs, Dh);
 #pragma omp simd
     for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vs[i]);
   }
   for (int64_t i = 0; i < Dh; ++i) store(out + i, o[i]);
 }
 
-// attend_head for activations A and cache C: fp32 / fp32, bf16 / bf16, fp32 / bf16
-#define ATTEND_HEAD(NAME, A, C)                                                              \
-  CLONES void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s,    \
-                   C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale, float* q, \
-                   float* p, float* o, C* kt, C* vt, A* out) {                                 \
-    attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, vt, out);           \
-  }
-ATTEND_HEAD(attend_head_f32, float, float)
-ATTEND_HEAD(attend_head_bf16, uint16_t, uint16_t)
-ATTEND_HEAD(attend_head_f32_bf16, float, uint16_t)
-#undef ATTEND_HEAD
+// attend_head for fp32 activations and cache (the one cache it runs for: attend_one)
+CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
+                            const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
+                            const bool* ok, float scale, float* q, float* p, float* o,
+                            float* f, float* kt, float* vt, float* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, f, kt, vt, out);
+}
 
 // p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
 // std::exp), else std::exp.
@@ -2637,12 +2681,30 @@ typedef float F8 __attribute__((vector_size(32)));
 typedef uint16_t U16x8 __attribute__((vector_size(16)));
 typedef uint32_t U32x8 __attribute__((vector_size(32)));
 
-// 16 (F16) or 8 (F8) inputs as floats into v (bf16: shifted into the high half); v by
-// reference, as a vector return would change the ABI outside AVX code
+// 16 / 8 int8 values as floats, for load_lanes (inlined once it is inside the AVX-512 /
+// AVX2 callers, attend_heads_*_i8_v16 / _v8)
+AVX512 inline void i8_floats16(const int8_t* p, float* out) {
+  _mm512_storeu_ps(out, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+}
+AVX2 inline void i8_floats8(const int8_t* p, float* out) {
+  _mm256_storeu_ps(out, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+}
+
+// 16 (F16) or 8 (F8) inputs as floats into v (bf16: shifted into the high half; int8:
+// converted); v by reference, as a vector return would change the ABI outside AVX code
 template <typename T, typename V>
 INLINE void load_lanes(const T* p, V& v) {
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<T, int8_t>) {
+    // by intrinsics (vpmovsxbd, vcvtdq2ps): GCC built int8 vectors' conversions from
+    // scalar moves and inserts, 2x the time of bf16's loads
+    float f[sizeof v / sizeof(float)];
+    if constexpr (std::is_same_v<V, F16>) i8_floats16(p, f);
+    else i8_floats8(p, f);
+    std::memcpy(&v, f, sizeof v);
   } else if constexpr (std::is_same_v<V, F16>) {
     U16x16 h;
     std::memcpy(&h, p, sizeof h);
@@ -2722,25 +2784,27 @@ INLINE void dot4(const float* q, const T* k0, const T* k1, const T* k2, const T*
 template <int W, typename A, typename C>
 INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, const float* s,
                          C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                         int64_t g0, int64_t g1, float* q, float* p, float* o, C* kt, C* vt,
-                         A* out) {
+                         int64_t g0, int64_t g1, float* q, float* p, float* o, float* f, C* kt,
+                         C* vt, A* out) {
   using T = C;
-  const int64_t n = g1 - g0, S = P + 1;
+  const int64_t n = g1 - g0, S = P + 1, rs = Dh + row_extra<C>();  // rs: a cache row's elements
   for (int64_t g = 0; g < n; ++g) rotate(sq + g * Dh, c, s, Dh, q + g * Dh);
-  rotate(sk, c, s, Dh, kt);
-  for (int64_t i = 0; i < Dh; ++i) store(vt + i, load(sv[i]));
+  rotate(sk, c, s, Dh, f);
+  store_row(kt, f, Dh);
+  for (int64_t i = 0; i < Dh; ++i) f[i] = load(sv[i]);
+  store_row(vt, f, Dh);
   if (g0 == 0) {
-    std::copy(kt, kt + Dh, kr + P * Dh);
-    std::copy(vt, vt + Dh, vr + P * Dh);
+    std::copy(kt, kt + rs, kr + P * rs);
+    std::copy(vt, vt + rs, vr + P * rs);
   }
-  const auto key = [&](int64_t t) { return t < P ? kr + t * Dh : kt; };
-  const auto value = [&](int64_t t) { return t < P ? vr + t * Dh : vt; };
+  const auto key = [&](int64_t t) { return t < P ? kr + t * rs : kt; };
+  const auto value = [&](int64_t t) { return t < P ? vr + t * rs : vt; };
   // the rows ATT_AHEAD slots on, a line at a time (4 rows read side by side: Zen 4's
   // prefetchers left cold fp32 keys at ~0.6x the speed of one row at a time)
   const auto fetch = [&](const T* base, int64_t t) {
     if (t + ATT_AHEAD + 4 > P) return;
-    const char* b = reinterpret_cast<const char*>(base + (t + ATT_AHEAD) * Dh);
-    for (int64_t l = 0; l < 4 * Dh * static_cast<int64_t>(sizeof(T)); l += 64)
+    const char* b = reinterpret_cast<const char*>(base + (t + ATT_AHEAD) * rs);
+    for (int64_t l = 0; l < 4 * rs * static_cast<int64_t>(sizeof(T)); l += 64)
       __builtin_prefetch(b + l, 0, 3);
   };
   // scores (masked slots -inf: no weight in the max, zeroed after the exponential)
@@ -2757,7 +2821,8 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
              key(t + std::min<int64_t>(2, w - 1)), key(t + w - 1), Dh, d);
       }
       for (int64_t u = 0; u < w; ++u)
-        p[g * S + t + u] = ok && !ok[t + u] ? -INFINITY : d[u] * scale;
+        p[g * S + t + u] = ok && !ok[t + u] ? -INFINITY
+                                            : d[u] * row_scale(key(t + u), Dh) * scale;
     }
   }
   for (int64_t g = 0; g < n; ++g) {
@@ -2780,21 +2845,25 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
     if (t + 4 <= S && (!ok || (ok[t] && ok[t + 1] && ok[t + 2] && ok[t + 3]))) {
       fetch(vr, t);
       const T *v0 = value(t), *v1 = value(t + 1), *v2 = value(t + 2), *v3 = value(t + 3);
+      const float s0 = row_scale(v0, Dh), s1 = row_scale(v1, Dh), s2 = row_scale(v2, Dh),
+                  s3 = row_scale(v3, Dh);
       for (int64_t g = 0; g < n; ++g) {
-        const float* a = p + g * S + t;
+        const float* pg = p + g * S + t;
+        const float a0 = pg[0] * s0, a1 = pg[1] * s1, a2 = pg[2] * s2, a3 = pg[3] * s3;
         float* og = o + g * Dh;
 #pragma omp simd
         for (int64_t i = 0; i < Dh; ++i)
-          og[i] = (((og[i] + a[0] * load(v0[i])) + a[1] * load(v1[i])) + a[2] * load(v2[i])) +
-                  a[3] * load(v3[i]);
+          og[i] = (((og[i] + a0 * load(v0[i])) + a1 * load(v1[i])) + a2 * load(v2[i])) +
+                  a3 * load(v3[i]);
       }
       t += 4;
       continue;
     }
     if (!ok || ok[t]) {
       const T* v = value(t);
+      const float sv_t = row_scale(v, Dh);
       for (int64_t g = 0; g < n; ++g) {
-        const float a = p[g * S + t];
+        const float a = p[g * S + t] * sv_t;
         float* og = o + g * Dh;
 #pragma omp simd
         for (int64_t i = 0; i < Dh; ++i) og[i] += a * load(v[i]);
@@ -2805,30 +2874,35 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   for (int64_t i = 0; i < n * Dh; ++i) store(out + i, o[i]);
 }
 
-// attend_heads for activations / cache fp32 / fp32, bf16 / bf16 and fp32 / bf16: any head
-// size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or of 8 on AVX2
-// (_v8).
+// attend_heads for activations / cache fp32 / fp32, bf16 / bf16, fp32 / bf16 and fp32 /
+// int8: any head size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or
+// of 8 on AVX2 (_v8).
 #define ATTEND_HEADS(NAME, ATTR, W, A, C)                                                     \
   ATTR void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s, C* kr, \
                  C* vr, int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,        \
-                 int64_t g1, float* q, float* p, float* o, C* kt, C* vt, A* out) {             \
-    attend_heads<W>(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, kt, vt, out); \
+                 int64_t g1, float* q, float* p, float* o, float* f, C* kt, C* vt, A* out) {   \
+    attend_heads<W>(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, f, kt, vt,   \
+                    out);                                                                      \
   }
 ATTEND_HEADS(attend_heads_f32_any, CLONES, 0, float, float)
 ATTEND_HEADS(attend_heads_bf16_any, CLONES, 0, uint16_t, uint16_t)
 ATTEND_HEADS(attend_heads_f32_bf16_any, CLONES, 0, float, uint16_t)
+ATTEND_HEADS(attend_heads_f32_i8_any, CLONES, 0, float, int8_t)
 ATTEND_HEADS(attend_heads_f32_v16, AVX512, 16, float, float)
 ATTEND_HEADS(attend_heads_bf16_v16, AVX512, 16, uint16_t, uint16_t)
 ATTEND_HEADS(attend_heads_f32_bf16_v16, AVX512, 16, float, uint16_t)
+ATTEND_HEADS(attend_heads_f32_i8_v16, AVX512, 16, float, int8_t)
 ATTEND_HEADS(attend_heads_f32_v8, AVX2, 8, float, float)
 ATTEND_HEADS(attend_heads_bf16_v8, AVX2, 8, uint16_t, uint16_t)
 ATTEND_HEADS(attend_heads_f32_bf16_v8, AVX2, 8, float, uint16_t)
+ATTEND_HEADS(attend_heads_f32_i8_v8, AVX2, 8, float, int8_t)
 #undef ATTEND_HEADS
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
 template <typename T>
 T* elems(const torch::Tensor& t) {
   if constexpr (std::is_same_v<T, float>) return t.data_ptr<float>();
+  else if constexpr (std::is_same_v<T, int8_t>) return t.data_ptr<int8_t>();
   else return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
@@ -2846,8 +2920,10 @@ void check_f32_or_bf16(const torch::Tensor& t, const char* name, int64_t dim,
 
 // One new token per row: rotary on q and k, k and v written to the cache at slot P,
 // attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
-// fp32 or bf16 (qkv and output alike; the cache of their dtype, or bf16 under fp32: the new
-// key and value rounded to it as it holds them, the scores and sums fp32). qkv_RC [R, (H + 2 J) Dh] as the qkv
+// fp32 or bf16 (qkv and output alike; the cache of their dtype, or bf16 or int8 under fp32:
+// the new key and value rounded / quantized as it holds them, the scores and sums fp32).
+// An int8 cache is [B, J, M, Dh + 4]: a slot's Dh values, then their float scale
+// (store_row). qkv_RC [R, (H + 2 J) Dh] as the qkv
 // projection gives it ([q | k | v]: H query heads, then J key and J value heads of Dh,
 // rotary in the half-split layout; query head h reads key/value head h / (H / J));
 // cos_XDh / sin_XDh [1 or R, Dh] from ``rotary_table`` (R rows: per-row positions);
@@ -2860,12 +2936,25 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   check_f32_or_bf16(qkv_RC, "qkv_RC", 2, qkv_RC);
   check_f32(cos_XDh, "cos_XDh", 2);
   check_f32(sin_XDh, "sin_XDh", 2);
-  // the cache: the activations' dtype, or bf16 under fp32 activations
-  const bool mixed = qkv_RC.scalar_type() == at::kFloat && k_BJMD.scalar_type() == at::kBFloat16;
-  check_f32_or_bf16(k_BJMD, "k_BJMD", 4, mixed ? k_BJMD : qkv_RC);
-  check_f32_or_bf16(v_BJMD, "v_BJMD", 4, k_BJMD);
+  // the cache: the activations' dtype, or bf16 / int8 under fp32 activations
+  const bool f32 = qkv_RC.scalar_type() == at::kFloat;
+  const bool mixed = f32 && k_BJMD.scalar_type() == at::kBFloat16;
+  const bool i8 = f32 && k_BJMD.scalar_type() == at::kChar;
+  if (i8) {
+    for (const auto* t : {&k_BJMD, &v_BJMD}) {
+      check_cpu(*t, "k_BJMD / v_BJMD");
+      TORCH_CHECK(t->scalar_type() == at::kChar && t->dim() == 4 && t->is_contiguous() &&
+                      t->size(3) > 4,
+                  "an int8 cache must be contiguous int8 [B, J, M, Dh + 4], got ",
+                  t->scalar_type(), " ", t->sizes());
+    }
+  } else {
+    check_f32_or_bf16(k_BJMD, "k_BJMD", 4, mixed ? k_BJMD : qkv_RC);
+    check_f32_or_bf16(v_BJMD, "v_BJMD", 4, k_BJMD);
+  }
   const int64_t R = qkv_RC.size(0), width = qkv_RC.size(1), B = k_BJMD.size(0),
-                J = k_BJMD.size(1), M = k_BJMD.size(2), Dh = k_BJMD.size(3);
+                J = k_BJMD.size(1), M = k_BJMD.size(2), Dh = k_BJMD.size(3) - (i8 ? 4 : 0);
+  const int64_t rs = k_BJMD.size(3);  // a cache row's elements
   TORCH_CHECK(v_BJMD.sizes() == k_BJMD.sizes(), "v_BJMD must match k_BJMD ", k_BJMD.sizes());
   const int64_t H = Dh > 0 ? width / Dh - 2 * J : 0;
   TORCH_CHECK(Dh > 0 && Dh % 2 == 0 && width % Dh == 0 && H >= J && H % J == 0 && R <= B,
@@ -2888,10 +2977,16 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   const float* cs = cos_XDh.data_ptr<float>();
   const float* sn = sin_XDh.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  // J = H: items (row, head), one key and value row at a time (attend_head). J < H: items
-  // of a row's key/value head and `per` of its G query heads, which read its keys and values
-  // once together (attend_heads); a group is split only where there are fewer groups than
-  // threads.
+  // J = H with an fp32 cache: items (row, head), one key and value row at a time
+  // (attend_head). Else items of a row's key/value head and `per` of its G query heads,
+  // which read its keys and values once together, 4 slots per pass (attend_heads); a group
+  // is split only where there are fewer groups than threads. A bf16 or int8 cache takes
+  // attend_heads at J = H too: its one-row loop is bound by its instructions, not its
+  // bytes (8 rows x 8 heads of 128 at 960 slots, one layer, 2 threads, Intel VM:
+  // bf16 0.93-1.00 -> 0.91-0.94 ms, int8 1.28-1.35 -> 0.59 ms; the fine int4 model at batch 8
+  // after 960-token prompts, whole steps: bf16 cache 21.2-21.4 -> 19.2 ms). fp32 keeps the
+  // one-row loop, which read cold fp32 caches 1.2-1.3x faster on the Zen 4 VM (here the
+  // 4-slot passes measured 1.53 against 1.64-1.84 ms).
   const int64_t G = H / J, groups = R * J;
   const auto up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t per = up(G, std::min(G, up(at::get_num_threads(), groups)));
@@ -2900,31 +2995,38 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
     using A = std::remove_pointer_t<decltype(qkv)>;
     using C = std::remove_pointer_t<decltype(kc)>;
     at::parallel_for(0, groups * parts, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> q(per * Dh), p(per * (P + 1)), o(per * Dh);
-      std::vector<C> kt(Dh), vt(Dh);
+      std::vector<float> q(per * Dh), p(per * (P + 1)), o(per * Dh), f(Dh);
+      std::vector<C> kt(rs), vt(rs);
       for (int64_t item = lo; item < hi; ++item) {
         const int64_t r = item / (J * parts), j = item / parts % J, g0 = item % parts * per;
         const int64_t h = j * G + g0;  // the item's first query head
         const A* row = qkv + r * width;
         const float *c = cs + (X == 1 ? 0 : r) * Dh, *s = sn + (X == 1 ? 0 : r) * Dh;
-        C *kr = kc + ((r * J + j) * M) * Dh, *vr = vc + ((r * J + j) * M) * Dh;
+        C *kr = kc + ((r * J + j) * M) * rs, *vr = vc + ((r * J + j) * M) * rs;
         const bool* ok = valid ? valid + r * M : nullptr;
-        if (G == 1)
-          head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
-               ok, scale, q.data(), p.data(), o.data(), kt.data(), vt.data(),
-               out + r * H * Dh + h * Dh);
-        else
-          heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
-                ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), kt.data(),
-                vt.data(), out + r * H * Dh + h * Dh);
+        if constexpr (std::is_same_v<C, float>) {
+          if (G == 1) {
+            head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P,
+                 Dh, ok, scale, q.data(), p.data(), o.data(), f.data(), kt.data(), vt.data(),
+                 out + r * H * Dh + h * Dh);
+            continue;
+          }
+        }
+        heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
+                ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), f.data(),
+                kt.data(), vt.data(), out + r * H * Dh + h * Dh);
       }
     });
   };
   const int lanes = CPU_ISA == Isa::Avx512 && Dh % 16 == 0 ? 16
                     : CPU_ISA != Isa::Generic && Dh % 8 == 0 ? 8 : 0;
-  if (mixed)
+  if (i8)
+    run(elems<float>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD), elems<float>(y),
+        nullptr, lanes == 16 ? attend_heads_f32_i8_v16
+                            : lanes == 8 ? attend_heads_f32_i8_v8 : attend_heads_f32_i8_any);
+  else if (mixed)
     run(elems<float>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<float>(y), attend_head_f32_bf16, lanes == 16 ? attend_heads_f32_bf16_v16
+        elems<float>(y), nullptr, lanes == 16 ? attend_heads_f32_bf16_v16
                          : lanes == 8 ? attend_heads_f32_bf16_v8 : attend_heads_f32_bf16_any);
   else if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
@@ -2932,7 +3034,7 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
                          : lanes == 8 ? attend_heads_f32_v8 : attend_heads_f32_any);
   else
     run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<uint16_t>(y), attend_head_bf16, lanes == 16 ? attend_heads_bf16_v16
+        elems<uint16_t>(y), nullptr, lanes == 16 ? attend_heads_bf16_v16
                             : lanes == 8 ? attend_heads_bf16_v8 : attend_heads_bf16_any);
   return y;
 }

@@ -231,7 +231,7 @@ class DecodePlan:
             raise ValueError(f"sequence length {P + 1} is not allowed: this cache holds "
                              f"max_len={cache.max_len} positions")
         if cache is not self._bound:  # the cache's tensors change in place, not identity
-            model, Dh = self.model, k0.shape[-1]
+            model, Dh = self.model, self.model.config.head_size
             self.native.bind(cache.k, cache.v, decode._plain_f32(model.rope_cos.reshape(-1, Dh)),
                              decode._plain_f32(model.rope_sin.reshape(-1, Dh)), cache.pad_B,
                              cache.valid_BM)

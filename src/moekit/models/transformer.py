@@ -108,25 +108,53 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tens
 
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
-                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "int8": torch.int8}
+# what a cache may hold under fp32 activations besides fp32 (bf16 activations: bf16 only)
+_UNDER_FP32 = (torch.bfloat16, torch.int8)
 
 
 def kv_cache_dtype(model: MoETransformer, dtype: torch.dtype | str | None) -> torch.dtype:
     """The dtype of ``model``'s KV cache for ``dtype``: None or "auto" the activations'
-    (``model.norm.weight``'s: the embedding may be quantized); "float32" / "bfloat16"
-    (or the torch dtypes) where the activations are fp32, a bf16 cache halving its bytes
-    (keys and values rounded once as they are stored; the scores and sums stay fp32);
-    a model with bf16 activations keeps a bf16 cache."""
+    (``model.norm.weight``'s: the embedding may be quantized). Where the activations are
+    fp32 also "bfloat16" (half the bytes: keys and values rounded once as they are stored)
+    or "int8" (a quarter plus a float scale per slot and head: each slot's key or value of
+    a head quantized symmetrically by its largest magnitude, ``quantize_kv``); the scores
+    and sums stay fp32. A model with bf16 activations keeps a bf16 cache."""
     act = model.norm.weight.dtype
     if dtype is None or dtype == "auto":
         return act
     kv = KV_CACHE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if kv not in (act, torch.bfloat16 if act == torch.float32 else act):
+    if kv != act and not (act == torch.float32 and kv in _UNDER_FP32):
         allowed = ['"auto"'] + [f'"{n}"' for n, d in KV_CACHE_DTYPES.items()
-                                if d == act or (act == torch.float32 and d == torch.bfloat16)]
+                                if d == act or (act == torch.float32 and d in _UNDER_FP32)]
         reject("kv_cache_dtype", dtype, f"this model's activations are {act}: it must be "
                f"one of {', '.join(allowed)} (or the torch dtype)")
     return kv
+
+
+KV_SCALE_BYTES = 4  # an int8 cache row's float scale, after its Dh values
+
+
+def quantize_kv(x: Tensor) -> Tensor:
+    """Keys or values [..., Dh] (float) as an int8 cache holds them, [..., Dh + 4]: each
+    row's Dh values q = round(x / scale) (half to even) with scale = its largest magnitude
+    / 127, then the scale's 4 bytes (a zero row: scale 0; a non-finite value makes the
+    row's scale NaN or inf, so the row dequantizes to NaN). attend_one's store_row
+    (moekit/csrc/cpu_decode.cpp) quantizes a decode step's new row the same way."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    q = (x / torch.where(scale > 0, scale, 1.0)).round().clamp(-127, 127)
+    out = torch.empty((*x.shape[:-1], x.shape[-1] + KV_SCALE_BYTES), dtype=torch.int8,
+                      device=x.device)
+    out[..., :-KV_SCALE_BYTES] = q.nan_to_num(0.0).to(torch.int8)
+    out[..., -KV_SCALE_BYTES:] = scale.view(torch.int8)
+    return out
+
+
+def dequantize_kv(packed: Tensor) -> Tensor:
+    """An int8 cache's rows [..., Dh + 4] as float32 [..., Dh]: q * scale."""
+    scale = packed[..., -KV_SCALE_BYTES:].contiguous().view(torch.float32)
+    return packed[..., :-KV_SCALE_BYTES].float() * scale
 
 
 class StaticKVCache:
@@ -142,13 +170,17 @@ class StaticKVCache:
     slots are written (``Batcher`` sizes its shared cache for the worst case).
     ``row_buffers`` keeps the fused expert path's row buffers between the forwards
     that use this cache (``moe_experts.RowBuffers``; ``row_buffers.nbytes`` says how
-    much, ``row_buffers.clear()`` frees them).
+    much, ``row_buffers.clear()`` frees them). ``dtype`` int8: each slot's row is its
+    Dh quantized values and their float scale, [B, J, M, Dh + 4] (``quantize_kv``), and
+    attention reads them dequantized.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, lazy: bool = False) -> None:
-        shape = (batch, kv_heads, max_len, head_dim)
+        self.head_dim = head_dim
+        self.quantized = dtype == torch.int8
+        shape = (batch, kv_heads, max_len, head_dim + (KV_SCALE_BYTES if self.quantized else 0))
         zeros = _lazy_zeros if lazy and torch.device(device or "cpu").type == "cpu" \
             else torch.zeros
         self.k = [zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -279,6 +311,10 @@ class StaticKVCache:
         """Store the new keys and values at the next L slots; views of the filled slots."""
         P, L, R = self.length, k_RJLd.shape[2], self.rows
         k_all, v_all = self.k[layer], self.v[layer]
+        if self.quantized:  # int8 rows and their scales; attention reads them as floats
+            k_all[:R, :, P:P + L] = quantize_kv(k_RJLd)
+            v_all[:R, :, P:P + L] = quantize_kv(v_RJLd)
+            return dequantize_kv(k_all[:R, :, :P + L]), dequantize_kv(v_all[:R, :, :P + L])
         k_all[:R, :, P:P + L] = k_RJLd
         v_all[:R, :, P:P + L] = v_RJLd
         return k_all[:R, :, :P + L], v_all[:R, :, :P + L]

@@ -61,11 +61,13 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
 
 def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
     """--kv-cache-dtype: generate's and serve's."""
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"),
+                   default="auto",
                    help="the KV cache's keys and values (default auto: the activations' "
-                   "dtype); bfloat16 under fp32 or quantized weights halves the cache's "
+                   "dtype); under fp32 or quantized weights bfloat16 halves the cache's "
                    "memory and the bytes a decode step reads from it (keys and values "
-                   "rounded once as they are stored)")
+                   "rounded once as they are stored), int8 quarters them (plus a float "
+                   "scale per slot and head)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
