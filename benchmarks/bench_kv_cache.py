@@ -1,19 +1,20 @@
-"""What a bf16 KV cache under fp32 (or quantized) weights gives a decode step, and what it
-costs in quality.
+"""What a bf16 or int8 KV cache under fp32 (or quantized) weights gives a decode step, and
+what it costs in quality.
 
 Speed: for each model variant, batch size and prompt length, one model generates greedily
-through the engine with its KV cache in float32 and in bfloat16 (``kv_cache_dtype``),
-alternating (A B B A ...). The ratio is the median over pairs of (bf16 step / fp32 step).
-Beside it, the bytes of cache a step reads (the mean filled slots over the steps, keys
-and values of every layer and row) and the time the halved bytes would save at the read
-bandwidth measured in the same run (a 1 GiB ``sum``, the faster of 4 KiB and huge pages).
+through the engine with its KV cache in float32, bfloat16 and int8 (``kv_cache_dtype``),
+in rounds (each round runs the three in a rotated order). The ratio is the median over
+rounds of (step with that cache / step with the fp32 cache). Beside it, the bytes of
+cache a step reads (the mean filled slots over the steps, keys and values of every layer
+and row) and the time the smaller cache would save at the read bandwidth measured in the
+same run (a 1 GiB ``sum``, the faster of 4 KiB and huge pages).
 
 Quality (``--checkpoint``, a trained `moekit train` run): teacher-forced decode steps
 (one token per step, the cache filled by the steps before) over ``--bytes`` held-out
 bytes in windows of the model's context, with each cache: the mean next-byte loss
-(nats/byte) of each, the share of positions where both pick the same argmax byte, the
-mean KL divergence of the bf16-cache distribution from the fp32-cache one, and each
-position's largest logit difference (median, 99th percentile, largest).
+(nats/byte), the share of positions where it picks the fp32 cache's argmax byte, the
+mean KL divergence of its distribution from the fp32 cache's, and each position's largest
+logit difference from the fp32 cache's (median, 99th percentile, largest).
 
     PYTHONPATH=src python benchmarks/bench_kv_cache.py [--models fine] [--variants fp32,int4]
         [--batches 1,8] [--prompt-lens 32,960] [--reps 7] [--new-tokens 32]
@@ -23,6 +24,7 @@ position's largest logit difference (median, 99th percentile, largest).
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 from pathlib import Path
 
@@ -31,12 +33,31 @@ import bench_decode as bd  # noqa: E402
 import harness  # noqa: E402
 
 VARIANTS = ("fp32", "int8", "int4")
+CACHES = ("float32", "bfloat16", "int8")
 
 
-def cache_bytes(model, B: int, slots: float, element: int) -> float:
+def cache_bytes(model, B: int, slots: float, kv: str) -> float:
     """Bytes of keys and values a decode step reads: every layer, row and filled slot."""
     c = model.config
-    return c.num_layers * 2 * B * slots * c.kv_heads * c.head_size * element
+    row = {"float32": 4 * c.head_size, "bfloat16": 2 * c.head_size,
+           "int8": c.head_size + 4}[kv]  # int8: the values, then their float scale
+    return c.num_layers * 2 * B * slots * c.kv_heads * row
+
+
+def rounds(runners: dict, reps: int) -> dict:
+    """Each runner once per round, the order rotated every round (after a warm-up round);
+    per runner the median step ms and the median ratio to the first runner's."""
+    names = list(runners)
+    for name in names:
+        runners[name]()
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            ms[name].append(runners[name]())
+    first = names[0]
+    return {n: {"ms": statistics.median(ms[n]),
+                "ratio": statistics.median(b / a for a, b in zip(ms[first], ms[n], strict=True))}
+            for n in names}
 
 
 def speed(args, bandwidth: float) -> list[dict]:
@@ -47,28 +68,31 @@ def speed(args, bandwidth: float) -> list[dict]:
             for L in (int(x) for x in args.prompt_lens.split(",")):
                 for B in (int(b) for b in args.batches.split(",")):
                     ids = bd.prompts(B, L)
-                    a = bd.Runner(model, ids, args.new_tokens, kv="float32")
-                    b = bd.Runner(model, ids, args.new_tokens, huge=False, kv="bfloat16")
-                    p = bd.paired(a, b, args.reps)
+                    runners = {kv: bd.Runner(model, ids, args.new_tokens, huge=i == 0, kv=kv)
+                               for i, kv in enumerate(CACHES)}
+                    r = rounds(runners, args.reps)
                     slots = L + args.new_tokens / 2
-                    fp32_bytes = cache_bytes(model, B, slots, 4)
-                    saved = 1e3 * fp32_bytes / 2 / bandwidth
+                    base = cache_bytes(model, B, slots, "float32")
                     row = {"model": shape, "variant": variant, "B": B, "prompt_len": L,
-                           "fp32_cache_ms": p["anchor_ms"], "bf16_cache_ms": p["ms"],
-                           "bf16_x_fp32": p["ratio"], "pairs": p["pairs"],
-                           "fp32_cache_bytes_per_step": fp32_bytes,
-                           "saved_ms": p["anchor_ms"] - p["ms"],
-                           "saved_ms_at_bandwidth": saved,
-                           "same_tokens": a.tokens == b.tokens,
-                           "token_agreement": _agreement(a.tokens, b.tokens)}
-                    print(f"{shape:8s} {variant:5s} B={B:<3d} prompt {L:4d}  fp32 cache "
-                          f"{p['anchor_ms']:7.2f} ms  bf16 cache {p['ms']:7.2f} ms  x "
-                          f"{p['ratio']:.3f}  saved {row['saved_ms']:5.2f} ms (halved bytes "
-                          f"at the bandwidth: {saved:5.2f} ms; cache {fp32_bytes / 2**20:6.1f} "
-                          f"-> {fp32_bytes / 2**21:6.1f} MiB a step)  same tokens "
-                          f"{100 * row['token_agreement']:.0f}%", flush=True)
+                           "rounds": args.reps, "fp32_cache_bytes_per_step": base}
+                    line = [f"{shape:8s} {variant:5s} B={B:<3d} prompt {L:4d}  fp32 cache "
+                            f"{r['float32']['ms']:7.2f} ms ({base / 2**20:6.1f} MiB a step)"]
+                    for kv in CACHES[1:]:
+                        size = cache_bytes(model, B, slots, kv)
+                        saved = 1e3 * (base - size) / bandwidth
+                        row[kv] = {"ms": r[kv]["ms"], "x_fp32_cache": r[kv]["ratio"],
+                                   "cache_bytes_per_step": size,
+                                   "saved_ms": r["float32"]["ms"] - r[kv]["ms"],
+                                   "saved_ms_at_bandwidth": saved,
+                                   "token_agreement": _agreement(runners["float32"].tokens,
+                                                                 runners[kv].tokens)}
+                        line.append(f"{kv} {r[kv]['ms']:7.2f} ms x {r[kv]['ratio']:.3f} "
+                                    f"(saved {row[kv]['saved_ms']:5.2f} ms, its bytes at the "
+                                    f"bandwidth {saved:5.2f}; same tokens "
+                                    f"{100 * row[kv]['token_agreement']:.0f}%)")
+                    print("  ".join(line), flush=True)
                     rows.append(row)
-                    del a, b
+                    del runners
             del model
             gc.collect()
     return rows
@@ -80,7 +104,7 @@ def _agreement(x: list[list[int]], y: list[list[int]]) -> float:
 
 
 def quality(args) -> dict:
-    """Teacher-forced decode over held-out bytes with a float32 and a bfloat16 cache."""
+    """Teacher-forced decode over held-out bytes with each cache."""
     import torch
 
     from moekit.models.transformer import StaticKVCache
@@ -90,39 +114,41 @@ def quality(args) -> dict:
     model = load_model(args.checkpoint).eval()
     data = load_corpus().val[: args.bytes + 1].long()
     M = model.config.max_seq_len
-    nll = {"float32": [], "bfloat16": []}
-    logits = {"float32": [], "bfloat16": []}
+    nll: dict[str, list[float]] = {kv: [] for kv in CACHES}
+    logits: dict[str, list] = {kv: [] for kv in CACHES}
     with torch.inference_mode():
         for start in range(0, args.bytes, M):
             window = data[start:start + min(M, args.bytes - start) + 1]
-            for kv in nll:
+            for kv in CACHES:
                 cache = StaticKVCache.for_model(model, 1, M, kv)
                 cache.reset()
                 for t in range(len(window) - 1):
-                    out = model.infer(window[t:t + 1].view(1, 1).long(), cache)[0].float()
+                    out = model.infer(window[t:t + 1].view(1, 1), cache)[0].float()
                     nll[kv].append(float(-out.log_softmax(-1)[window[t + 1]]))
                     logits[kv].append(out)
-    a, b = torch.stack(logits["float32"]), torch.stack(logits["bfloat16"])
-    res = {"checkpoint": str(args.checkpoint), "bytes": len(nll["float32"]),
-           "loss_fp32_cache": sum(nll["float32"]) / len(nll["float32"]),
-           "loss_bf16_cache": sum(nll["bfloat16"]) / len(nll["bfloat16"]),
-           "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-           "max_abs_logit_difference": float((a - b).abs().max())}
-    per_position = (a - b).abs().amax(-1)  # each position's largest logit difference
-    res["median_position_max_abs_logit_difference"] = float(per_position.median())
-    res["p99_position_max_abs_logit_difference"] = float(per_position.quantile(0.99))
-    # how far the two next-byte distributions are: KL(fp32 || bf16) per position, mean
-    res["mean_kl"] = float((a.log_softmax(-1).exp() * (a.log_softmax(-1) - b.log_softmax(-1)))
-                           .sum(-1).mean())
-    res["loss_change"] = res["loss_bf16_cache"] / res["loss_fp32_cache"] - 1
-    print(f"quality over {res['bytes']} held-out bytes (teacher-forced decode steps): loss "
-          f"{res['loss_fp32_cache']:.4f} -> {res['loss_bf16_cache']:.4f} nats/byte "
-          f"({100 * res['loss_change']:+.3f}%), same argmax "
-          f"{100 * res['argmax_agreement']:.2f}%, KL(fp32 || bf16) {res['mean_kl']:.2e} "
-          f"nats; a position's largest logit difference: median "
-          f"{res['median_position_max_abs_logit_difference']:.4f}, 99th percentile "
-          f"{res['p99_position_max_abs_logit_difference']:.4f}, largest "
-          f"{res['max_abs_logit_difference']:.4f}", flush=True)
+    ref = torch.stack(logits["float32"])
+    res: dict = {"checkpoint": str(args.checkpoint), "bytes": len(nll["float32"]),
+                 "loss_float32": statistics.mean(nll["float32"])}
+    print(f"quality over {res['bytes']} held-out bytes (teacher-forced decode steps): fp32 "
+          f"cache loss {res['loss_float32']:.4f} nats/byte", flush=True)
+    for kv in CACHES[1:]:
+        b = torch.stack(logits[kv])
+        per_position = (ref - b).abs().amax(-1)  # each position's largest logit difference
+        lp, lq = ref.log_softmax(-1), b.log_softmax(-1)
+        q = {"loss": statistics.mean(nll[kv]),
+             "argmax_agreement": float((ref.argmax(-1) == b.argmax(-1)).float().mean()),
+             "mean_kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+             "median_position_max_abs_logit_difference": float(per_position.median()),
+             "p99_position_max_abs_logit_difference": float(per_position.quantile(0.99)),
+             "max_abs_logit_difference": float(per_position.max())}
+        q["loss_change"] = q["loss"] / res["loss_float32"] - 1
+        res[kv] = q
+        print(f"  {kv}: loss {q['loss']:.4f} ({100 * q['loss_change']:+.3f}%), the fp32 "
+              f"cache's argmax {100 * q['argmax_agreement']:.2f}%, KL(fp32 || {kv}) "
+              f"{q['mean_kl']:.2e} nats; a position's largest logit difference: median "
+              f"{q['median_position_max_abs_logit_difference']:.4f}, 99th percentile "
+              f"{q['p99_position_max_abs_logit_difference']:.4f}, largest "
+              f"{q['max_abs_logit_difference']:.4f}", flush=True)
     return res
 
 
