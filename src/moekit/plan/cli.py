@@ -12,6 +12,8 @@ from pathlib import Path
 from moekit.config import check_number, flag_message
 from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import Plan, make_plan
+from moekit.plan.decode import KV_CACHE_DTYPES, decode_cost, decode_table
+from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
 from moekit.plan.hf import read_spec_file
 from moekit.plan.presets import PRESETS, get_preset
 from moekit.plan.report import plan_table, search_table
@@ -66,6 +68,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--pp, --ep, --zero, --recompute, --micro-batch) restrict it to layouts "
                    "with those values")
     p.add_argument("--top", type=int, default=10, help="layouts shown by --search")
+    d = p.add_argument_group(
+        "decode", "--decode: the memory of decoding on one machine (weights and KV cache) "
+        "and the bytes a decode step reads, with its time at --bandwidth-gbs (instead of "
+        "the training plan)")
+    d.add_argument("--decode", action="store_true")
+    d.add_argument("--weights", default="fp32", help=f"one of {', '.join(DECODE_WEIGHTS)} "
+                   "(int8 / int4: moekit.quantize's, every projection)")
+    d.add_argument("--kv-cache-dtype", default="auto",
+                   help=f"one of {', '.join(KV_CACHE_DTYPES)} (auto: the activations')")
+    d.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    d.add_argument("--context", type=int, default=4096,
+                   help="positions each sequence holds in the KV cache")
+    d.add_argument("--bandwidth-gbs", type=float, default=None,
+                   help="memory read bandwidth, GB/s (e.g. a 1 GiB sum's on this machine)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -89,6 +105,8 @@ FIELD_FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node",
                "memory_headroom": "--memory-headroom", "joules_per_flop": "--joules-per-flop",
                "seq_len": "--seq-len", "global_batch": "--global-batch",
                "micro_batch": "--micro-batch", "gpu": "--gpu", "precision": "--precision",
+               "weights": "--weights", "kv_cache_dtype": "--kv-cache-dtype", "batch": "--batch",
+               "context": "--context", "bandwidth": "--bandwidth-gbs",
                **{name: f"--{name}" for name in ("dp", "tp", "pp", "ep", "zero", "recompute",
                                                   "top")}}
 
@@ -154,6 +172,18 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decode:
+        try:
+            if args.bandwidth_gbs is not None:
+                check_number("--bandwidth-gbs", args.bandwidth_gbs, 0, math.inf, low_open=True)
+            cost = decode_cost(load_model(args.model), args.weights, args.kv_cache_dtype,
+                               args.batch, args.context,
+                               None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9)
+        except ValueError as e:
+            print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
+            return 2
+        print(json.dumps(cost.to_dict(), indent=1) if args.json else decode_table(cost))
+        return 0
     try:
         plans = plans_from_args(args)
     except ValueError as e:

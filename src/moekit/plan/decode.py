@@ -1,0 +1,203 @@
+"""Decoding on one machine: the memory a model and its KV cache take, and the bytes a
+decode step reads, with the step time those bytes take at a memory bandwidth (the
+roofline: decoding a few tokens is memory-bound, so bytes / bandwidth is the limit).
+
+Weights as moekit stores them (``moekit.quantize`` scope "all" for int8 / int4): every
+projection matrix [N, K] (attention, routed and shared experts, dense FFNs, the LM head
+and an embedding table of its own) in the chosen dtype, int8 with an fp32 scale per
+output row (N K + 4 N bytes), int4 with an fp32 scale and zero point per group of 64
+along K (N K / 2 + 8 N K / 64); norms, routers, biases and the rest in fp32 (bf16 for
+bf16 weights). MLA attention's matrices are counted as if each had D inputs. The KV
+cache as ``StaticKVCache`` holds it: per layer and token 2 J Dh values (MLA: the
+latent, kv_lora_rank + qk_rope_head_dim), in fp32, bf16, or int8 with an fp32 scale
+per row of Dh. A step of B sequences reads every weight but the routed experts and
+the embedding table, B embedding rows, the distinct experts its B K routed rows
+touch in each MoE layer (expected E (1 - (1 - K / E)^B) for routing spread uniformly)
+and the whole cache of ``context`` positions.
+
+Shape letters: D hidden, F expert hidden, S shared hidden, E experts, K experts per
+token, H query heads, J key/value heads, Dh head size, V vocabulary, B batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moekit.plan.params import count_params, mla_params
+from moekit.plan.spec import ModelSpec, check_int, fail, glu_matrices
+
+WEIGHTS = ("fp32", "bf16", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
+INT4_GROUP = 64
+
+
+def matrix_bytes(n: int, k: int, weights: str) -> float:
+    """Bytes of one [n, k] projection matrix stored as ``weights``."""
+    if weights == "int8":
+        return n * k + 4 * n
+    if weights == "int4":
+        return n * k / 2 + 8 * n * k / INT4_GROUP
+    return n * k * (4 if weights == "fp32" else 2)
+
+
+def _matrices(spec: ModelSpec) -> dict[str, list[tuple[int, int, int]]]:
+    """component -> [(count, N, K)] of its projection matrices (one stack of decoder
+    layers; the routed experts' for one expert of one layer)."""
+    D, L = spec.dim, spec.num_layers
+    n_moe = spec.moe_layers_in(L)
+    m = glu_matrices(spec.ffn_kind)  # 2 for GLU (gate and up), 1 plain
+
+    def ffn(hidden: int) -> list[tuple[int, int, int]]:
+        return [(1, (m - 1) * hidden, D), (1, D, hidden)]
+
+    if spec.is_mla:  # counted as [params / D, D]
+        attn = [(L, mla_params(spec) // D, D)] if spec.num_heads else []
+    elif spec.num_heads:
+        H, J, dh = spec.num_heads, spec.kv_heads, spec.head_size
+        attn = [(L, (H + 2 * J) * dh, D), (L, D, H * dh)]
+    else:
+        attn = []
+    out = {"attention": attn, "experts": ffn(spec.expert_ffn_dim),
+           "shared_experts": [(n_moe * c, n, k) for c, n, k in ffn(spec.shared_dim)]
+           if spec.shared_dim else [],
+           "dense_ffn": [((L - n_moe) * c, n, k) for c, n, k in ffn(spec.dense_ffn_dim)]
+           if spec.dense_ffn_dim and L > n_moe else [],
+           "lm_head": [(1, spec.vocab_size, D)] if spec.vocab_size else []}
+    out["embedding"] = [] if spec.tied_embeddings else list(out["lm_head"])
+    return out
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What decoding ``batch`` sequences of ``context`` positions costs (bytes; seconds
+    where a bandwidth is given)."""
+
+    name: str
+    weights: str
+    kv_cache_dtype: str
+    batch: int
+    context: int
+    weight_bytes: dict[str, float]  # component -> bytes held
+    kv_bytes_per_token: float  # one position of one sequence, every layer
+    distinct_experts: float  # expected per MoE layer at this batch
+    num_experts: int
+    step_bytes: dict[str, float]  # component -> bytes one decode step reads
+    bandwidth: float | None  # bytes/s
+
+    @property
+    def total_weight_bytes(self) -> float:
+        return sum(self.weight_bytes.values())
+
+    @property
+    def kv_cache_bytes(self) -> float:
+        return self.batch * self.context * self.kv_bytes_per_token
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.total_weight_bytes + self.kv_cache_bytes
+
+    @property
+    def total_step_bytes(self) -> float:
+        return sum(self.step_bytes.values())
+
+    @property
+    def step_seconds(self) -> float | None:
+        return None if self.bandwidth is None else self.total_step_bytes / self.bandwidth
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        t = self.step_seconds
+        return None if t is None else self.batch / t
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights,
+                "kv_cache_dtype": self.kv_cache_dtype, "batch": self.batch,
+                "context": self.context, "weight_bytes": self.weight_bytes,
+                "total_weight_bytes": self.total_weight_bytes,
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "kv_cache_bytes": self.kv_cache_bytes, "memory_bytes": self.memory_bytes,
+                "distinct_experts_per_layer": self.distinct_experts,
+                "step_bytes": self.step_bytes, "total_step_bytes": self.total_step_bytes,
+                "bandwidth_Bps": self.bandwidth, "step_seconds": self.step_seconds,
+                "tokens_per_s": self.tokens_per_s}
+
+
+def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "auto",
+                batch: int = 1, context: int = 4096,
+                bandwidth: float | None = None) -> DecodeCost:
+    """The memory and the decode step's bytes of ``spec`` (module docstring); with
+    ``bandwidth`` (bytes/s) the step time at it."""
+    if weights not in WEIGHTS:
+        fail("weights", weights, f"it must be one of {', '.join(WEIGHTS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        fail("kv_cache_dtype", kv_cache_dtype, f"it must be one of {', '.join(KV_CACHE_DTYPES)}")
+    if weights == "bf16" and kv_cache_dtype in ("float32", "int8"):
+        fail("kv_cache_dtype", kv_cache_dtype, "bf16 weights (bf16 activations) keep a bf16 "
+             "cache: it must be auto or bfloat16")
+    check_int("batch", batch, 1)
+    check_int("context", context, 1)
+    if bandwidth is not None and (isinstance(bandwidth, bool) or not bandwidth > 0):
+        fail("bandwidth", bandwidth, "it must be > 0 (bytes/s) or None")
+    if spec.num_encoder_layers:
+        fail("model", spec.name, "an encoder-decoder model: the decode planner covers "
+             "decoder-only models")
+    counts = count_params(spec)
+    float_bytes = 2 if weights == "bf16" else 4
+    mats = _matrices(spec)
+    held: dict[str, float] = {}
+    for comp, params in counts.total.items():
+        in_mats = sum(c * n * k for c, n, k in mats.get(comp, []))
+        as_mats = sum(c * matrix_bytes(n, k, weights) for c, n, k in mats.get(comp, []))
+        if comp == "experts":
+            per = as_mats
+            n_moe = spec.moe_layers_in(spec.num_layers)
+            in_mats, as_mats = in_mats * spec.num_experts * n_moe, per * spec.num_experts * n_moe
+        held[comp] = as_mats + (params - in_mats) * float_bytes
+    E, K = spec.num_experts, spec.top_k
+    n_moe = spec.moe_layers_in(spec.num_layers)
+    per_expert = held["experts"] / (E * n_moe) if n_moe else 0.0
+    distinct = E * (1 - (1 - K / E) ** batch) if n_moe else 0.0
+    kv = kv_cache_dtype if kv_cache_dtype != "auto" else (
+        "bfloat16" if weights == "bf16" else "float32")
+    if spec.is_mla:
+        row, rows = spec.kv_lora_rank + spec.qk_rope_head_dim, 1
+    else:
+        row, rows = spec.head_size, 2 * spec.kv_heads
+    row_bytes = {"float32": 4 * row, "bfloat16": 2 * row, "int8": row + 4}[kv]
+    kv_per_token = spec.num_layers * rows * row_bytes if spec.num_heads else 0.0
+    emb_row = held["embedding"] / spec.vocab_size if spec.vocab_size else 0.0
+    head = held["lm_head"] if not spec.tied_embeddings else (
+        matrix_bytes(spec.vocab_size, spec.dim, weights) if spec.vocab_size else 0.0)
+    step = {"attention": held["attention"], "norms": held["norms"], "router": held["router"],
+            "experts": distinct * per_expert * n_moe,
+            "shared_experts": held["shared_experts"], "dense_ffn": held["dense_ffn"],
+            "lm_head": head, "embedding": batch * emb_row,
+            "kv_cache": batch * context * kv_per_token}
+    if spec.tied_embeddings:  # the table is the head's: held once, under embedding
+        held["embedding"], held["lm_head"] = head, 0.0
+        step["embedding"] = batch * head / max(spec.vocab_size, 1)
+    return DecodeCost(name=spec.name, weights=weights, kv_cache_dtype=kv, batch=batch,
+                      context=context, weight_bytes=held, kv_bytes_per_token=kv_per_token,
+                      distinct_experts=distinct, num_experts=E, step_bytes=step,
+                      bandwidth=bandwidth)
+
+
+def decode_table(c: DecodeCost) -> str:
+    """The plan as text."""
+    gb = 1e9
+    w = {"fp32": "fp32", "bf16": "bf16", "int8": "int8 (a scale per row)",
+         "int4": f"int4 (groups of {INT4_GROUP})"}[c.weights]
+    held = ", ".join(f"{k} {v / gb:.2f}" for k, v in c.weight_bytes.items() if v)
+    reads = ", ".join(f"{k} {v / gb:.3f}" for k, v in c.step_bytes.items() if v)
+    lines = [f"decode plan: {c.name}, weights {w}, KV cache {c.kv_cache_dtype}, batch "
+             f"{c.batch}, context {c.context:,} positions",
+             f"  weights held     {c.total_weight_bytes / gb:9.2f} GB  ({held})",
+             f"  KV cache         {c.kv_cache_bytes / gb:9.2f} GB  "
+             f"({c.kv_bytes_per_token / 1e3:.1f} kB per position of a sequence)",
+             f"  memory           {c.memory_bytes / gb:9.2f} GB",
+             f"  a step reads     {c.total_step_bytes / gb:9.3f} GB  ({reads}; experts: "
+             f"{c.distinct_experts:.1f} of {c.num_experts} per MoE layer)"]
+    if c.bandwidth is not None:
+        lines.append(f"  at {c.bandwidth / gb:.1f} GB/s: {1e3 * c.step_seconds:.2f} ms a step, "
+                     f"{c.tokens_per_s:.1f} tokens/s (the roofline: bytes / bandwidth)")
+    return "\n".join(lines)
