@@ -166,6 +166,34 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_
     return y.view(R, H * Dh), k_new
 
 
+THETA, SLOTS = 10000.0, 64
+
+
+def _attend_case(R, H, J, Dh, P, padded, seed, store=lambda t: t):
+    """A decode step's inputs: caches of R + 1 rows of SLOTS slots (``store``: as the
+    cache holds them), qkv [R, (H + 2 J) Dh], the rotary rows (per row where padded: row
+    r's prompt starts at slot r, the slots before it padding) and the valid slots.
+    Returns (qkv, cos, sin, valid, positions, k_cache, v_cache)."""
+    g = torch.Generator().manual_seed(seed)
+    k_cache = store(torch.randn(R + 1, J, SLOTS, Dh, generator=g))
+    v_cache = store(torch.randn(R + 1, J, SLOTS, Dh, generator=g))
+    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
+    cos_M, sin_M = rotary_table(SLOTS, Dh, THETA)
+    valid = torch.ones(R + 1, SLOTS, dtype=torch.bool)
+    if padded:
+        pad = torch.arange(R + 1)
+        valid = torch.arange(SLOTS)[None] >= pad[:, None]
+        pos = (P - pad[:R]).clamp_min(0)
+        return qkv, cos_M[pos], sin_M[pos], valid, pos, k_cache, v_cache
+    return (qkv, cos_M[P:P + 1], sin_M[P:P + 1], valid, torch.full((R,), P), k_cache,
+            v_cache)
+
+
+def _only_slot_P_moved(k_cache, v_cache, k_before, v_before, R, P):
+    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
 @pytest.mark.parametrize("R,H,J,Dh,P,padded", [
     (1, 4, 4, 16, 0, False), (3, 2, 2, 32, 7, False), (4, 3, 3, 8, 12, True),
     (2, 16, 16, 64, 40, True),
@@ -173,31 +201,17 @@ def _attend_reference(qkv_RC, pos_R, valid_RM, k_cache, v_cache, P, theta, k_at_
     (1, 8, 2, 16, 5, False), (3, 8, 1, 32, 9, True), (2, 6, 3, 8, 0, False),
     (4, 16, 4, 64, 30, True), (1, 6, 1, 16, 3, False)])  # the last: a group split
 def test_attend_one_matches_reference(R, H, J, Dh, P, padded):
-    g = torch.Generator().manual_seed(R + P + J)
-    M, theta = 64, 10000.0
-    k_cache = torch.randn(R + 1, J, M, Dh, generator=g)
-    v_cache = torch.randn(R + 1, J, M, Dh, generator=g)
+    qkv, cos, sin, valid, pos, k_cache, v_cache = _attend_case(R, H, J, Dh, P, padded,
+                                                               R + P + J)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
-    cos_M, sin_M = rotary_table(M, Dh, theta)
-    valid = torch.ones(R + 1, M, dtype=torch.bool)
-    if padded:  # row r's prompt starts at slot r: slots before it are padding
-        pad = torch.arange(R + 1)
-        valid = torch.arange(M)[None] >= pad[:, None]
-        pos = (P - pad[:R]).clamp_min(0)
-        cos, sin = cos_M[pos], sin_M[pos]
-    else:
-        pos = torch.full((R,), P)
-        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    theta = THETA
     y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
     ref_y, ref_k = _attend_reference(qkv, pos, valid, k_before, v_before, P, theta)
     assert y.shape == (R, H * Dh)
     torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
     torch.testing.assert_close(k_cache[:R, :, P].double(), ref_k, rtol=0, atol=1e-5)
     assert torch.equal(v_cache[:R, :, P], qkv[:, (H + J) * Dh:].view(R, J, Dh))
-    # nothing else in the cache moved
-    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
-    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    _only_slot_P_moved(k_cache, v_cache, k_before, v_before, R, P)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -258,22 +272,10 @@ def test_attend_one_fp32_over_a_bf16_cache_matches_reference(R, H, J, Dh, P, pad
     the output stay fp32. The new key is within half a bf16 ulp of the float64 rotation
     (rtol 2^-8); given the key it stored, y is the float64 attention over the cache's
     values to fp32 sums (1e-5, as for fp32 caches)."""
-    g = torch.Generator().manual_seed(3 * R + P + J)
-    M, theta = 64, 10000.0
-    k_cache = torch.randn(R + 1, J, M, Dh, generator=g).bfloat16()
-    v_cache = torch.randn(R + 1, J, M, Dh, generator=g).bfloat16()
+    qkv, cos, sin, valid, pos, k_cache, v_cache = _attend_case(
+        R, H, J, Dh, P, padded, 3 * R + P + J, store=torch.Tensor.bfloat16)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
-    cos_M, sin_M = rotary_table(M, Dh, theta)
-    valid = torch.ones(R + 1, M, dtype=torch.bool)
-    if padded:
-        pad = torch.arange(R + 1)
-        valid = torch.arange(M)[None] >= pad[:, None]
-        pos = (P - pad[:R]).clamp_min(0)
-        cos, sin = cos_M[pos], sin_M[pos]
-    else:
-        pos = torch.full((R,), P)
-        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    theta = THETA
     with torch.no_grad():
         assert decode.attend_one_ok(qkv, k_cache)
     y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
@@ -284,8 +286,7 @@ def test_attend_one_fp32_over_a_bf16_cache_matches_reference(R, H, J, Dh, P, pad
     torch.testing.assert_close(k_P.double(), ref_k, rtol=2**-8, atol=1e-6)
     torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
     assert torch.equal(v_cache[:R, :, P], qkv[:, (H + J) * Dh:].view(R, J, Dh).bfloat16())
-    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
-    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    _only_slot_P_moved(k_cache, v_cache, k_before, v_before, R, P)
 
 
 @pytest.mark.parametrize("R,H,J,Dh,P,padded", [
@@ -298,23 +299,11 @@ def test_attend_one_fp32_over_an_int8_cache_matches_reference(R, H, J, Dh, P, pa
     quantizer is torch's), the new k within half a quantization step of the float64
     rotation; given what it stored, y is the float64 attention over the cache's
     dequantized values to fp32 sums."""
-    g = torch.Generator().manual_seed(5 * R + P + J)
-    M, theta = 64, 10000.0
-    k_cache = quantize_kv(torch.randn(R + 1, J, M, Dh, generator=g) * 3)
-    v_cache = quantize_kv(torch.randn(R + 1, J, M, Dh, generator=g))
+    qkv, cos, sin, valid, pos, k_cache, v_cache = _attend_case(
+        R, H, J, Dh, P, padded, 5 * R + P + J, store=quantize_kv)
     k_cache[0, 0, 1] = quantize_kv(torch.zeros(Dh))  # a zero row: scale 0
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(R, (H + 2 * J) * Dh, generator=g)
-    cos_M, sin_M = rotary_table(M, Dh, theta)
-    valid = torch.ones(R + 1, M, dtype=torch.bool)
-    if padded:
-        pad = torch.arange(R + 1)
-        valid = torch.arange(M)[None] >= pad[:, None]
-        pos = (P - pad[:R]).clamp_min(0)
-        cos, sin = cos_M[pos], sin_M[pos]
-    else:
-        pos = torch.full((R,), P)
-        cos, sin = cos_M[P:P + 1], sin_M[P:P + 1]
+    theta = THETA
     with torch.no_grad():
         assert decode.attend_one_ok(qkv, k_cache)
     y = decode.attend_one(qkv, cos, sin, k_cache, v_cache, P, valid if padded else None)
@@ -329,8 +318,7 @@ def test_attend_one_fp32_over_an_int8_cache_matches_reference(R, H, J, Dh, P, pa
                                  v_at_P=dequantize_kv(v_P))
     assert y.dtype == torch.float32 and y.shape == (R, H * Dh)
     torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
-    k_cache[:R, :, P], v_cache[:R, :, P] = k_before[:R, :, P], v_before[:R, :, P]
-    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    _only_slot_P_moved(k_cache, v_cache, k_before, v_before, R, P)
 
 
 def test_quantize_kv_is_per_row_absmax_int8():
