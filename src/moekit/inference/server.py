@@ -1028,7 +1028,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"moekit serve: {name} on http://{host}:{port}/v1 (completions"
           + (", chat completions" if isinstance(text, TokenizerText) else "")
           + f"); context {service.context} tokens, {service.parallel} sequences at "
-          f"once (KV cache up to {service.kv_bytes() / 2**20:.1f} MiB, kept conversations "
+          f"once (KV cache up to {service.kv_bytes() / 2**20:.1f} MiB in "
+          f"{str(service.batcher.cache.k[0].dtype).removeprefix('torch.')}, kept conversations "
           f"up to {service.batcher.prefix_bytes / 2**20:.1f} MiB)"
           + ("; API key required" if key else "") + "; Ctrl-C stops",
           file=sys.stderr, flush=True)
