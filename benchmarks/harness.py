@@ -236,31 +236,11 @@ if __name__ == "__main__":
 
 def read_bandwidths(reps: int = 5, clock: Callable[[], float] = time.perf_counter
                     ) -> dict[str, float | None]:
-    """Bytes/s of a 1 GiB fp32 ``sum`` (median of ``reps``, timed by ``clock``) from 4 KiB
-    pages ("4k"), and from the same buffer moved into transparent huge pages by
-    ``moekit.huge_pages`` ("huge"; None where the kernel did not). On the Intel Xeon KVM
-    VM the two read 22.5-22.9 and 33.5-34.2 GB/s: a VM's TLB misses walk two page
-    tables."""
-    import torch
+    """Bytes/s of a 1 GiB fp32 ``sum`` from 4 KiB pages ("4k") and from huge pages ("huge"),
+    ``moekit.bandwidth.read_bandwidths``."""
+    from moekit.bandwidth import read_bandwidths as measure
 
-    from moekit.hugepages import huge_pages
-
-    def timed(x) -> float:
-        x.sum()
-        ts = []
-        for _ in range(reps):
-            t0 = clock()
-            x.sum()
-            ts.append(clock() - t0)
-        return 2**30 / statistics.median(ts)
-
-    x = torch.ones(2**28)
-    out: dict[str, float | None] = {"4k": timed(x), "huge": None}
-    pages = huge_pages(x)
-    if pages.collapsed >= 0.99 * pages.asked:
-        out["huge"] = timed(x)
-    del x
-    return out
+    return measure(reps, clock)
 
 
 def read_bandwidth(reps: int = 5) -> float:

@@ -105,10 +105,30 @@ def test_decode_flag_prints_the_plan_and_names_bad_flags(capsys):
     for flags, words in ((["--weights", "int3"], "--weights: weights='int3' is not allowed"),
                          (["--batch", "0"], "--batch: batch=0 is not allowed"),
                          (["--context", "-1"], "--context: context=-1 is not allowed"),
-                         (["--bandwidth-gbs", "0"], "--bandwidth-gbs=0.0 is not allowed"),
+                         (["--bandwidth-gbs", "0"], "--bandwidth-gbs='0' is not allowed"),
+                         (["--bandwidth-gbs", "fast"], "a number of GB/s > 0 or 'measure'"),
                          (["--weights", "bf16", "--kv-cache-dtype", "int8"],
                           "--kv-cache-dtype: kv_cache_dtype='int8' is not allowed")):
         assert cli_main(["plan", "mixtral-8x7b", "--decode", *flags]) == 2
         assert words in capsys.readouterr().err
     assert cli_main(["plan", "switch-base-128", "--decode"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+
+
+def test_bandwidth_measure_uses_this_machines_reading(capsys, monkeypatch):
+    """--bandwidth-gbs measure divides by moekit.bandwidth.read_bandwidth (here replaced:
+    its own test is below); the reading itself is a positive rate from 4 KiB pages."""
+    import moekit.bandwidth
+
+    monkeypatch.setattr(moekit.bandwidth, "read_bandwidth", lambda reps=5: 25e9)
+    assert cli_main(["plan", "mixtral-8x7b", "--decode", "--bandwidth-gbs", "measure"]) == 0
+    out = capsys.readouterr().out
+    assert "at 25.0 GB/s" in out and "measured now" in out
+
+
+def test_read_bandwidths_reads_a_gib():
+    from moekit.bandwidth import read_bandwidths
+
+    got = read_bandwidths(reps=1)
+    assert set(got) == {"4k", "huge"} and got["4k"] > 1e8
+    assert got["huge"] is None or got["huge"] > 1e8

@@ -80,8 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     d.add_argument("--context", type=int, default=4096,
                    help="positions each sequence holds in the KV cache")
-    d.add_argument("--bandwidth-gbs", type=float, default=None,
-                   help="memory read bandwidth, GB/s (e.g. a 1 GiB sum's on this machine)")
+    d.add_argument("--bandwidth-gbs", default=None, metavar="GBS",
+                   help="memory read bandwidth in GB/s, or 'measure': this machine's, a 1 GiB "
+                   "sum timed now (moekit.bandwidth; ~2 s and 1 GiB of memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -171,18 +172,40 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     return [make_plan(spec, cluster, setup, layout_from_args(args, spec, cluster))]
 
 
+def bandwidth_from(value: str | None) -> float | None:
+    """--bandwidth-gbs: GB/s as bytes/s, 'measure' (this machine's, now) or None."""
+    if value is None:
+        return None
+    if value == "measure":
+        from moekit.bandwidth import read_bandwidth
+        return read_bandwidth()
+    try:
+        gbs = float(value)
+    except ValueError:
+        gbs = None
+    if gbs is None or not math.isfinite(gbs) or gbs <= 0:
+        raise ValueError(f"--bandwidth-gbs={value!r} is not allowed: it must be a number of "
+                         "GB/s > 0 or 'measure'")
+    return gbs * 1e9
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode:
         try:
-            if args.bandwidth_gbs is not None:
-                check_number("--bandwidth-gbs", args.bandwidth_gbs, 0, math.inf, low_open=True)
-            cost = decode_cost(load_model(args.model), args.weights, args.kv_cache_dtype,
-                               args.batch, args.context,
-                               None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9)
+            spec = load_model(args.model)
+            decode_cost(spec, args.weights, args.kv_cache_dtype, args.batch, args.context)
+            cost = decode_cost(spec, args.weights, args.kv_cache_dtype, args.batch,
+                               args.context, bandwidth_from(args.bandwidth_gbs))
         except ValueError as e:
             print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
             return 2
-        print(json.dumps(cost.to_dict(), indent=1) if args.json else decode_table(cost))
+        if args.json:
+            print(json.dumps(cost.to_dict(), indent=1))
+        else:
+            print(decode_table(cost))
+            if args.bandwidth_gbs == "measure":
+                print("  (the bandwidth measured now: a 1 GiB sum on this machine, the faster "
+                      "of 4 KiB and huge pages)")
         return 0
     try:
         plans = plans_from_args(args)
