@@ -566,7 +566,7 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     (``cache_takes``; int8: [B, J, M, Dh + 4], each row's values and float scale, as
     ``quantize_kv`` in moekit.models.transformer): the new k and v are rounded or
     quantized as the cache holds them, and slot P reads them so."""
-    Dh = k_BJMD.shape[-1] - (4 if k_BJMD.dtype == torch.int8 else 0)
+    Dh = k_BJMD.shape[-1] - (4 if k_BJMD.dtype == torch.int8 else 0)  # int8: + the scale
     dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
     return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
                                            _plain_f32(cos.reshape(-1, Dh)),

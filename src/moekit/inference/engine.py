@@ -138,8 +138,8 @@ class Engine:
     The cache then grows by doubling, up to ``max_cache_len`` positions (default the
     model's max_seq_len; ``moekit serve`` passes its ``--context``).
     ``kv_cache_dtype``: the cache's keys and values (``moekit.models.transformer.
-    kv_cache_dtype``: default the activations'; "bfloat16" under fp32 activations halves
-    the cache).
+    kv_cache_dtype``: default the activations'; under fp32 activations "bfloat16" halves
+    the cache, "int8" quarters it plus a float scale per slot and head).
     """
 
     def __init__(self, model: MoETransformer, reuse_prefix: bool = False,
