@@ -124,6 +124,42 @@ def test_kl_divergence_and_top_token_agreement_against_a_base(converted, tmp_pat
         score(q8, chunks, base=MoETransformer(preset("tiny")))
 
 
+@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
+def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsys, kv):
+    """--kv-cache-dtype: each chunk's logits are those of teacher-forced decode steps over
+    a cache of that dtype (the decode kernel, one token a step), at fp32 tolerance; they
+    differ from the plain forward's; against the same checkpoint the KL is small but not
+    zero. A bf16 checkpoint asked for an int8 cache is refused by name."""
+    tok, _, root = converted
+    from moekit.models.transformer import StaticKVCache
+    from moekit.quant.io import load_model
+
+    model = load_model(root / "lm").eval()
+    chunks = chunk_ids(tok.encode(TEXT).ids, 32)[:2]
+    got = score(model, chunks, kv_cache_dtype=kv)
+    want = 0.0
+    with torch.inference_mode():
+        for chunk in chunks:
+            cache = StaticKVCache.for_model(model, 1, 32, kv)
+            cache.reset()
+            steps = [model.infer(chunk[t:t + 1][None], cache)[0] for t in range(31)]
+            logp = torch.stack(steps[15:31]).double().log_softmax(-1)
+            want -= float(logp.gather(1, chunk[16:32, None])[:, 0].sum())
+    assert got.nll == pytest.approx(want, rel=1e-5)
+    plain = score(model, chunks)
+    assert got.nll != plain.nll
+    against = score(model, chunks, base=model, kv_cache_dtype=kv)
+    assert 0 < against.kl_mean < 1e-2
+    capsys.readouterr()
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--text",
+                     str(root / "text.txt"), "--context", "32", "--chunks", "2",
+                     "--kv-cache-dtype", kv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(got.nll, rel=1e-6)
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--dtype", "bf16",
+                     "--kv-cache-dtype", "int8"]) == 2
+    assert "kv_cache_dtype='int8' is not allowed" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags,words", [
     (["--context", "0"], "--context=0 is not allowed"),
     (["--context", "65"], "--context=65 is not allowed: it must be <= the model's "

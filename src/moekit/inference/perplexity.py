@@ -15,7 +15,10 @@ trainer's validation windows). ``--against BASE`` also runs the base checkpoint 
 float model a quantized one came from) on the same chunks and reports the mean KL
 divergence of this model's next-token distribution from the base's and how often their
 top tokens agree (as llama.cpp's ``--kl-divergence``): differences too small to move the
-perplexity past its standard error still show there.
+perplexity past its standard error still show there. ``--kv-cache-dtype bfloat16 | int8``
+runs each chunk through a ``StaticKVCache`` of that dtype, so attention reads the keys and
+values as that cache holds them (what decoding with ``--kv-cache-dtype`` reads); with
+``--against`` the same checkpoint, it measures what the cache costs.
 """
 
 from __future__ import annotations
@@ -110,12 +113,28 @@ def chunk_ids(ids: list[int], context: int, chunks: int | None = None) -> Tensor
 
 @torch.inference_mode()
 def score(model, chunks_CL: Tensor, score_from: int | None = None,
-          decode=None, base=None) -> Perplexity:
+          decode=None, base=None, kv_cache_dtype: torch.dtype | str | None = None
+          ) -> Perplexity:
     """The negative log-likelihoods of each chunk's tokens after ``score_from`` (default
     half the chunk; at least 1: the first token has no prediction), one chunk per
     forward. ``decode(ids) -> str`` (the model's text) counts the scored bytes; ``base``
-    (a model of the same vocabulary) adds KL(base || model) and top-1 agreement."""
+    (a model of the same vocabulary) adds KL(base || model) and top-1 agreement.
+    ``kv_cache_dtype`` (not None): each chunk runs through a ``StaticKVCache`` of that
+    dtype, its attention over the keys and values as the cache holds them (the base runs
+    as it is)."""
     C, L = chunks_CL.shape
+    cache = None
+    if kv_cache_dtype is not None:
+        from moekit.models.transformer import StaticKVCache
+
+        cache = StaticKVCache.for_model(model, 1, L, kv_cache_dtype)
+
+    def forward(ids: Tensor) -> Tensor:
+        if cache is None:
+            return model(ids).logits
+        cache.reset()
+        return model(ids, cache=cache).logits
+
     first = L // 2 if score_from is None else score_from
     if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first < L:
         reject("score_from", first, f"it must be an int in [1, context={L})")
@@ -129,13 +148,15 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
     kl = kl_sq = 0.0
     same = 0
     scored_bytes = 0
-    for m in (model,) if base is None else (model, base):  # first-use kernel builds and
-        m(chunks_CL[:1, :2])  # set-ups out of the timed loop (tokens/s is the forwards')
+    # first-use kernel builds and set-ups out of the timed loop (tokens/s is the forwards')
+    forward(chunks_CL[:1, :2])
+    if base is not None:
+        base(chunks_CL[:1, :2])
     start = time.perf_counter()
     try:
         for c in range(C):
             ids = chunks_CL[c:c + 1]
-            logits = model(ids).logits[0, first - 1:L - 1].float()  # predicts first..L-1
+            logits = forward(ids)[0, first - 1:L - 1].float()  # predicts first..L-1
             target = ids[0, first:]
             token_nll = torch.logsumexp(logits, -1) - logits.gather(1, target[:, None])[:, 0]
             nll += float(token_nll.double().sum())
@@ -161,6 +182,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from moekit.train.generate_cli import add_model_arguments
 
     add_model_arguments(p)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"),
+                   default="auto",
+                   help="run each chunk through a KV cache of this dtype, attention reading "
+                   "its keys and values as it holds them (what `moekit generate "
+                   "--kv-cache-dtype` decodes with; with --against the same checkpoint: "
+                   "what the cache costs); default auto: no cache, the plain forward")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text to score (default: the validation files of the built-in "
                    "corpus, the Python standard library's source)")
@@ -225,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
             from moekit.quant.io import load_model
 
             base = load_model(args.against)
-        result = score(model, chunks, args.score_from, text.decode, base)
+        kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
+        result = score(model, chunks, args.score_from, text.decode, base, kv)
     except (ValueError, CheckpointError) as e:
         print(f"moekit perplexity: error: {e}", file=sys.stderr)
         return 2
