@@ -881,6 +881,7 @@ def test_metrics_count_requests_tokens_and_failures(monkeypatch):
         assert m["moekit_decode_steps_total"] == 4 + 2  # tokens after each first
         assert m["moekit_sequences_running"] == m["moekit_requests_waiting"] == 0
         assert m["moekit_kv_cache_used_ratio"] == 0
+        assert m["moekit_kv_cache_bytes"] == service.kv_bytes()
     finally:
         server.shutdown()
         server.server_close()

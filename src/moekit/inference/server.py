@@ -269,7 +269,9 @@ class Service:
                 ("requests_waiting", "gauge", "requests (groups) waiting to decode",
                  b.waiting),
                 ("kv_cache_used_ratio", "gauge", "share of the shared KV cache's slots "
-                 "the running sequences span", b.running * c.length / (c.batch * c.max_len))]
+                 "the running sequences span", b.running * c.length / (c.batch * c.max_len)),
+                ("kv_cache_bytes", "gauge", "bytes of the shared KV cache, every slot (in "
+                 "its dtype, --kv-cache-dtype; resident as its slots fill)", b.kv_bytes)]
         return "".join(f"# HELP moekit_{name} {doc}\n# TYPE moekit_{name} {kind}\n"
                        f"moekit_{name} {value}\n" for name, kind, doc, value in rows)
 
