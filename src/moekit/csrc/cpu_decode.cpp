@@ -2520,15 +2520,15 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
 
 // One (row, head) of attend_one where each query head has its own key/value head: rotary
 // on q and k, the new key and value written at slot P, attention over the valid slots
-// 0..P, one key row and one value row at a time (slot P: the new ones, kt / vt as the cache
-// holds them). attend_one runs it for fp32 caches only (bf16 and int8 ones go to
-// attend_heads, whatever J), so it is built for fp32 alone. Compiled through target_clones (the
+// 0..P, one key row and one value row at a time (slot P: the new ones). attend_one runs it
+// for fp32 caches only (bf16 and int8 ones go to attend_heads, whatever J), so it is built
+// for fp32 alone. Compiled through target_clones (the
 // extension builds for baseline x86-64, where these loops ran as SSE2; batch 16: 0.56 ->
 // 0.44 ms per layer). Its dot products are chains of dependent FMAs, but one head's keys
 // and values are read once, so it waits on memory: attend_heads' 4-row passes (below) ran
 // it 1.2-1.3x slower on cold fp32 caches (8 heads of 128, 200-1,000 slots, Zen 4 VM).
 // out = x * cos + [x2 | x1] * [-sin | sin] (apply_rotary's half-split layout) for one head
-// of Dh into floats (q, or the new key before store_row rounds it as the cache holds it)
+// of Dh into O (floats: q, or the new key before store_row puts it in the cache's form)
 template <typename T, typename O>
 INLINE void rotate(const T* x, const float* c, const float* s, int64_t Dh, O* out) {
   const int64_t half = Dh / 2;
@@ -2590,23 +2590,18 @@ INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
   return d;
 }
 
-template <typename A, typename C>
-INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, const float* s,
-                        C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                        float* q, float* p, float* o, float* f, C* kt, C* vt, A* out) {
-  const int64_t rs = Dh + row_extra<C>();  // a cache row's elements
+template <typename T>
+INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
+                        T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
+                        float* q, float* p, float* o, T* kt, T* out) {
   rotate(sq, c, s, Dh, q);
-  rotate(sk, c, s, Dh, f);
-  store_row(kt, f, Dh);
-  for (int64_t i = 0; i < Dh; ++i) f[i] = load(sv[i]);
-  store_row(vt, f, Dh);
-  std::copy(kt, kt + rs, kr + P * rs);
-  std::copy(vt, vt + rs, vr + P * rs);
+  rotate(sk, c, s, Dh, kt);
+  std::copy(kt, kt + Dh, kr + P * Dh);
+  std::copy(sv, sv + Dh, vr + P * Dh);
   float m = -INFINITY;
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
-    const C* key = t < P ? kr + t * rs : kt;
-    m = std::max(m, p[t] = dot_row(q, key, Dh) * row_scale(key, Dh) * scale);
+    m = std::max(m, p[t] = dot_row(q, t < P ? kr + t * Dh : kt, Dh) * scale);
   }
   float sum = 0.0f;
   for (int64_t t = 0; t <= P; ++t)
@@ -2614,10 +2609,10 @@ INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, c
   std::fill(o, o + Dh, 0.0f);
   for (int64_t t = 0; t <= P; ++t) {
     if (ok && !ok[t]) continue;
-    const C* vs = t < P ? vr + t * rs : vt;
-    const float a = p[t] / sum * row_scale(vs, Dh);
+    const float a = p[t] / sum;
+    const T* vt = t < P ? vr + t * Dh : sv;
 #pragma omp simd
-    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vs[i]);
+    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vt[i]);
   }
   for (int64_t i = 0; i < Dh; ++i) store(out + i, o[i]);
 }
@@ -2626,8 +2621,8 @@ INLINE void attend_head(const A* sq, const A* sk, const A* sv, const float* c, c
 CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
                             const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
                             const bool* ok, float scale, float* q, float* p, float* o,
-                            float* f, float* kt, float* vt, float* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, f, kt, vt, out);
+                            float* kt, float* out) {
+  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
 }
 
 // p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
@@ -2884,18 +2879,15 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
     attend_heads<W>(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, g0, g1, q, p, o, f, kt, vt,   \
                     out);                                                                      \
   }
-ATTEND_HEADS(attend_heads_f32_any, CLONES, 0, float, float)
-ATTEND_HEADS(attend_heads_bf16_any, CLONES, 0, uint16_t, uint16_t)
-ATTEND_HEADS(attend_heads_f32_bf16_any, CLONES, 0, float, uint16_t)
-ATTEND_HEADS(attend_heads_f32_i8_any, CLONES, 0, float, int8_t)
-ATTEND_HEADS(attend_heads_f32_v16, AVX512, 16, float, float)
-ATTEND_HEADS(attend_heads_bf16_v16, AVX512, 16, uint16_t, uint16_t)
-ATTEND_HEADS(attend_heads_f32_bf16_v16, AVX512, 16, float, uint16_t)
-ATTEND_HEADS(attend_heads_f32_i8_v16, AVX512, 16, float, int8_t)
-ATTEND_HEADS(attend_heads_f32_v8, AVX2, 8, float, float)
-ATTEND_HEADS(attend_heads_bf16_v8, AVX2, 8, uint16_t, uint16_t)
-ATTEND_HEADS(attend_heads_f32_bf16_v8, AVX2, 8, float, uint16_t)
-ATTEND_HEADS(attend_heads_f32_i8_v8, AVX2, 8, float, int8_t)
+#define ATTEND_HEADS_ISAS(NAME, A, C)    \
+  ATTEND_HEADS(NAME##_any, CLONES, 0, A, C) \
+  ATTEND_HEADS(NAME##_v16, AVX512, 16, A, C) \
+  ATTEND_HEADS(NAME##_v8, AVX2, 8, A, C)
+ATTEND_HEADS_ISAS(attend_heads_f32, float, float)
+ATTEND_HEADS_ISAS(attend_heads_bf16, uint16_t, uint16_t)
+ATTEND_HEADS_ISAS(attend_heads_f32_bf16, float, uint16_t)
+ATTEND_HEADS_ISAS(attend_heads_f32_i8, float, int8_t)
+#undef ATTEND_HEADS_ISAS
 #undef ATTEND_HEADS
 
 // A tensor's fp32 or bf16 data as the kernels' element type.
@@ -3007,7 +2999,7 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
         if constexpr (std::is_same_v<C, float>) {
           if (G == 1) {
             head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P,
-                 Dh, ok, scale, q.data(), p.data(), o.data(), f.data(), kt.data(), vt.data(),
+                 Dh, ok, scale, q.data(), p.data(), o.data(), kt.data(),
                  out + r * H * Dh + h * Dh);
             continue;
           }
@@ -3020,22 +3012,21 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   };
   const int lanes = CPU_ISA == Isa::Avx512 && Dh % 16 == 0 ? 16
                     : CPU_ISA != Isa::Generic && Dh % 8 == 0 ? 8 : 0;
+  // attend_heads' build for the head size: NAME_v16 / _v8 / _any
+#define BY_LANES(NAME) (lanes == 16 ? NAME##_v16 : lanes == 8 ? NAME##_v8 : NAME##_any)
   if (i8)
     run(elems<float>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD), elems<float>(y),
-        nullptr, lanes == 16 ? attend_heads_f32_i8_v16
-                            : lanes == 8 ? attend_heads_f32_i8_v8 : attend_heads_f32_i8_any);
+        nullptr, BY_LANES(attend_heads_f32_i8));
   else if (mixed)
     run(elems<float>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<float>(y), nullptr, lanes == 16 ? attend_heads_f32_bf16_v16
-                         : lanes == 8 ? attend_heads_f32_bf16_v8 : attend_heads_f32_bf16_any);
+        elems<float>(y), nullptr, BY_LANES(attend_heads_f32_bf16));
   else if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
-        attend_head_f32, lanes == 16 ? attend_heads_f32_v16
-                         : lanes == 8 ? attend_heads_f32_v8 : attend_heads_f32_any);
+        attend_head_f32, BY_LANES(attend_heads_f32));
   else
     run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<uint16_t>(y), nullptr, lanes == 16 ? attend_heads_bf16_v16
-                            : lanes == 8 ? attend_heads_bf16_v8 : attend_heads_bf16_any);
+        elems<uint16_t>(y), nullptr, BY_LANES(attend_heads_bf16));
+#undef BY_LANES
   return y;
 }
 
