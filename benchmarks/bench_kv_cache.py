@@ -37,11 +37,13 @@ CACHES = ("float32", "bfloat16", "int8")
 
 
 def cache_bytes(model, B: int, slots: float, kv: str) -> float:
-    """Bytes of keys and values a decode step reads: every layer, row and filled slot."""
-    c = model.config
-    row = {"float32": 4 * c.head_size, "bfloat16": 2 * c.head_size,
-           "int8": c.head_size + 4}[kv]  # int8: the values, then their float scale
-    return c.num_layers * 2 * B * slots * c.kv_heads * row
+    """Bytes of keys and values a decode step reads: every layer, row and filled slot (per
+    slot as ``moekit plan --decode`` counts them: int8 rows carry their float scale)."""
+    from moekit.plan.decode import decode_cost
+    from moekit.plan.hf import from_lm_config
+
+    return B * slots * decode_cost(from_lm_config(model.config),
+                                   kv_cache_dtype=kv).kv_bytes_per_token
 
 
 def rounds(runners: dict, reps: int) -> dict:

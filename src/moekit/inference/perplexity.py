@@ -179,15 +179,14 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from moekit.train.generate_cli import add_model_arguments
+    from moekit.train.generate_cli import add_kv_cache_argument, add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"),
-                   default="auto",
-                   help="run each chunk through a KV cache of this dtype, attention reading "
-                   "its keys and values as it holds them (what `moekit generate "
-                   "--kv-cache-dtype` decodes with; with --against the same checkpoint: "
-                   "what the cache costs); default auto: no cache, the plain forward")
+    add_kv_cache_argument(p, help="run each chunk through a KV cache of this dtype, "
+                          "attention reading its keys and values as it holds them (what "
+                          "`moekit generate --kv-cache-dtype` decodes with; with --against "
+                          "the same checkpoint: what the cache costs); default auto: no "
+                          "cache, the plain forward")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text to score (default: the validation files of the built-in "
                    "corpus, the Python standard library's source)")

@@ -192,10 +192,10 @@ def bandwidth_from(value: str | None) -> float | None:
 def run(args: argparse.Namespace) -> int:
     if args.decode:
         try:
-            spec = load_model(args.model)
-            decode_cost(spec, args.weights, args.kv_cache_dtype, args.batch, args.context)
-            cost = decode_cost(spec, args.weights, args.kv_cache_dtype, args.batch,
-                               args.context, bandwidth_from(args.bandwidth_gbs))
+            # every other flag is checked before --bandwidth-gbs measure reads 1 GiB
+            cost = decode_cost(load_model(args.model), args.weights, args.kv_cache_dtype,
+                               args.batch, args.context)
+            cost = replace(cost, bandwidth=bandwidth_from(args.bandwidth_gbs))
         except ValueError as e:
             print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
             return 2

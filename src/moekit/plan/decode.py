@@ -141,21 +141,18 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
     if spec.num_encoder_layers:
         fail("model", spec.name, "an encoder-decoder model: the decode planner covers "
              "decoder-only models")
-    counts = count_params(spec)
+    E, K, V = spec.num_experts, spec.top_k, spec.vocab_size
+    n_moe = spec.moe_layers_in(spec.num_layers)
     float_bytes = 2 if weights == "bf16" else 4
     mats = _matrices(spec)
     held: dict[str, float] = {}
-    for comp, params in counts.total.items():
-        in_mats = sum(c * n * k for c, n, k in mats.get(comp, []))
-        as_mats = sum(c * matrix_bytes(n, k, weights) for c, n, k in mats.get(comp, []))
-        if comp == "experts":
-            per = as_mats
-            n_moe = spec.moe_layers_in(spec.num_layers)
-            in_mats, as_mats = in_mats * spec.num_experts * n_moe, per * spec.num_experts * n_moe
+    for comp, params in count_params(spec).total.items():
+        times = E * n_moe if comp == "experts" else 1  # _matrices: one expert of one layer
+        in_mats = times * sum(c * n * k for c, n, k in mats.get(comp, []))
+        as_mats = times * sum(c * matrix_bytes(n, k, weights) for c, n, k in mats.get(comp, []))
         held[comp] = as_mats + (params - in_mats) * float_bytes
-    E, K = spec.num_experts, spec.top_k
-    n_moe = spec.moe_layers_in(spec.num_layers)
-    per_expert = held["experts"] / (E * n_moe) if n_moe else 0.0
+    if spec.tied_embeddings:  # the table is the head's, stored as the head: held once
+        held["embedding"], held["lm_head"] = matrix_bytes(V, spec.dim, weights) if V else 0.0, 0.0
     distinct = E * (1 - (1 - K / E) ** batch) if n_moe else 0.0
     kv = kv_cache_dtype if kv_cache_dtype != "auto" else (
         "bfloat16" if weights == "bf16" else "float32")
@@ -165,17 +162,12 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
         row, rows = spec.head_size, 2 * spec.kv_heads
     row_bytes = {"float32": 4 * row, "bfloat16": 2 * row, "int8": row + 4}[kv]
     kv_per_token = spec.num_layers * rows * row_bytes if spec.num_heads else 0.0
-    emb_row = held["embedding"] / spec.vocab_size if spec.vocab_size else 0.0
-    head = held["lm_head"] if not spec.tied_embeddings else (
-        matrix_bytes(spec.vocab_size, spec.dim, weights) if spec.vocab_size else 0.0)
     step = {"attention": held["attention"], "norms": held["norms"], "router": held["router"],
-            "experts": distinct * per_expert * n_moe,
+            "experts": held["experts"] * distinct / E,
             "shared_experts": held["shared_experts"], "dense_ffn": held["dense_ffn"],
-            "lm_head": head, "embedding": batch * emb_row,
+            "lm_head": held["lm_head"] or held["embedding"],  # tied: the table
+            "embedding": batch * held["embedding"] / V if V else 0.0,
             "kv_cache": batch * context * kv_per_token}
-    if spec.tied_embeddings:  # the table is the head's: held once, under embedding
-        held["embedding"], held["lm_head"] = head, 0.0
-        step["embedding"] = batch * head / max(spec.vocab_size, 1)
     return DecodeCost(name=spec.name, weights=weights, kv_cache_dtype=kv, batch=batch,
                       context=context, weight_bytes=held, kv_bytes_per_token=kv_per_token,
                       distinct_experts=distinct, num_experts=E, step_bytes=step,

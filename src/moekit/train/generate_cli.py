@@ -59,15 +59,15 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
                    f"{'on' if huge_pages else 'off'})")
 
 
-def add_kv_cache_argument(p: argparse.ArgumentParser) -> None:
-    """--kv-cache-dtype: generate's and serve's."""
+def add_kv_cache_argument(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--kv-cache-dtype: generate's and serve's (and, with its own ``help``, perplexity's)."""
     p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"),
                    default="auto",
-                   help="the KV cache's keys and values (default auto: the activations' "
-                   "dtype); under fp32 or quantized weights bfloat16 halves the cache's "
-                   "memory and the bytes a decode step reads from it (keys and values "
-                   "rounded once as they are stored), int8 quarters them (plus a float "
-                   "scale per slot and head)")
+                   help=help or "the KV cache's keys and values (default auto: the "
+                   "activations' dtype); under fp32 or quantized weights bfloat16 halves the "
+                   "cache's memory and the bytes a decode step reads from it (keys and "
+                   "values rounded once as they are stored), int8 quarters them (plus a "
+                   "float scale per slot and head)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
