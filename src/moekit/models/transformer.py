@@ -110,7 +110,7 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tens
 KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "int8": torch.int8}
 # what a cache may hold under fp32 activations besides fp32 (bf16 activations: bf16 only)
-_UNDER_FP32 = (torch.bfloat16, torch.int8)
+_UNDER_FP32 = decode.CACHES_UNDER_FP32
 
 
 def kv_cache_dtype(model: MoETransformer, dtype: torch.dtype | str | None) -> torch.dtype:
