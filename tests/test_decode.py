@@ -288,3 +288,98 @@ def test_linear_takes_the_kernel_only_for_few_rows_without_autograd(monkeypatch,
         assert len(calls) == 1
     y = lin(few)  # autograd on: F.linear, and the graph is kept
     assert len(calls) == 1 and y.requires_grad
+
+
+# -- bf16 projections on AMX tiles (amx_nk_rows in csrc/cpu_decode.cpp) -----------------
+
+amx = pytest.mark.skipif(not (decode_fn.available() and decode_fn.amx()),
+                         reason="no AMX-BF16 on this CPU (or MOEKIT_AMX=0)")
+
+
+def _projection(x, w_1KN, b=None, act=0, rows=None, ends=None):
+    """The decode kernel's fp32 output of a dense projection (dense_rows rounds it to x's
+    dtype), and whether it ran on AMX."""
+    ext = cpu_ext.get_decode()
+    R = x.shape[0]
+    rows = torch.arange(R) if rows is None else rows
+    ends = torch.tensor([R]) if ends is None else ends
+    before = ext.amx_runs()
+    y = ext.gate_up(x.float(), rows, ends, w_1KN, None, None, 0, 0, b, act, 0.0, 1.0)
+    return y.double(), ext.amx_runs() > before
+
+
+def _fma(*args, **kw):
+    ext = cpu_ext.get_decode()
+    ext.set_amx(False)
+    try:
+        return _projection(*args, **kw)
+    finally:
+        ext.set_amx(True)
+
+
+@amx
+@pytest.mark.parametrize("K,N,R", [(1024, 3072, 16), (32, 16, 1), (96, 48, 7), (64, 80, 16),
+                                   (128, 112, 3), (256, 176, 9)])
+def test_amx_bf16_projection_is_within_fp32_rounding_of_float64(K, N, R):
+    """A bf16 nn.Linear weight ([N, K], unit stride along K) against bf16 rows: AMX's
+    sums within fp32's rounding bound of float64 (the bf16 products are exact; K * 2^-24 *
+    sum |x| |w|), as the FMA kernel's. N: 64-output blocks and 16 / 32 / 48-output tails;
+    R: 1 to 16 rows (one B tile's columns)."""
+    g = torch.Generator().manual_seed(K + N + R)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(R, K, generator=g).bfloat16()
+    y, on_amx = _projection(x, w[None].transpose(1, 2))
+    fma, fma_on_amx = _fma(x, w[None].transpose(1, 2))
+    assert on_amx and not fma_on_amx
+    want = x.double() @ w.double().t()
+    bound = K * 2.0**-24 * (x.double().abs() @ w.double().abs().t())
+    assert ((y - want).abs() <= bound).all()
+    assert ((fma - want).abs() <= bound).all()
+
+
+@amx
+@pytest.mark.parametrize("case", ["fp32 rows", "K 48", "N 72", "17 rows", "bias", "swiglu",
+                                  "KN layout", "rows reordered"])
+def test_amx_leaves_what_it_cannot_run_to_the_fma_kernel(case):
+    """Rows that are not all bf16 values (an fp32 model with bf16 weights), K not a multiple
+    of 32, N not of 16, more than 16 rows, a bias, an activation, a weight with unit stride
+    along N, rows not in order: the FMA kernel, bitwise as with AMX off."""
+    K = 48 if case == "K 48" else 64
+    N = 72 if case == "N 72" else 64
+    R = 17 if case == "17 rows" else 4
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    x = torch.randn(R, K, generator=g)
+    if case != "fp32 rows":
+        x = x.bfloat16()
+    w_1KN = w.t().contiguous()[None] if case == "KN layout" else w[None].transpose(1, 2)
+    kw = {}
+    if case == "bias":
+        kw["b"] = torch.randn(1, N, generator=g)
+    if case == "swiglu":
+        kw["act"] = 1
+    if case == "rows reordered":
+        kw["rows"] = torch.arange(R).flip(0)
+    y, on_amx = _projection(x, w_1KN, **kw)
+    fma, _ = _fma(x, w_1KN, **kw)
+    assert not on_amx
+    assert torch.equal(y, fma)
+
+
+@amx
+def test_amx_off_by_environment_and_a_bad_setting_named():
+    """MOEKIT_AMX=0 keeps bf16 projections on the FMA kernels (and their row limit at 8);
+    any setting but 0 / 1 / unset is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from moekit.functions import decode; "
+            "print(decode.amx(), decode.float_kernel_max_rows(torch.bfloat16))")
+    env = {**os.environ, "MOEKIT_AMX": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "8"]
+    env["MOEKIT_AMX"] = "yes"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "MOEKIT_AMX='yes' is not allowed" in out.stderr

@@ -355,3 +355,22 @@ def test_plan_runs_int8_activation_projections_of_many_rows_on_the_gemm(variant)
     assert torch.equal(_steps(model, plan.step, prompts), slow)
     plan.native.set_a8_gemm(cpu_ext.get().q_linear_a8_address(), 1 << 30, 1 << 30)
     assert not torch.equal(_steps(model, plan.step, prompts), slow)
+
+
+@pytest.mark.skipif(not decode.amx(), reason="no AMX-BF16 on this CPU (or MOEKIT_AMX=0)")
+@pytest.mark.parametrize("variant", ["bf16", "qwen2 bf16"])
+def test_plan_runs_bf16_batches_of_up_to_16_rows_on_amx(variant):
+    """Where bf16 projections run on AMX tiles, a bf16 model's batches of 9-16 rows take
+    the plan too (8 without AMX: past that aten's GEMM was faster), bitwise the modules'
+    steps, with the projections on AMX."""
+    from moekit.functions import cpu_ext
+
+    model = _variant(variant)
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    assert plan is not None and plan.max_rows >= 16
+    prompts = [[1 + i % 7, 2 + i % 5, 3] for i in range(12)]
+    before = cpu_ext.get_decode().amx_runs()
+    fast = _steps(model, plan.step, prompts)
+    assert cpu_ext.get_decode().amx_runs() > before
+    assert torch.equal(fast, _steps(model, model.infer, prompts))

@@ -143,6 +143,7 @@ def get() -> ModuleType | None:
 DECODE_NAME = "moekit_cpu_decode"
 DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
 _decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
+AMX_ENV = "MOEKIT_AMX"  # 0: bf16 projections stay off AMX tiles (read once, as ISA_ENV)
 ISA_ENV = "MOEKIT_CPU_ISA"  # caps the decode kernels' path, read once when they load
 ISAS = ("avx512", "avx2", "generic")
 
@@ -152,18 +153,26 @@ def get_decode() -> ModuleType | None:
 
     They run AVX-512 or AVX2 intrinsics where the CPU has them, else compiler-vectorized
     loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
-    on a wider CPU), and ``kernels.isa()`` says which path runs.
+    on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
+    AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``);
+    ``MOEKIT_AMX=0`` keeps them on the FMA kernels.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
         if cap and cap not in ISAS:
             raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(ISAS)} "
                              "(or unset: the widest this CPU has)")
+        amx_setting = os.environ.get(AMX_ENV, "")
+        if amx_setting not in ("0", "1", ""):
+            raise ValueError(f"{AMX_ENV}={amx_setting!r} is not allowed: 0 (no AMX tiles), 1 "
+                             "or unset (AMX where the CPU has it)")
         disabled = os.environ.get(ENV, "1") == "0"
         _decode.append(None if disabled else _build(
             DECODE_NAME, DECODE_SOURCE, "decode kernels",
             "backend 'auto' keeps the fused path for decoding, and quantized experts "
             "are dequantized with torch ops."))
+        if _decode[0] is not None and amx_setting == "0":
+            _decode[0].set_amx(False)
     return _decode[0]
 
 

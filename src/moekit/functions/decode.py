@@ -331,8 +331,25 @@ def _cpu_max_rows(dtype: torch.dtype) -> int:
     if dtype == torch.float32:
         return 32 if isa() in ("avx512", "avx2") else 8
     if dtype == torch.bfloat16:
-        return 8 if cpu_ext.native_bf16() else 64
+        if not cpu_ext.native_bf16():
+            return 64
+        return AMX_MAX_ROWS if amx() else 8
     return 0
+
+
+# bf16 projections with unit stride along K (nn.Linear weights) of up to this many rows run
+# on AMX tiles where the CPU has them (amx_nk_rows in moekit/csrc/cpu_decode.cpp: K a
+# multiple of 32, N of 16; others on the FMA kernel). One [1024 -> 3072] / [1024 -> 1024]
+# projection, cold weights, 2 threads, the Xeon VM, us, FMA kernel / aten / AMX: 8 rows
+# 389 / 421 / 271 and 146 / 165 / 98; 16 rows 646 / 424 / 277 and 245 / 161 / 108. So on
+# AMX bf16 takes the kernel to 16 rows (8 without: past that aten's GEMM is faster).
+AMX_MAX_ROWS = 16
+
+
+def amx() -> bool:
+    """Whether bf16 NK projections of up to AMX_MAX_ROWS rows run on AMX tiles here."""
+    ext = cpu_ext.get_decode()
+    return ext is not None and bool(ext.amx())
 
 
 FLOAT_KERNEL_MAX_ROWS: dict[torch.dtype, int] | None = None  # None: by the CPU, as above
