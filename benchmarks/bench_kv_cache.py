@@ -1,24 +1,26 @@
-"""What a bf16 or int8 KV cache under fp32 (or quantized) weights gives a decode step, and
-what it costs in quality.
+"""What a bf16 or int8 KV cache under fp32 (or quantized) weights, or an int8 one under
+bf16 weights, gives a decode step, and what it costs in quality.
 
 Speed: for each model variant, batch size and prompt length, one model generates greedily
-through the engine with its KV cache in float32, bfloat16 and int8 (``kv_cache_dtype``),
-in rounds (each round runs the three in a rotated order). The ratio is the median over
-rounds of (step with that cache / step with the fp32 cache). Beside it, the bytes of
+through the engine with its KV cache in float32, bfloat16 and int8 (``kv_cache_dtype``;
+the bf16 variant: bfloat16 and int8), in rounds (each round runs them in a rotated order).
+The ratio is the median over rounds of (step with that cache / step with the activations'
+own cache, the first). Beside it, the bytes of
 cache a step reads (the mean filled slots over the steps, keys and values of every layer
 and row) and the time the smaller cache would save at the read bandwidth measured in the
 same run (a 1 GiB ``sum``, the faster of 4 KiB and huge pages).
 
-Quality (``--checkpoint``, a trained `moekit train` run): teacher-forced decode steps
-(one token per step, the cache filled by the steps before) over ``--bytes`` held-out
-bytes in windows of the model's context, with each cache: the mean next-byte loss
-(nats/byte), the share of positions where it picks the fp32 cache's argmax byte, the
-mean KL divergence of its distribution from the fp32 cache's, and each position's largest
-logit difference from the fp32 cache's (median, 99th percentile, largest).
+Quality (``--checkpoint``, a trained `moekit train` run, in ``--quality-dtype`` fp32 or
+bf16): teacher-forced decode steps (one token per step, the cache filled by the steps
+before) over ``--bytes`` held-out bytes in windows of the model's context, with each
+cache: the mean next-byte loss (nats/byte), the share of positions where it picks the
+first cache's argmax byte, the mean KL divergence of its distribution from the first
+cache's, and each position's largest logit difference from the first cache's (median,
+99th percentile, largest).
 
     PYTHONPATH=src python benchmarks/bench_kv_cache.py [--models fine] [--variants fp32,int4]
         [--batches 1,8] [--prompt-lens 32,960] [--reps 7] [--new-tokens 32]
-        [--checkpoint RUN --bytes 2048]
+        [--checkpoint RUN --bytes 2048 --quality-dtype fp32]
 """
 
 from __future__ import annotations
@@ -32,8 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 import harness  # noqa: E402
 
-VARIANTS = ("fp32", "int8", "int4")
+VARIANTS = ("fp32", "int8", "int4", "bf16")
 CACHES = ("float32", "bfloat16", "int8")
+
+
+def caches_for(variant: str) -> tuple[str, ...]:
+    """The caches a variant's model takes, its activations' own first."""
+    return ("bfloat16", "int8") if variant == "bf16" else CACHES
 
 
 def cache_bytes(model, B: int, slots: float, kv: str) -> float:
@@ -70,23 +77,26 @@ def speed(args, bandwidth: float) -> list[dict]:
             for L in (int(x) for x in args.prompt_lens.split(",")):
                 for B in (int(b) for b in args.batches.split(",")):
                     ids = bd.prompts(B, L)
+                    caches = caches_for(variant)
+                    first = caches[0]
                     runners = {kv: bd.Runner(model, ids, args.new_tokens, huge=i == 0, kv=kv)
-                               for i, kv in enumerate(CACHES)}
+                               for i, kv in enumerate(caches)}
                     r = rounds(runners, args.reps)
                     slots = L + args.new_tokens / 2
-                    base = cache_bytes(model, B, slots, "float32")
+                    base = cache_bytes(model, B, slots, first)
                     row = {"model": shape, "variant": variant, "B": B, "prompt_len": L,
-                           "rounds": args.reps, "fp32_cache_bytes_per_step": base}
-                    line = [f"{shape:8s} {variant:5s} B={B:<3d} prompt {L:4d}  fp32 cache "
-                            f"{r['float32']['ms']:7.2f} ms ({base / 2**20:6.1f} MiB a step)"]
-                    for kv in CACHES[1:]:
+                           "rounds": args.reps, "first_cache": first,
+                           "first_cache_bytes_per_step": base}
+                    line = [f"{shape:8s} {variant:5s} B={B:<3d} prompt {L:4d}  {first} cache "
+                            f"{r[first]['ms']:7.2f} ms ({base / 2**20:6.1f} MiB a step)"]
+                    for kv in caches[1:]:
                         size = cache_bytes(model, B, slots, kv)
                         saved = 1e3 * (base - size) / bandwidth
-                        row[kv] = {"ms": r[kv]["ms"], "x_fp32_cache": r[kv]["ratio"],
+                        row[kv] = {"ms": r[kv]["ms"], "x_first_cache": r[kv]["ratio"],
                                    "cache_bytes_per_step": size,
-                                   "saved_ms": r["float32"]["ms"] - r[kv]["ms"],
+                                   "saved_ms": r[first]["ms"] - r[kv]["ms"],
                                    "saved_ms_at_bandwidth": saved,
-                                   "token_agreement": _agreement(runners["float32"].tokens,
+                                   "token_agreement": _agreement(runners[first].tokens,
                                                                  runners[kv].tokens)}
                         line.append(f"{kv} {r[kv]['ms']:7.2f} ms x {r[kv]['ratio']:.3f} "
                                     f"(saved {row[kv]['saved_ms']:5.2f} ms, its bytes at the "
@@ -114,26 +124,32 @@ def quality(args) -> dict:
     from moekit.train.data import load_corpus
 
     model = load_model(args.checkpoint).eval()
+    if args.quality_dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    caches = caches_for(args.quality_dtype)
+    first = caches[0]
     data = load_corpus().val[: args.bytes + 1].long()
     M = model.config.max_seq_len
-    nll: dict[str, list[float]] = {kv: [] for kv in CACHES}
-    logits: dict[str, list] = {kv: [] for kv in CACHES}
+    nll: dict[str, list[float]] = {kv: [] for kv in caches}
+    logits: dict[str, list] = {kv: [] for kv in caches}
     with torch.inference_mode():
         for start in range(0, args.bytes, M):
             window = data[start:start + min(M, args.bytes - start) + 1]
-            for kv in CACHES:
+            for kv in caches:
                 cache = StaticKVCache.for_model(model, 1, M, kv)
                 cache.reset()
                 for t in range(len(window) - 1):
                     out = model.infer(window[t:t + 1].view(1, 1), cache)[0].float()
                     nll[kv].append(float(-out.log_softmax(-1)[window[t + 1]]))
                     logits[kv].append(out)
-    ref = torch.stack(logits["float32"])
-    res: dict = {"checkpoint": str(args.checkpoint), "bytes": len(nll["float32"]),
-                 "loss_float32": statistics.mean(nll["float32"])}
-    print(f"quality over {res['bytes']} held-out bytes (teacher-forced decode steps): fp32 "
-          f"cache loss {res['loss_float32']:.4f} nats/byte", flush=True)
-    for kv in CACHES[1:]:
+    ref = torch.stack(logits[first])
+    res: dict = {"checkpoint": str(args.checkpoint), "dtype": args.quality_dtype,
+                 "bytes": len(nll[first]), "first_cache": first,
+                 f"loss_{first}": statistics.mean(nll[first])}
+    print(f"quality ({args.quality_dtype} model) over {res['bytes']} held-out bytes "
+          f"(teacher-forced decode steps): {first} cache loss {res[f'loss_{first}']:.4f} "
+          "nats/byte", flush=True)
+    for kv in caches[1:]:
         b = torch.stack(logits[kv])
         per_position = (ref - b).abs().amax(-1)  # each position's largest logit difference
         lp, lq = ref.log_softmax(-1), b.log_softmax(-1)
@@ -143,10 +159,10 @@ def quality(args) -> dict:
              "median_position_max_abs_logit_difference": float(per_position.median()),
              "p99_position_max_abs_logit_difference": float(per_position.quantile(0.99)),
              "max_abs_logit_difference": float(per_position.max())}
-        q["loss_change"] = q["loss"] / res["loss_float32"] - 1
+        q["loss_change"] = q["loss"] / res[f"loss_{first}"] - 1
         res[kv] = q
-        print(f"  {kv}: loss {q['loss']:.4f} ({100 * q['loss_change']:+.3f}%), the fp32 "
-              f"cache's argmax {100 * q['argmax_agreement']:.2f}%, KL(fp32 || {kv}) "
+        print(f"  {kv}: loss {q['loss']:.4f} ({100 * q['loss_change']:+.3f}%), the {first} "
+              f"cache's argmax {100 * q['argmax_agreement']:.2f}%, KL({first} || {kv}) "
               f"{q['mean_kl']:.2e} nats; a position's largest logit difference: median "
               f"{q['median_position_max_abs_logit_difference']:.4f}, 99th percentile "
               f"{q['p99_position_max_abs_logit_difference']:.4f}, largest "
@@ -171,6 +187,9 @@ def add(p) -> None:
     p.add_argument("--prompt-lens", default="32,960")
     p.add_argument("--checkpoint", default=None, help="a trained run: quality too")
     p.add_argument("--bytes", type=int, default=2048, help="held-out bytes for quality")
+    p.add_argument("--quality-dtype", default="fp32",
+                   help="the checkpoint's model for quality: fp32 (fp32 / bf16 / int8 "
+                   "caches) or bf16 (bf16 / int8)")
 
 
 def check(args) -> None:
@@ -184,6 +203,7 @@ def check(args) -> None:
     if longest + args.new_tokens > limit:
         raise ValueError(f"--prompt-lens={args.prompt_lens} is not allowed with --new-tokens="
                          f"{args.new_tokens}: prompt + new tokens must be <= {limit}")
+    bd._names("--quality-dtype", args.quality_dtype, ("fp32", "bf16"))
     if args.bytes < 2:
         raise ValueError(f"--bytes={args.bytes} is not allowed: at least 2")
 

@@ -148,18 +148,20 @@ def test_plan_step_is_bitwise_the_modules_step(variant, prompts):
     assert torch.equal(fast, slow)
 
 
-@pytest.mark.parametrize("kv", ["bfloat16", "int8"])
-@pytest.mark.parametrize("variant", ["fp32", "gqa", "int4", "qwen3", "int8a8"])
+@pytest.mark.parametrize("variant,kv", [
+    *((v, kv) for v in ("fp32", "gqa", "int4", "qwen3", "int8a8") for kv in ("bfloat16", "int8")),
+    ("bf16", "int8"), ("gqa int4 bf16", "int8"), ("qwen2 bf16", "int8")])
 def test_plan_step_over_a_small_cache_is_bitwise_the_modules_step(variant, kv):
-    """fp32 activations over a bf16 or int8 KV cache: the plan's one call per step gives
-    the modules' logits bitwise (both run attend_one's kernel for that cache)."""
+    """fp32 activations over a bf16 or int8 KV cache, bf16 ones over an int8 cache: the
+    plan's one call per step gives the modules' logits bitwise (both run attend_one's
+    kernel for that cache)."""
     model = _variant(variant)
     with torch.inference_mode():
         plan = DecodePlan.build(model)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
     fast = _steps(model, plan.step, prompts, kv=kv)
     slow = _steps(model, model.infer, prompts, kv=kv)
-    assert fast.dtype == torch.float32
+    assert fast.dtype == model.norm.weight.dtype
     assert torch.equal(fast, slow)
     assert not torch.equal(slow, _steps(model, model.infer, prompts))  # the cache rounds
 

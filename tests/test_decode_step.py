@@ -293,14 +293,16 @@ def test_attend_one_fp32_over_a_bf16_cache_matches_reference(R, H, J, Dh, P, pad
     (1, 4, 4, 16, 0, False), (4, 3, 3, 8, 12, True), (2, 16, 16, 64, 40, True),
     (3, 8, 1, 32, 9, True), (4, 16, 4, 64, 30, True), (1, 6, 1, 16, 3, False),
     (2, 4, 2, 20, 6, False)])
-def test_attend_one_fp32_over_an_int8_cache_matches_reference(R, H, J, Dh, P, padded):
-    """fp32 activations over an int8 cache ([B, J, M, Dh + 4]: each slot's values and
-    float scale): the new v is stored as quantize_kv stores it (bitwise: the kernel's
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_attend_one_over_an_int8_cache_matches_reference(R, H, J, Dh, P, padded, act):
+    """fp32 or bf16 activations over an int8 cache ([B, J, M, Dh + 4]: each slot's values
+    and float scale): the new v is stored as quantize_kv stores it (bitwise: the kernel's
     quantizer is torch's), the new k within half a quantization step of the float64
     rotation; given what it stored, y is the float64 attention over the cache's
-    dequantized values to fp32 sums."""
+    dequantized values to fp32 sums (bf16: y rounded once, half a bf16 ulp more)."""
     qkv, cos, sin, valid, pos, k_cache, v_cache = _attend_case(
         R, H, J, Dh, P, padded, 5 * R + P + J, store=quantize_kv)
+    qkv = qkv.to(act)
     k_cache[0, 0, 1] = quantize_kv(torch.zeros(Dh))  # a zero row: scale 0
     k_before, v_before = k_cache.clone(), v_cache.clone()
     theta = THETA
@@ -316,8 +318,9 @@ def test_attend_one_fp32_over_an_int8_cache_matches_reference(R, H, J, Dh, P, pa
     ref_y, _ = _attend_reference(qkv, pos, valid, dequantize_kv(k_before),
                                  dequantize_kv(v_before), P, theta, k_at_P=dequantize_kv(k_P),
                                  v_at_P=dequantize_kv(v_P))
-    assert y.dtype == torch.float32 and y.shape == (R, H * Dh)
-    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=1e-5)
+    assert y.dtype == act and y.shape == (R, H * Dh)
+    torch.testing.assert_close(y.double(), ref_y, rtol=0 if act == torch.float32 else 2**-8,
+                               atol=1e-5)
     _only_slot_P_moved(k_cache, v_cache, k_before, v_before, R, P)
 
 

@@ -330,7 +330,7 @@ def test_past_context_and_empty_prompt_are_named_errors():
         GenerationConfig(stop_sequences=((),))
 
 
-# -- a bf16 or int8 KV cache under fp32 activations (kv_cache_dtype)
+# -- a bf16 or int8 KV cache under fp32 activations, an int8 one under bf16 (kv_cache_dtype)
 
 
 @pytest.mark.parametrize("kv", ["bfloat16", "int8"])
@@ -370,6 +370,43 @@ def test_small_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads, k
     torch.testing.assert_close(got, fp32, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
+def test_bf16_model_over_an_int8_cache(kv_heads):
+    """A bf16 model over an int8 cache (half a bf16 cache's bytes plus a scale per row):
+    each decode step (attend_one's kernel: fp32 scores over the int8 values, the output
+    rounded to bf16 once) gives the logits a prefill over a fresh int8 cache gives
+    (torch's SDPA in fp32 over the dequantized keys and values, q widened), to bf16's
+    tolerance (the new key is quantized from the fp32 rotation in the step, from the bf16
+    one in the prefill); not the bf16 cache's logits, but near them; batched as alone."""
+    model = _model(torch.bfloat16, num_kv_heads=kv_heads)
+    ids = torch.randint(256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        c8, c16 = (StaticKVCache.for_model(model, 2, 16, dt) for dt in ("int8", None))
+        got, bf16 = [], []
+        for cache, out in ((c8, got), (c16, bf16)):
+            cache.reset()
+            out.append(model.infer(ids[:, :6], cache))
+            out.extend(model.infer(ids[:, t:t + 1], cache) for t in range(6, 12))
+        want = []
+        for t in range(6, 13):
+            fresh = StaticKVCache.for_model(model, 2, 16, "int8")
+            fresh.reset()
+            want.append(model.infer(ids[:, :t], fresh))
+    got, bf16, want = torch.stack(got), torch.stack(bf16), torch.stack(want)
+    Dh = model.config.head_size
+    assert c8.k[0].dtype == torch.int8 and c16.k[0].dtype == torch.bfloat16
+    assert c8.k[0].nbytes * 2 * Dh == c16.k[0].nbytes * (Dh + 4)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
+    assert not torch.equal(got, bf16)
+    torch.testing.assert_close(got.float(), bf16.float(), atol=6e-2, rtol=6e-2)
+    cfg = GenerationConfig(max_new_tokens=5)
+    batched, _ = Engine(model, kv_cache_dtype="int8").generate(PROMPTS, cfg)
+    for prompt, g in zip(PROMPTS, batched, strict=True):
+        alone, _ = Engine(model, kv_cache_dtype="int8").generate([prompt], cfg)
+        assert g.tokens == alone[0].tokens, prompt
+
+
 @pytest.mark.parametrize("kv", [torch.bfloat16, torch.int8])
 def test_small_cache_batched_prompts_equal_each_alone(kv):
     model = _model()
@@ -390,12 +427,13 @@ def test_kv_cache_dtype_is_checked_by_name_before_anything_runs():
         with pytest.raises(ValueError, match="kv_cache_dtype="):
             StaticKVCache.for_model(model, 1, 8, bad)
     bf16 = _model(torch.bfloat16)
-    for bad in ("float32", "int8"):
+    for bad in ("float32", torch.float32):
         with pytest.raises(ValueError, match=r"activations are torch.bfloat16: it must be one "
-                                             r'of "auto", "bfloat16", "bf16"'):
+                                             r'of "auto", "bfloat16", "bf16", "int8"'):
             Engine(bf16, kv_cache_dtype=bad)
     for ok in ("auto", None, "bf16", torch.bfloat16):
         assert StaticKVCache.for_model(bf16, 1, 8, ok).k[0].dtype == torch.bfloat16
+    assert StaticKVCache.for_model(bf16, 1, 8, "int8").k[0].dtype == torch.int8
     assert StaticKVCache.for_model(model, 1, 8, "fp32").k[0].dtype == torch.float32
     with pytest.raises(ValueError, match=r'it must be one of "auto", "float32", "fp32", '
                                          r'"bfloat16", "bf16", "int8"'):

@@ -129,7 +129,7 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
     """--kv-cache-dtype: each chunk's logits are those of teacher-forced decode steps over
     a cache of that dtype (the decode kernel, one token a step), at fp32 tolerance; they
     differ from the plain forward's; against the same checkpoint the KL is small but not
-    zero. A bf16 checkpoint asked for an int8 cache is refused by name."""
+    zero. A bf16 checkpoint asked for a float32 cache is refused by name."""
     tok, _, root = converted
     from moekit.models.transformer import StaticKVCache
     from moekit.quant.io import load_model
@@ -156,8 +156,8 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
                      "--kv-cache-dtype", kv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(got.nll, rel=1e-6)
     assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--dtype", "bf16",
-                     "--kv-cache-dtype", "int8"]) == 2
-    assert "kv_cache_dtype='int8' is not allowed" in capsys.readouterr().err
+                     "--kv-cache-dtype", "float32"]) == 2
+    assert "kv_cache_dtype='float32' is not allowed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,words", [

@@ -107,8 +107,8 @@ def test_decode_flag_prints_the_plan_and_names_bad_flags(capsys):
                          (["--context", "-1"], "--context: context=-1 is not allowed"),
                          (["--bandwidth-gbs", "0"], "--bandwidth-gbs='0' is not allowed"),
                          (["--bandwidth-gbs", "fast"], "a number of GB/s > 0 or 'measure'"),
-                         (["--weights", "bf16", "--kv-cache-dtype", "int8"],
-                          "--kv-cache-dtype: kv_cache_dtype='int8' is not allowed")):
+                         (["--weights", "bf16", "--kv-cache-dtype", "float32"],
+                          "--kv-cache-dtype: kv_cache_dtype='float32' is not allowed")):
         assert cli_main(["plan", "mixtral-8x7b", "--decode", *flags]) == 2
         assert words in capsys.readouterr().err
     assert cli_main(["plan", "switch-base-128", "--decode"]) == 2

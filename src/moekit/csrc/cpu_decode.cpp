@@ -3036,8 +3036,8 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   for (int64_t i = 0; i < n * Dh; ++i) store(out + i, o[i]);
 }
 
-// attend_heads for activations / cache fp32 / fp32, bf16 / bf16, fp32 / bf16 and fp32 /
-// int8: any head size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or
+// attend_heads for activations / cache fp32 / fp32, bf16 / bf16, fp32 / bf16, fp32 / int8
+// and bf16 / int8: any head size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or
 // of 8 on AVX2 (_v8).
 #define ATTEND_HEADS(NAME, ATTR, W, A, C)                                                     \
   ATTR void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s, C* kr, \
@@ -3054,6 +3054,7 @@ ATTEND_HEADS_ISAS(attend_heads_f32, float, float)
 ATTEND_HEADS_ISAS(attend_heads_bf16, uint16_t, uint16_t)
 ATTEND_HEADS_ISAS(attend_heads_f32_bf16, float, uint16_t)
 ATTEND_HEADS_ISAS(attend_heads_f32_i8, float, int8_t)
+ATTEND_HEADS_ISAS(attend_heads_bf16_i8, uint16_t, int8_t)
 #undef ATTEND_HEADS_ISAS
 #undef ATTEND_HEADS
 
@@ -3079,8 +3080,9 @@ void check_f32_or_bf16(const torch::Tensor& t, const char* name, int64_t dim,
 
 // One new token per row: rotary on q and k, k and v written to the cache at slot P,
 // attention of q over the row's slots [0, P] (those ``valid_BM`` marks, when given),
-// fp32 or bf16 (qkv and output alike; the cache of their dtype, or bf16 or int8 under fp32:
-// the new key and value rounded / quantized as it holds them, the scores and sums fp32).
+// fp32 or bf16 (qkv and output alike; the cache of their dtype, bf16 under fp32, or int8
+// under either: the new key and value rounded / quantized as it holds them, from the fp32
+// rotation; the scores and sums fp32, a bf16 output rounded once).
 // An int8 cache is [B, J, M, Dh + 4]: a slot's Dh values, then their float scale
 // (store_row). qkv_RC [R, (H + 2 J) Dh] as the qkv
 // projection gives it ([q | k | v]: H query heads, then J key and J value heads of Dh,
@@ -3095,10 +3097,10 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   check_f32_or_bf16(qkv_RC, "qkv_RC", 2, qkv_RC);
   check_f32(cos_XDh, "cos_XDh", 2);
   check_f32(sin_XDh, "sin_XDh", 2);
-  // the cache: the activations' dtype, or bf16 / int8 under fp32 activations
+  // the cache: the activations' dtype, bf16 under fp32 activations, or int8 under either
   const bool f32 = qkv_RC.scalar_type() == at::kFloat;
   const bool mixed = f32 && k_BJMD.scalar_type() == at::kBFloat16;
-  const bool i8 = f32 && k_BJMD.scalar_type() == at::kChar;
+  const bool i8 = k_BJMD.scalar_type() == at::kChar;  // under fp32 or bf16 activations
   if (i8) {
     for (const auto* t : {&k_BJMD, &v_BJMD}) {
       check_cpu(*t, "k_BJMD / v_BJMD");
@@ -3181,9 +3183,12 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
                     : CPU_ISA != Isa::Generic && Dh % 8 == 0 ? 8 : 0;
   // attend_heads' build for the head size: NAME_v16 / _v8 / _any
 #define BY_LANES(NAME) (lanes == 16 ? NAME##_v16 : lanes == 8 ? NAME##_v8 : NAME##_any)
-  if (i8)
+  if (i8 && f32)
     run(elems<float>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD), elems<float>(y),
         nullptr, BY_LANES(attend_heads_f32_i8));
+  else if (i8)
+    run(elems<uint16_t>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD),
+        elems<uint16_t>(y), nullptr, BY_LANES(attend_heads_bf16_i8));
   else if (mixed)
     run(elems<float>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
         elems<float>(y), nullptr, BY_LANES(attend_heads_f32_bf16));

@@ -556,14 +556,15 @@ def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
     return qkv_RC
 
 
-CACHES_UNDER_FP32 = (torch.bfloat16, torch.int8)  # KV caches besides fp32 under fp32
+# KV caches besides the activations' dtype: under fp32, bf16 or int8; under bf16, int8
+CACHES_UNDER = {torch.float32: (torch.bfloat16, torch.int8), torch.bfloat16: (torch.int8,)}
 
 
 def cache_takes(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
     """Whether ``attend_one`` takes a KV cache of ``cache_dtype`` under activations of
-    ``dtype``: fp32 or bf16 alike, or a bf16 or int8 cache under fp32."""
-    return dtype in STEP_DTYPES and (cache_dtype == dtype or (
-        dtype == torch.float32 and cache_dtype in CACHES_UNDER_FP32))
+    ``dtype``: fp32 or bf16 alike, a bf16 cache under fp32, or an int8 one under either."""
+    return dtype in STEP_DTYPES and (cache_dtype == dtype
+                                     or cache_dtype in CACHES_UNDER.get(dtype, ()))
 
 
 def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:

@@ -139,7 +139,8 @@ class Engine:
     model's max_seq_len; ``moekit serve`` passes its ``--context``).
     ``kv_cache_dtype``: the cache's keys and values (``moekit.models.transformer.
     kv_cache_dtype``: default the activations'; under fp32 activations "bfloat16" halves
-    the cache, "int8" quarters it plus a float scale per slot and head).
+    the cache, "int8" quarters it plus a float scale per slot and head; under bf16
+    activations "int8" halves it, plus the scales).
     """
 
     def __init__(self, model: MoETransformer, reuse_prefix: bool = False,

@@ -109,24 +109,23 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device=None) -> Tens
 
 KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "int8": torch.int8}
-# what a cache may hold under fp32 activations besides fp32 (bf16 activations: bf16 only)
-_UNDER_FP32 = decode.CACHES_UNDER_FP32
 
 
 def kv_cache_dtype(model: MoETransformer, dtype: torch.dtype | str | None) -> torch.dtype:
     """The dtype of ``model``'s KV cache for ``dtype``: None or "auto" the activations'
     (``model.norm.weight``'s: the embedding may be quantized). Where the activations are
-    fp32 also "bfloat16" (half the bytes: keys and values rounded once as they are stored)
-    or "int8" (a quarter plus a float scale per slot and head: each slot's key or value of
-    a head quantized symmetrically by its largest magnitude, ``quantize_kv``); the scores
-    and sums stay fp32. A model with bf16 activations keeps a bf16 cache."""
+    fp32 also "bfloat16" (half the bytes: keys and values rounded once as they are
+    stored); under fp32 or bf16 activations "int8" (a quarter of fp32's bytes plus a float
+    scale per slot and head: each slot's key or value of a head quantized symmetrically by
+    its largest magnitude, ``quantize_kv``). The scores and sums stay fp32."""
     act = model.norm.weight.dtype
     if dtype is None or dtype == "auto":
         return act
     kv = KV_CACHE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if kv != act and not (act == torch.float32 and kv in _UNDER_FP32):
+    under = decode.CACHES_UNDER.get(act, ())
+    if kv != act and kv not in under:
         allowed = ['"auto"'] + [f'"{n}"' for n, d in KV_CACHE_DTYPES.items()
-                                if d == act or (act == torch.float32 and d in _UNDER_FP32)]
+                                if d == act or d in under]
         reject("kv_cache_dtype", dtype, f"this model's activations are {act}: it must be "
                f"one of {', '.join(allowed)} (or the torch dtype)")
     return kv
@@ -373,10 +372,13 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": True} if J != H else {}
         if isinstance(cache, StaticKVCache):
             k, v = cache.write(self.layer, k, v)
-            if k.dtype != q.dtype:  # a bf16 cache under fp32: its values, as decode reads them
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask,
-                                               is_causal=cache.is_causal, **gqa)
+            if k.dtype != q.dtype:  # its values, as decode reads them: a bf16 cache under
+                # fp32 widened, an int8 one under bf16 dequantized in fp32 with q widened
+                # (fp32 scores and sums; the output rounded once)
+                wide = torch.promote_types(k.dtype, q.dtype)
+                k, v = k.to(wide), v.to(wide)
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=cache.mask,
+                                               is_causal=cache.is_causal, **gqa).to(q.dtype)
             return self.out(y.transpose(1, 2).reshape(B, L, H * Dh))
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)

@@ -131,9 +131,9 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
         fail("weights", weights, f"it must be one of {', '.join(WEIGHTS)}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         fail("kv_cache_dtype", kv_cache_dtype, f"it must be one of {', '.join(KV_CACHE_DTYPES)}")
-    if weights == "bf16" and kv_cache_dtype in ("float32", "int8"):
+    if weights == "bf16" and kv_cache_dtype == "float32":
         fail("kv_cache_dtype", kv_cache_dtype, "bf16 weights (bf16 activations) keep a bf16 "
-             "cache: it must be auto or bfloat16")
+             "or int8 cache: it must be auto, bfloat16 or int8")
     check_int("batch", batch, 1)
     check_int("context", context, 1)
     if bandwidth is not None and (isinstance(bandwidth, bool) or not bandwidth > 0):

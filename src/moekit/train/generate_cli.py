@@ -67,7 +67,7 @@ def add_kv_cache_argument(p: argparse.ArgumentParser, help: str | None = None) -
                    "activations' dtype); under fp32 or quantized weights bfloat16 halves the "
                    "cache's memory and the bytes a decode step reads from it (keys and "
                    "values rounded once as they are stored), int8 quarters them (plus a "
-                   "float scale per slot and head)")
+                   "float scale per slot and head); under bf16 weights int8 halves them")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
