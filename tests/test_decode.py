@@ -338,12 +338,29 @@ def test_amx_bf16_projection_is_within_fp32_rounding_of_float64(K, N, R):
 
 
 @amx
-@pytest.mark.parametrize("case", ["fp32 rows", "K 48", "N 72", "17 rows", "bias", "swiglu",
+def test_amx_bf16_projection_with_a_bias():
+    """A bias (Qwen2's q / k / v) is added after AMX's sums, as the FMA kernel adds it."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(96, 128, generator=g).bfloat16()
+    x = torch.randn(5, 128, generator=g).bfloat16()
+    b = torch.randn(1, 96, generator=g)
+    y, on_amx = _projection(x, w[None].transpose(1, 2), b=b)
+    plain, _ = _projection(x, w[None].transpose(1, 2))
+    assert on_amx
+    assert torch.equal(y, (plain.float() + b).double())
+    fma, _ = _fma(x, w[None].transpose(1, 2), b=b)
+    want = x.double() @ w.double().t() + b.double()
+    bound = 128 * 2.0**-24 * (x.double().abs() @ w.double().abs().t() + b.double().abs())
+    assert ((y - want).abs() <= bound).all() and ((fma - want).abs() <= bound).all()
+
+
+@amx
+@pytest.mark.parametrize("case", ["fp32 rows", "K 48", "N 72", "17 rows", "swiglu",
                                   "KN layout", "rows reordered"])
 def test_amx_leaves_what_it_cannot_run_to_the_fma_kernel(case):
     """Rows that are not all bf16 values (an fp32 model with bf16 weights), K not a multiple
-    of 32, N not of 16, more than 16 rows, a bias, an activation, a weight with unit stride
-    along N, rows not in order: the FMA kernel, bitwise as with AMX off."""
+    of 32, N not of 16, more than 16 rows, an activation, a weight with unit stride along
+    N, rows not in order: the FMA kernel, bitwise as with AMX off."""
     K = 48 if case == "K 48" else 64
     N = 72 if case == "N 72" else 64
     R = 17 if case == "17 rows" else 4
@@ -354,8 +371,6 @@ def test_amx_leaves_what_it_cannot_run_to_the_fma_kernel(case):
         x = x.bfloat16()
     w_1KN = w.t().contiguous()[None] if case == "KN layout" else w[None].transpose(1, 2)
     kw = {}
-    if case == "bias":
-        kw["b"] = torch.randn(1, N, generator=g)
     if case == "swiglu":
         kw["act"] = 1
     if case == "rows reordered":

@@ -2349,14 +2349,14 @@ bool amx_nk_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, int64_
 #endif
 }
 
-// gate_up of a dense projection (one expert that every row goes to, in order; no bias, no
-// activation) of a bf16 NK weight on AMX (amx_nk_rows), or nullopt where that does not
-// apply: then gate_up_rows runs it.
+// gate_up of a dense projection (one expert that every row goes to, in order; no
+// activation; a bias added after the sums, as gate_up_rows adds it) of a bf16 NK weight on
+// AMX (amx_nk_rows), or nullopt where that does not apply: then gate_up_rows runs it.
 c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::Tensor& token_S,
                                        const torch::Tensor& offsets_E, const Weights& w,
                                        const c10::optional<torch::Tensor>& b_in, int64_t act) {
   const int64_t R = x_TD.size(0);
-  if (w.kind != Kind::BF16 || w.n_unit || w.E != 1 || b_in || act != NONE || R > AMX_MAX_ROWS ||
+  if (w.kind != Kind::BF16 || w.n_unit || w.E != 1 || act != NONE || R > AMX_MAX_ROWS ||
       w.K != x_TD.size(1) || offsets_E.numel() != 1 || token_S.numel() != R ||
       offsets_E.item<int64_t>() != R)
     return c10::nullopt;
@@ -2367,6 +2367,11 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
   if (!amx_nk_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const uint16_t*>(w.data), w.s_n,
                    w.N, y.data_ptr<float>()))
     return c10::nullopt;
+  if (const float* b = bias_row(b_in, 0, w.N)) {
+    float* o = y.data_ptr<float>();
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t n = 0; n < w.N; ++n) o[r * w.N + n] += b[n];
+  }
   return y;
 }
 
@@ -2385,6 +2390,7 @@ torch::Tensor gate_up(const torch::Tensor& x_TD, const torch::Tensor& token_S,
                       double alpha) {
   check_f32(x_TD, "x_TD", 2);
   const Stacked ws{weights(w_data, w_scales, w_zeros, bits, group)};
+  check_bias(b_in, "b_in", ws.experts(), ws.front().N);
   if (auto y = dense_amx(x_TD, token_S, offsets_E, ws.front(), b_in, act)) return *y;
   return gate_up_rows(x_TD, token_S, offsets_E, ws, b_in, act, limit, alpha, 0);
 }
