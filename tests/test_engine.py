@@ -333,6 +333,26 @@ def test_past_context_and_empty_prompt_are_named_errors():
 # -- a bf16 or int8 KV cache under fp32 activations, an int8 one under bf16 (kv_cache_dtype)
 
 
+def _steps_and_prefills(model, ids, kv):
+    """Decode steps 6..11 of ``ids`` after a 6-token prefill, over a cache of ``kv`` and one
+    of the activations' dtype, and prefills of ids[:, :t] over fresh ``kv`` caches (the
+    logits each step should give). Returns (steps over kv, its cache, steps over the
+    default cache, its cache, prefills), the logits stacked."""
+    with torch.inference_mode():
+        small, plain = (StaticKVCache.for_model(model, 2, 16, dt) for dt in (kv, None))
+        got, base = [], []
+        for cache, out in ((small, got), (plain, base)):
+            cache.reset()
+            out.append(model.infer(ids[:, :6], cache))
+            out.extend(model.infer(ids[:, t:t + 1], cache) for t in range(6, 12))
+        want = []
+        for t in range(6, 13):
+            fresh = StaticKVCache.for_model(model, 2, 16, kv)
+            fresh.reset()
+            want.append(model.infer(ids[:, :t], fresh))
+    return torch.stack(got), small, torch.stack(base), plain, torch.stack(want)
+
+
 @pytest.mark.parametrize("kv", ["bfloat16", "int8"])
 @pytest.mark.parametrize("kv_heads", [None, 1], ids=["mha", "mqa"])
 def test_small_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads, kv):
@@ -344,19 +364,7 @@ def test_small_cache_decode_steps_equal_prefills_over_the_same_cache(kv_heads, k
     values were rounded) but within bf16's tolerance of them."""
     model = _model(num_kv_heads=kv_heads)
     ids = torch.randint(256, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        c16, c32 = (StaticKVCache.for_model(model, 2, 16, dt) for dt in (kv, None))
-        got, fp32 = [], []
-        for cache, out in ((c16, got), (c32, fp32)):
-            cache.reset()
-            out.append(model.infer(ids[:, :6], cache))
-            out.extend(model.infer(ids[:, t:t + 1], cache) for t in range(6, 12))
-        want = []
-        for t in range(6, 13):
-            fresh = StaticKVCache.for_model(model, 2, 16, kv)
-            fresh.reset()
-            want.append(model.infer(ids[:, :t], fresh))
-    got, fp32, want = torch.stack(got), torch.stack(fp32), torch.stack(want)
+    got, c16, fp32, c32, want = _steps_and_prefills(model, ids, kv)
     Dh = model.config.head_size
     if kv == "bfloat16":
         assert c16.k[0].dtype == c16.v[0].dtype == torch.bfloat16
@@ -380,19 +388,7 @@ def test_bf16_model_over_an_int8_cache(kv_heads):
     one in the prefill); not the bf16 cache's logits, but near them; batched as alone."""
     model = _model(torch.bfloat16, num_kv_heads=kv_heads)
     ids = torch.randint(256, (2, 12), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        c8, c16 = (StaticKVCache.for_model(model, 2, 16, dt) for dt in ("int8", None))
-        got, bf16 = [], []
-        for cache, out in ((c8, got), (c16, bf16)):
-            cache.reset()
-            out.append(model.infer(ids[:, :6], cache))
-            out.extend(model.infer(ids[:, t:t + 1], cache) for t in range(6, 12))
-        want = []
-        for t in range(6, 13):
-            fresh = StaticKVCache.for_model(model, 2, 16, "int8")
-            fresh.reset()
-            want.append(model.infer(ids[:, :t], fresh))
-    got, bf16, want = torch.stack(got), torch.stack(bf16), torch.stack(want)
+    got, c8, bf16, c16, want = _steps_and_prefills(model, ids, "int8")
     Dh = model.config.head_size
     assert c8.k[0].dtype == torch.int8 and c16.k[0].dtype == torch.bfloat16
     assert c8.k[0].nbytes * 2 * Dh == c16.k[0].nbytes * (Dh + 4)
