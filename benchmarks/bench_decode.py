@@ -698,7 +698,9 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
 
 def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> None:
     """Wall time of the parts of the engine's greedy decode steps (``DecodePlan.step``,
-    what ``generate`` runs; the process's threads): the one C++ call that runs the
+    what ``generate`` runs; the process's threads; each run of ``steps`` from the same
+    PROMPT_LEN-token prefill, so attention reads positions PROMPT_LEN to PROMPT_LEN +
+    steps): the one C++ call that runs the
     rotary rows, the embedding, the layers, the LM head and the argmax (and, from its own
     timers, the parts inside it), and the rest ("outside": Python, the timers
     themselves), beside an untimed step of the same model."""
@@ -714,8 +716,8 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
     if plan is None:
         print(f"step calls: {shape} {variant}: no decode plan for this model")
         return
-    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 3 * steps + 8)  # 3 runs of steps
-    cache.reset()
+    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + steps + 1)
+    ids = prompts(B, PROMPT_LEN)
     spent: collections.Counter = collections.Counter()
     timed = _timer(spent, time.perf_counter_ns)
     call = "the step's one C++ call"
@@ -724,20 +726,21 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
         def __init__(self, native) -> None:
             self.bind, self.step = native.bind, timed(native.step, call)
 
-    def run_steps(nxt):
+    def run_steps():  # each run from the same prefill: the steps read the same positions
+        cache.reset()
+        nxt = model.infer(ids, cache).argmax(-1)[:, None]
         t0 = time.perf_counter_ns()
         for _ in range(steps):
             nxt = plan.step(nxt, cache, greedy=True)[:, None]
-        return nxt, (time.perf_counter_ns() - t0) / steps
+        return (time.perf_counter_ns() - t0) / steps
 
     with torch.inference_mode():
-        nxt = model.infer(prompts(B, PROMPT_LEN), cache).argmax(-1)[:, None]
-        nxt, _ = run_steps(nxt)  # warm-up
-        nxt, plain = run_steps(nxt)
+        run_steps()  # warm-up
+        plain = run_steps()
         native, plan.native = plan.native, _Native(plan.native)
         native.set_timing(True)
         try:
-            nxt, total = run_steps(nxt)
+            total = run_steps()
         finally:
             native.set_timing(False)
             plan.native = native
