@@ -2208,7 +2208,6 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, combine);
 }
 
-
 // ---- bf16 projections on AMX tiles (NK layout: unit stride along K)
 //
 // y[R, N] = x[R, K] @ w for a bf16 weight whose output rows are contiguous along K (an
@@ -3043,8 +3042,8 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
 }
 
 // attend_heads for activations / cache fp32 / fp32, bf16 / bf16, fp32 / bf16, fp32 / int8
-// and bf16 / int8: any head size (_any, through target_clones), a multiple of 16 on AVX-512 (_v16) or
-// of 8 on AVX2 (_v8).
+// and bf16 / int8: any head size (_any, through target_clones), a multiple of 16 on AVX-512
+// (_v16) or of 8 on AVX2 (_v8).
 #define ATTEND_HEADS(NAME, ATTR, W, A, C)                                                     \
   ATTR void NAME(const A* sq, const A* sk, const A* sv, const float* c, const float* s, C* kr, \
                  C* vr, int64_t P, int64_t Dh, const bool* ok, float scale, int64_t g0,        \
