@@ -735,6 +735,12 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
         return (time.perf_counter_ns() - t0) / steps
 
     with torch.inference_mode():
+        cache.reset()
+        if plan.step(model.infer(ids, cache).argmax(-1)[:, None], cache, greedy=True) is None:
+            print(f"step calls: {shape} {variant} batch {B}: the decode plan declines these "
+                  "steps (a part leaves the kernels at this batch, e.g. bf16 projections of "
+                  "more than 8 rows without AMX)")
+            return
         run_steps()  # warm-up
         plain = run_steps()
         native, plan.native = plan.native, _Native(plan.native)
