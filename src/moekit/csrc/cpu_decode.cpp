@@ -2953,7 +2953,6 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
                          C* kr, C* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
                          int64_t g0, int64_t g1, float* q, float* p, float* o, float* f, C* kt,
                          C* vt, A* out) {
-  using T = C;
   const int64_t n = g1 - g0, S = P + 1, rs = Dh + row_extra<C>();  // rs: a cache row's elements
   for (int64_t g = 0; g < n; ++g) rotate(sq + g * Dh, c, s, Dh, q + g * Dh);
   rotate(sk, c, s, Dh, f);
@@ -2968,10 +2967,10 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   const auto value = [&](int64_t t) { return t < P ? vr + t * rs : vt; };
   // the rows ATT_AHEAD slots on, a line at a time (4 rows read side by side: Zen 4's
   // prefetchers left cold fp32 keys at ~0.6x the speed of one row at a time)
-  const auto fetch = [&](const T* base, int64_t t) {
+  const auto fetch = [&](const C* base, int64_t t) {
     if (t + ATT_AHEAD + 4 > P) return;
     const char* b = reinterpret_cast<const char*>(base + (t + ATT_AHEAD) * rs);
-    for (int64_t l = 0; l < 4 * rs * static_cast<int64_t>(sizeof(T)); l += 64)
+    for (int64_t l = 0; l < 4 * rs * static_cast<int64_t>(sizeof(C)); l += 64)
       __builtin_prefetch(b + l, 0, 3);
   };
   // scores (masked slots -inf: no weight in the max, zeroed after the exponential)
@@ -3011,7 +3010,7 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   for (int64_t t = 0; t < S;) {
     if (t + 4 <= S && (!ok || (ok[t] && ok[t + 1] && ok[t + 2] && ok[t + 3]))) {
       fetch(vr, t);
-      const T *v0 = value(t), *v1 = value(t + 1), *v2 = value(t + 2), *v3 = value(t + 3);
+      const C *v0 = value(t), *v1 = value(t + 1), *v2 = value(t + 2), *v3 = value(t + 3);
       const float s0 = row_scale(v0, Dh), s1 = row_scale(v1, Dh), s2 = row_scale(v2, Dh),
                   s3 = row_scale(v3, Dh);
       for (int64_t g = 0; g < n; ++g) {
@@ -3027,7 +3026,7 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
       continue;
     }
     if (!ok || ok[t]) {
-      const T* v = value(t);
+      const C* v = value(t);
       const float sv_t = row_scale(v, Dh);
       for (int64_t g = 0; g < n; ++g) {
         const float a = p[g * S + t] * sv_t;
@@ -3179,8 +3178,8 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
           }
         }
         heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
-                ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), f.data(),
-                kt.data(), vt.data(), out + r * H * Dh + h * Dh);
+              ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), f.data(),
+              kt.data(), vt.data(), out + r * H * Dh + h * Dh);
       }
     });
   };

@@ -557,6 +557,7 @@ def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
 
 
 # KV caches besides the activations' dtype: under fp32, bf16 or int8; under bf16, int8
+KV_SCALE_BYTES = 4  # an int8 cache row's float scale, after its Dh values
 CACHES_UNDER = {torch.float32: (torch.bfloat16, torch.int8), torch.bfloat16: (torch.int8,)}
 
 
@@ -583,11 +584,11 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     cache's; J = H, or grouped-query: query head h reads key/value head h // (H / J));
     cos / sin broadcast to [R, Dh] (``rotary_table`` rows: one for all, or per row).
     Returns [R, H Dh] in qkv's dtype (fp32 or bf16: bf16 rounds the output once; q and
-    the scores stay fp32). The cache is of qkv's dtype, or bf16 or int8 under fp32 qkv
-    (``cache_takes``; int8: [B, J, M, Dh + 4], each row's values and float scale, as
+    the scores stay fp32). The cache is of qkv's dtype, bf16 under fp32 qkv, or int8
+    under either (``cache_takes``; int8: [B, J, M, Dh + 4], each row's values and float scale, as
     ``quantize_kv`` in moekit.models.transformer): the new k and v are rounded or
     quantized as the cache holds them, and slot P reads them so."""
-    Dh = k_BJMD.shape[-1] - (4 if k_BJMD.dtype == torch.int8 else 0)  # int8: + the scale
+    Dh = k_BJMD.shape[-1] - (KV_SCALE_BYTES if k_BJMD.dtype == torch.int8 else 0)
     dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
     return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
                                            _plain_f32(cos.reshape(-1, Dh)),

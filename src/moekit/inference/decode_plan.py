@@ -152,7 +152,7 @@ class DecodePlan:
     def __init__(self, model, layers: list[_Layer], head: tuple, embed: tuple,
                  float_rows: int, quant_rows: int, expert_rows: int) -> None:
         self.model = model  # (the layers' arguments live in self.native)
-        self.dtype = model.norm.weight.dtype  # the activations' (the KV cache: these, bf16 or int8)
+        self.dtype = model.norm.weight.dtype  # the activations' (the KV cache: decode.cache_takes)
         # the step's calls, made by one C++ call (DecodeStep in csrc/cpu_decode.cpp)
         norm = model.blocks[0].attn_norm
         self.native = cpu_ext.get_decode().DecodeStep(

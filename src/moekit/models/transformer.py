@@ -131,7 +131,7 @@ def kv_cache_dtype(model: MoETransformer, dtype: torch.dtype | str | None) -> to
     return kv
 
 
-KV_SCALE_BYTES = 4  # an int8 cache row's float scale, after its Dh values
+KV_SCALE_BYTES = decode.KV_SCALE_BYTES  # an int8 cache row's float scale, after its Dh values
 
 
 def quantize_kv(x: Tensor) -> Tensor:
@@ -177,7 +177,6 @@ class StaticKVCache:
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, lazy: bool = False) -> None:
-        self.head_dim = head_dim  # Dh (an int8 cache's rows are Dh + 4 bytes wide)
         self.quantized = dtype == torch.int8
         shape = (batch, kv_heads, max_len, head_dim + (KV_SCALE_BYTES if self.quantized else 0))
         zeros = _lazy_zeros if lazy and torch.device(device or "cpu").type == "cpu" \

@@ -61,7 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
 
 def add_kv_cache_argument(p: argparse.ArgumentParser, help: str | None = None) -> None:
     """--kv-cache-dtype: generate's and serve's (and, with its own ``help``, perplexity's)."""
-    p.add_argument("--kv-cache-dtype", choices=("auto", "float32", "bfloat16", "int8"),
+    from moekit.plan.decode import KV_CACHE_DTYPES
+
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
                    default="auto",
                    help=help or "the KV cache's keys and values (default auto: the "
                    "activations' dtype); under fp32 or quantized weights bfloat16 halves the "
@@ -217,8 +219,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
             return _converse(Engine(model, reuse_prefix=True, kv_cache_dtype=kv), text, cfg,
-                             args.system,
-                             stops)
+                             args.system, stops)
         if args.no_cache:
             return _run_no_cache(model, prompts, ids, text, cfg)
         if args.jsonl is not None:
