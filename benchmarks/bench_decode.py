@@ -709,9 +709,11 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
     import torch
 
     import moekit.inference.decode_plan as dp
+    from moekit.hugepages import huge_pages
     from moekit.models.transformer import StaticKVCache
 
     model = build(shape, variant)
+    huge_pages(model)  # as the engine has its weights (the Runner's and `moekit serve`'s)
     plan = dp.DecodePlan.build(model)
     if plan is None:
         print(f"step calls: {shape} {variant}: no decode plan for this model")
@@ -874,6 +876,7 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     a.prefill_variants = (_names("--prefill-variants", a.prefill_variants, MOEKIT_DTYPES)
                           if a.prefill_variants else [])
     a.batches, a.hf_batches = _sizes("--batches", a.batches), _sizes("--hf-batches", a.hf_batches)
+    a.own_batches = list(a.batches)  # --step-calls and --ops: these alone
     a.batches += [b for b in a.hf_batches if b not in a.batches]  # both lists: timed once
     # the variants whose peak RSS is measured: --quick's own list skips transformers'
     a.memory_variants = [v for v in a.variants if not (quick_variants and v.startswith("hf-"))]
@@ -949,11 +952,11 @@ def run(args: argparse.Namespace) -> int:
             breakdown_step(args.models[0], B, args.breakdown_variant)
         return 0
     if args.step_calls:
-        for B in args.batches:
+        for B in args.own_batches:
             step_calls(args.models[0], B, args.breakdown_variant)
         return 0
     if args.ops:
-        for B in args.batches:
+        for B in args.own_batches:
             count_ops(args.models[0], B)
         return 0
     if args.profile:
