@@ -23,6 +23,7 @@ from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS, decode_max_rows
 from moekit.functions import cpu_ext
 from moekit.functions import decode as decode_fn
 from moekit.inference import decode_experts, sorted_rows
+from moekit.quant.tensor import quantize_tensor
 from tests.reference import f32, ref_expert
 
 pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
@@ -383,18 +384,126 @@ def test_amx_leaves_what_it_cannot_run_to_the_fma_kernel(case):
 
 @amx
 def test_amx_off_by_environment_and_a_bad_setting_named():
-    """MOEKIT_AMX=0 keeps bf16 projections on the FMA kernels (and their row limit at 8);
-    any setting but 0 / 1 / unset is refused by name."""
+    """MOEKIT_AMX=0 keeps bf16 and int8 projections on the FMA kernels (and bf16's row limit
+    at 8); any setting but 0 / 1 / unset is refused by name."""
     import os
     import subprocess
     import sys
 
-    code = ("import torch; from moekit.functions import decode; "
-            "print(decode.amx(), decode.float_kernel_max_rows(torch.bfloat16))")
+    code = ("import torch; from moekit.functions import decode, cpu_ext; "
+            "print(decode.amx(), decode.float_kernel_max_rows(torch.bfloat16), "
+            "cpu_ext.get_decode().amx_int8())")
     env = {**os.environ, "MOEKIT_AMX": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "8"]
+    assert out.stdout.split() == ["False", "8", "False"]
     env["MOEKIT_AMX"] = "yes"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "MOEKIT_AMX='yes' is not allowed" in out.stderr
+
+
+# -- int8 weight-only projections on AMX-INT8 (amx_i8_rows in csrc/cpu_decode.cpp) --------
+
+amx_int8 = pytest.mark.skipif(
+    not (decode_fn.available() and cpu_ext.get_decode().amx_int8()),
+    reason="no AMX-INT8 on this CPU (or MOEKIT_AMX=0)")
+
+
+def _int8_linear(N, K, g):
+    """An int8 weight-only nn.Linear weight as the kernels take it (a QuantizedTensor of
+    E=1, [N, K] bytes with a scale per output row) and its dequantized float64 [N, K]
+    (q * s, exact in float64)."""
+    qt = quantize_tensor(torch.randn(1, K, N, generator=g) * 0.05, 8)
+    assert qt.data.shape == (1, N, K) and qt.scales.shape == (1, N)
+    return qt, qt.data[0].double() * qt.scales[0].double()[:, None]
+
+
+def _q_projection(x, qt, b=None):
+    """gate_up's fp32 output of a dense int8 projection and whether it ran on AMX."""
+    ext = cpu_ext.get_decode()
+    R = x.shape[0]
+    before = ext.amx_runs()
+    y = ext.gate_up(x, torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros, 8, 0,
+                    b, 0, 0.0, 1.0)
+    return y.double(), ext.amx_runs() > before
+
+
+def _q_fma(x, qt, b=None):
+    ext = cpu_ext.get_decode()
+    ext.set_amx(False)
+    try:
+        return _q_projection(x, qt, b)
+    finally:
+        ext.set_amx(True)
+
+
+@amx_int8
+@pytest.mark.parametrize("K,N,R", [(1024, 3072, 16), (64, 16, 8), (128, 48, 12),
+                                   (192, 80, 9), (256, 32, 16)])
+def test_amx_int8_projection_is_within_fp32_rounding_of_float64(K, N, R):
+    """fp32 rows against an int8 weight (a scale per output row): AMX-INT8's result within
+    its own bound of float64 over the dequantized weight: the rows' four int8 terms hold
+    each x to 2^-28 of its row's largest magnitude, the int32 sums are exact and their
+    recombination rounds a few times in fp32 (6 * 2^-24 * sum |x| |w|), K-independent and
+    far tighter than the FMA kernel's K * 2^-24 * sum |x| |w|, which it meets too. Rows of
+    mixed magnitudes: one all zeros, one with an outlier 1e4 times the rest, one of
+    subnormal-adjacent values."""
+    g = torch.Generator().manual_seed(K + N + R)
+    qt, w = _int8_linear(N, K, g)
+    x = torch.randn(R, K, generator=g)
+    x[1] = 0.0
+    x[2, 5] = 1e4
+    x[3] *= 1e-30
+    y, on_amx = _q_projection(x, qt)
+    fma, fma_on_amx = _q_fma(x, qt)
+    assert on_amx and not fma_on_amx
+    xd = x.double()
+    want = xd @ w.t()
+    mag = xd.abs() @ w.abs().t()
+    tight = 6 * 2.0**-24 * mag + 2.0**-27 * xd.abs().amax(1, keepdim=True) * w.abs().sum(1)
+    assert ((y - want).abs() <= tight).all()
+    assert ((fma - want).abs() <= K * 2.0**-24 * mag).all()
+    assert (y[1] == 0).all()
+
+
+@amx_int8
+def test_amx_int8_projection_with_a_bias():
+    """A bias (Qwen2's q / k / v) is added after AMX's sums, as for bf16."""
+    g = torch.Generator().manual_seed(9)
+    qt, _ = _int8_linear(96, 128, g)
+    x = torch.randn(10, 128, generator=g)
+    b = torch.randn(1, 96, generator=g)
+    y, on_amx = _q_projection(x, qt, b)
+    plain, _ = _q_projection(x, qt)
+    assert on_amx and torch.equal(y, (plain.float() + b).double())
+
+
+@amx_int8
+@pytest.mark.parametrize("case", ["7 rows", "17 rows", "K 96", "N 40", "nan", "inf",
+                                  "int8 activations"])
+def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(case):
+    """Fewer rows than amx_int8_min_rows or more than 16, K not a multiple of 64, N not of
+    16, a row holding NaN or inf (its terms would be garbage: the FMA kernel propagates
+    them), int8 activations (their own kernels): the FMA kernel, bitwise as with AMX off."""
+    ext = cpu_ext.get_decode()
+    R = {"7 rows": ext.amx_int8_min_rows() - 1, "17 rows": 17}.get(case, 12)
+    K, N = (96 if case == "K 96" else 128), (40 if case == "N 40" else 64)
+    g = torch.Generator().manual_seed(4)
+    qt = quantize_tensor(torch.randn(1, K, N, generator=g), 8,
+                                      activations="int8" if case == "int8 activations"
+                                      else "float")
+    x = torch.randn(R, K, generator=g)
+    if case in ("nan", "inf"):
+        x[3, 7] = float(case)
+    bits = decode_fn.kernel_bits(qt)
+    before = ext.amx_runs()
+    args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros, bits, 0, None, 0,
+            0.0, 1.0)
+    y = ext.gate_up(x, *args)
+    assert ext.amx_runs() == before
+    ext.set_amx(False)
+    try:
+        fma = ext.gate_up(x, *args)
+    finally:
+        ext.set_amx(True)
+    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN = NaN

@@ -376,3 +376,30 @@ def test_plan_runs_bf16_batches_of_up_to_16_rows_on_amx(variant):
     fast = _steps(model, plan.step, prompts)
     assert cpu_ext.get_decode().amx_runs() > before
     assert torch.equal(fast, _steps(model, model.infer, prompts))
+
+
+@pytest.mark.parametrize("variant", ["int8", "qwen2 int8"])
+def test_plan_runs_int8_projections_of_many_rows_on_amx_int8(variant):
+    """Where int8 weight-only projections of 8-16 rows run on AMX-INT8 tiles, an int8
+    model's 12-row steps run them there, in the plan's one call and in the modules alike
+    (bitwise the same steps), and stay near the FMA kernel's steps (another rounding of the
+    same products)."""
+    from moekit.functions import cpu_ext
+
+    ext = cpu_ext.get_decode()
+    if not (ext is not None and ext.amx_int8()):
+        pytest.skip("no AMX-INT8 on this CPU (or MOEKIT_AMX=0)")
+    model = moekit.quantize(_qwen2() if variant.startswith("qwen2") else _lm(), bits=8)
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    prompts = [[1 + i % 7, 2 + i % 5, 3] for i in range(12)]
+    before = ext.amx_runs()
+    fast = _steps(model, plan.step, prompts)
+    assert ext.amx_runs() > before
+    assert torch.equal(fast, _steps(model, model.infer, prompts))
+    ext.set_amx(False)
+    try:
+        fma = _steps(model, plan.step, prompts)
+    finally:
+        ext.set_amx(True)
+    torch.testing.assert_close(fast, fma, atol=1e-4, rtol=1e-4)

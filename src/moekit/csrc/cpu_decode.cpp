@@ -49,6 +49,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -2240,16 +2241,22 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// The CPU has AMX-BF16 (CPUID 7.0 EDX bits 22, 24) and Linux lets this process use the
-// tiles (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; torch's oneDNN asks the same).
+// The CPU has AMX tiles (CPUID 7.0 EDX bit 24) and `kind` (bit 22 AMX-BF16, 25 AMX-INT8),
+// and Linux lets this process use the tiles (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA;
+// torch's oneDNN asks the same).
+bool amx_cpu(int kind) {
+  if (CPU_ISA != Isa::Avx512) return false;  // (MOEKIT_CPU_ISA caps it too)
+  unsigned a, b, c, d;
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+  if (!((d >> kind) & 1) || !((d >> 24) & 1)) return false;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
 bool amx_here() {
-  static const bool ok = [] {
-    if (CPU_ISA != Isa::Avx512) return false;  // (MOEKIT_CPU_ISA caps it too)
-    unsigned a, b, c, d;
-    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  }();
+  static const bool ok = amx_cpu(22);
+  return ok;
+}
+bool amx_int8_here() {
+  static const bool ok = amx_cpu(25);
   return ok;
 }
 
@@ -2299,8 +2306,72 @@ AMX_FN void amx_nk_block(const uint16_t* w, int64_t ld, int64_t K, const uint16_
   if constexpr (NC > 3) _tile_stored(3, c + 48 * R, R * 4);
   TILE_BARRIER();
 }
+
+// ---- int8 projections on AMX-INT8 (weight-only int8: NK, a scale per output row)
+//
+// y[R, N] = x[R, K] @ (q * s)^T for fp32 rows x: each row, scaled by a power of two 2^e
+// (max |x| / 2^e in (63.5, 127]), is split into four int8 terms, x / 2^e = t0 + t1 / 128 +
+// t2 / 128^2 + t3 / 128^3 + rest with |rest| <= 2^-22, so the terms hold each x to within
+// 2^-28 of the row's largest magnitude. Scaling by 2^e and the splits are exact. The int8
+// weight rows are a tdpbssd A operand as they lie (16 outputs x 64 inputs, one strided tile
+// load), each term's rows a B tile ([K / 4][R][4]), so one A tile serves four tdpbssd, one
+// per term, into four C tiles of exact int32 sums. They are recombined in fp32: y =
+// (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * 2^e * s. The result is within fp32's rounding
+// of the exact product, as the FMA kernel's is, but not bitwise the same.
+//
+// Why: at 16 rows the FMA kernel spends a convert per weight and an FMA per weight and row,
+// bound by those instructions (a batch-16 int8 step's attention projections: 2.9 ms for
+// 16 MiB, 0.56 ms of bytes at 30 GB/s, `bench_decode.py --step-calls`).
+#define AMX_I8_FN __attribute__((target("avx512f,avx512bw,amx-tile,amx-int8")))
+// Each A tile's 16 rows are prefetched 256 bytes (4 tiles) ahead: a cold [1024 -> 3072]
+// projection at one row 278 -> 211 us (2 threads); 128 bytes the same, 512 and 1,024 slower,
+// the next 16 rows at the same inputs slower at 12-16 rows (/tmp timings, this Xeon).
+constexpr int64_t AMX_I8_PF = 256;
+
+// C tiles 0-3: 16 outputs x R rows (int32), one per term; A tile 4: 16 outputs x 64 inputs;
+// B tiles 5, 6: 16 input quads x R rows.
+AMX_I8_FN void amx_i8_configure(int64_t R) {
+  TileConfig cfg;
+  for (int i = 0; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(R * 4);
+  cfg.rows[4] = 16, cfg.colsb[4] = 64;
+  cfg.rows[5] = cfg.rows[6] = 16, cfg.colsb[5] = cfg.colsb[6] = static_cast<uint16_t>(R * 4);
+  TILE_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+// c [4][16][R]: term i's int32 sums of 16 output rows of w (ld bytes apart) against the
+// terms' B rows xt (term i at xt + i * tb, each [K / 4][R][4])
+AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t* xt,
+                            int64_t tb, int64_t R, int32_t* c) {
+  TILE_BARRIER();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k0 = 0; k0 < K; k0 += 64) {
+    const int8_t* b = xt + k0 * R;
+    for (int m = 0; m < 16; ++m)  // (past the weight's end: an address, never loaded)
+      _mm_prefetch(reinterpret_cast<const char*>(
+                       reinterpret_cast<uintptr_t>(w + m * ld + k0) + AMX_I8_PF), _MM_HINT_T0);
+    _tile_loadd(4, w + k0, ld);
+    _tile_loadd(5, b, R * 4);
+    _tile_dpbssd(0, 4, 5);
+    _tile_loadd(6, b + tb, R * 4);
+    _tile_dpbssd(1, 4, 6);
+    _tile_loadd(5, b + 2 * tb, R * 4);
+    _tile_dpbssd(2, 4, 5);
+    _tile_loadd(6, b + 3 * tb, R * 4);
+    _tile_dpbssd(3, 4, 6);
+  }
+  _tile_stored(0, c, R * 4);
+  _tile_stored(1, c + 16 * R, R * 4);
+  _tile_stored(2, c + 32 * R, R * 4);
+  _tile_stored(3, c + 48 * R, R * 4);
+  TILE_BARRIER();
+}
 #else
 bool amx_here() { return false; }
+bool amx_int8_here() { return false; }
 #endif
 
 constexpr int64_t AMX_MAX_ROWS = 16;  // one B tile's columns
@@ -2348,6 +2419,103 @@ bool amx_nk_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, int64_
 #endif
 }
 
+// Row r's four int8 terms into xt (term i at xt + i * K * R, each [K / 4][R][4]) and its
+// scale 2^e into e2[r]; false where a value is not finite (the FMA kernel runs then).
+// K a multiple of 16. 16 inputs at a time: the scaling by 2^-e, the rounding (to nearest
+// even, as nearbyint) and the remainders are exact, so every ISA gives the same terms.
+AVX512 bool i8_terms(const float* x, int64_t R, int64_t K, int8_t* xt, float* e2) {
+  const __m512 m128 = _mm512_set1_ps(128.0f);
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;  // NaN or inf (max_ps would drop a NaN)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + k));
+      bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
+      mx = _mm512_max_ps(mx, a);
+    }
+    if (bad) return false;
+    const float amax = _mm512_reduce_max_ps(mx);
+    int e = 0;
+    if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
+    e2[r] = std::ldexp(1.0f, e);
+    const __m512 down = _mm512_set1_ps(std::ldexp(1.0f, -e));
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xr + k), down);
+      int8_t* at = xt + k * R + r * 4;  // quads k / 4 .. k / 4 + 3 of row r
+      for (int i = 0; i < 4; ++i) {
+        const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        alignas(16) int8_t q[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+        int8_t* dst = at + i * K * R;
+        for (int j = 0; j < 4; ++j) std::memcpy(dst + j * R * 4, q + 4 * j, 4);
+        v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
+      }
+    }
+  }
+  return true;
+}
+
+// y[r][0..16) = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * e2[r] * scale[0..16) for the
+// C tiles c [4][16][R] of amx_i8_block (rows of y ld floats apart)
+AVX512 void amx_i8_combine(const int32_t* c, int64_t R, const float* e2, const float* scale,
+                           float* y, int64_t ld) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f), s = _mm512_loadu_ps(scale);
+  const __m512i step = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(R)));
+  for (int64_t r = 0; r < R; ++r) {
+    const __m512i at = _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int32_t>(r)));
+    __m512 v = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 48 * R, 4));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 32 * R, 4)));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 16 * R, 4)));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c, 4)));
+    v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e2[r])), s);
+    _mm512_storeu_ps(y + r * ld, v);
+  }
+}
+
+// From 8 rows: below, the FMA kernel is as fast or faster (one cold projection, 2 threads,
+// medians of 5, FMA kernel / AMX in us, [1024 -> 3072] and [1024 -> 1024]: 1 row 142 / 204
+// and 56 / 76, 4 rows 222 / 206 and 78 / 75, 8 rows 284 / 216 and 108 / 86, 16 rows 545 /
+// 263 and 195 / 115).
+constexpr int64_t AMX_I8_MIN_ROWS = 8;
+// The int32 sums: |C| <= 127 * 127 * K < 2^31.
+constexpr int64_t AMX_I8_MAX_K = 1 << 16;
+
+// y = x @ dequantized w for an int8 weight-only NK weight (scales per output row) on
+// AMX-INT8 where it applies (false, y untouched, where not): AMX-INT8 here and on,
+// AMX_I8_MIN_ROWS <= R <= AMX_MAX_ROWS, K a multiple of 64 up to AMX_I8_MAX_K, N of 16, x
+// finite.
+bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t ld,
+                 const float* scale, int64_t N, float* y) {
+#ifdef MOEKIT_AMX
+  if (!amx_on.load(std::memory_order_relaxed) || R < AMX_I8_MIN_ROWS || R > AMX_MAX_ROWS ||
+      K % 64 || K > AMX_I8_MAX_K || N % 16 ||
+      !amx_int8_here())  // (AMX: the CPU runs AVX-512, i8_terms' ISA)
+    return false;
+  std::vector<int8_t> xt(4 * K * R);
+  std::vector<float> e2(R);
+  if (!i8_terms(x, R, K, xt.data(), e2.data())) return false;
+  at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
+    amx_i8_configure(R);
+    int32_t c[4 * 16 * AMX_MAX_ROWS];
+    for (int64_t b = lo; b < hi; ++b) {
+      const int64_t n0 = b * 16;
+      amx_i8_block(w + n0 * ld, ld, K, xt.data(), K * R, R, c);
+      amx_i8_combine(c, R, e2.data(), scale + n0, y + n0, N);
+    }
+    amx_release();
+  });
+  amx_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+#else
+  (void)x, (void)R, (void)K, (void)w, (void)ld, (void)scale, (void)N, (void)y;
+  return false;
+#endif
+}
+
 // gate_up of a dense projection (one expert that every row goes to, in order; no
 // activation; a bias added after the sums, as gate_up_rows adds it) of a bf16 NK weight on
 // AMX (amx_nk_rows), or nullopt where that does not apply: then gate_up_rows runs it.
@@ -2355,7 +2523,8 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
                                        const torch::Tensor& offsets_E, const Weights& w,
                                        const c10::optional<torch::Tensor>& b_in, int64_t act) {
   const int64_t R = x_TD.size(0);
-  if (w.kind != Kind::BF16 || w.n_unit || w.E != 1 || act != NONE || R > AMX_MAX_ROWS ||
+  const bool i8 = w.kind == Kind::I8 && !w.a8;
+  if ((w.kind != Kind::BF16 && !i8) || w.n_unit || w.E != 1 || act != NONE || R > AMX_MAX_ROWS ||
       w.K != x_TD.size(1) || offsets_E.numel() != 1 || token_S.numel() != R ||
       offsets_E.item<int64_t>() != R)
     return c10::nullopt;
@@ -2363,9 +2532,12 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
   for (int64_t r = 0; r < R; ++r)
     if (tok.data_ptr<int64_t>()[r] != r) return c10::nullopt;
   auto y = torch::empty({R, w.N}, x_TD.options());
-  if (!amx_nk_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const uint16_t*>(w.data), w.s_n,
-                   w.N, y.data_ptr<float>()))
-    return c10::nullopt;
+  const bool ran =
+      i8 ? amx_i8_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const int8_t*>(w.data), w.s_n,
+                       w.scales, w.N, y.data_ptr<float>())
+         : amx_nk_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const uint16_t*>(w.data),
+                       w.s_n, w.N, y.data_ptr<float>());
+  if (!ran) return c10::nullopt;
   if (const float* b = bias_row(b_in, 0, w.N)) {
     float* o = y.data_ptr<float>();
     for (int64_t r = 0; r < R; ++r)
@@ -3823,8 +3995,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx", [] { return amx_on.load() && amx_here(); },
         "whether bf16 NK projections of up to 16 rows run on AMX tiles (the CPU has AMX-BF16, "
         "Linux allows it, and set_amx left it on)");
+  m.def("amx_int8", [] { return amx_on.load() && amx_int8_here(); },
+        "whether int8 weight-only NK projections of 8-16 rows run on AMX-INT8 tiles (the CPU "
+        "has AMX-INT8, Linux allows it, and set_amx left it on)");
+  m.def("amx_int8_min_rows", [] { return AMX_I8_MIN_ROWS; },
+        "the fewest rows an int8 projection runs on AMX-INT8 with");
   m.def("set_amx", [](bool on) { amx_on.store(on); },
-        "use AMX for bf16 NK projections where it applies (default on)");
+        "use AMX for bf16 and int8 NK projections where it applies (default on)");
   m.def("amx_runs", [] { return amx_calls.load(); },
         "how many projections have run on AMX tiles in this process");
 }

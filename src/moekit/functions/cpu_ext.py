@@ -143,7 +143,7 @@ def get() -> ModuleType | None:
 DECODE_NAME = "moekit_cpu_decode"
 DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
 _decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
-AMX_ENV = "MOEKIT_AMX"  # 0: bf16 projections stay off AMX tiles (read once, as ISA_ENV)
+AMX_ENV = "MOEKIT_AMX"  # 0: bf16 / int8 projections stay off AMX tiles (read once, as ISA_ENV)
 ISA_ENV = "MOEKIT_CPU_ISA"  # caps the decode kernels' path, read once when they load
 ISAS = ("avx512", "avx2", "generic")
 
@@ -154,8 +154,9 @@ def get_decode() -> ModuleType | None:
     They run AVX-512 or AVX2 intrinsics where the CPU has them, else compiler-vectorized
     loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
     on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
-    AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``);
-    ``MOEKIT_AMX=0`` keeps them on the FMA kernels.
+    AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``), and
+    with AMX-INT8, int8 weight-only projections of 8-16 rows (``amx_int8()``);
+    ``MOEKIT_AMX=0`` keeps both on the FMA kernels.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
