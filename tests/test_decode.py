@@ -23,7 +23,7 @@ from moekit.experts.backends import BACKENDS, DECODE_MAX_ROWS, decode_max_rows
 from moekit.functions import cpu_ext
 from moekit.functions import decode as decode_fn
 from moekit.inference import decode_experts, sorted_rows
-from moekit.quant.tensor import quantize_tensor
+from moekit.quant.tensor import quantize_tensor, unpack_int4
 from tests.reference import f32, ref_expert
 
 pytestmark = pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
@@ -402,29 +402,38 @@ def test_amx_off_by_environment_and_a_bad_setting_named():
     assert out.returncode != 0 and "MOEKIT_AMX='yes' is not allowed" in out.stderr
 
 
-# -- int8 weight-only projections on AMX-INT8 (amx_i8_rows in csrc/cpu_decode.cpp) --------
+# -- int8 / int4 weight-only projections on AMX-INT8 (amx_i8_rows, amx_i4_rows) ----------
 
 amx_int8 = pytest.mark.skipif(
     not (decode_fn.available() and cpu_ext.get_decode().amx_int8()),
     reason="no AMX-INT8 on this CPU (or MOEKIT_AMX=0)")
 
 
-def _int8_linear(N, K, g):
-    """An int8 weight-only nn.Linear weight as the kernels take it (a QuantizedTensor of
-    E=1, [N, K] bytes with a scale per output row) and its dequantized float64 [N, K]
-    (q * s, exact in float64)."""
-    qt = quantize_tensor(torch.randn(1, K, N, generator=g) * 0.05, 8)
-    assert qt.data.shape == (1, N, K) and qt.scales.shape == (1, N)
-    return qt, qt.data[0].double() * qt.scales[0].double()[:, None]
+def _q_linear(bits, N, K, g, group=64):
+    """A weight-only quantized nn.Linear weight as the kernels take it (a QuantizedTensor
+    of E=1: int8 [N, K] with a scale per output row, or int4 [N, K / 2] with a scale and a
+    zero per output row and group) and its dequantized parts in float64, computed here:
+    (s * q, z) with w = s * q + z (z = 0 for int8)."""
+    qt = quantize_tensor(torch.randn(1, K, N, generator=g) * 0.05, bits,
+                         **({"group_size": group} if bits == 4 else {}))
+    if bits == 8:
+        assert qt.data.shape == (1, N, K) and qt.scales.shape == (1, N)
+        sq = qt.data[0].double() * qt.scales[0].double()[:, None]
+        return qt, sq, torch.zeros_like(sq)
+    q = unpack_int4(qt.data[0]).double().unflatten(-1, (-1, group))  # [N, K / g, g]
+    assert qt.scales.shape == qt.zeros.shape == (1, N, K // group)
+    sq = (q * qt.scales[0].double()[..., None]).flatten(-2)
+    z = qt.zeros[0].double()[..., None].expand_as(q).flatten(-2)
+    return qt, sq, z
 
 
 def _q_projection(x, qt, b=None):
-    """gate_up's fp32 output of a dense int8 projection and whether it ran on AMX."""
+    """gate_up's fp32 output of a dense quantized projection and whether it ran on AMX."""
     ext = cpu_ext.get_decode()
     R = x.shape[0]
     before = ext.amx_runs()
-    y = ext.gate_up(x, torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros, 8, 0,
-                    b, 0, 0.0, 1.0)
+    y = ext.gate_up(x, torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros,
+                    decode_fn.kernel_bits(qt), qt.group_size or 0, b, 0, 0.0, 1.0)
     return y.double(), ext.amx_runs() > before
 
 
@@ -438,18 +447,21 @@ def _q_fma(x, qt, b=None):
 
 
 @amx_int8
-@pytest.mark.parametrize("K,N,R", [(1024, 3072, 16), (64, 16, 8), (128, 48, 12),
-                                   (192, 80, 9), (256, 32, 16)])
-def test_amx_int8_projection_is_within_fp32_rounding_of_float64(K, N, R):
-    """fp32 rows against an int8 weight (a scale per output row): AMX-INT8's result within
-    its own bound of float64 over the dequantized weight: the rows' four int8 terms hold
-    each x to 2^-28 of its row's largest magnitude, the int32 sums are exact and their
-    recombination rounds a few times in fp32 (6 * 2^-24 * sum |x| |w|), K-independent and
-    far tighter than the FMA kernel's K * 2^-24 * sum |x| |w|, which it meets too. Rows of
-    mixed magnitudes: one all zeros, one with an outlier 1e4 times the rest, one of
-    subnormal-adjacent values."""
-    g = torch.Generator().manual_seed(K + N + R)
-    qt, w = _int8_linear(N, K, g)
+@pytest.mark.parametrize("bits,K,N,R,group", [
+    (8, 1024, 3072, 16, 0), (8, 64, 16, 8, 0), (8, 128, 48, 12, 0), (8, 192, 80, 9, 0),
+    (8, 256, 32, 16, 0), (4, 1024, 3072, 16, 64), (4, 64, 16, 12, 64), (4, 256, 48, 13, 128),
+    (4, 384, 80, 16, 64)])
+def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, group):
+    """fp32 rows against an int8 or int4 weight: AMX-INT8's result within its own bound of
+    float64 over the dequantized weight. The rows' four int8 terms hold each x to 2^-28 of
+    its row's largest magnitude (2^-27 max |x| sum |s q|); the int32 sums are exact and
+    their recombination, the groups' scaling and sums round a few times per group in fp32
+    ((G + 8) * 2^-24 * sum |x| |s q|, and for the zero points (g + G + 2) * 2^-24 * sum
+    |x| |z|): far tighter than the FMA kernel's K * 2^-24 * sum |x| |w|, which it meets too.
+    Rows of mixed magnitudes: all zeros, an outlier 1e4 times the rest, 1e-30 times the
+    rest."""
+    g = torch.Generator().manual_seed(K + N + R + bits)
+    qt, sq, z = _q_linear(bits, N, K, g, group)
     x = torch.randn(R, K, generator=g)
     x[1] = 0.0
     x[2, 5] = 1e4
@@ -457,21 +469,24 @@ def test_amx_int8_projection_is_within_fp32_rounding_of_float64(K, N, R):
     y, on_amx = _q_projection(x, qt)
     fma, fma_on_amx = _q_fma(x, qt)
     assert on_amx and not fma_on_amx
-    xd = x.double()
-    want = xd @ w.t()
-    mag = xd.abs() @ w.abs().t()
-    tight = 6 * 2.0**-24 * mag + 2.0**-27 * xd.abs().amax(1, keepdim=True) * w.abs().sum(1)
+    xd = x.double().abs()
+    want = x.double() @ (sq + z).t()
+    G = K // group if bits == 4 else 1
+    tight = ((G + 8) * 2.0**-24 * (xd @ sq.abs().t())
+             + ((group + G + 2) * 2.0**-24 * (xd @ z.abs().t()) if bits == 4 else 0.0)
+             + 2.0**-27 * xd.amax(1, keepdim=True) * sq.abs().sum(1))
     assert ((y - want).abs() <= tight).all()
-    assert ((fma - want).abs() <= K * 2.0**-24 * mag).all()
-    assert (y[1] == 0).all()
+    assert ((fma - want).abs() <= K * 2.0**-24 * (xd @ (sq + z).abs().t())).all()
+    assert (y[1] == 0).all() if bits == 8 else True
 
 
 @amx_int8
-def test_amx_int8_projection_with_a_bias():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_amx_int8_projection_with_a_bias(bits):
     """A bias (Qwen2's q / k / v) is added after AMX's sums, as for bf16."""
     g = torch.Generator().manual_seed(9)
-    qt, _ = _int8_linear(96, 128, g)
-    x = torch.randn(10, 128, generator=g)
+    qt, _, _ = _q_linear(bits, 96, 128, g)
+    x = torch.randn(13, 128, generator=g)
     b = torch.randn(1, 96, generator=g)
     y, on_amx = _q_projection(x, qt, b)
     plain, _ = _q_projection(x, qt)
@@ -479,26 +494,28 @@ def test_amx_int8_projection_with_a_bias():
 
 
 @amx_int8
-@pytest.mark.parametrize("case", ["7 rows", "17 rows", "K 96", "N 40", "nan", "inf",
-                                  "int8 activations"])
-def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(case):
-    """Fewer rows than amx_int8_min_rows or more than 16, K not a multiple of 64, N not of
-    16, a row holding NaN or inf (its terms would be garbage: the FMA kernel propagates
-    them), int8 activations (their own kernels): the FMA kernel, bitwise as with AMX off."""
+@pytest.mark.parametrize("bits,case", [
+    (8, "fewer rows"), (8, "17 rows"), (8, "K 96"), (8, "N 40"), (8, "nan"), (8, "inf"),
+    (8, "int8 activations"), (4, "fewer rows"), (4, "17 rows"), (4, "group 32"), (4, "N 40"),
+    (4, "nan"), (4, "int8 activations")])
+def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
+    """Fewer rows than amx_int8_min_rows or more than 16, K not a multiple of 64 (int8),
+    groups of 32 (int4), N not a multiple of 16, a row holding NaN or inf (its terms would
+    be garbage: the FMA kernel propagates them), int8 activations (their own kernels): the
+    FMA kernel, bitwise as with AMX off."""
     ext = cpu_ext.get_decode()
-    R = {"7 rows": ext.amx_int8_min_rows() - 1, "17 rows": 17}.get(case, 12)
+    R = {"fewer rows": ext.amx_int8_min_rows(bits) - 1, "17 rows": 17}.get(case, 13)
     K, N = (96 if case == "K 96" else 128), (40 if case == "N 40" else 64)
     g = torch.Generator().manual_seed(4)
-    qt = quantize_tensor(torch.randn(1, K, N, generator=g), 8,
-                                      activations="int8" if case == "int8 activations"
-                                      else "float")
+    group = {8: {}, 4: {"group_size": 32 if case == "group 32" else 64}}[bits]
+    qt = quantize_tensor(torch.randn(1, K, N, generator=g), bits, **group,
+                         activations="int8" if case == "int8 activations" else "float")
     x = torch.randn(R, K, generator=g)
     if case in ("nan", "inf"):
         x[3, 7] = float(case)
-    bits = decode_fn.kernel_bits(qt)
     before = ext.amx_runs()
-    args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros, bits, 0, None, 0,
-            0.0, 1.0)
+    args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros,
+            decode_fn.kernel_bits(qt), qt.group_size or 0, None, 0, 0.0, 1.0)
     y = ext.gate_up(x, *args)
     assert ext.amx_runs() == before
     ext.set_amx(False)

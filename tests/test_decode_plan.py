@@ -378,18 +378,21 @@ def test_plan_runs_bf16_batches_of_up_to_16_rows_on_amx(variant):
     assert torch.equal(fast, _steps(model, model.infer, prompts))
 
 
-@pytest.mark.parametrize("variant", ["int8", "qwen2 int8"])
-def test_plan_runs_int8_projections_of_many_rows_on_amx_int8(variant):
-    """Where int8 weight-only projections of 8-16 rows run on AMX-INT8 tiles, an int8
-    model's 12-row steps run them there, in the plan's one call and in the modules alike
-    (bitwise the same steps), and stay near the FMA kernel's steps (another rounding of the
-    same products)."""
+@pytest.mark.parametrize("variant", ["int8", "qwen2 int8", "int4 g64"])
+def test_plan_runs_quantized_projections_of_many_rows_on_amx_int8(variant):
+    """Where int8 / int4 weight-only projections of 8 / 12 to 16 rows run on AMX-INT8
+    tiles, a quantized model's 12-row steps run them there, in the plan's one call and in
+    the modules alike (bitwise the same steps), and stay near the FMA kernel's steps
+    (another rounding of the same products)."""
     from moekit.functions import cpu_ext
 
     ext = cpu_ext.get_decode()
     if not (ext is not None and ext.amx_int8()):
         pytest.skip("no AMX-INT8 on this CPU (or MOEKIT_AMX=0)")
-    model = moekit.quantize(_qwen2() if variant.startswith("qwen2") else _lm(), bits=8)
+    if variant == "int4 g64":
+        model = moekit.quantize(_lm(ffn_dim=64), bits=4, group_size=64)
+    else:
+        model = moekit.quantize(_qwen2() if variant.startswith("qwen2") else _lm(), bits=8)
     with torch.inference_mode():
         plan = DecodePlan.build(model)
     prompts = [[1 + i % 7, 2 + i % 5, 3] for i in range(12)]

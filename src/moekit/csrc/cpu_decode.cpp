@@ -2307,7 +2307,8 @@ AMX_FN void amx_nk_block(const uint16_t* w, int64_t ld, int64_t K, const uint16_
   TILE_BARRIER();
 }
 
-// ---- int8 projections on AMX-INT8 (weight-only int8: NK, a scale per output row)
+// ---- int8 and int4 projections on AMX-INT8 (weight-only: NK; int8 with a scale per output
+// row, int4 below, amx_i4_rows)
 //
 // y[R, N] = x[R, K] @ (q * s)^T for fp32 rows x: each row, scaled by a power of two 2^e
 // (max |x| / 2^e in (63.5, 127]), is split into four int8 terms, x / 2^e = t0 + t1 / 128 +
@@ -2362,6 +2363,52 @@ AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t
     _tile_dpbssd(2, 4, 5);
     _tile_loadd(6, b + 3 * tb, R * 4);
     _tile_dpbssd(3, 4, 6);
+  }
+  _tile_stored(0, c, R * 4);
+  _tile_stored(1, c + 16 * R, R * 4);
+  _tile_stored(2, c + 32 * R, R * 4);
+  _tile_stored(3, c + 48 * R, R * 4);
+  TILE_BARRIER();
+}
+
+// int4 weights (q in 0..15, w = s * q + z per group of g inputs, g a multiple of 64): the
+// nibbles of 16 output rows x 64 inputs unpacked into u (int8, [16][64]) for a tdpbusd A
+// tile (unsigned), four terms as for int8; C tiles zeroed at each group's start, stored
+// at its end into c [4][16][R] for the caller to scale by the group's s.
+AMX_I8_FN void amx_i4_group(const uint8_t* w, int64_t ld, int64_t k0, int64_t g,
+                            const int8_t* xt, int64_t tb, int64_t R, int8_t* u, int32_t* c) {
+  TILE_BARRIER();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const __m256i m15 = _mm256_set1_epi8(15);
+  for (int64_t k = k0; k < k0 + g; k += 64) {
+    for (int m = 0; m < 16; ++m) {  // 32 bytes: inputs k..k+15 and k+16..k+31 in the
+      const uint8_t* p = w + m * ld + k / 2;  // first 16, k+32.. in the second
+      _mm_prefetch(reinterpret_cast<const char*>(
+                       reinterpret_cast<uintptr_t>(p) + AMX_I8_PF / 2), _MM_HINT_T0);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i lo = _mm256_and_si256(b, m15);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m15);
+      // [lo 0-15 | lo 32-47] and [hi 16-31 | hi 48-63] -> 0-15, 16-31, 32-47, 48-63
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 64 * m),
+                          _mm256_permute2x128_si256(lo, hi, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(u + 64 * m + 32),
+                          _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    TILE_BARRIER();
+    const int8_t* b = xt + k * R;
+    _tile_loadd(4, u, 64);
+    _tile_loadd(5, b, R * 4);
+    _tile_dpbusd(0, 4, 5);
+    _tile_loadd(6, b + tb, R * 4);
+    _tile_dpbusd(1, 4, 6);
+    _tile_loadd(5, b + 2 * tb, R * 4);
+    _tile_dpbusd(2, 4, 5);
+    _tile_loadd(6, b + 3 * tb, R * 4);
+    _tile_dpbusd(3, 4, 6);
+    TILE_BARRIER();
   }
   _tile_stored(0, c, R * 4);
   _tile_stored(1, c + 16 * R, R * 4);
@@ -2516,6 +2563,107 @@ bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t 
 #endif
 }
 
+// acc[m] (R lanes, m < 16) += s[m] * (((C3 / 128 + C2) / 128 + C1) / 128 + C0)[m] * e2:
+// one int4 group's C tiles c [4][16][R] of amx_i4_group (s: the 16 outputs' scales of
+// the group, sg apart; e2: the rows' 2^e, R lanes)
+AVX512 void amx_i4_scale(const int32_t* c, int64_t R, __m512 e2, const float* s, int64_t sg,
+                         __m512* acc) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  const __mmask16 mask = static_cast<__mmask16>((1u << R) - 1);
+  for (int m = 0; m < 16; ++m) {
+    const int32_t* cm = c + m * R;
+    __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 48 * R));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 32 * R)));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 16 * R)));
+    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm)));
+    acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(v, e2), _mm512_set1_ps(s[m * sg]), acc[m]);
+  }
+}
+
+// y[r][0..16) = acc[m][r] + sum over groups of z[m][g] * xs[g][r] (acc: amx_i4_scale's;
+// xs [G][16]: the rows' sums over each group; z: the 16 outputs' zeros, G apart)
+AVX512 void amx_i4_finish(const __m512* acc, int64_t R, int64_t G, const float* xs,
+                          const float* z, float* y, int64_t ld) {
+  alignas(64) float t[16][16];
+  for (int m = 0; m < 16; ++m) {
+    __m512 v = acc[m];
+    for (int64_t g = 0; g < G; ++g)
+      v = _mm512_fmadd_ps(_mm512_set1_ps(z[m * G + g]), _mm512_load_ps(xs + 16 * g), v);
+    _mm512_store_ps(t[m], v);
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int m = 0; m < 16; ++m) y[r * ld + m] = t[m][r];
+}
+
+#ifdef MOEKIT_AMX
+// 16 outputs of amx_i4_rows: y[r][0..16) for the rows' terms xt (w, scales and zeros at
+// the first of the 16 output rows)
+AVX512 void amx_i4_outputs(const uint8_t* w, int64_t ld, int64_t g, int64_t G, const int8_t* xt,
+                           int64_t tb, int64_t R, const float* e2v, const float* scales,
+                           const float* zeros, const float* xs, float* y, int64_t N) {
+  alignas(64) int32_t c[4 * 16 * AMX_MAX_ROWS];
+  alignas(64) int8_t u[16 * 64];
+  const __m512 e2 = _mm512_load_ps(e2v);
+  __m512 acc[16];
+  for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < G; ++gi) {
+    amx_i4_group(w, ld, gi * g, g, xt, tb, R, u, c);
+    amx_i4_scale(c, R, e2, scales + gi, G, acc);
+  }
+  amx_i4_finish(acc, R, G, xs, zeros, y, N);
+}
+#endif
+
+// From 12 rows for int4: each group's four C tiles are stored and scaled by the group's s
+// in fp32 (per 16 outputs x 64 inputs with groups of 64), a cost that does not shrink with
+// the rows. One cold projection, int4 g64, 2 threads, medians of 5, FMA kernel / AMX in
+// us, [1024 -> 3072] and [1024 -> 1024]: 1 row 109 / 109 and 46 / 45, 8 rows 296-302 /
+// 276-279 and 111-113 / 105-108, 12 rows 416-459 / 308-332 and 161-166 / 121-130, 16 rows
+// 535-574 / 312-346 and 205 / 135-137. (Scaling group g - 1 after group g's tiles, in the
+// other buffer, measured the same as in order.)
+constexpr int64_t AMX_I4_MIN_ROWS = 12;
+
+// y = x @ dequantized w for an int4 NK weight (w = s * q + z per group of g inputs) on
+// AMX-INT8 where it applies (false, y untouched, where not): as amx_i8_rows, with
+// AMX_I4_MIN_ROWS <= R and g a multiple of 64. The terms' products per group are exact
+// int32 sums, scaled by the group's s in fp32; the zero points' part is z times the
+// group's sum of x in fp32.
+bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t ld,
+                 const float* scales, const float* zeros, int64_t g, int64_t N, float* y) {
+#ifdef MOEKIT_AMX
+  if (!amx_on.load(std::memory_order_relaxed) || R < AMX_I4_MIN_ROWS || R > AMX_MAX_ROWS ||
+      g % 64 || K % g || K > AMX_I8_MAX_K || N % 16 || !amx_int8_here())
+    return false;
+  std::vector<int8_t> xt(4 * K * R);
+  std::vector<float> e2(R);
+  if (!i8_terms(x, R, K, xt.data(), e2.data())) return false;
+  const int64_t G = K / g;
+  std::vector<float> xs(16 * G + 16, 0.0f);  // [G][16], 64-byte aligned below
+  float* xsa = xs.data() + (16 - (reinterpret_cast<uintptr_t>(xs.data()) / 4) % 16) % 16;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      float sum = 0.0f;
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) sum += x[r * K + k];
+      xsa[16 * gi + r] = sum;
+    }
+  alignas(64) float e2v[16] = {};
+  for (int64_t r = 0; r < R; ++r) e2v[r] = e2[r];
+  at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
+    amx_i8_configure(R);
+    for (int64_t b = lo; b < hi; ++b)
+      amx_i4_outputs(w + b * 16 * ld, ld, g, G, xt.data(), K * R, R, e2v, scales + b * 16 * G,
+                     zeros + b * 16 * G, xsa, y + b * 16, N);
+    amx_release();
+  });
+  amx_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+#else
+  (void)x, (void)R, (void)K, (void)w, (void)ld, (void)scales, (void)zeros, (void)g, (void)N,
+      (void)y;
+  return false;
+#endif
+}
+
 // gate_up of a dense projection (one expert that every row goes to, in order; no
 // activation; a bias added after the sums, as gate_up_rows adds it) of a bf16 NK weight on
 // AMX (amx_nk_rows), or nullopt where that does not apply: then gate_up_rows runs it.
@@ -2523,8 +2671,8 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
                                        const torch::Tensor& offsets_E, const Weights& w,
                                        const c10::optional<torch::Tensor>& b_in, int64_t act) {
   const int64_t R = x_TD.size(0);
-  const bool i8 = w.kind == Kind::I8 && !w.a8;
-  if ((w.kind != Kind::BF16 && !i8) || w.n_unit || w.E != 1 || act != NONE || R > AMX_MAX_ROWS ||
+  const bool i8 = w.kind == Kind::I8 && !w.a8, i4 = w.kind == Kind::I4 && !w.a8;
+  if ((w.kind != Kind::BF16 && !i8 && !i4) || w.n_unit || w.E != 1 || act != NONE || R > AMX_MAX_ROWS ||
       w.K != x_TD.size(1) || offsets_E.numel() != 1 || token_S.numel() != R ||
       offsets_E.item<int64_t>() != R)
     return c10::nullopt;
@@ -2533,7 +2681,9 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
     if (tok.data_ptr<int64_t>()[r] != r) return c10::nullopt;
   auto y = torch::empty({R, w.N}, x_TD.options());
   const bool ran =
-      i8 ? amx_i8_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const int8_t*>(w.data), w.s_n,
+      i4 ? amx_i4_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const uint8_t*>(w.data),
+                       w.s_n, w.scales, w.zeros, w.group, w.N, y.data_ptr<float>())
+      : i8 ? amx_i8_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const int8_t*>(w.data), w.s_n,
                        w.scales, w.N, y.data_ptr<float>())
          : amx_nk_rows(x_TD.data_ptr<float>(), R, w.K, static_cast<const uint16_t*>(w.data),
                        w.s_n, w.N, y.data_ptr<float>());
@@ -3996,10 +4146,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bf16 NK projections of up to 16 rows run on AMX tiles (the CPU has AMX-BF16, "
         "Linux allows it, and set_amx left it on)");
   m.def("amx_int8", [] { return amx_on.load() && amx_int8_here(); },
-        "whether int8 weight-only NK projections of 8-16 rows run on AMX-INT8 tiles (the CPU "
-        "has AMX-INT8, Linux allows it, and set_amx left it on)");
-  m.def("amx_int8_min_rows", [] { return AMX_I8_MIN_ROWS; },
-        "the fewest rows an int8 projection runs on AMX-INT8 with");
+        "whether int8 / int4 weight-only NK projections of 8 / 12 to 16 rows run on AMX-INT8 "
+        "tiles (the CPU has AMX-INT8, Linux allows it, and set_amx left it on)");
+  m.def("amx_int8_min_rows", [](int64_t bits) {
+          TORCH_CHECK(bits == 8 || bits == 4, "bits=", bits, " must be 8 or 4");
+          return bits == 8 ? AMX_I8_MIN_ROWS : AMX_I4_MIN_ROWS;
+        },
+        "the fewest rows an int8 (bits 8) or int4 (bits 4) weight-only projection runs on "
+        "AMX-INT8 with");
   m.def("set_amx", [](bool on) { amx_on.store(on); },
         "use AMX for bf16 and int8 NK projections where it applies (default on)");
   m.def("amx_runs", [] { return amx_calls.load(); },
