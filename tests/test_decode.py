@@ -449,11 +449,13 @@ def _q_fma(x, qt, b=None):
 @amx_int8
 @pytest.mark.parametrize("bits,K,N,R,group", [
     (8, 1024, 3072, 16, 0), (8, 64, 16, 8, 0), (8, 128, 48, 12, 0), (8, 192, 80, 9, 0),
-    (8, 256, 32, 16, 0), (4, 1024, 3072, 16, 64), (4, 64, 16, 12, 64), (4, 256, 48, 13, 128),
-    (4, 384, 80, 16, 64)])
+    (8, 256, 32, 16, 0), (8, 128, 48, 17, 0), (8, 1024, 64, 32, 0), (4, 1024, 3072, 16, 64),
+    (4, 64, 16, 12, 64), (4, 256, 48, 13, 128), (4, 384, 80, 16, 64), (4, 256, 32, 25, 64),
+    (4, 1024, 64, 32, 128)])
 def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, group):
     """fp32 rows against an int8 or int4 weight: AMX-INT8's result within its own bound of
-    float64 over the dequantized weight. The rows' four int8 terms hold each x to 2^-28 of
+    float64 over the dequantized weight, for one chunk of rows (up to 16: one B tile) and
+    two (17-32, the second padded with zero rows). The rows' four int8 terms hold each x to 2^-28 of
     its row's largest magnitude (2^-27 max |x| sum |s q|); the int32 sums are exact and
     their recombination, the groups' scaling and sums round a few times per group in fp32
     ((G + 8) * 2^-24 * sum |x| |s q|, and for the zero points (g + G + 2) * 2^-24 * sum
@@ -495,16 +497,17 @@ def test_amx_int8_projection_with_a_bias(bits):
 
 @amx_int8
 @pytest.mark.parametrize("bits,case", [
-    (8, "fewer rows"), (8, "17 rows"), (8, "K 96"), (8, "N 40"), (8, "nan"), (8, "inf"),
-    (8, "int8 activations"), (4, "fewer rows"), (4, "17 rows"), (4, "group 32"), (4, "N 40"),
+    (8, "fewer rows"), (8, "33 rows"), (8, "K 96"), (8, "N 40"), (8, "nan"), (8, "inf"),
+    (8, "int8 activations"), (4, "fewer rows"), (4, "33 rows"), (4, "group 32"), (4, "N 40"),
     (4, "nan"), (4, "int8 activations")])
 def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
-    """Fewer rows than amx_int8_min_rows or more than 16, K not a multiple of 64 (int8),
+    """Fewer rows than amx_int8_min_rows or more than 32, K not a multiple of 64 (int8),
     groups of 32 (int4), N not a multiple of 16, a row holding NaN or inf (its terms would
     be garbage: the FMA kernel propagates them), int8 activations (their own kernels): the
     FMA kernel, bitwise as with AMX off."""
     ext = cpu_ext.get_decode()
-    R = {"fewer rows": ext.amx_int8_min_rows(bits) - 1, "17 rows": 17}.get(case, 13)
+    R = {"fewer rows": ext.amx_int8_min_rows(bits) - 1, "33 rows": 33, "nan": 24,
+         "inf": 24}.get(case, 13)
     K, N = (96 if case == "K 96" else 128), (40 if case == "N 40" else 64)
     g = torch.Generator().manual_seed(4)
     group = {8: {}, 4: {"group_size": 32 if case == "group 32" else 64}}[bits]
@@ -512,7 +515,7 @@ def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
                          activations="int8" if case == "int8 activations" else "float")
     x = torch.randn(R, K, generator=g)
     if case in ("nan", "inf"):
-        x[3, 7] = float(case)
+        x[-3, 7] = float(case)  # in the second chunk of rows (24 rows: two of 12)
     before = ext.amx_runs()
     args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros,
             decode_fn.kernel_bits(qt), qt.group_size or 0, None, 0, 0.0, 1.0)

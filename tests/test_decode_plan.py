@@ -378,12 +378,13 @@ def test_plan_runs_bf16_batches_of_up_to_16_rows_on_amx(variant):
     assert torch.equal(fast, _steps(model, model.infer, prompts))
 
 
-@pytest.mark.parametrize("variant", ["int8", "qwen2 int8", "int4 g64"])
-def test_plan_runs_quantized_projections_of_many_rows_on_amx_int8(variant):
-    """Where int8 / int4 weight-only projections of 8 / 12 to 16 rows run on AMX-INT8
-    tiles, a quantized model's 12-row steps run them there, in the plan's one call and in
-    the modules alike (bitwise the same steps), and stay near the FMA kernel's steps
-    (another rounding of the same products)."""
+@pytest.mark.parametrize("variant,B", [("int8", 12), ("qwen2 int8", 12), ("int4 g64", 12),
+                                       ("int8", 24), ("int4 g64", 27)])
+def test_plan_runs_quantized_projections_of_many_rows_on_amx_int8(variant, B):
+    """Where int8 / int4 weight-only projections of 8 / 12 to 32 rows run on AMX-INT8
+    tiles (two chunks of rows past 16), a quantized model's steps of B rows run them there,
+    in the plan's one call and in the modules alike (bitwise the same steps), and stay near
+    the FMA kernel's steps (another rounding of the same products)."""
     from moekit.functions import cpu_ext
 
     ext = cpu_ext.get_decode()
@@ -395,7 +396,8 @@ def test_plan_runs_quantized_projections_of_many_rows_on_amx_int8(variant):
         model = moekit.quantize(_qwen2() if variant.startswith("qwen2") else _lm(), bits=8)
     with torch.inference_mode():
         plan = DecodePlan.build(model)
-    prompts = [[1 + i % 7, 2 + i % 5, 3] for i in range(12)]
+    assert plan is not None and plan.max_rows >= B
+    prompts = [[1 + i % 7, 2 + i % 5, 3] for i in range(B)]
     before = ext.amx_runs()
     fast = _steps(model, plan.step, prompts)
     assert ext.amx_runs() > before

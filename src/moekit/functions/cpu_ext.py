@@ -155,7 +155,7 @@ def get_decode() -> ModuleType | None:
     loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
     on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
     AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``), and
-    with AMX-INT8, int8 / int4 weight-only projections of 8 / 12 to 16 rows
+    with AMX-INT8, int8 / int4 weight-only projections of 8 / 12 to 32 rows
     (``amx_int8()``);
     ``MOEKIT_AMX=0`` keeps both on the FMA kernels.
     """
