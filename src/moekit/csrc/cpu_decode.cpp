@@ -49,8 +49,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <tuple>
 #include <string>
@@ -2324,7 +2324,7 @@ AMX_FN void amx_nk_block(const uint16_t* w, int64_t ld, int64_t K, const uint16_
 // bound by those instructions (a batch-16 int8 step's attention projections: 2.9 ms for
 // 16 MiB, 0.56 ms of bytes at 30 GB/s, `bench_decode.py --step-calls`).
 #define AMX_I8_FN __attribute__((target("avx512f,avx512bw,amx-tile,amx-int8")))
-// Each A tile's 16 rows are prefetched 256 bytes (4 tiles) ahead: a cold [1024 -> 3072]
+// Each A tile's 16 rows are prefetched 256 bytes (4 tile steps) ahead: a cold [1024 -> 3072]
 // projection at one row 278 -> 211 us (2 threads); 128 bytes the same, 512 and 1,024 slower,
 // the next 16 rows at the same inputs slower at 12-16 rows (/tmp timings, this Xeon).
 constexpr int64_t AMX_I8_PF = 256;
@@ -2340,35 +2340,50 @@ AMX_I8_FN void amx_i8_configure(int64_t R) {
   _tile_loadconfig(&cfg);
 }
 
-// c [4][16][R]: term i's int32 sums of 16 output rows of w (ld bytes apart) against the
-// terms' B rows xt (term i at xt + i * tb, each [K / 4][R][4])
-AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t* xt,
-                            int64_t tb, int64_t R, int32_t* c) {
+// The four terms' C tiles (0-3) zeroed; one A tile (4) against each term's B tile (5, 6 in
+// turn; term i's rows at b + i * tb) into them, with the A values signed (tdpbssd) or
+// unsigned (tdpbusd); the C tiles stored into c [4][16][R].
+AMX_I8_FN inline void amx_terms_zero() {
   TILE_BARRIER();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k0 = 0; k0 < K; k0 += 64) {
-    const int8_t* b = xt + k0 * R;
-    for (int m = 0; m < 16; ++m)  // (past the weight's end: an address, never loaded)
-      _mm_prefetch(reinterpret_cast<const char*>(
-                       reinterpret_cast<uintptr_t>(w + m * ld + k0) + AMX_I8_PF), _MM_HINT_T0);
-    _tile_loadd(4, w + k0, ld);
-    _tile_loadd(5, b, R * 4);
-    _tile_dpbssd(0, 4, 5);
-    _tile_loadd(6, b + tb, R * 4);
-    _tile_dpbssd(1, 4, 6);
-    _tile_loadd(5, b + 2 * tb, R * 4);
-    _tile_dpbssd(2, 4, 5);
-    _tile_loadd(6, b + 3 * tb, R * 4);
-    _tile_dpbssd(3, 4, 6);
-  }
+}
+
+template <bool UNSIGNED_A>
+AMX_I8_FN inline void amx_terms_dp(const int8_t* b, int64_t tb, int64_t R) {
+  _tile_loadd(5, b, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(0, 4, 5); else _tile_dpbssd(0, 4, 5);
+  _tile_loadd(6, b + tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(1, 4, 6); else _tile_dpbssd(1, 4, 6);
+  _tile_loadd(5, b + 2 * tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(2, 4, 5); else _tile_dpbssd(2, 4, 5);
+  _tile_loadd(6, b + 3 * tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(3, 4, 6); else _tile_dpbssd(3, 4, 6);
+}
+
+AMX_I8_FN inline void amx_terms_store(int32_t* c, int64_t R) {
   _tile_stored(0, c, R * 4);
   _tile_stored(1, c + 16 * R, R * 4);
   _tile_stored(2, c + 32 * R, R * 4);
   _tile_stored(3, c + 48 * R, R * 4);
   TILE_BARRIER();
+}
+
+// c [4][16][R]: term i's int32 sums of 16 output rows of w (ld bytes apart) against the
+// terms' B rows xt (term i at xt + i * tb, each [K / 4][R][4])
+AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t* xt,
+                            int64_t tb, int64_t R, int32_t* c) {
+  amx_terms_zero();
+  for (int64_t k0 = 0; k0 < K; k0 += 64) {
+    for (int m = 0; m < 16; ++m)  // (past the weight's end: an address, never loaded)
+      _mm_prefetch(reinterpret_cast<const char*>(
+                       reinterpret_cast<uintptr_t>(w + m * ld + k0) + AMX_I8_PF), _MM_HINT_T0);
+    _tile_loadd(4, w + k0, ld);
+    amx_terms_dp<false>(xt + k0 * R, tb, R);
+  }
+  amx_terms_store(c, R);
 }
 
 // int4 weights (q in 0..15, w = s * q + z per group of g inputs, g a multiple of 64): the
@@ -2377,11 +2392,7 @@ AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t
 // at its end into c [4][16][R] for the caller to scale by the group's s.
 AMX_I8_FN void amx_i4_group(const uint8_t* w, int64_t ld, int64_t k0, int64_t g,
                             const int8_t* xt, int64_t tb, int64_t R, int8_t* u, int32_t* c) {
-  TILE_BARRIER();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  amx_terms_zero();
   const __m256i m15 = _mm256_set1_epi8(15);
   for (int64_t k = k0; k < k0 + g; k += 64) {
     for (int m = 0; m < 16; ++m) {  // 32 bytes: inputs k..k+15 and k+16..k+31 in the
@@ -2398,23 +2409,11 @@ AMX_I8_FN void amx_i4_group(const uint8_t* w, int64_t ld, int64_t k0, int64_t g,
                           _mm256_permute2x128_si256(lo, hi, 0x31));
     }
     TILE_BARRIER();
-    const int8_t* b = xt + k * R;
     _tile_loadd(4, u, 64);
-    _tile_loadd(5, b, R * 4);
-    _tile_dpbusd(0, 4, 5);
-    _tile_loadd(6, b + tb, R * 4);
-    _tile_dpbusd(1, 4, 6);
-    _tile_loadd(5, b + 2 * tb, R * 4);
-    _tile_dpbusd(2, 4, 5);
-    _tile_loadd(6, b + 3 * tb, R * 4);
-    _tile_dpbusd(3, 4, 6);
+    amx_terms_dp<true>(xt + k * R, tb, R);
     TILE_BARRIER();
   }
-  _tile_stored(0, c, R * 4);
-  _tile_stored(1, c + 16 * R, R * 4);
-  _tile_stored(2, c + 32 * R, R * 4);
-  _tile_stored(3, c + 48 * R, R * 4);
-  TILE_BARRIER();
+  amx_terms_store(c, R);
 }
 #else
 bool amx_here() { return false; }
@@ -2563,8 +2562,8 @@ constexpr int64_t AMX_I8_MAX_ROWS = 32;
 // y = x @ dequantized w for an int8 weight-only NK weight (scales per output row) on
 // AMX-INT8 where it applies (false, y untouched, where not): AMX-INT8 here and on,
 // AMX_I8_MIN_ROWS <= R <= AMX_I8_MAX_ROWS, K a multiple of 64 up to AMX_I8_MAX_K, N of 16,
-// x finite. Two chunks of rows (17-32) against one (16) on the projections above: int8
-// 1.87-2.63x / 1.70-2.19x the FMA kernel at 17-32 rows, int4 1.17-2.06x / 1.09-1.59x.
+// x finite. Two chunks of rows (17-32) on the projections above: 1.87-2.63x / 1.70-2.19x
+// the FMA kernel at 17-32 rows (int4's amx_i4_rows 1.17-2.06x / 1.09-1.59x).
 bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t ld,
                  const float* scale, int64_t N, float* y) {
 #ifdef MOEKIT_AMX
@@ -2709,15 +2708,16 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
 
 // gate_up of a dense projection (one expert that every row goes to, in order; no
 // activation; a bias added after the sums, as gate_up_rows adds it) of a bf16 NK weight on
-// AMX (amx_nk_rows), or nullopt where that does not apply: then gate_up_rows runs it.
+// AMX (amx_nk_rows), or of an int8 / int4 one on AMX-INT8 (amx_i8_rows, amx_i4_rows), or
+// nullopt where that does not apply: then gate_up_rows runs it.
 c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::Tensor& token_S,
                                        const torch::Tensor& offsets_E, const Weights& w,
                                        const c10::optional<torch::Tensor>& b_in, int64_t act) {
   const int64_t R = x_TD.size(0);
   const bool i8 = w.kind == Kind::I8 && !w.a8, i4 = w.kind == Kind::I4 && !w.a8;
   if ((w.kind != Kind::BF16 && !i8 && !i4) || w.n_unit || w.E != 1 || act != NONE ||
-      R > (i8 || i4 ? AMX_I8_MAX_ROWS : AMX_MAX_ROWS) || w.K != x_TD.size(1) || offsets_E.numel() != 1 || token_S.numel() != R ||
-      offsets_E.item<int64_t>() != R)
+      R > (i8 || i4 ? AMX_I8_MAX_ROWS : AMX_MAX_ROWS) || w.K != x_TD.size(1) ||
+      offsets_E.numel() != 1 || token_S.numel() != R || offsets_E.item<int64_t>() != R)
     return c10::nullopt;
   const auto tok = token_S.to(at::kLong).contiguous();
   for (int64_t r = 0; r < R; ++r)

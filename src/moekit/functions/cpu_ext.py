@@ -143,7 +143,7 @@ def get() -> ModuleType | None:
 DECODE_NAME = "moekit_cpu_decode"
 DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
 _decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
-AMX_ENV = "MOEKIT_AMX"  # 0: bf16 / int8 projections stay off AMX tiles (read once, as ISA_ENV)
+AMX_ENV = "MOEKIT_AMX"  # 0: projections stay off AMX tiles (read once, as ISA_ENV)
 ISA_ENV = "MOEKIT_CPU_ISA"  # caps the decode kernels' path, read once when they load
 ISAS = ("avx512", "avx2", "generic")
 
@@ -156,8 +156,7 @@ def get_decode() -> ModuleType | None:
     on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
     AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``), and
     with AMX-INT8, int8 / int4 weight-only projections of 8 / 12 to 32 rows
-    (``amx_int8()``);
-    ``MOEKIT_AMX=0`` keeps both on the FMA kernels.
+    (``amx_int8()``); ``MOEKIT_AMX=0`` keeps both on the FMA kernels.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
