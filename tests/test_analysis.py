@@ -196,6 +196,29 @@ def test_analyze_trained_checkpoint(trained, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plan_decode_reads_the_routing_of_analyze(trained, tmp_path, capsys):
+    """`moekit plan RUN --decode --expert-load routing.json`: the step's distinct experts
+    from the measured loads (each layer's sum over e of 1 - (1 - load_e / tokens)^B, here
+    from the file), and the plan says so."""
+    from moekit.cli import main as cli_main
+
+    out = tmp_path / "report"
+    assert run(parse(str(trained / "run"), "--data", str(trained / "text.txt"),
+                     "--tokens", "512", "--seq-len", "64", "--out", str(out))) == 0
+    capsys.readouterr()
+    routing = json.loads((out / "routing.json").read_text())
+    B = 3
+    want = sum(sum(1 - (1 - c / layer["tokens"]) ** B for c in layer["load"])
+               for layer in routing["layers"]) / len(routing["layers"])
+    assert cli_main(["plan", str(trained / "run"), "--decode", "--batch", str(B),
+                     "--expert-load", str(out / "routing.json"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["routing"] == "measured"
+    assert plan["distinct_experts_per_layer"] == pytest.approx(want, rel=1e-12)
+    assert cli_main(["plan", str(trained / "run"), "--decode", "--batch", str(B)]) == 0
+    assert "uniform routing" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,words", [
     (("--tokens", "0"), ("tokens=0",)),
     (("--seq-len", "1000"), ("seq_len=1000", "max_seq_len=64")),

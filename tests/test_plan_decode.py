@@ -75,6 +75,54 @@ def test_distinct_experts_are_uniform_routings(E, K, B):
         assert cost.distinct_experts == K
 
 
+def _spec(E, K, layers=1):
+    return from_lm_config(LMConfig(dim=64, num_layers=layers, num_heads=2, ffn_dim=64,
+                                   num_experts=E, top_k=K, vocab_size=64, max_seq_len=16))
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_distinct_experts_of_measured_routing_match_draws(B):
+    """With measured expert shares: tokens whose K experts are drawn skewed (Gumbel top-K
+    of fixed log-weights; 40,000 tokens give the shares, other tokens make 4,000 batches
+    of B): the planner's expected distinct experts against the batches' mean. Uniform
+    shares give the uniform formula; K experts taking every token give K at any batch."""
+    E, K = 16, 2
+    g = torch.Generator().manual_seed(B)
+    logw = -0.4 * torch.arange(E, dtype=torch.float64)
+
+    def draw(n):
+        gumbel = -torch.log(-torch.log(torch.rand(n, E, generator=g, dtype=torch.float64)))
+        return (logw + gumbel).topk(K, dim=-1).indices  # [n, K]
+
+    shares = torch.bincount(draw(40000).flatten(), minlength=E).double() / 40000
+    chosen = torch.zeros(4000, E, dtype=torch.bool)
+    chosen.scatter_(1, draw(4000 * B).view(4000, B * K), True)
+    drawn = chosen.sum(1).double().mean().item()
+    two_layers = [shares.tolist()] * 2
+    cost = decode_cost(_spec(E, K, layers=2), batch=B, expert_shares=two_layers)
+    assert cost.routing == "measured"
+    assert cost.distinct_experts == pytest.approx(drawn, rel=0.02)
+    uniform = decode_cost(_spec(E, K, layers=2), batch=B)
+    assert uniform.routing == "uniform" and cost.distinct_experts < uniform.distinct_experts
+    flat = decode_cost(_spec(E, K), batch=B, expert_shares=[[K / E] * E])
+    assert flat.distinct_experts == pytest.approx(uniform.distinct_experts, rel=1e-12)
+    fixed = decode_cost(_spec(E, K), batch=B, expert_shares=[[1.0] * K + [0.0] * (E - K)])
+    assert fixed.distinct_experts == pytest.approx(K)
+
+
+@pytest.mark.parametrize("shares,words", [
+    ([[0.25] * 8], "the model has 2 MoE layers"),
+    ([[0.25] * 8, [0.25] * 7], "layer 1 must give 8 shares in [0, 1]"),
+    ([[0.25] * 8, [0.25] * 7 + [float("nan")]], "layer 1 must give 8 shares"),
+    ([[0.25] * 8, [0.25] * 7 + [-0.1]], "layer 1 must give 8 shares"),
+    ([[0.5] * 8, [0.25] * 8], "shares summing to 4' is not allowed: a token takes at most K=2"),
+])
+def test_bad_expert_shares_are_named(shares, words):
+    with pytest.raises(ValueError, match="expert_load") as e:
+        decode_cost(_spec(8, 2, layers=2), batch=2, expert_shares=shares)
+    assert words in str(e.value)
+
+
 def test_a_step_reads_its_parts_and_the_roofline_divides_them():
     """Mixtral-8x7B, int4 weights, int8 cache, batch 1: a step reads attention, norms,
     routers, head, one embedding row, K of E experts per layer and the cache; the time is
@@ -113,6 +161,23 @@ def test_decode_flag_prints_the_plan_and_names_bad_flags(capsys):
         assert words in capsys.readouterr().err
     assert cli_main(["plan", "switch-base-128", "--decode"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+
+
+def test_expert_load_flag_names_a_bad_file(tmp_path, capsys):
+    """--expert-load: a missing file, a file that is not JSON, JSON without the layers'
+    loads, and layers that do not fit the model are each named, exit 2."""
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"layers": [{"load": [1, 2]}]}')
+    short = tmp_path / "short.json"
+    short.write_text('{"layers": [{"load": [3, 1], "tokens": 2}]}')
+    for path, words in ((tmp_path / "none.json", "FileNotFoundError"),
+                        (bad, "JSONDecodeError"), (wrong, '"tokens" (an int >= 1)'),
+                        (short, "layers' is not allowed: the model has 32 MoE layers")):
+        assert cli_main(["plan", "mixtral-8x7b", "--decode", "--expert-load", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "--expert-load" in err and words in err, err
 
 
 def test_bandwidth_measure_uses_this_machines_reading(capsys, monkeypatch):

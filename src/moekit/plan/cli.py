@@ -8,11 +8,17 @@ import math
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from moekit.config import check_number, flag_message
 from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import Plan, make_plan
-from moekit.plan.decode import KV_CACHE_DTYPES, decode_cost, decode_table
+from moekit.plan.decode import (
+    KV_CACHE_DTYPES,
+    decode_cost,
+    decode_table,
+    expert_shares_from_routing,
+)
 from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
 from moekit.plan.hf import read_spec_file
 from moekit.plan.presets import PRESETS, get_preset
@@ -80,10 +86,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     d.add_argument("--context", type=int, default=4096,
                    help="positions each sequence holds in the KV cache")
+    d.add_argument("--expert-load", default=None, metavar="ROUTING_JSON",
+                   help="the routing.json of `moekit analyze` on this model: the step's "
+                   "distinct experts from the experts' measured shares of tokens, not from "
+                   "uniform routing")
     d.add_argument("--bandwidth-gbs", default=None, metavar="GBS",
                    help="memory read bandwidth in GB/s, or 'measure': this machine's, a 1 GiB "
                    "sum timed now (moekit.bandwidth; ~2 s and 1 GiB of memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def read_json(name: str, path: str) -> Any:
+    """The JSON in the file at ``path``, or a ValueError naming ``name`` and the path."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(name, path, f"it must be a readable JSON file ({type(e).__name__}: {e})")
 
 
 def load_model(name: str) -> ModelSpec:
@@ -108,6 +126,7 @@ FIELD_FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node",
                "micro_batch": "--micro-batch", "gpu": "--gpu", "precision": "--precision",
                "weights": "--weights", "kv_cache_dtype": "--kv-cache-dtype", "batch": "--batch",
                "context": "--context", "bandwidth": "--bandwidth-gbs",
+               "expert_load": "--expert-load",
                **{name: f"--{name}" for name in ("dp", "tp", "pp", "ep", "zero", "recompute",
                                                   "top")}}
 
@@ -193,8 +212,10 @@ def run(args: argparse.Namespace) -> int:
     if args.decode:
         try:
             # every other flag is checked before --bandwidth-gbs measure reads 1 GiB
+            shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
+                      if args.expert_load else None)
             cost = decode_cost(load_model(args.model), args.weights, args.kv_cache_dtype,
-                               args.batch, args.context)
+                               args.batch, args.context, expert_shares=shares)
             cost = replace(cost, bandwidth=bandwidth_from(args.bandwidth_gbs))
         except ValueError as e:
             print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)

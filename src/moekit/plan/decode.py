@@ -12,8 +12,11 @@ cache as ``StaticKVCache`` holds it: per layer and token 2 J Dh values (MLA: the
 latent, kv_lora_rank + qk_rope_head_dim), in fp32, bf16, or int8 with an fp32 scale
 per row of Dh. A step of B sequences reads every weight but the routed experts and
 the embedding table, B embedding rows, the distinct experts its B K routed rows
-touch in each MoE layer (expected E (1 - (1 - K / E)^B) for routing spread uniformly)
-and the whole cache of ``context`` positions.
+touch in each MoE layer (expected E (1 - (1 - K / E)^B) for routing spread uniformly;
+with measured ``expert_shares``, the fraction p_e of tokens each expert takes in each
+layer, sum over e of 1 - (1 - p_e)^B, averaged over the layers: a model's own routing is
+rarely uniform, and its skew touches fewer experts) and the whole cache of ``context``
+positions.
 
 Shape letters: D hidden, F expert hidden, S shared hidden, E experts, K experts per
 token, H query heads, J key/value heads, Dh head size, V vocabulary, B batch.
@@ -21,7 +24,10 @@ token, H query heads, J key/value heads, Dh head size, V vocabulary, B batch.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from moekit.plan.params import count_params, mla_params
 from moekit.plan.spec import ModelSpec, check_int, fail, glu_matrices
@@ -83,6 +89,7 @@ class DecodeCost:
     num_experts: int
     step_bytes: dict[str, float]  # component -> bytes one decode step reads
     bandwidth: float | None  # bytes/s
+    routing: str = "uniform"  # what distinct_experts assumes: "uniform" or "measured"
 
     @property
     def total_weight_bytes(self) -> float:
@@ -116,17 +123,71 @@ class DecodeCost:
                 "total_weight_bytes": self.total_weight_bytes,
                 "kv_bytes_per_token": self.kv_bytes_per_token,
                 "kv_cache_bytes": self.kv_cache_bytes, "memory_bytes": self.memory_bytes,
-                "distinct_experts_per_layer": self.distinct_experts,
+                "distinct_experts_per_layer": self.distinct_experts, "routing": self.routing,
                 "step_bytes": self.step_bytes, "total_step_bytes": self.total_step_bytes,
                 "bandwidth_Bps": self.bandwidth, "step_seconds": self.step_seconds,
                 "tokens_per_s": self.tokens_per_s}
 
 
+def expert_shares_from_routing(routing: Any) -> list[list[float]]:
+    """Each MoE layer's expert shares (the fraction of tokens each expert takes) from the
+    routing statistics ``moekit analyze`` writes (its routing.json: {"meta": ..., "layers":
+    [{"load": [E counts], "tokens": n, ...}, ...]})."""
+    layers = routing.get("layers") if isinstance(routing, dict) else None
+    if not isinstance(layers, list) or not layers:
+        fail("expert_load", _short(routing), 'it must be the routing.json of moekit analyze: '
+             '{"layers": [{"load": [...], "tokens": n}, ...]}')
+    shares = []
+    for i, layer in enumerate(layers):
+        load = layer.get("load") if isinstance(layer, dict) else None
+        tokens = layer.get("tokens") if isinstance(layer, dict) else None
+        if (not isinstance(load, list) or isinstance(tokens, bool)
+                or not isinstance(tokens, int) or tokens < 1):
+            fail("expert_load", _short(layer), f'layer {i} must hold "load" (a list of '
+                 'counts per expert) and "tokens" (an int >= 1)')
+        shares.append([_number(c) / tokens for c in load])
+    return shares
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def distinct_experts(E: int, K: int, batch: int, n_moe: int,
+                     shares: Sequence[Sequence[float]] | None = None) -> float:
+    """Expected distinct experts the B K routed rows of a step touch per MoE layer: E (1 -
+    (1 - K / E)^B) for uniform routing, else the mean over layers of sum over e of 1 - (1 -
+    p_e)^B for ``shares`` p (per layer, per expert: the fraction of tokens it takes; each
+    token independent of the batch's others)."""
+    if not n_moe:
+        return 0.0
+    if shares is None:
+        return E * (1 - (1 - K / E) ** batch)
+    if len(shares) != n_moe:
+        fail("expert_load", f"{len(shares)} layers", f"the model has {n_moe} MoE layers")
+    for i, layer in enumerate(shares):
+        p = list(layer)
+        if len(p) != E or not all(math.isfinite(v) and 0 <= v <= 1 for v in p):
+            fail("expert_load", _short(p), f"layer {i} must give {E} shares in [0, 1], one "
+                 "per expert")
+        if sum(p) > K * (1 + 1e-6):
+            fail("expert_load", f"layer {i}: shares summing to {sum(p):.4g}", f"a token "
+                 f"takes at most K={K} experts, so the shares sum to at most {K}")
+    return sum(sum(1 - (1 - v) ** batch for v in layer) for layer in shares) / n_moe
+
+
 def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "auto",
-                batch: int = 1, context: int = 4096,
-                bandwidth: float | None = None) -> DecodeCost:
+                batch: int = 1, context: int = 4096, bandwidth: float | None = None,
+                expert_shares: Sequence[Sequence[float]] | None = None) -> DecodeCost:
     """The memory and the decode step's bytes of ``spec`` (module docstring); with
-    ``bandwidth`` (bytes/s) the step time at it."""
+    ``bandwidth`` (bytes/s) the step time at it; with ``expert_shares`` (per MoE layer, per
+    expert, the fraction of tokens it takes: ``expert_shares_from_routing``) the distinct
+    experts of that routing instead of a uniform one."""
     if weights not in WEIGHTS:
         fail("weights", weights, f"it must be one of {', '.join(WEIGHTS)}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -153,7 +214,7 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
         held[comp] = as_mats + (params - in_mats) * float_bytes
     if spec.tied_embeddings:  # the table is the head's, stored as the head: held once
         held["embedding"], held["lm_head"] = matrix_bytes(V, spec.dim, weights) if V else 0.0, 0.0
-    distinct = E * (1 - (1 - K / E) ** batch) if n_moe else 0.0
+    distinct = distinct_experts(E, K, batch, n_moe, expert_shares)
     kv = kv_cache_dtype if kv_cache_dtype != "auto" else (
         "bfloat16" if weights == "bf16" else "float32")
     if spec.is_mla:
@@ -171,7 +232,8 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
     return DecodeCost(name=spec.name, weights=weights, kv_cache_dtype=kv, batch=batch,
                       context=context, weight_bytes=held, kv_bytes_per_token=kv_per_token,
                       distinct_experts=distinct, num_experts=E, step_bytes=step,
-                      bandwidth=bandwidth)
+                      bandwidth=bandwidth,
+                      routing="uniform" if expert_shares is None else "measured")
 
 
 def decode_table(c: DecodeCost) -> str:
@@ -188,7 +250,8 @@ def decode_table(c: DecodeCost) -> str:
              f"({c.kv_bytes_per_token / 1e3:.1f} kB per position of a sequence)",
              f"  memory           {c.memory_bytes / gb:9.2f} GB",
              f"  a step reads     {c.total_step_bytes / gb:9.3f} GB  ({reads}; experts: "
-             f"{c.distinct_experts:.1f} of {c.num_experts} per MoE layer)"]
+             f"{c.distinct_experts:.1f} of {c.num_experts} per MoE layer, {c.routing} "
+             "routing)"]
     if c.bandwidth is not None:
         lines.append(f"  at {c.bandwidth / gb:.1f} GB/s: {1e3 * c.step_seconds:.2f} ms a step, "
                      f"{c.tokens_per_s:.1f} tokens/s (the roofline: bytes / bandwidth)")
