@@ -58,13 +58,16 @@ def test_kv_cache_bytes_are_the_static_caches(kv):
     assert cost.memory_bytes == cost.total_weight_bytes + want
 
 
+def _spec(E, K, layers=1):
+    return from_lm_config(LMConfig(dim=64, num_layers=layers, num_heads=2, ffn_dim=64,
+                                   num_experts=E, top_k=K, vocab_size=64, max_seq_len=16))
+
+
 @pytest.mark.parametrize("E,K,B", [(8, 2, 1), (8, 2, 4), (64, 8, 16), (128, 8, 8)])
 def test_distinct_experts_are_uniform_routings(E, K, B):
     """E (1 - (1 - K / E)^B) against 4,000 draws of B tokens, each routed to K distinct
     experts uniformly (the draws' standard error is < 0.7% of the mean here)."""
-    spec = from_lm_config(LMConfig(dim=64, num_layers=1, num_heads=2, ffn_dim=64,
-                                   num_experts=E, top_k=K, vocab_size=64, max_seq_len=16))
-    cost = decode_cost(spec, batch=B)
+    cost = decode_cost(_spec(E, K), batch=B)
     g = torch.Generator().manual_seed(E + B)
     scores = torch.rand(4000, B, E, generator=g)
     chosen = torch.zeros(4000, E, dtype=torch.bool)
@@ -73,11 +76,6 @@ def test_distinct_experts_are_uniform_routings(E, K, B):
     assert cost.distinct_experts == pytest.approx(drawn, rel=0.02)
     if B == 1:
         assert cost.distinct_experts == K
-
-
-def _spec(E, K, layers=1):
-    return from_lm_config(LMConfig(dim=64, num_layers=layers, num_heads=2, ffn_dim=64,
-                                   num_experts=E, top_k=K, vocab_size=64, max_seq_len=16))
 
 
 @pytest.mark.parametrize("B", [1, 3, 8])

@@ -2260,13 +2260,14 @@ bool amx_int8_here() {
   return ok;
 }
 
-// C tiles 0-3: 16 outputs x R rows (fp32); A tiles 4, 5: 16 outputs x 32 inputs; B tile 6:
-// 16 input pairs x R rows.
+// The tiles of both kinds of projection: C tiles 0-3, 16 outputs x R rows (fp32 sums for
+// bf16, int32 for int8); A tiles 4, 5, 16 outputs x 64 bytes (32 bf16 or 64 int8 inputs);
+// B tiles 6, 7, 16 input pairs (bf16) or quads (int8) x R rows. (Only tile instructions:
+// the int8 path calls it too.)
 AMX_FN void amx_configure(int64_t R) {
   TileConfig cfg;
-  for (int i = 0; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(R * 4);
-  cfg.rows[4] = cfg.rows[5] = 16, cfg.colsb[4] = cfg.colsb[5] = 64;
-  cfg.rows[6] = 16, cfg.colsb[6] = static_cast<uint16_t>(R * 4);
+  for (int i = 0; i < 8; ++i)
+    cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(i == 4 || i == 5 ? 64 : R * 4);
   TILE_BARRIER();
   _tile_loadconfig(&cfg);
 }
@@ -2329,20 +2330,9 @@ AMX_FN void amx_nk_block(const uint16_t* w, int64_t ld, int64_t K, const uint16_
 // the next 16 rows at the same inputs slower at 12-16 rows (/tmp timings, this Xeon).
 constexpr int64_t AMX_I8_PF = 256;
 
-// C tiles 0-3: 16 outputs x R rows (int32), one per term; A tile 4: 16 outputs x 64 inputs;
-// B tiles 5, 6: 16 input quads x R rows.
-AMX_I8_FN void amx_i8_configure(int64_t R) {
-  TileConfig cfg;
-  for (int i = 0; i < 4; ++i) cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(R * 4);
-  cfg.rows[4] = 16, cfg.colsb[4] = 64;
-  cfg.rows[5] = cfg.rows[6] = 16, cfg.colsb[5] = cfg.colsb[6] = static_cast<uint16_t>(R * 4);
-  TILE_BARRIER();
-  _tile_loadconfig(&cfg);
-}
-
-// The four terms' C tiles (0-3) zeroed; one A tile (4) against each term's B tile (5, 6 in
-// turn; term i's rows at b + i * tb) into them, with the A values signed (tdpbssd) or
-// unsigned (tdpbusd); the C tiles stored into c [4][16][R].
+// The four terms' C tiles (0-3, amx_configure's) zeroed; one A tile (4) against each term's
+// B tile (6, 7 in turn; term i's rows at b + i * tb) into them, with the A values signed
+// (tdpbssd) or unsigned (tdpbusd); the C tiles stored into c [4][16][R].
 AMX_I8_FN inline void amx_terms_zero() {
   TILE_BARRIER();
   _tile_zero(0);
@@ -2353,14 +2343,14 @@ AMX_I8_FN inline void amx_terms_zero() {
 
 template <bool UNSIGNED_A>
 AMX_I8_FN inline void amx_terms_dp(const int8_t* b, int64_t tb, int64_t R) {
-  _tile_loadd(5, b, R * 4);
-  if constexpr (UNSIGNED_A) _tile_dpbusd(0, 4, 5); else _tile_dpbssd(0, 4, 5);
-  _tile_loadd(6, b + tb, R * 4);
-  if constexpr (UNSIGNED_A) _tile_dpbusd(1, 4, 6); else _tile_dpbssd(1, 4, 6);
-  _tile_loadd(5, b + 2 * tb, R * 4);
-  if constexpr (UNSIGNED_A) _tile_dpbusd(2, 4, 5); else _tile_dpbssd(2, 4, 5);
-  _tile_loadd(6, b + 3 * tb, R * 4);
-  if constexpr (UNSIGNED_A) _tile_dpbusd(3, 4, 6); else _tile_dpbssd(3, 4, 6);
+  _tile_loadd(6, b, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(0, 4, 6); else _tile_dpbssd(0, 4, 6);
+  _tile_loadd(7, b + tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(1, 4, 7); else _tile_dpbssd(1, 4, 7);
+  _tile_loadd(6, b + 2 * tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(2, 4, 6); else _tile_dpbssd(2, 4, 6);
+  _tile_loadd(7, b + 3 * tb, R * 4);
+  if constexpr (UNSIGNED_A) _tile_dpbusd(3, 4, 7); else _tile_dpbssd(3, 4, 7);
 }
 
 AMX_I8_FN inline void amx_terms_store(int32_t* c, int64_t R) {
@@ -2503,20 +2493,27 @@ AVX512 bool i8_terms(const float* x, int64_t R, int64_t K, int8_t* xt, float* e2
   return true;
 }
 
+// The four terms' int32 sums as one value: ((C3 / 128 + C2) / 128 + C1) / 128 + C0, in fp32
+AVX512 inline __m512 amx_terms_value(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c3), inv, _mm512_cvtepi32_ps(c2));
+  v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c1));
+  return _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c0));
+}
+
 // y[r][0..16) = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * e2[r] * scale[0..16) for the
 // C tiles c [4][16][R] of amx_i8_block, r < rows <= R (rows of y ld floats apart)
 AVX512 void amx_i8_combine(const int32_t* c, int64_t R, int64_t rows, const float* e2,
                            const float* scale, float* y, int64_t ld) {
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f), s = _mm512_loadu_ps(scale);
+  const __m512 s = _mm512_loadu_ps(scale);
   const __m512i step = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int32_t>(R)));
   for (int64_t r = 0; r < rows; ++r) {
     const __m512i at = _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int32_t>(r)));
-    __m512 v = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 48 * R, 4));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 32 * R, 4)));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c + 16 * R, 4)));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_i32gather_epi32(at, c, 4)));
+    __m512 v = amx_terms_value(
+        _mm512_i32gather_epi32(at, c, 4), _mm512_i32gather_epi32(at, c + 16 * R, 4),
+        _mm512_i32gather_epi32(at, c + 32 * R, 4), _mm512_i32gather_epi32(at, c + 48 * R, 4));
     v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e2[r])), s);
     _mm512_storeu_ps(y + r * ld, v);
   }
@@ -2575,7 +2572,7 @@ bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t 
   if (!rows.ok) return false;
   const int64_t Rc = rows.Rc;
   at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
-    amx_i8_configure(Rc);
+    amx_configure(Rc);
     int32_t c[4 * 16 * AMX_MAX_ROWS];
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t ch = 0; ch < rows.chunks; ++ch) {
@@ -2599,14 +2596,12 @@ bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t 
 // the group, sg apart; e2: the rows' 2^e, R lanes)
 AVX512 void amx_i4_scale(const int32_t* c, int64_t R, __m512 e2, const float* s, int64_t sg,
                          __m512* acc) {
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
   const __mmask16 mask = static_cast<__mmask16>((1u << R) - 1);
   for (int m = 0; m < 16; ++m) {
     const int32_t* cm = c + m * R;
-    __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 48 * R));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 32 * R)));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm + 16 * R)));
-    v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, cm)));
+    const __m512 v = amx_terms_value(
+        _mm512_maskz_loadu_epi32(mask, cm), _mm512_maskz_loadu_epi32(mask, cm + 16 * R),
+        _mm512_maskz_loadu_epi32(mask, cm + 32 * R), _mm512_maskz_loadu_epi32(mask, cm + 48 * R));
     acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(v, e2), _mm512_set1_ps(s[m * sg]), acc[m]);
   }
 }
@@ -2629,20 +2624,19 @@ AVX512 void amx_i4_finish(const __m512* acc, int64_t R, int64_t G, const float* 
 
 #ifdef MOEKIT_AMX
 // 16 outputs of amx_i4_rows: y[r][0..16), r < rows <= R, for the rows' terms xt (w,
-// scales and zeros at the first of the 16 output rows; e2v: the rows' 2^e, 16 lanes, 64-byte
-// aligned)
+// scales and zeros at the first of the 16 output rows; e2: the R rows' 2^e)
 AVX512 void amx_i4_outputs(const uint8_t* w, int64_t ld, int64_t g, int64_t G, const int8_t* xt,
-                           int64_t tb, int64_t R, int64_t rows, const float* e2v,
+                           int64_t tb, int64_t R, int64_t rows, const float* e2,
                            const float* scales, const float* zeros, const float* xs, float* y,
                            int64_t N) {
   alignas(64) int32_t c[4 * 16 * AMX_MAX_ROWS];
   alignas(64) int8_t u[16 * 64];
-  const __m512 e2 = _mm512_load_ps(e2v);
+  const __m512 e2r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << R) - 1), e2);
   __m512 acc[16];
   for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < G; ++gi) {
     amx_i4_group(w, ld, gi * g, g, xt, tb, R, u, c);
-    amx_i4_scale(c, R, e2, scales + gi, G, acc);
+    amx_i4_scale(c, R, e2r, scales + gi, G, acc);
   }
   amx_i4_finish(acc, rows, G, xs, zeros, y, N);
 }
@@ -2671,30 +2665,25 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
   AmxRows rows(x, R, K);
   if (!rows.ok) return false;
   const int64_t G = K / g, Rc = rows.Rc, chunks = rows.chunks;
-  // per chunk: xs [G][16] (the rows' sums over each group) and the rows' 2^e, 16 lanes
-  std::vector<float> buf(chunks * 16 * (G + 1) + 16, 0.0f);
+  // per chunk: xs [G][16], the rows' sums over each group (64-byte aligned)
+  std::vector<float> buf(chunks * 16 * G + 16, 0.0f);
   float* xs = buf.data() + (16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16;
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    float* xc = xs + ch * 16 * (G + 1);
+  for (int64_t ch = 0; ch < chunks; ++ch)
     for (int64_t r = 0; r < Rc; ++r) {
       const float* xr = rows.x + (ch * Rc + r) * K;
       for (int64_t gi = 0; gi < G; ++gi) {
         float sum = 0.0f;
         for (int64_t k = gi * g; k < (gi + 1) * g; ++k) sum += xr[k];
-        xc[16 * gi + r] = sum;
+        xs[ch * 16 * G + 16 * gi + r] = sum;
       }
-      xc[16 * G + r] = rows.e2[ch * Rc + r];
     }
-  }
   at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
-    amx_i8_configure(Rc);
+    amx_configure(Rc);
     for (int64_t b = lo; b < hi; ++b)
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const float* xc = xs + ch * 16 * (G + 1);
+      for (int64_t ch = 0; ch < chunks; ++ch)
         amx_i4_outputs(w + b * 16 * ld, ld, g, G, rows.terms(ch), K * Rc, Rc, rows.rows(ch),
-                       xc + 16 * G, scales + b * 16 * G, zeros + b * 16 * G, xc,
-                       y + ch * Rc * N + b * 16, N);
-      }
+                       rows.e2.data() + ch * Rc, scales + b * 16 * G, zeros + b * 16 * G,
+                       xs + ch * 16 * G, y + ch * Rc * N + b * 16, N);
     amx_release();
   });
   amx_calls.fetch_add(1, std::memory_order_relaxed);
@@ -4198,7 +4187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the fewest rows an int8 (bits 8) or int4 (bits 4) weight-only projection runs on "
         "AMX-INT8 with");
   m.def("set_amx", [](bool on) { amx_on.store(on); },
-        "use AMX for bf16 and int8 NK projections where it applies (default on)");
+        "use AMX for bf16, int8 and int4 NK projections where it applies (default on)");
   m.def("amx_runs", [] { return amx_calls.load(); },
         "how many projections have run on AMX tiles in this process");
 }
