@@ -35,12 +35,19 @@ import bench_decode as bd  # noqa: E402
 import harness  # noqa: E402
 
 VARIANTS = ("fp32", "int8", "int4", "bf16")
-CACHES = ("float32", "bfloat16", "int8")
 
 
 def caches_for(variant: str) -> tuple[str, ...]:
-    """The caches a variant's model takes, its activations' own first."""
-    return ("bfloat16", "int8") if variant == "bf16" else CACHES
+    """The caches a variant's model takes (``moekit.functions.decode.CACHES_UNDER``), its
+    activations' own first: fp32 activations float32, bfloat16, int8; bf16 ones bfloat16,
+    int8."""
+    import torch
+
+    from moekit.functions.decode import CACHES_UNDER
+
+    act = torch.bfloat16 if variant == "bf16" else torch.float32
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+    return tuple(names[d] for d in (act, *CACHES_UNDER[act]))
 
 
 def cache_bytes(model, B: int, slots: float, kv: str) -> float:
