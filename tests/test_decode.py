@@ -449,25 +449,30 @@ def _q_fma(x, qt, b=None):
 @amx_int8
 @pytest.mark.parametrize("bits,K,N,R,group", [
     (8, 1024, 3072, 16, 0), (8, 64, 16, 8, 0), (8, 128, 48, 12, 0), (8, 192, 80, 9, 0),
-    (8, 256, 32, 16, 0), (8, 128, 48, 17, 0), (8, 1024, 64, 32, 0), (4, 1024, 3072, 16, 64),
+    (8, 256, 32, 16, 0), (8, 128, 48, 17, 0), (8, 1024, 64, 32, 0), (8, 128, 48, 2, 0),
+    (8, 192, 80, 3, 0), (8, 256, 112, 4, 0), (8, 128, 96, 5, 0), (8, 64, 64, 6, 0),
+    (8, 320, 48, 21, 0), (4, 1024, 3072, 16, 64),
     (4, 64, 16, 12, 64), (4, 256, 48, 13, 128), (4, 384, 80, 16, 64), (4, 256, 32, 25, 64),
     (4, 1024, 64, 32, 128)])
 def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, group):
     """fp32 rows against an int8 or int4 weight: AMX-INT8's result within its own bound of
-    float64 over the dequantized weight, for one chunk of rows (up to 16: one B tile) and
-    two (17-32, the second padded with zero rows). The rows' four int8 terms hold each x to 2^-28 of
-    its row's largest magnitude (2^-27 max |x| sum |s q|); the int32 sums are exact and
-    their recombination, the groups' scaling and sums round a few times per group in fp32
-    ((G + 8) * 2^-24 * sum |x| |s q|, and for the zero points (g + G + 2) * 2^-24 * sum
-    |x| |z|): far tighter than the FMA kernel's K * 2^-24 * sum |x| |w|, which it meets too.
-    Rows of mixed magnitudes: all zeros, an outlier 1e4 times the rest, 1e-30 times the
-    rest."""
+    float64 over the dequantized weight. int8: rows in groups of four per B tile, passes of
+    four 16-output blocks (one group: 2-4 rows; N = 48, 80, 112 end on passes of 3, 1, 3
+    blocks), two (two groups: 5-8 rows), one (3-4 groups; 17-32 rows: five or more, in
+    two passes over the weights), a last group of 1-3 rows; int4: one chunk of rows (up to
+    16: one B tile per term) and two (17-32, the second padded with zero rows). The rows'
+    four int8 terms hold each x to 2^-28 of its row's largest magnitude (2^-27 max |x| sum
+    |s q|); the int32 sums are exact and their recombination, the groups' scaling and sums
+    round a few times per group in fp32 ((G + 8) * 2^-24 * sum |x| |s q|, and for the zero
+    points (g + G + 2) * 2^-24 * sum |x| |z|): far tighter than the FMA kernel's K * 2^-24 *
+    sum |x| |w|, which it meets too. Rows of mixed magnitudes: all zeros, an outlier 1e4
+    times the rest, 1e-30 times the rest."""
     g = torch.Generator().manual_seed(K + N + R + bits)
     qt, sq, z = _q_linear(bits, N, K, g, group)
     x = torch.randn(R, K, generator=g)
     x[1] = 0.0
-    x[2, 5] = 1e4
-    x[3] *= 1e-30
+    x[2 % R, 5] = 1e4  # (2 rows: the outlier in the first)
+    x[3 % R] *= 1e-30
     y, on_amx = _q_projection(x, qt)
     fma, fma_on_amx = _q_fma(x, qt)
     assert on_amx and not fma_on_amx

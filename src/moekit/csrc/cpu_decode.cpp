@@ -2209,6 +2209,87 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, combine);
 }
 
+// ---- fp32 rows as int8 terms for AMX-INT8 (the kernels in the AMX section below)
+//
+// Each row, scaled by a power of two 2^e (max |x| / 2^e in (63.5, 127]), is split into
+// four int8 terms, x / 2^e = t0 + t1 / 128 + t2 / 128^2 + t3 / 128^3 + rest with |rest| <=
+// 2^-22, so the terms hold each x to within 2^-28 of the row's largest magnitude. The
+// scaling, the rounding (to nearest even, as nearbyint) and the remainders are exact, so
+// every ISA would give the same terms.
+
+// Row xr's 2^e (1 for a zero row), or 0 where a value is not finite (NaN or inf: the FMA
+// kernel runs then and propagates it). K a multiple of 16.
+AVX512 float terms_scale(const float* xr, int64_t K) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;  // (max_ps would drop a NaN)
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + k));
+    bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
+    mx = _mm512_max_ps(mx, a);
+  }
+  if (bad) return 0.0f;
+  const float amax = _mm512_reduce_max_ps(mx);
+  int e = 0;
+  if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
+  return std::ldexp(1.0f, e);
+}
+
+// The four terms of 16 inputs v (x / 2^e), q[i] term i's 16 bytes
+AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
+  const __m512 m128 = _mm512_set1_ps(128.0f);
+  for (int i = 0; i < 4; ++i) {
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
+    v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
+  }
+}
+
+// The terms of R rows packed four rows to a B tile (int8 projections, amx_q8_pass): row
+// r's term t in column 4 (r % 4) + t of its group's tile, so one tdpbssd multiplies 16
+// outputs by up to four rows, every term, and 64 inputs. (A tile per term, R columns
+// each, as int4's i8_terms lays them out, costs four tdpbssd per A tile whatever R.)
+struct AmxTerms {
+  int64_t R = 0, K = 0;
+  std::vector<int8_t> b;  // group j (rows 4j..) at 16 K j: [K / 4][rows(j)][4 terms][4 inputs]
+  std::vector<float> e2;  // each row's 2^e
+  int64_t groups() const { return (R + 3) / 4; }
+  int64_t rows(int64_t j) const { return std::min<int64_t>(4, R - 4 * j); }
+  int64_t stride(int64_t j) const { return 16 * rows(j); }  // bytes per 4 inputs
+  const int8_t* tile(int64_t j, int64_t k0) const {
+    return b.data() + 16 * K * j + k0 / 4 * stride(j);
+  }
+};
+
+// t = the terms of R rows of x (K inputs each, a multiple of 16, rows K apart); false
+// where a value is not finite.
+AVX512 bool amx_terms_build(AmxTerms& t, const float* x, int64_t R, int64_t K) {
+  t.R = R, t.K = K;
+  t.b.resize(4 * K * R + 64);  // (+64: a B tile's row loads read 64 bytes, past the last rows)
+  t.e2.resize(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * K;
+    if (!(t.e2[r] = terms_scale(xr, K))) return false;
+    const __m512 down = _mm512_set1_ps(1.0f / t.e2[r]);  // (exact: a power of two)
+    const int64_t s = t.stride(r / 4);
+    int8_t* row = t.b.data() + 16 * K * (r / 4) + 16 * (r % 4);
+    for (int64_t k = 0; k < K; k += 16) {
+      __m128i q[4];
+      split_terms(_mm512_mul_ps(_mm512_loadu_ps(xr + k), down), q);
+      // 4 x 4 transpose of 4-byte words: word j of every term -> the 16 bytes of inputs
+      // k + 4j.. (terms 0-3 in order)
+      const __m128i a = _mm_unpacklo_epi32(q[0], q[1]), b = _mm_unpacklo_epi32(q[2], q[3]);
+      const __m128i c = _mm_unpackhi_epi32(q[0], q[1]), d = _mm_unpackhi_epi32(q[2], q[3]);
+      int8_t* at = row + k / 4 * s;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm_unpacklo_epi64(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at + s), _mm_unpackhi_epi64(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 2 * s), _mm_unpacklo_epi64(c, d));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 3 * s), _mm_unpackhi_epi64(c, d));
+    }
+  }
+  return true;
+}
+
 // ---- bf16 projections on AMX tiles (NK layout: unit stride along K)
 //
 // y[R, N] = x[R, K] @ w for a bf16 weight whose output rows are contiguous along K (an
@@ -2311,23 +2392,24 @@ AMX_FN void amx_nk_block(const uint16_t* w, int64_t ld, int64_t K, const uint16_
 // ---- int8 and int4 projections on AMX-INT8 (weight-only: NK; int8 with a scale per output
 // row, int4 below, amx_i4_rows)
 //
-// y[R, N] = x[R, K] @ (q * s)^T for fp32 rows x: each row, scaled by a power of two 2^e
-// (max |x| / 2^e in (63.5, 127]), is split into four int8 terms, x / 2^e = t0 + t1 / 128 +
-// t2 / 128^2 + t3 / 128^3 + rest with |rest| <= 2^-22, so the terms hold each x to within
-// 2^-28 of the row's largest magnitude. Scaling by 2^e and the splits are exact. The int8
-// weight rows are a tdpbssd A operand as they lie (16 outputs x 64 inputs, one strided tile
-// load), each term's rows a B tile ([K / 4][R][4]), so one A tile serves four tdpbssd, one
-// per term, into four C tiles of exact int32 sums. They are recombined in fp32: y =
-// (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * 2^e * s. The result is within fp32's rounding
-// of the exact product, as the FMA kernel's is, but not bitwise the same.
+// y[R, N] = x[R, K] @ (q * s)^T for fp32 rows x, split into four int8 terms each (above,
+// terms_scale / split_terms). The int8 weight rows are a tdpbssd A operand as they lie (16
+// outputs x 64 inputs, one strided tile load); the terms of four rows are one B tile
+// (AmxTerms), so a tdpbssd gives exact int32 sums of 16 outputs x 4 rows x 4 terms. They
+// are recombined in fp32: y = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * 2^e * s. The
+// result is within fp32's rounding of the exact product, as the FMA kernel's is, but not
+// bitwise the same. int4 (amx_i4_group) keeps a B tile per term: its C tiles are scaled
+// per group, and a term per tile scales 16 rows per pass over a C tile.
 //
-// Why: at 16 rows the FMA kernel spends a convert per weight and an FMA per weight and row,
-// bound by those instructions (a batch-16 int8 step's attention projections: 2.9 ms for
-// 16 MiB, 0.56 ms of bytes at 30 GB/s, `bench_decode.py --step-calls`).
+// Why: the FMA kernel spends a convert per weight and an FMA per weight and row, bound by
+// those instructions from a few rows on (a batch-16 int8 step's attention projections:
+// 2.9 ms for 16 MiB, 0.56 ms of bytes at 30 GB/s, `bench_decode.py --step-calls`).
 #define AMX_I8_FN __attribute__((target("avx512f,avx512bw,amx-tile,amx-int8")))
-// Each A tile's 16 rows are prefetched 256 bytes (4 tile steps) ahead: a cold [1024 -> 3072]
-// projection at one row 278 -> 211 us (2 threads); 128 bytes the same, 512 and 1,024 slower,
-// the next 16 rows at the same inputs slower at 12-16 rows (/tmp timings, this Xeon).
+// int4: each A tile's 16 rows are prefetched 256 bytes (4 tile steps) ahead: a cold [1024
+// -> 3072] projection at one row 278 -> 211 us (2 threads); 128 bytes the same, 512 and
+// 1,024 slower (/tmp timings, this Xeon). int8's passes read up to 64 rows at a time and
+// prefetch the next pass's rows into L2 instead, in address order (amx_q8_pass): the same
+// per-row prefetch measured as fast to 17% slower at 8-16 rows.
 constexpr int64_t AMX_I8_PF = 256;
 
 // The four terms' C tiles (0-3, amx_configure's) zeroed; one A tile (4) against each term's
@@ -2361,19 +2443,76 @@ AMX_I8_FN inline void amx_terms_store(int32_t* c, int64_t R) {
   TILE_BARRIER();
 }
 
-// c [4][16][R]: term i's int32 sums of 16 output rows of w (ld bytes apart) against the
-// terms' B rows xt (term i at xt + i * tb, each [K / 4][R][4])
-AMX_I8_FN void amx_i8_block(const int8_t* w, int64_t ld, int64_t K, const int8_t* xt,
-                            int64_t tb, int64_t R, int32_t* c) {
-  amx_terms_zero();
+// The int32 sums of 16 NA outputs of w (from its first row, rows ld bytes apart) by the
+// terms' groups j0 .. j0 + NB (AmxTerms: NB B tiles), over K inputs, into c [NA NB][16][16]
+// (C tile a NB + j: outputs 16 a.., group j0 + j). NA NB <= 4 C tiles; tiles configured
+// with 64-byte rows (amx_configure(16)): a group of fewer than 4 rows loads the next
+// rows' bytes into its spare columns, whose sums nothing reads.
+template <int NA, int NB>
+AMX_I8_FN void amx_q8_pass(const int8_t* w, int64_t ld, int64_t K, const AmxTerms& t,
+                           int64_t j0, const int8_t* next, int32_t* c) {
+  static_assert(NA * NB <= 4 && (NB <= 2 || NA == 1), "four C tiles, two A and two B");
+  TILE_BARRIER();
+  _tile_zero(0);
+  if constexpr (NA * NB > 1) _tile_zero(1);
+  if constexpr (NA * NB > 2) _tile_zero(2);
+  if constexpr (NA * NB > 3) _tile_zero(3);
+  const int64_t s0 = t.stride(j0), s1 = NB > 1 ? t.stride(j0 + 1) : 0;
+  const int64_t s2 = NB > 2 ? t.stride(j0 + 2) : 0, s3 = NB > 3 ? t.stride(j0 + 3) : 0;
+  int64_t pf_row = 0, pf_col = 0;  // the next pass's prefetch: its row, byte in the row
   for (int64_t k0 = 0; k0 < K; k0 += 64) {
-    for (int m = 0; m < 16; ++m)  // (past the weight's end: an address, never loaded)
-      _mm_prefetch(reinterpret_cast<const char*>(
-                       reinterpret_cast<uintptr_t>(w + m * ld + k0) + AMX_I8_PF), _MM_HINT_T0);
-    _tile_loadd(4, w + k0, ld);
-    amx_terms_dp<false>(xt + k0 * R, tb, R);
+    const int8_t* wk = w + k0;
+    if (next)  // the next pass's rows into L2, 16 NA lines per step in address order
+      for (int i = 0; i < 16 * NA; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(next + pf_row * ld + pf_col), _MM_HINT_T1);
+        if ((pf_col += 64) == K) pf_col = 0, ++pf_row;  // (no division: it cost more than
+      }                                                  // the tiles' sums)
+    if constexpr (NB == 1) {  // one B tile, up to four A tiles in turn
+      _tile_loadd(6, t.tile(j0, k0), s0);
+      _tile_loadd(4, wk, ld);
+      _tile_dpbssd(0, 4, 6);
+      if constexpr (NA > 1) {
+        _tile_loadd(5, wk + 16 * ld, ld);
+        _tile_dpbssd(1, 5, 6);
+      }
+      if constexpr (NA > 2) {
+        _tile_loadd(4, wk + 32 * ld, ld);
+        _tile_dpbssd(2, 4, 6);
+      }
+      if constexpr (NA > 3) {
+        _tile_loadd(5, wk + 48 * ld, ld);
+        _tile_dpbssd(3, 5, 6);
+      }
+    } else if constexpr (NB == 2) {  // two B tiles, up to two A tiles
+      _tile_loadd(6, t.tile(j0, k0), s0);
+      _tile_loadd(7, t.tile(j0 + 1, k0), s1);
+      _tile_loadd(4, wk, ld);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      if constexpr (NA > 1) {
+        _tile_loadd(5, wk + 16 * ld, ld);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+      }
+    } else {  // one A tile, three or four B tiles in turn
+      _tile_loadd(4, wk, ld);
+      _tile_loadd(6, t.tile(j0, k0), s0);
+      _tile_dpbssd(0, 4, 6);
+      _tile_loadd(7, t.tile(j0 + 1, k0), s1);
+      _tile_dpbssd(1, 4, 7);
+      _tile_loadd(6, t.tile(j0 + 2, k0), s2);
+      _tile_dpbssd(2, 4, 6);
+      if constexpr (NB > 3) {
+        _tile_loadd(7, t.tile(j0 + 3, k0), s3);
+        _tile_dpbssd(3, 4, 7);
+      }
+    }
   }
-  amx_terms_store(c, R);
+  _tile_stored(0, c, 64);
+  if constexpr (NA * NB > 1) _tile_stored(1, c + 256, 64);
+  if constexpr (NA * NB > 2) _tile_stored(2, c + 512, 64);
+  if constexpr (NA * NB > 3) _tile_stored(3, c + 768, 64);
+  TILE_BARRIER();
 }
 
 // int4 weights (q in 0..15, w = s * q + z per group of g inputs, g a multiple of 64): the
@@ -2455,38 +2594,22 @@ bool amx_nk_rows(const float* x, int64_t R, int64_t K, const uint16_t* w, int64_
 #endif
 }
 
-// Row r's four int8 terms into xt (term i at xt + i * K * R, each [K / 4][R][4]) and its
-// scale 2^e into e2[r]; false where a value is not finite (the FMA kernel runs then).
-// K a multiple of 16. 16 inputs at a time: the scaling by 2^-e, the rounding (to nearest
-// even, as nearbyint) and the remainders are exact, so every ISA gives the same terms.
+// The terms of R rows of x (rows K apart), one tile per term (int4's amx_i4_group): term i
+// at xt + i * K * R, each [K / 4][R][4]; each row's 2^e into e2[r]. False where a value is
+// not finite.
 AVX512 bool i8_terms(const float* x, int64_t R, int64_t K, int8_t* xt, float* e2) {
-  const __m512 m128 = _mm512_set1_ps(128.0f);
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * K;
-    __m512 mx = _mm512_setzero_ps();
-    __mmask16 bad = 0;  // NaN or inf (max_ps would drop a NaN)
+    if (!(e2[r] = terms_scale(xr, K))) return false;
+    const __m512 down = _mm512_set1_ps(1.0f / e2[r]);
     for (int64_t k = 0; k < K; k += 16) {
-      const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + k));
-      bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
-      mx = _mm512_max_ps(mx, a);
-    }
-    if (bad) return false;
-    const float amax = _mm512_reduce_max_ps(mx);
-    int e = 0;
-    if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
-    e2[r] = std::ldexp(1.0f, e);
-    const __m512 down = _mm512_set1_ps(std::ldexp(1.0f, -e));
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(xr + k), down);
+      __m128i q[4];
+      split_terms(_mm512_mul_ps(_mm512_loadu_ps(xr + k), down), q);
       int8_t* at = xt + k * R + r * 4;  // quads k / 4 .. k / 4 + 3 of row r
       for (int i = 0; i < 4; ++i) {
-        const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        alignas(16) int8_t q[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
-        int8_t* dst = at + i * K * R;
-        for (int j = 0; j < 4; ++j) std::memcpy(dst + j * R * 4, q + 4 * j, 4);
-        v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
+        alignas(16) int8_t b[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(b), q[i]);
+        for (int j = 0; j < 4; ++j) std::memcpy(at + i * K * R + j * R * 4, b + 4 * j, 4);
       }
     }
   }
@@ -2501,36 +2624,90 @@ AVX512 inline __m512 amx_terms_value(__m512i c0, __m512i c1, __m512i c2, __m512i
   return _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c0));
 }
 
-// y[r][0..16) = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * e2[r] * scale[0..16) for the
-// C tiles c [4][16][R] of amx_i8_block, r < rows <= R (rows of y ld floats apart)
-AVX512 void amx_i8_combine(const int32_t* c, int64_t R, int64_t rows, const float* e2,
-                           const float* scale, float* y, int64_t ld) {
-  const __m512 s = _mm512_loadu_ps(scale);
-  const __m512i step = _mm512_mullo_epi32(
+// y[r][16 a + m] (a < na, m < 16, r the rows of groups j0 .. j0 + nb; rows of y ldy
+// apart) = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * 2^e_r * scale[16 a + m] for the
+// C tiles c [na nb][16][16] of amx_q8_pass: each C row's four lanes of a row reduced in
+// their 128-bit lane, then one gather per row takes its 16 outputs.
+AVX512 void amx_q8_combine(const int32_t* c, int64_t na, int64_t nb, const AmxTerms& t,
+                           int64_t j0, const float* scale, float* y, int64_t ldy) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  const __m512i col = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(R)));
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512i at = _mm512_add_epi32(step, _mm512_set1_epi32(static_cast<int32_t>(r)));
-    __m512 v = amx_terms_value(
-        _mm512_i32gather_epi32(at, c, 4), _mm512_i32gather_epi32(at, c + 16 * R, 4),
-        _mm512_i32gather_epi32(at, c + 32 * R, 4), _mm512_i32gather_epi32(at, c + 48 * R, 4));
-    v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(e2[r])), s);
-    _mm512_storeu_ps(y + r * ld, v);
+      _mm512_set1_epi32(16));
+  alignas(64) float v[16][16];
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t g = j0 + j, nr = t.rows(g);
+    alignas(64) float e2[16] = {};
+    for (int64_t q = 0; q < nr; ++q) std::fill(e2 + 4 * q, e2 + 4 * q + 4, t.e2[4 * g + q]);
+    const __m512 e2v = _mm512_load_ps(e2);
+    for (int64_t a = 0; a < na; ++a) {
+      const int32_t* ct = c + (a * nb + j) * 256;
+      for (int m = 0; m < 16; ++m) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(ct + 16 * m));
+        __m512 h = _mm512_fmadd_ps(_mm512_permute_ps(f, 0xFF), inv, _mm512_permute_ps(f, 0xAA));
+        h = _mm512_fmadd_ps(h, inv, _mm512_permute_ps(f, 0x55));
+        h = _mm512_fmadd_ps(h, inv, f);  // lane 4q: row q's value
+        _mm512_store_ps(v[m], _mm512_mul_ps(_mm512_mul_ps(h, e2v),
+                                            _mm512_set1_ps(scale[16 * a + m])));
+      }
+      for (int64_t q = 0; q < nr; ++q)
+        _mm512_storeu_ps(y + (4 * g + q) * ldy + 16 * a,
+                         _mm512_i32gather_ps(_mm512_add_epi32(col, _mm512_set1_epi32(4 * q)),
+                                             &v[0][0], 4));
+    }
   }
 }
 
-// From 8 rows: below, the FMA kernel is as fast or faster (one cold projection, 2 threads,
-// medians of 5, FMA kernel / AMX in us, [1024 -> 3072] and [1024 -> 1024]: 1 row 142 / 204
-// and 56 / 76, 4 rows 222 / 206 and 78 / 75, 8 rows 284 / 216 and 108 / 86, 16 rows 545 /
-// 263 and 195 / 115).
-constexpr int64_t AMX_I8_MIN_ROWS = 8;
+#ifdef MOEKIT_AMX
+// y[r][0 .. 16 nblocks) for t's rows from the int8 weight rows w (the first output's, ld
+// bytes apart) and their scales, rows of y ldy apart; the thread's tiles configured with
+// 64-byte rows. A pass takes four 16-output blocks for one group of rows, two for two,
+// else one, for up to four groups at a time (the weights read again from L1 / L2 for the
+// next four).
+AMX_I8_FN void amx_q8_outputs(const int8_t* w, int64_t ld, int64_t nblocks, const AmxTerms& t,
+                              const float* scale, float* y, int64_t ldy) {
+  alignas(64) int32_t c[4 * 256];
+  const int64_t G = t.groups(), per_pass = G == 1 ? 4 : G == 2 ? 2 : 1, K = t.K;
+  for (int64_t b = 0; b < nblocks;) {
+    const int64_t na = std::min(per_pass, nblocks - b);
+    const int8_t* wb = w + 16 * b * ld;
+    for (int64_t j0 = 0; j0 < G; j0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, G - j0);
+      // the next pass's weights, prefetched while the last row groups run on these
+      const int8_t* next = j0 + 4 >= G && b + 2 * na <= nblocks ? wb + 16 * na * ld : nullptr;
+      switch (na * 8 + nb) {
+        case 8 + 1: amx_q8_pass<1, 1>(wb, ld, K, t, j0, next, c); break;
+        case 16 + 1: amx_q8_pass<2, 1>(wb, ld, K, t, j0, next, c); break;
+        case 24 + 1: amx_q8_pass<3, 1>(wb, ld, K, t, j0, next, c); break;
+        case 32 + 1: amx_q8_pass<4, 1>(wb, ld, K, t, j0, next, c); break;
+        case 8 + 2: amx_q8_pass<1, 2>(wb, ld, K, t, j0, next, c); break;
+        case 16 + 2: amx_q8_pass<2, 2>(wb, ld, K, t, j0, next, c); break;
+        case 8 + 3: amx_q8_pass<1, 3>(wb, ld, K, t, j0, next, c); break;
+        default: amx_q8_pass<1, 4>(wb, ld, K, t, j0, next, c); break;
+      }
+      amx_q8_combine(c, na, nb, t, j0, scale + 16 * b, y + 16 * b, ldy);
+    }
+    b += na;
+  }
+}
+#endif
+
+// From 2 rows (at 1 row the two are level). One cold projection, 2 threads, medians of 5,
+// [1024 -> 3072] and [1024 -> 1024], in us (/tmp script, this Xeon, 2026-12-06, two runs
+// alternating with the code before): FMA kernel 146-155 and 58-59 at 1 row; 180-192 and
+// 67-68 at 2; 206-227 and 77-80 at 4; 270-299 and 100-106 at 8; 512-514 and 171-184 at 16.
+// AMX 137-147 and 55-56 at 2 rows, 141-149 and 57 at 4, 155-161 and 62 at 8, 253-254 and
+// 100-101 at 16, 314-318 and 131-173 at 32. (A B tile per term, before, from 8 rows:
+// 218-228 and 87, 270-302 and 114-115 at 16, 376-478 and 159-195 at 32.)
+constexpr int64_t AMX_I8_MIN_ROWS = 2;
 // The int32 sums: |C| <= 127 * 127 * K < 2^31.
 constexpr int64_t AMX_I8_MAX_K = 1 << 16;
 
-// The rows of a projection on AMX-INT8: up to AMX_MAX_ROWS (one B tile's columns) in one
-// chunk, up to AMX_I8_MAX_ROWS in chunks of Rc rows each (x padded with zero rows to a
-// whole number of chunks), every 16-output block run once per chunk while its weights are
-// still in L1 / L2. Chunk ch's terms at xt + ch * 4 * K * Rc, its rows' 2^e at e2 + ch * Rc.
+// The rows of an int4 projection on AMX-INT8 (a B tile per term): up to AMX_MAX_ROWS (one
+// B tile's columns) in one chunk, up to AMX_I8_MAX_ROWS in chunks of Rc rows each (x padded
+// with zero rows to a whole number of chunks), every 16-output block run once per chunk
+// while its weights are still in L1 / L2. Chunk ch's terms at xt + ch * 4 * K * Rc, its
+// rows' 2^e at e2 + ch * Rc.
 struct AmxRows {
   int64_t R, K, chunks, Rc;
   std::vector<float> padded;  // x with the zero rows, where R is not a multiple of Rc
@@ -2559,28 +2736,22 @@ constexpr int64_t AMX_I8_MAX_ROWS = 32;
 // y = x @ dequantized w for an int8 weight-only NK weight (scales per output row) on
 // AMX-INT8 where it applies (false, y untouched, where not): AMX-INT8 here and on,
 // AMX_I8_MIN_ROWS <= R <= AMX_I8_MAX_ROWS, K a multiple of 64 up to AMX_I8_MAX_K, N of 16,
-// x finite. Two chunks of rows (17-32) on the projections above: 1.87-2.63x / 1.70-2.19x
-// the FMA kernel at 17-32 rows (int4's amx_i4_rows 1.17-2.06x / 1.09-1.59x).
+// x finite.
 bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t ld,
                  const float* scale, int64_t N, float* y) {
 #ifdef MOEKIT_AMX
   if (!amx_on.load(std::memory_order_relaxed) || R < AMX_I8_MIN_ROWS || R > AMX_I8_MAX_ROWS ||
       K % 64 || K > AMX_I8_MAX_K || N % 16 ||
-      !amx_int8_here())  // (AMX: the CPU runs AVX-512, i8_terms' ISA)
+      !amx_int8_here())  // (AMX: the CPU runs AVX-512, amx_terms_build's ISA)
     return false;
-  AmxRows rows(x, R, K);
-  if (!rows.ok) return false;
-  const int64_t Rc = rows.Rc;
-  at::parallel_for(0, N / 16, 1, [&](int64_t lo, int64_t hi) {
-    amx_configure(Rc);
-    int32_t c[4 * 16 * AMX_MAX_ROWS];
-    for (int64_t b = lo; b < hi; ++b)
-      for (int64_t ch = 0; ch < rows.chunks; ++ch) {
-        const int64_t n0 = b * 16;
-        amx_i8_block(w + n0 * ld, ld, K, rows.terms(ch), K * Rc, Rc, c);
-        amx_i8_combine(c, Rc, rows.rows(ch), rows.e2.data() + ch * Rc, scale + n0,
-                       y + ch * Rc * N + n0, N);
-      }
+  AmxTerms t;
+  if (!amx_terms_build(t, x, R, K)) return false;
+  const int64_t G = t.groups(), unit = G == 1 ? 4 : G == 2 ? 2 : 1;  // blocks per pass
+  const int64_t blocks = N / 16;
+  at::parallel_for(0, (blocks + unit - 1) / unit, 1, [&](int64_t lo, int64_t hi) {
+    amx_configure(16);
+    const int64_t b0 = lo * unit, b1 = std::min(blocks, hi * unit);
+    amx_q8_outputs(w + 16 * b0 * ld, ld, b1 - b0, t, scale + 16 * b0, y + 16 * b0, N);
     amx_release();
   });
   amx_calls.fetch_add(1, std::memory_order_relaxed);
