@@ -503,16 +503,17 @@ def test_amx_int8_projection_with_a_bias(bits):
 @amx_int8
 @pytest.mark.parametrize("bits,case", [
     (8, "fewer rows"), (8, "33 rows"), (8, "K 96"), (8, "N 40"), (8, "nan"), (8, "inf"),
-    (8, "int8 activations"), (4, "fewer rows"), (4, "33 rows"), (4, "group 32"), (4, "N 40"),
-    (4, "nan"), (4, "int8 activations")])
+    (8, "tiny"), (8, "int8 activations"), (4, "fewer rows"), (4, "33 rows"), (4, "group 32"),
+    (4, "N 40"), (4, "nan"), (4, "tiny"), (4, "int8 activations")])
 def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
     """Fewer rows than amx_int8_min_rows or more than 32, K not a multiple of 64 (int8),
     groups of 32 (int4), N not a multiple of 16, a row holding NaN or inf (its terms would
-    be garbage: the FMA kernel propagates them), int8 activations (their own kernels): the
-    FMA kernel, bitwise as with AMX off."""
+    be garbage: the FMA kernel propagates them), a row whose largest magnitude is below
+    2^-100 (its scale 2^-e would overflow fp32 below ~2^-121), int8 activations (their own
+    kernels): the FMA kernel, bitwise as with AMX off."""
     ext = cpu_ext.get_decode()
     R = {"fewer rows": ext.amx_int8_min_rows(bits) - 1, "33 rows": 33, "nan": 24,
-         "inf": 24}.get(case, 13)
+         "inf": 24, "tiny": 24}.get(case, 13)
     K, N = (96 if case == "K 96" else 128), (40 if case == "N 40" else 64)
     g = torch.Generator().manual_seed(4)
     group = {8: {}, 4: {"group_size": 32 if case == "group 32" else 64}}[bits]
@@ -521,6 +522,8 @@ def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
     x = torch.randn(R, K, generator=g)
     if case in ("nan", "inf"):
         x[-3, 7] = float(case)  # in the second chunk of rows (24 rows: two of 12)
+    if case == "tiny":
+        x[-3] *= 1e-39  # subnormal: 2^-e would be ~2^134, past fp32's range
     before = ext.amx_runs()
     args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros,
             decode_fn.kernel_bits(qt), qt.group_size or 0, None, 0, 0.0, 1.0)

@@ -2218,7 +2218,9 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
 // every ISA would give the same terms.
 
 // Row xr's 2^e (1 for a zero row), or 0 where a value is not finite (NaN or inf: the FMA
-// kernel runs then and propagates it). K a multiple of 16.
+// kernel runs then and propagates it) or the row's largest magnitude is below 2^-100 (its
+// 2^-e would overflow fp32 from ~2^-121 on; the FMA kernel runs such rows too). K a
+// multiple of 16.
 AVX512 float terms_scale(const float* xr, int64_t K) {
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   __m512 mx = _mm512_setzero_ps();
@@ -2228,8 +2230,8 @@ AVX512 float terms_scale(const float* xr, int64_t K) {
     bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
     mx = _mm512_max_ps(mx, a);
   }
-  if (bad) return 0.0f;
   const float amax = _mm512_reduce_max_ps(mx);
+  if (bad || (amax > 0.0f && amax < 0x1p-100f)) return 0.0f;
   int e = 0;
   if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
   return std::ldexp(1.0f, e);
@@ -2462,11 +2464,13 @@ AMX_I8_FN void amx_q8_pass(const int8_t* w, int64_t ld, int64_t K, const AmxTerm
   int64_t pf_row = 0, pf_col = 0;  // the next pass's prefetch: its row, byte in the row
   for (int64_t k0 = 0; k0 < K; k0 += 64) {
     const int8_t* wk = w + k0;
-    if (next)  // the next pass's rows into L2, 16 NA lines per step in address order
+    // the next pass's rows into L2, 16 NA lines per step in address order (the line's row
+    // and column by a division, first, cost more than the tiles' sums)
+    if (next)
       for (int i = 0; i < 16 * NA; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(next + pf_row * ld + pf_col), _MM_HINT_T1);
-        if ((pf_col += 64) == K) pf_col = 0, ++pf_row;  // (no division: it cost more than
-      }                                                  // the tiles' sums)
+        if ((pf_col += 64) == K) pf_col = 0, ++pf_row;
+      }
     if constexpr (NB == 1) {  // one B tile, up to four A tiles in turn
       _tile_loadd(6, t.tile(j0, k0), s0);
       _tile_loadd(4, wk, ld);
