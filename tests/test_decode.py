@@ -438,12 +438,15 @@ def _q_projection(x, qt, b=None):
 
 
 def _q_fma(x, qt, b=None):
+    """_q_projection on the FMA kernel (neither AMX nor int8 terms)."""
     ext = cpu_ext.get_decode()
     ext.set_amx(False)
+    ext.set_int8_terms(False)
     try:
         return _q_projection(x, qt, b)
     finally:
         ext.set_amx(True)
+        ext.set_int8_terms(True)
 
 
 @amx_int8
@@ -527,11 +530,135 @@ def test_amx_int8_leaves_what_it_cannot_run_to_the_fma_kernel(bits, case):
     before = ext.amx_runs()
     args = (torch.arange(R), torch.tensor([R]), qt.data, qt.scales, qt.zeros,
             decode_fn.kernel_bits(qt), qt.group_size or 0, None, 0, 0.0, 1.0)
-    y = ext.gate_up(x, *args)
-    assert ext.amx_runs() == before
-    ext.set_amx(False)
+    ext.set_int8_terms(False)  # (int8: the FMA kernel proper, not the terms kernel)
     try:
+        y = ext.gate_up(x, *args)
+        assert ext.amx_runs() == before
+        ext.set_amx(False)
         fma = ext.gate_up(x, *args)
     finally:
         ext.set_amx(True)
+        ext.set_int8_terms(True)
     torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)  # bitwise, NaN = NaN
+
+
+# -- int8 weight-only experts on the rows' four int8 terms (i8t_tile, AVX-512 VNNI) -----
+
+int8_terms = pytest.mark.skipif(
+    not (decode_fn.available() and cpu_ext.get_decode().int8_terms()),
+    reason="no AVX-512 VNNI on this CPU (or MOEKIT_INT8_TERMS=0)")
+
+
+def _routed(T, E, k, g):
+    """token_S, expert_S (sorted by expert) and offsets_E of a top-k of random logits."""
+    idx = torch.randn(T, E, generator=g).topk(k, dim=-1).indices.flatten()
+    order = idx.argsort(stable=True)
+    return order // k, idx[order], torch.bincount(idx, minlength=E).cumsum(0)
+
+
+def _terms_off(fn):
+    ext = cpu_ext.get_decode()
+    ext.set_int8_terms(False)
+    try:
+        return fn()
+    finally:
+        ext.set_int8_terms(True)
+
+
+@int8_terms
+@pytest.mark.parametrize("T,E,k,K,N", [
+    (1, 4, 1, 64, 64), (3, 4, 2, 128, 128), (9, 2, 2, 1024, 192), (16, 8, 4, 256, 64),
+    (7, 2, 1, 192, 64), (24, 3, 3, 128, 128)])
+def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(T, E, k, K, N):
+    """gate_up and down_combine of int8 weight-only experts (1 to 24 rows an expert: passes
+    of up to 4) on the rows' four int8 terms: each x held to 2^-28 of its row's largest
+    magnitude (2^-27 max |x| sum |s q| here), the vpdpbusd lanes exact int32, then three
+    FMAs, a sum of 16 lanes and two products in fp32: within 12 * 2^-24 sum |x| |s q| of
+    float64 over the dequantized weights (computed here), far inside the FMA kernel's K *
+    2^-24 sum |x| |w|, which it meets too. Rows of mixed magnitudes (zeros, an outlier 1e4
+    times the rest, 1e-30 times the rest); the run counter shows the terms ran
+    (down_combine's inputs are N wide: a multiple of 64 here; two experts at least: the
+    rows of one expert in order are a dense projection, AMX's from 2 rows)."""
+    ext = cpu_ext.get_decode()
+    g = torch.Generator().manual_seed(T * 100 + K + E)
+    token, expert, offsets = _routed(T, E, k, g)
+    x = torch.randn(T, K, generator=g)
+    x[min(1, T - 1)] = 0.0
+    x[min(2, T - 1), 5] = 1e4
+    x[min(3, T - 1)] *= 1e-30
+    w_in = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 8)
+    sq_in = w_in.data.double() * w_in.scales.double()[..., None]  # [E, N, K]
+    args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
+    before = ext.int8_terms_runs()
+    h = ext.gate_up(x, *args).double()
+    assert ext.int8_terms_runs() == before + 1
+    fma = _terms_off(lambda: ext.gate_up(x, *args)).double()
+    xs = x.double()[token]  # [S, K]
+    want = torch.einsum("sk,snk->sn", xs, sq_in[expert])
+    mag = torch.einsum("sk,snk->sn", xs.abs(), sq_in[expert].abs())
+    tight = (12 * 2.0**-24 * mag
+             + 2.0**-27 * xs.abs().amax(1, keepdim=True) * sq_in[expert].abs().sum(2))
+    assert ((h - want).abs() <= tight).all()
+    assert ((fma - want).abs() <= K * 2.0**-24 * mag).all()
+    # down_combine: N inputs per row back to K outputs, weighted into their tokens
+    a = torch.randn(token.numel(), N, generator=g)
+    wts = torch.rand(token.numel(), generator=g)
+    w_out = quantize_tensor(torch.randn(E, N, K, generator=g) * 0.05, 8)
+    sq_out = w_out.data.double() * w_out.scales.double()[..., None]  # [E, K, N]
+    out = torch.empty(T, K)
+    ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out)
+    assert ext.int8_terms_runs() == before + 2
+    rows = torch.einsum("sn,skn->sk", a.double(), sq_out[expert]) * wts.double()[:, None]
+    rows_mag = (torch.einsum("sn,skn->sk", a.double().abs(), sq_out[expert].abs())
+                * wts.double()[:, None])
+    want_out = torch.zeros(T, K, dtype=torch.float64).index_add_(0, token, rows)
+    # each row's bound, plus the fp32 sums of k rows per token and their weights
+    bound = torch.zeros(T, K, dtype=torch.float64).index_add_(
+        0, token, (12 + 2 * k) * 2.0**-24 * rows_mag
+        + 2.0**-27 * a.double().abs().amax(1, keepdim=True) * sq_out[expert].abs().sum(2)
+        * wts.double()[:, None])
+    assert ((out.double() - want_out).abs() <= bound).all()
+
+
+@int8_terms
+@pytest.mark.parametrize("case", ["K 96", "nan", "inf", "tiny", "int8 activations"])
+def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
+    """K not a multiple of 64, a row holding NaN or inf or one whose largest magnitude is
+    below 2^-100 (subnormal here: its 2^-e would overflow; then the whole call stays on the
+    FMA kernel), int8 activations (their own kernel): bitwise as with the terms off, no
+    terms run."""
+    ext = cpu_ext.get_decode()
+    g = torch.Generator().manual_seed(11)
+    K = 96 if case == "K 96" else 128
+    token, expert, offsets = _routed(5, 4, 2, g)
+    qt = quantize_tensor(torch.randn(4, K, 32, generator=g), 8,
+                         activations="int8" if case == "int8 activations" else "float")
+    x = torch.randn(5, K, generator=g)
+    if case in ("nan", "inf"):
+        x[2, 7] = float(case)
+    if case == "tiny":
+        x[2] *= 1e-39
+    args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    before = ext.int8_terms_runs()
+    y = ext.gate_up(x, *args)
+    assert ext.int8_terms_runs() == before
+    fma = _terms_off(lambda: ext.gate_up(x, *args))
+    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)
+
+
+@int8_terms
+def test_int8_terms_off_by_environment_and_a_bad_setting_named():
+    """MOEKIT_INT8_TERMS=0 keeps int8 experts on the FMA kernel; any setting but 0 / 1 /
+    unset is refused by name."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from moekit.functions import cpu_ext; print(cpu_ext.get_decode().int8_terms())"
+    env = {**os.environ, "MOEKIT_INT8_TERMS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+    env["MOEKIT_INT8_TERMS"] = "yes"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "MOEKIT_INT8_TERMS='yes' is not allowed" in out.stderr

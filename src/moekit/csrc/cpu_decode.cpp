@@ -24,6 +24,8 @@
 //     is a mask and a shift on 16 bytes, no shuffles). A group's dot product is
 //     s * sum(x * q) + z * sum(x): the zero point costs one multiply-add per
 //     group, not per weight.
+// int8 weight-only experts run on AVX-512 VNNI where the CPU has it: each fp32 row split
+// into four exact int8 terms, a vpdpbusd per term (i8t_tile).
 // The inner loops are intrinsics where the CPU has AVX-512 (F + BW) or AVX2 + FMA
 // (checked at load time; MOEKIT_CPU_ISA caps it); elsewhere plain loops over 16
 // independent fp32 lanes, built by target_clones (any compiler-vectorizable ISA
@@ -1592,14 +1594,150 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   record_tile(n, W, A8_RMAX, a8_cols, pass, acc);
 }
 
+// ---- fp32 rows as int8 terms for AMX-INT8 (the kernels in the AMX section below)
+//
+// Each row, scaled by a power of two 2^e (max |x| / 2^e in (63.5, 127]), is split into
+// four int8 terms, x / 2^e = t0 + t1 / 128 + t2 / 128^2 + t3 / 128^3 + rest with |rest| <=
+// 2^-22, so the terms hold each x to within 2^-28 of the row's largest magnitude. The
+// scaling, the rounding (to nearest even, as nearbyint) and the remainders are exact, so
+// every ISA would give the same terms.
+
+// Row xr's 2^e (1 for a zero row), or 0 where a value is not finite (NaN or inf: the FMA
+// kernel runs then and propagates it) or the row's largest magnitude is below 2^-100 (its
+// 2^-e would overflow fp32 from ~2^-121 on; the FMA kernel runs such rows too). K a
+// multiple of 16.
+AVX512 float terms_scale(const float* xr, int64_t K) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;  // (max_ps would drop a NaN)
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + k));
+    bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
+    mx = _mm512_max_ps(mx, a);
+  }
+  const float amax = _mm512_reduce_max_ps(mx);
+  if (bad || (amax > 0.0f && amax < 0x1p-100f)) return 0.0f;
+  int e = 0;
+  if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
+  return std::ldexp(1.0f, e);
+}
+
+// The four terms of 16 inputs v (x / 2^e), q[i] term i's 16 bytes
+AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
+  const __m512 m128 = _mm512_set1_ps(128.0f);
+  for (int i = 0; i < 4; ++i) {
+    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
+    v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
+  }
+}
+
+// ---- int8 weights, fp32 rows as four int8 terms on vpdpbusd (weight-only, exact) ----
+//
+// The weight-only int8 FMA kernel spends per 16 weights a widening, a convert and an FMA
+// per row: at the 2-3 rows of a batch's experts it is bound by them (64 experts D=1024
+// 2F=1024, 16 tokens top-8, 2 threads: 28.8 GB/s with the experts in L3). Each row split
+// into its four int8 terms (terms_scale, split_terms: to 2^-28 of its largest magnitude),
+// one vpdpbusd multiplies 64 weights by 64 inputs of a term and sums them in fours into
+// exact int32 lanes, as the W8A8 kernel does with its one rounded term: 4 per row and 64
+// weights against the FMA kernel's 4 widenings, 4 converts and 4 FMAs per row. The lanes
+// stay int32 over the whole row (no per-block scale), recombined once per output:
+// (((C3 / 128 + C2) / 128 + C1) / 128 + C0) lane by lane in fp32, summed, times 2^e and
+// the output channel's scale.
+//
+// A row record (one per distinct input row, 64-byte aligned):
+//   per block b of 64 inputs, 256 bytes: term t's 64 inputs at 64 t
+//   nc   4 x 16 int32 at 256 nb: lane l of term t, -128 * (the term's inputs 4l..4l+3 of
+//        every block): vpdpbusd takes the weights unsigned (w ^ 0x80 = w + 128)
+//   e2   the row's 2^e (a float) at 256 nb + 256
+struct T8Layout {
+  int64_t K, nb, nc_off, e2_off, bytes;
+  explicit T8Layout(int64_t k)
+      : K(k), nb(k / 64), nc_off(256 * nb), e2_off(nc_off + 256), bytes(e2_off + 64) {}
+};
+
+// Whether int8 weight-only experts run on terms (i8t_tile): AVX-512 VNNI, K a multiple of
+// 64 up to 2^15 (|lane| <= 255 * 127 * K / 16 + 128 * 127 * K / 16 < 2^31).
+std::atomic<bool> t8_on{true};     // set_int8_terms (tests compare both kernels)
+std::atomic<int64_t> t8_calls{0};  // calls whose rows ran on terms (int8_terms_runs)
+bool t8(const Weights& w) {
+  return t8_on.load(std::memory_order_relaxed) && CPU_VNNI && w.kind == Kind::I8 && !w.a8 &&
+         !w.n_unit && w.K % 64 == 0 && w.K <= (1 << 15);
+}
+
+VNNI void t8_record(const float* x, const T8Layout& L, float e2, char* rec) {
+  const __m512 down = _mm512_set1_ps(1.0f / e2);  // (exact: a power of two)
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i nc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                   _mm512_setzero_si512()};
+  for (int64_t b = 0; b < L.nb; ++b) {
+    char* blk = rec + 256 * b;
+    for (int i = 0; i < 4; ++i) {
+      __m128i q[4];
+      split_terms(_mm512_mul_ps(_mm512_loadu_ps(x + 64 * b + 16 * i), down), q);
+      for (int t = 0; t < 4; ++t)
+        _mm_store_si128(reinterpret_cast<__m128i*>(blk + 64 * t + 16 * i), q[t]);
+    }
+    for (int t = 0; t < 4; ++t)  // lane l += the term's inputs 4l..4l+3 (ones * signed)
+      nc[t] = _mm512_dpbusd_epi32(nc[t], ones, _mm512_load_si512(blk + 64 * t));
+  }
+  for (int t = 0; t < 4; ++t)
+    _mm512_store_si512(rec + L.nc_off + 64 * t, _mm512_mullo_epi32(nc[t], _mm512_set1_epi32(-128)));
+  std::memcpy(rec + L.e2_off, &e2, sizeof e2);
+}
+
+// R (1..4) records against output row p (K weights): v[r], unscaled by the channel's
+// scale. (Two output rows a pass, sharing each term's load, measured no faster.)
+template <int R>
+VNNI void i8t_rows(const int8_t* p, const T8Layout& L, const char* const* xr, float* v) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_load_si512(xr[r] + L.nc_off + 64 * t);
+  for (int64_t b = 0; b < L.nb; ++b) {
+    const int8_t* at = p + 64 * b;
+    prefetch_ahead(at);
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(at), flip);
+    for (int r = 0; r < R; ++r) {
+      const char* blk = xr[r] + 256 * b;
+      for (int t = 0; t < 4; ++t)
+        acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_load_si512(blk + 64 * t));
+    }
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  for (int r = 0; r < R; ++r) {
+    __m512 h = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][3]), inv, _mm512_cvtepi32_ps(acc[r][2]));
+    h = _mm512_fmadd_ps(h, inv, _mm512_cvtepi32_ps(acc[r][1]));
+    h = _mm512_fmadd_ps(h, inv, _mm512_cvtepi32_ps(acc[r][0]));
+    float e2;
+    std::memcpy(&e2, xr[r] + L.e2_off, sizeof e2);
+    v[r] = _mm512_reduce_add_ps(h) * e2;
+  }
+}
+
+// acc [n, W] = n row records (t8_record) @ int8 weights w[e][:, c0 : c0 + W].
+void i8t_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+              int64_t W, float* acc) {
+  const T8Layout L(w.K);
+  const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+  const float* sc = w.scales + e * w.N + c0;
+  const char* const* xr = reinterpret_cast<const char* const*>(x);
+  auto pass = [&](int64_t r0, int64_t m, int64_t j, int64_t, float* v) {
+    with_rows<4>(m, [&](auto R) { i8t_rows<decltype(R)::value>(base + j * w.s_n, L, xr + r0, v); });
+    for (int64_t r = 0; r < m; ++r) v[r] *= sc[j];
+  };
+  record_tile(n, W, 4, [](int64_t) { return int64_t{1}; }, pass, acc);
+}
+
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
 void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum, int64_t n,
-          int64_t c0, int64_t W, float* acc, bool f4) {
+          int64_t c0, int64_t W, float* acc, bool f4, bool x_t8) {
   if (w.a8) {  // x: row records (Plan::quantize_rows)
     if (w.kind == Kind::I8) return i8a8_tile(w, e, x, n, c0, W, acc);
     return i4a8_tile(w, e, x, n, c0, W, acc);
   }
   if (f4) return i4f_tile(w, e, x, n, c0, W, acc);  // x: row records too (Plan::f4)
+  if (w.kind == Kind::I8 && !w.a8 && x_t8) return i8t_tile(w, e, x, n, c0, W, acc);
   if (CPU_ISA != Isa::Generic && !w.n_unit) {
     if (CPU_ISA == Isa::Avx512) return nk_tile_isa<Isa::Avx512>(w, e, x, n, c0, W, acc);
     return nk_tile_isa<Isa::Avx2>(w, e, x, n, c0, W, acc);
@@ -1975,6 +2113,7 @@ struct Plan {
   std::vector<float> permuted;  // int8 on AVX2: each distinct input row, permute_x32'd
   std::vector<float> records;   // int8 activations, int4 blocks: each distinct row's record
   bool f4 = false;              // int4 blocks (i4f_tile): x's rows are f4_records
+  bool t8rec = false;           // int8 on terms (i8t_tile): x's rows are t8_records
 
   Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
        int64_t plan_experts)
@@ -1994,6 +2133,24 @@ struct Plan {
     } else if ((f4 = i4f(w, max_rows()))) {
       const F4Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
+    } else if (t8(w)) {
+      // every distinct row's 2^e first: a row that is not finite (or below 2^-100) keeps
+      // the whole call on the FMA kernel
+      const auto distinct = distinct_rows();
+      std::vector<float> e2(distinct.size());
+      bool ok = true;
+      for (size_t i = 0; i < distinct.size() && ok; ++i)
+        ok = (e2[i] = terms_scale(distinct[i], K)) != 0.0f;
+      if (ok) {
+        const T8Layout L(w.K);
+        std::map<const float*, float> scale_of;
+        for (size_t i = 0; i < distinct.size(); ++i) scale_of[distinct[i]] = e2[i];
+        quantize_rows(L.bytes, [&](const float* row, char* rec) {
+          t8_record(row, L, scale_of.at(row), rec);
+        });
+        t8rec = true;
+        t8_calls.fetch_add(1, std::memory_order_relaxed);
+      }
     }
     if (!w.n_unit) return;
     chunks = k_chunks(w.K, plan_experts > 0 ? plan_experts : static_cast<int64_t>(m));
@@ -2070,7 +2227,7 @@ struct Plan {
                float* acc) {
     const int64_t rows_i = n(i), e = rows.experts[i];
     if (!ws.of(e).n_unit) {
-      tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4);
+      tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4, t8rec);
       return;
     }
     std::fill(acc, acc + rows_i * W, 0.0f);
@@ -2207,44 +2364,6 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
     }
   };
   run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, combine);
-}
-
-// ---- fp32 rows as int8 terms for AMX-INT8 (the kernels in the AMX section below)
-//
-// Each row, scaled by a power of two 2^e (max |x| / 2^e in (63.5, 127]), is split into
-// four int8 terms, x / 2^e = t0 + t1 / 128 + t2 / 128^2 + t3 / 128^3 + rest with |rest| <=
-// 2^-22, so the terms hold each x to within 2^-28 of the row's largest magnitude. The
-// scaling, the rounding (to nearest even, as nearbyint) and the remainders are exact, so
-// every ISA would give the same terms.
-
-// Row xr's 2^e (1 for a zero row), or 0 where a value is not finite (NaN or inf: the FMA
-// kernel runs then and propagates it) or the row's largest magnitude is below 2^-100 (its
-// 2^-e would overflow fp32 from ~2^-121 on; the FMA kernel runs such rows too). K a
-// multiple of 16.
-AVX512 float terms_scale(const float* xr, int64_t K) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 mx = _mm512_setzero_ps();
-  __mmask16 bad = 0;  // (max_ps would drop a NaN)
-  for (int64_t k = 0; k < K; k += 16) {
-    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xr + k));
-    bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);
-    mx = _mm512_max_ps(mx, a);
-  }
-  const float amax = _mm512_reduce_max_ps(mx);
-  if (bad || (amax > 0.0f && amax < 0x1p-100f)) return 0.0f;
-  int e = 0;
-  if (amax > 0.0f) std::frexp(amax / 127.0f, &e);  // amax / 2^e <= 127
-  return std::ldexp(1.0f, e);
-}
-
-// The four terms of 16 inputs v (x / 2^e), q[i] term i's 16 bytes
-AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
-  const __m512 m128 = _mm512_set1_ps(128.0f);
-  for (int i = 0; i < 4; ++i) {
-    const __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
-    v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
-  }
 }
 
 // The terms of R rows packed four rows to a B tile (int8 projections, amx_q8_pass): row
@@ -4353,7 +4472,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bf16 NK projections of up to 16 rows run on AMX tiles (the CPU has AMX-BF16, "
         "Linux allows it, and set_amx left it on)");
   m.def("amx_int8", [] { return amx_on.load() && amx_int8_here(); },
-        "whether int8 / int4 weight-only NK projections of 8 / 12 to 32 rows run on AMX-INT8 "
+        "whether int8 / int4 weight-only NK projections of 2 / 12 to 32 rows run on AMX-INT8 "
         "tiles (the CPU has AMX-INT8, Linux allows it, and set_amx left it on)");
   m.def("amx_int8_min_rows", [](int64_t bits) {
           TORCH_CHECK(bits == 8 || bits == 4, "bits=", bits, " must be 8 or 4");
@@ -4361,6 +4480,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "the fewest rows an int8 (bits 8) or int4 (bits 4) weight-only projection runs on "
         "AMX-INT8 with");
+  m.def("int8_terms", [] { return t8_on.load() && CPU_VNNI; },
+        "whether int8 weight-only NK experts run on the rows' four int8 terms with VNNI "
+        "(i8t_tile: AVX-512 VNNI, and set_int8_terms left it on)");
+  m.def("set_int8_terms", [](bool on) { t8_on.store(on); },
+        "run int8 weight-only NK experts on the rows' int8 terms where it applies (default "
+        "on; off: the FMA kernel)");
+  m.def("int8_terms_runs", [] { return t8_calls.load(); },
+        "how many gate_up / down_combine calls have run their rows on int8 terms");
   m.def("set_amx", [](bool on) { amx_on.store(on); },
         "use AMX for bf16, int8 and int4 NK projections where it applies (default on)");
   m.def("amx_runs", [] { return amx_calls.load(); },

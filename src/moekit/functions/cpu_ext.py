@@ -144,6 +144,7 @@ DECODE_NAME = "moekit_cpu_decode"
 DECODE_SOURCE = SOURCE.with_name("cpu_decode.cpp")
 _decode: list[ModuleType | None] = []  # [] until tried, then [module or None]
 AMX_ENV = "MOEKIT_AMX"  # 0: projections stay off AMX tiles (read once, as ISA_ENV)
+TERMS_ENV = "MOEKIT_INT8_TERMS"  # 0: int8 experts stay on the FMA kernel (read once)
 ISA_ENV = "MOEKIT_CPU_ISA"  # caps the decode kernels' path, read once when they load
 ISAS = ("avx512", "avx2", "generic")
 
@@ -155,8 +156,10 @@ def get_decode() -> ModuleType | None:
     loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
     on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
     AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``), and
-    with AMX-INT8, int8 / int4 weight-only projections of 8 / 12 to 32 rows
-    (``amx_int8()``); ``MOEKIT_AMX=0`` keeps both on the FMA kernels.
+    with AMX-INT8, int8 / int4 weight-only projections of 2 / 12 to 32 rows
+    (``amx_int8()``); ``MOEKIT_AMX=0`` keeps both on the FMA kernels. With AVX-512 VNNI,
+    int8 weight-only experts run on each row's four exact int8 terms (``int8_terms()``);
+    ``MOEKIT_INT8_TERMS=0`` keeps them on the FMA kernel.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
@@ -167,6 +170,11 @@ def get_decode() -> ModuleType | None:
         if amx_setting not in ("0", "1", ""):
             raise ValueError(f"{AMX_ENV}={amx_setting!r} is not allowed: 0 (no AMX tiles), 1 "
                              "or unset (AMX where the CPU has it)")
+        terms_setting = os.environ.get(TERMS_ENV, "")
+        if terms_setting not in ("0", "1", ""):
+            raise ValueError(f"{TERMS_ENV}={terms_setting!r} is not allowed: 0 (int8 experts on "
+                             "the FMA kernel), 1 or unset (on int8 terms where the CPU has "
+                             "AVX-512 VNNI)")
         disabled = os.environ.get(ENV, "1") == "0"
         _decode.append(None if disabled else _build(
             DECODE_NAME, DECODE_SOURCE, "decode kernels",
@@ -174,6 +182,8 @@ def get_decode() -> ModuleType | None:
             "are dequantized with torch ops."))
         if _decode[0] is not None and amx_setting == "0":
             _decode[0].set_amx(False)
+        if _decode[0] is not None and terms_setting == "0":
+            _decode[0].set_int8_terms(False)
     return _decode[0]
 
 
