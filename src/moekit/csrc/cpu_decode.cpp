@@ -1570,28 +1570,40 @@ AVX2 void i8a8_rows_avx2(const int8_t* p, const Q8Layout& L, const char* const* 
   }
 }
 
-// acc [n, W] = n row records @ int8 weights w[e][:, c0 : c0 + W] (bits = 88).
-void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
-               int64_t W, float* acc) {
-  const Q8Layout L(w.K);
+// acc [n, W] = n row records @ int8 weights w[e][:, c0 : c0 + W]: rows(p, xr, m, cols, v)
+// leaves output row c of p (rows s_n bytes apart) for record r of xr in v[8 c + r], then
+// scaled here by the output channels' scales (i8a8_tile, i8t_tile).
+template <typename Cols, typename Rows>
+void int8_record_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+                      int64_t W, float* acc, int64_t rmax, const Cols& cmax, const Rows& rows) {
   const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
   const float* sc = w.scales + e * w.N + c0;
   const char* const* xr = reinterpret_cast<const char* const*>(x);
   auto pass = [&](int64_t r0, int64_t m, int64_t j, int64_t cols, float* v) {
-    const int8_t* p = base + j * w.s_n;
-    if (CPU_VNNI)
-      with_rows<8>(m, [&](auto R) {
-        if (cols == 2) i8a8_rows_vnni<decltype(R)::value, 2>(p, w.s_n, L, xr + r0, v);
-        else i8a8_rows_vnni<decltype(R)::value, 1>(p, w.s_n, L, xr + r0, v);
-      });
-    else if (CPU_ISA == Isa::Generic)
-      i8a8_rows_generic(p, L, xr + r0, m, v);
-    else  // AVX2, or AVX-512 without VNNI
-      with_rows<4>(m, [&](auto R) { i8a8_rows_avx2<decltype(R)::value>(p, L, xr + r0, v); });
-    for (int64_t c = 0; c < cols; ++c)  // the output channels' scales
+    rows(base + j * w.s_n, xr + r0, m, cols, v);
+    for (int64_t c = 0; c < cols; ++c)
       for (int64_t r = 0; r < m; ++r) v[8 * c + r] *= sc[j + c];
   };
-  record_tile(n, W, A8_RMAX, a8_cols, pass, acc);
+  record_tile(n, W, rmax, cmax, pass, acc);
+}
+
+// acc [n, W] = n row records @ int8 weights w[e][:, c0 : c0 + W] (bits = 88).
+void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+               int64_t W, float* acc) {
+  const Q8Layout L(w.K);
+  const auto rows = [&](const int8_t* p, const char* const* xr, int64_t m, int64_t cols,
+                        float* v) {
+    if (CPU_VNNI)
+      with_rows<8>(m, [&](auto R) {
+        if (cols == 2) i8a8_rows_vnni<decltype(R)::value, 2>(p, w.s_n, L, xr, v);
+        else i8a8_rows_vnni<decltype(R)::value, 1>(p, w.s_n, L, xr, v);
+      });
+    else if (CPU_ISA == Isa::Generic)
+      i8a8_rows_generic(p, L, xr, m, v);
+    else  // AVX2, or AVX-512 without VNNI
+      with_rows<4>(m, [&](auto R) { i8a8_rows_avx2<decltype(R)::value>(p, L, xr, v); });
+  };
+  int8_record_tile(w, e, x, n, c0, W, acc, A8_RMAX, a8_cols, rows);
 }
 
 // ---- fp32 rows as int8 terms for AMX-INT8 (the kernels in the AMX section below)
@@ -1682,7 +1694,8 @@ VNNI void t8_record(const float* x, const T8Layout& L, float e2, char* rec) {
       nc[t] = _mm512_dpbusd_epi32(nc[t], ones, _mm512_load_si512(blk + 64 * t));
   }
   for (int t = 0; t < 4; ++t)
-    _mm512_store_si512(rec + L.nc_off + 64 * t, _mm512_mullo_epi32(nc[t], _mm512_set1_epi32(-128)));
+    _mm512_store_si512(rec + L.nc_off + 64 * t,
+                       _mm512_mullo_epi32(nc[t], _mm512_set1_epi32(-128)));
   std::memcpy(rec + L.e2_off, &e2, sizeof e2);
 }
 
@@ -1719,14 +1732,10 @@ VNNI void i8t_rows(const int8_t* p, const T8Layout& L, const char* const* xr, fl
 void i8t_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
               int64_t W, float* acc) {
   const T8Layout L(w.K);
-  const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
-  const float* sc = w.scales + e * w.N + c0;
-  const char* const* xr = reinterpret_cast<const char* const*>(x);
-  auto pass = [&](int64_t r0, int64_t m, int64_t j, int64_t, float* v) {
-    with_rows<4>(m, [&](auto R) { i8t_rows<decltype(R)::value>(base + j * w.s_n, L, xr + r0, v); });
-    for (int64_t r = 0; r < m; ++r) v[r] *= sc[j];
+  const auto rows = [&](const int8_t* p, const char* const* xr, int64_t m, int64_t, float* v) {
+    with_rows<4>(m, [&](auto R) { i8t_rows<decltype(R)::value>(p, L, xr, v); });
   };
-  record_tile(n, W, 4, [](int64_t) { return int64_t{1}; }, pass, acc);
+  int8_record_tile(w, e, x, n, c0, W, acc, 4, [](int64_t) { return int64_t{1}; }, rows);
 }
 
 // acc [n, W] = x rows (n of them) @ w[e][:, c0 : c0 + W]
