@@ -1651,8 +1651,9 @@ AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
 // 2F=1024, 16 tokens top-8, 2 threads: 28.8 GB/s with the experts in L3). Each row split
 // into its four int8 terms (terms_scale, split_terms: to 2^-28 of its largest magnitude),
 // one vpdpbusd multiplies 64 weights by 64 inputs of a term and sums them in fours into
-// exact int32 lanes, as the W8A8 kernel does with its one rounded term: 4 per row and 64
-// weights against the FMA kernel's 4 widenings, 4 converts and 4 FMAs per row. The lanes
+// exact int32 lanes, as the W8A8 kernel does with its one rounded term: per 64 weights a
+// flip and 4 per row, against the FMA kernel's 4 widenings and 4 converts and 4 FMAs per
+// row (the same count from ~4 rows on, where the two measure level). The lanes
 // stay int32 over the whole row (no per-block scale), recombined once per output:
 // (((C3 / 128 + C2) / 128 + C1) / 128 + C0) lane by lane in fp32, summed, times 2^e and
 // the output channel's scale.
