@@ -1653,10 +1653,10 @@ AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
 // one vpdpbusd multiplies 64 weights by 64 inputs of a term and sums them in fours into
 // exact int32 lanes, as the W8A8 kernel does with its one rounded term: per 64 weights a
 // flip and 4 per row, against the FMA kernel's 4 widenings and 4 converts and 4 FMAs per
-// row (the same count from ~4 rows on, where the two measure level). The lanes
-// stay int32 over the whole row (no per-block scale), recombined once per output:
-// (((C3 / 128 + C2) / 128 + C1) / 128 + C0) lane by lane in fp32, summed, times 2^e and
-// the output channel's scale.
+// row: 5 against 12 at one row, 17 against 24 at four (where the two measured level).
+// The lanes stay int32 over the whole row (no per-block scale), recombined once per
+// output: (((C3 / 128 + C2) / 128 + C1) / 128 + C0) lane by lane in fp32, summed, times
+// 2^e and the output channel's scale.
 //
 // A row record (one per distinct input row, 64-byte aligned):
 //   per block b of 64 inputs, 256 bytes: term t's 64 inputs at 64 t
