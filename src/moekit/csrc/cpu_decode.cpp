@@ -1606,7 +1606,7 @@ void i8a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, in
   int8_record_tile(w, e, x, n, c0, W, acc, A8_RMAX, a8_cols, rows);
 }
 
-// ---- fp32 rows as int8 terms for AMX-INT8 (the kernels in the AMX section below)
+// ---- fp32 rows as int8 terms (i8t_tile below; AMX-INT8's kernels in the AMX section)
 //
 // Each row, scaled by a power of two 2^e (max |x| / 2^e in (63.5, 127]), is split into
 // four int8 terms, x / 2^e = t0 + t1 / 128 + t2 / 128^2 + t3 / 128^3 + rest with |rest| <=
@@ -1642,6 +1642,15 @@ AVX512 inline void split_terms(__m512 v, __m128i (&q)[4]) {
     q[i] = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t));
     v = _mm512_mul_ps(_mm512_sub_ps(v, t), m128);  // exact: |v - t| <= 1/2
   }
+}
+
+// The four terms' int32 sums (lane by lane) as one value: ((C3 / 128 + C2) / 128 + C1) /
+// 128 + C0, in fp32
+AVX512 inline __m512 terms_value(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c3), inv, _mm512_cvtepi32_ps(c2));
+  v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c1));
+  return _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c0));
 }
 
 // ---- int8 weights, fp32 rows as four int8 terms on vpdpbusd (weight-only, exact) ----
@@ -1718,14 +1727,10 @@ VNNI void i8t_rows(const int8_t* p, const T8Layout& L, const char* const* xr, fl
         acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w, _mm512_load_si512(blk + 64 * t));
     }
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
   for (int r = 0; r < R; ++r) {
-    __m512 h = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][3]), inv, _mm512_cvtepi32_ps(acc[r][2]));
-    h = _mm512_fmadd_ps(h, inv, _mm512_cvtepi32_ps(acc[r][1]));
-    h = _mm512_fmadd_ps(h, inv, _mm512_cvtepi32_ps(acc[r][0]));
     float e2;
     std::memcpy(&e2, xr[r] + L.e2_off, sizeof e2);
-    v[r] = _mm512_reduce_add_ps(h) * e2;
+    v[r] = _mm512_reduce_add_ps(terms_value(acc[r][0], acc[r][1], acc[r][2], acc[r][3])) * e2;
   }
 }
 
@@ -1747,7 +1752,7 @@ void tile(const Weights& w, int64_t e, const float* const* x, const float* xsum,
     return i4a8_tile(w, e, x, n, c0, W, acc);
   }
   if (f4) return i4f_tile(w, e, x, n, c0, W, acc);  // x: row records too (Plan::f4)
-  if (w.kind == Kind::I8 && !w.a8 && x_t8) return i8t_tile(w, e, x, n, c0, W, acc);
+  if (x_t8) return i8t_tile(w, e, x, n, c0, W, acc);  // x: t8_records (Plan::t8rec)
   if (CPU_ISA != Isa::Generic && !w.n_unit) {
     if (CPU_ISA == Isa::Avx512) return nk_tile_isa<Isa::Avx512>(w, e, x, n, c0, W, acc);
     return nk_tile_isa<Isa::Avx2>(w, e, x, n, c0, W, acc);
@@ -2153,10 +2158,9 @@ struct Plan {
         ok = (e2[i] = terms_scale(distinct[i], K)) != 0.0f;
       if (ok) {
         const T8Layout L(w.K);
-        std::map<const float*, float> scale_of;
-        for (size_t i = 0; i < distinct.size(); ++i) scale_of[distinct[i]] = e2[i];
-        quantize_rows(L.bytes, [&](const float* row, char* rec) {
-          t8_record(row, L, scale_of.at(row), rec);
+        quantize_rows(L.bytes, [&](const float* row, char* rec) {  // (distinct is sorted)
+          const auto at = std::lower_bound(distinct.begin(), distinct.end(), row);
+          t8_record(row, L, e2[at - distinct.begin()], rec);
         });
         t8rec = true;
         t8_calls.fetch_add(1, std::memory_order_relaxed);
@@ -2749,14 +2753,6 @@ AVX512 bool i8_terms(const float* x, int64_t R, int64_t K, int8_t* xt, float* e2
   return true;
 }
 
-// The four terms' int32 sums as one value: ((C3 / 128 + C2) / 128 + C1) / 128 + C0, in fp32
-AVX512 inline __m512 amx_terms_value(__m512i c0, __m512i c1, __m512i c2, __m512i c3) {
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
-  __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c3), inv, _mm512_cvtepi32_ps(c2));
-  v = _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c1));
-  return _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c0));
-}
-
 // y[r][16 a + m] (a < na, m < 16, r the rows of groups j0 .. j0 + nb; rows of y ldy
 // apart) = (((C3 / 128 + C2) / 128 + C1) / 128 + C0) * 2^e_r * scale[16 a + m] for the
 // C tiles c [na nb][16][16] of amx_q8_pass: each C row's four lanes of a row reduced in
@@ -2903,7 +2899,7 @@ AVX512 void amx_i4_scale(const int32_t* c, int64_t R, __m512 e2, const float* s,
   const __mmask16 mask = static_cast<__mmask16>((1u << R) - 1);
   for (int m = 0; m < 16; ++m) {
     const int32_t* cm = c + m * R;
-    const __m512 v = amx_terms_value(
+    const __m512 v = terms_value(
         _mm512_maskz_loadu_epi32(mask, cm), _mm512_maskz_loadu_epi32(mask, cm + 16 * R),
         _mm512_maskz_loadu_epi32(mask, cm + 32 * R), _mm512_maskz_loadu_epi32(mask, cm + 48 * R));
     acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(v, e2), _mm512_set1_ps(s[m * sg]), acc[m]);

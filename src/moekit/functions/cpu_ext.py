@@ -166,25 +166,27 @@ def get_decode() -> ModuleType | None:
         if cap and cap not in ISAS:
             raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(ISAS)} "
                              "(or unset: the widest this CPU has)")
-        amx_setting = os.environ.get(AMX_ENV, "")
-        if amx_setting not in ("0", "1", ""):
-            raise ValueError(f"{AMX_ENV}={amx_setting!r} is not allowed: 0 (no AMX tiles), 1 "
-                             "or unset (AMX where the CPU has it)")
-        terms_setting = os.environ.get(TERMS_ENV, "")
-        if terms_setting not in ("0", "1", ""):
-            raise ValueError(f"{TERMS_ENV}={terms_setting!r} is not allowed: 0 (int8 experts on "
-                             "the FMA kernel), 1 or unset (on int8 terms where the CPU has "
-                             "AVX-512 VNNI)")
+        amx_off = _switched_off(AMX_ENV, "no AMX tiles", "AMX where the CPU has it")
+        terms_off = _switched_off(TERMS_ENV, "int8 experts on the FMA kernel",
+                                  "on int8 terms where the CPU has AVX-512 VNNI")
         disabled = os.environ.get(ENV, "1") == "0"
         _decode.append(None if disabled else _build(
             DECODE_NAME, DECODE_SOURCE, "decode kernels",
             "backend 'auto' keeps the fused path for decoding, and quantized experts "
             "are dequantized with torch ops."))
-        if _decode[0] is not None and amx_setting == "0":
+        if _decode[0] is not None and amx_off:
             _decode[0].set_amx(False)
-        if _decode[0] is not None and terms_setting == "0":
+        if _decode[0] is not None and terms_off:
             _decode[0].set_int8_terms(False)
     return _decode[0]
+
+
+def _switched_off(env: str, off: str, on: str) -> bool:
+    """Whether the on / off variable ``env`` is 0; any value but 0, 1 or unset is refused."""
+    setting = os.environ.get(env, "")
+    if setting not in ("0", "1", ""):
+        raise ValueError(f"{env}={setting!r} is not allowed: 0 ({off}), 1 or unset ({on})")
+    return setting == "0"
 
 
 def native_bf16() -> bool:
