@@ -456,14 +456,17 @@ def _q_fma(x, qt, b=None):
     (8, 192, 80, 3, 0), (8, 256, 112, 4, 0), (8, 128, 96, 5, 0), (8, 64, 64, 6, 0),
     (8, 320, 48, 21, 0), (4, 1024, 3072, 16, 64),
     (4, 64, 16, 12, 64), (4, 256, 48, 13, 128), (4, 384, 80, 16, 64), (4, 256, 32, 25, 64),
-    (4, 1024, 64, 32, 128)])
+    (4, 1024, 64, 32, 128), (4, 256, 64, 2, 64), (4, 192, 96, 3, 64), (4, 1024, 3072, 8, 64),
+    (4, 128, 32, 11, 128), (4, 64, 32, 5, 64)])
 def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, group):
     """fp32 rows against an int8 or int4 weight: AMX-INT8's result within its own bound of
     float64 over the dequantized weight. int8: rows in groups of four per B tile, passes of
     four 16-output blocks (one group: 2-4 rows; N = 48, 80, 112 end on passes of 3, 1, 3
     blocks), two (two groups: 5-8 rows), one (3-4 groups; 17-32 rows: five or more, in
-    two passes over the weights), a last group of 1-3 rows; int4: one chunk of rows (up to
-    16: one B tile per term) and two (17-32, the second padded with zero rows). The rows'
+    two passes over the weights), a last group of 1-3 rows; int4 from 12 rows: one chunk of
+    rows (up to 16: one B tile per term) and two (17-32, the second padded with zero rows);
+    int4 of 2-11 rows (a4_rows, as int4 experts): 1, 2 and 4 rows' C tiles, passes of four
+    rows (5, 8, 11), K = 192 ending on one 64-input chunk, K = 64 (one group). The rows'
     four int8 terms hold each x to 2^-28 of its row's largest magnitude (2^-27 max |x| sum
     |s q|); the int32 sums are exact and their recombination, the groups' scaling and sums
     round a few times per group in fp32 ((G + 8) * 2^-24 * sum |x| |s q|, and for the zero
@@ -486,7 +489,9 @@ def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, g
              + ((group + G + 2) * 2.0**-24 * (xd @ z.abs().t()) if bits == 4 else 0.0)
              + 2.0**-27 * xd.amax(1, keepdim=True) * sq.abs().sum(1))
     assert ((y - want).abs() <= tight).all()
-    assert ((fma - want).abs() <= K * 2.0**-24 * (xd @ (sq + z).abs().t())).all()
+    # (both compute s * sum(x q) + z * sum(x): the FMA kernel's error is relative to |s q| +
+    # |z|, not to |s q + z|, which cancels where z = the group's minimum is negative)
+    assert ((fma - want).abs() <= K * 2.0**-24 * (xd @ (sq.abs() + z.abs()).t())).all()
     assert (y[1] == 0).all() if bits == 8 else True
 
 
@@ -662,3 +667,115 @@ def test_int8_terms_off_by_environment_and_a_bad_setting_named():
     env["MOEKIT_INT8_TERMS"] = "yes"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "MOEKIT_INT8_TERMS='yes' is not allowed" in out.stderr
+
+
+# -- int4 weight-only experts on AMX-INT8, four rows' terms to a B tile (a4_rows) ---------
+
+def _q4_experts(E, K, N, group, g):
+    """int4 experts [E, K, N] (a QuantizedTensor) and, in float64, s * q and z of each
+    expert's [N, K] weights (w = s * q + z), computed here from the packed nibbles."""
+    qt = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 4, group_size=group)
+    q = unpack_int4(qt.data).double().unflatten(-1, (-1, group))  # [E, N, K / g, g]
+    sq = (q * qt.scales.double()[..., None]).flatten(-2)
+    z = qt.zeros.double()[..., None].expand_as(q).flatten(-2)
+    return qt, sq, z
+
+
+def _a4_bound(x, sq, z, G, group, extra=0):
+    """|error| allowed per routed row (x [S, K]; sq, z [S, N, K]): each group's int32 sums
+    exact, scaled and summed over G groups in fp32 with the recombination and zero points'
+    few roundings ((G + 8 + extra) * 2^-24 sum |x| |s q|; the group sums (g + G + 2) * 2^-24
+    sum |x| |z|), the terms' truncation 2^-27 max |x| sum |s q|."""
+    xa = x.abs()
+    return ((G + 8 + extra) * 2.0**-24 * torch.einsum("sk,snk->sn", xa, sq.abs())
+            + (group + G + 2 + extra) * 2.0**-24 * torch.einsum("sk,snk->sn", xa, z.abs())
+            + 2.0**-27 * xa.amax(1, keepdim=True) * sq.abs().sum(2))
+
+
+@amx_int8
+@pytest.mark.parametrize("T,E,k,K,N,group", [
+    (3, 4, 2, 256, 64, 64), (9, 2, 1, 1024, 128, 128), (24, 3, 2, 192, 64, 64),
+    (30, 2, 1, 128, 128, 128), (16, 8, 4, 512, 256, 64), (5, 4, 3, 64, 64, 64)])
+def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, group):
+    """gate_up and down_combine of int4 weight-only experts (1 to ~30 rows an expert: C
+    tiles of 1, 2 and 4 rows, passes of four rows, K = 192 ending on one 64-input chunk,
+    one group or many, g 64 and 128) on AMX-INT8: within _a4_bound of float64 over the
+    dequantized weights (computed here), far inside the FMA kernel's K * 2^-24 sum |x| (|s
+    q| + |z|), which it meets too. Rows of mixed magnitudes (zeros, an outlier 1e4 times
+    the rest, 1e-30 times the rest); amx_runs shows both calls ran on AMX."""
+    ext = cpu_ext.get_decode()
+    g = torch.Generator().manual_seed(T * 100 + K + E)
+    token, expert, offsets = _routed(T, E, k, g)
+    x = torch.randn(T, K, generator=g)
+    x[min(1, T - 1)] = 0.0
+    x[min(2, T - 1), 5] = 1e4
+    x[min(3, T - 1)] *= 1e-30
+    w_in, sq_in, z_in = _q4_experts(E, K, N, group, g)
+    args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
+    before = ext.amx_runs()
+    h = ext.gate_up(x, *args).double()
+    assert ext.amx_runs() == before + 1
+    fma, _ = _q_fma_call(lambda: ext.gate_up(x, *args))
+    xs = x.double()[token]  # [S, K]
+    want = torch.einsum("sk,snk->sn", xs, sq_in[expert] + z_in[expert])
+    assert ((h - want).abs() <= _a4_bound(xs, sq_in[expert], z_in[expert], K // group,
+                                          group)).all()
+    wide = torch.einsum("sk,snk->sn", xs.abs(), sq_in[expert].abs() + z_in[expert].abs())
+    assert ((fma.double() - want).abs() <= K * 2.0**-24 * wide).all()
+    # down_combine: N inputs per row back to K outputs, weighted into their tokens
+    a = torch.randn(token.numel(), N, generator=g)
+    wts = torch.rand(token.numel(), generator=g)
+    w_out, sq_out, z_out = _q4_experts(E, N, K, group, g)
+    out = torch.empty(T, K)
+    ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out)
+    assert ext.amx_runs() == before + 2
+    ad, wd = a.double(), wts.double()[:, None]
+    rows = torch.einsum("sn,skn->sk", ad, sq_out[expert] + z_out[expert]) * wd
+    want_out = torch.zeros(T, K, dtype=torch.float64).index_add_(0, token, rows)
+    # each row's bound, plus the fp32 sums of k rows per token and their weights
+    bound = torch.zeros(T, K, dtype=torch.float64).index_add_(
+        0, token, _a4_bound(ad, sq_out[expert], z_out[expert], N // group, group, 2 * k) * wd)
+    assert ((out.double() - want_out).abs() <= bound).all()
+
+
+def _q_fma_call(fn):
+    """fn() with AMX off (the FMA kernels), and whether AMX ran (it must not)."""
+    ext = cpu_ext.get_decode()
+    before = ext.amx_runs()
+    ext.set_amx(False)
+    try:
+        return fn(), ext.amx_runs() > before
+    finally:
+        ext.set_amx(True)
+
+
+@amx_int8
+@pytest.mark.parametrize("case", ["one row", "33 rows", "group 32", "N 48", "nan", "tiny",
+                                  "int8 activations"])
+def test_int4_experts_leave_what_amx_cannot_run_to_the_fma_kernel(case):
+    """Experts of one row each (the FMA kernel is as fast there), an expert of more than 32
+    rows, groups of 32, outputs not a multiple of 32, a row holding NaN or one below 2^-100
+    in magnitude (then the whole call stays on the FMA kernel), int8 activations (their own
+    kernel): bitwise as with AMX off, no AMX run."""
+    ext = cpu_ext.get_decode()
+    g = torch.Generator().manual_seed(12)
+    T, E, k = {"one row": (2, 8, 1), "33 rows": (40, 1, 1)}.get(case, (6, 4, 2))
+    token, expert, offsets = _routed(T, E, k, g)
+    if case == "one row":
+        token, expert = torch.tensor([0, 1]), torch.tensor([2, 5])
+        offsets = torch.bincount(expert, minlength=E).cumsum(0)
+    N = 48 if case == "N 48" else 64
+    qt = quantize_tensor(torch.randn(E, 128, N, generator=g), 4,
+                         group_size=32 if case == "group 32" else 64,
+                         activations="int8" if case == "int8 activations" else "float")
+    x = torch.randn(T, 128, generator=g)
+    if case == "nan":
+        x[2, 7] = float("nan")
+    if case == "tiny":
+        x[2] *= 1e-39
+    args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    before = ext.amx_runs()
+    y = ext.gate_up(x, *args)
+    assert ext.amx_runs() == before
+    fma, _ = _q_fma_call(lambda: ext.gate_up(x, *args))
+    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)

@@ -2116,6 +2116,40 @@ struct PerExpert {
   int64_t experts() const { return static_cast<int64_t>(list.size()); }
 };
 
+// The terms of R rows packed four rows to a B tile (int8 projections, amx_q8_pass): row
+// r's term t in column 4 (r % 4) + t of its group's tile, so one tdpbssd multiplies 16
+// outputs by up to four rows, every term, and 64 inputs. (A tile per term, R columns
+// each, as int4's i8_terms lays them out, costs four tdpbssd per A tile whatever R.)
+struct AmxTerms {
+  int64_t R = 0, K = 0;
+  std::vector<int8_t> b;  // group j (rows 4j..) at 16 K j: [K / 4][rows(j)][4 terms][4 inputs]
+  std::vector<float> e2;  // each row's 2^e
+  int64_t groups() const { return (R + 3) / 4; }
+  int64_t rows(int64_t j) const { return std::min<int64_t>(4, R - 4 * j); }
+  int64_t stride(int64_t j) const { return 16 * rows(j); }  // bytes per 4 inputs
+  const int8_t* tile(int64_t j, int64_t k0) const {
+    return b.data() + 16 * K * j + k0 / 4 * stride(j);
+  }
+};
+
+AVX512 bool amx_terms_build(AmxTerms& t, const float* const* x, int64_t R, int64_t K,
+                            bool nibbles);
+
+// An int4 expert's rows on AMX-INT8 (a4_tile): their terms (the inputs of each 64 in the
+// order of the unpacked nibbles) and sums over each weight group.
+struct A4Rows {
+  AmxTerms t;
+  std::vector<float> zr;  // [R][G]: row q's sum over weight group gi / 2^e
+};
+// Whether int4 weight-only experts of up to `rows` rows each run on AMX-INT8 (a4_tile);
+// a4_build: r = the R rows x[r] (false where a4_tile cannot take them: a value not
+// finite, a row below 2^-100)
+bool a4_applies(const Weights& w, int64_t rows);
+std::atomic<bool> amx_on{true};     // set_amx (tests compare both paths)
+std::atomic<int64_t> amx_calls{0};  // projections run on AMX (amx_runs: tests check it)
+bool a4_build(A4Rows& r, const float* const* x, int64_t R, int64_t K, int64_t g);
+void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W, float* acc);
+
 // The routed rows of the touched experts and, for the KN layout, their phase-1
 // partial sums: part(i, c) is [rows of expert i, N] for K chunk c. The K chunks are
 // planned for `plan_experts` experts where that is > 0, else for the touched ones.
@@ -2129,6 +2163,7 @@ struct Plan {
   std::vector<float> records;   // int8 activations, int4 blocks: each distinct row's record
   bool f4 = false;              // int4 blocks (i4f_tile): x's rows are f4_records
   bool t8rec = false;           // int8 on terms (i8t_tile): x's rows are t8_records
+  std::vector<A4Rows> a4;       // int4 on AMX-INT8 (a4_tile): each touched expert's rows
 
   Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
        int64_t plan_experts)
@@ -2145,6 +2180,8 @@ struct Plan {
     } else if (w.a8) {
       const A8Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { quantize_a8(row, L, rec); });
+    } else if (a4_applies(w, max_rows()) && build_a4(w)) {
+      // (x's rows stay as they are: a4 holds their terms)
     } else if ((f4 = i4f(w, max_rows()))) {
       const F4Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
@@ -2174,6 +2211,18 @@ struct Plan {
       off += chunks * static_cast<int64_t>(x[i].size()) * w.N;
     }
     parts.resize(off);
+  }
+  // a4 built for every touched expert, or left empty (false) where a row cannot go
+  bool build_a4(const Weights& w) {
+    a4.resize(x.size());
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, static_cast<int64_t>(x.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1 && ok; ++i)
+        if (!a4_build(a4[i], x[i].data(), n(i), K, w.group)) ok = false;
+    });
+    if (!ok) a4.clear();
+    else amx_calls.fetch_add(1, std::memory_order_relaxed);
+    return ok;
   }
   // x's rows replaced by permuted copies, one per distinct row (a token routed to
   // k experts is permuted once): O(rows x K) against the O(experts x N x K) weights.
@@ -2240,6 +2289,7 @@ struct Plan {
   void columns(const Ws& ws, size_t i, const float* xsum, int64_t c0, int64_t W,
                float* acc) {
     const int64_t rows_i = n(i), e = rows.experts[i];
+    if (!a4.empty()) return a4_tile(ws.of(e), ws.entry(e), a4[i], c0, W, acc);
     if (!ws.of(e).n_unit) {
       tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4, t8rec);
       return;
@@ -2380,30 +2430,17 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   run_phases(plan.phase1(), [&](const Task& t) { plan.run_phase1(ws, t); }, tasks, combine);
 }
 
-// The terms of R rows packed four rows to a B tile (int8 projections, amx_q8_pass): row
-// r's term t in column 4 (r % 4) + t of its group's tile, so one tdpbssd multiplies 16
-// outputs by up to four rows, every term, and 64 inputs. (A tile per term, R columns
-// each, as int4's i8_terms lays them out, costs four tdpbssd per A tile whatever R.)
-struct AmxTerms {
-  int64_t R = 0, K = 0;
-  std::vector<int8_t> b;  // group j (rows 4j..) at 16 K j: [K / 4][rows(j)][4 terms][4 inputs]
-  std::vector<float> e2;  // each row's 2^e
-  int64_t groups() const { return (R + 3) / 4; }
-  int64_t rows(int64_t j) const { return std::min<int64_t>(4, R - 4 * j); }
-  int64_t stride(int64_t j) const { return 16 * rows(j); }  // bytes per 4 inputs
-  const int8_t* tile(int64_t j, int64_t k0) const {
-    return b.data() + 16 * K * j + k0 / 4 * stride(j);
-  }
-};
-
-// t = the terms of R rows of x (K inputs each, a multiple of 16, rows K apart); false
-// where a value is not finite.
-AVX512 bool amx_terms_build(AmxTerms& t, const float* x, int64_t R, int64_t K) {
+// t = the terms of the R rows x[r] (K inputs each, a multiple of 16; of 64 with
+// `nibbles`); false where a value is not finite or a row is below 2^-100 (terms_scale).
+// With `nibbles` the inputs of each 64 lie in the order an int4 A tile holds its
+// unpacked nibbles (a4_rows): 0-15, 32-47, 16-31, 48-63.
+AVX512 bool amx_terms_build(AmxTerms& t, const float* const* x, int64_t R, int64_t K,
+                            bool nibbles) {
   t.R = R, t.K = K;
   t.b.resize(4 * K * R + 64);  // (+64: a B tile's row loads read 64 bytes, past the last rows)
   t.e2.resize(R);
   for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * K;
+    const float* xr = x[r];
     if (!(t.e2[r] = terms_scale(xr, K))) return false;
     const __m512 down = _mm512_set1_ps(1.0f / t.e2[r]);  // (exact: a power of two)
     const int64_t s = t.stride(r / 4);
@@ -2415,7 +2452,8 @@ AVX512 bool amx_terms_build(AmxTerms& t, const float* x, int64_t R, int64_t K) {
       // k + 4j.. (terms 0-3 in order)
       const __m128i a = _mm_unpacklo_epi32(q[0], q[1]), b = _mm_unpacklo_epi32(q[2], q[3]);
       const __m128i c = _mm_unpackhi_epi32(q[0], q[1]), d = _mm_unpackhi_epi32(q[2], q[3]);
-      int8_t* at = row + k / 4 * s;
+      const int64_t quarter = (k >> 4) & 3;  // (nibbles: quarters 1 and 2 swap places)
+      int8_t* at = row + (nibbles && (quarter == 1 || quarter == 2) ? k ^ 48 : k) / 4 * s;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm_unpacklo_epi64(a, b));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(at + s), _mm_unpackhi_epi64(a, b));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 2 * s), _mm_unpacklo_epi64(c, d));
@@ -2687,8 +2725,6 @@ bool amx_int8_here() { return false; }
 #endif
 
 constexpr int64_t AMX_MAX_ROWS = 16;  // one B tile's columns
-std::atomic<bool> amx_on{true};       // set_amx (tests compare both paths)
-std::atomic<int64_t> amx_calls{0};    // projections run on AMX (amx_runs: tests check it)
 
 // y = x @ w on AMX where it applies (returns false, y untouched, where not): AMX here and
 // on, 1 <= R <= AMX_MAX_ROWS, K a multiple of 32, N of 16, every x value a bf16.
@@ -2873,8 +2909,10 @@ bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t 
       K % 64 || K > AMX_I8_MAX_K || N % 16 ||
       !amx_int8_here())  // (AMX: the CPU runs AVX-512, amx_terms_build's ISA)
     return false;
+  std::vector<const float*> xr(R);
+  for (int64_t r = 0; r < R; ++r) xr[r] = x + r * K;
   AmxTerms t;
-  if (!amx_terms_build(t, x, R, K)) return false;
+  if (!amx_terms_build(t, xr.data(), R, K, false)) return false;
   const int64_t G = t.groups(), unit = G == 1 ? 4 : G == 2 ? 2 : 1;  // blocks per pass
   const int64_t blocks = N / 16;
   at::parallel_for(0, (blocks + unit - 1) / unit, 1, [&](int64_t lo, int64_t hi) {
@@ -2948,7 +2986,11 @@ AVX512 void amx_i4_outputs(const uint8_t* w, int64_t ld, int64_t g, int64_t G, c
 // us, [1024 -> 3072] and [1024 -> 1024]: 1 row 109 / 109 and 46 / 45, 8 rows 296-302 /
 // 276-279 and 111-113 / 105-108, 12 rows 416-459 / 308-332 and 161-166 / 121-130, 16 rows
 // 535-574 / 312-346 and 205 / 135-137. (Scaling group g - 1 after group g's tiles, in the
-// other buffer, measured the same as in order.)
+// other buffer, measured the same as in order.) Below 12 rows a dense int4 projection runs
+// on a4_rows (C tiles as wide as the rows: dense_amx declines, gate_up_rows' Plan takes it);
+// from 12 both were measured (2026-12-06, evening): this one faster at 16 and 32 rows
+// (309 against 376 us, 523 against 697 for [1024 -> 3072]), a4_rows at 12 and 24 (295
+// against 327, 536 against 544).
 constexpr int64_t AMX_I4_MIN_ROWS = 12;
 
 // y = x @ dequantized w for an int4 NK weight (w = s * q + z per group of g inputs) on
@@ -2992,6 +3034,208 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
   (void)x, (void)R, (void)K, (void)w, (void)ld, (void)scales, (void)zeros, (void)g, (void)N,
       (void)y;
   return false;
+#endif
+}
+
+// ---- int4 weight-only experts and projections on AMX-INT8: four rows' terms to a B tile
+//
+// The int4 FMA kernel (i4f_rows) spends per 16 weights an AND, a convert and an FMA per
+// row: from 2 rows on it is bound by them, not by the bytes. Here the rows are split into
+// their four int8 terms, up to four rows to a B tile (AmxTerms, as int8's projections, the
+// inputs of each 64 in the order of the unpacked nibbles), and 16 output rows' nibbles
+// into an A tile (a mask, a shift, a mask and a shuffle per 64 weight bytes and half A
+// tile), so one tdpbusd gives the exact int32 sums of 16 outputs x up to four rows x four
+// terms x 64 inputs. Each weight group's C tile is stored and scaled in fp32 lane by lane
+// (the group's s per output); the zero points are z times the rows' sums over the group;
+// the terms are recombined once per output at the end, ((A3 / 128 + A2) / 128 + A1) / 128
+// + A0, times the row's 2^e. The group scaling is the cost that does not shrink with the
+// rows (16 outputs x 4 lanes a row per 64 inputs at g = 64), hence C tiles as wide as the
+// rows (a4_configure) and more than four rows in passes of four over each 16-output block
+// (the next passes read it from L1 / L2).
+//
+// gate_up of 64 experts D=1024 2F=1024 g64, every expert R rows, 12 weight sets cycled
+// (cold), 2 threads, GB/s of int4, FMA kernel / here: R=1 19.3-19.9 / 19.4-20.0 (hence
+// from 2 rows), 2 17.2-17.3 / 19.4-19.7, 3 14.1-14.8 / 17.3-18.8, 4 12.1-12.8 / 15.5-17.8,
+// 8 7.1 / 9.6-9.7, 16 3.6 / 5.0-5.1; down_combine (K = 512) 2 15.9-16.5 / 16.8-17.3, 3
+// 11.3-12.1 / 14.8-15.9, 4 9.7-10.9 / 13.5-14.6 (/tmp scripts over ext.gate_up and
+// ext.down_combine, this Xeon). One pass over the block for every row group (sharing the
+// unpacked nibbles) measured 15-20% faster at 5-16 rows and was not kept: ~150 more lines
+// for experts that rarely have them. Dense projections from 12 rows keep amx_i4_rows.
+#ifdef MOEKIT_AMX
+// Tiles of a4_rows<RP>: C 0, 1 and B 6 of 16 RP bytes a row (RP rows' four terms), A 4, 5
+// of 64 bytes.
+AMX_FN void a4_configure(int64_t rp) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i)
+    cfg.rows[i] = 16, cfg.colsb[i] = static_cast<uint16_t>(i == 4 || i == 5 ? 64 : 16 * rp);
+  TILE_BARRIER();
+  _tile_loadconfig(&cfg);
+}
+
+// acc[i] += the C tile's vector i (cb) times its lanes' outputs' s, and zp[q] (lane m:
+// output m) += the outputs' z times row q's sum over the group / 2^e (zr[q G]), for
+// weight group gi (s, z at the 16 outputs' first; sidx: the outputs' distance; out[i]:
+// vector i's lanes -> their outputs)
+template <int RP>
+AVX512 inline void a4_rows_scale(const int32_t* cb, const float* s, const float* z,
+                                 const float* zr, int64_t G, int64_t gi, int64_t R,
+                                 __m512i sidx, const __m512i (&out)[4 * RP],
+                                 __m512 (&acc)[4 * RP], __m512 (&zp)[RP]) {
+  const __m512 sg = RP < 4 ? _mm512_i32gather_ps(sidx, s + gi, 4) : _mm512_setzero_ps();
+  for (int i = 0; i < 4 * RP; ++i) {
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * i));
+    if constexpr (RP == 4)  // vector i is output i's (a broadcast from memory: no shuffle)
+      acc[i] = _mm512_fmadd_ps(c, _mm512_set1_ps(s[i * G + gi]), acc[i]);
+    else
+      acc[i] = _mm512_fmadd_ps(c, _mm512_permutexvar_ps(out[i], sg), acc[i]);
+  }
+  const __m512 zg = _mm512_i32gather_ps(sidx, z + gi, 4);
+  for (int q = 0; q < RP; ++q)
+    if (q < R) zp[q] = _mm512_fmadd_ps(zg, _mm512_set1_ps(zr[q * G + gi]), zp[q]);
+}
+
+// 16 outputs (w: the first one's row, rows ld bytes apart; s, z: their scales and zeros,
+// G apart) for row group j of r (R <= RP rows; RP 1, 2 or 4, tiles by a4_configure(RP))
+// into y[q][m] (rows ldy apart); `next`: the next block's bytes (16 ld, prefetched into L2
+// while this one runs) or null. A C tile holds 16 outputs x 4 RP lanes: a group's sums
+// are 4 RP vectors to scale (4 at one row, 16 at four). Two C tiles in turn: a group's
+// are stored while the next group's sums run, and scaled after them (a tile store read
+// back at once waited on it: ~30% of a chunk's time in a /tmp microbenchmark).
+template <int RP>
+AMX_I8_FN void a4_rows(const uint8_t* w, int64_t ld, int64_t K, int64_t g, const A4Rows& r,
+                       int64_t j, const float* s, const float* z, const uint8_t* next,
+                       float* y, int64_t ldy) {
+  constexpr int L = 4 * RP;  // lanes per output; a C tile is L vectors
+  const AmxTerms& t = r.t;
+  const int64_t G = K / g, R = t.rows(j);
+  const float* zr = r.zr.data() + 4 * j * G;
+  const float* e2 = t.e2.data() + 4 * j;
+  const int64_t lines = 16 * ld / 64, per_pair = (lines + K / 128) / (K / 128 + 1);
+  alignas(64) int8_t u[2][2][16 * 64];  // the unpacked nibbles of two chunks, two sets in turn
+  alignas(64) int32_t c[2][16 * L];
+  __m512 acc[L], zp[RP];
+  __m512i out[L];  // vector i's lanes -> their outputs
+  for (int q = 0; q < RP; ++q) zp[q] = _mm512_setzero_ps();
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int i = 0; i < L; ++i) {
+    acc[i] = _mm512_setzero_ps();
+    out[i] = _mm512_srli_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(16 * i)), 2 + (RP / 2));
+  }
+  const __m512i sidx = _mm512_mullo_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(G)));
+  const __m512i m15 = _mm512_set1_epi8(15);
+  const __m256i m15h = _mm256_set1_epi8(15);
+  int64_t pf = 0, turn = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += 128, turn ^= 1) {
+    int8_t(&ub)[2][16 * 64] = u[turn];
+    if (k0 + 128 <= K) {  // two chunks: 64 bytes a row, [lo | hi] of each into its buffer
+      for (int m = 0; m < 16; ++m) {
+        const __m512i b = _mm512_loadu_si512(w + m * ld + k0 / 2);
+        const __m512i lo = _mm512_and_si512(b, m15);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m15);
+        _mm512_store_si512(ub[0] + 64 * m, _mm512_shuffle_i64x2(lo, hi, 0x44));
+        _mm512_store_si512(ub[1] + 64 * m, _mm512_shuffle_i64x2(lo, hi, 0xEE));
+      }
+    } else {
+      for (int m = 0; m < 16; ++m) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + m * ld + k0 / 2));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ub[0] + 64 * m), _mm256_and_si256(b, m15h));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(ub[0] + 64 * m + 32),
+                           _mm256_and_si256(_mm256_srli_epi16(b, 4), m15h));
+      }
+    }
+    if (next)
+      for (int64_t i = 0; i < per_pair && pf < lines; ++i, ++pf)
+        _mm_prefetch(reinterpret_cast<const char*>(next) + 64 * pf, _MM_HINT_T1);
+    for (int h = 0; h < 2 && k0 + 64 * h < K; ++h) {
+      const int64_t k = k0 + 64 * h, gi = k / g;
+      const int set = static_cast<int>(gi & 1);
+      TILE_BARRIER();
+      if (k % g == 0) {
+        if (set) _tile_zero(1); else _tile_zero(0);
+      }
+      if (h) _tile_loadd(5, ub[1], 64); else _tile_loadd(4, ub[0], 64);
+      _tile_loadd(6, t.tile(j, k), t.stride(j));
+      if (set && h) _tile_dpbusd(1, 5, 6);
+      else if (set) _tile_dpbusd(1, 4, 6);
+      else if (h) _tile_dpbusd(0, 5, 6);
+      else _tile_dpbusd(0, 4, 6);
+      if ((k + 64) % g) continue;
+      if (set) _tile_stored(1, c[1], 16 * RP); else _tile_stored(0, c[0], 16 * RP);
+      TILE_BARRIER();
+      if (gi > 0)  // the group before, stored one group ago
+        a4_rows_scale<RP>(c[!set], s, z, zr, G, gi - 1, R, sidx, out, acc, zp);
+    }
+  }
+  TILE_BARRIER();
+  a4_rows_scale<RP>(c[(G - 1) & 1], s, z, zr, G, G - 1, R, sidx, out, acc, zp);
+  // recombined lane by lane (lane 4 u: output u / RP, row u % RP), plus the zero points
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  alignas(64) float v[16 * L];
+  for (int i = 0; i < L; ++i) {
+    const __m512 f = acc[i];
+    __m512 h = _mm512_fmadd_ps(_mm512_permute_ps(f, 0xFF), inv, _mm512_permute_ps(f, 0xAA));
+    h = _mm512_fmadd_ps(h, inv, _mm512_permute_ps(f, 0x55));
+    _mm512_store_ps(v + 16 * i, _mm512_fmadd_ps(h, inv, f));
+  }
+  alignas(64) float zv[RP][16];
+  for (int q = 0; q < RP; ++q) _mm512_store_ps(zv[q], zp[q]);
+  for (int64_t q = 0; q < R; ++q)
+    for (int m = 0; m < 16; ++m) y[q * ldy + m] = (v[4 * (m * RP + q)] + zv[q][m]) * e2[q];
+}
+#endif
+
+// From 2 rows an expert (at one row level with the FMA kernel) to 32 (the decode kernels'
+// rows, as int8's AMX path); K and g multiples of 64 (a C tile's sums are one group's:
+// |C| <= 15 * 128 * g, whatever K); output widths multiples of 32 (gate_up's GLU halves in
+// whole 16-output blocks).
+constexpr int64_t A4_MIN_ROWS = 2, A4_MAX_ROWS = 32;
+
+bool a4_applies(const Weights& w, int64_t rows) {
+  return amx_on.load(std::memory_order_relaxed) && w.kind == Kind::I4 && !w.a8 && !w.n_unit &&
+         rows >= A4_MIN_ROWS && rows <= A4_MAX_ROWS && w.K % 64 == 0 && w.group % 64 == 0 &&
+         w.N % 32 == 0 && amx_int8_here();
+}
+
+AVX512 bool a4_build(A4Rows& r, const float* const* x, int64_t R, int64_t K, int64_t g) {
+  if (!amx_terms_build(r.t, x, R, K, true)) return false;
+  const int64_t G = K / g;
+  r.zr.resize(R * G);
+  for (int64_t q = 0; q < R; ++q)
+    for (int64_t gi = 0; gi < G; ++gi) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t k = gi * g; k < (gi + 1) * g; k += 16)
+        sum = _mm512_add_ps(sum, _mm512_loadu_ps(x[q] + k));
+      r.zr[q * G + gi] = _mm512_reduce_add_ps(sum) / r.t.e2[q];
+    }
+  return true;
+}
+
+// acc [rows of r, W] = r's rows @ int4 weights w[e][:, c0 : c0 + W] (W a multiple of 16)
+void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W, float* acc) {
+#ifdef MOEKIT_AMX
+  const int64_t G = w.K / w.group;
+  const uint8_t* base = static_cast<const uint8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+  const float* sc = w.scales + (e * w.N + c0) * G;
+  const float* z = w.zeros + (e * w.N + c0) * G;
+  const int64_t blocks = W / 16, ld = w.s_n, R = r.t.R, rp = R <= 2 ? R : 4;
+  for (int64_t i = 0; i < 16 * ld; i += 64)  // the first block (the rest: a4_rows' `next`)
+    _mm_prefetch(reinterpret_cast<const char*>(base) + i, _MM_HINT_T1);
+  a4_configure(rp);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = base + 16 * b * ld;
+    const uint8_t* next = b + 1 < blocks ? p + 16 * ld : nullptr;
+    const float *s = sc + 16 * b * G, *zb = z + 16 * b * G;
+    for (int64_t j = 0; j < r.t.groups(); ++j) {  // (groups after the first: from L1 / L2)
+      const uint8_t* pf = j == 0 ? next : nullptr;
+      float* y = acc + 4 * j * W + 16 * b;
+      if (rp == 1) a4_rows<1>(p, ld, w.K, w.group, r, j, s, zb, pf, y, W);
+      else if (rp == 2) a4_rows<2>(p, ld, w.K, w.group, r, j, s, zb, pf, y, W);
+      else a4_rows<4>(p, ld, w.K, w.group, r, j, s, zb, pf, y, W);
+    }
+  }
+  amx_release();
+#else
+  (void)w, (void)e, (void)r, (void)c0, (void)W, (void)acc;
 #endif
 }
 
@@ -4482,7 +4726,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tiles (the CPU has AMX-INT8, Linux allows it, and set_amx left it on)");
   m.def("amx_int8_min_rows", [](int64_t bits) {
           TORCH_CHECK(bits == 8 || bits == 4, "bits=", bits, " must be 8 or 4");
-          return bits == 8 ? AMX_I8_MIN_ROWS : AMX_I4_MIN_ROWS;
+          return bits == 8 ? AMX_I8_MIN_ROWS : A4_MIN_ROWS;
         },
         "the fewest rows an int8 (bits 8) or int4 (bits 4) weight-only projection runs on "
         "AMX-INT8 with");
