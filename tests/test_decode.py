@@ -561,6 +561,40 @@ def _routed(T, E, k, g):
     return order // k, idx[order], torch.bincount(idx, minlength=E).cumsum(0)
 
 
+def _mixed_rows(T, E, k, K):
+    """A generator seeded from the shapes, the routing of T tokens (_routed) and their rows
+    x [T, K] of mixed magnitudes: one all zeros, one with an outlier 1e4 times the rest,
+    one 1e-30 times the rest."""
+    g = torch.Generator().manual_seed(T * 100 + K + E)
+    token, expert, offsets = _routed(T, E, k, g)
+    x = torch.randn(T, K, generator=g)
+    x[min(1, T - 1)] = 0.0
+    x[min(2, T - 1), 5] = 1e4
+    x[min(3, T - 1)] *= 1e-30
+    return g, token, expert, offsets, x
+
+
+def _spoiled(x, case):
+    """x with row 2 holding a NaN or inf ("nan", "inf") or scaled to subnormals ("tiny":
+    its 2^-e would overflow fp32), for the cases a kernel leaves to the FMA kernel."""
+    if case in ("nan", "inf"):
+        x[2, 7] = float(case)
+    if case == "tiny":
+        x[2] *= 1e-39
+    return x
+
+
+def _stays_on_fma(x, args, runs, off):
+    """gate_up(x, *args) runs nothing that `runs` counts and equals, bitwise (NaN = NaN),
+    the call again under `off` (the FMA kernel)."""
+    ext = cpu_ext.get_decode()
+    before = runs()
+    y = ext.gate_up(x, *args)
+    assert runs() == before
+    fma = off(lambda: ext.gate_up(x, *args))
+    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)
+
+
 def _terms_off(fn):
     ext = cpu_ext.get_decode()
     ext.set_int8_terms(False)
@@ -585,12 +619,7 @@ def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(T, E, k, K, N
     (down_combine's inputs are N wide: a multiple of 64 here; two experts at least: the
     rows of one expert in order are a dense projection, AMX's from 2 rows)."""
     ext = cpu_ext.get_decode()
-    g = torch.Generator().manual_seed(T * 100 + K + E)
-    token, expert, offsets = _routed(T, E, k, g)
-    x = torch.randn(T, K, generator=g)
-    x[min(1, T - 1)] = 0.0
-    x[min(2, T - 1), 5] = 1e4
-    x[min(3, T - 1)] *= 1e-30
+    g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 8)
     sq_in = w_in.data.double() * w_in.scales.double()[..., None]  # [E, N, K]
     args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
@@ -638,17 +667,9 @@ def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
     token, expert, offsets = _routed(5, 4, 2, g)
     qt = quantize_tensor(torch.randn(4, K, 32, generator=g), 8,
                          activations="int8" if case == "int8 activations" else "float")
-    x = torch.randn(5, K, generator=g)
-    if case in ("nan", "inf"):
-        x[2, 7] = float(case)
-    if case == "tiny":
-        x[2] *= 1e-39
+    x = _spoiled(torch.randn(5, K, generator=g), case)
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    before = ext.int8_terms_runs()
-    y = ext.gate_up(x, *args)
-    assert ext.int8_terms_runs() == before
-    fma = _terms_off(lambda: ext.gate_up(x, *args))
-    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)
+    _stays_on_fma(x, args, ext.int8_terms_runs, _terms_off)
 
 
 @int8_terms
@@ -704,12 +725,7 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     q| + |z|), which it meets too. Rows of mixed magnitudes (zeros, an outlier 1e4 times
     the rest, 1e-30 times the rest); amx_runs shows both calls ran on AMX."""
     ext = cpu_ext.get_decode()
-    g = torch.Generator().manual_seed(T * 100 + K + E)
-    token, expert, offsets = _routed(T, E, k, g)
-    x = torch.randn(T, K, generator=g)
-    x[min(1, T - 1)] = 0.0
-    x[min(2, T - 1), 5] = 1e4
-    x[min(3, T - 1)] *= 1e-30
+    g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in, sq_in, z_in = _q4_experts(E, K, N, group, g)
     args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
     before = ext.amx_runs()
@@ -768,14 +784,6 @@ def test_int4_experts_leave_what_amx_cannot_run_to_the_fma_kernel(case):
     qt = quantize_tensor(torch.randn(E, 128, N, generator=g), 4,
                          group_size=32 if case == "group 32" else 64,
                          activations="int8" if case == "int8 activations" else "float")
-    x = torch.randn(T, 128, generator=g)
-    if case == "nan":
-        x[2, 7] = float("nan")
-    if case == "tiny":
-        x[2] *= 1e-39
+    x = _spoiled(torch.randn(T, 128, generator=g), case)
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    before = ext.amx_runs()
-    y = ext.gate_up(x, *args)
-    assert ext.amx_runs() == before
-    fma, _ = _q_fma_call(lambda: ext.gate_up(x, *args))
-    torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)
+    _stays_on_fma(x, args, ext.amx_runs, lambda fn: _q_fma_call(fn)[0])
