@@ -2141,12 +2141,12 @@ struct A4Rows {
   AmxTerms t;
   std::vector<float> zr;  // [R][G]: row q's sum over weight group gi / 2^e
 };
+std::atomic<bool> amx_on{true};     // set_amx (tests compare both paths)
+std::atomic<int64_t> amx_calls{0};  // projections run on AMX (amx_runs: tests check it)
 // Whether int4 weight-only experts of up to `rows` rows each run on AMX-INT8 (a4_tile);
 // a4_build: r = the R rows x[r] (false where a4_tile cannot take them: a value not
 // finite, a row below 2^-100)
 bool a4_applies(const Weights& w, int64_t rows);
-std::atomic<bool> amx_on{true};     // set_amx (tests compare both paths)
-std::atomic<int64_t> amx_calls{0};  // projections run on AMX (amx_runs: tests check it)
 bool a4_build(A4Rows& r, const float* const* x, int64_t R, int64_t K, int64_t g);
 void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W, float* acc);
 
