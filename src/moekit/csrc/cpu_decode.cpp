@@ -3054,11 +3054,11 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
 // (the next passes read it from L1 / L2).
 //
 // gate_up of 64 experts D=1024 2F=1024 g64, every expert R rows, 12 weight sets cycled
-// (cold), 2 threads, GB/s of int4, FMA kernel / here: R=1 19.3-19.9 / 19.4-20.0 (hence
-// from 2 rows), 2 17.2-17.3 / 19.4-19.7, 3 14.1-14.8 / 17.3-18.8, 4 12.1-12.8 / 15.5-17.8,
-// 8 7.1 / 9.6-9.7, 16 3.6 / 5.0-5.1; down_combine (K = 512) 2 15.9-16.5 / 16.8-17.3, 3
-// 11.3-12.1 / 14.8-15.9, 4 9.7-10.9 / 13.5-14.6 (/tmp scripts over ext.gate_up and
-// ext.down_combine, this Xeon). One pass over the block for every row group (sharing the
+// (cold), 2 threads, GB/s of int4, FMA kernel / here: R=1 19.1-19.2 / 19.6-19.7 (a version
+// before the last three changes: level, hence from 2 rows), 2 17.2-17.3 / 19.4-19.7, 3
+// 13.6-14.8 / 17.3-18.8, 4 12.6-12.8 / 17.5-17.8, 8 7.1 / 9.6-9.7, 16 3.6 / 5.0-5.1;
+// down_combine (K = 512) 2 15.9-16.5 / 16.8-17.3, 3 11.7-12.1 / 15.4-15.9, 4 10.4-10.9 /
+// 14.2-14.6 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon). One pass over the block for every row group (sharing the
 // unpacked nibbles) measured 15-20% faster at 5-16 rows and was not kept: ~150 more lines
 // for experts that rarely have them. Dense projections from 12 rows keep amx_i4_rows.
 #ifdef MOEKIT_AMX
