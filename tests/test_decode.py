@@ -437,16 +437,22 @@ def _q_projection(x, qt, b=None):
     return y.double(), ext.amx_runs() > before
 
 
+def _off(fn, *switches):
+    """fn() with the decode kernels' on / off switches (``set_amx``, ``set_int8_terms``)
+    off, and on again after it."""
+    ext = cpu_ext.get_decode()
+    for switch in switches:
+        getattr(ext, switch)(False)
+    try:
+        return fn()
+    finally:
+        for switch in switches:
+            getattr(ext, switch)(True)
+
+
 def _q_fma(x, qt, b=None):
     """_q_projection on the FMA kernel (neither AMX nor int8 terms)."""
-    ext = cpu_ext.get_decode()
-    ext.set_amx(False)
-    ext.set_int8_terms(False)
-    try:
-        return _q_projection(x, qt, b)
-    finally:
-        ext.set_amx(True)
-        ext.set_int8_terms(True)
+    return _off(lambda: _q_projection(x, qt, b), "set_amx", "set_int8_terms")
 
 
 @amx_int8
@@ -584,24 +590,15 @@ def _spoiled(x, case):
     return x
 
 
-def _stays_on_fma(x, args, runs, off):
+def _stays_on_fma(x, args, runs, switch):
     """gate_up(x, *args) runs nothing that `runs` counts and equals, bitwise (NaN = NaN),
-    the call again under `off` (the FMA kernel)."""
+    the call again with `switch` off (_off: the FMA kernel)."""
     ext = cpu_ext.get_decode()
     before = runs()
     y = ext.gate_up(x, *args)
     assert runs() == before
-    fma = off(lambda: ext.gate_up(x, *args))
+    fma = _off(lambda: ext.gate_up(x, *args), switch)
     torch.testing.assert_close(y, fma, rtol=0, atol=0, equal_nan=True)
-
-
-def _terms_off(fn):
-    ext = cpu_ext.get_decode()
-    ext.set_int8_terms(False)
-    try:
-        return fn()
-    finally:
-        ext.set_int8_terms(True)
 
 
 @int8_terms
@@ -626,7 +623,7 @@ def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(T, E, k, K, N
     before = ext.int8_terms_runs()
     h = ext.gate_up(x, *args).double()
     assert ext.int8_terms_runs() == before + 1
-    fma = _terms_off(lambda: ext.gate_up(x, *args)).double()
+    fma = _off(lambda: ext.gate_up(x, *args), "set_int8_terms").double()
     xs = x.double()[token]  # [S, K]
     want = torch.einsum("sk,snk->sn", xs, sq_in[expert])
     mag = torch.einsum("sk,snk->sn", xs.abs(), sq_in[expert].abs())
@@ -669,7 +666,7 @@ def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
                          activations="int8" if case == "int8 activations" else "float")
     x = _spoiled(torch.randn(5, K, generator=g), case)
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    _stays_on_fma(x, args, ext.int8_terms_runs, _terms_off)
+    _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
 
 
 @int8_terms
@@ -731,7 +728,7 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     before = ext.amx_runs()
     h = ext.gate_up(x, *args).double()
     assert ext.amx_runs() == before + 1
-    fma, _ = _q_fma_call(lambda: ext.gate_up(x, *args))
+    fma = _off(lambda: ext.gate_up(x, *args), "set_amx")
     xs = x.double()[token]  # [S, K]
     want = torch.einsum("sk,snk->sn", xs, sq_in[expert] + z_in[expert])
     assert ((h - want).abs() <= _a4_bound(xs, sq_in[expert], z_in[expert], K // group,
@@ -752,17 +749,6 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     bound = torch.zeros(T, K, dtype=torch.float64).index_add_(
         0, token, _a4_bound(ad, sq_out[expert], z_out[expert], N // group, group, 2 * k) * wd)
     assert ((out.double() - want_out).abs() <= bound).all()
-
-
-def _q_fma_call(fn):
-    """fn() with AMX off (the FMA kernels), and whether AMX ran (it must not)."""
-    ext = cpu_ext.get_decode()
-    before = ext.amx_runs()
-    ext.set_amx(False)
-    try:
-        return fn(), ext.amx_runs() > before
-    finally:
-        ext.set_amx(True)
 
 
 @amx_int8
@@ -786,4 +772,4 @@ def test_int4_experts_leave_what_amx_cannot_run_to_the_fma_kernel(case):
                          activations="int8" if case == "int8 activations" else "float")
     x = _spoiled(torch.randn(T, 128, generator=g), case)
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    _stays_on_fma(x, args, ext.amx_runs, lambda fn: _q_fma_call(fn)[0])
+    _stays_on_fma(x, args, ext.amx_runs, "set_amx")

@@ -1653,6 +1653,16 @@ AVX512 inline __m512 terms_value(__m512i c0, __m512i c1, __m512i c2, __m512i c3)
   return _mm512_fmadd_ps(v, inv, _mm512_cvtepi32_ps(c0));
 }
 
+// The same for four terms in the four lanes of each 128-bit lane of f (C0 lowest, as an
+// AMX C tile holds a row's terms): lane 4 q gets ((f3 / 128 + f2) / 128 + f1) / 128 + f0
+// of its lanes 4 q .. 4 q + 3 (the other lanes: partial sums, not read)
+AVX512 inline __m512 terms_in_lanes(__m512 f) {
+  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
+  __m512 h = _mm512_fmadd_ps(_mm512_permute_ps(f, 0xFF), inv, _mm512_permute_ps(f, 0xAA));
+  h = _mm512_fmadd_ps(h, inv, _mm512_permute_ps(f, 0x55));
+  return _mm512_fmadd_ps(h, inv, f);
+}
+
 // ---- int8 weights, fp32 rows as four int8 terms on vpdpbusd (weight-only, exact) ----
 //
 // The weight-only int8 FMA kernel spends per 16 weights a widening, a convert and an FMA
@@ -2795,7 +2805,6 @@ AVX512 bool i8_terms(const float* x, int64_t R, int64_t K, int8_t* xt, float* e2
 // their 128-bit lane, then one gather per row takes its 16 outputs.
 AVX512 void amx_q8_combine(const int32_t* c, int64_t na, int64_t nb, const AmxTerms& t,
                            int64_t j0, const float* scale, float* y, int64_t ldy) {
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
   const __m512i col = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(16));
@@ -2808,10 +2817,8 @@ AVX512 void amx_q8_combine(const int32_t* c, int64_t na, int64_t nb, const AmxTe
     for (int64_t a = 0; a < na; ++a) {
       const int32_t* ct = c + (a * nb + j) * 256;
       for (int m = 0; m < 16; ++m) {
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_loadu_si512(ct + 16 * m));
-        __m512 h = _mm512_fmadd_ps(_mm512_permute_ps(f, 0xFF), inv, _mm512_permute_ps(f, 0xAA));
-        h = _mm512_fmadd_ps(h, inv, _mm512_permute_ps(f, 0x55));
-        h = _mm512_fmadd_ps(h, inv, f);  // lane 4q: row q's value
+        // lane 4q: row q's value
+        const __m512 h = terms_in_lanes(_mm512_cvtepi32_ps(_mm512_loadu_si512(ct + 16 * m)));
         _mm512_store_ps(v[m], _mm512_mul_ps(_mm512_mul_ps(h, e2v),
                                             _mm512_set1_ps(scale[16 * a + m])));
       }
@@ -3169,14 +3176,8 @@ AMX_I8_FN void a4_rows(const uint8_t* w, int64_t ld, int64_t K, int64_t g, const
   TILE_BARRIER();
   a4_rows_scale<RP>(c[(G - 1) & 1], s, z, zr, G, G - 1, R, sidx, out, acc, zp);
   // recombined lane by lane (lane 4 u: output u / RP, row u % RP), plus the zero points
-  const __m512 inv = _mm512_set1_ps(1.0f / 128.0f);
   alignas(64) float v[16 * L];
-  for (int i = 0; i < L; ++i) {
-    const __m512 f = acc[i];
-    __m512 h = _mm512_fmadd_ps(_mm512_permute_ps(f, 0xFF), inv, _mm512_permute_ps(f, 0xAA));
-    h = _mm512_fmadd_ps(h, inv, _mm512_permute_ps(f, 0x55));
-    _mm512_store_ps(v + 16 * i, _mm512_fmadd_ps(h, inv, f));
-  }
+  for (int i = 0; i < L; ++i) _mm512_store_ps(v + 16 * i, terms_in_lanes(acc[i]));
   alignas(64) float zv[RP][16];
   for (int q = 0; q < RP; ++q) _mm512_store_ps(zv[q], zp[q]);
   for (int64_t q = 0; q < R; ++q)
