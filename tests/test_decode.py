@@ -602,28 +602,35 @@ def _stays_on_fma(x, args, runs, switch):
 
 
 @int8_terms
+@pytest.mark.parametrize("kernel", ["terms", pytest.param("amx", marks=amx_int8)])
 @pytest.mark.parametrize("T,E,k,K,N", [
     (1, 4, 1, 64, 64), (3, 4, 2, 128, 128), (9, 2, 2, 1024, 192), (16, 8, 4, 256, 64),
     (7, 2, 1, 192, 64), (24, 3, 3, 128, 128)])
-def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(T, E, k, K, N):
-    """gate_up and down_combine of int8 weight-only experts (1 to 24 rows an expert: passes
-    of up to 4) on the rows' four int8 terms: each x held to 2^-28 of its row's largest
-    magnitude (2^-27 max |x| sum |s q| here), the vpdpbusd lanes exact int32, then three
-    FMAs, a sum of 16 lanes and two products in fp32: within 12 * 2^-24 sum |x| |s q| of
-    float64 over the dequantized weights (computed here), far inside the FMA kernel's K *
-    2^-24 sum |x| |w|, which it meets too. Rows of mixed magnitudes (zeros, an outlier 1e4
-    times the rest, 1e-30 times the rest); the run counter shows the terms ran
-    (down_combine's inputs are N wide: a multiple of 64 here; two experts at least: the
-    rows of one expert in order are a dense projection, AMX's from 2 rows)."""
+def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(kernel, T, E, k, K, N):
+    """gate_up and down_combine of int8 weight-only experts (1 to 24 rows an expert) on the
+    rows' four int8 terms, by vpdpbusd (passes of up to 4 rows; AMX off) or on AMX-INT8 (4
+    rows to a B tile, 1 to 4 B tiles a pass; experts of one row on vpdpbusd in the same
+    call): each x held to 2^-28 of its row's largest magnitude (2^-27 max |x| sum |s q|
+    here), the lanes exact int32, then three FMAs, a sum of 16 lanes (vpdpbusd) and two
+    products in fp32: within 12 * 2^-24 sum |x| |s q| of float64 over the dequantized
+    weights (computed here), far inside the FMA kernel's K * 2^-24 sum |x| |w|, which it
+    meets too. Rows of mixed magnitudes (zeros, an outlier 1e4 times the rest, 1e-30 times
+    the rest); the run counters show which kernels ran (down_combine's inputs are N wide: a
+    multiple of 64 here; two experts at least: the rows of one expert in order are a dense
+    projection)."""
     ext = cpu_ext.get_decode()
     g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 8)
     sq_in = w_in.data.double() * w_in.scales.double()[..., None]  # [E, N, K]
     args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
-    before = ext.int8_terms_runs()
-    h = ext.gate_up(x, *args).double()
-    assert ext.int8_terms_runs() == before + 1
-    fma = _off(lambda: ext.gate_up(x, *args), "set_int8_terms").double()
+    counts = torch.bincount(expert, minlength=E)
+    amx = kernel == "amx" and bool((counts > 1).any())  # (from 2 rows an expert)
+    terms = kernel == "terms" or bool((counts == 1).any())
+    run = (lambda f: f()) if kernel == "amx" else (lambda f: _off(f, "set_amx"))
+    before, amx_before = ext.int8_terms_runs(), ext.amx_runs()
+    h = run(lambda: ext.gate_up(x, *args)).double()
+    assert (ext.int8_terms_runs(), ext.amx_runs()) == (before + terms, amx_before + amx)
+    fma = _off(lambda: ext.gate_up(x, *args), "set_int8_terms", "set_amx").double()
     xs = x.double()[token]  # [S, K]
     want = torch.einsum("sk,snk->sn", xs, sq_in[expert])
     mag = torch.einsum("sk,snk->sn", xs.abs(), sq_in[expert].abs())
@@ -637,8 +644,8 @@ def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(T, E, k, K, N
     w_out = quantize_tensor(torch.randn(E, N, K, generator=g) * 0.05, 8)
     sq_out = w_out.data.double() * w_out.scales.double()[..., None]  # [E, K, N]
     out = torch.empty(T, K)
-    ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out)
-    assert ext.int8_terms_runs() == before + 2
+    run(lambda: ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out))
+    assert (ext.int8_terms_runs(), ext.amx_runs()) == (before + 2 * terms, amx_before + 2 * amx)
     rows = torch.einsum("sn,skn->sk", a.double(), sq_out[expert]) * wts.double()[:, None]
     rows_mag = (torch.einsum("sn,skn->sk", a.double().abs(), sq_out[expert].abs())
                 * wts.double()[:, None])
@@ -751,14 +758,18 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     assert ((out.double() - want_out).abs() <= bound).all()
 
 
+_LEFT = ["one row", "33 rows", "N 48", "nan", "tiny", "int8 activations"]
+
+
 @amx_int8
-@pytest.mark.parametrize("case", ["one row", "33 rows", "group 32", "N 48", "nan", "tiny",
-                                  "int8 activations"])
-def test_int4_experts_leave_what_amx_cannot_run_to_the_fma_kernel(case):
-    """Experts of one row each (the FMA kernel is as fast there), an expert of more than 32
-    rows, groups of 32, outputs not a multiple of 32, a row holding NaN or one below 2^-100
-    in magnitude (then the whole call stays on the FMA kernel), int8 activations (their own
-    kernel): bitwise as with AMX off, no AMX run."""
+@pytest.mark.parametrize("bits,case", [(4, c) for c in _LEFT + ["group 32"]]
+                         + [(8, c) for c in _LEFT + ["K 96"]])
+def test_quantized_experts_leave_what_amx_cannot_run_to_other_kernels(bits, case):
+    """int4 / int8 experts of one row each (the FMA kernel, int8's terms kernel, stream as
+    fast there), an expert of more than 32 rows, outputs not a multiple of 32, int4 groups
+    of 32, int8 inputs not a multiple of 64, a row holding NaN or one below 2^-100 in
+    magnitude (then the whole call stays off AMX), int8 activations (their own kernel):
+    bitwise as with AMX off, no AMX run."""
     ext = cpu_ext.get_decode()
     g = torch.Generator().manual_seed(12)
     T, E, k = {"one row": (2, 8, 1), "33 rows": (40, 1, 1)}.get(case, (6, 4, 2))
@@ -766,10 +777,12 @@ def test_int4_experts_leave_what_amx_cannot_run_to_the_fma_kernel(case):
     if case == "one row":
         token, expert = torch.tensor([0, 1]), torch.tensor([2, 5])
         offsets = torch.bincount(expert, minlength=E).cumsum(0)
-    N = 48 if case == "N 48" else 64
-    qt = quantize_tensor(torch.randn(E, 128, N, generator=g), 4,
-                         group_size=32 if case == "group 32" else 64,
+    N, K = 48 if case == "N 48" else 64, 96 if case == "K 96" else 128
+    qt = quantize_tensor(torch.randn(E, K, N, generator=g), bits,
+                         **({"group_size": 32 if case == "group 32" else 64} if bits == 4 else {}),
                          activations="int8" if case == "int8 activations" else "float")
-    x = _spoiled(torch.randn(T, 128, generator=g), case)
+    x = _spoiled(torch.randn(T, K, generator=g), case)
+    if case in ("nan", "tiny"):  # (row 2 goes to an expert of more rows)
+        assert (torch.bincount(expert, minlength=E)[expert[token == 2]] > 1).any()
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
     _stays_on_fma(x, args, ext.amx_runs, "set_amx")

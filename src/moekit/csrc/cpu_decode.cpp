@@ -2159,6 +2159,11 @@ std::atomic<int64_t> amx_calls{0};  // projections run on AMX (amx_runs: tests c
 bool a4_applies(const Weights& w, int64_t rows);
 bool a4_build(A4Rows& r, const float* const* x, int64_t R, int64_t K, int64_t g);
 void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W, float* acc);
+// Whether int8 weight-only experts of up to `rows` rows each run on AMX-INT8 (q8_tile:
+// each expert's rows' terms, AmxTerms, by amx_q8_outputs); experts of one row stay on
+// the terms' VNNI kernel (i8t_tile), or the FMA kernel where that is off.
+bool q8_applies(const Weights& w, int64_t rows);
+void q8_tile(const Weights& w, int64_t e, const AmxTerms& t, int64_t c0, int64_t W, float* acc);
 
 // The routed rows of the touched experts and, for the KN layout, their phase-1
 // partial sums: part(i, c) is [rows of expert i, N] for K chunk c. The K chunks are
@@ -2174,6 +2179,7 @@ struct Plan {
   bool f4 = false;              // int4 blocks (i4f_tile): x's rows are f4_records
   bool t8rec = false;           // int8 on terms (i8t_tile): x's rows are t8_records
   std::vector<A4Rows> a4;       // int4 on AMX-INT8 (a4_tile): each touched expert's rows
+  std::vector<AmxTerms> q8;     // int8 on AMX-INT8 (q8_tile): each touched expert's terms
 
   Plan(const Rows& r, const Weights& w, const float* x0, int64_t ldx, const int64_t* token,
        int64_t plan_experts)
@@ -2195,6 +2201,8 @@ struct Plan {
     } else if ((f4 = i4f(w, max_rows()))) {
       const F4Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
+    } else if (q8_applies(w, max_rows()) && build_q8() && (q8_all() || !t8(w))) {
+      // (experts of one row, if any: t8's records below, else the FMA kernel)
     } else if (t8(w)) {
       // every distinct row's 2^e first: a row that is not finite (or below 2^-100) keeps
       // the whole call on the FMA kernel
@@ -2233,6 +2241,22 @@ struct Plan {
     if (!ok) a4.clear();
     else amx_calls.fetch_add(1, std::memory_order_relaxed);
     return ok;
+  }
+  // q8 built for the touched experts of 2 rows or more (the others' left with R = 0), or
+  // left empty (false) where a row cannot go
+  bool build_q8() {
+    q8.resize(x.size());
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, static_cast<int64_t>(x.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1 && ok; ++i)
+        if (n(i) >= 2 && !amx_terms_build(q8[i], x[i].data(), n(i), K, false)) ok = false;
+    });
+    if (!ok) q8.clear();
+    else amx_calls.fetch_add(1, std::memory_order_relaxed);
+    return ok;
+  }
+  bool q8_all() const {
+    return std::all_of(q8.begin(), q8.end(), [](const AmxTerms& t) { return t.R > 0; });
   }
   // x's rows replaced by permuted copies, one per distinct row (a token routed to
   // k experts is permuted once): O(rows x K) against the O(experts x N x K) weights.
@@ -2300,6 +2324,7 @@ struct Plan {
                float* acc) {
     const int64_t rows_i = n(i), e = rows.experts[i];
     if (!a4.empty()) return a4_tile(ws.of(e), ws.entry(e), a4[i], c0, W, acc);
+    if (!q8.empty() && q8[i].R) return q8_tile(ws.of(e), ws.entry(e), q8[i], c0, W, acc);
     if (!ws.of(e).n_unit) {
       tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4, t8rec);
       return;
@@ -2836,10 +2861,12 @@ AVX512 void amx_q8_combine(const int32_t* c, int64_t na, int64_t nb, const AmxTe
 // 64-byte rows. A pass takes four 16-output blocks for one group of rows, two for two,
 // else one, for up to four groups at a time (the weights read again from L1 / L2 for the
 // next four).
+inline int64_t q8_pass_blocks(int64_t groups) { return groups == 1 ? 4 : groups == 2 ? 2 : 1; }
+
 AMX_I8_FN void amx_q8_outputs(const int8_t* w, int64_t ld, int64_t nblocks, const AmxTerms& t,
                               const float* scale, float* y, int64_t ldy) {
   alignas(64) int32_t c[4 * 256];
-  const int64_t G = t.groups(), per_pass = G == 1 ? 4 : G == 2 ? 2 : 1, K = t.K;
+  const int64_t G = t.groups(), per_pass = q8_pass_blocks(G), K = t.K;
   for (int64_t b = 0; b < nblocks;) {
     const int64_t na = std::min(per_pass, nblocks - b);
     const int8_t* wb = w + 16 * b * ld;
@@ -2920,7 +2947,7 @@ bool amx_i8_rows(const float* x, int64_t R, int64_t K, const int8_t* w, int64_t 
   for (int64_t r = 0; r < R; ++r) xr[r] = x + r * K;
   AmxTerms t;
   if (!amx_terms_build(t, xr.data(), R, K, false)) return false;
-  const int64_t G = t.groups(), unit = G == 1 ? 4 : G == 2 ? 2 : 1;  // blocks per pass
+  const int64_t unit = q8_pass_blocks(t.groups());  // blocks per pass
   const int64_t blocks = N / 16;
   at::parallel_for(0, (blocks + unit - 1) / unit, 1, [&](int64_t lo, int64_t hi) {
     amx_configure(16);
@@ -3237,6 +3264,37 @@ void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W
   amx_release();
 #else
   (void)w, (void)e, (void)r, (void)c0, (void)W, (void)acc;
+#endif
+}
+
+// From 2 rows an expert (AMX_I8_MIN_ROWS; one-row experts of the same call stay on
+// i8t_tile: at one row it streams faster). Steps of the fine model (64 experts top-8) at
+// batch 16, int8, `--step-calls`, ms (gate_up, down_combine): i8t_tile for every expert 9.7-9.8,
+// 6.6-6.7; AMX from 3 rows 8.8-8.9, 5.7-5.8; from 2 rows 8.8, 5.4-5.6; every expert
+// (one-row ones too) 9.3, 5.4. gate_up of 64 experts (D=1024, 2F=1024), every expert R
+// rows, cold, 2 threads, GB/s, i8t_tile / here: R=2 24-25 / 22-23, 3 21 / 21-22, 4 17-18 /
+// 20-21, 8 9.7 / 18.5, 16 5.0 / 11; down_combine (K = 512) R=2 19 / 21, 4 14 / 20, 8 7.3 /
+// 16 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon, 2026-12-06).
+bool q8_applies(const Weights& w, int64_t rows) {
+  return amx_on.load(std::memory_order_relaxed) && w.kind == Kind::I8 && !w.a8 && !w.n_unit &&
+         rows >= AMX_I8_MIN_ROWS && rows <= AMX_I8_MAX_ROWS && w.K % 64 == 0 &&
+         w.K <= AMX_I8_MAX_K && w.N % 32 == 0 && amx_int8_here();
+}
+
+// acc [rows of t, W] = t's rows @ int8 weights w[e][:, c0 : c0 + W] (W a multiple of 16)
+void q8_tile(const Weights& w, int64_t e, const AmxTerms& t, int64_t c0, int64_t W, float* acc) {
+#ifdef MOEKIT_AMX
+  const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
+  // the first pass's weights (amx_q8_outputs prefetches the next passes'): gate_up of the
+  // 64 experts above at 2 rows 20.5 -> 22.5 GB/s
+  const int64_t first = std::min(W / 16, q8_pass_blocks(t.groups()));
+  for (int64_t i = 0; i < 16 * first * w.s_n; i += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(base) + i, _MM_HINT_T1);
+  amx_configure(16);
+  amx_q8_outputs(base, w.s_n, W / 16, t, w.scales + e * w.N + c0, acc, W);
+  amx_release();
+#else
+  (void)w, (void)e, (void)t, (void)c0, (void)W, (void)acc;
 #endif
 }
 
