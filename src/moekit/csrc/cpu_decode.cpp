@@ -2653,20 +2653,19 @@ AMX_I8_FN inline void amx_terms_store(int32_t* c, int64_t R) {
 
 // The int32 sums of 16 NA outputs of w (from its first row, rows ld bytes apart) by the
 // terms' groups j0 .. j0 + NB (AmxTerms: NB B tiles), over K inputs, into c [NA NB][16][16]
-// (C tile a NB + j: outputs 16 a.., group j0 + j). NA NB <= 4 C tiles; tiles configured
+// (C tile a NB + j: outputs 16 a.., group j0 + j). NA NB <= 4 C tiles, NB <= 2; tiles configured
 // with 64-byte rows (amx_configure(16)): a group of fewer than 4 rows loads the next
 // rows' bytes into its spare columns, whose sums nothing reads.
 template <int NA, int NB>
 AMX_I8_FN void amx_q8_pass(const int8_t* w, int64_t ld, int64_t K, const AmxTerms& t,
                            int64_t j0, const int8_t* next, int32_t* c) {
-  static_assert(NA * NB <= 4 && (NB <= 2 || NA == 1), "four C tiles, two A and two B");
+  static_assert(NA * NB <= 4 && NB <= 2, "four C tiles, two A and two B");
   TILE_BARRIER();
   _tile_zero(0);
   if constexpr (NA * NB > 1) _tile_zero(1);
   if constexpr (NA * NB > 2) _tile_zero(2);
   if constexpr (NA * NB > 3) _tile_zero(3);
   const int64_t s0 = t.stride(j0), s1 = NB > 1 ? t.stride(j0 + 1) : 0;
-  const int64_t s2 = NB > 2 ? t.stride(j0 + 2) : 0, s3 = NB > 3 ? t.stride(j0 + 3) : 0;
   int64_t pf_row = 0, pf_col = 0;  // the next pass's prefetch: its row, byte in the row
   for (int64_t k0 = 0; k0 < K; k0 += 64) {
     const int8_t* wk = w + k0;
@@ -2693,7 +2692,7 @@ AMX_I8_FN void amx_q8_pass(const int8_t* w, int64_t ld, int64_t K, const AmxTerm
         _tile_loadd(5, wk + 48 * ld, ld);
         _tile_dpbssd(3, 5, 6);
       }
-    } else if constexpr (NB == 2) {  // two B tiles, up to two A tiles
+    } else {  // two B tiles, up to two A tiles
       _tile_loadd(6, t.tile(j0, k0), s0);
       _tile_loadd(7, t.tile(j0 + 1, k0), s1);
       _tile_loadd(4, wk, ld);
@@ -2703,18 +2702,6 @@ AMX_I8_FN void amx_q8_pass(const int8_t* w, int64_t ld, int64_t K, const AmxTerm
         _tile_loadd(5, wk + 16 * ld, ld);
         _tile_dpbssd(2, 5, 6);
         _tile_dpbssd(3, 5, 7);
-      }
-    } else {  // one A tile, three or four B tiles in turn
-      _tile_loadd(4, wk, ld);
-      _tile_loadd(6, t.tile(j0, k0), s0);
-      _tile_dpbssd(0, 4, 6);
-      _tile_loadd(7, t.tile(j0 + 1, k0), s1);
-      _tile_dpbssd(1, 4, 7);
-      _tile_loadd(6, t.tile(j0 + 2, k0), s2);
-      _tile_dpbssd(2, 4, 6);
-      if constexpr (NB > 3) {
-        _tile_loadd(7, t.tile(j0 + 3, k0), s3);
-        _tile_dpbssd(3, 4, 7);
       }
     }
   }
@@ -2858,10 +2845,15 @@ AVX512 void amx_q8_combine(const int32_t* c, int64_t na, int64_t nb, const AmxTe
 #ifdef MOEKIT_AMX
 // y[r][0 .. 16 nblocks) for t's rows from the int8 weight rows w (the first output's, ld
 // bytes apart) and their scales, rows of y ldy apart; the thread's tiles configured with
-// 64-byte rows. A pass takes four 16-output blocks for one group of rows, two for two,
-// else one, for up to four groups at a time (the weights read again from L1 / L2 for the
-// next four).
-inline int64_t q8_pass_blocks(int64_t groups) { return groups == 1 ? 4 : groups == 2 ? 2 : 1; }
+// 64-byte rows. A pass takes four 16-output blocks for one group of rows, else two, for
+// two groups at a time (the weights read again from L1 / L2 for the next two). One A tile
+// against three or four B tiles (four C tiles, 9-16 rows), as before, loaded 4 KB of
+// terms per 1 KB of weights: one cold int8 projection, 2 threads, medians of 5, us,
+// [1024 -> 3072] and [1024 -> 1024], that / two A against two B: 12 rows 225-237 / 189-190
+// and 94 / 76-81, 16 rows 270-297 / 204-217 and 100-107 / 87-91, 24 rows 305-311 / 297-315
+// and 150-151 / 112-114, 32 rows 323-394 / 335-336 and 167-168 / 127-132 (/tmp script
+// over decode.dense_rows, this Xeon, 2026-12-06).
+inline int64_t q8_pass_blocks(int64_t groups) { return groups == 1 ? 4 : 2; }
 
 AMX_I8_FN void amx_q8_outputs(const int8_t* w, int64_t ld, int64_t nblocks, const AmxTerms& t,
                               const float* scale, float* y, int64_t ldy) {
@@ -2870,19 +2862,17 @@ AMX_I8_FN void amx_q8_outputs(const int8_t* w, int64_t ld, int64_t nblocks, cons
   for (int64_t b = 0; b < nblocks;) {
     const int64_t na = std::min(per_pass, nblocks - b);
     const int8_t* wb = w + 16 * b * ld;
-    for (int64_t j0 = 0; j0 < G; j0 += 4) {
-      const int64_t nb = std::min<int64_t>(4, G - j0);
+    for (int64_t j0 = 0; j0 < G; j0 += 2) {
+      const int64_t nb = std::min<int64_t>(2, G - j0);
       // the next pass's weights, prefetched while the last row groups run on these
-      const int8_t* next = j0 + 4 >= G && b + 2 * na <= nblocks ? wb + 16 * na * ld : nullptr;
+      const int8_t* next = j0 + 2 >= G && b + 2 * na <= nblocks ? wb + 16 * na * ld : nullptr;
       switch (na * 8 + nb) {
         case 8 + 1: amx_q8_pass<1, 1>(wb, ld, K, t, j0, next, c); break;
         case 16 + 1: amx_q8_pass<2, 1>(wb, ld, K, t, j0, next, c); break;
         case 24 + 1: amx_q8_pass<3, 1>(wb, ld, K, t, j0, next, c); break;
         case 32 + 1: amx_q8_pass<4, 1>(wb, ld, K, t, j0, next, c); break;
         case 8 + 2: amx_q8_pass<1, 2>(wb, ld, K, t, j0, next, c); break;
-        case 16 + 2: amx_q8_pass<2, 2>(wb, ld, K, t, j0, next, c); break;
-        case 8 + 3: amx_q8_pass<1, 3>(wb, ld, K, t, j0, next, c); break;
-        default: amx_q8_pass<1, 4>(wb, ld, K, t, j0, next, c); break;
+        default: amx_q8_pass<2, 2>(wb, ld, K, t, j0, next, c); break;
       }
       amx_q8_combine(c, na, nb, t, j0, scale + 16 * b, y + 16 * b, ldy);
     }
