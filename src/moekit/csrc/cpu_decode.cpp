@@ -4771,8 +4771,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bf16 NK projections of up to 16 rows run on AMX tiles (the CPU has AMX-BF16, "
         "Linux allows it, and set_amx left it on)");
   m.def("amx_int8", [] { return amx_on.load() && amx_int8_here(); },
-        "whether int8 / int4 weight-only NK projections of 2 / 12 to 32 rows run on AMX-INT8 "
-        "tiles (the CPU has AMX-INT8, Linux allows it, and set_amx left it on)");
+        "whether int8 / int4 weight-only NK projections and experts of 2 to 32 rows run on "
+        "AMX-INT8 tiles (the CPU has AMX-INT8, Linux allows it, and set_amx left it on)");
   m.def("amx_int8_min_rows", [](int64_t bits) {
           TORCH_CHECK(bits == 8 || bits == 4, "bits=", bits, " must be 8 or 4");
           return bits == 8 ? AMX_I8_MIN_ROWS : A4_MIN_ROWS;

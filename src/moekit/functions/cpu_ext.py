@@ -156,10 +156,11 @@ def get_decode() -> ModuleType | None:
     loops; ``MOEKIT_CPU_ISA=avx2`` or ``generic`` caps that (tests of the narrower paths
     on a wider CPU), and ``kernels.isa()`` says which path runs. On AVX-512 CPUs with
     AMX-BF16, bf16 projections with unit stride along K run on AMX tiles (``amx()``), and
-    with AMX-INT8, int8 / int4 weight-only projections of 2 / 12 to 32 rows
-    (``amx_int8()``); ``MOEKIT_AMX=0`` keeps both on the FMA kernels. With AVX-512 VNNI,
-    int8 weight-only experts run on each row's four exact int8 terms (``int8_terms()``);
-    ``MOEKIT_INT8_TERMS=0`` keeps them on the FMA kernel.
+    with AMX-INT8, int8 / int4 weight-only projections and experts of 2 to 32 rows
+    (``amx_int8()``); ``MOEKIT_AMX=0`` keeps them all on the FMA kernels. With AVX-512
+    VNNI, int8 weight-only experts off AMX (one row, or AMX off) run on each row's four
+    exact int8 terms (``int8_terms()``); ``MOEKIT_INT8_TERMS=0`` keeps those on the FMA
+    kernel.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
