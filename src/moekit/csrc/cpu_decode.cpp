@@ -2230,30 +2230,31 @@ struct Plan {
     }
     parts.resize(off);
   }
-  // a4 built for every touched expert, or left empty (false) where a row cannot go
-  bool build_a4(const Weights& w) {
-    a4.resize(x.size());
+  // v[i] = build(v[i], i) for every touched expert i, in parallel (an AMX call counted), or
+  // v left empty (false) where one fails
+  template <typename T, typename Build>
+  bool build_amx(std::vector<T>& v, const Build& build) {
+    v.resize(x.size());
     std::atomic<bool> ok{true};
     at::parallel_for(0, static_cast<int64_t>(x.size()), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1 && ok; ++i)
-        if (!a4_build(a4[i], x[i].data(), n(i), K, w.group)) ok = false;
+        if (!build(v[i], i)) ok = false;
     });
-    if (!ok) a4.clear();
+    if (!ok) v.clear();
     else amx_calls.fetch_add(1, std::memory_order_relaxed);
     return ok;
   }
-  // q8 built for the touched experts of 2 rows or more (the others' left with R = 0), or
-  // left empty (false) where a row cannot go
-  bool build_q8() {
-    q8.resize(x.size());
-    std::atomic<bool> ok{true};
-    at::parallel_for(0, static_cast<int64_t>(x.size()), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1 && ok; ++i)
-        if (n(i) >= 2 && !amx_terms_build(q8[i], x[i].data(), n(i), K, false)) ok = false;
+  // a4 built for every touched expert
+  bool build_a4(const Weights& w) {
+    return build_amx(a4, [&](A4Rows& r, int64_t i) {
+      return a4_build(r, x[i].data(), n(i), K, w.group);
     });
-    if (!ok) q8.clear();
-    else amx_calls.fetch_add(1, std::memory_order_relaxed);
-    return ok;
+  }
+  // q8 built for the touched experts of 2 rows or more (the others' left with R = 0)
+  bool build_q8() {
+    return build_amx(q8, [&](AmxTerms& t, int64_t i) {
+      return n(i) < 2 || amx_terms_build(t, x[i].data(), n(i), K, false);
+    });
   }
   bool q8_all() const {
     return std::all_of(q8.begin(), q8.end(), [](const AmxTerms& t) { return t.R > 0; });
@@ -3082,9 +3083,9 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
 // before the last three changes: level, hence from 2 rows), 2 17.2-17.3 / 19.4-19.7, 3
 // 13.6-14.8 / 17.3-18.8, 4 12.6-12.8 / 17.5-17.8, 8 7.1 / 9.6-9.7, 16 3.6 / 5.0-5.1;
 // down_combine (K = 512) 2 15.9-16.5 / 16.8-17.3, 3 11.7-12.1 / 15.4-15.9, 4 10.4-10.9 /
-// 14.2-14.6 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon). One pass over the block for every row group (sharing the
-// unpacked nibbles) measured 15-20% faster at 5-16 rows and was not kept: ~150 more lines
-// for experts that rarely have them. Dense projections from 12 rows keep amx_i4_rows.
+// 14.2-14.6 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon). One pass
+// over the block for every row group (sharing the unpacked nibbles) measured 15-20% faster
+// at 5-16 rows and was not kept: ~150 more lines for experts that rarely have them. Dense projections from 12 rows keep amx_i4_rows.
 #ifdef MOEKIT_AMX
 // Tiles of a4_rows<RP>: C 0, 1 and B 6 of 16 RP bytes a row (RP rows' four terms), A 4, 5
 // of 64 bytes.
@@ -3208,10 +3209,22 @@ AMX_I8_FN void a4_rows(const uint8_t* w, int64_t ld, int64_t K, int64_t g, const
 // whole 16-output blocks).
 constexpr int64_t A4_MIN_ROWS = 2, A4_MAX_ROWS = 32;
 
+// What a4_applies and q8_applies share: AMX-INT8 here and on, a weight-only NK weight of
+// `kind`, lo <= rows <= hi, K a multiple of 64, output widths multiples of 32.
+bool amx_experts(const Weights& w, Kind kind, int64_t rows, int64_t lo, int64_t hi) {
+  return amx_on.load(std::memory_order_relaxed) && w.kind == kind && !w.a8 && !w.n_unit &&
+         rows >= lo && rows <= hi && w.K % 64 == 0 && w.N % 32 == 0 && amx_int8_here();
+}
+
 bool a4_applies(const Weights& w, int64_t rows) {
-  return amx_on.load(std::memory_order_relaxed) && w.kind == Kind::I4 && !w.a8 && !w.n_unit &&
-         rows >= A4_MIN_ROWS && rows <= A4_MAX_ROWS && w.K % 64 == 0 && w.group % 64 == 0 &&
-         w.N % 32 == 0 && amx_int8_here();
+  return amx_experts(w, Kind::I4, rows, A4_MIN_ROWS, A4_MAX_ROWS) && w.group % 64 == 0;
+}
+
+// L2 prefetches of the `bytes` from p (a tile's first weights; the kernels prefetch the
+// rest while the ones before run)
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64)
+    _mm_prefetch(static_cast<const char*>(p) + i, _MM_HINT_T1);
 }
 
 AVX512 bool a4_build(A4Rows& r, const float* const* x, int64_t R, int64_t K, int64_t g) {
@@ -3236,8 +3249,7 @@ void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W
   const float* sc = w.scales + (e * w.N + c0) * G;
   const float* z = w.zeros + (e * w.N + c0) * G;
   const int64_t blocks = W / 16, ld = w.s_n, R = r.t.R, rp = R <= 2 ? R : 4;
-  for (int64_t i = 0; i < 16 * ld; i += 64)  // the first block (the rest: a4_rows' `next`)
-    _mm_prefetch(reinterpret_cast<const char*>(base) + i, _MM_HINT_T1);
+  prefetch_l2(base, 16 * ld);  // the first block (the rest: a4_rows' `next`)
   a4_configure(rp);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* p = base + 16 * b * ld;
@@ -3266,9 +3278,8 @@ void a4_tile(const Weights& w, int64_t e, const A4Rows& r, int64_t c0, int64_t W
 // 20-21, 8 9.7 / 18.5, 16 5.0 / 11; down_combine (K = 512) R=2 19 / 21, 4 14 / 20, 8 7.3 /
 // 16 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon, 2026-12-06).
 bool q8_applies(const Weights& w, int64_t rows) {
-  return amx_on.load(std::memory_order_relaxed) && w.kind == Kind::I8 && !w.a8 && !w.n_unit &&
-         rows >= AMX_I8_MIN_ROWS && rows <= AMX_I8_MAX_ROWS && w.K % 64 == 0 &&
-         w.K <= AMX_I8_MAX_K && w.N % 32 == 0 && amx_int8_here();
+  return amx_experts(w, Kind::I8, rows, AMX_I8_MIN_ROWS, AMX_I8_MAX_ROWS) &&
+         w.K <= AMX_I8_MAX_K;
 }
 
 // acc [rows of t, W] = t's rows @ int8 weights w[e][:, c0 : c0 + W] (W a multiple of 16)
@@ -3277,9 +3288,7 @@ void q8_tile(const Weights& w, int64_t e, const AmxTerms& t, int64_t c0, int64_t
   const int8_t* base = static_cast<const int8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
   // the first pass's weights (amx_q8_outputs prefetches the next passes'): gate_up of the
   // 64 experts above at 2 rows 20.5 -> 22.5 GB/s
-  const int64_t first = std::min(W / 16, q8_pass_blocks(t.groups()));
-  for (int64_t i = 0; i < 16 * first * w.s_n; i += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(base) + i, _MM_HINT_T1);
+  prefetch_l2(base, 16 * std::min(W / 16, q8_pass_blocks(t.groups())) * w.s_n);
   amx_configure(16);
   amx_q8_outputs(base, w.s_n, W / 16, t, w.scales + e * w.N + c0, acc, W);
   amx_release();
