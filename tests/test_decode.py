@@ -468,9 +468,10 @@ def test_amx_int8_projection_is_within_fp32_rounding_of_float64(bits, K, N, R, g
     """fp32 rows against an int8 or int4 weight: AMX-INT8's result within its own bound of
     float64 over the dequantized weight. int8: rows in groups of four per B tile, passes of
     four 16-output blocks (one group: 2-4 rows; N = 48, 80, 112 end on passes of 3, 1, 3
-    blocks), two (two groups: 5-8 rows), one (3-4 groups; 17-32 rows: five or more, in
-    two passes over the weights), a last group of 1-3 rows; int4 from 12 rows: one chunk of
-    rows (up to 16: one B tile per term) and two (17-32, the second padded with zero rows);
+    blocks), else two, against two groups at a time (5-8 rows: one round; 9-32 rows: two
+    or more, an odd last one for 9-12 and 17-20), a last group of 1-3 rows; int4 from 12
+    rows: one chunk of rows (up to 16: one B tile per term) and two (17-32, the second
+    padded with zero rows);
     int4 of 2-11 rows (a4_rows, as int4 experts): 1, 2 and 4 rows' C tiles, passes of four
     rows (5, 8, 11), K = 192 ending on one 64-input chunk, K = 64 (one group). The rows'
     four int8 terms hold each x to 2^-28 of its row's largest magnitude (2^-27 max |x| sum
@@ -592,7 +593,7 @@ def _spoiled(x, case):
 
 def _stays_on_fma(x, args, runs, switch):
     """gate_up(x, *args) runs nothing that `runs` counts and equals, bitwise (NaN = NaN),
-    the call again with `switch` off (_off: the FMA kernel)."""
+    the call again with `switch` off (_off: the kernel that runs without it)."""
     ext = cpu_ext.get_decode()
     before = runs()
     y = ext.gate_up(x, *args)
@@ -609,7 +610,7 @@ def _stays_on_fma(x, args, runs, switch):
 def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(kernel, T, E, k, K, N):
     """gate_up and down_combine of int8 weight-only experts (1 to 24 rows an expert) on the
     rows' four int8 terms, by vpdpbusd (passes of up to 4 rows; AMX off) or on AMX-INT8 (4
-    rows to a B tile, 1 to 4 B tiles a pass; experts of one row on vpdpbusd in the same
+    rows to a B tile, 1 or 2 B tiles a pass; experts of one row on vpdpbusd in the same
     call): each x held to 2^-28 of its row's largest magnitude (2^-27 max |x| sum |s q|
     here), the lanes exact int32, then three FMAs, a sum of 16 lanes (vpdpbusd) and two
     products in fp32: within 12 * 2^-24 sum |x| |s q| of float64 over the dequantized
