@@ -3646,15 +3646,6 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
   return {token, weight, counts, offsets};
 }
 
-// One (row, head) of attend_one where each query head has its own key/value head: rotary
-// on q and k, the new key and value written at slot P, attention over the valid slots
-// 0..P, one key row and one value row at a time (slot P: the new ones). attend_one runs it
-// for fp32 caches only (bf16 and int8 ones go to attend_heads, whatever J), so it is built
-// for fp32 alone. Compiled through target_clones (the
-// extension builds for baseline x86-64, where these loops ran as SSE2; batch 16: 0.56 ->
-// 0.44 ms per layer). Its dot products are chains of dependent FMAs, but one head's keys
-// and values are read once, so it waits on memory: attend_heads' 4-row passes (below) ran
-// it 1.2-1.3x slower on cold fp32 caches (8 heads of 128, 200-1,000 slots, Zen 4 VM).
 // out = x * cos + [x2 | x1] * [-sin | sin] (apply_rotary's half-split layout) for one head
 // of Dh into O (floats: q, or the new key before store_row puts it in the cache's form)
 template <typename T, typename O>
@@ -3710,49 +3701,6 @@ INLINE void store_row(C* dst, const float* x, int64_t Dh) {
   }
 }
 
-template <typename T>
-INLINE float dot_row(const float* q, const T* k, int64_t Dh) {
-  float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-  for (int64_t i = 0; i < Dh; ++i) d += q[i] * load(k[i]);
-  return d;
-}
-
-template <typename T>
-INLINE void attend_head(const T* sq, const T* sk, const T* sv, const float* c, const float* s,
-                        T* kr, T* vr, int64_t P, int64_t Dh, const bool* ok, float scale,
-                        float* q, float* p, float* o, T* kt, T* out) {
-  rotate(sq, c, s, Dh, q);
-  rotate(sk, c, s, Dh, kt);
-  std::copy(kt, kt + Dh, kr + P * Dh);
-  std::copy(sv, sv + Dh, vr + P * Dh);
-  float m = -INFINITY;
-  for (int64_t t = 0; t <= P; ++t) {
-    if (ok && !ok[t]) continue;
-    m = std::max(m, p[t] = dot_row(q, t < P ? kr + t * Dh : kt, Dh) * scale);
-  }
-  float sum = 0.0f;
-  for (int64_t t = 0; t <= P; ++t)
-    if (!ok || ok[t]) sum += (p[t] = std::exp(p[t] - m));
-  std::fill(o, o + Dh, 0.0f);
-  for (int64_t t = 0; t <= P; ++t) {
-    if (ok && !ok[t]) continue;
-    const float a = p[t] / sum;
-    const T* vt = t < P ? vr + t * Dh : sv;
-#pragma omp simd
-    for (int64_t i = 0; i < Dh; ++i) o[i] += a * load(vt[i]);
-  }
-  for (int64_t i = 0; i < Dh; ++i) store(out + i, o[i]);
-}
-
-// attend_head for fp32 activations and cache (the one cache it runs for: attend_one)
-CLONES void attend_head_f32(const float* sq, const float* sk, const float* sv, const float* c,
-                            const float* s, float* kr, float* vr, int64_t P, int64_t Dh,
-                            const bool* ok, float scale, float* q, float* p, float* o,
-                            float* kt, float* out) {
-  attend_head(sq, sk, sv, c, s, kr, vr, P, Dh, ok, scale, q, p, o, kt, out);
-}
-
 // p[t] = exp(p[t] - m) for t < n: exp16 / exp8 where the CPU has them (within 1 ulp of
 // std::exp), else std::exp.
 AVX512 void exp_shift_avx512(float* p, int64_t n, float m) {
@@ -3791,11 +3739,18 @@ void exp_shift(float* p, int64_t n, float m) {
 // Keys 4 at a time (4 independent sums: one dot product at a time was a chain of
 // dependent FMAs, ~19 G FMA/s on 2 threads at 4,000 positions), values 4 rows per pass
 // over the output (each output element's sum still in slot order), the exponentials
-// vectorized (exp_shift).
+// vectorized (exp_shift). Prefetched: the keys ATT_AHEAD slots ahead; the values along
+// with the keys (value rows t..t + 3 at key slot t) where a head's values are at most
+// ATT_ALONG_BYTES, else ATT_AHEAD slots ahead in their own pass. A step's caches are cold
+// (the experts' weights streamed through in between), and with the values read along the
+// keys the item reads two streams at once. The fine fp32 model at batch 16 after 32-token
+// prompts, the engine's steps (Intel VM, alternating in one process): attend_one 1.57 ->
+// 1.28 ms a step. At 2,000 slots of fp32 (1 MB of values a head) they measured 1.06x
+// slower along the keys, at 960 1.08x faster.
 #ifndef MOEKIT_ATT_AHEAD
 #define MOEKIT_ATT_AHEAD 16
 #endif
-constexpr int64_t ATT_AHEAD = MOEKIT_ATT_AHEAD;
+constexpr int64_t ATT_AHEAD = MOEKIT_ATT_AHEAD, ATT_ALONG_BYTES = 512 << 10;
 
 typedef float F16 __attribute__((vector_size(64)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
@@ -3921,19 +3876,22 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   }
   const auto key = [&](int64_t t) { return t < P ? kr + t * rs : kt; };
   const auto value = [&](int64_t t) { return t < P ? vr + t * rs : vt; };
-  // the rows ATT_AHEAD slots on, a line at a time (4 rows read side by side: Zen 4's
-  // prefetchers left cold fp32 keys at ~0.6x the speed of one row at a time)
+  // rows t..t + 3 of the cache into L1, a line at a time, where they are all before slot
+  // P (4 rows read side by side: Zen 4's prefetchers left cold fp32 keys at ~0.6x the
+  // speed of one row at a time)
   const auto fetch = [&](const C* base, int64_t t) {
-    if (t + ATT_AHEAD + 4 > P) return;
-    const char* b = reinterpret_cast<const char*>(base + (t + ATT_AHEAD) * rs);
+    if (t + 4 > P) return;
+    const char* b = reinterpret_cast<const char*>(base + t * rs);
     for (int64_t l = 0; l < 4 * rs * static_cast<int64_t>(sizeof(C)); l += 64)
       __builtin_prefetch(b + l, 0, 3);
   };
+  const bool along = P * rs * static_cast<int64_t>(sizeof(C)) <= ATT_ALONG_BYTES;
   // scores (masked slots -inf: no weight in the max, zeroed after the exponential)
   for (int64_t t = 0; t < S; t += 4) {
     float d[4];
     const int64_t w = std::min<int64_t>(4, S - t);
-    fetch(kr, t);
+    fetch(kr, t + ATT_AHEAD);
+    if (along) fetch(vr, t);
     for (int64_t g = 0; g < n; ++g) {
       const float* qg = q + g * Dh;
       if (w == 4) {
@@ -3965,7 +3923,7 @@ INLINE void attend_heads(const A* sq, const A* sk, const A* sv, const float* c, 
   std::fill(o, o + n * Dh, 0.0f);
   for (int64_t t = 0; t < S;) {
     if (t + 4 <= S && (!ok || (ok[t] && ok[t + 1] && ok[t + 2] && ok[t + 3]))) {
-      fetch(vr, t);
+      if (!along) fetch(vr, t + ATT_AHEAD);
       const C *v0 = value(t), *v1 = value(t + 1), *v2 = value(t + 2), *v3 = value(t + 3);
       const float s0 = row_scale(v0, Dh), s1 = row_scale(v1, Dh), s2 = row_scale(v2, Dh),
                   s3 = row_scale(v3, Dh);
@@ -4098,21 +4056,19 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
   const float* cs = cos_XDh.data_ptr<float>();
   const float* sn = sin_XDh.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(Dh));
-  // J = H with an fp32 cache: items (row, head), one key and value row at a time
-  // (attend_head). Else items of a row's key/value head and `per` of its G query heads,
-  // which read its keys and values once together, 4 slots per pass (attend_heads); a group
-  // is split only where there are fewer groups than threads. A bf16 or int8 cache takes
-  // attend_heads at J = H too: its one-row loop is bound by its instructions, not its
-  // bytes (8 rows x 8 heads of 128 at 960 slots, one layer, 2 threads, Intel VM:
-  // bf16 0.93-1.00 -> 0.91-0.94 ms, int8 1.28-1.35 -> 0.59 ms; the fine int4 model at batch 8
-  // after 960-token prompts, whole steps: bf16 cache 21.2-21.4 -> 19.2 ms). fp32 keeps the
-  // one-row loop, which read cold fp32 caches 1.2-1.3x faster on the Zen 4 VM (here the
-  // 4-slot passes measured 1.53 against 1.64-1.84 ms).
+  // Items of a row's key/value head and `per` of its G query heads, which read its keys
+  // and values once together, 4 slots per pass (attend_heads); a group is split only where
+  // there are fewer groups than threads. Every cache takes them, whatever J. A bf16 or int8
+  // cache's one-row loop (the kernel of J = H before) was bound by its instructions, not
+  // its bytes (8 rows x 8 heads of 128 at 960 slots, one layer, 2 threads, Intel VM: bf16
+  // 0.93-1.00 -> 0.91-0.94 ms, int8 1.28-1.35 -> 0.59 ms); fp32 kept it, as it read cold
+  // caches 1.2-1.3x faster on the Zen 4 VM, until the values read along the keys (above)
+  // made the passes faster here at 52 to 2,000 slots.
   const int64_t G = H / J, groups = R * J;
   const auto up = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t per = up(G, std::min(G, up(at::get_num_threads(), groups)));
   const int64_t parts = up(G, per);
-  auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto head, auto heads) {
+  auto run = [&](auto* qkv, auto* kc, auto* vc, auto* out, auto heads) {
     using A = std::remove_pointer_t<decltype(qkv)>;
     using C = std::remove_pointer_t<decltype(kc)>;
     at::parallel_for(0, groups * parts, 1, [&](int64_t lo, int64_t hi) {
@@ -4125,14 +4081,6 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
         const float *c = cs + (X == 1 ? 0 : r) * Dh, *s = sn + (X == 1 ? 0 : r) * Dh;
         C *kr = kc + ((r * J + j) * M) * rs, *vr = vc + ((r * J + j) * M) * rs;
         const bool* ok = valid ? valid + r * M : nullptr;
-        if constexpr (std::is_same_v<C, float>) {
-          if (G == 1) {
-            head(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P,
-                 Dh, ok, scale, q.data(), p.data(), o.data(), kt.data(),
-                 out + r * H * Dh + h * Dh);
-            continue;
-          }
-        }
         heads(row + h * Dh, row + (H + j) * Dh, row + (H + J + j) * Dh, c, s, kr, vr, P, Dh,
               ok, scale, g0, std::min(G, g0 + per), q.data(), p.data(), o.data(), f.data(),
               kt.data(), vt.data(), out + r * H * Dh + h * Dh);
@@ -4145,19 +4093,19 @@ torch::Tensor attend_one(const torch::Tensor& qkv_RC, const torch::Tensor& cos_X
 #define BY_LANES(NAME) (lanes == 16 ? NAME##_v16 : lanes == 8 ? NAME##_v8 : NAME##_any)
   if (i8 && f32)
     run(elems<float>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD), elems<float>(y),
-        nullptr, BY_LANES(attend_heads_f32_i8));
+        BY_LANES(attend_heads_f32_i8));
   else if (i8)
     run(elems<uint16_t>(qkv_RC), elems<int8_t>(k_BJMD), elems<int8_t>(v_BJMD),
-        elems<uint16_t>(y), nullptr, BY_LANES(attend_heads_bf16_i8));
+        elems<uint16_t>(y), BY_LANES(attend_heads_bf16_i8));
   else if (mixed)
     run(elems<float>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<float>(y), nullptr, BY_LANES(attend_heads_f32_bf16));
+        elems<float>(y), BY_LANES(attend_heads_f32_bf16));
   else if (qkv_RC.scalar_type() == at::kFloat)
     run(elems<float>(qkv_RC), elems<float>(k_BJMD), elems<float>(v_BJMD), elems<float>(y),
-        attend_head_f32, BY_LANES(attend_heads_f32));
+        BY_LANES(attend_heads_f32));
   else
     run(elems<uint16_t>(qkv_RC), elems<uint16_t>(k_BJMD), elems<uint16_t>(v_BJMD),
-        elems<uint16_t>(y), nullptr, BY_LANES(attend_heads_bf16));
+        elems<uint16_t>(y), BY_LANES(attend_heads_bf16));
 #undef BY_LANES
   return y;
 }
