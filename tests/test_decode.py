@@ -15,6 +15,8 @@ Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per tok
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -591,6 +593,18 @@ def _spoiled(x, case):
     return x
 
 
+@contextlib.contextmanager
+def _terms_rows(rows):
+    """int8 terms for calls whose experts have up to `rows` rows each (set_int8_terms_max_rows),
+    this CPU's default again after."""
+    ext = cpu_ext.get_decode()
+    ext.set_int8_terms_max_rows(rows)
+    try:
+        yield
+    finally:
+        ext.set_int8_terms_max_rows(-1)
+
+
 def _stays_on_fma(x, args, runs, switch):
     """gate_up(x, *args) runs nothing that `runs` counts and equals, bitwise (NaN = NaN),
     the call again with `switch` off (_off: the kernel that runs without it)."""
@@ -619,6 +633,12 @@ def test_int8_experts_on_terms_are_within_fp32_rounding_of_float64(kernel, T, E,
     the rest); the run counters show which kernels ran (down_combine's inputs are N wide: a
     multiple of 64 here; two experts at least: the rows of one expert in order are a dense
     projection)."""
+    # (terms: every call on them, whatever this CPU's row limit)
+    with _terms_rows(T * k) if kernel == "terms" else contextlib.nullcontext():
+        _int8_experts_on_terms(kernel, T, E, k, K, N)
+
+
+def _int8_experts_on_terms(kernel, T, E, k, K, N):
     ext = cpu_ext.get_decode()
     g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 8)
@@ -674,7 +694,46 @@ def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
                          activations="int8" if case == "int8 activations" else "float")
     x = _spoiled(torch.randn(5, K, generator=g), case)
     args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
+    with _terms_rows(10):  # (not the row limit: the call's experts have up to 2 rows)
+        _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
+
+
+def _cpu_vendor():
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")),
+                    "")
+
+
+@int8_terms
+def test_int8_terms_take_calls_up_to_their_row_limit():
+    """The terms run a call whose experts have at most int8_terms_max_rows rows each, and
+    leave one with a larger expert to the FMA kernel (bitwise as with the terms off). The
+    default by vendor (/proc/cpuinfo): one row on Intel (there the FMA kernel is faster
+    from two rows), no limit on AMD; a bad limit is refused by name, nothing changed."""
+    ext = cpu_ext.get_decode()
+    g = torch.Generator().manual_seed(5)
+    qt = quantize_tensor(torch.randn(3, 128, 64, generator=g), 8)
+    x = torch.randn(6, 128, generator=g)
+    # experts 0, 1, 2 with 1, 2, 3 rows; then 1, 1, 1 rows
+    for offsets, largest in ((torch.tensor([1, 3, 6]), 3), (torch.tensor([1, 2, 3]), 1)):
+        args = (torch.arange(int(offsets[-1])), offsets, *decode_fn._wargs(qt), None, 0, 0.0,
+                1.0)
+        for limit in (1, 2, 3):
+            with _terms_rows(limit):
+                if largest > limit:
+                    _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
+                else:
+                    before = ext.int8_terms_runs()
+                    ext.gate_up(x, *args)
+                    assert ext.int8_terms_runs() == before + 1
+    vendor = _cpu_vendor()
+    if vendor in ("GenuineIntel", "AuthenticAMD"):
+        assert ext.int8_terms_max_rows() == (1 if vendor == "GenuineIntel" else 2**63 - 1)
+    default = ext.int8_terms_max_rows()
+    for bad in (0, -2):
+        with pytest.raises(RuntimeError, match=f"rows={bad} is not allowed"):
+            ext.set_int8_terms_max_rows(bad)
+    assert ext.int8_terms_max_rows() == default
 
 
 @int8_terms

@@ -1688,13 +1688,27 @@ struct T8Layout {
       : K(k), nb(k / 64), nc_off(256 * nb), e2_off(nc_off + 256), bytes(e2_off + 64) {}
 };
 
-// Whether int8 weight-only experts run on terms (i8t_tile): AVX-512 VNNI, K a multiple of
-// 64 up to 2^15 (|lane| <= 255 * 127 * K / 16 + 128 * 127 * K / 16 < 2^31).
+// The most rows an expert of a call may have for the call to run on terms, by CPU. Intel:
+// one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads, a [1024 -> 3072] int8
+// projection over 16 cold copies, medians of 9 paired in one process, 2026-12-07), terms /
+// FMA kernel at 1, 2, 3, 4, 8, 16 rows: 0.96, 1.04, 1.06, 1.17, 1.29, 1.39 ([512 -> 1024]:
+// 0.88, 1.18, 1.13, 1.24, 1.40, 1.41); on Sapphire Rapids AMX-INT8 takes 2 rows and more.
+// AMD (the Zen 4 VM the terms were built on): any number (4-row passes), as measured there.
+int64_t t8_default_rows() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("amd") ? std::numeric_limits<int64_t>::max() : 1;
+}
+std::atomic<int64_t> t8_rows{t8_default_rows()};  // set_int8_terms_max_rows
+
+// Whether int8 weight-only experts of up to `rows` rows each run on terms (i8t_tile):
+// AVX-512 VNNI, K a multiple of 64 up to 2^15 (|lane| <= 255 * 127 * K / 16 + 128 * 127 * K
+// / 16 < 2^31), rows <= t8_rows.
 std::atomic<bool> t8_on{true};     // set_int8_terms (tests compare both kernels)
 std::atomic<int64_t> t8_calls{0};  // calls whose rows ran on terms (int8_terms_runs)
-bool t8(const Weights& w) {
+bool t8(const Weights& w, int64_t rows) {
   return t8_on.load(std::memory_order_relaxed) && CPU_VNNI && w.kind == Kind::I8 && !w.a8 &&
-         !w.n_unit && w.K % 64 == 0 && w.K <= (1 << 15);
+         !w.n_unit && w.K % 64 == 0 && w.K <= (1 << 15) &&
+         rows <= t8_rows.load(std::memory_order_relaxed);
 }
 
 VNNI void t8_record(const float* x, const T8Layout& L, float e2, char* rec) {
@@ -2201,9 +2215,9 @@ struct Plan {
     } else if ((f4 = i4f(w, max_rows()))) {
       const F4Layout L(w.K, w.group);
       quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
-    } else if (q8_applies(w, max_rows()) && build_q8() && (q8_all() || !t8(w))) {
+    } else if (q8_applies(w, max_rows()) && build_q8() && (q8_all() || !t8(w, 1))) {
       // (experts of one row, if any: t8's records below, else the FMA kernel)
-    } else if (t8(w)) {
+    } else if (t8(w, q8.empty() ? max_rows() : 1)) {
       // every distinct row's 2^e first: a row that is not finite (or below 2^-100) keeps
       // the whole call on the FMA kernel
       const auto distinct = distinct_rows();
@@ -4744,6 +4758,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_terms", [](bool on) { t8_on.store(on); },
         "run int8 weight-only NK experts on the rows' int8 terms where it applies (default "
         "on; off: the FMA kernel)");
+  m.def("int8_terms_max_rows", [] { return t8_rows.load(); },
+        "the most rows an expert of a call may have for the call's int8 weight-only experts "
+        "to run on int8 terms (this CPU's default: 1 on Intel, no limit on AMD)");
+  m.def("set_int8_terms_max_rows", [](int64_t rows) {
+          TORCH_CHECK(rows >= 1 || rows == -1, "rows=", rows, " is not allowed: it must be >= 1, "
+                      "or -1 for this CPU's default");
+          t8_rows.store(rows == -1 ? t8_default_rows() : rows);
+        },
+        "set int8_terms_max_rows (-1: this CPU's default)");
   m.def("int8_terms_runs", [] { return t8_calls.load(); },
         "how many gate_up / down_combine calls have run their rows on int8 terms");
   m.def("set_amx", [](bool on) { amx_on.store(on); },
