@@ -359,6 +359,42 @@ def test_plan_runs_int8_activation_projections_of_many_rows_on_the_gemm(variant)
     assert not torch.equal(_steps(model, plan.step, prompts), slow)
 
 
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_plan_runs_weight_only_projections_of_many_rows_on_the_gemm(variant, monkeypatch):
+    """From decode.weight_gemm_min_rows rows (Intel CPUs without AMX-INT8; 4 here, so that
+    any CPU where moekit's GEMM runs takes it) the weight-only int8 / int4 projections run
+    the prefill GEMM, in QuantizedLinear and in the plan's one call alike: the steps stay
+    bitwise the modules'; with the plan's GEMM off (the decode kernel) they are not."""
+    from moekit.functions import cpu_ext, decode
+
+    if decode._q_gemm_module("q_linear_out") is None:
+        pytest.skip("moekit's GEMM does not run on this CPU (AVX-512F, MOEKIT_SGEMM)")
+    monkeypatch.setattr(decode, "weight_gemm_min_rows", lambda bits: 4)
+    model = _variant(variant)
+    prompts = [[1 + i, 2, 3 + 2 * i][: 1 + i % 3] for i in range(5)]
+    with torch.inference_mode():
+        plan = DecodePlan.build(model)
+    slow = _steps(model, model.infer, prompts)
+    assert torch.equal(_steps(model, plan.step, prompts), slow)
+    plan.native.set_q_gemm(cpu_ext.get().q_linear_address(), 1 << 30, 1 << 30)
+    assert not torch.equal(_steps(model, plan.step, prompts), slow)
+
+
+def test_weight_only_projections_take_the_gemm_from_rows_by_cpu():
+    """weight_gemm_min_rows: WEIGHT_GEMM_MIN_ROWS on an Intel CPU (/proc/cpuinfo's
+    vendor) without AMX-INT8 where moekit's GEMM runs, else None (the decode kernel)."""
+    from moekit.functions import cpu_ext, decode
+
+    ext = cpu_ext.get_decode()
+    if ext is None:
+        pytest.skip("no decode kernels")
+    with open("/proc/cpuinfo") as f:
+        intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
+    on = intel and not ext.amx_int8() and decode._q_gemm_module("q_linear_out") is not None
+    want = decode.WEIGHT_GEMM_MIN_ROWS if on else {8: None, 4: None}
+    assert {b: decode.weight_gemm_min_rows(b) for b in (8, 4)} == want
+
+
 @pytest.mark.skipif(not decode.amx(), reason="no AMX-BF16 on this CPU (or MOEKIT_AMX=0)")
 @pytest.mark.parametrize("variant", ["bf16", "qwen2 bf16"])
 def test_plan_runs_bf16_batches_of_up_to_16_rows_on_amx(variant):

@@ -564,15 +564,22 @@ def test_hf_patched_model_quantized_int8_generates_like_dequantized_original(fam
 LINEAR_FORMATS = [(8, None, 72), (4, 32, 96), (4, 64, 192), (4, 128, 384), (4, 32, 256),
                   (4, 64, 128)]
 needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
+needs_gemm = pytest.mark.skipif(
+    cpu_ext.get_decode() is None or cpu_ext.get() is None or cpu_ext.get().sgemm_max_rows() == 0,
+    reason="moekit's GEMM does not run here (AVX-512F, MOEKIT_SGEMM)")
 
 
 @pytest.mark.parametrize("bits,g,K", LINEAR_FORMATS)
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 17])  # the kernels' passes of 1-8 rows
-@pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_kernel), "dequantize"])
+@pytest.mark.parametrize("path", [pytest.param("kernel", marks=needs_kernel), "dequantize",
+                                  pytest.param("gemm", marks=needs_gemm)])
 def test_quantized_linear_matches_dequantize_then_matmul(bits, g, K, T, path, monkeypatch):
+    """QuantizedLinear on the decode kernel, on dequantize-then-matmul and, from
+    weight_gemm_min_rows rows (1 here; K a multiple of 32), on q_linear_out."""
     from moekit.functions import decode
 
     monkeypatch.setattr(decode, "QUANT_LINEAR_MAX_ROWS", 10**6 if path == "kernel" else 0)
+    monkeypatch.setattr(decode, "weight_gemm_min_rows", lambda bits: 1 if path == "gemm" else None)
     N = 37  # odd output width; int8's K = 72 is not a multiple of 32 (the kernel's tail)
     w_NK, b_N = torch.randn(N, K) * torch.linspace(0.2, 2, K), torch.randn(N)
     lin = QuantizedLinear(quantize_tensor(w_NK.T[None], bits, g), b_N)

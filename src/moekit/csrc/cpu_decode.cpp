@@ -4301,7 +4301,8 @@ void qk_norm_(torch::Tensor& qkv_RC, const torch::Tensor& q_w, const torch::Tens
 
 // cpu_experts.cpp's moekit_q_linear_a8 (the prefill GEMM on int8 rows), whose address
 // DecodeStep::set_a8_gemm receives: out [M, N] = rounded x [M, K] @ an int8 / int4 [N, K]
-// weight (x, ldx, M, K, data, N, bits, scales, zeros, group, out, ldo).
+// weight (x, ldx, M, K, data, N, bits, scales, zeros, group, out, ldo); moekit_q_linear
+// (set_q_gemm) the same on the float rows, for weight-only int8 / int4.
 using A8Gemm = void (*)(const float*, int64_t, int64_t, int64_t, const uint8_t*, int64_t,
                         int64_t, const float*, const float*, int64_t, float*, int64_t);
 
@@ -4311,7 +4312,7 @@ struct Proj {
   torch::Tensor data;
   c10::optional<torch::Tensor> scales, zeros;
   int64_t bits = 0, group = 0;
-  A8Gemm gemm = nullptr;  // int8-activation weights: the GEMM from gemm_rows rows
+  A8Gemm gemm = nullptr;  // quantized weights: the prefill GEMM from gemm_rows rows
   int64_t gemm_rows = 0, gemm_k = 0;  // (gemm_k: the weight's input width K)
 
   explicit Proj(const py::tuple& t)
@@ -4321,15 +4322,19 @@ struct Proj {
         bits(t[3].cast<int64_t>()),
         group(t[4].cast<int64_t>()) {}
 
-  // The GEMM for this projection's rows from `rows` on, where its weight has int8
-  // activations (88 / 48) in the GEMM's layout ([1, N, K(/2)] contiguous, K % 32 == 0).
-  void set_gemm(A8Gemm fn, int64_t rows) {
-    const bool a8 = bits == 88 || bits == 48;
-    const int64_t K = a8 ? data.size(2) * (bits == 48 ? 2 : 1) : 0;
-    // (int4: the GEMM's blocks of 2048 inputs hold whole groups)
-    if (a8 && data.dim() == 3 && data.size(0) == 1 && data.is_contiguous() && K % 32 == 0 &&
-        (bits == 88 || (group > 0 && 2048 % group == 0)) &&
-        scales && scales->is_contiguous() && (bits == 88 || (zeros && zeros->is_contiguous())))
+  // The GEMM for this projection's rows from `rows` on, where its weight is quantized with
+  // int8 activations (88 / 48; a8 true) or weight-only (8 / 4; a8 false) and lies in the
+  // GEMM's layout ([1, N, K(/2)] contiguous, K % 32 == 0).
+  void set_gemm(A8Gemm fn, int64_t rows, bool a8) {
+    const bool int4 = bits == (a8 ? 48 : 4);
+    if (!(int4 || bits == (a8 ? 88 : 8)) || data.dim() != 3) return;
+    const int64_t K = data.size(2) * (int4 ? 2 : 1);
+    // (int4 with int8 rows: the GEMM's blocks of 2048 inputs hold whole groups; on float
+    // rows: groups of a multiple of 32 that divide K, as q_matrix checks)
+    const bool groups = !int4 || (group > 0 && (a8 ? 2048 % group == 0
+                                                   : group % 32 == 0 && K % group == 0));
+    if (data.size(0) == 1 && data.is_contiguous() && K % 32 == 0 && groups && scales &&
+        scales->is_contiguous() && (!int4 || (zeros && zeros->is_contiguous())))
       gemm = fn, gemm_rows = rows, gemm_k = K;
   }
 
@@ -4341,7 +4346,7 @@ struct Proj {
       const int64_t R = x.size(0), N = data.size(1);
       auto y = torch::empty({R, N}, x.options());
       gemm(x.data_ptr<float>(), x.stride(0), R, gemm_k,
-           static_cast<const uint8_t*>(data.data_ptr()), N, bits == 88 ? 8 : 4,
+           static_cast<const uint8_t*>(data.data_ptr()), N, bits == 88 || bits == 8 ? 8 : 4,
            scales->data_ptr<float>(), zeros ? zeros->data_ptr<float>() : nullptr, group,
            y.data_ptr<float>(), N);
       return y;
@@ -4530,10 +4535,14 @@ class DecodeStep {
   // (int8 weights; int4: `rows4`) run the prefill GEMM at `address` (cpu_experts'
   // q_linear_a8_address()).
   void set_a8_gemm(int64_t address, int64_t rows8, int64_t rows4) {
-    const auto fn = reinterpret_cast<A8Gemm>(static_cast<uintptr_t>(address));
-    const auto set = [&](Proj& p) { p.set_gemm(fn, p.bits == 88 ? rows8 : rows4); };
-    for (auto& ly : layers_) set(ly.qkv), set(ly.out);
-    set(head_);
+    set_gemms(address, rows8, rows4, true);
+  }
+
+  // Weight-only int8 (int4) projections (attention and LM head) of `rows8` (`rows4`) rows
+  // or more run the prefill GEMM on their float rows at `address` (cpu_experts'
+  // q_linear_address()).
+  void set_q_gemm(int64_t address, int64_t rows8, int64_t rows4) {
+    set_gemms(address, rows8, rows4, false);
   }
 
   // The generation's KV cache (k_L / v_L as run takes them), the model's rotary tables
@@ -4636,6 +4645,15 @@ class DecodeStep {
   }
 
  private:
+  void set_gemms(int64_t address, int64_t rows8, int64_t rows4, bool a8) {
+    const auto fn = reinterpret_cast<A8Gemm>(static_cast<uintptr_t>(address));
+    const auto set = [&](Proj& p) {
+      p.set_gemm(fn, p.bits == 88 || p.bits == 8 ? rows8 : rows4, a8);
+    };
+    for (auto& ly : layers_) set(ly.qkv), set(ly.out);
+    set(head_);
+  }
+
   enum Part {
     EMBED, NORMS, PROJ, ATTEND, ROUTE, EXPERTS_IN, EXPERTS_OUT, SHARED, HEAD, CONVERT, ROTARY,
     PICK, NPARTS
@@ -4736,6 +4754,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_a8_gemm", &DecodeStep::set_a8_gemm,
            "int8-activation projections of at least rows8 (int8) / rows4 (int4) rows on the "
            "GEMM at `address`", py::arg("address"), py::arg("rows8"), py::arg("rows4"))
+      .def("set_q_gemm", &DecodeStep::set_q_gemm,
+           "weight-only int8 / int4 projections of at least rows8 / rows4 rows on the GEMM "
+           "at `address` (float rows)", py::arg("address"), py::arg("rows8"), py::arg("rows4"))
       .def("set_timing", &DecodeStep::set_timing,
            "time the parts of the next runs (on: from 0; off: keeps the sums)")
       .def("times", &DecodeStep::times, "(part, ns) summed over the timed runs");
@@ -4758,6 +4779,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_terms", [](bool on) { t8_on.store(on); },
         "run int8 weight-only NK experts on the rows' int8 terms where it applies (default "
         "on; off: the FMA kernel)");
+  m.def("cpu_vendor", [] {
+          __builtin_cpu_init();
+          return std::string(__builtin_cpu_is("intel") ? "intel"
+                             : __builtin_cpu_is("amd") ? "amd" : "other");
+        },
+        "this CPU's vendor: intel, amd or other (thresholds measured on one vendor's CPUs)");
   m.def("int8_terms_max_rows", [] { return t8_rows.load(); },
         "the most rows an expert of a call may have for the call's int8 weight-only experts "
         "to run on int8 terms (this CPU's default: 1 on Intel, no limit on AMD)");

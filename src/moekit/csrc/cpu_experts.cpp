@@ -1774,6 +1774,18 @@ extern "C" void moekit_q_linear_a8(const float* x, int64_t ldx, int64_t M, int64
   linear_tiles(x, ldx, M, K, q, N, true, out, ldo);
 }
 
+// The same GEMM on the float rows themselves (q_linear_out with a8 false): weight-only
+// int8 / int4 projections of many rows in a decode step (DecodeStep::set_q_gemm).
+extern "C" void moekit_q_linear(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                const uint8_t* data, int64_t N, int64_t bits,
+                                const float* scales, const float* zeros, int64_t group,
+                                float* out, int64_t ldo) {
+  QMatrix q;
+  q.bits = static_cast<int>(bits), q.data = data, q.row_bytes = bits == 8 ? K : K / 2;
+  q.scales = scales, q.zeros = zeros, q.group = bits == 4 ? group : 0;
+  linear_tiles(x, ldx, M, K, q, N, false, out, ldo);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
         "out[rows of i] = a[rows of i] @ b[i], parallel over experts");
@@ -1803,6 +1815,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q_linear_a8_address",
         [] { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&moekit_q_linear_a8)); },
         "the address of q_linear_out's a8 GEMM as a C function, for cpu_decode's DecodeStep");
+  m.def("q_linear_address",
+        [] { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(&moekit_q_linear)); },
+        "the address of q_linear_out's GEMM on float rows as a C function, for cpu_decode's "
+        "DecodeStep");
   m.def("int8_activations_gemm_ok", [] { return CPU_VNNI; },
         "whether swiglu_experts_q_out / q_linear_out take a8 = True here (AVX-512 VNNI, BW)");
   m.def("swiglu_backward_out", &swiglu_backward_out,

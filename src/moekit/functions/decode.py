@@ -375,6 +375,35 @@ QUANT_GEMM_MAX_ROWS = 256
 # Mixtral-like at batch 8 0.978 / 0.969, at 16 0.926 / 0.905; int4 at 8 1.010 / 1.021, at
 # 16 0.960 / 0.959. By bits; DecodePlan's steps take the same limits (set_a8_gemm).
 A8_LINEAR_MIN_ROWS = {8: 8, 4: 16}
+# Weight-only int8 / int4 projections of this many fp32 rows or more run q_linear_out
+# (moekit's GEMM) instead of the decode kernel, on Intel CPUs without AMX-INT8 (elsewhere
+# the decode kernel up to QUANT_LINEAR_MAX_ROWS, as before). q_linear_out / decode kernel
+# (a /tmp script: 16 cold copies, medians of 9 paired in one process, 2 threads, an Ice Lake
+# Xeon VM with AVX-512 VNNI and no AMX, 2026-12-07) at 8 / 12 / 16 / 20 / 24 rows: int8
+# [1024 -> 1024] 1.21 / 0.99 / 0.88 / 0.78 / 0.70, [1024 -> 3072] 1.53 / 1.11-1.18 /
+# 1.02-1.10 / 0.80 / 0.84, [512 -> 1024] 1.06 / 0.71 / 0.68 / - / 0.56; int4 g64 0.94 / 0.78
+# / 0.72 / 0.65 / 0.60, 1.08 / 0.82-0.85 / 0.75 / 0.74 / 0.66, 0.73 / 0.70 / 0.63 / - /
+# 0.46. In batch-16 int4 steps of the fine model (bench_decode's, step calls, 3 pairs) the
+# attention projections took 4.4-5.4 ms against 5.1-7.7 on the decode kernel. By bits;
+# DecodePlan's steps take the same limits (set_q_gemm).
+WEIGHT_GEMM_MIN_ROWS = {8: 20, 4: 12}
+
+
+def weight_gemm_min_rows(bits: int) -> int | None:
+    """The fewest rows from which a weight-only int8 / int4 projection runs q_linear_out
+    here (WEIGHT_GEMM_MIN_ROWS on an Intel CPU without AMX-INT8 where moekit's GEMM runs),
+    or None: the decode kernel up to QUANT_LINEAR_MAX_ROWS rows."""
+    ext = cpu_ext.get_decode()
+    if (ext is None or not QUANT_ONE_CALL or _q_gemm_module("q_linear_out") is None
+            or ext.cpu_vendor() != "intel" or ext.amx_int8()):
+        return None
+    return WEIGHT_GEMM_MIN_ROWS[bits]
+
+
+def _weight_gemm(w: QuantizedTensor, rows: int) -> bool:
+    """Whether a weight-only projection of ``rows`` rows takes q_linear_out here."""
+    least = None if w.activations == "int8" else weight_gemm_min_rows(w.bits)
+    return least is not None and rows >= least
 
 
 def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
@@ -384,6 +413,8 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
     if isinstance(w, QuantizedTensor):
         if w.activations == "int8" and rows >= A8_LINEAR_MIN_ROWS[w.bits] and int8_gemm_here() \
                 and quant_gemm_ok(x, w):
+            return False
+        if _weight_gemm(w, rows) and quant_gemm_ok(x, w):
             return False
         return rows <= QUANT_LINEAR_MAX_ROWS
     return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_grad_enabled()
@@ -414,7 +445,8 @@ def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
         return None
     a8 = int8_activations_gemm(ext, w_1KN)
     if not (QUANT_LINEAR_MAX_ROWS < rows <= QUANT_GEMM_MAX_ROWS
-            or a8 and rows >= A8_LINEAR_MIN_ROWS[w_1KN.bits]):
+            or a8 and rows >= A8_LINEAR_MIN_ROWS[w_1KN.bits]
+            or not a8 and _weight_gemm(w_1KN, rows) and rows <= QUANT_GEMM_MAX_ROWS):
         return None
     y = torch.empty(rows, w_1KN.shape[2])
     ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,

@@ -161,6 +161,9 @@ class DecodePlan:
         if self.dtype == torch.float32 and decode.int8_gemm_here():  # as QuantizedLinear's
             self.native.set_a8_gemm(cpu_ext.get().q_linear_a8_address(),
                                     decode.A8_LINEAR_MIN_ROWS[8], decode.A8_LINEAR_MIN_ROWS[4])
+        least = [decode.weight_gemm_min_rows(b) for b in (8, 4)]
+        if self.dtype == torch.float32 and None not in least:  # as QuantizedLinear's too
+            self.native.set_q_gemm(cpu_ext.get().q_linear_address(), *least)
         # routers: fp32 projections on the kernel (MoE._router_logits)
         self.max_rows = min(float_rows, quant_rows, decode.ROUTE_KERNEL_MAX_TOKENS,
                             decode.ADD_NORM_MAX_ROWS, decode.float_kernel_max_rows(torch.float32))
