@@ -705,27 +705,36 @@ def _cpu_vendor():
 
 
 @int8_terms
-def test_int8_terms_take_calls_up_to_their_row_limit():
-    """The terms run a call whose experts have at most int8_terms_max_rows rows each, and
-    leave one with a larger expert to the FMA kernel (bitwise as with the terms off). The
-    default by vendor (/proc/cpuinfo): one row on Intel (there the FMA kernel is faster
-    from two rows), no limit on AMD; a bad limit is refused by name, nothing changed."""
+def test_int8_terms_take_the_experts_up_to_their_row_limit():
+    """In one call the experts of at most int8_terms_max_rows rows run on terms and the
+    others on the FMA kernel: each expert's outputs bitwise those of the call with every
+    expert on terms, or with the terms off. The default by vendor (/proc/cpuinfo): one row
+    on Intel (there the FMA kernel is faster from two rows), no limit on AMD; a bad limit
+    is refused by name, nothing changed."""
     ext = cpu_ext.get_decode()
     g = torch.Generator().manual_seed(5)
     qt = quantize_tensor(torch.randn(3, 128, 64, generator=g), 8)
     x = torch.randn(6, 128, generator=g)
-    # experts 0, 1, 2 with 1, 2, 3 rows; then 1, 1, 1 rows
-    for offsets, largest in ((torch.tensor([1, 3, 6]), 3), (torch.tensor([1, 2, 3]), 1)):
-        args = (torch.arange(int(offsets[-1])), offsets, *decode_fn._wargs(qt), None, 0, 0.0,
-                1.0)
-        for limit in (1, 2, 3):
-            with _terms_rows(limit):
-                if largest > limit:
-                    _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
-                else:
-                    before = ext.int8_terms_runs()
-                    ext.gate_up(x, *args)
-                    assert ext.int8_terms_runs() == before + 1
+    offsets = torch.tensor([1, 3, 6])  # experts 0, 1, 2 with 1, 2, 3 rows
+    args = (torch.arange(6), offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    with _terms_rows(3):
+        terms = ext.gate_up(x, *args)
+    fma = _off(lambda: ext.gate_up(x, *args), "set_int8_terms")
+    assert not torch.equal(terms, fma)  # (the two kernels sum in other orders)
+    starts = [0, 1, 3]
+    for limit in (1, 2, 3):
+        with _terms_rows(limit):
+            before = ext.int8_terms_runs()
+            y = ext.gate_up(x, *args)
+            assert ext.int8_terms_runs() == before + 1
+        for e, (r0, r1) in enumerate(zip(starts, offsets.tolist(), strict=True)):
+            want = terms if r1 - r0 <= limit else fma
+            assert torch.equal(y[r0:r1], want[r0:r1]), (limit, e)
+    # no expert within the limit: nothing on terms
+    qt2 = quantize_tensor(torch.randn(2, 128, 64, generator=g), 8)
+    args2 = (torch.arange(5), torch.tensor([2, 5]), *decode_fn._wargs(qt2), None, 0, 0.0, 1.0)
+    with _terms_rows(1):
+        _stays_on_fma(x[:5], args2, ext.int8_terms_runs, "set_int8_terms")
     vendor = _cpu_vendor()
     if vendor in ("GenuineIntel", "AuthenticAMD"):
         assert ext.int8_terms_max_rows() == (1 if vendor == "GenuineIntel" else 2**63 - 1)

@@ -1688,8 +1688,8 @@ struct T8Layout {
       : K(k), nb(k / 64), nc_off(256 * nb), e2_off(nc_off + 256), bytes(e2_off + 64) {}
 };
 
-// The most rows an expert of a call may have for the call to run on terms, by CPU. Intel:
-// one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads, a [1024 -> 3072] int8
+// The most rows an expert may have to run on terms (the call's larger ones run the FMA
+// kernel), by CPU. Intel: one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads, a [1024 -> 3072] int8
 // projection over 16 cold copies, medians of 9 paired in one process, 2026-12-07), terms /
 // FMA kernel at 1, 2, 3, 4, 8, 16 rows: 0.96, 1.04, 1.06, 1.17, 1.29, 1.39 ([512 -> 1024]:
 // 0.88, 1.18, 1.13, 1.24, 1.40, 1.41); on Sapphire Rapids AMX-INT8 takes 2 rows and more.
@@ -1700,7 +1700,7 @@ int64_t t8_default_rows() {
 }
 std::atomic<int64_t> t8_rows{t8_default_rows()};  // set_int8_terms_max_rows
 
-// Whether int8 weight-only experts of up to `rows` rows each run on terms (i8t_tile):
+// Whether int8 weight-only experts of `rows` rows may run on terms (i8t_tile):
 // AVX-512 VNNI, K a multiple of 64 up to 2^15 (|lane| <= 255 * 127 * K / 16 + 128 * 127 * K
 // / 16 < 2^31), rows <= t8_rows.
 std::atomic<bool> t8_on{true};     // set_int8_terms (tests compare both kernels)
@@ -2192,6 +2192,7 @@ struct Plan {
   std::vector<float> records;   // int8 activations, int4 blocks: each distinct row's record
   bool f4 = false;              // int4 blocks (i4f_tile): x's rows are f4_records
   bool t8rec = false;           // int8 on terms (i8t_tile): x's rows are t8_records
+  std::vector<bool> t8x;        // (there, per touched expert: whether its rows are)
   std::vector<A4Rows> a4;       // int4 on AMX-INT8 (a4_tile): each touched expert's rows
   std::vector<AmxTerms> q8;     // int8 on AMX-INT8 (q8_tile): each touched expert's terms
 
@@ -2217,12 +2218,16 @@ struct Plan {
       quantize_rows(L.bytes, [&](const float* row, char* rec) { f4_record(row, L, rec); });
     } else if (q8_applies(w, max_rows()) && build_q8() && (q8_all() || !t8(w, 1))) {
       // (experts of one row, if any: t8's records below, else the FMA kernel)
-    } else if (t8(w, q8.empty() ? max_rows() : 1)) {
-      // every distinct row's 2^e first: a row that is not finite (or below 2^-100) keeps
+    } else if (t8(w, 1)) {
+      // the experts of up to t8_rows rows (with AMX: those of one row; the others run q8)
+      const int64_t most = q8.empty() ? t8_rows.load(std::memory_order_relaxed) : 1;
+      t8x.resize(m);
+      for (size_t i = 0; i < m; ++i) t8x[i] = n(i) <= most;
+      // their distinct rows' 2^e first: a row that is not finite (or below 2^-100) keeps
       // the whole call on the FMA kernel
-      const auto distinct = distinct_rows();
+      const auto distinct = distinct_rows(t8x);
       std::vector<float> e2(distinct.size());
-      bool ok = true;
+      bool ok = !distinct.empty();
       for (size_t i = 0; i < distinct.size() && ok; ++i)
         ok = (e2[i] = terms_scale(distinct[i], K)) != 0.0f;
       if (ok) {
@@ -2230,7 +2235,7 @@ struct Plan {
         quantize_rows(L.bytes, [&](const float* row, char* rec) {  // (distinct is sorted)
           const auto at = std::lower_bound(distinct.begin(), distinct.end(), row);
           t8_record(row, L, e2[at - distinct.begin()], rec);
-        });
+        }, t8x);
         t8rec = true;
         t8_calls.fetch_add(1, std::memory_order_relaxed);
       }
@@ -2284,9 +2289,10 @@ struct Plan {
   // x's rows replaced by their records (quantize_a8 / quantize_q8 / f4_record: `bytes`,
   // a multiple of 64), one per distinct row; the pointers stay const float* on their
   // way to i4a8_tile / i8a8_tile / i4f_tile.
+  // (only: the experts i with only[i], where given; the others keep their rows)
   template <typename Q>
-  void quantize_rows(int64_t bytes, const Q& quantize) {
-    const auto distinct = distinct_rows();
+  void quantize_rows(int64_t bytes, const Q& quantize, const std::vector<bool>& only = {}) {
+    const auto distinct = distinct_rows(only);
     const int64_t fl = bytes / 4;  // floats per record (a multiple of 16: 64-byte aligned)
     records.resize(distinct.size() * fl + 16);
     float* first = records.data();
@@ -2296,19 +2302,23 @@ struct Plan {
       for (int64_t i = i0; i < i1; ++i)
         quantize(distinct[i], reinterpret_cast<char*>(first + i * fl));
     });
-    repoint(distinct, first, fl);
+    repoint(distinct, first, fl, only);
   }
-  std::vector<const float*> distinct_rows() const {
+  // the distinct rows of the experts i with only[i] (every expert where only is empty)
+  std::vector<const float*> distinct_rows(const std::vector<bool>& only = {}) const {
     std::vector<const float*> distinct;
-    for (const auto& xi : x) distinct.insert(distinct.end(), xi.begin(), xi.end());
+    for (size_t i = 0; i < x.size(); ++i)
+      if (only.empty() || only[i]) distinct.insert(distinct.end(), x[i].begin(), x[i].end());
     std::sort(distinct.begin(), distinct.end());
     distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
     return distinct;
   }
   // every row pointer to its distinct row's copy: base + (its index) * stride
-  void repoint(const std::vector<const float*>& distinct, const float* base, int64_t stride) {
-    for (auto& xi : x)
-      for (const float*& row : xi) {
+  void repoint(const std::vector<const float*>& distinct, const float* base, int64_t stride,
+               const std::vector<bool>& only = {}) {
+    for (size_t i = 0; i < x.size(); ++i)
+      for (const float*& row : x[i]) {
+        if (!only.empty() && !only[i]) continue;
         const auto at = std::lower_bound(distinct.begin(), distinct.end(), row) - distinct.begin();
         row = base + at * stride;
       }
@@ -2341,7 +2351,8 @@ struct Plan {
     if (!a4.empty()) return a4_tile(ws.of(e), ws.entry(e), a4[i], c0, W, acc);
     if (!q8.empty() && q8[i].R) return q8_tile(ws.of(e), ws.entry(e), q8[i], c0, W, acc);
     if (!ws.of(e).n_unit) {
-      tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4, t8rec);
+      tile(ws.of(e), ws.entry(e), x[i].data(), xsum, rows_i, c0, W, acc, f4,
+           t8rec && t8x[i]);
       return;
     }
     std::fill(acc, acc + rows_i * W, 0.0f);
@@ -4786,8 +4797,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "this CPU's vendor: intel, amd or other (thresholds measured on one vendor's CPUs)");
   m.def("int8_terms_max_rows", [] { return t8_rows.load(); },
-        "the most rows an expert of a call may have for the call's int8 weight-only experts "
-        "to run on int8 terms (this CPU's default: 1 on Intel, no limit on AMD)");
+        "the most rows an int8 weight-only expert may have to run on int8 terms (the larger "
+        "ones of a call run the FMA kernel; this CPU's default: 1 on Intel, no limit on AMD)");
   m.def("set_int8_terms_max_rows", [](int64_t rows) {
           TORCH_CHECK(rows >= 1 || rows == -1, "rows=", rows, " is not allowed: it must be >= 1, "
                       "or -1 for this CPU's default");

@@ -159,9 +159,9 @@ def get_decode() -> ModuleType | None:
     with AMX-INT8, int8 / int4 weight-only projections and experts of 2 to 32 rows
     (``amx_int8()``); ``MOEKIT_AMX=0`` keeps them all on the FMA kernels. With AVX-512
     VNNI, int8 weight-only experts off AMX (one row, or AMX off) run on each row's four
-    exact int8 terms (``int8_terms()``) where a call's experts have at most
-    ``int8_terms_max_rows()`` rows each (one on Intel, where the FMA kernel is faster from
-    two; no limit on AMD); ``MOEKIT_INT8_TERMS=0`` keeps them all on the FMA kernel.
+    exact int8 terms (``int8_terms()``), those of at most ``int8_terms_max_rows()`` rows
+    (one on Intel, where the FMA kernel is faster from two; no limit on AMD);
+    ``MOEKIT_INT8_TERMS=0`` keeps them all on the FMA kernel.
     """
     if not _decode:
         cap = os.environ.get(ISA_ENV, "")
