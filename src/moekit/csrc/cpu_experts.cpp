@@ -1759,32 +1759,32 @@ void q_linear_out(const torch::Tensor& x_MK, const torch::Tensor& data,
                out_MN.data_ptr<float>(), out_MN.stride(0));
 }
 
-// q_linear_out with a8 for cpu_decode's DecodeStep (another extension module, which gets
-// this function's address from q_linear_a8_address()): out [M, N] (rows ldo apart) = x
-// [M, K] (rows ldx apart) rounded to int8 @ the quantized [N, K] weight data (int8, or
-// int4 with groups of `group`), scales [N] or [N, K / group], zeros (int4) like them. The
-// caller has checked every argument (K % 32 == 0, an AVX-512 VNNI CPU).
-extern "C" void moekit_q_linear_a8(const float* x, int64_t ldx, int64_t M, int64_t K,
-                                   const uint8_t* data, int64_t N, int64_t bits,
-                                   const float* scales, const float* zeros, int64_t group,
-                                   float* out, int64_t ldo) {
+// q_linear_out for cpu_decode's DecodeStep (another extension module, which gets these
+// functions' addresses from q_linear_a8_address() / q_linear_address()): out [M, N] (rows
+// ldo apart) = x [M, K] (rows ldx apart; with a8 rounded to int8) @ the quantized [N, K]
+// weight data (int8, or int4 with groups of `group`), scales [N] or [N, K / group], zeros
+// (int4) like them. The caller has checked every argument (K % 32 == 0; with a8 an
+// AVX-512 VNNI CPU).
+static void q_linear_rows(const float* x, int64_t ldx, int64_t M, int64_t K,
+                          const uint8_t* data, int64_t N, int64_t bits, const float* scales,
+                          const float* zeros, int64_t group, float* out, int64_t ldo, bool a8) {
   QMatrix q;
   q.bits = static_cast<int>(bits), q.data = data, q.row_bytes = bits == 8 ? K : K / 2;
   q.scales = scales, q.zeros = zeros, q.group = bits == 4 ? group : 0;
-  linear_tiles(x, ldx, M, K, q, N, true, out, ldo);
+  linear_tiles(x, ldx, M, K, q, N, a8, out, ldo);
 }
 
-// The same GEMM on the float rows themselves (q_linear_out with a8 false): weight-only
-// int8 / int4 projections of many rows in a decode step (DecodeStep::set_q_gemm).
-extern "C" void moekit_q_linear(const float* x, int64_t ldx, int64_t M, int64_t K,
-                                const uint8_t* data, int64_t N, int64_t bits,
-                                const float* scales, const float* zeros, int64_t group,
-                                float* out, int64_t ldo) {
-  QMatrix q;
-  q.bits = static_cast<int>(bits), q.data = data, q.row_bytes = bits == 8 ? K : K / 2;
-  q.scales = scales, q.zeros = zeros, q.group = bits == 4 ? group : 0;
-  linear_tiles(x, ldx, M, K, q, N, false, out, ldo);
-}
+// (weight-only int8 / int4 projections of many rows in a decode step: DecodeStep's
+// set_q_gemm; int8 activations: set_a8_gemm)
+#define MOEKIT_Q_LINEAR(name, a8)                                                            \
+  extern "C" void name(const float* x, int64_t ldx, int64_t M, int64_t K,                   \
+                       const uint8_t* data, int64_t N, int64_t bits, const float* scales,   \
+                       const float* zeros, int64_t group, float* out, int64_t ldo) {        \
+    q_linear_rows(x, ldx, M, K, data, N, bits, scales, zeros, group, out, ldo, a8);         \
+  }
+MOEKIT_Q_LINEAR(moekit_q_linear_a8, true)
+MOEKIT_Q_LINEAR(moekit_q_linear, false)
+#undef MOEKIT_Q_LINEAR
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_mm_out", &grouped_mm_out,
