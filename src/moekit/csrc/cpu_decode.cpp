@@ -1689,10 +1689,11 @@ struct T8Layout {
 };
 
 // The most rows an expert may have to run on terms (the call's larger ones run the FMA
-// kernel), by CPU. Intel: one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads, a [1024 -> 3072] int8
-// projection over 16 cold copies, medians of 9 paired in one process, 2026-12-07), terms /
-// FMA kernel at 1, 2, 3, 4, 8, 16 rows: 0.96, 1.04, 1.06, 1.17, 1.29, 1.39 ([512 -> 1024]:
-// 0.88, 1.18, 1.13, 1.24, 1.40, 1.41); on Sapphire Rapids AMX-INT8 takes 2 rows and more.
+// kernel), by CPU. Intel: one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads,
+// a [1024 -> 3072] int8 projection over 16 cold copies, medians of 9 paired in one
+// process, 2026-12-07), terms / FMA kernel at 1, 2, 3, 4, 8, 16 rows: 0.96, 1.04, 1.06,
+// 1.17, 1.29, 1.39 ([512 -> 1024]: 0.88, 1.18, 1.13, 1.24, 1.40, 1.41); on Sapphire
+// Rapids AMX-INT8 takes 2 rows and more.
 // AMD (the Zen 4 VM the terms were built on): any number (4-row passes), as measured there.
 int64_t t8_default_rows() {
   __builtin_cpu_init();
