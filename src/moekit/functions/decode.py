@@ -382,11 +382,10 @@ A8_LINEAR_MIN_ROWS = {8: 8, 4: 16}
 # Xeon VM with AVX-512 VNNI and no AMX, 2026-12-07) at 8 / 12 / 16 / 20 / 24 rows: int8
 # [1024 -> 1024] 1.21 / 0.99 / 0.88 / 0.78 / 0.70, [1024 -> 3072] 1.53 / 1.11-1.18 /
 # 1.02-1.10 / 0.80 / 0.84, [512 -> 1024] 1.06 / 0.71 / 0.68 / - / 0.56; int4 g64 (the same
-# shapes) 0.94 / 0.78
-# / 0.72 / 0.65 / 0.60, 1.08 / 0.82-0.85 / 0.75 / 0.74 / 0.66, 0.73 / 0.70 / 0.63 / - /
-# 0.46. In batch-16 int4 steps of the fine model (bench_decode's, step calls, 3 pairs) the
-# attention projections took 4.4-5.4 ms against 5.1-7.7 on the decode kernel. By bits;
-# DecodePlan's steps take the same limits (set_q_gemm).
+# shapes) 0.94 / 0.78 / 0.72 / 0.65 / 0.60, 1.08 / 0.82-0.85 / 0.75 / 0.74 / 0.66, 0.73 /
+# 0.70 / 0.63 / - / 0.46. In batch-16 int4 steps of the fine model (bench_decode's step
+# calls, 3 pairs) the attention projections took 4.4-5.4 ms against 5.1-7.7 on the decode
+# kernel. By bits; DecodePlan's steps take the same limits (set_q_gemm).
 WEIGHT_GEMM_MIN_ROWS = {8: 20, 4: 12}
 
 
