@@ -595,8 +595,8 @@ def _spoiled(x, case):
 
 @contextlib.contextmanager
 def _terms_rows(rows):
-    """int8 terms for calls whose experts have up to `rows` rows each (set_int8_terms_max_rows),
-    this CPU's default again after."""
+    """int8 terms for the experts of up to `rows` rows (set_int8_terms_max_rows), this
+    CPU's default again after."""
     ext = cpu_ext.get_decode()
     ext.set_int8_terms_max_rows(rows)
     try:
@@ -699,6 +699,7 @@ def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
 
 
 def _cpu_vendor():
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD, ...), "" where it has none."""
     with open("/proc/cpuinfo") as f:
         return next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")),
                     "")

@@ -384,13 +384,13 @@ def test_weight_only_projections_take_the_gemm_from_rows_by_cpu():
     """weight_gemm_min_rows: WEIGHT_GEMM_MIN_ROWS on an Intel CPU (/proc/cpuinfo's
     vendor) without AMX-INT8 where moekit's GEMM runs, else None (the decode kernel)."""
     from moekit.functions import cpu_ext, decode
+    from tests.test_decode import _cpu_vendor
 
     ext = cpu_ext.get_decode()
     if ext is None:
         pytest.skip("no decode kernels")
-    with open("/proc/cpuinfo") as f:
-        intel = any(line.startswith("vendor_id") and "GenuineIntel" in line for line in f)
-    on = intel and not ext.amx_int8() and decode._q_gemm_module("q_linear_out") is not None
+    on = (_cpu_vendor() == "GenuineIntel" and not ext.amx_int8()
+          and decode._q_gemm_module("q_linear_out") is not None)
     want = decode.WEIGHT_GEMM_MIN_ROWS if on else {8: None, 4: None}
     assert {b: decode.weight_gemm_min_rows(b) for b in (8, 4)} == want
 

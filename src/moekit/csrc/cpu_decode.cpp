@@ -1688,6 +1688,13 @@ struct T8Layout {
       : K(k), nb(k / 64), nc_off(256 * nb), e2_off(nc_off + 256), bytes(e2_off + 64) {}
 };
 
+// This CPU's vendor: "intel", "amd" or "other" (the thresholds measured on one vendor's
+// CPUs go by it).
+const char* cpu_vendor() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") ? "intel" : __builtin_cpu_is("amd") ? "amd" : "other";
+}
+
 // The most rows an expert may have to run on terms (the call's larger ones run the FMA
 // kernel), by CPU. Intel: one. On an Ice Lake Xeon VM (AVX-512 VNNI, no AMX; 2 threads,
 // a [1024 -> 3072] int8 projection over 16 cold copies, medians of 9 paired in one
@@ -1696,8 +1703,7 @@ struct T8Layout {
 // Rapids AMX-INT8 takes 2 rows and more.
 // AMD (the Zen 4 VM the terms were built on): any number (4-row passes), as measured there.
 int64_t t8_default_rows() {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd") ? std::numeric_limits<int64_t>::max() : 1;
+  return cpu_vendor() == std::string("amd") ? std::numeric_limits<int64_t>::max() : 1;
 }
 std::atomic<int64_t> t8_rows{t8_default_rows()};  // set_int8_terms_max_rows
 
@@ -3111,7 +3117,8 @@ bool amx_i4_rows(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t
 // down_combine (K = 512) 2 15.9-16.5 / 16.8-17.3, 3 11.7-12.1 / 15.4-15.9, 4 10.4-10.9 /
 // 14.2-14.6 (/tmp scripts over ext.gate_up and ext.down_combine, this Xeon). One pass
 // over the block for every row group (sharing the unpacked nibbles) measured 15-20% faster
-// at 5-16 rows and was not kept: ~150 more lines for experts that rarely have them. Dense projections from 12 rows keep amx_i4_rows.
+// at 5-16 rows and was not kept: ~150 more lines for experts that rarely have them. Dense
+// projections from 12 rows keep amx_i4_rows.
 #ifdef MOEKIT_AMX
 // Tiles of a4_rows<RP>: C 0, 1 and B 6 of 16 RP bytes a row (RP rows' four terms), A 4, 5
 // of 64 bytes.
@@ -4791,11 +4798,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_terms", [](bool on) { t8_on.store(on); },
         "run int8 weight-only NK experts on the rows' int8 terms where it applies (default "
         "on; off: the FMA kernel)");
-  m.def("cpu_vendor", [] {
-          __builtin_cpu_init();
-          return std::string(__builtin_cpu_is("intel") ? "intel"
-                             : __builtin_cpu_is("amd") ? "amd" : "other");
-        },
+  m.def("cpu_vendor", [] { return std::string(cpu_vendor()); },
         "this CPU's vendor: intel, amd or other (thresholds measured on one vendor's CPUs)");
   m.def("int8_terms_max_rows", [] { return t8_rows.load(); },
         "the most rows an int8 weight-only expert may have to run on int8 terms (the larger "
