@@ -964,11 +964,13 @@ def run(args: argparse.Namespace) -> int:
             profile_step(args.models[0], B)
         return 0
     info = harness.machine()
+    info["compute"] = harness.compute_probe()
     bw = [read_bandwidth()]
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum, the faster of huge and 4 KiB pages; 4 KiB pages "
-          f"{BW_4K[-1] / 1e9:.1f})  {args.new_tokens} new tokens after a "
+          f"{BW_4K[-1] / 1e9:.1f})  {harness.compute_note(info['compute'])}  "
+          f"{args.new_tokens} new tokens after a "
           f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs"
           + ("; step times are 1-thread CPU time" if args.cpu_time else ""))
     if quantize_fn() is None:
@@ -986,11 +988,15 @@ def run(args: argparse.Namespace) -> int:
     mem = memory_rows(args) if args.memory else []
     info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     info["bandwidth_note"] = bandwidth_note(bw)
+    info["compute_end"] = harness.compute_probe()
+    info["compute_note"] = compute_note(info["compute"], info["compute_end"])
     _write(args, info, bw, rows, mem, time.time() - t0)
     print(f"\nread bandwidth over the run: {', '.join(f'{b / 1e9:.1f}' for b in bw)} GB/s; "
+          f"{harness.compute_note(info['compute_end'])} at the end; "
           f"load avg at the end {info['load_average_1m_end']}; wrote {args.out}")
-    if info["bandwidth_note"]:
-        print(info["bandwidth_note"])
+    for note in (info["bandwidth_note"], info["compute_note"]):
+        if note:
+            print(note)
     return 0
 
 
@@ -1008,6 +1014,17 @@ def bandwidth_note(bw: list[float]) -> str:
             f"{max(bw) / 1e9:.1f} GB/s during this run; ratios to fp32 of variants not "
             "bound by it (int8, int4) move with it: compare each row's anchor_ms in the "
             "JSON, or run again")
+
+
+def compute_note(start: dict, end: dict) -> str:
+    """A warning when the compute probe's rate on the run's threads moved by more than
+    BW_SPREAD between the start and the end of the run, else ""."""
+    a, b = start["gemm_gmacs"], end["gemm_gmacs"]
+    if max(a, b) <= BW_SPREAD * min(a, b):
+        return ""
+    return (f"note: the fp32 GEMM rate moved from {a:.0f} to {b:.0f} GMAC/s during this run; "
+            "rows bound by instructions (int8 / int4 at batch 16, prefill) move with it: "
+            "compare each row's anchor_ms in the JSON, or run again")
 
 
 def _write(args, info, bw, rows, mem, seconds) -> None:

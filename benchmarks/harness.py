@@ -114,6 +114,50 @@ def machine() -> dict:
     }
 
 
+PROBE_N = 1024  # the compute probe's square fp32 GEMM: 2^30 multiply-adds
+
+
+def compute_probe(reps: int = 5, n: int = PROBE_N) -> dict:
+    """torch's [n, n] @ [n, n] fp32 GEMM in GMAC/s (median of ``reps``) on 1 thread and on
+    the benchmark's threads, with torch's thread count restored: the machine's compute at
+    that moment, as the read bandwidth is its memory.
+
+    On a VM both move. The same Ice Lake Xeon VM type gave 55-60 / 104 GMAC/s (1 / 2
+    threads, 2048^3; its two vCPUs then shared one core) one session, and 72 / 149 then
+    48 / 109 (1024^3) within the next (2026-12-07), while the read bandwidth stayed at
+    21-24 GB/s. Rows bound by instructions (int8 / int4 at batch 16, the int4 step at batch
+    1, prefill) move with the first, rows bound by the bandwidth with the second."""
+    import torch
+
+    threads = torch.get_num_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def rate(t: int) -> float:
+        torch.set_num_threads(t)
+        a @ b  # warm up at this thread count
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return n**3 / statistics.median(times) / 1e9
+
+    try:
+        one, every = rate(1), rate(threads)
+    finally:
+        torch.set_num_threads(threads)
+    return {"gemm_n": n, "threads": threads, "gemm_gmacs_1_thread": round(one, 1),
+            "gemm_gmacs": round(every, 1)}
+
+
+def compute_note(probe: dict) -> str:
+    """The probe as one header phrase."""
+    text = f"fp32 GEMM {probe['gemm_gmacs_1_thread']:.0f} GMAC/s on 1 thread"
+    if probe["threads"] > 1:
+        text += f", {probe['gemm_gmacs']:.0f} on {probe['threads']}"
+    return text
+
+
 @dataclass
 class Step:
     """One training step of a layer: ``forward()`` returns the output, ``backward(y)`` ends it."""

@@ -1,0 +1,50 @@
+"""The benchmarks' compute probe: the machine's fp32 GEMM rate on 1 thread and on the run's
+threads, recorded beside the read bandwidth (a VM's compute moves within a session as its
+bandwidth does), and bench_decode's warning when it moved during a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit import bench
+
+CPU = bench._load()
+DECODE = bench._load(bench.DECODE_SCRIPT)
+pytestmark = pytest.mark.skipif(CPU is None or DECODE is None,
+                                reason="benchmarks/ is not in this checkout")
+
+
+def test_compute_probe_times_one_thread_then_all_and_restores_the_count(monkeypatch):
+    harness = CPU.harness
+    before = torch.get_num_threads()
+    asked: list[int] = []
+    real = torch.set_num_threads
+
+    def record(n: int) -> None:
+        asked.append(n)
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    probe = harness.compute_probe(reps=1, n=64)
+    assert asked == [1, before, before]  # 1 thread, the run's threads, then restored
+    assert torch.get_num_threads() == before
+    assert probe["threads"] == before and probe["gemm_n"] == 64
+    assert probe["gemm_gmacs_1_thread"] > 0 and probe["gemm_gmacs"] > 0
+
+
+def test_compute_note_names_the_rates_it_measured():
+    note = CPU.harness.compute_note
+    assert note({"threads": 1, "gemm_gmacs_1_thread": 71.6, "gemm_gmacs": 71.6}) == \
+        "fp32 GEMM 72 GMAC/s on 1 thread"
+    assert note({"threads": 2, "gemm_gmacs_1_thread": 48.5, "gemm_gmacs": 109.4}) == \
+        "fp32 GEMM 48 GMAC/s on 1 thread, 109 on 2"
+
+
+def test_bench_decode_warns_when_the_compute_moved_during_the_run():
+    note = DECODE.compute_note
+    start = {"threads": 2, "gemm_gmacs_1_thread": 72.0, "gemm_gmacs": 149.0}
+    assert note(start, dict(start, gemm_gmacs=140.0)) == ""  # within BW_SPREAD
+    moved = note(start, dict(start, gemm_gmacs=109.0))
+    assert "149" in moved and "109" in moved and "instructions" in moved
+    assert note(dict(start, gemm_gmacs=109.0), start) != ""  # either direction
