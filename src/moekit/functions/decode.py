@@ -576,6 +576,23 @@ def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scal
                                            scale, bias_E)
 
 
+def sort_topk_ok(experts_TK: Tensor, weights_TK: Tensor) -> bool:
+    """Whether ``sort_topk`` takes a top-k choice: int64 ids and float weights on the CPU,
+    no gradient wanted through the weights (training keeps the torch ops), kernels built."""
+    return (experts_TK.device.type == "cpu" and weights_TK.device.type == "cpu"
+            and experts_TK.dtype == torch.int64 and weights_TK.is_floating_point()
+            and not (torch.is_grad_enabled() and weights_TK.requires_grad)
+            and not torch.compiler.is_compiling() and available())
+
+
+def sort_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A router's top-k choice [T, K] sorted by expert in one call, stable in token order:
+    (token_S, weight_S in the weights' dtype, counts_E, offsets_E int32), the rows
+    ``integrations.hf.experts.dispatch_from_topk`` makes with torch ops."""
+    return cpu_ext.get_decode().sort_topk(experts_TK, weights_TK, num_experts)
+
+
 def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
              k_width: int) -> Tensor:
     """The q and k RMSNorms before ``attend_one``, in place on a contiguous ``qkv_RC``

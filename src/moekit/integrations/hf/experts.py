@@ -22,6 +22,7 @@ from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import swiglu_oai
 from moekit.experts.backends import grouped_mm_supported
 from moekit.experts.experts import auto_backend_name, resolve_backend
+from moekit.functions import decode
 from moekit.quant.tensor import QuantizedTensor
 
 
@@ -33,6 +34,11 @@ def dispatch_from_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
     outputs are summed in expert order, as transformers' eager loop sums them.
     """
     T, K = experts_TK.shape
+    if keep_TK is None and decode.sort_topk_ok(experts_TK, weights_TK):
+        token_S, weight_S, counts_E, offsets_E = decode.sort_topk(experts_TK, weights_TK,
+                                                                  num_experts)
+        return Dispatch(token_S=token_S, weight_S=weight_S, counts_E=counts_E,
+                        offsets_E=offsets_E, assigned_E=counts_E)
     expert_S = experts_TK.reshape(-1)
     weight_S = weights_TK.reshape(-1)
     ones_S = torch.ones_like(expert_S)
