@@ -3724,6 +3724,44 @@ std::vector<torch::Tensor> sort_topk(const torch::Tensor& experts_TK,
   return {token, weight, counts, offsets};
 }
 
+// An MoE layer's experts on a router's top-k choice in one call: sort_topk, gate_up with
+// the activation `act` (not NONE: that one runs in Python between the two), down_combine;
+// x in fp32 or bf16, the output in x's dtype. What decode.decode_rows does after
+// dispatch_from_topk, the same calls in the same order, so the same bits: for a patched
+// transformers experts module at batch 1, where each torch op between the kernels costs
+// ~5-15 us after the weights stream.
+torch::Tensor topk_experts(const torch::Tensor& x_TD, const torch::Tensor& experts_TK,
+                           const torch::Tensor& weights_TK, int64_t E,
+                           const torch::Tensor& in_data,
+                           const c10::optional<torch::Tensor>& in_scales,
+                           const c10::optional<torch::Tensor>& in_zeros, int64_t in_bits,
+                           int64_t in_group, const c10::optional<torch::Tensor>& b_in,
+                           int64_t act, double limit, double alpha, const torch::Tensor& out_data,
+                           const c10::optional<torch::Tensor>& out_scales,
+                           const c10::optional<torch::Tensor>& out_zeros, int64_t out_bits,
+                           int64_t out_group, const c10::optional<torch::Tensor>& b_out) {
+  TORCH_CHECK(act > NONE && act <= GELU, "act=", act, " is not allowed here: 1..5 (an "
+              "activation the kernels run; 0 runs in Python between gate_up and down_combine)");
+  TORCH_CHECK(x_TD.dim() == 2 && (x_TD.scalar_type() == at::kFloat ||
+                                  x_TD.scalar_type() == at::kBFloat16),
+              "x_TD must be float32 or bfloat16 [T, D], got ", x_TD.scalar_type(), " ",
+              x_TD.sizes());
+  TORCH_CHECK(experts_TK.dim() == 2 && experts_TK.size(0) == x_TD.size(0), "experts_TK ",
+              experts_TK.sizes(), " must hold one row per row of x_TD ", x_TD.sizes());
+  const auto f32 = [](const torch::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const auto f32o = [&](const c10::optional<torch::Tensor>& t) {
+    return t ? c10::optional<torch::Tensor>(f32(*t)) : c10::nullopt;
+  };
+  const auto x = f32(x_TD);
+  const auto r = sort_topk(experts_TK, weights_TK, E);
+  const auto h = gate_up(x, r[0], r[3], in_data, in_scales, in_zeros, in_bits, in_group,
+                         f32o(b_in), act, limit, alpha);
+  auto out = torch::empty_like(x);
+  down_combine(h, r[0], f32(r[1]), r[3], out_data, out_scales, out_zeros, out_bits, out_group,
+               f32o(b_out), out);
+  return x_TD.scalar_type() == at::kFloat ? out : out.to(x_TD.scalar_type());
+}
+
 // out = x * cos + [x2 | x1] * [-sin | sin] (apply_rotary's half-split layout) for one head
 // of Dh into O (floats: q, or the new key before store_row puts it in the cache's form)
 template <typename T, typename O>
@@ -4796,6 +4834,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "top-k routing and the sort by expert: (token_S, weight_S, counts_E, offsets_E)");
   m.def("sort_topk", &sort_topk,
         "a top-k choice sorted by expert: (token_S, weight_S, counts_E, offsets_E)");
+  m.def("topk_experts", &topk_experts,
+        "an MoE layer's experts on a top-k choice: sort_topk, gate_up, down_combine");
   m.def("attend_one", &attend_one,
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");

@@ -154,6 +154,28 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
                               b_in_EG, b_out_ED, act, _kernel_spec(act))
 
 
+def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
+                        num_experts: int, w_in_EDG: Tensor | QuantizedTensor,
+                        w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
+                        b_out_ED: Tensor | None, act: ActFn) -> Tensor | None:
+    """``decode_experts`` on a router's top-k choice (no capacity cut) in one C++ call
+    (``decode.topk_rows``: the sort and both kernels), or None where it would not run
+    ``decode.decode_rows`` with an activation the kernels know: the caller then builds
+    the dispatch and runs the backend as before (which also raises what it raises)."""
+    spec = _kernel_spec(act)
+    if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2 or not decode.available()
+            or not decode.sort_topk_ok(experts_TK, weights_TK) or torch.is_grad_enabled() and any(
+                isinstance(t, Tensor) and t.requires_grad
+                for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED))):
+        return None
+    if isinstance(w_in_EDG, QuantizedTensor) and experts_TK.numel() > quant_kernel_max_rows(
+            x_TD.dtype, w_in_EDG, w_out_EFD, b_in_EG is not None or b_out_ED is not None,
+            _kind(act), experts_TK.numel()):
+        return None
+    return decode.topk_rows(x_TD, experts_TK, weights_TK, num_experts, w_in_EDG, w_out_EFD,
+                            b_in_EG, b_out_ED, spec)
+
+
 # Rows up to which "auto" picks the decode kernels over "fused" (CPU, no autograd).
 # benchmarks/bench_decode_kernel.py --crossover, one layer D=1024 F=512 fp32, 2 threads,
 # decode / fused time (medians of 5-7 A/B pairs, box loaded ~8 on 2 cores):

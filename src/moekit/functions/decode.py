@@ -116,6 +116,20 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
     return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
 
 
+def topk_rows(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
+              w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
+              b_in_EG: Tensor | None, b_out_ED: Tensor | None,
+              spec: tuple[str, float, float]) -> Tensor | None:
+    """``decode_rows`` on a router's top-k choice [T, K] (``sort_topk``'s rows) in one C++
+    call, the same bits; None where ``spec``'s activation is not one the kernels run (it
+    would run in Python between the two kernels)."""
+    ext, code, limit, alpha = _kernels(spec)
+    if code == 0:
+        return None
+    return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *_wargs(w_in), b_in_EG,
+                            code, limit, alpha, *_wargs(w_out), b_out_ED)
+
+
 def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
     return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import RoutingPlan
 from moekit.dispatch.sort import capacity_keep
-from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts
+from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts, run_experts_topk
 from moekit.routing.token_choice import softmax_topk
 
 
@@ -37,9 +37,8 @@ class DbrxBlock:
         gate_EFD, up_EFD = mlp.w1.view(E, -1, D), mlp.v1.view(E, -1, D)
         w_in_EDG = torch.cat([gate_EFD, up_EFD], dim=1).transpose(1, 2)
         x_TD = hidden_states.reshape(-1, D)
-        dispatch = dispatch_from_topk(experts_TK, weights_TK, E)
-        y_TD = run_experts(x_TD, dispatch, w_in_EDG, mlp.w2.view(E, -1, D), None, None,
-                           GluAct(mlp.activation_fn), self._moekit_backend)
+        y_TD = run_experts_topk(x_TD, experts_TK, weights_TK, E, w_in_EDG, mlp.w2.view(E, -1, D),
+                                None, None, GluAct(mlp.activation_fn), self._moekit_backend)
         return y_TD.view(hidden_states.shape[0], -1, D)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import swiglu_oai
-from moekit.experts.backends import grouped_mm_supported
+from moekit.experts.backends import decode_experts, decode_topk_experts, grouped_mm_supported
 from moekit.experts.experts import auto_backend_name, resolve_backend
 from moekit.functions import decode
 from moekit.quant.tensor import QuantizedTensor
@@ -68,12 +68,36 @@ def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     0.58x transformers' grouped_mm at GPT-OSS E32 K4 against grouped_mm's 1.13x
     (benchmarks/bench_hf.py with the issue3 fused backend merged).
     """
-    rows = dispatch.num_rows
+    fn = experts_backend(x_TD, dispatch.num_rows, w_in_EDG, w_out_EFD, act, backend)
+    return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
+
+
+def experts_backend(x_TD: Tensor, rows: int, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                    act: Callable[[Tensor], Tensor], backend: str) -> Callable[..., Tensor]:
+    """The backend function ``run_experts`` runs for ``rows`` routed rows."""
     if (backend == "auto" and getattr(act, "kind", None) is None
             and auto_backend_name(x_TD, w_in_EDG, w_out_EFD, rows) != "decode"
             and grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)):
         backend = "grouped_mm"
-    fn = resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD, rows)
+    return resolve_backend(backend, x_TD, w_in_EDG, w_out_EFD, rows)
+
+
+def run_experts_topk(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
+                     w_in_EDG: Tensor, w_out_EFD: Tensor, b_in_EG: Tensor | None,
+                     b_out_ED: Tensor | None, act: Callable[[Tensor], Tensor],
+                     backend: str) -> Tensor:
+    """``run_experts`` on a router's top-k choice [T, K]: where it would run the decode
+    kernels with an activation they know, the sort and both kernels in one C++ call
+    (``backends.decode_topk_experts``, the same bits); else ``dispatch_from_topk``, then
+    the backend. A patched OLMoE-class layer at batch 1 spent ~260 us outside its kernels
+    (each torch op ~5-15 us after the experts' weights stream)."""
+    fn = experts_backend(x_TD, experts_TK.numel(), w_in_EDG, w_out_EFD, act, backend)
+    if fn is decode_experts:
+        y_TD = decode_topk_experts(x_TD, experts_TK, weights_TK, num_experts, w_in_EDG,
+                                   w_out_EFD, b_in_EG, b_out_ED, act)
+        if y_TD is not None:
+            return y_TD
+    dispatch = dispatch_from_topk(experts_TK, weights_TK, num_experts)
     return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
 
 
@@ -124,9 +148,9 @@ class StackedExperts:
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
         b_in = self.gate_up_proj_bias if self.has_bias else None
         b_out = self.down_proj_bias if self.has_bias else None
-        dispatch = dispatch_from_topk(top_k_index, top_k_weights, self.num_experts)
-        y_TD = run_experts(hidden_states, dispatch, w_in, w_out, b_in, b_out,
-                           self._moekit_act(), self._moekit_backend)
+        y_TD = run_experts_topk(hidden_states, top_k_index, top_k_weights, self.num_experts,
+                                w_in, w_out, b_in, b_out, self._moekit_act(),
+                                self._moekit_backend)
         return y_TD.to(hidden_states.dtype)
 
 
