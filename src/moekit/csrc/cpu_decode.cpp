@@ -3600,6 +3600,32 @@ inline double logsigmoid(double v) { return std::min(v, 0.0) - std::log1p(std::e
 // rows sorted by expert and by token within an expert (a stable sort of the
 // token-major pairs), dropless. Selection is on the logits (softmax and sigmoid are
 // monotone), or on sigmoid(logit) + bias in fp64; ties go to the lower expert index.
+// S = T * K token-major choices (expert id[s], weight s of `weights`, elements of
+// weight_S's size) sorted by expert with a counting sort, stable in token order: (token_S,
+// weight_S, counts_E, offsets_E int32), route_sort's and sort_topk's result.
+std::vector<torch::Tensor> sorted_by_expert(const int64_t* id, int64_t S, int64_t K, int64_t E,
+                                            const void* weights, torch::Tensor weight_S) {
+  auto counts = torch::zeros({E}, torch::dtype(at::kLong));
+  auto offsets = torch::empty({E}, torch::dtype(at::kInt));
+  auto token = torch::empty({S}, torch::dtype(at::kLong));
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  for (int64_t s = 0; s < S; ++s) ++cnt[id[s]];
+  std::vector<int64_t> next(E);
+  for (int64_t e = 0, end = 0; e < E; ++e)
+    next[e] = end, end += cnt[e], off[e] = static_cast<int32_t>(end);
+  int64_t* tok = token.data_ptr<int64_t>();
+  const auto* src = static_cast<const char*>(weights);
+  auto* dst = static_cast<char*>(weight_S.data_ptr());
+  const int64_t es = weight_S.element_size();
+  for (int64_t s = 0; s < S; ++s) {  // token-major pairs, so a stable sort
+    const int64_t r = next[id[s]]++;
+    tok[r] = s / K;
+    std::memcpy(dst + r * es, src + s * es, es);
+  }
+  return {token, weight_S, counts, offsets};
+}
+
 std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k, int64_t mode,
                                       bool renormalize, double scale,
                                       const c10::optional<torch::Tensor>& bias_E) {
@@ -3661,22 +3687,8 @@ std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k,
         for (int64_t j = 0; j < k; ++j) w[j] *= static_cast<float>(scale);
     }
   });
-  auto counts = torch::zeros({E}, torch::dtype(at::kLong));
-  auto offsets = torch::empty({E}, torch::dtype(at::kInt));
-  auto token = torch::empty({T * k}, torch::dtype(at::kLong));
-  auto weight = torch::empty({T * k}, torch::dtype(at::kFloat));
-  int64_t* cnt = counts.data_ptr<int64_t>();
-  int32_t* off = offsets.data_ptr<int32_t>();
-  for (int64_t s = 0; s < T * k; ++s) ++cnt[chosen[s]];
-  std::vector<int64_t> next(E);
-  for (int64_t e = 0, end = 0; e < E; ++e) next[e] = end, end += cnt[e], off[e] = static_cast<int32_t>(end);
-  int64_t* tok = token.data_ptr<int64_t>();
-  float* wt = weight.data_ptr<float>();
-  for (int64_t s = 0; s < T * k; ++s) {  // token-major pairs, so a stable sort
-    const int64_t r = next[chosen[s]]++;
-    tok[r] = s / k, wt[r] = wk[s];
-  }
-  return {token, weight, counts, offsets};
+  return sorted_by_expert(chosen.data(), T * k, k, E, wk.data(),
+                          torch::empty({T * k}, torch::dtype(at::kFloat)));
 }
 
 // A router's top-k choice [T, K] (expert ids, and their weights in any float dtype) sorted
@@ -3703,25 +3715,7 @@ std::vector<torch::Tensor> sort_topk(const torch::Tensor& experts_TK,
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(id[s] >= 0 && id[s] < E, "experts_TK[", s / K, ", ", s % K, "]=", id[s],
                 " is not allowed: expert ids are 0..", E - 1);
-  auto counts = torch::zeros({E}, torch::dtype(at::kLong));
-  auto offsets = torch::empty({E}, torch::dtype(at::kInt));
-  auto token = torch::empty({S}, torch::dtype(at::kLong));
-  auto weight = torch::empty({S}, w.options());
-  int64_t* cnt = counts.data_ptr<int64_t>();
-  int32_t* off = offsets.data_ptr<int32_t>();
-  for (int64_t s = 0; s < S; ++s) ++cnt[id[s]];
-  std::vector<int64_t> next(E);
-  for (int64_t e = 0, end = 0; e < E; ++e) next[e] = end, end += cnt[e], off[e] = static_cast<int32_t>(end);
-  int64_t* tok = token.data_ptr<int64_t>();
-  const auto* src = static_cast<const char*>(w.data_ptr());
-  auto* dst = static_cast<char*>(weight.data_ptr());
-  const int64_t es = w.element_size();
-  for (int64_t s = 0; s < S; ++s) {  // token-major pairs, so a stable sort
-    const int64_t r = next[id[s]]++;
-    tok[r] = s / K;
-    std::memcpy(dst + r * es, src + s * es, es);
-  }
-  return {token, weight, counts, offsets};
+  return sorted_by_expert(id, S, K, E, w.data_ptr(), torch::empty({S}, w.options()));
 }
 
 // An MoE layer's experts on a router's top-k choice in one call: sort_topk, gate_up with

@@ -163,10 +163,11 @@ def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     ``decode.decode_rows`` with an activation the kernels know: the caller then builds
     the dispatch and runs the backend as before (which also raises what it raises)."""
     spec = _kernel_spec(act)
-    if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2 or not decode.available()
-            or not decode.sort_topk_ok(experts_TK, weights_TK) or torch.is_grad_enabled() and any(
+    if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2
+            or not decode.sort_topk_ok(experts_TK, weights_TK)
+            or (torch.is_grad_enabled() and any(
                 isinstance(t, Tensor) and t.requires_grad
-                for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED))):
+                for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)))):
         return None
     if isinstance(w_in_EDG, QuantizedTensor) and experts_TK.numel() > quant_kernel_max_rows(
             x_TD.dtype, w_in_EDG, w_out_EFD, b_in_EG is not None or b_out_ED is not None,
