@@ -3593,13 +3593,6 @@ enum RouteMode : int64_t { ROUTE_SOFTMAX = 0, ROUTE_SIGMOID = 1 };
 
 inline double logsigmoid(double v) { return std::min(v, 0.0) - std::log1p(std::exp(-std::abs(v))); }
 
-}  // namespace
-
-// Top-k routing and the sort by expert in one pass: logits [T, E] fp32 ->
-// (token_S int64 [T*K], weight_S fp32 [T*K], counts_E int64 [E], offsets_E int32 [E]),
-// rows sorted by expert and by token within an expert (a stable sort of the
-// token-major pairs), dropless. Selection is on the logits (softmax and sigmoid are
-// monotone), or on sigmoid(logit) + bias in fp64; ties go to the lower expert index.
 // S = T * K token-major choices (expert id[s], weight s of `weights`, elements of
 // weight_S's size) sorted by expert with a counting sort, stable in token order: (token_S,
 // weight_S, counts_E, offsets_E int32), route_sort's and sort_topk's result.
@@ -3626,6 +3619,13 @@ std::vector<torch::Tensor> sorted_by_expert(const int64_t* id, int64_t S, int64_
   return {token, weight_S, counts, offsets};
 }
 
+}  // namespace
+
+// Top-k routing and the sort by expert in one pass: logits [T, E] fp32 ->
+// (token_S int64 [T*K], weight_S fp32 [T*K], counts_E int64 [E], offsets_E int32 [E]),
+// rows sorted by expert and by token within an expert (a stable sort of the
+// token-major pairs), dropless. Selection is on the logits (softmax and sigmoid are
+// monotone), or on sigmoid(logit) + bias in fp64; ties go to the lower expert index.
 std::vector<torch::Tensor> route_sort(const torch::Tensor& logits_TE, int64_t k, int64_t mode,
                                       bool renormalize, double scale,
                                       const c10::optional<torch::Tensor>& bias_E) {
