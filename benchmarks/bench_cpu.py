@@ -460,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
     info["compute"] = harness.compute_probe()
     print(f"moekit bench  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {malloc}  load avg {info['load_average_1m']}  "
-          f"{harness.compute_note(info['compute'])}  D={args.dim}  "
+          f"{harness.compute_phrase(info['compute'])}  D={args.dim}  "
           f"median of {args.reps} A/B pairs after {args.warmup} warm-up  inputs: "
           f"{'a new one every step' if args.fresh_inputs else 'one, reused'}")
     print("x dense = median over pairs of (impl time / dense SwiGLU FFN D->K*F->D time);"

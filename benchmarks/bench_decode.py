@@ -969,7 +969,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum, the faster of huge and 4 KiB pages; 4 KiB pages "
-          f"{BW_4K[-1] / 1e9:.1f})  {harness.compute_note(info['compute'])}  "
+          f"{BW_4K[-1] / 1e9:.1f})  {harness.compute_phrase(info['compute'])}  "
           f"{args.new_tokens} new tokens after a "
           f"{PROMPT_LEN}-token prompt, greedy, median of {args.reps} A/B pairs"
           + ("; step times are 1-thread CPU time" if args.cpu_time else ""))
@@ -992,7 +992,7 @@ def run(args: argparse.Namespace) -> int:
     info["compute_note"] = compute_note(info["compute"], info["compute_end"])
     _write(args, info, bw, rows, mem, time.time() - t0)
     print(f"\nread bandwidth over the run: {', '.join(f'{b / 1e9:.1f}' for b in bw)} GB/s; "
-          f"{harness.compute_note(info['compute_end'])} at the end; "
+          f"{harness.compute_phrase(info['compute_end'])} at the end; "
           f"load avg at the end {info['load_average_1m_end']}; wrote {args.out}")
     for note in (info["bandwidth_note"], info["compute_note"]):
         if note:

@@ -150,7 +150,7 @@ def compute_probe(reps: int = 5, n: int = PROBE_N) -> dict:
             "gemm_gmacs": round(every, 1)}
 
 
-def compute_note(probe: dict) -> str:
+def compute_phrase(probe: dict) -> str:
     """The probe as one header phrase."""
     text = f"fp32 GEMM {probe['gemm_gmacs_1_thread']:.0f} GMAC/s on 1 thread"
     if probe["threads"] > 1:

@@ -33,11 +33,11 @@ def test_compute_probe_times_one_thread_then_all_and_restores_the_count(monkeypa
     assert probe["gemm_gmacs_1_thread"] > 0 and probe["gemm_gmacs"] > 0
 
 
-def test_compute_note_names_the_rates_it_measured():
-    note = CPU.harness.compute_note
-    assert note({"threads": 1, "gemm_gmacs_1_thread": 71.6, "gemm_gmacs": 71.6}) == \
+def test_compute_phrase_names_the_rates_it_measured():
+    phrase = CPU.harness.compute_phrase
+    assert phrase({"threads": 1, "gemm_gmacs_1_thread": 71.6, "gemm_gmacs": 71.6}) == \
         "fp32 GEMM 72 GMAC/s on 1 thread"
-    assert note({"threads": 2, "gemm_gmacs_1_thread": 48.5, "gemm_gmacs": 109.4}) == \
+    assert phrase({"threads": 2, "gemm_gmacs_1_thread": 48.5, "gemm_gmacs": 109.4}) == \
         "fp32 GEMM 48 GMAC/s on 1 thread, 109 on 2"
 
 
