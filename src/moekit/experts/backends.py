@@ -130,6 +130,25 @@ def _kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
     return spec
 
 
+def _grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
+    """Whether autograd wants a gradient through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in tensors)
+
+
+def _dequantizes(x_TD: Tensor, rows: int, w_in_EDG: Tensor | QuantizedTensor,
+                 w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
+                 b_out_ED: Tensor | None, act: ActFn) -> bool:
+    """Whether ``decode_experts`` sends quantized weights' ``rows`` to
+    ``decode.dequantized_experts``: off the CPU, no kernels, or more rows than
+    ``quant_kernel_max_rows``."""
+    return isinstance(w_in_EDG, QuantizedTensor) and (
+        x_TD.device.type != "cpu" or not decode.available()
+        or rows > quant_kernel_max_rows(x_TD.dtype, w_in_EDG, w_out_EFD,
+                                        b_in_EG is not None or b_out_ED is not None, _kind(act),
+                                        rows))
+
+
 def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
                    w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
@@ -138,16 +157,10 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
     Quantized weights with more rows than ``quant_kernel_max_rows`` (prefill), or off
     the CPU, go to ``decode.dequantized_experts``.
     """
-    if torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad
-            for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)):
+    if _grad_wanted(x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED):
         raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
                            "torch.inference_mode(), or use backend='fused' to train")
-    quantized = isinstance(w_in_EDG, QuantizedTensor)
-    if quantized and (x_TD.device.type != "cpu" or not decode.available()
-                      or d.num_rows > quant_kernel_max_rows(
-                          x_TD.dtype, w_in_EDG, w_out_EFD,
-                          b_in_EG is not None or b_out_ED is not None, _kind(act), d.num_rows)):
+    if _dequantizes(x_TD, d.num_rows, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
     return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
@@ -165,13 +178,9 @@ def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     spec = _kernel_spec(act)
     if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2
             or not decode.sort_topk_ok(experts_TK, weights_TK)
-            or (torch.is_grad_enabled() and any(
-                isinstance(t, Tensor) and t.requires_grad
-                for t in (x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)))):
-        return None
-    if isinstance(w_in_EDG, QuantizedTensor) and experts_TK.numel() > quant_kernel_max_rows(
-            x_TD.dtype, w_in_EDG, w_out_EFD, b_in_EG is not None or b_out_ED is not None,
-            _kind(act), experts_TK.numel()):
+            or _grad_wanted(x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
+            or _dequantizes(x_TD, experts_TK.numel(), w_in_EDG, w_out_EFD, b_in_EG, b_out_ED,
+                            act)):
         return None
     return decode.topk_rows(x_TD, experts_TK, weights_TK, num_experts, w_in_EDG, w_out_EFD,
                             b_in_EG, b_out_ED, spec)
