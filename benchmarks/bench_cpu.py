@@ -457,7 +457,6 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     info = harness.machine()
-    info["compute"] = harness.compute_probe()
     print(f"moekit bench  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {malloc}  load avg {info['load_average_1m']}  "
           f"{harness.compute_phrase(info['compute'])}  D={args.dim}  "

@@ -964,7 +964,6 @@ def run(args: argparse.Namespace) -> int:
             profile_step(args.models[0], B)
         return 0
     info = harness.machine()
-    info["compute"] = harness.compute_probe()
     bw = [read_bandwidth()]
     print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']}  "
           f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "

@@ -101,6 +101,8 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
+    """The benchmark's machine: versions, threads, CPU, malloc, load and its compute now
+    (``compute_probe``, at the threads the benchmark set)."""
     import torch
 
     return {
@@ -111,6 +113,7 @@ def machine() -> dict:
         "malloc": malloc_description(),
         "python": platform.python_version(),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "compute": compute_probe(),
     }
 
 

@@ -33,6 +33,12 @@ def test_compute_probe_times_one_thread_then_all_and_restores_the_count(monkeypa
     assert probe["gemm_gmacs_1_thread"] > 0 and probe["gemm_gmacs"] > 0
 
 
+def test_the_machine_description_holds_the_probe():
+    info = CPU.harness.machine()
+    assert info["compute"]["threads"] == info["threads"] == torch.get_num_threads()
+    assert info["compute"]["gemm_gmacs"] > 0
+
+
 def test_compute_phrase_names_the_rates_it_measured():
     phrase = CPU.harness.compute_phrase
     assert phrase({"threads": 1, "gemm_gmacs_1_thread": 71.6, "gemm_gmacs": 71.6}) == \
