@@ -4812,13 +4812,16 @@ class DecodeStep {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows");
+  // The kernels' entries run without the GIL: a Python thread (a server's, the expert
+  // cache's prefetch) runs while they read the weights.
+  m.def("gate_up", &gate_up, "act(x[token] @ w_in[e] + b_in[e]) for the touched experts' rows",
+        py::call_guard<py::gil_scoped_release>());
   m.def("down_combine", &down_combine,
-        "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts");
+        "out[token] = sum of weight * (a @ w_out[e] + b_out[e]) over the touched experts",
+        py::call_guard<py::gil_scoped_release>());
   m.def("dequantize", &dequantize, "float32 [e1-e0, N, K] weights of a quantized tensor",
         py::arg("data"), py::arg("scales"), py::arg("zeros"), py::arg("bits"), py::arg("group"),
         py::arg("e0"), py::arg("e1"), py::arg("out") = py::none());
-  // without the GIL: the expert cache's prefetch thread (Python) runs during the kernels
   m.def("gate_up_list", &gate_up_list, "gate_up with w_in as a list of per-expert tensors",
         py::call_guard<py::gil_scoped_release>());
   m.def("down_combine_list", &down_combine_list,
@@ -4829,7 +4832,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sort_topk", &sort_topk,
         "a top-k choice sorted by expert: (token_S, weight_S, counts_E, offsets_E)");
   m.def("topk_experts", &topk_experts,
-        "an MoE layer's experts on a top-k choice: sort_topk, gate_up, down_combine");
+        "an MoE layer's experts on a top-k choice: sort_topk, gate_up, down_combine",
+        py::call_guard<py::gil_scoped_release>());
   m.def("attend_one", &attend_one,
         "rotary, KV cache write and attention for one new token per row");
   m.def("add_rms_norm", &add_rms_norm, "(x + y, rms_norm(x + y) * w) in one pass");

@@ -1,0 +1,89 @@
+"""The decode kernels' entries run without the GIL: while one thread is inside gate_up,
+down_combine or topk_experts, another Python thread keeps running (a server's thread
+beside a patched transformers model, the expert cache's prefetch).
+
+How it is seen: a worker thread calls the kernel on a problem that takes tens of ms a
+call while the main thread spins, noting the longest time between two of its loop
+iterations. Holding the GIL, a call would stall the main thread for the whole call."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from moekit.functions import decode
+from moekit.functions.cpu_ext import get_decode
+
+pytestmark = pytest.mark.skipif(not decode.available(), reason="no decode kernels")
+
+E, D, F_, K, T = 4, 256, 1024, 2, 384
+SPEC = ("swiglu", 0.0, 1.0)
+
+
+def _longest_stall(call) -> tuple[float, float]:
+    """(the main thread's longest gap between loop iterations, the longest call) while a
+    worker runs ``call`` three times."""
+    calls: list[float] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            for _ in range(3):
+                t0 = time.perf_counter()
+                call()
+                calls.append(time.perf_counter() - t0)
+        finally:
+            done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        stall, last = 0.0, time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            stall, last = max(stall, now - last), now
+        worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(calls) == 3
+    return stall, max(calls)
+
+
+def _problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=gen)
+    experts = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, generator=gen).softmax(-1)
+    w_in = torch.randn(E, D, 2 * F_, generator=gen) / D**0.5
+    w_out = torch.randn(E, F_, D, generator=gen) / F_**0.5
+    return x, experts, weights, w_in, w_out
+
+
+def test_topk_experts_lets_python_threads_run():
+    x, experts, weights, w_in, w_out = _problem()
+    stall, call = _longest_stall(
+        lambda: decode.topk_rows(x, experts, weights, E, w_in, w_out, None, None, SPEC))
+    assert call > 0.01, f"the call took {call * 1e3:.1f} ms: too short to tell"
+    assert stall < call / 2, (f"the main thread stalled {stall * 1e3:.1f} ms during calls "
+                              f"of up to {call * 1e3:.1f} ms")
+
+
+def test_gate_up_and_down_combine_let_python_threads_run():
+    x, experts, weights, w_in, w_out = _problem()
+    ext = get_decode()
+    s = ext.sort_topk(experts, weights, E)
+    h = ext.gate_up(x, s[0], s[3], w_in, None, None, 0, 0, None, 1, 0.0, 1.0)
+    out = torch.empty_like(x)
+    for call in (lambda: ext.gate_up(x, s[0], s[3], w_in, None, None, 0, 0, None, 1, 0.0, 1.0),
+                 lambda: ext.down_combine(h, s[0], s[1], s[3], w_out, None, None, 0, 0, None,
+                                          out)):
+        stall, took = _longest_stall(call)
+        assert took > 0.005, f"the call took {took * 1e3:.1f} ms: too short to tell"
+        assert stall < took / 2, (f"the main thread stalled {stall * 1e3:.1f} ms during "
+                                  f"calls of up to {took * 1e3:.1f} ms")
