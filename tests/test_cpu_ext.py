@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -411,3 +412,35 @@ def test_one_pass_swiglu_rejects_other_dtypes(ext):
     with pytest.raises(RuntimeError, match=r"w_N must be a contiguous float32 \[4\]"):
         ext.swiglu_backward_weighted_out(h.float(), torch.randn(4, 4), torch.rand(4).double(),
                                          torch.empty(4, 4), torch.empty(4, 8), torch.empty(4))
+
+
+def test_two_checkouts_of_one_source_build_from_the_same_file(tmp_path, monkeypatch):
+    """torch's ninja file names the source path: built from each checkout's own path, every
+    clone of the same tree rebuilt the kernels. The build names a copy in the build
+    directory (keyed by the source's text), the same path for every checkout."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    sources, sources_seen = [], []
+
+    def fake_load(name, sources: list, build_directory, **kwargs):
+        sources_seen.append((sources, build_directory))
+        return "module"
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    for clone in ("a", "b"):
+        src = tmp_path / clone / "csrc" / "cpu_decode.cpp"
+        src.parent.mkdir(parents=True)
+        src.write_text(cpu_ext.DECODE_SOURCE.read_text())
+        sources.append(src)
+        assert cpu_ext._build("moekit_test_copy", src, "test kernels", "") == "module"
+    (s1, d1), (s2, d2) = sources_seen
+    assert s1 == s2 and d1 == d2
+    built_from = Path(s1[0])
+    assert built_from.parent == Path(d1) and built_from.read_text() == sources[0].read_text()
+    # a changed source gets its own directory and its own copy
+    sources[1].write_text(sources[1].read_text() + "\n// changed\n")
+    cpu_ext._build("moekit_test_copy", sources[1], "test kernels", "")
+    s3, d3 = sources_seen[-1]
+    assert d3 != d1 and Path(s3[0]).read_text().endswith("// changed\n")
+    assert built_from.read_text() == sources[0].read_text()

@@ -66,6 +66,21 @@ def build_dir(name: str | None = None, source: Path | None = None,
     return root / f"{name}-{key}"
 
 
+def _source_copy(source: Path, where: Path) -> Path:
+    """``source`` copied into its build directory (written atomically, only where missing
+    or different), the path the build names. The directory is keyed by the source's text,
+    so every checkout of the same source finds the same file there: built from the
+    checkout's own path, torch's ninja file changed with each clone and each one rebuilt
+    the kernels (70-140 s on a loaded 2-core box) and ran into another's lock."""
+    text = source.read_bytes()
+    copy = where / source.name
+    if not copy.exists() or copy.read_bytes() != text:
+        part = copy.with_name(f"{copy.name}.{os.getpid()}.part")
+        part.write_bytes(text)
+        os.replace(part, copy)
+    return copy
+
+
 def _cached(where: Path, name: str) -> bool:
     return (where / f"{name}.so").exists()
 
@@ -117,7 +132,7 @@ def _build(name: str, source: Path, what: str, fallback: str,
         where.mkdir(parents=True, exist_ok=True)
         # -fopenmp: at::parallel_for is an inline OpenMP region; -O3 and the two math
         # flags (no errno, no trap semantics) let the SwiGLU loops vectorize
-        return load(name=name, sources=[str(source)], extra_cflags=flags,
+        return load(name=name, sources=[str(_source_copy(source, where))], extra_cflags=flags,
                     extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
     except Exception as e:  # any build or load failure falls back to the torch path
         warnings.warn(f"moekit: the C++ CPU {what} could not be built or loaded "
