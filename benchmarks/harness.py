@@ -49,8 +49,16 @@ def use_malloc(mode: str) -> str:
     env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     env.update(want)
     if any(os.environ.get(k) != env.get(k) for k in TUNED_MALLOC):
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, restart_argv(), env)
     return malloc_description()
+
+
+def restart_argv() -> list[str]:
+    """The command line that started this process, for ``os.execve``. ``sys.argv`` would
+    lose ``-m``: ``python -m moekit.cli bench --decode`` restarted as the script
+    ``.../moekit/cli.py``, which put ``src/moekit`` first on the path, where moekit's own
+    ``kernels`` package hid the ``kernels`` package transformers imports."""
+    return [sys.executable, *sys.orig_argv[1:]]
 
 
 def check_flags(threads: object, reps: object, out: object) -> None:

@@ -54,3 +54,23 @@ def test_bench_decode_warns_when_the_compute_moved_during_the_run():
     moved = note(start, dict(start, gemm_gmacs=109.0))
     assert "149" in moved and "109" in moved and "instructions" in moved
     assert note(dict(start, gemm_gmacs=109.0), start) != ""  # either direction
+
+
+def test_a_restart_keeps_how_the_process_was_started(tmp_path):
+    """use_malloc re-executes the interpreter: with ``python -m`` it must restart the
+    module, not its file as a script (which put src/moekit first on sys.path, where
+    moekit's own ``kernels`` package hid the one transformers imports)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    harness_dir = Path(CPU.harness.__file__).parent
+    pkg = tmp_path / "probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(harness_dir)!r})\nimport harness\n"
+        "print(repr(harness.restart_argv()))\n")
+    out = subprocess.run([sys.executable, "-m", "probe_pkg.main", "bench", "--decode"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert eval(out) == [sys.executable, "-m", "probe_pkg.main", "bench", "--decode"]
