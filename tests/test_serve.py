@@ -18,7 +18,7 @@ import torch
 
 from moekit.cli import main as cli_main
 from moekit.inference.engine import Engine, GenerationConfig
-from moekit.inference.server import Service, make_server
+from moekit.inference.server import RequestError, Service, make_server
 from moekit.inference.text import ByteText
 from moekit.models import MoETransformer, preset
 from moekit.models.generate import generate
@@ -885,3 +885,19 @@ def test_metrics_count_requests_tokens_and_failures(monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_request_of_too_many_sequences_is_refused_naming_the_field():
+    """--max-sequences caps prompts x n: past it a 400 names n (or prompt where n is 1)."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny", max_sequences=8)
+    assert len(service.parse({"prompt": ["a", "b"], "n": 4}, False).ids) == 8
+    for body, param in (({"prompt": ["a", "b", "c"], "n": 3}, "n"),
+                        ({"prompt": [[97]] * 9}, "prompt")):
+        with pytest.raises(RequestError, match=r"= 9 sequences is more than one request may "
+                           r"ask for here, 8 \(moekit serve --max-sequences\)") as e:
+            service.parse(body, False)
+        assert e.value.param == param
+    with pytest.raises(ValueError, match="max_sequences=0 is not allowed"):
+        Service(model, ByteText(), "tiny", max_sequences=0)

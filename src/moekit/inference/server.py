@@ -30,7 +30,8 @@ field is not checked (one model is served).
 Requests are batched continuously (``Batcher``): up to ``--parallel`` sequences (every
 request's prompts x samples) decode together, each step one token for each of them; a
 request joins between steps once its prompt is prefilled and leaves as its sequences
-stop, so concurrent clients share the weight reads of each step. A conversation
+stop, so concurrent clients share the weight reads of each step; one request may ask for
+at most ``--max-sequences`` sequences (prompts x n; 400 past it). A conversation
 continued from a finished single-sequence request prefills only its new tokens (the last
 ``--parallel`` conversations are kept). A client that disconnects, streamed or not, has
 its sequences cancelled (``Batcher.cancel``; one waiting for a row is never prefilled):
@@ -83,6 +84,10 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text,
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_N = 64  # samples per prompt
+# sequences (prompts x n) one request may ask for unless --max-sequences says otherwise:
+# lm-evaluation-harness' batches and n <= 64 fit; each sequence costs its prefill and a
+# Generation held until the answer
+DEFAULT_MAX_SEQUENCES = 2048
 CLIENT_POLL_S = 0.25  # how often a waiting handler looks whether its client went away
 # a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
 OnText = Callable[[int, str, "list[tuple] | None"], bool]
@@ -219,7 +224,8 @@ class Service:
     def __init__(self, model, text: ByteText | TokenizerText, name: str,
                  context: int | None = None, parallel: int = DEFAULT_PARALLEL,
                  prefill_chunk: int = PREFILL_CHUNK,
-                 kv_cache_dtype: torch.dtype | str | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | str | None = None,
+                 max_sequences: int = DEFAULT_MAX_SEQUENCES) -> None:
         limit = model.config.max_seq_len
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
@@ -231,6 +237,10 @@ class Service:
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
                 or prefill_chunk < 1:
             _reject("prefill_chunk", prefill_chunk, "it must be an int >= 1")
+        if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) \
+                or max_sequences < 1:
+            _reject("max_sequences", max_sequences, "it must be an int >= 1")
+        self.max_sequences = max_sequences  # prompts x n of one request
         self.model = model
         # a finished conversation per row kept for its next turn
         self.batcher = Batcher(model, parallel, self.context, prefix_entries=parallel,
@@ -354,6 +364,11 @@ class Service:
             tools = None
             prompts = _prompts(text, body.get("prompt"))
         n = _number(body, "n", 1, int, 1, MAX_N)
+        if len(prompts) * n > self.max_sequences:
+            raise RequestError("n" if n > 1 else "prompt", (
+                f"{len(prompts)} prompts x n={n} = {len(prompts) * n} sequences is more "
+                f"than one request may ask for here, {self.max_sequences} (moekit serve "
+                "--max-sequences): send fewer prompts or samples per request"))
         logprobs, echo = _logprob_fields(body, chat)
         longest = max(len(p) for p in prompts)
         default = self.context - longest if chat else 16
@@ -986,6 +1001,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_PARALLEL}; the KV cache holds N x 2 x --context tokens, "
                    "resident as they fill; a request of more sequences, prompts x n, runs "
                    "in groups of N)")
+    p.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES, metavar="N",
+                   help="most sequences (prompts x n) one request may ask for (default "
+                   f"{DEFAULT_MAX_SEQUENCES}; more is refused with HTTP 400 naming the "
+                   "field)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="TOKENS",
                    help="prompt tokens prefilled per step while other sequences decode "
                    f"(default {PREFILL_CHUNK}: a long prompt delays their next token by a "
@@ -1004,6 +1023,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None:
             check_positive_int("--threads", args.threads)
         check_positive_int("--prefill-chunk", args.prefill_chunk)
+        check_positive_int("--max-sequences", args.max_sequences)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port={args.port} is not allowed: it must be in [0, 65535]")
         key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY")
@@ -1019,7 +1039,7 @@ def run(args: argparse.Namespace) -> int:
             model.config.max_seq_len, DEFAULT_CONTEXT)
         try:
             service = Service(model, text, name, context, args.parallel, args.prefill_chunk,
-                              args.kv_cache_dtype)
+                              args.kv_cache_dtype, args.max_sequences)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
         server = make_server(service, args.host, args.port, key)
