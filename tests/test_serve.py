@@ -887,6 +887,28 @@ def test_metrics_count_requests_tokens_and_failures(monkeypatch):
         server.server_close()
 
 
+def test_cancelling_a_request_of_many_groups_is_linear():
+    """prompts x n of 25,600 sequences on one row: 25,600 groups, all cancelled (as a
+    client gone does) end the request once, each cancel O(1) (rescanning the groups
+    ended so far took 76 s here; now well under a second)."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny", parallel=1, max_sequences=25_600)
+    request = service.parse({"prompt": [[97]] * 400, "n": 64, "max_tokens": 4}, False)
+    out: list = []
+    groups = service._open(request, None, out.append)
+    assert len(groups) == 25_600
+    start = time.perf_counter()
+    for g in groups:
+        service.batcher.cancel(g)
+    seconds = time.perf_counter() - start
+    assert len(out) == 1 and service.batcher.waiting == 0
+    choices, usage, _ = out[0]
+    assert len(choices) == 25_600 and {c.finish_reason for c in choices} == {"cancelled"}
+    assert usage["completion_tokens"] == 0 and service.counts["cancelled"] == 1
+    assert seconds < 3.0, f"cancelling 25,600 groups took {seconds:.1f} s"
+
+
 def test_a_request_of_too_many_sequences_is_refused_naming_the_field():
     """--max-sequences caps prompts x n: past it a 400 names n (or prompt where n is 1)."""
     torch.manual_seed(0)

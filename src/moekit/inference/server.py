@@ -209,6 +209,14 @@ class _Job:
         self.out: queue.Queue = queue.Queue()
         self.gone = False  # the client went away: set by the handler's thread
         self.groups: list[Group] = []  # in the batcher (set by the thread in work)
+        self.cancelled = False  # its groups cancelled (once: the client went away)
+        self.ended = 0  # groups[:ended] are done (``over``: each group looked at once)
+
+    def over(self) -> bool:
+        """Whether every group is done (amortized O(1) a call, checked every step)."""
+        while self.ended < len(self.groups) and self.groups[self.ended].done:
+            self.ended += 1
+        return self.ended == len(self.groups)
 
 
 class ClientGoneError(Exception):
@@ -294,10 +302,11 @@ class Service:
         try:
             while not stop.is_set():
                 for job in live:  # a client that went away: its sequences stop
-                    if job.gone:
+                    if job.gone and not job.cancelled:
+                        job.cancelled = True
                         for g in job.groups:
                             self.batcher.cancel(g)
-                live = [j for j in live if not all(g.done for g in j.groups)]
+                live = [j for j in live if not j.over()]
                 idle = not (self.batcher.running or self.batcher.waiting)
                 try:
                     job = self._jobs.get(timeout=0.1) if idle else self._jobs.get_nowait()
@@ -516,13 +525,17 @@ class Service:
         size = self.parallel
         starts = range(0, len(request.ids), size)
         ended: dict[int, Group] = {}
+        failed = False  # a group failed: the request was answered with its error
 
+        # O(1) per group: a flag, not a scan of the groups ended so far (the scan made
+        # cancelling 12,800 groups take 11.4 s, every other request waiting)
         def part_done(o: int, g: Group) -> None:
-            failed = any(e.error is not None for e in ended.values())
+            nonlocal failed
             ended[o] = g
             if failed:
                 return
             if g.error is not None:
+                failed = True
                 counted(g.error)
             elif len(ended) == len(starts):
                 finish([gen for o in starts for gen in ended[o].gens],
