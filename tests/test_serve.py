@@ -8,6 +8,7 @@ whole prefix recomputed per token) for the byte-level model, and transformers' o
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -599,6 +600,12 @@ def test_chat_completion_is_transformers_chat_template_and_generate(tmp_path_fac
     service = Service(load_model(root / "lm"), text_for(root / "lm"), "q", context=200)
     # without max_tokens a reply may fill the served context
     assert service.parse({"messages": messages}, True).config.max_new_tokens == 200 - len(ids)
+    # a prompt that fills the context, max_tokens not sent: the error names messages
+    full = Service(load_model(root / "lm"), text_for(root / "lm"), "q", context=len(ids))
+    with pytest.raises(RequestError, match=f"messages: a prompt of {len(ids)} tokens leaves "
+                       "no room in the served context") as e:
+        full.parse({"messages": messages}, True)
+    assert e.value.param == "messages"
     server = make_server(service, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -923,3 +930,32 @@ def test_a_request_of_too_many_sequences_is_refused_naming_the_field():
         assert e.value.param == param
     with pytest.raises(ValueError, match="max_sequences=0 is not allowed"):
         Service(model, ByteText(), "tiny", max_sequences=0)
+
+
+@pytest.mark.parametrize("context", [20, 64])  # served below max_seq_len=64, and at it
+def test_echo_scores_a_prompt_that_fills_the_context(context):
+    """echo with max_tokens 0 (lm-evaluation-harness' scoring) takes a prompt of exactly
+    the context, scored as the model's own log-softmax; one token more is refused naming
+    prompt (not max_tokens); with tokens to generate, a full prompt names prompt where
+    max_tokens was not sent, max_tokens where it was and is what does not fit."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    service = Service(model, ByteText(), "tiny", context=context)
+    ids = [(7 * i) % 200 + 32 for i in range(context)]
+    choices, _, _ = service.generate(service.parse(
+        {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 0}, False))
+    logp = _log_softmax(model, ids)
+    got = [lp for _, lp, _ in choices[0].logprobs]
+    assert got[0] is None and got[1:] == pytest.approx(
+        [float(logp[j - 1, t]) for j, t in enumerate(ids) if j], abs=1e-4)
+    cases = [({"prompt": ids + [97], "echo": True, "max_tokens": 0}, "prompt",
+              f"prompt: a prompt of {context + 1} tokens is longer than the "),
+             ({"prompt": ids}, "prompt", f"a prompt of {context} tokens leaves no room"),
+             ({"prompt": ids[:-4], "max_tokens": 5}, "max_tokens", "max_tokens=5 is not "
+              "allowed"),
+             ({"prompt": ids[:-4]}, "max_tokens", "max_tokens was not sent: 16 is its "
+              "default")]
+    for body, param, words in cases:
+        with pytest.raises(RequestError, match=re.escape(words)) as e:
+            service.parse(body, False)
+        assert e.value.param == param and "at most 0" not in str(e.value)

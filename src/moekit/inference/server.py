@@ -74,6 +74,7 @@ from moekit.config import MAX_SEED
 from moekit.inference.batcher import PREFILL_CHUNK, Batcher, Group, sequence_seed
 from moekit.inference.engine import (
     MAX_LOGPROBS,
+    ContextLengthError,
     Generation,
     GenerationConfig,
     GenerationStats,
@@ -380,14 +381,11 @@ class Service:
                 "--max-sequences): send fewer prompts or samples per request"))
         logprobs, echo = _logprob_fields(body, chat)
         longest = max(len(p) for p in prompts)
-        default = self.context - longest if chat else 16
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _number(body, name, max(default, 1), int, 0 if echo else 1)
-        if longest + max_tokens > self.context:  # the model's own limit: the engine's error
-            if self.context < self.model.config.max_seq_len:
-                _reject(name, max_tokens, f"a prompt of {longest} tokens + {name} must fit "
-                        f"the served context of {self.context} tokens (moekit serve "
-                        f"--context; use at most {max(self.context - longest, 0)})")
+        default = max(self.context - longest, 1) if chat else 16
+        max_tokens = _number(body, name, default, int, 0 if echo else 1)
+        self._check_context(longest, max_tokens, name, body.get(name) is not None,
+                            "messages" if chat else "prompt")
         stops = () if body.get("stop") is None else tuple(_strings("stop", body["stop"], False))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -408,13 +406,40 @@ class Service:
                 top_p=_number(body, "top_p", None, float, 0.0, 1.0),
                 stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops),
                 seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed)
-            checked_prompts(self.model, prompts, config)  # (its errors index the prompts)
+            try:
+                checked_prompts(self.model, prompts, config)  # (its errors index the prompts)
+            except ContextLengthError:  # (checked above: echo's max_tokens 0 fills it all)
+                if max_tokens:
+                    raise
         except ValueError as e:  # the config's and the engine's errors, in the API's names
             message = str(e).replace("max_new_tokens", name).replace("prompts[", "prompt[")
             raise RequestError(_param(message, name), message) from None
         ids = [p for p in prompts for _ in range(n)]
         return Request(chat, ids, n, config if max_tokens else None, stops, stream,
                        options.get("include_usage", False), logprobs, echo, bool(tools))
+
+    def _check_context(self, longest: int, new: int, name: str, sent: bool,
+                       field: str) -> None:
+        """Refuse a request past the served context: naming the prompt's field where the
+        prompt alone leaves no room (for a new token; with echo and ``max_tokens: 0``, for
+        itself), else ``name`` (the field that asks for ``new`` tokens)."""
+        limit = self.model.config.max_seq_len
+        where = (f"the served context of {self.context} tokens (moekit serve --context)"
+                 if self.context < limit else f"the model's context, max_seq_len={limit}")
+        room = self.context - longest
+        if room < min(new, 1):
+            raise RequestError(field, (
+                f"{field}: a prompt of {longest} tokens is longer than {where}" if not new
+                else f"{field}: a prompt of {longest} tokens leaves no room in {where} for "
+                "a new token: send a shorter prompt"))
+        if new > room:
+            default = "" if sent else f" ({name} was not sent: {new} is its default)"
+            if self.context < limit:
+                _reject(name, new, f"a prompt of {longest} tokens + {name} must fit the "
+                        f"served context of {self.context} tokens (moekit serve --context; "
+                        f"use at most {room}){default}")
+            _reject(name, new, f"generating past the model's context, max_seq_len={limit} "
+                    f"(a prompt of {longest} tokens leaves room for at most {room}){default}")
 
     def generate(self, request: Request, on_text: OnText | None = None,
                  client_gone: Callable[[], bool] | None = None
