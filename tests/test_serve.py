@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -544,7 +545,8 @@ def test_a_failed_generation_is_a_500_and_the_server_goes_on(byte_server, monkey
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3})
     assert status == 500 and "RuntimeError: out of memory" in r["error"]["message"]
     status, events = _post(url, {"prompt": "def ", "max_tokens": 3, "stream": True})
-    assert status == 200 and "out of memory" in events[-1]["error"]["message"]
+    assert status == 200 and "out of memory" in events[-2]["error"]["message"]
+    assert events[-1] == "[DONE]"
     monkeypatch.undo()
     status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
@@ -959,3 +961,57 @@ def test_echo_scores_a_prompt_that_fills_the_context(context):
         with pytest.raises(RequestError, match=re.escape(words)) as e:
             service.parse(body, False)
         assert e.value.param == param and "at most 0" not in str(e.value)
+
+
+def test_sigterm_ends_streams_and_exits_0(tmp_path):
+    """`moekit serve` given SIGTERM while a long stream runs and a keep-alive connection
+    idles: the stream ends with an error chunk and [DONE], the idle connection is closed,
+    and the process exits 0 (it was killed at once, streams cut)."""
+    import http.client
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import moekit
+
+    lm = MoETransformer(preset("tiny"))
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 0, "model_config": lm.config.to_dict()})
+    src = str(Path(moekit.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moekit.cli", "serve", "--checkpoint", str(tmp_path / "run"),
+         "--port", "0", "--parallel", "1", "--threads", "1"], env=env,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # "moekit serve: run on http://127.0.0.1:PORT/v1 ..."
+            if " on http://" in line:
+                port = int(line.split(" on http://")[1].split("/")[0].rsplit(":", 1)[1])
+                break
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        idle.request("GET", "/health")
+        assert idle.getresponse().read() == b'{"status": "ok"}'
+        # 1,024 sequences of 40 tokens, one row: a stream that runs for many seconds
+        stream = _raw_post(f"http://127.0.0.1:{port}", {
+            "prompt": [[97]] * 16, "n": 64, "max_tokens": 40, "stream": True})
+        got = b""
+        while b'"text": "' not in got:
+            got += stream.recv(4096)
+        proc.send_signal(signal.SIGTERM)
+        stream.settimeout(60)
+        while chunk := stream.recv(65536):
+            got += chunk
+        assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [line for line in got.split(b"\r\n\r\n", 1)[1].split(b"\n\n") if line]
+    assert all(e.startswith(b"data: ") for e in events)
+    assert json.loads(events[-2][6:])["error"]["message"] == "the server is shutting down"
+    assert events[-1] == b"data: [DONE]"
+    assert idle.sock.recv(1) == b""  # the idle connection was closed
+    assert "SIGTERM: stopping" in err and "Traceback" not in err

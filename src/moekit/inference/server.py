@@ -39,7 +39,9 @@ the handler looks every ``CLIENT_POLL_S`` (a client that shuts down its sending 
 after the request counts as gone, as a closed connection reads the same). ``--api-key``
 (or ``MOEKIT_API_KEY``) makes every /v1/ request carry ``Authorization: Bearer KEY``
 (401 otherwise). Bad input gets HTTP 400 with an OpenAI-style error naming the field,
-before anything is generated.
+before anything is generated. SIGTERM or Ctrl-C stops the server between decode steps:
+no new requests; those not answered end (HTTP 503, or a stream's error chunk then ``data:
+[DONE]``), the handler threads are joined (``SHUTDOWN_S`` at most) and the process exits 0.
 
 ``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
 handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
@@ -58,6 +60,7 @@ import os
 import queue
 import secrets
 import select
+import signal
 import socket
 import sys
 import threading
@@ -89,6 +92,7 @@ MAX_N = 64  # samples per prompt
 # lm-evaluation-harness' batches and n <= 64 fit; each sequence costs its prefill and a
 # Generation held until the answer
 DEFAULT_MAX_SEQUENCES = 2048
+SHUTDOWN_S = 5.0  # how long a stopping server waits for its handlers to finish answering
 CLIENT_POLL_S = 0.25  # how often a waiting handler looks whether its client went away
 # a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
 OnText = Callable[[int, str, "list[tuple] | None"], bool]
@@ -212,12 +216,18 @@ class _Job:
         self.groups: list[Group] = []  # in the batcher (set by the thread in work)
         self.cancelled = False  # its groups cancelled (once: the client went away)
         self.ended = 0  # groups[:ended] are done (``over``: each group looked at once)
+        self.answered = False  # its result (or error) is in ``out``
 
     def over(self) -> bool:
         """Whether every group is done (amortized O(1) a call, checked every step)."""
         while self.ended < len(self.groups) and self.groups[self.ended].done:
             self.ended += 1
         return self.ended == len(self.groups)
+
+
+class ShuttingDownError(Exception):
+    """The server stops (SIGTERM or Ctrl-C) before this request's answer: a whole answer
+    gets HTTP 503, a stream an error chunk and ``[DONE]``."""
 
 
 class ClientGoneError(Exception):
@@ -258,6 +268,10 @@ class Service:
         self.name = name
         self.lock = threading.Lock()
         self._jobs: queue.Queue | None = None
+        # a request handed to work() is queued under it; where work() has ended (the
+        # server stopping) none is taken
+        self._submit = threading.Lock()
+        self._closed = False
         # what /metrics counts (written by the thread that generates)
         self.counts = dict.fromkeys(("requests", "failed", "cancelled", "prompt_tokens",
                                      "completion_tokens"), 0)
@@ -298,7 +312,8 @@ class Service:
         """Run every generation on this thread until ``stop`` is set (the thread that
         loaded the model: see the module docstring): take the requests that came, then
         one step of the batch."""
-        self._jobs = queue.Queue()
+        with self._submit:
+            self._jobs, self._closed = queue.Queue(), False
         live: list[_Job] = []  # the requests in the batcher
         try:
             while not stop.is_set():
@@ -319,7 +334,23 @@ class Service:
                 elif not idle:
                     self.batcher.step()
         finally:
-            self._jobs = None
+            self._stopped(live)
+
+    def _stopped(self, live: list[_Job]) -> None:
+        """work() ends: the requests not answered (running or queued) end with
+        ``ShuttingDownError``; later ones are refused with it."""
+        with self._submit:
+            self._closed = True
+            jobs, self._jobs = self._jobs, None
+        while True:
+            try:
+                live.append(jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in live:
+            if not job.answered:
+                job.answered = True
+                job.out.put(("error", ShuttingDownError("the server is shutting down")))
 
     def _start(self, job: _Job) -> None:
         def on_text(i: int, piece: str, entries: list[tuple] | None) -> bool:
@@ -327,6 +358,7 @@ class Service:
             return not job.gone
 
         def done(result: tuple | BaseException) -> None:
+            job.answered = True
             job.out.put(("error", result) if isinstance(result, BaseException)
                         else ("done", result))
 
@@ -454,7 +486,13 @@ class Service:
         ``CLIENT_POLL_S`` while the answer is not done: once it says True the request's
         sequences are cancelled (waiting ones never prefilled) and ``ClientGoneError`` is
         raised."""
-        jobs = self._jobs
+        with self._submit:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down")
+            jobs = self._jobs
+            if jobs is not None:
+                job = _Job(request, on_text is not None)
+                jobs.put(job)
         if jobs is None:  # no thread in work(): run it here, alone
             out: list = []
             with self.lock:
@@ -463,8 +501,6 @@ class Service:
             if isinstance(out[0], BaseException):
                 raise out[0]
             return out[0]
-        job = _Job(request, on_text is not None)
-        jobs.put(job)
         polled = False  # whether client_gone said so
         while True:
             try:
@@ -918,6 +954,10 @@ class Handler(BaseHTTPRequestHandler):
             except ClientGoneError:
                 self.close_connection = True
                 return
+            except ShuttingDownError as e:
+                self.close_connection = True
+                self._error(503, str(e))
+                return
             except Exception as e:  # noqa: BLE001 (the server answers and keeps serving)
                 self._error(500, f"the generation failed: {type(e).__name__}: {e}")
                 return
@@ -970,9 +1010,12 @@ class Handler(BaseHTTPRequestHandler):
                                                             self._client_gone)
         except ClientGoneError:
             return
-        except Exception as e:  # noqa: BLE001 (the stream ends with the error)
-            send({"error": {"message": f"the generation failed: {type(e).__name__}: {e}",
-                            "type": "server_error", "param": None, "code": None}})
+        except Exception as e:  # noqa: BLE001 (the stream ends with the error, as vLLM's)
+            message = str(e) if isinstance(e, ShuttingDownError) else \
+                f"the generation failed: {type(e).__name__}: {e}"
+            if send({"error": {"message": message, "type": "server_error", "param": None,
+                               "code": None}}):
+                send("[DONE]")
             return
         for i, c in enumerate(choices):
             finish = c.finish_reason
@@ -1005,16 +1048,51 @@ class Handler(BaseHTTPRequestHandler):
             f"decode {t['decode_tokens_per_s']:.1f} steps/s)\n")
 
 
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that knows its handler threads and their connections, so
+    that a shutdown can end them (``end_connections``)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._live: dict[threading.Thread, socket.socket] = {}
+        self._live_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address) -> None:
+        me = threading.current_thread()
+        with self._live_lock:
+            self._live[me] = request
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._live_lock:
+                self._live.pop(me, None)
+
+    def end_connections(self, timeout: float) -> None:
+        """Shut every connection's reading side (an idle keep-alive connection's thread
+        wakes and ends; one answering still writes its answer) and join their threads,
+        ``timeout`` seconds for all."""
+        with self._live_lock:
+            live = dict(self._live)
+        for sock in live.values():
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed
+                pass
+        end = time.monotonic() + timeout
+        for thread in live:
+            thread.join(max(0.0, end - time.monotonic()))
+
+
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None) -> ThreadingHTTPServer:
+                api_key: str | None = None) -> _Server:
     """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any);
     with ``api_key``, /v1/ requests must carry it as a bearer token."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         _reject("api_key", api_key, "it must be a non-empty string")
     handler = type("MoekitHandler", (Handler,), {"service": service, "api_key": api_key})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1091,20 +1169,37 @@ def run(args: argparse.Namespace) -> int:
           f"once (KV cache up to {service.kv_bytes() / 2**20:.1f} MiB in "
           f"{str(service.batcher.cache.k[0].dtype).removeprefix('torch.')}, kept conversations "
           f"up to {service.batcher.prefix_bytes / 2**20:.1f} MiB)"
-          + ("; API key required" if key else "") + "; Ctrl-C stops",
+          + ("; API key required" if key else "") + "; Ctrl-C or SIGTERM stops",
           file=sys.stderr, flush=True)
     if key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print(f"moekit serve: warning: listening on {host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr, flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame) -> None:
+        if stop.is_set():  # a second one: stop now
+            raise KeyboardInterrupt
+        print(f"moekit serve: {signal.Signals(signum).name}: stopping", file=sys.stderr,
+              flush=True)
+        stop.set()
+
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     http = threading.Thread(target=server.serve_forever, daemon=True)
     http.start()
     try:  # the generations on this thread, the requests on the server's
-        service.work(threading.Event())
+        service.work(stop)  # (between steps it sees stop; what runs then gets an error)
     except KeyboardInterrupt:
         pass
     finally:
-        server.shutdown()
+        server.shutdown()  # no new connections
+        http.join()
+        # the answers written (a stream's error chunk and [DONE]), idle connections
+        # closed, their threads joined: a thread still running at exit died with
+        # "terminate called without an active exception"
+        server.end_connections(SHUTDOWN_S)
         server.server_close()
         close_offload(model)
+        for s, handler in before.items():
+            signal.signal(s, handler)
     return 0
 
