@@ -1015,3 +1015,48 @@ def test_sigterm_ends_streams_and_exits_0(tmp_path):
     assert events[-1] == b"data: [DONE]"
     assert idle.sock.recv(1) == b""  # the idle connection was closed
     assert "SIGTERM: stopping" in err and "Traceback" not in err
+
+
+def test_routes_ignore_the_query_and_other_methods_get_json(byte_server):
+    """A query string does not change the route; /v1/models/{id} is OpenAI's
+    models.retrieve; HEAD is GET without a body; OPTIONS answers 204 with Allow; PUT,
+    DELETE and a wrong method get a JSON 405 with Allow (404 where no such path)."""
+    import http.client
+
+    model, url, _ = byte_server
+    with urllib.request.urlopen(url + "/v1/models?x=1", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0},
+                      "/v1/completions?x=1")
+    assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+    with urllib.request.urlopen(url + "/v1/models/tiny", timeout=10) as r:
+        assert json.loads(r.read()) == {"id": "tiny", "object": "model", "created": 0,
+                                        "owned_by": "moekit"}
+    host, port = url.removeprefix("http://").split(":")
+
+    def call(method: str, path: str) -> tuple[int, dict, bytes]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            return r.status, dict(r.headers), r.read()
+        finally:
+            conn.close()
+
+    status, _, body = call("GET", "/v1/models/other")
+    assert status == 404 and json.loads(body)["error"]["param"] == "model"
+    status, headers, body = call("HEAD", "/v1/models")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    status, headers, body = call("OPTIONS", "/v1/completions")
+    assert (status, headers["Allow"], body) == (204, "POST, OPTIONS", b"")
+    assert call("OPTIONS", "/v1/models")[1]["Allow"] == "GET, HEAD, OPTIONS"
+    for method, path, allow in (("PUT", "/v1/completions", "POST, OPTIONS"),
+                                ("DELETE", "/v1/models", "GET, HEAD, OPTIONS"),
+                                ("GET", "/v1/completions", "POST, OPTIONS"),
+                                ("POST", "/v1/models", "GET, HEAD, OPTIONS")):
+        status, headers, body = call(method, path)
+        assert (status, headers["Allow"]) == (405, allow), (method, path)
+        assert headers["Content-Type"] == "application/json"
+        assert path in json.loads(body)["error"]["message"]
+    status, headers, body = call("DELETE", "/nothing")
+    assert status == 404 and json.loads(body)["error"]["message"] == "no such path: /nothing"

@@ -5,7 +5,8 @@
 
 Endpoints: ``POST /v1/completions`` (a prompt or a list of prompts: text, or token ids
 as lists of ints), ``POST /v1/chat/completions`` (messages rendered by the tokenizer's
-chat template: a converted checkpoint's), ``GET /v1/models``, ``GET /health``, ``GET
+chat template: a converted checkpoint's), ``GET /v1/models`` (and ``/v1/models/{id}``),
+``GET /health``, ``GET
 /metrics`` (Prometheus' text format: requests, tokens, decode steps, running and waiting
 sequences, KV cache use). Both POSTs stream with ``"stream": true`` (server-sent events,
 ``data: [DONE]`` last; ``stream_options.include_usage`` adds a usage chunk). Fields as
@@ -70,6 +71,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import torch
 
@@ -107,6 +109,9 @@ NO_OP = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)
 READ = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
         "top_p", "top_k", "stop", "seed", "n", "stream", "stream_options", "user", "logprobs",
         "top_logprobs", "echo", "tools", "tool_choice"}
+# the POST paths (whether chat) and the GET ones (and /v1/models/{id})
+POSTS = {"/v1/completions": False, "/v1/chat/completions": True}
+GETS = ("/health", "/v1/health", "/metrics", "/v1/models")
 # what a message may carry besides its role and content (the chat template reads them)
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name")
 
@@ -853,12 +858,26 @@ class Handler(BaseHTTPRequestHandler):
     api_key: str | None = None  # where set, /v1/ requests must carry it as a bearer token
     protocol_version = "HTTP/1.1"
 
+    @property
+    def route(self) -> str:
+        """The request's path without its query string (``/v1/models?x=1``: /v1/models)."""
+        return urlsplit(self.path).path
+
+    def _allowed(self) -> str | None:
+        """The methods the path takes (an Allow header), None where no such path."""
+        path = self.route
+        if path in POSTS:
+            return "POST, OPTIONS"
+        if path in GETS or path.startswith("/v1/models/"):
+            return "GET, HEAD, OPTIONS"
+        return None
+
     def _authorized(self) -> bool:
         """Whether the request may go on (a 401 answered where not): with an API key,
         every /v1/ path and /metrics need "Authorization: Bearer KEY" (/health does
         not)."""
-        if self.api_key is None or not (self.path.startswith("/v1/")
-                                        or self.path == "/metrics"):
+        if self.api_key is None or not (self.route.startswith("/v1/")
+                                        or self.route == "/metrics"):
             return True
         given = self.headers.get("Authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -880,49 +899,92 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"moekit serve: {self.address_string()} {format % args}\n")
 
-    def _send_json(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(self, status: int, data: bytes, kind: str, headers: dict | None = None
+              ) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # (its headers as GET's, no body)
+            self.wfile.write(data)
 
-    def _error(self, status: int, message: str, param: str | None = None) -> None:
+    def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _error(self, status: int, message: str, param: str | None = None,
+               headers: dict | None = None) -> None:
         kind = "invalid_request_error" if status == 400 else HTTPStatus(status).phrase
         self._send_json(status, {"error": {"message": message, "type": kind, "param": param,
-                                           "code": None}})
+                                           "code": None}}, headers)
+
+    def _model(self) -> dict:
+        return {"id": self.service.name, "object": "model", "created": 0,
+                "owned_by": "moekit"}
 
     def do_GET(self) -> None:
         if not self._authorized():
             return
-        if self.path in ("/health", "/v1/health"):
+        path = self.route
+        if path in ("/health", "/v1/health"):
             self._send_json(200, {"status": "ok"})
-        elif self.path == "/metrics":
-            data = self.service.metrics().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        elif self.path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [
-                {"id": self.service.name, "object": "model", "created": 0,
-                 "owned_by": "moekit"}]})
+        elif path == "/metrics":
+            self._send(200, self.service.metrics().encode(), "text/plain; version=0.0.4")
+        elif path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [self._model()]})
+        elif path.startswith("/v1/models/"):  # OpenAI's models.retrieve
+            name = unquote(path.removeprefix("/v1/models/"))
+            if name == self.service.name:
+                self._send_json(200, self._model())
+            else:
+                self._error(404, f"no such model: {name!r} (this server serves "
+                            f"{self.service.name!r})", "model")
+        elif path in POSTS:
+            self._error(405, f"{path} takes POST", headers={"Allow": "POST, OPTIONS"})
         else:
-            self._error(404, f"no such path: {self.path}")
+            self._error(404, f"no such path: {path}")
+
+    do_HEAD = do_GET
+
+    def do_OPTIONS(self) -> None:
+        """The methods a path takes (no CORS: the server sends no CORS headers)."""
+        allow = self._allowed()
+        if allow is None:
+            self._error(404, f"no such path: {self.route}")
+            return
+        self.send_response(204)
+        self.send_header("Allow", allow)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _not_allowed(self) -> None:
+        """PUT, DELETE, PATCH: 405 with the path's Allow header (404 where no such path);
+        the connection closes (a body is not read)."""
+        self.close_connection = True
+        allow = self._allowed()
+        if allow is None:
+            self._error(404, f"no such path: {self.route}")
+        else:
+            self._error(405, f"{self.command} is not allowed on {self.route}: it takes "
+                        f"{allow}", headers={"Allow": allow})
+
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
     def do_POST(self) -> None:
         if not self._authorized():
             return
-        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        path = self.route
         # answered before the body is read: the connection closes after the answer (its
         # unread body would be read as the next request)
-        if self.path not in routes:
+        if path not in POSTS:
             self.close_connection = True
-            self._error(404, f"no such path: {self.path}")
+            if self._allowed() is None:
+                self._error(404, f"no such path: {path}")
+            else:
+                self._error(405, f"{path} takes GET", headers={"Allow": self._allowed()})
             return
         try:
             length = int(self.headers.get("Content-Length", ""))
@@ -941,7 +1003,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(400, f"the body is not JSON: {e}", "body")
             return
         try:
-            request = self.service.parse(body, routes[self.path])
+            request = self.service.parse(body, POSTS[path])
         except RequestError as e:
             self._error(400, str(e), e.param)
             return
