@@ -793,8 +793,9 @@ def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
 
-    def call(path: str, key: str | None, body: dict | None = None) -> int:
-        headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    def call(path: str, key: str | None, body: dict | None = None, scheme: str = "Bearer"
+             ) -> int:
+        headers = {} if key is None else {"Authorization": f"{scheme} {key}"}
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url + path, data=data, headers=headers)
         try:
@@ -809,6 +810,8 @@ def test_an_api_key_is_required_where_set(tmp_path, capsys, monkeypatch):
         assert call("/v1/completions", None, body) == 401
         assert call("/v1/completions", "wrong", body) == 401
         assert call("/v1/models", None) == 401
+        assert call("/v1/models", "s3cret", scheme="bearer") == 200  # case-insensitive
+        assert call("/v1/models", "s3cret", scheme="Basic") == 401
         assert call("/v1/completions", "s3cret", body) == 200
         assert call("/v1/models", "s3cret") == 200
         assert call("/metrics", None) == 401 and call("/metrics", "s3cret") == 200
@@ -1060,3 +1063,30 @@ def test_routes_ignore_the_query_and_other_methods_get_json(byte_server):
         assert path in json.loads(body)["error"]["message"]
     status, headers, body = call("DELETE", "/nothing")
     assert status == 404 and json.loads(body)["error"]["message"] == "no such path: /nothing"
+
+
+def test_endpoint_fields_empty_stop_and_chunked_bodies(byte_server):
+    """Each endpoint refuses the other's prompt field by name; stop: [] is no stop
+    strings (as OpenAI's); a chunked body gets a JSON 411 saying to send a length."""
+    import socket
+
+    model, url, _ = byte_server
+    status, r = _post(url, {"messages": [{"role": "user", "content": "hi"}], "prompt": "a"})
+    assert status == 400 and r["error"]["param"] == "messages"
+    assert "messages is for /v1/chat/completions" in r["error"]["message"]
+    status, r = _post(url, {"messages": [{"role": "user", "content": "hi"}], "prompt": "a"},
+                      "/v1/chat/completions")
+    assert status == 400 and r["error"]["param"] == "prompt"
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 6, "temperature": 0, "stop": []})
+    assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 6)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "a"}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n" + f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n")
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 411")
+    assert "chunked bodies are not read" in json.loads(got.split(b"\r\n\r\n", 1)[1])[
+        "error"]["message"]

@@ -379,6 +379,10 @@ class Service:
         unknown = sorted(k for k in body if k not in READ and k not in NO_OP)
         if unknown:
             _reject(unknown[0], body[unknown[0]], "moekit serve does not read this field")
+        other = "prompt" if chat else "messages"  # the other endpoint's
+        if other in body:
+            _reject(other, body[other], f"{other} is for /v1/{'' if chat else 'chat/'}"
+                    f"completions; this endpoint takes {'messages' if chat else 'prompt'}")
         for key, values in NO_OP.items():
             if key in body and not any(type(body[key]) is type(v) and body[key] == v
                                        for v in values):
@@ -423,7 +427,8 @@ class Service:
         max_tokens = _number(body, name, default, int, 0 if echo else 1)
         self._check_context(longest, max_tokens, name, body.get(name) is not None,
                             "messages" if chat else "prompt")
-        stops = () if body.get("stop") is None else tuple(_strings("stop", body["stop"], False))
+        stop = body.get("stop")  # [] as none, as OpenAI's and vLLM's
+        stops = () if stop is None or stop == [] else tuple(_strings("stop", stop, False))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             _reject("stream", stream, "it must be true or false")
@@ -879,8 +884,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.api_key is None or not (self.route.startswith("/v1/")
                                         or self.route == "/metrics"):
             return True
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        # the scheme is case-insensitive (RFC 7235: "bearer KEY" too)
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              self.api_key.encode()):
             return True
         self.close_connection = True
         self._error(401, "this server needs an API key: send \"Authorization: Bearer KEY\" "
@@ -990,7 +997,10 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             self.close_connection = True
-            self._error(411, "a request body needs a Content-Length header")
+            chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+            self._error(411, "a request body needs a Content-Length header" + (
+                " (Transfer-Encoding: chunked bodies are not read: send the body with its "
+                "length)" if chunked else ""), "body")
             return
         if not 0 < length <= MAX_BODY:
             self.close_connection = True
