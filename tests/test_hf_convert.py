@@ -233,6 +233,45 @@ def test_moekit_lm_with_qk_norms_to_transformers_and_back(tmp_path, changes, cls
         assert torch.equal(back.state_dict()[k], v), k
 
 
+def _as_older_config(hf_dir, rope_theta: float, rope_scaling) -> None:
+    """Rewrite hf_dir's config.json the way hub checkpoints from before transformers 5
+    hold it: "rope_theta" at the top, and a "rope_scaling" object (or null)."""
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_older_config_rope_theta_is_read(tmp_path):
+    """rope_theta beside a null rope_scaling (not transformers' default base) converts
+    to transformers' logits."""
+    _family(tmp_path, "qwen3_moe")
+    _as_older_config(tmp_path / "hf", 500.0, None)
+    hf_model = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model.config.rope_parameters["rope_theta"] == 500.0
+    assert cli(str(tmp_path / "hf"), str(tmp_path / "lm")) == 0
+    lm = _load_lm(tmp_path / "lm")
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, hf_model(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("rope_scaling,kind", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, "yarn"),
+    ({"type": "linear", "factor": 4.0}, "linear"),
+])
+def test_older_config_rope_scaling_is_refused(tmp_path, rope_scaling, kind):
+    """Before: rope_scaling was never read, the conversion exited 0 and its logits
+    differed from transformers' (which scales the rotary frequencies) by up to 0.18."""
+    _family(tmp_path, "qwen3_moe")
+    _as_older_config(tmp_path / "hf", 10000.0, rope_scaling)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.rope_parameters["rope_type"] == kind  # what transformers would run
+    with pytest.raises(ValueError, match=f"rope_type='{kind}' is not allowed"):
+        hf_to_moekit(tmp_path / "hf", tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()
+
+
 def test_unsupported_checkpoints_are_refused(tmp_path):
     hf_models.build("deepseek_v3").save_pretrained(tmp_path / "dsv3")
     with pytest.raises(ValueError, match="model_type='deepseek_v3'"):

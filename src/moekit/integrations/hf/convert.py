@@ -185,8 +185,8 @@ def check_hf(config: dict[str, Any], source: str | Path = ".") -> None:
     Dh = _head_dim(config)
     checks = [
         ("hidden_act", config.get("hidden_act", "silu"), "silu", "moekit's experts are SwiGLU"),
-        ("rope_type", _rope(config, fam).get("rope_type", "default"), "default",
-         "moekit's language model uses plain rotary embeddings"),
+        ("rope_type", _rope(config, fam)["rope_type"], "default",
+         "moekit's language model uses plain rotary embeddings (no rope_scaling)"),
         ("attention_bias", config.get("attention_bias", False), False,
          "moekit's attention projections have no bias"),
         ("use_sliding_window", config.get("use_sliding_window", False), False,
@@ -217,8 +217,17 @@ def _head_dim(config: dict[str, Any]) -> int:
 
 
 def _rope(config: dict[str, Any], fam: Family) -> dict[str, Any]:
-    return config.get("rope_parameters") or \
-        {"rope_theta": config.get("rope_theta", fam.rope_theta)}
+    """The rotary settings transformers reads from ``config``: an older config.json's
+    ``rope_scaling`` (its type under "type" or "rope_type") wins over ``rope_parameters``,
+    and ``rope_theta`` beside it fills in the base, as transformers'
+    ``convert_rope_params_to_dict`` does."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        reject("rope_scaling", rope, "it must be a JSON object (or null)")
+    rope = dict(rope)
+    rope.setdefault("rope_theta", config.get("rope_theta", fam.rope_theta))
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    return rope
 
 
 def lm_config(config: dict[str, Any]) -> dict[str, Any]:
