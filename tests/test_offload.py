@@ -633,3 +633,54 @@ def test_hf_revert_refuses_offloaded_experts(hf_ckpt):
         assert {n: type(m) for n, m in model.named_modules()} == classes
     finally:
         assert model.expert_offload.close(timeout=5.0)
+
+
+def _save_stacked(model, path) -> None:
+    """The checkpoint layout of model.state_dict() itself (experts.gate_up_proj [E, 2F, D],
+    no per-expert tensors), without the tied lm_head copy."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    path.mkdir()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(path)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked"])
+@pytest.mark.parametrize("arch", ["mixtral", "olmoe"])
+def test_hf_offloaded_tied_embeddings_equal_transformers(arch, layout, tmp_path):
+    """tie_word_embeddings=True: lm_head is the embedding table, as transformers ties it.
+    Before: ShardError "tensor lm_head.weight is missing" (the model was built without
+    tying, so lm_head had its own weight, absent from the checkpoint)."""
+    transformers = pytest.importorskip("transformers")
+    hf_models = pytest.importorskip("tests.hf_models")
+    from safetensors import safe_open
+
+    from moekit.integrations import hf
+
+    torch.manual_seed(0)
+    cls, kw = {"mixtral": (transformers.MixtralConfig, dict(intermediate_size=24,
+                                                             num_local_experts=8)),
+               "olmoe": (transformers.OlmoeConfig, dict(intermediate_size=16,
+                                                         num_experts=8))}[arch]
+    cfg = cls(**hf_models.COMMON, **kw, num_experts_per_tok=2, tie_word_embeddings=True)
+    reference = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    path = tmp_path / layout
+    if layout == "stacked":
+        _save_stacked(reference, path)
+    else:
+        reference.save_pretrained(path)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert "lm_head.weight" not in names
+    assert any(n.endswith("experts.gate_up_proj") for n in names) == (layout == "stacked")
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    model = hf.load_offloaded(path, expert_memory="1MiB")
+    try:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits,
+                                       atol=1e-5, rtol=1e-4)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)

@@ -305,6 +305,9 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     dtype = next(loc.dtype for loc in locs.values() if loc.dtype.is_floating_point)
     with _meta_init(_experts_class(config)), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # transformers ties the embeddings inside init_weights, which _no_init_weights skips:
+    # tie_word_embeddings=True left lm_head its own (never read) weight.
+    model.tie_weights()
     cls = _experts_class(config)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
     rename = renamer(model)
