@@ -238,3 +238,25 @@ def test_revert_refuses_quantized_experts_and_changes_nothing():
     with pytest.raises(ValueError, match="int8 weights from moekit.quantize"):
         hf.revert(model)
     assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_save_pretrained_refuses_quantized_experts_and_writes_nothing(tmp_path):
+    """Before: the experts were written as ``...experts.0.down_proj.weight.data`` /
+    ``.scales``, which from_pretrained ignored (random experts, no error)."""
+    from moekit import quantize
+
+    model = quantize(hf.apply(hf_models.build("qwen3_moe")), bits=8, scope="experts")
+    for m in (model, copy.deepcopy(model)):  # a copy keeps the guard, bound to the copy
+        with pytest.raises(ValueError, match="int8 weights from moekit.quantize.*"
+                                             r"load_offloaded\(path, expert_memory, quantize=8"):
+            m.save_pretrained(tmp_path / "q")
+        assert not (tmp_path / "q").exists()
+    assert copy.deepcopy(model).save_pretrained.model is not model
+
+
+def test_save_pretrained_of_a_reverted_model_is_transformers_own(tmp_path):
+    model = hf.apply(hf_models.build("olmoe"))
+    assert "save_pretrained" in vars(model)
+    hf.revert(model)
+    assert "save_pretrained" not in vars(model)
+    assert model.save_pretrained.__func__ is type(model).save_pretrained

@@ -684,3 +684,17 @@ def test_hf_offloaded_tied_embeddings_equal_transformers(arch, layout, tmp_path)
                                        atol=1e-5, rtol=1e-4)
     finally:
         assert model.expert_offload.close(timeout=5.0)
+
+
+def test_hf_save_pretrained_refuses_offloaded_experts(hf_ckpt, tmp_path):
+    """Before: save_pretrained wrote a checkpoint with no expert tensors, silently."""
+    from moekit.integrations import hf
+
+    path, *_ = hf_ckpt
+    model = hf.load_offloaded(path, expert_memory="1MiB")
+    try:
+        with pytest.raises(ValueError, match="streamed from disk by load_offloaded"):
+            model.save_pretrained(tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    finally:
+        assert model.expert_offload.close(timeout=5.0)

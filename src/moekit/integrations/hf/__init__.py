@@ -7,7 +7,9 @@
 
 ``apply`` swaps the class of each MoE router / experts module in place (same
 object, same Parameters), so ``state_dict`` keys, ``save_pretrained`` and
-``from_pretrained`` are unchanged, with or without the patch.
+``from_pretrained`` are unchanged, with or without the patch. ``save_pretrained`` is
+refused once ``moekit.quantize`` or ``load_offloaded`` holds experts transformers could
+not load back (``SaveGuard``).
 """
 
 from __future__ import annotations
@@ -61,21 +63,69 @@ def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not patched and not any(is_patched(m) for m in model.modules()):
         raise ValueError(f"model (model_type={model_type!r}) has no MoE block that moekit "
                          f"can run: expected modules of class {', '.join(mixins)}")
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = SaveGuard(model)
     return model
 
 
-def _unrevertable(model: nn.Module) -> str | None:
-    """Why transformers' own modules could not run ``model`` after ``revert``, or None."""
+def _held_by_moekit(model: nn.Module) -> tuple[str, str, int | None] | None:
+    """(module name, "quantized" or "offloaded", bits) for the first module holding weights
+    only moekit can run, or None."""
     from moekit.quant.tensor import QuantizedTensor  # noqa: PLC0415 (keeps import light)
 
     for name, m in model.named_modules():
         if isinstance(m, QuantizedTensor):
-            return (f"{name} holds int{m.bits} weights from moekit.quantize, which transformers' "
-                    "modules cannot run; reload the unquantized checkpoint instead")
+            return name, "quantized", m.bits
         if is_patched(m) and getattr(type(m), "_moekit_offloaded", False):
-            return (f"{name} holds experts streamed from disk by load_offloaded (not in "
-                    "memory); load the checkpoint with from_pretrained instead")
+            return name, "offloaded", None
     return None
+
+
+def _unrevertable(model: nn.Module) -> str | None:
+    """Why transformers' own modules could not run ``model`` after ``revert``, or None."""
+    held = _held_by_moekit(model)
+    if held is None:
+        return None
+    name, kind, bits = held
+    if kind == "quantized":
+        return (f"{name} holds int{bits} weights from moekit.quantize, which transformers' "
+                "modules cannot run; reload the unquantized checkpoint instead")
+    return (f"{name} holds experts streamed from disk by load_offloaded (not in "
+            "memory); load the checkpoint with from_pretrained instead")
+
+
+def _unsaveable(model: nn.Module) -> str | None:
+    """Why ``save_pretrained`` would write a checkpoint transformers cannot load back, or
+    None."""
+    held = _held_by_moekit(model)
+    if held is None:
+        return None
+    name, kind, bits = held
+    if kind == "quantized":
+        return (f"{name} holds int{bits} weights from moekit.quantize, which from_pretrained "
+                "does not read (it would fill those weights at random); save the model before "
+                "quantizing and quantize it again after loading, or load the float checkpoint "
+                f"with load_offloaded(path, expert_memory, quantize={bits})")
+    return (f"{name} holds experts streamed from disk by load_offloaded, which would not be "
+            "written (a checkpoint without experts); the directory load_offloaded read is "
+            "the checkpoint: copy it, or load it with from_pretrained and save that")
+
+
+class SaveGuard:
+    """``model.save_pretrained`` of a model ``apply`` patched: transformers' own, refused
+    (ValueError, nothing written) while quantized or offloaded experts would make the
+    checkpoint unloadable. An instance attribute (the model's class is unchanged); a
+    module-level class so ``torch.save(model)`` and ``copy.deepcopy`` keep it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        reason = _unsaveable(self.model)
+        if reason is not None:
+            raise ValueError("model.save_pretrained would write a checkpoint that transformers "
+                             f"cannot load back: {reason}")
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -91,6 +141,8 @@ def revert(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if is_patched(m):
             unpatch_module(m)
+    if isinstance(model.__dict__.get("save_pretrained"), SaveGuard):
+        del model.save_pretrained
     return model
 
 
