@@ -260,3 +260,33 @@ def test_save_pretrained_of_a_reverted_model_is_transformers_own(tmp_path):
     hf.revert(model)
     assert "save_pretrained" not in vars(model)
     assert model.save_pretrained.__func__ is type(model).save_pretrained
+
+
+def test_dbrx_bf16_routes_like_transformers_where_probabilities_tie(monkeypatch):
+    """DBRX takes the top K of a bf16 softmax, where distinct logits often round to one
+    probability. Before: moekit ranked the logits and gave such tokens another expert."""
+    from moekit.integrations.hf import blocks
+
+    torch.manual_seed(0)
+    model = hf_models.dbrx().to(torch.bfloat16).eval()
+    ffn = model.transformer.blocks[0].ffn
+    x = torch.randn(1, 400, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = ffn.router(x.clone())
+        want_w, want_idx = ffn.route_tokens_to_experts(logits)
+        by_logits = logits.topk(2, dim=-1).indices
+        assert (by_logits.sort(-1).values != want_idx.sort(-1).values).any(-1).sum() > 0  # ties
+        want = ffn(x.clone())
+    seen = []
+
+    def spy(x_TD, experts_TK, weights_TK, *args):
+        seen.append((experts_TK, weights_TK))
+        return run(x_TD, experts_TK, weights_TK, *args)
+
+    run = blocks.run_experts_topk
+    monkeypatch.setattr(blocks, "run_experts_topk", spy)
+    patched = hf.apply(copy.deepcopy(model)).transformer.blocks[0].ffn
+    with torch.no_grad():
+        got = patched(x.clone())
+    assert torch.equal(seen[0][0], want_idx) and torch.equal(seen[0][1], want_w)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

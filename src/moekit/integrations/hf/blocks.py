@@ -17,18 +17,23 @@ from torch import Tensor
 from moekit.dispatch.plan import RoutingPlan
 from moekit.dispatch.sort import capacity_keep
 from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts, run_experts_topk
-from moekit.routing.token_choice import softmax_topk
 
 
 class DbrxBlock:
     """DBRX ``DbrxFFN``: the router module gives logits (and records them); softmax in the
-    logits' dtype, top K, weights divided by their p-norm (``moe_normalize_expert_weights``)."""
+    logits' dtype, top K of those probabilities (the same ops as transformers, so the same
+    experts where probabilities tie), weights divided by their p-norm
+    (``moe_normalize_expert_weights``)."""
 
     _moekit_backend: str = "auto"
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         logits_TE = self.router(hidden_states)  # jitter, if any, scales hidden_states in place
-        experts_TK, weights_TK, _ = softmax_topk(logits_TE, self.top_k, renormalize=False)
+        # Top K of the probabilities, not of the logits: in bf16 distinct logits often round
+        # to equal probabilities and topk's tie order then picks the expert (2 tokens of 200
+        # got another expert set when ranked by logits).
+        probs_TE = logits_TE.softmax(-1, dtype=logits_TE.dtype)
+        weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         p = self.moe_normalize_expert_weights
         if p is not None:
             weights_TK = weights_TK / weights_TK.norm(p=p, dim=-1, keepdim=True)
