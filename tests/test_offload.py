@@ -698,3 +698,33 @@ def test_hf_save_pretrained_refuses_offloaded_experts(hf_ckpt, tmp_path):
         assert not (tmp_path / "out").exists()
     finally:
         assert model.expert_offload.close(timeout=5.0)
+
+
+def test_hf_quantize_of_offloaded_experts_points_to_load_offloaded(hf_ckpt):
+    """Before: AttributeError "'MoekitMixtralExperts' object has no attribute
+    'gate_up_proj'"; now a QuantizationError naming load_offloaded(..., quantize=), and the
+    model unchanged (same modules, same logits)."""
+    from moekit import quantize
+    from moekit.integrations import hf
+    from moekit.quant import QuantizationError
+
+    path, ids, *_ = hf_ckpt
+    model = hf.load_offloaded(path, expert_memory="1MiB")
+    try:
+        with torch.no_grad():
+            before = model(ids).logits
+        modules = dict(model.named_modules())
+        with pytest.raises(QuantizationError, match=r"experts streamed from disk by "
+                           r"load_offloaded.*load_offloaded\(path, expert_memory, quantize="):
+            quantize(model, bits=8)
+        assert dict(model.named_modules()) == modules
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, before)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+    model = hf.load_offloaded(path, expert_memory="1MiB", quantize=8)
+    try:
+        with pytest.raises(QuantizationError, match="already quantized"):
+            quantize(model, bits=8)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)

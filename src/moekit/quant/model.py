@@ -181,20 +181,32 @@ def check_scope(scope: str) -> None:
                                 "and dense projections) or 'experts' (routed experts only)")
 
 
+def _check_hf_experts(model: nn.Module) -> None:
+    """Refuse transformers experts patched by moekit that ``quantize`` cannot reach: ones
+    streamed from disk by ``load_offloaded`` (they have no weights in memory)."""
+    for name, m in model.named_modules():
+        if getattr(type(m), "_moekit_offloaded", False):
+            raise QuantizationError(
+                f"{name} holds experts streamed from disk by load_offloaded, which "
+                "moekit.quantize cannot quantize: load them quantized instead, "
+                "load_offloaded(path, expert_memory, quantize=8 or 4)")
+
+
 def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
                      embeddings: bool = True) -> list[_Target]:
     """``quantize``'s targets for ``scope`` (with scope "all" and ``embeddings``, the
     untied embedding tables too), after every check (nothing changed yet)."""
     check_scope(scope)
+    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedTensor)]
+    if done:
+        raise QuantizationError(f"{done[0]} is already quantized: quantizing twice is not "
+                                "allowed; load the float model")
+    _check_hf_experts(model)
     experts = _expert_targets(model)
     if not experts:
         raise QuantizationError("the model has no moekit Experts module nor a transformers "
                                 "experts module patched by moekit.integrations.hf.apply: "
                                 "nothing to quantize")
-    done = [n for n, m in model.named_modules() if isinstance(m, QuantizedTensor)]
-    if done:
-        raise QuantizationError(f"{done[0]} is already quantized: quantizing twice is not "
-                                "allowed; load the float model")
     if not isinstance(embeddings, bool):
         raise QuantizationError(f"embeddings={embeddings!r} is not allowed: it must be True "
                                 "(quantize untied embedding tables with scope 'all') or False")
