@@ -290,3 +290,21 @@ def test_dbrx_bf16_routes_like_transformers_where_probabilities_tie(monkeypatch)
         got = patched(x.clone())
     assert torch.equal(seen[0][0], want_idx) and torch.equal(seen[0][1], want_w)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name,block", [("dbrx", "DbrxFFN"),
+                                        ("switch_transformers", "SwitchTransformersSparseMLP")])
+def test_quantize_refuses_dbrx_and_switch_experts_and_changes_nothing(name, block):
+    """Before: "the model has no ... experts module patched ...: nothing to quantize",
+    though hf.apply had patched it."""
+    from moekit import quantize
+    from moekit.quant import QuantizationError
+
+    model = hf.apply(hf_models.build(name))
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    with pytest.raises(QuantizationError, match=f"is a {block} block: moekit.quantize cannot "
+                       "quantize DBRX or Switch Transformers experts"):
+        quantize(model, bits=8)
+    assert dict(model.named_modules()) == modules
+    assert dict(model.named_parameters()) == params

@@ -183,13 +183,21 @@ def check_scope(scope: str) -> None:
 
 def _check_hf_experts(model: nn.Module) -> None:
     """Refuse transformers experts patched by moekit that ``quantize`` cannot reach: ones
-    streamed from disk by ``load_offloaded`` (they have no weights in memory)."""
+    streamed from disk by ``load_offloaded`` (they have no weights in memory) and DBRX /
+    Switch Transformers blocks (their experts are not stacked gate_up_proj / down_proj)."""
+    from moekit.integrations.hf.blocks import DbrxBlock, SwitchSparseMLP  # no transformers
+
     for name, m in model.named_modules():
         if getattr(type(m), "_moekit_offloaded", False):
             raise QuantizationError(
                 f"{name} holds experts streamed from disk by load_offloaded, which "
                 "moekit.quantize cannot quantize: load them quantized instead, "
                 "load_offloaded(path, expert_memory, quantize=8 or 4)")
+        if isinstance(m, DbrxBlock | SwitchSparseMLP):
+            raise QuantizationError(
+                f"{name} is a {type(m)._moekit_original.__name__} block: moekit.quantize "
+                "cannot quantize DBRX or Switch Transformers experts (only experts stored as "
+                "stacked gate_up_proj / down_proj tensors); run this model in floating point")
 
 
 def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
