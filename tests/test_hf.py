@@ -308,3 +308,27 @@ def test_quantize_refuses_dbrx_and_switch_experts_and_changes_nothing(name, bloc
         quantize(model, bits=8)
     assert dict(model.named_modules()) == modules
     assert dict(model.named_parameters()) == params
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_torch_save_and_load_of_a_patched_model(name):
+    """Before: PicklingError "Can't pickle <class '...MoekitQwen3MoeExperts'>: attribute
+    lookup failed" (the patched classes are built at run time)."""
+    import io
+
+    original = hf_models.build(name).eval()
+    patched = hf.apply(copy.deepcopy(original))
+    buf = io.BytesIO()
+    torch.save(patched, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in patched.modules()]
+    assert any(hf.is_patched(m) for m in loaded.modules())
+    assert loaded.save_pretrained.model is loaded  # the guard is the loaded model's
+    with torch.no_grad():
+        want = original(**_inputs(name)).logits
+        got = loaded(**_inputs(name)).logits
+        assert torch.equal(got, patched(**_inputs(name)).logits)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    hf.revert(loaded)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in original.modules()]

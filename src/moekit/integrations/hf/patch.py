@@ -45,9 +45,25 @@ def patched_class(original: type, mixin: type) -> type:
     key = (original, mixin)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(f"Moekit{original.__name__}", (mixin, original),
-                                     {"_moekit_original": original,
-                                      "__module__": mixin.__module__})
+                                     {"_moekit_original": original, "_moekit_mixin": mixin,
+                                      "__module__": mixin.__module__,
+                                      "__reduce_ex__": _reduce_patched})
     return _PATCHED_CLASSES[key]
+
+
+def _reduce_patched(module: nn.Module, protocol: int) -> tuple:
+    """Pickle a patched module as its (original, mixin) pair: the class is built at run
+    time, so pickle could not find it by name (``torch.save(model)`` failed with
+    "attribute lookup failed"). The state is what the default reduction saves."""
+    _, _, *rest = object.__reduce_ex__(module, protocol)
+    cls = type(module)
+    return (new_patched, (cls._moekit_original, cls._moekit_mixin), *rest)
+
+
+def new_patched(original: type, mixin: type) -> nn.Module:
+    """An empty instance of ``patched_class(original, mixin)`` (unpickling fills it)."""
+    cls = patched_class(original, mixin)
+    return cls.__new__(cls)
 
 
 def is_patched(module: nn.Module) -> bool:
