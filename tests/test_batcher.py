@@ -476,3 +476,107 @@ def test_a_cancelled_group_leaves_its_cohort_unchanged():
     assert b.done and b.gens[0].finish_reason == "cancelled" and len(b.gens[0].tokens) <= 1
     for g in (first, a):
         assert [(s.tokens, s.finish_reason) for s in g.gens] == _alone(model, g.ids, cfg)
+
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that only moves when a forward carrying prompt tokens
+    runs (by ``cost`` seconds), so the prefill times a batcher records are known."""
+
+    def __init__(self, model, cost: float) -> None:
+        self.now, self.cost, self.forwards, self.shared = 100.0, cost, 0, None
+        infer, pair = model.infer, model.infer_pair
+
+        def infer_spy(ids, cache):
+            if cache is not self.shared:  # a prefill (the shared cache's are decode steps)
+                self.tick()
+            return infer(ids, cache)
+
+        def pair_spy(ids, cache, chunk, other):
+            self.tick()
+            return pair(ids, cache, chunk, other)
+
+        self.infer, self.pair = infer_spy, pair_spy
+
+    def tick(self) -> None:
+        self.forwards += 1
+        self.now += self.cost
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_cohorts_prefill_is_counted_once_and_shared_by_prompt_tokens(monkeypatch):
+    """Three groups prefilled in one forward of 1 s: the batcher's total is 1 s (was 3 s:
+    each group was charged the whole forward), the groups' shares are their prompt tokens'
+    (4, 2, 3 of 9) and add up to it. A fourth prompt carried in chunks by 8 decode steps
+    (0.5 s each): 4 s more, all its own, and those steps counted as prefill steps."""
+    import moekit.inference.batcher as batcher_module
+
+    model = _model()
+    clock = _Clock(model, 1.0)
+    monkeypatch.setattr(model, "infer", clock.infer)
+    monkeypatch.setattr(model, "infer_pair", clock.pair)
+    monkeypatch.setattr(batcher_module.time, "perf_counter", clock)
+    batcher = Batcher(model, rows=4, context=48, prefill_chunk=4)
+    clock.shared = batcher.cache
+    prompts = [[5, 6, 7, 8], [40, 41], [100, 101, 102]]
+    groups = [batcher.submit([p], GenerationConfig(max_new_tokens=12)) for p in prompts]
+    batcher.step()
+    assert clock.forwards == 1 and batcher.prefill_s == pytest.approx(1.0)
+    assert [g.prefill_s for g in groups] == pytest.approx([4 / 9, 2 / 9, 3 / 9])
+    assert batcher.prefill_steps == 0
+    clock.cost, clock.forwards = 0.5, 0
+    late = batcher.submit([[9] * 30], GenerationConfig(max_new_tokens=3))
+    batcher.run(late)
+    assert clock.forwards == batcher.prefill_steps == 8  # ceil(30 / 4) chunks
+    assert batcher.prefill_s == pytest.approx(1.0 + 8 * 0.5)
+    assert late.prefill_s == pytest.approx(4.0)
+    assert [g.prefill_s for g in groups] == pytest.approx([4 / 9, 2 / 9, 3 / 9])
+    assert sum(g.prefill_s for g in [*groups, late]) == pytest.approx(batcher.prefill_s)
+
+
+def test_generate_timing_line_counts_each_prefill_once_and_not_the_kernel_build(
+        tmp_path, capsys, monkeypatch):
+    """`moekit generate`: one prompt, and three from --prompts-file prefilled in one
+    forward: the prefill is a fraction of the run and each decode step takes a positive
+    time (was 'prefill 20.7 ms, -12.19 ms per decode step': the forward counted per
+    prompt). A kernel build (here 2 s on first use) happens before the clock starts.
+    --no-cache prints the line too."""
+    import re
+
+    from moekit.cli import main as cli_main
+    from moekit.functions import cpu_ext
+    from moekit.train.checkpoint import save_checkpoint
+
+    model = _model()
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    (tmp_path / "p.txt").write_text("def f(\nimport os\nclass A:\n")
+    built = []
+
+    def slow_first_build(load):
+        def loading():
+            if not built:
+                built.append(True)
+                import time
+                time.sleep(2.0)
+            return load()
+        return loading
+
+    for name in ("get", "get_decode"):
+        monkeypatch.setattr(cpu_ext, name, slow_first_build(getattr(cpu_ext, name)))
+    line = re.compile(r"(\d+) sequences \(batch <= (\d+)\), (\d+) new tokens in ([\d.]+) s: "
+                      r"[\d.]+ tokens/s; prefill ([\d.]+) ms, ([\d.]+) ms per decode step")
+    base = ["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "10",
+            "--temperature", "0"]
+    for argv, sequences in (([], 1), (["--prompts-file", str(tmp_path / "p.txt")], 3),
+                            (["--prompts-file", str(tmp_path / "p.txt"), "--no-cache"], 3)):
+        assert cli_main([*base, *argv]) == 0
+        err = capsys.readouterr().err
+        m = line.search(err)
+        assert m, err
+        seqs, _, new, seconds, prefill_ms, step_ms = map(float, m.groups())
+        assert (seqs, new) == (sequences, 10 * sequences) and built
+        assert prefill_ms < 1500 and step_ms > 0, err  # the 2 s build is not in them
+        assert seconds < 2.0, err

@@ -102,7 +102,7 @@ class Group:
     error: BaseException | None = None
     done: bool = False
     # set as it runs
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # its share of its cohort's prefill forwards (``Batcher._charge``)
     reused: int = 0
     steps: int = 0
     joined: float = 0.0  # perf_counter when its prefill ended
@@ -180,6 +180,11 @@ class Batcher:
         self._next: list[int] = []
         self._ends: list[int] = []
         self.decode_steps = 0  # steps that decoded (prefills not counted)
+        # seconds of the forwards that carried prompt tokens, each counted once (a decode
+        # step that carried a chunk too: all of it, and it is one of prefill_steps); the
+        # groups' prefill_s add up to it
+        self.prefill_s = 0.0
+        self.prefill_steps = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -363,8 +368,16 @@ class Batcher:
         t0 = time.perf_counter()
         fill.logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:], fill.cache)
         fill.pos = fill.ids_UL.shape[1]
-        for g in fill.groups:
-            g.prefill_s += time.perf_counter() - t0
+        self._charge(fill, time.perf_counter() - t0)
+
+    def _charge(self, fill: _Fill, seconds: float) -> None:
+        """A cohort's forward of ``seconds``: counted once in the batcher's total, split
+        among its groups by their prompt tokens, so that a sum over groups (a request's in
+        ``moekit serve``, a run's in ``moekit generate``) counts it once too."""
+        self.prefill_s += seconds
+        tokens = [sum(len(p) for p in g.ids) for g in fill.groups]
+        for g, n in zip(fill.groups, tokens, strict=True):
+            g.prefill_s += seconds * n / sum(tokens)  # (no group left: no share to give)
 
     def _first_tokens(self, fill: _Fill) -> None:
         """Each group's first tokens, from its rows' logits with its own generator; the
@@ -513,8 +526,8 @@ class Batcher:
             fill.logits_UV = self.model.infer(chunk, fill.cache)
             logits_RV = self.model.infer(ids_R1, self.cache)
         fill.pos += n
-        for g in fill.groups:
-            g.prefill_s += time.perf_counter() - t0
+        self.prefill_steps += 1
+        self._charge(fill, time.perf_counter() - t0)
         return logits_RV
 
     def _pick(self, groups: list[Group], rows_of: dict, out: Tensor | None,

@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = load_for_generation(args)
+        load_kernels(model)
         kv = args.kv_cache_dtype
         engine = Engine(model, kv_cache_dtype=kv)
         engine.check(ids, cfg)  # every error before the first token is printed
@@ -235,6 +236,18 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_offload(model)
     return 0
+
+
+def load_kernels(model: MoETransformer) -> None:
+    """Build or load the C++ kernels the model's forwards will call, now: the first use
+    builds them (1-2 minutes on a 2-core machine), which would otherwise be timed as the
+    first prefill."""
+    from moekit.functions import cpu_ext
+
+    cpu_ext.get()
+    cpu_ext.get_decode()
+    if model.norm.weight.dtype == torch.bfloat16:
+        cpu_ext.bf16()
 
 
 def close_offload(model: MoETransformer | None) -> None:
@@ -309,11 +322,13 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                 print(f"--- {printed + 1} ({gen.finish_reason}, {len(gen.tokens)} tokens)")
                 print(prompts[printed] + new, flush=True)
             printed += 1
-    prefill = sum(g.stats.prefill_s for g in groups)
+    # the batcher's totals: a cohort's prefill once, however many groups shared it; the
+    # steps that carried a prefill chunk are prefill time, not decode steps
+    prefill = batcher.prefill_s
     return GenerationStats(sequences=len(groups), prompt_tokens=sum(map(len, ids)),
                            new_tokens=sum(len(g.gens[0].tokens) for g in groups),
-                           decode_steps=batcher.decode_steps, prefill_s=prefill,
-                           decode_s=time.perf_counter() - t0 - prefill)
+                           decode_steps=batcher.decode_steps - batcher.prefill_steps,
+                           prefill_s=prefill, decode_s=time.perf_counter() - t0 - prefill)
 
 
 def _check_jsonl(args: argparse.Namespace) -> None:
@@ -412,10 +427,18 @@ def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]
     """The slow reference: the whole sequence recomputed per token, one prompt at a time
     (no stopping: --stop is refused with it, end-of-sequence ids are generated past)."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    seconds, new = 0.0, 0
     for i, (prompt, p) in enumerate(zip(prompts, ids, strict=True)):
+        t0 = time.perf_counter()
         out = generate(model, torch.tensor([p]), cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k, cfg.top_p, use_cache=False, generator=gen)
+        seconds += time.perf_counter() - t0
+        new += out.shape[1] - len(p)
         if len(prompts) > 1:
             print(f"--- {i + 1}")
         print(prompt + text.decode_after(p, out[0, len(p):].tolist()))
+    # no prefill: every token is a forward over the whole sequence (its decode step)
+    _report([GenerationStats(sequences=len(prompts), prompt_tokens=sum(map(len, ids)),
+                             new_tokens=new, decode_steps=new, prefill_s=0.0,
+                             decode_s=seconds)], 1)
     return 0
