@@ -106,3 +106,20 @@ def test_output_left_aside_by_a_killed_overwrite_is_read(tmp_path):
     qio.save_quantized(new, out)  # the next save puts a complete output back
     _assert_same_weights(new, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_a_missing_model_file_is_a_named_checkpoint_error(tmp_path, capsys):
+    """quantized.json without model.safetensors: a CheckpointError naming the file (was
+    sha256's FileNotFoundError, a traceback out of `moekit generate`), as a float
+    checkpoint's missing file is."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import CheckpointError
+
+    out = qio.save_quantized(_quantized(0), tmp_path / "q")
+    (out / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
+        qio.load_quantized(out)
+    assert cli_main(["generate", "--checkpoint", str(out), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moekit generate: error: ") and len(err.splitlines()) == 1, err
+    assert str(out / "model.safetensors") in err

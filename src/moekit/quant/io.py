@@ -167,6 +167,18 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _file_sha256(file: Path) -> str:
+    """``file``'s SHA-256; a CheckpointError naming it where it is missing or unreadable
+    (was sha256's FileNotFoundError, a traceback where a float checkpoint names the file)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing (or not a plain file in {file.parent}): a "
+                              f"quantized checkpoint holds {MODEL_FILE} beside {META_FILE}")
+    try:
+        return _sha256(file)
+    except OSError as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from e
+
+
 def _check_dtypes(model: nn.Module, tensors: dict, where: Path) -> None:
     wrong = sorted(f"{k}: checkpoint {tensors[k].dtype} vs model {v.dtype}"
                    for k, v in model.state_dict().items() if tensors[k].dtype != v.dtype)
@@ -179,7 +191,7 @@ def load_quantized(path: str | Path) -> MoETransformer:
     """The quantized model saved in ``path``, verified before anything is assigned."""
     path = located(path)
     meta = _read_meta(path)
-    if _sha256(path / MODEL_FILE) != meta["sha256"]:
+    if _file_sha256(path / MODEL_FILE) != meta["sha256"]:
         raise CheckpointError(f"{path / MODEL_FILE} is corrupt or truncated: its SHA-256 does "
                               f"not match the one recorded in {META_FILE}")
     try:
