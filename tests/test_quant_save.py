@@ -123,3 +123,44 @@ def test_a_missing_model_file_is_a_named_checkpoint_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("moekit generate: error: ") and len(err.splitlines()) == 1, err
     assert str(out / "model.safetensors") in err
+
+
+def _with_bad_value(out, name: str, value: float) -> None:
+    """``out``'s tensor ``name`` with one element set to ``value``, the SHA-256 in
+    quantized.json fixed up to match (as the tester did)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[name].view(-1)[3] = value
+    save_file(tensors, str(out / "model.safetensors"))
+    meta = json.loads((out / "quantized.json").read_text())
+    meta["sha256"] = rundir.sha256(out / "model.safetensors")
+    (out / "quantized.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("bits,part,value", [
+    (8, "scales", float("nan")), (4, "scales", float("inf")), (4, "zeros", float("-inf")),
+])
+def test_non_finite_scales_or_zero_points_are_refused_at_load(tmp_path, capsys, bits, part,
+                                                              value):
+    """One non-finite scale or zero point: a CheckpointError naming the tensor at load (was:
+    loaded, then `generate` died in sampling and `perplexity` printed nan with exit 0).
+    A finite change loads (the check is of finiteness, not of the values)."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    q = quantize(MoETransformer(CFG).eval(), bits=bits, group_size=None if bits == 8 else 32)
+    out = qio.save_quantized(q, tmp_path / "q")
+    name = f"blocks.0.ffn.experts.w_in.{part}"
+    _with_bad_value(out, name, 0.5)
+    assert qio.load_quantized(out).state_dict()[name].view(-1)[3] == 0.5
+    _with_bad_value(out, name, value)
+    with pytest.raises(CheckpointError, match=rf"{name} holds 1 non-finite value"):
+        qio.load_quantized(out)
+    for argv in (["generate", "--max-new-tokens", "2"], ["perplexity"]):
+        assert cli_main([*argv, "--checkpoint", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert name in err and len(err.splitlines()) == 1, err

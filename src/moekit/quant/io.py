@@ -221,6 +221,7 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     check_model_fits(model, tensors, where)
     if quant is not None:
         _check_dtypes(model, tensors, where)
+        _check_finite_scales(model, tensors, where)
     else:
         wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
                        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16))
@@ -233,6 +234,21 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     model.rope_cos, model.rope_sin = rotary_table(config.max_seq_len, config.head_size,
                                                   config.rope_theta)
     return model.eval()
+
+
+def _check_finite_scales(model: MoETransformer, tensors: dict, where: Path) -> None:
+    """Every scale and zero point is finite: one NaN loaded fine and then made the logits
+    NaN, which died in sampling (generate) or scored nan (perplexity)."""
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantizedTensor):
+            continue
+        for part in ("scales", "zeros"):
+            t = tensors.get(f"{name}.{part}")
+            if t is not None and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"checkpoint {where}: {name}.{part} holds {bad} "
+                                      "non-finite value(s) (NaN or inf): quantization scales "
+                                      "and zero points must be finite")
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
