@@ -164,3 +164,16 @@ def test_non_finite_scales_or_zero_points_are_refused_at_load(tmp_path, capsys, 
         assert cli_main([*argv, "--checkpoint", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert name in err and len(err.splitlines()) == 1, err
+
+
+def test_quantizing_a_quantized_checkpoint_says_it_is_already_quantized(tmp_path, capsys):
+    """`moekit quantize q8 --bits 4` said "no state.json or LATEST there": now that it is
+    already quantized, and to quantize the float run; nothing is written."""
+    from moekit.cli import main as cli_main
+
+    out = qio.save_quantized(_quantized(0), tmp_path / "q8")
+    assert cli_main(["quantize", str(out), "--bits", "4", "--out", str(tmp_path / "qq")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"checkpoint={str(out)!r} is already quantized" in err
+    assert "int8" in err and "float run" in err and "state.json" not in err
+    assert not (tmp_path / "qq").exists()

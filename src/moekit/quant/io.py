@@ -262,6 +262,11 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     check_activations(activations)
     check_scope(scope)
     _check_replaceable(_check_path("out", out))
+    if is_quantized_checkpoint(checkpoint):  # was "no state.json or LATEST there"
+        meta = _read_meta(located(checkpoint))
+        raise CheckpointError(f"checkpoint={str(checkpoint)!r} is already quantized "
+                              f"(int{meta['bits']}, {META_FILE}): quantize the float run "
+                              "or step directory it came from")
     ck = load_checkpoint(checkpoint)
     # the checkpoint's own tensors (a converted bf16 model stays bf16 until each weight
     # is quantized), the rest in fp32 as a quantized directory holds it
