@@ -195,3 +195,68 @@ def test_read_bandwidths_reads_a_gib():
     got = read_bandwidths(reps=1)
     assert set(got) == {"4k", "huge"} and got["4k"] > 1e8
     assert got["huge"] is None or got["huge"] > 1e8
+
+
+def _plan(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli_main(["plan", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 64)])
+def test_a_quantized_checkpoint_is_planned_with_its_own_bits_and_group_size(
+        tmp_path, capsys, bits, group):
+    """`plan q4 --decode` said "no state.json or LATEST there": now it reads
+    quantized.json, and the weights it holds are the quantized model's state dict, with
+    its group size (not the planner's default 64). Another --weights is refused."""
+    import json
+
+    from moekit.quant import io as qio
+
+    cfg = _config(tied=False)
+    torch.manual_seed(0)
+    model = moekit.quantize(MoETransformer(cfg), bits=bits,
+                            **({} if group is None else {"group_size": group}))
+    qio.save_quantized(model, tmp_path / "q")
+    rc, out, err = _plan(capsys, tmp_path / "q", "--decode", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["weights"] == f"int{bits}" and got.get("group_size") == group
+    assert got["total_weight_bytes"] == _held_bytes(model)
+    assert got["context"] == cfg.max_seq_len  # the default 4096 is past its 64
+    rc, _, err = _plan(capsys, tmp_path / "q", "--decode", "--weights", "fp32")
+    assert rc == 2 and "--weights='fp32' is not allowed" in err and "already quantized" in err
+
+
+def test_a_context_past_the_models_longest_is_refused(tmp_path, capsys):
+    """--context over the checkpoint's max_seq_len (64) was planned as if it fit."""
+    from moekit.train.checkpoint import save_checkpoint
+
+    cfg = _config(tied=True)
+    model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": cfg.to_dict()})
+    rc, out, err = _plan(capsys, tmp_path / "run", "--decode", "--context", "64", "--json")
+    assert rc == 0 and '"context": 64' in out, err
+    rc, out, err = _plan(capsys, tmp_path / "run", "--decode", "--context", "65")
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert "--context=65 is not allowed" in err and "at most 64" in err
+    # a transformers config.json's max_position_embeddings too
+    hf = {**get_preset("mixtral-8x7b").hf_config, "max_position_embeddings": 32768}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(hf))
+    rc, _, err = _plan(capsys, tmp_path / "config.json", "--decode", "--context", "32769")
+    assert rc == 2 and "at most 32768" in err
+    assert _plan(capsys, tmp_path / "config.json", "--decode", "--context", "32768")[0] == 0
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--decode", "--tp", "4"], "--tp=4 is not allowed"),  # was silently ignored
+    (["--decode", "--gpus", "16"], "--gpus=16 is not allowed"),
+    (["--decode", "--search"], "--search is not allowed"),
+    (["--weights", "int4"], "--weights='int4' is not allowed"),  # without --decode
+    (["--batch", "8"], "--batch=8 is not allowed"),
+])
+def test_flags_the_plan_would_ignore_are_refused(capsys, argv, flag):
+    rc, out, err = _plan(capsys, "mixtral-8x7b", *argv)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert flag in err and ("--decode" in err)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from moekit.config import check_number, flag_message
+from moekit.config import check_number, flag_message, reject
 from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
 from moekit.plan.cost import Plan, make_plan
 from moekit.plan.decode import (
@@ -20,7 +20,7 @@ from moekit.plan.decode import (
     expert_shares_from_routing,
 )
 from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
-from moekit.plan.hf import read_spec_file
+from moekit.plan.hf import read_spec_file, spec_from_dict
 from moekit.plan.presets import PRESETS, get_preset
 from moekit.plan.report import plan_table, search_table
 from moekit.plan.search import search
@@ -79,13 +79,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and the bytes a decode step reads, with its time at --bandwidth-gbs (instead of "
         "the training plan)")
     d.add_argument("--decode", action="store_true")
-    d.add_argument("--weights", default="fp32", help=f"one of {', '.join(DECODE_WEIGHTS)} "
-                   "(int8 / int4: moekit.quantize's, every projection)")
+    d.add_argument("--weights", default=None, help=f"one of {', '.join(DECODE_WEIGHTS)} "
+                   "(int8 / int4: moekit.quantize's, every projection; default fp32, or a "
+                   "`moekit quantize` directory's own)")
     d.add_argument("--kv-cache-dtype", default="auto",
                    help=f"one of {', '.join(KV_CACHE_DTYPES)} (auto: the activations')")
     d.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    d.add_argument("--context", type=int, default=4096,
-                   help="positions each sequence holds in the KV cache")
+    d.add_argument("--context", type=int, default=None,
+                   help="positions each sequence holds in the KV cache: at most the model's "
+                   "longest (its config's max_seq_len or max_position_embeddings, where it "
+                   "says); default 4096, or that longest where it is shorter")
     d.add_argument("--expert-load", default=None, metavar="ROUTING_JSON",
                    help="the routing.json of `moekit analyze` on this model: the step's "
                    "distinct experts from the experts' measured shares of tokens, not from "
@@ -208,15 +211,92 @@ def bandwidth_from(value: str | None) -> float | None:
     return gbs * 1e9
 
 
+def check_flags_apply(args: argparse.Namespace) -> None:
+    """A flag given with a value other than its default that this plan would ignore (a
+    training flag with --decode, a decode flag without): a ValueError naming it, as
+    ``moekit bench`` does (`plan --decode --tp 4` ignored --tp)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    for group in parser._action_groups:
+        for action in group._group_actions:
+            value = getattr(args, action.dest, None)
+            if action.dest in ("model", "json", "decode") or value == action.default:
+                continue
+            if group.title != "decode" and args.decode:
+                allowed = ("it plans training; with --decode only the decode flags apply "
+                           "(--weights, --kv-cache-dtype, --batch, --context, --expert-load, "
+                           "--bandwidth-gbs) and --json")
+            elif group.title == "decode" and not args.decode:
+                allowed = "it applies to a decode plan only: add --decode"
+            else:
+                continue
+            flag = action.option_strings[-1]
+            if action.nargs == 0:  # a switch (--search): no value to show
+                raise ValueError(f"{flag} is not allowed: {allowed}")
+            reject(flag, value, allowed)
+
+
+def _decode_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
+    """(the model's spec, the longest context its source allows or None where it does not
+    say: a moekit config's max_seq_len, a transformers config's max_position_embeddings;
+    a `moekit quantize` directory's quantized.json or None)."""
+    from moekit.quant import io as qio
+
+    if name.lower() not in PRESETS and Path(name).is_dir() and qio.is_quantized_checkpoint(name):
+        meta = qio._read_meta(qio.located(name))
+        return spec_from_dict(meta), meta["model_config"].get("max_seq_len"), meta
+    spec = load_model(name)
+    if name.lower() in PRESETS:
+        data = get_preset(name).hf_config
+    elif Path(name).is_dir():
+        from moekit.train.checkpoint import STATE_FILE, resolve
+        data = read_json("model", str(resolve(name) / STATE_FILE))
+    else:
+        data = read_json("model", name)
+    data = data.get("model_config", data)
+    return spec, data.get("max_seq_len", data.get("max_position_embeddings")), None
+
+
+def _decode_weights(args: argparse.Namespace, meta: dict | None) -> tuple[str, dict]:
+    """(--weights, decode_cost's int4 group size as a keyword): a quantized directory's
+    own bits and group size (another --weights is refused), else --weights or fp32."""
+    if meta is None:
+        return args.weights or "fp32", {}
+    own = f"int{meta['bits']}"
+    if args.weights not in (None, own):
+        reject("--weights", args.weights, f"{args.model} is already quantized to {own} "
+               "(its quantized.json): leave --weights out, or plan the float run it came "
+               "from")
+    if meta["scope"] != "all":
+        fail("model", args.model, f"it was quantized with scope={meta['scope']} (routed "
+             "experts only), which the decode planner does not model (its int8 / int4 "
+             f"cover every projection): plan the float run it came from with --weights {own}")
+    return own, {"group_size": meta["group_size"]} if own == "int4" else {}
+
+
+def _decode_plan(args: argparse.Namespace):
+    """The decode plan of the flags; every flag checked before --bandwidth-gbs measure
+    reads 1 GiB."""
+    check_flags_apply(args)
+    spec, longest, meta = _decode_source(args.model)
+    weights, group = _decode_weights(args, meta)
+    context = args.context
+    if context is None:
+        context = 4096 if longest is None else min(4096, longest)
+    elif longest is not None and isinstance(context, int) and context > longest:
+        reject("--context", context, f"it must be at most {longest}, the longest context "
+               f"of {args.model} (its config's max_seq_len or max_position_embeddings)")
+    shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
+              if args.expert_load else None)
+    cost = decode_cost(spec, weights, args.kv_cache_dtype, args.batch, context,
+                       expert_shares=shares, **group)
+    return replace(cost, bandwidth=bandwidth_from(args.bandwidth_gbs))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.decode:
         try:
-            # every other flag is checked before --bandwidth-gbs measure reads 1 GiB
-            shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
-                      if args.expert_load else None)
-            cost = decode_cost(load_model(args.model), args.weights, args.kv_cache_dtype,
-                               args.batch, args.context, expert_shares=shares)
-            cost = replace(cost, bandwidth=bandwidth_from(args.bandwidth_gbs))
+            cost = _decode_plan(args)
         except ValueError as e:
             print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
             return 2
@@ -229,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
                       "of 4 KiB and huge pages)")
         return 0
     try:
+        check_flags_apply(args)
         plans = plans_from_args(args)
     except ValueError as e:
         print(f"moekit plan: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)

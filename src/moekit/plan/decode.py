@@ -37,12 +37,13 @@ KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 INT4_GROUP = 64
 
 
-def matrix_bytes(n: int, k: int, weights: str) -> float:
-    """Bytes of one [n, k] projection matrix stored as ``weights``."""
+def matrix_bytes(n: int, k: int, weights: str, group_size: int = INT4_GROUP) -> float:
+    """Bytes of one [n, k] projection matrix stored as ``weights`` (int4: a scale and a
+    zero point per ``group_size`` inputs)."""
     if weights == "int8":
         return n * k + 4 * n
     if weights == "int4":
-        return n * k / 2 + 8 * n * k / INT4_GROUP
+        return n * k / 2 + 8 * n * k / group_size
     return n * k * (4 if weights == "fp32" else 2)
 
 
@@ -90,6 +91,7 @@ class DecodeCost:
     step_bytes: dict[str, float]  # component -> bytes one decode step reads
     bandwidth: float | None  # bytes/s
     routing: str = "uniform"  # what distinct_experts assumes: "uniform" or "measured"
+    group_size: int = INT4_GROUP  # int4's inputs per scale and zero point
 
     @property
     def total_weight_bytes(self) -> float:
@@ -126,7 +128,8 @@ class DecodeCost:
                 "distinct_experts_per_layer": self.distinct_experts, "routing": self.routing,
                 "step_bytes": self.step_bytes, "total_step_bytes": self.total_step_bytes,
                 "bandwidth_Bps": self.bandwidth, "step_seconds": self.step_seconds,
-                "tokens_per_s": self.tokens_per_s}
+                "tokens_per_s": self.tokens_per_s,
+                **({"group_size": self.group_size} if self.weights == "int4" else {})}
 
 
 def expert_shares_from_routing(routing: Any) -> list[list[float]]:
@@ -183,11 +186,13 @@ def distinct_experts(E: int, K: int, batch: int, n_moe: int,
 
 def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "auto",
                 batch: int = 1, context: int = 4096, bandwidth: float | None = None,
-                expert_shares: Sequence[Sequence[float]] | None = None) -> DecodeCost:
+                expert_shares: Sequence[Sequence[float]] | None = None,
+                group_size: int = INT4_GROUP) -> DecodeCost:
     """The memory and the decode step's bytes of ``spec`` (module docstring); with
     ``bandwidth`` (bytes/s) the step time at it; with ``expert_shares`` (per MoE layer, per
     expert, the fraction of tokens it takes: ``expert_shares_from_routing``) the distinct
-    experts of that routing instead of a uniform one."""
+    experts of that routing instead of a uniform one; ``group_size``: int4's (a quantized
+    checkpoint's own)."""
     if weights not in WEIGHTS:
         fail("weights", weights, f"it must be one of {', '.join(WEIGHTS)}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -197,6 +202,8 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
              "or int8 cache: it must be auto, bfloat16 or int8")
     check_int("batch", batch, 1)
     check_int("context", context, 1)
+    if group_size not in (32, 64, 128):  # moekit.quantize's int4 group sizes
+        fail("group_size", group_size, "it must be 32, 64 or 128")
     if bandwidth is not None and (isinstance(bandwidth, bool) or not bandwidth > 0):
         fail("bandwidth", bandwidth, "it must be > 0 (bytes/s) or None")
     if spec.num_encoder_layers:
@@ -210,10 +217,12 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
     for comp, params in count_params(spec).total.items():
         times = E * n_moe if comp == "experts" else 1  # _matrices: one expert of one layer
         in_mats = times * sum(c * n * k for c, n, k in mats.get(comp, []))
-        as_mats = times * sum(c * matrix_bytes(n, k, weights) for c, n, k in mats.get(comp, []))
+        as_mats = times * sum(c * matrix_bytes(n, k, weights, group_size)
+                              for c, n, k in mats.get(comp, []))
         held[comp] = as_mats + (params - in_mats) * float_bytes
     if spec.tied_embeddings:  # the table is the head's, stored as the head: held once
-        held["embedding"], held["lm_head"] = matrix_bytes(V, spec.dim, weights) if V else 0.0, 0.0
+        table = matrix_bytes(V, spec.dim, weights, group_size) if V else 0.0
+        held["embedding"], held["lm_head"] = table, 0.0
     distinct = distinct_experts(E, K, batch, n_moe, expert_shares)
     kv = kv_cache_dtype if kv_cache_dtype != "auto" else (
         "bfloat16" if weights == "bf16" else "float32")
@@ -233,14 +242,15 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
                       context=context, weight_bytes=held, kv_bytes_per_token=kv_per_token,
                       distinct_experts=distinct, num_experts=E, step_bytes=step,
                       bandwidth=bandwidth,
-                      routing="uniform" if expert_shares is None else "measured")
+                      routing="uniform" if expert_shares is None else "measured",
+                      group_size=group_size)
 
 
 def decode_table(c: DecodeCost) -> str:
     """The plan as text."""
     gb = 1e9
     w = {"fp32": "fp32", "bf16": "bf16", "int8": "int8 (a scale per row)",
-         "int4": f"int4 (groups of {INT4_GROUP})"}[c.weights]
+         "int4": f"int4 (groups of {c.group_size})"}[c.weights]
     held = ", ".join(f"{k} {v / gb:.2f}" for k, v in c.weight_bytes.items() if v)
     reads = ", ".join(f"{k} {v / gb:.3f}" for k, v in c.step_bytes.items() if v)
     lines = [f"decode plan: {c.name}, weights {w}, KV cache {c.kv_cache_dtype}, batch "
