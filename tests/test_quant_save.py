@@ -177,3 +177,27 @@ def test_quantizing_a_quantized_checkpoint_says_it_is_already_quantized(tmp_path
     assert len(err.splitlines()) == 1 and f"checkpoint={str(out)!r} is already quantized" in err
     assert "int8" in err and "float run" in err and "state.json" not in err
     assert not (tmp_path / "qq").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_outputs_get_the_mode_mkdir_gives_under_the_umask(tmp_path, umask):
+    """A quantized output and a training checkpoint's step directory were 0700 whatever
+    the umask (tempfile.mkdtemp's mode, kept by the swap into place); now what a plain
+    mkdir gives beside them."""
+    import stat
+
+    from moekit.train.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").mkdir()
+        qio.save_quantized(_quantized(0), tmp_path / "q")
+        model = MoETransformer(CFG)
+        save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                        {"step": 3, "model_config": CFG.to_dict()})
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert want == 0o777 & ~umask
+    for d in (tmp_path / "q", tmp_path / "run" / "step_00000003"):
+        assert stat.S_IMODE(d.stat().st_mode) == want, d

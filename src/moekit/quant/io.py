@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,7 +56,7 @@ from moekit.train.checkpoint import (
     dedupe_tied,
     load_checkpoint,
 )
-from moekit.train.rundir import aside_of, swap_in
+from moekit.train.rundir import aside_of, swap_in, temp_dir
 from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
 
@@ -123,7 +122,7 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict) -> 
     out = _check_path("out", out)
     _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    tmp = temp_dir(out.parent, f".{out.name}.tmp")
     try:
         write_model(tmp / MODEL_FILE)
         meta = {**meta, "sha256": _sha256(tmp / MODEL_FILE)}

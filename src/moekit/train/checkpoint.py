@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +128,7 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     check_state(json.loads(text), Path("state"))
     name = f"step_{state['step']:08d}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.tmp"))
+    tmp = rundir.temp_dir(run_dir, f".{name}.tmp")
     try:
         if weights is None:
             save_file(tensors, str(tmp / MODEL_FILE))

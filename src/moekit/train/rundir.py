@@ -25,6 +25,18 @@ ASIDE = ".old"  # a checkpoint being replaced waits under ".<name>.old" until LA
 _LATEST_MAX_BYTES = 4096  # "step_00000100\n" is 14; read no more than this
 
 
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new directory in ``parent`` to write a checkpoint into before it is swapped into
+    place, with the mode ``mkdir`` gives under the current umask: ``tempfile.mkdtemp``
+    makes it 0700, which the swapped-in output kept (other users could not read it where
+    a plain ``mkdir`` would have let them)."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    umask = os.umask(0o022)  # read it (no other way to read it portably), then put it back
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
