@@ -166,6 +166,11 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
                           "max_seq_len=64"),
     (["--context", "16", "--score-from", "16"], "--score-from=16 is not allowed"),
     (["--chunks", "-1"], "--chunks=-1 is not allowed"),
+    # was "score_from=0 is not allowed: it must be an int in [1, context=1)"
+    (["--context", "1"], "--context=1 is not allowed: it must be at least 2"),
+    # was "checkpoint='nope': no state.json or LATEST there"
+    (["--against", "nope"], "--against='nope' is not allowed: it must be a checkpoint dir"),
+    (["--against", "."], "--against='.' is not allowed: checkpoint='.': no state.json"),
     (["--text", "/nonexistent.txt"], "--text='/nonexistent.txt' is not allowed: no such file"),
     (["--context", "64", "--text", "SHORT"], "at least one chunk of context=64 tokens"),
 ])
@@ -176,3 +181,20 @@ def test_bad_flags_are_named(converted, capsys, tmp_path, flags, words):
         flags = [f if f != "SHORT" else str(tmp_path / "short.txt") for f in flags]
     assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), *flags]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_more_chunks_than_the_text_holds_says_how_many_it_scored(converted, capsys):
+    """--chunks 100000 scored the text's whole chunks without a word: now it says so."""
+    _, _, root = converted
+    args = ["perplexity", "--checkpoint", str(root / "lm"), "--text", str(root / "text.txt"),
+            "--context", "16", "--json"]
+    assert cli_main([*args, "--chunks", "0"]) == 0
+    every = json.loads(capsys.readouterr().out)["chunks"]
+    assert every >= 2
+    assert cli_main([*args, "--chunks", "100000"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["chunks"] == every
+    assert (f"--chunks=100000, but the text holds {every} whole chunks of 16 tokens: "
+            f"scoring those {every}") in out.err
+    assert cli_main([*args, "--chunks", str(every)]) == 0
+    assert capsys.readouterr().err == ""

@@ -229,9 +229,16 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("threads", "context", "score_from"):
             if getattr(args, flag) is not None:
                 check_positive_int("--" + flag.replace("_", "-"), getattr(args, flag))
+        if args.context is not None and args.context < 2:  # was an empty range of score_from
+            raise ValueError(f"--context={args.context} is not allowed: it must be at least "
+                             "2 (a token of context before each scored one)")
         if args.chunks < 0:
             raise ValueError(f"--chunks={args.chunks} is not allowed: it must be >= 0 "
                              "(0: every whole chunk)")
+        if args.against is not None and not Path(args.against).is_dir():  # was checkpoint=
+            raise ValueError(f"--against={args.against!r} is not allowed: it must be a "
+                             "checkpoint directory (a run, a step_* directory or a `moekit "
+                             "quantize` output)")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         text = text_for(args.checkpoint, args.tokenizer)
@@ -250,9 +257,16 @@ def run(args: argparse.Namespace) -> int:
         if args.against is not None:
             from moekit.quant.io import load_model
 
-            base = load_model(args.against)
+            try:
+                base = load_model(args.against)
+            except (ValueError, CheckpointError) as e:
+                raise ValueError(f"--against={args.against!r} is not allowed: {e}") from e
         kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
         result = score(model, chunks, args.score_from, text.decode, base, kv)
+        if args.chunks > len(chunks):  # was silent
+            print(f"moekit perplexity: --chunks={args.chunks}, but the text holds "
+                  f"{len(chunks)} whole chunks of {context} tokens: scoring those "
+                  f"{len(chunks)}", file=sys.stderr)
     except (ValueError, CheckpointError) as e:
         print(f"moekit perplexity: error: {e}", file=sys.stderr)
         return 2
