@@ -317,8 +317,17 @@ def test_a_growing_conversation_cache_doubles_up_to_its_cap(cap, want):
 def test_past_context_and_empty_prompt_are_named_errors():
     model = _model()  # tiny: max_seq_len=64
     engine = Engine(model)
-    with pytest.raises(ContextLengthError, match="max_seq_len=64"):
+    with pytest.raises(ContextLengthError, match="max_seq_len=64") as e:
         engine.generate([[1] * 60, [2]], GenerationConfig(max_new_tokens=5))
+    assert "use at most 4 new tokens" in str(e.value)
+    # a prompt that fills the context: no count of new tokens helps (was "use at most 0
+    # new tokens", a value max_new_tokens refuses): the prompt is too long
+    for n in (64, 300):
+        with pytest.raises(ContextLengthError) as e:
+            engine.generate([[1] * n], GenerationConfig(max_new_tokens=1))
+        msg = str(e.value)
+        assert f"prompt of {n} tokens is too long" in msg and "at most 63" in msg, msg
+        assert "new tokens" not in msg
     with pytest.raises(EmptyPromptError, match=r"prompts\[1\]"):
         engine.generate([[1], []])
     with pytest.raises(ValueError, match="prompts"):

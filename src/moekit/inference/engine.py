@@ -333,6 +333,11 @@ def checked_prompts(model: MoETransformer, prompts: Sequence[Prompt],
     if not ids:
         reject("prompts", prompts, "it must hold at least one prompt")
     longest, new = max(len(p) for p in ids), config.max_new_tokens
+    if longest >= limit:  # no new token fits: "use at most 0 new tokens" named a bad value
+        raise ContextLengthError(
+            f"prompt of {longest} tokens is too long: the model's context is "
+            f"max_seq_len={limit} tokens, so a prompt may hold at most {limit - 1} (room "
+            "for one new token); shorten the prompt")
     if longest + new > limit:
         raise ContextLengthError(
             f"prompt of {longest} tokens + max_new_tokens={new} is not "
