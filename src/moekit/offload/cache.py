@@ -7,8 +7,10 @@ LRU behaves like a per-layer LRU with an equal share when layers are alike, and
 shifts room to the layers that need it when they are not.
 
 All bookkeeping (admission, eviction, statistics) happens on the caller's
-thread, in program order, so hits and evictions are the same run to run; the
-prefetch thread only reads bytes into buffers the caller already reserved.
+thread, in program order, so evictions are the same run to run (and hits, but for
+a request that finds its prefetch still reading: that one is counted apart, as
+``in_flight``); the prefetch thread only reads bytes into buffers the caller
+already reserved.
 
 The bytes live in one buffer of ``budget`` bytes cut into slots of the largest
 expert (``SlotArena``): a read goes into the slot its expert was admitted to,
@@ -214,7 +216,13 @@ class ExpertCache:
                 self.policy.count(key)
             entry = self.entries.get(key)
             if entry is not None:
-                self.stats.layers[layer].hits += 1
+                # a prefetch still reading is waited for, not a hit (the one count that
+                # depends on the prefetch thread's timing)
+                reading = isinstance(entry.value, Future) and not entry.value.done()
+                if reading:
+                    self.stats.layers[layer].in_flight += 1
+                else:
+                    self.stats.layers[layer].hits += 1
                 self.policy.touch(key)
                 out.append(self._wait(key, entry, layer))
                 continue
