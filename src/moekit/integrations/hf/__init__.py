@@ -81,34 +81,42 @@ def _held_by_moekit(model: nn.Module) -> tuple[str, str, int | None] | None:
     return None
 
 
+# Why transformers could not take a model back (revert) or load its save_pretrained
+# checkpoint (save), by what holds the weights: "{name} holds " + this
+_HELD = {
+    ("revert", "quantized"): "int{bits} weights from moekit.quantize, which transformers' "
+                             "modules cannot run; reload the unquantized checkpoint instead",
+    ("revert", "offloaded"): "experts streamed from disk by load_offloaded (not in memory); "
+                             "load the checkpoint with from_pretrained instead",
+    ("save", "quantized"): "int{bits} weights from moekit.quantize, which from_pretrained does "
+                           "not read (it would fill those weights at random); save the model "
+                           "before quantizing and quantize it again after loading, or load the "
+                           "float checkpoint with load_offloaded(path, expert_memory, "
+                           "quantize={bits})",
+    ("save", "offloaded"): "experts streamed from disk by load_offloaded, which would not be "
+                           "written (a checkpoint without experts); the directory "
+                           "load_offloaded read is the checkpoint: copy it, or load it with "
+                           "from_pretrained and save that",
+}
+
+
 def _unrevertable(model: nn.Module) -> str | None:
     """Why transformers' own modules could not run ``model`` after ``revert``, or None."""
-    held = _held_by_moekit(model)
-    if held is None:
-        return None
-    name, kind, bits = held
-    if kind == "quantized":
-        return (f"{name} holds int{bits} weights from moekit.quantize, which transformers' "
-                "modules cannot run; reload the unquantized checkpoint instead")
-    return (f"{name} holds experts streamed from disk by load_offloaded (not in "
-            "memory); load the checkpoint with from_pretrained instead")
+    return _why_not("revert", model)
 
 
 def _unsaveable(model: nn.Module) -> str | None:
     """Why ``save_pretrained`` would write a checkpoint transformers cannot load back, or
     None."""
+    return _why_not("save", model)
+
+
+def _why_not(action: str, model: nn.Module) -> str | None:
     held = _held_by_moekit(model)
     if held is None:
         return None
     name, kind, bits = held
-    if kind == "quantized":
-        return (f"{name} holds int{bits} weights from moekit.quantize, which from_pretrained "
-                "does not read (it would fill those weights at random); save the model before "
-                "quantizing and quantize it again after loading, or load the float checkpoint "
-                f"with load_offloaded(path, expert_memory, quantize={bits})")
-    return (f"{name} holds experts streamed from disk by load_offloaded, which would not be "
-            "written (a checkpoint without experts); the directory load_offloaded read is "
-            "the checkpoint: copy it, or load it with from_pretrained and save that")
+    return f"{name} holds " + _HELD[action, kind].format(bits=bits)
 
 
 class SaveGuard:
