@@ -59,14 +59,18 @@ def test_zero_tokens(over, shape):
     y, aux, stats = moe(x, ids)
     assert y.shape == x.shape
     assert aux.item() == 0.0 and stats.router_entropy.item() == 0.0  # not NaN
+    # nothing was dropped: 1.0 (dropless routers) and NaN (expert choice) before
+    assert stats.to_dict()["dropped_fraction"] == 0.0
+    assert stats.to_dict()["tokens_per_expert"] == [0] * BASE["num_experts"]
     _zero_grads_ok(y.sum() + aux, x, list(moe.parameters()))
 
 
 def test_zero_tokens_multigate():
     mg = MultiGateMoE(MoEConfig(**BASE, aux_loss_coef=0.1, z_loss_coef=0.1), num_tasks=2)
     x = torch.randn(0, 8, requires_grad=True)
-    outs, aux, _ = mg(x)
+    outs, aux, stats = mg(x)
     assert [o.shape for o in outs] == [x.shape, x.shape] and aux.item() == 0.0
+    assert [s.to_dict()["dropped_fraction"] for s in stats] == [0.0, 0.0]
     _zero_grads_ok(sum(o.sum() for o in outs) + aux, x, list(mg.parameters()))
 
 

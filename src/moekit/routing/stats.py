@@ -38,12 +38,15 @@ def routing_stats(plan: RoutingPlan, dispatch: Dispatch, num_tokens: int,
         assigned_E = dispatch.assigned_E
         load = assigned_E.float()
         kept = dispatch.counts_E.sum().float()
+        # (total - kept) / max(total, 1): zero tokens drop nothing (1 - 0/1 said 1.0,
+        # and expert choice's mean over no tokens said NaN)
         if plan.expert_choice:
             covered_T = torch.zeros(num_tokens, device=load.device, dtype=torch.bool)
             covered_T[plan.token_S] = True
-            dropped = 1.0 - covered_T.float().mean()
+            dropped = (num_tokens - covered_T.sum().float()) / max(num_tokens, 1)
         else:
-            dropped = 1.0 - kept / max(plan.expert_S.shape[0], 1)
+            pairs = plan.expert_S.shape[0]
+            dropped = (pairs - kept) / max(pairs, 1)
         p_TE = plan.probs_TE
         entropy = -(p_TE * p_TE.clamp_min(1e-20).log()).sum() / max(p_TE.shape[0], 1)
         return RoutingStats(
