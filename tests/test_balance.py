@@ -115,3 +115,25 @@ def test_balancing_buffers_stay_fp32_under_dtype_casts():
     assert moe.router.load.sum().item() == 900  # bf16 could not count past 256 exactly
     moe.update_bias()
     assert moe.router.expert_bias.abs().max().item() == pytest.approx(1e-3)
+
+
+def test_optimizer_hook_updates_every_multigate_gate():
+    """attach_bias_update / update_all_biases reach MultiGateMoE's gates (they were
+    skipped: loads grew forever and the biases never moved)."""
+    torch.manual_seed(0)
+    mmoe = MultiGateMoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=1, router="sigmoid",
+                                  bias_update_rate=0.01), num_tasks=2).train()
+    with torch.no_grad():
+        mmoe.gates[1].weight[2] += 2.0  # task 1 favours expert 2, task 0 does not
+    model = torch.nn.Sequential(mmoe)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach_bias_update(opt, model)
+    outs, _, stats = mmoe(torch.randn(40, 8).abs())
+    loads = [g.load.clone() for g in mmoe.gates]
+    assert [s.tokens_per_expert.tolist() for s in stats] == [ld.long().tolist() for ld in loads]
+    sum(o.sum() for o in outs).backward()
+    opt.step()
+    for gate, load in zip(mmoe.gates, loads, strict=True):
+        assert load.sum() == 40 and gate.load.sum() == 0  # consumed
+        torch.testing.assert_close(gate.expert_bias, 0.01 * torch.sign(load.mean() - load))
+    assert not torch.equal(mmoe.gates[0].expert_bias, mmoe.gates[1].expert_bias)

@@ -237,10 +237,15 @@ class MoE(nn.Module):
 
 
 def update_all_biases(model: nn.Module, group=None) -> None:
-    """Call ``update_bias`` on every MoE layer in ``model`` that has a selection bias."""
+    """Call ``update_bias`` on every MoE layer in ``model`` that has a selection bias
+    (``MoE``, its expert-parallel subclass and ``MultiGateMoE``)."""
     _check_module("model", model)
     for m in model.modules():
-        if isinstance(m, MoE) and m.config.bias_update_rate > 0:
+        # by its MoEConfig, not isinstance(m, MoE): MultiGateMoE (which imports this
+        # module) was skipped, so its gates' loads grew and their biases never moved
+        cfg = getattr(m, "config", None)
+        if (isinstance(cfg, MoEConfig) and cfg.bias_update_rate > 0
+                and callable(getattr(m, "update_bias", None))):
             m.update_bias(group=group)
 
 

@@ -62,3 +62,9 @@ class MultiGateMoE(nn.Module):
             stats.append(routing_stats(routed.plan, dispatch, T, routed.z_loss, routed.aux_loss))
             aux = aux + routed.aux_loss
         return MultiGateOutput(outputs, aux, stats)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float | None = None, group=None) -> None:
+        """Aux-loss-free balancing step of every task's gate, each from its own loads."""
+        for gate in self.gates:
+            gate.update_bias(rate, group)
