@@ -32,6 +32,9 @@ BASE = dict(dim=8, ffn_dim=4, num_experts=4, top_k=2)
     (dict(routed_scaling_factor=0), "routed_scaling_factor=0"),
     (dict(num_shared_experts=-1), "num_shared_experts=-1"),
     (dict(num_groups=2, router="softmax_topk"), "num_groups=2"),
+    # these routers ignore a selection bias: the balancing was silently off
+    (dict(router="hash", hash_vocab_size=10, bias_update_rate=0.01), "bias_update_rate=0.01"),
+    (dict(router="expert_choice", bias_update_rate=0.01), "bias_update_rate=0.01"),
 ])
 def test_config_rejects(over, needle):
     with pytest.raises(ValueError, match="not allowed") as err:

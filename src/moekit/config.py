@@ -270,6 +270,11 @@ class MoEConfig(FrozenConfig):
             if self.hash_vocab_size is None:
                 reject("hash_vocab_size", None, "router='hash' needs the token-id vocabulary size")
             check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)
+        if self.bias_update_rate and self.router in ("hash", "expert_choice"):
+            # these routers never read the selection bias nor count a load: the step was 0
+            reject("bias_update_rate", self.bias_update_rate,
+                   f"router={self.router!r} has no token scores for a selection bias to "
+                   "shift (aux-loss-free balancing needs a token-choice router); use 0")
         if self.router == "expert_choice" and self.seq_aux_loss_coef:
             reject("seq_aux_loss_coef", self.seq_aux_loss_coef,
                   "expert_choice is balanced by construction; use 0")
