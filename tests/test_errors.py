@@ -35,6 +35,8 @@ BASE = dict(dim=8, ffn_dim=4, num_experts=4, top_k=2)
     # these routers ignore a selection bias: the balancing was silently off
     (dict(router="hash", hash_vocab_size=10, bias_update_rate=0.01), "bias_update_rate=0.01"),
     (dict(router="expert_choice", bias_update_rate=0.01), "bias_update_rate=0.01"),
+    (dict(jitter_eps=0.1), "jitter_eps=0.1"),  # only switch jitters: silently ignored
+    (dict(router="noisy_topk", jitter_eps=0.1), "jitter_eps=0.1"),
 ])
 def test_config_rejects(over, needle):
     with pytest.raises(ValueError, match="not allowed") as err:

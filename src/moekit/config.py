@@ -264,6 +264,10 @@ class MoEConfig(FrozenConfig):
             if self.top_k > reachable:
                 reject("top_k", self.top_k,
                       f"it must be <= topk_groups * experts per group = {reachable}")
+        if self.jitter_eps and self.router != "switch":  # only the switch router jitters
+            reject("jitter_eps", self.jitter_eps,
+                   f"it must be 0 with router={self.router!r} (the input jitter is the "
+                   "Switch router's; use router='switch' to use it)")
         if self.router == "switch" and self.top_k != 1:
             reject("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
         if self.router == "hash":
