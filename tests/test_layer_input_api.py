@@ -166,3 +166,33 @@ def test_hash_vocab_size_is_checked_for_every_router(value):
 def test_hash_vocab_size_may_stay_on_another_router():
     cfg = MoEConfig(**HASH).replace(router="softmax")  # a valid leftover is fine
     assert MoE(cfg)(torch.randn(3, 8)).output.shape == (3, 8)
+
+
+# -- an explicit backend that cannot take the input ---------------------------------------
+
+@pytest.mark.parametrize("dim,dtype,autocast", [
+    (20, torch.bfloat16, False),  # 40-byte rows: "strides should be multiple of 16 bytes"
+    (16, torch.float64, False),  # "Expected mat_a to be Float32, BFloat16 or Float16"
+    (20, torch.float32, True),  # fp32 aligns at 4 elements, bf16 (the autocast dtype) at 8
+])
+@pytest.mark.parametrize("multigate", [False, True])
+def test_grouped_mm_backend_refuses_what_it_cannot_take(dim, dtype, autocast, multigate):
+    cfg = MoEConfig(dim=dim, ffn_dim=8, num_experts=4, top_k=2, router="sigmoid",
+                    bias_update_rate=0.1)
+    layer = (MultiGateMoE(cfg, 2, backend="grouped_mm") if multigate
+             else MoE(cfg, backend="grouped_mm")).to(dtype).train()
+    before = _snapshot(layer)
+    x = torch.randn(5, dim, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with pytest.raises(ValueError, match="backend='grouped_mm' is not allowed") as err:
+            layer(x)
+    assert f"dim={dim}" in str(err.value) and "use backend='auto'" in str(err.value)
+    assert _unchanged(layer, before)  # refused before the router counted the load
+    if not autocast and dtype == torch.float32:
+        return
+    auto = MoE(cfg).to(dtype)  # "auto" takes the same input
+    auto.load_state_dict(layer.state_dict() if not multigate else {
+        **{f"router.{k}": v for k, v in layer.gates[0].state_dict().items()},
+        **{f"experts.{k}": v for k, v in layer.experts.state_dict().items()}})
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert auto(x).output.shape == x.shape

@@ -167,6 +167,8 @@ class MoE(nn.Module):
         """
         cfg = self.config
         check_input(x, cfg.dim, cfg.check_finite, reference_weight(self))
+        if isinstance(self.experts, Experts):  # before the router counts the tokens
+            self.experts.check_input(x)
         if cfg.router != "hash":
             return x.reshape(-1, cfg.dim), None
         assert cfg.hash_vocab_size is not None

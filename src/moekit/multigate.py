@@ -52,6 +52,7 @@ class MultiGateMoE(nn.Module):
     def forward(self, x: Tensor) -> MultiGateOutput:
         cfg = self.config
         check_input(x, cfg.dim, cfg.check_finite, self.experts.w_in)
+        self.experts.check_input(x)  # before the gates count the tokens
         x_TD = x.reshape(-1, cfg.dim)
         T = x_TD.shape[0]
         seq_len = x.shape[-2] if x.dim() >= 3 else None

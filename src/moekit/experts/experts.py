@@ -39,7 +39,24 @@ def resolve_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor
     """
     if name == "auto" or isinstance(w_in_EDG, QuantizedTensor):
         name = auto_backend_name(x_TD, w_in_EDG, w_out_EFD, rows)
+    check_backend(name, x_TD, w_in_EDG, w_out_EFD)
     return BACKENDS[name]
+
+
+def check_backend(name: str, x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> None:
+    """ValueError where an explicitly chosen backend cannot take these tensors: grouped_mm
+    needs float32 / bfloat16 and 16-byte aligned sizes (torch said 'strides should be
+    multiple of 16 bytes' or 'Expected mat_a to be Float32, ...' from inside the GEMM)."""
+    if (name != "grouped_mm" or isinstance(w_in_EDG, QuantizedTensor)
+            or grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)):
+        return
+    per16 = max(1, 16 // x_TD.element_size())
+    _, D, G = w_in_EDG.shape
+    raise ValueError(
+        f"backend='grouped_mm' is not allowed for x.dtype={x_TD.dtype}, dim={D}, "
+        f"expert hidden sizes {w_out_EFD.shape[1]} / {G}: torch._grouped_mm takes float32 "
+        f"or bfloat16 with every size a multiple of {per16} elements (16 bytes); use "
+        "backend='auto' (or 'loop' / 'fused') for these")
 
 
 def auto_backend_name(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor,
@@ -136,6 +153,14 @@ class Experts(nn.Module):
         w_in, w_out, b_in, b_out = params
         fn = resolve_backend(self.backend, x_TD, w_in, w_out, dispatch.num_rows)
         return fn(x_TD, dispatch, w_in, w_out, b_in, b_out, self._act)
+
+    def check_input(self, x_TD: Tensor) -> None:
+        """ValueError where the chosen backend cannot take x's dtype (under CPU autocast:
+        the autocast dtype) at these sizes; for the layers to call before routing."""
+        device = x_TD.device.type
+        dtype = (torch.get_autocast_dtype(device) if device == "cpu"
+                 and torch.is_autocast_enabled(device) else x_TD.dtype)
+        check_backend(self.backend, x_TD.new_empty(0, dtype=dtype), self.w_in, self.w_out)
 
     def auto_backend(self, x_TD: Tensor, rows: int | None = None) -> str:
         """The backend name ``backend="auto"`` runs for this input (and routed rows)."""
