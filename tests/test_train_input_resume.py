@@ -121,3 +121,24 @@ def test_metrics_of_a_run_resumed_from_an_older_checkpoint_have_one_record_per_s
     assert len(keys) == len(set(keys)), keys
     assert keys == [("val", 0), ("train", 1), ("train", 2), ("val", 2), ("resume", 2),
                     ("train", 3), ("train", 4), ("val", 4)]
+
+
+def test_resume_from_another_directory_reads_the_runs_corpus(tmp_path, monkeypatch, capsys):
+    """A run trained on a relative --data recorded that relative path: resumed from
+    another working directory it trained on whatever that name held there."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "data").mkdir(parents=True)
+    (second / "data").mkdir(parents=True)
+    (first / "data" / "book.txt").write_text(TEXT * 60)
+    for name in ("x.txt", "y.txt"):  # another corpus under the same relative name
+        (second / "data" / name).write_text("other text\n" * 400)
+    monkeypatch.chdir(first)
+    assert cli_main(["train", *TINY, "--data", "data", "--out", "run"]) == 0
+    monkeypatch.chdir(second)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(first / "run"), "--steps", "3",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"{first / 'data'}: 1 train files"), out
+    state = json.loads((first / "run" / "step_00000003" / "state.json").read_text())
+    assert state["data"]["corpus"] == str(first / "data")

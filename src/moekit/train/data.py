@@ -131,6 +131,16 @@ class Corpus:
     train_files: int
     val_files: int
 
+    def location(self) -> str:
+        """``source`` as a checkpoint records it: absolute where it names a path here, so
+        a run resumed (or analyzed) from another working directory reads the same corpus
+        (a relative ``--data data`` had resumed on whatever ``data`` the new directory
+        held, without a word)."""
+        path = Path(self.source)
+        if self.source == str(stdlib_dir()) or not path.exists():
+            return self.source  # the default corpus is recognised by this exact string
+        return os.path.abspath(path)
+
     def describe(self) -> str:
         return (f"{self.source}: {self.train_files} train files "
                 f"({self.train.numel() / 1e6:.1f} MB), {self.val_files} "

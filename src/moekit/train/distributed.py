@@ -260,7 +260,7 @@ class DistributedTrainer(Trainer):
     def _finish_save(self, tmp: Path, path: Path) -> None:
         state = {"step": self.step, "model_config": self.mcfg.to_dict(),
                  "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                 "data": {"corpus": self.corpus.source}}
+                 "data": {"corpus": self.corpus.location()}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in files:

@@ -441,7 +441,7 @@ class Trainer:
         """What state.json records besides tensors (also written by --nproc runs)."""
         return {"step": self.step, "model_config": self.mcfg.to_dict(),
                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                "data": {"corpus": self.corpus.source, "position": "step",
+                "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
 
     def save(self) -> Path:
