@@ -186,3 +186,22 @@ def test_report_only_on_an_empty_out_says_so(tmp_path, corpus_dir, capsys):
                    "--expert-counts", "2", "--out", str(tmp_path / "empty")])
     assert rc == 2
     assert "holds no finished runs" in capsys.readouterr().err
+
+
+def test_cached_runs_of_another_corpus_are_refused(tmp_path, corpus_dir, capsys):
+    """The cache checked the model and train configs but not --data: a sweep rerun on
+    another corpus into the same --out reported the first corpus's runs as its own."""
+    other = tmp_path / "other.txt"
+    other.write_text("while True:\n    pass\n" * 200)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--seeds", "0",
+            "--top-ks", "2", "--variants", "dense", "--out", str(out), "--no-progress"]
+    assert cli_main([*argv, "--data", str(corpus_dir)]) == 0
+    capsys.readouterr()
+    assert cli_main([*argv, "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "dense-seed0 was trained on" in err and str(corpus_dir) in err, err
+    assert "--data" in err and "new --out" in err, err
+    # the same corpus still reads the cache
+    assert cli_main([*argv, "--data", str(corpus_dir), "--report-only"]) == 0

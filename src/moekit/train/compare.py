@@ -92,7 +92,7 @@ def variants(base: LMConfig, active_ffn: int, top_ks: list[int]) -> dict[str, LM
 def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Path,
               progress: bool) -> dict[str, Any]:
     if (run_dir / RESULT).exists():
-        return cached_result(run_dir, mcfg, tcfg)
+        return cached_result(run_dir, mcfg, tcfg, corpus)
     print(f"== {name} seed {tcfg.seed}: {run_dir}", flush=True)
     trainer = Trainer(mcfg, tcfg, corpus, run_dir, progress)
     start = time.perf_counter()
@@ -110,15 +110,22 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
         "step_curve": [(r["step"], r["val_loss"]) for r in vals],
         "load": [(r["step"], r["expert_load"]) for r in vals if "expert_load" in r],
         "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
+        "corpus": corpus.location(),
     }
     (run_dir / RESULT).write_text(json.dumps(result))
     return result
 
 
-def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig) -> dict[str, Any]:
+def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus) -> dict[str, Any]:
     """A run's cached result; ValueError when it was trained with other settings
     (the cache is keyed by directory, so a changed flag must not reuse it)."""
     result = json.loads((run_dir / RESULT).read_text())
+    then = result.get("corpus")  # absent in results written before it was recorded
+    if then is not None and then != corpus.location():
+        # a new --data had reported the old corpus's runs beside the new one's
+        raise ValueError(
+            f"data={corpus.source!r} is not allowed with out={str(run_dir.parent)!r}: "
+            f"{run_dir.name} was trained on {then!r}; pass that --data, or pick a new --out")
     for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
         then = result.get(key)  # absent in results written before it was recorded
         changed = sorted(k for k in now if then is not None and then.get(k) != now[k])
@@ -142,7 +149,7 @@ def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
                 results.append(train_one(name, mcfg, tcfg.replace(seed=seed), corpus,
                                          run_dir, progress))
             elif (run_dir / RESULT).exists():
-                results.append(cached_result(run_dir, mcfg, tcfg.replace(seed=seed)))
+                results.append(cached_result(run_dir, mcfg, tcfg.replace(seed=seed), corpus))
     return results
 
 
