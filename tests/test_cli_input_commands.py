@@ -164,6 +164,24 @@ def test_compare_and_scaling_out_is_a_file(command, a_file, text_file, no_traini
     assert a_file.read_text() == "not a directory\n"
 
 
+@pytest.mark.parametrize("command", ["compare", "scaling"])
+def test_compare_and_scaling_ctrl_c_is_one_line(command, text_file, tmp_path, monkeypatch,
+                                               capsys):
+    """Ctrl-C in a sweep had ended it with a traceback (`moekit train` says how to go on)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, "train_one", interrupted)
+    out = tmp_path / "out"
+    try:
+        status = main([command, "--preset", "tiny", "--data", str(text_file), "--out",
+                       str(out), "--no-progress", "--seeds", "0"])
+    except KeyboardInterrupt:  # not raised on: it would end the test session
+        pytest.fail("Ctrl-C escaped the command as a traceback")
+    assert status == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err and str(out) in err, err
+
+
 def test_scaling_experts_flag_is_refused(text_file, tmp_path, no_training, capsys):
     # ignored: --expert-counts sets each MoE's experts
     _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out",

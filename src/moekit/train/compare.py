@@ -155,18 +155,24 @@ def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
 
 def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMConfig],
                   wanted: list[str], tcfg: TrainConfig, corpus, out: Path
-                  ) -> list[dict[str, Any]] | None:
-    """collect's results for `moekit <command>`, or None with the error printed (a cached
-    run trained with other settings, or --out holding no finished run)."""
+                  ) -> list[dict[str, Any]] | int:
+    """collect's results for `moekit <command>`, or the exit status with the error printed
+    (2: a cached run trained with other settings, or --out holding no finished run;
+    130: Ctrl-C, which had ended the sweep with a traceback)."""
     try:
         results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
-        return None
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekit {command}: interrupted: the runs that finished are cached in {out}; "
+              "the same command trains the rest (the interrupted run starts over)",
+              file=sys.stderr)
+        return 130
     if not results:
         print(f"moekit {command}: error: out={args.out!r} holds no finished runs to report",
               file=sys.stderr)
-        return None
+        return 2
     return results
 
 
@@ -287,8 +293,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
     results = finished_runs("compare", args, configs, wanted, tcfg, corpus, out)
-    if results is None:
-        return 2
+    if isinstance(results, int):
+        return results
     report = table(results) + "\n\n" + "\n".join(verdict(results))
     print(report)
     (out / "compare.md").write_text(report + "\n")

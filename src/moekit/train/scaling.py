@@ -258,8 +258,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     results = finished_runs("scaling", args, configs, wanted, tcfg, corpus, out)
-    if results is None:
-        return 2
+    if isinstance(results, int):
+        return results
     summary = summarize(results, list(configs))
     summary["config"] = {"model": next(iter(configs.values())).to_dict(),
                          "train": tcfg.to_dict(), "top_ks": args.top_ks,
