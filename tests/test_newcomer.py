@@ -142,6 +142,26 @@ def test_ep_that_does_not_divide_nproc_fails_before_torchrun(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("nproc", ["1", "2"])
+@pytest.mark.parametrize("argv,words", [
+    (["--timeout", "nan"], ["--timeout=nan", "(0, 1e+12]"]),  # a traceback on every rank
+    (["--timeout", "0"], ["--timeout=0.0", "(0, 1e+12]"]),
+    (["--overlap-chunks", "0"], ["--overlap-chunks=0", "positive int"]),
+])
+def test_bad_parallel_flags_fail_before_torchrun(nproc, argv, words, tmp_path, monkeypatch,
+                                                 capsys):
+    import moekit.train.launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchrun was launched before the bad flag was refused")
+    monkeypatch.setattr(launch, "launch_torchrun", refuse)
+    rc = cli_main(["train", "--nproc", nproc, "--preset", "tiny", "--steps", "2",
+                   "--out", str(tmp_path / "r"), *argv])
+    assert rc == 2
+    _one_error_line(capsys, *words)
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_of_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
     rc = cli_main(["train", "--resume", str(tmp_path / "nope")])
     assert rc == 2

@@ -16,7 +16,12 @@ from moekit.models.generate import generate
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus, stdlib_dir
-from moekit.train.launch import add_distributed_arguments, run_distributed, wants_distributed
+from moekit.train.launch import (
+    add_distributed_arguments,
+    check_parallel_flags,
+    run_distributed,
+    wants_distributed,
+)
 from moekit.train.memory import warn_step_memory
 from moekit.train.monitor import read_metrics
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
@@ -284,9 +289,7 @@ def run(args: argparse.Namespace) -> int:
     if wants_distributed(args):
         return run_distributed(args)
     try:
-        for flag in ("nproc", "ep"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
+        check_parallel_flags(args)  # unused by one process, but a bad value is still refused
         if args.resume:
             check_resume_flags(args)  # before the corpus is read
         corpus = load_corpus(data_for(args))

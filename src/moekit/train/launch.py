@@ -17,9 +17,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from moekit.config import check_number, check_positive_int
 from moekit.distributed import CollectiveTimeoutError, init_distributed, init_mesh
 from moekit.distributed.layer import DISPATCHERS
-from moekit.distributed.mesh import DEFAULT_TIMEOUT_S
+from moekit.distributed.mesh import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,17 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help=f"collective timeout in seconds (default {DEFAULT_TIMEOUT_S:g}): a "
                         "dead rank makes the others stop with an error instead of hanging")
+
+
+def check_parallel_flags(args: argparse.Namespace) -> None:
+    """--nproc, --ep, --timeout and --overlap-chunks, before torchrun starts anything: a
+    bad --timeout or --overlap-chunks had passed to every rank, each of which stopped
+    with its own error (a traceback for --timeout) under torchrun's report."""
+    for flag in ("nproc", "ep"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
+    check_number("--timeout", args.timeout, 0, MAX_TIMEOUT_S, low_open=True)
+    check_positive_int("--overlap-chunks", args.overlap_chunks)
 
 
 def under_torchrun() -> bool:
@@ -140,9 +152,8 @@ def validate(args: argparse.Namespace, world: int) -> None:
         configs_from_args,
     )
 
-    if args.nproc < 1:
-        raise ValueError(f"--nproc={args.nproc} is not allowed: it must be >= 1")
-    if args.ep < 1 or world % args.ep:
+    check_parallel_flags(args)
+    if world % args.ep:
         raise ValueError(f"--ep={args.ep} is not allowed with {world} processes: it must "
                          f"divide the number of processes (here one of "
                          f"{[d for d in range(1, world + 1) if world % d == 0]})")
