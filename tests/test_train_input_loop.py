@@ -172,3 +172,17 @@ def test_a_run_whose_last_step_is_skipped_still_saves_its_final_state(text_file,
     assert summary["skipped_steps"] == 1 and summary["checkpoint"].endswith("step_00000003")
     ck = load_checkpoint(tmp_path)
     assert ck.step == 3 and all(torch.isfinite(t).all() for t in ck.model.values())
+
+
+def test_steps_past_the_checkpoint_names_are_refused_up_front(text_file, tmp_path, capsys):
+    """--steps 100000000 was accepted; the save at step 10**8 (step_100000000, nine digits)
+    then stopped the run with a CheckpointError traceback."""
+    with pytest.raises(ValueError, match=r"steps=100000000 is not allowed.*99,999,999"):
+        TrainConfig(steps=10**8)
+    assert TrainConfig(steps=99_999_999).steps == 99_999_999
+    out = tmp_path / "run"
+    assert cli_main(["train", "--preset", "tiny", "--data", str(text_file), "--steps",
+                     str(10**8), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "steps=100000000" in err, err
+    assert not out.exists()

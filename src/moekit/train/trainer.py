@@ -35,6 +35,7 @@ from moekit.layer import update_all_biases
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
 from moekit.train import checkpoint as ckpt_io
+from moekit.train.checkpoint_state import MAX_STEP
 from moekit.train.data import Corpus, batch_seed, sample_windows
 from moekit.train.monitor import CollapseMonitor, MetricsLog
 from moekit.train.rundir import ASIDE, clean_run_dir
@@ -88,6 +89,9 @@ class TrainConfig(FrozenConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 reject(name, v, "it must be a positive int")
+        if self.steps > MAX_STEP:  # the save at step 10**8 had raised CheckpointError
+            reject("steps", self.steps, f"it must be between 1 and {MAX_STEP:,} (checkpoints "
+                   "are named step_NNNNNNNN)")
         if self.grad_accum > 64:
             reject("grad_accum", self.grad_accum, "it must be between 1 and 64")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
