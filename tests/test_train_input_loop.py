@@ -186,3 +186,30 @@ def test_steps_past_the_checkpoint_names_are_refused_up_front(text_file, tmp_pat
     err = capsys.readouterr().err
     assert "--steps" in err and "steps=100000000" in err, err
     assert not out.exists()
+
+
+def test_a_full_disk_during_a_save_is_one_line_naming_the_last_checkpoint(
+        text_file, tmp_path, monkeypatch, capsys):
+    """ENOSPC from a checkpoint save had ended `moekit train` with a traceback."""
+    import errno
+
+    from moekit.train import checkpoint as ckpt_io
+    real, calls = ckpt_io.save_checkpoint, []
+
+    def fills_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", fills_the_disk)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--preset", "tiny", "--data", str(text_file), "--steps", "3",
+                     "--batch-size", "2", "--seq-len", "16", "--eval-every", "3",
+                     "--eval-batches", "1", "--warmup", "1", "--save-every", "1",
+                     "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for words in ("step 2", os.strerror(errno.ENOSPC), str(out / "step_00000001"),
+                  f"--resume {out}"):
+        assert words in err, err
+    assert (out / LATEST).read_text().strip() == "step_00000001"

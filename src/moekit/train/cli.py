@@ -309,6 +309,12 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk had ended the run with a traceback from a save
+        print(f"moekit train: error: could not write to {trainer.out_dir} at step "
+              f"{trainer.step}: {e.strerror or e}; the last complete checkpoint is "
+              f"{trainer.last_checkpoint} (resume with: moekit train --resume "
+              f"{trainer.out_dir})", file=sys.stderr)
+        return 1
     print(loss_line(trainer, summary, start_step))
     print(f"checkpoint: {summary['checkpoint']}")
     prompt = encode("def ")[None].to(trainer.cfg.device)
