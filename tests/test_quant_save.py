@@ -201,3 +201,6 @@ def test_outputs_get_the_mode_mkdir_gives_under_the_umask(tmp_path, umask):
     assert want == 0o777 & ~umask
     for d in (tmp_path / "q", tmp_path / "run" / "step_00000003"):
         assert stat.S_IMODE(d.stat().st_mode) == want, d
+    # LATEST was 0600 (tempfile.mkstemp's mode) whatever the umask: others could read
+    # the step directory but not the file naming it; now what open() gives under the umask
+    assert stat.S_IMODE((tmp_path / "run" / "LATEST").stat().st_mode) == 0o666 & ~umask

@@ -31,10 +31,14 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     makes it 0700, which the swapped-in output kept (other users could not read it where
     a plain ``mkdir`` would have let them)."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def current_umask() -> int:
     umask = os.umask(0o022)  # read it (no other way to read it portably), then put it back
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
+    return umask
 
 
 def sha256(path: Path) -> str:
@@ -57,7 +61,11 @@ def fsync(path: Path) -> None:
 
 
 def write_latest(run_dir: Path, name: str) -> None:
+    """LATEST gets the mode ``open`` gives under the umask: ``mkstemp`` makes it 0600,
+    which the replace kept, so another user who could read the checkpoints could not
+    read LATEST (``moekit generate --checkpoint RUN`` failed for them)."""
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
+    os.chmod(tmp, 0o666 & ~current_umask())
     with os.fdopen(fd, "w") as f:
         f.write(name + "\n")
         f.flush()
