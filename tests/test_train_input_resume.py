@@ -142,3 +142,15 @@ def test_resume_from_another_directory_reads_the_runs_corpus(tmp_path, monkeypat
     assert out.splitlines()[0].startswith(f"{first / 'data'}: 1 train files"), out
     state = json.loads((first / "run" / "step_00000003" / "state.json").read_text())
     assert state["data"]["corpus"] == str(first / "data")
+
+
+def test_resume_with_out_is_refused_not_ignored(run, tmp_path, capsys):
+    """--out was ignored with --resume: the run went on in its own directory, and the
+    directory the user named was never written."""
+    before = tree(run)
+    branch = tmp_path / "branch"
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run), "--steps", "3", "--out", str(branch),
+                     "--no-progress"]) == 2
+    one_error_line(capsys, f"--out={branch}", "--resume", "copy the run directory")
+    assert tree(run) == before and not branch.exists()

@@ -113,7 +113,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_train_arguments(p)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"run directory (default {DEFAULT_OUT})")
+    # None: tell a given --out apart (a resumed run writes into its own directory)
+    p.add_argument("--out", help=f"run directory (default {DEFAULT_OUT})")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a run from its directory or a step_* checkpoint")
     add_distributed_arguments(p)
@@ -200,12 +201,15 @@ def check_resume_flags(args: argparse.Namespace) -> None:
     given += [f"--{flag.replace('_', '-')}"
               for flag in ("dense", "untied_embeddings", "bf16", "fp32", "compile")
               if getattr(args, flag, False)]
+    if getattr(args, "out", None) is not None:  # had been ignored: the run went on in RUN
+        given.append(f"--out={args.out}")
     if given:
         raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not "
                          "allowed with --resume: a resumed run keeps the settings saved in "
                          "its checkpoint; only --steps, --eval-every, --save-every, --device "
-                         "and --data may be given (start a new run with --out to change the "
-                         "others)")
+                         "and --data may be given; it goes on in its own directory (start a "
+                         "new run with --out to change the others, or copy the run directory "
+                         "to branch it)")
 
 
 def data_for(args: argparse.Namespace) -> str | None:
@@ -282,6 +286,8 @@ def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
 
 def run(args: argparse.Namespace) -> int:
     tune_malloc()  # every step frees and re-allocates the same activations
+    if not args.resume and args.out is None:
+        args.out = DEFAULT_OUT
     try:
         set_threads(args.threads)
     except ValueError as e:
