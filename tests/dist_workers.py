@@ -40,17 +40,21 @@ def init(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
 
 def full_layer(E: int, ep: int, capacity_factor: float | None, router: str = "softmax",
                seed: int = 0) -> MoE:
-    """A layer whose routing is uneven and never picks the last EP rank's experts."""
+    """A layer whose routing is uneven and never picks the last EP rank's experts (expert
+    choice: no selection bias, so every rank's experts pick tokens)."""
+    token_choice = router != "expert_choice"
     cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=2, router=router,
-                    bias_update_rate=0.01, aux_loss_coef=0.01, z_loss_coef=0.001,
+                    bias_update_rate=0.01 if token_choice else 0.0, aux_loss_coef=0.01,
+                    z_loss_coef=0.001,
                     capacity_factor=capacity_factor, num_shared_experts=1, expert_bias=True)
     torch.manual_seed(seed)
     moe = MoE(cfg)
     with torch.no_grad():
         for b in (moe.experts.b_in, moe.experts.b_out):
             b.normal_()
-        moe.router.expert_bias[E - E // ep:] = -1e4  # the last EP rank gets no token
-        moe.router.expert_bias[0] = 0.3  # expert 0 is popular: uneven loads, drops
+        if token_choice:
+            moe.router.expert_bias[E - E // ep:] = -1e4  # the last EP rank gets no token
+            moe.router.expert_bias[0] = 0.3  # expert 0 is popular: uneven loads, drops
     return moe
 
 
