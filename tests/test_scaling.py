@@ -205,3 +205,41 @@ def test_cached_runs_of_another_corpus_are_refused(tmp_path, corpus_dir, capsys)
     assert "--data" in err and "new --out" in err, err
     # the same corpus still reads the cache
     assert cli_main([*argv, "--data", str(corpus_dir), "--report-only"]) == 0
+
+
+def test_a_run_result_is_written_whole_or_not_at_all(tmp_path, corpus_dir, capsys,
+                                                     monkeypatch):
+    """result.json is written beside itself and renamed: a run stopped while writing it
+    leaves no result (the run trains again), not broken JSON; one broken anyway (written
+    before this) is named with what to do, not a JSONDecodeError."""
+    import os
+
+    from moekit.train import compare
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--seeds", "0",
+            "--top-ks", "2", "--variants", "dense", "--out", str(out), "--no-progress",
+            "--data", str(corpus_dir)]
+
+    real = os.replace
+
+    def killed(src, dst):  # the run is stopped as it renames its result into place
+        if os.path.basename(dst) == compare.RESULT:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    assert cli_main(argv) != 0
+    run = out / "dense-seed0"
+    assert not (run / compare.RESULT).exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(f".{compare.RESULT}")]
+    monkeypatch.setattr(os, "replace", real)
+    capsys.readouterr()
+    assert cli_main(argv) == 0  # trains it again and caches it whole
+    assert json.loads((run / compare.RESULT).read_text())["variant"] == "dense"
+    (run / compare.RESULT).write_text('{"variant": "dense", "val_')
+    capsys.readouterr()
+    assert cli_main([*argv, "--report-only"]) != 0
+    err = capsys.readouterr().err
+    assert "result.json is not readable JSON" in err and "delete it" in err, err

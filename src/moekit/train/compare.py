@@ -112,14 +112,31 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
         "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
         "corpus": corpus.location(),
     }
-    (run_dir / RESULT).write_text(json.dumps(result))
+    _write_result(run_dir / RESULT, result)
     return result
+
+
+def _write_result(path: Path, result: dict[str, Any]) -> None:
+    """``result`` in ``path`` whole or not at all (written beside it, then renamed): a run
+    killed mid-write left broken JSON that every later sweep into the same --out failed
+    to read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus) -> dict[str, Any]:
     """A run's cached result; ValueError when it was trained with other settings
     (the cache is keyed by directory, so a changed flag must not reuse it)."""
-    result = json.loads((run_dir / RESULT).read_text())
+    try:
+        result = json.loads((run_dir / RESULT).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run_dir / RESULT} is not readable JSON ({e}): delete it to "
+                         "train that run again") from None
     then = result.get("corpus")  # absent in results written before it was recorded
     if then is not None and then != corpus.location():
         # a new --data had reported the old corpus's runs beside the new one's
