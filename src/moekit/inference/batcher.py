@@ -376,8 +376,9 @@ class Batcher:
         ``moekit serve``, a run's in ``moekit generate``) counts it once too."""
         self.prefill_s += seconds
         tokens = [sum(len(p) for p in g.ids) for g in fill.groups]
+        total = sum(tokens)
         for g, n in zip(fill.groups, tokens, strict=True):
-            g.prefill_s += seconds * n / sum(tokens)  # (no group left: no share to give)
+            g.prefill_s += seconds * n / total  # (no group left: no share to give)
 
     def _first_tokens(self, fill: _Fill) -> None:
         """Each group's first tokens, from its rows' logits with its own generator; the
