@@ -38,6 +38,7 @@ from moekit.train.cli import (
     configs_from_args,
 )
 from moekit.train.data import load_corpus
+from moekit.train.rundir import write_whole
 from moekit.train.trainer import TrainConfig, Trainer
 
 RESULT = "result.json"
@@ -117,16 +118,9 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
 
 
 def _write_result(path: Path, result: dict[str, Any]) -> None:
-    """``result`` in ``path`` whole or not at all (written beside it, then renamed): a run
-    killed mid-write left broken JSON that every later sweep into the same --out failed
-    to read."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """A run killed mid-write had left broken JSON that every later sweep into the same
+    --out failed to read: written whole or not at all."""
+    write_whole(path, json.dumps(result))
 
 
 def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus) -> dict[str, Any]:

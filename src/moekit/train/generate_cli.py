@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.offload import load_offloaded
 from moekit.train.checkpoint import CheckpointError
+from moekit.train.rundir import write_whole
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -346,17 +346,9 @@ def _check_jsonl(args: argparse.Namespace) -> None:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """The records as JSON lines in ``path``, whole or not at all (written beside it, then
-    renamed into place: a file there before stays as it was if this fails)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """The records as JSON lines in ``path``, whole or not at all (a file there before
+    stays as it was if this fails)."""
+    write_whole(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,

@@ -35,6 +35,18 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
+def write_whole(path: Path, text: str) -> None:
+    """``text`` in ``path`` whole or not at all: written beside it, then renamed into
+    place, so a file there before stays as it was if this fails or is stopped."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def current_umask() -> int:
     umask = os.umask(0o022)  # read it (no other way to read it portably), then put it back
     os.umask(umask)
