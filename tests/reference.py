@@ -123,8 +123,10 @@ def ref_route_token(logits_E: Tensor, cfg, bias_E: Tensor | None,
         z = logits_E if noisy_logits_E is None else noisy_logits_E
         sel = [v + bb for v, bb in zip(z.tolist(), b, strict=True)]
         chosen = _top(sel, cfg.top_k, list(range(cfg.num_experts)))
-        w = _softmax(torch.stack([z[i] for i in chosen]))
-        return chosen, w * cfg.routed_scaling_factor, _softmax(z)
+        p = _softmax(z)
+        w = (_softmax(torch.stack([z[i] for i in chosen])) if cfg.renormalize
+             else torch.stack([p[i] for i in chosen]))  # the full softmax's probabilities
+        return chosen, w * cfg.routed_scaling_factor, p
     raise AssertionError(cfg.router)
 
 

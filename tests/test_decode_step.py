@@ -85,6 +85,7 @@ def test_route_sort_matches_reference(T, E, K, mode, renormalize, scale, bias):
 @pytest.mark.parametrize("router,kwargs", [
     ("softmax", {}), ("softmax", {"renormalize": False}), ("switch", {}),
     ("softmax_topk", {}), ("sigmoid", {"routed_scaling_factor": 2.0}),
+    ("softmax_topk", {"renormalize": False}), ("noisy_topk", {"renormalize": False}),
 ])
 @pytest.mark.parametrize("tokens", [3, 400], ids=lambda t: f"T{2 * t}")  # a step, a prefill
 def test_layer_infer_with_route_kernel_matches_training_path(monkeypatch, router, kwargs,

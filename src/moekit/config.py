@@ -183,7 +183,12 @@ class MoEConfig(FrozenConfig):
 
     # router
     router: Router = "softmax"
-    renormalize: bool = True  # renormalise the chosen K weights to sum to 1 (Mixtral)
+    # renormalise the chosen K weights to sum to 1 (Mixtral, Qwen3-MoE); False: the chosen
+    # experts' softmax (sigmoid: sigmoid) probabilities as they are (OLMoE, Qwen2-MoE's
+    # norm_topk_prob=False). switch and expert_choice always take the raw probabilities
+    # (a renormalised top-1 weight is 1.0: the gate would get no gradient); hash weights
+    # are 1/K by construction, so False is refused there.
+    renormalize: bool = True
     num_groups: int = 1  # G, group-limited routing: experts split into G groups
     topk_groups: int = 1  # groups kept per token when num_groups > 1
     routed_scaling_factor: float = 1.0  # multiplies the routed weights (DeepSeek-V3)
@@ -271,6 +276,10 @@ class MoEConfig(FrozenConfig):
         if self.router == "switch" and self.top_k != 1:
             reject("top_k", self.top_k, "router='switch' routes each token to exactly 1 expert")
         if self.router == "hash":
+            if not self.renormalize:  # had been ignored: the weights stayed 1/K
+                reject("renormalize", self.renormalize,
+                       "router='hash' has no scores to leave unnormalised (its K weights "
+                       "are 1/K each); use True")
             if self.hash_vocab_size is None:
                 reject("hash_vocab_size", None, "router='hash' needs the token-id vocabulary size")
             check_positive_int("hash_vocab_size", self.hash_vocab_size, MAX_HASH_VOCAB)

@@ -150,7 +150,8 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             return None
         if cfg.router in ("softmax_topk", "noisy_topk"):  # softmax over the top-k logits
-            return 0, True, None
+            # (= the renormalised top-k of the full softmax), or the full softmax's
+            return 0, cfg.renormalize, None
         if cfg.router in ("softmax", "switch"):
             return 0, cfg.renormalize and cfg.router != "switch", None
         return None
@@ -179,16 +180,16 @@ class Router(nn.Module):
             return sigmoid_topk(logits_TE, cfg.top_k, bias_E=bias_E, renormalize=cfg.renormalize,
                                 num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,
                                 scale=cfg.routed_scaling_factor)
-        if cfg.router == "softmax_topk":
-            return softmax_over_topk(logits_TE, cfg.top_k, bias_E=bias_E,
-                                     scale=cfg.routed_scaling_factor)
-        if cfg.router == "noisy_topk":
-            if self.training:
+        if cfg.router in ("softmax_topk", "noisy_topk"):
+            if cfg.router == "noisy_topk" and self.training:
                 assert self.noise_weight is not None
                 logits_TE = noisy_logits(logits_TE, F.linear(x_TD.float(),
                                                              self.noise_weight.float()))
             return softmax_over_topk(logits_TE, cfg.top_k, bias_E=bias_E,
-                                     scale=cfg.routed_scaling_factor)
+                                     scale=cfg.routed_scaling_factor,
+                                     renormalize=cfg.renormalize)
+        # Switch's top-1 gate is the raw probability p_i (Fedus et al. 2021): renormalised,
+        # one weight is always 1.0 and the router would learn from the aux loss only
         renormalize = cfg.renormalize and cfg.router != "switch"
         return softmax_topk(logits_TE, cfg.top_k, renormalize=renormalize, bias_E=bias_E,
                             num_groups=cfg.num_groups, topk_groups=cfg.topk_groups,

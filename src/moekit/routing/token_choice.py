@@ -78,12 +78,17 @@ def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
 
 
 def softmax_over_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None = None,
-                      scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Top K of the logits, then a softmax over those K logits only."""
+                      scale: float = 1.0, renormalize: bool = True
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Top K of the logits, then a softmax over those K logits only (GPT-OSS, Shazeer et
+    al. 2017). ``renormalize=False``: the chosen experts' softmax probabilities over all
+    E instead, which need not sum to 1 (OLMoE / Qwen2-MoE's ``norm_topk_prob=False``)."""
     select_TE = logits_TE if bias_E is None else logits_TE + bias_E
     experts_TK = select_TE.topk(top_k, dim=-1).indices
-    weights_TK = _finish(logits_TE.gather(1, experts_TK).softmax(-1), False, scale)
-    return experts_TK, weights_TK, logits_TE.softmax(-1)
+    probs_TE = logits_TE.softmax(-1)
+    weights_TK = (logits_TE.gather(1, experts_TK).softmax(-1) if renormalize
+                  else probs_TE.gather(1, experts_TK))
+    return experts_TK, _finish(weights_TK, False, scale), probs_TE
 
 
 def sigmoid_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None,
