@@ -222,3 +222,47 @@ def test_router_takes_valid_seq_len():
     moe = MoE(MoEConfig(**BASE, seq_aux_loss_coef=0.1))
     assert moe(torch.randn(2, 0, 8)).output.shape == (2, 0, 8)
     assert moe(torch.randn(3, 5, 8)).aux_loss.isfinite()
+
+
+# -- token ids given to a router that does not read them -----------------------------------
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid", "expert_choice"])
+def test_token_ids_for_a_router_that_reads_none_are_refused(router):
+    """Only router='hash' reads token ids: ids given to another router had been dropped
+    without a word. Refused before the router counts the batch's load."""
+    moe = MoE(MoEConfig(**BASE, router=router,
+                        bias_update_rate=0.0 if router == "expert_choice" else 1e-3))
+    x, ids = torch.randn(1, 3, 8), torch.tensor([[1, 2, 3]])
+    match = (f"token_ids (shape (1, 3), torch.int64) is not allowed with router={router!r}: "
+             "only router='hash' reads token ids")
+    with _raises(match):
+        moe(x, ids)
+    with _raises(match):
+        moe.infer(x, ids)
+    if moe.router.load is not None:
+        assert not moe.router.load.any()  # nothing counted
+    assert moe(x).output.shape == x.shape  # without them, it routes
+
+
+@pytest.mark.parametrize("router", ["softmax", "hash"])
+def test_the_language_model_passes_ids_to_hash_layers_only(router):
+    """MoETransformer keeps the ids for every block; a block hands them to its MoE only
+    where the router reads them (forward, generation, and a paired decode step)."""
+    from moekit.models import LMConfig, MoETransformer
+    from moekit.models.transformer import StaticKVCache
+
+    torch.manual_seed(0)
+    model = MoETransformer(LMConfig(vocab_size=256, dim=16, num_layers=2, num_heads=2,
+                                    max_seq_len=16, ffn_dim=8, num_experts=4, top_k=2,
+                                    router=router)).eval()
+    ids = torch.randint(256, (2, 5))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+    with torch.inference_mode():
+        cache = StaticKVCache.for_model(model, 2, 16)
+        step = model.infer(ids, cache)
+        a, b = StaticKVCache.for_model(model, 1, 16), StaticKVCache.for_model(model, 1, 16)
+        pair = model.infer_pair(ids[:1], a, ids[1:], b)
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(pair), full, atol=1e-5, rtol=1e-4)
