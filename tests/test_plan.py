@@ -289,6 +289,35 @@ def test_cli_moe_config_file(tmp_path, capsys):
                         .parameters())
 
 
+def test_a_checkpoints_max_seq_len_bounds_the_training_plan(tmp_path, capsys):
+    """`plan RUN` planned sequences of 4096 for a checkpoint whose model holds 64
+    positions (its rotary table): the default is now its max_seq_len, and a --seq-len past
+    it is refused by name, as --context is for a decode plan."""
+    from moekit.models import LMConfig, MoETransformer
+    from moekit.train.checkpoint import save_checkpoint
+
+    cfg = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=16, num_experts=4, top_k=2,
+                   vocab_size=256, max_seq_len=64)
+    model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": cfg.to_dict()})
+    run_dir = str(tmp_path / "run")
+    assert run(parse(run_dir, "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == 64
+    assert run(parse(run_dir, "--seq-len", "32", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == 32
+    for argv in ([run_dir, "--seq-len", "65"], [run_dir, "--seq-len", "65", "--search"]):
+        assert run(parse(*argv)) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and len(out.err.strip().splitlines()) == 1
+        assert "--seq-len=65 is not allowed: it must be at most 64" in out.err
+    # a source that states no longest context keeps the default
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps(moekit.MoEConfig(dim=64, ffn_dim=128).to_dict()))
+    assert run(parse(str(path), "--gpus", "1", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == 4096
+
+
 @pytest.mark.parametrize("argv,words", [
     (("mixtral-8x7b", "--gpu", "x100"), ("gpu", "'x100'", "h100")),
     (("mixtral-8x7b", "--gpus", "0"), ("num_gpus", "0")),

@@ -21,7 +21,7 @@ from moekit.plan.decode import (
 )
 from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
 from moekit.plan.hf import read_spec_file, spec_from_dict
-from moekit.plan.presets import PRESETS, get_preset
+from moekit.plan.presets import PRESETS, get_preset, longest_context
 from moekit.plan.report import plan_table, search_table
 from moekit.plan.search import search
 from moekit.plan.spec import ModelSpec, check_int, fail
@@ -29,6 +29,8 @@ from moekit.plan.spec import ModelSpec, check_int, fail
 # A realistic default instead of 100% of peak: DeepSeek reported 180K H800 GPU-hours per
 # trillion tokens for DeepSeek-V3, 39% of the bf16 peak at the planner's FLOPs per token.
 DEFAULT_EFFICIENCY = 0.39
+# --seq-len and --context where not given (or the model's longest context, if shorter)
+DEFAULT_LENGTH = 4096
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--micro-batch", type=int, default=None,
                      help="sequences per forward (default 1; --search: 1, 2, 4, 8)")
     t = p.add_argument_group("training")
-    t.add_argument("--seq-len", type=int, default=4096)
+    t.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence: at most the model's longest context (its "
+                   "config's max_seq_len or max_position_embeddings, where it says); "
+                   f"default {DEFAULT_LENGTH}, or that longest where it is shorter")
     t.add_argument("--global-batch", type=int, default=1024, help="sequences per step")
     t.add_argument("--precision", default="bf16-mixed", help=", ".join(PRECISIONS))
     t.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY,
@@ -88,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--context", type=int, default=None,
                    help="positions each sequence holds in the KV cache: at most the model's "
                    "longest (its config's max_seq_len or max_position_embeddings, where it "
-                   "says); default 4096, or that longest where it is shorter")
+                   f"says); default {DEFAULT_LENGTH}, or that longest where it is shorter")
     d.add_argument("--expert-load", default=None, metavar="ROUTING_JSON",
                    help="the routing.json of `moekit analyze` on this model: the step's "
                    "distinct experts from the experts' measured shares of tokens, not from "
@@ -174,10 +179,22 @@ def given_flags(args: argparse.Namespace) -> str:
     return " ".join(f"{LAYOUT_FLAGS[name]} {value}" for name, value in fixed_layout(args).items())
 
 
-def setup_from_args(args: argparse.Namespace) -> TrainSetup:
+def length_within(flag: str, value: int | None, longest: int | None, model: str) -> int:
+    """--seq-len / --context: the value given, at most the model's longest context (a
+    ValueError naming the flag past it), or DEFAULT_LENGTH capped at that longest."""
+    if value is None:
+        return DEFAULT_LENGTH if longest is None else min(DEFAULT_LENGTH, longest)
+    if longest is not None and isinstance(value, int) and value > longest:
+        reject(flag, value, f"it must be at most {longest}, the longest context of {model} "
+               "(its config's max_seq_len or max_position_embeddings)")
+    return value
+
+
+def setup_from_args(args: argparse.Namespace, longest: int | None = None) -> TrainSetup:
     if args.precision not in PRECISIONS:
         fail("precision", args.precision, f"it must be one of {', '.join(PRECISIONS)}")
-    return TrainSetup(seq_len=args.seq_len, global_batch=args.global_batch,
+    seq_len = length_within("--seq-len", args.seq_len, longest, args.model)
+    return TrainSetup(seq_len=seq_len, global_batch=args.global_batch,
                       precision=PRECISIONS[args.precision],
                       compute_efficiency=args.efficiency, joules_per_flop=args.joules_per_flop,
                       memory_headroom=args.memory_headroom, a2a_overlap=args.a2a_overlap)
@@ -187,7 +204,7 @@ def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     """The plan (or, with --search, the ranked plans); raises ValueError on bad input."""
     spec = load_model(args.model)
     cluster = cluster_from_args(args)
-    setup = setup_from_args(args)
+    setup = setup_from_args(args, source_longest(args.model))
     if args.search:
         check_int("top", args.top, 1)
         return search(spec, cluster, setup, top=args.top, fixed=fixed_layout(args))
@@ -244,8 +261,14 @@ def _decode_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
 
     if name.lower() not in PRESETS and Path(name).is_dir() and qio.is_quantized_checkpoint(name):
         meta = qio._read_meta(qio.located(name))
-        return spec_from_dict(meta), meta["model_config"].get("max_seq_len"), meta
-    spec = load_model(name)
+        return spec_from_dict(meta), longest_context(meta["model_config"]), meta
+    return load_model(name), source_longest(name), None
+
+
+def source_longest(name: str) -> int | None:
+    """The longest context a model's source states (``longest_context`` of a preset's
+    config, a checkpoint's model_config, a JSON file's contents), None where it does not;
+    ``name`` already read by ``load_model``."""
     if name.lower() in PRESETS:
         data = get_preset(name).hf_config
     elif Path(name).is_dir():
@@ -253,8 +276,9 @@ def _decode_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
         data = read_json("model", str(resolve(name) / STATE_FILE))
     else:
         data = read_json("model", name)
-    data = data.get("model_config", data)
-    return spec, data.get("max_seq_len", data.get("max_position_embeddings")), None
+    model_config = data.get("model_config") if isinstance(data, dict) else None
+    data = model_config if isinstance(model_config, dict) else data
+    return longest_context(data) if isinstance(data, dict) else None
 
 
 def _decode_weights(args: argparse.Namespace, meta: dict | None) -> tuple[str, dict]:
@@ -280,12 +304,7 @@ def _decode_plan(args: argparse.Namespace):
     check_flags_apply(args)
     spec, longest, meta = _decode_source(args.model)
     weights, group = _decode_weights(args, meta)
-    context = args.context
-    if context is None:
-        context = 4096 if longest is None else min(4096, longest)
-    elif longest is not None and isinstance(context, int) and context > longest:
-        reject("--context", context, f"it must be at most {longest}, the longest context "
-               f"of {args.model} (its config's max_seq_len or max_position_embeddings)")
+    context = length_within("--context", args.context, longest, args.model)
     shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
               if args.expert_load else None)
     cost = decode_cost(spec, weights, args.kv_cache_dtype, args.batch, context,

@@ -144,6 +144,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def longest_context(config: dict[str, Any]) -> int | None:
+    """The longest context a config states: a moekit LMConfig's (or DBRX's) max_seq_len,
+    a transformers config's max_position_embeddings; None where it states no such int."""
+    value = config.get("max_seq_len", config.get("max_position_embeddings"))
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return value if ok else None
+
+
 def get_preset(name: str) -> Preset:
     if not isinstance(name, str) or name.lower() not in PRESETS:
         fail("preset", name, f"known presets are {', '.join(PRESETS)}")
