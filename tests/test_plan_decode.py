@@ -249,6 +249,36 @@ def test_a_context_past_the_models_longest_is_refused(tmp_path, capsys):
     assert _plan(capsys, tmp_path / "config.json", "--decode", "--context", "32768")[0] == 0
 
 
+# each preset's config.json max_position_embeddings (DBRX: max_seq_len), from its
+# Hugging Face repository (the name in presets.py); Switch's relative positions state none
+PRESET_CONTEXTS = {"mixtral-8x7b": 32768, "mixtral-8x22b": 65536, "deepseek-v3": 163840,
+                   "qwen3-30b-a3b": 40960, "qwen3-235b-a22b": 40960,
+                   "qwen1.5-moe-a2.7b": 8192, "olmoe-1b-7b": 4096, "dbrx": 32768,
+                   "gpt-oss-20b": 131072, "gpt-oss-120b": 131072, "switch-base-128": None}
+
+
+@pytest.mark.parametrize("name", list(PRESET_CONTEXTS))
+def test_a_presets_context_is_bounded_by_its_published_longest(name, capsys):
+    """Presets carried no longest context: `plan mixtral-8x7b --decode --context 10000000`
+    was planned. Now --context and --seq-len past the config's are refused."""
+    from moekit.plan.presets import PRESETS
+
+    longest = PRESET_CONTEXTS[name]
+    assert set(PRESET_CONTEXTS) == set(PRESETS) and PRESETS[name].max_context == longest
+    if longest is None:  # (an encoder-decoder: no decode plan)
+        assert _plan(capsys, name, "--seq-len", 8192, "--json")[0] == 0
+        return
+    rc, out, err = _plan(capsys, name, "--decode", "--context", longest, "--json")
+    assert rc == 0 and f'"context": {longest}' in out, err
+    rc, out, err = _plan(capsys, name, "--decode", "--context", longest + 1)
+    assert rc == 2 and out == "" and len(err.splitlines()) == 1
+    assert f"--context={longest + 1} is not allowed: it must be at most {longest}" in err
+    rc, out, err = _plan(capsys, name, "--seq-len", longest + 1)
+    assert rc == 2 and f"--seq-len={longest + 1} is not allowed" in err
+    rc, out, err = _plan(capsys, name, "--decode", "--json")  # the default: 4096 or less
+    assert rc == 0 and f'"context": {min(4096, longest)}' in out, err
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--decode", "--tp", "4"], "--tp=4 is not allowed"),  # was silently ignored
     (["--decode", "--gpus", "16"], "--gpus=16 is not allowed"),

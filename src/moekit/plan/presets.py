@@ -6,6 +6,10 @@ published. ``published_active_counts_embedding`` records the convention each
 publisher used for "active" parameters: whether the input embedding table is
 counted (Mixtral, Qwen1.5 / Qwen3, OLMoE) or not (DeepSeek-V3, DBRX, GPT-OSS; their output
 head is counted). tests/test_plan.py checks every total within 1%.
+
+Each also keeps its config.json's longest context (``max_position_embeddings``; DBRX's
+``max_seq_len``), which bounds ``moekit plan``'s --seq-len and --context; Switch's T5
+relative positions state none.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ class Preset:
     def spec(self) -> ModelSpec:
         return from_hf_config(self.hf_config)
 
+    @property
+    def max_context(self) -> int | None:
+        """The longest context its config.json states, None where it states none."""
+        return longest_context(self.hf_config)
+
 
 B = 1e9
 
@@ -42,7 +51,8 @@ PRESETS: dict[str, Preset] = {
         {"_name_or_path": "mixtral-8x7b", "model_type": "mixtral", "hidden_size": 4096,
          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
          "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 8,
-         "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": False},
+         "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": False,
+         "max_position_embeddings": 32768},
         46.7 * B, 12.9 * B, True, "mistral.ai/news/mixtral-of-experts"),
     # huggingface.co/mistral-community/Mixtral-8x22B-v0.1/blob/main/config.json;
     # totals: mistral.ai/news/mixtral-8x22b ("141B, 39B active").
@@ -50,7 +60,8 @@ PRESETS: dict[str, Preset] = {
         {"_name_or_path": "mixtral-8x22b", "model_type": "mixtral", "hidden_size": 6144,
          "intermediate_size": 16384, "num_hidden_layers": 56, "num_attention_heads": 48,
          "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 8,
-         "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": False},
+         "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": False,
+         "max_position_embeddings": 65536},
         141 * B, 39 * B, True, "mistral.ai/news/mixtral-8x22b"),
     # huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json; totals: the model card
     # and README_WEIGHTS.md ("671B main model, 36.6B activated incl. the 0.9B output head";
@@ -62,7 +73,9 @@ PRESETS: dict[str, Preset] = {
          "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
          "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
          "first_k_dense_replace": 3, "moe_layer_freq": 1, "vocab_size": 129280,
-         "tie_word_embeddings": False},
+         "tie_word_embeddings": False,
+         # YaRN, factor 40 over the 4096 it was pretrained at; the card says 128K
+         "max_position_embeddings": 163840},
         671 * B, 36.6 * B, False, "huggingface.co/deepseek-ai/DeepSeek-V3 (model card)"),
     # huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json; totals: its model card
     # ("30.5B in total and 3.3B activated").
@@ -71,7 +84,9 @@ PRESETS: dict[str, Preset] = {
          "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
          "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
          "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
-         "mlp_only_layers": [], "vocab_size": 151936, "tie_word_embeddings": False},
+         "mlp_only_layers": [], "vocab_size": 151936, "tie_word_embeddings": False,
+         # 32768 native (the card) + room for output; YaRN extends it to 131072
+         "max_position_embeddings": 40960},
         # Exact count: 3.353B with the embedding (3.042B without); the card's "3.3B" keeps
         # two digits (3.35 truncated), so the check allows 2% (measured +1.6%).
         30.5 * B, 3.3 * B, True, "huggingface.co/Qwen/Qwen3-30B-A3B (model card)", 0.02),
@@ -82,7 +97,8 @@ PRESETS: dict[str, Preset] = {
          "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 94,
          "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128,
          "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
-         "mlp_only_layers": [], "vocab_size": 151936, "tie_word_embeddings": False},
+         "mlp_only_layers": [], "vocab_size": 151936, "tie_word_embeddings": False,
+         "max_position_embeddings": 40960},
         235 * B, 22 * B, True, "huggingface.co/Qwen/Qwen3-235B-A22B (model card)"),
     # huggingface.co/Qwen/Qwen1.5-MoE-A2.7B/blob/main/config.json; totals: its model card
     # ("14.3B parameters in total and 2.7B activated parameters during runtime").
@@ -92,7 +108,8 @@ PRESETS: dict[str, Preset] = {
          "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
          "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
          "num_experts_per_tok": 4, "decoder_sparse_step": 1, "mlp_only_layers": [],
-         "vocab_size": 151936, "tie_word_embeddings": False},
+         "vocab_size": 151936, "tie_word_embeddings": False,
+         "max_position_embeddings": 8192},  # the base model's (its -Chat: 32768)
         14.3 * B, 2.7 * B, True, "huggingface.co/Qwen/Qwen1.5-MoE-A2.7B (model card)"),
     # huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json; totals: Muennighoff et
     # al. 2024, "OLMoE" (arXiv 2409.02060), Table 1: 6.9B total, 1.3B active.
@@ -100,7 +117,7 @@ PRESETS: dict[str, Preset] = {
         {"_name_or_path": "olmoe-1b-7b", "model_type": "olmoe", "hidden_size": 2048,
          "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
          "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
-         "vocab_size": 50304, "tie_word_embeddings": False},
+         "vocab_size": 50304, "tie_word_embeddings": False, "max_position_embeddings": 4096},
         # Exact count: 1.282B with the embedding (1.179B without); "1.3B" keeps two digits,
         # so the check allows 2% (measured -1.4%).
         6.9 * B, 1.3 * B, True, "arXiv 2409.02060 (OLMoE), Table 1", 0.02),
@@ -111,7 +128,7 @@ PRESETS: dict[str, Preset] = {
          "n_heads": 48, "vocab_size": 100352,
          "attn_config": {"kv_n_heads": 8, "rope_theta": 500000},
          "ffn_config": {"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4},
-         "tie_word_embeddings": False},
+         "tie_word_embeddings": False, "max_seq_len": 32768},
         132 * B, 36 * B, False, "databricks.com/blog/introducing-dbrx-new-state-art-open-llm"),
     # huggingface.co/openai/gpt-oss-20b/blob/main/config.json; totals: the gpt-oss model
     # card (arXiv 2508.10925), Table 1: 20.91B total, 3.61B active.
@@ -120,7 +137,7 @@ PRESETS: dict[str, Preset] = {
          "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
          "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 32,
          "num_experts_per_tok": 4, "vocab_size": 201088, "attention_bias": True,
-         "tie_word_embeddings": False},
+         "tie_word_embeddings": False, "max_position_embeddings": 131072},
         20.91 * B, 3.61 * B, False, "arXiv 2508.10925 (gpt-oss model card), Table 1"),
     # huggingface.co/openai/gpt-oss-120b/blob/main/config.json; same card: 116.83B, 5.13B.
     "gpt-oss-120b": Preset(
@@ -128,7 +145,7 @@ PRESETS: dict[str, Preset] = {
          "intermediate_size": 2880, "num_hidden_layers": 36, "num_attention_heads": 64,
          "num_key_value_heads": 8, "head_dim": 64, "num_local_experts": 128,
          "num_experts_per_tok": 4, "vocab_size": 201088, "attention_bias": True,
-         "tie_word_embeddings": False},
+         "tie_word_embeddings": False, "max_position_embeddings": 131072},
         116.83 * B, 5.13 * B, False, "arXiv 2508.10925 (gpt-oss model card), Table 1"),
     # huggingface.co/google/switch-base-128/blob/main/config.json (T5-base shapes, every
     # other FFN an MoE of 128 experts in encoder and decoder); total: Fedus et al. 2021,
