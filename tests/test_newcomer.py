@@ -191,6 +191,59 @@ def test_seq_len_whose_memory_explodes_is_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def _meta_params(**changes) -> int:
+    """The oracle: parameters of the model itself, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in MoETransformer(preset("small", **changes)).parameters())
+
+
+@pytest.mark.parametrize("argv,device_words", [
+    (["--dim", "8192"], ("x 16 bytes", "AdamW")),
+    (["--dim", "8192", "--device", "cuda"], ("x 4 bytes", "before they move to cuda")),
+    (["--ffn-dim", "65536", "--experts", "64"], ("x 16 bytes",)),
+])
+def test_a_model_too_big_for_memory_is_refused_by_its_flags(tmp_path, capsys, monkeypatch,
+                                                            argv, device_words):
+    """`moekit train --dim 100000` was blamed on --seq-len (CPU) or built in memory until
+    the OS killed it (another --device): refused before anything is built, naming the
+    model flags, the planner's estimate and the memory available."""
+    from moekit.train import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2.0 * GIB)
+    rc = cli_main(["train", *argv, "--out", str(tmp_path / "r")])
+    assert rc == 2
+    sizes = dict(zip(argv[::2], argv[1::2], strict=True))
+    fields = {"--dim": "dim", "--ffn-dim": "ffn_dim", "--experts": "num_experts"}
+    params = _meta_params(**{fields[f]: int(v) for f, v in sizes.items() if f in fields})
+    per = 4 if "--device" in sizes else 16
+    flags = " ".join(f"{f}={v}" for f, v in sizes.items() if f in fields)
+    _one_error_line(capsys, f"{flags} is not allowed here",
+                    f"about {per * params / GIB:,.1f} GiB", f"{params:,} parameters",
+                    "2.0 GiB available", *device_words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_expert_parallel_training_checks_the_model_before_torchrun(tmp_path, monkeypatch):
+    """--nproc N: each process builds the whole model here; refused before launching."""
+    import argparse
+
+    from moekit.train import launch, memory
+    from moekit.train.cli import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--nproc", "4", "--ep", "2", "--dim", "4096", "--device", "cuda",
+                         "--out", str(tmp_path / "r")])
+    params = _meta_params(dim=4096)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 4 * params - 1.0)
+    with pytest.raises(ValueError, match=re.escape(
+            f"--dim=4096 is not allowed here: the model needs about "
+            f"{16 * params / GIB:,.1f} GiB ({params:,} parameters x 4 bytes x 4 processes")):
+        launch.validate(args, 4)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 4 * params + 1.0)
+    launch.validate(args, 4)  # it fits: nothing refused
+
+
 def test_memory_estimate_covers_what_autograd_saves():
     """Oracle: the distinct storages autograd saves in one forward (+ fp32 logits grad)."""
     cfg = preset("tiny").replace(max_seq_len=128)

@@ -22,7 +22,7 @@ from moekit.train.launch import (
     run_distributed,
     wants_distributed,
 )
-from moekit.train.memory import warn_step_memory
+from moekit.train.memory import check_model_memory, warn_step_memory
 from moekit.train.monitor import read_metrics
 from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 
@@ -41,6 +41,9 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "eval_every": "eval_every", "eval_batches": "eval_batches",
                "save_every": "save_every", "seed": "seed", "max_bad_steps": "max_bad_steps",
                "device": "device"}
+# the model flags that set its parameter count, named when the model cannot fit in memory
+SIZE_FLAGS = ("preset", "dim", "layers", "heads", "kv_heads", "head_dim", "ffn_dim",
+              "experts", "top_k", "moe_every", "shared_experts", "shared_ffn_dim")
 # what --resume may change; every other setting is the run's own, read from its checkpoint
 RESUME_FLAGS = ("steps", "eval_every", "save_every", "device")
 
@@ -148,6 +151,16 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
     return model, train
+
+
+def size_flags(args: argparse.Namespace) -> str:
+    """The flags given that size the model, as typed ("--dim=100000 --experts=64"), or the
+    default preset's name when none was."""
+    given = [f"--{flag.replace('_', '-')}={getattr(args, flag)}" for flag in SIZE_FLAGS
+             if getattr(args, flag, None) is not None]
+    given += [f"--{flag.replace('_', '-')}" for flag in ("dense", "untied_embeddings")
+              if getattr(args, flag, False)]
+    return " ".join(given) or "--preset=small"
 
 
 def describe(trainer: Trainer) -> str:
@@ -278,6 +291,7 @@ def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
     else:
         model_cfg, train_cfg = configs_from_args(args)
         check_new_out(args.out)
+        check_model_memory(model_cfg, size_flags(args), train_cfg.device)
         warn_step_memory(model_cfg, train_cfg.batch_size, train_cfg.seq_len, train_cfg.device)
         trainer = Trainer(model_cfg, train_cfg, corpus, args.out,
                           progress=not args.no_progress)

@@ -150,7 +150,9 @@ def validate(args: argparse.Namespace, world: int) -> None:
         check_resume_flags,
         check_resume_path,
         configs_from_args,
+        size_flags,
     )
+    from moekit.train.memory import check_model_memory
 
     check_parallel_flags(args)
     if world % args.ep:
@@ -169,6 +171,8 @@ def validate(args: argparse.Namespace, world: int) -> None:
         raise ValueError(f"--ep={args.ep} is not allowed with {model.num_experts} experts: "
                          "it must divide the number of experts")
     check_new_out(args.out)
+    # every process builds the whole model here before its experts are split
+    check_model_memory(model, size_flags(args), train.device, processes=world)
 
 
 def run_distributed(args: argparse.Namespace) -> int:

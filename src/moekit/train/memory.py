@@ -10,6 +10,10 @@ path saved 1.3-1.45x that in ``benchmarks/plan_activation_check.py`` (planner
 Checked against the growth of ru_maxrss over one fp32 step of the small preset
 (B=16, Python-loop experts, 2026-12-02): L=512 measured 0.54 GiB, estimated
 0.62; L=2048 measured 1.76 GiB, estimated 2.32. The default (L=128) is 0.19.
+
+``check_model_memory`` comes first and names the model flags: the parameters alone
+(``moekit train --dim 100000``: 154B of them, ~2.4 TiB with AdamW) had been blamed on
+--seq-len, or, off the CPU, built in this machine's memory until the OS killed it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from moekit.models.config import LMConfig
 
 EAGER_RATIO = 0.69  # planner bytes / measured saved bytes, the lowest measured ratio
 PARAM_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
+WEIGHT_BYTES = 4  # fp32 weight: the model is built here before it moves to --device
 WARN_FRACTION = 0.5  # warn above this share of the available memory
 GIB = 2**30
 
@@ -37,6 +42,41 @@ def estimate_step_bytes(model: LMConfig, batch_size: int, seq_len: int) -> float
     setup = TrainSetup(seq_len=seq_len, global_batch=batch_size, precision=PRECISIONS["fp32"])
     mem = memory(spec, counts, setup, Layout(micro_batch=batch_size))
     return (mem.activations + mem.logits) / EAGER_RATIO + PARAM_BYTES * counts.total_params
+
+
+def model_bytes(model: LMConfig, device: str, processes: int = 1) -> tuple[float, str]:
+    """(bytes, how they were counted): the least this machine's memory must hold for the
+    model alone, from the planner's parameter count P. Each process builds the whole
+    model in fp32 here, whatever --device (4 P each); on the CPU the weights, gradients and
+    AdamW moments of (at least) one copy stay here while it trains (16 P)."""
+    from moekit.plan.hf import from_lm_config
+    from moekit.plan.params import count_params
+
+    P = count_params(from_lm_config(model)).total_params
+    built = processes * WEIGHT_BYTES * P
+    trained = PARAM_BYTES * P if device.split(":")[0] == "cpu" else 0
+    if trained >= built:
+        return trained, (f"{P:,} parameters x {PARAM_BYTES} bytes: fp32 weights, gradients "
+                         "and two AdamW moments")
+    if processes == 1:
+        return built, (f"{P:,} parameters x {WEIGHT_BYTES} bytes: its fp32 weights, built "
+                       f"in this machine's memory before they move to {device}")
+    return built, (f"{P:,} parameters x {WEIGHT_BYTES} bytes x {processes} processes: each "
+                   "builds the whole model's fp32 weights in this machine's memory")
+
+
+def check_model_memory(model: LMConfig, flags: str, device: str, processes: int = 1,
+                       available: float | None = None) -> None:
+    """ValueError naming ``flags`` (the model flags given) when the model alone cannot fit
+    in this machine's available memory, before anything is built: `moekit train --dim
+    100000` allocated until the OS killed it (or, on the CPU, was blamed on --seq-len)."""
+    need, how = model_bytes(model, device, processes)
+    have = available_bytes() if available is None else available
+    if have is not None and need > have:
+        raise ValueError(f"{flags} is not allowed here: the model needs about "
+                         f"{need / GIB:,.1f} GiB ({how}; estimated with moekit.plan) and "
+                         f"this machine has {have / GIB:.1f} GiB available; pick a smaller "
+                         "model")
 
 
 def available_bytes() -> float | None:
