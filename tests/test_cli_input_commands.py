@@ -5,6 +5,7 @@ default, a run trained before the error, or an error that did not name the flag)
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import moekit.train.compare as compare
 from moekit.cli import main
 from moekit.models import MoETransformer, preset
 from moekit.train import checkpoint as ckpt_io
+from moekit.train.interrupt import Interrupted
 from moekit.train.trainer import TrainConfig, make_optimizer
 
 
@@ -165,19 +167,22 @@ def test_compare_and_scaling_out_is_a_file(command, a_file, text_file, no_traini
 
 
 @pytest.mark.parametrize("command", ["compare", "scaling"])
-def test_compare_and_scaling_ctrl_c_is_one_line(command, text_file, tmp_path, monkeypatch,
-                                               capsys):
-    """Ctrl-C in a sweep had ended it with a traceback (`moekit train` says how to go on)."""
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130),
+                                         (Interrupted(signal.SIGTERM), 143)])
+def test_compare_and_scaling_ctrl_c_is_one_line(command, stop, status, text_file, tmp_path,
+                                               monkeypatch, capsys):
+    """Ctrl-C in a sweep had ended it with a traceback (`moekit train` says how to go on);
+    a SIGTERM stopping a run (which saves like Ctrl-C) exits 143, as the shell reports."""
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise stop
     monkeypatch.setattr(compare, "train_one", interrupted)
     out = tmp_path / "out"
     try:
-        status = main([command, "--preset", "tiny", "--data", str(text_file), "--out",
-                       str(out), "--no-progress", "--seeds", "0"])
+        got = main([command, "--preset", "tiny", "--data", str(text_file), "--out",
+                    str(out), "--no-progress", "--seeds", "0"])
     except KeyboardInterrupt:  # not raised on: it would end the test session
         pytest.fail("Ctrl-C escaped the command as a traceback")
-    assert status == 130
+    assert got == status
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted" in err and str(out) in err, err
 

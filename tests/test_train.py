@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from moekit.train import (
 )
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.data import list_files, stdlib_dir
+from moekit.train.interrupt import Interrupted, exit_status
 
 MODEL = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=32, ffn_dim=16,
                  num_experts=4, top_k=2)
@@ -469,6 +471,64 @@ def test_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, corpus):
     assert trainer.last_checkpoint is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("step_")]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_finishes_the_step_saves_and_restores_the_handler(tmp_path, corpus):
+    """SIGTERM (a scheduler's, ``timeout``'s, ``kill``'s) had ended a run without a
+    checkpoint: it stops like Ctrl-C now, at the step boundary, with LATEST valid."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        mine = signal.getsignal(signal.SIGTERM)
+        trainer = Trainer(MODEL, TRAIN, corpus, tmp_path, progress=False)
+        calls = {"n": 0}
+
+        def term(module, inputs, output):
+            calls["n"] += 1
+            if calls["n"] == TRAIN.eval_batches + 3:  # step 3's forward
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        trainer.model.embed.register_forward_hook(term)
+        with pytest.raises(Interrupted) as stopped:
+            trainer.fit()
+        assert stopped.value.signum == signal.SIGTERM and exit_status(stopped.value) == 143
+        assert received == []  # fit's handler took it, not the one before
+        assert signal.getsignal(signal.SIGTERM) is mine  # ... and gave it back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert trainer.step == 3 and load_checkpoint(tmp_path).step == 3
+    assert (tmp_path / "LATEST").read_text().strip() == "step_00000003"
+    assert Trainer.resume(tmp_path, corpus, progress=False).fit()["step"] == TRAIN.steps
+
+
+def test_cli_train_sigterm_saves_one_line_and_exits_143(tmp_path, corpus_dir):
+    """As a user sees it: `moekit train` killed with SIGTERM saves at the step boundary,
+    says so on one line, and exits 143 (128 + SIGTERM, what a shell reports)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moekit.cli", "train", "--preset", "tiny", "--data",
+         str(corpus_dir), "--steps", "100000", "--warmup", "1", "--batch-size", "2",
+         "--seq-len", "16", "--eval-every", "100000", "--eval-batches", "1",
+         "--save-every", "100000", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    try:
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and '"kind": "train"' not in (
+                metrics.read_text() if metrics.exists() else ""):
+            time.sleep(0.2)  # wait for the first logged step (no timing is asserted)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    stopped = [line for line in stdout.splitlines() if "interrupted at step" in line]
+    assert len(stopped) == 1 and "(SIGTERM): saved" in stopped[0], stdout
+    assert f"resume with: moekit train --resume {out}" in stdout
+    assert "Traceback" not in stderr, stderr
+    ck = load_checkpoint(out)  # LATEST names a whole checkpoint
+    assert ck.step >= 1 and stopped[0].endswith(str(out / f"step_{ck.step:08d}"))
 
 
 def test_single_text_file_validates_on_its_tail(tmp_path):

@@ -16,6 +16,7 @@ from moekit.models.generate import generate
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.data import decode, encode, load_corpus, stdlib_dir
+from moekit.train.interrupt import exit_status
 from moekit.train.launch import (
     add_distributed_arguments,
     check_parallel_flags,
@@ -323,9 +324,9 @@ def run(args: argparse.Namespace) -> int:
     start_step = trainer.step
     try:
         summary = trainer.fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143: what a shell reports
         print(f"resume with: moekit train --resume {trainer.out_dir}")
-        return 130
+        return exit_status(e)
     except NonFiniteError as e:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ from moekit.train.cli import (
     configs_from_args,
 )
 from moekit.train.data import load_corpus
+from moekit.train.interrupt import exit_status
 from moekit.train.rundir import write_whole
 from moekit.train.trainer import TrainConfig, Trainer
 
@@ -169,17 +170,17 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
                   ) -> list[dict[str, Any]] | int:
     """collect's results for `moekit <command>`, or the exit status with the error printed
     (2: a cached run trained with other settings, or --out holding no finished run;
-    130: Ctrl-C, which had ended the sweep with a traceback)."""
+    130 / 143: Ctrl-C / SIGTERM, which had ended the sweep with a traceback)."""
     try:
         results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (a run saves on either)
         print(f"moekit {command}: interrupted: the runs that finished are cached in {out}; "
               "the same command trains the rest (the interrupted run starts over)",
               file=sys.stderr)
-        return 130
+        return exit_status(e)
     if not results:
         print(f"moekit {command}: error: out={args.out!r} holds no finished runs to report",
               file=sys.stderr)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +35,13 @@ from moekit.models.transformer import MoETransformer
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint_state import MAX_STEP
 from moekit.train.data import Corpus, batch_seed, sample_windows
+from moekit.train.interrupt import (
+    Interrupted,
+    InterruptFlag,
+    StopAtBoundary,
+    signal_label,
+    signum_of,
+)
 from moekit.train.monitor import CollapseMonitor, MetricsLog
 from moekit.train.rundir import ASIDE, clean_run_dir
 
@@ -262,35 +267,6 @@ def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
     return sum(losses) / len(losses)
 
 
-class _StopAtBoundary(KeyboardInterrupt):
-    """The loop stopping at a step boundary after a first Ctrl-C: the state is whole."""
-
-
-class _InterruptFlag:
-    """First Ctrl-C asks the loop to save and stop at the next step boundary (so
-    the checkpoint never holds a half-applied optimizer step); a second one
-    interrupts at once, and then nothing is saved: it may land between the
-    optimizer's update and the step counter, or inside the update."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self) -> _InterruptFlag:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 class _Throughput:
     """Training tokens per second in one ``fit``: the time of its steps only (not
     validation or checkpoints), and without its first step once a later one has run.
@@ -475,8 +451,9 @@ class Trainer:
         return val
 
     def fit(self) -> dict[str, Any]:
-        """Train to cfg.steps; returns a summary. A first Ctrl-C finishes the step in
-        flight, saves and re-raises; a second one stops at once and saves nothing."""
+        """Train to cfg.steps; returns a summary. A first Ctrl-C or SIGTERM finishes the
+        step in flight, saves and raises ``Interrupted`` (a KeyboardInterrupt whose
+        ``signum`` says which); a second one stops at once and saves nothing."""
         cfg = self.cfg
         log = MetricsLog(self.out_dir)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
@@ -485,7 +462,7 @@ class Trainer:
         speed = _Throughput()
         val = math.nan
         try:
-            with _InterruptFlag() as interrupt:
+            with InterruptFlag() as interrupt:
                 if self.step == 0:
                     val = self.validate(log)
                 else:  # read_metrics drops what an earlier session logged after this step
@@ -504,16 +481,18 @@ class Trainer:
                     if at_save and (not res.skipped or self.step == cfg.steps):
                         self.save()
                     if interrupt.requested:
-                        raise _StopAtBoundary
-        except _StopAtBoundary:
+                        raise StopAtBoundary(interrupt.signum)
+        except StopAtBoundary as stop:
             if self.last_checkpoint is None or self.last_checkpoint.name != \
                     f"step_{self.step:08d}":
                 self.save()
-            tqdm.write(f"interrupted at step {self.step}: saved {self.last_checkpoint}")
-            raise KeyboardInterrupt from None
-        except KeyboardInterrupt:  # a second Ctrl-C, anywhere in a step: nothing is saved
-            tqdm.write(f"second Ctrl-C: stopped without saving (the model may hold part of "
-                       f"step {self.step + 1}); last checkpoint: {self.last_checkpoint}")
+            tqdm.write(f"interrupted at step {self.step} ({signal_label(stop.signum)}): "
+                       f"saved {self.last_checkpoint}")
+            raise Interrupted(stop.signum) from None
+        except KeyboardInterrupt as e:  # a second signal, anywhere in a step: nothing saved
+            tqdm.write(f"second {signal_label(signum_of(e))}: stopped without "
+                       f"saving (the model may hold part of step {self.step + 1}); last "
+                       f"checkpoint: {self.last_checkpoint}")
             raise
         finally:
             bar.close()
