@@ -35,7 +35,7 @@ from moekit.train import (
 )
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.data import list_files, stdlib_dir
-from moekit.train.interrupt import Interrupted, exit_status
+from moekit.train.interrupt import Interrupted, InterruptFlag, exit_status
 
 MODEL = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=32, ffn_dim=16,
                  num_experts=4, top_k=2)
@@ -500,6 +500,32 @@ def test_sigterm_finishes_the_step_saves_and_restores_the_handler(tmp_path, corp
     assert trainer.step == 3 and load_checkpoint(tmp_path).step == 3
     assert (tmp_path / "LATEST").read_text().strip() == "step_00000003"
     assert Trainer.resume(tmp_path, corpus, progress=False).fit()["step"] == TRAIN.steps
+
+
+def test_interrupt_flag_leaves_ignored_signals_and_other_threads_alone():
+    """A signal the process ignores (``nohup``, SIGINT of a background job) stays
+    ignored; a loop in another thread installs nothing (signal.signal would raise)."""
+    import threading
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with InterruptFlag():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    seen = []
+
+    def in_thread():
+        with InterruptFlag() as flag:
+            seen.append(flag.previous)
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert seen == [{}]
 
 
 def test_cli_train_sigterm_saves_one_line_and_exits_143(tmp_path, corpus_dir):
