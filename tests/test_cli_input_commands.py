@@ -187,6 +187,40 @@ def test_compare_and_scaling_ctrl_c_is_one_line(command, stop, status, text_file
     assert len(err.splitlines()) == 1 and "interrupted" in err and str(out) in err, err
 
 
+def _ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv,where,words", [
+    # the corpus read (seconds for the stdlib) had ended `train` with a traceback
+    (["train", "--steps", "2"], "moekit.train.cli.load_corpus",
+     ["moekit train: interrupted before training started", "nothing was trained"]),
+    (["train", "--steps", "2"], "moekit.train.cli.build_trainer",
+     ["moekit train: interrupted before training started"]),
+    (["compare", "--seeds", "0"], "moekit.train.compare.load_corpus",
+     ["moekit compare: interrupted"]),
+    (["scaling", "--seeds", "0"], "moekit.train.compare.load_corpus",
+     ["moekit scaling: interrupted"]),
+    (["analyze", "CHECKPOINT"], "moekit.analysis.cli.load_lm", ["moekit analyze: interrupted"]),
+])
+def test_ctrl_c_before_training_is_one_line_and_exit_130(argv, where, words, text_file,
+                                                          tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(where, _ctrl_c)
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "run") if a == "CHECKPOINT" else a for a in argv]
+    if argv[0] != "analyze":
+        argv += ["--preset", "tiny", "--data", str(text_file), "--no-progress"]
+    try:
+        got = main([*argv, "--out", str(out)])
+    except KeyboardInterrupt:  # not raised on: it would end the test session
+        pytest.fail("Ctrl-C escaped the command as a traceback")
+    err = capsys.readouterr().err.strip()
+    assert got == 130 and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
 def test_scaling_experts_flag_is_refused(text_file, tmp_path, no_training, capsys):
     # ignored: --expert-counts sets each MoE's experts
     _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -55,9 +56,20 @@ def warning_format(command: str):
     return format_warning
 
 
+def interrupted(command: str | None, e: KeyboardInterrupt) -> int:
+    """One line, not a traceback, for a Ctrl-C no command handled itself (a corpus or a
+    checkpoint being read, torch being imported); 128 + the signal, as a shell reports
+    it: 130 for Ctrl-C (``moekit.train.interrupt.Interrupted`` carries another)."""
+    print(f"moekit{' ' + command if command else ''}: interrupted", file=sys.stderr)
+    return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports every command, torch with them: seconds
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt as e:
+        return interrupted(None, e)
     if args.command is None:
         parser.print_help()
         return 0
@@ -65,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = warning_format(args.command)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt as e:
+        return interrupted(args.command, e)
     finally:
         warnings.formatwarning = saved
 

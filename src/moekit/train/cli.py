@@ -317,6 +317,11 @@ def run(args: argparse.Namespace) -> int:
         trainer = build_trainer(args, corpus)
     except (ValueError, CheckpointError) as e:
         return error(e)
+    except KeyboardInterrupt as e:  # had been a traceback from inside the corpus read
+        # (seconds for the stdlib) or the model build; nothing was trained or saved
+        print("moekit train: interrupted before training started: nothing was trained "
+              "or saved", file=sys.stderr)
+        return exit_status(e)
     print(corpus.describe())
     print(f"model: {describe(trainer)}")
     print(f"precision: {'bf16 autocast' if trainer.cfg.bf16 else 'fp32'}")
