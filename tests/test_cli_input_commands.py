@@ -221,6 +221,39 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(argv, where, words, tex
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "compare", "scaling"])
+@pytest.mark.parametrize("device", ["cpu:3", "cpu:1"] + (
+    [] if torch.cuda.is_available() else ["cuda", "cuda:0"]))
+def test_a_device_this_machine_lacks_is_refused_before_the_corpus_is_read(
+        command, device, text_file, tmp_path, monkeypatch, capsys):
+    """`--device cpu:3` had trained on the CPU (torch ignores a CPU index) and recorded
+    cpu:3 in the checkpoint; a missing GPU was found only after the corpus was read."""
+    def no_read(*args, **kwargs):
+        raise AssertionError("the corpus was read before --device was checked")
+    monkeypatch.setattr("moekit.train.cli.load_corpus", no_read)
+    monkeypatch.setattr("moekit.train.compare.load_corpus", no_read)
+    out = tmp_path / "out"
+    _fails(capsys, [command, "--preset", "tiny", "--data", str(text_file), "--out", str(out),
+                    "--no-progress", "--device", device],
+           f"--device='{device}'", "no such device on this machine", "cpu, cpu:0")
+    assert not out.exists()
+
+
+def test_devices_here_follow_the_gpu_count(monkeypatch):
+    from moekit.train.trainer import check_device_available, devices_here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices_here()[:5] == ["cpu", "cpu:0", "cuda", "cuda:0", "cuda:1"]
+    for ok in ("cpu", "cpu:0", "cuda", "cuda:0", "cuda:1"):
+        check_device_available(ok)
+    with pytest.raises(ValueError, match=r"device='cuda:2' is not allowed: no such device "
+                       r"on this machine; it must be one of cpu, cpu:0, cuda, cuda:0, cuda:1"):
+        check_device_available("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda:0' is not allowed.*one of cpu, cpu:0"):
+        check_device_available("cuda:0")
+
+
 def test_scaling_experts_flag_is_refused(text_file, tmp_path, no_training, capsys):
     # ignored: --expert-counts sets each MoE's experts
     _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out",

@@ -25,7 +25,12 @@ from moekit.train.launch import (
 )
 from moekit.train.memory import check_model_memory, warn_step_memory
 from moekit.train.monitor import read_metrics
-from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
+from moekit.train.trainer import (
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    check_device_available,
+)
 
 DEFAULT_OUT = "runs/train"
 # model flag -> LMConfig field (None = keep the preset's value)
@@ -199,6 +204,14 @@ def check_new_out(out: str | Path) -> None:
                          f"--resume {out}, or pick another --out")
 
 
+def check_device_flag(args: argparse.Namespace) -> None:
+    """``--device`` names a device this machine has, before the corpus is read or anything
+    built (``--device cpu:3`` had trained on the CPU; a missing GPU was found only after
+    the corpus was read)."""
+    if getattr(args, "device", None) is not None:
+        check_device_available(args.device, "--device")
+
+
 def check_resume_path(resume: str) -> None:
     if not Path(resume).exists():
         raise ValueError(f"--resume={resume} is not allowed: it does not exist; pass a run "
@@ -311,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         return run_distributed(args)
     try:
         check_parallel_flags(args)  # unused by one process, but a bad value is still refused
+        check_device_flag(args)
         if args.resume:
             check_resume_flags(args)  # before the corpus is read
         corpus = load_corpus(data_for(args))

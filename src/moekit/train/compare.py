@@ -35,6 +35,7 @@ from moekit.train.cli import (
     FIELD_FLAGS,
     add_model_arguments,
     add_train_arguments,
+    check_device_flag,
     configs_from_args,
 )
 from moekit.train.data import load_corpus
@@ -220,6 +221,7 @@ def prepare(args: argparse.Namespace, make_configs: Callable[[LMConfig, int], di
     (ValueError names the bad flag)."""
     check_flags(args)
     base, tcfg = configs_from_args(args)
+    check_device_flag(args)  # before the corpus is read
     configs = make_configs(base, args.active_ffn or base.active_ffn_dim)
     wanted = args.variants or list(configs)
     unknown = sorted(set(wanted) - set(configs))

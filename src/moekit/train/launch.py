@@ -146,6 +146,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
     """Every check that needs no process group, before torchrun starts anything: one line
     naming the flag, its value and what is allowed (ValueError), nothing created."""
     from moekit.train.cli import (
+        check_device_flag,
         check_new_out,
         check_resume_flags,
         check_resume_path,
@@ -155,6 +156,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
     from moekit.train.memory import check_model_memory
 
     check_parallel_flags(args)
+    check_device_flag(args)
     if world % args.ep:
         raise ValueError(f"--ep={args.ep} is not allowed with {world} processes: it must "
                          f"divide the number of processes (here one of "

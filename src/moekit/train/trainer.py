@@ -131,13 +131,37 @@ def check_device(name: str, value: object) -> None:
 
 
 
-def check_device_available(device: str) -> None:
-    """Fail before anything is built (or a run directory made) when the device is absent."""
-    try:
+def devices_here() -> list[str]:
+    """The device strings naming a device this machine has: cpu (index 0 or none), and
+    cuda / mps with each index torch counts. Asks the driver nothing beyond the count."""
+    here = ["cpu", "cpu:0"]
+    if torch.cuda.is_available():
+        here += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        here += ["mps", "mps:0"]
+    return here
+
+
+def check_device_available(device: str, name: str = "device") -> None:
+    """Fail before anything is built (or a run directory made) when the device is not on
+    this machine, naming the ones that are. torch ignores a CPU index, so ``cpu:3`` had
+    trained on the CPU and recorded ``cpu:3`` in the checkpoint; a cuda index past the
+    device count failed only once the model was moved."""
+    check_device(name, device)
+    kind = torch.device(device).type
+    if kind in ("cpu", "cuda", "mps"):
+        here = devices_here()
+        if str(torch.device(device)) not in here:
+            reject(name, device, f"no such device on this machine; it must be one of "
+                   f"{', '.join(here)}")
+        return
+    try:  # another backend (xpu, hpu, ...): ask torch for a tensor there
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # CPU-only torch: AssertionError
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        reject("device", device, f"it is not available on this machine ({reason})")
+        reject(name, device, f"it is not available on this machine ({reason}); devices "
+               f"here: {', '.join(devices_here())}")
 
 
 def check_corpus(corpus: Corpus, seq_len: int) -> None:
