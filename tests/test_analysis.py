@@ -250,3 +250,26 @@ def test_moekit_command_runs_analyze(trained, capsys):
 def test_analyze_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="checkpoint"):
         analyze_checkpoint(parse(str(tmp_path / "nope")))
+
+
+def test_analyze_refuses_when_the_training_corpus_is_gone(trained, tmp_path, capsys):
+    """`moekit analyze` follows `moekit train --resume`'s rule: a run whose recorded
+    corpus is gone needs --data (it had analyzed the Python standard library in its place
+    without a word)."""
+    from moekit.cli import main
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    text = tmp_path / "text.txt"
+    text.write_text((trained / "text.txt").read_text())
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, eval_batches=1, warmup_steps=1)
+    Trainer(preset("tiny"), cfg, load_corpus(str(text)), tmp_path / "run",
+            progress=False).fit()
+    text.unlink()  # the corpus the run was trained on is gone
+    assert main(["analyze", str(tmp_path / "run"), "--tokens", "256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs --data" in err, err
+    assert str(text) in err and "does not exist here" in err, err
+    assert not (tmp_path / "run" / "step_00000001" / "analysis").exists()
+    # --data still analyzes any text
+    assert main(["analyze", str(tmp_path / "run"), "--tokens", "256", "--seq-len", "32",
+                 "--data", str(trained / "text.txt")]) == 0

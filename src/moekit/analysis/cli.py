@@ -24,7 +24,8 @@ FIELD_FLAGS = {name: "--" + name.replace("_", "-")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a moekit LM run directory or one of its step_* dirs")
     p.add_argument("--data", default=None, help="text file or directory (default: the "
-                   "corpus the checkpoint was trained on, else the Python standard library)")
+                   "corpus the checkpoint was trained on, the Python standard library if it "
+                   "names none; an error if that corpus is gone, as for train --resume)")
     p.add_argument("--split", default="val", choices=("val", "train"),
                    help="which split of the data to read (default: validation)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens to route")
@@ -46,13 +47,14 @@ def load_lm(path: str):
     return model.eval(), ck
 
 
-def trained_on(state: dict[str, Any]) -> str | None:
-    """The training corpus named in a checkpoint's state, if it still exists here."""
-    from moekit.train.data import stdlib_dir
-    source = (state.get("data") or {}).get("corpus")
-    if not source or source == str(stdlib_dir()) or not Path(source).exists():
-        return None  # None = the stdlib .py files, as `moekit train` reads them
-    return source
+def trained_on(ck) -> str | None:
+    """The training corpus a checkpoint names: None for the default one (the stdlib .py
+    files, as `moekit train` reads them); a ValueError asking for --data when it does not
+    exist here, as `moekit train --resume` gives: the stdlib had been analyzed in its
+    place, without a word, under a report that names the checkpoint."""
+    from moekit.train.data import recorded_corpus
+    return recorded_corpus((ck.state.get("data") or {}).get("corpus"),
+                           f"checkpoint={str(ck.path)!r}", ", or the text to analyze")
 
 
 def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
@@ -70,7 +72,7 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"{name}={v} is not allowed: it must be >= 1")
-    corpus = load_corpus(args.data if args.data is not None else trained_on(ck.state))
+    corpus = load_corpus(args.data if args.data is not None else trained_on(ck))
     ids_BL = windows(corpus.val if args.split == "val" else corpus.train, args.tokens, seq_len)
     layers = analyze_model(model, ids_BL, cfg.vocab_size, args.batch_size, args.top,
                            args.min_count)

@@ -14,8 +14,9 @@ from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, QK_NORMS, LMConfig, preset
 from moekit.models.generate import generate
 from moekit.train import checkpoint as ckpt_io
+from moekit.train import data as data_io
 from moekit.train.checkpoint import LATEST, CheckpointError
-from moekit.train.data import decode, encode, load_corpus, stdlib_dir
+from moekit.train.data import decode, encode, load_corpus
 from moekit.train.interrupt import exit_status
 from moekit.train.launch import (
     add_distributed_arguments,
@@ -257,13 +258,7 @@ def data_for(args: argparse.Namespace) -> str | None:
 def recorded_corpus(resume: str, source: object) -> str | None:
     """The corpus a checkpoint names, for ``load_corpus``: None for the default one (or
     none recorded); an error naming --data when it does not exist here."""
-    if not isinstance(source, str) or source == str(stdlib_dir()):
-        return None  # the default corpus, the stdlib .py files
-    if not Path(source).exists():
-        raise ValueError(f"resume={resume!r} needs --data: its run was trained on "
-                         f"{source!r}, which does not exist here; pass --data with that "
-                         "corpus")
-    return source
+    return data_io.recorded_corpus(source, f"resume={resume!r}")
 
 
 def _val_at(run_dir: Path, step: int) -> float | None:

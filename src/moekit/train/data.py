@@ -176,6 +176,20 @@ def load_corpus(data: str | None = None, val_percent: float = 5.0) -> Corpus:
     return corpus
 
 
+def recorded_corpus(source: object, owner: str, also: str = "") -> str | None:
+    """The corpus a checkpoint names (its state's ``data.corpus``), for ``load_corpus``:
+    None for the default corpus (or none recorded); a ValueError led by ``owner``
+    (``resume='RUN'``) asking for --data when that path does not exist here, never a
+    silent switch to the default corpus. ``moekit train --resume`` and ``moekit analyze``
+    follow this one rule; ``also`` adds what else --data may be."""
+    if not isinstance(source, str) or source == str(stdlib_dir()):
+        return None  # the default corpus, the stdlib .py files
+    if not Path(source).exists():
+        raise ValueError(f"{owner} needs --data: its run was trained on {source!r}, which "
+                         f"does not exist here; pass --data with that corpus{also}")
+    return source
+
+
 def sample_windows(data_N: Tensor, batch: int, seq_len: int, seed: int) -> tuple[Tensor, Tensor]:
     """``batch`` random windows of ``seq_len + 1`` bytes: (inputs, targets), each [B, L].
 
