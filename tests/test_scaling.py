@@ -243,3 +243,127 @@ def test_a_run_result_is_written_whole_or_not_at_all(tmp_path, corpus_dir, capsy
     assert cli_main([*argv, "--report-only"]) != 0
     err = capsys.readouterr().err
     assert "result.json is not readable JSON" in err and "delete it" in err, err
+
+
+def _sweep(corpus_dir, out, steps=4) -> list[str]:
+    return ["compare", "--preset", "tiny", "--data", str(corpus_dir), "--steps", str(steps),
+            "--warmup", "1", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2",
+            "--eval-batches", "1", "--seeds", "0", "--top-ks", "2", "--variants", "dense",
+            "--out", str(out), "--no-progress"]
+
+
+def _stop_after_step(monkeypatch, step: int, stop) -> None:
+    """``stop()`` once, right after training step ``step`` of the next run."""
+    from moekit.train.trainer import Trainer
+    real, done = Trainer.run_step, []
+
+    def run_step(self, log):
+        res = real(self, log)
+        if self.step == step and not done:
+            done.append(True)
+            stop()
+        return res
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+
+
+def _kinds_steps(run) -> list[tuple[str, int]]:
+    return [(r["kind"], r["step"]) for r in map(json.loads,
+            (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] != "train"]
+
+
+def test_an_interrupted_sweep_run_resumes_from_its_checkpoint(tmp_path, corpus_dir, capsys,
+                                                              monkeypatch):
+    """The sweep run again had started the interrupted run over, appending to its
+    metrics.jsonl (two runs in one file); it resumes from the checkpoint Ctrl-C saved,
+    and ends where an uninterrupted sweep does."""
+    import os
+    import signal
+
+    out = tmp_path / "cut"
+    _stop_after_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert cli_main(_sweep(corpus_dir, out)) == 130
+    run = out / "dense-seed0"
+    assert (run / "LATEST").read_text().strip() == "step_00000002"
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli_main(_sweep(corpus_dir, out)) == 0
+    assert "resuming the interrupted run at step 2" in capsys.readouterr().out
+    assert _kinds_steps(run) == [("val", 0), ("val", 2), ("resume", 2), ("val", 4)]
+    assert cli_main(_sweep(corpus_dir, tmp_path / "whole")) == 0
+    cut = json.loads((run / compare.RESULT).read_text())
+    whole = json.loads((tmp_path / "whole" / "dense-seed0" / compare.RESULT).read_text())
+    for key in ("step_curve", "curve", "val_loss", "tokens", "steps"):
+        assert cut[key] == whole[key], key  # bit-exact on CPU
+
+
+def test_an_interrupted_run_without_a_checkpoint_starts_over_clean(tmp_path, corpus_dir,
+                                                                   capsys, monkeypatch):
+    """Stopped before its first save (a second Ctrl-C), the run trains again from step 0
+    with a metrics.jsonl of its own, not appended to the abandoned one's."""
+    out = tmp_path / "cut"
+
+    def second_ctrl_c():
+        raise KeyboardInterrupt
+
+    _stop_after_step(monkeypatch, 1, second_ctrl_c)
+    assert cli_main(_sweep(corpus_dir, out)) == 130
+    run = out / "dense-seed0"
+    assert not (run / "LATEST").exists() and (run / "metrics.jsonl").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli_main(_sweep(corpus_dir, out)) == 0
+    assert "left no checkpoint: it starts over" in capsys.readouterr().out
+    assert _kinds_steps(run) == [("val", 0), ("val", 2), ("val", 4)]
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
+            .splitlines()) if r["kind"] == "train"] == [1]  # log_every 10: step 1, once
+
+
+def test_an_interrupted_run_with_other_settings_is_refused(tmp_path, corpus_dir, capsys,
+                                                           monkeypatch):
+    import os
+    import signal
+
+    out = tmp_path / "cut"
+    _stop_after_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    assert cli_main(_sweep(corpus_dir, out)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    before = sorted(p.name for p in (out / "dense-seed0").iterdir())
+    assert cli_main(_sweep(corpus_dir, out, steps=6)) == 2
+    err = capsys.readouterr().err
+    assert "dense-seed0 was started (interrupted at step 2) with steps=4, not steps=6" in err
+    assert "new --out" in err
+    assert sorted(p.name for p in (out / "dense-seed0").iterdir()) == before
+
+
+def test_a_run_resumed_at_its_last_step_reports_its_final_validation(tmp_path, corpus_dir,
+                                                                     capsys, monkeypatch):
+    """Killed after its last save, before result.json: the run is resumed at its last
+    step (no step to train) and its result holds the whole curve and the final loss; a
+    final validation line lost with the kill is measured again."""
+    import os
+
+    out = tmp_path / "cut"
+    real = os.replace
+
+    def killed(src, dst):  # stopped as it renames its result into place
+        if os.path.basename(dst) == compare.RESULT:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    assert cli_main(_sweep(corpus_dir, out)) == 130
+    monkeypatch.undo()
+    run = out / "dense-seed0"
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["kind"] == "val"
+    (run / "metrics.jsonl").write_text("".join(lines[:-1]))  # the last line never landed
+    assert cli_main(_sweep(corpus_dir, out)) == 0
+    assert _kinds_steps(run) == [("val", 0), ("val", 2), ("resume", 4), ("val", 4)]
+    assert cli_main(_sweep(corpus_dir, tmp_path / "whole")) == 0
+    capsys.readouterr()
+    cut = json.loads((run / compare.RESULT).read_text())
+    whole = json.loads((tmp_path / "whole" / "dense-seed0" / compare.RESULT).read_text())
+    for key in ("step_curve", "val_loss", "tokens", "steps"):
+        assert cut[key] == whole[key], key
+    assert cut["tokens_per_s"] > 0  # the first session's rate: the second trained no step

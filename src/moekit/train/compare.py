@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -31,6 +32,8 @@ from moekit.config import (
 )
 from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig
+from moekit.train import checkpoint as ckpt_io
+from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.cli import (
     FIELD_FLAGS,
     add_model_arguments,
@@ -40,10 +43,12 @@ from moekit.train.cli import (
 )
 from moekit.train.data import load_corpus
 from moekit.train.interrupt import exit_status
-from moekit.train.rundir import write_whole
+from moekit.train.monitor import MetricsLog, read_metrics
+from moekit.train.rundir import STEP_DIR, checkpoint_dirs, write_whole
 from moekit.train.trainer import TrainConfig, Trainer
 
 RESULT = "result.json"
+METRICS = "metrics.jsonl"
 
 
 def add_common_arguments(p: argparse.ArgumentParser, out: str, top_ks: list[int]) -> None:
@@ -96,27 +101,56 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
               progress: bool) -> dict[str, Any]:
     if (run_dir / RESULT).exists():
         return cached_result(run_dir, mcfg, tcfg, corpus)
-    print(f"== {name} seed {tcfg.seed}: {run_dir}", flush=True)
-    trainer = Trainer(mcfg, tcfg, corpus, run_dir, progress)
+    trainer = resume_interrupted(run_dir, mcfg, tcfg, corpus, progress)
+    if trainer is None:
+        print(f"== {name} seed {tcfg.seed}: {run_dir}", flush=True)
+        trainer = Trainer(mcfg, tcfg, corpus, run_dir, progress)
+    else:
+        print(f"== {name} seed {tcfg.seed}: {run_dir} (resuming the interrupted run at "
+              f"step {trainer.step})", flush=True)
     start = time.perf_counter()
     summary = trainer.fit()
-    vals = [r for r in trainer.history if r["kind"] == "val"]
-    result = {
+    result = run_result(name, trainer, summary, corpus, time.perf_counter() - start)
+    _write_result(run_dir / RESULT, result)
+    return result
+
+
+def run_result(name: str, trainer: Trainer, summary: dict[str, Any], corpus,
+               wall_s: float) -> dict[str, Any]:
+    """What result.json caches, from the run's metrics.jsonl (all its sessions, as
+    ``read_metrics`` joins them: a resumed run's curve starts at step 0 too)."""
+    mcfg, tcfg = trainer.mcfg, trainer.cfg
+    records = read_metrics(trainer.out_dir / METRICS)
+    vals = final_validation(trainer, [r for r in records if r.get("kind") == "val"])
+    rates = [r["tokens_per_s"] for r in records if r.get("kind") == "train"]
+    return {
         "variant": name, "seed": tcfg.seed, "total_params": trainer.model.num_params(),
         "active_params": trainer.model.active_params_per_token(),
         "num_experts": 1 if mcfg.dense else mcfg.num_experts,
         "top_k": 0 if mcfg.dense else mcfg.top_k, "router": mcfg.router,
-        "tokens_per_s": summary["tokens_per_s"], "val_loss": summary["val_loss"],
-        "tokens": summary["tokens"], "steps": summary["step"],
-        "wall_s": time.perf_counter() - start, "load_avg_1m": os.getloadavg()[0],
+        # a session resumed at the last step trained none: the rate its first one logged
+        "tokens_per_s": summary["tokens_per_s"] or (rates[-1] if rates else 0.0),
+        "val_loss": vals[-1]["val_loss"], "tokens": summary["tokens"],
+        "steps": summary["step"], "wall_s": wall_s, "load_avg_1m": os.getloadavg()[0],
         "curve": [(r["tokens"], r["val_loss"]) for r in vals],
         "step_curve": [(r["step"], r["val_loss"]) for r in vals],
         "load": [(r["step"], r["expert_load"]) for r in vals if "expert_load" in r],
         "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
         "corpus": corpus.location(),
     }
-    _write_result(run_dir / RESULT, result)
-    return result
+
+
+def final_validation(trainer: Trainer, vals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``vals`` ending with one at the run's last step: a session killed after its last
+    save but before that line reached metrics.jsonl left none, so it is measured again."""
+    if vals and vals[-1]["step"] == trainer.step:
+        return vals
+    log = MetricsLog(trainer.out_dir)
+    try:
+        trainer.validate(log)
+    finally:
+        log.close()
+    return [*vals, trainer.history[-1]]
 
 
 def _write_result(path: Path, result: dict[str, Any]) -> None:
@@ -125,29 +159,91 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
     write_whole(path, json.dumps(result))
 
 
+def check_same_settings(run_dir: Path, then: dict[str, Any], mcfg: LMConfig,
+                        tcfg: TrainConfig, corpus, done: str = "trained") -> None:
+    """ValueError when the run in ``run_dir`` (its result, or the checkpoint of an
+    interrupted one: ``then``) was ``done`` with other settings or on another corpus
+    than this sweep's (runs are keyed by directory, so a changed flag must not reuse
+    one). A key absent from ``then`` (results written before it was recorded) passes."""
+    was = then.get("corpus")
+    if was is not None and was != corpus.location():
+        # a new --data had reported the old corpus's runs beside the new one's
+        raise ValueError(
+            f"data={corpus.source!r} is not allowed with out={str(run_dir.parent)!r}: "
+            f"{run_dir.name} was {done} on {was!r}; pass that --data, or pick a new --out")
+    for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
+        was = then.get(key)
+        changed = sorted(k for k in now if was is not None and was.get(k) != now[k])
+        if changed:
+            raise ValueError(
+                f"out={str(run_dir.parent)!r} is not allowed: {run_dir.name} was {done} with "
+                f"{', '.join(f'{k}={was.get(k)!r}' for k in changed)}, not "
+                f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; pick a new --out")
+
+
 def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus) -> dict[str, Any]:
-    """A run's cached result; ValueError when it was trained with other settings
-    (the cache is keyed by directory, so a changed flag must not reuse it)."""
+    """A run's cached result; ValueError when it was trained with other settings."""
     try:
         result = json.loads((run_dir / RESULT).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{run_dir / RESULT} is not readable JSON ({e}): delete it to "
                          "train that run again") from None
-    then = result.get("corpus")  # absent in results written before it was recorded
-    if then is not None and then != corpus.location():
-        # a new --data had reported the old corpus's runs beside the new one's
-        raise ValueError(
-            f"data={corpus.source!r} is not allowed with out={str(run_dir.parent)!r}: "
-            f"{run_dir.name} was trained on {then!r}; pass that --data, or pick a new --out")
-    for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
-        then = result.get(key)  # absent in results written before it was recorded
-        changed = sorted(k for k in now if then is not None and then.get(k) != now[k])
-        if changed:
-            raise ValueError(
-                f"out={str(run_dir.parent)!r} is not allowed: {run_dir.name} was trained with "
-                f"{', '.join(f'{k}={then.get(k)!r}' for k in changed)}, not "
-                f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; pick a new --out")
+    check_same_settings(run_dir, result, mcfg, tcfg, corpus)
     return result
+
+
+def resume_interrupted(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus,
+                       progress: bool) -> Trainer | None:
+    """The run an interrupted sweep left in ``run_dir``, resumed from its last checkpoint
+    (it had started over, appending to its metrics.jsonl: one file, two runs); None when
+    it left none, after removing its metrics so that they describe only the new run.
+    ValueError, before anything changes, when that checkpoint cannot be resumed or was
+    made with other settings than this sweep's."""
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        forget_metrics(run_dir)
+        return None
+    def unresumable(e: Exception) -> ValueError:
+        return ValueError(f"{run_dir.name} was interrupted and its checkpoint {ckpt} cannot "
+                          f"be resumed ({e}); delete {run_dir} to train that run again")
+
+    try:
+        state = json.loads((ckpt_io.resolve(ckpt) / ckpt_io.STATE_FILE).read_text())
+        then = {"corpus": state["data"]["corpus"], "model_config": state["model_config"],
+                "train_config": state["train_config"]}
+        step = state["step"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+            CheckpointError) as e:
+        raise unresumable(e) from None
+    check_same_settings(run_dir, then, mcfg, tcfg, corpus,
+                        done=f"started (interrupted at step {step})")
+    try:
+        return Trainer.resume(ckpt, corpus, progress=progress)
+    except CheckpointError as e:
+        raise unresumable(e) from None
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run directory when LATEST names a checkpoint; else its newest step_* directory
+    (a run killed between renaming its first checkpoint into place and writing LATEST);
+    None when it holds none."""
+    if (run_dir / LATEST).is_file():
+        return run_dir
+    steps = checkpoint_dirs(run_dir, STEP_DIR)
+    return steps[-1] if steps else None
+
+
+def forget_metrics(run_dir: Path) -> None:
+    """An interrupted run that left no checkpoint starts over: what it logged goes."""
+    gone = [p for p in (run_dir / METRICS, run_dir / "tensorboard") if p.exists()]
+    for path in gone:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if gone:
+        print(f"{run_dir}: the interrupted run left no checkpoint: it starts over (removed "
+              f"its {' and '.join(p.name for p in gone)})", flush=True)
 
 
 def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
@@ -179,7 +275,8 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (a run saves on either)
         print(f"moekit {command}: interrupted: the runs that finished are cached in {out}; "
-              "the same command trains the rest (the interrupted run starts over)",
+              "the same command trains the rest (the interrupted run resumes from its last "
+              "checkpoint)",
               file=sys.stderr)
         return exit_status(e)
     if not results:
