@@ -197,6 +197,13 @@ def _meta_params(**changes) -> int:
         return sum(p.numel() for p in MoETransformer(preset("small", **changes)).parameters())
 
 
+def _one_gpu(monkeypatch) -> None:
+    """A machine with one CUDA device as far as --device's check can tell: without one,
+    --device cuda is refused before the model's size is looked at."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
 @pytest.mark.parametrize("argv,device_words", [
     (["--dim", "8192"], ("x 16 bytes", "AdamW")),
     (["--dim", "8192", "--device", "cuda"], ("x 4 bytes", "before they move to cuda")),
@@ -210,6 +217,7 @@ def test_a_model_too_big_for_memory_is_refused_by_its_flags(tmp_path, capsys, mo
     from moekit.train import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda: 2.0 * GIB)
+    _one_gpu(monkeypatch)
     rc = cli_main(["train", *argv, "--out", str(tmp_path / "r")])
     assert rc == 2
     sizes = dict(zip(argv[::2], argv[1::2], strict=True))
@@ -235,6 +243,7 @@ def test_expert_parallel_training_checks_the_model_before_torchrun(tmp_path, mon
     args = p.parse_args(["--nproc", "4", "--ep", "2", "--dim", "4096", "--device", "cuda",
                          "--out", str(tmp_path / "r")])
     params = _meta_params(dim=4096)
+    _one_gpu(monkeypatch)
     monkeypatch.setattr(memory, "available_bytes", lambda: 4 * 4 * params - 1.0)
     with pytest.raises(ValueError, match=re.escape(
             f"--dim=4096 is not allowed here: the model needs about "
