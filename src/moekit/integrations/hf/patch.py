@@ -11,30 +11,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from moekit.integrations.hf.blocks import DbrxBlock, SwitchRouter, SwitchSparseMLP
+from moekit.integrations.hf.architectures import ARCHITECTURES, SUPPORTED
 from moekit.integrations.hf.experts import StackedExperts, supports_stacked
-from moekit.integrations.hf.routers import (
-    GptOssRouter,
-    MixtralRouter,
-    SigmoidGroupRouter,
-    SoftmaxTopKRouter,
-)
 
-# model_type -> {transformers class name: moekit mixin}
-ARCHITECTURES: dict[str, dict[str, type]] = {
-    "mixtral": {"MixtralTopKRouter": MixtralRouter, "MixtralExperts": StackedExperts},
-    "qwen2_moe": {"Qwen2MoeTopKRouter": SoftmaxTopKRouter, "Qwen2MoeExperts": StackedExperts},
-    "qwen3_moe": {"Qwen3MoeTopKRouter": SoftmaxTopKRouter, "Qwen3MoeExperts": StackedExperts},
-    "olmoe": {"OlmoeTopKRouter": SoftmaxTopKRouter, "OlmoeExperts": StackedExperts},
-    "flex_olmo": {"FlexOlmoTopKRouter": SoftmaxTopKRouter, "FlexOlmoExperts": StackedExperts},
-    "deepseek_v3": {"DeepseekV3TopkRouter": SigmoidGroupRouter,
-                    "DeepseekV3Experts": StackedExperts},
-    "dbrx": {"DbrxFFN": DbrxBlock},
-    "gpt_oss": {"GptOssTopKRouter": GptOssRouter, "GptOssExperts": StackedExperts},
-    "switch_transformers": {"SwitchTransformersTop1Router": SwitchRouter,
-                            "SwitchTransformersSparseMLP": SwitchSparseMLP},
-}
-SUPPORTED: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+__all__ = ["ARCHITECTURES", "BACKEND_ATTR", "SUPPORTED", "is_patched", "new_patched",
+           "patch_module", "patched_class", "unpatch_module"]
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
 BACKEND_ATTR = "_moekit_backend"

@@ -20,16 +20,19 @@ class SoftmaxTopKRouter:
 
     Mixtral always renormalises the K weights and returns them in fp32; the
     Qwen/OLMoE routers renormalise only with ``norm_topk_prob`` and cast the
-    weights back to the logits' dtype.
+    weights back to the logits' dtype. A router without ``norm_topk_prob``
+    (Mixtral, Qwen3.5-MoE, Qwen3-VL-MoE) always renormalises, Jamba's never.
     """
 
     _moekit_cast_weights = True
+    _moekit_renormalize = True  # where the router has no norm_topk_prob
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_TD = hidden_states.reshape(-1, self.hidden_dim)
         logits_TE = F.linear(x_TD, self.weight)
-        experts_TK, weights_TK, _ = softmax_topk(
-            logits_TE.float(), self.top_k, renormalize=getattr(self, "norm_topk_prob", True))
+        renormalize = getattr(self, "norm_topk_prob", self._moekit_renormalize)
+        experts_TK, weights_TK, _ = softmax_topk(logits_TE.float(), self.top_k,
+                                                 renormalize=renormalize)
         if self._moekit_cast_weights:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, experts_TK
@@ -39,9 +42,17 @@ class MixtralRouter(SoftmaxTopKRouter):
     _moekit_cast_weights = False
 
 
+class JambaRouter(SoftmaxTopKRouter):
+    """Jamba: the top K of the softmax as they are (no renormalisation), cast back."""
+
+    _moekit_renormalize = False
+
+
 class SigmoidGroupRouter:
     """DeepSeek-V3: fp32 sigmoid scores; ``e_score_correction_bias`` shifts selection only;
-    group-limited (groups scored by their two best experts); routed scaling."""
+    group-limited (groups scored by their two best experts); routed scaling. Also the
+    routers that copy it line for line (GLM-4.5/4.6 MoE, Dots1, Kimi-Linear, ...:
+    ``architectures.py``)."""
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x_TD = hidden_states.view(-1, self.hidden_dim)
@@ -53,10 +64,70 @@ class SigmoidGroupRouter:
         return logits_TE, weights_TK, experts_TK
 
 
-class GptOssRouter:
-    """GPT-OSS: logits with a bias, top K of the logits, softmax over those K only."""
+class DeepseekV2Router:
+    """DeepSeek-V2: softmax over E in fp32, the top K ("greedy", or "group_limited_greedy":
+    within the ``topk_group`` groups whose best expert scores highest), not renormalised,
+    times ``routed_scaling_factor``. Another ``topk_method`` runs transformers' forward."""
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits_TE = F.linear(hidden_states, self.weight, self.bias)
+        if self.topk_method not in ("greedy", "group_limited_greedy"):
+            return super().forward(hidden_states)
+        x_TD = hidden_states.view(-1, self.hidden_dim)
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        groups = self.num_group if self.topk_method == "group_limited_greedy" else 1
+        experts_TK, weights_TK, _ = softmax_topk(
+            logits_TE, self.top_k, renormalize=False, num_groups=groups,
+            topk_groups=self.topk_group, scale=self.routed_scaling_factor)
+        return logits_TE, weights_TK, experts_TK
+
+
+class SigmoidBiasRouter:
+    """MiniMax-M2, Step-3.7, MiniMax-M3-VL: fp32 sigmoid of the logits (computed in the
+    weight's dtype), ``e_score_correction_bias`` for selection only (the block passes it
+    to MiniMax-M2's router; the others hold it), the K chosen scores renormalised."""
+
+    def forward(self, hidden_states: Tensor,
+                e_score_correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        if e_score_correction_bias is None:
+            e_score_correction_bias = self.e_score_correction_bias
+        logits_TE = self._moekit_logits(hidden_states.reshape(-1, self.hidden_dim))
+        experts_TK, weights_TK, _ = sigmoid_topk(
+            logits_TE.float(), self.top_k, bias_E=e_score_correction_bias,
+            scale=self._moekit_scale())
+        return logits_TE, weights_TK, experts_TK
+
+    def _moekit_logits(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.to(self.weight.dtype), self.weight)
+
+    def _moekit_scale(self) -> float:
+        return 1.0
+
+
+class HYV3Router(SigmoidBiasRouter):
+    """HY-V3: as MiniMax-M2 with fp32 logits, the weights times ``router_scaling_factor``."""
+
+    def _moekit_logits(self, x_TD: Tensor) -> Tensor:
+        return F.linear(x_TD.float(), self.weight.float())
+
+    def _moekit_scale(self) -> float:
+        return self.router_scaling_factor
+
+
+class GraniteRouter:
+    """GraniteMoE (and -Shared, -Hybrid, -SWA): fp32 logits, their top K, a softmax over
+    those K, the weights cast to the input's dtype."""
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits_TE = F.linear(hidden_states, self.weight).float()
+        experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k)
+        return logits_TE, weights_TK.type_as(hidden_states), experts_TK
+
+
+class GptOssRouter:
+    """GPT-OSS (logits with a bias) and Aria (none): top K of the logits, softmax over
+    those K only, in the logits' dtype."""
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits_TE = F.linear(hidden_states, self.weight, getattr(self, "bias", None))
         experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k)
         return logits_TE, weights_TK, experts_TK
