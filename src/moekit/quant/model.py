@@ -20,10 +20,11 @@ Finds moekit ``Experts`` modules (``w_in`` / ``w_out``) and transformers experts
 modules patched by ``moekit.integrations.hf.apply`` (``gate_up_proj`` /
 ``down_proj``); with scope "all" also every ``nn.Linear`` outside routed
 experts and routers (a transformers router is a module named ``gate``,
-``router`` or ``*_gate``) and moekit ``SharedExperts``. Everything is checked
-first, then each weight is replaced by a ``QuantizedTensor`` of the same
-logical shape (an ``nn.Linear`` by a ``QuantizedLinear``). Quantized weights
-run on the decode kernels for few rows and dequantize for many; no backward.
+``router`` or ``*_gate``, with what it holds: HunYuan's ``gate.wg``) and moekit
+``SharedExperts``. Everything is checked first, then each weight is replaced by a
+``QuantizedTensor`` of the same logical shape (an ``nn.Linear`` by a
+``QuantizedLinear``). Quantized weights run on the decode kernels for few rows and
+dequantize for many; no backward.
 
 Shape letters: E experts, D hidden, F expert hidden, G = 2F for GLU activations,
 K input width, N output width.
@@ -102,6 +103,15 @@ def _is_router(attr: str) -> bool:
     return attr in ROUTER_NAMES or attr.endswith("_gate")
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """An nn.Linear that computes x @ W.T + b: not a subclass from outside moekit with a
+    forward of its own (DeepSeek-V4's grouped ``o_a_proj`` failed as a QuantizedLinear;
+    it stays float)."""
+    cls = type(m)
+    return isinstance(m, nn.Linear) and (cls.forward is nn.Linear.forward
+                                         or cls.__module__.startswith("moekit."))
+
+
 def _dense_targets(model: nn.Module) -> list[_Target]:
     """nn.Linear children outside routed experts and routers; SharedExperts weights."""
     out: list[_Target] = []
@@ -111,11 +121,13 @@ def _dense_targets(model: nn.Module) -> list[_Target]:
             name = f"{prefix}{attr}"
             if attr == "experts" or isinstance(child, Experts | QuantizedTensor):
                 continue  # routed experts: _expert_targets (or a per-expert ModuleList)
+            if _is_router(attr):  # a router, or a module holding one (HunYuan's gate.wg)
+                continue
             if isinstance(child, SharedExperts):
                 out.extend(_Target(child, a, getattr(child, a)[None], f"{name}.{a}")
                            for a in ("w_in", "w_out")
                            if not isinstance(getattr(child, a), QuantizedTensor))
-            elif isinstance(child, nn.Linear) and not _is_router(attr):
+            elif _plain_linear(child):
                 out.append(_Target(m, attr, child.weight[None].transpose(1, 2), name, "linear",
                                    child.bias))
             else:
