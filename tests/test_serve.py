@@ -1077,11 +1077,9 @@ def test_routes_ignore_the_query_and_other_methods_get_json(byte_server):
     assert status == 404 and json.loads(body)["error"]["message"] == "no such path: /nothing"
 
 
-def test_endpoint_fields_empty_stop_and_chunked_bodies(byte_server):
+def test_endpoint_fields_and_empty_stop(byte_server):
     """Each endpoint refuses the other's prompt field by name; stop: [] is no stop
-    strings (as OpenAI's); a chunked body gets a JSON 411 saying to send a length."""
-    import socket
-
+    strings (as OpenAI's)."""
     model, url, _ = byte_server
     status, r = _post(url, {"messages": [{"role": "user", "content": "hi"}], "prompt": "a"})
     assert status == 400 and r["error"]["param"] == "messages"
@@ -1091,14 +1089,81 @@ def test_endpoint_fields_empty_stop_and_chunked_bodies(byte_server):
     assert status == 400 and r["error"]["param"] == "prompt"
     status, r = _post(url, {"prompt": "def ", "max_tokens": 6, "temperature": 0, "stop": []})
     assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 6)
+
+
+def _exchange(url: str, head: bytes, body: bytes = b"", end: bool = False
+              ) -> tuple[int, dict]:
+    """Send a POST to /v1/completions with the header lines ``head`` and the raw
+    ``body`` (``end``: then shut the sending side, as a client cut off); its status and
+    JSON answer."""
+    import socket
+
     host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "a"}).encode()
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
-                  b"\r\n\r\n" + f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n0\r\n\r\n")
+    with socket.create_connection((host, int(port)), timeout=60) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  + head + b"\r\n" + body)
+        if end:
+            s.shutdown(socket.SHUT_WR)
         got = b""
         while chunk := s.recv(4096):
             got += chunk
-    assert got.startswith(b"HTTP/1.1 411")
-    assert "chunked bodies are not read" in json.loads(got.split(b"\r\n\r\n", 1)[1])[
-        "error"]["message"]
+    status = int(got.split(b" ", 2)[1])
+    return status, json.loads(got.split(b"\r\n\r\n", 1)[1])
+
+
+def test_chunked_bodies_are_read_as_bodies_with_a_length(byte_server, monkeypatch):
+    """Transfer-Encoding: chunked (curl from a pipe; http.client's encode_chunked) is
+    answered as the same body with a Content-Length (was: 411); extensions and trailers
+    are read past; the size limit holds from the chunk sizes, before their data; bad
+    chunking is a 400, other transfer codings 501; 411 only where neither header came."""
+    import http.client
+
+    from moekit.inference import server
+
+    model, url, _ = byte_server
+    want = _greedy(model, "def ", 5)
+    body = json.dumps({"prompt": "def ", "max_tokens": 5, "temperature": 0}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        for _ in range(2):  # the connection kept alive after a chunked body
+            conn.request("POST", "/v1/completions", iter([body[:7], body[7:20], body[20:]]),
+                         {"Content-Type": "application/json"}, encode_chunked=True)
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["choices"][0]["text"] == want
+    finally:
+        conn.close()
+    te = b"Transfer-Encoding: chunked\r\n"
+    status, r = _exchange(url, te, b"a;name=value\r\n" + body[:10] + b"\r\n"
+                          + f"{len(body) - 10:X}".encode() + b"\r\n" + body[10:]
+                          + b"\r\n0\r\nX-Trailer: 1\r\n\r\n")
+    assert status == 200 and r["choices"][0]["text"] == want
+    malformed = [b"zz\r\n" + body + b"\r\n0\r\n\r\n",  # not hexadecimal
+                 b"+5\r\n" + body + b"\r\n0\r\n\r\n",  # int(x, 16) would take it
+                 f"{len(body):x}".encode() + b"\r\n" + body + b"XX0\r\n\r\n",  # no CRLF
+                 f"{len(body):x}".encode() + b"\r\n" + body[:-3],  # ends inside a chunk
+                 f"{len(body):x}".encode() + b"\r\n" + body + b"\r\n",  # no last chunk
+                 b"0\r\n\r\n"]  # no data: empty
+    for raw in malformed:  # (the sending side shut: the body ends where it stops)
+        status, r = _exchange(url, te, raw, end=True)
+        assert status == 400 and r["error"]["param"] == "body", (raw, r)
+    assert "the body must hold 1 to" in r["error"]["message"]
+    monkeypatch.setattr(server, "MAX_BODY", 40)
+    status, r = _exchange(url, te, b"20\r\n" + body[:32] + b"\r\n", end=True)  # 32 of 40
+    assert status == 400 and "malformed chunked body" in r["error"]["message"]
+    # past the limit: answered from the second size line, its data never sent
+    status, r = _exchange(url, te, b"20\r\n" + body[:32] + b"\r\n9\r\n")
+    assert status == 413 and "1 to 40 bytes" in r["error"]["message"]
+    status, r = _exchange(url, b"Content-Length: 41\r\n")
+    assert status == 413 and "got 41" in r["error"]["message"]
+    monkeypatch.undo()
+    status, r = _exchange(url, b"Transfer-Encoding: gzip, chunked\r\n")
+    assert status == 501 and "chunked is the only transfer coding" in r["error"]["message"]
+    status, r = _exchange(url, b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n")
+    assert status == 400 and "both Content-Length and Transfer-Encoding" in \
+        r["error"]["message"]
+    status, r = _exchange(url, b"Content-Length: 1_0\r\n")
+    assert status == 400 and "Content-Length='1_0' is not allowed" in r["error"]["message"]
+    status, r = _exchange(url, b"")
+    assert status == 411 and "Content-Length header (or Transfer-Encoding: chunked)" in \
+        r["error"]["message"]

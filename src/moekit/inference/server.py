@@ -39,7 +39,8 @@ its sequences cancelled (``Batcher.cancel``; one waiting for a row is never pref
 the handler looks every ``CLIENT_POLL_S`` (a client that shuts down its sending side
 after the request counts as gone, as a closed connection reads the same). ``--api-key``
 (or ``MOEKIT_API_KEY``) makes every /v1/ request carry ``Authorization: Bearer KEY``
-(401 otherwise). Bad input gets HTTP 400 with an OpenAI-style error naming the field,
+(401 otherwise). A body comes with its Content-Length or chunked (``http_body``: 16 MiB
+at most). Bad input gets HTTP 400 with an OpenAI-style error naming the field,
 before anything is generated. SIGTERM or Ctrl-C stops the server between decode steps:
 no new requests; those not answered end (HTTP 503, or a stream's error chunk then ``data:
 [DONE]``), the handler threads are joined (``SHUTDOWN_S`` at most) and the process exits 0.
@@ -86,6 +87,7 @@ from moekit.inference.engine import (
     checked_prompts,
     token_logprobs,
 )
+from moekit.inference.http_body import BodyError, read_body
 from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, token_label
 
 MAX_BODY = 16 << 20  # bytes of a request body
@@ -993,22 +995,14 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 self._error(405, f"{path} takes GET", headers={"Allow": self._allowed()})
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        try:  # by its Content-Length, or chunked
+            raw = read_body(self.headers, self.rfile, MAX_BODY)
+        except BodyError as e:  # (the rest of the body unread: the connection closes)
             self.close_connection = True
-            chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-            self._error(411, "a request body needs a Content-Length header" + (
-                " (Transfer-Encoding: chunked bodies are not read: send the body with its "
-                "length)" if chunked else ""), "body")
-            return
-        if not 0 < length <= MAX_BODY:
-            self.close_connection = True
-            self._error(413 if length > 0 else 400, f"the body must hold 1 to {MAX_BODY} "
-                        f"bytes, got {length}", "body")
+            self._error(e.status, str(e), "body")
             return
         try:
-            body = json.loads(self.rfile.read(length))
+            body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             self._error(400, f"the body is not JSON: {e}", "body")
             return
