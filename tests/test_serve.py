@@ -856,6 +856,55 @@ def test_a_request_of_more_sequences_than_rows_runs_in_groups(byte_server):
     assert status == 200 and streamed == want
 
 
+def test_a_failed_group_cancels_the_other_groups_of_its_request(byte_server, monkeypatch):
+    """10 prompts on 4 rows: groups of 4, 4 and 2. The first group's prefill fails: the
+    request is answered with the error (500) and its other groups are cancelled, never
+    prefilled nor decoded (they ran to max_tokens, 2 x 19 decode steps, for an answer
+    already sent). A submit that fails part-way cancels the groups queued before it.
+    The next request is served as before."""
+    model, url, service = byte_server
+    b = service.batcher
+    groups, real_submit, real_infer, prefills = [], b.submit, model.infer, [0]
+
+    def submit(*args, **kwargs):
+        groups.append(real_submit(*args, **kwargs))
+        return groups[-1]
+
+    def infer(*args, **kwargs):
+        prefills[0] += 1
+        if prefills[0] == 1:
+            raise RuntimeError("out of memory")
+        return real_infer(*args, **kwargs)
+
+    monkeypatch.setattr(b, "submit", submit)
+    monkeypatch.setattr(model, "infer", infer)
+    steps = b.decode_steps
+    body = {"prompt": [f"p{i} " for i in range(10)], "max_tokens": 20, "temperature": 0}
+    status, r = _post(url, body)
+    assert status == 500 and "out of memory" in r["error"]["message"]
+    assert _until(lambda: all(g.done for g in groups))
+    assert [len(g.ids) for g in groups] == [4, 4, 2] and groups[0].error is not None
+    for g in groups[1:]:
+        assert g.error is None and g.steps == 0
+        assert [(x.finish_reason, x.tokens) for x in g.gens] == [("cancelled", [])] * len(g.ids)
+    assert prefills[0] == 1 and b.decode_steps == steps and b.waiting == b.running == 0
+
+    def fails_second(*args, **kwargs):  # the second group is refused as it is queued
+        if len(groups) == 4:
+            raise RuntimeError("refused")
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(b, "submit", fails_second)
+    status, r = _post(url, body)
+    assert status == 500 and "refused" in r["error"]["message"]
+    assert len(groups) == 4 and groups[3].done and groups[3].steps == 0
+    assert groups[3].gens[0].finish_reason == "cancelled"
+    assert b.decode_steps == steps and b.waiting == b.running == 0
+    monkeypatch.undo()
+    status, r = _post(url, {"prompt": "def ", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and r["choices"][0]["text"] == _greedy(model, "def ", 3)
+
+
 def test_metrics_count_requests_tokens_and_failures(monkeypatch):
     """GET /metrics (Prometheus text): answered requests and their usage tokens, failed
     ones, decode steps; the gauges at rest."""

@@ -37,13 +37,15 @@ continued from a finished single-sequence request prefills only its new tokens (
 ``--parallel`` conversations are kept). A client that disconnects, streamed or not, has
 its sequences cancelled (``Batcher.cancel``; one waiting for a row is never prefilled):
 the handler looks every ``CLIENT_POLL_S`` (a client that shuts down its sending side
-after the request counts as gone, as a closed connection reads the same). ``--api-key``
-(or ``MOEKIT_API_KEY``) makes every /v1/ request carry ``Authorization: Bearer KEY``
-(401 otherwise). A body comes with its Content-Length or chunked (``http_body``: 16 MiB
-at most). Bad input gets HTTP 400 with an OpenAI-style error naming the field,
-before anything is generated. SIGTERM or Ctrl-C stops the server between decode steps:
-no new requests; those not answered end (HTTP 503, or a stream's error chunk then ``data:
-[DONE]``), the handler threads are joined (``SHUTDOWN_S`` at most) and the process exits 0.
+after the request counts as gone, as a closed connection reads the same). Where one
+group of a request fails, the request is answered with its error and its other groups
+are cancelled alike. ``--api-key`` (or ``MOEKIT_API_KEY``) makes every /v1/ request
+carry ``Authorization: Bearer KEY`` (401 otherwise). A body comes with its
+Content-Length or chunked (``http_body``: 16 MiB at most). Bad input gets HTTP 400 with
+an OpenAI-style error naming the field, before anything is generated. SIGTERM or Ctrl-C
+stops the server between decode steps: no new requests; those not answered end (HTTP
+503, or a stream's error chunk then ``data: [DONE]``), the handler threads are joined
+(``SHUTDOWN_S`` at most) and the process exits 0.
 
 ``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
 handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
@@ -609,19 +611,34 @@ class Service:
                 return
             if g.error is not None:
                 failed = True
+                # the request is answered with this error: its other groups stop as a
+                # gone client's do (they went on prefilling and decoding for no one)
+                self._cancel(groups.values())
                 counted(g.error)
             elif len(ended) == len(starts):
                 finish([gen for o in starts for gen in ended[o].gens],
                        _merged([ended[o].stats for o in starts]))
 
-        for j, o in enumerate(starts):  # (no step runs before submit returns)
-            groups[o] = self.batcher.submit(
-                request.ids[o:o + size], request.config if j == 0 else dataclasses.replace(
-                    request.config, seed=sequence_seed(request.config.seed, j)),
-                on_token=None if on_text is None else (lambda i, t, o=o: on_token(o, i, t)),
-                stop_when=lambda i, t, o=o: stop_when(o + i, t), logprobs=request.logprobs,
-                on_done=lambda g, o=o: part_done(o, g))
+        try:
+            for j, o in enumerate(starts):  # (no step runs before submit returns)
+                groups[o] = self.batcher.submit(
+                    request.ids[o:o + size], request.config if j == 0 else
+                    dataclasses.replace(request.config,
+                                        seed=sequence_seed(request.config.seed, j)),
+                    on_token=None if on_text is None else (
+                        lambda i, t, o=o: on_token(o, i, t)),
+                    stop_when=lambda i, t, o=o: stop_when(o + i, t),
+                    logprobs=request.logprobs, on_done=lambda g, o=o: part_done(o, g))
+        except BaseException:  # the groups queued before it would run for no answer
+            failed = True
+            self._cancel(groups.values())
+            raise
         return list(groups.values())
+
+    def _cancel(self, groups) -> None:
+        """Cancel ``groups`` (``Batcher.cancel``: those done are left alone)."""
+        for g in list(groups):
+            self.batcher.cancel(g)
 
     def _result(self, request: Request, gens: list[Generation], stats, start: float
                 ) -> tuple[list[Choice], dict, dict]:
