@@ -9,6 +9,7 @@ hand-worked traces for eviction order, Belady and prefetch accuracy.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -769,3 +770,160 @@ def test_a_prefetch_still_reading_is_not_a_hit():
     assert cache.stats.hit_rate == 0.5 and cache.stats.in_flight_rate == 0.25
     assert "0.250 of requests waited for a prefetch still reading" in cache.stats.summary()
     cache.close()
+
+
+# -- non-finite scales of offloaded quantized experts ----------------------------------
+
+
+def _quantized_with(path, bits: int, bad: list[tuple[str, int | None, float]]):
+    """A `moekit quantize` directory of CFG_Q where each (tensor, expert, value) of
+    ``bad`` puts the value at flat index 1 of the tensor's row ``expert`` (None: of the
+    whole tensor); quantized.json's SHA-256 fixed up to match (as a file damaged after
+    it was written and re-hashed)."""
+    from safetensors.torch import load_file, save_file
+
+    from moekit.quant import quantize
+    from moekit.quant.io import save_quantized
+    from moekit.train import rundir
+
+    torch.manual_seed(0)
+    out = save_quantized(quantize(MoETransformer(CFG_Q).eval(), bits,
+                                  32 if bits == 4 else None), path)
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, expert, value in bad:
+        t = tensors[name] if expert is None else tensors[name][expert]
+        t.view(-1)[1] = value
+    save_file(tensors, str(out / "model.safetensors"))
+    meta = json.loads((out / "quantized.json").read_text())
+    meta["sha256"] = rundir.sha256(out / "model.safetensors")
+    (out / "quantized.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize("prefetch,threaded", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("bits,part,value", [(8, "scales", float("nan")),
+                                             (4, "scales", float("inf")),
+                                             (4, "zeros", float("-inf"))])
+def test_non_finite_scales_of_an_offloaded_expert_are_refused_as_it_is_read(
+        tmp_path, monkeypatch, bits, part, value, prefetch, threaded):
+    """Expert 3 of MoE layer 1 holds a non-finite scale or zero point: the model loads (no
+    expert read: checking them all would read every expert), and the first read of that
+    expert raises NonFiniteScalesError naming the file, the tensor and the expert, on
+    demand or from the prefetch thread alike (was: NaN logits); the other experts read
+    as before, each one checked once however often it is read."""
+    from moekit.errors import NonFiniteScalesError
+    from moekit.offload.store import ExpertStore
+
+    name = f"blocks.1.ffn.experts.w_out.{part}"
+    out = _quantized_with(tmp_path / "q", bits, [(name, 3, value)])
+    checks, real = [], ExpertStore._check_finite
+    monkeypatch.setattr(ExpertStore, "_check_finite",
+                        lambda self, key, stored: checks.append(key) or real(self, key, stored))
+    model = load_offloaded(out, "64KiB", prefetch=prefetch, threaded=threaded)
+    try:
+        cache = model.expert_offload.cache
+        assert sum(s.loads for s in cache.stats.layers) == 0 and checks == []
+        words = (rf"checkpoint {re.escape(str(out / 'model.safetensors'))}: "
+                 rf"{re.escape(name)}\[3\], expert 3 of MoE layer 1, holds 1 non-finite")
+        with pytest.raises(NonFiniteScalesError, match=words):
+            cache.store.load((1, 3))
+        for _ in range(3):
+            cache.store.load((1, 2))
+        assert checks == [(1, 3), (1, 2)]  # the good one once, the bad one each read
+        ids = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(3))
+        with pytest.raises(NonFiniteScalesError, match=words), torch.no_grad():
+            model(ids)  # (its 160 tokens x top-2 reach every expert of 8)
+    finally:
+        model.expert_offload.close()
+
+
+def test_non_finite_scales_of_resident_tensors_are_refused_at_an_offloaded_load(tmp_path):
+    """The tensors an offloaded model holds resident (attention, embeddings: scope "all")
+    are checked at load, as load_quantized checks them (they are read anyway)."""
+    from moekit.errors import NonFiniteScalesError
+
+    out = _quantized_with(tmp_path / "q", 8, [("blocks.0.attn.qkv.weight.scales", None,
+                                               float("nan"))])
+    threads = len(_prefetch_threads())
+    with pytest.raises(NonFiniteScalesError, match=r"blocks\.0\.attn\.qkv\.weight\.scales "
+                       r"holds 1 non-finite"):
+        load_offloaded(out, "64KiB")
+    assert len(_prefetch_threads()) == threads  # nothing left running
+
+
+def test_generate_names_an_offloaded_expert_with_non_finite_scales(tmp_path, capsys):
+    """`moekit generate --expert-memory`: the error as one line, exit 2, no traceback."""
+    from moekit.cli import main as cli_main
+
+    bad = [("blocks.1.ffn.experts.w_in.scales", e, float("nan")) for e in range(8)]
+    out = _quantized_with(tmp_path / "q", 8, bad)
+    argv = ["generate", "--checkpoint", str(out), "--expert-memory", "64KiB",
+            "--prompt", "hello world", "--max-new-tokens", "4"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.match(r"moekit generate: error: checkpoint .*model\.safetensors: "
+                    r"blocks\.1\.ffn\.experts\.w_in\.scales\[\d\], expert \d of MoE layer 1, "
+                    r"holds 1 non-finite value", lines[0]), lines[0]
+
+
+def test_serve_answers_an_offloaded_expert_with_non_finite_scales_with_a_500(tmp_path):
+    """`moekit serve --expert-memory`: a request that reaches an expert with NaN scales is
+    a 500 whose JSON error names the tensor and the expert (was: NaN logits, then
+    "largest logit of nan" from sampling); the server goes on serving."""
+    import urllib.error
+    import urllib.request
+
+    from moekit.inference.server import Service, make_server
+    from moekit.inference.text import ByteText
+
+    bad = [("blocks.1.ffn.experts.w_in.scales", e, float("nan")) for e in range(8)]
+    model = load_offloaded(_quantized_with(tmp_path / "q", 8, bad), "64KiB")
+    server = make_server(Service(model, ByteText(), "q"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for _ in range(2):
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+                {"prompt": "hello world", "max_tokens": 4}).encode())
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=120)
+            assert e.value.code == 500
+            message = json.loads(e.value.read())["error"]["message"]
+            assert re.search(r"NonFiniteScalesError: checkpoint .*model\.safetensors: "
+                             r"blocks\.1\.ffn\.experts\.w_in\.scales\[\d\], expert \d of MoE "
+                             r"layer 1, holds 1 non-finite", message), message
+        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+            assert r.status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+        model.expert_offload.close()
+
+
+class _BadScalesStore(FakeStore):
+    def load(self, key):
+        from moekit.errors import NonFiniteScalesError
+
+        if key == self.fail:
+            raise NonFiniteScalesError(f"expert {key} holds NaN scales")
+        return super().load(key)
+
+
+@pytest.mark.parametrize("waited", [True, False], ids=["waited_for", "raised_after"])
+def test_a_prefetch_that_finds_non_finite_scales_raises_them_by_name(waited):
+    """The named error from the prefetch thread's read comes out as itself (was wrapped in
+    PrefetchError: "a prefetch read failed: ..."), whether the step waits for that
+    expert or the next call finds the failed read."""
+    from moekit.errors import NonFiniteScalesError
+
+    cache = ExpertCache(_BadScalesStore([(0, 0), (0, 1)], fail=(0, 0)), 20, "lru",
+                        prefetch=True)
+    cache.prefetch(0, [0])
+    cache.entries[(0, 0)].value.exception(10)  # its read has failed
+    if waited:
+        cache.raise_failures = lambda: None  # go straight to the wait
+    with pytest.raises(NonFiniteScalesError, match=r"expert \(0, 0\) holds NaN scales"):
+        cache.get(0, [0] if waited else [1])
+    assert cache.close(timeout=5.0)

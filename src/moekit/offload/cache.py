@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import check_bool, check_non_negative, check_positive_int, reject
+from moekit.errors import CheckpointError
 from moekit.offload.policy import LFU, Key, make_policy
 from moekit.offload.stats import LayerStats, OffloadStats
 from moekit.offload.store import ExpertMemoryError, ExpertStore
@@ -274,6 +275,8 @@ class ExpertCache:
             fut = entry.value
             try:
                 entry.value = self._load((key, entry.slot)) if fut.cancel() else fut.result()
+            except CheckpointError:  # the bytes are bad, not the read: named as they are
+                raise
             except BaseException as e:
                 raise PrefetchError(f"prefetching an expert of layer {layer} failed: {e}") from e
             finally:
@@ -314,6 +317,8 @@ class ExpertCache:
                 still.append(fut)
             elif not fut.cancelled() and fut.exception() is not None:
                 self._pending = []
+                if isinstance(fut.exception(), CheckpointError):  # (as _wait raises it)
+                    raise fut.exception()
                 raise PrefetchError(f"a prefetch read failed: {fut.exception()}") \
                     from fut.exception()
         self._pending = still

@@ -51,6 +51,7 @@ class Quantized(Codec):
                  activations: str = "float") -> None:
         self.roles, self.bits, self.group = roles, bits, group
         self.activations = activations  # a moekit quantized directory's (quantized.json)
+        self.finite = tuple(f"{r}.{p}" for r in roles for p in ("scales", "zeros"))
 
     def wrap(self, cached: dict[str, Tensor]) -> dict:
         out = {k: v for k, v in cached.items() if k.split(".")[0] not in self.roles}

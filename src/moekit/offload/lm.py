@@ -4,7 +4,9 @@ The model is built on the meta device, every MoE layer's ``Experts`` is swapped
 for ``OffloadedExperts`` (no parameters), and everything else is read from the
 checkpoint. Experts stay in ``model.safetensors`` until a step routes to them.
 A quantized checkpoint (a directory written by ``moekit quantize``) works the
-same way: its int8 / int4 bytes are what is read and cached.
+same way: its int8 / int4 bytes are what is read and cached. Its scales and zero
+points must be finite (``NonFiniteScalesError``): the resident tensors' are checked at
+load, each expert's as the store first reads it (at load, that would read every expert).
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     try:
         model.to_empty(device="cpu")
         _load_resident(model, resident, store._fds)
+        if quant is not None:  # the resident ones now (read anyway), each expert's on its read
+            qio.check_finite_scales(model, model.state_dict(), file)
         offload = _attach(model, store, budget, policy, prefetch, threaded, layer)
     except BaseException:
         store.close()

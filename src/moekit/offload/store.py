@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moekit.errors import NonFiniteScalesError
 from moekit.offload.policy import Key
 from moekit.offload.safetensors_io import TensorLoc, pread_into, read_into
 
@@ -96,6 +97,10 @@ class Layout:
 class Codec:
     """Identity: the cache holds the parts as read; the compute gets them as they are."""
 
+    # stored parts whose every value must be finite (a quantized expert's scales and zero
+    # points), checked as the store first reads each expert
+    finite: tuple[str, ...] = ()
+
     def layout(self, parts: dict[str, Part]) -> Layout:
         return Layout.of({n: (p.shape, p.dtype) for n, p in parts.items()})
 
@@ -134,6 +139,9 @@ class ExpertStore:
             self._close_files()
             raise
         self._scratch = threading.local()  # per thread: raw buffers for an encoding codec
+        # the experts whose codec.finite parts were found finite (each checked on its first
+        # read, not all at load: that would read every expert; a bad one fails every read)
+        self._finite: set[Key] = set()
         # per (slot buffer, layout): its tensor views, byte views and wrapped value, made
         # once; re-making them per read held the GIL ~0.1 ms per expert on the prefetch
         # thread, time the compute thread spent waiting for it
@@ -184,11 +192,37 @@ class ExpertStore:
         if self.codec.reads_into_cache():
             for name, p in parts.items():
                 pread_into(mvs[name], p.locs, fds)
+            stored = cached
         else:
-            raw = {name: read_into(self._raw_buffer(name, p), list(p.locs), fds)
-                   for name, p in parts.items()}
-            self.codec.encode(raw, cached)
+            stored = {name: read_into(self._raw_buffer(name, p), list(p.locs), fds)
+                      for name, p in parts.items()}
+        if self.codec.finite and key not in self._finite:  # (before any encode uses them)
+            self._check_finite(key, stored)
+        if not self.codec.reads_into_cache():
+            self.codec.encode(stored, cached)
         return value
+
+    def _check_finite(self, key: Key, stored: dict[str, Tensor]) -> None:
+        """``NonFiniteScalesError`` naming the file, the tensor and the expert where a part
+        the codec names finite holds NaN or inf."""
+        for name in self.codec.finite:
+            t = stored.get(name)
+            if t is None or bool(torch.isfinite(t).all()):
+                continue
+            finite_N = torch.isfinite(t.reshape(-1))
+            at = 0  # the first location (of the part's, read one after another) holding one
+            for loc in self.experts[key][name].locs:
+                n = loc.nbytes // t.element_size()
+                if not bool(finite_N[at:at + n].all()):
+                    break
+                at += n
+            layer, expert = key
+            raise NonFiniteScalesError(
+                f"checkpoint {loc.file}: {loc.name}, expert {expert} of MoE layer {layer}, "
+                f"holds {int((~finite_N).sum())} non-finite value(s) (NaN or inf): "
+                "quantization scales and zero points must be finite (checked as the "
+                "expert is first read from disk)")
+        self._finite.add(key)
 
     def _begin_read(self) -> dict:
         """The open shard files, held open until ``_end_read``."""

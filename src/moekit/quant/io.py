@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moekit.config import reject
+from moekit.errors import NonFiniteScalesError
 from moekit.inference.text import copy_tokenizer, find_tokenizer
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
@@ -220,7 +221,7 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     check_model_fits(model, tensors, where)
     if quant is not None:
         _check_dtypes(model, tensors, where)
-        _check_finite_scales(model, tensors, where)
+        check_finite_scales(model, tensors, where)
     else:
         wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
                        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16))
@@ -235,9 +236,11 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     return model.eval()
 
 
-def _check_finite_scales(model: MoETransformer, tensors: dict, where: Path) -> None:
-    """Every scale and zero point is finite: one NaN loaded fine and then made the logits
-    NaN, which died in sampling (generate) or scored nan (perplexity)."""
+def check_finite_scales(model: nn.Module, tensors: dict, where: Path) -> None:
+    """Every scale and zero point of ``model``'s QuantizedTensors in ``tensors`` (by
+    state-dict name) is finite, else ``NonFiniteScalesError``: one NaN loaded fine and
+    then made the logits NaN, which died in sampling (generate) or scored nan
+    (perplexity)."""
     for name, m in model.named_modules():
         if not isinstance(m, QuantizedTensor):
             continue
@@ -245,9 +248,9 @@ def _check_finite_scales(model: MoETransformer, tensors: dict, where: Path) -> N
             t = tensors.get(f"{name}.{part}")
             if t is not None and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
-                raise CheckpointError(f"checkpoint {where}: {name}.{part} holds {bad} "
-                                      "non-finite value(s) (NaN or inf): quantization scales "
-                                      "and zero points must be finite")
+                raise NonFiniteScalesError(
+                    f"checkpoint {where}: {name}.{part} holds {bad} non-finite value(s) (NaN "
+                    "or inf): quantization scales and zero points must be finite")
 
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,

@@ -233,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops, kv=kv)],
                     args.batch)
+    except CheckpointError as e:  # found as it is read: an offloaded expert's NaN scales
+        sys.stdout.flush()  # (on a terminal: below the text streamed so far, not after it)
+        print(("\n" if sys.stdout.isatty() else "") + f"moekit generate: error: {e}",
+              file=sys.stderr)
+        return 2
     finally:
         close_offload(model)
     return 0
