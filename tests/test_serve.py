@@ -1081,6 +1081,52 @@ def test_sigterm_ends_streams_and_exits_0(tmp_path):
     assert "SIGTERM: stopping" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("second", ["while_working", "while_shutting_down"])
+def test_a_second_signal_exits_at_once_without_a_traceback(tmp_path, monkeypatch, capsys,
+                                                          second):
+    """`moekit serve` given SIGINT, then SIGINT again while it still generates or while
+    it shuts down: the second exits at once (os._exit, status 130, stdout and stderr
+    flushed). It raised KeyboardInterrupt: during the shutdown that escaped with a
+    traceback (status -2), its joins and closes skipped and threads left running into
+    the interpreter's teardown (where one inside a torch call aborts: "terminate called
+    without an active exception"); while generating it was taken as the first. In
+    process: both signals are sent to this process (run's handler takes them), os._exit
+    recorded instead of run."""
+    import os
+    import signal
+
+    from moekit.inference import server
+
+    lm = MoETransformer(preset("tiny"))
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 0, "model_config": lm.config.to_dict()})
+    exits, events = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)
+
+    def work(self, stop):
+        os.kill(os.getpid(), signal.SIGINT)  # (the handler runs before the next line)
+        events.append(("first", stop.is_set(), list(exits)))
+        if second == "while_working":
+            os.kill(os.getpid(), signal.SIGINT)
+            events.append(("second", list(exits)))
+
+    def end_connections(self, timeout):
+        if second == "while_shutting_down":
+            os.kill(os.getpid(), signal.SIGINT)
+            events.append(("second", list(exits)))
+
+    monkeypatch.setattr(server.Service, "work", work)
+    monkeypatch.setattr(server._Server, "end_connections", end_connections)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--port", "0",
+                     "--no-huge-pages"]) == 0  # (os._exit recorded, not run)
+    assert events == [("first", True, []), ("second", [130])]
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping" in err and "SIGINT again: exiting now" in err
+    assert "Traceback" not in err
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # restored
+
+
 def test_routes_ignore_the_query_and_other_methods_get_json(byte_server):
     """A query string does not change the route; /v1/models/{id} is OpenAI's
     models.retrieve; HEAD is GET without a body; OPTIONS answers 204 with Allow; PUT,

@@ -45,7 +45,8 @@ Content-Length or chunked (``http_body``: 16 MiB at most). Bad input gets HTTP 4
 an OpenAI-style error naming the field, before anything is generated. SIGTERM or Ctrl-C
 stops the server between decode steps: no new requests; those not answered end (HTTP
 503, or a stream's error chunk then ``data: [DONE]``), the handler threads are joined
-(``SHUTDOWN_S`` at most) and the process exits 0.
+(``SHUTDOWN_S`` at most) and the process exits 0; a second signal exits at once
+(``Stopper``).
 
 ``moekit serve`` runs the generations on its main thread (``Service.work``), the HTTP
 handlers on others: torch's OpenMP regions ran 3-6x slower from a second thread once the
@@ -1168,6 +1169,33 @@ class _Server(ThreadingHTTPServer):
             thread.join(max(0.0, end - time.monotonic()))
 
 
+class Stopper:
+    """``moekit serve``'s SIGINT and SIGTERM handler. The first signal sets ``stop``: the
+    server stops between decode steps and shuts down (the requests not answered end with
+    an error, the threads are joined, exit status 0). A second one exits at once, status
+    128 + its number, stdout and stderr flushed (``exit_now``: ``os._exit``, which leaves
+    out the interpreter's teardown). It raised KeyboardInterrupt, which, landing in the
+    shutdown (5 of 6 double Ctrl-Cs here), ended the process with a traceback, status -2,
+    the joins and closes after it skipped, and so left threads running into the
+    teardown, where a thread inside a torch call aborts the process ("terminate called
+    without an active exception")."""
+
+    def __init__(self, exit_now: Callable[[int], object] | None = None) -> None:
+        self.stop = threading.Event()
+        self._exit_now = exit_now
+
+    def __call__(self, signum: int, frame: object = None) -> None:
+        name = signal.Signals(signum).name
+        if not self.stop.is_set():
+            print(f"moekit serve: {name}: stopping (a second one: exit at once)",
+                  file=sys.stderr, flush=True)
+            self.stop.set()
+            return
+        print(f"moekit serve: {name} again: exiting now", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        (self._exit_now or os._exit)(128 + signum)
+
+
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None) -> _Server:
     """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any);
@@ -1257,22 +1285,12 @@ def run(args: argparse.Namespace) -> int:
     if key is None and host not in ("127.0.0.1", "::1", "localhost"):
         print(f"moekit serve: warning: listening on {host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr, flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame) -> None:
-        if stop.is_set():  # a second one: stop now
-            raise KeyboardInterrupt
-        print(f"moekit serve: {signal.Signals(signum).name}: stopping", file=sys.stderr,
-              flush=True)
-        stop.set()
-
-    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopper = Stopper()
+    before = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
     http = threading.Thread(target=server.serve_forever, daemon=True)
     http.start()
     try:  # the generations on this thread, the requests on the server's
-        service.work(stop)  # (between steps it sees stop; what runs then gets an error)
-    except KeyboardInterrupt:
-        pass
+        service.work(stopper.stop)  # (between steps it sees stop; what runs then: an error)
     finally:
         server.shutdown()  # no new connections
         http.join()
