@@ -74,20 +74,6 @@ def check_like_weight(x: Tensor, weight: Tensor) -> None:
                          f"cast with x.to({weight.dtype}) or the layer with .to({x.dtype})")
 
 
-def _describe(value: object) -> str:
-    """A tensor as its shape and dtype (an error message prints no tensor's values)."""
-    if isinstance(value, Tensor):
-        return f"shape {tuple(value.shape)}, {value.dtype}"
-    return type(value).__name__
-
-
-def hash_ids(layer: nn.Module, token_ids: Tensor | None) -> Tensor | None:
-    """``token_ids`` for a layer whose router reads them (router='hash'), None for the
-    others (which refuse ids): what a model that keeps the ids for every layer passes."""
-    cfg = getattr(layer, "config", None)
-    return token_ids if isinstance(cfg, MoEConfig) and cfg.router == "hash" else None
-
-
 def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
     """Hash routing's ids: integers shaped like x without its last dimension, in
     [0, vocab). The values are read on every device (one host sync per step on CUDA,
@@ -184,11 +170,6 @@ class MoE(nn.Module):
         if isinstance(self.experts, Experts):  # before the router counts the tokens
             self.experts.check_input(x)
         if cfg.router != "hash":
-            if token_ids is not None:  # had been dropped without a word
-                raise ValueError(
-                    f"token_ids ({_describe(token_ids)}) is not allowed with router="
-                    f"{cfg.router!r}: only router='hash' reads token ids; leave token_ids "
-                    "out (None)")
             return x.reshape(-1, cfg.dim), None
         assert cfg.hash_vocab_size is not None
         check_token_ids(token_ids, x, cfg.hash_vocab_size)

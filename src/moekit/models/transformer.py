@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moekit.config import check_positive_int, reject
 from moekit.functions import decode
 from moekit.functions.moe_experts import RowBuffers, reuse_row_buffers
-from moekit.layer import MoE, hash_ids
+from moekit.layer import MoE
 from moekit.models.config import LMConfig
 from moekit.routing.hashing import check_id_range, check_integer_tensor
 from moekit.routing.stats import RoutingStats
@@ -421,7 +421,7 @@ class Block(nn.Module):
         h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None, None
-        y, aux, stats = self.ffn(h, token_ids=hash_ids(self.ffn, token_ids))
+        y, aux, stats = self.ffn(h, token_ids=token_ids)
         return x + y, aux, stats
 
     def infer(self, x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, cache: StaticKVCache,
@@ -429,8 +429,8 @@ class Block(nn.Module):
         """Generation (no losses, no routing statistics): from the residual stream x and
         h = attn_norm(x), the block's output and ``next_norm`` of it."""
         x, h = add_norm(x, self.attn(h, cos, sin, cache, cache.length), self.ffn_norm)
-        y = self.ffn.infer(h, hash_ids(self.ffn, token_ids)) if self.is_moe else self.ffn(h)
-        return add_norm(x, y, next_norm)
+        return add_norm(x, self.ffn.infer(h, token_ids) if self.is_moe else self.ffn(h),
+                        next_norm)
 
 
 def first_norm(x: Tensor, norm: RMSNorm) -> Tensor:
@@ -597,9 +597,7 @@ class MoETransformer(nn.Module):
                         for part, (ids, c, (cos, sin)) in zip(h.split(sizes), pairs, strict=True)]
                 x, h = add_norm(x, torch.cat(attn), block.ffn_norm)
                 last = i + 1 == len(self.blocks)
-                y = (block.ffn.infer(h, hash_ids(block.ffn, ids_T)) if block.is_moe
-                     else block.ffn(h))
-                x, h = add_norm(x, y,
+                x, h = add_norm(x, block.ffn.infer(h, ids_T) if block.is_moe else block.ffn(h),
                                 self.norm if last else self.blocks[i + 1].attn_norm)
         for ids, c, _ in pairs:
             c.advance(ids.shape[1])
