@@ -179,6 +179,10 @@ class MoE(nn.Module):
         return x.reshape(-1, cfg.dim), token_ids.reshape(-1).long()
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
+        """Route x [..., D] and run the experts. ``token_ids`` (shaped like x without D)
+        are read by router='hash' only, which requires them; every other router ignores
+        them, so a model can hand its ids to every layer whatever each layer's router
+        (refusing them broke that pattern, this repository's own test models included)."""
         x_TD, routed, dispatch, _ = self.route(x, token_ids)
         y_TD = self.experts(x_TD, dispatch)
         if self.shared is not None:
