@@ -236,7 +236,29 @@ def test_analyze_bad_input(trained, argv, words, capsys):
 def test_analyze_defaults_to_the_training_corpus(trained):
     result, out = analyze_checkpoint(parse(str(trained / "run"), "--tokens", "256"))
     assert result["meta"]["source"] == f"{trained / 'text.txt'} (val split)"
-    assert out == trained / "run" / "step_00000003" / "analysis"
+    assert out == trained / "run" / "analysis" / "step_00000003"
+
+
+def test_default_analysis_survives_the_run_going_on(tmp_path, capsys):
+    """`moekit analyze RUN` without --out wrote into RUN/step_N/analysis, and the trainer
+    deletes that directory when it prunes old checkpoints: the report was lost when the
+    run went on. The default is now beside the checkpoints, where pruning never reaches."""
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    text = tmp_path / "text.txt"
+    text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text())
+    corpus = load_corpus(str(text))
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, eval_every=1, eval_batches=1,
+                      save_every=1, keep_checkpoints=1, warmup_steps=0)
+    Trainer(preset("tiny"), cfg, corpus, tmp_path / "run", progress=False).fit()
+    assert run(parse(str(tmp_path / "run"), "--tokens", "64", "--seq-len", "16")) == 0
+    written = [Path(w) for w in capsys.readouterr().out.split("wrote ")[1].split(", ")]
+    report = next(w for w in written if w.name == "report.md")
+    before = report.read_text()
+    Trainer.resume(tmp_path / "run", corpus, progress=False, steps=2).fit()
+    assert not (tmp_path / "run" / "step_00000001").exists()  # pruned (keep 1)
+    assert report.exists() and report.read_text() == before
+    assert report.parent == tmp_path / "run" / "analysis" / "step_00000001"
 
 
 def test_moekit_command_runs_analyze(trained, capsys):

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=5,
                    help="ignore items an expert saw fewer times (their lift is noise)")
     p.add_argument("--out", default=None, help="output directory (default: "
-                   "CHECKPOINT/analysis)")
+                   "RUN/analysis/step_NNNNNNNN, beside the checkpoint, not inside it: the "
+                   "trainer deletes old checkpoint directories)")
 
 
 def load_lm(path: str):
@@ -45,6 +46,13 @@ def load_lm(path: str):
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)
     return model.eval(), ck
+
+
+def default_out(ck) -> Path:
+    """RUN/analysis/step_NNNNNNNN: beside the checkpoint, never inside it (the trainer
+    deletes a step_* directory, with whatever was written into it, when it prunes old
+    checkpoints or re-saves that step: the default CHECKPOINT/analysis was lost so)."""
+    return ck.path.parent / "analysis" / f"step_{ck.step:08d}"
 
 
 def trained_on(ck) -> str | None:
@@ -61,7 +69,7 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
-    out = ck.path / "analysis" if args.out is None else Path(args.out)
+    out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
     cfg = model.config
     seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len  # 0 is an error
