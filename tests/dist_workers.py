@@ -166,6 +166,7 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "train_ep2_matches_one_process", train_matches, mesh, ckpt)
     check(res, "resume_newest_complete_runs_no_code", resume_guarded, mesh, ckpt)
     check(res, "train_ep2_consolidated", consolidated_matches, mesh, ckpt)
+    check(res, "resume_newer_one_process_checkpoint", resume_newer_one_process, mesh, ckpt)
     dist.destroy_process_group()
     return res
 
@@ -393,6 +394,54 @@ def consolidated_matches(mesh, ckpt: str) -> str | None:
         for key in ("exp_avg", "exp_avg_sq"):
             if not torch.allclose(s_got[key], s_ref[key], atol=1e-6, rtol=1e-3):
                 return f"optimizer {key} of a {tuple(p_ref.shape)} parameter differs"
+    return None
+
+
+def resume_newer_one_process(mesh, ckpt: str) -> str | None:
+    """A one-process --resume of the ep=2 run goes on to step 22 and writes step_* only;
+    an ep=2 --resume of the run directory continues from that step_00000022, each rank
+    with its experts' rows of the weights and AdamW moments (it had taken the older
+    dcp_step_00000020, and its saves then pruned the one-process steps)."""
+    import shutil
+
+    from moekit.train.distributed import DistributedTrainer
+    from moekit.train.trainer import Trainer
+
+    _, _, corpus = lm_setup()
+    run = Path(ckpt).parent / "mixed"
+    if dist.get_rank() == 0:
+        shutil.copytree(Path(ckpt).parent / "lm", run)
+        one = Trainer.resume(run, corpus, progress=False, steps=22)
+        for _ in range(2):
+            one.step_once()
+            one.step += 1
+        one.save()
+    dist.barrier()
+    trainer = DistributedTrainer.resume_distributed(run, corpus, mesh, progress=False,
+                                                    steps=24)
+    if trainer.step != 22:
+        return f"resumed at step {trainer.step}, not at the one-process step_00000022"
+    ref = Trainer.resume(run / "step_00000022", corpus, progress=False,
+                         out_dir=Path(ckpt).parent / f"mixed_ref{dist.get_rank()}")
+    ref_params = dict(ref.model.named_parameters())
+    ref_sd = ref.model.state_dict()
+    for name, t in trainer.model.state_dict().items():
+        want = ref_sd[name]
+        if ".experts." in name:
+            want = want[mesh.ep_rank * t.shape[0]:(mesh.ep_rank + 1) * t.shape[0]]
+        if not torch.equal(t, want):
+            return f"{name} differs from the one-process checkpoint's"
+    for name, p in trainer.model.named_parameters():
+        have, want = trainer.optimizer.state[p], ref.optimizer.state[ref_params[name]]
+        if float(have["step"]) != 22:
+            return f"optimizer step of {name} is {float(have['step'])}, not 22"
+        for key in ("exp_avg", "exp_avg_sq"):
+            w = want[key]
+            if ".experts." in name:
+                n = have[key].shape[0]
+                w = w[mesh.ep_rank * n:(mesh.ep_rank + 1) * n]
+            if not torch.equal(have[key], w):
+                return f"optimizer {key} of {name} differs from the one-process checkpoint's"
     return None
 
 

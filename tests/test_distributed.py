@@ -96,7 +96,7 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
     "ep2_bias_update", "ep2_bad_ep", "ckpt_save_ep2", "train_ep2_matches_one_process",
     "resume_newest_complete_runs_no_code",
-    "train_ep2_consolidated"])
+    "train_ep2_consolidated", "resume_newer_one_process_checkpoint"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 

@@ -70,6 +70,50 @@ def find_resumable(run_dir: str | Path) -> Path:
     return complete[-1]
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("_")[-1])
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run directory an ``--nproc`` run can resume: its newest
+    complete ``dcp_step_*``, or the ``step_*`` that LATEST names where that one is newer.
+
+    A one-process ``--resume`` of an ``--nproc`` run writes ``step_*`` only; taking the
+    newest ``dcp_step_*`` alone had gone back to the older state without a word, and the
+    saves of that session then pruned the one-process steps."""
+    run_dir = Path(run_dir)
+    try:
+        dcp: Path | None = find_resumable(run_dir)
+    except CheckpointError:
+        dcp = None
+    one = ckpt_io.resolve(run_dir) if (run_dir / ckpt_io.LATEST).is_file() else None
+    if one is not None and (dcp is None or _step_of(one) > _step_of(dcp)):
+        return one
+    return dcp if dcp is not None else find_resumable(run_dir)  # raises, naming the run
+
+
+def is_one_process_checkpoint(path: Path) -> bool:
+    return rundir.STEP_DIR.fullmatch(path.name) is not None
+
+
+def resume_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint ``resumable_checkpoint`` returned: trainer.json of
+    a ``dcp_step_*``, state.json of a one-process ``step_*`` (both checked)."""
+    if not is_one_process_checkpoint(path):
+        return read_trainer_state(path)
+    return _training_checkpoint(path).state
+
+
+def _training_checkpoint(path: Path) -> ckpt_io.Checkpoint:
+    ck = ckpt_io.load_checkpoint(path)
+    missing = [k for k in ("train_config", "counters") if k not in ck.state]
+    if missing:  # e.g. written by `moekit convert --to moekit`: weights only
+        raise CheckpointError(f"checkpoint {ck.path} holds no training state (its "
+                              f"{ckpt_io.STATE_FILE} has no {' or '.join(missing)}): it "
+                              "cannot be resumed")
+    return ck
+
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """trainer.json of a complete, intact DCP checkpoint, every field checked."""
     rundir.verify_manifest(path, required=(TRAINER_FILE, ".metadata"))
@@ -282,32 +326,66 @@ class DistributedTrainer(Trainer):
                            **overrides: Any) -> DistributedTrainer:
         """Continue a run saved by ``save`` at any (dp, ep) with the same world batch.
 
-        ``path`` is a ``dcp_step_*`` directory or a run directory (then its newest
-        complete checkpoint: ``resumable_checkpoint``). ``ep_kwargs`` go to
+        ``path`` is a ``dcp_step_*`` or one-process ``step_*`` directory, or a run
+        directory (then its newest checkpoint: ``resumable_checkpoint``). ``ep_kwargs`` go to
         ``parallelize`` (dispatcher, overlap_chunks: how this session runs, not
         saved), ``overrides`` to the saved TrainConfig."""
         path = resumable_checkpoint(path, mesh)
-        state = read_trainer_state(path)
+        one = _training_checkpoint(path) if is_one_process_checkpoint(path) else None
+        state = read_trainer_state(path) if one is None else one.state
         mcfg = LMConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"]).replace(**overrides)
         trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress,
                       **(ep_kwargs or {}))
-        load_checkpoint(path, trainer.model, _optimizer_state(trainer.model, trainer.optimizer))
+        optim = _optimizer_state(trainer.model, trainer.optimizer)
+        if one is None:
+            load_checkpoint(path, trainer.model, optim)
+        else:
+            _load_one_process(one, trainer)
         trainer.step = state["step"]
         trainer.counters.update(state["counters"])
         trainer.last_checkpoint = path
         return trainer
 
 
+@torch.no_grad()
+def _load_one_process(ck: ckpt_io.Checkpoint, trainer: DistributedTrainer) -> None:
+    """Assign a one-process checkpoint (full tensors) to the expert-parallel trainer: each
+    rank keeps the rows of its experts, of the weights and of their AdamW moments. Built
+    and checked on a one-process model first, so a bad checkpoint assigns nothing."""
+    with torch.random.fork_rng(devices=[]):  # the ranks' RNG streams must keep matching
+        full = MoETransformer(trainer.mcfg)
+    optimizer = make_optimizer(full, trainer.cfg)
+    ckpt_io.restore(ck, full, optimizer, rng=False)
+    rank, views = trainer.mesh.ep_rank, model_state_dict(trainer.model)
+    full_sd = full.state_dict()
+
+    def shard(t: Tensor, rows: int) -> Tensor:  # this ep rank's experts: Shard(0) over ep
+        return t[rank * rows:(rank + 1) * rows]
+
+    for key, t in trainer.model.state_dict().items():
+        t.copy_(shard(full_sd[key], t.shape[0]) if isinstance(views[key], DTensor)
+                else full_sd[key])
+    full_params = dict(full.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        saved = optimizer.state.get(full_params[name], {})
+        for key, value in trainer.optimizer.state[p].items():
+            if key in saved:
+                src = saved[key]
+                value.copy_(shard(src, value.shape[0]) if is_expert_parameter(p)
+                            and value.dim() else src)
+
+
 def resumable_checkpoint(path: str | Path, mesh: ExpertParallelMesh) -> Path:
-    """``path`` if it is a ``dcp_step_*`` directory, else the newest complete checkpoint
-    of the run directory ``path``, after rank 0 cleaned up what killed saves left
-    (restoring a checkpoint a killed save had moved aside). Collective."""
+    """``path`` if it is a ``dcp_step_*`` or ``step_*`` directory, else the newest
+    checkpoint of the run directory ``path`` (``newest_checkpoint``), after rank 0 cleaned
+    up what killed saves left (restoring a checkpoint a killed save had moved aside).
+    Collective."""
     path = Path(path)
-    if rundir.DCP_DIR.fullmatch(path.name):
+    if rundir.DCP_DIR.fullmatch(path.name) or is_one_process_checkpoint(path):
         return path
     _on_rank0_then_barrier(lambda: rundir.clean_run_dir(path), mesh)
-    return find_resumable(path)
+    return newest_checkpoint(path)
 
 
 def _on_rank0_then_barrier(fn: Callable[[], Any], mesh: ExpertParallelMesh) -> None:

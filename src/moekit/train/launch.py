@@ -93,8 +93,8 @@ def _build(args: argparse.Namespace, mesh):
     from moekit.train.distributed import (
         DCP_PREFIX,
         DistributedTrainer,
-        read_trainer_state,
         resumable_checkpoint,
+        resume_state,
     )
 
     ep_kwargs = {"dispatcher": args.dispatcher, "overlap_chunks": args.overlap_chunks}
@@ -103,7 +103,7 @@ def _build(args: argparse.Namespace, mesh):
         # the corpus the run was trained on, which its checkpoint names (runs saved before
         # it did: the default corpus unless --data is given)
         source = args.data if args.data is not None else recorded_corpus(
-            args.resume, read_trainer_state(path).get("data", {}).get("corpus"))
+            args.resume, resume_state(path).get("data", {}).get("corpus"))
         corpus = load_corpus(source)
         overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
         trainer = DistributedTrainer.resume_distributed(
