@@ -162,6 +162,43 @@ def test_bad_parallel_flags_fail_before_torchrun(nproc, argv, words, tmp_path, m
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--nproc", "3", "--steps", "4"], ["--nproc=3", "batch size 2", "[1, 2]"]),
+    (["--nproc", "2", "--ep", "2", "--steps", "2"], ["already at step 2 of steps=2"]),
+    (["--nproc", "2", "--ep", "2"], ["already at step 2 of steps=2"]),
+])
+def test_nproc_resume_that_cannot_go_on_fails_before_torchrun(run_dir, argv, words,
+                                                               monkeypatch, capsys):
+    """The saved batch size against the processes, and a run already at --steps, are
+    refused before torchrun starts (every rank had found them once started, each printing
+    the error under torchrun's failure report)."""
+    import moekit.train.launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchrun was launched before the resume was refused")
+    monkeypatch.setattr(launch, "launch_torchrun", refuse)
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert cli_main(["train", "--resume", str(run_dir), "--no-progress", *argv]) == 2
+    _one_error_line(capsys, f"--resume={run_dir}", *words)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_nproc_resume_with_ep_not_dividing_the_experts_fails_before_torchrun(
+        data, tmp_path, monkeypatch, capsys):
+    import moekit.train.launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchrun was launched before the resume was refused")
+    run = tmp_path / "e3"
+    assert cli_main(["train", *TINY, "--experts", "3", "--data", str(data), "--out",
+                     str(run)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(launch, "launch_torchrun", refuse)
+    assert cli_main(["train", "--resume", str(run), "--nproc", "2", "--ep", "2",
+                     "--steps", "4"]) == 2
+    _one_error_line(capsys, "--ep=2", "3 experts")
+
+
 def test_resume_of_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
     rc = cli_main(["train", "--resume", str(tmp_path / "nope")])
     assert rc == 2

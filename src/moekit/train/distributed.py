@@ -104,6 +104,15 @@ def resume_state(path: Path) -> dict[str, Any]:
     return _training_checkpoint(path).state
 
 
+def resume_candidate(path: str | Path) -> Path:
+    """The checkpoint ``resumable_checkpoint`` will pick for ``path``, found without a
+    process group and without cleaning anything (for the checks before torchrun starts)."""
+    path = Path(path)
+    if rundir.DCP_DIR.fullmatch(path.name) or is_one_process_checkpoint(path):
+        return path
+    return newest_checkpoint(path)
+
+
 def _training_checkpoint(path: Path) -> ckpt_io.Checkpoint:
     ck = ckpt_io.load_checkpoint(path)
     missing = [k for k in ("train_config", "counters") if k not in ck.state]

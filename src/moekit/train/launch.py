@@ -164,6 +164,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
     if args.resume:
         check_resume_path(args.resume)
         check_resume_flags(args)  # a flag that would change a saved setting is refused
+        check_resume_fits(args, world)
         return
     model, train = configs_from_args(args)
     if train.batch_size % world:
@@ -175,6 +176,32 @@ def validate(args: argparse.Namespace, world: int) -> None:
     check_new_out(args.out)
     # every process builds the whole model here before its experts are split
     check_model_memory(model, size_flags(args), train.device, processes=world)
+
+
+def check_resume_fits(args: argparse.Namespace, world: int) -> None:
+    """The saved run against this session's processes, --ep and --steps, before torchrun
+    starts: each rank had found these itself, once started, every one printing the same
+    error under torchrun's failure report."""
+    from moekit.models import LMConfig
+    from moekit.train.distributed import resume_candidate, resume_state
+    from moekit.train.trainer import TrainConfig
+
+    state = resume_state(resume_candidate(args.resume))
+    model = LMConfig.from_dict(state["model_config"])
+    train = TrainConfig.from_dict(state["train_config"])
+    if train.batch_size % world:
+        procs = f"WORLD_SIZE={world}" if under_torchrun() else f"--nproc={world}"
+        fits = [d for d in range(1, train.batch_size + 1) if train.batch_size % d == 0]
+        raise ValueError(f"{procs} is not allowed with --resume={args.resume}: the number "
+                         f"of processes must divide the run's batch size {train.batch_size} "
+                         f"(the global batch; here one of {fits})")
+    if not model.dense and model.num_experts % args.ep:
+        raise ValueError(f"--ep={args.ep} is not allowed with --resume={args.resume}: it "
+                         f"must divide the run's {model.num_experts} experts")
+    steps = train.steps if args.steps is None else args.steps
+    if state["step"] >= steps:
+        raise ValueError(f"--resume={args.resume} is already at step {state['step']} of "
+                         f"steps={steps}: pass a larger --steps to continue")
 
 
 def run_distributed(args: argparse.Namespace) -> int:
