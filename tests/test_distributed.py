@@ -159,6 +159,15 @@ def test_cli_launches_through_torchrun(tmp_path):
     # the ranks' own errors come before torchrun's summary: keep enough of stderr
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-8000:]
     assert "mesh: dp=1 x ep=2" in done.stdout and "done: step 2" in done.stdout
+    # the whole model's parameters, as one process counts them (rank 0 holds half the
+    # experts: it had counted its own, 29,088 and 16,800 active per token)
+    from moekit.models import MoETransformer, preset
+    one = MoETransformer(preset("tiny"))
+    per_expert = sum(p[0].numel() for p in one.blocks[0].ffn.experts.parameters())
+    total = sum(p.numel() for p in one.parameters())
+    active = total - one.config.num_layers * (one.config.num_experts - one.config.top_k) \
+        * per_expert
+    assert f"{total:,} parameters, {active:,} active per token" in done.stdout, done.stdout
     assert (tmp_path / "run" / "dcp_step_00000002" / "trainer.json").exists()
     assert (tmp_path / "run" / "dcp_step_00000002" / "manifest.json").exists()  # complete
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]

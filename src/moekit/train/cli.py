@@ -171,7 +171,11 @@ def size_flags(args: argparse.Namespace) -> str:
 
 
 def describe(trainer: Trainer) -> str:
-    m, c = trainer.model, trainer.mcfg
+    return describe_model(trainer.model, trainer.mcfg)
+
+
+def describe_model(m: torch.nn.Module, c: LMConfig) -> str:
+    """The model line: parameters of ``m`` (a ``MoETransformer``), total and active."""
     kind = "dense" if c.dense else f"MoE E={c.num_experts} K={c.top_k} router={c.router}"
     return (f"{kind}, D={c.dim} L={c.num_layers} F={c.ffn_dim}: {m.num_params():,} parameters,"
             f" {m.active_params_per_token():,} active per token")
