@@ -233,6 +233,21 @@ def test_analyze_bad_input(trained, argv, words, capsys):
     assert run(args) == 2 and "error" in capsys.readouterr().err
 
 
+def test_analyze_names_the_split_that_is_too_short(trained, tmp_path, capsys):
+    """A 1,000-byte file validates on its last 5% (about 50 bytes): the error names the
+    split and its size, not "the text has 51 tokens"."""
+    from moekit.train import load_corpus
+    text = tmp_path / "short.txt"
+    text.write_text("x = 1\n" * 166 + "y = ")
+    n = load_corpus(str(text)).val.numel()
+    assert n < 64
+    args = parse(str(trained / "run"), "--data", str(text), "--seq-len", "64")
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert "--split: split='val'" in err and f"holds {n} tokens" in err, err
+    assert "seq_len=64" in err
+
+
 def test_analyze_defaults_to_the_training_corpus(trained):
     result, out = analyze_checkpoint(parse(str(trained / "run"), "--tokens", "256"))
     assert result["meta"]["source"] == f"{trained / 'text.txt'} (val split)"

@@ -18,7 +18,8 @@ from moekit.config import check_out_dir, flag_message
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
-               for name in ("data", "tokens", "seq_len", "batch_size", "top", "min_count")}
+               for name in ("data", "split", "tokens", "seq_len", "batch_size", "top",
+                            "min_count")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +82,13 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         if v < 1:
             raise ValueError(f"{name}={v} is not allowed: it must be >= 1")
     corpus = load_corpus(args.data if args.data is not None else trained_on(ck))
-    ids_BL = windows(corpus.val if args.split == "val" else corpus.train, args.tokens, seq_len)
+    data_N = corpus.val if args.split == "val" else corpus.train
+    if data_N.numel() < seq_len:  # was "the text has 50 tokens" of a 1,000-byte file
+        raise ValueError(f"split={args.split!r} is not allowed: the {args.split} split of "
+                         f"{corpus.source} holds {data_N.numel()} tokens, fewer than "
+                         f"seq_len={seq_len} (one sequence); try another --split, a shorter "
+                         "--seq-len or more text")
+    ids_BL = windows(data_N, args.tokens, seq_len)
     layers = analyze_model(model, ids_BL, cfg.vocab_size, args.batch_size, args.top,
                            args.min_count)
     meta = {"checkpoint": str(ck.path), "step": ck.step,
