@@ -226,6 +226,14 @@ def test_a_quantized_checkpoint_is_planned_with_its_own_bits_and_group_size(
     assert got["context"] == cfg.max_seq_len  # the default 4096 is past its 64
     rc, _, err = _plan(capsys, tmp_path / "q", "--decode", "--weights", "fp32")
     assert rc == 2 and "--weights='fp32' is not allowed" in err and "already quantized" in err
+    # the training plan reads it too (it said "no state.json or LATEST there"): the float
+    # model's parameter count, at its max_seq_len
+    rc, out, err = _plan(capsys, tmp_path / "q", "--gpus", "1", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["params"]["total_params"] == sum(
+        p.numel() for p in MoETransformer(cfg).parameters())
+    assert got["setup"]["seq_len"] == cfg.max_seq_len
 
 
 def test_a_context_past_the_models_longest_is_refused(tmp_path, capsys):
