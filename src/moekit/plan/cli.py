@@ -202,9 +202,10 @@ def setup_from_args(args: argparse.Namespace, longest: int | None = None) -> Tra
 
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     """The plan (or, with --search, the ranked plans); raises ValueError on bad input."""
-    spec = load_model(args.model)
+    # a `moekit quantize` directory plans training too: its float model's parameters
+    spec, longest, _ = model_source(args.model)
     cluster = cluster_from_args(args)
-    setup = setup_from_args(args, source_longest(args.model))
+    setup = setup_from_args(args, longest)
     if args.search:
         check_int("top", args.top, 1)
         return search(spec, cluster, setup, top=args.top, fixed=fixed_layout(args))
@@ -253,7 +254,7 @@ def check_flags_apply(args: argparse.Namespace) -> None:
             reject(flag, value, allowed)
 
 
-def _decode_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
+def model_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
     """(the model's spec, the longest context its source allows or None where it does not
     say: a moekit config's max_seq_len, a transformers config's max_position_embeddings;
     a `moekit quantize` directory's quantized.json or None)."""
@@ -302,7 +303,7 @@ def _decode_plan(args: argparse.Namespace):
     """The decode plan of the flags; every flag checked before --bandwidth-gbs measure
     reads 1 GiB."""
     check_flags_apply(args)
-    spec, longest, meta = _decode_source(args.model)
+    spec, longest, meta = model_source(args.model)
     weights, group = _decode_weights(args, meta)
     context = length_within("--context", args.context, longest, args.model)
     shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
