@@ -236,6 +236,75 @@ def test_a_quantized_checkpoint_is_planned_with_its_own_bits_and_group_size(
     assert got["setup"]["seq_len"] == cfg.max_seq_len
 
 
+@pytest.mark.parametrize("bits,group,scope,embeddings", [
+    (8, None, "experts", True), (4, 32, "experts", True),  # routed experts only
+    (8, None, "all", False), (4, 64, "all", False),  # --float-embeddings
+])
+def test_quantize_scope_and_float_embeddings_are_planned(tmp_path, capsys, bits, group,
+                                                         scope, embeddings):
+    """A scope "experts" directory was refused (with advice whose plan counted every
+    projection quantized), and a --float-embeddings one planned as if its embedding table
+    were quantized: the weights held are now the quantized model's state dict, and the
+    float run planned with the same --scope / --float-embeddings gives the same bytes."""
+    import json
+
+    from moekit.quant import io as qio
+    from moekit.train.checkpoint import save_checkpoint
+
+    cfg = _config(tied=False)
+    torch.manual_seed(0)
+    float_model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", float_model,
+                    torch.optim.SGD(float_model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": cfg.to_dict()})
+    model = moekit.quantize(float_model, bits=bits, scope=scope, embeddings=embeddings,
+                            **({} if group is None else {"group_size": group}))
+    qio.save_quantized(model, tmp_path / "q")
+    rc, out, err = _plan(capsys, tmp_path / "q", "--decode", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["total_weight_bytes"] == _held_bytes(model)
+    assert (got["scope"], got["float_embeddings"]) == (scope, not embeddings and scope == "all")
+    flags = ["--weights", f"int{bits}", "--scope", scope] + ([] if embeddings else
+                                                             ["--float-embeddings"])
+    flags += [] if group is None else ["--group-size", str(group)]
+    rc, out, err = _plan(capsys, tmp_path / "run", "--decode", "--json", *flags)
+    assert rc == 0, err
+    assert json.loads(out)["total_weight_bytes"] == _held_bytes(model)
+    other = "all" if scope == "experts" else "experts"
+    rc, _, err = _plan(capsys, tmp_path / "q", "--decode", "--scope", other)
+    assert rc == 2 and f"--scope='{other}' is not allowed" in err and "already quantized" in err
+
+
+def test_int4_groups_must_tile_the_inputs(tmp_path, capsys):
+    """moekit.quantize refuses int4 groups that do not divide an input dimension: the
+    planner planned a D=32 model in groups of 64 all the same; --group-size picks another,
+    and its bytes are the quantized model's."""
+    import json
+
+    from moekit.quant import io as qio
+    from moekit.train.checkpoint import save_checkpoint
+
+    cfg = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=32, num_experts=4, top_k=2,
+                   max_seq_len=16)
+    model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": cfg.to_dict()})
+    with pytest.raises(ValueError, match="group_size=64 does not divide"):
+        moekit.quantize(MoETransformer(cfg), bits=4)
+    rc, _, err = _plan(capsys, tmp_path / "run", "--decode", "--weights", "int4")
+    assert rc == 2 and "--group-size: group_size=64 is not allowed" in err, err
+    rc, out, err = _plan(capsys, tmp_path / "run", "--decode", "--weights", "int4",
+                         "--group-size", "32", "--json")
+    assert rc == 0, err
+    qio.save_quantized(moekit.quantize(model, bits=4, group_size=32), tmp_path / "q")
+    assert json.loads(out)["total_weight_bytes"] == _held_bytes(qio.load_quantized(
+        tmp_path / "q"))
+    rc, _, err = _plan(capsys, tmp_path / "run", "--decode", "--weights", "int8",
+                       "--group-size", "32")
+    assert rc == 2 and "--group-size=32 is not allowed" in err, err
+
+
 def test_a_context_past_the_models_longest_is_refused(tmp_path, capsys):
     """--context over the checkpoint's max_seq_len (64) was planned as if it fit."""
     from moekit.train.checkpoint import save_checkpoint

@@ -19,6 +19,7 @@ from moekit.plan.decode import (
     decode_table,
     expert_shares_from_routing,
 )
+from moekit.plan.decode import SCOPES as DECODE_SCOPES
 from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
 from moekit.plan.hf import read_spec_file, spec_from_dict
 from moekit.plan.presets import PRESETS, get_preset, longest_context
@@ -85,8 +86,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the training plan)")
     d.add_argument("--decode", action="store_true")
     d.add_argument("--weights", default=None, help=f"one of {', '.join(DECODE_WEIGHTS)} "
-                   "(int8 / int4: moekit.quantize's, every projection; default fp32, or a "
-                   "`moekit quantize` directory's own)")
+                   "(int8 / int4: moekit.quantize's, every projection unless --scope "
+                   "experts; default fp32, or a `moekit quantize` directory's own)")
+    d.add_argument("--group-size", type=int, default=None,
+                   help="int4's inputs per scale and zero point, as `moekit quantize "
+                   "--group-size` takes it: 32, 64 (default) or 128; default: a `moekit "
+                   "quantize` directory's own")
+    d.add_argument("--scope", default=None, choices=DECODE_SCOPES,
+                   help="what int8 / int4 cover, as `moekit quantize --scope` takes it: all "
+                   "(every projection, the default) or experts (the routed experts only, "
+                   "the rest fp32); default: a `moekit quantize` directory's own")
+    d.add_argument("--float-embeddings", action="store_true",
+                   help="as `moekit quantize --float-embeddings`: an embedding table that "
+                   "is not the LM head's stays fp32 under scope all")
     d.add_argument("--kv-cache-dtype", default="auto",
                    help=f"one of {', '.join(KV_CACHE_DTYPES)} (auto: the activations')")
     d.add_argument("--batch", type=int, default=1, help="sequences decoded together")
@@ -134,7 +146,9 @@ FIELD_FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node",
                "micro_batch": "--micro-batch", "gpu": "--gpu", "precision": "--precision",
                "weights": "--weights", "kv_cache_dtype": "--kv-cache-dtype", "batch": "--batch",
                "context": "--context", "bandwidth": "--bandwidth-gbs",
-               "expert_load": "--expert-load",
+               "expert_load": "--expert-load", "scope": "--scope",
+               "group_size": "--group-size",
+               "float_embeddings": "--float-embeddings",
                **{name: f"--{name}" for name in ("dp", "tp", "pp", "ep", "zero", "recompute",
                                                   "top")}}
 
@@ -242,7 +256,8 @@ def check_flags_apply(args: argparse.Namespace) -> None:
                 continue
             if group.title != "decode" and args.decode:
                 allowed = ("it plans training; with --decode only the decode flags apply "
-                           "(--weights, --kv-cache-dtype, --batch, --context, --expert-load, "
+                           "(--weights, --group-size, --scope, --float-embeddings, "
+                           "--kv-cache-dtype, --batch, --context, --expert-load, "
                            "--bandwidth-gbs) and --json")
             elif group.title == "decode" and not args.decode:
                 allowed = "it applies to a decode plan only: add --decode"
@@ -283,20 +298,32 @@ def source_longest(name: str) -> int | None:
 
 
 def _decode_weights(args: argparse.Namespace, meta: dict | None) -> tuple[str, dict]:
-    """(--weights, decode_cost's int4 group size as a keyword): a quantized directory's
-    own bits and group size (another --weights is refused), else --weights or fp32."""
+    """(--weights, decode_cost's keywords: int4 group size, scope, float embeddings): a
+    quantized directory's own (another --weights, --scope or --float-embeddings is
+    refused), else the flags (fp32 by default). A scope "experts" or --float-embeddings
+    directory had been refused, or planned as if its embedding table were quantized."""
     if meta is None:
-        return args.weights or "fp32", {}
+        if args.group_size is not None and args.weights != "int4":
+            reject("--group-size", args.group_size, "it applies to --weights int4 only")
+        group = {} if args.group_size is None else {"group_size": args.group_size}
+        return args.weights or "fp32", {**group, "scope": args.scope or "all",
+                                        "float_embeddings": args.float_embeddings}
     own = f"int{meta['bits']}"
-    if args.weights not in (None, own):
-        reject("--weights", args.weights, f"{args.model} is already quantized to {own} "
-               "(its quantized.json): leave --weights out, or plan the float run it came "
-               "from")
-    if meta["scope"] != "all":
-        fail("model", args.model, f"it was quantized with scope={meta['scope']} (routed "
-             "experts only), which the decode planner does not model (its int8 / int4 "
-             f"cover every projection): plan the float run it came from with --weights {own}")
-    return own, {"group_size": meta["group_size"]} if own == "int4" else {}
+    kept_float = not meta["embeddings"]  # a tied table is the head's: quantized as it
+    for flag, given, has in (("--weights", args.weights, own), ("--scope", args.scope,
+                                                                 meta["scope"]),
+                             ("--group-size", args.group_size, meta["group_size"])):
+        if given not in (None, has):
+            reject(flag, given, f"{args.model} is already quantized ({own}, scope "
+                   f"{meta['scope']}: its quantized.json): leave {flag} out, or plan the "
+                   "float run it came from")
+    if args.float_embeddings and not kept_float:
+        raise ValueError(f"--float-embeddings is not allowed: {args.model} quantized its "
+                         "embedding table (its quantized.json): leave the flag out, or plan "
+                         "the float run it came from")
+    group = {"group_size": meta["group_size"]} if own == "int4" else {}
+    return own, {**group, "scope": meta["scope"],
+                 "float_embeddings": kept_float and meta["scope"] == "all"}
 
 
 def _decode_plan(args: argparse.Namespace):
@@ -304,12 +331,12 @@ def _decode_plan(args: argparse.Namespace):
     reads 1 GiB."""
     check_flags_apply(args)
     spec, longest, meta = model_source(args.model)
-    weights, group = _decode_weights(args, meta)
+    weights, quant = _decode_weights(args, meta)
     context = length_within("--context", args.context, longest, args.model)
     shares = (expert_shares_from_routing(read_json("expert_load", args.expert_load))
               if args.expert_load else None)
     cost = decode_cost(spec, weights, args.kv_cache_dtype, args.batch, context,
-                       expert_shares=shares, **group)
+                       expert_shares=shares, **quant)
     return replace(cost, bandwidth=bandwidth_from(args.bandwidth_gbs))
 
 

@@ -2,9 +2,10 @@
 decode step reads, with the step time those bytes take at a memory bandwidth (the
 roofline: decoding a few tokens is memory-bound, so bytes / bandwidth is the limit).
 
-Weights as moekit stores them (``moekit.quantize`` scope "all" for int8 / int4): every
+Weights as moekit stores them (``moekit.quantize`` for int8 / int4; scope "all": every
 projection matrix [N, K] (attention, routed and shared experts, dense FFNs, the LM head
-and an embedding table of its own) in the chosen dtype, int8 with an fp32 scale per
+and, unless ``float_embeddings``, an embedding table of its own; scope "experts": the
+routed experts' alone, the rest fp32) in the chosen dtype, int8 with an fp32 scale per
 output row (N K + 4 N bytes), int4 with an fp32 scale and zero point per group of 64
 along K (N K / 2 + 8 N K / 64); norms, routers, biases and the rest in fp32 (bf16 for
 bf16 weights). MLA attention's matrices are counted as if each had D inputs. The KV
@@ -29,10 +30,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from moekit.config import check_bool
 from moekit.plan.params import count_params, mla_params
 from moekit.plan.spec import ModelSpec, check_int, fail, glu_matrices
 
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
+SCOPES = ("all", "experts")  # moekit.quantize's: every projection, or the routed experts'
+# components whose matrices moekit.quantize's scope "all" quantizes (the embedding table
+# unless it is kept float; the routed experts under either scope)
+DENSE_MATRICES = ("attention", "shared_experts", "dense_ffn", "lm_head")
+QUANTIZED = ("int8", "int4")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 INT4_GROUP = 64
 
@@ -92,6 +99,8 @@ class DecodeCost:
     bandwidth: float | None  # bytes/s
     routing: str = "uniform"  # what distinct_experts assumes: "uniform" or "measured"
     group_size: int = INT4_GROUP  # int4's inputs per scale and zero point
+    scope: str = "all"  # int8 / int4: every projection, or the routed experts only
+    float_embeddings: bool = False  # scope "all": an untied embedding table kept fp32
 
     @property
     def total_weight_bytes(self) -> float:
@@ -129,7 +138,9 @@ class DecodeCost:
                 "step_bytes": self.step_bytes, "total_step_bytes": self.total_step_bytes,
                 "bandwidth_Bps": self.bandwidth, "step_seconds": self.step_seconds,
                 "tokens_per_s": self.tokens_per_s,
-                **({"group_size": self.group_size} if self.weights == "int4" else {})}
+                **({"group_size": self.group_size} if self.weights == "int4" else {}),
+                **({"scope": self.scope, "float_embeddings": self.float_embeddings}
+                   if self.weights in QUANTIZED else {})}
 
 
 def expert_shares_from_routing(routing: Any) -> list[list[float]]:
@@ -184,17 +195,38 @@ def distinct_experts(E: int, K: int, batch: int, n_moe: int,
     return sum(sum(1 - (1 - v) ** batch for v in layer) for layer in shares) / n_moe
 
 
+def _check_groups(mats: dict[str, list[tuple[int, int, int]]], stored: dict[str, str],
+                  group_size: int) -> None:
+    """int4 groups tile each matrix's input dimension K, or moekit.quantize refuses it (a
+    D=32 model had been planned in groups of 64 that no quantized model can have)."""
+    for comp, ms in mats.items():
+        bad = sorted({k for _, _, k in ms if k % group_size})
+        if stored.get(comp) == "int4" and bad:
+            fail("group_size", group_size, f"it must divide the input dimension of every "
+                 f"int4 matrix, as moekit.quantize requires ({comp}: {bad[0]}); one of 32, "
+                 "64, 128 that does")
+
+
 def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "auto",
                 batch: int = 1, context: int = 4096, bandwidth: float | None = None,
                 expert_shares: Sequence[Sequence[float]] | None = None,
-                group_size: int = INT4_GROUP) -> DecodeCost:
+                group_size: int = INT4_GROUP, scope: str = "all",
+                float_embeddings: bool = False) -> DecodeCost:
     """The memory and the decode step's bytes of ``spec`` (module docstring); with
     ``bandwidth`` (bytes/s) the step time at it; with ``expert_shares`` (per MoE layer, per
     expert, the fraction of tokens it takes: ``expert_shares_from_routing``) the distinct
     experts of that routing instead of a uniform one; ``group_size``: int4's (a quantized
-    checkpoint's own)."""
+    checkpoint's own); ``scope`` and ``float_embeddings``: what int8 / int4 cover, as
+    ``moekit.quantize`` takes them."""
     if weights not in WEIGHTS:
         fail("weights", weights, f"it must be one of {', '.join(WEIGHTS)}")
+    if scope not in SCOPES:
+        fail("scope", scope, f"it must be one of {', '.join(SCOPES)}")
+    check_bool("float_embeddings", float_embeddings)
+    if weights not in QUANTIZED and (scope != "all" or float_embeddings):
+        fail("scope" if scope != "all" else "float_embeddings",
+             scope if scope != "all" else float_embeddings,
+             f"it applies to int8 / int4 weights only, not weights={weights}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         fail("kv_cache_dtype", kv_cache_dtype, f"it must be one of {', '.join(KV_CACHE_DTYPES)}")
     if weights == "bf16" and kv_cache_dtype == "float32":
@@ -204,24 +236,32 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
     check_int("context", context, 1)
     if group_size not in (32, 64, 128):  # moekit.quantize's int4 group sizes
         fail("group_size", group_size, "it must be 32, 64 or 128")
+    if group_size != INT4_GROUP and weights != "int4":
+        fail("group_size", group_size, f"it applies to int4 weights only, not weights={weights}")
     if bandwidth is not None and (isinstance(bandwidth, bool) or not bandwidth > 0):
         fail("bandwidth", bandwidth, "it must be > 0 (bytes/s) or None")
     if spec.num_encoder_layers:
         fail("model", spec.name, "an encoder-decoder model: the decode planner covers "
              "decoder-only models")
+    # a tied table is the head's (quantized as the head), as moekit.quantize has it
+    float_embeddings = float_embeddings and not spec.tied_embeddings and scope == "all"
     E, K, V = spec.num_experts, spec.top_k, spec.vocab_size
     n_moe = spec.moe_layers_in(spec.num_layers)
     float_bytes = 2 if weights == "bf16" else 4
     mats = _matrices(spec)
+    dense_w = weights if scope == "all" else "fp32"  # what the dense matrices are stored as
+    stored = {"experts": weights, **dict.fromkeys(DENSE_MATRICES, dense_w),
+              "embedding": "fp32" if float_embeddings else dense_w}
+    _check_groups(mats, stored, group_size)
     held: dict[str, float] = {}
     for comp, params in count_params(spec).total.items():
         times = E * n_moe if comp == "experts" else 1  # _matrices: one expert of one layer
         in_mats = times * sum(c * n * k for c, n, k in mats.get(comp, []))
-        as_mats = times * sum(c * matrix_bytes(n, k, weights, group_size)
+        as_mats = times * sum(c * matrix_bytes(n, k, stored.get(comp, weights), group_size)
                               for c, n, k in mats.get(comp, []))
         held[comp] = as_mats + (params - in_mats) * float_bytes
     if spec.tied_embeddings:  # the table is the head's, stored as the head: held once
-        table = matrix_bytes(V, spec.dim, weights, group_size) if V else 0.0
+        table = matrix_bytes(V, spec.dim, stored["lm_head"], group_size) if V else 0.0
         held["embedding"], held["lm_head"] = table, 0.0
     distinct = distinct_experts(E, K, batch, n_moe, expert_shares)
     kv = kv_cache_dtype if kv_cache_dtype != "auto" else (
@@ -243,7 +283,7 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
                       distinct_experts=distinct, num_experts=E, step_bytes=step,
                       bandwidth=bandwidth,
                       routing="uniform" if expert_shares is None else "measured",
-                      group_size=group_size)
+                      group_size=group_size, scope=scope, float_embeddings=float_embeddings)
 
 
 def decode_table(c: DecodeCost) -> str:
@@ -251,6 +291,10 @@ def decode_table(c: DecodeCost) -> str:
     gb = 1e9
     w = {"fp32": "fp32", "bf16": "bf16", "int8": "int8 (a scale per row)",
          "int4": f"int4 (groups of {c.group_size})"}[c.weights]
+    if c.scope == "experts":
+        w += ", routed experts only (the rest fp32)"
+    elif c.float_embeddings:
+        w += ", the embedding table fp32"
     held = ", ".join(f"{k} {v / gb:.2f}" for k, v in c.weight_bytes.items() if v)
     reads = ", ".join(f"{k} {v / gb:.3f}" for k, v in c.step_bytes.items() if v)
     lines = [f"decode plan: {c.name}, weights {w}, KV cache {c.kv_cache_dtype}, batch "
