@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import moekit
 from moekit.plan.cli import add_arguments, plans_from_args, run
 from moekit.plan.cluster import GPUS, PRECISIONS, Cluster, Layout, TrainSetup, get_gpu
-from moekit.plan.cost import communication, make_plan, memory
+from moekit.plan.cost import communication, flops, make_plan, memory
 from moekit.plan.hf import from_hf_config, from_moe_config, read_spec_file
 from moekit.plan.params import count_params
 from moekit.plan.presets import PRESETS, get_preset
@@ -316,6 +316,21 @@ def test_a_checkpoints_max_seq_len_bounds_the_training_plan(tmp_path, capsys):
     path.write_text(json.dumps(moekit.MoEConfig(dim=64, ffn_dim=128).to_dict()))
     assert run(parse(str(path), "--gpus", "1", "--json")) == 0
     assert json.loads(capsys.readouterr().out)["setup"]["seq_len"] == 4096
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_dense_model_equals_its_dense_equivalent(tied):
+    """For a dense model the "dense model of the same total parameters" is itself: x1.0
+    whether its head is tied to the embedding or not (tied, the head was left out: 0.8x)."""
+    from moekit.models import MoETransformer, preset
+    from moekit.plan.hf import from_lm_config
+    cfg = preset("tiny", dense=True, tie_embeddings=tied)
+    spec = from_lm_config(cfg)
+    counts = count_params(spec)
+    model = MoETransformer(cfg)
+    assert counts.total_params == sum(p.numel() for p in model.parameters())
+    fl = flops(spec, counts, TrainSetup(seq_len=64, global_batch=1))
+    assert fl.dense_equal_total_train == pytest.approx(fl.train_per_token, rel=1e-12)
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -54,7 +54,11 @@ def flops(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup,
     attn = attention_score_flops(spec, setup.seq_len, setup.causal)
     fwd = 2 * counts.active_params + attn
     passes = 4 if recompute == "full" else 3
-    dense_total = counts.total_params - counts.total.get("embedding", 0)
+    # every parameter multiplies each token except the embedding table's lookup; the head
+    # does, tied or not (tied, it was left out with the table: a dense moekit LM read
+    # "0.8x the MoE" against itself)
+    dense_total = (counts.total_params - counts.total.get("embedding", 0)
+                   - counts.total.get("lm_head", 0) + counts.active.get("lm_head", 0))
     # Stated as the usual "6N": the contrast ignores recomputation.
     return Flops(forward_per_token=fwd, train_per_token=passes * fwd,
                  attention_share=attn / fwd if fwd else 0.0,
