@@ -91,6 +91,42 @@ def test_collector_matches_brute_force(kw):
         assert layer.dropped > 0
 
 
+@pytest.mark.parametrize("kw", [
+    dict(router="expert_choice", top_k=2, capacity_factor=0.5),  # tokens no expert took
+    dict(router="softmax", top_k=2, capacity_factor=0.5),  # pairs over capacity
+])
+def test_dropped_fraction_is_the_exact_count(kw):
+    """The dropped fraction is a ratio of whole counts (dropped / routed, summed over
+    batches), from the routing decided by hand here: it had been summed from each batch's
+    fp32 fraction times its size (0.5156249850988388 for 33 of 64)."""
+    torch.manual_seed(0)
+    E, D = 4, 16
+    model = EmbedMoE(moekit.MoEConfig(dim=D, ffn_dim=8, num_experts=E, **kw)).eval()
+    batches = [torch.randint(0, 256, (3, 7)), torch.randint(0, 256, (1, 7))]  # T 21, 7
+    layer = analyze_model(model, torch.cat(batches), 256, batch_size=3)[0]
+    dropped = total = 0
+    with torch.no_grad():
+        for ids in batches:
+            x = model.embed(ids).reshape(-1, D).double()
+            logits = x @ model.moe.router.weight.double().T
+            T = x.shape[0]
+            if kw["router"] == "expert_choice":  # each expert takes its C best tokens
+                C = min(T, math.ceil(0.5 * T / E))
+                covered = {int(t) for e in range(E)
+                           for t in logits.softmax(-1)[:, e].topk(C).indices}
+                dropped, total = dropped + T - len(covered), total + T
+            else:  # each token its 2 best experts; an expert keeps its first C pairs
+                C = math.ceil(0.5 * T * 2 / E)
+                seen = [0] * E
+                for t in range(T):
+                    for e in logits[t].topk(2).indices.tolist():
+                        seen[e] += 1
+                        dropped += seen[e] > C
+                total += 2 * T
+    assert dropped > 0
+    assert layer["dropped_fraction"] == dropped / total
+
+
 def test_hooks_are_removed_and_input_checked():
     model = EmbedMoE(moekit.MoEConfig(dim=8, ffn_dim=8, num_experts=4))
     with RoutingCollector(model, 256) as rc:

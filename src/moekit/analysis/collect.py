@@ -54,8 +54,8 @@ class LayerRouting:
     tokens: int = 0
     last_tokens: int = 0  # tokens of the latest forward pass
     pairs: int = 0
-    dropped: float = 0.0  # dropped pairs (expert choice: tokens no expert took)
-    drop_denominator: float = 0.0
+    dropped: int = 0  # dropped pairs (expert choice: tokens no expert took)
+    drop_denominator: int = 0  # routed pairs (expert choice: tokens)
 
     def __post_init__(self) -> None:
         E, V, C = self.num_experts, self.vocab_size, len(CLASS_NAMES)
@@ -132,8 +132,10 @@ class RoutingCollector:
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             layer, plan_tokens = self.layers[i], output.stats.tokens_per_expert
             denom = layer.last_tokens if module.config.router == "expert_choice" \
-                else float(plan_tokens.sum())
-            layer.dropped += float(output.stats.dropped_fraction) * denom
+                else int(plan_tokens.sum())
+            # a whole count: the fp32 fraction times its size had summed to 0.42857143
+            # for 12 of 28
+            layer.dropped += round(float(output.stats.dropped_fraction) * denom)
             layer.drop_denominator += denom
         return hook
 
