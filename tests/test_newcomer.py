@@ -199,6 +199,29 @@ def test_nproc_resume_with_ep_not_dividing_the_experts_fails_before_torchrun(
     _one_error_line(capsys, "--ep=2", "3 experts")
 
 
+def test_nproc_resume_picks_the_newest_of_dcp_and_one_process_checkpoints(tmp_path):
+    """`--nproc --resume RUN`: the newest complete dcp_step_*, or the step_* LATEST names
+    where that is newer (a one-process resume went on past the dcp one); a damaged LATEST
+    is an error that names the dcp checkpoint there is."""
+    from moekit.errors import CheckpointError
+    from moekit.train.distributed import newest_checkpoint
+
+    run = tmp_path / "run"
+    for name, mark in (("dcp_step_00000010", "manifest.json"), ("dcp_step_00000014", None),
+                       ("step_00000010", "state.json"), ("step_00000012", "state.json")):
+        (run / name).mkdir(parents=True)
+        if mark:
+            (run / name / mark).write_text("{}")
+    assert newest_checkpoint(run) == run / "dcp_step_00000010"  # no LATEST: dcp only
+    (run / "LATEST").write_text("step_00000010\n")
+    assert newest_checkpoint(run) == run / "dcp_step_00000010"  # the same step: dcp
+    (run / "LATEST").write_text("step_00000012\n")
+    assert newest_checkpoint(run) == run / "step_00000012"
+    (run / "LATEST").write_text("../elsewhere\n")
+    with pytest.raises(CheckpointError, match="dcp_step_00000010"):
+        newest_checkpoint(run)
+
+
 def test_resume_of_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
     rc = cli_main(["train", "--resume", str(tmp_path / "nope")])
     assert rc == 2

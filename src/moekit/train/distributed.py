@@ -86,7 +86,13 @@ def newest_checkpoint(run_dir: str | Path) -> Path:
         dcp: Path | None = find_resumable(run_dir)
     except CheckpointError:
         dcp = None
-    one = ckpt_io.resolve(run_dir) if (run_dir / ckpt_io.LATEST).is_file() else None
+    try:
+        one = ckpt_io.resolve(run_dir) if (run_dir / ckpt_io.LATEST).is_file() else None
+    except CheckpointError as e:  # a damaged LATEST: say which checkpoint is there instead
+        if dcp is None:
+            raise
+        raise CheckpointError(f"{e}; to resume from {dcp} (it may be older than what "
+                              "LATEST named), pass that directory to --resume") from e
     if one is not None and (dcp is None or _step_of(one) > _step_of(dcp)):
         return one
     return dcp if dcp is not None else find_resumable(run_dir)  # raises, naming the run
