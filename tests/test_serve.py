@@ -1262,3 +1262,114 @@ def test_chunked_bodies_are_read_as_bodies_with_a_length(byte_server, monkeypatc
     status, r = _exchange(url, b"")
     assert status == 411 and "Content-Length header (or Transfer-Encoding: chunked)" in \
         r["error"]["message"]
+
+
+def _raw_server(request_timeout: float):
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    server = make_server(Service(model, ByteText(), "tiny"), port=0,
+                         request_timeout=request_timeout)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _until_closed(sock, timeout: float = 20.0) -> bytes:
+    """All the server sends until it closes (a socket.timeout where it does not)."""
+    sock.settimeout(timeout)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+STALLS = [
+    # what the client sends before it stalls            what is missing
+    (b"GET /heal", "the request line and headers"),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nAccept:", "the request line and headers"),
+    (b'POST /v1/completions HTTP/1.1\r\nContent-Length: 40\r\n\r\n{"prompt": ',
+     "the request body"),
+    (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n{\"pr",
+     "the request body"),
+]
+
+
+@pytest.mark.parametrize("sent,missing", STALLS)
+def test_a_client_stalling_part_way_through_its_request_gets_408(sent, missing):
+    """make_server(request_timeout=...): a client that stops sending part-way through
+    its request line, headers or body gets 408 and its connection closes, its handler
+    thread ended (before: no read timeout, the thread waited until shutdown)."""
+    import socket
+
+    server = _raw_server(0.3)
+    try:
+        with socket.create_connection(server.server_address[:2]) as sock:
+            sock.sendall(sent)
+            answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert f"{missing} did not arrive within 0.3 s" in body["error"]["message"]
+        deadline = time.monotonic() + 20
+        while server._live and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server._live  # the handler thread is done
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_idle_keep_alive_connection_closes_after_the_request_timeout():
+    """A connection that sends nothing (or nothing after a whole request) is closed
+    quietly: no request began, so no 408."""
+    import socket
+
+    server = _raw_server(0.3)
+    try:
+        with socket.create_connection(server.server_address[:2]) as sock:
+            assert _until_closed(sock) == b""
+        with socket.create_connection(server.server_address[:2]) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = _until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slow_reader_of_a_stream_is_not_cut_by_the_request_timeout():
+    """The request timeout is for reading the request: a stream to a client that reads
+    nothing for 5x the timeout while the server's sends wait on full buffers still
+    arrives whole (a socket timeout applies to sends too; before it was cleared for the
+    answer, the stream ended at the first send that waited that long)."""
+    import socket
+
+    server = _raw_server(0.3)
+    # small buffers both ways (the accepted socket takes the listener's): the ~300 KB
+    # of the stream cannot wait in them
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    body = json.dumps({"prompt": "a", "max_tokens": 60, "n": 8, "logprobs": 5,
+                       "temperature": 1.0, "seed": 1, "stream": True}).encode()
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(server.server_address[:2])
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(1.5)
+            answer = _until_closed(sock, 300)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert len(answer) > 100_000 and answer.endswith(b"data: [DONE]\n\n")
+        assert answer.count(b'"finish_reason": "length"') == 8
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_request_timeout_must_be_a_positive_number(tmp_path, capsys):
+    model = MoETransformer(preset("tiny")).eval()
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match=f"request_timeout={bad!r} is not allowed: it "
+                           "must be a positive, finite number of seconds"):
+            make_server(Service(model, ByteText(), "tiny"), port=0, request_timeout=bad)
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "none"),
+                     "--request-timeout", "0"]) == 2
+    assert "--request-timeout=0.0 is not allowed" in capsys.readouterr().err

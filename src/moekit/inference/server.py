@@ -101,6 +101,10 @@ MAX_N = 64  # samples per prompt
 DEFAULT_MAX_SEQUENCES = 2048
 SHUTDOWN_S = 5.0  # how long a stopping server waits for its handlers to finish answering
 CLIENT_POLL_S = 0.25  # how often a waiting handler looks whether its client went away
+# seconds a read of the request (its line, headers, body) may wait for data before the
+# connection closes (408 where a request began), and an idle keep-alive connection's wait
+# for its next request (--request-timeout); the response is written with no timeout
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
 # a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
 OnText = Callable[[int, str, "list[tuple] | None"], bool]
 MAX_PARALLEL = 256  # sequences decoded together (--parallel)
@@ -881,7 +885,59 @@ class Handler(BaseHTTPRequestHandler):
 
     service: Service  # set on the subclass make_server builds
     api_key: str | None = None  # where set, /v1/ requests must carry it as a bearer token
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S  # (make_server sets it)
     protocol_version = "HTTP/1.1"
+
+    def handle_one_request(self) -> None:
+        """One request, as BaseHTTPRequestHandler's, with each read of it (request line,
+        headers, body) held to ``request_timeout`` seconds: a client that stalls part-way
+        gets 408 and the connection closes, freeing this thread (before, it held the
+        thread until shutdown). An idle keep-alive connection closes as quietly. The
+        timeout is for reading only: ``send_response`` clears it, so a slow-reading but
+        live client of a stream is not cut (a socket timeout applies to sends too)."""
+        self.connection.settimeout(self.request_timeout)
+        try:
+            if not self.rfile.peek(1):  # the client closed between requests
+                self.close_connection = True
+                return
+        except OSError:  # idle past the timeout (TimeoutError), or reset: nothing to answer
+            self.close_connection = True
+            return
+        # (for a 408 before they are read)
+        self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.parse_request():  # (its error answered)
+                return
+        except TimeoutError:
+            self._timed_out("the request line and headers")
+            return
+        method = getattr(self, f"do_{self.command}", None)
+        if method is None:
+            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+            return
+        method()
+        self.wfile.flush()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        if code != 408:  # the request is read: the answer's writes wait as long as needed
+            self.connection.settimeout(None)
+        super().send_response(code, message)
+
+    def _timed_out(self, what: str) -> None:
+        """408 for a request whose ``what`` did not arrive within ``request_timeout``;
+        the connection closes (a client gone silent may not read it: a short write,
+        still under the timeout, that may fail)."""
+        self.close_connection = True
+        self.log_message("%s", f"408: {what} did not arrive within {self.request_timeout:g} s")
+        try:
+            self._error(408, f"{what} did not arrive within {self.request_timeout:g} s "
+                        "(moekit serve --request-timeout)")
+        except OSError:
+            pass
 
     @property
     def route(self) -> str:
@@ -1015,6 +1071,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:  # by its Content-Length, or chunked
             raw = read_body(self.headers, self.rfile, MAX_BODY)
+        except TimeoutError:  # the client stalled part-way through its body
+            self._timed_out("the request body")
+            return
         except BodyError as e:  # (the rest of the body unread: the connection closes)
             self.close_connection = True
             self._error(e.status, str(e), "body")
@@ -1197,13 +1256,25 @@ class Stopper:
 
 
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None) -> _Server:
+                api_key: str | None = None,
+                request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> _Server:
     """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any);
-    with ``api_key``, /v1/ requests must carry it as a bearer token."""
+    with ``api_key``, /v1/ requests must carry it as a bearer token; ``request_timeout``:
+    seconds each read of a request may wait (Handler.handle_one_request)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         _reject("api_key", api_key, "it must be a non-empty string")
-    handler = type("MoekitHandler", (Handler,), {"service": service, "api_key": api_key})
+    check_request_timeout("request_timeout", request_timeout)
+    handler = type("MoekitHandler", (Handler,), {"service": service, "api_key": api_key,
+                                                 "request_timeout": float(request_timeout)})
     return _Server((host, port), handler)
+
+
+def check_request_timeout(name: str, value: object) -> None:
+    """A positive, finite number of seconds; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 < value < float("inf"):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive, finite "
+                         "number of seconds")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1236,6 +1307,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled per step while other sequences decode "
                    f"(default {PREFILL_CHUNK}: a long prompt delays their next token by a "
                    "chunk's time, not the whole prompt's)")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="how long each read of a request (its line, headers, body) may wait "
+                   "for data: a client that stalls part-way gets 408 and its connection "
+                   "closes, as does a keep-alive connection idle this long (default "
+                   f"{DEFAULT_REQUEST_TIMEOUT_S:g}; answers, streams included, are written "
+                   "with no timeout)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1251,6 +1329,7 @@ def run(args: argparse.Namespace) -> int:
             check_positive_int("--threads", args.threads)
         check_positive_int("--prefill-chunk", args.prefill_chunk)
         check_positive_int("--max-sequences", args.max_sequences)
+        check_request_timeout("--request-timeout", args.request_timeout)
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port={args.port} is not allowed: it must be in [0, 65535]")
         key = args.api_key if args.api_key is not None else os.environ.get("MOEKIT_API_KEY")
@@ -1269,7 +1348,7 @@ def run(args: argparse.Namespace) -> int:
                               args.kv_cache_dtype, args.max_sequences)
         except RequestError as e:
             raise ValueError(f"--{e}") from None
-        server = make_server(service, args.host, args.port, key)
+        server = make_server(service, args.host, args.port, key, args.request_timeout)
     except (ValueError, CheckpointError, OSError) as e:
         print(f"moekit serve: error: {e}", file=sys.stderr)
         return 2
