@@ -147,18 +147,27 @@ def _dequantized_reference(original: nn.Module, quantized: nn.Module) -> nn.Modu
     return ref
 
 
-# Jamba's Mamba mixer reads dt_proj.weight itself (the CPU path), which a quantized
-# dense layer cannot give: its routed experts only
-SCOPE = {"jamba": "experts"}
+# nn.Linear layers whose parent reads their .weight directly, left float by scope "all"
+# (Jamba's Mamba mixer computes dt_proj.weight @ time_step; GraniteMoeHybrid's CUDA
+# kernel path takes out_proj.weight): what quantize reads from the parent's source
+FLOAT_LINEARS = {"jamba": {"dt_proj"}, "granitemoehybrid": {"out_proj"}}
 
 
 def test_quantized_int8_runs_and_matches_dequantized(pair):
+    """The default scope "all" on every family (Jamba ran with scope="experts": its
+    quantized dt_proj failed in the mixer's dt_proj.weight @ time_step)."""
     name, original, patched = pair
-    scope = SCOPE.get(name, "all")
-    quantized = quantize(copy.deepcopy(patched), bits=8, scope=scope)
+    quantized = quantize(copy.deepcopy(patched), bits=8)
     experts = [m for m in quantized.modules() if isinstance(m, StackedExperts)]
     assert all(isinstance(m.gate_up_proj, QuantizedTensor) for m in experts)
-    assert any(isinstance(m, QuantizedLinear) for m in quantized.modules()) == (scope == "all")
+    assert any(isinstance(m, QuantizedLinear) for m in quantized.modules())
+    mixers = [m for m in quantized.modules() if "Mamba" in type(m).__name__]
+    assert bool(mixers) == (name in FLOAT_LINEARS)
+    for m in mixers:  # the layers it reads .weight of stay float, the others do not
+        linears = {a: type(c) for a, c in m.named_children()
+                   if isinstance(c, nn.Linear | QuantizedLinear)}
+        assert linears == {a: nn.Linear if a in FLOAT_LINEARS[name] else QuantizedLinear
+                           for a in linears}, type(m).__name__
     reference = _dequantized_reference(original, quantized)
     with torch.no_grad():
         got = quantized(input_ids=_ids()).logits

@@ -715,3 +715,30 @@ def test_bf16_quantized_model_generates_in_bf16():
     assert model.embed(torch.tensor([[3]])).dtype == torch.bfloat16
     gens, _ = Engine(model).generate([[1, 2, 3], [4]], GenerationConfig(max_new_tokens=4))
     assert [len(g.tokens) for g in gens] == [4, 4]
+
+
+class _ReadsWeight(nn.Module):
+    """As Jamba's Mamba mixer: ``dt_proj`` called nowhere, its weight read directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(64, 64)
+        self.dt_proj = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dt_proj.weight @ self.in_proj(x).T).T
+
+
+def test_quantize_keeps_float_a_linear_whose_weight_its_parent_reads():
+    """A linear layer whose parent reads ``.weight`` (rather than calling it) stays
+    nn.Linear: as a QuantizedLinear its weight, a QuantizedTensor, failed in the matmul
+    (Jamba's dt_proj with scope "all"); the called sibling is quantized."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReadsWeight())
+    x = torch.randn(3, 64)
+    want = model(x)
+    moekit.quant.model.quantize_dense(model, 8)
+    assert type(model[0].dt_proj) is nn.Linear
+    assert isinstance(model[0].in_proj, QuantizedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=2e-2, rtol=2e-2)

@@ -32,6 +32,9 @@ K input width, N output width.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -112,8 +115,34 @@ def _plain_linear(m: nn.Module) -> bool:
                                          or cls.__module__.startswith("moekit."))
 
 
+@functools.cache
+def _weights_read(cls: type) -> frozenset[str]:
+    """The children whose weight ``cls``'s own code reads directly (``self.<name>.weight``
+    or ``module.<name>.weight``) rather than calling them: from the source of each class
+    in its MRO outside torch and moekit (one whose source cannot be read: none)."""
+    names: set[str] = set()
+    for c in cls.__mro__:
+        if c.__module__.split(".")[0] in ("torch", "moekit", "builtins"):
+            continue
+        try:
+            source = inspect.getsource(c)
+        except (OSError, TypeError):
+            continue
+        names.update(re.findall(r"\b(?:self|module)\.(\w+)\.weight\b", source))
+    return frozenset(names)
+
+
 def _dense_targets(model: nn.Module) -> list[_Target]:
-    """nn.Linear children outside routed experts and routers; SharedExperts weights."""
+    """nn.Linear children outside routed experts and routers; SharedExperts weights.
+
+    An nn.Linear whose parent's code reads its ``.weight`` directly stays float: a
+    QuantizedLinear's weight is a QuantizedTensor, which a matmul cannot take (Jamba's
+    Mamba mixer computes ``self.dt_proj.weight @ time_step``; GraniteMoeHybrid's and
+    NemotronH's CUDA kernel path pass ``self.out_proj.weight`` to a fused kernel). Found
+    from the parent class's source (``_weights_read``): a read elsewhere is missed, a
+    read in code that never runs here keeps a layer float for nothing (safe, not
+    smaller). A ``.weight`` property dequantizing on each read was the alternative: a
+    full-size float copy per step, and a ``weight`` that is not the stored one."""
     out: list[_Target] = []
 
     def walk(m: nn.Module, prefix: str) -> None:
@@ -127,7 +156,7 @@ def _dense_targets(model: nn.Module) -> list[_Target]:
                 out.extend(_Target(child, a, getattr(child, a)[None], f"{name}.{a}")
                            for a in ("w_in", "w_out")
                            if not isinstance(getattr(child, a), QuantizedTensor))
-            elif _plain_linear(child):
+            elif _plain_linear(child) and attr not in _weights_read(type(m)):
                 out.append(_Target(m, attr, child.weight[None].transpose(1, 2), name, "linear",
                                    child.bias))
             else:
