@@ -142,6 +142,39 @@ def test_ep_that_does_not_divide_nproc_fails_before_torchrun(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def _refuse_torchrun(monkeypatch):
+    import moekit.train.launch as launch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torchrun was launched before the bad flag was refused")
+    monkeypatch.setattr(launch, "launch_torchrun", refuse)
+
+
+def test_ep_with_a_dense_model_fails_before_torchrun(tmp_path, monkeypatch, capsys):
+    """--ep 2 --dense had printed "mesh: dp=1 x ep=2" and trained as plain data
+    parallelism: a dense model has no experts to shard."""
+    _refuse_torchrun(monkeypatch)
+    rc = cli_main(["train", "--nproc", "2", "--ep", "2", "--dense", "--preset", "tiny",
+                   "--out", str(tmp_path / "r")])
+    assert rc == 2
+    _one_error_line(capsys, "--ep=2", "dense model (--dense)", "no experts", "must be 1")
+    assert not (tmp_path / "r").exists()
+
+
+def test_nproc_resume_of_a_dense_run_with_ep_fails_before_torchrun(data, tmp_path,
+                                                                   monkeypatch, capsys):
+    run = tmp_path / "dense"
+    assert cli_main(["train", *TINY, "--dense", "--data", str(data), "--out",
+                     str(run)]) == 0
+    capsys.readouterr()
+    _refuse_torchrun(monkeypatch)
+    before = sorted(p.name for p in run.iterdir())
+    assert cli_main(["train", "--resume", str(run), "--nproc", "2", "--ep", "2",
+                     "--steps", "4"]) == 2
+    _one_error_line(capsys, "--ep=2", f"--resume={run}", "dense model", "no experts")
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 @pytest.mark.parametrize("nproc", ["1", "2"])
 @pytest.mark.parametrize("argv,words", [
     (["--timeout", "nan"], ["--timeout=nan", "(0, 1e+12]"]),  # a traceback on every rank

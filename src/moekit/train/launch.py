@@ -177,6 +177,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
         check_resume_fits(args, world)
         return
     model, train = configs_from_args(args)
+    check_ep_has_experts(args.ep, model)
     if train.batch_size % world:
         raise ValueError(f"--batch-size={train.batch_size} is not allowed with {world} "
                          "processes: it must be a multiple of the number of processes")
@@ -186,6 +187,15 @@ def validate(args: argparse.Namespace, world: int) -> None:
     check_new_out(args.out)
     # every process builds the whole model here before its experts are split
     check_model_memory(model, size_flags(args), train.device, processes=world)
+
+
+def check_ep_has_experts(ep: int, model, where: str = "") -> None:
+    """--ep > 1 needs experts to shard: a dense model (--dense, or one with no MoE layer)
+    had been accepted, printed "mesh: dp=1 x ep=2" and trained as plain data parallelism."""
+    if ep > 1 and not any(model.is_moe_layer(i) for i in range(model.num_layers)):
+        what = "a dense model (--dense)" if model.dense else "a model with no MoE layer"
+        raise ValueError(f"--ep={ep} is not allowed{where}: {what} has no experts to "
+                         "shard; it must be 1 (use --nproc N alone for data parallelism)")
 
 
 def check_resume_fits(args: argparse.Namespace, world: int) -> None:
@@ -205,6 +215,7 @@ def check_resume_fits(args: argparse.Namespace, world: int) -> None:
         raise ValueError(f"{procs} is not allowed with --resume={args.resume}: the number "
                          f"of processes must divide the run's batch size {train.batch_size} "
                          f"(the global batch; here one of {fits})")
+    check_ep_has_experts(args.ep, model, f" with --resume={args.resume}")
     if not model.dense and model.num_experts % args.ep:
         raise ValueError(f"--ep={args.ep} is not allowed with --resume={args.resume}: it "
                          f"must divide the run's {model.num_experts} experts")
