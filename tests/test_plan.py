@@ -219,6 +219,30 @@ def test_zero_and_expert_sharding_by_hand():
         assert (mem.weights, mem.grads, mem.optimizer) == (w, g, o)
 
 
+def test_zero3_buffer_shards_only_the_experts_over_ep():
+    """The gathered layer by hand: attention, norms, router and shared expert are split
+    over tp alone, the routed experts over tp * ep (the whole layer / ep had been used)."""
+    spec = ModelSpec(num_layers=1, dim=10, num_heads=2, norm="rmsnorm", ffn_kind="plain",
+                     num_experts=8, top_k=1, expert_ffn_dim=5, num_shared_experts=1,
+                     shared_ffn_dim=5)
+    counts = count_params(spec)
+    attention = 4 * 10 * 10  # q, k, v, o: D x (H * head_size) each, H * head_size = D
+    norms = 3 * 10  # two per layer and the final one
+    router = 8 * 10
+    shared = 2 * 10 * 5
+    experts = 8 * 2 * 10 * 5
+    assert counts.expert_params == experts
+    assert counts.dense_params == attention + norms + router + shared
+    setup = TrainSetup(seq_len=4, global_batch=4, precision=PRECISIONS["fp32"])
+    for dp, tp, ep, want in [(4, 1, 2, attention + norms + router + shared + experts / 2),
+                             (2, 2, 2, (attention + norms + router + shared) / 2
+                              + experts / 4),
+                             (4, 1, 4, attention + norms + router + shared + experts / 4)]:
+        mem = memory(spec, counts, setup, Layout(dp=dp, tp=tp, ep=ep, zero=3))
+        assert mem.zero3_buffer == pytest.approx(want * 4), (dp, tp, ep)
+    assert memory(spec, counts, setup, Layout(dp=4, ep=2, zero=2)).zero3_buffer == 0
+
+
 def test_all_to_all_bytes_match_simulated_routing():
     """Uniform random routing of T tokens x K slots to E experts on ep GPUs: the rows
     leaving their GPU, x D x 2 bytes x 4 (dispatch + combine, forward + backward)."""

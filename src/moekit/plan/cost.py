@@ -162,14 +162,19 @@ def memory(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: Layout)
         kept = a * spec.dim * L_stage * in_flight + per_layer  # inputs + one layer redone
     else:
         kept = per_layer * L_stage * in_flight
-    layer_params = (counts.total_params - counts.total.get("embedding", 0)
-                    - counts.total.get("lm_head", 0)) / spec.total_layers
+    # ZeRO-3 gathers one layer's weights at a time, as this GPU holds them after tp and
+    # ep: attention, norms, router and shared experts split tp ways only, the routed
+    # experts tp * ep ways (the whole layer over tp * ep had counted a 1/ep share of the
+    # dense part). A mean layer: with moe_every > 1 an MoE layer holds more than this.
+    body = (counts.dense_params - counts.total.get("embedding", 0)
+            - counts.total.get("lm_head", 0)) / spec.total_layers
+    layer_bytes = (body / lay.tp + counts.expert_params / spec.total_layers
+                   / (lay.tp * lay.ep)) * p.weight_bytes
     return Memory(
         weights=sharded(3, p.weight_bytes), grads=sharded(2, p.grad_bytes),
         optimizer=sharded(1, p.optimizer_bytes),
         activations=kept * t_mb / lay.tp,  # sequence parallel splits every saved tensor
-        zero3_buffer=(layer_params / (lay.tp * lay.ep) * p.weight_bytes
-                      if lay.zero == 3 else 0.0),
+        zero3_buffer=layer_bytes if lay.zero == 3 else 0.0,
         # fp32 logits and their gradient on the last stage, vocabulary split over tp
         logits=2 * FP32 * t_mb * spec.vocab_size / lay.tp)
 
