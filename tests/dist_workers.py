@@ -8,6 +8,7 @@ asserts on those. Shape letters: T tokens, D hidden, E experts.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import signal
@@ -274,6 +275,40 @@ def run_kill_in_save(rank: int, world: int, port: int, timeout_s: float, ckpt: s
 
 
 # -- training the tiny LM -------------------------------------------------------
+
+
+def run_interrupt_after_save(rank: int, world: int, port: int, out: str) -> dict:
+    """SIGTERM arrives during the save at step 2 of 4: fit stops at that step boundary
+    without writing dcp_step_00000002 a second time (the check had compared the
+    dcp_step_* name with step_*)."""
+    from moekit.train.distributed import DistributedTrainer
+    from moekit.train.interrupt import Interrupted
+
+    init(rank, world, port)
+    mesh = init_mesh(dp=1, ep=2)
+    mcfg, tcfg, corpus = lm_setup()
+    tcfg = dataclasses.replace(tcfg, steps=4, save_every=2, eval_every=4, eval_batches=1)
+    trainer = DistributedTrainer(mcfg, tcfg, corpus, out, mesh, progress=False)
+    saves: list[int] = []
+    real_save = trainer.save
+
+    def save_then_signal() -> Path:
+        path = real_save()
+        saves.append(trainer.step)
+        if saves == [2]:  # every rank, as torchrun forwards the signal to each
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+    trainer.save = save_then_signal
+    try:
+        trainer.fit()
+        error = "fit was not interrupted"
+    except Interrupted as e:
+        error = None if e.signum == signal.SIGTERM else f"signal {e.signum}"
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"error": error, "saves": saves, "step": trainer.step,
+            "last": str(trainer.last_checkpoint)}
+
 
 def lm_setup():
     from moekit.models.config import preset

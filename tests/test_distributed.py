@@ -143,6 +143,19 @@ def test_rank_killed_during_dcp_save_raises_named_error(tmp_path):
     assert "timeout_s=4" in error and res[0]["elapsed"] < 4.0 + 10
 
 
+def test_interrupt_right_after_a_save_does_not_save_again(tmp_path):
+    """The "already saved this step" check of fit compared dcp_step_* with step_*: a
+    SIGTERM right after the save at step 2 wrote dcp_step_00000002 again."""
+    out = tmp_path / "run"
+    res = launch(W.run_interrupt_after_save, 2, tmp_path, str(out), timeout_s=120)
+    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
+    for rank, r in res.items():
+        assert r["error"] is None, f"rank {rank}: {r['error']}"
+        assert r["step"] == 2 and r["saves"] == [2], f"rank {rank}: {r}"
+        assert r["last"] == str(out / "dcp_step_00000002"), f"rank {rank}: {r}"
+    assert (out / "dcp_step_00000002" / "manifest.json").is_file()
+
+
 def test_cli_launches_through_torchrun(tmp_path):
     """`python -m moekit.train --nproc 2 --ep 2` re-runs itself under torchrun."""
     import subprocess

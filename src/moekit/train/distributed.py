@@ -253,6 +253,8 @@ class DistributedTrainer(Trainer):
     checkpoints are DCP directories ``dcp_step_<step>`` that load at any ep.
     """
 
+    CHECKPOINT_PREFIX = DCP_PREFIX
+
     def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
                  out_dir: str | Path, mesh: ExpertParallelMesh, progress: bool = True,
                  **ep_kwargs: Any) -> None:
@@ -296,7 +298,7 @@ class DistributedTrainer(Trainer):
         checkpoints. Rank 0 also writes the same state consolidated as a single-process
         ``step_<step>`` + LATEST, which ``generate``, ``analyze``, ``plan`` and a
         one-process ``--resume`` read."""
-        path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
+        path = self.out_dir / f"{self.CHECKPOINT_PREFIX}{self.step:08d}"
         tmp = self.out_dir / f".{path.name}.tmp"
         rank0 = dist.get_rank() == 0
         if rank0:

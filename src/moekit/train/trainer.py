@@ -319,6 +319,8 @@ class _Throughput:
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
+    CHECKPOINT_PREFIX = "step_"  # save() writes <prefix><step:08d>
+
     def __init__(self, model_config: LMConfig, train_config: TrainConfig, corpus: Corpus,
                  out_dir: str | Path, progress: bool = True, *, clean_dir: bool = True) -> None:
         """``clean_dir=False`` leaves ``out_dir`` alone (``resume`` cleans it only once
@@ -448,6 +450,12 @@ class Trainer:
                 "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
 
+    def saved_this_step(self) -> bool:
+        """Whether the last checkpoint is this step's, as ``save`` names it: an interrupt
+        right after a save does not write it again."""
+        return (self.last_checkpoint is not None and self.last_checkpoint.name
+                == f"{self.CHECKPOINT_PREFIX}{self.step:08d}")
+
     def save(self) -> Path:
         """Write a checkpoint and point LATEST at it; weights holding NaN or inf are never
         saved (NonFiniteError): LATEST keeps naming the last good checkpoint."""
@@ -507,8 +515,7 @@ class Trainer:
                     if interrupt.requested:
                         raise StopAtBoundary(interrupt.signum)
         except StopAtBoundary as stop:
-            if self.last_checkpoint is None or self.last_checkpoint.name != \
-                    f"step_{self.step:08d}":
+            if not self.saved_this_step():
                 self.save()
             tqdm.write(f"interrupted at step {self.step} ({signal_label(stop.signum)}): "
                        f"saved {self.last_checkpoint}")
