@@ -269,6 +269,37 @@ def test_analyze_bad_input(trained, argv, words, capsys):
     assert run(args) == 2 and "error" in capsys.readouterr().err
 
 
+def test_analyze_of_a_dcp_checkpoint_names_what_to_pass(tmp_path, capsys):
+    """A dcp_step_* directory had read "no state.json or LATEST there", like an empty one."""
+    run_dir = tmp_path / "run"
+    dcp = run_dir / "dcp_step_00000004"
+    dcp.mkdir(parents=True)
+    for name in ("manifest.json", ".metadata", "trainer.json"):
+        (dcp / name).write_text("{}")
+    assert run(parse(str(dcp))) == 2
+    err = capsys.readouterr().err
+    for w in (f"checkpoint={str(dcp)!r}", "moekit train --nproc", "--resume",
+              f"pass its run directory {str(run_dir)!r}"):
+        assert w in err, err
+    assert "/step_00000004" not in err  # not there: not offered
+    (run_dir / "step_00000004").mkdir()
+    (run_dir / "step_00000004" / "state.json").write_text("{}")
+    assert run(parse(str(dcp))) == 2
+    assert f"or {str(run_dir / 'step_00000004')!r}" in capsys.readouterr().err
+
+
+def test_analyze_of_a_quantized_directory_asks_for_the_float_checkpoint(trained, tmp_path,
+                                                                       capsys):
+    from moekit.quant.io import quantize_checkpoint
+
+    q = quantize_checkpoint(trained / "run", tmp_path / "q8", bits=8)
+    assert run(parse(str(q), "--data", str(trained / "text.txt"))) == 2
+    err = capsys.readouterr().err
+    for w in (f"checkpoint={str(q)!r}", "moekit quantize", "float run directory"):
+        assert w in err, err
+    assert "no state.json" not in err
+
+
 def test_analyze_names_the_split_that_is_too_short(trained, tmp_path, capsys):
     """A 1,000-byte file validates on its last 5% (about 50 bytes): the error names the
     split and its size, not "the text has 51 tokens"."""

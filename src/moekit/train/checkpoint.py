@@ -174,8 +174,29 @@ def resolve(path: str | Path) -> Path:
                 return candidate
         raise CheckpointError(f"{path / LATEST} names {name!r}, which is not a complete "
                               "checkpoint directory")
-    raise CheckpointError(f"checkpoint={str(path)!r}: no {STATE_FILE} or {LATEST} there; "
-                          "pass a run directory or one of its step_* directories")
+    raise CheckpointError(not_a_checkpoint(path))
+
+
+def not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` is no training checkpoint, naming what to pass instead: a
+    ``dcp_step_*`` or ``moekit quantize`` directory had read "no state.json or LATEST
+    there", the same as an empty one."""
+    from moekit.quant.io import META_FILE  # here: moekit.quant.io imports this module
+
+    where = f"checkpoint={str(path)!r}"
+    if rundir.DCP_DIR.fullmatch(path.name) or (
+            (path / MANIFEST).is_file() and (path / ".metadata").is_file()):
+        step = path.parent / path.name.removeprefix("dcp_")
+        other = (f" or {str(step)!r} (the same step, written beside it as one file set)"
+                 if (step / STATE_FILE).is_file() else "")
+        return (f"{where} is a `moekit train --nproc` checkpoint (sharded, read by "
+                f"`moekit train --resume` only): pass its run directory "
+                f"{str(path.parent)!r}{other}")
+    if (path / META_FILE).is_file():
+        return (f"{where} is a `moekit quantize` output, not a training checkpoint: pass "
+                "the float run directory or step_* directory it was quantized from")
+    return (f"{where}: no {STATE_FILE} or {LATEST} there; pass a run directory or one of "
+            "its step_* directories")
 
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
