@@ -334,8 +334,7 @@ class Service:
                 for job in live:  # a client that went away: its sequences stop
                     if job.gone and not job.cancelled:
                         job.cancelled = True
-                        for g in job.groups:
-                            self.batcher.cancel(g)
+                        self._cancel(job.groups)
                 live = [j for j in live if not j.over()]
                 idle = not (self.batcher.running or self.batcher.waiting)
                 try:
@@ -1062,12 +1061,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.route
         # answered before the body is read: the connection closes after the answer (its
         # unread body would be read as the next request)
-        if path not in POSTS:
-            self.close_connection = True
-            if self._allowed() is None:
-                self._error(404, f"no such path: {path}")
-            else:
-                self._error(405, f"{path} takes GET", headers={"Allow": self._allowed()})
+        if path not in POSTS:  # a GET path (405 with its Allow header) or none (404)
+            self._not_allowed()
             return
         try:  # by its Content-Length, or chunked
             raw = read_body(self.headers, self.rfile, MAX_BODY)
