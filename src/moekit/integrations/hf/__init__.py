@@ -100,18 +100,9 @@ _HELD = {
 }
 
 
-def _unrevertable(model: nn.Module) -> str | None:
-    """Why transformers' own modules could not run ``model`` after ``revert``, or None."""
-    return _why_not("revert", model)
-
-
-def _unsaveable(model: nn.Module) -> str | None:
-    """Why ``save_pretrained`` would write a checkpoint transformers cannot load back, or
-    None."""
-    return _why_not("save", model)
-
-
 def _why_not(action: str, model: nn.Module) -> str | None:
+    """Why transformers could not take ``model`` back (``action`` "revert": its own modules
+    could not run it) or load what ``save_pretrained`` writes ("save"), or None."""
     held = _held_by_moekit(model)
     if held is None:
         return None
@@ -129,7 +120,7 @@ class SaveGuard:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        reason = _unsaveable(self.model)
+        reason = _why_not("save", self.model)
         if reason is not None:
             raise ValueError("model.save_pretrained would write a checkpoint that transformers "
                              f"cannot load back: {reason}")
@@ -143,7 +134,7 @@ def revert(model: nn.Module) -> nn.Module:
     the transformers classes would hold weights they cannot use.
     """
     _check_module(model)
-    reason = _unrevertable(model)
+    reason = _why_not("revert", model)
     if reason is not None:
         raise ValueError(f"model cannot be reverted to transformers' modules: {reason}")
     for m in model.modules():
