@@ -95,7 +95,7 @@ def _expert_targets(model: nn.Module) -> list[_Target]:
             pairs = [("w_in", m.w_in), ("w_out", m.w_out)]
         elif isinstance(m, StackedExperts):
             pairs = [(a, getattr(m, a) if isinstance(getattr(m, a), QuantizedTensor)
-                      else _hf_view(m, a)) for a in ("gate_up_proj", "down_proj")]
+                      else _hf_view(m, a)) for a in m._moekit_weights]
         else:
             continue
         out += [_Target(m, a, w, f"{name}.{a}" if name else a) for a, w in pairs]

@@ -133,6 +133,12 @@ class StackedExperts:
     """
 
     _moekit_backend: str = "auto"
+    # the input and output stacks, by attribute name (moekit.quantize replaces them)
+    _moekit_weights: tuple[str, str] = ("gate_up_proj", "down_proj")
+
+    @staticmethod
+    def _moekit_supports(module: object) -> bool:
+        return supports_stacked(module)
 
     def _moekit_act(self) -> Callable[[Tensor], Tensor]:
         if not getattr(self, "is_concatenated", True):  # GPT-OSS
@@ -142,7 +148,7 @@ class StackedExperts:
         return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        w_in, w_out = self.gate_up_proj, self.down_proj
+        w_in, w_out = (getattr(self, a) for a in self._moekit_weights)
         # a QuantizedTensor (moekit.quantize) already has the [E, D, G] / [E, F, D] shape
         if not self.is_transposed and not isinstance(w_in, QuantizedTensor):
             w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)

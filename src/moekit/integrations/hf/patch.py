@@ -12,7 +12,6 @@ from __future__ import annotations
 from torch import nn
 
 from moekit.integrations.hf.architectures import ARCHITECTURES, SUPPORTED
-from moekit.integrations.hf.experts import StackedExperts, supports_stacked
 
 __all__ = ["ARCHITECTURES", "BACKEND_ATTR", "SUPPORTED", "is_patched", "new_patched",
            "patch_module", "patched_class", "unpatch_module"]
@@ -53,7 +52,8 @@ def is_patched(module: nn.Module) -> bool:
 
 def patch_module(module: nn.Module, mixin: type, backend: str) -> bool:
     """Swap ``module``'s class; False when its layout is one moekit does not handle."""
-    if mixin is StackedExperts and not supports_stacked(module):
+    supports = getattr(mixin, "_moekit_supports", None)
+    if supports is not None and not supports(module):
         return False
     module.__class__ = patched_class(type(module), mixin)
     if hasattr(mixin, BACKEND_ATTR):
