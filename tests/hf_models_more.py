@@ -1,5 +1,6 @@
 """Tiny random transformers MoE models (no downloads) for the families beyond
-``tests/hf_models.py``: hidden 64, 2 layers (at least one MoE), 8 experts top 2.
+``tests/hf_models.py``: hidden 64, 2 layers (at least one MoE), 8 experts top 2 (NemotronH
+4 layers: Mamba, MoE, attention, MoE).
 
 Each entry names the config and model classes and what differs from ``SMALL`` (only the
 ``SMALL`` keys a config's ``__init__`` takes are passed). A multimodal model gets a tiny
@@ -108,6 +109,10 @@ MODELS: dict[str, tuple[str, str, dict]] = {
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", {}),
     "minimax_m3_vl_text": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", MINIMAX_M3),
     "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", {}),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
+                   dict(layers_block_type=["mamba", "moe", "attention", "moe"],
+                        mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16,
+                        chunk_size=8, moe_shared_expert_intermediate_size=32)),
     "openai_privacy_filter": ("OpenAIPrivacyFilterConfig",
                               "OpenAIPrivacyFilterForTokenClassification", {}),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {}),

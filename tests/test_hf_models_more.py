@@ -150,7 +150,8 @@ def _dequantized_reference(original: nn.Module, quantized: nn.Module) -> nn.Modu
 # nn.Linear layers whose parent reads their .weight directly, left float by scope "all"
 # (Jamba's Mamba mixer computes dt_proj.weight @ time_step; GraniteMoeHybrid's CUDA
 # kernel path takes out_proj.weight): what quantize reads from the parent's source
-FLOAT_LINEARS = {"jamba": {"dt_proj"}, "granitemoehybrid": {"out_proj"}}
+FLOAT_LINEARS = {"jamba": {"dt_proj"}, "granitemoehybrid": {"out_proj"},
+                 "nemotron_h": {"out_proj"}}
 
 
 def test_quantized_int8_runs_and_matches_dequantized(pair):

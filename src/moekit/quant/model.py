@@ -18,12 +18,12 @@ Qwen's 151,936 x 2,048 table is 1.24 GB in fp32, 0.17 GB in int4 g64.
 
 Finds moekit ``Experts`` modules (``w_in`` / ``w_out``) and transformers experts
 modules patched by ``moekit.integrations.hf.apply`` (``gate_up_proj`` /
-``down_proj``); with scope "all" also every ``nn.Linear`` outside routed
-experts and routers (a transformers router is a module named ``gate``,
-``router`` or ``*_gate``, with what it holds: HunYuan's ``gate.wg``) and moekit
-``SharedExperts``. Everything is checked first, then each weight is replaced by a
-``QuantizedTensor`` of the same logical shape (an ``nn.Linear`` by a
-``QuantizedLinear``). Quantized weights run on the decode kernels for few rows and
+``down_proj``; ``up_proj`` / ``down_proj`` without a gate); with scope "all" also
+every ``nn.Linear`` outside routed experts and routers (a transformers router is a
+module named ``gate``, ``router`` or ``*_gate``, with what it holds: HunYuan's
+``gate.wg``) and moekit ``SharedExperts``. Everything is checked first, then each
+weight is replaced by a ``QuantizedTensor`` of the same logical shape (an ``nn.Linear``
+by a ``QuantizedLinear``). Quantized weights run on the decode kernels for few rows and
 dequantize for many; no backward.
 
 Shape letters: E experts, D hidden, F expert hidden, G = 2F for GLU activations,

@@ -8,6 +8,9 @@ times the router's weight, summed over the K experts (the activation being
 block's output, shared experts and their gates, Longcat's zero experts) stays in
 transformers' block, which is not patched.
 
+Experts without a gate (NemotronH's ``up_proj`` only, relu2) are ``UngatedExperts``:
+``down(act(x @ up))``, moekit's non-GLU expert.
+
 Routers: a moekit mixin only where its routing function computes the same thing as
 the model's router; elsewhere the model's own router runs and its top-k choice goes
 to the patched experts (see the README for the families and why).
@@ -16,7 +19,7 @@ to the patched experts (see the README for the families and why).
 from __future__ import annotations
 
 from moekit.integrations.hf.blocks import DbrxBlock, SwitchRouter, SwitchSparseMLP
-from moekit.integrations.hf.experts import StackedExperts
+from moekit.integrations.hf.experts import StackedExperts, UngatedExperts
 from moekit.integrations.hf.routers import (
     DeepseekV2Router,
     GptOssRouter,
@@ -55,6 +58,7 @@ ARCHITECTURES: dict[str, dict[str, type]] = {
     "gpt_oss": {"GptOssTopKRouter": GptOssRouter, "GptOssExperts": StackedExperts},
     "switch_transformers": {"SwitchTransformersTop1Router": SwitchRouter,
                             "SwitchTransformersSparseMLP": SwitchSparseMLP},
+    "nemotron_h": {"NemotronHTopkRouter": _V3, "NemotronHExperts": UngatedExperts},
     # experts and router
     "aria": _experts("AriaExperts", "AriaTextTopKRouter", GptOssRouter),
     "aria_text": _experts("AriaExperts", "AriaTextTopKRouter", GptOssRouter),

@@ -1,13 +1,15 @@
 """moekit's dispatch and expert backends run on a transformers experts module's own tensors.
 
 transformers v5 stores experts as stacked tensors ``gate_up_proj`` [E, 2F, D] and
-``down_proj`` [E, D, F] (``is_transposed``: [E, D, 2F] and [E, F, D]). moekit's
-backends want ``w_in`` [E, D, G] and ``w_out`` [E, F, D]; transposed views give
-exactly that with no copy, so the Parameters, and the state_dict, stay untouched.
-After ``moekit.quantize`` the two are ``QuantizedTensor`` modules of that shape.
+``down_proj`` [E, D, F] (``is_transposed``: [E, D, 2F] and [E, F, D]); experts
+without a gate (NemotronH) hold ``up_proj`` [E, F, D] instead of ``gate_up_proj``.
+moekit's backends want ``w_in`` [E, D, G] and ``w_out`` [E, F, D]; transposed views
+give exactly that with no copy, so the Parameters, and the state_dict, stay
+untouched. After ``moekit.quantize`` the two are ``QuantizedTensor`` modules of that
+shape.
 
-Shape letters: T tokens, D hidden, F expert hidden, G = 2F (gate and up), E
-experts, K experts per token, S routed rows (T*K).
+Shape letters: T tokens, D hidden, F expert hidden, G = 2F (gate and up; F without
+a gate), E experts, K experts per token, S routed rows (T*K).
 """
 
 from __future__ import annotations
@@ -125,6 +127,22 @@ def interleaved_swiglu_oai(limit: float, alpha: float) -> Callable[[Tensor], Ten
     return act
 
 
+class PlainAct:
+    """``act_fn(up)`` for experts without a gate (the projection is F wide).
+
+    ``kind`` is "relu2" when ``act_fn`` is transformers' ``ReLUSquaredActivation``
+    (relu(h)^2, as moekit's relu2 kernels compute it), so the decode kernels fuse it;
+    None (run in Python between the two projections) for anything else.
+    """
+
+    def __init__(self, act_fn: Callable[[Tensor], Tensor]) -> None:
+        self.act_fn = act_fn
+        self.kind = "relu2" if type(act_fn).__name__ == "ReLUSquaredActivation" else None
+
+    def __call__(self, h_SF: Tensor) -> Tensor:
+        return self.act_fn(h_SF)
+
+
 class StackedExperts:
     """Mixin for transformers' ``@use_experts_implementation`` experts classes.
 
@@ -161,7 +179,31 @@ class StackedExperts:
         return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
 
 
+class UngatedExperts(StackedExperts):
+    """Mixin for ``@use_experts_implementation(has_gate=False)`` classes (NemotronH):
+    ``down(act(x @ up))``, ``up_proj`` [E, F, D] read as moekit's non-GLU ``w_in``
+    [E, D, F] (the layout moekit's relu2 / gelu experts have)."""
+
+    _moekit_weights = ("up_proj", "down_proj")
+
+    @staticmethod
+    def _moekit_supports(module: object) -> bool:
+        return supports_ungated(module)
+
+    def _moekit_act(self) -> Callable[[Tensor], Tensor]:
+        return PlainAct(self.act_fn)
+
+
 def supports_stacked(module: object) -> bool:
     """Whether a ``@use_experts_implementation`` module has a layout StackedExperts handles."""
     return (getattr(module, "has_gate", False) and not getattr(module, "has_post_expert_norm", True)
             and hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"))
+
+
+def supports_ungated(module: object) -> bool:
+    """Whether an experts module without a gate has the layout UngatedExperts handles
+    (no biases: it would read ``up_proj_bias``, which no such family has yet)."""
+    return (getattr(module, "has_gate", True) is False
+            and not getattr(module, "has_post_expert_norm", True)
+            and not getattr(module, "has_bias", True)
+            and hasattr(module, "up_proj") and hasattr(module, "down_proj"))
