@@ -1,6 +1,6 @@
 """Tiny random transformers MoE models (no downloads) for the families beyond
-``tests/hf_models.py``: hidden 64, 2 layers (at least one MoE), 8 experts top 2 (NemotronH
-4 layers: Mamba, MoE, attention, MoE).
+``tests/hf_models.py``: hidden 64, 2 layers (at least one MoE), 8 experts top 2 (Llama 4's
+text model top 1 as released, NemotronH 4 layers: Mamba, MoE, attention, MoE).
 
 Each entry names the config and model classes and what differs from ``SMALL`` (only the
 ``SMALL`` keys a config's ``__init__`` takes are passed). A multimodal model gets a tiny
@@ -39,6 +39,7 @@ INKLING2 = dict(unpadded_vocab_size=64, layer_types=["hybrid_sliding", "hybrid"]
 DOTS3 = dict(MLA, head_dim=16, layer_types=["indexed_attention"] * 2, per_layer_config={},
              mlp_layer_types=["dense", "sparse"], index_head_dim=16, index_n_heads=2,
              index_topk=4, shared_experts_intermediate_size=32)
+LLAMA4 = dict(num_experts_per_tok=1, interleave_moe_layer_step=2, intermediate_size_mlp=32)
 MINIMAX_M3 = dict(dense_intermediate_size=32, shared_intermediate_size=32)
 MROPE = {"rope_type": "default", "rope_theta": 10000.0}
 QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
@@ -97,6 +98,8 @@ MODELS: dict[str, tuple[str, str, dict]] = {
                         kv_source_layers=[0, 1], mlp_only_layers=[], index_num_heads=2)),
     "laguna": ("LagunaConfig", "LagunaForCausalLM", {}),
     "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM", {}),
+    # Llama 4: layer 0 a dense MLP (interleave_moe_layer_step=2), layer 1 MoE
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", LLAMA4),
     "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM",
                  dict(layer_types=["conv", "full_attention"], num_dense_layers=1)),
     "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM",  # 2 zero experts
@@ -163,6 +166,11 @@ MODELS: dict[str, tuple[str, str, dict]] = {
                       dict(text=("Inkling2LoopTextConfig", INKLING2),
                            vision_config=dict(VISION, text_hidden_size=64,
                                               projection_hidden_dim=32, posemb_grid_size=4))),
+    "llama4": ("Llama4Config", "Llama4ForConditionalGeneration",  # top 2, both layers MoE
+               dict(text=("Llama4TextConfig", dict(LLAMA4, num_experts_per_tok=2,
+                                                   interleave_moe_layer_step=1)),
+                    vision_config=dict(VISION, image_size=16, vision_output_dim=32,
+                                       projector_input_dim=32, projector_output_dim=64))),
     "minimax_m3_vl": ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration",
                       dict(text=("MiniMaxM3VLTextConfig", MINIMAX_M3),
                            vision_config=dict(VISION, image_size=16))),

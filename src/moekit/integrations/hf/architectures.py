@@ -9,7 +9,9 @@ block's output, shared experts and their gates, Longcat's zero experts) stays in
 transformers' block, which is not patched.
 
 Experts without a gate (NemotronH's ``up_proj`` only, relu2) are ``UngatedExperts``:
-``down(act(x @ up))``, moekit's non-GLU expert.
+``down(act(x @ up))``, moekit's non-GLU expert. Llama 4 has neither layout's call: its
+block (``Llama4Block``) scales each token by its router score before the experts, so
+the block is patched too and hands its experts (``Llama4Experts``) the routed rows.
 
 Routers: a moekit mixin only where its routing function computes the same thing as
 the model's router; elsewhere the model's own router runs and its top-k choice goes
@@ -18,8 +20,8 @@ to the patched experts (see the README for the families and why).
 
 from __future__ import annotations
 
-from moekit.integrations.hf.blocks import DbrxBlock, SwitchRouter, SwitchSparseMLP
-from moekit.integrations.hf.experts import StackedExperts, UngatedExperts
+from moekit.integrations.hf.blocks import DbrxBlock, Llama4Block, SwitchRouter, SwitchSparseMLP
+from moekit.integrations.hf.experts import Llama4Experts, StackedExperts, UngatedExperts
 from moekit.integrations.hf.routers import (
     DeepseekV2Router,
     GptOssRouter,
@@ -44,6 +46,8 @@ def _experts(name: str, router: str | None = None, mixin: type | None = None
 
 # DeepSeek-V3's sigmoid, group-limited router, copied verbatim into these families
 _V3 = SigmoidGroupRouter
+# Llama 4 (the text model of Llama4ForConditionalGeneration too): the block and its experts
+_LLAMA4 = {"Llama4TextMoe": Llama4Block, "Llama4TextExperts": Llama4Experts}
 
 # model_type -> {transformers class name: moekit mixin}
 ARCHITECTURES: dict[str, dict[str, type]] = {
@@ -58,6 +62,8 @@ ARCHITECTURES: dict[str, dict[str, type]] = {
     "gpt_oss": {"GptOssTopKRouter": GptOssRouter, "GptOssExperts": StackedExperts},
     "switch_transformers": {"SwitchTransformersTop1Router": SwitchRouter,
                             "SwitchTransformersSparseMLP": SwitchSparseMLP},
+    "llama4": _LLAMA4,
+    "llama4_text": _LLAMA4,
     "nemotron_h": {"NemotronHTopkRouter": _V3, "NemotronHExperts": UngatedExperts},
     # experts and router
     "aria": _experts("AriaExperts", "AriaTextTopKRouter", GptOssRouter),

@@ -1,12 +1,15 @@
-"""Whole-block forwards for transformers MoE models whose experts are not stacked tensors.
+"""Whole-block forwards for transformers MoE models whose experts are not stacked tensors,
+or whose block does not hand its experts the routing.
 
 DBRX keeps gate and up as two [E*F, D] matrices; Switch Transformers keeps one
 ``nn.Linear`` pair per expert. Both are gathered into moekit's [E, D, G] layout
 inside the forward (a copy of the weights, differentiable, so gradients reach
-the original Parameters and the state_dict is untouched).
+the original Parameters and the state_dict is untouched). Llama 4's experts are
+stacked, but its block runs them on every token scaled by its router score; its
+forward here builds the routed rows instead.
 
 Shape letters: B sequences, L tokens per sequence, T = B*L tokens, D hidden,
-F expert hidden, E experts, K experts per token.
+F expert hidden, E experts, K experts per token, S routed rows (T*K).
 """
 
 from __future__ import annotations
@@ -107,3 +110,31 @@ class SwitchSparseMLP:
         y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None, None,
                            act, self._moekit_backend)
         return y_TD.to(hidden_states.dtype).view(B, L, D)
+
+
+class Llama4Block:
+    """Llama 4 ``Llama4TextMoe``. transformers runs every expert on every token: each token
+    repeated E times, scaled by its router score (sigmoid of its top-K logits, 0 for the
+    other experts), through all E experts, the E outputs summed: E/K times the routed
+    work. Here only the T*K chosen (token, expert) pairs run. The score multiplies the
+    expert's *input* (act(s x W) != s act(x W)), so row (t, k) is x_t times its score,
+    routed top-1 to its expert with weight 1 (moekit's dispatch and backends, through the
+    patched ``Llama4Experts``); a token's K outputs are summed in expert order, as
+    transformers' sum over E meets them; the shared expert runs as transformers' MLP and
+    the routed sum is added to it. Gradients reach the router through the scaling, as in
+    the original."""
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor]:
+        x_TD = hidden_states.reshape(-1, self.hidden_dim)
+        scores_TE, logits_TE = self.router(x_TD)  # a module call: the logits are recorded
+        experts_TK = logits_TE.topk(self.top_k, dim=1).indices  # the router's own choice
+        if self.top_k > 1:
+            experts_TK = experts_TK.sort(dim=1).values
+        T, K = experts_TK.shape
+        scores_TK = scores_TE.gather(1, experts_TK)
+        x_SD = (x_TD[:, None, :] * scores_TK[:, :, None]).view(T * K, -1)
+        ones_S1 = torch.ones(T * K, 1, dtype=x_SD.dtype, device=x_SD.device)
+        y_SD = self.experts(x_SD, experts_TK.view(T * K, 1), ones_S1)
+        out_TD = self.shared_expert(x_TD)
+        out_TD.add_(y_SD if K == 1 else y_SD.view(T, K, -1).sum(1))
+        return out_TD, logits_TE

@@ -194,6 +194,24 @@ class UngatedExperts(StackedExperts):
         return PlainAct(self.act_fn)
 
 
+class Llama4Experts(StackedExperts):
+    """Mixin for Llama 4's ``Llama4TextExperts`` (not a ``@use_experts_implementation``
+    class): ``gate_up_proj`` [E, D, 2F] and ``down_proj`` [E, F, D] (the transposed layout),
+    no biases, ``up * act(gate)``. transformers calls it on every token repeated E times;
+    patched, it takes the routing (``StackedExperts``' call) from the patched block
+    (``blocks.Llama4Block``), which only calls it that way."""
+
+    is_transposed = True
+    has_bias = False
+
+    @staticmethod
+    def _moekit_supports(module: object) -> bool:
+        return hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")
+
+    def _moekit_act(self) -> Callable[[Tensor], Tensor]:
+        return GluAct(self.act_fn)
+
+
 def supports_stacked(module: object) -> bool:
     """Whether a ``@use_experts_implementation`` module has a layout StackedExperts handles."""
     return (getattr(module, "has_gate", False) and not getattr(module, "has_post_expert_norm", True)
