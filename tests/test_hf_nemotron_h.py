@@ -18,6 +18,8 @@ import copy
 import pytest
 import torch
 
+from moekit import quantize
+from moekit.experts.backends import QUANT_KERNEL_MAX_ROWS
 from moekit.functions import decode as decode_fn
 from moekit.integrations import hf
 from moekit.integrations.hf.experts import (
@@ -28,6 +30,7 @@ from moekit.integrations.hf.experts import (
 )
 from moekit.integrations.hf.routers import SigmoidGroupRouter
 from tests import hf_models_more  # skips this module when transformers is missing
+from tests.test_hf_models_more import _dequantized_reference
 
 transformers = hf_models_more.transformers
 ATOL, RTOL = 1e-5, 1e-5
@@ -110,6 +113,31 @@ def test_decode_rows_run_relu2_in_the_kernels(monkeypatch):
         got = got_experts(x_TD, experts_TK, weights_TK)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert [spec[0] for spec in calls] == ["relu2"]
+
+
+@pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
+@pytest.mark.parametrize("T", [3, QUANT_KERNEL_MAX_ROWS // 2 + 1],
+                         ids=["kernels", "dequantized"])
+def test_int8_experts_match_the_dequantized_ones(T, monkeypatch):
+    """int8 relu2 experts (F-wide ``up_proj``) on the decode kernels (few rows) and,
+    past ``QUANT_KERNEL_MAX_ROWS`` routed rows, dequantized a block of experts at a time
+    onto the fused path: transformers' eager loop on the dequantized weights."""
+    original, patched = _pair()
+    quantized = quantize(patched, bits=8, scope="experts")
+    reference = _dequantized_reference(original, quantized)
+    calls = []
+    dequantized = decode_fn.dequantized_experts
+    monkeypatch.setattr(decode_fn, "dequantized_experts",
+                        lambda *a, **k: calls.append(T) or dequantized(*a, **k))
+    g = torch.Generator().manual_seed(T)
+    x_TD = torch.randn(T, 64, generator=g)
+    experts_TK = torch.rand(T, 8, generator=g).topk(2, dim=1).indices
+    weights_TK = torch.rand(T, 2, generator=g)
+    with torch.no_grad():
+        got = _experts(quantized)[0](x_TD, experts_TK, weights_TK)
+        want = _experts(reference)[0](x_TD, experts_TK, weights_TK)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert calls == ([] if T == 3 else [T])
 
 
 def test_bf16_matches():
