@@ -377,3 +377,22 @@ def test_analyze_refuses_when_the_training_corpus_is_gone(trained, tmp_path, cap
     # --data still analyzes any text
     assert main(["analyze", str(tmp_path / "run"), "--tokens", "256", "--seq-len", "32",
                  "--data", str(trained / "text.txt")]) == 0
+
+
+def test_python_dash_m_moekit_runs_the_command(trained, tmp_path):
+    """`python -m moekit analyze ...` (a checkout on PYTHONPATH, no console script) had
+    failed with "No module named moekit.__main__"; it gives what `moekit analyze` gives."""
+    import os
+    import subprocess
+    import sys
+    src = str(Path(moekit.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [str(trained / "run"), "--tokens", "256", "--seq-len", "32"]
+    done = subprocess.run([sys.executable, "-m", "moekit", "analyze", *argv,
+                           "--out", str(tmp_path / "m")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert run(parse(*argv, "--out", str(tmp_path / "direct"))) == 0
+    via_m = json.loads((tmp_path / "m" / "routing.json").read_text())
+    direct = json.loads((tmp_path / "direct" / "routing.json").read_text())
+    assert via_m["layers"] == direct["layers"]
