@@ -11,13 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import moekit
 from moekit.analysis import RoutingCollector, analyze_model
 from moekit.analysis.cli import add_arguments, analyze_checkpoint, run
-from moekit.analysis.collect import CLASS_NAMES, byte_class_table
-from moekit.analysis.stats import coactivation_lift, imbalance, mutual_information_bits, top_lift
+from moekit.analysis.collect import CLASS_NAMES, LayerRouting, byte_class_table
+from moekit.analysis.report import layer_section
+from moekit.analysis.stats import (
+    coactivation_expected,
+    coactivation_lift,
+    imbalance,
+    mutual_information_bits,
+    summarise,
+    top_lift,
+)
 
 
 class EmbedMoE(nn.Module):
@@ -165,6 +173,101 @@ def test_statistics_hand_worked():
     co = torch.tensor([[5, 5, 0], [5, 5, 0], [0, 0, 5]])
     lift = coactivation_lift(co, 10)
     assert lift[0, 1] == pytest.approx(2.0) and lift[0, 2] == 0
+
+
+def random_k_sets(p_E: list[float], T: int, K: int, seed: int) -> Tensor:
+    """[T, E] 0/1: T random K-expert sets, P(set) ~ prod over its experts of p/(1-p)
+    (independent coins with these odds, kept when exactly K come up): the
+    maximum-entropy routing that coactivation_expected takes as chance."""
+    gen, kept, n = torch.Generator().manual_seed(seed), [], 0
+    while n < T:
+        coins = (torch.rand(100_000, len(p_E), generator=gen) < torch.tensor(p_E)).double()
+        kept.append(coins[coins.sum(1) == K])
+        n += kept[-1].shape[0]
+    return torch.cat(kept)[:T]
+
+
+@pytest.mark.parametrize("K,p_E", [
+    (2, [0.5] * 8),  # equal loads: uniformly random 2-sets of 8 experts
+    (2, [0.9, 0.5, 0.3, 0.2, 0.1, 0.1, 0.05, 0.0]),  # skewed, one expert never chosen
+    (3, [0.8, 0.5, 0.4, 0.3, 0.2, 0.2, 0.1, 0.1]),
+])
+def test_coactivation_chance_is_random_routing_at_the_same_loads(K, p_E):
+    """Routing drawn at random (no association between experts beyond their loads) is
+    at chance on every pair, within sampling noise; the lift P(i and j) / (P(i) P(j)),
+    whose 1.0 the plot called independent, is far below 1 for it at top-K."""
+    T = 40_000
+    hot_TE = random_k_sets(p_E, T, K, seed=K)
+    co = (hot_TE.T @ hot_TE).long()
+    expected = coactivation_expected(co, T, K)
+    off = ~torch.eye(len(p_E), dtype=torch.bool)
+    assert torch.equal(expected.diagonal(), co.diagonal().double())
+    # K - 1 other experts per token: each row of pairs sums to (K - 1) * its load
+    assert torch.allclose((expected * off).sum(1), (K - 1) * co.diagonal().double(),
+                          rtol=1e-9, atol=1e-6)
+    seen = off & (expected > 0)
+    z = (co - expected)[seen] / expected[seen].sqrt()  # Poisson noise of a count
+    assert z.abs().max() < 4.5, z
+    assert torch.equal(co[off & (expected == 0)], torch.zeros_like(co[off & (expected == 0)]))
+    if len(set(p_E)) == 1:
+        E = len(p_E)
+        assert coactivation_lift(co, T)[off].mean() == pytest.approx(
+            (K - 1) * E / (K * (E - 1)), rel=0.02)  # 0.57 at top-2 of 8, not 1.0
+
+
+def test_coactivation_chance_with_equal_loads_is_exact():
+    """Equal loads: T K (K-1) / (E (E-1)) tokens per pair (uniform K-sets); expert choice:
+    n_i n_j / T; top-1 has no pairs."""
+    T, E = 700, 7
+    for K in (2, 3, 7):
+        co = torch.full((E, E), 0, dtype=torch.long)
+        co.diagonal().fill_(T * K // E)
+        want = T * K * (K - 1) / (E * (E - 1))
+        got = coactivation_expected(co, T, K)
+        assert got[0, 1] == pytest.approx(want, rel=1e-9) and got[2, 6] == got[0, 1]
+    assert coactivation_expected(co, T, 1)[0, 1] == 0
+    assert coactivation_expected(co, T, 2, expert_choice=True)[0, 1] == pytest.approx(
+        (T * 7 // E) ** 2 / T)
+
+
+def test_coactivation_pairs_rank_by_count_and_by_tokens_beyond_chance():
+    """A pair seen twice had led "Most co-activated expert pairs" on its lift (two rare
+    experts that only ever go together) ahead of pairs seen thousands of times. The
+    report now lists the pairs seen most often and the pairs with the most tokens beyond
+    chance; routing.json holds every pair with its count, chance and ratio."""
+    from collections import Counter
+    sets = ([(0, 1)] * 3000 + [(2, 3)] * 2500 + [(0, 2)] * 800 + [(1, 3)] * 700
+            + [(0, 3)] * 500 + [(1, 2)] * 450 + [(4, 5)] * 2)
+    E, K, T = 6, 2, len(sets)
+    layer = LayerRouting("moe", E, K, 256)
+    for s in sets:
+        for i in s:
+            layer.load_E[i] += 1
+            for j in s:
+                layer.co_EE[i, j] += 1
+    layer.tokens, layer.pairs = T, K * T
+    out = summarise(layer, torch.ones(256, dtype=torch.long), None)
+    lift = torch.tensor(out["coactivation_lift"])
+    assert lift.max() == lift[4, 5]  # the rare pair has by far the largest lift
+    counts = Counter(sets)
+    pairs = out["coactivation_pairs"]
+    assert len(pairs) == E * (E - 1) // 2
+    assert [(tuple(p["experts"]), p["tokens"]) for p in pairs if p["tokens"]] \
+        == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    for p in pairs:
+        c, x = counts.get(tuple(p["experts"]), 0), p["expected"]
+        assert p["tokens"] == c and p["share"] == c / T and p["excess"] == pytest.approx(c - x)
+        assert p["over_chance"] == (pytest.approx(c / x) if x > 0 else None)
+    text = "\n".join(layer_section(out))
+    frequent = text.split("most often: ")[1].split(".\n")[0]
+    assert [w.split(" ")[0] for w in frequent.split("), ")] == ["0+1", "2+3", "0+2"]
+    over = text.split("beyond chance): ")[1].split(".\n")[0]
+    by_excess = sorted((x - c, i, j) for i in range(E) for j in range(i + 1, E)
+                       for c, x in [(counts.get((i, j), 0), out["coactivation_expected"][i][j])]
+                       if c > x)  # most tokens beyond chance first, ties: lower ids first
+    assert [w.split(" ")[0] for w in over.split("), ")] \
+        == [f"{i}+{j}" for _, i, j in by_excess[:3]]
+    assert "4+5" not in frequent and not over.startswith("4+5")
 
 
 def test_hash_router_specialisation_is_exact():

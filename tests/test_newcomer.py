@@ -485,7 +485,8 @@ def test_load_and_coactivation_heatmaps_share_one_centred_scale():
     from moekit.train.plots import load_figure as compare_load_figure
     layers = [{"name": f"blocks.{i}.ffn", "num_experts": 4,
                "load_share": [0.1, 0.2, 0.3, 0.4][::1 - 2 * i],
-               "coactivation_lift": [[1.0, 0.2 + i, 3.0, 1.0]] * 4} for i in range(2)]
+               "coactivation": [[1.0, 0.2 + i, 3.0, 1.0]] * 4,  # over chance: / 1.0
+               "coactivation_expected": [[1.0] * 4] * 4} for i in range(2)]
     result = {"variant": "moe-top2", "seed": 0,
               "load": [(10, [[0.1, 0.9], [0.5, 0.5]]), (20, [[0.7, 0.3], [0.4, 0.6]])]}
     for fig, top in ((load_figure(layers), 1.6), (coactivation_figure(layers), 3.0),

@@ -45,6 +45,7 @@ class LayerRouting:
     num_experts: int
     top_k: int
     vocab_size: int
+    router: str = "softmax"  # MoEConfig.router: what the entropy and co-activation mean
     load_E: Tensor = field(init=False)  # pairs assigned to each expert (before drops)
     co_EE: Tensor = field(init=False)  # tokens routed to both i and j (diagonal: to i)
     token_VE: Tensor = field(init=False)  # pairs by (token id, expert)
@@ -83,8 +84,8 @@ class RoutingCollector:
         if not self.modules:
             raise ValueError("model has no moekit.MoE layers, which is not allowed: there is "
                              "no routing to analyse")
-        self.layers = [LayerRouting(n, m.config.num_experts, m.config.top_k, vocab_size)
-                       for n, m in self.modules]
+        self.layers = [LayerRouting(n, m.config.num_experts, m.config.top_k, vocab_size,
+                                    m.config.router) for n, m in self.modules]
         self.vocab_size = vocab_size
         self.classes = byte_class_table() if vocab_size <= 256 else None
         self.ids_T: Tensor | None = None

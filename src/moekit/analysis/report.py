@@ -38,8 +38,18 @@ def load_figure(layers: list[dict[str, Any]]):
     return fig
 
 
+def over_chance_matrix(layer: dict[str, Any]) -> list[list[float]]:
+    """tokens routed to both i and j / the count expected by chance; NaN on the diagonal
+    (an expert with itself is not a pair) and where nothing is expected (top-1)."""
+    co, expected = layer["coactivation"], layer["coactivation_expected"]
+    E = len(co)
+    return [[co[i][j] / expected[i][j] if i != j and expected[i][j] > 0 else float("nan")
+             for j in range(E)] for i in range(E)]
+
+
 def coactivation_figure(layers: list[dict[str, Any]]):
-    """Lift per layer on one colour scale for every panel, white at 1.0 (independent)."""
+    """Co-activation over chance per layer on one colour scale for every panel, white
+    at 1.0 (as often as random routing at these loads would pair them)."""
     from moekit.train.plots import centred_norm
     plt = _pyplot()
     n = len(layers)
@@ -49,22 +59,18 @@ def coactivation_figure(layers: list[dict[str, Any]]):
                              squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
-    lifts = []
-    for layer in layers:
-        lift = [row[:] for row in layer["coactivation_lift"]]
-        for i in range(len(lift)):
-            lift[i][i] = float("nan")  # the diagonal is each expert's own load
-        lifts.append(lift)
-    norm = centred_norm([v for lift in lifts for row in lift for v in row if v == v])
+    ratios = [over_chance_matrix(layer) for layer in layers]
+    norm = centred_norm([v for r in ratios for row in r for v in row if v == v])
     # the diagonal (an expert with itself) is not a pair: drawn in black
     cmap = plt.get_cmap("coolwarm").with_extremes(bad="black")
-    for ax, layer, lift in zip(axes.flat, layers, lifts, strict=False):
-        im = ax.imshow(lift, cmap=cmap, norm=norm)
+    for ax, layer, ratio in zip(axes.flat, layers, ratios, strict=False):
+        im = ax.imshow(ratio, cmap=cmap, norm=norm)
         ax.set_title(f"{layer['name']}", fontsize=8)
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="lift (1.0 = independent)")
-    fig.suptitle("co-activation lift: P(i and j) / (P(i) P(j)); diagonal in black")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="tokens to both / chance")
+    fig.suptitle("expert pairs: tokens routed to both / chance\n(1.0 = as random routing at "
+                 "these loads; diagonal in black)", fontsize=9)
     return fig
 
 
@@ -111,17 +117,36 @@ def summary_table(layers: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def top_pairs(layer: dict[str, Any], n: int = 3) -> str:
-    lift, co = layer["coactivation_lift"], layer["coactivation"]
-    E = len(lift)
-    pairs = sorted(((lift[i][j], i, j) for i in range(E) for j in range(i + 1, E)
-                    if co[i][j] > 0), reverse=True)[:n]
-    return ", ".join(f"{i}+{j} (x{v:.2f}, {co[i][j]} tokens)" for v, i, j in pairs) or "-"
+def _chance(p: dict[str, Any]) -> str:
+    return "-" if p["over_chance"] is None else f"{p['over_chance']:.2f}x"
+
+
+def _count(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"  # 0.0004 expected is not "0"
+
+
+def frequent_pairs(layer: dict[str, Any], n: int = 3) -> str:
+    """The n pairs routed together most often (ties: lower expert ids first)."""
+    pairs = [p for p in layer["coactivation_pairs"] if p["tokens"] > 0][:n]
+    return ", ".join(f"{i}+{j} ({p['tokens']} tokens, {p['share']:.1%}; {_chance(p)} chance)"
+                     for p in pairs for i, j in [p["experts"]]) or "-"
+
+
+def over_chance_pairs(layer: dict[str, Any], n: int = 3) -> str:
+    """The n pairs with the most tokens beyond chance (tokens - expected): a pair seen
+    twice cannot out-rank one seen thousands of times, as a ranking by lift let it."""
+    pairs = sorted((p for p in layer["coactivation_pairs"] if p["excess"] > 0),
+                   key=lambda p: (-p["excess"], p["experts"]))[:n]
+    return ", ".join(f"{i}+{j} (+{p['excess']:.0f} tokens: {p['tokens']} vs "
+                     f"{_count(p['expected'])} expected, {_chance(p)} chance)"
+                     for p in pairs for i, j in [p["experts"]]) or "-"
 
 
 def layer_section(layer: dict[str, Any]) -> list[str]:
     lines = [f"### {layer['name']}", "",
-             f"Most co-activated expert pairs: {top_pairs(layer)}.", "",
+             f"Expert pairs routed together most often: {frequent_pairs(layer)}.", "",
+             f"Most over-represented pairs (tokens beyond chance): "
+             f"{over_chance_pairs(layer)}.", "",
              "| expert | load share | tokens it receives most (lift over base) | "
              "byte patterns (previous>current class) |", "|---|---|---|---|"]
     for item in layer["specialisation"]["experts"]:
@@ -142,7 +167,13 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
         "Load is counted before any capacity drop; lift = how much more often an expert "
         "sees an item than the text does (share at the expert / share in the text); in "
         "brackets, the fraction of the item's occurrences routed to that expert. "
-        "MI = mutual information between the token (or byte pattern) and the chosen expert.",
+        "MI = mutual information between the token (or byte pattern) and the chosen expert. "
+        "Expert pairs: tokens routed to both experts; chance = the count expected if every "
+        "token drew its K experts at random with these per-expert loads (the "
+        "maximum-entropy routing with them; expert choice: experts picking tokens "
+        "independently); 1.5x chance = 1.5 times that count. "
+        "Over-represented pairs rank by tokens - chance, so a rare pair cannot lead on "
+        "its ratio alone.",
         "", "## Summary", "", *summary_table(result["layers"]), "",
         *([f"![expert load]({LOAD_PNG})", "", f"![co-activation]({COACT_PNG})"] if plots
           else [f"(no plots: matplotlib is not installed; {PLOT_HINT})"]), "",

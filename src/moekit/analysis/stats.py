@@ -1,6 +1,6 @@
 """Routing statistics from the counts a RoutingCollector gathered (pure functions).
 
-Shape letters: E experts, V vocabulary, C byte classes.
+Shape letters: E experts, V vocabulary, C byte classes, M rows of sums computed together.
 """
 
 from __future__ import annotations
@@ -35,6 +35,84 @@ def coactivation_lift(co_EE: Tensor, tokens: int) -> Tensor:
     diag = co.diagonal()
     expected = diag[:, None] * diag[None, :] / max(tokens, 1)
     return torch.where(expected > 0, co / expected.clamp_min(1e-30), torch.zeros_like(co))
+
+
+def _symmetric_sums(w_E: Tensor, without_ME: Tensor, K: int) -> Tensor:
+    """[M, K+1]: the elementary symmetric sums e_0..e_K of the weights w_E, leaving out
+    in row m the experts where ``without_ME[m]`` is True (a sum over K-expert sets of the
+    product of their weights; recomputed per row, never by subtraction, which cancels)."""
+    e_MK = torch.zeros(without_ME.shape[0], K + 1, dtype=torch.float64)
+    e_MK[:, 0] = 1.0
+    for x in range(w_E.numel()):
+        w_M = torch.where(without_ME[:, x], 0.0, w_E[x])
+        e_MK[:, 1:] = e_MK[:, 1:] + w_M[:, None] * e_MK[:, :-1]
+    return e_MK
+
+
+def _max_entropy_weights(share_E: Tensor, K: int, iters: int = 2000) -> Tensor:
+    """Weights w of the K-expert sets drawn with P(set) ~ prod of its w whose inclusion
+    probabilities P(e in set) equal ``share_E`` (K times a load share): the multiplicative
+    fit of Chen, Dempster and Liu (1994) for conditional Poisson sampling."""
+    E = share_E.numel()
+    none_1E, self_EE = torch.zeros(1, E, dtype=torch.bool), torch.eye(E, dtype=torch.bool)
+    w_E = share_E.clone()
+    for _ in range(iters):
+        incl_E = w_E * _symmetric_sums(w_E, self_EE, K)[:, K - 1] \
+            / _symmetric_sums(w_E, none_1E, K)[0, K]
+        ratio_E = torch.where(incl_E > 0, share_E / incl_E.clamp_min(1e-300), 0.0)
+        w_E = w_E * ratio_E
+        w_E = w_E / w_E.max()
+        if float((ratio_E[share_E > 0] - 1).abs().max()) < 1e-10:
+            break
+    return w_E
+
+
+def coactivation_expected(co_EE: Tensor, tokens: int, top_k: int,
+                          expert_choice: bool = False) -> Tensor:
+    """Tokens expected to go to both i and j by chance, given each expert's load n_i
+    (the diagonal of ``co_EE``); the diagonal of the result is that load.
+
+    Chance for token choice (every token takes exactly K distinct experts, so experts
+    cannot be chosen independently: uniform random top-2 of 8 gives P(i and j) /
+    (P(i) P(j)) = 0.57, not 1) is the maximum-entropy routing with these loads: each
+    token's K-expert set drawn with probability proportional to the product of per-expert
+    weights fitted so that expert e is in a set with probability n_e / T. With equal loads
+    that is a uniformly random K-set, T K (K-1) / (E (E-1)) per pair; 0 for K = 1, which
+    has no pairs. For expert choice (each expert takes its own tokens, a token any
+    number of experts) chance is independence, n_i n_j / T.
+    """
+    n_E = co_EE.double().diagonal().clone()
+    E, T, K = n_E.numel(), max(tokens, 1), top_k
+    if expert_choice:
+        expected = n_E[:, None] * n_E[None, :] / T
+    elif K < 2 or tokens == 0:
+        expected = torch.zeros(E, E, dtype=torch.float64)
+    else:
+        w_E = _max_entropy_weights((n_E / T).clamp(0.0, 1.0), K)
+        eye = torch.eye(E, dtype=torch.bool)
+        both_without = (eye[:, None, :] | eye[None, :, :]).reshape(E * E, E)
+        e_pair = _symmetric_sums(w_E, both_without, K)[:, K - 2].view(E, E)
+        e_all = _symmetric_sums(w_E, torch.zeros(1, E, dtype=torch.bool), K)[0, K]
+        expected = T * w_E[:, None] * w_E[None, :] * e_pair / e_all
+    expected.diagonal().copy_(n_E)
+    return expected
+
+
+def coactivation_pairs(co_EE: Tensor, expected_EE: Tensor, tokens: int) -> list[dict[str, Any]]:
+    """Every pair i < j, most tokens first: ``tokens`` routed to both, their ``share`` of
+    all tokens, the ``expected`` count by chance (``coactivation_expected``),
+    ``over_chance`` = tokens / expected (None where nothing is expected) and ``excess`` =
+    tokens - expected, the tokens the pair's association accounts for."""
+    E = co_EE.shape[0]
+    out = []
+    for i in range(E):
+        for j in range(i + 1, E):
+            c, x = int(co_EE[i, j]), float(expected_EE[i, j])
+            out.append({"experts": [i, j], "tokens": c, "share": c / max(tokens, 1),
+                        "expected": x, "over_chance": c / x if x > 0 else None,
+                        "excess": c - x})
+    out.sort(key=lambda p: (-p["tokens"], p["experts"]))
+    return out
 
 
 def mutual_information_bits(joint: Tensor) -> float:
@@ -108,6 +186,8 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
     check_positive_int("min_count", min_count)
     E = layer.num_experts
     lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
+    expected_EE = coactivation_expected(layer.co_EE, layer.tokens, layer.top_k,
+                                        layer.router == "expert_choice")
     entropy = layer.entropy_sum / max(layer.tokens, 1)
     return {
         "name": layer.name, "num_experts": E, "top_k": layer.top_k, "tokens": layer.tokens,
@@ -119,5 +199,7 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
         "router_entropy_nats": entropy,
         "router_entropy_normalised": entropy / math.log(E) if E > 1 else 0.0,
         "coactivation": layer.co_EE.tolist(), "coactivation_lift": lift_EE.tolist(),
+        "coactivation_expected": expected_EE.tolist(),
+        "coactivation_pairs": coactivation_pairs(layer.co_EE, expected_EE, layer.tokens),
         "specialisation": specialisation(layer, base_V, base_CC, top, min_count),
     }
