@@ -499,3 +499,36 @@ def test_python_dash_m_moekit_runs_the_command(trained, tmp_path):
     via_m = json.loads((tmp_path / "m" / "routing.json").read_text())
     direct = json.loads((tmp_path / "direct" / "routing.json").read_text())
     assert via_m["layers"] == direct["layers"]
+
+
+def test_analysis_records_the_tokens_per_forward_pass(tmp_path, capsys):
+    """A capacity (and expert choice) is a fraction of the tokens routed together, so a
+    capped model's dropped fraction depends on --batch-size x --seq-len: routing.json and
+    the report had not said how many, nor that training routed another number."""
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    text = tmp_path / "text.txt"
+    text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text())
+    corpus = load_corpus(str(text))
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=16, eval_every=1, eval_batches=1,
+                      warmup_steps=0)
+    Trainer(preset("tiny", capacity_factor=1.0), cfg, corpus, tmp_path / "run",
+            progress=False).fit()
+    drops = {}
+    for batch in (4, 1):
+        out = tmp_path / f"b{batch}"
+        assert run(parse(str(tmp_path / "run"), "--tokens", "256", "--seq-len", "16",
+                         "--batch-size", str(batch), "--out", str(out))) == 0
+        err = capsys.readouterr().err
+        meta = json.loads((out / "routing.json").read_text())["meta"]
+        assert meta["batch_size"] == batch and meta["tokens_per_forward"] == 16 * batch
+        assert meta["train_tokens_per_forward"] == 4 * 16
+        assert meta["routing_depends_on_batch"] is True
+        assert ("warning" in err and "analysed 16 per pass, trained on 64" in err) \
+            == (batch == 1), err
+        report = (out / "report.md").read_text()
+        assert f"routed {16 * batch} tokens per forward pass" in report
+        assert "training routed 64" in report and "capacity factor 1" in report
+        layers = json.loads((out / "routing.json").read_text())["layers"]
+        drops[batch] = [layer["dropped_fraction"] for layer in layers]
+    assert drops[1] != drops[4]  # what the note is about

@@ -156,6 +156,20 @@ def layer_section(layer: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def forward_lines(meta: dict[str, Any]) -> list[str]:
+    """How many tokens were routed together (what capacity and expert choice depend on)."""
+    if "tokens_per_forward" not in meta:  # an analyze_model result given its own meta
+        return []
+    line = (f"- routed {meta['tokens_per_forward']:,} tokens per forward pass "
+            f"(batch size {meta['batch_size']})")
+    if meta.get("train_tokens_per_forward"):
+        line += f"; training routed {meta['train_tokens_per_forward']:,}"
+    if meta.get("routing_depends_on_batch"):
+        line += (" (this router's capacity or expert choice is a fraction of them: drops "
+                 "and picks depend on it)")
+    return [line]
+
+
 def markdown(result: dict[str, Any], plots: bool = True) -> str:
     meta = result["meta"]
     lines = [
@@ -163,7 +177,8 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
         f"- checkpoint: `{meta['checkpoint']}` (step {meta['step']})",
         f"- text: {meta['source']}, {meta['tokens']:,} tokens in {meta['sequences']} "
         f"sequences of {meta['seq_len']}",
-        f"- model: {meta['model']}", "",
+        f"- model: {meta['model']}",
+        *forward_lines(meta), "",
         "Load is counted before any capacity drop; lift = how much more often an expert "
         "sees an item than the text does (share at the expert / share in the text); in "
         "brackets, the fraction of the item's occurrences routed to that expert. "
