@@ -286,6 +286,32 @@ def test_hash_router_specialisation_is_exact():
     assert spec["expert_entropy_bits"] == pytest.approx(h)
 
 
+def test_router_entropy_is_not_reported_for_a_hash_router():
+    """A hash router has no scores: the analysis had given the entropy of the 1/K it
+    puts on the table's K experts, ln K, as "router entropy (33% of max)". A scored
+    router's entropy is still the mean over tokens of its distribution's."""
+    from moekit.analysis.report import summary_table
+    from moekit.models import MoETransformer, preset
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (4, 32))
+    model = MoETransformer(preset("tiny", router="hash")).eval()
+    layers = analyze_model(model, ids, 256, batch_size=4)
+    assert layers[0]["router_entropy_nats"] is None
+    assert layers[0]["router_entropy_normalised"] is None
+    assert "n/a (hash: no scores)" in summary_table(layers)[2]
+    model = MoETransformer(preset("tiny", router="softmax")).eval()
+    layers = analyze_model(model, ids, 256, batch_size=4)
+    router, inputs = model.blocks[0].ffn.router, []
+    hook = router.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    p = (inputs[0].double() @ router.weight.double().T).softmax(-1)  # softmax over E
+    want = float(-(p * p.log()).sum(1).mean())
+    assert layers[0]["router_entropy_nats"] == pytest.approx(want, rel=1e-5)
+    assert f"{want:.3f} nats" in summary_table(layers)[2]
+
+
 # -- end to end on a tiny trained checkpoint -----------------------------------------
 
 

@@ -100,6 +100,13 @@ def fmt_items(items: list[dict[str, Any]], n: int = 4) -> str:
     return text.replace("|", "\\|") or "-"
 
 
+def router_entropy(layer: dict[str, Any]) -> str:
+    if layer["router_entropy_nats"] is None:
+        return "n/a (hash: no scores)"
+    return (f"{layer['router_entropy_nats']:.3f} nats "
+            f"({layer['router_entropy_normalised']:.0%})")
+
+
 def summary_table(layers: list[dict[str, Any]]) -> list[str]:
     lines = ["| layer | E | K | load max/mean | CV | starved | dropped | router entropy "
              "(of max) | token MI (bits) | pattern MI (bits) |",
@@ -111,8 +118,7 @@ def summary_table(layers: list[dict[str, Any]]) -> list[str]:
             f"| {layer['name']} | {layer['num_experts']} | {layer['top_k']} | "
             f"{imb['max_over_mean']:.2f} | {imb['coefficient_of_variation']:.2f} | "
             f"{imb['starved_experts']} | {layer['dropped_fraction']:.2%} | "
-            f"{layer['router_entropy_nats']:.3f} nats ({layer['router_entropy_normalised']:.0%})"
-            f" | {spec['token_mutual_information_bits']:.3f} | "
+            f"{router_entropy(layer)} | {spec['token_mutual_information_bits']:.3f} | "
             f"{'-' if pattern is None else f'{pattern:.3f}'} |")
     return lines
 

@@ -188,7 +188,9 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
     lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
     expected_EE = coactivation_expected(layer.co_EE, layer.tokens, layer.top_k,
                                         layer.router == "expert_choice")
-    entropy = layer.entropy_sum / max(layer.tokens, 1)
+    # a hash router has no scores: its "distribution" is 1/K on the table's K experts,
+    # whose entropy is ln K by construction (it had read as 33% of the maximum at K=2, E=8)
+    entropy = None if layer.router == "hash" else layer.entropy_sum / max(layer.tokens, 1)
     return {
         "name": layer.name, "num_experts": E, "top_k": layer.top_k, "tokens": layer.tokens,
         "pairs": layer.pairs, "load": layer.load_E.tolist(),
@@ -197,7 +199,8 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
         "dropped_fraction": layer.dropped / layer.drop_denominator
         if layer.drop_denominator else 0.0,
         "router_entropy_nats": entropy,
-        "router_entropy_normalised": entropy / math.log(E) if E > 1 else 0.0,
+        "router_entropy_normalised": None if entropy is None
+        else entropy / math.log(E) if E > 1 else 0.0,
         "coactivation": layer.co_EE.tolist(), "coactivation_lift": lift_EE.tolist(),
         "coactivation_expected": expected_EE.tolist(),
         "coactivation_pairs": coactivation_pairs(layer.co_EE, expected_EE, layer.tokens),
