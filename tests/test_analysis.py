@@ -558,3 +558,19 @@ def test_analysis_records_the_tokens_per_forward_pass(tmp_path, capsys):
         layers = json.loads((out / "routing.json").read_text())["layers"]
         drops[batch] = [layer["dropped_fraction"] for layer in layers]
     assert drops[1] != drops[4]  # what the note is about
+
+
+def test_heatmaps_label_every_expert():
+    """With 8 experts matplotlib had labelled 0, 2, 4, 6 only: a reader counted cells."""
+    pytest.importorskip("matplotlib")
+    from moekit.analysis.report import coactivation_figure, load_figure
+    E = 8
+    layers = [{"name": f"blocks.{i}.ffn", "num_experts": E, "load_share": [1 / E] * E,
+               "coactivation": [[10] * E] * E, "coactivation_expected": [[5.0] * E] * E}
+              for i in range(2)]
+    load_ax = load_figure(layers).axes[0]
+    assert [t.get_text() for t in load_ax.get_xticklabels()] == [str(e) for e in range(E)]
+    for ax in coactivation_figure(layers).axes:
+        if ax.get_images():
+            for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+                assert [t.get_text() for t in labels] == [str(e) for e in range(E)]

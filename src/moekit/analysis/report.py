@@ -21,6 +21,15 @@ def _pyplot():
     return plt
 
 
+def expert_ticks(ax, num_experts: int, y: bool = False) -> None:
+    """A labelled tick per expert up to 32 (matplotlib's own had labelled 0, 2, 4, 6 of 8
+    experts, leaving the odd ones to count off)."""
+    if num_experts <= 32:
+        ax.set_xticks(range(num_experts))
+        if y:
+            ax.set_yticks(range(num_experts))
+
+
 def load_figure(layers: list[dict[str, Any]]):
     """Each expert's load / uniform load per layer, white at 1.0 (balanced)."""
     from moekit.train.plots import centred_norm
@@ -31,6 +40,7 @@ def load_figure(layers: list[dict[str, Any]]):
     im = ax.imshow(rel, aspect="auto", cmap="coolwarm",
                    norm=centred_norm([v for r in rel for v in r]))
     ax.set_xlabel("expert")
+    expert_ticks(ax, max(len(r) for r in rel))
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(rel)), [layer["name"] for layer in layers], fontsize=7)
     ax.set_title("expert load / uniform load (1.0 = balanced)")
@@ -68,6 +78,7 @@ def coactivation_figure(layers: list[dict[str, Any]]):
         ax.set_title(f"{layer['name']}", fontsize=8)
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
+        expert_ticks(ax, len(ratio), y=True)
     fig.colorbar(im, ax=axes.ravel().tolist(), label="tokens to both / chance")
     fig.suptitle("expert pairs: tokens routed to both / chance\n(1.0 = as random routing at "
                  "these loads; diagonal in black)", fontsize=9)
