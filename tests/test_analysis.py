@@ -574,3 +574,22 @@ def test_heatmaps_label_every_expert():
         if ax.get_images():
             for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
                 assert [t.get_text() for t in labels] == [str(e) for e in range(E)]
+
+
+def test_analyze_of_a_dense_run_names_the_checkpoint(tmp_path, capsys):
+    """A dense baseline (moekit train --dense) had been refused with "model has no
+    moekit.MoE layers", which named neither the checkpoint nor what to pass."""
+    from moekit.cli import main
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    text = tmp_path / "text.txt"
+    text.write_text((Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text())
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16, eval_batches=1, warmup_steps=0)
+    Trainer(preset("tiny", dense=True), cfg, load_corpus(str(text)), tmp_path / "run",
+            progress=False).fit()
+    assert main(["analyze", str(tmp_path / "run"), "--tokens", "64", "--seq-len", "16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"checkpoint={str(tmp_path / 'run' / 'step_00000001')!r}" in err, err
+    assert "dense model" in err and "--dense" in err, err
+    assert not (tmp_path / "run" / "analysis").exists()

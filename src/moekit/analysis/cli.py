@@ -14,7 +14,7 @@ from typing import Any
 
 from moekit.analysis.analyze import analyze_model, windows
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
-from moekit.config import check_out_dir, flag_message
+from moekit.config import check_out_dir, flag_message, reject
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
@@ -100,6 +100,9 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
     cfg = model.config
+    if cfg.dense:  # had read "model has no moekit.MoE layers", naming no checkpoint
+        reject("checkpoint", str(ck.path), "it is a dense model (moekit train --dense): "
+               "it has no router to analyse; pass an MoE run")
     seq_len = cfg.max_seq_len if args.seq_len is None else args.seq_len  # 0 is an error
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is not allowed: it must be <= the model's "
