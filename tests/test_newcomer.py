@@ -75,7 +75,8 @@ def test_train_generate_analyze_without_numpy_or_matplotlib(tmp_path, data):
                                  "--data", str(data), "--out", str(tmp_path / "an"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'pip install "moekit[plot]"' in done.stderr
-    assert sorted(p.name for p in (tmp_path / "an").iterdir()) == ["report.md", "routing.json"]
+    assert sorted(p.name for p in (tmp_path / "an").iterdir()) \
+        == ["report.md", "routing.json", "tokens.csv"]  # no PNGs
     assert "moekit[plot]" in (tmp_path / "an" / "report.md").read_text()
 
 

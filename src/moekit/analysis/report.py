@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from moekit.analysis.stats import token_label
 from moekit.config import check_out_dir, reject
 
-JSON_FILE, REPORT_FILE = "routing.json", "report.md"
+JSON_FILE, REPORT_FILE, TOKENS_CSV = "routing.json", "report.md", "tokens.csv"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
 PLOT_HINT = 'pip install "moekit[plot]" for the plots'
 
@@ -215,6 +218,22 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
     return "\n".join(lines)
 
 
+def tokens_csv(layers: list[dict[str, Any]]) -> str | None:
+    """One row per (layer, token, expert) that occurred: layer, token_id, token (a byte as
+    Python writes it, else the id), expert, count (pairs), occurrences (of the token in
+    the text), routed (count / occurrences). None for layers without token counts."""
+    if not all("token_counts" in layer for layer in layers):
+        return None
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "token_id", "token", "expert", "count", "occurrences", "routed"])
+    for layer in layers:
+        for v, e, c, n in layer["token_counts"]:
+            label = token_label(v, layer.get("vocab_size", math.inf))  # no size: ids
+            w.writerow([layer["name"], v, label, e, c, n, f"{c / n:.6g}"])
+    return buf.getvalue()
+
+
 META_KEYS = ("checkpoint", "step", "source", "tokens", "sequences", "seq_len", "model")
 
 
@@ -246,11 +265,15 @@ def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
         reject("result", type(result).__name__, f"it must hold JSON values only ({e})")
     plots = have_matplotlib()
     report_text = markdown(result, plots)
+    csv_text = tokens_csv(result["layers"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE}
     paths["json"].write_text(json_text)
     paths["report"].write_text(report_text)
+    if csv_text is not None:
+        paths["tokens"] = out / TOKENS_CSV
+        paths["tokens"].write_text(csv_text)
     if plots:
         paths["load"], paths["coactivation"] = out / LOAD_PNG, out / COACT_PNG
         plot_load(result["layers"], paths["load"])

@@ -132,7 +132,7 @@ def entropy_bits(counts: Tensor) -> float:
     return float(-(p[p > 0] * p[p > 0].log2()).sum())
 
 
-def token_label(v: int, vocab_size: int) -> str:
+def token_label(v: int, vocab_size: float) -> str:
     if vocab_size <= 256:
         return repr(chr(v)) if v < 128 else f"0x{v:02x}"
     return str(v)
@@ -192,7 +192,8 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
     # whose entropy is ln K by construction (it had read as 33% of the maximum at K=2, E=8)
     entropy = None if layer.router == "hash" else layer.entropy_sum / max(layer.tokens, 1)
     return {
-        "name": layer.name, "num_experts": E, "top_k": layer.top_k, "tokens": layer.tokens,
+        "name": layer.name, "num_experts": E, "top_k": layer.top_k,
+        "vocab_size": layer.vocab_size, "tokens": layer.tokens,
         "pairs": layer.pairs, "load": layer.load_E.tolist(),
         "load_share": (layer.load_E.double() / max(layer.pairs, 1)).tolist(),
         "imbalance": imbalance(layer.load_E),
@@ -205,4 +206,12 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
         "coactivation_expected": expected_EE.tolist(),
         "coactivation_pairs": coactivation_pairs(layer.co_EE, expected_EE, layer.tokens),
         "specialisation": specialisation(layer, base_V, base_CC, top, min_count),
+        "token_counts": token_counts(layer.token_VE, base_V),
     }
+
+
+def token_counts(token_VE: Tensor, base_V: Tensor) -> list[list[int]]:
+    """Every (token id, expert) that occurred, as [token id, expert, pairs, occurrences of
+    the token in the text], by token then expert: which tokens went where, in full."""
+    nz = token_VE.nonzero().tolist()
+    return [[v, e, int(token_VE[v, e]), int(base_V[v])] for v, e in nz]
