@@ -76,6 +76,20 @@ def test_train_in_python(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "py" / "metrics.jsonl").is_file()
 
 
+def test_analyze_in_python(tmp_path, monkeypatch, capsys):
+    code = block("from moekit.analysis import analyze_model\n")
+    monkeypatch.chdir(tmp_path)
+    model = tiny_lm()
+    ids_BL = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    scope = run(code, model=model, ids_BL=ids_BL)
+    layers = scope["layers"]
+    assert [layer["name"] for layer in layers] == ["blocks.0.ffn", "blocks.1.ffn"]
+    assert all(layer["tokens"] == 128 and sum(layer["load"]) == 128 * 2 for layer in layers)
+    assert capsys.readouterr().out.count("blocks.") == 2
+    for name in ("report.md", "routing.json", "tokens.csv"):
+        assert (tmp_path / "analysis" / name).is_file()
+
+
 def test_engine(capsys):
     scope = run(block("from moekit.inference import Engine, GenerationConfig\n"),
                 model=tiny_lm())
