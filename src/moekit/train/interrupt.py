@@ -32,7 +32,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class StopAtBoundary(Interrupted):
-    """The loop stopping at a step boundary after a first signal: the state is whole."""
+    """The loop stopping at a step boundary after a first signal: the state is whole (and
+    saved, once ``Trainer.fit`` raises it; under --nproc, by every rank at the same step)."""
 
 
 def signum_of(e: BaseException) -> int:

@@ -36,7 +36,6 @@ from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint_state import MAX_STEP
 from moekit.train.data import Corpus, batch_seed, sample_windows
 from moekit.train.interrupt import (
-    Interrupted,
     InterruptFlag,
     StopAtBoundary,
     signal_label,
@@ -345,6 +344,9 @@ class Trainer:
                                        train_config.collapse_patience, model_config.top_k)
         self.load_since_eval: Tensor | None = None
         self.last_checkpoint: Path | None = None
+        # appended to the line an interrupt prints ("moekit train --resume DIR"); the
+        # one-process CLI prints its own line instead
+        self.resume_hint: str | None = None
         if clean_dir:
             self._clean_run_dir()
 
@@ -443,6 +445,15 @@ class Trainer:
         self.history.append(record)
         log.write(record)
 
+    def _announce(self, line: str) -> None:
+        """A line for the user, above the progress bar (the distributed trainer: rank 0's)."""
+        tqdm.write(line)
+
+    def agreed_stop(self, signum: int | None) -> int | None:
+        """The signal to stop on at this step boundary, None to go on: this process's own
+        (the distributed trainer combines every rank's, so that all stop at one step)."""
+        return signum
+
     def checkpoint_state(self) -> dict[str, Any]:
         """What state.json records besides tensors (also written by --nproc runs)."""
         return {"step": self.step, "model_config": self.mcfg.to_dict(),
@@ -482,10 +493,13 @@ class Trainer:
         self._log(log, record)
         return val
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, interrupt: InterruptFlag | None = None) -> dict[str, Any]:
         """Train to cfg.steps; returns a summary. A first Ctrl-C or SIGTERM finishes the
-        step in flight, saves and raises ``Interrupted`` (a KeyboardInterrupt whose
-        ``signum`` says which); a second one stops at once and saves nothing."""
+        step in flight, saves and raises ``StopAtBoundary`` (an ``Interrupted``, a
+        KeyboardInterrupt whose ``signum`` says which); a second one stops at once, saves
+        nothing and raises ``Interrupted``. ``interrupt``: a flag the caller entered
+        already (one that got a signal before fit stops it at the first step boundary);
+        by default fit installs its own."""
         cfg = self.cfg
         log = MetricsLog(self.out_dir)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
@@ -493,8 +507,9 @@ class Trainer:
         start = time.perf_counter()
         speed = _Throughput()
         val = math.nan
+        mine = InterruptFlag() if interrupt is None else contextlib.nullcontext(interrupt)
         try:
-            with InterruptFlag() as interrupt:
+            with mine as flag:
                 if self.step == 0:
                     val = self.validate(log)
                 else:  # read_metrics drops what an earlier session logged after this step
@@ -512,18 +527,20 @@ class Trainer:
                     # changed nothing; save() refuses NaN or inf weights)
                     if at_save and (not res.skipped or self.step == cfg.steps):
                         self.save()
-                    if interrupt.requested:
-                        raise StopAtBoundary(interrupt.signum)
+                    signum = self.agreed_stop(flag.signum)
+                    if signum is not None:
+                        raise StopAtBoundary(signum)
         except StopAtBoundary as stop:
             if not self.saved_this_step():
                 self.save()
-            tqdm.write(f"interrupted at step {self.step} ({signal_label(stop.signum)}): "
-                       f"saved {self.last_checkpoint}")
-            raise Interrupted(stop.signum) from None
+            hint = f"; resume with: {self.resume_hint}" if self.resume_hint else ""
+            self._announce(f"interrupted at step {self.step} ({signal_label(stop.signum)}): "
+                           f"saved {self.last_checkpoint}{hint}")
+            raise StopAtBoundary(stop.signum) from None
         except KeyboardInterrupt as e:  # a second signal, anywhere in a step: nothing saved
-            tqdm.write(f"second {signal_label(signum_of(e))}: stopped without "
-                       f"saving (the model may hold part of step {self.step + 1}); last "
-                       f"checkpoint: {self.last_checkpoint}")
+            self._announce(f"second {signal_label(signum_of(e))}: stopped without "
+                           f"saving (the model may hold part of step {self.step + 1}); last "
+                           f"checkpoint: {self.last_checkpoint}")
             raise
         finally:
             bar.close()
