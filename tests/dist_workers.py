@@ -310,6 +310,51 @@ def run_interrupt_after_save(rank: int, world: int, port: int, out: str) -> dict
             "last": str(trainer.last_checkpoint)}
 
 
+def run_signal_one_rank(rank: int, world: int, port: int, out: str) -> dict:
+    """SIGTERM reaches rank 1 alone, inside step 2 of 4 (``kill`` of one pid). Each rank
+    had checked its own flag: rank 1 stopped and waited in the save's barrier while rank 0
+    entered step 3's all-to-all, both until the collective timeout, saving nothing. Now
+    every rank stops after step 2 with one checkpoint, and the run resumed from it ends
+    with the weights of a run never stopped."""
+    from moekit.train.distributed import DistributedTrainer
+    from moekit.train.interrupt import StopAtBoundary
+
+    init(rank, world, port, timeout_s=20.0)
+    mesh = init_mesh(dp=1, ep=2)
+    mcfg, tcfg, corpus = lm_setup()
+    tcfg = dataclasses.replace(tcfg, steps=4, save_every=100, eval_every=100, eval_batches=1)
+    trainer = DistributedTrainer(mcfg, tcfg, corpus, out, mesh, progress=False)
+    real_step = trainer.step_once
+
+    def step_once():
+        res = real_step()
+        if rank == 1 and trainer.step == 1:  # step 2 (the counter moves after it)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return res
+    trainer.step_once = step_once
+    start = time.monotonic()
+    try:
+        trainer.fit()
+        error = "fit was not interrupted"
+    except StopAtBoundary as e:
+        error = None if e.signum == signal.SIGTERM else f"signal {e.signum}"
+    except BaseException as e:  # noqa: BLE001 - the test reports it
+        error = f"{type(e).__name__}: {e}"
+    res = {"error": error, "elapsed": time.monotonic() - start, "step": trainer.step,
+           "last": str(trainer.last_checkpoint)}
+    if error is None:
+        resumed = DistributedTrainer.resume_distributed(out, corpus, mesh, progress=False)
+        res["resumed_at"] = resumed.step
+        resumed.fit()
+        whole = DistributedTrainer(mcfg, tcfg, corpus, f"{out}_whole", mesh, progress=False)
+        whole.fit()
+        got, want = resumed.model.state_dict(), whole.model.state_dict()
+        res["differ"] = [k for k in want if not torch.equal(got[k], want[k])]
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
 def lm_setup():
     from moekit.models.config import preset
     from moekit.train.data import Corpus, encode

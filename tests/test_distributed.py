@@ -156,6 +156,21 @@ def test_interrupt_right_after_a_save_does_not_save_again(tmp_path):
     assert (out / "dcp_step_00000002" / "manifest.json").is_file()
 
 
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    out = tmp_path / "run"
+    res = launch(W.run_signal_one_rank, 2, tmp_path, str(out), timeout_s=120)
+    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
+    for rank, r in res.items():
+        assert r["error"] is None, f"rank {rank}: {r['error']}"
+        assert r["step"] == 2 and r["last"] == str(out / "dcp_step_00000002"), r
+        assert r["elapsed"] < 15, f"rank {rank} took {r['elapsed']:.1f} s to stop"
+        assert r["resumed_at"] == 2 and r["differ"] == [], f"rank {rank}: {r}"
+    # the stop's checkpoint, whole, then the resumed run's last (keep_checkpoints=2)
+    assert sorted(p.name for p in out.glob("dcp_step_*")) == [
+        "dcp_step_00000002", "dcp_step_00000004"]
+    assert (out / "dcp_step_00000002" / "manifest.json").is_file()
+
+
 def test_cli_launches_through_torchrun(tmp_path):
     """`python -m moekit.train --nproc 2 --ep 2` re-runs itself under torchrun."""
     import subprocess
