@@ -7,11 +7,15 @@ One spawn per world size runs many checks (spawning costs ~2-5 s a process on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -221,3 +225,167 @@ def test_cli_launches_through_torchrun(tmp_path):
     assert done.returncode == 2
     assert "--lr=0.0001 is not allowed with --resume" in done.stderr
     assert "launching" not in done.stdout
+
+
+@pytest.mark.parametrize("codes,status,line", [
+    ({0: 143, 1: 143}, 143, None),  # stopped together after saving: rank 0 said so
+    ({0: 130, 1: 130}, 130, None),
+    ({0: 2, 1: 2}, 2, None),  # each printed its error
+    ({0: -15, 1: -15}, 143, "moekit train: rank 0 was killed by SIGTERM, rank 1 was "
+                            "killed by SIGTERM"),
+    ({0: 1, 1: -15}, 1, "moekit train: error: rank 0 exited 1, rank 1 was killed by "
+                        "SIGTERM"),
+    ({1: 143}, 1, "moekit train: error: rank 1 exited 143; the other 1 exited 0"),
+])
+def test_launcher_status_from_the_ranks(codes, status, line, capsys):
+    """torchrun's report of failed ranks (it had ended every stop with exit 1 and a
+    traceback) as the launcher's exit status and at most one line."""
+    from moekit.train.launch import ranks_status
+    assert ranks_status(codes, 2) == status
+    err = capsys.readouterr().err
+    assert err.splitlines() == ([] if line is None else [line]), err
+
+
+# -- `moekit train --nproc 2` stopped by a signal, as a user sees it ----------------------
+
+TRAIN_CLI = ["--nproc", "2", "--ep", "2", "--preset", "tiny", "--steps", "100000",
+             "--warmup", "1", "--batch-size", "4", "--seq-len", "16", "--eval-every",
+             "100000", "--eval-batches", "1", "--save-every", "100000", "--no-progress",
+             "--timeout", "20"]  # a rank left waiting fails in 20 s, not the default 300
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+
+
+@contextlib.contextmanager
+def _training(tmp_path: Path, out: Path):
+    """The launcher training until stopped, once a first step is logged, and its ranks
+    (LOCAL_RANK -> pid); whatever still runs at the end is killed."""
+    data = tmp_path / "data.txt"
+    data.write_text((Path(__file__).parent.parent / "src/moekit/layer.py").read_text() * 2)
+    # a Python handler, not SIG_IGN (pytest run as a background job): SIG_DFL after exec
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moekit.train", *TRAIN_CLI, "--data", str(data), "--out",
+             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_cli_env())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    ranks: dict[int, int] = {}
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 150
+        while '"kind": "train"' not in (metrics.read_text() if metrics.exists() else ""):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                pytest.fail(f"training did not start: {stdout[-2000:]} {stderr[-4000:]}")
+            time.sleep(0.1)
+        ranks.update(_ranks(proc.pid))
+        yield proc, ranks
+    finally:  # nothing left running, nor holding the pipes, after a failed test
+        for pid in [*_descendants(proc.pid), *ranks.values(), proc.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=30)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+    below, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [c for c, p in parents.items() if p == parent]
+        below += kids
+        todo += kids
+    return below
+
+
+def _ranks(pid: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the processes below ``pid`` that torchrun started."""
+    ranks = {}
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError):
+            env = dict(v.split("=", 1) for v in (Path(f"/proc/{child}/environ").read_bytes()
+                       .decode(errors="replace").split("\0")) if "=" in v)
+            if "LOCAL_RANK" in env and "moekit.train" in Path(f"/proc/{child}/cmdline").read_text():
+                ranks[int(env["LOCAL_RANK"])] = child
+    return ranks
+
+
+def _gone(pids, within_s: float = 10.0) -> bool:
+    """Whether every process of ``pids`` ended (or is a zombie) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                    alive.append(pid)
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _stopped(proc: subprocess.Popen, ranks: dict[int, int], status: int, label: str
+             ) -> tuple[str, str]:
+    """The launcher's output once it ended, checked: ``status``, every rank gone, one
+    line from rank 0 saying where it saved, no traceback, nothing from torchrun."""
+    stdout, stderr = proc.communicate(timeout=90)  # EOF: no rank holds its pipes either
+    assert _gone(ranks.values()), "a rank outlived the launcher"
+    assert proc.returncode == status, stdout[-2000:] + stderr[-6000:]
+    stopped = [line for line in stdout.splitlines() if "interrupted at step" in line]
+    assert len(stopped) == 1 and f"({label}): saved" in stopped[0], stdout
+    for noise in ("Traceback", "ChildFailedError", "SignalException", "closing signal"):
+        assert noise not in stderr, stderr
+    return stopped[0], stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks' pids in /proc")
+def test_cli_sigterm_to_one_rank_stops_all_then_resumes(tmp_path):
+    """`kill -TERM` of rank 1 alone: every rank stops after the same step and exits 143
+    (the launcher too), with one checkpoint holding every rank's shard, which --resume
+    continues. Rank 0 had gone on into the next step's collectives: both ranks failed at
+    the collective timeout with no checkpoint, under torchrun's report (exit 1)."""
+    out = tmp_path / "run"
+    with _training(tmp_path, out) as (proc, ranks):
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGTERM)
+        start = time.monotonic()
+        line, _ = _stopped(proc, ranks, 143, "SIGTERM")
+        assert time.monotonic() - start < 60
+    [ckpt] = out.glob("dcp_step_*")
+    step = int(ckpt.name.split("_")[-1])
+    assert line.endswith(f"saved {ckpt}; resume with: moekit train --nproc 2 --ep 2 "
+                         f"--resume {out}"), line
+    assert (ckpt / "manifest.json").is_file()
+    assert {p.name.split("_")[2] for p in ckpt.glob("__*_*.distcp")} == {"0", "1"}
+    assert (out / "LATEST").read_text().strip() == f"step_{step:08d}"
+
+    done = subprocess.run([sys.executable, "-m", "moekit.train", "--nproc", "2", "--ep", "2",
+                           "--resume", str(out), "--steps", str(step + 1), "--no-progress"],
+                          capture_output=True, text=True, timeout=150, env=_cli_env())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    assert f"done: step {step + 1}" in done.stdout
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"kind": "resume", "step": step} in records
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks' pids in /proc")
+def test_cli_ctrl_c_to_the_launcher_stops_the_ranks_with_one_line(tmp_path):
+    """SIGINT to the launcher alone (its ranks run in sessions of their own): it had
+    SIGKILLed torchrun, sometimes before torchrun passed the signal on, leaving the
+    ranks training with no parent; now they stop after one step, save and exit 130."""
+    out = tmp_path / "run"
+    with _training(tmp_path, out) as (proc, ranks):
+        assert sorted(ranks) == [0, 1], ranks
+        proc.send_signal(signal.SIGINT)
+        _stopped(proc, ranks, 130, "Ctrl-C")
+    [ckpt] = out.glob("dcp_step_*")
+    assert (ckpt / "manifest.json").is_file()

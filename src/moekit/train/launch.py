@@ -1,18 +1,26 @@
 """`moekit train --nproc N --ep E`: expert-parallel training launched through torchrun.
 
-``moekit train --nproc 4 --ep 2 ...`` re-executes itself as
-``python -m torch.distributed.run --standalone --nproc-per-node 4 -m moekit.train ...``;
+``moekit train --nproc 4 --ep 2 ...`` becomes torchrun's agent, in its own process, for
+``torchrun --standalone --nproc-per-node 4 -m moekit.train ...``;
 ``torchrun --nproc-per-node 4 -m moekit.train --ep 2 ...`` works directly. Under
 torchrun (WORLD_SIZE set) the run uses a (dp = world / ep, ep) mesh, gloo on
 CPU and NCCL on GPUs.
+
+Stopping: a first SIGINT or SIGTERM to any rank stops every rank after the same step
+(``DistributedTrainer.agreed_stop``), each saving its part of one checkpoint, and each
+exits 130 (Ctrl-C) or 143 (SIGTERM); rank 0 prints one line. Ctrl-C to the launcher
+reaches the ranks through torchrun's agent, which sends them the signal it got.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
-import subprocess
+import signal
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -21,6 +29,10 @@ from moekit.config import check_number, check_positive_int
 from moekit.distributed import CollectiveTimeoutError, init_distributed, init_mesh
 from moekit.distributed.layer import DISPATCHERS
 from moekit.distributed.mesh import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
+from moekit.train.interrupt import STOP_SIGNALS, InterruptFlag, StopAtBoundary, exit_status
+
+# Signals torchrun's agent forwards to the ranks (its default list): restored after it ran
+AGENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,11 +85,87 @@ def _forwarded_argv() -> list[str]:
 
 
 def launch_torchrun(args: argparse.Namespace) -> int:
-    """Re-run this command under torchrun with ``args.nproc`` local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.nproc}", "-m", "moekit.train", *_forwarded_argv()]
-    print("launching:", " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    """Run this command under torchrun with ``args.nproc`` local processes, this process
+    being torchrun's agent; the exit status is the ranks' when they all agree (0, 2, 130,
+    143), else 1 with one line naming each rank's.
+
+    It had run torchrun as a child through ``subprocess.call``. A SIGINT or SIGTERM to the
+    launcher alone (``kill``) never reached the ranks, which trained on with no parent (on
+    SIGINT the launcher SIGKILLed torchrun 0.25 s later, ``Popen.wait``'s grace);
+    Ctrl-C in a terminal, which signals torchrun too, stopped them with a traceback from
+    each rank and one from torchrun. Here the agent sends the ranks the signal it got
+    (after a second one: SIGTERM, which stops them at once), waits for them, and its
+    report of the ranks becomes this function's exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = ["--standalone", f"--nproc-per-node={args.nproc}", "-m", "moekit.train",
+            *_forwarded_argv()]
+    print("launching: torchrun", " ".join(argv), flush=True)
+    torchrun_args = parse_args(argv)
+    if getattr(torchrun_args, "shutdown_timeout", 0) is None and \
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+        # after forwarding a signal the agent SIGKILLs the ranks still running after this
+        # (default 30 s), losing the checkpoint of a step or a save that takes longer; a
+        # rank waits at most --timeout in any collective
+        torchrun_args.shutdown_timeout = int(args.timeout) + 60
+    try:
+        with _quiet_agent():
+            run(torchrun_args)
+    except SignalException as e:  # the ranks got it too, and stopped
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        return ranks_status({rank: f.exitcode for rank, f in e.failures.items()}, args.nproc)
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet_agent() -> Iterator[None]:
+    """torchrun's agent logs each signal it forwards and each rank it closes (warnings),
+    and a rank's non-zero exit (an error, before its report): the ranks say what happened
+    themselves, and ``ranks_status`` the rest. Its signal handlers go when it is done."""
+    names = [n for n in list(logging.root.manager.loggerDict)
+             if n.startswith("torch.distributed.elastic")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    handlers = {s: signal.getsignal(s) for s in AGENT_SIGNALS}
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        for s, handler in handlers.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+def ranks_status(codes: dict[int, int], nproc: int) -> int:
+    """The launcher's exit status from the ranks' non-zero ones (``codes``, by rank;
+    negative: killed by that signal, which a shell reports as 128 + it). Every rank
+    ended alike: theirs (130 / 143: stopped after one step and saved, as rank 0 printed;
+    2: an error each printed). Else 1. One line names each rank's unless every rank
+    exited alike by itself."""
+    shell = {rank: 128 - code if code < 0 else code for rank, code in codes.items()}
+    alike = len(codes) == nproc and len(set(shell.values())) == 1
+    if alike and min(codes.values()) > 0:
+        return next(iter(shell.values()))
+    print(f"moekit train: {'' if alike else 'error: '}" + ", ".join(
+        f"rank {rank} {_status_text(code)}" for rank, code in sorted(codes.items()))
+        + (f"; the other {nproc - len(codes)} exited 0" if len(codes) < nproc else ""),
+        file=sys.stderr, flush=True)
+    return next(iter(shell.values())) if alike else 1
+
+
+def _status_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited {code}"
 
 
 def _build(args: argparse.Namespace, mesh):
@@ -239,23 +327,43 @@ def run_distributed(args: argparse.Namespace) -> int:
         return 2
     if not under_torchrun():
         return launch_torchrun(args)
-    init_distributed(timeout_s=args.timeout)
-    rank = dist.get_rank()
-    try:
-        if dist.get_world_size() % args.ep:
-            raise ValueError(f"--ep={args.ep} is not allowed: it must divide the world size "
-                             f"{dist.get_world_size()}")
-        mesh = init_mesh(dp=dist.get_world_size() // args.ep, ep=args.ep)
-        trainer = _build(args, mesh)
-        summary = trainer.fit()
-        torch.manual_seed(0)  # every rank samples alike: the EP forward is collective
-        _report(trainer, summary if rank == 0 else None)
-    except CollectiveTimeoutError as e:
-        print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
-        os._exit(1)  # the process group is broken; its destructors would wait on the peer
-    except ValueError as e:  # CheckpointError is one
-        print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
-        return 2
+    return run_rank(args)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    """This rank's part of the run, under torchrun. A first SIGINT or SIGTERM, from the
+    start on, stops every rank at one step boundary (it had killed a rank that got SIGTERM
+    before training started, the others then failing on the dead peer); a second stops
+    this rank at once."""
+    with InterruptFlag() as interrupt:
+        init_distributed(timeout_s=args.timeout)
+        rank = dist.get_rank()
+        trainer = None
+        try:
+            if dist.get_world_size() % args.ep:
+                raise ValueError(f"--ep={args.ep} is not allowed: it must divide the world "
+                                 f"size {dist.get_world_size()}")
+            mesh = init_mesh(dp=dist.get_world_size() // args.ep, ep=args.ep)
+            trainer = _build(args, mesh)
+            trainer.resume_hint = (f"moekit train --nproc {dist.get_world_size()}"
+                                   f"{f' --ep {args.ep}' if args.ep > 1 else ''} "
+                                   f"--resume {trainer.out_dir}")
+            summary = trainer.fit(interrupt)
+            torch.manual_seed(0)  # every rank samples alike: the EP forward is collective
+            _report(trainer, summary if rank == 0 else None)
+        except CollectiveTimeoutError as e:
+            print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
+            _exit(1)  # the process group is broken; its destructors would wait on the peer
+        except ValueError as e:  # CheckpointError is one
+            print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
+            return 2
+        except StopAtBoundary as e:  # every rank stopped after the same step and saved
+            _exit_together(exit_status(e))
+        except KeyboardInterrupt as e:  # a second signal
+            if trainer is None and rank == 0:
+                print("moekit train: interrupted before training started: nothing was "
+                      "trained or saved", file=sys.stderr)
+            _exit(exit_status(e))  # a peer may be inside a collective: no barrier, no teardown
     # every rank done with its collectives before any tears the group down: one CI run
     # saw rank 1 abort (SIGABRT) at the end of a finished run, after rank 0 had printed
     # its sample; the cause was not found (its message was cut off), and 17 runs since
@@ -266,3 +374,22 @@ def run_distributed(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _exit_together(status: int) -> None:
+    """End this rank with ``status`` once every rank got here (each has saved its part of
+    the checkpoint and stopped after the same step). SIGINT and SIGTERM are ignored from
+    here on: torchrun's agent terminates the ranks still running once one has exited
+    (SIGTERM), which would turn a peer still printing or exiting into one killed by that
+    signal. No teardown of the process group (see the note at the end of run_rank)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with contextlib.suppress(RuntimeError):  # a peer gone now: the checkpoint is whole
+        dist.barrier()
+    _exit(status)
+
+
+def _exit(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
