@@ -344,7 +344,7 @@ def run_signal_one_rank(rank: int, world: int, port: int, out: str) -> dict:
            "last": str(trainer.last_checkpoint)}
     if error is None:
         resumed = DistributedTrainer.resume_distributed(out, corpus, mesh, progress=False)
-        res["resumed_at"] = resumed.step
+        res["resumed_at"], res["resumed_wall_s"] = resumed.step, resumed.wall_s
         resumed.fit()
         whole = DistributedTrainer(mcfg, tcfg, corpus, f"{out}_whole", mesh, progress=False)
         whole.fit()

@@ -278,6 +278,8 @@ BAD_FIELDS = {  # consistent checkpoints (manifest re-written) whose state.json 
     "params shared": (lambda s: s["optimizer"]["param_groups"][1].update(
         params=s["optimizer"]["param_groups"][0]["params"][:1]), "params"),
     "counter negative": (lambda s: s["counters"].update(tokens=-5), "counters"),
+    "wall time negative": (lambda s: s.update(wall_s=-1.0), "wall_s=-1.0"),
+    "wall time a string": (lambda s: s.update(wall_s="20"), "wall_s='20'"),
     "rng too short": (lambda s: s["torch_rng"].pop(), "torch_rng"),
     "rng byte 256": (lambda s: s["torch_rng"].__setitem__(0, 256), "torch_rng"),
     "model config": (lambda s: s["model_config"].update(top_k=99), "model_config"),

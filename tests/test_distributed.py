@@ -169,6 +169,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
         assert r["step"] == 2 and r["last"] == str(out / "dcp_step_00000002"), r
         assert r["elapsed"] < 15, f"rank {rank} took {r['elapsed']:.1f} s to stop"
         assert r["resumed_at"] == 2 and r["differ"] == [], f"rank {rank}: {r}"
+        assert 0 < r["resumed_wall_s"] < 60, r  # trainer.json's: rank 0's fit, to the save
     # the stop's checkpoint, whole, then the resumed run's last (keep_checkpoints=2)
     assert sorted(p.name for p in out.glob("dcp_step_*")) == [
         "dcp_step_00000002", "dcp_step_00000004"]

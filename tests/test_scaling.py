@@ -367,3 +367,34 @@ def test_a_run_resumed_at_its_last_step_reports_its_final_validation(tmp_path, c
     for key in ("step_curve", "val_loss", "tokens", "steps"):
         assert cut[key] == whole[key], key
     assert cut["tokens_per_s"] > 0  # the first session's rate: the second trained no step
+
+
+def test_a_resumed_run_records_the_wall_time_of_every_session(tmp_path, corpus_dir,
+                                                              monkeypatch):
+    """A resumed run's wall_s had been its last session's alone: a run cut after step 2
+    of 4 reported half its time. A fake clock in the trainer, 10 s a training step and
+    nothing else taking time: the cut session's checkpoint records its 20 s, from which
+    the resumed session goes on."""
+    import os
+    import signal
+    import types
+
+    import moekit.train.trainer as trainer_mod
+    from moekit.train.trainer import Trainer
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(trainer_mod, "time",
+                        types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    real = Trainer.run_step
+
+    def run_step(self, log):
+        clock["now"] += 10.0
+        return real(self, log)
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+    _stop_after_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    out = tmp_path / "cut"
+    assert cli_main(_sweep(corpus_dir, out)) == 130
+    run = out / "dense-seed0"
+    assert json.loads((run / "step_00000002" / "state.json").read_text())["wall_s"] == 20.0
+    assert cli_main(_sweep(corpus_dir, out)) == 0  # resumed at step 2 (the stop was once)
+    assert json.loads((run / compare.RESULT).read_text())["wall_s"] == 40.0

@@ -75,6 +75,9 @@ def _check_common(state: dict[str, Any], where: Path, required: tuple[str, ...])
     if not isinstance(counters, dict) or not all(
             isinstance(k, str) and _is_int(v) for k, v in counters.items()):
         _fail(where, "counters", counters, "it must map names to ints >= 0")
+    wall = state.get("wall_s", 0.0)  # absent from checkpoints saved before it was recorded
+    if not (_is_number(wall) and wall >= 0):
+        _fail(where, "wall_s", wall, "it must be a finite number of seconds >= 0")
 
 
 def _check_configs(state: dict[str, Any], where: Path) -> None:

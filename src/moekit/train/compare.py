@@ -15,7 +15,6 @@ import os
 import shutil
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,9 +107,10 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
     else:
         print(f"== {name} seed {tcfg.seed}: {run_dir} (resuming the interrupted run at "
               f"step {trainer.step})", flush=True)
-    start = time.perf_counter()
     summary = trainer.fit()
-    result = run_result(name, trainer, summary, corpus, time.perf_counter() - start)
+    # every session's time in fit (the checkpoint of an interrupted one records its own):
+    # a resumed run had reported its last session's alone
+    result = run_result(name, trainer, summary, corpus, summary["wall_s"])
     _write_result(run_dir / RESULT, result)
     return result
 

@@ -341,7 +341,7 @@ class DistributedTrainer(Trainer):
     def _finish_save(self, tmp: Path, path: Path) -> None:
         state = {"step": self.step, "model_config": self.mcfg.to_dict(),
                  "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                 "data": {"corpus": self.corpus.location()}}
+                 "wall_s": self.elapsed_s(), "data": {"corpus": self.corpus.location()}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in files:
@@ -381,6 +381,7 @@ class DistributedTrainer(Trainer):
             _load_one_process(one, trainer)
         trainer.step = state["step"]
         trainer.counters.update(state["counters"])
+        trainer.wall_s = float(state.get("wall_s", 0.0))
         trainer.last_checkpoint = path
         return trainer
 

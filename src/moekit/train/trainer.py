@@ -347,6 +347,10 @@ class Trainer:
         # appended to the line an interrupt prints ("moekit train --resume DIR"); the
         # one-process CLI prints its own line instead
         self.resume_hint: str | None = None
+        # seconds this run spent in fit before the fit now running (the sessions before a
+        # resume: the checkpoint's wall_s); _fit_start: when that one started
+        self.wall_s = 0.0
+        self._fit_start: float | None = None
         if clean_dir:
             self._clean_run_dir()
 
@@ -390,6 +394,7 @@ class Trainer:
         trainer._clean_run_dir()
         trainer.step = ck.step
         trainer.counters.update(ck.state["counters"])
+        trainer.wall_s = float(ck.state.get("wall_s", 0.0))  # saved before it was: 0
         # a checkpoint read from where a killed save moved it aside is back in place now
         trainer.last_checkpoint = ck.path if ck.path.exists() else \
             ck.path.parent / ck.path.name[1:-len(ASIDE)]
@@ -454,10 +459,18 @@ class Trainer:
         (the distributed trainer combines every rank's, so that all stop at one step)."""
         return signum
 
+    def elapsed_s(self) -> float:
+        """Seconds this run has spent in ``fit``, over all its sessions: what a checkpoint
+        records as wall_s and a resume starts from (the time after a session's last save
+        is not in it: the steps it trained are trained again)."""
+        now = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        return self.wall_s + now
+
     def checkpoint_state(self) -> dict[str, Any]:
         """What state.json records besides tensors (also written by --nproc runs)."""
         return {"step": self.step, "model_config": self.mcfg.to_dict(),
                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
+                "wall_s": self.elapsed_s(),
                 "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
 
@@ -504,7 +517,7 @@ class Trainer:
         log = MetricsLog(self.out_dir)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, desc="train")
-        start = time.perf_counter()
+        start = self._fit_start = time.perf_counter()
         speed = _Throughput()
         val = math.nan
         mine = InterruptFlag() if interrupt is None else contextlib.nullcontext(interrupt)
@@ -545,9 +558,10 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            self.wall_s, self._fit_start = self.elapsed_s(), None
         return {"step": self.step, "val_loss": val, "seconds": time.perf_counter() - start,
-                "tokens_per_s": speed.rate, "checkpoint": str(self.last_checkpoint),
-                **self.counters}
+                "wall_s": self.wall_s, "tokens_per_s": speed.rate,
+                "checkpoint": str(self.last_checkpoint), **self.counters}
 
     def _after_step(self, log: MetricsLog, bar: tqdm, res: StepResult, rate: float) -> None:
         bar.update(1)
