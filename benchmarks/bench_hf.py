@@ -57,6 +57,7 @@ SIZES = [
     Size("olmoe", D=256, F=128, E=64, K=8),
     Size("deepseek_v3", D=256, F=128, E=64, K=8),  # sigmoid, 8 groups, shared expert
     Size("qwen3_moe", D=256, F=64, E=128, K=8),
+    Size("llama4", D=256, F=512, E=16, K=1),  # transformers runs all E experts on every token
 ]
 ONLY_HELP = "run only the sizes whose label contains this text (e.g. deepseek)"
 QUICK = [Size("mixtral", D=128, F=256, E=8, K=2, L=256),
@@ -82,6 +83,10 @@ def build(s: Size, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
                                           moe_intermediate_size=s.F, num_experts=s.E)
     elif s.arch == "olmoe":
         cfg = transformers.OlmoeConfig(**common, intermediate_size=s.F, num_experts=s.E)
+    elif s.arch == "llama4":  # every layer MoE, the shared expert as wide as an expert
+        cfg = transformers.Llama4TextConfig(**common, intermediate_size=s.F,
+                                            intermediate_size_mlp=s.F, num_local_experts=s.E,
+                                            interleave_moe_layer_step=1)
     else:
         cfg = transformers.DeepseekV3Config(  # MLA: head_dim is the rotary part of a head
             **{**common, "head_dim": 32}, intermediate_size=4 * s.D, moe_intermediate_size=s.F,
@@ -90,7 +95,8 @@ def build(s: Size, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
             qk_nope_head_dim=32, v_head_dim=64)
     cls = {"mixtral": transformers.MixtralForCausalLM, "gpt_oss": transformers.GptOssForCausalLM,
            "qwen3_moe": transformers.Qwen3MoeForCausalLM, "olmoe": transformers.OlmoeForCausalLM,
-           "deepseek_v3": transformers.DeepseekV3ForCausalLM}[s.arch]
+           "deepseek_v3": transformers.DeepseekV3ForCausalLM,
+           "llama4": transformers.Llama4ForCausalLM}[s.arch]
     torch.manual_seed(0)
     return cls(cfg).to(dtype).train()
 
@@ -111,7 +117,10 @@ def hf_impls(s: Size) -> list[str]:
     """grouped_mm is transformers' default and its fastest here. eager loops over experts in
     Python (29.9 s vs grouped_mm's 15.0 s at gpt_oss E32 in this benchmark; 5-112x a dense
     FFN at 64 experts in DESIGN.md), so it is timed only up to 32 experts; batched_mm
-    copies one weight matrix per routed row, so only where those fit in 1 GiB."""
+    copies one weight matrix per routed row, so only where those fit in 1 GiB. Llama 4's
+    experts have one implementation ("eager" here: a bmm of every expert over every token)."""
+    if s.arch == "llama4":
+        return ["eager"]
     gathered = s.B * s.L * s.K * 3 * s.D * s.F * 4
     return (["grouped_mm"] + (["eager"] if s.E <= 32 else [])
             + (["batched_mm"] if gathered < 2**30 else []))
@@ -123,7 +132,8 @@ def bench(s: Size, rounds: int, backends: list[str], dtype: torch.dtype) -> dict
     models = {f"moekit:{b}": hf.apply(copy.deepcopy(base), backend=b) for b in backends}
     for impl in hf_impls(s):
         m = copy.deepcopy(base)
-        m.set_experts_implementation(impl)
+        if s.arch != "llama4":
+            m.set_experts_implementation(impl)
         models[f"hf:{impl}"] = m
     wall: dict[str, list[float]] = {k: [] for k in models}
     cpu: dict[str, list[float]] = {k: [] for k in models}
