@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -95,18 +93,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_file = f"/tmp/moekit_ep_bench_{port}.json"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, out_file))
-             for r in range(args.world)]
-    for pr in procs:
-        pr.start()
-    for pr in procs:
-        pr.join()
-    res = json.loads(Path(out_file).read_text())
+    from harness import run_ranks  # benchmarks/harness.py, beside this file
+
+    res = run_ranks(worker, args.world, args, "ep_bench")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
     print(f"moekit EP bench  torch {torch.__version__}  gloo  {args.world} ranks x 1 thread  "

@@ -289,6 +289,27 @@ if __name__ == "__main__":
         sys.exit("usage: harness.py --peak SCRIPT BUILDER KWARGS_JSON (used by the benchmarks)")
 
 
+def run_ranks(worker: Callable[..., None], world: int, args, tag: str) -> dict:
+    """Run ``worker(rank, world, port, args, out_file)`` in ``world`` spawned processes
+    (a free local port for their process group) and return the JSON a rank wrote to
+    ``out_file``."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_file = f"/tmp/moekit_{tag}_{port}.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, world, port, args, out_file))
+             for r in range(world)]
+    for pr in procs:
+        pr.start()
+    for pr in procs:
+        pr.join()
+    return json.loads(Path(out_file).read_text())
+
+
 def read_bandwidths(reps: int = 5, clock: Callable[[], float] = time.perf_counter
                     ) -> dict[str, float | None]:
     """Bytes/s of a 1 GiB fp32 ``sum`` from 4 KiB pages ("4k") and from huge pages ("huge"),

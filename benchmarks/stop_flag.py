@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -96,19 +94,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_file = f"/tmp/moekit_stop_flag_{port}.json"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, args.world, port, args, out_file))
-             for r in range(args.world)]
-    for pr in procs:
-        pr.start()
-    for pr in procs:
-        pr.join()
-    res = json.loads(Path(out_file).read_text())
-    from harness import cpu_model, machine  # benchmarks/harness.py, beside this file
+    from harness import cpu_model, machine, run_ranks  # benchmarks/harness.py, beside this
+
+    res = run_ranks(worker, args.world, args, "stop_flag")
 
     print(f"moekit stop-flag bench  torch {torch.__version__}  gloo  {args.world} ranks x 1 "
           f"thread  {cpu_model()}  median of {args.rounds} rounds; time = slowest rank; "

@@ -224,3 +224,25 @@ def build(name: str, seed: int = 0, **changes):
             if key.rsplit(".", 1)[-1] in RANDOMISED:
                 t.normal_(0, 0.05)
     return model
+
+
+def assert_same_loss_and_grads(original, patched, ids: torch.Tensor, nonzero: tuple[str, ...],
+                               atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """The patched model's LM loss on ``ids`` and every parameter's gradient match the
+    original's (gradients to rtol 1e-4); the parameters named in ``nonzero`` get a gradient
+    that is not all zeros (each model in the mode its caller set)."""
+    losses, grads = [], []
+    for model in (original, patched):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], atol=atol, rtol=rtol)
+    assert grads[0].keys() == grads[1].keys()
+    for key in nonzero:
+        assert grads[0][key] is not None and grads[0][key].abs().sum() > 0, key
+    for n, g in grads[0].items():
+        assert (g is None) == (grads[1][n] is None), n
+        if g is not None:
+            torch.testing.assert_close(grads[1][n], g, atol=atol, rtol=1e-4,
+                                       msg=lambda m, n=n: f"{n}: {m}")

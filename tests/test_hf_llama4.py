@@ -74,22 +74,12 @@ def test_logits_match(top_k):
 def test_loss_and_every_gradient_match(top_k):
     """Every parameter's gradient, the router's included: it gets one only through the
     scores that scale the experts' input."""
-    grads, losses = [], []
-    for model in _pair(top_k):
+    original, patched = _pair(top_k)
+    for model in (original, patched):
         model.train()
-        loss = model(input_ids=_ids(), labels=_ids()).loss
-        loss.backward()
-        losses.append(loss)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
-    assert grads[0].keys() == grads[1].keys()
-    router = "model.layers.1.feed_forward.router.weight"
-    assert grads[0][router] is not None and grads[0][router].abs().sum() > 0
-    for n, g in grads[0].items():
-        assert (g is None) == (grads[1][n] is None), n
-        if g is not None:
-            torch.testing.assert_close(grads[1][n], g, atol=ATOL, rtol=1e-4,
-                                       msg=lambda m, n=n: f"{n}: {m}")
+    hf_models_more.assert_same_loss_and_grads(
+        original, patched, _ids(), nonzero=("model.layers.1.feed_forward.router.weight",),
+        atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("top_k", TOP_K)

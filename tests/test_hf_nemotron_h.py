@@ -72,22 +72,13 @@ def test_each_experts_mixin_takes_only_its_layout():
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_loss_and_every_gradient_match(train):
-    grads, losses = [], []
-    for model in _pair():
+    original, patched = _pair()
+    for model in (original, patched):
         model.train(train)
-        loss = model(input_ids=_ids(), labels=_ids()).loss
-        loss.backward()
-        losses.append(loss)
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(losses[1], losses[0], atol=ATOL, rtol=RTOL)
-    assert grads[0].keys() == grads[1].keys()
-    for key in ("model.layers.1.mixer.gate.weight", "model.layers.1.mixer.experts.up_proj"):
-        assert grads[0][key].abs().sum() > 0, key
-    for n, g in grads[0].items():
-        assert (g is None) == (grads[1][n] is None), n
-        if g is not None:
-            torch.testing.assert_close(grads[1][n], g, atol=ATOL, rtol=1e-4,
-                                       msg=lambda m, n=n: f"{n}: {m}")
+    hf_models_more.assert_same_loss_and_grads(
+        original, patched, _ids(),
+        nonzero=("model.layers.1.mixer.gate.weight", "model.layers.1.mixer.experts.up_proj"),
+        atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
