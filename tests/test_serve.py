@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import threading
 import time
 import urllib.error
@@ -1312,6 +1313,52 @@ def test_a_client_stalling_part_way_through_its_request_gets_408(sent, missing):
         while server._live and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not server._live  # the handler thread is done
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+TRICKLES = [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200, b"",
+     "the request line and headers"),
+    (b'POST /v1/completions HTTP/1.1\r\nContent-Length: 400\r\n\r\n{"prompt": "',
+     b"a" * 400, "the request body"),
+    (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+     b"1\r\na\r\n" * 100, "the request body"),
+]
+
+
+@pytest.mark.parametrize("head,tail,missing", TRICKLES,
+                         ids=["headers", "body by length", "chunked body"])
+def test_a_client_trickling_its_request_gets_408_at_the_request_timeout(head, tail, missing):
+    """A client that sends its request a few bytes at a time, each well within the
+    timeout of the one before (a "slowloris"), gets 408 once request_timeout has passed
+    since the request's first byte: every wait for data had been timed alone, so such a
+    client held its handler thread for as long as it kept sending."""
+    import socket
+
+    server = _raw_server(0.6)
+    try:
+        with socket.create_connection(server.server_address[:2]) as sock:
+            start = time.monotonic()
+            data = head if not tail else tail  # a body's headers go at once
+            if tail:
+                sock.sendall(head)
+            answer = b""
+            for i in range(0, len(data), 4):  # 4 bytes every 0.05 s: >= 2.5 s for the lot
+                try:
+                    sock.sendall(data[i:i + 4])
+                except OSError:  # closed by the server after its 408
+                    break
+                readable, _, _ = select.select([sock], [], [], 0.05)
+                if readable:
+                    answer = _until_closed(sock)
+                    break
+            took = time.monotonic() - start
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert f"{missing} did not arrive within 0.6 s" in body["error"]["message"]
+        assert took < 2.0, took  # the whole request would have taken 2.5 s or more
     finally:
         server.shutdown()
         server.server_close()

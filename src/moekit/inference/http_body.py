@@ -12,6 +12,7 @@ closes the connection after any of them: the rest of the body is not read.
 from __future__ import annotations
 
 import re
+import time
 from email.message import Message
 from typing import BinaryIO
 
@@ -111,3 +112,69 @@ def _line(rfile: BinaryIO, what: str) -> bytes:
                         + (f"is longer than {SIZE_LINE} bytes" if len(line) > SIZE_LINE
                            else "is missing (the body ended early)"))
     return line.rstrip(b"\r\n")
+
+
+class DeadlineReader:
+    """A connection's buffered reader whose reads, between ``start(seconds)`` and
+    ``stop()``, share one deadline: a request's line, headers and body must all arrive
+    within it. A socket timeout alone bounds each wait for data, so a client sending a
+    byte now and then (a "slowloris") held its handler thread as long as it liked. A
+    read past the deadline raises TimeoutError, as the socket's own timeout does; with no
+    deadline running, reads wait as the socket's timeout says.
+
+    Reads go through ``peek`` and ``read1`` of the buffered reader (one wait for data
+    each), never its ``read(n)`` / ``readline``, which loop over waits inside one call."""
+
+    def __init__(self, rfile: BinaryIO, sock) -> None:
+        self._f, self._sock = rfile, sock
+        self._deadline: float | None = None
+
+    def start(self, seconds: float) -> None:
+        self._deadline = time.monotonic() + seconds
+
+    def stop(self) -> None:
+        self._deadline = None
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed")
+        self._sock.settimeout(left)
+
+    def peek(self, n: int = 1) -> bytes:
+        self._arm()
+        return self._f.peek(n)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:  # (to the end: not used by the server)
+            self._arm()
+            return self._f.read()
+        parts, got = [], 0
+        while got < n:
+            self._arm()
+            data = self._f.read1(n - got)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            self._arm()
+            data = self._f.peek(1)  # what is buffered, or one wait for more
+            if not data:
+                break
+            if limit >= 0:
+                data = data[:limit - len(line)]
+            end = data.find(b"\n")
+            line += self._f.read(end + 1 if end >= 0 else len(data))  # (buffered: no wait)
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def __getattr__(self, name: str):  # close, closed, fileno, ...: the buffered reader's
+        return getattr(self._f, name)

@@ -90,7 +90,7 @@ from moekit.inference.engine import (
     checked_prompts,
     token_logprobs,
 )
-from moekit.inference.http_body import BodyError, read_body
+from moekit.inference.http_body import BodyError, DeadlineReader, read_body
 from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, token_label
 
 MAX_BODY = 16 << 20  # bytes of a request body
@@ -101,9 +101,9 @@ MAX_N = 64  # samples per prompt
 DEFAULT_MAX_SEQUENCES = 2048
 SHUTDOWN_S = 5.0  # how long a stopping server waits for its handlers to finish answering
 CLIENT_POLL_S = 0.25  # how often a waiting handler looks whether its client went away
-# seconds a read of the request (its line, headers, body) may wait for data before the
-# connection closes (408 where a request began), and an idle keep-alive connection's wait
-# for its next request (--request-timeout); the response is written with no timeout
+# seconds from a request's first byte for all of it (line, headers, body) to arrive before
+# the connection closes with 408, and an idle keep-alive connection's wait for its next
+# request (--request-timeout); the response is written with no timeout
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
 # a sequence's new text and, with logprobs, its tokens' entries (Service.generate)
 OnText = Callable[[int, str, "list[tuple] | None"], bool]
@@ -887,13 +887,20 @@ class Handler(BaseHTTPRequestHandler):
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S  # (make_server sets it)
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = DeadlineReader(self.rfile, self.connection)
+
     def handle_one_request(self) -> None:
-        """One request, as BaseHTTPRequestHandler's, with each read of it (request line,
-        headers, body) held to ``request_timeout`` seconds: a client that stalls part-way
-        gets 408 and the connection closes, freeing this thread (before, it held the
-        thread until shutdown). An idle keep-alive connection closes as quietly. The
-        timeout is for reading only: ``send_response`` clears it, so a slow-reading but
-        live client of a stream is not cut (a socket timeout applies to sends too)."""
+        """One request, as BaseHTTPRequestHandler's, its line, headers and body held to
+        ``request_timeout`` seconds from its first byte: a client that stalls or trickles
+        part-way gets 408 and the connection closes, freeing this thread (before, a
+        client that stalled held the thread until shutdown, and one that sent a byte now
+        and then, until it stopped). A keep-alive connection idle that long between
+        requests closes as quietly. The timeout is for reading only: ``send_response``
+        clears it, so a slow-reading but live client of a stream is not cut (a socket
+        timeout applies to sends too)."""
+        self.rfile.stop()
         self.connection.settimeout(self.request_timeout)
         try:
             if not self.rfile.peek(1):  # the client closed between requests
@@ -902,6 +909,7 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:  # idle past the timeout (TimeoutError), or reset: nothing to answer
             self.close_connection = True
             return
+        self.rfile.start(self.request_timeout)  # a request began: all of it by then
         # (for a 408 before they are read)
         self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
         try:
@@ -923,6 +931,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         if code != 408:  # the request is read: the answer's writes wait as long as needed
+            self.rfile.stop()
             self.connection.settimeout(None)
         super().send_response(code, message)
 
@@ -1255,7 +1264,7 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> _Server:
     """The HTTP server of ``service`` (bound; ``serve_forever()`` runs it; port 0: any);
     with ``api_key``, /v1/ requests must carry it as a bearer token; ``request_timeout``:
-    seconds each read of a request may wait (Handler.handle_one_request)."""
+    seconds a request may take to arrive from its first byte (Handler.handle_one_request)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         _reject("api_key", api_key, "it must be a non-empty string")
     check_request_timeout("request_timeout", request_timeout)
@@ -1304,9 +1313,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "chunk's time, not the whole prompt's)")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
                    metavar="SECONDS",
-                   help="how long each read of a request (its line, headers, body) may wait "
-                   "for data: a client that stalls part-way gets 408 and its connection "
-                   "closes, as does a keep-alive connection idle this long (default "
+                   help="how long a request (its line, headers, body) may take to arrive "
+                   "from its first byte: a client that stalls or trickles part-way gets 408 "
+                   "and its connection closes, as does a keep-alive connection idle this "
+                   "long (default "
                    f"{DEFAULT_REQUEST_TIMEOUT_S:g}; answers, streams included, are written "
                    "with no timeout)")
 
