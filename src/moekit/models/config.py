@@ -56,6 +56,12 @@ class LMConfig(FrozenConfig):
     # the K chosen weights renormalized to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob);
     # False: the router's probabilities as they are (OLMoE)
     renormalize: bool = True
+    # group-limited routing (DeepSeek-V3): the E experts split into num_groups groups of
+    # E / G; each token picks its K experts from its best topk_groups groups only (group
+    # score: softmax its best expert, sigmoid its best two). router softmax or sigmoid;
+    # 1 = no groups (and the value of checkpoints saved before these fields)
+    num_groups: int = 1  # G
+    topk_groups: int = 1
     # shared experts in every MoE layer: a dense SwiGLU every token goes through, of hidden
     # size shared_ffn_dim (None: num_shared_experts * F), its output scaled by
     # sigmoid(h @ w) with shared_expert_gate (Qwen2-MoE), added to the routed experts'
@@ -75,7 +81,8 @@ class LMConfig(FrozenConfig):
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len",
-                     "ffn_dim", "num_experts", "top_k", "moe_every"):
+                     "ffn_dim", "num_experts", "top_k", "moe_every", "num_groups",
+                     "topk_groups"):
             check_positive_int(name, getattr(self, name))
         if not self.dense and self.moe_every > self.num_layers:
             reject("moe_every", self.moe_every, f"it must be <= num_layers={self.num_layers}: "
@@ -151,6 +158,7 @@ class LMConfig(FrozenConfig):
         return MoEConfig(
             dim=self.dim, ffn_dim=self.ffn_dim, num_experts=self.num_experts,
             top_k=self.top_k, router=self.router, renormalize=self.renormalize,
+            num_groups=self.num_groups, topk_groups=self.topk_groups,
             aux_loss_coef=self.aux_loss_coef,
             z_loss_coef=self.z_loss_coef, bias_update_rate=self.bias_update_rate,
             capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,

@@ -40,9 +40,9 @@ MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
                "qkv_bias": "qkv_bias", "shared_experts": "num_shared_experts",
                "shared_ffn_dim": "shared_ffn_dim", "shared_expert_gate": "shared_expert_gate",
                "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
-               "moe_every": "moe_every", "router": "router",
-               "aux_loss_coef": "aux_loss_coef", "z_loss_coef": "z_loss_coef",
-               "bias_update_rate": "bias_update_rate", "capacity_factor": "capacity_factor"}
+               "moe_every": "moe_every", "router": "router", "groups": "num_groups",
+               "topk_groups": "topk_groups", "aux_loss_coef": "aux_loss_coef",
+               "z_loss_coef": "z_loss_coef", "bias_update_rate": "bias_update_rate", "capacity_factor": "capacity_factor"}
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
                "grad_accum": "grad_accum", "lr": "lr", "warmup": "warmup_steps",
                "eval_every": "eval_every", "eval_batches": "eval_batches",
@@ -82,6 +82,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-expert-gate", action="store_true", default=None,
                    help="scale the shared experts' output by sigmoid(h @ w) (Qwen2-MoE)")
     g.add_argument("--router", choices=ROUTERS)
+    g.add_argument("--groups", type=int,
+                   help="G, group-limited routing (DeepSeek-V3): experts in G groups, each "
+                   "token picks from its best --topk-groups groups; router softmax or "
+                   "sigmoid; default 1 (no groups)")
+    g.add_argument("--topk-groups", type=int,
+                   help="groups each token may pick experts from (1..G; default 1)")
     g.add_argument("--aux-loss-coef", type=float)
     g.add_argument("--z-loss-coef", type=float)
     g.add_argument("--bias-update-rate", type=float,
@@ -177,6 +183,8 @@ def describe(trainer: Trainer) -> str:
 def describe_model(m: torch.nn.Module, c: LMConfig) -> str:
     """The model line: parameters of ``m`` (a ``MoETransformer``), total and active."""
     kind = "dense" if c.dense else f"MoE E={c.num_experts} K={c.top_k} router={c.router}"
+    if not c.dense and c.num_groups > 1:
+        kind += f" groups={c.num_groups} topk_groups={c.topk_groups}"
     return (f"{kind}, D={c.dim} L={c.num_layers} F={c.ffn_dim}: {m.num_params():,} parameters,"
             f" {m.active_params_per_token():,} active per token")
 
