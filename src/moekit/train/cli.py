@@ -42,7 +42,8 @@ MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
                "ffn_dim": "ffn_dim", "experts": "num_experts", "top_k": "top_k",
                "moe_every": "moe_every", "router": "router", "groups": "num_groups",
                "topk_groups": "topk_groups", "aux_loss_coef": "aux_loss_coef",
-               "z_loss_coef": "z_loss_coef", "bias_update_rate": "bias_update_rate", "capacity_factor": "capacity_factor"}
+               "z_loss_coef": "z_loss_coef", "bias_update_rate": "bias_update_rate",
+               "capacity_factor": "capacity_factor"}
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
                "grad_accum": "grad_accum", "lr": "lr", "warmup": "warmup_steps",
                "eval_every": "eval_every", "eval_batches": "eval_batches",
