@@ -195,7 +195,8 @@ class MoEConfig(FrozenConfig):
     jitter_eps: float = 0.0  # switch: router input *= U(1-eps, 1+eps) in training
     hash_vocab_size: int | None = None  # hash router: size of the token-id table (it has no
     #                                       learned gate, so balance and z losses are 0)
-    hash_seed: int = 0
+    hash_seed: int = 0  # hash router: seeds the table (a random K-subset per id); the LM
+    #                     gives MoE layer l the seed LMConfig.hash_seed + l
 
     # balancing (all coefficients 0 = off)
     aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss

@@ -12,11 +12,13 @@ from typing import Any
 from moekit.config import (
     MAX_HASH_VOCAB,
     MAX_LOSS_COEF,
+    MAX_SEED,
     ROUTERS,
     FrozenConfig,
     MoEConfig,
     check_bool,
     check_choice,
+    check_int_range,
     check_number,
     check_positive_int,
     reject,
@@ -62,6 +64,9 @@ class LMConfig(FrozenConfig):
     # 1 = no groups (and the value of checkpoints saved before these fields)
     num_groups: int = 1  # G
     topk_groups: int = 1
+    # router="hash": the model's base seed; MoE layer l draws its token-id table with
+    # seed hash_seed + l, so the layers route differently (a checkpoint keeps its tables)
+    hash_seed: int = 0
     # shared experts in every MoE layer: a dense SwiGLU every token goes through, of hidden
     # size shared_ffn_dim (None: num_shared_experts * F), its output scaled by
     # sigmoid(h @ w) with shared_expert_gate (Qwen2-MoE), added to the routed experts'
@@ -106,6 +111,7 @@ class LMConfig(FrozenConfig):
         for name in ("aux_loss_coef", "z_loss_coef"):
             check_number(name, getattr(self, name), 0, MAX_LOSS_COEF)
         check_number("bias_update_rate", self.bias_update_rate, 0, 1)
+        check_int_range("hash_seed", self.hash_seed, 0, MAX_SEED)
         check_number("jitter_eps", self.jitter_eps, 0, 1, high_open=True)
         check_number("init_std", self.init_std, 0, 1)
         check_number("rope_theta", self.rope_theta, 0, 1e12, low_open=True)
@@ -154,7 +160,8 @@ class LMConfig(FrozenConfig):
         return self.top_k * self.ffn_dim + self.shared_dim
 
     def moe_config(self, layer: int) -> MoEConfig:
-        del layer  # every MoE layer is configured alike
+        """Layer ``layer``'s MoE: every layer alike but for its hash seed (router='hash'
+        draws each layer's table from hash_seed + layer, wrapped into [0, 2^63))."""
         return MoEConfig(
             dim=self.dim, ffn_dim=self.ffn_dim, num_experts=self.num_experts,
             top_k=self.top_k, router=self.router, renormalize=self.renormalize,
@@ -164,7 +171,8 @@ class LMConfig(FrozenConfig):
             capacity_factor=self.capacity_factor, jitter_eps=self.jitter_eps,
             num_shared_experts=self.num_shared_experts, shared_ffn_dim=self.shared_ffn_dim,
             shared_expert_gate=self.shared_expert_gate,
-            hash_vocab_size=self.vocab_size if self.router == "hash" else None)
+            hash_vocab_size=self.vocab_size if self.router == "hash" else None,
+            hash_seed=(self.hash_seed + layer) % (MAX_SEED + 1))
 
 
 

@@ -1,7 +1,8 @@
 """Hash routing (Roller et al. 2021; PanGu-Sigma's random routed experts).
 
-A fixed, seeded table maps each token id to K distinct experts; the router has
-no parameters and every chosen expert gets weight 1/K.
+A fixed, seeded table maps each token id to K distinct experts (a uniformly random
+K-subset per id); the router has no parameters and every chosen expert gets weight
+1/K. The table is a persistent buffer: a checkpoint loads its own table as saved.
 
 Shape letters: T tokens, V token-id vocabulary, E experts, K experts per token.
 """
@@ -15,14 +16,26 @@ from torch import Tensor
 
 from moekit.config import reject
 
+# rows drawn per block: keys for 65,536 rows x 512 experts are 128 MiB of fp32
+_ROWS_PER_BLOCK = 1 << 16
+
 
 def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> Tensor:
-    """int64 table [V, K]: token v goes to perm[(base_v + k) % E] for k < K."""
+    """int64 table [V, K]: each token id's K distinct experts, a uniformly random
+    K-subset of the E drawn independently per id (the K smallest of E uniform keys).
+
+    Every expert pair can co-occur, each with probability K(K-1) / (E(E-1)) per id:
+    the earlier table took K consecutive entries of one permutation, so only E of the
+    E(E-1)/2 pairs ever met. Deterministic in ``seed`` (a CPU generator, fixed block
+    size). A model's layers pass different seeds so they route differently.
+    """
     gen = torch.Generator().manual_seed(seed)
-    perm_E = torch.randperm(num_experts, generator=gen)
-    base_V = torch.randint(num_experts, (vocab_size,), generator=gen)
-    slots_VK = (base_V[:, None] + torch.arange(top_k)) % num_experts
-    return perm_E[slots_VK]
+    rows = []
+    for start in range(0, vocab_size, _ROWS_PER_BLOCK):
+        n = min(_ROWS_PER_BLOCK, vocab_size - start)
+        keys_VE = torch.rand(n, num_experts, generator=gen)
+        rows.append(keys_VE.topk(top_k, dim=1, largest=False).indices)
+    return torch.cat(rows)
 
 
 def check_integer_tensor(name: str, value: Any) -> None:
