@@ -17,7 +17,7 @@ import moekit
 from moekit.analysis import RoutingCollector, analyze_model
 from moekit.analysis.cli import add_arguments, analyze_checkpoint, run
 from moekit.analysis.collect import CLASS_NAMES, LayerRouting, byte_class_table
-from moekit.analysis.report import layer_section
+from moekit.analysis.report import fmt_items, layer_section
 from moekit.analysis.stats import (
     coactivation_expected,
     coactivation_lift,
@@ -173,6 +173,33 @@ def test_statistics_hand_worked():
     co = torch.tensor([[5, 5, 0], [5, 5, 0], [0, 0, 5]])
     lift = coactivation_lift(co, 10)
     assert lift[0, 1] == pytest.approx(2.0) and lift[0, 2] == 0
+
+
+def test_expert_items_rank_by_tokens_beyond_chance_not_by_lift():
+    """An item seen 7 times at lift 7 had topped one seen 91 times at lift 4.6: the list
+    ranks by count - occurrences x the expert's share, recomputed here by hand."""
+    labels = [repr(chr(i)) for i in range(256)]
+    base = torch.zeros(256, dtype=torch.long)
+    counts = torch.zeros(256, 2, dtype=torch.long)
+    for ch, occurrences, at_0 in (("x", 10, 7), ("y", 200, 91), ("z", 790, 2), ("w", 0, 0)):
+        base[ord(ch)] = occurrences
+        counts[ord(ch), 0], counts[ord(ch), 1] = at_0, occurrences - at_0
+    items = top_lift(counts, base, 0, labels, 5, 5)
+    N, pairs = int(base.sum()), int(counts[:, 0].sum())  # 1000 tokens, 100 at expert 0
+    want = []
+    for v in range(256):
+        c, n = int(counts[v, 0]), int(base[v])
+        expected = n * pairs / N
+        if c >= 5 and c - expected > 0:
+            want.append((c - expected, c, labels[v], c / expected))
+    want.sort(reverse=True)
+    assert [it["item"] for it in items] == [w[2] for w in want] == ["'y'", "'x'"]
+    for it, (excess, c, _, lift) in zip(items, want, strict=True):
+        assert it["count"] == c and it["excess"] == pytest.approx(excess)
+        assert it["expected"] == pytest.approx(c - excess)
+        assert it["lift"] == pytest.approx(lift)  # still shown
+    row = fmt_items(items)
+    assert row.startswith("`'y'` +71 x4.5") and "`'x'` +6 x7.0" in row
 
 
 def random_k_sets(p_E: list[float], T: int, K: int, seed: int) -> Tensor:

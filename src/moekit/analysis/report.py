@@ -109,8 +109,11 @@ def have_matplotlib() -> bool:
 
 
 def fmt_items(items: list[dict[str, Any]], n: int = 4) -> str:
-    text = ", ".join(f"`{it['item']}` x{it['lift']:.1f} ({it['routed']:.0%})"
-                     for it in items[:n])
+    """`item` +tokens beyond chance (lift, share of its occurrences routed here); an older
+    routing.json, without ``excess``, shows the lift and routed share alone."""
+    text = ", ".join(f"`{it['item']}` "
+                     + (f"+{it['excess']:.0f} " if "excess" in it else "")
+                     + f"x{it['lift']:.1f} ({it['routed']:.0%})" for it in items[:n])
     return text.replace("|", "\\|") or "-"
 
 
@@ -167,7 +170,7 @@ def layer_section(layer: dict[str, Any]) -> list[str]:
              f"Expert pairs routed together most often: {frequent_pairs(layer)}.", "",
              f"Most over-represented pairs (tokens beyond chance): "
              f"{over_chance_pairs(layer)}.", "",
-             "| expert | load share | tokens it receives most (lift over base) | "
+             "| expert | load share | tokens it receives beyond chance (+tokens, lift, routed) | "
              "byte patterns (previous>current class) |", "|---|---|---|---|"]
     for item in layer["specialisation"]["experts"]:
         e = item["expert"]
@@ -199,9 +202,12 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
         f"sequences of {meta['seq_len']}",
         f"- model: {meta['model']}",
         *forward_lines(meta), "",
-        "Load is counted before any capacity drop; lift = how much more often an expert "
-        "sees an item than the text does (share at the expert / share in the text); in "
-        "brackets, the fraction of the item's occurrences routed to that expert. "
+        "Load is counted before any capacity drop. Per expert, items rank by tokens beyond "
+        "chance: +N = count - expected, expected = the item's occurrences x the expert's "
+        "share of the text's tokens (its pairs / all tokens), so an item seen a few times "
+        "cannot lead on its ratio alone; xL = lift = count / expected (share at the expert "
+        "/ share in the text); in brackets, the fraction of the item's occurrences routed "
+        "to that expert. "
         "MI = mutual information between the token (or byte pattern) and the chosen expert. "
         "Expert pairs: tokens routed to both experts; chance = the count expected if every "
         "token drew its K experts at random with these per-expert loads (the "
