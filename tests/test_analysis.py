@@ -656,3 +656,30 @@ def test_tokens_csv_says_which_token_went_to_which_expert(kw, tmp_path):
         assert r["layer"] == "moe" and r["token"] == repr(chr(v))
         assert int(r["occurrences"]) == occurrences[v]
         assert float(r["routed"]) == pytest.approx(int(r["count"]) / occurrences[v], rel=1e-5)
+
+
+def test_report_of_a_routing_json_without_expert_pairs_says_re_run(tmp_path):
+    """A routing.json from before coactivation_pairs had crashed write_report with a
+    KeyError traceback: one line naming the file (or the checkpoint), an old report kept."""
+    from moekit.analysis.report import write_report
+    torch.manual_seed(0)
+    model = EmbedMoE(moekit.MoEConfig(dim=16, ffn_dim=8, num_experts=4, top_k=2)).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    layers = analyze_model(model, ids, 256, batch_size=2)
+    meta = {"checkpoint": "runs/old/step_00000200", "step": 200, "source": "-",
+            "tokens": 32, "sequences": 2, "seq_len": 16, "model": "-"}
+    out = tmp_path / "report"
+    write_report({"meta": meta, "layers": layers}, out)
+    before = (out / "report.md").read_text()
+    for layer in layers:
+        del layer["coactivation_pairs"], layer["coactivation_expected"]
+    old = tmp_path / "routing.json"
+    old.write_text(json.dumps({"meta": meta, "layers": layers}))
+    with pytest.raises(ValueError) as e:
+        write_report({"meta": meta, "layers": layers}, out)
+    msg = str(e.value)
+    assert "\n" not in msg and "coactivation_pairs" in msg and "'moe'" in msg
+    assert "re-run `moekit analyze runs/old/step_00000200`" in msg
+    with pytest.raises(ValueError, match=f"routing.json {str(old)!r} is not allowed: .*re-run"):
+        write_report(old, out)
+    assert (out / "report.md").read_text() == before

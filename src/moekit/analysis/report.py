@@ -243,9 +243,10 @@ def tokens_csv(layers: list[dict[str, Any]]) -> str | None:
 META_KEYS = ("checkpoint", "step", "source", "tokens", "sequences", "seq_len", "model")
 
 
-def check_result(result: Any) -> None:
+def check_result(result: Any, source: str | None = None) -> None:
     """``result`` is what ``analyze_checkpoint`` returns: {"meta": {...}, "layers": [...]}
-    with the meta keys the report prints (analyze_model's list alone has no meta)."""
+    with the meta keys the report prints (analyze_model's list alone has no meta) and the
+    layer keys it reads; ``source`` names the file it was read from, if any."""
     if not isinstance(result, dict) or not isinstance(result.get("meta"), dict) \
             or not isinstance(result.get("layers"), list):
         what = sorted(result, key=str) if isinstance(result, dict) else type(result).__name__
@@ -255,15 +256,44 @@ def check_result(result: Any) -> None:
     if missing:
         reject("result['meta']", sorted(result["meta"], key=str),
                f"it lacks {missing} (the report prints {', '.join(META_KEYS)})")
+    check_layer_keys(result, source)
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+# what the report reads per layer beyond analyze_model's first routing.json: the expert
+# pairs against chance (an older file had raised KeyError: 'coactivation_pairs')
+LAYER_KEYS = ("coactivation_pairs", "coactivation_expected")
+
+
+def check_layer_keys(result: dict[str, Any], source: str | None = None) -> None:
+    """One line naming the file (or the checkpoint) when a layer lacks what the report
+    reads: a routing.json written before those keys existed."""
+    for layer in result["layers"]:
+        missing = [k for k in LAYER_KEYS if not isinstance(layer, dict) or k not in layer]
+        if missing:
+            where = source or f"the routing.json of checkpoint {result['meta']['checkpoint']!r}"
+            name = layer.get("name", "?") if isinstance(layer, dict) else "?"
+            raise ValueError(
+                f"{where} is not allowed: its layer {name!r} lacks {', '.join(missing)} "
+                "(written by an older moekit analyze); re-run `moekit analyze "
+                f"{result['meta']['checkpoint']}` to rewrite it")
+
+
+def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """routing.json and report.md always; the PNGs where matplotlib is installed.
+    ``result``: the dict ``analyze_checkpoint`` returns, or the path of a routing.json.
 
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
     """
-    check_result(result)
+    source = None
+    if isinstance(result, (str, Path)):  # a routing.json written before
+        source = f"routing.json {str(result)!r}"
+        try:
+            result = json.loads(Path(result).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{source} is not allowed: it cannot be read as JSON "
+                             f"({e})") from None
+    check_result(result, source)
     check_out_dir("out_dir", out_dir)  # a file, "" (the current directory): refused
     try:
         json_text = json.dumps(result, indent=1)
