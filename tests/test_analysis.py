@@ -8,6 +8,7 @@ import json
 import math
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -683,3 +684,131 @@ def test_report_of_a_routing_json_without_expert_pairs_says_re_run(tmp_path):
     with pytest.raises(ValueError, match=f"routing.json {str(old)!r} is not allowed: .*re-run"):
         write_report(old, out)
     assert (out / "report.md").read_text() == before
+
+
+# -- comparing two checkpoints (analyze --compare) ------------------------------------
+
+
+def own_decisions(model: nn.Module, ids: Tensor, batch_size: int) -> list[dict[str, Any]]:
+    """Per MoE layer, from the routers' own plans: each token's expert set and top-1 (the
+    chosen expert of largest weight, lowest id on ties, -1 for none), and the loads."""
+    from moekit.layer import MoE
+    routers = [m.router for m in model.modules() if isinstance(m, MoE)]
+    plans: list[list] = [[] for _ in routers]
+    hooks = [r.register_forward_hook(lambda m, i, o, k=k: plans[k].append(o.plan))
+             for k, r in enumerate(routers)]
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch_size):
+            model(ids[start:start + batch_size])
+    for h in hooks:
+        h.remove()
+    out = []
+    for layer_plans in plans:
+        sets, top1, load = [], [], None
+        for plan in layer_plans:
+            T, E = plan.probs_TE.shape
+            load = torch.zeros(E) if load is None else load
+            best: list[dict[int, float]] = [{} for _ in range(T)]
+            for t, e, w in zip(plan.token_S.tolist(), plan.expert_S.tolist(),
+                               plan.weight_S.tolist(), strict=True):
+                best[t][e] = w
+                load[e] += 1
+            for d in best:
+                sets.append(frozenset(d))
+                top1.append(min(d, key=lambda e, d=d: (-d[e], e)) if d else -1)
+        out.append({"sets": sets, "top1": top1, "share": load / load.sum()})
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(router="softmax", top_k=2),
+                                dict(router="expert_choice", top_k=2),
+                                dict(router="sigmoid", top_k=3)])
+def test_compare_stability_and_load_change_match_the_routers_decisions(kw):
+    from moekit.analysis.analyze import collect_routing, summarise_all
+    from moekit.analysis.compare import compare
+    cfg = moekit.MoEConfig(dim=16, ffn_dim=8, num_experts=5, **kw)
+    torch.manual_seed(0)
+    a = EmbedMoE(cfg).eval()
+    b = EmbedMoE(cfg).eval()
+    with torch.no_grad():  # b: a with its router nudged, so some tokens move
+        b.load_state_dict(a.state_dict())
+        b.moe.router.weight.add_(0.5 * torch.randn_like(b.moe.router.weight))
+    ids = torch.randint(0, 256, (5, 13))
+    rc_a = collect_routing(a, ids, 256, batch_size=2, decisions=True)
+    rc_b = collect_routing(b, ids, 256, batch_size=2, decisions=True)
+    c = compare(rc_a.layers, rc_b.layers, summarise_all(rc_a), summarise_all(rc_b))[0]
+    da, db = own_decisions(a, ids, 2)[0], own_decisions(b, ids, 2)[0]
+    T = ids.numel()
+    same_top1 = sum(x == y for x, y in zip(da["top1"], db["top1"], strict=True)) / T
+    same_set = sum(x == y for x, y in zip(da["sets"], db["sets"], strict=True)) / T
+    assert 0 < same_top1 < 1  # the case is not trivial
+    assert c["same_top1"] == pytest.approx(same_top1)
+    assert c["same_expert_set"] == pytest.approx(same_set)
+    diff = (db["share"] - da["share"]).abs()
+    assert c["load_share_max_abs_change"] == pytest.approx(float(diff.max()))
+    assert c["load_share_total_variation"] == pytest.approx(0.5 * float(diff.sum()))
+    # a model compared with itself: every token keeps its experts, nothing moves
+    rc_a2 = collect_routing(a, ids, 256, batch_size=2, decisions=True)
+    same = compare(rc_a.layers, rc_a2.layers, summarise_all(rc_a), summarise_all(rc_a2))[0]
+    assert (same["same_top1"], same["same_expert_set"]) == (1.0, 1.0)
+    assert same["load_share_total_variation"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A tiny LM saved at steps 2 and 4 of one run, and a run with 3 experts."""
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    root = tmp_path_factory.mktemp("compare")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = root / "text.txt"
+    text.write_text((stdlib / "json" / "decoder.py").read_text()
+                    + (stdlib / "json" / "encoder.py").read_text())
+    for name, lm, steps in (("run", preset("tiny", moe_every=1), 4),
+                            ("other", preset("tiny", moe_every=1, num_experts=3), 1)):
+        cfg = TrainConfig(steps=steps, batch_size=4, seq_len=32, eval_every=steps,
+                          eval_batches=1, save_every=min(steps, 2), log_every=1, lr=1e-2,
+                          warmup_steps=1)
+        Trainer(lm, cfg, load_corpus(str(text)), root / name, progress=False).fit()
+    return root
+
+
+def test_analyze_compare_writes_the_change_between_two_steps(two_steps, capsys):
+    from moekit.analysis.analyze import windows
+    from moekit.analysis.cli import load_lm
+    from moekit.train import load_corpus
+    root = two_steps
+    a, b = root / "run" / "step_00000002", root / "run" / "step_00000004"
+    assert run(parse(str(a), "--compare", str(b), "--data", str(root / "text.txt"),
+                     "--tokens", "512", "--seq-len", "64", "--batch-size", "3")) == 0
+    out = root / "run" / "analysis" / "step_00000002_vs_step_00000004"
+    assert "same top-1" in capsys.readouterr().out
+    comp = json.loads((out / "compare.json").read_text())
+    routing = json.loads((out / "routing.json").read_text())
+    assert (comp["meta"]["before"]["step"], comp["meta"]["after"]["step"]) == (2, 4)
+    ids = windows(load_corpus(str(root / "text.txt")).val, 512, 64)
+    da = own_decisions(load_lm(str(a))[0], ids, 3)
+    db = own_decisions(load_lm(str(b))[0], ids, 3)
+    assert len(comp["layers"]) == len(da) == 2
+    for c, x, y, r in zip(comp["layers"], da, db, routing["layers"], strict=True):
+        same = sum(p == q for p, q in zip(x["top1"], y["top1"], strict=True)) / ids.numel()
+        same_set = sum(p == q for p, q in zip(x["sets"], y["sets"], strict=True))
+        assert c["same_top1"] == pytest.approx(same)
+        assert c["same_expert_set"] == pytest.approx(same_set / ids.numel())
+        diff = (y["share"] - x["share"]).abs()
+        assert c["load_share_total_variation"] == pytest.approx(0.5 * float(diff.sum()))
+        assert c["load_share"]["before"] == pytest.approx(x["share"].tolist())
+        assert c["imbalance"]["max_over_mean"]["before"] == r["imbalance"]["max_over_mean"]
+    report = (out / "report.md").read_text()
+    assert "## Compared with step 4" in report and "| blocks.1.ffn |" in report
+
+
+def test_analyze_compare_refuses_another_model_in_one_line(two_steps, capsys):
+    root = two_steps
+    a, other = root / "run" / "step_00000004", root / "other" / "step_00000001"
+    assert run(parse(str(a), "--compare", str(other), "--data", str(root / "text.txt"),
+                     "--tokens", "256", "--seq-len", "64",
+                     "--out", str(root / "refused"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(a) in err and str(other) in err
+    assert "4 vs 3 experts" in err and not (root / "refused").exists()

@@ -34,13 +34,30 @@ def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size:
     for name, v in (("vocab_size", vocab_size), ("batch_size", batch_size), ("top", top),
                     ("min_count", min_count)):
         check_positive_int(name, v)
+    rc = collect_routing(model, ids_BL, vocab_size, batch_size)
+    return summarise_all(rc, top, min_count)
+
+
+def summarise_all(rc: RoutingCollector, top: int = 5, min_count: int = 5
+                  ) -> list[dict[str, Any]]:
+    base_CC = rc.base_CC if rc.classes is not None else None
+    return [summarise(layer, rc.base_V, base_CC, top, min_count) for layer in rc.layers]
+
+
+@torch.no_grad()
+def collect_routing(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size: int = 16,
+                    decisions: bool = False) -> RoutingCollector:
+    """Route ``ids_BL`` through ``model`` ``batch_size`` sequences a pass; the counts (and
+    with ``decisions`` every token's experts) in a RoutingCollector."""
+    for name, v in (("vocab_size", vocab_size), ("batch_size", batch_size)):
+        check_positive_int(name, v)
     if not isinstance(ids_BL, Tensor) or ids_BL.dim() != 2 or ids_BL.numel() == 0 \
             or ids_BL.dtype not in INT_DTYPES:
         what = (f"shape {tuple(ids_BL.shape)}, {ids_BL.dtype}" if isinstance(ids_BL, Tensor)
                 else type(ids_BL).__name__)
         raise ValueError(f"ids_BL ({what}) is not allowed: it must be a non-empty [B, L] "
                          "integer tensor of token ids")
-    rc = RoutingCollector(model, vocab_size)  # checks the model before it is touched
+    rc = RoutingCollector(model, vocab_size, decisions)  # checks the model before use
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -54,5 +71,4 @@ def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size:
                 model(chunk.to(device=device, dtype=torch.long))
     finally:
         model.train(was_training)
-    base_CC = rc.base_CC if rc.classes is not None else None
-    return [summarise(layer, rc.base_V, base_CC, top, min_count) for layer in rc.layers]
+    return rc

@@ -2,24 +2,27 @@
 
 Per MoE layer: expert load and imbalance, dropped fraction, router entropy,
 expert co-activation, and the bytes / byte patterns each expert receives most
-relative to their frequency in the text. Writes report.md, routing.json and PNGs.
+relative to their frequency in the text. Writes report.md, routing.json and PNGs;
+with --compare, how routing changed against a second checkpoint of the run (compare.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from moekit.analysis.analyze import analyze_model, windows
+from moekit.analysis.analyze import collect_routing, summarise_all, windows
+from moekit.analysis.compare import COMPARE_FILE, check_comparable, compare, compare_section
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 from moekit.config import check_out_dir, flag_message, reject
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
                for name in ("data", "split", "tokens", "seq_len", "batch_size", "top",
-                            "min_count")}
+                            "min_count", "compare")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=5, help="items listed per expert")
     p.add_argument("--min-count", type=int, default=5,
                    help="ignore items an expert saw fewer times (their lift is noise)")
+    p.add_argument("--compare", default=None, metavar="CHECKPOINT",
+                   help="a second checkpoint of the same run (e.g. a later step_*): route "
+                   "the same tokens through both and write compare.json and a report "
+                   "section (load share change, imbalance, router entropy, how many tokens "
+                   "keep their experts); default --out RUN/analysis/step_A_vs_step_B")
     p.add_argument("--out", default=None, help="output directory (default: "
                    "RUN/analysis/step_NNNNNNNN, beside the checkpoint, not inside it: the "
                    "trainer deletes old checkpoint directories)")
@@ -95,9 +103,47 @@ def batch_note(meta: dict[str, Any]) -> str | None:
 
 def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     """Raises ValueError (CheckpointError is one) on bad input, before writing anything."""
+    result, out, _ = analyze_and_compare(args)
+    return result, out
+
+
+def load_other(args: argparse.Namespace, model, ck, seq_len: int):
+    """The --compare checkpoint's model, refused in one line unless it has the same MoE
+    layers, experts and top-k as ``model`` and takes ``seq_len`` tokens."""
+    other, ck_b = load_lm(args.compare)
+    names = (str(ck.path), str(ck_b.path))
+    check_comparable(model, other, *names, (model.config.vocab_size, other.config.vocab_size))
+    if seq_len > other.config.max_seq_len:
+        raise ValueError(f"checkpoints {names[0]!r} and {names[1]!r} cannot be compared at "
+                         f"seq_len={seq_len}: the second's max_seq_len is "
+                         f"{other.config.max_seq_len}; pass a --seq-len both take")
+    return other, ck_b
+
+
+def compare_runs(args, rc, layers, ids_BL, other, ck, ck_b) -> dict[str, Any]:
+    """compare.json: ``other`` routes the tokens ``rc`` collected (with decisions)."""
+    rc_b = collect_routing(other, ids_BL, other.config.vocab_size, args.batch_size, True)
+    layers_b = summarise_all(rc_b, args.top, args.min_count)
+    return {"meta": {"before": {"checkpoint": str(ck.path), "step": ck.step},
+                     "after": {"checkpoint": str(ck_b.path), "step": ck_b.step},
+                     "tokens": ids_BL.numel(), "batch_size": args.batch_size,
+                     "note": "expert ids are comparable only between checkpoints of one "
+                             "training run"},
+            "layers": compare(rc.layers, rc_b.layers, layers, layers_b)}
+
+
+def analyze_and_compare(args: argparse.Namespace
+                        ) -> tuple[dict[str, Any], Path, dict[str, Any] | None]:
+    """analyze_checkpoint, and with ``args.compare`` the comparison (else None)."""
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
-    out = default_out(ck) if args.out is None else Path(args.out)
+    other_path = getattr(args, "compare", None)
+    if other_path is not None and args.out is None:  # read the other's step first
+        from moekit.train.checkpoint import load_checkpoint
+        step_b = load_checkpoint(other_path).step
+        out = default_out(ck).parent / f"step_{ck.step:08d}_vs_step_{step_b:08d}"
+    else:
+        out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
     cfg = model.config
     if cfg.dense:  # had read "model has no moekit.MoE layers", naming no checkpoint
@@ -119,8 +165,13 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                          f"seq_len={seq_len} (one sequence); try another --split, a shorter "
                          "--seq-len or more text")
     ids_BL = windows(data_N, args.tokens, seq_len)
-    layers = analyze_model(model, ids_BL, cfg.vocab_size, args.batch_size, args.top,
-                           args.min_count)
+    other = load_other(args, model, ck, seq_len) if other_path is not None else None
+    rc = collect_routing(model, ids_BL, cfg.vocab_size, args.batch_size, other is not None)
+    layers = summarise_all(rc, args.top, args.min_count)
+    comparison = None
+    if other is not None:
+        model_b, ck_b = other
+        comparison = compare_runs(args, rc, layers, ids_BL, model_b, ck, ck_b)
     meta = {"checkpoint": str(ck.path), "step": ck.step,
             "source": f"{corpus.source} ({args.split} split)", "tokens": ids_BL.numel(),
             "sequences": ids_BL.shape[0], "seq_len": seq_len,
@@ -130,12 +181,12 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                      + ("" if cfg.capacity_factor is None
                         else f", capacity factor {cfg.capacity_factor:g}"),
             "model_config": cfg.to_dict()}
-    return {"meta": meta, "layers": layers}, out
+    return {"meta": meta, "layers": layers}, out, comparison
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result, out = analyze_checkpoint(args)
+        result, out, comparison = analyze_and_compare(args)
     except ValueError as e:
         print(f"moekit analyze: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
         return 2
@@ -144,6 +195,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit analyze: warning: {note}", file=sys.stderr)
     paths = write_report(result, out)
     print("\n".join(summary_table(result["layers"])))
+    if comparison is not None:
+        paths["compare"] = out / COMPARE_FILE
+        paths["compare"].write_text(json.dumps(comparison, indent=1))
+        section = compare_section(comparison)
+        with paths["report"].open("a") as f:
+            f.write("\n\n" + "\n".join(section))
+        table = next(i for i, line in enumerate(section) if line.startswith("| layer"))
+        print("\n" + "\n".join(section[table:]))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     if "load" not in paths:
         print(f"no plots: matplotlib is not installed; {PLOT_HINT}", file=sys.stderr)

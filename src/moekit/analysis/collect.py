@@ -11,6 +11,7 @@ C byte classes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,10 @@ class LayerRouting:
     pairs: int = 0
     dropped: int = 0  # dropped pairs (expert choice: tokens no expert took)
     drop_denominator: int = 0  # routed pairs (expert choice: tokens)
+    # per-token decisions, kept only when asked (RoutingCollector(decisions=True)), for
+    # comparing two checkpoints on the same tokens: one [T] / [T, E] tensor per pass
+    top1_T: list[Tensor] = field(default_factory=list)  # chosen expert of largest weight
+    chosen_TE: list[Tensor] = field(default_factory=list)  # bool: the token's expert set
 
     def __post_init__(self) -> None:
         E, V, C = self.num_experts, self.vocab_size, len(CLASS_NAMES)
@@ -76,7 +81,7 @@ class RoutingCollector:
         layers = rc.layers
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int, decisions: bool = False) -> None:
         if not isinstance(model, nn.Module):
             reject("model", model, "it must be a torch.nn.Module holding moekit.MoE layers")
         check_positive_int("vocab_size", vocab_size)
@@ -87,6 +92,7 @@ class RoutingCollector:
         self.layers = [LayerRouting(n, m.config.num_experts, m.config.top_k, vocab_size,
                                     m.config.router) for n, m in self.modules]
         self.vocab_size = vocab_size
+        self.decisions = decisions  # keep every token's experts (memory: T x E bools)
         self.classes = byte_class_table() if vocab_size <= 256 else None
         self.ids_T: Tensor | None = None
         self.prev_class_T: Tensor | None = None
@@ -159,6 +165,8 @@ class RoutingCollector:
         layer.tokens += T
         layer.last_tokens = T
         layer.pairs += int(token_S.numel())
+        if self.decisions:
+            self.record_decisions(layer, plan, T, E)
         ids_S = self.ids_T[token_S]
         layer.token_VE += torch.bincount(ids_S * E + expert_S,
                                          minlength=self.vocab_size * E).view(-1, E)
@@ -166,3 +174,15 @@ class RoutingCollector:
             C = len(CLASS_NAMES)
             key = (self.prev_class_T[token_S] * C + self.classes[ids_S]) * E + expert_S
             layer.pattern_CCE += torch.bincount(key, minlength=C * C * E).view(C, C, E)
+
+    @staticmethod
+    def record_decisions(layer: LayerRouting, plan, T: int, E: int) -> None:
+        """Each token's expert set and its top-1: the chosen expert with the largest
+        combine weight (ties: the lowest id; -1 for a token no expert took)."""
+        token_S, expert_S = plan.token_S.cpu(), plan.expert_S.cpu()
+        weight_TE = torch.full((T, E), -math.inf)
+        weight_TE[token_S, expert_S] = plan.weight_S.detach().float().cpu()
+        chosen_TE = weight_TE > -math.inf
+        top1_T = torch.where(chosen_TE.any(1), weight_TE.argmax(1), -1)
+        layer.top1_T.append(top1_T)
+        layer.chosen_TE.append(chosen_TE)
