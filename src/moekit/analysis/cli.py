@@ -107,17 +107,15 @@ def analyze_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     return result, out
 
 
-def load_other(args: argparse.Namespace, model, ck, seq_len: int):
+def check_other(model, ck, other, ck_b, seq_len: int) -> None:
     """The --compare checkpoint's model, refused in one line unless it has the same MoE
     layers, experts and top-k as ``model`` and takes ``seq_len`` tokens."""
-    other, ck_b = load_lm(args.compare)
     names = (str(ck.path), str(ck_b.path))
     check_comparable(model, other, *names, (model.config.vocab_size, other.config.vocab_size))
     if seq_len > other.config.max_seq_len:
         raise ValueError(f"checkpoints {names[0]!r} and {names[1]!r} cannot be compared at "
                          f"seq_len={seq_len}: the second's max_seq_len is "
                          f"{other.config.max_seq_len}; pass a --seq-len both take")
-    return other, ck_b
 
 
 def compare_runs(args, rc, layers, ids_BL, other, ck, ck_b) -> dict[str, Any]:
@@ -137,11 +135,9 @@ def analyze_and_compare(args: argparse.Namespace
     """analyze_checkpoint, and with ``args.compare`` the comparison (else None)."""
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
-    other_path = getattr(args, "compare", None)
-    if other_path is not None and args.out is None:  # read the other's step first
-        from moekit.train.checkpoint import load_checkpoint
-        step_b = load_checkpoint(other_path).step
-        out = default_out(ck).parent / f"step_{ck.step:08d}_vs_step_{step_b:08d}"
+    other = None if getattr(args, "compare", None) is None else load_lm(args.compare)
+    if other is not None and args.out is None:
+        out = default_out(ck).parent / f"step_{ck.step:08d}_vs_step_{other[1].step:08d}"
     else:
         out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
@@ -165,7 +161,8 @@ def analyze_and_compare(args: argparse.Namespace
                          f"seq_len={seq_len} (one sequence); try another --split, a shorter "
                          "--seq-len or more text")
     ids_BL = windows(data_N, args.tokens, seq_len)
-    other = load_other(args, model, ck, seq_len) if other_path is not None else None
+    if other is not None:
+        check_other(model, ck, *other, seq_len)
     rc = collect_routing(model, ids_BL, cfg.vocab_size, args.batch_size, other is not None)
     layers = summarise_all(rc, args.top, args.min_count)
     comparison = None
