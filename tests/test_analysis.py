@@ -349,16 +349,22 @@ def parse(*argv: str) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def _json_source(root: Path) -> Path:
+    """A text file of the stdlib's json decoder and encoder sources."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = root / "text.txt"
+    text.write_text((stdlib / "json" / "decoder.py").read_text()
+                    + (stdlib / "json" / "encoder.py").read_text())
+    return text
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny LM trained for 3 steps on two stdlib files."""
     from moekit.models import preset
     from moekit.train import TrainConfig, Trainer, load_corpus
     root = tmp_path_factory.mktemp("analyze")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = root / "text.txt"
-    text.write_text((stdlib / "json" / "decoder.py").read_text()
-                    + (stdlib / "json" / "encoder.py").read_text())
+    text = _json_source(root)
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, eval_every=3, eval_batches=1,
                       save_every=3, log_every=1)
     Trainer(preset("tiny", moe_every=1), cfg, load_corpus(str(text)), root / "run",
@@ -760,10 +766,7 @@ def two_steps(tmp_path_factory):
     from moekit.models import preset
     from moekit.train import TrainConfig, Trainer, load_corpus
     root = tmp_path_factory.mktemp("compare")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = root / "text.txt"
-    text.write_text((stdlib / "json" / "decoder.py").read_text()
-                    + (stdlib / "json" / "encoder.py").read_text())
+    text = _json_source(root)
     for name, lm, steps in (("run", preset("tiny", moe_every=1), 4),
                             ("other", preset("tiny", moe_every=1, num_experts=3), 1)):
         cfg = TrainConfig(steps=steps, batch_size=4, seq_len=32, eval_every=steps,
