@@ -206,6 +206,9 @@ def load_quantized(path: str | Path) -> MoETransformer:
     return assemble(LMConfig.from_dict(meta["model_config"]), tensors, path, quant)
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def assemble(config: LMConfig, tensors: dict, where: Path,
              quant: tuple | None = None) -> MoETransformer:
     """The model of ``config`` holding ``tensors`` themselves (built on the meta device,
@@ -222,12 +225,20 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     if quant is not None:
         _check_dtypes(model, tensors, where)
         check_finite_scales(model, tensors, where)
-    else:
-        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
-                       if t.dtype not in (torch.float32, torch.bfloat16, torch.float16))
+    else:  # float weights in any float dtype; an integer buffer (a hash router's token-id
+        # table, which the router's load hook checks further) as an integer tensor
+        whole = {k: v.dtype for k, v in model.state_dict().items()}
+
+        def fits(t: torch.Tensor, want: torch.dtype) -> bool:
+            if want.is_floating_point:
+                return t.dtype in FLOAT_DTYPES
+            return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items() if not fits(t, whole[k]))
         if wrong:
             raise CheckpointError(f"checkpoint {where} does not match the model: its "
-                                  f"weights must be float32, bfloat16 or float16, got {wrong[:5]}")
+                                  "weights must be float32, bfloat16 or float16 (a hash "
+                                  f"router's table an integer tensor), got {wrong[:5]}")
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_embeddings:  # assigned as two Parameters of one tensor: one again
         model.head.weight = model.embed.weight
