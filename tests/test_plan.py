@@ -297,6 +297,9 @@ def test_cli_table_and_json(capsys):
     assert run(parse("gpt-oss-20b", "--gpus", "8")) == 0
     out = capsys.readouterr().out
     assert "all-to-all" in out and "tokens/s" in out and "20.91B" in out
+    # the dispatcher sends one row per routed expert (tests/dist_workers.py check_comm:
+    # dropless bytes = 2 x remote routed rows), and the table says so
+    assert "K rows per token: one per routed expert, no per-rank dedup" in out
     assert run(parse("gpt-oss-20b", "--gpus", "8", "--json")) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["params"]["total_params"] == count_params(get_preset("gpt-oss-20b").spec

@@ -227,7 +227,10 @@ def communication(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: 
     t_mb = lay.micro_batch * setup.seq_len
     moe_layers = spec.num_moe_layers / lay.pp
     # dispatch + combine, forward and backward (+ forward again when recomputing); sequence
-    # parallel: each tp rank dispatches its 1/tp of the tokens, K copies each.
+    # parallel: each tp rank dispatches its 1/tp of the tokens, K copies each. K copies
+    # even when two of a token's experts share a rank: moekit's dropless dispatcher sends
+    # one row per routed (token, expert) pair with no per-rank deduplication
+    # (distributed/dispatcher.py), so group-limited routing does not shrink this.
     transfers = 6 if lay.recompute == "full" else 4
     out = t_mb / lay.tp * spec.top_k * spec.dim * a * (lay.ep - 1) / lay.ep
     a2a_b = transfers * out * moe_layers * m

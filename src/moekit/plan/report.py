@@ -82,7 +82,8 @@ def time_lines(plan: Plan) -> list[str]:
     return [
         "communication per GPU per step",
         f"  all-to-all (expert parallel) {c.all_to_all_bytes / 1e9:10.2f} GB  "
-        f"{seconds(c.all_to_all_s)}",
+        f"{seconds(c.all_to_all_s)}  (K rows per token: one per routed expert, "
+        "no per-rank dedup)",
         f"  tensor parallel              {c.tensor_parallel_bytes / 1e9:10.2f} GB  "
         f"{seconds(c.tensor_parallel_s)}",
         f"  data parallel (gradients)    {c.data_parallel_bytes / 1e9:10.2f} GB  "
