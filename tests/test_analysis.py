@@ -815,3 +815,21 @@ def test_analyze_compare_refuses_another_model_in_one_line(two_steps, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(a) in err and str(other) in err
     assert "4 vs 3 experts" in err and not (root / "refused").exists()
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "corrupt"])
+def test_analyze_compare_with_a_bad_checkpoint_names_the_compare_flag(two_steps, tmp_path,
+                                                                      how, capsys):
+    """A bad --compare path had read "checkpoint='...'": the first checkpoint's name."""
+    root = two_steps
+    a, bad = root / "run" / "step_00000004", tmp_path / "other"
+    if how != "missing":
+        bad.mkdir()
+    if how == "corrupt":
+        (bad / "state.json").write_text("{not json")
+    assert run(parse(str(a), "--compare", str(bad), "--data", str(root / "text.txt"),
+                     "--out", str(tmp_path / "refused"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"moekit analyze: error: --compare: "
+                                              f"compare={str(bad)!r}"), err
+    assert "checkpoint=" not in err and not (tmp_path / "refused").exists()

@@ -57,6 +57,19 @@ def load_lm(path: str):
     return model.eval(), ck
 
 
+def load_other(path: str):
+    """The --compare checkpoint, its errors naming --compare and the value: a missing
+    one had read "checkpoint='...': no state.json", as if the first checkpoint were wrong."""
+    from moekit.errors import CheckpointError
+    try:
+        return load_lm(path)
+    except CheckpointError as e:
+        msg = str(e)
+        if msg.startswith("checkpoint="):  # not_a_checkpoint(): "checkpoint='P' is ..."
+            raise ValueError("compare=" + msg.removeprefix("checkpoint=")) from e
+        raise ValueError(f"compare={path!r} is not a readable checkpoint: {msg}") from e
+
+
 def default_out(ck) -> Path:
     """RUN/analysis/step_NNNNNNNN: beside the checkpoint, never inside it (the trainer
     deletes a step_* directory, with whatever was written into it, when it prunes old
@@ -135,7 +148,7 @@ def analyze_and_compare(args: argparse.Namespace
     """analyze_checkpoint, and with ``args.compare`` the comparison (else None)."""
     from moekit.train.data import load_corpus
     model, ck = load_lm(args.checkpoint)
-    other = None if getattr(args, "compare", None) is None else load_lm(args.compare)
+    other = None if getattr(args, "compare", None) is None else load_other(args.compare)
     if other is not None and args.out is None:
         out = default_out(ck).parent / f"step_{ck.step:08d}_vs_step_{other[1].step:08d}"
     else:
