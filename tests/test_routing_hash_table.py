@@ -143,3 +143,76 @@ def test_bare_layer_table_follows_its_config_seed():
     cfg = MoEConfig(dim=8, ffn_dim=8, num_experts=6, top_k=3, router="hash",
                     hash_vocab_size=40, hash_seed=9)
     assert torch.equal(MoE(cfg).router.hash_table, hash_table(40, 6, 3, 9))
+
+
+# -- moekit train --hash-seed --------------------------------------------------------
+
+SMALL = ["--preset", "tiny", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+         "--eval-every", "1", "--eval-batches", "1", "--no-progress", "--steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("def add(a, b):\n    return a + b\n" * 200)
+    return path
+
+
+def cli_model(out, corpus, *flags: str) -> MoETransformer:
+    """Train one step with ``flags`` through the CLI and load the saved model."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import load_checkpoint, restore
+    assert cli_main(["train", *SMALL, "--data", str(corpus), "--out", str(out),
+                     "--router", "hash", *flags]) == 0
+    ck = load_checkpoint(out)
+    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
+    restore(ck, model, rng=False)
+    return model
+
+
+def seeded_tables(model: MoETransformer, seed: int) -> list[torch.Tensor]:
+    """The tables hash_seed=seed gives: MoE block l draws from seed + l."""
+    c = model.config
+    return [hash_table(c.vocab_size, c.num_experts, c.top_k, seed=seed + layer)
+            for layer in range(c.num_layers) if c.is_moe_layer(layer)]
+
+
+def test_cli_hash_seed_picks_the_tables(tmp_path, corpus, capsys):
+    a = cli_model(tmp_path / "a", corpus, "--hash-seed", "7")
+    same = cli_model(tmp_path / "same", corpus, "--hash-seed", "7")
+    other = cli_model(tmp_path / "other", corpus, "--hash-seed", "8")
+    default = cli_model(tmp_path / "default", corpus)
+    ta, ts, to, td = map(hash_tables, (a, same, other, default))
+    assert len(ta) >= 2 and a.config.hash_seed == 7 and default.config.hash_seed == 0
+    assert all(torch.equal(x, y) for x, y in zip(ta, ts, strict=True))
+    assert all(not torch.equal(x, y) for x, y in zip(ta, to, strict=True))
+    for tables, seed in ((ta, 7), (to, 8), (td, 0)):
+        assert all(torch.equal(x, y) for x, y in zip(tables, seeded_tables(a, seed),
+                                                      strict=True))
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--router", "hash", "--hash-seed", "-1"],
+     ["--hash-seed: hash_seed=-1 is not allowed", "[0, 9223372036854775807]"]),
+    (["--router", "hash", "--hash-seed", str(2**63)], [f"--hash-seed: hash_seed={2**63} "]),
+    (["--router", "softmax", "--hash-seed", "3"],
+     ["--hash-seed=3 is not allowed with --router=softmax:", "add --router hash"]),
+    (["--hash-seed", "3"],  # the preset's router, not typed
+     ["--hash-seed=3 is not allowed with --router=softmax (preset tiny's router)"]),
+])
+def test_cli_bad_hash_seed_is_refused_naming_the_flag(tmp_path, corpus, capsys, flags, words):
+    from moekit.cli import main as cli_main
+    assert cli_main(["train", *SMALL, "--data", str(corpus), "--out", str(tmp_path / "run"),
+                     *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and all(w in err for w in words), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_hash_seed_is_refused_with_resume(tmp_path, corpus, capsys):
+    from moekit.cli import main as cli_main
+    cli_model(tmp_path / "run", corpus, "--hash-seed", "7")
+    assert cli_main(["train", "--resume", str(tmp_path / "run"), "--steps", "2",
+                     "--hash-seed", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--hash-seed=8 is not allowed with --resume" in err, err

@@ -43,7 +43,7 @@ MODEL_FLAGS = {"dim": "dim", "layers": "num_layers", "heads": "num_heads",
                "moe_every": "moe_every", "router": "router", "groups": "num_groups",
                "topk_groups": "topk_groups", "aux_loss_coef": "aux_loss_coef",
                "z_loss_coef": "z_loss_coef", "bias_update_rate": "bias_update_rate",
-               "capacity_factor": "capacity_factor"}
+               "capacity_factor": "capacity_factor", "hash_seed": "hash_seed"}
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
                "grad_accum": "grad_accum", "lr": "lr", "warmup": "warmup_steps",
                "eval_every": "eval_every", "eval_batches": "eval_batches",
@@ -89,6 +89,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    "sigmoid; default 1 (no groups)")
     g.add_argument("--topk-groups", type=int,
                    help="groups each token may pick experts from (1..G; default 1)")
+    g.add_argument("--hash-seed", type=int,
+                   help="--router hash only: seed of the token-id tables (MoE layer l uses "
+                   "seed + l); default 0")
     g.add_argument("--aux-loss-coef", type=float)
     g.add_argument("--z-loss-coef", type=float)
     g.add_argument("--bias-update-rate", type=float,
@@ -161,10 +164,22 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     if args.untied_embeddings:
         changes["tie_embeddings"] = False
     model = preset(args.preset or "small", **changes)
+    check_hash_seed_flag(args, model)
     train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
     return model, train
+
+
+def check_hash_seed_flag(args: argparse.Namespace, model: LMConfig) -> None:
+    """--hash-seed seeds the hash router's tables and nothing else: refused with another
+    router, where it would be saved in the config and never read."""
+    if args.hash_seed is None or model.router == "hash":
+        return
+    whose = "" if args.router is not None else f" (preset {args.preset or 'small'}'s router)"
+    raise ValueError(f"--hash-seed={args.hash_seed} is not allowed with "
+                     f"--router={model.router}{whose}: it seeds the hash router's token-id "
+                     "tables only; add --router hash or drop --hash-seed")
 
 
 def size_flags(args: argparse.Namespace) -> str:
