@@ -332,3 +332,39 @@ def test_torch_save_and_load_of_a_patched_model(name):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     hf.revert(loaded)
     assert [type(m) for m in loaded.modules()] == [type(m) for m in original.modules()]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_cpu_autocast_runs_the_experts_in_bf16_like_transformers(name, monkeypatch):
+    """Under ``torch.autocast("cpu", bfloat16)`` transformers' experts (``F.linear``) compute in
+    bf16; the patched ones had stayed fp32 (another result, bf16 kernels unused). Loss and
+    every gradient as the unpatched model's under the same autocast, within bf16 rounding
+    (DBRX left out: its transformers loop fails under autocast, index_add_ of bf16 into fp32;
+    Switch: its gradients differ beyond bf16 rounding under autocast, before this change too)."""
+    from moekit.integrations.hf import experts as hf_experts
+
+    seen = []
+    backend = hf_experts.experts_backend
+
+    def spy(x_TD, rows, w_in_EDG, w_out_EFD, act, name):
+        seen.append((x_TD.dtype, w_in_EDG.dtype, w_out_EFD.dtype))
+        return backend(x_TD, rows, w_in_EDG, w_out_EFD, act, name)
+
+    monkeypatch.setattr(hf_experts, "experts_backend", spy)
+    original = hf_models.build(name)
+    patched = hf.apply(copy.deepcopy(original))
+    results = []
+    for model in (original, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**_inputs(name))
+        out.loss.backward()
+        results.append((out.loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, seen
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=2e-2, rtol=2e-2)
+    for n, g in grads_a.items():
+        if g is not None:
+            assert grads_b[n].dtype == g.dtype, n
+            scale = g.abs().max().item() + 1e-6
+            torch.testing.assert_close(grads_b[n] / scale, g / scale, atol=5e-2, rtol=0,
+                                       msg=lambda m, n=n: f"{n}: {m}")

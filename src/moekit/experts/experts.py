@@ -105,10 +105,11 @@ def grouped_mm_trains_faster(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) 
             and torch.cuda.get_device_capability(x_TD.device) >= (9, 0))
 
 
-def _autocast(x_TD: Tensor, params: tuple) -> tuple[Tensor, tuple]:
+def autocast_experts(x_TD: Tensor, params: tuple) -> tuple[Tensor, tuple]:
     """Under CPU autocast, the input and the weights in the autocast dtype, as autocast
     casts nn.Linear's: its rules do not reach into the fused Function, whose GEMMs
-    otherwise stay fp32 (and the bf16 kernels unused) in `moekit train --bf16`."""
+    otherwise stay fp32 (and the bf16 kernels unused) in `moekit train --bf16`. Also
+    the Hugging Face integration's experts (``integrations.hf.experts``)."""
     device = x_TD.device.type
     if device != "cpu" or not torch.is_autocast_enabled(device):
         return x_TD, params
@@ -149,7 +150,7 @@ class Experts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         """Weighted sum over each token's routed experts, [T, D]."""
-        x_TD, params = _autocast(x_TD, (self.w_in, self.w_out, self.b_in, self.b_out))
+        x_TD, params = autocast_experts(x_TD, (self.w_in, self.w_out, self.b_in, self.b_out))
         w_in, w_out, b_in, b_out = params
         fn = resolve_backend(self.backend, x_TD, w_in, w_out, dispatch.num_rows)
         return fn(x_TD, dispatch, w_in, w_out, b_in, b_out, self._act)

@@ -23,7 +23,7 @@ from torch import Tensor
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import swiglu_oai
 from moekit.experts.backends import decode_experts, decode_topk_experts, grouped_mm_supported
-from moekit.experts.experts import auto_backend_name, resolve_backend
+from moekit.experts.experts import auto_backend_name, autocast_experts, resolve_backend
 from moekit.functions import decode
 from moekit.quant.tensor import QuantizedTensor
 
@@ -70,6 +70,8 @@ def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: T
     0.58x transformers' grouped_mm at GPT-OSS E32 K4 against grouped_mm's 1.13x
     (benchmarks/bench_hf.py with the issue3 fused backend merged).
     """
+    x_TD, (w_in_EDG, w_out_EFD, b_in_EG, b_out_ED) = autocast_experts(
+        x_TD, (w_in_EDG, w_out_EFD, b_in_EG, b_out_ED))
     fn = experts_backend(x_TD, dispatch.num_rows, w_in_EDG, w_out_EFD, act, backend)
     return fn(x_TD, dispatch, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
 
@@ -92,7 +94,11 @@ def run_experts_topk(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_e
     kernels with an activation they know, the sort and both kernels in one C++ call
     (``backends.decode_topk_experts``, the same bits); else ``dispatch_from_topk``, then
     the backend. A patched OLMoE-class layer at batch 1 spent ~260-290 us outside its
-    kernels (each torch op ~5-15 us after the experts' weights stream), ~125-160 us now."""
+    kernels (each torch op ~5-15 us after the experts' weights stream), ~125-160 us now.
+    Under CPU autocast both take the autocast dtype, as transformers' ``F.linear`` experts
+    do (they had stayed fp32: another result than the unpatched model's, bf16 kernels unused)."""
+    x_TD, (w_in_EDG, w_out_EFD, b_in_EG, b_out_ED) = autocast_experts(
+        x_TD, (w_in_EDG, w_out_EFD, b_in_EG, b_out_ED))
     fn = experts_backend(x_TD, experts_TK.numel(), w_in_EDG, w_out_EFD, act, backend)
     if fn is decode_experts:
         y_TD = decode_topk_experts(x_TD, experts_TK, weights_TK, num_experts, w_in_EDG,
