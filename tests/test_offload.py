@@ -927,3 +927,19 @@ def test_a_prefetch_that_finds_non_finite_scales_raises_them_by_name(waited):
     with pytest.raises(NonFiniteScalesError, match=r"expert \(0, 0\) holds NaN scales"):
         cache.get(0, [0] if waited else [1])
     assert cache.close(timeout=5.0)
+
+
+def test_a_budget_above_every_expert_allocates_only_the_experts(moekit_ckpt):
+    # 1 TiB for a model of 24 experts: the slot buffer was the whole budget, and failed
+    # to allocate ("DefaultCPUAllocator: can't allocate memory")
+    model = load_offloaded(moekit_ckpt[0], "1TiB", prefetch=False)
+    try:
+        cache = model.expert_offload.cache
+        n_experts = CFG.num_layers * CFG.num_experts
+        assert cache.arena.buf_B.numel() == n_experts * EXPERT_BYTES
+        with torch.no_grad():
+            logits = model(moekit_ckpt[2]).logits
+        assert torch.equal(logits, moekit_ckpt[3])
+        assert len(cache.entries) <= n_experts
+    finally:
+        model.expert_offload.close()

@@ -145,7 +145,11 @@ class ExpertCache:
         self._pending: list[Future] = []
         self._pinned: set[Key] = set()  # the last get's keys: a step may still compute on them
         slot_bytes = getattr(store, "slot_bytes", None)  # stores that read into a buffer
-        self.arena = SlotArena(slot_bytes, budget // slot_bytes) if slot_bytes else None
+        # no more slots than there are experts: a budget above the model's experts (64GiB
+        # for a 12 MiB model) allocated the whole budget, and failed to where it exceeded
+        # what the machine could map
+        self.arena = (SlotArena(slot_bytes, min(budget // slot_bytes, len(store.experts)))
+                      if slot_bytes else None)
         self.loader = Loader(self._load) if (prefetch and threaded) else None
 
     def _load(self, item: tuple[Key, int | None]) -> Any:
