@@ -943,3 +943,35 @@ def test_a_budget_above_every_expert_allocates_only_the_experts(moekit_ckpt):
         assert len(cache.entries) <= n_experts
     finally:
         model.expert_offload.close()
+
+
+@pytest.mark.parametrize("how", ["in_place", "renamed_over"])
+def test_a_shard_changed_on_disk_after_loading(moekit_ckpt, tmp_path, how):
+    # rewritten in place, the shard's new bytes were read and computed with, silently
+    import shutil
+
+    from moekit.offload.safetensors_io import read_header
+
+    run = tmp_path / "run"
+    shutil.copytree(moekit_ckpt[0], run)
+    file = next(run.glob("step_*")) / "model.safetensors"
+    model = load_offloaded(run, 2 * EXPERT_BYTES, prefetch=False)  # re-reads experts
+    try:
+        loc = read_header(file)["blocks.0.ffn.experts.w_in"]
+        target = file if how == "in_place" else file.with_suffix(".new")
+        if how == "renamed_over":
+            shutil.copy(file, target)
+        with open(target, "r+b") as f:
+            f.seek(loc.offset)
+            f.write(bytes(loc.nbytes))  # every expert's w_in of layer 0 zeroed
+        if how == "renamed_over":  # the open file is the old one: nothing changed for it
+            target.replace(file)
+            with torch.no_grad():
+                assert torch.equal(model(moekit_ckpt[2]).logits, moekit_ckpt[3])
+            return
+        with pytest.raises(ShardError, match=f"shard {re.escape(str(file))} has changed on "
+                                             "disk since the model was loaded"):
+            with torch.no_grad():
+                model(moekit_ckpt[2])
+    finally:
+        model.expert_offload.close()
