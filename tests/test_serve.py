@@ -1420,3 +1420,58 @@ def test_the_request_timeout_must_be_a_positive_number(tmp_path, capsys):
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "none"),
                      "--request-timeout", "0"]) == 2
     assert "--request-timeout=0.0 is not allowed" in capsys.readouterr().err
+
+
+def test_metrics_of_an_offloaded_models_expert_cache(tmp_path, monkeypatch):
+    """--expert-memory: /metrics has the expert cache's requests, hits, loads and bytes
+    read, checked against the reads counted at os.preadv and the experts asked of the
+    cache (no prefetch: every read is a miss); a resident model has no such rows."""
+    import os
+
+    from moekit.models.config import LMConfig
+    from moekit.offload import load_offloaded
+
+    cfg = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=24, num_experts=8, top_k=2,
+                   max_seq_len=64)
+    expert_bytes = (32 * 48 + 24 * 32) * 4  # w_in [D, 2F] + w_out [F, D], fp32
+    torch.manual_seed(0)
+    net = MoETransformer(cfg).eval()
+    save_checkpoint(tmp_path, net, torch.optim.AdamW(net.parameters()),
+                    {"step": 1, "model_config": cfg.to_dict()})
+    model = load_offloaded(tmp_path, 3 * expert_bytes, prefetch=False)
+    read, asked = [0], [0]
+    pread, get = os.preadv, model.expert_offload.cache.get
+
+    def counted_pread(fd, bufs, offset):
+        n = pread(fd, bufs, offset)
+        read[0] += n
+        return n
+
+    def counted_get(layer, experts):
+        asked[0] += len(experts)
+        return get(layer, experts)
+
+    monkeypatch.setattr(os, "preadv", counted_pread)
+    monkeypatch.setattr(model.expert_offload.cache, "get", counted_get)
+    service = Service(model, ByteText(), "tiny")
+    server = make_server(service, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _post(url, {"prompt": "def f(x):", "max_tokens": 6, "n": 2})[0] == 200
+        with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+            m = {k: float(v) for k, v in (line.split() for line in r.read().decode()
+                                          .splitlines() if not line.startswith("#"))}
+        assert read[0] > 0 and read[0] % expert_bytes == 0
+        assert m["moekit_expert_cache_read_bytes_total"] == read[0]
+        assert m["moekit_expert_cache_loads_total"] == read[0] // expert_bytes
+        assert m["moekit_expert_cache_requests_total"] == asked[0]
+        assert m["moekit_expert_cache_hits_total"] == asked[0] - read[0] // expert_bytes
+        assert m["moekit_expert_cache_budget_bytes"] == 3 * expert_bytes
+        assert 0 < m["moekit_expert_cache_used_bytes"] <= 3 * expert_bytes
+    finally:
+        server.shutdown()
+        server.server_close()
+        model.expert_offload.close()
+    resident = Service(MoETransformer(cfg).eval(), ByteText(), "tiny").metrics()
+    assert "expert_cache" not in resident

@@ -318,7 +318,8 @@ class Service:
                 ("kv_cache_used_ratio", "gauge", "share of the shared KV cache's slots "
                  "the running sequences span", b.running * c.length / (c.batch * c.max_len)),
                 ("kv_cache_bytes", "gauge", "bytes of the shared KV cache, every slot (in "
-                 "its dtype, --kv-cache-dtype; resident as its slots fill)", b.kv_bytes)]
+                 "its dtype, --kv-cache-dtype; resident as its slots fill)", b.kv_bytes),
+                *_expert_cache_rows(getattr(b.model, "expert_offload", None))]
         return "".join(f"# HELP moekit_{name} {doc}\n# TYPE moekit_{name} {kind}\n"
                        f"moekit_{name} {value}\n" for name, kind, doc, value in rows)
 
@@ -877,6 +878,28 @@ def _chunk(request: Request, head: dict, i: int, piece: str | None,
             {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
     return {**head, "object": "text_completion", "choices": [
         {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}]}
+
+
+def _expert_cache_rows(offload) -> list[tuple[str, str, str, float]]:
+    """/metrics rows of an offloaded model's expert cache (--expert-memory); none for a
+    resident model. Its statistics had been printed only when the server stopped."""
+    if offload is None:
+        return []
+    st, cache = offload.stats, offload.cache
+    return [("expert_cache_requests_total", "counter", "experts the MoE layers asked the "
+             "expert cache for", st.total("requests")),
+            ("expert_cache_hits_total", "counter", "of those, found cached (read and ready)",
+             st.total("hits")),
+            ("expert_cache_loads_total", "counter", "experts read from the checkpoint "
+             "(on demand and prefetched)", st.total("loads")),
+            ("expert_cache_read_bytes_total", "counter", "bytes read from the checkpoint "
+             "for them", st.total("bytes_loaded")),
+            ("expert_cache_wait_seconds_total", "counter", "seconds steps waited for "
+             "expert reads", st.total("wait_s")),
+            ("expert_cache_used_bytes", "gauge", "bytes of the experts cached now",
+             cache.used),
+            ("expert_cache_budget_bytes", "gauge", "the expert cache's budget "
+             "(--expert-memory)", cache.budget)]
 
 
 class Handler(BaseHTTPRequestHandler):
