@@ -975,3 +975,36 @@ def test_a_shard_changed_on_disk_after_loading(moekit_ckpt, tmp_path, how):
                 model(moekit_ckpt[2])
     finally:
         model.expert_offload.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_generate_names_a_shard_truncated_mid_run_in_one_line(moekit_ckpt, tmp_path,
+                                                             monkeypatch, capsys, prefetch):
+    # a ShardError found mid-generation (a shard truncated or rewritten after the load)
+    # escaped `moekit generate` as a traceback (it caught CheckpointError only); on the
+    # prefetch thread it came wrapped in PrefetchError
+    import argparse
+    import shutil
+
+    from moekit.train import generate_cli
+
+    run = tmp_path / "run"
+    shutil.copytree(moekit_ckpt[0], run)
+    file = next(run.glob("step_*")) / "model.safetensors"
+    load = generate_cli.load_for_generation
+
+    def load_then_truncate(args):
+        model = load(args)
+        with open(file, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        return model
+
+    monkeypatch.setattr(generate_cli, "load_for_generation", load_then_truncate)
+    p = argparse.ArgumentParser()
+    generate_cli.add_arguments(p)
+    args = ["--checkpoint", str(run), "--max-new-tokens", "8", "--temperature", "0",
+            "--prompt", "ab", "--expert-memory", str(2 * EXPERT_BYTES)]
+    assert generate_cli.run(p.parse_args(args + ([] if prefetch else ["--no-prefetch"]))) == 2
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("moekit generate: error:")]
+    assert len(err) == 1 and f"shard {file} has changed on disk" in err[0]

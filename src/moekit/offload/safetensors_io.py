@@ -23,13 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moekit.errors import CheckpointError
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-class ShardError(ValueError):
-    """A safetensors shard that is missing, truncated, or lacks a tensor the model needs."""
+class ShardError(CheckpointError):
+    """A safetensors shard that is missing, truncated, changed since the load, or lacks a
+    tensor the model needs. A CheckpointError (a ValueError), so `moekit generate` names one
+    found mid-run in one line, and a prefetch read's is raised as it is, not wrapped."""
 
 
 @dataclass(frozen=True)
