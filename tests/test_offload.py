@@ -1008,3 +1008,23 @@ def test_generate_names_a_shard_truncated_mid_run_in_one_line(moekit_ckpt, tmp_p
     err = [line for line in capsys.readouterr().err.splitlines()
            if line.startswith("moekit generate: error:")]
     assert len(err) == 1 and f"shard {file} has changed on disk" in err[0]
+
+
+@pytest.mark.parametrize("flags,named", [(["--no-prefetch"], "--no-prefetch"),
+                                         (["--expert-policy", "lfu"], "--expert-policy=lfu"),
+                                         (["--expert-policy", "lru"], "--expert-policy=lru")])
+def test_generate_refuses_cache_flags_without_expert_memory(moekit_ckpt, capsys, flags,
+                                                            named):
+    # they were ignored: the run loaded every expert resident and generated
+    import argparse
+
+    from moekit.train.generate_cli import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = ["--checkpoint", str(moekit_ckpt[0]), "--max-new-tokens", "4", "--temperature",
+            "0", "--prompt", "ab", *flags]
+    assert run(p.parse_args(args)) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert f"{named} is not allowed without --expert-memory" in out.err

@@ -49,7 +49,8 @@ def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) ->
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--expert-memory", default=None, metavar="BYTES",
                    help="keep experts on disk, cache at most BYTES of them (e.g. 512MiB)")
-    p.add_argument("--expert-policy", choices=("lru", "lfu"), default="lru")
+    p.add_argument("--expert-policy", choices=("lru", "lfu"), default=None,
+                   help="with --expert-memory: which expert the cache evicts (default lru)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="with --expert-memory: do not read the next layer's experts ahead")
     p.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=huge_pages,
@@ -268,12 +269,19 @@ def load_for_generation(args: argparse.Namespace) -> MoETransformer:
     """The checkpoint's model: resident, quantized, or with its experts read on demand;
     with --huge-pages its weights moved into huge pages (what was done to stderr)."""
     if args.expert_memory is None:
+        # they were ignored: a run meant to be offloaded loaded every expert resident
+        for flag, given in (("--expert-policy", args.expert_policy),
+                            ("--no-prefetch", args.no_prefetch or None)):
+            if given is not None:
+                raise ValueError(f"{flag}{'' if given is True else '=' + given} is not "
+                                 "allowed without --expert-memory: it sets how offloaded "
+                                 "experts are cached; add --expert-memory BYTES")
         model = load_model(args.checkpoint, DTYPES[args.dtype])
     elif args.dtype != "fp32":
         raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
                          "offloaded experts run in the checkpoint's own dtype (fp32)")
     else:
-        model = load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy,
+        model = load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy or "lru",
                                prefetch=not args.no_prefetch)
     if args.huge_pages:
         print(f"moekit: {huge_pages(model)}", file=sys.stderr)
