@@ -1028,3 +1028,47 @@ def test_generate_refuses_cache_flags_without_expert_memory(moekit_ckpt, capsys,
     out = capsys.readouterr()
     assert out.out == ""
     assert f"{named} is not allowed without --expert-memory" in out.err
+
+
+@pytest.mark.parametrize("experts", [2, 5])  # one layer's top-k: prefetch has no room
+def test_prefetch_counts_its_reads_and_the_predictions_with_no_room(moekit_ckpt, experts):
+    # prefetch at a budget of one layer's top-k read nothing, and the summary showed only
+    # its prediction precision: counted here at the store's loads made inside prefetch()
+    model = load_offloaded(moekit_ckpt[0], experts * EXPERT_BYTES, threaded=False)
+    cache = model.expert_offload.cache
+    inside, reads = [False], {"prefetch": 0, "demand": 0}
+    no_room = [0]
+    load, prefetch = cache.store.load, cache.prefetch
+
+    def counted_load(key, out=None):
+        reads["prefetch" if inside[0] else "demand"] += 1
+        return load(key, out)
+
+    def counted_prefetch(layer, predicted):
+        inside[0] = True
+        cached_before = {e for (lay, e) in cache.entries if lay == layer}
+        before = reads["prefetch"]
+        try:
+            prefetch(layer, predicted)
+        finally:
+            inside[0] = False
+        no_room[0] += len(set(predicted) - cached_before) - (reads["prefetch"] - before)
+
+    cache.store.load, cache.prefetch = counted_load, counted_prefetch
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(moekit_ckpt[2]).logits, moekit_ckpt[3])
+            for t in moekit_ckpt[2][0, :8]:  # one token a step: up to 2 experts a layer
+                model(t.view(1, 1))
+        st = model.expert_offload.stats
+        assert st.total("prefetched") == reads["prefetch"]
+        assert st.total("prefetch_no_room") == no_room[0]
+        assert st.total("loads") == reads["prefetch"] + reads["demand"]
+        if experts == 2:
+            assert reads["prefetch"] == 0 and no_room[0] > 0
+        else:
+            assert reads["prefetch"] > 0
+        assert f"prefetch read {reads['prefetch']} experts; {no_room[0]} predicted found " \
+               "no room" in st.summary()
+    finally:
+        model.expert_offload.close()

@@ -186,6 +186,7 @@ class ExpertCache:
             if entry.value.cancel():  # queued, never read
                 s = self.stats.layers[key[0]]
                 s.loads -= 1
+                s.prefetched -= 1
                 s.bytes_loaded -= self.store.raw_nbytes(key)
             else:  # being read into the slot: let it finish before the slot is reused
                 wait_futures([entry.value])
@@ -300,8 +301,12 @@ class ExpertCache:
         queued = []
         for e in experts:
             key = (layer, e)
-            if key in self.entries or not self._admit(key, protected):
+            if key in self.entries:
                 continue
+            if not self._admit(key, protected):
+                self.stats.layers[layer].prefetch_no_room += 1
+                continue
+            self.stats.layers[layer].prefetched += 1
             slot = self._slot()
             if self.loader is None:  # synchronous prefetch (deterministic timing, tests)
                 self._insert(key, self._read(key, slot), slot)

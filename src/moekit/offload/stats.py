@@ -25,6 +25,11 @@ class LayerStats:
     predicted: int = 0  # experts prefetch predicted for this layer
     predicted_used: int = 0  # of those, asked for by the step that followed
     needed_after_prediction: int = 0  # experts asked for by steps that had a prediction
+    # predicted experts read ahead (queued reads evicted before they started not counted),
+    # and those not cached that found no room: every slot held by the step's experts (a
+    # budget of one layer's top-k left prefetch doing nothing, and nothing said so)
+    prefetched: int = 0
+    prefetch_no_room: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -92,6 +97,8 @@ class OffloadStats:
                 "wait_s": self.total("wait_s"),
                 "prefetch_precision": self.prefetch_precision,
                 "prefetch_recall": self.prefetch_recall,
+                "prefetched": int(self.total("prefetched")),
+                "prefetch_no_room": int(self.total("prefetch_no_room")),
                 "hit_rate_per_layer": [s.hit_rate for s in self.layers]}
 
     def summary(self) -> str:
@@ -107,6 +114,9 @@ class OffloadStats:
             lines.append(f"  prefetch precision {self.prefetch_precision:.3f}, "
                          f"recall {self.prefetch_recall:.3f}; {self.in_flight_rate:.3f} of "
                          "requests waited for a prefetch still reading (not hits)")
+            lines.append(f"  prefetch read {int(self.total('prefetched'))} experts; "
+                         f"{int(self.total('prefetch_no_room'))} predicted found no room "
+                         "(the budget held only the experts in use)")
         return "\n".join(lines)
 
 
