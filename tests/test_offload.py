@@ -1072,3 +1072,15 @@ def test_prefetch_counts_its_reads_and_the_predictions_with_no_room(moekit_ckpt,
                "no room" in st.summary()
     finally:
         model.expert_offload.close()
+
+
+def test_a_refused_perplexity_input_prints_one_line_not_an_empty_cache_summary(
+        moekit_ckpt, tmp_path, capsys):
+    from moekit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("ab\n")  # shorter than one chunk of context: refused before any step
+    assert main(["perplexity", "--checkpoint", str(moekit_ckpt[0]), "--text", str(text),
+                 "--expert-memory", str(3 * EXPERT_BYTES)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moekit perplexity: error: text=")

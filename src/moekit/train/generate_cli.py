@@ -257,11 +257,14 @@ def load_kernels(model: MoETransformer) -> None:
 
 
 def close_offload(model: MoETransformer | None) -> None:
-    """Where ``model``'s experts are offloaded: what its expert cache did, on stderr, and
-    its prefetch thread stopped."""
+    """Where ``model``'s experts are offloaded: what its expert cache did (when a step
+    used it), on stderr, and its prefetch thread stopped."""
     offload = getattr(model, "expert_offload", None)
     if offload is not None:
-        print(offload.stats.summary(), file=sys.stderr)
+        # not where no step asked for an expert (a refused input): four lines of zeros had
+        # followed its one-line error
+        if offload.stats.total("requests"):
+            print(offload.stats.summary(), file=sys.stderr)
         offload.close()
 
 
