@@ -1084,3 +1084,24 @@ def test_a_refused_perplexity_input_prints_one_line_not_an_empty_cache_summary(
                  "--expert-memory", str(3 * EXPERT_BYTES)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moekit perplexity: error: text=")
+
+
+@pytest.mark.parametrize("value", ["-5", "-1MiB", " -0.5 GiB", "-0"])
+def test_a_negative_or_zero_size_is_told_it_must_be_positive(value, moekit_ckpt, capsys):
+    # '-5' was told "it must be a number of bytes ... such as '2GiB'", and on the command
+    # line the value was named expert_memory=, not the flag typed
+    import argparse
+
+    from moekit.train.generate_cli import add_arguments, run
+
+    with pytest.raises(ValueError, match=re.escape(f"expert_memory={value!r} is not allowed: "
+                                                   "it must be > 0 bytes")):
+        parse_bytes(value)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--checkpoint", str(moekit_ckpt[0]), "--prompt", "ab",
+                             f"--expert-memory={value}"])) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.strip() == (f"moekit generate: error: --expert-memory={value!r} is not "
+                               "allowed: it must be > 0 bytes")

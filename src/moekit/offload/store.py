@@ -41,12 +41,15 @@ def parse_bytes(value: int | str, name: str = "expert_memory") -> int:
     if isinstance(value, int):
         n = value
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        # a sign is matched so that '-5' or '-1MiB' is told "> 0", not that it is no size
+        m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
         unit = m.group(2).lower() if m else None
         if m is None or unit not in UNITS:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a number of bytes "
                              "(int) or a string such as '2GiB', '512MiB', '1.5GB'")
         size = float(m.group(1)) * UNITS[unit]
+        if size <= 0:
+            raise ValueError(f"{name}={value!r} is not allowed: it must be > 0 bytes")
         if not size.is_integer():  # 1.5 (bytes) was read as 1 byte
             raise ValueError(f"{name}={value!r} is not allowed: it must be a whole number of "
                              "bytes (or a size with a unit, such as '1.5GB')")

@@ -28,7 +28,7 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text,
 from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
-from moekit.offload import load_offloaded
+from moekit.offload import load_offloaded, parse_bytes
 from moekit.train.checkpoint import CheckpointError
 from moekit.train.rundir import write_whole
 
@@ -284,7 +284,9 @@ def load_for_generation(args: argparse.Namespace) -> MoETransformer:
         raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
                          "offloaded experts run in the checkpoint's own dtype (fp32)")
     else:
-        model = load_offloaded(args.checkpoint, args.expert_memory, args.expert_policy or "lru",
+        # parsed here so that a bad value is named as the flag the user typed
+        budget = parse_bytes(args.expert_memory, "--expert-memory")
+        model = load_offloaded(args.checkpoint, budget, args.expert_policy or "lru",
                                prefetch=not args.no_prefetch)
     if args.huge_pages:
         print(f"moekit: {huge_pages(model)}", file=sys.stderr)
