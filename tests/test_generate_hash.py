@@ -37,7 +37,8 @@ def test_a_hash_router_checkpoint_loads_with_its_tables_and_generates_alike(hash
 
 def test_moekit_generate_runs_a_hash_router_checkpoint(hash_run, capsys):
     run, _ = hash_run
-    assert cli_main(["generate", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert cli_main(["generate", "--checkpoint", str(run), "--prompt", "def ",
+                     "--max-new-tokens", "4"]) == 0
     assert "does not match the model" not in capsys.readouterr().err
 
 
