@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from moekit.config import reject
 from moekit.dispatch.plan import Dispatch
 from moekit.functions.moe_experts import stack_experts
-from moekit.integrations.hf.experts import StackedExperts, dispatch_from_topk, run_experts
+from moekit.integrations.hf.experts import (
+    Llama4Experts,
+    StackedExperts,
+    UngatedExperts,
+    dispatch_from_topk,
+    run_experts,
+)
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
 from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
@@ -47,10 +53,14 @@ from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant.model import quantize_dense
 from moekit.quant.tensor import check_bits
 
-OFFLOADABLE = ("deepseek_v3", "flex_olmo", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+OFFLOADABLE = ("deepseek_v3", "flex_olmo", "llama4", "llama4_text", "mixtral", "nemotron_h",
+               "olmoe", "qwen2_moe", "qwen3_moe")
+# llama4 (Llama4ForConditionalGeneration's checkpoint): its text model only, a
+# Llama4ForCausalLM built from text_config, reading the keys under this prefix
+TEXT_ONLY = {"llama4": "language_model."}
 PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<e>\d+)\."
                         r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
-STACKED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+STACKED = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|up_proj|down_proj)$")
 ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down",
         "w2": "down", "gate_up_proj": "gate_up"}
 
@@ -81,6 +91,21 @@ class OffloadedStackedExperts(StackedExperts):
         w = _unpack(parts)
         return run_experts(x_TD, d, stack_experts(w.w_in), stack_experts(w.w_out), None, None,
                            self._moekit_act(), self._moekit_backend)
+
+
+class OffloadedLlama4Experts(OffloadedStackedExperts, Llama4Experts):
+    """Llama 4's experts from the cache; the patched block (``blocks.Llama4Block``) hands
+    them the routed rows. Stored [D, 2F] / [F, D] per expert (the transposed layout)."""
+
+
+class OffloadedUngatedExperts(OffloadedStackedExperts, UngatedExperts):
+    """NemotronH's experts from the cache: ``up_proj`` [F, D] only, no gate."""
+
+
+# the resident mixin -> its offloaded form
+OFFLOADED: dict[type, type] = {StackedExperts: OffloadedStackedExperts,
+                               Llama4Experts: OffloadedLlama4Experts,
+                               UngatedExperts: OffloadedUngatedExperts}
 
 
 def _unpack(parts: list[dict]) -> ExpertWeights:
@@ -149,7 +174,10 @@ def expert_parts(locs: dict[str, TensorLoc], rename, modules: dict[str, nn.Modul
 
 def _parts(name: str, experts: dict[int, dict[str, TensorLoc]], module: nn.Module
            ) -> dict[int, dict[str, Part]]:
-    shapes = {"gate_up": tuple(module.gate_up_proj.shape[1:]),
+    w_in = getattr(module, "gate_up_proj", None)
+    if w_in is None:  # no gate (NemotronH): up_proj alone is the input projection
+        w_in = module.up_proj
+    shapes = {"gate_up": tuple(w_in.shape[1:]),
               "down": tuple(module.down_proj.shape[1:])}
     out = {}
     for e in range(module.num_experts):
@@ -172,12 +200,28 @@ def _parts(name: str, experts: dict[int, dict[str, TensorLoc]], module: nn.Modul
 # -- building the model -------------------------------------------------------------
 
 
-def _experts_class(config) -> type:
+def _experts_class(model_type: str, config) -> tuple[type, type]:
+    """The transformers experts class of the causal LM built from ``config``, and the
+    moekit mixin ``hf.apply`` gives it (a ``StackedExperts`` or a subclass)."""
     from transformers import AutoModelForCausalLM
-    names = [n for n, mixin in ARCHITECTURES[config.model_type].items()
-             if mixin is StackedExperts]
+    name, mixin = next((n, m) for n, m in ARCHITECTURES[model_type].items()
+                       if issubclass(m, StackedExperts))
     model_cls = AutoModelForCausalLM._model_mapping[type(config)]
-    return getattr(sys.modules[model_cls.__module__], names[0])
+    return getattr(sys.modules[model_cls.__module__], name), mixin
+
+
+def _under(prefix: str | None, rename: Callable[[str], str]) -> Callable[[str], str]:
+    """``rename`` of the keys under ``prefix`` (the prefix dropped); other keys (a vision
+    tower's) get a name no model key has."""
+    if prefix is None:
+        return rename
+    return lambda key: rename(key[len(prefix):]) if key.startswith(prefix) else "\0" + key
+
+
+def _gate(block: nn.Module) -> nn.Module:
+    """The router module of an MoE block: ``gate``, or Llama 4's ``router``."""
+    gate = getattr(block, "gate", None)
+    return gate if isinstance(gate, nn.Module) else block.router
 
 
 @contextmanager
@@ -298,28 +342,34 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     path = Path(path)
     _check_arguments(path, policy, prefetch, backend, threaded)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in OFFLOADABLE:
-        raise ValueError(f"model_type={config.model_type!r} is not supported for offloading: "
+    model_type = config.model_type
+    if model_type not in OFFLOADABLE:
+        raise ValueError(f"model_type={model_type!r} is not supported for offloading: "
                          f"it must be one of {', '.join(OFFLOADABLE)}")
+    if model_type in TEXT_ONLY:
+        config = config.get_text_config()
     locs = shard_headers(path)
     dtype = next(loc.dtype for loc in locs.values() if loc.dtype.is_floating_point)
-    with _meta_init(_experts_class(config)), _no_init_weights():
+    cls, mixin = _experts_class(model_type, config)
+    with _meta_init(cls), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # transformers ties the embeddings inside init_weights, which _no_init_weights skips:
     # tie_word_embeddings=True left lm_head its own (never read) weight.
     model.tie_weights()
-    cls = _experts_class(config)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, cls)}
-    rename = renamer(model)
+    rename = _under(TEXT_ONLY.get(model_type), renamer(model))
     parts = expert_parts(locs, rename, modules)
     resident = _resident_locs(model, locs, rename, set(modules), path)
-    stored_nk = not next(iter(modules.values())).is_transposed
+    # Llama 4's experts class has no is_transposed: its layout is the mixin's
+    first = next(iter(modules.values()))
+    stored_nk = not getattr(first, "is_transposed", getattr(mixin, "is_transposed", False))
     store = ExpertStore({(i, e): p for i, name in enumerate(modules)
                          for e, p in parts[name].items()},
                         _codec(quantize, group_size, stored_nk))
     try:
         read_into_module(model, resident, store._fds)
-        offload = _attach(model, modules, store, budget, policy, prefetch, threaded)
+        offload = _attach(model, modules, OFFLOADED[mixin], store, budget, policy, prefetch,
+                          threaded)
         if quantize is not None:  # the rest as moekit.quantize's default scope does it
             quantize_dense(model, quantize, group_size)
     except BaseException:
@@ -330,10 +380,11 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     return model.eval()
 
 
-def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore, budget: int,
-            policy: str, prefetch: bool, threaded: bool) -> ExpertOffload:
+def _attach(model: nn.Module, modules: dict[str, nn.Module], offloaded: type,
+            store: ExpertStore, budget: int, policy: str, prefetch: bool, threaded: bool
+            ) -> ExpertOffload:
     per_expert = max(store.nbytes(k) for k in store.experts)
-    gates = [model.get_submodule(name.rsplit(".", 1)[0]).gate for name in modules]
+    gates = [_gate(model.get_submodule(name.rsplit(".", 1)[0])) for name in modules]
     check_budget(budget, {i: g.top_k * per_expert for i, g in enumerate(gates)})
     cache = ExpertCache(store, budget, policy, prefetch, len(modules), threaded)
     limit = max(max(g.top_k for g in gates), budget // per_expert // len(modules))
@@ -342,7 +393,7 @@ def _attach(model: nn.Module, modules: dict[str, nn.Module], store: ExpertStore,
     for i, m in enumerate(modules.values()):
         for name in list(m._parameters):  # meta placeholders: the cache holds the weights
             del m._parameters[name]
-        m.__class__ = patched_class(type(m), OffloadedStackedExperts)
+        m.__class__ = patched_class(type(m), offloaded)
         m._moekit_layer, m._moekit_offload = i, offload
         m._moekit_dtype = store.experts[(i, 0)]["down"].dtype
         m._moekit_quantized = isinstance(store.codec, Quantize)
