@@ -83,9 +83,13 @@ def test_offloaded_equals_resident(ckpt, bits, group):
         stats = model.expert_offload.stats
         loads, nbytes = stats.total("loads"), stats.total("bytes_loaded")
         assert loads > 0 and stats.total("requests") >= loads - stats.total("prefetched")
-        stored = per_expert if bits is None else per_expert * bits // 32  # data, + scales
-        assert loads * stored <= nbytes <= loads * per_expert
-        assert {stats.expert_bytes[k] for k in stats.expert_bytes} == {nbytes // loads}
+        assert nbytes == loads * per_expert  # read from disk: the stored fp32 expert
+        # cached: the fp32 expert, or its quantized data plus scales (and int4's zeros)
+        (cached,) = set(stats.expert_bytes.values())
+        if bits is None:
+            assert cached == per_expert
+        else:
+            assert per_expert * bits // 32 < cached < per_expert // 2
         # no bound by Belady's: his optimum is for reads on demand, and prefetch reads ahead
         assert 0 <= stats.hit_rate <= 1 and 0 <= stats.belady_hit_rate() <= 1
     finally:
