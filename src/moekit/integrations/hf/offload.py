@@ -13,8 +13,10 @@ class without parameters whose forward asks the expert cache for the experts
 the router picked. Routers are patched by ``hf.apply`` as in a resident model.
 
 Checkpoints store experts per expert (``experts.3.gate_proj.weight``, Mixtral's
-``w1``/``w3``/``w2``) or stacked (``experts.gate_up_proj`` [E, 2F, D]); both are
-read by byte range, gate and up straight into one [2F, D] buffer. With
+``w1``/``w3``/``w2``) or stacked (``experts.gate_up_proj`` [E, 2F, D]; Llama 4's
+transposed [E, D, 2F] / [E, F, D]); both are read by byte range, gate and up straight
+into one [2F, D] buffer (NemotronH: ``up_proj`` alone, no gate). A ``llama4`` checkpoint
+(Llama4ForConditionalGeneration) is loaded as its text model, a Llama4ForCausalLM. With
 ``quantize=8|4`` each expert is quantized as it is read (``moekit.quantize``'s
 int8 / int4 format) and only the quantized bytes are cached.
 
