@@ -98,7 +98,15 @@ class SwitchSparseMLP:
         E = mask_BLE.shape[-1]
         experts_T1 = mask_BLE.view(-1, E).argmax(-1, keepdim=True)
         keep_T1 = mask_BLE.view(-1, E).sum(-1, keepdim=True) > 0
-        dispatch = dispatch_from_topk(experts_T1, probs_BL1.view(-1, 1), E, keep_T1)
+        # Rows weighted 1 and the probability applied after, in its own dtype: transformers
+        # multiplies the expert output by the fp32 probability, in fp32, where autocast runs
+        # the experts in bf16; a combine in the experts' dtype rounded both the probability
+        # and the product to bf16 (the router's gradient too): the tiny test model's loss
+        # moved 1.6603 -> 1.6582 and a decoder expert's wi gradient by 36% of its max.
+        # Top-1, so the unit weight is exact and the sum has one term: the same ops as
+        # transformers, in fp32 and under autocast (bitwise, tests/test_hf.py).
+        probs_T1 = probs_BL1.view(-1, 1)
+        dispatch = dispatch_from_topk(experts_T1, torch.ones_like(probs_T1), E, keep_T1)
         mlps = [self.experts[f"expert_{e}"] for e in range(E)]
         w_in_EDF = torch.stack([m.wi.weight for m in mlps]).transpose(1, 2)
         w_out_EFD = torch.stack([m.wo.weight for m in mlps]).transpose(1, 2)
@@ -109,7 +117,7 @@ class SwitchSparseMLP:
 
         y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None, None,
                            act, self._moekit_backend)
-        return y_TD.to(hidden_states.dtype).view(B, L, D)
+        return (y_TD * probs_T1).to(hidden_states.dtype).view(B, L, D)
 
 
 class Llama4Block:
