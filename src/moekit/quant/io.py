@@ -50,6 +50,7 @@ from moekit.quant.tensor import (
     check_bits,
     quantize_tensor,
 )
+from moekit.routing.hashing import is_integer
 from moekit.safetensors_write import save_file, save_stream
 from moekit.train.checkpoint import (
     CheckpointError,
@@ -229,12 +230,9 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
         # table, which the router's load hook checks further) as an integer tensor
         whole = {k: v.dtype for k, v in model.state_dict().items()}
 
-        def fits(t: torch.Tensor, want: torch.dtype) -> bool:
-            if want.is_floating_point:
-                return t.dtype in FLOAT_DTYPES
-            return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items() if not fits(t, whole[k]))
+        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
+                       if not (t.dtype in FLOAT_DTYPES if whole[k].is_floating_point
+                               else is_integer(t)))
         if wrong:
             raise CheckpointError(f"checkpoint {where} does not match the model: its "
                                   "weights must be float32, bfloat16 or float16 (a hash "

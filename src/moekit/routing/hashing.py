@@ -38,12 +38,17 @@ def hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> Tens
     return torch.cat(rows)
 
 
+def is_integer(t: Tensor) -> bool:
+    """Whether ``t`` holds integers: an integer dtype, not bool, float or complex."""
+    return not (t.dtype == torch.bool or t.is_floating_point() or t.is_complex())
+
+
 def check_integer_tensor(name: str, value: Any) -> None:
     """ValueError unless ``value`` is a tensor of an integer dtype (not bool)."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name}={type(value).__name__} is not allowed: it must be an "
                          "integer torch.Tensor")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+    if not is_integer(value):
         # a bool tensor used as an index is a mask; a float table loads truncated
         reject(f"{name}.dtype", value.dtype,
                "it must be an integer dtype (int64, int32, int16, int8, uint8)")
