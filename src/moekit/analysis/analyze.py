@@ -31,8 +31,7 @@ def windows(data_N: Tensor, tokens: int, seq_len: int) -> Tensor:
 def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size: int = 16,
                   top: int = 5, min_count: int = 5) -> list[dict[str, Any]]:
     """Per-layer routing summaries of ``model`` over the sequences ``ids_BL``."""
-    for name, v in (("vocab_size", vocab_size), ("batch_size", batch_size), ("top", top),
-                    ("min_count", min_count)):
+    for name, v in (("top", top), ("min_count", min_count)):  # (the rest: collect_routing)
         check_positive_int(name, v)
     rc = collect_routing(model, ids_BL, vocab_size, batch_size)
     return summarise_all(rc, top, min_count)
