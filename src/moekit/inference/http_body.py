@@ -122,8 +122,10 @@ class DeadlineReader:
     read past the deadline raises TimeoutError, as the socket's own timeout does; with no
     deadline running, reads wait as the socket's timeout says.
 
-    Reads go through ``peek`` and ``read1`` of the buffered reader (one wait for data
-    each), never its ``read(n)`` / ``readline``, which loop over waits inside one call."""
+    Each wait for data goes through ``peek`` or ``read1`` of the buffered reader (one
+    wait each, the deadline armed before it), never its ``read(n)`` / ``readline``, which
+    loop over waits inside one call (``readline`` takes bytes ``peek`` already buffered
+    with ``read``, which does not wait)."""
 
     def __init__(self, rfile: BinaryIO, sock) -> None:
         self._f, self._sock = rfile, sock
