@@ -161,3 +161,24 @@ def test_save_patched_then_load_plain(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=_ids()).logits, original(input_ids=_ids()).logits)
+
+
+def test_latent_projection_experts_match():
+    """With ``moe_latent_size`` NemotronH's block projects the hidden state down before the
+    routed experts and back up after (the router still reads the full width): the patched
+    experts run on the latent width, loss and every gradient as transformers'."""
+    original = hf_models_more.build("nemotron_h", moe_latent_size=32)
+    patched = hf.apply(copy.deepcopy(original))
+    experts = _experts(patched)[0]  # up [E, F, latent], down [E, latent, F]
+    assert experts.up_proj.shape == (8, 16, 32) and experts.down_proj.shape == (8, 32, 16)
+    for model in (original, patched):
+        model.train()
+    hf_models_more.assert_same_loss_and_grads(
+        original, patched, _ids(),
+        nonzero=("model.layers.1.mixer.fc1_latent_proj.weight",
+                 "model.layers.1.mixer.experts.up_proj"),
+        atol=ATOL, rtol=RTOL)
+    with torch.no_grad():
+        patched.eval(), original.eval()
+        torch.testing.assert_close(patched(input_ids=_ids()).logits,
+                                   original(input_ids=_ids()).logits, atol=ATOL, rtol=RTOL)
