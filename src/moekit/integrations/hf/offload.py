@@ -54,6 +54,7 @@ from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, re
 from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
 from moekit.quant.model import quantize_dense
 from moekit.quant.tensor import check_bits
+from moekit.routing.token_choice import limit_groups
 
 OFFLOADABLE = ("deepseek_v3", "flex_olmo", "llama4", "llama4_text", "mixtral", "nemotron_h",
                "olmoe", "qwen2_moe", "qwen3_moe")
@@ -283,9 +284,12 @@ def _resident_locs(model: nn.Module, locs: dict[str, TensorLoc], rename, skip: s
 
 def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
     """Layer l+1's top-k from layer l's expert input, without calling the gate module
-    (transformers records router logits with hooks on it). The fp32 copy of the gate's
-    weight is made once (per change of the weight), not per step."""
+    (transformers records router logits with hooks on it), by the gate's own selection
+    rule: the correction bias and the group limit of DeepSeek-V3's router and its copies
+    (NemotronH) included, so no expert outside a token's groups is fetched. The fp32
+    copy of the gate's weight is made once (per change of the weight), not per step."""
     held: dict[str, object] = {}
+    groups, topk_groups = getattr(gate, "num_group", 1) or 1, getattr(gate, "topk_group", 1)
 
     def predict(x_TD: Tensor) -> Tensor:
         w = gate.weight
@@ -295,6 +299,8 @@ def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
         bias = getattr(gate, "e_score_correction_bias", None)
         if bias is not None:  # DeepSeek-V3: sigmoid scores, biased choice
             scores = scores.sigmoid() + bias
+        if groups > 1:  # groups scored by their two best (biased) scores, as the gate does
+            scores = limit_groups(scores, groups, topk_groups, "top2_sum")
         return scores.topk(gate.top_k, dim=-1).indices
     return predict
 
