@@ -1,5 +1,5 @@
 """Expert parallelism on gloo/CPU: communication bytes vs ideal, and step time with and
-without chunked overlap, measured in one run.
+without chunked overlap or per-rank deduplication, measured in one run.
 
     PYTHONPATH=src python benchmarks/distributed_ep.py --world 2 --tokens 2048
 
@@ -33,6 +33,7 @@ VARIANTS = [  # name, capacity_factor, dispatcher, overlap_chunks
     ("all_to_all dropless, 4 chunks", None, "all_to_all", 4),
     ("all_to_all capacity 1.25 (padded)", 1.25, "all_to_all", 1),
     ("all_gather dropless", None, "all_gather", 1),
+    ("all_to_all_dedup dropless", None, "all_to_all_dedup", 1),
 ]
 
 
@@ -54,7 +55,8 @@ def worker(rank: int, world: int, port: int, args, out_file: str) -> None:
     layers = []
     for name, cf, dispatcher, chunks in VARIANTS:
         cfg = MoEConfig(dim=args.dim, ffn_dim=args.ffn, num_experts=args.experts,
-                        top_k=args.top_k, capacity_factor=cf)
+                        top_k=args.top_k, capacity_factor=cf, num_groups=args.groups,
+                        topk_groups=args.topk_groups)
         torch.manual_seed(0)
         layer = ExpertParallelMoE.from_moe(MoE(cfg), mesh, dispatcher=dispatcher,
                                            overlap_chunks=chunks)
@@ -90,6 +92,10 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=512)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--groups", type=int, default=1,
+                   help="group-limited routing: experts in this many groups (default 1)")
+    p.add_argument("--topk-groups", type=int, default=1,
+                   help="groups a token's experts may come from (default 1)")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
@@ -100,8 +106,9 @@ def main() -> None:
                 if ln.startswith("model name")), platform.processor())
     print(f"moekit EP bench  torch {torch.__version__}  gloo  {args.world} ranks x 1 thread  "
           f"{cpu}  fp32  median of {args.rounds} rounds")
-    print(f"T={args.tokens}/rank D={args.dim} F={args.ffn} E={args.experts} K={args.top_k} "
-          "(swiglu); step = fwd+bwd of one layer; time = slowest rank")
+    groups = (f", {args.topk_groups} of {args.groups} groups" if args.groups > 1 else "")
+    print(f"T={args.tokens}/rank D={args.dim} F={args.ffn} E={args.experts} K={args.top_k}"
+          f"{groups} (swiglu); step = fwd+bwd of one layer; time = slowest rank")
     print(f"{'variant':36s} {'step ms':>8s} {'x base':>7s} {'(p25-p75)':>11s} "
           f"{'bytes/ideal':>11s} {'MiB sent':>9s} {'pad rows':>9s}")
     base = res["times"][0]

@@ -103,6 +103,8 @@ def check_comm(ep_moe: ExpertParallelMoE, x: torch.Tensor, stats) -> str | None:
     the slots to other ranks minus the rows one process keeps for their experts."""
     moved, ideal = float(stats.comm_bytes_moved), float(stats.comm_bytes_ideal)
     cfg, P, El = ep_moe.config, ep_moe.mesh.ep, ep_moe.num_local
+    if ep_moe.dispatcher == "all_to_all_dedup":
+        return check_dedup_comm(ep_moe, x, stats)
     if ep_moe.dispatcher != "all_to_all" or cfg.router == "expert_choice":
         return None
     one = MoE(cfg)
@@ -122,6 +124,26 @@ def check_comm(ep_moe: ExpertParallelMoE, x: torch.Tensor, stats) -> str | None:
         want_pad = El * C * (P - 1) - remote
         if float(stats.comm_padding_rows) != want_pad or moved != 2 * El * C * (P - 1) * row:
             return f"padding {float(stats.comm_padding_rows)} != {want_pad} or moved {moved}"
+    return None
+
+
+def check_dedup_comm(ep_moe: ExpertParallelMoE, x: torch.Tensor, stats) -> str | None:
+    """all_to_all_dedup moves one row per (token, other rank owning any of its experts)
+    each way, counted here from the one-process router's choice per token; ideal stays
+    the rows per routed (token, expert) pair owned elsewhere. (With ep=2, full_layer's
+    rank 1 sends every token's two rows to rank 0's experts: one pair, half the bytes.)"""
+    El, me = ep_moe.num_local, ep_moe.mesh.ep_rank
+    one = MoE(ep_moe.config)
+    one.load_state_dict({k: v for k, v in ep_moe.state_dict().items()
+                         if not k.startswith("experts.")}, strict=False)
+    plan = one.router(x.float()).plan
+    owners = [(int(t), int(e) // El) for t, e in zip(plan.token_S, plan.expert_S, strict=True)]
+    pairs = len({(t, p) for t, p in owners if p != me})
+    rows = sum(p != me for _, p in owners)
+    row = D * x.element_size()
+    got = (float(stats.comm_bytes_moved), float(stats.comm_bytes_ideal))
+    if got != (2 * pairs * row, 2 * rows * row):
+        return f"dedup moved / ideal bytes {got} != {(2 * pairs * row, 2 * rows * row)}"
     return None
 
 
@@ -161,8 +183,15 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "ep2_allgather_dropless", parity, mesh, 6, None, "all_gather")
     check(res, "ep2_allgather_capacity", parity, mesh, 6, 1.0, "all_gather")
     check(res, "ep2_overlap_dropless", parity, mesh, 6, None, "all_to_all", "softmax", 3)
+    check(res, "ep2_dedup_dropless", parity, mesh, 6, None, "all_to_all_dedup")
+    check(res, "ep2_dedup_sigmoid", parity, mesh, 6, None, "all_to_all_dedup", "sigmoid")
+    check(res, "ep2_dedup_expert_choice", parity, mesh, 4, None, "all_to_all_dedup",
+          "expert_choice")
+    check(res, "ep2_dedup_bf16", parity, mesh, 6, None, "all_to_all_dedup", "softmax", 1,
+          torch.bfloat16)
     check(res, "ep2_bias_update", bias_update_agrees, mesh)
     check(res, "ep2_bad_ep", bad_ep, mesh)
+    check(res, "ep2_bad_dedup", bad_dedup, mesh)
     check(res, "ckpt_save_ep2", save_ep2, mesh, ckpt)
     check(res, "train_ep2_matches_one_process", train_matches, mesh, ckpt)
     check(res, "resume_newest_complete_runs_no_code", resume_guarded, mesh, ckpt)
@@ -182,6 +211,8 @@ def run_world4(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "dp2ep2_dropless", parity, mesh22, 6, None)
     check(res, "dp2ep2_capacity", parity, mesh22, 6, 1.0)
     check(res, "dp2ep2_allgather", parity, mesh22, 6, None, "all_gather")
+    check(res, "ep4_dedup_dropless", parity, mesh4, 8, None, "all_to_all_dedup")
+    check(res, "dp2ep2_dedup", parity, mesh22, 6, None, "all_to_all_dedup")
     check(res, "ckpt_load_ep4", load_reshard, mesh4, ckpt)
     check(res, "train_resume_ep4", train_resume_ep4, mesh4, ckpt)
     dist.destroy_process_group()
@@ -215,6 +246,23 @@ def bad_ep(mesh) -> str | None:
     except ValueError as e:
         return None if "ep=2" in str(e) and "num_experts=3" in str(e) else str(e)
     return "no ValueError for num_experts=3, ep=2"
+
+
+def bad_dedup(mesh) -> str | None:
+    """all_to_all_dedup is dropless and unchunked: capacity mode and overlap are refused."""
+    for kwargs, words in [(dict(capacity_factor=1.25), "capacity_factor=1.25"),
+                          (dict(overlap_chunks=2), "overlap_chunks=2")]:
+        cf = kwargs.get("capacity_factor")
+        cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=4, top_k=2, capacity_factor=cf)
+        try:
+            ExpertParallelMoE(cfg, mesh, dispatcher="all_to_all_dedup",
+                              overlap_chunks=kwargs.get("overlap_chunks", 1))
+        except ValueError as e:
+            if "dispatcher='all_to_all_dedup'" not in str(e) or words not in str(e):
+                return str(e)
+        else:
+            return f"no ValueError for all_to_all_dedup with {words}"
+    return None
 
 
 def save_ep2(mesh, ckpt: str) -> str | None:

@@ -74,6 +74,13 @@ def test_setup_precision_must_be_a_precision(small, precision):
     assert TrainSetup(precision=PRECISIONS["fp32"]).precision.name == "fp32"
 
 
+@pytest.mark.parametrize("dispatcher", ["all_gather", "dedup", None])
+def test_setup_dispatcher_is_one_the_planner_models(dispatcher):
+    with pytest.raises(ValueError, match=re.escape(f"dispatcher={dispatcher!r} is not allowed")
+                       + ".*all_to_all, all_to_all_dedup"):
+        TrainSetup(dispatcher=dispatcher)
+
+
 def test_precision_bytes_are_checked():
     """weight_bytes=0 planned a model whose weights take no memory."""
     with pytest.raises(ValueError, match="weight_bytes=0 is not allowed"):

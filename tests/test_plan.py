@@ -259,6 +259,25 @@ def test_all_to_all_bytes_match_simulated_routing():
     assert comm.all_to_all_bytes == pytest.approx(simulated, rel=0.01)
 
 
+@pytest.mark.parametrize("E, K, ep", [(16, 4, 4), (64, 8, 8), (8, 2, 2), (6, 6, 3)])
+def test_dedup_all_to_all_bytes_match_simulated_routing(E, K, ep):
+    """all_to_all_dedup: one row per (token, other GPU holding any of its K experts),
+    counted over uniformly random routings; K = E sends to every other GPU exactly once."""
+    D, T = 64, 20000
+    spec = ModelSpec(num_layers=1, dim=D, norm="none", num_experts=E, top_k=K,
+                     expert_ffn_dim=32)
+    g = torch.Generator().manual_seed(1)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    owner_TK = experts_TK // (E // ep)
+    sent = sum(len(set(row.tolist()) - {0}) for row in owner_TK)  # this GPU is rank 0
+    setup = TrainSetup(seq_len=T, global_batch=ep, dispatcher="all_to_all_dedup")
+    cluster = Cluster(gpu=get_gpu("h100"), num_gpus=ep)
+    comm = communication(spec, count_params(spec), setup, Layout(dp=ep, ep=ep), cluster)
+    assert comm.all_to_all_bytes == pytest.approx(4 * sent * D * 2, rel=0.01)
+    if K == E:
+        assert sent == T * (ep - 1)
+
+
 def test_plan_end_to_end_numbers():
     spec = get_preset("mixtral-8x7b").spec
     cluster = Cluster(gpu=get_gpu("h100"), num_gpus=64)

@@ -11,6 +11,12 @@ Three exchanges, all differentiable:
   The split sizes must be Python lists (torch's API, gloo and NCCL alike), so
   this costs one host synchronisation per layer call (one ``tolist`` of the
   counts); nothing else in the path syncs.
+- ``dedup_all_to_all``: the same count exchange (one host sync), then each token
+  once per rank that owns any of its experts instead of once per routed expert (the
+  dispatch DeepEP runs): the receiving rank copies it to its experts' rows, weights
+  their outputs and sums them, and sends one row back per (token, rank) pair. A
+  token's K rows become at most min(K, P) pairs; where routing is group-limited and
+  the groups are whole ranks, at most topk_groups.
 - ``padded_all_to_all`` (capacity mode): GShard-style fixed [E, C, D] buffers,
   equal splits, no count exchange and no host sync; the padding is reported.
   Every EP rank must see the same number of tokens T.
@@ -44,7 +50,8 @@ class CommBytes:
     and receives (dispatch + combine). ``moved``: the traffic on behalf of this
     rank's own tokens (its rows out, their results back); ``ideal``: the same
     for exactly the routed rows whose expert lives on another rank, so
-    ``moved / ideal`` is 1.00 for the dropless all-to-all. ``meta``: routing
+    ``moved / ideal`` is 1.00 for the dropless all-to-all (below 1 for the
+    deduplicated one, a row per (token, rank) pair). ``meta``: routing
     metadata (counts, ids, weights). ``padding_rows``: rows sent that carry no
     token (capacity mode).
     """
@@ -114,6 +121,49 @@ def dropless_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Com
                       meta=torch.tensor(float((P - 1) * El * 8), dtype=torch.float64),
                       padding_rows=_zero())
     return _combine(y_SD, d, x_TD.shape[0]), stats
+
+
+def dedup_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
+                     num_experts: int) -> tuple[Tensor, CommBytes]:
+    """Send each token once per destination rank (Q (token, rank) pairs, sorted by rank
+    then token), expand to the routed rows there, send back one weighted sum per pair."""
+    P, me, T, D = comm.size, comm.rank, x_TD.shape[0], x_TD.shape[1]
+    El = num_experts // P
+    S = d.token_S.shape[0]  # dropless: every routed row is kept
+    dest_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(
+        d.counts_E, output_size=S) // El
+    pair_Q, pair_S = torch.unique(dest_S * T + d.token_S, sorted=True, return_inverse=True)
+    token_Q, pairs_P = pair_Q % T, torch.bincount(pair_Q // T, minlength=P)
+    # each row's pair, numbered within its destination's slice of the pairs
+    slot_S = pair_S - (torch.cumsum(pairs_P, 0) - pairs_P)[dest_S]
+    counts_PX = torch.cat([d.counts_E.view(P, El), pairs_P[:, None]], 1)
+    recv_PX = fn.all_to_all_start(counts_PX, None, None, comm)[0]
+    recv_PEl = recv_PX[:, :El]
+    send, recv, send_q, recv_q = torch.stack(  # the host sync
+        [counts_PX[:, :El].sum(1), recv_PEl.sum(1), pairs_P, recv_PX[:, El]]).tolist()
+    x_QD = fn.all_to_all(x_TD.index_select(0, token_Q), recv_q, send_q, comm)
+    slot_R = fn.all_to_all_start(slot_S, recv, send, comm)[0]
+    w_R = fn.all_to_all(d.weight_S[:, None], recv, send, comm)
+    R = slot_R.shape[0]
+    # the received pairs are numbered per source: add each source's offset
+    starts_P = torch.tensor([sum(recv_q[:i]) for i in range(P)], device=x_TD.device)
+    slot_R = slot_R + starts_P.repeat_interleave(
+        torch.tensor(recv, device=x_TD.device), output_size=R)
+    expert_R = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(
+        recv_PEl.reshape(-1), output_size=R)
+    y_RD = _run_experts(experts, x_QD.index_select(0, slot_R), expert_R, recv_PEl.sum(0))
+    y_RD = y_RD * w_R.to(y_RD.dtype)
+    y_QD = y_RD.new_zeros(x_QD.shape[0], D).index_add(0, slot_R, y_RD)
+    y_QD = fn.all_to_all(y_QD, send_q, recv_q, comm)
+    out, back = sum(send_q) - send_q[me], sum(recv_q) - recv_q[me]
+    both = _nbytes(out + back, x_TD)
+    remote_rows = sum(send) - send[me]
+    stats = CommBytes(sent=both, received=both, moved=_nbytes(2 * out, x_TD),
+                      ideal=_nbytes(2 * remote_rows, x_TD),
+                      meta=torch.tensor(float((P - 1) * (El + 1) * 8 + remote_rows * (8 + 4)),
+                                        dtype=torch.float64),
+                      padding_rows=_zero())
+    return y_QD.new_zeros(T, D).index_add(0, token_Q, y_QD), stats
 
 
 def _slots(d: Dispatch, num_experts: int, C: int) -> Tensor:

@@ -19,7 +19,9 @@ from moekit.layer import MoE, MoEOutput
 from moekit.routing.router import Router
 from moekit.routing.stats import RoutingStats, routing_stats
 
-DISPATCHERS = ("all_to_all", "all_gather")
+DISPATCHERS = ("all_to_all", "all_to_all_dedup", "all_gather")
+# dropless only, not chunked: no capacity buffers, no overlap of pairs with experts
+DEDUP = "all_to_all_dedup"
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class ExpertParallelMoE(MoE):
             from moekit.distributed.overlap import chunked_all_to_all
 
             return chunked_all_to_all(x_TD, d, self._experts_fn, comm, E, self.overlap_chunks)
+        if self.dispatcher == DEDUP:
+            return dsp.dedup_all_to_all(x_TD, d, self._experts_fn, comm, E)
         return dsp.dropless_all_to_all(x_TD, d, self._experts_fn, comm, E)
 
     @torch.no_grad()
@@ -148,3 +152,21 @@ def _validate(cfg: MoEConfig, mesh: ExpertParallelMesh, dispatcher: str,
             or overlap_chunks < 1:
         raise ValueError(f"overlap_chunks={overlap_chunks!r} is not allowed: it must be a "
                          "positive int (1 = no overlap)")
+    check_dedup(dispatcher, cfg.capacity_factor, overlap_chunks)
+
+
+def check_dedup(dispatcher: str, capacity_factor: float | None, overlap_chunks: int,
+                prefix: str = "") -> None:
+    """all_to_all_dedup sends exactly the (token, rank) pairs: no capacity buffers and no
+    chunked overlap. ``prefix``: "--" names the CLI's flags."""
+    if dispatcher != DEDUP:
+        return
+    name = (lambda n: prefix + n.replace("_", "-")) if prefix else (lambda n: n)
+    if capacity_factor is not None:
+        raise ValueError(f"{name('dispatcher')}={DEDUP!r} is not allowed with "
+                         f"{name('capacity_factor')}={capacity_factor!r}: it is dropless (capacity "
+                         "mode sends fixed [E, C, D] buffers; use 'all_to_all')")
+    if overlap_chunks != 1:
+        raise ValueError(f"{name('dispatcher')}={DEDUP!r} is not allowed with "
+                         f"{name('overlap_chunks')}={overlap_chunks}: its exchange is not "
+                         "chunked (use 'all_to_all' to overlap)")

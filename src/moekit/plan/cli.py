@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from moekit.config import check_number, flag_message, reject
-from moekit.plan.cluster import GPUS, PRECISIONS, RECOMPUTE, Cluster, Layout, TrainSetup, get_gpu
+from moekit.plan.cluster import (
+    GPUS,
+    PLAN_DISPATCHERS,
+    PRECISIONS,
+    RECOMPUTE,
+    Cluster,
+    Layout,
+    TrainSetup,
+    get_gpu,
+)
 from moekit.plan.cost import Plan, make_plan
 from moekit.plan.decode import (
     KV_CACHE_DTYPES,
@@ -73,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the GPU's board power / peak FLOP/s")
     t.add_argument("--a2a-overlap", type=float, default=0.0,
                    help="fraction of the all-to-all hidden behind compute (0-1)")
+    t.add_argument("--dispatcher", default="all_to_all", choices=PLAN_DISPATCHERS,
+                   help="all_to_all: a row per routed expert (default); all_to_all_dedup: a "
+                        "row per token and destination rank")
     t.add_argument("--memory-headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (context, buffers, fragmentation)")
     p.add_argument("--search", action="store_true",
@@ -211,7 +223,8 @@ def setup_from_args(args: argparse.Namespace, longest: int | None = None) -> Tra
     return TrainSetup(seq_len=seq_len, global_batch=args.global_batch,
                       precision=PRECISIONS[args.precision],
                       compute_efficiency=args.efficiency, joules_per_flop=args.joules_per_flop,
-                      memory_headroom=args.memory_headroom, a2a_overlap=args.a2a_overlap)
+                      memory_headroom=args.memory_headroom, a2a_overlap=args.a2a_overlap,
+                      dispatcher=args.dispatcher)
 
 
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:

@@ -162,6 +162,9 @@ class Layout:
                 f"mb{self.micro_batch}")
 
 
+PLAN_DISPATCHERS = ("all_to_all", "all_to_all_dedup")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainSetup:
     seq_len: int = 4096
@@ -176,6 +179,9 @@ class TrainSetup:
     # Fraction of the expert-parallel all-to-all hidden behind compute (0 = none, as in a
     # plain dispatcher; DeepSeek-V3's DualPipe overlaps nearly all of it).
     a2a_overlap: float = 0.0
+    # "all_to_all": a row per routed (token, expert) pair; "all_to_all_dedup": a row per
+    # (token, rank owning any of its experts), under uniform routing (moekit's dispatchers)
+    dispatcher: str = "all_to_all"
 
     def __post_init__(self) -> None:
         if not isinstance(self.precision, Precision):
@@ -189,3 +195,6 @@ class TrainSetup:
         if self.joules_per_flop is not None:
             check_number("joules_per_flop", self.joules_per_flop, 0, math.inf, low_open=True)
         check_bool("causal", self.causal)
+        if self.dispatcher not in PLAN_DISPATCHERS:
+            fail("dispatcher", self.dispatcher,
+                 f"it must be one of {', '.join(PLAN_DISPATCHERS)}")

@@ -221,18 +221,30 @@ class Comm:
     pipeline_s: float
 
 
+def remote_rows_per_token(spec: ModelSpec, ep: int, dispatcher: str = "all_to_all") -> float:
+    """Rows a token sends to other EP ranks, routing uniform over the experts. all_to_all:
+    one per routed expert on another rank, K (ep - 1) / ep. all_to_all_dedup: one per
+    other rank holding any of its K experts: (ep - 1) (1 - C(E - E/ep, K) / C(E, K)), a
+    rank missed by all K draws without replacement. (Group-limited routing, which puts a
+    token's experts on fewer ranks, is not modelled: an upper bound for it.)"""
+    E, K = spec.num_experts, spec.top_k
+    if ep == 1:
+        return 0.0
+    if dispatcher == "all_to_all":
+        return K * (ep - 1) / ep
+    return (ep - 1) * (1 - math.comb(E - E // ep, K) / math.comb(E, K))
+
+
 def communication(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: Layout,
                   cluster: Cluster) -> Comm:
     a, m = setup.precision.activation_bytes, microbatches(setup, lay)
     t_mb = lay.micro_batch * setup.seq_len
     moe_layers = spec.num_moe_layers / lay.pp
     # dispatch + combine, forward and backward (+ forward again when recomputing); sequence
-    # parallel: each tp rank dispatches its 1/tp of the tokens, K copies each. K copies
-    # even when two of a token's experts share a rank: moekit's dropless dispatcher sends
-    # one row per routed (token, expert) pair with no per-rank deduplication
-    # (distributed/dispatcher.py), so group-limited routing does not shrink this.
+    # parallel: each tp rank dispatches its 1/tp of the tokens, remote_rows_per_token
+    # copies each
     transfers = 6 if lay.recompute == "full" else 4
-    out = t_mb / lay.tp * spec.top_k * spec.dim * a * (lay.ep - 1) / lay.ep
+    out = t_mb / lay.tp * remote_rows_per_token(spec, lay.ep, setup.dispatcher) * spec.dim * a
     a2a_b = transfers * out * moe_layers * m
     a2a_s = transfers * moe_layers * m * all_to_all_time(cluster, out, lay.tp, lay.ep)
     # Megatron TP + SP: per layer 2 all-gathers + 2 reduce-scatters forward, same backward.

@@ -76,14 +76,18 @@ def speed_lines(plan: Plan) -> list[str]:
             f"  {t.tokens_per_s:,.0f} tokens/s, model FLOPs utilisation {t.mfu:.1%}"]
 
 
+A2A_ROWS = {"all_to_all": "K rows per token: one per routed expert, no per-rank dedup",
+            "all_to_all_dedup": "one row per token and rank holding any of its experts, "
+                                "uniform routing"}
+
+
 def time_lines(plan: Plan) -> list[str]:
     c = plan.comm
     gpu = plan.cluster.gpu
     return [
         "communication per GPU per step",
         f"  all-to-all (expert parallel) {c.all_to_all_bytes / 1e9:10.2f} GB  "
-        f"{seconds(c.all_to_all_s)}  (K rows per token: one per routed expert, "
-        "no per-rank dedup)",
+        f"{seconds(c.all_to_all_s)}  ({A2A_ROWS[plan.setup.dispatcher]})",
         f"  tensor parallel              {c.tensor_parallel_bytes / 1e9:10.2f} GB  "
         f"{seconds(c.tensor_parallel_s)}",
         f"  data parallel (gradients)    {c.data_parallel_bytes / 1e9:10.2f} GB  "

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from moekit.config import check_number, check_positive_int
 from moekit.distributed import CollectiveTimeoutError, init_distributed, init_mesh
-from moekit.distributed.layer import DISPATCHERS
+from moekit.distributed.layer import DISPATCHERS, check_dedup
 from moekit.distributed.mesh import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from moekit.train.interrupt import STOP_SIGNALS, InterruptFlag, StopAtBoundary, exit_status
 
@@ -58,6 +58,9 @@ def check_parallel_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag}={getattr(args, flag)} is not allowed: it must be >= 1")
     check_number("--timeout", args.timeout, 0, MAX_TIMEOUT_S, low_open=True)
     check_positive_int("--overlap-chunks", args.overlap_chunks)
+    # (a resumed run's capacity factor is its checkpoint's: the layer checks that one)
+    check_dedup(args.dispatcher, getattr(args, "capacity_factor", None), args.overlap_chunks,
+                prefix="--")
 
 
 def under_torchrun() -> bool:
