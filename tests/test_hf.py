@@ -254,6 +254,19 @@ def test_save_pretrained_refuses_quantized_experts_and_writes_nothing(tmp_path):
     assert copy.deepcopy(model).save_pretrained.model is not model
 
 
+def test_save_pretrained_refusal_suggests_load_offloaded_only_where_it_reads_the_model(
+        tmp_path):
+    """Before: a quantized GPT-OSS's refusal also said "load the float checkpoint with
+    load_offloaded(path, expert_memory, quantize=8)", which refuses GPT-OSS ("not
+    supported for offloading")."""
+    from moekit import quantize
+
+    model = quantize(hf.apply(hf_models.build("gpt_oss")), bits=8)
+    with pytest.raises(ValueError, match="quantize it again after loading$"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_save_pretrained_of_a_reverted_model_is_transformers_own(tmp_path):
     model = hf.apply(hf_models.build("olmoe"))
     assert "save_pretrained" in vars(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from moekit.experts.experts import BACKEND_NAMES
+from moekit.integrations.hf.architectures import OFFLOADABLE
 from moekit.integrations.hf.patch import (
     ARCHITECTURES,
     BACKEND_ATTR,
@@ -90,9 +91,7 @@ _HELD = {
                              "load the checkpoint with from_pretrained instead",
     ("save", "quantized"): "int{bits} weights from moekit.quantize, which from_pretrained does "
                            "not read (it would fill those weights at random); save the model "
-                           "before quantizing and quantize it again after loading, or load the "
-                           "float checkpoint with load_offloaded(path, expert_memory, "
-                           "quantize={bits})",
+                           "before quantizing and quantize it again after loading{offloaded}",
     ("save", "offloaded"): "experts streamed from disk by load_offloaded, which would not be "
                            "written (a checkpoint without experts); the directory "
                            "load_offloaded read is the checkpoint: copy it, or load it with "
@@ -107,7 +106,11 @@ def _why_not(action: str, model: nn.Module) -> str | None:
     if held is None:
         return None
     name, kind, bits = held
-    return f"{name} holds " + _HELD[action, kind].format(bits=bits)
+    # load_offloaded reads only OFFLOADABLE types: GPT-OSS's message had named it, which
+    # then refused the checkpoint ("model_type='gpt_oss' is not supported for offloading")
+    offloaded = (f", or load the float checkpoint with load_offloaded(path, expert_memory, "
+                 f"quantize={bits})" if _model_type(model) in OFFLOADABLE else "")
+    return f"{name} holds " + _HELD[action, kind].format(bits=bits, offloaded=offloaded)
 
 
 class SaveGuard:

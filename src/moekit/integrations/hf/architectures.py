@@ -141,3 +141,7 @@ ARCHITECTURES: dict[str, dict[str, type]] = {
     "zaya": _experts("ZayaExperts"),
 }
 SUPPORTED: tuple[str, ...] = tuple(sorted(ARCHITECTURES))
+# What ``load_offloaded`` reads (offload.py); here, with SUPPORTED, so that the errors
+# that suggest it (a quantized model's save_pretrained) need not import the offload code.
+OFFLOADABLE = ("deepseek_v3", "flex_olmo", "llama4", "llama4_text", "mixtral", "nemotron_h",
+               "olmoe", "qwen2_moe", "qwen3_moe")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from moekit.config import reject
 from moekit.dispatch.plan import Dispatch
 from moekit.functions.moe_experts import stack_experts
+from moekit.integrations.hf.architectures import OFFLOADABLE
 from moekit.integrations.hf.experts import (
     Llama4Experts,
     StackedExperts,
@@ -56,8 +57,6 @@ from moekit.quant.model import quantize_dense
 from moekit.quant.tensor import check_bits
 from moekit.routing.token_choice import limit_groups
 
-OFFLOADABLE = ("deepseek_v3", "flex_olmo", "llama4", "llama4_text", "mixtral", "nemotron_h",
-               "olmoe", "qwen2_moe", "qwen3_moe")
 # llama4 (Llama4ForConditionalGeneration's checkpoint): its text model only, a
 # Llama4ForCausalLM built from text_config, reading the keys under this prefix
 TEXT_ONLY = {"llama4": "language_model."}
