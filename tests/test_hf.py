@@ -267,6 +267,24 @@ def test_save_pretrained_refusal_suggests_load_offloaded_only_where_it_reads_the
     assert not (tmp_path / "q").exists()
 
 
+def test_quantized_forward_with_grad_says_quantized_weights_have_no_backward():
+    """A quantized model's forward with grad enabled (its norms still require grad) said
+    "backend='decode' has no backward ... or use backend='fused' to train"; after
+    hf.apply(model, backend="fused") it said the same (quantized weights always run the
+    decode kernels). Under no_grad it runs."""
+    from moekit import quantize
+
+    model = quantize(hf.apply(hf_models.build("qwen3_moe")), bits=8, scope="experts").eval()
+    ids = _inputs("qwen3_moe")["input_ids"]
+    for backend in ("auto", "fused"):
+        hf.apply(model, backend=backend)
+        with pytest.raises(RuntimeError, match=r"^quantized expert weights \(moekit.quantize\) "
+                                               "have no backward.*train the float model"):
+            model(input_ids=ids)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
 def test_save_pretrained_of_a_reverted_model_is_transformers_own(tmp_path):
     model = hf.apply(hf_models.build("olmoe"))
     assert "save_pretrained" in vars(model)

@@ -149,6 +149,15 @@ def _dequantizes(x_TD: Tensor, rows: int, w_in_EDG: Tensor | QuantizedTensor,
                                         rows))
 
 
+# Quantized weights run the decode backend whatever backend was asked for, so the float
+# message's "use backend='fused'" led a user of a quantized hf.apply model (a forward
+# with grad enabled: the norms' weights still require grad) to the same error again.
+_NO_BACKWARD_QUANTIZED = (
+    "quantized expert weights (moekit.quantize) have no backward: run the model under "
+    "torch.no_grad() or torch.inference_mode() (generate() does); to train, train the float "
+    "model and quantize it after")
+
+
 def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
                    w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
@@ -158,8 +167,10 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
     the CPU, go to ``decode.dequantized_experts``.
     """
     if _grad_wanted(x_TD, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED):
-        raise RuntimeError("backend='decode' has no backward: run it under torch.no_grad() or "
-                           "torch.inference_mode(), or use backend='fused' to train")
+        raise RuntimeError(_NO_BACKWARD_QUANTIZED if isinstance(w_in_EDG, QuantizedTensor)
+                           else "backend='decode' has no backward: run it under "
+                           "torch.no_grad() or torch.inference_mode(), or use backend='fused' "
+                           "to train")
     if _dequantizes(x_TD, d.num_rows, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
                                           w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
