@@ -181,6 +181,10 @@ def test_nproc_resume_of_a_dense_run_with_ep_fails_before_torchrun(data, tmp_pat
     (["--timeout", "nan"], ["--timeout=nan", "(0, 1e+12]"]),  # a traceback on every rank
     (["--timeout", "0"], ["--timeout=0.0", "(0, 1e+12]"]),
     (["--overlap-chunks", "0"], ["--overlap-chunks=0", "positive int"]),
+    (["--dispatcher", "all_to_all_dedup", "--capacity-factor", "1.25"],
+     ["--dispatcher='all_to_all_dedup'", "--capacity-factor=1.25", "dropless"]),
+    (["--dispatcher", "all_to_all_dedup", "--overlap-chunks", "2"],
+     ["--dispatcher='all_to_all_dedup'", "--overlap-chunks=2", "not chunked"]),
 ])
 def test_bad_parallel_flags_fail_before_torchrun(nproc, argv, words, tmp_path, monkeypatch,
                                                  capsys):
