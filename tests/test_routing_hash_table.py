@@ -199,6 +199,10 @@ def test_cli_hash_seed_picks_the_tables(tmp_path, corpus, capsys):
      ["--hash-seed=3 is not allowed with --router=softmax:", "add --router hash"]),
     (["--hash-seed", "3"],  # the preset's router, not typed
      ["--hash-seed=3 is not allowed with --router=softmax (preset tiny's router)"]),
+    (["--dense", "--router", "hash", "--hash-seed", "3"],  # a dense model has no router
+     ["--hash-seed=3 is not allowed with --dense:", "drop --hash-seed or --dense"]),
+    (["--dense", "--hash-seed", "3"],
+     ["--hash-seed=3 is not allowed with --dense:", "drop --hash-seed or --dense"]),
 ])
 def test_cli_bad_hash_seed_is_refused_naming_the_flag(tmp_path, corpus, capsys, flags, words):
     from moekit.cli import main as cli_main

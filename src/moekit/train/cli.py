@@ -173,8 +173,15 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
 
 def check_hash_seed_flag(args: argparse.Namespace, model: LMConfig) -> None:
     """--hash-seed seeds the hash router's tables and nothing else: refused with another
-    router, where it would be saved in the config and never read."""
-    if args.hash_seed is None or model.router == "hash":
+    router, or with --dense (no router at all), where it would be saved in the config and
+    never read."""
+    if args.hash_seed is None:
+        return
+    if model.dense:
+        raise ValueError(f"--hash-seed={args.hash_seed} is not allowed with --dense: the "
+                         "dense model has no router, and the seed only seeds the hash "
+                         "router's token-id tables; drop --hash-seed or --dense")
+    if model.router == "hash":
         return
     whose = "" if args.router is not None else f" (preset {args.preset or 'small'}'s router)"
     raise ValueError(f"--hash-seed={args.hash_seed} is not allowed with "
