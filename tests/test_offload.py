@@ -454,9 +454,36 @@ def test_moekit_offloaded_with_shared_experts_and_qkv_biases_equals_resident(tmp
         assert off.expert_offload.close(timeout=5.0)
 
 
-def test_moekit_budget_below_one_layer(moekit_ckpt):
-    with pytest.raises(ExpertMemoryError, match="expert_memory=.*too small"):
-        load_offloaded(moekit_ckpt[0], 2 * EXPERT_BYTES - 1)
+# a layer step holds top_k=2 experts: 18,432 bytes, exactly 18 KiB
+BUDGET_NEEDED = "MoE layer 0 needs 18,432 bytes (0.018 MiB) to hold the top-k experts one "\
+    "token uses at once; give at least 18,432 bytes, e.g. 18KiB"
+
+
+@pytest.mark.parametrize("given,shown", [
+    (2 * EXPERT_BYTES - 1, "expert_memory=18431 (18,431 bytes, 0.018 MiB)"),
+    ("17KiB", "expert_memory='17KiB' (17,408 bytes, 0.017 MiB)"),  # as the caller wrote it
+])
+def test_moekit_budget_below_one_layer(moekit_ckpt, given, shown):
+    with pytest.raises(ExpertMemoryError) as e:
+        load_offloaded(moekit_ckpt[0], given)
+    assert str(e.value) == f"{shown} is too small: {BUDGET_NEEDED}"
+
+
+def test_moekit_budget_of_the_minimum_named_loads(moekit_ckpt):
+    """The size the error names is the least that works, not a guess above it."""
+    for budget in (2 * EXPERT_BYTES, "18KiB"):
+        model = load_offloaded(moekit_ckpt[0], budget)
+        assert model.expert_offload.close(timeout=5.0)
+
+
+@pytest.mark.parametrize("n,size", [
+    (1, "1KiB"), (1024, "1KiB"), (1025, "2KiB"), (2**20, "1024KiB"), (2**20 + 1, "2MiB"),
+    (5 * 2**30, "5120MiB"),
+])
+def test_size_at_least_is_the_least_whole_unit_that_holds_n(n, size):
+    from moekit.offload.store import size_at_least
+    assert size_at_least(n) == size
+    assert parse_bytes(size) >= n  # suggested sizes must be ones the flag accepts
 
 
 def test_moekit_truncated_checkpoint(moekit_ckpt, tmp_path):
@@ -489,7 +516,9 @@ def test_generate_cli_expert_memory(moekit_ckpt, capsys):
     assert out.out == resident
     assert "hit rate" in out.err and "Belady" in out.err
     assert run(p.parse_args(common + ["--expert-memory", "1KiB"])) == 2
-    assert "too small" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the flag and the value as typed, and what would do
+    assert err == ("moekit generate: error: --expert-memory: expert_memory='1KiB' (1,024 "
+                   f"bytes, 0.001 MiB) is too small: {BUDGET_NEEDED}\n"), err
 
 
 # -- transformers checkpoints --------------------------------------------------------
@@ -598,8 +627,10 @@ def test_hf_errors(hf_ckpt, tmp_path):
     from moekit.integrations import hf
 
     path, *_, per_expert, top_k = hf_ckpt
-    with pytest.raises(ExpertMemoryError, match="too small"):
-        hf.load_offloaded(path, expert_memory=top_k * per_expert - 1)
+    need = top_k * per_expert
+    with pytest.raises(ExpertMemoryError, match=f"expert_memory={need - 1} .*too small: .* "
+                                                 f"give at least {need:,} bytes"):
+        hf.load_offloaded(path, expert_memory=need - 1)
     with pytest.raises(ValueError, match="quantize=3"):
         hf.load_offloaded(path, expert_memory="1MiB", quantize=3)
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]

@@ -39,7 +39,7 @@ from moekit.config import check_bool, check_non_negative, check_positive_int, re
 from moekit.errors import CheckpointError
 from moekit.offload.policy import LFU, Key, make_policy
 from moekit.offload.stats import LayerStats, OffloadStats
-from moekit.offload.store import ExpertMemoryError, ExpertStore
+from moekit.offload.store import ExpertMemoryError, ExpertStore, mib, size_at_least
 
 
 class PrefetchError(RuntimeError):
@@ -332,14 +332,6 @@ class ExpertCache:
                     from fut.exception()
         self._pending = still
 
-    def check_budget(self, layer_need: dict[int, int]) -> None:
-        """ExpertMemoryError when a layer's active experts (bytes per layer) exceed the budget."""
-        layer, need = max(layer_need.items(), key=lambda kv: kv[1])
-        if need > self.budget:
-            raise ExpertMemoryError(
-                f"expert_memory={self.budget} bytes is too small: MoE layer {layer} needs "
-                f"{need} bytes for the experts one token uses (top-k); give at least that")
-
     def close(self, timeout: float | None = 10.0) -> bool:
         """Stop the prefetch thread (waiting at most ``timeout`` seconds, None: until it
         ends) and close the shard files; True when the thread has ended. When it has not
@@ -386,10 +378,15 @@ def _check_cache_args(store: ExpertStore, budget: int, prefetch: bool,
                    "the store holds experts of")
 
 
-def check_budget(budget: int, layer_need: dict[int, int]) -> None:
-    """ExpertMemoryError when one layer's active experts (bytes per layer) exceed ``budget``."""
+def check_budget(budget: int, layer_need: dict[int, int], given: int | str | None = None
+                 ) -> None:
+    """ExpertMemoryError when one layer's active experts (bytes per layer) exceed ``budget``;
+    ``given`` is the budget as the caller wrote it ("1KiB"), named in the message (it had
+    said only "expert_memory=1024 bytes", whatever was typed, and no size that would do)."""
     layer, need = max(layer_need.items(), key=lambda kv: kv[1])
     if need > budget:
+        shown = budget if given is None else given
         raise ExpertMemoryError(
-            f"expert_memory={budget} bytes is too small: MoE layer {layer} needs {need} bytes "
-            "for the experts one token uses (top-k); it must be at least that")
+            f"expert_memory={shown!r} ({budget:,} bytes, {mib(budget)}) is too small: MoE "
+            f"layer {layer} needs {need:,} bytes ({mib(need)}) to hold the top-k experts one "
+            f"token uses at once; give at least {need:,} bytes, e.g. {size_at_least(need)}")

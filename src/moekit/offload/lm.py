@@ -158,7 +158,8 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
         _load_resident(model, resident, store._fds)
         if quant is not None:  # the resident ones now (read anyway), each expert's on its read
             qio.check_finite_scales(model, model.state_dict(), file)
-        offload = _attach(model, store, budget, policy, prefetch, threaded, layer)
+        offload = _attach(model, store, budget, policy, prefetch, threaded, layer,
+                          expert_memory)
     except BaseException:
         store.close()
         raise
@@ -218,10 +219,13 @@ def _predictor(moe: MoE):
 
 
 def _attach(model: MoETransformer, store: ExpertStore, budget: int, policy: str,
-            prefetch: bool, threaded: bool, num_layers: int) -> ExpertOffload:
+            prefetch: bool, threaded: bool, num_layers: int, given: int | str
+            ) -> ExpertOffload:
+    """The cache and the offload runtime on ``model``'s MoE layers; ``given``: the budget
+    as the caller wrote it, for the error when it is too small."""
     moes = model.moe_layers()
     per_expert = max(store.nbytes(k) for k in store.experts)
-    check_budget(budget, {i: m.config.top_k * per_expert for i, m in enumerate(moes)})
+    check_budget(budget, {i: m.config.top_k * per_expert for i, m in enumerate(moes)}, given)
     cache = ExpertCache(store, budget, policy, prefetch, num_layers, threaded)
     limit = max(max(m.config.top_k for m in moes), budget // per_expert // len(moes))
     offload = ExpertOffload(cache, [_predictor(m) for m in moes[1:]], prefetch, limit)

@@ -59,6 +59,19 @@ def parse_bytes(value: int | str, name: str = "expert_memory") -> int:
     return n
 
 
+def mib(n: int) -> str:
+    """``n`` bytes in MiB for a message, to the KiB ("0.023 MiB", "1,024 MiB")."""
+    return f"{n / 2**20:,.3f}".rstrip("0").rstrip(".") + " MiB"
+
+
+def size_at_least(n: int) -> str:
+    """The smallest whole number of KiB (under 1 MiB) or MiB holding ``n`` bytes, as
+    parse_bytes reads it ("24KiB", "513MiB"): a size to suggest that is sure to suffice."""
+    if n <= 2**20:
+        return f"{-(-n // 2**10)}KiB"
+    return f"{-(-n // 2**20)}MiB"
+
+
 def _signature(fd: int) -> tuple[int, int, int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import check_positive_int, check_writable_folder, reject
+from moekit.config import check_positive_int, check_writable_folder, flag_message, reject
 from moekit.hugepages import huge_pages
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
@@ -28,7 +28,7 @@ from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text,
 from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
-from moekit.offload import load_offloaded, parse_bytes
+from moekit.offload import ExpertMemoryError, load_offloaded, parse_bytes
 from moekit.train.checkpoint import CheckpointError
 from moekit.train.rundir import write_whole
 
@@ -284,10 +284,15 @@ def load_for_generation(args: argparse.Namespace) -> MoETransformer:
         raise ValueError(f"--dtype={args.dtype} is not allowed with --expert-memory: "
                          "offloaded experts run in the checkpoint's own dtype (fp32)")
     else:
-        # parsed here so that a bad value is named as the flag the user typed
-        budget = parse_bytes(args.expert_memory, "--expert-memory")
-        model = load_offloaded(args.checkpoint, budget, args.expert_policy or "lru",
-                               prefetch=not args.no_prefetch)
+        # checked here so that a bad value is named as the flag the user typed; passed as
+        # typed, so that a budget too small for the model is told as "1KiB", not 1024
+        parse_bytes(args.expert_memory, "--expert-memory")
+        try:
+            model = load_offloaded(args.checkpoint, args.expert_memory,
+                                   args.expert_policy or "lru", prefetch=not args.no_prefetch)
+        except ExpertMemoryError as e:
+            raise ExpertMemoryError(flag_message(e, {"expert_memory": "--expert-memory"})
+                                    ) from None
     if args.huge_pages:
         print(f"moekit: {huge_pages(model)}", file=sys.stderr)
     return model

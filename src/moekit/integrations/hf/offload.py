@@ -376,7 +376,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
     try:
         read_into_module(model, resident, store._fds)
         offload = _attach(model, modules, OFFLOADED[mixin], store, budget, policy, prefetch,
-                          threaded)
+                          threaded, expert_memory)
         if quantize is not None:  # the rest as moekit.quantize's default scope does it
             quantize_dense(model, quantize, group_size)
     except BaseException:
@@ -388,11 +388,12 @@ def load_offloaded(path: str | Path, expert_memory: int | str, quantize: int | N
 
 
 def _attach(model: nn.Module, modules: dict[str, nn.Module], offloaded: type,
-            store: ExpertStore, budget: int, policy: str, prefetch: bool, threaded: bool
-            ) -> ExpertOffload:
+            store: ExpertStore, budget: int, policy: str, prefetch: bool, threaded: bool,
+            given: int | str) -> ExpertOffload:
+    """``given``: the budget as the caller wrote it, for the error when it is too small."""
     per_expert = max(store.nbytes(k) for k in store.experts)
     gates = [_gate(model.get_submodule(name.rsplit(".", 1)[0])) for name in modules]
-    check_budget(budget, {i: g.top_k * per_expert for i, g in enumerate(gates)})
+    check_budget(budget, {i: g.top_k * per_expert for i, g in enumerate(gates)}, given)
     cache = ExpertCache(store, budget, policy, prefetch, len(modules), threaded)
     limit = max(max(g.top_k for g in gates), budget // per_expert // len(modules))
     offload = ExpertOffload(cache, [_next_gate_predictor(g) for g in gates[1:]], prefetch,
