@@ -760,6 +760,30 @@ def test_compare_stability_and_load_change_match_the_routers_decisions(kw):
     assert same["load_share_total_variation"] == 0.0
 
 
+@pytest.mark.parametrize("kw", ROUTERS)
+def test_compare_of_the_second_load_summary_equals_that_of_its_full_summary(kw):
+    """analyze --compare summarises the second checkpoint with load_summary only (not its
+    co-activation fit or per-expert lists): compare.json's layers are those the full
+    summaries give, and load_summary is summarise's head, value for value."""
+    from moekit.analysis.analyze import collect_routing, summarise_all
+    from moekit.analysis.compare import compare
+    from moekit.analysis.stats import load_summary
+    cfg = moekit.MoEConfig(dim=16, ffn_dim=8, num_experts=6, **kw)
+    torch.manual_seed(0)
+    a = EmbedMoE(cfg).eval()
+    b = EmbedMoE(cfg).eval()  # initialised apart: other loads, other decisions
+    ids = torch.randint(0, 256, (5, 13))
+    rc_a = collect_routing(a, ids, 256, batch_size=2, decisions=True)
+    rc_b = collect_routing(b, ids, 256, batch_size=2, decisions=True)
+    full_a, full_b = summarise_all(rc_a), summarise_all(rc_b)
+    light_b = [load_summary(layer) for layer in rc_b.layers]
+    assert compare(rc_a.layers, rc_b.layers, full_a, light_b) \
+        == compare(rc_a.layers, rc_b.layers, full_a, full_b)
+    for light, full in zip(light_b, full_b, strict=True):
+        assert list(full)[:len(light)] == list(light)  # routing.json's key order kept
+        assert light == {k: full[k] for k in light}
+
+
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
     """A tiny LM saved at steps 2 and 4 of one run, and a run with 3 experts."""
@@ -804,6 +828,12 @@ def test_analyze_compare_writes_the_change_between_two_steps(two_steps, capsys):
         assert c["imbalance"]["max_over_mean"]["before"] == r["imbalance"]["max_over_mean"]
     report = (out / "report.md").read_text()
     assert "## Compared with step 4" in report and "| blocks.1.ffn |" in report
+    # the layers as compare gives them from both checkpoints' full summaries
+    from moekit.analysis.analyze import collect_routing, summarise_all
+    from moekit.analysis.compare import compare
+    rc_a, rc_b = (collect_routing(load_lm(str(p))[0], ids, 256, 3, True) for p in (a, b))
+    full = compare(rc_a.layers, rc_b.layers, summarise_all(rc_a), summarise_all(rc_b))
+    assert comp["layers"] == json.loads(json.dumps(full))
 
 
 def test_analyze_compare_refuses_another_model_in_one_line(two_steps, capsys):

@@ -17,6 +17,7 @@ from typing import Any
 from moekit.analysis.analyze import collect_routing, summarise_all, windows
 from moekit.analysis.compare import COMPARE_FILE, check_comparable, compare, compare_section
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
+from moekit.analysis.stats import load_summary
 from moekit.config import check_out_dir, flag_message, reject
 
 # argument -> the flag that sets it, so an error names what the user typed
@@ -134,7 +135,7 @@ def check_other(model, ck, other, ck_b, seq_len: int) -> None:
 def compare_runs(args, rc, layers, ids_BL, other, ck, ck_b) -> dict[str, Any]:
     """compare.json: ``other`` routes the tokens ``rc`` collected (with decisions)."""
     rc_b = collect_routing(other, ids_BL, other.config.vocab_size, args.batch_size, True)
-    layers_b = summarise_all(rc_b, args.top, args.min_count)
+    layers_b = [load_summary(layer) for layer in rc_b.layers]  # what compare reads of it
     return {"meta": {"before": {"checkpoint": str(ck.path), "step": ck.step},
                      "after": {"checkpoint": str(ck_b.path), "step": ck_b.step},
                      "tokens": ids_BL.numel(), "batch_size": args.batch_size,

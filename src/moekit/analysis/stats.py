@@ -187,15 +187,11 @@ def specialisation(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, 
     return out
 
 
-def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: int = 5,
-              min_count: int = 5) -> dict[str, Any]:
-    """Everything the report shows about one MoE layer, as plain Python values."""
-    check_positive_int("top", top)  # 0 listed nothing, -1 all items but the last
-    check_positive_int("min_count", min_count)
+def load_summary(layer: LayerRouting) -> dict[str, Any]:
+    """One MoE layer's load and router entropy: the head of ``summarise``, all that
+    ``analyze --compare`` reads of the second checkpoint (which had paid for its
+    co-activation fit and per-expert lists too, and dropped them)."""
     E = layer.num_experts
-    lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
-    expected_EE = coactivation_expected(layer.co_EE, layer.tokens, layer.top_k,
-                                        layer.router == "expert_choice")
     # a hash router has no scores: its "distribution" is 1/K on the table's K experts,
     # whose entropy is ln K by construction (it had read as 33% of the maximum at K=2, E=8)
     entropy = None if layer.router == "hash" else layer.entropy_sum / max(layer.tokens, 1)
@@ -209,7 +205,19 @@ def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: 
         if layer.drop_denominator else 0.0,
         "router_entropy_nats": entropy,
         "router_entropy_normalised": None if entropy is None
-        else entropy / math.log(E) if E > 1 else 0.0,
+        else entropy / math.log(E) if E > 1 else 0.0}
+
+
+def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: int = 5,
+              min_count: int = 5) -> dict[str, Any]:
+    """Everything the report shows about one MoE layer, as plain Python values."""
+    check_positive_int("top", top)  # 0 listed nothing, -1 all items but the last
+    check_positive_int("min_count", min_count)
+    lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
+    expected_EE = coactivation_expected(layer.co_EE, layer.tokens, layer.top_k,
+                                        layer.router == "expert_choice")
+    return {
+        **load_summary(layer),
         "coactivation": layer.co_EE.tolist(), "coactivation_lift": lift_EE.tolist(),
         "coactivation_expected": expected_EE.tolist(),
         "coactivation_pairs": coactivation_pairs(layer.co_EE, expected_EE, layer.tokens),
