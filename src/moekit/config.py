@@ -126,14 +126,20 @@ def check_bool(name: str, value: Any) -> None:
         reject(name, value, "it must be True or False")
 
 
+def is_number_in(value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> bool:
+    """A real number (not a bool), finite, in [low, high]; ``*_open`` excludes that end
+    (``check_number``'s test, for a check that words its own error)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value)
+            and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high))
+
+
 def check_number(name: str, value: Any, low: float, high: float, *,
                  low_open: bool = False, high_open: bool = False) -> None:
     """A real number (not a bool), finite, in [low, high]; ``*_open`` excludes that end."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-          and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (value < high if high_open else value <= high))
-    if not ok:
+    if not is_number_in(value, low, high, low_open=low_open, high_open=high_open):
         span = (f"{'>' if low_open else '>='} {low:g}" if high == math.inf else
                 f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
         reject(name, value, f"it must be a finite number {span}")

@@ -61,6 +61,7 @@ import argparse
 import dataclasses
 import hmac
 import json
+import math
 import os
 import queue
 import secrets
@@ -79,7 +80,7 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 
-from moekit.config import MAX_SEED
+from moekit.config import MAX_SEED, is_number_in, reject
 from moekit.inference.batcher import PREFILL_CHUNK, Batcher, Group, sequence_seed
 from moekit.inference.engine import (
     MAX_LOGPROBS,
@@ -1298,10 +1299,8 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
 
 def check_request_timeout(name: str, value: object) -> None:
     """A positive, finite number of seconds; a ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not 0 < value < float("inf"):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a positive, finite "
-                         "number of seconds")
+    if not is_number_in(value, 0, math.inf, low_open=True):
+        reject(name, value, "it must be a positive, finite number of seconds")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
