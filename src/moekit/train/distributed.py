@@ -105,9 +105,16 @@ def is_one_process_checkpoint(path: Path) -> bool:
 def resume_state(path: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint ``resumable_checkpoint`` returned: trainer.json of
     a ``dcp_step_*``, state.json of a one-process ``step_*`` (both checked)."""
+    return _resume_source(path)[0]
+
+
+def _resume_source(path: Path) -> tuple[dict[str, Any], ckpt_io.Checkpoint | None]:
+    """``resume_state``, and the one-process checkpoint it came from (None for a
+    ``dcp_step_*``), whose full tensors ``_load_one_process`` shards."""
     if not is_one_process_checkpoint(path):
-        return read_trainer_state(path)
-    return _training_checkpoint(path).state
+        return read_trainer_state(path), None
+    ck = _training_checkpoint(path)
+    return ck.state, ck
 
 
 def resume_candidate(path: str | Path) -> Path:
@@ -368,8 +375,7 @@ class DistributedTrainer(Trainer):
         ``parallelize`` (dispatcher, overlap_chunks: how this session runs, not
         saved), ``overrides`` to the saved TrainConfig."""
         path = resumable_checkpoint(path, mesh)
-        one = _training_checkpoint(path) if is_one_process_checkpoint(path) else None
-        state = read_trainer_state(path) if one is None else one.state
+        state, one = _resume_source(path)
         mcfg = LMConfig.from_dict(state["model_config"])
         tcfg = TrainConfig.from_dict(state["train_config"]).replace(**overrides)
         trainer = cls(mcfg, tcfg, corpus, out_dir or path.parent, mesh, progress,
