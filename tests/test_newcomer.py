@@ -538,3 +538,31 @@ def test_every_build_of_the_cpp_kernels_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ext, "include_paths", lambda *a, **k: ["/another/venv/torch/include"])
     assert "building the C++ CPU expert kernels" in get()
     assert len(set(built)) == 2
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--experts", "8", "--router", "sigmoid"], "--experts, --router have no effect"),
+    (["--capacity-factor", "1.5"], "--capacity-factor has no effect"),
+])
+def test_moe_only_flags_with_dense_are_named_in_one_warning(argv, named, data, tmp_path):
+    """The MoE command + --dense (the baseline) still trains, and says which of its flags
+    the dense model does not read (they had been dropped without a word)."""
+    out = tmp_path / "dense"
+    with pytest.warns(UserWarning) as caught:
+        assert cli_main(["train", *TINY, "--warmup", "1", "--dense", *argv, "--data",
+                         str(data), "--out", str(out)]) == 0
+    said = [str(w.message) for w in caught if "--dense" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(named), said
+    state = out / (out / "LATEST").read_text().strip() / "state.json"
+    assert json.loads(state.read_text())["model_config"]["dense"] is True
+
+
+def test_dense_flags_that_size_it_give_no_warning(data, tmp_path):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["train", *TINY, "--warmup", "1", "--dense", "--top-k", "2",
+                         "--ffn-dim", "64", "--data", str(data), "--out",
+                         str(tmp_path / "d")]) == 0
+    assert not [w for w in caught if "--dense" in str(w.message)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -171,6 +172,26 @@ def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
     return model, train
 
 
+# model flags that only an MoE layer reads: the dense baseline (--dense) sizes its FFN by
+# --ffn-dim, --top-k and the shared-expert flags and reads none of these
+MOE_ONLY_FLAGS = ("experts", "router", "groups", "topk_groups", "aux_loss_coef",
+                  "z_loss_coef", "bias_update_rate", "capacity_factor", "moe_every")
+
+
+def warn_unused_by_dense(args: argparse.Namespace) -> None:
+    """A warning naming the MoE-only flags given with --dense: they were dropped without a
+    word, and a baseline run as the MoE command + --dense (the way to compare them) still
+    runs. (Called by one process, or by the --nproc launcher before torchrun: not on every
+    rank.)"""
+    unused = [f"--{flag.replace('_', '-')}" for flag in MOE_ONLY_FLAGS
+              if getattr(args, flag, None) is not None]
+    if args.dense and unused:
+        warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
+                      "with --dense: the dense model has no router or experts (its FFN's "
+                      "hidden size is --top-k x --ffn-dim + the shared experts')",
+                      UserWarning, stacklevel=2)
+
+
 def check_hash_seed_flag(args: argparse.Namespace, model: LMConfig) -> None:
     """--hash-seed seeds the hash router's tables and nothing else: refused with another
     router, or with --dense (no router at all), where it would be saved in the config and
@@ -334,6 +355,7 @@ def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
                              f"steps={trainer.cfg.steps}: pass a larger --steps to continue")
     else:
         model_cfg, train_cfg = configs_from_args(args)
+        warn_unused_by_dense(args)
         check_new_out(args.out)
         check_model_memory(model_cfg, size_flags(args), train_cfg.device)
         warn_step_memory(model_cfg, train_cfg.batch_size, train_cfg.seq_len, train_cfg.device)

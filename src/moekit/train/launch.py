@@ -253,6 +253,7 @@ def validate(args: argparse.Namespace, world: int) -> None:
         check_resume_path,
         configs_from_args,
         size_flags,
+        warn_unused_by_dense,
     )
     from moekit.train.memory import check_model_memory
 
@@ -268,6 +269,8 @@ def validate(args: argparse.Namespace, world: int) -> None:
         check_resume_fits(args, world)
         return
     model, train = configs_from_args(args)
+    if not under_torchrun():  # the launcher, once (each rank ran this check again)
+        warn_unused_by_dense(args)
     check_ep_has_experts(args.ep, model)
     if train.batch_size % world:
         raise ValueError(f"--batch-size={train.batch_size} is not allowed with {world} "
