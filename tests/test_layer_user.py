@@ -60,3 +60,27 @@ def test_infer_matches_forward_under_autocast(name):
         got = moe.infer(x)
     assert got.dtype == want.dtype == torch.bfloat16
     assert torch.equal(got, want)
+
+
+def test_meta_built_layer_initialises_like_a_cpu_built_one():
+    """Build on the meta device, ``to_empty``, then ``reset_parameters`` per module (the
+    usual recipe for large models): the shared experts had no such method and kept
+    uninitialised memory (NaN outputs), and the selection bias stayed garbage."""
+    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=8, top_k=2, router="sigmoid",
+                    bias_update_rate=1e-3, num_shared_experts=1, shared_expert_gate=True,
+                    expert_bias=True)
+    torch.manual_seed(0)
+    want = MoE(cfg).state_dict()
+    with torch.device("meta"):
+        moe = MoE(cfg)
+    moe.to_empty(device="cpu")
+    for t in moe.state_dict().values():  # uninitialised memory, made visible
+        t.fill_(float("nan"))
+    torch.manual_seed(0)
+    for module in moe.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    got = moe.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name

@@ -183,10 +183,19 @@ class SharedExperts(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(G)) if cfg.expert_bias else None
         self.b_out = nn.Parameter(torch.zeros(D)) if cfg.expert_bias else None
         self.gate = nn.Parameter(torch.zeros(1, D)) if cfg.shared_expert_gate else None
-        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(D))
-        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(F_))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # a method, as on Experts and Router: a model built on the meta device and
+        # materialised with to_empty() calls it per module; without it the shared
+        # weights kept uninitialised memory (NaN outputs)
+        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(self.cfg.dim))
+        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(self.cfg.shared_dim))
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
         if self.gate is not None:
-            nn.init.normal_(self.gate, std=1.0 / math.sqrt(D))
+            nn.init.normal_(self.gate, std=1.0 / math.sqrt(self.cfg.dim))
 
     def forward(self, x_TD: Tensor) -> Tensor:
         if self._kernel_ok(x_TD):  # a decode step's rows: two kernel calls

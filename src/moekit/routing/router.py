@@ -103,8 +103,13 @@ class Router(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
+        """A fresh router's state: the gate drawn anew, the selection bias and the load
+        zero (after to_empty() on a meta-built model they held uninitialised memory)."""
         if self.weight is not None:
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.cfg.dim))
+        for buf in (self.expert_bias, self.load):
+            if buf is not None:
+                nn.init.zeros_(buf)
 
     # -- forward -----------------------------------------------------------------
 
