@@ -28,19 +28,26 @@ LEARNED_ROUTERS = {
 }
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", sorted(LEARNED_ROUTERS))
-def test_routing_stays_fp32_under_autocast(name):
-    """Autocast ran the router's [D -> E] projection in bf16: bf16 combine weights
-    (errors ~5e-3) and, at T=4096, other experts for 0.4% of the tokens, against the
-    fp32 routing the router documents."""
+def test_routing_stays_fp32_under_autocast(name, train):
+    """Autocast ran the router's [D -> E] projections (the gate, the noisy router's
+    noise scale) in bf16: bf16 combine weights (errors ~5e-3) and, at T=4096, other
+    experts for 0.4% of the tokens, against the fp32 routing the router documents."""
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(dim=D, ffn_dim=F, **LEARNED_ROUTERS[name])).eval()
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, **LEARNED_ROUTERS[name])).train(train)
     if moe.router.expert_bias is not None:  # a bias that changes the choice
         moe.router.expert_bias.copy_(torch.randn(moe.config.num_experts) * 0.05)
+    if moe.router.noise_weight is not None:  # noise that matters in training
+        moe.router.noise_weight.data.normal_(0, 0.3)
     x_TD = torch.randn(64, D) * 4  # large logits: bf16 rounding moves weights by ~1e-2
+    torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plan = moe.route(x_TD)[1].plan
-    pairs, _, _, _, _ = ref_pairs(moe, x_TD)
+    torch.manual_seed(1)  # replay the training noise draws for the reference
+    jitter_u_TD = torch.rand(64, D) if train and name == "switch" else None
+    noise_TE = torch.randn(64, 8) if train and name == "noisy_topk" else None
+    pairs, _, _, _, _ = ref_pairs(moe, x_TD, None, jitter_u_TD, noise_TE)
     assert plan.weight_S.dtype == torch.float32
     assert plan.token_S.tolist() == [t for t, _, _ in pairs]
     assert plan.expert_S.tolist() == [e for _, e, _ in pairs]
