@@ -154,3 +154,34 @@ def test_resume_with_out_is_refused_not_ignored(run, tmp_path, capsys):
                      "--no-progress"]) == 2
     one_error_line(capsys, f"--out={branch}", "--resume", "copy the run directory")
     assert tree(run) == before and not branch.exists()
+
+
+def test_one_process_resume_refuses_a_run_whose_newest_checkpoint_is_sharded(
+        tmp_path, saved, capsys):
+    """Rank 0 of a ``--nproc`` run renames ``dcp_step_N`` into place, then writes the
+    one-process ``step_N`` and moves LATEST. Killed in between, it leaves LATEST naming
+    an older step: a one-process ``--resume RUN`` went back to that step without a word
+    and wrote a second, different ``step_N`` beside ``dcp_step_N``."""
+    corpus = load_corpus(str(saved[0]))
+    model = LMConfig(dim=16, num_layers=1, num_heads=2, max_seq_len=16, ffn_dim=16,
+                     num_experts=4, top_k=2)
+    train = TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=0, eval_every=2,
+                        eval_batches=1, save_every=1, keep_checkpoints=3)
+    run = tmp_path / "run"
+    Trainer(model, train, corpus, run, progress=False).fit()
+    # the directory that crash leaves: a complete step 2 (manifest.json written last)
+    # under the sharded name, LATEST still at step 1
+    (run / "step_00000002").rename(run / "dcp_step_00000002")
+    (run / "LATEST").write_text("step_00000001\n")
+    before = tree(run)
+    rc = cli_main(["train", "--resume", str(run), "--steps", "3", "--data", str(saved[0]),
+                   "--no-progress"])
+    assert rc == 2
+    one_error_line(capsys, f"resume={str(run)!r}", "dcp_step_00000002", "past step 1",
+                   "--nproc", "step_00000001")
+    assert tree(run) == before  # nothing trained, saved or cleaned
+    with pytest.raises(ValueError, match="dcp_step_00000002"):
+        Trainer.resume(run, corpus, progress=False)
+    assert tree(run) == before
+    # the way back the message offers: the step_* directory itself
+    assert Trainer.resume(run / "step_00000001", corpus, progress=False).step == 1

@@ -206,6 +206,26 @@ def clean_run_dir(run_dir: Path) -> list[str]:
     return done
 
 
+def check_no_newer_sharded(run_dir: Path, step: int) -> None:
+    """Refuse a one-process resume of ``run_dir`` at ``step`` (what LATEST names) where a
+    complete ``dcp_step_*`` past it exists.
+
+    Rank 0 of an ``--nproc`` run renames its ``dcp_step_N`` into place before it writes
+    the one-process ``step_N`` and moves LATEST; a rank 0 killed (or a disk filled) in
+    between left LATEST naming an older step, and a one-process ``--resume RUN`` went
+    back to it without a word, then wrote a second, different ``step_N`` beside
+    ``dcp_step_N``."""
+    complete = [d for d in checkpoint_dirs(run_dir, DCP_DIR) if (d / MANIFEST).is_file()]
+    if not complete or int(complete[-1].name.rsplit("_", 1)[1]) <= step:
+        return
+    raise CheckpointError(
+        f"resume={str(run_dir)!r} is not allowed in one process: its newest checkpoint "
+        f"{complete[-1].name} (a `moekit train --nproc` checkpoint) is past step {step}, "
+        f"which {LATEST} names; continue it with `moekit train --nproc N --resume "
+        f"{run_dir}`, or pass the step_{step:08d} directory to --resume to go back to "
+        f"step {step}")
+
+
 def checkpoint_dirs(run_dir: Path, pattern: re.Pattern[str]) -> list[Path]:
     """Real directories directly in ``run_dir`` whose names fit ``pattern``, oldest first."""
     if not run_dir.is_dir():

@@ -42,7 +42,7 @@ from moekit.train.interrupt import (
     signum_of,
 )
 from moekit.train.monitor import CollapseMonitor, MetricsLog
-from moekit.train.rundir import ASIDE, clean_run_dir
+from moekit.train.rundir import ASIDE, check_no_newer_sharded, clean_run_dir
 
 VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
 # Upper bounds that only an error reaches (AdamW's lr is ~1e-4..1e-2, weight decay ~0..0.1):
@@ -379,6 +379,8 @@ class Trainer:
                 f"checkpoint {ck.path} holds no training state (its {ckpt_io.STATE_FILE} has "
                 f"no {' or '.join(missing)}, like one written by `moekit convert`): it can be "
                 "used with `moekit generate`, but not resumed")
+        if (Path(path) / ckpt_io.LATEST).is_file():
+            check_no_newer_sharded(Path(path), ck.step)
         mcfg = LMConfig.from_dict(ck.state["model_config"])
         tcfg = TrainConfig.from_dict(ck.state["train_config"]).replace(**overrides)
         run_dir = Path(out_dir) if out_dir is not None else ck.path.parent
