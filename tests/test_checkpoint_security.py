@@ -164,6 +164,23 @@ def test_genuine_dcp_checkpoint_still_loads(tmp_path):
     assert bitwise_equal(list(want.state_dict().values()), list(got.state_dict().values()))
 
 
+def test_dcp_load_that_fails_halfway_leaves_the_model_untouched(tmp_path):
+    """DCP loads into what it is given, one tensor after another: loaded straight into
+    the model, a truncated data file raised CheckpointError with router.weight already
+    replaced by the checkpoint's."""
+    from moekit.distributed.checkpoint import load_checkpoint as dcp_load
+    from moekit.distributed.checkpoint import save_checkpoint as dcp_save
+
+    dcp_save(tmp_path / "dcp", dcp_layer(0))
+    (data,) = (tmp_path / "dcp").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    target = dcp_layer(1)
+    before = [t.clone() for t in target.state_dict().values()]
+    with pytest.raises(CheckpointError, match="DCP load of"):
+        dcp_load(tmp_path / "dcp", target)
+    assert bitwise_equal(before, list(target.state_dict().values()))
+
+
 def test_no_unrestricted_unpickling_in_moekit():
     """No call in moekit unpickles freely: no pickle.load(s), and torch.load only with
     weights_only=True (the allow-listed DCP reader subclasses pickle.Unpickler)."""

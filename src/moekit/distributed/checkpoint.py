@@ -77,15 +77,30 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
         raise CheckpointError(f"checkpoint={str(path)!r} is not a DCP checkpoint: it has no "
                               f"{METADATA_FILE} file")
     read_dcp_metadata(str(metadata))  # every rank sees the same file: all raise or none
-    state = {"model": model_state_dict(model), **({"extra": extra} if extra else {})}
+    targets = {"model": model_state_dict(model), **({"extra": extra} if extra else {})}
+    # DCP fills what it is given in place, one tensor after another: loaded straight into
+    # the model, a truncated data file had raised CheckpointError with router.weight
+    # already overwritten. Load into copies (the model's size again, for the load only)
+    # and copy them in once every rank's load succeeded.
+    state = {part: {k: _copy(v) for k, v in tensors.items()} for part, tensors in targets.items()}
     _run_dcp("load", path, dcp.load, state, storage_reader=SafeFileSystemReader(str(path)),
              no_dist=not dist.is_initialized())
-    with torch.no_grad():  # DTensor views share storage; plain tensors were loaded in place
-        own = model.state_dict()
-        for key, value in state["model"].items():
-            local = value.to_local() if isinstance(value, DTensor) else value
-            if own[key].data_ptr() != local.data_ptr():
-                own[key].copy_(local)
+    with torch.no_grad():  # DTensor views share storage with the model's shards
+        for part, tensors in targets.items():
+            for key, target in tensors.items():
+                _local(target).copy_(_local(state[part][key]))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _copy(t: Tensor) -> Tensor:
+    """A copy of ``t`` for DCP to load into; a DTensor keeps its mesh and global shape."""
+    if not isinstance(t, DTensor):
+        return t.detach().clone()
+    return DTensor.from_local(t.to_local().detach().clone(), t.device_mesh, t.placements,
+                              run_check=False, shape=t.shape, stride=t.stride())
 
 
 def _run_dcp(what: str, path: str | os.PathLike, fn: Callable[..., Any], *args: Any,
