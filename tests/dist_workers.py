@@ -305,6 +305,23 @@ def run_kill(rank: int, world: int, port: int, timeout_s: float, how: str) -> di
     return {"error": None, "elapsed": time.monotonic() - start}
 
 
+def run_kill_before_bias_update(rank: int, world: int, port: int, timeout_s: float) -> dict:
+    """Rank 1 dies (SIGKILL) after a forward; rank 0's aux-loss-free bias update (the
+    all-reduce of the loads) must raise CollectiveTimeoutError naming that collective."""
+    init(rank, world, port, timeout_s)
+    mesh = init_mesh(dp=1, ep=2)
+    ep_moe = ExpertParallelMoE.from_moe(full_layer(4, 2, None), mesh)
+    ep_moe(torch.randn(4, D))
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        ep_moe.update_bias()
+    except CollectiveTimeoutError as e:
+        return {"error": str(e), "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
 def run_kill_in_save(rank: int, world: int, port: int, timeout_s: float, ckpt: str) -> dict:
     """Rank 1 dies (SIGKILL) while DCP writes its shard; rank 0 must raise a named error."""
     from torch.distributed.checkpoint import FileSystemWriter

@@ -141,6 +141,16 @@ def test_dead_rank_raises_timeout_error(tmp_path, how):
     assert time.monotonic() - start < 60
 
 
+def test_rank_killed_before_the_bias_update_raises_named_error(tmp_path):
+    """The aux-loss-free bias update's all-reduce goes through the mesh's Comm like the
+    dispatch's collectives: a dead peer is a CollectiveTimeoutError naming it (it had been
+    gloo's own RuntimeError)."""
+    res = launch(W.run_kill_before_bias_update, 2, tmp_path, 4.0, timeout_s=60, wait_for=1)
+    assert list(res) == [0], "rank 1 was to die, rank 0 to report"
+    assert res[0]["error"] is not None, "rank 0 raised no CollectiveTimeoutError"
+    assert "all_reduce of the router's expert loads" in res[0]["error"]
+
+
 def test_rank_killed_during_dcp_save_raises_named_error(tmp_path):
     res = launch(W.run_kill_in_save, 2, tmp_path, 4.0, str(tmp_path / "ckpt"), timeout_s=60,
                  wait_for=1)

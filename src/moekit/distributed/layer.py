@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit.config import MoEConfig
@@ -130,7 +131,13 @@ class ExpertParallelMoE(MoE):
     @torch.no_grad()
     def update_bias(self, rate: float | None = None, group=None) -> None:
         """Aux-loss-free bias step from the loads summed over all ranks (same on every rank)."""
-        self.router.update_bias(rate, group if group is not None else self.mesh.world.group)
+        if group is not None:
+            self.router.update_bias(rate, group)
+            return
+        comm = self.mesh.world  # a dead peer: CollectiveTimeoutError, not gloo's own error
+        self.router.update_bias(rate, reduce=lambda load: comm.run(
+            "all_reduce of the router's expert loads", dist.all_reduce, load,
+            group=comm.group))
 
 
 def _validate(cfg: MoEConfig, mesh: ExpertParallelMesh, dispatcher: str,

@@ -7,7 +7,7 @@ D hidden, E experts, K experts per token, B sequences, L tokens per sequence.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,17 +261,21 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, rate: float | None = None,
-                    group: dist.ProcessGroup | None = None) -> None:
+                    group: dist.ProcessGroup | None = None, *,
+                    reduce: Callable[[Tensor], object] | None = None) -> None:
         """DeepSeek-V3 bias step: b_e += rate * sign(mean load - load_e), then reset load.
 
         With ``group`` the loads are summed over its ranks first, so every rank
-        moves its bias the same way.
+        moves its bias the same way; ``reduce(load)`` sums them in place instead (an
+        expert-parallel layer's, which names a dead peer as its other collectives do).
         """
         rate = self.cfg.bias_update_rate if rate is None else rate
         check_number("rate", rate, 0, 1)  # nan or inf here would reach every bias
         if self.load is None or self.expert_bias is None:
             return
-        if group is not None:
+        if reduce is not None:
+            reduce(self.load)
+        elif group is not None:
             dist.all_reduce(self.load, group=group)
         step_E = torch.sign(self.load.mean() - self.load)
         # a non-finite load (a corrupted count or all-reduce) skips the step on the
