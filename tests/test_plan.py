@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import moekit
 from moekit.plan.cli import add_arguments, plans_from_args, run
 from moekit.plan.cluster import GPUS, PRECISIONS, Cluster, Layout, TrainSetup, get_gpu
-from moekit.plan.cost import communication, flops, make_plan, memory
+from moekit.plan.cost import capacity_rows, communication, flops, make_plan, memory
 from moekit.plan.hf import from_hf_config, from_moe_config, read_spec_file
 from moekit.plan.params import count_params
 from moekit.plan.presets import PRESETS, get_preset
+from moekit.plan.search import search
 from moekit.plan.spec import ModelSpec
 
 
@@ -276,6 +278,119 @@ def test_dedup_all_to_all_bytes_match_simulated_routing(E, K, ep):
     assert comm.all_to_all_bytes == pytest.approx(4 * sent * D * 2, rel=0.01)
     if K == E:
         assert sent == T * (ep - 1)
+
+
+# (E, K, ep, T, factor): C = ceil(factor * T * K / E) rows per expert on each rank
+CAPACITY_CASES = [
+    (16, 4, 4, 20000, 1.25),  # the ratio to dropless is the factor: 1.25x
+    (8, 2, 2, 10, 1.25),  # ceil(3.125) = 4: 1.6x the routed rows, not 1.25x
+    (6, 6, 3, 7, 0.5),  # a factor < 1 still sends whole buffers (K = E, prime T)
+]
+
+
+@pytest.mark.parametrize("E, K, ep, T, factor", CAPACITY_CASES)
+def test_capacity_all_to_all_bytes_match_padded_buffers(E, K, ep, T, factor):
+    """Capacity mode (padded_all_to_all) sends the [E, C, D] buffer of this rank's T
+    tokens, padding and all, less the E / ep experts it keeps: routed rows fill it (the
+    rows past C dropped), and its size does not depend on which rows they are."""
+    D = 64
+    spec = ModelSpec(num_layers=1, dim=D, norm="none", num_experts=E, top_k=K,
+                     expert_ffn_dim=32, capacity_factor=factor)
+    C = moekit.MoEConfig(dim=D, ffn_dim=32, num_experts=E, top_k=K,
+                         capacity_factor=factor).capacity(T)  # what the layer uses
+    g = torch.Generator().manual_seed(2)
+    experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    buf_ECD = torch.zeros(E, C, D, dtype=torch.bfloat16)
+    filled_E = [0] * E
+    for e in experts_TK.flatten().tolist():  # position policy: first come, first kept
+        if filled_E[e] < C:
+            buf_ECD[e, filled_E[e]] = 1.0
+            filled_E[e] += 1
+    sent = buf_ECD[E // ep:].nbytes  # this GPU is rank 0: it keeps experts 0 .. E/ep - 1
+    setup = TrainSetup(seq_len=T, global_batch=ep)
+    cluster = Cluster(gpu=get_gpu("h100"), num_gpus=ep)
+    lay = Layout(dp=ep, ep=ep)
+    comm = communication(spec, count_params(spec), setup, lay, cluster)
+    assert comm.all_to_all_bytes == pytest.approx(4 * sent, rel=1e-12)  # fwd+bwd, out+back
+    dropless = replace(spec, capacity_factor=None)
+    ratio = comm.all_to_all_bytes / communication(dropless, count_params(dropless), setup,
+                                                  lay, cluster).all_to_all_bytes
+    assert ratio == pytest.approx(E * C / (T * K), rel=1e-12)
+
+
+def test_capacity_rows_cost_as_that_many_routed_rows():
+    """Expert compute and saved activations go by routed row: E=8, K=2, T=16 at factor
+    1.5 fills E * C = 8 * 6 = 48 rows = 3 per token, so with expert parallelism its plan
+    costs what a dropless top-3 plan does (its model FLOPs stay top-2's); without, only
+    rows past C are dropped: factor 1.5 costs top-2's, factor 0.5 (C = 2, 16 rows) top-1's."""
+    base = ModelSpec(num_layers=2, dim=64, num_heads=4, vocab_size=100, num_experts=8,
+                     top_k=2, expert_ffn_dim=32)
+    cluster = Cluster(gpu=get_gpu("h100"), num_gpus=4)
+    setup = TrainSetup(seq_len=16, global_batch=8)
+
+    def costs(spec, lay):
+        p = make_plan(spec, cluster, setup, lay)
+        return p.memory.activations, p.time.compute_s, p.comm.all_to_all_bytes, p.flops
+
+    for lay, factor, k in ((Layout(dp=4, ep=4), 1.5, 3), (Layout(dp=4, ep=1), 1.5, 2),
+                           (Layout(dp=4, ep=1), 0.5, 1)):
+        act, compute, a2a, fl = costs(replace(base, capacity_factor=factor), lay)
+        act_k, compute_k, a2a_k, _ = costs(replace(base, top_k=k), lay)
+        assert (act, compute, a2a) == pytest.approx((act_k, compute_k, a2a_k), rel=1e-12), lay
+        assert fl == costs(base, lay)[3]  # model FLOPs: the useful work, top-2
+
+
+def test_capacity_refuses_the_dedup_dispatcher(capsys):
+    """Capacity mode's fixed buffers go with all_to_all only (DistributedMoE refuses
+    all_to_all_dedup with a capacity factor): the plan and the search refuse it too."""
+    spec = replace(get_preset("olmoe-1b-7b").spec, capacity_factor=1.25)
+    cluster = Cluster(gpu=get_gpu("h100"), num_gpus=8)
+    setup = TrainSetup(seq_len=1024, global_batch=64, dispatcher="all_to_all_dedup")
+    for call in (lambda: make_plan(spec, cluster, setup, Layout(dp=8, ep=8)),
+                 lambda: search(spec, cluster, setup)):
+        with pytest.raises(ValueError, match=r"dispatcher='all_to_all_dedup' is not allowed: "
+                           r"capacity_factor=1.25 \(capacity mode\)"):
+            call()
+    for extra in ([], ["--search"]):
+        assert run(parse("olmoe-1b-7b", "--capacity-factor", "1.25", "--dispatcher",
+                         "all_to_all_dedup", *extra)) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err.startswith("moekit plan: error: --dispatcher: ")
+
+
+def test_capacity_factor_flag_and_model_sources(tmp_path, capsys):
+    """--capacity-factor sets or overrides (none: dropless) the factor a moekit config
+    carries; expert choice's C = ceil(factor * T / E) reads as factor / K; the table says
+    what the all-to-all line counts; bad values are refused by the flag's name."""
+    from moekit.models import LMConfig
+
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps(moekit.MoEConfig(dim=64, ffn_dim=128, num_experts=8,
+                                                capacity_factor=2.0).to_dict()))
+    assert read_spec_file(path).capacity_factor == 2.0
+    lm = LMConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=16, num_experts=4, top_k=2,
+                  vocab_size=256, router="expert_choice", capacity_factor=1.5)
+    (tmp_path / "lm.json").write_text(json.dumps(lm.to_dict()))
+    spec = read_spec_file(tmp_path / "lm.json")
+    for T in (64, 37):
+        assert capacity_rows(spec, T) == 4 * lm.moe_config(0).capacity(T)
+    for flag, want in ((None, 2.0), ("1.25", 1.25), ("none", None)):
+        argv = [str(path), "--gpus", "8", "--seq-len", "128", "--json"]
+        assert run(parse(*argv, *(["--capacity-factor", flag] if flag else []))) == 0
+        assert json.loads(capsys.readouterr().out)["model"]["capacity_factor"] == want
+    assert run(parse(str(path), "--gpus", "8", "--seq-len", "100")) == 0
+    # C = ceil(2 * 100 * 2 / 8) = 50 rows per expert, 400 rows for 200 routed: 2.00x
+    assert "capacity factor 2: [E, C, D] buffers of C = 50 rows per expert, padding " \
+           "included, 2.00x the routed rows" in capsys.readouterr().out
+    for bad in ("0", "-1", "9", "nan", "inf", "abc"):
+        assert run(parse(str(path), "--capacity-factor", bad)) == 2
+        err = capsys.readouterr().err
+        assert f"--capacity-factor={bad!r} is not allowed: it must be a number in (0, 8]" in err
+    with pytest.raises(ValueError, match=r"capacity_factor=0 is not allowed"):
+        ModelSpec(num_layers=1, dim=8, expert_ffn_dim=8, capacity_factor=0)
+    assert run(parse("olmoe-1b-7b", "--decode", "--capacity-factor", "1.25")) == 2
+    assert "--capacity-factor='1.25' is not allowed: it plans training" in \
+        capsys.readouterr().err
 
 
 def test_plan_end_to_end_numbers():

@@ -85,6 +85,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--dispatcher", default="all_to_all", choices=PLAN_DISPATCHERS,
                    help="all_to_all: a row per routed expert (default); all_to_all_dedup: a "
                         "row per token and destination rank")
+    t.add_argument("--capacity-factor", default=None, metavar="FACTOR",
+                   help="capacity mode: each expert takes C = ceil(FACTOR * T * K / E) of a "
+                   "rank's T tokens, and expert parallelism sends and computes the whole "
+                   "[E, C, D] buffers, padding included (all_to_all only); 'none': dropless. "
+                   "Default: the model's own (a moekit config's capacity_factor), else "
+                   "dropless")
     t.add_argument("--memory-headroom", type=float, default=0.1,
                    help="fraction of GPU memory kept free (context, buffers, fragmentation)")
     p.add_argument("--search", action="store_true",
@@ -159,7 +165,8 @@ FIELD_FLAGS = {"num_gpus": "--gpus", "gpus_per_node": "--gpus-per-node",
                "weights": "--weights", "kv_cache_dtype": "--kv-cache-dtype", "batch": "--batch",
                "context": "--context", "bandwidth": "--bandwidth-gbs",
                "expert_load": "--expert-load", "scope": "--scope",
-               "group_size": "--group-size",
+               "group_size": "--group-size", "dispatcher": "--dispatcher",
+               "capacity_factor": "--capacity-factor",
                "float_embeddings": "--float-embeddings",
                **{name: f"--{name}" for name in ("dp", "tp", "pp", "ep", "zero", "recompute",
                                                   "top")}}
@@ -227,10 +234,27 @@ def setup_from_args(args: argparse.Namespace, longest: int | None = None) -> Tra
                       dispatcher=args.dispatcher)
 
 
+def with_capacity(spec: ModelSpec, value: str | None) -> ModelSpec:
+    """--capacity-factor: the model's own factor where not given, 'none' dropless."""
+    if value is None:
+        return spec
+    if value.lower() == "none":
+        return replace(spec, capacity_factor=None)
+    try:
+        factor = float(value)
+    except ValueError:
+        factor = math.nan  # refused below with the allowed range
+    if not math.isfinite(factor) or not 0 < factor <= spec.num_experts:
+        reject("--capacity-factor", value, f"it must be a number in (0, {spec.num_experts}] "
+               f"(num_experts={spec.num_experts} already keeps every row) or 'none'")
+    return replace(spec, capacity_factor=factor)
+
+
 def plans_from_args(args: argparse.Namespace) -> list[Plan]:
     """The plan (or, with --search, the ranked plans); raises ValueError on bad input."""
     # a `moekit quantize` directory plans training too: its float model's parameters
     spec, longest, _ = model_source(args.model)
+    spec = with_capacity(spec, args.capacity_factor)
     cluster = cluster_from_args(args)
     setup = setup_from_args(args, longest)
     if args.search:

@@ -88,19 +88,39 @@ def ffn_activation_bytes(spec: ModelSpec, hidden: int, a: int) -> float:
     return a * (g + hidden)
 
 
-def moe_activation_bytes(spec: ModelSpec, a: int) -> float:
-    """One MoE block per token: norm in/out, fp32 router logits, K routed copies (gathered
-    input, expert FFN, expert output before the weighted combine), shared experts."""
-    D, K = spec.dim, spec.top_k
-    routed = K * (a * 2 * D + ffn_activation_bytes(spec, spec.expert_ffn_dim, a))
+def capacity_rows(spec: ModelSpec, tokens: float) -> int:
+    """E * C: the rows of capacity mode's [E, C, D] buffers for ``tokens`` tokens on a
+    rank, C as MoEConfig.capacity counts it."""
+    C = max(1, math.ceil(spec.capacity_factor * tokens * spec.top_k / spec.num_experts))
+    return spec.num_experts * C
+
+
+def routed_rows_per_token(spec: ModelSpec, tokens: float, ep: int) -> float:
+    """Expert rows per token, routing balanced: K dropless. Capacity mode under expert
+    parallelism sends and computes the whole [E, C, D] buffers, padding included
+    (padded_all_to_all), E * C / T rows (1.25 K at factor 1.25); without it nothing is
+    padded and only the rows past C are dropped, min(K, E * C / T)."""
+    if spec.capacity_factor is None:
+        return spec.top_k
+    rows = capacity_rows(spec, tokens) / tokens
+    return rows if ep > 1 else min(spec.top_k, rows)
+
+
+def moe_activation_bytes(spec: ModelSpec, a: int, rows: float) -> float:
+    """One MoE block per token: norm in/out, fp32 router logits, ``rows`` routed copies
+    (gathered input, expert FFN, expert output before the weighted combine), shared
+    experts."""
+    D = spec.dim
+    routed = rows * (a * 2 * D + ffn_activation_bytes(spec, spec.expert_ffn_dim, a))
     shared = ffn_activation_bytes(spec, spec.shared_dim, a) if spec.shared_dim else 0
     return a * 2 * D + FP32 * spec.num_experts + routed + shared
 
 
-def mean_layer_activation_bytes(spec: ModelSpec, a: int) -> float:
-    """Saved bytes per token averaged over all layers (no recomputation)."""
+def mean_layer_activation_bytes(spec: ModelSpec, a: int, rows: float) -> float:
+    """Saved bytes per token averaged over all layers (no recomputation); ``rows``: routed
+    rows per token (routed_rows_per_token)."""
     attn = attention_activation_bytes(spec, a)
-    moe = moe_activation_bytes(spec, a)
+    moe = moe_activation_bytes(spec, a, rows)
     dense = a * 2 * spec.dim + ffn_activation_bytes(spec, spec.dense_ffn_dim, a)
     L, n_moe = spec.total_layers, spec.num_moe_layers
     cross = spec.num_layers if spec.num_encoder_layers else 0
@@ -156,7 +176,8 @@ def memory(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: Layout)
     t_mb = lay.micro_batch * setup.seq_len
     a = p.activation_bytes
     L_stage = math.ceil(spec.total_layers / lay.pp)
-    per_layer = mean_layer_activation_bytes(spec, a)
+    rows = routed_rows_per_token(spec, t_mb / lay.tp, lay.ep)
+    per_layer = mean_layer_activation_bytes(spec, a, rows)
     in_flight = min(lay.pp, microbatches(setup, lay))  # 1F1B: the first stage holds pp
     if lay.recompute == "full":
         kept = a * spec.dim * L_stage * in_flight + per_layer  # inputs + one layer redone
@@ -221,17 +242,20 @@ class Comm:
     pipeline_s: float
 
 
-def remote_rows_per_token(spec: ModelSpec, ep: int, dispatcher: str = "all_to_all") -> float:
+def remote_rows_per_token(spec: ModelSpec, ep: int, dispatcher: str = "all_to_all",
+                          tokens: float = 1.0) -> float:
     """Rows a token sends to other EP ranks, routing uniform over the experts. all_to_all:
-    one per routed expert on another rank, K (ep - 1) / ep. all_to_all_dedup: one per
-    other rank holding any of its K experts: (ep - 1) (1 - C(E - E/ep, K) / C(E, K)), a
-    rank missed by all K draws without replacement. (Group-limited routing, which puts a
-    token's experts on fewer ranks, is not modelled: an upper bound for it.)"""
+    one per routed expert on another rank, K (ep - 1) / ep; in capacity mode the
+    (ep - 1) / ep of the [E, C, D] buffer for ``tokens`` tokens not kept on this rank,
+    padding included: E * C / T (ep - 1) / ep. all_to_all_dedup: one per other rank
+    holding any of its K experts: (ep - 1) (1 - C(E - E/ep, K) / C(E, K)), a rank missed
+    by all K draws without replacement. (Group-limited routing, which puts a token's
+    experts on fewer ranks, is not modelled: an upper bound for it.)"""
     E, K = spec.num_experts, spec.top_k
     if ep == 1:
         return 0.0
     if dispatcher == "all_to_all":
-        return K * (ep - 1) / ep
+        return routed_rows_per_token(spec, tokens, ep) * (ep - 1) / ep
     return (ep - 1) * (1 - math.comb(E - E // ep, K) / math.comb(E, K))
 
 
@@ -244,7 +268,9 @@ def communication(spec: ModelSpec, counts: ParamCounts, setup: TrainSetup, lay: 
     # parallel: each tp rank dispatches its 1/tp of the tokens, remote_rows_per_token
     # copies each
     transfers = 6 if lay.recompute == "full" else 4
-    out = t_mb / lay.tp * remote_rows_per_token(spec, lay.ep, setup.dispatcher) * spec.dim * a
+    tokens = t_mb / lay.tp
+    rows = remote_rows_per_token(spec, lay.ep, setup.dispatcher, tokens)
+    out = tokens * rows * spec.dim * a
     a2a_b = transfers * out * moe_layers * m
     a2a_s = transfers * moe_layers * m * all_to_all_time(cluster, out, lay.tp, lay.ep)
     # Megatron TP + SP: per layer 2 all-gathers + 2 reduce-scatters forward, same backward.
@@ -289,7 +315,8 @@ def compute_time_per_microbatch(spec: ModelSpec, counts: ParamCounts, setup: Tra
     # Each pass reads every weight once (forward, backward-data, backward-weight...).
     t_dense = gemm_time(fl.passes * 2 * dense_active * t_mb, fl.passes * dense * wb,
                         cluster, eff)
-    rows = t_mb * spec.top_k  # balanced: the ep group's rows spread evenly over its GPUs
+    # balanced: the ep group's rows spread evenly over its GPUs
+    rows = t_mb * routed_rows_per_token(spec, t_mb / lay.tp, lay.ep)
     per_row = 2 * counts.active.get("experts", 0) / max(spec.top_k, 1) / (lay.pp * lay.tp)
     t_expert = gemm_time(fl.passes * per_row * rows, fl.passes * expert * wb, cluster, eff)
     attn = attention_score_flops(spec, setup.seq_len, setup.causal) / (lay.pp * lay.tp)
@@ -373,6 +400,15 @@ def check_types(**args: Any) -> None:
             fail(name, value, f"it must be a moekit.plan.{cls.__name__}")
 
 
+def check_dispatcher(spec: ModelSpec, setup: TrainSetup) -> None:
+    """all_to_all_dedup is dropless: capacity mode sends fixed buffers (all_to_all only),
+    as DistributedMoE refuses the pair."""
+    if spec.capacity_factor is not None and setup.dispatcher == "all_to_all_dedup":
+        fail("dispatcher", setup.dispatcher, f"capacity_factor={spec.capacity_factor!r} "
+             "(capacity mode) sends fixed [E, C, D] buffers with all_to_all only; the "
+             "deduplicated all-to-all is dropless")
+
+
 def check_layout(spec: ModelSpec, cluster: Cluster, lay: Layout) -> None:
     if spec.num_experts % lay.ep:
         fail("ep", lay.ep, f"it must divide num_experts={spec.num_experts}")
@@ -389,6 +425,7 @@ def make_plan(spec: ModelSpec, cluster: Cluster, setup: TrainSetup, lay: Layout,
               counts: ParamCounts | None = None) -> Plan:
     """Every estimate for ``spec`` trained on ``cluster`` with layout ``lay``."""
     check_types(spec=spec, cluster=cluster, setup=setup, layout=lay)
+    check_dispatcher(spec, setup)
     check_layout(spec, cluster, lay)
     counts = counts or count_params(spec)
     fl = flops(spec, counts, setup, lay.recompute)

@@ -170,6 +170,16 @@ def from_hf_config(config: dict[str, Any]) -> ModelSpec:
     return HF_READERS[model_type](config)
 
 
+def capacity_factor_of(cfg: Any) -> float | None:
+    """A moekit MoEConfig's / LMConfig's capacity_factor as the spec counts it, C =
+    ceil(factor * T * K / E): expert choice's C is ceil(capacity_factor * T / E)
+    (MoEConfig.capacity), the factor / K here."""
+    factor = cfg.capacity_factor
+    if factor is None or cfg.router != "expert_choice":
+        return factor
+    return factor / cfg.top_k
+
+
 def from_moe_config(cfg: MoEConfig, num_layers: int = 1) -> ModelSpec:
     """One bare moekit MoE layer (no attention, norms or embeddings), repeated."""
     return ModelSpec(
@@ -178,7 +188,8 @@ def from_moe_config(cfg: MoEConfig, num_layers: int = 1) -> ModelSpec:
         num_experts=cfg.num_experts, top_k=cfg.top_k, expert_ffn_dim=cfg.ffn_dim,
         expert_bias=cfg.expert_bias, num_shared_experts=cfg.num_shared_experts,
         shared_ffn_dim=cfg.shared_dim, shared_expert_gate=cfg.shared_expert_gate,
-        noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash")
+        noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash",
+        capacity_factor=capacity_factor_of(cfg))
 
 
 def from_lm_config(cfg: Any) -> ModelSpec:
@@ -198,7 +209,8 @@ def from_lm_config(cfg: Any) -> ModelSpec:
         num_shared_experts=0 if cfg.dense else cfg.num_shared_experts,
         shared_ffn_dim=0 if cfg.dense else cfg.shared_dim,
         shared_expert_gate=cfg.shared_expert_gate and not cfg.dense,
-        noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash")
+        noisy_router=cfg.router == "noisy_topk", hash_router=cfg.router == "hash",
+        capacity_factor=None if cfg.dense else capacity_factor_of(cfg))
 
 
 def spec_from_dict(data: dict[str, Any]) -> ModelSpec:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moekit.plan.cluster import usable_memory
-from moekit.plan.cost import Memory, Plan
+from moekit.plan.cost import Memory, Plan, capacity_rows
 
 GIB = 2**30
 
@@ -81,13 +81,28 @@ A2A_ROWS = {"all_to_all": "K rows per token: one per routed expert, no per-rank 
                                 "uniform routing"}
 
 
+def a2a_rows(plan: Plan) -> str:
+    """What the all-to-all line counts: a row per routed expert, per (token, rank), or
+    capacity mode's padded buffers."""
+    spec, lay = plan.spec, plan.layout
+    if spec.capacity_factor is None:
+        return A2A_ROWS[plan.setup.dispatcher]
+    if lay.ep == 1:
+        return f"capacity factor {spec.capacity_factor:g}, no expert parallelism: none sent"
+    tokens = lay.micro_batch * plan.setup.seq_len / lay.tp
+    rows = capacity_rows(spec, tokens)
+    return (f"capacity factor {spec.capacity_factor:g}: [E, C, D] buffers of C = "
+            f"{rows // spec.num_experts:,} rows per expert, padding included, "
+            f"{rows / (tokens * spec.top_k):.2f}x the routed rows")
+
+
 def time_lines(plan: Plan) -> list[str]:
     c = plan.comm
     gpu = plan.cluster.gpu
     return [
         "communication per GPU per step",
         f"  all-to-all (expert parallel) {c.all_to_all_bytes / 1e9:10.2f} GB  "
-        f"{seconds(c.all_to_all_s)}  ({A2A_ROWS[plan.setup.dispatcher]})",
+        f"{seconds(c.all_to_all_s)}  ({a2a_rows(plan)})",
         f"  tensor parallel              {c.tensor_parallel_bytes / 1e9:10.2f} GB  "
         f"{seconds(c.tensor_parallel_s)}",
         f"  data parallel (gradients)    {c.data_parallel_bytes / 1e9:10.2f} GB  "

@@ -8,7 +8,7 @@ from dataclasses import fields
 from typing import Any, NoReturn
 
 from moekit.plan.cluster import RECOMPUTE, Cluster, Layout, TrainSetup, usable_memory
-from moekit.plan.cost import Plan, check_types, make_plan, memory
+from moekit.plan.cost import Plan, check_dispatcher, check_types, make_plan, memory
 from moekit.plan.params import count_params
 from moekit.plan.spec import ModelSpec, check_choice, check_int, fail
 
@@ -98,6 +98,7 @@ def search(spec: ModelSpec, cluster: Cluster, setup: TrainSetup, top: int = 10,
     it (a restriction is never dropped in silence). A fixed ``micro_batch`` replaces
     the micro-batches searched (1, 2, 4, 8)."""
     check_types(spec=spec, cluster=cluster, setup=setup)
+    check_dispatcher(spec, setup)
     check_int("top", top, 1)  # a negative top sliced off the last layouts instead
     fixed = check_fixed(fixed)
     mbs = (fixed["micro_batch"],) if "micro_batch" in fixed else MICRO_BATCHES

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from moekit.config import FrozenConfig, check_bool
+from moekit.config import FrozenConfig, check_bool, check_number
 
 Norm = Literal["rmsnorm", "layernorm", "layernorm_nobias", "none"]
 NORMS: tuple[str, ...] = Norm.__args__  # type: ignore[attr-defined]
@@ -82,6 +82,9 @@ class ModelSpec(FrozenConfig):
     router_bias: bool = False  # GPT-OSS
     noisy_router: bool = False  # a second [E, D] noise projection (noisy top-k)
     hash_router: bool = False  # no router weights at all
+    # capacity mode (MoEConfig.capacity_factor): each expert takes C = ceil(capacity_factor
+    # * T * K / E) rows of a rank's T tokens; None = dropless
+    capacity_factor: float | None = None
 
     # encoder stack (Switch / T5): decoder layers then also hold cross-attention
     num_encoder_layers: int = 0
@@ -106,6 +109,9 @@ class ModelSpec(FrozenConfig):
         check_choice("ffn_kind", self.ffn_kind, FFN_KINDS)
         if self.top_k > self.num_experts:
             fail("top_k", self.top_k, f"it must be between 1 and num_experts={self.num_experts}")
+        if self.capacity_factor is not None:  # MoEConfig's bound: E already keeps every row
+            check_number("capacity_factor", self.capacity_factor, 0, self.num_experts,
+                         low_open=True)
         self._check_attention()
         self._check_ffn()
 
