@@ -121,6 +121,28 @@ def test_config_json_reads_like_transformers(model_type, tmp_path):
         "moe_top_k", 1))
 
 
+@pytest.mark.parametrize("model_type", list(TINY_HF))
+def test_save_pretrained_directory_plans_like_transformers(model_type, tmp_path, capsys):
+    """`moekit plan DIR` of what save_pretrained writes: the directory was refused ("no
+    state.json or LATEST there"), and Qwen3-MoE's config.json, which transformers 5.x
+    writes with num_local_experts, read as 128 experts (51.8M parameters for a 7.6M
+    model)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.for_model(model_type, **TINY_HF[model_type])
+    cfg.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        if model_type == "switch_transformers":
+            model = transformers.SwitchTransformersForConditionalGeneration(cfg)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert run(parse(str(tmp_path), "--gpus", "1", "--seq-len", "64", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params"]["total_params"] == sum(p.numel() for p in model.parameters())
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) \
+        or getattr(cfg, "n_routed_experts", None) or cfg.ffn_config.moe_num_experts
+    assert data["model"]["num_experts"] == experts
+
+
 def test_config_json_fields_mixtral(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "mixtral", **TINY_HF["mixtral"]}))

@@ -30,7 +30,7 @@ from moekit.plan.decode import (
 )
 from moekit.plan.decode import SCOPES as DECODE_SCOPES
 from moekit.plan.decode import WEIGHTS as DECODE_WEIGHTS
-from moekit.plan.hf import read_spec_file, spec_from_dict
+from moekit.plan.hf import model_file, read_spec_file, spec_from_dict
 from moekit.plan.presets import PRESETS, get_preset, longest_context
 from moekit.plan.report import plan_table, search_table
 from moekit.plan.search import search
@@ -45,8 +45,9 @@ DEFAULT_LENGTH = 4096
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a JSON file (a "
-                   "transformers config.json, a ModelSpec, a moekit LMConfig or MoEConfig) "
-                   "or a moekit checkpoint directory")
+                   "transformers config.json, a ModelSpec, a moekit LMConfig or MoEConfig), "
+                   "a moekit checkpoint directory or a transformers model directory (its "
+                   "config.json)")
     g = p.add_argument_group("cluster")
     g.add_argument("--gpu", default="h100", help=f"GPU preset: {', '.join(GPUS)}")
     g.add_argument("--gpus", type=int, default=8, help="number of GPUs")
@@ -146,8 +147,8 @@ def load_model(name: str) -> ModelSpec:
     if name.lower() in PRESETS:
         return get_preset(name).spec
     if not (name.endswith(".json") or Path(name).is_dir()):
-        fail("model", name, f"it must be a preset ({', '.join(PRESETS)}), a .json file or "
-             "a moekit checkpoint directory")
+        fail("model", name, f"it must be a preset ({', '.join(PRESETS)}), a .json file, "
+             "a moekit checkpoint directory or a transformers model directory")
     return read_spec_file(name)
 
 
@@ -324,11 +325,8 @@ def source_longest(name: str) -> int | None:
     ``name`` already read by ``load_model``."""
     if name.lower() in PRESETS:
         data = get_preset(name).hf_config
-    elif Path(name).is_dir():
-        from moekit.train.checkpoint import STATE_FILE, resolve
-        data = read_json("model", str(resolve(name) / STATE_FILE))
     else:
-        data = read_json("model", name)
+        data = read_json("model", str(model_file(name)))
     model_config = data.get("model_config") if isinstance(data, dict) else None
     data = model_config if isinstance(model_config, dict) else data
     return longest_context(data) if isinstance(data, dict) else None

@@ -34,6 +34,13 @@ def _attention(c: dict[str, Any], dim: int, heads: int = 32,
             "head_dim": head_dim}
 
 
+def _either(c: dict[str, Any], key: str, alias: str, default: Any) -> Any:
+    """``key`` or, absent, its alias in the family's attribute_map: transformers 5.x
+    saves Qwen3-MoE's num_experts as num_local_experts (a save_pretrained config.json
+    had read as the 128-expert default), and reads either name for either."""
+    return c.get(key, c.get(alias, default))
+
+
 def _common(c: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
     return {"name": c.get("_name_or_path") or c.get("model_type", "hf"),
             "num_layers": c.get("num_hidden_layers", d["layers"]),
@@ -45,7 +52,7 @@ def _common(c: dict[str, Any], d: dict[str, Any]) -> dict[str, Any]:
 def read_mixtral(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 32, "dim": 4096, "vocab": 32000})
     return ModelSpec(**base, **_attention(c, base["dim"], 32, 8),
-                     num_experts=c.get("num_local_experts", 8),
+                     num_experts=_either(c, "num_local_experts", "num_experts", 8),
                      top_k=c.get("num_experts_per_tok", 2),
                      expert_ffn_dim=c.get("intermediate_size", 14336))
 
@@ -73,7 +80,8 @@ def read_qwen_moe(c: dict[str, Any]) -> ModelSpec:
         qk_norm="none" if qwen2 else "head",
         **_sparse_layout(c, base["num_layers"]),
         dense_ffn_dim=c.get("intermediate_size", 5632 if qwen2 else 6144),
-        num_experts=c.get("num_experts", 60 if qwen2 else 128),
+        num_experts=(c.get("num_experts", 60) if qwen2  # no alias in Qwen2-MoE's config
+                     else _either(c, "num_experts", "num_local_experts", 128)),
         top_k=c.get("num_experts_per_tok", 4 if qwen2 else 8),
         expert_ffn_dim=c.get("moe_intermediate_size", 1408 if qwen2 else 768),
         num_shared_experts=1 if shared else 0, shared_ffn_dim=shared,
@@ -95,7 +103,8 @@ def read_deepseek(c: dict[str, Any]) -> ModelSpec:
         dense_ffn_dim=c.get("intermediate_size", 18432 if v3 else 11008),
         num_dense_layers=c.get("first_k_dense_replace", 3 if v3 else 0) or 0,
         moe_every=moe_every,
-        num_experts=c.get("n_routed_experts", 256 if v3 else 64),
+        num_experts=_either(c, "n_routed_experts", "num_local_experts" if v3 else "num_experts",
+                            256 if v3 else 64),
         top_k=c.get("num_experts_per_tok", 8) or 8,
         expert_ffn_dim=c.get("moe_intermediate_size", 2048 if v3 else 1407),
         num_shared_experts=c.get("n_shared_experts", 1 if v3 else 2) or 0)
@@ -105,7 +114,8 @@ def read_olmoe(c: dict[str, Any]) -> ModelSpec:
     base = _common(c, {"layers": 16, "dim": 2048, "vocab": 50304})
     return ModelSpec(**base, **_attention(c, base["dim"], 16, None), qk_norm="full",
                      attention_bias=bool(c.get("attention_bias", False)),
-                     num_experts=c.get("num_experts", 64), top_k=c.get("num_experts_per_tok", 8),
+                     num_experts=_either(c, "num_experts", "num_local_experts", 64),
+                     top_k=c.get("num_experts_per_tok", 8),
                      expert_ffn_dim=c.get("intermediate_size", 2048))
 
 
@@ -115,7 +125,7 @@ def read_gpt_oss(c: dict[str, Any]) -> ModelSpec:
     attn["head_dim"] = c.get("head_dim", 64)
     return ModelSpec(**base, **attn, attention_bias=bool(c.get("attention_bias", True)),
                      attention_sinks=True,
-                     num_experts=c.get("num_local_experts", 128),
+                     num_experts=_either(c, "num_local_experts", "num_experts", 128),
                      top_k=c.get("num_experts_per_tok", c.get("experts_per_token", 4)),
                      expert_ffn_dim=c.get("intermediate_size", 2880), expert_bias=True,
                      router_bias=True)
@@ -230,12 +240,28 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
          "ModelSpec dict (num_layers, dim, ...) or a moekit MoEConfig dict (dim, ffn_dim, ...)")
 
 
-def read_spec_file(path: str | Path) -> ModelSpec:
-    """A JSON file, or a moekit checkpoint / run directory (its state.json)."""
+HF_CONFIG = "config.json"
+
+
+def model_file(path: str | Path) -> Path:
+    """The JSON file a model path names: the file itself, a moekit checkpoint / run
+    directory's state.json, or a transformers model directory's config.json (what
+    save_pretrained writes and a downloaded model holds; it had been refused as "no
+    state.json or LATEST there")."""
     p = Path(path)
-    if p.is_dir():
-        from moekit.train.checkpoint import STATE_FILE, resolve
-        p = resolve(p) / STATE_FILE
+    if not p.is_dir():
+        return p
+    from moekit.train.checkpoint import LATEST, STATE_FILE, resolve
+    if not (p / STATE_FILE).exists() and not (p / LATEST).exists() \
+            and (p / HF_CONFIG).is_file():
+        return p / HF_CONFIG
+    return resolve(p) / STATE_FILE
+
+
+def read_spec_file(path: str | Path) -> ModelSpec:
+    """A JSON file, a moekit checkpoint / run directory (its state.json) or a
+    transformers model directory (its config.json)."""
+    p = model_file(path)
     if not p.is_file():
         fail("config", str(path), "it must be a preset name or an existing JSON file")
     try:
