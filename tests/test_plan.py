@@ -143,6 +143,14 @@ def test_save_pretrained_directory_plans_like_transformers(model_type, tmp_path,
     assert data["model"]["num_experts"] == experts
 
 
+def test_a_directory_with_no_model_is_refused_naming_both_kinds(tmp_path, capsys):
+    assert run(parse(str(tmp_path), "--gpus", "1")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"checkpoint={str(tmp_path)!r}: no state.json or LATEST there" in err
+    assert "(or a transformers model directory: no config.json there either)" in err
+
+
 def test_config_json_fields_mixtral(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "mixtral", **TINY_HF["mixtral"]}))

@@ -251,11 +251,16 @@ def model_file(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
         return p
-    from moekit.train.checkpoint import LATEST, STATE_FILE, resolve
-    if not (p / STATE_FILE).exists() and not (p / LATEST).exists() \
-            and (p / HF_CONFIG).is_file():
+    from moekit.train.checkpoint import LATEST, STATE_FILE, CheckpointError, resolve
+    if (p / STATE_FILE).exists() or (p / LATEST).exists():
+        return resolve(p) / STATE_FILE
+    if (p / HF_CONFIG).is_file():
         return p / HF_CONFIG
-    return resolve(p) / STATE_FILE
+    try:
+        return resolve(p) / STATE_FILE  # raises, naming what the directory is instead
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (or a transformers model directory: no {HF_CONFIG} "
+                              "there either)") from None
 
 
 def read_spec_file(path: str | Path) -> ModelSpec:
