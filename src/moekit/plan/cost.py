@@ -402,7 +402,7 @@ def check_types(**args: Any) -> None:
 
 def check_dispatcher(spec: ModelSpec, setup: TrainSetup) -> None:
     """all_to_all_dedup is dropless: capacity mode sends fixed buffers (all_to_all only),
-    as DistributedMoE refuses the pair."""
+    as ExpertParallelMoE refuses the pair."""
     if spec.capacity_factor is not None and setup.dispatcher == "all_to_all_dedup":
         fail("dispatcher", setup.dispatcher, f"capacity_factor={spec.capacity_factor!r} "
              "(capacity mode) sends fixed [E, C, D] buffers with all_to_all only; the "
