@@ -148,6 +148,8 @@ def no_training(monkeypatch):
     (["--seed", "3"], ["--seed=3", "--seeds"]),  # ignored: --seeds sets each run's seed
     (["--steps", "0"], ["--steps", "steps=0"]),  # did not name the flag
     (["--dense"], ["--dense", "variants"]),  # ignored: the variants set it
+    # the second 0 read the first's cached run: n=2, spread 0, and a verdict of "holds"
+    (["--seeds", "0", "1", "0"], ["--seeds=[0, 1, 0]", "0 repeats"]),
 ])
 def test_compare_and_scaling_bad_flags(command, argv, words, text_file, tmp_path, no_training,
                                        capsys):
@@ -157,6 +159,24 @@ def test_compare_and_scaling_bad_flags(command, argv, words, text_file, tmp_path
                     "--no-progress", "--seeds", "0", *argv], *words)
     assert not out.exists()
     assert torch.get_num_threads() == threads
+
+
+def test_compare_top_ks_beyond_experts_names_top_ks(text_file, tmp_path, no_training, capsys):
+    """It had named --top-k (top_k=8), a flag the user never passed."""
+    out = tmp_path / "out"
+    _fails(capsys, ["compare", "--preset", "tiny", "--data", str(text_file), "--out", str(out),
+                    "--experts", "4", "--top-ks", "8", "2"], "--top-ks=8", "--experts=4")
+    assert not out.exists()
+
+
+def test_scaling_with_no_expert_count_reaching_a_top_k_is_refused(text_file, tmp_path,
+                                                                  no_training, capsys):
+    """Every (E, K) had been skipped as E < K: the "sweep" trained and reported dense alone."""
+    out = tmp_path / "out"
+    _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out", str(out),
+                    "--top-ks", "4", "8", "--expert-counts", "1", "2"],
+           "--expert-counts=[1, 2]", "no MoE would train", ">= 4")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", ["compare", "scaling"])

@@ -90,6 +90,9 @@ def dense_variant(base: LMConfig, active_ffn: int) -> LMConfig:
 
 
 def variants(base: LMConfig, active_ffn: int, top_ks: list[int]) -> dict[str, LMConfig]:
+    for k in top_ks:  # LMConfig would name --top-k, which the user did not pass
+        if k > base.num_experts:
+            reject("--top-ks", k, f"it must be at most --experts={base.num_experts}")
     out = {"dense": dense_variant(base, active_ffn)}
     for k in top_ks:
         out[f"moe-top{k}"] = moe_variant(base, active_ffn, k)
@@ -303,6 +306,10 @@ def check_flags(args: argparse.Namespace) -> None:
         check_positive_int("--top-ks", k)
     for seed in args.seeds:
         check_int_range("--seeds", seed, 0, MAX_SEED)
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+    if repeated:  # the second one read the first's cached run: n=2, spread 0, a false "holds"
+        reject("--seeds", args.seeds, f"each seed once ({', '.join(map(str, repeated))} "
+               "repeats): a repeated seed is the same run counted twice")
     check_out_dir("--out", args.out)
 
 

@@ -56,6 +56,10 @@ def scaling_variants(base: LMConfig, active_ffn: int, top_ks: list[int],
     for e in expert_counts:
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ValueError(f"expert-counts value {e!r} is not allowed: it must be an int >= 1")
+    if max(expert_counts) < min(top_ks):  # every MoE skipped: a dense-only "sweep"
+        raise ValueError(f"--expert-counts={expert_counts} is not allowed: every count is "
+                         f"below every --top-ks value ({top_ks}), so no MoE would train; give "
+                         f"a count >= {min(top_ks)}")
     out = {"dense": dense_variant(base, active_ffn)}
     for e in sorted(set(expert_counts)):
         for k in top_ks:
