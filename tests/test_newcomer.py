@@ -471,8 +471,15 @@ def test_plan_search_without_a_fit_names_the_gpu_count(capsys):
 # -- plots -----------------------------------------------------------------------------------
 
 
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
 def _images(fig):
-    return [im for ax in fig.axes for im in ax.get_images()]
+    """Every heatmap (imshow images and pcolormesh meshes) outside the colour bar."""
+    from matplotlib.collections import QuadMesh
+    return [im for ax in _panels(fig) for im in [*ax.get_images(), *(
+        c for c in ax.collections if isinstance(c, QuadMesh))]]
 
 
 def test_val_loss_axis_shows_every_point():
@@ -500,9 +507,34 @@ def test_load_and_coactivation_heatmaps_share_one_centred_scale():
         assert len(norms) == 1, "each panel has its own colour scale"
         norm = _images(fig)[0].norm
         assert (norm.vmin, norm.vcenter) == (0.0, 1.0) and norm.vmax >= top
-        for ax in fig.axes:
-            if ax.get_images():
+        for ax in _panels(fig):
+            if ax.get_images() or ax.collections:
                 assert ax.get_xlabel() and ax.get_ylabel()
+
+
+@pytest.mark.parametrize("load,edges", [
+    # evaluations every 10 steps and a last one at step 25: columns 0-10, 10-20, 20-25
+    ([(10, [[0.1, 0.9]]), (20, [[0.5, 0.5]]), (25, [[0.75, 0.25]])], [0, 10, 20, 25]),
+    # --steps equal to --eval-every: one evaluation had drawn an empty panel (zero width)
+    ([(10, [[0.25, 0.75]])], [0, 10]),
+])
+def test_compare_load_columns_span_the_steps_each_share_was_counted_over(load, edges):
+    """The load logged at an evaluation counts the steps since the previous one; the
+    heatmap had spread its columns evenly from the first evaluation to the last."""
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from moekit.train.plots import load_figure
+    fig = load_figure({"variant": "moe-top1", "seed": 0, "load": load})
+    (mesh,) = _images(fig)
+    ax = fig.axes[0]
+    assert ax.get_xlim() == (edges[0], edges[-1])
+    assert ax.get_ylim() == (1.5, -0.5)  # expert 0 on top, one row per expert
+    xs = mesh.get_coordinates()[0, :, 0]
+    assert xs.tolist() == edges
+    # colour = share x E (2 experts): 1.0 is a uniform load
+    want = [[share[0][e] * 2 for _, share in load] for e in range(2)]
+    assert np.allclose(np.asarray(mesh.get_array()).reshape(2, len(load)), want)
 
 
 # -- the C++ kernels' build message --------------------------------------------------------

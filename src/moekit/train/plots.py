@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def curves_figure(results: list[dict[str, Any]]):
@@ -61,10 +62,17 @@ def load_figure(result: dict[str, Any]):
     norm = centred_norm([v for grid in rel_LES for row in grid for v in row])
     fig, axes = plt.subplots(1, num_layers, figsize=(3.2 * num_layers + 1.2, 3.0), dpi=100,
                              squeeze=False, layout="constrained")
+    # the load logged at an evaluation is the share over the steps since the one before,
+    # so its column spans them: an imshow from the first to the last evaluation had drawn
+    # each column one window late, a last short window as wide as the others, and a run
+    # with one evaluation as an empty panel (zero width)
+    edges = [0, *steps]
     for layer, grid in enumerate(rel_LES):
         ax = axes[0][layer]
-        im = ax.imshow(grid, aspect="auto", cmap="coolwarm", norm=norm, interpolation="nearest",
-                       extent=(steps[0], steps[-1], len(grid) - 0.5, -0.5))
+        im = ax.pcolormesh(edges, [e - 0.5 for e in range(len(grid) + 1)], grid,
+                           cmap="coolwarm", norm=norm)
+        ax.set_ylim(len(grid) - 0.5, -0.5)  # expert 0 on top
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"MoE layer {layer}")
         ax.set_xlabel("step")
         ax.set_ylabel("expert")
