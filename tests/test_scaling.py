@@ -101,6 +101,42 @@ def test_every_variant_has_the_dense_models_active_ffn_flops(active_ffn):
         assert model.active_params_per_token() == dense.num_params() + L * router, name
 
 
+@pytest.mark.parametrize("shared", [dict(num_shared_experts=1),  # hidden 1 x F = 8
+                                    dict(num_shared_experts=2, shared_ffn_dim=24),
+                                    dict(num_shared_experts=1, moe_every=2)])
+def test_shared_experts_keep_every_variant_at_the_dense_models_active_ffn(shared):
+    """The shared experts' hidden size had followed each variant's ffn_dim: with one shared
+    expert and A = 24 the dense model ran 48 hidden units per token, top-2 36, top-1 48."""
+    base = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, ffn_dim=8,
+                    num_experts=4, top_k=2, **shared)
+    S = shared.get("shared_ffn_dim", 8)
+    A = base.active_ffn_dim  # compare's default: 2 x 8 routed + the shared experts
+    assert A == 16 + S
+    configs = {**compare.variants(base, A, [1, 2]),
+               **scaling_variants(base, A, [1, 2], [1, 4])}
+    D, L = base.dim, base.num_layers
+    moe_layers = L // base.moe_every
+    dense = MoETransformer(configs.pop("dense"))
+    assert dense.num_params() == ffn_free_params(base) + L * 3 * D * A  # one SwiGLU of A
+    for name, cfg in configs.items():
+        model = MoETransformer(cfg)
+        E, K = cfg.num_experts, cfg.top_k
+        assert K * cfg.ffn_dim == A - S, name  # routed experts get A less the shared part
+        # per MoE layer: E experts of (A - S) / K, the shared SwiGLU of S, the router; the
+        # other blocks a dense SwiGLU of A
+        moe = E * 3 * D * (A - S) // K + 3 * D * S + D * E
+        assert model.num_params() == ffn_free_params(base) + moe_layers * moe + (
+            L - moe_layers) * 3 * D * A, name
+        assert model.active_params_per_token() == dense.num_params() + moe_layers * D * E, name
+
+
+def test_shared_experts_as_large_as_the_active_ffn_are_refused():
+    base = LMConfig(dim=32, num_layers=2, num_heads=2, max_seq_len=16, ffn_dim=8,
+                    num_experts=4, top_k=2, num_shared_experts=1, shared_ffn_dim=32)
+    with pytest.raises(ValueError, match=r"--active-ffn=32 is not allowed: .*hidden size 32"):
+        compare.variants(base, 32, [1, 2])
+
+
 def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(0, 3.0), (10, 2.0), (20, 1.0), (30, 0.5)]
     assert steps_to_reach(curve, 1.5) == pytest.approx(15.0)

@@ -55,7 +55,8 @@ def add_common_arguments(p: argparse.ArgumentParser, out: str, top_ks: list[int]
     add_model_arguments(p)
     add_train_arguments(p)
     p.add_argument("--active-ffn", type=int,
-                   help="A, FFN hidden size each token uses (default: preset top_k * ffn_dim)")
+                   help="A, FFN hidden size each token uses, shared experts' included "
+                        "(default: preset top_k * ffn_dim + shared)")
     p.add_argument("--top-ks", type=int, nargs="+", default=top_ks,
                    help="MoE variants to train (experts of hidden A / K)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -70,23 +71,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p, "runs/compare", [2, 1])
 
 
+def routed_ffn(base: LMConfig, active_ffn: int) -> int:
+    """The part of A the routed experts share: A less the shared experts' hidden size,
+    which every variant keeps at the base config's (it had followed each variant's
+    ffn_dim: with one shared expert the tiny preset's dense model ran 192 hidden units
+    per token, top-2 144, top-1 192)."""
+    if base.shared_dim >= active_ffn:
+        reject("--active-ffn", active_ffn, "it must exceed the shared experts' hidden size "
+               f"{base.shared_dim} (A counts them)")
+    return active_ffn - base.shared_dim
+
+
+def _shared(base: LMConfig) -> dict[str, Any]:
+    """The shared experts' size pinned explicitly (nothing changes without them, so the
+    configs, and so the cached runs' keys, stay as they were)."""
+    return {"shared_ffn_dim": base.shared_dim} if base.num_shared_experts else {}
+
+
 def moe_variant(base: LMConfig, active_ffn: int, top_k: int,
                 num_experts: int | None = None) -> LMConfig:
-    """A top-K MoE whose tokens do the FFN arithmetic of a dense SwiGLU of hidden A."""
-    if active_ffn % top_k:
+    """A top-K MoE whose tokens do the FFN arithmetic of a dense SwiGLU of hidden A
+    (routed experts of hidden (A - shared) / K, plus the shared experts)."""
+    routed = routed_ffn(base, active_ffn)
+    if routed % top_k:
         raise ValueError(f"top-ks value {top_k} is not allowed: it must divide "
-                         f"active_ffn={active_ffn}")
+                         f"active_ffn={active_ffn}" + (
+                             f" less the shared experts' {base.shared_dim} = {routed}"
+                             if base.num_shared_experts else ""))
     # top-1 under a renormalising softmax router has a constant gate of 1.0, so
     # the router would learn from the aux loss only (measured: val loss 0.14 worse
     # than dense at 1M tokens); Switch's top-1 gate is the raw probability.
     router = "switch" if top_k == 1 and base.router == "softmax" else base.router
     experts = base.num_experts if num_experts is None else num_experts
-    return base.replace(dense=False, top_k=top_k, ffn_dim=active_ffn // top_k,
-                        router=router, num_experts=experts)
+    return base.replace(dense=False, top_k=top_k, ffn_dim=routed // top_k,
+                        router=router, num_experts=experts, **_shared(base))
 
 
 def dense_variant(base: LMConfig, active_ffn: int) -> LMConfig:
-    return base.replace(dense=True, top_k=1, ffn_dim=active_ffn)
+    """One SwiGLU of hidden A (the dense LM's FFN is top_k * ffn_dim + the shared size)."""
+    return base.replace(dense=True, top_k=1, ffn_dim=routed_ffn(base, active_ffn),
+                        **_shared(base))
 
 
 def variants(base: LMConfig, active_ffn: int, top_ks: list[int]) -> dict[str, LMConfig]:
