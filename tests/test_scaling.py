@@ -179,6 +179,35 @@ def test_summary_speedup_gaps_and_targets_from_known_runs():
     assert "0/3 (spread unknown for some)" in "\n".join(targets(one, [2]))
 
 
+def test_a_sweep_without_its_dense_run_says_so_not_that_no_seed_reached_it(tmp_path,
+                                                                           monkeypatch):
+    """--variants / --report-only without 'dense' cached: the table had read "0/2 seeds
+    reach it" and speedup.png had marked every point as not reached."""
+    pytest.importorskip("matplotlib")
+    from moekit.train.plots import plot_speedup
+    from moekit.train.scaling import table
+
+    runs = [fake_run("top2-e4", 2, 4, s, v) for s, v in ((0, 1.5), (1, 1.6))]
+    s = summarize(runs, ["dense", "top2-e4"])
+    assert s["dense_final_val_loss"] is None
+    row = next(ln for ln in table(s).splitlines() if ln.startswith("| top2-e4 |"))
+    assert "| no dense run |" in row and "reach" not in row, row
+    import matplotlib.pyplot as plt
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        seen["ax"] = fig.axes[0]
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    plot_speedup(s, tmp_path / "speedup.png")
+    ax = seen["ax"]
+    assert not ax.lines and not ax.collections  # no point claims a reached / missed target
+    assert any("no dense run" in t.get_text() for t in ax.texts)
+    assert (tmp_path / "speedup.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_one_expert_switch_lm_is_the_dense_lm_without_router_losses():
     """The curve's E=1 point: with the same weights, a 1-expert top-1 (Switch) LM has
     the dense LM's loss and gradients; only its router losses (z-loss on one logit)

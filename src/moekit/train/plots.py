@@ -143,7 +143,10 @@ def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
     top = dense["steps"] if dense is not None else max(p["steps"] for p in summary["points"])
     if dense is not None:
         ax.axhline(top, color="black", lw=1, label=f"dense: {top} steps")
-    for k, line in _by_top_k(summary).items():
+    else:  # a partial sweep: every point had been drawn as "not reached by every seed"
+        ax.text(0.5, 0.5, "no dense run cached: nothing to reach\n(train it: --variants dense)",
+                ha="center", va="center", transform=ax.transAxes)
+    for k, line in (_by_top_k(summary) if dense is not None else {}).items():
         missed = [p for p in line if p["steps_to_dense_final_mean"] is None]
         steps = [math.nan if p in missed else p["steps_to_dense_final_mean"] for p in line]
         lines = ax.plot([p["num_experts"] for p in line], steps, marker="o",
@@ -156,7 +159,8 @@ def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(0, top * 1.12)
     ax.set_ylabel("steps to reach dense's final val loss")
     ax.set_title("training steps to dense quality (lower = faster)")
-    ax.legend(fontsize=8)
+    if dense is not None:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -216,6 +216,8 @@ def _paired_cell(p: dict[str, Any]) -> str:
 def _steps_cell(p: dict[str, Any], summary: dict[str, Any]) -> str:
     if p["variant"] == "dense":
         return f"{p['steps']} (1.00x)"
+    if summary["dense_final_val_loss"] is None:  # it had read "0/n seeds reach it"
+        return "no dense run"
     reached = [s for s in p["steps_to_dense_final"] if s is not None]
     if len(reached) < len(p["steps_to_dense_final"]):
         return f"{len(reached)}/{len(p['steps_to_dense_final'])} seeds reach it"
