@@ -169,6 +169,41 @@ def test_compare_top_ks_beyond_experts_names_top_ks(text_file, tmp_path, no_trai
     assert not out.exists()
 
 
+def test_compare_top_ks_a_router_cannot_take_names_top_ks(text_file, tmp_path, no_training,
+                                                         capsys):
+    """It had named --top-k; passing --top-k 1 then failed the same way on moe-top2."""
+    out = tmp_path / "out"
+    for extra in ([], ["--top-k", "1"]):
+        err = _fails(capsys, ["compare", "--preset", "tiny", "--data", str(text_file), "--out",
+                              str(out), "--router", "switch", *extra],
+                     "--top-ks value 2", "router='switch'")
+        assert not err.startswith("moekit compare: error: --top-k:"), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv,experts,router", [
+    (["--experts", "1", "--top-ks", "1"], 1, "switch"),  # the preset's top-k 2 > 1 expert
+    (["--router", "switch", "--top-ks", "1"], 4, "switch"),  # switch routes to 1 expert
+])
+def test_compare_base_config_does_not_impose_the_presets_top_k(argv, experts, router, text_file,
+                                                               tmp_path, monkeypatch):
+    """Both had been refused naming --top-k (top_k=2), a flag compare does not read: every
+    variant sets its own top-k. The default A still comes from the preset's (2 x F)."""
+    trained = {}
+
+    def record(name, mcfg, tcfg, corpus, run_dir, progress):
+        trained[name] = mcfg
+        raise KeyboardInterrupt  # stop the sweep there: nothing trains
+    monkeypatch.setattr(compare, "train_one", record)
+    rc = main(["compare", "--preset", "tiny", "--data", str(text_file), "--out",
+               str(tmp_path / "out"), "--seeds", "0", "--variants", "moe-top1", *argv])
+    assert rc == 130 and list(trained) == ["moe-top1"]
+    cfg = trained["moe-top1"]
+    tiny = preset("tiny")
+    assert (cfg.top_k, cfg.num_experts, cfg.router) == (1, experts, router)
+    assert cfg.ffn_dim == tiny.top_k * tiny.ffn_dim  # A = the preset's active width
+
+
 def test_scaling_with_no_expert_count_reaching_a_top_k_is_refused(text_file, tmp_path,
                                                                   no_training, capsys):
     """Every (E, K) had been skipped as E < K: the "sweep" trained and reported dense alone."""

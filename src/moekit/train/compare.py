@@ -30,7 +30,7 @@ from moekit.config import (
     reject,
 )
 from moekit.malloc import tune_malloc
-from moekit.models.config import LMConfig
+from moekit.models.config import LMConfig, preset
 from moekit.train import checkpoint as ckpt_io
 from moekit.train.checkpoint import LATEST, CheckpointError
 from moekit.train.cli import (
@@ -103,8 +103,13 @@ def moe_variant(base: LMConfig, active_ffn: int, top_k: int,
     # than dense at 1M tokens); Switch's top-1 gate is the raw probability.
     router = "switch" if top_k == 1 and base.router == "softmax" else base.router
     experts = base.num_experts if num_experts is None else num_experts
-    return base.replace(dense=False, top_k=top_k, ffn_dim=routed // top_k,
-                        router=router, num_experts=experts, **_shared(base))
+    try:
+        return base.replace(dense=False, top_k=top_k, ffn_dim=routed // top_k,
+                            router=router, num_experts=experts, **_shared(base))
+    except ValueError as e:  # LMConfig names --top-k, which this command does not read
+        if str(e).startswith("top_k="):
+            raise ValueError(f"--top-ks value {top_k}: {e}") from None
+        raise
 
 
 def dense_variant(base: LMConfig, active_ffn: int) -> LMConfig:
@@ -343,14 +348,27 @@ def error(command: str, e: Exception) -> int:
     return 2
 
 
+def base_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig, int]:
+    """The base model and train configs, and the default A (the base's active FFN width).
+    Every variant sets its own top-K, so without --top-k the base is built at top-K 1: at
+    the preset's K (2) it had refused --experts 1 and --router switch, naming --top-k,
+    a flag the user had not passed; A still comes from the preset's K."""
+    if args.top_k is not None:
+        base, tcfg = configs_from_args(args)
+        return base, tcfg, base.active_ffn_dim
+    base, tcfg = configs_from_args(argparse.Namespace(**{**vars(args), "top_k": 1}))
+    top_k = preset(args.preset or "small").top_k
+    return base, tcfg, top_k * base.ffn_dim + base.shared_dim
+
+
 def prepare(args: argparse.Namespace, make_configs: Callable[[LMConfig, int], dict[str, LMConfig]]
             ) -> tuple[dict[str, LMConfig], list[str], TrainConfig, Any]:
     """Configs, the variants to train, the train config and the corpus from the flags
     (ValueError names the bad flag)."""
     check_flags(args)
-    base, tcfg = configs_from_args(args)
+    base, tcfg, default_active = base_configs(args)
     check_device_flag(args)  # before the corpus is read
-    configs = make_configs(base, args.active_ffn or base.active_ffn_dim)
+    configs = make_configs(base, args.active_ffn or default_active)
     wanted = args.variants or list(configs)
     unknown = sorted(set(wanted) - set(configs))
     if unknown:
