@@ -204,6 +204,35 @@ def test_compare_base_config_does_not_impose_the_presets_top_k(argv, experts, ro
     assert cfg.ffn_dim == tiny.top_k * tiny.ffn_dim  # A = the preset's active width
 
 
+@pytest.mark.parametrize("command", ["compare", "scaling"])
+def test_compare_and_scaling_a_full_disk_is_one_line(command, text_file, tmp_path, monkeypatch,
+                                                    capsys):
+    """An OSError from a run's save (a full disk) had ended the sweep with a traceback."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "x"))
+    monkeypatch.setattr(compare, "train_one", full)
+    rc = main([command, "--preset", "tiny", "--data", str(text_file), "--out",
+               str(tmp_path / "out"), "--seeds", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"could not write to {tmp_path / 'out' / 'x'}: No space left on device" in err, err
+
+
+def test_compare_a_diverged_run_is_one_line(text_file, tmp_path, monkeypatch, capsys):
+    from moekit.train.trainer import NonFiniteError
+
+    def diverged(*args, **kwargs):
+        raise NonFiniteError("stopped after 2 non-finite steps in a row at step 7")
+    monkeypatch.setattr(compare, "train_one", diverged)
+    rc = main(["compare", "--preset", "tiny", "--data", str(text_file), "--out",
+               str(tmp_path / "out"), "--seeds", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "error: stopped after 2 non-finite steps in a row at step 7" in err, err
+
+
 def test_scaling_with_no_expert_count_reaching_a_top_k_is_refused(text_file, tmp_path,
                                                                   no_training, capsys):
     """Every (E, K) had been skipped as E < K: the "sweep" trained and reported dense alone."""

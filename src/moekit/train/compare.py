@@ -44,7 +44,7 @@ from moekit.train.data import load_corpus
 from moekit.train.interrupt import exit_status
 from moekit.train.monitor import MetricsLog, read_metrics
 from moekit.train.rundir import STEP_DIR, checkpoint_dirs, write_whole
-from moekit.train.trainer import TrainConfig, Trainer
+from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
 
 RESULT = "result.json"
 METRICS = "metrics.jsonl"
@@ -299,12 +299,19 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
                   ) -> list[dict[str, Any]] | int:
     """collect's results for `moekit <command>`, or the exit status with the error printed
     (2: a cached run trained with other settings, or --out holding no finished run;
-    130 / 143: Ctrl-C / SIGTERM, which had ended the sweep with a traceback)."""
+    1: a write that failed or a run that diverged; 130 / 143: Ctrl-C / SIGTERM, which had
+    ended the sweep with a traceback)."""
     try:
         results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, NonFiniteError) as e:  # a full disk, a diverged run: had been tracebacks
+        what = f"could not write to {e.filename or out}: {e.strerror or e}" if isinstance(
+            e, OSError) else str(e)
+        print(f"moekit {command}: error: {what}; the runs that finished are cached in {out}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (a run saves on either)
         print(f"moekit {command}: interrupted: the runs that finished are cached in {out}; "
               "the same command trains the rest (the interrupted run resumes from its last "
