@@ -204,3 +204,36 @@ def test_outputs_get_the_mode_mkdir_gives_under_the_umask(tmp_path, umask):
     # LATEST was 0600 (tempfile.mkstemp's mode) whatever the umask: others could read
     # the step directory but not the file naming it; now what open() gives under the umask
     assert stat.S_IMODE((tmp_path / "run" / "LATEST").stat().st_mode) == 0o666 & ~umask
+
+
+def test_cli_disk_full_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatch, capsys):
+    """`moekit quantize` onto a full disk ended in a traceback (the OSError of the write);
+    now one line naming --out, and the output quantized before still loads."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MoETransformer(CFG)
+    run = tmp_path / "run"
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": CFG.to_dict()})
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+
+    def half_written(layout, tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qio, "save_stream", half_written)
+    assert cli_main(["quantize", str(run), "--bits", "4", "--group-size", "32",
+                     "--out", str(out)]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moekit quantize: error: could not write out={str(out)!r}: No space "
+                   "left on device; what was there before is unchanged"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]  # no .q.tmp*
+    assert _files(out) == before
+    assert qio.load_quantized(out).config == CFG

@@ -39,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     except (QuantizationError, CheckpointError, ValueError) as e:
         print(f"moekit quantize: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only --out: was a traceback from the write
+        print(f"moekit quantize: error: could not write out={args.out!r}: "
+              f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)
+        return 1
     a = ", activations=int8" if args.activations == "int8" else ""
     print(f"wrote {out} (bits={args.bits}, scope={args.scope}{a})")
     return 0
