@@ -395,6 +395,36 @@ def test_analyze_trained_checkpoint(trained, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("cut", ["routing.json", "report.md"])
+def test_analyze_onto_a_full_disk_keeps_the_report_there_before(trained, tmp_path, cut,
+                                                                monkeypatch, capsys):
+    """A rerun whose write fails partway (the disk fills while ``cut`` is written) had
+    left a cut routing.json where a good one was, and a traceback; now the report there
+    before is as it was, no temporary file is left, and the error is one line."""
+    out = tmp_path / "report"
+    argv = [str(trained / "run"), "--data", str(trained / "text.txt"), "--seq-len", "64",
+            "--out", str(out)]
+    assert run(parse(*argv, "--tokens", "512")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    write_text = Path.write_text
+
+    def disk_fills(self, data, *args, **kwargs):
+        if cut.split(".")[0] not in self.name:
+            return write_text(self, data, *args, **kwargs)
+        write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_fills)
+    assert run(parse(*argv, "--tokens", "1024")) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moekit analyze: error: could not write out={str(out)!r}: No space "
+                   "left on device; what was there before is unchanged"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert json.loads((out / "routing.json").read_text())["meta"]["tokens"] == 512
+
+
 def test_plan_decode_reads_the_routing_of_analyze(trained, tmp_path, capsys):
     """`moekit plan RUN --decode --expert-load routing.json`: the step's distinct experts
     from the measured loads (each layer's sum over e of 1 - (1 - load_e / tokens)^B, here

@@ -9,13 +9,12 @@ with --compare, how routing changed against a second checkpoint of the run (comp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from moekit.analysis.analyze import collect_routing, summarise_all, windows
-from moekit.analysis.compare import COMPARE_FILE, check_comparable, compare, compare_section
+from moekit.analysis.compare import check_comparable, compare, compare_section
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 from moekit.analysis.stats import load_summary
 from moekit.config import check_out_dir, flag_message, reject
@@ -204,14 +203,15 @@ def run(args: argparse.Namespace) -> int:
     note = batch_note(result["meta"])
     if note:
         print(f"moekit analyze: warning: {note}", file=sys.stderr)
-    paths = write_report(result, out)
+    try:
+        paths = write_report(result, out, comparison)
+    except OSError as e:  # a full disk: was a traceback, after routing.json was cut short
+        print(f"moekit analyze: error: could not write out={str(out)!r}: "
+              f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)
+        return 1
     print("\n".join(summary_table(result["layers"])))
     if comparison is not None:
-        paths["compare"] = out / COMPARE_FILE
-        paths["compare"].write_text(json.dumps(comparison, indent=1))
         section = compare_section(comparison)
-        with paths["report"].open("a") as f:
-            f.write("\n\n" + "\n".join(section))
         table = next(i for i, line in enumerate(section) if line.startswith("| layer"))
         print("\n" + "\n".join(section[table:]))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))

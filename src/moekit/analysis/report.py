@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,12 +280,17 @@ def check_layer_keys(result: dict[str, Any], source: str | None = None) -> None:
                 f"{result['meta']['checkpoint']}` to rewrite it")
 
 
-def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path) -> dict[str, Path]:
+def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
+                 comparison: dict[str, Any] | None = None) -> dict[str, Path]:
     """routing.json and report.md always; the PNGs where matplotlib is installed.
     ``result``: the dict ``analyze_checkpoint`` returns, or the path of a routing.json.
+    ``comparison``: what ``analysis.compare.compare`` returns, written as compare.json
+    and as a section at the end of report.md.
 
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
+    Every file is written under a temporary name and renamed into place only once all
+    are complete (``_write_all``).
     """
     source = None
     if isinstance(result, (str, Path)):  # a routing.json written before
@@ -300,18 +307,40 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path) -> di
     except (TypeError, ValueError) as e:  # a tensor, a circular reference: not JSON
         reject("result", type(result).__name__, f"it must hold JSON values only ({e})")
     plots = have_matplotlib()
-    report_text = markdown(result, plots)
+    texts = {JSON_FILE: json_text, REPORT_FILE: markdown(result, plots)}
     csv_text = tokens_csv(result["layers"])
+    if csv_text is not None:
+        texts[TOKENS_CSV] = csv_text
+    if comparison is not None:
+        from moekit.analysis.compare import COMPARE_FILE, compare_section
+
+        texts[COMPARE_FILE] = json.dumps(comparison, indent=1)
+        texts[REPORT_FILE] += "\n\n" + "\n".join(compare_section(comparison))
+    writers = {name: (lambda path, text=text: path.write_text(text))
+               for name, text in texts.items()}
+    if plots:
+        writers[LOAD_PNG] = lambda path: plot_load(result["layers"], path)
+        writers[COACT_PNG] = lambda path: plot_coactivation(result["layers"], path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / JSON_FILE, "report": out / REPORT_FILE}
-    paths["json"].write_text(json_text)
-    paths["report"].write_text(report_text)
-    if csv_text is not None:
-        paths["tokens"] = out / TOKENS_CSV
-        paths["tokens"].write_text(csv_text)
-    if plots:
-        paths["load"], paths["coactivation"] = out / LOAD_PNG, out / COACT_PNG
-        plot_load(result["layers"], paths["load"])
-        plot_coactivation(result["layers"], paths["coactivation"])
-    return paths
+    _write_all(out, writers)
+    keys = {JSON_FILE: "json", REPORT_FILE: "report", TOKENS_CSV: "tokens",
+            LOAD_PNG: "load", COACT_PNG: "coactivation"}
+    return {keys.get(name, "compare"): out / name for name in writers}
+
+
+def _write_all(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Each file of ``writers`` (name -> what writes it to a path) under a temporary name
+    in ``out``, then all renamed into place: written in place, a full disk had left a
+    cut routing.json where a good one was (and a traceback). A fixed temporary name per
+    file, so a killed run's leftovers are overwritten by the next, not piled up."""
+    tmps = {name: out / f".{Path(name).stem}.tmp{Path(name).suffix}" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(tmps[name])  # .tmp.png, not .png.tmp: savefig reads the format from it
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / name)
+    except BaseException:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+        raise
