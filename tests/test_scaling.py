@@ -463,3 +463,87 @@ def test_a_resumed_run_records_the_wall_time_of_every_session(tmp_path, corpus_d
     assert json.loads((run / "step_00000002" / "state.json").read_text())["wall_s"] == 20.0
     assert cli_main(_sweep(corpus_dir, out)) == 0  # resumed at step 2 (the stop was once)
     assert json.loads((run / compare.RESULT).read_text())["wall_s"] == 40.0
+
+
+def _disk_fills_writing(monkeypatch, owner, attr: str, name: str) -> None:
+    """``owner.attr`` (a writer called as ``(what, path, ...)``: a method, or
+    ``save_file(tensors, path)``) writes a few bytes, then the disk is full, for a path
+    whose name holds ``name``; other paths are written."""
+    real = getattr(owner, attr)
+
+    def half(what, path, *args, **kwargs):
+        if name not in str(path):
+            return real(what, path, *args, **kwargs)
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(owner, attr, half)
+
+
+def test_compare_onto_a_full_disk_keeps_what_was_written_before(tmp_path, corpus_dir,
+                                                                 capsys, monkeypatch):
+    """A sweep whose save hit a full disk ended in a traceback, and a report rerun cut
+    compare.md's PNGs where good ones were; now one line, the cached runs and the last
+    report stay as they were, and the same command finishes the sweep."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    import moekit.train.checkpoint as ckpt_mod
+    out = tmp_path / "cmp"
+    argv = dense_only = _sweep(corpus_dir, out, steps=2)
+    with_moe = [*argv[:argv.index("--variants") + 1], "dense", "moe-top2",
+                *argv[argv.index("--variants") + 2:]]
+    assert cli_main(dense_only) == 0
+    cached = (out / "dense-seed0" / compare.RESULT).read_bytes()
+    capsys.readouterr()
+    _disk_fills_writing(monkeypatch, ckpt_mod, "save_file", "model.safetensors")
+    assert cli_main(with_moe) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"moekit compare: error: could not write to {out}: No space left "
+                          "on device; the runs that finished are cached there"), err
+    assert (out / "dense-seed0" / compare.RESULT).read_bytes() == cached
+    assert not (out / "moe-top2-seed0" / compare.RESULT).exists()
+    assert cli_main(with_moe) == 0  # the same command trains the rest
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"compare.md", "val_loss.png", "expert_load_moe-top2.png"} <= set(before)
+    capsys.readouterr()
+    _disk_fills_writing(monkeypatch, Figure, "savefig", "expert_load")
+    assert cli_main([*with_moe, "--report-only"]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"moekit compare: error: could not write to {out}: No space left "
+                       "on device"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_scaling_onto_a_full_disk_keeps_the_summary_there_before(tmp_path, corpus_dir,
+                                                                capsys, monkeypatch):
+    """scaling.json was written in place: a full disk cut it (and a traceback)."""
+    from pathlib import Path
+    out = tmp_path / "scaling"
+    argv = ["scaling", "--preset", "tiny", "--data", str(corpus_dir), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "1", "--eval-batches",
+            "1", "--seeds", "0", "--expert-counts", "2", "--top-ks", "1", "--out", str(out),
+            "--no-progress"]
+    assert cli_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert "scaling.json" in before
+    capsys.readouterr()
+    write_text = Path.write_text
+
+    def cut(self, data, *args, **kwargs):
+        if "scaling.json" not in self.name:
+            return write_text(self, data, *args, **kwargs)
+        write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut)
+    assert cli_main([*argv, "--report-only"]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"moekit scaling: error: could not write to {out}: No space left "
+                       "on device"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert json.loads((out / "scaling.json").read_text())["points"]

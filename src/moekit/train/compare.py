@@ -15,7 +15,7 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,6 +318,10 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
               "checkpoint)",
               file=sys.stderr)
         return exit_status(e)
+    except OSError as e:  # a full disk: was a traceback out of the run's save or log
+        return write_failed(command, out, e, "; the runs that finished are cached there; "
+                            "the same command trains the rest (the failed run resumes "
+                            "from its last checkpoint)")
     if not results:
         print(f"moekit {command}: error: out={args.out!r} holds no finished runs to report",
               file=sys.stderr)
@@ -347,6 +351,14 @@ def check_flags(args: argparse.Namespace) -> None:
         reject("--seeds", args.seeds, f"each seed once ({', '.join(map(str, repeated))} "
                "repeats): a repeated seed is the same run counted twice")
     check_out_dir("--out", args.out)
+
+
+def write_failed(command: str, out: Path, e: OSError, then: str = "") -> int:
+    """The one-line error of a write into ``out`` that failed (a full disk, a read-only
+    directory); exit status 1."""
+    print(f"moekit {command}: error: could not write to {out}: {e.strerror or e}{then}",
+          file=sys.stderr)
+    return 1
 
 
 def error(command: str, e: Exception) -> int:
@@ -464,15 +476,25 @@ def run(args: argparse.Namespace) -> int:
         return results
     report = table(results) + "\n\n" + "\n".join(verdict(results))
     print(report)
-    (out / "compare.md").write_text(report + "\n")
+    try:
+        write_whole(out / "compare.md", report + "\n")
+        for path in plots(results, configs, out):
+            print(f"wrote {path}")
+    except OSError as e:
+        return write_failed("compare", out, e)
+    return 0
+
+
+def plots(results: list[dict[str, Any]], configs: dict[str, LMConfig], out: Path
+          ) -> Iterator[Path]:
+    """The validation curves and each variant's expert load, as PNGs in ``out``."""
     try:
         from moekit.train.plots import plot_curves, plot_load
     except ImportError as e:
         print(f"no plots ({e}): pip install \"moekit[plot]\"", file=sys.stderr)
-        return 0
-    print(f"wrote {plot_curves(results, out / 'val_loss.png')}")
+        return
+    yield plot_curves(results, out / "val_loss.png")
     for name in configs:
         first = next((r for r in results if r["variant"] == name and r["load"]), None)
         if first is not None:
-            print(f"wrote {plot_load(first, out / f'expert_load_{name}.png')}")
-    return 0
+            yield plot_load(first, out / f"expert_load_{name}.png")

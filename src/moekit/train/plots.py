@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,22 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    """``fig`` as the PNG ``path``, written beside it and renamed into place: saved in
+    place, a full disk had left a cut plot where the last sweep's good one was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")  # savefig reads the format from it
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
 
 
 def curves_figure(results: list[dict[str, Any]]):
@@ -42,9 +59,7 @@ def curves_figure(results: list[dict[str, Any]]):
 
 def plot_curves(results: list[dict[str, Any]], path: Path) -> Path:
     fig = curves_figure(results)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def centred_norm(values: list[float]) -> TwoSlopeNorm:
@@ -83,9 +98,7 @@ def load_figure(result: dict[str, Any]):
 
 def plot_load(result: dict[str, Any], path: Path) -> Path:
     fig = load_figure(result)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _by_top_k(summary: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
@@ -130,9 +143,7 @@ def plot_scaling(summary: dict[str, Any], path: Path) -> Path:
     ax.set_title("equal active FLOPs per token: loss vs number of experts")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
@@ -162,6 +173,4 @@ def plot_speedup(summary: dict[str, Any], path: Path) -> Path:
     if dense is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -35,7 +35,9 @@ from moekit.train.compare import (
     finished_runs,
     moe_variant,
     prepare,
+    write_failed,
 )
+from moekit.train.rundir import write_whole
 
 EXPERT_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -241,8 +243,8 @@ def machine() -> dict[str, Any]:
 
 
 def write_outputs(summary: dict[str, Any], report: str, out: Path) -> list[Path]:
-    (out / "scaling.md").write_text(report + "\n")
-    (out / "scaling.json").write_text(json.dumps(summary, indent=1))
+    write_whole(out / "scaling.md", report + "\n")
+    write_whole(out / "scaling.json", json.dumps(summary, indent=1))
     written = [out / "scaling.md", out / "scaling.json"]
     try:
         from moekit.train.plots import plot_scaling, plot_speedup
@@ -274,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
     summary["targets"] = targets(summary, args.top_ks)
     report = table(summary) + "\n\n" + "\n".join(f"- {t}" for t in summary["targets"])
     print(report)
-    for path in write_outputs(summary, report, out):
-        print(f"wrote {path}")
+    try:
+        for path in write_outputs(summary, report, out):
+            print(f"wrote {path}")
+    except OSError as e:  # a full disk: was a traceback, after scaling.json was cut short
+        return write_failed("scaling", out, e)
     return 0
