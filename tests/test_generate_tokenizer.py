@@ -531,3 +531,75 @@ def test_streaming_decodes_a_few_ids_per_id(tmp_path, monkeypatch):
     monkeypatch.setattr(text, "tokenizer", Counting(text.tokenizer))
     _check_stream(text, tok, ids)
     assert sum(decoded) < 20 * len(ids) and max(decoded) < 50
+
+
+def _disk_fills_copying_the_tokenizer(monkeypatch) -> None:
+    """The disk fills while tokenizer.json is copied (after the model files are written)."""
+    import shutil
+
+    from moekit.inference import text
+
+    real = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if str(src).endswith("tokenizer.json"):
+            with open(dst, "wb") as f:
+                f.write(b'{"half')
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(text.shutil, "copyfile", copyfile)
+
+
+def test_quantize_that_fails_copying_the_tokenizer_keeps_the_output_there_before(
+        converted, tmp_path, monkeypatch, capsys):
+    """The tokenizer was copied after the new output was swapped in: a failed copy left
+    the new model without it (the old output's deleted), and `moekit generate` decoded its
+    ids as bytes (a ValueError). Now the old output, tokenizer and all, stays as it was."""
+    _, _, root = converted
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(root / "lm"), "--bits", "8", "--out", str(out)]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert "tokenizer/tokenizer.json" in map(str, before)
+    _disk_fills_copying_the_tokenizer(monkeypatch)
+    assert cli_main(["quantize", str(root / "lm"), "--bits", "8", "--scope", "experts",
+                     "--out", str(out)]) == 1
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} \
+        == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_convert_that_fails_copying_the_tokenizer_leaves_no_run(converted, tmp_path,
+                                                                monkeypatch, capsys):
+    """The tokenizer was copied after the checkpoint: a failed copy left a run without it
+    (generate decoded its ids as bytes) that a second `moekit convert` refused to replace."""
+    _, _, root = converted
+    dest = tmp_path / "lm"
+    _disk_fills_copying_the_tokenizer(monkeypatch)
+    assert cli_main(["convert", str(root / "hf"), str(dest)]) == 2
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (dest / "LATEST").exists() and not list(dest.glob("step_*"))
+    assert cli_main(["convert", str(root / "hf"), str(dest)]) == 0  # the retry is allowed
+    assert (dest / "tokenizer" / "tokenizer.json").read_bytes() \
+        == (root / "hf" / "tokenizer.json").read_bytes()
+
+
+def test_convert_that_fails_writing_the_checkpoint_leaves_no_tokenizer(converted, tmp_path,
+                                                                       monkeypatch, capsys):
+    """A tokenizer left in a directory without a checkpoint would be taken up by a later
+    run trained there (bytes model, BPE text)."""
+    import moekit.train.checkpoint as ckpt_mod
+    _, _, root = converted
+    dest = tmp_path / "lm"
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_stream", full)
+    assert cli_main(["convert", str(root / "hf"), str(dest)]) == 2
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert not dest.exists() or list(dest.iterdir()) == []

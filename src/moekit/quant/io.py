@@ -118,9 +118,11 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     return _write(out, lambda f: save_file(weights, str(f)), meta)
 
 
-def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict) -> Path:
+def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
+           tokenizer: Path | None = None) -> Path:
     """``out`` holding the model file ``write_model`` writes and quantized.json (``meta``
-    and the file's SHA-256), written to a temporary directory and swapped into place."""
+    and the file's SHA-256), and a copy of the ``tokenizer`` directory where one is
+    given, written to a temporary directory and swapped into place."""
     out = _check_path("out", out)
     _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +131,8 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict) -> 
         write_model(tmp / MODEL_FILE)
         meta = {**meta, "sha256": _sha256(tmp / MODEL_FILE)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
         for f in (MODEL_FILE, META_FILE):
             _fsync(tmp / f)
         _check_replaceable(out)  # again: it may have changed while we wrote
@@ -296,11 +300,11 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
             "scope": quantized_scope(shape), "embeddings": quantized_embeddings(shape),
             "tied": aliases}
     tensors = _quantized_tensors(model, layout, owners, bits, group_size, activations)
-    saved = _write(out, lambda f: save_stream(layout, tensors, f), meta)
-    tokenizer = find_tokenizer(checkpoint)  # a converted model's, for `moekit generate`
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, out)
-    return saved
+    # a converted model's tokenizer, for `moekit generate`: inside the swapped-in directory
+    # (copied after the swap, a failed copy had left the new model without it, and the
+    # old output's tokenizer deleted: generate then decoded ids as bytes, a ValueError)
+    return _write(out, lambda f: save_stream(layout, tensors, f), meta,
+                  find_tokenizer(checkpoint))
 
 
 def _quantized_layout(shape: MoETransformer, targets: list[_Target]

@@ -598,10 +598,17 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
                               lambda: _converted(config, _Reads(shards, str(src))), aliases)
     state = {"step": 0, "model_config": lm.to_dict(),
              "converted_from": {"hf_config": config, "expert_layout": layout}}
-    out = save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0), state,
-                          weights=weights)
-    copy_tokenizer(src, dst)  # for `moekit generate` (dst/tokenizer), where src has one
-    return out
+    # the tokenizer first (for `moekit generate`: dst/tokenizer, where src has one): copied
+    # after the checkpoint, a failed copy had left a run without it (generate decoded its
+    # ids as bytes: a ValueError) that a second `moekit convert` into dst refused to replace
+    tokenizer = copy_tokenizer(src, dst)
+    try:
+        return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                               state, weights=weights)
+    except BaseException:  # no checkpoint: no tokenizer a later run in dst would take up
+        if tokenizer is not None:
+            shutil.rmtree(tokenizer, ignore_errors=True)
+        raise
 
 
 def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
