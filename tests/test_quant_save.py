@@ -8,6 +8,7 @@ between the two lost both.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,20 @@ def test_cli_disk_full_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]  # no .q.tmp*
     assert _files(out) == before
     assert qio.load_quantized(out).config == CFG
+
+
+def test_a_save_cleans_up_what_killed_saves_left(tmp_path):
+    """A save killed mid-write leaves its ``.q.tmp*`` directory (a whole model); every
+    one had stayed beside the output for good. The next save removes them, and nothing
+    else: not another output's, not a file of the user's."""
+    import tempfile
+    killed = [Path(tempfile.mkdtemp(dir=tmp_path, prefix=".q.tmp")) for _ in range(2)]
+    for d in killed:
+        (d / qio.MODEL_FILE).write_bytes(b"\x00" * 100)
+    others = [tmp_path / ".q2.tmpabcd1234", tmp_path / ".q.tmp-mine"]
+    others[0].mkdir()
+    others[1].write_text("the user's")
+    out = qio.save_quantized(_quantized(0), tmp_path / "q")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["q", *(p.name for p in others)])
+    _assert_same_weights(_quantized(0), out)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,6 +119,16 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     return _write(out, lambda f: save_file(weights, str(f)), meta)
 
 
+def _remove_killed_writes(out: Path) -> None:
+    """Delete the temporary directories earlier saves to ``out`` left when they were
+    killed (``.<name>.tmp`` and mkdtemp's 8 characters): each held a whole model, and
+    every killed save had left one more beside ``out``."""
+    pattern = re.compile(re.escape(f".{out.name}.tmp") + r"[a-z0-9_]{8}")
+    for p in out.parent.iterdir():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
            tokenizer: Path | None = None) -> Path:
     """``out`` holding the model file ``write_model`` writes and quantized.json (``meta``
@@ -126,6 +137,7 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
     out = _check_path("out", out)
     _check_replaceable(out)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_writes(out)
     tmp = temp_dir(out.parent, f".{out.name}.tmp")
     try:
         write_model(tmp / MODEL_FILE)
