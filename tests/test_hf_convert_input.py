@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,16 @@ def test_interrupted_write_to_hf_leaves_nothing_and_the_retry_works(hf_dir, tmp_
     want, got = load_file(hf_dir / "model.safetensors"), \
         load_file(tmp_path / "back" / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_conversion_removes_what_killed_conversions_left(hf_dir, tmp_path):
+    """A conversion killed mid-write leaves its ``.step_00000000.tmp*`` directory in dest
+    (a retry is allowed: there is no checkpoint); each had stayed there beside the run."""
+    import tempfile
+    dest = tmp_path / "lm"
+    dest.mkdir()
+    for _ in range(2):
+        killed = tempfile.mkdtemp(dir=dest, prefix=".step_00000000.tmp")
+        (dest / Path(killed).name / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert cli(str(hf_dir), str(dest)) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["LATEST", "step_00000000"]

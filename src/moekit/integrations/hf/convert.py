@@ -601,6 +601,8 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     # the tokenizer first (for `moekit generate`: dst/tokenizer, where src has one): copied
     # after the checkpoint, a failed copy had left a run without it (generate decoded its
     # ids as bytes: a ValueError) that a second `moekit convert` into dst refused to replace
+    from moekit.train.rundir import clean_run_dir
+    clean_run_dir(Path(dst))  # killed conversions' .step_*.tmp* (a model each) had piled up
     tokenizer = copy_tokenizer(src, dst)
     try:
         return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0),
