@@ -213,3 +213,29 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_last_checkpoint(
                   f"--resume {out}"):
         assert words in err, err
     assert (out / LATEST).read_text().strip() == "step_00000001"
+
+
+def test_a_full_disk_at_the_first_save_says_to_start_over(text_file, tmp_path, monkeypatch,
+                                                          capsys):
+    """No checkpoint yet: the line had named "the last complete checkpoint is None" and a
+    --resume that fails; the same command then starts the run over."""
+    import errno
+
+    from moekit.train import checkpoint as ckpt_io
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--data", str(text_file), "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches",
+            "1", "--warmup", "1", "--save-every", "1", "--out", str(out), "--no-progress"]
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", full)
+    assert cli_main(argv) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moekit train: error: could not write to {out} at step 1: "
+                   f"{os.strerror(errno.ENOSPC)}; no checkpoint was written yet: free space "
+                   "and run the same command again to start over"), err
+    assert cli_main(argv) == 0
+    assert (out / LATEST).read_text().strip() == "step_00000002"

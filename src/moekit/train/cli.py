@@ -261,6 +261,17 @@ def check_new_out(out: str | Path) -> None:
                          f"--resume {out}, or pick another --out")
 
 
+def where_to_go_on(trainer: Trainer) -> str:
+    """After a failed write: the checkpoint to resume from, or, where none was written
+    yet, to start over (it had read "the last complete checkpoint is None (resume with:
+    moekit train --resume RUN)", and that resume failed: no checkpoint there)."""
+    if trainer.last_checkpoint is None:
+        return ("no checkpoint was written yet: free space and run the same command again "
+                "to start over")
+    return (f"the last complete checkpoint is {trainer.last_checkpoint} (resume with: "
+            f"moekit train --resume {trainer.out_dir})")
+
+
 def check_device_flag(args: argparse.Namespace) -> None:
     """``--device`` names a device this machine has, before the corpus is read or anything
     built (``--device cpu:3`` had trained on the CPU; a missing GPU was found only after
@@ -403,9 +414,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except OSError as e:  # a full disk had ended the run with a traceback from a save
         print(f"moekit train: error: could not write to {trainer.out_dir} at step "
-              f"{trainer.step}: {e.strerror or e}; the last complete checkpoint is "
-              f"{trainer.last_checkpoint} (resume with: moekit train --resume "
-              f"{trainer.out_dir})", file=sys.stderr)
+              f"{trainer.step}: {e.strerror or e}; {where_to_go_on(trainer)}",
+              file=sys.stderr)
         return 1
     print(loss_line(trainer, summary, start_step))
     print(f"checkpoint: {summary['checkpoint']}")
