@@ -403,3 +403,32 @@ def test_cli_ctrl_c_to_the_launcher_stops_the_ranks_with_one_line(tmp_path):
         _stopped(proc, ranks, 130, "Ctrl-C")
     [ckpt] = out.glob("dcp_step_*")
     assert (ckpt / "manifest.json").is_file()
+
+
+def test_cli_full_disk_at_a_save_is_one_line_naming_the_complete_checkpoint(tmp_path):
+    """The disk fills as rank 0 writes the one-process step_N, after dcp_step_N is complete:
+    rank 0 had ended in a traceback; now one line, naming dcp_step_N (which an --nproc
+    resume continues from) and the command to resume with."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "from moekit.train import checkpoint\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "checkpoint.save_checkpoint = full\n")
+    data, out = tmp_path / "data.txt", tmp_path / "run"
+    data.write_text((Path(__file__).parent.parent / "src/moekit/layer.py").read_text() * 2)
+    argv = [a if a != "100000" else "2" for a in TRAIN_CLI]  # 2 steps, a save at step 2
+    env = {**_cli_env(), "PYTHONPATH": f"{hook}{os.pathsep}{_cli_env()['PYTHONPATH']}"}
+    done = subprocess.run([sys.executable, "-m", "moekit.train", *argv, "--data", str(data),
+                           "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("moekit train (rank 0)")]
+    assert lines == [
+        f"moekit train (rank 0): error: could not write to {out} at step 2: "
+        f"{os.strerror(28)}; the last complete checkpoint is {out / 'dcp_step_00000002'} "
+        f"(resume with: moekit train --nproc 2 --ep 2 --resume {out})"], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (out / "dcp_step_00000002" / "manifest.json").is_file()

@@ -268,8 +268,8 @@ def where_to_go_on(trainer: Trainer) -> str:
     if trainer.last_checkpoint is None:
         return ("no checkpoint was written yet: free space and run the same command again "
                 "to start over")
-    return (f"the last complete checkpoint is {trainer.last_checkpoint} (resume with: "
-            f"moekit train --resume {trainer.out_dir})")
+    hint = trainer.resume_hint or f"moekit train --resume {trainer.out_dir}"
+    return f"the last complete checkpoint is {trainer.last_checkpoint} (resume with: {hint})"
 
 
 def check_device_flag(args: argparse.Namespace) -> None:
