@@ -502,7 +502,7 @@ def test_compare_onto_a_full_disk_keeps_what_was_written_before(tmp_path, corpus
     monkeypatch.undo()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"moekit compare: error: could not write to {out}: No space left "
-                          "on device; the runs that finished are cached there"), err
+                          f"on device; the runs that finished are cached in {out}"), err
     assert (out / "dense-seed0" / compare.RESULT).read_bytes() == cached
     assert not (out / "moe-top2-seed0" / compare.RESULT).exists()
     assert cli_main(with_moe) == 0  # the same command trains the rest

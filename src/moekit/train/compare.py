@@ -306,10 +306,8 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
-    except (OSError, NonFiniteError) as e:  # a full disk, a diverged run: had been tracebacks
-        what = f"could not write to {e.filename or out}: {e.strerror or e}" if isinstance(
-            e, OSError) else str(e)
-        print(f"moekit {command}: error: {what}; the runs that finished are cached in {out}",
+    except NonFiniteError as e:  # a diverged run: had been a traceback
+        print(f"moekit {command}: error: {e}; the runs that finished are cached in {out}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (a run saves on either)
@@ -319,7 +317,7 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
               file=sys.stderr)
         return exit_status(e)
     except OSError as e:  # a full disk: was a traceback out of the run's save or log
-        return write_failed(command, out, e, "; the runs that finished are cached there; "
+        return write_failed(command, out, e, f"; the runs that finished are cached in {out}; "
                             "the same command trains the rest (the failed run resumes "
                             "from its last checkpoint)")
     if not results:
@@ -355,9 +353,9 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def write_failed(command: str, out: Path, e: OSError, then: str = "") -> int:
     """The one-line error of a write into ``out`` that failed (a full disk, a read-only
-    directory); exit status 1."""
-    print(f"moekit {command}: error: could not write to {out}: {e.strerror or e}{then}",
-          file=sys.stderr)
+    directory), naming the file where the error does; exit status 1."""
+    print(f"moekit {command}: error: could not write to {e.filename or out}: "
+          f"{e.strerror or e}{then}", file=sys.stderr)
     return 1
 
 
