@@ -91,3 +91,28 @@ def test_meta_built_layer_initialises_like_a_cpu_built_one():
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("kw", [
+    dict(router="noisy_topk"),  # noise_weight: zeros on a CPU-built layer
+    dict(router="hash", hash_vocab_size=50, hash_seed=3),  # the table, from its seed
+], ids=["noisy_topk", "hash"])
+def test_meta_built_router_state_initialises_like_a_cpu_built_one(kw):
+    """The same recipe for the routers with more state than a gate: the noise gate and
+    the hash table kept uninitialised memory (NaN noise; ids outside [0, E))."""
+    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=8, top_k=2, **kw)
+    torch.manual_seed(0)
+    want = MoE(cfg).state_dict()
+    with torch.device("meta"):
+        moe = MoE(cfg)
+    moe.to_empty(device="cpu")
+    for t in moe.state_dict().values():  # uninitialised memory, made visible
+        t.fill_(float("nan") if t.is_floating_point() else -1)
+    torch.manual_seed(0)
+    for module in moe.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    got = moe.state_dict()
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name

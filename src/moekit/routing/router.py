@@ -87,8 +87,8 @@ class Router(nn.Module):
             self.expert_bias = self.load = None
         if cfg.router == "hash":
             assert cfg.hash_vocab_size is not None  # validated by MoEConfig
-            self.register_buffer("hash_table", hash_table(
-                cfg.hash_vocab_size, E, cfg.top_k, cfg.hash_seed), persistent=True)
+            self.register_buffer("hash_table", torch.empty(  # filled by reset_parameters
+                cfg.hash_vocab_size, cfg.top_k, dtype=torch.int64), persistent=True)
             self.register_load_state_dict_pre_hook(_check_loaded_table)
         self.reset_parameters()
 
@@ -103,13 +103,20 @@ class Router(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
-        """A fresh router's state: the gate drawn anew, the selection bias and the load
-        zero (after to_empty() on a meta-built model they held uninitialised memory)."""
+        """A fresh router's state: the gate drawn anew, the noise gate, the selection bias
+        and the load zero, the hash table rebuilt from its seed (after to_empty() on a
+        meta-built model they held uninitialised memory)."""
         if self.weight is not None:
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(self.cfg.dim))
-        for buf in (self.expert_bias, self.load):
-            if buf is not None:
-                nn.init.zeros_(buf)
+        for t in (self.noise_weight, self.expert_bias, self.load):
+            if t is not None:
+                nn.init.zeros_(t)
+        if self.cfg.router == "hash" and not self.hash_table.is_meta:
+            cfg = self.cfg
+            assert cfg.hash_vocab_size is not None  # validated by MoEConfig
+            with torch.no_grad():
+                self.hash_table.copy_(hash_table(cfg.hash_vocab_size, cfg.num_experts,
+                                                 cfg.top_k, cfg.hash_seed))
 
     # -- forward -----------------------------------------------------------------
 
