@@ -132,23 +132,28 @@ def dedup_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
     S = d.token_S.shape[0]  # dropless: every routed row is kept
     dest_S = torch.arange(num_experts, device=x_TD.device).repeat_interleave(
         d.counts_E, output_size=S) // El
-    pair_Q, pair_S = torch.unique(dest_S * T + d.token_S, sorted=True, return_inverse=True)
-    token_Q, pairs_P = pair_Q % T, torch.bincount(pair_Q // T, minlength=P)
+    # the pairs as a [P, T] mask, not torch.unique / bincount / torch.tensor(list): each of
+    # those syncs with the host on CUDA (an output sized by the data, or a blocking copy)
+    key_S = dest_S * T + d.token_S
+    hit_PT = torch.zeros(P * T, dtype=torch.bool, device=x_TD.device).index_fill_(
+        0, key_S, True).view(P, T)
+    pairs_P = hit_PT.sum(1)
     # each row's pair, numbered within its destination's slice of the pairs
-    slot_S = pair_S - (torch.cumsum(pairs_P, 0) - pairs_P)[dest_S]
-    counts_PX = torch.cat([d.counts_E.view(P, El), pairs_P[:, None]], 1)
+    slot_S = (hit_PT.cumsum(1) - 1).view(-1).index_select(0, key_S)
+    counts_PX = torch.cat([d.counts_E.view(P, El), pairs_P[:, None].to(d.counts_E.dtype)], 1)
     recv_PX = fn.all_to_all_start(counts_PX, None, None, comm)[0]
     recv_PEl = recv_PX[:, :El]
     send, recv, send_q, recv_q = torch.stack(  # the host sync
         [counts_PX[:, :El].sum(1), recv_PEl.sum(1), pairs_P, recv_PX[:, El]]).tolist()
+    # pairs sorted by rank then token: Q = sum(send_q) is known on the host now
+    token_Q = torch.nonzero_static(hit_PT.view(-1), size=sum(send_q)).squeeze(1) % max(T, 1)
     x_QD = fn.all_to_all(x_TD.index_select(0, token_Q), recv_q, send_q, comm)
     slot_R = fn.all_to_all_start(slot_S, recv, send, comm)[0]
     w_R = fn.all_to_all(d.weight_S[:, None], recv, send, comm)
     R = slot_R.shape[0]
     # the received pairs are numbered per source: add each source's offset
-    starts_P = torch.tensor([sum(recv_q[:i]) for i in range(P)], device=x_TD.device)
-    slot_R = slot_R + starts_P.repeat_interleave(
-        torch.tensor(recv, device=x_TD.device), output_size=R)
+    starts_P = torch.cumsum(recv_PX[:, El], 0) - recv_PX[:, El]
+    slot_R = slot_R + starts_P.repeat_interleave(recv_PEl.sum(1), output_size=R)
     expert_R = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(
         recv_PEl.reshape(-1), output_size=R)
     y_RD = _run_experts(experts, x_QD.index_select(0, slot_R), expert_R, recv_PEl.sum(0))
