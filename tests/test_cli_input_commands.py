@@ -150,6 +150,8 @@ def no_training(monkeypatch):
     (["--dense"], ["--dense", "variants"]),  # ignored: the variants set it
     # the second 0 read the first's cached run: n=2, spread 0, and a verdict of "holds"
     (["--seeds", "0", "1", "0"], ["--seeds=[0, 1, 0]", "0 repeats"]),
+    # scaling printed the top-2 target line twice
+    (["--top-ks", "2", "1", "2"], ["--top-ks=[2, 1, 2]", "2 repeats"]),
 ])
 def test_compare_and_scaling_bad_flags(command, argv, words, text_file, tmp_path, no_training,
                                        capsys):

@@ -344,11 +344,19 @@ def check_flags(args: argparse.Namespace) -> None:
         check_positive_int("--top-ks", k)
     for seed in args.seeds:
         check_int_range("--seeds", seed, 0, MAX_SEED)
-    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
-    if repeated:  # the second one read the first's cached run: n=2, spread 0, a false "holds"
-        reject("--seeds", args.seeds, f"each seed once ({', '.join(map(str, repeated))} "
-               "repeats): a repeated seed is the same run counted twice")
+    # a repeated seed read the first's cached run: n=2, spread 0, a false "holds"
+    check_once("--seeds", args.seeds, "seed", "the same run counted twice")
+    # a repeated top-K is one variant: scaling printed its target line twice
+    check_once("--top-ks", args.top_ks, "value", "one variant named twice")
     check_out_dir("--out", args.out)
+
+
+def check_once(flag: str, values: list[int], what: str, why: str) -> None:
+    """``values`` (a ``nargs="+"`` flag's) without a repeat, or a ValueError naming ``flag``."""
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        reject(flag, values, f"each {what} once ({', '.join(map(str, repeated))} repeats): "
+               f"a repeated {what} is {why}")
 
 
 def write_failed(command: str, out: Path, e: OSError, then: str = "") -> int:
