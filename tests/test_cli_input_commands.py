@@ -171,6 +171,20 @@ def test_compare_top_ks_beyond_experts_names_top_ks(text_file, tmp_path, no_trai
     assert not out.exists()
 
 
+@pytest.mark.parametrize("counts,words", [
+    (["2", "100000"], ["--expert-counts value 100000", "num_experts=100000", "512"]),
+    (["0"], ["--expert-counts value 0", ">= 1"]),
+])
+def test_scaling_expert_counts_out_of_range_names_expert_counts(counts, words, text_file,
+                                                                tmp_path, no_training, capsys):
+    """100000 had been refused as '--experts: num_experts=100000', a flag scaling refuses."""
+    out = tmp_path / "out"
+    err = _fails(capsys, ["scaling", "--preset", "tiny", "--data", str(text_file), "--out",
+                          str(out), "--expert-counts", *counts], *words)
+    assert "--experts:" not in err, err
+    assert not out.exists()
+
+
 def test_compare_top_ks_a_router_cannot_take_names_top_ks(text_file, tmp_path, no_training,
                                                          capsys):
     """It had named --top-k; passing --top-k 1 then failed the same way on moe-top2."""

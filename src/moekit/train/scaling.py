@@ -57,7 +57,8 @@ def scaling_variants(base: LMConfig, active_ffn: int, top_ks: list[int],
     """dense, then every (E, K) with K <= E, cheapest expert count first."""
     for e in expert_counts:
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
-            raise ValueError(f"expert-counts value {e!r} is not allowed: it must be an int >= 1")
+            raise ValueError(f"--expert-counts value {e!r} is not allowed: it must be an "
+                             "int >= 1")
     if max(expert_counts) < min(top_ks):  # every MoE skipped: a dense-only "sweep"
         raise ValueError(f"--expert-counts={expert_counts} is not allowed: every count is "
                          f"below every --top-ks value ({top_ks}), so no MoE would train; give "
@@ -66,8 +67,20 @@ def scaling_variants(base: LMConfig, active_ffn: int, top_ks: list[int],
     for e in sorted(set(expert_counts)):
         for k in top_ks:
             if k <= e:
-                out[variant_name(k, e)] = moe_variant(base, active_ffn, k, e)
+                out[variant_name(k, e)] = _counted_variant(base, active_ffn, k, e)
     return out
+
+
+def _counted_variant(base: LMConfig, active_ffn: int, top_k: int, num_experts: int
+                     ) -> LMConfig:
+    """moe_variant at one --expert-counts value: LMConfig's refusal of num_experts had
+    been led by --experts, a flag this command refuses (it reads --expert-counts)."""
+    try:
+        return moe_variant(base, active_ffn, top_k, num_experts)
+    except ValueError as e:
+        if str(e).startswith("num_experts="):
+            raise ValueError(f"--expert-counts value {num_experts}: {e}") from None
+        raise
 
 
 # -- analysis ------------------------------------------------------------------
