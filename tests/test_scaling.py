@@ -547,3 +547,23 @@ def test_scaling_onto_a_full_disk_keeps_the_summary_there_before(tmp_path, corpu
                        "on device"), err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert json.loads((out / "scaling.json").read_text())["points"]
+
+
+def test_a_warmup_longer_than_the_run_is_warned_once_per_command(tmp_path, corpus_dir,
+                                                                  capsys):
+    """Each run's Trainer warned again: a sweep of dense and moe-top2 printed the same
+    line twice. One warning for the command; none when every run is cached."""
+    import warnings
+
+    argv = _sweep(corpus_dir, tmp_path / "cmp", steps=2)
+    argv[argv.index("--warmup") + 1] = "5"
+    argv[argv.index("--variants") + 1:argv.index("--variants") + 2] = ["dense", "moe-top2"]
+    with pytest.warns(UserWarning) as caught:
+        assert cli_main(argv) == 0
+    short = [w for w in caught if "warmup_steps=5 is longer than steps=2" in str(w.message)]
+    assert len(short) == 1, [str(w.message) for w in caught]
+    assert "== moe-top2 seed 0" in capsys.readouterr().out  # both runs trained
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert cli_main(argv) == 0
+    assert not [w for w in again if "warmup_steps" in str(w.message)]

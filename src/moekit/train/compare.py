@@ -15,6 +15,7 @@ import os
 import shutil
 import statistics
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,13 @@ from moekit.train.data import load_corpus
 from moekit.train.interrupt import exit_status
 from moekit.train.monitor import MetricsLog, read_metrics
 from moekit.train.rundir import STEP_DIR, checkpoint_dirs, write_whole
-from moekit.train.trainer import NonFiniteError, TrainConfig, Trainer
+from moekit.train.trainer import (
+    SHORT_SCHEDULE,
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    warn_short_schedule,
+)
 
 RESULT = "result.json"
 METRICS = "metrics.jsonl"
@@ -301,8 +308,13 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
     (2: a cached run trained with other settings, or --out holding no finished run;
     1: a write that failed or a run that diverged; 130 / 143: Ctrl-C / SIGTERM, which had
     ended the sweep with a traceback)."""
+    if runs_to_train(configs, wanted, args.seeds, out):
+        warn_short_schedule(tcfg)  # once per command: each run's Trainer had warned again
     try:
-        results = collect(configs, wanted, args.seeds, tcfg, corpus, out, not args.no_progress)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=SHORT_SCHEDULE)
+            results = collect(configs, wanted, args.seeds, tcfg, corpus, out,
+                              not args.no_progress)
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
@@ -452,11 +464,17 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
 PLAN_TOKENS_PER_S = 9_000
 
 
+def runs_to_train(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
+                  out: Path) -> list[tuple[str, int]]:
+    """The (variant, seed) runs this sweep trains: wanted and not cached in ``out``."""
+    return [(n, s) for s in seeds for n in configs
+            if n in wanted and not (out / f"{n}-seed{s}" / RESULT).exists()]
+
+
 def plan_line(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
               tcfg: TrainConfig, out: Path) -> str:
     """What will run before anything does: runs, steps, tokens and a rough time."""
-    todo = [(n, s) for s in seeds for n in configs
-            if n in wanted and not (out / f"{n}-seed{s}" / RESULT).exists()]
+    todo = runs_to_train(configs, wanted, seeds, out)
     tokens = tcfg.steps * tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum
     minutes = len(todo) * tokens / PLAN_TOKENS_PER_S / 60
     return (f"plan: {len(todo)} run(s) to train ({len(wanted)} variant(s) x {len(seeds)} "

@@ -182,6 +182,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# the start of warn_short_schedule's message, for a filter that silences it (a sweep
+# warns once, not once per run)
+SHORT_SCHEDULE = r"warmup_steps=\d+ is longer than steps=\d+"
+
+
 def warn_short_schedule(cfg: TrainConfig) -> None:
     """Warn when the warm-up outlasts the run: the learning rate never reaches cfg.lr.
 
