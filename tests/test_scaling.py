@@ -395,7 +395,8 @@ def test_an_interrupted_run_with_other_settings_is_refused(tmp_path, corpus_dir,
     capsys.readouterr()
     before = sorted(p.name for p in (out / "dense-seed0").iterdir())
     assert cli_main(_sweep(corpus_dir, out, steps=6)) == 2
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
+    assert "plan:" not in printed  # refused before the plan is printed
     assert "dense-seed0 was started (interrupted at step 2) with steps=4, not steps=6" in err
     assert "new --out" in err
     assert sorted(p.name for p in (out / "dense-seed0").iterdir()) == before
@@ -567,3 +568,29 @@ def test_a_warmup_longer_than_the_run_is_warned_once_per_command(tmp_path, corpu
         warnings.simplefilter("always")
         assert cli_main(argv) == 0
     assert not [w for w in again if "warmup_steps" in str(w.message)]
+
+
+def test_a_cached_run_with_other_settings_is_refused_before_the_plan(tmp_path, corpus_dir,
+                                                                      capsys, monkeypatch):
+    """The plan line ('0 run(s) to train, 1 cached') was printed, then the cached run was
+    refused for its other --steps; the refusal now comes first, and no run trains (seed
+    0's moe-top2 had trained before seed 1's cached dense run was refused)."""
+    out = tmp_path / "cmp"
+    first = _sweep(corpus_dir, out, steps=2)
+    first[first.index("--seeds") + 1] = "1"
+    assert cli_main(first) == 0
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run trained before the cached one was refused")
+
+    monkeypatch.setattr(compare, "Trainer", no_training)
+    argv = _sweep(corpus_dir, out, steps=3)
+    argv[argv.index("--seeds") + 1:argv.index("--seeds") + 2] = ["0", "1"]
+    argv[argv.index("--variants") + 1:argv.index("--variants") + 2] = ["moe-top2", "dense"]
+    assert cli_main(argv) == 2
+    printed, err = capsys.readouterr()
+    assert "plan:" not in printed and "cached" not in printed, printed
+    assert "dense-seed1 was trained with steps=2, not steps=3" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["compare.md", "dense-seed1",
+                                                     "val_loss.png"]

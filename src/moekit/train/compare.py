@@ -242,10 +242,22 @@ def resume_interrupted(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus,
     if ckpt is None:
         forget_metrics(run_dir)
         return None
-    def unresumable(e: Exception) -> ValueError:
-        return ValueError(f"{run_dir.name} was interrupted and its checkpoint {ckpt} cannot "
-                          f"be resumed ({e}); delete {run_dir} to train that run again")
+    check_interrupted(run_dir, ckpt, mcfg, tcfg, corpus)
+    try:
+        return Trainer.resume(ckpt, corpus, progress=progress)
+    except CheckpointError as e:
+        raise unresumable(run_dir, ckpt, e) from None
 
+
+def unresumable(run_dir: Path, ckpt: Path, e: Exception) -> ValueError:
+    return ValueError(f"{run_dir.name} was interrupted and its checkpoint {ckpt} cannot "
+                      f"be resumed ({e}); delete {run_dir} to train that run again")
+
+
+def check_interrupted(run_dir: Path, ckpt: Path, mcfg: LMConfig, tcfg: TrainConfig,
+                      corpus) -> None:
+    """ValueError when the interrupted run's checkpoint ``ckpt`` is unreadable or was
+    made with other settings than this sweep's."""
     try:
         state = json.loads((ckpt_io.resolve(ckpt) / ckpt_io.STATE_FILE).read_text())
         then = {"corpus": state["data"]["corpus"], "model_config": state["model_config"],
@@ -253,13 +265,24 @@ def resume_interrupted(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus,
         step = state["step"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
             CheckpointError) as e:
-        raise unresumable(e) from None
+        raise unresumable(run_dir, ckpt, e) from None
     check_same_settings(run_dir, then, mcfg, tcfg, corpus,
                         done=f"started (interrupted at step {step})")
-    try:
-        return Trainer.resume(ckpt, corpus, progress=progress)
-    except CheckpointError as e:
-        raise unresumable(e) from None
+
+
+def check_cache(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
+                tcfg: TrainConfig, corpus, out: Path) -> None:
+    """ValueError, before anything runs, when a run in ``out`` that collect would read
+    (a cached result, or an interrupted run it would resume) was made with other settings
+    than this sweep's: the plan had counted such runs as cached, then the sweep refused
+    them (and a later seed's had been refused after the earlier ones trained)."""
+    for seed in seeds:
+        for name, mcfg in configs.items():
+            run_dir, seeded = out / f"{name}-seed{seed}", tcfg.replace(seed=seed)
+            if (run_dir / RESULT).exists():
+                cached_result(run_dir, mcfg, seeded, corpus)
+            elif name in wanted and (ckpt := last_checkpoint(run_dir)) is not None:
+                check_interrupted(run_dir, ckpt, mcfg, seeded, corpus)
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -302,12 +325,19 @@ def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
 
 
 def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMConfig],
-                  wanted: list[str], tcfg: TrainConfig, corpus, out: Path
-                  ) -> list[dict[str, Any]] | int:
-    """collect's results for `moekit <command>`, or the exit status with the error printed
-    (2: a cached run trained with other settings, or --out holding no finished run;
-    1: a write that failed or a run that diverged; 130 / 143: Ctrl-C / SIGTERM, which had
-    ended the sweep with a traceback)."""
+                  wanted: list[str], tcfg: TrainConfig, corpus, out: Path,
+                  plan: bool = False) -> list[dict[str, Any]] | int:
+    """collect's results for `moekit <command>` (after the plan line, when ``plan``), or
+    the exit status with the error printed (2: a cached run trained with other settings,
+    or --out holding no finished run; 1: a write that failed or a run that diverged;
+    130 / 143: Ctrl-C / SIGTERM, which had ended the sweep with a traceback)."""
+    try:
+        check_cache(configs, wanted, args.seeds, tcfg, corpus, out)
+    except ValueError as e:
+        print(f"moekit {command}: error: {e}", file=sys.stderr)
+        return 2
+    if plan:  # after the check: it had claimed "cached" for runs then refused
+        print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
     if runs_to_train(configs, wanted, args.seeds, out):
         warn_short_schedule(tcfg)  # once per command: each run's Trainer had warned again
     try:
@@ -494,8 +524,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
-    results = finished_runs("compare", args, configs, wanted, tcfg, corpus, out)
+    results = finished_runs("compare", args, configs, wanted, tcfg, corpus, out, plan=True)
     if isinstance(results, int):
         return results
     report = table(results) + "\n\n" + "\n".join(verdict(results))
