@@ -519,6 +519,21 @@ def test_compare_onto_a_full_disk_keeps_what_was_written_before(tmp_path, corpus
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_a_write_failing_before_any_run_finished_says_none_did(tmp_path, corpus_dir,
+                                                               capsys, monkeypatch):
+    """The first run's first save hit a full disk: the one line said 'the runs that
+    finished are cached in OUT' when none had finished."""
+    import moekit.train.checkpoint as ckpt_mod
+    out = tmp_path / "cmp"
+    _disk_fills_writing(monkeypatch, ckpt_mod, "save_file", "model.safetensors")
+    assert cli_main(_sweep(corpus_dir, out, steps=2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"moekit compare: error: could not write to {out}: No space left "
+                          f"on device; no run has finished in {out} yet; the same command "
+                          "trains the rest"), err
+    assert "cached" not in err, err
+
+
 def test_scaling_onto_a_full_disk_keeps_the_summary_there_before(tmp_path, corpus_dir,
                                                                 capsys, monkeypatch):
     """scaling.json was written in place: a full disk cut it (and a traceback)."""

@@ -349,17 +349,17 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
         print(f"moekit {command}: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:  # a diverged run: had been a traceback
-        print(f"moekit {command}: error: {e}; the runs that finished are cached in {out}",
+        print(f"moekit {command}: error: {e}; {finished_note(configs, args.seeds, out)}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM 143 (a run saves on either)
-        print(f"moekit {command}: interrupted: the runs that finished are cached in {out}; "
+        print(f"moekit {command}: interrupted: {finished_note(configs, args.seeds, out)}; "
               "the same command trains the rest (the interrupted run resumes from its last "
               "checkpoint)",
               file=sys.stderr)
         return exit_status(e)
     except OSError as e:  # a full disk: was a traceback out of the run's save or log
-        return write_failed(command, out, e, f"; the runs that finished are cached in {out}; "
+        return write_failed(command, out, e, f"; {finished_note(configs, args.seeds, out)}; "
                             "the same command trains the rest (the failed run resumes "
                             "from its last checkpoint)")
     if not results:
@@ -367,6 +367,14 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
               file=sys.stderr)
         return 2
     return results
+
+
+def finished_note(configs: dict[str, LMConfig], seeds: list[int], out: Path) -> str:
+    """Where a stopped sweep's finished runs are: it had said they were cached in ``out``
+    when the first run's first write failed and none was."""
+    if any((out / f"{n}-seed{s}" / RESULT).exists() for s in seeds for n in configs):
+        return f"the runs that finished are cached in {out}"
+    return f"no run has finished in {out} yet"
 
 
 def check_flags(args: argparse.Namespace) -> None:
