@@ -609,3 +609,32 @@ def test_a_cached_run_with_other_settings_is_refused_before_the_plan(tmp_path, c
     assert "dense-seed1 was trained with steps=2, not steps=3" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["compare.md", "dense-seed1",
                                                      "val_loss.png"]
+
+
+def test_a_report_removes_the_expert_load_plots_of_variants_it_does_not_hold(
+        tmp_path, corpus_dir, capsys):
+    """A sweep with other --top-ks into a used --out left expert_load_moe-top2.png beside
+    a report without moe-top2; only files named expert_load_<variant>.png are removed."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    argv = _sweep(corpus_dir, out, steps=2)
+    argv[argv.index("--variants") + 1:argv.index("--variants") + 2] = ["dense", "moe-top2"]
+    assert cli_main(argv) == 0
+    assert (out / "expert_load_moe-top2.png").is_file()
+    keep = ["expert_load_notes.txt", "my_expert_load_x.png", "expert_load_moe-top2.png.bak"]
+    for name in keep:
+        (out / name).write_text("mine\n")
+    capsys.readouterr()
+    v = argv.index("--variants")
+    top1 = [*argv[:v], *argv[v + 3:]]  # every variant of --top-ks 1
+    top1[top1.index("--top-ks") + 1] = "1"
+    assert top1[-3:-1] == ["--out", str(out)]
+    assert cli_main(top1) == 0  # dense from cache, moe-top1 trained
+    printed = capsys.readouterr().out
+    assert "| moe-top2 |" not in printed and "| moe-top1 |" in printed
+    assert not (out / "expert_load_moe-top2.png").exists()
+    assert f"removed {out / 'expert_load_moe-top2.png'}" in printed
+    assert (out / "expert_load_moe-top1.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "moe-top2-seed0" / compare.RESULT).is_file()  # the run stays cached
+    for name in keep:
+        assert (out / name).read_text() == "mine\n"

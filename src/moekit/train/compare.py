@@ -55,6 +55,7 @@ from moekit.train.trainer import (
 
 RESULT = "result.json"
 METRICS = "metrics.jsonl"
+LOAD_PNG = "expert_load_{}.png"  # one per MoE variant in the report
 
 
 def add_common_arguments(p: argparse.ArgumentParser, out: str, top_ks: list[int]) -> None:
@@ -541,9 +542,23 @@ def run(args: argparse.Namespace) -> int:
         write_whole(out / "compare.md", report + "\n")
         for path in plots(results, configs, out):
             print(f"wrote {path}")
+        for path in remove_stale_load_plots(results, out):
+            print(f"removed {path}: its variant is not in this report")
     except OSError as e:
         return write_failed("compare", out, e)
     return 0
+
+
+def remove_stale_load_plots(results: list[dict[str, Any]], out: Path) -> Iterator[Path]:
+    """The expert_load_<variant>.png files in ``out`` of variants not in this report,
+    removed: a sweep into a used --out had left an earlier sweep's beside the new report,
+    as if they were its own."""
+    reported = {r["variant"] for r in results}
+    for path in sorted(out.glob(LOAD_PNG.format("*"))):
+        variant = path.name.removeprefix("expert_load_").removesuffix(".png")
+        if variant not in reported and path.is_file():
+            path.unlink()
+            yield path
 
 
 def plots(results: list[dict[str, Any]], configs: dict[str, LMConfig], out: Path
@@ -558,4 +573,4 @@ def plots(results: list[dict[str, Any]], configs: dict[str, LMConfig], out: Path
     for name in configs:
         first = next((r for r in results if r["variant"] == name and r["load"]), None)
         if first is not None:
-            yield plot_load(first, out / f"expert_load_{name}.png")
+            yield plot_load(first, out / LOAD_PNG.format(name))
