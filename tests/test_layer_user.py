@@ -69,38 +69,9 @@ def test_infer_matches_forward_under_autocast(name):
     assert torch.equal(got, want)
 
 
-def test_meta_built_layer_initialises_like_a_cpu_built_one():
+def _assert_meta_built_like_cpu_built(cfg: MoEConfig) -> None:
     """Build on the meta device, ``to_empty``, then ``reset_parameters`` per module (the
-    usual recipe for large models): the shared experts had no such method and kept
-    uninitialised memory (NaN outputs), and the selection bias stayed garbage."""
-    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=8, top_k=2, router="sigmoid",
-                    bias_update_rate=1e-3, num_shared_experts=1, shared_expert_gate=True,
-                    expert_bias=True)
-    torch.manual_seed(0)
-    want = MoE(cfg).state_dict()
-    with torch.device("meta"):
-        moe = MoE(cfg)
-    moe.to_empty(device="cpu")
-    for t in moe.state_dict().values():  # uninitialised memory, made visible
-        t.fill_(float("nan"))
-    torch.manual_seed(0)
-    for module in moe.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    got = moe.state_dict()
-    assert sorted(got) == sorted(want)
-    for name, t in want.items():
-        assert torch.equal(got[name], t), name
-
-
-@pytest.mark.parametrize("kw", [
-    dict(router="noisy_topk"),  # noise_weight: zeros on a CPU-built layer
-    dict(router="hash", hash_vocab_size=50, hash_seed=3),  # the table, from its seed
-], ids=["noisy_topk", "hash"])
-def test_meta_built_router_state_initialises_like_a_cpu_built_one(kw):
-    """The same recipe for the routers with more state than a gate: the noise gate and
-    the hash table kept uninitialised memory (NaN noise; ids outside [0, E))."""
-    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=8, top_k=2, **kw)
+    usual recipe for large models): the state equals a CPU-built layer's under one seed."""
     torch.manual_seed(0)
     want = MoE(cfg).state_dict()
     with torch.device("meta"):
@@ -116,3 +87,22 @@ def test_meta_built_router_state_initialises_like_a_cpu_built_one(kw):
     assert sorted(got) == sorted(want)
     for name, t in want.items():
         assert torch.equal(got[name], t), name
+
+
+def test_meta_built_layer_initialises_like_a_cpu_built_one():
+    """The shared experts had no reset_parameters and kept uninitialised memory (NaN
+    outputs), and the selection bias stayed garbage."""
+    _assert_meta_built_like_cpu_built(MoEConfig(
+        dim=D, ffn_dim=F, num_experts=8, top_k=2, router="sigmoid", bias_update_rate=1e-3,
+        num_shared_experts=1, shared_expert_gate=True, expert_bias=True))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(router="noisy_topk"),  # noise_weight: zeros on a CPU-built layer
+    dict(router="hash", hash_vocab_size=50, hash_seed=3),  # the table, from its seed
+], ids=["noisy_topk", "hash"])
+def test_meta_built_router_state_initialises_like_a_cpu_built_one(kw):
+    """The routers with more state than a gate: the noise gate and the hash table kept
+    uninitialised memory (NaN noise; ids outside [0, E))."""
+    _assert_meta_built_like_cpu_built(MoEConfig(dim=D, ffn_dim=F, num_experts=8, top_k=2,
+                                                **kw))
