@@ -170,7 +170,8 @@ def machine(dtype: str = "fp32") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small sizes, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating rounds (default 7; 3 with --quick)")
     parser.add_argument("--backends", default="auto",
                         help="comma-separated moekit backends to time (e.g. auto,grouped_mm)")
     parser.add_argument("--only", default="", help=ONLY_HELP)
@@ -180,7 +181,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     backends = args.backends.split(",")
-    sizes, rounds = (QUICK, 3) if args.quick else (SIZES, args.rounds)
+    sizes, rounds = (QUICK, 3) if args.quick else (SIZES, 7)
+    if args.rounds is not None:  # given: it wins over --quick's 3 (it had been ignored)
+        if args.rounds < 1:
+            parser.error(f"--rounds={args.rounds} is not allowed: it must be >= 1")
+        rounds = args.rounds
     sizes = [s for s in sizes if args.only in s.label]
     print(f"bench_hf  {machine(args.dtype)}  fwd+bwd, 2 layers, "
           f"median of {rounds} alternating rounds")
