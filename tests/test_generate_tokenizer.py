@@ -307,6 +307,11 @@ def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
                     {"step": 0, "model_config": lm.config.to_dict()})
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "bytes"), "--chat"]) == 2
     assert "--chat is not allowed here: the checkpoint has no tokenizer" in capsys.readouterr().err
+    # a checkpoint path that does not exist is named as such, not as a missing tokenizer
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "nope"), "--chat"]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint={str(tmp_path / 'nope')!r} is not allowed: no such directory" in err
+    assert "no tokenizer" not in err
     _, _, root = converted
     assert cli_main(["generate", "--checkpoint", str(root / "lm"), "--system", "x"]) == 2
     assert "--system='x' is not allowed without --chat" in capsys.readouterr().err

@@ -188,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
                              "slow reference does not stop early")
         prompts = read_prompts(args)
+        if not Path(args.checkpoint).exists():  # --chat had blamed a missing tokenizer
+            raise ValueError(f"--checkpoint={args.checkpoint!r} is not allowed: no such "
+                             "directory (a run, a step_* directory or a `moekit quantize` "
+                             "output)")
         text = text_for(args.checkpoint, args.tokenizer)
         if args.chat and not isinstance(text, TokenizerText):
             raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
