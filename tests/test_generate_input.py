@@ -123,3 +123,15 @@ def test_engine_stop_ids_past_the_vocabulary(kwargs, name):
     with pytest.raises(ValueError, match=name):
         engine.generate([[1, 2]], GenerationConfig(max_new_tokens=2, **kwargs))
     assert engine.cache is None
+
+
+def test_expert_memory_on_a_dense_checkpoint_is_named(tmp_path, capsys):
+    """--expert-memory on a `moekit train --dense` run: one line naming the flag, not
+    "max() arg is an empty sequence"."""
+    from moekit.train.checkpoint import save_checkpoint
+
+    model = MoETransformer(preset("tiny").replace(dense=True))
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    _fails(tmp_path / "run", capsys, ["--expert-memory", "24KiB"],
+           "--expert-memory: expert_memory='24KiB' is not allowed", "dense")

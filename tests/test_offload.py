@@ -469,6 +469,17 @@ def test_moekit_budget_below_one_layer(moekit_ckpt, given, shown):
     assert str(e.value) == f"{shown} is too small: {BUDGET_NEEDED}"
 
 
+def test_moekit_dense_checkpoint_is_refused_by_name(tmp_path):
+    """A dense run has no experts to offload: a named error, not max() of an empty list."""
+    cfg = CFG.replace(dense=True)
+    model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": cfg.to_dict()})
+    with pytest.raises(ExpertMemoryError, match=r"^expert_memory='1MiB' is not allowed for "
+                       r".*run: its model is dense \(dense=True\), with no experts"):
+        load_offloaded(tmp_path / "run", "1MiB")
+
+
 def test_moekit_budget_of_the_minimum_named_loads(moekit_ckpt):
     """The size the error names is the least that works, not a guess above it."""
     for budget in (2 * EXPERT_BYTES, "18KiB"):

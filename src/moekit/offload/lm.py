@@ -28,7 +28,7 @@ from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantized
 from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, check_options
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
-from moekit.offload.store import Codec, ExpertStore, Part, parse_bytes
+from moekit.offload.store import Codec, ExpertMemoryError, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
 from moekit.quant.model import quantize_like
 from moekit.train import rundir
@@ -134,6 +134,10 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     file, state, quant = _source(path)
     header = read_header(file)
     cfg = LMConfig.from_dict(state["model_config"])
+    if cfg.dense:  # _attach had failed with "max() arg is an empty sequence"
+        raise ExpertMemoryError(
+            f"expert_memory={expert_memory!r} is not allowed for {path}: its model is dense "
+            "(dense=True), with no experts to keep on disk; load it without expert_memory")
     with torch.device("meta"):
         model = MoETransformer(cfg)
         if quant is not None:  # the experts' stored layout; scope "all": attention and head
