@@ -708,6 +708,18 @@ def test_bad_dense_requests_change_nothing(kw, match):
     quantize(layer, bits=4, group_size=64, scope="experts")  # the experts alone are fine
 
 
+@pytest.mark.parametrize("scope", ["all", "experts"])
+def test_a_dense_lm_is_refused_as_dense(scope):
+    """`moekit train --dense`'s model had been refused as having "no moekit Experts module
+    ... nothing to quantize", which with scope 'all' (attention, head, dense FFNs) read as a
+    bug; it is refused as dense, unchanged."""
+    model = MoETransformer(preset("tiny", dense=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"the model is dense \(dense=True"):
+        quantize(model, bits=8, scope=scope)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_bf16_quantized_model_generates_in_bf16():
     from moekit.inference import Engine, GenerationConfig
 

@@ -253,6 +253,13 @@ def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
     _check_hf_experts(model)
     experts = _expert_targets(model)
     if not experts:
+        config = getattr(model, "config", None)
+        if getattr(config, "dense", False):  # scope "all" reads as if it took dense FFNs
+            raise QuantizationError("the model is dense (dense=True, `moekit train --dense`): "
+                                    "moekit.quantize quantizes MoE models (their experts, "
+                                    "then with scope 'all' their other projections) and has "
+                                    "no path for a model without experts; run it in floating "
+                                    "point")
         raise QuantizationError("the model has no moekit Experts module nor a transformers "
                                 "experts module patched by moekit.integrations.hf.apply: "
                                 "nothing to quantize")
