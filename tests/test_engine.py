@@ -151,6 +151,24 @@ def test_batched_prompts_of_different_lengths_equal_each_alone():
         assert g.tokens == _greedy_alone(model, prompt, 16), prompt
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_a_capacity_model_generates_dropless_whatever_shares_its_batch(router):
+    """A capacity is shared by the rows of a call: generation had dropped a sequence's
+    tokens by what else was in its batch (another client's request in `moekit serve`), and
+    a prompt's prefill dropped what decoding token by token kept. Oracle: the same weights
+    with no capacity factor, each prompt alone, every position recomputed."""
+    shape = dict(router=router, num_experts=8, top_k=2, tie_embeddings=False)
+    model = _model(capacity_factor=0.25, **shape)
+    with torch.no_grad():  # sharper routing and logits than at init: drops change tokens
+        for p in model.parameters():
+            p.mul_(3)
+    dropless = _model(**shape)
+    dropless.load_state_dict(model.state_dict())
+    batched, _ = Engine(model).generate(PROMPTS, GenerationConfig(max_new_tokens=16))
+    for prompt, g in zip(PROMPTS, batched, strict=True):
+        assert g.tokens == _greedy_alone(dropless, prompt, 16), prompt
+
+
 def test_batched_stopping_drops_rows_and_keeps_the_others_exact():
     """One sequence stops early (its cache row leaves); the rest still match alone."""
     model = _model()

@@ -1475,3 +1475,20 @@ def test_metrics_of_an_offloaded_models_expert_cache(tmp_path, monkeypatch):
         model.expert_offload.close()
     resident = Service(MoETransformer(cfg).eval(), ByteText(), "tiny").metrics()
     assert "expert_cache" not in resident
+
+
+def test_an_expert_choice_model_is_served_one_sequence_at_a_time():
+    """Expert choice routes over every token of a call: with several sequences decoded
+    together one client's tokens changed which experts another's got. --parallel above 1
+    is refused for such a model, naming the flag; at 1 it serves, and a request's tokens
+    are those it gets generated alone by the engine."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", router="expert_choice")).eval()
+    with pytest.raises(ValueError, match=r"parallel=4 is not allowed: it must be 1 for an "
+                                         "expert-choice model"):
+        Service(model, ByteText(), "tiny", parallel=4)
+    service = Service(model, ByteText(), "tiny", parallel=1, context=32)
+    choices, _, _ = service.generate(service.parse({"prompt": "def ", "max_tokens": 8,
+                                                    "temperature": 0}, False))
+    want, _ = Engine(model).generate([list(b"def ")], GenerationConfig(max_new_tokens=8))
+    assert choices[0].text == bytes(want[0].tokens).decode("utf-8", errors="replace")

@@ -193,13 +193,19 @@ class MoE(nn.Module):
 
     def infer(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """The layer's output alone, for generation: the routing decision without its
-        losses, and no routing statistics. Same output as ``forward`` in eval mode."""
+        losses, and no routing statistics. Same output as ``forward`` in eval mode, but
+        for a token-choice router with a capacity factor, which runs dropless here: a
+        capacity is shared by every row of a call, so a sequence's tokens were dropped or
+        kept by what else was in the batch (another request's, in ``moekit serve``), and
+        a prompt's prefill dropped what decoding it token by token kept. (Expert choice
+        routes over each call's rows by definition: see the README.)"""
         cfg = self.config
         x_TD, ids_T = self._checked(x, token_ids)
         dispatch = self._route_kernel(x_TD)
         if dispatch is None:
             plan = self.router.select(x_TD, ids_T)
-            capacity = None if cfg.capacity_factor is None else cfg.capacity(x_TD.shape[0])
+            capacity = (cfg.capacity(x_TD.shape[0]) if cfg.router == "expert_choice"
+                        and cfg.capacity_factor is not None else None)
             dispatch = sort_by_expert(plan, cfg.num_experts, capacity, cfg.drop_policy)
         y_TD = self.experts(x_TD, dispatch)
         if self.shared is not None:
@@ -209,9 +215,10 @@ class MoE(nn.Module):
     def _route_kernel(self, x_TD: Tensor) -> Dispatch | None:
         """Routing and the sort by expert in one C++ call (``decode.route_sort``), for up
         to ``decode.ROUTE_KERNEL_MAX_TOKENS`` tokens (a decode step, a prefill) on the CPU
-        without autograd and dropless; None where it does not apply."""
+        without autograd, dropless (as ``infer`` routes token choice); None where it does
+        not apply."""
         if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
-                or torch.is_grad_enabled() or self.config.capacity_factor is not None):
+                or torch.is_grad_enabled()):
             return None
         spec = self.router.kernel_spec()
         if spec is None or not decode.available():

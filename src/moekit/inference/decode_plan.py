@@ -106,7 +106,7 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     if type(moe) is not MoE or type(moe.experts) is not Experts:
         return None
     ex = moe.experts
-    if ex.backend != "auto" or moe.config.capacity_factor is not None:
+    if ex.backend != "auto":  # (a capacity factor: MoE.infer routes token choice dropless)
         return None
     spec = moe.router.kernel_spec()
     act = backends._kernel_spec(ex._act)

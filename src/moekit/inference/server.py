@@ -134,6 +134,15 @@ class RequestError(ValueError):
         self.param = param
 
 
+def _expert_choice(model) -> bool:
+    """Whether a MoE layer of ``model`` routes by expert choice (its experts pick tokens
+    among every row of a call, so rows of different requests decide each other's)."""
+    from moekit.config import MoEConfig
+
+    return any(isinstance(getattr(m, "config", None), MoEConfig)
+               and m.config.router == "expert_choice" for m in model.modules())
+
+
 def _reject(param: str, value: object, allowed: str) -> None:
     raise RequestError(param, f"{param}={value!r} is not allowed: {allowed}")
 
@@ -267,6 +276,10 @@ class Service:
         if isinstance(parallel, bool) or not isinstance(parallel, int) \
                 or not 1 <= parallel <= MAX_PARALLEL:
             _reject("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
+        if parallel > 1 and _expert_choice(model):
+            _reject("parallel", parallel, "it must be 1 for an expert-choice model: expert "
+                    "choice routes over every token of a call, so one request's tokens "
+                    "would change which experts another's get (serve it with --parallel 1)")
         self.context = limit if context is None else context  # prompt + new tokens
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
                 or prefill_chunk < 1:
