@@ -3,16 +3,14 @@
 Every variant has the same active FFN width A per token: the dense model has
 one SwiGLU of hidden A, an MoE with top-K has experts of hidden A / K, so a
 token does the same FFN arithmetic (plus the router's D x E product, < 1%).
-Each run's result is cached in its directory, so variants can run in
-separate processes (``--variants``) and a final call collects the table.
+Each run's result is cached in its directory (``sweep_cache``), so variants can run
+in separate processes (``--variants``) and a final call collects the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
 import sys
 import warnings
@@ -32,8 +30,7 @@ from moekit.config import (
 )
 from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig, preset
-from moekit.train import checkpoint as ckpt_io
-from moekit.train.checkpoint import LATEST, CheckpointError
+from moekit.train.checkpoint import CheckpointError
 from moekit.train.cli import (
     FIELD_FLAGS,
     add_model_arguments,
@@ -44,7 +41,20 @@ from moekit.train.cli import (
 from moekit.train.data import load_corpus
 from moekit.train.interrupt import exit_status
 from moekit.train.monitor import MetricsLog, read_metrics
-from moekit.train.rundir import STEP_DIR, checkpoint_dirs, write_whole
+from moekit.train.rundir import write_whole
+from moekit.train.sweep_cache import (
+    METRICS,
+    RESULT,
+    cached_result,
+    check_cache,
+    check_interrupted,
+    finished_note,
+    forget_metrics,
+    last_checkpoint,
+    runs_to_train,
+    unresumable,
+    write_result,
+)
 from moekit.train.trainer import (
     SHORT_SCHEDULE,
     NonFiniteError,
@@ -53,8 +63,6 @@ from moekit.train.trainer import (
     warn_short_schedule,
 )
 
-RESULT = "result.json"
-METRICS = "metrics.jsonl"
 LOAD_PNG = "expert_load_{}.png"  # one per MoE variant in the report
 
 
@@ -151,7 +159,7 @@ def train_one(name: str, mcfg: LMConfig, tcfg: TrainConfig, corpus, run_dir: Pat
     # every session's time in fit (the checkpoint of an interrupted one records its own):
     # a resumed run had reported its last session's alone
     result = run_result(name, trainer, summary, corpus, summary["wall_s"])
-    _write_result(run_dir / RESULT, result)
+    write_result(run_dir / RESULT, result)
     return result
 
 
@@ -193,45 +201,6 @@ def final_validation(trainer: Trainer, vals: list[dict[str, Any]]) -> list[dict[
     return [*vals, trainer.history[-1]]
 
 
-def _write_result(path: Path, result: dict[str, Any]) -> None:
-    """A run killed mid-write had left broken JSON that every later sweep into the same
-    --out failed to read: written whole or not at all."""
-    write_whole(path, json.dumps(result))
-
-
-def check_same_settings(run_dir: Path, then: dict[str, Any], mcfg: LMConfig,
-                        tcfg: TrainConfig, corpus, done: str = "trained") -> None:
-    """ValueError when the run in ``run_dir`` (its result, or the checkpoint of an
-    interrupted one: ``then``) was ``done`` with other settings or on another corpus
-    than this sweep's (runs are keyed by directory, so a changed flag must not reuse
-    one). A key absent from ``then`` (results written before it was recorded) passes."""
-    was = then.get("corpus")
-    if was is not None and was != corpus.location():
-        # a new --data had reported the old corpus's runs beside the new one's
-        raise ValueError(
-            f"data={corpus.source!r} is not allowed with out={str(run_dir.parent)!r}: "
-            f"{run_dir.name} was {done} on {was!r}; pass that --data, or pick a new --out")
-    for key, now in (("model_config", mcfg.to_dict()), ("train_config", tcfg.to_dict())):
-        was = then.get(key)
-        changed = sorted(k for k in now if was is not None and was.get(k) != now[k])
-        if changed:
-            raise ValueError(
-                f"out={str(run_dir.parent)!r} is not allowed: {run_dir.name} was {done} with "
-                f"{', '.join(f'{k}={was.get(k)!r}' for k in changed)}, not "
-                f"{', '.join(f'{k}={now[k]!r}' for k in changed)}; pick a new --out")
-
-
-def cached_result(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus) -> dict[str, Any]:
-    """A run's cached result; ValueError when it was trained with other settings."""
-    try:
-        result = json.loads((run_dir / RESULT).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{run_dir / RESULT} is not readable JSON ({e}): delete it to "
-                         "train that run again") from None
-    check_same_settings(run_dir, result, mcfg, tcfg, corpus)
-    return result
-
-
 def resume_interrupted(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus,
                        progress: bool) -> Trainer | None:
     """The run an interrupted sweep left in ``run_dir``, resumed from its last checkpoint
@@ -248,65 +217,6 @@ def resume_interrupted(run_dir: Path, mcfg: LMConfig, tcfg: TrainConfig, corpus,
         return Trainer.resume(ckpt, corpus, progress=progress)
     except CheckpointError as e:
         raise unresumable(run_dir, ckpt, e) from None
-
-
-def unresumable(run_dir: Path, ckpt: Path, e: Exception) -> ValueError:
-    return ValueError(f"{run_dir.name} was interrupted and its checkpoint {ckpt} cannot "
-                      f"be resumed ({e}); delete {run_dir} to train that run again")
-
-
-def check_interrupted(run_dir: Path, ckpt: Path, mcfg: LMConfig, tcfg: TrainConfig,
-                      corpus) -> None:
-    """ValueError when the interrupted run's checkpoint ``ckpt`` is unreadable or was
-    made with other settings than this sweep's."""
-    try:
-        state = json.loads((ckpt_io.resolve(ckpt) / ckpt_io.STATE_FILE).read_text())
-        then = {"corpus": state["data"]["corpus"], "model_config": state["model_config"],
-                "train_config": state["train_config"]}
-        step = state["step"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-            CheckpointError) as e:
-        raise unresumable(run_dir, ckpt, e) from None
-    check_same_settings(run_dir, then, mcfg, tcfg, corpus,
-                        done=f"started (interrupted at step {step})")
-
-
-def check_cache(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
-                tcfg: TrainConfig, corpus, out: Path) -> None:
-    """ValueError, before anything runs, when a run in ``out`` that collect would read
-    (a cached result, or an interrupted run it would resume) was made with other settings
-    than this sweep's: the plan had counted such runs as cached, then the sweep refused
-    them (and a later seed's had been refused after the earlier ones trained)."""
-    for seed in seeds:
-        for name, mcfg in configs.items():
-            run_dir, seeded = out / f"{name}-seed{seed}", tcfg.replace(seed=seed)
-            if (run_dir / RESULT).exists():
-                cached_result(run_dir, mcfg, seeded, corpus)
-            elif name in wanted and (ckpt := last_checkpoint(run_dir)) is not None:
-                check_interrupted(run_dir, ckpt, mcfg, seeded, corpus)
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The run directory when LATEST names a checkpoint; else its newest step_* directory
-    (a run killed between renaming its first checkpoint into place and writing LATEST);
-    None when it holds none."""
-    if (run_dir / LATEST).is_file():
-        return run_dir
-    steps = checkpoint_dirs(run_dir, STEP_DIR)
-    return steps[-1] if steps else None
-
-
-def forget_metrics(run_dir: Path) -> None:
-    """An interrupted run that left no checkpoint starts over: what it logged goes."""
-    gone = [p for p in (run_dir / METRICS, run_dir / "tensorboard") if p.exists()]
-    for path in gone:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    if gone:
-        print(f"{run_dir}: the interrupted run left no checkpoint: it starts over (removed "
-              f"its {' and '.join(p.name for p in gone)})", flush=True)
 
 
 def collect(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
@@ -368,14 +278,6 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
               file=sys.stderr)
         return 2
     return results
-
-
-def finished_note(configs: dict[str, LMConfig], seeds: list[int], out: Path) -> str:
-    """Where a stopped sweep's finished runs are: it had said they were cached in ``out``
-    when the first run's first write failed and none was."""
-    if any((out / f"{n}-seed{s}" / RESULT).exists() for s in seeds for n in configs):
-        return f"the runs that finished are cached in {out}"
-    return f"no run has finished in {out} yet"
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -501,13 +403,6 @@ def verdict(results: list[dict[str, Any]]) -> list[str]:
 # measured: the default `moekit train` (small preset, 16 x 128) ran 9,169 tokens/s on
 # the 2-core dev box with the C++ kernels; compare's variants have equal active FLOPs
 PLAN_TOKENS_PER_S = 9_000
-
-
-def runs_to_train(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
-                  out: Path) -> list[tuple[str, int]]:
-    """The (variant, seed) runs this sweep trains: wanted and not cached in ``out``."""
-    return [(n, s) for s in seeds for n in configs
-            if n in wanted and not (out / f"{n}-seed{s}" / RESULT).exists()]
 
 
 def plan_line(configs: dict[str, LMConfig], wanted: list[str], seeds: list[int],
