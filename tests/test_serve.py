@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import select
+import socket
 import threading
 import time
 import urllib.error
@@ -1360,6 +1361,43 @@ def test_a_client_trickling_its_request_gets_408_at_the_request_timeout(head, ta
         assert f"{missing} did not arrive within 0.6 s" in body["error"]["message"]
         assert took < 2.0, took  # the whole request would have taken 2.5 s or more
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_burst_of_connections_waits_for_accept_instead_of_being_dropped():
+    """Clients that connect while the accepting thread is busy (generation on the main
+    thread holds it off) wait in the listen queue: with socketserver's default of 5, the
+    7th connection of a burst was never accepted (its SYN dropped) and, under load,
+    clients got ConnectionResetError. Here 32 clients connect before the server accepts
+    anything; every connection is queued and answered."""
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    server = make_server(Service(model, ByteText(), "tiny"), port=0)
+    address = server.server_address
+    socks = [socket.socket() for _ in range(32)]
+    try:
+        for s in socks:  # non-blocking: a connect the queue has no room for stays pending
+            s.setblocking(False)
+            s.connect_ex(address)
+        deadline = time.monotonic() + 2.0
+        pending = list(socks)
+        while pending and time.monotonic() < deadline:
+            _, ready, _ = select.select([], pending, [], 0.1)
+            pending = [s for s in pending if s not in ready]
+    finally:  # (started before any assert: shutdown() waits for serve_forever)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert not pending, f"{len(pending)} of 32 connections were not queued"
+        for s in socks:
+            s.setblocking(True)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = [_until_closed(s, timeout=10.0) for s in socks]
+        assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b'{"status": "ok"}')
+                   for a in answers), answers
+    finally:
+        for s in socks:
+            s.close()
         server.shutdown()
         server.server_close()
 

@@ -1237,6 +1237,11 @@ class _Server(ThreadingHTTPServer):
     that a shutdown can end them (``end_connections``)."""
 
     daemon_threads = True
+    # connections the kernel queues until accept(): socketserver's default 5 reset
+    # clients of a burst (40 concurrent completions to a tiny model: 14-24 of 40 got
+    # ConnectionResetError) while generation on the main thread slows the accepting
+    # thread; the kernel caps it at net.core.somaxconn
+    request_queue_size = 1024
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
