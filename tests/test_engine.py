@@ -544,3 +544,23 @@ def test_patched_transformers_generate_equals_unpatched():
     with torch.inference_mode():
         a, b = original.generate(ids, **kw), patched.generate(ids, **kw)
     assert torch.equal(a, b)
+
+
+def test_an_expert_choice_model_generates_each_prompt_as_alone():
+    """Expert choice picks tokens among a call's rows: batched, each sequence's experts had
+    depended on the other sequences' tokens. The engine runs such a model's prompts one at
+    a time: each equals that prompt generated alone, and the callbacks see the prompt's own
+    index."""
+    model = _model(router="expert_choice", num_experts=8, top_k=2, tie_embeddings=False)
+    with torch.no_grad():  # sharper routing and logits than at init
+        for p in model.parameters():
+            p.mul_(3)
+    cfg = GenerationConfig(max_new_tokens=10)
+    engine = Engine(model)
+    alone = [engine.generate([p], cfg)[0][0].tokens for p in PROMPTS]
+    seen: dict[int, list[int]] = {}
+    batched, stats = engine.generate(PROMPTS, cfg,
+                                     on_token=lambda i, t: seen.setdefault(i, []).append(t))
+    assert [g.tokens for g in batched] == alone
+    assert seen == dict(enumerate(alone))
+    assert stats.sequences == len(PROMPTS) and stats.new_tokens == sum(map(len, alone))

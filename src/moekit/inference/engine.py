@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from moekit.config import (
     MAX_SEED,
@@ -127,6 +127,17 @@ class GenerationStats:
         return 1e3 * self.decode_s / max(self.decode_steps, 1)
 
 
+def routes_across_rows(model: nn.Module) -> bool:
+    """Whether a MoE layer of ``model`` routes by expert choice: its experts pick tokens
+    among every row of a call, so the sequences of one batch decide each other's experts
+    (token choice routes each row alone; a capacity factor is not applied in generation,
+    ``MoE.infer``)."""
+    from moekit.config import MoEConfig
+
+    return any(isinstance(getattr(m, "config", None), MoEConfig)
+               and m.config.router == "expert_choice" for m in model.modules())
+
+
 class Engine:
     """Generates from a ``MoETransformer``; keeps its KV cache between calls.
 
@@ -179,9 +190,36 @@ class Engine:
         self.model.eval()
         try:
             with torch.inference_mode():
+                if len(ids) > 1 and routes_across_rows(self.model):
+                    return self._one_at_a_time(ids, cfg, on_token, generator, stop_when,
+                                               logprobs)
                 return self._run(ids, cfg, on_token, generator, stop_when, logprobs)
         finally:
             self.model.train(was_training)
+
+    def _one_at_a_time(self, ids: list[list[int]], cfg: GenerationConfig,
+                       on_token: OnToken | None, generator: torch.Generator,
+                       stop_when: StopWhen | None, logprobs: int | None
+                       ) -> tuple[list[Generation], GenerationStats]:
+        """Each prompt in a batch of its own (an expert-choice model: batched, its experts
+        picked among every sequence's tokens, so each sequence's tokens depended on the
+        others'); the stats summed."""
+        gens, parts = [], []
+        for i, prompt in enumerate(ids):
+            g, st = self._run(
+                [prompt], cfg,
+                None if on_token is None else (lambda _, tok, i=i: on_token(i, tok)),
+                generator,
+                None if stop_when is None else (lambda _, toks, i=i: stop_when(i, toks)),
+                logprobs)
+            gens += g
+            parts.append(st)
+        return gens, GenerationStats(
+            sequences=len(ids), prompt_tokens=sum(p.prompt_tokens for p in parts),
+            new_tokens=sum(p.new_tokens for p in parts),
+            decode_steps=sum(p.decode_steps for p in parts),
+            prefill_s=sum(p.prefill_s for p in parts), decode_s=sum(p.decode_s for p in parts),
+            reused_tokens=sum(p.reused_tokens for p in parts))
 
     # -- checks ----------------------------------------------------------------------
 

@@ -89,6 +89,7 @@ from moekit.inference.engine import (
     GenerationConfig,
     GenerationStats,
     checked_prompts,
+    routes_across_rows,
     token_logprobs,
 )
 from moekit.inference.http_body import BodyError, DeadlineReader, read_body
@@ -132,15 +133,6 @@ class RequestError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
-
-
-def _expert_choice(model) -> bool:
-    """Whether a MoE layer of ``model`` routes by expert choice (its experts pick tokens
-    among every row of a call, so rows of different requests decide each other's)."""
-    from moekit.config import MoEConfig
-
-    return any(isinstance(getattr(m, "config", None), MoEConfig)
-               and m.config.router == "expert_choice" for m in model.modules())
 
 
 def _reject(param: str, value: object, allowed: str) -> None:
@@ -276,7 +268,7 @@ class Service:
         if isinstance(parallel, bool) or not isinstance(parallel, int) \
                 or not 1 <= parallel <= MAX_PARALLEL:
             _reject("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
-        if parallel > 1 and _expert_choice(model):
+        if parallel > 1 and routes_across_rows(model):
             _reject("parallel", parallel, "it must be 1 for an expert-choice model: expert "
                     "choice routes over every token of a call, so one request's tokens "
                     "would change which experts another's get (serve it with --parallel 1)")
