@@ -129,7 +129,8 @@ def test_ctrl_c_after_nan_weights_does_not_save_them(text_file, tmp_path):
 
     trainer.model.embed.register_forward_hook(interrupt)
     try:
-        with pytest.raises(NonFiniteError, match="hold NaN or inf.*checkpoint is None"):
+        with pytest.raises(NonFiniteError, match="hold NaN or inf.*no checkpoint was written "
+                                                 "yet: run the command again"):
             trainer.fit()
     except KeyboardInterrupt:  # before the fix: saved, then re-raised (and ended pytest)
         pytest.fail(f"Ctrl-C saved the NaN weights: LATEST is {trainer.last_checkpoint}")
@@ -157,7 +158,32 @@ def test_cli_nan_weights_are_one_error_line_and_exit_1(text_file, tmp_path, caps
                    "--data", str(text_file), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "hold NaN or inf" in err and "Traceback" not in err, err
+    assert "None" not in err and err.endswith("no checkpoint was written yet: run the "
+                                              "command again, with that change, to start "
+                                              "over"), err  # had named checkpoint None
     assert not (out / LATEST).exists()
+    monkeypatch.undo()  # the change made: the same command starts the run over
+    assert cli_main(["train", "--preset", "tiny", "--steps", "2", "--seq-len", "16",
+                     "--data", str(text_file), "--out", str(out), "--no-progress"]) == 0
+    assert (out / LATEST).read_text().strip() == "step_00000002"
+
+
+def test_bad_steps_before_the_first_save_say_to_start_over(text_file, tmp_path):
+    """max_bad_steps reached before any checkpoint: the error had ended "the last good
+    checkpoint is None"."""
+    trainer = Trainer(MODEL, TRAIN.replace(save_every=100, max_bad_steps=2),
+                      load_corpus(str(text_file)), tmp_path, progress=False)
+
+    def nan_batch(module, inputs, output):  # every training step's loss is NaN
+        return output * math.nan if module.training else output
+
+    trainer.model.embed.register_forward_hook(nan_batch)
+    with pytest.raises(NonFiniteError) as e:
+        trainer.fit()
+    assert str(e.value).startswith("2 consecutive steps had a non-finite loss")
+    assert str(e.value).endswith("; no checkpoint was written yet: run the command again, "
+                                 "with that change, to start over"), e.value
+    assert "None" not in str(e.value) and not (tmp_path / LATEST).exists()
 
 
 def test_a_run_whose_last_step_is_skipped_still_saves_its_final_state(text_file, tmp_path):

@@ -441,7 +441,7 @@ class Trainer:
                     f"{self.counters['bad_in_row']} consecutive steps had a non-finite loss "
                     f"or gradient (last at step {self.step}; max_bad_steps="
                     f"{self.cfg.max_bad_steps}). Lower the learning rate or check the data; "
-                    f"the last good checkpoint is {self.last_checkpoint}")
+                    f"{self.last_good_note()}")
             return res
         self.counters["bad_in_row"] = 0
         if res.load_LE.numel():
@@ -487,6 +487,15 @@ class Trainer:
         return (self.last_checkpoint is not None and self.last_checkpoint.name
                 == f"{self.CHECKPOINT_PREFIX}{self.step:08d}")
 
+    def last_good_note(self) -> str:
+        """Where a run stopped for NaN or inf goes on from: its last good checkpoint, or,
+        before the first save, a start over (it had read "the last good checkpoint is
+        None", and ``--resume`` there fails: no checkpoint to resume)."""
+        if self.last_checkpoint is None:
+            return ("no checkpoint was written yet: run the command again, with that "
+                    "change, to start over")
+        return f"the last good checkpoint is {self.last_checkpoint}"
+
     def save(self) -> Path:
         """Write a checkpoint and point LATEST at it; weights holding NaN or inf are never
         saved (NonFiniteError): LATEST keeps naming the last good checkpoint."""
@@ -495,8 +504,8 @@ class Trainer:
             raise NonFiniteError(
                 f"step {self.step}: {len(bad)} parameter(s) hold NaN or inf ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}), so they were not saved. Lower the learning "
-                f"rate (lr={self.cfg.lr}) or weight_decay={self.cfg.weight_decay}; the last "
-                f"good checkpoint is {self.last_checkpoint}")
+                f"rate (lr={self.cfg.lr}) or weight_decay={self.cfg.weight_decay}; "
+                f"{self.last_good_note()}")
         self.last_checkpoint = ckpt_io.save_checkpoint(
             self.out_dir, self.model, self.optimizer, self.checkpoint_state(),
             self.cfg.keep_checkpoints)
