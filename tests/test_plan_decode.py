@@ -326,6 +326,25 @@ def test_a_context_past_the_models_longest_is_refused(tmp_path, capsys):
     assert _plan(capsys, tmp_path / "config.json", "--decode", "--context", "32768")[0] == 0
 
 
+def test_a_dense_checkpoint_has_no_experts_line(tmp_path, capsys):
+    """A dense checkpoint (moekit train --dense) had read "experts: 0.0 of 1 per MoE
+    layer"; an MoE one keeps its count."""
+    from moekit.train.checkpoint import save_checkpoint
+
+    for name, cfg in (("dense", _config(tied=True).replace(dense=True)),
+                      ("moe", _config(tied=True))):
+        model = MoETransformer(cfg)
+        save_checkpoint(tmp_path / name, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                        {"step": 0, "model_config": cfg.to_dict()})
+    rc, out, err = _plan(capsys, tmp_path / "dense", "--decode")
+    assert rc == 0 and "; experts: none (dense model))" in out, err
+    assert "per MoE layer" not in out, out
+    rc, out, err = _plan(capsys, tmp_path / "moe", "--decode", "--batch", "2")
+    assert rc == 0, err
+    uniform = 8 * (1 - (1 - 2 / 8) ** 2)  # E (1 - (1 - K / E)^B): 3.5
+    assert f"; experts: {uniform:.1f} of 8 per MoE layer, uniform routing)" in out, out
+
+
 # each preset's config.json max_position_embeddings (DBRX: max_seq_len), from its
 # Hugging Face repository (the name in presets.py); Switch's relative positions state none
 PRESET_CONTEXTS = {"mixtral-8x7b": 32768, "mixtral-8x22b": 65536, "deepseek-v3": 163840,

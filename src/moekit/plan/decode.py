@@ -95,6 +95,7 @@ class DecodeCost:
     kv_bytes_per_token: float  # one position of one sequence, every layer
     distinct_experts: float  # expected per MoE layer at this batch
     num_experts: int
+    moe_layers: int  # 0: a dense model (moekit train --dense), no routed experts
     step_bytes: dict[str, float]  # component -> bytes one decode step reads
     bandwidth: float | None  # bytes/s
     routing: str = "uniform"  # what distinct_experts assumes: "uniform" or "measured"
@@ -280,7 +281,8 @@ def decode_cost(spec: ModelSpec, weights: str = "fp32", kv_cache_dtype: str = "a
             "kv_cache": batch * context * kv_per_token}
     return DecodeCost(name=spec.name, weights=weights, kv_cache_dtype=kv, batch=batch,
                       context=context, weight_bytes=held, kv_bytes_per_token=kv_per_token,
-                      distinct_experts=distinct, num_experts=E, step_bytes=step,
+                      distinct_experts=distinct, num_experts=E, moe_layers=n_moe,
+                      step_bytes=step,
                       bandwidth=bandwidth,
                       routing="uniform" if expert_shares is None else "measured",
                       group_size=group_size, scope=scope, float_embeddings=float_embeddings)
@@ -297,6 +299,9 @@ def decode_table(c: DecodeCost) -> str:
         w += ", the embedding table fp32"
     held = ", ".join(f"{k} {v / gb:.2f}" for k, v in c.weight_bytes.items() if v)
     reads = ", ".join(f"{k} {v / gb:.3f}" for k, v in c.step_bytes.items() if v)
+    # a dense model had read "experts: 0.0 of 1 per MoE layer"
+    experts = (f"{c.distinct_experts:.1f} of {c.num_experts} per MoE layer, {c.routing} "
+               "routing" if c.moe_layers else "none (dense model)")
     lines = [f"decode plan: {c.name}, weights {w}, KV cache {c.kv_cache_dtype}, batch "
              f"{c.batch}, context {c.context:,} positions",
              f"  weights held     {c.total_weight_bytes / gb:9.2f} GB  ({held})",
@@ -304,8 +309,7 @@ def decode_table(c: DecodeCost) -> str:
              f"({c.kv_bytes_per_token / 1e3:.1f} kB per position of a sequence)",
              f"  memory           {c.memory_bytes / gb:9.2f} GB",
              f"  a step reads     {c.total_step_bytes / gb:9.3f} GB  ({reads}; experts: "
-             f"{c.distinct_experts:.1f} of {c.num_experts} per MoE layer, {c.routing} "
-             "routing)"]
+             f"{experts})"]
     if c.bandwidth is not None:
         lines.append(f"  at {c.bandwidth / gb:.1f} GB/s: {1e3 * c.step_seconds:.2f} ms a step, "
                      f"{c.tokens_per_s:.1f} tokens/s (the roofline: bytes / bandwidth)")
