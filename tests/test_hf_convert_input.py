@@ -11,6 +11,8 @@ so a failed write left a partial file that made the retry refuse the directory.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -167,6 +169,48 @@ def test_interrupted_write_to_hf_leaves_nothing_and_the_retry_works(hf_dir, tmp_
     want, got = load_file(hf_dir / "model.safetensors"), \
         load_file(tmp_path / "back" / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() raises it: no path
+
+
+def test_a_full_disk_names_the_destination(hf_dir, tmp_path, monkeypatch, capsys):
+    """A failed write, either way, had read "[Errno 28] No space left on device", no path."""
+    from moekit.train import checkpoint as ckpt_io
+
+    assert cli(str(hf_dir), str(tmp_path / "lm")) == 0
+    capsys.readouterr()
+    for module, writer, source, dest in ((ckpt_io, "save_stream", hf_dir, tmp_path / "lm2"),
+                                         (convert, "save_file", tmp_path / "lm",
+                                          tmp_path / "back")):
+        with monkeypatch.context() as m:
+            m.setattr(module, writer, _disk_full)
+            assert cli(str(source), str(dest)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"moekit convert: error: could not write to {dest}: "
+                       f"{os.strerror(errno.ENOSPC)}"), err
+    with pytest.raises(convert.WriteError) as e:  # still an OSError, with its errno
+        with monkeypatch.context() as m:
+            m.setattr(convert, "save_file", _disk_full)
+            convert.moekit_to_hf(tmp_path / "lm", tmp_path / "back")
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+
+
+def test_a_read_only_destination_is_named(hf_dir, tmp_path, monkeypatch, capsys):
+    """An error that names its file (mkdir, open) names that file."""
+    real = Path.mkdir
+    dest = tmp_path / "ro" / "lm"
+
+    def read_only(self, *args, **kwargs):
+        if self == dest:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli(str(hf_dir), str(dest)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moekit convert: error: could not write to {dest}: {os.strerror(errno.EROFS)}"
 
 
 def test_a_conversion_removes_what_killed_conversions_left(hf_dir, tmp_path):

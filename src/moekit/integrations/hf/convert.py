@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -574,6 +575,31 @@ def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
 # -- directories ------------------------------------------------------------------------
 
 
+class WriteError(OSError):
+    """A write into a conversion's destination failed (a full disk, a read-only
+    directory): it names the path, as the other commands' write errors do (`moekit
+    convert` had printed "[Errno 28] No space left on device", no path)."""
+
+    def __str__(self) -> str:
+        return f"could not write to {self.filename}: {self.strerror}"
+
+
+@contextmanager
+def _writing(dst: str | Path, *sources: str | Path | None) -> Iterator[None]:
+    """An OSError in the block as a WriteError naming its file, else ``dst``; one naming a
+    file of ``sources`` (a tokenizer file that could not be read) is left as it is."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if e.filename is not None:
+            where = Path(os.fsdecode(e.filename)).resolve()
+            if any(Path(s).resolve() in (where, *where.parents) for s in sources if s):
+                raise
+        raise WriteError(e.errno, e.strerror or str(e), str(e.filename or dst)) from e
+
+
 def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     """Write a moekit LM checkpoint (run directory ``dst``) from a Mixtral, Qwen3-MoE,
     OLMoE or Qwen2-MoE directory, a tensor at a time: the layout is worked out from the shards'
@@ -602,15 +628,16 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     # after the checkpoint, a failed copy had left a run without it (generate decoded its
     # ids as bytes: a ValueError) that a second `moekit convert` into dst refused to replace
     from moekit.train.rundir import clean_run_dir
-    clean_run_dir(Path(dst))  # killed conversions' .step_*.tmp* (a model each) had piled up
-    tokenizer = copy_tokenizer(src, dst)
-    try:
-        return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                               state, weights=weights)
-    except BaseException:  # no checkpoint: no tokenizer a later run in dst would take up
-        if tokenizer is not None:
-            shutil.rmtree(tokenizer, ignore_errors=True)
-        raise
+    with _writing(dst, src):
+        clean_run_dir(Path(dst))  # killed conversions' .step_*.tmp* (a model each) piled up
+        tokenizer = copy_tokenizer(src, dst)
+        try:
+            return save_checkpoint(dst, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                   state, weights=weights)
+        except BaseException:  # no checkpoint: no tokenizer a later run in dst would take up
+            if tokenizer is not None:
+                shutil.rmtree(tokenizer, ignore_errors=True)
+            raise
 
 
 def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
@@ -628,30 +655,31 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
         config = hf_config(lm, ckpt.model["embed.weight"].dtype)
     tensors = moekit_to_hf_tensors(config, ckpt.model, origin.get("expert_layout", "per_expert"))
     dst = Path(dst)
-    made = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    # each file is written under a temporary name and renamed into place once complete,
-    # so a failed write leaves no partial file (that would also block `moekit convert`)
-    files = {name: dst / f".{name}.tmp" for name in ("model.safetensors", "config.json")}
     tokenizer = find_tokenizer(src)  # the run's tokenizer files go back beside the model
-    names = [n for n in TOKENIZER_FILES if tokenizer and (tokenizer / n).is_file()]
-    files.update({name: dst / f".{name}.tmp" for name in names})
-    try:
-        for name in names:
-            shutil.copyfile(tokenizer / name, files[name])
-        # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
-        save_file({k: v.clone() for k, v in tensors.items()}, str(files["model.safetensors"]),
-                  metadata={"format": "pt"})
-        files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, tmp in files.items():
-            fsync(tmp)
-            os.replace(tmp, dst / name)
-    except BaseException:
-        for tmp in files.values():
-            tmp.unlink(missing_ok=True)
-        if made and not any(dst.iterdir()):
-            dst.rmdir()
-        raise
+    with _writing(dst, src, tokenizer):  # a full disk or a read-only dst: named
+        made = not dst.exists()
+        dst.mkdir(parents=True, exist_ok=True)
+        # each file is written under a temporary name and renamed into place once complete,
+        # so a failed write leaves no partial file (that would also block `moekit convert`)
+        files = {name: dst / f".{name}.tmp" for name in ("model.safetensors", "config.json")}
+        names = [n for n in TOKENIZER_FILES if tokenizer and (tokenizer / n).is_file()]
+        files.update({name: dst / f".{name}.tmp" for name in names})
+        try:
+            for name in names:
+                shutil.copyfile(tokenizer / name, files[name])
+            # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
+            save_file({k: v.clone() for k, v in tensors.items()}, str(files["model.safetensors"]),
+                      metadata={"format": "pt"})
+            files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name, tmp in files.items():
+                fsync(tmp)
+                os.replace(tmp, dst / name)
+        except BaseException:
+            for tmp in files.values():
+                tmp.unlink(missing_ok=True)
+            if made and not any(dst.iterdir()):
+                dst.rmdir()
+            raise
     return dst
 
 
