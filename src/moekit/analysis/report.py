@@ -6,13 +6,12 @@ import csv
 import io
 import json
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moekit.analysis.stats import token_label
 from moekit.config import check_out_dir, reject
+from moekit.train.rundir import write_files
 
 JSON_FILE, REPORT_FILE, TOKENS_CSV = "routing.json", "report.md", "tokens.csv"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
@@ -290,7 +289,8 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
     Every file is written under a temporary name and renamed into place only once all
-    are complete (``_write_all``).
+    are complete (``rundir.write_files``): written in place, a full disk had left a cut
+    routing.json where a good one was.
     """
     source = None
     if isinstance(result, (str, Path)):  # a routing.json written before
@@ -323,24 +323,8 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
         writers[COACT_PNG] = lambda path: plot_coactivation(result["layers"], path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_all(out, writers)
+    write_files(out, writers)
     keys = {JSON_FILE: "json", REPORT_FILE: "report", TOKENS_CSV: "tokens",
             LOAD_PNG: "load", COACT_PNG: "coactivation"}
     return {keys.get(name, "compare"): out / name for name in writers}
 
-
-def _write_all(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
-    """Each file of ``writers`` (name -> what writes it to a path) under a temporary name
-    in ``out``, then all renamed into place: written in place, a full disk had left a
-    cut routing.json where a good one was (and a traceback). A fixed temporary name per
-    file, so a killed run's leftovers are overwritten by the next, not piled up."""
-    tmps = {name: out / f".{Path(name).stem}.tmp{Path(name).suffix}" for name in writers}
-    try:
-        for name, write in writers.items():
-            write(tmps[name])  # .tmp.png, not .png.tmp: savefig reads the format from it
-        for name, tmp in tmps.items():
-            os.replace(tmp, out / name)
-    except BaseException:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-        raise

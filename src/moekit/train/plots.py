@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from moekit.train.rundir import write_files  # noqa: E402
+
 
 def _save(fig, path: Path) -> Path:
-    """``fig`` as the PNG ``path``, written beside it and renamed into place: saved in
+    """``fig`` as the PNG ``path``, whole or not at all (``rundir.write_files``): saved in
     place, a full disk had left a cut plot where the last sweep's good one was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")  # savefig reads the format from it
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_files(path.parent, {path.name: fig.savefig})
     finally:
         plt.close(fig)
     return path

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from moekit.errors import CheckpointError
@@ -35,16 +36,33 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def write_whole(path: Path, text: str) -> None:
-    """``text`` in ``path`` whole or not at all: written beside it, then renamed into
-    place, so a file there before stays as it was if this fails or is stopped."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]], *,
+                durable: bool = False) -> None:
+    """The files ``writers`` names in ``out`` (name -> what writes it to a given path),
+    each whole or not at all and all of them or none: each is written beside its place
+    under a temporary name, then all are renamed into place (``durable``: each synced to
+    disk first); where any write fails or is stopped, the temporary files go and what was
+    there before stays. The temporary name ``.<name>.tmp<suffix>`` ends in the suffix again
+    (savefig reads the format from it) and is fixed, so a killed run's is overwritten by
+    the next, not piled up."""
+    tmps = {name: out / f".{name}.tmp{Path(name).suffix}" for name in writers}
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        for name, write in writers.items():
+            write(tmps[name])
+        for name, tmp in tmps.items():
+            if durable:
+                fsync(tmp)
+            os.replace(tmp, out / name)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` in ``path`` whole or not at all (``write_files``), so a file there before
+    stays as it was if this fails or is stopped."""
+    write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
 
 
 def current_umask() -> int:

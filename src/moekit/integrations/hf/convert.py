@@ -644,7 +644,7 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     """Write a transformers directory (config.json + model.safetensors) from a moekit LM
     checkpoint: the family it was converted from, else the one ``check_lm`` names."""
     from moekit.train.checkpoint import load_checkpoint
-    from moekit.train.rundir import fsync
+    from moekit.train.rundir import write_files
 
     ckpt = load_checkpoint(src)
     lm = ckpt.state["model_config"]
@@ -659,24 +659,20 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     with _writing(dst, src, tokenizer):  # a full disk or a read-only dst: named
         made = not dst.exists()
         dst.mkdir(parents=True, exist_ok=True)
-        # each file is written under a temporary name and renamed into place once complete,
-        # so a failed write leaves no partial file (that would also block `moekit convert`)
-        files = {name: dst / f".{name}.tmp" for name in ("model.safetensors", "config.json")}
+        # each file is written under a temporary name and renamed into place once all are
+        # complete, so a failed write leaves no partial file (that would also block
+        # `moekit convert`)
         names = [n for n in TOKENIZER_FILES if tokenizer and (tokenizer / n).is_file()]
-        files.update({name: dst / f".{name}.tmp" for name in names})
+        writers = {name: (lambda tmp, name=name: shutil.copyfile(tokenizer / name, tmp))
+                   for name in names}
+        # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
+        writers["model.safetensors"] = lambda tmp: save_file(
+            {k: v.clone() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        writers["config.json"] = lambda tmp: tmp.write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n")
         try:
-            for name in names:
-                shutil.copyfile(tokenizer / name, files[name])
-            # clone: q/k/v are views of one qkv tensor, and safetensors refuses shared storage
-            save_file({k: v.clone() for k, v in tensors.items()}, str(files["model.safetensors"]),
-                      metadata={"format": "pt"})
-            files["config.json"].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            for name, tmp in files.items():
-                fsync(tmp)
-                os.replace(tmp, dst / name)
+            write_files(dst, writers, durable=True)
         except BaseException:
-            for tmp in files.values():
-                tmp.unlink(missing_ok=True)
             if made and not any(dst.iterdir()):
                 dst.rmdir()
             raise
