@@ -261,15 +261,19 @@ def check_new_out(out: str | Path) -> None:
                          f"--resume {out}, or pick another --out")
 
 
-def where_to_go_on(trainer: Trainer) -> str:
-    """After a failed write: the checkpoint to resume from, or, where none was written
-    yet, to start over (it had read "the last complete checkpoint is None (resume with:
-    moekit train --resume RUN)", and that resume failed: no checkpoint there)."""
+def write_failed_text(trainer: Trainer, e: OSError) -> str:
+    """The error of a write that failed (a full disk) during a run, one process or a rank:
+    the checkpoint to resume from, or, where none was written yet, to start over (it had
+    read "the last complete checkpoint is None (resume with: moekit train --resume RUN)",
+    and that resume failed: no checkpoint there)."""
     if trainer.last_checkpoint is None:
-        return ("no checkpoint was written yet: free space and run the same command again "
+        then = ("no checkpoint was written yet: free space and run the same command again "
                 "to start over")
-    hint = trainer.resume_hint or f"moekit train --resume {trainer.out_dir}"
-    return f"the last complete checkpoint is {trainer.last_checkpoint} (resume with: {hint})"
+    else:
+        hint = trainer.resume_hint or f"moekit train --resume {trainer.out_dir}"
+        then = f"the last complete checkpoint is {trainer.last_checkpoint} (resume with: {hint})"
+    return (f"could not write to {trainer.out_dir} at step {trainer.step}: "
+            f"{e.strerror or e}; {then}")
 
 
 def check_device_flag(args: argparse.Namespace) -> None:
@@ -413,9 +417,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moekit train: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a full disk had ended the run with a traceback from a save
-        print(f"moekit train: error: could not write to {trainer.out_dir} at step "
-              f"{trainer.step}: {e.strerror or e}; {where_to_go_on(trainer)}",
-              file=sys.stderr)
+        print(f"moekit train: error: {write_failed_text(trainer, e)}", file=sys.stderr)
         return 1
     print(loss_line(trainer, summary, start_step))
     print(f"checkpoint: {summary['checkpoint']}")

@@ -366,14 +366,13 @@ def run_rank(args: argparse.Namespace) -> int:
         except OSError as e:  # a full disk: was this rank's traceback from its save
             if trainer is None:
                 raise
-            from moekit.train.cli import where_to_go_on
+            from moekit.train.cli import write_failed_text
             from moekit.train.distributed import find_resumable
             # from the disk: rank 0 completes dcp_step_N before it writes step_N, and a
             # failure there had named dcp_step_N-1 (what trainer.last_checkpoint holds)
             with contextlib.suppress(ValueError, OSError):  # CheckpointError: none yet
                 trainer.last_checkpoint = find_resumable(trainer.out_dir)
-            print(f"moekit train (rank {rank}): error: could not write to {trainer.out_dir} "
-                  f"at step {trainer.step}: {e.strerror or e}; {where_to_go_on(trainer)}",
+            print(f"moekit train (rank {rank}): error: {write_failed_text(trainer, e)}",
                   file=sys.stderr, flush=True)
             _exit(1)  # a peer may wait in a collective on this rank: no barrier, no teardown
         except StopAtBoundary as e:  # every rank stopped after the same step and saved
