@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from moekit.config import (
     MAX_SEED,
     FrozenConfig,
+    MoEConfig,
     check_bool,
     check_int_range,
     check_positive_int,
@@ -132,8 +133,6 @@ def routes_across_rows(model: nn.Module) -> bool:
     among every row of a call, so the sequences of one batch decide each other's experts
     (token choice routes each row alone; a capacity factor is not applied in generation,
     ``MoE.infer``)."""
-    from moekit.config import MoEConfig
-
     return any(isinstance(getattr(m, "config", None), MoEConfig)
                and m.config.router == "expert_choice" for m in model.modules())
 
