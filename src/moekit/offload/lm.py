@@ -24,7 +24,6 @@ from moekit.functions.moe_experts import stack_experts
 from moekit.layer import MoE
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
-from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantized
 from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, check_options
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
@@ -228,11 +227,9 @@ def _attach(model: MoETransformer, store: ExpertStore, budget: int, policy: str,
     """The cache and the offload runtime on ``model``'s MoE layers; ``given``: the budget
     as the caller wrote it, for the error when it is too small."""
     moes = model.moe_layers()
-    per_expert = max(store.nbytes(k) for k in store.experts)
-    check_budget(budget, {i: m.config.top_k * per_expert for i, m in enumerate(moes)}, given)
-    cache = ExpertCache(store, budget, policy, prefetch, num_layers, threaded)
-    limit = max(max(m.config.top_k for m in moes), budget // per_expert // len(moes))
-    offload = ExpertOffload(cache, [_predictor(m) for m in moes[1:]], prefetch, limit)
+    offload = ExpertOffload.within(store, budget, given, [m.config.top_k for m in moes],
+                                   [_predictor(m) for m in moes[1:]], policy, prefetch,
+                                   threaded, num_layers)
     for m in moes:
         m.experts.offload = offload
     return offload

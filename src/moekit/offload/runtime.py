@@ -43,7 +43,7 @@ from moekit.experts.backends import (
 from moekit.experts.experts import BACKEND_NAMES
 from moekit.functions import cpu_ext, decode
 from moekit.functions.moe_experts import fused_experts, fused_experts_into
-from moekit.offload.cache import ExpertCache
+from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.policy import POLICIES
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
@@ -180,6 +180,21 @@ class ExpertOffload:
                  prefetch: bool, prefetch_limit: int) -> None:
         self.prefetch, self.prefetch_limit = prefetch, prefetch_limit  # (both checked)
         self.cache, self.predictors = cache, predictors
+
+    @classmethod
+    def within(cls, store: Any, budget: int, given: int | str, top_ks: list[int],
+               predictors: list[Predictor | None], policy: str, prefetch: bool,
+               threaded: bool, num_layers: int) -> ExpertOffload:
+        """The cache of ``store``'s experts within ``budget`` bytes (``given``: as the
+        caller wrote it, for the error when one layer's top-k experts do not fit) and its
+        runtime for MoE layers routing ``top_ks[l]`` experts each, at most a layer's
+        share of the budget prefetched a step (moekit's and transformers' offloaded
+        models alike)."""
+        per_expert = max(store.nbytes(k) for k in store.experts)
+        check_budget(budget, {i: k * per_expert for i, k in enumerate(top_ks)}, given)
+        cache = ExpertCache(store, budget, policy, prefetch, num_layers, threaded)
+        limit = max(max(top_ks), budget // per_expert // len(top_ks))
+        return cls(cache, predictors, prefetch, limit)
 
     @property
     def prefetch(self) -> bool:

@@ -48,7 +48,6 @@ from moekit.integrations.hf.experts import (
     run_experts,
 )
 from moekit.integrations.hf.patch import ARCHITECTURES, patched_class
-from moekit.offload.cache import ExpertCache, check_budget
 from moekit.offload.codecs import Quantize, Renamed
 from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, check_options
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
@@ -391,13 +390,10 @@ def _attach(model: nn.Module, modules: dict[str, nn.Module], offloaded: type,
             store: ExpertStore, budget: int, policy: str, prefetch: bool, threaded: bool,
             given: int | str) -> ExpertOffload:
     """``given``: the budget as the caller wrote it, for the error when it is too small."""
-    per_expert = max(store.nbytes(k) for k in store.experts)
     gates = [_gate(model.get_submodule(name.rsplit(".", 1)[0])) for name in modules]
-    check_budget(budget, {i: g.top_k * per_expert for i, g in enumerate(gates)}, given)
-    cache = ExpertCache(store, budget, policy, prefetch, len(modules), threaded)
-    limit = max(max(g.top_k for g in gates), budget // per_expert // len(modules))
-    offload = ExpertOffload(cache, [_next_gate_predictor(g) for g in gates[1:]], prefetch,
-                            limit)
+    offload = ExpertOffload.within(store, budget, given, [g.top_k for g in gates],
+                                   [_next_gate_predictor(g) for g in gates[1:]], policy,
+                                   prefetch, threaded, len(modules))
     for i, m in enumerate(modules.values()):
         for name in list(m._parameters):  # meta placeholders: the cache holds the weights
             del m._parameters[name]
