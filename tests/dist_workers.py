@@ -168,6 +168,28 @@ def parity(mesh, E, capacity_factor, dispatcher="all_to_all", router="softmax",
     return compare(ep_moe, data, ref_ys, ref_grads)
 
 
+def infer_parity(mesh, E, capacity_factor, dispatcher="all_to_all", router="softmax"
+                 ) -> str | None:
+    """``infer`` (generation) on the expert-parallel layer against the one-process layer's
+    eval forward routed as generation routes: a token-choice layer's copy without the
+    capacity factor (dropless), an expert-choice layer as it is."""
+    full = full_layer(E, mesh.ep, capacity_factor, router).eval()
+    dropless = router != "expert_choice" and capacity_factor is not None
+    want_cfg = dataclasses.replace(full.config, capacity_factor=None) if dropless else full.config
+    want_moe = MoE(want_cfg)
+    want_moe.load_state_dict(full.state_dict())
+    want_moe.eval()
+    x, _ = inputs(mesh.world_size, equal_T=True)[dist.get_rank()]
+    ep_moe = ExpertParallelMoE.from_moe(full, mesh, dispatcher=dispatcher).eval()
+    with torch.no_grad():
+        got, want, dropped = ep_moe.infer(x), want_moe(x).output, full(x).output
+    if dropless and torch.allclose(dropped, want, atol=1e-5, rtol=1e-4):
+        return "the capacity drops nothing here: the check would pass either way"
+    if not torch.allclose(got, want, atol=1e-5, rtol=1e-4):
+        return f"infer differs from the one-process layer by {(got - want).abs().max():.3g}"
+    return None
+
+
 def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     init(rank, world, port)
     res: dict = {}
@@ -189,6 +211,13 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
           "expert_choice")
     check(res, "ep2_dedup_bf16", parity, mesh, 6, None, "all_to_all_dedup", "softmax", 1,
           torch.bfloat16)
+    check(res, "ep2_infer_capacity", infer_parity, mesh, 6, 1.0)
+    check(res, "ep2_infer_sigmoid_capacity", infer_parity, mesh, 6, 1.0, "all_to_all",
+          "sigmoid")
+    check(res, "ep2_infer_allgather_capacity", infer_parity, mesh, 6, 1.0, "all_gather")
+    check(res, "ep2_infer_expert_choice", infer_parity, mesh, 4, 1.0, "all_to_all",
+          "expert_choice")
+    check(res, "ep2_infer_dedup", infer_parity, mesh, 6, None, "all_to_all_dedup")
     check(res, "ep2_bias_update", bias_update_agrees, mesh)
     check(res, "ep2_bad_ep", bad_ep, mesh)
     check(res, "ep2_bad_dedup", bad_dedup, mesh)
@@ -212,6 +241,7 @@ def run_world4(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "dp2ep2_capacity", parity, mesh22, 6, 1.0)
     check(res, "dp2ep2_allgather", parity, mesh22, 6, None, "all_gather")
     check(res, "ep4_dedup_dropless", parity, mesh4, 8, None, "all_to_all_dedup")
+    check(res, "dp2ep2_infer_capacity", infer_parity, mesh22, 6, 1.0)
     check(res, "dp2ep2_dedup", parity, mesh22, 6, None, "all_to_all_dedup")
     check(res, "ckpt_load_ep4", load_reshard, mesh4, ckpt)
     check(res, "train_resume_ep4", train_resume_ep4, mesh4, ckpt)

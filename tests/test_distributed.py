@@ -99,7 +99,9 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_dropless_bf16", "ep2_capacity_bf16",
     "ep2_allgather_dropless", "ep2_allgather_capacity", "ep2_overlap_dropless",
     "ep2_dedup_dropless", "ep2_dedup_sigmoid", "ep2_dedup_expert_choice", "ep2_dedup_bf16",
-    "ep2_bias_update", "ep2_bad_ep", "ep2_bad_dedup", "ckpt_save_ep2",
+    "ep2_infer_capacity", "ep2_infer_sigmoid_capacity", "ep2_infer_allgather_capacity",
+    "ep2_infer_expert_choice", "ep2_infer_dedup", "ep2_bias_update", "ep2_bad_ep",
+    "ep2_bad_dedup", "ckpt_save_ep2",
     "train_ep2_matches_one_process",
     "resume_newest_complete_runs_no_code",
     "train_ep2_consolidated", "resume_newer_one_process_checkpoint"])
@@ -109,7 +111,8 @@ def test_world2(world2, name):
 
 @pytest.mark.parametrize("name", [
     "ep4_dropless", "ep4_capacity", "dp2ep2_dropless", "dp2ep2_capacity",
-    "dp2ep2_allgather", "ep4_dedup_dropless", "dp2ep2_dedup", "ckpt_load_ep4",
+    "dp2ep2_allgather", "ep4_dedup_dropless", "dp2ep2_dedup", "dp2ep2_infer_capacity",
+    "ckpt_load_ep4",
     "train_resume_ep4"])
 def test_world4(world4, name):
     _assert_all_ranks(world4, name)

@@ -199,18 +199,25 @@ class MoE(nn.Module):
         kept by what else was in the batch (another request's, in ``moekit serve``), and
         a prompt's prefill dropped what decoding it token by token kept. (Expert choice
         routes over each call's rows by definition: see the README.)"""
-        cfg = self.config
         x_TD, ids_T = self._checked(x, token_ids)
-        dispatch = self._route_kernel(x_TD)
-        if dispatch is None:
-            plan = self.router.select(x_TD, ids_T)
-            capacity = (cfg.capacity(x_TD.shape[0]) if cfg.router == "expert_choice"
-                        and cfg.capacity_factor is not None else None)
-            dispatch = sort_by_expert(plan, cfg.num_experts, capacity, cfg.drop_policy)
+        dispatch, _ = self._infer_dispatch(x_TD, ids_T)
         y_TD = self.experts(x_TD, dispatch)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(x.shape)
+
+    def _infer_dispatch(self, x_TD: Tensor, ids_T: Tensor | None
+                        ) -> tuple[Dispatch, int | None]:
+        """``infer``'s routing: dropless for token choice, the capacity for expert choice
+        alone. Returns (the Dispatch, the capacity or None)."""
+        cfg = self.config
+        dispatch = self._route_kernel(x_TD)
+        if dispatch is not None:
+            return dispatch, None
+        plan = self.router.select(x_TD, ids_T)
+        capacity = (cfg.capacity(x_TD.shape[0]) if cfg.router == "expert_choice"
+                    and cfg.capacity_factor is not None else None)
+        return sort_by_expert(plan, cfg.num_experts, capacity, cfg.drop_policy), capacity
 
     def _route_kernel(self, x_TD: Tensor) -> Dispatch | None:
         """Routing and the sort by expert in one C++ call (``decode.route_sort``), for up

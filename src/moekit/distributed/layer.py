@@ -93,8 +93,15 @@ class ExpertParallelMoE(MoE):
         return ep_moe
 
     def infer(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        """Generation goes through the all-to-all too: this rank holds only its experts."""
-        return self.forward(x, token_ids).output
+        """Generation goes through the exchange too (this rank holds only its experts),
+        routed as ``MoE.infer`` routes: a token-choice layer with a capacity factor runs
+        dropless, so a rank's tokens are not dropped by what the other ranks sent."""
+        x_TD, ids_T = self._checked(x, token_ids)
+        dispatch, capacity = self._infer_dispatch(x_TD, ids_T)
+        y_TD, _ = self._exchange(x_TD, dispatch, capacity)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(x.shape)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoEOutput:
         x_TD, routed, dispatch, capacity = self.route(x, token_ids)
