@@ -137,3 +137,29 @@ def test_optimizer_hook_updates_every_multigate_gate():
         assert load.sum() == 40 and gate.load.sum() == 0  # consumed
         torch.testing.assert_close(gate.expert_bias, 0.01 * torch.sign(load.mean() - load))
     assert not torch.equal(mmoe.gates[0].expert_bias, mmoe.gates[1].expert_bias)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpoint_recompute_does_not_count_the_load_twice(use_reentrant):
+    """torch.utils.checkpoint reruns the block's forward in backward; the load must hold
+    the tokens of the forward alone (it held each token twice, so bias steps came from
+    doubled counts whenever activation checkpointing was on)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=2, router="sigmoid",
+                        bias_update_rate=0.01)).train()
+    proj = torch.nn.Linear(8, 8)
+    x = torch.randn(48, 8, requires_grad=True)
+
+    def block(t):
+        h = proj(t)
+        return h + moe(h).output
+
+    # the independent count: top-2 of the gate's scores (sigmoid is monotone, bias zero)
+    with torch.no_grad():
+        chosen = (proj(x) @ moe.router.weight.t()).topk(2, dim=-1).indices
+    expected = torch.bincount(chosen.reshape(-1), minlength=4).float()
+    y = checkpoint(block, x, use_reentrant=use_reentrant)
+    y.square().sum().backward()
+    assert x.grad is not None and moe.router.weight.grad is not None  # the recompute ran
+    assert moe.router.load.tolist() == expected.tolist()

@@ -62,12 +62,24 @@ def fp32_linear(x_TD: Tensor, w_ED: Tensor) -> Tensor:
         return F.linear(x_TD, w_ED)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward on this thread: the forward running then is
+    activation checkpointing's recompute (torch.utils.checkpoint, either use_reentrant),
+    whose tokens the first forward already counted; counted again, ``load`` held twice
+    each checkpointed layer's tokens. Under torch.compile the check is not traced (the
+    compiled backward replays no Python forward)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 class Router(nn.Module):
     """Scores tokens against experts and returns a RoutingPlan plus its losses.
 
     ``weight`` [E, D] is the gate; ``expert_bias`` [E] (aux-loss-free balancing)
     shifts selection only; ``load`` [E] accumulates assignments in training
-    until ``update_bias()`` consumes them.
+    until ``update_bias()`` consumes them (a forward recomputed in backward by activation
+    checkpointing is not counted again).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -137,7 +149,7 @@ class Router(nn.Module):
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
         experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
-        if self.training and self.load is not None:
+        if self.training and self.load is not None and not _in_backward():
             with torch.no_grad():
                 self.load.scatter_add_(0, experts_TK.reshape(-1),
                                        torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32))
