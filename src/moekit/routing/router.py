@@ -7,6 +7,7 @@ D hidden, E experts, K experts per token, B sequences, L tokens per sequence.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moekit.config import MoEConfig, check_int_range, check_number, reject
 from moekit.dispatch.plan import RoutingPlan
@@ -73,13 +75,38 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# The process group of the DistributedDataParallel that ran each router's last counting
+# forward (absent: it ran outside DDP). Not an attribute: deepcopy would copy the group.
+_DDP_GROUP: weakref.WeakKeyDictionary[nn.Module, dist.ProcessGroup] = \
+    weakref.WeakKeyDictionary()
+_DDP_SEEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def _stop_ddp_syncing(ddp: DistributedDataParallel, load: Tensor) -> None:
+    """Take ``load`` out of the buffers ``ddp`` broadcasts from rank 0 before each
+    forward (its default, broadcast_buffers=True): the broadcast replaced every rank's
+    count of its earlier micro-batches with rank 0's, so the load summed over ranks held
+    rank 0's earlier micro-batches world times and the other ranks' not at all. DDP
+    re-reads its buffer list, minus ``parameters_to_ignore``, at every sync.
+    ``expert_bias`` stays synced."""
+    if not getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", False)):
+        return
+    ignore = getattr(ddp, "parameters_to_ignore", None)
+    name = next((n for n, b in ddp.module.named_buffers() if b is load), None)
+    reassign = getattr(ddp, "_assign_modules_buffers", None)
+    if isinstance(ignore, set) and callable(reassign) and name is not None \
+            and name not in ignore:
+        ignore.add(name)
+        reassign()
+
+
 class Router(nn.Module):
     """Scores tokens against experts and returns a RoutingPlan plus its losses.
 
     ``weight`` [E, D] is the gate; ``expert_bias`` [E] (aux-loss-free balancing)
     shifts selection only; ``load`` [E] accumulates assignments in training
     until ``update_bias()`` consumes them (a forward recomputed in backward by activation
-    checkpointing is not counted again).
+    checkpointing is not counted again; inside DistributedDataParallel, see ``_note_ddp``).
     """
 
     def __init__(self, cfg: MoEConfig) -> None:
@@ -150,6 +177,7 @@ class Router(nn.Module):
             return self._expert_choice(logits_TE)
         experts_TK, weights_TK, probs_TE = self._token_choice(logits_TE, x_TD)
         if self.training and self.load is not None and not _in_backward():
+            self._note_ddp()
             with torch.no_grad():
                 self.load.scatter_add_(0, experts_TK.reshape(-1),
                                        torch.ones_like(experts_TK.reshape(-1), dtype=torch.float32))
@@ -157,6 +185,23 @@ class Router(nn.Module):
         z = losses.z_loss(logits_TE)
         plan = _token_plan(experts_TK, weights_TK, probs_TE, logits_TE)
         return RouterOutput(plan, aux + cfg.z_loss_coef * z, z)
+
+    def _note_ddp(self) -> None:
+        """Inside a DistributedDataParallel forward: keep DDP from overwriting ``load``
+        and remember its group, over which ``update_bias`` then sums the loads by default
+        (each rank had stepped its bias from its own tokens, and DDP's broadcast kept
+        rank 0's bias). Not traced by torch.compile, nor seen with DDP's python reducer."""
+        if torch.compiler.is_compiling():
+            return
+        ddp = DistributedDataParallel._get_active_ddp_module()
+        if ddp is None:
+            _DDP_GROUP.pop(self, None)
+            return
+        seen = _DDP_SEEN.get(self)
+        if seen is None or seen() is not ddp:  # the buffer scan once per DDP wrapper
+            _stop_ddp_syncing(ddp, self.load)
+            _DDP_SEEN[self] = weakref.ref(ddp)
+        _DDP_GROUP[self] = ddp.process_group
 
     def select(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RoutingPlan:
         """The routing decision alone, for inference: no balance loss, no z-loss.
@@ -287,6 +332,9 @@ class Router(nn.Module):
         With ``group`` the loads are summed over its ranks first, so every rank
         moves its bias the same way; ``reduce(load)`` sums them in place instead (an
         expert-parallel layer's, which names a dead peer as its other collectives do).
+        Without either, a router whose last counting forward ran inside
+        DistributedDataParallel sums over DDP's process group: every replica must then
+        call it (as an optimizer-step hook or ``update_all_biases`` after each step does).
         """
         rate = self.cfg.bias_update_rate if rate is None else rate
         check_number("rate", rate, 0, 1)  # nan or inf here would reach every bias
@@ -296,6 +344,8 @@ class Router(nn.Module):
             reduce(self.load)
         elif group is not None:
             dist.all_reduce(self.load, group=group)
+        elif self in _DDP_GROUP and dist.is_initialized():
+            dist.all_reduce(self.load, group=_DDP_GROUP[self])
         step_E = torch.sign(self.load.mean() - self.load)
         # a non-finite load (a corrupted count or all-reduce) skips the step on the
         # device, without a host sync, instead of writing NaN into every bias
