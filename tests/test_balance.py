@@ -163,3 +163,33 @@ def test_checkpoint_recompute_does_not_count_the_load_twice(use_reentrant):
     y.square().sum().backward()
     assert x.grad is not None and moe.router.weight.grad is not None  # the recompute ran
     assert moe.router.load.tolist() == expected.tolist()
+
+
+def test_train_step_bias_counts_every_micro_batch_once():
+    """The trainer's step: the bias moves once, from the tokens of all its micro-batches
+    (gradient accumulation), and the load is empty again for the next step."""
+    from moekit.layer import MoE as MoELayer
+    from moekit.models import MoETransformer, preset
+    from moekit.train import TrainConfig
+    from moekit.train.trainer import make_optimizer, train_step
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny", router="sigmoid", bias_update_rate=0.01)).train()
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    counts = {id(m): torch.zeros(4) for m in layers}
+
+    def count(m, args, _out):  # the independent count: top-2 of sigmoid(x W^T) + bias
+        with torch.no_grad():
+            x_TD = args[0].reshape(-1, args[0].shape[-1]).float()
+            scores = torch.sigmoid(x_TD @ m.router.weight.t()) + m.router.expert_bias
+            counts[id(m)] += torch.bincount(scores.topk(2, -1).indices.reshape(-1), minlength=4)
+    for m in layers:
+        m.register_forward_hook(count)
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=16, grad_accum=3, lr=0.0)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 256, (2, 16), generator=g),) * 2 for _ in range(3)]
+    train_step(model, make_optimizer(model, cfg), batches, cfg, lr=0.0)
+    for m in layers:
+        load = counts[id(m)]
+        assert load.sum() == 3 * 2 * 16 * 2  # three micro-batches of 32 tokens, top-2
+        assert m.router.expert_bias.tolist() == (0.01 * torch.sign(load.mean() - load)).tolist()
+        assert not m.router.load.any()
