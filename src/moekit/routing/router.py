@@ -193,7 +193,8 @@ class Router(nn.Module):
         rank 0's bias). Not traced by torch.compile, nor seen with DDP's python reducer."""
         if torch.compiler.is_compiling():
             return
-        ddp = DistributedDataParallel._get_active_ddp_module()
+        active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+        ddp = active() if callable(active) else None  # private in torch: looked up gently
         if ddp is None:
             _DDP_GROUP.pop(self, None)
             return
