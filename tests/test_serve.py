@@ -1097,7 +1097,7 @@ def test_a_second_signal_exits_at_once_without_a_traceback(tmp_path, monkeypatch
     import os
     import signal
 
-    from moekit.inference import server
+    from moekit.inference import http_server, service
 
     lm = MoETransformer(preset("tiny"))
     save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
@@ -1117,8 +1117,8 @@ def test_a_second_signal_exits_at_once_without_a_traceback(tmp_path, monkeypatch
             os.kill(os.getpid(), signal.SIGINT)
             events.append(("second", list(exits)))
 
-    monkeypatch.setattr(server.Service, "work", work)
-    monkeypatch.setattr(server._Server, "end_connections", end_connections)
+    monkeypatch.setattr(service.Service, "work", work)
+    monkeypatch.setattr(http_server._Server, "end_connections", end_connections)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--port", "0",
                      "--no-huge-pages"]) == 0  # (os._exit recorded, not run)
@@ -1215,7 +1215,7 @@ def test_chunked_bodies_are_read_as_bodies_with_a_length(byte_server, monkeypatc
     chunking is a 400, other transfer codings 501; 411 only where neither header came."""
     import http.client
 
-    from moekit.inference import server
+    from moekit.inference import http_server
 
     model, url, _ = byte_server
     want = _greedy(model, "def ", 5)
@@ -1245,7 +1245,7 @@ def test_chunked_bodies_are_read_as_bodies_with_a_length(byte_server, monkeypatc
         status, r = _exchange(url, te, raw, end=True)
         assert status == 400 and r["error"]["param"] == "body", (raw, r)
     assert "the body must hold 1 to" in r["error"]["message"]
-    monkeypatch.setattr(server, "MAX_BODY", 40)
+    monkeypatch.setattr(http_server, "MAX_BODY", 40)  # (read in do_POST)
     status, r = _exchange(url, te, b"20\r\n" + body[:32] + b"\r\n", end=True)  # 32 of 40
     assert status == 400 and "malformed chunked body" in r["error"]["message"]
     # past the limit: answered from the second size line, its data never sent

@@ -1,0 +1,194 @@
+"""`moekit serve`'s answers in OpenAI's shapes: whole answers and streamed chunks
+(completions and chat completions), log-probability entries, tool calls parsed from a
+reply (the Hermes format), and the usage and timings of a request."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moekit.inference.engine import GenerationStats
+from moekit.inference.request import Request
+from moekit.inference.text import cut_stream, token_label
+
+if TYPE_CHECKING:
+    from moekit.inference.service import Service
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str
+    tokens: int
+    # with logprobs: per token (the echoed prompt's first), its id, log-probability
+    # (None: the prompt's first token) and the most likely (id, log-probability) there
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
+
+
+def _until_tool_call(emit: Callable[[int | None], str]) -> Callable[[int | None], str]:
+    """A streamed reply to a request with tools: its text before the first
+    ``<tool_call>``, trailing whitespace held (the parsed content strips it); what is left,
+    and the calls, the handler sends once the whole reply is parsed (``_stream``)."""
+    cut = cut_stream(emit, ("<tool_call>",), keep_stop=False)
+    held = ""
+
+    def out(t: int | None) -> str:
+        nonlocal held
+        if t is None:
+            return ""
+        text = held + cut(t)
+        body = text.rstrip()
+        held = text[len(body):]
+        return body
+
+    return out
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """(the text outside tool calls, the calls) of a reply that writes each call as
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (the Hermes format Qwen's
+    chat templates ask for); a block that is not such JSON stays in the text."""
+    calls, kept, at = [], [], 0
+    while (start := text.find("<tool_call>", at)) >= 0:
+        end = text.find("</tool_call>", start)
+        if end < 0:
+            break
+        try:
+            call = json.loads(text[start + len("<tool_call>"):end])
+        except json.JSONDecodeError:
+            call = None
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            args = call.get("arguments", {})
+            calls.append({"id": "call_" + secrets.token_hex(12), "type": "function",
+                          "function": {"name": call["name"], "arguments": args
+                                       if isinstance(args, str) else json.dumps(args)}})
+            kept.append(text[at:start])
+        else:
+            kept.append(text[at:end + len("</tool_call>")])
+        at = end + len("</tool_call>")
+    kept.append(text[at:])
+    return "".join(kept).strip() if calls else text, calls
+
+
+def _merged(stats: list[GenerationStats]) -> GenerationStats:
+    """The stats of a request's groups as one: counts and prefill time summed; its decode
+    time and steps the longest group's."""
+    longest = max(stats, key=lambda s: s.decode_s)
+    return GenerationStats(
+        sequences=sum(s.sequences for s in stats), prompt_tokens=sum(s.prompt_tokens
+                                                                     for s in stats),
+        new_tokens=sum(s.new_tokens for s in stats), decode_steps=longest.decode_steps,
+        prefill_s=sum(s.prefill_s for s in stats), decode_s=longest.decode_s,
+        reused_tokens=sum(s.reused_tokens for s in stats))
+
+
+def _timings(stats, seconds: float) -> dict:
+    """Where a request's time went (as llama-server's ``timings``): the engine's prefill
+    and decode, the prompt tokens its cache already held, tokens per second of decode."""
+    if stats is None:  # the prompts scored, nothing generated
+        return {"seconds": seconds}
+    return {"seconds": seconds, "prompt_tokens": stats.prompt_tokens,
+            "cached_tokens": stats.reused_tokens, "prefill_ms": 1e3 * stats.prefill_s,
+            "new_tokens": stats.new_tokens, "decode_ms": 1e3 * stats.decode_s,
+            "decode_tokens_per_s": stats.decode_steps / max(stats.decode_s, 1e-9),
+            "tokens_per_s": stats.new_tokens / max(seconds, 1e-9)}
+
+
+def _answer(service: Service, request: Request, rid: str, created: int,
+            choices: list[Choice], usage: dict) -> dict:
+    head = {"id": rid, "created": created, "model": service.name}
+    token = _labeller(service)
+    if request.chat:
+        out = []
+        for i, c in enumerate(choices):
+            message = _message(c.text, request.tools)
+            out.append({"index": i, "message": message, "finish_reason": "tool_calls"
+                        if "tool_calls" in message else c.finish_reason,
+                        "logprobs": None if c.logprobs is None
+                        else _chat_logprobs(c.logprobs, token)})
+        return {**head, "object": "chat.completion", "usage": usage, "choices": out}
+    return {**head, "object": "text_completion", "usage": usage, "choices": [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+         "logprobs": None if c.logprobs is None
+         else _completion_logprobs(c.logprobs, token)[0]}
+        for i, c in enumerate(choices)]}
+
+
+def _labeller(service: Service) -> Callable[[int], tuple[str, bytes]]:
+    """A token id's label (its text, or ``bytes:\\xNN`` for part of a character) and bytes."""
+    def token(t: int) -> tuple[str, bytes]:
+        raw = service.text.token_bytes(t)
+        return token_label(raw), raw
+
+    return token
+
+
+def _chat_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]) -> dict:
+    """Chat's ``logprobs`` object: each token's entry with the most likely tokens there."""
+    return {"refusal": None, "content": [
+        {**_token_entry(*token(t), lp),
+         "top_logprobs": [_token_entry(*token(u), v) for u, v in top]}
+        for t, lp, top in entries]}
+
+
+def _message(text: str, tools: bool) -> dict:
+    """A chat reply: its text, and with tools the calls it writes (their text taken out;
+    content null where nothing else is left, as OpenAI's)."""
+    content, calls = parse_tool_calls(text) if tools else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content or None, "tool_calls": calls}
+
+
+def _token_entry(label: str, raw: bytes, logprob: float) -> dict:
+    return {"token": label, "logprob": logprob, "bytes": list(raw)}
+
+
+def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]],
+                         at: int = 0) -> tuple[dict, int]:
+    """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the
+    most likely tokens at each (a dict by token label) and each token's offset in the
+    text (``at`` + the tokens' own texts before it; a part of a character counts 0); and
+    the offset after the last (a stream's next chunk starts there)."""
+    labels = [token(t)[0] for t, _, _ in entries]
+    offsets = []
+    for label in labels:
+        offsets.append(at)
+        at += 0 if label.startswith("bytes:") else len(label)
+    return {"tokens": labels, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {token(u)[0]: v for u, v in top}
+                             for _, _, top in entries],
+            "text_offset": offsets}, at
+
+
+def _chunk(request: Request, head: dict, i: int, piece: str | None,
+           finish: str | None = None, logprobs: dict | None = None) -> dict:
+    if request.chat:
+        delta = {} if piece is None else {"content": piece}
+        return {**head, "object": "chat.completion.chunk", "choices": [
+            {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+    return {**head, "object": "text_completion", "choices": [
+        {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}]}
+
+
+def _stream_end(request: Request, head: dict, i: int, choice: Choice, streamed: str
+                ) -> list[dict]:
+    """A streamed sequence's last chunks: with tools, the rest of the parsed reply's
+    content (after ``streamed``, the text sent so far) and its calls (one delta); then
+    the finish reason."""
+    chunks, finish = [], choice.finish_reason
+    if request.tools:  # the rest of the content, then the calls (one delta)
+        message = _message(choice.text, True)
+        content = message["content"] or ""
+        if content.startswith(streamed) and len(content) > len(streamed):
+            chunks.append(_chunk(request, head, i, content[len(streamed):]))
+        if "tool_calls" in message:
+            chunk = _chunk(request, head, i, None)
+            chunk["choices"][0]["delta"] = {"tool_calls": [
+                {"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+            chunks.append(chunk)
+            finish = "tool_calls"
+    return [*chunks, _chunk(request, head, i, None, finish)]
