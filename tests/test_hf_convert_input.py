@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moekit.integrations.hf import convert
+from moekit.integrations.hf import convert, convert_tensors
 from moekit.safetensors_write import save_file
 from tests import hf_models
 
@@ -119,7 +119,7 @@ def test_a_read_failing_mid_conversion_leaves_no_checkpoint(hf_dir, tmp_path, mo
     and no LATEST, and the retry converts."""
     from safetensors import SafetensorError
 
-    real = convert.ShardTensors.__init__
+    real = convert_tensors.ShardTensors.__init__
 
     class Failing:  # a shard handle whose reads of one expert fail
         def __init__(self, handle):
@@ -137,11 +137,11 @@ def test_a_read_failing_mid_conversion_leaves_no_checkpoint(hf_dir, tmp_path, mo
         real(self, *args, **kwargs)
         self.handles = [Failing(h) for h in self.handles]
 
-    monkeypatch.setattr(convert.ShardTensors, "__init__", failing)
+    monkeypatch.setattr(convert_tensors.ShardTensors, "__init__", failing)
     assert cli(str(hf_dir), str(tmp_path / "lm")) == 2
     assert "simulated read error" in capsys.readouterr().err
     assert not list((tmp_path / "lm").glob("step_*")) and not (tmp_path / "lm" / "LATEST").exists()
-    monkeypatch.setattr(convert.ShardTensors, "__init__", real)
+    monkeypatch.setattr(convert_tensors.ShardTensors, "__init__", real)
     assert cli(str(hf_dir), str(tmp_path / "lm")) == 0
 
 
