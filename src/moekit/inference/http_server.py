@@ -21,14 +21,14 @@ from urllib.parse import unquote, urlsplit
 
 from moekit.config import is_number_in, reject
 from moekit.inference.http_body import BodyError, DeadlineReader, read_body
-from moekit.inference.request import Request, RequestError, _reject
+from moekit.inference.request import Request, RequestError, reject_field
 from moekit.inference.response import (
-    _answer,
-    _chat_logprobs,
-    _chunk,
-    _completion_logprobs,
-    _labeller,
-    _stream_end,
+    answer_payload,
+    chat_logprobs,
+    completion_logprobs,
+    stream_chunk,
+    stream_end_chunks,
+    token_labeller,
 )
 from moekit.inference.service import ClientGoneError, Service, ShuttingDownError
 
@@ -271,7 +271,7 @@ class Handler(BaseHTTPRequestHandler):
             except Exception as e:  # noqa: BLE001 (the server answers and keeps serving)
                 self._error(500, f"the generation failed: {type(e).__name__}: {e}")
                 return
-            self._send_json(200, {**_answer(self.service, request, rid, created, choices,
+            self._send_json(200, {**answer_payload(self.service, request, rid, created, choices,
                                             usage), "timings": timings})
             self._log_timings(timings)
         else:
@@ -283,11 +283,11 @@ class Handler(BaseHTTPRequestHandler):
         self._start_events()
         if request.chat:  # the role first, as OpenAI's stream starts
             for i in range(len(request.ids)):
-                chunk = _chunk(request, head, i, None)
+                chunk = stream_chunk(request, head, i, None)
                 chunk["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 if not self._event(chunk):
                     return
-        token = _labeller(self.service)
+        token = token_labeller(self.service)
         offsets = [0] * len(request.ids)  # completions: each sequence's text_offset so far
         # with tools: each sequence's pieces so far (the parsed reply's rest follows them)
         sent = [[] for _ in request.ids] if request.tools else None
@@ -297,10 +297,10 @@ class Handler(BaseHTTPRequestHandler):
                 sent[i].append(piece)
             logprobs = None
             if entries is not None and request.chat:
-                logprobs = _chat_logprobs(entries, token)
+                logprobs = chat_logprobs(entries, token)
             elif entries is not None:
-                logprobs, offsets[i] = _completion_logprobs(entries, token, offsets[i])
-            return self._event(_chunk(request, head, i, piece, logprobs=logprobs))
+                logprobs, offsets[i] = completion_logprobs(entries, token, offsets[i])
+            return self._event(stream_chunk(request, head, i, piece, logprobs=logprobs))
 
         try:
             choices, usage, timings = self.service.generate(request, on_text,
@@ -311,11 +311,11 @@ class Handler(BaseHTTPRequestHandler):
             self._stream_failed(e)
             return
         for i, c in enumerate(choices):
-            for chunk in _stream_end(request, head, i, c, "" if sent is None
+            for chunk in stream_end_chunks(request, head, i, c, "" if sent is None
                                      else "".join(sent[i])):
                 self._event(chunk)
         if request.include_usage:
-            self._event({**head, "object": _chunk(request, head, 0, None)["object"],
+            self._event({**head, "object": stream_chunk(request, head, 0, None)["object"],
                          "choices": [], "usage": usage})
         self._event("[DONE]")
         self._log_timings(timings)
@@ -407,7 +407,7 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 8000,
     with ``api_key``, /v1/ requests must carry it as a bearer token; ``request_timeout``:
     seconds a request may take to arrive from its first byte (Handler.handle_one_request)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
-        _reject("api_key", api_key, "it must be a non-empty string")
+        reject_field("api_key", api_key, "it must be a non-empty string")
     check_request_timeout("request_timeout", request_timeout)
     handler = type("MoekitHandler", (Handler,), {"service": service, "api_key": api_key,
                                                  "request_timeout": float(request_timeout)})

@@ -38,7 +38,7 @@ class RequestError(ValueError):
         self.param = param
 
 
-def _reject(param: str, value: object, allowed: str) -> None:
+def reject_field(param: str, value: object, allowed: str) -> None:
     raise RequestError(param, f"{param}={value!r} is not allowed: {allowed}")
 
 
@@ -51,7 +51,7 @@ def _number(body: dict, name: str, default, kind: type, low: float, high: float 
                                                                         or value <= high)
     if not ok:
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        _reject(name, value, f"it must be {'a number' if kind is float else 'an integer'} "
+        reject_field(name, value, f"it must be {'a number' if kind is float else 'an integer'} "
                 f"{bound}")
     return kind(value)
 
@@ -61,7 +61,7 @@ def _strings(name: str, value: object, allow_empty: bool) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(
             isinstance(s, str) and (s or allow_empty) for s in items):
-        _reject(name, value, "it must be a string or a non-empty list of strings"
+        reject_field(name, value, "it must be a string or a non-empty list of strings"
                 + ("" if allow_empty else ", none of them empty"))
     return items
 
@@ -78,7 +78,7 @@ def _prompts(text: ByteText | TokenizerText, value: object) -> list[list[int]]:
     if isinstance(value, list) and value and all(ids(x) for x in value):
         return value
     if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
-        _reject("prompt", value, "a list of token-id lists must hold non-empty lists of ints")
+        reject_field("prompt", value, "a list of token-id lists must hold non-empty lists of ints")
     return [text.encode(p) for p in _strings("prompt", value, False)]
 
 
@@ -92,7 +92,7 @@ def _content(i: int, content: object) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
-    _reject(f"messages[{i}].content", content, "it must be a string or a list of "
+    reject_field(f"messages[{i}].content", content, "it must be a string or a list of "
             "{\"type\": \"text\", \"text\": ...} parts")
 
 
@@ -102,7 +102,7 @@ def _tools(body: dict) -> list[dict] | None:
     ``tool_choice: "none"``); "required" or a named function is not supported."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if choice not in (None, "auto", "none"):
-        _reject("tool_choice", choice, "moekit serve supports \"auto\" and \"none\" (the "
+        reject_field("tool_choice", choice, "moekit serve supports \"auto\" and \"none\" (the "
                 "model decides; nothing forces a call)")
     if tools is None or tools == []:
         return None
@@ -110,7 +110,7 @@ def _tools(body: dict) -> list[dict] | None:
             isinstance(t, dict) and t.get("type") == "function"
             and isinstance(t.get("function"), dict)
             and isinstance(t["function"].get("name"), str) for t in tools):
-        _reject("tools", tools, "it must be a list of {\"type\": \"function\", \"function\": "
+        reject_field("tools", tools, "it must be a list of {\"type\": \"function\", \"function\": "
                 "{\"name\": ..., \"parameters\": ...}}")
     return None if choice == "none" else tools
 
@@ -122,21 +122,21 @@ def _logprob_fields(body: dict, chat: bool) -> tuple[int | None, bool]:
     ``top_logprobs: N``."""
     if chat:
         if body.get("echo") not in (None, False):
-            _reject("echo", body["echo"], "chat completions do not echo (completions do)")
+            reject_field("echo", body["echo"], "chat completions do not echo (completions do)")
         wants = body.get("logprobs")
         if wants is not None and not isinstance(wants, bool):
-            _reject("logprobs", wants, "for chat completions it must be true or false (how "
+            reject_field("logprobs", wants, "for chat completions it must be true or false (how "
                     "many likely tokens: top_logprobs)")
         top = _number(body, "top_logprobs", None, int, 0, MAX_LOGPROBS)
         if top is not None and not wants:
-            _reject("top_logprobs", top, "it needs logprobs: true")
+            reject_field("top_logprobs", top, "it needs logprobs: true")
         return (top or 0) if wants else None, False
     if body.get("top_logprobs") is not None:
-        _reject("top_logprobs", body["top_logprobs"], "completions take logprobs: N (chat "
+        reject_field("top_logprobs", body["top_logprobs"], "completions take logprobs: N (chat "
                 "completions take top_logprobs)")
     echo = body.get("echo", False)
     if not isinstance(echo, bool):
-        _reject("echo", echo, "it must be true or false")
+        reject_field("echo", echo, "it must be true or false")
     return _number(body, "logprobs", None, int, 0, MAX_LOGPROBS), echo
 
 
@@ -200,18 +200,18 @@ def _check_fields(body: object, chat: bool) -> None:
     """Refuse a body that is not an object, a field moekit does not read, the other
     endpoint's prompt field, and a no-op field holding another value."""
     if not isinstance(body, dict):
-        _reject("body", type(body).__name__, "it must be a JSON object")
+        reject_field("body", type(body).__name__, "it must be a JSON object")
     unknown = sorted(k for k in body if k not in READ and k not in NO_OP)
     if unknown:
-        _reject(unknown[0], body[unknown[0]], "moekit serve does not read this field")
+        reject_field(unknown[0], body[unknown[0]], "moekit serve does not read this field")
     other = "prompt" if chat else "messages"  # the other endpoint's
     if other in body:
-        _reject(other, body[other], f"{other} is for /v1/{'' if chat else 'chat/'}"
+        reject_field(other, body[other], f"{other} is for /v1/{'' if chat else 'chat/'}"
                 f"completions; this endpoint takes {'messages' if chat else 'prompt'}")
     for key, values in NO_OP.items():
         if key in body and not any(type(body[key]) is type(v) and body[key] == v
                                    for v in values):
-            _reject(key, body[key], "moekit serve supports only its no-op value"
+            reject_field(key, body[key], "moekit serve supports only its no-op value"
                     + ("s " if len(values) > 1 else " ")
                     + ", ".join(json.dumps(v) for v in values))
 
@@ -226,7 +226,7 @@ def _chat_prompts(text: ByteText | TokenizerText, body: dict
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
-        _reject("messages", messages, "it must be a non-empty list of objects with "
+        reject_field("messages", messages, "it must be a non-empty list of objects with "
                 "a \"role\" and a \"content\"")
     convo = [{"role": m["role"], "content": _content(i, m.get("content")),
               **{k: m[k] for k in MESSAGE_KEYS if k in m}}
@@ -243,7 +243,7 @@ def _completion_prompts(text: ByteText | TokenizerText, body: dict
     """(the prompts, no tools: completions take none)."""
     for key in ("tools", "tool_choice"):
         if body.get(key) is not None:
-            _reject(key, body[key], "tools are for chat completions")
+            reject_field(key, body[key], "tools are for chat completions")
     return _prompts(text, body.get("prompt")), None
 
 
@@ -251,13 +251,13 @@ def _stream_fields(body: dict, echo: bool) -> tuple[bool, bool]:
     """(``stream``, ``stream_options.include_usage``)."""
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        _reject("stream", stream, "it must be true or false")
+        reject_field("stream", stream, "it must be true or false")
     if stream and echo:
-        _reject("echo", True, "moekit serve echoes prompts only with stream false")
+        reject_field("echo", True, "moekit serve echoes prompts only with stream false")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False),
                                                        bool):
-        _reject("stream_options", options, "it must be an object whose include_usage is "
+        reject_field("stream_options", options, "it must be an object whose include_usage is "
                 "true or false")
     return stream, options.get("include_usage", False)
 
@@ -303,8 +303,8 @@ def _check_context(limit: int, context: int, longest: int, new: int, name: str, 
     if new > room:
         default = "" if sent else f" ({name} was not sent: {new} is its default)"
         if context < limit:
-            _reject(name, new, f"a prompt of {longest} tokens + {name} must fit the "
+            reject_field(name, new, f"a prompt of {longest} tokens + {name} must fit the "
                     f"served context of {context} tokens (moekit serve --context; "
                     f"use at most {room}){default}")
-        _reject(name, new, f"generating past the model's context, max_seq_len={limit} "
+        reject_field(name, new, f"generating past the model's context, max_seq_len={limit} "
                 f"(a prompt of {longest} tokens leaves room for at most {room}){default}")

@@ -28,7 +28,7 @@ class Choice:
     logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
 
-def _until_tool_call(emit: Callable[[int | None], str]) -> Callable[[int | None], str]:
+def until_tool_call(emit: Callable[[int | None], str]) -> Callable[[int | None], str]:
     """A streamed reply to a request with tools: its text before the first
     ``<tool_call>``, trailing whitespace held (the parsed content strips it); what is left,
     and the calls, the handler sends once the whole reply is parsed (``_stream``)."""
@@ -73,7 +73,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     return "".join(kept).strip() if calls else text, calls
 
 
-def _merged(stats: list[GenerationStats]) -> GenerationStats:
+def merged_stats(stats: list[GenerationStats]) -> GenerationStats:
     """The stats of a request's groups as one: counts and prefill time summed; its decode
     time and steps the longest group's."""
     longest = max(stats, key=lambda s: s.decode_s)
@@ -85,7 +85,7 @@ def _merged(stats: list[GenerationStats]) -> GenerationStats:
         reused_tokens=sum(s.reused_tokens for s in stats))
 
 
-def _timings(stats, seconds: float) -> dict:
+def timing_fields(stats, seconds: float) -> dict:
     """Where a request's time went (as llama-server's ``timings``): the engine's prefill
     and decode, the prompt tokens its cache already held, tokens per second of decode."""
     if stats is None:  # the prompts scored, nothing generated
@@ -97,10 +97,10 @@ def _timings(stats, seconds: float) -> dict:
             "tokens_per_s": stats.new_tokens / max(seconds, 1e-9)}
 
 
-def _answer(service: Service, request: Request, rid: str, created: int,
+def answer_payload(service: Service, request: Request, rid: str, created: int,
             choices: list[Choice], usage: dict) -> dict:
     head = {"id": rid, "created": created, "model": service.name}
-    token = _labeller(service)
+    token = token_labeller(service)
     if request.chat:
         out = []
         for i, c in enumerate(choices):
@@ -108,16 +108,16 @@ def _answer(service: Service, request: Request, rid: str, created: int,
             out.append({"index": i, "message": message, "finish_reason": "tool_calls"
                         if "tool_calls" in message else c.finish_reason,
                         "logprobs": None if c.logprobs is None
-                        else _chat_logprobs(c.logprobs, token)})
+                        else chat_logprobs(c.logprobs, token)})
         return {**head, "object": "chat.completion", "usage": usage, "choices": out}
     return {**head, "object": "text_completion", "usage": usage, "choices": [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
          "logprobs": None if c.logprobs is None
-         else _completion_logprobs(c.logprobs, token)[0]}
+         else completion_logprobs(c.logprobs, token)[0]}
         for i, c in enumerate(choices)]}
 
 
-def _labeller(service: Service) -> Callable[[int], tuple[str, bytes]]:
+def token_labeller(service: Service) -> Callable[[int], tuple[str, bytes]]:
     """A token id's label (its text, or ``bytes:\\xNN`` for part of a character) and bytes."""
     def token(t: int) -> tuple[str, bytes]:
         raw = service.text.token_bytes(t)
@@ -126,7 +126,7 @@ def _labeller(service: Service) -> Callable[[int], tuple[str, bytes]]:
     return token
 
 
-def _chat_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]) -> dict:
+def chat_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]]) -> dict:
     """Chat's ``logprobs`` object: each token's entry with the most likely tokens there."""
     return {"refusal": None, "content": [
         {**_token_entry(*token(t), lp),
@@ -147,7 +147,7 @@ def _token_entry(label: str, raw: bytes, logprob: float) -> dict:
     return {"token": label, "logprob": logprob, "bytes": list(raw)}
 
 
-def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]],
+def completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]],
                          at: int = 0) -> tuple[dict, int]:
     """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the
     most likely tokens at each (a dict by token label) and each token's offset in the
@@ -164,7 +164,7 @@ def _completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str,
             "text_offset": offsets}, at
 
 
-def _chunk(request: Request, head: dict, i: int, piece: str | None,
+def stream_chunk(request: Request, head: dict, i: int, piece: str | None,
            finish: str | None = None, logprobs: dict | None = None) -> dict:
     if request.chat:
         delta = {} if piece is None else {"content": piece}
@@ -174,7 +174,7 @@ def _chunk(request: Request, head: dict, i: int, piece: str | None,
         {"index": i, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}]}
 
 
-def _stream_end(request: Request, head: dict, i: int, choice: Choice, streamed: str
+def stream_end_chunks(request: Request, head: dict, i: int, choice: Choice, streamed: str
                 ) -> list[dict]:
     """A streamed sequence's last chunks: with tools, the rest of the parsed reply's
     content (after ``streamed``, the text sent so far) and its calls (one delta); then
@@ -184,11 +184,11 @@ def _stream_end(request: Request, head: dict, i: int, choice: Choice, streamed: 
         message = _message(choice.text, True)
         content = message["content"] or ""
         if content.startswith(streamed) and len(content) > len(streamed):
-            chunks.append(_chunk(request, head, i, content[len(streamed):]))
+            chunks.append(stream_chunk(request, head, i, content[len(streamed):]))
         if "tool_calls" in message:
-            chunk = _chunk(request, head, i, None)
+            chunk = stream_chunk(request, head, i, None)
             chunk["choices"][0]["delta"] = {"tool_calls": [
                 {"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
             chunks.append(chunk)
             finish = "tool_calls"
-    return [*chunks, _chunk(request, head, i, None, finish)]
+    return [*chunks, stream_chunk(request, head, i, None, finish)]

@@ -20,8 +20,8 @@ from moekit.inference.engine import (
     routes_across_rows,
     token_logprobs,
 )
-from moekit.inference.request import Request, _reject, parse_request
-from moekit.inference.response import Choice, _merged, _timings, _until_tool_call
+from moekit.inference.request import Request, parse_request, reject_field
+from moekit.inference.response import Choice, merged_stats, timing_fields, until_tool_call
 from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text
 
 # sequences (prompts x n) one request may ask for unless --max-sequences says otherwise:
@@ -79,21 +79,21 @@ class Service:
         limit = model.config.max_seq_len
         if context is not None and (isinstance(context, bool) or not isinstance(context, int)
                                     or not 1 <= context <= limit):
-            _reject("context", context, f"it must be an int in [1, max_seq_len={limit}]")
+            reject_field("context", context, f"it must be an int in [1, max_seq_len={limit}]")
         if isinstance(parallel, bool) or not isinstance(parallel, int) \
                 or not 1 <= parallel <= MAX_PARALLEL:
-            _reject("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
+            reject_field("parallel", parallel, f"it must be an int in [1, {MAX_PARALLEL}]")
         if parallel > 1 and routes_across_rows(model):
-            _reject("parallel", parallel, "it must be 1 for an expert-choice model: expert "
+            reject_field("parallel", parallel, "it must be 1 for an expert-choice model: expert "
                     "choice routes over every token of a call, so one request's tokens "
                     "would change which experts another's get (serve it with --parallel 1)")
         self.context = limit if context is None else context  # prompt + new tokens
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) \
                 or prefill_chunk < 1:
-            _reject("prefill_chunk", prefill_chunk, "it must be an int >= 1")
+            reject_field("prefill_chunk", prefill_chunk, "it must be an int >= 1")
         if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) \
                 or max_sequences < 1:
-            _reject("max_sequences", max_sequences, "it must be an int >= 1")
+            reject_field("max_sequences", max_sequences, "it must be an int >= 1")
         self.max_sequences = max_sequences  # prompts x n of one request
         self.model = model
         # a finished conversation per row kept for its next turn
@@ -210,7 +210,7 @@ class Service:
     def generate(self, request: Request, on_text: OnText | None = None,
                  client_gone: Callable[[], bool] | None = None
                  ) -> tuple[list[Choice], dict, dict]:
-        """The choices, the usage and the timings (``_timings``). ``on_text(i, piece,
+        """The choices, the usage and the timings (``timing_fields``). ``on_text(i, piece,
         entries)`` gets each sequence's new text as it is produced (what the answer holds:
         cut before a stop string) and, with ``request.logprobs``, the (token,
         log-probability, most likely tokens) entries of the tokens since the last piece
@@ -284,7 +284,7 @@ class Service:
         completion = sum(c.tokens for c in choices)
         prompt = sum(len(p) for p in request.ids[::request.n])
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}, _timings(stats, seconds)
+                         "total_tokens": prompt + completion}, timing_fields(stats, seconds)
 
     @torch.inference_mode()
     def _score_prompt(self, ids: list[int], top: int) -> list[tuple]:
@@ -314,7 +314,7 @@ class _Submission:
         self.emits = [] if on_text is None else [
             cut_stream(text.stream(p), stops, keep_stop=False) for p in request.ids]
         if request.tools:
-            self.emits = [_until_tool_call(e) for e in self.emits]
+            self.emits = [until_tool_call(e) for e in self.emits]
         self.gone = False  # on_text said the client went away
         self.by_text = text.stop_when(stops)
         # with logprobs: each sequence's tokens not yet sent with a piece of text
@@ -406,7 +406,7 @@ class _Submission:
             self._counted(g.error)
         elif len(self.ended) == len(self.starts):
             self._finish([gen for o in self.starts for gen in self.ended[o].gens],
-                         _merged([self.ended[o].stats for o in self.starts]))
+                         merged_stats([self.ended[o].stats for o in self.starts]))
 
 
 def _expert_cache_rows(offload) -> list[tuple[str, str, str, float]]:
