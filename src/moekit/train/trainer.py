@@ -410,13 +410,16 @@ class Trainer:
     # -- one step -------------------------------------------------------------
 
     def batches(self, step: int) -> list[tuple[Tensor, Tensor]]:
+        """The step's batch_size * grad_accum windows, drawn at once and cut into
+        grad_accum micro-batches: --grad-accum 2 --batch-size 4 trains on the 8 windows
+        --batch-size 8 does (each micro-batch had drawn its own seed, so the two took
+        different data and could not take the same step)."""
         cfg = self.cfg
-        out = []
-        for micro in range(cfg.grad_accum):
-            ids, tgt = sample_windows(self.corpus.train, cfg.batch_size, cfg.seq_len,
-                                      batch_seed(cfg.seed, step, micro))
-            out.append((ids.to(cfg.device), tgt.to(cfg.device)))
-        return out
+        ids, tgt = sample_windows(self.corpus.train, cfg.batch_size * cfg.grad_accum,
+                                  cfg.seq_len, batch_seed(cfg.seed, step, 0))
+        return [(i.to(cfg.device), t.to(cfg.device))
+                for i, t in zip(ids.split(cfg.batch_size), tgt.split(cfg.batch_size),
+                                strict=True)]
 
     def step_once(self) -> StepResult:
         """The optimizer step itself (the distributed trainer overrides this)."""
