@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from moekit.models import LMConfig, MoETransformer
@@ -92,3 +93,44 @@ def test_validation_loss_is_the_mean_cross_entropy_of_its_batches(tmp_path):
 class _NoLog:
     def write(self, record) -> None:
         pass
+
+
+def cosine_lr(i: int, steps: int, warmup: int, lr: float, end: float) -> float:
+    """Written out from the README and lr_at's docstring: linear warm-up to lr over
+    `warmup` steps (step i trains at lr * (i + 1) / warmup), then half a cosine from lr
+    down to `end`, reached at step `steps` (one past the last trained index)."""
+    if i < warmup:
+        return lr * (i + 1) / warmup
+    t = (i - warmup) / max(steps - warmup, 1)
+    return end + (lr - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def logged_lrs(tmp_path, name: str, **kw) -> list[float]:
+    t = trainer(tmp_path, name, batch_size=2, log_every=1, eval_batches=1, **kw)
+    t.fit()
+    return [r["lr"] for r in t.history if r["kind"] == "train"]
+
+
+def test_logged_lr_follows_the_documented_schedule(tmp_path):
+    got = logged_lrs(tmp_path, "s", steps=7, warmup_steps=3, lr=2e-3)
+    want = [cosine_lr(i, 7, 3, 2e-3, 2e-4) for i in range(7)]
+    assert got == pytest.approx(want, rel=1e-12)
+    assert len(got) == 7 and max(got) == 2e-3 and got[-1] > 2e-4
+
+
+def test_logged_lr_short_runs(tmp_path):
+    with pytest.warns(UserWarning, match="warmup_steps=5 is longer than steps=3"):
+        got = logged_lrs(tmp_path, "w", steps=3, warmup_steps=5, lr=1e-3)
+    assert got == pytest.approx([2e-4, 4e-4, 6e-4], rel=1e-12)  # never reaches lr
+    assert logged_lrs(tmp_path, "one", steps=1, warmup_steps=0, lr=1e-3) == [1e-3]
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    def losses(name: str, seed: int) -> list[float]:
+        t = trainer(tmp_path, name, batch_size=2, log_every=1, eval_batches=1, seed=seed,
+                    steps=3)
+        t.fit()
+        return [r.get("loss", r.get("val_loss")) for r in t.history]
+    first = losses("a", 5)
+    assert losses("b", 5) == first
+    assert losses("c", 6) != first

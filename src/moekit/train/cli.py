@@ -112,7 +112,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--seq-len", type=int)
-    g.add_argument("--grad-accum", type=int)
+    g.add_argument("--grad-accum", type=int,
+                   help="micro-batches per optimizer step: --batch-size B --grad-accum N "
+                   "trains on the windows --batch-size B*N draws (the aux balancing loss "
+                   "is taken per micro-batch of B)")
     g.add_argument("--lr", type=float)
     g.add_argument("--warmup", type=int, help="warm-up steps")
     g.add_argument("--eval-every", type=int)
