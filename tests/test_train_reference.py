@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moekit.models import LMConfig, MoETransformer
-from moekit.train import TrainConfig, Trainer, encode
+from moekit.train import CheckpointError, TrainConfig, Trainer, encode
+from moekit.train.checkpoint_state import _check_load
 from moekit.train.data import Corpus
 
 # aux_loss_coef=0: the load-balancing loss is a product of two batch means (expert
@@ -134,3 +135,27 @@ def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
     first = losses("a", 5)
     assert losses("b", 5) == first
     assert losses("c", 6) != first
+
+
+def test_resume_between_validations_reports_the_whole_span_of_expert_load(tmp_path):
+    def val_at_6(t: Trainer) -> dict:
+        return next(r for r in t.history if r["kind"] == "val" and r["step"] == 6)
+    whole = trainer(tmp_path, "u", batch_size=2, steps=6, eval_every=6, save_every=3,
+                    eval_batches=1)
+    whole.fit()
+    trainer(tmp_path, "r", batch_size=2, steps=6, eval_every=6, save_every=3,
+            eval_batches=1).fit()
+    again = Trainer.resume(tmp_path / "r" / "step_00000003", make_corpus(), progress=False)
+    again.fit()
+    assert val_at_6(again) == val_at_6(whole)  # expert_load over steps 1-6, not 4-6
+    assert again.model.state_dict().keys() == whole.model.state_dict().keys()
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], value), name
+
+
+def test_a_malformed_saved_expert_load_is_refused(tmp_path):
+    _check_load(None, tmp_path)
+    _check_load([[1, 2], [0, 3]], tmp_path)
+    for bad in ([[1, 2], [3]], [[1, -2]], [[1.5]], [], "x"):
+        with pytest.raises(CheckpointError, match="load_since_eval"):
+            _check_load(bad, tmp_path)

@@ -43,10 +43,22 @@ def check_state(state: dict[str, Any], where: Path) -> None:
             isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         _fail(where, "tied", tied, "it must map parameter names to parameter names")
     _check_optimizer(state["optimizer"], where)
+    _check_load(state.get("load_since_eval"), where)
     rng = state["torch_rng"]
     if not isinstance(rng, list) or len(rng) != _RNG_BYTES or not all(
             _is_int(b, 0, 255) for b in rng):
         _fail(where, "torch_rng", rng, f"it must be a list of {_RNG_BYTES} ints in [0, 255]")
+
+
+def _check_load(load: Any, where: Path) -> None:
+    """None, or tokens per expert per MoE layer: equal-length lists of ints >= 0."""
+    if load is None:
+        return
+    if not (isinstance(load, list) and load and all(isinstance(r, list) for r in load)
+            and len({len(r) for r in load}) == 1
+            and all(_is_int(v) for r in load for v in r)):
+        _fail(where, "load_since_eval", load, "it must be null or a list of equal-length "
+              "lists of ints >= 0 (tokens per expert per MoE layer)")
 
 
 def check_state_dcp(state: dict[str, Any], where: Path) -> None:

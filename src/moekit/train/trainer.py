@@ -402,6 +402,8 @@ class Trainer:
         trainer.step = ck.step
         trainer.counters.update(ck.state["counters"])
         trainer.wall_s = float(ck.state.get("wall_s", 0.0))  # saved before it was: 0
+        load = ck.state.get("load_since_eval")  # absent from older checkpoints
+        trainer.load_since_eval = None if load is None else torch.tensor(load)
         # a checkpoint read from where a killed save moved it aside is back in place now
         trainer.last_checkpoint = ck.path if ck.path.exists() else \
             ck.path.parent / ck.path.name[1:-len(ASIDE)]
@@ -480,9 +482,16 @@ class Trainer:
         """What state.json records besides tensors (also written by --nproc runs)."""
         return {"step": self.step, "model_config": self.mcfg.to_dict(),
                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                "wall_s": self.elapsed_s(),
+                "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
                 "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
+
+    def _load_since_eval(self) -> list[list[int]] | None:
+        """Tokens per expert since the last validation, which the next ``val`` record's
+        expert_load reports: saved, so that a run resumed between two validations reports
+        the steps before the resume too (it had reported only the steps after it)."""
+        load = self.load_since_eval
+        return None if load is None else load.long().tolist()
 
     def saved_this_step(self) -> bool:
         """Whether the last checkpoint is this step's, as ``save`` names it: an interrupt
