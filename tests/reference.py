@@ -1,8 +1,8 @@
 """A slow, per-token MoE written from the papers' definitions: the tests' oracle.
 
 It reads the raw parameters of a ``moekit.MoE`` (or a ``Router`` + ``Experts``)
-and recomputes everything one token at a time in fp32, with its own routing,
-capacity, activation and loss code. Nothing here imports moekit's routing,
+and recomputes everything one token at a time in fp32 (fp64 for an fp64 layer),
+with its own routing, capacity, activation and loss code. Nothing here imports moekit's routing,
 dispatch or expert functions, so a shared bug cannot hide.
 
 Shape letters: T tokens, D hidden, E experts, K experts per token.
@@ -17,11 +17,16 @@ import torch
 from torch import Tensor
 
 
+def wide(t: Tensor) -> Tensor:
+    """fp32, or fp64 for an fp64 tensor: the oracle of an fp64 layer is exact to fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def f32(module, *names: str) -> SimpleNamespace:
-    """The module's tensors cast to fp32 once: a bf16 parameter used by every token
-    then accumulates its gradient in fp32, as one cast, not T bf16 additions."""
+    """The module's tensors cast to fp32 (fp64 ones kept) once: a bf16 parameter used by
+    every token then accumulates its gradient in fp32, as one cast, not T bf16 additions."""
     return SimpleNamespace(**{n: None if getattr(module, n) is None
-                              else getattr(module, n).float() for n in names})
+                              else wide(getattr(module, n)) for n in names})
 
 
 # -- activations, from their definitions -------------------------------------------
@@ -159,15 +164,16 @@ def ref_pairs(moe, x_TD: Tensor, token_ids_T: Tensor | None = None,
     T = x_TD.shape[0]
     if cfg.router == "expert_choice":
         return _ref_expert_choice(moe, x_TD)
-    bias = None if router.expert_bias is None else router.expert_bias.float()
+    bias = None if router.expert_bias is None else wide(router.expert_bias)
     xr = _router_input(moe, x_TD, jitter_u_TD)
     gate = f32(router, "weight", "noise_weight")
     pairs, probs, logits, chosen_TK = [], [], [], []
     for t in range(T):
         if cfg.router == "hash":
             chosen = router.hash_table[int(token_ids_T[t])].tolist()
-            w = torch.full((cfg.top_k,), cfg.routed_scaling_factor / cfg.top_k)
-            p = torch.zeros(cfg.num_experts)
+            w = torch.full((cfg.top_k,), cfg.routed_scaling_factor / cfg.top_k,
+                           dtype=x_TD.dtype)
+            p = torch.zeros(cfg.num_experts, dtype=x_TD.dtype)
             p[chosen] = 1.0 / cfg.top_k
             lg = None
         else:
@@ -191,7 +197,7 @@ def _ref_expert_choice(moe, x_TD: Tensor):
     T, E = x_TD.shape[0], cfg.num_experts
     factor = cfg.top_k if cfg.capacity_factor is None else cfg.capacity_factor
     C = max(1, min(T, math.ceil(factor * T / E)))
-    weight = moe.router.weight.float()
+    weight = wide(moe.router.weight)
     logits = [weight @ x_TD[t] for t in range(T)]
     probs = [_softmax(lg) for lg in logits]
     pairs = []
@@ -207,7 +213,7 @@ def _ref_expert_choice(moe, x_TD: Tensor):
 def ref_aux_loss(cfg, probs: list[Tensor], logits: list[Tensor | None], chosen_TK,
                  seq_len: int | None) -> Tensor:
     T, E, K = len(probs), cfg.num_experts, cfg.top_k
-    total = torch.zeros(())
+    total = torch.zeros((), dtype=probs[0].dtype if probs else torch.float32)
     if cfg.router == "hash":  # no learned router: nothing to balance or stabilise
         return total
     if cfg.aux_loss_coef and chosen_TK is not None:
@@ -234,9 +240,10 @@ def _switch(probs, chosen_TK, E: int, K: int) -> Tensor:
 
 def ref_moe(moe, x: Tensor, token_ids: Tensor | None = None,
             jitter_u_TD: Tensor | None = None, noise_TE: Tensor | None = None):
-    """Output (shape of x, fp32) and aux loss of ``moe`` on ``x``, token by token."""
+    """Output (shape of x, fp32; fp64 for fp64 x) and aux loss of ``moe`` on ``x``, token
+    by token."""
     cfg = moe.config
-    x_TD = x.reshape(-1, cfg.dim).float()
+    x_TD = wide(x.reshape(-1, cfg.dim))
     ids = None if token_ids is None else token_ids.reshape(-1)
     pairs, keep, probs, logits, chosen_TK = ref_pairs(moe, x_TD, ids, jitter_u_TD, noise_TE)
     experts = f32(moe.experts, "w_in", "w_out", "b_in", "b_out")
@@ -254,8 +261,8 @@ def ref_moe(moe, x: Tensor, token_ids: Tensor | None = None,
 
 def dense_ffn(x: Tensor, w_in_DG: Tensor, w_out_FD: Tensor, cfg) -> Tensor:
     """A plain FFN, row by row, for the 1-expert invariant."""
-    x_TD = x.reshape(-1, x.shape[-1]).float()
-    out = [ref_activation(x_TD[t] @ w_in_DG.float(), cfg) @ w_out_FD.float()
+    x_TD = wide(x.reshape(-1, x.shape[-1]))
+    out = [ref_activation(x_TD[t] @ wide(w_in_DG), cfg) @ wide(w_out_FD)
            for t in range(x_TD.shape[0])]
     return torch.stack(out).view(x.shape)
 

@@ -224,8 +224,9 @@ class MoE(nn.Module):
         to ``decode.ROUTE_KERNEL_MAX_TOKENS`` tokens (a decode step, a prefill) on the CPU
         without autograd, dropless (as ``infer`` routes token choice); None where it does
         not apply."""
+        # fp64 input routes in fp64 (router_dtype), which the fp32 kernel does not
         if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
-                or torch.is_grad_enabled()):
+                or torch.is_grad_enabled() or x_TD.dtype == torch.float64):
             return None
         spec = self.router.kernel_spec()
         if spec is None or not decode.available():

@@ -438,14 +438,17 @@ class _Grads:
         return aw_NF, dh_NG
 
     def _weight_grad(self, blk: _Block, g_ND: Tensor, gu_NF: Tensor, a_NF: Tensor) -> None:
-        self._store_weight_grad(blk, g_ND, gu_NF.mul_(a_NF).sum(1, dtype=torch.float32))
+        # summed in fp32 for bf16 / fp16 rows, in fp64 for fp64 rows (an fp32 sum rounded
+        # an fp64 layer's router gradient to ~1e-7)
+        dtype = torch.promote_types(gu_NF.dtype, torch.float32)
+        self._store_weight_grad(blk, g_ND, gu_NF.mul_(a_NF).sum(1, dtype=dtype))
 
     def _store_weight_grad(self, blk: _Block, g_ND: Tensor, dw_N: Tensor) -> None:
         """d weight_S of the block's rows: act(h) . gu, plus b_out . dy for biased experts."""
         assert self.weight_S is not None
         if self.p.b_out_ED is not None:
             for e, s, t in blk.experts():
-                dw_N[s:t] += (g_ND[s:t] @ self.p.b_out_ED[e]).float()
+                dw_N[s:t] += (g_ND[s:t] @ self.p.b_out_ED[e]).to(dw_N.dtype)
         self.weight_S[blk.r0:blk.r1] = dw_N
 
     def _out_grads(self, blk: _Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:

@@ -10,12 +10,20 @@ import torch
 from torch import Tensor
 
 
-def _assignment_fraction(experts_TK: Tensor, num_experts: int) -> Tensor:
-    """Fraction of the T*K (token, slot) assignments that went to each expert."""
-    counts_E = torch.zeros(num_experts, device=experts_TK.device, dtype=torch.float32)
+def _assignment_fraction(experts_TK: Tensor, num_experts: int,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fraction of the T*K (token, slot) assignments that went to each expert, in
+    ``dtype`` (the probabilities': fp64 for an fp64 layer, whose loss fp32 fractions
+    such as 1/20 rounded at ~1e-9)."""
+    counts_E = torch.zeros(num_experts, device=experts_TK.device, dtype=dtype)
     counts_E.scatter_add_(0, experts_TK.reshape(-1),
-                          torch.ones(experts_TK.numel(), device=experts_TK.device))
+                          torch.ones(experts_TK.numel(), device=experts_TK.device, dtype=dtype))
     return counts_E / max(experts_TK.numel(), 1)
+
+
+def _count_dtype(probs: Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 probabilities (bf16 counts stop counting past 256)."""
+    return torch.promote_types(probs.dtype, torch.float32)
 
 
 def _mean_over_tokens(x_T: Tensor) -> Tensor:
@@ -30,7 +38,8 @@ def switch_aux_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     probability, differentiable).
     """
     E = probs_TE.shape[-1]
-    return E * (_assignment_fraction(experts_TK, E) * _mean_over_tokens(probs_TE)).sum()
+    f_E = _assignment_fraction(experts_TK, E, _count_dtype(probs_TE))
+    return E * (f_E * _mean_over_tokens(probs_TE)).sum()
 
 
 def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
@@ -43,9 +52,10 @@ def seq_aux_loss(probs_BLE: Tensor, experts_BLK: Tensor) -> Tensor:
     B, L, K = experts_BLK.shape
     if B * L == 0:  # no tokens: no imbalance to penalise (and no E / (K * 0))
         return probs_BLE.sum() * 0.0
-    counts_BE = torch.zeros(B, E, device=probs_BLE.device, dtype=torch.float32)
+    dtype = _count_dtype(probs_BLE)
+    counts_BE = torch.zeros(B, E, device=probs_BLE.device, dtype=dtype)
     counts_BE.scatter_add_(1, experts_BLK.reshape(B, L * K),
-                           torch.ones(B, L * K, device=probs_BLE.device))
+                           torch.ones(B, L * K, device=probs_BLE.device, dtype=dtype))
     f_BE = counts_BE * (E / (K * L))
     return (f_BE * probs_BLE.mean(1)).sum(-1).mean()
 

@@ -1,6 +1,7 @@
 """The router module: parameters and buffers around the pure routing functions.
 
-Router math runs in fp32 whatever the input dtype. Shape letters: T tokens,
+Router math runs in fp32 for fp32 / bf16 / fp16 input, and in fp64 for fp64 input.
+Shape letters: T tokens,
 D hidden, E experts, K experts per token, B sequences, L tokens per sequence.
 """
 
@@ -40,8 +41,8 @@ from moekit.routing.token_choice import (
 @dataclass(frozen=True)
 class RouterOutput:
     plan: RoutingPlan
-    aux_loss: Tensor  # weighted sum of the configured balance losses (scalar, fp32)
-    z_loss: Tensor  # unweighted z-loss value (scalar, fp32; 0 without logits)
+    aux_loss: Tensor  # weighted sum of the configured balance losses (scalar, router_dtype)
+    z_loss: Tensor  # unweighted z-loss value (scalar, router_dtype; 0 without logits)
 
 
 def _token_plan(experts_TK: Tensor, weights_TK: Tensor, probs_TE: Tensor,
@@ -52,6 +53,13 @@ def _token_plan(experts_TK: Tensor, weights_TK: Tensor, probs_TE: Tensor,
         token_S=torch.arange(T, device=experts_TK.device).repeat_interleave(K),
         expert_S=experts_TK.reshape(-1), weight_S=weights_TK.reshape(-1),
         probs_TE=probs_TE, logits_TE=logits_TE, top_k=K)
+
+
+def router_dtype(x: Tensor) -> torch.dtype:
+    """fp32, or fp64 for fp64 input: an fp64 layer (gradcheck, a float64 pipeline) had
+    its routing weights and router gradients rounded to fp32 (relative error ~1e-7 where
+    the experts' path was exact to 1e-16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def fp32_linear(x_TD: Tensor, w_ED: Tensor) -> Tensor:
@@ -246,12 +254,13 @@ class Router(nn.Module):
                    f"it must be [T, dim={self.cfg.dim}] (reshape x to (-1, {self.cfg.dim}))")
 
     def _logits(self, x_TD: Tensor) -> Tensor:
-        x_TD = x_TD if x_TD.dtype == torch.float32 else x_TD.float()
+        dtype = router_dtype(x_TD)
+        x_TD = x_TD.to(dtype)
         if self.cfg.router == "switch" and self.training and self.cfg.jitter_eps > 0:
             x_TD = jitter(x_TD, self.cfg.jitter_eps)
         w_ED = self.weight
         assert w_ED is not None
-        return fp32_linear(x_TD, w_ED if w_ED.dtype == torch.float32 else w_ED.float())
+        return fp32_linear(x_TD, w_ED.to(dtype))
 
     def _token_choice(self, logits_TE: Tensor, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.cfg
@@ -263,8 +272,9 @@ class Router(nn.Module):
         if cfg.router in ("softmax_topk", "noisy_topk"):
             if cfg.router == "noisy_topk" and self.training:
                 assert self.noise_weight is not None
-                logits_TE = noisy_logits(logits_TE, fp32_linear(x_TD.float(),
-                                                                self.noise_weight.float()))
+                dtype = logits_TE.dtype
+                logits_TE = noisy_logits(logits_TE, fp32_linear(
+                    x_TD.to(dtype), self.noise_weight.to(dtype)))
             return softmax_over_topk(logits_TE, cfg.top_k, bias_E=bias_E,
                                      scale=cfg.routed_scaling_factor,
                                      renormalize=cfg.renormalize)
@@ -312,8 +322,10 @@ class Router(nn.Module):
         check_table_rows(self.hash_table, experts_TK, cfg.num_experts)
         experts_TK = experts_TK.long()  # a table assigned as int32 (scatter_ takes int64)
         T, K = experts_TK.shape
-        weights_TK = torch.full((T, K), cfg.routed_scaling_factor / K, device=x_TD.device)
-        probs_TE = torch.zeros(T, cfg.num_experts, device=x_TD.device)
+        dtype = router_dtype(x_TD)  # 1/K in fp32 was inexact in an fp64 layer (K=3)
+        weights_TK = torch.full((T, K), cfg.routed_scaling_factor / K, device=x_TD.device,
+                                dtype=dtype)
+        probs_TE = torch.zeros(T, cfg.num_experts, device=x_TD.device, dtype=dtype)
         probs_TE.scatter_(1, experts_TK, 1.0 / K)
         plan = RoutingPlan(
             token_S=torch.arange(T, device=x_TD.device).repeat_interleave(K),
