@@ -77,7 +77,10 @@ def check_like_weight(x: Tensor, weight: Tensor) -> None:
 def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
     """Hash routing's ids: integers shaped like x without its last dimension, in
     [0, vocab). The values are read on every device (one host sync per step on CUDA,
-    where an id out of range would be a device-side assert rather than an error)."""
+    where an id out of range would be a device-side assert rather than an error), but
+    under torch.compile: a value read on the host cannot be traced (fullgraph=True
+    failed with 'Could not guard on data-dependent expression' for every hash layer),
+    so the graph carries an assert that raises a RuntimeError saying the same."""
     if token_ids is None:
         raise ValueError("token_ids=None is not allowed: router='hash' needs the token ids "
                          "(an integer tensor shaped like x without its last dimension)")
@@ -86,7 +89,12 @@ def check_token_ids(token_ids: Tensor | None, x: Tensor, vocab: int) -> None:
         raise ValueError(f"token_ids (shape {tuple(token_ids.shape)}, {token_ids.dtype}) is "
                          f"not allowed: it must be an integer tensor of shape "
                          f"{tuple(x.shape[:-1])}")
-    check_id_range("token_ids", token_ids, vocab, "hash_vocab_size")
+    if not torch.compiler.is_compiling():
+        check_id_range("token_ids", token_ids, vocab, "hash_vocab_size")
+        return
+    torch._assert_async(((token_ids >= 0) & (token_ids < vocab)).all(),
+                        f"token_ids has values outside [0, hash_vocab_size={vocab}), "
+                        "which is not allowed")
 
 
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
