@@ -1,13 +1,17 @@
-"""The MoE layer dropped into a user's own code: torch.compile of a hash layer.
+"""The MoE layer dropped into a user's own code: torch.compile of a hash layer, and a
+quantized layer asked for a gradient.
 
 Shape letters: T tokens, D hidden, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import moekit
 from moekit import MoE, MoEConfig
 from tests.reference import ref_moe
 
@@ -37,3 +41,31 @@ def test_hash_layer_compiles_fullgraph_and_matches_eager():
     with pytest.raises(RuntimeError, match=r"outside \[0, hash_vocab_size=50\)"):
         compiled(x, ids.masked_fill(ids == ids[0, 0], V))
 
+
+def quantized_layer(**over) -> MoE:
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=64, ffn_dim=128, num_experts=4, top_k=2, **over))
+    return moekit.quantize(moe, bits=4, group_size=32)
+
+
+def test_quantized_layer_refuses_to_drop_the_router_gradient():
+    # x without requires_grad, the router's weight with it: the decode backend checked
+    # x and the expert weights only, so the output came back without a grad_fn and the
+    # router silently got no gradient
+    moe = quantized_layer()
+    assert moe.router.weight.requires_grad
+    with pytest.raises(RuntimeError, match="have no backward: run the model under "
+                                           r"torch.no_grad\(\)"):
+        moe(torch.randn(3, 5, 64))
+
+
+def test_quantized_layer_inference_mode_equals_no_grad():
+    moe = quantized_layer(num_shared_experts=1, router="sigmoid")
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        a = moe(x).output
+    with torch.inference_mode():
+        b = moe(x).output
+    assert torch.equal(a, b)
+    frozen = copy.deepcopy(moe).requires_grad_(False)  # nothing to train: runs with grad on
+    assert torch.equal(frozen(x).output, a)
