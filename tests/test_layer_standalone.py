@@ -69,3 +69,27 @@ def test_quantized_layer_inference_mode_equals_no_grad():
     assert torch.equal(a, b)
     frozen = copy.deepcopy(moe).requires_grad_(False)  # nothing to train: runs with grad on
     assert torch.equal(frozen(x).output, a)
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused"])
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_fp16_layer_on_cpu_trains_against_the_oracle(router, backend):
+    # .half() on CPU is supported (grouped_mm refuses fp16 by name): output, aux loss and
+    # every gradient within fp16 rounding of the fp32 oracle
+    from tests.test_layer import build, check_against_reference
+
+    moe, x, _ = build((2, 7), 5, 2, torch.float16, backend=backend, router=router,
+                      capacity_factor=1.0)
+    check_against_reference(moe, x, None, atol=2e-3, rtol=5e-3, train=True)
+
+
+def test_four_dim_and_transposed_x_route_each_token_as_the_oracle():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=2, seq_aux_loss_coef=0.02))
+    x4 = torch.randn(2, 3, 5, D)
+    x_t = torch.randn(D, 7).t()  # a non-contiguous [7, D] view
+    for x in (x4, x_t):
+        y, aux, _ = moe(x)
+        ref_y, ref_aux, _ = ref_moe(moe, x)
+        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(aux, ref_aux, atol=1e-6, rtol=1e-5)
