@@ -226,6 +226,7 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "resume_newest_complete_runs_no_code", resume_guarded, mesh, ckpt)
     check(res, "train_ep2_consolidated", consolidated_matches, mesh, ckpt)
     check(res, "resume_newer_one_process_checkpoint", resume_newer_one_process, mesh, ckpt)
+    check(res, "resume_keeps_load_since_validation", resume_keeps_load, mesh, ckpt)
     dist.destroy_process_group()
     return res
 
@@ -618,6 +619,27 @@ def resume_newer_one_process(mesh, ckpt: str) -> str | None:
             if not torch.equal(have[key], w):
                 return f"optimizer {key} of {name} differs from the one-process checkpoint's"
     return None
+
+
+def resume_keeps_load(mesh, ckpt: str) -> str | None:
+    """Resumed from the save between two validations, the next val record's expert_load
+    still covers every step since the last validation (trainer.json carries the load)."""
+    from moekit.train.distributed import DistributedTrainer
+
+    mcfg, tcfg, corpus = lm_setup()
+    tcfg = dataclasses.replace(tcfg, steps=4, save_every=2, eval_every=4, eval_batches=1,
+                               keep_checkpoints=5)
+    root = Path(ckpt).parent / "load_resume"
+    whole = DistributedTrainer(mcfg, tcfg, corpus, root / "whole", mesh, progress=False)
+    whole.fit()
+    again = DistributedTrainer.resume_distributed(
+        root / "whole" / "dcp_step_00000002", corpus, mesh, out_dir=root / "again",
+        progress=False)
+    again.fit()
+    vals = [[r["expert_load"] for r in t.history if r["kind"] == "val" and r["step"] == 4]
+            for t in (again, whole)]
+    return None if vals[0] == vals[1] and vals[1] else \
+        f"step 4's expert_load after the resume {vals[0]} != uninterrupted {vals[1]}"
 
 
 def train_resume_ep4(mesh, ckpt: str) -> str | None:

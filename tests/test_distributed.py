@@ -104,7 +104,8 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "ep2_bad_dedup", "ckpt_save_ep2",
     "train_ep2_matches_one_process",
     "resume_newest_complete_runs_no_code",
-    "train_ep2_consolidated", "resume_newer_one_process_checkpoint"])
+    "train_ep2_consolidated", "resume_newer_one_process_checkpoint",
+    "resume_keeps_load_since_validation"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 

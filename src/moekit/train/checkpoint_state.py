@@ -43,7 +43,6 @@ def check_state(state: dict[str, Any], where: Path) -> None:
             isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         _fail(where, "tied", tied, "it must map parameter names to parameter names")
     _check_optimizer(state["optimizer"], where)
-    _check_load(state.get("load_since_eval"), where)
     rng = state["torch_rng"]
     if not isinstance(rng, list) or len(rng) != _RNG_BYTES or not all(
             _is_int(b, 0, 255) for b in rng):
@@ -83,6 +82,7 @@ def _check_common(state: dict[str, Any], where: Path, required: tuple[str, ...])
     if not _is_int(state["step"], 0, MAX_STEP):
         _fail(where, "step", state["step"], f"it must be an int in [0, {MAX_STEP}]")
     _check_configs(state, where)
+    _check_load(state.get("load_since_eval"), where)
     counters = state.get("counters", {})
     if not isinstance(counters, dict) or not all(
             isinstance(k, str) and _is_int(v) for k, v in counters.items()):

@@ -348,7 +348,8 @@ class DistributedTrainer(Trainer):
     def _finish_save(self, tmp: Path, path: Path) -> None:
         state = {"step": self.step, "model_config": self.mcfg.to_dict(),
                  "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                 "wall_s": self.elapsed_s(), "data": {"corpus": self.corpus.location()}}
+                 "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
+                 "data": {"corpus": self.corpus.location()}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         for name in files:
@@ -385,9 +386,7 @@ class DistributedTrainer(Trainer):
             load_checkpoint(path, trainer.model, optim)
         else:
             _load_one_process(one, trainer)
-        trainer.step = state["step"]
-        trainer.counters.update(state["counters"])
-        trainer.wall_s = float(state.get("wall_s", 0.0))
+        trainer.restore_progress(state)
         trainer.last_checkpoint = path
         return trainer
 

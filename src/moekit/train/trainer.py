@@ -399,11 +399,7 @@ class Trainer:
         if (Path(path) / ckpt_io.LATEST).is_file():  # a run directory we are taking over
             clean_run_dir(Path(path))
         trainer._clean_run_dir()
-        trainer.step = ck.step
-        trainer.counters.update(ck.state["counters"])
-        trainer.wall_s = float(ck.state.get("wall_s", 0.0))  # saved before it was: 0
-        load = ck.state.get("load_since_eval")  # absent from older checkpoints
-        trainer.load_since_eval = None if load is None else torch.tensor(load)
+        trainer.restore_progress(ck.state)
         # a checkpoint read from where a killed save moved it aside is back in place now
         trainer.last_checkpoint = ck.path if ck.path.exists() else \
             ck.path.parent / ck.path.name[1:-len(ASIDE)]
@@ -485,6 +481,15 @@ class Trainer:
                 "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
                 "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
+
+    def restore_progress(self, state: dict[str, Any]) -> None:
+        """The step, counters, wall time and load since the last validation of a checked
+        state.json / trainer.json (wall_s and the load are absent from older ones)."""
+        self.step = state["step"]
+        self.counters.update(state["counters"])
+        self.wall_s = float(state.get("wall_s", 0.0))
+        load = state.get("load_since_eval")
+        self.load_since_eval = None if load is None else torch.tensor(load)
 
     def _load_since_eval(self) -> list[list[int]] | None:
         """Tokens per expert since the last validation, which the next ``val`` record's
