@@ -893,3 +893,37 @@ def test_analyze_compare_with_a_bad_checkpoint_names_the_compare_flag(two_steps,
     assert "\n" not in err and err.startswith(f"moekit analyze: error: --compare: "
                                               f"compare={str(bad)!r}"), err
     assert "checkpoint=" not in err and not (tmp_path / "refused").exists()
+
+
+def test_analyze_refuses_an_out_inside_a_checkpoint(two_steps, capsys):
+    """--out in a step_* directory had written the report among the checkpoint's files,
+    where the trainer deletes it with the step when it prunes old checkpoints."""
+    root = two_steps
+    a, b = root / "run" / "step_00000002", root / "run" / "step_00000004"
+    before = {p: sorted(p.iterdir()) for p in (a, b)}
+    for argv, inside in (((str(a),), a), ((str(a),), a / "report"),
+                         ((str(a), "--compare", str(b)), b / "x")):
+        assert run(parse(*argv, "--data", str(root / "text.txt"), "--tokens", "256",
+                         "--seq-len", "64", "--out", str(inside))) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"--out={str(inside)!r}" in err, err
+        assert "inside checkpoint" in err
+    assert {p: sorted(p.iterdir()) for p in (a, b)} == before
+
+
+def test_analyze_again_without_compare_removes_the_old_compare_json(two_steps, capsys):
+    """A compare.json left from an earlier --compare run into the same --out had stayed
+    beside the new routing.json, describing checkpoints and tokens it no longer matched."""
+    root = two_steps
+    a, b = root / "run" / "step_00000002", root / "run" / "step_00000004"
+    out = root / "reused"
+    common = ("--data", str(root / "text.txt"), "--seq-len", "64", "--out", str(out))
+    assert run(parse(str(a), "--compare", str(b), "--tokens", "256", *common)) == 0
+    assert (out / "compare.json").is_file()
+    assert run(parse(str(b), "--tokens", "128", *common)) == 0
+    capsys.readouterr()
+    assert not (out / "compare.json").exists()
+    assert "## Compared" not in (out / "report.md").read_text()
+    assert json.loads((out / "routing.json").read_text())["meta"]["tokens"] == 128
+    assert {p.name for p in out.iterdir()} == {
+        "routing.json", "report.md", "tokens.csv", "load_heatmap.png", "coactivation.png"}

@@ -77,6 +77,19 @@ def default_out(ck) -> Path:
     return ck.path.parent / "analysis" / f"step_{ck.step:08d}"
 
 
+def check_out_beside(out: Path, *cks) -> None:
+    """--out is not a checkpoint directory nor inside one: the report was written among
+    the checkpoint's files, where the trainer deletes it with the step_* directory when
+    it prunes old checkpoints or re-saves that step."""
+    where = out.resolve()
+    for ck in cks:
+        if where.is_relative_to(ck.path.resolve()):
+            reject("--out", str(out), f"it is inside checkpoint {str(ck.path)!r}, which the "
+                   "trainer deletes with everything in it when it prunes old checkpoints; "
+                   "pick a directory outside it (without --out: under "
+                   f"{ck.path.parent / 'analysis'})")
+
+
 def trained_on(ck) -> str | None:
     """The training corpus a checkpoint names: None for the default one (the stdlib .py
     files, as `moekit train` reads them); a ValueError asking for --data when it does not
@@ -154,6 +167,7 @@ def analyze_and_compare(args: argparse.Namespace
     else:
         out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
+    check_out_beside(out, ck, *([] if other is None else [other[1]]))
     cfg = model.config
     if cfg.dense:  # had read "model has no moekit.MoE layers", naming no checkpoint
         reject("checkpoint", str(ck.path), "it is a dense model (moekit train --dense): "

@@ -15,6 +15,7 @@ from moekit.train.rundir import write_files
 
 JSON_FILE, REPORT_FILE, TOKENS_CSV = "routing.json", "report.md", "tokens.csv"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
+OUTPUT_FILES = (JSON_FILE, REPORT_FILE, TOKENS_CSV, LOAD_PNG, COACT_PNG)
 PLOT_HINT = 'pip install "moekit[plot]" for the plots'
 
 
@@ -279,6 +280,15 @@ def check_layer_keys(result: dict[str, Any], source: str | None = None) -> None:
                 f"{result['meta']['checkpoint']}` to rewrite it")
 
 
+def remove_stale(out: Path, written: set[str]) -> None:
+    """Remove the analysis files of an earlier run in ``out`` that this one did not
+    write: a compare.json (or plots) left from an earlier ``--compare`` run stayed beside
+    the new routing.json and report.md, describing other checkpoints and tokens."""
+    from moekit.analysis.compare import COMPARE_FILE
+    for name in {*OUTPUT_FILES, COMPARE_FILE} - written:
+        (out / name).unlink(missing_ok=True)
+
+
 def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
                  comparison: dict[str, Any] | None = None) -> dict[str, Path]:
     """routing.json and report.md always; the PNGs where matplotlib is installed.
@@ -324,6 +334,7 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_files(out, writers)
+    remove_stale(out, set(writers))
     keys = {JSON_FILE: "json", REPORT_FILE: "report", TOKENS_CSV: "tokens",
             LOAD_PNG: "load", COACT_PNG: "coactivation"}
     return {keys.get(name, "compare"): out / name for name in writers}
