@@ -927,3 +927,43 @@ def test_analyze_again_without_compare_removes_the_old_compare_json(two_steps, c
     assert json.loads((out / "routing.json").read_text())["meta"]["tokens"] == 128
     assert {p.name for p in out.iterdir()} == {
         "routing.json", "report.md", "tokens.csv", "load_heatmap.png", "coactivation.png"}
+
+
+def _layers(n: int, E: int, K: int = 2) -> list[dict[str, Any]]:
+    return [{"name": f"blocks.{i}.ffn", "num_experts": E, "top_k": K,
+             "load_share": [(e + 1) / (E * (E + 1) / 2) for e in range(E)],
+             "coactivation": [[10 if K > 1 or i == j else 0 for j in range(E)]
+                              for i in range(E)],
+             "coactivation_expected": [[5.0 if K > 1 else 0.0] * E] * E} for i in range(n)]
+
+
+@pytest.mark.parametrize("n,E", [(1, 4), (1, 64), (2, 4), (12, 8)])
+def test_plot_texts_lie_inside_the_figure(n, E):
+    """With one MoE layer (--moe-every 2 on the tiny preset) the load heatmap was 1.45 in
+    tall: its colour bar label and title were cut at the figure's edge."""
+    pytest.importorskip("matplotlib")
+    from moekit.analysis.report import coactivation_figure, load_figure
+    for fig in (load_figure(_layers(n, E)), coactivation_figure(_layers(n, E))):
+        fig.canvas.draw()
+        renderer, box = fig.canvas.get_renderer(), fig.bbox
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+        texts += [t for t in fig.texts]
+        for t in texts:
+            if t.get_text():
+                ext = t.get_window_extent(renderer)
+                assert box.x0 - 0.5 <= ext.x0 and ext.x1 <= box.x1 + 0.5, t.get_text()
+                assert box.y0 - 0.5 <= ext.y0 and ext.y1 <= box.y1 + 0.5, t.get_text()
+
+
+def test_coactivation_plot_of_top1_layers_says_there_are_no_pairs():
+    """Top-1 (switch) layers had an all-black panel each under a colour bar, which read
+    as data; a top-1 panel now says it has no pairs, beside a top-2 layer's heatmap."""
+    pytest.importorskip("matplotlib")
+    from moekit.analysis.report import coactivation_figure
+    fig = coactivation_figure(_layers(1, 4, K=1) + _layers(1, 4, K=2))
+    top1, top2 = fig.axes[:2]
+    assert not top1.get_images() and not top1.axison
+    assert any("no expert pairs" in t.get_text() for t in top1.texts)
+    assert len(top2.get_images()) == 1 and len(fig.axes) == 3  # + one colour bar
+    only_top1 = coactivation_figure(_layers(2, 4, K=1))
+    assert len(only_top1.axes) == 2 and not any(ax.get_images() for ax in only_top1.axes)

@@ -40,8 +40,11 @@ def load_figure(layers: list[dict[str, Any]]):
     from moekit.train.plots import centred_norm
     plt = _pyplot()
     rel = [[s * layer["num_experts"] for s in layer["load_share"]] for layer in layers]
-    width = max(4.0, 0.35 * max(len(r) for r in rel) + 2)
-    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.45 * len(rel)), layout="constrained")
+    # at least 5 x 2.4 in: one MoE layer (--moe-every 2 on the tiny preset) had made it
+    # 4 x 1.45 in, the colour bar's label cut at the edge and the title over the bar
+    width = max(5.0, 0.35 * max(len(r) for r in rel) + 2)
+    fig, ax = plt.subplots(figsize=(width, max(2.4, 1.0 + 0.45 * len(rel))),
+                           layout="constrained")
     im = ax.imshow(rel, aspect="auto", cmap="coolwarm",
                    norm=centred_norm([v for r in rel for v in r]))
     ax.set_xlabel("expert")
@@ -78,15 +81,23 @@ def coactivation_figure(layers: list[dict[str, Any]]):
     norm = centred_norm([v for r in ratios for row in r for v in row if v == v])
     # the diagonal (an expert with itself) is not a pair: drawn in black
     cmap = plt.get_cmap("coolwarm").with_extremes(bad="black")
+    im = None
     for ax, layer, ratio in zip(axes.flat, layers, ratios, strict=False):
-        im = ax.imshow(ratio, cmap=cmap, norm=norm)
         ax.set_title(f"{layer['name']}", fontsize=8)
+        if all(v != v for row in ratio for v in row):  # top-1: a panel all black had
+            ax.axis("off")                               # read as data, with a colour bar
+            ax.text(0.5, 0.5, "top-1 routing:\nno expert pairs", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9)
+            continue
+        im = ax.imshow(ratio, cmap=cmap, norm=norm)
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
         expert_ticks(ax, len(ratio), y=True)
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="tokens to both / chance")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="tokens to both / chance")
     fig.suptitle("expert pairs: tokens routed to both / chance\n(1.0 = as random routing at "
-                 "these loads; diagonal in black)", fontsize=9)
+                 "these loads;\nblack: the diagonal, or a pair with an unused expert)",
+                 fontsize=9)
     return fig
 
 
