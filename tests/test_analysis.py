@@ -967,3 +967,28 @@ def test_coactivation_plot_of_top1_layers_says_there_are_no_pairs():
     assert len(top2.get_images()) == 1 and len(fig.axes) == 3  # + one colour bar
     only_top1 = coactivation_figure(_layers(2, 4, K=1))
     assert len(only_top1.axes) == 2 and not any(ax.get_images() for ax in only_top1.axes)
+
+
+def test_report_explains_every_summary_column():
+    """report.md's summary had columns (starved, dropped, CV) that its text never defined:
+    'starved' is the count of experts under 10% of the mean load, checked here by hand."""
+    from moekit.analysis.report import markdown, summary_table
+    from moekit.analysis.stats import imbalance
+    load = [100, 100, 100, 7]  # mean 76.75: 7 < 7.675, the one starved expert
+    assert imbalance(torch.tensor(load))["starved_experts"] == 1
+    layer = {"name": "blocks.0.ffn", "num_experts": 4, "top_k": 2, "load": load,
+             "load_share": [v / sum(load) for v in load],
+             "imbalance": imbalance(torch.tensor(load)), "dropped_fraction": 0.0,
+             "router_entropy_nats": 1.0, "router_entropy_normalised": 1.0 / math.log(4),
+             "specialisation": {"token_mutual_information_bits": 0.5, "experts": []},
+             "coactivation_pairs": [], "coactivation_expected": [[0.0] * 4] * 4}
+    meta = {"checkpoint": "c", "step": 1, "source": "s", "tokens": 10, "sequences": 1,
+            "seq_len": 10, "model": "m"}
+    text = markdown({"meta": meta, "layers": [layer]}, plots=False)
+    head = summary_table([layer])[0]
+    for column, definition in (("load max/mean", "the busiest expert's load / the mean"),
+                               ("CV", "the standard deviation of the loads / their mean"),
+                               ("starved", "less than 10% of the mean load"),
+                               ("dropped", "the fraction of pairs the capacity removed"),
+                               ("router entropy", "in nats"), ("MI (bits)", "mutual")):
+        assert column in head and definition in text, column

@@ -215,7 +215,14 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
         f"sequences of {meta['seq_len']}",
         f"- model: {meta['model']}",
         *forward_lines(meta), "",
-        "Load is counted before any capacity drop. Per expert, items rank by tokens beyond "
+        "Load is counted before any capacity drop, in (token, expert) pairs; load share = "
+        "an expert's pairs / all pairs. Summary: load max/mean = the busiest expert's load "
+        "/ the mean load; CV = the standard deviation of the loads / their mean; starved = "
+        "experts with less than 10% of the mean load; dropped = the fraction of pairs the "
+        "capacity removed (expert choice: of tokens no expert took); router entropy = the "
+        "mean over tokens of the entropy of the router's distribution over the experts "
+        "(sigmoid: the scores normalised to sum to 1), in nats and as a share of its "
+        "maximum ln E. Per expert, items rank by tokens beyond "
         "chance: +N = count - expected, expected = the item's occurrences x the expert's "
         "share of the text's tokens (its pairs / all tokens), so an item seen a few times "
         "cannot lead on its ratio alone; xL = lift = count / expected (share at the expert "
