@@ -992,3 +992,22 @@ def test_report_explains_every_summary_column():
                                ("dropped", "the fraction of pairs the capacity removed"),
                                ("router entropy", "in nats"), ("MI (bits)", "mutual")):
         assert column in head and definition in text, column
+
+
+def test_compare_section_gives_the_share_change_in_percentage_points():
+    """The largest load-share change read '5.00%' for 25% -> 30%: a relative change of 20%
+    to a reader; it is 5 percentage points, named so."""
+    from moekit.analysis.compare import compare_layer, compare_section
+    load_a, load_b = [25, 25, 25, 25], [30, 20, 25, 25]
+    summary = [{"name": "blocks.0.ffn", "num_experts": 4, "top_k": 2, "tokens": 50,
+                "load_share": [v / 100 for v in load], "router_entropy_nats": None,
+                "router_entropy_normalised": None,
+                "imbalance": {"max_over_mean": 1.0, "coefficient_of_variation": 0.0,
+                              "load_entropy_normalised": 1.0}} for load in (load_a, load_b)]
+    layer = compare_layer(*summary, {"same_top1": 1.0, "same_expert_set": 1.0})
+    meta = {"before": {"checkpoint": "a", "step": 1}, "after": {"checkpoint": "b", "step": 2},
+            "tokens": 50}
+    lines = compare_section({"meta": meta, "layers": [layer]})
+    head = next(i for i, line in enumerate(lines) if line.startswith("| layer"))
+    assert "max share change (pp)" in lines[head]
+    assert lines[head + 2].split(" | ")[1] == "5.00"  # 30% - 25%

@@ -104,18 +104,19 @@ def compare_section(result: dict[str, Any]) -> list[str]:
              f"Before: `{meta['before']['checkpoint']}` (step {meta['before']['step']}); "
              f"after: `{meta['after']['checkpoint']}` (step {meta['after']['step']}), both "
              f"routing the same {meta['tokens']:,} tokens. Load share change: the largest "
-             "absolute change of one expert's share, and the total variation distance "
+             "absolute change of one expert's share, in percentage points (pp: 25% -> 30% is 5 pp, "
+             "not a relative 20%), and the total variation distance "
              "between the two load distributions (0 = same, 1 = disjoint). Same top-1 / "
              "same set: the fraction of tokens whose highest-weight expert / whose whole "
              "expert set is the same in both. Expert ids are comparable only between "
              "checkpoints of one training run.", "",
-             "| layer | max share change | TV distance | load max/mean | CV | "
+             "| layer | max share change (pp) | TV distance | load max/mean | CV | "
              "router entropy (nats) | same top-1 | same set |",
              "|---|---|---|---|---|---|---|---|"]
     for c in result["layers"]:
         imb = c["imbalance"]
         lines.append(
-            f"| {c['name']} | {c['load_share_max_abs_change']:.2%} | "
+            f"| {c['name']} | {100 * c['load_share_max_abs_change']:.2f} | "
             f"{c['load_share_total_variation']:.3f} | "
             f"{imb['max_over_mean']['before']:.2f} -> {imb['max_over_mean']['after']:.2f} | "
             f"{imb['coefficient_of_variation']['before']:.2f} -> "
