@@ -1011,3 +1011,19 @@ def test_compare_section_gives_the_share_change_in_percentage_points():
     head = next(i for i, line in enumerate(lines) if line.startswith("| layer"))
     assert "max share change (pp)" in lines[head]
     assert lines[head + 2].split(" | ")[1] == "5.00"  # 30% - 25%
+
+
+def test_report_model_line_names_shared_experts_groups_and_moe_every():
+    """A run with --shared-experts, --groups or --moe-every had read as a plain top-K
+    model in report.md: its shared experts, its groups and its dense blocks unnamed."""
+    from moekit.analysis.cli import model_line
+    from moekit.models import LMConfig
+    base = dict(vocab_size=256, dim=32, num_layers=4, num_heads=2, ffn_dim=32,
+                num_experts=4, top_k=2)
+    assert model_line(LMConfig(**base)) == "4 layers, dim 32, 4 experts, top-2, softmax router"
+    line = model_line(LMConfig(**base, moe_every=2, num_groups=2, topk_groups=1,
+                               num_shared_experts=1, capacity_factor=1.0))
+    for words in ("an MoE FFN every 2 blocks", "2 expert groups, 1 per token",
+                  "1 shared expert every token goes through", "capacity factor 1"):
+        assert words in line, words
+    assert "2 shared experts" in model_line(LMConfig(**base, num_shared_experts=2))

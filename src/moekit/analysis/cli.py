@@ -156,6 +156,26 @@ def compare_runs(args, rc, layers, ids_BL, other, ck, ck_b) -> dict[str, Any]:
             "layers": compare(rc.layers, rc_b.layers, layers, layers_b)}
 
 
+def model_line(cfg) -> str:
+    """The report's model line: the routing choices that shape what it shows (a run with
+    --shared-experts, --groups or --moe-every had read as a plain top-K model, its
+    shared experts' tokens nowhere and its layer count not the MoE layers')."""
+    parts = [f"{cfg.num_layers} layers", f"dim {cfg.dim}", f"{cfg.num_experts} experts",
+             f"top-{cfg.top_k}", f"{cfg.router} router"]
+    if cfg.moe_every > 1:
+        parts.append(f"an MoE FFN every {cfg.moe_every} blocks (the dense FFNs between "
+                     "are not analysed)")
+    if cfg.num_groups > 1:
+        parts.append(f"{cfg.num_groups} expert groups, {cfg.topk_groups} per token")
+    if cfg.num_shared_experts:
+        n = cfg.num_shared_experts
+        parts.append(f"{n} shared expert{'s' if n > 1 else ''} every token goes through "
+                     "(not routed, not counted in the load)")
+    if cfg.capacity_factor is not None:
+        parts.append(f"capacity factor {cfg.capacity_factor:g}")
+    return ", ".join(parts)
+
+
 def analyze_and_compare(args: argparse.Namespace
                         ) -> tuple[dict[str, Any], Path, dict[str, Any] | None]:
     """analyze_checkpoint, and with ``args.compare`` the comparison (else None)."""
@@ -200,10 +220,7 @@ def analyze_and_compare(args: argparse.Namespace
             "source": f"{corpus.source} ({args.split} split)", "tokens": ids_BL.numel(),
             "sequences": ids_BL.shape[0], "seq_len": seq_len,
             **forward_size(cfg, ck, args.batch_size, seq_len, ids_BL.shape[0]),
-            "model": f"{cfg.num_layers} layers, dim {cfg.dim}, {cfg.num_experts} experts, "
-                     f"top-{cfg.top_k}, {cfg.router} router"
-                     + ("" if cfg.capacity_factor is None
-                        else f", capacity factor {cfg.capacity_factor:g}"),
+            "model": model_line(cfg),
             "model_config": cfg.to_dict()}
     return {"meta": meta, "layers": layers}, out, comparison
 
