@@ -1027,3 +1027,23 @@ def test_report_model_line_names_shared_experts_groups_and_moe_every():
                   "1 shared expert every token goes through", "capacity factor 1"):
         assert words in line, words
     assert "2 shared experts" in model_line(LMConfig(**base, num_shared_experts=2))
+
+
+@pytest.mark.parametrize("batch,sequences,last", [(24, 64, 16), (16, 64, 16), (100, 3, 3),
+                                                  (5, 11, 1), (1, 7, 1)])
+def test_report_names_the_last_forward_pass_when_it_is_shorter(batch, sequences, last):
+    """64 sequences at --batch-size 24 are passes of 24, 24 and 16 sequences: the report
+    had said every pass routed 24 x L tokens (what capacity drops depend on)."""
+    from types import SimpleNamespace
+
+    from moekit.analysis.cli import forward_size
+    from moekit.analysis.report import forward_lines
+    cfg = SimpleNamespace(router="softmax", capacity_factor=1.0)
+    ck = SimpleNamespace(state={"train_config": {"batch_size": 2, "seq_len": 8}})
+    sizes = [min(batch, sequences - s) for s in range(0, sequences, batch)]  # the passes
+    assert sizes[-1] == last
+    meta = forward_size(cfg, ck, batch, 8, sequences)
+    assert meta["tokens_per_forward"] == sizes[0] * 8
+    assert meta["last_forward_tokens"] == last * 8
+    line = forward_lines(meta)[0]
+    assert (f", {last * 8:,} in the last" in line) == (last != sizes[0])

@@ -110,6 +110,10 @@ def forward_size(cfg, ck, batch_size: int, seq_len: int, sequences: int) -> dict
     trained = train.get("batch_size", 0) * train.get("seq_len", 0) or None
     return {"batch_size": batch_size,
             "tokens_per_forward": min(batch_size, sequences) * seq_len,
+            # the sequences left for the last pass (the report had claimed every pass
+            # routed tokens_per_forward: 64 sequences at --batch-size 24 end on 16)
+            "last_forward_tokens": (sequences - (sequences - 1) // batch_size * batch_size)
+            * seq_len,
             "train_tokens_per_forward": trained,
             "routing_depends_on_batch": cfg.router == "expert_choice"
             or cfg.capacity_factor is not None}

@@ -198,6 +198,9 @@ def forward_lines(meta: dict[str, Any]) -> list[str]:
         return []
     line = (f"- routed {meta['tokens_per_forward']:,} tokens per forward pass "
             f"(batch size {meta['batch_size']})")
+    last = meta.get("last_forward_tokens")
+    if last is not None and last != meta["tokens_per_forward"]:
+        line += f", {last:,} in the last"
     if meta.get("train_tokens_per_forward"):
         line += f"; training routed {meta['train_tokens_per_forward']:,}"
     if meta.get("routing_depends_on_batch"):
