@@ -1047,3 +1047,16 @@ def test_report_names_the_last_forward_pass_when_it_is_shorter(batch, sequences,
     assert meta["last_forward_tokens"] == last * 8
     line = forward_lines(meta)[0]
     assert (f", {last * 8:,} in the last" in line) == (last != sizes[0])
+
+
+def test_report_says_the_chance_of_a_pair_ignores_expert_groups():
+    """--groups 2 --topk-groups 1 with 4 experts, top-2: a token's two experts are one
+    group, so cross-group pairs never occur and in-group pairs read 8x chance; the
+    report now says the chance count does not know the groups."""
+    from moekit.analysis.report import group_note
+    assert "within 1 of 2 expert groups" in group_note(
+        {"model_config": {"num_groups": 2, "topk_groups": 1}})
+    for cfg in ({"num_groups": 1, "topk_groups": 1}, {"num_groups": 2, "topk_groups": 2},
+                {}):
+        assert group_note({"model_config": cfg}) == ""
+    assert group_note({}) == ""

@@ -209,6 +209,19 @@ def forward_lines(meta: dict[str, Any]) -> list[str]:
     return [line]
 
 
+def group_note(meta: dict[str, Any]) -> str:
+    """A sentence for group-limited routing, whose chance baseline does not know the
+    groups: a --groups 2 --topk-groups 1 run's in-group pairs read 8x chance, its
+    cross-group pairs 0x, by construction rather than by anything the router learned."""
+    cfg = meta.get("model_config") or {}
+    G, picked = cfg.get("num_groups", 1), cfg.get("topk_groups", 1)
+    if G <= 1 or picked >= G:
+        return ""
+    return (f" This model routes each token within {picked} of {G} expert groups, which "
+            "the chance count does not know: pairs across groups are rarer than chance "
+            "and pairs within a group more common by construction.")
+
+
 def markdown(result: dict[str, Any], plots: bool = True) -> str:
     meta = result["meta"]
     lines = [
@@ -237,7 +250,7 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
         "maximum-entropy routing with them; expert choice: experts picking tokens "
         "independently); 1.5x chance = 1.5 times that count. "
         "Over-represented pairs rank by tokens - chance, so a rare pair cannot lead on "
-        "its ratio alone.",
+        "its ratio alone." + group_note(meta),
         "", "## Summary", "", *summary_table(result["layers"]), "",
         *([f"![expert load]({LOAD_PNG})", "", f"![co-activation]({COACT_PNG})"] if plots
           else [f"(no plots: matplotlib is not installed; {PLOT_HINT})"]), "",
