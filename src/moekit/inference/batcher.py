@@ -79,8 +79,10 @@ PREFILL_CHUNK = 512  # prompt tokens prefilled per step while sequences decode
 def sequence_seed(seed: int, i: int) -> int:
     """The seed of the i-th generator drawn from ``seed`` (``moekit generate
     --prompts-file``'s sequence i; ``moekit serve``'s i-th group of a request with more
-    sequences than rows)."""
-    return (seed * 1_000_003 + i) % MAX_SEED
+    sequences than rows). The first is ``seed`` itself, so that one prompt draws the same
+    text alone (``--prompt``, ``Engine``), first in a file, or through ``--jsonl``: it had
+    drawn from seed * 1,000,003, another text for the same prompt and seed."""
+    return seed if i == 0 else (seed * 1_000_003 + i) % MAX_SEED
 
 
 @dataclass(eq=False)

@@ -128,7 +128,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not path.is_file():
             raise ValueError(f"--prompts-file={str(path)!r} is not allowed: no such file")
         try:
-            prompts = path.read_text(encoding="utf-8").splitlines()
+            prompts = prompt_lines(path.read_bytes().decode("utf-8-sig"))
         except UnicodeDecodeError as e:
             raise ValueError(f"--prompts-file={str(path)!r} is not allowed: it is not UTF-8 "
                              f"text ({e})") from e
@@ -144,6 +144,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--samples={args.samples} / --batch={args.batch} is not allowed: "
                          "both must be >= 1")
     return [t for t in prompts for _ in range(args.samples)]
+
+
+def prompt_lines(text: str) -> list[str]:
+    """``--prompts-file``'s lines: split at "\n" only, a line's "\r" (CRLF) and the
+    empty piece after a final newline dropped. str.splitlines had also split a line at a
+    form feed, "\x1c"-"\x1e", "\x85", U+2028 or U+2029 (Python source holds form
+    feeds), giving one prompt as two; "utf-8-sig" drops a leading byte-order mark, which
+    had been the first prompt's first character."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _unescape_stop(text: str) -> str:
@@ -444,10 +456,13 @@ def _report(stats: list[GenerationStats], batch: int) -> None:
 def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                   text: ByteText | TokenizerText, cfg: GenerationConfig) -> int:
     """The slow reference: the whole sequence recomputed per token, one prompt at a time
-    (no stopping: --stop is refused with it, end-of-sequence ids are generated past)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    (no stopping: --stop is refused with it, end-of-sequence ids are generated past).
+    Sequence i draws from its own generator as with the cache (``sequence_seed``): one
+    generator for them all had given every sequence after the first another text than
+    the cached run's."""
     seconds, new = 0.0, 0
     for i, (prompt, p) in enumerate(zip(prompts, ids, strict=True)):
+        gen = torch.Generator().manual_seed(sequence_seed(cfg.seed, i))
         t0 = time.perf_counter()
         out = generate(model, torch.tensor([p]), cfg.max_new_tokens, cfg.temperature,
                        cfg.top_k, cfg.top_p, use_cache=False, generator=gen)

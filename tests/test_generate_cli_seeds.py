@@ -1,0 +1,82 @@
+"""`moekit generate`: one prompt and seed give one text however it is run (streamed alone,
+first line of a prompts file, --jsonl, --no-cache, the Python engine), and a prompts
+file's lines are split at newlines only.
+
+The references are the engine's ``generate`` with a generator seeded by hand (the seed
+itself for sequence 0, ``seed * 1_000_003 + i`` for sequence i, written out here) and
+the bytes decoded with Python's own UTF-8 decoder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moekit.cli import main as cli_main
+from moekit.inference.engine import Engine, GenerationConfig
+from moekit.models import MoETransformer, preset
+from moekit.train.checkpoint import save_checkpoint
+
+NEW, SEED = 10, 7
+
+
+def _run(tmp_path):
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny")).eval()
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 0, "model_config": model.config.to_dict()})
+    return model, ["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens",
+                   str(NEW), "--temperature", "0.9", "--top-p", "0.95", "--seed", str(SEED)]
+
+
+def _engine_text(model, prompt: str, seed: int) -> str:
+    (g,), _ = Engine(model).generate([list(prompt.encode())], GenerationConfig(
+        max_new_tokens=NEW, temperature=0.9, top_p=0.95), generator=torch.Generator()
+        .manual_seed(seed))
+    return bytes(g.tokens).decode("utf-8", errors="replace")
+
+
+def test_a_prompt_draws_one_text_however_it_is_run(tmp_path, capsys):
+    model, base = _run(tmp_path)
+    texts = ["def f(", "class A:", "x"]
+    want = [_engine_text(model, t, SEED if i == 0 else SEED * 1_000_003 + i)
+            for i, t in enumerate(texts)]
+    assert cli_main([*base, "--prompt", texts[0]]) == 0  # streamed
+    assert capsys.readouterr().out == texts[0] + want[0] + "\n"
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "one.txt").write_text(texts[0] + "\n")
+    for prompts, n in (("p.txt", 3), ("one.txt", 1)):
+        out = tmp_path / "out.jsonl"
+        assert cli_main([*base, "--prompts-file", str(tmp_path / prompts), "--jsonl",
+                         str(out)]) == 0
+        capsys.readouterr()
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["text"] for r in records] == want[:n]  # the first had drawn another text
+    assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "".join(f"--- {i + 1} (length, {NEW} tokens)\n{t}{w}\n"
+                              for i, (t, w) in enumerate(zip(texts, want, strict=True)))
+    # the slow reference: the same texts (one generator for every prompt had drawn others)
+    assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt"), "--no-cache"]) == 0
+    assert capsys.readouterr().out == "".join(
+        f"--- {i + 1}\n{t}{w}\n" for i, (t, w) in enumerate(zip(texts, want, strict=True)))
+
+
+def test_prompts_file_lines_split_at_newlines_only(tmp_path, capsys):
+    """CRLF and LF endings, a final newline, a byte-order mark, and characters
+    str.splitlines splits at (form feed, U+2028, \\x1c, \\x85) inside a line."""
+    _, base = _run(tmp_path)
+    raw = "\ufeffa\x0cb\r\nc\u2028d\n e\x1cf\x85\n".encode()
+    (tmp_path / "p.txt").write_bytes(raw)
+    out = tmp_path / "out.jsonl"
+    assert cli_main([*base, "--temperature", "0", "--prompts-file", str(tmp_path / "p.txt"),
+                     "--jsonl", str(out)]) == 0
+    capsys.readouterr()
+    # JSON lines end at "\n" (json.dumps writes U+2028 and \x85 as they are)
+    lines = out.read_text(encoding="utf-8").split("\n")[:-1]
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    assert prompts == ["a\x0cb", "c\u2028d", " e\x1cf\x85"]
+    (tmp_path / "q.txt").write_bytes(b"a\r\n\r\nb\r\n")  # an empty CRLF line is named
+    assert cli_main([*base, "--prompts-file", str(tmp_path / "q.txt")]) == 2
+    assert "line 2 of --prompts-file is empty" in capsys.readouterr().err
