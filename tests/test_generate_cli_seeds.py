@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from moekit.cli import main as cli_main
-from moekit.inference.engine import Engine, GenerationConfig
+from moekit.inference.engine import ContextLengthError, Engine, GenerationConfig
 from moekit.models import MoETransformer, preset
 from moekit.train.checkpoint import save_checkpoint
 
@@ -80,3 +81,17 @@ def test_prompts_file_lines_split_at_newlines_only(tmp_path, capsys):
     (tmp_path / "q.txt").write_bytes(b"a\r\n\r\nb\r\n")  # an empty CRLF line is named
     assert cli_main([*base, "--prompts-file", str(tmp_path / "q.txt")]) == 2
     assert "line 2 of --prompts-file is empty" in capsys.readouterr().err
+
+
+def test_a_prompt_past_the_context_is_named_by_its_line(tmp_path, capsys):
+    """The tiny preset's context is 64: line 3 (of 4, two samples each) is 70 bytes."""
+    _, base = _run(tmp_path)
+    (tmp_path / "p.txt").write_text("ab\nc\n" + "a" * 70 + "\nd\n")
+    assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt"), "--samples", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "line 3 of --prompts-file: prompt of 70 tokens is too long" in err, err
+    assert cli_main([*base, "--prompt", "a" * 60]) == 2  # 60 + 10 new > 64
+    err = capsys.readouterr().err
+    assert "--prompt: prompt of 60 tokens + max_new_tokens=10 is not allowed" in err, err
+    with pytest.raises(ContextLengthError, match=r"prompts\[1\]: prompt of 70 tokens"):
+        Engine(MoETransformer(preset("tiny"))).generate([[1], [2] * 70])

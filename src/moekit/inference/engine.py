@@ -369,15 +369,18 @@ def checked_prompts(model: MoETransformer, prompts: Sequence[Prompt],
         ids.append(values)
     if not ids:
         reject("prompts", prompts, "it must hold at least one prompt")
-    longest, new = max(len(p) for p in ids), config.max_new_tokens
+    new = config.max_new_tokens
+    # which prompt: in a file of a thousand, "prompt of 300 tokens" did not say
+    at = max(range(len(ids)), key=lambda i: len(ids[i]))
+    longest = len(ids[at])
     if longest >= limit:  # no new token fits: "use at most 0 new tokens" named a bad value
         raise ContextLengthError(
-            f"prompt of {longest} tokens is too long: the model's context is "
+            f"prompts[{at}]: prompt of {longest} tokens is too long: the model's context is "
             f"max_seq_len={limit} tokens, so a prompt may hold at most {limit - 1} (room "
             "for one new token); shorten the prompt")
     if longest + new > limit:
         raise ContextLengthError(
-            f"prompt of {longest} tokens + max_new_tokens={new} is not "
+            f"prompts[{at}]: prompt of {longest} tokens + max_new_tokens={new} is not "
             f"allowed: generating past the model's context, max_seq_len={limit} "
             f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)")
     # stop ids past the vocabulary would never be produced: an error, not a silent no-op

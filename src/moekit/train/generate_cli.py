@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from moekit.config import check_positive_int, check_writable_folder, flag_messag
 from moekit.hugepages import huge_pages
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
+    ContextLengthError,
     EmptyPromptError,
     Engine,
     GenerationConfig,
@@ -228,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         load_kernels(model)
         kv = args.kv_cache_dtype
         engine = Engine(model, kv_cache_dtype=kv)
-        engine.check(ids, cfg)  # every error before the first token is printed
+        _check_context(engine, ids, cfg, args)  # every error before the first token
         if args.chat:  # the user's message, then the reply on its own line
             prompts = [f"{p}\n" for p in prompts]
     except (ValueError, CheckpointError) as e:
@@ -258,6 +260,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_offload(model)
     return 0
+
+
+def _check_context(engine: Engine, ids: list[list[int]], cfg: GenerationConfig,
+                   args: argparse.Namespace) -> None:
+    """``engine.check``; a prompt past the context named as --prompt or by its
+    --prompts-file line (``prompts[i]`` counts the --samples repeats)."""
+    try:
+        engine.check(ids, cfg)
+    except ContextLengthError as e:
+        at = re.match(r"prompts\[(\d+)\]: ", str(e))
+        if at is None:
+            raise
+        line = int(at.group(1)) // args.samples + 1
+        where = "--prompt: " if args.prompts_file is None else \
+            f"line {line} of --prompts-file: "
+        raise ContextLengthError(where + str(e)[at.end():]) from None
 
 
 def load_kernels(model: MoETransformer) -> None:
