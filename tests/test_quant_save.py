@@ -255,3 +255,24 @@ def test_a_save_cleans_up_what_killed_saves_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["q", *(p.name for p in others)])
     _assert_same_weights(_quantized(0), out)
+
+
+def test_cli_names_the_group_size_that_tiles_the_model(tmp_path, capsys):
+    """The tiny preset (D = 32) at int4's default group size 64: refused leading with
+    --group-size and saying that 32 tiles every input dimension; 32 then quantizes it."""
+    from moekit.cli import main as cli_main
+    from moekit.models import preset
+    from moekit.train.checkpoint import save_checkpoint
+
+    cfg = preset("tiny")
+    assert cfg.dim == 32
+    model = MoETransformer(cfg)
+    save_checkpoint(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": cfg.to_dict()})
+    argv = ["quantize", str(tmp_path / "run"), "--bits", "4", "--out", str(tmp_path / "q")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moekit quantize: error: --group-size: group_size=64 does not "
+                          "divide the input dimension of ") and err.endswith(
+        "; group_size=32 tiles every input dimension"), err
+    assert cli_main([*argv, "--group-size", "32"]) == 0

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moekit.config import flag_message
 from moekit.quant.tensor import ACTIVATIONS, QuantizationError
+
+# an error about a field leads with the flag that sets it (group_size=64 was refused for a
+# run the user had not given --group-size)
+FLAGS = {"group_size": "--group-size", "bits": "--bits", "scope": "--scope"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
                                   args.scope, args.activations, not args.float_embeddings)
     except (QuantizationError, CheckpointError, ValueError) as e:
-        print(f"moekit quantize: error: {e}", file=sys.stderr)
+        print(f"moekit quantize: error: {flag_message(e, FLAGS)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only --out: was a traceback from the write
         print(f"moekit quantize: error: could not write out={args.out!r}: "

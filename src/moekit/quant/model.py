@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from moekit.experts.experts import Experts, SharedExperts
 from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import (
+    GROUP_SIZES,
     QuantizationError,
     QuantizedTensor,
     check_activations,
@@ -274,8 +275,17 @@ def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
 
 
 def _check_divides(targets: list[_Target], group_size: int | None) -> None:
-    for t in targets:
-        check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
+    """Every target's input dimension a multiple of ``group_size``; where one is not, the
+    error says which allowed sizes tile them all (the tiny preset, D = 32, was refused at
+    the default 64 with no word of 32)."""
+    try:
+        for t in targets:
+            check_divides(group_size, t.w_EKN.shape[1], f"the input dimension of {t.name}")
+    except QuantizationError as e:
+        fit = [g for g in GROUP_SIZES if all(t.w_EKN.shape[1] % g == 0 for t in targets)]
+        raise QuantizationError(f"{e}; " + (
+            f"group_size={' or '.join(map(str, fit))} tiles every input dimension" if fit
+            else "no allowed group size tiles every input dimension; use bits=8")) from None
 
 
 def _replace(model: nn.Module, targets: list[_Target], qs: list[QuantizedTensor]) -> None:
