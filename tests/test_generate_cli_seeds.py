@@ -95,3 +95,14 @@ def test_a_prompt_past_the_context_is_named_by_its_line(tmp_path, capsys):
     assert "--prompt: prompt of 60 tokens + max_new_tokens=10 is not allowed" in err, err
     with pytest.raises(ContextLengthError, match=r"prompts\[1\]: prompt of 70 tokens"):
         Engine(MoETransformer(preset("tiny"))).generate([[1], [2] * 70])
+
+
+@pytest.mark.parametrize("flag,value,shown", [
+    ("--max-new-tokens", "0", "max_new_tokens=0"), ("--temperature", "-1", "temperature=-1.0"),
+    ("--top-k", "0", "top_k=0"), ("--top-p", "1.5", "top_p=1.5")])
+def test_a_bad_sampling_flag_is_named_as_the_flag(tmp_path, capsys, flag, value, shown):
+    _, base = _run(tmp_path)
+    assert cli_main([*base, "--prompt", "ab", flag, value]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(
+        f"moekit generate: error: {flag}: {shown} is not allowed"), out.err

@@ -35,6 +35,10 @@ from moekit.train.checkpoint import CheckpointError
 from moekit.train.rundir import write_whole
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# GenerationConfig's fields and the flags that set them: its errors lead with the flag
+# ("max_new_tokens=0 is not allowed" had not said --max-new-tokens)
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed"}
 
 
 def add_model_arguments(p: argparse.ArgumentParser, huge_pages: bool = False) -> None:
@@ -234,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         if args.chat:  # the user's message, then the reply on its own line
             prompts = [f"{p}\n" for p in prompts]
     except (ValueError, CheckpointError) as e:
-        print(f"moekit generate: error: {e}", file=sys.stderr)
+        print(f"moekit generate: error: {flag_message(e, FLAGS)}", file=sys.stderr)
         return 2
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
