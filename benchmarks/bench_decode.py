@@ -650,6 +650,7 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
 
     import moekit.functions.decode as fd
     import moekit.layer as ly
+    import moekit.models.attention as at
     import moekit.models.transformer as tr
     import moekit.routing.router as rr
     from moekit.functions import cpu_ext
@@ -669,7 +670,7 @@ def breakdown_step(shape: str, B: int, variant: str = "fp32", steps: int = 20) -
     cache = StaticKVCache.for_model(model, B, PROMPT_LEN + steps + 8)
     cache.reset()
     for owner, name, label in [
-            (tr.RMSNorm, "forward", "RMSNorm"), (tr, "apply_rotary", "rotary"),
+            (tr.RMSNorm, "forward", "RMSNorm"), (at, "apply_rotary", "rotary"),
             (tr.StaticKVCache, "write", "KV cache write"), (F, "scaled_dot_product_attention",
                                                             "attention (sdpa)"),
             (tr.Attention, "forward", "attention block (all)"),

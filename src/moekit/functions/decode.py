@@ -649,7 +649,7 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     Returns [R, H Dh] in qkv's dtype (fp32 or bf16: bf16 rounds the output once; q and
     the scores stay fp32). The cache is of qkv's dtype, bf16 under fp32 qkv, or int8
     under either (``cache_takes``; int8: [B, J, M, Dh + 4], each row's values and float scale, as
-    ``quantize_kv`` in moekit.models.transformer): the new k and v are rounded or
+    ``quantize_kv`` in moekit.models.kv_cache): the new k and v are rounded or
     quantized as the cache holds them, and slot P reads them so."""
     Dh = k_BJMD.shape[-1] - (KV_SCALE_BYTES if k_BJMD.dtype == torch.int8 else 0)
     dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype

@@ -145,7 +145,7 @@ class Batcher:
     prompt tokens prefilled per step while sequences decode. The model is put in eval
     mode and must not change while the batcher serves it (its ``DecodePlan`` holds the
     weights). ``kv_cache_dtype``: the shared cache's keys and values (``moekit.models.
-    transformer.kv_cache_dtype``: default the activations'). Not thread-safe: call
+    kv_cache.kv_cache_dtype``: default the activations'). Not thread-safe: call
     ``submit`` and ``step`` from one thread (``moekit serve``'s main thread).
     """
 

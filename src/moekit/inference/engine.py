@@ -147,7 +147,7 @@ class Engine:
     tokens fed back) prefills only the rest; the model must not change between calls.
     The cache then grows by doubling, up to ``max_cache_len`` positions (default the
     model's max_seq_len; ``moekit serve`` passes its ``--context``).
-    ``kv_cache_dtype``: the cache's keys and values (``moekit.models.transformer.
+    ``kv_cache_dtype``: the cache's keys and values (``moekit.models.kv_cache.
     kv_cache_dtype``: default the activations'; under fp32 activations "bfloat16" halves
     the cache, "int8" quarters it plus a float scale per slot and head; under bf16
     activations "int8" halves it, plus the scales).
