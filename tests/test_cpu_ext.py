@@ -229,7 +229,7 @@ def test_layer_with_and_without_the_extension_agree(ext, threads, cfg, monkeypat
 def test_layer_backward_runs_the_weighted_swiglu_pass(ext, dtype, monkeypatch):
     """The fused path's backward takes the one-pass SwiGLU (glu.weighted_backward) and
     gives the gradients of the aten passes it replaced (capacity drops, expert biases)."""
-    from moekit.functions import moe_experts
+    from moekit.functions import expert_grads
 
     if dtype == torch.bfloat16 and cpu_ext.bf16() is not None:
         pytest.skip("this CPU runs bf16 blocks on the AVX-512 BF16 kernels (bf16_fused)")
@@ -238,14 +238,15 @@ def test_layer_backward_runs_the_weighted_swiglu_pass(ext, dtype, monkeypatch):
                         expert_bias=True), backend="fused").to(dtype)
     x = torch.randn(2, 150, 32, dtype=dtype)
     calls: list[bool] = []
-    real = moe_experts.weighted_backward
+    real = expert_grads.weighted_backward
 
     def spy(*args):
         calls.append(real(*args))
         return calls[-1]
 
     def grads(layer, inp, weighted):
-        monkeypatch.setattr(moe_experts, "weighted_backward", weighted)
+        # _Grads (expert_grads.py) calls it: patch it there
+        monkeypatch.setattr(expert_grads, "weighted_backward", weighted)
         xx = inp.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         out = layer(xx)

@@ -275,10 +275,11 @@ def test_moekit_decode_reads_only_the_cache(moekit_ckpt, monkeypatch):
     """Decode and prefill (decode kernels or GEMMs) compute on the cached tensors
     themselves: no stacked copy (stack_experts is never called), every cached tensor
     lies in the cache's one budget-sized buffer."""
-    from moekit.functions import moe_experts
+    from moekit.functions import expert_blocks
 
     run, ids, tokens, logits = moekit_ckpt
-    monkeypatch.setattr(moe_experts, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
+    # _gmm (expert_blocks.py) is where the fused path would stack a copy
+    monkeypatch.setattr(expert_blocks, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
     model = load_offloaded(run, 5 * EXPERT_BYTES, prefetch=True, threaded=True)
     try:
         assert torch.equal(generate(model, ids, 12, temperature=0), tokens)

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import _kept_buffers, _Workspace, fused_experts
+from moekit.functions.moe_experts import fused_experts
+from moekit.functions.row_buffers import _kept_buffers, _Workspace
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]

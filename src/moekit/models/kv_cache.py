@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moekit.config import check_positive_int, reject
 from moekit.functions import decode
-from moekit.functions.moe_experts import RowBuffers
+from moekit.functions.row_buffers import RowBuffers
 
 if TYPE_CHECKING:
     from moekit.models.transformer import MoETransformer
@@ -113,7 +113,7 @@ class StaticKVCache:
     ``lazy=True`` (CPU): the keys and values start as untouched zero pages, resident as
     slots are written (``Batcher`` sizes its shared cache for the worst case).
     ``row_buffers`` keeps the fused expert path's row buffers between the forwards
-    that use this cache (``moe_experts.RowBuffers``; ``row_buffers.nbytes`` says how
+    that use this cache (``row_buffers.RowBuffers``; ``row_buffers.nbytes`` says how
     much, ``row_buffers.clear()`` frees them). ``dtype`` int8: each slot's row is its
     Dh quantized values and their float scale, [B, J, M, Dh + 4] (``quantize_kv``), and
     attention reads them dequantized.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.config import reject
-from moekit.functions.moe_experts import reuse_row_buffers
+from moekit.functions.row_buffers import reuse_row_buffers
 from moekit.layer import MoE
 from moekit.models.attention import Attention, apply_rotary, rotary_table
 from moekit.models.config import LMConfig
