@@ -1,8 +1,10 @@
-"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, health checks.
+"""The training loop: the ``Trainer`` that owns one run's model, optimizer, data and run
+directory, steps it (health checks, router-collapse monitor, throughput), validates,
+checkpoints and resumes it, and stops cleanly on a signal.
 
-``train_step`` is a plain function of (model, optimizer, micro-batches, config,
-lr) so a distributed wrapper can call it inside its own loop. Shape letters:
-B batch, L sequence, E experts.
+The configuration lives in ``train_config.py`` and one optimizer step (schedule, AdamW,
+accumulation, clipping, the skip of a non-finite step, validation loss) in ``step.py``;
+their names stay importable from here. Shape letters: B batch, L sequence, E experts.
 """
 
 from __future__ import annotations
@@ -10,30 +12,17 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from moekit.config import (
-    MAX_SEED,
-    FrozenConfig,
-    check_bool,
-    check_int_range,
-    check_non_negative,
-    check_number,
-    reject,
-)
-from moekit.layer import update_all_biases
+from moekit.config import reject
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
 from moekit.train import checkpoint as ckpt_io
-from moekit.train.checkpoint_state import MAX_STEP
 from moekit.train.data import Corpus, batch_seed, sample_windows
 from moekit.train.interrupt import (
     InterruptFlag,
@@ -43,124 +32,38 @@ from moekit.train.interrupt import (
 )
 from moekit.train.monitor import CollapseMonitor, MetricsLog
 from moekit.train.rundir import ASIDE, check_no_newer_sharded, clean_run_dir
+from moekit.train.step import (
+    SHORT_SCHEDULE,
+    VAL_SEED,
+    StepResult,
+    accumulate_gradients,
+    evaluate,
+    finish_step,
+    lr_at,
+    make_optimizer,
+    train_step,
+    warn_short_schedule,
+)
+from moekit.train.train_config import (
+    MAX_LR,
+    MAX_WEIGHT_DECAY,
+    TrainConfig,
+    check_device,
+    check_device_available,
+    devices_here,
+)
 
-VAL_SEED = 999_983  # validation windows are drawn from seeds VAL_SEED + i, fixed per run
-# Upper bounds that only an error reaches (AdamW's lr is ~1e-4..1e-2, weight decay ~0..0.1):
-# --lr 1e39 was a RuntimeError traceback from inside AdamW's step (the float32 parameters
-# cannot take the update), and weight_decay=1e300 turned the weights into NaN and saved them.
-MAX_LR = 10.0
-MAX_WEIGHT_DECAY = 100.0
+# the names moved to step.py and train_config.py, importable from here as before
+__all__ = [
+    "MAX_LR", "MAX_WEIGHT_DECAY", "SHORT_SCHEDULE", "VAL_SEED", "NonFiniteError", "StepResult",
+    "TrainConfig", "Trainer", "accumulate_gradients", "check_corpus", "check_device",
+    "check_device_available", "devices_here", "evaluate", "finish_step", "lr_at",
+    "make_optimizer", "train_step", "warn_short_schedule",
+]
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TrainConfig(FrozenConfig):
-    # defaults = `moekit train`: 1500 steps (3.1M tokens) of the "small" preset took
-    # 5 min 03 s on the idle 2-core dev box (10.3k tokens/s), leaving room for slower machines
-    steps: int = 1500
-    batch_size: int = 16  # B, sequences per micro-batch
-    seq_len: int = 128  # L
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    eval_every: int = 150
-    eval_batches: int = 8
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    bf16: bool = False  # autocast to bfloat16
-    compile: bool = False  # torch.compile the model
-    max_bad_steps: int = 5  # stop after this many non-finite steps in a row
-    collapse_fraction: float = 0.9  # one expert above this share of tokens = collapse
-    collapse_patience: int = 50  # ... for this many steps in a row
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every",
-                     "eval_batches", "save_every", "log_every", "max_bad_steps",
-                     "collapse_patience", "keep_checkpoints"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                reject(name, v, "it must be a positive int")
-        if self.steps > MAX_STEP:  # the save at step 10**8 had raised CheckpointError
-            reject("steps", self.steps, f"it must be between 1 and {MAX_STEP:,} (checkpoints "
-                   "are named step_NNNNNNNN)")
-        if self.grad_accum > 64:
-            reject("grad_accum", self.grad_accum, "it must be between 1 and 64")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
-                or self.warmup_steps < 0:
-            reject("warmup_steps", self.warmup_steps, "it must be an int >= 0")
-        check_number("lr", self.lr, 0, MAX_LR)
-        check_number("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
-        check_non_negative("grad_clip", self.grad_clip)
-        for name in ("min_lr_ratio", "collapse_fraction"):
-            check_number(name, getattr(self, name), 0, 1)
-        for name in ("beta1", "beta2"):  # AdamW refuses 1.0 (its bias correction divides by 0)
-            check_number(name, getattr(self, name), 0, 1, high_open=True)
-        check_int_range("seed", self.seed, 0, MAX_SEED)
-        for name in ("bf16", "compile"):
-            check_bool(name, getattr(self, name))
-        check_device("device", self.device)
-
-
-def check_device(name: str, value: object) -> None:
-    """A device torch can parse and allocate on ("cpu", "cuda", "cuda:1", ...), not meta.
-
-    Whether the device exists on this machine is checked when the trainer starts
-    (a config saved on a GPU machine must still load on a CPU one).
-    """
-    try:
-        device = torch.device(value) if isinstance(value, str) else None
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type == "meta":
-        reject(name, value, "it must be a torch device such as cpu, cuda or cuda:1 "
-               "(meta holds no data to train)")
-
-
-
-def devices_here() -> list[str]:
-    """The device strings naming a device this machine has: cpu (index 0 or none), and
-    cuda / mps with each index torch counts. Asks the driver nothing beyond the count."""
-    here = ["cpu", "cpu:0"]
-    if torch.cuda.is_available():
-        here += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        here += ["mps", "mps:0"]
-    return here
-
-
-def check_device_available(device: str, name: str = "device") -> None:
-    """Fail before anything is built (or a run directory made) when the device is not on
-    this machine, naming the ones that are. torch ignores a CPU index, so ``cpu:3`` had
-    trained on the CPU and recorded ``cpu:3`` in the checkpoint; a cuda index past the
-    device count failed only once the model was moved."""
-    check_device(name, device)
-    kind = torch.device(device).type
-    if kind in ("cpu", "cuda", "mps"):
-        here = devices_here()
-        if str(torch.device(device)) not in here:
-            reject(name, device, f"no such device on this machine; it must be one of "
-                   f"{', '.join(here)}")
-        return
-    try:  # another backend (xpu, hpu, ...): ask torch for a tensor there
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:  # CPU-only torch: AssertionError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        reject(name, device, f"it is not available on this machine ({reason}); devices "
-               f"here: {', '.join(devices_here())}")
 
 
 def check_corpus(corpus: Corpus, seq_len: int) -> None:
@@ -170,129 +73,6 @@ def check_corpus(corpus: Corpus, seq_len: int) -> None:
         if n < seq_len + 2:
             reject("data", corpus.source, f"its {split} split has {n} bytes; it needs at "
                    f"least seq_len + 2 = {seq_len + 2}")
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine to cfg.lr * min_lr_ratio at cfg.steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / span, 1.0)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# the start of warn_short_schedule's message, for a filter that silences it (a sweep
-# warns once, not once per run)
-SHORT_SCHEDULE = r"warmup_steps=\d+ is longer than steps=\d+"
-
-
-def warn_short_schedule(cfg: TrainConfig) -> None:
-    """Warn when the warm-up outlasts the run: the learning rate never reaches cfg.lr.
-
-    A warning, not an error: short runs with the default warm-up (the CI smoke,
-    `--steps 20`) are legitimate. Called by the Trainer, not by TrainConfig, which is
-    also built for resume, comparisons and tests."""
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-        return  # one line per run, not one per rank
-    if cfg.warmup_steps > cfg.steps:
-        peak = lr_at(cfg.steps - 1, cfg)  # the warm-up is still rising at the last step
-        warnings.warn(
-            f"warmup_steps={cfg.warmup_steps} is longer than steps={cfg.steps}: the "
-            f"learning rate peaks at {peak:.3g} (lr={cfg.lr:g} x {cfg.steps}/"
-            f"{cfg.warmup_steps}) on the last step, never reaching lr, and the cosine decay "
-            f"never starts; set warmup_steps (--warmup) <= steps", stacklevel=3)
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only (not norms, not 1-D parameters)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-
-
-class StepResult(NamedTuple):
-    loss: float  # mean LM loss over the micro-batches (nats)
-    aux_loss: float
-    grad_norm: float  # before clipping
-    skipped: bool  # non-finite loss or gradient: no update was made
-    load_LE: Tensor  # noqa: N815 - tokens per expert per MoE layer, summed over micro-batches
-    tokens: int
-
-
-def _reset_router_loads(model: nn.Module) -> None:
-    for m in model.modules():
-        load = getattr(getattr(m, "router", None), "load", None)
-        if isinstance(load, Tensor):
-            load.zero_()
-
-
-def accumulate_gradients(forward: nn.Module, batches: list[tuple[Tensor, Tensor]],
-                         cfg: TrainConfig) -> tuple[float, float, list[Tensor], int]:
-    """Forward and backward over the micro-batches (gradient accumulation).
-
-    Returns (mean LM loss, mean aux loss, per-micro-batch expert loads [L, E], tokens).
-    """
-    loss_sum = aux_sum = 0.0
-    loads, tokens = [], 0
-    for ids_BL, targets_BL in batches:
-        with torch.autocast(ids_BL.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = forward(ids_BL, targets_BL)
-        ((out.loss + out.aux_loss) / len(batches)).backward()
-        loss_sum += float(out.loss.detach())
-        aux_sum += float(out.aux_loss.detach())
-        if out.stats:
-            loads.append(torch.stack([s.tokens_per_expert for s in out.stats]))
-        tokens += ids_BL.numel()
-    return loss_sum / len(batches), aux_sum / len(batches), loads, tokens
-
-
-def finish_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: float, aux: float,
-                grad_norm: float, load_LE: Tensor, tokens: int) -> StepResult:
-    """Step, then the aux-loss-free bias update; or skip it all when anything is not finite."""
-    if not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        _reset_router_loads(model)  # the bad batch must not steer the balancing bias
-        return StepResult(loss, aux, grad_norm, True, load_LE, tokens)
-    optimizer.step()
-    update_all_biases(model)
-    return StepResult(loss, aux, grad_norm, False, load_LE, tokens)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: list[tuple[Tensor, Tensor]], cfg: TrainConfig, lr: float,
-               forward: nn.Module | None = None) -> StepResult:
-    """One optimizer step over ``batches`` (gradient accumulation), skipped when
-    the loss or the gradient norm is not finite. ``forward`` may be a compiled
-    wrapper of ``model``. The aux-loss-free bias update runs after the step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    loss, aux, loads, tokens = accumulate_gradients(
-        model if forward is None else forward, batches, cfg)
-    params = [p for p in model.parameters() if p.grad is not None]
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    load_LE = torch.stack(loads).sum(0) if loads else torch.zeros(0, 0, dtype=torch.long)
-    return finish_step(model, optimizer, loss, aux, grad_norm, load_LE, tokens)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
-    """Mean LM loss over cfg.eval_batches fixed validation batches."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i in range(cfg.eval_batches):
-        ids, tgt = sample_windows(data_N, cfg.batch_size, cfg.seq_len, VAL_SEED + i)
-        autocast = (torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16)
-                    if cfg.bf16 else contextlib.nullcontext())
-        with autocast:
-            losses.append(float(model(ids.to(cfg.device), tgt.to(cfg.device)).loss))
-    model.train(was_training)
-    return sum(losses) / len(losses)
 
 
 class _Throughput:
