@@ -3833,7 +3833,7 @@ INLINE float row_scale(const C* row, int64_t Dh) {
 // x (Dh floats) as the cache holds it: fp32 as is, bf16 rounded to nearest even, int8
 // quantized by the row's largest magnitude: scale = amax / 127, q = x / scale rounded half
 // to even (a zero row: scale 0, q 0; a NaN: scale NaN), as quantize_kv in
-// moekit/models/transformer.py quantizes a prefill's rows.
+// moekit/models/kv_cache.py quantizes a prefill's rows.
 template <typename C>
 INLINE void store_row(C* dst, const float* x, int64_t Dh) {
   if constexpr (std::is_same_v<C, int8_t>) {
