@@ -7,7 +7,9 @@
                             activations ("float" or "int8"; absent: float),
                             embeddings (whether an untied embedding table is
                             quantized; versions 1 and 2: never),
-                            tied aliases, the SHA-256 of model.safetensors
+                            tied aliases, the SHA-256 of model.safetensors,
+                            source (written by quantize_checkpoint, optional: the
+                            float checkpoint's path, step, corpus and train config)
 
 ``load_quantized`` rebuilds the model from the config, puts empty quantized
 tensors where the experts go and checks every name, shape and dtype before
@@ -299,6 +301,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     # is quantized), the rest in fp32 as a quantized directory holds it
     config = LMConfig.from_dict(ck.state["model_config"])
     model = assemble(config, ck.model, ck.path)
+    source = trained_source(ck)
     del ck
     # every check, nothing written
     targets = _checked_targets(model, scope, group_size, embeddings)
@@ -310,13 +313,22 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     meta = {"format_version": FORMAT_VERSION, "model_config": config.to_dict(), "bits": bits,
             "group_size": group_size, "activations": activations,
             "scope": quantized_scope(shape), "embeddings": quantized_embeddings(shape),
-            "tied": aliases}
+            "tied": aliases, "source": source}
     tensors = _quantized_tensors(model, layout, owners, bits, group_size, activations)
     # a converted model's tokenizer, for `moekit generate`: inside the swapped-in directory
     # (copied after the swap, a failed copy had left the new model without it, and the
     # old output's tokenizer deleted: generate then decoded ids as bytes, a ValueError)
     return _write(out, lambda f: save_stream(layout, tensors, f), meta,
                   find_tokenizer(checkpoint))
+
+
+def trained_source(ck) -> dict:
+    """What ``moekit analyze`` needs of the float checkpoint a quantized one came from
+    (its path, step, training corpus and batch shape): without it, analyze of the
+    quantized directory could not route the text its float checkpoint routes by default,
+    nor name the step its --compare against that checkpoint is about."""
+    return {"checkpoint": str(ck.path.resolve()), "step": ck.step, "data": ck.state.get("data"),
+            "train_config": ck.state.get("train_config")}
 
 
 def _quantized_layout(shape: MoETransformer, targets: list[_Target]
