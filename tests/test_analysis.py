@@ -481,16 +481,22 @@ def test_analyze_of_a_dcp_checkpoint_names_what_to_pass(tmp_path, capsys):
     assert f"or {str(run_dir / 'step_00000004')!r}" in capsys.readouterr().err
 
 
-def test_analyze_of_a_quantized_directory_asks_for_the_float_checkpoint(trained, tmp_path,
-                                                                       capsys):
+def test_analyze_of_a_quantized_directory_reports_its_routing_and_weights(trained, tmp_path,
+                                                                         capsys):
+    """A `moekit quantize` output is analysed like its float checkpoint (it was refused,
+    asking for the float one; users quantize and want to see its routing), its report
+    naming the bits and that the routers stayed float32; written beside it by default."""
     from moekit.quant.io import quantize_checkpoint
 
     q = quantize_checkpoint(trained / "run", tmp_path / "q8", bits=8)
-    assert run(parse(str(q), "--data", str(trained / "text.txt"))) == 2
-    err = capsys.readouterr().err
-    for w in (f"checkpoint={str(q)!r}", "moekit quantize", "float run directory"):
-        assert w in err, err
-    assert "no state.json" not in err
+    assert run(parse(str(q), "--data", str(trained / "text.txt"), "--tokens", "512")) == 0
+    out = tmp_path / "analysis" / "step_00000003_q8"
+    meta = json.loads((out / "routing.json").read_text())["meta"]
+    assert (meta["step"], meta["weights"]["bits"], meta["weights"]["group_size"]) == (3, 8, None)
+    assert meta["weights"]["router_dtypes"] == ["float32"]
+    report = (out / "report.md").read_text()
+    for w in ("- weights: int8 (one scale per output channel)", "kept in float32"):
+        assert w in report, report
 
 
 def test_analyze_names_the_split_that_is_too_short(trained, tmp_path, capsys):

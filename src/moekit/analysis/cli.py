@@ -4,6 +4,8 @@ Per MoE layer: expert load and imbalance, dropped fraction, router entropy,
 expert co-activation, and the bytes / byte patterns each expert receives most
 relative to their frequency in the text. Writes report.md, routing.json and PNGs;
 with --compare, how routing changed against a second checkpoint of the run (compare.json).
+Either may be a `moekit quantize` output (analysis/load.py): whether quantization moved
+tokens to other experts is one such comparison.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from moekit.analysis.analyze import collect_routing, summarise_all, windows
 from moekit.analysis.compare import check_comparable, compare, compare_section
+from moekit.analysis.load import label, load_lm, tag, weights_line
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 from moekit.analysis.stats import load_summary
 from moekit.config import check_out_dir, flag_message, reject
@@ -26,7 +29,8 @@ FIELD_FLAGS = {name: "--" + name.replace("_", "-")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a moekit LM run directory or one of its step_* dirs")
+    p.add_argument("checkpoint", help="a moekit LM run directory or one of its step_* dirs, "
+                   "or a `moekit quantize` output")
     p.add_argument("--data", default=None, help="text file or directory (default: the "
                    "corpus the checkpoint was trained on, the Python standard library if it "
                    "names none; an error if that corpus is gone, as for train --resume)")
@@ -39,22 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-count", type=int, default=5,
                    help="ignore items an expert saw fewer times (their lift is noise)")
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
-                   help="a second checkpoint of the same run (e.g. a later step_*): route "
+                   help="a second checkpoint of the same run (e.g. a later step_*, or a "
+                   "`moekit quantize` output of it): route "
                    "the same tokens through both and write compare.json and a report "
                    "section (load share change, imbalance, router entropy, how many tokens "
                    "keep their experts); default --out RUN/analysis/step_A_vs_step_B")
     p.add_argument("--out", default=None, help="output directory (default: "
                    "RUN/analysis/step_NNNNNNNN, beside the checkpoint, not inside it: the "
                    "trainer deletes old checkpoint directories)")
-
-
-def load_lm(path: str):
-    from moekit.models import LMConfig, MoETransformer
-    from moekit.train.checkpoint import load_checkpoint, restore
-    ck = load_checkpoint(path)
-    model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
-    restore(ck, model, rng=False)
-    return model.eval(), ck
 
 
 def load_other(path: str):
@@ -73,8 +69,9 @@ def load_other(path: str):
 def default_out(ck) -> Path:
     """RUN/analysis/step_NNNNNNNN: beside the checkpoint, never inside it (the trainer
     deletes a step_* directory, with whatever was written into it, when it prunes old
-    checkpoints or re-saves that step: the default CHECKPOINT/analysis was lost so)."""
-    return ck.path.parent / "analysis" / f"step_{ck.step:08d}"
+    checkpoints or re-saves that step: the default CHECKPOINT/analysis was lost so).
+    A quantized output Q: Q/../analysis/step_NNNNNNNN_Q."""
+    return ck.path.parent / "analysis" / tag(ck)
 
 
 def check_out_beside(out: Path, *cks) -> None:
@@ -96,6 +93,11 @@ def trained_on(ck) -> str | None:
     exist here, as `moekit train --resume` gives: the stdlib had been analyzed in its
     place, without a word, under a report that names the checkpoint."""
     from moekit.train.data import recorded_corpus
+    if ck.weights is not None and "data" not in ck.state:
+        reject("checkpoint", str(ck.path), "it is a `moekit quantize` output that does not "
+               "record the float checkpoint it came from (written before moekit recorded "
+               "it), so its training corpus is unknown: pass --data with the text to "
+               "analyze")
     return recorded_corpus((ck.state.get("data") or {}).get("corpus"),
                            f"checkpoint={str(ck.path)!r}", ", or the text to analyze")
 
@@ -152,12 +154,17 @@ def compare_runs(args, rc, layers, ids_BL, other, ck, ck_b) -> dict[str, Any]:
     """compare.json: ``other`` routes the tokens ``rc`` collected (with decisions)."""
     rc_b = collect_routing(other, ids_BL, other.config.vocab_size, args.batch_size, True)
     layers_b = [load_summary(layer) for layer in rc_b.layers]  # what compare reads of it
-    return {"meta": {"before": {"checkpoint": str(ck.path), "step": ck.step},
-                     "after": {"checkpoint": str(ck_b.path), "step": ck_b.step},
+    return {"meta": {"before": side_meta(ck), "after": side_meta(ck_b),
                      "tokens": ids_BL.numel(), "batch_size": args.batch_size,
                      "note": "expert ids are comparable only between checkpoints of one "
                              "training run"},
             "layers": compare(rc.layers, rc_b.layers, layers, layers_b)}
+
+
+def side_meta(ck) -> dict[str, Any]:
+    """One side of a comparison: its checkpoint, step, label and weights (None: float)."""
+    return {"checkpoint": str(ck.path), "step": ck.step, "label": label(ck),
+            "weights": ck.weights}
 
 
 def model_line(cfg) -> str:
@@ -187,7 +194,7 @@ def analyze_and_compare(args: argparse.Namespace
     model, ck = load_lm(args.checkpoint)
     other = None if getattr(args, "compare", None) is None else load_other(args.compare)
     if other is not None and args.out is None:
-        out = default_out(ck).parent / f"step_{ck.step:08d}_vs_step_{other[1].step:08d}"
+        out = default_out(ck).parent / f"{tag(ck)}_vs_{tag(other[1])}"
     else:
         out = default_out(ck) if args.out is None else Path(args.out)
     check_out_dir("--out", out if args.out is None else args.out)  # --out "" is refused
@@ -225,6 +232,7 @@ def analyze_and_compare(args: argparse.Namespace
             "sequences": ids_BL.shape[0], "seq_len": seq_len,
             **forward_size(cfg, ck, args.batch_size, seq_len, ids_BL.shape[0]),
             "model": model_line(cfg),
+            "weights": ck.weights, "weights_line": weights_line(ck.weights),
             "model_config": cfg.to_dict()}
     return {"meta": meta, "layers": layers}, out, comparison
 

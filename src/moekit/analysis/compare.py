@@ -97,19 +97,30 @@ def _entropy(pair: dict[str, Any]) -> str:
     return "n/a" if a is None or b is None else f"{a:.3f} -> {b:.3f}"
 
 
+def quantized_note(meta: dict[str, Any]) -> str:
+    """A sentence when a side is a `moekit quantize` output: what its differences mean."""
+    if not any(meta[side].get("weights") for side in ("before", "after")):
+        return ""
+    return (" A quantized checkpoint keeps its float checkpoint's expert ids and float "
+            "routers: what changes here comes from the quantized weights before each "
+            "router.")
+
+
 def compare_section(result: dict[str, Any]) -> list[str]:
     """The report's section for compare.json's ``result``."""
     meta = result["meta"]
-    lines = [f"## Compared with step {meta['after']['step']}", "",
-             f"Before: `{meta['before']['checkpoint']}` (step {meta['before']['step']}); "
-             f"after: `{meta['after']['checkpoint']}` (step {meta['after']['step']}), both "
+    before, after = (side.get("label", f"step {side['step']}")  # compare.json before labels
+                     for side in (meta["before"], meta["after"]))
+    lines = [f"## Compared with {after}", "",
+             f"Before: `{meta['before']['checkpoint']}` ({before}); "
+             f"after: `{meta['after']['checkpoint']}` ({after}), both "
              f"routing the same {meta['tokens']:,} tokens. Load share change: the largest "
              "absolute change of one expert's share, in percentage points (pp: 25% -> 30% is 5 pp, "
              "not a relative 20%), and the total variation distance "
              "between the two load distributions (0 = same, 1 = disjoint). Same top-1 / "
              "same set: the fraction of tokens whose highest-weight expert / whose whole "
              "expert set is the same in both. Expert ids are comparable only between "
-             "checkpoints of one training run.", "",
+             "checkpoints of one training run." + quantized_note(meta), "",
              "| layer | max share change (pp) | TV distance | load max/mean | CV | "
              "router entropy (nats) | same top-1 | same set |",
              "|---|---|---|---|---|---|---|---|"]

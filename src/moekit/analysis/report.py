@@ -226,10 +226,13 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
     meta = result["meta"]
     lines = [
         "# moekit routing analysis", "",
-        f"- checkpoint: `{meta['checkpoint']}` (step {meta['step']})",
+        # a quantized output from before its float checkpoint was recorded: no step
+        f"- checkpoint: `{meta['checkpoint']}` "
+        f"(step {'unknown' if meta['step'] is None else meta['step']})",
         f"- text: {meta['source']}, {meta['tokens']:,} tokens in {meta['sequences']} "
         f"sequences of {meta['seq_len']}",
         f"- model: {meta['model']}",
+        *([f"- weights: {meta['weights_line']}"] if meta.get("weights_line") else []),
         *forward_lines(meta), "",
         "Load is counted before any capacity drop, in (token, expert) pairs; load share = "
         "an expert's pairs / all pairs. Summary: load max/mean = the busiest expert's load "
