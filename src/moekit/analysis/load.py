@@ -47,10 +47,10 @@ def load_lm(path: str) -> tuple[nn.Module, Source]:
 
 
 def load_quantized_lm(path: str) -> tuple[nn.Module, Source]:
-    from moekit.quant.io import _read_meta, load_quantized, located
+    from moekit.quant.io import load_quantized, located, read_meta
     model = load_quantized(path)  # checks the file (SHA-256, names, shapes) first
     where = located(path)
-    meta = _read_meta(where)
+    meta = read_meta(where)
     source = meta.get("source")
     state: dict[str, Any] = {"model_config": meta["model_config"]}
     if isinstance(source, dict):

@@ -183,7 +183,7 @@ def _source(path: str | Path) -> tuple[Path, dict, _Quant | None]:
     file verified against its recorded SHA-256 before anything is read."""
     if qio.is_quantized_checkpoint(path):
         path = qio.located(path)
-        meta = qio._read_meta(path)
+        meta = qio.read_meta(path)
         file = _model_file(path / qio.MODEL_FILE)
         if rundir.sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{file} is corrupt or truncated: its SHA-256 does not "

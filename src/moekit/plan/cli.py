@@ -314,7 +314,7 @@ def model_source(name: str) -> tuple[ModelSpec, int | None, dict | None]:
     from moekit.quant import io as qio
 
     if name.lower() not in PRESETS and Path(name).is_dir() and qio.is_quantized_checkpoint(name):
-        meta = qio._read_meta(qio.located(name))
+        meta = qio.read_meta(qio.located(name))
         return spec_from_dict(meta), longest_context(meta["model_config"]), meta
     return load_model(name), source_longest(name), None
 

@@ -159,7 +159,7 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
     return out
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -209,7 +209,7 @@ def _check_dtypes(model: nn.Module, tensors: dict, where: Path) -> None:
 def load_quantized(path: str | Path) -> MoETransformer:
     """The quantized model saved in ``path``, verified before anything is assigned."""
     path = located(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     if _file_sha256(path / MODEL_FILE) != meta["sha256"]:
         raise CheckpointError(f"{path / MODEL_FILE} is corrupt or truncated: its SHA-256 does "
                               f"not match the one recorded in {META_FILE}")
@@ -292,7 +292,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     check_scope(scope)
     _check_replaceable(_check_path("out", out))
     if is_quantized_checkpoint(checkpoint):  # was "no state.json or LATEST there"
-        meta = _read_meta(located(checkpoint))
+        meta = read_meta(located(checkpoint))
         raise CheckpointError(f"checkpoint={str(checkpoint)!r} is already quantized "
                               f"(int{meta['bits']}, {META_FILE}): quantize the float run "
                               "or step directory it came from")
