@@ -20,7 +20,6 @@ from __future__ import annotations
 import codecs
 import functools
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -399,7 +398,9 @@ def text_for(checkpoint: str | Path, tokenizer: str | Path | None = None
 def copy_tokenizer(src: str | Path, dst: str | Path) -> Path | None:
     """``src``'s tokenizer files (those of TOKENIZER_FILES it has; None where it has no
     tokenizer.json) into ``dst / TOKENIZER_DIR``, whole or not at all (written beside it,
-    then renamed into place)."""
+    then renamed into place, fsynced: ``rundir.replace_durably``)."""
+    from moekit.train.rundir import replace_durably  # lazy, as other inference/ modules do
+
     src, out = Path(src), Path(dst) / TOKENIZER_DIR
     if not (src / "tokenizer.json").is_file():
         return None
@@ -411,7 +412,7 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> Path | None:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_durably({tmp: out})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -62,7 +62,6 @@ from moekit.train.checkpoint import (
     load_checkpoint,
 )
 from moekit.train.rundir import aside_of, swap_in, temp_dir
-from moekit.train.rundir import fsync as _fsync
 from moekit.train.rundir import sha256 as _sha256
 
 FORMAT_VERSION = 3  # 3 added "embeddings", 2 "scope"; 1 (experts only) and 2 still load
@@ -147,10 +146,8 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
-        for f in (MODEL_FILE, META_FILE):
-            _fsync(tmp / f)
         _check_replaceable(out)  # again: it may have changed while we wrote
-        aside = swap_in(tmp, out)
+        aside = swap_in(tmp, out)  # fsyncs the files, renames, fsyncs out.parent
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -136,8 +136,6 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
             save_stream(weights.layout, weights.tensors(), tmp / MODEL_FILE)
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
         (tmp / STATE_FILE).write_text(text)
-        for f in FILES:
-            rundir.fsync(tmp / f)
         rundir.write_manifest(tmp, list(FILES))
         aside = rundir.swap_in(tmp, run_dir / name)
     except BaseException:

@@ -352,10 +352,8 @@ class DistributedTrainer(Trainer):
                  "data": {"corpus": self.corpus.location()}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        for name in files:
-            rundir.fsync(tmp / name)
         rundir.write_manifest(tmp, files)
-        aside = rundir.swap_in(tmp, path)
+        aside = rundir.swap_in(tmp, path)  # fsyncs the files, renames, fsyncs out_dir
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         complete = [d for d in rundir.checkpoint_dirs(self.out_dir, rundir.DCP_DIR)

@@ -36,33 +36,31 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]], *,
-                durable: bool = False) -> None:
+def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> None:
     """The files ``writers`` names in ``out`` (name -> what writes it to a given path),
     each whole or not at all and all of them or none: each is written beside its place
-    under a temporary name, then all are renamed into place (``durable``: each synced to
-    disk first); where any write fails or is stopped, the temporary files go and what was
-    there before stays. The temporary name ``.<name>.tmp<suffix>`` ends in the suffix again
-    (savefig reads the format from it) and is fixed, so a killed run's is overwritten by
-    the next, not piled up."""
+    under a temporary name, then all are renamed into place (``replace_durably``: synced
+    to disk first, the directory after); where any write fails or is stopped, the
+    temporary files go and what was there before stays. The temporary name
+    ``.<name>.tmp<suffix>`` ends in the suffix again (savefig reads the format from it)
+    and is fixed, so a killed run's is overwritten by the next, not piled up."""
     tmps = {name: out / f".{name}.tmp{Path(name).suffix}" for name in writers}
     try:
         for name, write in writers.items():
             write(tmps[name])
-        for name, tmp in tmps.items():
-            if durable:
-                fsync(tmp)
-            os.replace(tmp, out / name)
+        replace_durably({tmp: out / name for name, tmp in tmps.items()})
     except BaseException:
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
         raise
 
 
-def write_whole(path: Path, text: str) -> None:
+def write_whole(path: Path, text: str | bytes) -> None:
     """``text`` in ``path`` whole or not at all (``write_files``), so a file there before
-    stays as it was if this fails or is stopped."""
-    write_files(path.parent, {path.name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
+    stays as it was if this fails, is stopped or the power goes."""
+    write_files(path.parent, {path.name: (
+        (lambda tmp: tmp.write_bytes(text)) if isinstance(text, bytes)
+        else (lambda tmp: tmp.write_text(text, encoding="utf-8")))})
 
 
 def current_umask() -> int:
@@ -80,11 +78,45 @@ def sha256(path: Path) -> str:
 
 
 def fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory: its entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync ``path``: a file, or a directory's plain files and then the directory itself
+    (a subdirectory, such as a copied tokenizer/, was made durably by its own writer)."""
+    if path.is_dir() and not path.is_symlink():
+        for p in sorted(path.iterdir()):
+            if p.is_file() and not p.is_symlink():
+                fsync(p)
+    fsync(path)
+
+
+def replace_durably(moves: Mapping[Path, Path]) -> None:
+    """Rename each temporary (a file, or a directory of files) onto its place
+    (``{tmp: final}``) so that even a power loss leaves the old or the new one whole:
+    the rename alone survives ``kill -9`` and a full disk, but the kernel may write the
+    rename to disk before the data, leaving ``final`` empty. So: fsync all the data,
+    then rename, then fsync each parent directory (the renames themselves). Every
+    writer of moekit's outputs goes through here (``write_files``, ``write_latest``,
+    ``swap_in``'s checkpoints, the tokenizer copy).
+
+    Every fsync of the data comes before the first rename: a failed one raises with
+    every ``final`` as it was. Cost: the data's fsync is the disk writing what it must
+    write anyway (checkpoints fsynced their files before); the directory fsyncs are
+    small. Roughly (one thread, ext4, a shared 2-core machine, so noisy): a
+    ``small``-preset checkpoint save (3.4M parameters, ~41 MB with AdamW state) took
+    0.12-0.19 s before the directory fsyncs and 0.13-0.15 s after, over 6 saves each."""
+    for tmp in moves:
+        sync_tree(tmp)
+    for tmp, final in moves.items():
+        os.replace(tmp, final)
+    for parent in dict.fromkeys(final.parent for final in moves.values()):
+        fsync(parent)
 
 
 # -- LATEST ----------------------------------------------------------------------
@@ -96,11 +128,13 @@ def write_latest(run_dir: Path, name: str) -> None:
     read LATEST (``moekit generate --checkpoint RUN`` failed for them)."""
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
     os.chmod(tmp, 0o666 & ~current_umask())
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+        replace_durably({Path(tmp): run_dir / LATEST})
+    except BaseException:  # a failed write or fsync: the old LATEST stays, no .LATEST.*
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_latest(run_dir: Path, pattern: re.Pattern[str] = STEP_DIR) -> str:
@@ -132,11 +166,9 @@ def _canonical(hashes: dict[str, str]) -> bytes:
 
 
 def write_manifest(ckpt: Path, files: list[str]) -> None:
-    """Hash ``files`` of ``ckpt`` into ``ckpt/manifest.json`` (fsynced; written last)."""
-    tmp = ckpt / f".{MANIFEST}.tmp"
-    tmp.write_bytes(_canonical({f: sha256(ckpt / f) for f in sorted(files)}))
-    fsync(tmp)
-    os.replace(tmp, ckpt / MANIFEST)
+    """Hash ``files`` of ``ckpt`` into ``ckpt/manifest.json`` (``write_whole``: fsynced;
+    written last)."""
+    write_whole(ckpt / MANIFEST, _canonical({f: sha256(ckpt / f) for f in sorted(files)}))
 
 
 def verify_manifest(ckpt: Path, required: tuple[str, ...] = ()) -> list[str]:
@@ -180,14 +212,18 @@ def swap_in(tmp: Path, final: Path) -> Path | None:
 
     Returns the aside directory (delete it once LATEST no longer needs it). A
     crash between the two renames leaves the old checkpoint whole under
-    ``.<name>.old``: readers use it, ``clean_run_dir`` renames it back.
+    ``.<name>.old``: readers use it, ``clean_run_dir`` renames it back. As in
+    ``replace_durably`` (power loss): ``tmp``'s files and ``tmp`` are fsynced before
+    anything is renamed, the parent after.
     """
     aside = final.parent / f".{final.name}{ASIDE}"
+    sync_tree(tmp)
     if final.exists():
         if aside.exists():  # a leftover from an earlier crash; final is complete
             shutil.rmtree(aside)
         os.rename(final, aside)
     os.rename(tmp, final)
+    fsync(final.parent)
     return aside if aside.exists() else None
 
 

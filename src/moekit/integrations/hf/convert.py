@@ -168,7 +168,7 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
         writers["config.json"] = lambda tmp: tmp.write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n")
         try:
-            write_files(dst, writers, durable=True)
+            write_files(dst, writers)  # fsynced, renamed, dst fsynced
         except BaseException:
             if made and not any(dst.iterdir()):
                 dst.rmdir()

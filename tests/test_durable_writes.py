@@ -1,0 +1,195 @@
+"""Writers fsync the data, rename it into place, then fsync the directory (power loss).
+
+Before: the rename alone was atomic against kill -9 and a full disk, but the directory
+was never fsynced (and results, LATEST's directory, quantized and converted outputs were
+renamed without it), so after a power loss the new name could be on disk with data
+that never reached it. ``os.fsync`` is recorded by the path its descriptor names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.models import MoETransformer, preset
+from moekit.train import rundir
+from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+@pytest.fixture
+def synced(monkeypatch):
+    """The paths fsynced, in order (what /proc says each descriptor is open on)."""
+    seen: list[Path] = []
+    real = os.fsync
+
+    def record(fd):
+        seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return seen
+
+
+def _failing_fsync(monkeypatch, when):
+    real = os.fsync
+
+    def fail(fd):
+        if when(Path(os.readlink(f"/proc/self/fd/{fd}"))):
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fail)
+
+
+def test_write_whole_fsyncs_the_file_then_its_directory(tmp_path, synced):
+    path = tmp_path / "result.json"
+    rundir.write_whole(path, "{}")
+    assert synced == [tmp_path / ".result.json.tmp.json", tmp_path]
+    assert path.read_text() == "{}"
+
+
+def test_a_failed_fsync_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "result.json"
+    path.write_text("old")
+    _failing_fsync(monkeypatch, lambda p: p.name == ".result.json.tmp.json")
+    with pytest.raises(OSError, match="injected"):
+        rundir.write_whole(path, "new")
+    assert path.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["result.json"]
+
+
+def _lm():
+    torch.manual_seed(0)
+    lm = MoETransformer(preset("tiny"))
+    return lm, torch.optim.AdamW(lm.parameters()), lm.config.to_dict()
+
+
+def test_checkpoint_files_then_directory_then_run_dir_are_fsynced(tmp_path, synced):
+    lm, optim, cfg = _lm()
+    out = save_checkpoint(tmp_path, lm, optim, {"step": 1, "model_config": cfg})
+    names = {p.name for p in synced}
+    for f in ("model.safetensors", "optimizer.safetensors", "state.json", "manifest.json"):
+        assert f in names, f"{f} was not fsynced: {sorted(names)}"
+    # the checkpoint directory's entries, then the run directory that the rename changed,
+    # then LATEST's temporary file, then the run directory again (LATEST's rename)
+    last = max(i for i, p in enumerate(synced) if p.name.startswith(".step_00000001.tmp"))
+    after = synced[last + 1:]
+    assert after[0] == tmp_path
+    assert after[1].name.startswith(".LATEST.") and after[2] == tmp_path
+    assert (tmp_path / "LATEST").read_text() == out.name + "\n"
+
+
+@pytest.mark.parametrize("failing", ["checkpoint file", "LATEST"])
+def test_a_failed_fsync_keeps_the_previous_checkpoint_latest(tmp_path, monkeypatch, failing):
+    lm, optim, cfg = _lm()
+    save_checkpoint(tmp_path, lm, optim, {"step": 1, "model_config": cfg})
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(1.0)
+    _failing_fsync(monkeypatch, (lambda p: p.name == "state.json") if failing != "LATEST"
+                   else (lambda p: p.name.startswith(".LATEST.")))
+    with pytest.raises(OSError, match="injected"):
+        save_checkpoint(tmp_path, lm, optim, {"step": 2, "model_config": cfg})
+    assert (tmp_path / "LATEST").read_text() == "step_00000001\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.path.name == "step_00000001"
+    for k, v in before.items():
+        assert torch.equal(loaded.model[k], v), k
+
+
+def test_quantized_output_files_then_parent_are_fsynced(tmp_path, synced):
+    from moekit.quant import io as qio
+    from moekit.quant import quantize
+
+    torch.manual_seed(0)
+    model = quantize(MoETransformer(preset("tiny")).eval(), bits=8)
+    qio.save_quantized(model, tmp_path / "q")
+    names = [p.name for p in synced]
+    assert {qio.MODEL_FILE, qio.META_FILE} <= set(names)
+    assert synced[-1] == tmp_path  # the rename of .q.tmp* to q, after the files and .q.tmp*
+    assert synced[-2].name.startswith(".q.tmp")
+
+
+def _recorded(monkeypatch) -> list[tuple[str, Path]]:
+    """("fsync", the path fsynced) and ("replace", the destination), in order."""
+    seen: list[tuple[str, Path]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        seen.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (
+        seen.append(("replace", Path(b))), real_replace(a, b)))
+    return seen
+
+
+def test_write_files_fsyncs_every_file_before_any_rename(tmp_path, monkeypatch):
+    """All of them or none: a failed fsync of the second file must not leave the first
+    renamed in, so every fsync comes before the first rename; the directory once after."""
+    seen = _recorded(monkeypatch)
+    rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("a"),
+                                  "b.json": lambda p: p.write_text("b")})
+    assert seen == [("fsync", tmp_path / ".a.md.tmp.md"),
+                    ("fsync", tmp_path / ".b.json.tmp.json"),
+                    ("replace", tmp_path / "a.md"), ("replace", tmp_path / "b.json"),
+                    ("fsync", tmp_path)]
+
+
+def test_write_files_a_failed_fsync_renames_none(tmp_path, monkeypatch):
+    (tmp_path / "a.md").write_text("old a")
+    (tmp_path / "b.json").write_text("old b")
+    _failing_fsync(monkeypatch, lambda p: p.name == ".b.json.tmp.json")
+    with pytest.raises(OSError, match="injected"):
+        rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
+                                      "b.json": lambda p: p.write_text("new b")})
+    assert (tmp_path / "a.md").read_text() == "old a"
+    assert (tmp_path / "b.json").read_text() == "old b"
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]
+
+
+def test_tokenizer_copy_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    from moekit.inference.text import TOKENIZER_DIR, copy_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    (tmp_path / "dst").mkdir()
+    seen = _recorded(monkeypatch)
+    out = copy_tokenizer(src, tmp_path / "dst")
+    tmp = tmp_path / "dst" / f".{TOKENIZER_DIR}.tmp"
+    assert seen == [("fsync", tmp / "tokenizer.json"), ("fsync", tmp),
+                    ("replace", out), ("fsync", tmp_path / "dst")]
+
+
+def test_converted_files_are_fsynced_before_and_their_directory_after(tmp_path, monkeypatch):
+    from moekit.integrations.hf.convert import moekit_to_hf
+
+    lm, _, cfg = _lm()
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 1, "model_config": cfg})
+    seen = _recorded(monkeypatch)
+    out = moekit_to_hf(tmp_path / "run", tmp_path / "hf")
+    names = ("model.safetensors", "config.json")
+    first = min(seen.index(("replace", out / name)) for name in names)
+    last = max(seen.index(("replace", out / name)) for name in names)
+    for name in names:
+        suffix = Path(name).suffix
+        assert seen.index(("fsync", out / f".{name}.tmp{suffix}")) < first
+    assert seen[last + 1] == ("fsync", out)
+    # a failed fsync: the earlier output stays, no temporary is left
+    before = {name: (out / name).read_bytes() for name in names}
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(1.0)
+    save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
+                    {"step": 2, "model_config": cfg})
+    _failing_fsync(monkeypatch, lambda p: p.name == ".config.json.tmp.json")
+    with pytest.raises(OSError, match="injected"):
+        moekit_to_hf(tmp_path / "run", tmp_path / "hf")
+    for name in names:  # model.safetensors' new data was fsynced but not renamed in
+        assert (out / name).read_bytes() == before[name], name
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
