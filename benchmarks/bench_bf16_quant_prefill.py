@@ -10,7 +10,6 @@ weight, int4 with groups of 64); one 512-token prefill each, the variants taking
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 import moekit  # noqa: E402
-from harness import machine  # noqa: E402
+from harness import machine, write_json  # noqa: E402
 from moekit.models import MoETransformer  # noqa: E402
 
 VARIANTS = ("bf16", "bf16-int8", "bf16-int4")
@@ -62,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} {v}: prefill of {args.tokens} tokens {statistics.median(ms[v]):.1f} "
                   f"ms, x bf16 unquantized {ratio:.2f}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "command": sys.argv,
-                                              "rows": rows}, indent=1))
+        write_json(args.out, {"machine": machine(), "command": sys.argv, "rows": rows},
+                   indent=1)
     return 0
 
 

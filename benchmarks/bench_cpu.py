@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -512,7 +511,7 @@ def _write(args, info, rows, breakdowns, summary, seconds) -> None:
     payload = {"machine": info, "command": " ".join(sys.argv), "seconds": round(seconds, 1),
                "args": {k: v for k, v in vars(args).items()}, "rows": rows,
                "breakdown": breakdowns, "summary": summary}
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    harness.write_json(path, payload, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -1041,11 +1041,11 @@ def _write(args, info, bw, rows, mem, seconds) -> None:
                        / f"bench_decode_{kind}_{stamp}.json")
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": info, "command": " ".join(sys.argv),
-                                "seconds": round(seconds, 1), "read_bandwidth_Bps": bw,
-                                "read_bandwidth_4k_pages_Bps": BW_4K,
-                                "args": vars(args), "rows": rows, "peak_rss": mem},
-                               indent=1, default=str))
+    harness.write_json(path, {"machine": info, "command": " ".join(sys.argv),
+                              "seconds": round(seconds, 1), "read_bandwidth_Bps": bw,
+                              "read_bandwidth_4k_pages_Bps": BW_4K,
+                              "args": vars(args), "rows": rows, "peak_rss": mem},
+                       indent=1, default=str)
 
 
 def main(argv=None) -> int:

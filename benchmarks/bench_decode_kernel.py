@@ -18,7 +18,6 @@ Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per tok
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Step, compare, machine, read_bandwidth  # noqa: E402
+from harness import Step, compare, machine, read_bandwidth, write_json  # noqa: E402
 from moekit import MoEConfig  # noqa: E402
 from moekit.experts import Experts  # noqa: E402
 from moekit.experts.backends import BACKENDS  # noqa: E402
@@ -177,8 +176,8 @@ def main() -> None:
             rows = crossover(args, ex) if args.crossover else main_table(args, ex, bw)
     info["load_average_1m_end"] = round(__import__("os").getloadavg()[0], 2)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": info, "bandwidth_gbs": bw,
-                                              "args": vars(args), "rows": rows}, indent=1))
+        write_json(args.out, {"machine": info, "bandwidth_gbs": bw, "args": vars(args),
+                              "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ input every step ("fresh": a pool of inputs, none used twice) against one input 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def main() -> None:
             print(f"{f'{T}, {E}, {K}, {F}':22s} {dtype:6s} {row['fresh_ms']:9.1f} "
                   f"{row['fixed_ms']:9.1f} {row['fresh_over_fixed']:12.2f}")
     out = Path(args.out or Path(__file__).parent / "results" / "bench_fresh_routing.json")
-    out.write_text(json.dumps(report, indent=1))
+    harness.write_json(out, report, indent=1)
     print(f"wrote {out}")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import subprocess
@@ -204,8 +203,10 @@ def main() -> None:
         print(f"{r['size']:<36} {hf_s}{mine}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine(args.dtype), "rounds": rounds,
-                                         "results": results}, indent=1))
+        from harness import write_json  # benchmarks/harness.py, beside this file
+
+        write_json(args.json, {"machine": machine(args.dtype), "rounds": rounds,
+                               "results": results}, indent=1)
 
 
 if __name__ == "__main__":

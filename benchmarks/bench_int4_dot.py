@@ -35,7 +35,6 @@ with the fp32 activations (relative to sum |w x| of the row, max over rows).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine  # noqa: E402
+from harness import machine, write_json  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
 VARIANTS = ["table", "bf16", "bf16x2", "int16", "int8", "amx", "mant", "blocks"]
@@ -124,7 +123,7 @@ def main() -> None:
                   f"error kernel {row['err_kernel']:.1e}, total {row['err_total']:.1e}")
         report["pools"].append({"mib": mib, "rows": N, "variants": rows})
     out = Path(args.out or Path(__file__).parent / "results" / "bench_int4_dot.json")
-    out.write_text(json.dumps(report, indent=1))
+    write_json(out, report, indent=1)
     print(f"wrote {out}")
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine  # noqa: E402
+from harness import machine, write_json  # noqa: E402
 
 SHAPE = dict(L=8, D=1024, F=512, E=64, K=8, V=8192)  # 1.7 GB in bf16, see README
 PROMPT = 4  # prompt tokens: a short prefill, so decode dominates
@@ -398,7 +398,7 @@ def main() -> None:
     result["load_average_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
-    args.out.write_text(json.dumps({**old, **result}, indent=1))
+    write_json(args.out, {**old, **result}, indent=1)
 
 
 if __name__ == "__main__":

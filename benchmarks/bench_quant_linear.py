@@ -22,7 +22,6 @@ letters: M rows, K input width, N output width, B sequences, L prompt tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Step, compare, machine  # noqa: E402
+from harness import Step, compare, machine, write_json  # noqa: E402
 from moekit.functions import cpu_ext, decode  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_models and not args.a8:
         result["models"] = bench_models(args.reps)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result, indent=1)
     return 0
 
 

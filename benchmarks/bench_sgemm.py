@@ -20,7 +20,6 @@ width, Y output width, T tokens, D hidden, F expert hidden, K experts per token.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Step, compare, machine  # noqa: E402
+from harness import Step, compare, machine, write_json  # noqa: E402
 from moekit import MoE, MoEConfig  # noqa: E402
 from moekit.functions import cpu_ext  # noqa: E402
 
@@ -116,8 +115,8 @@ def main() -> None:
     rows = [grouped(ext, *shape, reps) for shape in (QUICK if args.quick else SWEEP)]
     rows += [layers(name, args.tokens, reps) for name in (["fine"] if args.quick else LAYERS)]
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": machine(), "threads": args.threads,
-                                              "reps": reps, "rows": rows}, indent=1))
+        write_json(args.out, {"machine": machine(), "threads": args.threads, "reps": reps,
+                              "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

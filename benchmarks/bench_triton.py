@@ -19,7 +19,6 @@ Shape letters: T tokens, D hidden, F expert hidden, E experts, K experts per tok
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -186,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['fwd_bwd_ms']:8.3f} {r['fwd_tflops']:7.1f} {r['fwd_bwd_tflops']:8.1f} "
                       f"{r['x_dense']:7.2f} {r['x_grouped_mm']:6.2f} {r['peak_mib']:8.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "dtype": args.dtype, "rows": rows}, f, indent=1)
+        from harness import write_json  # benchmarks/harness.py, beside this file
+
+        write_json(args.json, {"device": torch.cuda.get_device_name(),
+                               "torch": torch.__version__, "dtype": args.dtype, "rows": rows},
+                   indent=1)
     return 0
 
 

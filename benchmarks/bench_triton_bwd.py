@@ -25,7 +25,6 @@ token, S = T*K routed rows.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -284,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                   + (" {base:.1e} / {wide:.1e}".format(**r["rel_error"]) if "rel_error" in r
                      else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        from harness import write_json  # benchmarks/harness.py, beside this file
+
+        write_json(args.json, {"device": device, "torch": torch.__version__, "rows": rows},
+                   indent=1)
     return 0
 
 

@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
-    from harness import run_ranks  # benchmarks/harness.py, beside this file
+    from harness import run_ranks, write_json  # benchmarks/harness.py, beside this file
 
     res = run_ranks(worker, args.world, args, "ep_bench")
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -127,7 +127,7 @@ def main() -> None:
               f"{row['mib_sent_all_ranks']:9.2f} {c[3]:9.0f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        write_json(args.json, {"args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,18 @@ def read_bandwidth(reps: int = 5) -> float:
     return measure(reps)
 
 
+def write_json(path: str | os.PathLike, obj: object, **dump_kwargs) -> Path:
+    """``obj`` as JSON in ``path``, whole or not at all: a run killed while writing its
+    results in place left a truncated JSON. moekit's ``write_whole``: a file beside it,
+    fsynced, renamed into place, the folder fsynced. Imported here, not at the top, so
+    importing the harness still loads no torch (``use_malloc`` may re-execute first)."""
+    from moekit.train.rundir import write_whole
+
+    path = Path(path)
+    write_whole(path, json.dumps(obj, **dump_kwargs))
+    return path
+
+
 def run_and_write(name: str, args, run: Callable[..., list[dict]]) -> Path:
     """``run(args)``'s rows, between two read-bandwidth measurements, written as JSON
     (machine, command, seconds, the bandwidths, the arguments, the rows) to ``args.out``
@@ -340,10 +352,10 @@ def run_and_write(name: str, args, run: Callable[..., list[dict]]) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"{name}_{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "command": " ".join(sys.argv),
-                               "seconds": round(time.perf_counter() - t0, 1),
-                               "read_bandwidth_Bps": bandwidth, "args": vars(args),
-                               "rows": rows}, indent=1))
+    write_json(out, {"machine": machine(), "command": " ".join(sys.argv),
+                     "seconds": round(time.perf_counter() - t0, 1),
+                     "read_bandwidth_Bps": bandwidth, "args": vars(args), "rows": rows},
+               indent=1)
     print(f"wrote {out}")
     return out
 

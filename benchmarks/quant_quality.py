@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-from pathlib import Path
 
 import torch
 
@@ -129,7 +127,9 @@ def main() -> None:
         print(f"{name:>18} {r['val_loss']:>9.4f} {100 * (r['val_loss'] / base - 1):>+7.2f}% "
               f"{100 * r['greedy_agreement']:>11.1f}% {r['free_run_identical_bytes']:>13}")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        from harness import write_json  # benchmarks/harness.py, beside this file
+
+        write_json(args.out, rows, indent=1)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args()
-    from harness import cpu_model, machine, run_ranks  # benchmarks/harness.py, beside this
+    from harness import cpu_model, machine, run_ranks, write_json  # benchmarks/harness.py
 
     res = run_ranks(worker, args.world, args, "stop_flag")
 
@@ -117,8 +117,8 @@ def main() -> None:
               f"{row['step_with_flag_ms']:13.1f} {ratio:7.3f} {row['flag_share']:10.2%}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args),
-                                               "rows": rows}, indent=1))
+        write_json(args.json, {"machine": machine(), "args": vars(args), "rows": rows},
+                   indent=1)
 
 
 if __name__ == "__main__":

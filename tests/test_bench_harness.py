@@ -74,3 +74,28 @@ def test_a_restart_keeps_how_the_process_was_started(tmp_path):
     out = subprocess.run([sys.executable, "-m", "probe_pkg.main", "bench", "--decode"],
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout
     assert eval(out) == [sys.executable, "-m", "probe_pkg.main", "bench", "--decode"]
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed as it wrote its JSON left a truncated file (written in place); now a
+    kill before the rename leaves the earlier results as they were and no temporary."""
+    import json
+    import os
+
+    out = tmp_path / "results.json"
+    CPU.harness.write_json(out, {"rows": [1]}, indent=1)
+    assert json.loads(out.read_text()) == {"rows": [1]}
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        CPU.harness.write_json(out, {"rows": [2]})
+    assert json.loads(out.read_text()) == {"rows": [1]}
+    assert os.listdir(tmp_path) == ["results.json"]
+    assert synced == [str(tmp_path / ".results.json.tmp.json")]  # the data, before the rename
