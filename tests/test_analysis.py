@@ -469,7 +469,7 @@ def test_analyze_of_a_dcp_checkpoint_names_what_to_pass(tmp_path, capsys):
     dcp.mkdir(parents=True)
     for name in ("manifest.json", ".metadata", "trainer.json"):
         (dcp / name).write_text("{}")
-    assert run(parse(str(dcp))) == 2
+    assert run(parse(str(dcp))) == 1  # the checkpoint: a runtime failure
     err = capsys.readouterr().err
     for w in (f"checkpoint={str(dcp)!r}", "moekit train --nproc", "--resume",
               f"pass its run directory {str(run_dir)!r}"):
@@ -477,7 +477,7 @@ def test_analyze_of_a_dcp_checkpoint_names_what_to_pass(tmp_path, capsys):
     assert "/step_00000004" not in err  # not there: not offered
     (run_dir / "step_00000004").mkdir()
     (run_dir / "step_00000004" / "state.json").write_text("{}")
-    assert run(parse(str(dcp))) == 2
+    assert run(parse(str(dcp))) == 1
     assert f"or {str(run_dir / 'step_00000004')!r}" in capsys.readouterr().err
 
 

@@ -156,12 +156,12 @@ def test_interrupted_write_to_hf_leaves_nothing_and_the_retry_works(hf_dir, tmp_
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(convert, "save_file", crash_mid_write)
-    assert cli(str(tmp_path / "lm"), str(tmp_path / "back")) == 2
+    assert cli(str(tmp_path / "lm"), str(tmp_path / "back")) == 1  # a failed write: 1, as train
     assert "simulated" in capsys.readouterr().err
     assert not (tmp_path / "back").exists()
 
     (tmp_path / "given").mkdir()  # a directory the user made: kept, left empty
-    assert cli(str(tmp_path / "lm"), str(tmp_path / "given")) == 2
+    assert cli(str(tmp_path / "lm"), str(tmp_path / "given")) == 1
     assert list((tmp_path / "given").iterdir()) == []
 
     monkeypatch.setattr(convert, "save_file", real)
@@ -186,7 +186,7 @@ def test_a_full_disk_names_the_destination(hf_dir, tmp_path, monkeypatch, capsys
                                           tmp_path / "back")):
         with monkeypatch.context() as m:
             m.setattr(module, writer, _disk_full)
-            assert cli(str(source), str(dest)) == 2
+            assert cli(str(source), str(dest)) == 1  # a failed write
         err = capsys.readouterr().err.strip()
         assert err == (f"moekit convert: error: could not write to {dest}: "
                        f"{os.strerror(errno.ENOSPC)}"), err
@@ -208,7 +208,7 @@ def test_a_read_only_destination_is_named(hf_dir, tmp_path, monkeypatch, capsys)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    assert cli(str(hf_dir), str(dest)) == 2
+    assert cli(str(hf_dir), str(dest)) == 1  # a failed write
     err = capsys.readouterr().err.strip()
     assert err == f"moekit convert: error: could not write to {dest}: {os.strerror(errno.EROFS)}"
 

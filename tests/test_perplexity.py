@@ -170,7 +170,6 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
     (["--context", "1"], "--context=1 is not allowed: it must be at least 2"),
     # was "checkpoint='nope': no state.json or LATEST there"
     (["--against", "nope"], "--against='nope' is not allowed: it must be a checkpoint dir"),
-    (["--against", "."], "--against='.' is not allowed: checkpoint='.': no state.json"),
     (["--text", "/nonexistent.txt"], "--text='/nonexistent.txt' is not allowed: no such file"),
     (["--context", "64", "--text", "SHORT"], "at least one chunk of context=64 tokens"),
 ])
@@ -181,6 +180,15 @@ def test_bad_flags_are_named(converted, capsys, tmp_path, flags, words):
         flags = [f if f != "SHORT" else str(tmp_path / "short.txt") for f in flags]
     assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), *flags]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_an_against_that_is_no_checkpoint_is_a_runtime_failure(converted, capsys):
+    """A directory that holds no checkpoint: 1, as --checkpoint of one gives (its
+    CheckpointError had been wrapped in a plain ValueError: 2, a usage error's code)."""
+    _, _, root = converted
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--against", "."]) == 1
+    assert "--against='.' is not allowed: checkpoint='.': no state.json" in \
+        capsys.readouterr().err
 
 
 def test_more_chunks_than_the_text_holds_says_how_many_it_scored(converted, capsys):

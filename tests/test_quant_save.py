@@ -120,7 +120,7 @@ def test_a_missing_model_file_is_a_named_checkpoint_error(tmp_path, capsys):
     (out / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors is missing"):
         qio.load_quantized(out)
-    assert cli_main(["generate", "--checkpoint", str(out), "--max-new-tokens", "2"]) == 2
+    assert cli_main(["generate", "--checkpoint", str(out), "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("moekit generate: error: ") and len(err.splitlines()) == 1, err
     assert str(out / "model.safetensors") in err
@@ -162,7 +162,7 @@ def test_non_finite_scales_or_zero_points_are_refused_at_load(tmp_path, capsys, 
     with pytest.raises(CheckpointError, match=rf"{name} holds 1 non-finite value"):
         qio.load_quantized(out)
     for argv in (["generate", "--max-new-tokens", "2"], ["perplexity"]):
-        assert cli_main([*argv, "--checkpoint", str(out)]) == 2
+        assert cli_main([*argv, "--checkpoint", str(out)]) == 1  # the checkpoint: not usage
         err = capsys.readouterr().err.strip()
         assert name in err and len(err.splitlines()) == 1, err
 
@@ -173,7 +173,7 @@ def test_quantizing_a_quantized_checkpoint_says_it_is_already_quantized(tmp_path
     from moekit.cli import main as cli_main
 
     out = qio.save_quantized(_quantized(0), tmp_path / "q8")
-    assert cli_main(["quantize", str(out), "--bits", "4", "--out", str(tmp_path / "qq")]) == 2
+    assert cli_main(["quantize", str(out), "--bits", "4", "--out", str(tmp_path / "qq")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"checkpoint={str(out)!r} is already quantized" in err
     assert "int8" in err and "float run" in err and "state.json" not in err

@@ -572,7 +572,7 @@ def test_serve_command_refuses_bad_flags(tmp_path, capsys):
     assert cli_main(["serve", "--checkpoint", str(tmp_path / "run"), "--dtype", "bf16",
                      "--kv-cache-dtype", "float32"]) == 2
     assert "kv_cache_dtype='float32' is not allowed" in capsys.readouterr().err
-    assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert cli_main(["serve", "--checkpoint", str(tmp_path / "nothing")]) == 1  # no checkpoint
     assert "moekit serve: error:" in capsys.readouterr().err
 
 

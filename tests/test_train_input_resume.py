@@ -176,7 +176,7 @@ def test_one_process_resume_refuses_a_run_whose_newest_checkpoint_is_sharded(
     before = tree(run)
     rc = cli_main(["train", "--resume", str(run), "--steps", "3", "--data", str(saved[0]),
                    "--no-progress"])
-    assert rc == 2
+    assert rc == 1  # the run directory: a runtime failure, not a usage error
     one_error_line(capsys, f"resume={str(run)!r}", "dcp_step_00000002", "past step 1",
                    "--nproc", "step_00000001")
     assert tree(run) == before  # nothing trained, saved or cleaned

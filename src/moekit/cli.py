@@ -64,6 +64,16 @@ def interrupted(command: str | None, e: KeyboardInterrupt) -> int:
     return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
+def os_failed(command: str, e: OSError) -> int:
+    """One line, not a traceback, for a file error no command handled itself (a results
+    file that could not be written: a full disk, a read-only folder); exit status 1 like
+    every runtime failure (2 is for usage errors, as argparse gives them)."""
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"moekit {command}: error: {where}{e.strerror or str(e) or type(e).__name__}",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports every command, torch with them: seconds
@@ -79,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KeyboardInterrupt as e:
         return interrupted(args.command, e)
+    except OSError as e:
+        return os_failed(args.command, e)
     finally:
         warnings.formatwarning = saved
 

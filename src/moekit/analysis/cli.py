@@ -21,6 +21,7 @@ from moekit.analysis.load import label, load_lm, tag, weights_line
 from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 from moekit.analysis.stats import load_summary
 from moekit.config import check_out_dir, flag_message, reject
+from moekit.errors import exit_code
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
@@ -240,9 +241,9 @@ def analyze_and_compare(args: argparse.Namespace
 def run(args: argparse.Namespace) -> int:
     try:
         result, out, comparison = analyze_and_compare(args)
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError too: exit 1
         print(f"moekit analyze: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     note = batch_note(result["meta"])
     if note:
         print(f"moekit analyze: warning: {note}", file=sys.stderr)

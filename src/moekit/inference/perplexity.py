@@ -218,6 +218,7 @@ def _read_text(path: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.errors import exit_code
     from moekit.inference.text import text_for
     from moekit.malloc import tune_malloc
     from moekit.train.checkpoint import CheckpointError
@@ -259,8 +260,9 @@ def run(args: argparse.Namespace) -> int:
 
             try:
                 base = load_model(args.against)
-            except (ValueError, CheckpointError) as e:
-                raise ValueError(f"--against={args.against!r} is not allowed: {e}") from e
+            except ValueError as e:  # a CheckpointError stays one: exit 1, not 2
+                kind = CheckpointError if isinstance(e, CheckpointError) else ValueError
+                raise kind(f"--against={args.against!r} is not allowed: {e}") from e
         kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
         result = score(model, chunks, args.score_from, text.decode, base, kv)
         if args.chunks > len(chunks):  # was silent
@@ -269,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{len(chunks)}", file=sys.stderr)
     except (ValueError, CheckpointError) as e:
         print(f"moekit perplexity: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     finally:
         close_offload(model)
     if args.json:

@@ -160,6 +160,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.errors import exit_code
     from moekit.malloc import tune_malloc
     from moekit.train.checkpoint import CheckpointError
     from moekit.train.generate_cli import close_offload
@@ -168,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         key = _checked_key(args)
         model, service, server = _build(args, key)
-    except (ValueError, CheckpointError, OSError) as e:
+    except (ValueError, CheckpointError, OSError) as e:  # OSError: the port is taken
         print(f"moekit serve: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     _announce(service, server, key)
     stopper = Stopper()
     before = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}

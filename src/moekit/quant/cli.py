@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from moekit.errors import exit_code
     from moekit.quant.io import quantize_checkpoint
     from moekit.train.checkpoint import CheckpointError
 
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                                   args.scope, args.activations, not args.float_embeddings)
     except (QuantizationError, CheckpointError, ValueError) as e:
         print(f"moekit quantize: error: {flag_message(e, FLAGS)}", file=sys.stderr)
-        return 2
+        return exit_code(e)  # the checkpoint: 1; a flag's value: 2
     except OSError as e:  # a full disk, a read-only --out: was a traceback from the write
         print(f"moekit quantize: error: could not write out={args.out!r}: "
               f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)

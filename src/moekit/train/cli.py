@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import ROUTERS, check_out_dir, check_positive_int, flag_message
+from moekit.errors import exit_code
 from moekit.malloc import tune_malloc
 from moekit.models.config import PRESETS, QK_NORMS, LMConfig, preset
 from moekit.models.generate import generate
@@ -244,9 +245,10 @@ FIELD_FLAGS = {field: "--" + flag.replace("_", "-")
 
 
 def error(e: Exception) -> int:
-    """The one-line error of every bad flag: flag, value, what is allowed; exit status 2."""
+    """The one-line error of every bad flag: flag, value, what is allowed; exit status 2
+    (1 for a checkpoint --resume could not use: ``exit_code``)."""
     print(f"moekit train: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
-    return 2
+    return exit_code(e)
 
 
 def set_threads(threads: int | None) -> None:
@@ -289,8 +291,9 @@ def check_device_flag(args: argparse.Namespace) -> None:
 
 def check_resume_path(resume: str) -> None:
     if not Path(resume).exists():
-        raise ValueError(f"--resume={resume} is not allowed: it does not exist; pass a run "
-                         "directory or one of its step_* checkpoints")
+        # a checkpoint that is not there: exit 1, as for generate --checkpoint and the rest
+        raise CheckpointError(f"--resume={resume} is not allowed: it does not exist; pass a "
+                              "run directory or one of its step_* checkpoints")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:

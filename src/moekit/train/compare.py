@@ -28,6 +28,7 @@ from moekit.config import (
     flag_message,
     reject,
 )
+from moekit.errors import exit_code
 from moekit.malloc import tune_malloc
 from moekit.models.config import LMConfig, preset
 from moekit.train.checkpoint import CheckpointError
@@ -240,13 +241,14 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
                   plan: bool = False) -> list[dict[str, Any]] | int:
     """collect's results for `moekit <command>` (after the plan line, when ``plan``), or
     the exit status with the error printed (2: a cached run trained with other settings,
-    or --out holding no finished run; 1: a write that failed or a run that diverged;
+    or --out holding no finished run; 1: a write that failed, a run that diverged or a
+    cached run's checkpoint that cannot be read (``exit_code``);
     130 / 143: Ctrl-C / SIGTERM, which had ended the sweep with a traceback)."""
     try:
         check_cache(configs, wanted, args.seeds, tcfg, corpus, out)
     except ValueError as e:
         print(f"moekit {command}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     if plan:  # after the check: it had claimed "cached" for runs then refused
         print(plan_line(configs, wanted, args.seeds, tcfg, out), flush=True)
     if runs_to_train(configs, wanted, args.seeds, out):
@@ -256,9 +258,9 @@ def finished_runs(command: str, args: argparse.Namespace, configs: dict[str, LMC
             warnings.filterwarnings("ignore", message=SHORT_SCHEDULE)
             results = collect(configs, wanted, args.seeds, tcfg, corpus, out,
                               not args.no_progress)
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError too (a cached run's checkpoint): exit 1
         print(f"moekit {command}: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     except NonFiniteError as e:  # a diverged run: had been a traceback
         print(f"moekit {command}: error: {e}; {finished_note(configs, args.seeds, out)}",
               file=sys.stderr)
@@ -321,9 +323,10 @@ def write_failed(command: str, out: Path, e: OSError, then: str = "") -> int:
 
 
 def error(command: str, e: Exception) -> int:
-    """The one-line error of a bad flag, led by the flag; exit status 2."""
+    """The one-line error of a bad flag, led by the flag; exit status 2 (1 where it is
+    not a flag's but a file's: ``exit_code``)."""
     print(f"moekit {command}: error: {flag_message(e, FIELD_FLAGS)}", file=sys.stderr)
-    return 2
+    return exit_code(e)
 
 
 def base_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import check_positive_int, check_writable_folder, flag_message, reject
+from moekit.errors import exit_code
 from moekit.hugepages import huge_pages
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             prompts = [f"{p}\n" for p in prompts]
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {flag_message(e, FLAGS)}", file=sys.stderr)
-        return 2
+        return exit_code(e)  # the checkpoint: 1; a flag's value: 2
     try:
         if args.interactive:  # each turn prefills only what the cache does not hold
             return _converse(Engine(model, reuse_prefix=True, kv_cache_dtype=kv), text, cfg,
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # (on a terminal: below the text streamed so far, not after it)
         print(("\n" if sys.stdout.isatty() else "") + f"moekit generate: error: {e}",
               file=sys.stderr)
-        return 2
+        return exit_code(e)
     finally:
         close_offload(model)
     return 0

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from moekit.config import reject
+from moekit.errors import exit_code
 from moekit.inference.text import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
 from moekit.integrations.hf.convert_config import (
     FAMILIES,
@@ -210,8 +211,8 @@ def run(args) -> int:
         check_dest(args.source, args.dest)
         out = hf_to_moekit(args.source, args.dest) if to == "moekit" \
             else moekit_to_hf(args.source, args.dest)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:  # KeyError: a tensor the source lacks
         print(f"moekit convert: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)  # 2 had been given for a failed write too (train: 1)
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,56 @@
+"""`moekit`'s exit statuses: 2 a usage error (argparse's code), 1 a runtime failure (a
+checkpoint missing or corrupt, a missing file, a failed write), 130 Ctrl-C.
+
+Before: `moekit convert`, `quantize`, `generate`, `analyze`, `serve` and `perplexity`
+exited 2 for a corrupt checkpoint or a failed write, where `train` exited 1 for a failed
+write; an OSError no command caught (a results file on a full disk) was a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from moekit import demo
+from moekit.cli import main
+from moekit.errors import CheckpointError, exit_code
+
+
+@pytest.mark.parametrize("error,code", [
+    (ValueError("--steps=0 is not allowed"), 2),
+    (CheckpointError("step_00000001/model.safetensors is corrupt"), 1),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "x.txt"), 1),
+    (OSError(errno.ENOSPC, "No space left on device"), 1),
+    (KeyError("embed.weight"), 1),
+])
+def test_exit_code_of_each_kind_of_error(error, code):
+    assert exit_code(error) == code
+
+
+def test_an_argparse_usage_error_is_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--no-such-flag"])
+    assert e.value.code == 2
+
+
+def test_an_os_error_no_command_caught_is_one_line_and_1(monkeypatch, capsys):
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/out/result.json")
+
+    monkeypatch.setattr(demo, "run", full_disk)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err == "moekit demo: error: /runs/out/result.json: No space left on device\n"
+    monkeypatch.setattr(demo, "run", lambda args: (_ for _ in ()).throw(BrokenPipeError()))
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err == "moekit demo: error: BrokenPipeError\n"  # no text
+
+
+def test_ctrl_c_is_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "moekit demo: interrupted\n"
