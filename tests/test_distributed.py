@@ -243,6 +243,12 @@ def test_cli_launches_through_torchrun(tmp_path):
     assert done.returncode == 2
     assert "--lr=0.0001 is not allowed with --resume" in done.stderr
     assert "launching" not in done.stdout
+    # a checkpoint that is not there is a runtime failure, 1 as in one process (had been 2)
+    missing = [a if a != str(tmp_path / "run") else str(tmp_path / "nope") for a in resume]
+    done = subprocess.run(missing, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"--resume={tmp_path / 'nope'} is not allowed: it does not exist" in done.stderr
+    assert "launching" not in done.stdout
 
 
 @pytest.mark.parametrize("codes,status,line", [

@@ -29,6 +29,7 @@ from moekit.config import check_number, check_positive_int
 from moekit.distributed import CollectiveTimeoutError, init_distributed, init_mesh
 from moekit.distributed.layer import DISPATCHERS, check_dedup
 from moekit.distributed.mesh import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
+from moekit.errors import exit_code
 from moekit.train.interrupt import STOP_SIGNALS, InterruptFlag, StopAtBoundary, exit_status
 
 # Signals torchrun's agent forwards to the ranks (its default list): restored after it ran
@@ -89,8 +90,8 @@ def _forwarded_argv() -> list[str]:
 
 def launch_torchrun(args: argparse.Namespace) -> int:
     """Run this command under torchrun with ``args.nproc`` local processes, this process
-    being torchrun's agent; the exit status is the ranks' when they all agree (0, 2, 130,
-    143), else 1 with one line naming each rank's.
+    being torchrun's agent; the exit status is the ranks' when they all agree (0, 1, 2,
+    130, 143), else 1 with one line naming each rank's.
 
     It had run torchrun as a child through ``subprocess.call``. A SIGINT or SIGTERM to the
     launcher alone (``kill``) never reached the ranks, which trained on with no parent (on
@@ -149,7 +150,7 @@ def ranks_status(codes: dict[int, int], nproc: int) -> int:
     """The launcher's exit status from the ranks' non-zero ones (``codes``, by rank;
     negative: killed by that signal, which a shell reports as 128 + it). Every rank
     ended alike: theirs (130 / 143: stopped after one step and saved, as rank 0 printed;
-    2: an error each printed). Else 1. One line names each rank's unless every rank
+    1 or 2: an error each printed). Else 1. One line names each rank's unless every rank
     exited alike by itself."""
     shell = {rank: 128 - code if code < 0 else code for rank, code in codes.items()}
     alike = len(codes) == nproc and len(set(shell.values())) == 1
@@ -328,9 +329,9 @@ def run_distributed(args: argparse.Namespace) -> int:
     world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else args.nproc
     try:  # before torchrun starts, and on every rank before the first write
         validate(args, world)
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError (a --resume that cannot be read): 1
         print(f"moekit train: error: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
     if not under_torchrun():
         return launch_torchrun(args)
     return run_rank(args)
@@ -360,9 +361,9 @@ def run_rank(args: argparse.Namespace) -> int:
         except CollectiveTimeoutError as e:
             print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
             _exit(1)  # the process group is broken; its destructors would wait on the peer
-        except ValueError as e:  # CheckpointError is one
+        except ValueError as e:  # CheckpointError is one (exit 1, a bad flag 2)
             print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
-            return 2
+            return exit_code(e)
         except OSError as e:  # a full disk: was this rank's traceback from its save
             if trainer is None:
                 raise
