@@ -638,3 +638,29 @@ def test_a_report_removes_the_expert_load_plots_of_variants_it_does_not_hold(
     assert (out / "moe-top2-seed0" / compare.RESULT).is_file()  # the run stays cached
     for name in keep:
         assert (out / name).read_text() == "mine\n"
+
+
+def test_scaling_md_and_json_are_written_both_or_neither(tmp_path, monkeypatch):
+    """They were two write_whole calls: a full disk at scaling.json, after scaling.md was
+    renamed in, left a new report beside the old numbers."""
+    import os
+    from pathlib import Path
+
+    from moekit.train import scaling
+
+    (tmp_path / "scaling.md").write_text("old report\n")
+    (tmp_path / "scaling.json").write_text('{"old": 1}')
+    write_text = Path.write_text
+
+    def full_at_json(self, data, *args, **kwargs):
+        if "scaling.json" in self.name:
+            raise OSError(28, "No space left on device")
+        return write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_json)
+    with pytest.raises(OSError, match="No space"):
+        scaling.write_outputs({"new": 1}, "new report", tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "scaling.md").read_text() == "old report\n"
+    assert json.loads((tmp_path / "scaling.json").read_text()) == {"old": 1}
+    assert sorted(os.listdir(tmp_path)) == ["scaling.json", "scaling.md"]

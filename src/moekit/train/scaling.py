@@ -37,7 +37,7 @@ from moekit.train.compare import (
     prepare,
     write_failed,
 )
-from moekit.train.rundir import write_whole
+from moekit.train.rundir import write_files
 
 EXPERT_COUNTS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -256,9 +256,13 @@ def machine() -> dict[str, Any]:
 
 
 def write_outputs(summary: dict[str, Any], report: str, out: Path) -> list[Path]:
-    write_whole(out / "scaling.md", report + "\n")
-    write_whole(out / "scaling.json", json.dumps(summary, indent=1))
-    written = [out / "scaling.md", out / "scaling.json"]
+    """scaling.md and scaling.json both or neither (``write_files``): written one after the
+    other, a failure (a full disk, a kill) between them left a new scaling.md beside the
+    previous scaling.json, a report that disagreed with its own numbers."""
+    texts = {"scaling.md": report + "\n", "scaling.json": json.dumps(summary, indent=1)}
+    write_files(out, {name: (lambda path, text=text: path.write_text(text, encoding="utf-8"))
+                      for name, text in texts.items()})
+    written = [out / name for name in texts]
     try:
         from moekit.train.plots import plot_scaling, plot_speedup
     except ImportError as e:
