@@ -393,8 +393,15 @@ def test_quantize_checkpoint_streams_the_files_quantizing_the_model_writes(tmp_p
     finally:
         qio.quantize_tensor = real
     assert len(alive) >= 4 and peak[0] == 1  # (2 layers: w_in, w_out each at least)
-    for name in (qio.MODEL_FILE, qio.META_FILE):
-        assert (streamed / name).read_bytes() == (whole / name).read_bytes(), name
+    model_file = qio.MODEL_FILE
+    assert (streamed / model_file).read_bytes() == (whole / model_file).read_bytes()
+    # quantized.json the same but for the float checkpoint a `moekit quantize` output
+    # records (its source; save_quantized of a model in memory has none)
+    meta_s, meta_w = (json.loads((d / qio.META_FILE).read_text()) for d in (streamed, whole))
+    source = meta_s.pop("source")
+    assert meta_w.pop("source", None) is None and meta_s == meta_w
+    assert source["checkpoint"] == str(run.resolve() / "step_00000001"), source
+    assert source["step"] == 1, source
 
 
 def test_a_bf16_checkpoint_loads_and_quantizes_without_an_fp32_copy(tmp_path):
