@@ -9,6 +9,7 @@ time. Both paths have no host sync, so both capture. Skips without CUDA.
 Shape letters: T tokens, E experts, K experts per token.
 """
 
+import argparse
 import sys
 
 import torch
@@ -42,27 +43,37 @@ def ms(fn, n=50):
 
 
 SHAPES = [(4096, 8, 2), (4096, 64, 8), (16384, 64, 8)]
-if not torch.cuda.is_available():
-    print("bench_triton_routing: skipped, no CUDA device")
-    sys.exit(0)
-for name in ("fused", "topk+sort"):  # a failed capture (host sync) comes last
-    for T, E, K in SHAPES:
-        logits = torch.randn(T, E, device="cuda")
-        fn = ((lambda lg=logits, k=K: fused_dispatch(lg, k)[0].weight_S) if name == "fused"
-              else (lambda lg=logits, k=K: unfused(lg, k)))
-        eager = ms(fn)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
+
+
+def main(argv: list[str] | None = None) -> int:
+    # no options: the parser is there so --help describes the script instead of running it
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_triton_routing: skipped, no CUDA device")
+        return 0
+    for name in ("fused", "topk+sort"):  # a failed capture (host sync) comes last
+        for T, E, K in SHAPES:
+            logits = torch.randn(T, E, device="cuda")
+            fn = ((lambda lg=logits, k=K: fused_dispatch(lg, k)[0].weight_S) if name == "fused"
+                  else (lambda lg=logits, k=K: unfused(lg, k)))
+            eager = ms(fn)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
                 fn()
-            graph = ms(g.replay)
-        except Exception as exc:  # noqa: BLE001
-            print(name, "graph capture failed:", type(exc).__name__, str(exc)[:100])
-            graph = float("nan")
-        print(f"{name:10} T{T} E{E} K{K}: eager {eager * 1e3:.0f} us/call, "
-              f"graph replay {graph * 1e3:.0f} us/call", flush=True)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g):
+                    fn()
+                graph = ms(g.replay)
+            except Exception as exc:  # noqa: BLE001
+                print(name, "graph capture failed:", type(exc).__name__, str(exc)[:100])
+                graph = float("nan")
+            print(f"{name:10} T{T} E{E} K{K}: eager {eager * 1e3:.0f} us/call, "
+                  f"graph replay {graph * 1e3:.0f} us/call", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ spec and tokens (layer activations + logits, no recomputation, one GPU).
 
 from __future__ import annotations
 
+import argparse
 import platform
 
 import torch
@@ -37,7 +38,9 @@ def measured_saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # no options: the parser is there so --help describes the script instead of running it
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     torch.manual_seed(0)
     print(f"plan activation check  torch {torch.__version__}  {platform.machine()}  fp32")
     print(f"{'config':44s}{'tokens':>8s}{'planner MiB':>13s}{'measured MiB':>14s}"
