@@ -88,7 +88,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp32 = load_model(args.checkpoint)
     corpus = load_corpus()
-    cfg = TrainConfig(eval_batches=args.eval_batches)
+    # the trainer's evaluation windows, cut to what the model was built for (a tiny
+    # preset's max_seq_len=64 is shorter than TrainConfig's default seq_len of 128)
+    default = TrainConfig()
+    cfg = TrainConfig(eval_batches=args.eval_batches,
+                      seq_len=min(default.seq_len, fp32.config.max_seq_len))
     variants = {"fp32": fp32}
     for scope in args.scopes:
         tag = "" if scope == "all" else f"-{scope}"
@@ -119,7 +123,8 @@ def main() -> None:
                           "free_run_identical_bytes": first}
             print(name, rows[name], flush=True)
     base = rows["fp32"]["val_loss"]
-    print(f"checkpoint {args.checkpoint}  {args.eval_batches} x 16 x 128 validation bytes  "
+    print(f"checkpoint {args.checkpoint}  {args.eval_batches} x {cfg.batch_size} x "
+          f"{cfg.seq_len} validation bytes  "
           f"agreement over {args.bytes} bytes  load {os.getloadavg()[0]:.2f}")
     print(f"{'weights':>18} {'val loss':>9} {'vs fp32':>8} {'greedy agree':>12} "
           f"{'free-run same':>13}  (of {args.free_run})")
