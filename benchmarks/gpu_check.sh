@@ -25,6 +25,12 @@ OUT=${OUT:-/tmp/moekit-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=src:. PYTHONUNBUFFERED=1
 t0=$(date +%s)
+# without a GPU every step below would only print its own "skipped" line (or, for
+# nvidia-smi and the device query, a traceback): say so once and stop instead
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False here); nothing run"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
