@@ -142,6 +142,7 @@ class ExpertCache:
         self.stats = OffloadStats(budget, policy, prefetch,
                                   [LayerStats() for _ in range(num_layers or layers)])
         self._predicted: dict[int, set[int]] = {}
+        self._step_predicted: dict[int, set[int] | None] = {}  # the step's, per layer
         self._pending: list[Future] = []
         self._pinned: set[Key] = set()  # the last get's keys: a step may still compute on them
         slot_bytes = getattr(store, "slot_bytes", None)  # stores that read into a buffer
@@ -207,13 +208,14 @@ class ExpertCache:
 
     # -- demand --------------------------------------------------------------------
 
-    def get(self, layer: int, experts: list[int]) -> list[Any]:
-        """The tensors of ``experts`` of ``layer`` (sorted ids), in that order."""
+    def get(self, layer: int, experts: list[int], first: bool = True) -> list[Any]:
+        """The tensors of ``experts`` of ``layer`` (sorted ids), in that order; ``first``:
+        the first (or only) chunk of a layer step, False for the step's further chunks."""
         if self.closed:
             self._raise_closed()
         self.raise_failures()
         keys = [(layer, e) for e in experts]
-        self._record(layer, experts)
+        self._record(layer, experts, first)
         protected = set(keys)
         self._pinned = set()  # the previous step (or chunk) is done with its experts
         out = []
@@ -261,13 +263,18 @@ class ExpertCache:
                 self.arena.give(slot)
             raise
 
-    def _record(self, layer: int, experts: list[int]) -> None:
+    def _record(self, layer: int, experts: list[int], first: bool) -> None:
         s = self.stats.layers[layer]
         s.requests += len(experts)
         self.stats.trace.append((layer, tuple(experts)))
         for e in experts:
             self.stats.expert_bytes.setdefault((layer, e), self.store.nbytes((layer, e)))
-        predicted = self._predicted.pop(layer, None)
+        # the prediction holds for every chunk of the step (it was popped by the first:
+        # a predicted expert in a later chunk counted as unused, that chunk's experts as
+        # not needed, and a chunked prefill's precision and recall came out wrong)
+        if first:
+            self._step_predicted[layer] = self._predicted.pop(layer, None)
+        predicted = self._step_predicted.get(layer)
         if predicted is not None:
             s.needed_after_prediction += len(experts)
             s.predicted_used += len(predicted.intersection(experts))

@@ -241,7 +241,7 @@ class ExpertOffload:
     def _get(self, layer: int, ids: list[int], predict_from: Tensor | None) -> list[Any]:
         """The cached experts ``ids``; then, on a step's first chunk, the next layer's
         prefetch from this layer's input ``predict_from``."""
-        parts = self.cache.get(layer, ids)
+        parts = self.cache.get(layer, ids, first=predict_from is not None)
         if predict_from is not None:
             self._prefetch_next(layer, predict_from)
         return parts
