@@ -146,3 +146,19 @@ def test_prefetch_precision_and_recall_count_every_chunk_of_a_step(traced, slots
     assert torch.equal(again, tokens)
     for name, counts in want.items():
         assert [getattr(s, name) for s in got] == counts, name
+
+
+def test_a_budget_above_the_model_takes_and_says_only_what_the_experts_need(traced):
+    run, ids, _, _, _, _ = traced
+    everything = CFG.num_layers * CFG.num_experts * EXPERT_BYTES
+    model = load_offloaded(run, "64GiB", prefetch=False, threaded=False)
+    try:
+        with torch.no_grad():
+            generate(model, ids, 2, temperature=0)
+        cache = model.expert_offload.cache
+        assert cache.arena.buf_B.numel() == everything  # not 64 GiB
+        line = model.expert_offload.stats.summary().splitlines()[0]
+    finally:
+        model.expert_offload.close()
+    assert line.startswith(f"expert cache: 64.0 GiB (every expert fits: "
+                           f"{everything / 2**10:.1f} KiB at most), lru;"), line

@@ -152,6 +152,9 @@ class ExpertCache:
         self.arena = (SlotArena(slot_bytes, min(budget // slot_bytes, len(store.experts)))
                       if slot_bytes else None)
         self.loader = Loader(self._load) if (prefetch and threaded) else None
+        everything = sum(store.nbytes(k) for k in store.experts)
+        if budget >= everything:
+            self.stats.all_experts = everything
 
     def _load(self, item: tuple[Key, int | None]) -> Any:
         key, slot = item

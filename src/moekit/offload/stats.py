@@ -44,6 +44,9 @@ class OffloadStats:
     layers: list[LayerStats]
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     expert_bytes: dict[Key, int] = field(default_factory=dict)
+    # every expert's bytes when the budget holds them all (the cache takes only those), else
+    # None: a 64GiB budget on a 384 MiB model was shown as "expert cache: 64.0 GiB"
+    all_experts: int | None = None
 
     def __post_init__(self) -> None:
         # a budget of 0 or less made belady_hit_rate (and summary, to_dict) fail later
@@ -106,7 +109,9 @@ class OffloadStats:
     def summary(self) -> str:
         """A few lines for the end of `moekit generate`."""
         per_layer = " ".join(f"{s.hit_rate:.2f}" for s in self.layers)
-        lines = [f"expert cache: {_size(self.budget)}, {self.policy}"
+        fits = ("" if self.all_experts is None else
+                f" (every expert fits: {_size(self.all_experts)} at most)")
+        lines = [f"expert cache: {_size(self.budget)}{fits}, {self.policy}"
                  f"{' + prefetch' if self.prefetch else ''}; hit rate {self.hit_rate:.3f} "
                  f"({_belady_label(self.prefetch)} {self.belady_hit_rate():.3f})",
                  f"  per layer: {per_layer}",
