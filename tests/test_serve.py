@@ -1485,9 +1485,9 @@ def test_metrics_of_an_offloaded_models_expert_cache(tmp_path, monkeypatch):
         read[0] += n
         return n
 
-    def counted_get(layer, experts):
+    def counted_get(layer, experts, **kwargs):
         asked[0] += len(experts)
-        return get(layer, experts)
+        return get(layer, experts, **kwargs)
 
     monkeypatch.setattr(os, "preadv", counted_pread)
     monkeypatch.setattr(model.expert_offload.cache, "get", counted_get)
