@@ -193,3 +193,18 @@ def test_train_step_bias_counts_every_micro_batch_once():
         assert load.sum() == 3 * 2 * 16 * 2  # three micro-batches of 32 tokens, top-2
         assert m.router.expert_bias.tolist() == (0.01 * torch.sign(load.mean() - load)).tolist()
         assert not m.router.load.any()
+
+
+def test_load_counted_without_torchs_private_graph_task_lookup(monkeypatch):
+    """A torch without ``torch._C._current_graph_task_id`` (private): a training forward
+    still counts its tokens (it had raised AttributeError on every forward)."""
+    monkeypatch.delattr(torch._C, "_current_graph_task_id", raising=False)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=4, top_k=2, router="sigmoid",
+                        bias_update_rate=0.01)).train()
+    x = torch.randn(10, 8)
+    with torch.no_grad():
+        chosen = (x @ moe.router.weight.t()).topk(2, dim=-1).indices
+    moe(x)
+    expected = torch.bincount(chosen.reshape(-1), minlength=4).float()
+    assert moe.router.load.tolist() == expected.tolist()

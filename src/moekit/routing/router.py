@@ -80,7 +80,8 @@ def _in_backward() -> bool:
     compiled backward replays no Python forward)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._current_graph_task_id() != -1
+    task_id = getattr(torch._C, "_current_graph_task_id", None)  # private in torch
+    return callable(task_id) and task_id() != -1  # without it: counted, as before
 
 
 # The process group of the DistributedDataParallel that ran each router's last counting
@@ -357,8 +358,10 @@ class Router(nn.Module):
             reduce(self.load)
         elif group is not None:
             dist.all_reduce(self.load, group=group)
-        elif self in _DDP_GROUP and dist.is_initialized():
-            dist.all_reduce(self.load, group=_DDP_GROUP[self])
+        elif (ddp_group := _DDP_GROUP.get(self)) is not None and dist.is_initialized():
+            # one lookup: between a membership test and an index, another thread's forward
+            # outside DDP could pop the entry (KeyError)
+            dist.all_reduce(self.load, group=ddp_group)
         step_E = torch.sign(self.load.mean() - self.load)
         # a non-finite load (a corrupted count or all-reduce) skips the step on the
         # device, without a host sync, instead of writing NaN into every bias
