@@ -159,3 +159,15 @@ def test_a_malformed_saved_expert_load_is_refused(tmp_path):
     for bad in ([[1, 2], [3]], [[1, -2]], [[1.5]], [], "x"):
         with pytest.raises(CheckpointError, match="load_since_eval"):
             _check_load(bad, tmp_path)
+
+
+def test_a_resumed_expert_load_adds_to_a_load_on_another_device(tmp_path):
+    """restore_progress makes a CPU tensor; a step's load lives on the training device
+    ('meta' stands in for CUDA here: CPU + meta fails alike, 'not on the expected device')."""
+    t = trainer(tmp_path, "d", batch_size=2)
+    t.restore_progress({"step": 3, "counters": {}, "load_since_eval": [[1, 2], [3, 4]]})
+    t.add_load(torch.ones(2, 2, dtype=torch.long, device="meta"))
+    assert t.load_since_eval.device.type == "meta" and t.load_since_eval.shape == (2, 2)
+    t.restore_progress({"step": 3, "counters": {}, "load_since_eval": [[1, 2], [3, 4]]})
+    t.add_load(torch.tensor([[1, 0], [0, 1]]))
+    assert t.load_since_eval.tolist() == [[2, 2], [3, 5]]

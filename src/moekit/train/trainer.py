@@ -226,8 +226,7 @@ class Trainer:
             return res
         self.counters["bad_in_row"] = 0
         if res.load_LE.numel():
-            self.load_since_eval = res.load_LE if self.load_since_eval is None \
-                else self.load_since_eval + res.load_LE
+            self.add_load(res.load_LE)
             for msg in self.monitor.update(res.load_LE, res.tokens):
                 self._log(log, {"kind": "collapse", "step": self.step, "message": msg})
         return res
@@ -270,6 +269,13 @@ class Trainer:
         self.wall_s = float(state.get("wall_s", 0.0))
         load = state.get("load_since_eval")
         self.load_since_eval = None if load is None else torch.tensor(load)
+
+    def add_load(self, load_LE: Tensor) -> None:
+        """A step's tokens per expert into the load since the last validation. A resumed
+        load is a CPU tensor (restore_progress): moved to the step's device, where a CUDA
+        run's first step after the resume had failed on tensors on two devices."""
+        have = self.load_since_eval
+        self.load_since_eval = load_LE if have is None else have.to(load_LE.device) + load_LE
 
     def _load_since_eval(self) -> list[list[int]] | None:
         """Tokens per expert since the last validation, which the next ``val`` record's
