@@ -193,3 +193,18 @@ def test_converted_files_are_fsynced_before_and_their_directory_after(tmp_path, 
     for name in names:  # model.safetensors' new data was fsynced but not renamed in
         assert (out / name).read_bytes() == before[name], name
     assert not [n for n in os.listdir(out) if n.startswith(".")]
+
+
+def test_a_failed_chmod_of_latest_leaves_no_descriptor_nor_temporary(tmp_path, monkeypatch):
+    (tmp_path / "LATEST").write_text("step_00000001\n")
+    before = len(os.listdir("/proc/self/fd"))
+
+    def refuse(path, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted (injected)", str(path))
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    with pytest.raises(PermissionError, match="injected"):
+        rundir.write_latest(tmp_path, "step_00000002")
+    assert len(os.listdir("/proc/self/fd")) == before  # the temporary's descriptor closed
+    assert sorted(os.listdir(tmp_path)) == ["LATEST"]
+    assert (tmp_path / "LATEST").read_text() == "step_00000001\n"

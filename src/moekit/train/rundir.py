@@ -127,9 +127,9 @@ def write_latest(run_dir: Path, name: str) -> None:
     which the replace kept, so another user who could read the checkpoints could not
     read LATEST (``moekit generate --checkpoint RUN`` failed for them)."""
     fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
-    os.chmod(tmp, 0o666 & ~current_umask())
-    try:
+    try:  # the chmod inside: where it failed, the descriptor and .LATEST.* had stayed
         with os.fdopen(fd, "w") as f:
+            os.chmod(tmp, 0o666 & ~current_umask())
             f.write(name + "\n")
         replace_durably({Path(tmp): run_dir / LATEST})
     except BaseException:  # a failed write or fsync: the old LATEST stays, no .LATEST.*
