@@ -3,7 +3,7 @@ first line of a prompts file, --jsonl, --no-cache, the Python engine), and a pro
 file's lines are split at newlines only.
 
 The references are the engine's ``generate`` with a generator seeded by hand (the seed
-itself for sequence 0, ``seed * 1_000_003 + i`` for sequence i, written out here) and
+itself for sequence 0, ``(seed + 1) * 1_000_003 + i`` for sequence i, written out here) and
 the bytes decoded with Python's own UTF-8 decoder.
 """
 
@@ -41,7 +41,7 @@ def _engine_text(model, prompt: str, seed: int) -> str:
 def test_a_prompt_draws_one_text_however_it_is_run(tmp_path, capsys):
     model, base = _run(tmp_path)
     texts = ["def f(", "class A:", "x"]
-    want = [_engine_text(model, t, SEED if i == 0 else SEED * 1_000_003 + i)
+    want = [_engine_text(model, t, SEED if i == 0 else (SEED + 1) * 1_000_003 + i)
             for i, t in enumerate(texts)]
     assert cli_main([*base, "--prompt", texts[0]]) == 0  # streamed
     assert capsys.readouterr().out == texts[0] + want[0] + "\n"
@@ -106,3 +106,13 @@ def test_a_bad_sampling_flag_is_named_as_the_flag(tmp_path, capsys, flag, value,
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith(
         f"moekit generate: error: {flag}: {shown} is not allowed"), out.err
+
+
+def test_the_samples_of_two_small_seeds_share_no_generator():
+    """--seed 0 --samples 4 and --seed 1 --samples 4 (and every pair of seeds below 200,
+    200 samples each) draw from distinct generators: seed * 1_000_003 + i had given
+    --seed 0's sequence 1 the generator of --seed 1's sequence 0."""
+    from moekit.inference.batcher import sequence_seed
+    seeds = [sequence_seed(s, i) for s in range(200) for i in range(200)]
+    assert len(set(seeds)) == len(seeds)
+    assert sequence_seed(7, 0) == 7 and sequence_seed(7, 3) == 8 * 1_000_003 + 3

@@ -81,8 +81,10 @@ def sequence_seed(seed: int, i: int) -> int:
     --prompts-file``'s sequence i; ``moekit serve``'s i-th group of a request with more
     sequences than rows). The first is ``seed`` itself, so that one prompt draws the same
     text alone (``--prompt``, ``Engine``), first in a file, or through ``--jsonl``: it had
-    drawn from seed * 1,000,003, another text for the same prompt and seed."""
-    return seed if i == 0 else (seed * 1_000_003 + i) % MAX_SEED
+    drawn from seed * 1,000,003, another text for the same prompt and seed. The others
+    start past every seed below 1,000,003: with seed * 1,000,003 + i, --seed 0's sequence
+    i was --seed i's sequence 0 (one text shared by the samples of two seeds)."""
+    return seed if i == 0 else ((seed + 1) * 1_000_003 + i) % MAX_SEED
 
 
 @dataclass(eq=False)
