@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import warnings
@@ -74,6 +75,18 @@ def os_failed(command: str, e: OSError) -> int:
     return 1
 
 
+def pipe_closed() -> int:
+    """Quiet, for a reader of stdout that went away (``moekit generate ... | head``), as
+    a pipeline expects: 128 + SIGPIPE, as a shell reports a process SIGPIPE ended. stdout
+    then points at /dev/null, so the interpreter's last flush raises nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture)
+        pass
+    return 128 + int(signal.SIGPIPE)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports every command, torch with them: seconds
@@ -86,9 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     saved = warnings.formatwarning
     warnings.formatwarning = warning_format(args.command)
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        code = int(importlib.import_module(args._module).run(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except KeyboardInterrupt as e:
         return interrupted(args.command, e)
+    except BrokenPipeError:
+        return pipe_closed()
     except OSError as e:
         return os_failed(args.command, e)
     finally:
