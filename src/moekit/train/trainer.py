@@ -194,7 +194,7 @@ class Trainer:
         different data and could not take the same step)."""
         cfg = self.cfg
         ids, tgt = sample_windows(self.corpus.train, cfg.batch_size * cfg.grad_accum,
-                                  cfg.seq_len, batch_seed(cfg.seed, step, 0))
+                                  cfg.seq_len, batch_seed(cfg.seed, step))
         return [(i.to(cfg.device), t.to(cfg.device))
                 for i, t in zip(ids.split(cfg.batch_size), tgt.split(cfg.batch_size),
                                 strict=True)]
@@ -259,7 +259,7 @@ class Trainer:
                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
                 "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
                 "data": {"corpus": self.corpus.location(), "position": "step",
-                         "next_batch_seed": batch_seed(self.cfg.seed, self.step, 0)}}
+                         "next_batch_seed": batch_seed(self.cfg.seed, self.step)}}
 
     def restore_progress(self, state: dict[str, Any]) -> None:
         """The step, counters, wall time and load since the last validation of a checked
