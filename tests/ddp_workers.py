@@ -56,3 +56,34 @@ def ddp_bias_steps(rank: int, world: int, port: int, how: str) -> dict:
             error = f"step {step}: bias {moe.router.expert_bias.tolist()} != {bias_E.tolist()}"
     dist.destroy_process_group()
     return {"error": error}
+
+
+def ddp_group_after_destroy(rank: int, world: int, port: int) -> dict:
+    """One DDP forward, then: a deepcopy and a pickled copy of the router must not carry
+    DDP's group; after destroy_process_group() and a fresh init_process_group,
+    update_bias must not all-reduce over the dead group (here each rank's new world is
+    itself alone) but step from the local load."""
+    import copy
+    import pickle
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=8, ffn_dim=4, num_experts=E, top_k=K, router="sigmoid",
+                        bias_update_rate=RATE)).train()
+    x_TD = torch.randn(16, 8, generator=torch.Generator().manual_seed(100 * rank + 1))
+    DistributedDataParallel(moe)(x_TD).output.sum().backward()
+    out = {"copy": copy.deepcopy(moe.router)._ddp.group,
+           "pickled": pickle.loads(pickle.dumps(moe.router))._ddp.group,
+           "kept": moe.router._ddp.group is not None}
+    load_E = moe.router.load.clone()
+    dist.destroy_process_group()
+    init(0, 1, port + 1 + rank)
+    try:
+        moe.router.update_bias()
+        out["error"] = None
+    except Exception as exc:  # noqa: BLE001 - the report names it
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["bias"] = moe.router.expert_bias.tolist()
+    out["want"] = (RATE * torch.sign(load_E.mean() - load_E)).tolist()
+    dist.destroy_process_group()
+    return out

@@ -84,11 +84,37 @@ def _in_backward() -> bool:
     return callable(task_id) and task_id() != -1  # without it: counted, as before
 
 
-# The process group of the DistributedDataParallel that ran each router's last counting
-# forward (absent: it ran outside DDP). Not an attribute: deepcopy would copy the group.
-_DDP_GROUP: weakref.WeakKeyDictionary[nn.Module, dist.ProcessGroup] = \
-    weakref.WeakKeyDictionary()
-_DDP_SEEN: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+class _DDPNote:
+    """The DistributedDataParallel that ran a router's last counting forward: its process
+    group (None: it ran outside DDP) and a weak reference to the wrapper whose buffers were
+    last scanned. Per router, not global (DESIGN.md §2); a copy or an unpickled router
+    starts empty, since a process group can be neither copied nor pickled and belongs to
+    the run that made it."""
+
+    __slots__ = ("group", "seen")
+
+    def __init__(self) -> None:
+        self.group: dist.ProcessGroup | None = None
+        self.seen: weakref.ref | None = None
+
+    def __deepcopy__(self, memo: dict) -> _DDPNote:
+        return _DDPNote()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return _DDPNote, ()
+
+    def live_group(self) -> dist.ProcessGroup | None:
+        """The remembered group while it is still registered: after
+        ``dist.destroy_process_group()`` (and a new ``init_process_group``) the old group
+        object is dead, and a collective over it would fail or hang."""
+        group = self.group
+        if group is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        try:
+            dist.get_process_group_ranks(group)  # KeyError once the group is destroyed
+        except (KeyError, ValueError, RuntimeError):
+            return None
+        return group
 
 
 def _stop_ddp_syncing(ddp: DistributedDataParallel, load: Tensor) -> None:
@@ -124,6 +150,7 @@ class Router(nn.Module):
                              "moekit.MoEConfig")
         super().__init__()
         self.cfg = cfg
+        self._ddp = _DDPNote()  # a plain attribute: no buffer, not in the state_dict
         E, D = cfg.num_experts, cfg.dim
         self.weight = None if cfg.router == "hash" else nn.Parameter(torch.empty(E, D))
         self.noise_weight = (nn.Parameter(torch.zeros(E, D))
@@ -204,14 +231,14 @@ class Router(nn.Module):
             return
         active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
         ddp = active() if callable(active) else None  # private in torch: looked up gently
+        note = self._ddp
         if ddp is None:
-            _DDP_GROUP.pop(self, None)
+            note.group = None
             return
-        seen = _DDP_SEEN.get(self)
-        if seen is None or seen() is not ddp:  # the buffer scan once per DDP wrapper
+        if note.seen is None or note.seen() is not ddp:  # the buffer scan once per DDP wrapper
             _stop_ddp_syncing(ddp, self.load)
-            _DDP_SEEN[self] = weakref.ref(ddp)
-        _DDP_GROUP[self] = ddp.process_group
+            note.seen = weakref.ref(ddp)
+        note.group = ddp.process_group
 
     def select(self, x_TD: Tensor, token_ids_T: Tensor | None = None) -> RoutingPlan:
         """The routing decision alone, for inference: no balance loss, no z-loss.
@@ -358,9 +385,7 @@ class Router(nn.Module):
             reduce(self.load)
         elif group is not None:
             dist.all_reduce(self.load, group=group)
-        elif (ddp_group := _DDP_GROUP.get(self)) is not None and dist.is_initialized():
-            # one lookup: between a membership test and an index, another thread's forward
-            # outside DDP could pop the entry (KeyError)
+        elif (ddp_group := self._ddp.live_group()) is not None:
             dist.all_reduce(self.load, group=ddp_group)
         step_E = torch.sign(self.load.mean() - self.load)
         # a non-finite load (a corrupted count or all-reduce) skips the step on the
