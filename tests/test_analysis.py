@@ -1066,3 +1066,21 @@ def test_report_says_the_chance_of_a_pair_ignores_expert_groups():
                 {}):
         assert group_note({"model_config": cfg}) == ""
     assert group_note({}) == ""
+
+
+def test_re_rendering_a_compare_run_keeps_its_compare_json(two_steps, capsys):
+    """write_report(OUT/routing.json, OUT) re-renders a report in place; after a
+    --compare run it deleted compare.json, the comparison's only copy, as if a plain
+    analyze run had replaced the output."""
+    from moekit.analysis.report import write_report
+    root = two_steps
+    a, b = root / "run" / "step_00000002", root / "run" / "step_00000004"
+    out = root / "rerendered"
+    assert run(parse(str(a), "--compare", str(b), "--tokens", "256", "--data",
+                     str(root / "text.txt"), "--seq-len", "64", "--out", str(out))) == 0
+    capsys.readouterr()
+    compare_text = (out / "compare.json").read_text()
+    routing_text = (out / "routing.json").read_text()
+    write_report(out / "routing.json", out)
+    assert (out / "compare.json").read_text() == compare_text
+    assert (out / "routing.json").read_text() == routing_text

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(f"moekit analyze: warning: {note}", file=sys.stderr)
     try:
-        paths = write_report(result, out, comparison)
+        paths = write_report(result, out, comparison, new_run=True)
     except OSError as e:  # a full disk: was a traceback, after routing.json was cut short
         print(f"moekit analyze: error: could not write out={str(out)!r}: "
               f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)

@@ -327,11 +327,15 @@ def remove_stale(out: Path, written: set[str]) -> None:
 
 
 def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
-                 comparison: dict[str, Any] | None = None) -> dict[str, Path]:
+                 comparison: dict[str, Any] | None = None, *,
+                 new_run: bool = False) -> dict[str, Path]:
     """routing.json and report.md always; the PNGs where matplotlib is installed.
     ``result``: the dict ``analyze_checkpoint`` returns, or the path of a routing.json.
     ``comparison``: what ``analysis.compare.compare`` returns, written as compare.json
-    and as a section at the end of report.md.
+    and as a section at the end of report.md. ``new_run`` (``moekit analyze``): this
+    is a new analysis replacing whatever was in ``out_dir``, so the analysis files it
+    did not write are removed (``remove_stale``); by default they stay, as when a
+    routing.json is re-rendered in place: a compare.json beside it was deleted.
 
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
@@ -371,7 +375,8 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_files(out, writers)
-    remove_stale(out, set(writers))
+    if new_run:
+        remove_stale(out, set(writers))
     keys = {JSON_FILE: "json", REPORT_FILE: "report", TOKENS_CSV: "tokens",
             LOAD_PNG: "load", COACT_PNG: "coactivation"}
     return {keys.get(name, "compare"): out / name for name in writers}
