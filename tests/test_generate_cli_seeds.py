@@ -10,6 +10,7 @@ the bytes decoded with Python's own UTF-8 decoder.
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -93,8 +94,13 @@ def test_a_prompt_past_the_context_is_named_by_its_line(tmp_path, capsys):
     assert cli_main([*base, "--prompt", "a" * 60]) == 2  # 60 + 10 new > 64
     err = capsys.readouterr().err
     assert "--prompt: prompt of 60 tokens + max_new_tokens=10 is not allowed" in err, err
-    with pytest.raises(ContextLengthError, match=r"prompts\[1\]: prompt of 70 tokens"):
+    with pytest.raises(ContextLengthError, match=r"prompts\[1\]: prompt of 70 tokens") as e:
         Engine(MoETransformer(preset("tiny"))).generate([[1], [2] * 70])
+    # the index as data (the CLI read it back out of the message with a regex)
+    assert e.value.prompt == 1
+    assert str(e.value) == "prompts[1]: " + e.value.detail
+    copy = pickle.loads(pickle.dumps(e.value))  # e.g. from a worker process
+    assert (copy.prompt, str(copy)) == (1, str(e.value))
 
 
 @pytest.mark.parametrize("flag,value,shown", [

@@ -49,7 +49,18 @@ MAX_LOGPROBS = 20  # most likely tokens recorded per step (OpenAI's limit)
 
 
 class ContextLengthError(ValueError):
-    """A prompt plus the tokens to generate would run past the model's context."""
+    """A prompt plus the tokens to generate would run past the model's context.
+
+    ``prompt``: the index of that prompt in the call's prompts (None where no one prompt
+    is named); the message then starts "prompts[i]: " and ``detail`` is the rest, so a
+    caller can name the prompt its own way (the CLI: a --prompts-file line)."""
+
+    def __init__(self, detail: str, prompt: int | None = None) -> None:
+        super().__init__(detail if prompt is None else f"prompts[{prompt}]: {detail}")
+        self.detail, self.prompt = detail, prompt
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
+        return type(self), (self.detail, self.prompt)  # args alone would lose ``prompt``
 
 
 class EmptyPromptError(ValueError):
@@ -375,14 +386,14 @@ def checked_prompts(model: MoETransformer, prompts: Sequence[Prompt],
     longest = len(ids[at])
     if longest >= limit:  # no new token fits: "use at most 0 new tokens" named a bad value
         raise ContextLengthError(
-            f"prompts[{at}]: prompt of {longest} tokens is too long: the model's context is "
+            f"prompt of {longest} tokens is too long: the model's context is "
             f"max_seq_len={limit} tokens, so a prompt may hold at most {limit - 1} (room "
-            "for one new token); shorten the prompt")
+            "for one new token); shorten the prompt", at)
     if longest + new > limit:
         raise ContextLengthError(
-            f"prompts[{at}]: prompt of {longest} tokens + max_new_tokens={new} is not "
+            f"prompt of {longest} tokens + max_new_tokens={new} is not "
             f"allowed: generating past the model's context, max_seq_len={limit} "
-            f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)")
+            f"(use at most {max(limit - longest, 0)} new tokens, or a shorter prompt)", at)
     # stop ids past the vocabulary would never be produced: an error, not a silent no-op
     for name, stop in (("stop_ids", config.stop_ids), *(
             (f"stop_sequences[{i}]", seq) for i, seq in enumerate(config.stop_sequences))):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -274,13 +273,12 @@ def _check_context(engine: Engine, ids: list[list[int]], cfg: GenerationConfig,
     try:
         engine.check(ids, cfg)
     except ContextLengthError as e:
-        at = re.match(r"prompts\[(\d+)\]: ", str(e))
-        if at is None:
+        if e.prompt is None:
             raise
-        line = int(at.group(1)) // args.samples + 1
+        line = e.prompt // args.samples + 1
         where = "--prompt: " if args.prompts_file is None else \
             f"line {line} of --prompts-file: "
-        raise ContextLengthError(where + str(e)[at.end():]) from None
+        raise ContextLengthError(where + e.detail) from None
 
 
 def load_kernels(model: MoETransformer) -> None:
