@@ -368,3 +368,16 @@ def test_decode_step_calls_times_every_call_of_the_engine(monkeypatch, capsys):
                  "argmax / sampling"):
         assert f"\n    {part} " in out  # the parts inside the call, from its own timers
     assert "bf16 conversions" not in out  # an fp32 model converts nothing
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_benchmarks_not_found_is_a_runtime_failure(monkeypatch, capsys, tmp_path, decode):
+    """An installed package without benchmarks/ is a missing file (exit status 1 by
+    moekit.errors.exit_code and the README's "Exit status"), not a usage error: it
+    exited 2, which scripts read as a bad flag."""
+    monkeypatch.setattr(bench, "SCRIPT", tmp_path / "no_bench_cpu.py")
+    monkeypatch.setattr(bench, "DECODE_SCRIPT", tmp_path / "no_bench_decode.py")
+    assert bench.run(argparse.Namespace(decode=decode)) == 1
+    err = capsys.readouterr().err
+    assert "no_bench_decode.py" in err if decode else "no_bench_cpu.py" in err, err
+    assert "not found" in err and "Traceback" not in err, err

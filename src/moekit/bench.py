@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
               "benchmarks ship with the source repository, not the package: clone it and "
               "`pip install -e .`, then run `moekit bench` (or `python "
               "benchmarks/bench_cpu.py`).", file=sys.stderr)
-        return 2
+        return 1  # a missing file, as exit_code has it: not a usage error
     try:
         checked = check_args(args, module)
     except ValueError as e:
