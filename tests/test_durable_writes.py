@@ -128,8 +128,8 @@ def _recorded(monkeypatch) -> list[tuple[str, Path]]:
 
 
 def test_write_files_fsyncs_every_file_before_any_rename(tmp_path, monkeypatch):
-    """All of them or none: a failed fsync of the second file must not leave the first
-    renamed in, so every fsync comes before the first rename; the directory once after."""
+    """A failed fsync of the second file must not leave the first renamed in, so every
+    fsync comes before the first rename; the directory once after."""
     seen = _recorded(monkeypatch)
     rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("a"),
                                   "b.json": lambda p: p.write_text("b")})
@@ -148,6 +148,21 @@ def test_write_files_a_failed_fsync_renames_none(tmp_path, monkeypatch):
                                       "b.json": lambda p: p.write_text("new b")})
     assert (tmp_path / "a.md").read_text() == "old a"
     assert (tmp_path / "b.json").read_text() == "old b"
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]
+
+
+def test_write_files_a_failed_directory_fsync_raises_with_the_new_files_in(tmp_path,
+                                                                         monkeypatch):
+    """What write_files' docstring promises past the renames (it had said "all of them or
+    none ... what was there before stays"): the directory's fsync fails after every
+    rename, so the error comes with each new file whole in place and no temporary left."""
+    (tmp_path / "a.md").write_text("old a")
+    _failing_fsync(monkeypatch, lambda p: p == tmp_path)
+    with pytest.raises(OSError, match="injected"):
+        rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
+                                      "b.json": lambda p: p.write_text("new b")})
+    assert (tmp_path / "a.md").read_text() == "new a"
+    assert (tmp_path / "b.json").read_text() == "new b"
     assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]
 
 

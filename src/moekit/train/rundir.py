@@ -38,12 +38,18 @@ def temp_dir(parent: Path, prefix: str) -> Path:
 
 def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> None:
     """The files ``writers`` names in ``out`` (name -> what writes it to a given path),
-    each whole or not at all and all of them or none: each is written beside its place
-    under a temporary name, then all are renamed into place (``replace_durably``: synced
-    to disk first, the directory after); where any write fails or is stopped, the
-    temporary files go and what was there before stays. The temporary name
-    ``.<name>.tmp<suffix>`` ends in the suffix again (savefig reads the format from it)
-    and is fixed, so a killed run's is overwritten by the next, not piled up."""
+    each written beside its place under a temporary name, then all renamed into place
+    (``replace_durably``: the data synced to disk first, the directory after).
+
+    What is guaranteed: each file is whole, old or new, never cut short. Where a write
+    or a data fsync fails or is stopped, nothing is renamed: every file is as it was and
+    the temporary files go. Not guaranteed: all of them or none once renaming starts.
+    The renames run one after another, so a failure or a stop (Ctrl-C, power loss)
+    between two leaves some files new and the rest old; a failed directory fsync after
+    the renames raises with every new file in place (on a power loss any rename may
+    then be lost). The temporary name ``.<name>.tmp<suffix>`` ends in the suffix again
+    (savefig reads the format from it) and is fixed, so a killed run's is overwritten by
+    the next, not piled up."""
     tmps = {name: out / f".{name}.tmp{Path(name).suffix}" for name in writers}
     try:
         for name, write in writers.items():

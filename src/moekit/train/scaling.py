@@ -256,9 +256,10 @@ def machine() -> dict[str, Any]:
 
 
 def write_outputs(summary: dict[str, Any], report: str, out: Path) -> list[Path]:
-    """scaling.md and scaling.json both or neither (``write_files``): written one after the
-    other, a failure (a full disk, a kill) between them left a new scaling.md beside the
-    previous scaling.json, a report that disagreed with its own numbers."""
+    """scaling.md and scaling.json both or neither where a write fails (``write_files``:
+    only their two renames, back to back, can be split): written one after the other, a
+    failure (a full disk, a kill) between them left a new scaling.md beside the previous
+    scaling.json, a report that disagreed with its own numbers."""
     texts = {"scaling.md": report + "\n", "scaling.json": json.dumps(summary, indent=1)}
     write_files(out, {name: (lambda path, text=text: path.write_text(text, encoding="utf-8"))
                       for name, text in texts.items()})
