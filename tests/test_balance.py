@@ -208,3 +208,17 @@ def test_load_counted_without_torchs_private_graph_task_lookup(monkeypatch):
     moe(x)
     expected = torch.bincount(chosen.reshape(-1), minlength=4).float()
     assert moe.router.load.tolist() == expected.tolist()
+
+
+def test_a_router_pickled_before_it_had_a_ddp_note_still_counts_its_load():
+    """torch.save(model) of an older moekit: its Router's __dict__ lacks _ddp; unpickled,
+    a training forward counts the tokens (an AttributeError otherwise)."""
+    import pickle
+
+    cfg = MoEConfig(dim=16, ffn_dim=8, num_experts=4, top_k=2, router="sigmoid",
+                    bias_update_rate=0.01)
+    moe = MoE(cfg).train()
+    del moe.router.__dict__["_ddp"]  # as an older Router was pickled
+    loaded = pickle.loads(pickle.dumps(moe))
+    loaded(torch.randn(5, 16))
+    assert loaded.router.load.sum().item() == 5 * 2

@@ -177,6 +177,12 @@ class Router(nn.Module):
                 setattr(self, name, buf.float())
         return self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A router pickled whole before it had ``_ddp`` (``torch.save(model)``) loads
+        with an empty one, rather than failing its first training forward."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_ddp", _DDPNote())
+
     def reset_parameters(self) -> None:
         """A fresh router's state: the gate drawn anew, the noise gate, the selection bias
         and the load zero, the hash table rebuilt from its seed (after to_empty() on a
