@@ -14,6 +14,7 @@ import torch
 
 from moekit.cli import main as cli_main
 from moekit.inference.perplexity import chunk_ids, score
+from moekit.inference.text import ByteText, TokenizerText
 from tests import test_generate_tokenizer as tg
 
 TEXT = "".join(tg.CORPUS[:12]) + "déjà vu: naïve café\n" * 3
@@ -38,6 +39,32 @@ def _reference(model, ids: list[int], context: int, first: int) -> list[float]:
     return out
 
 
+def _gpt2_bytes(tok, ids: list[int]) -> bytes:
+    """The bytes ``ids`` spell, from their vocabulary strings through GPT-2's published
+    byte-to-character table (bytes_to_unicode in openai/gpt-2's encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    return bytes(table[c] for i in ids for c in tok.id_to_token(i))
+
+
+def test_scored_bytes_are_the_scored_tokens_own_bytes():
+    """Bits per byte divide by the bytes the scored tokens hold. A byte-level model's
+    token is one byte, so they are as many as the tokens, where a chunk's edge cuts a
+    character in two (a decode of the scored ids spelled each piece as U+FFFD, 3 bytes:
+    172 bytes for 160 tokens of this text at --context 16)."""
+    from moekit.models import MoETransformer, preset
+
+    torch.manual_seed(0)
+    ids = list(("héllo wörld, ça va? " * 14).encode())
+    chunks = chunk_ids(ids, 16)
+    assert any(b >= 0x80 for b in chunks[:, 8].tolist())  # a cut inside a character
+    got = score(MoETransformer(preset("tiny")), chunks, token_bytes=ByteText().token_bytes)
+    assert got.tokens == 8 * len(chunks) and got.scored_bytes == got.tokens
+    assert got.bits_per_byte == pytest.approx(got.nll / math.log(2) / got.tokens, rel=1e-12)
+
+
 def test_scores_are_transformers_log_likelihoods(converted, capsys):
     tok, model, root = converted
     from moekit.quant.io import load_model
@@ -45,14 +72,15 @@ def test_scores_are_transformers_log_likelihoods(converted, capsys):
     ids = tok.encode(TEXT).ids
     assert len(ids) >= 3 * 32
     want = _reference(model, ids, 32, 16)
-    got = score(load_model(root / "lm"), chunk_ids(ids, 32), decode=tok.decode)
+    text = TokenizerText(root / "lm" / "tokenizer")
+    got = score(load_model(root / "lm"), chunk_ids(ids, 32), token_bytes=text.token_bytes)
     assert (got.tokens, got.chunks, got.score_from) == (len(want), len(ids) // 32, 16)
     assert got.nll == pytest.approx(sum(want), rel=1e-5)
     n, mean = len(want), sum(want) / len(want)
     sd = math.sqrt(sum((x - mean) ** 2 for x in want) / (n - 1))
     assert got.perplexity == pytest.approx(math.exp(mean), rel=1e-5)
     assert got.stderr == pytest.approx(math.exp(mean) * sd / math.sqrt(n), rel=1e-4)
-    scored = sum(len(tok.decode(ids[c * 32 + 16:(c + 1) * 32]).encode())
+    scored = sum(len(_gpt2_bytes(tok, ids[c * 32 + 16:(c + 1) * 32]))
                  for c in range(len(ids) // 32))
     assert got.bits_per_byte == pytest.approx(sum(want) / math.log(2) / scored, rel=1e-5)
     # the command: the same numbers from the checkpoint's own tokenizer, other chunking

@@ -113,11 +113,14 @@ def chunk_ids(ids: list[int], context: int, chunks: int | None = None) -> Tensor
 
 @torch.inference_mode()
 def score(model, chunks_CL: Tensor, score_from: int | None = None,
-          decode=None, base=None, kv_cache_dtype: torch.dtype | str | None = None
+          token_bytes=None, base=None, kv_cache_dtype: torch.dtype | str | None = None
           ) -> Perplexity:
     """The negative log-likelihoods of each chunk's tokens after ``score_from`` (default
     half the chunk; at least 1: the first token has no prediction), one chunk per
-    forward. ``decode(ids) -> str`` (the model's text) counts the scored bytes; ``base``
+    forward. ``token_bytes(id) -> bytes`` (the model's text: ``ByteText.token_bytes``)
+    counts the scored bytes, each token's own (a decode of the scored ids would spell a
+    character cut at a chunk's edge as U+FFFD, 3 bytes: 172 bytes for 160 byte tokens
+    of "héllo wörld, ça va? " at context 16); ``base``
     (a model of the same vocabulary) adds KL(base || model) and top-1 agreement.
     ``kv_cache_dtype`` (not None): each chunk runs through a ``StaticKVCache`` of that
     dtype, its attention over the keys and values as the cache holds them (the base runs
@@ -168,8 +171,8 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
                 kl += float(token_kl.sum())
                 kl_sq += float(token_kl.square().sum())
                 same += int((base_logp.argmax(-1) == logp.argmax(-1)).sum())
-            if decode is not None:
-                scored_bytes += len(decode(target.tolist()).encode("utf-8"))
+            if token_bytes is not None:
+                scored_bytes += sum(len(token_bytes(t)) for t in target.tolist())
     finally:
         model.train(was_training)
     return Perplexity(tokens=C * (L - first), nll=nll, nll_sq=nll_sq, chunks=C, context=L,
@@ -264,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 kind = CheckpointError if isinstance(e, CheckpointError) else ValueError
                 raise kind(f"--against={args.against!r} is not allowed: {e}") from e
         kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
-        result = score(model, chunks, args.score_from, text.decode, base, kv)
+        result = score(model, chunks, args.score_from, text.token_bytes, base, kv)
         if args.chunks > len(chunks):  # was silent
             print(f"moekit perplexity: --chunks={args.chunks}, but the text holds "
                   f"{len(chunks)} whole chunks of {context} tokens: scoring those "
