@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from moekit.cli import main as cli_main
-from moekit.inference.perplexity import chunk_ids, score
+from moekit.inference.perplexity import chunk_ids, read_ids, score
 from moekit.inference.text import ByteText, TokenizerText
 from tests import test_generate_tokenizer as tg
 
@@ -201,7 +202,9 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
     # was "checkpoint='nope': no state.json or LATEST there"
     (["--against", "nope"], "--against='nope' is not allowed: it must be a checkpoint dir"),
     (["--text", "/nonexistent.txt"], "--text='/nonexistent.txt' is not allowed: no such file"),
-    (["--context", "64", "--text", "SHORT"], "at least one chunk of context=64 tokens"),
+    # was "text='4 tokens' is not allowed", naming neither flag
+    (["--context", "64", "--text", "SHORT"], "is not allowed: it holds 4 tokens, fewer than "
+                                             "one chunk of --context=64"),
 ])
 def test_bad_flags_are_named(converted, capsys, tmp_path, flags, words):
     _, _, root = converted
@@ -236,3 +239,54 @@ def test_more_chunks_than_the_text_holds_says_how_many_it_scored(converted, caps
             f"scoring those {every}") in out.err
     assert cli_main([*args, "--chunks", str(every)]) == 0
     assert capsys.readouterr().err == ""
+
+
+def _run_text(root, capsys, text: str, *flags: str) -> tuple[int, str]:
+    code = cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--text", text, *flags])
+    return code, capsys.readouterr().err
+
+
+def test_a_text_that_is_no_readable_file_is_one_line_naming_the_flag(converted, capsys,
+                                                                      tmp_path):
+    """Usage errors (2): a text typed where the path belongs (it was a raw "File name too
+    long", exit 1), a directory (was "no such file"), an empty file, a byte that is not
+    UTF-8 (told with its offset). A file the process may not read: 1, by the flag."""
+    _, _, root = converted
+    typed = "the quick brown fox " * 20
+    code, err = _run_text(root, capsys, typed)
+    assert code == 2 and err.count("\n") == 1
+    assert "--text='the quick brown fox the quick brown fox '... (400 characters) is not " \
+        "allowed: no file can have this name (too long); --text takes a file's path" in err
+    code, err = _run_text(root, capsys, str(tmp_path))
+    assert code == 2 and f"--text={str(tmp_path)!r} is not allowed: it is a directory" in err
+    (tmp_path / "empty.txt").write_bytes(b"")
+    code, err = _run_text(root, capsys, str(tmp_path / "empty.txt"), "--context", "8")
+    assert code == 2 and "it holds 0 tokens, fewer than one chunk of --context=8" in err
+    (tmp_path / "latin1.txt").write_bytes("café au lait ".encode() * 9 + b"caf\xe9")
+    code, err = _run_text(root, capsys, str(tmp_path / "latin1.txt"), "--context", "8")
+    assert code == 2 and "it is not UTF-8 text (byte 0xe9 at offset 129)" in err
+    if os.geteuid() != 0:  # root reads whatever the mode says
+        (tmp_path / "secret.txt").write_text(TEXT)
+        (tmp_path / "secret.txt").chmod(0)
+        code, err = _run_text(root, capsys, str(tmp_path / "secret.txt"))
+        assert code == 1 and "could not be read: Permission denied" in err
+
+
+def test_only_the_scored_part_of_a_text_is_read(converted, tmp_path):
+    """--chunks N reads as much of the file as N chunks take (a 440 MB file had cost 4.6
+    GB: read, decoded and tokenized whole; now 0.4 GB): what follows is never looked at
+    (a byte that is not UTF-8 there is no error), and the ids are those the tokenizers
+    library gives the whole text, where the read is cut inside a word."""
+    tok, _, root = converted
+    whole = TEXT * 300  # 143 KB: the reads stop well before its end
+    (tmp_path / "t.txt").write_bytes(whole.encode() + b"\xff")
+    want = tok.encode(whole).ids
+    text = TokenizerText(root / "lm" / "tokenizer")
+    for n in (1, 100, 1500, 3000):
+        got = read_ids(str(tmp_path / "t.txt"), text.encode, n)
+        assert got[:n] == want[:n]
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_ids(str(tmp_path / "t.txt"), text.encode, None)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "déjà".encode())
+    assert read_ids(str(tmp_path / "bom.txt"), ByteText().encode, None) == \
+        list("déjà".encode())

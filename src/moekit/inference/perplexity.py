@@ -24,6 +24,8 @@ values as that cache holds them (what decoding with ``--kv-cache-dtype`` reads);
 from __future__ import annotations
 
 import argparse
+import codecs
+import errno
 import json
 import math
 import sys
@@ -194,7 +196,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "the same checkpoint: what the cache costs); default auto: no "
                           "cache, the plain forward")
     p.add_argument("--text", default=None, metavar="FILE",
-                   help="UTF-8 text to score (default: the validation files of the built-in "
+                   help="the path of a UTF-8 text file to score (a pipe too); only as much "
+                   "is read as --chunks takes (default: the validation files of the built-in "
                    "corpus, the Python standard library's source)")
     p.add_argument("--context", type=int, default=None,
                    help="tokens per chunk (default: the model's max_seq_len, at most 512)")
@@ -209,18 +212,84 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def _read_text(path: str | None) -> str:
+def _shown(path: str) -> str:
+    """``path`` as an error quotes it: a text typed where a path belongs, too long for
+    one, is cut (a real path is quoted whole)."""
+    return repr(path) if len(path) <= 255 else f"{path[:40]!r}... ({len(path):,} characters)"
+
+
+def text_file(path: str) -> Path:
+    """``--text``'s file, checked before the model loads: a ValueError (exit 2) for a name
+    that is no file (missing, a directory, a text typed in its place), an OSError naming
+    the flag (exit 1) for one that cannot be read. A pipe is a file here (``<(cmd)``)."""
+    if path == "":  # Path("") is the current directory
+        raise ValueError("--text='' is not allowed: it must name a UTF-8 text file")
+    try:
+        Path(path).stat()
+        if Path(path).is_dir():
+            raise ValueError(f"--text={_shown(path)} is not allowed: it is a directory; it "
+                             "must name a UTF-8 text file")
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:  # was a raw "File name too long", exit 1
+            raise ValueError(f"--text={_shown(path)} is not allowed: no file can have this "
+                             "name (too long); --text takes a file's path, not the text "
+                             "itself") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ValueError(f"--text={_shown(path)} is not allowed: no such file") from None
+        raise OSError(e.errno, f"--text={_shown(path)} could not be read: "
+                      f"{e.strerror or e}") from None
+    return Path(path)
+
+
+def read_ids(path: str, encode, tokens: int | None) -> list[int]:
+    """The ids of the UTF-8 text in ``path`` (a leading byte-order mark dropped), enough
+    for its first ``tokens`` (None: the whole file). Only as much is read as gives them,
+    so a file of gigabytes costs what is scored, not its size (it was read, decoded and
+    tokenized whole, its ids a Python list: ~8 bytes each). A tokenizer's ids near the
+    cut can differ from those of the whole text, so reading doubles until two prefixes
+    agree on the first ``tokens`` ids (a byte model's agree at once)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    text, done, before, block = "", 0, None, -1 if tokens is None else 4 * tokens + 4096
+    with open(text_file(path), "rb") as f:
+        while True:
+            data = f.read(block)
+            end = block < 0 or len(data) < block
+            if done == 0 and data.startswith(codecs.BOM_UTF8):
+                data, done = data[3:], 3
+            held = len(utf8.getstate()[0])  # a character's first bytes, from the last block
+            try:
+                text += utf8.decode(data, final=end)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--text={_shown(path)} is not allowed: it is not UTF-8 "
+                                 f"text (byte {e.object[e.start]:#04x} at offset "
+                                 f"{done - held + e.start:,})") from None
+            done += len(data)
+            ids = encode(text)
+            if end or (before is not None and len(before) > tokens
+                       and before[:tokens] == ids[:tokens]):
+                return ids
+            before, block = ids, done
+
+
+def _text_ids(path: str | None, encode, context: int, chunks: int) -> list[int]:
+    """The ids of ``--text`` (None: the built-in corpus's validation text), enough for
+    ``chunks`` chunks of ``context`` (0: all); a text shorter than one chunk is refused
+    by the flags' names (it was "text='0 tokens' is not allowed")."""
     if path is None:
         from moekit.train.data import load_corpus
 
-        return bytes(load_corpus().val.tolist()).decode("utf-8", errors="replace")
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--text={path!r} is not allowed: no such file")
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--text={path!r} is not allowed: it is not UTF-8 text ({e})") from e
+        ids = encode(bytes(load_corpus().val.tolist()).decode("utf-8", errors="replace"))
+        where = "the built-in corpus's validation text"
+    else:
+        ids = read_ids(path, encode, chunks * context or None)
+        where = f"--text={_shown(path)}"
+    if len(ids) < context:
+        raise ValueError(f"{where} is not allowed: it holds {len(ids):,} tokens, fewer than "
+                         f"one chunk of --context={context}; give a longer text or a "
+                         "smaller --context")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,14 +318,16 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         text = text_for(args.checkpoint, args.tokenizer)
-        raw = _read_text(args.text)
+        if args.text is not None:
+            text_file(args.text)  # a bad path is told before the model loads
         model = load_for_generation(args)
         limit = model.config.max_seq_len
         context = args.context if args.context is not None else min(limit, 512)
         if context > limit:
             raise ValueError(f"--context={context} is not allowed: it must be <= the "
                              f"model's max_seq_len={limit}")
-        chunks = chunk_ids(text.encode(raw), context, args.chunks or None)
+        chunks = chunk_ids(_text_ids(args.text, text.encode, context, args.chunks),
+                           context, args.chunks or None)
         if args.score_from is not None and args.score_from >= context:
             raise ValueError(f"--score-from={args.score_from} is not allowed: it must be "
                              f"< --context={context}")
