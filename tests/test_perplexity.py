@@ -239,6 +239,10 @@ def test_more_chunks_than_the_text_holds_says_how_many_it_scored(converted, caps
             f"scoring those {every}") in out.err
     assert cli_main([*args, "--chunks", str(every)]) == 0
     assert capsys.readouterr().err == ""
+    # no --chunks (32, more than this text holds): no word of a flag nobody typed
+    assert every < 32 and cli_main(args) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["chunks"] == every and out.err == ""
 
 
 def _run_text(root, capsys, text: str, *flags: str) -> tuple[int, str]:

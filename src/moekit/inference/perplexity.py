@@ -38,6 +38,8 @@ from torch import Tensor
 
 from moekit.config import check_positive_int, reject
 
+DEFAULT_CHUNKS = 32  # --chunks not given
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -203,8 +205,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per chunk (default: the model's max_seq_len, at most 512)")
     p.add_argument("--score-from", type=int, default=None,
                    help="score each chunk's tokens after this many (default: half the chunk)")
-    p.add_argument("--chunks", type=int, default=32,
-                   help="chunks to score, from the text's start (0: every whole chunk)")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="chunks to score, from the text's start (default 32; 0: every whole "
+                   "chunk)")
     p.add_argument("--against", default=None, metavar="BASE",
                    help="also run this checkpoint (e.g. the float model a quantized one came "
                    "from; loaded in fp32, resident) on the same chunks: KL divergence "
@@ -308,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
         if args.context is not None and args.context < 2:  # was an empty range of score_from
             raise ValueError(f"--context={args.context} is not allowed: it must be at least "
                              "2 (a token of context before each scored one)")
-        if args.chunks < 0:
+        asked = DEFAULT_CHUNKS if args.chunks is None else args.chunks
+        if asked < 0:
             raise ValueError(f"--chunks={args.chunks} is not allowed: it must be >= 0 "
                              "(0: every whole chunk)")
         if args.against is not None and not Path(args.against).is_dir():  # was checkpoint=
@@ -326,8 +330,8 @@ def run(args: argparse.Namespace) -> int:
         if context > limit:
             raise ValueError(f"--context={context} is not allowed: it must be <= the "
                              f"model's max_seq_len={limit}")
-        chunks = chunk_ids(_text_ids(args.text, text.encode, context, args.chunks),
-                           context, args.chunks or None)
+        chunks = chunk_ids(_text_ids(args.text, text.encode, context, asked),
+                           context, asked or None)
         if args.score_from is not None and args.score_from >= context:
             raise ValueError(f"--score-from={args.score_from} is not allowed: it must be "
                              f"< --context={context}")
@@ -342,7 +346,8 @@ def run(args: argparse.Namespace) -> int:
                 raise kind(f"--against={args.against!r} is not allowed: {e}") from e
         kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
         result = score(model, chunks, args.score_from, text.token_bytes, base, kv)
-        if args.chunks > len(chunks):  # was silent
+        # was silent; then it told of a --chunks=32 nobody typed (the default)
+        if args.chunks is not None and args.chunks > len(chunks):
             print(f"moekit perplexity: --chunks={args.chunks}, but the text holds "
                   f"{len(chunks)} whole chunks of {context} tokens: scoring those "
                   f"{len(chunks)}", file=sys.stderr)
