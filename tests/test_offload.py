@@ -1126,7 +1126,8 @@ def test_a_refused_perplexity_input_prints_one_line_not_an_empty_cache_summary(
     assert main(["perplexity", "--checkpoint", str(moekit_ckpt[0]), "--text", str(text),
                  "--expert-memory", str(3 * EXPERT_BYTES)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("moekit perplexity: error: text=")
+    assert len(err) == 1 and err[0].startswith("moekit perplexity: error: --text=")
+    assert "it holds 3 tokens, fewer than one chunk of --context=" in err[0]
 
 
 @pytest.mark.parametrize("value", ["-5", "-1MiB", " -0.5 GiB", "-0"])
