@@ -294,3 +294,26 @@ def test_only_the_scored_part_of_a_text_is_read(converted, tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "déjà".encode())
     assert read_ids(str(tmp_path / "bom.txt"), ByteText().encode, None) == \
         list("déjà".encode())
+
+
+def test_tokens_per_second_time_the_model_not_the_base():
+    """tokens/s is the model's forwards: a base that takes 0.3 s a chunk leaves it be (its
+    time had been counted: an --against run reported about half the model's speed)."""
+    import time
+
+    from moekit.models import MoETransformer, preset
+
+    torch.manual_seed(0)
+    model = MoETransformer(preset("tiny"))
+
+    class SlowBase(torch.nn.Module):
+        config = model.config
+
+        def forward(self, ids):
+            time.sleep(0.3)
+            return model(ids)
+
+    chunks = chunk_ids(list(b"the quick brown fox jumps over the lazy dog" * 2), 32)
+    got = score(model, chunks, base=SlowBase())
+    assert got.chunks == 2 and got.kl == pytest.approx(0, abs=1e-12)
+    assert got.seconds < 0.3 and got.tokens_per_s == 2 * 32 / got.seconds

@@ -51,7 +51,7 @@ class Perplexity:
     chunks: int
     context: int
     score_from: int
-    seconds: float  # forward passes and scoring
+    seconds: float  # the model's forward passes and their scoring (not a base's)
     scored_bytes: int = 0  # UTF-8 bytes of the scored tokens' text (0: not known)
     # against a base model (None: not run): sums of KL(base || model) per scored token,
     # their squares, and the positions where both models' most likely tokens are equal
@@ -95,7 +95,7 @@ class Perplexity:
 
     @property
     def tokens_per_s(self) -> float:
-        """Tokens through the model (context and scored) per second."""
+        """Tokens through the model (context and scored) per second of its forwards."""
         return self.chunks * self.context / max(self.seconds, 1e-12)
 
     def as_dict(self) -> dict:
@@ -159,15 +159,18 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
     forward(chunks_CL[:1, :2])
     if base is not None:
         base(chunks_CL[:1, :2])
-    start = time.perf_counter()
+    seconds = 0.0  # the model's forwards (and their scoring: float() waits for them)
     try:
         for c in range(C):
+            start = time.perf_counter()
             ids = chunks_CL[c:c + 1]
             logits = forward(ids)[0, first - 1:L - 1].float()  # predicts first..L-1
             target = ids[0, first:]
             token_nll = torch.logsumexp(logits, -1) - logits.gather(1, target[:, None])[:, 0]
             nll += float(token_nll.double().sum())
             nll_sq += float(token_nll.double().square().sum())
+            # not the base's forwards: they halved an --against run's tokens/s
+            seconds += time.perf_counter() - start
             if base is not None:
                 # float64: an int8 model's KL is ~2e-7 nats a token, at float32's rounding
                 # of log-probabilities near -5 (a 3% error on the tiny run, 1.94e-4 for
@@ -183,7 +186,7 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
     finally:
         model.train(was_training)
     return Perplexity(tokens=C * (L - first), nll=nll, nll_sq=nll_sq, chunks=C, context=L,
-                      score_from=first, seconds=time.perf_counter() - start,
+                      score_from=first, seconds=seconds,
                       scored_bytes=scored_bytes,
                       **({} if base is None else {"kl": kl, "kl_sq": kl_sq, "top1_same": same}))
 
