@@ -317,3 +317,38 @@ def test_tokens_per_second_time_the_model_not_the_base():
     got = score(model, chunks, base=SlowBase())
     assert got.chunks == 2 and got.kl == pytest.approx(0, abs=1e-12)
     assert got.seconds < 0.3 and got.tokens_per_s == 2 * 32 / got.seconds
+
+
+def test_a_tokenizer_or_base_that_does_not_fit_the_model_is_named(converted, capsys,
+                                                                  tmp_path):
+    """A --tokenizer whose ids pass the model's vocabulary (the Qwen tokenizer's 300 ids
+    on a byte model of 256) and a --context past the --against model's max_seq_len had
+    failed mid-run with messages of internals ("ids_BL has values in [11, 277]",
+    "sequence length 48 is not allowed"); both are usage errors named by flag."""
+    import moekit.quant.io as qio
+    from moekit.models import MoETransformer, preset
+    from moekit.quant import quantize
+
+    tok, _, root = converted
+    torch.manual_seed(0)
+    byte_model = qio.save_quantized(quantize(MoETransformer(preset("tiny")).eval(), bits=8),
+                                    tmp_path / "bytes")
+    top = max(tok.encode(TEXT).ids[:64])
+    assert top >= 256
+    code, err = _run_text(root, capsys, str(root / "text.txt"), "--context", "32",
+                          "--chunks", "2")  # the model's own tokenizer: fine
+    assert code == 0
+    assert cli_main(["perplexity", "--checkpoint", str(byte_model), "--tokenizer",
+                     str(root / "lm" / "tokenizer"), "--text", str(root / "text.txt"),
+                     "--context", "32", "--chunks", "2"]) == 2
+    assert (f"--tokenizer={str(root / 'lm' / 'tokenizer')!r} is not allowed: it gives ids "
+            f"up to {top}, beyond the model's vocab_size=256") in capsys.readouterr().err
+    short = tmp_path / "short_base"
+    short.mkdir()
+    tg.convert_random_qwen3(short, seed=1, max_positions=32, moe_ffn=32)
+    capsys.readouterr()  # transformers' progress bars
+    code, err = _run_text(root, capsys, str(root / "text.txt"), "--context", "48",
+                          "--against", str(short / "lm"))
+    assert code == 2 and err.count("\n") == 1
+    assert "--context=48 is not allowed: it must be <= the --against model's " \
+        "max_seq_len=32" in err

@@ -298,6 +298,16 @@ def _text_ids(path: str | None, encode, context: int, chunks: int) -> list[int]:
     return ids
 
 
+def _check_vocab(chunks_CL: Tensor, vocab_size: int, tokenizer: str | None) -> None:
+    """The text's ids fit the model's embedding (a --tokenizer of another model gave "ids_BL
+    has values in [11, 277]" from inside the forward, naming no flag)."""
+    top = int(chunks_CL.max())
+    if top >= vocab_size:
+        where = "the checkpoint's tokenizer" if tokenizer is None else f"--tokenizer={tokenizer!r}"
+        raise ValueError(f"{where} is not allowed: it gives ids up to {top}, beyond the "
+                         f"model's vocab_size={vocab_size} (it must be the model's own)")
+
+
 def run(args: argparse.Namespace) -> int:
     from moekit.errors import exit_code
     from moekit.inference.text import text_for
@@ -335,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                              f"model's max_seq_len={limit}")
         chunks = chunk_ids(_text_ids(args.text, text.encode, context, asked),
                            context, asked or None)
+        _check_vocab(chunks, model.config.vocab_size, args.tokenizer)
         if args.score_from is not None and args.score_from >= context:
             raise ValueError(f"--score-from={args.score_from} is not allowed: it must be "
                              f"< --context={context}")
@@ -347,6 +358,9 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as e:  # a CheckpointError stays one: exit 1, not 2
                 kind = CheckpointError if isinstance(e, CheckpointError) else ValueError
                 raise kind(f"--against={args.against!r} is not allowed: {e}") from e
+            if context > base.config.max_seq_len:  # was "sequence length 128 ..." mid-run
+                raise ValueError(f"--context={context} is not allowed: it must be <= the "
+                                 f"--against model's max_seq_len={base.config.max_seq_len}")
         kv = None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
         result = score(model, chunks, args.score_from, text.token_bytes, base, kv)
         # was silent; then it told of a --chunks=32 nobody typed (the default)
