@@ -343,6 +343,11 @@ def test_a_tokenizer_or_base_that_does_not_fit_the_model_is_named(converted, cap
                      "--context", "32", "--chunks", "2"]) == 2
     assert (f"--tokenizer={str(root / 'lm' / 'tokenizer')!r} is not allowed: it gives ids "
             f"up to {top}, beyond the model's vocab_size=256") in capsys.readouterr().err
+    assert cli_main(["perplexity", "--checkpoint", str(byte_model), "--text",
+                     str(root / "text.txt"), "--context", "32", "--against",
+                     str(root / "lm")]) == 2  # was "base has vocab_size=320, which ..."
+    assert (f"--against={str(root / 'lm')!r} is not allowed: its vocab_size=320 is not the "
+            "model's, 256; it must share its vocabulary") in capsys.readouterr().err
     short = tmp_path / "short_base"
     short.mkdir()
     tg.convert_random_qwen3(short, seed=1, max_positions=32, moe_ffn=32)

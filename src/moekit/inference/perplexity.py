@@ -358,6 +358,10 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as e:  # a CheckpointError stays one: exit 1, not 2
                 kind = CheckpointError if isinstance(e, CheckpointError) else ValueError
                 raise kind(f"--against={args.against!r} is not allowed: {e}") from e
+            if base.config.vocab_size != model.config.vocab_size:  # was "base has ..."
+                raise ValueError(f"--against={args.against!r} is not allowed: its vocab_size="
+                                 f"{base.config.vocab_size} is not the model's, "
+                                 f"{model.config.vocab_size}; it must share its vocabulary")
             if context > base.config.max_seq_len:  # was "sequence length 128 ..." mid-run
                 raise ValueError(f"--context={context} is not allowed: it must be <= the "
                                  f"--against model's max_seq_len={base.config.max_seq_len}")
