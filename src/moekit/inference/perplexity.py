@@ -12,14 +12,14 @@ across tokenizers), and tokens per second of the model's forwards. The same text
 and chunks give comparable numbers for the float, bf16, int8 and int4 forms of one model:
 what quantizing costs, in the model's own tokens (``benchmarks/quant_quality.py``
 measures moekit's byte-level models on their trainer's validation windows).
-``--against BASE`` also runs the base checkpoint (say, the float model a quantized one came from) on
-the same chunks and reports the mean KL divergence of this model's next-token
-distribution from the base's and how often their top tokens agree (as llama.cpp's
-``--kl-divergence``): differences too small to move the perplexity past its standard
-error still show there. ``--kv-cache-dtype bfloat16 | int8`` runs each chunk through a
-``StaticKVCache`` of that dtype, so attention reads the keys and values as that cache
-holds them (what decoding with ``--kv-cache-dtype`` reads); with ``--against`` the same
-checkpoint, it measures what the cache costs.
+``--against BASE`` also runs the base checkpoint (say, the float model a quantized one
+came from) on the same chunks and reports the mean KL divergence of this model's
+next-token distribution from the base's and how often their top tokens agree (as
+llama.cpp's ``--kl-divergence``): differences too small to move the perplexity past its
+standard error still show there. ``--kv-cache-dtype bfloat16 | int8`` runs each chunk
+through a ``StaticKVCache`` of that dtype, so attention reads the keys and values as that
+cache holds them (what decoding with ``--kv-cache-dtype`` reads); with ``--against`` the
+same checkpoint, it measures what the cache costs.
 """
 
 from __future__ import annotations
