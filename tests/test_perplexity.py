@@ -186,6 +186,13 @@ def test_a_small_kv_cache_scores_what_decoding_over_it_predicts(converted, capsy
                      str(root / "text.txt"), "--context", "32", "--chunks", "2",
                      "--kv-cache-dtype", kv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(got.nll, rel=1e-6)
+    # the printed KL in significant digits (a KL under 5e-7 had printed as 0.000000)
+    assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--text",
+                     str(root / "text.txt"), "--context", "32", "--chunks", "2",
+                     "--kv-cache-dtype", kv, "--against", str(root / "lm")]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    printed = float(line.split("KL divergence ")[1].split(" ")[0])
+    assert printed == pytest.approx(against.kl_mean, rel=1e-3)
     assert cli_main(["perplexity", "--checkpoint", str(root / "lm"), "--dtype", "bf16",
                      "--kv-cache-dtype", "float32"]) == 2
     assert "kv_cache_dtype='float32' is not allowed" in capsys.readouterr().err

@@ -388,7 +388,9 @@ def run(args: argparse.Namespace) -> int:
           f"nats/token" + ("" if bpb is None else f", {bpb:.4f} bits/byte")
           + f"; {result.tokens_per_s:.0f} tokens/s")
     if result.kl is not None:
-        print(f"against {args.against}: KL divergence {result.kl_mean:.6f} +- "
-              f"{result.kl_stderr:.6f} nats/token, top token the same at "
+        # significant digits: a bf16 or int8 KV cache's KL, ~2e-8 nats a token, printed
+        # as 0.000000 +- 0.000000 (as if the two were the same)
+        print(f"against {args.against}: KL divergence {result.kl_mean:.4g} +- "
+              f"{result.kl_stderr:.2g} nats/token, top token the same at "
               f"{100 * result.top1_agreement:.2f}% of {result.tokens:,} positions")
     return 0
