@@ -364,3 +364,24 @@ def test_a_tokenizer_or_base_that_does_not_fit_the_model_is_named(converted, cap
     assert code == 2 and err.count("\n") == 1
     assert "--context=48 is not allowed: it must be <= the --against model's " \
         "max_seq_len=32" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_named_pipe_scores_as_the_file_does(converted, capsys, tmp_path):
+    """--text of a pipe (``<(cmd)``, a mkfifo) is read once, as it streams: the file's
+    numbers (its path had been opened and closed to check it, then opened again)."""
+    import threading
+
+    _, _, root = converted
+    argv = ["perplexity", "--checkpoint", str(root / "lm"), "--context", "32", "--chunks",
+            "2", "--json", "--text"]
+    assert cli_main([*argv, str(root / "text.txt")]) == 0
+    want = json.loads(capsys.readouterr().out)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(TEXT, encoding="utf-8"))
+    writer.start()
+    assert cli_main([*argv, str(fifo)]) == 0
+    writer.join(timeout=10)
+    got = json.loads(capsys.readouterr().out)
+    assert (got["tokens"], got["nll"]) == (want["tokens"], want["nll"])

@@ -29,6 +29,7 @@ import codecs
 import errno
 import json
 import math
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -232,12 +233,13 @@ def text_file(path: str) -> Path:
     if path == "":  # Path("") is the current directory
         raise ValueError("--text='' is not allowed: it must name a UTF-8 text file")
     try:
-        Path(path).stat()
-        if Path(path).is_dir():
+        mode = Path(path).stat().st_mode
+        if stat.S_ISDIR(mode):
             raise ValueError(f"--text={_shown(path)} is not allowed: it is a directory; it "
                              "must name a UTF-8 text file")
-        with open(path, "rb"):
-            pass
+        if stat.S_ISREG(mode):  # not a named pipe: an open and close would end its writer
+            with open(path, "rb"):
+                pass
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:  # was a raw "File name too long", exit 1
             raise ValueError(f"--text={_shown(path)} is not allowed: no file can have this "
