@@ -308,7 +308,7 @@ def test_chat_needs_a_tokenizer_with_a_template(converted, tmp_path, capsys):
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "bytes"), "--chat"]) == 2
     assert "--chat is not allowed here: the checkpoint has no tokenizer" in capsys.readouterr().err
     # a checkpoint path that does not exist is named as such, not as a missing tokenizer
-    assert cli_main(["generate", "--checkpoint", str(tmp_path / "nope"), "--chat"]) == 2
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "nope"), "--chat"]) == 1
     err = capsys.readouterr().err
     assert f"--checkpoint={str(tmp_path / 'nope')!r} is not allowed: no such directory" in err
     assert "no tokenizer" not in err

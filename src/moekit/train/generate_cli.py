@@ -207,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                              "slow reference does not stop early")
         prompts = read_prompts(args)
         if not Path(args.checkpoint).exists():  # --chat had blamed a missing tokenizer
-            raise ValueError(f"--checkpoint={args.checkpoint!r} is not allowed: no such "
+            # a missing checkpoint: 1, as analyze / quantize / serve / perplexity exit
+            raise CheckpointError(f"--checkpoint={args.checkpoint!r} is not allowed: no such "
                              "directory (a run, a step_* directory or a `moekit quantize` "
                              "output)")
         text = text_for(args.checkpoint, args.tokenizer)
