@@ -399,7 +399,7 @@ def test_cli_train_then_generate(tmp_path, corpus_dir, capsys):
     rc = cli_main(["train", "--preset", "tiny", "--data", str(corpus_dir), "--out", str(out)])
     assert rc == 2 and "--resume" in capsys.readouterr().err  # never mixes two runs
     rc = cli_main(["generate", "--checkpoint", str(tmp_path / "nope")])
-    assert rc == 2 and "checkpoint" in capsys.readouterr().err
+    assert rc == 1 and "checkpoint" in capsys.readouterr().err  # a missing checkpoint
     state = json.loads((out / "step_00000004" / "state.json").read_text())
     assert state["step"] == 4 and state["model_config"]["dim"] == 32
 
