@@ -1,9 +1,12 @@
-"""A decoder-only transformer language model with MoE feed-forward blocks.
+"""A decoder-only transformer language model with MoE feed-forward blocks: ``Block``
+(attention + MoE or dense FFN), ``MoETransformer`` (training forward, ``infer`` and
+``infer_pair`` on a ``StaticKVCache``), ``LMOutput`` and ``check_token_ids``. Attention
+lives in ``attention.py``, the KV caches in ``kv_cache.py``, ``Linear`` / ``RMSNorm`` /
+``DenseFFN`` and the fused norms in ``layers.py``; their names stay importable from here.
 
-Shape letters: B batch, L sequence (new tokens), P cached positions, S = P + L,
-D model size, H heads, J key/value heads (J = H unless grouped-query), Dh head size,
-V vocabulary, A dense FFN hidden size, R rows of a static cache in use (sequences still
-generating), M cache slots.
+Shape letters: B batch, L sequence (new tokens), V vocabulary, R rows of a static cache
+in use (sequences still generating), U / N rows and new tokens of ``infer_pair``'s second
+batch, T tokens of both batches flattened.
 """
 
 from __future__ import annotations
