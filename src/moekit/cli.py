@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("moekit.plan.cli", "parameters, FLOPs, memory, communication, time and energy"),
     "analyze": ("moekit.analysis.cli", "routing analysis of a trained LM checkpoint"),
     "convert": ("moekit.integrations.hf.convert",
-                "Mixtral-style transformers checkpoint <-> moekit language model, lossless"),
+                "transformers MoE checkpoint (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) <-> moekit "
+                "language model, lossless"),
     "bench": ("moekit.bench", "CPU benchmark: moekit vs dense FFN, transformers, reference"),
     "quantize": ("moekit.quant.cli", "int8 / int4 weights of a checkpoint (safetensors)"),
     "serve": ("moekit.inference.server", "an OpenAI-compatible HTTP API for a checkpoint"),
