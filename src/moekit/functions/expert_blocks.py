@@ -2,7 +2,8 @@
 and backward: the split of a Dispatch's sorted rows into blocks of consecutive experts
 (``_Block``), the blocks' grouped GEMMs on the C++ kernels or a loop of ``mm(out=)``
 (``_gmm``, ``_gmm_weight``), the activation and bias rows, and the weights of one call
-(``_Weights``).
+(``_Weights``); also ``stack_experts``, which stacks per-expert matrices into one [E, ...]
+tensor in their layout (the offloaded experts' lists).
 
 Shape letters: N rows of one block, B experts of one block, X / Y a GEMM's inner and
 output width, E experts, D hidden, F expert hidden, G = 2F for GLU activations else F.
