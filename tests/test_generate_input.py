@@ -135,3 +135,33 @@ def test_expert_memory_on_a_dense_checkpoint_is_named(tmp_path, capsys):
                     {"step": 0, "model_config": model.config.to_dict()})
     _fails(tmp_path / "run", capsys, ["--expert-memory", "24KiB"],
            "--expert-memory: expert_memory='24KiB' is not allowed", "dense")
+
+
+def test_prompts_file_directory_is_named_as_one(run_dir, tmp_path, capsys):
+    """A directory was refused as 'no such file'."""
+    _fails(run_dir, capsys, ["--prompts-file", str(tmp_path)],
+           f"--prompts-file={str(tmp_path)!r} is not allowed: it is a directory")
+
+
+def test_prompts_file_reads_a_named_pipe(run_dir, tmp_path, capsys):
+    """A named pipe (what ``<(cmd)`` gives) was refused as 'no such file'; its prompts
+    generate as a regular file's do."""
+    import os
+    import threading
+
+    fifo, plain = tmp_path / "fifo", tmp_path / "plain.txt"
+    plain.write_text("ab\ncd\n")
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=("ab\ncd\n",), daemon=True)
+    writer.start()
+    argv = ["generate", "--checkpoint", str(run_dir), "--max-new-tokens", "3",
+            "--temperature", "0", "--prompts-file"]
+    rc = cli_main([*argv, str(fifo)])
+    writer.join(timeout=10)
+    if writer.is_alive():  # the command never opened the pipe: free the blocked writer
+        fifo.read_bytes()
+        writer.join()
+    piped = capsys.readouterr().out
+    assert rc == 0
+    assert cli_main([*argv, str(plain)]) == 0
+    assert piped == capsys.readouterr().out and "ab" in piped and "cd" in piped

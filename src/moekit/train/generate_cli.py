@@ -131,8 +131,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts = [args.prompt]
     else:
         path = Path(args.prompts_file)
-        if not path.is_file():
+        # a named pipe (``<(cmd)``) is a file here: is_file() refused it as "no such file"
+        if not path.exists():
             raise ValueError(f"--prompts-file={str(path)!r} is not allowed: no such file")
+        if path.is_dir():
+            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: it is a "
+                             "directory; it must name a UTF-8 text file, one prompt a line")
         try:
             prompts = prompt_lines(path.read_bytes().decode("utf-8-sig"))
         except UnicodeDecodeError as e:
