@@ -346,10 +346,10 @@ class DistributedTrainer(Trainer):
         return path
 
     def _finish_save(self, tmp: Path, path: Path) -> None:
-        state = {"step": self.step, "model_config": self.mcfg.to_dict(),
-                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
-                 "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
-                 "data": {"corpus": self.corpus.location()}}
+        # the one-process state.json's fields (a field added there reaches trainer.json
+        # too: the load since the last validation had been written to one, not the other),
+        # with the data as trainer.json has always recorded it (the corpus alone)
+        state = {**self.checkpoint_state(), "data": {"corpus": self.corpus.location()}}
         (tmp / TRAINER_FILE).write_text(json.dumps(state))
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         rundir.write_manifest(tmp, files)
