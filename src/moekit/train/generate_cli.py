@@ -212,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
         prompts = read_prompts(args)
         if not Path(args.checkpoint).exists():  # --chat had blamed a missing tokenizer
             # a missing checkpoint: 1, as analyze / quantize / serve / perplexity exit
-            raise CheckpointError(f"--checkpoint={args.checkpoint!r} is not allowed: no such "
-                             "directory (a run, a step_* directory or a `moekit quantize` "
-                             "output)")
+            raise CheckpointError(f"--checkpoint={args.checkpoint!r} is not allowed: no "
+                                  "such directory (a run, a step_* directory or a `moekit "
+                                  "quantize` output)")
         text = text_for(args.checkpoint, args.tokenizer)
         if args.chat and not isinstance(text, TokenizerText):
             raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
