@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -383,19 +384,20 @@ def run_rank(args: argparse.Namespace) -> int:
                 print("moekit train: interrupted before training started: nothing was "
                       "trained or saved", file=sys.stderr)
             _exit(exit_status(e))  # a peer may be inside a collective: no barrier, no teardown
-    # every rank done with its collectives before any tears the group down: one CI run
-    # saw rank 1 abort (SIGABRT) at the end of a finished run, after rank 0 had printed
-    # its sample; the cause was not found (its message was cut off), and 17 runs since
-    # did not repeat it. 2026-12-05: both ranks of a resumed run aborted so, after "done"
-    # and the sample, with "terminate called without an active exception" (a C++ thread
-    # object destroyed unjoined, at teardown or exit), once in a full test run and once in
-    # 10 runs under an artificial CPU load; 0 in 12 other runs. Still not found.
+    # every rank done with its collectives before any tears the group down; then out
+    # without the interpreter's teardown. torch's DTensor redistribute-planner cache (a
+    # module global) keeps the DeviceMesh alive, and its registry the gloo groups: their
+    # threads (pt_gloo_runloop, gloo_tcp_loop: seen alive at exit) outlive
+    # destroy_process_group into Python's finalization and the C++ static destructors.
+    # That is the likely cause of a finished run's rare abort there ("terminate called
+    # without an active exception", a thread object destroyed unjoined; a few CI runs in
+    # tens). Every file this rank wrote is closed by now; _exit flushes stdout and stderr.
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    _exit(0)
 
 
-def _exit_together(status: int) -> None:
+def _exit_together(status: int) -> NoReturn:
     """End this rank with ``status`` once every rank got here (each has saved its part of
     the checkpoint and stopped after the same step). SIGINT and SIGTERM are ignored from
     here on: torchrun's agent terminates the ranks still running once one has exited
@@ -408,7 +410,7 @@ def _exit_together(status: int) -> None:
     _exit(status)
 
 
-def _exit(status: int) -> None:
+def _exit(status: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
