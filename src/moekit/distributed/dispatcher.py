@@ -17,12 +17,19 @@ Three exchanges, all differentiable:
   their outputs and sums them, and sends one row back per (token, rank) pair. A
   token's K rows become at most min(K, P) pairs; where routing is group-limited and
   the groups are whole ranks, at most topk_groups.
-- ``padded_all_to_all`` (capacity mode): GShard-style fixed [E, C, D] buffers,
-  equal splits, no count exchange and no host sync; the padding is reported.
-  Every EP rank must see the same number of tokens T.
+- ``padded_all_to_all`` (capacity mode): GShard-style fixed [E, C, D] buffers; the
+  padding is reported. Capacity is per rank, as GShard's groups: each rank's C is
+  ``capacity(T)`` of its own T, and its own tokens compete for those C rows per
+  expert (what one process gives on that rank's tokens alone). One small all-gather
+  of every rank's C (one host sync) sizes the exchange, so ranks may hold different T.
 - ``all_gather_exchange``: all-gather the tokens and routing, compute the
   local experts for every rank's tokens, reduce-scatter the partial outputs.
-  Simple, for small P; every EP rank must see the same T.
+  Simple, for small P. One small all-gather of every rank's (T, S) first (one host
+  sync): the collectives run on rows padded to the largest T and S, sliced after.
+
+The last two exchanged no sizes before, and ranks with different T (a variable-length
+batch, an epoch's last batch) aborted inside gloo ("Received data size doesn't match
+expected size") or made the peer report a dead rank.
 """
 
 from __future__ import annotations
@@ -91,6 +98,13 @@ def _nbytes(rows, x: Tensor) -> Tensor:
 
 def _zero() -> Tensor:
     return torch.zeros((), dtype=torch.float64)
+
+
+def exchange_sizes(sizes: list[int], comm: Comm, device: torch.device) -> list[list[int]]:
+    """Every rank's ``sizes`` (host ints such as T, S or C), by rank: one small all-gather
+    and one host sync. Collectives sized by these lists then agree on every rank."""
+    local = torch.tensor(sizes, dtype=torch.long, device=device)
+    return fn.all_gather_tensor(local, comm).view(comm.size, len(sizes)).tolist()
 
 
 def _exchange_counts(counts_PEl: Tensor, comm: Comm) -> tuple[Tensor, list[int], list[int]]:
@@ -183,38 +197,56 @@ def _slots(d: Dispatch, num_experts: int, C: int) -> Tensor:
 
 def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
                       num_experts: int, C: int) -> tuple[Tensor, CommBytes]:
-    """Capacity mode: fixed [E, C, D] buffers, equal splits, no host sync."""
-    P, D = comm.size, x_TD.shape[1]
+    """Capacity mode: fixed [E, C, D] buffers; rank p sends El * C_p rows to every rank."""
+    P, me, D = comm.size, comm.rank, x_TD.shape[1]
     El = num_experts // P
+    C_P = [c for (c,) in exchange_sizes([C], comm, x_TD.device)]  # the host sync
+    send, recv = [El * C] * P, [El * c for c in C_P]
     slot_S = _slots(d, num_experts, C)
     x_SD = x_TD.index_select(0, d.token_S)
     buf_XD = x_SD.new_zeros(num_experts * C + 1, D).index_copy(0, slot_S, x_SD)
-    x_RD = fn.all_to_all(buf_XD[:-1], None, None, comm)  # [P(source), El, C, D]
-    expert_R = torch.arange(El, device=x_TD.device).repeat_interleave(C).repeat(P)
-    counts_El = torch.full((El,), P * C, dtype=torch.long, device=x_TD.device)
+    x_RD = fn.all_to_all(buf_XD[:-1], recv, send, comm)  # per source p: [El, C_p, D]
+    local_El = torch.arange(El, device=x_TD.device)
+    expert_R = torch.cat([local_El.repeat_interleave(c) for c in C_P])  # host ints: no sync
+    counts_El = torch.full((El,), sum(C_P), dtype=torch.long, device=x_TD.device)
     y_RD = _run_experts(experts, x_RD, expert_R, counts_El)
-    y_XD = fn.all_to_all(y_RD, None, None, comm)
+    y_XD = fn.all_to_all(y_RD, send, recv, comm)
     y_SD = torch.cat([y_XD, y_XD.new_zeros(1, D)]).index_select(0, slot_S)
     kept_P = d.counts_E.view(P, El).sum(1).double()
-    remote_kept = kept_P.sum() - kept_P[comm.rank]
-    per_rank = _nbytes(2 * El * C * (P - 1), x_TD)
-    stats = CommBytes(sent=per_rank, received=per_rank, moved=per_rank,
+    remote_kept = kept_P.sum() - kept_P[me]
+    out_rows = El * C * (P - 1)  # my buffers to the other ranks; theirs come back
+    both = _nbytes(out_rows + sum(recv) - recv[me], x_TD)  # + their buffers, sent back
+    stats = CommBytes(sent=both, received=both, moved=_nbytes(2 * out_rows, x_TD),
                       ideal=2 * remote_kept * (D * x_TD.element_size()),
-                      meta=_zero(), padding_rows=El * C * (P - 1) - remote_kept)
+                      meta=torch.tensor(float((P - 1) * 8), dtype=torch.float64),  # C
+                      padding_rows=out_rows - remote_kept)
     return _combine(y_SD, d, x_TD.shape[0]), stats
+
+
+def _pad_rows(t: Tensor, rows: int, value: float = 0) -> Tensor:
+    """``t`` with rows appended up to ``rows`` (differentiable; no copy when none)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), value)])
 
 
 def all_gather_exchange(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
                         num_experts: int) -> tuple[Tensor, CommBytes]:
-    """All-gather tokens and routing, run my experts on every rank's rows, reduce-scatter."""
+    """All-gather tokens and routing, run my experts on every rank's rows, reduce-scatter.
+
+    Every rank's rows are padded to the largest T (tokens) and S (rows) first: the
+    collectives take one size on every rank. Padded rows have expert E (nobody's)."""
     P, me, T = comm.size, comm.rank, x_TD.shape[0]
     El = num_experts // P
-    x_PTD, w_PS = fn.all_gather([x_TD, d.weight_S], comm)
-    w_PS = w_PS.view(P, -1)
-    S = w_PS.shape[1]
-    token_PS = fn.all_gather_tensor(d.token_S, comm).view(P, S)
-    expert_PS = fn.all_gather_tensor(_row_experts(d, S), comm).view(P, S)
-    token_PS = token_PS + torch.arange(P, device=x_TD.device)[:, None] * T
+    S = d.token_S.shape[0]
+    sizes = exchange_sizes([T, S], comm, x_TD.device)  # a host sync
+    Tm, Sm = max(t for t, _ in sizes), max(s for _, s in sizes)
+    x_PTD, w_PS = fn.all_gather([_pad_rows(x_TD, Tm), _pad_rows(d.weight_S, Sm)], comm)
+    w_PS = w_PS.view(P, Sm)
+    token_PS = fn.all_gather_tensor(_pad_rows(d.token_S, Sm), comm).view(P, Sm)
+    expert_PS = fn.all_gather_tensor(_pad_rows(_row_experts(d, S), Sm, num_experts),
+                                     comm).view(P, Sm)
+    token_PS = token_PS + torch.arange(P, device=x_TD.device)[:, None] * Tm
     mine_PS = (expert_PS >= me * El) & (expert_PS < (me + 1) * El)
     idx = mine_PS.reshape(-1).nonzero().squeeze(1)  # host sync: the number of my rows
     expert_R = expert_PS.reshape(-1)[idx] - me * El
@@ -226,14 +258,18 @@ def all_gather_exchange(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Com
                      counts_E=counts_El, offsets_E=torch.cumsum(counts_El, 0).to(torch.int32),
                      assigned_E=counts_El)
     y_PTD = experts(x_PTD, local) if idx.numel() else x_PTD * 0 + 0 * w_PS.sum()
-    y_TD = fn.reduce_scatter(y_PTD, comm)
+    y_TD = fn.reduce_scatter(y_PTD, comm)[:T]
     kept_E = d.counts_E.view(P, El).sum(1).double()
     remote = kept_E.sum() - kept_E[me]
-    payload = _nbytes(2 * (P - 1) * T, x_TD)  # my tokens to P-1 ranks, partial sums back
+    # my Tm rows to P-1 ranks, partial sums back; padding: my rows past T in the gather,
+    # the rows past each other rank's T in the slices of partial sums I send it
+    payload = _nbytes(2 * (P - 1) * Tm, x_TD)
+    pad = (P - 1) * (Tm - T) + sum(Tm - t for p, (t, _) in enumerate(sizes) if p != me)
     stats = CommBytes(sent=payload, received=payload, moved=payload,
                       ideal=2 * remote * (x_TD.shape[1] * x_TD.element_size()),
-                      meta=torch.tensor(float((P - 1) * S * (4 + 8 + 8)), dtype=torch.float64),
-                      padding_rows=_zero())
+                      meta=torch.tensor(float((P - 1) * (Sm * (4 + 8 + 8) + 16)),  # + T, S
+                                       dtype=torch.float64),
+                      padding_rows=torch.tensor(float(pad), dtype=torch.float64))
     return y_TD, stats
 
 

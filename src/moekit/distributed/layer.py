@@ -37,7 +37,8 @@ class ExpertParallelStats(RoutingStats):
     comm_bytes_moved: Tensor  # on behalf of this rank's tokens: rows out + results back
     comm_bytes_ideal: Tensor  # the same for exactly the routed rows owned elsewhere
     comm_meta_bytes: Tensor  # routing metadata sent (counts, ids, weights)
-    comm_padding_rows: Tensor  # capacity-mode rows sent that carry no token
+    comm_padding_rows: Tensor  # rows sent that carry no token (capacity buffers;
+    # all_gather: rows padding every rank's tokens to the largest rank's T)
 
 
 def local_experts_config(cfg: MoEConfig, num_local: int) -> MoEConfig:
@@ -56,8 +57,9 @@ class ExpertParallelMoE(MoE):
     """``moekit.MoE`` with its experts split over the mesh's "ep" dimension.
 
     Same call and outputs as ``MoE`` (the output on each rank is what ``MoE``
-    with the same weights gives for that rank's tokens); ``stats`` gains the
-    communication counters. Build one from a full layer with ``from_moe`` (or
+    with the same weights gives for that rank's tokens, whose number may differ
+    between ranks; a capacity is each rank's own, ``capacity(T)`` of its T);
+    ``stats`` gains the communication counters. Build one from a full layer with ``from_moe`` (or
     ``moekit.distributed.parallelize`` for a whole model).
     """
 
