@@ -155,12 +155,15 @@ def check(results: dict, name: str, fn, *args) -> None:
 
 
 def parity(mesh, E, capacity_factor, dispatcher="all_to_all", router="softmax",
-           overlap_chunks=1, dtype=torch.float32) -> str | None:
+           overlap_chunks=1, dtype=torch.float32, equal_T: bool | None = None) -> str | None:
+    """equal_T: None gives 6 tokens a rank with a capacity or all_gather, 3 + 2 * rank
+    otherwise (tests/test_distributed_uneven.py covers 2 ranks of different T in depth)."""
     full = full_layer(E, mesh.ep, capacity_factor, router)
     for p in full.parameters():  # not .to(dtype): the router's load/bias buffers stay fp32
         p.data = p.data.to(dtype)
-    data = inputs(mesh.world_size, equal_T=capacity_factor is not None
-                  or dispatcher == "all_gather")
+    if equal_T is None:
+        equal_T = capacity_factor is not None or dispatcher == "all_gather"
+    data = inputs(mesh.world_size, equal_T=equal_T)
     data = [(x.to(dtype), g.to(dtype)) for x, g in data]
     ref_ys, ref_grads = reference(full, data)
     ep_moe = ExpertParallelMoE.from_moe(full, mesh, dispatcher=dispatcher,
@@ -242,6 +245,11 @@ def run_world4(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "dp2ep2_capacity", parity, mesh22, 6, 1.0)
     check(res, "dp2ep2_allgather", parity, mesh22, 6, None, "all_gather")
     check(res, "ep4_dedup_dropless", parity, mesh4, 8, None, "all_to_all_dedup")
+    # T = 3, 5, 7, 9: four capacities; all_gather pads each ep pair to its larger T
+    check(res, "ep4_capacity_uneven_T", parity, mesh4, 8, 1.0, "all_to_all", "softmax", 1,
+          torch.float32, False)
+    check(res, "dp2ep2_allgather_uneven_T", parity, mesh22, 6, 1.0, "all_gather", "softmax",
+          1, torch.float32, False)
     check(res, "dp2ep2_infer_capacity", infer_parity, mesh22, 6, 1.0)
     check(res, "dp2ep2_dedup", parity, mesh22, 6, None, "all_to_all_dedup")
     check(res, "ckpt_load_ep4", load_reshard, mesh4, ckpt)

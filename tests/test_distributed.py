@@ -113,6 +113,7 @@ def test_world2(world2, name):
 @pytest.mark.parametrize("name", [
     "ep4_dropless", "ep4_capacity", "dp2ep2_dropless", "dp2ep2_capacity",
     "dp2ep2_allgather", "ep4_dedup_dropless", "dp2ep2_dedup", "dp2ep2_infer_capacity",
+    "ep4_capacity_uneven_T", "dp2ep2_allgather_uneven_T",
     "ckpt_load_ep4",
     "train_resume_ep4"])
 def test_world4(world4, name):
