@@ -5,7 +5,7 @@ Shape letters: T tokens on this rank, D hidden, E experts, El = E / P local
 experts, P expert-parallel ranks, S routed rows on this rank (sorted by expert),
 R rows received by this rank, C capacity per expert.
 
-Three exchanges, all differentiable:
+Four exchanges, all differentiable:
 - ``dropless_all_to_all``: one small all-to-all of per-expert counts, then
   ``all_to_all_single`` with uneven splits carrying exactly the routed rows.
   The split sizes must be Python lists (torch's API, gloo and NCCL alike), so
