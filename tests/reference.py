@@ -304,3 +304,24 @@ def assert_valid_selection(experts_TK: Tensor, key_TE: Tensor, num_groups: int =
     bad = (got != want).any(-1)
     assert not bad.any(), f"{int(bad.sum())} of {T} tokens chose other experts than the rule"
     assert (experts_TK.sort(-1).values.diff(dim=-1) > 0).all(), "an expert chosen twice"
+
+
+def ref_val_loss(model, val_N: Tensor, windows: int, seq_len: int, batches: int,
+                 seed0: int = 999_983) -> float:
+    """The trainer's validation loss written out: batch i takes ``windows`` windows of
+    seq_len + 1 bytes whose starts a generator seeded seed0 + i draws uniformly from
+    [0, N - seq_len - 1); all of them go through the model (eval mode) in one forward,
+    and the loss is the fp64 cross-entropy of every next byte, averaged over all targets
+    of all batches (nats/byte: byte-level tokens)."""
+    was_training = model.training
+    model.eval()
+    nats = []
+    with torch.no_grad():
+        for i in range(batches):
+            gen = torch.Generator().manual_seed(seed0 + i)
+            starts = torch.randint(0, val_N.numel() - seq_len - 1, (windows,), generator=gen)
+            w = torch.stack([val_N[s:s + seq_len + 1] for s in starts.tolist()]).long()
+            logits = model(w[:, :-1]).logits
+            nats.append(-torch.log_softmax(logits.double(), -1).gather(-1, w[:, 1:, None]))
+    model.train(was_training)
+    return float(torch.cat(nats).mean())

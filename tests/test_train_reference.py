@@ -11,6 +11,7 @@ from moekit.models import LMConfig, MoETransformer
 from moekit.train import CheckpointError, TrainConfig, Trainer, encode
 from moekit.train.checkpoint_state import _check_load
 from moekit.train.data import Corpus
+from tests.reference import ref_val_loss
 
 # aux_loss_coef=0: the load-balancing loss is a product of two batch means (expert
 # shares times mean router probabilities), so a batch of 8 and the mean of two batches
@@ -77,18 +78,36 @@ def test_grad_accum_step_equals_a_hand_written_full_batch_step(tmp_path):
 def test_validation_loss_is_the_mean_cross_entropy_of_its_batches(tmp_path):
     t = trainer(tmp_path, "val", batch_size=3, eval_batches=2)
     t.step_once()  # weights away from the initialisation
-    val = t.corpus.val
-    losses = []
-    with torch.no_grad():
-        for i in range(2):  # the fixed windows: seeds 999_983 + i, starts in [0, N - L - 1)
-            gen = torch.Generator().manual_seed(999_983 + i)
-            starts = torch.randint(0, val.numel() - 17, (3,), generator=gen)
-            w = torch.stack([val[s:s + 17] for s in starts.tolist()]).long()
-            logits = t.model.eval()(w[:, :-1]).logits
-            nats = -torch.log_softmax(logits.double(), -1).gather(-1, w[:, 1:, None])
-            losses.append(float(nats.mean()))  # per byte: byte-level tokens
-    t.model.train()
-    assert math.isclose(t.validate(_NoLog()), sum(losses) / 2, rel_tol=1e-6)
+    want = ref_val_loss(t.model, t.corpus.val, windows=3, seq_len=16, batches=2)
+    assert math.isclose(t.validate(_NoLog()), want, rel_tol=1e-6)
+
+
+def test_validation_under_grad_accum_sees_the_windows_of_the_whole_step(tmp_path):
+    """--batch-size 4 --grad-accum 2 validates on the 8 windows --batch-size 8 does (it
+    had validated on 4: batches of --batch-size windows), run 4 at a time."""
+    t = trainer(tmp_path, "acc", batch_size=4, grad_accum=2, eval_batches=2)
+    t.step_once()
+    want = ref_val_loss(t.model, t.corpus.val, windows=8, seq_len=16, batches=2)
+    assert math.isclose(t.validate(_NoLog()), want, rel_tol=1e-6)
+    forwards = []
+    hook = t.model.register_forward_pre_hook(lambda _, args: forwards.append(args[0].shape))
+    t.validate(_NoLog())
+    hook.remove()
+    assert forwards == [(4, 16)] * 4  # micro-batches of --batch-size: its memory, not 2x
+
+
+def test_accumulated_and_whole_batch_runs_report_the_same_validation_losses(tmp_path):
+    """The runs train alike (aux_loss_coef=0, dropless), so every validation agrees to
+    fp32 rounding (1e-7 relative here); before, step 0, the same model, already differed
+    by 8e-4 (4 windows against 8)."""
+    def vals(name: str, **kw) -> list[tuple[int, float]]:
+        t = trainer(tmp_path, name, steps=4, eval_every=2, eval_batches=2, **kw)
+        t.fit()
+        return [(r["step"], r["val_loss"]) for r in t.history if r["kind"] == "val"]
+    whole, parts = vals("whole", batch_size=8), vals("parts", batch_size=4, grad_accum=2)
+    assert [s for s, _ in parts] == [s for s, _ in whole] == [0, 2, 4]
+    for (step, got), (_, want) in zip(parts, whole, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-5), (step, got, want)
 
 
 class _NoLog:

@@ -120,7 +120,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--warmup", type=int, help="warm-up steps")
     g.add_argument("--eval-every", type=int)
-    g.add_argument("--eval-batches", type=int)
+    g.add_argument("--eval-batches", type=int,
+                   help="fixed validation batches, each of the --batch-size x --grad-accum "
+                   "windows a step trains on, run in micro-batches of --batch-size")
     g.add_argument("--save-every", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--max-bad-steps", type=int,

@@ -10,7 +10,6 @@ E experts, N bytes of a corpus split.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -135,15 +134,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
-    """Mean LM loss over cfg.eval_batches fixed validation batches."""
+    """Mean LM loss over cfg.eval_batches fixed validation batches of batch_size *
+    grad_accum windows (as many as an optimizer step trains on), each run in micro-batches
+    of batch_size so validation holds no more activations than a training micro-batch.
+
+    A batch had been batch_size windows: --grad-accum 2 --batch-size 4 validated on half
+    the windows --batch-size 8 does, and the two runs reported different losses for the
+    same model. Every micro-batch holds B * L targets, so the mean of their losses is the
+    mean over the whole batch."""
     was_training = model.training
     model.eval()
     losses = []
     for i in range(cfg.eval_batches):
-        ids, tgt = sample_windows(data_N, cfg.batch_size, cfg.seq_len, VAL_SEED + i)
-        autocast = (torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16)
-                    if cfg.bf16 else contextlib.nullcontext())
-        with autocast:
-            losses.append(float(model(ids.to(cfg.device), tgt.to(cfg.device)).loss))
+        ids, tgt = sample_windows(data_N, cfg.batch_size * cfg.grad_accum, cfg.seq_len,
+                                  VAL_SEED + i)
+        for ids_BL, tgt_BL in zip(ids.split(cfg.batch_size), tgt.split(cfg.batch_size),
+                                  strict=True):
+            with torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16,
+                                enabled=cfg.bf16):
+                losses.append(float(model(ids_BL.to(cfg.device), tgt_BL.to(cfg.device)).loss))
     model.train(was_training)
     return sum(losses) / len(losses)

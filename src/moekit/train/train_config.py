@@ -45,7 +45,7 @@ class TrainConfig(FrozenConfig):
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 150
-    eval_batches: int = 8
+    eval_batches: int = 8  # each of batch_size * grad_accum windows (evaluate)
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
