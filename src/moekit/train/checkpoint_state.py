@@ -60,6 +60,45 @@ def _check_load(load: Any, where: Path) -> None:
               "lists of ints >= 0 (tokens per expert per MoE layer)")
 
 
+def _check_collapse(monitor: Any, model_config: Any, where: Path) -> None:
+    """None, or ``CollapseMonitor.state()``: streaks [layer, expert, steps >= 1] and
+    warnings [kind, layer, expert], each layer one of the model's MoE layers and each
+    expert one of its experts (a streak past them would fail the next step's update)."""
+    if monitor is None:
+        return
+    layers, experts = _moe_shape(model_config)
+    if not _collapse_ok(monitor, layers, experts):
+        _fail(where, "collapse_monitor", monitor, "it must be null or hold hot and cold "
+              "lists of [layer, expert, steps >= 1] and a warned list of [\"hot\" or "
+              f"\"cold\", layer, expert], with layer < {layers} (the MoE layers) and "
+              f"expert < {experts}")
+
+
+def _collapse_ok(monitor: Any, layers: int, experts: int) -> bool:
+    if not (isinstance(monitor, dict) and set(monitor) == {"hot", "cold", "warned"}
+            and all(isinstance(v, list) for v in monitor.values())):
+        return False
+    return all(_at(r, 0, layers, experts) and _is_int(r[2], 1)
+               for r in monitor["hot"] + monitor["cold"]) and all(
+        _at(w, 1, layers, experts) and w[0] in ("hot", "cold") for w in monitor["warned"])
+
+
+def _at(row: Any, first: int, layers: int, experts: int) -> bool:
+    """A list of three whose items ``first`` and ``first + 1`` are a layer and expert."""
+    return (isinstance(row, list) and len(row) == 3 and _is_int(row[first], 0, layers - 1)
+            and _is_int(row[first + 1], 0, experts - 1))
+
+
+def _moe_shape(model_config: Any) -> tuple[int, int]:
+    """(MoE layers, experts per layer) of a checked model_config; (0, 0) without one."""
+    from moekit.models.config import LMConfig
+
+    if not isinstance(model_config, dict):
+        return 0, 0
+    cfg = LMConfig.from_dict(model_config)
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers)), cfg.num_experts
+
+
 def check_state_dcp(state: dict[str, Any], where: Path) -> None:
     """The same for trainer.json of an expert-parallel (DCP) checkpoint."""
     _check_common(state, where, ("step", "model_config", "train_config", "counters"))
@@ -83,6 +122,7 @@ def _check_common(state: dict[str, Any], where: Path, required: tuple[str, ...])
         _fail(where, "step", state["step"], f"it must be an int in [0, {MAX_STEP}]")
     _check_configs(state, where)
     _check_load(state.get("load_since_eval"), where)
+    _check_collapse(state.get("collapse_monitor"), state.get("model_config"), where)
     counters = state.get("counters", {})
     if not isinstance(counters, dict) or not all(
             isinstance(k, str) and _is_int(v) for k, v in counters.items()):

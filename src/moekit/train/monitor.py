@@ -53,6 +53,23 @@ class CollapseMonitor:
             warnings.warn(msg, RouterCollapseWarning, stacklevel=3)
         return messages
 
+    def state(self) -> dict[str, list]:
+        """The streaks and the warnings given, as JSON for a checkpoint: a resumed run goes
+        on counting from them. Its patience had restarted at the resume, so a collapse
+        that began before it warned ``patience`` steps after it (later than the
+        uninterrupted run), and a run resumed more often than that never warned."""
+        return {"hot": [[*k, n] for k, n in sorted(self.hot.items())],
+                "cold": [[*k, n] for k, n in sorted(self.cold.items())],
+                "warned": [list(w) for w in sorted(self.warned)]}
+
+    def load_state(self, state: dict[str, list] | None) -> None:
+        """What ``state`` returned (checked by ``checkpoint_state``); None, from a
+        checkpoint saved before the monitor was, starts a fresh patience."""
+        state = state or {"hot": [], "cold": [], "warned": []}
+        self.hot = {(layer, expert): n for layer, expert, n in state["hot"]}
+        self.cold = {(layer, expert): n for layer, expert, n in state["cold"]}
+        self.warned = {(kind, layer, expert) for kind, layer, expert in state["warned"]}
+
     def _new_warnings(self, kind: str, counts: dict, share_LE: Tensor) -> list[str]:
         due = sorted(k for k, n in counts.items()
                      if n >= self.patience and (kind, *k) not in self.warned)

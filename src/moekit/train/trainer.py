@@ -258,17 +258,20 @@ class Trainer:
         return {"step": self.step, "model_config": self.mcfg.to_dict(),
                 "train_config": self.cfg.to_dict(), "counters": dict(self.counters),
                 "wall_s": self.elapsed_s(), "load_since_eval": self._load_since_eval(),
+                "collapse_monitor": self.monitor.state(),
                 "data": {"corpus": self.corpus.location(), "position": "step",
                          "next_batch_seed": batch_seed(self.cfg.seed, self.step)}}
 
     def restore_progress(self, state: dict[str, Any]) -> None:
-        """The step, counters, wall time and load since the last validation of a checked
-        state.json / trainer.json (wall_s and the load are absent from older ones)."""
+        """The step, counters, wall time, load since the last validation and collapse
+        monitor of a checked state.json / trainer.json (all but the step and counters are
+        absent from older ones: no time, no load, a fresh patience)."""
         self.step = state["step"]
         self.counters.update(state["counters"])
         self.wall_s = float(state.get("wall_s", 0.0))
         load = state.get("load_since_eval")
         self.load_since_eval = None if load is None else torch.tensor(load)
+        self.monitor.load_state(state.get("collapse_monitor"))
 
     def add_load(self, load_LE: Tensor) -> None:
         """A step's tokens per expert into the load since the last validation. A resumed
