@@ -230,6 +230,8 @@ def run_world2(rank: int, world: int, port: int, ckpt: str) -> dict:
     check(res, "train_ep2_consolidated", consolidated_matches, mesh, ckpt)
     check(res, "resume_newer_one_process_checkpoint", resume_newer_one_process, mesh, ckpt)
     check(res, "resume_keeps_load_since_validation", resume_keeps_load, mesh, ckpt)
+    check(res, "val_under_grad_accum_as_one_process", val_under_grad_accum, mesh, ckpt)
+    check(res, "resume_keeps_collapse_patience", resume_keeps_collapse, mesh, ckpt)
     dist.destroy_process_group()
     return res
 
@@ -648,6 +650,50 @@ def resume_keeps_load(mesh, ckpt: str) -> str | None:
             for t in (again, whole)]
     return None if vals[0] == vals[1] and vals[1] else \
         f"step 4's expert_load after the resume {vals[0]} != uninterrupted {vals[1]}"
+
+
+def resume_keeps_collapse(mesh, ckpt: str) -> str | None:
+    """Resumed from the save at step 2, the collapse warning (every expert with a token is
+    hot at collapse_fraction=0; patience 3) comes at step 3 as in the uninterrupted run:
+    trainer.json carries the monitor's streaks (the patience had restarted: step 5)."""
+    from moekit.train.distributed import DistributedTrainer
+
+    mcfg, tcfg, corpus = lm_setup()
+    tcfg = dataclasses.replace(tcfg, steps=4, save_every=2, eval_every=4, eval_batches=1,
+                               keep_checkpoints=5, collapse_fraction=0.0, collapse_patience=3)
+    root = Path(ckpt).parent / "collapse_resume"
+    whole = DistributedTrainer(mcfg, tcfg, corpus, root / "whole", mesh, progress=False)
+    whole.fit()
+    again = DistributedTrainer.resume_distributed(
+        root / "whole" / "dcp_step_00000002", corpus, mesh, out_dir=root / "again",
+        progress=False)
+    again.fit()
+    got, want = ([(r["step"], r["message"]) for r in t.history if r["kind"] == "collapse"]
+                 for t in (again, whole))
+    return None if got == want and [s for s, _ in want] == [3, 3] else \
+        f"collapse warnings after the resume {got} != uninterrupted {want}"
+
+
+def val_under_grad_accum(mesh, ckpt: str) -> str | None:
+    """An --nproc run validates as one process does: batches of batch_size * grad_accum
+    windows (batch_size is the global batch), checked against the hand-written loss of
+    the same model on all 8 windows in one forward (it had validated on 4)."""
+    from types import SimpleNamespace
+
+    from moekit.models.transformer import MoETransformer
+    from moekit.train.distributed import DistributedTrainer
+    from tests.reference import ref_val_loss
+
+    mcfg, tcfg, corpus = lm_setup()
+    tcfg = dataclasses.replace(tcfg, batch_size=4, grad_accum=2, eval_batches=2)
+    trainer = DistributedTrainer(mcfg, tcfg, corpus, Path(ckpt).parent / "val_accum", mesh,
+                                 progress=False)
+    got = trainer.validate(SimpleNamespace(write=lambda record: None))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tcfg.seed)  # the trainer's model: built from the run's seed
+        want = ref_val_loss(MoETransformer(mcfg), corpus.val, 8, tcfg.seq_len, 2)
+    return None if abs(got - want) <= 1e-5 * want else \
+        f"val loss {got} at ep=2 with grad_accum=2, want {want} (8 windows a batch)"
 
 
 def train_resume_ep4(mesh, ckpt: str) -> str | None:

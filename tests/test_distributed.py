@@ -105,7 +105,8 @@ def _assert_all_ranks(results: dict[int, dict], name: str) -> None:
     "train_ep2_matches_one_process",
     "resume_newest_complete_runs_no_code",
     "train_ep2_consolidated", "resume_newer_one_process_checkpoint",
-    "resume_keeps_load_since_validation"])
+    "resume_keeps_load_since_validation", "val_under_grad_accum_as_one_process",
+    "resume_keeps_collapse_patience"])
 def test_world2(world2, name):
     _assert_all_ranks(world2, name)
 
