@@ -444,3 +444,58 @@ def test_cli_full_disk_at_a_save_is_one_line_naming_the_complete_checkpoint(tmp_
         f"(resume with: moekit train --nproc 2 --ep 2 --resume {out})"], done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert (out / "dcp_step_00000002" / "manifest.json").is_file()
+
+
+# -- an error found inside the ranks (run_rank's `except ValueError`) -------------------
+
+
+def _ranks_fail(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`moekit train --nproc 2 --ep 2 ARGV` run to its end: the launcher's checks passed
+    (it launched torchrun), so what failed, failed inside the ranks."""
+    done = subprocess.run([sys.executable, "-m", "moekit.train", "--nproc", "2", "--ep", "2",
+                           "--no-progress", *argv], capture_output=True, text=True,
+                          timeout=150, env=_cli_env(), cwd=tmp_path)
+    assert "launching: torchrun" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
+    # each rank's line, and no launcher line naming a rank killed by torchrun's SIGTERM
+    for noise in ("Traceback", "ChildFailedError", "moekit train: error: rank"):
+        assert noise not in done.stderr, done.stderr[-4000:]
+    return done
+
+
+def test_cli_a_bad_value_found_inside_the_ranks_exits_2_with_their_message(tmp_path):
+    """A corpus too short for --seq-len is found where the ranks read it (the launcher
+    does not): each rank prints the error and exits 2, the launcher 2 (a bad value)."""
+    data = tmp_path / "short.txt"
+    data.write_text("x = 1\n" * 50)  # 301 bytes with the newline read adds: 5%, 16, validate
+    done = _ranks_fail(tmp_path, "--preset", "tiny", "--steps", "2", "--batch-size", "4",
+                       "--seq-len", "16", "--data", str(data), "--out", "run")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        assert (f"moekit train (rank {rank}): error: data={str(data)!r} is not allowed: its "
+                "val split has 16 bytes; it needs at least seq_len + 2 = 18") in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_a_checkpoint_error_inside_the_ranks_exits_1_with_their_message(tmp_path):
+    """A one-process checkpoint whose state.json names ffn_dim=64 over tensors of 32 (its
+    manifest redone, as an edit would): the launcher reads only the state, which is valid;
+    the ranks find the mismatch when they load the tensors, each exits 1, the launcher 1."""
+    from moekit.models import preset
+    from moekit.train import TrainConfig, Trainer, load_corpus
+    from moekit.train.rundir import MANIFEST, write_manifest
+
+    data = tmp_path / "data.txt"
+    data.write_text((Path(__file__).parent.parent / "src/moekit/layer.py").read_text())
+    train = TrainConfig(steps=1, batch_size=4, seq_len=16, eval_batches=1, warmup_steps=0)
+    Trainer(preset("tiny"), train, load_corpus(str(data)), tmp_path / "run",
+            progress=False).fit()
+    ckpt = tmp_path / "run" / "step_00000001"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["model_config"]["ffn_dim"] = 64
+    (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt, [p.name for p in ckpt.iterdir() if p.name != MANIFEST])
+    done = _ranks_fail(tmp_path, "--resume", "run", "--steps", "2")
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-4000:]
+    for rank in (0, 1):
+        assert (f"moekit train (rank {rank}): error: checkpoint {ckpt.relative_to(tmp_path)} "
+                "does not match the model: ") in done.stderr, done.stderr[-4000:]

@@ -363,8 +363,7 @@ def run_rank(args: argparse.Namespace) -> int:
             print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr, flush=True)
             _exit(1)  # the process group is broken; its destructors would wait on the peer
         except ValueError as e:  # CheckpointError is one (exit 1, a bad flag 2)
-            print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
-            return exit_code(e)
+            _exit_on_error(rank, e)
         except OSError as e:  # a full disk: was this rank's traceback from its save
             if trainer is None:
                 raise
@@ -395,6 +394,19 @@ def run_rank(args: argparse.Namespace) -> int:
     dist.barrier()
     dist.destroy_process_group()
     _exit(0)
+
+
+def _exit_on_error(rank: int, e: ValueError) -> NoReturn:
+    """End this rank with its one-line error and ``exit_code(e)``, at once and deaf to
+    SIGINT and SIGTERM. It had returned the code, leaving the stop handlers for the
+    defaults while the interpreter tore down the process group: torchrun's agent, which
+    SIGTERMs the ranks still running once one has exited, killed the slower rank there,
+    and a corpus too short for --seq-len (found by every rank) ended the launcher with
+    exit 1 and "rank 0 was killed by SIGTERM, rank 1 exited 2" instead of exit 2."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    print(f"moekit train (rank {rank}): error: {e}", file=sys.stderr)
+    _exit(exit_code(e))
 
 
 def _exit_together(status: int) -> NoReturn:
