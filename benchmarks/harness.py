@@ -292,22 +292,43 @@ if __name__ == "__main__":
 def run_ranks(worker: Callable[..., None], world: int, args, tag: str) -> dict:
     """Run ``worker(rank, world, port, args, out_file)`` in ``world`` spawned processes
     (a free local port for their process group) and return the JSON a rank wrote to
-    ``out_file``."""
+    ``out_file`` with ``write_json`` (whole or not at all).
+
+    ``out_file`` lies in a new directory of this run's own (``mkdtemp``), removed
+    afterwards, where the ranks may keep other files too (``Path(out_file).parent``):
+    the fixed ``/tmp/moekit_<tag>_<port>.json`` had let a run read what an earlier run
+    with the same port left there, or a file a rank killed mid-write had cut short. A
+    rank that exits with an error raises RuntimeError naming it, before anything is
+    read."""
     import multiprocessing as mp
+    import shutil
     import socket
+    import tempfile
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out_file = f"/tmp/moekit_{tag}_{port}.json"
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, out_file))
-             for r in range(world)]
-    for pr in procs:
-        pr.start()
-    for pr in procs:
-        pr.join()
-    return json.loads(Path(out_file).read_text())
+    work = Path(tempfile.mkdtemp(prefix=f"moekit_{tag}_"))
+    try:
+        out_file = str(work / "result.json")
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(r, world, port, args, out_file))
+                 for r in range(world)]
+        for pr in procs:
+            pr.start()
+        for pr in procs:
+            pr.join()
+        failed = [f"rank {r} exited with status {pr.exitcode}"
+                  for r, pr in enumerate(procs) if pr.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"{tag}: {'; '.join(failed)} (its error is printed above); "
+                               "no results")
+        if not Path(out_file).is_file():
+            raise RuntimeError(f"{tag}: every rank exited without an error, but none wrote "
+                               "the results")
+        return json.loads(Path(out_file).read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def read_bandwidths(reps: int = 5, clock: Callable[[], float] = time.perf_counter

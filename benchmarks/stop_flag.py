@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -71,7 +70,8 @@ def worker(rank: int, world: int, port: int, args, out_file: str) -> None:
     mesh = init_mesh(dp=1, ep=world)
     result: dict = {}
     for name, batch, seq in CASES:
-        trainer = _trainer(name, batch, seq, mesh, f"/tmp/moekit_stop_flag_{port}")
+        # the trainers' directory: beside out_file, in run_ranks' own, removed after
+        trainer = _trainer(name, batch, seq, mesh, str(Path(out_file).parent / "runs"))
         for _ in range(3):  # warm-up: kernels built, allocator warm
             _step_seconds(trainer, True)
             _flag_seconds(trainer)
@@ -83,8 +83,10 @@ def worker(rank: int, world: int, port: int, args, out_file: str) -> None:
         t = torch.tensor([flag, plain, flagged], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
         result[name] = t.tolist()
-    if rank == 0:
-        Path(out_file).write_text(json.dumps(result))
+    if rank == 0:  # whole or not at all: run_ranks reads it once every rank has exited
+        from harness import write_json  # benchmarks/harness.py, beside this file
+
+        write_json(out_file, result)
     dist.destroy_process_group()
 
 

@@ -81,6 +81,7 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     kill before the rename leaves the earlier results as they were and no temporary."""
     import json
     import os
+    import re
 
     out = tmp_path / "results.json"
     CPU.harness.write_json(out, {"rows": [1]}, indent=1)
@@ -98,4 +99,69 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         CPU.harness.write_json(out, {"rows": [2]})
     assert json.loads(out.read_text()) == {"rows": [1]}
     assert os.listdir(tmp_path) == ["results.json"]
-    assert synced == [str(tmp_path / ".results.json.tmp.json")]  # the data, before the rename
+    # the data, before the rename: one temporary of results.json (mkstemp's 8 characters)
+    assert len(synced) == 1 and re.fullmatch(
+        re.escape(str(tmp_path / ".results.json.tmp")) + r"[a-z0-9_]{8}\.json", synced[0])
+
+
+RANK_WORKERS = '''
+import json
+import os
+from pathlib import Path
+
+
+def writes(rank, world, port, args, out_file):
+    if rank == 0:
+        from moekit.train.rundir import write_whole
+        (Path(out_file).parent / "runs").mkdir()  # a rank's own files may go beside it
+        write_whole(Path(out_file), json.dumps({"world": world, "args": args, "port": port}))
+
+
+def killed_mid_write(rank, world, port, args, out_file):
+    if rank == 0:
+        with open(out_file, "w") as f:
+            f.write('{"times": [1.0, ')
+            f.flush()
+            os._exit(9)
+
+
+def writes_nothing(rank, world, port, args, out_file):
+    pass
+'''
+
+
+@pytest.fixture
+def rank_workers(tmp_path, monkeypatch):
+    """Worker functions the spawned ranks import, and a private temporary directory in
+    which ``run_ranks`` makes its own."""
+    import importlib
+    import tempfile
+
+    (tmp_path / "rank_workers_h3.py").write_text(RANK_WORKERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return importlib.import_module("rank_workers_h3"), scratch
+
+
+def test_run_ranks_reads_what_rank_0_wrote_then_removes_its_directory(rank_workers):
+    """The ranks wrote to /tmp/moekit_<tag>_<port>.json, which stayed after the run."""
+    workers, scratch = rank_workers
+    res = CPU.harness.run_ranks(workers.writes, 2, {"rounds": 3}, "probe")
+    assert res["world"] == 2 and res["args"] == {"rounds": 3} and res["port"] > 0
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("worker,error", [
+    ("killed_mid_write", r"probe: rank 0 exited with status 9 .*no results"),
+    ("writes_nothing", r"probe: every rank exited without an error, but none wrote"),
+])
+def test_run_ranks_refuses_a_run_without_whole_results(rank_workers, worker, error):
+    """A rank killed mid-write had left a cut JSON that the parent then read (a
+    JSONDecodeError); one that wrote nothing let the parent read a file an earlier run
+    with the same port had left, or fail with FileNotFoundError."""
+    workers, scratch = rank_workers
+    with pytest.raises(RuntimeError, match=error):
+        CPU.harness.run_ranks(getattr(workers, worker), 2, None, "probe")
+    assert list(scratch.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -45,17 +46,26 @@ def _failing_fsync(monkeypatch, when):
     monkeypatch.setattr(os, "fsync", fail)
 
 
+def is_temp_of(p: Path, final: Path) -> bool:
+    """Whether ``p`` is a temporary of ``final`` as write_files names them: beside it,
+    ``.<name>.tmp``, mkstemp's 8 characters, the suffix again (savefig reads it)."""
+    return p.parent == final.parent and re.fullmatch(
+        re.escape(f".{final.name}.tmp") + r"[a-z0-9_]{8}" + re.escape(final.suffix),
+        p.name) is not None
+
+
 def test_write_whole_fsyncs_the_file_then_its_directory(tmp_path, synced):
     path = tmp_path / "result.json"
     rundir.write_whole(path, "{}")
-    assert synced == [tmp_path / ".result.json.tmp.json", tmp_path]
+    assert len(synced) == 2 and is_temp_of(synced[0], path), synced
+    assert synced[1] == tmp_path
     assert path.read_text() == "{}"
 
 
 def test_a_failed_fsync_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     path.write_text("old")
-    _failing_fsync(monkeypatch, lambda p: p.name == ".result.json.tmp.json")
+    _failing_fsync(monkeypatch, lambda p: is_temp_of(p, path))
     with pytest.raises(OSError, match="injected"):
         rundir.write_whole(path, "new")
     assert path.read_text() == "old"
@@ -133,16 +143,16 @@ def test_write_files_fsyncs_every_file_before_any_rename(tmp_path, monkeypatch):
     seen = _recorded(monkeypatch)
     rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("a"),
                                   "b.json": lambda p: p.write_text("b")})
-    assert seen == [("fsync", tmp_path / ".a.md.tmp.md"),
-                    ("fsync", tmp_path / ".b.json.tmp.json"),
-                    ("replace", tmp_path / "a.md"), ("replace", tmp_path / "b.json"),
-                    ("fsync", tmp_path)]
+    assert [what for what, _ in seen] == ["fsync", "fsync", "replace", "replace", "fsync"]
+    assert is_temp_of(seen[0][1], tmp_path / "a.md"), seen
+    assert is_temp_of(seen[1][1], tmp_path / "b.json"), seen
+    assert [p for _, p in seen[2:]] == [tmp_path / "a.md", tmp_path / "b.json", tmp_path]
 
 
 def test_write_files_a_failed_fsync_renames_none(tmp_path, monkeypatch):
     (tmp_path / "a.md").write_text("old a")
     (tmp_path / "b.json").write_text("old b")
-    _failing_fsync(monkeypatch, lambda p: p.name == ".b.json.tmp.json")
+    _failing_fsync(monkeypatch, lambda p: is_temp_of(p, tmp_path / "b.json"))
     with pytest.raises(OSError, match="injected"):
         rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
                                       "b.json": lambda p: p.write_text("new b")})
@@ -192,8 +202,9 @@ def test_converted_files_are_fsynced_before_and_their_directory_after(tmp_path, 
     first = min(seen.index(("replace", out / name)) for name in names)
     last = max(seen.index(("replace", out / name)) for name in names)
     for name in names:
-        suffix = Path(name).suffix
-        assert seen.index(("fsync", out / f".{name}.tmp{suffix}")) < first
+        synced = [i for i, (what, p) in enumerate(seen)
+                  if what == "fsync" and is_temp_of(p, out / name)]
+        assert len(synced) == 1 and synced[0] < first, (name, seen)
     assert seen[last + 1] == ("fsync", out)
     # a failed fsync: the earlier output stays, no temporary is left
     before = {name: (out / name).read_bytes() for name in names}
@@ -202,7 +213,7 @@ def test_converted_files_are_fsynced_before_and_their_directory_after(tmp_path, 
             p.add_(1.0)
     save_checkpoint(tmp_path / "run", lm, torch.optim.SGD(lm.parameters(), lr=0.0),
                     {"step": 2, "model_config": cfg})
-    _failing_fsync(monkeypatch, lambda p: p.name == ".config.json.tmp.json")
+    _failing_fsync(monkeypatch, lambda p: is_temp_of(p, out / "config.json"))
     with pytest.raises(OSError, match="injected"):
         moekit_to_hf(tmp_path / "run", tmp_path / "hf")
     for name in names:  # model.safetensors' new data was fsynced but not renamed in
@@ -223,3 +234,87 @@ def test_a_failed_chmod_of_latest_leaves_no_descriptor_nor_temporary(tmp_path, m
     assert len(os.listdir("/proc/self/fd")) == before  # the temporary's descriptor closed
     assert sorted(os.listdir(tmp_path)) == ["LATEST"]
     assert (tmp_path / "LATEST").read_text() == "step_00000001\n"
+
+
+def test_two_writers_of_one_file_leave_one_whole_version_and_no_temporary(tmp_path):
+    """Two writers of one file (two processes saving the same result.json) each wrote
+    into the one temporary name ``.<name>.tmp<suffix>``: the second truncated the
+    first's half-written data, and the first renamed the torn file into place (the
+    second's rename then failed: FileNotFoundError). Both writers are held half-way
+    through their data (a barrier) so that both are writing at once."""
+    import threading
+
+    path = tmp_path / "result.json"
+    versions = ["A" * 100_000, "B" * 150_000]
+    barrier = threading.Barrier(2, timeout=30)
+    errors: list[BaseException] = []
+
+    def writer(text):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(text[:50_000])
+                f.flush()
+                barrier.wait()  # the other writer is half-way too
+                f.write(text[50_000:])
+        return write
+
+    def save(text):
+        try:
+            rundir.write_files(tmp_path, {path.name: writer(text)})
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert path.read_text() in versions
+    assert sorted(os.listdir(tmp_path)) == ["result.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask):
+    """mkstemp makes its file 0600 and the rename keeps that: a results file other users
+    could read before (written by open under the umask) must stay readable to them."""
+    old = os.umask(umask)
+    try:
+        rundir.write_whole(tmp_path / "result.json", "{}")
+        (tmp_path / "plain").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "result.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_writer_leaves_the_old_files_and_no_temporary(tmp_path):
+    (tmp_path / "a.md").write_text("old a")
+
+    def full_disk(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    with pytest.raises(OSError, match="injected"):
+        rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
+                                      "b.json": full_disk})
+    assert sorted(os.listdir(tmp_path)) == ["a.md"]
+    assert (tmp_path / "a.md").read_text() == "old a"
+
+
+def test_clean_run_dir_removes_the_temporaries_of_killed_writes(tmp_path):
+    """Each write has its own temporary name now, so a killed writer's is no longer
+    overwritten by the next: a new run in the directory removes it, and nothing that
+    is not one (a user's file, a name without mkstemp's 8 characters or whose suffix
+    is not the file's) is touched."""
+    killed = [rundir.temp_file(tmp_path, "result.json"), rundir.temp_file(tmp_path, "a.png"),
+              rundir.temp_file(tmp_path, "metrics")]
+    assert all(is_temp_of(p, tmp_path / n) for p, n in
+               zip(killed, ["result.json", "a.png", "metrics"], strict=True))
+    kept = ["result.json", ".result.json.tmp-mine.json", ".result.json.tmpabcd1234.png",
+            ".result.json.tmpabcd123.json", "notes.tmpabcd1234.txt"]
+    for name in kept:
+        (tmp_path / name).write_text("x")
+    done = rundir.clean_run_dir(tmp_path)
+    assert sorted(done) == sorted(f"removed {p.name}" for p in killed)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)

@@ -47,11 +47,17 @@ def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> N
     The renames run one after another, so a failure or a stop (Ctrl-C, power loss)
     between two leaves some files new and the rest old; a failed directory fsync after
     the renames raises with every new file in place (on a power loss any rename may
-    then be lost). The temporary name ``.<name>.tmp<suffix>`` ends in the suffix again
-    (savefig reads the format from it) and is fixed, so a killed run's is overwritten by
-    the next, not piled up."""
-    tmps = {name: out / f".{name}.tmp{Path(name).suffix}" for name in writers}
+    then be lost).
+
+    Each temporary name is new (``temp_file``: ``.<name>.tmp`` + 8 random characters +
+    the suffix again, which savefig reads the format from): with one fixed name per
+    file, two processes writing the same file wrote into the same temporary, and one
+    renamed the other's half-written data into place. A killed writer's temporary
+    stays; ``clean_run_dir`` removes those of a run directory (``is_killed_write``)."""
+    tmps: dict[str, Path] = {}
     try:
+        for name in writers:
+            tmps[name] = temp_file(out, name)
         for name, write in writers.items():
             write(tmps[name])
         replace_durably({tmp: out / name for name, tmp in tmps.items()})
@@ -59,6 +65,21 @@ def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> N
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
         raise
+
+
+def temp_file(out: Path, name: str) -> Path:
+    """A new empty file in ``out`` to write ``name`` into before it is renamed into place,
+    named ``.<name>.tmp<8 random characters><name's suffix>``, with the mode ``open``
+    gives under the umask (``mkstemp`` makes it 0600, which the rename would keep)."""
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.tmp", suffix=Path(name).suffix)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return Path(tmp)
 
 
 def write_whole(path: Path, text: str | bytes) -> None:
@@ -263,7 +284,18 @@ def clean_run_dir(run_dir: Path) -> list[str]:
             else:
                 p.unlink(missing_ok=True)
             done.append(f"removed {name}")
+        elif is_killed_write(name) and (p.is_symlink() or not p.is_dir()):
+            p.unlink(missing_ok=True)
+            done.append(f"removed {name}")
     return done
+
+
+def is_killed_write(name: str) -> bool:
+    """Whether ``name`` is a ``write_files`` temporary (``temp_file``): ``.<name>.tmp``,
+    mkstemp's 8 characters, then the suffix of ``<name>`` again (a result.json, a plot or
+    a converted model.safetensors a killed writer left)."""
+    m = re.fullmatch(r"\.(.+)\.tmp[a-z0-9_]{8}((?:\.[^.]*)?)", name)
+    return m is not None and m[2] == Path(m[1]).suffix
 
 
 def check_no_newer_sharded(run_dir: Path, step: int) -> None:
