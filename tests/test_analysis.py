@@ -425,6 +425,66 @@ def test_analyze_onto_a_full_disk_keeps_the_report_there_before(trained, tmp_pat
     assert json.loads((out / "routing.json").read_text())["meta"]["tokens"] == 512
 
 
+def _failing_after_the_renames(monkeypatch, out: Path, where: str) -> None:
+    """Inject a failure once the new files start going into ``out``: the directory's
+    fsync, the rename onto report.md (routing.json's went first), or the removal of an
+    earlier run's compare.json (made a directory, which unlink refuses)."""
+    import errno
+    import os
+    if where == "directory fsync":
+        real = os.fsync
+
+        def fsync(fd):
+            if Path(os.readlink(f"/proc/self/fd/{fd}")) == out:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            real(fd)
+        monkeypatch.setattr(os, "fsync", fsync)
+    elif where == "second rename":
+        replace = os.replace
+
+        def refuse(src, dst):
+            if Path(dst).name == "report.md":
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            replace(src, dst)
+        monkeypatch.setattr(os, "replace", refuse)
+    else:
+        (out / "compare.json").mkdir()
+
+
+@pytest.mark.parametrize("where,left", [
+    ("directory fsync", "the new files are in place, whole, but the directory's fsync "
+     "failed: a power loss before the disk syncs may undo the renames"),
+    ("second rename", "routing.json is new (whole), the rest as before"),
+    ("stale compare.json", "the new report is in place, but the earlier run's "
+     "compare.json could not be removed"),
+])
+def test_analyze_says_what_a_write_failing_after_a_rename_left(trained, tmp_path, where,
+                                                               left, monkeypatch, capsys):
+    """A failure after the first new file was renamed into place had been reported as
+    "what was there before is unchanged", untrue: the message now says what is on disk,
+    and the files are as it says."""
+    out = tmp_path / "report"
+    argv = [str(trained / "run"), "--data", str(trained / "text.txt"), "--seq-len", "64",
+            "--out", str(out)]
+    assert run(parse(*argv, "--tokens", "512")) == 0
+    old_report = (out / "report.md").read_text()
+    capsys.readouterr()
+    _failing_after_the_renames(monkeypatch, out, where)
+    assert run(parse(*argv, "--tokens", "1024")) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    strerror = ("Is a directory" if where == "stale compare.json"
+                else "Input/output error (injected)")
+    assert err == (f"moekit analyze: error: could not write out={str(out)!r}: "
+                   f"{strerror}; {left}"), err
+    assert json.loads((out / "routing.json").read_text())["meta"]["tokens"] == 1024
+    if where == "second rename":
+        assert (out / "report.md").read_text() == old_report
+    else:
+        assert "1,024 tokens" in (out / "report.md").read_text()
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
 def test_plan_decode_reads_the_routing_of_analyze(trained, tmp_path, capsys):
     """`moekit plan RUN --decode --expert-load routing.json`: the step's distinct experts
     from the measured loads (each layer's sum over e of 1 - (1 - load_e / tokens)^B, here

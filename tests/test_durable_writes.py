@@ -168,9 +168,11 @@ def test_write_files_a_failed_directory_fsync_raises_with_the_new_files_in(tmp_p
     rename, so the error comes with each new file whole in place and no temporary left."""
     (tmp_path / "a.md").write_text("old a")
     _failing_fsync(monkeypatch, lambda p: p == tmp_path)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(rundir.ReplacedError, match="injected") as e:
         rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
                                       "b.json": lambda p: p.write_text("new b")})
+    assert e.value.errno == errno.EIO  # still the OSError callers catch, same errno
+    assert rundir.left_by(e.value).startswith("the new files are in place, whole, but")
     assert (tmp_path / "a.md").read_text() == "new a"
     assert (tmp_path / "b.json").read_text() == "new b"
     assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]
@@ -318,3 +320,32 @@ def test_clean_run_dir_removes_the_temporaries_of_killed_writes(tmp_path):
     done = rundir.clean_run_dir(tmp_path)
     assert sorted(done) == sorted(f"removed {p.name}" for p in killed)
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_a_failed_second_rename_says_which_file_is_new(tmp_path, monkeypatch):
+    """The renames run one after another: the first done, the second refused. The error
+    says which file is new; an error before any rename says that nothing changed."""
+    (tmp_path / "a.md").write_text("old a")
+    (tmp_path / "b.json").write_text("old b")
+    replace = os.replace
+
+    def refuse(src, dst):
+        if Path(dst).name == "b.json":
+            raise OSError(errno.EIO, "Input/output error (injected)", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(rundir.ReplacedError) as e:
+        rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("new a"),
+                                      "b.json": lambda p: p.write_text("new b")})
+    assert e.value.filename == str(tmp_path / "b.json")
+    assert rundir.left_by(e.value) == "a.md is new (whole), the rest as before"
+    assert [(tmp_path / n).read_text() for n in ("a.md", "b.json")] == ["new a", "old b"]
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]
+    monkeypatch.setattr(os, "replace", lambda src, dst: refuse(src, tmp_path / "b.json"))
+    with pytest.raises(OSError) as e:
+        rundir.write_files(tmp_path, {"a.md": lambda p: p.write_text("newer a")})
+    assert not isinstance(e.value, rundir.ReplacedError)
+    assert rundir.left_by(e.value) == "what was there before is unchanged"
+    assert (tmp_path / "a.md").read_text() == "new a"
+    assert sorted(os.listdir(tmp_path)) == ["a.md", "b.json"]

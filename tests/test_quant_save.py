@@ -207,6 +207,68 @@ def test_outputs_get_the_mode_mkdir_gives_under_the_umask(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "run" / "LATEST").stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("where", ["rename", "rename and its undoing", "directory fsync"])
+def test_cli_says_what_a_failure_at_the_swap_left(tmp_path, monkeypatch, capsys, where):
+    """A failure at the swap into place: the rename of the new output (the old one,
+    already moved aside, is renamed back, so it is unchanged as the message says; it had
+    stayed under .q.old with q missing), or the directory's fsync after it (the new
+    output is in place: the message had said "what was there before is unchanged").
+    Where the old one cannot be renamed back either, the message says where it waits."""
+    import errno
+
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MoETransformer(CFG)
+    run = tmp_path / "run"
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": CFG.to_dict()})
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    if where.startswith("rename"):
+        rename = os.rename
+
+        def refuse(src, dst):  # the new output's rename (and the old one's back)
+            if Path(dst) == out and (where != "rename" or ".q.tmp" in Path(src).name):
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            rename(src, dst)
+        monkeypatch.setattr(os, "rename", refuse)
+    else:
+        fsync = os.fsync
+
+        def fail(fd):
+            if Path(os.readlink(f"/proc/self/fd/{fd}")) == tmp_path:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            fsync(fd)
+        monkeypatch.setattr(os, "fsync", fail)
+    assert cli_main(["quantize", str(run), "--bits", "4", "--group-size", "32",
+                     "--out", str(out)]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    left = {"rename": "what was there before is unchanged",
+            "rename and its undoing": "q is missing: the one there before waits under "
+                                      ".q.old, which readers use",
+            "directory fsync": "the new files are in place, whole, but the directory's "
+                               "fsync failed: a power loss before the disk syncs may undo "
+                               "the renames"}[where]
+    assert err == (f"moekit quantize: error: could not write out={str(out)!r}: "
+                   f"Input/output error (injected); {left}"), err
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+    if where == "rename":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]  # no .q.old
+        assert _files(out) == before
+    elif where == "rename and its undoing":
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".q.old", "run"]
+        assert _files(tmp_path / ".q.old") == before
+        assert qio.read_meta(qio.located(out))["bits"] == 8  # what readers use
+    else:
+        assert qio.read_meta(out)["bits"] == 4  # the new output
+        qio.load_quantized(out)  # whole: its SHA-256 checks
+
+
 def test_cli_disk_full_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatch, capsys):
     """`moekit quantize` onto a full disk ended in a traceback (the OSError of the write);
     now one line naming --out, and the output quantized before still loads."""

@@ -22,6 +22,7 @@ from moekit.analysis.report import PLOT_HINT, summary_table, write_report
 from moekit.analysis.stats import load_summary
 from moekit.config import check_out_dir, flag_message, reject
 from moekit.errors import exit_code
+from moekit.train.rundir import left_by
 
 # argument -> the flag that sets it, so an error names what the user typed
 FIELD_FLAGS = {name: "--" + name.replace("_", "-")
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         paths = write_report(result, out, comparison, new_run=True)
     except OSError as e:  # a full disk: was a traceback, after routing.json was cut short
         print(f"moekit analyze: error: could not write out={str(out)!r}: "
-              f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)
+              f"{e.strerror or e}; {left_by(e)}", file=sys.stderr)
         return 1
     print("\n".join(summary_table(result["layers"])))
     if comparison is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from moekit.analysis.stats import token_label
 from moekit.config import check_out_dir, reject
-from moekit.train.rundir import write_files
+from moekit.train.rundir import ReplacedError, write_files
 
 JSON_FILE, REPORT_FILE, TOKENS_CSV = "routing.json", "report.md", "tokens.csv"
 LOAD_PNG, COACT_PNG = "load_heatmap.png", "coactivation.png"
@@ -320,10 +320,16 @@ def check_layer_keys(result: dict[str, Any], source: str | None = None) -> None:
 def remove_stale(out: Path, written: set[str]) -> None:
     """Remove the analysis files of an earlier run in ``out`` that this one did not
     write: a compare.json (or plots) left from an earlier ``--compare`` run stayed beside
-    the new routing.json and report.md, describing other checkpoints and tokens."""
+    the new routing.json and report.md, describing other checkpoints and tokens.
+    Called once the new files are in place, so a failure is a ``ReplacedError`` (an
+    error message must not say that what was there before is unchanged)."""
     from moekit.analysis.compare import COMPARE_FILE
-    for name in {*OUTPUT_FILES, COMPARE_FILE} - written:
-        (out / name).unlink(missing_ok=True)
+    for name in sorted({*OUTPUT_FILES, COMPARE_FILE} - written):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as e:
+            raise ReplacedError(e, f"the new report is in place, but the earlier run's "
+                                f"{name} could not be removed") from e
 
 
 def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from moekit.errors import exit_code
     from moekit.quant.io import quantize_checkpoint
     from moekit.train.checkpoint import CheckpointError
+    from moekit.train.rundir import left_by
 
     try:
         out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(e)  # the checkpoint: 1; a flag's value: 2
     except OSError as e:  # a full disk, a read-only --out: was a traceback from the write
         print(f"moekit quantize: error: could not write out={args.out!r}: "
-              f"{e.strerror or e}; what was there before is unchanged", file=sys.stderr)
+              f"{e.strerror or e}; {left_by(e)}", file=sys.stderr)
         return 1
     a = ", activations=int8" if args.activations == "int8" else ""
     print(f"wrote {out} (bits={args.bits}, scope={args.scope}{a})")

@@ -47,7 +47,7 @@ def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> N
     The renames run one after another, so a failure or a stop (Ctrl-C, power loss)
     between two leaves some files new and the rest old; a failed directory fsync after
     the renames raises with every new file in place (on a power loss any rename may
-    then be lost).
+    then be lost). Either raises ``ReplacedError``, which says so (``left_by``).
 
     Each temporary name is new (``temp_file``: ``.<name>.tmp`` + 8 random characters +
     the suffix again, which savefig reads the format from): with one fixed name per
@@ -133,17 +133,59 @@ def replace_durably(moves: Mapping[Path, Path]) -> None:
     ``swap_in``'s checkpoints, the tokenizer copy).
 
     Every fsync of the data comes before the first rename: a failed one raises with
-    every ``final`` as it was. Cost: the data's fsync is the disk writing what it must
-    write anyway (checkpoints fsynced their files before); the directory fsyncs are
-    small. Roughly (one thread, ext4, a shared 2-core machine, so noisy): a
-    ``small``-preset checkpoint save (3.4M parameters, ~41 MB with AdamW state) took
-    0.12-0.19 s before the directory fsyncs and 0.13-0.15 s after, over 6 saves each."""
+    every ``final`` as it was. A failure after the first rename (a later rename, a
+    directory's fsync) raises ``ReplacedError``, which says which places hold new data.
+
+    Cost: the data's fsync is the disk writing what it must write anyway (checkpoints
+    fsynced their files before); the directory fsyncs are small. Roughly (one thread,
+    ext4, a shared 2-core machine, so noisy): a ``small``-preset checkpoint save (3.4M
+    parameters, ~41 MB with AdamW state) took 0.12-0.19 s before the directory fsyncs
+    and 0.13-0.15 s after, over 6 saves each."""
     for tmp in moves:
         sync_tree(tmp)
-    for tmp, final in moves.items():
-        os.replace(tmp, final)
-    for parent in dict.fromkeys(final.parent for final in moves.values()):
-        fsync(parent)
+    done: list[Path] = []
+    try:
+        for tmp, final in moves.items():
+            os.replace(tmp, final)
+            done.append(final)
+        for parent in dict.fromkeys(final.parent for final in moves.values()):
+            fsync(parent)
+    except OSError as e:
+        if not done:
+            raise
+        raise ReplacedError(e, renamed_left(done, len(moves))) from e
+
+
+def renamed_left(done: list[Path], total: int) -> str:
+    """What ``replace_durably`` left when it failed after renaming ``done`` of ``total``."""
+    if len(done) == total:
+        return ("the new files are in place, whole, but the directory's fsync failed: a "
+                "power loss before the disk syncs may undo the renames")
+    names = ", ".join(p.name for p in done)
+    return f"{names} {'is' if len(done) == 1 else 'are'} new (whole), the rest as before"
+
+
+class ReplacedError(OSError):
+    """An OSError raised once some new data was renamed into place, so that "what was
+    there before is unchanged" would be untrue; ``left`` says what is on disk (an error
+    message's closing clause, ``left_by``). Raised by ``replace_durably`` and
+    ``swap_in`` where a rename or the directory's fsync failed after the first rename,
+    by ``analysis.report.write_report`` where an earlier run's file could not be
+    removed after the new files went in."""
+
+    def __init__(self, cause: OSError, left: str) -> None:
+        super().__init__(*cause.args)
+        for attr in ("filename", "filename2"):
+            if getattr(cause, attr) is not None:
+                setattr(self, attr, getattr(cause, attr))
+        self.left = left
+
+
+def left_by(e: OSError) -> str:
+    """The closing clause of a failed write's message: what ``e`` left on disk. Only a
+    ``ReplacedError`` comes after anything was renamed into place; any other error left
+    every output as it was (the writers here rename last)."""
+    return e.left if isinstance(e, ReplacedError) else "what was there before is unchanged"
 
 
 # -- LATEST ----------------------------------------------------------------------
@@ -241,16 +283,31 @@ def swap_in(tmp: Path, final: Path) -> Path | None:
     crash between the two renames leaves the old checkpoint whole under
     ``.<name>.old``: readers use it, ``clean_run_dir`` renames it back. As in
     ``replace_durably`` (power loss): ``tmp``'s files and ``tmp`` are fsynced before
-    anything is renamed, the parent after.
+    anything is renamed, the parent after. A failed rename of ``tmp`` renames the old
+    checkpoint back (so the error leaves ``final`` as it was); a failure after it raises
+    ``ReplacedError``.
     """
     aside = final.parent / f".{final.name}{ASIDE}"
     sync_tree(tmp)
-    if final.exists():
+    moved = final.exists()
+    if moved:
         if aside.exists():  # a leftover from an earlier crash; final is complete
             shutil.rmtree(aside)
         os.rename(final, aside)
-    os.rename(tmp, final)
-    fsync(final.parent)
+    try:
+        os.rename(tmp, final)
+    except OSError as e:  # the old one back, so that what was there before is unchanged
+        if moved:
+            try:
+                os.rename(aside, final)
+            except OSError:
+                raise ReplacedError(e, f"{final.name} is missing: the one there before "
+                                    f"waits under {aside.name}, which readers use") from e
+        raise
+    try:
+        fsync(final.parent)
+    except OSError as e:
+        raise ReplacedError(e, renamed_left([final], 1)) from e
     return aside if aside.exists() else None
 
 
