@@ -831,7 +831,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{COMMON['max_seq_len']})")
     p.add_argument("--reps", type=int, default=None,
                    help=f"A/B pairs per variant (median; default {FULL['reps']})")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--cpu-time", action="store_true",
                    help="1 thread, steps timed by the main thread's CPU time (loaded machine)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false")

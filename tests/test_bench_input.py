@@ -174,3 +174,49 @@ def test_scripts_refuse_bad_flags(capsys, script, argv, words):
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in err, err
+
+
+# -- help ---------------------------------------------------------------------------------
+
+def _help(capsys, *flags: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *flags])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def _flags_of(module) -> dict[str, str]:
+    """--flag -> help text, from the benchmark's own parser."""
+    import argparse
+    p = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(p)
+    return {a.option_strings[-1]: a.help or "" for a in p._actions}
+
+
+def test_help_of_the_cpu_benchmark(capsys):
+    out = _help(capsys, "--help")
+    text = " ".join(out.split())
+    assert out.startswith("usage: moekit bench [-h]")
+    assert "CPU benchmark: moekit vs dense FFN" in text
+    for flag, help_text in _flags_of(CPU).items():
+        assert flag in out and " ".join(help_text.split()) in text, flag
+    assert "--decode" in out and "`moekit bench --decode --help` describes them" in text
+
+
+@pytest.mark.parametrize("flags", [["--decode", "--help"], ["--decode", "-h"],
+                                   ["--quick", "--decode", "--help"]])
+def test_help_of_the_decode_benchmark(capsys, flags):
+    """`moekit bench --decode --help` printed bench_cpu's help (its --configs, --dtypes,
+    ...), none of which apply with --decode: now bench_decode's description and the two
+    flags passed on to it, with bench_decode's own help texts."""
+    out = _help(capsys, *flags)
+    text = " ".join(out.split())
+    assert out.splitlines()[0] == ("usage: moekit bench --decode [-h] [--quick] "
+                                   "[--threads THREADS]")
+    assert " ".join(DECODE.__doc__.split("\n\n")[0].split()) in text
+    decode_flags = _flags_of(DECODE)
+    for flag in bench.DECODE_FLAGS:
+        assert " ".join(decode_flags[f"--{flag}"].split()) in text, flag
+    listed = [line.split()[0].rstrip(",") for line in out.splitlines()
+              if line.startswith("  -")]
+    assert listed == ["-h", "--quick", "--threads"]  # none of bench_cpu's

@@ -37,13 +37,56 @@ def _load(script: Path = SCRIPT) -> ModuleType | None:
     return module
 
 
+# cli.py: -h comes from add_arguments (``Help``), so that it can follow --decode
+OWN_HELP = True
+
+
+class Help(argparse.Action):
+    """-h/--help: bench_cpu's flags, or after --decode the decode benchmark's (the only
+    ones that apply then); ``moekit bench --decode --help`` had printed bench_cpu's."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0,
+                         help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        (decode_parser(parser.prog) if getattr(namespace, "decode", False)
+         else parser).print_help()
+        parser.exit()
+
+
+def decode_parser(prog: str) -> argparse.ArgumentParser:
+    """The help of ``moekit bench --decode``: bench_decode's description and its flags
+    that apply (``DECODE_FLAGS``), with its own help texts."""
+    module = _load(DECODE_SCRIPT)
+    doc = (module.__doc__ or "") if module is not None else ""
+    p = argparse.ArgumentParser(
+        prog=f"{prog} --decode", add_help=False,
+        description=doc.split("\n\n")[0].replace("\n", " ") if doc else
+        f"the decode benchmark: {DECODE_SCRIPT} is not found (it ships with the source "
+        "repository, not the package)",
+        epilog="Only these flags apply with --decode; `python benchmarks/bench_decode.py "
+        "--help` lists the benchmark's own.")
+    p.add_argument("-h", "--help", action=Help, help="show this help message and exit")
+    if module is not None:
+        flags = argparse.ArgumentParser(add_help=False)
+        module.add_arguments(flags)
+        for action in flags._actions:  # argparse has no public way to copy an action
+            if action.dest in DECODE_FLAGS:
+                p._add_action(action)
+    return p
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-h", "--help", action=Help, help="show this help message and exit "
+                   "(after --decode: the decode benchmark's)")
     module = _load()
     if module is not None:
         module.add_arguments(p)
     p.add_argument("--decode", action="store_true",
                    help="run the decode benchmark (benchmarks/bench_decode.py) instead; "
-                   "only --quick (its quick mode) and --threads apply")
+                   "only --quick (its quick mode) and --threads apply (`moekit bench "
+                   "--decode --help` describes them)")
 
 
 def refuse_repeats(flag: str, value: object, entries: list) -> None:

@@ -1,5 +1,6 @@
 """The `moekit` command. Each subcommand lives beside the code it drives and
-exposes ``add_arguments(parser)`` and ``run(args) -> int``."""
+exposes ``add_arguments(parser)`` and ``run(args) -> int`` (and ``OWN_HELP = True``
+where its ``add_arguments`` adds -h/--help itself)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        # a command whose help depends on its other flags (bench --decode) adds its own -h
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           add_help=not getattr(mod, "OWN_HELP", False))
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        mod.add_arguments(p)
     return parser
 
 
