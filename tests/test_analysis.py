@@ -1144,3 +1144,46 @@ def test_re_rendering_a_compare_run_keeps_its_compare_json(two_steps, capsys):
     write_report(out / "routing.json", out)
     assert (out / "compare.json").read_text() == compare_text
     assert (out / "routing.json").read_text() == routing_text
+
+
+def test_a_re_rendered_report_keeps_its_compared_section(two_steps, capsys):
+    """write_report(OUT/routing.json, ...) wrote report.md without its "Compared with"
+    section although compare.json stayed beside routing.json: now the report re-rendered
+    in place is the one `moekit analyze --compare` wrote, and rendered into another
+    directory it brings compare.json along. A compare.json of another analysis (other
+    tokens) is not attached; one that is not a comparison is refused, naming it, and
+    nothing is written."""
+    import shutil
+
+    from moekit.analysis.report import write_report
+    root = two_steps
+    a, b = root / "run" / "step_00000002", root / "run" / "step_00000004"
+    out = root / "rerendered_section"
+    assert run(parse(str(a), "--compare", str(b), "--tokens", "256", "--data",
+                     str(root / "text.txt"), "--seq-len", "64", "--out", str(out))) == 0
+    capsys.readouterr()
+    written = {name: (out / name).read_text() for name in ("report.md", "compare.json")}
+    assert "## Compared with step 4" in written["report.md"]
+    write_report(out / "routing.json", out)
+    assert (out / "report.md").read_text() == written["report.md"]
+    assert (out / "compare.json").read_text() == written["compare.json"]
+
+    paths = write_report(out / "routing.json", root / "elsewhere")
+    assert paths["compare"] == root / "elsewhere" / "compare.json"
+    for name, text in written.items():
+        assert (root / "elsewhere" / name).read_text() == text, name
+
+    other = root / "other_tokens"  # the routing.json of a plain 128-token analysis
+    assert run(parse(str(a), "--tokens", "128", "--data", str(root / "text.txt"),
+                     "--seq-len", "64", "--out", str(other))) == 0
+    capsys.readouterr()
+    shutil.copy(out / "compare.json", other / "compare.json")
+    plain = (other / "report.md").read_text()
+    write_report(other / "routing.json", other)
+    assert (other / "report.md").read_text() == plain  # no section of other tokens
+
+    (out / "compare.json").write_text('{"meta": {}}')
+    with pytest.raises(ValueError, match=r"compare.json '.*rerendered_section/compare.json' "
+                       r"is not allowed beside .*: it cannot be read as the comparison"):
+        write_report(out / "routing.json", out)
+    assert (out / "report.md").read_text() == written["report.md"]

@@ -332,6 +332,29 @@ def remove_stale(out: Path, written: set[str]) -> None:
                                 f"{name} could not be removed") from e
 
 
+def comparison_beside(routing_json: Path, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The compare.json in ``routing_json``'s directory where it was written with it
+    (``moekit analyze --compare``: its "before" side is ``result``'s checkpoint, routing
+    the same number of tokens), else None. A re-rendered report had lost its "Compared
+    with" section although compare.json stayed beside routing.json. One that cannot be
+    read as a comparison is refused, naming it, before anything is written."""
+    from moekit.analysis.compare import COMPARE_FILE, compare_section
+    path = routing_json.parent / COMPARE_FILE
+    if not path.is_file():
+        return None
+    try:
+        comparison = json.loads(path.read_text())
+        before, tokens = comparison["meta"]["before"]["checkpoint"], comparison["meta"]["tokens"]
+        compare_section(comparison)  # what the report reads of it
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"compare.json {str(path)!r} is not allowed beside {routing_json}: "
+                         "it cannot be read as the comparison `moekit analyze --compare` "
+                         f"writes ({type(e).__name__}: {e}); move it away to re-render "
+                         "without it") from None
+    same = (before, tokens) == (result["meta"]["checkpoint"], result["meta"]["tokens"])
+    return comparison if same else None
+
+
 def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
                  comparison: dict[str, Any] | None = None, *,
                  new_run: bool = False) -> dict[str, Path]:
@@ -341,7 +364,9 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
     and as a section at the end of report.md. ``new_run`` (``moekit analyze``): this
     is a new analysis replacing whatever was in ``out_dir``, so the analysis files it
     did not write are removed (``remove_stale``); by default they stay, as when a
-    routing.json is re-rendered in place: a compare.json beside it was deleted.
+    routing.json is re-rendered in place: a compare.json beside it was deleted. A
+    routing.json given without ``comparison`` brings the compare.json written with it
+    (``comparison_beside``): the re-rendered report keeps its "Compared with" section.
 
     Both texts are made before anything is written: a bad ``result`` leaves an existing
     report as it was (a result without "meta" overwrote routing.json, then a KeyError).
@@ -349,15 +374,17 @@ def write_report(result: dict[str, Any] | str | Path, out_dir: str | Path,
     are complete (``rundir.write_files``): written in place, a full disk had left a cut
     routing.json where a good one was.
     """
-    source = None
+    source = path = None
     if isinstance(result, (str, Path)):  # a routing.json written before
-        source = f"routing.json {str(result)!r}"
+        source, path = f"routing.json {str(result)!r}", Path(result)
         try:
-            result = json.loads(Path(result).read_text())
+            result = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{source} is not allowed: it cannot be read as JSON "
                              f"({e})") from None
     check_result(result, source)
+    if path is not None and comparison is None:
+        comparison = comparison_beside(path, result)
     check_out_dir("out_dir", out_dir)  # a file, "" (the current directory): refused
     try:
         json_text = json.dumps(result, indent=1)
