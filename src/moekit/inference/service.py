@@ -22,7 +22,7 @@ from moekit.inference.engine import (
 )
 from moekit.inference.request import Request, parse_request, reject_field
 from moekit.inference.response import Choice, merged_stats, timing_fields, until_tool_call
-from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text
+from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, finish_reason
 
 # sequences (prompts x n) one request may ask for unless --max-sequences says otherwise:
 # lm-evaluation-harness' batches and n <= 64 fit; each sequence costs its prefill and a
@@ -274,13 +274,15 @@ class Service:
         seconds = time.perf_counter() - start
         choices = []
         for i, (p, g) in enumerate(zip(request.ids, gens, strict=True)):
-            new = cut_text(text.decode_after(p, g.tokens), stops, False)
+            whole = text.decode_after(p, g.tokens)
+            new = cut_text(whole, stops, False)
             logprobs = None
             if request.logprobs is not None:
                 logprobs = ([] if scored is None else scored[i // request.n]) + list(
                     zip(g.tokens, g.logprobs, g.top_logprobs, strict=True))
             choices.append(Choice(text.decode(p) + new if request.echo else new,
-                                  g.finish_reason, len(g.tokens), logprobs))
+                                  finish_reason(g.finish_reason, whole, stops),
+                                  len(g.tokens), logprobs))
         completion = sum(c.tokens for c in choices)
         prompt = sum(len(p) for p in request.ids[::request.n])
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -316,7 +318,7 @@ class _Submission:
         if request.tools:
             self.emits = [until_tool_call(e) for e in self.emits]
         self.gone = False  # on_text said the client went away
-        self.by_text = text.stop_when(stops)
+        self.by_text = text.stop_in_text(stops)
         # with logprobs: each sequence's tokens not yet sent with a piece of text
         self.pending: list[list[tuple]] | None = None if request.logprobs is None else [
             [] for _ in request.ids]
@@ -381,7 +383,8 @@ class _Submission:
         self._send(o + i, self.emits[o + i](tok))
 
     def _stop_when(self, i: int, tokens: list[int]) -> bool:
-        return self.gone or (self.by_text is not None and self.by_text(i, tokens))
+        return self.gone or (self.by_text is not None
+                             and self.by_text(self.request.ids[i], tokens))
 
     def _finish(self, gens: list[Generation], stats) -> None:
         try:

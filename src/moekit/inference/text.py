@@ -27,9 +27,14 @@ from pathlib import Path
 from moekit.config import reject
 from moekit.inference.engine import stop_sequences_from_text
 
+# (the prompt's ids, the ids generated so far) -> does the text those add after the
+# prompt's hold a stop string? (``stop_in_text``; the caller binds the prompt)
+StopText = Callable[[Sequence[int], list[int]], bool]
+
 TOKENIZER_DIR = "tokenizer"  # beside a run's step_* directories
 # prompt ids the new text is decoded behind (text-generation-inference and vLLM take 5)
 CONTEXT_IDS = 5
+TAIL_IDS = CONTEXT_IDS + 4  # the most of them decoded behind: back to a character's start
 # what is copied where a transformers directory has it (tokenizer.json is what is read)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -51,11 +56,23 @@ class ByteText:
         return bytes([token])
 
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-        return stop_sequences_from_text(texts)
+        """The stop strings as byte sequences, but those that hold U+FFFD: invalid bytes
+        decode to that character too, which its own bytes (EF BF BD) do not match; the
+        text matches them (``stop_in_text``)."""
+        return stop_sequences_from_text([t for t in texts if "\ufffd" not in t])
 
-    def stop_when(self, texts: Sequence[str]) -> None:
-        """Bytes match as id sequences (``stop_sequences``): nothing more to check."""
-        del texts
+    def stop_in_text(self, texts: Sequence[str]) -> StopText | None:
+        """The stop strings that hold U+FFFD, matched in the text of the last bytes (as
+        ``stream`` writes it: not a character's first bytes before its last has come).
+        None where there are none: the byte sequences match the others exactly (the
+        text holds one only where the bytes do)."""
+        texts = [t for t in texts if "\ufffd" in t]
+        if not texts:
+            return None
+        # a character is at most 4 bytes (U+FFFD stands for at most 3), +1 the byte that
+        # shows the bytes before it are no character, +3 the bytes _settled_text skips
+        window = 4 * max(map(len, texts)) + 4
+        return lambda _, tokens: any(t in _settled_text(tokens, window) for t in texts)
 
     def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
         """The text ``ids`` add after ``context`` (the prompt's): bytes need none."""
@@ -184,20 +201,34 @@ class TokenizerText:
 
     def stop_sequences(self, texts: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """None as id sequences: a tokenizer's stop strings are matched in the text
-        (``stop_when``), where the ids of a string alone may not be those generated (a
+        (``stop_in_text``), where the ids of a string alone may not be those generated (a
         merged token such as ".\n\n" holds "\n\n")."""
         if any(not t for t in texts):
             reject("stop", "", "a stop string must hold at least one character")
         return ()
 
-    def stop_when(self, texts: Sequence[str]) -> Callable[[int, list[int]], bool] | None:
-        """``Engine.generate``'s stop_when for stop strings: a sequence stops at the token
-        whose text completes one of ``texts`` (the new text decoded, a window of the last
-        ids: enough for the longest string, 4 ids a character). None without strings."""
+    def stop_in_text(self, texts: Sequence[str]) -> StopText | None:
+        """Does the text a sequence's ids add after its prompt's (``decode_after``) hold
+        one of ``texts``? A sequence stops at the token whose text completes one. The
+        text of a window of the last ids (enough for the longest string, 4 ids a
+        character) decoded behind the ids before it: alone, a SentencePiece decoder
+        drops its first token's space (a stop " fox" never matched a first token "▁fox",
+        though the text written held it). Its trailing U+FFFD is left out, as ``stream``
+        holds it back (a character's first bytes: "<0xE4>" had matched a stop "\ufffd"
+        in "中"); a U+FFFD that stays is matched once text follows it, or by
+        ``finish_reason`` at the end. None without strings."""
         if not texts:
             return None
         window = 4 * max(len(t) for t in texts) + 8
-        return lambda _, tokens: any(t in self.decode(tokens[-window:]) for t in texts)
+
+        def hit(context: Sequence[int], tokens: list[int]) -> bool:
+            k = min(window, len(tokens))
+            before = tokens[max(0, len(tokens) - k - 2 * TAIL_IDS):len(tokens) - k]
+            before = [*context[-2 * TAIL_IDS:], *before][-2 * TAIL_IDS:]
+            text = self.decode_after(before, tokens[len(tokens) - k:]).rstrip("\ufffd")
+            return any(t in text for t in texts)
+
+        return hit
 
     def _tail(self, context: Sequence[int]) -> list[int]:
         """The last CONTEXT_IDS of ``context`` that decode() keeps: what the text of the
@@ -206,7 +237,7 @@ class TokenizerText:
         kept = [t for t in context if t not in self.dropped]
         n = min(CONTEXT_IDS, len(kept))
         # not from inside a character (byte tokens): back to where its first byte is
-        while n < len(kept) and n < CONTEXT_IDS + 4 and self.decode(kept[-n:])[:1] == "\ufffd":
+        while n < len(kept) and n < TAIL_IDS and self.decode(kept[-n:])[:1] == "\ufffd":
             n += 1
         return kept[len(kept) - n:]
 
@@ -278,6 +309,28 @@ def _byte_level_decoder() -> dict[str, int]:
     return table
 
 
+def _settled_text(ids: Sequence[int], window: int) -> str:
+    """The text of the last ``window`` of the bytes ``ids`` that no later byte changes:
+    not the bytes at the end that may begin a character still to come (U+FFFD only once
+    a byte shows they do not), nor, where the window leaves bytes out before it, up to 3
+    continuation bytes at its start (those of a character begun before it; a 4th is no
+    character's, U+FFFD in both)."""
+    start = max(0, len(ids) - window)
+    if start:
+        start += next((i for i in range(3) if not 0x80 <= ids[start + i] <= 0xBF), 3)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return utf8.decode(bytes(ids[start:]))
+
+
+def finish_reason(reason: str, text: str, stops: Sequence[str]) -> str:
+    """A sequence's ``reason`` ("length", "stop" or "cancelled") as its whole ``text``
+    shows it: "stop" where one ran to its length yet the text holds a stop string (cut
+    there): the last bytes of a byte-level sequence that begin a character turn U+FFFD
+    only once it ends, a tokenizer's trailing U+FFFD is matched only once text follows
+    it (``stop_in_text``). The answer said "length" for a text cut at the stop."""
+    return "stop" if reason == "length" and stop_span(text, stops) is not None else reason
+
+
 def stop_span(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
     """(start, end) in ``text`` of the stop string occurrence that ends first; None where
     none is in it."""
@@ -297,7 +350,7 @@ def cut_stream(emit: Callable[[int | None], str], stops: Sequence[str],
     """``emit`` (a ``stream``) whose text ends at the first stop string, after it
     (``keep_stop``, as ``moekit generate`` writes it) or before it (as OpenAI's API
     returns it). A tokenizer's sequence stops at the token whose text completes a stop
-    string (``stop_when``): that token's text after the string is not written. Text
+    string (``stop_in_text``): that token's text after the string is not written. Text
     that may begin a stop string is held back until the next text tells (and written at
     the end, ``emit(None)``, where none came)."""
     if not stops:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +27,15 @@ from moekit.inference.engine import (
     GenerationStats,
     StopWhen,
 )
-from moekit.inference.text import ByteText, TokenizerText, cut_stream, cut_text, text_for
+from moekit.inference.text import (
+    ByteText,
+    StopText,
+    TokenizerText,
+    cut_stream,
+    cut_text,
+    finish_reason,
+    text_for,
+)
 from moekit.malloc import tune_malloc
 from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
@@ -181,11 +190,16 @@ def _unescape_stop(text: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Stops:
-    """The stop strings: the engine's stop_when for a tokenizer's (matched in the text;
-    bytes match as id sequences), and the strings the written text is cut after."""
+    """The stop strings: those matched in the text (a tokenizer's; bytes match as id
+    sequences, but a string with U+FFFD), and the strings the written text is cut after."""
 
-    when: StopWhen | None
+    in_text: StopText | None
     strings: tuple[str, ...]
+
+    def after(self, prompt: Sequence[int]) -> StopWhen | None:
+        """The engine's stop_when for the sequences of ``prompt``."""
+        in_text = self.in_text
+        return None if in_text is None else (lambda _, tokens: in_text(prompt, tokens))
 
 
 def _config(args: argparse.Namespace, text: ByteText | TokenizerText
@@ -195,7 +209,7 @@ def _config(args: argparse.Namespace, text: ByteText | TokenizerText
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                            stop_ids=text.stop_ids, stop_sequences=text.stop_sequences(stops))
-    return cfg, _Stops(text.stop_when(stops), stops)
+    return cfg, _Stops(text.stop_in_text(stops), stops)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,7 +362,7 @@ def _run_one(engine: Engine, prompt: str, ids: list[int], text: ByteText | Token
     sys.stdout.write(prompt)
     emit = cut_stream(text.stream(ids), stops.strings)
     _, stats = engine.generate([ids], cfg, on_token=lambda _, tok: _write(emit(tok)),
-                               stop_when=stops.when)
+                               stop_when=stops.after(ids))
     _write(emit(None) + "\n")
     return stats
 
@@ -366,7 +380,7 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
     batcher = Batcher(model, rows=min(batch, len(ids)),
                       context=max(map(len, ids)) + cfg.max_new_tokens, kv_cache_dtype=kv)
     groups = [batcher.submit([p], cfg, torch.Generator().manual_seed(sequence_seed(cfg.seed, i)),
-                             stop_when=stops.when) for i, p in enumerate(ids)]
+                             stop_when=stops.after(p)) for i, p in enumerate(ids)]
     t0 = time.perf_counter()
     printed = 0
     more = True
@@ -377,14 +391,16 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
             if g.error is not None:
                 raise g.error
             (gen,) = g.gens
-            new = cut_text(text.decode_after(ids[printed], gen.tokens), stops.strings)
+            whole = text.decode_after(ids[printed], gen.tokens)
+            new = cut_text(whole, stops.strings)
+            reason = finish_reason(gen.finish_reason, whole, stops.strings)
             if records is not None:
                 records.append({"index": printed, "prompt": prompts[printed], "text": new,
-                                "finish_reason": gen.finish_reason,
+                                "finish_reason": reason,
                                 "prompt_tokens": len(ids[printed]),
                                 "completion_tokens": len(gen.tokens)})
             else:
-                print(f"--- {printed + 1} ({gen.finish_reason}, {len(gen.tokens)} tokens)")
+                print(f"--- {printed + 1} ({reason}, {len(gen.tokens)} tokens)")
                 print(prompts[printed] + new, flush=True)
             printed += 1
     # the batcher's totals: a cohort's prefill once, however many groups shared it; the
@@ -449,7 +465,7 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
             return 2
         emit = cut_stream(text.stream(ids), stops.strings)
         gens, s = engine.generate([ids], cfg, on_token=lambda _, tok, emit=emit: _write(emit(tok)),
-                                  stop_when=stops.when)
+                                  stop_when=stops.after(ids))
         _write(emit(None) + "\n")
         stats.append(s)
         reply = gens[0].tokens
