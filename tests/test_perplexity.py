@@ -385,3 +385,78 @@ def test_a_named_pipe_scores_as_the_file_does(converted, capsys, tmp_path):
     writer.join(timeout=10)
     got = json.loads(capsys.readouterr().out)
     assert (got["tokens"], got["nll"]) == (want["tokens"], want["nll"])
+
+
+@pytest.fixture(scope="module")
+def byte_runs(tmp_path_factory):
+    """(model, its run, a base model, its run, a text file): random tiny byte-level
+    models of two seeds."""
+    from moekit.models import MoETransformer, preset
+    from moekit.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ppl_bytes")
+    out = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = MoETransformer(preset("tiny")).eval()
+        save_checkpoint(root / f"run{seed}", model, torch.optim.SGD(model.parameters(),
+                                                                     lr=0.0),
+                        {"step": 0, "model_config": model.config.to_dict()})
+        out += [model, root / f"run{seed}"]
+    (root / "t.txt").write_text("the quick brown fox jumps over the lazy dog\n")
+    return (*out, root / "t.txt")
+
+
+def _kl_reference(model, base, ids: list[int], context: int, first: int) -> list[float]:
+    """Per-token KL(base || model) at the scored positions: torch's kl_div of the two
+    models' float64 log-probabilities."""
+    out = []
+    with torch.no_grad():
+        for c in range(len(ids) // context):
+            chunk = torch.tensor([ids[c * context:(c + 1) * context]])
+            lm = model(chunk).logits[0, first - 1:context - 1].double().log_softmax(-1)
+            lb = base(chunk).logits[0, first - 1:context - 1].double().log_softmax(-1)
+            out += torch.nn.functional.kl_div(lm, lb, log_target=True,
+                                              reduction="none").sum(-1).tolist()
+    return out
+
+
+@pytest.mark.parametrize("flags,n", [
+    (["--context", "2", "--chunks", "1"], 1),  # one scored token: no standard error
+    (["--context", "2", "--chunks", "2"], 2),  # one in each of two chunks
+    (["--context", "3", "--chunks", "1", "--score-from", "1"], 2),
+    (["--context", "4", "--chunks", "1", "--score-from", "1"], 3),
+])
+def test_the_standard_error_of_one_two_and_three_tokens(byte_runs, capsys, flags, n):
+    """The standard errors are the sample standard deviation (statistics.stdev) of the
+    scored tokens' NLLs (float64 log-softmax of the model's logits) and KLs over
+    sqrt(n), the perplexity's through exp; with one scored token there is none:
+    "unavailable" and null (they were 0, as if the perplexity of one token were exact)."""
+    import statistics
+
+    model, run, base, base_run, path = byte_runs
+    argv = ["perplexity", "--checkpoint", str(run), "--text", str(path), *flags,
+            "--against", str(base_run)]
+    context, chunks = int(flags[1]), int(flags[3])
+    first = int(flags[5]) if "--score-from" in flags else context // 2
+    ids = list(path.read_bytes())[:chunks * context]
+    want = _reference(model, ids, context, first)
+    kl = _kl_reference(model, base, ids, context, first)
+    assert cli_main([*argv, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == len(want) == len(kl) == n
+    assert r["perplexity"] == pytest.approx(math.exp(statistics.fmean(want)), rel=1e-6)
+    assert r["kl_mean"] == pytest.approx(statistics.fmean(kl), rel=1e-6)
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    if n == 1:
+        assert r["stderr"] is None and r["kl_stderr"] is None
+        assert "+- unavailable over 1 token (1 chunk of 2," in out, out
+        assert f"KL divergence {r['kl_mean']:.4g} +- unavailable nats/token" in out, out
+        return
+    assert r["stderr"] == pytest.approx(
+        r["perplexity"] * statistics.stdev(want) / math.sqrt(n), rel=1e-6)
+    assert r["kl_stderr"] == pytest.approx(statistics.stdev(kl) / math.sqrt(n), rel=1e-6)
+    assert r["stderr"] > 0 and r["kl_stderr"] > 0
+    assert f"+- {r['stderr']:.4f} over {n} tokens ({chunks} chunk" in out, out
+

@@ -6,9 +6,10 @@ The text is cut into chunks of ``--context`` tokens, one forward each (the prefi
 quantized, bf16 and offloaded models run as they generate); in each chunk the tokens
 after the first ``--score-from`` (default: half the chunk) are scored, so every scored
 token sees at least that much context (llama.cpp's ``llama-perplexity`` scores chunks
-alike). Reported: perplexity exp(mean negative log-likelihood) with its standard error,
-nats per token, bits per byte of the scored text (its tokens' own bytes: comparable
-across tokenizers), and tokens per second of the model's forwards. The same text, context
+alike). Reported: perplexity exp(mean negative log-likelihood) with its standard error
+("unavailable", null in ``--json``, for a single scored token: one has no spread), nats
+per token, bits per byte of the scored text (its tokens' own bytes: comparable across
+tokenizers), and tokens per second of the model's forwards. The same text, context
 and chunks give comparable numbers for the float, bf16, int8 and int4 forms of one model:
 what quantizing costs, in the model's own tokens (``benchmarks/quant_quality.py``
 measures moekit's byte-level models on their trainer's validation windows).
@@ -70,10 +71,13 @@ class Perplexity:
         return math.exp(self.nats_per_token)
 
     @property
-    def stderr(self) -> float:
-        """The standard error of the perplexity (of the mean NLL, through exp)."""
+    def stderr(self) -> float | None:
+        """The standard error of the perplexity (of the mean NLL, through exp); None for
+        one scored token, whose spread is unknown (it was 0, as if exact)."""
         n, mean = self.tokens, self.nats_per_token
-        var = max(self.nll_sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        if n < 2:
+            return None
+        var = max(self.nll_sq / n - mean * mean, 0.0) * n / (n - 1)
         return self.perplexity * math.sqrt(var / n)
 
     @property
@@ -86,10 +90,11 @@ class Perplexity:
 
     @property
     def kl_stderr(self) -> float | None:
-        if self.kl is None:
+        """The standard error of the mean KL; None where not run or for one token."""
+        if self.kl is None or self.tokens < 2:
             return None
         n, mean = self.tokens, self.kl / self.tokens
-        return math.sqrt(max(self.kl_sq / n - mean * mean, 0.0) / max(n - 1, 1))
+        return math.sqrt(max(self.kl_sq / n - mean * mean, 0.0) / (n - 1))
 
     @property
     def top1_agreement(self) -> float | None:
@@ -191,6 +196,11 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
                       score_from=first, seconds=seconds,
                       scored_bytes=scored_bytes,
                       **({} if base is None else {"kl": kl, "kl_sq": kl_sq, "top1_same": same}))
+
+
+def _shown_error(error: float | None, spec: str) -> str:
+    """A standard error as printed: "unavailable" for one scored token (no spread)."""
+    return "unavailable" if error is None else format(error, spec)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -384,8 +394,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=1))
         return 0
     bpb = result.bits_per_byte
-    print(f"perplexity {result.perplexity:.4f} +- {result.stderr:.4f} over {result.tokens:,} "
-          f"tokens ({result.chunks} chunks of {result.context}, scoring the last "
+    print(f"perplexity {result.perplexity:.4f} +- {_shown_error(result.stderr, '.4f')} over "
+          f"{result.tokens:,} token{'s' * (result.tokens != 1)} ({result.chunks} "
+          f"chunk{'s' * (result.chunks != 1)} of {result.context}, scoring the last "
           f"{result.context - result.score_from} of each): {result.nats_per_token:.4f} "
           f"nats/token" + ("" if bpb is None else f", {bpb:.4f} bits/byte")
           + f"; {result.tokens_per_s:.0f} tokens/s")
@@ -393,6 +404,6 @@ def run(args: argparse.Namespace) -> int:
         # significant digits: a bf16 or int8 KV cache's KL, ~2e-8 nats a token, printed
         # as 0.000000 +- 0.000000 (as if the two were the same)
         print(f"against {args.against}: KL divergence {result.kl_mean:.4g} +- "
-              f"{result.kl_stderr:.2g} nats/token, top token the same at "
+              f"{_shown_error(result.kl_stderr, '.2g')} nats/token, top token the same at "
               f"{100 * result.top1_agreement:.2f}% of {result.tokens:,} positions")
     return 0
