@@ -460,3 +460,44 @@ def test_the_standard_error_of_one_two_and_three_tokens(byte_runs, capsys, flags
     assert r["stderr"] > 0 and r["kl_stderr"] > 0
     assert f"+- {r['stderr']:.4f} over {n} tokens ({chunks} chunk" in out, out
 
+
+def test_a_whole_texts_ids_are_compact_and_score_as_a_list_of_them_did(byte_runs, converted,
+                                                                       capsys, tmp_path):
+    """--chunks 0 holds every id of the text: a uint8 tensor (byte-level) or int32
+    (a tokenizer's), not a Python list (8 bytes an id, 36 past 256). The sums are exactly
+    those of the ids as a list made into int64 chunks (the command's way before)."""
+    import tracemalloc
+
+    from moekit.inference.perplexity import _text_ids
+    from moekit.quant.io import load_model
+
+    model, run, _, _, _ = byte_runs
+    _, _, root = converted
+    path = root / "text.txt"
+    for checkpoint, text, want_dtype in [
+            (run, ByteText(), torch.uint8),
+            (root / "lm", TokenizerText(root / "lm" / "tokenizer"), torch.int32)]:
+        ids = text.encode(TEXT)
+        got = _text_ids(str(path), text.encode_tensor, 16, 0)
+        assert got.dtype == want_dtype and got.tolist() == ids
+        assert cli_main(["perplexity", "--checkpoint", str(checkpoint), "--text", str(path),
+                         "--context", "16", "--chunks", "0", "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        n = len(ids) // 16
+        before = score(model if checkpoint == run else load_model(checkpoint),
+                       torch.tensor(ids[:n * 16], dtype=torch.long).view(n, 16),
+                       token_bytes=text.token_bytes)
+        assert (r["chunks"], r["tokens"], r["scored_bytes"], r["nll"], r["nll_sq"]) == \
+            (n, before.tokens, before.scored_bytes, before.nll, before.nll_sq)
+    # 2 MB of text: the file's bytes, its str (2 bytes a character: é) and the uint8
+    # ids, 4 bytes a byte; with a list of ids 11
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * (2_000_000 // len(TEXT.encode())))
+    size = big.stat().st_size
+    tracemalloc.start()
+    try:
+        got = _text_ids(str(big), ByteText().encode_tensor, 16, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.numel() == size and peak < 6 * size, (peak, size)

@@ -112,13 +112,16 @@ class Perplexity:
                 "kl_stderr": self.kl_stderr, "top1_agreement": self.top1_agreement}
 
 
-def chunk_ids(ids: list[int], context: int, chunks: int | None = None) -> Tensor:
-    """[C, context]: the first ``chunks`` (None: all) whole chunks of ``ids``."""
+def chunk_ids(ids: list[int] | Tensor, context: int, chunks: int | None = None) -> Tensor:
+    """[C, context]: the first ``chunks`` (None: all) whole chunks of ``ids`` (a 1-D
+    tensor: a view of it in its dtype, ``score`` widens a chunk at a time; a list: int64)."""
     check_positive_int("context", context)
     n = len(ids) // context if chunks is None else min(chunks, len(ids) // context)
     if n < 1:
         reject("text", f"{len(ids)} tokens", f"it must hold at least one chunk of "
                f"context={context} tokens")
+    if isinstance(ids, Tensor):
+        return ids[:n * context].view(n, context)
     return torch.tensor(ids[:n * context], dtype=torch.long).view(n, context)
 
 
@@ -163,14 +166,14 @@ def score(model, chunks_CL: Tensor, score_from: int | None = None,
     same = 0
     scored_bytes = 0
     # first-use kernel builds and set-ups out of the timed loop (tokens/s is the forwards')
-    forward(chunks_CL[:1, :2])
+    forward(chunks_CL[:1, :2].long())
     if base is not None:
-        base(chunks_CL[:1, :2])
+        base(chunks_CL[:1, :2].long())
     seconds = 0.0  # the model's forwards (and their scoring: float() waits for them)
     try:
         for c in range(C):
             start = time.perf_counter()
-            ids = chunks_CL[c:c + 1]
+            ids = chunks_CL[c:c + 1].long()  # (the chunks may be uint8 or int32: chunk_ids)
             logits = forward(ids)[0, first - 1:L - 1].float()  # predicts first..L-1
             target = ids[0, first:]
             token_nll = torch.logsumexp(logits, -1) - logits.gather(1, target[:, None])[:, 0]
@@ -268,7 +271,8 @@ def read_ids(path: str, encode, tokens: int | None) -> list[int]:
     so a file of gigabytes costs what is scored, not its size (it was read, decoded and
     tokenized whole, its ids a Python list: ~8 bytes each). A tokenizer's ids near the
     cut can differ from those of the whole text, so reading doubles until two prefixes
-    agree on the first ``tokens`` ids (a byte model's agree at once)."""
+    agree on the first ``tokens`` ids (a byte model's agree at once). ``encode`` may give a
+    list or a 1-D tensor (``encode_tensor``: compact, for a whole text's ids)."""
     utf8 = codecs.getincrementaldecoder("utf-8")()
     text, done, before, block = "", 0, None, -1 if tokens is None else 4 * tokens + 4096
     with open(text_file(path), "rb") as f:
@@ -287,19 +291,28 @@ def read_ids(path: str, encode, tokens: int | None) -> list[int]:
             done += len(data)
             ids = encode(text)
             if end or (before is not None and len(before) > tokens
-                       and before[:tokens] == ids[:tokens]):
+                       and _same_start(before, ids, tokens)):
                 return ids
             before, block = ids, done
 
 
-def _text_ids(path: str | None, encode, context: int, chunks: int) -> list[int]:
+def _same_start(a: list[int] | Tensor, b: list[int] | Tensor, n: int) -> bool:
+    """Whether the first ``n`` ids of ``a`` and ``b`` (lists or 1-D tensors) are equal."""
+    if isinstance(a, Tensor):
+        return torch.equal(a[:n], b[:n])
+    return a[:n] == b[:n]
+
+
+def _text_ids(path: str | None, encode, context: int, chunks: int) -> list[int] | Tensor:
     """The ids of ``--text`` (None: the built-in corpus's validation text), enough for
     ``chunks`` chunks of ``context`` (0: all); a text shorter than one chunk is refused
     by the flags' names (it was "text='0 tokens' is not allowed")."""
     if path is None:
+        from moekit.safetensors_write import raw_bytes
         from moekit.train.data import load_corpus
 
-        ids = encode(bytes(load_corpus().val.tolist()).decode("utf-8", errors="replace"))
+        # raw_bytes: .tolist() had made a Python int of each of the corpus's bytes
+        ids = encode(raw_bytes(load_corpus().val).decode("utf-8", errors="replace"))
         where = "the built-in corpus's validation text"
     else:
         ids = read_ids(path, encode, chunks * context or None)
@@ -356,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
         if context > limit:
             raise ValueError(f"--context={context} is not allowed: it must be <= the "
                              f"model's max_seq_len={limit}")
-        chunks = chunk_ids(_text_ids(args.text, text.encode, context, asked),
+        # a tensor of a small integer type, not a list: --chunks 0 holds the whole text's
+        chunks = chunk_ids(_text_ids(args.text, text.encode_tensor, context, asked),
                            context, asked or None)
         _check_vocab(chunks, model.config.vocab_size, args.tokenizer)
         if args.score_from is not None and args.score_from >= context:

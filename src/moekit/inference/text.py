@@ -24,6 +24,8 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from moekit.config import reject
 from moekit.inference.engine import stop_sequences_from_text
 
@@ -47,6 +49,12 @@ class ByteText:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        """``encode`` as a uint8 tensor: a byte an id, where a list holds 8 (a pointer)."""
+        if not text:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(text, "utf-8"), dtype=torch.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
@@ -126,6 +134,11 @@ class TokenizerText:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids  # with the tokenizer's own special tokens
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        """``encode`` as an int32 tensor: 4 bytes an id, where a list's ids past 256 are
+        36 (an int object and its pointer; the list is a moment's, the tensor stays)."""
+        return torch.tensor(self.encode(text), dtype=torch.int32)
 
     def encode_chat(self, text: str, system: str | None = None) -> list[int]:
         """``text`` as a user message in the chat template (after a ``system`` message
