@@ -95,7 +95,13 @@ class MoETransformer(nn.Module):
         self.head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rotary_table(config.max_seq_len, config.head_size, config.rope_theta)
+        if torch.get_default_device().type == "meta":
+            # built to be loaded into (the loaders compute the tables): their shapes only,
+            # as the arithmetic on meta tensors runs torch's Python references, which
+            # import torch._dynamo (see moekit.meta)
+            cos, sin = (torch.empty(config.max_seq_len, config.head_size) for _ in "cs")
+        else:
+            cos, sin = rotary_table(config.max_seq_len, config.head_size, config.rope_theta)
         # derived from the config: not saved in checkpoints
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

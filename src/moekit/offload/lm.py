@@ -22,6 +22,7 @@ from moekit.experts.activations import activate
 from moekit.experts.experts import resolve_backend
 from moekit.functions.moe_experts import stack_experts
 from moekit.layer import MoE
+from moekit.meta import meta_device, to_empty
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.offload.codecs import Quantized
@@ -137,7 +138,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
         raise ExpertMemoryError(
             f"expert_memory={expert_memory!r} is not allowed for {path}: its model is dense "
             "(dense=True), with no experts to keep on disk; load it without expert_memory")
-    with torch.device("meta"):
+    with meta_device():
         model = MoETransformer(cfg)
         if quant is not None:  # the experts' stored layout; scope "all": attention and head
             quantize_like(model, quant.bits, quant.group, state["scope"], quant.activations,
@@ -157,7 +158,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
     codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)
     store = ExpertStore(store_parts, codec)
     try:
-        model.to_empty(device="cpu")
+        to_empty(model, "cpu")
         _load_resident(model, resident, store._fds)
         if quant is not None:  # the resident ones now (read anyway), each expert's on its read
             qio.check_finite_scales(model, model.state_dict(), file)

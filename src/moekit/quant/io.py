@@ -34,6 +34,7 @@ from torch import nn
 from moekit.config import reject
 from moekit.errors import NonFiniteScalesError
 from moekit.inference.text import copy_tokenizer, find_tokenizer
+from moekit.meta import meta_device
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.quant.model import (
@@ -233,7 +234,7 @@ def assemble(config: LMConfig, tensors: dict, where: Path,
     group_size, scope, activations, embeddings) of a quantized checkpoint, whose dtypes must be the
     model's; a training checkpoint's float weights keep their dtype. Checked before
     anything is built."""
-    with torch.device("meta"):
+    with meta_device():
         model = MoETransformer(config)
         if quant is not None:
             quantize_like(model, *quant)
@@ -303,7 +304,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     # every check, nothing written
     targets = _checked_targets(model, scope, group_size, embeddings)
     # the quantized model's layout: a meta model quantized alike, its floats in fp32
-    with torch.device("meta"):
+    with meta_device():
         shape = quantize_like(MoETransformer(config), bits, group_size, scope,
                               activations, embeddings).float()
     layout, aliases, owners = _quantized_layout(shape, targets)

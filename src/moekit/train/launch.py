@@ -224,8 +224,9 @@ def full_model(mcfg):
     model line counts. Rank 0's own model holds its experts only; counted there, the tiny
     preset at ep=2 read "29,088 parameters, 16,800 active per token" where the model has
     41,376 and 29,088."""
+    from moekit.meta import meta_device
     from moekit.models import MoETransformer
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+    with torch.random.fork_rng(devices=[]), meta_device():
         return MoETransformer(mcfg)
 
 

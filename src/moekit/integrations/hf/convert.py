@@ -104,13 +104,14 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
     headers first (meta tensors: names, shapes and dtypes checked against the config,
     nothing read), then each tensor is read, converted and written, so the conversion
     holds about one layer's experts, not the model."""
+    from moekit.meta import meta_device
     from moekit.models import LMConfig, MoETransformer
     from moekit.train.checkpoint import StreamedWeights, save_checkpoint
 
     config, shards = read_hf_dir(src)
     check_hf(config, src)
     lm = LMConfig.from_dict(lm_config(config))
-    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+    with meta_device():  # no random init: every tensor comes from the checkpoint
         model = MoETransformer(lm)
     meta, layout = hf_to_moekit_tensors(config, shards.as_meta(), str(src))
     try:
