@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from moekit.config import reject
 from moekit.errors import NonFiniteScalesError
@@ -204,8 +204,9 @@ def _check_dtypes(model: nn.Module, tensors: dict, where: Path) -> None:
                               f"mismatches {wrong[:5]}")
 
 
-def load_quantized(path: str | Path) -> MoETransformer:
-    """The quantized model saved in ``path``, verified before anything is assigned."""
+def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> MoETransformer:
+    """The quantized model saved in ``path``, verified before anything is assigned; its
+    float weights in ``dtype`` (None: as saved; packed weights and scales stay as saved)."""
     path = located(path)
     meta = read_meta(path)
     if _file_sha256(path / MODEL_FILE) != meta["sha256"]:
@@ -220,45 +221,89 @@ def load_quantized(path: str | Path) -> MoETransformer:
             tensors[alias] = tensors[source]
     quant = (meta["bits"], meta["group_size"], meta["scope"], meta["activations"],
              meta["embeddings"])
-    return assemble(LMConfig.from_dict(meta["model_config"]), tensors, path, quant)
+    return assemble(LMConfig.from_dict(meta["model_config"]), tensors, path, quant, dtype)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def assemble(config: LMConfig, tensors: dict, where: Path,
-             quant: tuple | None = None) -> MoETransformer:
+def assemble(config: LMConfig, tensors: dict, where: Path, quant: tuple | None = None,
+             dtype: torch.dtype | None = None) -> MoETransformer:
     """The model of ``config`` holding ``tensors`` themselves (built on the meta device,
     then each tensor assigned: no second copy of the weights, which a model built first
     and then loaded needed, in fp32 whatever the checkpoint's dtype). ``quant``: (bits,
     group_size, scope, activations, embeddings) of a quantized checkpoint, whose dtypes must be the
-    model's; a training checkpoint's float weights keep their dtype. Checked before
-    anything is built."""
+    model's; a training checkpoint's float weights keep their dtype. ``dtype``: the
+    model then ``.to(dtype)``, each tensor that changes dtype converted as it is read
+    (``tensors`` as ``load_file`` mapped them from ``where``'s model file, see
+    ``_converted``). Checked before anything is built."""
     with meta_device():
         model = MoETransformer(config)
         if quant is not None:
             quantize_like(model, *quant)
-    check_model_fits(model, tensors, where)
-    if quant is not None:
-        _check_dtypes(model, tensors, where)
-        check_finite_scales(model, tensors, where)
-    else:  # float weights in any float dtype; an integer buffer (a hash router's token-id
-        # table, which the router's load hook checks further) as an integer tensor
-        whole = {k: v.dtype for k, v in model.state_dict().items()}
-
-        wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
-                       if not (t.dtype in FLOAT_DTYPES if whole[k].is_floating_point
-                               else is_integer(t)))
-        if wrong:
-            raise CheckpointError(f"checkpoint {where} does not match the model: its "
-                                  "weights must be float32, bfloat16 or float16 (a hash "
-                                  f"router's table an integer tensor), got {wrong[:5]}")
+    _check_tensors(model, tensors, where, quant)
+    if dtype is not None:  # the meta model's dtypes after .to(dtype): what each becomes
+        targets = {k: v.dtype for k, v in model.to(dtype).state_dict().items()}
+        tensors = _converted(tensors, targets, dtype, where / MODEL_FILE)
     model.load_state_dict(tensors, strict=True, assign=True)
     if config.tie_embeddings:  # assigned as two Parameters of one tensor: one again
         model.head.weight = model.embed.weight
     model.rope_cos, model.rope_sin = rotary_table(config.max_seq_len, config.head_size,
                                                   config.rope_theta)
-    return model.eval()
+    # .to(dtype) as before the tensors were converted one by one: the rotary tables, the
+    # router's fp32 buffers and a quantized model's output dtype follow it alike
+    return model.eval() if dtype is None else model.eval().to(dtype)
+
+
+def _check_tensors(model: nn.Module, tensors: dict, where: Path, quant: tuple | None) -> None:
+    check_model_fits(model, tensors, where)
+    if quant is not None:
+        _check_dtypes(model, tensors, where)
+        check_finite_scales(model, tensors, where)
+        return
+    # float weights in any float dtype; an integer buffer (a hash router's token-id table,
+    # which the router's load hook checks further) as an integer tensor
+    whole = {k: v.dtype for k, v in model.state_dict().items()}
+    wrong = sorted(f"{k}: {t.dtype}" for k, t in tensors.items()
+                   if not (t.dtype in FLOAT_DTYPES if whole[k].is_floating_point
+                           else is_integer(t)))
+    if wrong:
+        raise CheckpointError(f"checkpoint {where} does not match the model: its "
+                              "weights must be float32, bfloat16 or float16 (a hash "
+                              f"router's table an integer tensor), got {wrong[:5]}")
+
+
+def _converted(tensors: dict, targets: dict, dtype: torch.dtype, file: Path) -> dict:
+    """``tensors`` with each float one that ``.to(dtype)`` turns into ``dtype`` converted,
+    read again from ``file`` one at a time with ``pread``: peak memory the converted model
+    plus one tensor as stored. Converting the mapped tensors (or the loaded model) touched
+    every page of the map, resident until it is unmapped: the stored model and the
+    converted one at once (see tests/test_load_memory.py). Tied names (one tensor) stay
+    one tensor."""
+    # here: moekit.offload imports this module
+    from moekit.offload.safetensors_io import read_header, read_into
+
+    locs = read_header(file)
+    names = {id(t): k for k, t in tensors.items() if k in locs}
+    todo = {id(t): t for k, t in tensors.items()
+            if t.is_floating_point() and targets[k] == dtype != t.dtype}
+    # one buffer for every read: a fresh one per tensor, freed after its conversion, left
+    # glibc's heap fragmented (its mmap threshold rises to the first freed size): 66 MiB
+    # more resident after a 201 MiB fp32 model's bf16 load (tests/test_load_memory.py)
+    staging = torch.empty(max((locs[names[i]].nbytes for i in todo if i in names), default=0),
+                          dtype=torch.uint8)
+    done: dict[int, Tensor] = {}
+    fds: dict[Path, int] = {}
+    try:
+        for i, t in todo.items():
+            if i in names:
+                loc = locs[names[i]]
+                t = read_into(staging[:loc.nbytes].view(loc.dtype).view(loc.shape), [loc], fds)
+            done[i] = t.to(dtype)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return {k: done.get(id(t), t) for k, t in tensors.items()}
 
 
 def check_finite_scales(model: nn.Module, tensors: dict, where: Path) -> None:
@@ -377,11 +422,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> M
     its float weights in ``dtype`` (None: as saved; a quantized model's packed weights
     and scales stay as they are)."""
     if is_quantized_checkpoint(path):
-        model = load_quantized(path)
-    else:
-        ck = load_checkpoint(path)
-        model = assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path)
-    return model if dtype is None else model.to(dtype)
+        return load_quantized(path, dtype)
+    ck = load_checkpoint(path)
+    return assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path,
+                    dtype=dtype)
 
 
 __all__ = ["is_quantized", "is_quantized_checkpoint", "load_model", "load_quantized",
