@@ -117,6 +117,23 @@ def test_balancing_buffers_stay_fp32_under_dtype_casts():
     assert moe.router.expert_bias.abs().max().item() == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_balancing_buffers_keep_their_values_under_dtype_casts(dtype):
+    """They stayed fp32 but went through the cast first: a load of 257 came back 256, a
+    bias of 1e-3 + 1e-7 as bf16's nearest."""
+    moe = MoE(MoEConfig(dim=8, ffn_dim=8, num_experts=4, top_k=1, router="sigmoid",
+                        bias_update_rate=1e-3))
+    bias = torch.tensor([1e-3 + 1e-7, -2.5e-3, 1.0001, 0.0])
+    load = torch.tensor([257.0, 1001.0, 65537.0, 3.0])  # none of them a bf16 or fp16 value
+    moe.router.expert_bias.copy_(bias)
+    moe.router.load.copy_(load)
+    moe.to(dtype)
+    assert moe.router.weight.dtype == dtype
+    assert moe.router.expert_bias.dtype == moe.router.load.dtype == torch.float32
+    assert torch.equal(moe.router.expert_bias, bias)
+    assert torch.equal(moe.router.load, load)
+
+
 def test_optimizer_hook_updates_every_multigate_gate():
     """attach_bias_update / update_all_biases reach MultiGateMoE's gates (they were
     skipped: loads grew forever and the biases never moved)."""

@@ -169,12 +169,15 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # module.to(bfloat16) would cast the balancing buffers too: bias steps of
-        # 1e-3 vanish in bf16 and the load accumulator stops counting past 256.
+        # 1e-3 vanish in bf16 and the load accumulator stops counting past 256. Put back
+        # from before the cast (moved where it moved them): cast back to fp32 after it,
+        # they had kept the rounding (a load of 257 came back 256)
+        kept = {name: getattr(self, name) for name in ("expert_bias", "load")}
         super()._apply(fn, recurse)
-        for name in ("expert_bias", "load"):
+        for name, old in kept.items():
             buf = getattr(self, name)
             if buf is not None and buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
+                setattr(self, name, old.to(buf.device, torch.float32))
         return self
 
     def __setstate__(self, state: dict[str, Any]) -> None:
