@@ -1,0 +1,145 @@
+"""Inference from several Python threads at once, as a threaded web app serving one model
+runs it: the same module called concurrently, and one Engine (its own KV cache) per thread.
+
+Oracle: each input's result computed single-threaded first, on the same module; every
+concurrent result must equal it bit for bit (fp32, deterministic kernels). Inputs of 1, 3,
+16 and a prefill's rows alternate so kept buffers are resized between calls. The decode
+kernels release the GIL, so two threads really are inside them together.
+
+``MOEKIT_THREAD_ROUNDS`` (default 3) sets how many times each thread runs every input.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+
+import pytest
+import torch
+
+from moekit import MoE, MoEConfig
+from moekit.inference import Batcher, Engine, GenerationConfig
+from moekit.models import MoETransformer, generate, preset
+from moekit.quant import quantize
+
+THREADS = 3
+ROUNDS = int(os.environ.get("MOEKIT_THREAD_ROUNDS", "3"))
+PROMPTS = [[[5, 6, 7]], [[9, 1, 2, 3, 4], [7]], [[i, i + 1] for i in range(16)]]
+GREEDY = GenerationConfig(max_new_tokens=6)
+SAMPLED = GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=20, seed=3)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def _concurrently(fn, inputs: list) -> None:
+    """``fn`` on every input single-threaded (the references), then THREADS threads each
+    running every input ROUNDS times, starting at different inputs; each result must
+    equal its reference and no thread may raise."""
+    refs = [fn(x) for x in inputs]
+    wrong: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(THREADS)
+
+    def work(t: int) -> None:
+        try:
+            start.wait()
+            for n in range(ROUNDS * len(inputs)):
+                j = (t + n) % len(inputs)
+                if not _same(fn(inputs[j]), refs[j]):
+                    wrong.append((t, j))
+        except BaseException as e:  # noqa: BLE001 - reported below, on the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    runs = THREADS * ROUNDS * len(inputs)
+    assert not wrong, f"{len(wrong)} of {runs} concurrent results differ (thread, input): " \
+                      f"{wrong[:5]}"
+
+
+def _infer(module):
+    def call(x):
+        with torch.inference_mode():
+            return module.infer(x)
+    return call
+
+
+def _logits(model):
+    def call(ids):
+        with torch.inference_mode():
+            return model(ids).logits
+    return call
+
+
+def _rows(dim: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(T, dim, generator=g) for T in (1, 3, 16, 300)]  # 300: prefill
+
+
+def _ids() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (B, L), generator=g) for B, L in ((1, 1), (3, 1), (16, 1),
+                                                                     (2, 40))]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return MoETransformer(preset("tiny")).eval()
+
+
+# -- one module, called from several threads ----------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "fused", "decode"])
+def test_layer_shared_across_threads(backend, two_threads):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=64, ffn_dim=96, num_experts=8, top_k=2), backend=backend).eval()
+    _concurrently(_infer(moe), _rows(64))
+
+    def forward(x):
+        with torch.inference_mode():
+            return moe(x).output
+    _concurrently(forward, _rows(64))
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
+def test_quantized_layer_and_model_shared_across_threads(tiny, bits, group_size):
+    model = quantize(copy.deepcopy(tiny), bits=bits, group_size=group_size)
+    _concurrently(_infer(model.blocks[0].ffn), _rows(model.config.dim))
+    _concurrently(_logits(model), _ids())
+
+
+def test_model_forward_shared_across_threads(tiny, two_threads):
+    _concurrently(_logits(tiny), _ids())
+
+
+# -- one Engine (its KV cache) per thread, one model ---------------------------------------
+
+def _tokens(gens) -> list[list[int]]:
+    return [g.tokens for g in gens]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_engines_of_one_model_on_threads(tiny, quantized):
+    model = quantize(copy.deepcopy(tiny), bits=8) if quantized else tiny
+    for cfg in (GREEDY, SAMPLED):
+        _concurrently(lambda p, cfg=cfg: _tokens(Engine(model).generate(p, cfg)[0]), PROMPTS)
+    prompts = [torch.tensor(p) for p in ([[5, 6, 7]], [[9, 1], [7, 3]])]
+    _concurrently(lambda ids: generate(model, ids, 5, temperature=0.7,
+                                       generator=torch.Generator().manual_seed(1)), prompts)
+
+
+def test_batchers_of_one_model_on_threads(tiny):
+    def run(prompts):
+        batcher = Batcher(tiny, rows=4, context=64)
+        group = batcher.run(batcher.submit(prompts[:4], SAMPLED))
+        return _tokens(group.gens)
+    _concurrently(run, PROMPTS)
