@@ -21,7 +21,10 @@ import torch
 from moekit import MoE, MoEConfig
 from moekit.inference import Batcher, Engine, GenerationConfig
 from moekit.models import MoETransformer, generate, preset
+from moekit.models.config import LMConfig
+from moekit.offload import load_offloaded
 from moekit.quant import quantize
+from moekit.train.checkpoint import save_checkpoint
 
 THREADS = 3
 ROUNDS = int(os.environ.get("MOEKIT_THREAD_ROUNDS", "3"))
@@ -143,3 +146,33 @@ def test_batchers_of_one_model_on_threads(tiny):
         group = batcher.run(batcher.submit(prompts[:4], SAMPLED))
         return _tokens(group.gens)
     _concurrently(run, PROMPTS)
+
+
+# -- an offloaded model: one expert cache for every thread ---------------------------------
+
+CFG = LMConfig(dim=32, num_layers=3, num_heads=2, ffn_dim=24, num_experts=8, top_k=2,
+               max_seq_len=64)
+EXPERT_BYTES = (32 * 48 + 24 * 32) * 4  # w_in [D, 2F] + w_out [F, D], fp32
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = MoETransformer(CFG).eval()
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": CFG.to_dict()})
+    return run
+
+
+@pytest.mark.parametrize("experts,prefetch", [(2, False), (5, True)])
+def test_offloaded_model_shared_across_threads(run_dir, experts, prefetch):
+    """Steps of several threads share one cache: a budget of 2 experts (every step evicts)
+    gave 11 of 30 wrong forwards before ExpertOffload.run took one step at a time."""
+    model = load_offloaded(run_dir, experts * EXPERT_BYTES, prefetch=prefetch)
+    try:
+        _concurrently(_logits(model), _ids())
+        _concurrently(lambda p: _tokens(Engine(model).generate(p, GREEDY)[0]), PROMPTS)
+        assert model.expert_offload.cache.used <= experts * EXPERT_BYTES
+    finally:
+        assert model.expert_offload.close(timeout=5.0)

@@ -126,7 +126,9 @@ class ExpertCache:
 
     ``get(layer, experts)`` returns their tensors (reading the missing ones on
     this thread, waiting for ones the prefetch thread is reading); ``prefetch``
-    reserves room and queues reads. ``policy`` is "lru" or "lfu".
+    reserves room and queues reads. ``policy`` is "lru" or "lfu". One caller thread at
+    a time (besides its own prefetch thread): ``ExpertOffload.run`` holds a lock around
+    each step's ``get`` calls and the compute on what they return.
     """
 
     def __init__(self, store: ExpertStore, budget: int, policy: str = "lru",

@@ -23,6 +23,7 @@ K experts per token, G = 2F for GLU activations, N / K output / input width.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -174,12 +175,15 @@ class ExpertOffload:
     hand and before they run, so the reads overlap this layer's compute and the
     next attention block. At most ``prefetch_limit`` experts are queued per step (a
     long prompt would otherwise ask for every expert of the next layer).
+
+    Threads: one layer step (``run``) at a time, whatever thread calls it (see ``run``).
     """
 
     def __init__(self, cache: ExpertCache, predictors: list[Predictor | None],
                  prefetch: bool, prefetch_limit: int) -> None:
         self.prefetch, self.prefetch_limit = prefetch, prefetch_limit  # (both checked)
         self.cache, self.predictors = cache, predictors
+        self._step = threading.Lock()  # held for a whole layer step: see run()
 
     @classmethod
     def within(cls, store: Any, budget: int, given: int | str, top_ks: list[int],
@@ -223,7 +227,21 @@ class ExpertOffload:
 
     def run(self, layer: int, x_TD: Tensor, dispatch: Dispatch, call: ExpertsCall,
             out_dim: int) -> Tensor:
-        """The layer's combined expert output [T, out_dim] from the cached experts."""
+        """The layer's combined expert output [T, out_dim] from the cached experts.
+
+        One step at a time per model: two threads running the same offloaded model (two
+        requests of a threaded web app) wait for each other here, for the experts' part
+        of each MoE layer only (attention, norms and routing run side by side). A step
+        computes on the cache's slots themselves and the cache keeps only its latest
+        step's experts from eviction, so another thread's step evicted them and read
+        other experts into those slots mid-computation: wrong outputs, no error (3
+        threads, a budget of 2 experts: 11 of 30 forwards differed). Letting two steps
+        run at once would need room for both steps' experts in the budget."""
+        with self._step:
+            return self._run(layer, x_TD, dispatch, call, out_dim)
+
+    def _run(self, layer: int, x_TD: Tensor, dispatch: Dispatch, call: ExpertsCall,
+             out_dim: int) -> Tensor:
         touched_E = torch.nonzero(dispatch.counts_E).flatten()
         ids = touched_E.tolist()
         if not ids:  # every row dropped: nothing to compute
