@@ -14,11 +14,13 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 
 import pytest
 import torch
 
 from moekit import MoE, MoEConfig
+from moekit.functions import cpu_ext
 from moekit.inference import Batcher, Engine, GenerationConfig
 from moekit.models import MoETransformer, generate, preset
 from moekit.models.config import LMConfig
@@ -176,3 +178,54 @@ def test_offloaded_model_shared_across_threads(run_dir, experts, prefetch):
         assert model.expert_offload.cache.used <= experts * EXPERT_BYTES
     finally:
         assert model.expert_offload.close(timeout=5.0)
+
+
+# -- the C++ modules' first use -----------------------------------------------------------
+
+def test_first_use_from_several_threads_builds_once_and_nobody_sees_none(monkeypatch):
+    """A server whose first requests come together: every thread waits for the one build
+    (or load) of each module. Before, get() marked itself tried before building, so 2 of
+    3 threads got None and ran the torch fallback, and get_decode() built once per thread."""
+    built: list[str] = []
+
+    def slow_build(name, *args, **kwargs):
+        built.append(name)
+        time.sleep(0.2)
+        return _FakeModule(name)
+
+    monkeypatch.setattr(cpu_ext, "_build", slow_build)
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setattr(cpu_ext, "_tried", False)
+    monkeypatch.setattr(cpu_ext, "_decode", [])
+    monkeypatch.setattr(cpu_ext, "_bf16", None)
+    monkeypatch.setattr(cpu_ext, "_bf16_tried", False)
+    monkeypatch.setattr(cpu_ext, "amx", lambda: False)
+    monkeypatch.setenv(cpu_ext.BF16_ENV, "1")
+    for var in (cpu_ext.ENV, cpu_ext.ISA_ENV, cpu_ext.AMX_ENV, cpu_ext.TERMS_ENV):
+        monkeypatch.delenv(var, raising=False)
+    got: list[dict] = []
+    start = threading.Barrier(4)
+    getters = [cpu_ext.get, cpu_ext.get_decode, cpu_ext.bf16]
+
+    def first_calls(t: int) -> None:  # each thread calls the getters in its own order
+        start.wait()
+        order = getters[t % 3:] + getters[:t % 3]
+        got.append({g.__name__: getattr(g(), "name", None) for g in order})
+
+    threads = [threading.Thread(target=first_calls, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(built) == sorted([cpu_ext.NAME, cpu_ext.DECODE_NAME, cpu_ext.BF16_NAME])
+    want = {"get": cpu_ext.NAME, "get_decode": cpu_ext.DECODE_NAME, "bf16": cpu_ext.BF16_NAME}
+    assert got == [want] * 4
+    assert len(cpu_ext._decode) == 1
+
+
+class _FakeModule:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def available(self) -> bool:  # cpu_bf16's: the CPU runs its instructions
+        return True

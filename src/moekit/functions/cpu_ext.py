@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,12 @@ _module: ModuleType | None = None
 _tried = False
 _bf16: ModuleType | None = None
 _bf16_tried = False
+# Held while a getter builds or loads its module: a second thread's first call waits for
+# it. Before, ``get()`` marked itself tried before building, so threads of a server whose
+# first requests came together got None and ran the torch fallback (3 threads: 2 saw
+# None); ``get_decode()`` built and loaded its module once per thread. Re-entrant:
+# ``bf16()`` calls ``get()`` inside it. Once loaded, the getters read without it.
+_BUILD_LOCK = threading.RLock()
 
 
 FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
@@ -146,12 +153,12 @@ def get() -> ModuleType | None:
     global _module, _tried
     if _tried:
         return _module
-    _tried = True
-    if os.environ.get(ENV, "1") == "0":
-        return None
-    _module = _build(NAME, SOURCE, "expert kernels",
-                     "the fused CPU path uses a Python loop of mm instead (same results, "
-                     "slower with many experts).")
+    with _BUILD_LOCK:
+        if not _tried and os.environ.get(ENV, "1") != "0":
+            _module = _build(NAME, SOURCE, "expert kernels",
+                             "the fused CPU path uses a Python loop of mm instead (same "
+                             "results, slower with many experts).")
+        _tried = True  # only now: a concurrent first call waits above, never sees None
     return _module
 
 
@@ -179,23 +186,33 @@ def get_decode() -> ModuleType | None:
     ``MOEKIT_INT8_TERMS=0`` keeps them all on the FMA kernel.
     """
     if not _decode:
-        cap = os.environ.get(ISA_ENV, "")
-        if cap and cap not in ISAS:
-            raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(ISAS)} "
-                             "(or unset: the widest this CPU has)")
-        amx_off = _switched_off(AMX_ENV, "no AMX tiles", "AMX where the CPU has it")
-        terms_off = _switched_off(TERMS_ENV, "int8 experts on the FMA kernel",
-                                  "on int8 terms where the CPU has AVX-512 VNNI")
-        disabled = os.environ.get(ENV, "1") == "0"
-        _decode.append(None if disabled else _build(
-            DECODE_NAME, DECODE_SOURCE, "decode kernels",
-            "backend 'auto' keeps the fused path for decoding, and quantized experts "
-            "are dequantized with torch ops."))
-        if _decode[0] is not None and amx_off:
-            _decode[0].set_amx(False)
-        if _decode[0] is not None and terms_off:
-            _decode[0].set_int8_terms(False)
+        with _BUILD_LOCK:
+            if not _decode:
+                _load_decode()
     return _decode[0]
+
+
+def _load_decode() -> None:
+    """``get_decode``'s first call (under _BUILD_LOCK): the settings checked, the module
+    built or loaded (or None), set up, then published in ``_decode`` (a thread reading
+    it without the lock never sees it before set_amx / set_int8_terms)."""
+    cap = os.environ.get(ISA_ENV, "")
+    if cap and cap not in ISAS:
+        raise ValueError(f"{ISA_ENV}={cap!r} is not one of {', '.join(ISAS)} "
+                         "(or unset: the widest this CPU has)")
+    amx_off = _switched_off(AMX_ENV, "no AMX tiles", "AMX where the CPU has it")
+    terms_off = _switched_off(TERMS_ENV, "int8 experts on the FMA kernel",
+                              "on int8 terms where the CPU has AVX-512 VNNI")
+    disabled = os.environ.get(ENV, "1") == "0"
+    module = None if disabled else _build(
+        DECODE_NAME, DECODE_SOURCE, "decode kernels",
+        "backend 'auto' keeps the fused path for decoding, and quantized experts "
+        "are dequantized with torch ops.")
+    if module is not None and amx_off:
+        module.set_amx(False)
+    if module is not None and terms_off:
+        module.set_int8_terms(False)
+    _decode.append(module)
 
 
 def _switched_off(env: str, off: str, on: str) -> bool:
@@ -238,8 +255,10 @@ def bf16() -> ModuleType | None:
     if setting == "0" or (setting == "" and amx()) or get() is None:
         return None
     if not _bf16_tried:
-        _bf16_tried = True
-        module = _build(BF16_NAME, BF16_SOURCE, "bf16 kernels",
-                        "bf16 experts use aten's mm instead.")
-        _bf16 = module if module is not None and module.available() else None
+        with _BUILD_LOCK:
+            if not _bf16_tried:
+                module = _build(BF16_NAME, BF16_SOURCE, "bf16 kernels",
+                                "bf16 experts use aten's mm instead.")
+                _bf16 = module if module is not None and module.available() else None
+                _bf16_tried = True  # after the build, as get()'s
     return _bf16
