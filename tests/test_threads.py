@@ -6,7 +6,9 @@ concurrent result must equal it bit for bit (fp32, deterministic kernels). Input
 16 and a prefill's rows alternate so kept buffers are resized between calls. The decode
 kernels release the GIL, so two threads really are inside them together.
 
-``MOEKIT_THREAD_ROUNDS`` (default 3) sets how many times each thread runs every input.
+Objects that hold one generation's state (an Engine, a Batcher) refuse a second call
+while one runs: ``ConcurrentUseError``. ``MOEKIT_THREAD_ROUNDS`` (default 3) sets how
+many times each thread runs every input.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from moekit import MoE, MoEConfig
 from moekit.functions import cpu_ext
-from moekit.inference import Batcher, Engine, GenerationConfig
+from moekit.inference import Batcher, ConcurrentUseError, Engine, GenerationConfig
 from moekit.models import MoETransformer, generate, preset
 from moekit.models.config import LMConfig
 from moekit.offload import load_offloaded
@@ -180,6 +182,93 @@ def test_offloaded_model_shared_across_threads(run_dir, experts, prefetch):
         assert model.expert_offload.close(timeout=5.0)
 
 
+# -- objects that hold one generation: a second call is refused ----------------------------
+
+def _while_running(start_call, second_call) -> BaseException | None:
+    """Run ``start_call(pause)`` on a thread, which calls ``pause()`` from inside (a
+    callback); while it is paused, ``second_call()`` on this thread. Returns what that
+    raised (None: nothing)."""
+    inside, resume = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        inside.set()
+        resume.wait(10)
+
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            start_call(pause)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    th = threading.Thread(target=first)
+    th.start()
+    assert inside.wait(10), "the first call never reached its callback"
+    try:
+        second_call()
+        raised = None
+    except BaseException as e:  # noqa: BLE001 - the caller checks it
+        raised = e
+    finally:
+        resume.set()
+        th.join()
+    assert not errors, errors
+    return raised
+
+
+def test_one_engine_refuses_a_second_concurrent_generate(tiny):
+    engine = Engine(tiny)
+    want = _tokens(Engine(tiny).generate(PROMPTS[1], GREEDY)[0])
+    paused = []
+
+    def first(pause):
+        def on_token(i, tok):
+            if not paused:
+                paused.append(True)
+                pause()
+        assert _tokens(engine.generate(PROMPTS[1], GREEDY, on_token=on_token)[0]) == want
+
+    raised = _while_running(first, lambda: engine.generate(PROMPTS[0], GREEDY))
+    assert isinstance(raised, ConcurrentUseError), raised
+    assert "give each thread its own Engine" in str(raised)
+    # the refused call changed nothing, and the engine serves the next call
+    assert _tokens(engine.generate(PROMPTS[1], GREEDY)[0]) == want
+
+    inner: list[BaseException] = []
+
+    def reenter(i, tok):  # from its own callback: the same cache, refused too
+        if not inner:
+            with pytest.raises(ConcurrentUseError) as e:
+                engine.generate(PROMPTS[0], GREEDY)
+            inner.append(e.value)
+    engine.generate(PROMPTS[0], GREEDY, on_token=reenter)
+    assert inner
+
+
+def test_one_batcher_refuses_a_step_or_submit_from_another_thread(tiny):
+    batcher = Batcher(tiny, rows=4, context=64)
+    paused = []
+
+    def first(pause):
+        def on_token(i, tok):
+            if not paused:
+                paused.append(True)
+                pause()
+                # a callback of the step may submit (its own thread)
+                batcher.submit(PROMPTS[0], GREEDY)
+        batcher.run(batcher.submit(PROMPTS[1], GREEDY, on_token=on_token))
+        while batcher.step():
+            pass
+
+    raised = _while_running(first, batcher.step)
+    assert isinstance(raised, ConcurrentUseError), raised
+    paused.clear()
+    raised = _while_running(first, lambda: batcher.submit(PROMPTS[0], GREEDY))
+    assert isinstance(raised, ConcurrentUseError), raised
+    assert batcher.running == 0 and batcher.waiting == 0
+
+
 # -- the C++ modules' first use -----------------------------------------------------------
 
 def test_first_use_from_several_threads_builds_once_and_nobody_sees_none(monkeypatch):
@@ -229,3 +318,4 @@ class _FakeModule:
 
     def available(self) -> bool:  # cpu_bf16's: the CPU runs its instructions
         return True
+

@@ -17,6 +17,7 @@ _LAZY = {
     "GenerationConfig": "moekit.inference.engine",
     "Generation": "moekit.inference.engine",
     "GenerationStats": "moekit.inference.engine",
+    "ConcurrentUseError": "moekit.inference.concurrency",
     "ContextLengthError": "moekit.inference.engine",
     "EmptyPromptError": "moekit.inference.engine",
     "Batcher": "moekit.inference.batcher",
@@ -29,5 +30,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'moekit.inference' has no attribute {name!r}")
 
 
-__all__ = ["Batcher", "ContextLengthError", "EmptyPromptError", "Engine", "Generation",
-           "GenerationConfig", "GenerationStats", "decode_experts", "sorted_rows"]
+__all__ = ["Batcher", "ConcurrentUseError", "ContextLengthError", "EmptyPromptError", "Engine",
+           "Generation", "GenerationConfig", "GenerationStats", "decode_experts", "sorted_rows"]

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import MAX_SEED, check_int_range, check_positive_int, reject
+from moekit.inference.concurrency import OneCall
 from moekit.inference.decode_plan import DecodePlan
 from moekit.inference.engine import (
     Generation,
@@ -148,7 +149,9 @@ class Batcher:
     mode and must not change while the batcher serves it (its ``DecodePlan`` holds the
     weights). ``kv_cache_dtype``: the shared cache's keys and values (``moekit.models.
     kv_cache.kv_cache_dtype``: default the activations'). Not thread-safe: call
-    ``submit`` and ``step`` from one thread (``moekit serve``'s main thread).
+    ``submit`` and ``step`` from one thread (``moekit serve``'s main thread); a ``step``
+    while another runs, or a ``submit`` from another thread during a step, raises
+    ``ConcurrentUseError`` (a callback of the step may submit).
     """
 
     def __init__(self, model: MoETransformer, rows: int = 1, context: int | None = None,
@@ -189,6 +192,10 @@ class Batcher:
         # groups' prefill_s add up to it
         self.prefill_s = 0.0
         self.prefill_steps = 0
+        self._one_call = OneCall("Batcher.step is already running (on another thread, or "
+                                 "this call comes from its callback): a Batcher is fed and "
+                                 "stepped from one thread (moekit serve's Service does it "
+                                 "for requests of many threads)")
 
     @property
     def kv_bytes(self) -> int:
@@ -231,6 +238,7 @@ class Batcher:
                on_done: Callable[[Group], None] | None = None) -> Group:
         """Queue a group (see ``Group``); it joins at a coming ``step``. Arguments as
         ``Engine.generate``'s; every error is raised here, before it is queued."""
+        self._one_call.check_thread()
         cfg = checked_options(config, generator, stop_when, logprobs)
         if on_done is not None and not callable(on_done):
             reject("on_done", on_done, "it must be None or a callable (group) -> None")
@@ -248,7 +256,7 @@ class Batcher:
         """Prefill and join waiting groups (with sequences running, ``prefill_chunk``
         prompt tokens at most), then decode one token for every running sequence.
         Returns whether anything is left to do (running or waiting)."""
-        with torch.inference_mode():
+        with self._one_call, torch.inference_mode():
             self._reap()  # (their rows free for the waiting groups)
             self._admit()
             self._reap()  # (one that just joined: no step for it)

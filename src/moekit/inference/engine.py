@@ -35,6 +35,7 @@ from moekit.config import (
     check_positive_int,
     reject,
 )
+from moekit.inference.concurrency import ConcurrentUseError, OneCall  # noqa: F401 (re-exported)
 from moekit.inference.decode_plan import DecodePlan
 from moekit.models.generate import check_sampling, sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
@@ -162,6 +163,11 @@ class Engine:
     kv_cache_dtype``: default the activations'; under fp32 activations "bfloat16" halves
     the cache, "int8" quarters it plus a float scale per slot and head; under bf16
     activations "int8" halves it, plus the scales).
+
+    Threads: one ``generate`` at a time per Engine (another raises ``ConcurrentUseError``);
+    Engines of one model may generate on several threads at once, each its own bits, with
+    the model in eval mode (``generate`` puts a model in training mode in eval mode for
+    the call and back after it, which another thread's call would see mid-generation).
     """
 
     def __init__(self, model: MoETransformer, reuse_prefix: bool = False,
@@ -181,6 +187,10 @@ class Engine:
         self.cache: StaticKVCache | None = None
         self.reuse_prefix = reuse_prefix
         self._held: list[int] = []  # the ids whose keys and values fill row 0's slots
+        self._one_call = OneCall("Engine.generate is already running (on another thread, or "
+                                 "this call comes from its callback): an Engine keeps one KV "
+                                 "cache and runs one generation at a time; give each thread "
+                                 "its own Engine (they may share the model)")
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
                  on_token: OnToken | None = None, generator: torch.Generator | None = None,
@@ -192,6 +202,13 @@ class Engine:
         MAX_LOGPROBS) records each token's log-probability and the N most likely tokens'
         (``Generation.logprobs`` / ``top_logprobs``; the plan's steps then return their
         logits and the tokens are picked from them as ``model.infer``'s would be)."""
+        with self._one_call:
+            return self._generate(prompts, config, on_token, generator, stop_when, logprobs)
+
+    def _generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None,
+                  on_token: OnToken | None, generator: torch.Generator | None,
+                  stop_when: StopWhen | None, logprobs: int | None
+                  ) -> tuple[list[Generation], GenerationStats]:
         cfg = checked_options(config, generator, stop_when, logprobs)
         ids = checked_prompts(self.model, prompts, cfg)
         if generator is None:
