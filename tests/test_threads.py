@@ -79,9 +79,9 @@ def _infer(module):
     return call
 
 
-def _logits(model):
+def _logits(model, mode=torch.inference_mode):
     def call(ids):
-        with torch.inference_mode():
+        with mode():
             return model(ids).logits
     return call
 
@@ -124,8 +124,9 @@ def test_quantized_layer_and_model_shared_across_threads(tiny, bits, group_size)
     _concurrently(_logits(model), _ids())
 
 
-def test_model_forward_shared_across_threads(tiny, two_threads):
-    _concurrently(_logits(tiny), _ids())
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_model_forward_shared_across_threads(tiny, mode, two_threads):
+    _concurrently(_logits(tiny, mode), _ids())
 
 
 # -- one Engine (its KV cache) per thread, one model ---------------------------------------

@@ -206,7 +206,9 @@ class MoE(nn.Module):
         capacity is shared by every row of a call, so a sequence's tokens were dropped or
         kept by what else was in the batch (another request's, in ``moekit serve``), and
         a prompt's prefill dropped what decoding it token by token kept. (Expert choice
-        routes over each call's rows by definition: see the README.)"""
+        routes over each call's rows by definition: see the README.) Threads may call it
+        (and ``forward`` without autograd) on one layer at once: no state is kept between
+        calls but in a generation's KV cache (README, "Threads")."""
         x_TD, ids_T = self._checked(x, token_ids)
         dispatch, _ = self._infer_dispatch(x_TD, ids_T)
         y_TD = self.experts(x_TD, dispatch)

@@ -20,7 +20,9 @@ and, for greedy decoding, the argmax: the engine's Python per step is its own lo
 A step outside the limits the
 modules would check (rows per kernel, autograd, autocast, the cache's dtype) returns
 None and the caller runs ``model.infer``. The plan holds the weights' tensors, so it is
-for one generation: build it again after changing the model (quantize, ``.to``).
+for one generation: build it again after changing the model (quantize, ``.to``). One
+thread at a time: ``step`` binds the cache it is given and runs without the GIL on
+per-plan state (an Engine builds one per call, a Batcher its own).
 
 Shape letters: R rows (one new token each), D hidden, V vocabulary, E experts.
 """

@@ -89,7 +89,8 @@ def generate(model: MoETransformer, ids_BL: Tensor, max_new_tokens: int,
 
     With the cache this runs ``moekit.inference.Engine`` (static KV cache, no
     stopping); without it, the whole sequence is recomputed for every token
-    (the slow reference). ``generator=None`` draws from torch's global generator.
+    (the slow reference). ``generator=None`` draws from torch's global generator, which
+    every thread shares: threads sampling at once should pass one generator each.
     """
     if not isinstance(model, MoETransformer):
         reject("model", type(model).__name__, "it must be a moekit MoETransformer")

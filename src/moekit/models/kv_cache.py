@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 class KVCache:
-    """Keys and values seen so far, one (k, v) pair per layer, each [B, J, P, Dh]."""
+    """Keys and values seen so far, one (k, v) pair per layer, each [B, J, P, Dh]. One
+    generation's, one thread at a time (as ``StaticKVCache``)."""
 
     def __init__(self, num_layers: int) -> None:
         self.layers: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
@@ -117,6 +118,10 @@ class StaticKVCache:
     much, ``row_buffers.clear()`` frees them). ``dtype`` int8: each slot's row is its
     Dh quantized values and their float scale, [B, J, M, Dh + 4] (``quantize_kv``), and
     attention reads them dequantized.
+
+    One generation's: one thread at a time (each thread of a server its own cache, or an
+    ``Engine`` each); two forwards on one cache at once are not detected and write each
+    other's slots, mask and row buffers.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,

@@ -191,7 +191,8 @@ class MoETransformer(nn.Module):
         """Logits of each row's last position, [B, V], appending ``ids_BL`` to ``cache``.
 
         The generation step: no losses, no routing statistics, the head on the
-        last position only. Call under ``torch.inference_mode()``.
+        last position only. Call under ``torch.inference_mode()``. Threads may call it
+        on one model at once, each with its own cache (README, "Threads").
         """
         _check_rows(cache, ids_BL.shape[0])
         cos, sin = cache.begin(ids_BL.shape[1], self.rope_cos, self.rope_sin)
