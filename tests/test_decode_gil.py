@@ -65,13 +65,25 @@ def _problem():
     return x, experts, weights, w_in, w_out
 
 
+def _assert_lets_threads_run(call, shortest: float) -> None:
+    """A kernel that held the GIL would stall the main thread for its whole call in every
+    round; the OS may deschedule the main thread too on a loaded machine (a full test run
+    beside other jobs saw a 24 ms stall during 47 ms calls that release it), so up to
+    three rounds, one of which must show the main thread running."""
+    seen = []
+    for _ in range(3):
+        stall, took = _longest_stall(call)
+        assert took > shortest, f"the call took {took * 1e3:.1f} ms: too short to tell"
+        if stall < took / 2:
+            return
+        seen.append(f"{stall * 1e3:.1f} ms during calls of up to {took * 1e3:.1f} ms")
+    raise AssertionError(f"the main thread stalled in every round: {'; '.join(seen)}")
+
+
 def test_topk_experts_lets_python_threads_run():
     x, experts, weights, w_in, w_out = _problem()
-    stall, call = _longest_stall(
-        lambda: decode.topk_rows(x, experts, weights, E, w_in, w_out, None, None, SPEC))
-    assert call > 0.01, f"the call took {call * 1e3:.1f} ms: too short to tell"
-    assert stall < call / 2, (f"the main thread stalled {stall * 1e3:.1f} ms during calls "
-                              f"of up to {call * 1e3:.1f} ms")
+    _assert_lets_threads_run(
+        lambda: decode.topk_rows(x, experts, weights, E, w_in, w_out, None, None, SPEC), 0.01)
 
 
 def test_gate_up_and_down_combine_let_python_threads_run():
@@ -83,7 +95,4 @@ def test_gate_up_and_down_combine_let_python_threads_run():
     for call in (lambda: ext.gate_up(x, s[0], s[3], w_in, None, None, 0, 0, None, 1, 0.0, 1.0),
                  lambda: ext.down_combine(h, s[0], s[1], s[3], w_out, None, None, 0, 0, None,
                                           out)):
-        stall, took = _longest_stall(call)
-        assert took > 0.005, f"the call took {took * 1e3:.1f} ms: too short to tell"
-        assert stall < took / 2, (f"the main thread stalled {stall * 1e3:.1f} ms during "
-                                  f"calls of up to {took * 1e3:.1f} ms")
+        _assert_lets_threads_run(call, 0.005)
