@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from moekit.config import check_positive_int, check_writable_folder, flag_message, reject
+from moekit.config import check_positive_int, flag_message
 from moekit.errors import exit_code
 from moekit.hugepages import huge_pages
 from moekit.inference.batcher import Batcher, sequence_seed
 from moekit.inference.engine import (
     ContextLengthError,
-    EmptyPromptError,
     Engine,
     GenerationConfig,
     GenerationStats,
@@ -41,7 +39,7 @@ from moekit.models.generate import generate
 from moekit.models.transformer import MoETransformer
 from moekit.offload import ExpertMemoryError, load_offloaded, parse_bytes
 from moekit.train.checkpoint import CheckpointError
-from moekit.train.rundir import write_whole
+from moekit.train.generate_io import check_jsonl, read_prompts, report, write_jsonl
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # GenerationConfig's fields and the flags that set them: its errors lead with the flag
@@ -134,49 +132,6 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> MoETransformer:
     return load_any(path, dtype)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts, each repeated ``--samples`` times; an empty one is an error."""
-    if args.prompts_file is None:
-        prompts = [args.prompt]
-    else:
-        path = Path(args.prompts_file)
-        # a named pipe (``<(cmd)``) is a file here: is_file() refused it as "no such file"
-        if not path.exists():
-            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: no such file")
-        if path.is_dir():
-            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: it is a "
-                             "directory; it must name a UTF-8 text file, one prompt a line")
-        try:
-            prompts = prompt_lines(path.read_bytes().decode("utf-8-sig"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--prompts-file={str(path)!r} is not allowed: it is not UTF-8 "
-                             f"text ({e})") from e
-        if not prompts:
-            raise EmptyPromptError(f"--prompts-file={str(path)!r} holds no prompt: it must "
-                                   "have one prompt per line")
-    for i, text in enumerate(prompts):
-        if not text:
-            where = "--prompt" if args.prompts_file is None else f"line {i + 1} of --prompts-file"
-            raise EmptyPromptError(f"{where} is empty, which is not allowed: a prompt must "
-                                   "hold at least one byte")
-    if args.samples < 1 or args.batch < 1:
-        raise ValueError(f"--samples={args.samples} / --batch={args.batch} is not allowed: "
-                         "both must be >= 1")
-    return [t for t in prompts for _ in range(args.samples)]
-
-
-def prompt_lines(text: str) -> list[str]:
-    """``--prompts-file``'s lines: split at "\n" only, a line's "\r" (CRLF) and the
-    empty piece after a final newline dropped. str.splitlines had also split a line at a
-    form feed, "\x1c"-"\x1e", "\x85", U+2028 or U+2029 (Python source holds form
-    feeds), giving one prompt as two; "utf-8-sig" drops a leading byte-order mark, which
-    had been the first prompt's first character."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
 def _unescape_stop(text: str) -> str:
     """``--stop``'s backslash escapes (\\n, \\t, \\u00e9, ...) decoded; other text kept as is."""
     if "\\" not in text:
@@ -215,66 +170,21 @@ def _config(args: argparse.Namespace, text: ByteText | TokenizerText
 def run(args: argparse.Namespace) -> int:
     tune_malloc()  # a prefill's expert layers free and re-allocate the same buffers
     try:
-        if args.threads is not None:
-            check_positive_int("--threads", args.threads)
-        if args.no_cache and args.kv_cache_dtype != "auto":  # no cache to type
-            raise ValueError(f"--kv-cache-dtype={args.kv_cache_dtype} is not allowed with "
-                             "--no-cache: the slow reference keeps no KV cache")
-        if args.no_cache and args.stop:  # was silently ignored
-            raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
-                             "slow reference does not stop early")
+        _check_flags(args)
         prompts = read_prompts(args)
-        if not Path(args.checkpoint).exists():  # --chat had blamed a missing tokenizer
-            # a missing checkpoint: 1, as analyze / quantize / serve / perplexity exit
-            raise CheckpointError(f"--checkpoint={args.checkpoint!r} is not allowed: no "
-                                  "such directory (a run, a step_* directory or a `moekit "
-                                  "quantize` output)")
-        text = text_for(args.checkpoint, args.tokenizer)
-        if args.chat and not isinstance(text, TokenizerText):
-            raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
-                             "(moekit's byte-level models have no chat template); give "
-                             "--tokenizer DIR")
+        text = _text(args)
         cfg, stops = _config(args, text)
-        if args.system is not None and not args.chat:  # would be silently ignored
-            raise ValueError(f"--system={args.system!r} is not allowed without --chat")
-        if args.jsonl is not None:
-            _check_jsonl(args)
-        if args.interactive and (not args.chat or args.prompts_file or args.no_cache
-                                 or args.samples != 1):
-            raise ValueError("--interactive is not allowed here: it needs --chat, reads "
-                             "its messages from stdin (no --prompts-file), one reply each "
-                             "(no --samples) with the cache (no --no-cache)")
+        _check_modes(args)
         ids = [text.encode_chat(p, args.system) if args.chat else text.encode(p)
                for p in prompts]
-        typed = list(prompts)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        model = load_for_generation(args)
-        load_kernels(model)
-        kv = args.kv_cache_dtype
-        engine = Engine(model, kv_cache_dtype=kv)
+        model = _load(args)
+        engine = Engine(model, kv_cache_dtype=args.kv_cache_dtype)
         _check_context(engine, ids, cfg, args)  # every error before the first token
-        if args.chat:  # the user's message, then the reply on its own line
-            prompts = [f"{p}\n" for p in prompts]
     except (ValueError, CheckpointError) as e:
         print(f"moekit generate: error: {flag_message(e, FLAGS)}", file=sys.stderr)
         return exit_code(e)  # the checkpoint: 1; a flag's value: 2
     try:
-        if args.interactive:  # each turn prefills only what the cache does not hold
-            return _converse(Engine(model, reuse_prefix=True, kv_cache_dtype=kv), text, cfg,
-                             args.system, stops)
-        if args.no_cache:
-            return _run_no_cache(model, prompts, ids, text, cfg)
-        if args.jsonl is not None:
-            records: list[dict] = []
-            stats = _run_many(model, typed, ids, text, cfg, args.batch, stops, records, kv)
-            _write_jsonl(Path(args.jsonl), records)
-            _report([stats], args.batch)
-        elif len(prompts) == 1:
-            _report([_run_one(engine, prompts[0], ids[0], text, cfg, stops)], 1)
-        else:
-            _report([_run_many(model, prompts, ids, text, cfg, args.batch, stops, kv=kv)],
-                    args.batch)
+        return _generate(args, engine, prompts, ids, text, cfg, stops)
     except CheckpointError as e:  # found as it is read: an offloaded expert's NaN scales
         sys.stdout.flush()  # (on a terminal: below the text streamed so far, not after it)
         print(("\n" if sys.stdout.isatty() else "") + f"moekit generate: error: {e}",
@@ -282,6 +192,81 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(e)
     finally:
         close_offload(model)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags refused before anything is read: --threads, and the --no-cache run's."""
+    if args.threads is not None:
+        check_positive_int("--threads", args.threads)
+    if args.no_cache and args.kv_cache_dtype != "auto":  # no cache to type
+        raise ValueError(f"--kv-cache-dtype={args.kv_cache_dtype} is not allowed with "
+                         "--no-cache: the slow reference keeps no KV cache")
+    if args.no_cache and args.stop:  # was silently ignored
+        raise ValueError(f"--stop={args.stop[0]!r} is not allowed with --no-cache: the "
+                         "slow reference does not stop early")
+
+
+def _text(args: argparse.Namespace) -> ByteText | TokenizerText:
+    """The checkpoint's text (its tokenizer, else UTF-8 bytes); --chat needs a tokenizer."""
+    if not Path(args.checkpoint).exists():  # --chat had blamed a missing tokenizer
+        # a missing checkpoint: 1, as analyze / quantize / serve / perplexity exit
+        raise CheckpointError(f"--checkpoint={args.checkpoint!r} is not allowed: no "
+                              "such directory (a run, a step_* directory or a `moekit "
+                              "quantize` output)")
+    text = text_for(args.checkpoint, args.tokenizer)
+    if args.chat and not isinstance(text, TokenizerText):
+        raise ValueError("--chat is not allowed here: the checkpoint has no tokenizer "
+                         "(moekit's byte-level models have no chat template); give "
+                         "--tokenizer DIR")
+    return text
+
+
+def _check_modes(args: argparse.Namespace) -> None:
+    """--system, --jsonl and --interactive refused where they do not fit the run."""
+    if args.system is not None and not args.chat:  # would be silently ignored
+        raise ValueError(f"--system={args.system!r} is not allowed without --chat")
+    if args.jsonl is not None:
+        check_jsonl(args)
+    if args.interactive and (not args.chat or args.prompts_file or args.no_cache
+                             or args.samples != 1):
+        raise ValueError("--interactive is not allowed here: it needs --chat, reads "
+                         "its messages from stdin (no --prompts-file), one reply each "
+                         "(no --samples) with the cache (no --no-cache)")
+
+
+def _load(args: argparse.Namespace) -> MoETransformer:
+    """The model on --threads threads, its C++ kernels built or loaded."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load_for_generation(args)
+    load_kernels(model)
+    return model
+
+
+def _generate(args: argparse.Namespace, engine: Engine, prompts: list[str],
+              ids: list[list[int]], text: ByteText | TokenizerText, cfg: GenerationConfig,
+              stops: _Stops) -> int:
+    """The sequences, by the path the flags choose: a conversation, the slow reference,
+    the --jsonl records, one prompt streamed, or many batched."""
+    model, kv = engine.model, args.kv_cache_dtype
+    typed = list(prompts)
+    if args.chat:  # the user's message, then the reply on its own line
+        prompts = [f"{p}\n" for p in prompts]
+    if args.interactive:  # each turn prefills only what the cache does not hold
+        return _converse(Engine(model, reuse_prefix=True, kv_cache_dtype=kv), text, cfg,
+                         args.system, stops)
+    if args.no_cache:
+        return _run_no_cache(model, prompts, ids, text, cfg)
+    if args.jsonl is not None:
+        records: list[dict] = []
+        stats = _run_many(model, typed, ids, text, cfg, args.batch, stops, records, kv)
+        write_jsonl(Path(args.jsonl), records)
+        report([stats], args.batch)
+    elif len(prompts) == 1:
+        report([_run_one(engine, prompts[0], ids[0], text, cfg, stops)], 1)
+    else:
+        report([_run_many(model, prompts, ids, text, cfg, args.batch, stops, kv=kv)],
+               args.batch)
     return 0
 
 
@@ -412,26 +397,6 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                            prefill_s=prefill, decode_s=time.perf_counter() - t0 - prefill)
 
 
-def _check_jsonl(args: argparse.Namespace) -> None:
-    """--jsonl names a file that can be written (its folder exists and is writable), with
-    a run that writes sequences (not --interactive or --no-cache)."""
-    path = Path(args.jsonl)
-    if args.interactive or args.no_cache:
-        reject("--jsonl", args.jsonl, "it writes the sequences of a run of prompts: not with "
-               "--interactive or --no-cache")
-    if not args.jsonl or path.is_dir():
-        reject("--jsonl", args.jsonl, "it must name a file, not a directory")
-    if not path.parent.is_dir():
-        reject("--jsonl", args.jsonl, f"its folder {str(path.parent)!r} does not exist")
-    check_writable_folder("--jsonl", path, [path.parent])
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """The records as JSON lines in ``path``, whole or not at all (a file there before
-    stays as it was if this fails)."""
-    write_whole(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
 def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
               system: str | None, stops: _Stops = _Stops(None, ())) -> int:
     """--interactive: each stdin line a user message, each reply streamed on its own line
@@ -474,25 +439,13 @@ def _converse(engine: Engine, text: TokenizerText, cfg: GenerationConfig,
         turns.append({"role": "assistant",
                       "content": cut_text(text.decode(reply), stops.strings)})
     if stats:
-        _report(stats, 1)
+        report(stats, 1)
     return 0
 
 
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def _report(stats: list[GenerationStats], batch: int) -> None:
-    new = sum(s.new_tokens for s in stats)
-    prefill = sum(s.prefill_s for s in stats)
-    seconds = prefill + sum(s.decode_s for s in stats)
-    step_ms = 1e3 * sum(s.decode_s for s in stats) / max(sum(s.decode_steps for s in stats), 1)
-    print(f"moekit generate: {sum(s.sequences for s in stats)} sequences (batch <= {batch}), "
-          f"{new} new tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s; "
-          f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step"
-          + (f"; {reused} prompt tokens held in the cache from earlier turns, not prefilled"
-             if (reused := sum(s.reused_tokens for s in stats)) else ""), file=sys.stderr)
 
 
 def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]],
@@ -514,7 +467,7 @@ def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]
             print(f"--- {i + 1}")
         print(prompt + text.decode_after(p, out[0, len(p):].tolist()))
     # no prefill: every token is a forward over the whole sequence (its decode step)
-    _report([GenerationStats(sequences=len(prompts), prompt_tokens=sum(map(len, ids)),
+    report([GenerationStats(sequences=len(prompts), prompt_tokens=sum(map(len, ids)),
                              new_tokens=new, decode_steps=new, prefill_s=0.0,
                              decode_s=seconds)], 1)
     return 0
