@@ -245,7 +245,7 @@ def test_layer_backward_runs_the_weighted_swiglu_pass(ext, dtype, monkeypatch):
         return calls[-1]
 
     def grads(layer, inp, weighted):
-        # _Grads (expert_grads.py) calls it: patch it there
+        # Grads (expert_grads.py) calls it: patch it there
         monkeypatch.setattr(expert_grads, "weighted_backward", weighted)
         xx = inp.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)

@@ -278,7 +278,7 @@ def test_moekit_decode_reads_only_the_cache(moekit_ckpt, monkeypatch):
     from moekit.functions import expert_blocks
 
     run, ids, tokens, logits = moekit_ckpt
-    # _gmm (expert_blocks.py) is where the fused path would stack a copy
+    # gmm (expert_blocks.py) is where the fused path would stack a copy
     monkeypatch.setattr(expert_blocks, "stack_experts", lambda ws: pytest.fail("stacked a copy"))
     model = load_offloaded(run, 5 * EXPERT_BYTES, prefetch=True, threaded=True)
     try:

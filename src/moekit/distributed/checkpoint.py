@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moekit.distributed.dcp_safe import SafeFileSystemReader, read_dcp_metadata
 from moekit.distributed.layer import ExpertParallelMoE
-from moekit.distributed.mesh import CollectiveTimeoutError, _group_timeout_s
+from moekit.distributed.mesh import CollectiveTimeoutError, group_timeout_s
 from moekit.errors import CheckpointError
 
 METADATA_FILE = ".metadata"
@@ -119,7 +119,7 @@ def _run_dcp(what: str, path: str | os.PathLike, fn: Callable[..., Any], *args: 
     except RuntimeError as e:  # gloo/NCCL: a peer died while DCP gathered or scattered
         if not dist.is_initialized():
             raise
-        timeout_s = _group_timeout_s()
+        timeout_s = group_timeout_s()
         raise CollectiveTimeoutError(
             f"DCP {what} of {str(path)!r} failed: a peer rank died or did not answer within "
             f"the collective timeout timeout_s={timeout_s:g}. Backend error: {e}") from e

@@ -80,7 +80,7 @@ def _local_dispatch(expert_R: Tensor, counts_El: Tensor) -> Dispatch:
                     assigned_E=counts_El)
 
 
-def _run_experts(experts: ExpertsFn, x_RD: Tensor, expert_R: Tensor,
+def run_experts(experts: ExpertsFn, x_RD: Tensor, expert_R: Tensor,
                  counts_El: Tensor) -> Tensor:
     if x_RD.shape[0] == 0:  # grouped_mm's backward rejects 0 rows (torch 2.13); keep
         return x_RD * 0  # the graph so the combine's backward collective runs here too
@@ -126,7 +126,7 @@ def dropless_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Com
     x_RD = fn.all_to_all(x_SD, recv, send, comm)
     expert_R = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(
         recv_PEl.reshape(-1), output_size=x_RD.shape[0])
-    y_RD = _run_experts(experts, x_RD, expert_R, recv_PEl.sum(0))
+    y_RD = run_experts(experts, x_RD, expert_R, recv_PEl.sum(0))
     y_SD = fn.all_to_all(y_RD, send, recv, comm)
     out, back = sum(send) - send[me], sum(recv) - recv[me]  # my rows out, others' rows back
     both = _nbytes(out + back, x_TD)
@@ -170,7 +170,7 @@ def dedup_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
     slot_R = slot_R + starts_P.repeat_interleave(recv_PEl.sum(1), output_size=R)
     expert_R = torch.arange(El, device=x_TD.device).repeat(P).repeat_interleave(
         recv_PEl.reshape(-1), output_size=R)
-    y_RD = _run_experts(experts, x_QD.index_select(0, slot_R), expert_R, recv_PEl.sum(0))
+    y_RD = run_experts(experts, x_QD.index_select(0, slot_R), expert_R, recv_PEl.sum(0))
     y_RD = y_RD * w_R.to(y_RD.dtype)
     y_QD = y_RD.new_zeros(x_QD.shape[0], D).index_add(0, slot_R, y_RD)
     y_QD = fn.all_to_all(y_QD, send_q, recv_q, comm)
@@ -209,7 +209,7 @@ def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
     local_El = torch.arange(El, device=x_TD.device)
     expert_R = torch.cat([local_El.repeat_interleave(c) for c in C_P])  # host ints: no sync
     counts_El = torch.full((El,), sum(C_P), dtype=torch.long, device=x_TD.device)
-    y_RD = _run_experts(experts, x_RD, expert_R, counts_El)
+    y_RD = run_experts(experts, x_RD, expert_R, counts_El)
     y_XD = fn.all_to_all(y_RD, send, recv, comm)
     y_SD = torch.cat([y_XD, y_XD.new_zeros(1, D)]).index_select(0, slot_S)
     kept_P = d.counts_E.view(P, El).sum(1).double()

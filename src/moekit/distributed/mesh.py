@@ -131,7 +131,7 @@ def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
         raise ValueError(f"dp={dp} x ep={ep} = {dp * ep} is not allowed: it must equal the "
                          f"world size {world}")
     if timeout_s is None:
-        timeout_s = _group_timeout_s()
+        timeout_s = group_timeout_s()
     check_timeout(timeout_s)  # it goes into every collective error message
     device_type = device_type or ("cuda" if dist.get_backend() == "nccl" else "cpu")
     mesh = init_device_mesh(device_type, (dp, ep), mesh_dim_names=("dp", "ep"))
@@ -142,7 +142,7 @@ def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
         dp_comm=Comm(mesh.get_group("dp"), "dp", timeout_s))
 
 
-def _group_timeout_s() -> float:
+def group_timeout_s() -> float:
     """The default group's timeout (what init_process_group was given), in seconds."""
     backend = dist.group.WORLD._get_backend(  # type: ignore[union-attr]
         torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
 from moekit.distributed import functional as fn
-from moekit.distributed.dispatcher import CommBytes, ExpertsFn, _run_experts
+from moekit.distributed.dispatcher import CommBytes, ExpertsFn, run_experts
 from moekit.distributed.mesh import Comm
 
 
@@ -63,7 +63,7 @@ def chunked_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm
         x_RD = fn.all_to_all_wait(inflight[0], recv_nP[c], send_nP[c], comm, inflight[1])
         expert_R = local_E.repeat_interleave(recv_PnEl[:, c].reshape(-1),
                                              output_size=x_RD.shape[0])
-        y_RD = _run_experts(experts, x_RD, expert_R, recv_PnEl[:, c].sum(0))
+        y_RD = run_experts(experts, x_RD, expert_R, recv_PnEl[:, c].sum(0))
         backs.append((fn.all_to_all_async(y_RD, send_nP[c], recv_nP[c], comm), c))
         inflight = nxt
     y_SD = torch.cat([fn.all_to_all_wait(out, send_nP[c], recv_nP[c], comm, pending)

@@ -97,7 +97,7 @@ def fused_cpu_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Te
     Uses the closed-form backward when ``act`` is an Experts module's swiglu or
     geglu activation, autograd on recomputed chunks for any other callable.
     """
-    spec = _activation_spec(act)
+    spec = activation_spec(act)
     return fused_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
                          b_in_EG, b_out_ED, act, None if spec is None else spec[0])
 
@@ -107,7 +107,7 @@ def fused_supported(x_TD: Tensor, w_in_EDG: Tensor, w_out_EFD: Tensor) -> bool:
     return x_TD.is_floating_point() and x_TD.dtype == w_in_EDG.dtype == w_out_EFD.dtype
 
 
-def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
+def activation_spec(act: ActFn) -> tuple[str, float, float] | None:
     """(kind, swiglu_limit, swiglu_alpha) when ``act`` is an Experts module's activation."""
     cfg = getattr(getattr(act, "__self__", None), "cfg", None)
     kind = getattr(cfg, "activation", None)
@@ -116,15 +116,15 @@ def _activation_spec(act: ActFn) -> tuple[str, float, float] | None:
     return kind, cfg.swiglu_limit, cfg.swiglu_alpha
 
 
-def _kind(act: ActFn) -> str | None:
-    spec = _activation_spec(act)
+def activation_kind(act: ActFn) -> str | None:
+    spec = activation_spec(act)
     return spec[0] if spec is not None else getattr(act, "kind", None)
 
 
-def _kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
+def kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
     """What the decode kernels take for ``act``: an Experts module's activation, or a
     callable naming its ``kind`` (HF GluAct, inference._Act); None runs it in Python."""
-    spec = _activation_spec(act)
+    spec = activation_spec(act)
     if spec is None and getattr(act, "kind", None) is not None:
         spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
     return spec
@@ -145,8 +145,8 @@ def _dequantizes(x_TD: Tensor, rows: int, w_in_EDG: Tensor | QuantizedTensor,
     return isinstance(w_in_EDG, QuantizedTensor) and (
         x_TD.device.type != "cpu" or not decode.available()
         or rows > quant_kernel_max_rows(x_TD.dtype, w_in_EDG, w_out_EFD,
-                                        b_in_EG is not None or b_out_ED is not None, _kind(act),
-                                        rows))
+                                        b_in_EG is not None or b_out_ED is not None,
+                                        activation_kind(act), rows))
 
 
 # Quantized weights run the decode backend whatever backend was asked for, so the float
@@ -175,9 +175,9 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
                            "to train")
     if _dequantizes(x_TD, d.num_rows, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act):
         return decode.dequantized_experts(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG,
-                                          w_out_EFD, b_in_EG, b_out_ED, act, _kind(act))
+                                          w_out_EFD, b_in_EG, b_out_ED, act, activation_kind(act))
     return decode.decode_rows(x_TD, d.token_S, d.weight_S, d.offsets_E, w_in_EDG, w_out_EFD,
-                              b_in_EG, b_out_ED, act, _kernel_spec(act))
+                              b_in_EG, b_out_ED, act, kernel_spec(act))
 
 
 def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
@@ -188,7 +188,7 @@ def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     (``decode.topk_rows``: the sort and both kernels), or None where it would not run
     ``decode.decode_rows`` with an activation the kernels know: the caller then builds
     the dispatch and runs the backend as before (which also raises what it raises)."""
-    spec = _kernel_spec(act)
+    spec = kernel_spec(act)
     if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2
             or not decode.sort_topk_ok(experts_TK, weights_TK)
             or _grad_wanted(x_TD, weights_TK, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
@@ -331,7 +331,7 @@ def triton_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tenso
     the kernels do not take, and for an activation they do not know (any
     callable that is not an Experts module's own).
     """
-    spec = _activation_spec(act)
+    spec = activation_spec(act)
     usable = (x_TD.is_cuda or _interpreting()) and x_TD.dtype in _TRITON_DTYPES
     if spec is None or not usable or importlib.util.find_spec("triton") is None:
         fallback = (grouped_mm_experts if grouped_mm_supported(x_TD, w_in_EDG, w_out_EFD)

@@ -51,7 +51,7 @@ def forward_block(ext: ModuleType, blk, p, x_TD: Tensor, tok_N: Tensor, w_N: Ten
     """Adds the block's weighted expert outputs to out32_TD (fp32); returns h_NG (the
     caller's [n, G] buffer, filled) to save.
 
-    ``blk`` is an expert_blocks._Block, ``p`` its _Weights, ``w_N`` float32 weights."""
+    ``blk`` is an expert_blocks.Block, ``p`` its Weights, ``w_N`` float32 weights."""
     e0, e1 = blk.e0, blk.e1
     ext.glu_up_out(x_TD, tok_N, p.w_in_EDG[e0:e1], _slice(p.b_in_EG, e0, e1, x_TD.dtype),
                    list(blk.ends), KIND_IDS[p.kind], h_NG, a_NF)
@@ -62,7 +62,7 @@ def forward_block(ext: ModuleType, blk, p, x_TD: Tensor, tok_N: Tensor, w_N: Ten
 
 def backward_block(ext: ModuleType, grads, ws, blk, tok_N: Tensor, g_TD: Tensor, w_N: Tensor,
                    h_NG: Tensor, dx32_TD: Tensor | None) -> None:
-    """Fills the block's share of ``grads`` (an expert_grads._Grads); dx into dx32_TD."""
+    """Fills the block's share of ``grads`` (an expert_grads.Grads); dx into dx32_TD."""
     p, n, (e0, e1) = grads.p, tok_N.shape[0], (blk.e0, blk.e1)
     F = p.w_out_EFD.shape[1]
     ends = list(blk.ends)

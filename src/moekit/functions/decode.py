@@ -39,7 +39,7 @@ from torch import Tensor
 
 from moekit.functions import cpu_ext
 from moekit.functions.moe_experts import fused_experts
-from moekit.functions.row_buffers import _kept_buffers, _Workspace
+from moekit.functions.row_buffers import Workspace, kept_buffers
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
 ActFn = Callable[[Tensor], Tensor]
@@ -72,7 +72,7 @@ def kernel_bits(qt: QuantizedTensor) -> int:
     return {8: 88, 4: 48}[qt.bits] if qt.activations == "int8" else qt.bits
 
 
-def _wargs(w: Tensor | QuantizedTensor) -> tuple:
+def wargs(w: Tensor | QuantizedTensor) -> tuple:
     if isinstance(w, QuantizedTensor):
         return w.data, w.scales, w.zeros, kernel_bits(w), w.group_size or 0
     if w.stride(2) != 1 and w.stride(1) != 1:  # neither layout the kernel reads
@@ -80,7 +80,10 @@ def _wargs(w: Tensor | QuantizedTensor) -> tuple:
     return w, None, None, 0, 0
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
+_wargs = wargs  # its old name: tests/test_decode.py, test_quant_a8.py call decode._wargs
+
+
+def f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
@@ -107,13 +110,13 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
     ext, code, limit, alpha = _kernels(spec)
     # conversions only where needed: every Python-side op of a decode step runs right
     # after a weight stream has evicted its code and data (~0.1 ms for the first one)
-    x = _plain_f32(x_TD)
-    h = ext.gate_up(x, token_S, offsets_E, *_wargs(w_in), _f32(b_in_EG), code, limit, alpha)
+    x = plain_f32(x_TD)
+    h = ext.gate_up(x, token_S, offsets_E, *wargs(w_in), f32(b_in_EG), code, limit, alpha)
     if code == 0:
         h = act(h).float().contiguous()
     out = torch.empty_like(x)
-    ext.down_combine(h, token_S, _plain_f32(weight_S), offsets_E, *_wargs(w_out),
-                     _f32(b_out_ED), out)
+    ext.down_combine(h, token_S, plain_f32(weight_S), offsets_E, *wargs(w_out),
+                     f32(b_out_ED), out)
     return out if x_TD.dtype == torch.float32 else out.to(x_TD.dtype)
 
 
@@ -127,8 +130,8 @@ def topk_rows(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts:
     ext, code, limit, alpha = _kernels(spec)
     if code == 0:
         return None
-    return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *_wargs(w_in), b_in_EG,
-                            code, limit, alpha, *_wargs(w_out), b_out_ED)
+    return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *wargs(w_in), b_in_EG,
+                            code, limit, alpha, *wargs(w_out), b_out_ED)
 
 
 def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -136,7 +139,7 @@ def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
 
 
-def _plain_f32(t: Tensor) -> Tensor:
+def plain_f32(t: Tensor) -> Tensor:
     """t as a contiguous float32 tensor the kernels read (the C++ side takes no autograd)."""
     return _plain(t, torch.float32)
 
@@ -205,8 +208,8 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
     S = ends[-1] if ends else 0
     first = w_out[0] if isinstance(w_out, list) else w_out
     F, D = first.shape[1:]
-    ws = _Workspace(x_TD, S, _kept_buffers())
-    rows = (token_S[:S].to(torch.int64).contiguous(), _plain_f32(weight_S[:S]))
+    ws = Workspace(x_TD, S, kept_buffers())
+    rows = (token_S[:S].to(torch.int64).contiguous(), plain_f32(weight_S[:S]))
     scratch = (ws.get("a", S, F), ws.get("y", S, D), out_TD)
     fmt = (first.bits, first.group_size or 0)
     a8 = int8_activations_gemm(ext, first)
@@ -262,7 +265,7 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
     # The buffers come from the kept row buffers where a generation holds them: fresh ones
     # were page-faulted in again every layer (glibc's defaults hand large blocks back).
     like = torch.empty(0, dtype=dequantized_dtype(x_TD.dtype), device=w_in.data.device)
-    ws = _Workspace(like, B, _kept_buffers(x_TD))  # (fresh where autograd saves tensors)
+    ws = Workspace(like, B, kept_buffers(x_TD))  # (fresh where autograd saves tensors)
     bufs = [ws.get(name, B, w.shape[1] * w.shape[2]).view(B, w.shape[2], w.shape[1])
             for name, w in (("dequantized w_in", w_in), ("dequantized w_out", w_out))]
     for e0 in range(0, E, DEQUANT_BLOCK_EXPERTS):
@@ -306,14 +309,14 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
     Returns fp32 when ``out_TD`` is given, else x's dtype.
     """
     ext, code, limit, alpha = _kernels(spec)
-    x = _plain_f32(x_TD)
-    h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), _f32(b_in_EG), code, limit,
+    x = plain_f32(x_TD)
+    h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), f32(b_in_EG), code, limit,
                          alpha, plan_experts)
     if code == 0:
         h = act(h).float().contiguous()
     out = torch.empty_like(x) if out_TD is None else out_TD
-    ext.down_combine_list(h, token_S, _plain_f32(weight_S), offsets_E,
-                          *_list_args(w_out), _f32(b_out_ED), out, out_TD is not None,
+    ext.down_combine_list(h, token_S, plain_f32(weight_S), offsets_E,
+                          *_list_args(w_out), f32(b_out_ED), out, out_TD is not None,
                           plan_experts)
     return out if out_TD is not None else out.to(x_TD.dtype)
 
@@ -464,7 +467,7 @@ def quant_gemm_rows(x_TK: Tensor, w_1KN: QuantizedTensor) -> Tensor | None:
             or not a8 and _weight_gemm(w_1KN, rows) and rows <= QUANT_GEMM_MAX_ROWS):
         return None
     y = torch.empty(rows, w_1KN.shape[2])
-    ext.q_linear_out(_plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,
+    ext.q_linear_out(plain_f32(x_TK), w_1KN.data, w_1KN.scales, w_1KN.zeros, w_1KN.bits,
                      w_1KN.group_size or 0, y, a8)
     return y
 
@@ -475,7 +478,7 @@ def dense_rows(x_TK: Tensor, w_1KN: Tensor | QuantizedTensor) -> Tensor:
     ``nn.Linear`` weight is ``w[None].transpose(1, 2)``) or a QuantizedTensor of E=1."""
     ext = cpu_ext.get_decode()
     rows_T, offsets_1 = _all_rows(x_TK.shape[0])
-    y = ext.gate_up(_plain_f32(x_TK), rows_T, offsets_1, *_wargs(w_1KN), None, 0, 0.0, 1.0)
+    y = ext.gate_up(plain_f32(x_TK), rows_T, offsets_1, *wargs(w_1KN), None, 0, 0.0, 1.0)
     return y if y.dtype == x_TK.dtype else y.to(x_TK.dtype)
 
 
@@ -488,7 +491,7 @@ def shared_rows(x_TD: Tensor, w_in: Tensor | QuantizedTensor, w_out: Tensor | Qu
     [D, G] / ``w_out`` [F, D] float or [1, D, G] / [1, F, D] quantized; output in x's
     dtype. DecodeStep (csrc/cpu_decode.cpp) makes the same calls."""
     ext, code, limit, alpha = _kernels(spec)
-    x = _plain_f32(x_TD)
+    x = plain_f32(x_TD)
     rows_T, ends_1 = _all_rows(x.shape[0])
     w_in, w_out, b_in, b_out, gate_D1 = shared_args(w_in, w_out, b_in_G, b_out_D, gate_1D)
     h = ext.gate_up(x, rows_T, ends_1, *w_in, b_in, code, limit, alpha)
@@ -506,9 +509,9 @@ def shared_args(w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
     the weights' as one expert, the biases [1, G] / [1, D] fp32, the gate [D, 1] fp32."""
     w_in = w_in if isinstance(w_in, QuantizedTensor) else w_in[None]
     w_out = w_out if isinstance(w_out, QuantizedTensor) else w_out[None]
-    b_in, b_out = (None if b is None else _f32(b[None]) for b in (b_in_G, b_out_D))
-    return (_wargs(w_in), _wargs(w_out), b_in, b_out,
-            None if gate_1D is None else _f32(gate_1D).t())
+    b_in, b_out = (None if b is None else f32(b[None]) for b in (b_in_G, b_out_D))
+    return (wargs(w_in), wargs(w_out), b_in, b_out,
+            None if gate_1D is None else f32(gate_1D).t())
 
 
 _ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}
@@ -587,7 +590,7 @@ def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scal
     """Top-k routing and the sort by expert in one call: (token_S, weight_S, counts_E,
     offsets_E), the rows ``sort_by_expert`` gives for the router's plan (dropless).
     ``mode`` 0: softmax router, 1: sigmoid (``Router.kernel_spec``)."""
-    return cpu_ext.get_decode().route_sort(_plain_f32(logits_TE), top_k, mode, renormalize,
+    return cpu_ext.get_decode().route_sort(plain_f32(logits_TE), top_k, mode, renormalize,
                                            scale, bias_E)
 
 
@@ -655,6 +658,6 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     Dh = k_BJMD.shape[-1] - (KV_SCALE_BYTES if k_BJMD.dtype == torch.int8 else 0)
     dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
     return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
-                                           _plain_f32(cos.reshape(-1, Dh)),
-                                           _plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
+                                           plain_f32(cos.reshape(-1, Dh)),
+                                           plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
                                            valid_BM)

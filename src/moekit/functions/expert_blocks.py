@@ -1,8 +1,8 @@
 """Pieces of the fused expert path (``moe_experts.FusedExperts``) shared by its forward
 and backward: the split of a Dispatch's sorted rows into blocks of consecutive experts
-(``_Block``), the blocks' grouped GEMMs on the C++ kernels or a loop of ``mm(out=)``
-(``_gmm``, ``_gmm_weight``), the activation and bias rows, and the weights of one call
-(``_Weights``); also ``stack_experts``, which stacks per-expert matrices into one [E, ...]
+(``Block``), the blocks' grouped GEMMs on the C++ kernels or a loop of ``mm(out=)``
+(``gmm``, ``gmm_weight``), the activation and bias rows, and the weights of one call
+(``Weights``); also ``stack_experts``, which stacks per-expert matrices into one [E, ...]
 tensor in their layout (the offloaded experts' lists).
 
 Shape letters: N rows of one block, B experts of one block, X / Y a GEMM's inner and
@@ -21,7 +21,7 @@ from moekit.functions.glu import FAST_KINDS, ActFn, glu_forward
 
 
 @dataclass(frozen=True)
-class _Block:
+class Block:
     """Experts e0..e1-1, rows r0..r1-1; ``ends`` are the experts' row ends within the block."""
 
     e0: int
@@ -39,14 +39,14 @@ class _Block:
             start = end
 
 
-def _blocks(offsets: list[int], block_rows: int) -> list[_Block]:
+def split_blocks(offsets: list[int], block_rows: int) -> list[Block]:
     blocks, e0, r0 = [], 0, 0
     for e, end in enumerate(offsets):
         last = e == len(offsets) - 1
         if last or offsets[e + 1] - r0 > block_rows:
             if end > r0:
                 ends = tuple(o - r0 for o in offsets[e0:e + 1])
-                blocks.append(_Block(e0, e + 1, r0, end, ends))
+                blocks.append(Block(e0, e + 1, r0, end, ends))
             e0, r0 = e + 1, end
     return blocks
 
@@ -59,7 +59,7 @@ def _ext(a: Tensor):
     return (cpu_ext.bf16() if a.dtype == torch.bfloat16 else None) or cpu_ext.get()
 
 
-def _gmm(a_NX: Tensor, b_BXY: Tensor | list[Tensor], blk: _Block, out_NY: Tensor) -> Tensor:
+def gmm(a_NX: Tensor, b_BXY: Tensor | list[Tensor], blk: Block, out_NY: Tensor) -> Tensor:
     """Rows of expert e times b_BXY[e - e0], into out_NY [N, Y]; b_BXY stacked or a list
     of [X, Y] matrices (the expert cache's, not copied where the kernel takes a list)."""
     ext = _ext(a_NX)
@@ -83,7 +83,7 @@ def stack_experts(ws: list[Tensor]) -> Tensor:
     return torch.stack(ws)
 
 
-def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> None:
+def gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: Block, out_EXY: Tensor) -> None:
     """out[e] = a[rows of e]^T @ b[rows of e] for the block's experts with rows."""
     ext = _ext(a_NX)
     if ext is not None:
@@ -93,18 +93,18 @@ def _gmm_weight(a_NX: Tensor, b_NY: Tensor, blk: _Block, out_EXY: Tensor) -> Non
         torch.mm(a_NX[s:t].t(), b_NY[s:t], out=out_EXY[e])
 
 
-def _act_forward(h_NG: Tensor, kind: str | None, act: ActFn, out_NF: Tensor) -> Tensor:
+def act_forward(h_NG: Tensor, kind: str | None, act: ActFn, out_NF: Tensor) -> Tensor:
     return glu_forward(h_NG, kind, out_NF) if kind in FAST_KINDS else act(h_NG)
 
 
-def _bias_rows(b_EX: Tensor, blk: _Block, out_NX: Tensor) -> Tensor:
+def bias_rows(b_EX: Tensor, blk: Block, out_NX: Tensor) -> Tensor:
     for e, s, t in blk.experts():
         out_NX[s:t] += b_EX[e]
     return out_NX
 
 
 @dataclass(frozen=True)
-class _Weights:
+class Weights:
     w_in_EDG: Tensor
     w_out_EFD: Tensor
     b_in_EG: Tensor | None

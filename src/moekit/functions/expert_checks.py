@@ -55,7 +55,7 @@ def _check_weights(D: int, w_in: Tensor | list[Tensor], w_out: Tensor | list[Ten
     return E
 
 
-def _check_call(x_TD: Any, token_S: Any, weight_S: Any, offsets_E: Any,
+def check_call(x_TD: Any, token_S: Any, weight_S: Any, offsets_E: Any,
                 w_in: Tensor | list[Tensor], w_out: Tensor | list[Tensor],
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, kind: str | None) -> list[int]:
     """``offsets_E`` read on the host, after a ValueError naming the argument for what the

@@ -1,4 +1,4 @@
-"""The fused expert path's backward, block by block (``_Grads``): preallocated gradients
+"""The fused expert path's backward, block by block (``Grads``): preallocated gradients
 of x, the combine weights, the expert weights and biases (None where nobody asked), with
 act(h) recomputed from the saved h and, around a SwiGLU, everything between the two data
 GEMMs in one C++ pass (``glu.weighted_backward``).
@@ -12,20 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moekit.functions.expert_blocks import _act_forward, _Block, _gmm, _gmm_weight, _Weights
+from moekit.functions.expert_blocks import Block, Weights, act_forward, gmm, gmm_weight
 from moekit.functions.glu import FAST_KINDS, generic_backward, glu_backward, weighted_backward
-from moekit.functions.row_buffers import _Workspace
+from moekit.functions.row_buffers import Workspace
 
 
-class _Grads:
+class Grads:
     """Preallocated gradients (None where not needed), filled block by block.
 
     ``torch.empty`` and not zeros: every expert's slice is written once with
     ``out=``; the slices of experts without rows are zeroed once here.
     """
 
-    def __init__(self, need: tuple[bool, ...], x_TD: Tensor, weight_S: Tensor, p: _Weights,
-                 has_b_in: bool, blocks: list[_Block]) -> None:
+    def __init__(self, need: tuple[bool, ...], x_TD: Tensor, weight_S: Tensor, p: Weights,
+                 has_b_in: bool, blocks: list[Block]) -> None:
         self.x_in, self.p = x_TD, p
         self.need_dh = need[0] or need[2] or need[4]
         E, D, G = p.w_in_EDG.shape
@@ -44,25 +44,25 @@ class _Grads:
             if t is not None and idle:
                 t[idle] = 0
 
-    def _activation(self, ws: _Workspace, h_NG: Tensor,
+    def _activation(self, ws: Workspace, h_NG: Tensor,
                     da_NF: Tensor) -> tuple[Tensor, Tensor | None]:
         n, F = da_NF.shape
         kind, act = self.p.kind, self.p.act
         if not self.need_dh:
-            return _act_forward(h_NG, kind, act, ws.get("a", n, F)), None
+            return act_forward(h_NG, kind, act, ws.get("a", n, F)), None
         if kind in FAST_KINDS:
             return glu_backward(h_NG, da_NF, kind, ws.get("a", n, F), ws.get("t", n, F),
                                 ws.get("dh", n, h_NG.shape[1]))
         return generic_backward(h_NG, da_NF, act)
 
-    def block(self, ws: _Workspace, blk: _Block, tok_N: Tensor, g_TD: Tensor, w_N1: Tensor,
+    def block(self, ws: Workspace, blk: Block, tok_N: Tensor, g_TD: Tensor, w_N1: Tensor,
               h_NG: Tensor) -> None:
         p, n = self.p, tok_N.shape[0]
         F = p.w_out_EFD.shape[1]
         w_out_BDF = p.w_out_EFD[blk.e0:blk.e1].transpose(1, 2)
         g_ND = torch.index_select(g_TD, 0, tok_N, out=ws.get("g", n, g_TD.shape[1]))
         # gradient of act(h) before the combine weight: d weight_S is its row dot with act(h)
-        gu_NF = _gmm(g_ND, w_out_BDF, blk, ws.get("gu", n, F))
+        gu_NF = gmm(g_ND, w_out_BDF, blk, ws.get("gu", n, F))
         fused = self._fused_activation(ws, blk, h_NG, gu_NF, g_ND, w_N1)
         if fused is not None:
             aw_NF, dh_NG = fused
@@ -77,7 +77,7 @@ class _Grads:
         if dh_NG is not None:
             self._in_grads(ws, blk, tok_N, dh_NG)
 
-    def _fused_activation(self, ws: _Workspace, blk: _Block, h_NG: Tensor, gu_NF: Tensor,
+    def _fused_activation(self, ws: Workspace, blk: Block, h_NG: Tensor, gu_NF: Tensor,
                           g_ND: Tensor, w_N1: Tensor) -> tuple[Tensor, Tensor] | None:
         """(w act(h), dh) and the combine weights' gradient in one C++ pass over the rows
         (SwiGLU, float32 or bfloat16; glu.weighted_backward), else None: nine aten passes
@@ -95,13 +95,13 @@ class _Grads:
             self._store_weight_grad(blk, g_ND, dw_N)
         return aw_NF, dh_NG
 
-    def _weight_grad(self, blk: _Block, g_ND: Tensor, gu_NF: Tensor, a_NF: Tensor) -> None:
+    def _weight_grad(self, blk: Block, g_ND: Tensor, gu_NF: Tensor, a_NF: Tensor) -> None:
         # summed in fp32 for bf16 / fp16 rows, in fp64 for fp64 rows (an fp32 sum rounded
         # an fp64 layer's router gradient to ~1e-7)
         dtype = torch.promote_types(gu_NF.dtype, torch.float32)
         self._store_weight_grad(blk, g_ND, gu_NF.mul_(a_NF).sum(1, dtype=dtype))
 
-    def _store_weight_grad(self, blk: _Block, g_ND: Tensor, dw_N: Tensor) -> None:
+    def _store_weight_grad(self, blk: Block, g_ND: Tensor, dw_N: Tensor) -> None:
         """d weight_S of the block's rows: act(h) . gu, plus b_out . dy for biased experts."""
         assert self.weight_S is not None
         if self.p.b_out_ED is not None:
@@ -109,22 +109,22 @@ class _Grads:
                 dw_N[s:t] += (g_ND[s:t] @ self.p.b_out_ED[e]).to(dw_N.dtype)
         self.weight_S[blk.r0:blk.r1] = dw_N
 
-    def _out_grads(self, blk: _Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
+    def _out_grads(self, blk: Block, g_ND: Tensor, w_N1: Tensor, aw_NF: Tensor) -> None:
         if self.w_out is not None:
-            _gmm_weight(aw_NF, g_ND, blk, self.w_out)
+            gmm_weight(aw_NF, g_ND, blk, self.w_out)
         if self.b_out is not None:
             for e, s, t in blk.experts():
                 torch.mv(g_ND[s:t].t(), w_N1[s:t, 0], out=self.b_out[e])
 
-    def _in_grads(self, ws: _Workspace, blk: _Block, tok_N: Tensor, dh_NG: Tensor) -> None:
+    def _in_grads(self, ws: Workspace, blk: Block, tok_N: Tensor, dh_NG: Tensor) -> None:
         n, D = tok_N.shape[0], self.x_in.shape[1]
         if self.b_in is not None:
             for e, s, t in blk.experts():
                 torch.sum(dh_NG[s:t], 0, out=self.b_in[e])
         if self.w_in is not None:
             x_ND = torch.index_select(self.x_in, 0, tok_N, out=ws.get("x", n, D))
-            _gmm_weight(x_ND, dh_NG, blk, self.w_in)
+            gmm_weight(x_ND, dh_NG, blk, self.w_in)
         if self.x_TD is not None:
             w_in_BGD = self.p.w_in_EDG[blk.e0:blk.e1].transpose(1, 2)
-            dx_ND = _gmm(dh_NG, w_in_BGD, blk, ws.get("y", n, D))
+            dx_ND = gmm(dh_NG, w_in_BGD, blk, ws.get("y", n, D))
             self.x_TD.index_add_(0, tok_N, dx_ND)

@@ -69,21 +69,21 @@ from torch.autograd.function import once_differentiable
 
 from moekit.functions import bf16_fused
 from moekit.functions.expert_blocks import (
-    _act_forward,
-    _bias_rows,
-    _Block,
-    _blocks,
-    _gmm,
-    _Weights,
+    Block,
+    Weights,
+    act_forward,
+    bias_rows,
+    gmm,
+    split_blocks,
     stack_experts,
 )
-from moekit.functions.expert_checks import _check_call
-from moekit.functions.expert_grads import _Grads
+from moekit.functions.expert_checks import check_call
+from moekit.functions.expert_grads import Grads
 from moekit.functions.glu import ActFn, one_pass
 from moekit.functions.row_buffers import (
     RowBuffers,
-    _kept_buffers,
-    _Workspace,
+    Workspace,
+    kept_buffers,
     reuse_row_buffers,
 )
 
@@ -101,7 +101,7 @@ BLOCK_ROWS = 8192
 ONE_CALL_FORWARD = True
 
 
-def _one_call(ws: _Workspace, p: _Weights, x_TD: Tensor, tok_N: Tensor, out_TD: Tensor):
+def _one_call(ws: Workspace, p: Weights, x_TD: Tensor, tok_N: Tensor, out_TD: Tensor):
     """The C++ module for swiglu_experts_out where it applies to this block, else None."""
     if not (ONE_CALL_FORWARD and ws.kept and p.b_in_EG is None and p.b_out_ED is None
             and tok_N.dtype == torch.int64
@@ -111,7 +111,7 @@ def _one_call(ws: _Workspace, p: _Weights, x_TD: Tensor, tok_N: Tensor, out_TD: 
     return ext if hasattr(ext, "swiglu_experts_out") else None
 
 
-def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N: Tensor,
+def _forward_block(ws: Workspace, p: Weights, blk: Block, x_TD: Tensor, tok_N: Tensor,
                    w_N1: Tensor, out_TD: Tensor) -> Tensor | None:
     """Adds the block's weighted expert outputs to out_TD; returns h_NG to save (None
     from the one-call forward, which saves nothing)."""
@@ -125,13 +125,13 @@ def _forward_block(ws: _Workspace, p: _Weights, blk: _Block, x_TD: Tensor, tok_N
              ws.get("a", n, F), ws.get("y", n, D), out_TD)
         return None
     x_ND = torch.index_select(x_TD, 0, tok_N, out=ws.get("x", n, D))
-    h_NG = _gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, ws.saved("h", n, G))
+    h_NG = gmm(x_ND, p.w_in_EDG[blk.e0:blk.e1], blk, ws.saved("h", n, G))
     if p.b_in_EG is not None:
-        _bias_rows(p.b_in_EG, blk, h_NG)
-    a_NF = _act_forward(h_NG, p.kind, p.act, ws.get("a", n, F))
-    y_ND = _gmm(a_NF, p.w_out_EFD[blk.e0:blk.e1], blk, ws.get("y", n, D))
+        bias_rows(p.b_in_EG, blk, h_NG)
+    a_NF = act_forward(h_NG, p.kind, p.act, ws.get("a", n, F))
+    y_ND = gmm(a_NF, p.w_out_EFD[blk.e0:blk.e1], blk, ws.get("y", n, D))
     if p.b_out_ED is not None:
-        _bias_rows(p.b_out_ED, blk, y_ND)
+        bias_rows(p.b_out_ED, blk, y_ND)
     out_TD.index_add_(0, tok_N, y_ND.mul_(w_N1))
     return h_NG
 
@@ -144,9 +144,9 @@ class FusedExperts(torch.autograd.Function):
                 b_in_EG: Tensor | None, b_out_ED: Tensor | None, token_S: Tensor,
                 offsets: list[int], kind: str | None, act: ActFn,
                 block_rows: int = BLOCK_ROWS, kept: RowBuffers | None = None) -> Tensor:
-        blocks = _blocks(offsets, block_rows)
-        p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
-        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), kept)
+        blocks = split_blocks(offsets, block_rows)
+        p = Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
+        ws = Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), kept)
         bf16 = bf16_fused.kernels(x_TD, kind)
         if bf16 is not None:
             out_TD, hs = _forward_bf16(bf16, ws, p, blocks, x_TD, token_S, weight_S)
@@ -164,10 +164,10 @@ class FusedExperts(torch.autograd.Function):
     def backward(ctx, g_TD: Tensor):
         x_TD, weight_S, w_in_EDG, w_out_EFD, b_out_ED, token_S, *hs = ctx.saved_tensors
         kind, act, has_b_in = ctx.p_static
-        p = _Weights(w_in_EDG, w_out_EFD, None, b_out_ED, kind, act)
-        grads = _Grads(ctx.needs_input_grad, x_TD, weight_S, p, has_b_in, ctx.blocks)
+        p = Weights(w_in_EDG, w_out_EFD, None, b_out_ED, kind, act)
+        grads = Grads(ctx.needs_input_grad, x_TD, weight_S, p, has_b_in, ctx.blocks)
         g_TD = g_TD.contiguous()
-        ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in ctx.blocks), default=0))
+        ws = Workspace(x_TD, max((b.r1 - b.r0 for b in ctx.blocks), default=0))
         bf16 = bf16_fused.kernels(x_TD, kind)
         if bf16 is not None:
             _backward_bf16(bf16, grads, ws, ctx.blocks, hs, token_S, g_TD, weight_S)
@@ -181,7 +181,7 @@ class FusedExperts(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
-def _forward_bf16(ext, ws: _Workspace, p: _Weights, blocks: list[_Block], x_TD: Tensor,
+def _forward_bf16(ext, ws: Workspace, p: Weights, blocks: list[Block], x_TD: Tensor,
                   token_S: Tensor, weight_S: Tensor) -> tuple[Tensor, list[Tensor]]:
     """The blocks on the fused bf16 kernels (bf16_fused.py): the combine sums in fp32."""
     out32_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
@@ -193,7 +193,7 @@ def _forward_bf16(ext, ws: _Workspace, p: _Weights, blocks: list[_Block], x_TD: 
     return out32_TD.to(x_TD.dtype), hs
 
 
-def _backward_bf16(ext, grads: _Grads, ws: _Workspace, blocks: list[_Block], hs: list[Tensor],
+def _backward_bf16(ext, grads: Grads, ws: Workspace, blocks: list[Block], hs: list[Tensor],
                    token_S: Tensor, g_TD: Tensor, weight_S: Tensor) -> None:
     w_S, token_S = weight_S.float().contiguous(), token_S.long().contiguous()
     dx32_TD = None if grads.x_TD is None else torch.zeros(grads.x_TD.shape, dtype=torch.float32)
@@ -213,9 +213,9 @@ def fused_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Te
     Rows at and past ``offsets_E[-1]`` (dropped by a capacity policy) are skipped.
     Reads ``offsets_E`` on the host: a CPU path (on CUDA this synchronises).
     """
-    ends = _check_call(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, b_in_EG,
+    ends = check_call(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, b_in_EG,
                        b_out_ED, kind)
-    kept = _kept_buffers(x_TD, weight_S, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
+    kept = kept_buffers(x_TD, weight_S, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
     return FusedExperts.apply(x_TD.contiguous(), weight_S, w_in_EDG, w_out_EFD, b_in_EG,
                               b_out_ED, token_S, ends, kind, act, block_rows, kept)
 
@@ -233,13 +233,13 @@ def fused_experts_into(out_TD: Tensor, x_TD: Tensor, token_S: Tensor, weight_S: 
     token's rows in row order, so the sums are those of one call over all experts.
     The weights may be lists of per-expert [D, G] and [F, D] matrices (no stacked copy).
     """
-    ends = _check_call(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, b_in_EG,
+    ends = check_call(x_TD, token_S, weight_S, offsets_E, w_in_EDG, w_out_EFD, b_in_EG,
                        b_out_ED, kind)
-    blocks = _blocks(ends, block_rows)
-    p = _Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
+    blocks = split_blocks(ends, block_rows)
+    p = Weights(w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, kind, act)
     x_TD = x_TD.contiguous()
     w_S1 = weight_S.to(x_TD.dtype)[:, None]
-    ws = _Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), _kept_buffers())
+    ws = Workspace(x_TD, max((b.r1 - b.r0 for b in blocks), default=0), kept_buffers())
     for b in blocks:
         _forward_block(ws, p, b, x_TD, token_S[b.r0:b.r1], w_S1[b.r0:b.r1], out_TD)
     return out_TD

@@ -38,7 +38,7 @@ def fused_route(logits_TE: Tensor, bias_E: Tensor | None, top_k: int, score: str
 @fused_route.register_fake
 def _(logits_TE, bias_E, top_k, score, renormalize, scale):
     T, E = logits_TE.shape
-    C = -(-T // routing._block_t(E, top_k))
+    C = -(-T // routing.block_t(E, top_k))
     new = logits_TE.new_empty
     return (new(T, top_k, dtype=torch.int32), new(T, top_k, dtype=torch.float32),
             new(T, E, dtype=torch.float32), new(C, E, dtype=torch.int32))

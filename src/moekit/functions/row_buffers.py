@@ -1,6 +1,6 @@
 """The fused expert path's row buffers: ``RowBuffers`` kept from one call to the next
 (``reuse_row_buffers``; a generation's ``StaticKVCache`` holds one), the choice between
-kept and fresh buffers for a call (``_kept_buffers``), and the per-call ``_Workspace``
+kept and fresh buffers for a call (``kept_buffers``), and the per-call ``Workspace``
 every block of a call takes its gathered rows, activations and outputs from.
 
 Shape letters: none beyond a buffer's rows (n) and width.
@@ -61,7 +61,7 @@ def reuse_row_buffers(buffers: RowBuffers) -> Iterator[RowBuffers]:
         _ROW_BUFFERS.reset(token)
 
 
-def _kept_buffers(*tensors: Tensor | None) -> RowBuffers | None:
+def kept_buffers(*tensors: Tensor | None) -> RowBuffers | None:
     """None where this call saves tensors for backward; else the active RowBuffers, or
     fresh ones for this call alone outside ``reuse_row_buffers``."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -70,7 +70,7 @@ def _kept_buffers(*tensors: Tensor | None) -> RowBuffers | None:
     return RowBuffers() if kept is None else kept
 
 
-class _Workspace:
+class Workspace:
     """Row buffers sized for the largest block, reused by every block of one call (and
     by later calls, from ``kept``). Given ``kept``, the forward saves nothing."""
 

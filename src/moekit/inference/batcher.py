@@ -63,12 +63,12 @@ from moekit.inference.engine import (
     GenerationStats,
     OnToken,
     Prompt,
+    Stops,
     StopWhen,
-    _record_logprobs,
-    _Stops,
     checked_options,
     checked_prompts,
     left_padded,
+    record_logprobs,
 )
 from moekit.models.generate import sample_next
 from moekit.models.transformer import MoETransformer, StaticKVCache
@@ -111,7 +111,7 @@ class Group:
     reused: int = 0
     steps: int = 0
     joined: float = 0.0  # perf_counter when its prefill ended
-    stops: _Stops | None = None
+    stops: Stops | None = None
     cancelled: bool = False  # ``Batcher.cancel``: its rows leave at the next step
 
 
@@ -245,7 +245,7 @@ class Batcher:
         ids = self.check(prompts, cfg)
         gen = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
         group = Group(ids, cfg, gen, on_token, stop_when, logprobs, on_done,
-                      gens=[Generation(prompt=p) for p in ids], stops=_Stops(cfg))
+                      gens=[Generation(prompt=p) for p in ids], stops=Stops(cfg))
         if logprobs is not None:
             for g in group.gens:
                 g.logprobs, g.top_logprobs = [], []
@@ -571,7 +571,7 @@ class Batcher:
               logits_SV: Tensor | None) -> set[int]:
         """Append each sequence's new token; the sequences that stop with it."""
         if group.logprobs is not None:
-            _record_logprobs([group.gens[s] for s in seqs], logits_SV, tokens_S, group.logprobs)
+            record_logprobs([group.gens[s] for s in seqs], logits_SV, tokens_S, group.logprobs)
         stops, stopped = group.stops, set()
         for s, tok in zip(seqs, tokens_S.tolist(), strict=True):
             gen = group.gens[s]

@@ -43,7 +43,7 @@ from moekit.quant.tensor import QuantizedTensor
 @dataclass(frozen=True)
 class _Layer:
     # DecodeStep's constructor (csrc/cpu_decode.cpp) reads these fields by name
-    qkv: tuple  # the kernels' weight arguments (decode._wargs)
+    qkv: tuple  # the kernels' weight arguments (decode.wargs)
     out: tuple
     ffn_norm: tuple[Tensor, float]
     next_norm: tuple[Tensor, float]
@@ -69,9 +69,9 @@ def _projection(module, dtype: torch.dtype) -> tuple | None:
 
     bias = None if module.bias is None else module.bias.detach().to(dtype)
     if isinstance(module, QuantizedLinear):
-        return ("quant", decode._wargs(module.weight), bias)
+        return ("quant", decode.wargs(module.weight), bias)
     if type(module) is Linear and module.weight.dtype == dtype:
-        return ("float", decode._wargs(module.weight[None].transpose(1, 2)), bias)
+        return ("float", decode.wargs(module.weight[None].transpose(1, 2)), bias)
     return None
 
 
@@ -111,7 +111,7 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     if ex.backend != "auto":  # (a capacity factor: MoE.infer routes token choice dropless)
         return None
     spec = moe.router.kernel_spec()
-    act = backends._kernel_spec(ex._act)
+    act = backends.kernel_spec(ex._act)
     code = decode.ACT_CODES.get(act[0], 0) if act is not None else 0
     router = moe.router.weight
     if spec is None or code == 0 or router is None or not router.is_floating_point():
@@ -123,9 +123,9 @@ def _experts(moe, dtype: torch.dtype) -> tuple | None:
     mode, renormalize, bias_E = spec
     # MoE._router_logits: fp32 logits from fp32 copies of x and the weight, on the kernel
     route = (moe.config.top_k, mode, renormalize, moe.config.routed_scaling_factor, bias_E)
-    return (quantized, decode._wargs(router.float()[None].transpose(1, 2)), route,
-            decode._wargs(ex.w_in), decode._wargs(ex.w_out), decode._f32(ex.b_in),
-            decode._f32(ex.b_out), (code, *act[1:]))
+    return (quantized, decode.wargs(router.float()[None].transpose(1, 2)), route,
+            decode.wargs(ex.w_in), decode.wargs(ex.w_out), decode.f32(ex.b_in),
+            decode.f32(ex.b_out), (code, *act[1:]))
 
 
 def _shared(moe, dtype: torch.dtype) -> tuple | None | bool:
@@ -203,7 +203,7 @@ class DecodePlan:
             experts_rows.append(
                 backends.quant_kernel_max_rows(
                     dtype, fx.w_in, fx.w_out, fx.b_in is not None or fx.b_out is not None,
-                    backends._kind(fx._act))
+                    backends.activation_kind(fx._act))
                 if quantized else backends.decode_max_rows(block.ffn.config.num_experts))
             if shared is not None:  # the projection kernels' row limits apply to it too
                 kinds.add("quant" if isinstance(block.ffn.shared.w_in, QuantizedTensor)
@@ -237,8 +237,8 @@ class DecodePlan:
                              f"max_len={cache.max_len} positions")
         if cache is not self._bound:  # the cache's tensors change in place, not identity
             model, Dh = self.model, self.model.config.head_size
-            self.native.bind(cache.k, cache.v, decode._plain_f32(model.rope_cos.reshape(-1, Dh)),
-                             decode._plain_f32(model.rope_sin.reshape(-1, Dh)), cache.pad_B,
+            self.native.bind(cache.k, cache.v, decode.plain_f32(model.rope_cos.reshape(-1, Dh)),
+                             decode.plain_f32(model.rope_sin.reshape(-1, Dh)), cache.pad_B,
                              cache.valid_BM)
             self._bound = cache
         out = self.native.step(ids_R1.reshape(R).long(), P, cache.padded, greedy, sample)

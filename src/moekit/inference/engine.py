@@ -306,7 +306,7 @@ class Engine:
                 g.logprobs, g.top_logprobs = [], []
         active = list(range(len(ids)))  # row r of the cache generates sequence active[r]
         steps = 0
-        stops = _Stops(cfg)
+        stops = Stops(cfg)
         # the plan's step picks the next tokens inside its one call: the argmax, or drawn
         # as sample_next draws them (the same generator)
         greedy = cfg.temperature == 0
@@ -316,7 +316,7 @@ class Engine:
         for step in range(cfg.max_new_tokens):
             finished = []
             if logprobs is not None:
-                _record_logprobs([gens[a] for a in active], logits_RV, next_R, logprobs)
+                record_logprobs([gens[a] for a in active], logits_RV, next_R, logprobs)
             for r, tok in enumerate(next_R.tolist()):
                 g = gens[active[r]]
                 g.tokens.append(tok)
@@ -433,7 +433,7 @@ def token_logprobs(logits_RV: Tensor, tokens_R: Tensor, top: int
                     for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
 
 
-def _record_logprobs(gens: list[Generation], logits_RV: Tensor, next_R: Tensor,
+def record_logprobs(gens: list[Generation], logits_RV: Tensor, next_R: Tensor,
                      top: int) -> None:
     """Each row's chosen token's log-probability and its ``top`` most likely tokens'."""
     chosen, tops = token_logprobs(logits_RV, next_R, top)
@@ -442,7 +442,7 @@ def _record_logprobs(gens: list[Generation], logits_RV: Tensor, next_R: Tensor,
         g.top_logprobs.append(best)
 
 
-class _Stops:
+class Stops:
     """Does a sequence's generated tail end with a stop id or a stop sequence?"""
 
     def __init__(self, cfg: GenerationConfig) -> None:

@@ -175,7 +175,7 @@ def _route_bwd_kernel(logits_ptr, experts_ptr, dweights_ptr, dscores_ptr, dlogit
     tl.store(dlogits_ptr + rows64[:, None] * stride_l + cols[None, :], dl, mask=emask)
 
 
-def _block_t(E: int, K: int) -> int:
+def block_t(E: int, K: int) -> int:
     """Tokens per program: keeps the [BLOCK_T, BLOCK_E] tile and the placement's
     [BLOCK_T*K]^2 rank comparison modest (at most 256 pairs per chunk)."""
     cap = 16 if INTERPRET else 4096 // triton.next_power_of_2(E)
@@ -187,7 +187,7 @@ def route_forward(logits_TE: Tensor, bias_E: Tensor | None, top_k: int, score: s
                   renormalize: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(experts_TK int32, weights_TK fp32, scores_TE fp32, hist_CE int32)."""
     T, E = logits_TE.shape
-    BT = _block_t(E, top_k)
+    BT = block_t(E, top_k)
     C = triton.cdiv(T, BT)
     dev = logits_TE.device
     experts_TK = torch.empty(T, top_k, device=dev, dtype=torch.int32)
@@ -207,7 +207,7 @@ def place(experts_TK: Tensor, start_CE: Tensor) -> Tensor:
     """order_S (int64): the pair (t*K + k) placed at each expert-sorted row; stable."""
     T, K = experts_TK.shape
     C, E = start_CE.shape
-    BT = _block_t(E, K)
+    BT = block_t(E, K)
     order_S = torch.empty(T * K, device=experts_TK.device, dtype=torch.int64)
     _place_kernel[(C,)](experts_TK, start_CE, order_S, T, E, K=K, BLOCK_T=BT,
                         BLOCK_P=triton.next_power_of_2(BT * K))
@@ -218,7 +218,7 @@ def route_backward(logits_TE: Tensor, experts_TK: Tensor, dweights_TK: Tensor,
                    dscores_TE: Tensor, score: str, renormalize: bool, scale: float) -> Tensor:
     T, E = logits_TE.shape
     K = experts_TK.shape[1]
-    BT = _block_t(E, K)
+    BT = block_t(E, K)
     dlogits_TE = torch.empty(T, E, device=logits_TE.device, dtype=torch.float32)
     _route_bwd_kernel[(triton.cdiv(T, BT),)](
         logits_TE, experts_TK, dweights_TK, dscores_TE, dlogits_TE, T, E, logits_TE.stride(0),

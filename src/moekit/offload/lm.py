@@ -32,7 +32,7 @@ from moekit.offload.store import Codec, ExpertMemoryError, ExpertStore, Part, pa
 from moekit.quant import io as qio
 from moekit.quant.model import quantize_like
 from moekit.train import rundir
-from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, _read_state, resolve
+from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, read_state, resolve
 
 
 class OffloadedExperts(nn.Module):
@@ -194,7 +194,7 @@ def _source(path: str | Path) -> tuple[Path, dict, _Quant | None]:
     file = _model_file(ckpt / MODEL_FILE)
     # the manifest's SHA-256 of every file, state.json included, before anything is read
     rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
-    return file, _read_state(ckpt), None
+    return file, read_state(ckpt), None
 
 
 def _model_file(file: Path) -> Path:

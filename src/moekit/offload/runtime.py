@@ -34,11 +34,11 @@ from torch import Tensor
 from moekit.config import check_bool, check_choice, check_positive_int
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.backends import (
-    _activation_spec,
-    _kernel_spec,
-    _kind,
+    activation_kind,
+    activation_spec,
     decode_fits,
     fused_supported,
+    kernel_spec,
     quant_rows_limit,
 )
 from moekit.experts.experts import BACKEND_NAMES
@@ -113,7 +113,7 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
         return "list"
     like = torch.empty(0, dtype=call.dtype, device="meta")
     if (x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
-            and _kind(call.act) is not None and fused_supported(x_TD, like, like)):
+            and activation_kind(call.act) is not None and fused_supported(x_TD, like, like)):
         return "fused"
     return "stacked"
 
@@ -122,7 +122,7 @@ def _one_call_format(call: ExpertsCall, x_TD: Tensor) -> bool:
     """Whether the resident model's quantized prefill would run its one call on these
     experts (the format half of it: decode.quant_one_call_format)."""
     return call.quant_format is not None and decode.quant_one_call_format(
-        x_TD.dtype, *call.quant_format[:5], _kind(call.act))
+        x_TD.dtype, *call.quant_format[:5], activation_kind(call.act))
 
 
 def _a8_bits(call: ExpertsCall) -> int | None:
@@ -267,7 +267,7 @@ class ExpertOffload:
     def _run_list(self, layer: int, x_TD: Tensor, d: Dispatch, ids: list[int],
                   call: ExpertsCall, out_dim: int) -> Tensor:
         """Decode kernels on the cached tensors; chunks of what the cache holds."""
-        spec, ends = _kernel_spec(call.act), d.offsets_E.tolist()
+        spec, ends = kernel_spec(call.act), d.offsets_E.tolist()
         chunks = _chunks(ids, self.cache.capacity)
         out = None if len(chunks) == 1 else x_TD.new_zeros(x_TD.shape[0], out_dim,
                                                             dtype=torch.float32)
@@ -312,9 +312,9 @@ class ExpertOffload:
                           .transpose(1, 2)
                           for name, ws in (("in", w.w_in), ("out", w.w_out)))
                 y_TD += fused_experts(*args, wi, wo, w.b_in_EG, w.b_out_ED, call.act,
-                                      _kind(call.act))
+                                      activation_kind(call.act))
             else:
-                spec = _activation_spec(call.act)
+                spec = activation_spec(call.act)
                 fused_experts_into(y_TD, *args, w.w_in, w.w_out, w.b_in_EG, w.b_out_ED,
                                    call.act, None if spec is None else spec[0])
         return y_TD

@@ -39,9 +39,9 @@ from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
 from moekit.quant.model import (
     SCOPES,
-    _checked_targets,
-    _Target,
+    Target,
     check_scope,
+    checked_targets,
     is_quantized,
     quantize_like,
     quantized_embeddings,
@@ -347,7 +347,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     source = trained_source(ck)
     del ck
     # every check, nothing written
-    targets = _checked_targets(model, scope, group_size, embeddings)
+    targets = checked_targets(model, scope, group_size, embeddings)
     # the quantized model's layout: a meta model quantized alike, its floats in fp32
     with meta_device():
         shape = quantize_like(MoETransformer(config), bits, group_size, scope,
@@ -374,8 +374,8 @@ def trained_source(ck) -> dict:
             "train_config": ck.state.get("train_config")}
 
 
-def _quantized_layout(shape: MoETransformer, targets: list[_Target]
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, _Target]]:
+def _quantized_layout(shape: MoETransformer, targets: list[Target]
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Target]]:
     """(the saved tensors of ``shape``, a meta model quantized by ``quantize_like``, by
     name in state-dict order; the tied aliases, as ``dedupe_tied`` records them for the
     quantized model; each QuantizedTensor's name -> the ``target`` it quantizes (a tied
@@ -397,7 +397,7 @@ def _quantized_layout(shape: MoETransformer, targets: list[_Target]
 
 
 def _quantized_tensors(model: MoETransformer, layout: dict[str, torch.Tensor],
-                       owners: dict[str, _Target], bits: int, group_size: int | None,
+                       owners: dict[str, Target], bits: int, group_size: int | None,
                        activations: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of ``layout`` one at a time: each weight quantized when its first part
     is due and dropped after its last (one weight's quantized tensors held at a time,

@@ -56,7 +56,7 @@ ROUTER_NAMES = ("gate", "router")  # transformers' router modules (and names end
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     """One weight to quantize: module.<attr>, its logical [E, K, N] view, its name.
 
     ``kind``: "stack" (an expert stack or a [K, N] parameter: the attribute becomes a
@@ -87,7 +87,7 @@ def _hf_view(module: nn.Module, attr: str) -> Tensor:
     return w if getattr(module, "is_transposed", False) else w.transpose(1, 2)
 
 
-def _expert_targets(model: nn.Module) -> list[_Target]:
+def _expert_targets(model: nn.Module) -> list[Target]:
     from moekit.integrations.hf.experts import StackedExperts  # no transformers import
 
     out = []
@@ -99,7 +99,7 @@ def _expert_targets(model: nn.Module) -> list[_Target]:
                       else _hf_view(m, a)) for a in m._moekit_weights]
         else:
             continue
-        out += [_Target(m, a, w, f"{name}.{a}" if name else a) for a, w in pairs]
+        out += [Target(m, a, w, f"{name}.{a}" if name else a) for a, w in pairs]
     return out
 
 
@@ -133,7 +133,7 @@ def _weights_read(cls: type) -> frozenset[str]:
     return frozenset(names)
 
 
-def _dense_targets(model: nn.Module) -> list[_Target]:
+def _dense_targets(model: nn.Module) -> list[Target]:
     """nn.Linear children outside routed experts and routers; SharedExperts weights.
 
     An nn.Linear whose parent's code reads its ``.weight`` directly stays float: a
@@ -144,7 +144,7 @@ def _dense_targets(model: nn.Module) -> list[_Target]:
     read in code that never runs here keeps a layer float for nothing (safe, not
     smaller). A ``.weight`` property dequantizing on each read was the alternative: a
     full-size float copy per step, and a ``weight`` that is not the stored one."""
-    out: list[_Target] = []
+    out: list[Target] = []
 
     def walk(m: nn.Module, prefix: str) -> None:
         for attr, child in m.named_children():
@@ -154,11 +154,11 @@ def _dense_targets(model: nn.Module) -> list[_Target]:
             if _is_router(attr):  # a router, or a module holding one (HunYuan's gate.wg)
                 continue
             if isinstance(child, SharedExperts):
-                out.extend(_Target(child, a, getattr(child, a)[None], f"{name}.{a}")
+                out.extend(Target(child, a, getattr(child, a)[None], f"{name}.{a}")
                            for a in ("w_in", "w_out")
                            if not isinstance(getattr(child, a), QuantizedTensor))
             elif _plain_linear(child) and attr not in _weights_read(type(m)):
-                out.append(_Target(m, attr, child.weight[None].transpose(1, 2), name, "linear",
+                out.append(Target(m, attr, child.weight[None].transpose(1, 2), name, "linear",
                                    child.bias))
             else:
                 walk(child, f"{name}.")
@@ -177,27 +177,27 @@ def _token_embedding(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def _embedding_targets(model: nn.Module, targets: list[_Target]) -> list[_Target]:
+def _embedding_targets(model: nn.Module, targets: list[Target]) -> list[Target]:
     """The token embedding table where it is an nn.Embedding whose table is not a linear
     target's (not tied to a head)."""
     table = _token_embedding(model)
     if type(table) is not nn.Embedding:
         return []
     linear = _linear_weights(targets)
-    return [_Target(m, attr, child.weight.T[None], f"{prefix}.{attr}" if prefix else attr,
+    return [Target(m, attr, child.weight.T[None], f"{prefix}.{attr}" if prefix else attr,
                     "embedding")
             for prefix, m in model.named_modules() for attr, child in m.named_children()
             if child is table and id(child.weight) not in linear]
 
 
-def _linear_weights(targets: list[_Target]) -> dict[int, int]:
+def _linear_weights(targets: list[Target]) -> dict[int, int]:
     """id of each linear target's weight -> the target's index (what a tied embedding
     shares)."""
     return {id(t.module.get_submodule(t.attr).weight): i
             for i, t in enumerate(targets) if t.kind == "linear"}
 
 
-def _tied(model: nn.Module, targets: list[_Target]) -> list[_Tied]:
+def _tied(model: nn.Module, targets: list[Target]) -> list[_Tied]:
     """Embeddings sharing a linear target's weight (tied input and output embeddings)."""
     by_weight = _linear_weights(targets)
     out = []
@@ -242,8 +242,8 @@ def _check_hf_experts(model: nn.Module) -> None:
                 "stacked gate_up_proj / down_proj tensors); run this model in floating point")
 
 
-def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
-                     embeddings: bool = True) -> list[_Target]:
+def checked_targets(model: nn.Module, scope: str, group_size: int | None,
+                     embeddings: bool = True) -> list[Target]:
     """``quantize``'s targets for ``scope`` (with scope "all" and ``embeddings``, the
     untied embedding tables too), after every check (nothing changed yet)."""
     check_scope(scope)
@@ -274,7 +274,7 @@ def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
     return targets
 
 
-def _check_divides(targets: list[_Target], group_size: int | None) -> None:
+def _check_divides(targets: list[Target], group_size: int | None) -> None:
     """Every target's input dimension a multiple of ``group_size``; where one is not, the
     error says which allowed sizes tile them all (the tiny preset, D = 32, was refused at
     the default 64 with no word of 32)."""
@@ -288,7 +288,7 @@ def _check_divides(targets: list[_Target], group_size: int | None) -> None:
             else "no allowed group size tiles every input dimension; use bits=8")) from None
 
 
-def _replace(model: nn.Module, targets: list[_Target], qs: list[QuantizedTensor]) -> None:
+def _replace(model: nn.Module, targets: list[Target], qs: list[QuantizedTensor]) -> None:
     tied = _tied(model, targets)
     for t, q in zip(targets, qs, strict=True):
         if t.kind == "linear":
@@ -329,7 +329,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     _check_model(model)
     group_size = check_bits(bits, group_size)
     check_activations(activations)
-    return _quantize(model, _checked_targets(model, scope, group_size, embeddings), bits,
+    return _quantize(model, checked_targets(model, scope, group_size, embeddings), bits,
                      group_size, activations)
 
 
@@ -344,7 +344,7 @@ def quantize_dense(model: nn.Module, bits: int, group_size: int | None = None) -
     return _quantize(model, targets, bits, group_size)
 
 
-def _quantize(model: nn.Module, targets: list[_Target], bits: int,
+def _quantize(model: nn.Module, targets: list[Target], bits: int,
               group_size: int | None, activations: str = "float") -> nn.Module:
     _replace(model, targets, [quantize_tensor(t.w_EKN, bits, group_size, activations)
                               .to(t.w_EKN.device) for t in targets])
@@ -358,7 +358,7 @@ def quantize_like(model: nn.Module, bits: int, group_size: int | None,
     _check_model(model)
     group_size = check_bits(bits, group_size)
     check_activations(activations)
-    targets = _checked_targets(model, scope, group_size, embeddings)
+    targets = checked_targets(model, scope, group_size, embeddings)
     qs = [QuantizedTensor.empty(*t.w_EKN.shape, bits, group_size, t.w_EKN.device, activations)
           for t in targets]
     _replace(model, targets, qs)

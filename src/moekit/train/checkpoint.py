@@ -197,7 +197,7 @@ def not_a_checkpoint(path: Path) -> str:
             "its step_* directories")
 
 
-def _read_state(ckpt: Path) -> dict[str, Any]:
+def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -220,7 +220,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and verify a checkpoint; assigns nothing."""
     ckpt = resolve(path)
     rundir.verify_manifest(ckpt, required=FILES)
-    state = _read_state(ckpt)
+    state = read_state(ckpt)
     model = _read_tensors(ckpt, MODEL_FILE)
     optim = _read_tensors(ckpt, OPTIM_FILE)
     for alias, source in state["tied"].items():

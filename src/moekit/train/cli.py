@@ -147,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_distributed_arguments(p)
 
 
-def _picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+def picked(args: argparse.Namespace, flags: dict[str, str]) -> dict:
     return {field: getattr(args, flag) for flag, field in flags.items()
             if getattr(args, flag, None) is not None}
 
@@ -165,14 +165,14 @@ def use_bf16(args: argparse.Namespace) -> bool:
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
-    changes = _picked(args, MODEL_FLAGS)
+    changes = picked(args, MODEL_FLAGS)
     if args.dense:
         changes["dense"] = True
     if args.untied_embeddings:
         changes["tie_embeddings"] = False
     model = preset(args.preset or "small", **changes)
     check_hash_seed_flag(args, model)
-    train = TrainConfig(**_picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
+    train = TrainConfig(**picked(args, TRAIN_FLAGS), bf16=use_bf16(args), compile=args.compile)
     if train.seq_len > model.max_seq_len:
         model = model.replace(max_seq_len=train.seq_len)
     return model, train
@@ -370,7 +370,7 @@ def build_trainer(args: argparse.Namespace, corpus) -> Trainer:
     if args.resume:
         check_resume_path(args.resume)
         check_resume_flags(args)
-        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
+        overrides = {k: v for k, v in picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
         trainer = Trainer.resume(args.resume, corpus, progress=not args.no_progress,
                                  **overrides)
         if trainer.step >= trainer.cfg.steps:

@@ -177,9 +177,9 @@ def _build(args: argparse.Namespace, mesh):
     from moekit.train.cli import (
         RESUME_FLAGS,
         TRAIN_FLAGS,
-        _picked,
         configs_from_args,
         describe_model,
+        picked,
         recorded_corpus,
     )
     from moekit.train.data import load_corpus
@@ -198,7 +198,7 @@ def _build(args: argparse.Namespace, mesh):
         source = args.data if args.data is not None else recorded_corpus(
             args.resume, resume_state(path).get("data", {}).get("corpus"))
         corpus = load_corpus(source)
-        overrides = {k: v for k, v in _picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
+        overrides = {k: v for k, v in picked(args, TRAIN_FLAGS).items() if k in RESUME_FLAGS}
         trainer = DistributedTrainer.resume_distributed(
             path, corpus, mesh, progress=not args.no_progress, ep_kwargs=ep_kwargs,
             **overrides)

@@ -46,17 +46,17 @@ from moekit.inference.text import TOKENIZER_FILES, copy_tokenizer, find_tokenize
 from moekit.integrations.hf.convert_config import (
     FAMILIES,
     Family,
-    _same_model,
     check_hf,
     check_lm,
     hf_config,
     lm_config,
     mixtral_config,
+    same_model,
 )
 from moekit.integrations.hf.convert_tensors import (
+    Reads,
     ShardTensors,
-    _converted,
-    _Reads,
+    converted,
     hf_to_moekit_tensors,
     moekit_to_hf_tensors,
     read_hf_dir,
@@ -120,7 +120,7 @@ def hf_to_moekit(src: str | Path, dst: str | Path) -> Path:
         reject("source", str(src), f"its tensors do not fit its config.json: {e}")
     aliases = {"head.weight": "embed.weight"} if lm.tie_embeddings else {}
     weights = StreamedWeights({k: v for k, v in meta.items() if k not in aliases},
-                              lambda: _converted(config, _Reads(shards, str(src))), aliases)
+                              lambda: converted(config, Reads(shards, str(src))), aliases)
     state = {"step": 0, "model_config": lm.to_dict(),
              "converted_from": {"hf_config": config, "expert_layout": layout}}
     # the tokenizer first (for `moekit generate`: dst/tokenizer, where src has one): copied
@@ -150,7 +150,7 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     check_lm(lm)
     origin = ckpt.state.get("converted_from") or {}
     config = origin.get("hf_config")
-    if config is None or not _same_model(config, lm):
+    if config is None or not same_model(config, lm):
         config = hf_config(lm, ckpt.model["embed.weight"].dtype)
     tensors = moekit_to_hf_tensors(config, ckpt.model, origin.get("expert_layout", "per_expert"))
     dst = Path(dst)

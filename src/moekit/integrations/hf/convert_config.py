@@ -65,7 +65,7 @@ def family(config: dict[str, Any]) -> Family:
     return FAMILIES[kind]
 
 
-def _num_experts(config: dict[str, Any], fam: Family) -> int:
+def num_experts(config: dict[str, Any], fam: Family) -> int:
     return next(config[k] for k in fam.experts if k in config)
 
 
@@ -82,7 +82,7 @@ def check_hf(config: dict[str, Any], source: str | Path = ".") -> None:
                f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, which "
                f"a {fam.model_type} config.json must hold")
     D, H = config["hidden_size"], config["num_attention_heads"]
-    Dh = _head_dim(config)
+    Dh = head_dim(config)
     checks = [
         ("hidden_act", config.get("hidden_act", "silu"), "silu", "moekit's experts are SwiGLU"),
         ("rope_type", _rope(config, fam)["rope_type"], "default",
@@ -112,7 +112,7 @@ def check_hf(config: dict[str, Any], source: str | Path = ".") -> None:
               "or >= max_position_embeddings")
 
 
-def _head_dim(config: dict[str, Any]) -> int:
+def head_dim(config: dict[str, Any]) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
@@ -174,11 +174,11 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
     return dict(
         vocab_size=config["vocab_size"], dim=D,
         num_layers=config["num_hidden_layers"], num_heads=H,
-        num_kv_heads=_kv_heads(config),
-        head_dim=None if _head_dim(config) == D // H else _head_dim(config),
+        num_kv_heads=kv_heads(config),
+        head_dim=None if head_dim(config) == D // H else head_dim(config),
         qk_norm=fam.qk_norm,
         max_seq_len=config["max_position_embeddings"], ffn_dim=config[fam.ffn],
-        num_experts=_num_experts(config, fam), top_k=config["num_experts_per_tok"],
+        num_experts=num_experts(config, fam), top_k=config["num_experts_per_tok"],
         moe_every=1, router="softmax",
         # Mixtral's softmax over the chosen logits is the renormalized top-k
         renormalize=fam.model_type == "mixtral" or bool(config.get("norm_topk_prob", False)),
@@ -188,20 +188,20 @@ def _mapped_lm_config(config: dict[str, Any]) -> dict[str, Any]:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=config.get("initializer_range", 0.02),
         # Qwen2-MoE: one gated shared expert, q / k / v biases (older configs: always)
-        qkv_bias=_qkv_bias(config),
+        qkv_bias=qkv_bias(config),
         num_shared_experts=1 if fam.shared else 0,
         shared_ffn_dim=config[fam.shared] if fam.shared else None,
         shared_expert_gate=fam.shared is not None)
 
 
-def _kv_heads(config: dict[str, Any]) -> int | None:
+def kv_heads(config: dict[str, Any]) -> int | None:
     """LMConfig.num_kv_heads for a config: None where J = H (moekit's default)."""
     H = config["num_attention_heads"]
     J = config.get("num_key_value_heads") or H
     return None if J == H else J
 
 
-def _qkv_bias(config: dict[str, Any]) -> bool:
+def qkv_bias(config: dict[str, Any]) -> bool:
     """Whether the checkpoint's q / k / v projections have biases (Qwen2-MoE's do, unless
     its config says qkv_bias false; configs older than the key have them)."""
     return family(config).shared is not None and bool(config.get("qkv_bias", True))
@@ -281,7 +281,7 @@ def mixtral_config(lm: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return hf_config(lm, dtype)
 
 
-def _same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
+def same_model(hf_config: dict[str, Any], lm: dict[str, Any]) -> bool:
     # an LM without num_kv_heads converted from a grouped-query checkpoint before moekit
     # had grouped-query attention holds copies of its key/value heads (regrouped on the
     # way back, where they must still be equal)

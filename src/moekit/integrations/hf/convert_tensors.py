@@ -22,11 +22,11 @@ from torch import Tensor
 from moekit.config import reject
 from moekit.integrations.hf.convert_config import (
     Family,
-    _head_dim,
-    _kv_heads,
-    _num_experts,
-    _qkv_bias,
     family,
+    head_dim,
+    kv_heads,
+    num_experts,
+    qkv_bias,
 )
 from moekit.safetensors_write import DTYPE_CODES
 
@@ -120,7 +120,7 @@ def _group_heads(w_HDhD: Tensor, J: int, H: int, name: str) -> Tensor:
     return w_JRDhD[:, 0].reshape(-1, w_HDhD.shape[-1])
 
 
-def _experts_in(t: _Reads, i: int, E: int, fam: Family) -> tuple[Tensor, Tensor, Tensor]:
+def _experts_in(t: Reads, i: int, E: int, fam: Family) -> tuple[Tensor, Tensor, Tensor]:
     """(router [E, D], w_in [E, D, 2F], w_out [E, F, D]) of layer i (the layout is
     ``_layout``'s)."""
     stacked = f"{HF_PREFIX}.{i}.mlp.experts.gate_up_proj"
@@ -154,7 +154,7 @@ def _experts_out(router: Tensor, w_in: Tensor, w_out: Tensor, i: int,
     return out
 
 
-class _Reads:
+class Reads:
     """The tensors of ``source`` by name, remembering which were read; a missing one is named."""
 
     def __init__(self, tensors: Mapping[str, Tensor], source: str) -> None:
@@ -184,23 +184,23 @@ def hf_to_moekit_tensors(config: dict[str, Any], t: Mapping[str, Tensor],
     moekit derives from the config): one the config does not account for raises
     instead of being dropped from the converted checkpoint.
     """
-    reads = _Reads(t, source)
-    out = dict(_converted(config, reads))
+    reads = Reads(t, source)
+    out = dict(converted(config, reads))
     if config.get("tie_word_embeddings"):
         out["head.weight"] = out["embed.weight"]
     _check_all_read(config, reads)
     return out, _layout(reads)
 
 
-def _layout(t: _Reads) -> str:
+def _layout(t: Reads) -> str:
     """The expert layout of the tensors (transformers v5's stacked names, or per expert)."""
     return "stacked" if f"{HF_PREFIX}.0.mlp.experts.gate_up_proj" in t else "per_expert"
 
 
-def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]]:
+def converted(config: dict[str, Any], t: Reads) -> Iterator[tuple[str, Tensor]]:
     """moekit's tensors one at a time, layer by layer (a tied head is not given: it is the
     embedding)."""
-    fam, bias = family(config), _qkv_bias(config)
+    fam, bias = family(config), qkv_bias(config)
     yield "embed.weight", t["model.embed_tokens.weight"]
     for i in range(config["num_hidden_layers"]):
         a, b = f"{HF_PREFIX}.{i}", f"blocks.{i}"
@@ -215,7 +215,7 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
                 yield f"{b}.attn.{n}_norm.weight", t[f"{a}.self_attn.{n}_norm.weight"]
         yield f"{b}.attn.out.weight", t[f"{a}.self_attn.o_proj.weight"]
         yield f"{b}.ffn_norm.weight", t[f"{a}.post_attention_layernorm.weight"]
-        router, w_in, w_out = _experts_in(t, i, _num_experts(config, fam), fam)
+        router, w_in, w_out = _experts_in(t, i, num_experts(config, fam), fam)
         yield f"{b}.ffn.router.weight", router
         yield f"{b}.ffn.experts.w_in", w_in
         yield f"{b}.ffn.experts.w_out", w_out
@@ -231,7 +231,7 @@ def _converted(config: dict[str, Any], t: _Reads) -> Iterator[tuple[str, Tensor]
 
 
 
-def _check_all_read(config: dict[str, Any], t: _Reads) -> None:
+def _check_all_read(config: dict[str, Any], t: Reads) -> None:
     derived = {n for n in t if n.endswith("rotary_emb.inv_freq")}  # older exports save it
     if config.get("tie_word_embeddings"):
         derived.add("lm_head.weight")
@@ -239,7 +239,7 @@ def _check_all_read(config: dict[str, Any], t: _Reads) -> None:
     if unused:
         reject("source", t.source, f"it holds {len(unused)} tensors its config.json "
                f"(num_hidden_layers={config['num_hidden_layers']}, experts="
-               f"{_num_experts(config, family(config))}) has no place for, e.g. "
+               f"{num_experts(config, family(config))}) has no place for, e.g. "
                f"{unused[:5]}; converting would drop them")
 
 
@@ -248,10 +248,10 @@ def moekit_to_hf_tensors(config: dict[str, Any], s: dict[str, Tensor],
     """A family's tensors (``layout`` "per_expert" as saved by transformers, or
     "stacked"). The moekit qkv holds the config's key/value heads, or one copy per query
     head (a checkpoint converted before grouped-query attention: regrouped)."""
-    fam, bias = family(config), _qkv_bias(config)
+    fam, bias = family(config), qkv_bias(config)
     H = config["num_attention_heads"]
-    J = _kv_heads(config) or H
-    Dh = _head_dim(config)
+    J = kv_heads(config) or H
+    Dh = head_dim(config)
     out = {"model.embed_tokens.weight": s["embed.weight"], "model.norm.weight": s["norm.weight"]}
     if not config.get("tie_word_embeddings"):
         out["lm_head.weight"] = s["head.weight"]
