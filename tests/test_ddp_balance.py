@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 from tests import ddp_workers
-from tests.test_distributed import launch
+from tests.dist_launch import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 

@@ -13,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from tests import dist_uneven as U
-from tests.test_distributed import _assert_all_ranks, launch
+from tests.dist_launch import assert_all_ranks, launch
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
@@ -27,4 +27,4 @@ def world2(tmp_path_factory) -> dict[int, dict]:
 
 @pytest.mark.parametrize("name", [*U.CASES, *U.INFER_CASES])
 def test_uneven_tokens(world2, name):
-    _assert_all_ranks(world2, name)
+    assert_all_ranks(world2, name)
