@@ -284,16 +284,23 @@ class ExpertStore:
             self._close_files()
 
     def _views(self, buf_B: Tensor, layout: Layout) -> tuple[dict, dict, Any]:
-        cached = layout.views(buf_B)
-        mvs = {n: memoryview(t.view(-1).view(torch.uint8).numpy()) for n, t in cached.items()}
-        return cached, mvs, self.codec.wrap(cached)
+        # made outside inference mode whatever the thread's mode: a slot's views are
+        # reused by every thread, and views made in inference mode refuse the in-place
+        # writes of a thread outside it (the prefetch thread's encode had failed with
+        # "Inplace update to inference tensor outside InferenceMode")
+        with torch.inference_mode(False):
+            cached = layout.views(buf_B)
+            mvs = {n: memoryview(t.view(-1).view(torch.uint8).numpy())
+                   for n, t in cached.items()}
+            return cached, mvs, self.codec.wrap(cached)
 
     def _raw_buffer(self, name: str, p: Part) -> Tensor:
         """A per-thread buffer for the raw bytes of ``name`` (reused from read to read)."""
         bufs = self._scratch.__dict__.setdefault("bufs", {})
         buf = bufs.get(name)
         if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-            buf = bufs[name] = torch.empty(p.shape, dtype=p.dtype)
+            with torch.inference_mode(False):  # this thread may read outside it later
+                buf = bufs[name] = torch.empty(p.shape, dtype=p.dtype)
         return buf
 
     def close(self) -> bool:
