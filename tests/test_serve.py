@@ -278,7 +278,11 @@ def test_completion_logprobs_and_echo(byte_server):
     for j, top in enumerate(lp["top_logprobs"]):
         best = logp[len(prompt) + j - 1].topk(2)
         assert list(top) == [_label(t) for t in best.indices.tolist()]
-    assert lp["text_offset"] == [sum(t < 128 for t in new[:j]) for j in range(len(new))]
+    # each byte's offset: the whole characters before it (a character's later bytes
+    # start where it does); was the ASCII bytes before it, which a character of several
+    # bytes never moved on from
+    assert lp["text_offset"] == [len(bytes(new[:j]).decode("utf-8", "ignore"))
+                                 for j in range(len(new))]
     status, r = _post(url, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})
     assert status == 200
     c = r["choices"][0]

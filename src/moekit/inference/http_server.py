@@ -23,6 +23,7 @@ from moekit.config import is_number_in, reject
 from moekit.inference.http_body import BodyError, DeadlineReader, read_body
 from moekit.inference.request import Request, RequestError, reject_field
 from moekit.inference.response import (
+    TextOffsets,
     answer_payload,
     chat_logprobs,
     completion_logprobs,
@@ -288,7 +289,9 @@ class Handler(BaseHTTPRequestHandler):
                 if not self._event(chunk):
                     return
         token = token_labeller(self.service)
-        offsets = [0] * len(request.ids)  # completions: each sequence's text_offset so far
+        # completions with logprobs: each sequence's text_offset of its next token
+        offsets = [] if request.chat or request.logprobs is None else [
+            TextOffsets(self.service.text, p) for p in request.ids]
         # with tools: each sequence's pieces so far (the parsed reply's rest follows them)
         sent = [[] for _ in request.ids] if request.tools else None
 
@@ -299,7 +302,8 @@ class Handler(BaseHTTPRequestHandler):
             if entries is not None and request.chat:
                 logprobs = chat_logprobs(entries, token)
             elif entries is not None:
-                logprobs, offsets[i] = completion_logprobs(entries, token, offsets[i])
+                logprobs = completion_logprobs(entries, token,
+                                               [offsets[i](t) for t, _, _ in entries])
             return self._event(stream_chunk(request, head, i, piece, logprobs=logprobs))
 
         try:

@@ -4,15 +4,16 @@ reply (the Hermes format), and the usage and timings of a request."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moekit.inference.engine import GenerationStats
 from moekit.inference.request import Request
-from moekit.inference.text import cut_stream, token_label
+from moekit.inference.text import TAIL_IDS, cut_stream, token_label
 
 if TYPE_CHECKING:
     from moekit.inference.service import Service
@@ -112,8 +113,9 @@ def answer_payload(service: Service, request: Request, rid: str, created: int,
         return {**head, "object": "chat.completion", "usage": usage, "choices": out}
     return {**head, "object": "text_completion", "usage": usage, "choices": [
         {"index": i, "text": c.text, "finish_reason": c.finish_reason,
-         "logprobs": None if c.logprobs is None
-         else completion_logprobs(c.logprobs, token)[0]}
+         "logprobs": None if c.logprobs is None else completion_logprobs(
+             c.logprobs, token, text_offsets(service.text, request.ids[i],
+                                             [t for t, _, _ in c.logprobs], request.echo))}
         for i, c in enumerate(choices)]}
 
 
@@ -148,20 +150,73 @@ def _token_entry(label: str, raw: bytes, logprob: float) -> dict:
 
 
 def completion_logprobs(entries: list[tuple], token: Callable[[int], tuple[str, bytes]],
-                         at: int = 0) -> tuple[dict, int]:
+                        offsets: list[int]) -> dict:
     """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the
-    most likely tokens at each (a dict by token label) and each token's offset in the
-    text (``at`` + the tokens' own texts before it; a part of a character counts 0); and
-    the offset after the last (a stream's next chunk starts there)."""
-    labels = [token(t)[0] for t, _, _ in entries]
-    offsets = []
-    for label in labels:
-        offsets.append(at)
-        at += 0 if label.startswith("bytes:") else len(label)
-    return {"tokens": labels, "token_logprobs": [lp for _, lp, _ in entries],
+    most likely tokens at each (a dict by token label) and each token's ``offsets`` in
+    the text (``TextOffsets``)."""
+    return {"tokens": [token(t)[0] for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [None if top is None else {token(u)[0]: v for u, v in top}
                              for _, _, top in entries],
-            "text_offset": offsets}, at
+            "text_offset": offsets}
+
+
+def _utf8(raw: bytes, final: bool) -> str:
+    return codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final)
+
+
+class TextOffsets:
+    """Each token's ``text_offset``: the characters of the text whose bytes all come
+    before the token's, in the text the tokenizer writes (``text.stream(context)``, which
+    holds back a character's first bytes until its last arrives); a token inside a
+    character starts where that character does, one after invalid bytes after their
+    U+FFFD. (Offsets had summed the tokens' own texts, a part of a character counting 0,
+    so every token after a character cut over tokens, or after an invalid byte, pointed
+    before its text: text[offset] was not where the token's text is.) Exact where the
+    text is the tokens' bytes decoded as UTF-8 (bytes, byte-level BPE); a byte-fallback
+    decoder writes a U+FFFD for each byte of an invalid run, which can put the tokens
+    after one such run a character or more short."""
+
+    def __init__(self, text, context: Sequence[int] = (), at: int = 0) -> None:
+        self._text, self._emit = text, text.stream(context)
+        self._dropped = getattr(text, "dropped", frozenset())  # decode() leaves them out
+        self._at = at  # the characters written so far
+        self._before = list(context[-2 * TAIL_IDS:])  # the last ids before the run
+        self._run: list[int] = []  # the ids since the last text written
+
+    def __call__(self, token: int) -> int:
+        offset = self._at + self._settled(token) if self._run else self._at
+        self._run.append(token)
+        piece = self._emit(token)
+        if piece:
+            self._at += len(piece)
+            self._before = (self._before + self._run)[-2 * TAIL_IDS:]
+            self._run = []
+        return offset
+
+    def _settled(self, token: int) -> int:
+        """The characters the run's bytes make before ``token``'s: whole ones, and the
+        U+FFFD of a held character's bytes where ``token``'s first byte cannot go on
+        with them; at most what the tokenizer writes for the run (a SentencePiece
+        decoder drops the space of a text's first token)."""
+        raw = b"".join(self._text.token_bytes(t) for t in self._run if t not in self._dropped)
+        own = b"" if token in self._dropped else self._text.token_bytes(token)
+        held, ended = _utf8(raw, False), _utf8(raw, True)
+        settled = ended if own and _utf8(raw + own[:1], False).startswith(ended) else held
+        return min(len(settled), len(self._text.decode_after(self._before, self._run)))
+
+
+def text_offsets(text, prompt: Sequence[int], tokens: Sequence[int], echo: bool
+                 ) -> list[int]:
+    """The ``text_offset`` of each of ``tokens`` generated after ``prompt``, the prompt's
+    own tokens first where it is echoed (its text first in the answer)."""
+    if not echo:
+        after = TextOffsets(text, prompt)
+        return [after(t) for t in tokens]
+    before = TextOffsets(text)
+    head = [before(t) for t in prompt]
+    after = TextOffsets(text, prompt, len(text.decode(prompt)))
+    return head + [after(t) for t in tokens[len(prompt):]]
 
 
 def stream_chunk(request: Request, head: dict, i: int, piece: str | None,
