@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,10 +38,12 @@ def analyze_model(model: nn.Module, ids_BL: Tensor, vocab_size: int, batch_size:
     return summarise_all(rc, top, min_count)
 
 
-def summarise_all(rc: RoutingCollector, top: int = 5, min_count: int = 5
-                  ) -> list[dict[str, Any]]:
+def summarise_all(rc: RoutingCollector, top: int = 5, min_count: int = 5,
+                  label: Callable[[int], str] | None = None) -> list[dict[str, Any]]:
+    """``summarise`` of each layer; ``label``: a token id's text (a tokenizer's)."""
     base_CC = rc.base_CC if rc.classes is not None else None
-    return [summarise(layer, rc.base_V, base_CC, top, min_count) for layer in rc.layers]
+    return [summarise(layer, rc.base_V, base_CC, top, min_count, label)
+            for layer in rc.layers]
 
 
 @torch.no_grad()

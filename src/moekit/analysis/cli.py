@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,28 @@ def model_line(cfg) -> str:
     return ", ".join(parts)
 
 
+def corpus_ids(corpus, split: str, checkpoint: str
+               ) -> tuple[Any, str, Callable[[int], str] | None]:
+    """(the ids of ``split``, where they came from, a token's label or None for bytes): a
+    checkpoint with a tokenizer (a converted one: RUN/tokenizer) reads the text in its
+    tokenizer's ids, labelled by their text (it had been given the text's bytes as ids,
+    a space as token 32, whatever the vocabulary)."""
+    from moekit.inference.text import TokenizerText, text_for, token_label
+    from moekit.safetensors_write import raw_bytes
+
+    data_N = corpus.val if split == "val" else corpus.train
+    text = text_for(checkpoint)
+    if not isinstance(text, TokenizerText):
+        return data_N, f"{corpus.source} ({split} split)", None
+
+    def label(v: int) -> str:
+        piece = token_label(text.token_bytes(v))  # "bytes:\\xNN" for part of a character
+        return piece if piece.startswith("bytes:") else repr(piece)
+
+    ids = text.encode_tensor(raw_bytes(data_N).decode("utf-8", errors="replace"))
+    return ids, f"{corpus.source} ({split} split, in the tokens of {text.directory})", label
+
+
 def analyze_and_compare(args: argparse.Namespace
                         ) -> tuple[dict[str, Any], Path, dict[str, Any] | None]:
     """analyze_checkpoint, and with ``args.compare`` the comparison (else None)."""
@@ -214,7 +237,7 @@ def analyze_and_compare(args: argparse.Namespace
         if v < 1:
             raise ValueError(f"{name}={v} is not allowed: it must be >= 1")
     corpus = load_corpus(args.data if args.data is not None else trained_on(ck))
-    data_N = corpus.val if args.split == "val" else corpus.train
+    data_N, source, label = corpus_ids(corpus, args.split, args.checkpoint)
     if data_N.numel() < seq_len:  # was "the text has 50 tokens" of a 1,000-byte file
         raise ValueError(f"split={args.split!r} is not allowed: the {args.split} split of "
                          f"{corpus.source} holds {data_N.numel()} tokens, fewer than "
@@ -224,13 +247,13 @@ def analyze_and_compare(args: argparse.Namespace
     if other is not None:
         check_other(model, ck, *other, seq_len)
     rc = collect_routing(model, ids_BL, cfg.vocab_size, args.batch_size, other is not None)
-    layers = summarise_all(rc, args.top, args.min_count)
+    layers = summarise_all(rc, args.top, args.min_count, label)
     comparison = None
     if other is not None:
         model_b, ck_b = other
         comparison = compare_runs(args, rc, layers, ids_BL, model_b, ck, ck_b)
     meta = {"checkpoint": str(ck.path), "step": ck.step,
-            "source": f"{corpus.source} ({args.split} split)", "tokens": ids_BL.numel(),
+            "source": source, "tokens": ids_BL.numel(),
             "sequences": ids_BL.shape[0], "seq_len": seq_len,
             **forward_size(cfg, ck, args.batch_size, seq_len, ids_BL.shape[0]),
             "model": model_line(cfg),

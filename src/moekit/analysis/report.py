@@ -265,16 +265,18 @@ def markdown(result: dict[str, Any], plots: bool = True) -> str:
 
 def tokens_csv(layers: list[dict[str, Any]]) -> str | None:
     """One row per (layer, token, expert) that occurred: layer, token_id, token (a byte as
-    Python writes it, else the id), expert, count (pairs), occurrences (of the token in
-    the text), routed (count / occurrences). None for layers without token counts."""
+    Python writes it, a tokenizer's token as its text, else the id), expert, count
+    (pairs), occurrences (of the token in the text), routed (count / occurrences). None
+    for layers without token counts."""
     if not all("token_counts" in layer for layer in layers):
         return None
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["layer", "token_id", "token", "expert", "count", "occurrences", "routed"])
     for layer in layers:
+        text = layer.get("token_text", {})  # a tokenizer's (analyze of a converted run)
         for v, e, c, n in layer["token_counts"]:
-            label = token_label(v, layer.get("vocab_size", math.inf))  # no size: ids
+            label = text.get(str(v)) or token_label(v, layer.get("vocab_size", math.inf))
             w.writerow([layer["name"], v, label, e, c, n, f"{c / n:.6g}"])
     return buf.getvalue()
 

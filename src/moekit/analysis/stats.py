@@ -5,7 +5,9 @@ Shape letters: E experts, V vocabulary, C byte classes, M rows of sums computed 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -138,8 +140,9 @@ def token_label(v: int, vocab_size: float) -> str:
     return str(v)
 
 
-def top_lift(counts_XE: Tensor, base_X: Tensor, e: int, labels: list[str], top: int,
-             min_count: int) -> list[dict[str, Any]]:
+def top_lift(counts_XE: Tensor, base_X: Tensor, e: int,
+             labels: Sequence[str] | Callable[[int], str], top: int, min_count: int
+             ) -> list[dict[str, Any]]:
     """Items expert e receives beyond chance, most ``excess`` first (ties: the more
     frequent item first): excess = count - expected, expected = the item's occurrences x
     the expert's share (its pairs / all occurrences), the count it would get if it took
@@ -147,7 +150,9 @@ def top_lift(counts_XE: Tensor, base_X: Tensor, e: int, labels: list[str], top: 
     the expert's pairs / its share of the text; ranked by it, an item seen 7 times had led
     one seen 91 times. ``routed``: the fraction of the item's occurrences that went to e
     (for top-K routing up to 1 per slot). Items seen under ``min_count`` times are left out.
+    ``labels``: the items' names, or a function of the item's index giving its name.
     """
+    label = labels if callable(labels) else labels.__getitem__
     c = counts_XE[:, e].double()
     share = c / c.sum().clamp_min(1e-30)
     base = base_X.double() / base_X.sum().clamp_min(1e-30)
@@ -156,16 +161,18 @@ def top_lift(counts_XE: Tensor, base_X: Tensor, e: int, labels: list[str], top: 
     excess = c - expected
     ok = ((c >= min_count) & (excess > 0)).nonzero().flatten().tolist()
     ok.sort(key=lambda i: (round(float(excess[i]), 9), float(c[i])), reverse=True)
-    return [{"item": labels[i], "count": int(c[i]), "expected": float(expected[i]),
+    return [{"item": label(i), "count": int(c[i]), "expected": float(expected[i]),
              "excess": float(excess[i]), "share": float(share[i]),
              "base_share": float(base[i]), "lift": float(lift[i]),
              "routed": float(c[i] / base_X[i])} for i in ok[:top]]
 
 
 def specialisation(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: int,
-                   min_count: int) -> dict[str, Any]:
+                   min_count: int, label: Callable[[int], str] | None = None
+                   ) -> dict[str, Any]:
     V, E = layer.token_VE.shape
-    labels = [token_label(v, V) for v in range(V)]
+    if label is None:
+        label = functools.partial(token_label, vocab_size=V)
     out: dict[str, Any] = {
         "token_mutual_information_bits": mutual_information_bits(layer.token_VE),
         "expert_entropy_bits": entropy_bits(layer.load_E)}
@@ -177,7 +184,7 @@ def specialisation(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, 
         pattern_labels = [f"{a}>{b}" for a in CLASS_NAMES for b in CLASS_NAMES]
     experts = []
     for e in range(E):
-        item = {"expert": e, "tokens": top_lift(layer.token_VE, base_V, e, labels, top,
+        item = {"expert": e, "tokens": top_lift(layer.token_VE, base_V, e, label, top,
                                                 min_count)}
         if pattern_XE is not None and base_CC is not None:
             item["patterns"] = top_lift(pattern_XE, base_CC.reshape(-1), e, pattern_labels,
@@ -209,21 +216,27 @@ def load_summary(layer: LayerRouting) -> dict[str, Any]:
 
 
 def summarise(layer: LayerRouting, base_V: Tensor, base_CC: Tensor | None, top: int = 5,
-              min_count: int = 5) -> dict[str, Any]:
-    """Everything the report shows about one MoE layer, as plain Python values."""
+              min_count: int = 5, label: Callable[[int], str] | None = None
+              ) -> dict[str, Any]:
+    """Everything the report shows about one MoE layer, as plain Python values.
+    ``label``: a token id's text (a tokenizer's); by default a byte's, or the id. Where
+    given, ``token_text`` holds the text of every id that occurred (tokens.csv's)."""
     check_positive_int("top", top)  # 0 listed nothing, -1 all items but the last
     check_positive_int("min_count", min_count)
     lift_EE = coactivation_lift(layer.co_EE, layer.tokens)
     expected_EE = coactivation_expected(layer.co_EE, layer.tokens, layer.top_k,
                                         layer.router == "expert_choice")
-    return {
+    out = {
         **load_summary(layer),
         "coactivation": layer.co_EE.tolist(), "coactivation_lift": lift_EE.tolist(),
         "coactivation_expected": expected_EE.tolist(),
         "coactivation_pairs": coactivation_pairs(layer.co_EE, expected_EE, layer.tokens),
-        "specialisation": specialisation(layer, base_V, base_CC, top, min_count),
+        "specialisation": specialisation(layer, base_V, base_CC, top, min_count, label),
         "token_counts": token_counts(layer.token_VE, base_V),
     }
+    if label is not None:
+        out["token_text"] = {str(v): label(v) for v in base_V.nonzero().flatten().tolist()}
+    return out
 
 
 def token_counts(token_VE: Tensor, base_V: Tensor) -> list[list[int]]:
