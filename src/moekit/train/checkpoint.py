@@ -193,8 +193,22 @@ def not_a_checkpoint(path: Path) -> str:
     if (path / META_FILE).is_file():
         return (f"{where} is a `moekit quantize` output, not a training checkpoint: pass "
                 "the float run directory or step_* directory it was quantized from")
+    if (path / "config.json").is_file():  # a new user's first try: said only "no state.json"
+        return (f"{where} is a transformers checkpoint (config.json{_model_type(path)}): "
+                f"convert it first, `moekit convert {path} RUN` (Mixtral, Qwen2-MoE, "
+                "Qwen3-MoE, OLMoE), and pass RUN")
     return (f"{where}: no {STATE_FILE} or {LATEST} there; pass a run directory or one of "
             "its step_* directories")
+
+
+def _model_type(path: Path) -> str:
+    """", model_type 'x'" of a transformers config.json, or "" where it names none."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return ""
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return f", model_type {kind!r}" if isinstance(kind, str) else ""
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
