@@ -108,8 +108,12 @@ def test_offsets_point_at_each_tokens_text_after_cut_characters(served, prompt, 
             assert c["text"][at:at + len(label)] == label
     if not echo:  # streamed, the chunks' offsets joined are the whole answer's
         status, events = _post(url, {**body, "stream": True})
-        assert [x for e in events[:-1] if e["choices"][0]["logprobs"]
-                for x in e["choices"][0]["logprobs"]["text_offset"]] == got
+        chunks = [e["choices"][0] for e in events[:-1] if e["choices"][0]["logprobs"]]
+        assert [x for c in chunks for x in c["logprobs"]["text_offset"]] == got
+        # (README) a token a chunk; one whose text is held back comes with no text
+        assert all(len(c["logprobs"]["tokens"]) == 1 for c in chunks)
+        assert any(c["text"] == "" and c["logprobs"]["tokens"][0].startswith("bytes:")
+                   for c in chunks)
 
 
 def test_a_byte_models_echoed_characters_by_hand():
