@@ -6,10 +6,11 @@ The text is cut into chunks of ``--context`` tokens, one forward each (the prefi
 quantized, bf16 and offloaded models run as they generate); in each chunk the tokens
 after the first ``--score-from`` (default: half the chunk) are scored, so every scored
 token sees at least that much context (llama.cpp's ``llama-perplexity`` scores chunks
-alike). Reported: perplexity exp(mean negative log-likelihood) with its standard error
-("unavailable", null in ``--json``, for a single scored token: one has no spread), nats
-per token, bits per byte of the scored text (its tokens' own bytes: comparable across
-tokenizers), and tokens per second of the model's forwards. The same text, context
+alike; as there, with a tokenizer that begins every text with a BOS token, each chunk's
+first token is that BOS). Reported: perplexity exp(mean negative log-likelihood) with its
+standard error ("unavailable", null in ``--json``, for a single scored token: one has no
+spread), nats per token, bits per byte of the scored text (its tokens' own bytes:
+comparable across tokenizers), and tokens per second of the model's forwards. The same text, context
 and chunks give comparable numbers for the float, bf16, int8 and int4 forms of one model:
 what quantizing costs, in the model's own tokens (``benchmarks/quant_quality.py``
 measures moekit's byte-level models on their trainer's validation windows).
@@ -112,17 +113,25 @@ class Perplexity:
                 "kl_stderr": self.kl_stderr, "top1_agreement": self.top1_agreement}
 
 
-def chunk_ids(ids: list[int] | Tensor, context: int, chunks: int | None = None) -> Tensor:
+def chunk_ids(ids: list[int] | Tensor, context: int, chunks: int | None = None,
+              bos: int | None = None) -> Tensor:
     """[C, context]: the first ``chunks`` (None: all) whole chunks of ``ids`` (a 1-D
-    tensor: a view of it in its dtype, ``score`` widens a chunk at a time; a list: int64)."""
+    tensor: a view of it in its dtype, ``score`` widens a chunk at a time; a list: int64).
+    ``bos``: each chunk's first token becomes it, as llama.cpp's ``llama-perplexity``
+    starts each chunk of a tokenizer that begins texts with BOS (a copy, then)."""
     check_positive_int("context", context)
     n = len(ids) // context if chunks is None else min(chunks, len(ids) // context)
     if n < 1:
         reject("text", f"{len(ids)} tokens", f"it must hold at least one chunk of "
                f"context={context} tokens")
     if isinstance(ids, Tensor):
-        return ids[:n * context].view(n, context)
-    return torch.tensor(ids[:n * context], dtype=torch.long).view(n, context)
+        out = ids[:n * context].view(n, context)
+    else:
+        out = torch.tensor(ids[:n * context], dtype=torch.long).view(n, context)
+    if bos is not None:
+        out = out.clone()
+        out[:, 0] = bos
+    return out
 
 
 @torch.inference_mode()
@@ -370,8 +379,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--context={context} is not allowed: it must be <= the "
                              f"model's max_seq_len={limit}")
         # a tensor of a small integer type, not a list: --chunks 0 holds the whole text's
+        # a tokenizer that starts texts with BOS: every chunk starts with it, not only the
+        # first (the others began mid-text, a context a model is not trained on)
         chunks = chunk_ids(_text_ids(args.text, text.encode_tensor, context, asked),
-                           context, asked or None)
+                           context, asked or None, text.bos_id)
         _check_vocab(chunks, model.config.vocab_size, args.tokenizer)
         if args.score_from is not None and args.score_from >= context:
             raise ValueError(f"--score-from={args.score_from} is not allowed: it must be "

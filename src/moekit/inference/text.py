@@ -46,6 +46,7 @@ class ByteText:
     """UTF-8 bytes as token ids (moekit's byte-level models)."""
 
     stop_ids: tuple[int, ...] = ()
+    bos_id: int | None = None  # no token starts a text
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -134,6 +135,13 @@ class TokenizerText:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids  # with the tokenizer's own special tokens
+
+    @functools.cached_property
+    def bos_id(self) -> int | None:
+        """The special token the tokenizer puts before every text (Mistral's and Llama's
+        "<s>"), else None."""
+        ids = self.encode("a")
+        return ids[0] if len(ids) > 1 and ids[0] in self.dropped else None
 
     def encode_tensor(self, text: str) -> torch.Tensor:
         """``encode`` as an int32 tensor: 4 bytes an id, where a list's ids past 256 are
