@@ -33,22 +33,32 @@ def _combine(y_SD: Tensor, d: Dispatch, T: int) -> Tensor:
     return y_SD.new_zeros(T, y_SD.shape[1]).index_add_(0, d.token_S, y_SD)
 
 
+def _one_expert(x_ND: Tensor, e: int, w_in_EDG: Tensor, w_out_EFD: Tensor,
+                b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
+    h = x_ND @ w_in_EDG[e]
+    h = act(h if b_in_EG is None else h + b_in_EG[e])
+    y = h @ w_out_EFD[e]
+    return y if b_out_ED is None else y + b_out_ED[e]
+
+
 def loop_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
                  b_in_EG: Tensor | None, b_out_ED: Tensor | None, act: ActFn) -> Tensor:
     """A Python loop over experts on sorted rows (reads counts on the host)."""
     x_SD = x_TD.index_select(0, d.token_S)
+    weights = (w_in_EDG, w_out_EFD, b_in_EG, b_out_ED, act)
     counts = d.counts_E.tolist()
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        h = x_SD[start:start + n] @ w_in_EDG[e]
-        h = act(h if b_in_EG is None else h + b_in_EG[e])
-        y = h @ w_out_EFD[e]
-        outs.append(y if b_out_ED is None else y + b_out_ED[e])
+        outs.append(_one_expert(x_SD[start:start + n], e, *weights))
         start += n
+    if not outs:  # no row: expert 0 on none, so y stays in x's and the weights' graph
+        # (a new_zeros cut it: with router='hash' no other input needs a gradient, and
+        # y.sum().backward() of an empty batch raised)
+        outs.append(_one_expert(x_SD[:0], 0, *weights))
     kept = sum(counts)
-    y_SD = torch.cat(outs) if outs else x_SD.new_zeros(0, w_out_EFD.shape[-1])
+    y_SD = torch.cat(outs)
     if kept < d.num_rows:  # dropped rows: weight 0, output 0
         y_SD = torch.cat([y_SD, y_SD.new_zeros(d.num_rows - kept, y_SD.shape[1])])
     return _combine(y_SD, d, x_TD.shape[0])
