@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from moekit.routing.topk import top_indices
+
 
 def expert_choice(logits_TE: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (tokens_EC, weights_EC, probs_TE); weights are the token's softmax score."""
+    """Returns (tokens_EC, weights_EC, probs_TE); weights are the token's softmax score.
+    Equal scores go to the earlier token (``top_indices``)."""
     probs_TE = logits_TE.softmax(-1)
-    weights_EC, tokens_EC = probs_TE.t().topk(capacity, dim=-1)
-    return tokens_EC, weights_EC, probs_TE
+    probs_ET = probs_TE.t()
+    tokens_EC = top_indices(probs_ET, capacity)
+    return tokens_EC, probs_ET.gather(1, tokens_EC), probs_TE

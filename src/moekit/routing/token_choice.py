@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.routing.topk import top_indices
+
 
 def limit_groups(select_TE: Tensor, num_groups: int, topk_groups: int,
                  group_score: str) -> Tensor:
@@ -25,7 +27,7 @@ def limit_groups(select_TE: Tensor, num_groups: int, topk_groups: int,
     else:
         score_TG = grouped_TGX.amax(-1)
     kept_TG = torch.zeros_like(score_TG, dtype=torch.bool)
-    kept_TG.scatter_(1, score_TG.topk(topk_groups, dim=-1).indices, True)
+    kept_TG.scatter_(1, top_indices(score_TG, topk_groups), True)
     kept_TE = kept_TG.repeat_interleave(E // num_groups, dim=1)
     return select_TE.masked_fill(~kept_TE, float("-inf"))
 
@@ -34,7 +36,7 @@ def _select(select_TE: Tensor, top_k: int, num_groups: int, topk_groups: int,
             group_score: str) -> Tensor:
     if num_groups > 1:
         select_TE = limit_groups(select_TE, num_groups, topk_groups, group_score)
-    return select_TE.topk(top_k, dim=-1).indices
+    return top_indices(select_TE, top_k)
 
 
 def _finish(weights_TK: Tensor, renormalize: bool, scale: float) -> Tensor:
@@ -84,7 +86,7 @@ def softmax_over_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None = 
     al. 2017). ``renormalize=False``: the chosen experts' softmax probabilities over all
     E instead, which need not sum to 1 (OLMoE / Qwen2-MoE's ``norm_topk_prob=False``)."""
     select_TE = logits_TE if bias_E is None else logits_TE + bias_E
-    experts_TK = select_TE.topk(top_k, dim=-1).indices
+    experts_TK = top_indices(select_TE, top_k)
     probs_TE = logits_TE.softmax(-1)
     weights_TK = (logits_TE.gather(1, experts_TK).softmax(-1) if renormalize
                   else probs_TE.gather(1, experts_TK))
