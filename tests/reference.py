@@ -135,6 +135,11 @@ def ref_route_token(logits_E: Tensor, cfg, bias_E: Tensor | None,
     raise AssertionError(cfg.router)
 
 
+def _or_lowest(v: float) -> float:
+    """A score for ranking tokens against each other: NaN below every number."""
+    return -math.inf if math.isnan(v) else v
+
+
 def _apply_capacity(pairs: list[tuple[int, int, Tensor]], cfg, T: int) -> list[bool]:
     """pairs in token-major order: (token, expert, weight). Returns kept flags."""
     if cfg.capacity_factor is None:
@@ -143,8 +148,8 @@ def _apply_capacity(pairs: list[tuple[int, int, Tensor]], cfg, T: int) -> list[b
     keep = [False] * len(pairs)
     for e in range(cfg.num_experts):
         mine = [i for i, p in enumerate(pairs) if p[1] == e]
-        if cfg.drop_policy == "probability":
-            mine.sort(key=lambda i: (-float(pairs[i][2].detach()), i))
+        if cfg.drop_policy == "probability":  # a NaN weight ranks last
+            mine.sort(key=lambda i: (-_or_lowest(float(pairs[i][2].detach())), i))
         for i in mine[:C]:
             keep[i] = True
     return keep
@@ -202,7 +207,7 @@ def _ref_expert_choice(moe, x_TD: Tensor):
     probs = [_softmax(lg) for lg in logits]
     pairs = []
     for e in range(E):
-        col = [float(probs[t][e].detach()) for t in range(T)]
+        col = [_or_lowest(float(probs[t][e].detach())) for t in range(T)]  # NaN last
         for t in _top(col, C, list(range(T))):
             pairs.append((t, e, probs[t][e] * cfg.routed_scaling_factor))
     return pairs, [True] * len(pairs), probs, logits, None

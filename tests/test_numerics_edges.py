@@ -97,3 +97,34 @@ def test_tied_scores_route_as_the_reference_in_forward_and_infer(name, backend, 
     bound = 1e-5 + 1e-4 * want.abs().max().item()  # test_layer's fp32 tolerance
     assert (got - want).abs().max().item() <= bound
     assert (inferred - want).abs().max().item() <= bound
+
+
+# -- a NaN token's score ranks last where tokens compete for capacity ---------------------
+
+NAN_RANKED = {
+    "expert_choice": dict(router="expert_choice"),
+    "expert_choice_tight": dict(router="expert_choice", capacity_factor=0.5),  # C = 1
+    "probability": dict(router="softmax", capacity_factor=1.0, drop_policy="probability"),
+}
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused", "grouped_mm"])
+@pytest.mark.parametrize("name", list(NAN_RANKED))
+def test_a_nan_token_takes_no_capacity_from_finite_ones(name, backend):
+    """Expert choice and the probability drop policy rank tokens by score, and a NaN
+    score ranked first (topk and a descending sort put NaN on top): one token with a
+    NaN took a slot of every expert, and at capacity 1 every slot, zeroing the output
+    of the 12 other tokens. A NaN score now ranks last, as in the reference."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=D, ffn_dim=F, num_experts=E, top_k=2, **NAN_RANKED[name]),
+              backend=backend).eval()
+    x = torch.randn(13, D)
+    x[6, 3] = float("nan")
+    good = torch.arange(13) != 6
+    y = moe(x.clone().requires_grad_()).output.detach()
+    want, _, (pairs, keep) = ref_moe(moe, x)
+    if name.startswith("expert_choice"):  # (the case at stake: it lost every contest)
+        assert not any(k for (t, _, _), k in zip(pairs, keep, strict=True) if t == 6)
+    bound = 1e-5 + 1e-4 * want[good].abs().max().item()
+    assert torch.isfinite(y[good]).all()
+    assert (y[good] - want[good]).abs().max().item() <= bound

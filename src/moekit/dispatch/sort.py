@@ -6,6 +6,7 @@ dropless path can be captured by CUDA graphs and ``torch.compile(fullgraph=True)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -72,7 +73,8 @@ def capacity_keep(plan: RoutingPlan, num_experts: int, capacity: int, policy: st
     """Which pairs fit under ``capacity`` rows per expert (bool, per pair).
 
     policy "position": earlier tokens first (pair order); "probability": larger
-    combine weight first, i.e. batch-prioritised routing (Riquelme et al. 2021).
+    combine weight first, i.e. batch-prioritised routing (Riquelme et al. 2021), a NaN
+    weight last.
     """
     _check_plan(plan, num_experts)
     check_int_range("capacity", capacity, 0)
@@ -84,8 +86,8 @@ def _keep(plan: RoutingPlan, num_experts: int, capacity: int, policy: str) -> Te
     S = plan.expert_S.shape[0]
     if policy == "position":
         priority_S = -torch.arange(S, device=plan.expert_S.device, dtype=torch.float64)
-    else:
-        priority_S = plan.weight_S.double()
+    else:  # a NaN weight (a token holding NaN or inf) last, not first as argsort has it
+        priority_S = plan.weight_S.double().nan_to_num(nan=-math.inf)
     return _rank_within_expert(plan.expert_S, priority_S, num_experts) < capacity
 
 

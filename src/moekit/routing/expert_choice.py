@@ -12,8 +12,11 @@ from moekit.routing.topk import top_indices
 
 def expert_choice(logits_TE: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (tokens_EC, weights_EC, probs_TE); weights are the token's softmax score.
-    Equal scores go to the earlier token (``top_indices``)."""
+    Equal scores go to the earlier token (``top_indices``); a NaN score (a token
+    holding NaN or inf) ranks below every token: ranked first, as topk ranks NaN, one
+    such token took a slot of every expert (at capacity 1 all of them, and every other
+    token's output was 0)."""
     probs_TE = logits_TE.softmax(-1)
     probs_ET = probs_TE.t()
-    tokens_EC = top_indices(probs_ET, capacity)
+    tokens_EC = top_indices(probs_ET.nan_to_num(nan=-1.0), capacity)  # probs are >= 0
     return tokens_EC, probs_ET.gather(1, tokens_EC), probs_TE
