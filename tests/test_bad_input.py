@@ -67,6 +67,8 @@ def test_zero_tokens(over, shape, backend):
     assert stats.to_dict()["dropped_fraction"] == 0.0
     assert stats.to_dict()["tokens_per_expert"] == [0] * BASE["num_experts"]
     _zero_grads_ok(y.sum() + aux, x, list(moe.parameters()))
+    with torch.inference_mode():  # and the generation path
+        assert moe.eval().infer(x.detach(), ids).shape == x.shape
 
 
 def test_zero_tokens_multigate():
