@@ -364,3 +364,28 @@ def test_a_half_precision_overflow_stays_in_its_token(dtype, backend):
             assert torch.isfinite(got[good]).all()
             assert ((got[good].float() - want[good]).abs() <= bound).all()
         assert torch.isfinite(dx[good]).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e30])
+@pytest.mark.parametrize("backend", ["loop", "fused", "grouped_mm"])
+def test_a_dropped_bad_token_reaches_no_weight_gradient(backend, bad):
+    """grouped_mm computes the capacity's dropped rows in the last expert's group with
+    weight 0, and 0 * NaN (or inf from a 1e30 token) is NaN: a dropped bad token made
+    expert E-1's weight gradients NaN though it never reached that expert, and its own
+    output NaN where the reference (and loop, fused) have 0. The experts' gradients
+    must be finite. (The router's is NaN for a NaN or inf token, kept or not: the
+    softmax's backward multiplies its NaN probabilities by zero gradients.)"""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=D, ffn_dim=F, num_experts=E, capacity_factor=0.25, expert_bias=True)
+    moe = MoE(cfg, backend=backend)
+    x = torch.randn(40, D)
+    x[39, 2] = bad  # the last token: the position policy drops it first
+    _, _, dispatch, _ = moe.route(x)
+    assert (dispatch.token_S[int(dispatch.offsets_E[-1]):] == 39).sum() == 2  # both dropped
+    y = moe(x).output
+    grads = torch.autograd.grad((y[:39] * torch.randn(39, D)).sum(),
+                                list(moe.experts.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    want = ref_moe(moe, x)[0]
+    assert torch.isfinite(want[39]).all()  # kept nowhere: 0
+    assert (y[39] - want[39]).abs().max() <= 1e-5 + 1e-4 * want.abs().max()

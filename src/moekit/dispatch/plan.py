@@ -41,6 +41,9 @@ class Dispatch:
     counts_E: Tensor  # int64 kept rows per expert
     offsets_E: Tensor  # int32 inclusive cumulative sum of counts_E
     assigned_E: Tensor  # int64 rows each expert was assigned before the capacity cut
+    # a capacity was applied, so rows past offsets_E[-1] may be dropped ones (grouped_mm
+    # computes them on zeros then: False spares that pass where nothing can be dropped)
+    capped: bool = False
 
     @property
     def num_rows(self) -> int:

@@ -114,4 +114,5 @@ def sort_by_expert(plan: RoutingPlan, num_experts: int, capacity: int | None,
         counts_E=counts_E,
         offsets_E=torch.cumsum(counts_E, 0).to(torch.int32),
         assigned_E=assigned_E,
+        capped=capacity is not None and not plan.expert_choice,
     )

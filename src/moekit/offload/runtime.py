@@ -58,7 +58,7 @@ def compact(d: Dispatch, touched_E: Tensor) -> Dispatch:
     counts = d.counts_E.index_select(0, touched_E)
     return Dispatch(token_S=d.token_S, weight_S=d.weight_S, counts_E=counts,
                     offsets_E=torch.cumsum(counts, 0).to(torch.int32),
-                    assigned_E=d.assigned_E.index_select(0, touched_E))
+                    assigned_E=d.assigned_E.index_select(0, touched_E), capped=d.capped)
 
 
 def rank_predictions(experts_TK: Tensor, limit: int) -> list[int]:

@@ -56,7 +56,8 @@ def dispatch_from_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int,
         weight_S = torch.where(keep_S, weight_S, 0.0)
     token_S = torch.arange(T, device=expert_S.device).repeat_interleave(K)
     return Dispatch(token_S=token_S[order_S], weight_S=weight_S[order_S], counts_E=counts_E,
-                    offsets_E=torch.cumsum(counts_E, 0).to(torch.int32), assigned_E=assigned_E)
+                    offsets_E=torch.cumsum(counts_E, 0).to(torch.int32), assigned_E=assigned_E,
+                    capped=keep_TK is not None)
 
 
 def run_experts(x_TD: Tensor, dispatch: Dispatch, w_in_EDG: Tensor, w_out_EFD: Tensor,
