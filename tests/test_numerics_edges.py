@@ -1,17 +1,23 @@
-"""Numerical edge cases of the MoE layer as a demanding user meets them: ties in the
-router's scores (a zero router, zero tokens), every backend and router against the
-per-token reference (tests/reference.py, whose tie rule is the lower index first).
+"""Numerical edge cases of the MoE layer as a demanding user meets them, on every backend
+and router, against the per-token reference (tests/reference.py: ties to the lower
+index, a NaN score last where tokens are ranked): ties in the router's scores (a zero
+router, zero tokens), NaN / inf / 1e30 tokens (their own output only), determinism,
+infer against forward within a derived fp32 rounding bound, fp16 / bf16 overflow,
+zero and one token, quantized experts.
 
 Shape letters: T tokens, D hidden, E experts, K experts per token, R rows, N candidates.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch import nn
 
+import moekit
 from moekit import MoE, MoEConfig
 from moekit.routing import topk
 from moekit.routing.topk import top_indices
@@ -389,3 +395,42 @@ def test_a_dropped_bad_token_reaches_no_weight_gradient(backend, bad):
     want = ref_moe(moe, x)[0]
     assert torch.isfinite(want[39]).all()  # kept nowhere: 0
     assert (y[39] - want[39]).abs().max() <= 1e-5 + 1e-4 * want.abs().max()
+
+
+# -- quantized experts (the decode kernels, int8 / int4, float or int8 activations) --------
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_infer_keeps_bad_tokens_to_themselves(bits, activations):
+    """infer of a quantized layer (shared experts quantized too) at T = 13 and 1: the
+    finite tokens are finite and match the reference on the dequantized weights; with
+    int8 activations (each row rounded per block of 32 inputs, on its own scale) they
+    match the same layer run with the bad tokens replaced by finite ones."""
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(dim=64, ffn_dim=32, num_experts=E, num_shared_experts=1)).eval()
+    float_twin = copy.deepcopy(moe)
+    moekit.quantize(nn.Sequential(moe), bits=bits, group_size=32 if bits == 4 else None,
+                    scope="experts", activations=activations)
+    with torch.no_grad():
+        for name in ("experts.w_in", "experts.w_out", "shared.w_in", "shared.w_out"):
+            q = _attr(moe, name)
+            _attr(float_twin, name).copy_(q.dequantize() if hasattr(q, "dequantize") else q)
+    x = torch.randn(13, 64)
+    x[9, 3], x[10, 1], x[11, 5], x[12] = math.nan, math.inf, -math.inf, 1e30
+    good = torch.arange(13) < 9
+    with torch.inference_mode():
+        y = moe.infer(x)
+        x_fine = x.clone()
+        x_fine[~good] = torch.randn(4, 64)
+        want = (ref_moe(float_twin, x)[0] if activations == "float" else moe.infer(x_fine))
+        single = moe.infer(x[:1])
+    assert torch.isfinite(y[good]).all()
+    bound = 1e-5 + 1e-4 * want[good].abs().max().item()
+    assert ((y[good] - want[good]).abs() <= bound).all()
+    assert ((single - want[:1]).abs() <= bound).all()
+
+
+def _attr(module: nn.Module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
