@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moekit.routing.topk import top_indices
+from moekit.routing.topk import Ties, top_choice
 
 
 def limit_groups(select_TE: Tensor, num_groups: int, topk_groups: int,
-                 group_score: str) -> Tensor:
+                 group_score: str, ties: Ties = "lower") -> Tensor:
     """Mask (to -inf) the experts outside each token's best ``topk_groups`` groups.
 
     group_score "max": a group scores its best expert (DeepSeek-V2);
@@ -27,16 +27,16 @@ def limit_groups(select_TE: Tensor, num_groups: int, topk_groups: int,
     else:
         score_TG = grouped_TGX.amax(-1)
     kept_TG = torch.zeros_like(score_TG, dtype=torch.bool)
-    kept_TG.scatter_(1, top_indices(score_TG, topk_groups), True)
+    kept_TG.scatter_(1, top_choice(score_TG, topk_groups, ties), True)
     kept_TE = kept_TG.repeat_interleave(E // num_groups, dim=1)
     return select_TE.masked_fill(~kept_TE, float("-inf"))
 
 
-def _select(select_TE: Tensor, top_k: int, num_groups: int, topk_groups: int,
-            group_score: str) -> Tensor:
+def _select(select_TE: Tensor, k: int, num_groups: int, topk_groups: int,
+            group_score: str, ties: Ties) -> Tensor:
     if num_groups > 1:
-        select_TE = limit_groups(select_TE, num_groups, topk_groups, group_score)
-    return top_indices(select_TE, top_k)
+        select_TE = limit_groups(select_TE, num_groups, topk_groups, group_score, ties)
+    return top_choice(select_TE, k, ties)
 
 
 def _finish(weights_TK: Tensor, renormalize: bool, scale: float) -> Tensor:
@@ -64,14 +64,14 @@ def _wide(x: Tensor) -> Tensor:
 
 def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
                  bias_E: Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
-                 scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                 scale: float = 1.0, ties: Ties = "lower") -> tuple[Tensor, Tensor, Tensor]:
     """Softmax over all experts, keep the top K (Mixtral renormalises, Qwen2-MoE not).
 
     Returns (experts_TK, weights_TK, probs_TE). ``bias_E`` shifts selection only.
     """
     probs_TE = logits_TE.softmax(-1)
     select_TE = logits_TE if bias_E is None else _wide(logits_TE).softmax(-1) + _wide(bias_E)
-    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "max")
+    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "max", ties)
     if renormalize:  # p_k / sum_j p_j over the chosen K = softmax of their logits, never 0/0
         weights_TK = _finish(logits_TE.gather(1, experts_TK).softmax(-1), False, scale)
     else:
@@ -80,13 +80,13 @@ def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
 
 
 def softmax_over_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None = None,
-                      scale: float = 1.0, renormalize: bool = True
+                      scale: float = 1.0, renormalize: bool = True, ties: Ties = "lower"
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Top K of the logits, then a softmax over those K logits only (GPT-OSS, Shazeer et
     al. 2017). ``renormalize=False``: the chosen experts' softmax probabilities over all
     E instead, which need not sum to 1 (OLMoE / Qwen2-MoE's ``norm_topk_prob=False``)."""
     select_TE = logits_TE if bias_E is None else logits_TE + bias_E
-    experts_TK = top_indices(select_TE, top_k)
+    experts_TK = top_choice(select_TE, top_k, ties)
     probs_TE = logits_TE.softmax(-1)
     weights_TK = (logits_TE.gather(1, experts_TK).softmax(-1) if renormalize
                   else probs_TE.gather(1, experts_TK))
@@ -95,7 +95,7 @@ def softmax_over_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None = 
 
 def sigmoid_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None,
                  renormalize: bool = True, num_groups: int = 1, topk_groups: int = 1,
-                 scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                 scale: float = 1.0, ties: Ties = "lower") -> tuple[Tensor, Tensor, Tensor]:
     """DeepSeek-V3: sigmoid scores, bias for selection only, routed scaling.
 
     The returned distribution is the scores normalised to sum to 1 per token,
@@ -106,7 +106,7 @@ def sigmoid_topk(logits_TE: Tensor, top_k: int, *, bias_E: Tensor | None,
     else:
         select_TE = _wide(logits_TE).sigmoid()
         select_TE = select_TE if bias_E is None else select_TE + _wide(bias_E)
-    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "top2_sum")
+    experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "top2_sum", ties)
     chosen_TK = logits_TE.gather(1, experts_TK)
     # s_k / sum_j s_j = softmax of log s: sums to 1 even when every s underflows to 0
     weights_TK = (F.logsigmoid(chosen_TK).softmax(-1) if renormalize

@@ -12,8 +12,12 @@ K chosen per row.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+Ties = Literal["lower", "topk"]
 
 
 def top_indices(key_RN: Tensor, k: int) -> Tensor:
@@ -55,3 +59,14 @@ def _lower_index_first(key_RN: Tensor, kth_R1: Tensor, k: int) -> Tensor:
     # largest first; a stable sort keeps equal keys in index order
     order_RK = key_RN.gather(-1, first_RK).sort(dim=-1, descending=True, stable=True).indices
     return first_RK.gather(-1, order_RK)
+
+
+def top_choice(key_RN: Tensor, k: int, ties: Ties = "lower") -> Tensor:
+    """``top_indices`` for ``ties="lower"``; ``"topk"``: ``torch.topk``'s own order, for
+    the Hugging Face integration, whose routers must choose as transformers' (which
+    call ``torch.topk``) on tied scores too: under bf16 autocast the router's logits
+    tie often, and a Qwen3-MoE patched with the lower-index rule chose other experts
+    than the original (gate_up gradients 0.18 apart on a max of 1)."""
+    if ties == "topk":
+        return key_RN.topk(k, dim=-1).indices
+    return top_indices(key_RN, k)

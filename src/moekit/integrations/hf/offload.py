@@ -298,7 +298,7 @@ def _next_gate_predictor(gate: nn.Module) -> Callable[[Tensor], Tensor]:
         if bias is not None:  # DeepSeek-V3: sigmoid scores, biased choice
             scores = scores.sigmoid() + bias
         if groups > 1:  # groups scored by their two best (biased) scores, as the gate does
-            scores = limit_groups(scores, groups, topk_groups, "top2_sum")
+            scores = limit_groups(scores, groups, topk_groups, "top2_sum", ties="topk")
         return scores.topk(gate.top_k, dim=-1).indices
     return predict
 

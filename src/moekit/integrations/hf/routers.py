@@ -2,7 +2,9 @@
 
 Each mixin replaces the ``forward`` of one transformers router class and returns
 exactly what the original returns (``router_logits`` first, which transformers
-records for the model's load-balancing loss), in the same dtypes.
+records for the model's load-balancing loss), in the same dtypes; tied scores go
+where transformers' ``torch.topk`` sends them (``ties="topk"``; moekit's own layer
+takes the lower index).
 
 Shape letters: T tokens, D hidden, E experts, K experts per token.
 """
@@ -32,7 +34,7 @@ class SoftmaxTopKRouter:
         logits_TE = F.linear(x_TD, self.weight)
         renormalize = getattr(self, "norm_topk_prob", self._moekit_renormalize)
         experts_TK, weights_TK, _ = softmax_topk(logits_TE.float(), self.top_k,
-                                                 renormalize=renormalize)
+                                                 renormalize=renormalize, ties="topk")
         if self._moekit_cast_weights:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, experts_TK
@@ -60,7 +62,7 @@ class SigmoidGroupRouter:
         experts_TK, weights_TK, _ = sigmoid_topk(
             logits_TE, self.top_k, bias_E=self.e_score_correction_bias,
             renormalize=self.norm_topk_prob, num_groups=self.num_group,
-            topk_groups=self.topk_group, scale=self.routed_scaling_factor)
+            topk_groups=self.topk_group, scale=self.routed_scaling_factor, ties="topk")
         return logits_TE, weights_TK, experts_TK
 
 
@@ -77,7 +79,7 @@ class DeepseekV2Router:
         groups = self.num_group if self.topk_method == "group_limited_greedy" else 1
         experts_TK, weights_TK, _ = softmax_topk(
             logits_TE, self.top_k, renormalize=False, num_groups=groups,
-            topk_groups=self.topk_group, scale=self.routed_scaling_factor)
+            topk_groups=self.topk_group, scale=self.routed_scaling_factor, ties="topk")
         return logits_TE, weights_TK, experts_TK
 
 
@@ -93,7 +95,7 @@ class SigmoidBiasRouter:
         logits_TE = self._moekit_logits(hidden_states.reshape(-1, self.hidden_dim))
         experts_TK, weights_TK, _ = sigmoid_topk(
             logits_TE.float(), self.top_k, bias_E=e_score_correction_bias,
-            scale=self._moekit_scale())
+            scale=self._moekit_scale(), ties="topk")
         return logits_TE, weights_TK, experts_TK
 
     def _moekit_logits(self, x_TD: Tensor) -> Tensor:
@@ -119,7 +121,7 @@ class GraniteRouter:
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits_TE = F.linear(hidden_states, self.weight).float()
-        experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k)
+        experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k, ties="topk")
         return logits_TE, weights_TK.type_as(hidden_states), experts_TK
 
 
@@ -129,5 +131,5 @@ class GptOssRouter:
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits_TE = F.linear(hidden_states, self.weight, getattr(self, "bias", None))
-        experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k)
+        experts_TK, weights_TK, _ = softmax_over_topk(logits_TE, self.top_k, ties="topk")
         return logits_TE, weights_TK, experts_TK
