@@ -231,6 +231,7 @@ def test_a_failed_chmod_of_latest_leaves_no_descriptor_nor_temporary(tmp_path, m
         raise PermissionError(errno.EPERM, "Operation not permitted (injected)", str(path))
 
     monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(os, "fchmod", refuse)  # write_whole's temporary (temp_file)
     with pytest.raises(PermissionError, match="injected"):
         rundir.write_latest(tmp_path, "step_00000002")
     assert len(os.listdir("/proc/self/fd")) == before  # the temporary's descriptor closed

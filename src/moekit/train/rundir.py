@@ -192,18 +192,12 @@ def left_by(e: OSError) -> str:
 
 
 def write_latest(run_dir: Path, name: str) -> None:
-    """LATEST gets the mode ``open`` gives under the umask: ``mkstemp`` makes it 0600,
-    which the replace kept, so another user who could read the checkpoints could not
-    read LATEST (``moekit generate --checkpoint RUN`` failed for them)."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".LATEST.")
-    try:  # the chmod inside: where it failed, the descriptor and .LATEST.* had stayed
-        with os.fdopen(fd, "w") as f:
-            os.chmod(tmp, 0o666 & ~current_umask())
-            f.write(name + "\n")
-        replace_durably({Path(tmp): run_dir / LATEST})
-    except BaseException:  # a failed write or fsync: the old LATEST stays, no .LATEST.*
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """LATEST names ``name``, written whole (``write_whole``: a new temporary file with
+    the mode ``open`` gives under the umask, fsynced, renamed, the directory fsynced; on
+    a failure the old LATEST stays and the temporary goes). ``mkstemp``'s 0600 had been
+    kept by the rename, so another user who could read the checkpoints could not read
+    LATEST (``moekit generate --checkpoint RUN`` failed for them)."""
+    write_whole(run_dir / LATEST, name + "\n")
 
 
 def read_latest(run_dir: Path, pattern: re.Pattern[str] = STEP_DIR) -> str:
