@@ -631,23 +631,30 @@ def resume_newer_one_process(mesh, ckpt: str) -> str | None:
     return None
 
 
-def resume_keeps_load(mesh, ckpt: str) -> str | None:
-    """Resumed from the save between two validations, the next val record's expert_load
-    still covers every step since the last validation (trainer.json carries the load)."""
+def _whole_and_resumed(mesh, ckpt: str, name: str, **train):
+    """A 4-step run saved at step 2 (``train`` on top), and a run resumed from that save:
+    (resumed, uninterrupted) trainers, both fitted."""
     from moekit.train.distributed import DistributedTrainer
 
     mcfg, tcfg, corpus = lm_setup()
     tcfg = dataclasses.replace(tcfg, steps=4, save_every=2, eval_every=4, eval_batches=1,
-                               keep_checkpoints=5)
-    root = Path(ckpt).parent / "load_resume"
+                               keep_checkpoints=5, **train)
+    root = Path(ckpt).parent / name
     whole = DistributedTrainer(mcfg, tcfg, corpus, root / "whole", mesh, progress=False)
     whole.fit()
     again = DistributedTrainer.resume_distributed(
         root / "whole" / "dcp_step_00000002", corpus, mesh, out_dir=root / "again",
         progress=False)
     again.fit()
+    return again, whole
+
+
+def resume_keeps_load(mesh, ckpt: str) -> str | None:
+    """Resumed from the save between two validations, the next val record's expert_load
+    still covers every step since the last validation (trainer.json carries the load)."""
+    runs = _whole_and_resumed(mesh, ckpt, "load_resume")
     vals = [[r["expert_load"] for r in t.history if r["kind"] == "val" and r["step"] == 4]
-            for t in (again, whole)]
+            for t in runs]
     return None if vals[0] == vals[1] and vals[1] else \
         f"step 4's expert_load after the resume {vals[0]} != uninterrupted {vals[1]}"
 
@@ -656,20 +663,10 @@ def resume_keeps_collapse(mesh, ckpt: str) -> str | None:
     """Resumed from the save at step 2, the collapse warning (every expert with a token is
     hot at collapse_fraction=0; patience 3) comes at step 3 as in the uninterrupted run:
     trainer.json carries the monitor's streaks (the patience had restarted: step 5)."""
-    from moekit.train.distributed import DistributedTrainer
-
-    mcfg, tcfg, corpus = lm_setup()
-    tcfg = dataclasses.replace(tcfg, steps=4, save_every=2, eval_every=4, eval_batches=1,
-                               keep_checkpoints=5, collapse_fraction=0.0, collapse_patience=3)
-    root = Path(ckpt).parent / "collapse_resume"
-    whole = DistributedTrainer(mcfg, tcfg, corpus, root / "whole", mesh, progress=False)
-    whole.fit()
-    again = DistributedTrainer.resume_distributed(
-        root / "whole" / "dcp_step_00000002", corpus, mesh, out_dir=root / "again",
-        progress=False)
-    again.fit()
+    runs = _whole_and_resumed(mesh, ckpt, "collapse_resume", collapse_fraction=0.0,
+                              collapse_patience=3)
     got, want = ([(r["step"], r["message"]) for r in t.history if r["kind"] == "collapse"]
-                 for t in (again, whole))
+                 for t in runs)
     return None if got == want and [s for s, _ in want] == [3, 3] else \
         f"collapse warnings after the resume {got} != uninterrupted {want}"
 
