@@ -31,6 +31,24 @@ def _files(out) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
+def _quantized_run(tmp_path, capsys) -> tuple:
+    """A training checkpoint in tmp_path/run and its int8 `moekit quantize` in tmp_path/q:
+    (run, out, the output's files), the command's output read away."""
+    from moekit.cli import main as cli_main
+    from moekit.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MoETransformer(CFG)
+    run = tmp_path / "run"
+    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                    {"step": 1, "model_config": CFG.to_dict()})
+    out = tmp_path / "q"
+    assert cli_main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    return run, out, before
+
+
 def _assert_same_weights(model: MoETransformer, out) -> None:
     loaded = qio.load_quantized(out)
     for k, v in model.state_dict().items():
@@ -217,17 +235,8 @@ def test_cli_says_what_a_failure_at_the_swap_left(tmp_path, monkeypatch, capsys,
     import errno
 
     from moekit.cli import main as cli_main
-    from moekit.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = MoETransformer(CFG)
-    run = tmp_path / "run"
-    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                    {"step": 1, "model_config": CFG.to_dict()})
-    out = tmp_path / "q"
-    assert cli_main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
-    before = _files(out)
-    capsys.readouterr()
+    run, out, before = _quantized_run(tmp_path, capsys)
     if where.startswith("rename"):
         rename = os.rename
 
@@ -273,17 +282,8 @@ def test_cli_disk_full_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatc
     """`moekit quantize` onto a full disk ended in a traceback (the OSError of the write);
     now one line naming --out, and the output quantized before still loads."""
     from moekit.cli import main as cli_main
-    from moekit.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    model = MoETransformer(CFG)
-    run = tmp_path / "run"
-    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                    {"step": 1, "model_config": CFG.to_dict()})
-    out = tmp_path / "q"
-    assert cli_main(["quantize", str(run), "--bits", "8", "--out", str(out)]) == 0
-    before = _files(out)
-    capsys.readouterr()
+    run, out, before = _quantized_run(tmp_path, capsys)
 
     def half_written(layout, tensors, filename, metadata=None):
         with open(filename, "wb") as f:
