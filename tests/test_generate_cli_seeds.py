@@ -122,3 +122,19 @@ def test_the_samples_of_two_small_seeds_share_no_generator():
     seeds = [sequence_seed(s, i) for s in range(200) for i in range(200)]
     assert len(set(seeds)) == len(seeds)
     assert sequence_seed(7, 0) == 7 and sequence_seed(7, 3) == 8 * 1_000_003 + 3
+
+
+def test_the_stats_line_counts_one_sequence_in_the_singular(tmp_path, capsys):
+    """stderr's stats line had said "1 sequences" for one prompt, a sequence's header
+    "1 tokens"."""
+    _, base = _run(tmp_path)
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    for more, count in (([], "1 sequence (batch <= 1)"),
+                        (["--prompts-file", str(tmp_path / "p.txt")], "2 sequences (batch <= 8)"),
+                        (["--no-cache"], "1 sequence (batch <= 1)")):
+        assert cli_main([*base, "--prompt", "x", *more]) == 0
+        assert capsys.readouterr().err.startswith(f"moekit generate: {count}, ")
+    # a sequence's header too ("(length, 1 tokens)")
+    assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt"),
+                     "--max-new-tokens", "1"]) == 0
+    assert "--- 1 (length, 1 token)\n" in capsys.readouterr().out

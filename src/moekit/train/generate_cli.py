@@ -385,7 +385,8 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                                 "prompt_tokens": len(ids[printed]),
                                 "completion_tokens": len(gen.tokens)})
             else:
-                print(f"--- {printed + 1} ({reason}, {len(gen.tokens)} tokens)")
+                n = len(gen.tokens)
+                print(f"--- {printed + 1} ({reason}, {n} token{'' if n == 1 else 's'})")
                 print(prompts[printed] + new, flush=True)
             printed += 1
     # the batcher's totals: a cohort's prefill once, however many groups shared it; the

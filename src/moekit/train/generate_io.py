@@ -82,7 +82,8 @@ def report(stats: list[GenerationStats], batch: int) -> None:
     prefill = sum(s.prefill_s for s in stats)
     seconds = prefill + sum(s.decode_s for s in stats)
     step_ms = 1e3 * sum(s.decode_s for s in stats) / max(sum(s.decode_steps for s in stats), 1)
-    print(f"moekit generate: {sum(s.sequences for s in stats)} sequences (batch <= {batch}), "
+    n = sum(s.sequences for s in stats)
+    print(f"moekit generate: {n} sequence{'' if n == 1 else 's'} (batch <= {batch}), "
           f"{new} new tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s; "
           f"prefill {1e3 * prefill:.1f} ms, {step_ms:.2f} ms per decode step"
           + (f"; {reused} prompt tokens held in the cache from earlier turns, not prefilled"
