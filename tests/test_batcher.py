@@ -566,7 +566,7 @@ def test_generate_timing_line_counts_each_prefill_once_and_not_the_kernel_build(
 
     for name in ("get", "get_decode"):
         monkeypatch.setattr(cpu_ext, name, slow_first_build(getattr(cpu_ext, name)))
-    line = re.compile(r"(\d+) sequences \(batch <= (\d+)\), (\d+) new tokens in ([\d.]+) s: "
+    line = re.compile(r"(\d+) sequences? \(batch <= (\d+)\), (\d+) new tokens in ([\d.]+) s: "
                       r"[\d.]+ tokens/s; prefill ([\d.]+) ms, ([\d.]+) ms per decode step")
     base = ["generate", "--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "10",
             "--temperature", "0"]
