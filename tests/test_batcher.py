@@ -335,7 +335,7 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
             [list(t.encode())], cfg, generator=torch.Generator().manual_seed(
                 sequence_seed(5, i)))
         text = (t.encode() + bytes(g.tokens)).decode("utf-8", errors="replace")
-        want.append(f"--- {i + 1} (length, 12 tokens)\n{text}\n")
+        want.append(f"--- {i} (length, 12 tokens)\n{text}\n")
     assert outs[0] == "".join(want)
     # --jsonl: the same sequences as JSON lines, nothing on stdout
     out = tmp_path / "out.jsonl"
@@ -345,6 +345,9 @@ def test_generate_prompts_file_batches_continuously(tmp_path, capsys):
     assert cli_main(args) == 0 and capsys.readouterr().out == ""
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(8))
+    # the printed headers carry the same 0-based index (they had counted from 1)
+    assert [int(line.split()[1]) for line in outs[0].splitlines()
+            if line.startswith("--- ")] == [r["index"] for r in records]
     assert [r["prompt"] + r["text"] for r in records] == [w.split("\n", 1)[1][:-1]
                                                           for w in want]
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 12

@@ -57,12 +57,12 @@ def test_a_prompt_draws_one_text_however_it_is_run(tmp_path, capsys):
         assert [r["text"] for r in records] == want[:n]  # the first had drawn another text
     assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt")]) == 0
     printed = capsys.readouterr().out
-    assert printed == "".join(f"--- {i + 1} (length, {NEW} tokens)\n{t}{w}\n"
+    assert printed == "".join(f"--- {i} (length, {NEW} tokens)\n{t}{w}\n"
                               for i, (t, w) in enumerate(zip(texts, want, strict=True)))
     # the slow reference: the same texts (one generator for every prompt had drawn others)
     assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt"), "--no-cache"]) == 0
     assert capsys.readouterr().out == "".join(
-        f"--- {i + 1}\n{t}{w}\n" for i, (t, w) in enumerate(zip(texts, want, strict=True)))
+        f"--- {i}\n{t}{w}\n" for i, (t, w) in enumerate(zip(texts, want, strict=True)))
 
 
 def test_prompts_file_lines_split_at_newlines_only(tmp_path, capsys):
@@ -137,4 +137,4 @@ def test_the_stats_line_counts_one_sequence_in_the_singular(tmp_path, capsys):
     # a sequence's header too ("(length, 1 tokens)")
     assert cli_main([*base, "--prompts-file", str(tmp_path / "p.txt"),
                      "--max-new-tokens", "1"]) == 0
-    assert "--- 1 (length, 1 token)\n" in capsys.readouterr().out
+    assert "--- 0 (length, 1 token)\n" in capsys.readouterr().out

@@ -127,10 +127,10 @@ def test_generate_batches_and_stops_at_the_end_of_sequence_id(converted, capsys,
                      "--max-new-tokens", "40"]) == 0
     out = capsys.readouterr().out
     for i, p in enumerate(prompts):
-        assert f"--- {i + 1} (" in out
+        assert f"--- {i} (" in out
         assert _want(tok, model, p, 40) + "\n" in out
     # the end-of-sequence id ended the first sequence after 5 tokens (the fixture)
-    assert "--- 1 (stop, 5 tokens)" in out
+    assert "--- 0 (stop, 5 tokens)" in out
 
 
 def test_quantized_and_transformers_directories_keep_the_tokenizer(converted, tmp_path, capsys):
@@ -263,8 +263,8 @@ def test_a_stop_string_is_found_in_the_text_not_in_its_ids_alone(converted, caps
                      str(root / "two.txt"), "--temperature", "0", "--max-new-tokens", "30",
                      "--stop", stop]) == 0
     out = capsys.readouterr().out
-    assert f"--- 1 (stop, {first + 1} tokens)\n{prompt}{text}\n" in out
-    assert f"--- 2 (length, 30 tokens)\n{other}{rest_text}\n" in out
+    assert f"--- 0 (stop, {first + 1} tokens)\n{prompt}{text}\n" in out
+    assert f"--- 1 (length, 30 tokens)\n{other}{rest_text}\n" in out
 
 
 @pytest.mark.parametrize("keep_stop", [True, False], ids=["after", "before"])

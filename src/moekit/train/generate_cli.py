@@ -358,8 +358,10 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
               kv: str = "auto") -> GenerationStats:
     """Every sequence through one ``Batcher`` of ``batch`` rows: a sequence that stops
     makes room for the next prompt at once (no batch waits for its longest sequence).
-    Each is printed, in order, once it and those before it are done (with ``records``:
-    appended there as a dict instead). Sequence i samples from a generator of its own
+    Each is printed, in order, once it and those before it are done, headed by its index
+    counted from 0 (with ``records``: appended there as a dict instead, under "index": a
+    script reading either output sees one number per sequence, and the 0-based one of
+    OpenAI's ``index``, serve's choices and ``sequence_seed``). Sequence i samples from a generator of its own
     (``sequence_seed``), so its text does not depend on ``--batch``. ``kv``: the KV
     cache's dtype (``--kv-cache-dtype``)."""
     batcher = Batcher(model, rows=min(batch, len(ids)),
@@ -386,7 +388,7 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
                                 "completion_tokens": len(gen.tokens)})
             else:
                 n = len(gen.tokens)
-                print(f"--- {printed + 1} ({reason}, {n} token{'' if n == 1 else 's'})")
+                print(f"--- {printed} ({reason}, {n} token{'' if n == 1 else 's'})")
                 print(prompts[printed] + new, flush=True)
             printed += 1
     # the batcher's totals: a cohort's prefill once, however many groups shared it; the
@@ -465,7 +467,7 @@ def _run_no_cache(model: MoETransformer, prompts: list[str], ids: list[list[int]
         seconds += time.perf_counter() - t0
         new += out.shape[1] - len(p)
         if len(prompts) > 1:
-            print(f"--- {i + 1}")
+            print(f"--- {i}")
         print(prompt + text.decode_after(p, out[0, len(p):].tolist()))
     # no prefill: every token is a forward over the whole sequence (its decode step)
     report([GenerationStats(sequences=len(prompts), prompt_tokens=sum(map(len, ids)),
