@@ -362,8 +362,8 @@ def _run_many(model: MoETransformer, prompts: list[str], ids: list[list[int]],
     counted from 0 (with ``records``: appended there as a dict instead, under "index": a
     script reading either output sees one number per sequence, and the 0-based one of
     OpenAI's ``index``, serve's choices and ``sequence_seed``). Sequence i samples from a
-    generator of its own (``sequence_seed``), so its text does not depend on ``--batch``. ``kv``: the KV
-    cache's dtype (``--kv-cache-dtype``)."""
+    generator of its own (``sequence_seed``), so its text does not depend on ``--batch``.
+    ``kv``: the KV cache's dtype (``--kv-cache-dtype``)."""
     batcher = Batcher(model, rows=min(batch, len(ids)),
                       context=max(map(len, ids)) + cfg.max_new_tokens, kv_cache_dtype=kv)
     groups = [batcher.submit([p], cfg, torch.Generator().manual_seed(sequence_seed(cfg.seed, i)),
