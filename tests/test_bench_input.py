@@ -204,7 +204,9 @@ def test_help_of_the_cpu_benchmark(capsys):
 
 
 @pytest.mark.parametrize("flags", [["--decode", "--help"], ["--decode", "-h"],
-                                   ["--quick", "--decode", "--help"]])
+                                   ["--quick", "--decode", "--help"],
+                                   # -h before --decode had printed bench_cpu's help
+                                   ["--help", "--decode"], ["-h", "--quick", "--de"]])
 def test_help_of_the_decode_benchmark(capsys, flags):
     """`moekit bench --decode --help` printed bench_cpu's help (its --configs, --dtypes,
     ...), none of which apply with --decode: now bench_decode's description and the two

@@ -568,7 +568,7 @@ def test_quantize_that_fails_copying_the_tokenizer_keeps_the_output_there_before
     assert "tokenizer/tokenizer.json" in map(str, before)
     _disk_fills_copying_the_tokenizer(monkeypatch)
     assert cli_main(["quantize", str(root / "lm"), "--bits", "8", "--scope", "experts",
-                     "--out", str(out)]) == 1
+                     "--out", str(out), "--overwrite"]) == 1
     monkeypatch.undo()
     assert "No space left on device" in capsys.readouterr().err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} \

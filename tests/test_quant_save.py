@@ -254,7 +254,7 @@ def test_cli_says_what_a_failure_at_the_swap_left(tmp_path, monkeypatch, capsys,
             fsync(fd)
         monkeypatch.setattr(os, "fsync", fail)
     assert cli_main(["quantize", str(run), "--bits", "4", "--group-size", "32",
-                     "--out", str(out)]) == 1
+                     "--out", str(out), "--overwrite"]) == 1
     monkeypatch.undo()
     err = capsys.readouterr().err.strip()
     left = {"rename": "what was there before is unchanged",
@@ -292,7 +292,7 @@ def test_cli_disk_full_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatc
 
     monkeypatch.setattr(qio, "save_stream", half_written)
     assert cli_main(["quantize", str(run), "--bits", "4", "--group-size", "32",
-                     "--out", str(out)]) == 1
+                     "--out", str(out), "--overwrite"]) == 1
     monkeypatch.undo()
     err = capsys.readouterr().err.strip()
     assert err == (f"moekit quantize: error: could not write out={str(out)!r}: No space "
@@ -338,3 +338,37 @@ def test_cli_names_the_group_size_that_tiles_the_model(tmp_path, capsys):
                           "divide the input dimension of ") and err.endswith(
         "; group_size=32 tiles every input dimension"), err
     assert cli_main([*argv, "--group-size", "32"]) == 0
+
+
+def test_cli_refuses_an_earlier_output_unless_told_to_overwrite(tmp_path, capsys):
+    """`moekit quantize --out q` onto an earlier output replaced it silently, while `moekit
+    convert` refuses a destination holding a checkpoint. Now refused (exit 2, naming
+    --out and --overwrite) before anything is read or written, q as it was; with
+    --overwrite it is replaced whole; an empty directory is still taken as it is."""
+    from moekit.cli import main as cli_main
+
+    run, out, before = _quantized_run(tmp_path, capsys)
+    argv = ["quantize", str(run), "--bits", "4", "--group-size", "32", "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"moekit quantize: error: --out: out={str(out)!r} is not allowed: it "
+                   "already holds a quantized checkpoint (quantized.json); pick a new or "
+                   "empty directory, or replace it whole with overwrite=True (moekit "
+                   "quantize --overwrite)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]
+    assert _files(out) == before
+    # the output a killed overwrite left aside (.q.old, q missing) is refused alike
+    os.rename(out, rundir.aside_of(out))
+    assert cli_main(argv) == 2 and "already holds a quantized checkpoint" in \
+        capsys.readouterr().err
+    assert _files(rundir.aside_of(out)) == before
+    os.rename(rundir.aside_of(out), out)
+    with pytest.raises(ValueError, match="already holds a quantized checkpoint"):
+        qio.quantize_checkpoint(run, out, 8, overwrite=False)  # the library's switch
+    assert cli_main([*argv, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert qio.read_meta(out)["bits"] == 4 and _files(out) != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]
+    (tmp_path / "empty").mkdir()
+    assert cli_main([*argv[:-1], str(tmp_path / "empty")]) == 0
+    assert qio.read_meta(tmp_path / "empty")["bits"] == 4

@@ -79,7 +79,7 @@ def decode_parser(prog: str) -> argparse.ArgumentParser:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-h", "--help", action=Help, help="show this help message and exit "
-                   "(after --decode: the decode benchmark's)")
+                   "(with --decode: the decode benchmark's)")
     module = _load()
     if module is not None:
         module.add_arguments(p)
@@ -87,6 +87,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the decode benchmark (benchmarks/bench_decode.py) instead; "
                    "only --quick (its quick mode) and --threads apply (`moekit bench "
                    "--decode --help` describes them)")
+    # -h acts where argparse meets it: `--help --decode` printed bench_cpu's help, as
+    # --decode was not parsed yet. --decode is a switch, so its place changes nothing
+    # else: it is read first.
+    parse = p.parse_known_args
+    p.parse_known_args = lambda args=None, namespace=None: parse(
+        _decode_first(sys.argv[1:] if args is None else list(args)), namespace)
+
+
+def _decode_first(args: list[str]) -> list[str]:
+    """``args`` with --decode (or an abbreviation argparse takes, --de) moved first;
+    nothing after a "--" moves."""
+    end = args.index("--") if "--" in args else len(args)
+    decode = [a for a in args[:end] if len(a) >= 4 and "--decode".startswith(a)]
+    return decode + [a for a in args[:end] if a not in decode] + args[end:]
 
 
 def refuse_repeats(flag: str, value: object, entries: list) -> None:

@@ -10,7 +10,7 @@ from moekit.quant.tensor import ACTIVATIONS, QuantizationError
 
 # an error about a field leads with the flag that sets it (group_size=64 was refused for a
 # run the user had not given --group-size)
-FLAGS = {"group_size": "--group-size", "bits": "--bits", "scope": "--scope"}
+FLAGS = {"group_size": "--group-size", "bits": "--bits", "scope": "--scope", "out": "--out"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep an embedding table that is not the LM head's in floating point "
                    "(scope all quantizes it like the head: lookups read only their rows, "
                    "so this costs memory, not speed)")
-    p.add_argument("--out", required=True, help="directory to write (moekit generate "
-                   "--checkpoint DIR loads it)")
+    p.add_argument("--out", required=True, help="directory to write, new or empty (moekit "
+                   "generate --checkpoint DIR loads it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier `moekit quantize` output in --out (whole: it "
+                   "stays as it was until the new one is complete); without it that is "
+                   "refused, as `moekit convert` refuses a destination holding a checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size,
-                                  args.scope, args.activations, not args.float_embeddings)
+                                  args.scope, args.activations, not args.float_embeddings,
+                                  overwrite=args.overwrite)
     except (QuantizationError, CheckpointError, ValueError) as e:
         print(f"moekit quantize: error: {flag_message(e, FLAGS)}", file=sys.stderr)
         return exit_code(e)  # the checkpoint: 1; a flag's value: 2

@@ -92,10 +92,17 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return (located(path) / META_FILE).exists()
 
 
-def _check_replaceable(out: Path) -> None:
-    """``out`` may only be replaced if it is an earlier quantized checkpoint or empty."""
-    if out.exists() and not is_quantized_checkpoint(out) and not (
-            out.is_dir() and not any(out.iterdir())):
+def _check_replaceable(out: Path, overwrite: bool = True) -> None:
+    """``out`` may only be replaced if it is empty, or an earlier quantized checkpoint
+    and ``overwrite`` (as `moekit convert` refuses a destination holding a checkpoint,
+    `moekit quantize` refuses one holding its output unless given --overwrite)."""
+    if is_quantized_checkpoint(out):  # out, or the one a killed save left aside of it
+        if not overwrite:
+            raise ValueError(f"out={str(out)!r} is not allowed: it already holds a quantized "
+                             f"checkpoint ({META_FILE}); pick a new or empty directory, or "
+                             "replace it whole with overwrite=True (moekit quantize "
+                             "--overwrite)")
+    elif out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(f"out={str(out)!r} exists and is not a quantized checkpoint: "
                          "refusing to overwrite it; pass a new or empty directory")
 
@@ -132,12 +139,13 @@ def _remove_killed_writes(out: Path) -> None:
 
 
 def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
-           tokenizer: Path | None = None) -> Path:
+           tokenizer: Path | None = None, overwrite: bool = True) -> Path:
     """``out`` holding the model file ``write_model`` writes and quantized.json (``meta``
     and the file's SHA-256), and a copy of the ``tokenizer`` directory where one is
-    given, written to a temporary directory and swapped into place."""
+    given, written to a temporary directory and swapped into place (an earlier output
+    there replaced whole only with ``overwrite``)."""
     out = _check_path("out", out)
-    _check_replaceable(out)  # raises before anything is written
+    _check_replaceable(out, overwrite)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_writes(out)
     tmp = temp_dir(out.parent, f".{out.name}.tmp")
@@ -147,7 +155,7 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
-        _check_replaceable(out)  # again: it may have changed while we wrote
+        _check_replaceable(out, overwrite)  # again: it may have changed while we wrote
         aside = swap_in(tmp, out)  # fsyncs the files, renames, fsyncs out.parent
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -325,15 +333,17 @@ def check_finite_scales(model: nn.Module, tensors: dict, where: Path) -> None:
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
                         group_size: int | None = None, scope: str = "all",
-                        activations: str = "float", embeddings: bool = True) -> Path:
+                        activations: str = "float", embeddings: bool = True,
+                        overwrite: bool = True) -> Path:
     """Load a training checkpoint (run or step directory), quantize it (as ``quantize``
-    with these arguments), save it to ``out``."""
+    with these arguments), save it to ``out`` (an earlier quantized output there is
+    replaced whole if ``overwrite``, else refused before anything is read)."""
     # what can be checked before the checkpoint is read and quantized (out=None failed
     # only at the end, with Path's TypeError; an unknown scope after quantizing nothing)
     group_size = check_bits(bits, group_size)
     check_activations(activations)
     check_scope(scope)
-    _check_replaceable(_check_path("out", out))
+    _check_replaceable(_check_path("out", out), overwrite)
     if is_quantized_checkpoint(checkpoint):  # was "no state.json or LATEST there"
         meta = read_meta(located(checkpoint))
         raise CheckpointError(f"checkpoint={str(checkpoint)!r} is already quantized "
@@ -362,7 +372,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
     # (copied after the swap, a failed copy had left the new model without it, and the
     # old output's tokenizer deleted: generate then decoded ids as bytes, a ValueError)
     return _write(out, lambda f: save_stream(layout, tensors, f), meta,
-                  find_tokenizer(checkpoint))
+                  find_tokenizer(checkpoint), overwrite)
 
 
 def trained_source(ck) -> dict:
