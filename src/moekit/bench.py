@@ -12,7 +12,9 @@ bad one is one line on stderr naming it, its value and what is allowed, exit sta
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -73,8 +75,20 @@ def decode_parser(prog: str) -> argparse.ArgumentParser:
         module.add_arguments(flags)
         for action in flags._actions:  # argparse has no public way to copy an action
             if action.dest in DECODE_FLAGS:
+                action = copy.copy(action)
+                action.help = _passed_on(action.help)
                 p._add_action(action)
     return p
+
+
+def _passed_on(help: str | None) -> str | None:
+    """bench_decode's help text of a flag, less a parenthesis naming flags that `moekit
+    bench --decode` does not take: --quick's "(--models, --batches, ... given as well
+    win)" had offered six flags the command refuses."""
+    def keep(m: re.Match) -> str:
+        named = re.findall(r"--([a-z][a-z0-9-]*)", m.group(0))
+        return m.group(0) if all(n.replace("-", "_") in DECODE_FLAGS for n in named) else ""
+    return None if help is None else re.sub(r"\s*\([^()]*\)", keep, help)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
