@@ -156,7 +156,7 @@ def test_a_tokenizers_stop_is_matched_in_the_text_after_the_prompt(decoder, tmp_
     """A stop " fox" in the first generated token "▁fox": the text after "the" holds it
     (a SentencePiece decoder drops the space of a text's first token: it never matched,
     while the text written was cut there). A character's first byte tokens are not a
-    stop "\\ufffd"; a stray byte is, once text follows it. Oracle: the tokenizers
+    stop "\\ufffd"; a stray byte is (test below: at once). Oracle: the tokenizers
     library's decode of prompt + generation, less the prompt's, where the tokens after
     do not change it."""
     from tests.test_generate_tokenizer import _metaspace, _text
@@ -180,3 +180,49 @@ def test_a_tokenizers_stop_is_matched_in_the_text_after_the_prompt(decoder, tmp_
         hit = text.stop_in_text(["\ufffd"])
         assert not hit(prompt, stray)  # maybe a character's first byte
         assert hit(prompt, [*stray, *tok.encode("the fox").ids[1:]])
+
+
+def _gpt2_byte_char(b: int) -> str:
+    """GPT-2's byte-level alphabet (``bytes_to_unicode``): the character a byte-level
+    tokenizer spells byte ``b`` with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    return chr(b) if b in printable else chr(256 + [c for c in range(256)
+                                                    if c not in printable].index(b))
+
+
+@pytest.mark.parametrize("decoder", ["byte_fallback", "byte_level"])
+def test_a_tokenizers_stop_ending_in_a_replacement_character_is_matched_once_certain(
+        decoder, tmp_path):
+    """A stop string ending in U+FFFD matched after the token whose bytes make it certain
+    (0xFF, 0xC0, a stray continuation byte: no later byte makes them a character); it
+    had waited for more text. Not while the last bytes may begin a character (E4, E4 B8,
+    F0 9F, ED). Oracle: the tokenizers library's decode of prompt + generation + every
+    one- and two-byte continuation (E4 B8 AD is "中"): certain where each holds the stop."""
+    from tests.test_generate_tokenizer import _byte_level_multilingual, _metaspace, _text
+
+    tok = _metaspace("byte_fallback") if decoder == "byte_fallback" \
+        else _byte_level_multilingual()
+    text = _text(tok, tmp_path / "tok")
+    spell = (lambda b: f"<0x{b:02X}>") if decoder == "byte_fallback" else _gpt2_byte_char
+    byte = [tok.token_to_id(spell(b)) for b in range(256)]
+    assert None not in byte
+    prompt = tok.encode("the").ids
+    x = tok.encode("the x").ids[len(prompt):]
+    conts = [[byte[b]] for b in range(256)] + [[byte[b], byte[c]] for b in range(0x80, 0xC0)
+                                               for c in range(0x80, 0xC0)]
+    base = tok.decode(prompt)
+
+    def after(ids):  # the text ids add after the prompt, as the library decodes it
+        whole = tok.decode(prompt + ids)
+        assert whole.startswith(base)
+        return whole[len(base):]
+
+    for stop, gen, certain in [
+            ("\ufffd", [byte[0xFF]], True), ("\ufffd", [byte[0xC0]], True),
+            ("\ufffd", [byte[0x80]], True), ("x\ufffd", [*x, byte[0xFF]], True),
+            ("\ufffd", [*x, byte[0xBF]], True),
+            ("\ufffd", [byte[0xE4]], False), ("\ufffd", [byte[0xE4], byte[0xB8]], False),
+            ("\ufffd", [byte[0xF0], byte[0x9F]], False), ("\ufffd", [byte[0xED]], False)]:
+        assert stop in after(gen)
+        assert all(stop in after(gen + c) for c in conts) == certain, (stop, gen)
+        assert text.stop_in_text([stop])(prompt, gen) == certain, (decoder, stop, gen)

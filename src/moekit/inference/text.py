@@ -234,10 +234,11 @@ class TokenizerText:
         text of a window of the last ids (enough for the longest string, 4 ids a
         character) decoded behind the ids before it: alone, a SentencePiece decoder
         drops its first token's space (a stop " fox" never matched a first token "▁fox",
-        though the text written held it). Its trailing U+FFFD is left out, as ``stream``
-        holds it back (a character's first bytes: "<0xE4>" had matched a stop "\ufffd"
-        in "中"); a U+FFFD that stays is matched once text follows it, or by
-        ``finish_reason`` at the end. None without strings."""
+        though the text written held it). Its trailing U+FFFD is left out while the last
+        bytes may begin a character (``_may_go_on``: "<0xE4>" had matched a stop
+        "\ufffd" in "中"), as ``stream`` holds it back; one that no later byte can
+        change (a byte 0xFF, a stray continuation byte) is matched at once (it had waited
+        for the next text, or ``finish_reason`` at the end). None without strings."""
         if not texts:
             return None
         window = 4 * max(len(t) for t in texts) + 8
@@ -246,10 +247,23 @@ class TokenizerText:
             k = min(window, len(tokens))
             before = tokens[max(0, len(tokens) - k - 2 * TAIL_IDS):len(tokens) - k]
             before = [*context[-2 * TAIL_IDS:], *before][-2 * TAIL_IDS:]
-            text = self.decode_after(before, tokens[len(tokens) - k:]).rstrip("\ufffd")
+            text = self.decode_after(before, tokens[len(tokens) - k:])
+            if text.endswith("\ufffd") and self._may_go_on([*before, *tokens[-k:]]):
+                text = text.rstrip("\ufffd")
             return any(t in text for t in texts)
 
         return hit
+
+    def _may_go_on(self, ids: Sequence[int]) -> bool:
+        """Whether the bytes of ``ids``' last tokens (those decode() keeps) end with the
+        first bytes of a character a later byte could complete: only then may the
+        decode's trailing U+FFFD still change (byte-level and byte-fallback decoders
+        alike: an invalid run stays invalid whatever follows)."""
+        kept = [t for t in ids[-TAIL_IDS:] if t not in self.dropped
+                and self.tokenizer.id_to_token(t) is not None]
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(b"".join(self.token_bytes(t) for t in kept[-4:]))  # a character: <= 4
+        return bool(utf8.getstate()[0])  # the bytes it holds for what comes next
 
     def _tail(self, context: Sequence[int]) -> list[int]:
         """The last CONTEXT_IDS of ``context`` that decode() keeps: what the text of the
@@ -346,9 +360,9 @@ def _settled_text(ids: Sequence[int], window: int) -> str:
 def finish_reason(reason: str, text: str, stops: Sequence[str]) -> str:
     """A sequence's ``reason`` ("length", "stop" or "cancelled") as its whole ``text``
     shows it: "stop" where one ran to its length yet the text holds a stop string (cut
-    there): the last bytes of a byte-level sequence that begin a character turn U+FFFD
-    only once it ends, a tokenizer's trailing U+FFFD is matched only once text follows
-    it (``stop_in_text``). The answer said "length" for a text cut at the stop."""
+    there): the last bytes of a sequence that begin a character turn U+FFFD only once
+    it ends (``stop_in_text`` holds them back till then). The answer said "length" for a
+    text cut at the stop."""
     return "stop" if reason == "length" and stop_span(text, stops) is not None else reason
 
 
