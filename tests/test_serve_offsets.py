@@ -136,3 +136,70 @@ def test_a_byte_models_echoed_characters_by_hand():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _fallback_offsets(tok, ids: list[int]) -> tuple[str, list[int]]:
+    """(the text ``ids`` write after a prompt, each one's offset in it), worked out as a
+    byte-fallback decoder writes it: a run of <0xNN> tokens is its UTF-8 where the run is
+    valid (a byte at the start of the character holding it), else a U+FFFD per byte; any
+    other token its piece, "▁" a space."""
+    def byte(t):
+        name = tok.id_to_token(t)
+        return int(name[3:5], 16) if name.startswith("<0x") else None
+
+    text, offsets, i = "", [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and byte(ids[j]) is not None:
+            j += 1
+        if j == i:  # not a byte
+            offsets.append(len(text))
+            text += tok.id_to_token(ids[i]).replace("\u2581", " ")
+            i += 1
+            continue
+        raw = bytes(byte(t) for t in ids[i:j])
+        try:
+            run = raw.decode("utf-8")
+            # the characters whole before byte k (a cut one's bytes ignored)
+            offsets += [len(text) + len(raw[:k].decode("utf-8", "ignore"))
+                        for k in range(len(raw))]
+        except UnicodeDecodeError:
+            run = "\ufffd" * len(raw)
+            offsets += [len(text) + k for k in range(len(raw))]
+        text, i = text + run, j
+    return text, offsets
+
+
+def test_byte_fallback_offsets_after_runs_of_invalid_bytes(tmp_path):
+    """A byte-fallback (Llama-style) tokenizer writes a U+FFFD for each byte of an invalid
+    run of <0xNN> tokens; the offsets had counted them as a UTF-8 decoder does (E4 B8: one
+    U+FFFD), so a token after such a run pointed before its own text. Oracle: the text
+    worked out above, checked against the tokenizers library's decode."""
+    from moekit.inference.response import text_offsets
+
+    tok = tg._metaspace("byte_fallback")
+    text = tg._text(tok, tmp_path / "tok")
+    b = [tok.token_to_id(f"<0x{v:02X}>") for v in range(256)]
+    prompt = tok.encode("the").ids
+    fox, x = (tok.encode(f"the {w}").ids[len(prompt):] for w in ("fox", "x"))
+    for ids in ([b[0xFF], b[0xFE], *fox], [b[0xFF], b[0xE4], b[0xB8], b[0xAD], *fox, *x],
+                [b[0xE4], b[0xFF], *fox], [*fox, b[0xE4], b[0xB8], b[0xAD], *x],
+                [b[0x00], b[0xC0], b[0x41], *fox], [b[0xC3], b[0xA9], *fox]):
+        want_text, want = _fallback_offsets(tok, ids)
+        got = text_offsets(text, prompt, ids, echo=False)
+        assert want_text == tok.decode(prompt + ids)[len(tok.decode(prompt)):], ids
+        assert got == want, ([tok.id_to_token(t) for t in ids], got, want)
+    # a special token (decode() drops it) inside a run neither ends it nor counts
+    special = tok.token_to_id(tg.SPECIALS[0])
+    got = text_offsets(text, prompt, [b[0xFF], special, b[0xFE], *fox], echo=False)
+    assert got == [0, 1, 1, 2]
+    # what a token cannot know when it comes (streamed offsets are sent with it): B8
+    # after E4 may be the middle of a character, so it starts at E4's; a word after
+    # them then shows the run invalid (two U+FFFDs): the word after both
+    got = text_offsets(text, prompt, [b[0xE4], b[0xB8], *fox], echo=False)
+    assert got == [0, 0, 2]  # the word had been at 1, the second U+FFFD
+    # nor that a whole character's bytes are rewritten as U+FFFDs by a byte after them
+    # that leaves the run invalid: E4 B8 AD ("中") then C3 at the end is four U+FFFDs
+    ids = [b[0xE4], b[0xB8], b[0xAD], b[0xC3]]
+    assert tok.decode(prompt + ids).endswith("the\ufffd\ufffd\ufffd\ufffd")
+    assert text_offsets(text, prompt, ids, echo=False) == [0, 0, 0, 1]

@@ -173,13 +173,19 @@ class TextOffsets:
     U+FFFD. (Offsets had summed the tokens' own texts, a part of a character counting 0,
     so every token after a character cut over tokens, or after an invalid byte, pointed
     before its text: text[offset] was not where the token's text is.) Exact where the
-    text is the tokens' bytes decoded as UTF-8 (bytes, byte-level BPE); a byte-fallback
-    decoder writes a U+FFFD for each byte of an invalid run, which can put the tokens
-    after one such run a character or more short."""
+    text is the tokens' bytes decoded as UTF-8 (bytes, byte-level BPE). A byte-fallback
+    decoder writes a U+FFFD for each byte of an invalid run of ``<0xNN>`` tokens
+    (``_in_byte_run``; the offsets after such a run had been a character or more short
+    of their text); what a token cannot know when it comes stays as it was then: a byte
+    inside a character's first bytes starts where that character does, though the run
+    turns invalid later (each byte then a U+FFFD of its own), and a run that a byte turns
+    invalid after a whole character was written (中, then 0xFF) rewrites that character
+    as U+FFFDs, which the offsets of the bytes after it do not count."""
 
     def __init__(self, text, context: Sequence[int] = (), at: int = 0) -> None:
         self._text, self._emit = text, text.stream(context)
         self._dropped = getattr(text, "dropped", frozenset())  # decode() leaves them out
+        self._byte = text.fallback_byte if getattr(text, "byte_fallback", False) else None
         self._at = at  # the characters written so far
         self._before = list(context[-2 * TAIL_IDS:])  # the last ids before the run
         self._run: list[int] = []  # the ids since the last text written
@@ -199,11 +205,35 @@ class TextOffsets:
         U+FFFD of a held character's bytes where ``token``'s first byte cannot go on
         with them; at most what the tokenizer writes for the run (a SentencePiece
         decoder drops the space of a text's first token)."""
+        written = len(self._text.decode_after(self._before, self._run))
+        if self._byte is not None:
+            return min(self._in_byte_run(token, written), written)
         raw = b"".join(self._text.token_bytes(t) for t in self._run if t not in self._dropped)
         own = b"" if token in self._dropped else self._text.token_bytes(token)
         held, ended = _utf8(raw, False), _utf8(raw, True)
         settled = ended if own and _utf8(raw + own[:1], False).startswith(ended) else held
-        return min(len(settled), len(self._text.decode_after(self._before, self._run)))
+        return min(len(settled), written)
+
+    def _in_byte_run(self, token: int, written: int) -> int:
+        """``_settled`` for a byte-fallback decoder, whose run of byte tokens is one text
+        (special tokens, which decode() drops, do not end it): a token that ends the run
+        comes after all of the run's text (``written``, as the tokenizer writes it);
+        a byte that leaves the run's bytes valid UTF-8 starts where the character it
+        begins or goes on does; one that makes them invalid after its run's n bytes,
+        at the run's n-th U+FFFD (one per byte)."""
+        kept = [t for t in self._run if t not in self._dropped]
+        n = next((i for i, t in enumerate(reversed(kept)) if self._byte(t) is None), len(kept))
+        tail = bytes(self._byte(t) for t in kept[len(kept) - n:])
+        own = self._byte(token)
+        if own is None and token not in self._dropped:
+            return written
+        head = len(self._text.decode_after(self._before, kept[:len(kept) - n]))
+        try:  # strict: a run's bytes are a U+FFFD each once any of them is invalid
+            codecs.getincrementaldecoder("utf-8")().decode(
+                tail + (b"" if own is None else bytes([own])))
+        except UnicodeDecodeError:
+            return head + len(tail)
+        return head + len(_utf8(tail, False))
 
 
 def text_offsets(text, prompt: Sequence[int], tokens: Sequence[int], echo: bool

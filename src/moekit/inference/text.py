@@ -203,15 +203,25 @@ class TokenizerText:
             table = _byte_level_decoder()
             if raw and all(c in table for c in raw):
                 return bytes(table[c] for c in raw)
-        if "ByteFallback" in kinds and len(raw) == 6 and raw.startswith("<0x") \
-                and raw.endswith(">"):
-            try:
-                return bytes([int(raw[3:5], 16)])
-            except ValueError:
-                pass
+        if (b := self.fallback_byte(token)) is not None:
+            return bytes([b])
         if kinds & {"Metaspace", "Replace"} and "\u2581" in raw:
             return raw.replace("\u2581", " ").encode("utf-8")
         return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+
+    @functools.cached_property
+    def byte_fallback(self) -> bool:
+        """Whether the decoder reads ``<0xNN>`` tokens as bytes (ByteFallback: a run of
+        them is one text, its UTF-8 where valid, else a U+FFFD per byte)."""
+        return "ByteFallback" in self._decoder_kinds
+
+    def fallback_byte(self, token: int) -> int | None:
+        """The byte of a byte-fallback token ``<0xNN>``; None for any other token."""
+        raw = self.tokenizer.id_to_token(token) or ""
+        if not (self.byte_fallback and len(raw) == 6 and raw.startswith("<0x")
+                and raw.endswith(">") and all(c in "0123456789abcdefABCDEF" for c in raw[3:5])):
+            return None
+        return int(raw[3:5], 16)
 
     @functools.cached_property
     def _decoder_kinds(self) -> frozenset[str]:
