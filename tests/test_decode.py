@@ -643,7 +643,7 @@ def _int8_experts_on_terms(kernel, T, E, k, K, N):
     g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in = quantize_tensor(torch.randn(E, K, N, generator=g) * 0.05, 8)
     sq_in = w_in.data.double() * w_in.scales.double()[..., None]  # [E, N, K]
-    args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
+    args = (token, offsets, *decode_fn.wargs(w_in), None, 0, 0.0, 1.0)
     counts = torch.bincount(expert, minlength=E)
     amx = kernel == "amx" and bool((counts > 1).any())  # (from 2 rows an expert)
     terms = kernel == "terms" or bool((counts == 1).any())
@@ -665,7 +665,7 @@ def _int8_experts_on_terms(kernel, T, E, k, K, N):
     w_out = quantize_tensor(torch.randn(E, N, K, generator=g) * 0.05, 8)
     sq_out = w_out.data.double() * w_out.scales.double()[..., None]  # [E, K, N]
     out = torch.empty(T, K)
-    run(lambda: ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out))
+    run(lambda: ext.down_combine(a, token, wts, offsets, *decode_fn.wargs(w_out), None, out))
     assert (ext.int8_terms_runs(), ext.amx_runs()) == (before + 2 * terms, amx_before + 2 * amx)
     rows = torch.einsum("sn,skn->sk", a.double(), sq_out[expert]) * wts.double()[:, None]
     rows_mag = (torch.einsum("sn,skn->sk", a.double().abs(), sq_out[expert].abs())
@@ -693,7 +693,7 @@ def test_int8_terms_leave_what_they_cannot_run_to_the_fma_kernel(case):
     qt = quantize_tensor(torch.randn(4, K, 32, generator=g), 8,
                          activations="int8" if case == "int8 activations" else "float")
     x = _spoiled(torch.randn(5, K, generator=g), case)
-    args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    args = (token, offsets, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
     with _terms_rows(10):  # (not the row limit: the call's experts have up to 2 rows)
         _stays_on_fma(x, args, ext.int8_terms_runs, "set_int8_terms")
 
@@ -717,7 +717,7 @@ def test_int8_terms_take_the_experts_up_to_their_row_limit():
     qt = quantize_tensor(torch.randn(3, 128, 64, generator=g), 8)
     x = torch.randn(6, 128, generator=g)
     offsets = torch.tensor([1, 3, 6])  # experts 0, 1, 2 with 1, 2, 3 rows
-    args = (torch.arange(6), offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    args = (torch.arange(6), offsets, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
     with _terms_rows(3):
         terms = ext.gate_up(x, *args)
     fma = _off(lambda: ext.gate_up(x, *args), "set_int8_terms")
@@ -733,7 +733,7 @@ def test_int8_terms_take_the_experts_up_to_their_row_limit():
             assert torch.equal(y[r0:r1], want[r0:r1]), (limit, e)
     # no expert within the limit: nothing on terms
     qt2 = quantize_tensor(torch.randn(2, 128, 64, generator=g), 8)
-    args2 = (torch.arange(5), torch.tensor([2, 5]), *decode_fn._wargs(qt2), None, 0, 0.0, 1.0)
+    args2 = (torch.arange(5), torch.tensor([2, 5]), *decode_fn.wargs(qt2), None, 0, 0.0, 1.0)
     with _terms_rows(1):
         _stays_on_fma(x[:5], args2, ext.int8_terms_runs, "set_int8_terms")
     vendor = _cpu_vendor()
@@ -801,7 +801,7 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     ext = cpu_ext.get_decode()
     g, token, expert, offsets, x = _mixed_rows(T, E, k, K)
     w_in, sq_in, z_in = _q4_experts(E, K, N, group, g)
-    args = (token, offsets, *decode_fn._wargs(w_in), None, 0, 0.0, 1.0)
+    args = (token, offsets, *decode_fn.wargs(w_in), None, 0, 0.0, 1.0)
     before = ext.amx_runs()
     h = ext.gate_up(x, *args).double()
     assert ext.amx_runs() == before + 1
@@ -817,7 +817,7 @@ def test_int4_experts_on_amx_are_within_fp32_rounding_of_float64(T, E, k, K, N, 
     wts = torch.rand(token.numel(), generator=g)
     w_out, sq_out, z_out = _q4_experts(E, N, K, group, g)
     out = torch.empty(T, K)
-    ext.down_combine(a, token, wts, offsets, *decode_fn._wargs(w_out), None, out)
+    ext.down_combine(a, token, wts, offsets, *decode_fn.wargs(w_out), None, out)
     assert ext.amx_runs() == before + 2
     ad, wd = a.double(), wts.double()[:, None]
     rows = torch.einsum("sn,skn->sk", ad, sq_out[expert] + z_out[expert]) * wd
@@ -854,5 +854,5 @@ def test_quantized_experts_leave_what_amx_cannot_run_to_other_kernels(bits, case
     x = _spoiled(torch.randn(T, K, generator=g), case)
     if case in ("nan", "tiny"):  # (row 2 goes to an expert of more rows)
         assert (torch.bincount(expert, minlength=E)[expert[token == 2]] > 1).any()
-    args = (token, offsets, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    args = (token, offsets, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
     _stays_on_fma(x, args, ext.amx_runs, "set_amx")

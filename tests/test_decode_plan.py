@@ -312,7 +312,7 @@ def test_native_step_names_bad_arguments():
         cache = StaticKVCache.for_model(model, 1, 16)
         cache.reset()
         model.infer(torch.tensor([[1, 2]]), cache)
-        rows_R, ends_1 = decode._all_rows(1)
+        rows_R, ends_1 = torch.arange(1), torch.tensor([1], dtype=torch.int32)  # one expert
         cos, sin = (t[2:3].float().contiguous() for t in (model.rope_cos, model.rope_sin))
         args = (rows_R, ends_1, cos, sin)
         with pytest.raises(RuntimeError, match="k_L / v_L must hold one tensor per layer"):
@@ -353,6 +353,15 @@ def test_plan_runs_int8_activation_projections_of_many_rows_on_the_gemm(variant)
         cpu_ext.get().q_linear_a8_address(), 1 << 30, 1 << 30))
 
 
+def _moekit_gemm_runs() -> bool:
+    """Whether moekit's GEMM (q_linear_out) runs on this CPU: built, AVX-512F, MOEKIT_SGEMM
+    not 0 (the extension says so itself)."""
+    from moekit.functions import cpu_ext
+
+    ext = cpu_ext.get()
+    return ext is not None and ext.sgemm_max_rows() > 0
+
+
 def _gemm_steps_match_modules(model, B, gemm_off):
     """The plan's steps of B sequences bitwise the modules'; not so once gemm_off(native)
     has turned the plan's GEMM off (the decode kernel: the same sums in another order)."""
@@ -373,7 +382,7 @@ def test_plan_runs_weight_only_projections_of_many_rows_on_the_gemm(variant, mon
     bitwise the modules'; with the plan's GEMM off (the decode kernel) they are not."""
     from moekit.functions import cpu_ext, decode
 
-    if decode._q_gemm_module("q_linear_out") is None:
+    if not _moekit_gemm_runs():
         pytest.skip("moekit's GEMM does not run on this CPU (AVX-512F, MOEKIT_SGEMM)")
     monkeypatch.setattr(decode, "weight_gemm_min_rows", lambda bits: 4)
     _gemm_steps_match_modules(_variant(variant), 5, lambda native: native.set_q_gemm(
@@ -389,8 +398,7 @@ def test_weight_only_projections_take_the_gemm_from_rows_by_cpu():
     ext = cpu_ext.get_decode()
     if ext is None:
         pytest.skip("no decode kernels")
-    on = (_cpu_vendor() == "GenuineIntel" and not ext.amx_int8()
-          and decode._q_gemm_module("q_linear_out") is not None)
+    on = _cpu_vendor() == "GenuineIntel" and not ext.amx_int8() and _moekit_gemm_runs()
     want = decode.WEIGHT_GEMM_MIN_ROWS if on else {8: None, 4: None}
     assert {b: decode.weight_gemm_min_rows(b) for b in (8, 4)} == want
 

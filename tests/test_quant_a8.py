@@ -73,7 +73,7 @@ def test_int8_activation_gate_up_matches_definition(bits, K, g, T):
     w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
     d = sorted_rows(idx, w, E)
     ext = cpu_ext.get_decode()
-    h = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
+    h = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
     W = qt.dequantize().double()  # [E, K, N]
     xh = round_a8(x)
     e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
@@ -95,7 +95,7 @@ def test_int8_activation_down_combine_matches_definition(bits, g, T):
     a = torch.randn(T * topk, F, generator=gen)
     out = torch.full((T, D), 9.0)
     cpu_ext.get_decode().down_combine(a, d.token_S, d.weight_S.float(), d.offsets_E,
-                                      *decode_fn._wargs(qt), None, out)
+                                      *decode_fn.wargs(qt), None, out)
     W = qt.dequantize().double()
     e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
     ah = round_a8(a)
@@ -118,8 +118,8 @@ def test_int8_activations_change_the_result_and_weight_only_does_not(bits, g):
     x = torch.randn(3, K)
     d = sorted_rows(torch.tensor([[0], [2], [3]]), torch.ones(3, 1), E)
     ext = cpu_ext.get_decode()
-    hw = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qt), None, 0, 0.0, 1.0)
-    ha = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn._wargs(qa), None, 0, 0.0, 1.0)
+    hw = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
+    ha = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn.wargs(qa), None, 0, 0.0, 1.0)
     W = qt.dequantize().double()[[0, 2, 3]]
     exact = torch.einsum("sk,skn->sn", x.double(), W)
     rounded = torch.einsum("sk,skn->sn", round_a8(x), W)

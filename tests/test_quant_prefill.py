@@ -108,14 +108,14 @@ def test_prefill_takes_it_and_matches_the_dequantize_path(bits, g, monkeypatch, 
     w, idx = torch.rand(50, 6).topk(2, dim=-1)
     d = sorted_rows(idx, w, 6)
     calls = []
-    real = decode._dequantized
-    monkeypatch.setattr(decode, "_dequantized", lambda *a: calls.append(1) or real(*a))
+    real = decode.quantized_experts_into
+    monkeypatch.setattr(decode, "quantized_experts_into", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         got = BACKENDS["decode"](x, d, qi, qo, None, None, ex._act)
-        assert not calls
+        assert calls == [1]
         monkeypatch.setattr(decode, "QUANT_ONE_CALL", False)
         want = BACKENDS["decode"](x, d, qi, qo, None, None, ex._act)
-        assert calls
+        assert calls == [1]  # the dequantize-per-block path instead
         ref = BACKENDS["loop"](x, d, _float(qi), _float(qo), None, None, ex._act)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -80,9 +80,6 @@ def wargs(w: Tensor | QuantizedTensor) -> tuple:
     return w, None, None, 0, 0
 
 
-_wargs = wargs  # its old name: tests/test_decode.py, test_quant_a8.py call decode._wargs
-
-
 def f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
