@@ -19,10 +19,9 @@ experts at a time and runs on the fused path.
 quantized) through the same kernel as one "expert" every row is routed to, for
 the few rows of a decode step, where it reads the weight faster than aten's mm.
 
-The rest of a decode step is one call per part too: ``route_sort`` (top-k routing
-and the sort by expert), ``attend_one`` (rotary, KV cache write and attention for
-one new token per row) and ``add_rms_norm`` (the residual add and the next norm);
-each replaced 5-20 aten ops that ran cold right after a weight stream.
+The rest of a decode step (routing, attention for one new token, the residual norm)
+lives in ``decode_step.py``, how the kernels are called (``available``, ``wargs``,
+``plain_f32``, ``ACT_CODES``) in ``decode_args.py``; their names stay importable from here.
 
 Shape letters: T tokens, D hidden, F expert hidden, G = 2F for GLU activations
 else F, E experts, S routed rows sorted by expert.
@@ -32,66 +31,65 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
+from moekit.functions.decode_args import (
+    ACT_CODES,
+    ActFn,
+    _all_rows,
+    _kernels,
+    _list_args,
+    available,
+    f32,
+    isa,
+    kernel_bits,
+    plain_f32,
+    wargs,
+)
+from moekit.functions.decode_step import (
+    ADD_NORM_MAX_ROWS,
+    CACHES_UNDER,
+    KV_SCALE_BYTES,
+    ROUTE_KERNEL_MAX_TOKENS,
+    STEP_DTYPES,
+    add_norm_ok,
+    add_rms_norm,
+    attend_one,
+    attend_one_ok,
+    cache_takes,
+    qk_norm_,
+    rms_norm,
+    route_sort,
+    sort_topk,
+    sort_topk_ok,
+)
 from moekit.functions.moe_experts import fused_experts
 from moekit.functions.row_buffers import Workspace, kept_buffers
 from moekit.quant.tensor import QuantizedTensor, dequantize_NK
 
-ActFn = Callable[[Tensor], Tensor]
-ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
+# the public names, decode_args.py's and decode_step.py's included (importable from here
+# as before)
+__all__ = [
+    "A8_LINEAR_MIN_ROWS", "ACT_CODES", "ADD_NORM_MAX_ROWS", "AMX_MAX_ROWS", "ActFn",
+    "CACHES_UNDER", "DEQUANT_BLOCK_EXPERTS", "FLOAT_KERNEL_MAX_ROWS", "KV_SCALE_BYTES",
+    "QUANT_GEMM_MAX_ROWS", "QUANT_LINEAR_MAX_ROWS", "QUANT_ONE_CALL",
+    "ROUTE_KERNEL_MAX_TOKENS", "STEP_DTYPES", "WEIGHT_GEMM_MIN_ROWS", "add_norm_ok",
+    "add_rms_norm", "amx", "attend_one", "attend_one_ok", "available", "cache_takes",
+    "decode_rows", "decode_rows_list", "dense_kernel_ok", "dense_rows", "dequantized_dtype",
+    "dequantized_experts", "f32", "float_kernel_max_rows", "int8_activations_gemm",
+    "int8_gemm_here", "isa", "kernel_bits", "plain_f32", "project", "qk_norm_",
+    "quant_gemm_ok", "quant_gemm_rows", "quant_one_call_applies", "quant_one_call_format",
+    "quantized_experts_into", "rms_norm", "route_sort", "shared_args", "shared_rows",
+    "sort_topk", "sort_topk_ok", "topk_rows", "wargs", "weight_gemm_min_rows",
+]
+
 DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
 # Whether a quantized prefill runs an fp32 SwiGLU layer on swiglu_experts_q_out where it
 # applies (tests and A/B runs flip it; MOEKIT_SGEMM=0 also turns it off)
 QUANT_ONE_CALL = True
-
-
-def available() -> bool:
-    """Whether the decode kernels are built (or buildable) here."""
-    return cpu_ext.get_decode() is not None
-
-
-def isa() -> str:
-    """The decode kernels' path on this CPU: "avx512", "avx2" or "generic" ("" unbuilt)."""
-    ext = cpu_ext.get_decode()
-    return "" if ext is None else _isa(ext)
-
-
-@functools.cache
-def _isa(ext) -> str:
-    return ext.isa()
-
-
-def kernel_bits(qt: QuantizedTensor) -> int:
-    """The kernels' weight format code: 8, 4, 88 or 48 (int8 / int4 weights, int8
-    activations)."""
-    return {8: 88, 4: 48}[qt.bits] if qt.activations == "int8" else qt.bits
-
-
-def wargs(w: Tensor | QuantizedTensor) -> tuple:
-    if isinstance(w, QuantizedTensor):
-        return w.data, w.scales, w.zeros, kernel_bits(w), w.group_size or 0
-    if w.stride(2) != 1 and w.stride(1) != 1:  # neither layout the kernel reads
-        w = w.contiguous()
-    return w, None, None, 0, 0
-
-
-def f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().float().contiguous()
-
-
-def _kernels(spec: tuple[str, float, float] | None):
-    """(the decode extension, activation code, swiglu limit, swiglu alpha) for ``spec``."""
-    ext = cpu_ext.get_decode()
-    if ext is None:
-        raise RuntimeError("the decode kernels are not built (MOEKIT_CPU_EXT=0 or the build "
-                           "failed); use backend='fused'")
-    kind, limit, alpha = spec if spec is not None else (None, 0.0, 1.0)
-    return ext, ACT_CODES.get(kind, 0), limit, alpha
 
 
 def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -129,16 +127,6 @@ def topk_rows(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts:
         return None
     return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *wargs(w_in), b_in_EG,
                             code, limit, alpha, *wargs(w_out), b_out_ED)
-
-
-def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
-    return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
-
-
-def plain_f32(t: Tensor) -> Tensor:
-    """t as a contiguous float32 tensor the kernels read (the C++ side takes no autograd)."""
-    return _plain(t, torch.float32)
 
 
 def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor,
@@ -279,16 +267,6 @@ def dequantized_experts(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets
         y_TD += fused_experts(x_TD, token_S[r0:r1], weight_S[r0:r1], offsets_E[e0:e1] - r0,
                               wi, wo, bi, bo, act, kind)
     return y_TD
-
-
-def _list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
-    """Per-expert weights -> (data list, scales list | None, zeros list | None, bits, group)."""
-    first = ws[0]
-    if isinstance(first, QuantizedTensor):
-        return ([w.data[0] for w in ws], [w.scales[0] for w in ws],
-                None if first.zeros is None else [w.zeros[0] for w in ws],
-                kernel_bits(first), first.group_size or 0)
-    return list(ws), None, None, 0, 0
 
 
 def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tensor,
@@ -511,15 +489,6 @@ def shared_args(w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
             None if gate_1D is None else f32(gate_1D).t())
 
 
-_ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}
-
-
-def _all_rows(T: int) -> tuple[Tensor, Tensor]:
-    """(arange(T), [T] as int32): every row routed to the one expert; made once per T
-    (a decode step's rows), since the kernel only reads them."""
-    if T not in _ALL_ROWS:
-        _ALL_ROWS[T] = torch.arange(T), torch.full((1,), T, dtype=torch.int32)
-    return _ALL_ROWS[T]
 
 
 def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
@@ -535,126 +504,3 @@ def project(x: Tensor, w: Tensor | QuantizedTensor) -> Tensor:
         if y is None:
             y = x_TK @ (w.dequantize(0, 1, x.dtype)[0] if quantized else w)
     return y.view(*x.shape[:-1], y.shape[-1])
-
-
-# -- the rest of a decode step: routing, and attention for one new token ------------------
-
-# Rows up to which a decode step's residual add and RMSNorm run as one call (and the
-# routing below as one call): a decode step's batch; prefill keeps the torch ops.
-ADD_NORM_MAX_ROWS = 256
-
-
-STEP_DTYPES = (torch.float32, torch.bfloat16)  # what add_rms_norm and attend_one take
-
-
-def add_norm_ok(x: Tensor, w: Tensor) -> bool:
-    """Whether ``add_rms_norm`` runs for x: fp32 or bf16 (x and the norm's weight alike)
-    on the CPU, few rows, no autograd."""
-    return (x.dtype == w.dtype and x.dtype in STEP_DTYPES and x.device.type == "cpu"
-            and x.numel() <= ADD_NORM_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and available())
-
-
-def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x + y, rms_norm(x + y) * w) in one call, shaped like x, in x's dtype (fp32 or
-    bf16; bf16 rounds the sum, then normalizes it in fp32 and rounds h once)."""
-    D = x.shape[-1]
-    s, h = cpu_ext.get_decode().add_rms_norm(_plain(x.reshape(-1, D), x.dtype),
-                                             _plain(y.reshape(-1, y.shape[-1]), x.dtype),
-                                             _plain(w, x.dtype), eps)
-    return s.view(x.shape), h.view(x.shape)
-
-
-def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """rms_norm(x) * w in one call, shaped like x, in x's dtype (fp32 or bf16: normalized
-    in fp32, rounded once); ``add_norm_ok`` says where it runs."""
-    D = x.shape[-1]
-    h = cpu_ext.get_decode().rms_norm(_plain(x.reshape(-1, D), x.dtype), _plain(w, x.dtype), eps)
-    return h.view(x.shape)
-
-
-# Tokens up to which MoE.infer routes and sorts in one C++ call (each token's choice over
-# the threads, then a counting sort) instead of the torch ops (the same decision,
-# vectorized over T). Per layer, router logits included, torch ops / kernel on the Intel
-# AVX-512 VM (2 threads, 2026-12-04): E=64 K=8 D=1024 0.45 / 0.17 ms at 256 tokens, 0.87 /
-# 0.37 at 512, 2.60 / 1.44 at 2048, 4.13 / 2.68 at 4096; E=8 K=2 0.21 / 0.08 at 512, 1.58
-# / 0.70 at 4096. So prefills of up to 4096 tokens take it too (it was 256: decode steps).
-ROUTE_KERNEL_MAX_TOKENS = 4096
-
-
-def route_sort(logits_TE: Tensor, top_k: int, mode: int, renormalize: bool, scale: float,
-               bias_E: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top-k routing and the sort by expert in one call: (token_S, weight_S, counts_E,
-    offsets_E), the rows ``sort_by_expert`` gives for the router's plan (dropless).
-    ``mode`` 0: softmax router, 1: sigmoid (``Router.kernel_spec``)."""
-    return cpu_ext.get_decode().route_sort(plain_f32(logits_TE), top_k, mode, renormalize,
-                                           scale, bias_E)
-
-
-def sort_topk_ok(experts_TK: Tensor, weights_TK: Tensor) -> bool:
-    """Whether ``sort_topk`` takes a top-k choice: int64 ids and float weights on the CPU,
-    no gradient wanted through the weights (training keeps the torch ops), kernels built."""
-    return (experts_TK.device.type == "cpu" and weights_TK.device.type == "cpu"
-            and experts_TK.dtype == torch.int64 and weights_TK.is_floating_point()
-            and not (torch.is_grad_enabled() and weights_TK.requires_grad)
-            and not torch.compiler.is_compiling() and available())
-
-
-def sort_topk(experts_TK: Tensor, weights_TK: Tensor, num_experts: int
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A router's top-k choice [T, K] sorted by expert in one call, stable in token order:
-    (token_S, weight_S in the weights' dtype, counts_E, offsets_E int32), the rows
-    ``integrations.hf.experts.dispatch_from_topk`` makes with torch ops."""
-    return cpu_ext.get_decode().sort_topk(experts_TK, weights_TK, num_experts)
-
-
-def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
-             k_width: int) -> Tensor:
-    """The q and k RMSNorms before ``attend_one``, in place on a contiguous ``qkv_RC``
-    [R, C] = [q | k | v] (fp32 or bf16, the weights alike): q = the first ``q_width``
-    columns normalized in pieces of q_w's size (Dh: each head; q_width: all heads), k =
-    the next ``k_width`` in pieces of k_w's size; each piece as ``rms_norm`` normalizes a
-    row. Returns qkv_RC."""
-    cpu_ext.get_decode().qk_norm_(qkv_RC, _plain(q_w, qkv_RC.dtype), _plain(k_w, qkv_RC.dtype),
-                                  eps, q_width, k_width)
-    return qkv_RC
-
-
-# KV caches besides the activations' dtype: under fp32, bf16 or int8; under bf16, int8
-KV_SCALE_BYTES = 4  # an int8 cache row's float scale, after its Dh values
-CACHES_UNDER = {torch.float32: (torch.bfloat16, torch.int8), torch.bfloat16: (torch.int8,)}
-
-
-def cache_takes(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
-    """Whether ``attend_one`` takes a KV cache of ``cache_dtype`` under activations of
-    ``dtype``: fp32 or bf16 alike, a bf16 cache under fp32, or an int8 one under either."""
-    return dtype in STEP_DTYPES and (cache_dtype == dtype
-                                     or cache_dtype in CACHES_UNDER.get(dtype, ()))
-
-
-def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
-    """Whether ``attend_one`` runs this step: fp32 or bf16 activations with a cache
-    ``cache_takes``, on the CPU, no autograd, built."""
-    return (cache_takes(qkv.dtype, k_cache.dtype) and qkv.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and available())
-
-
-def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD: Tensor,
-               P: int, valid_BM: Tensor | None) -> Tensor:
-    """One new token per row in one call: rotary on q and k, k and v written to the
-    cache at slot P, attention over the row's slots [0, P] (``valid_BM``: the real
-    ones). ``qkv_RC`` [R, (H + 2 J) Dh] is [q | k | v] with J key/value heads (the
-    cache's; J = H, or grouped-query: query head h reads key/value head h // (H / J));
-    cos / sin broadcast to [R, Dh] (``rotary_table`` rows: one for all, or per row).
-    Returns [R, H Dh] in qkv's dtype (fp32 or bf16: bf16 rounds the output once; q and
-    the scores stay fp32). The cache is of qkv's dtype, bf16 under fp32 qkv, or int8
-    under either (``cache_takes``; int8: [B, J, M, Dh + 4], each row's values and float scale, as
-    ``quantize_kv`` in moekit.models.kv_cache): the new k and v are rounded or
-    quantized as the cache holds them, and slot P reads them so."""
-    Dh = k_BJMD.shape[-1] - (KV_SCALE_BYTES if k_BJMD.dtype == torch.int8 else 0)
-    dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
-    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
-                                           plain_f32(cos.reshape(-1, Dh)),
-                                           plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
-                                           valid_BM)
