@@ -39,13 +39,13 @@ from moekit.functions import cpu_ext
 from moekit.functions.decode_args import (
     ACT_CODES,
     ActFn,
-    _all_rows,
-    _kernels,
-    _list_args,
+    all_rows,
     available,
     f32,
     isa,
     kernel_bits,
+    kernels_for,
+    list_args,
     plain_f32,
     wargs,
 )
@@ -102,7 +102,7 @@ def decode_rows(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E: Tens
     ``spec`` = (activation kind, swiglu_limit, swiglu_alpha) when ``act`` is one the
     kernel knows; None runs ``act`` in Python on the fp32 gate+up output.
     """
-    ext, code, limit, alpha = _kernels(spec)
+    ext, code, limit, alpha = kernels_for(spec)
     # conversions only where needed: every Python-side op of a decode step runs right
     # after a weight stream has evicted its code and data (~0.1 ms for the first one)
     x = plain_f32(x_TD)
@@ -122,7 +122,7 @@ def topk_rows(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts:
     """``decode_rows`` on a router's top-k choice [T, K] (``sort_topk``'s rows) in one C++
     call, the same bits; None where ``spec``'s activation is not one the kernels run (it
     would run in Python between the two kernels)."""
-    ext, code, limit, alpha = _kernels(spec)
+    ext, code, limit, alpha = kernels_for(spec)
     if code == 0:
         return None
     return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *wargs(w_in), b_in_EG,
@@ -283,15 +283,15 @@ def decode_rows_list(x_TD: Tensor, token_S: Tensor, weight_S: Tensor, offsets_E:
     the step's total touched experts, which the kernels' K split depends on.
     Returns fp32 when ``out_TD`` is given, else x's dtype.
     """
-    ext, code, limit, alpha = _kernels(spec)
+    ext, code, limit, alpha = kernels_for(spec)
     x = plain_f32(x_TD)
-    h = ext.gate_up_list(x, token_S, offsets_E, *_list_args(w_in), f32(b_in_EG), code, limit,
+    h = ext.gate_up_list(x, token_S, offsets_E, *list_args(w_in), f32(b_in_EG), code, limit,
                          alpha, plan_experts)
     if code == 0:
         h = act(h).float().contiguous()
     out = torch.empty_like(x) if out_TD is None else out_TD
     ext.down_combine_list(h, token_S, plain_f32(weight_S), offsets_E,
-                          *_list_args(w_out), f32(b_out_ED), out, out_TD is not None,
+                          *list_args(w_out), f32(b_out_ED), out, out_TD is not None,
                           plan_experts)
     return out if out_TD is not None else out.to(x_TD.dtype)
 
@@ -452,7 +452,7 @@ def dense_rows(x_TK: Tensor, w_1KN: Tensor | QuantizedTensor) -> Tensor:
     dtype. ``w_1KN``: a float [1, K, N] view with unit stride along K or N (an
     ``nn.Linear`` weight is ``w[None].transpose(1, 2)``) or a QuantizedTensor of E=1."""
     ext = cpu_ext.get_decode()
-    rows_T, offsets_1 = _all_rows(x_TK.shape[0])
+    rows_T, offsets_1 = all_rows(x_TK.shape[0])
     y = ext.gate_up(plain_f32(x_TK), rows_T, offsets_1, *wargs(w_1KN), None, 0, 0.0, 1.0)
     return y if y.dtype == x_TK.dtype else y.to(x_TK.dtype)
 
@@ -465,9 +465,9 @@ def shared_rows(x_TD: Tensor, w_in: Tensor | QuantizedTensor, w_out: Tensor | Qu
     sigmoid(x @ gate) per row (Qwen2-MoE's shared-expert gate; 1 without one). ``w_in``
     [D, G] / ``w_out`` [F, D] float or [1, D, G] / [1, F, D] quantized; output in x's
     dtype. DecodeStep (csrc/cpu_decode.cpp) makes the same calls."""
-    ext, code, limit, alpha = _kernels(spec)
+    ext, code, limit, alpha = kernels_for(spec)
     x = plain_f32(x_TD)
-    rows_T, ends_1 = _all_rows(x.shape[0])
+    rows_T, ends_1 = all_rows(x.shape[0])
     w_in, w_out, b_in, b_out, gate_D1 = shared_args(w_in, w_out, b_in_G, b_out_D, gate_1D)
     h = ext.gate_up(x, rows_T, ends_1, *w_in, b_in, code, limit, alpha)
     weight_T = (torch.ones(x.shape[0]) if gate_D1 is None

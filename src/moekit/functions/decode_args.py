@@ -2,9 +2,9 @@
 called: whether they run here (``available``, ``isa``), the activation codes their
 epilogues know (``ACT_CODES``), and their arguments: a weight as they read it (``wargs``:
 a float stack in either unit-stride layout, or a ``QuantizedTensor``'s data, scales,
-zeros and format code; ``_list_args`` for one-expert lists), contiguous float32 or
+zeros and format code; ``list_args`` for one-expert lists), contiguous float32 or
 ``dtype`` copies made only where needed (``f32``, ``plain_f32``), and the rows of one
-"expert" that every row goes to (``_all_rows``). ``decode.py`` and ``decode_step.py``
+"expert" that every row goes to (``all_rows``). ``decode.py`` and ``decode_step.py``
 call the kernels with these; the public names stay importable from
 ``moekit.functions.decode``.
 """
@@ -58,7 +58,7 @@ def f32(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
-def _kernels(spec: tuple[str, float, float] | None):
+def kernels_for(spec: tuple[str, float, float] | None):
     """(the decode extension, activation code, swiglu limit, swiglu alpha) for ``spec``."""
     ext = cpu_ext.get_decode()
     if ext is None:
@@ -68,17 +68,17 @@ def _kernels(spec: tuple[str, float, float] | None):
     return ext, ACT_CODES.get(kind, 0), limit, alpha
 
 
-def _plain(t: Tensor, dtype: torch.dtype) -> Tensor:
+def plain(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t as a contiguous ``dtype`` tensor (no autograd), converted only where needed."""
     return t if t.dtype == dtype and t.is_contiguous() else t.detach().to(dtype).contiguous()
 
 
 def plain_f32(t: Tensor) -> Tensor:
     """t as a contiguous float32 tensor the kernels read (the C++ side takes no autograd)."""
-    return _plain(t, torch.float32)
+    return plain(t, torch.float32)
 
 
-def _list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
+def list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
     """Per-expert weights -> (data list, scales list | None, zeros list | None, bits, group)."""
     first = ws[0]
     if isinstance(first, QuantizedTensor):
@@ -91,7 +91,7 @@ def _list_args(ws: list[Tensor | QuantizedTensor]) -> tuple:
 _ALL_ROWS: dict[int, tuple[Tensor, Tensor]] = {}
 
 
-def _all_rows(T: int) -> tuple[Tensor, Tensor]:
+def all_rows(T: int) -> tuple[Tensor, Tensor]:
     """(arange(T), [T] as int32): every row routed to the one expert; made once per T
     (a decode step's rows), since the kernel only reads them."""
     if T not in _ALL_ROWS:

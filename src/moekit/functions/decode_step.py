@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.decode_args import _plain, available, plain_f32
+from moekit.functions.decode_args import available, plain, plain_f32
 
 # Rows up to which a decode step's residual add and RMSNorm run as one call (and the
 # routing below as one call): a decode step's batch; prefill keeps the torch ops.
@@ -39,9 +39,9 @@ def add_rms_norm(x: Tensor, y: Tensor, w: Tensor, eps: float) -> tuple[Tensor, T
     """(x + y, rms_norm(x + y) * w) in one call, shaped like x, in x's dtype (fp32 or
     bf16; bf16 rounds the sum, then normalizes it in fp32 and rounds h once)."""
     D = x.shape[-1]
-    s, h = cpu_ext.get_decode().add_rms_norm(_plain(x.reshape(-1, D), x.dtype),
-                                             _plain(y.reshape(-1, y.shape[-1]), x.dtype),
-                                             _plain(w, x.dtype), eps)
+    s, h = cpu_ext.get_decode().add_rms_norm(plain(x.reshape(-1, D), x.dtype),
+                                             plain(y.reshape(-1, y.shape[-1]), x.dtype),
+                                             plain(w, x.dtype), eps)
     return s.view(x.shape), h.view(x.shape)
 
 
@@ -49,7 +49,7 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """rms_norm(x) * w in one call, shaped like x, in x's dtype (fp32 or bf16: normalized
     in fp32, rounded once); ``add_norm_ok`` says where it runs."""
     D = x.shape[-1]
-    h = cpu_ext.get_decode().rms_norm(_plain(x.reshape(-1, D), x.dtype), _plain(w, x.dtype), eps)
+    h = cpu_ext.get_decode().rms_norm(plain(x.reshape(-1, D), x.dtype), plain(w, x.dtype), eps)
     return h.view(x.shape)
 
 
@@ -95,7 +95,7 @@ def qk_norm_(qkv_RC: Tensor, q_w: Tensor, k_w: Tensor, eps: float, q_width: int,
     columns normalized in pieces of q_w's size (Dh: each head; q_width: all heads), k =
     the next ``k_width`` in pieces of k_w's size; each piece as ``rms_norm`` normalizes a
     row. Returns qkv_RC."""
-    cpu_ext.get_decode().qk_norm_(qkv_RC, _plain(q_w, qkv_RC.dtype), _plain(k_w, qkv_RC.dtype),
+    cpu_ext.get_decode().qk_norm_(qkv_RC, plain(q_w, qkv_RC.dtype), plain(k_w, qkv_RC.dtype),
                                   eps, q_width, k_width)
     return qkv_RC
 
@@ -134,7 +134,7 @@ def attend_one(qkv_RC: Tensor, cos: Tensor, sin: Tensor, k_BJMD: Tensor, v_BJMD:
     quantized as the cache holds them, and slot P reads them so."""
     Dh = k_BJMD.shape[-1] - (KV_SCALE_BYTES if k_BJMD.dtype == torch.int8 else 0)
     dtype = qkv_RC.dtype if cache_takes(qkv_RC.dtype, k_BJMD.dtype) else k_BJMD.dtype
-    return cpu_ext.get_decode().attend_one(_plain(qkv_RC, dtype),
+    return cpu_ext.get_decode().attend_one(plain(qkv_RC, dtype),
                                            plain_f32(cos.reshape(-1, Dh)),
                                            plain_f32(sin.reshape(-1, Dh)), k_BJMD, v_BJMD, P,
                                            valid_BM)
