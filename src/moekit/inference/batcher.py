@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from moekit.config import MAX_SEED, check_int_range, check_positive_int, reject
-from moekit.inference.batcher_join import Joining, _Fill, _Prefix
+from moekit.inference.batcher_join import Fill, Joining, Prefix
 from moekit.inference.concurrency import OneCall
 from moekit.inference.decode_plan import DecodePlan
 from moekit.inference.engine import (
@@ -158,9 +158,9 @@ class Batcher(Joining):
         self._dropless = all(b.ffn.config.capacity_factor is None
                              for b in model.blocks if b.is_moe)
         self.prefix_entries = prefix_entries
-        self._prefixes: deque[_Prefix] = deque()
+        self._prefixes: deque[Prefix] = deque()
         self._waiting: deque[Group] = deque()
-        self._filling: _Fill | None = None  # the groups whose prompts are prefilling
+        self._filling: Fill | None = None  # the groups whose prompts are prefilling
         # row r of the cache decodes sequence _seqs[r] = (group, index); _next[r] is the
         # token it feeds next; _ends[r] the cache length by which it has stopped
         self._seqs: list[tuple[Group, int]] = []
@@ -331,7 +331,7 @@ class Batcher(Joining):
             logits_RV, out = out, None
         self._pick(groups, rows_of, out, logits_RV)
 
-    def _mixed(self, ids_R1: Tensor, fill: _Fill) -> Tensor:
+    def _mixed(self, ids_R1: Tensor, fill: Fill) -> Tensor:
         """A decode step that carries the next ``prefill_chunk`` tokens of the cohort's
         prefill (padding counted): one pass, the experts read once for both
         (``MoETransformer.infer_pair``; two where the experts have a capacity). The decode

@@ -1,7 +1,7 @@
 """How waiting groups join a ``Batcher``'s running batch (``batcher.py``'s docstring tells
-the whole story): cohorts of groups prefilled together in a cache of their own (``_Fill``),
+the whole story): cohorts of groups prefilled together in a cache of their own (``Fill``),
 whole or in chunks, their first tokens, the room made in the shared cache and the join;
-and the kept conversations (``_Prefix``) that a continuation prefills from.
+and the kept conversations (``Prefix``) that a continuation prefills from.
 
 ``Joining`` is a mixin of ``Batcher``: its methods read and write the batcher's state
 (``cache``, ``model``, ``_waiting``, ``_filling``, ``_seqs``, ``_next``, ``_ends``,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(eq=False)
-class _Fill:
+class Fill:
     """Groups prefilling together (a cohort): their own cache, their distinct prompts
     left-padded [U, L], the positions done, each group's sequences' rows; at the end the
     sequences that go on, with their first tokens."""
@@ -47,7 +47,7 @@ class _Fill:
 
 
 @dataclass
-class _Prefix:
+class Prefix:
     ids: list[int]
     k: list[Tensor]  # per layer [J, n, Dh]
     v: list[Tensor]
@@ -85,7 +85,7 @@ class Joining:
                 self._filling = None
                 self._fail(fill.groups, e)
 
-    def _cohort(self) -> _Fill | None:
+    def _cohort(self) -> Fill | None:
         """The next waiting groups to prefill together, or None (the first does not fit
         the free rows): the first, and those after it that fit the rows while the left
         padding stays at most the prompts' own tokens; a prompt that continues a kept
@@ -116,16 +116,16 @@ class Joining:
                              c.k[0].device)
         index = {p: u for u, p in enumerate(prompts)}
         rows = [[index[tuple(p)] for p in g.ids] for g in groups]
-        return _Fill(groups, into, self._prefill_ids(groups[0], hit, prompts, into), rows)
+        return Fill(groups, into, self._prefill_ids(groups[0], hit, prompts, into), rows)
 
-    def _prefill(self, fill: _Fill) -> None:
+    def _prefill(self, fill: Fill) -> None:
         """The rest of a cohort's prefill, alone (nothing else runs)."""
         t0 = time.perf_counter()
         fill.logits_UV = self.model.infer(fill.ids_UL[:, fill.pos:], fill.cache)
         fill.pos = fill.ids_UL.shape[1]
         self._charge(fill, time.perf_counter() - t0)
 
-    def _charge(self, fill: _Fill, seconds: float) -> None:
+    def _charge(self, fill: Fill, seconds: float) -> None:
         """A cohort's forward of ``seconds``: counted once in the batcher's total, split
         among its groups by their prompt tokens, so that a sum over groups (a request's in
         ``moekit serve``, a run's in ``moekit generate``) counts it once too."""
@@ -135,7 +135,7 @@ class Joining:
         for g, n in zip(fill.groups, tokens, strict=True):
             g.prefill_s += seconds * n / total  # (no group left: no share to give)
 
-    def _first_tokens(self, fill: _Fill) -> None:
+    def _first_tokens(self, fill: Fill) -> None:
         """Each group's first tokens, from its rows' logits with its own generator; the
         groups whose every sequence stopped with it finish and leave the cohort."""
         went_on = []
@@ -156,7 +156,7 @@ class Joining:
         fill.groups = went_on
         fill.logits_UV = None
 
-    def _room(self, fill: _Fill) -> int | None:
+    def _room(self, fill: Fill) -> int | None:
         """The shift of the running rows that lets the cohort's sequences join now, or
         None (they wait)."""
         c = self.cache
@@ -168,7 +168,7 @@ class Joining:
         hi = min(c.max_len - (N - 1) - c.length, c.max_len - max(self._ends))
         return lo if lo <= hi else None
 
-    def _join(self, fill: _Fill, d: int) -> None:
+    def _join(self, fill: Fill, d: int) -> None:
         """The prefilled cohort's sequences that go on join the shared cache."""
         c = self.cache
         if not self._seqs:  # nothing running: the cohort's rows alone
@@ -184,7 +184,7 @@ class Joining:
             self._next.append(token)
             self._ends.append(c.length + g.config.max_new_tokens - 1)
 
-    def _prefill_ids(self, group: Group, hit: tuple[_Prefix, int] | None,
+    def _prefill_ids(self, group: Group, hit: tuple[Prefix, int] | None,
                      prompts: list[tuple[int, ...]], cache: StaticKVCache) -> Tensor:
         """``prompts`` left-padded [U, L] with ``cache`` reset for them; with ``hit`` (the
         group's one prompt continues a kept prefix): only its rest, the prefix's keys and
@@ -200,7 +200,7 @@ class Joining:
         cache.length = group.reused = n
         return torch.tensor([group.ids[0][n:]], device=cache.slots_M.device)
 
-    def _prefix_for(self, prompt: list[int]) -> tuple[_Prefix, int] | None:
+    def _prefix_for(self, prompt: list[int]) -> tuple[Prefix, int] | None:
         """The kept prefix sharing the most leading ids with ``prompt`` and how many (at
         least one id left to prefill: its logits), or None."""
         best, most = None, 0
@@ -220,7 +220,7 @@ class Joining:
         held = group.ids[i] + group.gens[i].tokens[:-1]  # the last token was not fed back
         start = int(cache.pad_B[row])
         stop = start + len(held)
-        self._prefixes.appendleft(_Prefix(held, [t[row, :, start:stop].clone() for t in cache.k],
-                                          [t[row, :, start:stop].clone() for t in cache.v]))
+        self._prefixes.appendleft(Prefix(held, [t[row, :, start:stop].clone() for t in cache.k],
+                                         [t[row, :, start:stop].clone() for t in cache.v]))
         while len(self._prefixes) > self.prefix_entries:
             self._prefixes.pop()
