@@ -79,3 +79,19 @@ def test_hash_router_refuses_renormalize_false():
                                          r"router='hash'.*1/K"):
         moekit.MoEConfig(dim=16, ffn_dim=8, num_experts=4, top_k=2, router="hash",
                          hash_vocab_size=10, renormalize=False)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (37, 7, 3), (12, 5, 5)])
+def test_softmax_topk_without_probs_chooses_and_weighs_the_same(renormalize, T, E, K):
+    """``probs=False`` (the Hugging Face routers, which drop probs_TE): the same bits as
+    plain torch, and no softmax over all E where renormalising leaves it unused."""
+    from moekit.routing.token_choice import softmax_topk
+
+    torch.manual_seed(T)
+    x, w = torch.randn(T, 16), torch.randn(E, 16)
+    experts, weights, probs = softmax_topk(x @ w.T, K, renormalize=renormalize, ties="topk",
+                                           probs=False)
+    want_experts, want_weights = _plain_torch(x, w, K, renormalize)
+    assert torch.equal(experts, want_experts) and torch.equal(weights, want_weights)
+    assert (probs is None) == renormalize

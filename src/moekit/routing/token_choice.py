@@ -64,12 +64,15 @@ def _wide(x: Tensor) -> Tensor:
 
 def softmax_topk(logits_TE: Tensor, top_k: int, *, renormalize: bool = True,
                  bias_E: Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
-                 scale: float = 1.0, ties: Ties = "lower") -> tuple[Tensor, Tensor, Tensor]:
+                 scale: float = 1.0, ties: Ties = "lower", probs: bool = True
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Softmax over all experts, keep the top K (Mixtral renormalises, Qwen2-MoE not).
 
     Returns (experts_TK, weights_TK, probs_TE). ``bias_E`` shifts selection only.
+    ``probs=False``: for a caller that wants the choice alone (the Hugging Face routers);
+    probs_TE may then be None, and is where renormalising leaves it unused.
     """
-    probs_TE = logits_TE.softmax(-1)
+    probs_TE = logits_TE.softmax(-1) if probs or not renormalize else None
     select_TE = logits_TE if bias_E is None else _wide(logits_TE).softmax(-1) + _wide(bias_E)
     experts_TK = _select(select_TE, top_k, num_groups, topk_groups, "max", ties)
     if renormalize:  # p_k / sum_j p_j over the chosen K = softmax of their logits, never 0/0

@@ -17,6 +17,14 @@ from torch import Tensor
 from moekit.routing.token_choice import sigmoid_topk, softmax_over_topk, softmax_topk
 
 
+def rows(hidden_states: Tensor, D: int) -> Tensor:
+    """``hidden_states.reshape(-1, D)``; the tensor itself where it is [T, D] already (the
+    MoE blocks hand their routers that: the reshape was a view op per call)."""
+    if hidden_states.dim() == 2 and hidden_states.shape[1] == D:
+        return hidden_states
+    return hidden_states.reshape(-1, D)
+
+
 class SoftmaxTopKRouter:
     """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all E in fp32, keep the top K.
 
@@ -30,11 +38,15 @@ class SoftmaxTopKRouter:
     _moekit_renormalize = True  # where the router has no norm_topk_prob
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_TD = hidden_states.reshape(-1, self.hidden_dim)
+        x_TD = rows(hidden_states, self.hidden_dim)
         logits_TE = F.linear(x_TD, self.weight)
-        renormalize = getattr(self, "norm_topk_prob", self._moekit_renormalize)
+        # the instance's own attribute (transformers sets it in __init__; no router class
+        # defines one): getattr sent Mixtral's router, which has none, through
+        # nn.Module.__getattr__ and an AttributeError on every call
+        renormalize = self.__dict__.get("norm_topk_prob", self._moekit_renormalize)
         experts_TK, weights_TK, _ = softmax_topk(logits_TE.float(), self.top_k,
-                                                 renormalize=renormalize, ties="topk")
+                                                 renormalize=renormalize, ties="topk",
+                                                 probs=False)
         if self._moekit_cast_weights:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, experts_TK
@@ -92,7 +104,7 @@ class SigmoidBiasRouter:
                 e_score_correction_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         if e_score_correction_bias is None:
             e_score_correction_bias = self.e_score_correction_bias
-        logits_TE = self._moekit_logits(hidden_states.reshape(-1, self.hidden_dim))
+        logits_TE = self._moekit_logits(rows(hidden_states, self.hidden_dim))
         experts_TK, weights_TK, _ = sigmoid_topk(
             logits_TE.float(), self.top_k, bias_E=e_score_correction_bias,
             scale=self._moekit_scale(), ties="topk")
