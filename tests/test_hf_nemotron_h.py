@@ -28,6 +28,7 @@ from moekit.integrations.hf.experts import (
     supports_stacked,
     supports_ungated,
 )
+from moekit.integrations.hf.experts_plan import PLAN_ATTR
 from moekit.integrations.hf.routers import SigmoidGroupRouter
 from tests import hf_models_more  # skips this module when transformers is missing
 from tests.test_hf_models_more import _dequantized_reference
@@ -84,16 +85,17 @@ def test_loss_and_every_gradient_match(train):
 @pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")
 def test_decode_rows_run_relu2_in_the_kernels(monkeypatch):
     """A decode-sized call (no autograd, few rows) runs relu2 inside the C++ kernels
-    (one call, sort included), and gives transformers' eager loop's output."""
+    (one call, sort included, its arguments prepared once: experts_plan.py), and gives
+    transformers' eager loop's output."""
     original, patched = _pair()
     calls = []
-    topk_rows = decode_fn.topk_rows
+    prepare = decode_fn.topk_rows_call
 
     def spy(*args):
         calls.append(args[-1])
-        return topk_rows(*args)
+        return prepare(*args)
 
-    monkeypatch.setattr(decode_fn, "topk_rows", spy)
+    monkeypatch.setattr(decode_fn, "topk_rows_call", spy)
     want_experts, got_experts = _experts(original)[0], _experts(patched)[0]
     g = torch.Generator().manual_seed(0)
     x_TD = torch.randn(3, 64, generator=g)
@@ -104,6 +106,8 @@ def test_decode_rows_run_relu2_in_the_kernels(monkeypatch):
         got = got_experts(x_TD, experts_TK, weights_TK)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
     assert [spec[0] for spec in calls] == ["relu2"]
+    with torch.no_grad():  # the plan makes the C++ call: it returns its output
+        assert torch.equal(got_experts.__dict__[PLAN_ATTR](x_TD, experts_TK, weights_TK), got)
 
 
 @pytest.mark.skipif(not decode_fn.available(), reason="decode kernels not built")

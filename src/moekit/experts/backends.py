@@ -272,11 +272,19 @@ def quant_kernel_max_rows(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Quan
     E, int8_bits = w_in.shape[0], w_in.bits if w_in.activations == "int8" else None
     # the lowest limit these weights can have: within it, no need to ask which applies
     # (int8_gemm_here reads the CPU and the environment)
-    if rows <= min(quant_rows_per_expert(E), quant_rows_per_expert(E, int8_bits)):
+    if rows <= quant_kernel_rows_floor(w_in):
         return QUANT_KERNEL_MAX_ROWS
     a8 = int8_bits if int8_bits is not None and decode.int8_gemm_here() else None
     one = decode.quant_one_call_applies(dtype, w_in, w_out, biased, kind)
     return quant_rows_limit(E, one, dtype, a8)
+
+
+def quant_kernel_rows_floor(w_in: QuantizedTensor) -> int:
+    """Rows up to which experts quantized as ``w_in`` always run on the decode kernels,
+    whatever the activations' dtype, the CPU or the biases: ``quant_kernel_max_rows``' lowest
+    limit for them."""
+    E, int8_bits = w_in.shape[0], w_in.bits if w_in.activations == "int8" else None
+    return min(quant_rows_per_expert(E), quant_rows_per_expert(E, int8_bits))
 
 
 def quant_rows_per_expert(num_experts: int, a8_bits: int | None = None) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ __all__ = [
     "int8_gemm_here", "isa", "kernel_bits", "plain_f32", "project", "qk_norm_",
     "quant_gemm_ok", "quant_gemm_rows", "quant_one_call_applies", "quant_one_call_format",
     "quantized_experts_into", "rms_norm", "route_sort", "shared_args", "shared_rows",
-    "sort_topk", "sort_topk_ok", "topk_rows", "wargs", "weight_gemm_min_rows",
+    "sort_topk", "sort_topk_ok", "topk_rows", "topk_rows_call", "wargs", "weight_gemm_min_rows",
 ]
 
 DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
@@ -127,6 +128,23 @@ def topk_rows(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor, num_experts:
         return None
     return ext.topk_experts(x_TD, experts_TK, weights_TK, num_experts, *wargs(w_in), b_in_EG,
                             code, limit, alpha, *wargs(w_out), b_out_ED)
+
+
+def topk_rows_call(w_in: Tensor | QuantizedTensor, w_out: Tensor | QuantizedTensor,
+                   b_in_EG: Tensor | None, b_out_ED: Tensor | None,
+                   spec: tuple[str, float, float]) -> tuple[Callable, tuple] | None:
+    """``topk_rows``' C++ call and its arguments after ``num_experts``, prepared once for a
+    caller that makes it many times with the same weights (a patched transformers experts
+    module: ``integrations.hf.experts_plan``): ``fn(x_TD, experts_TK, weights_TK,
+    num_experts, *tail)`` is ``topk_rows``' call. None where ``topk_rows`` returns None (an
+    activation the kernels do not run) or where ``wargs`` would copy a weight (a layout
+    the kernels do not read): a copy held across calls would miss later weight updates."""
+    ext, code, limit, alpha = kernels_for(spec)
+    plain = [w for w in (w_in, w_out) if not isinstance(w, QuantizedTensor)]
+    if code == 0 or any(w.stride(2) != 1 and w.stride(1) != 1 for w in plain):
+        return None
+    return ext.topk_experts, (*wargs(w_in), b_in_EG, code, limit, alpha, *wargs(w_out),
+                              b_out_ED)
 
 
 def _dequantized(w: QuantizedTensor, e0: int, runs: list[list[int]], buf: Tensor,

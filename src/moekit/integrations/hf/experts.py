@@ -25,6 +25,7 @@ from moekit.experts.activations import swiglu_oai
 from moekit.experts.backends import decode_experts, decode_topk_experts, grouped_mm_supported
 from moekit.experts.experts import auto_backend_name, autocast_experts, resolve_backend
 from moekit.functions import decode
+from moekit.integrations.hf.experts_plan import PLAN_ATTR, current_plan
 from moekit.quant.tensor import QuantizedTensor
 
 
@@ -173,6 +174,16 @@ class StackedExperts:
         return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        # a decode step: the one C++ call with arguments prepared once (experts_plan.py);
+        # not under torch.compile, which traces the general path
+        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            y_TD = current_plan(self)(hidden_states, top_k_index, top_k_weights)
+            if y_TD is not None:
+                return y_TD
+        return self._moekit_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _moekit_forward(self, hidden_states: Tensor, top_k_index: Tensor,
+                        top_k_weights: Tensor) -> Tensor:
         w_in, w_out = (getattr(self, a) for a in self._moekit_weights)
         # a QuantizedTensor (moekit.quantize) already has the [E, D, G] / [E, F, D] shape
         if not self.is_transposed and not isinstance(w_in, QuantizedTensor):
@@ -184,6 +195,24 @@ class StackedExperts:
                                 self._moekit_backend)
         # Tensor.to even to the same dtype: ~20 us at batch 1 right after the weights stream
         return y_TD if y_TD.dtype == hidden_states.dtype else y_TD.to(hidden_states.dtype)
+
+    # The plan holds views of the weights: dropped where they may change, so that weights
+    # replaced (quantize, .to, assign) are freed now; current_plan checks the rest per call.
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop(PLAN_ATTR, None)
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop(PLAN_ATTR, None)
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self.__dict__.pop(PLAN_ATTR, None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop(PLAN_ATTR, None)
+        super().__delattr__(name)
 
 
 class UngatedExperts(StackedExperts):

@@ -63,4 +63,5 @@ def patch_module(module: nn.Module, mixin: type, backend: str) -> bool:
 
 def unpatch_module(module: nn.Module) -> None:
     module.__class__ = type(module).__dict__["_moekit_original"]
-    module.__dict__.pop(BACKEND_ATTR, None)
+    for name in [n for n in module.__dict__ if n.startswith("_moekit_")]:
+        del module.__dict__[name]  # the backend, a decode plan (experts_plan.py)
