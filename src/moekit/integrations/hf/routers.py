@@ -11,6 +11,7 @@ Shape letters: T tokens, D hidden, E experts, K experts per token.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -44,10 +45,12 @@ class SoftmaxTopKRouter:
         # defines one): getattr sent Mixtral's router, which has none, through
         # nn.Module.__getattr__ and an AttributeError on every call
         renormalize = self.__dict__.get("norm_topk_prob", self._moekit_renormalize)
-        experts_TK, weights_TK, _ = softmax_topk(logits_TE.float(), self.top_k,
-                                                 renormalize=renormalize, ties="topk",
-                                                 probs=False)
-        if self._moekit_cast_weights:
+        # casts only where the dtype changes: .float() / .to() of a tensor already in
+        # that dtype return it, but each still went through the dispatcher
+        f32_TE = logits_TE if logits_TE.dtype == torch.float32 else logits_TE.float()
+        experts_TK, weights_TK, _ = softmax_topk(f32_TE, self.top_k, renormalize=renormalize,
+                                                 ties="topk", probs=False)
+        if self._moekit_cast_weights and weights_TK.dtype != logits_TE.dtype:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, experts_TK
 
