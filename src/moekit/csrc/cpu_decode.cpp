@@ -1999,6 +1999,14 @@ Rows touched_from(const I* o, int64_t n) {
   return rows;
 }
 
+// t itself where it is already a contiguous `dtype` tensor: Tensor::to into the tensor's
+// own dtype returns it too, but through the dispatcher, an aten op per call (4 of a
+// patched transformers experts module's topk_experts call at batch 1)
+torch::Tensor as_contiguous(const torch::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.to(dtype).contiguous();
+}
+
 // int32 offsets (route_sort's, the dense rows') are read as they are: a conversion to
 // int64 was an aten op per kernel call, 17 per batch-1 step of the fine model.
 Rows touched(const torch::Tensor& offsets_E) {
@@ -2409,7 +2417,7 @@ torch::Tensor gate_up_rows(const torch::Tensor& x_TD, const torch::Tensor& token
   TORCH_CHECK(!is_glu(act) || w.N % 2 == 0, "GLU activations need an even output width");
   check_bias(b_in, "b_in", ws.experts(), w.N);
   const Rows rows = touched(offsets_E);
-  auto tok = token_S.to(at::kLong).contiguous();
+  auto tok = as_contiguous(token_S, at::kLong);
   TORCH_CHECK(tok.numel() >= rows.kept, "token_S has fewer rows than offsets_E says");
   check_tokens(tok.data_ptr<int64_t>(), rows.kept, x_TD.size(0));
   Plan plan(rows, w, x_TD.data_ptr<float>(), x_TD.size(1), tok.data_ptr<int64_t>(),
@@ -2473,7 +2481,7 @@ void down_combine_rows(const torch::Tensor& a_SF, const torch::Tensor& token_S,
   const Rows rows = touched(offsets_E);
   TORCH_CHECK(a_SF.size(0) >= rows.kept && weight_S.numel() >= rows.kept,
               "a_SF / weight_S have fewer rows than offsets_E says");
-  auto tok = token_S.to(at::kLong).contiguous();
+  auto tok = as_contiguous(token_S, at::kLong);
   const int64_t* token = tok.data_ptr<int64_t>();
   const int64_t T = out_TD.size(0), D = w.N;
   check_tokens(token, rows.kept, T);
@@ -3386,7 +3394,7 @@ c10::optional<torch::Tensor> dense_amx(const torch::Tensor& x_TD, const torch::T
       R > (i8 || i4 ? AMX_I8_MAX_ROWS : AMX_MAX_ROWS) || w.K != x_TD.size(1) ||
       offsets_E.numel() != 1 || token_S.numel() != R || offsets_E.item<int64_t>() != R)
     return c10::nullopt;
-  const auto tok = token_S.to(at::kLong).contiguous();
+  const auto tok = as_contiguous(token_S, at::kLong);
   for (int64_t r = 0; r < R; ++r)
     if (tok.data_ptr<int64_t>()[r] != r) return c10::nullopt;
   auto y = torch::empty({R, w.N}, x_TD.options());
@@ -3785,7 +3793,7 @@ torch::Tensor topk_experts(const torch::Tensor& x_TD, const torch::Tensor& exper
               x_TD.sizes());
   TORCH_CHECK(experts_TK.dim() == 2 && experts_TK.size(0) == x_TD.size(0), "experts_TK ",
               experts_TK.sizes(), " must hold one row per row of x_TD ", x_TD.sizes());
-  const auto f32 = [](const torch::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const auto f32 = [](const torch::Tensor& t) { return as_contiguous(t, at::kFloat); };
   const auto f32o = [&](const c10::optional<torch::Tensor>& t) {
     return t ? c10::optional<torch::Tensor>(f32(*t)) : c10::nullopt;
   };
