@@ -774,35 +774,77 @@ def step_calls(shape: str, B: int, variant: str = "fp32", steps: int = 40) -> No
 
 def count_ops(shape: str, B: int, variant: str = "fp32") -> None:
     """The aten ops one decode step dispatches (Python and C++ callers alike), counted by
-    the innermost moekit line that issued them: a step's fixed cost, independent of load."""
+    the innermost moekit line that issued them (transformers' where no moekit line is on
+    the stack: an ``hfpatch-*`` variant): a step's fixed cost, independent of load."""
     import collections
     import traceback
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from moekit.models.transformer import StaticKVCache
-
     model = build(shape, variant)
-    cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 8)
-    cache.reset()
+    with torch.inference_mode():  # the prompt too (quantized experts have no backward)
+        step, advance = (_hf_steps if variant.startswith("hfpatch-") else _moekit_steps)(
+            model, B)
     counts: collections.Counter = collections.Counter()
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            here = [f for f in traceback.extract_stack() if "/moekit/" in f.filename]
-            site = f"{here[-1].filename.split('/moekit/')[-1]}:{here[-1].lineno}" if here else "?"
+            stack = traceback.extract_stack()
+            here = ([f for f in stack if "/moekit/" in f.filename]
+                    or [f for f in stack if "/transformers/" in f.filename])
+            where = here[-1].filename if here else "?"
+            where = (where.split("/moekit/")[-1] if "/moekit/" in where
+                     else "transformers/" + where.split("/transformers/")[-1])
+            site = f"{where}:{here[-1].lineno}" if here else "?"
             counts[(str(func), site)] += 1
             return func(*args, **(kwargs or {}))
 
     with torch.inference_mode():
-        nxt = model.infer(prompts(B, PROMPT_LEN), cache).argmax(-1)[:, None]
-        nxt = model.infer(nxt, cache).argmax(-1)[:, None]  # warm (lazy builds, caches)
+        for _ in range(2):  # warm (lazy builds, caches)
+            step()
+            advance()
         with Count():
-            model.infer(nxt, cache)
+            step()
     print(f"ops: {shape} {variant} batch {B}: {sum(counts.values())} aten ops per decode step")
     for (func, site), n in counts.most_common():
         print(f"{n:5d}  {func:44s} {site}")
+
+
+def _moekit_steps(model, B: int):
+    """(step, advance) for a moekit model after a prompt: ``step`` runs one decode step
+    (``model.infer``), ``advance`` feeds its greedy token to the next."""
+    import torch
+
+    from moekit.models.transformer import StaticKVCache
+
+    with torch.inference_mode(False):  # a cache of ordinary tensors, as the engine's
+        cache = StaticKVCache.for_model(model, B, PROMPT_LEN + 8)
+        cache.reset()
+    state = {"logits": model.infer(prompts(B, PROMPT_LEN), cache)}
+
+    def advance():
+        state["ids"] = state["logits"].argmax(-1)[:, None]
+
+    def step():
+        state["logits"] = model.infer(state["ids"], cache)
+    advance()
+    return step, advance
+
+
+def _hf_steps(model, B: int):
+    """(step, advance) for a transformers model after a prompt: ``step`` runs its forward
+    with its KV cache (as generate does), ``advance`` feeds its greedy token to the next."""
+    state = {"out": model(prompts(B, PROMPT_LEN), use_cache=True)}
+
+    def advance():
+        state["ids"] = state["out"].logits[:, -1:].argmax(-1)
+        state["cache"] = state["out"].past_key_values
+
+    def step():
+        state["out"] = model(state["ids"], past_key_values=state["cache"], use_cache=True)
+    advance()
+    return step, advance
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -850,7 +892,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall time of the calls in the engine's decode steps (--threads, "
                    "--batches, --models' first, --breakdown-variant's model) and exit")
     p.add_argument("--ops", action="store_true",
-                   help="count the aten ops of one decode step by call site (batches) and exit")
+                   help="count the aten ops of one decode step by call site (batches; the "
+                   "fp32 model and the hfpatch-* of --variants) and exit")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="moekit.tune_malloc's settings (what `moekit generate` runs with; "
                         "no page faults on either side of an A/B) or glibc's defaults")
@@ -964,7 +1007,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.ops:
         for B in args.own_batches:
-            count_ops(args.models[0], B)
+            for variant in ("fp32", *(v for v in args.variants if v.startswith("hfpatch-"))):
+                count_ops(args.models[0], B, variant)
         return 0
     if args.profile:
         for B in (1, 16):
