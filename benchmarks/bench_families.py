@@ -83,7 +83,7 @@ def converted(hf_model, root: Path) -> tuple[MoETransformer, float]:
     t0 = time.perf_counter()
     hf_to_moekit(root / "hf", root / "lm")
     seconds = time.perf_counter() - t0
-    ckpt = load_checkpoint(root / "lm")
+    ckpt = load_checkpoint(root / "lm", optimizer=False)
     model = MoETransformer(LMConfig.from_dict(ckpt.state["model_config"]))
     restore(ckpt, model, rng=False)
     return model.eval(), seconds

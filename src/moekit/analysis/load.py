@@ -40,7 +40,7 @@ def load_lm(path: str) -> tuple[nn.Module, Source]:
         return load_quantized_lm(path)
     from moekit.models import LMConfig, MoETransformer
     from moekit.train.checkpoint import load_checkpoint, restore
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, optimizer=False)
     model = MoETransformer(LMConfig.from_dict(ck.state["model_config"]))
     restore(ck, model, rng=False)
     return model.eval(), Source(ck.path, ck.step, ck.state)

@@ -193,7 +193,8 @@ def _source(path: str | Path) -> tuple[Path, dict, _Quant | None]:
     ckpt = resolve(path)
     file = _model_file(ckpt / MODEL_FILE)
     # the manifest's SHA-256 of every file, state.json included, before anything is read
-    rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE))
+    rundir.verify_manifest(ckpt, required=(MODEL_FILE, STATE_FILE),
+                           read=(MODEL_FILE, STATE_FILE))  # not the optimizer's
     return file, read_state(ckpt), None
 
 

@@ -349,7 +349,7 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, bits: int,
         raise CheckpointError(f"checkpoint={str(checkpoint)!r} is already quantized "
                               f"(int{meta['bits']}, {META_FILE}): quantize the float run "
                               "or step directory it came from")
-    ck = load_checkpoint(checkpoint)
+    ck = load_checkpoint(checkpoint, optimizer=False)
     # the checkpoint's own tensors (a converted bf16 model stays bf16 until each weight
     # is quantized), the rest in fp32 as a quantized directory holds it
     config = LMConfig.from_dict(ck.state["model_config"])
@@ -433,7 +433,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32) -> M
     and scales stay as they are)."""
     if is_quantized_checkpoint(path):
         return load_quantized(path, dtype)
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, optimizer=False)
     return assemble(LMConfig.from_dict(ck.state["model_config"]), ck.model, ck.path,
                     dtype=dtype)
 

@@ -53,7 +53,7 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]  # the parsed and validated state.json
     model: dict[str, Tensor]  # full state dict (tied names restored)
-    optimizer: dict[str, Tensor]  # flat "state.<i>.<name>" tensors
+    optimizer: dict[str, Tensor] | None  # flat "state.<i>.<name>" tensors; None: not read
 
     @property
     def step(self) -> int:
@@ -230,13 +230,17 @@ def _read_tensors(ckpt: Path, name: str) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint; assigns nothing."""
+def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint; assigns nothing. ``optimizer=False`` (a model to run,
+    not to train on): optimizer.safetensors is neither opened nor hashed, and
+    ``Checkpoint.optimizer`` is None. Every load had read it whole for its SHA-256 and
+    mapped it, twice the model's bytes under AdamW, which generation never used."""
     ckpt = resolve(path)
-    rundir.verify_manifest(ckpt, required=FILES)
+    rundir.verify_manifest(ckpt, required=FILES,
+                           read=None if optimizer else (MODEL_FILE, STATE_FILE))
     state = read_state(ckpt)
     model = _read_tensors(ckpt, MODEL_FILE)
-    optim = _read_tensors(ckpt, OPTIM_FILE)
+    optim = _read_tensors(ckpt, OPTIM_FILE) if optimizer else None
     for alias, source in state["tied"].items():
         if source not in model:
             raise CheckpointError(f"{ckpt}: tied weight {alias!r} points at missing {source!r}")
@@ -269,7 +273,7 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in groups for i in g["params"]]
     state: dict[int, dict[str, Any]] = {}
-    for key, t in ckpt.optimizer.items():
+    for key, t in (ckpt.optimizer or {}).items():
         m = _OPTIM_KEY.fullmatch(key)
         if m is None or int(m[1]) not in ids or not t.is_floating_point():
             raise CheckpointError(f"checkpoint {ckpt.path}: optimizer tensor {key!r} "
@@ -292,6 +296,11 @@ def restore(ckpt: Checkpoint, model: nn.Module,
     """Assign a verified checkpoint; everything is checked and converted before the
     first write, so an error leaves model, optimizer and RNG as they were."""
     check_model_fits(model, ckpt.model, ckpt.path)
+    if optimizer is not None and ckpt.optimizer is None:
+        raise ValueError(f"optimizer={type(optimizer).__name__} is not allowed: checkpoint "
+                         f"{ckpt.path} was loaded without its optimizer state "
+                         "(load_checkpoint(optimizer=False)); load it with optimizer=True "
+                         "to restore an optimizer")
     optim_sd = None if optimizer is None else optimizer_state_dict(optimizer, ckpt)
     rng_bytes = rng_state(ckpt.state["torch_rng"], ckpt.path) if rng else None
     model.load_state_dict(ckpt.model, strict=True)

@@ -145,7 +145,7 @@ def moekit_to_hf(src: str | Path, dst: str | Path) -> Path:
     from moekit.train.checkpoint import load_checkpoint
     from moekit.train.rundir import write_files
 
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, optimizer=False)
     lm = ckpt.state["model_config"]
     check_lm(lm)
     origin = ckpt.state.get("converted_from") or {}
