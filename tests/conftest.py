@@ -49,3 +49,20 @@ def two_threads():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (a killed writer's), checked
+    to be held by no process now."""
+    import subprocess
+    import sys
+
+    for _ in range(20):
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        try:
+            os.kill(child.pid, 0)
+        except ProcessLookupError:
+            return child.pid
+    raise RuntimeError("every exited child's pid was taken again at once")

@@ -19,6 +19,7 @@ import torch
 from moekit.models import MoETransformer, preset
 from moekit.train import rundir
 from moekit.train.checkpoint import load_checkpoint, save_checkpoint
+from moekit.train.temps import host_tag, writer_mark
 
 
 @pytest.fixture
@@ -48,10 +49,11 @@ def _failing_fsync(monkeypatch, when):
 
 def is_temp_of(p: Path, final: Path) -> bool:
     """Whether ``p`` is a temporary of ``final`` as write_files names them: beside it,
-    ``.<name>.tmp``, mkstemp's 8 characters, the suffix again (savefig reads it)."""
+    ``.<name>.tmp``, this process as its writer, mkstemp's 8 characters, the suffix again
+    (savefig reads it)."""
     return p.parent == final.parent and re.fullmatch(
-        re.escape(f".{final.name}.tmp") + r"[a-z0-9_]{8}" + re.escape(final.suffix),
-        p.name) is not None
+        re.escape(f".{final.name}.tmp{writer_mark()}") + r"[a-z0-9_]{8}"
+        + re.escape(final.suffix), p.name) is not None
 
 
 def test_write_whole_fsyncs_the_file_then_its_directory(tmp_path, synced):
@@ -305,17 +307,25 @@ def test_a_failed_writer_leaves_the_old_files_and_no_temporary(tmp_path):
     assert (tmp_path / "a.md").read_text() == "old a"
 
 
-def test_clean_run_dir_removes_the_temporaries_of_killed_writes(tmp_path):
+def test_clean_run_dir_removes_the_temporaries_of_killed_writes(tmp_path, dead_pid):
     """Each write has its own temporary name now, so a killed writer's is no longer
-    overwritten by the next: a new run in the directory removes it, and nothing that
-    is not one (a user's file, a name without mkstemp's 8 characters or whose suffix
-    is not the file's) is touched."""
-    killed = [rundir.temp_file(tmp_path, "result.json"), rundir.temp_file(tmp_path, "a.png"),
-              rundir.temp_file(tmp_path, "metrics")]
+    overwritten by the next: a new run in the directory removes it (one a dead process
+    wrote, one of another host or boot, one named before the writer was in the name),
+    and nothing that is not one (a user's file, a name without mkstemp's 8 characters
+    or whose suffix is not the file's) is touched, nor a live writer's (this process)."""
+    live = [rundir.temp_file(tmp_path, "result.json"), rundir.temp_file(tmp_path, "a.png"),
+            rundir.temp_file(tmp_path, "metrics")]
     assert all(is_temp_of(p, tmp_path / n) for p, n in
-               zip(killed, ["result.json", "a.png", "metrics"], strict=True))
+               zip(live, ["result.json", "a.png", "metrics"], strict=True))
+    other_host = "0" * 8 if host_tag() != "0" * 8 else "1" * 8
+    killed = [tmp_path / f".result.json.tmp{host_tag()}-{dead_pid}-abcd1234.json",
+              tmp_path / f".a.png.tmp{host_tag()}-{dead_pid}-abcd1234.png",
+              tmp_path / f".metrics.tmp{other_host}-{os.getpid()}-abcd1234",
+              tmp_path / ".result.json.tmpabcd1234.json"]
+    for p in killed:
+        p.write_text("x")
     kept = ["result.json", ".result.json.tmp-mine.json", ".result.json.tmpabcd1234.png",
-            ".result.json.tmpabcd123.json", "notes.tmpabcd1234.txt"]
+            ".result.json.tmpabcd123.json", "notes.tmpabcd1234.txt", *(p.name for p in live)]
     for name in kept:
         (tmp_path / name).write_text("x")
     done = rundir.clean_run_dir(tmp_path)

@@ -64,6 +64,7 @@ from moekit.train.checkpoint import (
 )
 from moekit.train.rundir import aside_of, swap_in, temp_dir
 from moekit.train.rundir import sha256 as _sha256
+from moekit.train.temps import remove_dead_temps
 
 FORMAT_VERSION = 3  # 3 added "embeddings", 2 "scope"; 1 (experts only) and 2 still load
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
@@ -130,8 +131,12 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
 
 def _remove_killed_writes(out: Path) -> None:
     """Delete the temporary directories earlier saves to ``out`` left when they were
-    killed (``.<name>.tmp`` and mkdtemp's 8 characters): each held a whole model, and
-    every killed save had left one more beside ``out``."""
+    killed: each held a whole model, and every killed save had left one more beside
+    ``out``. Only those whose writer is surely dead (``temps.remove_dead_temps``): all
+    ``.<name>.tmp*`` had gone, a save running beside this one included, whose rename then
+    failed. Unmarked ones (``.<name>.tmp`` + mkdtemp's 8 characters) were written before
+    the writer was in the name, by a moekit that removed them too: they still go."""
+    remove_dead_temps(out.parent, [out.name], dirs=True)
     pattern = re.compile(re.escape(f".{out.name}.tmp") + r"[a-z0-9_]{8}")
     for p in out.parent.iterdir():
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():

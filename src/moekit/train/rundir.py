@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from moekit.errors import CheckpointError
+from moekit.train.temps import MARK, RANDOM, remove_dead_temps, writer_alive, writer_mark
 
 LATEST, MANIFEST = "LATEST", "manifest.json"
 STEP_DIR = re.compile(r"step_\d{8}")
@@ -28,10 +29,11 @@ _LATEST_MAX_BYTES = 4096  # "step_00000100\n" is 14; read no more than this
 
 def temp_dir(parent: Path, prefix: str) -> Path:
     """A new directory in ``parent`` to write a checkpoint into before it is swapped into
-    place, with the mode ``mkdir`` gives under the current umask: ``tempfile.mkdtemp``
+    place, named ``prefix`` + the writer (``temps.writer_mark``) + 8 random characters,
+    with the mode ``mkdir`` gives under the current umask: ``tempfile.mkdtemp``
     makes it 0700, which the swapped-in output kept (other users could not read it where
     a plain ``mkdir`` would have let them)."""
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix + writer_mark()))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
 
@@ -49,11 +51,14 @@ def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> N
     the renames raises with every new file in place (on a power loss any rename may
     then be lost). Either raises ``ReplacedError``, which says so (``left_by``).
 
-    Each temporary name is new (``temp_file``: ``.<name>.tmp`` + 8 random characters +
-    the suffix again, which savefig reads the format from): with one fixed name per
-    file, two processes writing the same file wrote into the same temporary, and one
-    renamed the other's half-written data into place. A killed writer's temporary
-    stays; ``clean_run_dir`` removes those of a run directory (``is_killed_write``)."""
+    Each temporary name is new (``temp_file``: ``.<name>.tmp`` + the writer + 8 random
+    characters + the suffix again, which savefig reads the format from): with one fixed
+    name per file, two processes writing the same file wrote into the same temporary, and
+    one renamed the other's half-written data into place. A killed writer's temporary
+    stays until the next write of the same file here, which removes it where its writer
+    is surely dead (``temps.remove_dead_temps``; a live writer's is never touched);
+    ``clean_run_dir`` removes those of a run directory (``is_killed_write``)."""
+    remove_dead_temps(out, writers)
     tmps: dict[str, Path] = {}
     try:
         for name in writers:
@@ -69,9 +74,11 @@ def write_files(out: Path, writers: Mapping[str, Callable[[Path], object]]) -> N
 
 def temp_file(out: Path, name: str) -> Path:
     """A new empty file in ``out`` to write ``name`` into before it is renamed into place,
-    named ``.<name>.tmp<8 random characters><name's suffix>``, with the mode ``open``
-    gives under the umask (``mkstemp`` makes it 0600, which the rename would keep)."""
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.tmp", suffix=Path(name).suffix)
+    named ``.<name>.tmp<host>-<pid>-<8 random characters><name's suffix>`` (the writer:
+    ``temps.writer_mark``), with the mode ``open`` gives under the umask (``mkstemp``
+    makes it 0600, which the rename would keep)."""
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.tmp{writer_mark()}",
+                               suffix=Path(name).suffix)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
     except BaseException:
@@ -318,14 +325,18 @@ def aside_of(ckpt: Path) -> Path:
 def clean_run_dir(run_dir: Path) -> list[str]:
     """Remove temporary files of killed saves and restore checkpoints moved aside.
 
-    Call once at the start of a run that owns ``run_dir`` (never while another
-    process saves into it). Returns what it did, for the log.
+    Call once at the start of a run that owns ``run_dir``. A temporary whose writer is
+    alive on this host (``temps.writer_alive``: another process saving into it) is left;
+    any other is removed, a killed save's, as the run owns the directory. Returns what it
+    did, for the log.
     """
     done: list[str] = []
     if not run_dir.is_dir():
         return done
     for p in sorted(run_dir.iterdir()):
         name = p.name
+        if writer_alive(name):
+            continue
         if name.endswith(ASIDE) and (STEP_DIR.fullmatch(name[1:-len(ASIDE)])
                                      or DCP_DIR.fullmatch(name[1:-len(ASIDE)])):
             target = run_dir / name[1:-len(ASIDE)]
@@ -349,10 +360,12 @@ def clean_run_dir(run_dir: Path) -> list[str]:
 
 def is_killed_write(name: str) -> bool:
     """Whether ``name`` is a ``write_files`` temporary (``temp_file``): ``.<name>.tmp``,
-    mkstemp's 8 characters, then the suffix of ``<name>`` again (a result.json, a plot or
-    a converted model.safetensors a killed writer left)."""
-    m = re.fullmatch(r"\.(.+)\.tmp[a-z0-9_]{8}((?:\.[^.]*)?)", name)
-    return m is not None and m[2] == Path(m[1]).suffix
+    the writer (``temps.MARK``; none before it was added), mkstemp's 8 characters, then
+    the suffix of ``<name>`` again (a result.json, a plot or a converted
+    model.safetensors a killed writer left)."""
+    m = re.fullmatch(r"\.(.+)\.tmp(?:" + MARK + ")?" + RANDOM + r"(?P<suffix>(?:\.[^.]*)?)",
+                     name)
+    return m is not None and m["suffix"] == Path(m[1]).suffix
 
 
 def check_no_newer_sharded(run_dir: Path, step: int) -> None:
