@@ -188,10 +188,14 @@ def test_tokenizer_copy_is_fsynced_before_its_rename(tmp_path, monkeypatch):
     (src / "tokenizer.json").write_text("{}")
     (tmp_path / "dst").mkdir()
     seen = _recorded(monkeypatch)
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (
+        seen.append(("rename", Path(b))), real_rename(a, b)))
     out = copy_tokenizer(src, tmp_path / "dst")
-    tmp = tmp_path / "dst" / f".{TOKENIZER_DIR}.tmp"
+    tmp = seen[1][1]  # a new directory each copy (swap_in renames it, not os.replace)
+    assert tmp.parent == tmp_path / "dst" and tmp.name.startswith(f".{TOKENIZER_DIR}.tmp")
     assert seen == [("fsync", tmp / "tokenizer.json"), ("fsync", tmp),
-                    ("replace", out), ("fsync", tmp_path / "dst")]
+                    ("rename", out), ("fsync", tmp_path / "dst")]
 
 
 def test_converted_files_are_fsynced_before_and_their_directory_after(tmp_path, monkeypatch):

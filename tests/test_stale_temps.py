@@ -123,6 +123,21 @@ def test_clean_run_dir_leaves_a_live_savers_temporaries(tmp_path, dead_pid, live
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in live)
 
 
+def test_a_tokenizer_copy_removes_a_killed_copys_directory(tmp_path, dead_pid, live_pid):
+    from moekit.inference.text import TOKENIZER_DIR, copy_tokenizer
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "tokenizer.json").write_text("{}")
+    dead = dst / f".{TOKENIZER_DIR}.tmp{host_tag()}-{dead_pid}-abcd1234"
+    live = dst / f".{TOKENIZER_DIR}.tmp{host_tag()}-{live_pid}-abcd1234"
+    for d in (dead, live):
+        d.mkdir()
+    copy_tokenizer(src, dst)
+    assert sorted(os.listdir(dst)) == sorted([TOKENIZER_DIR, live.name])
+
+
 @pytest.mark.parametrize("name,gone", [
     ("{host}-{dead}-abcd1234", True),
     ("{host}-{live}-abcd1234", False),
