@@ -61,15 +61,38 @@ def olmoe_config(L, D, F, E, K, V):
 
 
 def make(path: Path) -> None:
+    """The random checkpoint in ``path``, unless it holds one. Written whole or not at
+    all: ``save_pretrained`` writes config.json first, so a make killed in its shards
+    (1.7 GB) left a directory the next run took as made, and measured a model with
+    shards missing. Now it goes to a temporary directory beside ``path`` that is renamed
+    into place when complete (``rundir.replace_durably``); a killed make's temporary is
+    removed by the next (``temps.remove_dead_temps``)."""
+    import shutil
+
     import transformers
+
+    from moekit.train.rundir import replace_durably, temp_dir
+    from moekit.train.temps import remove_dead_temps
 
     if (path / "config.json").exists():
         return
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SystemExit(f"bench_offload: --ckpt {path} exists without a config.json (a "
+                         "make killed before this version wrote into it?): remove it or "
+                         "pass another --ckpt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(path.parent, [path.name], dirs=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_config(olmoe_config(**SHAPE),
                                                           dtype=torch.bfloat16)
-    model.save_pretrained(path, max_shard_size="500MB")
+    tmp = temp_dir(path.parent, f".{path.name}.tmp")
+    try:
+        model.save_pretrained(tmp, max_shard_size="500MB")
+        replace_durably({tmp: path})  # a directory renames over an empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 
