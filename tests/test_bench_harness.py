@@ -99,9 +99,12 @@ def test_results_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         CPU.harness.write_json(out, {"rows": [2]})
     assert json.loads(out.read_text()) == {"rows": [1]}
     assert os.listdir(tmp_path) == ["results.json"]
-    # the data, before the rename: one temporary of results.json (mkstemp's 8 characters)
+    # the data, before the rename: one temporary of results.json (this process as its
+    # writer, then mkstemp's 8 characters)
+    from moekit.train.temps import writer_mark
     assert len(synced) == 1 and re.fullmatch(
-        re.escape(str(tmp_path / ".results.json.tmp")) + r"[a-z0-9_]{8}\.json", synced[0])
+        re.escape(str(tmp_path / f".results.json.tmp{writer_mark()}")) + r"[a-z0-9_]{8}\.json",
+        synced[0])
 
 
 RANK_WORKERS = '''
