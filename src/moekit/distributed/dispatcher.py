@@ -21,7 +21,9 @@ Four exchanges, all differentiable:
   padding is reported. Capacity is per rank, as GShard's groups: each rank's C is
   ``capacity(T)`` of its own T, and its own tokens compete for those C rows per
   expert (what one process gives on that rank's tokens alone). One small all-gather
-  of every rank's C (one host sync) sizes the exchange, so ranks may hold different T.
+  of every rank's C (one host sync) sizes the exchange, so ranks may hold different T;
+  a caller that knows every rank's C (``ExpertParallelMoE(equal_tokens_per_rank=True)``)
+  passes them and the call makes no collective but the two exchanges, and no host sync.
 - ``all_gather_exchange``: all-gather the tokens and routing, compute the
   local experts for every rank's tokens, reduce-scatter the partial outputs.
   Simple, for small P. One small all-gather of every rank's (T, S) first (one host
@@ -196,11 +198,16 @@ def _slots(d: Dispatch, num_experts: int, C: int) -> Tensor:
 
 
 def padded_all_to_all(x_TD: Tensor, d: Dispatch, experts: ExpertsFn, comm: Comm,
-                      num_experts: int, C: int) -> tuple[Tensor, CommBytes]:
-    """Capacity mode: fixed [E, C, D] buffers; rank p sends El * C_p rows to every rank."""
+                      num_experts: int, C: int, C_P: list[int] | None = None
+                      ) -> tuple[Tensor, CommBytes]:
+    """Capacity mode: fixed [E, C, D] buffers; rank p sends El * C_p rows to every rank.
+
+    ``C_P``: every rank's C, by rank, where the caller knows them; None exchanges them
+    (one small all-gather and one host sync). Wrong ones are a collective mismatch."""
     P, me, D = comm.size, comm.rank, x_TD.shape[1]
     El = num_experts // P
-    C_P = [c for (c,) in exchange_sizes([C], comm, x_TD.device)]  # the host sync
+    if C_P is None:
+        C_P = [c for (c,) in exchange_sizes([C], comm, x_TD.device)]  # the host sync
     send, recv = [El * C] * P, [El * c for c in C_P]
     slot_S = _slots(d, num_experts, C)
     x_SD = x_TD.index_select(0, d.token_S)

@@ -61,14 +61,32 @@ class ExpertParallelMoE(MoE):
     between ranks; a capacity is each rank's own, ``capacity(T)`` of its T);
     ``stats`` gains the communication counters. Build one from a full layer with ``from_moe`` (or
     ``moekit.distributed.parallelize`` for a whole model).
+
+    ``equal_tokens_per_rank=True`` promises that every call holds the same T on every
+    rank of the "ep" group (fixed batch x sequence, as the trainer's batches are). Capacity
+    mode with the all-to-all dispatchers then takes every rank's C to be its own and skips
+    the exchange of the capacities: no collective but the two exchanges of rows, no host
+    sync. The promise is checked once, by that exchange at the layer's first capacity-mode
+    call (a ValueError on every rank); a later call with another T on some rank cannot be
+    detected without the exchange the promise skips: gloo then aborts the process that
+    receives more rows than it expected ("Received data size doesn't match expected size"),
+    NCCL may hang until the collective timeout or read the wrong rows. Dropless calls and
+    the all_gather dispatcher exchange their sizes either way (their row counts depend on
+    the routing, and each syncs on them).
     """
 
     def __init__(self, config: MoEConfig, mesh: ExpertParallelMesh, backend: str = "auto",
-                 dispatcher: str = "all_to_all", overlap_chunks: int = 1) -> None:
+                 dispatcher: str = "all_to_all", overlap_chunks: int = 1,
+                 equal_tokens_per_rank: bool = False) -> None:
         nn.Module.__init__(self)
         _validate(config, mesh, dispatcher, overlap_chunks)
+        if not isinstance(equal_tokens_per_rank, bool):
+            raise ValueError(f"equal_tokens_per_rank={equal_tokens_per_rank!r} is not allowed: "
+                             "it must be True or False")
         self.config, self.mesh = config, mesh
         self.dispatcher, self.overlap_chunks = dispatcher, overlap_chunks
+        self.equal_tokens_per_rank = equal_tokens_per_rank
+        self._equal_tokens_checked = False  # the promise's one check ran (first call)
         self.num_local = config.num_experts // mesh.ep
         self.expert_start = mesh.ep_rank * self.num_local
         self.router = Router(config)
@@ -128,7 +146,8 @@ class ExpertParallelMoE(MoE):
         if self.dispatcher == "all_gather":
             return dsp.all_gather_exchange(x_TD, d, self._experts_fn, comm, E)
         if capacity is not None:
-            return dsp.padded_all_to_all(x_TD, d, self._experts_fn, comm, E, capacity)
+            return dsp.padded_all_to_all(x_TD, d, self._experts_fn, comm, E, capacity,
+                                         self._known_capacities(x_TD, capacity))
         if self.overlap_chunks > 1:
             from moekit.distributed.overlap import chunked_all_to_all
 
@@ -136,6 +155,17 @@ class ExpertParallelMoE(MoE):
         if self.dispatcher == DEDUP:
             return dsp.dedup_all_to_all(x_TD, d, self._experts_fn, comm, E)
         return dsp.dropless_all_to_all(x_TD, d, self._experts_fn, comm, E)
+
+    def _known_capacities(self, x_TD: Tensor, C: int) -> list[int] | None:
+        """Every ep rank's C under ``equal_tokens_per_rank`` (this rank's, P times), after
+        the first call checked the promise; None (padded_all_to_all exchanges them) without."""
+        if not self.equal_tokens_per_rank:
+            return None
+        comm = self.mesh.ep_comm
+        if not self._equal_tokens_checked:
+            check_equal_tokens(dsp.exchange_sizes([x_TD.shape[0], C], comm, x_TD.device))
+            self._equal_tokens_checked = True
+        return [C] * comm.size
 
     @torch.no_grad()
     def update_bias(self, rate: float | None = None, group=None) -> None:
@@ -147,6 +177,17 @@ class ExpertParallelMoE(MoE):
         self.router.update_bias(rate, reduce=lambda load: comm.run(
             "all_reduce of the router's expert loads", dist.all_reduce, load,
             group=comm.group))
+
+
+def check_equal_tokens(sizes: list[list[int]]) -> None:
+    """Every ep rank's [T, C] (the same list on every rank, so each raises alike)."""
+    if len({tuple(s) for s in sizes}) > 1:
+        raise ValueError(
+            f"equal_tokens_per_rank=True is not allowed for these inputs: the ranks of the "
+            f"'ep' group hold T={[T for T, _ in sizes]} tokens (capacities "
+            f"C={[C for _, C in sizes]}), and it promises the same T on every rank; pass "
+            "equal_tokens_per_rank=False (the default), which exchanges the capacities at "
+            "every call")
 
 
 def _validate(cfg: MoEConfig, mesh: ExpertParallelMesh, dispatcher: str,

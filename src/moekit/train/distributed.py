@@ -271,7 +271,10 @@ class DistributedTrainer(Trainer):
         super().__init__(model_config, train_config, corpus, out_dir,
                          progress and dist.get_rank() == 0)
         self.mesh = mesh
-        self.model = parallelize(self.model, mesh, **ep_kwargs)
+        # every rank's micro-batches (training and validation) hold the same T, so the
+        # capacity exchange is skipped (ExpertParallelMoE: equal_tokens_per_rank)
+        self.model = parallelize(self.model, mesh, **{"equal_tokens_per_rank": True,
+                                                       **ep_kwargs})
         self.optimizer = make_optimizer(self.model, train_config)
         self.forward = torch.compile(self.model) if train_config.compile else self.model
 
