@@ -40,6 +40,7 @@ from moekit.train import checkpoint as ckpt_io
 from moekit.train import rundir
 from moekit.train.checkpoint_state import check_state_dcp
 from moekit.train.data import Corpus
+from moekit.train.step import micro_batch_loss, validation_micro_batches
 from moekit.train.trainer import (
     StepResult,
     TrainConfig,
@@ -206,6 +207,36 @@ def distributed_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                        tokens * mesh.world_size)
 
 
+@torch.no_grad()
+def distributed_evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig,
+                         mesh: ExpertParallelMesh) -> float:
+    """``evaluate``'s loss with the micro-batches shared out: rank r runs r, r + world, ...
+    and the loss sums and target counts are all-reduced (fp64), so every rank returns the
+    mean over all of them (the same number as one process, to fp32 rounding of each
+    micro-batch's loss and fp64 rounding of the sum's order). Every rank had run every
+    micro-batch. Whole micro-batches, not windows: a capacity or expert-choice routing
+    depends on the tokens of a call, and each micro-batch keeps the T one process gives it.
+    Where the count does not divide (eval_batches * grad_accum % world), the ranks left
+    short run one more forward, uncounted, under ep > 1: the expert exchange pairs every
+    rank's calls."""
+    batches, rank, world = validation_micro_batches(data_N, cfg), dist.get_rank(), mesh.world_size
+    mine = batches[rank::world]
+    calls = -(-len(batches) // world) if mesh.ep > 1 else len(mine)
+    was_training = model.training
+    model.eval()
+    nats = targets = 0.0  # Python floats: fp64
+    for ids_BL, tgt_BL in mine:
+        nats += micro_batch_loss(model, ids_BL, tgt_BL, cfg) * tgt_BL.numel()
+        targets += tgt_BL.numel()
+    for _ in range(calls - len(mine)):
+        micro_batch_loss(model, *batches[0], cfg)
+    model.train(was_training)
+    sums = torch.tensor([nats, targets], dtype=torch.float64, device=cfg.device)
+    mesh.world.run("all_reduce of the validation loss", dist.all_reduce, sums,
+                   group=mesh.world.group)
+    return float(sums[0] / sums[1])
+
+
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     """AdamW state keyed by parameter name; expert moments as global-shaped DTensors."""
     if not optimizer.state:  # before the first step: create it so DCP can load in place
@@ -256,7 +287,8 @@ class DistributedTrainer(Trainer):
     """The Trainer with expert parallelism and data parallelism over ``mesh``.
 
     ``train_config.batch_size`` is the global batch; each rank takes
-    ``batch_size / world_size`` of its rows. Rank 0 writes the metrics;
+    ``batch_size / world_size`` of its rows, and validates 1/world of the validation
+    micro-batches (``distributed_evaluate``). Rank 0 writes the metrics;
     checkpoints are DCP directories ``dcp_step_<step>`` that load at any ep.
     """
 
@@ -283,6 +315,9 @@ class DistributedTrainer(Trainer):
         rows = self.cfg.batch_size // world
         return [(ids[rank * rows:(rank + 1) * rows], tgt[rank * rows:(rank + 1) * rows])
                 for ids, tgt in super().batches(step)]
+
+    def val_loss(self) -> float:
+        return distributed_evaluate(self.model, self.corpus.val, self.cfg, self.mesh)
 
     def step_once(self) -> StepResult:
         return distributed_train_step(self.model, self.optimizer, self.batches(self.step),

@@ -132,11 +132,30 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return finish_step(model, optimizer, loss, aux, grad_norm, load_LE, tokens)
 
 
+def validation_micro_batches(data_N: Tensor, cfg: TrainConfig) -> list[tuple[Tensor, Tensor]]:
+    """The fixed validation micro-batches, in order (CPU tensors): cfg.eval_batches batches
+    of batch_size * grad_accum windows (as many as an optimizer step trains on), each cut
+    into micro-batches of batch_size windows."""
+    out: list[tuple[Tensor, Tensor]] = []
+    for i in range(cfg.eval_batches):
+        ids, tgt = sample_windows(data_N, cfg.batch_size * cfg.grad_accum, cfg.seq_len,
+                                  VAL_SEED + i)
+        out += zip(ids.split(cfg.batch_size), tgt.split(cfg.batch_size), strict=True)
+    return out
+
+
+def micro_batch_loss(model: nn.Module, ids_BL: Tensor, tgt_BL: Tensor, cfg: TrainConfig
+                     ) -> float:
+    """The mean LM loss over one micro-batch's B * L targets (no grad; the caller sets eval)."""
+    with torch.no_grad(), torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16,
+                                         enabled=cfg.bf16):
+        return float(model(ids_BL.to(cfg.device), tgt_BL.to(cfg.device)).loss)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
-    """Mean LM loss over cfg.eval_batches fixed validation batches of batch_size *
-    grad_accum windows (as many as an optimizer step trains on), each run in micro-batches
-    of batch_size so validation holds no more activations than a training micro-batch.
+    """Mean LM loss over the ``validation_micro_batches``, each run through the model on its
+    own so validation holds no more activations than a training micro-batch.
 
     A batch had been batch_size windows: --grad-accum 2 --batch-size 4 validated on half
     the windows --batch-size 8 does, and the two runs reported different losses for the
@@ -144,14 +163,7 @@ def evaluate(model: nn.Module, data_N: Tensor, cfg: TrainConfig) -> float:
     mean over the whole batch."""
     was_training = model.training
     model.eval()
-    losses = []
-    for i in range(cfg.eval_batches):
-        ids, tgt = sample_windows(data_N, cfg.batch_size * cfg.grad_accum, cfg.seq_len,
-                                  VAL_SEED + i)
-        for ids_BL, tgt_BL in zip(ids.split(cfg.batch_size), tgt.split(cfg.batch_size),
-                                  strict=True):
-            with torch.autocast(cfg.device.split(":")[0], dtype=torch.bfloat16,
-                                enabled=cfg.bf16):
-                losses.append(float(model(ids_BL.to(cfg.device), tgt_BL.to(cfg.device)).loss))
+    losses = [micro_batch_loss(model, ids_BL, tgt_BL, cfg)
+              for ids_BL, tgt_BL in validation_micro_batches(data_N, cfg)]
     model.train(was_training)
     return sum(losses) / len(losses)

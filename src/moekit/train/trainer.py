@@ -317,8 +317,12 @@ class Trainer:
             self.cfg.keep_checkpoints)
         return self.last_checkpoint
 
+    def val_loss(self) -> float:
+        """The validation loss of the model now (the distributed trainer shares the work)."""
+        return evaluate(self.model, self.corpus.val, self.cfg)
+
     def validate(self, log: MetricsLog) -> float:
-        val = evaluate(self.model, self.corpus.val, self.cfg)
+        val = self.val_loss()
         record: dict[str, Any] = {"kind": "val", "step": self.step, "val_loss": val,
                                   "tokens": self.counters["tokens"]}
         if self.load_since_eval is not None:
