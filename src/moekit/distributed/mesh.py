@@ -143,9 +143,16 @@ def init_mesh(dp: int, ep: int, timeout_s: float | None = None,
 
 
 def group_timeout_s() -> float:
-    """The default group's timeout (what init_process_group was given), in seconds."""
-    backend = dist.group.WORLD._get_backend(  # type: ignore[union-attr]
-        torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
+    """The default group's timeout (what init_process_group was given), in seconds, for
+    the collective errors' messages. torch has no public getter of a group's timeout:
+    ``ProcessGroup._get_backend`` and the backend options' ``_timeout`` are private, so
+    both are looked up gently; where either is missing, DEFAULT_TIMEOUT_S."""
+    get_backend = getattr(dist.group.WORLD, "_get_backend", None)
+    device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    try:
+        backend = get_backend(device) if callable(get_backend) else None
+    except RuntimeError:  # no backend for that device type
+        backend = None
     options = getattr(backend, "options", None)
     timeout = getattr(options, "_timeout", None)
     return float(timeout.total_seconds()) if timeout is not None else DEFAULT_TIMEOUT_S

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moekit.distributed.layer import ExpertParallelMoE, is_expert_parameter
 from moekit.distributed.mesh import Comm, ExpertParallelMesh
@@ -40,10 +39,12 @@ def _all_reduce_grads(params: list[nn.Parameter], comm: Comm) -> None:
     if not params or comm.size == 1:
         return
     grads = [p.grad for p in params]
-    flat = _flatten_dense_tensors(grads)
+    # one flat buffer, one collective: what torch._utils._flatten_dense_tensors builds
+    # (a cat of the flattened tensors, mixed dtypes promoted), with public ops
+    flat = torch.cat([g.reshape(-1) for g in grads])
     comm.run("all_reduce of gradients", dist.all_reduce, flat, group=comm.group)
-    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(reduced)
+    for g, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(reduced.view_as(g))
 
 
 @torch.no_grad()
