@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -127,8 +128,9 @@ class ExpertCache:
     ``get(layer, experts)`` returns their tensors (reading the missing ones on
     this thread, waiting for ones the prefetch thread is reading); ``prefetch``
     reserves room and queues reads. ``policy`` is "lru" or "lfu". One caller thread at
-    a time (besides its own prefetch thread): ``ExpertOffload.run`` holds a lock around
-    each step's ``get`` calls and the compute on what they return.
+    a time (besides its own prefetch thread): ``run_step`` (``ExpertOffload.run``) holds
+    ``step_lock`` around each layer step's ``get`` calls and the compute on what they
+    return, and ``close`` takes it too, so it never closes under a step.
     """
 
     def __init__(self, store: ExpertStore, budget: int, policy: str = "lru",
@@ -139,6 +141,11 @@ class ExpertCache:
         self.store, self.budget = store, budget
         self.policy = make_policy(policy)
         self.closed = False
+        # held for a whole layer step (run_step) and by close(); closing: close() was
+        # called, so no step starts; _step_closes: close() gave up waiting for the step
+        # that runs, which closes the cache as it ends
+        self.step_lock = threading.Lock()
+        self.closing = self._step_closes = False
         self.entries: dict[Key, Entry] = {}
         self.used = 0
         self.stats = OffloadStats(budget, policy, prefetch,
@@ -344,33 +351,78 @@ class ExpertCache:
                     from fut.exception()
         self._pending = still
 
+    def run_step(self, step: Callable[..., Any], *args: Any) -> Any:
+        """``step(*args)``: one layer step (its ``get`` calls and the compute on what they
+        return) with ``step_lock`` held, so no other thread's step evicts its experts and
+        ``close`` waits for it. Refused once ``close`` is called (RuntimeError "the expert
+        cache is closed", before anything changes); a step ``close`` gave up waiting for
+        closes the cache as it ends. Per step: the lock the steps already took, and a flag."""
+        if self.closing:  # (not queued behind the step close waits for)
+            self._raise_closed()
+        with self.step_lock:
+            if self.closing:
+                self._raise_closed()
+            try:
+                return step(*args)
+            finally:
+                if self._step_closes and not self.closed:
+                    self._close_now(None)
+
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Stop the prefetch thread (waiting at most ``timeout`` seconds, None: until it
-        ends) and close the shard files; True when the thread has ended. When it has not
-        (a read outlasted ``timeout``), a RuntimeWarning says so and the files stay open
-        for that read, which closes them as it ends: closing them under it failed the read
-        or filled the slot with another file's bytes. Closing twice is harmless; using the
-        cache after it (``get``, ``prefetch``) raises a RuntimeError before anything
-        changes."""
+        """Stop the prefetch thread and close the shard files, waiting at most ``timeout``
+        seconds in all (None: as long as it takes); True when both are done.
+
+        Threads: a layer step running on another thread (``run_step``: a forward or decode
+        step of the offloaded model) is waited for, never closed under, and no step starts
+        once close is called: it raises RuntimeError "the expert cache is closed", so a
+        forward running on another thread fails at its next MoE layer (one held in its
+        last MoE layer completes). (Before, close went ahead under the step, which then failed with
+        whichever error it met first: the closed store's, the closed cache's or a
+        PrefetchError.) A step that outlasts ``timeout``: close returns False with a
+        RuntimeWarning and the step closes the cache as it ends. Likewise a prefetch read
+        that outlasts it: False, a RuntimeWarning, and the files stay open for that read,
+        which closes them as it ends (closing them under it failed the read or filled the
+        slot with another file's bytes). Closing twice is harmless; ``get`` and
+        ``prefetch`` after it raise a RuntimeError before anything changes."""
         if timeout is not None:
             check_non_negative("timeout", timeout)
+        t0 = time.monotonic()
+        self.closing = True
+        if not self.step_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._step_closes = True
+            # the step may have ended between the two: then nobody else would close it
+            if not self.step_lock.acquire(blocking=False):
+                warnings.warn(f"expert cache close(timeout={timeout}): a layer step is still "
+                              "running on another thread; the cache closes as that step "
+                              "ends, and no other step starts", RuntimeWarning, stacklevel=2)
+                return False
+        try:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+            return self._close_now(left, timeout)
+        finally:
+            self.step_lock.release()
+
+    def _close_now(self, timeout: float | None, given: float | None = None) -> bool:
+        """Stop the prefetch thread (within ``timeout``) and close the store; no step runs.
+        ``given``: close()'s timeout, for the warning."""
         self.closed = True
         stopped = True if self.loader is None else self.loader.close(timeout)
         self.store.close()  # a store with a read in progress closes its files after it
         if not stopped:
-            warnings.warn(f"expert cache close(timeout={timeout}): the prefetch thread is "
+            warnings.warn(f"expert cache close(timeout={given}): the prefetch thread is "
                           "still reading an expert; it stops after that read, and the "
                           "shard files are closed when that read ends", RuntimeWarning,
-                          stacklevel=2)
+                          stacklevel=3)
         return stopped
 
     @staticmethod
     def _raise_closed() -> None:
         # was: a step after close() reopened the shard files behind the closed store, or
         # failed deep in a forward ("the prefetch thread is closed") with reads reserved
-        raise RuntimeError("the expert cache is closed: expert_offload.close() stopped its "
-                           "prefetch thread and closed its shard files; load the model "
-                           "again to run it")
+        raise RuntimeError("the expert cache is closed: expert_offload.close() (on this "
+                           "thread or another) stops its prefetch thread and closes its "
+                           "shard files, and no MoE layer step runs after it; load the "
+                           "model again to run it")
 
 
 def _check_cache_args(store: ExpertStore, budget: int, prefetch: bool,

@@ -23,7 +23,6 @@ K experts per token, G = 2F for GLU activations, N / K output / input width.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -183,7 +182,6 @@ class ExpertOffload:
                  prefetch: bool, prefetch_limit: int) -> None:
         self.prefetch, self.prefetch_limit = prefetch, prefetch_limit  # (both checked)
         self.cache, self.predictors = cache, predictors
-        self._step = threading.Lock()  # held for a whole layer step: see run()
 
     @classmethod
     def within(cls, store: Any, budget: int, given: int | str, top_ks: list[int],
@@ -236,9 +234,10 @@ class ExpertOffload:
         step's experts from eviction, so another thread's step evicted them and read
         other experts into those slots mid-computation: wrong outputs, no error (3
         threads, a budget of 2 experts: 11 of 30 forwards differed). Letting two steps
-        run at once would need room for both steps' experts in the budget."""
-        with self._step:
-            return self._run(layer, x_TD, dispatch, call, out_dim)
+        run at once would need room for both steps' experts in the budget. Once ``close``
+        is called (on any thread) a step raises RuntimeError "the expert cache is closed";
+        close waits for the step in progress (``ExpertCache.close``)."""
+        return self.cache.run_step(self._run, layer, x_TD, dispatch, call, out_dim)
 
     def _run(self, layer: int, x_TD: Tensor, dispatch: Dispatch, call: ExpertsCall,
              out_dim: int) -> Tensor:
@@ -327,6 +326,8 @@ class ExpertOffload:
         self.cache.prefetch(layer + 1, rank_predictions(predict(x_TD), self.prefetch_limit))
 
     def close(self, timeout: float | None = 10.0) -> bool:
+        """``ExpertCache.close``: waits for a layer step running on another thread (at
+        most ``timeout`` seconds), then stops the prefetch thread and closes the files."""
         return self.cache.close(timeout)
 
 
