@@ -224,7 +224,13 @@ class DecodePlan:
         ``greedy`` each row's argmax instead ([R] int64, as ``logits.argmax(-1)``), with
         ``sample`` = (temperature > 0, top_k or 0, top_p or 1.0, generator) the tokens
         ``sample_next`` draws from those logits. None (and nothing done) where the modules
-        would leave the kernels this step."""
+        would leave the kernels this step. A second forward on ``cache`` while this runs
+        raises ``ConcurrentUseError`` (``StaticKVCache.writing``)."""
+        with cache.writing():
+            return self._step(ids_R1, cache, greedy, sample)
+
+    def _step(self, ids_R1: Tensor, cache, greedy: bool, sample: tuple | None
+              ) -> Tensor | None:
         R, L = ids_R1.shape
         k0 = cache.k[0]
         if (L != 1 or R != cache.rows or R > self.max_rows or R * self.top_k > self.expert_rows

@@ -10,8 +10,10 @@ slots, Dh (d) head size.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,17 +22,40 @@ from torch import Tensor
 from moekit.config import check_positive_int, reject
 from moekit.functions import decode
 from moekit.functions.row_buffers import RowBuffers
+from moekit.inference.concurrency import OneCall
 
 if TYPE_CHECKING:
     from moekit.models.transformer import MoETransformer
 
 
+def _in_use_message(name: str) -> str:
+    return (f"{name} is being written by another forward (another "
+            "thread's, or one this thread is running): two forwards on one KV cache write "
+            "each other's keys, values and mask; give each thread its own cache (or "
+            "Engine)")
+
+
+def _one_at_a_time(method: Callable) -> Callable:
+    """``method`` refused (``ConcurrentUseError``) while a forward writes the cache."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._use:
+            return method(self, *args, **kwargs)
+    return guarded
+
+
 class KVCache:
     """Keys and values seen so far, one (k, v) pair per layer, each [B, J, P, Dh]. One
-    generation's, one thread at a time (as ``StaticKVCache``)."""
+    generation's, one forward at a time (as ``StaticKVCache``: a second raises
+    ``ConcurrentUseError``)."""
 
     def __init__(self, num_layers: int) -> None:
         self.layers: list[tuple[Tensor, Tensor] | None] = [None] * num_layers
+        self._use = OneCall(_in_use_message(f"KVCache({num_layers} layers)"))
+
+    def writing(self) -> OneCall:
+        """Held by a forward that appends to this cache (``MoETransformer.forward``)."""
+        return self._use
 
     @property
     def length(self) -> int:
@@ -119,9 +144,12 @@ class StaticKVCache:
     Dh quantized values and their float scale, [B, J, M, Dh + 4] (``quantize_kv``), and
     attention reads them dequantized.
 
-    One generation's: one thread at a time (each thread of a server its own cache, or an
-    ``Engine`` each); two forwards on one cache at once are not detected and write each
-    other's slots, mask and row buffers.
+    One generation's: one forward at a time (each thread of a server its own cache, or an
+    ``Engine`` each). A forward, ``DecodePlan.step`` or a change of rows (``reset``,
+    ``keep_rows``, ``shift``, ``join``) while another runs on this cache raises
+    ``ConcurrentUseError`` naming it, before anything is written: the two wrote each
+    other's slots, mask and row buffers, with no error. The cost: one uncontended
+    non-blocking lock acquire per forward (``writing``), none per layer.
     """
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int,
@@ -142,6 +170,14 @@ class StaticKVCache:
         self.is_causal = False
         # the expert layers' row buffers, kept from one prefill (and layer) to the next
         self.row_buffers = RowBuffers()
+        self._use = OneCall(_in_use_message(
+            f"StaticKVCache(batch={batch}, max_len={max_len}, {num_layers} layers)"))
+
+    def writing(self) -> OneCall:
+        """Held by a forward that writes this cache (``MoETransformer.forward``, ``infer``,
+        ``infer_pair``, ``DecodePlan.step``) and by the row changes: a second one at once
+        raises ``ConcurrentUseError``."""
+        return self._use
 
     @classmethod
     def for_model(cls, model: MoETransformer, batch: int, max_len: int | None = None,
@@ -167,6 +203,7 @@ class StaticKVCache:
     def max_len(self) -> int:
         return self.valid_BM.shape[1]
 
+    @_one_at_a_time
     def reset(self, pad_B: Tensor | None = None) -> None:
         """Empty the cache for ``len(pad_B)`` rows left-padded by ``pad_B`` (default: all
         rows, no padding). Slots are overwritten, not cleared: the mask hides stale ones."""
@@ -179,6 +216,7 @@ class StaticKVCache:
         self.valid_BM[:rows] = self.slots_M[None] >= self.pad_B[:rows, None]
         self.padded = pad_B is not None and bool(pad_B.any())
 
+    @_one_at_a_time
     def keep_rows(self, rows_R: Tensor) -> None:
         """Keep only sequences ``rows_R`` (indices into the rows in use), moved to the front.
 
@@ -191,6 +229,7 @@ class StaticKVCache:
         self.valid_BM[:n] = self.valid_BM.index_select(0, rows_R)
         self.rows, self.padded = n, bool(self.pad_B[:n].any())
 
+    @_one_at_a_time
     def shift(self, d: int) -> None:
         """Move every row's filled slots by ``d`` (< 0: toward slot 0, over slots no row
         uses; > 0: away from it), with their padding: what each row computes is
@@ -211,6 +250,7 @@ class StaticKVCache:
             self.length = s + d
             self.padded = bool(self.pad_B[:R].any())
 
+    @_one_at_a_time
     def join(self, src: StaticKVCache, rows_S: Tensor, lengths: list[int]) -> None:
         """Append rows ``rows_S`` of ``src`` (a prefill's cache, its prompts right-aligned
         at ``src.length``; ``lengths`` their real tokens) as new rows, right-aligned at this

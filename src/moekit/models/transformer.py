@@ -12,6 +12,7 @@ batch, T tokens of both batches flattened.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -139,6 +140,11 @@ class MoETransformer(nn.Module):
     def forward(self, ids_BL: Tensor, targets_BL: Tensor | None = None,
                 cache: KVCache | StaticKVCache | None = None) -> LMOutput:
         self._check_forward(ids_BL, targets_BL, cache)
+        with _writing(cache):  # a second forward on the cache meanwhile: ConcurrentUseError
+            return self._forward(ids_BL, targets_BL, cache)
+
+    def _forward(self, ids_BL: Tensor, targets_BL: Tensor | None,
+                 cache: KVCache | StaticKVCache | None) -> LMOutput:
         B, L = ids_BL.shape
         past = 0 if cache is None else cache.length
         if past + L > self.config.max_seq_len:
@@ -192,8 +198,13 @@ class MoETransformer(nn.Module):
 
         The generation step: no losses, no routing statistics, the head on the
         last position only. Call under ``torch.inference_mode()``. Threads may call it
-        on one model at once, each with its own cache (README, "Threads").
+        on one model at once, each with its own cache (README, "Threads"); a second
+        forward on ``cache`` while this one runs raises ``ConcurrentUseError``.
         """
+        with cache.writing():
+            return self._infer(ids_BL, cache)
+
+    def _infer(self, ids_BL: Tensor, cache: StaticKVCache) -> Tensor:
         _check_rows(cache, ids_BL.shape[0])
         cos, sin = cache.begin(ids_BL.shape[1], self.rope_cos, self.rope_sin)
         x = self.embed(ids_BL)
@@ -213,6 +224,11 @@ class MoETransformer(nn.Module):
         so the experts a step touches are read once for both (``Batcher``: a decode step
         and a joining prompt's prefill chunk). Logits [R, V] and [U, V]: those of two
         ``infer`` calls up to the kernels' rounding for a different number of rows."""
+        with cache.writing(), other.writing():
+            return self._infer_pair(ids_RL, cache, ids_UN, other)
+
+    def _infer_pair(self, ids_RL: Tensor, cache: StaticKVCache, ids_UN: Tensor,
+                    other: StaticKVCache) -> tuple[Tensor, Tensor]:
         _check_rows(cache, ids_RL.shape[0])
         _check_rows(other, ids_UN.shape[0])
         pairs = ((ids_RL, cache, cache.begin(ids_RL.shape[1], self.rope_cos, self.rope_sin)),
@@ -265,6 +281,14 @@ def check_token_ids(name: str, ids_BL: Any, vocab_size: int) -> None:
         reject(f"{name}.shape", tuple(ids_BL.shape), "it must be [batch, length]")
     if ids_BL.device.type == "cpu" and not torch.compiler.is_compiling():
         check_id_range(name, ids_BL, vocab_size, "vocab_size")
+
+
+def _writing(cache: KVCache | StaticKVCache | None) -> AbstractContextManager:
+    """The cache's guard against two forwards at once (``writing``); none without a cache
+    or under torch.compile (a training forward: no cache; the lock would break the graph)."""
+    if cache is None or torch.compiler.is_compiling():
+        return nullcontext()
+    return cache.writing()
 
 
 def _check_rows(cache: StaticKVCache, B: int) -> None:
