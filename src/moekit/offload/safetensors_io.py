@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -74,19 +75,47 @@ def read_header(path: str | Path) -> dict[str, TensorLoc]:
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise ShardError(f"shard {path} is missing") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ShardError(f"{path} has a corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise ShardError(f"{path} has a corrupt safetensors header: a JSON "
+                         f"{type(header).__name__}, where it must be an object")
     header.pop("__metadata__", None)
     return {name: _locate(path, name, info, 8 + n, size) for name, info in header.items()}
 
 
-def _locate(path: Path, name: str, info: dict, base: int, size: int) -> TensorLoc:
-    dtype = DTYPES.get(info.get("dtype"))
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _naturals(value: Any, n: int | None = None) -> bool:
+    """Whether ``value`` is a JSON list of ints >= 0 (of ``n`` of them)."""
+    return isinstance(value, list) and (n is None or len(value) == n) and all(
+        type(v) is int and v >= 0 for v in value)
+
+
+def _locate(path: Path, name: str, info: Any, base: int, size: int) -> TensorLoc:
+    # a header that is JSON but not the format's (a list entry, a missing key, a negative
+    # begin) raised AttributeError / KeyError / TypeError, or, for a negative begin,
+    # read bytes of the header itself as the tensor
+    if not isinstance(info, dict):
+        raise ShardError(f"{name} in {path} has a corrupt header entry: a JSON "
+                         f"{type(info).__name__}, where it must be an object")
+    kind = info.get("dtype")
+    dtype = DTYPES.get(kind) if isinstance(kind, str) else None
     if dtype is None:
-        raise ShardError(f"{name} in {path} has dtype {info.get('dtype')!r}, which is not "
+        raise ShardError(f"{name} in {path} has dtype {_short(kind)}, which is not "
                          f"allowed: it must be one of {', '.join(DTYPES)}")
-    begin, end = info["data_offsets"]
-    shape = tuple(int(s) for s in info["shape"])
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    if not _naturals(offsets, 2) or offsets[0] > offsets[1]:
+        raise ShardError(f"{name} in {path} has data_offsets={_short(offsets)}, which is not "
+                         "allowed: it must be [begin, end], ints with 0 <= begin <= end")
+    if not _naturals(shape):
+        raise ShardError(f"{name} in {path} has shape={_short(shape)}, which is not allowed: it "
+                         "must be a list of ints >= 0")
+    begin, end = offsets
+    shape = tuple(shape)
     numel = 1
     for s in shape:
         numel *= s
