@@ -25,6 +25,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -170,14 +171,29 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
     return out
 
 
+def _check_layout(meta: Any, where: Path) -> None:
+    """The keys and container types ``read_meta`` relies on: a JSON value of another
+    shape (a number, ``"tied": []``, ``"model_config": []``) raised TypeError or
+    AttributeError where ``moekit generate`` names a CheckpointError in one line."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} must hold a JSON object, not a {type(meta).__name__}")
+    for key in ("format_version", "model_config", "bits", "group_size", "tied", "sha256"):
+        if key not in meta:
+            raise CheckpointError(f"{where} lacks the key {key!r}")
+    if not isinstance(meta["model_config"], dict):
+        raise CheckpointError(f"{where}: model_config must be a JSON object, got a "
+                              f"{type(meta['model_config']).__name__}")
+    tied = meta["tied"]
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise CheckpointError(f"{where}: tied must map tensor names to tensor names")
+
+
 def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path / META_FILE} is unreadable or corrupt: {e}") from e
-    for key in ("format_version", "model_config", "bits", "group_size", "tied", "sha256"):
-        if key not in meta:
-            raise CheckpointError(f"{path / META_FILE} lacks the key {key!r}")
+    _check_layout(meta, path / META_FILE)
     if meta["format_version"] not in (1, 2, FORMAT_VERSION):
         raise CheckpointError(f"{path / META_FILE}: format_version must be 1, 2 or "
                               f"{FORMAT_VERSION}, got {meta['format_version']!r}")
