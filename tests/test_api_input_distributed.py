@@ -72,3 +72,43 @@ def test_layer_needs_an_expert_parallel_mesh(world1):
         ExpertParallelMoE.from_moe(nn.Linear(2, 2), mesh)  # type: ignore[arg-type]
     ep = ExpertParallelMoE.from_moe(moekit.MoE(CFG), mesh)
     assert ep.num_local == 4
+
+
+def test_init_mesh_needs_dp_times_ep_to_be_the_world_size(world1):
+    with pytest.raises(ValueError, match=r"dp=1 x ep=2 = 2 is not allowed: it must equal the "
+                                         r"world size 1"):
+        init_mesh(1, 2)
+    mesh = init_mesh(1, 1)
+    assert (mesh.dp, mesh.ep, mesh.dp_rank, mesh.ep_rank) == (1, 1, 0, 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dispatcher="alltoall"), r"dispatcher='alltoall' is not allowed: it must be one of "
+                                  r"all_to_all, all_to_all_dedup, all_gather"),
+    (dict(overlap_chunks=0), r"overlap_chunks=0 is not allowed: it must be a positive int"),
+    (dict(overlap_chunks=True), r"overlap_chunks=True is not allowed"),
+    (dict(overlap_chunks=2.0), r"overlap_chunks=2.0 is not allowed"),
+    (dict(dispatcher="all_to_all_dedup", overlap_chunks=2),
+     r"dispatcher='all_to_all_dedup' is not allowed with overlap_chunks=2: its exchange is "
+     r"not chunked"),
+])
+def test_layer_refuses_bad_dispatch_options_by_name(world1, kwargs, match):
+    mesh = init_mesh(1, 1)
+    with pytest.raises(ValueError, match=match):
+        ExpertParallelMoE(CFG, mesh, **kwargs)
+    model = nn.Sequential(moekit.MoE(CFG))
+    with pytest.raises(ValueError, match=match):
+        parallelize(model, mesh, **kwargs)
+    assert type(model[0]) is moekit.MoE
+
+
+def test_layer_needs_a_moe_config(world1):
+    """(A config of the language model, LMConfig, is the likely mix-up.)"""
+    from moekit.models import LMConfig
+
+    mesh = init_mesh(1, 1)
+    lm = LMConfig(dim=8, num_layers=1, num_heads=2, ffn_dim=8, num_experts=4, top_k=2)
+    for bad in (lm, {"dim": 8}, None):
+        with pytest.raises(ValueError, match=f"config={type(bad).__name__} is not allowed: "
+                                             "it must be a moekit.MoEConfig"):
+            ExpertParallelMoE(bad, mesh)  # type: ignore[arg-type]
