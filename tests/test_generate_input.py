@@ -165,3 +165,23 @@ def test_prompts_file_reads_a_named_pipe(run_dir, tmp_path, capsys):
     assert rc == 0
     assert cli_main([*argv, str(plain)]) == 0
     assert piped == capsys.readouterr().out and "ab" in piped and "cd" in piped
+
+
+def test_prompts_file_that_does_not_exist(run_dir, tmp_path, capsys):
+    path = tmp_path / "absent.txt"
+    _fails(run_dir, capsys, ["--prompts-file", str(path)],
+           f"--prompts-file={str(path)!r} is not allowed: no such file")
+
+
+@pytest.mark.parametrize("content", [b"", b"\xef\xbb\xbf"])  # empty; a UTF-8 BOM alone
+def test_prompts_file_without_a_prompt(run_dir, tmp_path, capsys, content):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    _fails(run_dir, capsys, ["--prompts-file", str(path)],
+           f"--prompts-file={str(path)!r} holds no prompt: it must have one prompt per line")
+
+
+@pytest.mark.parametrize("flags", [["--samples", "0"], ["--batch", "0"], ["--samples", "-3"]])
+def test_samples_and_batch_must_be_positive(run_dir, capsys, flags):
+    _fails(run_dir, capsys, ["--prompt", "hi", *flags], f"{flags[0]}={flags[1]}",
+           "both must be >= 1")
