@@ -66,3 +66,13 @@ def test_ctrl_c_is_130(monkeypatch, capsys):
     monkeypatch.setattr(demo, "run", interrupted)
     assert main(["demo"]) == 130
     assert capsys.readouterr().err == "moekit demo: interrupted\n"
+
+
+def test_no_command_prints_the_commands_and_is_0(capsys):
+    """`moekit` alone (no test ran it): the help, naming the commands, on stdout."""
+    assert main([]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.startswith("usage: moekit")
+    for name in ("train", "generate", "plan", "analyze", "quantize", "convert", "serve",
+                 "perplexity", "bench"):
+        assert name in out.out
