@@ -14,7 +14,6 @@ Shape letters: B batch, L sequence, E experts.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,6 @@ from moekit.distributed import (
     reduce_gradients,
 )
 from moekit.distributed.checkpoint import load_checkpoint, model_state_dict, save_checkpoint
-from moekit.distributed.layer import ExpertParallelMoE
 from moekit.errors import CheckpointError
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer
@@ -479,11 +477,3 @@ def _on_rank0_then_barrier(fn: Callable[[], Any], mesh: ExpertParallelMesh) -> N
     if error is not None:
         raise error
 
-
-def ep_layers(model: nn.Module) -> list[ExpertParallelMoE]:
-    return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
-
-
-def rank_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) outside torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
