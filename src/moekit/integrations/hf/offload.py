@@ -116,11 +116,31 @@ def _unpack(parts: list[dict]) -> ExpertWeights:
 # -- reading the shards -------------------------------------------------------------
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard file map, checked: a corrupt index had raised
+    JSONDecodeError, KeyError, AttributeError or TypeError, and a shard named
+    "../other/x.safetensors" was read from outside the checkpoint directory."""
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ShardError(f"{index} is unreadable or corrupt: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ShardError(f"{index} is corrupt: it must hold a weight_map of tensor names to "
+                         "shard file names")
+    for file in weight_map.values():
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ShardError(f"{index} names the shard {file!r}, which is not allowed: a "
+                             f"shard must be a file in {index.parent}")
+    return weight_map
+
+
 def shard_headers(path: Path) -> dict[str, TensorLoc]:
     """Every tensor of the checkpoint in ``path`` (one file or an index + shards)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         by_file: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             by_file.setdefault(file, []).append(name)
