@@ -150,7 +150,8 @@ def trainer_uses_promise(mesh, out: str) -> str | None:
     """The --nproc trainer's layers make the promise (its micro-batches hold the same T on
     every rank); a capacity-mode run of 3 steps and a validation gives bitwise the losses,
     gradient norms and weights of the same run with the exchange (ep_kwargs turn it off)."""
-    from moekit.train.distributed import DistributedTrainer, ep_layers
+    from moekit.distributed import ExpertParallelMoE
+    from moekit.train.distributed import DistributedTrainer
 
     mcfg, tcfg, corpus = W.lm_setup()
     mcfg = dataclasses.replace(mcfg, capacity_factor=1.0)
@@ -160,7 +161,8 @@ def trainer_uses_promise(mesh, out: str) -> str | None:
         kw = {} if promise else {"equal_tokens_per_rank": False}
         trainer = DistributedTrainer(mcfg, tcfg, corpus, f"{out}/{promise}", mesh,
                                      progress=False, **kw)
-        flags = {m.equal_tokens_per_rank for m in ep_layers(trainer.model)}
+        flags = {m.equal_tokens_per_rank for m in trainer.model.modules()
+                 if isinstance(m, ExpertParallelMoE)}
         if flags != {promise}:
             return f"the trainer's layers do not have equal_tokens_per_rank={promise}"
         results = [trainer.step_once() for _ in range(tcfg.steps)]
