@@ -57,3 +57,12 @@ def launch(fn, world: int, tmp: Path, *args, timeout_s: float = 150,
 def assert_all_ranks(results: dict[int, dict], name: str) -> None:
     for rank, res in results.items():
         assert res[name] is None, f"rank {rank}: {res[name]}"
+
+
+def launch_two(fn, tmp_path_factory, name: str, timeout_s: float = 300) -> dict[int, dict]:
+    """``fn`` on a 2-rank gloo world in a fresh ``name`` folder (its runs under runs/),
+    both ranks' results; fails if a rank crashed."""
+    tmp = tmp_path_factory.mktemp(name)
+    res = launch(fn, 2, tmp, str(tmp / "runs"), timeout_s=timeout_s)
+    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
+    return res

@@ -10,17 +10,14 @@ import pytest
 import torch.distributed as dist
 
 from tests import dist_equal_tokens as Q
-from tests.dist_launch import assert_all_ranks, launch
+from tests.dist_launch import assert_all_ranks, launch_two
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> dict[int, dict]:
-    tmp = tmp_path_factory.mktemp("equal_tokens")
-    res = launch(Q.run, 2, tmp, str(tmp / "runs"), timeout_s=300)
-    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
-    return res
+    return launch_two(Q.run, tmp_path_factory, "equal_tokens")
 
 
 @pytest.mark.parametrize("name", [*Q.CASES, "broken_promise", "dropless_ignores_promise",

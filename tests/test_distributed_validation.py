@@ -10,17 +10,14 @@ import pytest
 import torch.distributed as dist
 
 from tests import dist_validation as V
-from tests.dist_launch import launch
+from tests.dist_launch import launch_two
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> dict[int, dict]:
-    tmp = tmp_path_factory.mktemp("validation")
-    res = launch(V.run, 2, tmp, str(tmp / "runs"), timeout_s=300)
-    assert sorted(res) == [0, 1], "a rank crashed; see captured stderr"
-    return res
+    return launch_two(V.run, tmp_path_factory, "validation")
 
 
 @pytest.mark.parametrize("name", V.CASES)

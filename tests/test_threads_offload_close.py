@@ -18,26 +18,14 @@ import time
 import pytest
 import torch
 
-from moekit.models import MoETransformer
-from moekit.models.config import LMConfig
 from moekit.offload import load_offloaded
-from moekit.train.checkpoint import save_checkpoint
+from tests import test_threads as threads_base
+from tests.test_threads import EXPERT_BYTES
 
-CFG = LMConfig(dim=32, num_layers=3, num_heads=2, ffn_dim=24, num_experts=8, top_k=2,
-               max_seq_len=64)
-EXPERT_BYTES = (32 * 48 + 24 * 32) * 4  # w_in [D, 2F] + w_out [F, D], fp32
+run_dir = threads_base.run_dir  # the same module-scoped checkpoint fixture
+
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
 CLOSED = "expert cache is closed"
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = MoETransformer(CFG).eval()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                    {"step": 1, "model_config": CFG.to_dict()})
-    return run
 
 
 class HeldForward:
