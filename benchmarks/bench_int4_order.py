@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int4_dot import cpu_flags  # noqa: E402
 from harness import machine, write_json  # noqa: E402
 from moekit.quant.tensor import dequantize_NK, quantize_tensor  # noqa: E402
 
@@ -41,12 +42,7 @@ VARIANTS = ["rows", "order"]
 
 
 def has_vnni() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(line.split(":", 1)[-1].split())
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
 def build():
