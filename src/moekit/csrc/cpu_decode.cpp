@@ -84,6 +84,7 @@ struct Weights {
   int64_t group;          // I4 group size
   int64_t E, K, N;
   bool a8 = false;        // int8 activations: I4 bits = 48 (i4a8_tile), I8 88 (i8a8_tile)
+  bool o16 = false;       // I4 with int8 activations in the 16-output order (bits = 49)
 };
 
 INLINE float bf16(uint16_t v) {
@@ -1192,9 +1193,124 @@ void record_tile(int64_t n, int64_t W, int64_t rmax, const Cols& cmax, const Pas
   }
 }
 
+// ---- W4A8 in the 16-output order (bits = 49; moekit.quant.tensor's "o16" layout) ------
+//
+// The NK kernel above lays one output's inputs along the vector: per 128 weights of an
+// output and activation row it spends two vpdpbusd, a convert, a scale product, an FMA,
+// and per output and row a horizontal sum. Here each 16 outputs' weights are stored as
+// vpdpbusd sums them: per 32-input chunk c, four 64-byte vectors j whose byte 4 o + t
+// holds the nibbles of inputs 32 c + 4 j + t (low) and 32 c + 16 + 4 j + t (high) of
+// output o (the same bytes as the NK rows of those outputs, permuted within the 16 rows'
+// span); scales and zeros [ng][16] per 16 outputs. A row's 4 activation bytes are
+// broadcast against 16 outputs at once, and the convert, scale and FMA are per chunk and
+// 16 outputs. benchmarks/bench_int4_order.py measured the prototype of this kernel.
+
+// The 16 outputs from `blk` (scales bs, zeros bz: [ng][16]) against R row records: out[r].
+template <int R>
+VNNI void i4a8_o16_rows(const uint8_t* blk, const float* bs, const float* bz,
+                        const A8Layout& L, const char* const* xr, __m512* out) {
+  const __m512i m = _mm512_set1_epi8(15);
+  const int64_t chunks = L.K / 32, cpg = L.group / 32;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = L.lo(c), hi = L.hi(c);
+    __m512i ia[R];
+    for (int r = 0; r < R; ++r) ia[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t* at = blk + (4 * c + j) * 64;
+      prefetch_ahead(at);
+      const __m512i wv = _mm512_loadu_si512(at);
+      const __m512i wl = _mm512_and_si512(wv, m);
+      const __m512i wh = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m);
+      for (int r = 0; r < R; ++r) {
+        int32_t ql, qh;
+        std::memcpy(&ql, xr[r] + lo + 4 * j, 4);
+        std::memcpy(&qh, xr[r] + hi + 4 * j, 4);
+        ia[r] = _mm512_dpbusd_epi32(ia[r], wl, _mm512_set1_epi32(ql));
+        ia[r] = _mm512_dpbusd_epi32(ia[r], wh, _mm512_set1_epi32(qh));
+      }
+    }
+    const __m512 sg = _mm512_loadu_ps(bs + (c / cpg) * 16);
+    for (int r = 0; r < R; ++r) {
+      const float sx = reinterpret_cast<const float*>(xr[r] + L.sx_off)[4 * c];
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), _mm512_mul_ps(sg, _mm512_set1_ps(sx)),
+                               acc[r]);
+    }
+  }
+  for (int64_t g = 0; g < L.K / L.group; ++g) {
+    const __m512 zg = _mm512_loadu_ps(bz + 16 * g);
+    for (int r = 0; r < R; ++r) {
+      const float zx = reinterpret_cast<const float*>(xr[r] + L.zx_off)[g];
+      acc[r] = _mm512_fmadd_ps(zg, _mm512_set1_ps(zx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r];
+}
+
+// v[r] = the 16 outputs from `blk` against records xr[r], r < m <= 8.
+VNNI void i4a8_o16_pass(const uint8_t* blk, const float* bs, const float* bz,
+                        const A8Layout& L, const char* const* xr, int64_t m, float (*v)[16]) {
+  __m512 out[8];
+  with_rows<8>(m, [&](auto R) { i4a8_o16_rows<decltype(R)::value>(blk, bs, bz, L, xr, out); });
+  for (int64_t r = 0; r < m; ++r) _mm512_store_ps(v[r], out[r]);
+}
+
+// Output o of the 16 from `blk` against one record, plain loops (CPUs without VNNI, or
+// MOEKIT_CPU_ISA below avx512): the sums i4a8_chunks forms on the NK bytes, read where
+// the 16-output order keeps them.
+CLONES float i4a8_o16_one(const uint8_t* blk, const float* bs, const float* bz,
+                          const A8Layout& L, const char* xr, int o) {
+  const int8_t* q = reinterpret_cast<const int8_t*>(xr);
+  const float* sx = reinterpret_cast<const float*>(xr + L.sx_off);
+  const float* zx = reinterpret_cast<const float*>(xr + L.zx_off);
+  float t = 0.0f;
+  for (int64_t c = 0; c < L.K / 32; ++c) {
+    const int8_t *ql = q + L.lo(c), *qh = q + L.hi(c);
+    int32_t sum = 0;
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t b = blk[(4 * c + i / 4) * 64 + 4 * o + i % 4];
+      sum += (b & 15) * ql[i] + (b >> 4) * qh[i];
+    }
+    t += static_cast<float>(sum) * (bs[32 * c / L.group * 16 + o] * sx[4 * c]);
+  }
+  for (int64_t g = 0; g < L.K / L.group; ++g) t += bz[16 * g + o] * zx[g];
+  return t;
+}
+
+// acc [n, W] = n row records @ int4 weights w[e][:, c0 : c0 + W] in the 16-output order
+// (bits = 49): every 16-output block the columns touch, 8 rows a pass (a block's K / 2 *
+// 16 bytes stay in L1 for the next pass), only the columns asked for stored.
+void i4a8_o16_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
+                   int64_t W, float* acc) {
+  const A8Layout L(w.K, w.group);
+  const int64_t ng = w.K / w.group;
+  const char* const* xr = reinterpret_cast<const char* const*>(x);
+  for (int64_t b = c0 / 16; 16 * b < c0 + W; ++b) {
+    const uint8_t* blk = static_cast<const uint8_t*>(w.data) + e * w.s_e + 16 * b * w.s_n;
+    const float* bs = w.scales + (e * w.N + 16 * b) * ng;
+    const float* bz = w.zeros + (e * w.N + 16 * b) * ng;
+    const int64_t j0 = std::max(c0, 16 * b), j1 = std::min(c0 + W, 16 * b + 16);
+    for (int64_t r0 = 0; r0 < n; r0 += 8) {
+      const int64_t m = std::min<int64_t>(8, n - r0);
+      alignas(64) float v[8][16];
+      if (CPU_VNNI) {
+        i4a8_o16_pass(blk, bs, bz, L, xr + r0, m, v);
+      } else {
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = j0; j < j1; ++j)
+            v[r][j - 16 * b] = i4a8_o16_one(blk, bs, bz, L, xr[r0 + r], static_cast<int>(j - 16 * b));
+      }
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = j0; j < j1; ++j) acc[(r0 + r) * W + j - c0] = v[r][j - 16 * b];
+    }
+  }
+}
+
 // acc [n, W] = n row records @ int4 weights w[e][:, c0 : c0 + W] (bits = 48).
 void i4a8_tile(const Weights& w, int64_t e, const float* const* x, int64_t n, int64_t c0,
                int64_t W, float* acc) {
+  if (w.o16) return i4a8_o16_tile(w, e, x, n, c0, W, acc);
   const A8Layout L(w.K, w.group);
   const int64_t ng = w.K / w.group;
   const uint8_t* base = static_cast<const uint8_t*>(w.data) + e * w.s_e + c0 * w.s_n;
@@ -2064,9 +2180,13 @@ Weights weights(const torch::Tensor& data, const c10::optional<torch::Tensor>& s
                 "], got ", s.sizes());
     return w;
   }
-  TORCH_CHECK(bits == 4 || bits == 48, "bits must be 0 (plain), 8, 4, 88 or 48 (int8 / int4 "
-              "weights, int8 activations), got ", bits);
-  w.a8 = bits == 48;
+  TORCH_CHECK(bits == 4 || bits == 48 || bits == 49, "bits must be 0 (plain), 8, 4, 88, 48 "
+              "or 49 (int8 / int4 weights, int8 activations; 49: int4 in the 16-output "
+              "order), got ", bits);
+  w.a8 = bits == 48 || bits == 49;
+  w.o16 = bits == 49;
+  TORCH_CHECK(!w.o16 || w.N % 16 == 0, "int4 w in the 16-output order (bits=49) needs N a "
+              "multiple of 16, got N=", w.N);
   TORCH_CHECK(data.scalar_type() == at::kByte, "int4 w must be uint8, got ", data.scalar_type());
   TORCH_CHECK(zeros.has_value(), "int4 w needs zeros");
   const auto& z = *zeros;
@@ -4928,6 +5048,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         },
         "the fewest rows an int8 (bits 8) or int4 (bits 4) weight-only projection runs on "
         "AMX-INT8 with");
+  m.def("int4_o16_vnni", [] { return CPU_VNNI; },
+        "whether int4 experts with int8 activations in the 16-output order (bits 49) run on "
+        "AVX-512 VNNI here (elsewhere plain loops read that order)");
   m.def("int8_terms", [] { return t8_on.load() && CPU_VNNI; },
         "whether int8 weight-only NK experts run on the rows' four int8 terms with VNNI "
         "(i8t_tile: AVX-512 VNNI, and set_int8_terms left it on)");

@@ -179,6 +179,11 @@ struct QMatrix {
   const float* scales = nullptr;    // int8 [N]; int4 [N, K / group]
   const float* zeros = nullptr;     // int4 [N, K / group]
   int64_t group = 0;                // int4: weights per group (a multiple of 32)
+  // int4 in the 16-output order (moekit.quant.tensor's "o16" layout; igemm_a8 only): each
+  // 16 channels' row_bytes * 16 bytes hold, per 32-input chunk c, four 64-byte vectors j
+  // whose dword o is bytes 16 c + 4 j.. of channel o's NK row; their scales and zeros
+  // [K / group][16]
+  bool o16 = false;
 };
 
 constexpr int64_t SGEMM_MAX_ROWS = 96;
@@ -665,6 +670,17 @@ struct TileColumns {
   int64_t channel(int64_t j) const { return j < split ? n0 + j : n1 + j - split; }
 };
 
+// Dwords b0 / 4 .. b0 / 4 + 15 (mask dw) of channel ch's NK row from an o16 QMatrix: dword
+// d of the row lies in vector b0 / 4 + d of the channel's 16-channel block, at lane ch % 16.
+VNNI inline __m512 o16_dwords(const QMatrix& q, int64_t ch, int64_t b0, __mmask16 dw) {
+  const uint8_t* at = q.data + (ch - ch % 16) * q.row_bytes + 16 * b0 + 4 * (ch % 16);
+  const __m512i lanes = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(64));
+  return _mm512_castsi512_ps(
+      _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), dw, lanes, at, 1));
+}
+
 // Packs inputs [k0, k0 + kc) of the tile's columns 32 p .. 32 p + 31 (zeros past cw) into
 // P, [kc / 4][32] dwords. int4: each group's scales and zero points of the 32 columns into
 // S, Z ([kc / group][32] floats).
@@ -684,8 +700,9 @@ VNNI void pack_a8(const QMatrix& q, const TileColumns& cols, int64_t cw, int64_t
       const int64_t b0 = q.bits == 8 ? k0 + i0 : (k0 + i0) / 2;
       __m512 r[16], t[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = src[i] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dw, src[i] + b0))
-                      : _mm512_setzero_ps();
+        r[i] = !src[i] ? _mm512_setzero_ps()
+               : q.o16 ? o16_dwords(q, channel(j0 + i), b0, dw)
+                       : _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(dw, src[i] + b0));
       if (q.bits == 8) {
         transpose16(r);
         for (int64_t d = 0; d < n_bytes / 4; ++d)  // dword d: inputs i0 + 4d..
@@ -714,13 +731,14 @@ VNNI void pack_a8(const QMatrix& q, const TileColumns& cols, int64_t cw, int64_t
       int32_t row[16];
       for (int i = 0; i < 16; ++i) {
         const int64_t j = 32 * p + 16 * h + i;
-        row[i] = static_cast<int32_t>((j < cw ? channel(j) : 0) * G);
+        const int64_t ch = j < cw ? channel(j) : 0;  // its scales' first index
+        row[i] = static_cast<int32_t>(q.o16 ? (ch - ch % 16) * G + ch % 16 : ch * G);
       }
       const __m512i base = _mm512_loadu_si512(row);
       const __mmask16 m = tail_mask(cw - 32 * p - 16 * h);
       for (int64_t g = 0; g < kc / q.group; ++g) {
         const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int32_t>(
-                                                       k0 / q.group + g)));
+                                                       (k0 / q.group + g) * (q.o16 ? 16 : 1))));
         _mm512_storeu_ps(S + 32 * g + 16 * h, _mm512_mask_i32gather_ps(
                                                   _mm512_setzero_ps(), m, idx, q.scales, 4));
         _mm512_storeu_ps(Z + 32 * g + 16 * h, _mm512_mask_i32gather_ps(
@@ -1530,7 +1548,12 @@ namespace {
 QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tensor& scales,
                  const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group,
                  std::vector<int64_t> lead, int64_t N, int64_t K, int64_t e) {
-  TORCH_CHECK(bits == 8 || bits == 4, name, ": bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 49, name, ": bits must be 8, 4 or 49 (int4 in "
+              "the 16-output order), got ", bits);
+  TORCH_CHECK(bits != 49 || N % 16 == 0, name, ": int4 in the 16-output order (bits=49) needs "
+              "N a multiple of 16, got N=", N);
+  const bool o16 = bits == 49;
+  if (o16) bits = 4;
   TORCH_CHECK(K % 32 == 0, name, ": the input width K=", K, " must be a multiple of 32");
   const int64_t kb = bits == 8 ? K : K / 2;
   auto shape = lead;
@@ -1541,7 +1564,7 @@ QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tenso
               name, " data must be contiguous ", bits == 8 ? "int8" : "uint8", " ",
               torch::IntArrayRef(shape), ", got ", data.scalar_type(), " ", data.sizes());
   QMatrix q;
-  q.bits = static_cast<int>(bits), q.row_bytes = kb;
+  q.bits = static_cast<int>(bits), q.row_bytes = kb, q.o16 = o16;
   q.data = static_cast<const uint8_t*>(data.data_ptr()) + e * N * kb;
   auto ss = lead;
   ss.push_back(N);
@@ -1568,8 +1591,11 @@ QMatrix q_matrix(const char* name, const torch::Tensor& data, const torch::Tenso
 }
 
 // igemm_a8 packs int4 scales per group of a block of A8_KC inputs: the group divides it.
+// int4 in the 16-output order (bits = 49) only there: sgemm_q reads NK rows.
 void check_a8_group(bool a8, int64_t bits, int64_t group) {
-  TORCH_CHECK(!a8 || bits != 4 || (group > 0 && A8_KC % group == 0), "group=", group,
+  TORCH_CHECK(a8 || bits != 49, "bits=49 (int4 in the 16-output order) needs a8=True: only "
+              "the int8-activation GEMM reads that order");
+  TORCH_CHECK(!a8 || (bits != 4 && bits != 49) || (group > 0 && A8_KC % group == 0), "group=", group,
               " is not allowed with int8 activations: it must divide ", A8_KC);
 }
 

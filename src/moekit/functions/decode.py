@@ -185,8 +185,10 @@ def quant_one_call_applies(dtype: torch.dtype, w_in: QuantizedTensor, w_out: Qua
                            biased: bool, kind: str | None) -> bool:
     """``quant_one_call_format`` for these weights (CPU, one format for both)."""
     return (w_in.data.device.type == "cpu"
-            and (w_in.bits, w_in.group_size, w_in.activations)
-            == (w_out.bits, w_out.group_size, w_out.activations)
+            and (w_in.bits, w_in.group_size, w_in.activations, w_in.layout)
+            == (w_out.bits, w_out.group_size, w_out.activations, w_out.layout)
+            # o16: only the int8-activation GEMM reads it (elsewhere prefill dequantizes)
+            and (w_in.layout == "nk" or int8_gemm_here())
             and quant_one_call_format(dtype, w_in.bits, w_in.group_size, w_in.shape[1],
                                       w_out.shape[1], biased, kind))
 
@@ -214,7 +216,7 @@ def quantized_experts_into(ext, out_TD: Tensor, x_TD: Tensor, token_S: Tensor,
     ws = Workspace(x_TD, S, kept_buffers())
     rows = (token_S[:S].to(torch.int64).contiguous(), plain_f32(weight_S[:S]))
     scratch = (ws.get("a", S, F), ws.get("y", S, D), out_TD)
-    fmt = (first.bits, first.group_size or 0)
+    fmt = (49 if first.layout == "o16" else first.bits, first.group_size or 0)
     a8 = int8_activations_gemm(ext, first)
     if isinstance(w_in, list):
         parts = [([q.data[0] for q in ws], [q.scales[0] for q in ws],

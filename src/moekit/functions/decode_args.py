@@ -42,7 +42,9 @@ def _isa(ext) -> str:
 
 def kernel_bits(qt: QuantizedTensor) -> int:
     """The kernels' weight format code: 8, 4, 88 or 48 (int8 / int4 weights, int8
-    activations)."""
+    activations), 49 (48 in the 16-output order, ``layout="o16"``)."""
+    if qt.layout == "o16":
+        return 49
     return {8: 88, 4: 48}[qt.bits] if qt.activations == "int8" else qt.bits
 
 

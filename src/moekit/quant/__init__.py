@@ -13,13 +13,13 @@ from moekit.quant.tensor import QuantizationError, QuantizedTensor, quantize_ten
 
 __all__ = ["QuantizationError", "QuantizedTensor", "is_quantized", "is_quantized_checkpoint",
            "load_model", "load_quantized", "quantize", "quantize_checkpoint", "quantize_tensor",
-           "save_quantized"]
+           "save_quantized", "set_expert_layout"]
 
 # the experts package imports QuantizedTensor from here, and quantize() walks Experts
 # modules (and the checkpoint functions build the language model): load those on use
 _LAZY = {"quantize": "model", "is_quantized": "model", "is_quantized_checkpoint": "io",
          "load_model": "io", "load_quantized": "io", "save_quantized": "io",
-         "quantize_checkpoint": "io"}
+         "quantize_checkpoint": "io", "set_expert_layout": "model"}
 
 
 def __getattr__(name: str):

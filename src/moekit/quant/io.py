@@ -47,6 +47,7 @@ from moekit.quant.model import (
     quantize_like,
     quantized_embeddings,
     quantized_scope,
+    set_expert_layout,
 )
 from moekit.quant.tensor import (
     QuantizationError,
@@ -281,7 +282,10 @@ def assemble(config: LMConfig, tensors: dict, where: Path, quant: tuple | None =
                                                   config.rope_theta)
     # .to(dtype) as before the tensors were converted one by one: the rotary tables, the
     # router's fp32 buffers and a quantized model's output dtype follow it alike
-    return model.eval() if dtype is None else model.eval().to(dtype)
+    model = model.eval() if dtype is None else model.eval().to(dtype)
+    if quant is not None:  # files hold NK; W4A8 experts take the decode kernels' order
+        set_expert_layout(model)
+    return model
 
 
 def _check_tensors(model: nn.Module, tensors: dict, where: Path, quant: tuple | None) -> None:

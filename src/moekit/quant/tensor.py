@@ -19,6 +19,16 @@ order) and groups run along K.
   Scales and zeros stay fp32 (25% on top of the int4 bytes at g=64, 12.5% at
   g=128), exact under ``model.to(bfloat16)`` and friends (see ``_apply``).
 
+Layouts. The above is ``layout="nk"``, the form every file and ``state_dict``
+holds. int4 weights with int8 activations may live in memory in ``layout="o16"``
+instead, the order the decode kernel's AVX-512 VNNI instructions sum in: within
+each 16 outputs' span of bytes, per 32-input chunk c, four 64-byte vectors j whose
+byte 4 o + t is NK byte 16 c + 4 j + t of output o; their scales and zeros [K/g][16]
+per 16 outputs. The same bytes, permuted within each 16 outputs' span: a decode step
+converts each row's 4 activation bytes once per 16 outputs instead of per output
+(``benchmarks/bench_int4_order.py``; docs/cpu-inference.md). ``set_layout`` converts;
+``parts_nk`` gives the NK parts of either; ``state_dict`` always holds NK.
+
 Shape letters: E experts, K input width, N output width, g group size.
 """
 
@@ -99,6 +109,45 @@ def _check_format(bits: int, group_size: int | None, activations: str) -> None:
     check_activations(activations)
 
 
+LAYOUTS = ("nk", "o16")
+
+
+def o16_allowed(bits: int, activations: str, N: int) -> bool:
+    """Whether a weight of this format and output width N may take ``layout="o16"``."""
+    return bits == 4 and activations == "int8" and N % 16 == 0
+
+
+def check_layout(layout: object, bits: int, activations: str, N: int, device: torch.device
+                 ) -> str:
+    """``layout`` where a QuantizedTensor of this format may take it; a QuantizationError
+    naming it otherwise."""
+    if layout not in LAYOUTS:
+        raise QuantizationError(f"layout={layout!r} is not allowed: it must be one of "
+                                f"{', '.join(map(repr, LAYOUTS))}")
+    if layout == "o16" and not (o16_allowed(bits, activations, N) and device.type == "cpu"):
+        raise QuantizationError(f"layout='o16' is not allowed with bits={bits}, activations="
+                                f"{activations!r}, N={N} on {device}: it is for int4 weights "
+                                "with int8 activations, N a multiple of 16, on the CPU")
+    return layout
+
+
+def to_o16(t: Tensor) -> Tensor:
+    """An NK part [E, N, X] (uint8 data, X = K/2; or float scales / zeros, X = K/g) in the
+    16-output order (a new contiguous tensor; N a multiple of 16)."""
+    E, N, X = t.shape
+    if t.dtype == torch.uint8:  # [., 16 o, K/32 c, 4 j, 4 t] -> [., c, j, o, t]
+        return t.view(E, N // 16, 16, X // 16, 4, 4).permute(0, 1, 3, 4, 2, 5).reshape(E, N, X)
+    return t.view(E, N // 16, 16, X).transpose(2, 3).reshape(E, N, X)
+
+
+def from_o16(t: Tensor) -> Tensor:
+    """The inverse of ``to_o16``: an o16 part back in NK order (a new contiguous tensor)."""
+    E, N, X = t.shape
+    if t.dtype == torch.uint8:
+        return t.view(E, N // 16, X // 16, 4, 16, 4).permute(0, 1, 4, 2, 3, 5).reshape(E, N, X)
+    return t.view(E, N // 16, X, 16).transpose(2, 3).reshape(E, N, X)
+
+
 def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
                 group_size: int | None, activations: str) -> None:
     """A QuantizedTensor's parts, consistent with each other and with the format the
@@ -133,20 +182,65 @@ class QuantizedTensor(nn.Module):
     """A quantized [E, K, N] weight stack (an nn.Module so its buffers are in state_dict).
 
     ``data``: int8 [E, N, K] (bits=8) or uint8 [E, N, K/2] (bits=4); ``scales``
-    fp32 [E, N] or [E, N, K/g]; ``zeros`` fp32 [E, N, K/g] (bits=4 only).
+    fp32 [E, N] or [E, N, K/g]; ``zeros`` fp32 [E, N, K/g] (bits=4 only); all three in
+    ``layout`` order ("nk", or "o16": see the module's docstring).
     """
 
     def __init__(self, data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
-                 group_size: int | None, activations: str = "float") -> None:
+                 group_size: int | None, activations: str = "float",
+                 layout: str = "nk") -> None:
         check_parts(data, scales, zeros, bits, group_size, activations)
+        check_layout(layout, bits, activations, data.shape[1], data.device)
         super().__init__()
         self.bits, self.group_size = bits, group_size
         # "int8": the decode kernels round the activations to int8 (see
         # moekit.quantize); "float": weight-only
         self.activations = activations
+        self.layout = layout
         self.register_buffer("data", data)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
+
+    def parts_nk(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(data, scales, zeros) in NK order: the buffers themselves, or converted copies of
+        an o16 tensor's."""
+        if self.layout == "nk":
+            return self.data, self.scales, self.zeros
+        return from_o16(self.data), from_o16(self.scales), from_o16(self.zeros)
+
+    def set_layout(self, layout: str) -> QuantizedTensor:
+        """Hold the buffers in ``layout`` order (new tensors where it changes; one buffer's
+        copy at a time). Not while another thread runs a forward on this tensor."""
+        check_layout(layout, self.bits, self.activations, self.data.shape[1], self.device)
+        if layout != self.layout:
+            convert = to_o16 if layout == "o16" else from_o16
+            for name in ("data", "scales", "zeros"):
+                setattr(self, name, convert(getattr(self, name)))
+            self.layout = layout
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # files and state_dicts hold NK whatever the layout in memory (a copy per buffer
+        # of an o16 tensor)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "nk":
+            for name, part in zip(("data", "scales", "zeros"), self.parts_nk(), strict=True):
+                destination[prefix + name] = part
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an NK state_dict into o16 buffers: each part converted where it has the buffer's
+        # shape and dtype (anything else is left for the default's own error)
+        if self.layout != "nk":
+            for name in ("data", "scales", "zeros"):
+                got, mine = state_dict.get(prefix + name), getattr(self, name)
+                if (isinstance(got, Tensor) and got.shape == mine.shape
+                        and got.dtype == mine.dtype):
+                    state_dict[prefix + name] = to_o16(got)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __setstate__(self, state):
+        state.setdefault("layout", "nk")  # pickled before layouts existed
+        super().__setstate__(state)
 
     @classmethod
     def empty(cls, E: int, K: int, N: int, bits: int, group_size: int | None,
@@ -193,15 +287,21 @@ class QuantizedTensor(nn.Module):
     def extra_repr(self) -> str:
         g = "" if self.group_size is None else f", group_size={self.group_size}"
         a = ", activations=int8" if self.activations == "int8" else ""
-        return f"shape={tuple(self.shape)}, bits={self.bits}{g}{a}"
+        lay = "" if self.layout == "nk" else f", layout={self.layout}"
+        return f"shape={tuple(self.shape)}, bits={self.bits}{g}{a}{lay}"
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() must not round the scales (nor touch the integers):
-        # only a move to another device applies
-        for name, b in self._buffers.items():
-            if b is not None:
-                moved = fn(b)
-                self._buffers[name] = moved if moved.dtype == b.dtype else b.to(moved.device)
+        # only a move to another device applies; o16 is a CPU kernel's order, so a move
+        # off the CPU takes NK (the GPU kernels read that)
+        moved = {name: fn(b) for name, b in self._buffers.items() if b is not None}
+        if self.layout != "nk" and moved["data"].device.type != "cpu":
+            moved = {name: fn(part) for name, part in zip(
+                ("data", "scales", "zeros"), self.parts_nk(), strict=True)}
+            self.layout = "nk"
+        for name, m in moved.items():
+            b = self._buffers[name]
+            self._buffers[name] = m if m.dtype == b.dtype else b.to(m.device)
         return self
 
     def select(self, experts: Tensor | list[int]) -> QuantizedTensor:
@@ -215,7 +315,7 @@ class QuantizedTensor(nn.Module):
         idx = ids.to(self.data.device)
         z = None if self.zeros is None else self.zeros.index_select(0, idx)
         return QuantizedTensor(self.data.index_select(0, idx), self.scales.index_select(0, idx),
-                               z, self.bits, self.group_size, self.activations)
+                               z, self.bits, self.group_size, self.activations, self.layout)
 
     def dequantize(self, e0: int = 0, e1: int | None = None,
                    dtype: torch.dtype = torch.float32) -> Tensor:
@@ -276,7 +376,20 @@ def pack_int4(q: Tensor) -> Tensor:
 
 
 def _dequantize_torch(qt: QuantizedTensor, e0: int, e1: int) -> Tensor:
-    return _dequantize_torch_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size, e0, e1)
+    if qt.layout == "nk":
+        return _dequantize_torch_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size,
+                                       e0, e1)
+    e1 = qt.data.shape[0] if e1 is None else e1
+    return _dequantize_torch_parts(*_nk_range(qt, e0, e1), qt.bits, qt.group_size, 0, e1 - e0)
+
+
+def _nk_range(qt: QuantizedTensor, e0: int, e1: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Experts e0..e1-1's parts in NK order (views of an NK tensor's; an o16 tensor's
+    experts converted, not the whole stack)."""
+    parts = (qt.data[e0:e1], qt.scales[e0:e1], None if qt.zeros is None else qt.zeros[e0:e1])
+    if qt.layout == "nk":
+        return parts
+    return tuple(from_o16(p) for p in parts)
 
 
 def _dequantize_torch_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
@@ -295,8 +408,12 @@ def dequantize_NK(qt: QuantizedTensor, e0: int, e1: int, out: Tensor | None = No
     dtypes are the float32 values rounded as ``.to(dtype)`` rounds them; bfloat16 is
     rounded in the kernel, with no float32 copy written and read again (NaN: a quiet NaN,
     its payload not necessarily torch's)."""
-    return dequantize_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size, e0, e1,
-                            out, dtype)
+    if qt.layout == "nk":
+        return dequantize_parts(qt.data, qt.scales, qt.zeros, qt.bits, qt.group_size, e0, e1,
+                                out, dtype)
+    e0, e1 = _check_range(e0, e1, qt.data.shape[0])
+    return dequantize_parts(*_nk_range(qt, e0, e1), qt.bits, qt.group_size, 0, e1 - e0, out,
+                            dtype)
 
 
 def dequantize_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,

@@ -1,0 +1,299 @@
+"""int4 experts with int8 activations in the 16-output order (``layout="o16"``).
+
+Oracles: the layout's definition written out with explicit index loops (byte 4 o + t of
+vector 4 c + j in each 16 outputs' span is NK byte 16 c + 4 j + t of output o; scales and
+zeros [K/g][16]); the W4A8 definition in float64 (``tests.test_quant_a8``: activations
+rounded per block of 32, the dequantized weights' product, within the fp32 summation
+bound); and the same weights in NK order through the same kernels. Also what must not
+change: files and state_dicts hold NK, loads convert, a move off the CPU returns to NK,
+bad layouts are refused before anything changes.
+
+Shape letters: E experts, K input width, N output width, T tokens, g group size.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import moekit
+from moekit.functions import cpu_ext
+from moekit.functions import decode as decode_fn
+from moekit.inference import sorted_rows
+from moekit.models.config import preset
+from moekit.models.transformer import MoETransformer, StaticKVCache
+from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
+from moekit.quant import io as qio
+from moekit.quant.model import o16_kernel_here, set_expert_layout
+from moekit.quant.tensor import from_o16, to_o16
+from tests.test_quant import _lm
+from tests.test_quant_a8 import _check, round_a8
+
+needs_kernel = pytest.mark.skipif(cpu_ext.get_decode() is None, reason="decode kernels not built")
+
+
+def _w4a8(E: int, K: int, N: int, g: int, seed: int) -> QuantizedTensor:
+    gen = torch.Generator().manual_seed(seed)
+    return quantize_tensor(torch.randn(E, K, N, generator=gen), 4, g, activations="int8")
+
+
+def _o16(qt: QuantizedTensor) -> QuantizedTensor:
+    return copy.deepcopy(qt).set_layout("o16")
+
+
+def test_o16_order_is_the_documented_permutation():
+    E, N, K, g = 2, 32, 96, 32
+    qt = _w4a8(E, K, N, g, 0)
+    o = _o16(qt)
+    nk, od = qt.data, o.data
+    for e in range(E):
+        for b in range(N // 16):
+            span = od[e, 16 * b:16 * b + 16].reshape(-1)  # the 16 outputs' bytes
+            for c in range(K // 32):
+                for j in range(4):
+                    for oo in range(16):
+                        for t in range(4):
+                            assert span[(4 * c + j) * 64 + 4 * oo + t] == \
+                                nk[e, 16 * b + oo, 16 * c + 4 * j + t]
+            sspan = o.scales[e, 16 * b:16 * b + 16].reshape(-1)
+            zspan = o.zeros[e, 16 * b:16 * b + 16].reshape(-1)
+            for gi in range(K // g):
+                for oo in range(16):
+                    assert sspan[16 * gi + oo] == qt.scales[e, 16 * b + oo, gi]
+                    assert zspan[16 * gi + oo] == qt.zeros[e, 16 * b + oo, gi]
+    for part in (qt.data, qt.scales, qt.zeros):
+        assert torch.equal(from_o16(to_o16(part)), part)
+    assert all(torch.equal(a, b) for a, b in zip(o.parts_nk(), (qt.data, qt.scales, qt.zeros),
+                                                 strict=True))
+    assert torch.equal(o.dequantize(), qt.dequantize())
+    assert torch.equal(o.dequantize(1, 2, dtype=torch.bfloat16),
+                       qt.dequantize(1, 2, dtype=torch.bfloat16))
+    assert torch.equal(o.select([1, 0]).dequantize(), qt.select([1, 0]).dequantize())
+    assert o.select([1]).layout == "o16" and "layout=o16" in repr(o)
+
+
+@needs_kernel
+# 160 and 96: chunks past the last block of 128 inputs
+@pytest.mark.parametrize("K,g", [(1024, 64), (384, 128), (160, 32), (96, 32)])
+@pytest.mark.parametrize("T", [1, 3, 9, 20])  # 9, 20: passes of 8 rows and a rest
+def test_o16_gate_up_matches_definition_and_nk(K, g, T):
+    E, N, topk = 5, 80, 3  # N / 16 = 5 blocks of outputs
+    qt = _w4a8(E, K, N, g, K + g + T)
+    o = _o16(qt)
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(T, K, generator=gen) * torch.rand(T, 1, generator=gen) * 4
+    x[0, :32] = 0  # a block of zeros: scale 0
+    w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
+    d = sorted_rows(idx, w, E)
+    ext = cpu_ext.get_decode()
+    args = (x, d.token_S, d.offsets_E)
+    h = ext.gate_up(*args, *decode_fn.wargs(o), None, 0, 0.0, 1.0)
+    h_nk = ext.gate_up(*args, *decode_fn.wargs(qt), None, 0, 0.0, 1.0)
+    assert decode_fn.wargs(o)[3] == 49 and decode_fn.wargs(qt)[3] == 48
+    W = qt.dequantize().double()
+    e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
+    rows = round_a8(x)[d.token_S]
+    want = torch.einsum("sk,skn->sn", rows, W[e_S])
+    mag = torch.einsum("sk,skn->sn", rows.abs(), W[e_S].abs())
+    _check(h, want, mag, K)
+    _check(h_nk, want, mag, K)
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", [1, 6])
+def test_o16_down_combine_matches_definition(T):
+    E, F, D, topk = 6, 256, 96, 2
+    qt = _w4a8(E, F, D, 32, 7 + T)
+    gen = torch.Generator().manual_seed(T)
+    w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
+    d = sorted_rows(idx, w, E)
+    a = torch.randn(T * topk, F, generator=gen)
+    out = torch.full((T, D), 9.0)
+    cpu_ext.get_decode().down_combine(a, d.token_S, d.weight_S.float(), d.offsets_E,
+                                      *decode_fn.wargs(_o16(qt)), None, out)
+    W = qt.dequantize().double()
+    e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
+    ah = round_a8(a)
+    ws = d.weight_S.double()[:, None]
+    want = torch.zeros(T, D, dtype=torch.float64).index_add_(
+        0, d.token_S, ws * torch.einsum("sk,skn->sn", ah, W[e_S]))
+    mag = torch.zeros(T, D, dtype=torch.float64).index_add_(
+        0, d.token_S, ws.abs() * torch.einsum("sk,skn->sn", ah.abs(), W[e_S].abs()))
+    _check(out, want, mag, F + topk)
+
+
+@needs_kernel
+def test_o16_plain_loops_match_the_vnni_kernel():
+    """MOEKIT_CPU_ISA=generic (the plain loops that read the order on CPUs without VNNI)
+    gives what the definition gives, in a process of its own (the ISA is read once)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from tests.test_quant_o16 import _w4a8, _o16\n"
+        "from tests.test_quant_a8 import _check, round_a8\n"
+        "from moekit.functions import cpu_ext, decode as d\n"
+        "from moekit.inference import sorted_rows\n"
+        "ext = cpu_ext.get_decode(); assert ext.isa() == 'generic'\n"
+        "assert not ext.int4_o16_vnni()\n"
+        "qt = _w4a8(3, 160, 48, 32, 1); x = torch.randn(5, 160)\n"
+        "r = sorted_rows(torch.tensor([[0], [2], [1], [2], [0]]), torch.ones(5, 1), 3)\n"
+        "h = ext.gate_up(x, r.token_S, r.offsets_E, *d.wargs(_o16(qt)), None, 0, 0.0, 1.0)\n"
+        "W = qt.dequantize().double()[r.token_S.new_tensor([0, 0, 1, 2, 2])]\n"
+        "rows = round_a8(x)[r.token_S]\n"
+        "_check(h, torch.einsum('sk,skn->sn', rows, W), "
+        "torch.einsum('sk,skn->sn', rows.abs(), W.abs()), 160)\n"
+        "print('ok')\n")
+    env = {**__import__("os").environ, "MOEKIT_CPU_ISA": "generic"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@needs_kernel
+def test_o16_prefill_one_call_is_bitwise_the_nk_call():
+    """swiglu_experts_q_out packs o16 weights (bits 49) into the same GEMM blocks as NK."""
+    ext = cpu_ext.get()
+    if ext is None or not ext.int8_activations_gemm_ok():
+        pytest.skip("prefill's int8-activation GEMM needs AVX-512 VNNI")
+    E, D, F, T = 4, 256, 96, 40
+    wi, wo = _w4a8(E, D, 2 * F, 32, 1), _w4a8(E, F, D, 32, 2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=gen)
+    w, idx = torch.rand(T, E, generator=gen).topk(2, dim=-1)
+    d = sorted_rows(idx, w, E)
+    outs = []
+    for a, b, bits in ((wi, wo, 4), (_o16(wi), _o16(wo), 49)):
+        S = d.token_S.numel()
+        out = torch.zeros(T, D)
+        ext.swiglu_experts_q_out(x, d.token_S.long(), d.weight_S.float(), a.data, a.scales,
+                                 a.zeros, b.data, b.scales, b.zeros, bits, 32,
+                                 d.offsets_E.tolist(), torch.empty(S, F), torch.empty(S, D),
+                                 out, True)
+        outs.append(out)
+    assert outs[0].abs().max() > 0 and torch.equal(outs[0], outs[1])
+    with pytest.raises(RuntimeError, match="bits=49 .* needs a8=True"):
+        ext.swiglu_experts_q_out(x, d.token_S.long(), d.weight_S.float(), *_o16(wi).parts_nk(),
+                                 *_o16(wo).parts_nk(), 49, 32, d.offsets_E.tolist(),
+                                 torch.empty(S, F), torch.empty(S, D), out, False)
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        cache = StaticKVCache.for_model(model, ids.shape[0], 32)
+        cache.reset()
+        first = model.infer(ids, cache)  # prefill: many rows
+        return first, model.infer(ids[:, -1:], cache)  # a decode step
+
+
+@needs_kernel
+def test_model_quantized_in_o16_decodes_like_nk():
+    if not o16_kernel_here():
+        pytest.skip("the o16 kernel needs AVX-512 VNNI")
+    torch.manual_seed(0)  # K = 128 and 96: a full block and a tail
+    model = MoETransformer(preset("tiny", dim=128, ffn_dim=96)).eval()
+    a = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
+    b = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8", layout="nk")
+    ex = a.blocks[0].ffn.experts
+    assert ex.w_in.layout == ex.w_out.layout == "o16"
+    assert all(q.layout == "nk" for n, q in a.named_modules()
+               if isinstance(q, QuantizedTensor) and ".experts." not in n)
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    for got, want in zip(_logits(a, ids), _logits(b, ids), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    sa, sb = a.state_dict(), b.state_dict()  # state_dicts hold NK
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
+@needs_kernel
+def test_checkpoint_holds_nk_and_loads_into_o16(tmp_path):
+    if not o16_kernel_here():
+        pytest.skip("the o16 kernel needs AVX-512 VNNI")
+    from safetensors.torch import load_file
+
+    model = _lm()
+    a = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
+    b = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8", layout="nk")
+    out = qio.save_quantized(a, tmp_path / "q")
+    saved = load_file(out / qio.MODEL_FILE)
+    want = b.state_dict()
+    assert all(torch.equal(saved[k], want[k]) for k in saved)
+    loaded = qio.load_quantized(out)
+    assert loaded.blocks[0].ffn.experts.w_in.layout == "o16"
+    ids = torch.randint(0, 256, (2, 9))
+    for got, ref in zip(_logits(loaded, ids), _logits(a, ids), strict=True):
+        assert torch.equal(got, ref)
+
+
+def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():
+    qt = _w4a8(3, 64, 32, 32, 5)
+    other = _w4a8(3, 64, 32, 32, 6)
+    o = _o16(qt)
+    bad = {**other.state_dict(), "data": other.data[:, :16]}  # torch's error, not a view's
+    with pytest.raises(RuntimeError, match="size mismatch for data"):
+        o.load_state_dict(bad)
+    o.load_state_dict(other.state_dict())
+    assert o.layout == "o16" and torch.equal(o.dequantize(), other.dequantize())
+    assert torch.equal(o.data, to_o16(other.data))
+
+
+def test_a_move_off_the_cpu_returns_to_nk():
+    qt = _w4a8(2, 64, 32, 32, 3)
+    o = _o16(qt).to("meta")
+    assert o.layout == "nk" and o.data.device.type == "meta"
+    o = _o16(qt)
+    assert o.to(torch.bfloat16).layout == "o16"  # a dtype change moves nothing
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(layout="vnni"), "layout='vnni' is not allowed"),
+    (dict(layout="o16", activations="float"), "layout='o16' is not allowed for"),
+    (dict(layout="o16", bits=8), "layout='o16' is not allowed for"),
+])
+def test_bad_layout_requests_change_nothing(kw, match):
+    model = _lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {"bits": 4, "group_size": 32, "activations": "int8", **kw}
+    if args["bits"] == 8:
+        args["group_size"] = None
+    if kw.get("layout") == "vnni":
+        with pytest.raises(QuantizationError, match=match):
+            quantize(model, **args)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return
+    q = quantize(model, **{**args, "layout": "nk"})
+    with pytest.raises(QuantizationError, match=match):
+        set_expert_layout(q, "o16")
+    assert all(m.layout == "nk" for m in q.modules() if isinstance(m, QuantizedTensor))
+    with pytest.raises(QuantizationError, match="layout='o16' is not allowed with bits=8"):
+        QuantizedTensor(*quantize_tensor(torch.randn(1, 32, 16), 8).parts_nk(), 8, None,
+                        activations="int8", layout="o16")
+
+
+def test_hf_patched_experts_take_o16_and_generate_like_nk():
+    transformers = pytest.importorskip("transformers")
+    if cpu_ext.get_decode() is None or not o16_kernel_here():
+        pytest.skip("the o16 kernel needs AVX-512 VNNI")
+    from moekit.integrations import hf
+    from tests import hf_models
+
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, "intermediate_size": 32,
+                                      "num_experts": 8, "num_experts_per_tok": 2})
+    original = transformers.OlmoeForCausalLM(cfg).eval()
+    models = []
+    for layout in ("o16", "nk"):
+        m = hf.apply(copy.deepcopy(original))
+        moekit.quantize(m, bits=4, group_size=32, activations="int8", layout=layout)
+        models.append(m)
+    layouts = {q.layout for q in models[0].modules() if isinstance(q, QuantizedTensor)}
+    assert "o16" in layouts
+    ids = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = [m.generate(ids, max_new_tokens=4, do_sample=False) for m in models]
+        logits = [m(ids).logits for m in models]
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
