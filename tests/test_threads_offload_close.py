@@ -145,3 +145,45 @@ def _assert_closed_model(model) -> None:
     with pytest.raises(RuntimeError, match=CLOSED), torch.inference_mode():
         model(IDS)
     assert cache.entries == entries and cache.stats.total("loads") == loads
+
+
+@pytest.mark.parametrize("timeout", [None, 0.5])
+def test_close_inside_a_step_on_its_own_thread_raises(run_dir, timeout):
+    """``close`` called by a callback inside a layer step, on the thread running that
+    step, waited for the step it was part of: timeout=None hung for ever; 0.5 stalled,
+    then warned of a step "on another thread". It must raise at once, change nothing,
+    and leave the model running (with the reference's logits) and closable afterwards.
+    The forward runs on a daemon thread joined with a deadline, so a hang fails."""
+    want = _reference(run_dir)
+    model = load_offloaded(run_dir, 12 * EXPERT_BYTES, prefetch=True)
+    offload = model.expert_offload
+    cache = offload.cache
+    get = cache.get
+
+    def closing_get(layer, experts, first=True):
+        cache.get = get  # once: the callback of the first step only
+        offload.close(timeout=timeout)
+        return get(layer, experts, first)
+
+    cache.get = closing_get
+    result: list = []
+
+    def forward() -> None:
+        try:
+            with torch.inference_mode():
+                result.append(model(IDS).logits)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            result.append(e)
+
+    th = threading.Thread(target=forward, daemon=True)
+    th.start()
+    th.join(5.0)
+    assert not th.is_alive(), "close() inside the step waited for that step (hung)"
+    (got,) = result
+    assert isinstance(got, RuntimeError), got
+    assert "called inside a layer step on the thread that runs that step" in str(got)
+    assert not cache.closing and not cache.closed and cache.loader.thread.is_alive()
+    with torch.inference_mode():
+        assert torch.equal(model(IDS).logits, want)
+    assert offload.close(timeout=5.0)
+    _assert_closed_model(model)

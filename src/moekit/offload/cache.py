@@ -146,6 +146,9 @@ class ExpertCache:
         # that runs, which closes the cache as it ends
         self.step_lock = threading.Lock()
         self.closing = self._step_closes = False
+        # the thread whose step holds step_lock: close() on that thread would wait for
+        # the step it runs inside (the lock is not reentrant), so it refuses instead
+        self._step_thread: int | None = None
         self.entries: dict[Key, Entry] = {}
         self.used = 0
         self.stats = OffloadStats(budget, policy, prefetch,
@@ -362,9 +365,11 @@ class ExpertCache:
         with self.step_lock:
             if self.closing:
                 self._raise_closed()
+            self._step_thread = threading.get_ident()
             try:
                 return step(*args)
             finally:
+                self._step_thread = None
                 if self._step_closes and not self.closed:
                     self._close_now(None)
 
@@ -383,9 +388,20 @@ class ExpertCache:
         that outlasts it: False, a RuntimeWarning, and the files stay open for that read,
         which closes them as it ends (closing them under it failed the read or filled the
         slot with another file's bytes). Closing twice is harmless; ``get`` and
-        ``prefetch`` after it raise a RuntimeError before anything changes."""
+        ``prefetch`` after it raise a RuntimeError before anything changes.
+
+        Called inside a layer step on the thread that runs it (a hook or callback during
+        the step) it raises RuntimeError before anything changes: it would wait for the
+        step it is part of (timeout=None hung for ever; a finite timeout stalled that
+        long, then warned of a step "on another thread")."""
         if timeout is not None:
             check_non_negative("timeout", timeout)
+        if self._step_thread == threading.get_ident():
+            raise RuntimeError(
+                f"expert cache close(timeout={timeout}) was called inside a layer step on "
+                "the thread that runs that step (a hook or callback during the step): "
+                "close waits for the step in progress, which cannot end while close "
+                "waits; call close() after the forward returns, or from another thread")
         t0 = time.monotonic()
         self.closing = True
         if not self.step_lock.acquire(timeout=-1 if timeout is None else timeout):

@@ -327,7 +327,8 @@ class ExpertOffload:
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """``ExpertCache.close``: waits for a layer step running on another thread (at
-        most ``timeout`` seconds), then stops the prefetch thread and closes the files."""
+        most ``timeout`` seconds), then stops the prefetch thread and closes the files;
+        inside a layer step on its own thread (a hook during the step) it raises."""
         return self.cache.close(timeout)
 
 
