@@ -119,7 +119,7 @@ class _DDPNote:
 
 def _stop_ddp_syncing(ddp: DistributedDataParallel, load: Tensor) -> None:
     """Take ``load`` out of the buffers ``ddp`` broadcasts from rank 0 before each
-    forward (its default, broadcast_buffers=True): the broadcast replaced every rank's
+    forward (its default, forward_sync_buffers=True): the broadcast replaced every rank's
     count of its earlier micro-batches with rank 0's, so the load summed over ranks held
     rank 0's earlier micro-batches world times and the other ranks' not at all. DDP
     re-reads its buffer list, minus ``parameters_to_ignore``, at every sync.
