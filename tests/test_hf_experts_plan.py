@@ -221,6 +221,19 @@ def test_rows_autograd_and_autocast_leave_the_plan():
     assert plan(*_choice(m, T=1)) is None  # grad enabled
 
 
+def test_the_plan_refuses_where_forward_skips_it(monkeypatch):
+    """StackedExperts.forward and the plan's call share one gate (``plan_may_run``):
+    under torch.compile forward traces the general path, and the plan's call, which
+    checked autograd alone, returned the C++ call's output there too."""
+    _, m = _experts()
+    plan = ExpertsPlan.build(m)
+    args = _choice(m, T=1)
+    with torch.no_grad():
+        assert plan(*args) is not None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert plan(*args) is None
+
+
 def test_deepcopy_pickle_and_revert_leave_no_plan_behind():
     model, m = _experts()
     args = _choice(m)

@@ -25,7 +25,7 @@ from moekit.experts.activations import swiglu_oai
 from moekit.experts.backends import decode_experts, decode_topk_experts, grouped_mm_supported
 from moekit.experts.experts import auto_backend_name, autocast_experts, resolve_backend
 from moekit.functions import decode
-from moekit.integrations.hf.experts_plan import PLAN_ATTR, current_plan
+from moekit.integrations.hf.experts_plan import PLAN_ATTR, current_plan, plan_may_run
 from moekit.quant.tensor import QuantizedTensor
 
 
@@ -174,9 +174,8 @@ class StackedExperts:
         return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # a decode step: the one C++ call with arguments prepared once (experts_plan.py);
-        # not under torch.compile, which traces the general path
-        if not (torch.is_grad_enabled() or torch.compiler.is_compiling()):
+        # a decode step: the one C++ call with arguments prepared once (experts_plan.py)
+        if plan_may_run():
             y_TD = current_plan(self)(hidden_states, top_k_index, top_k_weights)
             if y_TD is not None:
                 return y_TD

@@ -43,6 +43,13 @@ def _no_plan() -> None:
     return None
 
 
+def plan_may_run() -> bool:
+    """Whether a decode call may take a plan at all: autograd off (its C++ call has no
+    backward) and not under torch.compile (which traces the general path). The one check
+    ``StackedExperts.forward`` (before building a plan) and ``ExpertsPlan.__call__`` make."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+
+
 class ExpertsPlan:
     """What one experts module's decode call passes its C++ call, and when it may."""
 
@@ -89,7 +96,7 @@ class ExpertsPlan:
     def __call__(self, x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor) -> Tensor | None:
         """The experts' output [T, D] in x's dtype, or None where the general path would
         not make this call (the conditions of ``run_experts_topk`` that depend on it)."""
-        if (self.call is None or torch.is_grad_enabled() or x_TD.dim() != 2
+        if (self.call is None or not plan_may_run() or x_TD.dim() != 2
                 or x_TD.dtype not in _FLOATS or x_TD.device.type != "cpu"
                 or experts_TK.dtype != torch.int64 or experts_TK.device.type != "cpu"
                 or weights_TK.device.type != "cpu" or not weights_TK.is_floating_point()
