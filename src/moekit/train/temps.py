@@ -21,7 +21,12 @@ never removes a live writer's:
 
 What stays for good outside run directories: temporaries of other hosts, of another
 boot, and the unmarked names moekit wrote before (``.<name>.tmp`` + 8 characters), whose
-writer nothing tells.
+writer nothing tells. No rule removes them without risking a live writer's: a boot id
+other than this one's may be a live writer of another kernel writing into this folder (an
+NFS / SMB / virtiofs export of a local disk, a gVisor or Kata container), on a host of the
+same name (the initial PID namespace has the same inode, 0xEFFFFFFC, on every Linux host);
+and an old mtime proves no death (a stopped or blocked writer, a file written inside a
+temporary directory leaves the directory's mtime, clocks differ across a network mount).
 """
 
 from __future__ import annotations
