@@ -69,9 +69,12 @@ MOEKIT_DTYPES = ("bf16", "int8", "int4", "int8a8", "int4a8")
 # with every dense projection on torch's GEMM instead of the decode kernel
 # with int4 groups of 128 (the default 64): a scale and a zero point per 128 weights, 12.5%
 # on top of the int4 bytes instead of 25%
-MOEKIT_EXTRA = ("int8-experts", "int4-experts", "int4-g128", "int4a8-g128", "fp32-aten-linear")
+# int4a8-nk: W4A8 experts kept in the NK order files hold (moekit.quantize's layout="nk";
+# int4a8 takes the 16-output order where AVX-512 VNNI reads it)
+MOEKIT_EXTRA = ("int8-experts", "int4-experts", "int4-g128", "int4a8-g128", "int4a8-nk",
+                "fp32-aten-linear")
 QUANT = ("int8", "int4", "int8a8", "int4a8", "int8-experts", "int4-experts", "int4-g128",
-         "int4a8-g128")
+         "int4a8-g128", "int4a8-nk")
 BASELINES = ("dense-active", "dense-total", "hf-mixtral", "hf-olmoe")
 # transformers' models patched with moekit.integrations.hf.apply (their own generate()),
 # fp32 or quantized by moekit.quantize; each is also paired with the unpatched model
@@ -131,8 +134,9 @@ def build(shape: str, variant: str, seed: int = 0):
         bits, scope = int(name[3]), "experts" if suffix == "experts" else "all"
         act = {"activations": "int8"} if name.endswith("a8") else {}  # W8A8, W4A8
         group = 128 if suffix == "g128" else 64
+        layout = {"layout": "nk"} if suffix == "nk" else {}
         return quantize_fn()(model, bits=bits, scope=scope,
-                             **({"group_size": group} if bits == 4 else {}), **act)
+                             **({"group_size": group} if bits == 4 else {}), **act, **layout)
     if variant.startswith("hf-"):
         return hf_model(model, variant.split("-")[1])
     if variant.startswith("hfpatch-"):
@@ -294,14 +298,14 @@ def weight_bytes(model) -> tuple[int, list[float]]:
     the "bytes")."""
     from moekit.experts.experts import Experts
 
-    experts = [m for m in model.modules() if isinstance(m, Experts)]
-    inside = {t.data_ptr() for m in experts
-              for t in itertools.chain(m.parameters(), m.buffers())}
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
+    experts = [m for _, m in named]
+    # by name: a state_dict holds copies of experts kept in the 16-output order (NK)
+    skip = tuple(f"{n}." for n, _ in named)
     if not getattr(model.config, "tie_embeddings", True):
-        inside |= {t.data_ptr() for t in itertools.chain(model.embed.parameters(),
-                                                         model.embed.buffers())}
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}
-    rest = _bytes(t for ptr, t in unique.items() if ptr not in inside)
+        skip += ("embed.",)
+    unique = {t.data_ptr(): t for k, t in model.state_dict().items() if not k.startswith(skip)}
+    rest = _bytes(unique.values())
     per = [_bytes(itertools.chain(m.parameters(), m.buffers())) / m.cfg.num_experts
            for m in experts]
     return rest, per
@@ -861,6 +865,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=None,
                    help="comma list of bf16, int8, int4, int8a8 / int4a8 (int8 activations), "
                    "int8-experts, int4-experts, int4-g128 / int4a8-g128 (groups of 128), "
+                   "int4a8-nk (W4A8 experts in NK order, not the 16-output one), "
                    "fp32-aten-linear, dense-active, dense-total, "
                    "hf-mixtral, hf-olmoe, hfpatch-{mixtral,olmoe}[-int8|-int4|-int8a8|-int4a8] "
                    "(transformers patched by moekit, also paired with the unpatched model; "
