@@ -28,11 +28,11 @@ _LATEST_MAX_BYTES = 4096  # "step_00000100\n" is 14; read no more than this
 
 
 def temp_dir(parent: Path, prefix: str) -> Path:
-    """A new directory in ``parent`` to write a checkpoint into before it is swapped into
-    place, named ``prefix`` + the writer (``temps.writer_mark``) + 8 random characters,
-    with the mode ``mkdir`` gives under the current umask: ``tempfile.mkdtemp``
-    makes it 0700, which the swapped-in output kept (other users could not read it where
-    a plain ``mkdir`` would have let them)."""
+    """A new directory in ``parent`` to write a directory into before it is swapped into
+    place (``write_dir``), named ``prefix`` + the writer (``temps.writer_mark``) + 8
+    random characters, with the mode ``mkdir`` gives under the current umask:
+    ``tempfile.mkdtemp`` makes it 0700, which the swapped-in output kept (other users
+    could not read it where a plain ``mkdir`` would have let them)."""
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix + writer_mark()))
     os.chmod(tmp, 0o777 & ~current_umask())
     return tmp
@@ -316,6 +316,55 @@ def swap_in(tmp: Path, final: Path) -> Path | None:
     except OSError as e:
         raise ReplacedError(e, renamed_left([final], 1)) from e
     return aside if aside.exists() else None
+
+
+def write_dir(final: Path, fill: Callable[[Path], object], *, overwrite: bool = True,
+              check: Callable[[Path], object] | None = None,
+              then: Callable[[], object] | None = None, tmp: Path | None = None) -> Path:
+    """The directory ``final``, whole or not at all: ``fill(tmp)`` writes its files into a
+    new temporary directory beside it (``temp_dir``; a killed writer's of the same name is
+    removed first, ``temps.remove_dead_temps``), which is then swapped in (``swap_in``: a
+    directory there before waits aside until the new one is in place). ``then()`` runs
+    once it is (a checkpoint's LATEST), and only after it is the replaced one deleted.
+    Returns ``final``.
+
+    Refused before anything is written, and again just before the swap (it may have
+    changed while ``fill`` ran): whatever ``check(final)`` raises, and with ``overwrite``
+    False a ``final`` that exists and is not an empty directory (a ValueError). A
+    failure up to the swap leaves ``final`` as it was and removes the temporary; one in
+    ``then`` leaves the new directory in place and the old one aside (``.<name>.old``,
+    which ``clean_run_dir`` removes). ``tmp``: a directory the caller made and filled in
+    part (every rank of a sharded save writes into one agreed name); it is the caller's,
+    left where it is if this fails."""
+    _refuse(final, overwrite, check)
+    made = tmp is None
+    if tmp is None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temps(final.parent, [final.name], dirs=True)
+        tmp = temp_dir(final.parent, f".{final.name}.tmp")
+    try:
+        fill(tmp)
+        _refuse(final, overwrite, check)
+        aside = swap_in(tmp, final)  # fsyncs the files, renames, fsyncs final.parent
+    except BaseException:
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if then is not None:
+        then()
+    if aside is not None:  # only now: the new directory is in place (and LATEST moved)
+        shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+def _refuse(final: Path, overwrite: bool,
+            check: Callable[[Path], object] | None) -> None:
+    if check is not None:
+        check(final)
+    if not overwrite and final.exists() and not (final.is_dir() and not any(final.iterdir())):
+        raise ValueError(f"final={str(final)!r} is not allowed: it exists and is not an "
+                         "empty directory, and overwrite=False keeps it; pick a new or "
+                         "empty directory")
 
 
 def aside_of(ckpt: Path) -> Path:
