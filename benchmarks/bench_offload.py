@@ -65,14 +65,11 @@ def make(path: Path) -> None:
     all: ``save_pretrained`` writes config.json first, so a make killed in its shards
     (1.7 GB) left a directory the next run took as made, and measured a model with
     shards missing. Now it goes to a temporary directory beside ``path`` that is renamed
-    into place when complete (``rundir.replace_durably``); a killed make's temporary is
-    removed by the next (``temps.remove_dead_temps``)."""
-    import shutil
-
+    into place when complete (``rundir.write_dir``, which removes a killed make's
+    temporary, ``temps.remove_dead_temps``)."""
     import transformers
 
-    from moekit.train.rundir import replace_durably, temp_dir
-    from moekit.train.temps import remove_dead_temps
+    from moekit.train.rundir import write_dir
 
     if (path / "config.json").exists():
         return
@@ -80,19 +77,13 @@ def make(path: Path) -> None:
         raise SystemExit(f"bench_offload: --ckpt {path} exists without a config.json (a "
                          "make killed before this version wrote into it?): remove it or "
                          "pass another --ckpt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(path.parent, [path.name], dirs=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_config(olmoe_config(**SHAPE),
                                                           dtype=torch.bfloat16)
-    tmp = temp_dir(path.parent, f".{path.name}.tmp")
-    try:
-        model.save_pretrained(tmp, max_shard_size="500MB")
-        replace_durably({tmp: path})  # a directory renames over an empty one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # overwrite=False: a --ckpt another make filled meanwhile is kept, not replaced
+    write_dir(path, lambda tmp: model.save_pretrained(tmp, max_shard_size="500MB"),
+              overwrite=False)
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
 
 

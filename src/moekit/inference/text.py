@@ -496,28 +496,20 @@ def text_for(checkpoint: str | Path, tokenizer: str | Path | None = None
 def copy_tokenizer(src: str | Path, dst: str | Path) -> Path | None:
     """``src``'s tokenizer files (those of TOKENIZER_FILES it has; None where it has no
     tokenizer.json) into ``dst / TOKENIZER_DIR``, whole or not at all: written to a new
-    temporary directory beside it, fsynced, then swapped in (``rundir.swap_in``: a
+    temporary directory beside it, fsynced, then swapped in (``rundir.write_dir``: a
     tokenizer there before waits aside until the new one is in place). It had been
     deleted before the rename, so a failed rename or fsync left no tokenizer at all; and
     its one fixed temporary name let two copies into ``dst`` delete each other's."""
-    from moekit.train.rundir import swap_in, temp_dir  # lazy, as other inference/ modules do
-    from moekit.train.temps import remove_dead_temps
+    from moekit.train.rundir import write_dir  # lazy, as other inference/ modules do
 
     src, out = Path(src), Path(dst) / TOKENIZER_DIR
     if not (src / "tokenizer.json").is_file():
         return None
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(Path(dst), [TOKENIZER_DIR], dirs=True)  # a killed copy's
-    shutil.rmtree(Path(dst) / f".{TOKENIZER_DIR}.tmp", ignore_errors=True)  # the old name's
-    tmp = temp_dir(Path(dst), f".{TOKENIZER_DIR}.tmp")
-    try:
+
+    def fill(tmp: Path) -> None:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        aside = swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if aside is not None:  # only now: the new copy is in place
-        shutil.rmtree(aside, ignore_errors=True)
-    return out
+
+    shutil.rmtree(Path(dst) / f".{TOKENIZER_DIR}.tmp", ignore_errors=True)  # the old name's
+    return write_dir(out, fill)  # a killed copy's temporary is removed there

@@ -64,9 +64,8 @@ from moekit.train.checkpoint import (
     dedupe_tied,
     load_checkpoint,
 )
-from moekit.train.rundir import aside_of, swap_in, temp_dir
+from moekit.train.rundir import aside_of, write_dir
 from moekit.train.rundir import sha256 as _sha256
-from moekit.train.temps import remove_dead_temps
 
 FORMAT_VERSION = 3  # 3 added "embeddings", 2 "scope"; 1 (experts only) and 2 still load
 MODEL_FILE, META_FILE = "model.safetensors", "quantized.json"
@@ -131,14 +130,13 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     return _write(out, lambda f: save_file(weights, str(f)), meta)
 
 
-def _remove_killed_writes(out: Path) -> None:
-    """Delete the temporary directories earlier saves to ``out`` left when they were
-    killed: each held a whole model, and every killed save had left one more beside
-    ``out``. Only those whose writer is surely dead (``temps.remove_dead_temps``): all
-    ``.<name>.tmp*`` had gone, a save running beside this one included, whose rename then
-    failed. Unmarked ones (``.<name>.tmp`` + mkdtemp's 8 characters) were written before
-    the writer was in the name, by a moekit that removed them too: they still go."""
-    remove_dead_temps(out.parent, [out.name], dirs=True)
+def _remove_unmarked_writes(out: Path) -> None:
+    """Delete the temporary directories killed saves to ``out`` left before the writer
+    was in the name (``.<name>.tmp`` + mkdtemp's 8 characters), as the moekit that wrote
+    them did: each held a whole model, and every killed save had left one more beside
+    ``out``. Marked ones go only where their writer is surely dead (``rundir.write_dir``,
+    ``temps.remove_dead_temps``): all ``.<name>.tmp*`` had gone, a save running beside
+    this one included, whose rename then failed."""
     pattern = re.compile(re.escape(f".{out.name}.tmp") + r"[a-z0-9_]{8}")
     for p in out.parent.iterdir():
         if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
@@ -154,22 +152,17 @@ def _write(out: str | Path, write_model: Callable[[Path], None], meta: dict,
     out = _check_path("out", out)
     _check_replaceable(out, overwrite)  # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_killed_writes(out)
-    tmp = temp_dir(out.parent, f".{out.name}.tmp")
-    try:
+    _remove_unmarked_writes(out)
+
+    def fill(tmp: Path) -> None:
         write_model(tmp / MODEL_FILE)
-        meta = {**meta, "sha256": _sha256(tmp / MODEL_FILE)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / META_FILE).write_text(json.dumps(
+            {**meta, "sha256": _sha256(tmp / MODEL_FILE)}, indent=1))
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tmp)
-        _check_replaceable(out, overwrite)  # again: it may have changed while we wrote
-        aside = swap_in(tmp, out)  # fsyncs the files, renames, fsyncs out.parent
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if aside is not None:  # only now: the new output is in place
-        shutil.rmtree(aside, ignore_errors=True)
-    return out
+
+    # checked again before the swap: out may have changed while the files were written
+    return write_dir(out, fill, check=lambda o: _check_replaceable(o, overwrite))
 
 
 def _check_layout(meta: Any, where: Path) -> None:

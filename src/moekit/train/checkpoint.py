@@ -127,9 +127,8 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
     # what load_checkpoint would refuse is refused here, before LATEST moves or prune runs
     check_state(json.loads(text), Path("state"))
     name = f"step_{state['step']:08d}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = rundir.temp_dir(run_dir, f".{name}.tmp")
-    try:
+
+    def fill(tmp: Path) -> None:
         if weights is None:
             save_file(tensors, str(tmp / MODEL_FILE))
         else:
@@ -137,13 +136,9 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, optimizer: torch.opti
         save_file(optim_tensors, str(tmp / OPTIM_FILE))
         (tmp / STATE_FILE).write_text(text)
         rundir.write_manifest(tmp, list(FILES))
-        aside = rundir.swap_in(tmp, run_dir / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    rundir.write_latest(run_dir, name)
-    if aside is not None:  # only now: LATEST names the new directory
-        shutil.rmtree(aside, ignore_errors=True)
+
+    # the directory replaced (a re-save of LATEST's step) is deleted once LATEST is written
+    rundir.write_dir(run_dir / name, fill, then=lambda: rundir.write_latest(run_dir, name))
     prune(run_dir, keep)
     return run_dir / name
 

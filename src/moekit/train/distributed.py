@@ -386,12 +386,12 @@ class DistributedTrainer(Trainer):
         # too: the load since the last validation had been written to one, not the other),
         # with the data as trainer.json has always recorded it (the corpus alone)
         state = {**self.checkpoint_state(), "data": {"corpus": self.corpus.location()}}
-        (tmp / TRAINER_FILE).write_text(json.dumps(state))
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        rundir.write_manifest(tmp, files)
-        aside = rundir.swap_in(tmp, path)  # fsyncs the files, renames, fsyncs out_dir
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+
+        def fill(tmp: Path) -> None:
+            (tmp / TRAINER_FILE).write_text(json.dumps(state))
+            rundir.write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
+
+        rundir.write_dir(path, fill, tmp=tmp)  # tmp: the ranks' shards, already in it
         complete = [d for d in rundir.checkpoint_dirs(self.out_dir, rundir.DCP_DIR)
                     if (d / rundir.MANIFEST).is_file()]
         for old in complete[:-self.cfg.keep_checkpoints]:
