@@ -883,8 +883,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="1 thread, steps timed by the main thread's CPU time (loaded machine)")
     p.add_argument("--no-prefill", dest="prefill", action="store_false")
     p.add_argument("--prefill-variants", default="",
-                   help=f"comma list of {', '.join(MOEKIT_DTYPES)}: their prefill against "
-                        "fp32's too (paired)")
+                   help=f"comma list of {', '.join(MOEKIT_DTYPES)}, int4a8-nk: their prefill "
+                        "against fp32's too (paired)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the fresh-process peak RSS runs")
     p.add_argument("--profile", action="store_true", help="profile decode steps and exit")
@@ -928,7 +928,8 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                f"it must be one of {', '.join(BREAKDOWN_VARIANTS)}")
     a.variants = _names("--variants", a.variants,
                         (*MOEKIT_DTYPES, *MOEKIT_EXTRA, *BASELINES, *HF_PATCHED))
-    a.prefill_variants = (_names("--prefill-variants", a.prefill_variants, MOEKIT_DTYPES)
+    a.prefill_variants = (_names("--prefill-variants", a.prefill_variants,
+                                 (*MOEKIT_DTYPES, "int4a8-nk"))
                           if a.prefill_variants else [])
     a.batches, a.hf_batches = _sizes("--batches", a.batches), _sizes("--hf-batches", a.hf_batches)
     a.own_batches = list(a.batches)  # --step-calls and --ops: these alone
