@@ -26,8 +26,8 @@ from moekit.models.config import preset
 from moekit.models.transformer import MoETransformer, StaticKVCache
 from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_tensor
 from moekit.quant import io as qio
+from moekit.quant.layout import from_o16, to_o16
 from moekit.quant.model import o16_kernel_here, set_expert_layout
-from moekit.quant.tensor import from_o16, to_o16
 from tests.test_quant import _lm
 from tests.test_quant_a8 import _check, round_a8
 

@@ -20,14 +20,9 @@ order) and groups run along K.
   g=128), exact under ``model.to(bfloat16)`` and friends (see ``_apply``).
 
 Layouts. The above is ``layout="nk"``, the form every file and ``state_dict``
-holds. int4 weights with int8 activations may live in memory in ``layout="o16"``
-instead, the order the decode kernel's AVX-512 VNNI instructions sum in: within
-each 16 outputs' span of bytes, per 32-input chunk c, four 64-byte vectors j whose
-byte 4 o + t is NK byte 16 c + 4 j + t of output o; their scales and zeros [K/g][16]
-per 16 outputs. The same bytes, permuted within each 16 outputs' span: a decode step
-converts each row's 4 activation bytes once per 16 outputs instead of per output
-(``benchmarks/bench_int4_order.py``; docs/cpu-inference.md). ``set_layout`` converts;
-``parts_nk`` gives the NK parts of either; ``state_dict`` always holds NK.
+holds; int4 weights with int8 activations may live in memory in ``layout="o16"``
+instead (``quant/layout.py``). ``set_layout`` converts; ``parts_nk`` gives the NK
+parts of either.
 
 Shape letters: E experts, K input width, N output width, g group size.
 """
@@ -40,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit.config import check_positive_int
+from moekit.quant.layout import from_o16, o16_allowed, to_o16
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -112,11 +108,6 @@ def _check_format(bits: int, group_size: int | None, activations: str) -> None:
 LAYOUTS = ("nk", "o16")
 
 
-def o16_allowed(bits: int, activations: str, N: int) -> bool:
-    """Whether a weight of this format and output width N may take ``layout="o16"``."""
-    return bits == 4 and activations == "int8" and N % 16 == 0
-
-
 def check_layout(layout: object, bits: int, activations: str, N: int, device: torch.device
                  ) -> str:
     """``layout`` where a QuantizedTensor of this format may take it; a QuantizationError
@@ -129,23 +120,6 @@ def check_layout(layout: object, bits: int, activations: str, N: int, device: to
                                 f"{activations!r}, N={N} on {device}: it is for int4 weights "
                                 "with int8 activations, N a multiple of 16, on the CPU")
     return layout
-
-
-def to_o16(t: Tensor) -> Tensor:
-    """An NK part [E, N, X] (uint8 data, X = K/2; or float scales / zeros, X = K/g) in the
-    16-output order (a new contiguous tensor; N a multiple of 16)."""
-    E, N, X = t.shape
-    if t.dtype == torch.uint8:  # [., 16 o, K/32 c, 4 j, 4 t] -> [., c, j, o, t]
-        return t.view(E, N // 16, 16, X // 16, 4, 4).permute(0, 1, 3, 4, 2, 5).reshape(E, N, X)
-    return t.view(E, N // 16, 16, X).transpose(2, 3).reshape(E, N, X)
-
-
-def from_o16(t: Tensor) -> Tensor:
-    """The inverse of ``to_o16``: an o16 part back in NK order (a new contiguous tensor)."""
-    E, N, X = t.shape
-    if t.dtype == torch.uint8:
-        return t.view(E, N // 16, X // 16, 4, 16, 4).permute(0, 1, 4, 2, 3, 5).reshape(E, N, X)
-    return t.view(E, N // 16, X, 16).transpose(2, 3).reshape(E, N, X)
 
 
 def check_parts(data: Tensor, scales: Tensor, zeros: Tensor | None, bits: int,
