@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from moekit.experts.experts import Experts, SharedExperts
+from moekit.quant.layout import o16_allowed
 from moekit.quant.linear import QuantizedEmbedding, QuantizedLinear
 from moekit.quant.tensor import (
     GROUP_SIZES,
@@ -48,7 +49,6 @@ from moekit.quant.tensor import (
     check_activations,
     check_bits,
     check_divides,
-    o16_allowed,
     quantize_tensor,
 )
 
@@ -72,7 +72,6 @@ class Target:
     name: str
     kind: str = "stack"
     bias: Tensor | None = None
-    routed: bool = False  # a routed expert stack (what the 16-output order is for)
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ def _expert_targets(model: nn.Module) -> list[Target]:
                       else _hf_view(m, a)) for a in m._moekit_weights]
         else:
             continue
-        out += [Target(m, a, w, f"{name}.{a}" if name else a, routed=True) for a, w in pairs]
+        out += [Target(m, a, w, f"{name}.{a}" if name else a) for a, w in pairs]
     return out
 
 
@@ -324,10 +323,10 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     "all", whether an embedding table not tied to the head is quantized too (rows
     dequantized as they are looked up; a tied one always shares the head's).
     ``layout``: the in-memory order of routed experts quantized to int4 with int8
-    activations (``QuantizedTensor``'s docstring): "auto" (the default) takes "o16"
-    where the decode kernels read it with AVX-512 VNNI (about 1.5-2x faster batch-16
-    W4A8 expert projections; docs/cpu-inference.md), else "nk"; "nk" keeps the
-    order files hold. Files and ``state_dict`` hold "nk" either way.
+    activations (``quant/layout.py``): "auto" (the default) takes "o16" where the
+    decode kernels read it with AVX-512 VNNI (batch-16 steps 0.86-0.92x the time on an
+    Ice Lake VM: docs/cpu-inference.md), else "nk"; "nk" keeps the order files hold.
+    Files and ``state_dict`` hold "nk" either way.
     Everything is checked before anything changes: bits=3, a group size that does
     not divide an input dimension, an unknown scope or activations, a model already
     quantized or without experts raise ``QuantizationError`` and leave the model
@@ -337,10 +336,22 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     group_size = check_bits(bits, group_size)
     check_activations(activations)
     check_layout_choice(layout)
-    _quantize(model, checked_targets(model, scope, group_size, embeddings), bits, group_size,
-              activations)
+    targets = checked_targets(model, scope, group_size, embeddings)
+    if layout == "o16":  # checked before anything changes, as set_expert_layout would
+        for t in _expert_targets(model):
+            N = t.w_EKN.shape[2]
+            if not (o16_allowed(bits, activations, N) and t.w_EKN.device.type == "cpu"):
+                raise QuantizationError(_o16_refused(t.name, bits, activations, N,
+                                                     t.w_EKN.device))
+    _quantize(model, targets, bits, group_size, activations)
     set_expert_layout(model, layout)
     return model
+
+
+def _o16_refused(name: str, bits: int, activations: str, N: int, device) -> str:
+    return (f"layout='o16' is not allowed for {name} (bits={bits}, activations="
+            f"{activations!r}, N={N}, {device}): it is for int4 experts with int8 "
+            "activations, N a multiple of 16, on the CPU")
 
 
 LAYOUT_CHOICES = ("auto", "nk", "o16")
@@ -370,10 +381,8 @@ def set_expert_layout(model: nn.Module, layout: str = "auto") -> int:
     if want == "o16" and layout == "o16" and len(fits) < len(qs):
         bad = next(t for t, q in zip(targets, qs, strict=True) if q not in fits)
         q = getattr(bad.module, bad.attr)
-        raise QuantizationError(f"layout='o16' is not allowed for {bad.name} (bits={q.bits}, "
-                                f"activations={q.activations!r}, N={q.data.shape[1]}, "
-                                f"{q.device}): it is for int4 experts with int8 activations, "
-                                "N a multiple of 16, on the CPU")
+        raise QuantizationError(_o16_refused(bad.name, q.bits, q.activations, q.data.shape[1],
+                                             q.device))
     for q in fits:
         q.set_layout(want)
     return len(fits) if want == "o16" else 0

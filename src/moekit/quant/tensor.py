@@ -268,11 +268,12 @@ class QuantizedTensor(nn.Module):
         # model.to(dtype) / .half() must not round the scales (nor touch the integers):
         # only a move to another device applies; o16 is a CPU kernel's order, so a move
         # off the CPU takes NK (the GPU kernels read that)
-        moved = {name: fn(b) for name, b in self._buffers.items() if b is not None}
-        if self.layout != "nk" and moved["data"].device.type != "cpu":
+        if self.layout != "nk" and fn(self.data.new_empty(0)).device.type != "cpu":
             moved = {name: fn(part) for name, part in zip(
                 ("data", "scales", "zeros"), self.parts_nk(), strict=True)}
             self.layout = "nk"
+        else:
+            moved = {name: fn(b) for name, b in self._buffers.items() if b is not None}
         for name, m in moved.items():
             b = self._buffers[name]
             self._buffers[name] = m if m.dtype == b.dtype else b.to(m.device)
