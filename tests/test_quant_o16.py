@@ -298,3 +298,34 @@ def test_hf_patched_experts_take_o16_and_generate_like_nk():
         logits = [m(ids).logits for m in models]
     assert torch.equal(got[0], got[1])
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
+@needs_kernel
+def test_offloaded_model_of_an_o16_model_caches_o16_and_decodes_like_the_resident(tmp_path):
+    """The expert cache holds what the resident model holds (the file's NK bytes put in the
+    16-output order as read): an offloaded W4A8 model decoded with the NK kernels and gave
+    other logits than the resident one, which set_expert_layout had put in o16."""
+    if not o16_kernel_here():
+        pytest.skip("the o16 kernel needs AVX-512 VNNI")
+    from moekit.models.config import LMConfig
+    from moekit.offload import load_offloaded
+
+    torch.manual_seed(0)
+    cfg = LMConfig(dim=64, num_layers=2, num_heads=2, ffn_dim=32, num_experts=8, top_k=2,
+                   max_seq_len=64)
+    qio.save_quantized(quantize(MoETransformer(cfg).eval(), bits=4, group_size=32,
+                                activations="int8"), tmp_path / "q")
+    resident = qio.load_quantized(tmp_path / "q")
+    assert resident.blocks[0].ffn.experts.w_in.layout == "o16"
+    model = load_offloaded(tmp_path / "q", "1GiB", prefetch=False)
+    try:
+        parts = model.expert_offload.cache.get(0, [3])[0]
+        assert parts["w_in"].layout == parts["w_out"].layout == "o16"
+        w_in = resident.blocks[0].ffn.experts.w_in
+        assert torch.equal(parts["w_in"].data[0], w_in.data[3])
+        assert torch.equal(parts["w_in"].scales[0], w_in.scales[3])
+        ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+        for got, want in zip(_logits(model, ids), _logits(resident, ids), strict=True):
+            assert torch.equal(got, want)
+    finally:
+        model.expert_offload.close()

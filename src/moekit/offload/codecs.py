@@ -3,7 +3,9 @@
 - ``Renamed``: the tensors as read, handed over under the compute's names, as
   transposed views where the checkpoint stores [N, K] (transformers' experts).
 - ``Quantized``: experts already int8 / int4 in the checkpoint (``moekit quantize``):
-  data, scales and zeros read as they are, wrapped as one-expert QuantizedTensors.
+  data, scales and zeros read as they are, wrapped as one-expert QuantizedTensors;
+  W4A8 ones put in the 16-output order as read where the resident model takes it
+  (``layouts``; files hold NK).
 - ``Quantize``: float experts quantized as they are read (``quantize=8|4``); only the
   quantized bytes are cached (the float read goes to a per-thread buffer).
 
@@ -20,14 +22,15 @@ import torch
 from torch import Tensor
 
 from moekit.offload.store import Codec, Layout, Part
+from moekit.quant.layout import to_o16
 from moekit.quant.tensor import QuantizedTensor, check_divides, quantize_tensor
 
 
 def _wrap(cached: dict[str, Tensor], role: str, bits: int, group: int | None,
-          activations: str = "float") -> QuantizedTensor:
+          activations: str = "float", layout: str = "nk") -> QuantizedTensor:
     z = cached.get(f"{role}.zeros")
     return QuantizedTensor(cached[f"{role}.data"][None], cached[f"{role}.scales"][None],
-                           None if z is None else z[None], bits, group, activations)
+                           None if z is None else z[None], bits, group, activations, layout)
 
 
 class Renamed(Codec):
@@ -48,15 +51,27 @@ class Quantized(Codec):
     """Parts ``<role>.data`` / ``.scales`` / ``.zeros`` per role (``w_in``, ``w_out``)."""
 
     def __init__(self, roles: tuple[str, ...], bits: int, group: int | None,
-                 activations: str = "float") -> None:
+                 activations: str = "float", layouts: dict[str, str] | None = None) -> None:
         self.roles, self.bits, self.group = roles, bits, group
         self.activations = activations  # a moekit quantized directory's (quantized.json)
         self.finite = tuple(f"{r}.{p}" for r in roles for p in ("scales", "zeros"))
+        # role -> the order the cache holds (the resident model's, set_expert_layout's
+        # "auto"): kernels of another order gave an offloaded W4A8 model other logits
+        self.layouts = {r: (layouts or {}).get(r, "nk") for r in roles}
+
+    def reads_into_cache(self) -> bool:
+        return all(v == "nk" for v in self.layouts.values())
+
+    def encode(self, raw: dict[str, Tensor], out: dict[str, Tensor]) -> None:
+        for name, t in raw.items():
+            role, _, part = name.partition(".")
+            o16 = self.layouts.get(role) == "o16" and part in ("data", "scales", "zeros")
+            out[name].copy_(to_o16(t[None])[0] if o16 else t)
 
     def wrap(self, cached: dict[str, Tensor]) -> dict:
         out = {k: v for k, v in cached.items() if k.split(".")[0] not in self.roles}
-        out.update({r: _wrap(cached, r, self.bits, self.group, self.activations)
-                    for r in self.roles})
+        out.update({r: _wrap(cached, r, self.bits, self.group, self.activations,
+                             self.layouts[r]) for r in self.roles})
         return out
 
 

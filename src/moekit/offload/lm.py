@@ -30,7 +30,7 @@ from moekit.offload.runtime import ExpertOffload, ExpertsCall, ExpertWeights, ch
 from moekit.offload.safetensors_io import ShardError, TensorLoc, read_header, read_into_module
 from moekit.offload.store import Codec, ExpertMemoryError, ExpertStore, Part, parse_bytes
 from moekit.quant import io as qio
-from moekit.quant.model import quantize_like
+from moekit.quant.model import auto_layout, quantize_like
 from moekit.train import rundir
 from moekit.train.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, read_state, resolve
 
@@ -39,14 +39,14 @@ class OffloadedExperts(nn.Module):
     """Stands in for ``Experts``: same call, weights from the expert cache."""
 
     def __init__(self, cfg, backend: str, layer: int, dtype: torch.dtype,
-                 quant: tuple[int, int | None, str] | None) -> None:
+                 quant: tuple[int, int | None, str] | None, layout: str = "nk") -> None:
         super().__init__()
         self.cfg, self.backend, self.layer = cfg, backend, layer
         self.offload: ExpertOffload | None = None  # set once the cache exists
         fmt = None if quant is None else (quant[0], quant[1], cfg.dim, cfg.ffn_dim,
                                           cfg.expert_bias, quant[2])
         self.call = ExpertsCall(self._act, backend, dtype, quant is not None, cfg.num_experts,
-                                self._unpack, self._stacked, fmt)
+                                self._unpack, self._stacked, fmt, layout)
 
     def _act(self, h: Tensor) -> Tensor:  # a bound method with .cfg, as Experts has
         return activate(h, self.cfg)
@@ -143,7 +143,7 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
         if quant is not None:  # the experts' stored layout; scope "all": attention and head
             quantize_like(model, quant.bits, quant.group, state["scope"], quant.activations,
                           state["embeddings"])
-    store_parts, layer = {}, 0
+    store_parts, layer, layouts = {}, 0, {}
     for b, block in enumerate(model.blocks):
         if isinstance(block.ffn, MoE):
             moe = block.ffn
@@ -152,10 +152,15 @@ def load_offloaded(path: str | Path, expert_memory: int | str, policy: str = "lr
             store_parts.update({(layer, e): p for e, p in parts.items()})
             dtype = torch.float32 if quant else parts[0]["w_in"].dtype
             fmt = None if quant is None else (quant.bits, quant.group, quant.activations)
-            moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, fmt)
+            # the order the resident model takes (assemble's set_expert_layout), N = rows
+            layouts = {} if quant is None else {
+                r: auto_layout(quant.bits, quant.activations, parts[0][f"{r}.data"].shape[0])
+                for r in ("w_in", "w_out")}
+            moe.experts = OffloadedExperts(moe.config, backend, layer, dtype, fmt,
+                                           layouts.get("w_in", "nk"))
             layer += 1
     resident = _check_resident(model, header, state["tied"], file)
-    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant)
+    codec = Codec() if quant is None else Quantized(("w_in", "w_out"), *quant, layouts)
     store = ExpertStore(store_parts, codec)
     try:
         to_empty(model, "cpu")

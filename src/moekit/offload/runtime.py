@@ -95,6 +95,7 @@ class ExpertsCall:
     # model's prefill would run its one call (decode.quant_one_call_format), and from how
     # many rows (backends.quant_rows_limit); None: it never does
     quant_format: tuple[int, int | None, int, int, bool, str] | None = None
+    layout: str = "nk"  # the cached quantized experts' order ("o16": quant/layout.py)
 
 
 def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
@@ -120,8 +121,10 @@ def path(call: ExpertsCall, x_TD: Tensor, rows: int) -> str:
 def _one_call_format(call: ExpertsCall, x_TD: Tensor) -> bool:
     """Whether the resident model's quantized prefill would run its one call on these
     experts (the format half of it: decode.quant_one_call_format)."""
-    return call.quant_format is not None and decode.quant_one_call_format(
-        x_TD.dtype, *call.quant_format[:5], activation_kind(call.act))
+    # (o16: only the int8-activation GEMM reads it, as decode.quant_one_call_applies says)
+    return (call.quant_format is not None and (call.layout == "nk" or decode.int8_gemm_here())
+            and decode.quant_one_call_format(x_TD.dtype, *call.quant_format[:5],
+                                             activation_kind(call.act)))
 
 
 def _a8_bits(call: ExpertsCall) -> int | None:

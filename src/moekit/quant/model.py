@@ -388,6 +388,12 @@ def set_expert_layout(model: nn.Module, layout: str = "auto") -> int:
     return len(fits) if want == "o16" else 0
 
 
+def auto_layout(bits: int, activations: str, N: int) -> str:
+    """The order layout="auto" gives routed CPU experts of this format and output width N
+    (the expert cache takes it too: moekit.offload)."""
+    return "o16" if o16_allowed(bits, activations, N) and o16_kernel_here() else "nk"
+
+
 def o16_kernel_here() -> bool:
     """Whether the decode kernels read the 16-output order with AVX-512 VNNI here."""
     from moekit.functions import cpu_ext
