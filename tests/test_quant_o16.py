@@ -240,6 +240,21 @@ def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():
     assert torch.equal(o.data, to_o16(other.data))
 
 
+def test_load_state_dict_of_other_dtypes_into_o16_as_into_nk():
+    """Parts of the buffers' shape in another dtype (bf16 scales, int8 bytes) are
+    converted as torch converts them for an NK tensor, then permuted: they were copied
+    into the o16 buffers unpermuted (only a part of the buffer's dtype was converted)."""
+    qt, other = _w4a8(3, 64, 32, 32, 5), _w4a8(3, 64, 32, 32, 6)
+    for sd in ({k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                for k, v in other.state_dict().items()},
+               {**other.state_dict(), "data": other.data.view(torch.int8)}):
+        nk, o = copy.deepcopy(qt), _o16(qt)
+        nk.load_state_dict(sd)
+        o.load_state_dict(sd)
+        assert o.layout == "o16" and o.scales.dtype == torch.float32
+        assert torch.equal(o.dequantize(), nk.dequantize())
+
+
 def test_a_move_off_the_cpu_returns_to_nk():
     qt = _w4a8(2, 64, 32, 32, 3)
     o = _o16(qt).to("meta")

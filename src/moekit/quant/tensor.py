@@ -202,14 +202,14 @@ class QuantizedTensor(nn.Module):
                 destination[prefix + name] = part
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # an NK state_dict into o16 buffers: each part converted where it has the buffer's
-        # shape and dtype (anything else is left for the default's own error)
+        # an NK state_dict into o16 buffers: each part of the buffer's shape converted to
+        # its dtype as the default's copy_ converts it, then permuted (a part in another
+        # dtype, bf16 scales, went in unpermuted); other shapes are left for its own error
         if self.layout != "nk":
             for name in ("data", "scales", "zeros"):
                 got, mine = state_dict.get(prefix + name), getattr(self, name)
-                if (isinstance(got, Tensor) and got.shape == mine.shape
-                        and got.dtype == mine.dtype):
-                    state_dict[prefix + name] = to_o16(got)
+                if isinstance(got, Tensor) and got.shape == mine.shape:
+                    state_dict[prefix + name] = to_o16(got.to(mine.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setstate__(self, state):
