@@ -344,3 +344,51 @@ def test_offloaded_model_of_an_o16_model_caches_o16_and_decodes_like_the_residen
             assert torch.equal(got, want)
     finally:
         model.expert_offload.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("F", [40, 24])  # 2F a multiple of 16, F not: up's tiles start mid-block
+def test_o16_gate_up_glu_tiles_not_aligned_to_16_outputs(F):
+    """A GLU gate_up reads up's columns F.. in tiles that start inside a block of 16
+    outputs: the same values as the plain projection's, the activation applied."""
+    E, K, T = 4, 64, 7
+    o = _o16(_w4a8(E, K, 2 * F, 32, F))
+    gen = torch.Generator().manual_seed(F)
+    x = torch.randn(T, K, generator=gen)
+    w, idx = torch.rand(T, E, generator=gen).topk(2, dim=-1)
+    d = sorted_rows(idx, w, E)
+    ext = cpu_ext.get_decode()
+    h = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn.wargs(o), None, 0, 0.0, 1.0)
+    glu = ext.gate_up(x, d.token_S, d.offsets_E, *decode_fn.wargs(o), None,
+                      decode_fn.ACT_CODES["swiglu"], 0.0, 1.0)
+    # (h itself is checked against the definition above; the kernel's silu rounds apart
+    # from torch's by a few ulps, a misplaced column by the weights' size)
+    torch.testing.assert_close(glu, torch.nn.functional.silu(h[:, :F]) * h[:, F:],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_hf_patched_prefill_runs_the_one_call_on_o16_like_nk(monkeypatch):
+    """A prefill past the kernels' rows (8 experts: 96 rows) takes swiglu_experts_q_out
+    with the o16 weights (bits 49): the same logits as the NK model's, bitwise."""
+    transformers = pytest.importorskip("transformers")
+    if cpu_ext.get_decode() is None or not o16_kernel_here() or not decode_fn.int8_gemm_here():
+        pytest.skip("the o16 kernel and the int8-activation GEMM need AVX-512 VNNI")
+    from moekit.integrations import hf
+    from tests import hf_models
+
+    calls, real = [], decode_fn.quantized_experts_into
+    monkeypatch.setattr(decode_fn, "quantized_experts_into",
+                        lambda *a: calls.append(a[-1].layout) or real(*a))
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(**{**hf_models.COMMON, "intermediate_size": 32,
+                                      "num_experts": 8, "num_experts_per_tok": 2})
+    original = transformers.OlmoeForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for layout in ("o16", "nk"):
+        m = moekit.quantize(hf.apply(copy.deepcopy(original)), bits=4, group_size=32,
+                            activations="int8", layout=layout)
+        with torch.inference_mode():
+            logits.append(m(ids).logits)
+    assert calls == ["o16"] * 2 + ["nk"] * 2  # both layers, each model
+    assert torch.equal(logits[0], logits[1])
