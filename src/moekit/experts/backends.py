@@ -176,7 +176,7 @@ _NO_BACKWARD_QUANTIZED = (
 def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor,
                    w_out_EFD: Tensor | QuantizedTensor, b_in_EG: Tensor | None,
                    b_out_ED: Tensor | None, act: ActFn) -> Tensor:
-    """The decode kernels (functions/decode.py): touched experts only, no autograd.
+    """The decode kernels (functions/decode_experts.py): touched experts only, no autograd.
 
     Quantized weights with more rows than ``quant_kernel_max_rows`` (prefill), or off
     the CPU, go to ``decode.dequantized_experts``.
