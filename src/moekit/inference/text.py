@@ -7,7 +7,8 @@ into ``RUN_DIR/tokenizer``, and ``TokenizerText`` reads them with the ``tokenize
 library (installed with transformers: ``pip install 'moekit[hf]'``). Its end-of-sequence
 ids (``generation_config.json``, else the tokenizer config's ``eos_token``) stop a
 sequence; a ``--stop`` string is matched in the text, the sequence ends at the token
-whose text completes it, and the text written ends with the string (``cut_stream``).
+whose text completes it, and the text written ends with the string (``cut_stream``, in
+``stop_text.py`` with the other stop-string functions; importable from here).
 With ``--chat`` a prompt is a user message rendered by the tokenizer's chat template
 (``chat_template.jinja`` or tokenizer_config.json's ``chat_template``), as transformers'
 ``apply_chat_template(..., add_generation_prompt=True)`` renders it: a sandboxed jinja2
@@ -28,6 +29,12 @@ import torch
 
 from moekit.config import reject
 from moekit.inference.engine import stop_sequences_from_text
+
+# re-exported (the redundant aliases say so): callers import these from here as before
+from moekit.inference.stop_text import cut_stream as cut_stream
+from moekit.inference.stop_text import cut_text as cut_text
+from moekit.inference.stop_text import finish_reason as finish_reason
+from moekit.inference.stop_text import stop_span as stop_span
 
 # (the prompt's ids, the ids generated so far) -> does the text those add after the
 # prompt's hold a stop string? (``stop_in_text``; the caller binds the prompt)
@@ -365,64 +372,6 @@ def _settled_text(ids: Sequence[int], window: int) -> str:
         start += next((i for i in range(3) if not 0x80 <= ids[start + i] <= 0xBF), 3)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return utf8.decode(bytes(ids[start:]))
-
-
-def finish_reason(reason: str, text: str, stops: Sequence[str]) -> str:
-    """A sequence's ``reason`` ("length", "stop" or "cancelled") as its whole ``text``
-    shows it: "stop" where one ran to its length yet the text holds a stop string (cut
-    there): the last bytes of a sequence that begin a character turn U+FFFD only once
-    it ends (``stop_in_text`` holds them back till then). The answer said "length" for a
-    text cut at the stop."""
-    return "stop" if reason == "length" and stop_span(text, stops) is not None else reason
-
-
-def stop_span(text: str, stops: Sequence[str]) -> tuple[int, int] | None:
-    """(start, end) in ``text`` of the stop string occurrence that ends first; None where
-    none is in it."""
-    spans = [(i, i + len(s)) for s in stops if (i := text.find(s)) >= 0]
-    return min(spans, key=lambda span: span[1], default=None)
-
-
-def _held(text: str, stops: Sequence[str]) -> int:
-    """How many of ``text``'s last characters begin a stop string (they may be one
-    when the next text comes)."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])),
-               default=0)
-
-
-def cut_stream(emit: Callable[[int | None], str], stops: Sequence[str],
-               keep_stop: bool = True) -> Callable[[int | None], str]:
-    """``emit`` (a ``stream``) whose text ends at the first stop string, after it
-    (``keep_stop``, as ``moekit generate`` writes it) or before it (as OpenAI's API
-    returns it). A tokenizer's sequence stops at the token whose text completes a stop
-    string (``stop_in_text``): that token's text after the string is not written. Text
-    that may begin a stop string is held back until the next text tells (and written at
-    the end, ``emit(None)``, where none came)."""
-    if not stops:
-        return emit
-    held, done = "", False  # held: text not written yet
-
-    def out(t: int | None) -> str:
-        nonlocal held, done
-        if done:
-            return ""
-        text = held + emit(t)
-        span = stop_span(text, stops)
-        if span is not None:
-            done = True
-            return text[:span[1] if keep_stop else span[0]]
-        n = 0 if t is None else _held(text, stops)
-        held = text[len(text) - n:]
-        return text[:len(text) - n]
-
-    return out
-
-
-def cut_text(text: str, stops: Sequence[str], keep_stop: bool = True) -> str:
-    """``text`` up to the end (``keep_stop``) or start of its first stop string (all of it
-    where it has none)."""
-    span = stop_span(text, stops)
-    return text if span is None else text[:span[1] if keep_stop else span[0]]
 
 
 def render_chat(template: str, messages: list[dict], **variables) -> str:
