@@ -84,9 +84,11 @@ def test_int8_activation_gate_up_matches_definition(bits, K, g, T):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bits,g", [(4, 32), (4, 64), (8, None)])
+# o16: int4 held in the 16-output order (tests/test_quant_o16.py)
+@pytest.mark.parametrize("bits,g,layout", [(4, 32, "nk"), (4, 64, "nk"), (8, None, "nk"),
+                                           (4, 32, "o16")])
 @pytest.mark.parametrize("T", [1, 6])
-def test_int8_activation_down_combine_matches_definition(bits, g, T):
+def test_int8_activation_down_combine_matches_definition(bits, g, layout, T):
     E, F, D, topk = 6, 256, 96, 2
     gen = torch.Generator().manual_seed(7 + (g or 0) + T + bits)
     qt = _quantize(torch.randn(E, F, D, generator=gen), bits, g)
@@ -94,8 +96,9 @@ def test_int8_activation_down_combine_matches_definition(bits, g, T):
     d = sorted_rows(idx, w, E)
     a = torch.randn(T * topk, F, generator=gen)
     out = torch.full((T, D), 9.0)
+    kernel_w = copy.deepcopy(qt).set_layout(layout)
     cpu_ext.get_decode().down_combine(a, d.token_S, d.weight_S.float(), d.offsets_E,
-                                      *decode_fn.wargs(qt), None, out)
+                                      *decode_fn.wargs(kernel_w), None, out)
     W = qt.dequantize().double()
     e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
     ah = round_a8(a)

@@ -4,7 +4,8 @@ Oracles: the layout's definition written out with explicit index loops (byte 4 o
 vector 4 c + j in each 16 outputs' span is NK byte 16 c + 4 j + t of output o; scales and
 zeros [K/g][16]); the W4A8 definition in float64 (``tests.test_quant_a8``: activations
 rounded per block of 32, the dequantized weights' product, within the fp32 summation
-bound); and the same weights in NK order through the same kernels. Also what must not
+bound; down_combine's is in tests/test_quant_a8.py); and the same weights in NK order
+through the same kernels. Also what must not
 change: files and state_dicts hold NK, loads convert, a move off the CPU returns to NK,
 bad layouts are refused before anything changes.
 
@@ -99,29 +100,6 @@ def test_o16_gate_up_matches_definition_and_nk(K, g, T):
     mag = torch.einsum("sk,skn->sn", rows.abs(), W[e_S].abs())
     _check(h, want, mag, K)
     _check(h_nk, want, mag, K)
-
-
-@needs_kernel
-@pytest.mark.parametrize("T", [1, 6])
-def test_o16_down_combine_matches_definition(T):
-    E, F, D, topk = 6, 256, 96, 2
-    qt = _w4a8(E, F, D, 32, 7 + T)
-    gen = torch.Generator().manual_seed(T)
-    w, idx = torch.rand(T, E, generator=gen).topk(topk, dim=-1)
-    d = sorted_rows(idx, w, E)
-    a = torch.randn(T * topk, F, generator=gen)
-    out = torch.full((T, D), 9.0)
-    cpu_ext.get_decode().down_combine(a, d.token_S, d.weight_S.float(), d.offsets_E,
-                                      *decode_fn.wargs(_o16(qt)), None, out)
-    W = qt.dequantize().double()
-    e_S = torch.repeat_interleave(torch.arange(E), d.counts_E)
-    ah = round_a8(a)
-    ws = d.weight_S.double()[:, None]
-    want = torch.zeros(T, D, dtype=torch.float64).index_add_(
-        0, d.token_S, ws * torch.einsum("sk,skn->sn", ah, W[e_S]))
-    mag = torch.zeros(T, D, dtype=torch.float64).index_add_(
-        0, d.token_S, ws.abs() * torch.einsum("sk,skn->sn", ah.abs(), W[e_S].abs()))
-    _check(out, want, mag, F + topk)
 
 
 @needs_kernel
