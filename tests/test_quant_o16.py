@@ -206,6 +206,26 @@ def test_checkpoint_holds_nk_and_loads_into_o16(tmp_path):
         assert torch.equal(got, ref)
 
 
+@needs_kernel
+def test_save_quantized_of_an_o16_model_writes_nk_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The file is byte for byte the NK model's, and the save never asks for the NK
+    state_dict (NK copies of every expert at once): each part converted as it is written."""
+    if not o16_kernel_here():
+        pytest.skip("the o16 kernel needs AVX-512 VNNI")
+    model = _lm()
+    a = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
+    b = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8", layout="nk")
+    nk_out = qio.save_quantized(b, tmp_path / "nk")
+
+    def refused(self):
+        raise AssertionError("save_quantized asked for every o16 tensor's NK copy")
+
+    monkeypatch.setattr(QuantizedTensor, "parts_nk", refused)
+    out = qio.save_quantized(a, tmp_path / "o16")
+    assert (out / qio.MODEL_FILE).read_bytes() == (nk_out / qio.MODEL_FILE).read_bytes()
+    assert a.blocks[0].ffn.experts.w_in.layout == "o16"
+
+
 def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():
     qt = _w4a8(3, 64, 32, 32, 5)
     other = _w4a8(3, 64, 32, 32, 6)

@@ -38,6 +38,7 @@ from moekit.inference.text import copy_tokenizer, find_tokenizer
 from moekit.meta import meta_device
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
+from moekit.quant.layout import from_o16
 from moekit.quant.model import (
     SCOPES,
     Target,
@@ -55,6 +56,7 @@ from moekit.quant.tensor import (
     check_activations,
     check_bits,
     quantize_tensor,
+    raw_state_dicts,
 )
 from moekit.routing.hashing import is_integer
 from moekit.safetensors_write import save_file, save_stream
@@ -122,12 +124,19 @@ def save_quantized(model: MoETransformer, out: str | Path) -> Path:
     qts = [m for m in model.modules() if isinstance(m, QuantizedTensor)]
     if not qts:
         raise ValueError("model is not quantized: call moekit.quantize(model, bits=...) first")
-    weights, aliases = dedupe_tied(model.state_dict())
+    with raw_state_dicts():  # o16 buffers as they are: converted one at a time below
+        weights, aliases = dedupe_tied(model.state_dict())
     meta = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(),
             "bits": qts[0].bits, "group_size": qts[0].group_size,
             "activations": qts[0].activations, "scope": quantized_scope(model),
             "embeddings": quantized_embeddings(model), "tied": aliases}
-    return _write(out, lambda f: save_file(weights, str(f)), meta)
+    o16 = {f"{name}.{part}" for name, m in model.named_modules()
+           if isinstance(m, QuantizedTensor) and m.layout == "o16"
+           for part in ("data", "scales", "zeros")}
+    if not o16.intersection(weights):
+        return _write(out, lambda f: save_file(weights, str(f)), meta)
+    nk = ((k, from_o16(t) if k in o16 else t) for k, t in weights.items())
+    return _write(out, lambda f: save_stream(weights, nk, str(f)), meta)
 
 
 def _remove_unmarked_writes(out: Path) -> None:
