@@ -200,7 +200,9 @@ class QuantizedTensor(nn.Module):
 
     def set_layout(self, layout: str) -> QuantizedTensor:
         """Hold the buffers in ``layout`` order (new tensors where it changes; one buffer's
-        copy at a time). Not while another thread runs a forward on this tensor."""
+        copy at a time). Not while another thread runs a forward on this tensor. For routed
+        expert stacks (``quant.model.set_expert_layout``): ``QuantizedLinear``'s prefill
+        GEMM and ``QuantizedEmbedding``'s row lookup read NK only."""
         check_layout(layout, self.bits, self.activations, self.data.shape[1], self.device)
         if layout != self.layout:
             convert = to_o16 if layout == "o16" else from_o16
