@@ -38,7 +38,7 @@ from moekit.inference.text import copy_tokenizer, find_tokenizer
 from moekit.meta import meta_device
 from moekit.models.config import LMConfig
 from moekit.models.transformer import MoETransformer, rotary_table
-from moekit.quant.layout import from_o16
+from moekit.quant.layout import from_o16, raw_state_dicts
 from moekit.quant.model import (
     SCOPES,
     Target,
@@ -56,7 +56,6 @@ from moekit.quant.tensor import (
     check_activations,
     check_bits,
     quantize_tensor,
-    raw_state_dicts,
 )
 from moekit.routing.hashing import is_integer
 from moekit.safetensors_write import save_file, save_stream

@@ -16,8 +16,28 @@ Shape letters: E experts, N output width, K input width, g group size.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
+
+# set inside raw_state_dicts(): QuantizedTensor's state_dict keeps o16 buffers as they are
+RAW_STATE: contextvars.ContextVar[bool] = contextvars.ContextVar("moekit_raw_state",
+                                                                 default=False)
+
+
+@contextlib.contextmanager
+def raw_state_dicts() -> Iterator[None]:
+    """Within it (this thread or task), ``state_dict`` gives o16 tensors' buffers as they
+    are, in o16 order, not NK copies: for a writer that converts one tensor at a time
+    (``save_quantized``), not twice the experts' memory at once."""
+    token = RAW_STATE.set(True)
+    try:
+        yield
+    finally:
+        RAW_STATE.reset(token)
 
 
 def o16_allowed(bits: int, activations: str, N: int) -> bool:

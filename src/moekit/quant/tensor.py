@@ -29,16 +29,13 @@ Shape letters: E experts, K input width, N output width, g group size.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import operator
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from moekit.config import check_positive_int
-from moekit.quant.layout import from_o16, o16_allowed, to_o16
+from moekit.quant.layout import RAW_STATE, from_o16, o16_allowed, to_o16
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -109,19 +106,6 @@ def _check_format(bits: int, group_size: int | None, activations: str) -> None:
 
 
 LAYOUTS = ("nk", "o16")
-_RAW: contextvars.ContextVar[bool] = contextvars.ContextVar("moekit_raw_state", default=False)
-
-
-@contextlib.contextmanager
-def raw_state_dicts() -> Iterator[None]:
-    """Within it (this thread or task), ``state_dict`` gives o16 tensors' buffers as they
-    are, in o16 order, not NK copies: for a writer that converts one tensor at a time
-    (``save_quantized``), not twice the experts' memory at once."""
-    token = _RAW.set(True)
-    try:
-        yield
-    finally:
-        _RAW.reset(token)
 
 
 def check_layout(layout: object, bits: int, activations: str, N: int, device: torch.device
@@ -215,7 +199,7 @@ class QuantizedTensor(nn.Module):
         # files and state_dicts hold NK whatever the layout in memory (a copy per buffer
         # of an o16 tensor; not inside raw_state_dicts(): a streamed save converts them)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.layout != "nk" and not _RAW.get():
+        if self.layout != "nk" and not RAW_STATE.get():
             for name, part in zip(("data", "scales", "zeros"), self.parts_nk(), strict=True):
                 destination[prefix + name] = part
 
