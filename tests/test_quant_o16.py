@@ -187,43 +187,27 @@ def test_model_quantized_in_o16_decodes_like_nk():
 
 
 @needs_kernel
-def test_checkpoint_holds_nk_and_loads_into_o16(tmp_path):
-    if not o16_kernel_here():
-        pytest.skip("the o16 kernel needs AVX-512 VNNI")
-    from safetensors.torch import load_file
-
-    model = _lm()
-    a = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
-    b = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8", layout="nk")
-    out = qio.save_quantized(a, tmp_path / "q")
-    saved = load_file(out / qio.MODEL_FILE)
-    want = b.state_dict()
-    assert all(torch.equal(saved[k], want[k]) for k in saved)
-    loaded = qio.load_quantized(out)
-    assert loaded.blocks[0].ffn.experts.w_in.layout == "o16"
-    ids = torch.randint(0, 256, (2, 9))
-    for got, ref in zip(_logits(loaded, ids), _logits(a, ids), strict=True):
-        assert torch.equal(got, ref)
-
-
-@needs_kernel
-def test_save_quantized_of_an_o16_model_writes_nk_one_tensor_at_a_time(tmp_path, monkeypatch):
-    """The file is byte for byte the NK model's, and the save never asks for the NK
-    state_dict (NK copies of every expert at once): each part converted as it is written."""
+def test_checkpoint_holds_nk_written_one_tensor_at_a_time_and_loads_into_o16(tmp_path,
+                                                                            monkeypatch):
+    """The file is byte for byte the NK model's; the save never asks for the NK parts of a
+    whole tensor stack at once (``parts_nk``: state_dict's copies of every expert), each
+    part converted as it is written; loading takes o16 again, the same logits."""
     if not o16_kernel_here():
         pytest.skip("the o16 kernel needs AVX-512 VNNI")
     model = _lm()
     a = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8")
     b = quantize(copy.deepcopy(model), bits=4, group_size=32, activations="int8", layout="nk")
     nk_out = qio.save_quantized(b, tmp_path / "nk")
-
-    def refused(self):
-        raise AssertionError("save_quantized asked for every o16 tensor's NK copy")
-
-    monkeypatch.setattr(QuantizedTensor, "parts_nk", refused)
-    out = qio.save_quantized(a, tmp_path / "o16")
+    with monkeypatch.context() as m:
+        m.setattr(QuantizedTensor, "parts_nk", lambda self: pytest.fail("parts_nk asked for"))
+        out = qio.save_quantized(a, tmp_path / "o16")
     assert (out / qio.MODEL_FILE).read_bytes() == (nk_out / qio.MODEL_FILE).read_bytes()
-    assert a.blocks[0].ffn.experts.w_in.layout == "o16"
+    loaded = qio.load_quantized(out)
+    assert loaded.blocks[0].ffn.experts.w_in.layout == a.blocks[0].ffn.experts.w_in.layout \
+        == "o16"
+    ids = torch.randint(0, 256, (2, 9))
+    for got, ref in zip(_logits(loaded, ids), _logits(a, ids), strict=True):
+        assert torch.equal(got, ref)
 
 
 def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():
