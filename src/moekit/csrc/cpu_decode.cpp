@@ -1193,7 +1193,7 @@ void record_tile(int64_t n, int64_t W, int64_t rmax, const Cols& cmax, const Pas
   }
 }
 
-// ---- W4A8 in the 16-output order (bits = 49; moekit.quant.tensor's "o16" layout) ------
+// ---- W4A8 in the 16-output order (bits = 49; moekit.quant.layout's "o16" order) ------
 //
 // The NK kernel above lays one output's inputs along the vector: per 128 weights of an
 // output and activation row it spends two vpdpbusd, a convert, a scale product, an FMA,

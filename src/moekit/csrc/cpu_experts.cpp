@@ -179,7 +179,7 @@ struct QMatrix {
   const float* scales = nullptr;    // int8 [N]; int4 [N, K / group]
   const float* zeros = nullptr;     // int4 [N, K / group]
   int64_t group = 0;                // int4: weights per group (a multiple of 32)
-  // int4 in the 16-output order (moekit.quant.tensor's "o16" layout; igemm_a8 only): each
+  // int4 in the 16-output order (moekit.quant.layout's "o16" order; igemm_a8 only): each
   // 16 channels' row_bytes * 16 bytes hold, per 32-input chunk c, four 64-byte vectors j
   // whose dword o is bytes 16 c + 4 j.. of channel o's NK row; their scales and zeros
   // [K / group][16]
