@@ -40,9 +40,12 @@ def raw_state_dicts() -> Iterator[None]:
         RAW_STATE.reset(token)
 
 
-def o16_allowed(bits: int, activations: str, N: int) -> bool:
-    """Whether a weight of this format and output width N may take ``layout="o16"``."""
-    return bits == 4 and activations == "int8" and N % 16 == 0
+def o16_allowed(bits: int, activations: str, N: int, device: torch.device | str = "cpu"
+                ) -> bool:
+    """Whether a weight of this format and output width N on ``device`` may take
+    ``layout="o16"`` (a CPU kernel's order)."""
+    return (bits == 4 and activations == "int8" and N % 16 == 0
+            and torch.device(device).type == "cpu")
 
 
 def to_o16(t: Tensor) -> Tensor:

@@ -340,7 +340,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     if layout == "o16":  # checked before anything changes, as set_expert_layout would
         for t in _expert_targets(model):
             N = t.w_EKN.shape[2]
-            if not (o16_allowed(bits, activations, N) and t.w_EKN.device.type == "cpu"):
+            if not o16_allowed(bits, activations, N, t.w_EKN.device):
                 raise QuantizationError(_o16_refused(t.name, bits, activations, N,
                                                      t.w_EKN.device))
     _quantize(model, targets, bits, group_size, activations)
@@ -375,8 +375,7 @@ def set_expert_layout(model: nn.Module, layout: str = "auto") -> int:
     targets = [t for t in _expert_targets(model)
                if isinstance(getattr(t.module, t.attr), QuantizedTensor)]
     qs = [getattr(t.module, t.attr) for t in targets]
-    fits = [q for q in qs if o16_allowed(q.bits, q.activations, q.data.shape[1])
-            and q.device.type == "cpu"]
+    fits = [q for q in qs if o16_allowed(q.bits, q.activations, q.data.shape[1], q.device)]
     want = ("o16" if o16_kernel_here() else "nk") if layout == "auto" else layout
     if want == "o16" and layout == "o16" and len(fits) < len(qs):
         bad = next(t for t, q in zip(targets, qs, strict=True) if q not in fits)

@@ -115,7 +115,7 @@ def check_layout(layout: object, bits: int, activations: str, N: int, device: to
     if layout not in LAYOUTS:
         raise QuantizationError(f"layout={layout!r} is not allowed: it must be one of "
                                 f"{', '.join(map(repr, LAYOUTS))}")
-    if layout == "o16" and not (o16_allowed(bits, activations, N) and device.type == "cpu"):
+    if layout == "o16" and not o16_allowed(bits, activations, N, device):
         raise QuantizationError(f"layout='o16' is not allowed with bits={bits}, activations="
                                 f"{activations!r}, N={N} on {device}: it is for int4 weights "
                                 "with int8 activations, N a multiple of 16, on the CPU")
