@@ -145,7 +145,7 @@ def kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
     return spec
 
 
-def _grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
+def grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
     """Whether autograd wants a gradient through any of ``tensors``."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in tensors)
@@ -183,7 +183,7 @@ def decode_experts(x_TD: Tensor, d: Dispatch, w_in_EDG: Tensor | QuantizedTensor
     """
     # d.weight_S too: a router that trains (its gradient comes only through the combine
     # weights) got no gradient and no error where x did not require grad
-    if _grad_wanted(x_TD, d.weight_S, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED):
+    if grad_wanted(x_TD, d.weight_S, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED):
         raise RuntimeError(_NO_BACKWARD_QUANTIZED if isinstance(w_in_EDG, QuantizedTensor)
                            else "backend='decode' has no backward: run it under "
                            "torch.no_grad() or torch.inference_mode(), or use backend='fused' "
@@ -206,7 +206,7 @@ def decode_topk_experts(x_TD: Tensor, experts_TK: Tensor, weights_TK: Tensor,
     spec = kernel_spec(act)
     if (spec is None or x_TD.device.type != "cpu" or x_TD.dim() != 2
             or not decode.sort_topk_ok(experts_TK, weights_TK)
-            or _grad_wanted(x_TD, weights_TK, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
+            or grad_wanted(x_TD, weights_TK, w_in_EDG, w_out_EFD, b_in_EG, b_out_ED)
             or _dequantizes(x_TD, experts_TK.numel(), w_in_EDG, w_out_EFD, b_in_EG, b_out_ED,
                             act)):
         return None

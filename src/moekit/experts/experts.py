@@ -19,6 +19,7 @@ from moekit.experts.backends import (
     BACKENDS,
     decode_supported,
     fused_supported,
+    grad_wanted,
     grouped_mm_supported,
     triton_supported,
 )
@@ -214,9 +215,11 @@ class SharedExperts(nn.Module):
         return y
 
     def _kernel_ok(self, x_TD: Tensor) -> bool:
-        """Whether ``decode.shared_rows`` runs: few rows on the CPU without autograd, of a
-        dtype ``kernel_takes``."""
-        return (not torch.is_grad_enabled() and self.kernel_takes(x_TD.dtype)
+        """Whether ``decode.shared_rows`` runs: few rows on the CPU with no gradient wanted
+        (none of the tensors requires one, or grad mode is off), of a dtype
+        ``kernel_takes``."""
+        return (not grad_wanted(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, self.gate)
+                and self.kernel_takes(x_TD.dtype)
                 and decode.dense_kernel_ok(x_TD, self.w_in, x_TD.shape[0]))
 
     def kernel_takes(self, dtype: torch.dtype) -> bool:

@@ -5,7 +5,7 @@ once.
 (``decode.topk_rows``): the two transposed weight views (aten ops), a new activation
 object, the autocast check, the backend choice ("auto" asked ``decode_fits``, "decode"
 ``check_backend``), the kernels' checks (``decode_topk_experts``: the activation's spec,
-``sort_topk_ok``, ``_grad_wanted``, ``_dequantizes``) and the weights' kernel arguments.
+``sort_topk_ok``, ``grad_wanted``, ``_dequantizes``) and the weights' kernel arguments.
 ``ExpertsPlan.build(module)`` resolves those that depend on the module (its weights, their
 layout and dtypes, the biases, the activation, the backend); a call then checks those
 that depend on the call (autograd, autocast, the inputs' dtypes and device, the rows)
