@@ -108,6 +108,26 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+# the /proc/cpuinfo flags that choose moekit's CPU kernels (the "cpu" name alone, on a VM
+# often "Intel(R) Xeon(R) Processor", does not tell an Ice Lake from a Sapphire Rapids)
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_id() -> str:
+    """"family F model M stepping S: <flags of KERNEL_FLAGS present>" from /proc/cpuinfo's
+    first processor, or "unknown" (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
+    except OSError:
+        return "unknown"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return (f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"stepping {fields.get('stepping', '?')}: "
+            + " ".join(f for f in KERNEL_FLAGS if f in flags))
+
+
 def machine() -> dict:
     """The benchmark's machine: versions, threads, CPU, malloc, load and its compute now
     (``compute_probe``, at the threads the benchmark set)."""
@@ -117,6 +137,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "cpus_online": os.cpu_count(),
         "malloc": malloc_description(),
         "python": platform.python_version(),

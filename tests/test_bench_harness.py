@@ -39,6 +39,20 @@ def test_the_machine_description_holds_the_probe():
     assert info["compute"]["gemm_gmacs"] > 0
 
 
+def test_cpu_id_reads_family_model_and_the_kernel_flags(monkeypatch, tmp_path):
+    harness = CPU.harness
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 106\nstepping\t: 6\n"
+                    "flags\t\t: fpu avx2 avx512f avx512_vnni sse\n\nprocessor\t: 1\n"
+                    "model\t\t: 999\nflags\t\t: amx_int8\n")
+    real = harness.Path
+    monkeypatch.setattr(harness, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    # the first processor only, and only the flags that choose kernels, in KERNEL_FLAGS order
+    assert harness.cpu_id() == "family 6 model 106 stepping 6: avx2 avx512f avx512_vnni"
+    monkeypatch.setattr(harness, "Path", lambda p: tmp_path / "absent")
+    assert harness.cpu_id() == "unknown"
+
+
 def test_compute_phrase_names_the_rates_it_measured():
     phrase = CPU.harness.compute_phrase
     assert phrase({"threads": 1, "gemm_gmacs_1_thread": 71.6, "gemm_gmacs": 71.6}) == \
