@@ -1022,8 +1022,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     info = harness.machine()
     bw = [read_bandwidth()]
-    print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']} ({info['cpu_id']})  "
-          f"malloc: {info['malloc']}  load avg {info['load_average_1m']}  read bandwidth "
+    print(f"bench_decode  torch {info['torch']}  {info['threads']} threads  {info['cpu']} "
+          f"({info['cpu_id']})  malloc: {info['malloc']}  load avg {info['load_average_1m']}  "
+          f"read bandwidth "
           f"{bw[0] / 1e9:.1f} GB/s (1 GiB sum, the faster of huge and 4 KiB pages; 4 KiB pages "
           f"{BW_4K[-1] / 1e9:.1f})  {harness.compute_phrase(info['compute'])}  "
           f"{args.new_tokens} new tokens after a "
