@@ -4,7 +4,9 @@ The fused expert Function in bf16, on the hand kernels and on the forced aten
 fallback, against an fp64 per-token computation from the same bf16 values:
 the output and every gradient (x, routing weights, w_in, w_out, biases) on odd
 sizes, an expert with no rows, every row on one expert, T=1, K=E and experts
-large enough to be cut into tiles and reduction chunks. The GEMM entry points
+large enough to be cut into tiles and reduction chunks; without biases, with only
+some gradients wanted and rows dropped by a capacity; and the offloaded experts'
+forward (fused_experts_into, stacked and list weights). The GEMM entry points
 alone against fp64 products (transposed weight views, odd widths). And the
 dtype `moekit train` picks on CPUs with and without native bf16 (simulated).
 
@@ -21,7 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from moekit.functions import cpu_ext
-from moekit.functions.moe_experts import RowBuffers, fused_experts, reuse_row_buffers
+from moekit.functions.moe_experts import (
+    RowBuffers,
+    fused_experts,
+    fused_experts_into,
+    reuse_row_buffers,
+)
 from moekit.train import cli as train_cli
 from moekit.train import compare
 
@@ -77,23 +84,33 @@ def _act(kind):
     return act
 
 
-def _reference(token_S, expert_S, inputs, g, kind):
-    """y[t] = sum over rows r of token t: weight[r] * expert_e(x[t]), one row at a time, fp64."""
-    p = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+def _reference(token_S, expert_S, inputs, g, kind, need=None):
+    """y[t] = sum over rows r of token t: weight[r] * expert_e(x[t]), one row at a time, fp64;
+    then the gradients of the inputs named in ``need`` (default: all). A bias may be None.
+    Only the rows of token_S count: pass the kept ones where a capacity dropped some."""
+    need = [k for k, v in inputs.items() if v is not None] if need is None else need
+    p = {k: None if v is None else v.double().requires_grad_(k in need)
+         for k, v in inputs.items()}
     rows = []
     for r in range(len(token_S)):
         t, e = int(token_S[r]), int(expert_S[r])
-        h = p["x"][t] @ p["w_in"][e] + p["b_in"][e]
-        rows.append(p["weight"][r] * (_act(kind)(h) @ p["w_out"][e] + p["b_out"][e]))
+        h = p["x"][t] @ p["w_in"][e]
+        h = h if p["b_in"] is None else h + p["b_in"][e]
+        y_r = _act(kind)(h) @ p["w_out"][e]
+        rows.append(p["weight"][r] * (y_r if p["b_out"] is None else y_r + p["b_out"][e]))
     y = torch.zeros_like(p["x"]).index_add(0, token_S, torch.stack(rows))
-    return [y.detach(), *torch.autograd.grad(y, list(p.values()), g.double())]
+    if not need:
+        return [y.detach()]
+    return [y.detach(), *torch.autograd.grad(y, [p[k] for k in need], g.double())]
 
 
-def _fused(token_S, offsets_E, inputs, g, kind):
-    p = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+def _fused(token_S, offsets_E, inputs, g, kind, need=None):
+    need = [k for k, v in inputs.items() if v is not None] if need is None else need
+    p = {k: None if v is None else v.clone().requires_grad_(k in need)
+         for k, v in inputs.items()}
     y = fused_experts(p["x"], token_S, p["weight"], offsets_E, p["w_in"], p["w_out"],
                       p["b_in"], p["b_out"], _act(kind), kind)
-    return [y.detach(), *torch.autograd.grad(y, list(p.values()), g)]
+    return [y.detach(), *torch.autograd.grad(y, [p[k] for k in need], g)]
 
 
 def _assert_close(got, want, names):
@@ -214,6 +231,69 @@ def test_other_activations_keep_the_unfused_path(kernels, monkeypatch):
     _assert_close(got, _reference(token_S, expert_S, inputs, g, None), NAMES)
     assert counting.calls["glu_up_out"] == counting.calls["scatter_mm"] == 0
     assert counting.calls["grouped_mm_out"] == 4
+
+
+# which inputs want a gradient, and whether the experts have biases: each leaves out
+# another part of the fused backward (bf16_fused.backward_block), and the rest must not
+# change; the calls that reach the kernels show what it skipped
+NEEDS = [
+    (["x", "weight", "w_in", "w_out"], False),   # no biases: MoEConfig's default
+    (["x", "weight"], True),                     # frozen experts: no weight or bias GEMMs
+    (["weight", "w_in", "w_out", "b_in", "b_out"], True),  # x wants none (frozen embedding)
+    (["w_in", "w_out", "b_out"], True),          # routing weights detached, b_in frozen
+    (["weight"], False),                         # only the router learns: no dx, no dw
+]
+
+
+@pytest.mark.parametrize("need,biases", NEEDS, ids=["+".join(n) + ("" if b else ",no_bias")
+                                                    for n, b in NEEDS])
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_fused_bf16_kernels_compute_only_the_gradients_asked_for(kernels, monkeypatch, need,
+                                                                 biases, kind):
+    """Without biases and with some inputs frozen, and 5 rows dropped by a capacity (past
+    offsets_E[-1]: no output, weight gradient 0): the output and the gradients asked for
+    against the fp64 per-token reference over the kept rows."""
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, expert_S, inputs, g = _problem(37, 7, 3, 33, 19, "random", seed=5)
+    if not biases:
+        inputs = {**inputs, "b_in": None, "b_out": None}
+    S = len(token_S) - 5
+    offsets_E = offsets_E.clamp(max=S)
+    got = _fused(token_S, offsets_E, inputs, g, kind, need)
+    want = _reference(token_S[:S], expert_S[:S], inputs, g, kind, need)
+    _assert_close(got, want, ["y", *need])
+    if "weight" in need:
+        assert not got[1 + need.index("weight")][S:].any()
+    assert counting.calls == {
+        "grouped_mm_out": 0, "glu_up_out": 1, "glu_backward_out": 1,
+        "scatter_mm": 1 + ("x" in need),  # the output's, then dx's
+        "grouped_mm_weight_out": ("w_in" in need) + ("w_out" in need)}
+
+
+@pytest.mark.parametrize("layout", ["stacked", "list", "list_of_views"])
+def test_fused_experts_into_bf16_on_the_kernels(kernels, monkeypatch, layout):
+    """The offloaded experts' prefill (fused_experts_into, no autograd) in bf16: per-block
+    GEMMs on the kernels (a list of per-expert matrices, as the expert cache holds them,
+    stacked in its layout first), added to an output that already holds values, against
+    the fp64 per-token reference. The combine adds K rows in bf16 onto those values: K + 1
+    roundings in place of the fused path's fp32 sum, within the same 12 u."""
+    counting = _Counting(kernels)
+    monkeypatch.setattr(cpu_ext, "bf16", lambda: counting)
+    token_S, offsets_E, expert_S, inputs, start = _problem(45, 9, 3, 47, 37, "skip", seed=6)
+    w_in, w_out = inputs["w_in"], inputs["w_out"]
+    if layout != "stacked":
+        w_in, w_out = list(w_in.unbind(0)), list(w_out.unbind(0))
+    if layout == "list_of_views":  # [D, G] views of [G, D] storage (transformers' layout)
+        w_in, w_out = ([w.t().contiguous().t() for w in ws] for ws in (w_in, w_out))
+    out = start.clone()
+    got = fused_experts_into(out, inputs["x"], token_S, inputs["weight"], offsets_E, w_in,
+                             w_out, inputs["b_in"], inputs["b_out"], _act("swiglu"), "swiglu",
+                             block_rows=40)
+    assert got is out
+    want = start.double() + _reference(token_S, expert_S, inputs, None, "swiglu", need=[])[0]
+    _assert_close([out], [want], ["y"])
+    assert counting.calls["grouped_mm_out"] >= 6  # up and down of 3 blocks or more
 
 
 @pytest.mark.parametrize("T,E,K,D,Fd,how", [CASES[1], CASES[4]])
