@@ -142,8 +142,10 @@ class _Counting:
 def kernels(monkeypatch):
     monkeypatch.setenv(cpu_ext.BF16_ENV, "1")  # the kernels, even where AMX makes aten faster
     module = cpu_ext.bf16()
-    if module is None:
-        pytest.skip("no AVX-512 BF16 on this CPU")
+    if module is None:  # say which: a failed build must not read as a CPU without bf16
+        pytest.skip("the bf16 kernels did not load: " + (
+            "MOEKIT_CPU_EXT=0 or their build failed (see its warning)" if cpu_ext.native_bf16()
+            else "no AVX-512 BF16 on this CPU"))
     return module
 
 
