@@ -15,11 +15,13 @@ Shape letters: E experts, K input width, N output width, T tokens, g group size.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 import moekit
+from moekit.errors import CheckpointError
 from moekit.functions import cpu_ext
 from moekit.functions import decode as decode_fn
 from moekit.inference import sorted_rows
@@ -29,6 +31,7 @@ from moekit.quant import QuantizationError, QuantizedTensor, quantize, quantize_
 from moekit.quant import io as qio
 from moekit.quant.layout import from_o16, to_o16
 from moekit.quant.model import o16_kernel_here, set_expert_layout
+from moekit.train.checkpoint import check_model_fits
 from tests.test_quant import _lm
 from tests.test_quant_a8 import _check, round_a8
 
@@ -208,6 +211,62 @@ def test_checkpoint_holds_nk_written_one_tensor_at_a_time_and_loads_into_o16(tmp
     ids = torch.randint(0, 256, (2, 9))
     for got, ref in zip(_logits(loaded, ids), _logits(a, ids), strict=True):
         assert torch.equal(got, ref)
+
+
+def _count_nk_copies(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the o16 parts ``QuantizedTensor.parts_nk`` (state_dict's NK copies)
+    converts from here on."""
+    import moekit.quant.tensor as qtensor
+
+    calls: list[tuple[int, ...]] = []
+    real = qtensor.from_o16
+
+    def counted(t):
+        calls.append(tuple(t.shape))
+        return real(t)
+
+    monkeypatch.setattr(qtensor, "from_o16", counted)
+    return calls
+
+
+def _o16_lm(seed: int = 0):
+    return quantize(_lm(seed), bits=4, group_size=32, activations="int8", layout="o16")
+
+
+def test_moe_load_state_dict_checks_o16_shapes_without_nk_copies(monkeypatch):
+    """MoE.load_state_dict's check before any write (check_state_dict) compares names and
+    shapes: it took state_dict()'s NK copy of every o16 expert, twice the experts' memory
+    (6 conversions here: data, scales, zeros of w_in and w_out). It still refuses a
+    mismatch before anything is written, and loads what fits."""
+    model = _o16_lm()
+    moe = model.blocks[0].ffn
+    assert moe.experts.w_in.layout == "o16"
+    sd = {k: v.clone() for k, v in _o16_lm(1).blocks[0].ffn.state_dict().items()}  # NK
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    calls = _count_nk_copies(monkeypatch)
+    bad = {**sd, "experts.w_in.scales": sd["experts.w_in.scales"][:, :16]}
+    with pytest.raises(ValueError, match=r"experts\.w_in\.scales: \("):
+        moe.load_state_dict(bad)
+    moe.load_state_dict(sd)
+    assert calls == []
+    monkeypatch.undo()
+    after = moe.state_dict()
+    assert moe.experts.w_in.layout == "o16"
+    assert all(torch.equal(after[k], sd[k]) for k in sd)
+    assert not all(torch.equal(after[k], before[k]) for k in sd)  # another model's: loaded
+
+
+def test_check_model_fits_reads_o16_shapes_without_nk_copies(monkeypatch):
+    """check_model_fits (checkpoint loads' names-and-shapes check) took state_dict()'s NK
+    copy of every o16 expert; it still names a mismatch."""
+    model = _o16_lm()
+    tensors = model.state_dict()
+    calls = _count_nk_copies(monkeypatch)
+    check_model_fits(model, tensors, Path("ckpt"))
+    key = "blocks.0.ffn.experts.w_out.data"
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        check_model_fits(model, {**tensors, key: tensors[key][:, :8]}, Path("ckpt"))
+    assert calls == []
 
 
 def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():

@@ -16,6 +16,7 @@ from moekit.dispatch.plan import Dispatch
 from moekit.dispatch.sort import sort_by_expert
 from moekit.experts.experts import Experts, SharedExperts
 from moekit.functions import decode
+from moekit.quant.layout import raw_state_dicts
 from moekit.routing.hashing import check_id_range, check_integer_tensor
 from moekit.routing.router import Router, RouterOutput
 from moekit.routing.stats import RoutingStats, routing_stats
@@ -103,7 +104,8 @@ def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any], strict: b
     rest, so a state dict of another config left a half-loaded layer)."""
     if not isinstance(state_dict, Mapping):
         return  # nn.Module.load_state_dict raises its TypeError before any write
-    own = module.state_dict()
+    with raw_state_dicts():  # shapes only: o16 experts' NK copies had doubled their memory
+        own = module.state_dict()
     missing = sorted(set(own) - set(state_dict)) if strict else []
     unexpected = sorted(set(state_dict) - set(own)) if strict else []
     wrong = [f"{k}: {_shape(state_dict[k])} where the layer's is {tuple(v.shape)}"

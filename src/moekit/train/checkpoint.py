@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moekit.errors import CheckpointError
+from moekit.quant.layout import raw_state_dicts
 from moekit.safetensors_write import save_file, save_stream
 from moekit.train import rundir
 from moekit.train.checkpoint_state import check_optimizer_groups, check_state, rng_state
@@ -247,7 +248,8 @@ def load_checkpoint(path: str | Path, optimizer: bool = True) -> Checkpoint:
 
 
 def check_model_fits(model: nn.Module, tensors: dict[str, Tensor], where: Path) -> None:
-    own = model.state_dict()
+    with raw_state_dicts():  # names and shapes only: no NK copies of o16 experts
+        own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
