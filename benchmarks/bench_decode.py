@@ -297,14 +297,16 @@ def weight_bytes(model) -> tuple[int, list[float]]:
     row of it per sequence (negligible), not the table (at V = 151,936 it was most of
     the "bytes")."""
     from moekit.experts.experts import Experts
+    from moekit.quant.layout import raw_state_dicts
 
     named = [(n, m) for n, m in model.named_modules() if isinstance(m, Experts)]
     experts = [m for _, m in named]
-    # by name: a state_dict holds copies of experts kept in the 16-output order (NK)
     skip = tuple(f"{n}." for n, _ in named)
     if not getattr(model.config, "tie_embeddings", True):
         skip += ("embed.",)
-    unique = {t.data_ptr(): t for k, t in model.state_dict().items() if not k.startswith(skip)}
+    with raw_state_dicts():  # byte counts only: no NK copies of experts in the 16-output order
+        state = model.state_dict()
+    unique = {t.data_ptr(): t for k, t in state.items() if not k.startswith(skip)}
     rest = _bytes(unique.values())
     per = [_bytes(itertools.chain(m.parameters(), m.buffers())) / m.cfg.num_experts
            for m in experts]

@@ -269,6 +269,23 @@ def test_check_model_fits_reads_o16_shapes_without_nk_copies(monkeypatch):
     assert calls == []
 
 
+def test_bench_decode_weight_bytes_of_o16_experts_without_nk_copies(monkeypatch):
+    """bench_decode's bytes-per-step count reads byte sizes only: it took state_dict()'s
+    NK copy of every o16 expert (and then skipped them by name); the counts are the NK
+    model's."""
+    from moekit import bench
+
+    decode_script = bench._load(bench.DECODE_SCRIPT)
+    if decode_script is None:
+        pytest.skip("benchmarks/ is not in this checkout")
+    args = {"bits": 4, "group_size": 32, "activations": "int8"}
+    want = decode_script.weight_bytes(quantize(_lm(), **args, layout="nk"))
+    model = _o16_lm()
+    calls = _count_nk_copies(monkeypatch)
+    assert decode_script.weight_bytes(model) == want
+    assert calls == []
+
+
 def test_load_state_dict_into_o16_converts_and_leaves_bad_shapes_to_torch():
     qt = _w4a8(3, 64, 32, 32, 5)
     other = _w4a8(3, 64, 32, 32, 6)
