@@ -247,6 +247,13 @@ def checked_targets(model: nn.Module, scope: str, group_size: int | None,
                      embeddings: bool = True) -> list[Target]:
     """``quantize``'s targets for ``scope`` (with scope "all" and ``embeddings``, the
     untied embedding tables too), after every check (nothing changed yet)."""
+    experts, others = _checked_targets(model, scope, group_size, embeddings)
+    return experts + others
+
+
+def _checked_targets(model: nn.Module, scope: str, group_size: int | None,
+                     embeddings: bool) -> tuple[list[Target], list[Target]]:
+    """``checked_targets`` as (the routed experts', the others')."""
     check_scope(scope)
     done = [n for n, m in model.named_modules() if isinstance(m, QuantizedTensor)]
     if done:
@@ -268,11 +275,11 @@ def checked_targets(model: nn.Module, scope: str, group_size: int | None,
     if not isinstance(embeddings, bool):
         raise QuantizationError(f"embeddings={embeddings!r} is not allowed: it must be True "
                                 "(quantize untied embedding tables with scope 'all') or False")
-    targets = experts + (_dense_targets(model) if scope == "all" else [])
+    others = _dense_targets(model) if scope == "all" else []
     if scope == "all" and embeddings:
-        targets += _embedding_targets(model, targets)
-    _check_divides(targets, group_size)
-    return targets
+        others += _embedding_targets(model, experts + others)
+    _check_divides(experts + others, group_size)
+    return experts, others
 
 
 def _check_divides(targets: list[Target], group_size: int | None) -> None:
@@ -336,14 +343,14 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int | None = None,
     group_size = check_bits(bits, group_size)
     check_activations(activations)
     check_layout_choice(layout)
-    targets = checked_targets(model, scope, group_size, embeddings)
+    experts, others = _checked_targets(model, scope, group_size, embeddings)
     if layout == "o16":  # checked before anything changes, as set_expert_layout would
-        for t in _expert_targets(model):
+        for t in experts:
             N = t.w_EKN.shape[2]
             if not o16_allowed(bits, activations, N, t.w_EKN.device):
                 raise QuantizationError(_o16_refused(t.name, bits, activations, N,
                                                      t.w_EKN.device))
-    _quantize(model, targets, bits, group_size, activations)
+    _quantize(model, experts + others, bits, group_size, activations)
     set_expert_layout(model, layout)
     return model
 
