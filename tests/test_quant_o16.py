@@ -78,6 +78,24 @@ def test_o16_order_is_the_documented_permutation():
     assert o.select([1]).layout == "o16" and "layout=o16" in repr(o)
 
 
+def test_to_o16_into_out_writes_the_new_tensors_bytes_in_place():
+    """``to_o16(t, out=)`` (the expert cache's encode: straight into the slot) gives
+    ``out`` itself holding ``to_o16(t)``, a part of another dtype converted as copy_
+    converts; an out of another shape or strided is refused before anything is written."""
+    qt = _w4a8(2, 64, 32, 32, 7)
+    for part in (qt.data, qt.scales, qt.zeros):
+        out = torch.full_like(part, 3)
+        assert to_o16(part, out=out) is out and torch.equal(out, to_o16(part))
+    out = torch.zeros(qt.scales.shape, dtype=torch.float64)
+    to_o16(qt.scales, out=out)
+    assert torch.equal(out, to_o16(qt.scales).double())
+    for bad in (torch.zeros(2, 32, 4), torch.zeros(2, 2, 32).transpose(1, 2)):
+        keep = bad.clone()
+        with pytest.raises(ValueError, match="out of shape .* is not allowed"):
+            to_o16(qt.scales, out=bad)
+        assert torch.equal(bad, keep)
+
+
 @needs_kernel
 # 160 and 96: chunks past the last block of 128 inputs
 @pytest.mark.parametrize("K,g", [(1024, 64), (384, 128), (160, 32), (96, 32)])

@@ -66,7 +66,10 @@ class Quantized(Codec):
         for name, t in raw.items():
             role, _, part = name.partition(".")
             o16 = self.layouts.get(role) == "o16" and part in ("data", "scales", "zeros")
-            out[name].copy_(to_o16(t[None])[0] if o16 else t)
+            if o16:  # permuted straight into the slot: no temporary per part
+                to_o16(t[None], out=out[name][None])
+            else:
+                out[name].copy_(t)
 
     def wrap(self, cached: dict[str, Tensor]) -> dict:
         out = {k: v for k, v in cached.items() if k.split(".")[0] not in self.roles}

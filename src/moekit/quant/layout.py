@@ -48,13 +48,24 @@ def o16_allowed(bits: int, activations: str, N: int, device: torch.device | str 
             and torch.device(device).type == "cpu")
 
 
-def to_o16(t: Tensor) -> Tensor:
+def to_o16(t: Tensor, out: Tensor | None = None) -> Tensor:
     """An NK part [E, N, X] (uint8 data, X = K/2; or float scales / zeros, X = K/g) in the
-    16-output order (a new contiguous tensor; N a multiple of 16)."""
+    16-output order (N a multiple of 16): a new contiguous tensor, or written into ``out``
+    (a contiguous [E, N, X] tensor, converted to its dtype as ``copy_`` converts; no
+    temporary) and returned."""
     E, N, X = t.shape
     if t.dtype == torch.uint8:  # [., 16 o, K/32 c, 4 j, 4 t] -> [., c, j, o, t]
-        return t.view(E, N // 16, 16, X // 16, 4, 4).permute(0, 1, 3, 4, 2, 5).reshape(E, N, X)
-    return t.view(E, N // 16, 16, X).transpose(2, 3).reshape(E, N, X)
+        src = t.view(E, N // 16, 16, X // 16, 4, 4).permute(0, 1, 3, 4, 2, 5)
+    else:
+        src = t.view(E, N // 16, 16, X).transpose(2, 3)
+    if out is None:
+        return src.reshape(E, N, X)
+    if not (out.shape == t.shape and out.is_contiguous()):
+        raise ValueError(f"out of shape {tuple(out.shape)} (contiguous: {out.is_contiguous()}) "
+                         f"is not allowed: it must be a contiguous tensor of t's shape "
+                         f"{tuple(t.shape)}")
+    out.view(src.shape).copy_(src)
+    return out
 
 
 def from_o16(t: Tensor) -> Tensor:
