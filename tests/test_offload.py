@@ -245,6 +245,22 @@ def test_moekit_offloaded_equals_resident(moekit_ckpt, policy, prefetch, threade
         assert model.expert_offload.close(timeout=5.0)
 
 
+def test_moekit_offloaded_frozen_with_grad_on_equals_no_grad(moekit_ckpt):
+    """A frozen offloaded model run with grad mode on wants no gradient: the experts take
+    no_grad's path (the decode kernels on the cached tensors; they took the fused GEMMs,
+    ~5e-8 off), bitwise the same logits."""
+    run, _, tokens, _ = moekit_ckpt
+    model = load_offloaded(run, 24 * EXPERT_BYTES, prefetch=False, threaded=False)
+    try:
+        model.requires_grad_(False)
+        for ids in (tokens[:1, :1], tokens[:1, :5], tokens):
+            with torch.no_grad():
+                want = model(ids).logits
+            assert torch.equal(model(ids).logits, want)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
 @pytest.mark.parametrize("B,L", [(20, 30), (4, 50)])
 def test_moekit_prefill_past_the_decode_rows_equals_resident(moekit_ckpt, B, L):
     """600 tokens x top-2 = 1200 routed rows (past DECODE_MAX_ROWS), and 400 (past the

@@ -234,11 +234,13 @@ class MoE(nn.Module):
     def _route_kernel(self, x_TD: Tensor) -> Dispatch | None:
         """Routing and the sort by expert in one C++ call (``decode.route_sort``), for up
         to ``decode.ROUTE_KERNEL_MAX_TOKENS`` tokens (a decode step, a prefill) on the CPU
-        without autograd, dropless (as ``infer`` routes token choice); None where it does
-        not apply."""
+        with no gradient wanted through x or the router (a frozen layer with grad mode on
+        too: it routes as no_grad does), dropless (as ``infer`` routes token choice); None
+        where it does not apply."""
         # fp64 input routes in fp64 (router_dtype), which the fp32 kernel does not
         if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
-                or torch.is_grad_enabled() or x_TD.dtype == torch.float64):
+                or x_TD.dtype == torch.float64
+                or decode.grad_wanted(x_TD, *self.router.parameters())):
             return None
         spec = self.router.kernel_spec()
         if spec is None or not decode.available():

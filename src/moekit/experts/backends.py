@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import Dispatch
 from moekit.functions import decode
+from moekit.functions.decode_args import grad_wanted
 from moekit.functions.grouped_mm import grouped_mm
 from moekit.functions.moe_experts import fused_experts
 from moekit.quant.tensor import QuantizedTensor
@@ -143,12 +144,6 @@ def kernel_spec(act: ActFn) -> tuple[str, float, float] | None:
     if spec is None and getattr(act, "kind", None) is not None:
         spec = (act.kind, getattr(act, "swiglu_limit", 0.0), getattr(act, "swiglu_alpha", 1.0))
     return spec
-
-
-def grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
-    """Whether autograd wants a gradient through any of ``tensors``."""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                           for t in tensors)
 
 
 def _dequantizes(x_TD: Tensor, rows: int, w_in_EDG: Tensor | QuantizedTensor,

@@ -153,8 +153,11 @@ class Experts(nn.Module):
         """Weighted sum over each token's routed experts, [T, D]."""
         x_TD, params = autocast_experts(x_TD, (self.w_in, self.w_out, self.b_in, self.b_out))
         w_in, w_out, b_in, b_out = params
-        fn = resolve_backend(self.backend, x_TD, w_in, w_out, dispatch.num_rows)
-        return fn(x_TD, dispatch, w_in, w_out, b_in, b_out, self._act)
+        # nothing to differentiate (a frozen layer with grad mode on): "auto" chose the
+        # fused GEMMs where no_grad chose the decode kernels, another output by ~5e-7
+        with decode.no_grad_unless_wanted(x_TD, dispatch.weight_S, *params):
+            fn = resolve_backend(self.backend, x_TD, w_in, w_out, dispatch.num_rows)
+            return fn(x_TD, dispatch, w_in, w_out, b_in, b_out, self._act)
 
     def check_input(self, x_TD: Tensor) -> None:
         """ValueError where the chosen backend cannot take x's dtype (under CPU autocast:

@@ -46,8 +46,10 @@ from moekit.functions.decode_args import (
     all_rows,
     available,
     f32,
+    grad_wanted,
     isa,
     kernel_bits,
+    no_grad_unless_wanted,
     plain_f32,
     wargs,
 )
@@ -89,11 +91,13 @@ __all__ = [
     "ROUTE_KERNEL_MAX_TOKENS", "STEP_DTYPES", "WEIGHT_GEMM_MIN_ROWS", "add_norm_ok",
     "add_rms_norm", "amx", "attend_one", "attend_one_ok", "available", "cache_takes",
     "decode_rows", "decode_rows_list", "dense_kernel_ok", "dense_rows", "dequantized_dtype",
-    "dequantized_experts", "f32", "float_kernel_max_rows", "int8_activations_gemm",
-    "int8_gemm_here", "isa", "kernel_bits", "plain_f32", "project", "qk_norm_",
-    "quant_gemm_ok", "quant_gemm_rows", "quant_one_call_applies", "quant_one_call_format",
+    "dequantized_experts", "f32", "float_kernel_max_rows", "grad_wanted",
+    "int8_activations_gemm", "int8_gemm_here", "isa", "kernel_bits",
+    "no_grad_unless_wanted", "plain_f32", "project", "qk_norm_", "quant_gemm_ok",
+    "quant_gemm_rows", "quant_one_call_applies", "quant_one_call_format",
     "quantized_experts_into", "rms_norm", "route_sort", "shared_args", "shared_rows",
-    "sort_topk", "sort_topk_ok", "topk_rows", "topk_rows_call", "wargs", "weight_gemm_min_rows",
+    "sort_topk", "sort_topk_ok", "topk_rows", "topk_rows_call", "wargs",
+    "weight_gemm_min_rows",
 ]
 
 DEQUANT_BLOCK_EXPERTS = 8  # experts dequantized at a time for prefill: bounded float copy
@@ -349,7 +353,9 @@ def _weight_gemm(w: QuantizedTensor, rows: int) -> bool:
 
 
 def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
-    """Whether a [K -> N] projection of ``rows`` rows should run on the decode kernel."""
+    """Whether a [K -> N] projection of ``rows`` rows should run on the decode kernel.
+    Float weights: only where no gradient is wanted through x or w (``grad_wanted``: a
+    frozen model with grad mode on took F.linear, no_grad's output up to rounding)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or not available():
         return False
     if isinstance(w, QuantizedTensor):
@@ -359,7 +365,7 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
         if _weight_gemm(w, rows) and quant_gemm_ok(x, w):
             return False
         return rows <= QUANT_LINEAR_MAX_ROWS
-    return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_grad_enabled()
+    return (rows <= float_kernel_max_rows(w.dtype) and not grad_wanted(x, w)
             and not torch.is_autocast_enabled("cpu")
             and x.dtype in (torch.float32, torch.bfloat16))
 

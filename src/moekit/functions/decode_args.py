@@ -1,6 +1,7 @@
 """How the decode kernels (``moekit/csrc/cpu_decode.cpp``, built by ``cpu_ext``) are
-called: whether they run here (``available``, ``isa``), the activation codes their
-epilogues know (``ACT_CODES``), and their arguments: a weight as they read it (``wargs``:
+called: whether they run here (``available``, ``isa``; ``grad_wanted``: not where autograd
+wants a gradient, ``no_grad_unless_wanted``), the activation codes their epilogues know
+(``ACT_CODES``), and their arguments: a weight as they read it (``wargs``:
 a float stack in either unit-stride layout, or a ``QuantizedTensor``'s data, scales,
 zeros and format code; ``list_args`` for one-expert lists), contiguous float32 or
 ``dtype`` copies made only where needed (``f32``, ``plain_f32``), and the rows of one
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import Tensor
@@ -22,6 +24,23 @@ from moekit.quant.tensor import QuantizedTensor
 
 ActFn = Callable[[Tensor], Tensor]
 ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
+
+
+def grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
+    """Whether autograd wants a gradient through any of ``tensors``: grad mode on and one
+    of them requires grad. The kernels have no backward, so they run where this is False,
+    a frozen model with grad mode on included (it takes the kernels no_grad takes: its
+    outputs are no_grad's, bit for bit)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in tensors)
+
+
+def no_grad_unless_wanted(*tensors: Tensor | QuantizedTensor | None
+                          ) -> AbstractContextManager:
+    """``torch.no_grad()`` where no gradient is wanted through ``tensors`` (all a call
+    computes from), else nothing: a frozen module called with grad mode on then picks
+    the backend and kernels no_grad picks, and returns no_grad's output bit for bit."""
+    return nullcontext() if grad_wanted(*tensors) else torch.no_grad()
 
 
 def available() -> bool:

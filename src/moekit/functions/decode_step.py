@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from moekit.functions import cpu_ext
-from moekit.functions.decode_args import available, plain, plain_f32
+from moekit.functions.decode_args import available, grad_wanted, plain, plain_f32
 
 # Rows up to which a decode step's residual add and RMSNorm run as one call (and the
 # routing below as one call): a decode step's batch; prefill keeps the torch ops.
@@ -27,11 +27,13 @@ ADD_NORM_MAX_ROWS = 256
 STEP_DTYPES = (torch.float32, torch.bfloat16)  # what add_rms_norm and attend_one take
 
 
-def add_norm_ok(x: Tensor, w: Tensor) -> bool:
-    """Whether ``add_rms_norm`` runs for x: fp32 or bf16 (x and the norm's weight alike)
-    on the CPU, few rows, no autograd."""
+def add_norm_ok(x: Tensor, w: Tensor, y: Tensor | None = None) -> bool:
+    """Whether ``add_rms_norm`` (with the residual ``y``) or ``rms_norm`` runs for x: fp32
+    or bf16 (x and the norm's weight alike) on the CPU, few rows, no gradient wanted
+    through x, w or y (``grad_wanted``: a frozen model with grad mode on takes them too,
+    as no_grad does)."""
     return (x.dtype == w.dtype and x.dtype in STEP_DTYPES and x.device.type == "cpu"
-            and x.numel() <= ADD_NORM_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and x.numel() <= ADD_NORM_MAX_ROWS * x.shape[-1] and not grad_wanted(x, w, y)
             and not torch.compiler.is_compiling() and available())
 
 
@@ -112,11 +114,13 @@ def cache_takes(dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
                                      or cache_dtype in CACHES_UNDER.get(dtype, ()))
 
 
-def attend_one_ok(qkv: Tensor, k_cache: Tensor) -> bool:
+def attend_one_ok(qkv: Tensor, k_cache: Tensor, *weights: Tensor | None) -> bool:
     """Whether ``attend_one`` runs this step: fp32 or bf16 activations with a cache
-    ``cache_takes``, on the CPU, no autograd, built."""
+    ``cache_takes``, on the CPU, no gradient wanted through qkv (or the input it is
+    projected from) nor the ``weights`` it is made with (``grad_wanted``: a frozen model
+    with grad mode on takes it, as no_grad does), built."""
     return (cache_takes(qkv.dtype, k_cache.dtype) and qkv.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not grad_wanted(qkv, *weights) and not torch.compiler.is_compiling()
             and available())
 
 

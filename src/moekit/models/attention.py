@@ -68,7 +68,7 @@ class Attention(nn.Module):
         B, L, _ = x_BLD.shape
         H, J, Dh = self.num_heads, self.kv_heads, self.head_dim
         if (L == 1 and isinstance(cache, StaticKVCache)
-                and decode.attend_one_ok(x_BLD, cache.k[self.layer])
+                and decode.attend_one_ok(x_BLD, cache.k[self.layer], *self._step_weights())
                 and (self.q_norm is None or self.q_norm.weight.dtype == x_BLD.dtype)):
             # a decode step: (the q / k norms,) rotary, cache write and attention in one call
             qkv = self.qkv(x_BLD).view(B, -1)
@@ -113,3 +113,11 @@ class Attention(nn.Module):
                        >= torch.arange(past + L, device=q.device)[None, :])
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LS, **gqa)
         return self.out(y.transpose(1, 2).reshape(B, L, H * Dh))
+
+    def _step_weights(self) -> tuple[Tensor | None, ...]:
+        """What a decode step's kernels (``qk_norm_``, ``attend_one``, which have no
+        backward) compute from besides x: the qkv projection's parameters and the q / k
+        norms' weights."""
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None \
+            and self.k_norm is not None else ()
+        return self.qkv.weight, self.qkv.bias, *norms

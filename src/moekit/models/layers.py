@@ -37,8 +37,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32:
-            # one op instead of seven: generation runs 2 per layer + 1 per step
+        if x.dtype == self.weight.dtype == torch.float32 and not decode.grad_wanted(x, self.weight):
+            # one op instead of seven: generation runs 2 per layer + 1 per step (and a
+            # frozen model with grad mode on: no_grad's output, not the seven ops')
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in fp32: under bf16 autocast the mean of squares loses ~3 digits
         x32 = x.float()
@@ -70,7 +71,7 @@ def first_norm(x: Tensor, norm: RMSNorm) -> Tensor:
 
 def add_norm(x: Tensor, y: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
     """(x + y, norm(x + y)): one C++ call for a decode step's few rows."""
-    if decode.add_norm_ok(x, norm.weight):
+    if decode.add_norm_ok(x, norm.weight, y):
         return decode.add_rms_norm(x, y, norm.weight, norm.eps)
     x = x + y
     return x, norm(x)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from moekit.dispatch.plan import RoutingPlan
 from moekit.dispatch.sort import capacity_keep
+from moekit.functions import decode
 from moekit.integrations.hf.experts import GluAct, dispatch_from_topk, run_experts, run_experts_topk
 
 
@@ -45,8 +46,12 @@ class DbrxBlock:
         gate_EFD, up_EFD = mlp.w1.view(E, -1, D), mlp.v1.view(E, -1, D)
         w_in_EDG = torch.cat([gate_EFD, up_EFD], dim=1).transpose(1, 2)
         x_TD = hidden_states.reshape(-1, D)
-        y_TD = run_experts_topk(x_TD, experts_TK, weights_TK, E, w_in_EDG, mlp.w2.view(E, -1, D),
-                                None, None, GluAct(mlp.activation_fn), self._moekit_backend)
+        # nothing to differentiate (frozen experts, grad mode on): no_grad's backend and
+        # kernels, no_grad's output bit for bit (it took the fused GEMMs)
+        with decode.no_grad_unless_wanted(x_TD, weights_TK, *mlp.parameters()):
+            y_TD = run_experts_topk(x_TD, experts_TK, weights_TK, E, w_in_EDG,
+                                    mlp.w2.view(E, -1, D), None, None,
+                                    GluAct(mlp.activation_fn), self._moekit_backend)
         return y_TD.view(hidden_states.shape[0], -1, D)
 
 
@@ -115,8 +120,10 @@ class SwitchSparseMLP:
         def act(h_SF: Tensor) -> Tensor:
             return first.dropout(first.act(h_SF))
 
-        y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None, None,
-                           act, self._moekit_backend)
+        # as DbrxBlock: with no gradient wanted, no_grad's backend and kernels
+        with decode.no_grad_unless_wanted(hidden_states, *self.experts.parameters()):
+            y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None,
+                               None, act, self._moekit_backend)
         return (y_TD * probs_T1).to(hidden_states.dtype).view(B, L, D)
 
 

@@ -174,12 +174,15 @@ class StackedExperts:
         return GluAct(self.act_fn)  # transformers' default: act_fn(gate) * up
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # a decode step: the one C++ call with arguments prepared once (experts_plan.py)
-        if plan_may_run():
-            y_TD = current_plan(self)(hidden_states, top_k_index, top_k_weights)
-            if y_TD is not None:
-                return y_TD
-        return self._moekit_forward(hidden_states, top_k_index, top_k_weights)
+        # nothing to differentiate (frozen experts, grad mode on): no_grad's plan, backend
+        # and kernels, so no_grad's output bit for bit (it took the fused GEMMs)
+        with decode.no_grad_unless_wanted(hidden_states, top_k_weights, *self.parameters()):
+            # a decode step: the one C++ call with arguments prepared once (experts_plan.py)
+            if plan_may_run():
+                y_TD = current_plan(self)(hidden_states, top_k_index, top_k_weights)
+                if y_TD is not None:
+                    return y_TD
+            return self._moekit_forward(hidden_states, top_k_index, top_k_weights)
 
     def _moekit_forward(self, hidden_states: Tensor, top_k_index: Tensor,
                         top_k_weights: Tensor) -> Tensor:
