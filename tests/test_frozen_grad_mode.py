@@ -173,3 +173,25 @@ def test_frozen_layer_still_differentiates_its_input():
         (got,) = torch.autograd.grad((moe(x1).output * g).sum(), x1)
         (want,) = torch.autograd.grad((ref_moe(moe, x2)[0] * g).sum(), x2)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,g,activations", [(8, None, "float"), (4, 32, "float"),
+                                                (4, 32, "int8")])
+def test_quantized_linear_differentiates_its_input_at_any_rows(bits, g, activations):
+    # the decode kernel took up to QUANT_LINEAR_MAX_ROWS (32) rows whatever x wanted: the
+    # output came back without a graph, so x's gradient (and that of every norm weight
+    # before a quantized projection) was silently lost; 300 rows dequantized and kept it
+    from moekit.quant import quantize_tensor
+    from moekit.quant.linear import QuantizedLinear
+
+    torch.manual_seed(0)
+    lin = QuantizedLinear(quantize_tensor(torch.randn(1, 64, 48), bits, g, activations))
+    w_NK = lin.dequantized().double()  # what the gradient multiplies by, exactly
+    for T in (1, 5, 300):
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T), requires_grad=True)
+        y = lin(x)
+        assert y.requires_grad, f"T={T}: the output lost its graph"
+        dy = torch.randn(T, 48, generator=torch.Generator().manual_seed(T + 1))
+        (dx,) = torch.autograd.grad((y * dy).sum(), x)
+        # fp32 sums of 48 products of O(1) terms: ~1e-6 off the fp64 product
+        torch.testing.assert_close(dx.double(), dy.double() @ w_NK, atol=1e-5, rtol=1e-5)

@@ -353,10 +353,14 @@ def _weight_gemm(w: QuantizedTensor, rows: int) -> bool:
 
 
 def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
-    """Whether a [K -> N] projection of ``rows`` rows should run on the decode kernel.
-    Float weights: only where no gradient is wanted through x or w (``grad_wanted``: a
-    frozen model with grad mode on took F.linear, no_grad's output up to rounding)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or not available():
+    """Whether a [K -> N] projection of ``rows`` rows should run on the decode kernel:
+    only where no gradient is wanted through x or w (``grad_wanted``; the kernel has no
+    backward). A frozen model with grad mode on takes it, as no_grad does (it took
+    F.linear: no_grad's output up to rounding); quantized weights with x requiring grad
+    dequantize instead (their few rows returned an output without a graph: x's gradient,
+    and the norm weights' before it, silently lost)."""
+    if (x.device.type != "cpu" or torch.compiler.is_compiling() or not available()
+            or grad_wanted(x, w)):
         return False
     if isinstance(w, QuantizedTensor):
         if w.activations == "int8" and rows >= A8_LINEAR_MIN_ROWS[w.bits] and int8_gemm_here() \
@@ -365,8 +369,7 @@ def dense_kernel_ok(x: Tensor, w: Tensor | QuantizedTensor, rows: int) -> bool:
         if _weight_gemm(w, rows) and quant_gemm_ok(x, w):
             return False
         return rows <= QUANT_LINEAR_MAX_ROWS
-    return (rows <= float_kernel_max_rows(w.dtype) and not grad_wanted(x, w)
-            and not torch.is_autocast_enabled("cpu")
+    return (rows <= float_kernel_max_rows(w.dtype) and not torch.is_autocast_enabled("cpu")
             and x.dtype in (torch.float32, torch.bfloat16))
 
 
