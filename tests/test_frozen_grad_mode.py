@@ -195,3 +195,21 @@ def test_quantized_linear_differentiates_its_input_at_any_rows(bits, g, activati
         (dx,) = torch.autograd.grad((y * dy).sum(), x)
         # fp32 sums of 48 products of O(1) terms: ~1e-6 off the fp64 product
         torch.testing.assert_close(dx.double(), dy.double() @ w_NK, atol=1e-5, rtol=1e-5)
+
+
+def test_grad_wanted_reads_module_parameters_only_with_grad_mode_on(monkeypatch):
+    from moekit.functions import decode
+
+    lin = torch.nn.Linear(4, 4).requires_grad_(False)
+    x = torch.zeros(2, 4)
+    assert not decode.grad_wanted(x, modules=(lin,))
+    lin.bias.requires_grad_(True)  # one parameter learns: a gradient is wanted
+    assert decode.grad_wanted(x, modules=(lin,))
+    assert decode.grad_wanted(x.requires_grad_(True))
+    walked = []
+    monkeypatch.setattr(lin, "parameters", lambda: walked.append(1) or iter(()))
+    with torch.no_grad():  # a decode step's calls: no walk over the parameters
+        assert not decode.grad_wanted(x, modules=(lin,))
+        assert isinstance(decode.no_grad_unless_wanted(x, modules=(lin,)), torch.no_grad)
+    assert not walked
+    assert not decode.grad_wanted(torch.zeros(1), modules=(lin,)) and walked == [1]

@@ -240,7 +240,7 @@ class MoE(nn.Module):
         # fp64 input routes in fp64 (router_dtype), which the fp32 kernel does not
         if (x_TD.shape[0] > decode.ROUTE_KERNEL_MAX_TOKENS or x_TD.device.type != "cpu"
                 or x_TD.dtype == torch.float64
-                or decode.grad_wanted(x_TD, *self.router.parameters())):
+                or decode.grad_wanted(x_TD, modules=(self.router,))):
             return None
         spec = self.router.kernel_spec()
         if spec is None or not decode.available():

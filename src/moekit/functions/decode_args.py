@@ -26,21 +26,28 @@ ActFn = Callable[[Tensor], Tensor]
 ACT_CODES = {"swiglu": 1, "geglu": 2, "swiglu_oai": 3, "relu2": 4, "gelu": 5}
 
 
-def grad_wanted(*tensors: Tensor | QuantizedTensor | None) -> bool:
-    """Whether autograd wants a gradient through any of ``tensors``: grad mode on and one
-    of them requires grad. The kernels have no backward, so they run where this is False,
-    a frozen model with grad mode on included (it takes the kernels no_grad takes: its
-    outputs are no_grad's, bit for bit)."""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                           for t in tensors)
+def grad_wanted(*tensors: Tensor | QuantizedTensor | None,
+                modules: tuple[torch.nn.Module, ...] = ()) -> bool:
+    """Whether autograd wants a gradient through any of ``tensors`` or the parameters of
+    ``modules``: grad mode on and one of them requires grad. The kernels have no
+    backward, so they run where this is False, a frozen model with grad mode on included
+    (it takes the kernels no_grad takes: its outputs are no_grad's, bit for bit). The
+    modules' parameters are walked only with grad mode on (a decode step's per-layer
+    calls run without it)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors) or any(
+        p.requires_grad for m in modules for p in m.parameters())
 
 
-def no_grad_unless_wanted(*tensors: Tensor | QuantizedTensor | None
+def no_grad_unless_wanted(*tensors: Tensor | QuantizedTensor | None,
+                          modules: tuple[torch.nn.Module, ...] = ()
                           ) -> AbstractContextManager:
-    """``torch.no_grad()`` where no gradient is wanted through ``tensors`` (all a call
-    computes from), else nothing: a frozen module called with grad mode on then picks
-    the backend and kernels no_grad picks, and returns no_grad's output bit for bit."""
-    return nullcontext() if grad_wanted(*tensors) else torch.no_grad()
+    """``torch.no_grad()`` where no gradient is wanted through ``tensors`` or the
+    parameters of ``modules`` (all a call computes from), else nothing: a frozen module
+    called with grad mode on then picks the backend and kernels no_grad picks, and
+    returns no_grad's output bit for bit."""
+    return nullcontext() if grad_wanted(*tensors, modules=modules) else torch.no_grad()
 
 
 def available() -> bool:

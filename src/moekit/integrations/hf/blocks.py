@@ -48,7 +48,7 @@ class DbrxBlock:
         x_TD = hidden_states.reshape(-1, D)
         # nothing to differentiate (frozen experts, grad mode on): no_grad's backend and
         # kernels, no_grad's output bit for bit (it took the fused GEMMs)
-        with decode.no_grad_unless_wanted(x_TD, weights_TK, *mlp.parameters()):
+        with decode.no_grad_unless_wanted(x_TD, weights_TK, modules=(mlp,)):
             y_TD = run_experts_topk(x_TD, experts_TK, weights_TK, E, w_in_EDG,
                                     mlp.w2.view(E, -1, D), None, None,
                                     GluAct(mlp.activation_fn), self._moekit_backend)
@@ -121,7 +121,7 @@ class SwitchSparseMLP:
             return first.dropout(first.act(h_SF))
 
         # as DbrxBlock: with no gradient wanted, no_grad's backend and kernels
-        with decode.no_grad_unless_wanted(hidden_states, *self.experts.parameters()):
+        with decode.no_grad_unless_wanted(hidden_states, modules=(self.experts,)):
             y_TD = run_experts(hidden_states.view(-1, D), dispatch, w_in_EDF, w_out_EFD, None,
                                None, act, self._moekit_backend)
         return (y_TD * probs_T1).to(hidden_states.dtype).view(B, L, D)

@@ -176,7 +176,7 @@ class StackedExperts:
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         # nothing to differentiate (frozen experts, grad mode on): no_grad's plan, backend
         # and kernels, so no_grad's output bit for bit (it took the fused GEMMs)
-        with decode.no_grad_unless_wanted(hidden_states, top_k_weights, *self.parameters()):
+        with decode.no_grad_unless_wanted(hidden_states, top_k_weights, modules=(self,)):
             # a decode step: the one C++ call with arguments prepared once (experts_plan.py)
             if plan_may_run():
                 y_TD = current_plan(self)(hidden_states, top_k_index, top_k_weights)
