@@ -261,6 +261,28 @@ def test_moekit_offloaded_frozen_with_grad_on_equals_no_grad(moekit_ckpt):
         assert model.expert_offload.close(timeout=5.0)
 
 
+@pytest.mark.parametrize("what", ["input", "router"])
+def test_moekit_offloaded_refuses_a_gradient_it_would_drop(moekit_ckpt, what):
+    """The offloaded experts keep no graph (decode kernels, fused_experts_into): with a
+    gradient wanted through their input (a trainable embedding) or combine weights (a
+    trainable router) the experts' part of it went missing, silently (the embedding's
+    gradient 292.61 against the resident model's 292.55). Now a named error, the step's
+    lock released: the model still runs under no_grad and closes."""
+    run, _, tokens, logits = moekit_ckpt
+    model = load_offloaded(run, 24 * EXPERT_BYTES, prefetch=False, threaded=False)
+    try:
+        model.requires_grad_(False)
+        learner = model.embed.weight if what == "input" else model.blocks[0].ffn.router.weight
+        learner.requires_grad_(True)
+        with pytest.raises(RuntimeError, match=r"offloaded experts \(layer \d\) have no "
+                                               r"backward.*torch.no_grad\(\)"):
+            model(tokens[:1, :5])
+        with torch.no_grad():
+            assert torch.equal(model(tokens).logits, logits)
+    finally:
+        assert model.expert_offload.close(timeout=5.0)
+
+
 @pytest.mark.parametrize("B,L", [(20, 30), (4, 50)])
 def test_moekit_prefill_past_the_decode_rows_equals_resident(moekit_ckpt, B, L):
     """600 tokens x top-2 = 1200 routed rows (past DECODE_MAX_ROWS), and 400 (past the

@@ -251,6 +251,16 @@ class ExpertOffload:
             return x_TD.new_zeros(x_TD.shape[0], out_dim)
         d = compact(dispatch, touched_E)
         how = path(call, x_TD, d.num_rows)
+        if how != "stacked" and decode.grad_wanted(x_TD, d.weight_S):
+            # the decode kernels, fused_experts_into and the quantized prefill (its one
+            # call, or dequantized buffers reused chunk by chunk) keep no graph: the experts'
+            # part of x's (or the router's) gradient was silently missing
+            raise RuntimeError(
+                f"offloaded experts (layer {layer}) have no backward on the path they take "
+                f"here ({how!r}), and a gradient is wanted through their input or combine "
+                "weights: run the model under torch.no_grad() or torch.inference_mode(), or "
+                "freeze what feeds the experts (requires_grad_(False)); to train, use the "
+                "resident model")
         if how == "stacked":
             parts = self._get(layer, ids, x_TD)
             return call.stacked(x_TD, d, parts)
