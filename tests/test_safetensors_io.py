@@ -87,6 +87,23 @@ def test_read_into_module_converts_dtype_and_fills_a_non_contiguous_parameter(sh
     assert torch.equal(module.i, TENSORS["i"])
 
 
+def test_read_into_module_refuses_a_quantized_tensor_in_the_16_output_order(shard):
+    """Its state_dict entries are NK copies of buffers held in another order: filling
+    them in place would leave the tensor as it was, with no error."""
+    from moekit.quant import quantize_tensor
+
+    qt = quantize_tensor(torch.randn(2, 64, 32), 4, 32, "int8")
+    qt.layout = "o16"  # as set_layout leaves it (the check needs no permuted bytes)
+    module = torch.nn.Module()
+    module.experts = torch.nn.Module()
+    module.experts.w_in = qt
+    before = qt.data.clone()
+    with pytest.raises(ValueError, match=r"experts.w_in holds layout 'o16', which "
+                                         r"read_into_module cannot fill.*set_layout\('nk'\)"):
+        read_into_module(module, read_header(shard), {})
+    assert torch.equal(qt.data, before)
+
+
 def test_a_file_truncated_after_its_header_was_read_is_named_on_the_read(shard):
     locs = read_header(shard)
     loc = locs["w"]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from moekit.errors import CheckpointError
+from moekit.quant.tensor import QuantizedTensor
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -165,7 +166,15 @@ def read_tensor(loc: TensorLoc, fds: dict[Path, int]) -> Tensor:
 def read_into_module(module: torch.nn.Module, locs: dict[str, TensorLoc],
                      fds: dict[Path, int]) -> None:
     """Fill each state_dict entry of ``module`` named in ``locs`` in place, one at a time
-    (never a second copy of the whole model in memory)."""
+    (never a second copy of the whole model in memory). The files hold NK order: a
+    ``QuantizedTensor`` held in another (``layout="o16"``) is refused before any read
+    (its state_dict entries are NK copies; filling them would change nothing)."""
+    for n, m in module.named_modules():
+        if isinstance(m, QuantizedTensor) and m.layout != "nk":
+            raise ValueError(f"{n or 'the module'} holds layout {m.layout!r}, which "
+                             "read_into_module cannot fill: it reads NK order into the "
+                             "module's tensors in place; set_layout('nk') first, then "
+                             "set_expert_layout after the read")
     state = module.state_dict(keep_vars=True)
     for name, loc in locs.items():
         dest = state[name]
