@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from moekit.dispatch.plan import Dispatch
 from moekit.experts.activations import activate
 from moekit.experts.experts import resolve_backend
-from moekit.functions import decode
 from moekit.functions.moe_experts import stack_experts
 from moekit.layer import MoE
 from moekit.meta import meta_device, to_empty
@@ -54,10 +53,7 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         assert self.offload is not None
-        # the cached weights want no gradient: with none through x or the combine weights
-        # (a frozen model, grad mode on) the path no_grad takes ("list": decode kernels)
-        with decode.no_grad_unless_wanted(x_TD, dispatch.weight_S):
-            return self.offload.run(self.layer, x_TD, dispatch, self.call, self.cfg.dim)
+        return self.offload.run(self.layer, x_TD, dispatch, self.call, self.cfg.dim)
 
     @staticmethod
     def _unpack(parts: list[dict]) -> ExpertWeights:

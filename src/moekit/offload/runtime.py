@@ -239,8 +239,12 @@ class ExpertOffload:
         threads, a budget of 2 experts: 11 of 30 forwards differed). Letting two steps
         run at once would need room for both steps' experts in the budget. Once ``close``
         is called (on any thread) a step raises RuntimeError "the expert cache is closed";
-        close waits for the step in progress (``ExpertCache.close``)."""
-        return self.cache.run_step(self._run, layer, x_TD, dispatch, call, out_dim)
+        close waits for the step in progress (``ExpertCache.close``).
+
+        The cached weights want no gradient: with none wanted through x or the combine
+        weights (a frozen model, grad mode on) the step takes the path no_grad takes."""
+        with decode.no_grad_unless_wanted(x_TD, dispatch.weight_S):
+            return self.cache.run_step(self._run, layer, x_TD, dispatch, call, out_dim)
 
     def _run(self, layer: int, x_TD: Tensor, dispatch: Dispatch, call: ExpertsCall,
              out_dim: int) -> Tensor:

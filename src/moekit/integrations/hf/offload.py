@@ -38,7 +38,6 @@ from torch import Tensor, nn
 
 from moekit.config import reject
 from moekit.dispatch.plan import Dispatch
-from moekit.functions import decode
 from moekit.functions.moe_experts import stack_experts
 from moekit.integrations.hf.architectures import OFFLOADABLE
 from moekit.integrations.hf.experts import (
@@ -83,11 +82,8 @@ class OffloadedStackedExperts(StackedExperts):
         call = ExpertsCall(self._moekit_act(), self._moekit_backend, self._moekit_dtype,
                            self._moekit_quantized, self.num_experts, _unpack,
                            self._moekit_stacked, self._moekit_quant_format)
-        # the cached weights want no gradient: with none through the inputs (a frozen
-        # model, grad mode on) the path no_grad takes (as OffloadedExperts)
-        with decode.no_grad_unless_wanted(hidden_states, top_k_weights):
-            y_TD = self._moekit_offload.run(self._moekit_layer, hidden_states, dispatch, call,
-                                            hidden_states.shape[-1])
+        y_TD = self._moekit_offload.run(self._moekit_layer, hidden_states, dispatch, call,
+                                        hidden_states.shape[-1])
         return y_TD.to(hidden_states.dtype)
 
     def _moekit_stacked(self, x_TD: Tensor, d: Dispatch, parts: list[dict]) -> Tensor:
