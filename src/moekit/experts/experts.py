@@ -19,7 +19,6 @@ from moekit.experts.backends import (
     BACKENDS,
     decode_supported,
     fused_supported,
-    grad_wanted,
     grouped_mm_supported,
     triton_supported,
 )
@@ -221,7 +220,8 @@ class SharedExperts(nn.Module):
         """Whether ``decode.shared_rows`` runs: few rows on the CPU with no gradient wanted
         (none of the tensors requires one, or grad mode is off), of a dtype
         ``kernel_takes``."""
-        return (not grad_wanted(x_TD, self.w_in, self.w_out, self.b_in, self.b_out, self.gate)
+        return (not decode.grad_wanted(x_TD, self.w_in, self.w_out, self.b_in, self.b_out,
+                                       self.gate)
                 and self.kernel_takes(x_TD.dtype)
                 and decode.dense_kernel_ok(x_TD, self.w_in, x_TD.shape[0]))
 
